@@ -1,0 +1,66 @@
+"""`tpserve`: the command line. `main()` only parses and calls.
+
+Engine options are generated from `EngineConfig`'s fields, so each default exists once.
+Until the cluster (Ray Serve) lands, `tpserve up` runs the engine alone: it starts one
+TP group on the chosen model (the built-in tiny one by default), prints a completion and
+stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+import types
+import typing
+
+from replicas import Engine, EngineConfig, SamplingParams
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One `--flag` per field of the dataclass `cls`, typed and defaulted from it."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if isinstance(kind, types.UnionType):  # `int | None` -> int
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default,
+                            help=f"(default: {f.default})")
+
+
+def config_from_args(args: argparse.Namespace, cls: type) -> typing.Any:
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def up(config: EngineConfig, prompt: str, max_tokens: int) -> int:
+    print(f"starting the engine: model={config.model or 'built-in tiny'} tp={config.tp}")
+    started = time.perf_counter()
+    with Engine(config) as engine:
+        print(f"ready in {time.perf_counter() - started:.1f} s; {engine.stats()['num_kv_blocks']}"
+              " KV blocks")
+        out = engine.generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0.0))[0]
+    print(f"prompt: {prompt!r}\ncompletion: {out.text!r} ({len(out.token_ids)} tokens, "
+          f"finish_reason={out.finish_reason})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tpserve", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_up = sub.add_parser("up", help="start the local cluster (for now: the engine alone)")
+    add_config_arguments(p_up, EngineConfig)
+    p_up.add_argument("--prompt", default="The capital of France is")
+    p_up.add_argument("--max-tokens", type=int, default=24)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "up":
+        return up(config_from_args(args, EngineConfig), args.prompt, args.max_tokens)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Configuration of the engine: what a user sets (EngineConfig, SamplingParams) and what
+the model's transformers config implies (ModelSpec).
+
+Each default lives here once; the CLI and YAML are built from these fields. Validation
+happens in `__post_init__` with messages that say what to change.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "GlmForCausalLM": "glm",
+}
+SUPPORTED_TP = (1, 2, 4, 8)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# rope types whose frequencies do not depend on the sequence length seen so far
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
+
+
+class ConfigError(ValueError):
+    """A setting the engine cannot run with; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything that decides how one engine replica (one TP group) runs."""
+
+    model: str | None = None  # local HF-format directory; None = the built-in tiny model
+    tp: int = 1
+    dtype: str = "auto"  # auto | float32 | float16 | bfloat16
+    comm_dtype: str = "float16"  # all-reduce payload: float16 | bfloat16 | float32
+    max_model_len: int | None = None  # prompt + max_tokens bound; default: the model's
+    kv_cache_memory: int | None = None  # bytes of KV cache per rank; None: measured / default
+    num_kv_blocks: int | None = None  # exact pool size (overrides kv_cache_memory)
+    block_size: int = 16  # tokens per KV block
+    max_num_seqs: int = 64  # sequences in one batch
+    max_num_batched_tokens: int = 512  # tokens in one step (chunked prefill budget)
+    load_format: str = "auto"  # auto: safetensors from `model`; random: random init
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0  # seed of random init and of unseeded sampling
+    dist_timeout_s: float = 300.0  # a collective that waits longer fails instead of hanging
+    gpu_memory_utilization: float = 0.90  # share of free GPU memory the KV pool may take
+
+    def __post_init__(self) -> None:
+        if self.tp not in SUPPORTED_TP:
+            raise ConfigError(f"tp={self.tp} is not supported; choose one of {SUPPORTED_TP}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ConfigError(f"dtype={self.dtype!r}: use 'auto' or one of {sorted(DTYPES)}")
+        if self.comm_dtype not in DTYPES:
+            raise ConfigError(f"comm_dtype={self.comm_dtype!r}: use one of {sorted(DTYPES)}")
+        if self.load_format not in ("auto", "random"):
+            raise ConfigError(f"load_format={self.load_format!r}: use 'auto' or 'random'")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device={self.device!r}: use 'auto', 'cpu' or 'cuda'")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ConfigError(f"max_model_len must be positive, got {self.max_model_len}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
+            raise ConfigError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
+        if self.model is not None and not os.path.isdir(self.model):
+            raise ConfigError(
+                f"model directory {self.model!r} does not exist; pass a local directory "
+                "holding config.json and *.safetensors (HF format), or model=None for "
+                "the built-in tiny model"
+            )
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError("gpu_memory_utilization must be in (0, 1]")
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is decoded. temperature 0 means greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    seed: int | None = None  # same seed, same prompt, same params: same tokens
+    stop: tuple[str, ...] = ()  # stop strings; not included in the text
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False  # return the log-probability of each chosen token
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+            raise ConfigError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if any(not s for s in self.stop):
+            raise ConfigError("stop strings must be non-empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The architecture facts our model definition needs, read from a transformers config."""
+
+    family: str  # llama | mistral | qwen2 | qwen3 | glm
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    tie_word_embeddings: bool
+    hidden_act: str
+    rotary_dim: int  # < head_dim for partial rotary (GLM)
+    rope_interleaved: bool  # GLM rotates (even, odd) pairs; the rest rotate halves
+    sliding_windows: tuple[int | None, ...] = field(default=())  # per layer
+    eos_token_ids: tuple[int, ...] = ()
+    torch_dtype: str = "float32"
+
+    @staticmethod
+    def from_hf(hf_config: Any) -> ModelSpec:
+        arch = (getattr(hf_config, "architectures", None) or [""])[0]
+        family = SUPPORTED_ARCHITECTURES.get(arch)
+        if family is None:
+            raise ConfigError(
+                f"architecture {arch or '(none)'!r} is not supported; supported: "
+                + ", ".join(SUPPORTED_ARCHITECTURES)
+            )
+        c = hf_config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        rope = _rope_parameters(c)
+        partial = float(rope.get("partial_rotary_factor", getattr(c, "partial_rotary_factor", 1.0)))
+        attention_bias = bool(getattr(c, "attention_bias", False))
+        eos = getattr(c, "eos_token_id", None)
+        eos_ids = tuple(eos) if isinstance(eos, list | tuple) else (() if eos is None else (eos,))
+        dtype = getattr(c, "dtype", None) or getattr(c, "torch_dtype", None) or torch.float32
+        return ModelSpec(
+            family=family,
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            num_layers=c.num_hidden_layers,
+            num_heads=c.num_attention_heads,
+            num_kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+            head_dim=head_dim,
+            rms_norm_eps=c.rms_norm_eps,
+            max_position_embeddings=c.max_position_embeddings,
+            qkv_bias=True if family == "qwen2" else attention_bias,
+            o_bias=attention_bias if family in ("llama", "qwen3") else False,
+            mlp_bias=bool(getattr(c, "mlp_bias", False)) if family == "llama" else False,
+            qk_norm=family == "qwen3",
+            tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+            hidden_act=c.hidden_act,
+            rotary_dim=int(head_dim * partial),
+            rope_interleaved=family == "glm",
+            sliding_windows=_sliding_windows(family, c),
+            eos_token_ids=eos_ids,
+            torch_dtype=str(dtype).removeprefix("torch."),
+        )
+
+    def check_tp(self, tp: int) -> None:
+        """Raise a ConfigError unless the model splits evenly over `tp` ranks."""
+        problems = []
+        if self.num_heads % tp:
+            problems.append(f"num_attention_heads={self.num_heads}")
+        if self.num_kv_heads % tp and tp % self.num_kv_heads:
+            problems.append(f"num_key_value_heads={self.num_kv_heads}")
+        if self.intermediate_size % tp:
+            problems.append(f"intermediate_size={self.intermediate_size}")
+        if problems:
+            raise ConfigError(
+                f"tp={tp} does not divide {', '.join(problems)}; choose tp from "
+                f"{[t for t in SUPPORTED_TP if self._splits(t)]} for this model"
+            )
+
+    def _splits(self, tp: int) -> bool:
+        try:
+            self.check_tp(tp)
+        except ConfigError:
+            return False
+        return True
+
+
+def rope_parameters(hf_config: Any) -> dict[str, Any]:
+    """The rope settings of a config, in the transformers 5 form (`rope_parameters`)."""
+    return _rope_parameters(hf_config)
+
+
+def _rope_parameters(c: Any) -> dict[str, Any]:
+    params = getattr(c, "rope_parameters", None)
+    if params and "full_attention" in params:  # per-layer-type form; ours are uniform
+        params = params["full_attention"]
+    if not params:  # transformers 4 form
+        params = dict(getattr(c, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(c, "rope_theta", 10000.0))
+    params = dict(params)
+    params.setdefault("rope_type", params.pop("type", "default"))
+    if params["rope_type"] not in STATIC_ROPE_TYPES:
+        raise ConfigError(
+            f"rope type {params['rope_type']!r} is not supported; supported: {STATIC_ROPE_TYPES}"
+        )
+    return params
+
+
+def _sliding_windows(family: str, c: Any) -> tuple[int | None, ...]:
+    window = getattr(c, "sliding_window", None)
+    layers = c.num_hidden_layers
+    if family == "mistral":
+        return (window,) * layers
+    if family in ("qwen2", "qwen3"):
+        types = getattr(c, "layer_types", None) or ["full_attention"] * layers
+        return tuple(window if t == "sliding_attention" else None for t in types)
+    return (None,) * layers

@@ -1,0 +1,466 @@
+"""The engine of one replica: requests in, tokens out.
+
+`Engine` runs rank 0 in the calling process and starts ranks 1..tp-1 as processes. A
+driver thread owns the scheduler: it takes new requests and aborts from an inbox, runs
+steps while there is work, samples, detokenizes and hands each request its deltas.
+`generate` (blocking) and `add_request` (async iterator) both go through that thread.
+
+Bad requests are refused in the caller's thread with `RequestError` before they reach
+the scheduler, so they never disturb other requests. A failure inside a step (a rank
+died, a collective timed out) fails every request in flight with `EngineDeadError`; the
+engine then refuses new work, and `healthy()` says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing as mp
+import socket
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from replicas.config import ConfigError, EngineConfig, SamplingParams
+from replicas.kv_cache import BlockManager
+from replicas.sampler import sample
+from replicas.scheduler import Scheduled, Scheduler, Sequence
+from replicas.tokenizer import IncrementalDecoder, Tokenizer
+from replicas.worker import SHUTDOWN_BATCH, StepBatch, Worker, rank_main
+
+log = logging.getLogger(__name__)
+
+Prompt = str | list[int]
+
+
+class RequestError(ValueError):
+    """A request the engine refuses (bad prompt or parameters); other requests go on."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine failed (a rank died or a step raised); retry on another replica."""
+
+
+@dataclass
+class TokenDelta:
+    """What one step added to a request's output."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[float] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" once finished
+
+
+@dataclass
+class Completion:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[float] | None = None
+
+
+class _Request:
+    """Rank 0's state of one request beyond the scheduler's: sampling, text, delivery."""
+
+    def __init__(self, seq: Sequence, decoder: IncrementalDecoder, generator: torch.Generator,
+                 sink: Any) -> None:
+        self.seq, self.decoder, self.generator, self.sink = seq, decoder, generator, sink
+        self.text = ""  # all text so far; `sent` chars of it were delivered
+        self.sent = 0
+        self.score_rows: list[torch.Tensor] = []
+        self.hold = max((len(s) for s in seq.params.stop), default=1) - 1
+
+
+class _SyncSink:
+    def __init__(self) -> None:
+        self.deltas: list[TokenDelta] = []
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.result: Any = None
+
+    def push(self, delta: TokenDelta) -> None:
+        self.deltas.append(delta)
+        if delta.finish_reason is not None:
+            self.done.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.done.set()
+
+
+class _AsyncSink:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[TokenDelta | BaseException] = asyncio.Queue()
+
+    def push(self, delta: TokenDelta) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
+
+    def fail(self, error: BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, error)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Engine:
+    """One TP group serving requests. Always call `shutdown()` (or use `with`)."""
+
+    def __init__(self, config: EngineConfig, init_method: str | None = None) -> None:
+        self.config = config
+        if config.model is None:
+            from replicas.tiny import tiny_model_dir
+
+            model_dir = tiny_model_dir()
+        else:
+            model_dir = config.model
+        self.model_dir = model_dir
+        self.tokenizer = Tokenizer(model_dir)
+        self._procs: list[mp.process.BaseProcess] = []
+        init_method = init_method or f"tcp://127.0.0.1:{free_port()}"
+        if config.tp > 1:
+            ctx = mp.get_context("spawn")
+            for rank in range(1, config.tp):
+                p = ctx.Process(target=rank_main, args=(config, model_dir, rank, init_method),
+                                daemon=True, name=f"tpserve-rank{rank}")
+                p.start()
+                self._procs.append(p)
+        try:
+            self.worker = Worker(config, model_dir, 0, init_method,
+                                 peers_alive=lambda: all(p.is_alive() for p in self._procs))
+        except BaseException:
+            self._kill_ranks()
+            raise
+        self.spec = self.worker.spec
+        self.max_model_len = self.worker.max_model_len
+        if self.max_model_len > self.spec.max_position_embeddings:
+            self._abandon()
+            raise ConfigError(
+                f"max_model_len={self.max_model_len} exceeds the model's "
+                f"max_position_embeddings={self.spec.max_position_embeddings}"
+            )
+        capacity = self.worker.num_blocks * config.block_size
+        if capacity < self.max_model_len:
+            self._abandon()
+            raise ConfigError(
+                f"the KV cache holds {capacity} tokens, fewer than max_model_len="
+                f"{self.max_model_len}: raise kv_cache_memory / num_kv_blocks or lower "
+                "max_model_len"
+            )
+        self.blocks = BlockManager(self.worker.num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs,
+                                   config.max_num_batched_tokens)
+        self._eos = set(self.spec.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self._eos.add(self.tokenizer.eos_token_id)
+        self._device = self.worker.device
+        self._default_gen = torch.Generator(self._device).manual_seed(config.seed)
+        self._requests: dict[str, _Request] = {}
+        self._inbox: list[tuple[str, Any]] = []
+        self._cond = threading.Condition()
+        self._dead: BaseException | None = None
+        self._closed = False
+        self._ids = itertools.count()
+        self._steps = 0
+        self._thread = threading.Thread(target=self._drive, name="tpserve-driver", daemon=True)
+        self._thread.start()
+
+    # ---- public API ----
+
+    def generate(self, prompts: Seq[Prompt], params: SamplingParams | Seq[SamplingParams]
+                 | None = None) -> list[Completion]:
+        """Run `prompts` to completion, batched together; results in prompt order.
+
+        Raises RequestError (nothing is run) if any prompt or parameter is invalid.
+        """
+        plist = self._params_list(params, len(prompts))
+        seqs = [self._make_sequence(p, sp, None) for p, sp in zip(prompts, plist, strict=True)]
+        sinks = [_SyncSink() for _ in seqs]
+        self._submit([("add", (s, k)) for s, k in zip(seqs, sinks, strict=True)])
+        out = []
+        for seq, sink in zip(seqs, sinks, strict=True):
+            sink.done.wait()
+            if sink.error is not None:
+                raise sink.error
+            out.append(self._completion(seq, sink.deltas))
+        return out
+
+    async def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
+                          request_id: str | None = None) -> AsyncIterator[TokenDelta]:
+        """Stream a request's deltas; the last one has `finish_reason` set.
+
+        Leaving the iteration early (break, cancel, client gone) aborts the request.
+        Raises RequestError before yielding anything if the request is invalid.
+        """
+        seq = self._make_sequence(prompt, params or SamplingParams(), request_id)
+        sink = _AsyncSink(asyncio.get_running_loop())
+        self._submit([("add", (seq, sink))])
+        finished = False
+        try:
+            while True:
+                item = await sink.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.abort(seq.request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request; its blocks return to the pool at the next step boundary."""
+        self._submit([("abort", request_id)], check=False)
+
+    def score(self, prompt: Prompt) -> torch.Tensor:
+        """Next-token logits at every prompt position: [len(prompt), vocab] float32, CPU."""
+        seq = self._make_sequence(prompt, SamplingParams(max_tokens=1), None, score=True)
+        sink = _SyncSink()
+        self._submit([("add", (seq, sink))])
+        sink.done.wait()
+        if sink.error is not None:
+            raise sink.error
+        return sink.result
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "num_kv_blocks": self.blocks.num_blocks,
+            "free_kv_blocks": self.blocks.num_free(),
+            "prefix_cache_hit_blocks": self.blocks.hit_blocks,
+            "preemptions": self.scheduler.preemptions,
+            "comm_overflow_retries": self.worker.overflow_retries,
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "steps": self._steps,
+            "tp": self.config.tp,
+            "healthy": self.healthy(),
+        }
+
+    def healthy(self) -> bool:
+        return self._dead is None and not self._closed and all(p.is_alive() for p in self._procs)
+
+    def shutdown(self) -> None:
+        """Stop the driver and every rank process; idempotent."""
+        if self._closed:
+            return
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=30)
+        self._fail_all(EngineDeadError("engine shut down"))
+        if self._dead is None and all(p.is_alive() for p in self._procs):
+            try:
+                self.worker.send(SHUTDOWN_BATCH)
+            except Exception:  # a rank already gone: fall through to killing
+                log.warning("could not tell the ranks to stop; killing them")
+        self.worker.close()
+        self._kill_ranks()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # ---- requests ----
+
+    def _params_list(self, params: Any, n: int) -> list[SamplingParams]:
+        if params is None or isinstance(params, SamplingParams):
+            return [params or SamplingParams()] * n
+        if len(params) != n:
+            raise RequestError(f"got {len(params)} SamplingParams for {n} prompts")
+        return list(params)
+
+    def _make_sequence(self, prompt: Prompt, params: SamplingParams, request_id: str | None,
+                       score: bool = False) -> Sequence:
+        if not isinstance(params, SamplingParams):
+            raise RequestError("params must be a SamplingParams")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise RequestError("the prompt is empty; send at least one token")
+        if any(not isinstance(t, int) or not 0 <= t < self.spec.vocab_size for t in ids):
+            raise RequestError(f"prompt token ids must be integers in [0, {self.spec.vocab_size})")
+        total = len(ids) + (0 if score else params.max_tokens)
+        if total > self.max_model_len:
+            raise RequestError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
+                f"exceeds max_model_len={self.max_model_len}; shorten the prompt or lower "
+                "max_tokens"
+            )
+        rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        return Sequence(rid, ids, len(ids), params, score=score)
+
+    def _submit(self, items: list[tuple[str, Any]], check: bool = True) -> None:
+        with self._cond:
+            if check and (self._dead is not None or self._closed):
+                raise EngineDeadError(f"engine is not serving: {self._dead or 'shut down'}")
+            self._inbox.extend(items)
+            self._cond.notify_all()
+
+    def _completion(self, seq: Sequence, deltas: list[TokenDelta]) -> Completion:
+        c = Completion(seq.request_id, seq.token_ids[: seq.num_prompt])
+        for d in deltas:
+            c.token_ids += d.token_ids
+            c.text += d.text
+            if d.logprobs is not None:
+                c.logprobs = (c.logprobs or []) + d.logprobs
+            c.finish_reason = d.finish_reason or c.finish_reason
+        return c
+
+    # ---- the driver thread ----
+
+    def _drive(self) -> None:
+        while True:
+            with self._cond:
+                while not self._inbox and not self.scheduler.has_work() and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                inbox, self._inbox = self._inbox, []
+            for kind, item in inbox:
+                self._take(kind, item)
+            if not self.scheduler.has_work():
+                continue
+            try:
+                self._step()
+            except Exception as e:  # noqa: BLE001 - every request must hear of it
+                log.exception("engine step failed")
+                with self._cond:
+                    self._dead = e
+                self._fail_all(EngineDeadError(f"engine step failed: {e!r}"))
+                return
+
+    def _take(self, kind: str, item: Any) -> None:
+        if kind == "abort":
+            req = self._requests.pop(item, None)
+            if req is not None:
+                self.scheduler.finish(req.seq)
+                req.sink.push(TokenDelta(item, [], "", None, "abort"))
+            return
+        seq, sink = item
+        if seq.request_id in self._requests:
+            sink.fail(RequestError(f"request id {seq.request_id!r} is already in use"))
+            return
+        seed = seq.params.seed
+        gen = (torch.Generator(self._device).manual_seed(seed) if seed is not None
+               else self._default_gen)
+        self._requests[seq.request_id] = _Request(seq, IncrementalDecoder(self.tokenizer), gen,
+                                                  sink)
+        self.scheduler.add(seq)
+
+    def _step(self) -> None:
+        plan = self.scheduler.schedule()
+        if not plan:
+            raise RuntimeError("scheduler has work but scheduled nothing")
+        batch, rows = self._batch(plan)
+        self.worker.send(batch)
+        logits = self.worker.execute(batch)
+        self._steps += 1
+        for item in plan:
+            self.scheduler.advance(item)
+        sampled: list[tuple[_Request, torch.Tensor]] = []
+        for item, (start, end) in zip(plan, rows, strict=True):
+            req = self._requests[item.seq.request_id]
+            if req.seq.score:
+                req.score_rows.append(logits[start:end].cpu())
+                if req.seq.num_computed == len(req.seq.token_ids):
+                    self._finish_score(req)
+            elif end > start:
+                sampled.append((req, logits[start]))
+        if sampled:
+            reqs = [r for r, _ in sampled]
+            tokens, logprobs = sample(torch.stack([row for _, row in sampled]),
+                                      [r.seq.params for r in reqs], [r.generator for r in reqs])
+            for req, token, lp in zip(reqs, tokens, logprobs, strict=True):
+                self._emit(req, token, lp)
+
+    def _batch(self, plan: list[Scheduled]) -> tuple[StepBatch, list[tuple[int, int]]]:
+        """The step message, and per scheduled item the rows of the logits it owns."""
+        ids: list[int] = []
+        positions: list[int] = []
+        logits_at: list[int] = []
+        rows = []
+        for item in plan:
+            seq, start = item.seq, item.seq.num_computed
+            first = len(logits_at)
+            if seq.score:
+                logits_at.extend(range(len(ids), len(ids) + item.num_tokens))
+            elif item.samples:
+                logits_at.append(len(ids) + item.num_tokens - 1)
+            rows.append((first, len(logits_at)))
+            ids += seq.token_ids[start : start + item.num_tokens]
+            positions += range(start, start + item.num_tokens)
+        batch = StepBatch(tuple(ids), tuple(positions), tuple(i.num_tokens for i in plan),
+                          tuple(tuple(i.seq.block_table) for i in plan), tuple(logits_at))
+        return batch, rows
+
+    def _emit(self, req: _Request, token: int, logprob: float) -> None:
+        seq, params = req.seq, req.seq.params
+        seq.token_ids.append(token)
+        finish = None
+        stop_token = token in params.stop_token_ids or (
+            token in self._eos and not params.ignore_eos)
+        if not stop_token:
+            req.text += req.decoder.push(token)
+        if stop_token:
+            finish = "stop"
+        elif params.stop and (cut := _find_stop(req.text, params.stop, req.sent)) is not None:
+            req.text, finish = req.text[:cut], "stop"
+        if finish is None and len(seq.output_ids) >= params.max_tokens:
+            finish = "length"
+        upto = len(req.text) if finish else max(req.sent, len(req.text) - req.hold)
+        delta = TokenDelta(seq.request_id, [token], req.text[req.sent : upto],
+                           [logprob] if params.logprobs else None, finish)
+        req.sent = upto
+        if finish:
+            self.scheduler.finish(seq)
+            del self._requests[seq.request_id]
+        req.sink.push(delta)
+
+    def _finish_score(self, req: _Request) -> None:
+        self.scheduler.finish(req.seq)
+        del self._requests[req.seq.request_id]
+        req.sink.result = torch.cat(req.score_rows)
+        req.sink.push(TokenDelta(req.seq.request_id, [], "", None, "length"))
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._cond:
+            pending = [item for kind, item in self._inbox if kind == "add"]
+            self._inbox = []
+        for _seq, sink in pending:
+            sink.fail(error)
+        for req in list(self._requests.values()):
+            req.sink.fail(error)
+        self._requests.clear()
+
+    def _abandon(self) -> None:
+        self.worker.send(SHUTDOWN_BATCH)
+        self.worker.close()
+        self._kill_ranks()
+
+    def _kill_ranks(self) -> None:
+        for p in self._procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+
+
+def _find_stop(text: str, stops: tuple[str, ...], sent: int) -> int | None:
+    """Index where the earliest stop string starts in the not-yet-final tail, if any."""
+    start = max(0, sent - max(len(s) for s in stops))
+    hits = [i for s in stops if (i := text.find(s, start)) >= 0]
+    return min(hits) if hits else None

@@ -1,0 +1,110 @@
+"""The paged KV cache: the preallocated block pool of each rank, and the block bookkeeping
+that rank 0 does for all ranks (every rank's pool has the same number of blocks, so one
+block table serves all of them).
+
+Prefix cache: a full block is known by the hash of its tokens chained with the hash of
+the block before it, so equal hashes mean equal prefixes. A finished sequence's full
+blocks keep their contents with reference count 0 and stay findable until the pool needs
+them again (least recently freed first).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+
+from replicas.config import ModelSpec
+
+
+def block_bytes(spec: ModelSpec, tp: int, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes one block takes on one rank: K and V of every layer."""
+    kv_heads = max(1, spec.num_kv_heads // tp)
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * spec.num_layers * block_size * kv_heads * spec.head_dim * elem
+
+
+def allocate_kv_cache(
+    spec: ModelSpec, tp: int, num_blocks: int, block_size: int, dtype: torch.dtype,
+    device: torch.device,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (K, V), each [num_blocks, block_size, kv_heads, head_dim], zeroed so
+    that masked-out padding reads finite values."""
+    kv_heads = max(1, spec.num_kv_heads // tp)
+    shape = (num_blocks, block_size, kv_heads, spec.head_dim)
+    return [
+        (torch.zeros(shape, dtype=dtype, device=device),
+         torch.zeros(shape, dtype=dtype, device=device))
+        for _ in range(spec.num_layers)
+    ]
+
+
+def chain_hash(prev: int | None, tokens: Sequence[int]) -> int:
+    return hash((prev, tuple(tokens)))
+
+
+class BlockManager:
+    """Free list, reference counts and the prefix-cache index of one block pool."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.ref = [0] * num_blocks
+        self.free: list[int] = list(range(num_blocks - 1, -1, -1))  # never-used blocks
+        self.cached: OrderedDict[int, int] = OrderedDict()  # hash -> block, ref 0, evictable
+        self.by_hash: dict[int, int] = {}  # hash -> block (in use or evictable)
+        self.hash_of: dict[int, int] = {}  # block -> hash
+        self.hit_blocks = 0  # blocks reused through the prefix cache, since start
+
+    def num_free(self) -> int:
+        return len(self.free) + len(self.cached)
+
+    def allocate(self) -> int:
+        """A block with reference count 1; raises MemoryError when none is free."""
+        if self.free:
+            block = self.free.pop()
+        elif self.cached:
+            h, block = self.cached.popitem(last=False)  # evict the oldest cached block
+            del self.by_hash[h], self.hash_of[block]
+        else:
+            raise MemoryError("KV block pool exhausted")
+        self.ref[block] = 1
+        return block
+
+    def lookup(self, hashes: Sequence[int]) -> list[int]:
+        """Take a reference on the cached blocks of the longest matching prefix."""
+        blocks = []
+        for h in hashes:
+            block = self.by_hash.get(h)
+            if block is None:
+                break
+            if self.ref[block] == 0:
+                del self.cached[h]
+            self.ref[block] += 1
+            blocks.append(block)
+        self.hit_blocks += len(blocks)
+        return blocks
+
+    def register(self, block: int, h: int) -> None:
+        """Make a full block findable by its prefix hash."""
+        if h in self.by_hash or block in self.hash_of:
+            return  # an equal block is already indexed; this one stays private
+        self.by_hash[h] = block
+        self.hash_of[block] = h
+
+    def release(self, blocks: Sequence[int]) -> None:
+        """Drop one reference on each block; unreferenced blocks become free or cached.
+
+        Released in reverse so that a sequence's tail is evicted before its head.
+        """
+        for block in reversed(blocks):
+            self.ref[block] -= 1
+            assert self.ref[block] >= 0, f"block {block} released twice"
+            if self.ref[block]:
+                continue
+            h = self.hash_of.get(block)
+            if h is None:
+                self.free.append(block)
+            else:
+                self.cached[h] = block

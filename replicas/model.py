@@ -1,0 +1,244 @@
+"""Decoder-only causal LMs (Llama, Mistral, Qwen2, Qwen3, GLM) over a paged KV cache.
+
+One definition serves every family; the differences (biases, QK norm, partial and
+interleaved rotary, sliding windows, tied embeddings) come from `ModelSpec`. The TP split
+lives in the layers of `parallel.py`: this file reads like a single-device model. Parameter
+paths mirror transformers' names, with q|k|v fused into `qkv_proj` and gate|up into
+`gate_up_proj`, so a checkpoint tensor finds its layer by name (`checkpoint_target`).
+
+A step's tokens come flattened: T tokens from B sequences, some prefilling a chunk, some
+decoding one token. `ForwardBatch` carries the per-step index tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+from replicas.config import ModelSpec, rope_parameters
+from replicas.parallel import (
+    ColumnParallelLinear,
+    Comm,
+    ParallelLMHead,
+    RMSNorm,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    shard_range,
+)
+
+
+@dataclass
+class ForwardBatch:
+    """Device tensors of one step, built by the worker from the step message."""
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64, absolute position of each token
+    slot_mapping: torch.Tensor  # [T] int64, flat KV slot each token writes
+    block_tables: torch.Tensor  # [B, max_blocks] int64, 0-padded
+    token_seq: torch.Tensor  # [T] which sequence each token belongs to
+    token_off: torch.Tensor  # [T] index of the token within its sequence's chunk
+    query_pos: torch.Tensor  # [B, max_q] positions of the chunk, padded with 0
+    logits_indices: torch.Tensor  # [N] tokens whose next-token logits are wanted
+    masks: dict[int | None, torch.Tensor]  # window -> [B, 1, max_q, keys] attend mask
+
+
+def attention_mask(query_pos: torch.Tensor, num_keys: int, window: int | None) -> torch.Tensor:
+    """[B, 1, max_q, keys] bool: key j is visible to a query at p iff j <= p and, with a
+    sliding window w, p - j < w (transformers' convention)."""
+    keys = torch.arange(num_keys, device=query_pos.device)
+    diff = query_pos[:, :, None] - keys[None, None, :]  # [B, max_q, keys]
+    visible = diff >= 0
+    if window is not None:
+        visible &= diff < window
+    return visible.unsqueeze(1)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding with cos/sin tables precomputed for every position."""
+
+    def __init__(self, hf_config: Any, spec: ModelSpec, max_positions: int) -> None:
+        super().__init__()
+        self.rotary_dim = spec.rotary_dim
+        self.interleaved = spec.rope_interleaved
+        inv_freq, scale = rope_frequencies(hf_config, spec)
+        freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq  # [P, rd/2]
+        if self.interleaved:  # pairs (2i, 2i+1) share frequency i
+            angles = freqs.repeat_interleave(2, dim=-1)
+        else:  # halves: i and i + rd/2 share frequency i
+            angles = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", angles.cos() * scale, persistent=False)  # [P, rd]
+        self.register_buffer("sin", angles.sin() * scale, persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x: [T, heads, head_dim]; rotates the first rotary_dim features of each head
+        cos = self.cos[positions].unsqueeze(1).to(x.dtype)  # [T, 1, rd]
+        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
+        if self.interleaved:
+            turned = torch.stack((-rot[..., 1::2], rot[..., 0::2]), dim=-1).flatten(-2)
+        else:
+            half = self.rotary_dim // 2
+            turned = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+        out = rot * cos + turned * sin
+        return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
+
+
+def rope_frequencies(hf_config: Any, spec: ModelSpec) -> tuple[torch.Tensor, float]:
+    """inv_freq [rotary_dim / 2] and the cos/sin scale, as transformers computes them."""
+    params = rope_parameters(hf_config)
+    if params["rope_type"] == "default":
+        dim = spec.rotary_dim
+        exponent = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+        return 1.0 / (params["rope_theta"] ** exponent), 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    inv_freq, scale = ROPE_INIT_FUNCTIONS[params["rope_type"]](hf_config, "cpu")
+    return inv_freq.float(), float(scale)
+
+
+def paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b: ForwardBatch,
+    window: int | None,
+) -> torch.Tensor:
+    """Attention of the step's queries over each sequence's cached keys.
+
+    q: [T, heads, D]; caches: [blocks, block_size, kv_heads, D] -> [T, heads, D].
+    Sequences are padded to the longest chunk and the longest context; the mask hides
+    the padding. Padded query rows see key 0 (never empty rows, so no NaN).
+    """
+    num_seqs, max_q = b.query_pos.shape
+    keys = k_cache[b.block_tables].flatten(1, 2)  # [B, L, kv_heads, D]
+    values = v_cache[b.block_tables].flatten(1, 2)
+    padded = q.new_zeros(num_seqs, max_q, *q.shape[1:])  # [B, max_q, heads, D]
+    padded[b.token_seq, b.token_off] = q
+    out = F.scaled_dot_product_attention(
+        padded.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+        attn_mask=b.masks[window], enable_gqa=True,
+    )  # [B, heads, max_q, D]
+    return out.transpose(1, 2)[b.token_seq, b.token_off]
+
+
+class Attention(nn.Module):
+    def __init__(self, hf_config: Any, spec: ModelSpec, layer: int, comm: Comm) -> None:
+        super().__init__()
+        tp, d = comm.world_size, spec.head_dim
+        self.heads = spec.num_heads // tp
+        if spec.num_kv_heads >= tp:  # split the KV heads
+            self.kv_heads = spec.num_kv_heads // tp
+            first_kv = comm.rank * self.kv_heads
+        else:  # fewer KV heads than ranks: each rank keeps the one its queries use
+            self.kv_heads = 1
+            first_kv = comm.rank * spec.num_kv_heads // tp
+        kv_rows = (first_kv * d, (first_kv + self.kv_heads) * d)
+        self.qkv_proj = ColumnParallelLinear(
+            spec.hidden_size,
+            [spec.num_heads * d, spec.num_kv_heads * d, spec.num_kv_heads * d],
+            spec.qkv_bias, comm,
+            part_shards=[shard_range(spec.num_heads * d, comm.rank, tp), kv_rows, kv_rows],
+        )
+        self.o_proj = RowParallelLinear(spec.num_heads * d, spec.hidden_size, spec.o_bias, comm)
+        self.q_norm = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
+        self.k_norm = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
+        self.head_dim = d
+        self.window = spec.sliding_windows[layer]
+
+    def forward(self, x: torch.Tensor, b: ForwardBatch, rotary: Rotary,
+                kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        qkv = self.qkv_proj(x)  # [T, (heads + 2 kv_heads) * D]
+        q, k, v = qkv.split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
+                             self.kv_heads * self.head_dim], dim=-1)
+        q = q.view(-1, self.heads, self.head_dim)
+        k = k.view(-1, self.kv_heads, self.head_dim)
+        v = v.view(-1, self.kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(q, b.positions), rotary(k, b.positions)
+        k_cache, v_cache = kv
+        k_cache.view(-1, self.kv_heads, self.head_dim).index_copy_(0, b.slot_mapping, k)
+        v_cache.view(-1, self.kv_heads, self.head_dim).index_copy_(0, b.slot_mapping, v)
+        out = paged_attention(q, k_cache, v_cache, b, self.window)  # [T, heads, D]
+        return self.o_proj(out.reshape(out.shape[0], -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec, comm: Comm) -> None:
+        super().__init__()
+        size = spec.intermediate_size
+        self.gate_up_proj = ColumnParallelLinear(spec.hidden_size, [size, size], spec.mlp_bias,
+                                                 comm)
+        self.down_proj = RowParallelLinear(size, spec.hidden_size, spec.mlp_bias, comm)
+        self.act = ACT2FN[spec.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, I/tp] each
+        return self.down_proj(self.act(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, hf_config: Any, spec: ModelSpec, layer: int, comm: Comm) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = Attention(hf_config, spec, layer, comm)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp = MLP(spec, comm)
+
+    def forward(self, x: torch.Tensor, b: ForwardBatch, rotary: Rotary,
+                kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), b, rotary, kv)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, hf_config: Any, spec: ModelSpec, comm: Comm, max_positions: int) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size, comm)
+        self.layers = nn.ModuleList(
+            DecoderLayer(hf_config, spec, i, comm) for i in range(spec.num_layers)
+        )
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.rotary = Rotary(hf_config, spec, max_positions)
+
+
+class CausalLM(nn.Module):
+    """The model of one rank. `forward` returns next-token logits [N, vocab] (float32,
+    full vocabulary on every rank) for the tokens in `b.logits_indices`."""
+
+    def __init__(self, hf_config: Any, spec: ModelSpec, comm: Comm, max_positions: int) -> None:
+        super().__init__()
+        self.spec = spec
+        self.model = Backbone(hf_config, spec, comm, max_positions)
+        self.lm_head = ParallelLMHead(spec.vocab_size, spec.hidden_size, comm)
+        if spec.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, b: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+                ) -> torch.Tensor:
+        x = self.model.embed_tokens(b.input_ids)  # [T, hidden]
+        for layer, kv in zip(self.model.layers, kv_caches, strict=True):
+            x = layer(x, b, self.model.rotary, kv)
+        x = self.model.norm(x[b.logits_indices])  # [N, hidden]: only where logits are wanted
+        return self.lm_head(x)
+
+
+# checkpoint piece -> (our layer, which fused part); None = the tensor holds all parts
+_FUSED = {
+    "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+    "gate_up_proj": ("gate_up_proj", None),
+}
+
+
+def checkpoint_target(name: str) -> tuple[str, int | None] | None:
+    """Map a transformers tensor name to (our module path, fused part), or None to skip."""
+    if "rotary_emb" in name:
+        return None
+    parts = name.split(".")  # e.g. model.layers.3.self_attn.q_proj.weight
+    module, part = parts[-2], None
+    if module in _FUSED:
+        module, part = _FUSED[module]
+    return ".".join([*parts[:-2], module]), part

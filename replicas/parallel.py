@@ -1,0 +1,211 @@
+"""Tensor-parallel layers (Megatron split) and the communication they use.
+
+Each layer owns its shard of the weights and knows how to load its shard from a full
+checkpoint tensor (`load`). The all-reduce of a row-parallel layer is called in its own
+`forward`, so the model file reads like a single-GPU model with the communication
+visible.
+
+Communication runs in `Comm.dtype` (16 bit by default). A float16 payload overflows
+above 65504: the reduced result then holds inf. The all-reduce never syncs the host to
+look; it records non-finite results in a device-side flag, and the worker reads that flag
+once per step, together with the sampled tokens. A step whose flag is set is run again
+with float32 communication (the step is idempotent: it rewrites the same KV slots), so
+overflow costs one step's time and never a wrong token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Comm:
+    """The rank's view of its TP group: rank, size, payload dtype and the overflow flag."""
+
+    rank: int = 0
+    world_size: int = 1
+    dtype: torch.dtype = torch.float16
+    group: dist.ProcessGroup | None = None
+    overflow: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.bool))
+    force_float32: bool = False  # set for the re-run of a step whose 16-bit payload overflowed
+
+    def to(self, device: torch.device) -> Comm:
+        self.overflow = self.overflow.to(device)
+        return self
+
+    def all_reduce(self, x: torch.Tensor, exact: bool = False) -> torch.Tensor:
+        """Sum `x` over the group, sending `self.dtype` (x's own dtype if `exact`).
+
+        Returns x's dtype. `x` must be a fresh tensor: it may be reduced in place.
+        """
+        if self.world_size == 1:
+            return x
+        wire = x.dtype if exact else torch.float32 if self.force_float32 else self.dtype
+        payload = x.to(wire)  # no copy when x is already in the wire dtype
+        dist.all_reduce(payload, group=self.group)
+        if wire == torch.float16:
+            self.overflow |= ~torch.isfinite(payload).all()
+        return payload.to(x.dtype)
+
+    def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate each rank's `x` along the last dim (vocab shards of the logits)."""
+        if self.world_size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+    def reset_overflow(self) -> None:
+        self.overflow.zero_()
+
+
+def shard_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, end) of rank's equal share of `total` rows."""
+    size = total // world_size
+    return rank * size, (rank + 1) * size
+
+
+Loader = Callable[[torch.Tensor], None]
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W's output rows split over ranks; output stays sharded.
+
+    One weight may fuse several pieces (q|k|v, gate|up): each piece is sharded on its
+    own, so the local weight is [q_shard; k_shard; v_shard]. `part_shards` overrides the
+    even split (KV heads replicated when there are fewer than ranks).
+    """
+
+    def __init__(self, in_features: int, part_sizes: list[int], bias: bool, comm: Comm,
+                 part_shards: list[tuple[int, int]] | None = None) -> None:
+        super().__init__()
+        self.comm = comm
+        self.part_sizes = part_sizes  # full output rows of each fused piece
+        # (start, end) rows of each piece that this rank keeps
+        self.part_shards = part_shards or [
+            shard_range(n, comm.rank, comm.world_size) for n in part_sizes
+        ]
+        local = sum(e - s for s, e in self.part_shards)
+        self.weight = nn.Parameter(torch.empty(local, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(local), requires_grad=False) if bias else None
+
+    def load(self, name: str, get: Callable[[slice], torch.Tensor], part: int | None) -> None:
+        """Copy this rank's rows of checkpoint tensor `name` (weight or bias) into place.
+
+        `get(rows)` reads only those rows from the checkpoint. part=None means the
+        checkpoint tensor holds all pieces fused in order (GLM's gate_up_proj).
+        """
+        target = self.weight if name.endswith("weight") else self.bias
+        assert target is not None, f"checkpoint has {name} but the layer has no bias"
+        pieces = range(len(self.part_sizes)) if part is None else [part]
+        offset_full = 0
+        for i in range(len(self.part_sizes)):
+            start, end = self.part_shards[i]
+            local_at = sum(e - s for s, e in self.part_shards[:i])
+            if i in pieces:
+                base = offset_full if part is None else 0
+                rows = get(slice(base + start, base + end))
+                target.data[local_at : local_at + end - start].copy_(rows)
+            offset_full += self.part_sizes[i]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [tokens, in] -> [tokens, local_out]
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = sum_ranks x_r W_r^T: input columns split over ranks, one all-reduce after."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, comm: Comm) -> None:
+        super().__init__()
+        self.comm = comm
+        self.in_shard = shard_range(in_features, comm.rank, comm.world_size)
+        local_in = self.in_shard[1] - self.in_shard[0]
+        self.weight = nn.Parameter(torch.empty(out_features, local_in), requires_grad=False)
+        # the bias is added once, after the reduce, so it is not counted tp times
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def load(self, name: str, get: Callable[[slice], torch.Tensor], part: int | None) -> None:
+        if name.endswith("bias"):
+            assert self.bias is not None
+            self.bias.data.copy_(get(slice(None)))
+        else:
+            full = get(slice(None))  # [out, in]; columns are not contiguous on disk
+            self.weight.data.copy_(full[:, self.in_shard[0] : self.in_shard[1]])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [tokens, local_in] -> [tokens, out]
+        y = self.comm.all_reduce(F.linear(x, self.weight))
+        return y + self.bias if self.bias is not None else y
+
+
+def vocab_shard(vocab_size: int, rank: int, world_size: int) -> tuple[int, int, int]:
+    """(start, end, rows_per_rank) of rank's vocabulary rows; the last shard is padded."""
+    per_rank = -(-vocab_size // world_size)
+    start = rank * per_rank
+    return start, min(vocab_size, start + per_rank), per_rank
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding with the vocabulary split over ranks; rows outside a rank's range give
+    zeros there, and one all-reduce assembles the full lookup."""
+
+    def __init__(self, vocab_size: int, dim: int, comm: Comm) -> None:
+        super().__init__()
+        self.comm = comm
+        self.start, self.end, per_rank = vocab_shard(vocab_size, comm.rank, comm.world_size)
+        self.weight = nn.Parameter(torch.zeros(per_rank, dim), requires_grad=False)
+
+    def load(self, name: str, get: Callable[[slice], torch.Tensor], part: int | None) -> None:
+        rows = get(slice(self.start, self.end))
+        self.weight.data[: rows.shape[0]].copy_(rows)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # [tokens] -> [tokens, dim]
+        if self.comm.world_size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.end - self.start)
+        out = F.embedding(local.clamp(0, self.end - self.start - 1), self.weight)
+        out.masked_fill_(outside.unsqueeze(-1), 0.0)
+        # one rank holds each row: sending the model dtype keeps the lookup exact
+        return self.comm.all_reduce(out, exact=True)
+
+
+class ParallelLMHead(nn.Module):
+    """logits = h E^T with E's vocab rows split over ranks (as the embedding's), then
+    gathered to the full vocabulary on every rank."""
+
+    def __init__(self, vocab_size: int, dim: int, comm: Comm) -> None:
+        super().__init__()
+        self.comm = comm
+        self.vocab_size = vocab_size
+        self.start, self.end, per_rank = vocab_shard(vocab_size, comm.rank, comm.world_size)
+        self.weight = nn.Parameter(torch.zeros(per_rank, dim), requires_grad=False)
+
+    load = VocabParallelEmbedding.load
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # [n, dim] -> [n, vocab] float32
+        local = F.linear(h, self.weight).float()  # [n, vocab_per_rank]
+        return self.comm.all_gather_last(local)[:, : self.vocab_size]
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * w, computed in float32 like the reference."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+
+    def load(self, name: str, get: Callable[[slice], torch.Tensor], part: int | None) -> None:
+        self.weight.data.copy_(get(slice(None)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)

@@ -1,0 +1,57 @@
+"""Next-token choice for a batch of sequences, each with its own SamplingParams.
+
+Sampling uses the exponential race (argmax of p / E with E ~ Exp(1), the same law as
+drawing from p) so that each row's noise comes from that request's own generator: a
+seeded request gets the same tokens whatever else is in the batch. The only host sync is
+the final `tolist()` that emits the tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from replicas.config import SamplingParams
+
+
+def sample(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
+) -> tuple[list[int], list[float]]:
+    """logits [N, vocab] float32 -> (tokens, log-probability of each token under the
+    model's unmodified distribution)."""
+    logprobs = torch.log_softmax(logits, dim=-1)  # [N, vocab]
+    greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+    tokens = logits.argmax(dim=-1)  # [N]
+    if not bool(greedy.all()):
+        sampled = _sample_random(logits, params, generators)
+        tokens = torch.where(greedy, tokens, sampled)
+    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
+    return tokens.tolist(), chosen.tolist()
+
+
+def _sample_random(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
+) -> torch.Tensor:
+    temps = torch.tensor([p.temperature or 1.0 for p in params], device=logits.device)
+    scaled = logits / temps[:, None]
+    if any(p.top_k or p.top_p < 1.0 for p in params):
+        scaled = _top_k_top_p(scaled, params)
+    probs = torch.softmax(scaled, dim=-1)
+    noise = torch.empty_like(probs)
+    for row, gen in enumerate(generators):
+        noise[row].exponential_(generator=gen)
+    return (probs / noise).argmax(dim=-1)
+
+
+def _top_k_top_p(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Mask (to -inf) tokens outside each row's top-k and top-p nucleus."""
+    vocab = scaled.shape[-1]
+    k = torch.tensor([p.top_k or vocab for p in params], device=scaled.device)
+    top_p = torch.tensor([p.top_p for p in params], device=scaled.device)
+    ordered, order = scaled.sort(dim=-1, descending=True)  # [N, vocab]
+    rank = torch.arange(vocab, device=scaled.device)[None, :]
+    drop = rank >= k[:, None]
+    probs = torch.softmax(ordered.masked_fill(drop, float("-inf")), dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above
+    drop |= before >= top_p[:, None]  # the top token always stays (before = 0)
+    masked = ordered.masked_fill(drop, float("-inf"))
+    return torch.empty_like(scaled).scatter_(1, order, masked)

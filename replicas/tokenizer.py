@@ -1,0 +1,53 @@
+"""The model's tokenizer and chat template (through transformers), and incremental
+detokenization that never emits half a character."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoTokenizer
+
+
+class Tokenizer:
+    """Encode, decode and chat-format for one model directory."""
+
+    def __init__(self, model_dir: str) -> None:
+        self.hf = AutoTokenizer.from_pretrained(model_dir)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.hf.encode(text))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(ids, skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Token ids of `messages` rendered with the model's template, ready to generate."""
+        out = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.hf.eos_token_id
+
+
+class IncrementalDecoder:
+    """Text of a growing token list, delivered as deltas.
+
+    Decodes a short window (prefix_offset..) so each step costs O(window), and holds
+    back text ending in U+FFFD, which means a multi-byte character is still incomplete.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self.tokenizer.decode(self.ids[self.prefix_offset :])
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return full[len(prefix) :]

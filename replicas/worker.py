@@ -1,0 +1,242 @@
+"""One rank of a TP group: its model shard, its KV pool, and the step it runs.
+
+Rank 0 drives: it decides each step and sends it as a `StepBatch` to the other ranks,
+which loop in `Worker.serve_forever` running whatever they receive. The message travels
+as one int64 tensor over a gloo group (also on GPU, so that a step's plan never waits on
+the GPU queue), with `encode` / `decode` as its only format.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from transformers import AutoConfig
+
+from replicas.config import DTYPES, EngineConfig, ModelSpec
+from replicas.kv_cache import allocate_kv_cache, block_bytes
+from replicas.loader import load_weights, random_init
+from replicas.model import CausalLM, ForwardBatch, attention_mask
+from replicas.parallel import Comm
+
+log = logging.getLogger(__name__)
+
+STEP, SHUTDOWN = 0, 1
+CPU_KV_CACHE_BYTES = 256 * 2**20  # default KV budget per rank on CPU
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """What every rank needs to run one step (rank 0 keeps the rest: sampling, text)."""
+
+    input_ids: tuple[int, ...]  # [T] tokens of all scheduled sequences, concatenated
+    positions: tuple[int, ...]  # [T]
+    query_lens: tuple[int, ...]  # [B] tokens of each sequence in this step
+    block_tables: tuple[tuple[int, ...], ...]  # [B] blocks of each sequence
+    logits_indices: tuple[int, ...]  # [N] tokens whose next-token logits are wanted
+    command: int = STEP
+
+    def encode(self) -> torch.Tensor:
+        """Flat int64: [command, T, B, max_blocks, N, ids, positions, query_lens,
+        block tables padded with -1 to max_blocks, logits_indices]."""
+        width = max((len(t) for t in self.block_tables), default=0)
+        tables = [x for t in self.block_tables for x in (*t, *([-1] * (width - len(t))))]
+        head = [self.command, len(self.input_ids), len(self.query_lens), width,
+                len(self.logits_indices)]
+        return torch.tensor([*head, *self.input_ids, *self.positions, *self.query_lens,
+                             *tables, *self.logits_indices], dtype=torch.int64)
+
+    @staticmethod
+    def decode(flat: torch.Tensor) -> StepBatch:
+        v = flat.tolist()
+        command, t, b, width, n = v[:5]
+        at = 5
+        ids, at = tuple(v[at : at + t]), at + t
+        positions, at = tuple(v[at : at + t]), at + t
+        query_lens, at = tuple(v[at : at + b]), at + b
+        rows = [v[at + i * width : at + (i + 1) * width] for i in range(b)]
+        at += b * width
+        tables = tuple(tuple(x for x in row if x >= 0) for row in rows)
+        return StepBatch(ids, positions, query_lens, tables, tuple(v[at : at + n]), command)
+
+
+SHUTDOWN_BATCH = StepBatch((), (), (), (), (), SHUTDOWN)
+
+
+def resolve_dtype(config: EngineConfig, spec: ModelSpec, device: torch.device) -> torch.dtype:
+    """'auto': float32 on CPU; on GPU the checkpoint's 16-bit dtype, else bfloat16."""
+    if config.dtype != "auto":
+        return DTYPES[config.dtype]
+    if device.type == "cpu":
+        return torch.float32
+    return DTYPES.get(spec.torch_dtype, torch.bfloat16) if spec.torch_dtype != "float32" else (
+        torch.bfloat16)
+
+
+class Worker:
+    """The model shard and KV pool of one rank, and the step loop."""
+
+    def __init__(self, config: EngineConfig, model_dir: str, rank: int, init_method: str | None,
+                 peers_alive: Callable[[], bool] | None = None) -> None:
+        self.config, self.rank, self.world_size = config, rank, config.tp
+        self.device = self._pick_device(config)
+        self.control: dist.ProcessGroup | None = None
+        if self.world_size > 1:
+            assert init_method is not None, "tp > 1 needs an init_method tcp://host:port"
+            self._join_group(init_method, peers_alive or (lambda: True))
+        hf_config = AutoConfig.from_pretrained(model_dir)
+        self.spec = ModelSpec.from_hf(hf_config)
+        self.spec.check_tp(self.world_size)
+        self.dtype = resolve_dtype(config, self.spec, self.device)
+        self.comm = Comm(rank, self.world_size, DTYPES[config.comm_dtype]).to(self.device)
+        self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
+        with torch.device(self.device):
+            model = CausalLM(hf_config, self.spec, self.comm, max(self.max_model_len, 1))
+        for p in model.parameters():  # rotary tables stay float32, like transformers'
+            p.data = p.data.to(self.dtype)
+        if config.load_format == "random":
+            random_init(model, config.seed + rank)
+        else:
+            load_weights(model, model_dir, show_progress=rank == 0)
+        self.model = model.eval()
+        self.num_blocks = self._agree_min(self._count_blocks())
+        self.kv = allocate_kv_cache(self.spec, self.world_size, self.num_blocks,
+                                    config.block_size, self.dtype, self.device)
+        self.overflow_retries = 0
+
+    def _pick_device(self, config: EngineConfig) -> torch.device:
+        if config.resolved_device() == "cuda":
+            local = int(os.environ.get("LOCAL_RANK", self.rank)) % torch.cuda.device_count()
+            torch.cuda.set_device(local)
+            return torch.device("cuda", local)
+        # share the cores between the ranks instead of each taking all of them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tp))
+        return torch.device("cpu")
+
+    def _join_group(self, init_method: str, peers_alive: Callable[[], bool]) -> None:
+        """Rendezvous on this replica's own TCP store; rank 0 gives up as soon as a peer
+        process dies instead of waiting out the timeout."""
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        timeout = timedelta(seconds=self.config.dist_timeout_s)
+        host, port = init_method.removeprefix("tcp://").rsplit(":", 1)
+        store = dist.TCPStore(host, int(port), self.world_size, is_master=self.rank == 0,
+                              timeout=timeout, wait_for_workers=False)
+        store.set(f"joined/{self.rank}", "1")
+        keys = [f"joined/{r}" for r in range(self.world_size)]
+        deadline = time.monotonic() + self.config.dist_timeout_s
+        while not store.check(keys):
+            if not peers_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"rank {self.rank}: TP peers did not join the group")
+            time.sleep(0.05)
+        dist.init_process_group(backend, store=store, rank=self.rank,
+                                world_size=self.world_size, timeout=timeout)
+        self.control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" \
+            else dist.group.WORLD
+
+    def _count_blocks(self) -> int:
+        cfg = self.config
+        if cfg.num_kv_blocks is not None:
+            return cfg.num_kv_blocks
+        per_block = block_bytes(self.spec, self.world_size, cfg.block_size, self.dtype)
+        budget = cfg.kv_cache_memory
+        if budget is None and self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * cfg.gpu_memory_utilization)
+        elif budget is None:
+            # enough for every batch slot at full length, within the CPU default
+            wanted = cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size) * per_block
+            budget = min(CPU_KV_CACHE_BYTES, wanted)
+        return max(1, budget // per_block)
+
+    def _agree_min(self, value: int) -> int:
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.control)
+        return int(t.item())
+
+    # ---- the step ----
+
+    def send(self, batch: StepBatch) -> None:
+        """Rank 0: hand the step to the other ranks."""
+        if self.world_size == 1:
+            return
+        flat = batch.encode()
+        dist.broadcast(torch.tensor([flat.numel()], dtype=torch.int64), 0, group=self.control)
+        dist.broadcast(flat, 0, group=self.control)
+
+    def receive(self) -> StepBatch:
+        size = torch.zeros(1, dtype=torch.int64)
+        dist.broadcast(size, 0, group=self.control)
+        flat = torch.empty(int(size.item()), dtype=torch.int64)
+        dist.broadcast(flat, 0, group=self.control)
+        return StepBatch.decode(flat)
+
+    @torch.inference_mode()
+    def execute(self, batch: StepBatch) -> torch.Tensor:
+        """Run one step; next-token logits [N, vocab] float32 (on every rank).
+
+        A step whose 16-bit all-reduce overflowed is run again in float32 (see
+        parallel.py); every rank sees the same reduced values, so all decide alike.
+        """
+        fb = self.forward_batch(batch)
+        self.comm.reset_overflow()
+        logits = self.model(fb, self.kv)
+        if self.comm.world_size > 1 and bool(self.comm.overflow):
+            self.overflow_retries += 1
+            log.warning("16-bit all-reduce overflowed; step re-run with float32 communication")
+            self.comm.force_float32 = True
+            try:
+                logits = self.model(fb, self.kv)
+            finally:
+                self.comm.force_float32 = False
+        return logits
+
+    def forward_batch(self, batch: StepBatch) -> ForwardBatch:
+        dev, bs = self.device, self.config.block_size
+        num_seqs = len(batch.query_lens)
+        width = max(len(t) for t in batch.block_tables)
+        tables = torch.tensor([list(t) + [0] * (width - len(t)) for t in batch.block_tables],
+                              dtype=torch.int64)
+        positions = torch.tensor(batch.positions, dtype=torch.int64)
+        lens = torch.tensor(batch.query_lens, dtype=torch.int64)
+        token_seq = torch.repeat_interleave(torch.arange(num_seqs), lens)  # [T]
+        starts = torch.cumsum(lens, 0) - lens
+        token_off = torch.arange(len(batch.input_ids)) - starts[token_seq]
+        slots = tables[token_seq, positions // bs] * bs + positions % bs
+        query_pos = torch.zeros(num_seqs, int(lens.max()), dtype=torch.int64)
+        query_pos[token_seq, token_off] = positions
+        query_pos = query_pos.to(dev)
+        windows = set(self.spec.sliding_windows)
+        return ForwardBatch(
+            input_ids=torch.tensor(batch.input_ids, dtype=torch.int64).to(dev),
+            positions=positions.to(dev), slot_mapping=slots.to(dev), block_tables=tables.to(dev),
+            token_seq=token_seq.to(dev), token_off=token_off.to(dev), query_pos=query_pos,
+            logits_indices=torch.tensor(batch.logits_indices, dtype=torch.int64).to(dev),
+            masks={w: attention_mask(query_pos, width * bs, w) for w in windows},
+        )
+
+    def serve_forever(self) -> None:
+        """Ranks 1..tp-1: run steps until rank 0 says shut down."""
+        while True:
+            batch = self.receive()
+            if batch.command == SHUTDOWN:
+                break
+            self.execute(batch)
+        self.close()
+
+    def close(self) -> None:
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def rank_main(config: EngineConfig, model_dir: str, rank: int, init_method: str) -> None:
+    """Entry point of a rank process (multiprocessing here, a Ray actor in cluster/)."""
+    logging.basicConfig(level=logging.WARNING)
+    Worker(config, model_dir, rank, init_method).serve_forever()
