@@ -190,6 +190,14 @@ class ModelSpec:
 
     def check_tp(self, tp: int) -> None:
         """Raise a ConfigError unless the model splits evenly over `tp` ranks."""
+        problems = self._tp_problems(tp)
+        if problems:
+            raise ConfigError(
+                f"tp={tp} does not divide {', '.join(problems)}; choose tp from "
+                f"{[t for t in SUPPORTED_TP if not self._tp_problems(t)]} for this model"
+            )
+
+    def _tp_problems(self, tp: int) -> list[str]:
         problems = []
         if self.num_heads % tp:
             problems.append(f"num_attention_heads={self.num_heads}")
@@ -197,18 +205,7 @@ class ModelSpec:
             problems.append(f"num_key_value_heads={self.num_kv_heads}")
         if self.intermediate_size % tp:
             problems.append(f"intermediate_size={self.intermediate_size}")
-        if problems:
-            raise ConfigError(
-                f"tp={tp} does not divide {', '.join(problems)}; choose tp from "
-                f"{[t for t in SUPPORTED_TP if self._splits(t)]} for this model"
-            )
-
-    def _splits(self, tp: int) -> bool:
-        try:
-            self.check_tp(tp)
-        except ConfigError:
-            return False
-        return True
+        return problems
 
 
 def rope_parameters(hf_config: Any) -> dict[str, Any]:

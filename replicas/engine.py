@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import AutoConfig
 
-from replicas.config import ConfigError, EngineConfig, SamplingParams
+from replicas.config import ConfigError, EngineConfig, ModelSpec, SamplingParams
 from replicas.kv_cache import BlockManager
 from replicas.sampler import sample
 from replicas.scheduler import Scheduled, Scheduler, Sequence
@@ -87,10 +88,12 @@ class _SyncSink:
         self.error: BaseException | None = None
         self.result: Any = None
 
-    def push(self, delta: TokenDelta) -> None:
+    def push(self, delta: TokenDelta) -> bool:
+        """Deliver a delta; returns whether anyone still listens."""
         self.deltas.append(delta)
         if delta.finish_reason is not None:
             self.done.set()
+        return True
 
     def fail(self, error: BaseException) -> None:
         self.error = error
@@ -102,11 +105,16 @@ class _AsyncSink:
         self.loop = loop
         self.queue: asyncio.Queue[TokenDelta | BaseException] = asyncio.Queue()
 
-    def push(self, delta: TokenDelta) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
+    def push(self, delta: TokenDelta | BaseException) -> bool:
+        """False when the consumer's event loop is gone (nobody will read on)."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, delta)
+        except RuntimeError:  # loop closed
+            return False
+        return True
 
     def fail(self, error: BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, error)
+        self.push(error)
 
 
 def free_port() -> int:
@@ -127,6 +135,7 @@ class Engine:
         else:
             model_dir = config.model
         self.model_dir = model_dir
+        ModelSpec.from_hf(AutoConfig.from_pretrained(model_dir)).check_tp(config.tp)  # fail early
         self.tokenizer = Tokenizer(model_dir)
         self._procs: list[mp.process.BaseProcess] = []
         init_method = init_method or f"tcp://127.0.0.1:{free_port()}"
@@ -305,8 +314,9 @@ class Engine:
 
     def _submit(self, items: list[tuple[str, Any]], check: bool = True) -> None:
         with self._cond:
-            if check and (self._dead is not None or self._closed):
-                raise EngineDeadError(f"engine is not serving: {self._dead or 'shut down'}")
+            if check and not self.healthy():
+                reason = self._dead or ("shut down" if self._closed else "a rank process died")
+                raise EngineDeadError(f"engine is not serving: {reason}")
             self._inbox.extend(items)
             self._cond.notify_all()
 
@@ -425,10 +435,10 @@ class Engine:
         delta = TokenDelta(seq.request_id, [token], req.text[req.sent : upto],
                            [logprob] if params.logprobs else None, finish)
         req.sent = upto
-        if finish:
+        listening = req.sink.push(delta)
+        if finish or not listening:
             self.scheduler.finish(seq)
             del self._requests[seq.request_id]
-        req.sink.push(delta)
 
     def _finish_score(self, req: _Request) -> None:
         self.scheduler.finish(req.seq)

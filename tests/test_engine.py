@@ -1,0 +1,302 @@
+"""The engine's behaviour on the built-in tiny model (CPU): batching, prefix cache,
+preemption, streaming, sampling options, bad input, overflow of 16-bit communication,
+failure of a rank and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from replicas import (
+    ConfigError,
+    Engine,
+    EngineConfig,
+    EngineDeadError,
+    RequestError,
+    SamplingParams,
+)
+from replicas.tiny import tiny_model_dir
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+PROMPTS = [list(range(10, 15)), list(range(100, 131)), list(range(400, 412)), [7] * 3]
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    eng = Engine(EngineConfig(model=None, max_num_batched_tokens=64))
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def solo(engine: Engine) -> dict[int, list[int]]:
+    """Greedy output of each prompt run alone."""
+    return {i: engine.generate([p], GREEDY)[0].token_ids for i, p in enumerate(PROMPTS)}
+
+
+def collect(engine: Engine, prompt: list[int] | str, params: SamplingParams) -> list:
+    async def run() -> list:
+        return [d async for d in engine.add_request(prompt, params)]
+
+    return asyncio.run(run())
+
+
+def test_batch_invariance_joined(engine: Engine, solo: dict[int, list[int]]) -> None:
+    outs = engine.generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in outs] == [solo[i] for i in range(len(PROMPTS))]
+    assert all(o.finish_reason == "length" and len(o.token_ids) == 24 for o in outs)
+
+
+def test_batch_invariance_arrivals_midway(engine: Engine, solo: dict[int, list[int]]) -> None:
+    """Requests that join while the first is decoding change none of its tokens."""
+
+    async def run() -> dict[int, list[int]]:
+        got: dict[int, list[int]] = {i: [] for i in range(len(PROMPTS))}
+
+        async def consume(i: int, started: asyncio.Event | None = None) -> None:
+            async for d in engine.add_request(PROMPTS[i], GREEDY):
+                got[i] += d.token_ids
+                if started is not None and len(got[i]) == 5:
+                    started.set()
+
+        started = asyncio.Event()
+        first = asyncio.create_task(consume(0, started))
+        await started.wait()
+        await asyncio.gather(first, *(consume(i) for i in range(1, len(PROMPTS))))
+        return got
+
+    got = asyncio.run(run())
+    assert got == solo
+
+
+def test_stream_matches_generate_and_ends_once(engine: Engine) -> None:
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    deltas = collect(engine, "The fox", params)
+    whole = engine.generate(["The fox"], params)[0]
+    assert [t for d in deltas for t in d.token_ids] == whole.token_ids
+    assert "".join(d.text for d in deltas) == whole.text
+    assert [d.finish_reason for d in deltas] == [None] * 11 + ["length"]
+
+
+def test_abort_by_leaving_the_stream_frees_blocks(engine: Engine) -> None:
+    free_before = engine.stats()["free_kv_blocks"]
+
+    async def run() -> int:
+        n = 0
+        async for _ in engine.add_request(PROMPTS[1], SamplingParams(max_tokens=200)):
+            n += 1
+            if n == 3:
+                break
+        return n
+
+    assert asyncio.run(run()) == 3
+    for _ in range(100):  # the abort lands at the next step boundary
+        if engine.stats()["running"] == 0:
+            break
+        asyncio.run(asyncio.sleep(0.01))
+    stats = engine.stats()
+    assert stats["running"] == stats["waiting"] == 0
+    assert stats["free_kv_blocks"] == free_before
+
+
+def test_prefix_cache_reuses_blocks_and_output(engine: Engine) -> None:
+    shared = list(range(200, 264))  # 64 tokens = 4 full blocks of 16
+    first = engine.generate([shared + [5, 6, 7]], GREEDY)[0]
+    hits = engine.stats()["prefix_cache_hit_blocks"]
+    again = engine.generate([shared + [5, 6, 7]], GREEDY)[0]
+    assert engine.stats()["prefix_cache_hit_blocks"] - hits == 4
+    assert again.token_ids == first.token_ids
+    hits = engine.stats()["prefix_cache_hit_blocks"]
+    other = engine.generate([shared + [9]], GREEDY)[0]  # same prefix, other ending
+    assert engine.stats()["prefix_cache_hit_blocks"] - hits == 4
+    cold = Engine(EngineConfig(model=None))
+    try:
+        assert cold.generate([shared + [9]], GREEDY)[0].token_ids == other.token_ids
+    finally:
+        cold.shutdown()
+
+
+def test_preemption_with_a_tiny_pool(solo: dict[int, list[int]]) -> None:
+    """8 blocks of 8 tokens cannot hold four 30-40-token sequences at once."""
+    eng = Engine(EngineConfig(model=None, num_kv_blocks=8, block_size=8, max_model_len=64))
+    try:
+        outs = eng.generate(PROMPTS, GREEDY)
+        stats = eng.stats()
+    finally:
+        eng.shutdown()
+    assert stats["preemptions"] > 0
+    assert [o.token_ids for o in outs] == [solo[i] for i in range(len(PROMPTS))]
+    assert stats["free_kv_blocks"] == 8
+
+
+def test_seeded_sampling_is_reproducible(engine: Engine) -> None:
+    params = SamplingParams(max_tokens=16, temperature=1.0, top_k=50, top_p=0.9, seed=42)
+    a = engine.generate([PROMPTS[0]], params)[0].token_ids
+    b = engine.generate([PROMPTS[0], PROMPTS[1], PROMPTS[0]], [params, GREEDY, params])
+    assert b[0].token_ids == a and b[2].token_ids == a
+    c = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=16, temperature=1.0, seed=7))
+    assert c[0].token_ids != a
+
+
+def test_stop_token_ids_and_logprobs(engine: Engine, solo: dict[int, list[int]]) -> None:
+    target = solo[0][5]
+    params = SamplingParams(max_tokens=24, temperature=0.0, stop_token_ids=(target,),
+                            logprobs=True, ignore_eos=True)
+    out = engine.generate([PROMPTS[0]], params)[0]
+    stop_at = solo[0].index(target)
+    assert out.token_ids == solo[0][: stop_at + 1]
+    assert out.finish_reason == "stop"
+    assert out.logprobs is not None and len(out.logprobs) == len(out.token_ids)
+    logits = engine.score(PROMPTS[0] + out.token_ids[:-1])
+    expected = torch.log_softmax(logits[-len(out.token_ids):], -1)
+    chosen = expected[torch.arange(len(out.token_ids)), torch.tensor(out.token_ids)]
+    assert torch.allclose(torch.tensor(out.logprobs), chosen, atol=1e-4)
+
+
+def test_stop_string_cuts_the_text(engine: Engine) -> None:
+    full = engine.generate(["Once upon a time"], GREEDY)[0]
+    words = full.text.split()
+    assert len(words) > 3, full.text
+    stop = words[2]
+    cut = full.text.index(stop)
+    params = SamplingParams(max_tokens=24, temperature=0.0, stop=(stop,), ignore_eos=True)
+    out = engine.generate(["Once upon a time"], params)[0]
+    assert out.finish_reason == "stop"
+    assert out.text == full.text[:cut]
+    streamed = collect(engine, "Once upon a time", params)
+    assert "".join(d.text for d in streamed) == full.text[:cut]
+
+
+def test_eos_finishes_with_stop(engine: Engine, solo: dict[int, list[int]]) -> None:
+    eos = solo[1][3]  # pretend the 4th greedy token is the end of sequence
+    engine._eos.add(eos)
+    try:
+        out = engine.generate([PROMPTS[1]], SamplingParams(max_tokens=24, temperature=0.0))[0]
+    finally:
+        engine._eos.discard(eos)
+    assert out.finish_reason == "stop"
+    assert out.token_ids == solo[1][: solo[1].index(eos) + 1]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda e: e.generate([""], GREEDY),
+        lambda e: e.generate([[]], GREEDY),
+        lambda e: e.generate([list(range(e.max_model_len))], GREEDY),
+        lambda e: e.generate([[1, 2, e.spec.vocab_size]], GREEDY),
+        lambda e: e.generate([[1, 2]], SamplingParams(max_tokens=e.max_model_len)),
+        lambda e: e.generate([[1], [2]], [GREEDY]),
+    ],
+    ids=["empty-text", "empty-ids", "over-max-len", "bad-token-id", "len-plus-max-tokens",
+         "params-count"],
+)
+def test_bad_requests_are_refused_and_engine_goes_on(engine: Engine, solo: dict, make) -> None:
+    with pytest.raises(RequestError) as err:
+        make(engine)
+    assert len(str(err.value)) > 20  # a message a user can act on
+    assert engine.generate([PROMPTS[0]], GREEDY)[0].token_ids == solo[0]
+
+
+def test_bad_sampling_params() -> None:
+    for kwargs, word in [({"max_tokens": 0}, "max_tokens"), ({"max_tokens": -3}, "max_tokens"),
+                         ({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p"),
+                         ({"top_k": -1}, "top_k"), ({"stop": ("",)}, "stop")]:
+        with pytest.raises(ConfigError, match=word):
+            SamplingParams(**kwargs)
+
+
+def test_bad_engine_configs(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        EngineConfig(model=str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match="tp=3"):
+        EngineConfig(tp=3)
+    with pytest.raises(ConfigError, match="comm_dtype"):
+        EngineConfig(comm_dtype="int8")
+    # the tiny model has 4 heads and 2 KV heads: tp=8 cannot split them
+    with pytest.raises(ConfigError, match="tp=8 does not divide num_attention_heads=4"):
+        Engine(EngineConfig(tp=8, device="cpu"))
+    with pytest.raises(ConfigError, match="max_model_len"):
+        Engine(EngineConfig(num_kv_blocks=2, block_size=16, max_model_len=64))
+    unknown = tmp_path / "unknown"
+    shutil.copytree(tiny_model_dir(), unknown)
+    cfg = json.loads((unknown / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    cfg["model_type"] = "gpt2"
+    (unknown / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="supported: LlamaForCausalLM"):
+        Engine(EngineConfig(model=str(unknown)))
+
+
+def test_missing_weights_are_named(tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir(), broken)
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match="down_proj"):
+        Engine(EngineConfig(model=str(broken)))
+
+
+@pytest.fixture(scope="module")
+def overflowing_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny model with o_proj scaled so its all-reduced output exceeds float16's
+    range (65504): float16 communication must overflow on every step."""
+    path = tmp_path_factory.mktemp("overflow") / "model"
+    shutil.copytree(tiny_model_dir(), path)
+    tensors = load_file(path / "model.safetensors")
+    for name in tensors:
+        if name.endswith("o_proj.weight"):
+            tensors[name] = tensors[name] * 1e6
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    return str(path)
+
+
+def test_float16_overflow_is_rerun_in_float32(overflowing_model: str) -> None:
+    def run(comm: str) -> tuple[list[list[int]], int]:
+        with Engine(EngineConfig(model=overflowing_model, tp=2, comm_dtype=comm)) as eng:
+            outs = eng.generate(PROMPTS[:2], SamplingParams(max_tokens=8, temperature=0.0,
+                                                            ignore_eos=True))
+            return [o.token_ids for o in outs], eng.stats()["comm_overflow_retries"]
+
+    exact, retries32 = run("float32")
+    guarded, retries16 = run("float16")
+    assert retries32 == 0
+    assert retries16 >= 8  # every step overflowed and was run again
+    assert guarded == exact
+
+
+def test_tp2_dead_rank_fails_requests_fast_and_shutdown_cleans_up() -> None:
+    eng = Engine(EngineConfig(model=None, tp=2, dist_timeout_s=60))
+    procs = list(eng._procs)
+    try:
+        assert eng.generate([PROMPTS[0]], GREEDY)[0].finish_reason == "length"
+        assert eng.healthy()
+        procs[0].kill()
+        procs[0].join(5)
+        assert not eng.healthy()
+        with pytest.raises(EngineDeadError):
+            eng.generate([PROMPTS[1]], GREEDY)
+        with pytest.raises(EngineDeadError):  # and stays refused
+            eng.generate([PROMPTS[1]], GREEDY)
+    finally:
+        eng.shutdown()
+    assert not any(p.is_alive() for p in procs)
+
+
+def test_tp2_shutdown_leaves_no_process() -> None:
+    eng = Engine(EngineConfig(model=None, tp=2))
+    procs = list(eng._procs)
+    assert all(p.is_alive() for p in procs)
+    eng.shutdown()
+    eng.shutdown()  # idempotent
+    assert not any(p.is_alive() for p in procs)
+    assert all(p.exitcode == 0 for p in procs)  # told to stop, not killed
+    with pytest.raises(EngineDeadError):
+        eng.generate([PROMPTS[0]], GREEDY)
