@@ -71,7 +71,8 @@ def shard_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
     return rank * size, (rank + 1) * size
 
 
-Loader = Callable[[torch.Tensor], None]
+# reads an index (rows, or (rows, columns)) of one checkpoint tensor, and nothing more
+Index = slice | tuple[slice, slice]
 
 
 class ColumnParallelLinear(nn.Module):
@@ -95,7 +96,7 @@ class ColumnParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(local, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(local), requires_grad=False) if bias else None
 
-    def load(self, name: str, get: Callable[[slice], torch.Tensor], part: int | None) -> None:
+    def load(self, name: str, get: Callable[[Index], torch.Tensor], part: int | None) -> None:
         """Copy this rank's rows of checkpoint tensor `name` (weight or bias) into place.
 
         `get(rows)` reads only those rows from the checkpoint. part=None means the
@@ -130,13 +131,13 @@ class RowParallelLinear(nn.Module):
         # the bias is added once, after the reduce, so it is not counted tp times
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
-    def load(self, name: str, get: Callable[[slice], torch.Tensor], part: int | None) -> None:
+    def load(self, name: str, get: Callable[[Index], torch.Tensor], part: int | None) -> None:
         if name.endswith("bias"):
             assert self.bias is not None
             self.bias.data.copy_(get(slice(None)))
         else:
-            full = get(slice(None))  # [out, in]; columns are not contiguous on disk
-            self.weight.data.copy_(full[:, self.in_shard[0] : self.in_shard[1]])
+            # [out, in_shard]: safetensors reads only these columns of each row
+            self.weight.data.copy_(get((slice(None), slice(*self.in_shard))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [tokens, local_in] -> [tokens, out]
         y = self.comm.all_reduce(F.linear(x, self.weight))
@@ -160,7 +161,7 @@ class VocabParallelEmbedding(nn.Module):
         self.start, self.end, per_rank = vocab_shard(vocab_size, comm.rank, comm.world_size)
         self.weight = nn.Parameter(torch.zeros(per_rank, dim), requires_grad=False)
 
-    def load(self, name: str, get: Callable[[slice], torch.Tensor], part: int | None) -> None:
+    def load(self, name: str, get: Callable[[Index], torch.Tensor], part: int | None) -> None:
         rows = get(slice(self.start, self.end))
         self.weight.data[: rows.shape[0]].copy_(rows)
 
@@ -201,7 +202,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
-    def load(self, name: str, get: Callable[[slice], torch.Tensor], part: int | None) -> None:
+    def load(self, name: str, get: Callable[[Index], torch.Tensor], part: int | None) -> None:
         self.weight.data.copy_(get(slice(None)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
