@@ -44,24 +44,15 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from replicas.tiny import build_tokenizer, special_token_ids
+from replicas.tiny import TINY_CONFIG, build_tokenizer, special_token_ids
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "glm")
 SEED = 0
 CheckpointFactory = Callable[..., str]  # the `checkpoint` fixture: (family, **options)
 SHARD_SIZE = "100KB"  # ~0.5 MB of float32 weights -> several shards
 
-COMMON: dict[str, Any] = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 2048,
-    "rms_norm_eps": 1e-5,  # transformers' default is 1e-6
-    "initializer_range": 0.2,
-    "tie_word_embeddings": False,
-}
+# the built-in tiny model's shapes; rms_norm_eps 1e-5 differs from transformers' 1e-6
+COMMON: dict[str, Any] = dict(TINY_CONFIG)
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",
