@@ -66,7 +66,8 @@ class Rotary(nn.Module):
         self.rotary_dim = spec.rotary_dim
         self.interleaved = spec.rope_interleaved
         inv_freq, scale = rope_frequencies(hf_config, spec)
-        freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq  # [P, rd/2]
+        positions = torch.arange(max_positions, dtype=torch.float32)  # on the default device
+        freqs = positions[:, None] * inv_freq.to(positions.device)  # [P, rd/2]
         if self.interleaved:  # pairs (2i, 2i+1) share frequency i
             angles = freqs.repeat_interleave(2, dim=-1)
         else:  # halves: i and i + rd/2 share frequency i

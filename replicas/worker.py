@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoConfig
 
-from replicas.config import DTYPES, EngineConfig, ModelSpec
+from replicas.config import DTYPES, ConfigError, EngineConfig, ModelSpec
 from replicas.kv_cache import allocate_kv_cache, block_bytes
 from replicas.loader import load_weights, random_init
 from replicas.model import CausalLM, ForwardBatch, attention_mask
@@ -112,6 +112,11 @@ class Worker:
 
     def _pick_device(self, config: EngineConfig) -> torch.device:
         if config.resolved_device() == "cuda":
+            if config.tp > torch.cuda.device_count():
+                raise ConfigError(
+                    f"tp={config.tp} needs {config.tp} GPUs, {torch.cuda.device_count()} "
+                    "visible; lower tp or use device='cpu'"
+                )
             local = int(os.environ.get("LOCAL_RANK", self.rank)) % torch.cuda.device_count()
             torch.cuda.set_device(local)
             return torch.device("cuda", local)
