@@ -300,3 +300,12 @@ def test_tp2_shutdown_leaves_no_process() -> None:
     assert all(p.exitcode == 0 for p in procs)  # told to stop, not killed
     with pytest.raises(EngineDeadError):
         eng.generate([PROMPTS[0]], GREEDY)
+
+
+def test_chat_template_prompt(engine: Engine) -> None:
+    messages = [{"role": "user", "content": "Say hello"}]
+    ids = engine.tokenizer.apply_chat_template(messages)
+    assert ids[0] == engine.tokenizer.hf.bos_token_id
+    assert engine.tokenizer.decode(ids).endswith("<|assistant|>\n")
+    out = engine.generate([ids], SamplingParams(max_tokens=4, temperature=0.0))[0]
+    assert out.prompt_token_ids == ids and 1 <= len(out.token_ids) <= 4
