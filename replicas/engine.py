@@ -20,10 +20,10 @@ import multiprocessing as mp
 import socket
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from transformers import AutoConfig
@@ -117,6 +117,28 @@ class _AsyncSink:
         self.push(error)
 
 
+class RankHandle(Protocol):
+    """A running rank 1..tp-1 (a process here, a Ray actor in cluster/)."""
+
+    def is_alive(self) -> bool: ...
+    def join(self, timeout: float | None = None) -> None: ...
+    def kill(self) -> None: ...
+
+
+# (config, model_dir, rank, init_method) -> a started rank that runs worker.rank_main
+RankLauncher = Callable[[EngineConfig, str, int, str], RankHandle]
+
+
+def spawn_rank(config: EngineConfig, model_dir: str, rank: int, init_method: str) -> RankHandle:
+    """Start a rank as a local process (spawned: CUDA and threads start clean)."""
+    proc = mp.get_context("spawn").Process(
+        target=rank_main, args=(config, model_dir, rank, init_method), daemon=True,
+        name=f"tpserve-rank{rank}",
+    )
+    proc.start()
+    return proc
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -126,7 +148,8 @@ def free_port() -> int:
 class Engine:
     """One TP group serving requests. Always call `shutdown()` (or use `with`)."""
 
-    def __init__(self, config: EngineConfig, init_method: str | None = None) -> None:
+    def __init__(self, config: EngineConfig, init_method: str | None = None,
+                 launch: RankLauncher = spawn_rank) -> None:
         self.config = config
         if config.model is None:
             from replicas.tiny import tiny_model_dir
@@ -137,15 +160,9 @@ class Engine:
         self.model_dir = model_dir
         ModelSpec.from_hf(AutoConfig.from_pretrained(model_dir)).check_tp(config.tp)  # fail early
         self.tokenizer = Tokenizer(model_dir)
-        self._procs: list[mp.process.BaseProcess] = []
+        # each replica rendezvouses on its own port, so replicas on one node never collide
         init_method = init_method or f"tcp://127.0.0.1:{free_port()}"
-        if config.tp > 1:
-            ctx = mp.get_context("spawn")
-            for rank in range(1, config.tp):
-                p = ctx.Process(target=rank_main, args=(config, model_dir, rank, init_method),
-                                daemon=True, name=f"tpserve-rank{rank}")
-                p.start()
-                self._procs.append(p)
+        self._procs = [launch(config, model_dir, r, init_method) for r in range(1, config.tp)]
         try:
             self.worker = Worker(config, model_dir, 0, init_method,
                                  peers_alive=lambda: all(p.is_alive() for p in self._procs))
