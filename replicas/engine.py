@@ -397,6 +397,8 @@ class Engine:
         logits = self.worker.execute(batch)
         self._steps += 1
         for item in plan:
+            if item.seq.score and item.seq.num_computed == 0:  # (re)started after preemption
+                self._requests[item.seq.request_id].score_rows.clear()
             self.scheduler.advance(item)
         sampled: list[tuple[_Request, torch.Tensor]] = []
         for item, (start, end) in zip(plan, rows, strict=True):

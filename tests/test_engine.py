@@ -21,6 +21,7 @@ from replicas import (
     RequestError,
     SamplingParams,
 )
+from replicas.engine import _SyncSink
 from replicas.tiny import tiny_model_dir
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
@@ -309,3 +310,24 @@ def test_chat_template_prompt(engine: Engine) -> None:
     assert engine.tokenizer.decode(ids).endswith("<|assistant|>\n")
     out = engine.generate([ids], SamplingParams(max_tokens=4, temperature=0.0))[0]
     assert out.prompt_token_ids == ids and 1 <= len(out.token_ids) <= 4
+
+
+def test_preempted_score_request_returns_one_row_per_prompt_token() -> None:
+    """A score request preempted mid-prefill starts over; its rows are not duplicated.
+
+    8 blocks of 4 tokens, 8 tokens a step: a 20-token generate request admitted in the same
+    step as a 16-token score request outgrows the pool and preempts the scorer after its
+    first chunk (both are submitted together so the timing is fixed)."""
+    cfg = EngineConfig(max_model_len=32, num_kv_blocks=8, block_size=4, max_num_batched_tokens=8)
+    with Engine(cfg) as eng:
+        prompt = list(range(5, 21))
+        alone = eng.score(prompt)
+        gen = eng._make_sequence(list(range(100, 120)), SamplingParams(
+            max_tokens=12, temperature=0, ignore_eos=True), None)
+        scored = eng._make_sequence(prompt, SamplingParams(max_tokens=1), None, score=True)
+        gen_sink, score_sink = _SyncSink(), _SyncSink()
+        eng._submit([("add", (gen, gen_sink)), ("add", (scored, score_sink))])
+        assert score_sink.done.wait(120) and gen_sink.done.wait(120)
+        assert eng.stats()["preemptions"] > 0
+        assert score_sink.result.shape == alone.shape
+        torch.testing.assert_close(score_sink.result, alone, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,336 @@
+"""TP layers against unsharded references, the vLLM way: spawn 2 ranks on a gloo group,
+load every layer from the same full random tensors through its own `load`, run it on the
+same input in each rank, and compare the pieces with plain torch in the parent.
+
+The ranks run every check once (a module fixture), send their outputs back as numpy
+arrays through a queue, and are always joined or killed within a bounded time.
+"""
+
+from __future__ import annotations
+
+import queue
+import socket
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from replicas.parallel import (
+    ColumnParallelLinear,
+    Comm,
+    Index,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    shard_range,
+)
+
+WORLD = 2
+TOKENS, HIDDEN = 5, 16
+HEADS, HEAD_DIM = 4, 3
+VOCAB, DIM = 11, 6  # a vocabulary that 2 ranks do not split evenly
+RANK_TIMEOUT_S = 90  # the whole spawn-run-collect, generous for a loaded CI machine
+
+Results = dict[str, np.ndarray | float | bool]
+
+
+def full_tensors() -> dict[str, torch.Tensor]:
+    """The unsharded checkpoint and inputs; every process rebuilds the same ones."""
+    g = torch.Generator().manual_seed(1234)
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g)
+
+    return {
+        "x": r(TOKENS, HIDDEN),
+        # attention with 2 KV heads: q | k | v pieces of unequal size (12, 6, 6 rows)
+        "q.weight": r(HEADS * HEAD_DIM, HIDDEN), "q.bias": r(HEADS * HEAD_DIM),
+        "k.weight": r(2 * HEAD_DIM, HIDDEN), "k.bias": r(2 * HEAD_DIM),
+        "v.weight": r(2 * HEAD_DIM, HIDDEN), "v.bias": r(2 * HEAD_DIM),
+        # one KV head for 2 ranks: replicated
+        "k1.weight": r(HEAD_DIM, HIDDEN), "v1.weight": r(HEAD_DIM, HIDDEN),
+        # gate | up stored fused in one tensor (GLM)
+        "gate_up.weight": r(2 * 10, HIDDEN),
+        "row_in": r(TOKENS, 12), "o.weight": r(HIDDEN, 12), "o.bias": r(HIDDEN) + 10.0,
+        "embed.weight": r(VOCAB, DIM), "ids": torch.tensor([0, 5, 6, 10, 3, 7, 10, 0]),
+        "h": r(TOKENS, DIM), "head.weight": r(VOCAB, DIM),
+    }
+
+
+class Reader:
+    """A checkpoint tensor as the loader hands it to a layer: `get(index)` reads only the
+    indexed part, and we count how many elements the layer read."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t, self.read = t, 0
+
+    def __call__(self, index: Index) -> torch.Tensor:
+        part = self.t[index]
+        self.read += part.numel()
+        return part
+
+
+def getter(t: torch.Tensor) -> Reader:
+    return Reader(t)
+
+
+# ---- what each rank runs ----
+
+
+def _column_qkv(comm: Comm, w: dict[str, torch.Tensor]) -> Results:
+    layer = ColumnParallelLinear(HIDDEN, [HEADS * HEAD_DIM, 2 * HEAD_DIM, 2 * HEAD_DIM], True,
+                                 comm)
+    read = 0
+    for part, name in enumerate("qkv"):
+        for kind in ("weight", "bias"):
+            get = getter(w[f"{name}.{kind}"])
+            layer.load(f"{name}_proj.{kind}", get, part)
+            read += get.read
+    return {"out": layer(w["x"]).numpy(), "read": read}
+
+
+def _column_replicated_kv(comm: Comm, w: dict[str, torch.Tensor]) -> Results:
+    # as Attention does when num_kv_heads < tp: every rank keeps KV head 0
+    kv_rows = (0, HEAD_DIM)
+    layer = ColumnParallelLinear(
+        HIDDEN, [HEADS * HEAD_DIM, HEAD_DIM, HEAD_DIM], False, comm,
+        part_shards=[shard_range(HEADS * HEAD_DIM, comm.rank, WORLD), kv_rows, kv_rows])
+    layer.load("q_proj.weight", getter(w["q.weight"]), 0)
+    layer.load("k_proj.weight", getter(w["k1.weight"]), 1)
+    layer.load("v_proj.weight", getter(w["v1.weight"]), 2)
+    return {"out": layer(w["x"]).numpy()}
+
+
+def _column_fused(comm: Comm, w: dict[str, torch.Tensor]) -> Results:
+    layer = ColumnParallelLinear(HIDDEN, [10, 10], False, comm)
+    layer.load("gate_up_proj.weight", getter(w["gate_up.weight"]), None)
+    return {"out": layer(w["x"]).numpy()}
+
+
+def _row(comm: Comm, w: dict[str, torch.Tensor]) -> Results:
+    layer = RowParallelLinear(12, HIDDEN, True, comm)
+    weight = getter(w["o.weight"])
+    layer.load("o_proj.weight", weight, None)
+    layer.load("o_proj.bias", getter(w["o.bias"]), None)
+    start, end = shard_range(12, comm.rank, WORLD)
+    return {"out": layer(w["row_in"][:, start:end]).numpy(), "overflow": bool(comm.overflow),
+            "read": weight.read}
+
+
+def _embedding(comm: Comm, w: dict[str, torch.Tensor]) -> Results:
+    layer = VocabParallelEmbedding(VOCAB, DIM, comm)
+    get = getter(w["embed.weight"])
+    layer.load("embed_tokens.weight", get, None)
+    return {"out": layer(w["ids"]).numpy(), "read": get.read}
+
+
+def _lm_head(comm: Comm, w: dict[str, torch.Tensor]) -> Results:
+    layer = ParallelLMHead(VOCAB, DIM, comm)
+    layer.load("lm_head.weight", getter(w["head.weight"]), None)
+    out = layer(w["h"])
+    return {"out": out.numpy(), "float32": out.dtype == torch.float32}
+
+
+def _all_reduce_float16(comm: Comm, w: dict[str, torch.Tensor]) -> Results:
+    res: Results = {}
+    res["fresh"] = bool(comm.overflow)
+    comm.all_reduce(torch.full((4,), 40000.0))  # each fits float16; the sum 80000 does not
+    res["sum_overflow"] = bool(comm.overflow)
+    comm.reset_overflow()
+    res["after_reset"] = bool(comm.overflow)
+    # one rank's payload alone exceeds 65504
+    big = torch.tensor([70000.0 if comm.rank == 0 else 0.0, 1.0])
+    comm.all_reduce(big)
+    res["big_overflow"] = bool(comm.overflow)
+    comm.reset_overflow()
+    normal = comm.all_reduce(torch.tensor([1.5, -2.0, 30000.0]))
+    res["normal"], res["normal_overflow"] = normal.numpy(), bool(comm.overflow)
+    res["normal_dtype"] = normal.dtype == torch.float32
+    comm.force_float32 = True  # the re-run of an overflowed step
+    exact = comm.all_reduce(torch.full((4,), 40000.0))
+    comm.force_float32 = False
+    res["forced"], res["forced_overflow"] = exact.numpy(), bool(comm.overflow)
+    return res
+
+
+CHECKS: dict[str, tuple[Callable[[Comm, dict[str, torch.Tensor]], Results], torch.dtype]] = {
+    "column_qkv": (_column_qkv, torch.float32),
+    "column_replicated_kv": (_column_replicated_kv, torch.float32),
+    "column_fused": (_column_fused, torch.float32),
+    "row": (_row, torch.float32),
+    "row_float16_comm": (_row, torch.float16),
+    "embedding": (_embedding, torch.float16),  # exact=True: comm dtype must not matter
+    "lm_head": (_lm_head, torch.float16),
+    "all_reduce_float16": (_all_reduce_float16, torch.float16),
+}
+
+
+def _rank_main(rank: int, port: int, out: Any) -> None:
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=WORLD, timeout=timedelta(seconds=60))
+        w = full_tensors()
+        results = {}
+        with torch.inference_mode():
+            for name, (check, dtype) in CHECKS.items():
+                results[name] = check(Comm(rank, WORLD, dtype), w)
+        out.put((rank, results, None))
+    except BaseException:  # noqa: BLE001 - the parent reports it
+        out.put((rank, None, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks() -> list[dict[str, Results]]:
+    """Per rank, per check, what the rank computed."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, port, out), daemon=True)
+             for r in range(WORLD)]
+    try:
+        for p in procs:
+            p.start()
+        got: dict[int, dict[str, Results]] = {}
+        for _ in range(WORLD):
+            try:
+                rank, results, error = out.get(timeout=RANK_TIMEOUT_S)
+            except queue.Empty:
+                codes = [p.exitcode for p in procs]
+                pytest.fail(f"ranks did not report within {RANK_TIMEOUT_S}s (exit codes {codes})")
+            if error is not None:
+                pytest.fail(f"rank {rank} failed:\n{error}")
+            got[rank] = results
+        for p in procs:
+            p.join(timeout=30)
+        assert [p.exitcode for p in procs] == [0] * WORLD
+        return [got[r] for r in range(WORLD)]
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=10)
+        out.close()
+
+
+@pytest.fixture(scope="module")
+def w() -> dict[str, torch.Tensor]:
+    return full_tensors()
+
+
+def close(a: np.ndarray | torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> None:
+    torch.testing.assert_close(torch.as_tensor(a), b, rtol=tol, atol=tol)
+
+
+def linear(x: torch.Tensor, name: str, w: dict[str, torch.Tensor]) -> torch.Tensor:
+    bias = w.get(f"{name}.bias")
+    return torch.nn.functional.linear(x, w[f"{name}.weight"], bias)
+
+
+# ---- the comparisons ----
+
+
+def test_column_parallel_fused_qkv(ranks: list[dict[str, Results]], w: dict) -> None:
+    q, k, v = (linear(w["x"], n, w) for n in "qkv")
+    local = [torch.as_tensor(r["column_qkv"]["out"]) for r in ranks]
+    # each rank holds [q_r | k_r | v_r]; a piece is the concatenation of its rank shards
+    pieces = [t.split([6, 3, 3], dim=-1) for t in local]
+    for i, ref in enumerate((q, k, v)):
+        close(torch.cat([p[i] for p in pieces], dim=-1), ref)
+    full = sum(w[f"{n}.{k}"].numel() for n in "qkv" for k in ("weight", "bias"))
+    assert [r["column_qkv"]["read"] for r in ranks] == [full // WORLD] * WORLD
+
+
+def test_column_parallel_replicated_kv_rows(ranks: list[dict[str, Results]], w: dict) -> None:
+    q = torch.nn.functional.linear(w["x"], w["q.weight"])
+    k = torch.nn.functional.linear(w["x"], w["k1.weight"])
+    v = torch.nn.functional.linear(w["x"], w["v1.weight"])
+    pieces = [torch.as_tensor(r["column_replicated_kv"]["out"]).split([6, 3, 3], dim=-1)
+              for r in ranks]
+    close(torch.cat([p[0] for p in pieces], dim=-1), q)
+    for p in pieces:  # every rank has the whole (only) KV head
+        close(p[1], k)
+        close(p[2], v)
+
+
+def test_column_parallel_loads_a_fused_checkpoint_tensor(ranks: list[dict[str, Results]],
+                                                         w: dict) -> None:
+    ref_gate, ref_up = torch.nn.functional.linear(w["x"], w["gate_up.weight"]).split(10, -1)
+    pieces = [torch.as_tensor(r["column_fused"]["out"]).chunk(2, dim=-1) for r in ranks]
+    close(torch.cat([p[0] for p in pieces], dim=-1), ref_gate)
+    close(torch.cat([p[1] for p in pieces], dim=-1), ref_up)
+
+
+@pytest.mark.parametrize(("check", "tol"), [("row", 1e-5), ("row_float16_comm", 2e-2)])
+def test_row_parallel_adds_the_bias_once(ranks: list[dict[str, Results]], w: dict, check: str,
+                                         tol: float) -> None:
+    ref = linear(w["row_in"], "o", w)
+    for r in ranks:
+        close(r[check]["out"], ref, tol)
+        assert r[check]["overflow"] is False
+        assert r[check]["read"] == w["o.weight"].numel() // WORLD  # only its columns
+
+
+def test_vocab_parallel_embedding_uneven_vocab(ranks: list[dict[str, Results]],
+                                               w: dict) -> None:
+    ref = w["embed.weight"][w["ids"]]
+    for r in ranks:  # exact: one rank contributes each row, in the model dtype
+        assert torch.equal(torch.as_tensor(r["embedding"]["out"]), ref)
+    # 6 and 5 rows of the 11: each rank reads only its own
+    assert [r["embedding"]["read"] for r in ranks] == [6 * DIM, 5 * DIM]
+
+
+def test_parallel_lm_head_gathers_the_full_vocab(ranks: list[dict[str, Results]],
+                                                 w: dict) -> None:
+    ref = w["h"] @ w["head.weight"].T
+    for r in ranks:
+        assert r["lm_head"]["out"].shape == (TOKENS, VOCAB)  # padding row cut off
+        assert r["lm_head"]["float32"]
+        close(r["lm_head"]["out"], ref)
+
+
+def test_float16_all_reduce_flags_overflow(ranks: list[dict[str, Results]]) -> None:
+    for r in ranks:
+        res = r["all_reduce_float16"]
+        assert res["fresh"] is False
+        assert res["sum_overflow"], "a float16 sum above 65504 must set the flag"
+        assert res["after_reset"] is False
+        assert res["big_overflow"], "a float16 payload above 65504 must set the flag"
+        assert res["normal_overflow"] is False
+        assert res["normal_dtype"]
+        np.testing.assert_allclose(res["normal"], [3.0, -4.0, 60000.0], rtol=1e-3)
+        # the float32 re-run is exact and does not flag
+        np.testing.assert_array_equal(res["forced"], np.full(4, 80000.0, dtype=np.float32))
+        assert res["forced_overflow"] is False
+
+
+def test_single_rank_all_reduce_is_a_no_op() -> None:
+    x = torch.randn(3, 4)
+    for dtype in (torch.float32, torch.float16):
+        comm = Comm(0, 1, dtype)
+        assert comm.all_reduce(x) is x
+        assert comm.all_gather_last(x) is x
+    comm = Comm(0, 1, torch.float16)
+    comm.all_reduce(torch.full((2,), 1e6))
+    assert not bool(comm.overflow)  # nothing was sent, nothing overflowed
+
+
+def test_shard_ranges_cover_the_rows() -> None:
+    assert [shard_range(12, r, 2) for r in range(2)] == [(0, 6), (6, 12)]
+    assert [shard_range(8, r, 4) for r in range(4)] == [(0, 2), (2, 4), (4, 6), (6, 8)]
+
