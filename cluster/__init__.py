@@ -1,0 +1,1 @@
+"""Ray: Serve deployments that wrap the engine, rank actors, cluster configs, scaling."""

@@ -1,0 +1,204 @@
+"""The Serve application: an ingress deployment in front of the engine deployment.
+
+Each engine replica is one TP group: Serve reserves a placement group of tp bundles
+(STRICT_PACK, one node) for it; the replica itself is rank 0 in bundle 0 and starts ranks
+1..tp-1 as actors in the other bundles (cluster/ranks.py). Tokens stream from rank 0
+through a DeploymentHandle; a caller that goes away cancels the stream, which aborts the
+request in the engine.
+
+The ingress here is the minimal one of the cluster issue (`POST /v1/completions`,
+`GET /healthz`); the router package gives the full OpenAI API.
+"""
+
+
+import dataclasses
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import ray
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from replicas import (
+    ConfigError,
+    Engine,
+    EngineConfig,
+    EngineDeadError,
+    RequestError,
+    SamplingParams,
+)
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "tpserve"
+ENGINE = "Engine"
+# Serve waits this long for a replica being removed to finish its accepted requests
+DRAIN_TIMEOUT_S = 300.0
+
+
+@serve.deployment(
+    name=ENGINE,
+    max_ongoing_requests=64,
+    health_check_period_s=2.0,
+    health_check_timeout_s=30.0,
+    graceful_shutdown_wait_loop_s=1.0,
+    graceful_shutdown_timeout_s=DRAIN_TIMEOUT_S,
+)
+class EngineDeployment:
+    """One engine replica = one TP group. Takes the engine config as plain data."""
+
+    def __init__(self, config: dict[str, Any], use_gpu: bool, cpus_per_rank: float) -> None:
+        from cluster.ranks import RankGroup
+
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.config = EngineConfig(**{**config, "device": "cuda" if use_gpu else "cpu"})
+        self.ranks = RankGroup(self.config, use_gpu, cpus_per_rank, f"tpserve-{self.replica_id}")
+        self.engine = Engine(self.config, launch=self.ranks.launch)
+
+    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Stream {token_ids, text, finish_reason, replica} dicts for one request:
+        {"prompt": str | [ids], "params": SamplingParams fields, "request_id"?}."""
+        params = SamplingParams(**request.get("params", {}))
+        stream = self.engine.add_request(request["prompt"], params, request.get("request_id"))
+        async for delta in stream:
+            yield {**dataclasses.asdict(delta), "replica": self.replica_id}
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.engine.stats(), "replica": self.replica_id}
+
+    def check_health(self) -> None:
+        """Serve replaces the replica when this raises: a dead rank, a broken group."""
+        if not self.engine.healthy():
+            raise RuntimeError("engine unhealthy: a rank died or a collective failed")
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+api = FastAPI(title="tpserve (cluster ingress)")
+
+
+def error_response(status: int, message: str, kind: str) -> JSONResponse:
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return JSONResponse({"error": {"message": message, "type": kind}}, status, headers=headers)
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The exception raised in the replica, without Ray's task-error wrapping."""
+    while isinstance(error, ray.exceptions.RayTaskError) and error.cause is not None:
+        error = error.cause
+    return error
+
+
+def classify(error: BaseException) -> tuple[int, str]:
+    """HTTP status and error type for an exception from the engine deployment."""
+    error = root_cause(error)
+    if isinstance(error, RequestError | ConfigError | TypeError):
+        return 400, "invalid_request_error"
+    if isinstance(error, EngineDeadError | ray.exceptions.RayActorError
+                  | ray.exceptions.ActorDiedError):
+        return 503, "replica_unavailable"
+    return 500, "internal_error"
+
+
+@serve.deployment(name="Ingress", max_ongoing_requests=256)
+@serve.ingress(api)
+class Ingress:
+    """Minimal HTTP front of the cluster: completions, streamed or not."""
+
+    def __init__(self, engine: DeploymentHandle) -> None:
+        self.engine = engine.options(stream=True)
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Any:
+        try:
+            body = await request.json()
+            engine_request = {"prompt": body["prompt"], "params": {
+                k: body[k] for k in ("max_tokens", "temperature", "top_k", "top_p", "seed",
+                                     "stop", "ignore_eos") if k in body}}
+        except (ValueError, KeyError, TypeError) as e:
+            return error_response(400, f"bad request body: {e!r}", "invalid_request_error")
+        try:
+            first, stream = await self._start(engine_request)
+        except Exception as e:  # noqa: BLE001 - mapped to a status below
+            status, kind = classify(e)
+            return error_response(status, str(root_cause(e)), kind)
+        if body.get("stream"):
+            return StreamingResponse(self._sse(first, stream), media_type="text/event-stream")
+        return await self._collect(first, stream)
+
+    async def _start(self, engine_request: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        """First delta and the rest of the stream; a replica that dies before the first
+        token is retried once (Serve routes the retry to a live replica)."""
+        for attempt in (1, 2):
+            stream = self.engine.generate.remote(engine_request)
+            try:
+                return await stream.__anext__(), stream
+            except Exception as e:
+                if attempt == 2 or classify(e)[0] != 503:
+                    raise
+                log.warning("replica failed before the first token, retrying: %r", e)
+        raise AssertionError("unreachable")
+
+    async def _collect(self, first: dict[str, Any], stream: Any) -> JSONResponse:
+        deltas = [first]
+        try:
+            async for delta in stream:
+                deltas.append(delta)
+        except Exception as e:  # noqa: BLE001
+            status, kind = classify(e)
+            return error_response(status, str(root_cause(e)), kind)
+        return JSONResponse({
+            "text": "".join(d["text"] for d in deltas),
+            "token_ids": [t for d in deltas for t in d["token_ids"]],
+            "finish_reason": deltas[-1]["finish_reason"],
+            "replica": first["replica"],
+        }, headers={"X-Replica-ID": first["replica"]})
+
+    async def _sse(self, first: dict[str, Any], stream: Any) -> AsyncIterator[str]:
+        yield f"data: {json.dumps(first)}\n\n"
+        try:
+            async for delta in stream:
+                yield f"data: {json.dumps(delta)}\n\n"
+        except Exception as e:  # noqa: BLE001 - the client hears of it in-band
+            status, kind = classify(e)
+            error = {"error": {"message": str(root_cause(e)), "type": kind}}
+            yield f"data: {json.dumps(error)}\n\n"
+        yield "data: [DONE]\n\n"
+
+
+def engine_deployment(config: EngineConfig, cpus_per_rank: float = 1.0,
+                      use_gpu: bool | None = None, num_replicas: int = 1) -> Any:
+    """The engine deployment bound to `config`, with its placement group of tp bundles."""
+    if use_gpu is None:
+        use_gpu = config.device == "cuda" or (
+            config.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+    bundle = {"CPU": cpus_per_rank, **({"GPU": 1} if use_gpu else {})}
+    return EngineDeployment.options(
+        ray_actor_options={"num_cpus": cpus_per_rank, "num_gpus": 1 if use_gpu else 0},
+        placement_group_bundles=[bundle] * config.tp,
+        placement_group_strategy="STRICT_PACK",
+        num_replicas=num_replicas,
+    ).bind(config.to_dict(), use_gpu, cpus_per_rank)
+
+
+def build(args: dict[str, Any]) -> Any:
+    """Application builder for Serve config files (`import_path: cluster.app:build`).
+
+    args: {"engine": EngineConfig fields, "cpus_per_rank": float, "num_replicas": int}; a
+    config file's `deployments:` section overrides num_replicas / autoscaling_config.
+    """
+    config = EngineConfig(**(args.get("engine") or {}))
+    engine = engine_deployment(config, float(args.get("cpus_per_rank", 1.0)),
+                               num_replicas=int(args.get("num_replicas", 1)))
+    return Ingress.bind(engine)

@@ -1,0 +1,153 @@
+"""The Serve application on a local Ray (CPU): 2 replicas x tp=2 serving concurrently,
+scaling through Serve's REST API while requests flow, and replacement of a replica whose
+rank actor dies. Ray and Serve listen on loopback ports chosen here; ray.shutdown() stops
+the processes this test started."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import pytest
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+from ray.util.state import list_actors  # noqa: E402
+
+from cluster.app import APP_NAME, build  # noqa: E402
+from cluster.scaling import ScaleError, replicas, scale  # noqa: E402
+from replicas import Engine, EngineConfig, SamplingParams  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+ENGINE_ARGS = {"tp": 2, "max_num_seqs": 16}
+PROMPTS = [[5 + i, 17, 33 + 2 * i, 99, 250 - i] for i in range(8)]
+MAX_TOKENS = 12
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Stack:
+    url: str
+    dashboard: str
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    dash_port, http_port = free_port(), free_port()
+    ray.init(num_cpus=12, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=dash_port, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+        serve.run(build({"engine": ENGINE_ARGS, "cpus_per_rank": 1, "num_replicas": 2}),
+                  name=APP_NAME, external_scaler_enabled=True)
+        yield Stack(f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{dash_port}")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def complete(url: str, prompt: list[int], max_tokens: int = MAX_TOKENS, timeout: float = 120
+             ) -> tuple[int, dict]:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+    req = urllib.request.Request(f"{url}/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[int, list[int]]:
+    """The engine alone, same config: the tokens every replica must give."""
+    with Engine(EngineConfig(**ENGINE_ARGS)) as engine:
+        outs = engine.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0,
+                                                       ignore_eos=True))
+    return {i: o.token_ids for i, o in enumerate(outs)}
+
+
+def test_two_tp2_replicas_serve_concurrently_like_the_engine_alone(
+        stack: Stack, reference: dict[int, list[int]]) -> None:
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda i: complete(stack.url, PROMPTS[i % 8]), range(24)))
+    assert all(status == 200 for status, _ in results), results
+    for i, (_, body) in enumerate(results):
+        assert body["token_ids"] == reference[i % 8]
+    assert len({body["replica"] for _, body in results}) == 2  # both replicas served
+
+
+def test_bad_request_is_a_400_with_the_engine_message(stack: Stack) -> None:
+    status, body = complete(stack.url, [])
+    assert status == 400
+    assert body["error"]["message"] == "the prompt is empty; send at least one token"
+
+
+def test_scaling_while_requests_flow_loses_nothing(stack: Stack) -> None:
+    stop = threading.Event()
+    results: list[tuple[int, dict]] = []
+
+    def client(k: int) -> None:
+        i = 0
+        while not stop.is_set() and i < 200:  # bounded
+            results.append(complete(stack.url, PROMPTS[(k + i) % 8], max_tokens=24))
+            i += 1
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        seen: list[str] = []
+        assert len(scale(3, stack.dashboard, timeout_s=240, progress=seen.append)) == 3
+        assert seen[-1].startswith("3/3")
+        time.sleep(2)
+        assert len(scale(1, stack.dashboard, timeout_s=240)) == 1
+        time.sleep(2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(180)
+    assert len(results) >= 8
+    failed = [r for r in results if r[0] != 200]
+    assert not failed, failed[:3]
+    assert all(body["finish_reason"] == "length" for _, body in results)
+    assert len(scale(2, stack.dashboard, timeout_s=240)) == 2  # back for the next test
+
+
+def test_scale_refuses_a_negative_target(stack: Stack) -> None:
+    with pytest.raises(ScaleError, match=">= 0"):
+        scale(-1, stack.dashboard)
+
+
+def test_killed_rank_actor_gets_its_replica_replaced(stack: Stack) -> None:
+    before = {r.replica_id for r in replicas(stack.dashboard)}
+    assert len(before) == 2
+    ranks = list_actors(filters=[("class_name", "=", "RankActor"), ("state", "=", "ALIVE")],
+                        address=stack.dashboard)
+    assert len(ranks) == 2  # one rank actor per tp=2 replica
+    ray.kill(ray.get_actor(ranks[0].name, namespace=ranks[0].ray_namespace))
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:  # Serve's health check sees it and replaces it
+        now = replicas(stack.dashboard)
+        running = {r.replica_id for r in now if r.state == "RUNNING"}
+        if len(running) == 2 and running != before and len(now) == 2:
+            break
+        time.sleep(1)
+    else:
+        pytest.fail(f"replica not replaced: {replicas(stack.dashboard)}")
+    status, body = complete(stack.url, PROMPTS[0])
+    assert status == 200 and body["finish_reason"] == "length"
+
