@@ -15,6 +15,8 @@ import time
 import types
 import typing
 
+from cluster.control import DEFAULT_DASHBOARD, ServeError, scale
+from infra import nginx
 from replicas import Engine, EngineConfig, SamplingParams
 
 
@@ -52,13 +54,32 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p_up, EngineConfig)
     p_up.add_argument("--prompt", default="The capital of France is")
     p_up.add_argument("--max-tokens", type=int, default=24)
+    nginx.add_parser(sub)
+    p_scale = sub.add_parser("scale", help="set the number of engine replicas (through Serve)")
+    p_scale.add_argument("replicas", type=int)
+    p_scale.add_argument("--dashboard", default=DEFAULT_DASHBOARD, help="Ray dashboard URL")
+    p_scale.add_argument("--timeout-s", type=float, default=600.0)
     return parser
+
+
+def scale_command(target: int, dashboard: str, timeout_s: float) -> int:
+    try:
+        running = scale(target, dashboard, timeout_s=timeout_s, progress=print)
+    except ServeError as e:
+        print(f"tpserve scale: {e}", file=sys.stderr)
+        return 1
+    print(f"{len(running)} engine replicas RUNNING: {', '.join(r.replica_id for r in running)}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "up":
         return up(config_from_args(args, EngineConfig), args.prompt, args.max_tokens)
+    if args.command == "nginx":
+        return nginx.run(args)
+    if args.command == "scale":
+        return scale_command(args.replicas, args.dashboard, args.timeout_s)
     return 2
 
 

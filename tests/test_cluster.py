@@ -22,7 +22,7 @@ from ray import serve  # noqa: E402
 from ray.util.state import list_actors  # noqa: E402
 
 from cluster.app import APP_NAME, build  # noqa: E402
-from cluster.scaling import ScaleError, replicas, scale  # noqa: E402
+from cluster.control import ServeError, replicas, scale  # noqa: E402
 from replicas import Engine, EngineConfig, SamplingParams  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -47,6 +47,9 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
     dash_port, http_port = free_port(), free_port()
+    # Ray's switch for a single-machine cluster: every Ray address is 127.0.0.1
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(num_cpus=12, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=dash_port, log_to_driver=False)
     try:
@@ -57,6 +60,7 @@ def stack() -> Iterator[Stack]:
     finally:
         serve.shutdown()
         ray.shutdown()
+        mp.undo()
 
 
 def complete(url: str, prompt: list[int], max_tokens: int = MAX_TOKENS, timeout: float = 120
@@ -128,7 +132,7 @@ def test_scaling_while_requests_flow_loses_nothing(stack: Stack) -> None:
 
 
 def test_scale_refuses_a_negative_target(stack: Stack) -> None:
-    with pytest.raises(ScaleError, match=">= 0"):
+    with pytest.raises(ServeError, match=">= 0"):
         scale(-1, stack.dashboard)
 
 

@@ -1,0 +1,189 @@
+"""The client of Serve's REST API on the Ray dashboard: deploy a config, read the
+replicas, scale. Scaling goes through Ray Serve, never a process manager of our own.
+
+`scale()` asks Serve's REST API on the Ray dashboard
+(`POST /api/v1/applications/{app}/deployments/{dep}/scale`, which needs
+`external_scaler_enabled: true` in the application's config) and then watches
+`GET /api/serve/applications/` until exactly the target number of replicas is RUNNING and
+no replica is left stopping. Serve drains a replica it removes: it takes no new requests
+and gets `graceful_shutdown_timeout_s` to finish those it accepted. The admin API and
+`tpserve scale N` both call this function.
+
+`deploy()` is `serve deploy` with overrides (ports, engine options) applied to the YAML,
+so scripts need no edited copies of cluster/serve.yaml.
+
+Ray 2.5x clusters use token auth by default; requests carry the token as Ray's own
+clients do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cluster.app import APP_NAME, ENGINE
+
+DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
+
+
+class ServeError(RuntimeError):
+    """Serve refused a deploy or a scale, or it did not finish; the message says why."""
+
+
+@dataclass(frozen=True)
+class ReplicaState:
+    replica_id: str
+    state: str  # STARTING | RUNNING | STOPPING | ...
+
+
+def ray_auth_headers() -> dict[str, str]:
+    """The Authorization header for a Ray cluster with token auth (Ray's default for local
+    clusters since 2.5x): the token from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token, as Ray's own clients look for it. Empty when there is none."""
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if not token and path.is_file():
+        token = path.read_text().strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _request(url: str, body: dict[str, Any] | None = None, timeout: float = 10.0,
+             method: str | None = None) -> tuple[int, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    headers = {"Content-Type": "application/json", **ray_auth_headers()}
+    method = method or ("POST" if body is not None else "GET")
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as e:
+        text = e.read().decode(errors="replace")
+        try:
+            return e.code, json.loads(text)
+        except ValueError:
+            return e.code, {"error": text}
+    except urllib.error.URLError as e:
+        raise ServeError(f"cannot reach the Ray dashboard at {url}: {e.reason}; is Ray running "
+                         "there?") from e
+
+
+def load_config(path: str | Path, http_host: str | None = None, http_port: int | None = None,
+                engine: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A Serve config file with overrides: HTTP host/port and EngineConfig fields."""
+    with open(path) as f:
+        config = yaml.safe_load(f)
+    http = config.setdefault("http_options", {})
+    if http_host is not None:
+        http["host"] = http_host
+    if http_port is not None:
+        http["port"] = http_port
+    for app in config.get("applications", []):
+        if app.get("name") == APP_NAME and engine:
+            app.setdefault("args", {}).setdefault("engine", {}).update(engine)
+    return config
+
+
+def deploy(config: dict[str, Any], dashboard: str = DEFAULT_DASHBOARD) -> None:
+    """Submit a Serve config (as `serve deploy` does); Serve then converges to it."""
+    status, body = _request(f"{dashboard}/api/serve/applications/", config, method="PUT")
+    if status != 200:
+        raise ServeError(f"Serve refused the config ({status}): {body}")
+
+
+def wait_running(dashboard: str = DEFAULT_DASHBOARD, app: str = APP_NAME,
+                 timeout_s: float = 600.0) -> None:
+    """Wait until the application is RUNNING (all its deployments healthy)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status, body = _request(f"{dashboard}/api/serve/applications/")
+        state = (body or {}).get("applications", {}).get(app, {}).get("status") \
+            if status == 200 else None
+        if state == "RUNNING":
+            return
+        if state == "DEPLOY_FAILED":
+            message = body["applications"][app].get("message", "")
+            raise ServeError(f"Serve could not deploy {app}: {message}")
+        if time.monotonic() > deadline:
+            raise ServeError(f"{app} not RUNNING after {timeout_s:.0f} s (status {state})")
+        time.sleep(1.0)
+
+
+def replicas(dashboard: str = DEFAULT_DASHBOARD, app: str = APP_NAME,
+             deployment: str = ENGINE) -> list[ReplicaState]:
+    """The deployment's replicas as Serve reports them now."""
+    status, body = _request(f"{dashboard}/api/serve/applications/")
+    if status != 200:
+        raise ServeError(f"Serve status unavailable ({status}): {body}")
+    try:
+        dep = body["applications"][app]["deployments"][deployment]
+    except (KeyError, TypeError) as e:
+        raise ServeError(f"no deployment {app}/{deployment} is running") from e
+    return [ReplicaState(r["replica_id"], r["state"]) for r in dep.get("replicas", [])]
+
+
+def scale(target: int, dashboard: str = DEFAULT_DASHBOARD, app: str = APP_NAME,
+          deployment: str = ENGINE, timeout_s: float = 600.0,
+          progress: Callable[[str], None] | None = None) -> list[ReplicaState]:
+    """Set the number of engine replicas and wait until Serve runs exactly that many.
+
+    Returns the RUNNING replicas. Raises ServeError when Serve refuses (e.g. the
+    application was deployed without external_scaler_enabled) or on timeout.
+    """
+    if target < 0:
+        raise ServeError(f"target must be >= 0, got {target}")
+    status, body = _request(
+        f"{dashboard}/api/v1/applications/{app}/deployments/{deployment}/scale",
+        {"target_num_replicas": target},
+    )
+    if status == 412:
+        raise ServeError(f"Serve refused to scale: {body.get('error', body)} (deploy the app "
+                         "with external_scaler_enabled: true)")
+    if status != 200:
+        raise ServeError(f"Serve refused to scale ({status}): {body}")
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while True:
+        now = replicas(dashboard, app, deployment)
+        running = [r for r in now if r.state == "RUNNING"]
+        line = f"{len(running)}/{target} replicas running ({len(now)} known)"
+        if progress is not None and line != last:
+            progress(line)
+            last = line
+        if len(running) == target and len(now) == target:
+            return running
+        if time.monotonic() > deadline:
+            raise ServeError(f"timed out after {timeout_s:.0f} s: {line}")
+        time.sleep(0.5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m cluster.control deploy CONFIG [--http-port P] [--engine-json J]`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m cluster.control")
+    parser.add_argument("command", choices=["deploy"])
+    parser.add_argument("config")
+    parser.add_argument("--dashboard", default=DEFAULT_DASHBOARD)
+    parser.add_argument("--http-host")
+    parser.add_argument("--http-port", type=int)
+    parser.add_argument("--engine-json", default="{}", help="EngineConfig fields to override")
+    parser.add_argument("--timeout-s", type=float, default=600.0)
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.http_host, args.http_port, json.loads(args.engine_json))
+    deploy(config, args.dashboard)
+    wait_running(args.dashboard, timeout_s=args.timeout_s)
+    print(f"{APP_NAME} is RUNNING")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Starts a tpserve head node: Ray (token auth), Redis (password made once, listening only on
+# $TPSERVE_BIND), nginx in front of Serve, then the Serve app from a Serve config file.
+# Redis and nginx belong to a detached Ray actor (infra/services.py), so `ray stop` -- and
+# so `ray down` -- stops them too. Run by cluster.yaml's head_start_ray_commands; extra
+# arguments go to `ray start`.
+#
+# Knobs (environment): TPSERVE_BIND (default: the first address of `hostname -I`),
+# TPSERVE_RAY_PORT 6379, TPSERVE_DASHBOARD_PORT 8265, TPSERVE_REDIS_PORT 6380,
+# TPSERVE_HTTP_PORT 8000 (Serve, loopback only), TPSERVE_NGINX_LISTEN 0.0.0.0:8080,
+# TPSERVE_SERVE_CONFIG cluster/serve.yaml, TPSERVE_ENGINE_JSON '{}' (EngineConfig overrides),
+# TPSERVE_STATE ~/.tpserve (Redis password and configs, nginx prefix).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export RAY_AUTH_MODE=token
+bind=${TPSERVE_BIND:-$(hostname -I | awk '{print $1}')}
+ray_port=${TPSERVE_RAY_PORT:-6379}
+dash_port=${TPSERVE_DASHBOARD_PORT:-8265}
+redis_port=${TPSERVE_REDIS_PORT:-6380}
+http_port=${TPSERVE_HTTP_PORT:-8000}
+nginx_listen=${TPSERVE_NGINX_LISTEN:-0.0.0.0:8080}
+serve_config=${TPSERVE_SERVE_CONFIG:-cluster/serve.yaml}
+state=${TPSERVE_STATE:-$HOME/.tpserve}
+
+# the routers find Redis through the environment Ray's workers inherit; never printed
+TPSERVE_REDIS_URL=$(python3 -m infra.services redis-url --state "$state" --bind "$bind" \
+  --redis-port "$redis_port")
+export TPSERVE_REDIS_URL
+
+ray start --head --node-ip-address "$bind" --port "$ray_port" \
+  --dashboard-host 127.0.0.1 --dashboard-port "$dash_port" --disable-usage-stats "$@"
+python3 -m infra.services up --state "$state" --bind "$bind" --redis-port "$redis_port" \
+  --nginx-listen "$nginx_listen" --upstream "127.0.0.1:$http_port" \
+  --ray-address "$bind:$ray_port"
+python3 -m cluster.control deploy "$serve_config" --dashboard "http://127.0.0.1:$dash_port" \
+  --http-host 127.0.0.1 --http-port "$http_port" --engine-json "${TPSERVE_ENGINE_JSON:-{\}}"
+echo "tpserve head up: nginx on $nginx_listen, Serve on 127.0.0.1:$http_port"

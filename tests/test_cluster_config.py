@@ -1,0 +1,65 @@
+"""The cluster's config files pass Ray's own validation, and the pure pieces of cluster/
+behave: GPU visibility of a replica's ranks, Serve config overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("ray")
+from ray.autoscaler._private.util import prepare_config, validate_config  # noqa: E402
+from ray.serve.schema import ServeDeploySchema  # noqa: E402
+
+from cluster.control import load_config  # noqa: E402
+from cluster.ranks import rank_env, visible_devices  # noqa: E402
+
+CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
+
+
+@pytest.mark.parametrize("name", ["cluster.yaml", "cluster.local.yaml"])
+def test_cluster_yaml_passes_ray_validation(name: str) -> None:
+    config = prepare_config(yaml.safe_load((CLUSTER / name).read_text()))
+    validate_config(config)  # raises on any schema error
+
+
+def test_cluster_yaml_has_gpu_workers_and_starts_the_stack() -> None:
+    config = yaml.safe_load((CLUSTER / "cluster.yaml").read_text())
+    assert config["provider"]["type"] == "aws"
+    workers = config["available_node_types"]["gpu_worker"]
+    assert workers["node_config"]["InstanceType"].startswith(("p5.", "p4d."))
+    head_start = " ".join(config["head_start_ray_commands"])
+    assert "infra/start_head.sh" in head_start
+    assert any("redis-server nginx" in c for c in config["setup_commands"])
+
+
+def test_validation_catches_a_broken_cluster_yaml() -> None:
+    config = yaml.safe_load((CLUSTER / "cluster.yaml").read_text())
+    config["max_workerz"] = 3
+    with pytest.raises(Exception, match="max_workerz"):
+        validate_config(prepare_config(config))
+    config = yaml.safe_load((CLUSTER / "cluster.yaml").read_text())
+    config["head_node_type"] = "nope"
+    with pytest.raises(ValueError, match="head_node_type"):
+        validate_config(prepare_config(config))
+
+
+def test_serve_yaml_is_a_valid_serve_config_with_overrides() -> None:
+    config = load_config(CLUSTER / "serve.yaml", "127.0.0.1", 18000, {"tp": 4, "model": "/m"})
+    schema = ServeDeploySchema(**config)
+    app = schema.applications[0]
+    assert app.external_scaler_enabled and app.import_path == "cluster.app:build"
+    assert app.args["engine"]["tp"] == 4 and app.args["engine"]["model"] == "/m"
+    assert app.args["engine"]["comm_dtype"] == "float16"  # untouched fields stay
+    assert config["http_options"] == {"host": "127.0.0.1", "port": 18000}
+
+
+def test_each_rank_sees_all_gpus_of_its_replica_in_rank_order() -> None:
+    assert visible_devices([["3"], ["5"], ["4"], ["6"]]) == "3,5,4,6"
+    assert rank_env("3,5", 1) == {"LOCAL_RANK": "1", "CUDA_VISIBLE_DEVICES": "3,5"}
+    assert rank_env(None, 0) == {"LOCAL_RANK": "0"}  # CPU: nothing to hide or show
+    with pytest.raises(ValueError, match="share a GPU"):
+        visible_devices([["0"], ["0"]])
+    with pytest.raises(ValueError, match="no GPU"):
+        visible_devices([["0"], []])

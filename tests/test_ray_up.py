@@ -1,0 +1,140 @@
+"""`ray up cluster/cluster.local.yaml` / `ray down` for real, over SSH on loopback.
+
+The test starts its own sshd on 127.0.0.1 (Debian's openssh-server) with a key it makes,
+writes a copy of cluster/cluster.local.yaml with that key and its own ports, and runs the
+real cluster launcher: the yaml's setup and start commands run over SSH, the head comes
+up with Redis, nginx and the Serve app, a completion comes back through nginx, and after
+`ray down -y` nothing of it is running and its ports are free.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture
+def sshd(tmp_path: Path) -> Iterator[tuple[Path, int]]:
+    """An sshd of this test's own on 127.0.0.1:PORT accepting a key made here."""
+    if not (os.path.exists(SSHD) and shutil.which("rsync") and os.geteuid() == 0):
+        pytest.skip("needs root, openssh-server and rsync (infra/install.sh --test installs them)")
+    key = tmp_path / "id_ed25519"
+    host_key = tmp_path / "host_ed25519"
+    for path in (key, host_key):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)],
+                       check=True)
+    (tmp_path / "authorized_keys").write_text(key.with_suffix(".pub").read_text())
+    port = free_port()
+    config = tmp_path / "sshd_config"
+    config.write_text("\n".join([
+        f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {host_key}",
+        f"PidFile {tmp_path / 'sshd.pid'}", f"AuthorizedKeysFile {tmp_path / 'authorized_keys'}",
+        "UsePAM no", "PermitRootLogin prohibit-password", "PasswordAuthentication no",
+        "StrictModes no", "",
+    ]))
+    Path("/run/sshd").mkdir(exist_ok=True)
+    proc = subprocess.Popen([SSHD, "-D", "-f", str(config), "-E", str(tmp_path / "sshd.log")])
+    try:
+        deadline = time.monotonic() + 10
+        while not port_open(port):
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                (tmp_path / "sshd.log").read_text())
+            time.sleep(0.1)
+        yield key, port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def run(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def stack_processes(marker: str) -> list[str]:
+    out = subprocess.run(["pgrep", "-af", f"raylet|gcs_server|{marker}"], capture_output=True,
+                         text=True).stdout
+    return [line for line in out.splitlines() if "pgrep" not in line]
+
+
+def test_ray_up_and_down_round_trip(sshd: tuple[Path, int], tmp_path: Path) -> None:
+    key, ssh_port = sshd
+    ports = {name: free_port() for name in ("ray", "dashboard", "redis", "http", "nginx")}
+    name = f"tpserve-test-{uuid.uuid4().hex[:8]}"
+    state = tmp_path / "state"
+    config = yaml.safe_load((REPO / "cluster/cluster.local.yaml").read_text())
+    config["cluster_name"] = name
+    config["auth"] = {
+        "ssh_user": "root", "ssh_private_key": str(key),
+        "ssh_proxy_command": f"ssh -i {key} -p {ssh_port} -o StrictHostKeyChecking=no "
+                             f"-o UserKnownHostsFile=/dev/null -W 127.0.0.1:{ssh_port} "
+                             "root@127.0.0.1",
+    }
+    knobs = (f"TPSERVE_RAY_PORT={ports['ray']} TPSERVE_DASHBOARD_PORT={ports['dashboard']} "
+             f"TPSERVE_REDIS_PORT={ports['redis']} TPSERVE_HTTP_PORT={ports['http']} "
+             f"TPSERVE_NGINX_LISTEN=127.0.0.1:{ports['nginx']} TPSERVE_STATE={state} "
+             "TPSERVE_ENGINE_JSON='{\"tp\": 2}'")
+    config["head_start_ray_commands"] = [
+        cmd.replace("TPSERVE_NGINX_LISTEN=127.0.0.1:8080", knobs)
+        for cmd in config["head_start_ray_commands"]
+    ]
+    assert any(knobs in cmd for cmd in config["head_start_ray_commands"])
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "RAY_UP_enable_autoscaler_v2": "0",
+           "AUTOSCALER_NODE_START_WAIT_S": "30", "RAY_AUTH_MODE": "token"}
+    assert not stack_processes(str(state)), "a Ray is already running here"
+    try:
+        up = run(["ray", "up", "-y", "--no-config-cache", str(path)], env, timeout=420)
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        body = {"prompt": [5, 6, 7, 8], "max_tokens": 6, "temperature": 0.0,
+                "ignore_eos": True}
+        req = urllib.request.Request(f"http://127.0.0.1:{ports['nginx']}/v1/completions",
+                                     data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                answer = json.loads(resp.read())
+        except OSError as e:
+            pytest.fail(f"no completion through nginx ({e}); ray up said:\n{up.stdout[-4000:]}")
+        assert len(answer["token_ids"]) == 6 and answer["finish_reason"] == "length"
+        assert port_open(ports["redis"])
+    finally:
+        down = run(["ray", "down", "-y", str(path)], env, timeout=180)
+    assert down.returncode == 0, down.stdout[-2000:] + down.stderr[-2000:]
+    deadline = time.monotonic() + 30
+    while (left := stack_processes(str(state))) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not left, left
+    assert not any(port_open(p) for p in ports.values()), ports
+    for leftover in (Path(f"/tmp/ray/cluster-{name}.state"),
+                     Path.home() / "ray_bootstrap_key.pem"):
+        leftover.unlink(missing_ok=True)
+    signal.getsignal(signal.SIGINT)  # the test process itself is untouched
