@@ -100,6 +100,29 @@ def test_bad_request_is_a_400_with_the_engine_message(stack: Stack) -> None:
     assert body["error"]["message"] == "the prompt is empty; send at least one token"
 
 
+def engine_stats(min_calls: int = 12) -> dict[str, dict]:
+    """Stats of every engine replica (calls are routed at random; ask until all seen)."""
+    handle = serve.get_deployment_handle("Engine", APP_NAME)
+    seen: dict[str, dict] = {}
+    for _ in range(min_calls):
+        stats = handle.stats.remote().result(timeout_s=30)
+        seen[stats["replica"]] = stats
+    return seen
+
+
+def test_stream_aborts_when_the_caller_goes_away(stack: Stack) -> None:
+    handle = serve.get_deployment_handle("Engine", APP_NAME).options(stream=True)
+    stream = handle.generate.remote({"prompt": PROMPTS[0], "params": {
+        "max_tokens": 2000 - 5, "temperature": 0.0, "ignore_eos": True}})
+    first = [next(stream) for _ in range(3)]
+    assert all(d["finish_reason"] is None for d in first)
+    stream.cancel()
+    deadline = time.monotonic() + 30
+    while any(s["running"] for s in engine_stats().values()):
+        assert time.monotonic() < deadline, "the cancelled request still runs"
+        time.sleep(0.5)
+
+
 def test_scaling_while_requests_flow_loses_nothing(stack: Stack) -> None:
     stop = threading.Event()
     results: list[tuple[int, dict]] = []
@@ -142,7 +165,18 @@ def test_killed_rank_actor_gets_its_replica_replaced(stack: Stack) -> None:
     ranks = list_actors(filters=[("class_name", "=", "RankActor"), ("state", "=", "ALIVE")],
                         address=stack.dashboard)
     assert len(ranks) == 2  # one rank actor per tp=2 replica
-    ray.kill(ray.get_actor(ranks[0].name, namespace=ranks[0].ray_namespace))
+    victim = ranks[0].name.removeprefix("tpserve-").removesuffix("-rank1")  # its replica id
+    # long requests in flight on both replicas while a rank dies: never a hang
+    with ThreadPoolExecutor(4) as pool:
+        flying = [pool.submit(complete, stack.url, PROMPTS[i], 1500, 120) for i in range(4)]
+        time.sleep(3)
+        ray.kill(ray.get_actor(ranks[0].name, namespace=ranks[0].ray_namespace))
+        outcomes = [f.result(timeout=150) for f in flying]
+    for status, body in outcomes:  # finished, or a clear retryable error from the dead one
+        assert status == 200 or (status == 503 and body["error"]["type"] ==
+                                 "replica_unavailable"), (status, body)
+    # requests on the dead replica fail fast and retryably, those on the other one finish
+    assert all(body["replica"] != victim for status, body in outcomes if status == 200)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:  # Serve's health check sees it and replaces it
         now = replicas(stack.dashboard)
