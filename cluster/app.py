@@ -21,6 +21,7 @@ import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
 from replicas import (
@@ -61,11 +62,24 @@ class EngineDeployment:
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Stream {token_ids, text, finish_reason, replica} dicts for one request:
-        {"prompt": str | [ids], "params": SamplingParams fields, "request_id"?}."""
+        {"prompt": str | [ids]} or {"messages": chat turns}, "params": SamplingParams
+        fields, "request_id"?. The first dict also has prompt_tokens."""
         params = SamplingParams(**request.get("params", {}))
-        stream = self.engine.add_request(request["prompt"], params, request.get("request_id"))
-        async for delta in stream:
-            yield {**dataclasses.asdict(delta), "replica": self.replica_id}
+        ids = self._prompt_ids(request)
+        extra = {"prompt_tokens": len(ids)}
+        async for delta in self.engine.add_request(ids, params, request.get("request_id")):
+            yield {**dataclasses.asdict(delta), "replica": self.replica_id, **extra}
+            extra = {}
+
+    def _prompt_ids(self, request: dict[str, Any]) -> list[int]:
+        tokenizer = self.engine.tokenizer
+        if "messages" in request:
+            try:
+                return tokenizer.apply_chat_template(request["messages"])
+            except Exception as e:  # a template's own error: bad roles, order, fields
+                raise RequestError(f"the chat template rejected the messages: {e}") from e
+        prompt = request["prompt"]
+        return tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
 
     def stats(self) -> dict[str, Any]:
         return {**self.engine.stats(), "replica": self.replica_id}
@@ -178,7 +192,8 @@ class Ingress:
 
 
 def engine_deployment(config: EngineConfig, cpus_per_rank: float = 1.0,
-                      use_gpu: bool | None = None, num_replicas: int = 1) -> Any:
+                      use_gpu: bool | None = None, num_replicas: int = 1,
+                      request_router_class: str | None = None) -> Any:
     """The engine deployment bound to `config`, with its placement group of tp bundles."""
     if use_gpu is None:
         use_gpu = config.device == "cuda" or (
@@ -189,6 +204,8 @@ def engine_deployment(config: EngineConfig, cpus_per_rank: float = 1.0,
         placement_group_bundles=[bundle] * config.tp,
         placement_group_strategy="STRICT_PACK",
         num_replicas=num_replicas,
+        **({"request_router_config": RequestRouterConfig(
+            request_router_class=request_router_class)} if request_router_class else {}),
     ).bind(config.to_dict(), use_gpu, cpus_per_rank)
 
 

@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP API, session pinning and the Redis session store."""

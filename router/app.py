@@ -1,0 +1,420 @@
+"""The OpenAI-compatible HTTP API, as the Serve ingress in front of the engine deployment.
+
+Routes: POST /v1/completions, POST /v1/chat/completions (stream or not; SSE ending in
+`data: [DONE]`), GET /v1/models, GET /healthz, GET /metrics, GET and DELETE
+/v1/sessions/{id}. Every generation response carries X-Session-ID and X-Replica-ID.
+
+Sessions: the pin key is X-Session-ID, else the OpenAI `user`, else the client IP (the
+socket peer; X-Real-IP / X-Forwarded-For only from trusted proxies), see router/policy.py.
+The engine handle is called with `.options(session_id=key)` and the engine deployment's
+request router (router/pinning.py) keeps the pin in Redis. A chat request with a known
+session may send only its new messages with `"session": {"append": true}`: the stored
+history is prepended and the reply stored.
+
+Bad input is a 4xx with an OpenAI-style error body, never a 5xx: malformed JSON, wrong
+types, unknown model, empty prompt, prompt + max_tokens over the context window (the
+engine's check), a body over `max_body_bytes`, absurd parameter values. Overload is a 429
+with Retry-After.
+"""
+
+import json
+import math
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from cluster.app import classify, root_cause
+from router import metrics
+from router.policy import PolicyError, SessionKey, new_session_id, parse_networks, session_key
+from router.sessions import SessionStore, SessionStoreConfig
+
+MAX_TOKENS_CAP = 1 << 20
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Settings of one router; each default is defined here once."""
+
+    model_name: str = "tpserve"
+    redis_url: str | None = None  # None: TPSERVE_REDIS_URL from the environment
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1/32", "::1/128")  # the local nginx
+    session_ttl_s: int = 3600
+    history_token_budget: int = 4096
+    max_body_bytes: int = 1 << 20
+    max_in_flight: int = 256  # per router replica; more is a 429
+    rate_limit_per_minute: int = 1200  # per session key
+    retry_after_s: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "trusted_proxies", tuple(self.trusted_proxies))
+        parse_networks(self.trusted_proxies)  # raises on a bad CIDR
+        for name in ("session_ttl_s", "history_token_budget", "max_body_bytes",
+                     "max_in_flight", "rate_limit_per_minute"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str | None = None
+    max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_CAP)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int = Field(0, ge=0, le=MAX_TOKENS_CAP)
+    n: int = Field(1, ge=1, le=1)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = Field(None, max_length=4)
+    stream: bool = False
+    stream_options: dict[str, bool] | None = None
+    user: str | None = None
+    ignore_eos: bool = False  # extension: generate exactly max_tokens
+
+    def params(self) -> dict[str, Any]:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return {"max_tokens": self.max_tokens, "temperature": self.temperature,
+                "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed,
+                "stop": stop, "ignore_eos": self.ignore_eos}
+
+    def wants_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class CompletionBody(_Body):
+    prompt: str | list[int] = Field(min_length=1)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=1 << 20)
+
+
+class SessionOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    append: bool = False
+
+
+class ChatBody(_Body):
+    messages: list[Message] = Field(min_length=1)
+    session: SessionOptions | None = None
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
+                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param,
+                          "code": None}}
+        return JSONResponse(body, self.status, headers=self.headers)
+
+
+def count_tokens(message: dict[str, Any]) -> int:
+    """Rough token count of a stored chat turn (~4 characters a token, plus the role):
+    the router holds no tokenizer; the budget is a bound, not an exact figure."""
+    return 4 + len(message.get("content", "")) // 4
+
+
+def _event(data: dict[str, Any]) -> str:
+    """One server-sent event. (Module-level helpers the ingress class uses are defined
+    above it: Serve pickles the class with the globals it sees at that point.)"""
+    return f"data: {json.dumps(data)}\n\n"
+
+
+@dataclass
+class _Call:
+    """One generation request on its way through the router."""
+
+    route: str
+    body: _Body
+    key: SessionKey
+    session_id: str
+    issued: bool  # the router made the session id (the client sent none)
+    engine_request: dict[str, Any]
+    new_messages: list[dict[str, Any]] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+    replica: str = ""
+    prompt_tokens: int = 0
+    tokens: int = 0
+
+
+api = FastAPI(title="tpserve", docs_url=None, redoc_url=None)
+
+
+@serve.deployment(name="Router", max_ongoing_requests=1024)
+@serve.ingress(api)
+class Router:
+    def __init__(self, engine: DeploymentHandle, config: dict[str, Any] | None = None) -> None:
+        self.config = RouterConfig(**(config or {}))
+        self.trusted = parse_networks(self.config.trusted_proxies)
+        self.engine = engine.options(stream=True)
+        url = self.config.redis_url or os.environ.get("TPSERVE_REDIS_URL") or None
+        self.sessions = SessionStore(SessionStoreConfig(
+            url=url, ttl_s=self.config.session_ttl_s,
+            history_token_budget=self.config.history_token_budget))
+        self.in_flight = 0
+        self.buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, last time)
+
+    # ---- routes ----
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        degraded = self.sessions.degraded
+        metrics.DEGRADED.set(1 if degraded else 0)
+        return {"status": "degraded" if degraded else "ok", "redis": not degraded,
+                "in_flight": self.in_flight}
+
+    @api.get("/metrics")
+    async def prometheus(self) -> Response:
+        metrics.LIVE_SESSIONS.set(await self.sessions.live_sessions())
+        metrics.DEGRADED.set(1 if self.sessions.degraded else 0)
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @api.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": self.config.model_name, "object": "model",
+                                            "created": 0, "owned_by": "tpserve"}]}
+
+    @api.get("/v1/sessions/{session_id}")
+    async def get_session(self, session_id: str) -> Response:
+        stored = await self.sessions.get_session(f"session:{session_id}")
+        if stored is None:
+            return ApiError(404, f"no session {session_id!r}", "not_found").response()
+        return JSONResponse({"id": session_id, **stored})
+
+    @api.delete("/v1/sessions/{session_id}")
+    async def delete_session(self, session_id: str) -> Response:
+        if not await self.sessions.delete_session(f"session:{session_id}"):
+            return ApiError(404, f"no session {session_id!r}", "not_found").response()
+        return JSONResponse({"id": session_id, "deleted": True})
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._serve(request, "completions", CompletionBody)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._serve(request, "chat", ChatBody)
+
+    # ---- the generation path ----
+
+    async def _serve(self, request: Request, route: str, model: type[_Body]) -> Response:
+        try:
+            call = await self._admit(request, route, model)
+        except ApiError as e:
+            metrics.REQUESTS.labels(route, str(e.status)).inc()
+            return e.response()
+        self.in_flight += 1
+        try:
+            first, stream = await self._start(call)
+        except ApiError as e:
+            self.in_flight -= 1
+            metrics.REQUESTS.labels(route, str(e.status)).inc()
+            return e.response()
+        headers = {"X-Session-ID": call.session_id, "X-Replica-ID": call.replica}
+        if call.body.stream:
+            return StreamingResponse(self._sse(call, first, stream), headers=headers,
+                                     media_type="text/event-stream")
+        try:
+            deltas = [first] + [d async for d in stream]
+        except Exception as e:  # noqa: BLE001 - the engine's error, mapped to a status
+            return self._finish_error(call, e).response()
+        finally:
+            self.in_flight -= 1
+        await self._finish(call, deltas)
+        return JSONResponse(self._whole(call, deltas), headers=headers)
+
+    async def _admit(self, request: Request, route: str, model: type[_Body]) -> _Call:
+        body = await self._parse(request, model)
+        if body.model is not None and body.model != self.config.model_name:
+            raise ApiError(404, f"model {body.model!r} does not exist; GET /v1/models lists "
+                           f"{self.config.model_name!r}", "invalid_request_error", "model")
+        peer = request.client.host if request.client else "0.0.0.0"
+        try:
+            key = session_key(request.headers, body.user, peer, self.trusted)
+        except PolicyError as e:
+            raise ApiError(400, str(e), param="user") from e
+        self._rate_limit(key.redis_key)
+        if self.in_flight >= self.config.max_in_flight:
+            raise ApiError(429, "too many requests in flight; retry shortly",
+                           "rate_limit_exceeded",
+                           headers={"Retry-After": str(self.config.retry_after_s)})
+        issued = key.kind != "session"
+        session_id = new_session_id() if issued else key.value
+        call = _Call(route, body, key, session_id, issued, {"params": body.params()})
+        if isinstance(body, ChatBody):
+            call.new_messages = [m.model_dump() for m in body.messages]
+            history = []
+            if body.session is not None and body.session.append and not issued:
+                history = await self.sessions.history(key.redis_key)
+            call.engine_request["messages"] = history + call.new_messages
+        else:
+            call.engine_request["prompt"] = body.prompt
+        return call
+
+    async def _parse(self, request: Request, model: type[_Body]) -> _Body:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > \
+                self.config.max_body_bytes:
+            raise ApiError(413, f"request body over {self.config.max_body_bytes} bytes")
+        raw = b""
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > self.config.max_body_bytes:
+                raise ApiError(413, f"request body over {self.config.max_body_bytes} bytes")
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the body is not valid JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            param = ".".join(str(p) for p in err["loc"]) or None
+            raise ApiError(400, f"{param}: {err['msg']}", param=param) from e
+
+    def _rate_limit(self, key: str) -> None:
+        """Token bucket per session key, refilled at rate_limit_per_minute."""
+        rate = self.config.rate_limit_per_minute / 60.0
+        now = time.monotonic()
+        tokens, last = self.buckets.get(key, (float(self.config.rate_limit_per_minute), now))
+        tokens = min(float(self.config.rate_limit_per_minute), tokens + (now - last) * rate)
+        if tokens < 1.0:
+            wait = math.ceil((1.0 - tokens) / rate)
+            raise ApiError(429, "rate limit exceeded for this client", "rate_limit_exceeded",
+                           headers={"Retry-After": str(wait)})
+        self.buckets[key] = (tokens - 1.0, now)
+        if len(self.buckets) > 100_000:  # bound the memory of idle clients
+            self.buckets.clear()
+
+    async def _start(self, call: _Call) -> tuple[dict[str, Any], Any]:
+        """First delta and the stream; a replica that dies before the first token is
+        retried once (the request router re-pins the session to a live replica)."""
+        handle = self.engine.options(session_id=call.key.redis_key)
+        for attempt in (1, 2):
+            stream = handle.generate.remote(call.engine_request)
+            try:
+                first = await stream.__anext__()
+                break
+            except Exception as e:  # noqa: BLE001
+                error = self._error(e)
+                if attempt == 2 or error.status != 503:
+                    raise error from e
+        call.replica = first["replica"]
+        call.prompt_tokens = first.get("prompt_tokens", 0)
+        metrics.TTFT.labels(call.route).observe(time.perf_counter() - call.started)
+        if call.issued:  # the next turn, sent with this id, goes to the same replica
+            await self.sessions.claim_pin(f"session:{call.session_id}", call.replica,
+                                          [call.replica])
+        return first, stream
+
+    def _error(self, error: BaseException) -> ApiError:
+        status, kind = classify(error)
+        if status == 500:  # an engine bug must not look like the client's fault either
+            status, kind = 503, "replica_unavailable"
+        headers = {"Retry-After": str(self.config.retry_after_s)} if status == 503 else None
+        return ApiError(status, str(root_cause(error)), kind, headers=headers)
+
+    def _finish_error(self, call: _Call, error: BaseException) -> ApiError:
+        api_error = self._error(error)
+        metrics.REQUESTS.labels(call.route, str(api_error.status)).inc()
+        return api_error
+
+    async def _finish(self, call: _Call, deltas: list[dict[str, Any]]) -> None:
+        call.tokens = sum(len(d["token_ids"]) for d in deltas)
+        metrics.REQUESTS.labels(call.route, "200").inc()
+        metrics.LATENCY.labels(call.route).observe(time.perf_counter() - call.started)
+        metrics.TOKENS.labels("prompt").inc(call.prompt_tokens)
+        metrics.TOKENS.labels("completion").inc(call.tokens)
+        if call.route == "chat":
+            reply = {"role": "assistant", "content": "".join(d["text"] for d in deltas)}
+            await self.sessions.append_history(f"session:{call.session_id}",
+                                               call.new_messages + [reply], count_tokens)
+
+    def _usage(self, call: _Call) -> dict[str, int]:
+        return {"prompt_tokens": call.prompt_tokens, "completion_tokens": call.tokens,
+                "total_tokens": call.prompt_tokens + call.tokens}
+
+    def _whole(self, call: _Call, deltas: list[dict[str, Any]]) -> dict[str, Any]:
+        text = "".join(d["text"] for d in deltas)
+        reason = deltas[-1]["finish_reason"]
+        head = {"id": f"{'chatcmpl' if call.route == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
+                "created": int(time.time()), "model": self.config.model_name,
+                "usage": self._usage(call)}
+        if call.route == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "finish_reason": reason, "logprobs": None}
+            return {**head, "object": "chat.completion", "choices": [choice]}
+        choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
+        return {**head, "object": "text_completion", "choices": [choice]}
+
+    def _chunk(self, call: _Call, cid: str, text: str, reason: str | None,
+               first: bool) -> dict[str, Any]:
+        head = {"id": cid, "created": int(time.time()), "model": self.config.model_name}
+        if call.route == "chat":
+            delta = {"role": "assistant", "content": text} if first else {"content": text}
+            return {**head, "object": "chat.completion.chunk", "choices": [
+                {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}]}
+        return {**head, "object": "text_completion", "choices": [
+            {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}]}
+
+    async def _sse(self, call: _Call, first: dict[str, Any], stream: Any
+                   ) -> AsyncIterator[str]:
+        cid = f"{'chatcmpl' if call.route == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        deltas = [first]
+        try:
+            yield _event(self._chunk(call, cid, first["text"], first["finish_reason"], True))
+            async for delta in stream:
+                deltas.append(delta)
+                yield _event(self._chunk(call, cid, delta["text"], delta["finish_reason"],
+                                         False))
+            await self._finish(call, deltas)
+            if call.body.wants_usage():
+                usage = {"id": cid, "object": "chat.completion.chunk" if call.route == "chat"
+                         else "text_completion", "created": int(time.time()),
+                         "model": self.config.model_name, "choices": [],
+                         "usage": self._usage(call)}
+                yield _event(usage)
+        except Exception as e:  # noqa: BLE001 - the client hears of it in-band
+            error = self._finish_error(call, e)
+            yield _event({"error": {"message": error.message, "type": error.kind,
+                                    "param": None, "code": None}})
+        finally:
+            self.in_flight -= 1
+        yield "data: [DONE]\n\n"
+
+
+def build(args: dict[str, Any]) -> Any:
+    """Application builder (`import_path: router.app:build`): the router in front of the
+    engine deployment, whose request router pins sessions.
+
+    args: {"engine": EngineConfig fields, "cpus_per_rank": float, "num_replicas": int,
+    "router": RouterConfig fields}.
+    """
+    from cluster.app import engine_deployment
+    from replicas import EngineConfig
+
+    config = EngineConfig(**(args.get("engine") or {}))
+    router_config = RouterConfig(**(args.get("router") or {}))
+    engine = engine_deployment(
+        config, float(args.get("cpus_per_rank", 1.0)),
+        num_replicas=int(args.get("num_replicas", 1)),
+        request_router_class="router.pinning.PinnedRouter",
+    )
+    return Router.bind(engine, asdict(router_config))

@@ -1,0 +1,20 @@
+"""The router's Prometheus metrics (`GET /metrics`). prometheus_client keeps them in its
+process-wide registry, which is what a scrape of this process reads."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS = Counter("tpserve_requests_total", "HTTP generation requests",
+                   ["route", "status"])
+LATENCY = Histogram("tpserve_request_seconds", "whole request latency", ["route"],
+                    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120))
+TTFT = Histogram("tpserve_time_to_first_token_seconds", "time to first token", ["route"],
+                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10))
+TOKENS = Counter("tpserve_tokens_total", "tokens", ["kind"])  # prompt | completion
+REPLICA_LOAD = Gauge("tpserve_replica_in_flight", "requests in flight per replica",
+                     ["replica"])
+LIVE_SESSIONS = Gauge("tpserve_live_sessions", "sessions stored in Redis")
+PINS_MOVED = Counter("tpserve_pins_moved_total", "sessions re-pinned because their "
+                     "replica was gone")
+DEGRADED = Gauge("tpserve_redis_degraded", "1 while Redis is unreachable (hash-only pinning)")

@@ -1,0 +1,63 @@
+"""Session pinning inside Ray Serve: the engine deployment's request router.
+
+The router calls the engine handle with `.options(session_id=key)`; Serve hands each
+request to `PinnedRouter.choose_replicas` in the caller's process. The pin lives in Redis
+(router/sessions.py): a session keeps its replica while that replica lives, also after
+scale-up; a session whose replica is gone is re-pinned by rendezvous hashing with bounded
+load (router/policy.py), atomically, so routers racing on one session agree. Requests
+without a session id go to the less loaded of the candidates.
+
+Configured with `RequestRouterConfig(request_router_class="router.pinning.PinnedRouter",
+request_router_kwargs={...})`; the Redis URL comes from TPSERVE_REDIS_URL unless given.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter as Tally
+from typing import Any
+
+from ray.serve._private.common import ReplicaID
+from ray.serve._private.request_router.common import PendingRequest
+from ray.serve._private.request_router.replica_wrapper import RunningReplica
+from ray.serve._private.request_router.request_router import RequestRouter
+
+from router import metrics
+from router.policy import choose_replica
+from router.sessions import SessionStore, SessionStoreConfig
+
+
+class PinnedRouter(RequestRouter):
+    """Routes by the Redis pin of `session_id`, re-pinning only when its replica is gone."""
+
+    def initialize_state(self, redis_url: str | None = None, load_factor: float = 1.25,
+                         ttl_s: int = 3600, **_: Any) -> None:
+        url = redis_url or os.environ.get("TPSERVE_REDIS_URL") or None
+        self.store = SessionStore(SessionStoreConfig(url=url, ttl_s=ttl_s))
+        self.load_factor = load_factor
+        self.in_flight: Tally[str] = Tally()  # requests this router sent, per replica
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None
+                              ) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        live = {r.replica_id.unique_id: r for r in candidate_replicas}
+        loads = {rid: self.in_flight[rid] for rid in live}
+        key = pending_request.metadata.session_id if pending_request is not None else ""
+        if not key:
+            return [[live[min(loads, key=loads.__getitem__)]]]
+        choice = choose_replica(key, loads, self.load_factor)
+        pinned, moved = await self.store.claim_pin(key, choice, live.keys())
+        if moved:
+            metrics.PINS_MOVED.inc()
+        metrics.DEGRADED.set(1 if self.store.degraded else 0)
+        # a pin to a replica this router does not see yet (just started): use the choice
+        return [[live.get(pinned, live[choice])]]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
+                          result: Any) -> None:
+        self.in_flight[replica_id.unique_id] += 1
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        self.in_flight[replica_id.unique_id] -= 1

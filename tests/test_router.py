@@ -1,0 +1,294 @@
+"""The whole path on loopback: openai client -> nginx -> router (Serve ingress) -> engine
+replicas, with a real redis-server. Pinning by client address and by X-Session-ID,
+scaling, Redis outage, spoofed forwarding headers and a fuzz run of bad bodies."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+ray = pytest.importorskip("ray")
+openai = pytest.importorskip("openai")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from ray import serve  # noqa: E402
+
+from cluster.app import APP_NAME  # noqa: E402
+from cluster.control import replicas, scale  # noqa: E402
+from infra import nginx  # noqa: E402
+from router.app import build  # noqa: E402
+
+pytestmark = pytest.mark.slow
+REDIS = "/usr/bin/redis-server"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing on port {port}")
+
+
+@dataclass
+class Stack:
+    edge: int  # nginx
+    serve: int  # Serve's HTTP proxy (the router, no nginx)
+    dashboard: str
+    redis_port: int
+    redis_password: str
+    redis_proc: subprocess.Popen
+
+    def start_redis(self) -> None:
+        self.redis_proc = subprocess.Popen(
+            [REDIS, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--requirepass", self.redis_password],
+            stdout=subprocess.DEVNULL)
+        wait_port(self.redis_port)
+
+    def stop_redis(self) -> None:
+        self.redis_proc.terminate()
+        self.redis_proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    if not os.path.exists(REDIS) or not shutil_which("nginx"):
+        pytest.skip("needs redis-server and nginx (infra/install.sh installs them)")
+    tmp = tmp_path_factory.mktemp("stack")
+    s = Stack(free_port(), free_port(), "", free_port(), secrets.token_hex(16), None)
+    s.start_redis()
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every Ray address on loopback
+    mp.setenv("TPSERVE_REDIS_URL", f"redis://:{s.redis_password}@127.0.0.1:{s.redis_port}/0")
+    dash = free_port()
+    s.dashboard = f"http://127.0.0.1:{dash}"
+    ray.init(num_cpus=12, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=dash, log_to_driver=False,
+             runtime_env={"env_vars": {"TPSERVE_REDIS_URL": os.environ["TPSERVE_REDIS_URL"]}})
+    conf = nginx.NginxConfig(upstreams=(f"127.0.0.1:{s.serve}",), listen=f"127.0.0.1:{s.edge}",
+                             prefix=str(tmp / "nginx"))
+    path = nginx.write(conf, tmp / "nginx" / "nginx.conf")
+    edge = subprocess.Popen(nginx.nginx_command(path, tmp / "nginx"))
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": s.serve})
+        serve.run(build({"engine": {"tp": 1, "max_model_len": 512}, "num_replicas": 2}),
+                  name=APP_NAME, external_scaler_enabled=True)
+        wait_port(s.edge)
+        yield s
+    finally:
+        edge.send_signal(signal.SIGQUIT)
+        edge.wait(10)
+        serve.shutdown()
+        ray.shutdown()
+        mp.undo()
+        if s.redis_proc.poll() is None:
+            s.stop_redis()
+
+
+def shutil_which(name: str) -> str | None:
+    import shutil
+
+    return shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}")
+                                  else None)
+
+
+def post(port: int, path: str, body: object, headers: dict[str, str] | None = None,
+         source: str = "127.0.0.1", timeout: float = 60) -> tuple[int, dict[str, str], bytes]:
+    """POST from a chosen loopback source address; (status, headers, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout,
+                                      source_address=(source, 0))
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    conn.request("POST", path, body=data, headers={"Content-Type": "application/json",
+                                                   **(headers or {})})
+    resp = conn.getresponse()
+    out = resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    conn.close()
+    return out
+
+
+def client(stack: Stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{stack.edge}/v1", api_key="none",
+                         max_retries=0, timeout=60)
+
+
+def test_openai_client_completion_chat_and_stream(stack: Stack) -> None:
+    c = client(stack)
+    models = c.models.list()
+    assert [m.id for m in models.data] == ["tpserve"]
+    done = c.completions.create(model="tpserve", prompt="Once upon a time", max_tokens=8,
+                                temperature=0.0)
+    assert done.choices[0].finish_reason in ("length", "stop") and done.usage.prompt_tokens > 0
+    chat = c.chat.completions.create(model="tpserve", max_tokens=8, temperature=0.0,
+                                     messages=[{"role": "user", "content": "Hello there"}])
+    assert chat.choices[0].message.role == "assistant"
+    raw = c.chat.completions.with_raw_response.create(
+        model="tpserve", max_tokens=4, messages=[{"role": "user", "content": "Hi"}])
+    assert raw.headers["x-session-id"] and raw.headers["x-replica-id"]
+    chunks = list(c.chat.completions.create(
+        model="tpserve", max_tokens=8, temperature=0.0, stream=True,
+        stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "Hello there"}]))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == chat.choices[0].message.content
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+
+
+def replica_of(stack: Stack, source: str, headers: dict[str, str] | None = None) -> str:
+    status, hdrs, body = post(stack.edge, "/v1/completions",
+                              {"prompt": [5, 6, 7], "max_tokens": 2}, headers, source)
+    assert status == 200, body
+    return hdrs["x-replica-id"]
+
+
+def pins(stack: Stack, clients: list[tuple[str, dict[str, str] | None]], times: int
+         ) -> dict[int, set[str]]:
+    return {i: {replica_of(stack, src, h) for _ in range(times)}
+            for i, (src, h) in enumerate(clients)}
+
+
+IP_CLIENTS = [(f"127.0.0.{i}", None) for i in range(2, 22)]
+SESSION_CLIENTS = [("127.0.0.1", {"X-Session-ID": f"s-{i}-{secrets.token_hex(4)}"})
+                   for i in range(20)]
+
+
+def test_each_client_stays_on_one_replica(stack: Stack) -> None:
+    for group in (IP_CLIENTS, SESSION_CLIENTS):
+        seen = pins(stack, group, 10)
+        assert all(len(r) == 1 for r in seen.values()), seen
+        assert len(set().union(*seen.values())) == 2  # both replicas have sessions
+
+
+def test_scale_up_moves_no_session(stack: Stack) -> None:
+    before = {i: next(iter(r)) for i, r in pins(stack, SESSION_CLIENTS, 1).items()}
+    assert len(scale(3, stack.dashboard, timeout_s=240)) == 3
+    after = {i: next(iter(r)) for i, r in pins(stack, SESSION_CLIENTS, 2).items()}
+    assert after == before
+    new = [f"new-{i}" for i in range(30)]  # new sessions may use the new replica
+    used = {replica_of(stack, "127.0.0.1", {"X-Session-ID": s}) for s in new}
+    assert len(used) == 3
+    assert len(scale(2, stack.dashboard, timeout_s=240)) == 2
+    live = {r.replica_id for r in replicas(stack.dashboard)}
+    after_down = {i: next(iter(r)) for i, r in pins(stack, SESSION_CLIENTS, 1).items()}
+    for i, replica in before.items():  # only sessions of the removed replica moved
+        assert after_down[i] == replica or replica not in live
+
+
+def test_redis_outage_degrades_without_5xx(stack: Stack) -> None:
+    stack.stop_redis()
+    try:
+        statuses = [post(stack.edge, "/v1/completions", {"prompt": [5, 6], "max_tokens": 2},
+                         source=f"127.0.0.{30 + i}")[0] for i in range(6)]
+        assert statuses == [200] * 6
+        conn = http.client.HTTPConnection("127.0.0.1", stack.edge, timeout=10)
+        conn.request("GET", "/healthz")
+        assert json.loads(conn.getresponse().read())["status"] == "degraded"
+    finally:
+        stack.start_redis()
+    deadline = time.monotonic() + 30
+    while True:
+        conn = http.client.HTTPConnection("127.0.0.1", stack.edge, timeout=10)
+        conn.request("GET", "/healthz")
+        if json.loads(conn.getresponse().read())["status"] == "ok":
+            break
+        assert time.monotonic() < deadline, "the router did not go back to Redis"
+        post(stack.edge, "/v1/completions", {"prompt": [5], "max_tokens": 1})
+        time.sleep(0.5)
+
+
+def test_spoofed_forwarded_for_from_untrusted_peer_is_ignored(stack: Stack) -> None:
+    import redis
+
+    spoof = {"X-Forwarded-For": "203.0.113.9", "X-Real-IP": "203.0.113.9"}
+    status, _, _ = post(stack.serve, "/v1/completions", {"prompt": [5], "max_tokens": 1},
+                        spoof, source="127.0.0.77")  # straight to Serve: peer untrusted
+    assert status == 200
+    r = redis.Redis(port=stack.redis_port, password=stack.redis_password)
+    keys = {k.decode() for k in r.scan_iter("tpserve:s:ip:*")}
+    assert "tpserve:s:ip:127.0.0.77" in keys
+    assert not any("203.0.113.9" in k for k in keys)
+
+
+BAD_BODIES = [b"", b"{", b"[]", b"null", b'"x"', json.dumps({"prompt": ""}).encode(),
+              json.dumps({"prompt": "x", "max_tokens": -1}).encode(),
+              json.dumps({"prompt": "x", "max_tokens": "5"}).encode(),
+              json.dumps({"prompt": "x", "temperature": 1e9}).encode(),
+              json.dumps({"prompt": "x", "model": "gpt-4"}).encode(),
+              json.dumps({"prompt": list(range(600)), "max_tokens": 1}).encode(),
+              json.dumps({"prompt": "x", "max_tokens": 600}).encode(),
+              b"x" * (2 << 20)]
+
+
+@pytest.mark.parametrize("body", BAD_BODIES, ids=range(len(BAD_BODIES)))
+def test_bad_input_is_a_4xx_with_an_openai_error(stack: Stack, body: bytes) -> None:
+    status, _, raw = post(stack.serve, "/v1/completions", body)
+    assert 400 <= status < 500, (status, raw[:200])
+    assert "message" in json.loads(raw)["error"]
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=False)
+    | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                               max_size=4), max_leaves=8)
+fields = st.fixed_dictionaries({}, optional={
+    "prompt": st.one_of(st.text(max_size=30), st.lists(st.integers(-5, 1200), max_size=8),
+                        json_values),
+    "messages": st.one_of(st.lists(st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "assistant", "system", "tool", ""]),
+         "content": st.one_of(st.text(max_size=20), json_values)}), max_size=3), json_values),
+    "max_tokens": st.one_of(st.integers(-3, 4), st.integers(10**5, 10**9), json_values),
+    "temperature": st.one_of(st.floats(-1, 3, allow_nan=False), json_values),
+    "top_p": st.one_of(st.floats(-1, 2, allow_nan=False), json_values),
+    "stream": st.one_of(st.booleans(), json_values), "model": json_values,
+    "stop": json_values, "seed": json_values, "user": json_values, "n": json_values,
+})
+
+
+@settings(max_examples=500, deadline=None, derandomize=True,
+          suppress_health_check=list(HealthCheck))
+@given(body=fields, chat=st.booleans())
+def test_fuzz_never_5xx_never_hangs(stack: Stack, body: dict, chat: bool) -> None:
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    status, _, raw = post(stack.serve, path, body, timeout=30)
+    assert status < 500, (status, body, raw[:300])
+
+
+def test_sessions_keep_history(stack: Stack) -> None:
+    sid = f"hist-{secrets.token_hex(4)}"
+    h = {"X-Session-ID": sid}
+    body = {"messages": [{"role": "user", "content": "first"}], "max_tokens": 3}
+    assert post(stack.edge, "/v1/chat/completions", body, h)[0] == 200
+    body = {"messages": [{"role": "user", "content": "second"}], "max_tokens": 3,
+            "session": {"append": True}}
+    status, hdrs, _ = post(stack.edge, "/v1/chat/completions", body, h)
+    assert status == 200 and hdrs["x-session-id"] == sid
+    conn = http.client.HTTPConnection("127.0.0.1", stack.edge, timeout=10)
+    conn.request("GET", f"/v1/sessions/{sid}")
+    stored = json.loads(conn.getresponse().read())
+    assert [m["content"] for m in stored["history"] if m["role"] == "user"] == [
+        "first", "second"]
+    for method, status in (("DELETE", 200), ("GET", 404), ("DELETE", 404)):
+        conn.request(method, f"/v1/sessions/{sid}")
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == status, method
+
