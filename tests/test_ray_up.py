@@ -9,6 +9,7 @@ up with Redis, nginx and the Serve app, a completion comes back through nginx, a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -124,8 +125,16 @@ def test_ray_up_and_down_round_trip(sshd: tuple[Path, int], tmp_path: Path) -> N
                 answer = json.loads(resp.read())
         except OSError as e:
             pytest.fail(f"no completion through nginx ({e}); ray up said:\n{up.stdout[-4000:]}")
-        assert len(answer["token_ids"]) == 6 and answer["finish_reason"] == "length"
+        assert answer["usage"]["completion_tokens"] == 6
+        assert answer["choices"][0]["finish_reason"] == "length"
         assert port_open(ports["redis"])
+        # the router found Redis through the environment start_head.sh gave Ray: a pin
+        # was stored under the client's address
+        from infra.services import redis_url
+        from router.sessions import SessionStore, SessionStoreConfig
+
+        store = SessionStore(SessionStoreConfig(url=redis_url(state, "127.0.0.1", ports["redis"])))
+        assert asyncio.run(store.get_pin("ip:127.0.0.1")) is not None
     finally:
         down = run(["ray", "down", "-y", str(path)], env, timeout=180)
     assert down.returncode == 0, down.stdout[-2000:] + down.stderr[-2000:]
