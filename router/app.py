@@ -135,6 +135,29 @@ def _event(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
+class RateLimiter:
+    """A token bucket per client key: `per_minute` requests, refilled continuously."""
+
+    MAX_KEYS = 100_000  # past this, idle buckets are forgotten (bounded memory)
+
+    def __init__(self, per_minute: int, clock: Any = time.monotonic) -> None:
+        self.capacity, self.rate, self.clock = float(per_minute), per_minute / 60.0, clock
+        self.buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, last time)
+
+    def take(self, key: str) -> int:
+        """0 if the request may go, else the seconds to wait (for Retry-After)."""
+        now = self.clock()
+        tokens, last = self.buckets.get(key, (self.capacity, now))
+        tokens = min(self.capacity, tokens + (now - last) * self.rate)
+        if tokens < 1.0:
+            self.buckets[key] = (tokens, now)
+            return math.ceil((1.0 - tokens) / self.rate)
+        if len(self.buckets) >= self.MAX_KEYS and key not in self.buckets:
+            self.buckets.clear()
+        self.buckets[key] = (tokens - 1.0, now)
+        return 0
+
+
 @dataclass
 class _Call:
     """One generation request on its way through the router."""
@@ -167,7 +190,7 @@ class Router:
             url=url, ttl_s=self.config.session_ttl_s,
             history_token_budget=self.config.history_token_budget))
         self.in_flight = 0
-        self.buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, last time)
+        self.limiter = RateLimiter(self.config.rate_limit_per_minute)
 
     # ---- routes ----
 
@@ -290,18 +313,10 @@ class Router:
             raise ApiError(400, f"{param}: {err['msg']}", param=param) from e
 
     def _rate_limit(self, key: str) -> None:
-        """Token bucket per session key, refilled at rate_limit_per_minute."""
-        rate = self.config.rate_limit_per_minute / 60.0
-        now = time.monotonic()
-        tokens, last = self.buckets.get(key, (float(self.config.rate_limit_per_minute), now))
-        tokens = min(float(self.config.rate_limit_per_minute), tokens + (now - last) * rate)
-        if tokens < 1.0:
-            wait = math.ceil((1.0 - tokens) / rate)
+        wait = self.limiter.take(key)
+        if wait:
             raise ApiError(429, "rate limit exceeded for this client", "rate_limit_exceeded",
                            headers={"Retry-After": str(wait)})
-        self.buckets[key] = (tokens - 1.0, now)
-        if len(self.buckets) > 100_000:  # bound the memory of idle clients
-            self.buckets.clear()
 
     async def _start(self, call: _Call) -> tuple[dict[str, Any], Any]:
         """First delta and the stream; a replica that dies before the first token is

@@ -30,6 +30,7 @@ from router.app import build  # noqa: E402
 
 pytestmark = pytest.mark.slow
 REDIS = "/usr/bin/redis-server"
+RATE_LIMIT = 300  # per client key and minute, in this stack
 
 
 def free_port() -> int:
@@ -90,7 +91,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     edge = subprocess.Popen(nginx.nginx_command(path, tmp / "nginx"))
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": s.serve})
-        serve.run(build({"engine": {"tp": 1, "max_model_len": 512}, "num_replicas": 2}),
+        serve.run(build({"engine": {"tp": 1, "max_model_len": 512}, "num_replicas": 2,
+                         "router": {"rate_limit_per_minute": RATE_LIMIT}}),
                   name=APP_NAME, external_scaler_enabled=True)
         wait_port(s.edge)
         yield s
@@ -292,3 +294,82 @@ def test_sessions_keep_history(stack: Stack) -> None:
         resp.read()
         assert resp.status == status, method
 
+
+
+def get_json(port: int, path: str) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", path)
+    resp = conn.getresponse()
+    return resp.status, json.loads(resp.read())
+
+
+def chat(stack: Stack, sid: str, content: str, append: bool) -> tuple[int, dict[str, str]]:
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 2,
+            "session": {"append": append}}
+    status, headers, _ = post(stack.edge, "/v1/chat/completions", body, {"X-Session-ID": sid})
+    return status, headers
+
+
+def test_killed_replica_moves_only_its_sessions_with_history(stack: Stack) -> None:
+    from ray.util.state import list_actors
+
+    sids = [f"kill-{i}-{secrets.token_hex(3)}" for i in range(12)]
+    before = {}
+    for sid in sids:
+        status, headers = chat(stack, sid, f"hello {sid}", append=False)
+        assert status == 200
+        before[sid] = headers["x-replica-id"]
+    assert len(set(before.values())) == 2
+    victim = next(iter(before.values()))
+    engines = list_actors(filters=[("class_name", "=", "ServeReplica:tpserve:Engine"),
+                                   ("state", "=", "ALIVE")], address=stack.dashboard)
+    target = next(a for a in engines if victim in (a.name or ""))
+    ray.kill(ray.get_actor(target.name, namespace=target.ray_namespace))
+    after = {}
+    for sid in sids:  # a request in the window of the death is retried on a live replica
+        status, headers = chat(stack, sid, f"again {sid}", append=True)
+        assert status == 200
+        after[sid] = headers["x-replica-id"]
+    for sid in sids:
+        if before[sid] != victim:
+            assert after[sid] == before[sid], sid  # untouched sessions stay
+        else:
+            assert after[sid] != victim
+        _, stored = get_json(stack.edge, f"/v1/sessions/{sid}")
+        users = [m["content"] for m in stored["history"] if m["role"] == "user"]
+        assert users == [f"hello {sid}", f"again {sid}"]  # history intact across the move
+    _, text = get_metrics(stack)
+    assert "tpserve_pins_moved_total" in text
+
+
+def get_metrics(stack: Stack) -> tuple[int, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", stack.edge, timeout=30)
+    conn.request("GET", "/metrics")
+    resp = conn.getresponse()
+    return resp.status, resp.read().decode()
+
+
+def test_metrics_expose_requests_latency_and_sessions(stack: Stack) -> None:
+    post(stack.edge, "/v1/completions", {"prompt": [5, 6], "max_tokens": 2})
+    status, text = get_metrics(stack)
+    assert status == 200
+    for name in ("tpserve_requests_total", "tpserve_request_seconds_bucket",
+                 "tpserve_time_to_first_token_seconds_bucket", "tpserve_tokens_total",
+                 "tpserve_live_sessions", "tpserve_redis_degraded"):
+        assert name in text, name
+    live = next(line for line in text.splitlines() if line.startswith("tpserve_live_sessions"))
+    assert float(live.split()[-1]) > 0
+
+
+def test_rate_limit_is_a_429_with_retry_after(stack: Stack) -> None:
+    source = "127.0.0.99"
+    statuses = []
+    for _ in range(2 * RATE_LIMIT):  # the bucket refills while we send
+        status, headers, _ = post(stack.edge, "/v1/completions", {"prompt": [5], "max_tokens": 1},
+                                  source=source)
+        statuses.append(status)
+        if status == 429:
+            assert int(headers["retry-after"]) >= 1
+            break
+    assert statuses[-1] == 429 and set(statuses[:-1]) == {200}
+    assert len(statuses) >= RATE_LIMIT - 5  # not before the budget is spent
