@@ -57,7 +57,11 @@ class PinnedRouter(RequestRouter):
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: Any) -> None:
-        self.in_flight[replica_id.unique_id] += 1
+        self._count(replica_id.unique_id, +1)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        self.in_flight[replica_id.unique_id] -= 1
+        self._count(replica_id.unique_id, -1)
+
+    def _count(self, replica: str, change: int) -> None:
+        self.in_flight[replica] += change
+        metrics.REPLICA_LOAD.labels(replica).set(self.in_flight[replica])

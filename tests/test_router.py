@@ -355,7 +355,8 @@ def test_metrics_expose_requests_latency_and_sessions(stack: Stack) -> None:
     assert status == 200
     for name in ("tpserve_requests_total", "tpserve_request_seconds_bucket",
                  "tpserve_time_to_first_token_seconds_bucket", "tpserve_tokens_total",
-                 "tpserve_live_sessions", "tpserve_redis_degraded"):
+                 "tpserve_live_sessions", "tpserve_redis_degraded",
+                 'tpserve_replica_in_flight{replica="'):
         assert name in text, name
     live = next(line for line in text.splitlines() if line.startswith("tpserve_live_sessions"))
     assert float(live.split()[-1]) > 0
@@ -373,3 +374,26 @@ def test_rate_limit_is_a_429_with_retry_after(stack: Stack) -> None:
             break
     assert statuses[-1] == 429 and set(statuses[:-1]) == {200}
     assert len(statuses) >= RATE_LIMIT - 5  # not before the budget is spent
+
+
+def test_stream_on_a_dying_replica_ends_with_an_error_event(stack: Stack) -> None:
+    from ray.util.state import list_actors
+
+    conn = http.client.HTTPConnection("127.0.0.1", stack.edge, timeout=60)
+    body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 480,
+            "ignore_eos": True, "stream": True}
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                 headers={"Content-Type": "application/json", "X-Session-ID": "dying-1"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    replica = resp.getheader("x-replica-id")
+    first = resp.readline()
+    assert first.startswith(b"data: {")
+    engines = list_actors(filters=[("class_name", "=", "ServeReplica:tpserve:Engine"),
+                                   ("state", "=", "ALIVE")], address=stack.dashboard)
+    target = next(a for a in engines if replica in (a.name or ""))
+    ray.kill(ray.get_actor(target.name, namespace=target.ray_namespace))
+    rest = resp.read().decode()  # bounded by the connection timeout: never a hang
+    events = [line[6:] for line in rest.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert any("error" in json.loads(e) for e in events[:-1]), events[-3:]
