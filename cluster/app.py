@@ -14,6 +14,9 @@ The ingress here is the minimal one of the cluster issue (`POST /v1/completions`
 import dataclasses
 import json
 import logging
+import os
+import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -36,6 +39,9 @@ from replicas import (
 log = logging.getLogger(__name__)
 
 APP_NAME = "tpserve"
+# where each engine replica publishes its stats (JSON, short TTL) when Redis is configured
+REPLICA_STATS_KEY = "tpserve:replica:{}"
+STATS_PERIOD_S = 1.0
 ENGINE = "Engine"
 # Serve waits this long for a replica being removed to finish its accepted requests
 DRAIN_TIMEOUT_S = 300.0
@@ -59,6 +65,32 @@ class EngineDeployment:
         self.config = EngineConfig(**{**config, "device": "cuda" if use_gpu else "cpu"})
         self.ranks = RankGroup(self.config, use_gpu, cpus_per_rank, f"tpserve-{self.replica_id}")
         self.engine = Engine(self.config, launch=self.ranks.launch)
+        self._publishing = threading.Event()
+        url = os.environ.get("TPSERVE_REDIS_URL")
+        if url:
+            threading.Thread(target=self._publish_stats, args=(url,), daemon=True,
+                             name="tpserve-stats").start()
+
+    def _publish_stats(self, url: str) -> None:
+        """Every STATS_PERIOD_S: this replica's queue, KV use and tokens/s into Redis,
+        for the dashboard. Best effort: a Redis outage only skips beats."""
+        import redis
+
+        client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        key = REPLICA_STATS_KEY.format(self.replica_id)
+        last_tokens, last_time = 0, time.monotonic()
+        while not self._publishing.wait(STATS_PERIOD_S):
+            stats = self.engine.stats()
+            now = time.monotonic()
+            rate = (stats["tokens_out"] - last_tokens) / (now - last_time)
+            last_tokens, last_time = stats["tokens_out"], now
+            beat = {"running": stats["running"], "waiting": stats["waiting"],
+                    "tp": stats["tp"], "tokens_per_s": round(rate, 1),
+                    "kv_used": round(1 - stats["free_kv_blocks"] / stats["num_kv_blocks"], 4)}
+            try:
+                client.set(key, json.dumps(beat), ex=int(5 * STATS_PERIOD_S))
+            except redis.RedisError:
+                continue
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Stream {token_ids, text, finish_reason, replica} dicts for one request:
@@ -90,6 +122,8 @@ class EngineDeployment:
             raise RuntimeError("engine unhealthy: a rank died or a collective failed")
 
     def __del__(self) -> None:
+        if hasattr(self, "_publishing"):
+            self._publishing.set()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()

@@ -77,8 +77,10 @@ def _request(url: str, body: dict[str, Any] | None = None, timeout: float = 10.0
 
 
 def load_config(path: str | Path, http_host: str | None = None, http_port: int | None = None,
-                engine: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A Serve config file with overrides: HTTP host/port and EngineConfig fields."""
+                engine: dict[str, Any] | None = None, num_replicas: int | None = None,
+                router: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A Serve config file with overrides: HTTP host/port, EngineConfig fields, the
+    engine's replica count and RouterConfig fields."""
     with open(path) as f:
         config = yaml.safe_load(f)
     http = config.setdefault("http_options", {})
@@ -87,8 +89,16 @@ def load_config(path: str | Path, http_host: str | None = None, http_port: int |
     if http_port is not None:
         http["port"] = http_port
     for app in config.get("applications", []):
-        if app.get("name") == APP_NAME and engine:
-            app.setdefault("args", {}).setdefault("engine", {}).update(engine)
+        if app.get("name") != APP_NAME:
+            continue
+        args = app.setdefault("args", {})
+        args.setdefault("engine", {}).update(engine or {})
+        if router:
+            args["router"] = {**(args.get("router") or {}), **router}
+        if num_replicas is not None:
+            for dep in app.get("deployments", []):
+                if dep.get("name") == ENGINE:
+                    dep["num_replicas"] = num_replicas
     return config
 
 

@@ -1,9 +1,8 @@
 """`tpserve`: the command line. `main()` only parses and calls.
 
-Engine options are generated from `EngineConfig`'s fields, so each default exists once.
-Until the cluster (Ray Serve) lands, `tpserve up` runs the engine alone: it starts one
-TP group on the chosen model (the built-in tiny one by default), prints a completion and
-stops.
+Options are generated from the config dataclasses' fields (EngineConfig, StackConfig),
+so each default exists once. `tpserve up` starts the local stack (infra/stack.py);
+`tpserve generate` runs the engine alone on one prompt.
 """
 
 from __future__ import annotations
@@ -16,7 +15,8 @@ import types
 import typing
 
 from cluster.control import DEFAULT_DASHBOARD, ServeError, scale
-from infra import nginx
+from infra import nginx, stack
+from infra.stack import StackConfig
 from replicas import Engine, EngineConfig, SamplingParams
 
 
@@ -35,7 +35,7 @@ def config_from_args(args: argparse.Namespace, cls: type) -> typing.Any:
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
-def up(config: EngineConfig, prompt: str, max_tokens: int) -> int:
+def generate(config: EngineConfig, prompt: str, max_tokens: int) -> int:
     print(f"starting the engine: model={config.model or 'built-in tiny'} tp={config.tp}")
     started = time.perf_counter()
     with Engine(config) as engine:
@@ -50,10 +50,22 @@ def up(config: EngineConfig, prompt: str, max_tokens: int) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tpserve", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p_up = sub.add_parser("up", help="start the local cluster (for now: the engine alone)")
+    p_up = sub.add_parser("up", help="start the local stack: Ray, Serve (router + engine "
+                          "replicas), Redis, nginx")
     add_config_arguments(p_up, EngineConfig)
-    p_up.add_argument("--prompt", default="The capital of France is")
-    p_up.add_argument("--max-tokens", type=int, default=24)
+    add_config_arguments(p_up, StackConfig)
+    p_up.set_defaults(tp=2)  # the local stack's default: TP=2 on CPU
+    p_up.add_argument("--detach", action="store_true", help="return once up; `tpserve down` "
+                      "stops it")
+    for name, text in (("down", "stop a stack started with --detach"),
+                       ("status", "replicas, health and URLs of the running stack")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--state-dir", default=StackConfig.state_dir)
+    p_gen = sub.add_parser("generate", help="run the engine alone on a prompt and print the "
+                           "completion")
+    add_config_arguments(p_gen, EngineConfig)
+    p_gen.add_argument("--prompt", default="The capital of France is")
+    p_gen.add_argument("--max-tokens", type=int, default=24)
     nginx.add_parser(sub)
     p_scale = sub.add_parser("scale", help="set the number of engine replicas (through Serve)")
     p_scale.add_argument("replicas", type=int)
@@ -74,8 +86,19 @@ def scale_command(target: int, dashboard: str, timeout_s: float) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "up":
-        return up(config_from_args(args, EngineConfig), args.prompt, args.max_tokens)
+    try:
+        if args.command == "up":
+            engine = config_from_args(args, EngineConfig).to_dict()
+            return stack.up(engine, config_from_args(args, StackConfig), args.detach)
+        if args.command == "down":
+            return stack.down(args.state_dir)
+        if args.command == "status":
+            return stack.status(args.state_dir)
+    except stack.StackError as e:
+        print(f"tpserve {args.command}: {e}", file=sys.stderr)
+        return 1
+    if args.command == "generate":
+        return generate(config_from_args(args, EngineConfig), args.prompt, args.max_tokens)
     if args.command == "nginx":
         return nginx.run(args)
     if args.command == "scale":

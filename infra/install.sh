@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Installs what tpserve needs on a fresh Debian-like machine: system packages (redis-server
-# and nginx for the stack; with --test also openssh-server and rsync, for the `ray up`
-# test) through apt-get, and the Python packages (torch pinned to its CPU build through
-# infra/constraints.txt). Safe to run again: only what is missing is installed.
+# Installs what tpserve needs on a fresh Debian-like machine: system packages through
+# apt-get (redis-server and nginx for the stack; with --test also openssh-server and rsync
+# for the `ray up` test, chromium and chromium-driver for the dashboard test) and the
+# Python packages (torch pinned to its CPU build through infra/constraints.txt). Safe to
+# run again: only what is missing is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=""
 packages=(nginx redis-server)
 if [ "${1:-}" = "--test" ]; then
   extras="[test]"
-  packages+=(openssh-server rsync)
+  packages+=(openssh-server rsync chromium chromium-driver)
 fi
 
 missing=()

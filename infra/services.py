@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import os
 import secrets
 import signal
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         nginx_cmd = nginx_edge(args.state, args.nginx_listen, args.upstream)
     ray.init(address=args.ray_address, log_to_driver=False)
     pids = start(args.state, args.bind, args.redis_port, nginx_cmd)
-    print(f"services up: {pids}")
+    print(json.dumps(pids))  # {"redis": pid, "nginx": pid}: for launchers to record
     return 0
 
 

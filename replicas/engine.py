@@ -200,6 +200,7 @@ class Engine:
         self._closed = False
         self._ids = itertools.count()
         self._steps = 0
+        self._tokens_out = 0  # tokens generated since start
         self._thread = threading.Thread(target=self._drive, name="tpserve-driver", daemon=True)
         self._thread.start()
 
@@ -271,6 +272,7 @@ class Engine:
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
             "steps": self._steps,
+            "tokens_out": self._tokens_out,
             "tp": self.config.tp,
             "healthy": self.healthy(),
         }
@@ -439,6 +441,7 @@ class Engine:
     def _emit(self, req: _Request, token: int, logprob: float) -> None:
         seq, params = req.seq, req.seq.params
         seq.token_ids.append(token)
+        self._tokens_out += 1
         finish = None
         stop_token = token in params.stop_token_ids or (
             token in self._eos and not params.ignore_eos)

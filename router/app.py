@@ -17,6 +17,8 @@ engine's check), a body over `max_body_bytes`, absurd parameter values. Overload
 with Retry-After.
 """
 
+import asyncio
+import hmac
 import json
 import math
 import os
@@ -24,21 +26,24 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from cluster.app import classify, root_cause
+from cluster.app import REPLICA_STATS_KEY, classify, root_cause
+from cluster.control import ServeError, replicas, scale
 from router import metrics
 from router.policy import PolicyError, SessionKey, new_session_id, parse_networks, session_key
 from router.sessions import SessionStore, SessionStoreConfig
 
 MAX_TOKENS_CAP = 1 << 20
+DASHBOARD_HTML = (Path(__file__).parent / "dashboard.html").read_text()  # no build step
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,8 @@ class RouterConfig:
     max_in_flight: int = 256  # per router replica; more is a 429
     rate_limit_per_minute: int = 1200  # per session key
     retry_after_s: int = 1
+    ray_dashboard: str = "http://127.0.0.1:8265"  # Serve's REST API, for the admin API
+    max_replicas: int = 16  # the admin API refuses to scale past this
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "trusted_proxies", tuple(self.trusted_proxies))
@@ -191,6 +198,11 @@ class Router:
             history_token_budget=self.config.history_token_budget))
         self.in_flight = 0
         self.limiter = RateLimiter(self.config.rate_limit_per_minute)
+        # the admin token comes from the environment, never from the (visible) Serve config
+        self.admin_token = os.environ.get("TPSERVE_ADMIN_TOKEN") or None
+        self.totals = {"requests": 0, "tokens": 0, "ttft_sum_s": 0.0, "ttft_count": 0}
+        self.target: int | None = None
+        self.scaling: asyncio.Task[Any] | None = None
 
     # ---- routes ----
 
@@ -232,6 +244,64 @@ class Router:
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         return await self._serve(request, "chat", ChatBody)
+
+    # ---- admin: the dashboard's API (Authorization: Bearer TPSERVE_ADMIN_TOKEN) ----
+
+    @api.get("/dashboard")
+    async def dashboard(self) -> Response:
+        return HTMLResponse(DASHBOARD_HTML)
+
+    @api.get("/admin/replicas")
+    async def admin_replicas(self, request: Request) -> Response:
+        if (denied := self._deny(request)) is not None:
+            return denied
+        try:
+            states = await asyncio.to_thread(replicas, self.config.ray_dashboard)
+        except ServeError as e:
+            return ApiError(503, str(e), "replica_unavailable").response()
+        stats = await self.sessions.read_json(REPLICA_STATS_KEY.format("*"))
+        sessions = await self.sessions.sessions_per_replica()
+        rows = []
+        for r in states:
+            beat = stats.get(REPLICA_STATS_KEY.format(r.replica_id), {})
+            rows.append({"id": r.replica_id, "state": r.state, "tp": beat.get("tp"),
+                         "running": beat.get("running"), "waiting": beat.get("waiting"),
+                         "kv_used": beat.get("kv_used"),
+                         "tokens_per_s": beat.get("tokens_per_s"),
+                         "sessions": sessions.get(r.replica_id, 0)})
+        running = sum(r.state == "RUNNING" for r in states)
+        return JSONResponse({"target": self.target if self.target is not None else running,
+                             "ray_dashboard": self.config.ray_dashboard, "time": time.time(),
+                             "replicas": rows, "totals": self.totals})
+
+    @api.post("/admin/scale")
+    async def admin_scale(self, request: Request) -> Response:
+        if (denied := self._deny(request)) is not None:
+            return denied
+        try:
+            target = json.loads(await request.body())["replicas"]
+        except (ValueError, KeyError, TypeError):
+            target = None
+        if not isinstance(target, int) or isinstance(target, bool) or not (
+                1 <= target <= self.config.max_replicas):
+            return ApiError(400, f"replicas must be an integer in [1, "
+                            f"{self.config.max_replicas}]", param="replicas").response()
+        self.target = target
+        # Serve converges in the background; the page follows GET /admin/replicas
+        self.scaling = asyncio.create_task(asyncio.to_thread(
+            scale, target, self.config.ray_dashboard, timeout_s=600.0))
+        return JSONResponse({"target": target}, 202)
+
+    def _deny(self, request: Request) -> Response | None:
+        """401 unless the request carries the admin token (compared in constant time)."""
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if self.admin_token is None:
+            return ApiError(401, "the admin API is off: start the router with "
+                            "TPSERVE_ADMIN_TOKEN set", "authentication_error").response()
+        if not hmac.compare_digest(given.encode(), self.admin_token.encode()):
+            return ApiError(401, "missing or wrong admin token", "authentication_error",
+                            headers={"WWW-Authenticate": "Bearer"}).response()
+        return None
 
     # ---- the generation path ----
 
@@ -333,7 +403,10 @@ class Router:
                     raise error from e
         call.replica = first["replica"]
         call.prompt_tokens = first.get("prompt_tokens", 0)
-        metrics.TTFT.labels(call.route).observe(time.perf_counter() - call.started)
+        ttft = time.perf_counter() - call.started
+        metrics.TTFT.labels(call.route).observe(ttft)
+        self.totals["ttft_sum_s"] += ttft
+        self.totals["ttft_count"] += 1
         if call.issued:  # the next turn, sent with this id, goes to the same replica
             await self.sessions.claim_pin(f"session:{call.session_id}", call.replica,
                                           [call.replica])
@@ -357,6 +430,8 @@ class Router:
         metrics.LATENCY.labels(call.route).observe(time.perf_counter() - call.started)
         metrics.TOKENS.labels("prompt").inc(call.prompt_tokens)
         metrics.TOKENS.labels("completion").inc(call.tokens)
+        self.totals["requests"] += 1
+        self.totals["tokens"] += call.tokens
         if call.route == "chat":
             reply = {"role": "assistant", "content": "".join(d["text"] for d in deltas)}
             await self.sessions.append_history(f"session:{call.session_id}",

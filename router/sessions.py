@@ -293,6 +293,40 @@ class SessionStore:
 
         return await self._run(op, 0)
 
+    async def sessions_per_replica(self) -> dict[str, int]:
+        """How many stored sessions each replica holds (SCAN + HGET, bounded like
+        live_sessions); {} while degraded."""
+        pattern = escape_glob(self.config.key_prefix) + "s:*"
+
+        async def op(c: aioredis.Redis) -> dict[str, int]:
+            tally: dict[str, int] = {}
+            cursor = 0
+            for _ in range(SCAN_STEPS):
+                cursor, batch = await c.scan(cursor, match=pattern, count=SCAN_BATCH)
+                if batch:
+                    async with c.pipeline(transaction=False) as pipe:
+                        for key in batch:
+                            pipe.hget(key, "replica")
+                        for replica in await pipe.execute():
+                            if replica:
+                                tally[replica] = tally.get(replica, 0) + 1
+                if cursor == 0:
+                    break
+            return tally
+
+        return await self._run(op, {})
+
+    async def read_json(self, pattern: str) -> dict[str, Any]:
+        """{key: parsed JSON value} of the plain keys matching `pattern` (e.g. the stats the
+        engine replicas publish); {} while degraded."""
+
+        async def op(c: aioredis.Redis) -> dict[str, Any]:
+            keys = [k async for k in c.scan_iter(match=pattern, count=SCAN_BATCH)]
+            values = await c.mget(keys) if keys else []
+            return {k: json.loads(v) for k, v in zip(keys, values, strict=True) if v}
+
+        return await self._run(op, {})
+
     async def close(self) -> None:
         """Close the pool; the store is not used afterwards."""
         if self._client is not None:

@@ -1,0 +1,282 @@
+"""The local stack: `tpserve up` / `tpserve down` / `tpserve status`.
+
+`up` starts, on loopback: a Ray head (`ray start --head --block`, one process group we
+own, with the Ray dashboard), Redis and nginx under a Ray actor (infra/services.py: they
+die with Ray), and the Serve app of cluster/serve.yaml (router + engine replicas), then
+waits until Serve reports it RUNNING and prints the URLs and the admin token. Without
+--detach it stays in the foreground until Ctrl-C and then stops everything; with
+--detach, `tpserve down` does it later, by the pid recorded in the state file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cluster.control import ServeError, deploy, load_config, ray_auth_headers, replicas
+from infra.services import redis_url
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_STATE = Path.home() / ".tpserve" / "stack"
+
+
+class StackError(RuntimeError):
+    """The stack cannot start or stop; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """Ports and sizes of the local stack; each default exists here once."""
+
+    nginx_port: int = 8080
+    serve_port: int = 8000
+    dashboard_port: int = 8265
+    ray_port: int = 6379
+    redis_port: int = 6380  # Ray's head takes 6379
+    replicas: int = 2
+    num_cpus: int = 8  # logical CPUs Ray may hand out (bundles of the TP ranks)
+    state_dir: str = str(DEFAULT_STATE)
+    timeout_s: float = 600.0
+
+    @property
+    def ports(self) -> dict[str, int]:
+        return {"nginx": self.nginx_port, "Serve HTTP": self.serve_port,
+                "Ray dashboard": self.dashboard_port, "Ray GCS": self.ray_port,
+                "Redis": self.redis_port}
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.nginx_port}/v1"
+
+    @property
+    def ray_dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+
+def port_busy(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def preflight(config: StackConfig) -> None:
+    """Missing programs and busy ports, as errors that say what to do."""
+    for program in ("redis-server", "nginx", "ray"):
+        if not (shutil.which(program) or os.path.exists(f"/usr/sbin/{program}")):
+            raise StackError(f"{program} is not installed: run `bash infra/install.sh`, "
+                             "which installs redis-server and nginx with apt-get and Ray "
+                             "with pip")
+    busy = [f"{name} port {port}" for name, port in config.ports.items() if port_busy(port)]
+    if busy:
+        raise StackError(f"busy: {', '.join(busy)}. Stop what uses it (or an earlier "
+                         "`tpserve up --detach`: `tpserve down`), or pick other ports "
+                         "(--nginx-port, --serve-port, --dashboard-port, --ray-port, "
+                         "--redis-port)")
+
+
+def up(engine: dict[str, Any], config: StackConfig, detach: bool) -> int:
+    preflight(config)
+    state = Path(config.state_dir)
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    token = secrets.token_urlsafe(24)
+    env = stack_env(config, state, token)
+    log = open(state / "ray.log", "w")  # noqa: SIM115 - the child keeps it
+    ray = subprocess.Popen(
+        ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+         "--port", str(config.ray_port), "--dashboard-host", "127.0.0.1",
+         "--dashboard-port", str(config.dashboard_port), "--num-cpus", str(config.num_cpus),
+         "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    record = {"pid": ray.pid, "services": {}, "config": asdict(config)}
+    write_state(state, record)
+    try:
+        record["services"] = start(engine, config, state, env)
+    except BaseException:
+        stop(record, config)
+        raise
+    write_state(state, record)
+    (state / "admin_token").write_text(token)
+    os.chmod(state / "admin_token", 0o600)
+    print(f"\ntpserve is up\n  API:            {config.api_url}\n"
+          f"  dashboard:      http://127.0.0.1:{config.nginx_port}/dashboard\n"
+          f"  Ray dashboard:  {config.ray_dashboard}\n  admin token:    {token}\n")
+    if detach:
+        print("detached; stop it with `tpserve down`")
+        return 0
+    print("Ctrl-C stops everything")
+    try:
+        ray.wait()
+    except KeyboardInterrupt:
+        print("\nstopping…")
+    stop(record, config)
+    clear_state(state)
+    return 0
+
+
+def stack_env(config: StackConfig, state: Path, token: str) -> dict[str, str]:
+    """The environment of Ray's processes: loopback only, token auth, Redis and the admin
+    token for the router (never printed by Ray; the token is printed once by `up`)."""
+    return {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
+            "TPSERVE_REDIS_URL": redis_url(state, "127.0.0.1", config.redis_port),
+            "TPSERVE_ADMIN_TOKEN": token}
+
+
+def start(engine: dict[str, Any], config: StackConfig, state: Path, env: dict[str, str]
+          ) -> dict[str, int]:
+    """Services and the Serve app on the started Ray; returns the services' pids."""
+    progress("starting Ray", lambda: port_busy(config.dashboard_port) and serve_api_up(config),
+             120)
+    services = subprocess.run(
+        [sys.executable, "-m", "infra.services", "up", "--state", str(state), "--bind",
+         "127.0.0.1", "--redis-port", str(config.redis_port), "--nginx-listen",
+         f"127.0.0.1:{config.nginx_port}", "--upstream", f"127.0.0.1:{config.serve_port}",
+         "--ray-address", f"127.0.0.1:{config.ray_port}"],
+        env=env, check=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    pids = json.loads(services.stdout.strip().splitlines()[-1])
+    print("  Redis and nginx up")
+    serve_config = load_config(REPO / "cluster/serve.yaml", "127.0.0.1", config.serve_port,
+                               engine, config.replicas,
+                               {"ray_dashboard": config.ray_dashboard})
+    deploy(serve_config, config.ray_dashboard)
+    progress(f"deploying {config.replicas} engine replicas",
+             lambda: app_running(config), config.timeout_s,
+             lambda: replica_line(config))
+    return pids
+
+
+def serve_api_up(config: StackConfig) -> bool:
+    try:
+        req = urllib.request.Request(f"{config.ray_dashboard}/api/serve/applications/",
+                                     headers=ray_auth_headers())
+        with urllib.request.urlopen(req, timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def app_running(config: StackConfig) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{config.nginx_port}/healthz",
+                                    timeout=2) as resp:
+            healthy = resp.status == 200
+    except OSError:
+        return False
+    running = [r for r in replicas(config.ray_dashboard) if r.state == "RUNNING"]
+    return healthy and len(running) == config.replicas
+
+
+def replica_line(config: StackConfig) -> str:
+    try:
+        now = replicas(config.ray_dashboard)
+    except ServeError:
+        return "waiting for Serve"
+    return f"{sum(r.state == 'RUNNING' for r in now)}/{config.replicas} replicas running"
+
+
+def progress(what: str, done: Any, timeout_s: float, detail: Any = None) -> None:
+    """Print `what` and the changing `detail()` until `done()`; StackError on timeout."""
+    print(f"  {what}…", flush=True)
+    deadline, last = time.monotonic() + timeout_s, ""
+    while not done():
+        line = detail() if detail is not None else ""
+        if line and line != last:
+            print(f"    {line}", flush=True)
+            last = line
+        if time.monotonic() > deadline:
+            raise StackError(f"{what}: not ready after {timeout_s:.0f} s")
+        time.sleep(1.0)
+
+
+def stop(record: dict[str, Any], config: StackConfig, timeout_s: float = 60.0) -> None:
+    """Stop nginx and Redis gracefully by pid, then the Ray head's process group (Ray and
+    everything Serve runs); SIGKILL what outlives SIGTERM."""
+    graceful = {"nginx": signal.SIGQUIT, "redis": signal.SIGTERM}
+    for name, pid in record.get("services", {}).items():
+        try:
+            os.kill(pid, graceful[name])
+        except ProcessLookupError:
+            pass
+    pid = record["pid"]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + timeout_s / 2
+        while time.monotonic() < deadline and alive(pid):
+            time.sleep(0.5)
+        if not alive(pid):
+            break
+    deadline = time.monotonic() + timeout_s / 2
+    while any(port_busy(p) for p in config.ports.values()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def write_state(state: Path, data: dict[str, Any]) -> None:
+    (state / "stack.json").write_text(json.dumps(data))
+
+
+def read_state(state_dir: str) -> dict[str, Any]:
+    path = Path(state_dir) / "stack.json"
+    if not path.exists():
+        raise StackError(f"no stack recorded in {state_dir}: nothing to stop (was it started "
+                         "with `tpserve up --detach`?)")
+    return json.loads(path.read_text())
+
+
+def clear_state(state: Path) -> None:
+    for name in ("stack.json", "admin_token"):
+        (state / name).unlink(missing_ok=True)
+
+
+def down(state_dir: str) -> int:
+    data = read_state(state_dir)
+    config = StackConfig(**data["config"])
+    stop(data, config)
+    busy = [f"{n} {p}" for n, p in config.ports.items() if port_busy(p)]
+    clear_state(Path(state_dir))
+    if busy:
+        print(f"stopped, but still busy: {', '.join(busy)}", file=sys.stderr)
+        return 1
+    print("tpserve is down; its ports are free")
+    return 0
+
+
+def status(state_dir: str) -> int:
+    data = read_state(state_dir)
+    config = StackConfig(**data["config"])
+    print(f"Ray head pid {data['pid']} ({'alive' if alive(data['pid']) else 'gone'})")
+    try:
+        for r in replicas(config.ray_dashboard):
+            print(f"  replica {r.replica_id}: {r.state}")
+        with urllib.request.urlopen(f"http://127.0.0.1:{config.nginx_port}/healthz",
+                                    timeout=5) as resp:
+            print(f"  router: {json.loads(resp.read())}")
+    except (ServeError, OSError) as e:
+        print(f"  not answering: {e}")
+        return 1
+    print(f"  API {config.api_url}  dashboard http://127.0.0.1:{config.nginx_port}/dashboard"
+          f"  Ray dashboard {config.ray_dashboard}")
+    return 0

@@ -1,0 +1,172 @@
+"""The local stack as a user runs it: `tpserve up --detach`, an openai client call through
+nginx, the dashboard in headless Chromium (sees 2 replicas, scales to 3 through the page,
+sees 3, saves a screenshot), the admin API's token, `tpserve down` leaving nothing alive
+and every port free, and a busy port refused with a clear message."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = Path(os.environ.get("TPSERVE_ARTIFACTS", REPO / "test-artifacts"))
+PORT_FLAGS = ("nginx", "serve", "dashboard", "ray", "redis")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_busy(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def tpserve(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "infra.cli", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@dataclass
+class Running:
+    ports: dict[str, int]
+    state: Path
+    token: str
+    output: str
+
+    @property
+    def edge(self) -> str:
+        return f"http://127.0.0.1:{self.ports['nginx']}"
+
+
+def live_processes(marker: str) -> list[str]:
+    """Non-zombie processes whose command line mentions `marker`."""
+    out = subprocess.run(["ps", "-eo", "stat=,args="], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines()
+            if marker in line and not line.lstrip().startswith("Z") and "ps -eo" not in line]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    ports = {name: free_port() for name in PORT_FLAGS}
+    state = tmp_path_factory.mktemp("stack")
+    flags = [f"--{name}-port={port}" for name, port in ports.items()]
+    up = tpserve("up", "--detach", f"--state-dir={state}", *flags)
+    assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+    token = (state / "admin_token").read_text()
+    running = Running(ports, state, token, up.stdout)
+    try:
+        yield running
+    finally:
+        if (state / "stack.json").exists():
+            tpserve("down", f"--state-dir={state}")
+
+
+def test_up_prints_the_urls_and_the_token(stack: Running) -> None:
+    for text in (f"{stack.edge}/v1", f"{stack.edge}/dashboard",
+                 f"http://127.0.0.1:{stack.ports['dashboard']}", stack.token):
+        assert text in stack.output
+    assert oct((stack.state / "admin_token").stat().st_mode & 0o777) == "0o600"
+
+
+def test_openai_client_through_nginx(stack: Running) -> None:
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{stack.edge}/v1", api_key="none", max_retries=0)
+    out = client.chat.completions.create(model="tpserve", max_tokens=6,
+                                         messages=[{"role": "user", "content": "Hi"}])
+    assert out.usage.completion_tokens >= 1
+
+
+def test_admin_api_needs_the_token(stack: Running) -> None:
+    for method, path, body in (("GET", "/admin/replicas", None),
+                               ("POST", "/admin/scale", b'{"replicas": 3}')):
+        req = urllib.request.Request(f"{stack.edge}{path}", data=body, method=method)
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=10)
+        assert err.value.code == 401
+        req.add_header("Authorization", "Bearer wrong")
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=10)
+        assert err.value.code == 401
+
+
+def test_dashboard_scales_from_two_to_three_replicas(stack: Running) -> None:
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not (browser_path and driver_path):
+        pytest.skip("needs Debian's chromium and chromium-driver (infra/install.sh --test)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser_path
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                "--window-size=1280,900"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path),
+                              options=options)
+    try:
+        wait = WebDriverWait(driver, 240, poll_frequency=0.5)
+        driver.get(f"{stack.edge}/dashboard")
+        driver.find_element(By.ID, "token").send_keys(stack.token)
+        driver.find_element(By.ID, "token-submit").click()
+        wait.until(ec.text_to_be_present_in_element((By.ID, "replica-count"),
+                                                    "2 replicas running (target 2)"))
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#replicas tr.replica")) == 2
+        box = driver.find_element(By.ID, "scale-input")
+        box.clear()
+        box.send_keys("3")
+        driver.find_element(By.ID, "scale-button").click()
+        wait.until(ec.text_to_be_present_in_element((By.ID, "replica-count"),
+                                                    "3 replicas running (target 3)"))
+        rows = driver.find_elements(By.CSS_SELECTOR, "#replicas tr.replica")
+        assert [r.get_attribute("data-state") for r in rows] == ["RUNNING"] * 3
+        assert stack.token not in driver.current_url
+        assert stack.token not in driver.find_element(By.TAG_NAME, "body").text
+        time.sleep(4)  # two polls, so the charts have points
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        assert driver.save_screenshot(str(ARTIFACTS / "dashboard.png"))
+    finally:
+        driver.quit()
+
+
+def test_token_is_in_no_log(stack: Running) -> None:
+    logs = [p for p in stack.state.rglob("*.log")]
+    assert logs  # nginx's access and error logs, Ray's start log, Redis' log
+    for path in logs:
+        assert stack.token not in path.read_text(errors="replace"), path
+
+
+def test_busy_port_is_a_clear_error(stack: Running) -> None:
+    ports = {name: free_port() for name in PORT_FLAGS}
+    ports["nginx"] = stack.ports["nginx"]  # taken by the running stack
+    out = tpserve("up", f"--state-dir={stack.state}-other",
+                  *[f"--{n}-port={p}" for n, p in ports.items()], timeout=60)
+    assert out.returncode == 1
+    assert f"nginx port {stack.ports['nginx']}" in out.stderr and "tpserve down" in out.stderr
+
+
+def test_down_stops_everything_and_frees_the_ports(stack: Running) -> None:
+    down = tpserve("down", f"--state-dir={stack.state}", timeout=180)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert not any(port_busy(p) for p in stack.ports.values())
+    time.sleep(1)
+    for marker in (str(stack.state), f"--port {stack.ports['ray']}", "ray::", "raylet",
+                   "gcs_server"):
+        assert not live_processes(marker), (marker, live_processes(marker))
