@@ -268,13 +268,19 @@ def status(state_dir: str) -> int:
     data = read_state(state_dir)
     config = StackConfig(**data["config"])
     print(f"Ray head pid {data['pid']} ({'alive' if alive(data['pid']) else 'gone'})")
+    edge = f"http://127.0.0.1:{config.nginx_port}"
+    token = (Path(state_dir) / "admin_token").read_text()
     try:
-        for r in replicas(config.ray_dashboard):
-            print(f"  replica {r.replica_id}: {r.state}")
-        with urllib.request.urlopen(f"http://127.0.0.1:{config.nginx_port}/healthz",
-                                    timeout=5) as resp:
-            print(f"  router: {json.loads(resp.read())}")
-    except (ServeError, OSError) as e:
+        req = urllib.request.Request(f"{edge}/admin/replicas",
+                                     headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            for r in json.loads(resp.read())["replicas"]:
+                print(f"  replica {r['id']}: {r['state']}, tp={r['tp']}, queue="
+                      f"{(r['running'] or 0) + (r['waiting'] or 0)}, sessions={r['sessions']}")
+        with urllib.request.urlopen(f"{edge}/healthz", timeout=5) as resp:
+            health = json.loads(resp.read())
+        print(f"  router: {health['status']} (Redis {'up' if health['redis'] else 'down'})")
+    except (ServeError, OSError, KeyError) as e:
         print(f"  not answering: {e}")
         return 1
     print(f"  API {config.api_url}  dashboard http://127.0.0.1:{config.nginx_port}/dashboard"

@@ -146,6 +146,14 @@ def test_dashboard_scales_from_two_to_three_replicas(stack: Running) -> None:
         driver.quit()
 
 
+def test_status_shows_replicas_health_and_urls(stack: Running) -> None:
+    out = tpserve("status", f"--state-dir={stack.state}", timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("replica ") >= 2 and "sessions=" in out.stdout
+    assert "router: ok" in out.stdout and f"{stack.edge}/dashboard" in out.stdout
+    assert stack.token not in out.stdout
+
+
 def test_token_is_in_no_log(stack: Running) -> None:
     logs = [p for p in stack.state.rglob("*.log")]
     assert logs  # nginx's access and error logs, Ray's start log, Redis' log
@@ -170,3 +178,27 @@ def test_down_stops_everything_and_frees_the_ports(stack: Running) -> None:
     for marker in (str(stack.state), f"--port {stack.ports['ray']}", "ray::", "raylet",
                    "gcs_server"):
         assert not live_processes(marker), (marker, live_processes(marker))
+
+
+def test_ctrl_c_stops_the_foreground_stack(tmp_path: Path) -> None:
+    import signal
+
+    ports = {name: free_port() for name in PORT_FLAGS}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "infra.cli", "up", f"--state-dir={tmp_path}", "--replicas=1",
+         "--tp=1", *[f"--{n}-port={p}" for n, p in ports.items()]],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:  # bounded by the stack's own start timeout
+            lines.append(line)
+            if "Ctrl-C stops everything" in line:
+                break
+        assert proc.poll() is None, "".join(lines)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(180) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not any(port_busy(p) for p in ports.values())
+    assert not live_processes(str(tmp_path))
