@@ -50,7 +50,8 @@ def stack() -> Iterator[Stack]:
     # Ray's switch for a single-machine cluster: every Ray address is 127.0.0.1
     mp = pytest.MonkeyPatch()
     mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(num_cpus=12, include_dashboard=True, dashboard_host="127.0.0.1",
+    ray.init(address="local", num_cpus=12, include_dashboard=True,
+             dashboard_host="127.0.0.1",
              dashboard_port=dash_port, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": http_port})

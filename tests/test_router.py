@@ -82,7 +82,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     mp.setenv("TPSERVE_REDIS_URL", f"redis://:{s.redis_password}@127.0.0.1:{s.redis_port}/0")
     dash = free_port()
     s.dashboard = f"http://127.0.0.1:{dash}"
-    ray.init(num_cpus=12, include_dashboard=True, dashboard_host="127.0.0.1",
+    ray.init(address="local", num_cpus=12, include_dashboard=True,
+             dashboard_host="127.0.0.1",
              dashboard_port=dash, log_to_driver=False,
              runtime_env={"env_vars": {"TPSERVE_REDIS_URL": os.environ["TPSERVE_REDIS_URL"]}})
     conf = nginx.NginxConfig(upstreams=(f"127.0.0.1:{s.serve}",), listen=f"127.0.0.1:{s.edge}",
