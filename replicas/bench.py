@@ -13,6 +13,7 @@ prefill and start-up cancel out, for both engines alike.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -63,7 +64,7 @@ def ours_per_token(engine: Engine, prompts: list[list[int]], new: int, repeats: 
 
 
 def hf_per_token(model: Any, prompts: list[list[int]], new: int, repeats: int) -> float:
-    ids = torch.tensor(prompts)  # equal lengths: no padding needed
+    ids = torch.tensor(prompts, device=model.device)  # equal lengths: no padding needed
 
     def run(n: int) -> Callable[[], object]:
         return lambda: model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
@@ -94,6 +95,118 @@ def cpu_suite(repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
+GLM4_9B = dict(vocab_size=151552, hidden_size=4096, intermediate_size=13696,
+               num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=2, head_dim=128,
+               max_position_embeddings=8192 + 512, attention_bias=True)
+
+
+def copy_bandwidth() -> float:
+    """Measured device-to-device copy rate, GB/s (read + write), as the anchors do."""
+    x = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(20):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    return 2 * x.numel() / ((time.perf_counter() - start) / 20) / 1e9
+
+
+def matmul_rate() -> float:
+    """bf16 matrix product rate on random data, TFLOP/s (8192^3)."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ a
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    torch.cuda.synchronize()
+    return 2 * 8192**3 / ((time.perf_counter() - start) / 10) / 1e12
+
+
+def glm_dir() -> str:
+    """A model directory with GLM-4-9B's config (weights random: load_format='random')."""
+    import tempfile
+
+    from replicas.tiny import build_tokenizer
+
+    path = tempfile.mkdtemp(prefix="tpserve-glm4-9b-")
+    config = transformers.GlmConfig(**GLM4_9B)
+    config.architectures = ["GlmForCausalLM"]
+    config.eos_token_id = None
+    config.save_pretrained(path)
+    build_tokenizer(path)
+    return path
+
+
+def gpu_suite(repeats: int) -> list[dict[str, Any]]:
+    """GLM-4-9B shapes, random bf16 weights, one GPU: ours and transformers side by side."""
+    model_dir = glm_dir()
+    bandwidth, rate = copy_bandwidth(), matmul_rate()
+    rows: list[dict[str, Any]] = []
+    greedy = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
+    config = EngineConfig(model=model_dir, load_format="random", dtype="bfloat16",
+                          max_model_len=512, max_num_seqs=256, kv_cache_memory=16 * 2**30)
+    with Engine(config) as engine:
+        params = engine.worker.model.named_parameters()
+        weights = sum(p.numel() * p.element_size() for n, p in params
+                      if "embed_tokens" not in n)  # the embedding is only gathered from
+        floor = weights / (bandwidth * 1e9)
+        prompt = prompts_for(1, 128, GLM4_9B["vocab_size"])
+        ours = ours_per_token(engine, prompt, 128, repeats)
+        many = prompts_for(256, 128, GLM4_9B["vocab_size"])
+        wall = best_of(lambda: engine.generate(many, greedy), 1)
+        peak = torch.cuda.max_memory_allocated() / 1e9
+    rows.append({"case": "glm4-9b_decode_b1_in128_out128", "unit": "ms/token",
+                 "ours": round(ours * 1e3, 3), "floor_ms": round(floor * 1e3, 3),
+                 "fraction_of_floor": round(floor / ours, 3), "weights_gb": round(weights / 1e9, 2),
+                 "copy_gb_s": round(bandwidth), "peak_mem_gb": round(peak, 1)})
+    rows.append({"case": "glm4-9b_256req_in128_out128", "unit": "tokens/s",
+                 "ours": round(256 * 128 / wall, 1), "peak_mem_gb": round(peak, 1)})
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    long_config = dataclasses.replace(config, max_model_len=8192 + 64, max_num_seqs=1,
+                                      max_num_batched_tokens=8192, cuda_graphs=False)
+    long_prompt = prompts_for(1, 8192, GLM4_9B["vocab_size"])
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    with Engine(long_config) as engine:
+        ttft = best_of(lambda: engine.generate(long_prompt, one), repeats)
+        flops = 2 * (weights // 2) * 8192  # 2 FLOPs per bf16 weight per token
+    rows.append({"case": "glm4-9b_ttft_in8192", "unit": "ms", "ours": round(ttft * 1e3, 1),
+                 "matmul_floor_ms": round(flops / (rate * 1e12) * 1e3, 1),
+                 "ratio_to_floor": round(ttft / (flops / (rate * 1e12)), 2),
+                 "bf16_tflops": round(rate)})
+    torch.cuda.empty_cache()
+    _hf_side_by_side(rows, repeats)
+    return rows
+
+
+def _hf_side_by_side(rows: list[dict[str, Any]], repeats: int) -> None:
+    """transformers `generate` (eager) on the same shapes and tokens, into the same rows."""
+    config = transformers.GlmConfig(**GLM4_9B)
+    config.eos_token_id = None
+    with torch.device("cuda"):
+        hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    vocab = GLM4_9B["vocab_size"]
+    with torch.no_grad():
+        b1 = hf_per_token(hf, prompts_for(1, 128, vocab), 128, repeats)
+        ids = torch.tensor(prompts_for(256, 128, vocab), device="cuda")
+        wall = best_of(lambda: hf.generate(ids, max_new_tokens=128, min_new_tokens=128,
+                                           do_sample=False, pad_token_id=0), 1)
+        long_ids = torch.tensor(prompts_for(1, 8192, vocab), device="cuda")
+        ttft = best_of(lambda: hf.generate(long_ids, max_new_tokens=1, do_sample=False,
+                                           pad_token_id=0), repeats)
+    theirs = {"glm4-9b_decode_b1_in128_out128": b1 * 1e3,
+              "glm4-9b_256req_in128_out128": 256 * 128 / wall,
+              "glm4-9b_ttft_in8192": ttft * 1e3}
+    for row in rows:
+        row["transformers_eager"] = round(theirs[row["case"]], 3)
+        row["ratio_ours_over_transformers"] = round(row["ours"] / theirs[row["case"]], 3)
+
+
 def _row(case: str, unit: str, ours: float, theirs: float | None, **shape: Any
          ) -> dict[str, Any]:
     row: dict[str, Any] = {"case": case, "unit": unit, "ours": round(ours * 1e3, 3), **shape}
@@ -105,12 +218,13 @@ def _row(case: str, unit: str, ours: float, theirs: float | None, **shape: Any
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--suite", choices=["cpu"], default="cpu")
+    parser.add_argument("--suite", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", help="append the JSON lines to this file too")
     args = parser.parse_args()
     env = environment()
-    for row in cpu_suite(args.repeats):
+    suite = gpu_suite if args.suite == "gpu" else cpu_suite
+    for row in suite(args.repeats):
         line = json.dumps({**row, "suite": args.suite, **env})
         print(line, flush=True)
         if args.out:

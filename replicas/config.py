@@ -49,6 +49,7 @@ class EngineConfig:
     seed: int = 0  # seed of random init and of unseeded sampling
     dist_timeout_s: float = 300.0  # a collective that waits longer fails instead of hanging
     gpu_memory_utilization: float = 0.90  # share of free GPU memory the KV pool may take
+    cuda_graphs: bool = True  # decode steps replayed from CUDA graphs (GPU only)
 
     def __post_init__(self) -> None:
         if self.tp not in SUPPORTED_TP:

@@ -82,12 +82,13 @@ def _check_complete(model: CausalLM, loaded: set[tuple[str, str, int | None]]) -
 @torch.no_grad()
 def random_init(model: nn.Module, seed: int, std: float = 0.02) -> None:
     """Random weights for benchmarks: normal(0, std) matrices, zero biases, unit norms."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gens: dict[torch.device, torch.Generator] = {}
     for name, param in model.named_parameters():
         if name.endswith("bias"):
             param.zero_()
         elif param.dim() == 1:
             param.fill_(1.0)
-        else:
-            cpu = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
-            param.copy_(cpu)
+        else:  # drawn where the weight lives: a 9B model in seconds on a GPU
+            if param.device not in gens:
+                gens[param.device] = torch.Generator(device=param.device).manual_seed(seed)
+            param.normal_(0.0, std, generator=gens[param.device])

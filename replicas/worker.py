@@ -20,6 +20,7 @@ import torch.distributed as dist
 from transformers import AutoConfig
 
 from replicas.config import DTYPES, ConfigError, EngineConfig, ModelSpec
+from replicas.graphs import DecodeGraphs
 from replicas.kv_cache import allocate_kv_cache, block_bytes
 from replicas.loader import load_weights, random_init
 from replicas.model import CausalLM, ForwardBatch, attention_mask
@@ -106,9 +107,16 @@ class Worker:
             load_weights(model, model_dir, show_progress=rank == 0)
         self.model = model.eval()
         self.num_blocks = self._agree_min(self._count_blocks())
-        self.kv = allocate_kv_cache(self.spec, self.world_size, self.num_blocks,
+        # one block more than the scheduler hands out: the scratch block of padded rows
+        self.kv = allocate_kv_cache(self.spec, self.world_size, self.num_blocks + 1,
                                     config.block_size, self.dtype, self.device)
         self.overflow_retries = 0
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and config.cuda_graphs:
+            self.graphs = DecodeGraphs(
+                lambda fb: self.model(fb, self.kv), set(self.spec.sliding_windows),
+                config.max_num_seqs, -(-self.max_model_len // config.block_size),
+                config.block_size, self.num_blocks, self.device)
 
     def _pick_device(self, config: EngineConfig) -> torch.device:
         if config.resolved_device() == "cuda":
@@ -157,7 +165,7 @@ class Worker:
             # enough for every batch slot at full length, within the CPU default
             wanted = cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size) * per_block
             budget = min(CPU_KV_CACHE_BYTES, wanted)
-        return max(1, budget // per_block)
+        return max(1, budget // per_block - 1)  # one block of the budget is the scratch
 
     def _agree_min(self, value: int) -> int:
         if self.world_size == 1:
@@ -190,6 +198,12 @@ class Worker:
         A step whose 16-bit all-reduce overflowed is run again in float32 (see
         parallel.py); every rank sees the same reduced values, so all decide alike.
         """
+        self.comm.reset_overflow()
+        if self.graphs is not None and self._is_decode(batch):
+            logits = self.graphs.replay(list(batch.input_ids), list(batch.positions),
+                                        list(batch.block_tables))
+            if not (self.comm.world_size > 1 and bool(self.comm.overflow)):
+                return logits
         fb = self.forward_batch(batch)
         self.comm.reset_overflow()
         logits = self.model(fb, self.kv)
@@ -202,6 +216,13 @@ class Worker:
             finally:
                 self.comm.force_float32 = False
         return logits
+
+    def _is_decode(self, batch: StepBatch) -> bool:
+        """Every sequence adds one token and wants its logits: the graphed case."""
+        assert self.graphs is not None
+        n = len(batch.query_lens)
+        return (len(batch.input_ids) == n and len(batch.logits_indices) == n
+                and self.graphs.fits(n))
 
     def forward_batch(self, batch: StepBatch) -> ForwardBatch:
         dev, bs = self.device, self.config.block_size

@@ -1,0 +1,88 @@
+"""CUDA graphs of the decode step: when every scheduled sequence adds one token, the
+step's shapes depend only on the batch size, so the whole forward pass (embedding, every
+layer's kernels and all-reduces, the LM head) is captured once per batch bucket and
+replayed with its inputs copied into static buffers: one launch instead of thousands.
+
+Static shapes: a batch is padded to the next bucket; padded rows read and write only a
+scratch KV block that no sequence owns (the pool has one block more than the scheduler
+sees); every block table is padded to the width of max_model_len.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from replicas.model import ForwardBatch, attention_mask
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class DecodeGraphs:
+    """Captured decode steps for batch sizes up to `max_batch`."""
+
+    def __init__(self, run: Callable[[ForwardBatch], torch.Tensor], windows: set[int | None],
+                 max_batch: int, width: int, block_size: int, scratch_block: int,
+                 device: torch.device) -> None:
+        self.buckets = [b for b in BUCKETS if b < max_batch] + [
+            next(b for b in BUCKETS if b >= max_batch)]
+        self.width, self.block_size, self.scratch = width, block_size, scratch_block
+        n = self.buckets[-1]
+        self.ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slots = torch.zeros(n, dtype=torch.int64, device=device)
+        self.tables = torch.full((n, width), scratch_block, dtype=torch.int64, device=device)
+        self.rows = torch.arange(n, device=device)
+        self.windows = windows
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        pool = torch.cuda.graph_pool_handle()
+        for b in reversed(self.buckets):  # largest first: the others reuse its memory
+            self.graphs[b] = self._capture(run, b, pool)
+
+    def _batch(self, b: int) -> ForwardBatch:
+        query_pos = self.positions[:b, None]  # [b, 1]
+        keys = self.width * self.block_size
+        return ForwardBatch(
+            input_ids=self.ids[:b], positions=self.positions[:b], slot_mapping=self.slots[:b],
+            block_tables=self.tables[:b], token_seq=self.rows[:b],
+            token_off=torch.zeros_like(self.rows[:b]), query_pos=query_pos,
+            logits_indices=self.rows[:b],
+            masks={w: attention_mask(query_pos, keys, w) for w in self.windows})
+
+    def _capture(self, run: Callable[[ForwardBatch], torch.Tensor], b: int, pool: object
+                 ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up kernels and allocator outside the graph
+                run(self._batch(b))
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            logits = run(self._batch(b))
+        return graph, logits
+
+    def fits(self, num_seqs: int) -> bool:
+        return num_seqs <= self.buckets[-1]
+
+    def replay(self, ids: list[int], positions: list[int], tables: list[tuple[int, ...]]
+               ) -> torch.Tensor:
+        """Logits [len(ids), vocab] of one decode step."""
+        n = len(ids)
+        b = next(x for x in self.buckets if x >= n)
+        pos = torch.tensor(positions, dtype=torch.int64)
+        table = torch.full((b, self.width), self.scratch, dtype=torch.int64)
+        for i, t in enumerate(tables):
+            table[i, : len(t)] = torch.tensor(t, dtype=torch.int64)
+        slot = table[torch.arange(n), pos // self.block_size] * self.block_size + pos % \
+            self.block_size
+        pad = b - n  # padded rows: token 0 at position 0, writing the scratch block
+        self.ids[:b].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
+        self.positions[:b].copy_(torch.cat([pos, pos.new_zeros(pad)]), non_blocking=True)
+        self.slots[:b].copy_(torch.cat([slot, torch.arange(pad) + self.scratch *
+                                        self.block_size]), non_blocking=True)
+        self.tables[:b].copy_(table, non_blocking=True)
+        graph, logits = self.graphs[b]
+        graph.replay()
+        return logits[:n]
