@@ -80,8 +80,9 @@ class DecodeGraphs:
         pad = b - n  # padded rows: token 0 at position 0, writing the scratch block
         self.ids[:b].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
         self.positions[:b].copy_(torch.cat([pos, pos.new_zeros(pad)]), non_blocking=True)
-        self.slots[:b].copy_(torch.cat([slot, torch.arange(pad) + self.scratch *
-                                        self.block_size]), non_blocking=True)
+        # padded rows share the scratch block's slots (what they write is never read)
+        scratch = self.scratch * self.block_size + torch.arange(pad) % self.block_size
+        self.slots[:b].copy_(torch.cat([slot, scratch]), non_blocking=True)
         self.tables[:b].copy_(table, non_blocking=True)
         graph, logits = self.graphs[b]
         graph.replay()

@@ -71,15 +71,18 @@ def test_cuda_graph_decode_equals_eager(checkpoint: CheckpointFactory) -> None:
     """Decode steps replayed from CUDA graphs (batches padded to buckets, padded rows on
     the scratch block) give the tokens of the eager path, for batch sizes across buckets."""
     ckpt = checkpoint("llama")
-    prompts = [list(range(10 + i, 30 + 2 * i)) for i in range(5)]  # 5 rows: bucket 8
+    # 5 rows (bucket 8) and 37 rows (bucket 64: more padded rows than a block has slots)
+    prompts = [list(range(10 + i, 30 + 2 * i)) for i in range(37)]
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     outs = {}
     for graphs in (True, False):
         config = EngineConfig(model=ckpt, device="cuda", dtype="bfloat16", cuda_graphs=graphs,
-                              max_model_len=256, max_num_seqs=8)
+                              max_model_len=256, max_num_seqs=64)
         with Engine(config) as engine:
             assert (engine.worker.graphs is not None) == graphs
-            outs[graphs] = [o.token_ids for o in engine.generate(prompts, params)]
+            outs[graphs] = [o.token_ids for o in engine.generate(prompts[:5], params)]
+            outs[(graphs, 37)] = [o.token_ids for o in engine.generate(prompts, params)]
             outs[(graphs, "alone")] = engine.generate(prompts[:1], params)[0].token_ids
     assert outs[True] == outs[False]
+    assert outs[(True, 37)] == outs[(False, 37)]
     assert outs[(True, "alone")] == outs[True][0]
