@@ -69,14 +69,17 @@ def test_bfloat16_logits_within_tolerance(family: str, checkpoint: CheckpointFac
 
 def test_cuda_graph_decode_equals_eager(checkpoint: CheckpointFactory) -> None:
     """Decode steps replayed from CUDA graphs (batches padded to buckets, padded rows on
-    the scratch block) give the tokens of the eager path, for batch sizes across buckets."""
+    the scratch block) give the tokens of the eager path, for batch sizes across buckets.
+    float32: a padded bucket runs other GEMM shapes than the eager batch, and in bfloat16
+    that rounding alone can flip a near-tied greedy token after ~20 steps (seen: 1 of 37
+    sequences at token 21), which is not what this test is about."""
     ckpt = checkpoint("llama")
     # 5 rows (bucket 8) and 37 rows (bucket 64: more padded rows than a block has slots)
     prompts = [list(range(10 + i, 30 + 2 * i)) for i in range(37)]
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     outs = {}
     for graphs in (True, False):
-        config = EngineConfig(model=ckpt, device="cuda", dtype="bfloat16", cuda_graphs=graphs,
+        config = EngineConfig(model=ckpt, device="cuda", dtype="float32", cuda_graphs=graphs,
                               max_model_len=256, max_num_seqs=64)
         with Engine(config) as engine:
             assert (engine.worker.graphs is not None) == graphs
