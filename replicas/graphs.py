@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from replicas.model import ForwardBatch, attention_mask
@@ -29,10 +30,13 @@ class DecodeGraphs:
             next(b for b in BUCKETS if b >= max_batch)]
         self.width, self.block_size, self.scratch = width, block_size, scratch_block
         n = self.buckets[-1]
-        self.ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.slots = torch.zeros(n, dtype=torch.int64, device=device)
-        self.tables = torch.full((n, width), scratch_block, dtype=torch.int64, device=device)
+        # all inputs of a step in one buffer, so a step is one host-to-device copy:
+        # [ids (n) | positions (n) | slots (n) | block tables (n * width)]
+        self.staging = torch.zeros(n * (3 + width), dtype=torch.int64).pin_memory()
+        self.inputs = torch.zeros_like(self.staging, device=device)
+        self.ids, self.positions, self.slots = self.inputs[:3 * n].view(3, n)
+        self.tables = self.inputs[3 * n:].view(n, width)
+        self.tables.fill_(scratch_block)
         self.rows = torch.arange(n, device=device)
         self.windows = windows
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -69,21 +73,23 @@ class DecodeGraphs:
     def replay(self, ids: list[int], positions: list[int], tables: list[tuple[int, ...]]
                ) -> torch.Tensor:
         """Logits [len(ids), vocab] of one decode step."""
-        n = len(ids)
+        n, width, size = len(ids), self.width, self.block_size
         b = next(x for x in self.buckets if x >= n)
-        pos = torch.tensor(positions, dtype=torch.int64)
-        table = torch.full((b, self.width), self.scratch, dtype=torch.int64)
+        host = self.staging.numpy()
+        cap = self.buckets[-1]
+        ids_h, pos_h, slots_h = host[: 3 * cap].reshape(3, cap)
+        tables_h = host[3 * cap:].reshape(cap, width)
+        ids_h[:b] = 0  # padded rows: token 0 at position 0, writing the scratch block
+        pos_h[:b] = 0
+        tables_h[:b] = self.scratch
+        slots_h[n:b] = self.scratch * size + np.arange(b - n) % size
+        ids_h[:n] = ids
+        pos_h[:n] = positions
         for i, t in enumerate(tables):
-            table[i, : len(t)] = torch.tensor(t, dtype=torch.int64)
-        slot = table[torch.arange(n), pos // self.block_size] * self.block_size + pos % \
-            self.block_size
-        pad = b - n  # padded rows: token 0 at position 0, writing the scratch block
-        self.ids[:b].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
-        self.positions[:b].copy_(torch.cat([pos, pos.new_zeros(pad)]), non_blocking=True)
-        # padded rows share the scratch block's slots (what they write is never read)
-        scratch = self.scratch * self.block_size + torch.arange(pad) % self.block_size
-        self.slots[:b].copy_(torch.cat([slot, scratch]), non_blocking=True)
-        self.tables[:b].copy_(table, non_blocking=True)
+            tables_h[i, : len(t)] = t
+        pos = pos_h[:n]
+        slots_h[:n] = tables_h[np.arange(n), pos // size] * size + pos % size
+        self.inputs.copy_(self.staging, non_blocking=True)  # one copy, ordered before replay
         graph, logits = self.graphs[b]
         graph.replay()
         return logits[:n]

@@ -19,9 +19,9 @@ def sample(
     """logits [N, vocab] float32 -> (tokens, log-probability of each token under the
     model's unmodified distribution)."""
     logprobs = torch.log_softmax(logits, dim=-1)  # [N, vocab]
-    greedy = torch.tensor([p.greedy for p in params], device=logits.device)
     tokens = logits.argmax(dim=-1)  # [N]
-    if not bool(greedy.all()):
+    if not all(p.greedy for p in params):  # decided on the host: no sync for it
+        greedy = torch.tensor([p.greedy for p in params], device=logits.device)
         sampled = _sample_random(logits, params, generators)
         tokens = torch.where(greedy, tokens, sampled)
     chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
