@@ -75,10 +75,17 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos() * scale, persistent=False)  # [P, rd]
         self.register_buffer("sin", angles.sin() * scale, persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, rd] of the step's positions: looked up once per step, not per
+        layer (each lookup is a kernel launch, and batch-1 decode is launch-bound)."""
+        return (self.cos[positions].unsqueeze(1).to(dtype),
+                self.sin[positions].unsqueeze(1).to(dtype))
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+                ) -> torch.Tensor:
         # x: [T, heads, head_dim]; rotates the first rotary_dim features of each head
-        cos = self.cos[positions].unsqueeze(1).to(x.dtype)  # [T, 1, rd]
-        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        cos, sin = rope  # [T, 1, rd]
         rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
         if self.interleaved:
             turned = torch.stack((-rot[..., 1::2], rot[..., 0::2]), dim=-1).flatten(-2)
@@ -149,7 +156,8 @@ class Attention(nn.Module):
         self.window = spec.sliding_windows[layer]
 
     def forward(self, x: torch.Tensor, b: ForwardBatch, rotary: Rotary,
-                kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                rope: tuple[torch.Tensor, torch.Tensor], kv: tuple[torch.Tensor, torch.Tensor]
+                ) -> torch.Tensor:
         qkv = self.qkv_proj(x)  # [T, (heads + 2 kv_heads) * D]
         q, k, v = qkv.split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
                              self.kv_heads * self.head_dim], dim=-1)
@@ -158,7 +166,7 @@ class Attention(nn.Module):
         v = v.view(-1, self.kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(q, b.positions), rotary(k, b.positions)
+        q, k = rotary(q, rope), rotary(k, rope)
         k_cache, v_cache = kv
         k_cache.view(-1, self.kv_heads, self.head_dim).index_copy_(0, b.slot_mapping, k)
         v_cache.view(-1, self.kv_heads, self.head_dim).index_copy_(0, b.slot_mapping, v)
@@ -189,8 +197,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(spec, comm)
 
     def forward(self, x: torch.Tensor, b: ForwardBatch, rotary: Rotary,
-                kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), b, rotary, kv)
+                rope: tuple[torch.Tensor, torch.Tensor], kv: tuple[torch.Tensor, torch.Tensor]
+                ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), b, rotary, rope, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -220,8 +229,9 @@ class CausalLM(nn.Module):
     def forward(self, b: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
                 ) -> torch.Tensor:
         x = self.model.embed_tokens(b.input_ids)  # [T, hidden]
+        rope = self.model.rotary.tables(b.positions, x.dtype)
         for layer, kv in zip(self.model.layers, kv_caches, strict=True):
-            x = layer(x, b, self.model.rotary, kv)
+            x = layer(x, b, self.model.rotary, rope, kv)
         x = self.model.norm(x[b.logits_indices])  # [N, hidden]: only where logits are wanted
         return self.lm_head(x)
 
