@@ -113,13 +113,14 @@ def up(engine: dict[str, Any], config: StackConfig, detach: bool) -> int:
     if detach:
         print("detached; stop it with `tpserve down`")
         return 0
-    print("Ctrl-C stops everything")
-    try:
+    try:  # from here on, Ctrl-C (also one landing during the print) stops the stack
+        print("Ctrl-C stops everything", flush=True)
         ray.wait()
     except KeyboardInterrupt:
-        print("\nstopping…")
-    stop(record, config)
-    clear_state(state)
+        print("\nstopping…", flush=True)
+    finally:
+        stop(record, config)
+        clear_state(state)
     return 0
 
 

@@ -200,5 +200,8 @@ def test_ctrl_c_stops_the_foreground_stack(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+        if (tmp_path / "stack.json").exists():  # a failed stop: clean up for what follows
+            down = tpserve("down", f"--state-dir={tmp_path}", timeout=180)
+            pytest.fail(f"Ctrl-C left the stack running; `tpserve down`: {down.stdout}")
     assert not any(port_busy(p) for p in ports.values())
     assert not live_processes(str(tmp_path))
