@@ -236,12 +236,30 @@ def _row(case: str, unit: str, ours: float, theirs: float | None, **shape: Any
     return row
 
 
+def table(path: str) -> str:
+    """A markdown table of a results file (JSON lines), for the README."""
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    out = ["| case | unit | ours | transformers | ours / transformers | floor | gpu |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        theirs = r.get("transformers_eager", r.get("transformers", "—"))
+        floor = r.get("floor_ms", r.get("matmul_floor_ms", "—"))
+        out.append(f"| {r['case']} | {r['unit']} | {r['ours']} | {theirs} | "
+                   f"{r.get('ratio_ours_over_transformers', '—')} | {floor} | "
+                   f"{r['hardware']['gpu'] or r['hardware']['cpu']} |")
+    return "\n".join(out)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--suite", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", help="append the JSON lines to this file too")
+    parser.add_argument("--table", metavar="JSONL", help="print a results file as markdown")
     args = parser.parse_args()
+    if args.table:
+        print(table(args.table))
+        return 0
     env = environment()
     suite = gpu_suite if args.suite == "gpu" else cpu_suite
     for row in suite(args.repeats):

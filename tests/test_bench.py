@@ -24,3 +24,16 @@ def test_cpu_bench_prints_json_lines(tmp_path: Path) -> None:
     ratio = decode["ours"] / decode["transformers"]
     assert abs(decode["ratio_ours_over_transformers"] - ratio) < 0.01
     assert all(row["versions"]["torch"] and row["command"] for row in printed)
+
+
+def test_table_is_made_from_the_results() -> None:
+    from replicas.bench import table
+
+    path = Path(__file__).resolve().parent.parent / "replicas/results/gpu_h200.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = table(str(path))
+    assert text.count("\n") == len(rows) + 1
+    for row in rows:
+        assert f"| {row['case']} | {row['unit']} | {row['ours']} |" in text
+    readme = (path.parent.parent.parent / "README.md").read_text()
+    assert text in readme  # the README's table is the current one
