@@ -20,15 +20,18 @@ from infra.stack import StackConfig
 from replicas import Engine, EngineConfig, SamplingParams
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One `--flag` per field of the dataclass `cls`, typed and defaulted from it."""
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type,
+                         defaults: dict[str, typing.Any] | None = None) -> None:
+    """One `--flag` per field of the dataclass `cls`, typed and defaulted from it (or from
+    `defaults`, for a command whose default differs, like the stack's tp=2)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
         if isinstance(kind, types.UnionType):  # `int | None` -> int
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default,
-                            help=f"(default: {f.default})")
+        default = (defaults or {}).get(f.name, f.default)
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default,
+                            help=f"(default: {default})")
 
 
 def config_from_args(args: argparse.Namespace, cls: type) -> typing.Any:
@@ -52,9 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p_up = sub.add_parser("up", help="start the local stack: Ray, Serve (router + engine "
                           "replicas), Redis, nginx")
-    add_config_arguments(p_up, EngineConfig)
+    add_config_arguments(p_up, EngineConfig, {"tp": 2})  # the local stack: TP=2 on CPU
     add_config_arguments(p_up, StackConfig)
-    p_up.set_defaults(tp=2)  # the local stack's default: TP=2 on CPU
     p_up.add_argument("--detach", action="store_true", help="return once up; `tpserve down` "
                       "stops it")
     for name, text in (("down", "stop a stack started with --detach"),

@@ -1,0 +1,34 @@
+"""The `tpserve` command line is built from the config dataclasses: every field is a flag
+and each default comes from the dataclass (one place), except where a command says so."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+pytest.importorskip("ray")
+from infra.cli import build_parser, config_from_args  # noqa: E402
+from infra.stack import StackConfig  # noqa: E402
+from replicas import EngineConfig  # noqa: E402
+
+
+def test_up_flags_mirror_the_config_fields() -> None:
+    args = build_parser().parse_args(["up"])
+    engine = config_from_args(args, EngineConfig)
+    stack = config_from_args(args, StackConfig)
+    assert engine == dataclasses.replace(EngineConfig(), tp=2)  # the stack's TP=2 default
+    assert stack == StackConfig()
+
+
+def test_flags_are_typed_and_reach_the_config() -> None:
+    args = build_parser().parse_args(["up", "--tp", "4", "--replicas", "3", "--comm-dtype",
+                                      "bfloat16", "--max-model-len", "1024", "--detach"])
+    engine = config_from_args(args, EngineConfig)
+    assert (engine.tp, engine.comm_dtype, engine.max_model_len) == (4, "bfloat16", 1024)
+    assert config_from_args(args, StackConfig).replicas == 3 and args.detach
+
+
+def test_generate_keeps_the_engine_defaults() -> None:
+    args = build_parser().parse_args(["generate"])
+    assert config_from_args(args, EngineConfig) == EngineConfig()
