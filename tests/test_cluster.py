@@ -6,7 +6,6 @@ the processes this test started."""
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 import urllib.error
@@ -24,18 +23,13 @@ from ray.util.state import list_actors  # noqa: E402
 from cluster.app import APP_NAME, build  # noqa: E402
 from cluster.control import ServeError, replicas, scale  # noqa: E402
 from replicas import Engine, EngineConfig, SamplingParams  # noqa: E402
+from replicas.engine import free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 ENGINE_ARGS = {"tp": 2, "max_num_seqs": 16}
 PROMPTS = [[5 + i, 17, 33 + 2 * i, 99, 250 - i] for i in range(8)]
 MAX_TOKENS = 12
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -24,6 +24,7 @@ import pytest
 
 from infra import nginx
 from infra.nginx import NginxConfig, NginxConfigError, NginxError
+from replicas.engine import free_port
 
 try:
     NGINX = nginx.nginx_binary()
@@ -250,12 +251,6 @@ class Echo(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:  # quiet
         pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

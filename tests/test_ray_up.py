@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -25,20 +24,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from infra.stack import port_busy
+from replicas.engine import free_port
+
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 @pytest.fixture
@@ -64,7 +55,7 @@ def sshd(tmp_path: Path) -> Iterator[tuple[Path, int]]:
     proc = subprocess.Popen([SSHD, "-D", "-f", str(config), "-E", str(tmp_path / "sshd.log")])
     try:
         deadline = time.monotonic() + 10
-        while not port_open(port):
+        while not port_busy(port):
             assert proc.poll() is None and time.monotonic() < deadline, (
                 (tmp_path / "sshd.log").read_text())
             time.sleep(0.1)
@@ -127,7 +118,7 @@ def test_ray_up_and_down_round_trip(sshd: tuple[Path, int], tmp_path: Path) -> N
             pytest.fail(f"no completion through nginx ({e}); ray up said:\n{up.stdout[-4000:]}")
         assert answer["usage"]["completion_tokens"] == 6
         assert answer["choices"][0]["finish_reason"] == "length"
-        assert port_open(ports["redis"])
+        assert port_busy(ports["redis"])
         # the router found Redis through the environment start_head.sh gave Ray: a pin
         # was stored under the client's address
         from infra.services import redis_url
@@ -142,7 +133,7 @@ def test_ray_up_and_down_round_trip(sshd: tuple[Path, int], tmp_path: Path) -> N
     while (left := stack_processes(str(state))) and time.monotonic() < deadline:
         time.sleep(1)
     assert not left, left
-    assert not any(port_open(p) for p in ports.values()), ports
+    assert not any(port_busy(p) for p in ports.values()), ports
     for leftover in (Path(f"/tmp/ray/cluster-{name}.state"),
                      Path.home() / "ray_bootstrap_key.pem"):
         leftover.unlink(missing_ok=True)

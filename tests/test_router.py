@@ -9,7 +9,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -26,27 +25,13 @@ from ray import serve  # noqa: E402
 from cluster.app import APP_NAME  # noqa: E402
 from cluster.control import replicas, scale  # noqa: E402
 from infra import nginx  # noqa: E402
+from infra.services import wait_for_port  # noqa: E402
+from replicas.engine import free_port  # noqa: E402
 from router.app import build  # noqa: E402
 
 pytestmark = pytest.mark.slow
 REDIS = "/usr/bin/redis-server"
 RATE_LIMIT = 300  # per client key and minute, in this stack
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"nothing on port {port}")
 
 
 @dataclass
@@ -63,7 +48,7 @@ class Stack:
             [REDIS, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--requirepass", self.redis_password],
             stdout=subprocess.DEVNULL)
-        wait_port(self.redis_port)
+        wait_for_port("127.0.0.1", self.redis_port)
 
     def stop_redis(self) -> None:
         self.redis_proc.terminate()
@@ -95,7 +80,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         serve.run(build({"engine": {"tp": 1, "max_model_len": 512}, "num_replicas": 2,
                          "router": {"rate_limit_per_minute": RATE_LIMIT}}),
                   name=APP_NAME, external_scaler_enabled=True)
-        wait_port(s.edge)
+        wait_for_port("127.0.0.1", s.edge)
         yield s
     finally:
         edge.send_signal(signal.SIGQUIT)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,21 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from infra.stack import port_busy
+from replicas.engine import free_port
+
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(os.environ.get("TPSERVE_ARTIFACTS", REPO / "test-artifacts"))
 PORT_FLAGS = ("nginx", "serve", "dashboard", "ray", "redis")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_busy(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def tpserve(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
