@@ -202,17 +202,14 @@ class Worker:
         if self.graphs is not None and self._is_decode(batch):
             logits = self.graphs.replay(list(batch.input_ids), list(batch.positions),
                                         list(batch.block_tables))
-            if not (self.comm.world_size > 1 and bool(self.comm.overflow)):
-                return logits
-        fb = self.forward_batch(batch)
-        self.comm.reset_overflow()
-        logits = self.model(fb, self.kv)
+        else:
+            logits = self.model(self.forward_batch(batch), self.kv)
         if self.comm.world_size > 1 and bool(self.comm.overflow):
             self.overflow_retries += 1
             log.warning("16-bit all-reduce overflowed; step re-run with float32 communication")
-            self.comm.force_float32 = True
+            self.comm.force_float32 = True  # eager: the graphs were captured with 16 bits
             try:
-                logits = self.model(fb, self.kv)
+                logits = self.model(self.forward_batch(batch), self.kv)
             finally:
                 self.comm.force_float32 = False
         return logits
