@@ -86,7 +86,10 @@ class EngineDeployment:
             last_tokens, last_time = stats["tokens_out"], now
             beat = {"running": stats["running"], "waiting": stats["waiting"],
                     "tp": stats["tp"], "tokens_per_s": round(rate, 1),
-                    "kv_used": round(1 - stats["free_kv_blocks"] / stats["num_kv_blocks"], 4)}
+                    "kv_used": round(1 - stats["free_kv_blocks"] / stats["num_kv_blocks"], 4),
+                    # for infra/load.py (prefix-cache hit rate) and infra/soak.py (memory)
+                    "prefix_cache_hit_blocks": stats["prefix_cache_hit_blocks"],
+                    "block_size": self.config.block_size, "pid": os.getpid()}
             try:
                 client.set(key, json.dumps(beat), ex=int(5 * STATS_PERIOD_S))
             except redis.RedisError:
@@ -227,7 +230,8 @@ class Ingress:
 
 def engine_deployment(config: EngineConfig, cpus_per_rank: float = 1.0,
                       use_gpu: bool | None = None, num_replicas: int = 1,
-                      request_router_class: str | None = None) -> Any:
+                      request_router_class: str | None = None,
+                      request_router_kwargs: dict[str, Any] | None = None) -> Any:
     """The engine deployment bound to `config`, with its placement group of tp bundles."""
     if use_gpu is None:
         use_gpu = config.device == "cuda" or (
@@ -239,7 +243,8 @@ def engine_deployment(config: EngineConfig, cpus_per_rank: float = 1.0,
         placement_group_strategy="STRICT_PACK",
         num_replicas=num_replicas,
         **({"request_router_config": RequestRouterConfig(
-            request_router_class=request_router_class)} if request_router_class else {}),
+            request_router_class=request_router_class,
+            request_router_kwargs=request_router_kwargs or {})} if request_router_class else {}),
     ).bind(config.to_dict(), use_gpu, cpus_per_rank)
 
 

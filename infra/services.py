@@ -55,7 +55,9 @@ def redis_command(state: Path, bind: str, port: int) -> list[str]:
     """redis-server with a config file (mode 600) that holds the password."""
     conf = state / "redis.conf"
     lines = [f"port {port}", f"bind {bind}", f"requirepass {redis_password(state)}",
-             'save ""', "appendonly no", "daemonize no", f"dir {state}",
+             # an append-only file, fsync'd every second: a Redis restart keeps the sessions
+             'save ""', "appendonly yes", "appendfsync everysec", "daemonize no",
+             f"dir {state}",
              f"logfile {state / 'redis.log'}", "protected-mode yes"]
     fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -74,13 +76,33 @@ class Services:
     """Holds the service processes; they end when this actor's process ends."""
 
     def __init__(self, commands: dict[str, list[str]]) -> None:
-        self.procs = {
-            name: subprocess.Popen(cmd, preexec_fn=_die_with_parent, stdin=subprocess.DEVNULL)
-            for name, cmd in commands.items()
-        }
+        self.commands = commands
+        self.procs = {name: self._spawn(name) for name in commands}
+
+    def _spawn(self, name: str) -> subprocess.Popen:
+        return subprocess.Popen(self.commands[name], preexec_fn=_die_with_parent,
+                                stdin=subprocess.DEVNULL)
 
     def pids(self) -> dict[str, int]:
         return {name: p.pid for name, p in self.procs.items()}
+
+    def stop(self, name: str, timeout_s: float = 10.0) -> int | None:
+        """Stop one service gracefully (SIGTERM: Redis flushes its append-only file);
+        returns its exit code. For fault drills (infra/chaos.py)."""
+        proc = self.procs[name]
+        proc.terminate()
+        try:
+            return proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+    def start(self, name: str) -> int:
+        """Start a stopped service again with its original command; returns the new pid."""
+        if self.procs[name].poll() is None:
+            raise RuntimeError(f"{name} is still running (pid {self.procs[name].pid})")
+        self.procs[name] = self._spawn(name)
+        return self.procs[name].pid
 
     def exited(self) -> dict[str, int | None]:
         return {name: p.poll() for name, p in self.procs.items()}

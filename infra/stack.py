@@ -10,6 +10,7 @@ waits until Serve reports it RUNNING and prints the URLs and the admin token. Wi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -18,14 +19,17 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from cluster.control import ServeError, deploy, load_config, ray_auth_headers, replicas
 from infra.services import redis_url
+from router.pinning import ROUTING_MODES
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_STATE = Path.home() / ".tpserve" / "stack"
@@ -48,6 +52,11 @@ class StackConfig:
     num_cpus: int = 8  # logical CPUs Ray may hand out (bundles of the TP ranks)
     state_dir: str = str(DEFAULT_STATE)
     timeout_s: float = 600.0
+    routing: str = "pinned"  # RouterConfig.routing: pinned | random (the baseline)
+
+    def __post_init__(self) -> None:
+        if self.routing not in ROUTING_MODES:
+            raise StackError(f"routing={self.routing!r}: use one of {ROUTING_MODES}")
 
     @property
     def ports(self) -> dict[str, int]:
@@ -147,7 +156,8 @@ def start(engine: dict[str, Any], config: StackConfig, state: Path, env: dict[st
     print("  Redis and nginx up")
     serve_config = load_config(REPO / "cluster/serve.yaml", "127.0.0.1", config.serve_port,
                                engine, config.replicas,
-                               {"ray_dashboard": config.ray_dashboard})
+                               {"ray_dashboard": config.ray_dashboard,
+                                "routing": config.routing})
     deploy(serve_config, config.ray_dashboard)
     progress(f"deploying {config.replicas} engine replicas",
              lambda: app_running(config), config.timeout_s,
@@ -287,3 +297,37 @@ def status(state_dir: str) -> int:
     print(f"  API {config.api_url}  dashboard http://127.0.0.1:{config.nginx_port}/dashboard"
           f"  Ray dashboard {config.ray_dashboard}")
     return 0
+
+
+@dataclass(frozen=True)
+class Running:
+    """A stack started by `local_stack`: its config and admin token."""
+
+    config: StackConfig
+    token: str
+
+    @property
+    def edge(self) -> str:
+        return f"http://127.0.0.1:{self.config.nginx_port}"
+
+
+@contextlib.contextmanager
+def local_stack(engine: dict[str, Any] | None = None, state_dir: str | None = None,
+                **overrides: Any) -> Iterator[Running]:
+    """A detached stack on free loopback ports for scripts and tests (infra/load.py,
+    infra/chaos.py), stopped by pid on exit. `up`'s progress goes to stderr so that a
+    script's stdout stays JSON lines. `overrides` are StackConfig fields."""
+    from replicas.engine import free_port
+
+    ports = {f"{name}_port": free_port() for name in ("nginx", "serve", "dashboard", "ray",
+                                                      "redis")}
+    state = state_dir or tempfile.mkdtemp(prefix="tpserve-stack-")
+    config = StackConfig(**{**ports, "state_dir": state, **overrides})
+    engine = {"tp": 2, **(engine or {})}
+    with contextlib.redirect_stdout(sys.stderr):
+        up(engine, config, detach=True)
+    try:
+        yield Running(config, (Path(state) / "admin_token").read_text())
+    finally:
+        with contextlib.redirect_stdout(sys.stderr):
+            down(state)

@@ -39,6 +39,7 @@ from ray.serve.handle import DeploymentHandle
 from cluster.app import REPLICA_STATS_KEY, classify, root_cause
 from cluster.control import ServeError, replicas, scale
 from router import metrics
+from router.pinning import ROUTING_MODES
 from router.policy import PolicyError, SessionKey, new_session_id, parse_networks, session_key
 from router.sessions import SessionStore, SessionStoreConfig
 
@@ -61,10 +62,15 @@ class RouterConfig:
     retry_after_s: int = 1
     ray_dashboard: str = "http://127.0.0.1:8265"  # Serve's REST API, for the admin API
     max_replicas: int = 16  # the admin API refuses to scale past this
+    # pinned: a session keeps its replica (the prefix cache pays); random: every request
+    # goes to a random live replica (the baseline that infra/load.py measures pinning by)
+    routing: str = "pinned"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "trusted_proxies", tuple(self.trusted_proxies))
         parse_networks(self.trusted_proxies)  # raises on a bad CIDR
+        if self.routing not in ROUTING_MODES:
+            raise ValueError(f"routing={self.routing!r}: use one of {ROUTING_MODES}")
         for name in ("session_ttl_s", "history_token_budget", "max_body_bytes",
                      "max_in_flight", "rate_limit_per_minute"):
             if getattr(self, name) <= 0:
@@ -268,11 +274,14 @@ class Router:
                          "running": beat.get("running"), "waiting": beat.get("waiting"),
                          "kv_used": beat.get("kv_used"),
                          "tokens_per_s": beat.get("tokens_per_s"),
+                         "prefix_cache_hit_blocks": beat.get("prefix_cache_hit_blocks"),
+                         "block_size": beat.get("block_size"), "pid": beat.get("pid"),
                          "sessions": sessions.get(r.replica_id, 0)})
         running = sum(r.state == "RUNNING" for r in states)
         return JSONResponse({"target": self.target if self.target is not None else running,
                              "ray_dashboard": self.config.ray_dashboard, "time": time.time(),
-                             "replicas": rows, "totals": self.totals})
+                             "replicas": rows, "totals": self.totals,
+                             "router_pid": os.getpid()})
 
     @api.post("/admin/scale")
     async def admin_scale(self, request: Request) -> Response:
@@ -407,7 +416,8 @@ class Router:
         metrics.TTFT.labels(call.route).observe(ttft)
         self.totals["ttft_sum_s"] += ttft
         self.totals["ttft_count"] += 1
-        if call.issued:  # the next turn, sent with this id, goes to the same replica
+        if call.issued and self.config.routing == "pinned":
+            # the next turn, sent with this id, goes to the same replica
             await self.sessions.claim_pin(f"session:{call.session_id}", call.replica,
                                           [call.replica])
         return first, stream
@@ -506,5 +516,6 @@ def build(args: dict[str, Any]) -> Any:
         config, float(args.get("cpus_per_rank", 1.0)),
         num_replicas=int(args.get("num_replicas", 1)),
         request_router_class="router.pinning.PinnedRouter",
+        request_router_kwargs={"routing": router_config.routing},
     )
     return Router.bind(engine, asdict(router_config))

@@ -5,7 +5,9 @@ request to `PinnedRouter.choose_replicas` in the caller's process. The pin lives
 (router/sessions.py): a session keeps its replica while that replica lives, also after
 scale-up; a session whose replica is gone is re-pinned by rendezvous hashing with bounded
 load (router/policy.py), atomically, so routers racing on one session agree. Requests
-without a session id go to the less loaded of the candidates.
+without a session id go to the less loaded of the candidates. With `routing="random"`
+(RouterConfig.routing) every request goes to a uniformly random live replica and no pin
+is read or written: the baseline against which infra/load.py measures what pinning buys.
 
 Configured with `RequestRouterConfig(request_router_class="router.pinning.PinnedRouter",
 request_router_kwargs={...})`; the Redis URL comes from TPSERVE_REDIS_URL unless given.
@@ -14,6 +16,7 @@ request_router_kwargs={...})`; the Redis URL comes from TPSERVE_REDIS_URL unless
 from __future__ import annotations
 
 import os
+import random
 from collections import Counter as Tally
 from typing import Any
 
@@ -26,12 +29,17 @@ from router import metrics
 from router.policy import choose_replica
 from router.sessions import SessionStore, SessionStoreConfig
 
+ROUTING_MODES = ("pinned", "random")
+
 
 class PinnedRouter(RequestRouter):
     """Routes by the Redis pin of `session_id`, re-pinning only when its replica is gone."""
 
     def initialize_state(self, redis_url: str | None = None, load_factor: float = 1.25,
-                         ttl_s: int = 3600, **_: Any) -> None:
+                         ttl_s: int = 3600, routing: str = "pinned", **_: Any) -> None:
+        if routing not in ROUTING_MODES:
+            raise ValueError(f"routing={routing!r}: use one of {ROUTING_MODES}")
+        self.routing = routing
         url = redis_url or os.environ.get("TPSERVE_REDIS_URL") or None
         self.store = SessionStore(SessionStoreConfig(url=url, ttl_s=ttl_s))
         self.load_factor = load_factor
@@ -42,6 +50,8 @@ class PinnedRouter(RequestRouter):
                               ) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
+        if self.routing == "random":
+            return [[random.choice(candidate_replicas)]]
         live = {r.replica_id.unique_id: r for r in candidate_replicas}
         loads = {rid: self.in_flight[rid] for rid in live}
         key = pending_request.metadata.session_id if pending_request is not None else ""

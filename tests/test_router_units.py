@@ -51,3 +51,40 @@ def test_chat_body_and_session_options() -> None:
     with pytest.raises(ValidationError):
         ChatBody.model_validate({"messages": [{"role": "user", "content": "x"}],
                                  "session": {"append": True, "other": 1}})
+
+
+def test_routing_mode_is_validated() -> None:
+    assert RouterConfig().routing == "pinned"
+    with pytest.raises(ValueError, match="routing"):
+        RouterConfig(routing="round-robin")
+
+
+class _FakeReplica:
+    def __init__(self, rid: str) -> None:
+        self.replica_id = type("Id", (), {"unique_id": rid})()
+
+
+def _router(routing: str) -> object:
+    from router.pinning import PinnedRouter
+
+    router = object.__new__(PinnedRouter)  # no Serve machinery: only the routing state
+    router.initialize_state(redis_url=None, routing=routing)
+    return router
+
+
+def test_random_routing_spreads_one_session_over_replicas() -> None:
+    import asyncio
+
+    metadata = type("Metadata", (), {"session_id": "s-1"})()
+    pending = type("Pending", (), {"metadata": metadata})()
+    replicas = [_FakeReplica(r) for r in ("a", "b", "c")]
+
+    async def picks(routing: str) -> set[str]:
+        router = _router(routing)
+        chosen = [await router.choose_replicas(replicas, pending) for _ in range(60)]
+        return {c[0][0].replica_id.unique_id for c in chosen}
+
+    assert len(asyncio.run(picks("random"))) == 3
+    assert len(asyncio.run(picks("pinned"))) == 1  # Redis off: the hash alone pins it
+    with pytest.raises(ValueError, match="routing"):
+        _router("sticky")

@@ -1,0 +1,498 @@
+"""Load on the whole stack: `python -m infra.load [--mode load|pinning|overhead]`.
+
+Every mode prints one JSON line per result (and appends it to --out under
+infra/results/): the figures, the configuration, the git revision, the host and the
+command. Everything runs on loopback and stops by itself (bounded requests and time).
+
+- `load` (default): `--clients` concurrent streaming clients, each running multi-turn chat
+  sessions (X-Session-ID, `"session": {"append": true}`) through nginx, until
+  `--duration` seconds or `--max-requests` requests. p50/p99 time to first token (TTFT)
+  and inter-token latency (ITL), output tokens/s, errors (refused = no 200; failed = a
+  200 whose stream broke or ended with an error event; hung = no end within
+  `--request-timeout`), and sessions moved (X-Replica-ID changed within a session).
+  Without --url it starts a local stack (the tiny model, tp=2, 2 replicas) on free ports.
+- `pinning`: the payoff of session pinning. The same conversations (unique text per
+  session, history growing past --history-tokens) on a fresh stack with `routing:
+  pinned` and on one with `routing: random` (RouterConfig.routing); TTFT of turns >= 3
+  and the replicas' prefix-cache hit rate (hit blocks x block size / prompt tokens, from
+  the replicas' stats in /admin/replicas).
+- `overhead`: what nginx + router add to a 1-token completion, against the engine
+  deployment called directly through a Serve DeploymentHandle from a Ray driver connected
+  to the stack (the same hop the router itself makes). Interleaved, sequential requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "infra" / "results"
+# words of the tiny model's training corpus: each is one or a few tokens
+WORDS = ("the quick brown fox jumps over lazy dog journey thousand miles begins with single "
+         "step question glitters gold best times worst wisdom age belief server request "
+         "prompt model token layer cache keys values tensor parallel router user assistant "
+         "system message sea wide deep sings sailors sleep weather paris sunny warm").split()
+
+
+# ---- one request and its measurements -----------------------------------------------
+
+
+@dataclass
+class Turn:
+    """One chat request as the client saw it. Times are monotonic seconds."""
+
+    session: str
+    turn: int
+    started: float
+    status: int = 0  # HTTP status; 0 when the connection failed before one
+    replica: str = ""
+    ttft_s: float | None = None
+    token_times: list[float] = field(default_factory=list)  # arrival of each content chunk
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str = ""  # an error event, a broken stream, a refusal, or "hang"
+    done: bool = False  # [DONE] arrived
+    ended: float = 0.0
+
+    @property
+    def accepted(self) -> bool:
+        return self.status == 200
+
+    @property
+    def ok(self) -> bool:
+        return self.accepted and self.done and not self.error
+
+    def itl_s(self) -> list[float]:
+        return [b - a for a, b in zip(self.token_times, self.token_times[1:], strict=False)]
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """What one load run sends; each default exists here once (the CLI is built from it)."""
+
+    url: str = "http://127.0.0.1:8080"
+    clients: int = 4
+    turns: int = 4  # turns per session; a client then starts a new session
+    max_tokens: int = 16
+    user_words: int = 24  # words in each user message
+    duration: float = 30.0  # seconds; clients stop starting turns after it
+    max_requests: int = 200  # over all clients
+    request_timeout: float = 60.0  # a stream not ended by then is a hang
+    temperature: float = 0.0
+    seed: int = 0
+
+
+def user_message(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+async def chat_turn(http: aiohttp.ClientSession, config: LoadConfig, session: str, turn: int,
+                    content: str) -> Turn:
+    """One streaming chat turn of `session`; never raises, never waits past the timeout."""
+    record = Turn(session, turn, time.monotonic())
+    body = {"model": "tpserve", "messages": [{"role": "user", "content": content}],
+            "max_tokens": config.max_tokens, "temperature": config.temperature,
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+            "session": {"append": turn > 0}}
+    try:
+        await asyncio.wait_for(_stream(http, config.url, body, session, record),
+                               config.request_timeout)
+    except TimeoutError:
+        record.error = "hang"
+    except (aiohttp.ClientError, OSError, ValueError) as e:
+        record.error = record.error or f"{type(e).__name__}: {e}"[:200]
+    record.ended = time.monotonic()
+    if record.accepted and not record.done and not record.error:
+        record.error = "stream ended without [DONE]"
+    return record
+
+
+async def _stream(http: aiohttp.ClientSession, url: str, body: dict[str, Any], session: str,
+                  record: Turn) -> None:
+    async with http.post(f"{url}/v1/chat/completions", json=body,
+                         headers={"X-Session-ID": session}) as resp:
+        record.status = resp.status
+        record.replica = resp.headers.get("X-Replica-ID", "")
+        if resp.status != 200:
+            record.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+            return
+        async for raw in resp.content:
+            line = raw.decode().strip()
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                record.done = True
+                return
+            _event(record, json.loads(line[6:]))
+
+
+def _event(record: Turn, event: dict[str, Any]) -> None:
+    if "error" in event:
+        record.error = f"error event: {event['error'].get('message', '')}"[:200]
+        return
+    if event.get("usage"):
+        record.prompt_tokens = event["usage"]["prompt_tokens"]
+        record.completion_tokens = event["usage"]["completion_tokens"]
+    if event.get("choices"):
+        now = time.monotonic()
+        if record.ttft_s is None:
+            record.ttft_s = now - record.started
+        record.token_times.append(now)
+
+
+# ---- clients ------------------------------------------------------------------------
+
+
+@dataclass
+class Budget:
+    """Shared by the clients of one run: stop at the deadline or the request count."""
+
+    deadline: float
+    left: int
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def take(self) -> bool:
+        if self.stop.is_set() or self.left <= 0 or time.monotonic() >= self.deadline:
+            return False
+        self.left -= 1
+        return True
+
+
+async def client(http: aiohttp.ClientSession, config: LoadConfig, index: int, budget: Budget,
+                 records: list[Turn], words: Callable[[int], int] | None = None) -> None:
+    """Sessions of `config.turns` turns each, one turn at a time, until the budget ends.
+    `words(turn)` sizes the user message of each turn (default: config.user_words)."""
+    rng = random.Random(config.seed * 1000 + index)
+    n = 0
+    while True:
+        session = f"load-{index}-{n}-{rng.getrandbits(32):08x}"
+        for turn in range(config.turns):
+            if not budget.take():
+                return
+            size = words(turn) if words else config.user_words
+            records.append(await chat_turn(http, config, session, turn,
+                                           user_message(rng, size)))
+        n += 1
+
+
+async def run_clients(config: LoadConfig, records: list[Turn], budget: Budget | None = None,
+                      words: Callable[[int], int] | None = None) -> float:
+    """Run the clients until the budget ends; the wall time in seconds."""
+    budget = budget or Budget(time.monotonic() + config.duration, config.max_requests)
+    started = time.monotonic()
+    connector = aiohttp.TCPConnector(limit=max(8, 2 * config.clients))
+    async with aiohttp.ClientSession(connector=connector) as http:
+        await asyncio.gather(*(client(http, config, i, budget, records, words)
+                               for i in range(config.clients)))
+    return time.monotonic() - started
+
+
+# ---- summaries ----------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile (0..100), nearest rank; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+def ms(values: list[float]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for name, q in (("p50", 50), ("p99", 99)):
+        v = percentile(values, q)
+        out[name] = None if v is None else round(v * 1e3, 2)
+    return out
+
+
+def sessions_moved(records: list[Turn]) -> int:
+    """Sessions whose accepted turns were served by more than one replica."""
+    seen: dict[str, set[str]] = {}
+    for r in records:
+        if r.accepted and r.replica:
+            seen.setdefault(r.session, set()).add(r.replica)
+    return sum(len(replicas) > 1 for replicas in seen.values())
+
+
+def summarize(records: list[Turn], wall_s: float) -> dict[str, Any]:
+    ok = [r for r in records if r.ok]
+    return {
+        "requests": len(records), "ok": len(ok),
+        "refused": sum(not r.accepted and r.error != "hang" for r in records),
+        "failed_accepted": sum(r.accepted and not r.ok for r in records),
+        "hung": sum(r.error == "hang" for r in records),
+        "ttft_ms": ms([r.ttft_s for r in ok if r.ttft_s is not None]),
+        "itl_ms": ms([gap for r in ok for gap in r.itl_s()]),
+        "output_tokens_per_s": round(sum(r.completion_tokens for r in ok) / wall_s, 1)
+        if wall_s > 0 else None,
+        "sessions": len({r.session for r in records}),
+        "sessions_moved": sessions_moved(records),
+        "wall_s": round(wall_s, 1),
+        "errors": sorted({r.error for r in records if r.error})[:5],
+    }
+
+
+def environment() -> dict[str, Any]:
+    """Host, versions, git revision and command of a result line."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
+                             capture_output=True, timeout=10).stdout.strip() or None
+    except OSError:
+        rev = None
+    import ray
+
+    return {"git_rev": rev,
+            "host": {"cpu": platform.processor() or platform.machine(),
+                     "cores": os.cpu_count(), "python": platform.python_version(),
+                     "ray": ray.__version__},
+            "command": " ".join([f"python -m infra.{Path(sys.argv[0]).stem}",
+                                 *sys.argv[1:]]),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def emit(row: dict[str, Any], out: str | None) -> None:
+    """Print one JSON line and append it to `out`."""
+    line = json.dumps(row)
+    print(line, flush=True)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a") as f:
+            f.write(line + "\n")
+
+
+# ---- the admin API: replica stats ---------------------------------------------------
+
+
+def admin_replicas(edge: str, token: str) -> dict[str, Any]:
+    req = urllib.request.Request(f"{edge}/admin/replicas",
+                                 headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def hit_tokens(edge: str, token: str) -> int:
+    """Prompt tokens served from the prefix cache so far, over the live replicas."""
+    rows = admin_replicas(edge, token)["replicas"]
+    return sum((r.get("prefix_cache_hit_blocks") or 0) * (r.get("block_size") or 0)
+               for r in rows)
+
+
+# ---- modes ----------------------------------------------------------------------------
+
+
+def load_mode(config: LoadConfig, out: str | None, local: bool) -> dict[str, Any]:
+    """The load run; on a fresh local stack unless the URL was given."""
+    if not local:
+        return _load_row(config, out)
+    from infra.stack import local_stack
+
+    with local_stack() as stack:
+        return _load_row(LoadConfig(**{**asdict(config), "url": stack.edge}), out,
+                         {"stack": "local", "model": "tiny", "tp": 2,
+                          "replicas": stack.config.replicas})
+
+
+def _load_row(config: LoadConfig, out: str | None, extra: dict[str, Any] | None = None
+              ) -> dict[str, Any]:
+    records: list[Turn] = []
+    wall = asyncio.run(run_clients(config, records))
+    row = {"kind": "load", **summarize(records, wall), "config": asdict(config),
+           **(extra or {}), **environment()}
+    emit(row, out)
+    return row
+
+
+@dataclass(frozen=True)
+class PinningConfig:
+    """The pinning-payoff run: conversations whose history grows past history_tokens."""
+
+    clients: int = 2  # concurrent conversations
+    sessions: int = 3  # conversations per client
+    turns: int = 6
+    first_words: int = 300  # the first user message; later ones add `words` each
+    words: int = 120
+    max_tokens: int = 8
+    replicas: int = 2
+    history_tokens: int = 1000  # the summary checks the last turns' prompts exceed this
+
+
+async def _conversations(config: PinningConfig, url: str, records: list[Turn]) -> float:
+    load = LoadConfig(url=url, clients=config.clients, turns=config.turns,
+                      max_tokens=config.max_tokens, duration=3600.0,
+                      max_requests=config.clients * config.sessions * config.turns,
+                      request_timeout=120.0)
+    budget = Budget(time.monotonic() + 3600.0, load.max_requests)
+    return await run_clients(load, records, budget,
+                             lambda turn: config.first_words if turn == 0 else config.words)
+
+
+def pinning_side(config: PinningConfig, routing: str) -> dict[str, Any]:
+    """One side of the comparison on a fresh stack with the given routing."""
+    from infra.stack import local_stack
+
+    with local_stack(replicas=config.replicas, routing=routing) as stack:
+        warm: list[Turn] = []  # one short request per replica path: imports, first steps
+        asyncio.run(run_clients(LoadConfig(url=stack.edge, clients=2, turns=1, max_tokens=2,
+                                           max_requests=4, seed=99), warm))
+        time.sleep(2.5)  # replicas publish stats every second
+        hits_before = hit_tokens(stack.edge, stack.token)
+        records: list[Turn] = []
+        wall = asyncio.run(_conversations(config, stack.edge, records))
+        time.sleep(2.5)
+        hits = hit_tokens(stack.edge, stack.token) - hits_before
+    late = [r for r in records if r.ok and r.turn >= 2]
+    prompt = sum(r.prompt_tokens for r in records if r.ok)
+    return {"routing": routing, **summarize(records, wall),
+            "ttft_turn3plus_ms": ms([r.ttft_s for r in late if r.ttft_s is not None]),
+            "ttft_turn3plus_mean_ms": round(1e3 * statistics.mean(
+                r.ttft_s for r in late if r.ttft_s is not None), 2) if late else None,
+            "prefix_hit_rate": round(hits / prompt, 3) if prompt else None,
+            "max_prompt_tokens": max((r.prompt_tokens for r in records), default=0)}
+
+
+def pinning_mode(config: PinningConfig, out: str | None) -> dict[str, Any]:
+    pinned = pinning_side(config, "pinned")
+    random_side = pinning_side(config, "random")
+    ratio = None
+    if pinned["ttft_turn3plus_ms"]["p50"] and random_side["ttft_turn3plus_ms"]["p50"]:
+        ratio = round(pinned["ttft_turn3plus_ms"]["p50"]
+                      / random_side["ttft_turn3plus_ms"]["p50"], 3)
+    row = {"kind": "pinning", "pinned": pinned, "random": random_side,
+           "ttft_turn3plus_p50_ratio_pinned_over_random": ratio,
+           "target_ratio": 1 / 3, "met": ratio is not None and ratio <= 1 / 3,
+           "config": asdict(config), "stack": "local", "model": "tiny", "tp": 2,
+           **environment()}
+    emit(row, out)
+    return row
+
+
+def timed(calls: int, one: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[list[float]]]:
+    async def run() -> list[float]:
+        times = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            await one()
+            times.append(time.perf_counter() - start)
+        return times
+    return run
+
+
+async def _overhead(edge: str, serve: str, handle: Any, calls: int) -> dict[str, list[float]]:
+    """Interleaved rounds of 1-token completions on the three paths."""
+    body = {"model": "tpserve", "prompt": [5, 6, 7, 8], "max_tokens": 1, "temperature": 0.0}
+    request = {"prompt": [5, 6, 7, 8], "params": {"max_tokens": 1, "temperature": 0.0}}
+    async with aiohttp.ClientSession() as http:
+        async def post(base: str) -> None:
+            async with http.post(f"{base}/v1/completions", json=body,
+                                 headers={"X-Session-ID": "overhead-1"}) as resp:
+                assert resp.status == 200, await resp.text()
+                await resp.read()
+
+        async def direct() -> None:
+            async for _ in handle.generate.remote(request):
+                pass
+
+        paths = {"direct_handle": direct, "serve_router": lambda: post(serve),
+                 "nginx_router": lambda: post(edge)}
+        times: dict[str, list[float]] = {name: [] for name in paths}
+        for _ in range(5):  # warm-up: connections, imports, the prefix cache
+            for one in paths.values():
+                await one()
+        for _ in range(calls // 10):
+            for name, one in paths.items():
+                times[name] += await timed(10, one)()
+    return times
+
+
+def overhead_mode(calls: int, out: str | None) -> dict[str, Any]:
+    """Start a local stack, connect a Ray driver to it, time the three paths."""
+    import ray
+    from ray import serve
+
+    from cluster.app import APP_NAME, ENGINE
+    from infra.stack import local_stack
+
+    with local_stack() as stack:
+        os.environ.update({"RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+        ray.init(address=f"127.0.0.1:{stack.config.ray_port}", log_to_driver=False)
+        try:
+            handle = serve.get_deployment_handle(ENGINE, APP_NAME).options(stream=True)
+            serve_url = f"http://127.0.0.1:{stack.config.serve_port}"
+            times = asyncio.run(_overhead(stack.edge, serve_url, handle, calls))
+        finally:
+            ray.shutdown()
+    p50 = {name: round(1e3 * statistics.median(t), 3) for name, t in times.items()}
+    row = {"kind": "overhead", "calls_per_path": len(times["direct_handle"]),
+           "p50_ms": p50, "p99_ms": {n: ms(t)["p99"] for n, t in times.items()},
+           "added_p50_ms": round(p50["nginx_router"] - p50["direct_handle"], 3),
+           "nginx_p50_ms": round(p50["nginx_router"] - p50["serve_router"], 3),
+           "target_ms": 2.0, "met": p50["nginx_router"] - p50["direct_handle"] <= 2.0,
+           "paths": {"direct_handle": "Ray driver -> DeploymentHandle (PinnedRouter, no "
+                     "session) -> engine replica: the hop the router makes itself",
+                     "serve_router": "HTTP -> Serve proxy -> router (FastAPI, Redis pin, "
+                     "validation) -> engine replica",
+                     "nginx_router": "HTTP -> nginx -> Serve proxy -> router -> engine "
+                     "replica"},
+           "stack": "local", "model": "tiny", "tp": 2, **environment()}
+    emit(row, out)
+    return row
+
+
+# ---- command line ----------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from infra.cli import add_config_arguments
+
+    parser = argparse.ArgumentParser(prog="python -m infra.load",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--mode", choices=["load", "pinning", "overhead"], default="load")
+    parser.add_argument("--out", help="append the JSON lines here (default: "
+                        "infra/results/<mode>_cpu.jsonl; '-' for none)")
+    parser.add_argument("--calls", type=int, default=300, help="overhead: calls per path")
+    add_config_arguments(parser, LoadConfig, {"url": None})
+    group = parser.add_argument_group("pinning")
+    for f in PinningConfig.__dataclass_fields__.values():
+        group.add_argument(f"--pin-{f.name.replace('_', '-')}", dest=f"pin_{f.name}",
+                           type=type(f.default), default=f.default,
+                           help=f"(default: {f.default})")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from infra.cli import config_from_args
+
+    args = build_parser().parse_args(argv)
+    out = None if args.out == "-" else (args.out or str(RESULTS / f"{args.mode}_cpu.jsonl"))
+    if args.mode == "pinning":
+        fields = PinningConfig.__dataclass_fields__
+        pinning_mode(PinningConfig(**{n: getattr(args, f"pin_{n}") for n in fields}), out)
+    elif args.mode == "overhead":
+        overhead_mode(args.calls, out)
+    else:
+        local = args.url is None
+        args.url = args.url or LoadConfig.url
+        load_mode(config_from_args(args, LoadConfig), out, local)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
