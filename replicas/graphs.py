@@ -15,6 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from replicas import kernels
 from replicas.model import ForwardBatch, attention_mask
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -25,7 +26,7 @@ class DecodeGraphs:
 
     def __init__(self, run: Callable[[ForwardBatch], torch.Tensor], windows: set[int | None],
                  max_batch: int, width: int, block_size: int, scratch_block: int,
-                 device: torch.device) -> None:
+                 kv_heads: int, device: torch.device) -> None:
         self.buckets = [b for b in BUCKETS if b < max_batch] + [
             next(b for b in BUCKETS if b >= max_batch)]
         self.width, self.block_size, self.scratch = width, block_size, scratch_block
@@ -38,7 +39,9 @@ class DecodeGraphs:
         self.tables = self.inputs[3 * n:].view(n, width)
         self.tables.fill_(scratch_block)
         self.rows = torch.arange(n, device=device)
-        self.windows = windows
+        self.cu_q = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.fast, self.kv_heads = kernels.enabled(device), kv_heads
+        self.windows = set() if self.fast else windows
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         pool = torch.cuda.graph_pool_handle()
         for b in reversed(self.buckets):  # largest first: the others reuse its memory
@@ -52,7 +55,9 @@ class DecodeGraphs:
             block_tables=self.tables[:b], token_seq=self.rows[:b],
             token_off=torch.zeros_like(self.rows[:b]), query_pos=query_pos,
             logits_indices=self.rows[:b],
-            masks={w: attention_mask(query_pos, keys, w) for w in self.windows})
+            masks={w: attention_mask(query_pos, keys, w) for w in self.windows},
+            cu_q=self.cu_q[: b + 1] if self.fast else None, max_q=1,
+            splits=kernels.decode_splits(b, self.kv_heads, keys))
 
     def _capture(self, run: Callable[[ForwardBatch], torch.Tensor], b: int, pool: object
                  ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
+from replicas import kernels
 from replicas.config import ModelSpec, rope_parameters
 from replicas.parallel import (
     ColumnParallelLinear,
@@ -45,6 +46,10 @@ class ForwardBatch:
     query_pos: torch.Tensor  # [B, max_q] positions of the chunk, padded with 0
     logits_indices: torch.Tensor  # [N] tokens whose next-token logits are wanted
     masks: dict[int | None, torch.Tensor]  # window -> [B, 1, max_q, keys] attend mask
+    # the Triton path's view of the same step (see kernels.py); masks are then empty
+    cu_q: torch.Tensor | None = None  # [B + 1] int32, where each sequence's tokens start
+    max_q: int = 0  # the longest chunk
+    splits: int = 1  # key-range splits of decode attention
 
 
 def attention_mask(query_pos: torch.Tensor, num_keys: int, window: int | None) -> torch.Tensor:
@@ -165,9 +170,15 @@ class Attention(nn.Module):
         k = k.view(-1, self.kv_heads, self.head_dim)
         v = v.view(-1, self.kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(q, rope), rotary(k, rope)
+            q, k = self.q_norm(q)[0], self.k_norm(k)[0]
         k_cache, v_cache = kv
+        if b.cu_q is not None:  # Triton: rotary + cache write in one kernel, paged attention
+            kernels.rope_and_cache(q, k, v, *rope, b.slot_mapping, k_cache, v_cache,
+                                   rotary.rotary_dim, rotary.interleaved)
+            out = kernels.paged_attention(q, k_cache, v_cache, b.block_tables, b.cu_q,
+                                          b.positions, self.window, b.max_q, b.splits)
+            return self.o_proj(out.view(out.shape[0], -1))
+        q, k = rotary(q, rope), rotary(k, rope)
         k_cache.view(-1, self.kv_heads, self.head_dim).index_copy_(0, b.slot_mapping, k)
         v_cache.view(-1, self.kv_heads, self.head_dim).index_copy_(0, b.slot_mapping, v)
         out = paged_attention(q, k_cache, v_cache, b, self.window)  # [T, heads, D]
@@ -183,8 +194,13 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(size, spec.hidden_size, spec.mlp_bias, comm)
         self.act = ACT2FN[spec.hidden_act]
 
+        self.fused_act = spec.hidden_act == "silu"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [T, I/tp] each
+        gate_up = self.gate_up_proj(x)  # [T, 2 I/tp]
+        if self.fused_act and kernels.enabled(x):
+            return self.down_proj(kernels.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
 
@@ -196,11 +212,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = MLP(spec, comm)
 
-    def forward(self, x: torch.Tensor, b: ForwardBatch, rotary: Rotary,
-                rope: tuple[torch.Tensor, torch.Tensor], kv: tuple[torch.Tensor, torch.Tensor]
-                ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), b, rotary, rope, kv)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, b: ForwardBatch,
+                rotary: Rotary, rope: tuple[torch.Tensor, torch.Tensor],
+                kv: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's output, the residual stream before it): the next norm adds the
+        two, fused with the normalization."""
+        h, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(h, b, rotary, rope, kv)
+        h, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(h), residual
 
 
 class Backbone(nn.Module):
@@ -230,9 +250,12 @@ class CausalLM(nn.Module):
                 ) -> torch.Tensor:
         x = self.model.embed_tokens(b.input_ids)  # [T, hidden]
         rope = self.model.rotary.tables(b.positions, x.dtype)
+        residual = None
         for layer, kv in zip(self.model.layers, kv_caches, strict=True):
-            x = layer(x, b, self.model.rotary, rope, kv)
-        x = self.model.norm(x[b.logits_indices])  # [N, hidden]: only where logits are wanted
+            x, residual = layer(x, residual, b, self.model.rotary, rope, kv)
+        assert residual is not None, "a model has at least one layer"
+        # [N, hidden]: only where logits are wanted
+        x, _ = self.model.norm(x[b.logits_indices], residual[b.logits_indices])
         return self.lm_head(x)
 
 

@@ -23,6 +23,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from replicas import kernels
+
 
 @dataclass
 class Comm:
@@ -205,8 +207,14 @@ class RMSNorm(nn.Module):
     def load(self, name: str, get: Callable[[Index], torch.Tensor], part: int | None) -> None:
         self.weight.data.copy_(get(slice(None)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # one fused kernel on GPU instead of pow/mean/add/rsqrt/mul; float32 inside and
-        # the weight applied in the input dtype, as transformers does
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * normed.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(s) * w, s) with s = x + residual (or x alone): the residual add of a
+        decoder layer happens here, fused with the norm on the Triton path."""
+        if kernels.enabled(x):
+            y, s = kernels.rms_norm(x, self.weight, self.eps, residual)
+            return y, x if s is None else s
+        s = x if residual is None else x + residual  # in the model dtype, as the reference
+        # float32 inside and the weight applied in the input dtype, as transformers does
+        normed = F.rms_norm(s.float(), (s.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(s.dtype), s

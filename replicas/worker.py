@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoConfig
 
+from replicas import kernels
 from replicas.config import DTYPES, ConfigError, EngineConfig, ModelSpec
 from replicas.graphs import DecodeGraphs
 from replicas.kv_cache import allocate_kv_cache, block_bytes
@@ -116,7 +117,7 @@ class Worker:
             self.graphs = DecodeGraphs(
                 lambda fb: self.model(fb, self.kv), set(self.spec.sliding_windows),
                 config.max_num_seqs, -(-self.max_model_len // config.block_size),
-                config.block_size, self.num_blocks, self.device)
+                config.block_size, self.num_blocks, self._kv_heads(), self.device)
 
     def _pick_device(self, config: EngineConfig) -> torch.device:
         if config.resolved_device() == "cuda":
@@ -236,14 +237,24 @@ class Worker:
         query_pos = torch.zeros(num_seqs, int(lens.max()), dtype=torch.int64)
         query_pos[token_seq, token_off] = positions
         query_pos = query_pos.to(dev)
-        windows = set(self.spec.sliding_windows)
+        max_q = int(lens.max())
+        fast = kernels.enabled(dev)  # Triton attention: bounds per sequence, no masks
+        windows = set() if fast else set(self.spec.sliding_windows)
         return ForwardBatch(
             input_ids=torch.tensor(batch.input_ids, dtype=torch.int64).to(dev),
             positions=positions.to(dev), slot_mapping=slots.to(dev), block_tables=tables.to(dev),
             token_seq=token_seq.to(dev), token_off=token_off.to(dev), query_pos=query_pos,
             logits_indices=torch.tensor(batch.logits_indices, dtype=torch.int64).to(dev),
             masks={w: attention_mask(query_pos, width * bs, w) for w in windows},
+            cu_q=torch.cumsum(torch.cat((torch.zeros(1, dtype=torch.int64), lens)), 0)
+            .to(torch.int32).to(dev) if fast else None,
+            max_q=max_q,
+            splits=kernels.decode_splits(num_seqs, self._kv_heads(), width * bs)
+            if max_q == 1 else 1,
         )
+
+    def _kv_heads(self) -> int:
+        return self.kv[0][0].shape[2]
 
     def serve_forever(self) -> None:
         """Ranks 1..tp-1: run steps until rank 0 says shut down."""

@@ -1,0 +1,296 @@
+"""Triton kernels of the GPU path: paged attention, fused RMSNorm + residual, rotary with
+the KV-cache write, and SwiGLU.
+
+Each kernel replaces a chain of small PyTorch kernels that batch-1 decode pays for in
+launches, and the attention kernel reads each sequence's keys straight through its block
+table (no gather of the padded context, no mask tensor). The PyTorch path in `model.py`
+stays the reference: on CPU it is the only path, and tests compare the two (on CPU
+through Triton's interpreter, `TRITON_INTERPRET=1`, on GPU compiled).
+
+Rounding follows transformers: where the reference rounds an intermediate to the model
+dtype (the residual sum, the normalized activations, each rotary product, silu(gate)),
+the kernels round it too, so float32 runs match exactly and 16-bit runs match to the
+last bit in most positions.
+
+`enabled(t)` decides per tensor: Triton importable, and `t` on a GPU (or, for tests,
+`TPSERVE_TRITON_CPU=1` with the interpreter). `TPSERVE_KERNELS=0` turns them off.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs without Triton: the PyTorch path only
+    triton = None
+
+
+def enabled(where: torch.Tensor | torch.device) -> bool:
+    """Whether tensors on `where` take the Triton path."""
+    if triton is None or os.environ.get("TPSERVE_KERNELS") == "0":
+        return False
+    device = where.device if isinstance(where, torch.Tensor) else where
+    return device.type == "cuda" or os.environ.get("TPSERVE_TRITON_CPU") == "1"
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # float32 products stay float32 (no TF32), so float32 runs match the reference
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_kernel(X, R, W, Y, ROUT, n, eps, sx, sr, sy, sro,
+                         HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        ok = cols < n
+        x = tl.load(X + row * sx + cols, mask=ok, other=0.0).to(tl.float32)
+        if HAS_RES:
+            x += tl.load(R + row * sr + cols, mask=ok, other=0.0).to(tl.float32)
+            x = x.to(Y.dtype.element_ty)  # the reference adds in the model dtype
+            tl.store(ROUT + row * sro + cols, x, mask=ok)
+            x = x.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n + eps)
+        y = (x * rstd).to(Y.dtype.element_ty).to(tl.float32)
+        w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
+        tl.store(Y + row * sy + cols, (y * w).to(Y.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _silu_mul_kernel(GU, OUT, n, sg, so, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = cols < n
+        g = tl.load(GU + row * sg + cols, mask=ok, other=0.0).to(tl.float32)
+        u = tl.load(GU + row * sg + n + cols, mask=ok, other=0.0).to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(OUT.dtype.element_ty).to(tl.float32)
+        tl.store(OUT + row * so + cols, (act * u).to(OUT.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _rope_cache_kernel(Q, K, V, COS, SIN, SLOTS, KC, VC,
+                           sqt, sqh, skt, skh, svt, svh, sct, heads, kv_heads, rotary_dim,
+                           INTERLEAVED: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Program (token, head) over heads + kv_heads: rotate q or k in place; a k head
+        also writes its k and v to the cache slot of the token."""
+        t = tl.program_id(0)
+        h = tl.program_id(1)
+        d = tl.arange(0, BLOCK_D)
+        is_q = h < heads
+        if is_q:
+            base = Q + t * sqt + h * sqh
+        else:
+            base = K + t * skt + (h - heads) * skh
+        x = tl.load(base + d, mask=d < D, other=0.0)
+        rot = d < rotary_dim
+        if INTERLEAVED:  # pairs (2i, 2i+1)
+            partner = d ^ 1
+            sign = tl.where(d % 2 == 0, -1.0, 1.0)
+        else:  # halves (i, i + rotary_dim / 2)
+            half = rotary_dim // 2
+            partner = tl.where(d < half, d + half, d - half)
+            sign = tl.where(d < half, -1.0, 1.0)
+        xp = tl.load(base + partner, mask=rot, other=0.0).to(tl.float32)
+        c = tl.load(COS + t * sct + d, mask=rot, other=0.0).to(tl.float32)
+        s = tl.load(SIN + t * sct + d, mask=rot, other=0.0).to(tl.float32)
+        a = (x.to(tl.float32) * c).to(x.dtype).to(tl.float32)
+        b = (sign * xp * s).to(x.dtype).to(tl.float32)
+        y = tl.where(rot, (a + b).to(x.dtype), x)
+        tl.store(base + d, y, mask=d < D)
+        if not is_q:
+            kh = h - heads
+            slot = tl.load(SLOTS + t)
+            dst = slot * kv_heads * D + kh * D + d
+            tl.store(KC + dst, y, mask=d < D)
+            v = tl.load(V + t * svt + kh * svh + d, mask=d < D, other=0.0)
+            tl.store(VC + dst, v, mask=d < D)
+
+    @triton.jit
+    def _attention_kernel(
+        Q, KC, VC, OUT, OP, LSE, TABLES, CU_Q, POS,
+        sqt, sqh, sot, soh, sps, spt, sph, sls, slt, stab,
+        scale_log2, window, block_size, kv_heads,
+        G: tl.constexpr, TILE_T: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+        SPLITS: tl.constexpr, PREC: tl.constexpr,
+    ):
+        """Program (sequence, tile of TILE_T query tokens, kv head x split): the G query
+        heads of that kv head for those tokens, against the keys the tile may see.
+
+        Keys come through the block table; query token i of a chunk of length L sits at
+        position ctx - L + i, where ctx = position of the chunk's last token + 1.
+        With SPLITS > 1 (decode), each split takes a share of the key range and writes
+        an unnormalized partial result and its log-sum-exp for `_merge_kernel`.
+        """
+        seq = tl.program_id(0)
+        tile = tl.program_id(1)
+        kvh = tl.program_id(2) // SPLITS
+        split = tl.program_id(2) % SPLITS
+        q_start = tl.load(CU_Q + seq)
+        q_len = tl.load(CU_Q + seq + 1) - q_start
+        t0 = tile * TILE_T
+        if t0 < q_len:
+            ctx = tl.load(POS + q_start + q_len - 1).to(tl.int32) + 1
+            first = ctx - q_len
+            rows = tl.arange(0, BLOCK_R)
+            tok = t0 + rows // G
+            head = kvh * G + rows % G
+            row_ok = (rows < TILE_T * G) & (tok < q_len)
+            qpos = first + tok
+            d = tl.arange(0, BLOCK_D)
+            d_ok = d < D
+            q = tl.load(Q + (q_start + tok)[:, None] * sqt + head[:, None] * sqh + d[None, :],
+                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            win = tl.where(window > 0, window, 1 << 30)
+            hi = tl.minimum(ctx, first + tl.minimum(t0 + TILE_T, q_len))
+            lo = tl.maximum(0, first + t0 - win + 1)
+            share = tl.cdiv(tl.cdiv(hi - lo, SPLITS), BLOCK_N) * BLOCK_N
+            lo_s = lo + split * share
+            hi_s = tl.minimum(hi, lo_s + share)
+            m = tl.full([BLOCK_R], -1.0e30, dtype=tl.float32)
+            l_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+            for start in range(lo_s, hi_s, BLOCK_N):
+                n = start + tl.arange(0, BLOCK_N)
+                n_ok = n < hi_s
+                blk = tl.load(TABLES + seq * stab + n // block_size, mask=n_ok, other=0)
+                addr = ((blk * block_size + n % block_size) * kv_heads + kvh) * D
+                kv_mask = n_ok[:, None] & d_ok[None, :]
+                k = tl.load(KC + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+                diff = qpos[:, None] - n[None, :]
+                vis = n_ok[None, :] & (diff >= 0) & (diff < win)
+                s = tl.where(vis, s, float("-inf"))
+                m_new = tl.maximum(m, tl.max(s, axis=1))
+                alpha = tl.exp2(m - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_sum = l_sum * alpha + tl.sum(p, axis=1)
+                v = tl.load(VC + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+                m = m_new
+            safe = tl.where(l_sum > 0, l_sum, 1.0)
+            out = acc / safe[:, None]
+            t_idx = q_start + tok
+            mask = row_ok[:, None] & d_ok[None, :]
+            if SPLITS == 1:
+                tl.store(OUT + t_idx[:, None] * sot + head[:, None] * soh + d[None, :],
+                         out.to(OUT.dtype.element_ty), mask=mask)
+            else:
+                lse = tl.where(l_sum > 0, m + tl.log2(safe), float("-inf"))
+                tl.store(OP + split * sps + t_idx[:, None] * spt + head[:, None] * sph
+                         + d[None, :], out, mask=mask)
+                tl.store(LSE + split * sls + t_idx * slt + head, lse, mask=row_ok)
+
+    @triton.jit
+    def _merge_kernel(OP, LSE, OUT, sps, spt, sph, sls, slt, sot, soh,
+                      SPLITS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Program (token, head): combine the splits' partial results by their weights."""
+        t = tl.program_id(0)
+        h = tl.program_id(1)
+        s = tl.arange(0, SPLITS)
+        d = tl.arange(0, BLOCK_D)
+        lse = tl.load(LSE + s * sls + t * slt + h)
+        weight = tl.exp2(lse - tl.max(lse, axis=0))  # empty splits: exp2(-inf) = 0
+        part = tl.load(OP + s[:, None] * sps + t * spt + h * sph + d[None, :],
+                       mask=d[None, :] < D, other=0.0)
+        out = tl.sum(part * weight[:, None], axis=0) / tl.sum(weight, axis=0)
+        tl.store(OUT + t * sot + h * soh + d, out.to(OUT.dtype.element_ty), mask=d < D)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(norm(x + residual) * weight, x + residual), or (norm(x) * weight, None); rows of
+    the last dim, each one program."""
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n)
+    y = torch.empty_like(x2)
+    r_out = torch.empty_like(x2) if residual is not None else y
+    r = residual.reshape(-1, n) if residual is not None else x2
+    block = _pow2(n)
+    _rms_norm_kernel[(x2.shape[0],)](
+        x2, r, weight, y, r_out, n, eps, x2.stride(0), r.stride(0), y.stride(0),
+        r_out.stride(0), HAS_RES=residual is not None, BLOCK=block,
+        num_warps=min(16, max(1, block // 256)))
+    return y.view(x.shape), (r_out.view(x.shape) if residual is not None else None)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up = [gate | up] along the last dim."""
+    t, n = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(t, n, dtype=gate_up.dtype, device=gate_up.device)
+    block = min(1024, _pow2(n))
+    _silu_mul_kernel[(t, triton.cdiv(n, block))](gate_up, out, n, gate_up.stride(0),
+                                                 out.stride(0), BLOCK=block, num_warps=4)
+    return out
+
+
+def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, rotary_dim: int,
+                   interleaved: bool) -> None:
+    """Rotate q [T, H, D] and k [T, KVH, D] in place by cos/sin [T, 1, rotary_dim] and
+    write k and v to their slots of the caches [blocks, block_size, KVH, D]."""
+    t, heads, d = q.shape
+    kv_heads = k.shape[1]
+    if t == 0:
+        return
+    _rope_cache_kernel[(t, heads + kv_heads)](
+        q, k, v, cos, sin, slots, k_cache, v_cache,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cos.stride(0), heads, kv_heads, rotary_dim,
+        INTERLEAVED=interleaved, D=d, BLOCK_D=_pow2(d), num_warps=1)
+
+
+def decode_splits(num_seqs: int, kv_heads: int, max_keys: int) -> int:
+    """How many splits of the key range a decode step uses: enough programs to fill the
+    GPU (~264 for 132 SMs), at most 16, and no split shorter than 64 keys."""
+    want = _pow2(max(1, math.ceil(264 / (num_seqs * kv_heads))))
+    return max(1, min(16, want, _pow2(max(1, max_keys // 64))))
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, cu_q: torch.Tensor, positions: torch.Tensor,
+                    window: int | None, max_q: int, splits: int = 1) -> torch.Tensor:
+    """Causal attention of q [T, H, D] (sequences' chunks back to back, bounded by cu_q
+    [B + 1]) over each sequence's cached keys -> [T, H, D]. The chunk's own keys must
+    already be in the cache."""
+    t, heads, d = q.shape
+    num_seqs = cu_q.shape[0] - 1
+    _, block_size, kv_heads, _ = k_cache.shape
+    group = heads // kv_heads
+    out = torch.empty_like(q)
+    if max_q == 1:  # decode: one token per sequence, its group of heads in one tile
+        tile_t, block_r, block_n, warps = 1, max(16, _pow2(group)), 64, 4
+    else:
+        block_r = max(64 if d > 128 else 128, _pow2(group))
+        tile_t, block_n, warps = max(1, block_r // group), 64, 8
+    splits = splits if max_q == 1 else 1
+    if splits > 1:
+        part = torch.empty(splits, t, heads, d, dtype=torch.float32, device=q.device)
+        lse = torch.empty(splits, t, heads, dtype=torch.float32, device=q.device)
+    else:
+        part, lse = out, out  # unused
+    grid = (num_seqs, triton.cdiv(max_q, tile_t), kv_heads * splits)
+    _attention_kernel[grid](
+        q, k_cache, v_cache, out, part, lse, block_tables, cu_q, positions,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
+        block_tables.stride(0), (1.0 / math.sqrt(d)) * math.log2(math.e), window or 0,
+        block_size, kv_heads,
+        G=group, TILE_T=tile_t, BLOCK_R=block_r, BLOCK_N=block_n, D=d, BLOCK_D=_pow2(d),
+        SPLITS=splits, PREC=_precision(q.dtype), num_warps=warps, num_stages=2)
+    if splits > 1:
+        _merge_kernel[(t, heads)](part, lse, out, part.stride(0), part.stride(1),
+                                  part.stride(2), lse.stride(0), lse.stride(1),
+                                  out.stride(0), out.stride(1), SPLITS=splits, D=d,
+                                  BLOCK_D=_pow2(d), num_warps=1)
+    return out
