@@ -98,6 +98,20 @@ def cpu_suite(repeats: int) -> list[dict[str, Any]]:
 GLM4_9B = dict(vocab_size=151552, hidden_size=4096, intermediate_size=13696,
                num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=2, head_dim=128,
                max_position_embeddings=8192 + 512, attention_bias=True)
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                 head_dim=128, max_position_embeddings=8192,
+                 rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+SHAPES: dict[str, tuple[str, dict[str, Any]]] = {  # name: (transformers config class, shapes)
+    "glm4-9b": ("GlmConfig", GLM4_9B), "llama3-8b": ("LlamaConfig", LLAMA3_8B)}
+
+
+def hf_config(name: str) -> Any:
+    cls, shapes = SHAPES[name]
+    config = getattr(transformers, cls)(**shapes)
+    config.architectures = [cls.replace("Config", "ForCausalLM")]
+    config.eos_token_id = None
+    return config
 
 
 def copy_bandwidth() -> float:
@@ -143,33 +157,35 @@ def graph_step_ms(engine: Engine) -> float:
     return start.elapsed_time(end) / 50
 
 
-def glm_dir() -> str:
-    """A model directory with GLM-4-9B's config (weights random: load_format='random')."""
+def model_dir(name: str) -> str:
+    """A model directory with the config of `name` in SHAPES (weights random:
+    load_format='random')."""
     import tempfile
 
     from replicas.tiny import build_tokenizer
 
-    path = tempfile.mkdtemp(prefix="tpserve-glm4-9b-")
-    config = transformers.GlmConfig(**GLM4_9B)
-    config.architectures = ["GlmForCausalLM"]
-    config.eos_token_id = None
-    config.save_pretrained(path)
+    path = tempfile.mkdtemp(prefix=f"tpserve-{name}-")
+    hf_config(name).save_pretrained(path)
     build_tokenizer(path)
     return path
 
 
+def read_bytes(engine: Engine) -> int:
+    """Weight bytes a decode step reads: all but the embedding (one row is gathered)."""
+    params = engine.worker.model.named_parameters()
+    return sum(p.numel() * p.element_size() for n, p in params if "embed_tokens" not in n)
+
+
 def gpu_suite(repeats: int) -> list[dict[str, Any]]:
     """GLM-4-9B shapes, random bf16 weights, one GPU: ours and transformers side by side."""
-    model_dir = glm_dir()
     bandwidth, rate = copy_bandwidth(), matmul_rate()
     rows: list[dict[str, Any]] = []
     greedy = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
-    config = EngineConfig(model=model_dir, load_format="random", dtype="bfloat16",
-                          max_model_len=512, max_num_seqs=256, kv_cache_memory=16 * 2**30)
+    config = EngineConfig(model=model_dir("glm4-9b"), load_format="random", dtype="bfloat16",
+                          max_model_len=512, max_num_seqs=256, max_num_batched_tokens=4096,
+                          kv_cache_memory=16 * 2**30)
     with Engine(config) as engine:
-        params = engine.worker.model.named_parameters()
-        weights = sum(p.numel() * p.element_size() for n, p in params
-                      if "embed_tokens" not in n)  # the embedding is only gathered from
+        weights = read_bytes(engine)
         floor = weights / (bandwidth * 1e9)
         prompt = prompts_for(1, 128, GLM4_9B["vocab_size"])
         ours = ours_per_token(engine, prompt, 128, repeats)
@@ -200,16 +216,27 @@ def gpu_suite(repeats: int) -> list[dict[str, Any]]:
                  "ratio_to_floor": round(ttft / (flops / (rate * 1e12)), 2),
                  "bf16_tflops": round(rate)})
     torch.cuda.empty_cache()
+    llama = dataclasses.replace(config, model=model_dir("llama3-8b"), max_num_seqs=1)
+    with Engine(llama) as engine:
+        weights = read_bytes(engine)
+        floor = weights / (bandwidth * 1e9)
+        ours = ours_per_token(engine, prompts_for(1, 128, LLAMA3_8B["vocab_size"]), 128,
+                              repeats)
+        rows.append({"case": "llama3-8b_decode_b1_in128_out128", "unit": "ms/token",
+                     "ours": round(ours * 1e3, 3), "floor_ms": round(floor * 1e3, 3),
+                     "fraction_of_floor": round(floor / ours, 3),
+                     "weights_gb": round(weights / 1e9, 2), "copy_gb_s": round(bandwidth),
+                     "graph_replay_ms": round(graph_step_ms(engine), 3)})
+    torch.cuda.empty_cache()
     _hf_side_by_side(rows, repeats)
     return rows
 
 
 def _hf_side_by_side(rows: list[dict[str, Any]], repeats: int) -> None:
     """transformers `generate` (eager) on the same shapes and tokens, into the same rows."""
-    config = transformers.GlmConfig(**GLM4_9B)
-    config.eos_token_id = None
     with torch.device("cuda"):
-        hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+        hf = transformers.AutoModelForCausalLM.from_config(hf_config("glm4-9b"),
+                                                           dtype=torch.bfloat16).eval()
     vocab = GLM4_9B["vocab_size"]
     with torch.no_grad():
         b1 = hf_per_token(hf, prompts_for(1, 128, vocab), 128, repeats)
@@ -219,9 +246,18 @@ def _hf_side_by_side(rows: list[dict[str, Any]], repeats: int) -> None:
         long_ids = torch.tensor(prompts_for(1, 8192, vocab), device="cuda")
         ttft = best_of(lambda: hf.generate(long_ids, max_new_tokens=1, do_sample=False,
                                            pad_token_id=0), repeats)
+    del hf
+    torch.cuda.empty_cache()
+    with torch.device("cuda"):
+        hf = transformers.AutoModelForCausalLM.from_config(hf_config("llama3-8b"),
+                                                           dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        llama_b1 = hf_per_token(hf, prompts_for(1, 128, LLAMA3_8B["vocab_size"]), 128,
+                                repeats)
     theirs = {"glm4-9b_decode_b1_in128_out128": b1 * 1e3,
               "glm4-9b_256req_in128_out128": 256 * 128 / wall,
-              "glm4-9b_ttft_in8192": ttft * 1e3}
+              "glm4-9b_ttft_in8192": ttft * 1e3,
+              "llama3-8b_decode_b1_in128_out128": llama_b1 * 1e3}
     for row in rows:
         row["transformers_eager"] = round(theirs[row["case"]], 3)
         row["ratio_ours_over_transformers"] = round(row["ours"] / theirs[row["case"]], 3)

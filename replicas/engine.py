@@ -402,7 +402,7 @@ class Engine:
             if item.seq.score and item.seq.num_computed == 0:  # (re)started after preemption
                 self._requests[item.seq.request_id].score_rows.clear()
             self.scheduler.advance(item)
-        sampled: list[tuple[_Request, torch.Tensor]] = []
+        sampled: list[tuple[_Request, int]] = []  # (request, its row of the logits)
         for item, (start, end) in zip(plan, rows, strict=True):
             req = self._requests[item.seq.request_id]
             if req.seq.score:
@@ -410,11 +410,15 @@ class Engine:
                 if req.seq.num_computed == len(req.seq.token_ids):
                     self._finish_score(req)
             elif end > start:
-                sampled.append((req, logits[start]))
+                sampled.append((req, start))
         if sampled:
             reqs = [r for r, _ in sampled]
-            tokens, logprobs = sample(torch.stack([row for _, row in sampled]),
-                                      [r.seq.params for r in reqs], [r.generator for r in reqs])
+            at = [row for _, row in sampled]
+            # a decode step samples every row in order: no gather of the logits then
+            picked = logits[: len(at)] if at == list(range(len(at))) else logits[
+                torch.tensor(at, device=logits.device)]
+            tokens, logprobs = sample(picked, [r.seq.params for r in reqs],
+                                      [r.generator for r in reqs])
             for req, token, lp in zip(reqs, tokens, logprobs, strict=True):
                 self._emit(req, token, lp)
 

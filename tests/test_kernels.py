@@ -94,7 +94,8 @@ def ragged_batch(query_lens: list[int], contexts: list[int], block_size: int,
         tables[i, :n] = torch.tensor(order[:n])
         order = order[n:]
     lens = torch.tensor(query_lens)
-    positions = torch.cat([torch.arange(c - q, c) for q, c in zip(query_lens, contexts)])
+    positions = torch.cat([torch.arange(c - q, c)
+                           for q, c in zip(query_lens, contexts, strict=True)])
     token_seq = torch.repeat_interleave(torch.arange(len(query_lens)), lens)
     token_off = torch.arange(len(positions)) - (torch.cumsum(lens, 0) - lens)[token_seq]
     query_pos = torch.zeros(len(query_lens), int(lens.max()), dtype=torch.int64)
