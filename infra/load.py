@@ -60,6 +60,7 @@ class Turn:
     session: str
     turn: int
     started: float
+    content: str = ""  # the user message sent
     status: int = 0  # HTTP status; 0 when the connection failed before one
     replica: str = ""
     ttft_s: float | None = None
@@ -105,7 +106,7 @@ def user_message(rng: random.Random, words: int) -> str:
 async def chat_turn(http: aiohttp.ClientSession, config: LoadConfig, session: str, turn: int,
                     content: str) -> Turn:
     """One streaming chat turn of `session`; never raises, never waits past the timeout."""
-    record = Turn(session, turn, time.monotonic())
+    record = Turn(session, turn, time.monotonic(), content)
     body = {"model": "tpserve", "messages": [{"role": "user", "content": content}],
             "max_tokens": config.max_tokens, "temperature": config.temperature,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
@@ -320,6 +321,51 @@ def _load_row(config: LoadConfig, out: str | None, extra: dict[str, Any] | None 
     return row
 
 
+# A Llama shape for the pinning payoff on CPU: the built-in tiny model (hidden 64) prefills
+# 1,000 tokens in about one decode step, so its TTFT is all fixed cost and no cache can
+# show; this one's prefill costs about 0.3 ms a token on 2 cores, like a real model's
+# prefill dominating its TTFT. Random weights (load_format=random), the tiny tokenizer.
+PREFILL_MODEL = {"hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 4,
+                 "num_attention_heads": 8, "num_key_value_heads": 4,
+                 "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+                 "tie_word_embeddings": False}
+PREFILL_MODEL_VERSION = "load-llama-v1"
+
+
+def prefill_model_dir() -> str:
+    """A config-only checkpoint (config.json + the tiny tokenizer) of PREFILL_MODEL, made
+    once in the tpserve cache; serve it with load_format=random."""
+    from transformers import LlamaConfig
+
+    from replicas.tiny import build_tokenizer, cache_root, special_token_ids
+
+    path = Path(cache_root()) / PREFILL_MODEL_VERSION
+    if (path / "config.json").exists():
+        return str(path)
+    tmp = Path(str(path) + f".tmp-{os.getpid()}")
+    vocab = build_tokenizer(tmp)
+    config = LlamaConfig(vocab_size=vocab, **PREFILL_MODEL, **special_token_ids(),
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(str(tmp))
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another process made it first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(path)
+
+
+def engine_for(model: str) -> dict[str, Any]:
+    """EngineConfig fields of a named load model: "tiny" (built in) or "prefill"."""
+    if model == "tiny":
+        return {"tp": 2}
+    if model == "prefill":
+        return {"tp": 2, "model": prefill_model_dir(), "load_format": "random"}
+    raise ValueError(f"model={model!r}: use 'tiny' or 'prefill'")
+
+
 @dataclass(frozen=True)
 class PinningConfig:
     """The pinning-payoff run: conversations whose history grows past history_tokens."""
@@ -332,6 +378,7 @@ class PinningConfig:
     max_tokens: int = 8
     replicas: int = 2
     history_tokens: int = 1000  # the summary checks the last turns' prompts exceed this
+    model: str = "prefill"  # "prefill" (PREFILL_MODEL) or "tiny"
 
 
 async def _conversations(config: PinningConfig, url: str, records: list[Turn]) -> float:
@@ -348,7 +395,8 @@ def pinning_side(config: PinningConfig, routing: str) -> dict[str, Any]:
     """One side of the comparison on a fresh stack with the given routing."""
     from infra.stack import local_stack
 
-    with local_stack(replicas=config.replicas, routing=routing) as stack:
+    with local_stack(engine_for(config.model), replicas=config.replicas,
+                     routing=routing) as stack:
         warm: list[Turn] = []  # one short request per replica path: imports, first steps
         asyncio.run(run_clients(LoadConfig(url=stack.edge, clients=2, turns=1, max_tokens=2,
                                            max_requests=4, seed=99), warm))
@@ -378,7 +426,10 @@ def pinning_mode(config: PinningConfig, out: str | None) -> dict[str, Any]:
     row = {"kind": "pinning", "pinned": pinned, "random": random_side,
            "ttft_turn3plus_p50_ratio_pinned_over_random": ratio,
            "target_ratio": 1 / 3, "met": ratio is not None and ratio <= 1 / 3,
-           "config": asdict(config), "stack": "local", "model": "tiny", "tp": 2,
+           "history_past_target": min(pinned["max_prompt_tokens"],
+                                      random_side["max_prompt_tokens"])
+           > config.history_tokens,
+           "config": asdict(config), "stack": "local", "model": config.model, "tp": 2,
            **environment()}
     emit(row, out)
     return row

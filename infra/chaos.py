@@ -1,0 +1,379 @@
+"""Faults under load: `python -m infra.chaos [--faults kill_rank,redis,router,scale]`.
+
+Starts a local stack (the tiny model, tp=2, 2 replicas) on free loopback ports, runs the
+streaming multi-turn clients of infra/load.py through nginx and, during the load, one
+fault after another, each waited out until the stack has recovered:
+
+- `kill_rank`: kill rank 1 (a Ray actor) of the replica that served the latest turn. Its
+  streams must end with an error event and [DONE], never hang; Serve replaces the replica
+  (its health check fails) and its sessions move, history intact.
+- `redis`: stop Redis (SIGTERM, through the Ray actor that owns it), wait, start it
+  again; it reloads its append-only file. The router serves hash-only meanwhile.
+- `router`: restart the router gracefully: redeploy the app with a new environment for
+  the Router deployment only; Serve starts a new router and drains the old one.
+- `router_kill`: kill the router's replica actor (a crash; Serve restarts it). Streams
+  in flight through it break: counted apart, as the price of a crash.
+- `scale`: POST /admin/scale to 3 replicas, wait, then back to 2 (Serve drains the
+  removed replica).
+
+Then it stops the load and checks every session's stored history. One JSON line:
+accepted requests that failed (on the killed replica / elsewhere, by fault window),
+hangs, refusals, sessions moved, sessions lost (stored history gone or missing a turn
+that was answered while Redis was up) and turns answered during the Redis outage that
+were not recorded (the router's documented hash-only degraded mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from infra.load import RESULTS, Budget, LoadConfig, Turn, emit, environment, run_clients
+from infra.load import summarize as load_summary
+
+FAULTS = ("kill_rank", "redis", "router", "router_kill", "scale")
+
+
+@dataclass(frozen=True)
+class ChaosConfig:
+    """One chaos run; each default exists here once (the CLI is built from it)."""
+
+    faults: str = "kill_rank,redis,router,scale"  # comma-separated, in this order
+    clients: int = 4
+    turns: int = 4
+    max_tokens: int = 24
+    user_words: int = 16
+    settle_s: float = 5.0  # load before the first and after the last fault
+    redis_down_s: float = 3.0
+    recover_timeout_s: float = 300.0  # per fault: the stack must be whole again by then
+    request_timeout: float = 60.0  # a stream not ended by then is a hang
+
+    def __post_init__(self) -> None:
+        unknown = set(self.fault_list) - set(FAULTS)
+        if unknown:
+            raise ValueError(f"unknown faults {sorted(unknown)}: use some of {FAULTS}")
+
+    @property
+    def fault_list(self) -> list[str]:
+        return [f.strip() for f in self.faults.split(",") if f.strip()]
+
+
+@dataclass
+class Fault:
+    name: str
+    start: float
+    end: float = 0.0
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class Drill:
+    """The faults, on a running stack, with a Ray driver connected to it."""
+
+    def __init__(self, stack: Any, config: ChaosConfig, records: list[Turn]) -> None:
+        self.stack, self.config, self.records = stack, config, records
+        self.dashboard = stack.config.ray_dashboard
+        self.generation = 0
+
+    # -- helpers --
+
+    def http(self, method: str, path: str, body: dict[str, Any] | None = None,
+             admin: bool = False) -> tuple[int, Any]:
+        headers = {"Content-Type": "application/json"}
+        if admin:
+            headers["Authorization"] = f"Bearer {self.stack.token}"
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"{self.stack.edge}{path}", data=data, method=method,
+                                     headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()[:300].decode(errors="replace")
+        except OSError as e:
+            return 0, str(e)
+
+    def engine_ids(self) -> dict[str, str]:
+        from cluster.control import replicas
+
+        return {r.replica_id: r.state for r in replicas(self.dashboard)}
+
+    async def until(self, what: str, done: Any) -> float:
+        """Poll `done()` (in a thread) until true; the seconds it took."""
+        start = time.monotonic()
+        while not await asyncio.to_thread(done):
+            if time.monotonic() - start > self.config.recover_timeout_s:
+                raise TimeoutError(f"{what}: not recovered after "
+                                   f"{self.config.recover_timeout_s:.0f} s")
+            await asyncio.sleep(1.0)
+        return time.monotonic() - start
+
+    def running(self, count: int, excluding: str = "") -> bool:
+        states = self.engine_ids()
+        alive = [r for r, s in states.items() if s == "RUNNING" and r != excluding]
+        return len(alive) == count and len(states) == count and excluding not in states
+
+    def healthy(self) -> bool:
+        status, body = self.http("GET", "/healthz")
+        return status == 200 and isinstance(body, dict) and body.get("status") == "ok"
+
+    # -- faults --
+
+    async def kill_rank(self, fault: Fault) -> None:
+        import ray
+        from ray.util.state import list_actors
+
+        serving = [r.replica for r in self.records if r.accepted and r.replica]
+        replicas_now = self.engine_ids()
+        victim = next((r for r in reversed(serving) if r in replicas_now),
+                      next(iter(replicas_now)))
+        actors = await asyncio.to_thread(
+            list_actors, filters=[("class_name", "=", "RankActor"), ("state", "=", "ALIVE")],
+            address=self.dashboard)
+        target = next(a for a in actors if a.name == f"tpserve-{victim}-rank1")
+        ray.kill(ray.get_actor(target.name, namespace=target.ray_namespace))
+        fault.detail = {"replica": victim, "actor": target.name}
+        count = len(replicas_now)
+        fault.detail["replaced_s"] = round(await self.until(
+            "replica replaced", lambda: self.running(count, excluding=victim)), 1)
+
+    async def redis(self, fault: Fault) -> None:
+        import ray
+
+        from infra.services import ACTOR_NAME, NAMESPACE
+        from infra.stack import read_state, write_state
+
+        actor = ray.get_actor(ACTOR_NAME, namespace=NAMESPACE)
+        fault.detail["exit_code"] = await asyncio.to_thread(ray.get, actor.stop.remote("redis"))
+        await asyncio.sleep(self.config.redis_down_s)
+        pid = await asyncio.to_thread(ray.get, actor.start.remote("redis"))
+        state = Path(self.stack.config.state_dir)
+        record = read_state(str(state))
+        record["services"]["redis"] = pid  # `tpserve down` stops the new one
+        write_state(state, record)
+        fault.detail["down_s"] = round(time.monotonic() - fault.start, 1)
+        fault.detail["router_ok_again_s"] = round(await self.until("router back on Redis",
+                                                                   self.healthy), 1)
+
+    async def router(self, fault: Fault) -> None:
+        from cluster.control import deploy
+
+        self.generation += 1
+        body = await asyncio.to_thread(self.serve_status)
+        config = redeploy_config(body, self.generation)
+        await asyncio.to_thread(deploy, config, self.dashboard)
+        before = await asyncio.to_thread(self.router_ids)
+        fault.detail["old"] = sorted(before)
+        fault.detail["replaced_s"] = round(await self.until(
+            "router restarted", lambda: self.router_replaced(before)), 1)
+
+    def serve_status(self) -> dict[str, Any]:
+        from cluster.control import ray_auth_headers
+
+        req = urllib.request.Request(f"{self.dashboard}/api/serve/applications/",
+                                     headers=ray_auth_headers())
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read())
+
+    def router_ids(self) -> set[str]:
+        from cluster.control import replicas
+
+        return {r.replica_id for r in replicas(self.dashboard, deployment="Router")}
+
+    def router_replaced(self, old: set[str]) -> bool:
+        from cluster.control import replicas
+
+        now = replicas(self.dashboard, deployment="Router")
+        return bool(now) and all(r.state == "RUNNING" and r.replica_id not in old
+                                 for r in now) and self.healthy()
+
+    async def router_kill(self, fault: Fault) -> None:
+        import ray
+        from ray.util.state import list_actors
+
+        actors = await asyncio.to_thread(
+            list_actors, filters=[("class_name", "=", "ServeReplica:tpserve:Router"),
+                                  ("state", "=", "ALIVE")], address=self.dashboard)
+        ray.kill(ray.get_actor(actors[0].name, namespace=actors[0].ray_namespace),
+                 no_restart=False)
+        fault.detail["actor"] = actors[0].name
+        await asyncio.sleep(2.0)
+        fault.detail["healthy_s"] = round(await self.until("router back", self.healthy), 1)
+
+    async def scale(self, fault: Fault) -> None:
+        count = len(self.engine_ids())
+        for target in (count + 1, count):
+            status, body = await asyncio.to_thread(self.http, "POST", "/admin/scale",
+                                                   {"replicas": target}, True)
+            if status != 202:
+                raise RuntimeError(f"/admin/scale {target}: {status} {body}")
+            fault.detail[f"to_{target}_s"] = round(await self.until(
+                f"{target} replicas", lambda t=target: self.running(t)), 1)
+
+
+def redeploy_config(body: dict[str, Any], generation: int) -> dict[str, Any]:
+    """The deployed Serve config, with a new environment for the Router deployment only:
+    Serve replaces the router replica (draining the old one) and leaves the engines."""
+    from cluster.app import APP_NAME
+
+    app = body["applications"][APP_NAME]["deployed_app_config"]
+    deployments = [d for d in app.get("deployments", []) if d.get("name") != "Router"]
+    deployments.append({"name": "Router", "ray_actor_options": {"runtime_env": {
+        "env_vars": {"TPSERVE_ROUTER_GENERATION": str(generation)}}}})
+    http = body.get("http_options") or {}
+    return {"proxy_location": body.get("proxy_location", "HeadOnly"),
+            "http_options": {"host": http.get("host"), "port": http.get("port")},
+            "applications": [{**app, "deployments": deployments}]}
+
+
+async def drill(stack: Any, config: ChaosConfig) -> tuple[list[Turn], list[Fault], float]:
+    """Load through the faults; returns the turns, the faults and the load's wall time."""
+    records: list[Turn] = []
+    load = LoadConfig(url=stack.edge, clients=config.clients, turns=config.turns,
+                      max_tokens=config.max_tokens, user_words=config.user_words,
+                      duration=24 * 3600.0, max_requests=1 << 30,
+                      request_timeout=config.request_timeout)
+    budget = Budget(time.monotonic() + 24 * 3600.0, 1 << 30)
+    clients = asyncio.create_task(run_clients(load, records, budget))
+    runner = Drill(stack, config, records)
+    faults: list[Fault] = []
+    try:
+        await asyncio.sleep(config.settle_s)
+        for name in config.fault_list:
+            fault = Fault(name, time.monotonic())
+            faults.append(fault)
+            print(f"chaos: {name}", file=sys.stderr, flush=True)
+            await getattr(runner, name)(fault)
+            fault.end = time.monotonic()
+            print(f"chaos: {name} done {fault.detail}", file=sys.stderr, flush=True)
+            await asyncio.sleep(config.settle_s)
+    finally:
+        budget.stop.set()
+        wall = await clients
+    return records, faults, wall
+
+
+def stored_users(edge: str, session: str) -> list[str] | None:
+    """The user messages of a session's stored history; None when it is gone."""
+    try:
+        with urllib.request.urlopen(f"{edge}/v1/sessions/{session}", timeout=30) as resp:
+            history = json.loads(resp.read())["history"]
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            return None
+        raise
+    return [m["content"] for m in history if m["role"] == "user"]
+
+
+def in_window(turn: Turn, fault: Fault, grace_s: float = 0.0) -> bool:
+    return turn.started <= fault.end + grace_s and turn.ended >= fault.start
+
+
+def check_sessions(edge: str, records: list[Turn], faults: list[Fault]) -> dict[str, Any]:
+    """Sessions lost: stored history gone, or missing a turn answered while Redis was up.
+    Turns answered during the outage (+ the router's 2 s Redis retry) are counted apart."""
+    outages = [f for f in faults if f.name == "redis"]
+    lost, unrecorded = [], 0
+    for session in sorted({r.session for r in records if r.ok}):
+        stored = stored_users(edge, session)
+        answered = [r for r in records if r.session == session and r.ok]
+        missing = [r for r in answered if stored is None or r.content not in stored]
+        during = [r for r in missing if any(in_window(r, f, 3.0) for f in outages)]
+        unrecorded += len(during)
+        if stored is None or len(missing) > len(during):
+            lost.append(session)
+    return {"sessions_checked": len({r.session for r in records if r.ok}),
+            "sessions_lost": len(lost), "lost_examples": lost[:3],
+            "turns_unrecorded_redis_down": unrecorded}
+
+
+def attribute(records: list[Turn], faults: list[Fault]) -> dict[str, Any]:
+    """Accepted requests that failed: on the killed replica, in a router crash, or other."""
+    killed = {f.detail.get("replica") for f in faults if f.name == "kill_rank"}
+    crashes = [f for f in faults if f.name == "router_kill"]
+    failed = [r for r in records if r.accepted and not r.ok]
+    on_killed = [r for r in failed if r.replica in killed]
+    in_crash = [r for r in failed if r not in on_killed
+                and any(in_window(r, f) for f in crashes)]
+    other = [r for r in failed if r not in on_killed and r not in in_crash]
+    by_fault: dict[str, int] = {}
+    for r in other:
+        name = next((f.name for f in faults if in_window(r, f, 2.0)), "none")
+        by_fault[name] = by_fault.get(name, 0) + 1
+    return {
+        "failed_on_killed_replica": len(on_killed),
+        "killed_streams_ended_with_error_event": sum(
+            r.error.startswith("error event") and r.done for r in on_killed),
+        "failed_in_router_crash": len(in_crash),
+        "failed_other": len(other), "failed_other_by_fault": by_fault,
+        "failed_other_examples": sorted({r.error for r in other})[:3],
+        "refused_by_fault": _refused(records, faults),
+    }
+
+
+def _refused(records: list[Turn], faults: list[Fault]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in records:
+        if not r.accepted and r.error != "hang":
+            name = next((f.name for f in faults if in_window(r, f, 2.0)), "none")
+            out[name] = out.get(name, 0) + 1
+    return out
+
+
+def run(config: ChaosConfig, out: str | None) -> dict[str, Any]:
+    import ray
+
+    from infra.stack import local_stack
+
+    with local_stack() as stack:
+        os.environ.update({"RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+        ray.init(address=f"127.0.0.1:{stack.config.ray_port}", log_to_driver=False)
+        try:
+            records, faults, wall = asyncio.run(drill(stack, config))
+            sessions = check_sessions(stack.edge, records, faults)
+        finally:
+            ray.shutdown()
+    row = summarize(config, records, faults, wall, sessions)
+    emit(row, out)
+    return row
+
+
+def summarize(config: ChaosConfig, records: list[Turn], faults: list[Fault], wall: float,
+              sessions: dict[str, Any]) -> dict[str, Any]:
+    t0 = min((r.started for r in records), default=0.0)
+    load = load_summary(records, wall)
+    blame = attribute(records, faults)
+    met = (load["hung"] == 0 and blame["failed_other"] == 0
+           and sessions["sessions_lost"] == 0
+           and blame["killed_streams_ended_with_error_event"]
+           == blame["failed_on_killed_replica"])
+    return {"kind": "chaos", **load, **blame, **sessions,
+            "faults": [{"name": f.name, "at_s": round(f.start - t0, 1),
+                        "took_s": round(f.end - f.start, 1), **f.detail} for f in faults],
+            "met": met, "config": asdict(config), "stack": "local", "model": "tiny", "tp": 2,
+            **environment()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from infra.cli import add_config_arguments, config_from_args
+
+    parser = argparse.ArgumentParser(prog="python -m infra.chaos",
+                                     description=__doc__.split("\n")[0])
+    add_config_arguments(parser, ChaosConfig)
+    parser.add_argument("--out", default=str(RESULTS / "chaos_cpu.jsonl"),
+                        help="append the JSON line here ('-' for none)")
+    args = parser.parse_args(argv)
+    row = run(config_from_args(args, ChaosConfig), None if args.out == "-" else args.out)
+    return 0 if row["met"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
