@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 import urllib.error
@@ -334,8 +333,7 @@ def run(config: ChaosConfig, out: str | None) -> dict[str, Any]:
     from infra.stack import local_stack
 
     with local_stack() as stack:
-        os.environ.update({"RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
-        ray.init(address=f"127.0.0.1:{stack.config.ray_port}", log_to_driver=False)
+        stack.connect()
         try:
             records, faults, wall = asyncio.run(drill(stack, config))
             sessions = check_sessions(stack.edge, records, faults)

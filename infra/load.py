@@ -23,23 +23,29 @@ command. Everything runs on loopback and stops by itself (bounded requests and t
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import json
 import os
-import platform
-import random
-import statistics
-import subprocess
-import sys
-import time
-import urllib.request
-from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
 
-import aiohttp
+# Ray reads this once, when first imported: a driver connecting to the local stack (the
+# overhead mode here, infra/chaos.py, infra/soak.py, which import this module first) must
+# stay on 127.0.0.1, where the stack's Ray listens. Set before anything imports ray.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import random  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
+from collections.abc import Awaitable, Callable  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import aiohttp  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "infra" / "results"
@@ -482,8 +488,7 @@ def overhead_mode(calls: int, out: str | None) -> dict[str, Any]:
     from infra.stack import local_stack
 
     with local_stack() as stack:
-        os.environ.update({"RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
-        ray.init(address=f"127.0.0.1:{stack.config.ray_port}", log_to_driver=False)
+        stack.connect()
         try:
             handle = serve.get_deployment_handle(ENGINE, APP_NAME).options(stream=True)
             serve_url = f"http://127.0.0.1:{stack.config.serve_port}"

@@ -310,6 +310,15 @@ class Running:
     def edge(self) -> str:
         return f"http://127.0.0.1:{self.config.nginx_port}"
 
+    def connect(self) -> None:
+        """Connect this process to the stack's Ray as a driver (`ray.shutdown()` ends it).
+        Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (stay on loopback) when first
+        imported: set it before that (infra/load.py does). Token auth: with RAY_AUTH_MODE
+        unset, Ray turns it on itself from ~/.ray/auth_token, the stack's token."""
+        import ray
+
+        ray.init(address=f"127.0.0.1:{self.config.ray_port}", log_to_driver=False)
+
 
 @contextlib.contextmanager
 def local_stack(engine: dict[str, Any] | None = None, state_dir: str | None = None,

@@ -115,6 +115,29 @@ if triton is not None:
             tl.store(VC + dst, v, mask=d < D)
 
     @triton.jit
+    def _attend(q, KC, VC, table, start, hi, qpos, win, m, l_sum, acc, scale_log2,
+                block_size, kv_heads, kvh, d, d_ok, MASKED: tl.constexpr,
+                BLOCK_N: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
+        """One block of BLOCK_N keys from `start` into the online softmax (m, l_sum, acc)."""
+        n = start + tl.arange(0, BLOCK_N)
+        n_ok = n < hi
+        blk = tl.load(table + n // block_size, mask=n_ok, other=0)
+        addr = ((blk * block_size + n % block_size) * kv_heads + kvh) * D
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(KC + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+        if MASKED:
+            diff = qpos[:, None] - n[None, :]
+            s = tl.where(n_ok[None, :] & (diff >= 0) & (diff < win), s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_sum = l_sum * alpha + tl.sum(p, axis=1)
+        v = tl.load(VC + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        return m_new, l_sum, acc
+
+    @triton.jit
     def _attention_kernel(
         Q, KC, VC, OUT, OP, LSE, TABLES, CU_Q, POS,
         sqt, sqh, sot, soh, sps, spt, sph, sls, slt, stab,
@@ -159,24 +182,18 @@ if triton is not None:
             m = tl.full([BLOCK_R], -1.0e30, dtype=tl.float32)
             l_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
             acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-            for start in range(lo_s, hi_s, BLOCK_N):
-                n = start + tl.arange(0, BLOCK_N)
-                n_ok = n < hi_s
-                blk = tl.load(TABLES + seq * stab + n // block_size, mask=n_ok, other=0)
-                addr = ((blk * block_size + n % block_size) * kv_heads + kvh) * D
-                kv_mask = n_ok[:, None] & d_ok[None, :]
-                k = tl.load(KC + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
-                s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
-                diff = qpos[:, None] - n[None, :]
-                vis = n_ok[None, :] & (diff >= 0) & (diff < win)
-                s = tl.where(vis, s, float("-inf"))
-                m_new = tl.maximum(m, tl.max(s, axis=1))
-                alpha = tl.exp2(m - m_new)
-                p = tl.exp2(s - m_new[:, None])
-                l_sum = l_sum * alpha + tl.sum(p, axis=1)
-                v = tl.load(VC + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-                m = m_new
+            # keys every row of the tile sees (before the tile's first position, no
+            # window): no mask; the rest (the causal diagonal, a window's edge) masked
+            bulk = tl.where(window > 0, lo_s, tl.minimum(hi_s, first + t0 + 1))
+            bulk_end = lo_s + tl.maximum(bulk - lo_s, 0) // BLOCK_N * BLOCK_N
+            for start in range(lo_s, bulk_end, BLOCK_N):
+                m, l_sum, acc = _attend(q, KC, VC, TABLES + seq * stab, start, hi_s, qpos,
+                                        win, m, l_sum, acc, scale_log2, block_size, kv_heads,
+                                        kvh, d, d_ok, False, BLOCK_N, D, PREC)
+            for start in range(bulk_end, hi_s, BLOCK_N):
+                m, l_sum, acc = _attend(q, KC, VC, TABLES + seq * stab, start, hi_s, qpos,
+                                        win, m, l_sum, acc, scale_log2, block_size, kv_heads,
+                                        kvh, d, d_ok, True, BLOCK_N, D, PREC)
             safe = tl.where(l_sum > 0, l_sum, 1.0)
             out = acc / safe[:, None]
             t_idx = q_start + tok

@@ -114,6 +114,7 @@ def ragged_batch(query_lens: list[int], contexts: list[int], block_size: int,
 CASES = {  # name: (query lens, contexts, window, heads, kv heads, head dim, splits)
     "prefill": ([20, 7], [20, 7], None, 4, 2, 16, 1),
     "chunk after a cached prefix": ([9, 3, 1], [40, 19, 33], None, 4, 2, 16, 1),
+    "chunk after a long prefix": ([20, 3], [230, 100], None, 4, 2, 16, 1),
     "sliding window": ([12, 1], [45, 30], 8, 4, 2, 16, 1),
     "decode, grouped heads": ([1, 1, 1], [1, 17, 64], None, 8, 2, 32, 1),
     "decode, split keys": ([1, 1], [70, 5], None, 4, 1, 16, 4),
@@ -125,7 +126,7 @@ CASES = {  # name: (query lens, contexts, window, heads, kv heads, head dim, spl
 @pytest.mark.parametrize("case", list(CASES))
 def test_paged_attention_matches_reference(case: str, dtype: torch.dtype) -> None:
     query_lens, contexts, window, heads, kv_heads, d, splits = CASES[case]
-    block_size, num_blocks = 4, 64
+    block_size, num_blocks = 4, 128
     b = ragged_batch(query_lens, contexts, block_size, num_blocks, window)
     b.splits = splits
     gen = torch.Generator().manual_seed(4)
