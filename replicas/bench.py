@@ -197,7 +197,8 @@ def gpu_suite(repeats: int) -> list[dict[str, Any]]:
                  "ours": round(ours * 1e3, 3), "floor_ms": round(floor * 1e3, 3),
                  "fraction_of_floor": round(floor / ours, 3), "weights_gb": round(weights / 1e9, 2),
                  "copy_gb_s": round(bandwidth), "peak_mem_gb": round(peak, 1),
-                 "graph_replay_ms": round(graph_ms, 3)})
+                 "graph_replay_ms": round(graph_ms, 3),
+                 "gemv_us": engine.worker.gemv_report})
     rows.append({"case": "glm4-9b_256req_in128_out128", "unit": "tokens/s",
                  "ours": round(256 * 128 / wall, 1), "peak_mem_gb": round(peak, 1)})
     torch.cuda.empty_cache()
@@ -226,7 +227,8 @@ def gpu_suite(repeats: int) -> list[dict[str, Any]]:
                      "ours": round(ours * 1e3, 3), "floor_ms": round(floor * 1e3, 3),
                      "fraction_of_floor": round(floor / ours, 3),
                      "weights_gb": round(weights / 1e9, 2), "copy_gb_s": round(bandwidth),
-                     "graph_replay_ms": round(graph_step_ms(engine), 3)})
+                     "graph_replay_ms": round(graph_step_ms(engine), 3),
+                     "gemv_us": engine.worker.gemv_report})
     torch.cuda.empty_cache()
     _hf_side_by_side(rows, repeats)
     return rows

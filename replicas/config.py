@@ -50,6 +50,7 @@ class EngineConfig:
     dist_timeout_s: float = 300.0  # a collective that waits longer fails instead of hanging
     gpu_memory_utilization: float = 0.90  # share of free GPU memory the KV pool may take
     cuda_graphs: bool = True  # decode steps replayed from CUDA graphs (GPU only)
+    gemv_kernels: bool = True  # batch-1 matmuls: Triton GEMV where it beats cuBLAS (16-bit GPU)
 
     def __post_init__(self) -> None:
         if self.tp not in SUPPORTED_TP:

@@ -222,6 +222,30 @@ if triton is not None:
         out = tl.sum(part * weight[:, None], axis=0) / tl.sum(weight, axis=0)
         tl.store(OUT + t * sot + h * soh + d, out.to(OUT.dtype.element_ty), mask=d < D)
 
+    @triton.jit
+    def _gemv_kernel(X, W, B, Y, n, k, sw, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """y = W x (+ b) for one row x: program = BLOCK_N rows of W, streamed along K,
+        products summed in float32 registers and reduced once at the end."""
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        r_ok = rows < n
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, k, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            if EVEN:  # shapes divide the blocks: no masks, wide loads
+                w = tl.load(W + rows[:, None] * sw + cols[None, :])
+                x = tl.load(X + cols)
+            else:
+                c_ok = cols < k
+                w = tl.load(W + rows[:, None] * sw + cols[None, :],
+                            mask=r_ok[:, None] & c_ok[None, :], other=0.0)
+                x = tl.load(X + cols, mask=c_ok, other=0.0)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        y = tl.sum(acc, axis=1)
+        if HAS_BIAS:
+            y += tl.load(B + rows, mask=r_ok, other=0.0).to(tl.float32)
+        tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=r_ok)
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -311,3 +335,43 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                                   out.stride(0), out.stride(1), SPLITS=splits, D=d,
                                   BLOCK_D=_pow2(d), num_warps=1)
     return out
+
+
+GemvConfig = tuple[int, int, int]  # (rows per program, K per iteration, warps)
+GEMV_CONFIGS: tuple[GemvConfig, ...] = (
+    (4, 1024, 4), (8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8))
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+         config: GemvConfig) -> torch.Tensor:
+    """x [1, K] @ weight[N, K].T (+ bias) -> [1, N], in x's dtype."""
+    n, k = weight.shape
+    block_n, block_k, warps = config
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else weight, y, n, k, weight.stride(0),
+        HAS_BIAS=bias is not None, EVEN=n % block_n == 0 and k % block_k == 0,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    return y
+
+
+def pick_gemv(weight: torch.Tensor, bias: torch.Tensor | None, margin: float = 0.97
+              ) -> tuple[GemvConfig | None, dict[str, float]]:
+    """Time cuBLAS (F.linear) and each GEMV config on a one-row input, L2 flushed between
+    runs as in a decode step that streams every weight once. Returns the fastest config
+    if it beats cuBLAS by the margin (else None: keep cuBLAS), and the times in us."""
+    from triton.testing import do_bench
+
+    x = torch.randn(1, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    want = torch.nn.functional.linear(x, weight, bias)
+    times = {"cublas": do_bench(lambda: torch.nn.functional.linear(x, weight, bias),
+                                warmup=5, rep=20) * 1e3}
+    for config in GEMV_CONFIGS:
+        got = gemv(x, weight, bias, config)
+        if not torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2 * float(
+                want.float().abs().max())):
+            raise AssertionError(f"GEMV {config} disagrees with cuBLAS on {tuple(weight.shape)}")
+        times[str(config)] = do_bench(lambda c=config: gemv(x, weight, bias, c),
+                                      warmup=5, rep=20) * 1e3
+    best = min(GEMV_CONFIGS, key=lambda c: times[str(c)])
+    return (best if times[str(best)] < margin * times["cublas"] else None), times

@@ -97,6 +97,7 @@ class ColumnParallelLinear(nn.Module):
         local = sum(e - s for s, e in self.part_shards)
         self.weight = nn.Parameter(torch.empty(local, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(local), requires_grad=False) if bias else None
+        self.gemv: kernels.GemvConfig | None = None  # one-row inputs: Triton GEMV (tuned)
 
     def load(self, name: str, get: Callable[[Index], torch.Tensor], part: int | None) -> None:
         """Copy this rank's rows of checkpoint tensor `name` (weight or bias) into place.
@@ -118,7 +119,28 @@ class ColumnParallelLinear(nn.Module):
             offset_full += self.part_sizes[i]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [tokens, in] -> [tokens, local_out]
+        if self.gemv is not None and x.shape[0] == 1:
+            return kernels.gemv(x, self.weight, self.bias, self.gemv)
         return F.linear(x, self.weight, self.bias)
+
+
+def tune_gemv(model: nn.Module) -> dict[str, dict[str, float | str]]:
+    """Give each linear layer the Triton GEMV config that beats cuBLAS on its shape at one
+    row, by measurement on this GPU (layers of one shape share the answer); returns the
+    times per shape, for the record."""
+    picked: dict[tuple[int, int, bool], kernels.GemvConfig | None] = {}
+    report: dict[str, dict[str, float | str]] = {}
+    for module in model.modules():
+        if not isinstance(module, ColumnParallelLinear | RowParallelLinear):
+            continue
+        bias = module.bias if isinstance(module, ColumnParallelLinear) else None
+        key = (*module.weight.shape, bias is not None)
+        if key not in picked:
+            picked[key], times = kernels.pick_gemv(module.weight, bias)
+            report[str(key)] = {**{k: round(v, 2) for k, v in times.items()},
+                                "chosen": str(picked[key] or "cublas")}
+        module.gemv = picked[key]
+    return report
 
 
 class RowParallelLinear(nn.Module):
@@ -132,6 +154,7 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, local_in), requires_grad=False)
         # the bias is added once, after the reduce, so it is not counted tp times
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.gemv: kernels.GemvConfig | None = None  # one-row inputs: Triton GEMV (tuned)
 
     def load(self, name: str, get: Callable[[Index], torch.Tensor], part: int | None) -> None:
         if name.endswith("bias"):
@@ -142,7 +165,10 @@ class RowParallelLinear(nn.Module):
             self.weight.data.copy_(get((slice(None), slice(*self.in_shard))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [tokens, local_in] -> [tokens, out]
-        y = self.comm.all_reduce(F.linear(x, self.weight))
+        if self.gemv is not None and x.shape[0] == 1:
+            y = self.comm.all_reduce(kernels.gemv(x, self.weight, None, self.gemv))
+        else:
+            y = self.comm.all_reduce(F.linear(x, self.weight))
         return y + self.bias if self.bias is not None else y
 
 

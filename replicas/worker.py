@@ -25,7 +25,7 @@ from replicas.graphs import DecodeGraphs
 from replicas.kv_cache import allocate_kv_cache, block_bytes
 from replicas.loader import load_weights, random_init
 from replicas.model import CausalLM, ForwardBatch, attention_mask
-from replicas.parallel import Comm
+from replicas.parallel import Comm, tune_gemv
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,10 @@ class Worker:
         else:
             load_weights(model, model_dir, show_progress=rank == 0)
         self.model = model.eval()
+        self.gemv_report: dict[str, dict[str, float | str]] = {}
+        if (config.gemv_kernels and self.device.type == "cuda" and kernels.enabled(self.device)
+                and self.dtype != torch.float32):
+            self.gemv_report = tune_gemv(self.model)
         self.num_blocks = self._agree_min(self._count_blocks())
         # one block more than the scheduler hands out: the scratch block of padded rows
         self.kv = allocate_kv_cache(self.spec, self.world_size, self.num_blocks + 1,

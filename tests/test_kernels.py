@@ -141,6 +141,44 @@ def test_paged_attention_matches_reference(case: str, dtype: torch.dtype) -> Non
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(64, 256), (40, 200)])  # blocks divide it; they do not
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemv_matches_linear(dtype: torch.dtype, shape: tuple[int, int],
+                             with_bias: bool) -> None:
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+    x = torch.randn(1, shape[1], generator=gen).to(DEVICE, dtype)
+    bias = torch.randn(shape[0], generator=gen).to(DEVICE, dtype) if with_bias else None
+    want = torch.nn.functional.linear(x.float(), w.float(), None if bias is None else
+                                      bias.float())
+    for config in [(8, 64, 4), (16, 128, 4)]:
+        got = kernels.gemv(x, w, bias, config)
+        assert got.dtype == dtype and got.shape == (1, shape[0])
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got.float(), want, atol=tol * 10, rtol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="times kernels on a GPU")
+def test_tuned_gemv_keeps_bf16_decode_close() -> None:
+    """On GLM-4-9B's layer shapes: every GEMV config agrees with cuBLAS (pick_gemv checks)
+    and the pick is measured, not assumed."""
+    from replicas.parallel import ColumnParallelLinear, Comm, RowParallelLinear, tune_gemv
+
+    comm = Comm()
+    layers = torch.nn.ModuleList([ColumnParallelLinear(4096, [4096, 256, 256], True, comm),
+                                  RowParallelLinear(13696, 4096, False, comm)])
+    layers.to("cuda", torch.bfloat16)
+    for p in layers.parameters():
+        p.data.normal_(0, 0.02)
+    report = tune_gemv(layers)
+    assert len(report) == 2
+    for times in report.values():
+        assert times["cublas"] > 0 and times["chosen"] in ["cublas", *map(
+            str, kernels.GEMV_CONFIGS)]
+
+
 def test_decode_splits_fill_the_gpu_within_bounds() -> None:
     assert kernels.decode_splits(1, 2, 8192) == 16  # 2 programs alone would idle the GPU
     assert kernels.decode_splits(1, 2, 128) == 2  # no split under 64 keys
