@@ -19,6 +19,8 @@ Contract:
   or no URL is set, every call returns its fallback at once and never raises, so the router
   routes by hash alone. After `retry_interval_s` the next call PINGs Redis once and, if it
   answers, leaves degraded mode. Transitions are logged once each, without the password.
+  Pooled connections are closed on entering degraded mode and before each probe, so none
+  that a restarted Redis has closed is reused afterwards.
 """
 
 from __future__ import annotations
@@ -149,6 +151,7 @@ class SessionStore:
         self._where = redact(config.url) if config.url is not None else "(none)"
         self._degraded = self._client is None
         self._retry_at = 0.0  # monotonic time of the next PING while degraded
+        self._probe: asyncio.Future[bool] | None = None  # that PING, while it is out
         if self._client is None:
             log.info("session store: no Redis URL; sessions are routed by hash only")
         else:
@@ -172,16 +175,28 @@ class SessionStore:
         try:
             return await asyncio.wait_for(op(self._client), self.config.op_timeout_s)
         except DOWN_ERRORS as exc:
-            self._go_degraded(exc)
+            await self._go_degraded(exc)
             return fallback
 
     async def _reachable(self, client: aioredis.Redis) -> bool:
-        """True unless degraded; while degraded, one PING per retry interval may end it."""
+        """True unless degraded; while degraded, one PING per retry interval may end it.
+        Calls that arrive while that PING is out wait for its answer (bounded by
+        op_timeout_s) instead of failing: a write right after Redis returns is kept."""
         if not self._degraded:
             return True
+        if self._probe is not None:
+            return await asyncio.shield(self._probe)
         if time.monotonic() < self._retry_at:
             return False
         self._retry_at = time.monotonic() + self.config.retry_interval_s  # one prober
+        self._probe = asyncio.ensure_future(self._ping(client))
+        try:
+            return await asyncio.shield(self._probe)
+        finally:
+            self._probe = None
+
+    async def _ping(self, client: aioredis.Redis) -> bool:
+        await self._drop_connections()  # the probe (and what follows) on a fresh connection
         try:
             await asyncio.wait_for(client.ping(), self.config.op_timeout_s)
         except DOWN_ERRORS:
@@ -191,10 +206,21 @@ class SessionStore:
                     self._where)
         return True
 
-    def _go_degraded(self, exc: BaseException) -> None:
+    async def _drop_connections(self) -> None:
+        """Close every pooled connection: after an outage they are dead (a restarted Redis
+        closed them), and each one reused would fail one op, drop a write and put the
+        store back into degraded mode. The pool opens new ones on demand."""
+        assert self._client is not None
+        try:
+            await self._client.connection_pool.disconnect()
+        except Exception as exc:  # noqa: BLE001 - closing a dead socket must not raise here
+            log.debug("session store: closing pooled connections: %r", exc)
+
+    async def _go_degraded(self, exc: BaseException) -> None:
         self._retry_at = time.monotonic() + self.config.retry_interval_s
         if not self._degraded:
             self._degraded = True
+            await self._drop_connections()
             log.warning("session store: Redis at %s unreachable (%s: %s); routing by hash "
                         "only, retrying every %.1f s", self._where, type(exc).__name__, exc,
                         self.config.retry_interval_s)

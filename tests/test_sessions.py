@@ -357,6 +357,32 @@ def test_stop_and_restart_redis(server: RedisServer, make_store: Callable[..., S
     assert server.password not in caplog.text
 
 
+def test_restart_leaves_no_stale_pooled_connection(
+        server: RedisServer, make_store: Callable[..., SessionStore],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Connections pooled before a Redis restart are dead after it: none may be reused (each
+    would fail one op, drop a write and flip the store back to degraded)."""
+    async def main() -> None:
+        store = make_store(retry_interval_s=0.2)
+        await asyncio.gather(*(store.claim_pin(f"s{i}", "r1", {"r1"}) for i in range(8)))
+        server.stop()
+        try:
+            await assert_fallbacks(store)
+        finally:
+            server.start()
+        await asyncio.sleep(0.25)
+        for _ in range(3):  # every pooled connection gets used
+            await asyncio.gather(*(store.append_history(f"s{i}", [msg("after")], words)
+                                   for i in range(8)))
+            assert not store.degraded
+        assert [len(await store.history(f"s{i}")) for i in range(8)] == [3] * 8
+        await store.close()
+
+    with caplog.at_level(logging.INFO, logger="router.sessions"):
+        run(main)
+    assert [r.getMessage() for r in caplog.records][-1].endswith("sessions are pinned")
+
+
 def test_hung_redis_is_bounded_by_op_timeout(server: RedisServer,
                                              make_store: Callable[..., SessionStore]) -> None:
     async def main() -> None:
