@@ -339,7 +339,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 GemvConfig = tuple[int, int, int]  # (rows per program, K per iteration, warps)
 GEMV_CONFIGS: tuple[GemvConfig, ...] = (
-    (4, 1024, 4), (8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8))
+    (2, 2048, 4), (4, 1024, 4), (4, 2048, 8), (8, 512, 4), (8, 1024, 8), (16, 256, 4),
+    (16, 512, 8), (32, 256, 8))
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -50,6 +50,9 @@ class ForwardBatch:
     cu_q: torch.Tensor | None = None  # [B + 1] int32, where each sequence's tokens start
     max_q: int = 0  # the longest chunk
     splits: int = 1  # key-range splits of decode attention
+    # long prompts with no cached prefix: (start, end) of each sequence's tokens, for
+    # PyTorch's flash attention (faster than the paged kernel on long causal chunks)
+    fresh: tuple[tuple[int, int], ...] | None = None
 
 
 def attention_mask(query_pos: torch.Tensor, num_keys: int, window: int | None) -> torch.Tensor:
@@ -136,6 +139,19 @@ def paged_attention(
     return out.transpose(1, 2)[b.token_seq, b.token_off]
 
 
+def fresh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    spans: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """Causal attention of whole prompts (no cached prefix) from the step's own q, k, v
+    [T, heads | kv_heads, D], one SDPA call per sequence -> [T, heads, D]."""
+    out = torch.empty_like(q)
+    for start, end in spans:
+        o = F.scaled_dot_product_attention(
+            q[start:end].transpose(0, 1), k[start:end].transpose(0, 1),
+            v[start:end].transpose(0, 1), is_causal=True, enable_gqa=True)  # [H, L, D]
+        out[start:end] = o.transpose(0, 1)
+    return out
+
+
 class Attention(nn.Module):
     def __init__(self, hf_config: Any, spec: ModelSpec, layer: int, comm: Comm) -> None:
         super().__init__()
@@ -175,9 +191,12 @@ class Attention(nn.Module):
         if b.cu_q is not None:  # Triton: rotary + cache write in one kernel, paged attention
             kernels.rope_and_cache(q, k, v, *rope, b.slot_mapping, k_cache, v_cache,
                                    rotary.rotary_dim, rotary.interleaved)
-            out = kernels.paged_attention(q, k_cache, v_cache, b.block_tables, b.cu_q,
-                                          b.positions, self.window, b.max_q, b.splits)
-            return self.o_proj(out.view(out.shape[0], -1))
+            if b.fresh is not None and self.window is None:
+                out = fresh_attention(q, k, v, b.fresh)
+            else:
+                out = kernels.paged_attention(q, k_cache, v_cache, b.block_tables, b.cu_q,
+                                              b.positions, self.window, b.max_q, b.splits)
+            return self.o_proj(out.reshape(out.shape[0], -1))
         q, k = rotary(q, rope), rotary(k, rope)
         k_cache.view(-1, self.kv_heads, self.head_dim).index_copy_(0, b.slot_mapping, k)
         v_cache.view(-1, self.kv_heads, self.head_dim).index_copy_(0, b.slot_mapping, v)

@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 STEP, SHUTDOWN = 0, 1
 CPU_KV_CACHE_BYTES = 256 * 2**20  # default KV budget per rank on CPU
+# a step whose longest chunk is this long, all prompts from position 0, attends with
+# PyTorch's flash attention (2.4x the paged kernel at 8192 tokens on an H200)
+FLASH_MIN_TOKENS = 512
 
 
 @dataclass(frozen=True)
@@ -255,7 +258,19 @@ class Worker:
             max_q=max_q,
             splits=kernels.decode_splits(num_seqs, self._kv_heads(), width * bs)
             if max_q == 1 else 1,
+            fresh=self._fresh_spans(batch) if fast and max_q >= FLASH_MIN_TOKENS else None,
         )
+
+    @staticmethod
+    def _fresh_spans(batch: StepBatch) -> tuple[tuple[int, int], ...] | None:
+        """Token spans of the sequences, if every one is a whole prompt from position 0."""
+        spans, start = [], 0
+        for n in batch.query_lens:
+            if batch.positions[start] != 0:
+                return None
+            spans.append((start, start + n))
+            start += n
+        return tuple(spans)
 
     def _kv_heads(self) -> int:
         return self.kv[0][0].shape[2]

@@ -13,7 +13,7 @@ import torch
 from checkpoints import CheckpointFactory
 from transformers import AutoConfig
 
-from replicas import Engine, EngineConfig, SamplingParams, kernels
+from replicas import Engine, EngineConfig, SamplingParams, kernels, worker
 from replicas.config import ModelSpec
 from replicas.model import ForwardBatch, Rotary, attention_mask
 from replicas.model import paged_attention as reference_attention
@@ -185,11 +185,14 @@ def test_decode_splits_fill_the_gpu_within_bounds() -> None:
     assert kernels.decode_splits(256, 2, 8192) == 1  # enough programs already
 
 
+@pytest.mark.parametrize("flash_from", [4, 10**6])  # whole prompts through SDPA, or not
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen3", "glm"])
-def test_engine_tokens_equal_through_the_kernels(family: str, checkpoint: CheckpointFactory,
+def test_engine_tokens_equal_through_the_kernels(family: str, flash_from: int,
+                                                 checkpoint: CheckpointFactory,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Whole generations (prefill in chunks, prefix-cache hits, decode) through the
     kernels give the PyTorch path's greedy tokens."""
+    monkeypatch.setattr(worker, "FLASH_MIN_TOKENS", flash_from)
     ckpt = checkpoint(family)
     config = EngineConfig(model=ckpt, device=DEVICE, dtype="float32",
                           max_num_batched_tokens=16, block_size=4)
