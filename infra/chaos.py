@@ -287,7 +287,7 @@ def check_sessions(edge: str, records: list[Turn], faults: list[Fault]) -> dict[
         missing = [r for r in answered if stored is None or r.content not in stored]
         during = [r for r in missing if any(in_window(r, f, 3.0) for f in outages)]
         unrecorded += len(during)
-        if stored is None or len(missing) > len(during):
+        if len(missing) > len(during):
             lost.append(session)
     return {"sessions_checked": len({r.session for r in records if r.ok}),
             "sessions_lost": len(lost), "lost_examples": lost[:3],
@@ -327,7 +327,21 @@ def _refused(records: list[Turn], faults: list[Fault]) -> dict[str, int]:
     return out
 
 
-def run(config: ChaosConfig, out: str | None) -> dict[str, Any]:
+def dump(records: list[Turn], faults: list[Fault], path: str) -> None:
+    """Every turn and fault as JSON lines (times from the first turn), for a post-mortem."""
+    t0 = min((r.started for r in records), default=0.0)
+    with open(path, "w") as f:
+        for fault in faults:
+            f.write(json.dumps({"fault": fault.name, "start": round(fault.start - t0, 3),
+                                "end": round(fault.end - t0, 3), **fault.detail}) + "\n")
+        for r in records:
+            row = {k: v for k, v in asdict(r).items() if k != "token_times"}
+            row.update(started=round(r.started - t0, 3), ended=round(r.ended - t0, 3))
+            f.write(json.dumps(row) + "\n")
+
+
+def run(config: ChaosConfig, out: str | None, records_path: str | None = None
+        ) -> dict[str, Any]:
     import ray
 
     from infra.stack import local_stack
@@ -337,6 +351,8 @@ def run(config: ChaosConfig, out: str | None) -> dict[str, Any]:
         try:
             records, faults, wall = asyncio.run(drill(stack, config))
             sessions = check_sessions(stack.edge, records, faults)
+            if records_path:
+                dump(records, faults, records_path)
         finally:
             ray.shutdown()
     row = summarize(config, records, faults, wall, sessions)
@@ -368,8 +384,10 @@ def main(argv: list[str] | None = None) -> int:
     add_config_arguments(parser, ChaosConfig)
     parser.add_argument("--out", default=str(RESULTS / "chaos_cpu.jsonl"),
                         help="append the JSON line here ('-' for none)")
+    parser.add_argument("--records", help="write every turn and fault here (JSON lines)")
     args = parser.parse_args(argv)
-    row = run(config_from_args(args, ChaosConfig), None if args.out == "-" else args.out)
+    row = run(config_from_args(args, ChaosConfig), None if args.out == "-" else args.out,
+              args.records)
     return 0 if row["met"] else 1
 
 

@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import os
 
-# Ray reads this once, when first imported: a driver connecting to the local stack (the
+# Ray reads these once, when first imported: a driver connecting to the local stack (the
 # overhead mode here, infra/chaos.py, infra/soak.py, which import this module first) must
-# stay on 127.0.0.1, where the stack's Ray listens. Set before anything imports ray.
+# stay on 127.0.0.1, where the stack's Ray listens, and use its token auth (the token in
+# ~/.ray/auth_token; Ray turns it on by itself only for address="auto"). Set before
+# anything imports ray.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
@@ -74,6 +77,7 @@ class Turn:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str = ""  # an error event, a broken stream, a refusal, or "hang"
+    retries: int = 0  # refusals (429/503) retried after their Retry-After
     done: bool = False  # [DONE] arrived
     ended: float = 0.0
 
@@ -101,6 +105,7 @@ class LoadConfig:
     duration: float = 30.0  # seconds; clients stop starting turns after it
     max_requests: int = 200  # over all clients
     request_timeout: float = 60.0  # a stream not ended by then is a hang
+    retries: int = 2  # a 429/503 is retried after its Retry-After, as the openai client does
     temperature: float = 0.0
     seed: int = 0
 
@@ -118,7 +123,7 @@ async def chat_turn(http: aiohttp.ClientSession, config: LoadConfig, session: st
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
             "session": {"append": turn > 0}}
     try:
-        await asyncio.wait_for(_stream(http, config.url, body, session, record),
+        await asyncio.wait_for(_attempts(http, config, body, session, record),
                                config.request_timeout)
     except TimeoutError:
         record.error = "hang"
@@ -130,23 +135,41 @@ async def chat_turn(http: aiohttp.ClientSession, config: LoadConfig, session: st
     return record
 
 
+async def _attempts(http: aiohttp.ClientSession, config: LoadConfig, body: dict[str, Any],
+                    session: str, record: Turn) -> None:
+    """The request, and up to config.retries more after a 429/503 (its Retry-After, at
+    most 2 s): a refusal is not an accepted request, and clients retry it."""
+    while True:
+        wait = await _stream(http, config.url, body, session, record)
+        if wait is None or record.retries >= config.retries:
+            return
+        record.retries += 1
+        await asyncio.sleep(wait)
+
+
 async def _stream(http: aiohttp.ClientSession, url: str, body: dict[str, Any], session: str,
-                  record: Turn) -> None:
+                  record: Turn) -> float | None:
+    """One attempt; the seconds to wait before retrying it, or None when it is final."""
     async with http.post(f"{url}/v1/chat/completions", json=body,
                          headers={"X-Session-ID": session}) as resp:
         record.status = resp.status
         record.replica = resp.headers.get("X-Replica-ID", "")
         if resp.status != 200:
             record.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
-            return
+            if resp.status in (429, 503):
+                retry_after = resp.headers.get("Retry-After", "1")
+                return min(2.0, float(retry_after)) if retry_after.isdigit() else 1.0
+            return None
+        record.error = ""  # an earlier attempt's refusal
         async for raw in resp.content:
             line = raw.decode().strip()
             if not line.startswith("data: "):
                 continue
             if line == "data: [DONE]":
                 record.done = True
-                return
+                return None
             _event(record, json.loads(line[6:]))
+    return None
 
 
 def _event(record: Turn, event: dict[str, Any]) -> None:
@@ -246,6 +269,7 @@ def summarize(records: list[Turn], wall_s: float) -> dict[str, Any]:
         "refused": sum(not r.accepted and r.error != "hang" for r in records),
         "failed_accepted": sum(r.accepted and not r.ok for r in records),
         "hung": sum(r.error == "hang" for r in records),
+        "retried": sum(r.retries > 0 for r in records),
         "ttft_ms": ms([r.ttft_s for r in ok if r.ttft_s is not None]),
         "itl_ms": ms([gap for r in ok for gap in r.itl_s()]),
         "output_tokens_per_s": round(sum(r.completion_tokens for r in ok) / wall_s, 1)
@@ -512,6 +536,72 @@ def overhead_mode(calls: int, out: str | None) -> dict[str, Any]:
     return row
 
 
+# ---- the README's table -------------------------------------------------------------------
+
+TABLE_FILES = ("load_cpu.jsonl", "pinning_cpu.jsonl", "overhead_cpu.jsonl", "chaos_cpu.jsonl",
+               "soak_cpu.jsonl")
+
+
+def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
+    """(what was measured, the figures, the target) of one result line."""
+    kind, c = row["kind"], row.get("config", {})
+    if kind == "load":
+        return (f"load: {c['clients']} clients x {c['turns']}-turn sessions, "
+                f"{c['max_tokens']} tokens/turn",
+                f"TTFT p50/p99 {row['ttft_ms']['p50']}/{row['ttft_ms']['p99']} ms; ITL "
+                f"p50/p99 {row['itl_ms']['p50']}/{row['itl_ms']['p99']} ms; "
+                f"{row['output_tokens_per_s']} tok/s; {row['requests']} requests: "
+                f"{row['refused']} refused, {row['failed_accepted']} failed, {row['hung']} "
+                f"hung; sessions moved {row['sessions_moved']}/{row['sessions']}", "—")
+    if kind == "pinning":
+        p, r = row["pinned"], row["random"]
+        return (f"pinning payoff ({row['model']} model, {c['replicas']} replicas, prompts up "
+                f"to {min(p['max_prompt_tokens'], r['max_prompt_tokens'])} tokens)",
+                f"TTFT turns >= 3 p50: pinned {p['ttft_turn3plus_ms']['p50']} ms, random "
+                f"{r['ttft_turn3plus_ms']['p50']} ms (ratio "
+                f"{row['ttft_turn3plus_p50_ratio_pinned_over_random']}); prefix-cache hit "
+                f"rate pinned {p['prefix_hit_rate']}, random {r['prefix_hit_rate']}",
+                "ratio <= 0.33")
+    if kind == "overhead":
+        p50 = row["p50_ms"]
+        return ("router overhead: 1-token completion",
+                f"p50: engine handle {p50['direct_handle']} ms, Serve + router "
+                f"{p50['serve_router']} ms, nginx + router {p50['nginx_router']} ms; added "
+                f"{row['added_p50_ms']} ms (nginx {row['nginx_p50_ms']})", "added <= 2 ms")
+    if kind == "chaos":
+        return (f"chaos: {c['faults']} under {c['clients']} clients",
+                f"accepted and failed: {row['failed_on_killed_replica']} on the killed "
+                f"replica ({row['killed_streams_ended_with_error_event']} ended with an "
+                f"error event), {row['failed_in_router_crash']} in a router crash, "
+                f"{row['failed_other']} other; hung {row['hung']}; sessions lost "
+                f"{row['sessions_lost']}/{row['sessions_checked']}; refused "
+                f"{row['refused']}; turns unrecorded while Redis was down "
+                f"{row['turns_unrecorded_redis_down']}",
+                "0 other failures, 0 hangs, 0 sessions lost")
+    if kind == "soak":
+        return (f"soak: {c['duration']:.0f} s, {c['clients']} clients",
+                f"RSS growth after {c['warmup']:.0f} s warm-up, max over router and engine "
+                f"processes {row['max_growth_bounded_mib']} MiB; {row['requests']} requests, "
+                f"{row['failed_accepted']} failed", f"<= {row['bound_mib']:.0f} MiB")
+    raise ValueError(f"unknown result kind {kind!r}")
+
+
+def table(results: str | Path = RESULTS) -> str:
+    """A markdown table of the results files (JSON lines) under `results`, for the README."""
+    out = ["| measurement | result | target | met | rev |", "|---|---|---|---|---|"]
+    for name in TABLE_FILES:
+        path = Path(results) / name
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                what, figures, target = _cell(row)
+                met = "—" if "met" not in row else ("yes" if row["met"] else "**no**")
+                out.append(f"| {what} | {figures} | {target} | {met} | {row['git_rev']} |")
+    return "\n".join(out)
+
+
 # ---- command line ----------------------------------------------------------------------
 
 
@@ -524,6 +614,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="append the JSON lines here (default: "
                         "infra/results/<mode>_cpu.jsonl; '-' for none)")
     parser.add_argument("--calls", type=int, default=300, help="overhead: calls per path")
+    parser.add_argument("--table", metavar="DIR", nargs="?", const=str(RESULTS),
+                        help="print the results under DIR (default infra/results) as the "
+                        "README's markdown table")
     add_config_arguments(parser, LoadConfig, {"url": None})
     group = parser.add_argument_group("pinning")
     for f in PinningConfig.__dataclass_fields__.values():
@@ -537,6 +630,9 @@ def main(argv: list[str] | None = None) -> int:
     from infra.cli import config_from_args
 
     args = build_parser().parse_args(argv)
+    if args.table:
+        print(table(args.table))
+        return 0
     out = None if args.out == "-" else (args.out or str(RESULTS / f"{args.mode}_cpu.jsonl"))
     if args.mode == "pinning":
         fields = PinningConfig.__dataclass_fields__
