@@ -201,6 +201,9 @@ class Engine:
         self._ids = itertools.count()
         self._steps = 0
         self._tokens_out = 0  # tokens generated since start
+        # tokens sampled but not yet detokenized and delivered: done while the GPU runs
+        # the next step (see _step)
+        self._pending: list[tuple[_Request, int, float]] = []
         self._thread = threading.Thread(target=self._drive, name="tpserve-driver", daemon=True)
         self._thread.start()
 
@@ -365,6 +368,8 @@ class Engine:
                 continue
             try:
                 self._step()
+                if not self.scheduler.has_work():
+                    self._deliver()  # no next step to overlap with
             except Exception as e:  # noqa: BLE001 - every request must hear of it
                 log.exception("engine step failed")
                 with self._cond:
@@ -391,19 +396,25 @@ class Engine:
         self.scheduler.add(seq)
 
     def _step(self) -> None:
+        """One step: launch it, then (while the GPU runs it) detokenize and deliver the
+        previous step's tokens, then sample. A sequence finished by a stop string only
+        found in that delivery may be in the step just launched: its row is dropped."""
         plan = self.scheduler.schedule()
         if not plan:
             raise RuntimeError("scheduler has work but scheduled nothing")
         batch, rows = self._batch(plan)
         self.worker.send(batch)
         logits = self.worker.execute(batch)
+        self._deliver()
         self._steps += 1
-        for item in plan:
+        live = [(item, r) for item, r in zip(plan, rows, strict=True)
+                if item.seq.request_id in self._requests]
+        for item, _ in live:
             if item.seq.score and item.seq.num_computed == 0:  # (re)started after preemption
                 self._requests[item.seq.request_id].score_rows.clear()
             self.scheduler.advance(item)
         sampled: list[tuple[_Request, int]] = []  # (request, its row of the logits)
-        for item, (start, end) in zip(plan, rows, strict=True):
+        for item, (start, end) in live:
             req = self._requests[item.seq.request_id]
             if req.seq.score:
                 req.score_rows.append(logits[start:end].cpu())
@@ -420,7 +431,7 @@ class Engine:
             tokens, logprobs = sample(picked, [r.seq.params for r in reqs],
                                       [r.generator for r in reqs])
             for req, token, lp in zip(reqs, tokens, logprobs, strict=True):
-                self._emit(req, token, lp)
+                self._accept(req, token, lp)
 
     def _batch(self, plan: list[Scheduled]) -> tuple[StepBatch, list[tuple[int, int]]]:
         """The step message, and per scheduled item the rows of the logits it owns."""
@@ -442,13 +453,31 @@ class Engine:
                           tuple(tuple(i.seq.block_table) for i in plan), tuple(logits_at))
         return batch, rows
 
-    def _emit(self, req: _Request, token: int, logprob: float) -> None:
+    def _accept(self, req: _Request, token: int, logprob: float) -> None:
+        """Take a sampled token at once: the sequence grows (the next step needs it) and,
+        if a stop token or max_tokens ends it, leaves the scheduler. Text and delivery
+        wait for `_deliver`."""
         seq, params = req.seq, req.seq.params
         seq.token_ids.append(token)
         self._tokens_out += 1
+        if self._is_stop_token(token, params) or len(seq.output_ids) >= params.max_tokens:
+            self.scheduler.finish(seq)
+        self._pending.append((req, token, logprob))
+
+    def _is_stop_token(self, token: int, params: SamplingParams) -> bool:
+        return token in params.stop_token_ids or (token in self._eos and not params.ignore_eos)
+
+    def _deliver(self) -> None:
+        """Detokenize the accepted tokens, check stop strings, hand out the deltas."""
+        pending, self._pending = self._pending, []
+        for req, token, logprob in pending:
+            if self._requests.get(req.seq.request_id) is req:  # not aborted meanwhile
+                self._emit(req, token, logprob)
+
+    def _emit(self, req: _Request, token: int, logprob: float) -> None:
+        seq, params = req.seq, req.seq.params
         finish = None
-        stop_token = token in params.stop_token_ids or (
-            token in self._eos and not params.ignore_eos)
+        stop_token = self._is_stop_token(token, params)
         if not stop_token:
             req.text += req.decoder.push(token)
         if stop_token:

@@ -174,6 +174,27 @@ def test_stop_string_cuts_the_text(engine: Engine) -> None:
     assert "".join(d.text for d in streamed) == full.text[:cut]
 
 
+def test_stop_string_in_a_batch_drops_the_step_already_launched(
+        engine: Engine, solo: dict[int, list[int]]) -> None:
+    """Text is delivered while the next step runs, so a stop string is seen one step
+    late: that step's token of the stopped request is dropped, the others keep theirs,
+    and every KV block comes back."""
+    text = engine.tokenizer.decode(solo[1])
+    stop = text[len(text) // 3 : len(text) // 3 + 2]
+    params = [GREEDY, SamplingParams(max_tokens=24, temperature=0.0, stop=(stop,),
+                                     ignore_eos=True), GREEDY]
+    outs = engine.generate([PROMPTS[0], PROMPTS[1], PROMPTS[2]], params)
+    assert outs[0].token_ids == solo[0] and outs[2].token_ids == solo[2]
+    stopped = outs[1]
+    assert stopped.finish_reason == "stop" and stop not in stopped.text
+    n = len(stopped.token_ids)
+    assert stopped.token_ids == solo[1][:n] and n < 24
+    assert stop in engine.tokenizer.decode(solo[1][:n])  # ends on the token that made it
+    assert stop not in engine.tokenizer.decode(solo[1][: n - 1])
+    stats = engine.stats()
+    assert stats["running"] == 0 and stats["waiting"] == 0
+
+
 def test_eos_finishes_with_stop(engine: Engine, solo: dict[int, list[int]]) -> None:
     eos = solo[1][3]  # pretend the 4th greedy token is the end of sequence
     engine._eos.add(eos)
