@@ -4,9 +4,10 @@ Starts a local stack (the tiny model, tp=2, 2 replicas) on free loopback ports, 
 streaming multi-turn clients of infra/load.py through nginx and, during the load, one
 fault after another, each waited out until the stack has recovered:
 
-- `kill_rank`: kill rank 1 (a Ray actor) of the replica that served the latest turn. Its
-  streams must end with an error event and [DONE], never hang; Serve replaces the replica
-  (its health check fails) and its sessions move, history intact.
+- `kill_rank`: start a long stream (the probe), and once it has its first token kill
+  rank 1 (a Ray actor) of the replica serving it. Streams on that replica must end with an
+  error event and [DONE], never hang; Serve replaces the replica (its health check fails)
+  and its sessions move, history intact.
 - `redis`: stop Redis (SIGTERM, through the Ray actor that owns it), wait, start it
   again; it reloads its append-only file. The router serves hash-only meanwhile.
 - `router`: restart the router gracefully: redeploy the app with a new environment for
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -36,7 +38,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from infra.load import RESULTS, Budget, LoadConfig, Turn, emit, environment, run_clients
+from infra.load import (
+    RESULTS,
+    Budget,
+    LoadConfig,
+    Turn,
+    chat_turn,
+    emit,
+    environment,
+    run_clients,
+)
 from infra.load import summarize as load_summary
 
 FAULTS = ("kill_rank", "redis", "router", "router_kill", "scale")
@@ -127,22 +138,39 @@ class Drill:
     # -- faults --
 
     async def kill_rank(self, fault: Fault) -> None:
+        """A long stream (the probe) runs on some replica; once it has its first token,
+        rank 1 of that replica is killed. The probe must end with an error event."""
+        import aiohttp
+
+        replicas_now = self.engine_ids()
+        probe = Turn(f"probe-{os.getpid()}-{len(self.records)}", 0, time.monotonic(),
+                     "a long answer, please")
+        load = LoadConfig(url=self.stack.edge, max_tokens=1500, retries=0,
+                          request_timeout=self.config.request_timeout)
+        async with aiohttp.ClientSession() as http:
+            streaming = asyncio.create_task(chat_turn(http, load, probe.session, 0,
+                                                      probe.content, probe))
+            while probe.ttft_s is None and not streaming.done():
+                await asyncio.sleep(0.05)
+            victim = probe.replica
+            await self._kill_rank1(victim, fault)
+            self.records.append(await streaming)
+        fault.detail["probe"] = {"error": probe.error[:80], "done": probe.done,
+                                 "tokens_before_kill": len(probe.token_times)}
+        count = len(replicas_now)
+        fault.detail["replaced_s"] = round(await self.until(
+            "replica replaced", lambda: self.running(count, excluding=victim)), 1)
+
+    async def _kill_rank1(self, victim: str, fault: Fault) -> None:
         import ray
         from ray.util.state import list_actors
 
-        serving = [r.replica for r in self.records if r.accepted and r.replica]
-        replicas_now = self.engine_ids()
-        victim = next((r for r in reversed(serving) if r in replicas_now),
-                      next(iter(replicas_now)))
         actors = await asyncio.to_thread(
             list_actors, filters=[("class_name", "=", "RankActor"), ("state", "=", "ALIVE")],
             address=self.dashboard)
         target = next(a for a in actors if a.name == f"tpserve-{victim}-rank1")
         ray.kill(ray.get_actor(target.name, namespace=target.ray_namespace))
-        fault.detail = {"replica": victim, "actor": target.name}
-        count = len(replicas_now)
-        fault.detail["replaced_s"] = round(await self.until(
-            "replica replaced", lambda: self.running(count, excluding=victim)), 1)
+        fault.detail.update(replica=victim, actor=target.name)
 
     async def redis(self, fault: Fault) -> None:
         import ray

@@ -115,9 +115,10 @@ def user_message(rng: random.Random, words: int) -> str:
 
 
 async def chat_turn(http: aiohttp.ClientSession, config: LoadConfig, session: str, turn: int,
-                    content: str) -> Turn:
-    """One streaming chat turn of `session`; never raises, never waits past the timeout."""
-    record = Turn(session, turn, time.monotonic(), content)
+                    content: str, record: Turn | None = None) -> Turn:
+    """One streaming chat turn of `session`; never raises, never waits past the timeout.
+    Pass `record` to watch the turn while it runs (its status, replica, first token)."""
+    record = record or Turn(session, turn, time.monotonic(), content)
     body = {"model": "tpserve", "messages": [{"role": "user", "content": content}],
             "max_tokens": config.max_tokens, "temperature": config.temperature,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
