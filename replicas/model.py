@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.activations import ACT2FN
 
 from replicas import kernels
@@ -144,12 +145,21 @@ def fresh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Causal attention of whole prompts (no cached prefix) from the step's own q, k, v
     [T, heads | kv_heads, D], one SDPA call per sequence -> [T, heads, D]."""
     out = torch.empty_like(q)
-    for start, end in spans:
-        o = F.scaled_dot_product_attention(
-            q[start:end].transpose(0, 1), k[start:end].transpose(0, 1),
-            v[start:end].transpose(0, 1), is_causal=True, enable_gqa=True)  # [H, L, D]
-        out[start:end] = o.transpose(0, 1)
+    # never the math kernel on a GPU (it builds the L x L matrix): a fused one or an error
+    backends = FUSED_SDPA if q.is_cuda else [*FUSED_SDPA, SDPBackend.MATH]
+    with sdpa_kernel(backends):
+        for start, end in spans:
+            # 4-D [1, heads, L, D]: SDPA's fused kernels take no 3-D inputs (measured: with
+            # them an 8192-token prompt took 2.4 s instead of 0.3 s on the H200)
+            o = F.scaled_dot_product_attention(
+                *(x[start:end].transpose(0, 1)[None] for x in (q, k, v)), is_causal=True,
+                enable_gqa=True)
+            out[start:end] = o[0].transpose(0, 1)
     return out
+
+
+FUSED_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+              SDPBackend.CUDNN_ATTENTION]
 
 
 class Attention(nn.Module):
