@@ -233,12 +233,14 @@ if triton is not None:
         for k0 in range(0, k, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             if EVEN:  # shapes divide the blocks: no masks, wide loads
-                w = tl.load(W + rows[:, None] * sw + cols[None, :])
+                # weights stream through once: keep them from pushing x out of L2
+                w = tl.load(W + rows[:, None] * sw + cols[None, :], eviction_policy="evict_first")
                 x = tl.load(X + cols)
             else:
                 c_ok = cols < k
                 w = tl.load(W + rows[:, None] * sw + cols[None, :],
-                            mask=r_ok[:, None] & c_ok[None, :], other=0.0)
+                            mask=r_ok[:, None] & c_ok[None, :], other=0.0,
+                            eviction_policy="evict_first")
                 x = tl.load(X + cols, mask=c_ok, other=0.0)
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         y = tl.sum(acc, axis=1)
@@ -337,22 +339,22 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return out
 
 
-GemvConfig = tuple[int, int, int]  # (rows per program, K per iteration, warps)
-GEMV_CONFIGS: tuple[GemvConfig, ...] = (
-    (2, 2048, 4), (4, 1024, 4), (4, 2048, 8), (8, 512, 4), (8, 1024, 8), (16, 256, 4),
-    (16, 512, 8), (32, 256, 8))
+GemvConfig = tuple[int, int, int, int]  # (rows per program, K per iteration, warps, stages)
+GEMV_CONFIGS: tuple[GemvConfig, ...] = (  # the leaders of earlier H200 runs, and variations
+    (4, 1024, 4, 3), (4, 2048, 8, 2), (4, 2048, 8, 3), (4, 2048, 8, 4), (2, 4096, 8, 3),
+    (8, 1024, 8, 3), (16, 512, 8, 3), (8, 512, 4, 4))
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
          config: GemvConfig) -> torch.Tensor:
     """x [1, K] @ weight[N, K].T (+ bias) -> [1, N], in x's dtype."""
     n, k = weight.shape
-    block_n, block_k, warps = config
+    block_n, block_k, warps, stages = config
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, y, n, k, weight.stride(0),
         HAS_BIAS=bias is not None, EVEN=n % block_n == 0 and k % block_k == 0,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return y
 
 

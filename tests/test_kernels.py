@@ -152,7 +152,7 @@ def test_gemv_matches_linear(dtype: torch.dtype, shape: tuple[int, int],
     bias = torch.randn(shape[0], generator=gen).to(DEVICE, dtype) if with_bias else None
     want = torch.nn.functional.linear(x.float(), w.float(), None if bias is None else
                                       bias.float())
-    for config in [(8, 64, 4), (16, 128, 4)]:
+    for config in [(8, 64, 4, 2), (16, 128, 4, 3)]:
         got = kernels.gemv(x, w, bias, config)
         assert got.dtype == dtype and got.shape == (1, shape[0])
         tol = 1e-4 if dtype == torch.float32 else 2e-2
