@@ -114,6 +114,7 @@ class Worker:
         if (config.gemv_kernels and self.device.type == "cuda" and kernels.enabled(self.device)
                 and self.dtype != torch.float32):
             self.gemv_report = tune_gemv(self.model)
+            torch.cuda.empty_cache()  # the timing copies' memory goes to the KV pool
         self.num_blocks = self._agree_min(self._count_blocks())
         # one block more than the scheduler hands out: the scratch block of padded rows
         self.kv = allocate_kv_cache(self.spec, self.world_size, self.num_blocks + 1,
