@@ -386,13 +386,23 @@ def pick_gemv(weight: torch.Tensor, bias: torch.Tensor | None, margin: float = 0
 
 def _cycled_us(fn: Callable[[torch.Tensor], torch.Tensor], copies: list[torch.Tensor],
                rounds: int = 10) -> float:
-    for w in copies:  # compile and warm up
-        fn(w)
+    """GPU time per call, from a CUDA graph of one call per copy (as in the decode graph:
+    no host launch cost between kernels)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for w in copies:  # compile and warm up outside the graph
+            fn(w)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for w in copies:
+            fn(w)
+    graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(rounds):
-        for w in copies:
-            fn(w)
+        graph.replay()
     end.record()
     end.synchronize()
     return start.elapsed_time(end) * 1e3 / (rounds * len(copies))
