@@ -354,13 +354,14 @@ def _load_row(config: LoadConfig, out: str | None, extra: dict[str, Any] | None 
 
 # A Llama shape for the pinning payoff on CPU: the built-in tiny model (hidden 64) prefills
 # 1,000 tokens in about one decode step, so its TTFT is all fixed cost and no cache can
-# show; this one's prefill costs about 0.3 ms a token on 2 cores, like a real model's
-# prefill dominating its TTFT. Random weights (load_format=random), the tiny tokenizer.
-PREFILL_MODEL = {"hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 4,
-                 "num_attention_heads": 8, "num_key_value_heads": 4,
+# show; this one prefills 1,200 tokens in ~0.6 s at tp=2 on 2 cores (~0.1 s for 170 new
+# tokens after a cached prefix), a real model's proportions. Random weights
+# (load_format=random), the tiny tokenizer.
+PREFILL_MODEL = {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 6,
+                 "num_attention_heads": 12, "num_key_value_heads": 4,
                  "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
                  "tie_word_embeddings": False}
-PREFILL_MODEL_VERSION = "load-llama-v1"
+PREFILL_MODEL_VERSION = "load-llama-v2"
 
 
 def prefill_model_dir() -> str:
@@ -407,7 +408,8 @@ class PinningConfig:
     first_words: int = 300  # the first user message; later ones add `words` each
     words: int = 120
     max_tokens: int = 8
-    replicas: int = 2
+    # random routing still lands on the replica of the previous turn 1 time in `replicas`
+    replicas: int = 4
     history_tokens: int = 1000  # the summary checks the last turns' prompts exceed this
     model: str = "prefill"  # "prefill" (PREFILL_MODEL) or "tiny"
 
@@ -426,8 +428,8 @@ def pinning_side(config: PinningConfig, routing: str) -> dict[str, Any]:
     """One side of the comparison on a fresh stack with the given routing."""
     from infra.stack import local_stack
 
-    with local_stack(engine_for(config.model), replicas=config.replicas,
-                     routing=routing) as stack:
+    with local_stack(engine_for(config.model), replicas=config.replicas, routing=routing,
+                     num_cpus=max(8, 2 * config.replicas + 2)) as stack:
         warm: list[Turn] = []  # one short request per replica path: imports, first steps
         asyncio.run(run_clients(LoadConfig(url=stack.edge, clients=2, turns=1, max_tokens=2,
                                            max_requests=4, seed=99), warm))
@@ -477,8 +479,14 @@ def timed(calls: int, one: Callable[[], Awaitable[None]]) -> Callable[[], Awaita
     return run
 
 
-async def _overhead(edge: str, serve: str, handle: Any, calls: int) -> dict[str, list[float]]:
-    """Interleaved rounds of 1-token completions on the three paths."""
+async def _overhead(edge: str, serve_url: str, calls: int) -> dict[str, list[float]]:
+    """Interleaved rounds of 1-token completions on the three paths. (The handle is made
+    inside the event loop: Serve may run its router on the caller's loop.)"""
+    from ray import serve
+
+    from cluster.app import APP_NAME, ENGINE
+
+    handle = serve.get_deployment_handle(ENGINE, APP_NAME).options(stream=True)
     body = {"model": "tpserve", "prompt": [5, 6, 7, 8], "max_tokens": 1, "temperature": 0.0}
     request = {"prompt": [5, 6, 7, 8], "params": {"max_tokens": 1, "temperature": 0.0}}
     async with aiohttp.ClientSession() as http:
@@ -492,7 +500,7 @@ async def _overhead(edge: str, serve: str, handle: Any, calls: int) -> dict[str,
             async for _ in handle.generate.remote(request):
                 pass
 
-        paths = {"direct_handle": direct, "serve_router": lambda: post(serve),
+        paths = {"direct_handle": direct, "serve_router": lambda: post(serve_url),
                  "nginx_router": lambda: post(edge)}
         times: dict[str, list[float]] = {name: [] for name in paths}
         for _ in range(5):  # warm-up: connections, imports, the prefix cache
@@ -507,17 +515,14 @@ async def _overhead(edge: str, serve: str, handle: Any, calls: int) -> dict[str,
 def overhead_mode(calls: int, out: str | None) -> dict[str, Any]:
     """Start a local stack, connect a Ray driver to it, time the three paths."""
     import ray
-    from ray import serve
 
-    from cluster.app import APP_NAME, ENGINE
     from infra.stack import local_stack
 
     with local_stack() as stack:
         stack.connect()
         try:
-            handle = serve.get_deployment_handle(ENGINE, APP_NAME).options(stream=True)
             serve_url = f"http://127.0.0.1:{stack.config.serve_port}"
-            times = asyncio.run(_overhead(stack.edge, serve_url, handle, calls))
+            times = asyncio.run(_overhead(stack.edge, serve_url, calls))
         finally:
             ray.shutdown()
     p50 = {name: round(1e3 * statistics.median(t), 3) for name, t in times.items()}
