@@ -365,8 +365,9 @@ def pick_gemv(weight: torch.Tensor, bias: torch.Tensor | None, margin: float = 0
     Returns the fastest config if it beats cuBLAS by the margin (else None: keep cuBLAS),
     and the times in us."""
     x = torch.randn(1, weight.shape[1], dtype=weight.dtype, device=weight.device)
-    copies = [weight] + [weight.clone() for _ in range(max(1, -(-2**28 // (
-        weight.numel() * weight.element_size())) - 1))]
+    # 256 MB of copies (at most 32: small matrices are cheap either way)
+    count = min(32, max(2, -(-2**28 // (weight.numel() * weight.element_size()))))
+    copies = [weight] + [weight.clone() for _ in range(count - 1)]
     want = torch.nn.functional.linear(x, weight, bias)
 
     def cublas(w: torch.Tensor) -> torch.Tensor:
