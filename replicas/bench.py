@@ -36,7 +36,9 @@ def environment() -> dict[str, Any]:
                      "cores": os.cpu_count(), "gpu": gpu},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
-        "command": " ".join(["python -m replicas.bench", *sys.argv[1:]]),
+        # file arguments by name only: no machine's paths in committed results
+        "command": " ".join(["python -m replicas.bench",
+                             *(os.path.basename(a) if os.sep in a else a for a in sys.argv[1:])]),
     }
 
 
@@ -280,13 +282,19 @@ def _row(case: str, unit: str, ours: float, theirs: float | None, **shape: Any
 def table(path: str) -> str:
     """A markdown table of a results file (JSON lines), for the README."""
     rows = [json.loads(line) for line in open(path) if line.strip()]
-    out = ["| case | unit | ours | transformers | ours / transformers | floor | gpu |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["| case | unit | ours | transformers | ours / transformers | floor | vs floor | gpu |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         theirs = r.get("transformers_eager", r.get("transformers", "—"))
         floor = r.get("floor_ms", r.get("matmul_floor_ms", "—"))
+        if "fraction_of_floor" in r:  # decode: share of the bandwidth floor reached
+            versus = f"{r['fraction_of_floor']:.0%} of it"
+        elif "ratio_to_floor" in r:  # prefill: times the matmul floor
+            versus = f"{r['ratio_to_floor']}x"
+        else:
+            versus = "—"
         out.append(f"| {r['case']} | {r['unit']} | {r['ours']} | {theirs} | "
-                   f"{r.get('ratio_ours_over_transformers', '—')} | {floor} | "
+                   f"{r.get('ratio_ours_over_transformers', '—')} | {floor} | {versus} | "
                    f"{r['hardware']['gpu'] or r['hardware']['cpu']} |")
     return "\n".join(out)
 
