@@ -500,8 +500,12 @@ async def _overhead(edge: str, serve_url: str, calls: int) -> dict[str, list[flo
             async for _ in handle.generate.remote(request):
                 pass
 
+        async def healthz() -> None:
+            async with http.get(f"{serve_url}/healthz") as resp:
+                await resp.read()
+
         paths = {"direct_handle": direct, "serve_router": lambda: post(serve_url),
-                 "nginx_router": lambda: post(edge)}
+                 "nginx_router": lambda: post(edge), "serve_healthz": healthz}
         times: dict[str, list[float]] = {name: [] for name in paths}
         for _ in range(5):  # warm-up: connections, imports, the prefix cache
             for one in paths.values():
@@ -536,7 +540,9 @@ def overhead_mode(calls: int, out: str | None) -> dict[str, Any]:
                      "serve_router": "HTTP -> Serve proxy -> router (FastAPI, Redis pin, "
                      "validation) -> engine replica",
                      "nginx_router": "HTTP -> nginx -> Serve proxy -> router -> engine "
-                     "replica"},
+                     "replica",
+                     "serve_healthz": "HTTP -> Serve proxy -> router GET /healthz, no "
+                     "engine: the floor of Serve's proxy hop and FastAPI"},
            "stack": "local", "model": "tiny", "tp": 2, **environment()}
     emit(row, out)
     return row
