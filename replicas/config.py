@@ -51,6 +51,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.90  # share of free GPU memory the KV pool may take
     cuda_graphs: bool = True  # decode steps replayed from CUDA graphs (GPU only)
     gemv_kernels: bool = True  # batch-1 matmuls: Triton GEMV where it beats cuBLAS (16-bit GPU)
+    # tp > 1: row-parallel matmuls over more tokens go in chunks of this many, each
+    # chunk's all-reduce overlapping the next chunk's matmul (0: one reduce at the end)
+    overlap_chunk_tokens: int = 2048
 
     def __post_init__(self) -> None:
         if self.tp not in SUPPORTED_TP:
@@ -63,6 +66,9 @@ class EngineConfig:
             raise ConfigError(f"load_format={self.load_format!r}: use 'auto' or 'random'")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device={self.device!r}: use 'auto', 'cpu' or 'cuda'")
+        if self.overlap_chunk_tokens < 0:
+            raise ConfigError(f"overlap_chunk_tokens must be >= 0, got "
+                              f"{self.overlap_chunk_tokens}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")

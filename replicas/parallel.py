@@ -36,6 +36,9 @@ class Comm:
     group: dist.ProcessGroup | None = None
     overflow: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.bool))
     force_float32: bool = False  # set for the re-run of a step whose 16-bit payload overflowed
+    # row-parallel matmuls over more tokens than this go in chunks whose all-reduces
+    # overlap the next chunk's matmul (0: never)
+    overlap_chunk: int = 0
 
     def to(self, device: torch.device) -> Comm:
         self.overflow = self.overflow.to(device)
@@ -54,6 +57,33 @@ class Comm:
         if wire == torch.float16:
             self.overflow |= ~torch.isfinite(payload).all()
         return payload.to(x.dtype)
+
+    def matmul_all_reduce(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x @ weight.T summed over the group, in x's dtype.
+
+        Over `overlap_chunk` tokens (a prefill), the rows go in chunks: each chunk's
+        all-reduce is started asynchronously (NCCL runs it on its own stream, gloo on its
+        own thread) while the next chunk's matmul computes, so only the last chunk's
+        reduce is exposed. Not inside a CUDA graph capture (decode: one small reduce).
+        """
+        t = x.shape[0]
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        if self.world_size == 1 or not 0 < self.overlap_chunk < t or capturing:
+            return self.all_reduce(F.linear(x, weight))
+        wire = torch.float32 if self.force_float32 else self.dtype
+        out = torch.empty(t, weight.shape[0], dtype=x.dtype, device=x.device)
+        started = []
+        for start in range(0, t, self.overlap_chunk):
+            end = min(t, start + self.overlap_chunk)
+            payload = F.linear(x[start:end], weight).to(wire)
+            started.append((start, end, payload,
+                            dist.all_reduce(payload, group=self.group, async_op=True)))
+        for start, end, payload, work in started:
+            work.wait()
+            if wire == torch.float16:
+                self.overflow |= ~torch.isfinite(payload).all()
+            out[start:end] = payload
+        return out
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate each rank's `x` along the last dim (vocab shards of the logits)."""
@@ -168,7 +198,7 @@ class RowParallelLinear(nn.Module):
         if self.gemv is not None and x.shape[0] == 1:
             y = self.comm.all_reduce(kernels.gemv(x, self.weight, None, self.gemv))
         else:
-            y = self.comm.all_reduce(F.linear(x, self.weight))
+            y = self.comm.matmul_all_reduce(x, self.weight)
         return y + self.bias if self.bias is not None else y
 
 

@@ -99,7 +99,8 @@ class Worker:
         self.spec = ModelSpec.from_hf(hf_config)
         self.spec.check_tp(self.world_size)
         self.dtype = resolve_dtype(config, self.spec, self.device)
-        self.comm = Comm(rank, self.world_size, DTYPES[config.comm_dtype]).to(self.device)
+        self.comm = Comm(rank, self.world_size, DTYPES[config.comm_dtype],
+                         overlap_chunk=config.overlap_chunk_tokens).to(self.device)
         self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
         with torch.device(self.device):
             model = CausalLM(hf_config, self.spec, self.comm, max(self.max_model_len, 1))

@@ -294,6 +294,21 @@ def test_float16_overflow_is_rerun_in_float32(overflowing_model: str) -> None:
     assert guarded == exact
 
 
+def test_overlapped_chunked_all_reduce_changes_no_token() -> None:
+    """tp=2 prefill with the row-parallel all-reduces in 4-token chunks, each overlapping
+    the next chunk's matmul: the same greedy tokens and logits as one reduce per layer."""
+    prompt = PROMPTS[1]  # 31 tokens: 8 chunks per row-parallel layer in the prefill
+    runs = {}
+    for chunk in (0, 4):
+        config = EngineConfig(model=None, tp=2, comm_dtype="float32",
+                              overlap_chunk_tokens=chunk)
+        with Engine(config) as eng:
+            out = eng.generate([prompt], GREEDY)[0].token_ids
+            runs[chunk] = (out, eng.score(prompt))
+    assert runs[4][0] == runs[0][0]
+    torch.testing.assert_close(runs[4][1], runs[0][1], atol=1e-5, rtol=1e-5)
+
+
 def test_tp2_dead_rank_fails_requests_fast_and_shutdown_cleans_up() -> None:
     eng = Engine(EngineConfig(model=None, tp=2, dist_timeout_s=60))
     procs = list(eng._procs)

@@ -123,6 +123,19 @@ def _row(comm: Comm, w: dict[str, torch.Tensor]) -> Results:
             "read": weight.read}
 
 
+def _row_chunked(comm: Comm, w: dict[str, torch.Tensor]) -> Results:
+    """5 tokens in chunks of 2: three asynchronous all-reduces, overlapping the matmuls."""
+    comm.overlap_chunk = 2
+    res = _row(comm, w)
+    comm.reset_overflow()
+    # only the last chunk's rows overflow float16 (70000 > 65504): the flag must see it
+    big = torch.zeros(TOKENS, 6)
+    big[-1, 0] = 70000.0
+    comm.matmul_all_reduce(big, torch.eye(4, 6))
+    res["last_chunk_overflow"] = bool(comm.overflow)
+    return res
+
+
 def _embedding(comm: Comm, w: dict[str, torch.Tensor]) -> Results:
     layer = VocabParallelEmbedding(VOCAB, DIM, comm)
     get = getter(w["embed.weight"])
@@ -165,6 +178,8 @@ CHECKS: dict[str, tuple[Callable[[Comm, dict[str, torch.Tensor]], Results], torc
     "column_fused": (_column_fused, torch.float32),
     "row": (_row, torch.float32),
     "row_float16_comm": (_row, torch.float16),
+    "row_chunked": (_row_chunked, torch.float32),
+    "row_chunked_float16": (_row_chunked, torch.float16),
     "embedding": (_embedding, torch.float16),  # exact=True: comm dtype must not matter
     "lm_head": (_lm_head, torch.float16),
     "all_reduce_float16": (_all_reduce_float16, torch.float16),
@@ -276,7 +291,9 @@ def test_column_parallel_loads_a_fused_checkpoint_tensor(ranks: list[dict[str, R
     close(torch.cat([p[1] for p in pieces], dim=-1), ref_up)
 
 
-@pytest.mark.parametrize(("check", "tol"), [("row", 1e-5), ("row_float16_comm", 2e-2)])
+@pytest.mark.parametrize(("check", "tol"), [("row", 1e-5), ("row_float16_comm", 2e-2),
+                                           ("row_chunked", 1e-5),
+                                           ("row_chunked_float16", 2e-2)])
 def test_row_parallel_adds_the_bias_once(ranks: list[dict[str, Results]], w: dict, check: str,
                                          tol: float) -> None:
     ref = linear(w["row_in"], "o", w)
@@ -284,6 +301,13 @@ def test_row_parallel_adds_the_bias_once(ranks: list[dict[str, Results]], w: dic
         close(r[check]["out"], ref, tol)
         assert r[check]["overflow"] is False
         assert r[check]["read"] == w["o.weight"].numel() // WORLD  # only its columns
+
+
+def test_chunked_all_reduce_flags_an_overflow_in_any_chunk(
+        ranks: list[dict[str, Results]]) -> None:
+    for r in ranks:
+        assert r["row_chunked_float16"]["last_chunk_overflow"]
+        assert not r["row_chunked"]["last_chunk_overflow"]  # float32 on the wire
 
 
 def test_vocab_parallel_embedding_uneven_vocab(ranks: list[dict[str, Results]],
