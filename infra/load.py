@@ -564,7 +564,8 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                 f"p50/p99 {row['itl_ms']['p50']}/{row['itl_ms']['p99']} ms; "
                 f"{row['output_tokens_per_s']} tok/s; {row['requests']} requests: "
                 f"{row['refused']} refused, {row['failed_accepted']} failed, {row['hung']} "
-                f"hung; sessions moved {row['sessions_moved']}/{row['sessions']}", "—")
+                f"hung, {row.get('retried', 0)} retried after a 429/503; sessions moved "
+                f"{row['sessions_moved']}/{row['sessions']}", "—")
     if kind == "pinning":
         p, r = row["pinned"], row["random"]
         return (f"pinning payoff ({row['model']} model, {c['replicas']} replicas, prompts up "
@@ -579,7 +580,9 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
         return ("router overhead: 1-token completion",
                 f"p50: engine handle {p50['direct_handle']} ms, Serve + router "
                 f"{p50['serve_router']} ms, nginx + router {p50['nginx_router']} ms; added "
-                f"{row['added_p50_ms']} ms (nginx {row['nginx_p50_ms']})", "added <= 2 ms")
+                f"{row['added_p50_ms']} ms (nginx {row['nginx_p50_ms']})"
+                + (f"; Serve proxy + FastAPI floor (GET /healthz) {p50['serve_healthz']} ms"
+                   if "serve_healthz" in p50 else ""), "added <= 2 ms")
     if kind == "chaos":
         return (f"chaos: {c['faults']} under {c['clients']} clients",
                 f"accepted and failed: {row['failed_on_killed_replica']} on the killed "
@@ -589,7 +592,9 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                 f"{row['sessions_lost']}/{row['sessions_checked']}; refused "
                 f"{row['refused']}; turns unrecorded while Redis was down "
                 f"{row['turns_unrecorded_redis_down']}",
-                "0 other failures, 0 hangs, 0 sessions lost")
+                "0 other failures, 0 hangs, 0 sessions lost"
+                + (" (a crash: streams through the router break)"
+                   if "router_kill" in c["faults"] else ""))
     if kind == "soak":
         return (f"soak: {c['duration']:.0f} s, {c['clients']} clients",
                 f"RSS growth after {c['warmup']:.0f} s warm-up, max over router and engine "
