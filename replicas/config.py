@@ -48,7 +48,7 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0  # seed of random init and of unseeded sampling
     dist_timeout_s: float = 300.0  # a collective that waits longer fails instead of hanging
-    gpu_memory_utilization: float = 0.90  # share of the GPU the engine may use, KV pool included
+    gpu_memory_utilization: float = 0.90  # share of free GPU memory the KV pool may take
     cuda_graphs: bool = True  # decode steps replayed from CUDA graphs (GPU only)
     gemv_kernels: bool = True  # batch-1 matmuls: Triton GEMV where it beats cuBLAS (16-bit GPU)
     # tp > 1: row-parallel matmuls over more tokens go in chunks of this many, each

@@ -169,49 +169,13 @@ class Worker:
         per_block = block_bytes(self.spec, self.world_size, cfg.block_size, self.dtype)
         budget = cfg.kv_cache_memory
         if budget is None and self.device.type == "cuda":
-            budget = self._kv_budget_after_warmup()
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * cfg.gpu_memory_utilization)
         elif budget is None:
             # enough for every batch slot at full length, within the CPU default
             wanted = cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size) * per_block
             budget = min(CPU_KV_CACHE_BYTES, wanted)
         return max(1, budget // per_block - 1)  # one block of the budget is the scratch
-
-    @torch.inference_mode()
-    def _kv_budget_after_warmup(self) -> int:
-        """Bytes the KV pool may take on this GPU: gpu_memory_utilization of the device,
-        less what is in use outside PyTorch, the weights, and twice the activations' peak
-        of the largest step (a prefill of max_num_batched_tokens, run here once with a
-        throwaway cache; the second copy is for the decode graphs' private pool)."""
-        cfg = self.config
-        tokens = max(1, min(cfg.max_num_batched_tokens, self.max_model_len))
-        blocks = -(-tokens // cfg.block_size)
-        scratch = allocate_kv_cache(self.spec, self.world_size, blocks, cfg.block_size,
-                                    self.dtype, self.device)
-        scratch_bytes = sum(2 * k.numel() * k.element_size() for k, _ in scratch)
-        step = StepBatch((0,) * tokens, tuple(range(tokens)), (tokens,),
-                         (tuple(range(blocks)),), (tokens - 1,))
-        torch.cuda.synchronize(self.device)
-        before = torch.cuda.memory_allocated(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self.model(self.forward_batch(step), scratch)
-        torch.cuda.synchronize(self.device)
-        activations = torch.cuda.max_memory_allocated(self.device) - before
-        del scratch
-        torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(self.device)
-        outside = total - free - torch.cuda.memory_reserved(self.device)  # context, others
-        weights = torch.cuda.memory_allocated(self.device)
-        budget = int(total * cfg.gpu_memory_utilization) - outside - weights - 2 * max(
-            0, activations - scratch_bytes)
-        if budget <= 0:
-            raise ConfigError(
-                f"no GPU memory left for the KV cache: weights take {weights / 2**30:.1f} "
-                f"GiB and a {tokens}-token step {activations / 2**30:.1f} GiB of "
-                f"{total / 2**30:.1f} GiB; raise gpu_memory_utilization or lower "
-                "max_num_batched_tokens")
-        log.info("KV budget %.1f GiB (weights %.1f GiB, step peak %.1f GiB)", budget / 2**30,
-                 weights / 2**30, activations / 2**30)
-        return budget
 
     def _agree_min(self, value: int) -> int:
         if self.world_size == 1:
@@ -311,7 +275,7 @@ class Worker:
         return tuple(spans)
 
     def _kv_heads(self) -> int:
-        return max(1, self.spec.num_kv_heads // self.world_size)
+        return self.kv[0][0].shape[2]
 
     def serve_forever(self) -> None:
         """Ranks 1..tp-1: run steps until rank 0 says shut down."""
