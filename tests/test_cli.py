@@ -32,3 +32,20 @@ def test_flags_are_typed_and_reach_the_config() -> None:
 def test_generate_keeps_the_engine_defaults() -> None:
     args = build_parser().parse_args(["generate"])
     assert config_from_args(args, EngineConfig) == EngineConfig()
+
+
+def test_routing_flag_reaches_the_router_config() -> None:
+    from pathlib import Path
+
+    from cluster.control import load_config
+    from infra.stack import StackConfig, StackError
+    from router.app import RouterConfig
+
+    args = build_parser().parse_args(["up", "--routing", "random"])
+    stack = config_from_args(args, StackConfig)
+    assert stack.routing == "random"
+    serve_yaml = Path(__file__).resolve().parent.parent / "cluster" / "serve.yaml"
+    app = load_config(serve_yaml, router={"routing": stack.routing})["applications"][0]
+    assert RouterConfig(**app["args"]["router"]).routing == "random"
+    with pytest.raises(StackError, match="routing"):
+        StackConfig(routing="sticky")
