@@ -89,9 +89,9 @@ class EngineDeployment:
             beat = {"running": stats["running"], "waiting": stats["waiting"],
                     "tp": stats["tp"], "tokens_per_s": round(rate, 1),
                     "kv_used": round(1 - stats["free_kv_blocks"] / stats["num_kv_blocks"], 4),
-                    # for infra/load.py (prefix-cache hit rate) and infra/soak.py (memory)
+                    # for infra/load.py: the prefix-cache hit rate
                     "prefix_cache_hit_blocks": stats["prefix_cache_hit_blocks"],
-                    "block_size": self.config.block_size, "pid": os.getpid()}
+                    "block_size": self.config.block_size}
             try:
                 client.set(key, json.dumps(beat), ex=int(5 * STATS_PERIOD_S))
             except redis.RedisError:

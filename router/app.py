@@ -275,13 +275,12 @@ class Router:
                          "kv_used": beat.get("kv_used"),
                          "tokens_per_s": beat.get("tokens_per_s"),
                          "prefix_cache_hit_blocks": beat.get("prefix_cache_hit_blocks"),
-                         "block_size": beat.get("block_size"), "pid": beat.get("pid"),
+                         "block_size": beat.get("block_size"),
                          "sessions": sessions.get(r.replica_id, 0)})
         running = sum(r.state == "RUNNING" for r in states)
         return JSONResponse({"target": self.target if self.target is not None else running,
                              "ray_dashboard": self.config.ray_dashboard, "time": time.time(),
-                             "replicas": rows, "totals": self.totals,
-                             "router_pid": os.getpid()})
+                             "replicas": rows, "totals": self.totals})
 
     @api.post("/admin/scale")
     async def admin_scale(self, request: Request) -> Response:
