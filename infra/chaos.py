@@ -44,6 +44,7 @@ from infra.load import (
     LoadConfig,
     Turn,
     chat_turn,
+    driver_env,
     emit,
     environment,
     run_clients,
@@ -405,6 +406,7 @@ def summarize(config: ChaosConfig, records: list[Turn], faults: list[Fault], wal
 
 
 def main(argv: list[str] | None = None) -> int:
+    driver_env()
     from infra.cli import add_config_arguments, config_from_args
 
     parser = argparse.ArgumentParser(prog="python -m infra.chaos",

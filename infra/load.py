@@ -23,32 +23,23 @@ command. Everything runs on loopback and stops by itself (bounded requests and t
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import json
 import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
-# Ray reads these once, when first imported: a driver connecting to the local stack (the
-# overhead mode here, infra/chaos.py, infra/soak.py, which import this module first) must
-# stay on 127.0.0.1, where the stack's Ray listens, and use its token auth (the token in
-# ~/.ray/auth_token; Ray turns it on by itself only for address="auto"). Set before
-# anything imports ray.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "token")
-
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import random  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import urllib.request  # noqa: E402
-from collections.abc import Awaitable, Callable  # noqa: E402
-from dataclasses import asdict, dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import aiohttp  # noqa: E402
+import aiohttp
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "infra" / "results"
@@ -57,6 +48,19 @@ WORDS = ("the quick brown fox jumps over lazy dog journey thousand miles begins 
          "step question glitters gold best times worst wisdom age belief server request "
          "prompt model token layer cache keys values tensor parallel router user assistant "
          "system message sea wide deep sings sailors sleep weather paris sunny warm").split()
+
+
+def driver_env() -> None:
+    """Environment of a script that connects to the local stack's Ray as a driver (the
+    overhead mode here, infra/chaos.py, infra/soak.py): stay on 127.0.0.1, where the
+    stack's Ray listens, and use its token auth (~/.ray/auth_token; Ray turns it on by
+    itself only for address="auto"). Ray reads both when first imported, so the scripts'
+    main() calls this before anything imports ray; importing this module changes nothing."""
+    wanted = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
+    missing = {k: v for k, v in wanted.items() if k not in os.environ}
+    if missing and "ray" in sys.modules:
+        raise RuntimeError(f"set {missing} before ray is imported (Ray reads them then)")
+    os.environ.update(missing)
 
 
 # ---- one request and its measurements -----------------------------------------------
@@ -644,6 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    driver_env()
     from infra.cli import config_from_args
 
     args = build_parser().parse_args(argv)

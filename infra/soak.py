@@ -23,7 +23,16 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from infra.load import RESULTS, Budget, LoadConfig, Turn, emit, environment, run_clients
+from infra.load import (
+    RESULTS,
+    Budget,
+    LoadConfig,
+    Turn,
+    driver_env,
+    emit,
+    environment,
+    run_clients,
+)
 from infra.load import summarize as load_summary
 
 # Ray actor class names -> the role a soak reports them under
@@ -134,6 +143,7 @@ def run(config: SoakConfig, out: str | None) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    driver_env()
     from infra.cli import add_config_arguments, config_from_args
 
     parser = argparse.ArgumentParser(prog="python -m infra.soak",

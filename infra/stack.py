@@ -314,7 +314,7 @@ class Running:
         """Connect this process to the stack's Ray as a driver (`ray.shutdown()` ends it).
         Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (stay on loopback) and
         RAY_AUTH_MODE=token (the stack's token, ~/.ray/auth_token) when first imported:
-        set them before that (infra/load.py does)."""
+        set them before that (infra.load.driver_env does)."""
         import ray
 
         ray.init(address=f"127.0.0.1:{self.config.ray_port}", log_to_driver=False)
