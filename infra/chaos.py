@@ -306,21 +306,27 @@ def in_window(turn: Turn, fault: Fault, grace_s: float = 0.0) -> bool:
 
 
 def check_sessions(edge: str, records: list[Turn], faults: list[Fault]) -> dict[str, Any]:
+    """Read back every session with an answered turn and judge it (`judge_sessions`)."""
+    sessions = sorted({r.session for r in records if r.ok})
+    return judge_sessions(records, {s: stored_users(edge, s) for s in sessions}, faults)
+
+
+def judge_sessions(records: list[Turn], stored: dict[str, list[str] | None],
+                   faults: list[Fault]) -> dict[str, Any]:
     """Sessions lost: stored history gone, or missing a turn answered while Redis was up.
-    Turns answered during the outage (+ the router's 2 s Redis retry) are counted apart."""
+    Turns answered during an outage (+ 3 s: the router's Redis retry) are counted apart.
+    `stored`: session -> its stored user messages, None when the session is gone."""
     outages = [f for f in faults if f.name == "redis"]
     lost, unrecorded = [], 0
-    for session in sorted({r.session for r in records if r.ok}):
-        stored = stored_users(edge, session)
+    for session, users in stored.items():
         answered = [r for r in records if r.session == session and r.ok]
-        missing = [r for r in answered if stored is None or r.content not in stored]
+        missing = [r for r in answered if users is None or r.content not in users]
         during = [r for r in missing if any(in_window(r, f, 3.0) for f in outages)]
         unrecorded += len(during)
         if len(missing) > len(during):
             lost.append(session)
-    return {"sessions_checked": len({r.session for r in records if r.ok}),
-            "sessions_lost": len(lost), "lost_examples": lost[:3],
-            "turns_unrecorded_redis_down": unrecorded}
+    return {"sessions_checked": len(stored), "sessions_lost": len(lost),
+            "lost_examples": lost[:3], "turns_unrecorded_redis_down": unrecorded}
 
 
 def attribute(records: list[Turn], faults: list[Fault]) -> dict[str, Any]:

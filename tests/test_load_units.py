@@ -1,0 +1,66 @@
+"""The pure parts of the load, chaos and soak scripts, with tiny fakes (no stack)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("aiohttp")
+from infra.chaos import Fault, attribute, judge_sessions  # noqa: E402
+from infra.load import Turn, percentile, sessions_moved, summarize  # noqa: E402
+from infra.soak import growth  # noqa: E402
+
+
+def turn(session: str, start: float, end: float, status: int = 200, replica: str = "a",
+         error: str = "", done: bool = True, content: str = "") -> Turn:
+    t = Turn(session, 0, start, content, status=status, replica=replica, error=error,
+             done=done, ended=end)
+    if status == 200 and not error:
+        t.ttft_s, t.token_times, t.completion_tokens = 0.1, [start + 0.1, start + 0.2], 2
+    return t
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.0 and percentile(values, 99) == 99.0
+    assert percentile([3.0], 99) == 3.0 and percentile([], 50) is None
+
+
+def test_summary_counts_refused_failed_hung_and_moves() -> None:
+    records = [turn("s1", 0, 1, replica="a"), turn("s1", 1, 2, replica="b"),
+               turn("s2", 0, 1, status=503, error="HTTP 503"),
+               turn("s3", 0, 1, error="error event: engine died"),
+               turn("s4", 0, 61, status=0, error="hang", done=False)]
+    row = summarize(records, 10.0)
+    assert (row["ok"], row["refused"], row["failed_accepted"], row["hung"]) == (2, 1, 1, 1)
+    assert sessions_moved(records) == 1 and row["sessions_moved"] == 1
+    assert row["output_tokens_per_s"] == 0.4 and row["itl_ms"]["p50"] == 100.0
+
+
+def test_failures_are_attributed_to_the_killed_replica_a_crash_or_nothing() -> None:
+    kill = Fault("kill_rank", 10, 20, {"replica": "dead"})
+    crash = Fault("router_kill", 30, 35)
+    records = [turn("a", 9, 11, replica="dead", error="error event: gloo"),
+               turn("b", 29, 31, replica="live", error="ClientPayloadError"),
+               turn("c", 50, 51, replica="live", error="stream ended without [DONE]",
+                    done=False)]
+    blame = attribute(records, [kill, crash])
+    assert blame["failed_on_killed_replica"] == 1
+    assert blame["killed_streams_ended_with_error_event"] == 1
+    assert blame["failed_in_router_crash"] == 1 and blame["failed_other"] == 1
+
+
+def test_a_turn_missing_outside_the_redis_outage_is_a_lost_session() -> None:
+    outage = Fault("redis", 10, 15)
+    records = [turn("kept", 1, 2, content="one"), turn("kept", 12, 13, content="two"),
+               turn("lost", 1, 2, content="one"), turn("lost", 30, 31, content="three"),
+               turn("gone", 11, 12, content="x")]
+    stored = {"kept": ["one"], "lost": ["one"], "gone": None}
+    judged = judge_sessions(records, stored, [outage])
+    assert judged["sessions_lost"] == 1 and judged["lost_examples"] == ["lost"]
+    assert judged["turns_unrecorded_redis_down"] == 2 and judged["sessions_checked"] == 3
+
+
+def test_soak_growth_from_warmup_to_the_median_of_the_last_samples() -> None:
+    samples = [{"t_s": t, "rss_mib": {"engine": 100.0 + t / 10}} for t in (0, 60, 120, 180)]
+    samples[-1]["rss_mib"]["engine"] = 500.0  # one transient spike is not growth
+    assert growth(samples, 60) == {"engine": 6.0}
