@@ -203,7 +203,7 @@ class Engine:
         self._tokens_out = 0  # tokens generated since start
         # tokens sampled but not yet detokenized and delivered: done while the GPU runs
         # the next step (see _step)
-        self._pending: list[tuple[_Request, int, float]] = []
+        self._pending: list[tuple[_Request, int, float, bool]] = []  # ..., is a stop token
         self._thread = threading.Thread(target=self._drive, name="tpserve-driver", daemon=True)
         self._thread.start()
 
@@ -460,24 +460,22 @@ class Engine:
         seq, params = req.seq, req.seq.params
         seq.token_ids.append(token)
         self._tokens_out += 1
-        if self._is_stop_token(token, params) or len(seq.output_ids) >= params.max_tokens:
+        stop_token = token in params.stop_token_ids or (
+            token in self._eos and not params.ignore_eos)
+        if stop_token or len(seq.output_ids) >= params.max_tokens:
             self.scheduler.finish(seq)
-        self._pending.append((req, token, logprob))
-
-    def _is_stop_token(self, token: int, params: SamplingParams) -> bool:
-        return token in params.stop_token_ids or (token in self._eos and not params.ignore_eos)
+        self._pending.append((req, token, logprob, stop_token))
 
     def _deliver(self) -> None:
         """Detokenize the accepted tokens, check stop strings, hand out the deltas."""
         pending, self._pending = self._pending, []
-        for req, token, logprob in pending:
+        for req, token, logprob, stop_token in pending:
             if self._requests.get(req.seq.request_id) is req:  # not aborted meanwhile
-                self._emit(req, token, logprob)
+                self._emit(req, token, logprob, stop_token)
 
-    def _emit(self, req: _Request, token: int, logprob: float) -> None:
+    def _emit(self, req: _Request, token: int, logprob: float, stop_token: bool) -> None:
         seq, params = req.seq, req.seq.params
         finish = None
-        stop_token = self._is_stop_token(token, params)
         if not stop_token:
             req.text += req.decoder.push(token)
         if stop_token:

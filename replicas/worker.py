@@ -255,8 +255,8 @@ class Worker:
             token_seq=token_seq.to(dev), token_off=token_off.to(dev), query_pos=query_pos,
             logits_indices=torch.tensor(batch.logits_indices, dtype=torch.int64).to(dev),
             masks={w: attention_mask(query_pos, width * bs, w) for w in windows},
-            cu_q=torch.cumsum(torch.cat((torch.zeros(1, dtype=torch.int64), lens)), 0)
-            .to(torch.int32).to(dev) if fast else None,
+            cu_q=torch.cat((starts, lens.sum().view(1))).to(torch.int32).to(dev)
+            if fast else None,
             max_q=max_q,
             splits=kernels.decode_splits(num_seqs, self._kv_heads(), width * bs)
             if max_q == 1 else 1,
