@@ -26,7 +26,6 @@ were not recorded (the router's documented hash-only degraded mode).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -39,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 from infra.load import (
-    RESULTS,
     Budget,
     LoadConfig,
     Turn,
@@ -48,6 +46,7 @@ from infra.load import (
     emit,
     environment,
     run_clients,
+    script_args,
 )
 from infra.load import summarize as load_summary
 
@@ -413,17 +412,11 @@ def summarize(config: ChaosConfig, records: list[Turn], faults: list[Fault], wal
 
 def main(argv: list[str] | None = None) -> int:
     driver_env()
-    from infra.cli import add_config_arguments, config_from_args
-
-    parser = argparse.ArgumentParser(prog="python -m infra.chaos",
-                                     description=__doc__.split("\n")[0])
-    add_config_arguments(parser, ChaosConfig)
-    parser.add_argument("--out", default=str(RESULTS / "chaos_cpu.jsonl"),
-                        help="append the JSON line here ('-' for none)")
-    parser.add_argument("--records", help="write every turn and fault here (JSON lines)")
-    args = parser.parse_args(argv)
-    row = run(config_from_args(args, ChaosConfig), None if args.out == "-" else args.out,
-              args.records)
+    config, out, args = script_args(
+        "python -m infra.chaos", __doc__.split("\n")[0], ChaosConfig, "chaos_cpu.jsonl", argv,
+        lambda p: p.add_argument("--records",
+                                 help="write every turn and fault here (JSON lines)"))
+    row = run(config, out, args.records)
     return 0 if row["met"] else 1
 
 

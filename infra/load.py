@@ -314,6 +314,24 @@ def emit(row: dict[str, Any], out: str | None) -> None:
             f.write(line + "\n")
 
 
+def script_args(prog: str, description: str, config_cls: type, default_out: str,
+                argv: list[str] | None,
+                extra: Callable[[argparse.ArgumentParser], None] | None = None,
+                ) -> tuple[Any, str | None, argparse.Namespace]:
+    """The command line of a script driven by a config dataclass: one flag per field, and
+    --out (a results file, '-' for none). Returns (config, out, all the arguments)."""
+    from infra.cli import add_config_arguments, config_from_args
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_config_arguments(parser, config_cls)
+    parser.add_argument("--out", default=str(RESULTS / default_out),
+                        help="append the JSON line here ('-' for none)")
+    if extra is not None:
+        extra(parser)
+    args = parser.parse_args(argv)
+    return config_from_args(args, config_cls), None if args.out == "-" else args.out, args
+
+
 # ---- the admin API: replica stats ---------------------------------------------------
 
 

@@ -15,7 +15,6 @@ samples, the growth per process and whether the bound held.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import statistics
 import sys
@@ -24,7 +23,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from infra.load import (
-    RESULTS,
     Budget,
     LoadConfig,
     Turn,
@@ -32,6 +30,7 @@ from infra.load import (
     emit,
     environment,
     run_clients,
+    script_args,
 )
 from infra.load import summarize as load_summary
 
@@ -144,15 +143,9 @@ def run(config: SoakConfig, out: str | None) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     driver_env()
-    from infra.cli import add_config_arguments, config_from_args
-
-    parser = argparse.ArgumentParser(prog="python -m infra.soak",
-                                     description=__doc__.split("\n")[0])
-    add_config_arguments(parser, SoakConfig)
-    parser.add_argument("--out", default=str(RESULTS / "soak_cpu.jsonl"),
-                        help="append the JSON line here ('-' for none)")
-    args = parser.parse_args(argv)
-    row = run(config_from_args(args, SoakConfig), None if args.out == "-" else args.out)
+    config, out, _ = script_args("python -m infra.soak", __doc__.split("\n")[0], SoakConfig,
+                                 "soak_cpu.jsonl", argv)
+    row = run(config, out)
     return 0 if row["met"] else 1
 
 
