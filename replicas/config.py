@@ -51,6 +51,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.90  # share of free GPU memory the KV pool may take
     cuda_graphs: bool = True  # decode steps replayed from CUDA graphs (GPU only)
     gemv_kernels: bool = True  # batch-1 matmuls: Triton GEMV where it beats cuBLAS (16-bit GPU)
+    # tp=1: step N+1 is launched with step N's tokens still on the device (the host reads
+    # them while the GPU runs it); tp>1 reads each step's tokens before the next
+    async_scheduling: bool = True
     # tp > 1: row-parallel matmuls over more tokens go in chunks of this many, each
     # chunk's all-reduce overlapping the next chunk's matmul (0: one reduce at the end)
     overlap_chunk_tokens: int = 2048

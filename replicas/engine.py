@@ -30,7 +30,7 @@ from transformers import AutoConfig
 
 from replicas.config import ConfigError, EngineConfig, ModelSpec, SamplingParams
 from replicas.kv_cache import BlockManager
-from replicas.sampler import sample
+from replicas.sampler import sample_on_device
 from replicas.scheduler import Scheduled, Scheduler, Sequence
 from replicas.tokenizer import IncrementalDecoder, Tokenizer
 from replicas.worker import SHUTDOWN_BATCH, StepBatch, Worker, rank_main
@@ -79,6 +79,35 @@ class _Request:
         self.sent = 0
         self.score_rows: list[torch.Tensor] = []
         self.hold = max((len(s) for s in seq.params.stop), default=1) - 1
+
+
+class _Flight:
+    """A step's sampled tokens on their way to the host: the next step may already be
+    running on them (its input ids say -(j + 1) for row j of `tokens`)."""
+
+    def __init__(self, entries: list[tuple[_Request, int]], tokens: torch.Tensor,
+                 logprobs: torch.Tensor | None) -> None:
+        self.entries = entries  # (request, the token's index among its outputs, from 1)
+        self.tokens = tokens  # [N] int64 on the device
+        self._host = [tokens, logprobs]
+        self._ready: torch.cuda.Event | None = None
+        if tokens.is_cuda:  # copied into pinned memory behind the step, read after the event
+            for i, t in enumerate(self._host):
+                if t is not None:
+                    self._host[i] = torch.empty_like(t, device="cpu").pin_memory()
+                    self._host[i].copy_(t, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def read(self) -> tuple[list[int], list[float]]:
+        """The tokens and their log-probabilities (0 where none was asked for); waits
+        for the step that sampled them."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        tokens, logprobs = self._host
+        assert tokens is not None
+        return tokens.tolist(), ([0.0] * len(self.entries) if logprobs is None
+                                 else logprobs.tolist())
 
 
 class _SyncSink:
@@ -201,9 +230,12 @@ class Engine:
         self._ids = itertools.count()
         self._steps = 0
         self._tokens_out = 0  # tokens generated since start
-        # tokens sampled but not yet detokenized and delivered: done while the GPU runs
-        # the next step (see _step)
-        self._pending: list[tuple[_Request, int, float, bool]] = []  # ..., is a stop token
+        # the last step's tokens, still on the device (see _step)
+        self._flight: _Flight | None = None
+        self._ahead = config.async_scheduling and config.tp == 1
+        # tokens read back but not yet detokenized and delivered: done while the GPU runs
+        # the next step (see _step): (request, token, logprob, is a stop token, index)
+        self._pending: list[tuple[_Request, int, float, bool, int]] = []
         self._thread = threading.Thread(target=self._drive, name="tpserve-driver", daemon=True)
         self._thread.start()
 
@@ -368,8 +400,9 @@ class Engine:
                 continue
             try:
                 self._step()
-                if not self.scheduler.has_work():
-                    self._deliver()  # no next step to overlap with
+                if not self.scheduler.has_work():  # no next step to overlap with
+                    self._land()
+                    self._deliver()
             except Exception as e:  # noqa: BLE001 - every request must hear of it
                 log.exception("engine step failed")
                 with self._cond:
@@ -396,15 +429,22 @@ class Engine:
         self.scheduler.add(seq)
 
     def _step(self) -> None:
-        """One step: launch it, then (while the GPU runs it) detokenize and deliver the
-        previous step's tokens, then sample. A sequence finished by a stop string only
-        found in that delivery may be in the step just launched: its row is dropped."""
+        """One step: launch it, then (while the GPU runs it) read the previous step's
+        tokens, detokenize and deliver them, then sample this step on the device.
+
+        At tp=1 the next step is launched before this one's tokens are read: each
+        sampled sequence grows by a placeholder, -(j + 1) for row j of the sampled
+        tokens, which the worker takes from the device, and `_land` writes the real
+        token in later. A sequence ended by a stop token or a stop string only found
+        then may be in the step just launched: its row is dropped.
+        """
         plan = self.scheduler.schedule()
         if not plan:
             raise RuntimeError("scheduler has work but scheduled nothing")
         batch, rows = self._batch(plan)
         self.worker.send(batch)
-        logits = self.worker.execute(batch)
+        logits = self.worker.execute(batch, self._flight.tokens if self._flight else None)
+        self._land()
         self._deliver()
         self._steps += 1
         live = [(item, r) for item, r in zip(plan, rows, strict=True)
@@ -427,11 +467,13 @@ class Engine:
             at = [row for _, row in sampled]
             # a decode step samples every row in order: no gather of the logits then
             picked = logits[: len(at)] if at == list(range(len(at))) else logits[
-                torch.tensor(at, device=logits.device)]
-            tokens, logprobs = sample(picked, [r.seq.params for r in reqs],
-                                      [r.generator for r in reqs])
-            for req, token, lp in zip(reqs, tokens, logprobs, strict=True):
-                self._accept(req, token, lp)
+                torch.tensor(at).to(logits.device, non_blocking=True)]
+            tokens, logprobs = sample_on_device(picked, [r.seq.params for r in reqs],
+                                                [r.generator for r in reqs])
+            self._flight = _Flight([(r, self._accept(r, -(j + 1))) for j, r in enumerate(reqs)],
+                                   tokens, logprobs)
+            if not self._ahead:
+                self._land()
 
     def _batch(self, plan: list[Scheduled]) -> tuple[StepBatch, list[tuple[int, int]]]:
         """The step message, and per scheduled item the rows of the logits it owns."""
@@ -453,27 +495,47 @@ class Engine:
                           tuple(tuple(i.seq.block_table) for i in plan), tuple(logits_at))
         return batch, rows
 
-    def _accept(self, req: _Request, token: int, logprob: float) -> None:
-        """Take a sampled token at once: the sequence grows (the next step needs it) and,
-        if a stop token or max_tokens ends it, leaves the scheduler. Text and delivery
-        wait for `_deliver`."""
-        seq, params = req.seq, req.seq.params
-        seq.token_ids.append(token)
+    def _accept(self, req: _Request, placeholder: int) -> int:
+        """A token was sampled (its value still on the device): the sequence grows by a
+        placeholder (the next step needs its length) and, if max_tokens is reached,
+        leaves the scheduler. Returns the token's index among the outputs (from 1)."""
+        seq = req.seq
+        seq.token_ids.append(placeholder)
         self._tokens_out += 1
-        stop_token = token in params.stop_token_ids or (
-            token in self._eos and not params.ignore_eos)
-        if stop_token or len(seq.output_ids) >= params.max_tokens:
+        index = len(seq.token_ids) - seq.num_prompt
+        if index >= seq.params.max_tokens:
             self.scheduler.finish(seq)
-        self._pending.append((req, token, logprob, stop_token))
+        return index
+
+    def _land(self) -> None:
+        """Read the last sampled step's tokens: each takes its placeholder's place; a
+        stop token ends its sequence (and drops a placeholder launched after it).
+        Text and delivery wait for `_deliver`."""
+        flight, self._flight = self._flight, None
+        if flight is None:
+            return
+        tokens, logprobs = flight.read()
+        for (req, index), token, logprob in zip(flight.entries, tokens, logprobs, strict=True):
+            seq, params = req.seq, req.seq.params
+            at = seq.num_prompt + index - 1
+            seq.token_ids[at] = token
+            stop_token = token in params.stop_token_ids or (
+                token in self._eos and not params.ignore_eos)
+            if stop_token:
+                self.scheduler.finish(seq)
+                self._tokens_out -= len(seq.token_ids) - at - 1
+                del seq.token_ids[at + 1:]
+            self._pending.append((req, token, logprob, stop_token, index))
 
     def _deliver(self) -> None:
-        """Detokenize the accepted tokens, check stop strings, hand out the deltas."""
+        """Detokenize the read tokens, check stop strings, hand out the deltas."""
         pending, self._pending = self._pending, []
-        for req, token, logprob, stop_token in pending:
-            if self._requests.get(req.seq.request_id) is req:  # not aborted meanwhile
-                self._emit(req, token, logprob, stop_token)
+        for req, token, logprob, stop_token, index in pending:
+            if self._requests.get(req.seq.request_id) is req:  # not aborted or ended
+                self._emit(req, token, logprob, stop_token, index)
 
-    def _emit(self, req: _Request, token: int, logprob: float, stop_token: bool) -> None:
+    def _emit(self, req: _Request, token: int, logprob: float, stop_token: bool,
+              index: int) -> None:
         seq, params = req.seq, req.seq.params
         finish = None
         if not stop_token:
@@ -482,7 +544,7 @@ class Engine:
             finish = "stop"
         elif params.stop and (cut := _find_stop(req.text, params.stop, req.sent)) is not None:
             req.text, finish = req.text[:cut], "stop"
-        if finish is None and len(seq.output_ids) >= params.max_tokens:
+        if finish is None and index >= params.max_tokens:
             finish = "length"
         upto = len(req.text) if finish else max(req.sent, len(req.text) - req.hold)
         delta = TokenDelta(seq.request_id, [token], req.text[req.sent : upto],

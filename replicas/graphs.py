@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from replicas import kernels
-from replicas.model import ForwardBatch, attention_mask
+from replicas.model import ForwardBatch, attention_mask, feed_tokens
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -32,9 +32,12 @@ class DecodeGraphs:
         self.width, self.block_size, self.scratch = width, block_size, scratch_block
         n = self.buckets[-1]
         # all inputs of a step in one buffer, so a step is one host-to-device copy:
-        # [ids (n) | positions (n) | slots (n) | block tables (n * width)]
-        self.staging = torch.zeros(n * (3 + width), dtype=torch.int64).pin_memory()
-        self.inputs = torch.zeros_like(self.staging, device=device)
+        # [ids (n) | positions (n) | slots (n) | block tables (n * width)]; two of them,
+        # taken in turn: a step may be prepared while the copy of the one before is queued
+        self.staging = [torch.zeros(n * (3 + width), dtype=torch.int64).pin_memory()
+                        for _ in range(2)]
+        self.turn = 0
+        self.inputs = torch.zeros_like(self.staging[0], device=device)
         self.ids, self.positions, self.slots = self.inputs[:3 * n].view(3, n)
         self.tables = self.inputs[3 * n:].view(n, width)
         self.tables.fill_(scratch_block)
@@ -75,12 +78,15 @@ class DecodeGraphs:
     def fits(self, num_seqs: int) -> bool:
         return num_seqs <= self.buckets[-1]
 
-    def replay(self, ids: list[int], positions: list[int], tables: list[tuple[int, ...]]
-               ) -> torch.Tensor:
-        """Logits [len(ids), vocab] of one decode step."""
+    def replay(self, ids: list[int], positions: list[int], tables: list[tuple[int, ...]],
+               feed: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [len(ids), vocab] of one decode step; an id -(j + 1) is feed[j] (see
+        Worker.execute)."""
         n, width, size = len(ids), self.width, self.block_size
         b = next(x for x in self.buckets if x >= n)
-        host = self.staging.numpy()
+        staging = self.staging[self.turn]
+        self.turn ^= 1
+        host = staging.numpy()
         cap = self.buckets[-1]
         ids_h, pos_h, slots_h = host[: 3 * cap].reshape(3, cap)
         tables_h = host[3 * cap:].reshape(cap, width)
@@ -94,7 +100,9 @@ class DecodeGraphs:
             tables_h[i, : len(t)] = t
         pos = pos_h[:n]
         slots_h[:n] = tables_h[np.arange(n), pos // size] * size + pos % size
-        self.inputs.copy_(self.staging, non_blocking=True)  # one copy, ordered before replay
+        self.inputs.copy_(staging, non_blocking=True)  # one copy, ordered before replay
+        if feed is not None:
+            feed_tokens(self.ids[:n], feed)
         graph, logits = self.graphs[b]
         graph.replay()
         return logits[:n]

@@ -18,6 +18,7 @@ last bit in most positions.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -39,6 +40,21 @@ def enabled(where: torch.Tensor | torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TPSERVE_TRITON_CPU") == "1"
 
 
+@functools.cache
+def _pdl_capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch (Hopper on): each kernel of the GPU path may start
+    while the one before it finishes, and waits for it (`griddepcontrol.wait`) before it
+    touches memory that kernel writes; the GEMV loads its first weight tile before that
+    wait. Off in the interpreter and with `TPSERVE_PDL=0`."""
+    return (device.type == "cuda" and os.environ.get("TPSERVE_PDL") != "0"
+            and _pdl_capable(device.index if device.index is not None
+                             else torch.cuda.current_device()))
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -51,8 +67,17 @@ def _precision(dtype: torch.dtype) -> str:
 if triton is not None:
 
     @triton.jit
+    def _pdl_enter(PDL: tl.constexpr):
+        """With PDL: wait for the kernel before (its writes are then visible), then let the
+        next kernel launch, so that its start overlaps this one."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
     def _rms_norm_kernel(X, R, W, Y, ROUT, n, eps, sx, sr, sy, sro,
-                         HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        _pdl_enter(PDL)
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         ok = cols < n
@@ -68,7 +93,8 @@ if triton is not None:
         tl.store(Y + row * sy + cols, (y * w).to(Y.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _silu_mul_kernel(GU, OUT, n, sg, so, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(GU, OUT, n, sg, so, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        _pdl_enter(PDL)
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = cols < n
@@ -80,9 +106,11 @@ if triton is not None:
     @triton.jit
     def _rope_cache_kernel(Q, K, V, COS, SIN, SLOTS, KC, VC,
                            sqt, sqh, skt, skh, svt, svh, sct, heads, kv_heads, rotary_dim,
-                           INTERLEAVED: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+                           INTERLEAVED: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                           PDL: tl.constexpr):
         """Program (token, head) over heads + kv_heads: rotate q or k in place; a k head
         also writes its k and v to the cache slot of the token."""
+        _pdl_enter(PDL)
         t = tl.program_id(0)
         h = tl.program_id(1)
         d = tl.arange(0, BLOCK_D)
@@ -145,7 +173,7 @@ if triton is not None:
         scale_log2, window, block_size, kv_heads,
         G: tl.constexpr, TILE_T: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-        SPLITS: tl.constexpr, PREC: tl.constexpr,
+        SPLITS: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
     ):
         """Program (sequence, tile of TILE_T query tokens, kv head x split): the G query
         heads of that kv head for those tokens, against the keys the tile may see.
@@ -159,6 +187,7 @@ if triton is not None:
         tile = tl.program_id(1)
         kvh = tl.program_id(2) // SPLITS
         split = tl.program_id(2) % SPLITS
+        _pdl_enter(PDL)
         q_start = tl.load(CU_Q + seq)
         q_len = tl.load(CU_Q + seq + 1) - q_start
         t0 = tile * TILE_T
@@ -210,8 +239,10 @@ if triton is not None:
 
     @triton.jit
     def _merge_kernel(OP, LSE, OUT, sps, spt, sph, sls, slt, sot, soh,
-                      SPLITS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+                      SPLITS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                      PDL: tl.constexpr):
         """Program (token, head): combine the splits' partial results by their weights."""
+        _pdl_enter(PDL)
         t = tl.program_id(0)
         h = tl.program_id(1)
         s = tl.arange(0, SPLITS)
@@ -224,29 +255,75 @@ if triton is not None:
         tl.store(OUT + t * sot + h * soh + d, out.to(OUT.dtype.element_ty), mask=d < D)
 
     @triton.jit
+    def _feed_kernel(IDS, FEED, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < n
+        v = tl.load(IDS + i, mask=ok, other=0)
+        fed = tl.load(FEED + (-v - 1), mask=ok & (v < 0), other=0)
+        tl.store(IDS + i, tl.where(v < 0, fed, v), mask=ok)
+
+    @triton.jit
+    def _gemv_x(X, cols, k, EVEN: tl.constexpr, GATED: tl.constexpr):
+        """K columns of the GEMV's input row, float32; GATED: the row is [gate | up]
+        (2k wide) and the input is silu(gate) * up, rounded as `_silu_mul_kernel`."""
+        if EVEN:
+            x = tl.load(X + cols)
+        else:
+            x = tl.load(X + cols, mask=cols < k, other=0.0)
+        if GATED:
+            if EVEN:
+                u = tl.load(X + k + cols).to(tl.float32)
+            else:
+                u = tl.load(X + k + cols, mask=cols < k, other=0.0).to(tl.float32)
+            g = x.to(tl.float32)
+            act = (g / (1.0 + tl.exp(-g))).to(X.dtype.element_ty).to(tl.float32)
+            x = (act * u).to(X.dtype.element_ty)
+        return x.to(tl.float32)
+
+    @triton.jit
     def _gemv_kernel(X, W, B, Y, n, k, sw, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PDL: tl.constexpr):
         """y = W x (+ b) for one row x: program = BLOCK_N rows of W, streamed along K,
-        products summed in float32 registers and reduced once at the end."""
+        products summed in float32 registers and reduced once at the end. The first
+        tile of W is loaded before waiting on the kernel that writes x (with PDL it
+        streams while that kernel runs)."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         r_ok = rows < n
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, k, BLOCK_K):
+        cols = tl.arange(0, BLOCK_K)
+        if EVEN:  # shapes divide the blocks: no masks, wide loads
+            w = tl.load(W + rows[:, None] * sw + cols[None, :])
+        else:
+            w = tl.load(W + rows[:, None] * sw + cols[None, :],
+                        mask=r_ok[:, None] & (cols < k)[None, :], other=0.0)
+        _pdl_enter(PDL)
+        acc = w.to(tl.float32) * _gemv_x(X, cols, k, EVEN, GATED)[None, :]
+        for k0 in range(BLOCK_K, k, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
-            if EVEN:  # shapes divide the blocks: no masks, wide loads
-                # weights stream through once: keep them from pushing x out of L2
+            if EVEN:
                 w = tl.load(W + rows[:, None] * sw + cols[None, :])
-                x = tl.load(X + cols)
             else:
-                c_ok = cols < k
                 w = tl.load(W + rows[:, None] * sw + cols[None, :],
-                            mask=r_ok[:, None] & c_ok[None, :], other=0.0)
-                x = tl.load(X + cols, mask=c_ok, other=0.0)
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+                            mask=r_ok[:, None] & (cols < k)[None, :], other=0.0)
+            acc += w.to(tl.float32) * _gemv_x(X, cols, k, EVEN, GATED)[None, :]
         y = tl.sum(acc, axis=1)
         if HAS_BIAS:
             y += tl.load(B + rows, mask=r_ok, other=0.0).to(tl.float32)
         tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=r_ok)
+
+
+def feed_tokens(ids: torch.Tensor, feed: torch.Tensor) -> None:
+    """In place: each id -(j + 1) of ids [T] becomes feed[j] (tokens sampled on the
+    device by the step before); other ids stay."""
+    block = min(1024, _pow2(ids.numel()))
+    _feed_kernel[(triton.cdiv(ids.numel(), block),)](ids, feed, ids.numel(), BLOCK=block,
+                                                     num_warps=4)
+
+
+def _launch(t: torch.Tensor) -> dict[str, bool]:
+    """The PDL arguments of a launch on t's device: the kernel's flag and the launch's."""
+    on = pdl(t.device)
+    return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -262,7 +339,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     _rms_norm_kernel[(x2.shape[0],)](
         x2, r, weight, y, r_out, n, eps, x2.stride(0), r.stride(0), y.stride(0),
         r_out.stride(0), HAS_RES=residual is not None, BLOCK=block,
-        num_warps=min(16, max(1, block // 256)))
+        num_warps=min(16, max(1, block // 256)), **_launch(x))
     return y.view(x.shape), (r_out.view(x.shape) if residual is not None else None)
 
 
@@ -272,7 +349,8 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(t, n, dtype=gate_up.dtype, device=gate_up.device)
     block = min(1024, _pow2(n))
     _silu_mul_kernel[(t, triton.cdiv(n, block))](gate_up, out, n, gate_up.stride(0),
-                                                 out.stride(0), BLOCK=block, num_warps=4)
+                                                 out.stride(0), BLOCK=block, num_warps=4,
+                                                 **_launch(gate_up))
     return out
 
 
@@ -290,7 +368,7 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         q, k, v, cos, sin, slots, k_cache, v_cache,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos.stride(0), heads, kv_heads, rotary_dim,
-        INTERLEAVED=interleaved, D=d, BLOCK_D=_pow2(d), num_warps=1)
+        INTERLEAVED=interleaved, D=d, BLOCK_D=_pow2(d), num_warps=1, **_launch(q))
 
 
 def decode_splits(num_seqs: int, kv_heads: int, max_keys: int) -> int:
@@ -330,12 +408,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         block_tables.stride(0), (1.0 / math.sqrt(d)) * math.log2(math.e), window or 0,
         block_size, kv_heads,
         G=group, TILE_T=tile_t, BLOCK_R=block_r, BLOCK_N=block_n, D=d, BLOCK_D=_pow2(d),
-        SPLITS=splits, PREC=_precision(q.dtype), num_warps=warps, num_stages=2)
+        SPLITS=splits, PREC=_precision(q.dtype), num_warps=warps, num_stages=2,
+        **_launch(q))
     if splits > 1:
         _merge_kernel[(t, heads)](part, lse, out, part.stride(0), part.stride(1),
                                   part.stride(2), lse.stride(0), lse.stride(1),
                                   out.stride(0), out.stride(1), SPLITS=splits, D=d,
-                                  BLOCK_D=_pow2(d), num_warps=1)
+                                  BLOCK_D=_pow2(d), num_warps=1, **_launch(q))
     return out
 
 
@@ -346,15 +425,16 @@ GEMV_CONFIGS: tuple[GemvConfig, ...] = (  # the leaders of earlier H200 runs, an
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-         config: GemvConfig) -> torch.Tensor:
-    """x [1, K] @ weight[N, K].T (+ bias) -> [1, N], in x's dtype."""
+         config: GemvConfig, gated: bool = False) -> torch.Tensor:
+    """x [1, K] @ weight[N, K].T (+ bias) -> [1, N], in x's dtype. gated: x is
+    [gate | up] of [1, 2K] and the input row is silu(gate) * up (SwiGLU fused in)."""
     n, k = weight.shape
     block_n, block_k, warps, stages = config
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, y, n, k, weight.stride(0),
-        HAS_BIAS=bias is not None, EVEN=n % block_n == 0 and k % block_k == 0,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        HAS_BIAS=bias is not None, EVEN=n % block_n == 0 and k % block_k == 0, GATED=gated,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages, **_launch(x))
     return y
 
 

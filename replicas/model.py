@@ -56,6 +56,14 @@ class ForwardBatch:
     fresh: tuple[tuple[int, int], ...] | None = None
 
 
+def feed_tokens(ids: torch.Tensor, feed: torch.Tensor) -> None:
+    """In place: each id -(j + 1) becomes feed[j], on the device (no host sync)."""
+    if kernels.enabled(ids):
+        kernels.feed_tokens(ids, feed)
+    else:
+        ids.copy_(torch.where(ids < 0, feed[(-ids - 1).clamp(min=0)], ids))
+
+
 def attention_mask(query_pos: torch.Tensor, num_keys: int, window: int | None) -> torch.Tensor:
     """[B, 1, max_q, keys] bool: key j is visible to a query at p iff j <= p and, with a
     sliding window w, p - j < w (transformers' convention)."""
@@ -228,6 +236,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)  # [T, 2 I/tp]
         if self.fused_act and kernels.enabled(x):
+            if self.down_proj.takes_gated(gate_up):  # SwiGLU inside the down GEMV
+                return self.down_proj(gate_up, gated=True)
             return self.down_proj(kernels.silu_and_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)

@@ -161,7 +161,7 @@ def tune_gemv(model: nn.Module) -> dict[str, dict[str, float | str]]:
     picked: dict[tuple[int, int, bool], kernels.GemvConfig | None] = {}
     report: dict[str, dict[str, float | str]] = {}
     for module in model.modules():
-        if not isinstance(module, ColumnParallelLinear | RowParallelLinear):
+        if not isinstance(module, ColumnParallelLinear | RowParallelLinear | ParallelLMHead):
             continue
         bias = module.bias if isinstance(module, ColumnParallelLinear) else None
         key = (*module.weight.shape, bias is not None)
@@ -194,12 +194,18 @@ class RowParallelLinear(nn.Module):
             # [out, in_shard]: safetensors reads only these columns of each row
             self.weight.data.copy_(get((slice(None), slice(*self.in_shard))))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [tokens, local_in] -> [tokens, out]
+    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+        """[tokens, local_in] -> [tokens, out]; gated (one-row GEMV only, see
+        `takes_gated`): x is [gate | up], 2 local_in wide, and silu(gate) * up goes in."""
         if self.gemv is not None and x.shape[0] == 1:
-            y = self.comm.all_reduce(kernels.gemv(x, self.weight, None, self.gemv))
+            y = self.comm.all_reduce(kernels.gemv(x, self.weight, None, self.gemv, gated))
         else:
             y = self.comm.matmul_all_reduce(x, self.weight)
         return y + self.bias if self.bias is not None else y
+
+    def takes_gated(self, x: torch.Tensor) -> bool:
+        """Whether `forward(x, gated=True)` may be called: a one-row step on the GEMV."""
+        return self.gemv is not None and x.shape[0] == 1
 
 
 def vocab_shard(vocab_size: int, rank: int, world_size: int) -> tuple[int, int, int]:
@@ -244,11 +250,15 @@ class ParallelLMHead(nn.Module):
         self.vocab_size = vocab_size
         self.start, self.end, per_rank = vocab_shard(vocab_size, comm.rank, comm.world_size)
         self.weight = nn.Parameter(torch.zeros(per_rank, dim), requires_grad=False)
+        self.gemv: kernels.GemvConfig | None = None  # one-row inputs: Triton GEMV (tuned)
 
     load = VocabParallelEmbedding.load
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # [n, dim] -> [n, vocab] float32
-        local = F.linear(h, self.weight).float()  # [n, vocab_per_rank]
+        if self.gemv is not None and h.shape[0] == 1:
+            local = kernels.gemv(h, self.weight, None, self.gemv).float()
+        else:
+            local = F.linear(h, self.weight).float()  # [n, vocab_per_rank]
         return self.comm.all_gather_last(local)[:, : self.vocab_size]
 
 

@@ -2,8 +2,8 @@
 
 Sampling uses the exponential race (argmax of p / E with E ~ Exp(1), the same law as
 drawing from p) so that each row's noise comes from that request's own generator: a
-seeded request gets the same tokens whatever else is in the batch. The only host sync is
-the final `tolist()` that emits the tokens.
+seeded request gets the same tokens whatever else is in the batch. Everything stays on
+the device: the engine decides when to read the tokens (no host sync here).
 """
 
 from __future__ import annotations
@@ -16,22 +16,41 @@ from replicas.config import SamplingParams
 def sample(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
 ) -> tuple[list[int], list[float]]:
-    """logits [N, vocab] float32 -> (tokens, log-probability of each token under the
-    model's unmodified distribution)."""
-    logprobs = torch.log_softmax(logits, dim=-1)  # [N, vocab]
+    """`sample_on_device`, read back to the host."""
+    tokens, logprobs = sample_on_device(logits, params, generators, with_logprobs=True)
+    assert logprobs is not None
+    return tokens.tolist(), logprobs.tolist()
+
+
+def sample_on_device(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
+    with_logprobs: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """logits [N, vocab] float32 -> (tokens [N] int64, log-probability of each token
+    under the model's unmodified distribution [N] float32), on logits' device. The
+    log-probabilities (a log-softmax over the vocabulary) only if a request asks for
+    them, or with_logprobs."""
     tokens = logits.argmax(dim=-1)  # [N]
     if not all(p.greedy for p in params):  # decided on the host: no sync for it
-        greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+        greedy = _on(logits, [p.greedy for p in params], torch.bool)
         sampled = _sample_random(logits, params, generators)
         tokens = torch.where(greedy, tokens, sampled)
-    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)
-    return tokens.tolist(), chosen.tolist()
+    if not (with_logprobs or any(p.logprobs for p in params)):
+        return tokens, None
+    logprobs = torch.log_softmax(logits, dim=-1)  # [N, vocab]
+    return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)
+
+
+def _on(like: torch.Tensor, values: list, dtype: torch.dtype) -> torch.Tensor:
+    """A small host list on `like`'s device without waiting for the device's queue (a
+    blocking host-to-device copy would)."""
+    return torch.tensor(values, dtype=dtype).to(like.device, non_blocking=True)
 
 
 def _sample_random(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
 ) -> torch.Tensor:
-    temps = torch.tensor([p.temperature or 1.0 for p in params], device=logits.device)
+    temps = _on(logits, [p.temperature or 1.0 for p in params], torch.float32)
     scaled = logits / temps[:, None]
     if any(p.top_k or p.top_p < 1.0 for p in params):
         scaled = _top_k_top_p(scaled, params)
@@ -45,8 +64,8 @@ def _sample_random(
 def _top_k_top_p(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Mask (to -inf) tokens outside each row's top-k and top-p nucleus."""
     vocab = scaled.shape[-1]
-    k = torch.tensor([p.top_k or vocab for p in params], device=scaled.device)
-    top_p = torch.tensor([p.top_p for p in params], device=scaled.device)
+    k = _on(scaled, [p.top_k or vocab for p in params], torch.int64)
+    top_p = _on(scaled, [p.top_p for p in params], torch.float32)
     ordered, order = scaled.sort(dim=-1, descending=True)  # [N, vocab]
     rank = torch.arange(vocab, device=scaled.device)[None, :]
     drop = rank >= k[:, None]

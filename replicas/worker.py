@@ -24,7 +24,7 @@ from replicas.config import DTYPES, ConfigError, EngineConfig, ModelSpec
 from replicas.graphs import DecodeGraphs
 from replicas.kv_cache import allocate_kv_cache, block_bytes
 from replicas.loader import load_weights, random_init
-from replicas.model import CausalLM, ForwardBatch, attention_mask
+from replicas.model import CausalLM, ForwardBatch, attention_mask, feed_tokens
 from replicas.parallel import Comm, tune_gemv
 
 log = logging.getLogger(__name__)
@@ -202,24 +202,26 @@ class Worker:
         return StepBatch.decode(flat)
 
     @torch.inference_mode()
-    def execute(self, batch: StepBatch) -> torch.Tensor:
+    def execute(self, batch: StepBatch, feed: torch.Tensor | None = None) -> torch.Tensor:
         """Run one step; next-token logits [N, vocab] float32 (on every rank).
 
+        An input id -(j + 1) is a token the step before sampled on the device, not yet
+        read by the host: `feed[j]` (rank 0 at tp=1 only, see Engine._step).
         A step whose 16-bit all-reduce overflowed is run again in float32 (see
         parallel.py); every rank sees the same reduced values, so all decide alike.
         """
         self.comm.reset_overflow()
         if self.graphs is not None and self._is_decode(batch):
             logits = self.graphs.replay(list(batch.input_ids), list(batch.positions),
-                                        list(batch.block_tables))
+                                        list(batch.block_tables), feed)
         else:
-            logits = self.model(self.forward_batch(batch), self.kv)
+            logits = self.model(self.forward_batch(batch, feed), self.kv)
         if self.comm.world_size > 1 and bool(self.comm.overflow):
             self.overflow_retries += 1
             log.warning("16-bit all-reduce overflowed; step re-run with float32 communication")
             self.comm.force_float32 = True  # eager: the graphs were captured with 16 bits
             try:
-                logits = self.model(self.forward_batch(batch), self.kv)
+                logits = self.model(self.forward_batch(batch, feed), self.kv)
             finally:
                 self.comm.force_float32 = False
         return logits
@@ -231,8 +233,12 @@ class Worker:
         return (len(batch.input_ids) == n and len(batch.logits_indices) == n
                 and self.graphs.fits(n))
 
-    def forward_batch(self, batch: StepBatch) -> ForwardBatch:
+    def forward_batch(self, batch: StepBatch, feed: torch.Tensor | None = None) -> ForwardBatch:
         dev, bs = self.device, self.config.block_size
+
+        def put(t: torch.Tensor) -> torch.Tensor:  # no wait for the device's queue
+            return t.to(dev, non_blocking=True)
+
         num_seqs = len(batch.query_lens)
         width = max(len(t) for t in batch.block_tables)
         tables = torch.tensor([list(t) + [0] * (width - len(t)) for t in batch.block_tables],
@@ -245,18 +251,20 @@ class Worker:
         slots = tables[token_seq, positions // bs] * bs + positions % bs
         query_pos = torch.zeros(num_seqs, int(lens.max()), dtype=torch.int64)
         query_pos[token_seq, token_off] = positions
-        query_pos = query_pos.to(dev)
+        query_pos = put(query_pos)
         max_q = int(lens.max())
         fast = kernels.enabled(dev)  # Triton attention: bounds per sequence, no masks
         windows = set() if fast else set(self.spec.sliding_windows)
+        input_ids = put(torch.tensor(batch.input_ids, dtype=torch.int64))
+        if feed is not None:
+            feed_tokens(input_ids, feed)
         return ForwardBatch(
-            input_ids=torch.tensor(batch.input_ids, dtype=torch.int64).to(dev),
-            positions=positions.to(dev), slot_mapping=slots.to(dev), block_tables=tables.to(dev),
-            token_seq=token_seq.to(dev), token_off=token_off.to(dev), query_pos=query_pos,
-            logits_indices=torch.tensor(batch.logits_indices, dtype=torch.int64).to(dev),
+            input_ids=input_ids,
+            positions=put(positions), slot_mapping=put(slots), block_tables=put(tables),
+            token_seq=put(token_seq), token_off=put(token_off), query_pos=query_pos,
+            logits_indices=put(torch.tensor(batch.logits_indices, dtype=torch.int64)),
             masks={w: attention_mask(query_pos, width * bs, w) for w in windows},
-            cu_q=torch.cat((starts, lens.sum().view(1))).to(torch.int32).to(dev)
-            if fast else None,
+            cu_q=put(torch.cat((starts, lens.sum().view(1))).to(torch.int32)) if fast else None,
             max_q=max_q,
             splits=kernels.decode_splits(num_seqs, self._kv_heads(), width * bs)
             if max_q == 1 else 1,

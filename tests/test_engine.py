@@ -206,6 +206,46 @@ def test_eos_finishes_with_stop(engine: Engine, solo: dict[int, list[int]]) -> N
     assert out.token_ids == solo[1][: solo[1].index(eos) + 1]
 
 
+def test_async_scheduling_gives_what_step_by_step_gives(solo: dict[int, list[int]]) -> None:
+    """Launching step N+1 from step N's tokens still on the device (placeholders in the
+    sequences) changes no token, text, finish or log-probability: with stop tokens met
+    one step late, stop strings, max_tokens of 1 and 2, seeded sampling and preemption
+    in a pool too small for the batch; every block comes back and no placeholder is left."""
+    stop_token = solo[0][5]
+    prompts = [*PROMPTS, "Once upon a time", PROMPTS[1], PROMPTS[2]]
+    params = [
+        SamplingParams(max_tokens=24, temperature=0.0, stop_token_ids=(stop_token,),
+                       logprobs=True, ignore_eos=True),
+        SamplingParams(max_tokens=1, temperature=0.0, logprobs=True, ignore_eos=True),
+        SamplingParams(max_tokens=2, temperature=1.0, seed=3, logprobs=True, ignore_eos=True),
+        SamplingParams(max_tokens=20, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True),
+        SamplingParams(max_tokens=24, temperature=0.0, stop=("e",), ignore_eos=True),
+        GREEDY, GREEDY,
+    ]
+
+    def run(ahead: bool) -> tuple[list, dict]:
+        config = EngineConfig(model=None, num_kv_blocks=8, block_size=8, max_model_len=64,
+                              async_scheduling=ahead)
+        with Engine(config) as eng:
+            outs = eng.generate(prompts, params)
+            return outs, eng.stats()
+
+    ahead, ahead_stats = run(True)
+    steps, _ = run(False)
+    assert ahead_stats["preemptions"] > 0
+    assert ahead[0].finish_reason == "stop" and ahead[0].token_ids[-1] == stop_token
+    assert [len(o.token_ids) for o in ahead[1:3]] == [1, 2]
+    for a, b in zip(ahead, steps, strict=True):
+        assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
+        assert (a.logprobs is None) == (b.logprobs is None)
+        if a.logprobs is not None:
+            assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+        assert min(a.token_ids) >= 0
+    assert ahead[4].finish_reason == "stop" and "e" not in ahead[4].text
+    assert ahead_stats["tokens_out"] == sum(len(o.token_ids) for o in ahead)
+    assert ahead_stats["free_kv_blocks"] == 8 and ahead_stats["running"] == 0
+
+
 @pytest.mark.parametrize(
     "make",
     [
