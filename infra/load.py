@@ -56,8 +56,12 @@ def driver_env() -> None:
     overhead mode here, infra/chaos.py, infra/soak.py): stay on 127.0.0.1, where the
     stack's Ray listens, and use its token auth (~/.ray/auth_token; Ray turns it on by
     itself only for address="auto"). Ray reads both when first imported, so the scripts'
-    main() calls this before anything imports ray; importing this module changes nothing."""
-    wanted = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
+    main() calls this before anything imports ray; importing this module changes nothing.
+    The driver also takes the stack's Serve settings (cluster/ray.env): its handle then
+    reaches the engine the way the router's does (the overhead mode compares the two)."""
+    from cluster.ray_env import ray_env
+
+    wanted = {**ray_env(), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
     missing = {k: v for k, v in wanted.items() if k not in os.environ}
     if missing and "ray" in sys.modules:
         raise RuntimeError(f"set {missing} before ray is imported (Ray reads them then)")
@@ -490,20 +494,14 @@ def pinning_mode(config: PinningConfig, out: str | None) -> dict[str, Any]:
     return row
 
 
-def timed(calls: int, one: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[list[float]]]:
-    async def run() -> list[float]:
-        times = []
-        for _ in range(calls):
-            start = time.perf_counter()
-            await one()
-            times.append(time.perf_counter() - start)
-        return times
-    return run
-
-
-async def _overhead(edge: str, serve_url: str, calls: int) -> dict[str, list[float]]:
-    """Interleaved rounds of 1-token completions on the three paths. (The handle is made
-    inside the event loop: Serve may run its router on the caller's loop.)"""
+async def _overhead(edge: str, serve_url: str, calls: int, warmup: int = 20,
+                    seed: int = 0) -> dict[str, list[float]]:
+    """`calls` sequential 1-token completions per path, interleaved call by call in a
+    shuffled order each round (no path always follows another or runs in a burst), after
+    `warmup` untimed rounds (connections, imports, the prefix cache). Every path sends the
+    same prompt and parameters, and each call is timed the same way: from the call until
+    the whole response is read. (The handle is made inside the event loop: Serve may run
+    its router on the caller's loop.)"""
     from ray import serve
 
     from cluster.app import APP_NAME, ENGINE
@@ -511,6 +509,7 @@ async def _overhead(edge: str, serve_url: str, calls: int) -> dict[str, list[flo
     handle = serve.get_deployment_handle(ENGINE, APP_NAME).options(stream=True)
     body = {"model": "tpserve", "prompt": [5, 6, 7, 8], "max_tokens": 1, "temperature": 0.0}
     request = {"prompt": [5, 6, 7, 8], "params": {"max_tokens": 1, "temperature": 0.0}}
+    rng = random.Random(seed)
     async with aiohttp.ClientSession() as http:
         async def post(base: str) -> None:
             async with http.post(f"{base}/v1/completions", json=body,
@@ -526,15 +525,18 @@ async def _overhead(edge: str, serve_url: str, calls: int) -> dict[str, list[flo
             async with http.get(f"{serve_url}/healthz") as resp:
                 await resp.read()
 
-        paths = {"direct_handle": direct, "serve_router": lambda: post(serve_url),
-                 "nginx_router": lambda: post(edge), "serve_healthz": healthz}
+        paths: dict[str, Callable[[], Awaitable[None]]] = {
+            "direct_handle": direct, "serve_router": lambda: post(serve_url),
+            "nginx_router": lambda: post(edge), "serve_healthz": healthz}
         times: dict[str, list[float]] = {name: [] for name in paths}
-        for _ in range(5):  # warm-up: connections, imports, the prefix cache
-            for one in paths.values():
-                await one()
-        for _ in range(calls // 10):
-            for name, one in paths.items():
-                times[name] += await timed(10, one)()
+        for round_ in range(warmup + calls):
+            order = list(paths)
+            rng.shuffle(order)
+            for name in order:
+                start = time.perf_counter()
+                await paths[name]()
+                if round_ >= warmup:
+                    times[name].append(time.perf_counter() - start)
     return times
 
 
@@ -542,6 +544,7 @@ def overhead_mode(calls: int, out: str | None) -> dict[str, Any]:
     """Start a local stack, connect a Ray driver to it, time the three paths."""
     import ray
 
+    from cluster.ray_env import ray_env
     from infra.stack import local_stack
 
     with local_stack() as stack:
@@ -565,6 +568,7 @@ def overhead_mode(calls: int, out: str | None) -> dict[str, Any]:
                      "replica",
                      "serve_healthz": "HTTP -> Serve proxy -> router GET /healthz, no "
                      "engine: the floor of Serve's proxy hop and FastAPI"},
+           "serve_env": {k: os.environ.get(k) for k in ray_env()},
            "stack": "local", "model": "tiny", "tp": 2, **environment()}
     emit(row, out)
     return row

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.control import ServeError, deploy, load_config, ray_auth_headers, replicas
+from cluster.ray_env import ray_env
 from infra.services import redis_url
 from router.pinning import ROUTING_MODES
 
@@ -135,8 +136,10 @@ def up(engine: dict[str, Any], config: StackConfig, detach: bool) -> int:
 
 def stack_env(config: StackConfig, state: Path, token: str) -> dict[str, str]:
     """The environment of Ray's processes: loopback only, token auth, Redis and the admin
-    token for the router (never printed by Ray; the token is printed once by `up`)."""
-    return {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
+    token for the router (never printed by Ray; the token is printed once by `up`), and the
+    Serve settings of cluster/ray.env (a variable already in the environment wins)."""
+    return {**ray_env(), **os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "RAY_AUTH_MODE": "token",
             "TPSERVE_REDIS_URL": redis_url(state, "127.0.0.1", config.redis_port),
             "TPSERVE_ADMIN_TOKEN": token}
 

@@ -13,6 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RAY_AUTH_MODE=token
+set -a; . cluster/ray.env; set +a  # Serve's settings on this node (Ray reads them at start)
 bind=${TPSERVE_BIND:-$(hostname -I | awk '{print $1}')}
 ray_port=${TPSERVE_RAY_PORT:-6379}
 dash_port=${TPSERVE_DASHBOARD_PORT:-8265}
