@@ -5,7 +5,13 @@ request to `PinnedRouter.choose_replicas` in the caller's process. The pin lives
 (router/sessions.py): a session keeps its replica while that replica lives, also after
 scale-up; a session whose replica is gone is re-pinned by rendezvous hashing with bounded
 load (router/policy.py), atomically, so routers racing on one session agree. Requests
-without a session id go to the less loaded of the candidates. With `routing="random"`
+without a session id go to the less loaded of the candidates.
+
+One Redis round trip per session, not per request: the first request of a session in this
+process waits for the claim; later ones go to the replica that claim returned (while it is
+live) and refresh the pin in the background (one refresh in flight per session), which
+slides its TTL and brings in a pin another router moved, for the next request. A cached
+replica that is gone is never used: that request waits for a new claim. With `routing="random"`
 (RouterConfig.routing) every request goes to a uniformly random live replica and no pin
 is read or written: the baseline against which infra/load.py measures what pinning buys.
 
@@ -15,9 +21,13 @@ request_router_kwargs={...})`; the Redis URL comes from TPSERVE_REDIS_URL unless
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import random
 from collections import Counter as Tally
+from collections import OrderedDict
+from collections.abc import Collection
 from typing import Any
 
 from ray.serve._private.common import ReplicaID
@@ -29,7 +39,9 @@ from router import metrics
 from router.policy import choose_replica
 from router.sessions import SessionStore, SessionStoreConfig
 
+log = logging.getLogger(__name__)
 ROUTING_MODES = ("pinned", "random")
+PIN_CACHE_SIZE = 100_000  # sessions whose pin this process remembers (least recent dropped)
 
 
 class PinnedRouter(RequestRouter):
@@ -44,6 +56,8 @@ class PinnedRouter(RequestRouter):
         self.store = SessionStore(SessionStoreConfig(url=url, ttl_s=ttl_s))
         self.load_factor = load_factor
         self.in_flight: Tally[str] = Tally()  # requests this router sent, per replica
+        self.pins: OrderedDict[str, str] = OrderedDict()  # session -> replica Redis gave
+        self.refreshing: dict[str, asyncio.Task[str]] = {}  # background claims
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None
@@ -57,13 +71,44 @@ class PinnedRouter(RequestRouter):
         key = pending_request.metadata.session_id if pending_request is not None else ""
         if not key:
             return [[live[min(loads, key=loads.__getitem__)]]]
+        cached = self.pins.get(key)
+        if cached in live:
+            self._refresh(key, cached, list(live))
+            return [[live[cached]]]
         choice = choose_replica(key, loads, self.load_factor)
-        pinned, moved = await self.store.claim_pin(key, choice, live.keys())
+        pinned = await self._claim(key, choice, live.keys())
+        # a pin to a replica this router does not see yet (just started): use the choice
+        return [[live.get(pinned, live[choice])]]
+
+    async def _claim(self, key: str, choice: str, live: Collection[str]) -> str:
+        """Claim `choice` for `key` in Redis (an existing live pin wins); remember the
+        answer unless Redis was away (then it is only the hash's choice)."""
+        pinned, moved = await self.store.claim_pin(key, choice, live)
         if moved:
             metrics.PINS_MOVED.inc()
         metrics.DEGRADED.set(1 if self.store.degraded else 0)
-        # a pin to a replica this router does not see yet (just started): use the choice
-        return [[live.get(pinned, live[choice])]]
+        if self.store.degraded:
+            self.pins.pop(key, None)
+        else:
+            self.pins[key] = pinned
+            self.pins.move_to_end(key)
+            if len(self.pins) > PIN_CACHE_SIZE:
+                self.pins.popitem(last=False)
+        return pinned
+
+    def _refresh(self, key: str, cached: str, live: list[str]) -> None:
+        """The claim of a cached pin, off the request's path; one per session at a time."""
+        if key in self.refreshing:
+            return
+        task = asyncio.ensure_future(self._claim(key, cached, live))
+        self.refreshing[key] = task
+
+        def done(task: asyncio.Task[str]) -> None:
+            self.refreshing.pop(key, None)
+            if not task.cancelled() and task.exception() is not None:
+                log.warning("refreshing the pin of a session failed: %r", task.exception())
+
+        task.add_done_callback(done)
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: Any) -> None:

@@ -88,3 +88,96 @@ def test_random_routing_spreads_one_session_over_replicas() -> None:
     assert len(asyncio.run(picks("pinned"))) == 1  # Redis off: the hash alone pins it
     with pytest.raises(ValueError, match="routing"):
         _router("sticky")
+
+
+class _FakeStore:
+    """claim_pin as the Lua script does it (a live pin wins), counting the calls; a call
+    after the first waits on `gate` while it is clear (a slow Redis)."""
+
+    def __init__(self) -> None:
+        self.pins: dict[str, str] = {}
+        self.calls = 0
+        self.gate = __import__("asyncio").Event()
+        self.degraded = False
+
+    async def claim_pin(self, key: str, replica: str, live: object) -> tuple[str, bool]:
+        self.calls += 1
+        if self.calls > 1:
+            await self.gate.wait()
+        cur = self.pins.get(key)
+        if cur is not None and cur in live:  # type: ignore[operator]
+            return cur, False
+        self.pins[key] = replica
+        return replica, cur is not None
+
+
+def _pinned_with(store: _FakeStore) -> object:
+    router = _router("pinned")
+    router.store = store  # type: ignore[attr-defined]
+    return router
+
+
+def _pending(session: str) -> object:
+    metadata = type("Metadata", (), {"session_id": session})()
+    return type("Pending", (), {"metadata": metadata})()
+
+
+def test_a_known_pin_routes_without_waiting_for_redis_and_is_refreshed() -> None:
+    import asyncio
+
+    async def run() -> None:
+        store = _FakeStore()
+        router = _pinned_with(store)
+        replicas = [_FakeReplica(r) for r in ("a", "b", "c")]
+        first = (await router.choose_replicas(replicas, _pending("s")))[0][0]
+        assert store.calls == 1 and store.pins["s"] == first.replica_id.unique_id
+        # Redis is now slow (gate closed): the next requests must not wait for it
+        for _ in range(3):
+            again = await asyncio.wait_for(router.choose_replicas(replicas, _pending("s")), 1)
+            assert again[0][0] is first
+        assert store.calls == 2  # one background refresh in flight, not one per request
+        store.gate.set()
+        await asyncio.sleep(0.01)
+        assert not router.refreshing
+        # another router moved the pin (it saw `first` die): the refresh brings it here
+        other = next(r for r in replicas if r is not first)
+        store.pins["s"] = other.replica_id.unique_id
+        await router.choose_replicas(replicas, _pending("s"))  # still the cached one...
+        await asyncio.sleep(0.01)
+        moved = await router.choose_replicas(replicas, _pending("s"))
+        assert moved[0][0] is other  # ...and the next request follows the move
+
+    asyncio.run(run())
+
+
+def test_a_cached_pin_to_a_gone_replica_waits_for_a_new_claim() -> None:
+    import asyncio
+
+    async def run() -> None:
+        store = _FakeStore()
+        store.gate.set()
+        router = _pinned_with(store)
+        replicas = [_FakeReplica(r) for r in ("a", "b", "c")]
+        first = (await router.choose_replicas(replicas, _pending("s")))[0][0]
+        left = [r for r in replicas if r is not first]
+        again = (await router.choose_replicas(left, _pending("s")))[0][0]
+        assert again in left and store.pins["s"] == again.replica_id.unique_id
+        assert store.calls == 2
+
+    asyncio.run(run())
+
+
+def test_pins_are_not_cached_while_redis_is_away() -> None:
+    import asyncio
+
+    async def run() -> None:
+        store = _FakeStore()
+        store.gate.set()
+        store.degraded = True
+        router = _pinned_with(store)
+        replicas = [_FakeReplica(r) for r in ("a", "b")]
+        for _ in range(3):
+            await router.choose_replicas(replicas, _pending("s"))
+        assert store.calls == 3 and not router.pins  # every request asks (the hash rules)
+
+    asyncio.run(run())
