@@ -495,13 +495,14 @@ def pinning_mode(config: PinningConfig, out: str | None) -> dict[str, Any]:
 
 
 async def _overhead(edge: str, serve_url: str, calls: int, warmup: int = 20,
-                    seed: int = 0) -> dict[str, list[float]]:
+                    seed: int = 0, router_url: str | None = None) -> dict[str, list[float]]:
     """`calls` sequential 1-token completions per path, interleaved call by call in a
     shuffled order each round (no path always follows another or runs in a burst), after
     `warmup` untimed rounds (connections, imports, the prefix cache). Every path sends the
     same prompt and parameters, and each call is timed the same way: from the call until
     the whole response is read. (The handle is made inside the event loop: Serve may run
-    its router on the caller's loop.)"""
+    its router on the caller's loop.) `router_url`: the router replica's own HTTP server
+    (Serve's direct ingress), timed as two more paths."""
     from ray import serve
 
     from cluster.app import APP_NAME, ENGINE
@@ -521,13 +522,16 @@ async def _overhead(edge: str, serve_url: str, calls: int, warmup: int = 20,
             async for _ in handle.generate.remote(request):
                 pass
 
-        async def healthz() -> None:
-            async with http.get(f"{serve_url}/healthz") as resp:
+        async def healthz(base: str) -> None:
+            async with http.get(f"{base}/healthz") as resp:
                 await resp.read()
 
         paths: dict[str, Callable[[], Awaitable[None]]] = {
             "direct_handle": direct, "serve_router": lambda: post(serve_url),
-            "nginx_router": lambda: post(edge), "serve_healthz": healthz}
+            "nginx_router": lambda: post(edge), "serve_healthz": lambda: healthz(serve_url)}
+        if router_url is not None:
+            paths["ingress_router"] = lambda: post(router_url)
+            paths["ingress_healthz"] = lambda: healthz(router_url)
         times: dict[str, list[float]] = {name: [] for name in paths}
         for round_ in range(warmup + calls):
             order = list(paths)
@@ -540,20 +544,44 @@ async def _overhead(edge: str, serve_url: str, calls: int, warmup: int = 20,
     return times
 
 
-def overhead_mode(calls: int, out: str | None) -> dict[str, Any]:
-    """Start a local stack, connect a Ray driver to it, time the three paths."""
+# Serve's direct ingress (Ray's RAY_SERVE_ENABLE_DIRECT_INGRESS, a feature flag): the router
+# replica serves HTTP on a port of its own besides the proxy path; `--direct-ingress` times it
+DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
+
+
+def overhead_mode(calls: int, out: str | None, direct_ingress: bool = False
+                  ) -> dict[str, Any]:
+    """Start a local stack, connect a Ray driver to it, time the paths. With
+    `direct_ingress` the stack's Ray runs Serve's direct ingress, the router replica
+    listening on one free port of its own, timed as well (no nginx in front of it)."""
     import ray
 
-    from cluster.ray_env import ray_env
     from infra.stack import local_stack
+    from replicas.engine import free_port
 
+    router_port = free_port() if direct_ingress else None
+    if router_port is not None:  # the stack's Ray takes these from this environment
+        os.environ.update({DIRECT_INGRESS_ENV: "1",
+                           "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(router_port),
+                           "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(router_port + 1)})
     with local_stack() as stack:
         stack.connect()
         try:
             serve_url = f"http://127.0.0.1:{stack.config.serve_port}"
-            times = asyncio.run(_overhead(stack.edge, serve_url, calls))
+            router_url = None if router_port is None else f"http://127.0.0.1:{router_port}"
+            times = asyncio.run(_overhead(stack.edge, serve_url, calls,
+                                          router_url=router_url))
         finally:
             ray.shutdown()
+    row = overhead_row(times)
+    emit(row, out)
+    return row
+
+
+def overhead_row(times: dict[str, list[float]]) -> dict[str, Any]:
+    """The result line of the overhead mode from each path's call times (seconds)."""
+    from cluster.ray_env import ray_env
+
     p50 = {name: round(1e3 * statistics.median(t), 3) for name, t in times.items()}
     row = {"kind": "overhead", "calls_per_path": len(times["direct_handle"]),
            "p50_ms": p50, "p99_ms": {n: ms(t)["p99"] for n, t in times.items()},
@@ -568,9 +596,15 @@ def overhead_mode(calls: int, out: str | None) -> dict[str, Any]:
                      "replica",
                      "serve_healthz": "HTTP -> Serve proxy -> router GET /healthz, no "
                      "engine: the floor of Serve's proxy hop and FastAPI"},
-           "serve_env": {k: os.environ.get(k) for k in ray_env()},
+           "serve_env": {k: os.environ.get(k) for k in (*ray_env(), DIRECT_INGRESS_ENV)},
            "stack": "local", "model": "tiny", "tp": 2, **environment()}
-    emit(row, out)
+    if "ingress_router" in p50:
+        row["direct_ingress_added_p50_ms"] = round(
+            p50["ingress_router"] - p50["direct_handle"], 3)
+        row["paths"].update({
+            "ingress_router": "HTTP -> the router replica's own server (Serve direct "
+            "ingress: no proxy, no nginx) -> engine replica",
+            "ingress_healthz": "HTTP -> the router replica's own server GET /healthz"})
     return row
 
 
@@ -608,7 +642,12 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                 f"{p50['serve_router']} ms, nginx + router {p50['nginx_router']} ms; added "
                 f"{row['added_p50_ms']} ms (nginx {row['nginx_p50_ms']})"
                 + (f"; Serve proxy + FastAPI floor (GET /healthz) {p50['serve_healthz']} ms"
-                   if "serve_healthz" in p50 else ""), "added <= 2 ms")
+                   if "serve_healthz" in p50 else "")
+                + (f"; Serve direct ingress (experimental, not the stack's setting; no "
+                   f"nginx): router {p50['ingress_router']} ms, added "
+                   f"{row['direct_ingress_added_p50_ms']} ms, GET /healthz "
+                   f"{p50['ingress_healthz']} ms" if "ingress_router" in p50 else ""),
+                "added <= 2 ms")
     if kind == "chaos":
         return (f"chaos: {c['faults']} under {c['clients']} clients",
                 f"accepted and failed: {row['failed_on_killed_replica']} on the killed "
@@ -657,6 +696,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="append the JSON lines here (default: "
                         "infra/results/<mode>_cpu.jsonl; '-' for none)")
     parser.add_argument("--calls", type=int, default=300, help="overhead: calls per path")
+    parser.add_argument("--direct-ingress", action="store_true",
+                        help="overhead: also time the router through Serve's direct ingress "
+                        "(its own HTTP port; an experimental Serve setting)")
     parser.add_argument("--table", metavar="DIR", nargs="?", const=str(RESULTS),
                         help="print the results under DIR (default infra/results) as the "
                         "README's markdown table")
@@ -682,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
         fields = PinningConfig.__dataclass_fields__
         pinning_mode(PinningConfig(**{n: getattr(args, f"pin_{n}") for n in fields}), out)
     elif args.mode == "overhead":
-        overhead_mode(args.calls, out)
+        overhead_mode(args.calls, out, args.direct_ingress)
     else:
         local = args.url is None
         args.url = args.url or LoadConfig.url

@@ -64,3 +64,19 @@ def test_soak_growth_from_warmup_to_the_median_of_the_last_samples() -> None:
     samples = [{"t_s": t, "rss_mib": {"engine": 100.0 + t / 10}} for t in (0, 60, 120, 180)]
     samples[-1]["rss_mib"]["engine"] = 500.0  # one transient spike is not growth
     assert growth(samples, 60) == {"engine": 6.0}
+
+
+def test_overhead_row_and_its_table_cell_with_and_without_direct_ingress() -> None:
+    from infra.load import _cell, overhead_row
+
+    times = {"direct_handle": [0.010] * 3, "serve_router": [0.0150] * 3,
+             "nginx_router": [0.0155, 0.0160, 0.0150], "serve_healthz": [0.003] * 3}
+    row = overhead_row(times)
+    assert row["added_p50_ms"] == 5.5 and row["nginx_p50_ms"] == 0.5 and not row["met"]
+    assert "direct_ingress_added_p50_ms" not in row
+    assert "direct ingress" not in _cell(row)[1]
+    row = overhead_row({**times, "ingress_router": [0.0112] * 3,
+                        "ingress_healthz": [0.001] * 3})
+    assert row["direct_ingress_added_p50_ms"] == 1.2
+    assert not row["met"]  # the target is judged on the stack's own path (nginx + proxy)
+    assert "router 11.2 ms, added 1.2 ms" in _cell(row)[1]
