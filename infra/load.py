@@ -1,4 +1,4 @@
-"""Load on the whole stack: `python -m infra.load [--mode load|pinning|overhead]`.
+"""Load on the whole stack: `python -m infra.load [--mode load|pinning|pinning-engine|overhead]`.
 
 Every mode prints one JSON line per result (and appends it to --out under
 infra/results/): the figures, the configuration, the git revision, the host and the
@@ -16,9 +16,14 @@ command. Everything runs on loopback and stops by itself (bounded requests and t
   pinned` and on one with `routing: random` (RouterConfig.routing); TTFT of turns >= 3
   and the replicas' prefix-cache hit rate (hit blocks x block size / prompt tokens, from
   the replicas' stats in /admin/replicas).
+- `pinning-engine`: the same conversations on the engine alone (no Ray, HTTP or Redis):
+  TTFT with the previous turn cached and with nothing cached, and the best hit rate a
+  prefix cache can reach on them; the bound the `pinning` figures are read against.
 - `overhead`: what nginx + router add to a 1-token completion, against the engine
   deployment called directly through a Serve DeploymentHandle from a Ray driver connected
-  to the stack (the same hop the router itself makes). Interleaved, sequential requests.
+  to the stack (the same hop the router itself makes). Sequential requests, the paths
+  interleaved call by call. `--direct-ingress` also times the router replica's own HTTP
+  server (Serve's direct ingress, an experimental Serve setting the stack does not use).
 """
 
 from __future__ import annotations
@@ -494,6 +499,80 @@ def pinning_mode(config: PinningConfig, out: str | None) -> dict[str, Any]:
     return row
 
 
+def cached_prefix(previous: list[int], prompt: list[int], block_size: int) -> int:
+    """Tokens of `prompt` a prefix cache holding `previous` (the last turn's prompt and
+    the tokens it generated) can serve: the common prefix in whole blocks, leaving at least
+    one token to compute (the scheduler's rule)."""
+    common = 0
+    for a, b in zip(previous, prompt, strict=False):
+        if a != b:
+            break
+        common += 1
+    return min(common, len(prompt) - 1) // block_size * block_size
+
+
+async def _engine_turns(engine: Any, config: PinningConfig, cold_token: int = 100
+                        ) -> list[dict[str, Any]]:
+    """The pinning mode's conversations on one engine, turn after turn as the router sends
+    them (history re-rendered with the chat template, the reply as text). Per turn: the
+    TTFT with the previous turn in the cache (pinned), the TTFT of the same prompt with
+    nothing cached (its first token changed to one no other prompt starts with: cold_token,
+    cold_token + 1, ...), and the tokens the cache could serve at best."""
+    from replicas import SamplingParams
+
+    rng = random.Random(config.clients * 1000 + config.sessions)
+    reply = SamplingParams(max_tokens=config.max_tokens, temperature=0.0, ignore_eos=True)
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    turns: list[dict[str, Any]] = []
+    for _ in range(config.sessions):
+        messages: list[dict[str, str]] = []
+        previous: list[int] = []
+        for turn in range(config.turns):
+            words = config.first_words if turn == 0 else config.words
+            messages.append({"role": "user", "content": user_message(rng, words)})
+            ids = engine.tokenizer.apply_chat_template(messages)
+            start, ttft, out, text = time.perf_counter(), None, [], ""
+            async for delta in engine.add_request(ids, reply):
+                ttft = ttft or time.perf_counter() - start
+                out += delta.token_ids
+                text += delta.text
+            start = time.perf_counter()
+            async for _ in engine.add_request([cold_token + len(turns)] + ids[1:], one):
+                cold = time.perf_counter() - start
+            turns.append({"turn": turn, "prompt": len(ids), "pinned_s": round(ttft, 4),
+                          "cold_s": round(cold, 4),
+                          "cacheable": cached_prefix(previous, ids,
+                                                     engine.config.block_size)})
+            previous = ids + out
+            messages.append({"role": "assistant", "content": text})
+    return turns
+
+
+def pinning_engine_mode(config: PinningConfig, out: str | None) -> dict[str, Any]:
+    """The pinning mode's conversations on the engine alone (no Ray, HTTP or Redis): what
+    the prefix cache can give at best, against which the stack's figures are read."""
+    from replicas import Engine, EngineConfig
+
+    with Engine(EngineConfig(**engine_for(config.model))) as engine:
+        warm = PinningConfig(sessions=1, turns=2, model=config.model)
+        asyncio.run(_engine_turns(engine, warm, cold_token=50))
+        turns = asyncio.run(_engine_turns(engine, config))
+    late = [t for t in turns if t["turn"] >= 2]
+    pinned = ms([t["pinned_s"] for t in late])["p50"]
+    cold = ms([t["cold_s"] for t in late])["p50"]
+    row = {"kind": "pinning_engine", "ttft_turn3plus_p50_ms": {"pinned": pinned,
+                                                              "cold": cold},
+           "ratio": round(pinned / cold, 3) if pinned and cold else None,
+           "new_tokens_turn3plus_p50": percentile(
+               [t["prompt"] - t["cacheable"] for t in late], 50),
+           "best_hit_rate": round(sum(t["cacheable"] for t in turns)
+                                  / sum(t["prompt"] for t in turns), 3),
+           "max_prompt_tokens": max(t["prompt"] for t in turns), "turns": turns,
+           "config": asdict(config), "model": config.model, "tp": 2, **environment()}
+    emit(row, out)
+    return row
+
+
 async def _overhead(edge: str, serve_url: str, calls: int, warmup: int = 20,
                     seed: int = 0, router_url: str | None = None) -> dict[str, list[float]]:
     """`calls` sequential 1-token completions per path, interleaved call by call in a
@@ -635,6 +714,14 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                 f"{row['ttft_turn3plus_p50_ratio_pinned_over_random']}); prefix-cache hit "
                 f"rate pinned {p['prefix_hit_rate']}, random {r['prefix_hit_rate']}",
                 "ratio <= 0.33")
+    if kind == "pinning_engine":
+        t = row["ttft_turn3plus_p50_ms"]
+        return (f"pinning payoff, engine alone ({row['model']} model, no Ray/HTTP/Redis, "
+                f"prompts up to {row['max_prompt_tokens']} tokens)",
+                f"TTFT turns >= 3 p50: previous turn cached {t['pinned']} ms, nothing "
+                f"cached {t['cold']} ms (ratio {row['ratio']}); new tokens per turn p50 "
+                f"{row['new_tokens_turn3plus_p50']}; best possible prefix-cache hit rate "
+                f"{row['best_hit_rate']}", "— (the bound of the row above)")
     if kind == "overhead":
         p50 = row["p50_ms"]
         return ("router overhead: 1-token completion",
@@ -692,7 +779,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="python -m infra.load",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("--mode", choices=["load", "pinning", "overhead"], default="load")
+    parser.add_argument("--mode", choices=["load", "pinning", "pinning-engine", "overhead"],
+                        default="load")
     parser.add_argument("--out", help="append the JSON lines here (default: "
                         "infra/results/<mode>_cpu.jsonl; '-' for none)")
     parser.add_argument("--calls", type=int, default=300, help="overhead: calls per path")
@@ -719,10 +807,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         print(table(args.table))
         return 0
-    out = None if args.out == "-" else (args.out or str(RESULTS / f"{args.mode}_cpu.jsonl"))
-    if args.mode == "pinning":
+    stem = {"pinning-engine": "pinning"}.get(args.mode, args.mode)  # read with its stack row
+    out = None if args.out == "-" else (args.out or str(RESULTS / f"{stem}_cpu.jsonl"))
+    if args.mode in ("pinning", "pinning-engine"):
         fields = PinningConfig.__dataclass_fields__
-        pinning_mode(PinningConfig(**{n: getattr(args, f"pin_{n}") for n in fields}), out)
+        config = PinningConfig(**{n: getattr(args, f"pin_{n}") for n in fields})
+        if args.mode == "pinning":
+            pinning_mode(config, out)
+        else:
+            pinning_engine_mode(config, out)
     elif args.mode == "overhead":
         overhead_mode(args.calls, out, args.direct_ingress)
     else:

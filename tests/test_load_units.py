@@ -80,3 +80,14 @@ def test_overhead_row_and_its_table_cell_with_and_without_direct_ingress() -> No
     assert row["direct_ingress_added_p50_ms"] == 1.2
     assert not row["met"]  # the target is judged on the stack's own path (nginx + proxy)
     assert "router 11.2 ms, added 1.2 ms" in _cell(row)[1]
+
+
+def test_cached_prefix_is_whole_blocks_of_the_common_prefix_leaving_one_token() -> None:
+    from infra.load import cached_prefix
+
+    previous = list(range(40))
+    assert cached_prefix(previous, list(range(40)) + [7, 8], 16) == 32
+    assert cached_prefix(previous, list(range(35)) + [99] * 10, 16) == 32
+    assert cached_prefix(previous, list(range(15)) + [99] * 30, 16) == 0
+    assert cached_prefix(previous, list(range(32)), 16) == 16  # one token left to compute
+    assert cached_prefix([], [1, 2, 3], 16) == 0
