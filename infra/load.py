@@ -433,8 +433,12 @@ def engine_for(model: str) -> dict[str, Any]:
 class PinningConfig:
     """The pinning-payoff run: conversations whose history grows past history_tokens."""
 
-    clients: int = 2  # concurrent conversations
-    sessions: int = 3  # conversations per client
+    # one conversation at a time: on 2 cores a second one would queue behind the first's
+    # prefill and measure the queue, not the cache
+    clients: int = 1
+    # 20 x 4 turns >= 3 per side: random routing's TTFT is bimodal (the last turn's replica
+    # or not, 1 time in `replicas`), and with 5 sessions its p50 moved 262-429 ms run to run
+    sessions: int = 20
     turns: int = 6
     first_words: int = 300  # the first user message; later ones add `words` each
     words: int = 120
