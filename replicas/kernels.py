@@ -22,6 +22,7 @@ import functools
 import math
 import os
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -104,6 +105,25 @@ if triton is not None:
         tl.store(OUT + row * so + cols, (act * u).to(OUT.dtype.element_ty), mask=ok)
 
     @triton.jit
+    def _rotated(ptr, d, mask, c, s, rotary_dim, INTERLEAVED: tl.constexpr):
+        """Head vectors at ptr (last axis d) rotated by their token's cos c and sin s
+        (zero past rotary_dim), each product rounded to the model dtype as transformers
+        does; dims past rotary_dim pass unchanged."""
+        rot = d < rotary_dim
+        if INTERLEAVED:  # pairs (2i, 2i+1)
+            partner = d ^ 1
+            sign = tl.where(d % 2 == 0, -1.0, 1.0)
+        else:  # halves (i, i + rotary_dim / 2)
+            half = rotary_dim // 2
+            partner = tl.where(d < half, d + half, d - half)
+            sign = tl.where(d < half, -1.0, 1.0)
+        x = tl.load(ptr, mask=mask, other=0.0)
+        xp = tl.load(ptr + (partner - d), mask=mask & rot, other=0.0).to(tl.float32)
+        a = (x.to(tl.float32) * c).to(x.dtype).to(tl.float32)
+        b = (sign * xp * s).to(x.dtype).to(tl.float32)
+        return tl.where(rot, (a + b).to(x.dtype), x)
+
+    @triton.jit
     def _rope_cache_kernel(Q, K, V, COS, SIN, SLOTS, KC, VC,
                            sqt, sqh, skt, skh, svt, svh, sct, heads, kv_heads, rotary_dim,
                            INTERLEAVED: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -119,21 +139,10 @@ if triton is not None:
             base = Q + t * sqt + h * sqh
         else:
             base = K + t * skt + (h - heads) * skh
-        x = tl.load(base + d, mask=d < D, other=0.0)
         rot = d < rotary_dim
-        if INTERLEAVED:  # pairs (2i, 2i+1)
-            partner = d ^ 1
-            sign = tl.where(d % 2 == 0, -1.0, 1.0)
-        else:  # halves (i, i + rotary_dim / 2)
-            half = rotary_dim // 2
-            partner = tl.where(d < half, d + half, d - half)
-            sign = tl.where(d < half, -1.0, 1.0)
-        xp = tl.load(base + partner, mask=rot, other=0.0).to(tl.float32)
         c = tl.load(COS + t * sct + d, mask=rot, other=0.0).to(tl.float32)
         s = tl.load(SIN + t * sct + d, mask=rot, other=0.0).to(tl.float32)
-        a = (x.to(tl.float32) * c).to(x.dtype).to(tl.float32)
-        b = (sign * xp * s).to(x.dtype).to(tl.float32)
-        y = tl.where(rot, (a + b).to(x.dtype), x)
+        y = _rotated(base + d, d, d < D, c, s, rotary_dim, INTERLEAVED)
         tl.store(base + d, y, mask=d < D)
         if not is_q:
             kh = h - heads
@@ -154,6 +163,8 @@ if triton is not None:
         addr = ((blk * block_size + n % block_size) * kv_heads + kvh) * D
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(KC + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        # v's load is issued with k's: its latency hides behind the scores
+        v = tl.load(VC + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
         if MASKED:
             diff = qpos[:, None] - n[None, :]
@@ -162,18 +173,18 @@ if triton is not None:
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_sum = l_sum * alpha + tl.sum(p, axis=1)
-        v = tl.load(VC + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         return m_new, l_sum, acc
 
     @triton.jit
     def _attention_kernel(
-        Q, KC, VC, OUT, OP, LSE, TABLES, CU_Q, POS,
-        sqt, sqh, sot, soh, sps, spt, sph, sls, slt, stab,
+        Q, KC, VC, OUT, OP, LSE, COUNT, TABLES, CU_Q, POS, K, V, COS, SIN, SLOTS,
+        sqt, sqh, sot, soh, sps, spt, sph, sls, slt, stab, skt, skh, svt, svh, sct, rotary_dim,
         scale_log2, window, block_size, kv_heads,
         G: tl.constexpr, TILE_T: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-        SPLITS: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
+        SPLITS: tl.constexpr, PREC: tl.constexpr, ROPE: tl.constexpr,
+        INTERLEAVED: tl.constexpr, PDL: tl.constexpr,
     ):
         """Program (sequence, tile of TILE_T query tokens, kv head x split): the G query
         heads of that kv head for those tokens, against the keys the tile may see.
@@ -181,7 +192,8 @@ if triton is not None:
         Keys come through the block table; query token i of a chunk of length L sits at
         position ctx - L + i, where ctx = position of the chunk's last token + 1.
         With SPLITS > 1 (decode), each split takes a share of the key range and writes
-        an unnormalized partial result and its log-sum-exp for `_merge_kernel`.
+        its normalized partial result and log-sum-exp; the split that finishes last (a
+        counter per sequence and kv head, left at 0 again) merges them into OUT.
         """
         seq = tl.program_id(0)
         tile = tl.program_id(1)
@@ -194,65 +206,159 @@ if triton is not None:
         if t0 < q_len:
             ctx = tl.load(POS + q_start + q_len - 1).to(tl.int32) + 1
             first = ctx - q_len
-            rows = tl.arange(0, BLOCK_R)
-            tok = t0 + rows // G
-            head = kvh * G + rows % G
-            row_ok = (rows < TILE_T * G) & (tok < q_len)
-            qpos = first + tok
-            d = tl.arange(0, BLOCK_D)
-            d_ok = d < D
-            q = tl.load(Q + (q_start + tok)[:, None] * sqt + head[:, None] * sqh + d[None, :],
-                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             win = tl.where(window > 0, window, 1 << 30)
             hi = tl.minimum(ctx, first + tl.minimum(t0 + TILE_T, q_len))
             lo = tl.maximum(0, first + t0 - win + 1)
+            # whole key blocks per split: a short context leaves splits with no keys,
+            # which do nothing (and one split alone needs no merge)
             share = tl.cdiv(tl.cdiv(hi - lo, SPLITS), BLOCK_N) * BLOCK_N
-            lo_s = lo + split * share
-            hi_s = tl.minimum(hi, lo_s + share)
-            m = tl.full([BLOCK_R], -1.0e30, dtype=tl.float32)
-            l_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
-            acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-            # keys every row of the tile sees (before the tile's first position, no
-            # window): no mask; the rest (the causal diagonal, a window's edge) masked
-            bulk = tl.where(window > 0, lo_s, tl.minimum(hi_s, first + t0 + 1))
-            bulk_end = lo_s + tl.maximum(bulk - lo_s, 0) // BLOCK_N * BLOCK_N
-            for start in range(lo_s, bulk_end, BLOCK_N):
-                m, l_sum, acc = _attend(q, KC, VC, TABLES + seq * stab, start, hi_s, qpos,
-                                        win, m, l_sum, acc, scale_log2, block_size, kv_heads,
-                                        kvh, d, d_ok, False, BLOCK_N, D, PREC)
-            for start in range(bulk_end, hi_s, BLOCK_N):
-                m, l_sum, acc = _attend(q, KC, VC, TABLES + seq * stab, start, hi_s, qpos,
-                                        win, m, l_sum, acc, scale_log2, block_size, kv_heads,
-                                        kvh, d, d_ok, True, BLOCK_N, D, PREC)
-            safe = tl.where(l_sum > 0, l_sum, 1.0)
-            out = acc / safe[:, None]
-            t_idx = q_start + tok
-            mask = row_ok[:, None] & d_ok[None, :]
-            if SPLITS == 1:
-                tl.store(OUT + t_idx[:, None] * sot + head[:, None] * soh + d[None, :],
-                         out.to(OUT.dtype.element_ty), mask=mask)
-            else:
-                lse = tl.where(l_sum > 0, m + tl.log2(safe), float("-inf"))
-                tl.store(OP + split * sps + t_idx[:, None] * spt + head[:, None] * sph
-                         + d[None, :], out, mask=mask)
-                tl.store(LSE + split * sls + t_idx * slt + head, lse, mask=row_ok)
+            active = tl.cdiv(hi - lo, share)
+            if split < active:
+                rows = tl.arange(0, BLOCK_R)
+                tok = t0 + rows // G
+                head = kvh * G + rows % G
+                row_ok = (rows < TILE_T * G) & (tok < q_len)
+                qpos = first + tok
+                d = tl.arange(0, BLOCK_D)
+                d_ok = d < D
+                q_ptr = Q + (q_start + tok)[:, None] * sqt + head[:, None] * sqh + d[None, :]
+                q_ok = row_ok[:, None] & d_ok[None, :]
+                if ROPE:  # decode: q and the token's k rotated here, k and v cached here
+                    rot = d < rotary_dim
+                    c = tl.load(COS + q_start * sct + d, mask=rot, other=0.0).to(tl.float32)
+                    sn = tl.load(SIN + q_start * sct + d, mask=rot, other=0.0).to(tl.float32)
+                    q = _rotated(q_ptr, d, q_ok, c, sn, rotary_dim, INTERLEAVED)
+                    if split == active - 1:  # the split whose keys end at this token's
+                        k_new = _rotated(K + q_start * skt + kvh * skh + d, d, d_ok, c, sn,
+                                         rotary_dim, INTERLEAVED)
+                        dst = (tl.load(SLOTS + q_start) * kv_heads + kvh) * D + d
+                        tl.store(KC + dst, k_new, mask=d_ok)
+                        tl.store(VC + dst, tl.load(V + q_start * svt + kvh * svh + d,
+                                                   mask=d_ok, other=0.0), mask=d_ok)
+                        tl.debug_barrier()  # cached before this program reads it back
+                else:
+                    q = tl.load(q_ptr, mask=q_ok, other=0.0)
+                lo_s = lo + split * share
+                hi_s = tl.minimum(hi, lo_s + share)
+                m = tl.full([BLOCK_R], -1.0e30, dtype=tl.float32)
+                l_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+                acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+                # keys every row of the tile sees (before the tile's first position, no
+                # window): no mask; the rest (the causal diagonal, a window's edge) masked
+                bulk = tl.where(window > 0, lo_s, tl.minimum(hi_s, first + t0 + 1))
+                bulk_end = lo_s + tl.maximum(bulk - lo_s, 0) // BLOCK_N * BLOCK_N
+                for start in range(lo_s, bulk_end, BLOCK_N):
+                    m, l_sum, acc = _attend(q, KC, VC, TABLES + seq * stab, start, hi_s, qpos,
+                                            win, m, l_sum, acc, scale_log2, block_size,
+                                            kv_heads, kvh, d, d_ok, False, BLOCK_N, D, PREC)
+                for start in range(bulk_end, hi_s, BLOCK_N):
+                    m, l_sum, acc = _attend(q, KC, VC, TABLES + seq * stab, start, hi_s, qpos,
+                                            win, m, l_sum, acc, scale_log2, block_size,
+                                            kv_heads, kvh, d, d_ok, True, BLOCK_N, D, PREC)
+                safe = tl.where(l_sum > 0, l_sum, 1.0)
+                out = acc / safe[:, None]
+                t_idx = q_start + tok
+                mask = row_ok[:, None] & d_ok[None, :]
+                if active == 1:
+                    tl.store(OUT + t_idx[:, None] * sot + head[:, None] * soh + d[None, :],
+                             out.to(OUT.dtype.element_ty), mask=mask)
+                else:
+                    if SPLITS > 1:  # (not compiled into the prefill kernel)
+                        lse = tl.where(l_sum > 0, m + tl.log2(safe), float("-inf"))
+                        tl.store(OP + split * sps + t_idx[:, None] * spt
+                                 + head[:, None] * sph + d[None, :], out, mask=mask)
+                        tl.store(LSE + split * sls + t_idx * slt + head, lse, mask=row_ok)
+                        tl.debug_barrier()  # every thread's stores before the release below
+                        done = tl.atomic_add(COUNT + seq * kv_heads + kvh, 1, sem="acq_rel",
+                                             scope="gpu")
+                        if done == active - 1:  # the last split: the others' are visible
+                            _merge(OP, LSE, OUT, t_idx, head, d, mask, row_ok, active, sps,
+                                   spt, sph, sls, slt, sot, soh, SPLITS, BLOCK_R, BLOCK_D)
+                            tl.atomic_xchg(COUNT + seq * kv_heads + kvh, 0)
 
     @triton.jit
-    def _merge_kernel(OP, LSE, OUT, sps, spt, sph, sls, slt, sot, soh,
-                      SPLITS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                      PDL: tl.constexpr):
-        """Program (token, head): combine the splits' partial results by their weights."""
+    def _merge(OP, LSE, OUT, t_idx, head, d, mask, row_ok, active, sps, spt, sph, sls, slt,
+               sot, soh, SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Combine the `active` splits' partial results of rows (t_idx, head) by their
+        weights; loads bypass L1 (other programs wrote them)."""
+        top = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+        for s in tl.static_range(SPLITS):
+            live = row_ok & (head * 0 + s < active)
+            lse = tl.load(LSE + s * sls + t_idx * slt + head, mask=live, other=float("-inf"),
+                          cache_modifier=".cg")
+            top = tl.maximum(top, lse)
+        top = tl.where(top == float("-inf"), 0.0, top)  # rows no split saw: weights 0
+        total = tl.zeros([BLOCK_R], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+        for s in tl.static_range(SPLITS):
+            live = row_ok & (head * 0 + s < active)
+            lse = tl.load(LSE + s * sls + t_idx * slt + head, mask=live, other=float("-inf"),
+                          cache_modifier=".cg")
+            weight = tl.exp2(lse - top)
+            part = tl.load(OP + s * sps + t_idx[:, None] * spt + head[:, None] * sph
+                           + d[None, :], mask=mask & live[:, None], other=0.0,
+                           cache_modifier=".cg")
+            acc += part * weight[:, None]
+            total += weight
+        out = acc / tl.where(total > 0, total, 1.0)[:, None]
+        tl.store(OUT + t_idx[:, None] * sot + head[:, None] * soh + d[None, :],
+                 out.to(OUT.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _normed_x(X, R, NW, cols, k, rstd, EVEN: tl.constexpr, HAS_RES: tl.constexpr):
+        """K columns of norm(x + residual) * weight, float32, rounded as _rms_norm_kernel."""
+        if EVEN:
+            x = tl.load(X + cols).to(tl.float32)
+            if HAS_RES:
+                x = (x + tl.load(R + cols).to(tl.float32)).to(X.dtype.element_ty)
+            w = tl.load(NW + cols).to(tl.float32)
+        else:
+            x = tl.load(X + cols, mask=cols < k, other=0.0).to(tl.float32)
+            if HAS_RES:
+                x = (x + tl.load(R + cols, mask=cols < k, other=0.0).to(tl.float32)).to(
+                    X.dtype.element_ty)
+            w = tl.load(NW + cols, mask=cols < k, other=0.0).to(tl.float32)
+        y = (x.to(tl.float32) * rstd).to(X.dtype.element_ty).to(tl.float32)
+        return (y * w).to(X.dtype.element_ty).to(tl.float32)
+
+    @triton.jit
+    def _gemv_norm_kernel(X, R, NW, ROUT, W, B, Y, n, k, sw, eps, HAS_RES: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, ROW: tl.constexpr, PDL: tl.constexpr):
+        """y = W norm(x + residual) (+ b) for one row: the decoder layer's RMSNorm done by
+        every program of its projection's GEMV (the row is read from L2 / L1 twice: for
+        its sum of squares, then tile by tile); program 0 writes x + residual."""
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        r_ok = rows < n
+        cols = tl.arange(0, BLOCK_K)
+        if EVEN:
+            w = tl.load(W + rows[:, None] * sw + cols[None, :])
+        else:
+            w = tl.load(W + rows[:, None] * sw + cols[None, :],
+                        mask=r_ok[:, None] & (cols < k)[None, :], other=0.0)
         _pdl_enter(PDL)
-        t = tl.program_id(0)
-        h = tl.program_id(1)
-        s = tl.arange(0, SPLITS)
-        d = tl.arange(0, BLOCK_D)
-        lse = tl.load(LSE + s * sls + t * slt + h)
-        weight = tl.exp2(lse - tl.max(lse, axis=0))  # empty splits: exp2(-inf) = 0
-        part = tl.load(OP + s[:, None] * sps + t * spt + h * sph + d[None, :],
-                       mask=d[None, :] < D, other=0.0)
-        out = tl.sum(part * weight[:, None], axis=0) / tl.sum(weight, axis=0)
-        tl.store(OUT + t * sot + h * soh + d, out.to(OUT.dtype.element_ty), mask=d < D)
+        every = tl.arange(0, ROW)
+        whole = tl.load(X + every, mask=every < k, other=0.0).to(tl.float32)
+        if HAS_RES:
+            whole = (whole + tl.load(R + every, mask=every < k, other=0.0).to(tl.float32)).to(
+                X.dtype.element_ty)
+            if tl.program_id(0) == 0:
+                tl.store(ROUT + every, whole, mask=every < k)
+            whole = whole.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(whole * whole, axis=0) / k + eps)
+        acc = w.to(tl.float32) * _normed_x(X, R, NW, cols, k, rstd, EVEN, HAS_RES)[None, :]
+        for k0 in range(BLOCK_K, k, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            if EVEN:
+                w = tl.load(W + rows[:, None] * sw + cols[None, :])
+            else:
+                w = tl.load(W + rows[:, None] * sw + cols[None, :],
+                            mask=r_ok[:, None] & (cols < k)[None, :], other=0.0)
+            acc += w.to(tl.float32) * _normed_x(X, R, NW, cols, k, rstd, EVEN, HAS_RES)[None, :]
+        y = tl.sum(acc, axis=1)
+        if HAS_BIAS:
+            y += tl.load(B + rows, mask=r_ok, other=0.0).to(tl.float32)
+        tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=r_ok)
 
     @triton.jit
     def _feed_kernel(IDS, FEED, n, BLOCK: tl.constexpr):
@@ -378,12 +484,41 @@ def decode_splits(num_seqs: int, kv_heads: int, max_keys: int) -> int:
     return max(1, min(16, want, _pow2(max(1, max_keys // 64))))
 
 
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 counters of finished splits, one per (sequence, kv head), kept per
+    device: each merge leaves its counter at 0, so they are zeroed only when made (the
+    warm-up before a graph capture makes the largest)."""
+    have = _COUNTERS.get(device)
+    if have is None or have.numel() < n:
+        have = _COUNTERS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return have
+
+
+class NewKeys(NamedTuple):
+    """A decode step's own keys and values, not yet rotated or cached: the attention
+    kernel rotates q and k (as `rope_and_cache`) and writes k and v to their slots."""
+
+    k: torch.Tensor  # [T, KVH, D]
+    v: torch.Tensor  # [T, KVH, D]
+    cos: torch.Tensor  # [T, 1, rotary_dim]
+    sin: torch.Tensor
+    slots: torch.Tensor  # [T]
+    rotary_dim: int
+    interleaved: bool
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, cu_q: torch.Tensor, positions: torch.Tensor,
-                    window: int | None, max_q: int, splits: int = 1) -> torch.Tensor:
+                    window: int | None, max_q: int, splits: int = 1,
+                    new: NewKeys | None = None) -> torch.Tensor:
     """Causal attention of q [T, H, D] (sequences' chunks back to back, bounded by cu_q
     [B + 1]) over each sequence's cached keys -> [T, H, D]. The chunk's own keys must
-    already be in the cache."""
+    already be in the cache, or (decode only, max_q == 1) come unrotated as `new`, with
+    q unrotated too."""
+    assert new is None or max_q == 1, "keys are rotated and cached here in decode only"
     t, heads, d = q.shape
     num_seqs = cu_q.shape[0] - 1
     _, block_size, kv_heads, _ = k_cache.shape
@@ -398,30 +533,31 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if splits > 1:
         part = torch.empty(splits, t, heads, d, dtype=torch.float32, device=q.device)
         lse = torch.empty(splits, t, heads, dtype=torch.float32, device=q.device)
+        count = _split_counters(q.device, num_seqs * kv_heads)
     else:
-        part, lse = out, out  # unused
+        part, lse, count = out, out, out  # unused
     grid = (num_seqs, triton.cdiv(max_q, tile_t), kv_heads * splits)
+    k, v, cos, sin, slots, rotary_dim, interleaved = new or (q, q, q, q, positions, 0, False)
     _attention_kernel[grid](
-        q, k_cache, v_cache, out, part, lse, block_tables, cu_q, positions,
+        q, k_cache, v_cache, out, part, lse, count, block_tables, cu_q, positions,
+        k, v, cos, sin, slots,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
-        block_tables.stride(0), (1.0 / math.sqrt(d)) * math.log2(math.e), window or 0,
+        block_tables.stride(0), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cos.stride(0), rotary_dim, (1.0 / math.sqrt(d)) * math.log2(math.e), window or 0,
         block_size, kv_heads,
         G=group, TILE_T=tile_t, BLOCK_R=block_r, BLOCK_N=block_n, D=d, BLOCK_D=_pow2(d),
-        SPLITS=splits, PREC=_precision(q.dtype), num_warps=warps, num_stages=2,
+        SPLITS=splits, PREC=_precision(q.dtype), ROPE=new is not None,
+        INTERLEAVED=interleaved, num_warps=warps, num_stages=2,
         **_launch(q))
-    if splits > 1:
-        _merge_kernel[(t, heads)](part, lse, out, part.stride(0), part.stride(1),
-                                  part.stride(2), lse.stride(0), lse.stride(1),
-                                  out.stride(0), out.stride(1), SPLITS=splits, D=d,
-                                  BLOCK_D=_pow2(d), num_warps=1, **_launch(q))
     return out
 
 
 GemvConfig = tuple[int, int, int, int]  # (rows per program, K per iteration, warps, stages)
 GEMV_CONFIGS: tuple[GemvConfig, ...] = (  # the leaders of earlier H200 runs, and variations
     (4, 1024, 4, 3), (4, 2048, 8, 2), (4, 2048, 8, 3), (4, 2048, 8, 4), (2, 4096, 8, 3),
-    (8, 1024, 8, 3), (16, 512, 8, 3), (8, 512, 4, 4))
+    (8, 1024, 8, 3), (16, 512, 8, 3), (8, 512, 4, 4), (2, 2048, 4, 2), (1, 4096, 4, 1),
+    (2, 4096, 4, 1), (4, 512, 4, 4), (8, 256, 4, 4))
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -436,6 +572,25 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         HAS_BIAS=bias is not None, EVEN=n % block_n == 0 and k % block_k == 0, GATED=gated,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages, **_launch(x))
     return y
+
+
+def gemv_norm(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+              eps: float, weight: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gemv(rms_norm(x + residual) * norm_weight), x + residual) for one row x [1, K], in
+    one kernel, equal to `rms_norm` then `gemv` with the same config; without a residual
+    the second result is x."""
+    n, k = weight.shape
+    block_n, block_k, warps, stages = config
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    r_out = torch.empty_like(x) if residual is not None else x
+    _gemv_norm_kernel[(triton.cdiv(n, block_n),)](
+        x, residual if residual is not None else x, norm_weight, r_out, weight,
+        bias if bias is not None else weight, y, n, k, weight.stride(0), eps,
+        HAS_RES=residual is not None, HAS_BIAS=bias is not None,
+        EVEN=n % block_n == 0 and k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k,
+        ROW=_pow2(k), num_warps=warps, num_stages=stages, **_launch(x))
+    return y, r_out
 
 
 def pick_gemv(weight: torch.Tensor, bias: torch.Tensor | None, margin: float = 0.97

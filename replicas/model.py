@@ -194,10 +194,11 @@ class Attention(nn.Module):
         self.head_dim = d
         self.window = spec.sliding_windows[layer]
 
-    def forward(self, x: torch.Tensor, b: ForwardBatch, rotary: Rotary,
+    def forward(self, qkv: torch.Tensor, b: ForwardBatch, rotary: Rotary,
                 rope: tuple[torch.Tensor, torch.Tensor], kv: tuple[torch.Tensor, torch.Tensor]
                 ) -> torch.Tensor:
-        qkv = self.qkv_proj(x)  # [T, (heads + 2 kv_heads) * D]
+        """Attention from the layer's qkv_proj output [T, (heads + 2 kv_heads) * D] (the
+        decoder layer runs the projection, fused with its norm) to o_proj's."""
         q, k, v = qkv.split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
                              self.kv_heads * self.head_dim], dim=-1)
         q = q.view(-1, self.heads, self.head_dim)
@@ -206,6 +207,13 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q)[0], self.k_norm(k)[0]
         k_cache, v_cache = kv
+        if b.cu_q is not None and b.max_q == 1:  # Triton decode: rotary, cache write and
+            # attention in one kernel
+            new = kernels.NewKeys(k, v, *rope, b.slot_mapping, rotary.rotary_dim,
+                                  rotary.interleaved)
+            out = kernels.paged_attention(q, k_cache, v_cache, b.block_tables, b.cu_q,
+                                          b.positions, self.window, 1, b.splits, new)
+            return self.o_proj(out.reshape(out.shape[0], -1))
         if b.cu_q is not None:  # Triton: rotary + cache write in one kernel, paged attention
             kernels.rope_and_cache(q, k, v, *rope, b.slot_mapping, k_cache, v_cache,
                                    rotary.rotary_dim, rotary.interleaved)
@@ -233,9 +241,10 @@ class MLP(nn.Module):
 
         self.fused_act = spec.hidden_act == "silu"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)  # [T, 2 I/tp]
-        if self.fused_act and kernels.enabled(x):
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """From the layer's gate_up_proj output [T, 2 I/tp] (run by the decoder layer,
+        fused with its norm) to down_proj's."""
+        if self.fused_act and kernels.enabled(gate_up):
             if self.down_proj.takes_gated(gate_up):  # SwiGLU inside the down GEMV
                 return self.down_proj(gate_up, gated=True)
             return self.down_proj(kernels.silu_and_mul(gate_up))
@@ -256,10 +265,12 @@ class DecoderLayer(nn.Module):
                 kv: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(this layer's output, the residual stream before it): the next norm adds the
         two, fused with the normalization."""
-        h, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(h, b, rotary, rope, kv)
-        h, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(h), residual
+        qkv, residual = self.self_attn.qkv_proj.forward_normed(x, residual,
+                                                               self.input_layernorm)
+        x = self.self_attn(qkv, b, rotary, rope, kv)
+        gate_up, residual = self.mlp.gate_up_proj.forward_normed(x, residual,
+                                                                 self.post_attention_layernorm)
+        return self.mlp(gate_up), residual
 
 
 class Backbone(nn.Module):

@@ -153,6 +153,16 @@ class ColumnParallelLinear(nn.Module):
             return kernels.gemv(x, self.weight, self.bias, self.gemv)
         return F.linear(x, self.weight, self.bias)
 
+    def forward_normed(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(norm(x + residual)), x + residual): a decoder layer's norm and its
+        projection; on the one-row GEMV path one kernel does both."""
+        if self.gemv is not None and x.shape[0] == 1 and kernels.enabled(x):
+            return kernels.gemv_norm(x, residual, norm.weight, norm.eps, self.weight,
+                                     self.bias, self.gemv)
+        h, residual = norm(x, residual)
+        return self(h), residual
+
 
 def tune_gemv(model: nn.Module) -> dict[str, dict[str, float | str]]:
     """Give each linear layer the Triton GEMV config that beats cuBLAS on its shape at one

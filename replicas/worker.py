@@ -121,6 +121,8 @@ class Worker:
         self.kv = allocate_kv_cache(self.spec, self.world_size, self.num_blocks + 1,
                                     config.block_size, self.dtype, self.device)
         self.overflow_retries = 0
+        # PyTorch's fused attention on a GPU takes 16-bit grouped heads only (no float32)
+        self._flash = self.device.type == "cpu" or self.dtype != torch.float32
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and config.cuda_graphs:
             self.graphs = DecodeGraphs(
@@ -268,7 +270,8 @@ class Worker:
             max_q=max_q,
             splits=kernels.decode_splits(num_seqs, self._kv_heads(), width * bs)
             if max_q == 1 else 1,
-            fresh=self._fresh_spans(batch) if fast and max_q >= FLASH_MIN_TOKENS else None,
+            fresh=self._fresh_spans(batch) if fast and self._flash and max_q >= FLASH_MIN_TOKENS
+            else None,
         )
 
     @staticmethod

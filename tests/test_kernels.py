@@ -117,8 +117,9 @@ CASES = {  # name: (query lens, contexts, window, heads, kv heads, head dim, spl
     "chunk after a long prefix": ([20, 3], [230, 100], None, 4, 2, 16, 1),
     "sliding window": ([12, 1], [45, 30], 8, 4, 2, 16, 1),
     "decode, grouped heads": ([1, 1, 1], [1, 17, 64], None, 8, 2, 32, 1),
-    "decode, split keys": ([1, 1], [70, 5], None, 4, 1, 16, 4),
-    "decode, split keys, window": ([1, 1], [70, 130], 24, 4, 2, 16, 8),
+    # a split takes >= 256 keys: 3, 1 and 2 of the 4 splits have keys
+    "decode, split keys": ([1, 1, 1], [700, 5, 300], None, 4, 1, 16, 4),
+    "decode, split keys, window": ([1, 1], [70, 600], 300, 4, 2, 16, 8),
 }
 
 
@@ -126,7 +127,7 @@ CASES = {  # name: (query lens, contexts, window, heads, kv heads, head dim, spl
 @pytest.mark.parametrize("case", list(CASES))
 def test_paged_attention_matches_reference(case: str, dtype: torch.dtype) -> None:
     query_lens, contexts, window, heads, kv_heads, d, splits = CASES[case]
-    block_size, num_blocks = 4, 128
+    block_size, num_blocks = 4, 512
     b = ragged_batch(query_lens, contexts, block_size, num_blocks, window)
     b.splits = splits
     gen = torch.Generator().manual_seed(4)
@@ -139,6 +140,68 @@ def test_paged_attention_matches_reference(case: str, dtype: torch.dtype) -> Non
                                   window, b.max_q, b.splits)
     tol = 2e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_decode_attention_rotates_and_caches_the_new_keys(interleaved: bool, splits: int
+                                                          ) -> None:
+    """Decode attention given the step's unrotated q, k, v (NewKeys) equals rope_and_cache
+    then attention, bit for bit, and leaves the same cache."""
+    contexts, block_size, kv_heads, heads, d, rotary_dim = [300, 5, 70], 4, 2, 4, 16, 8
+    window = 40 if splits == 1 else None  # (split: 3 of 4 have keys at 300)
+    b = ragged_batch([1, 1, 1], contexts, block_size, 512, window)
+    gen = torch.Generator().manual_seed(12)
+    caches = [torch.randn(512, block_size, kv_heads, d, generator=gen).to(DEVICE)
+              for _ in range(2)]
+    q, k, v = (torch.randn(3, h, d, generator=gen).to(DEVICE) for h in (heads, kv_heads,
+                                                                          kv_heads))
+    angles = torch.rand(3, 1, rotary_dim, generator=gen).to(DEVICE) * 6
+    cos, sin = angles.cos(), angles.sin()
+    blocks = b.block_tables[torch.arange(3, device=DEVICE), b.positions // block_size]
+    slots = blocks * block_size + b.positions % block_size
+    assert b.cu_q is not None
+    new = kernels.NewKeys(k, v, cos, sin, slots, rotary_dim, interleaved)
+    k_fused, v_fused = (c.clone() for c in caches)
+    got = kernels.paged_attention(q.clone(), k_fused, v_fused, b.block_tables, b.cu_q,
+                                  b.positions, window, 1, splits, new)
+    q2, k2 = q.clone(), k.clone()
+    kernels.rope_and_cache(q2, k2, v, cos, sin, slots, caches[0], caches[1], rotary_dim,
+                           interleaved)
+    want = kernels.paged_attention(q2, caches[0], caches[1], b.block_tables, b.cu_q,
+                                   b.positions, window, 1, splits)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert torch.equal(k_fused, caches[0]) and torch.equal(v_fused, caches[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="races show on a GPU only")
+def test_split_merge_by_the_last_split_holds_under_replay() -> None:
+    """The split that finishes last merges the others' results (a counter per sequence
+    and kv head): 300 replays of a captured decode attention over 64 sequences x 16
+    splits, each equal to the first and to the reference, and the counters back at 0."""
+    contexts = [40 + 37 * i for i in range(64)]
+    b = ragged_batch([1] * 64, contexts, 16, 8192, None)
+    gen = torch.Generator().manual_seed(9)
+    k_cache, v_cache = (torch.randn(8192, 16, 4, 64, generator=gen).to(DEVICE, torch.bfloat16)
+                        for _ in range(2))
+    q = torch.randn(64, 16, 64, generator=gen).to(DEVICE, torch.bfloat16)
+    want = reference_attention(q, k_cache, v_cache, b, None)
+
+    def run() -> torch.Tensor:
+        assert b.cu_q is not None
+        return kernels.paged_attention(q, k_cache, v_cache, b.block_tables, b.cu_q,
+                                       b.positions, None, 1, 16)
+
+    first = run().clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for _ in range(300):
+        graph.replay()
+        assert torch.equal(out, first)
+    torch.testing.assert_close(first, want, atol=2e-2, rtol=2e-2)
+    assert int(kernels._COUNTERS[q.device].abs().sum()) == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -173,6 +236,28 @@ def test_gated_gemv_is_silu_and_mul_then_gemv(dtype: torch.dtype, shape: tuple[i
         want = kernels.gemv(kernels.silu_and_mul(gate_up), w, None, config)
         assert got.shape == (1, shape[0])
         torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(64, 256), (40, 200)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_norm_in_the_gemv_is_rms_norm_then_gemv(dtype: torch.dtype, shape: tuple[int, int],
+                                                 with_residual: bool) -> None:
+    """The decoder layer's RMSNorm done inside its projection's GEMV: the same output,
+    bit for bit, and the same residual sum as the norm kernel, then the GEMV."""
+    gen = torch.Generator().manual_seed(10)
+    w = torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+    bias = torch.randn(shape[0], generator=gen).to(DEVICE, dtype)
+    x, residual = (torch.randn(1, shape[1], generator=gen).to(DEVICE, dtype) for _ in range(2))
+    norm_w = (1 + torch.randn(shape[1], generator=gen) / 4).to(DEVICE, dtype)
+    res = residual if with_residual else None
+    for config in [(8, 64, 4, 2), (16, 128, 4, 3)]:
+        got, got_sum = kernels.gemv_norm(x, res, norm_w, 1e-5, w, bias, config)
+        h, want_sum = kernels.rms_norm(x, norm_w, 1e-5, res)
+        want = kernels.gemv(h, w, bias, config)
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+        torch.testing.assert_close(got_sum, x if want_sum is None else want_sum, atol=0,
+                                   rtol=0)
 
 
 @pytest.mark.gpu
@@ -226,3 +311,27 @@ def test_engine_tokens_equal_through_the_kernels(family: str, flash_from: int,
             if flag == "1":
                 assert engine.stats()["prefix_cache_hit_blocks"] > 0
     assert runs["1"] == runs["0"]
+
+
+@pytest.mark.parametrize("family", ["llama", "glm"])  # GLM: biased qkv, fused gate_up
+def test_decode_through_the_gemvs_equals_the_matmuls(family: str, checkpoint: CheckpointFactory
+                                                     ) -> None:
+    """Batch-1 decode with every projection on the GEMV (the layer norms inside the qkv
+    and gate_up GEMVs, SwiGLU inside the down GEMV, the LM head too) gives the tokens
+    and, to float32 rounding, the log-probabilities of the matmul path. On a GPU the
+    GEMV is only chosen where it wins; here it is set on every layer."""
+    ckpt = checkpoint(family)
+    config = EngineConfig(model=ckpt, device=DEVICE, dtype="float32", cuda_graphs=False)
+    prompt = torch.randint(3, 200, (9,), generator=torch.Generator().manual_seed(2)).tolist()
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=True)
+    runs = {}
+    with Engine(config) as engine:
+        for on in (False, True):
+            for module in engine.worker.model.modules():
+                if hasattr(module, "gemv"):
+                    module.gemv = (4, 32, 4, 1) if on else None
+            runs[on] = engine.generate([prompt], params)[0]
+    assert runs[True].token_ids == runs[False].token_ids
+    assert runs[True].logprobs is not None and runs[False].logprobs is not None
+    torch.testing.assert_close(torch.tensor(runs[True].logprobs),
+                               torch.tensor(runs[False].logprobs), atol=1e-4, rtol=1e-4)
