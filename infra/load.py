@@ -728,7 +728,13 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                 f"{row['best_hit_rate']}", "— (the bound of the row above)")
     if kind == "overhead":
         p50 = row["p50_ms"]
-        return ("router overhead: 1-token completion",
+        from cluster.ray_env import ray_env
+
+        unlike = {k: v for k, v in row.get("serve_env", {}).items()
+                  if k in ray_env() and v != ray_env()[k]}
+        return ("router overhead: 1-token completion"
+                + (f" ({', '.join(f'{k}={v}' for k, v in unlike.items())}, not "
+                   "cluster/ray.env's)" if unlike else ""),
                 f"p50: engine handle {p50['direct_handle']} ms, Serve + router "
                 f"{p50['serve_router']} ms, nginx + router {p50['nginx_router']} ms; added "
                 f"{row['added_p50_ms']} ms (nginx {row['nginx_p50_ms']})"

@@ -91,3 +91,16 @@ def test_cached_prefix_is_whole_blocks_of_the_common_prefix_leaving_one_token() 
     assert cached_prefix(previous, list(range(15)) + [99] * 30, 16) == 0
     assert cached_prefix(previous, list(range(32)), 16) == 16  # one token left to compute
     assert cached_prefix([], [1, 2, 3], 16) == 0
+
+
+def test_an_overhead_row_measured_without_the_stack_settings_says_so() -> None:
+    from cluster.ray_env import ray_env
+    from infra.load import _cell, overhead_row
+
+    times = {"direct_handle": [0.010], "serve_router": [0.015], "nginx_router": [0.016],
+             "serve_healthz": [0.003]}
+    row = overhead_row(times)
+    row["serve_env"] = dict(ray_env())
+    assert _cell(row)[0] == "router overhead: 1-token completion"
+    row["serve_env"]["RAY_SERVE_USE_GRPC_BY_DEFAULT"] = "0"
+    assert "RAY_SERVE_USE_GRPC_BY_DEFAULT=0" in _cell(row)[0]
