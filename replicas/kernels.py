@@ -153,8 +153,8 @@ if triton is not None:
             tl.store(VC + dst, v, mask=d < D)
 
     @triton.jit
-    def _attend(q, KC, VC, table, start, hi, qpos, win, m, l_sum, acc, scale_log2,
-                block_size, kv_heads, kvh, d, d_ok, MASKED: tl.constexpr,
+    def _attend(q, KC, VC, table, start, hi, qpos, win, m, l_sum, acc, scale_log2, block_size,
+                kv_heads, kvh, d, d_ok, MASKED: tl.constexpr,
                 BLOCK_N: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
         """One block of BLOCK_N keys from `start` into the online softmax (m, l_sum, acc)."""
         n = start + tl.arange(0, BLOCK_N)
@@ -169,6 +169,12 @@ if triton is not None:
         if MASKED:
             diff = qpos[:, None] - n[None, :]
             s = tl.where(n_ok[None, :] & (diff >= 0) & (diff < win), s, float("-inf"))
+        return _online_softmax(s, v, m, l_sum, acc, PREC)
+
+    @triton.jit
+    def _online_softmax(s, v, m, l_sum, acc, PREC: tl.constexpr):
+        """Scores s [R, N] (log2 units, -inf = masked) and values v [N, D] into the running
+        (max, sum, accumulator)."""
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -178,13 +184,12 @@ if triton is not None:
 
     @triton.jit
     def _attention_kernel(
-        Q, KC, VC, OUT, OP, LSE, COUNT, TABLES, CU_Q, POS, K, V, COS, SIN, SLOTS,
-        sqt, sqh, sot, soh, sps, spt, sph, sls, slt, stab, skt, skh, svt, svh, sct, rotary_dim,
+        Q, KC, VC, OUT, OP, LSE, COUNT, TABLES, CU_Q, POS,
+        sqt, sqh, sot, soh, sps, spt, sph, sls, slt, stab,
         scale_log2, window, block_size, kv_heads,
         G: tl.constexpr, TILE_T: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-        SPLITS: tl.constexpr, PREC: tl.constexpr, ROPE: tl.constexpr,
-        INTERLEAVED: tl.constexpr, PDL: tl.constexpr,
+        SPLITS: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
     ):
         """Program (sequence, tile of TILE_T query tokens, kv head x split): the G query
         heads of that kv head for those tokens, against the keys the tile may see.
@@ -221,23 +226,8 @@ if triton is not None:
                 qpos = first + tok
                 d = tl.arange(0, BLOCK_D)
                 d_ok = d < D
-                q_ptr = Q + (q_start + tok)[:, None] * sqt + head[:, None] * sqh + d[None, :]
-                q_ok = row_ok[:, None] & d_ok[None, :]
-                if ROPE:  # decode: q and the token's k rotated here, k and v cached here
-                    rot = d < rotary_dim
-                    c = tl.load(COS + q_start * sct + d, mask=rot, other=0.0).to(tl.float32)
-                    sn = tl.load(SIN + q_start * sct + d, mask=rot, other=0.0).to(tl.float32)
-                    q = _rotated(q_ptr, d, q_ok, c, sn, rotary_dim, INTERLEAVED)
-                    if split == active - 1:  # the split whose keys end at this token's
-                        k_new = _rotated(K + q_start * skt + kvh * skh + d, d, d_ok, c, sn,
-                                         rotary_dim, INTERLEAVED)
-                        dst = (tl.load(SLOTS + q_start) * kv_heads + kvh) * D + d
-                        tl.store(KC + dst, k_new, mask=d_ok)
-                        tl.store(VC + dst, tl.load(V + q_start * svt + kvh * svh + d,
-                                                   mask=d_ok, other=0.0), mask=d_ok)
-                        tl.debug_barrier()  # cached before this program reads it back
-                else:
-                    q = tl.load(q_ptr, mask=q_ok, other=0.0)
+                q = tl.load(Q + (q_start + tok)[:, None] * sqt + head[:, None] * sqh
+                            + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
                 lo_s = lo + split * share
                 hi_s = tl.minimum(hi, lo_s + share)
                 m = tl.full([BLOCK_R], -1.0e30, dtype=tl.float32)
@@ -255,26 +245,128 @@ if triton is not None:
                     m, l_sum, acc = _attend(q, KC, VC, TABLES + seq * stab, start, hi_s, qpos,
                                             win, m, l_sum, acc, scale_log2, block_size,
                                             kv_heads, kvh, d, d_ok, True, BLOCK_N, D, PREC)
-                safe = tl.where(l_sum > 0, l_sum, 1.0)
-                out = acc / safe[:, None]
-                t_idx = q_start + tok
-                mask = row_ok[:, None] & d_ok[None, :]
-                if active == 1:
-                    tl.store(OUT + t_idx[:, None] * sot + head[:, None] * soh + d[None, :],
-                             out.to(OUT.dtype.element_ty), mask=mask)
-                else:
-                    if SPLITS > 1:  # (not compiled into the prefill kernel)
-                        lse = tl.where(l_sum > 0, m + tl.log2(safe), float("-inf"))
-                        tl.store(OP + split * sps + t_idx[:, None] * spt
-                                 + head[:, None] * sph + d[None, :], out, mask=mask)
-                        tl.store(LSE + split * sls + t_idx * slt + head, lse, mask=row_ok)
-                        tl.debug_barrier()  # every thread's stores before the release below
-                        done = tl.atomic_add(COUNT + seq * kv_heads + kvh, 1, sem="acq_rel",
-                                             scope="gpu")
-                        if done == active - 1:  # the last split: the others' are visible
-                            _merge(OP, LSE, OUT, t_idx, head, d, mask, row_ok, active, sps,
-                                   spt, sph, sls, slt, sot, soh, SPLITS, BLOCK_R, BLOCK_D)
-                            tl.atomic_xchg(COUNT + seq * kv_heads + kvh, 0)
+                _finish(m, l_sum, acc, OUT, OP, LSE, COUNT + seq * kv_heads + kvh, q_start + tok,
+                        head, d, row_ok[:, None] & d_ok[None, :], row_ok, split, active, sps,
+                        spt, sph, sls, slt, sot, soh, SPLITS, BLOCK_R, BLOCK_D)
+
+    @triton.jit
+    def _decode_kv(KC, VC, table, n, pos, block_size, kv_heads, kvh, d, d_ok,
+                   D: tl.constexpr):
+        """Keys and values [BLOCK_N, D] at positions n from the cache; the new token's
+        (position pos) and any past it come as 0, to be filled from registers."""
+        old = n < pos
+        blk = tl.load(table + n // block_size, mask=old, other=0)
+        addr = ((blk * block_size + n % block_size) * kv_heads + kvh) * D
+        kv_mask = old[:, None] & d_ok[None, :]
+        k = tl.load(KC + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(VC + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        return k, v
+
+    @triton.jit
+    def _decode_tile(q, k, v, k_new, v_new, n, pos, hi_s, m, l_sum, acc, scale_log2,
+                     PREC: tl.constexpr):
+        """One tile of keys into the online softmax, the new token's key and value put in
+        from registers."""
+        is_new = (n == pos)[:, None]
+        k = tl.where(is_new, k_new[None, :], k)
+        v = tl.where(is_new, v_new[None, :], v)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+        s = tl.where((n < hi_s)[None, :], s, float("-inf"))
+        return _online_softmax(s, v, m, l_sum, acc, PREC)
+
+    @triton.jit
+    def _decode_kernel(
+        Q, K, V, KC, VC, OUT, OP, LSE, COUNT, TABLES, POS, COS, SIN, SLOTS,
+        sqt, sqh, skt, skh, svt, svh, sct, sot, soh, sps, spt, sph, sls, slt, stab,
+        rotary_dim, scale_log2, window, block_size, kv_heads,
+        G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+        BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, PREC: tl.constexpr,
+        INTERLEAVED: tl.constexpr, PDL: tl.constexpr,
+    ):
+        """Decode attention from the projection's raw q, k, v. Program (sequence, kv head
+        x split): the G query heads of that kv head, one token, against its split of
+        the keys. It rotates q and the new k (as `rope_and_cache`), and the split whose
+        keys end at the new token writes the new k and v to the cache.
+
+        Before waiting on the kernel that wrote q, k, v (PDL), each program reads what
+        the step's inputs and the cache already hold: the position, the block table and
+        the first tile of cached keys and values, so that those loads overlap the
+        projection's tail. The new token's key and value enter from registers.
+        """
+        seq = tl.program_id(0)
+        kvh = tl.program_id(1) // SPLITS
+        split = tl.program_id(1) % SPLITS
+        pos = tl.load(POS + seq).to(tl.int32)
+        win = tl.where(window > 0, window, 1 << 30)
+        lo = tl.maximum(0, pos - win + 1)
+        hi = pos + 1
+        share = tl.cdiv(tl.cdiv(hi - lo, SPLITS), BLOCK_N) * BLOCK_N
+        active = tl.cdiv(hi - lo, share)
+        lo_s = lo + split * share
+        hi_s = tl.minimum(hi, lo_s + share)
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        table = TABLES + seq * stab
+        n = lo_s + tl.arange(0, BLOCK_N)
+        k, v = _decode_kv(KC, VC, table, n, pos, block_size, kv_heads, kvh, d, d_ok, D)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        if split < active:
+            rows = tl.arange(0, BLOCK_R)
+            head = kvh * G + rows % G
+            row_ok = rows < G
+            rot = d < rotary_dim
+            c = tl.load(COS + seq * sct + d, mask=rot, other=0.0).to(tl.float32)
+            sn = tl.load(SIN + seq * sct + d, mask=rot, other=0.0).to(tl.float32)
+            q_ok = row_ok[:, None] & d_ok[None, :]
+            q = _rotated(Q + seq * sqt + head[:, None] * sqh + d[None, :], d, q_ok, c, sn,
+                         rotary_dim, INTERLEAVED)
+            k_new = _rotated(K + seq * skt + kvh * skh + d, d, d_ok, c, sn, rotary_dim,
+                             INTERLEAVED)
+            v_new = tl.load(V + seq * svt + kvh * svh + d, mask=d_ok, other=0.0)
+            if split == active - 1:  # the split whose keys end at the new token's
+                dst = (tl.load(SLOTS + seq) * kv_heads + kvh) * D + d
+                tl.store(KC + dst, k_new, mask=d_ok)
+                tl.store(VC + dst, v_new, mask=d_ok)
+            m = tl.full([BLOCK_R], -1.0e30, dtype=tl.float32)
+            l_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+            m, l_sum, acc = _decode_tile(q, k, v, k_new, v_new, n, pos, hi_s, m, l_sum, acc,
+                                         scale_log2, PREC)
+            for start in range(lo_s + BLOCK_N, hi_s, BLOCK_N):
+                n = start + tl.arange(0, BLOCK_N)
+                k, v = _decode_kv(KC, VC, table, n, pos, block_size, kv_heads, kvh, d, d_ok, D)
+                m, l_sum, acc = _decode_tile(q, k, v, k_new, v_new, n, pos, hi_s, m, l_sum,
+                                             acc, scale_log2, PREC)
+            _finish(m, l_sum, acc, OUT, OP, LSE, COUNT + seq * kv_heads + kvh,
+                    seq + rows * 0, head, d, q_ok, row_ok, split, active, sps, spt, sph, sls,
+                    slt, sot, soh, SPLITS, BLOCK_R, BLOCK_D)
+
+    @triton.jit
+    def _finish(m, l_sum, acc, OUT, OP, LSE, COUNT, t_idx, head, d, mask, row_ok, split,
+                active, sps, spt, sph, sls, slt, sot, soh, SPLITS: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        """A split's softmax state to OUT (rows t_idx x head): directly when it is the only
+        split with keys; else as a partial result and its log-sum-exp, and the split that
+        finishes last (COUNT, left at 0 again) merges them."""
+        safe = tl.where(l_sum > 0, l_sum, 1.0)
+        out = acc / safe[:, None]
+        if active == 1:
+            tl.store(OUT + t_idx[:, None] * sot + head[:, None] * soh + d[None, :],
+                     out.to(OUT.dtype.element_ty), mask=mask)
+        else:
+            if SPLITS > 1:  # (not compiled into the prefill kernel)
+                lse = tl.where(l_sum > 0, m + tl.log2(safe), float("-inf"))
+                tl.store(OP + split * sps + t_idx[:, None] * spt + head[:, None] * sph
+                         + d[None, :], out, mask=mask)
+                tl.store(LSE + split * sls + t_idx * slt + head, lse, mask=row_ok)
+                tl.debug_barrier()  # every thread's stores before the release below
+                done = tl.atomic_add(COUNT, 1, sem="acq_rel", scope="gpu")
+                if done == active - 1:  # the last split: the others' results are visible
+                    _merge(OP, LSE, OUT, t_idx, head, d, mask, row_ok, active, sps, spt, sph,
+                           sls, slt, sot, soh, SPLITS, BLOCK_R, BLOCK_D)
+                    tl.atomic_xchg(COUNT, 0)
 
     @triton.jit
     def _merge(OP, LSE, OUT, t_idx, head, d, mask, row_ok, active, sps, spt, sph, sls, slt,
@@ -536,19 +628,26 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         count = _split_counters(q.device, num_seqs * kv_heads)
     else:
         part, lse, count = out, out, out  # unused
-    grid = (num_seqs, triton.cdiv(max_q, tile_t), kv_heads * splits)
-    k, v, cos, sin, slots, rotary_dim, interleaved = new or (q, q, q, q, positions, 0, False)
-    _attention_kernel[grid](
+    scale_log2 = (1.0 / math.sqrt(d)) * math.log2(math.e)
+    if new is not None:
+        _decode_kernel[(num_seqs, kv_heads * splits)](
+            q, new.k, new.v, k_cache, v_cache, out, part, lse, count, block_tables, positions,
+            new.cos, new.sin, new.slots, q.stride(0), q.stride(1), new.k.stride(0),
+            new.k.stride(1), new.v.stride(0), new.v.stride(1), new.cos.stride(0),
+            out.stride(0), out.stride(1), part.stride(0), part.stride(1), part.stride(2),
+            lse.stride(0), lse.stride(1), block_tables.stride(0), new.rotary_dim, scale_log2,
+            window or 0, block_size, kv_heads,
+            G=group, BLOCK_R=block_r, BLOCK_N=block_n, D=d, BLOCK_D=_pow2(d), SPLITS=splits,
+            PREC=_precision(q.dtype), INTERLEAVED=new.interleaved, num_warps=warps,
+            num_stages=2, **_launch(q))
+        return out
+    _attention_kernel[(num_seqs, triton.cdiv(max_q, tile_t), kv_heads * splits)](
         q, k_cache, v_cache, out, part, lse, count, block_tables, cu_q, positions,
-        k, v, cos, sin, slots,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
-        block_tables.stride(0), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        cos.stride(0), rotary_dim, (1.0 / math.sqrt(d)) * math.log2(math.e), window or 0,
-        block_size, kv_heads,
+        block_tables.stride(0), scale_log2, window or 0, block_size, kv_heads,
         G=group, TILE_T=tile_t, BLOCK_R=block_r, BLOCK_N=block_n, D=d, BLOCK_D=_pow2(d),
-        SPLITS=splits, PREC=_precision(q.dtype), ROPE=new is not None,
-        INTERLEAVED=interleaved, num_warps=warps, num_stages=2,
+        SPLITS=splits, PREC=_precision(q.dtype), num_warps=warps, num_stages=2,
         **_launch(q))
     return out
 

@@ -147,7 +147,7 @@ def test_paged_attention_matches_reference(case: str, dtype: torch.dtype) -> Non
 def test_decode_attention_rotates_and_caches_the_new_keys(interleaved: bool, splits: int
                                                           ) -> None:
     """Decode attention given the step's unrotated q, k, v (NewKeys) equals rope_and_cache
-    then attention, bit for bit, and leaves the same cache."""
+    then attention, and leaves the same cache: bit for bit in the interpreter."""
     contexts, block_size, kv_heads, heads, d, rotary_dim = [300, 5, 70], 4, 2, 4, 16, 8
     window = 40 if splits == 1 else None  # (split: 3 of 4 have keys at 300)
     b = ragged_batch([1, 1, 1], contexts, block_size, 512, window)
@@ -170,8 +170,11 @@ def test_decode_attention_rotates_and_caches_the_new_keys(interleaved: bool, spl
                            interleaved)
     want = kernels.paged_attention(q2, caches[0], caches[1], b.block_tables, b.cu_q,
                                    b.positions, window, 1, splits)
-    torch.testing.assert_close(got, want, atol=0, rtol=0)
-    assert torch.equal(k_fused, caches[0]) and torch.equal(v_fused, caches[1])
+    # (compiled, the rotation's multiply-adds may fuse differently in the two kernels)
+    exact = 0 if DEVICE == "cpu" else 1e-5
+    torch.testing.assert_close(got, want, atol=exact, rtol=exact)
+    torch.testing.assert_close(k_fused, caches[0], atol=exact, rtol=exact)
+    assert torch.equal(v_fused, caches[1])
 
 
 @pytest.mark.gpu
