@@ -124,33 +124,35 @@ if triton is not None:
         return tl.where(rot, (a + b).to(x.dtype), x)
 
     @triton.jit
-    def _rope_cache_kernel(Q, K, V, COS, SIN, SLOTS, KC, VC,
+    def _rope_cache_kernel(Q, K, V, COS, SIN, SLOTS, KC, VC, T,
                            sqt, sqh, skt, skh, svt, svh, sct, heads, kv_heads, rotary_dim,
                            INTERLEAVED: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                           PDL: tl.constexpr):
-        """Program (token, head) over heads + kv_heads: rotate q or k in place; a k head
-        also writes its k and v to the cache slot of the token."""
+                           TOKENS: tl.constexpr, PDL: tl.constexpr):
+        """Program (TOKENS tokens, head) over heads + kv_heads: rotate q or k in place; a
+        k head also writes its k and v to the cache slots of the tokens."""
         _pdl_enter(PDL)
-        t = tl.program_id(0)
+        t = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
+        t_ok = t < T
         h = tl.program_id(1)
         d = tl.arange(0, BLOCK_D)
+        mask = t_ok[:, None] & (d < D)[None, :]
         is_q = h < heads
         if is_q:
-            base = Q + t * sqt + h * sqh
+            base = Q + t[:, None] * sqt + h * sqh + d[None, :]
         else:
-            base = K + t * skt + (h - heads) * skh
-        rot = d < rotary_dim
-        c = tl.load(COS + t * sct + d, mask=rot, other=0.0).to(tl.float32)
-        s = tl.load(SIN + t * sct + d, mask=rot, other=0.0).to(tl.float32)
-        y = _rotated(base + d, d, d < D, c, s, rotary_dim, INTERLEAVED)
-        tl.store(base + d, y, mask=d < D)
+            base = K + t[:, None] * skt + (h - heads) * skh + d[None, :]
+        rot = t_ok[:, None] & (d < rotary_dim)[None, :]
+        c = tl.load(COS + t[:, None] * sct + d[None, :], mask=rot, other=0.0).to(tl.float32)
+        s = tl.load(SIN + t[:, None] * sct + d[None, :], mask=rot, other=0.0).to(tl.float32)
+        y = _rotated(base, d, mask, c, s, rotary_dim, INTERLEAVED)
+        tl.store(base, y, mask=mask)
         if not is_q:
             kh = h - heads
-            slot = tl.load(SLOTS + t)
-            dst = slot * kv_heads * D + kh * D + d
-            tl.store(KC + dst, y, mask=d < D)
-            v = tl.load(V + t * svt + kh * svh + d, mask=d < D, other=0.0)
-            tl.store(VC + dst, v, mask=d < D)
+            slot = tl.load(SLOTS + t, mask=t_ok, other=0)
+            dst = (slot * kv_heads + kh)[:, None] * D + d[None, :]
+            tl.store(KC + dst, y, mask=mask)
+            v = tl.load(V + t[:, None] * svt + kh * svh + d[None, :], mask=mask, other=0.0)
+            tl.store(VC + dst, v, mask=mask)
 
     @triton.jit
     def _attend(q, KC, VC, table, start, hi, qpos, win, m, l_sum, acc, scale_log2, block_size,
@@ -562,11 +564,13 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     kv_heads = k.shape[1]
     if t == 0:
         return
-    _rope_cache_kernel[(t, heads + kv_heads)](
-        q, k, v, cos, sin, slots, k_cache, v_cache,
+    tokens = min(16, _pow2(t))
+    _rope_cache_kernel[(triton.cdiv(t, tokens), heads + kv_heads)](
+        q, k, v, cos, sin, slots, k_cache, v_cache, t,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos.stride(0), heads, kv_heads, rotary_dim,
-        INTERLEAVED=interleaved, D=d, BLOCK_D=_pow2(d), num_warps=1, **_launch(q))
+        INTERLEAVED=interleaved, D=d, BLOCK_D=_pow2(d), TOKENS=tokens,
+        num_warps=4 if tokens >= 8 else 1, **_launch(q))
 
 
 def decode_splits(num_seqs: int, kv_heads: int, max_keys: int) -> int:

@@ -58,20 +58,22 @@ def test_silu_and_mul_matches_reference() -> None:
 
 
 @pytest.mark.parametrize("family", ["llama", "glm"])  # halves; partial interleaved pairs
-def test_rope_and_cache_matches_reference(family: str, checkpoint: CheckpointFactory) -> None:
+@pytest.mark.parametrize("t", [6, 21])  # one program of 8 tokens; two of 16
+def test_rope_and_cache_matches_reference(family: str, t: int, checkpoint: CheckpointFactory
+                                          ) -> None:
     hf = AutoConfig.from_pretrained(checkpoint(family))
     spec = ModelSpec.from_hf(hf)
     rotary = Rotary(hf, spec, 64).to(DEVICE)
-    t, heads, kv_heads, d = 6, spec.num_heads, spec.num_kv_heads, spec.head_dim
+    heads, kv_heads, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
     gen = torch.Generator().manual_seed(2)
     qkv = torch.randn(t, (heads + 2 * kv_heads) * d, generator=gen).to(DEVICE)
     q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
     q, k, v = (x.view(t, -1, d) for x in (q, k, v))
-    positions = torch.tensor([0, 1, 2, 7, 30, 63], device=DEVICE)
+    positions = torch.tensor([0, 1, 2, 7, 30, 63, *range(40, 55)][:t], device=DEVICE)
     rope = rotary.tables(positions, q.dtype)
     want_q, want_k, want_v = rotary(q, rope), rotary(k, rope), v.clone()
-    caches = [torch.zeros(4, 4, kv_heads, d, device=DEVICE) for _ in range(2)]
-    slots = torch.tensor([5, 0, 15, 3, 9, 10], device=DEVICE)
+    caches = [torch.zeros(8, 4, kv_heads, d, device=DEVICE) for _ in range(2)]
+    slots = torch.tensor([5, 0, 15, 3, 9, 10, *range(16, 31)][:t], device=DEVICE)
     kernels.rope_and_cache(q, k, v, *rope, slots, *caches, rotary.rotary_dim,
                            rotary.interleaved)
     torch.testing.assert_close(q, want_q, atol=1e-6, rtol=1e-6)
