@@ -416,45 +416,6 @@ if triton is not None:
         return (y * w).to(X.dtype.element_ty).to(tl.float32)
 
     @triton.jit
-    def _gemv_norm_kernel(X, R, NW, ROUT, W, B, Y, n, k, sw, eps, HAS_RES: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, ROW: tl.constexpr, PDL: tl.constexpr):
-        """y = W norm(x + residual) (+ b) for one row: the decoder layer's RMSNorm done by
-        every program of its projection's GEMV (the row is read from L2 / L1 twice: for
-        its sum of squares, then tile by tile); program 0 writes x + residual."""
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        r_ok = rows < n
-        cols = tl.arange(0, BLOCK_K)
-        if EVEN:
-            w = tl.load(W + rows[:, None] * sw + cols[None, :])
-        else:
-            w = tl.load(W + rows[:, None] * sw + cols[None, :],
-                        mask=r_ok[:, None] & (cols < k)[None, :], other=0.0)
-        _pdl_enter(PDL)
-        every = tl.arange(0, ROW)
-        whole = tl.load(X + every, mask=every < k, other=0.0).to(tl.float32)
-        if HAS_RES:
-            whole = (whole + tl.load(R + every, mask=every < k, other=0.0).to(tl.float32)).to(
-                X.dtype.element_ty)
-            if tl.program_id(0) == 0:
-                tl.store(ROUT + every, whole, mask=every < k)
-            whole = whole.to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(whole * whole, axis=0) / k + eps)
-        acc = w.to(tl.float32) * _normed_x(X, R, NW, cols, k, rstd, EVEN, HAS_RES)[None, :]
-        for k0 in range(BLOCK_K, k, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            if EVEN:
-                w = tl.load(W + rows[:, None] * sw + cols[None, :])
-            else:
-                w = tl.load(W + rows[:, None] * sw + cols[None, :],
-                            mask=r_ok[:, None] & (cols < k)[None, :], other=0.0)
-            acc += w.to(tl.float32) * _normed_x(X, R, NW, cols, k, rstd, EVEN, HAS_RES)[None, :]
-        y = tl.sum(acc, axis=1)
-        if HAS_BIAS:
-            y += tl.load(B + rows, mask=r_ok, other=0.0).to(tl.float32)
-        tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=r_ok)
-
-    @triton.jit
     def _feed_kernel(IDS, FEED, n, BLOCK: tl.constexpr):
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = i < n
@@ -463,14 +424,16 @@ if triton is not None:
         tl.store(IDS + i, tl.where(v < 0, fed, v), mask=ok)
 
     @triton.jit
-    def _gemv_x(X, cols, k, EVEN: tl.constexpr, GATED: tl.constexpr):
-        """K columns of the GEMV's input row, float32; GATED: the row is [gate | up]
-        (2k wide) and the input is silu(gate) * up, rounded as `_silu_mul_kernel`."""
+    def _gemv_x(X, R, NW, cols, k, rstd, EVEN: tl.constexpr, GATED: tl.constexpr,
+                NORM: tl.constexpr, HAS_RES: tl.constexpr):
+        """K columns of the GEMV's input row, float32 (see _gemv_kernel)."""
+        if NORM:
+            return _normed_x(X, R, NW, cols, k, rstd, EVEN, HAS_RES)
         if EVEN:
             x = tl.load(X + cols)
         else:
             x = tl.load(X + cols, mask=cols < k, other=0.0)
-        if GATED:
+        if GATED:  # as _silu_mul_kernel rounds it
             if EVEN:
                 u = tl.load(X + k + cols).to(tl.float32)
             else:
@@ -481,31 +444,49 @@ if triton is not None:
         return x.to(tl.float32)
 
     @triton.jit
-    def _gemv_kernel(X, W, B, Y, n, k, sw, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
-                     GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PDL: tl.constexpr):
+    def _w_tile(W, rows, r_ok, cols, k, sw, EVEN: tl.constexpr):
+        if EVEN:  # shapes divide the blocks: no masks, wide loads
+            return tl.load(W + rows[:, None] * sw + cols[None, :])
+        return tl.load(W + rows[:, None] * sw + cols[None, :],
+                       mask=r_ok[:, None] & (cols < k)[None, :], other=0.0)
+
+    @triton.jit
+    def _gemv_kernel(X, W, B, Y, R, NW, ROUT, n, k, sw, eps, HAS_BIAS: tl.constexpr,
+                     EVEN: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
+                     HAS_RES: tl.constexpr, ROW: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """y = W x (+ b) for one row x: program = BLOCK_N rows of W, streamed along K,
         products summed in float32 registers and reduced once at the end. The first
         tile of W is loaded before waiting on the kernel that writes x (with PDL it
-        streams while that kernel runs)."""
+        streams while that kernel runs).
+
+        The input row may be made here: GATED, silu(gate) * up of x = [gate | up];
+        NORM, the decoder layer's RMSNorm of x (+ R): every program takes the row's sum
+        of squares (the row is read from L2 / L1 twice: for it, then tile by tile) and
+        program 0 writes x + R to ROUT."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         r_ok = rows < n
         cols = tl.arange(0, BLOCK_K)
-        if EVEN:  # shapes divide the blocks: no masks, wide loads
-            w = tl.load(W + rows[:, None] * sw + cols[None, :])
-        else:
-            w = tl.load(W + rows[:, None] * sw + cols[None, :],
-                        mask=r_ok[:, None] & (cols < k)[None, :], other=0.0)
+        w = _w_tile(W, rows, r_ok, cols, k, sw, EVEN)
         _pdl_enter(PDL)
-        acc = w.to(tl.float32) * _gemv_x(X, cols, k, EVEN, GATED)[None, :]
+        rstd = 0.0
+        if NORM:
+            every = tl.arange(0, ROW)
+            whole = tl.load(X + every, mask=every < k, other=0.0).to(tl.float32)
+            if HAS_RES:
+                whole = (whole + tl.load(R + every, mask=every < k, other=0.0).to(
+                    tl.float32)).to(X.dtype.element_ty)
+                if tl.program_id(0) == 0:
+                    tl.store(ROUT + every, whole, mask=every < k)
+                whole = whole.to(tl.float32)
+            rstd = 1.0 / tl.sqrt(tl.sum(whole * whole, axis=0) / k + eps)
+        acc = w.to(tl.float32) * _gemv_x(X, R, NW, cols, k, rstd, EVEN, GATED, NORM,
+                                         HAS_RES)[None, :]
         for k0 in range(BLOCK_K, k, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
-            if EVEN:
-                w = tl.load(W + rows[:, None] * sw + cols[None, :])
-            else:
-                w = tl.load(W + rows[:, None] * sw + cols[None, :],
-                            mask=r_ok[:, None] & (cols < k)[None, :], other=0.0)
-            acc += w.to(tl.float32) * _gemv_x(X, cols, k, EVEN, GATED)[None, :]
+            w = _w_tile(W, rows, r_ok, cols, k, sw, EVEN)
+            acc += w.to(tl.float32) * _gemv_x(X, R, NW, cols, k, rstd, EVEN, GATED, NORM,
+                                              HAS_RES)[None, :]
         y = tl.sum(acc, axis=1)
         if HAS_BIAS:
             y += tl.load(B + rows, mask=r_ok, other=0.0).to(tl.float32)
@@ -667,14 +648,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
          config: GemvConfig, gated: bool = False) -> torch.Tensor:
     """x [1, K] @ weight[N, K].T (+ bias) -> [1, N], in x's dtype. gated: x is
     [gate | up] of [1, 2K] and the input row is silu(gate) * up (SwiGLU fused in)."""
-    n, k = weight.shape
-    block_n, block_k, warps, stages = config
-    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, y, n, k, weight.stride(0),
-        HAS_BIAS=bias is not None, EVEN=n % block_n == 0 and k % block_k == 0, GATED=gated,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages, **_launch(x))
-    return y
+    return _gemv(x, weight, bias, config, gated=gated)
 
 
 def gemv_norm(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
@@ -683,17 +657,26 @@ def gemv_norm(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch
     """(gemv(rms_norm(x + residual) * norm_weight), x + residual) for one row x [1, K], in
     one kernel, equal to `rms_norm` then `gemv` with the same config; without a residual
     the second result is x."""
+    r_out = torch.empty_like(x) if residual is not None else x
+    y = _gemv(x, weight, bias, config, norm=(residual, norm_weight, r_out, eps))
+    return y, r_out
+
+
+def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+          config: GemvConfig, gated: bool = False,
+          norm: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, float] | None = None
+          ) -> torch.Tensor:
     n, k = weight.shape
     block_n, block_k, warps, stages = config
     y = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    r_out = torch.empty_like(x) if residual is not None else x
-    _gemv_norm_kernel[(triton.cdiv(n, block_n),)](
-        x, residual if residual is not None else x, norm_weight, r_out, weight,
-        bias if bias is not None else weight, y, n, k, weight.stride(0), eps,
-        HAS_RES=residual is not None, HAS_BIAS=bias is not None,
-        EVEN=n % block_n == 0 and k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k,
-        ROW=_pow2(k), num_warps=warps, num_stages=stages, **_launch(x))
-    return y, r_out
+    residual, norm_weight, r_out, eps = norm or (None, x, x, 0.0)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else weight, y,
+        residual if residual is not None else x, norm_weight, r_out, n, k, weight.stride(0),
+        eps, HAS_BIAS=bias is not None, EVEN=n % block_n == 0 and k % block_k == 0,
+        GATED=gated, NORM=norm is not None, HAS_RES=residual is not None, ROW=_pow2(k),
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages, **_launch(x))
+    return y
 
 
 def pick_gemv(weight: torch.Tensor, bias: torch.Tensor | None, margin: float = 0.97
