@@ -19,6 +19,7 @@ import logging
 import multiprocessing as mp
 import socket
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from collections.abc import Sequence as Seq
@@ -230,6 +231,7 @@ class Engine:
         self._ids = itertools.count()
         self._steps = 0
         self._tokens_out = 0  # tokens generated since start
+        self._device_wait_s = 0.0  # time the driver waited for sampled tokens (see _land)
         # the last step's tokens, still on the device (see _step)
         self._flight: _Flight | None = None
         self._ahead = config.async_scheduling and config.tp == 1
@@ -308,6 +310,9 @@ class Engine:
             "waiting": len(self.scheduler.waiting),
             "steps": self._steps,
             "tokens_out": self._tokens_out,
+            # waiting for the device's tokens: ~ all of a step when the GPU is the
+            # bottleneck, ~0 when the host is (then the GPU idles between steps)
+            "device_wait_s": round(self._device_wait_s, 6),
             "tp": self.config.tp,
             "healthy": self.healthy(),
         }
@@ -514,7 +519,9 @@ class Engine:
         flight, self._flight = self._flight, None
         if flight is None:
             return
+        start = time.perf_counter()
         tokens, logprobs = flight.read()
+        self._device_wait_s += time.perf_counter() - start
         for (req, index), token, logprob in zip(flight.entries, tokens, logprobs, strict=True):
             seq, params = req.seq, req.seq.params
             at = seq.num_prompt + index - 1

@@ -1,5 +1,7 @@
-"""Triton kernels of the GPU path: paged attention, fused RMSNorm + residual, rotary with
-the KV-cache write, and SwiGLU.
+"""Triton kernels of the GPU path: paged attention (and decode attention that also
+rotates and caches the new key), fused RMSNorm + residual, rotary with the KV-cache
+write, SwiGLU, and the batch-1 GEMV (which can take the RMSNorm or the SwiGLU of its
+input row into itself).
 
 Each kernel replaces a chain of small PyTorch kernels that batch-1 decode pays for in
 launches, and the attention kernel reads each sequence's keys straight through its block

@@ -243,6 +243,7 @@ def test_async_scheduling_gives_what_step_by_step_gives(solo: dict[int, list[int
         assert min(a.token_ids) >= 0
     assert ahead[4].finish_reason == "stop" and "e" not in ahead[4].text
     assert ahead_stats["tokens_out"] == sum(len(o.token_ids) for o in ahead)
+    assert ahead_stats["device_wait_s"] > 0  # each step's tokens were read, and timed
     assert ahead_stats["free_kv_blocks"] == 8 and ahead_stats["running"] == 0
 
 
