@@ -123,6 +123,10 @@ def up(engine: dict[str, Any], config: StackConfig, detach: bool) -> int:
     if detach:
         print("detached; stop it with `tpserve down`")
         return 0
+    # a shell that starts us in the background (`tpserve up &` in a script, a CI runner)
+    # hands SIGINT down ignored, and Python then installs no KeyboardInterrupt for it:
+    # the line below promises that Ctrl-C (a SIGINT) stops the stack, so take it back
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:  # from here on, Ctrl-C (also one landing during the print) stops the stack
         print("Ctrl-C stops everything", flush=True)
         ray.wait()
