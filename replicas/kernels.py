@@ -157,18 +157,28 @@ if triton is not None:
             tl.store(VC + dst, v, mask=mask)
 
     @triton.jit
+    def _load_kv(KC, VC, table, n, upto, block_size, kv_heads, kvh, d, d_ok,
+                 D: tl.constexpr):
+        """Keys and values [BLOCK_N, D] at positions n through the block table; those at
+        upto or past it come as 0 (decode passes the new token's position: its key and
+        value are filled in from registers). v's load is issued with k's, so that its
+        latency hides behind the scores."""
+        ok = n < upto
+        blk = tl.load(table + n // block_size, mask=ok, other=0)
+        addr = ((blk * block_size + n % block_size) * kv_heads + kvh) * D
+        kv_mask = ok[:, None] & d_ok[None, :]
+        k = tl.load(KC + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(VC + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        return k, v
+
+    @triton.jit
     def _attend(q, KC, VC, table, start, hi, qpos, win, m, l_sum, acc, scale_log2, block_size,
                 kv_heads, kvh, d, d_ok, MASKED: tl.constexpr,
                 BLOCK_N: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
         """One block of BLOCK_N keys from `start` into the online softmax (m, l_sum, acc)."""
         n = start + tl.arange(0, BLOCK_N)
         n_ok = n < hi
-        blk = tl.load(table + n // block_size, mask=n_ok, other=0)
-        addr = ((blk * block_size + n % block_size) * kv_heads + kvh) * D
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(KC + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        # v's load is issued with k's: its latency hides behind the scores
-        v = tl.load(VC + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        k, v = _load_kv(KC, VC, table, n, hi, block_size, kv_heads, kvh, d, d_ok, D)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
         if MASKED:
             diff = qpos[:, None] - n[None, :]
@@ -253,18 +263,6 @@ if triton is not None:
                         head, d, row_ok[:, None] & d_ok[None, :], row_ok, split, active, sps,
                         spt, sph, sls, slt, sot, soh, SPLITS, BLOCK_R, BLOCK_D)
 
-    @triton.jit
-    def _decode_kv(KC, VC, table, n, pos, block_size, kv_heads, kvh, d, d_ok,
-                   D: tl.constexpr):
-        """Keys and values [BLOCK_N, D] at positions n from the cache; the new token's
-        (position pos) and any past it come as 0, to be filled from registers."""
-        old = n < pos
-        blk = tl.load(table + n // block_size, mask=old, other=0)
-        addr = ((blk * block_size + n % block_size) * kv_heads + kvh) * D
-        kv_mask = old[:, None] & d_ok[None, :]
-        k = tl.load(KC + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(VC + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        return k, v
 
     @triton.jit
     def _decode_tile(q, k, v, k_new, v_new, n, pos, hi_s, m, l_sum, acc, scale_log2,
@@ -312,7 +310,7 @@ if triton is not None:
         d_ok = d < D
         table = TABLES + seq * stab
         n = lo_s + tl.arange(0, BLOCK_N)
-        k, v = _decode_kv(KC, VC, table, n, pos, block_size, kv_heads, kvh, d, d_ok, D)
+        k, v = _load_kv(KC, VC, table, n, pos, block_size, kv_heads, kvh, d, d_ok, D)
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -340,7 +338,7 @@ if triton is not None:
                                          scale_log2, PREC)
             for start in range(lo_s + BLOCK_N, hi_s, BLOCK_N):
                 n = start + tl.arange(0, BLOCK_N)
-                k, v = _decode_kv(KC, VC, table, n, pos, block_size, kv_heads, kvh, d, d_ok, D)
+                k, v = _load_kv(KC, VC, table, n, pos, block_size, kv_heads, kvh, d, d_ok, D)
                 m, l_sum, acc = _decode_tile(q, k, v, k_new, v_new, n, pos, hi_s, m, l_sum,
                                              acc, scale_log2, PREC)
             _finish(m, l_sum, acc, OUT, OP, LSE, COUNT + seq * kv_heads + kvh,
