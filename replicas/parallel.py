@@ -107,6 +107,11 @@ def shard_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
 Index = slice | tuple[slice, slice]
 
 
+def on_gemv(gemv: kernels.GemvConfig | None, x: torch.Tensor) -> bool:
+    """Whether a layer with this tuned GEMV config runs `x` through it: one row only."""
+    return gemv is not None and x.shape[0] == 1
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T with W's output rows split over ranks; output stays sharded.
 
@@ -149,7 +154,7 @@ class ColumnParallelLinear(nn.Module):
             offset_full += self.part_sizes[i]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [tokens, in] -> [tokens, local_out]
-        if self.gemv is not None and x.shape[0] == 1:
+        if on_gemv(self.gemv, x):
             return kernels.gemv(x, self.weight, self.bias, self.gemv)
         return F.linear(x, self.weight, self.bias)
 
@@ -157,7 +162,7 @@ class ColumnParallelLinear(nn.Module):
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """(self(norm(x + residual)), x + residual): a decoder layer's norm and its
         projection; on the one-row GEMV path one kernel does both."""
-        if self.gemv is not None and x.shape[0] == 1 and kernels.enabled(x):
+        if on_gemv(self.gemv, x) and kernels.enabled(x):
             return kernels.gemv_norm(x, residual, norm.weight, norm.eps, self.weight,
                                      self.bias, self.gemv)
         h, residual = norm(x, residual)
@@ -207,7 +212,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
         """[tokens, local_in] -> [tokens, out]; gated (one-row GEMV only, see
         `takes_gated`): x is [gate | up], 2 local_in wide, and silu(gate) * up goes in."""
-        if self.gemv is not None and x.shape[0] == 1:
+        if on_gemv(self.gemv, x):
             y = self.comm.all_reduce(kernels.gemv(x, self.weight, None, self.gemv, gated))
         else:
             y = self.comm.matmul_all_reduce(x, self.weight)
@@ -215,7 +220,7 @@ class RowParallelLinear(nn.Module):
 
     def takes_gated(self, x: torch.Tensor) -> bool:
         """Whether `forward(x, gated=True)` may be called: a one-row step on the GEMV."""
-        return self.gemv is not None and x.shape[0] == 1
+        return on_gemv(self.gemv, x)
 
 
 def vocab_shard(vocab_size: int, rank: int, world_size: int) -> tuple[int, int, int]:
@@ -265,7 +270,7 @@ class ParallelLMHead(nn.Module):
     load = VocabParallelEmbedding.load
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # [n, dim] -> [n, vocab] float32
-        if self.gemv is not None and h.shape[0] == 1:
+        if on_gemv(self.gemv, h):
             local = kernels.gemv(h, self.weight, None, self.gemv).float()
         else:
             local = F.linear(h, self.weight).float()  # [n, vocab_per_rank]
