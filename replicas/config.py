@@ -57,6 +57,9 @@ class EngineConfig:
     # tp > 1: row-parallel matmuls over more tokens go in chunks of this many, each
     # chunk's all-reduce overlapping the next chunk's matmul (0: one reduce at the end)
     overlap_chunk_tokens: int = 2048
+    # tp > 1 on CPU, ranks on one host: all-reduces through shared memory (replicas/shm.py)
+    # instead of gloo, which costs ~2 ms a call on a small VM; False: always gloo
+    shm_all_reduce: bool = True
 
     def __post_init__(self) -> None:
         if self.tp not in SUPPORTED_TP:

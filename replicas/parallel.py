@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from replicas import kernels
+from replicas.shm import ShmAllReduce
 
 
 @dataclass
@@ -39,6 +40,8 @@ class Comm:
     # row-parallel matmuls over more tokens than this go in chunks whose all-reduces
     # overlap the next chunk's matmul (0: never)
     overlap_chunk: int = 0
+    # CPU ranks of one host: all-reduces through shared memory instead of gloo (shm.py)
+    shm: ShmAllReduce | None = None
 
     def to(self, device: torch.device) -> Comm:
         self.overflow = self.overflow.to(device)
@@ -53,7 +56,10 @@ class Comm:
             return x
         wire = x.dtype if exact else torch.float32 if self.force_float32 else self.dtype
         payload = x.to(wire)  # no copy when x is already in the wire dtype
-        dist.all_reduce(payload, group=self.group)
+        if self.shm is not None and self.shm.fits(payload):
+            payload = self.shm.all_reduce(payload)
+        else:
+            dist.all_reduce(payload, group=self.group)
         if wire == torch.float16:
             self.overflow |= ~torch.isfinite(payload).all()
         return payload.to(x.dtype)
@@ -68,7 +74,9 @@ class Comm:
         """
         t = x.shape[0]
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-        if self.world_size == 1 or not 0 < self.overlap_chunk < t or capturing:
+        # through shared memory a reduce is a copy and an add: nothing to overlap
+        if self.world_size == 1 or not 0 < self.overlap_chunk < t or capturing or (
+                self.shm is not None and not x.is_cuda):
             return self.all_reduce(F.linear(x, weight))
         wire = torch.float32 if self.force_float32 else self.dtype
         out = torch.empty(t, weight.shape[0], dtype=x.dtype, device=x.device)

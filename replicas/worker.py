@@ -26,6 +26,7 @@ from replicas.kv_cache import allocate_kv_cache, block_bytes
 from replicas.loader import load_weights, random_init
 from replicas.model import CausalLM, ForwardBatch, attention_mask, feed_tokens
 from replicas.parallel import Comm, tune_gemv
+from replicas.shm import ShmAllReduce
 
 log = logging.getLogger(__name__)
 
@@ -92,15 +93,22 @@ class Worker:
         self.config, self.rank, self.world_size = config, rank, config.tp
         self.device = self._pick_device(config)
         self.control: dist.ProcessGroup | None = None
+        store = None
         if self.world_size > 1:
             assert init_method is not None, "tp > 1 needs an init_method tcp://host:port"
-            self._join_group(init_method, peers_alive or (lambda: True))
+            store = self._join_group(init_method, peers_alive or (lambda: True))
         hf_config = AutoConfig.from_pretrained(model_dir)
         self.spec = ModelSpec.from_hf(hf_config)
         self.spec.check_tp(self.world_size)
         self.dtype = resolve_dtype(config, self.spec, self.device)
         self.comm = Comm(rank, self.world_size, DTYPES[config.comm_dtype],
                          overlap_chunk=config.overlap_chunk_tokens).to(self.device)
+        if store is not None and self.device.type == "cpu" and config.shm_all_reduce:
+            # the largest all-reduce: a whole step's hidden states, in float32 at most
+            self.comm.shm = ShmAllReduce.connect(
+                store, rank, self.world_size,
+                config.max_num_batched_tokens * self.spec.hidden_size * 4, self.control,
+                config.dist_timeout_s)
         self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
         with torch.device(self.device):
             model = CausalLM(hf_config, self.spec, self.comm, max(self.max_model_len, 1))
@@ -144,9 +152,10 @@ class Worker:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tp))
         return torch.device("cpu")
 
-    def _join_group(self, init_method: str, peers_alive: Callable[[], bool]) -> None:
-        """Rendezvous on this replica's own TCP store; rank 0 gives up as soon as a peer
-        process dies instead of waiting out the timeout."""
+    def _join_group(self, init_method: str, peers_alive: Callable[[], bool]) -> dist.Store:
+        """Rendezvous on this replica's own TCP store (returned: the group's other
+        set-up uses it); rank 0 gives up as soon as a peer process dies instead of
+        waiting out the timeout."""
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         timeout = timedelta(seconds=self.config.dist_timeout_s)
         host, port = init_method.removeprefix("tcp://").rsplit(":", 1)
@@ -163,6 +172,7 @@ class Worker:
                                 world_size=self.world_size, timeout=timeout)
         self.control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" \
             else dist.group.WORLD
+        return store
 
     def _count_blocks(self) -> int:
         cfg = self.config

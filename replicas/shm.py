@@ -1,0 +1,180 @@
+"""All-reduce between the CPU ranks of one TP group on one host, through shared memory.
+
+Why not gloo for this: a gloo all-reduce hands the call to its own threads and the
+loopback socket, and the calling rank sleeps until the peer's bytes arrive. Measured on
+the 2-core VM this project runs on, 12 all-reduces of [180, 768] float16 between
+matmuls cost 25-30 ms per step with gloo and ~3 ms this way (a 6-layer model has 13 of
+them a step, at every step): a sleeping rank wakes late, and each call pays for two
+thread hand-offs.
+
+The protocol: each rank copies its payload into its own slot of a file mapping under
+/dev/shm, then publishes a call number; every rank waits (spinning, yielding the core)
+until every peer's number is there, then sums the slots in rank order. Every rank thus
+computes the same sum in the same order: bit-identical results on all ranks (and for 2
+ranks the same values as gloo, which also adds the two payloads once in float). Two
+slots per rank, by call parity: a rank can only write call n + 2 over call n's slot after
+every peer published n + 1, which a peer does only after it has read call n.
+
+Liveness: a wait that lasts checks the peers' processes (pids published at set-up) a few
+times a second and fails with `PeerDiedError` when one is gone, and fails with
+`TimeoutError` after the group's timeout, so a dead rank never leaves a spinning one.
+
+Set-up is collective (`connect`): any rank that cannot map the file makes every rank
+fall back to gloo (None). Only x86 (its stores are seen in program order, which the
+publish-after-copy relies on) and Linux.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+import uuid
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+SHM_DIR = "/dev/shm"
+FLAG_STRIDE = 64  # bytes: each rank's call number on its own cache line
+ALIGN = 64
+CHECK_PERIOD_S = 0.2  # how often a long wait looks at the peers' processes
+
+
+class PeerDiedError(RuntimeError):
+    """A TP peer's process ended while this rank waited for its payload."""
+
+
+def supported() -> bool:
+    return (platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64")
+            and os.path.isdir(SHM_DIR))
+
+
+def process_alive(pid: int) -> bool:
+    """pid runs (a zombie, killed but not yet reaped, counts as dead)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+class ShmAllReduce:
+    """Sum of a tensor over the ranks of one host; made by `connect` on every rank."""
+
+    def __init__(self, rank: int, world_size: int, capacity: int, mapping: torch.Tensor,
+                 pids: list[int], timeout_s: float) -> None:
+        self.rank, self.world_size = rank, world_size
+        self.capacity = capacity  # payload bytes a slot holds
+        self.pids = pids
+        self.timeout_s = timeout_s
+        self._mapping = mapping  # uint8 [header + 2 * world_size * capacity], shared
+        header = world_size * FLAG_STRIDE
+        self._flags = mapping[:header].numpy().view(np.int64)[:: FLAG_STRIDE // 8]
+        self._slots = mapping[header:].view(2, world_size, capacity)
+        self._calls = 0
+        self._peers = [r for r in range(world_size) if r != rank]
+
+    @staticmethod
+    def size(world_size: int, capacity: int) -> int:
+        return world_size * FLAG_STRIDE + 2 * world_size * capacity
+
+    @classmethod
+    def connect(cls, store: dist.Store, rank: int, world_size: int, capacity: int,
+                group: dist.ProcessGroup | None, timeout_s: float) -> ShmAllReduce | None:
+        """Collective over `group` (gloo): map one fresh file (made by rank 0, named in
+        the group's own store, removed once every rank has it mapped). None on every
+        rank when any rank could not map it, or a peer's process is not visible."""
+        capacity = -(-capacity // ALIGN) * ALIGN
+        size = cls.size(world_size, capacity)
+        store.set(f"shm/pid/{rank}", str(os.getpid()))
+        path = ""
+        if rank == 0:
+            path = _create(size) if supported() else ""
+            store.set("shm/path", path)  # always set: the peers wait for the key
+        else:
+            path = store.get("shm/path").decode()
+        mapping, pids = None, []
+        try:
+            pids = [int(store.get(f"shm/pid/{r}").decode()) for r in range(world_size)]
+            if path and all(process_alive(p) for p in pids):
+                mapping = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+        except (OSError, RuntimeError, ValueError):
+            mapping = None
+        agreed = torch.tensor([int(mapping is not None)], dtype=torch.int64)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)  # every rank mapped it
+        if rank == 0 and path:
+            _remove(path)
+        if not agreed.item() or mapping is None:
+            return None
+        return cls(rank, world_size, capacity, mapping, pids, timeout_s)
+
+    def fits(self, t: torch.Tensor) -> bool:
+        return t.device.type == "cpu" and t.numel() * t.element_size() <= self.capacity
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """A new tensor: the sum of every rank's `t` (same shape and dtype on every rank),
+        added in rank order."""
+        self._calls += 1
+        slots = self._slots[self._calls % 2]
+        nbytes = t.numel() * t.element_size()
+
+        def view(r: int) -> torch.Tensor:
+            return slots[r, :nbytes].view(t.dtype).view(t.shape)
+
+        view(self.rank).copy_(t)
+        self._flags[self.rank] = self._calls  # published after the copy (x86 store order)
+        self._wait(self._calls)
+        out = view(0) + view(1)
+        for r in range(2, self.world_size):
+            out += view(r)
+        return out
+
+    def _wait(self, call: int) -> None:
+        flags, peers = self._flags, self._peers
+        if all(flags[r] >= call for r in peers):
+            return
+        start = last = time.monotonic()
+        spins = 0
+        while not all(flags[r] >= call for r in peers):
+            os.sched_yield()  # spin, but let a runnable thread have the core
+            spins += 1
+            if spins % 256:
+                continue
+            now = time.monotonic()
+            if now - last < CHECK_PERIOD_S:
+                continue
+            last = now
+            for r in peers:
+                if flags[r] < call and not process_alive(self.pids[r]):
+                    raise PeerDiedError(f"rank {r} (pid {self.pids[r]}) died during an "
+                                        "all-reduce")
+            if now - start > self.timeout_s:
+                raise TimeoutError(f"rank {self.rank}: an all-reduce waited more than "
+                                   f"{timedelta(seconds=self.timeout_s)} for its peers")
+
+
+def _create(size: int) -> str:
+    """A new file of `size` bytes under SHM_DIR, its blocks reserved now (a full tmpfs
+    then fails here, not later with SIGBUS on first touch); "" if that fails."""
+    path = os.path.join(SHM_DIR, f"tpserve-tp-{uuid.uuid4().hex}")
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    except OSError:
+        return ""
+    try:
+        os.posix_fallocate(fd, 0, size)
+        return path
+    except OSError:
+        _remove(path)
+        return ""
+    finally:
+        os.close(fd)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
