@@ -1,0 +1,165 @@
+"""The shared-memory all-reduce of CPU ranks (replicas/shm.py): the same sums as gloo bit
+for bit, a dead peer fails the wait instead of hanging it, set-up falls back to gloo on
+every rank together, and no file is left behind. Two spawned ranks on a gloo group, as in
+test_parallel.py; an engine at tp=2 with and without it gives the same logits."""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import time
+import traceback
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from replicas import Engine, EngineConfig, SamplingParams
+from replicas import shm as shm_module
+from replicas.parallel import Comm
+from replicas.shm import PeerDiedError, ShmAllReduce
+
+pytestmark = pytest.mark.skipif(not shm_module.supported(), reason="needs Linux x86 /dev/shm")
+
+WORLD = 2
+RANK_TIMEOUT_S = 90
+
+
+def _join(rank: int, port: int) -> dist.Store:
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, WORLD, is_master=rank == 0,
+                          timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=60))
+    return store
+
+
+def _sums(rank: int, store: dist.Store) -> dict[str, Any]:
+    """Random payloads of several dtypes and shapes, reduced both ways, many times over
+    (each slot parity reused)."""
+    shm = ShmAllReduce.connect(store, rank, WORLD, 64 * 48 * 4, None, 30.0)
+    assert shm is not None
+    path = store.get("shm/path").decode()
+    g = torch.Generator().manual_seed(100 + rank)
+    same, calls = True, 0
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for shape in ((1, 48), (64, 48), (7,), (3, 5, 16)):
+            for _ in range(3):
+                x = (torch.randn(shape, generator=g) * 300).to(dtype)
+                ref = x.clone()
+                dist.all_reduce(ref)
+                same &= torch.equal(shm.all_reduce(x), ref)
+                calls += 1
+    comm = Comm(rank, WORLD, torch.float16, shm=shm)
+    comm.all_reduce(torch.full((4,), 40000.0))  # each fits float16; the sum does not
+    overflow = bool(comm.overflow)
+    big = torch.zeros(64 * 48 * 2 + 32)  # over the capacity (bytes) in float16: gloo
+    fallback = torch.equal(comm.all_reduce(big + rank), torch.full_like(big, 1.0))
+    return {"same": same, "calls": calls, "overflow": overflow, "fallback": fallback,
+            "file_left": os.path.exists(path), "fits_big": shm.fits(big.half())}
+
+
+def _peer_dies(rank: int, store: dist.Store) -> dict[str, Any]:
+    shm = ShmAllReduce.connect(store, rank, WORLD, 1024, None, 60.0)
+    assert shm is not None
+    shm.all_reduce(torch.ones(8))  # both alive: fine
+    if rank == 1:
+        os._exit(0)  # gone without a word, mid-conversation
+    start = time.monotonic()
+    try:
+        shm.all_reduce(torch.ones(8))
+        error = ""
+    except PeerDiedError as e:
+        error = str(e)
+    return {"error": error, "waited_s": time.monotonic() - start}
+
+
+def _no_shm_on_rank0(rank: int, store: dist.Store) -> dict[str, Any]:
+    if rank == 0:
+        shm_module.supported = lambda: False  # e.g. no /dev/shm where rank 0 runs
+    shm = ShmAllReduce.connect(store, rank, WORLD, 1024, None, 30.0)
+    return {"none": shm is None}
+
+
+CHECKS = {"sums": _sums, "peer_dies": _peer_dies, "no_shm_on_rank0": _no_shm_on_rank0}
+
+
+def _rank_main(rank: int, port: int, check: str, out: Any) -> None:
+    try:
+        store = _join(rank, port)
+        with torch.inference_mode():
+            out.put((rank, CHECKS[check](rank, store), None))
+    except BaseException:  # noqa: BLE001 - the parent reports it
+        out.put((rank, None, traceback.format_exc()))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(check: str, expect: int = WORLD) -> dict[int, dict[str, Any]]:
+    """Run `check` on 2 spawned ranks; the results of the `expect` ranks that report."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, port, check, out), daemon=True)
+             for r in range(WORLD)]
+    try:
+        for p in procs:
+            p.start()
+        got: dict[int, dict[str, Any]] = {}
+        for _ in range(expect):
+            try:
+                rank, results, error = out.get(timeout=RANK_TIMEOUT_S)
+            except queue.Empty:
+                pytest.fail(f"ranks did not report within {RANK_TIMEOUT_S}s "
+                            f"(exit codes {[p.exitcode for p in procs]})")
+            if error is not None:
+                pytest.fail(f"rank {rank} failed:\n{error}")
+            got[rank] = results
+        return got
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=10)
+        out.close()
+
+
+def test_same_sums_as_gloo_bit_for_bit_and_no_file_left() -> None:
+    for rank, r in run_ranks("sums").items():
+        assert r["same"], f"rank {rank}: a shared-memory sum differs from gloo's"
+        assert r["calls"] == 36
+        assert r["overflow"], "the float16 overflow flag must still be raised"
+        assert r["fallback"] and not r["fits_big"], "a payload over capacity goes by gloo"
+        assert not r["file_left"], "the file is removed once every rank mapped it"
+
+
+def test_a_dead_peer_fails_the_wait_instead_of_hanging_it() -> None:
+    r = run_ranks("peer_dies", expect=1)[0]
+    assert "rank 1" in r["error"] and "died" in r["error"]
+    assert r["waited_s"] < 5.0
+
+
+def test_set_up_falls_back_to_gloo_on_every_rank_together() -> None:
+    assert all(r["none"] for r in run_ranks("no_shm_on_rank0").values())
+
+
+def test_engine_tp2_gives_the_same_logits_and_tokens_with_and_without_it() -> None:
+    prompt = list(range(3, 90))
+    runs = {}
+    for on in (True, False):
+        with Engine(EngineConfig(model=None, tp=2, shm_all_reduce=on)) as eng:
+            assert (eng.worker.comm.shm is not None) == on
+            tokens = eng.generate([prompt, prompt[:20]], SamplingParams(
+                max_tokens=6, temperature=0.0, ignore_eos=True))
+            runs[on] = ([c.token_ids for c in tokens], eng.score(prompt))
+    assert runs[True][0] == runs[False][0]
+    assert torch.equal(runs[True][1], runs[False][1])
