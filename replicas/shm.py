@@ -51,6 +51,16 @@ def supported() -> bool:
             and os.path.isdir(SHM_DIR))
 
 
+def host_id() -> str:
+    """This machine (its boot), so that ranks on two hosts never take each other's pids
+    or files for their own."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return f"no-boot-id-{uuid.uuid4().hex}"  # never matches: gloo then
+
+
 def process_alive(pid: int) -> bool:
     """pid runs (a zombie, killed but not yet reaped, counts as dead)."""
     try:
@@ -89,6 +99,7 @@ class ShmAllReduce:
         capacity = -(-capacity // ALIGN) * ALIGN
         size = cls.size(world_size, capacity)
         store.set(f"shm/pid/{rank}", str(os.getpid()))
+        store.set(f"shm/host/{rank}", host_id())
         path = ""
         if rank == 0:
             path = _create(size) if supported() else ""
@@ -98,7 +109,11 @@ class ShmAllReduce:
         mapping, pids = None, []
         try:
             pids = [int(store.get(f"shm/pid/{r}").decode()) for r in range(world_size)]
-            if path and all(process_alive(p) for p in pids):
+            one_host = all(store.get(f"shm/host/{r}").decode() == host_id()
+                           for r in range(world_size))
+            # (from_file would make a new file where rank 0's is missing)
+            if path and one_host and os.path.exists(path) and all(
+                    process_alive(p) for p in pids):
                 mapping = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
         except (OSError, RuntimeError, ValueError):
             mapping = None
