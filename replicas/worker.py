@@ -275,7 +275,8 @@ class Worker:
             positions=put(positions), slot_mapping=put(slots), block_tables=put(tables),
             token_seq=put(token_seq), token_off=put(token_off), query_pos=query_pos,
             logits_indices=put(torch.tensor(batch.logits_indices, dtype=torch.int64)),
-            masks={w: attention_mask(query_pos, width * bs, w) for w in windows},
+            masks={w: self._cpu_additive(attention_mask(query_pos, width * bs, w))
+                   for w in windows},
             cu_q=put(torch.cat((starts, lens.sum().view(1))).to(torch.int32)) if fast else None,
             max_q=max_q,
             splits=kernels.decode_splits(num_seqs, self._kv_heads(), width * bs)
@@ -283,6 +284,13 @@ class Worker:
             fresh=self._fresh_spans(batch) if fast and self._flash and max_q >= FLASH_MIN_TOKENS
             else None,
         )
+
+    def _cpu_additive(self, mask: torch.Tensor) -> torch.Tensor:
+        """On CPU, a bool mask as the 0 / -inf float mask SDPA would make of it in every
+        layer (the same values; made once a step instead of once a layer)."""
+        if self.device.type != "cpu":
+            return mask
+        return torch.zeros(mask.shape, dtype=self.dtype).masked_fill_(~mask, float("-inf"))
 
     @staticmethod
     def _fresh_spans(batch: StepBatch) -> tuple[tuple[int, int], ...] | None:
