@@ -124,6 +124,7 @@ class Worker:
         # PyTorch's fused attention on a GPU takes 16-bit grouped heads only (no float32)
         self._flash = self.device.type == "cpu" or self.dtype != torch.float32
         self.graphs: DecodeGraphs | None = None
+        self.greedy: torch.Tensor | None = None  # the last step's argmax, if its graph made it
         if self.device.type == "cuda" and config.cuda_graphs:
             self.graphs = DecodeGraphs(
                 lambda fb: self.model(fb, self.kv), set(self.spec.sliding_windows),
@@ -211,11 +212,14 @@ class Worker:
         read by the host: `feed[j]` (rank 0 at tp=1 only, see Engine._step).
         A step whose 16-bit all-reduce overflowed is run again in float32 (see
         parallel.py); every rank sees the same reduced values, so all decide alike.
+        A graphed step also leaves the logits' argmax in `self.greedy` (else None).
         """
         self.comm.reset_overflow()
+        self.greedy = None
         if self.graphs is not None and self._is_decode(batch):
-            logits = self.graphs.replay(list(batch.input_ids), list(batch.positions),
-                                        list(batch.block_tables), feed)
+            logits, self.greedy = self.graphs.replay(list(batch.input_ids),
+                                                     list(batch.positions),
+                                                     list(batch.block_tables), feed)
         else:
             logits = self.model(self.forward_batch(batch, feed), self.kv)
         if self.comm.world_size > 1 and bool(self.comm.overflow):
@@ -224,6 +228,7 @@ class Worker:
             self.comm.force_float32 = True  # eager: the graphs were captured with 16 bits
             try:
                 logits = self.model(self.forward_batch(batch, feed), self.kv)
+                self.greedy = None
             finally:
                 self.comm.force_float32 = False
         return logits
@@ -265,6 +270,7 @@ class Worker:
             positions=put(positions), slot_mapping=put(slots), block_tables=put(tables),
             token_seq=put(token_seq), token_off=put(token_off), query_pos=query_pos,
             logits_indices=put(torch.tensor(batch.logits_indices, dtype=torch.int64)),
+            every_row=batch.logits_indices == tuple(range(len(batch.input_ids))),
             masks={w: attention_mask(query_pos, width * bs, w) for w in windows},
             cu_q=put(torch.cat((starts, lens.sum().view(1))).to(torch.int32)) if fast else None,
             max_q=max_q,

@@ -124,8 +124,8 @@ def test_bfloat16_decode_kernels_follow_the_reference(checkpoint: CheckpointFact
     and its log-probability is the reference's within 0.1 (bf16 keeps ~3 digits). The
     GEMV is forced on every layer: on a tiny model cuBLAS would win the timing."""
     pick = kernels.pick_gemv
-    monkeypatch.setattr(kernels, "pick_gemv", lambda w, b: (
-        pick(w, b)[0] or kernels.GEMV_CONFIGS[0], {"forced": 1.0}))
+    monkeypatch.setattr(kernels, "pick_gemv", lambda w, b, kind="plain": (
+        pick(w, b, kind)[0] or kernels.GEMV_CONFIGS[0], {"forced": 1.0}))
     ckpt = checkpoint("llama")
     prompt = prompts(1000)[1]
     config = EngineConfig(model=ckpt, device="cuda", dtype="bfloat16", max_model_len=256,
