@@ -112,6 +112,7 @@ class Worker:
             load_weights(model, model_dir, show_progress=rank == 0)
         self.model = model.eval()
         self.gemv_report: dict[str, dict[str, float | str]] = {}
+        self.activation_peak = 0  # bytes a largest step allocates (GPU, measured)
         if (config.gemv_kernels and self.device.type == "cuda" and kernels.enabled(self.device)
                 and self.dtype != torch.float32):
             self.gemv_report = tune_gemv(self.model)
@@ -172,13 +173,38 @@ class Worker:
         per_block = block_bytes(self.spec, self.world_size, cfg.block_size, self.dtype)
         budget = cfg.kv_cache_memory
         if budget is None and self.device.type == "cuda":
+            self.activation_peak = self._activation_peak()
             free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free * cfg.gpu_memory_utilization)
+            budget = int(free * cfg.gpu_memory_utilization) - self.activation_peak
         elif budget is None:
             # enough for every batch slot at full length, within the CPU default
             wanted = cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size) * per_block
             budget = min(CPU_KV_CACHE_BYTES, wanted)
         return max(1, budget // per_block - 1)  # one block of the budget is the scratch
+
+    def _activation_peak(self) -> int:
+        """Bytes the largest steps allocate beyond what is held before them, measured by
+        running them on a one-block cache: a max_num_batched_tokens prompt (one logits
+        row) and a max_num_seqs decode step (a logits row each). Every rank runs the
+        same steps, so their collectives pair up."""
+        cfg, bs = self.config, self.config.block_size
+        kv = allocate_kv_cache(self.spec, self.world_size, 1, bs, self.dtype, self.device)
+        n, b = min(cfg.max_num_batched_tokens, self.max_model_len), cfg.max_num_seqs
+        prompt = StepBatch(tuple([0] * n), tuple(range(n)), (n,), ((0,) * -(-n // bs),),
+                           (n - 1,))
+        decode = StepBatch(tuple([0] * b), tuple([0] * b), tuple([1] * b), ((0,),) * b,
+                           tuple(range(b)))
+        torch.cuda.synchronize(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        with torch.inference_mode():
+            for batch in (prompt, decode):
+                self.model(self.forward_batch(batch), kv)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        del kv
+        torch.cuda.empty_cache()
+        return peak
 
     def _agree_min(self, value: int) -> int:
         if self.world_size == 1:
