@@ -117,13 +117,13 @@ class Worker:
                 and self.dtype != torch.float32):
             self.gemv_report = tune_gemv(self.model)
             torch.cuda.empty_cache()  # the timing copies' memory goes to the KV pool
+        # PyTorch's fused attention on a GPU takes 16-bit grouped heads only (no float32)
+        self._flash = self.device.type == "cpu" or self.dtype != torch.float32
         self.num_blocks = self._agree_min(self._count_blocks())
         # one block more than the scheduler hands out: the scratch block of padded rows
         self.kv = allocate_kv_cache(self.spec, self.world_size, self.num_blocks + 1,
                                     config.block_size, self.dtype, self.device)
         self.overflow_retries = 0
-        # PyTorch's fused attention on a GPU takes 16-bit grouped heads only (no float32)
-        self._flash = self.device.type == "cpu" or self.dtype != torch.float32
         self.graphs: DecodeGraphs | None = None
         self.greedy: torch.Tensor | None = None  # the last step's argmax, if its graph made it
         if self.device.type == "cuda" and config.cuda_graphs:
@@ -318,7 +318,7 @@ class Worker:
         return tuple(spans)
 
     def _kv_heads(self) -> int:
-        return self.kv[0][0].shape[2]
+        return max(1, self.spec.num_kv_heads // self.world_size)  # as allocate_kv_cache
 
     def serve_forever(self) -> None:
         """Ranks 1..tp-1: run steps until rank 0 says shut down."""
