@@ -113,6 +113,7 @@ class Worker:
         self.model = model.eval()
         self.gemv_report: dict[str, dict[str, float | str]] = {}
         self.activation_peak = 0  # bytes a largest step allocates (GPU, measured)
+        self.free_at_sizing = 0  # free GPU bytes when the pool was sized (after the above)
         if (config.gemv_kernels and self.device.type == "cuda" and kernels.enabled(self.device)
                 and self.dtype != torch.float32):
             self.gemv_report = tune_gemv(self.model)
@@ -174,8 +175,8 @@ class Worker:
         budget = cfg.kv_cache_memory
         if budget is None and self.device.type == "cuda":
             self.activation_peak = self._activation_peak()
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free * cfg.gpu_memory_utilization) - self.activation_peak
+            self.free_at_sizing, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(self.free_at_sizing * cfg.gpu_memory_utilization) - self.activation_peak
         elif budget is None:
             # enough for every batch slot at full length, within the CPU default
             wanted = cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size) * per_block

@@ -143,33 +143,36 @@ def test_bfloat16_decode_kernels_follow_the_reference(checkpoint: CheckpointFact
 
 
 
+
 def test_kv_pool_is_sized_after_measuring_the_largest_steps(
         checkpoint: CheckpointFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With no kv_cache_memory given, the pool takes the free memory's share less what
-    the largest prompt step and the largest decode step allocate (measured at start): a
-    peak 1 GiB larger gives a pool 1 GiB smaller. Such a prompt and a full decode batch
-    then run with the pool in place."""
+    """With no kv_cache_memory given, the pool is the free memory's share less what the
+    largest prompt step and the largest decode step allocate (measured at start), to the
+    block; a peak 1 GiB larger leaves 1 GiB more out. Such a prompt and a full decode
+    batch then run with the pool in place."""
+    from replicas.kv_cache import block_bytes
     from replicas.worker import Worker
 
     ckpt = checkpoint("llama")
+    util = 0.05
     config = EngineConfig(model=ckpt, device="cuda", dtype="bfloat16", max_model_len=2048,
                           max_num_seqs=64, max_num_batched_tokens=2048,
-                          gpu_memory_utilization=0.05)
+                          gpu_memory_utilization=util)
     greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-    pools = []
     measure = Worker._activation_peak
     for extra in (0, 2**30):
-        monkeypatch.setattr(Worker, "_activation_peak", lambda self, e=extra, m=measure:
-                            m(self) + e)
+        monkeypatch.setattr(Worker, "_activation_peak", lambda self, e=extra: measure(self) + e)
         with Engine(config) as engine:
             worker, vocab = engine.worker, engine.spec.vocab_size
             # at least the decode step's float32 logits rows
             assert worker.activation_peak >= extra + 64 * vocab * 4
-            pools.append(sum(k.numel() * k.element_size() + v.numel() * v.element_size()
-                             for k, v in worker.kv))
+            pool = sum(k.numel() * k.element_size() + v.numel() * v.element_size()
+                       for k, v in worker.kv)
+            per_block = block_bytes(engine.spec, 1, config.block_size, torch.bfloat16)
+            budget = int(worker.free_at_sizing * util) - worker.activation_peak
+            assert pool == budget // per_block * per_block  # the pool's blocks + scratch
             long = torch.randint(3, vocab, (2000,)).tolist()
             short = [torch.randint(3, vocab, (5,)).tolist() for _ in range(64)]
             outs = engine.generate([long, *short], greedy)
             assert all(len(o.token_ids) == 4 for o in outs)
         torch.cuda.empty_cache()
-    assert 0.95 * 2**30 < pools[0] - pools[1] < 1.05 * 2**30
