@@ -342,7 +342,11 @@ def table(path: str) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--suite", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--suite", choices=["cpu", "gpu", "multigpu"], default="cpu")
+    parser.add_argument("--tp", default="2,4",
+                        help="multigpu: the TP sizes to run (those with enough GPUs)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="multigpu: every case on CPU with the tiny model (CI)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", help="append the JSON lines to this file too")
     parser.add_argument("--table", metavar="JSONL", help="print a results file as markdown")
@@ -351,8 +355,14 @@ def main() -> int:
         print(table(args.table))
         return 0
     env = environment()
-    suite = gpu_suite if args.suite == "gpu" else cpu_suite
-    for row in suite(args.repeats):
+    if args.suite == "multigpu":
+        from replicas import multigpu
+
+        tps = tuple(int(t) for t in args.tp.split(","))
+        rows = multigpu.suite(args.repeats, tps, smoke=args.smoke)
+    else:
+        rows = (gpu_suite if args.suite == "gpu" else cpu_suite)(args.repeats)
+    for row in rows:
         line = json.dumps({**row, "suite": args.suite, **env})
         print(line, flush=True)
         if args.out:

@@ -178,8 +178,10 @@ class Worker:
             self.free_at_sizing, _ = torch.cuda.mem_get_info(self.device)
             budget = int(self.free_at_sizing * cfg.gpu_memory_utilization) - self.activation_peak
         elif budget is None:
-            # enough for every batch slot at full length, within the CPU default
-            wanted = cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size) * per_block
+            # enough for every batch slot at full length (and the scratch block), within
+            # the CPU default
+            wanted = (cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size) + 1
+                      ) * per_block
             budget = min(CPU_KV_CACHE_BYTES, wanted)
         return max(1, budget // per_block - 1)  # one block of the budget is the scratch
 
