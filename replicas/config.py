@@ -48,7 +48,9 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0  # seed of random init and of unseeded sampling
     dist_timeout_s: float = 300.0  # a collective that waits longer fails instead of hanging
-    gpu_memory_utilization: float = 0.90  # share of free GPU memory the KV pool may take
+    # share of the GPU memory free after loading that the KV pool and the largest step's
+    # activations (measured at start, Worker._activation_peak) may take together
+    gpu_memory_utilization: float = 0.90
     cuda_graphs: bool = True  # decode steps replayed from CUDA graphs (GPU only)
     gemv_kernels: bool = True  # batch-1 matmuls: Triton GEMV where it beats cuBLAS (16-bit GPU)
     # tp=1: step N+1 is launched with step N's tokens still on the device (the host reads

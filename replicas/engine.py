@@ -470,11 +470,15 @@ class Engine:
         if sampled:
             reqs = [r for r, _ in sampled]
             at = [row for _, row in sampled]
-            # a decode step samples every row in order: no gather of the logits then
-            picked = logits[: len(at)] if at == list(range(len(at))) else logits[
+            # a decode step samples every row in order: no gather of the logits then (and
+            # its graph may have taken their argmax already)
+            in_order = at == list(range(len(at)))
+            picked = logits[: len(at)] if in_order else logits[
                 torch.tensor(at).to(logits.device, non_blocking=True)]
-            tokens, logprobs = sample_on_device(picked, [r.seq.params for r in reqs],
-                                                [r.generator for r in reqs])
+            greedy = self.worker.greedy
+            tokens, logprobs = sample_on_device(
+                picked, [r.seq.params for r in reqs], [r.generator for r in reqs],
+                argmax=greedy[: len(at)] if in_order and greedy is not None else None)
             self._flight = _Flight([(r, self._accept(r, -(j + 1))) for j, r in enumerate(reqs)],
                                    tokens, logprobs)
             if not self._ahead:

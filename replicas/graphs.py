@@ -45,7 +45,8 @@ class DecodeGraphs:
         self.cu_q = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.fast, self.kv_heads = kernels.enabled(device), kv_heads
         self.windows = set() if self.fast else windows
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # per bucket: the graph, its logits and their greedy tokens (argmax, in the graph)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         pool = torch.cuda.graph_pool_handle()
         for b in reversed(self.buckets):  # largest first: the others reuse its memory
             self.graphs[b] = self._capture(run, b, pool)
@@ -57,31 +58,35 @@ class DecodeGraphs:
             input_ids=self.ids[:b], positions=self.positions[:b], slot_mapping=self.slots[:b],
             block_tables=self.tables[:b], token_seq=self.rows[:b],
             token_off=torch.zeros_like(self.rows[:b]), query_pos=query_pos,
-            logits_indices=self.rows[:b],
+            logits_indices=self.rows[:b], every_row=True,
             masks={w: attention_mask(query_pos, keys, w) for w in self.windows},
             cu_q=self.cu_q[: b + 1] if self.fast else None, max_q=1,
             splits=kernels.decode_splits(b, self.kv_heads, keys))
 
     def _capture(self, run: Callable[[ForwardBatch], torch.Tensor], b: int, pool: object
-                 ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+                 ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+        def step() -> tuple[torch.Tensor, torch.Tensor]:
+            logits = run(self._batch(b))
+            return logits, (kernels.argmax_rows(logits) if self.fast else logits.argmax(-1))
+
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm up kernels and allocator outside the graph
-                run(self._batch(b))
+                step()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            logits = run(self._batch(b))
-        return graph, logits
+            logits, greedy = step()
+        return graph, logits, greedy
 
     def fits(self, num_seqs: int) -> bool:
         return num_seqs <= self.buckets[-1]
 
     def replay(self, ids: list[int], positions: list[int], tables: list[tuple[int, ...]],
-               feed: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [len(ids), vocab] of one decode step; an id -(j + 1) is feed[j] (see
-        Worker.execute)."""
+               feed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [len(ids), vocab] of one decode step and their argmax [len(ids)]; an id
+        -(j + 1) is feed[j] (see Worker.execute)."""
         n, width, size = len(ids), self.width, self.block_size
         b = next(x for x in self.buckets if x >= n)
         staging = self.staging[self.turn]
@@ -103,6 +108,6 @@ class DecodeGraphs:
         self.inputs.copy_(staging, non_blocking=True)  # one copy, ordered before replay
         if feed is not None:
             feed_tokens(self.ids[:n], feed)
-        graph, logits = self.graphs[b]
+        graph, logits, greedy = self.graphs[b]
         graph.replay()
-        return logits[:n]
+        return logits[:n], greedy[:n]

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
@@ -424,6 +425,26 @@ if triton is not None:
         tl.store(IDS + i, tl.where(v < 0, fed, v), mask=ok)
 
     @triton.jit
+    def _argmax_part_kernel(X, PV, PI, n, sx, parts, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        """Per (row, part): the largest of BLOCK logits and its first index."""
+        row, part = tl.program_id(0), tl.program_id(1)
+        cols = part * BLOCK + tl.arange(0, BLOCK)
+        _pdl_enter(PDL)
+        x = tl.load(X + row * sx + cols, mask=cols < n, other=float("-inf")).to(tl.float32)
+        tl.store(PV + row * parts + part, tl.max(x, axis=0))
+        tl.store(PI + row * parts + part, part * BLOCK + tl.argmax(x, axis=0))
+
+    @triton.jit
+    def _argmax_merge_kernel(PV, PI, OUT, parts, BLOCK_P: tl.constexpr, PDL: tl.constexpr):
+        """Per row: the first part holding the largest value gives the first index of it."""
+        row = tl.program_id(0)
+        at = tl.arange(0, BLOCK_P)
+        _pdl_enter(PDL)
+        v = tl.load(PV + row * parts + at, mask=at < parts, other=float("-inf"))
+        best = tl.argmax(v, axis=0)
+        tl.store(OUT + row, tl.load(PI + row * parts + best).to(tl.int64))
+
+    @triton.jit
     def _gemv_x(X, R, NW, cols, k, rstd, EVEN: tl.constexpr, GATED: tl.constexpr,
                 NORM: tl.constexpr, HAS_RES: tl.constexpr):
         """K columns of the GEMV's input row, float32 (see _gemv_kernel)."""
@@ -499,6 +520,25 @@ def feed_tokens(ids: torch.Tensor, feed: torch.Tensor) -> None:
     block = min(1024, _pow2(ids.numel()))
     _feed_kernel[(triton.cdiv(ids.numel(), block),)](ids, feed, ids.numel(), BLOCK=block,
                                                      num_warps=4)
+
+
+ARGMAX_BLOCK = 4096
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [N, V] -> [N] int64, the first index of each row's largest value (as
+    torch.argmax for rows without NaN): many programs take a slice of the row each, then
+    one per row picks among their answers. A decode graph's greedy tokens, in it."""
+    rows, n = x.shape
+    parts = triton.cdiv(n, ARGMAX_BLOCK)
+    values = torch.empty(rows, parts, dtype=torch.float32, device=x.device)
+    where = torch.empty(rows, parts, dtype=torch.int32, device=x.device)
+    out = torch.empty(rows, dtype=torch.int64, device=x.device)
+    _argmax_part_kernel[(rows, parts)](x, values, where, n, x.stride(0), parts,
+                                       BLOCK=ARGMAX_BLOCK, num_warps=8, **_launch(x))
+    _argmax_merge_kernel[(rows,)](values, where, out, parts, BLOCK_P=_pow2(parts),
+                                  num_warps=1, **_launch(x))
+    return out
 
 
 def _launch(t: torch.Tensor) -> dict[str, bool]:
@@ -641,7 +681,9 @@ GemvConfig = tuple[int, int, int, int]  # (rows per program, K per iteration, wa
 GEMV_CONFIGS: tuple[GemvConfig, ...] = (  # the leaders of earlier H200 runs, and variations
     (4, 1024, 4, 3), (4, 2048, 8, 2), (4, 2048, 8, 3), (4, 2048, 8, 4), (2, 4096, 8, 3),
     (8, 1024, 8, 3), (16, 512, 8, 3), (8, 512, 4, 4), (2, 2048, 4, 2), (1, 4096, 4, 1),
-    (2, 4096, 4, 1), (4, 512, 4, 4), (8, 256, 4, 4))
+    (2, 4096, 4, 1), (4, 512, 4, 4), (8, 256, 4, 4),
+    # more rows per program: the fused kinds read the input row once per program
+    (16, 1024, 8, 2), (32, 256, 8, 3), (8, 2048, 8, 2))
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -679,28 +721,47 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return y
 
 
-def pick_gemv(weight: torch.Tensor, bias: torch.Tensor | None, margin: float = 0.97
-              ) -> tuple[GemvConfig | None, dict[str, float]]:
+GemvKind = str  # how a layer calls its GEMV: "plain", "norm" (gemv_norm) or "gated"
+
+
+def pick_gemv(weight: torch.Tensor, bias: torch.Tensor | None, kind: GemvKind = "plain",
+              margin: float = 0.97) -> tuple[GemvConfig | None, dict[str, float]]:
     """Time cuBLAS (F.linear) and each GEMV config on a one-row input, as a decode step
-    runs them: weights cold (copies cycled so that they never sit in L2), input hot.
-    Returns the fastest config if it beats cuBLAS by the margin (else None: keep cuBLAS),
-    and the times in us."""
-    x = torch.randn(1, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    runs them: weights cold (copies cycled so that they never sit in L2), input hot, and
+    the GEMV in the layer's kind: "norm" with the RMSNorm (+ residual) fused in, "gated"
+    with SwiGLU fused in (their extra input reads favour other tile shapes than "plain").
+    Returns the fastest config if it beats plain cuBLAS by the margin (else None: keep
+    cuBLAS), and the times in us."""
+    k = weight.shape[1]
+    make = functools.partial(torch.randn, dtype=weight.dtype, device=weight.device)
+    x, residual, norm_weight = make(1, 2 * k if kind == "gated" else k), make(1, k), make(k)
+    if kind == "norm":
+        s = x + residual
+        h = (F.rms_norm(s.float(), (k,), eps=1e-5).to(x.dtype) * norm_weight)
+    elif kind == "gated":
+        gate, up = x.float().chunk(2, dim=-1)
+        h = (F.silu(gate) * up).to(x.dtype)
+    else:
+        h = x
+    want = F.linear(h, weight, bias)
     # 256 MB of copies (at most 32: small matrices are cheap either way)
     count = min(32, max(2, -(-2**28 // (weight.numel() * weight.element_size()))))
     copies = [weight] + [weight.clone() for _ in range(count - 1)]
-    want = torch.nn.functional.linear(x, weight, bias)
 
-    def cublas(w: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, w, bias)
+    def run(w: torch.Tensor, config: GemvConfig) -> torch.Tensor:
+        if kind == "norm":
+            return gemv_norm(x, residual, norm_weight, 1e-5, w, bias, config)[0]
+        return gemv(x, w, bias, config, gated=kind == "gated")
 
-    runs: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"cublas": cublas}
+    runs: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "cublas": lambda w: F.linear(x[:, :k], w, bias)}
     for config in GEMV_CONFIGS:
-        got = gemv(x, weight, bias, config)
+        got = run(weight, config)
         if not torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2 * float(
                 want.float().abs().max())):
-            raise AssertionError(f"GEMV {config} disagrees with cuBLAS on {tuple(weight.shape)}")
-        runs[str(config)] = lambda w, c=config: gemv(x, w, bias, c)
+            raise AssertionError(f"GEMV {config} ({kind}) disagrees with cuBLAS on "
+                                 f"{tuple(weight.shape)}")
+        runs[str(config)] = functools.partial(run, config=config)
     times = {name: _cycled_us(fn, copies) for name, fn in runs.items()}
     best = min(GEMV_CONFIGS, key=lambda c: times[str(c)])
     return (best if times[str(best)] < margin * times["cublas"] else None), times

@@ -54,6 +54,7 @@ class ForwardBatch:
     # long prompts with no cached prefix: (start, end) of each sequence's tokens, for
     # PyTorch's flash attention (faster than the paged kernel on long causal chunks)
     fresh: tuple[tuple[int, int], ...] | None = None
+    every_row: bool = False  # logits_indices is every token in order: no gather
 
 
 def feed_tokens(ids: torch.Tensor, feed: torch.Tensor) -> None:
@@ -91,13 +92,19 @@ class Rotary(nn.Module):
             angles = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", angles.cos() * scale, persistent=False)  # [P, rd]
         self.register_buffer("sin", angles.sin() * scale, persistent=False)
+        self._joined: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, 1, rd] of the step's positions: looked up once per step, not per
-        layer (each lookup is a kernel launch, and batch-1 decode is launch-bound)."""
-        return (self.cos[positions].unsqueeze(1).to(dtype),
-                self.sin[positions].unsqueeze(1).to(dtype))
+        """cos, sin [T, 1, rd] of the step's positions, in `dtype`: looked up once per
+        step, not per layer, and in one gather of [cos | sin] kept in that dtype (each
+        lookup is a kernel launch, and batch-1 decode is launch-bound)."""
+        key = (dtype, self.cos.device)
+        joined = self._joined.get(key)
+        if joined is None:
+            joined = self._joined[key] = torch.cat((self.cos, self.sin), dim=-1).to(dtype)
+        rows = joined[positions].unsqueeze(1)  # [T, 1, 2 rd]
+        return rows[..., : self.rotary_dim], rows[..., self.rotary_dim :]
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
                 ) -> torch.Tensor:
@@ -240,6 +247,8 @@ class MLP(nn.Module):
         self.act = ACT2FN[spec.hidden_act]
 
         self.fused_act = spec.hidden_act == "silu"
+        if self.fused_act:
+            self.down_proj.gemv_kind = "gated"  # see forward
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
         """From the layer's gate_up_proj output [T, 2 I/tp] (run by the decoder layer,
@@ -259,6 +268,8 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(hf_config, spec, layer, comm)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = MLP(spec, comm)
+        # see forward: each norm runs inside the projection after it
+        self.self_attn.qkv_proj.gemv_kind = self.mlp.gate_up_proj.gemv_kind = "norm"
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, b: ForwardBatch,
                 rotary: Rotary, rope: tuple[torch.Tensor, torch.Tensor],
@@ -304,8 +315,9 @@ class CausalLM(nn.Module):
         for layer, kv in zip(self.model.layers, kv_caches, strict=True):
             x, residual = layer(x, residual, b, self.model.rotary, rope, kv)
         assert residual is not None, "a model has at least one layer"
-        # [N, hidden]: only where logits are wanted
-        x, _ = self.model.norm(x[b.logits_indices], residual[b.logits_indices])
+        if not b.every_row:  # [N, hidden]: only where logits are wanted
+            x, residual = x[b.logits_indices], residual[b.logits_indices]
+        x, _ = self.model.norm(x, residual)
         return self.lm_head(x)
 
 

@@ -144,6 +144,7 @@ class ColumnParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(local, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(local), requires_grad=False) if bias else None
         self.gemv: kernels.GemvConfig | None = None  # one-row inputs: Triton GEMV (tuned)
+        self.gemv_kind: kernels.GemvKind = "plain"  # as its owner calls it (pick_gemv)
 
     def load(self, name: str, get: Callable[[Index], torch.Tensor], part: int | None) -> None:
         """Copy this rank's rows of checkpoint tensor `name` (weight or bias) into place.
@@ -184,15 +185,15 @@ def tune_gemv(model: nn.Module) -> dict[str, dict[str, float | str]]:
     """Give each linear layer the Triton GEMV config that beats cuBLAS on its shape at one
     row, by measurement on this GPU (layers of one shape share the answer); returns the
     times per shape, for the record."""
-    picked: dict[tuple[int, int, bool], kernels.GemvConfig | None] = {}
+    picked: dict[tuple[int, int, bool, str], kernels.GemvConfig | None] = {}
     report: dict[str, dict[str, float | str]] = {}
     for module in model.modules():
         if not isinstance(module, ColumnParallelLinear | RowParallelLinear | ParallelLMHead):
             continue
         bias = module.bias if isinstance(module, ColumnParallelLinear) else None
-        key = (*module.weight.shape, bias is not None)
+        key = (*module.weight.shape, bias is not None, module.gemv_kind)
         if key not in picked:
-            picked[key], times = kernels.pick_gemv(module.weight, bias)
+            picked[key], times = kernels.pick_gemv(module.weight, bias, module.gemv_kind)
             report[str(key)] = {**{k: round(v, 2) for k, v in times.items()},
                                 "chosen": str(picked[key] or "cublas")}
         module.gemv = picked[key]
@@ -211,6 +212,7 @@ class RowParallelLinear(nn.Module):
         # the bias is added once, after the reduce, so it is not counted tp times
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.gemv: kernels.GemvConfig | None = None  # one-row inputs: Triton GEMV (tuned)
+        self.gemv_kind: kernels.GemvKind = "plain"  # as its owner calls it (pick_gemv)
 
     def load(self, name: str, get: Callable[[Index], torch.Tensor], part: int | None) -> None:
         if name.endswith("bias"):
@@ -277,6 +279,7 @@ class ParallelLMHead(nn.Module):
         self.start, self.end, per_rank = vocab_shard(vocab_size, comm.rank, comm.world_size)
         self.weight = nn.Parameter(torch.zeros(per_rank, dim), requires_grad=False)
         self.gemv: kernels.GemvConfig | None = None  # one-row inputs: Triton GEMV (tuned)
+        self.gemv_kind: kernels.GemvKind = "plain"  # as its owner calls it (pick_gemv)
 
     load = VocabParallelEmbedding.load
 

@@ -24,13 +24,14 @@ def sample(
 
 def sample_on_device(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
-    with_logprobs: bool = False,
+    with_logprobs: bool = False, argmax: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits [N, vocab] float32 -> (tokens [N] int64, log-probability of each token
     under the model's unmodified distribution [N] float32), on logits' device. The
     log-probabilities (a log-softmax over the vocabulary) only if a request asks for
-    them, or with_logprobs."""
-    tokens = logits.argmax(dim=-1)  # [N]
+    them, or with_logprobs. `argmax`: logits.argmax(-1) if already made (a decode
+    graph makes it)."""
+    tokens = logits.argmax(dim=-1) if argmax is None else argmax  # [N]
     if not all(p.greedy for p in params):  # decided on the host: no sync for it
         greedy = _on(logits, [p.greedy for p in params], torch.bool)
         sampled = _sample_random(logits, params, generators)

@@ -120,18 +120,21 @@ class Worker:
             load_weights(model, model_dir, show_progress=rank == 0)
         self.model = model.eval()
         self.gemv_report: dict[str, dict[str, float | str]] = {}
+        self.activation_peak = 0  # bytes a largest step allocates (GPU, measured)
+        self.free_at_sizing = 0  # free GPU bytes when the pool was sized (after the above)
         if (config.gemv_kernels and self.device.type == "cuda" and kernels.enabled(self.device)
                 and self.dtype != torch.float32):
             self.gemv_report = tune_gemv(self.model)
             torch.cuda.empty_cache()  # the timing copies' memory goes to the KV pool
+        # PyTorch's fused attention on a GPU takes 16-bit grouped heads only (no float32)
+        self._flash = self.device.type == "cpu" or self.dtype != torch.float32
         self.num_blocks = self._agree_min(self._count_blocks())
         # one block more than the scheduler hands out: the scratch block of padded rows
         self.kv = allocate_kv_cache(self.spec, self.world_size, self.num_blocks + 1,
                                     config.block_size, self.dtype, self.device)
         self.overflow_retries = 0
-        # PyTorch's fused attention on a GPU takes 16-bit grouped heads only (no float32)
-        self._flash = self.device.type == "cpu" or self.dtype != torch.float32
         self.graphs: DecodeGraphs | None = None
+        self.greedy: torch.Tensor | None = None  # the last step's argmax, if its graph made it
         if self.device.type == "cuda" and config.cuda_graphs:
             self.graphs = DecodeGraphs(
                 lambda fb: self.model(fb, self.kv), set(self.spec.sliding_windows),
@@ -181,13 +184,40 @@ class Worker:
         per_block = block_bytes(self.spec, self.world_size, cfg.block_size, self.dtype)
         budget = cfg.kv_cache_memory
         if budget is None and self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free * cfg.gpu_memory_utilization)
+            self.activation_peak = self._activation_peak()
+            self.free_at_sizing, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(self.free_at_sizing * cfg.gpu_memory_utilization) - self.activation_peak
         elif budget is None:
-            # enough for every batch slot at full length, within the CPU default
-            wanted = cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size) * per_block
+            # enough for every batch slot at full length (and the scratch block), within
+            # the CPU default
+            wanted = (cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size) + 1
+                      ) * per_block
             budget = min(CPU_KV_CACHE_BYTES, wanted)
         return max(1, budget // per_block - 1)  # one block of the budget is the scratch
+
+    def _activation_peak(self) -> int:
+        """Bytes the largest steps allocate beyond what is held before them, measured by
+        running them on a one-block cache: a max_num_batched_tokens prompt (one logits
+        row) and a max_num_seqs decode step (a logits row each). Every rank runs the
+        same steps, so their collectives pair up."""
+        cfg, bs = self.config, self.config.block_size
+        kv = allocate_kv_cache(self.spec, self.world_size, 1, bs, self.dtype, self.device)
+        n, b = min(cfg.max_num_batched_tokens, self.max_model_len), cfg.max_num_seqs
+        prompt = StepBatch(tuple([0] * n), tuple(range(n)), (n,), ((0,) * -(-n // bs),),
+                           (n - 1,))
+        decode = StepBatch(tuple([0] * b), tuple([0] * b), tuple([1] * b), ((0,),) * b,
+                           tuple(range(b)))
+        torch.cuda.synchronize(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        with torch.inference_mode():
+            for batch in (prompt, decode):
+                self.model(self.forward_batch(batch), kv)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        del kv
+        torch.cuda.empty_cache()
+        return peak
 
     def _agree_min(self, value: int) -> int:
         if self.world_size == 1:
@@ -221,11 +251,14 @@ class Worker:
         read by the host: `feed[j]` (rank 0 at tp=1 only, see Engine._step).
         A step whose 16-bit all-reduce overflowed is run again in float32 (see
         parallel.py); every rank sees the same reduced values, so all decide alike.
+        A graphed step also leaves the logits' argmax in `self.greedy` (else None).
         """
         self.comm.reset_overflow()
+        self.greedy = None
         if self.graphs is not None and self._is_decode(batch):
-            logits = self.graphs.replay(list(batch.input_ids), list(batch.positions),
-                                        list(batch.block_tables), feed)
+            logits, self.greedy = self.graphs.replay(list(batch.input_ids),
+                                                     list(batch.positions),
+                                                     list(batch.block_tables), feed)
         else:
             logits = self.model(self.forward_batch(batch, feed), self.kv)
         if self.comm.world_size > 1 and bool(self.comm.overflow):
@@ -234,6 +267,7 @@ class Worker:
             self.comm.force_float32 = True  # eager: the graphs were captured with 16 bits
             try:
                 logits = self.model(self.forward_batch(batch, feed), self.kv)
+                self.greedy = None
             finally:
                 self.comm.force_float32 = False
         return logits
@@ -275,6 +309,7 @@ class Worker:
             positions=put(positions), slot_mapping=put(slots), block_tables=put(tables),
             token_seq=put(token_seq), token_off=put(token_off), query_pos=query_pos,
             logits_indices=put(torch.tensor(batch.logits_indices, dtype=torch.int64)),
+            every_row=batch.logits_indices == tuple(range(len(batch.input_ids))),
             masks={w: self._cpu_additive(attention_mask(query_pos, width * bs, w))
                    for w in windows},
             cu_q=put(torch.cat((starts, lens.sum().view(1))).to(torch.int32)) if fast else None,
@@ -304,7 +339,7 @@ class Worker:
         return tuple(spans)
 
     def _kv_heads(self) -> int:
-        return self.kv[0][0].shape[2]
+        return max(1, self.spec.num_kv_heads // self.world_size)  # as allocate_kv_cache
 
     def serve_forever(self) -> None:
         """Ranks 1..tp-1: run steps until rank 0 says shut down."""

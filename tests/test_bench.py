@@ -37,3 +37,23 @@ def test_table_is_made_from_the_results() -> None:
         assert f"| {row['case']} | {row['unit']} | {row['ours']} |" in text
     readme = (path.parent.parent.parent / "README.md").read_text()
     assert text in readme  # the README's table is the current one
+
+
+def test_multigpu_suite_runs_every_case_on_cpu() -> None:
+    """`--suite multigpu --smoke`: the tp=2 cases on CPU (gloo, tiny model), so that the
+    harness is checked where no two GPUs are: tp=2 float32 greedy tokens equal tp=1's,
+    the overlap row has both prefill times and the all-reduces timed alone, and the
+    32-bit payload puts twice the bytes on the wire."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "replicas.bench", "--suite", "multigpu", "--smoke", "--tp",
+         "2", "--repeats", "1"], capture_output=True, text=True, timeout=600, check=True)
+    cases = {row["case"]: row for row in map(json.loads, (
+        line for line in proc.stdout.splitlines() if line.startswith("{")))}
+    same = cases["tiny_tp2_correctness"]
+    assert same["ours"] is True and same["float32_logits_max_abs_diff"] < 1e-4
+    overlap = cases["tiny_tp2_prefill256_overlap"]
+    assert overlap["ttft_overlap_on_ms"] > 0 and overlap["ttft_overlap_off_ms"] > 0
+    assert overlap["allreduce_alone_ms"] > 0
+    half, full = cases["tiny_tp2_comm_float16"], cases["tiny_tp2_comm_float32"]
+    assert full["wire_bytes_per_token"] == 2 * half["wire_bytes_per_token"] > 0
+    assert cases["tiny_tp2_decode_b1_in128_out16"]["ours"] > 0

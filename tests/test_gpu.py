@@ -124,8 +124,8 @@ def test_bfloat16_decode_kernels_follow_the_reference(checkpoint: CheckpointFact
     and its log-probability is the reference's within 0.1 (bf16 keeps ~3 digits). The
     GEMV is forced on every layer: on a tiny model cuBLAS would win the timing."""
     pick = kernels.pick_gemv
-    monkeypatch.setattr(kernels, "pick_gemv", lambda w, b: (
-        pick(w, b)[0] or kernels.GEMV_CONFIGS[0], {"forced": 1.0}))
+    monkeypatch.setattr(kernels, "pick_gemv", lambda w, b, kind="plain": (
+        pick(w, b, kind)[0] or kernels.GEMV_CONFIGS[0], {"forced": 1.0}))
     ckpt = checkpoint("llama")
     prompt = prompts(1000)[1]
     config = EngineConfig(model=ckpt, device="cuda", dtype="bfloat16", max_model_len=256,
@@ -140,3 +140,39 @@ def test_bfloat16_decode_kernels_follow_the_reference(checkpoint: CheckpointFact
     assert out.logprobs is not None
     assert (ref.max(-1).values - picked).max() <= 0.1
     assert (torch.tensor(out.logprobs) - picked).abs().max() <= 0.1
+
+
+
+
+def test_kv_pool_is_sized_after_measuring_the_largest_steps(
+        checkpoint: CheckpointFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no kv_cache_memory given, the pool is the free memory's share less what the
+    largest prompt step and the largest decode step allocate (measured at start), to the
+    block; a peak 1 GiB larger leaves 1 GiB more out. Such a prompt and a full decode
+    batch then run with the pool in place."""
+    from replicas.kv_cache import block_bytes
+    from replicas.worker import Worker
+
+    ckpt = checkpoint("llama")
+    util = 0.05
+    config = EngineConfig(model=ckpt, device="cuda", dtype="bfloat16", max_model_len=2048,
+                          max_num_seqs=64, max_num_batched_tokens=2048,
+                          gpu_memory_utilization=util)
+    greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    measure = Worker._activation_peak
+    for extra in (0, 2**30):
+        monkeypatch.setattr(Worker, "_activation_peak", lambda self, e=extra: measure(self) + e)
+        with Engine(config) as engine:
+            worker, vocab = engine.worker, engine.spec.vocab_size
+            # at least the decode step's float32 logits rows
+            assert worker.activation_peak >= extra + 64 * vocab * 4
+            pool = sum(k.numel() * k.element_size() + v.numel() * v.element_size()
+                       for k, v in worker.kv)
+            per_block = block_bytes(engine.spec, 1, config.block_size, torch.bfloat16)
+            budget = int(worker.free_at_sizing * util) - worker.activation_peak
+            assert pool == budget // per_block * per_block  # the pool's blocks + scratch
+            long = torch.randint(3, vocab, (2000,)).tolist()
+            short = [torch.randint(3, vocab, (5,)).tolist() for _ in range(64)]
+            outs = engine.generate([long, *short], greedy)
+            assert all(len(o.token_ids) == 4 for o in outs)
+        torch.cuda.empty_cache()

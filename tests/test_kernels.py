@@ -57,6 +57,22 @@ def test_silu_and_mul_matches_reference() -> None:
     torch.testing.assert_close(kernels.silu_and_mul(gu), want, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(1, 128256), (3, 5000), (2, 4096), (1, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_rows_is_torch_argmax_ties_included(shape: tuple[int, int],
+                                                   dtype: torch.dtype) -> None:
+    """The decode graph's greedy tokens: the first index of the largest value, also when
+    the maximum repeats across the kernel's slices of the row."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape))).to(dtype)
+    top = int(x[0].argmax())
+    for at in (top + 9, top + kernels.ARGMAX_BLOCK, shape[1] - 1):  # later copies of it
+        x[0, min(at, shape[1] - 1)] = x[0, top]
+    x = x.to(DEVICE)
+    got = kernels.argmax_rows(x)
+    assert got.dtype == torch.int64 and torch.equal(got, x.argmax(-1))
+    assert int(got[0]) == top
+
+
 @pytest.mark.parametrize("family", ["llama", "glm"])  # halves; partial interleaved pairs
 @pytest.mark.parametrize("t", [6, 21])  # one program of 8 tokens; two of 16
 def test_rope_and_cache_matches_reference(family: str, t: int, checkpoint: CheckpointFactory
@@ -274,12 +290,15 @@ def test_tuned_gemv_keeps_bf16_decode_close() -> None:
 
     comm = Comm()
     layers = torch.nn.ModuleList([ColumnParallelLinear(4096, [4096, 256, 256], True, comm),
+                                  RowParallelLinear(13696, 4096, False, comm),
+                                  ColumnParallelLinear(4096, [4096, 256, 256], True, comm),
                                   RowParallelLinear(13696, 4096, False, comm)])
+    layers[2].gemv_kind, layers[3].gemv_kind = "norm", "gated"  # as a decoder layer has them
     layers.to("cuda", torch.bfloat16)
     for p in layers.parameters():
         p.data.normal_(0, 0.02)
     report = tune_gemv(layers)
-    assert len(report) == 2
+    assert len(report) == 4  # each kind timed on its own
     for times in report.values():
         assert times["cublas"] > 0 and times["chosen"] in ["cublas", *map(
             str, kernels.GEMV_CONFIGS)]
