@@ -8,8 +8,6 @@ arrays through a queue, and are always joined or killed within a bounded time.
 
 from __future__ import annotations
 
-import queue
-import socket
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -19,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawned import run_spawned
 
 from replicas.parallel import (
     ColumnParallelLinear,
@@ -204,43 +202,12 @@ def _rank_main(rank: int, port: int, out: Any) -> None:
             dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks() -> list[dict[str, Results]]:
     """Per rank, per check, what the rank computed."""
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, port, out), daemon=True)
-             for r in range(WORLD)]
-    try:
-        for p in procs:
-            p.start()
-        got: dict[int, dict[str, Results]] = {}
-        for _ in range(WORLD):
-            try:
-                rank, results, error = out.get(timeout=RANK_TIMEOUT_S)
-            except queue.Empty:
-                codes = [p.exitcode for p in procs]
-                pytest.fail(f"ranks did not report within {RANK_TIMEOUT_S}s (exit codes {codes})")
-            if error is not None:
-                pytest.fail(f"rank {rank} failed:\n{error}")
-            got[rank] = results
-        for p in procs:
-            p.join(timeout=30)
-        assert [p.exitcode for p in procs] == [0] * WORLD
-        return [got[r] for r in range(WORLD)]
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=10)
-        out.close()
+    got, codes = run_spawned(_rank_main, (), WORLD, WORLD, RANK_TIMEOUT_S, join_s=30)
+    assert codes == [0] * WORLD
+    return [got[r] for r in range(WORLD)]
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,6 @@ test_parallel.py; an engine at tp=2 with and without it gives the same logits.""
 from __future__ import annotations
 
 import os
-import queue
-import socket
 import time
 import traceback
 from datetime import timedelta
@@ -16,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawned import run_spawned
 
 from replicas import Engine, EngineConfig, SamplingParams
 from replicas import shm as shm_module
@@ -97,40 +95,10 @@ def _rank_main(rank: int, port: int, check: str, out: Any) -> None:
         out.put((rank, None, traceback.format_exc()))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(check: str, expect: int = WORLD) -> dict[int, dict[str, Any]]:
     """Run `check` on 2 spawned ranks; the results of the `expect` ranks that report."""
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, port, check, out), daemon=True)
-             for r in range(WORLD)]
-    try:
-        for p in procs:
-            p.start()
-        got: dict[int, dict[str, Any]] = {}
-        for _ in range(expect):
-            try:
-                rank, results, error = out.get(timeout=RANK_TIMEOUT_S)
-            except queue.Empty:
-                pytest.fail(f"ranks did not report within {RANK_TIMEOUT_S}s "
-                            f"(exit codes {[p.exitcode for p in procs]})")
-            if error is not None:
-                pytest.fail(f"rank {rank} failed:\n{error}")
-            got[rank] = results
-        return got
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=10)
-        out.close()
+    got, _ = run_spawned(_rank_main, (check,), WORLD, expect, RANK_TIMEOUT_S, join_s=10)
+    return got
 
 
 def test_same_sums_as_gloo_bit_for_bit_and_no_file_left() -> None:

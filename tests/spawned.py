@@ -1,0 +1,48 @@
+"""Run a function on spawned rank processes and collect what each reports (the TP tests'
+harness: tests/test_parallel.py, tests/test_shm.py)."""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch.multiprocessing as mp
+
+from replicas.engine import free_port
+
+
+def run_spawned(target: Callable[..., None], args: tuple[Any, ...], world: int, expect: int,
+                timeout_s: float, join_s: float) -> tuple[dict[int, Any], list[int | None]]:
+    """Start `world` spawned processes `target(rank, port, *args, out)`, each putting
+    (rank, results, traceback or None) on `out`; take `expect` reports, failing the test on
+    a silent timeout or a rank's error. Returns the results by rank and the exit codes
+    after waiting join_s for each process (None: still running, then killed)."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(r, port, *args, out), daemon=True)
+             for r in range(world)]
+    try:
+        for p in procs:
+            p.start()
+        got: dict[int, Any] = {}
+        for _ in range(expect):
+            try:
+                rank, results, error = out.get(timeout=timeout_s)
+            except queue.Empty:
+                pytest.fail(f"ranks did not report within {timeout_s}s "
+                            f"(exit codes {[p.exitcode for p in procs]})")
+            if error is not None:
+                pytest.fail(f"rank {rank} failed:\n{error}")
+            got[rank] = results
+        for p in procs:
+            p.join(timeout=join_s)
+        return got, [p.exitcode for p in procs]
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=10)
+        out.close()
