@@ -79,15 +79,22 @@ def ours_per_token(engine: Engine, prompts: list[list[int]], new: int, repeats: 
     return min(asyncio.run(run()) for _ in range(repeats))
 
 
+def by_difference(run: Callable[[int], Callable[[], object]], new: int, repeats: int
+                  ) -> float:
+    """(T(new) - T(1)) / (new - 1) seconds per token, fastest runs of `run(n)`, a
+    generation of n tokens."""
+    return (best_of(run(new), repeats) - best_of(run(1), repeats)) / (new - 1)
+
+
 def ours_by_difference(engine: Engine, prompts: list[list[int]], new: int,
                        repeats: int) -> float:
-    """(T(new) - T(1)) / (new - 1), fastest runs: transformers' method, kept for the
-    record beside the streaming figure."""
+    """transformers' method on our engine, kept for the record beside the streaming
+    figure."""
     def run(n: int) -> Callable[[], object]:
         params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
         return lambda: engine.generate(prompts, params)
 
-    return (best_of(run(new), repeats) - best_of(run(1), repeats)) / (new - 1)
+    return by_difference(run, new, repeats)
 
 
 def hf_per_token(model: Any, prompts: list[list[int]], new: int, repeats: int) -> float:
@@ -97,7 +104,7 @@ def hf_per_token(model: Any, prompts: list[list[int]], new: int, repeats: int) -
         return lambda: model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                       pad_token_id=0)
 
-    return (best_of(run(new), repeats) - best_of(run(1), repeats)) / (new - 1)
+    return by_difference(run, new, repeats)
 
 
 def cpu_suite(repeats: int) -> list[dict[str, Any]]:

@@ -28,7 +28,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from replicas import Engine, EngineConfig, SamplingParams
-from replicas.bench import best_of, graph_step_ms, hf_config, ours_per_token, prompts_for
+from replicas.bench import (
+    best_of,
+    graph_step_ms,
+    hf_config,
+    model_dir,
+    ours_per_token,
+    prompts_for,
+)
 from replicas.engine import free_port
 from replicas.tiny import tiny_model_dir
 
@@ -41,7 +48,8 @@ class Shapes:
 
     name: str  # the model in the case names
     device: str
-    model: str | None  # None: random GLM-4-9B weights (load_format=random)
+    model: str  # a model directory
+    random: bool  # its weights random in bfloat16 (load_format=random): a config only
     prompt: int  # the long prompt of the prefill cases
     chunk: int  # overlap_chunk_tokens with the overlap on
     new: int  # decoded tokens of the decode cases
@@ -50,48 +58,41 @@ class Shapes:
 
 def _shapes(smoke: bool) -> Shapes:
     if smoke:
-        return Shapes("tiny", "cpu", tiny_model_dir(), 256, 64, 16, None)
-    return Shapes("glm4-9b", "cuda", None, 8192, 2048, 128, 16 * 2**30)
+        return Shapes("tiny", "cpu", tiny_model_dir(), False, 256, 64, 16, None)
+    return Shapes("glm4-9b", "cuda", model_dir("glm4-9b"), True, 8192, 2048, 128, 16 * 2**30)
 
 
-def _glm_dir(layers: int | None = None, weights: bool = False) -> str:
-    """A GLM-4-9B config (and, with `weights`, float32 random weights saved as
-    safetensors) in a fresh directory; `layers` overrides the depth."""
+def _glm_checkpoint(layers: int) -> str:
+    """GLM-4-9B's widths with `layers` layers, float32 random weights saved as
+    safetensors (with the tiny tokenizer), in a fresh directory."""
     import transformers
 
     from replicas.tiny import build_tokenizer
 
     path = tempfile.mkdtemp(prefix="tpserve-multigpu-")
     config = hf_config("glm4-9b")
-    if layers is not None:
-        config.num_hidden_layers = layers
-    if weights:
-        config.initializer_range = 0.2  # wide logits: greedy argmax well separated
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.save_pretrained(path, safe_serialization=True)
-        del model
-    else:
-        config.save_pretrained(path)
+    config.num_hidden_layers = layers
+    config.initializer_range = 0.2  # wide logits: greedy argmax well separated
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(path, safe_serialization=True)
+    del model
     build_tokenizer(path)
     return path
 
 
 def _engine(shapes: Shapes, tp: int, **overrides: Any) -> Engine:
-    base: dict[str, Any] = {"tp": tp, "device": shapes.device}
-    if shapes.model is None:
-        base.update(model=_glm_dir(), load_format="random", dtype="bfloat16",
-                    max_model_len=shapes.prompt + 64, max_num_seqs=1,
-                    max_num_batched_tokens=shapes.prompt, kv_cache_memory=shapes.kv_bytes)
-    else:
-        base.update(model=shapes.model, max_model_len=shapes.prompt + 64, max_num_seqs=1,
-                    max_num_batched_tokens=shapes.prompt)
+    base: dict[str, Any] = {"tp": tp, "device": shapes.device, "model": shapes.model,
+                            "max_model_len": shapes.prompt + 64, "max_num_seqs": 1,
+                            "max_num_batched_tokens": shapes.prompt}
+    if shapes.random:
+        base.update(load_format="random", dtype="bfloat16", kv_cache_memory=shapes.kv_bytes)
     return Engine(EngineConfig(**{**base, **overrides}))
 
 
 def correctness(shapes: Shapes, tp: int) -> dict[str, Any]:
     """Greedy tokens at tp vs tp=1 in float32; bf16 logits at tp vs the float32 ones."""
-    ckpt = shapes.model or _glm_dir(layers=2, weights=True)
+    ckpt = _glm_checkpoint(layers=2) if shapes.random else shapes.model
     greedy = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     tokens, logits = {}, {}
     runs = [(1, "float32"), (tp, "float32"), (1, "bfloat16"), (tp, "bfloat16")]
