@@ -577,15 +577,15 @@ def pinning_engine_mode(config: PinningConfig, out: str | None) -> dict[str, Any
     return row
 
 
-async def _overhead(edge: str, serve_url: str, calls: int, warmup: int = 20,
-                    seed: int = 0, router_url: str | None = None) -> dict[str, list[float]]:
+async def _overhead(edge: str, serve_url: str, router_url: str, calls: int, warmup: int = 20,
+                    seed: int = 0) -> dict[str, list[float]]:
     """`calls` sequential 1-token completions per path, interleaved call by call in a
     shuffled order each round (no path always follows another or runs in a burst), after
     `warmup` untimed rounds (connections, imports, the prefix cache). Every path sends the
     same prompt and parameters, and each call is timed the same way: from the call until
     the whole response is read. (The handle is made inside the event loop: Serve may run
     its router on the caller's loop.) `router_url`: the router replica's own HTTP server
-    (Serve's direct ingress), timed as two more paths."""
+    (Serve's direct ingress), where nginx sends requests."""
     from ray import serve
 
     from cluster.app import APP_NAME, ENGINE
@@ -605,16 +605,9 @@ async def _overhead(edge: str, serve_url: str, calls: int, warmup: int = 20,
             async for _ in handle.generate.remote(request):
                 pass
 
-        async def healthz(base: str) -> None:
-            async with http.get(f"{base}/healthz") as resp:
-                await resp.read()
-
         paths: dict[str, Callable[[], Awaitable[None]]] = {
-            "direct_handle": direct, "serve_router": lambda: post(serve_url),
-            "nginx_router": lambda: post(edge), "serve_healthz": lambda: healthz(serve_url)}
-        if router_url is not None:
-            paths["ingress_router"] = lambda: post(router_url)
-            paths["ingress_healthz"] = lambda: healthz(router_url)
+            "direct_handle": direct, "nginx_router": lambda: post(edge),
+            "router": lambda: post(router_url), "serve_router": lambda: post(serve_url)}
         times: dict[str, list[float]] = {name: [] for name in paths}
         for round_ in range(warmup + calls):
             order = list(paths)
@@ -627,33 +620,24 @@ async def _overhead(edge: str, serve_url: str, calls: int, warmup: int = 20,
     return times
 
 
-# Serve's direct ingress (Ray's RAY_SERVE_ENABLE_DIRECT_INGRESS, a feature flag): the router
-# replica serves HTTP on a port of its own besides the proxy path; `--direct-ingress` times it
-DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
-
-
-def overhead_mode(calls: int, out: str | None, direct_ingress: bool = False
-                  ) -> dict[str, Any]:
-    """Start a local stack, connect a Ray driver to it, time the paths. With
-    `direct_ingress` the stack's Ray runs Serve's direct ingress, the router replica
-    listening on one free port of its own, timed as well (no nginx in front of it)."""
+def overhead_mode(calls: int, out: str | None) -> dict[str, Any]:
+    """Start a local stack, connect a Ray driver to it, time the paths."""
     import ray
 
+    from infra.edge import configured_upstreams
     from infra.stack import local_stack
-    from replicas.engine import free_port
 
-    router_port = free_port() if direct_ingress else None
-    if router_port is not None:  # the stack's Ray takes these from this environment
-        os.environ.update({DIRECT_INGRESS_ENV: "1",
-                           "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(router_port),
-                           "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(router_port + 1)})
     with local_stack() as stack:
         stack.connect()
         try:
+            upstreams = configured_upstreams(
+                Path(stack.config.state_dir) / "nginx" / "nginx.conf")
             serve_url = f"http://127.0.0.1:{stack.config.serve_port}"
-            router_url = None if router_port is None else f"http://127.0.0.1:{router_port}"
-            times = asyncio.run(_overhead(stack.edge, serve_url, calls,
-                                          router_url=router_url))
+            if upstreams == [serve_url.removeprefix("http://")]:
+                raise RuntimeError("nginx is on Serve's proxy, not on the router replica: "
+                                   "is RAY_SERVE_ENABLE_DIRECT_INGRESS=0 in the environment?")
+            times = asyncio.run(_overhead(stack.edge, serve_url, f"http://{upstreams[0]}",
+                                          calls))
         finally:
             ray.shutdown()
     row = overhead_row(times)
@@ -666,28 +650,24 @@ def overhead_row(times: dict[str, list[float]]) -> dict[str, Any]:
     from cluster.ray_env import ray_env
 
     p50 = {name: round(1e3 * statistics.median(t), 3) for name, t in times.items()}
+    added = p50["nginx_router"] - p50["direct_handle"]
     row = {"kind": "overhead", "calls_per_path": len(times["direct_handle"]),
            "p50_ms": p50, "p99_ms": {n: ms(t)["p99"] for n, t in times.items()},
-           "added_p50_ms": round(p50["nginx_router"] - p50["direct_handle"], 3),
-           "nginx_p50_ms": round(p50["nginx_router"] - p50["serve_router"], 3),
-           "target_ms": 2.0, "met": p50["nginx_router"] - p50["direct_handle"] <= 2.0,
+           "added_p50_ms": round(added, 3),
+           "nginx_p50_ms": round(p50["nginx_router"] - p50["router"], 3),
+           "proxy_added_p50_ms": round(p50["serve_router"] - p50["direct_handle"], 3),
+           "target_ms": 2.0, "met": added <= 2.0,
            "paths": {"direct_handle": "Ray driver -> DeploymentHandle (PinnedRouter, no "
                      "session) -> engine replica: the hop the router makes itself",
-                     "serve_router": "HTTP -> Serve proxy -> router (FastAPI, Redis pin, "
-                     "validation) -> engine replica",
-                     "nginx_router": "HTTP -> nginx -> Serve proxy -> router -> engine "
-                     "replica",
-                     "serve_healthz": "HTTP -> Serve proxy -> router GET /healthz, no "
-                     "engine: the floor of Serve's proxy hop and FastAPI"},
-           "serve_env": {k: os.environ.get(k) for k in (*ray_env(), DIRECT_INGRESS_ENV)},
+                     "nginx_router": "HTTP -> nginx -> the router replica's own server "
+                     "(Serve's direct ingress; FastAPI, Redis pin, validation) -> engine "
+                     "replica: the stack's path",
+                     "router": "HTTP -> the router replica's own server -> engine replica "
+                     "(no nginx)",
+                     "serve_router": "HTTP -> Serve's proxy -> router -> engine replica "
+                     "(the path without direct ingress)"},
+           "serve_env": {k: os.environ.get(k) for k in ray_env()},
            "stack": "local", "model": "tiny", "tp": 2, **environment()}
-    if "ingress_router" in p50:
-        row["direct_ingress_added_p50_ms"] = round(
-            p50["ingress_router"] - p50["direct_handle"], 3)
-        row["paths"].update({
-            "ingress_router": "HTTP -> the router replica's own server (Serve direct "
-            "ingress: no proxy, no nginx) -> engine replica",
-            "ingress_healthz": "HTTP -> the router replica's own server GET /healthz"})
     return row
 
 
@@ -732,15 +712,22 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
 
         unlike = {k: v for k, v in row.get("serve_env", {}).items()
                   if k in ray_env() and v != ray_env()[k]}
-        return ("router overhead: 1-token completion"
+        what = ("router overhead: 1-token completion"
                 + (f" ({', '.join(f'{k}={v}' for k, v in unlike.items())}, not "
-                   "cluster/ray.env's)" if unlike else ""),
+                   "cluster/ray.env's)" if unlike else ""))
+        if "router" in p50:  # nginx on the router replica's own server (direct ingress)
+            return (what, f"p50: engine handle {p50['direct_handle']} ms, nginx + router "
+                    f"{p50['nginx_router']} ms (router alone {p50['router']} ms); added "
+                    f"{row['added_p50_ms']} ms (nginx {row['nginx_p50_ms']}); through "
+                    f"Serve's proxy instead {p50['serve_router']} ms, added "
+                    f"{row['proxy_added_p50_ms']} ms", "added <= 2 ms")
+        return (what,  # rows from before direct ingress: nginx -> Serve's proxy -> router
                 f"p50: engine handle {p50['direct_handle']} ms, Serve + router "
                 f"{p50['serve_router']} ms, nginx + router {p50['nginx_router']} ms; added "
                 f"{row['added_p50_ms']} ms (nginx {row['nginx_p50_ms']})"
                 + (f"; Serve proxy + FastAPI floor (GET /healthz) {p50['serve_healthz']} ms"
                    if "serve_healthz" in p50 else "")
-                + (f"; Serve direct ingress (experimental, not the stack's setting; no "
+                + (f"; Serve direct ingress (then experimental, not the stack's setting; no "
                    f"nginx): router {p50['ingress_router']} ms, added "
                    f"{row['direct_ingress_added_p50_ms']} ms, GET /healthz "
                    f"{p50['ingress_healthz']} ms" if "ingress_router" in p50 else ""),
@@ -794,9 +781,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="append the JSON lines here (default: "
                         "infra/results/<mode>_cpu.jsonl; '-' for none)")
     parser.add_argument("--calls", type=int, default=300, help="overhead: calls per path")
-    parser.add_argument("--direct-ingress", action="store_true",
-                        help="overhead: also time the router through Serve's direct ingress "
-                        "(its own HTTP port; an experimental Serve setting)")
     parser.add_argument("--table", metavar="DIR", nargs="?", const=str(RESULTS),
                         help="print the results under DIR (default infra/results) as the "
                         "README's markdown table")
@@ -827,7 +811,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             pinning_engine_mode(config, out)
     elif args.mode == "overhead":
-        overhead_mode(args.calls, out, args.direct_ingress)
+        overhead_mode(args.calls, out)
     else:
         local = args.url is None
         args.url = args.url or LoadConfig.url

@@ -9,6 +9,9 @@ listens only on the address given (the head's private address, or loopback).
 
     python -m infra.services redis-url --bind IP      # for: export TPSERVE_REDIS_URL=$(...)
     python -m infra.services up --bind IP [--nginx-listen HOST:PORT --upstream HOST:PORT]
+
+The same actor keeps nginx's upstreams on the router replicas' own HTTP servers (Serve's
+direct ingress) as they come and go: infra/edge.py.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 import ray
 
 from infra import nginx
+from infra.edge import EdgeFollower
 
 ACTOR_NAME = "tpserve-services"
 NAMESPACE = "tpserve"
@@ -73,11 +77,24 @@ def _die_with_parent() -> None:
 
 @ray.remote(num_cpus=0)
 class Services:
-    """Holds the service processes; they end when this actor's process ends."""
+    """Holds the service processes; they end when this actor's process ends. With `edge`
+    (nginx's config and its path) nginx follows Serve's ingress targets."""
 
-    def __init__(self, commands: dict[str, list[str]]) -> None:
+    def __init__(self, commands: dict[str, list[str]],
+                 edge: tuple[nginx.NginxConfig, Path] | None = None) -> None:
         self.commands = commands
         self.procs = {name: self._spawn(name) for name in commands}
+        self.edge = None if edge is None else EdgeFollower(*edge, self._nginx_pid)
+        if self.edge is not None:
+            self.edge.start()
+
+    def _nginx_pid(self) -> int | None:
+        proc = self.procs.get("nginx")
+        return None if proc is None or proc.poll() is not None else proc.pid
+
+    def edge_upstreams(self) -> list[str]:
+        """Where nginx sends requests now (the router replicas or the Serve proxies)."""
+        return [] if self.edge is None else list(self.edge.current)
 
     def _spawn(self, name: str) -> subprocess.Popen:
         return subprocess.Popen(self.commands[name], preexec_fn=_die_with_parent,
@@ -119,27 +136,29 @@ def wait_for_port(host: str, port: int, timeout_s: float = 30.0) -> None:
     raise RuntimeError(f"nothing listens on {host}:{port} after {timeout_s:.0f} s")
 
 
-def nginx_edge(state: Path, listen: str, upstreams: list[str]) -> list[str]:
-    """Write and check the edge's nginx.conf (infra/nginx.py); the command that runs it."""
+def nginx_edge(state: Path, listen: str, upstreams: list[str]
+               ) -> tuple[nginx.NginxConfig, Path]:
+    """Write and check the edge's nginx.conf (infra/nginx.py) with the Serve proxies as its
+    upstreams; its config and path."""
     prefix = state / "nginx"
-    path = nginx.write(nginx.NginxConfig(upstreams=tuple(upstreams), listen=listen,
-                                         prefix=str(prefix)), prefix / "nginx.conf")
+    config = nginx.NginxConfig(upstreams=tuple(upstreams), listen=listen, prefix=str(prefix))
+    path = nginx.write(config, prefix / "nginx.conf")
     nginx.check(path, prefix)
-    return nginx.nginx_command(path, prefix)
+    return config, path
 
 
-def start(state: Path, bind: str, redis_port: int, nginx_cmd: list[str] | None
-          ) -> dict[str, int]:
+def start(state: Path, bind: str, redis_port: int,
+          edge: tuple[nginx.NginxConfig, Path] | None) -> dict[str, int]:
     """Start the services under the detached actor (on this node); returns their pids."""
     commands = {"redis": redis_command(state, bind, redis_port)}
-    if nginx_cmd is not None:
-        commands["nginx"] = nginx_cmd
+    if edge is not None:
+        commands["nginx"] = nginx.nginx_command(edge[1], edge[0].prefix)
     node = ray.get_runtime_context().get_node_id()
     actor = Services.options(
         name=ACTOR_NAME, namespace=NAMESPACE, lifetime="detached",
         scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
             node, soft=False),
-    ).remote(commands)
+    ).remote(commands, edge)
     pids = ray.get(actor.pids.remote())
     wait_for_port(bind, redis_port)
     exited = ray.get(actor.exited.remote())
@@ -162,11 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "redis-url":
         sys.stdout.write(redis_url(args.state, args.bind, args.redis_port))
         return 0
-    nginx_cmd = None
+    edge = None
     if args.nginx_listen:
-        nginx_cmd = nginx_edge(args.state, args.nginx_listen, args.upstream)
+        edge = nginx_edge(args.state, args.nginx_listen, args.upstream)
     ray.init(address=args.ray_address, log_to_driver=False)
-    pids = start(args.state, args.bind, args.redis_port, nginx_cmd)
+    pids = start(args.state, args.bind, args.redis_port, edge)
     print(json.dumps(pids))  # {"redis": pid, "nginx": pid}: for launchers to record
     return 0
 

@@ -11,6 +11,7 @@ waits until Serve reports it RUNNING and prints the URLs and the admin token. Wi
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import secrets
@@ -29,6 +30,7 @@ from typing import Any
 
 from cluster.control import ServeError, deploy, load_config, ray_auth_headers, replicas
 from cluster.ray_env import ray_env
+from infra.edge import DIRECT_INGRESS_ENV, configured_upstreams
 from infra.services import redis_url
 from router.pinning import ROUTING_MODES
 
@@ -169,6 +171,11 @@ def start(engine: dict[str, Any], config: StackConfig, state: Path, env: dict[st
     progress(f"deploying {config.replicas} engine replicas",
              lambda: app_running(config), config.timeout_s,
              lambda: replica_line(config))
+    if env.get(DIRECT_INGRESS_ENV) == "1":
+        proxy = [f"127.0.0.1:{config.serve_port}"]
+        conf = state / "nginx" / "nginx.conf"
+        progress("nginx on the router replicas", lambda: configured_upstreams(conf) != proxy,
+                 30)
     return pids
 
 
@@ -187,7 +194,7 @@ def app_running(config: StackConfig) -> bool:
         with urllib.request.urlopen(f"http://127.0.0.1:{config.nginx_port}/healthz",
                                     timeout=2) as resp:
             healthy = resp.status == 200
-    except OSError:
+    except (OSError, http.client.HTTPException):  # nginx moving onto the router replicas
         return False
     running = [r for r in replicas(config.ray_dashboard) if r.state == "RUNNING"]
     return healthy and len(running) == config.replicas

@@ -66,20 +66,26 @@ def test_soak_growth_from_warmup_to_the_median_of_the_last_samples() -> None:
     assert growth(samples, 60) == {"engine": 6.0}
 
 
-def test_overhead_row_and_its_table_cell_with_and_without_direct_ingress() -> None:
+def test_overhead_row_judges_nginx_on_the_router_replica_and_its_table_cell() -> None:
     from infra.load import _cell, overhead_row
 
     times = {"direct_handle": [0.010] * 3, "serve_router": [0.0150] * 3,
-             "nginx_router": [0.0155, 0.0160, 0.0150], "serve_healthz": [0.003] * 3}
+             "nginx_router": [0.0115, 0.0120, 0.0110], "router": [0.0112] * 3}
     row = overhead_row(times)
-    assert row["added_p50_ms"] == 5.5 and row["nginx_p50_ms"] == 0.5 and not row["met"]
-    assert "direct_ingress_added_p50_ms" not in row
-    assert "direct ingress" not in _cell(row)[1]
-    row = overhead_row({**times, "ingress_router": [0.0112] * 3,
-                        "ingress_healthz": [0.001] * 3})
-    assert row["direct_ingress_added_p50_ms"] == 1.2
-    assert not row["met"]  # the target is judged on the stack's own path (nginx + proxy)
-    assert "router 11.2 ms, added 1.2 ms" in _cell(row)[1]
+    assert row["added_p50_ms"] == 1.5 and row["met"]
+    assert row["nginx_p50_ms"] == 0.3 and row["proxy_added_p50_ms"] == 5.0
+    assert "nginx + router 11.5 ms (router alone 11.2 ms); added 1.5 ms" in _cell(row)[1]
+    row = overhead_row({**times, "nginx_router": [0.0125] * 3})
+    assert row["added_p50_ms"] == 2.5 and not row["met"]
+
+
+def test_overhead_rows_from_before_direct_ingress_still_make_their_table_cell() -> None:
+    from infra.load import _cell
+
+    old = {"kind": "overhead", "p50_ms": {"direct_handle": 10.0, "serve_router": 15.0,
+                                          "nginx_router": 15.5, "serve_healthz": 3.0},
+           "added_p50_ms": 5.5, "nginx_p50_ms": 0.5, "serve_env": {}}
+    assert "Serve + router 15.0 ms, nginx + router 15.5 ms; added 5.5 ms" in _cell(old)[1]
 
 
 def test_cached_prefix_is_whole_blocks_of_the_common_prefix_leaving_one_token() -> None:
@@ -97,8 +103,8 @@ def test_an_overhead_row_measured_without_the_stack_settings_says_so() -> None:
     from cluster.ray_env import ray_env
     from infra.load import _cell, overhead_row
 
-    times = {"direct_handle": [0.010], "serve_router": [0.015], "nginx_router": [0.016],
-             "serve_healthz": [0.003]}
+    times = {"direct_handle": [0.010], "serve_router": [0.015], "nginx_router": [0.011],
+             "router": [0.0108]}
     row = overhead_row(times)
     row["serve_env"] = dict(ray_env())
     assert _cell(row)[0] == "router overhead: 1-token completion"
