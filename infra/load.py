@@ -709,9 +709,12 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
     if kind == "overhead":
         p50 = row["p50_ms"]
         from cluster.ray_env import ray_env
+        from infra.edge import DIRECT_INGRESS_ENV
 
+        # rows from before direct ingress (no "router" path) are labelled by the path instead
         unlike = {k: v for k, v in row.get("serve_env", {}).items()
-                  if k in ray_env() and v != ray_env()[k]}
+                  if k in ray_env() and v != ray_env()[k]
+                  and ("router" in p50 or k != DIRECT_INGRESS_ENV)}
         what = ("router overhead: 1-token completion"
                 + (f" ({', '.join(f'{k}={v}' for k, v in unlike.items())}, not "
                    "cluster/ray.env's)" if unlike else ""))
