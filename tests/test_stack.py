@@ -1,7 +1,8 @@
 """The local stack as a user runs it: `tpserve up --detach`, an openai client call through
-nginx, the dashboard in headless Chromium (sees 2 replicas, scales to 3 through the page,
-sees 3, saves a screenshot), the admin API's token, `tpserve down` leaving nothing alive
-and every port free, and a busy port refused with a clear message."""
+nginx (which goes to the router replica's own HTTP server), the dashboard in headless
+Chromium (sees 2 replicas, scales to 3 through the page, sees 3, saves a screenshot), the
+admin API's token, `tpserve down` leaving nothing alive and every port free, and a busy
+port refused with a clear message."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from infra.edge import configured_upstreams
 from infra.stack import port_busy
 from replicas.engine import free_port
 
@@ -80,6 +82,18 @@ def test_openai_client_through_nginx(stack: Running) -> None:
     out = client.chat.completions.create(model="tpserve", max_tokens=6,
                                          messages=[{"role": "user", "content": "Hi"}])
     assert out.usage.completion_tokens >= 1
+
+
+def test_nginx_goes_to_the_router_replica_itself_not_through_serves_proxy(stack: Running
+                                                                         ) -> None:
+    conf = stack.state / "nginx" / "nginx.conf"
+    upstreams = configured_upstreams(conf)
+    assert upstreams and upstreams != [f"127.0.0.1:{stack.ports['serve']}"], upstreams
+    with urllib.request.urlopen(f"{stack.edge}/healthz", timeout=10) as resp:
+        assert resp.status == 200
+    time.sleep(0.2)  # nginx writes the access log line after the response
+    last = (stack.state / "nginx" / "access.log").read_text().splitlines()[-1]
+    assert "GET /healthz" in last and f"upstream={upstreams[0]} " in last, last
 
 
 def test_admin_api_needs_the_token(stack: Running) -> None:
