@@ -16,7 +16,10 @@ server listens).
 Only targets on this node are used, at the host of the configured Serve proxy (Serve binds
 both to its `http_options.host`, loopback on a tpserve head); with none there (direct
 ingress off, no router replica running here, the app not deployed yet) the edge goes to
-the Serve proxies it was started with.
+the Serve proxies it was started with. While nginx is on the router replicas, the Serve
+proxies are its fallback for a request it cannot deliver (a router that has just crashed:
+connection refused, or closed before answering): Serve's proxy holds it until a router
+replica is up again, where the router's own port would only refuse it.
 """
 
 from __future__ import annotations
@@ -71,8 +74,11 @@ def answers_http(upstream: str, path: str = "/healthz", timeout_s: float = 2.0) 
 
 
 def configured_upstreams(path: str | Path) -> list[str]:
-    """The `server` lines of the upstream block of the nginx.conf at `path`."""
-    return _SERVER.findall(Path(path).read_text())
+    """The servers of the main upstream block (not the fallback) of the nginx.conf at
+    `path`: where nginx sends requests now."""
+    text = Path(path).read_text()
+    block = text[text.index(f"upstream {nginx.UPSTREAM_NAME} {{"):]
+    return _SERVER.findall(block[:block.index("}")])
 
 
 class EdgeFollower:
@@ -97,7 +103,9 @@ class EdgeFollower:
         A config nginx rejects raises NginxError and leaves the running one in place."""
         if upstreams == self.current:
             return False
-        config = dataclasses.replace(self.config, upstreams=upstreams)
+        proxies = self.config.upstreams  # the fallback while nginx is on the routers
+        config = dataclasses.replace(self.config, upstreams=upstreams,
+                                     fallback=() if upstreams == proxies else proxies)
         staged = self.path.with_suffix(".next")
         nginx.write(config, staged)
         try:

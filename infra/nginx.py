@@ -34,6 +34,7 @@ from nginx.config.api import Config, EmptyBlock, KeyOption, Location, Section
 from nginx.config.api.options import KeyMultiValueOption, KeyValueOption, KeyValuesMultiLines
 
 UPSTREAM_NAME = "tpserve_serve"
+FALLBACK_NAME = "tpserve_fallback"
 BALANCE = {"hash": "hash $remote_addr consistent", "ip_hash": "ip_hash"}
 TEMP_PATHS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 # where Debian/Ubuntu and nginx's own builds put the binary; /usr/sbin is often not on the
@@ -68,6 +69,10 @@ class NginxConfig:
     `trusted`: CIDRs of proxies in front of nginx (a cloud load balancer) whose
     X-Forwarded-For nginx believes (realip module); empty = nginx is the edge and the
     socket address is the client.
+    `fallback`: HOST:PORT of the Serve proxies, where a request goes when nginx cannot
+    reach `upstreams` (its own 502: connection refused, or closed before a response, as
+    when the router replica it went to has just crashed; the request, body included, is
+    sent once more there). Empty: no fallback (`upstreams` are the proxies themselves).
     """
 
     upstreams: tuple[str, ...]
@@ -81,9 +86,10 @@ class NginxConfig:
     worker_processes: str = "auto"
     worker_connections: int = 1024
     trusted: tuple[str, ...] = ()
+    fallback: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("upstreams", "trusted"):
+        for name in ("upstreams", "trusted", "fallback"):
             value = getattr(self, name)
             if isinstance(value, str):
                 raise NginxConfigError(f"{name} must be a tuple of strings, not the string "
@@ -102,6 +108,8 @@ class NginxConfig:
                                    "Serve HTTP proxy, e.g. upstreams=('127.0.0.1:8000',)")
         for upstream in self.upstreams:
             _split_host_port(upstream, "upstream")
+        for upstream in self.fallback:
+            _split_host_port(upstream, "fallback")
         duplicates = sorted({u for u in self.upstreams if self.upstreams.count(u) > 1})
         if duplicates:
             raise NginxConfigError(f"upstream listed twice: {', '.join(duplicates)}; list each "
@@ -177,25 +185,25 @@ def _main_options(config: NginxConfig) -> EmptyBlock:
     )
 
 
-def _upstream(config: NginxConfig) -> Section:
+def _upstream(config: NginxConfig, name: str, servers: tuple[str, ...]) -> Section:
     # the balancing method must come before `keepalive` (nginx docs), so all positional
     return Section(
-        f"upstream {UPSTREAM_NAME}",
+        f"upstream {name}",
         KeyOption(BALANCE[config.balance]),
-        KeyValuesMultiLines("server", list(config.upstreams)),  # one line per Serve proxy
+        KeyValuesMultiLines("server", list(servers)),  # one line per server
         KeyValueOption("keepalive", config.keepalive),
     )
 
 
-def _location(config: NginxConfig) -> Location:
+def _location(config: NginxConfig, path: str, upstream: str, *extra: Any) -> Location:
     headers = [["Connection", '""'],  # keep upstream connections alive (HTTP/1.1)
                ["Host", "$host"],
                ["X-Real-IP", "$remote_addr"],
                ["X-Forwarded-For", "$proxy_add_x_forwarded_for"],
                ["X-Forwarded-Proto", "$scheme"]]
     return Location(
-        "/",
-        KeyValueOption("proxy_pass", f"http://{UPSTREAM_NAME}"),
+        path,
+        KeyValueOption("proxy_pass", f"http://{upstream}"),
         KeyValueOption("proxy_http_version", "1.1"),
         KeyValuesMultiLines("proxy_set_header", headers),
         KeyValueOption("proxy_buffering", "off"),  # SSE: each token event goes out at once
@@ -207,6 +215,7 @@ def _location(config: NginxConfig) -> Location:
         KeyValueOption("proxy_read_timeout", f"{config.proxy_read_timeout_s}s"),
         KeyValueOption("proxy_send_timeout", f"{config.proxy_read_timeout_s}s"),
         KeyValueOption("client_max_body_size", config.client_max_body_size),
+        *extra,
     )
 
 
@@ -232,8 +241,16 @@ def _real_ip(config: NginxConfig) -> EmptyBlock:
 
 
 def _http(config: NginxConfig) -> Section:
-    server = Section("server", KeyValueOption("listen", config.listen), _location(config))
-    return Section("http", _logs_and_temp(config), _real_ip(config), _upstream(config), server)
+    upstreams = [_upstream(config, UPSTREAM_NAME, config.upstreams)]
+    locations = [_location(config, "/", UPSTREAM_NAME)]
+    if config.fallback:  # nginx's own 502 only: a router's error response is passed on
+        upstreams.append(_upstream(config, FALLBACK_NAME, config.fallback))
+        locations = [_location(config, "/", UPSTREAM_NAME,
+                               KeyMultiValueOption("error_page", ["502", "=", "@serve_proxy"])),
+                     _location(config, "@serve_proxy", FALLBACK_NAME)]
+    server = Section("server", KeyValueOption("listen", config.listen), *locations)
+    return Section("http", _logs_and_temp(config), _real_ip(config),
+                   EmptyBlock(*upstreams), server)
 
 
 def render(config: NginxConfig) -> str:
@@ -290,7 +307,7 @@ def check(path: str | Path, prefix: str | Path | None = None) -> None:
 
 # ---------------------------------------------------------------- `tpserve nginx`
 
-_CLI_SKIP = ("upstreams", "prefix", "trusted")
+_CLI_SKIP = ("upstreams", "prefix", "trusted", "fallback")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

@@ -102,7 +102,7 @@ def test_a_target_is_an_upstream_once_it_answers_http() -> None:
 @pytest.mark.skipif(shutil.which("nginx") is None and shutil.which("nginx", path=nginx.SBIN_DIRS)
                     is None, reason="nginx is not installed")
 def test_a_real_nginx_is_reloaded_onto_the_new_upstreams(tmp_path: Path) -> None:
-    proxy, router = backend("proxy"), backend("router")
+    proxy, router = backend("proxy"), backend("router")  # Serve's proxy, a router replica
     listen = free_port()
     config = nginx.NginxConfig(upstreams=(f"127.0.0.1:{proxy.server_port}",),
                                listen=f"127.0.0.1:{listen}", prefix=str(tmp_path / "nginx"))
@@ -125,6 +125,10 @@ def test_a_real_nginx_is_reloaded_onto_the_new_upstreams(tmp_path: Path) -> None
             edge.apply(("no-such-host.invalid:30000",))  # nginx -t: host not found
         assert configured_upstreams(path) == list(new) and edge.current == new
         assert answer(url) == "router"
+        router.shutdown()  # the router replica crashes: its port refuses connections
+        router.server_close()
+        assert answer(url) == "proxy"  # nginx's own 502 goes to the fallback, Serve's proxy
+        assert "connect() failed" in (tmp_path / "nginx" / "error.log").read_text()
     finally:
         proc.terminate()
         proc.wait(10)

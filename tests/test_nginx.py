@@ -92,6 +92,22 @@ def test_proxy_location(tmp_path: Path) -> None:
         assert f"proxy_set_header {header};" in headers
 
 
+def test_fallback_takes_nginx_own_502_to_the_serve_proxies(tmp_path: Path) -> None:
+    assert "error_page" not in nginx.render(make(tmp_path))  # no fallback: none
+    text = nginx.render(make(tmp_path, upstreams=("127.0.0.1:30000",),
+                             fallback=("127.0.0.1:8000",)))
+    assert lines(text, "proxy_pass") == ["proxy_pass http://tpserve_serve;",
+                                         "proxy_pass http://tpserve_fallback;"]
+    assert lines(text, "error_page") == ["error_page 502 = @serve_proxy;"]
+    assert "location @serve_proxy {" in text
+    fallback = text[text.index("upstream tpserve_fallback"):]
+    assert lines(fallback[:fallback.index("}")], "server") == ["server 127.0.0.1:8000;"]
+    # the named location forwards like the main one (SSE unbuffered, client address)
+    assert lines(text, "proxy_buffering") == ["proxy_buffering off;"] * 2
+    assert lines(text, "proxy_set_header X-Real-IP") == [
+        "proxy_set_header X-Real-IP $remote_addr;"] * 2
+
+
 def test_runs_without_root_paths(tmp_path: Path) -> None:
     config = make(tmp_path, listen="9090")
     text = nginx.render(config)
@@ -121,7 +137,9 @@ def test_trusted_proxies_enable_realip(tmp_path: Path) -> None:
 @needs_nginx
 @pytest.mark.parametrize("kw", [{}, {"balance": "ip_hash", "listen": "[::1]:8080"},
                                 {"trusted": ("10.0.0.0/8",), "worker_processes": "2"},
-                                {"upstreams": ("localhost:8000",)}])
+                                {"upstreams": ("localhost:8000",)},
+                                {"upstreams": ("127.0.0.1:30000",),
+                                 "fallback": ("127.0.0.1:8000",)}])
 def test_nginx_accepts_the_config(tmp_path: Path, kw: dict[str, object]) -> None:
     config = make(tmp_path, **kw)
     nginx.check(nginx.write(config, Path(config.prefix) / "nginx.conf"))
@@ -164,6 +182,7 @@ def test_missing_nginx_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> N
     ({"keepalive": -1}, "positive integer"),
     ({"worker_processes": "many"}, "worker_processes"),
     ({"trusted": ("10.0.0.0/33",)}, "not an IP address or CIDR"),
+    ({"fallback": ("127.0.0.1",)}, "fallback '127.0.0.1' is not HOST:PORT"),
 ])
 def test_validation(tmp_path: Path, kw: dict[str, object], message: str) -> None:
     with pytest.raises(NginxConfigError, match=message):
