@@ -56,6 +56,9 @@ DRAIN_TIMEOUT_S = 300.0
     health_check_timeout_s=30.0,
     graceful_shutdown_wait_loop_s=1.0,
     graceful_shutdown_timeout_s=DRAIN_TIMEOUT_S,
+    # no access-log line per handle call: CPU in rank 0's process (the router's nginx has
+    # the requests' log)
+    logging_config={"enable_access_log": False},
 )
 class EngineDeployment:
     """One engine replica = one TP group. Takes the engine config as plain data."""

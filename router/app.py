@@ -191,7 +191,10 @@ class _Call:
 api = FastAPI(title="tpserve", docs_url=None, redoc_url=None)
 
 
-@serve.deployment(name="Router", max_ongoing_requests=1024)
+# no Serve access-log line per request: nginx's access log has every request (status,
+# upstream, times), and Serve's line cost the router ~0.13 ms of CPU per request (py-spy)
+@serve.deployment(name="Router", max_ongoing_requests=1024,
+                  logging_config={"enable_access_log": False})
 @serve.ingress(api)
 class Router:
     def __init__(self, engine: DeploymentHandle, config: dict[str, Any] | None = None) -> None:

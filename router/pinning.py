@@ -9,8 +9,9 @@ without a session id go to the less loaded of the candidates.
 
 One Redis round trip per session, not per request: the first request of a session in this
 process waits for the claim; later ones go to the replica that claim returned (while it is
-live) and refresh the pin in the background (one refresh in flight per session), which
-slides its TTL and brings in a pin another router moved, for the next request. A cached
+live) and refresh the pin in the background (one refresh in flight per session, at most one
+every `refresh_s`), which slides its TTL and brings in a pin another router moved, for the
+next request. (A refresh per request cost the router ~0.2 ms of CPU per request beside it.) A cached
 replica that is gone is never used: that request waits for a new claim. With `routing="random"`
 (RouterConfig.routing) every request goes to a uniformly random live replica and no pin
 is read or written: the baseline against which infra/load.py measures what pinning buys.
@@ -25,6 +26,7 @@ import asyncio
 import logging
 import os
 import random
+import time
 from collections import Counter as Tally
 from collections import OrderedDict
 from collections.abc import Collection
@@ -42,13 +44,15 @@ from router.sessions import SessionStore, SessionStoreConfig
 log = logging.getLogger(__name__)
 ROUTING_MODES = ("pinned", "random")
 PIN_CACHE_SIZE = 100_000  # sessions whose pin this process remembers (least recent dropped)
+REFRESH_S = 1.0  # s before a cached pin is claimed again (TTL slid, another router's move)
 
 
 class PinnedRouter(RequestRouter):
     """Routes by the Redis pin of `session_id`, re-pinning only when its replica is gone."""
 
     def initialize_state(self, redis_url: str | None = None, load_factor: float = 1.25,
-                         ttl_s: int = 3600, routing: str = "pinned", **_: Any) -> None:
+                         ttl_s: int = 3600, routing: str = "pinned",
+                         refresh_s: float = REFRESH_S, **_: Any) -> None:
         if routing not in ROUTING_MODES:
             raise ValueError(f"routing={routing!r}: use one of {ROUTING_MODES}")
         self.routing = routing
@@ -56,7 +60,9 @@ class PinnedRouter(RequestRouter):
         self.store = SessionStore(SessionStoreConfig(url=url, ttl_s=ttl_s))
         self.load_factor = load_factor
         self.in_flight: Tally[str] = Tally()  # requests this router sent, per replica
-        self.pins: OrderedDict[str, str] = OrderedDict()  # session -> replica Redis gave
+        self.refresh_s = refresh_s
+        # session -> (replica Redis gave, monotonic time of that claim)
+        self.pins: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self.refreshing: dict[str, asyncio.Task[str]] = {}  # background claims
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
@@ -71,9 +77,10 @@ class PinnedRouter(RequestRouter):
         key = pending_request.metadata.session_id if pending_request is not None else ""
         if not key:
             return [[live[min(loads, key=loads.__getitem__)]]]
-        cached = self.pins.get(key)
+        cached, claimed = self.pins.get(key, ("", 0.0))
         if cached in live:
-            self._refresh(key, cached, list(live))
+            if time.monotonic() - claimed >= self.refresh_s:
+                self._refresh(key, cached, list(live))
             return [[live[cached]]]
         choice = choose_replica(key, loads, self.load_factor)
         pinned = await self._claim(key, choice, live.keys())
@@ -90,7 +97,7 @@ class PinnedRouter(RequestRouter):
         if self.store.degraded:
             self.pins.pop(key, None)
         else:
-            self.pins[key] = pinned
+            self.pins[key] = (pinned, time.monotonic())
             self.pins.move_to_end(key)
             if len(self.pins) > PIN_CACHE_SIZE:
                 self.pins.popitem(last=False)

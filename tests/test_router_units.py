@@ -64,11 +64,11 @@ class _FakeReplica:
         self.replica_id = type("Id", (), {"unique_id": rid})()
 
 
-def _router(routing: str) -> object:
+def _router(routing: str, refresh_s: float = 0.0) -> object:
     from router.pinning import PinnedRouter
 
     router = object.__new__(PinnedRouter)  # no Serve machinery: only the routing state
-    router.initialize_state(redis_url=None, routing=routing)
+    router.initialize_state(redis_url=None, routing=routing, refresh_s=refresh_s)
     return router
 
 
@@ -111,8 +111,8 @@ class _FakeStore:
         return replica, cur is not None
 
 
-def _pinned_with(store: _FakeStore) -> object:
-    router = _router("pinned")
+def _pinned_with(store: _FakeStore, refresh_s: float = 0.0) -> object:
+    router = _router("pinned", refresh_s)
     router.store = store  # type: ignore[attr-defined]
     return router
 
@@ -146,6 +146,27 @@ def test_a_known_pin_routes_without_waiting_for_redis_and_is_refreshed() -> None
         await asyncio.sleep(0.01)
         moved = await router.choose_replicas(replicas, _pending("s"))
         assert moved[0][0] is other  # ...and the next request follows the move
+
+    asyncio.run(run())
+
+
+def test_a_cached_pin_is_claimed_again_at_most_once_per_refresh_period() -> None:
+    import asyncio
+
+    async def run() -> None:
+        store = _FakeStore()
+        store.gate.set()
+        router = _pinned_with(store, refresh_s=0.2)
+        replicas = [_FakeReplica(r) for r in ("a", "b", "c")]
+        for _ in range(20):
+            await router.choose_replicas(replicas, _pending("s"))
+            await asyncio.sleep(0)
+        assert store.calls == 1  # the first claim; no refresh within 0.2 s
+        await asyncio.sleep(0.25)
+        for _ in range(20):
+            await router.choose_replicas(replicas, _pending("s"))
+            await asyncio.sleep(0)
+        assert store.calls == 2  # one refresh once the period is over
 
     asyncio.run(run())
 
