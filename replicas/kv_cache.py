@@ -18,9 +18,15 @@ import torch
 from replicas.config import ModelSpec
 
 
+def kv_heads_per_rank(spec: ModelSpec, tp: int) -> int:
+    """KV heads in one rank's cache: its share, or the one its queries use when there are
+    fewer KV heads than ranks."""
+    return max(1, spec.num_kv_heads // tp)
+
+
 def block_bytes(spec: ModelSpec, tp: int, block_size: int, dtype: torch.dtype) -> int:
     """Bytes one block takes on one rank: K and V of every layer."""
-    kv_heads = max(1, spec.num_kv_heads // tp)
+    kv_heads = kv_heads_per_rank(spec, tp)
     elem = torch.empty((), dtype=dtype).element_size()
     return 2 * spec.num_layers * block_size * kv_heads * spec.head_dim * elem
 
@@ -31,7 +37,7 @@ def allocate_kv_cache(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer (K, V), each [num_blocks, block_size, kv_heads, head_dim], zeroed so
     that masked-out padding reads finite values."""
-    kv_heads = max(1, spec.num_kv_heads // tp)
+    kv_heads = kv_heads_per_rank(spec, tp)
     shape = (num_blocks, block_size, kv_heads, spec.head_dim)
     return [
         (torch.zeros(shape, dtype=dtype, device=device),

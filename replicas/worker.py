@@ -22,7 +22,7 @@ from transformers import AutoConfig
 from replicas import kernels
 from replicas.config import DTYPES, ConfigError, EngineConfig, ModelSpec
 from replicas.graphs import DecodeGraphs
-from replicas.kv_cache import allocate_kv_cache, block_bytes
+from replicas.kv_cache import allocate_kv_cache, block_bytes, kv_heads_per_rank
 from replicas.loader import load_weights, random_init
 from replicas.model import CausalLM, ForwardBatch, attention_mask, feed_tokens
 from replicas.parallel import Comm, tune_gemv
@@ -339,7 +339,7 @@ class Worker:
         return tuple(spans)
 
     def _kv_heads(self) -> int:
-        return max(1, self.spec.num_kv_heads // self.world_size)  # as allocate_kv_cache
+        return kv_heads_per_rank(self.spec, self.world_size)
 
     def serve_forever(self) -> None:
         """Ranks 1..tp-1: run steps until rank 0 says shut down."""
