@@ -31,6 +31,7 @@ import os
 import re
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -95,8 +96,6 @@ class EdgeFollower:
         self.nginx_pid = nginx_pid
         self.current = config.upstreams
         self.reloads = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def apply(self, upstreams: tuple[str, ...]) -> bool:
         """Rewrite nginx.conf for `upstreams` and reload nginx; False if nothing changed.
@@ -136,7 +135,8 @@ class EdgeFollower:
         from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
 
         node_ip = ray.util.get_node_ip_address()
-        while not self._stop.wait(POLL_S):
+        while True:
+            time.sleep(POLL_S)
             try:
                 controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
                 self.poll_once(controller, node_ip)
@@ -146,8 +146,5 @@ class EdgeFollower:
                 log.exception("edge: could not follow Serve's ingress targets")
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="tpserve-edge", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
+        """Follow in a daemon thread, for as long as this process (the Services actor)."""
+        threading.Thread(target=self._run, name="tpserve-edge", daemon=True).start()

@@ -628,13 +628,13 @@ def overhead_mode(calls: int, out: str | None) -> dict[str, Any]:
     import ray
 
     from infra.edge import configured_upstreams
+    from infra.services import nginx_conf
     from infra.stack import local_stack
 
     with local_stack() as stack:
         stack.connect()
         try:
-            upstreams = configured_upstreams(
-                Path(stack.config.state_dir) / "nginx" / "nginx.conf")
+            upstreams = configured_upstreams(nginx_conf(Path(stack.config.state_dir)))
             serve_url = f"http://127.0.0.1:{stack.config.serve_port}"
             if upstreams == [serve_url.removeprefix("http://")]:
                 raise RuntimeError("nginx is on Serve's proxy, not on the router replica: "

@@ -92,10 +92,6 @@ class Services:
         proc = self.procs.get("nginx")
         return None if proc is None or proc.poll() is not None else proc.pid
 
-    def edge_upstreams(self) -> list[str]:
-        """Where nginx sends requests now (the router replicas or the Serve proxies)."""
-        return [] if self.edge is None else list(self.edge.current)
-
     def _spawn(self, name: str) -> subprocess.Popen:
         return subprocess.Popen(self.commands[name], preexec_fn=_die_with_parent,
                                 stdin=subprocess.DEVNULL)
@@ -136,14 +132,20 @@ def wait_for_port(host: str, port: int, timeout_s: float = 30.0) -> None:
     raise RuntimeError(f"nothing listens on {host}:{port} after {timeout_s:.0f} s")
 
 
+def nginx_conf(state: Path) -> Path:
+    """The edge's nginx.conf under a stack's state directory (its prefix is the folder)."""
+    return state / "nginx" / "nginx.conf"
+
+
 def nginx_edge(state: Path, listen: str, upstreams: list[str]
                ) -> tuple[nginx.NginxConfig, Path]:
     """Write and check the edge's nginx.conf (infra/nginx.py) with the Serve proxies as its
     upstreams; its config and path."""
-    prefix = state / "nginx"
-    config = nginx.NginxConfig(upstreams=tuple(upstreams), listen=listen, prefix=str(prefix))
-    path = nginx.write(config, prefix / "nginx.conf")
-    nginx.check(path, prefix)
+    path = nginx_conf(state)
+    config = nginx.NginxConfig(upstreams=tuple(upstreams), listen=listen,
+                               prefix=str(path.parent))
+    nginx.write(config, path)
+    nginx.check(path, path.parent)
     return config, path
 
 

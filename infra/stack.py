@@ -31,7 +31,7 @@ from typing import Any
 from cluster.control import ServeError, deploy, load_config, ray_auth_headers, replicas
 from cluster.ray_env import ray_env
 from infra.edge import DIRECT_INGRESS_ENV, configured_upstreams
-from infra.services import redis_url
+from infra.services import nginx_conf, redis_url
 from router.pinning import ROUTING_MODES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -155,10 +155,11 @@ def start(engine: dict[str, Any], config: StackConfig, state: Path, env: dict[st
     """Services and the Serve app on the started Ray; returns the services' pids."""
     progress("starting Ray", lambda: port_busy(config.dashboard_port) and serve_api_up(config),
              120)
+    proxy = f"127.0.0.1:{config.serve_port}"  # nginx's upstream until it follows the router
     services = subprocess.run(
         [sys.executable, "-m", "infra.services", "up", "--state", str(state), "--bind",
          "127.0.0.1", "--redis-port", str(config.redis_port), "--nginx-listen",
-         f"127.0.0.1:{config.nginx_port}", "--upstream", f"127.0.0.1:{config.serve_port}",
+         f"127.0.0.1:{config.nginx_port}", "--upstream", proxy,
          "--ray-address", f"127.0.0.1:{config.ray_port}"],
         env=env, check=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     pids = json.loads(services.stdout.strip().splitlines()[-1])
@@ -172,10 +173,8 @@ def start(engine: dict[str, Any], config: StackConfig, state: Path, env: dict[st
              lambda: app_running(config), config.timeout_s,
              lambda: replica_line(config))
     if env.get(DIRECT_INGRESS_ENV) == "1":
-        proxy = [f"127.0.0.1:{config.serve_port}"]
-        conf = state / "nginx" / "nginx.conf"
-        progress("nginx on the router replicas", lambda: configured_upstreams(conf) != proxy,
-                 30)
+        progress("nginx on the router replicas",
+                 lambda: configured_upstreams(nginx_conf(state)) != [proxy], 30)
     return pids
 
 

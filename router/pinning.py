@@ -10,9 +10,9 @@ without a session id go to the less loaded of the candidates.
 One Redis round trip per session, not per request: the first request of a session in this
 process waits for the claim; later ones go to the replica that claim returned (while it is
 live) and refresh the pin in the background (one refresh in flight per session, at most one
-every `refresh_s`), which slides its TTL and brings in a pin another router moved, for the
-next request. (A refresh per request cost the router ~0.2 ms of CPU per request beside it.) A cached
-replica that is gone is never used: that request waits for a new claim. With `routing="random"`
+every `refresh_s`: one per request cost the router ~0.2 ms of CPU each), which slides its
+TTL and brings in a pin another router moved, for the next request. A cached replica that
+is gone is never used: that request waits for a new claim. With `routing="random"`
 (RouterConfig.routing) every request goes to a uniformly random live replica and no pin
 is read or written: the baseline against which infra/load.py measures what pinning buys.
 

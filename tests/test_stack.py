@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from infra.edge import configured_upstreams
+from infra.services import nginx_conf
 from infra.stack import port_busy
 from replicas.engine import free_port
 
@@ -86,13 +87,12 @@ def test_openai_client_through_nginx(stack: Running) -> None:
 
 def test_nginx_goes_to_the_router_replica_itself_not_through_serves_proxy(stack: Running
                                                                          ) -> None:
-    conf = stack.state / "nginx" / "nginx.conf"
-    upstreams = configured_upstreams(conf)
+    upstreams = configured_upstreams(nginx_conf(stack.state))
     assert upstreams and upstreams != [f"127.0.0.1:{stack.ports['serve']}"], upstreams
     with urllib.request.urlopen(f"{stack.edge}/healthz", timeout=10) as resp:
         assert resp.status == 200
     time.sleep(0.2)  # nginx writes the access log line after the response
-    last = (stack.state / "nginx" / "access.log").read_text().splitlines()[-1]
+    last = (nginx_conf(stack.state).parent / "access.log").read_text().splitlines()[-1]
     assert "GET /healthz" in last and f"upstream={upstreams[0]} " in last, last
 
 
