@@ -176,19 +176,10 @@ def matmul_rate() -> float:
 
 
 def graph_step_ms(engine: Engine) -> float:
-    """GPU time of one captured batch-1 decode step alone (CUDA events, 50 replays): the
-    difference to the measured ms/token is host work between steps."""
-    graphs = engine.worker.graphs
-    assert graphs is not None
-    graph = graphs.graphs[1][0]
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    graph.replay()
-    start.record()
-    for _ in range(50):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 50
+    """GPU time of one captured batch-1 decode step alone (CUDA events, 50 replays, every
+    rank replaying together): the difference to the measured ms/token is host work
+    between steps."""
+    return engine.replay_graph_ms(50)
 
 
 def device_wait_ms(engine: Engine, prompts: list[list[int]], new: int) -> float:

@@ -37,7 +37,9 @@ class EngineConfig:
     model: str | None = None  # local HF-format directory; None = the built-in tiny model
     tp: int = 1
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
-    comm_dtype: str = "float16"  # all-reduce payload: float16 | bfloat16 | float32
+    # all-reduce payload: auto (the model's own 16-bit dtype; float16 for a float32
+    # model) | float16 | bfloat16 | float32
+    comm_dtype: str = "auto"
     max_model_len: int | None = None  # prompt + max_tokens bound; default: the model's
     kv_cache_memory: int | None = None  # bytes of KV cache per rank; None: measured / default
     num_kv_blocks: int | None = None  # exact pool size (overrides kv_cache_memory)
@@ -62,14 +64,19 @@ class EngineConfig:
     # tp > 1 on CPU, ranks on one host: all-reduces through shared memory (replicas/shm.py)
     # instead of gloo, which costs ~2 ms a call on a small VM; False: always gloo
     shm_all_reduce: bool = True
+    # tp > 1 on GPUs: all-reduces of up to 2 MiB (decode steps) in one kernel over
+    # PyTorch symmetric memory (peer-to-peer loads over NVLink, never multicast;
+    # replicas/symm.py) instead of NCCL; bfloat16 and float32 payloads
+    one_shot_all_reduce: bool = True
 
     def __post_init__(self) -> None:
         if self.tp not in SUPPORTED_TP:
             raise ConfigError(f"tp={self.tp} is not supported; choose one of {SUPPORTED_TP}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ConfigError(f"dtype={self.dtype!r}: use 'auto' or one of {sorted(DTYPES)}")
-        if self.comm_dtype not in DTYPES:
-            raise ConfigError(f"comm_dtype={self.comm_dtype!r}: use one of {sorted(DTYPES)}")
+        if self.comm_dtype != "auto" and self.comm_dtype not in DTYPES:
+            raise ConfigError(f"comm_dtype={self.comm_dtype!r}: use 'auto' or one of "
+                              f"{sorted(DTYPES)}")
         if self.load_format not in ("auto", "random"):
             raise ConfigError(f"load_format={self.load_format!r}: use 'auto' or 'random'")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -92,6 +99,12 @@ class EngineConfig:
             )
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError("gpu_memory_utilization must be in (0, 1]")
+
+    def wire_dtype(self, model_dtype: torch.dtype) -> str:
+        """The all-reduce payload's dtype for a model running in `model_dtype`."""
+        if self.comm_dtype != "auto":
+            return self.comm_dtype
+        return "bfloat16" if model_dtype == torch.bfloat16 else "float16"
 
     def resolved_device(self) -> str:
         if self.device == "auto":

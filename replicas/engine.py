@@ -17,6 +17,7 @@ import asyncio
 import itertools
 import logging
 import multiprocessing as mp
+import os
 import socket
 import threading
 import time
@@ -34,7 +35,7 @@ from replicas.kv_cache import BlockManager
 from replicas.sampler import sample_on_device
 from replicas.scheduler import Scheduled, Scheduler, Sequence
 from replicas.tokenizer import IncrementalDecoder, Tokenizer
-from replicas.worker import SHUTDOWN_BATCH, StepBatch, Worker, rank_main
+from replicas.worker import PING_BATCH, SHUTDOWN_BATCH, StepBatch, Worker, rank_main, replay_batch
 
 log = logging.getLogger(__name__)
 
@@ -159,10 +160,24 @@ class RankHandle(Protocol):
 RankLauncher = Callable[[EngineConfig, str, int, str], RankHandle]
 
 
+def _rank_process(config: EngineConfig, model_dir: str, rank: int, init_method: str) -> None:
+    """A spawned rank: the worker loop, then out at once. The interpreter's own exit
+    would finalize NCCL and CUDA state again, which can wait on peers."""
+    code = 0
+    try:
+        rank_main(config, model_dir, rank, init_method)
+    except BaseException:  # noqa: BLE001 - reported, then the exit code says it
+        log.exception("rank %d failed", rank)
+        code = 1
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
 def spawn_rank(config: EngineConfig, model_dir: str, rank: int, init_method: str) -> RankHandle:
     """Start a rank as a local process (spawned: CUDA and threads start clean)."""
     proc = mp.get_context("spawn").Process(
-        target=rank_main, args=(config, model_dir, rank, init_method), daemon=True,
+        target=_rank_process, args=(config, model_dir, rank, init_method), daemon=True,
         name=f"tpserve-rank{rank}",
     )
     proc.start()
@@ -238,8 +253,14 @@ class Engine:
         # tokens read back but not yet detokenized and delivered: done while the GPU runs
         # the next step (see _step): (request, token, logprob, is a stop token, index)
         self._pending: list[tuple[_Request, int, float, bool, int]] = []
+        # tp > 1: while idle the driver sends a heartbeat this often, so that a rank
+        # waiting for the next step never reaches the group's timeout
+        self._heartbeat_s = config.dist_timeout_s / 4
         self._thread = threading.Thread(target=self._drive, name="tpserve-driver", daemon=True)
         self._thread.start()
+        if self._procs:
+            threading.Thread(target=self._watch_ranks, name="tpserve-rank-watch",
+                             daemon=True).start()
 
     # ---- public API ----
 
@@ -321,21 +342,41 @@ class Engine:
         return self._dead is None and not self._closed and all(p.is_alive() for p in self._procs)
 
     def shutdown(self) -> None:
-        """Stop the driver and every rank process; idempotent."""
+        """Stop the driver and every rank process, and hand rank 0's GPU memory back;
+        idempotent. Bounded in time: ranks that do not leave within seconds are killed."""
         if self._closed:
             return
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._thread.join(timeout=30)
+        # a healthy driver leaves between steps; one stuck in a step with a dead rank
+        # may never return, and is left behind (a daemon thread)
+        self._thread.join(timeout=30 if self._dead is None else 2)
         self._fail_all(EngineDeadError("engine shut down"))
-        if self._dead is None and all(p.is_alive() for p in self._procs):
+        if self._dead is None and not self._thread.is_alive() and all(
+                p.is_alive() for p in self._procs):
             try:
                 self.worker.send(SHUTDOWN_BATCH)
             except Exception:  # a rank already gone: fall through to killing
                 log.warning("could not tell the ranks to stop; killing them")
-        self.worker.close()
+        self.worker.close(peer_dead=self._dead is not None or self._thread.is_alive())
         self._kill_ranks()
+        if not self._thread.is_alive():  # else the stuck driver still holds the model
+            self.worker.release()
+
+    def replay_graph_ms(self, times: int = 50) -> float:
+        """GPU time of one batch-1 decode graph replay, every rank replaying together
+        (at tp > 1 the graph holds collectives). Only while no request runs."""
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with self._cond:  # the driver sends its heartbeat under this lock
+            if self._procs:
+                self.worker.send(replay_batch(times + 1))
+            self.worker.replay_graph(1)
+            start.record()
+            self.worker.replay_graph(times)
+            end.record()
+            torch.cuda.synchronize()
+        return start.elapsed_time(end) / times
 
     def __enter__(self) -> Engine:
         return self
@@ -394,11 +435,25 @@ class Engine:
     def _drive(self) -> None:
         while True:
             with self._cond:
+                idle_since = time.monotonic()
                 while not self._inbox and not self.scheduler.has_work() and not self._closed:
-                    self._cond.wait()
-                if self._closed:
+                    left = idle_since + self._heartbeat_s - time.monotonic()
+                    if self._procs and left <= 0:
+                        break
+                    self._cond.wait(timeout=left if self._procs else None)
+                if self._closed or self._dead is not None:
                     return
                 inbox, self._inbox = self._inbox, []
+                if not inbox and not self.scheduler.has_work():
+                    try:  # under the lock: replay_graph_ms sends too
+                        self.worker.send(PING_BATCH)
+                    except Exception as e:  # noqa: BLE001 - a rank is gone: the engine is dead
+                        failed = e
+                    else:
+                        continue
+            if not inbox and not self.scheduler.has_work():
+                self._die(failed)
+                return
             for kind, item in inbox:
                 self._take(kind, item)
             if not self.scheduler.has_work():
@@ -410,10 +465,29 @@ class Engine:
                     self._deliver()
             except Exception as e:  # noqa: BLE001 - every request must hear of it
                 log.exception("engine step failed")
-                with self._cond:
-                    self._dead = e
-                self._fail_all(EngineDeadError(f"engine step failed: {e!r}"))
+                self._die(e)
                 return
+
+    def _die(self, error: BaseException) -> None:
+        """The engine cannot step any more: every request in flight fails."""
+        with self._cond:
+            if self._dead is None:
+                self._dead = error
+        self._fail_all(EngineDeadError(f"engine step failed: {error!r}"))
+
+    def _watch_ranks(self) -> None:
+        """tp > 1: a rank process that dies fails every request within a second, even
+        while rank 0 is blocked in a collective with it (which may never return); the
+        group is then aborted so that NCCL's waits end."""
+        while not self._closed and self._dead is None:
+            dead = [r for r, p in enumerate(self._procs, start=1) if not p.is_alive()]
+            if dead and not self._closed:
+                log.error("TP rank(s) %s died; failing every request", dead)
+                self._die(RuntimeError(f"TP rank {dead[0]} died"))
+                if self._device.type == "cuda":  # NCCL waits on a dead peer for minutes
+                    self.worker.close(peer_dead=True)
+                return
+            time.sleep(0.25)
 
     def _take(self, kind: str, item: Any) -> None:
         if kind == "abort":
@@ -593,8 +667,9 @@ class Engine:
         self._kill_ranks()
 
     def _kill_ranks(self) -> None:
+        deadline = time.monotonic() + 3
         for p in self._procs:
-            p.join(timeout=10)
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)

@@ -63,6 +63,12 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _attn_block_d(d: int) -> int:
+    """The attention kernels' head-dim tile: tl.dot needs K >= 16, so a smaller head
+    dim (8, say) is padded to 16 with masked lanes."""
+    return max(16, _pow2(d))
+
+
 def _precision(dtype: torch.dtype) -> str:
     # float32 products stay float32 (no TF32), so float32 runs match the reference
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -662,7 +668,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             out.stride(0), out.stride(1), part.stride(0), part.stride(1), part.stride(2),
             lse.stride(0), lse.stride(1), block_tables.stride(0), new.rotary_dim, scale_log2,
             window or 0, block_size, kv_heads,
-            G=group, BLOCK_R=block_r, BLOCK_N=block_n, D=d, BLOCK_D=_pow2(d), SPLITS=splits,
+            G=group, BLOCK_R=block_r, BLOCK_N=block_n, D=d, BLOCK_D=_attn_block_d(d),
+            SPLITS=splits,
             PREC=_precision(q.dtype), INTERLEAVED=new.interleaved, num_warps=warps,
             num_stages=2, **_launch(q))
         return out
@@ -671,7 +678,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
         block_tables.stride(0), scale_log2, window or 0, block_size, kv_heads,
-        G=group, TILE_T=tile_t, BLOCK_R=block_r, BLOCK_N=block_n, D=d, BLOCK_D=_pow2(d),
+        G=group, TILE_T=tile_t, BLOCK_R=block_r, BLOCK_N=block_n, D=d, BLOCK_D=_attn_block_d(d),
         SPLITS=splits, PREC=_precision(q.dtype), num_warps=warps, num_stages=2,
         **_launch(q))
     return out

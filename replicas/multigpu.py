@@ -9,7 +9,15 @@ over the GPUs of one host, GLM-4-9B shapes, bfloat16, one JSON row per case.
   the all-reduce time hidden, (TTFT off - TTFT on) / the same all-reduces timed alone
   (target >= 0.7);
 - 16-bit against 32-bit all-reduce payloads: bytes on the wire per token, decode
-  ms/token and TTFT side by side.
+  ms/token and TTFT side by side (bfloat16, the default for a bf16 model; float16 with
+  its overflow guard; float32), and the one-shot all-reduce against NCCL;
+- tp=1 in the same run: decode, TTFT and start-up, so every tp row has its ratio;
+- Llama-3-8B shapes: batch-1 decode at tp and at tp=1;
+- one decode-size all-reduce alone, in a CUDA graph: NCCL against the one-shot kernel;
+- throughput, 256 requests of 128 in / 128 out: one tp engine against tp engines of
+  tp=1 (one a GPU, all at once) on the same GPUs;
+- robustness: five create / generate / shutdown cycles in one process, each shutdown's
+  time, the rank processes left and rank 0's GPU memory after it.
 
 `smoke=True` runs every case on CPU (gloo, the built-in tiny model, short prompts): CI
 checks the harness and the tp=2 token equality there; its timings mean nothing.
@@ -21,6 +29,7 @@ import dataclasses
 import os
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -37,6 +46,7 @@ from replicas.bench import (
     prompts_for,
 )
 from replicas.engine import free_port
+from replicas.symm import ONE_SHOT_MAX_BYTES, OneShotAllReduce
 from replicas.tiny import tiny_model_dir
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
@@ -56,10 +66,10 @@ class Shapes:
     kv_bytes: int | None
 
 
-def _shapes(smoke: bool) -> Shapes:
+def _shapes(smoke: bool, name: str = "glm4-9b") -> Shapes:
     if smoke:
         return Shapes("tiny", "cpu", tiny_model_dir(), False, 256, 64, 16, None)
-    return Shapes("glm4-9b", "cuda", model_dir("glm4-9b"), True, 8192, 2048, 128, 16 * 2**30)
+    return Shapes(name, "cuda", model_dir(name), True, 8192, 2048, 128, 16 * 2**30)
 
 
 def _glm_checkpoint(layers: int) -> str:
@@ -100,7 +110,7 @@ def correctness(shapes: Shapes, tp: int) -> dict[str, Any]:
         runs = runs[:2]  # no bfloat16 matmuls worth comparing on CPU
     for size, dtype in runs:
         # float32 sums on the wire too: the float32 case is the exact one
-        comm = "float32" if dtype == "float32" else "float16"
+        comm = "float32" if dtype == "float32" else "auto"
         with Engine(EngineConfig(model=ckpt, tp=size, dtype=dtype, comm_dtype=comm,
                                  device=shapes.device, max_model_len=256,
                                  max_num_seqs=1)) as engine:
@@ -157,60 +167,236 @@ def comm_seconds(tp: int, device: str, hidden: int, sizes: list[tuple[int, str]]
     return float(out.get())
 
 
-def prefill_and_decode(shapes: Shapes, tp: int, repeats: int) -> list[dict[str, Any]]:
-    """Decode ms/token and TTFT of one long prompt per (comm dtype, overlap) setting;
-    then the rows: decode at tp, overlap's hidden share, 16 vs 32-bit payloads."""
+def _decode_figures(engine: Engine, shapes: Shapes, repeats: int, fresh: Iterator[int]
+                    ) -> dict[str, float]:
     one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    vocab = engine.spec.vocab_size
+    figures = {"ttft_s": best_of(lambda: engine.generate(
+        prompts_for(1, shapes.prompt, vocab, seed=next(fresh)), one), repeats),
+        "per_token_s": ours_per_token(engine, prompts_for(1, 128, vocab), shapes.new, repeats)}
+    if engine.worker.graphs is not None:
+        figures["graph_ms"] = graph_step_ms(engine)
+    return figures
+
+
+def prefill_and_decode(shapes: Shapes, tp: int, repeats: int) -> Iterator[dict[str, Any]]:
+    """tp=1, then tp in each payload setting: decode ms/token, its graph replay, TTFT of
+    one long prompt, start-up; then the rows: decode and TTFT against tp=1, the
+    overlap's hidden share, the payloads side by side."""
     fresh = iter(range(1, 1000))
-    got: dict[tuple[str, int], dict[str, float]] = {}
+    got: dict[str, dict[str, float]] = {}
     layers = hidden = 0
-    for comm, chunk in (("float16", shapes.chunk), ("float16", 0), ("float32", shapes.chunk)):
-        with _engine(shapes, tp, comm_dtype=comm, overlap_chunk_tokens=chunk) as engine:
+    wire = "float32" if shapes.device == "cpu" else "bfloat16"  # the default payload
+    settings = [("tp1", 1, {}), ("on", tp, {}),
+                ("off", tp, {"overlap_chunk_tokens": 0}),
+                ("float16", tp, {"comm_dtype": "float16"}),
+                ("float32", tp, {"comm_dtype": "float32"})]
+    if shapes.device == "cuda":
+        settings.append(("nccl", tp, {"one_shot_all_reduce": False}))
+    for key, size, overrides in settings:
+        start = time.perf_counter()
+        with _engine(shapes, size, **overrides) as engine:
+            started = time.perf_counter() - start
             layers, hidden = engine.spec.num_layers, engine.spec.hidden_size
-            vocab = engine.spec.vocab_size
-            figures = {"ttft_s": best_of(lambda e=engine, v=vocab: e.generate(
-                prompts_for(1, shapes.prompt, v, seed=next(fresh)), one), repeats)}
-            if chunk:  # decode is the same with the overlap off (one-token reduces)
-                figures["per_token_s"] = ours_per_token(
-                    engine, prompts_for(1, 128, vocab), shapes.new, repeats)
-                if engine.worker.graphs is not None:
-                    figures["graph_ms"] = graph_step_ms(engine)
-            got[comm, chunk] = figures
+            got[key] = {**_decode_figures(engine, shapes, repeats, fresh),
+                        "startup_s": started}
+            got[key]["startup_phases"] = engine.worker.startup_s  # type: ignore[assignment]
+            stop = time.perf_counter()
+        got[key]["shutdown_s"] = time.perf_counter() - stop
     # the long prompt's row-parallel all-reduces (o_proj and down_proj of every layer),
     # in the chunks the overlap sends them, timed alone
-    chunks = [(min(shapes.chunk, shapes.prompt - s), "float16")
+    chunks = [(min(shapes.chunk, shapes.prompt - s), wire)
               for s in range(0, shapes.prompt, shapes.chunk)]
     comm_s = comm_seconds(tp, shapes.device, hidden, chunks * 2 * layers)
-    on, off = got["float16", shapes.chunk], got["float16", 0]
-    wide = got["float32", shapes.chunk]
-    rows = [{"case": f"{shapes.name}_tp{tp}_decode_b1_in128_out{shapes.new}", "unit": "ms/token",
-             "tp": tp, "ours": round(on["per_token_s"] * 1e3, 3), "target": 2.7 if tp == 2
-             else None, **({"graph_replay_ms": round(on["graph_ms"], 3)} if "graph_ms" in on
-                           else {})},
-            {"case": f"{shapes.name}_tp{tp}_prefill{shapes.prompt}_overlap", "unit": "hidden share",
-             "tp": tp, "ours": round((off["ttft_s"] - on["ttft_s"]) / comm_s, 3),
-             "ttft_overlap_on_ms": round(on["ttft_s"] * 1e3, 1),
-             "ttft_overlap_off_ms": round(off["ttft_s"] * 1e3, 1),
-             "allreduce_alone_ms": round(comm_s * 1e3, 1), "chunk_tokens": shapes.chunk,
-             "target": 0.7}]
-    for comm, fig in (("float16", on), ("float32", wide)):
-        rows.append({"case": f"{shapes.name}_tp{tp}_comm_{comm}", "unit": "ms/token", "tp": tp,
-                     "ours": round(fig["per_token_s"] * 1e3, 3),
-                     "ttft_ms": round(fig["ttft_s"] * 1e3, 1),
-                     # per token: two row-parallel reduces a layer in the payload dtype
-                     "wire_bytes_per_token": 2 * layers * hidden * DTYPE_BYTES[comm]})
-    return rows
+    base, on, off = got["tp1"], got["on"], got["off"]
+    name = f"{shapes.name}_tp{tp}"
+    graph = ({"graph_replay_ms": round(on["graph_ms"], 3),
+              "tp1_graph_replay_ms": round(base["graph_ms"], 3)} if "graph_ms" in on else {})
+    yield {"case": f"{name}_decode_b1_in128_out{shapes.new}", "unit": "ms/token", "tp": tp,
+           "ours": round(on["per_token_s"] * 1e3, 3),
+           "tp1_ms": round(base["per_token_s"] * 1e3, 3),
+           "speedup_over_tp1": round(base["per_token_s"] / on["per_token_s"], 3),
+           "target": 2.7 if tp == 2 and shapes.name == "glm4-9b" else None, **graph}
+    yield {"case": f"{name}_ttft_in{shapes.prompt}", "unit": "ms", "tp": tp,
+           "ours": round(on["ttft_s"] * 1e3, 1), "tp1_ms": round(base["ttft_s"] * 1e3, 1),
+           "ratio_to_tp1": round(on["ttft_s"] / base["ttft_s"], 3), "target_ratio": 0.6}
+    yield {"case": f"{name}_prefill{shapes.prompt}_overlap", "unit": "hidden share",
+           "tp": tp, "ours": round((off["ttft_s"] - on["ttft_s"]) / comm_s, 3),
+           "ttft_overlap_on_ms": round(on["ttft_s"] * 1e3, 1),
+           "ttft_overlap_off_ms": round(off["ttft_s"] * 1e3, 1),
+           "allreduce_alone_ms": round(comm_s * 1e3, 1), "chunk_tokens": shapes.chunk,
+           "target": 0.7}
+    yield {"case": f"{name}_startup", "unit": "s", "tp": tp,
+           "ours": round(on["startup_s"], 2), "tp1_s": round(base["startup_s"], 2),
+           "ratio_to_tp1": round(on["startup_s"] / base["startup_s"], 3),
+           "phases": on["startup_phases"], "tp1_phases": base["startup_phases"],
+           "shutdown_s": round(on["shutdown_s"], 2), "target_ratio": 1.3}
+    payloads = [(wire, on), ("float16", got["float16"]), ("float32", got["float32"])]
+    if "nccl" in got:
+        payloads.append((f"{wire}_nccl", got["nccl"]))
+    for label, fig in payloads:
+        comm = label.removesuffix("_nccl")
+        yield {"case": f"{name}_comm_{label}", "unit": "ms/token", "tp": tp,
+               "ours": round(fig["per_token_s"] * 1e3, 3),
+               "ttft_ms": round(fig["ttft_s"] * 1e3, 1),
+               **({"graph_replay_ms": round(fig["graph_ms"], 3)} if "graph_ms" in fig else {}),
+               "one_shot": label != f"{wire}_nccl" and comm != "float16"
+               and shapes.device == "cuda",
+               # per token: two row-parallel reduces a layer in the payload dtype
+               "wire_bytes_per_token": 2 * layers * hidden * DTYPE_BYTES[comm]}
+
+
+def llama_decode(tp: int, repeats: int) -> dict[str, Any]:
+    """Llama-3-8B shapes, batch-1 decode at tp against tp=1 (target 2.4 ms at tp=2)."""
+    shapes = _shapes(False, "llama3-8b")
+    per = {}
+    for size in (1, tp):
+        with _engine(shapes, size, max_model_len=512, max_num_batched_tokens=512) as engine:
+            per[size] = ours_per_token(engine, prompts_for(1, 128, engine.spec.vocab_size),
+                                       shapes.new, repeats)
+    return {"case": f"llama3-8b_tp{tp}_decode_b1_in128_out{shapes.new}", "unit": "ms/token",
+            "tp": tp, "ours": round(per[tp] * 1e3, 3), "tp1_ms": round(per[1] * 1e3, 3),
+            "speedup_over_tp1": round(per[1] / per[tp], 3),
+            "target": 2.4 if tp == 2 else None}
+
+
+def _graph_all_reduce_worker(rank: int, tp: int, port: int, hidden: int, tokens: list[int],
+                             out: Any) -> None:
+    """One decode-size all-reduce in a CUDA graph (50 in one graph, replayed): NCCL
+    against the one-shot kernel, bfloat16, `tokens` rows of `hidden`."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", rank=rank, world_size=tp,
+                            device_id=torch.device("cuda", rank))
+    one_shot = OneShotAllReduce.create(None, tp, torch.device("cuda", rank),
+                                       (torch.bfloat16,), ONE_SHOT_MAX_BYTES)
+    rows = []
+    for t in tokens:
+        x = torch.ones(t, hidden, dtype=torch.bfloat16, device="cuda")
+        ways: dict[str, Callable[[], object]] = {"nccl": lambda x=x: dist.all_reduce(x)}
+        if one_shot is not None:
+            ways["one_shot"] = lambda x=x: one_shot.all_reduce(x)
+        row: dict[str, Any] = {"tokens": t, "bytes": t * hidden * 2}
+        for way, fn in ways.items():
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(3):
+                    fn()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(50):
+                    fn()
+            for _ in range(3):
+                graph.replay()
+            torch.cuda.synchronize()
+            dist.barrier()
+            start = time.perf_counter()
+            for _ in range(20):
+                graph.replay()
+            torch.cuda.synchronize()
+            row[f"{way}_us"] = round((time.perf_counter() - start) / 1000 * 1e6, 2)
+        x.fill_(rank + 1.0)
+        if one_shot is not None:  # the sum is right: 1 + 2 (+ ...)
+            one_shot.all_reduce(x)
+            row["one_shot_sum_ok"] = bool((x == tp * (tp + 1) / 2).all())
+        rows.append(row)
+    if rank == 0:
+        out.put(rows)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def graph_all_reduce(tp: int, hidden: int = 4096) -> Iterator[dict[str, Any]]:
+    ctx = mp.get_context("spawn")
+    out = ctx.SimpleQueue()
+    mp.start_processes(_graph_all_reduce_worker,
+                       args=(tp, free_port(), hidden, [1, 16, 64, 256], out),
+                       nprocs=tp, join=True, start_method="spawn")
+    for row in out.get():
+        yield {"case": f"allreduce_tp{tp}_graph_{row['tokens']}tok", "unit": "us", "tp": tp,
+               "ours": row.get("one_shot_us", row["nccl_us"]),
+               "target": 8.0 if row["tokens"] == 1 else None, **row}
+
+
+def _throughput_worker(gpu: int, shapes: Shapes, tp: int, barrier: Any, out: Any) -> None:
+    """One engine on GPUs gpu..gpu+tp-1: warm up, wait for the others, then 256
+    requests of 128 in / 128 out; puts (start, end) wall-clock times."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu + r) for r in range(tp))
+    engine = _engine(shapes, tp, max_model_len=512, max_num_seqs=256,
+                     max_num_batched_tokens=8192)
+    try:
+        many = prompts_for(256, 128, engine.spec.vocab_size)
+        engine.generate(many, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        barrier.wait()
+        start = time.time()
+        engine.generate(many, SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True))
+        out.put((start, time.time()))
+    finally:
+        engine.shutdown()
+
+
+def throughput(shapes: Shapes, tp: int) -> dict[str, Any]:
+    """256 x 128/128 output tok/s: one tp engine against tp engines of tp=1 running at
+    once, one on each of the same GPUs (each its own process)."""
+    ctx = mp.get_context("spawn")
+    rates = {}
+    for size, count in ((tp, 1), (1, tp)):
+        barrier, out = ctx.Barrier(count), ctx.SimpleQueue()
+        procs = [ctx.Process(target=_throughput_worker, args=(i * size, shapes, size, barrier,
+                                                             out)) for i in range(count)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=400)
+        spans = [out.get() for _ in range(count)] if not out.empty() else []
+        if len(spans) != count:
+            raise RuntimeError(f"throughput: {count} engine(s) of tp={size} did not finish")
+        wall = max(e for _, e in spans) - min(s for s, _ in spans)
+        rates[size] = count * 256 * 128 / wall
+    return {"case": f"{shapes.name}_tp{tp}_256req_in128_out128", "unit": "tokens/s", "tp": tp,
+            "ours": round(rates[tp], 1), f"{tp}x_tp1_tokens_per_s": round(rates[1], 1),
+            "ratio_to_tp1_engines": round(rates[tp] / rates[1], 3), "target_ratio": 0.85}
+
+
+def shutdown_cycles(shapes: Shapes, tp: int, cycles: int = 5) -> dict[str, Any]:
+    """`cycles` create / generate / shutdown rounds in this process, on a small
+    checkpoint: each shutdown's seconds, rank processes still alive after it, rank 0's
+    GPU memory left allocated."""
+    ckpt = shapes.model if shapes.device == "cpu" else _glm_checkpoint(layers=2)
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    times, left, memory, tokens = [], 0, [], []
+    for _ in range(cycles):
+        engine = Engine(EngineConfig(model=ckpt, tp=tp, device=shapes.device,
+                                     max_model_len=256, max_num_seqs=4))
+        tokens.append(engine.generate([[5, 6, 7, 8]], greedy)[0].token_ids)
+        start = time.perf_counter()
+        engine.shutdown()
+        times.append(round(time.perf_counter() - start, 2))
+        left += sum(p.is_alive() for p in engine._procs)
+        if shapes.device == "cuda":
+            memory.append(torch.cuda.memory_allocated() // 2**20)
+        del engine
+    return {"case": f"{shapes.name}_tp{tp}_shutdown_cycles", "unit": "s (slowest)", "tp": tp,
+            "ours": max(times), "shutdown_s": times, "ranks_left": left,
+            "same_tokens_every_cycle": all(t == tokens[0] for t in tokens),
+            "rank0_mib_allocated_after": memory, "target": 5.0}
 
 
 def suite(repeats: int, tps: tuple[int, ...] = (2, 4), smoke: bool = False
-          ) -> list[dict[str, Any]]:
+          ) -> Iterator[dict[str, Any]]:
     shapes = _shapes(smoke)
     have = 2 if smoke else torch.cuda.device_count()
     runnable = [tp for tp in tps if tp <= have]
     if not runnable:
         raise SystemExit(f"--suite multigpu needs at least {min(tps)} GPUs; {have} visible")
-    rows: list[dict[str, Any]] = []
-    for tp in runnable:
-        rows.append(correctness(shapes, tp))
-        rows += prefill_and_decode(shapes, tp, repeats)
-    return rows
+    for tp in runnable:  # the headline figures first
+        yield from prefill_and_decode(shapes, tp, repeats)
+        if not smoke:
+            yield from graph_all_reduce(tp)
+        yield shutdown_cycles(shapes, tp)
+        yield correctness(shapes, tp)
+        if not smoke:
+            yield llama_decode(tp, repeats)
+            yield throughput(shapes, tp)

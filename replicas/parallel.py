@@ -25,6 +25,7 @@ from torch import nn
 
 from replicas import kernels
 from replicas.shm import ShmAllReduce
+from replicas.symm import OneShotAllReduce
 
 
 @dataclass
@@ -42,6 +43,8 @@ class Comm:
     overlap_chunk: int = 0
     # CPU ranks of one host: all-reduces through shared memory instead of gloo (shm.py)
     shm: ShmAllReduce | None = None
+    # GPUs: decode-size all-reduces in one symmetric-memory kernel instead of NCCL (symm.py)
+    one_shot: OneShotAllReduce | None = None
 
     def to(self, device: torch.device) -> Comm:
         self.overflow = self.overflow.to(device)
@@ -58,6 +61,8 @@ class Comm:
         payload = x.to(wire)  # no copy when x is already in the wire dtype
         if self.shm is not None and self.shm.fits(payload):
             payload = self.shm.all_reduce(payload)
+        elif self.one_shot is not None and self.one_shot.fits(payload):
+            payload = self.one_shot.all_reduce(payload)
         else:
             dist.all_reduce(payload, group=self.group)
         if wire == torch.float16 and payload.is_cuda:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,11 +28,19 @@ from replicas.loader import load_weights, random_init
 from replicas.model import CausalLM, ForwardBatch, attention_mask, feed_tokens
 from replicas.parallel import Comm, tune_gemv
 from replicas.shm import ShmAllReduce
+from replicas.symm import ONE_SHOT_MAX_BYTES, OneShotAllReduce
 
 log = logging.getLogger(__name__)
 
-STEP, SHUTDOWN = 0, 1
+# the commands of a step message: run a step; stop; nothing (rank 0's heartbeat while
+# idle, so that a rank's wait never reaches the group's timeout); replay the batch-1
+# decode graph `logits_indices[0]` times on every rank (bench.graph_step_ms at tp > 1)
+STEP, SHUTDOWN, PING, REPLAY = 0, 1, 2, 3
 CPU_KV_CACHE_BYTES = 256 * 2**20  # default KV budget per rank on CPU
+# the longest wait for the TP peers at start (joining, loading), whatever dist_timeout_s
+START_TIMEOUT_S = 600.0
+# the longest wait for NCCL's abort at shutdown (it returns in well under a second)
+ABORT_TIMEOUT_S = 3.0
 # a step whose longest chunk is this long, all prompts from position 0, attends with
 # PyTorch's flash attention (2.4x the paged kernel at 8192 tokens on an H200)
 FLASH_MIN_TOKENS = 512
@@ -73,6 +82,12 @@ class StepBatch:
 
 
 SHUTDOWN_BATCH = StepBatch((), (), (), (), (), SHUTDOWN)
+PING_BATCH = StepBatch((), (), (), (), (), PING)
+
+
+def replay_batch(times: int) -> StepBatch:
+    """The message that has every rank replay its batch-1 decode graph `times` times."""
+    return StepBatch((), (), (), (), (times,), REPLAY)
 
 
 def resolve_dtype(config: EngineConfig, spec: ModelSpec, device: torch.device) -> torch.dtype:
@@ -91,25 +106,31 @@ class Worker:
     def __init__(self, config: EngineConfig, model_dir: str, rank: int, init_method: str | None,
                  peers_alive: Callable[[], bool] | None = None) -> None:
         self.config, self.rank, self.world_size = config, rank, config.tp
+        # seconds each start-up phase took on this rank (the bench reports rank 0's)
+        self.startup_s: dict[str, float] = {}
+        mark = time.perf_counter()
+
+        def phase(name: str) -> None:
+            nonlocal mark
+            now = time.perf_counter()
+            self.startup_s[name] = round(now - mark, 3)
+            mark = now
+
         self.device = self._pick_device(config)
         self.control: dist.ProcessGroup | None = None
         store = None
         if self.world_size > 1:
             assert init_method is not None, "tp > 1 needs an init_method tcp://host:port"
-            store = self._join_group(init_method, peers_alive or (lambda: True))
+            store = self._open_store(init_method, peers_alive or (lambda: True))
         hf_config = AutoConfig.from_pretrained(model_dir)
         self.spec = ModelSpec.from_hf(hf_config)
         self.spec.check_tp(self.world_size)
         self.dtype = resolve_dtype(config, self.spec, self.device)
-        self.comm = Comm(rank, self.world_size, DTYPES[config.comm_dtype],
+        self.comm = Comm(rank, self.world_size, DTYPES[config.wire_dtype(self.dtype)],
                          overlap_chunk=config.overlap_chunk_tokens).to(self.device)
-        if store is not None and self.device.type == "cpu" and config.shm_all_reduce:
-            # the largest all-reduce: a whole step's hidden states, in float32 at most
-            self.comm.shm = ShmAllReduce.connect(
-                store, rank, self.world_size,
-                config.max_num_batched_tokens * self.spec.hidden_size * 4, self.control,
-                config.dist_timeout_s)
         self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
+        # each rank builds and loads its shard before the group forms (no collective is
+        # needed for it), so rank 0 loads while the other rank processes still start up
         with torch.device(self.device):
             model = CausalLM(hf_config, self.spec, self.comm, max(self.max_model_len, 1))
         for p in model.parameters():  # rotary tables stay float32, like transformers'
@@ -119,6 +140,20 @@ class Worker:
         else:
             load_weights(model, model_dir, show_progress=rank == 0)
         self.model = model.eval()
+        phase("load")
+        if store is not None:
+            self._join_group(store)
+            phase("join")
+            if self.device.type == "cuda" and config.one_shot_all_reduce:
+                self.comm.one_shot = OneShotAllReduce.create(
+                    self.comm.group, self.world_size, self.device,
+                    (self.comm.dtype, torch.float32), ONE_SHOT_MAX_BYTES)
+            if self.device.type == "cpu" and config.shm_all_reduce:
+                # the largest all-reduce: a whole step's hidden states, in float32 at most
+                self.comm.shm = ShmAllReduce.connect(
+                    store, rank, self.world_size,
+                    config.max_num_batched_tokens * self.spec.hidden_size * 4, self.control,
+                    config.dist_timeout_s)
         self.gemv_report: dict[str, dict[str, float | str]] = {}
         self.activation_peak = 0  # bytes a largest step allocates (GPU, measured)
         self.free_at_sizing = 0  # free GPU bytes when the pool was sized (after the above)
@@ -126,12 +161,14 @@ class Worker:
                 and self.dtype != torch.float32):
             self.gemv_report = tune_gemv(self.model)
             torch.cuda.empty_cache()  # the timing copies' memory goes to the KV pool
+        phase("gemv_tuning")
         # PyTorch's fused attention on a GPU takes 16-bit grouped heads only (no float32)
         self._flash = self.device.type == "cpu" or self.dtype != torch.float32
         self.num_blocks = self._agree_min(self._count_blocks())
         # one block more than the scheduler hands out: the scratch block of padded rows
         self.kv = allocate_kv_cache(self.spec, self.world_size, self.num_blocks + 1,
                                     config.block_size, self.dtype, self.device)
+        phase("kv_pool")
         self.overflow_retries = 0
         self.graphs: DecodeGraphs | None = None
         self.greedy: torch.Tensor | None = None  # the last step's argmax, if its graph made it
@@ -140,6 +177,7 @@ class Worker:
                 lambda fb: self.model(fb, self.kv), set(self.spec.sliding_windows),
                 config.max_num_seqs, -(-self.max_model_len // config.block_size),
                 config.block_size, self.num_blocks, self._kv_heads(), self.device)
+            phase("cuda_graphs")
 
     def _pick_device(self, config: EngineConfig) -> torch.device:
         if config.resolved_device() == "cuda":
@@ -155,27 +193,42 @@ class Worker:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tp))
         return torch.device("cpu")
 
-    def _join_group(self, init_method: str, peers_alive: Callable[[], bool]) -> dist.Store:
-        """Rendezvous on this replica's own TCP store (returned: the group's other
-        set-up uses it); rank 0 gives up as soon as a peer process dies instead of
-        waiting out the timeout."""
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
-        timeout = timedelta(seconds=self.config.dist_timeout_s)
+    def _open_store(self, init_method: str, peers_alive: Callable[[], bool]) -> dist.Store:
+        """This replica's own TCP store (rank 0 serves it), opened first thing: the
+        other ranks may reach it as soon as they start."""
         host, port = init_method.removeprefix("tcp://").rsplit(":", 1)
         store = dist.TCPStore(host, int(port), self.world_size, is_master=self.rank == 0,
-                              timeout=timeout, wait_for_workers=False)
-        store.set(f"joined/{self.rank}", "1")
-        keys = [f"joined/{r}" for r in range(self.world_size)]
-        deadline = time.monotonic() + self.config.dist_timeout_s
-        while not store.check(keys):
-            if not peers_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"rank {self.rank}: TP peers did not join the group")
-            time.sleep(0.05)
+                              timeout=timedelta(seconds=max(self.config.dist_timeout_s,
+                                                            START_TIMEOUT_S)),
+                              wait_for_workers=False)
+        self._store, self._peers_alive = store, peers_alive
+        return store
+
+    def _join_group(self, store: dist.Store) -> None:
+        """Form the process group once every rank has its shard loaded; rank 0 gives up
+        as soon as a peer process dies instead of waiting out the timeout."""
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        timeout = timedelta(seconds=self.config.dist_timeout_s)
+        self._store_barrier("joined")
+        # NCCL's communicator made now (device_id), not at the first collective
         dist.init_process_group(backend, store=store, rank=self.rank,
-                                world_size=self.world_size, timeout=timeout)
+                                world_size=self.world_size, timeout=timeout,
+                                device_id=self.device if backend == "nccl" else None)
         self.control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" \
             else dist.group.WORLD
-        return store
+
+    def _store_barrier(self, name: str) -> None:
+        """Wait until every rank has reached `name`, on the TCP store rather than in a
+        collective: ranks may reach it seconds apart (a rank process imports torch and
+        loads its shard on a busy host), longer than a short dist_timeout_s. Rank 0
+        gives up as soon as a peer process dies."""
+        self._store.set(f"{name}/{self.rank}", "1")
+        keys = [f"{name}/{r}" for r in range(self.world_size)]
+        deadline = time.monotonic() + max(self.config.dist_timeout_s, START_TIMEOUT_S)
+        while not self._store.check(keys):
+            if not self._peers_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"rank {self.rank}: TP peers did not reach {name!r}")
+            time.sleep(0.05)
 
     def _count_blocks(self) -> int:
         cfg = self.config
@@ -347,15 +400,72 @@ class Worker:
             batch = self.receive()
             if batch.command == SHUTDOWN:
                 break
+            if batch.command == PING:
+                continue
+            if batch.command == REPLAY:
+                self.replay_graph(batch.logits_indices[0])
+                continue
             self.execute(batch)
         self.close()
 
-    def close(self) -> None:
-        if self.world_size > 1 and dist.is_initialized():
+    def replay_graph(self, times: int) -> None:
+        """Replay the batch-1 decode graph `times` times (every rank at once: at tp > 1
+        the graph holds collectives)."""
+        assert self.graphs is not None, "replay_graph needs cuda_graphs"
+        graph = self.graphs.graphs[1][0]
+        for _ in range(times):
+            graph.replay()
+
+    def close(self, peer_dead: bool = False) -> None:
+        """Leave the TP group without waiting on the peers; idempotent. On GPUs the
+        decode graphs are dropped first (at tp=2 on H200s, tearing NCCL down while
+        graphs held its kernels hung for good), then the NCCL communicators are aborted
+        rather than destroyed (a destroy waits for every rank; an abort also frees a
+        rank stuck in a collective with a dead peer). `peer_dead`: a peer died, this
+        rank's GPU queue may never drain; nothing here waits for it."""
+        if self.world_size == 1 or not dist.is_initialized():
+            return
+        if self.device.type != "cuda":
             dist.destroy_process_group()
+            return
+        if not peer_dead:
+            torch.cuda.synchronize(self.device)
+            if self.graphs is not None:
+                for graph, _, _ in self.graphs.graphs.values():
+                    graph.reset()
+                self.graphs = None
+        abort = threading.Thread(target=dist.distributed_c10d._abort_process_group,
+                                 name="tpserve-nccl-abort", daemon=True)
+        abort.start()
+        abort.join(timeout=ABORT_TIMEOUT_S)
+        if abort.is_alive():
+            log.warning("rank %d: NCCL abort still running after %.0f s; left behind",
+                        self.rank, ABORT_TIMEOUT_S)
+
+    def release(self) -> None:
+        """Drop the model, KV pool and graphs, and hand their GPU memory back."""
+        self.graphs = None
+        self.greedy = None
+        del self.model, self.kv
+        self.comm.one_shot = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def dump_stacks_when_asked() -> None:
+    """TPSERVE_STACK_DUMP_S=N: every N seconds, print every thread's stack to stderr
+    (finding where a rank waits, on a machine without a debugger)."""
+    every = float(os.environ.get("TPSERVE_STACK_DUMP_S", "0"))
+    if every > 0:
+        import faulthandler
+
+        faulthandler.dump_traceback_later(every, repeat=True)
 
 
 def rank_main(config: EngineConfig, model_dir: str, rank: int, init_method: str) -> None:
     """Entry point of a rank process (multiprocessing here, a Ray actor in cluster/)."""
     logging.basicConfig(level=logging.WARNING)
-    Worker(config, model_dir, rank, init_method).serve_forever()
+    dump_stacks_when_asked()
+    worker = Worker(config, model_dir, rank, init_method)
+    worker.serve_forever()
+    worker.release()

@@ -51,7 +51,7 @@ def test_serve_yaml_is_a_valid_serve_config_with_overrides() -> None:
     app = schema.applications[0]
     assert app.external_scaler_enabled and app.import_path == "router.app:build"
     assert app.args["engine"]["tp"] == 4 and app.args["engine"]["model"] == "/m"
-    assert app.args["engine"]["comm_dtype"] == "float16"  # untouched fields stay
+    assert app.args["engine"]["comm_dtype"] == "auto"  # untouched fields stay
     assert config["http_options"] == {"host": "127.0.0.1", "port": 18000}
 
 

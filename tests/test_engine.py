@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -366,6 +368,65 @@ def test_tp2_dead_rank_fails_requests_fast_and_shutdown_cleans_up() -> None:
     finally:
         eng.shutdown()
     assert not any(p.is_alive() for p in procs)
+
+
+def test_tp2_idle_engine_outlives_the_group_timeout() -> None:
+    """Rank 1 waits for the next step in a collective bounded by dist_timeout_s; idle
+    for 4 x that, the engine is the same one (same rank process, prefix cache kept),
+    because rank 0 sends a heartbeat while idle. A dead rank is still found while idle."""
+    eng = Engine(EngineConfig(model=None, tp=2, dist_timeout_s=5))
+    procs = list(eng._procs)
+    pids = [p.pid for p in procs]
+    shared = list(range(200, 264))  # 4 full blocks
+    try:
+        first = eng.generate([shared + [5]], GREEDY)[0]
+        time.sleep(20)
+        assert eng.healthy() and [p.pid for p in eng._procs] == pids
+        hits = eng.stats()["prefix_cache_hit_blocks"]
+        again = eng.generate([shared + [5]], GREEDY)[0]
+        assert again.token_ids == first.token_ids
+        assert eng.stats()["prefix_cache_hit_blocks"] - hits == 4
+        procs[0].kill()
+        procs[0].join(5)
+        deadline = time.monotonic() + 5
+        while eng._dead is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert eng._dead is not None and not eng.healthy()
+    finally:
+        eng.shutdown()
+
+
+def test_tp2_rank_killed_mid_stream_fails_every_request_within_seconds() -> None:
+    eng = Engine(EngineConfig(model=None, tp=2, dist_timeout_s=60))
+    long = SamplingParams(max_tokens=2000, temperature=0.0, ignore_eos=True)
+    errors: list[BaseException] = []
+    started = threading.Event()
+
+    async def stream(prompt: list[int]) -> None:
+        try:
+            async for _ in eng.add_request(prompt, long):
+                started.set()
+        except BaseException as e:  # noqa: BLE001 - what the client sees
+            errors.append(e)
+
+    async def run() -> None:
+        await asyncio.gather(*(stream(p) for p in PROMPTS[:3]))
+
+    thread = threading.Thread(target=lambda: asyncio.run(run()))
+    try:
+        thread.start()
+        assert started.wait(60), errors
+        time.sleep(0.5)
+        killed = time.monotonic()
+        eng._procs[0].kill()
+        thread.join(10)
+        assert not thread.is_alive(), "a request hung after its rank died"
+        assert time.monotonic() - killed < 5
+        assert len(errors) == 3 and all(isinstance(e, EngineDeadError) for e in errors)
+    finally:
+        start = time.monotonic()
+        eng.shutdown()
+        assert time.monotonic() - start < 10
 
 
 def test_tp2_shutdown_leaves_no_process() -> None:

@@ -138,6 +138,9 @@ CASES = {  # name: (query lens, contexts, window, heads, kv heads, head dim, spl
     # a split takes >= 256 keys: 3, 1 and 2 of the 4 splits have keys
     "decode, split keys": ([1, 1, 1], [700, 5, 300], None, 4, 1, 16, 4),
     "decode, split keys, window": ([1, 1], [70, 600], 300, 4, 2, 16, 8),
+    # tl.dot needs K >= 16: a head dim of 8 runs padded to 16 (it crashed before)
+    "prefill, head dim 8": ([20, 7], [20, 7], None, 4, 2, 8, 1),
+    "decode, head dim 8": ([1, 1, 1], [1, 17, 64], None, 4, 2, 8, 1),
 }
 
 
