@@ -319,6 +319,8 @@ def _row(case: str, unit: str, ours: float, theirs: float | None, **shape: Any
 def table(path: str) -> str:
     """A markdown table of a results file (JSON lines), for the README."""
     rows = [json.loads(line) for line in open(path) if line.strip()]
+    if rows and rows[0].get("suite", "").startswith("multigpu"):
+        return _multigpu_table(rows)
     out = ["| case | unit | ours | transformers | ours / transformers | floor | vs floor | gpu |",
            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -335,6 +337,19 @@ def table(path: str) -> str:
         out.append(f"| {r['case']} | {r['unit']} | {r['ours']} | {theirs} | "
                    f"{r.get('ratio_ours_over_transformers', '—')} | {floor} | {versus} | "
                    f"{r['hardware']['gpu'] or r['hardware']['cpu']} |")
+    return "\n".join(out)
+
+
+def _multigpu_table(rows: list[dict[str, Any]]) -> str:
+    """Tensor-parallel rows: ms/token against the graph's own replay time (the
+    difference is host work between steps), start-up and shutdown."""
+    out = ["| case | all-reduce | ms/token | graph replay, ms | host gap, ms | start-up, s "
+           "| shutdown, s | gpu |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['case']} | {r.get('all_reduce', '—')} | {r['ours']} | "
+                   f"{r.get('graph_replay_ms', '—')} | {r.get('host_gap_ms', '—')} | "
+                   f"{r.get('startup_s', '—')} | {r.get('shutdown_s', '—')} | "
+                   f"{r['hardware']['gpu']} |")
     return "\n".join(out)
 
 

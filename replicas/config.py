@@ -55,8 +55,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.90
     cuda_graphs: bool = True  # decode steps replayed from CUDA graphs (GPU only)
     gemv_kernels: bool = True  # batch-1 matmuls: Triton GEMV where it beats cuBLAS (16-bit GPU)
-    # tp=1: step N+1 is launched with step N's tokens still on the device (the host reads
-    # them while the GPU runs it); tp>1 reads each step's tokens before the next
+    # step N+1 is launched with step N's tokens still on the device (the host reads them
+    # while the GPU runs it); at tp > 1 on GPUs too (rank 0 broadcasts those tokens on the
+    # device), while CPU ranks at tp > 1 read each step's tokens before the next
     async_scheduling: bool = True
     # tp > 1: row-parallel matmuls over more tokens go in chunks of this many, each
     # chunk's all-reduce overlapping the next chunk's matmul (0: one reduce at the end)
@@ -64,6 +65,9 @@ class EngineConfig:
     # tp > 1 on CPU, ranks on one host: all-reduces through shared memory (replicas/shm.py)
     # instead of gloo, which costs ~2 ms a call on a small VM; False: always gloo
     shm_all_reduce: bool = True
+    # tp > 1, ranks on one host: rank 0's step messages through shared memory
+    # (replicas/shm.py ShmChannel) instead of two gloo broadcasts per step
+    shm_step_messages: bool = True
     # tp > 1 on GPUs: all-reduces of up to 2 MiB (decode steps) in one kernel over
     # PyTorch symmetric memory (peer-to-peer loads over NVLink, never multicast;
     # replicas/symm.py) instead of NCCL; bfloat16 and float32 payloads

@@ -249,7 +249,12 @@ class Engine:
         self._device_wait_s = 0.0  # time the driver waited for sampled tokens (see _land)
         # the last step's tokens, still on the device (see _step)
         self._flight: _Flight | None = None
-        self._ahead = config.async_scheduling and config.tp == 1
+        # at tp > 1 the other ranks get the placeholders' tokens by a broadcast on the
+        # device (Worker._share_feed): on GPUs that costs far less than the host round
+        # trip it saves; on CPU (gloo) it costs about what it saves, so CPU TP steps
+        # read each step's tokens first
+        self._ahead = config.async_scheduling and (config.tp == 1
+                                                   or self.worker.device.type == "cuda")
         # tokens read back but not yet detokenized and delivered: done while the GPU runs
         # the next step (see _step): (request, token, logprob, is a stop token, index)
         self._pending: list[tuple[_Request, int, float, bool, int]] = []

@@ -167,15 +167,55 @@ def comm_seconds(tp: int, device: str, hidden: int, sizes: list[tuple[int, str]]
     return float(out.get())
 
 
-def _decode_figures(engine: Engine, shapes: Shapes, repeats: int, fresh: Iterator[int]
-                    ) -> dict[str, float]:
+def _fresh_worker(fn: Callable[..., Any], args: tuple[Any, ...], out: Any) -> None:
+    try:
+        out.put((fn(*args), None))
+    except BaseException as e:  # noqa: BLE001 - re-raised in the parent
+        out.put((None, repr(e)))
+
+
+def in_fresh_process(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) in a new (spawned, non-daemon: its engine starts rank processes) process.
+    On GPUs each engine of the suite starts in its own process: PyTorch numbers its
+    symmetric-memory rendezvous per process, so a second engine in one process would
+    fall back to NCCL (replicas/symm.py) and the one-shot rows would measure NCCL."""
+    ctx = mp.get_context("spawn")
+    out = ctx.SimpleQueue()
+    proc = ctx.Process(target=_fresh_worker, args=(fn, args, out))
+    proc.start()
+    proc.join()
+    if out.empty():
+        raise RuntimeError(f"{fn.__name__} died in its process (exit code {proc.exitcode})")
+    result, error = out.get()
+    if error is not None:
+        raise RuntimeError(f"{fn.__name__} failed: {error}")
+    return result
+
+
+def engine_figures(shapes: Shapes, tp: int, overrides: dict[str, Any], repeats: int,
+                   seed: int) -> dict[str, Any]:
+    """One engine: start-up time and phases, TTFT of one long prompt, batch-1 decode
+    ms/token and its graph replay, whether the one-shot all-reduce was on, shutdown."""
     one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    vocab = engine.spec.vocab_size
-    figures = {"ttft_s": best_of(lambda: engine.generate(
-        prompts_for(1, shapes.prompt, vocab, seed=next(fresh)), one), repeats),
-        "per_token_s": ours_per_token(engine, prompts_for(1, 128, vocab), shapes.new, repeats)}
-    if engine.worker.graphs is not None:
-        figures["graph_ms"] = graph_step_ms(engine)
+    start = time.perf_counter()
+    engine = _engine(shapes, tp, **overrides)
+    figures: dict[str, Any] = {"startup_s": time.perf_counter() - start,
+                               "startup_phases": engine.worker.startup_s}
+    try:
+        vocab = engine.spec.vocab_size
+        figures.update(
+            layers=engine.spec.num_layers, hidden=engine.spec.hidden_size,
+            one_shot=engine.worker.comm.one_shot is not None,
+            ttft_s=best_of(lambda: engine.generate(
+                prompts_for(1, shapes.prompt, vocab, seed=seed), one), repeats),
+            per_token_s=ours_per_token(engine, prompts_for(1, 128, vocab), shapes.new,
+                                       repeats))
+        if engine.worker.graphs is not None:
+            figures["graph_ms"] = graph_step_ms(engine)
+    finally:
+        stop = time.perf_counter()
+        engine.shutdown()
+        figures["shutdown_s"] = time.perf_counter() - stop
     return figures
 
 
@@ -183,26 +223,20 @@ def prefill_and_decode(shapes: Shapes, tp: int, repeats: int) -> Iterator[dict[s
     """tp=1, then tp in each payload setting: decode ms/token, its graph replay, TTFT of
     one long prompt, start-up; then the rows: decode and TTFT against tp=1, the
     overlap's hidden share, the payloads side by side."""
-    fresh = iter(range(1, 1000))
-    got: dict[str, dict[str, float]] = {}
-    layers = hidden = 0
-    wire = "float32" if shapes.device == "cpu" else "bfloat16"  # the default payload
-    settings = [("tp1", 1, {}), ("on", tp, {}),
-                ("off", tp, {"overlap_chunk_tokens": 0}),
-                ("float16", tp, {"comm_dtype": "float16"}),
-                ("float32", tp, {"comm_dtype": "float32"})]
+    # the default payload: the model's 16-bit dtype (bf16 on GPUs; float16 for the CPU's
+    # float32 model); the other payloads explicitly
+    wire = "float16" if shapes.device == "cpu" else "bfloat16"
+    settings: list[tuple[str, int, dict[str, Any]]] = [
+        ("tp1", 1, {}), ("on", tp, {}), ("off", tp, {"overlap_chunk_tokens": 0})]
+    settings += [(p, tp, {"comm_dtype": p}) for p in ("float16", "float32") if p != wire]
     if shapes.device == "cuda":
         settings.append(("nccl", tp, {"one_shot_all_reduce": False}))
-    for key, size, overrides in settings:
-        start = time.perf_counter()
-        with _engine(shapes, size, **overrides) as engine:
-            started = time.perf_counter() - start
-            layers, hidden = engine.spec.num_layers, engine.spec.hidden_size
-            got[key] = {**_decode_figures(engine, shapes, repeats, fresh),
-                        "startup_s": started}
-            got[key]["startup_phases"] = engine.worker.startup_s  # type: ignore[assignment]
-            stop = time.perf_counter()
-        got[key]["shutdown_s"] = time.perf_counter() - stop
+    got: dict[str, dict[str, Any]] = {}
+    for seed, (key, size, overrides) in enumerate(settings, start=1):
+        args = (shapes, size, overrides, repeats, seed)
+        got[key] = (in_fresh_process(engine_figures, *args) if shapes.device == "cuda"
+                    else engine_figures(*args))
+    layers, hidden = got["on"]["layers"], got["on"]["hidden"]
     # the long prompt's row-parallel all-reduces (o_proj and down_proj of every layer),
     # in the chunks the overlap sends them, timed alone
     chunks = [(min(shapes.chunk, shapes.prompt - s), wire)
@@ -231,7 +265,7 @@ def prefill_and_decode(shapes: Shapes, tp: int, repeats: int) -> Iterator[dict[s
            "ratio_to_tp1": round(on["startup_s"] / base["startup_s"], 3),
            "phases": on["startup_phases"], "tp1_phases": base["startup_phases"],
            "shutdown_s": round(on["shutdown_s"], 2), "target_ratio": 1.3}
-    payloads = [(wire, on), ("float16", got["float16"]), ("float32", got["float32"])]
+    payloads = [(wire, on)] + [(p, got[p]) for p in ("float16", "float32") if p in got]
     if "nccl" in got:
         payloads.append((f"{wire}_nccl", got["nccl"]))
     for label, fig in payloads:
@@ -240,20 +274,16 @@ def prefill_and_decode(shapes: Shapes, tp: int, repeats: int) -> Iterator[dict[s
                "ours": round(fig["per_token_s"] * 1e3, 3),
                "ttft_ms": round(fig["ttft_s"] * 1e3, 1),
                **({"graph_replay_ms": round(fig["graph_ms"], 3)} if "graph_ms" in fig else {}),
-               "one_shot": label != f"{wire}_nccl" and comm != "float16"
-               and shapes.device == "cuda",
+               "one_shot": fig["one_shot"],
                # per token: two row-parallel reduces a layer in the payload dtype
                "wire_bytes_per_token": 2 * layers * hidden * DTYPE_BYTES[comm]}
 
 
 def llama_decode(tp: int, repeats: int) -> dict[str, Any]:
     """Llama-3-8B shapes, batch-1 decode at tp against tp=1 (target 2.4 ms at tp=2)."""
-    shapes = _shapes(False, "llama3-8b")
-    per = {}
-    for size in (1, tp):
-        with _engine(shapes, size, max_model_len=512, max_num_batched_tokens=512) as engine:
-            per[size] = ours_per_token(engine, prompts_for(1, 128, engine.spec.vocab_size),
-                                       shapes.new, repeats)
+    shapes = dataclasses.replace(_shapes(False, "llama3-8b"), prompt=448)
+    per = {size: in_fresh_process(engine_figures, shapes, size, {}, repeats, 1)["per_token_s"]
+           for size in (1, tp)}
     return {"case": f"llama3-8b_tp{tp}_decode_b1_in128_out{shapes.new}", "unit": "ms/token",
             "tp": tp, "ours": round(per[tp] * 1e3, 3), "tp1_ms": round(per[1] * 1e3, 3),
             "speedup_over_tp1": round(per[1] / per[tp], 3),
@@ -400,3 +430,49 @@ def suite(repeats: int, tps: tuple[int, ...] = (2, 4), smoke: bool = False
         if not smoke:
             yield llama_decode(tp, repeats)
             yield throughput(shapes, tp)
+
+
+def decode_probe(name: str, tp: int, overrides: dict[str, Any], repeats: int = 2
+                 ) -> dict[str, Any]:
+    """One engine of `name`'s shapes (random bf16 weights, 512 tokens, batch 1): batch-1
+    decode ms/token (128 in / 128 out) against its graph replay, start-up by phase and
+    shutdown: the quick look at one setting that the suite's decode row makes."""
+    start = time.perf_counter()
+    engine = Engine(EngineConfig(model=model_dir(name), load_format="random",
+                                 dtype="bfloat16", tp=tp, max_model_len=512, max_num_seqs=1,
+                                 kv_cache_memory=4 * 2**30, **overrides))
+    started = time.perf_counter() - start
+    try:
+        ms = ours_per_token(engine, prompts_for(1, 128, engine.spec.vocab_size), 128,
+                            repeats) * 1e3
+        row = {"case": f"{name}_tp{tp}_decode_b1_in128_out128", "unit": "ms/token", "tp": tp,
+               "settings": overrides, "ours": round(ms, 3),
+               "graph_replay_ms": round(graph_step_ms(engine), 3),
+               "one_shot": engine.worker.comm.one_shot is not None,
+               "startup_s": round(started, 2), "startup_phases": engine.worker.startup_s}
+    finally:
+        stop = time.perf_counter()
+        engine.shutdown()
+    row["shutdown_s"] = round(time.perf_counter() - stop, 2)
+    return row
+
+
+def main() -> None:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="One tensor-parallel engine, measured "
+                                     "alone (the full suite: python -m replicas.bench "
+                                     "--suite multigpu).")
+    parser.add_argument("--probe", default="glm4-9b", help="shapes: glm4-9b or llama3-8b")
+    parser.add_argument("--tp", type=int, default=2, help="tensor-parallel size")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                        help="an EngineConfig field, e.g. one_shot_all_reduce=false")
+    args = parser.parse_args()
+    overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
+    print(json.dumps(decode_probe(args.probe, args.tp, overrides)), flush=True)
+    os._exit(0)  # (a rank 0 left in a collective with a dead peer cannot exit otherwise)
+
+
+if __name__ == "__main__":
+    main()

@@ -30,6 +30,8 @@ import os
 import platform
 import time
 import uuid
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from datetime import timedelta
 
 import numpy as np
@@ -93,37 +95,14 @@ class ShmAllReduce:
     @classmethod
     def connect(cls, store: dist.Store, rank: int, world_size: int, capacity: int,
                 group: dist.ProcessGroup | None, timeout_s: float) -> ShmAllReduce | None:
-        """Collective over `group` (gloo): map one fresh file (made by rank 0, named in
-        the group's own store, removed once every rank has it mapped). None on every
-        rank when any rank could not map it, or a peer's process is not visible."""
+        """Collective over `group` (gloo); None on every rank when any rank could not map
+        the shared file (see `map_shared`)."""
         capacity = -(-capacity // ALIGN) * ALIGN
-        size = cls.size(world_size, capacity)
-        store.set(f"shm/pid/{rank}", str(os.getpid()))
-        store.set(f"shm/host/{rank}", host_id())
-        path = ""
-        if rank == 0:
-            path = _create(size) if supported() else ""
-            store.set("shm/path", path)  # always set: the peers wait for the key
-        else:
-            path = store.get("shm/path").decode()
-        mapping, pids = None, []
-        try:
-            pids = [int(store.get(f"shm/pid/{r}").decode()) for r in range(world_size)]
-            one_host = all(store.get(f"shm/host/{r}").decode() == host_id()
-                           for r in range(world_size))
-            # (from_file would make a new file where rank 0's is missing)
-            if path and one_host and os.path.exists(path) and all(
-                    process_alive(p) for p in pids):
-                mapping = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
-        except (OSError, RuntimeError, ValueError):
-            mapping = None
-        agreed = torch.tensor([int(mapping is not None)], dtype=torch.int64)
-        dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)  # every rank mapped it
-        if rank == 0 and path:
-            _remove(path)
-        if not agreed.item() or mapping is None:
+        mapped = map_shared(store, "shm", rank, world_size, cls.size(world_size, capacity),
+                            group)
+        if mapped is None:
             return None
-        return cls(rank, world_size, capacity, mapping, pids, timeout_s)
+        return cls(rank, world_size, capacity, *mapped, timeout_s)
 
     def fits(self, t: torch.Tensor) -> bool:
         return t.device.type == "cpu" and t.numel() * t.element_size() <= self.capacity
@@ -168,6 +147,118 @@ class ShmAllReduce:
             if now - start > self.timeout_s:
                 raise TimeoutError(f"rank {self.rank}: an all-reduce waited more than "
                                    f"{timedelta(seconds=self.timeout_s)} for its peers")
+
+
+def map_shared(store: dist.Store, name: str, rank: int, world_size: int, size: int,
+               group: dist.ProcessGroup | None) -> tuple[torch.Tensor, list[int]] | None:
+    """Collective over `group` (gloo): map one fresh file of `size` bytes (made by rank
+    0, named in the group's store under `name`, removed once every rank has it mapped),
+    with every rank's pid. None on every rank when any rank could not map it, or a
+    peer's process is not visible from here."""
+    store.set(f"{name}/pid/{rank}", str(os.getpid()))
+    store.set(f"{name}/host/{rank}", host_id())
+    path = ""
+    if rank == 0:
+        path = _create(size) if supported() else ""
+        store.set(f"{name}/path", path)  # always set: the peers wait for the key
+    else:
+        path = store.get(f"{name}/path").decode()
+    mapping, pids = None, []
+    try:
+        pids = [int(store.get(f"{name}/pid/{r}").decode()) for r in range(world_size)]
+        one_host = all(store.get(f"{name}/host/{r}").decode() == host_id()
+                       for r in range(world_size))
+        # (from_file would make a new file where rank 0's is missing)
+        if path and one_host and os.path.exists(path) and all(
+                process_alive(p) for p in pids):
+            mapping = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+    except (OSError, RuntimeError, ValueError):
+        mapping = None
+    agreed = torch.tensor([int(mapping is not None)], dtype=torch.int64)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)  # every rank mapped it
+    if rank == 0 and path:
+        _remove(path)
+    if not agreed.item() or mapping is None:
+        return None
+    return mapping, pids
+
+
+class ShmChannel:
+    """Rank 0's step messages (int64 tensors) to the other ranks of one host, through
+    shared memory instead of two gloo broadcasts (1.4 ms a message on the 2-core VM).
+
+    Rank 0 writes message n (its length, then its words) into slot n % 2 and then
+    publishes n; a rank reads it once n is published and acknowledges n after copying
+    it out. Rank 0 writes message n only once every peer acknowledged n - 2, the last
+    message in that slot. A waiting rank spins (yielding the core) for a while, then
+    sleeps in short naps, and looks at the peers' processes a few times a second: a
+    dead rank 0 ends the wait with PeerDiedError. Idle waits have no time limit.
+    """
+
+    SPIN_S = 0.02  # spin this long before napping: steps follow each other closely
+    NAP_S = 0.0002
+
+    def __init__(self, rank: int, world_size: int, capacity: int, mapping: torch.Tensor,
+                 pids: list[int]) -> None:
+        self.rank, self.world_size, self.capacity, self.pids = rank, world_size, capacity, pids
+        self._mapping = mapping
+        header = (world_size + 1) * FLAG_STRIDE
+        flags = mapping[:header].numpy().view(np.int64)[:: FLAG_STRIDE // 8]
+        self._published, self._acks = flags[:1], flags[1:]  # rank 0's n; each rank's ack
+        self._slots = mapping[header:].view(2, capacity + 8).view(torch.int64)
+        self._sent = 0
+
+    @staticmethod
+    def size(world_size: int, capacity: int) -> int:
+        return (world_size + 1) * FLAG_STRIDE + 2 * (capacity + 8)
+
+    @classmethod
+    def connect(cls, store: dist.Store, rank: int, world_size: int, capacity: int,
+                group: dist.ProcessGroup | None) -> ShmChannel | None:
+        """Collective over `group` (gloo); `capacity`: bytes of the longest message."""
+        capacity = -(-capacity // ALIGN) * ALIGN
+        mapped = map_shared(store, "shm-channel", rank, world_size,
+                            cls.size(world_size, capacity), group)
+        return None if mapped is None else cls(rank, world_size, capacity, *mapped)
+
+    def fits(self, flat: torch.Tensor) -> bool:
+        return flat.numel() * 8 <= self.capacity
+
+    def send(self, flat: torch.Tensor) -> None:
+        """Rank 0: publish `flat` (int64, 1-D) to every other rank."""
+        n = self._sent + 1
+        self._wait(lambda: all(self._acks[r] >= n - 2 for r in range(1, self.world_size)),
+                   range(1, self.world_size))
+        slot = self._slots[n % 2]
+        slot[0] = flat.numel()
+        slot[1 : 1 + flat.numel()].copy_(flat)
+        self._published[0] = n  # after the copy (x86 store order)
+        self._sent = n
+
+    def receive(self) -> torch.Tensor:
+        """Ranks 1..: the next message (a copy)."""
+        n = int(self._acks[self.rank]) + 1
+        self._wait(lambda: self._published[0] >= n, (0,))
+        slot = self._slots[n % 2]
+        flat = slot[1 : 1 + int(slot[0])].clone()
+        self._acks[self.rank] = n  # after the copy
+        return flat
+
+    def _wait(self, ready: Callable[[], bool], watched: Seq[int]) -> None:
+        if ready():
+            return
+        start = last = time.monotonic()
+        while not ready():
+            now = time.monotonic()
+            if now - start < self.SPIN_S:
+                os.sched_yield()
+                continue
+            time.sleep(self.NAP_S)
+            if now - last >= CHECK_PERIOD_S:
+                last = now
+                for r in watched:
+                    if not process_alive(self.pids[r]):
+                        raise PeerDiedError(f"rank {r} (pid {self.pids[r]}) died")
 
 
 def _create(size: int) -> str:

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 # NCCL's 38 us in a graph); longer prefill chunks stay on NCCL (bandwidth-bound)
 ONE_SHOT_MAX_BYTES = 2 * 2**20
 ONE_SHOT_DTYPES = (torch.bfloat16, torch.float32)
+_exchanges = 0  # symmetric-memory rendezvous this process has made (see create)
 
 
 class OneShotAllReduce:
@@ -43,14 +44,30 @@ class OneShotAllReduce:
 
     @staticmethod
     def create(group: dist.ProcessGroup | None, world_size: int, device: torch.device,
-               dtypes: tuple[torch.dtype, ...], max_bytes: int) -> OneShotAllReduce | None:
+               dtypes: tuple[torch.dtype, ...], max_bytes: int, store: dist.Store | None = None,
+               rank: int = 0) -> OneShotAllReduce | None:
         """Allocate and rendezvous the buffers (collective: every rank calls it at the
         same point). None, with a warning, where symmetric memory does not work here:
-        then every all-reduce goes through NCCL."""
+        then every all-reduce goes through NCCL.
+
+        PyTorch numbers its rendezvous exchanges per process, so a process that made an
+        engine before (a bench, five create/shutdown cycles) is out of step with fresh
+        rank processes, and its rendezvous would wait forever (seen on 2xH200). With
+        `store` the ranks first compare how many exchanges each has made, and fall back
+        to NCCL unless all agree."""
+        global _exchanges
         os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"  # never NVLink multicast
         wanted = tuple(dict.fromkeys(d for d in dtypes if d in ONE_SHOT_DTYPES))
         if not wanted or world_size < 2:
             return None
+        if store is not None:
+            store.set(f"symm_exchanges/{rank}", str(_exchanges))
+            counts = {int(store.get(f"symm_exchanges/{r}")) for r in range(world_size)}
+            if len(counts) > 1:
+                log.warning("symmetric memory was used before in a TP rank's process "
+                            "(rendezvous counts %s): this engine's all-reduces go through "
+                            "NCCL", sorted(counts))
+                return None
         try:
             import torch.distributed._symmetric_memory as symm_mem
 
@@ -62,6 +79,7 @@ class OneShotAllReduce:
                 elem = torch.empty((), dtype=dtype).element_size()
                 buf = symm_mem.empty(max_bytes // elem, dtype=dtype, device=device)
                 symm_mem.rendezvous(buf, name)
+                _exchanges += 1
                 buffers[dtype] = buf
         except Exception as e:  # noqa: BLE001 - fall back to NCCL, loudly
             log.warning("symmetric-memory all-reduce unavailable (%r): decode all-reduces "

@@ -8,6 +8,7 @@ the GPU queue), with `encode` / `decode` as its only format.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -27,7 +28,7 @@ from replicas.kv_cache import allocate_kv_cache, block_bytes, kv_heads_per_rank
 from replicas.loader import load_weights, random_init
 from replicas.model import CausalLM, ForwardBatch, attention_mask, feed_tokens
 from replicas.parallel import Comm, tune_gemv
-from replicas.shm import ShmAllReduce
+from replicas.shm import ShmAllReduce, ShmChannel
 from replicas.symm import ONE_SHOT_MAX_BYTES, OneShotAllReduce
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ class Worker:
 
         self.device = self._pick_device(config)
         self.control: dist.ProcessGroup | None = None
+        self.channel: ShmChannel | None = None  # step messages through shared memory
         store = None
         if self.world_size > 1:
             assert init_method is not None, "tp > 1 needs an init_method tcp://host:port"
@@ -147,7 +149,7 @@ class Worker:
             if self.device.type == "cuda" and config.one_shot_all_reduce:
                 self.comm.one_shot = OneShotAllReduce.create(
                     self.comm.group, self.world_size, self.device,
-                    (self.comm.dtype, torch.float32), ONE_SHOT_MAX_BYTES)
+                    (self.comm.dtype, torch.float32), ONE_SHOT_MAX_BYTES, store, rank)
             if self.device.type == "cpu" and config.shm_all_reduce:
                 # the largest all-reduce: a whole step's hidden states, in float32 at most
                 self.comm.shm = ShmAllReduce.connect(
@@ -216,6 +218,17 @@ class Worker:
                                 device_id=self.device if backend == "nccl" else None)
         self.control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" \
             else dist.group.WORLD
+        if self.config.shm_step_messages:
+            self.channel = ShmChannel.connect(store, self.rank, self.world_size,
+                                              8 * self._longest_message(), self.control)
+
+    def _longest_message(self) -> int:
+        """Words of the longest step message (StepBatch.encode): every token's id and
+        position and a logits row, every sequence's query length and full block table."""
+        cfg = self.config
+        tokens = max(cfg.max_num_batched_tokens, cfg.max_num_seqs)
+        width = -(-self.max_model_len // cfg.block_size)
+        return 5 + 3 * tokens + cfg.max_num_seqs * (1 + width)
 
     def _store_barrier(self, name: str) -> None:
         """Wait until every rank has reached `name`, on the TCP store rather than in a
@@ -282,14 +295,23 @@ class Worker:
     # ---- the step ----
 
     def send(self, batch: StepBatch) -> None:
-        """Rank 0: hand the step to the other ranks."""
+        """Rank 0: hand the step to the other ranks (through shared memory where the
+        ranks share a host, else two gloo broadcasts)."""
         if self.world_size == 1:
             return
         flat = batch.encode()
+        if self.channel is not None:
+            if not self.channel.fits(flat):
+                raise RuntimeError(f"step message of {flat.numel()} words exceeds the "
+                                   f"channel's {self.channel.capacity} bytes")
+            self.channel.send(flat)
+            return
         dist.broadcast(torch.tensor([flat.numel()], dtype=torch.int64), 0, group=self.control)
         dist.broadcast(flat, 0, group=self.control)
 
     def receive(self) -> StepBatch:
+        if self.channel is not None:
+            return StepBatch.decode(self.channel.receive())
         size = torch.zeros(1, dtype=torch.int64)
         dist.broadcast(size, 0, group=self.control)
         flat = torch.empty(int(size.item()), dtype=torch.int64)
@@ -308,6 +330,7 @@ class Worker:
         """
         self.comm.reset_overflow()
         self.greedy = None
+        feed = self._share_feed(batch, feed)
         if self.graphs is not None and self._is_decode(batch):
             logits, self.greedy = self.graphs.replay(list(batch.input_ids),
                                                      list(batch.positions),
@@ -324,6 +347,24 @@ class Worker:
             finally:
                 self.comm.force_float32 = False
         return logits
+
+    def _share_feed(self, batch: StepBatch, feed: torch.Tensor | None) -> torch.Tensor | None:
+        """tp > 1 with asynchronous scheduling: the step's placeholder ids -(j + 1) stand
+        for tokens rank 0 sampled on its device and has not read yet; rank 0 broadcasts
+        the first n of them (n: the largest j + 1 in the step) to the other ranks on the
+        device, in stream order before the step (no host sync on any rank)."""
+        if self.world_size == 1:
+            return feed
+        n = -min(batch.input_ids, default=0)
+        if n <= 0:
+            return feed
+        if self.rank == 0:
+            assert feed is not None and feed.numel() >= n, "placeholders without their tokens"
+            shared = feed[:n].contiguous()
+        else:
+            shared = torch.empty(n, dtype=torch.int64, device=self.device)
+        dist.broadcast(shared, 0, group=self.comm.group)
+        return shared
 
     def _is_decode(self, batch: StepBatch) -> bool:
         """Every sequence adds one token and wants its logits: the graphed case."""
@@ -443,11 +484,15 @@ class Worker:
                         self.rank, ABORT_TIMEOUT_S)
 
     def release(self) -> None:
-        """Drop the model, KV pool and graphs, and hand their GPU memory back."""
+        """Drop the model, KV pool, graphs and shared buffers, and hand their memory
+        back (after `close`). Idempotent."""
         self.graphs = None
         self.greedy = None
-        del self.model, self.kv
-        self.comm.one_shot = None
+        for name in ("model", "kv"):
+            if hasattr(self, name):
+                delattr(self, name)
+        self.comm.one_shot = self.comm.shm = self.channel = None
+        gc.collect()  # reference cycles through the modules hold tensors too
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -26,6 +26,18 @@ def test_cpu_bench_prints_json_lines(tmp_path: Path) -> None:
     assert all(row["versions"]["torch"] and row["command"] for row in printed)
 
 
+def test_multigpu_table_is_made_from_the_results() -> None:
+    from replicas.bench import table
+
+    path = Path(__file__).resolve().parent.parent / "replicas/results/multigpu_2xh200.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = table(str(path))
+    assert text.count("\n") == len(rows) + 1
+    for row in rows:
+        assert f"| {row['case']} | {row['all_reduce']} | {row['ours']} |" in text
+    assert text in (path.parent.parent.parent / "README.md").read_text()
+
+
 def test_table_is_made_from_the_results() -> None:
     from replicas.bench import table
 

@@ -208,11 +208,15 @@ def test_eos_finishes_with_stop(engine: Engine, solo: dict[int, list[int]]) -> N
     assert out.token_ids == solo[1][: solo[1].index(eos) + 1]
 
 
-def test_async_scheduling_gives_what_step_by_step_gives(solo: dict[int, list[int]]) -> None:
+@pytest.mark.parametrize("tp", [1, 2])
+def test_async_scheduling_gives_what_step_by_step_gives(solo: dict[int, list[int]], tp: int
+                                                        ) -> None:
     """Launching step N+1 from step N's tokens still on the device (placeholders in the
     sequences) changes no token, text, finish or log-probability: with stop tokens met
     one step late, stop strings, max_tokens of 1 and 2, seeded sampling and preemption
-    in a pool too small for the batch; every block comes back and no placeholder is left."""
+    in a pool too small for the batch; every block comes back and no placeholder is left.
+    At tp=2 rank 0 broadcasts the placeholders' tokens (on by default on GPUs only; here
+    turned on over gloo to test the protocol)."""
     stop_token = solo[0][5]
     prompts = [*PROMPTS, "Once upon a time", PROMPTS[1], PROMPTS[2]]
     params = [
@@ -227,8 +231,10 @@ def test_async_scheduling_gives_what_step_by_step_gives(solo: dict[int, list[int
 
     def run(ahead: bool) -> tuple[list, dict]:
         config = EngineConfig(model=None, num_kv_blocks=8, block_size=8, max_model_len=64,
-                              async_scheduling=ahead)
+                              async_scheduling=ahead, tp=tp)
         with Engine(config) as eng:
+            assert eng._ahead == (ahead and tp == 1)
+            eng._ahead = ahead  # (CPU at tp=2: off by default)
             outs = eng.generate(prompts, params)
             return outs, eng.stats()
 

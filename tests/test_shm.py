@@ -19,7 +19,7 @@ from spawned import run_spawned
 from replicas import Engine, EngineConfig, SamplingParams
 from replicas import shm as shm_module
 from replicas.parallel import Comm
-from replicas.shm import PeerDiedError, ShmAllReduce
+from replicas.shm import PeerDiedError, ShmAllReduce, ShmChannel
 
 pytestmark = pytest.mark.skipif(not shm_module.supported(), reason="needs Linux x86 /dev/shm")
 
@@ -83,7 +83,49 @@ def _no_shm_on_rank0(rank: int, store: dist.Store) -> dict[str, Any]:
     return {"none": shm is None}
 
 
-CHECKS = {"sums": _sums, "peer_dies": _peer_dies, "no_shm_on_rank0": _no_shm_on_rank0}
+def _messages(rank: int, store: dist.Store) -> dict[str, Any]:
+    """Rank 0 sends 200 step messages of random lengths (up to the capacity, and empty
+    ones) back to back; rank 1 gets each one, in order, unchanged. Rank 1 reads slowly
+    at times, so rank 0 must wait before reusing a slot."""
+    channel = ShmChannel.connect(store, rank, WORLD, 8 * 500, None)
+    assert channel is not None
+    g = torch.Generator().manual_seed(7)
+    messages = [torch.randint(-2**40, 2**40, (int(n),), generator=g)
+                for n in torch.randint(0, 501, (200,), generator=g)]
+    messages[3] = torch.empty(0, dtype=torch.int64)
+    messages[4] = torch.arange(500)
+    if rank == 0:
+        for m in messages:
+            channel.send(m)
+        words = channel.capacity // 8
+        return {"fits_over": channel.fits(torch.zeros(words + 1, dtype=torch.int64)),
+                "fits_all": channel.fits(torch.zeros(words, dtype=torch.int64))}
+    same = True
+    for i, m in enumerate(messages):
+        if i % 50 == 0:
+            time.sleep(0.2)
+        same &= torch.equal(channel.receive(), m)
+    return {"same": same}
+
+
+def _sender_dies(rank: int, store: dist.Store) -> dict[str, Any]:
+    channel = ShmChannel.connect(store, rank, WORLD, 64, None)
+    assert channel is not None
+    if rank == 0:
+        channel.send(torch.arange(3))
+        os._exit(0)
+    first = channel.receive().tolist()
+    start = time.monotonic()
+    try:
+        channel.receive()
+        error = ""
+    except PeerDiedError as e:
+        error = str(e)
+    return {"first": first, "error": error, "waited_s": time.monotonic() - start}
+
+
+CHECKS = {"sums": _sums, "peer_dies": _peer_dies, "no_shm_on_rank0": _no_shm_on_rank0,
+          "messages": _messages, "sender_dies": _sender_dies}
 
 
 def _rank_main(rank: int, port: int, check: str, out: Any) -> None:
@@ -113,6 +155,19 @@ def test_same_sums_as_gloo_bit_for_bit_and_no_file_left() -> None:
 def test_a_dead_peer_fails_the_wait_instead_of_hanging_it() -> None:
     r = run_ranks("peer_dies", expect=1)[0]
     assert "rank 1" in r["error"] and "died" in r["error"]
+    assert r["waited_s"] < 5.0
+
+
+def test_step_messages_arrive_in_order_unchanged() -> None:
+    got = run_ranks("messages")
+    assert got[1]["same"]
+    assert got[0]["fits_all"] and not got[0]["fits_over"]
+
+
+def test_a_dead_sender_fails_the_receiver_instead_of_hanging_it() -> None:
+    r = run_ranks("sender_dies", expect=1)[1]
+    assert r["first"] == [0, 1, 2]
+    assert "rank 0" in r["error"] and "died" in r["error"]
     assert r["waited_s"] < 5.0
 
 
