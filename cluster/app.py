@@ -38,6 +38,8 @@ from replicas import (
 )
 
 log = logging.getLogger(__name__)
+# Serve's own logger: a line logged here lands in the replica's log file (serve/replica_*)
+serve_log = logging.getLogger("ray.serve")
 
 # where each engine replica publishes its stats (JSON, short TTL) when Redis is configured
 REPLICA_STATS_KEY = "tpserve:replica:{}"
@@ -124,7 +126,7 @@ class EngineDeployment:
                 yield {**dataclasses.asdict(delta), "replica": self.replica_id, **extra}
                 extra = {}
         except (RequestError, ConfigError) as e:
-            log.info("request refused (400): %s", e)
+            serve_log.info("request refused (400): %s", e)
             yield {"error": {"status": 400, "type": "invalid_request_error",
                              "message": str(e)}, "replica": self.replica_id}
 
