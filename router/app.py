@@ -249,6 +249,7 @@ class Router:
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
+        await self.sessions.ping()  # Redis' state now, not as the last session op saw it
         degraded = self.sessions.degraded
         metrics.DEGRADED.set(1 if degraded else 0)
         return {"status": "degraded" if degraded else "ok", "redis": not degraded,
