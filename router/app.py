@@ -445,12 +445,13 @@ class Router:
         for attempt in (1, 2):
             stream = handle.generate.remote(call.engine_request)
             try:
-                first = _delta(await stream.__anext__())
+                first = await stream.__anext__()
                 break
             except Exception as e:  # noqa: BLE001
                 error = self._error(e)
                 if attempt == 2 or error.status != 503:
                     raise error from e
+        first = _delta(first)  # ApiError when the engine refused the request
         call.replica = first["replica"]
         call.prompt_tokens = first.get("prompt_tokens", 0)
         ttft = time.perf_counter() - call.started
