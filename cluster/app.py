@@ -27,6 +27,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
+from cluster.control import ENGINE
 from replicas import (
     ConfigError,
     Engine,
@@ -37,14 +38,22 @@ from replicas import (
 )
 
 log = logging.getLogger(__name__)
+# Serve's own logger: a line logged here lands in the replica's log file (serve/replica_*)
+serve_log = logging.getLogger("ray.serve")
 
-APP_NAME = "tpserve"
 # where each engine replica publishes its stats (JSON, short TTL) when Redis is configured
 REPLICA_STATS_KEY = "tpserve:replica:{}"
 STATS_PERIOD_S = 1.0
-ENGINE = "Engine"
 # Serve waits this long for a replica being removed to finish its accepted requests
 DRAIN_TIMEOUT_S = 300.0
+
+
+def sampling_params(fields: dict[str, Any]) -> SamplingParams:
+    """SamplingParams from a request; an unknown field is the client's error too."""
+    try:
+        return SamplingParams(**fields)
+    except TypeError as e:
+        raise RequestError(f"bad sampling parameters: {e}") from e
 
 
 @serve.deployment(
@@ -103,13 +112,23 @@ class EngineDeployment:
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Stream {token_ids, text, finish_reason, replica} dicts for one request:
         {"prompt": str | [ids]} or {"messages": chat turns}, "params": SamplingParams
-        fields, "request_id"?. The first dict also has prompt_tokens."""
-        params = SamplingParams(**request.get("params", {}))
-        ids = self._prompt_ids(request)
-        extra = {"prompt_tokens": len(ids)}
-        async for delta in self.engine.add_request(ids, params, request.get("request_id")):
-            yield {**dataclasses.asdict(delta), "replica": self.replica_id, **extra}
-            extra = {}
+        fields, "request_id"?. The first dict also has prompt_tokens.
+
+        A request the engine refuses (RequestError, ConfigError: the client's fault, a 400)
+        ends the stream with one {"error": {"status", "type", "message"}} item and one log
+        line, rather than an exception: Serve logs every exception a replica raises at
+        ERROR with its whole traceback."""
+        try:
+            params = sampling_params(request.get("params", {}))
+            ids = self._prompt_ids(request)
+            extra = {"prompt_tokens": len(ids)}
+            async for delta in self.engine.add_request(ids, params, request.get("request_id")):
+                yield {**dataclasses.asdict(delta), "replica": self.replica_id, **extra}
+                extra = {}
+        except (RequestError, ConfigError) as e:
+            serve_log.info("request refused (400): %s", e)
+            yield {"error": {"status": 400, "type": "invalid_request_error",
+                             "message": str(e)}, "replica": self.replica_id}
 
     def _prompt_ids(self, request: dict[str, Any]) -> list[int]:
         tokenizer = self.engine.tokenizer
@@ -189,6 +208,9 @@ class Ingress:
         except Exception as e:  # noqa: BLE001 - mapped to a status below
             status, kind = classify(e)
             return error_response(status, str(root_cause(e)), kind)
+        if "error" in first:  # the engine refused the request
+            error = first["error"]
+            return error_response(error["status"], error["message"], error["type"])
         if body.get("stream"):
             return StreamingResponse(self._sse(first, stream), media_type="text/event-stream")
         return await self._collect(first, stream)

@@ -1,13 +1,15 @@
 """The client of Serve's REST API on the Ray dashboard: deploy a config, read the
 replicas, scale. Scaling goes through Ray Serve, never a process manager of our own.
 
-`scale()` asks Serve's REST API on the Ray dashboard
+`request_scale()` asks Serve's REST API on the Ray dashboard
 (`POST /api/v1/applications/{app}/deployments/{dep}/scale`, which needs
-`external_scaler_enabled: true` in the application's config) and then watches
-`GET /api/serve/applications/` until exactly the target number of replicas is RUNNING and
-no replica is left stopping. Serve drains a replica it removes: it takes no new requests
-and gets `graceful_shutdown_timeout_s` to finish those it accepted. The admin API and
-`tpserve scale N` both call this function.
+`external_scaler_enabled: true` in the application's config); `scale()` (`tpserve scale
+N`) then watches `GET /api/serve/applications/` until exactly the target number of
+replicas is RUNNING and no replica is left stopping. The admin API only requests: the
+dashboard follows Serve's progress. Serve drains a replica it removes: it takes no new
+requests and gets `graceful_shutdown_timeout_s` to finish those it accepted. The target
+that everyone shows is Serve's own (`deployment_state()`: `target_num_replicas`), never a copy
+kept by a router replica.
 
 `deploy()` is `serve deploy` with overrides (ports, engine options) applied to the YAML,
 so scripts need no edited copies of cluster/serve.yaml.
@@ -30,8 +32,10 @@ from typing import Any
 
 import yaml
 
-from cluster.app import APP_NAME, ENGINE
-
+# the Serve application and its engine deployment, by name (here, not in cluster/app.py,
+# so that the CLI reads and scales them without importing Ray or torch)
+APP_NAME = "tpserve"
+ENGINE = "Engine"
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 
 
@@ -127,9 +131,23 @@ def wait_running(dashboard: str = DEFAULT_DASHBOARD, app: str = APP_NAME,
         time.sleep(1.0)
 
 
-def replicas(dashboard: str = DEFAULT_DASHBOARD, app: str = APP_NAME,
-             deployment: str = ENGINE) -> list[ReplicaState]:
-    """The deployment's replicas as Serve reports them now."""
+@dataclass(frozen=True)
+class DeploymentState:
+    """A deployment as Serve reports it: the replica count it is converging to (set by the
+    config, `tpserve scale`, the admin API or an autoscaler) and its replicas now."""
+
+    target: int
+    replicas: tuple[ReplicaState, ...]
+
+    @property
+    def running(self) -> int:
+        return sum(r.state == "RUNNING" for r in self.replicas)
+
+
+def deployment_state(dashboard: str = DEFAULT_DASHBOARD, app: str = APP_NAME,
+                     deployment: str = ENGINE) -> DeploymentState:
+    """The deployment's target and replicas from Serve's status (one GET): every reader
+    (the dashboard, /admin/replicas, `tpserve status`) sees the same target."""
     status, body = _request(f"{dashboard}/api/serve/applications/")
     if status != 200:
         raise ServeError(f"Serve status unavailable ({status}): {body}")
@@ -137,17 +155,21 @@ def replicas(dashboard: str = DEFAULT_DASHBOARD, app: str = APP_NAME,
         dep = body["applications"][app]["deployments"][deployment]
     except (KeyError, TypeError) as e:
         raise ServeError(f"no deployment {app}/{deployment} is running") from e
-    return [ReplicaState(r["replica_id"], r["state"]) for r in dep.get("replicas", [])]
+    states = tuple(ReplicaState(r["replica_id"], r["state"]) for r in dep.get("replicas", []))
+    return DeploymentState(int(dep["target_num_replicas"]), states)
 
 
-def scale(target: int, dashboard: str = DEFAULT_DASHBOARD, app: str = APP_NAME,
-          deployment: str = ENGINE, timeout_s: float = 600.0,
-          progress: Callable[[str], None] | None = None) -> list[ReplicaState]:
-    """Set the number of engine replicas and wait until Serve runs exactly that many.
+def replicas(dashboard: str = DEFAULT_DASHBOARD, app: str = APP_NAME,
+             deployment: str = ENGINE) -> list[ReplicaState]:
+    """The deployment's replicas as Serve reports them now."""
+    return list(deployment_state(dashboard, app, deployment).replicas)
 
-    Returns the RUNNING replicas. Raises ServeError when Serve refuses (e.g. the
-    application was deployed without external_scaler_enabled) or on timeout.
-    """
+
+def request_scale(target: int, dashboard: str = DEFAULT_DASHBOARD, app: str = APP_NAME,
+                  deployment: str = ENGINE) -> None:
+    """Ask Serve to run `target` replicas of the deployment and return at once (Serve
+    converges in the background; `deployment_state()` shows its progress). ServeError when Serve
+    refuses, e.g. the application was deployed without external_scaler_enabled."""
     if target < 0:
         raise ServeError(f"target must be >= 0, got {target}")
     status, body = _request(
@@ -159,6 +181,17 @@ def scale(target: int, dashboard: str = DEFAULT_DASHBOARD, app: str = APP_NAME,
                          "with external_scaler_enabled: true)")
     if status != 200:
         raise ServeError(f"Serve refused to scale ({status}): {body}")
+
+
+def scale(target: int, dashboard: str = DEFAULT_DASHBOARD, app: str = APP_NAME,
+          deployment: str = ENGINE, timeout_s: float = 600.0,
+          progress: Callable[[str], None] | None = None) -> list[ReplicaState]:
+    """Set the number of engine replicas and wait until Serve runs exactly that many.
+
+    Returns the RUNNING replicas. Raises ServeError when Serve refuses (e.g. the
+    application was deployed without external_scaler_enabled) or on timeout.
+    """
+    request_scale(target, dashboard, app, deployment)
     deadline = time.monotonic() + timeout_s
     last = ""
     while True:

@@ -249,7 +249,7 @@ class Drill:
 def redeploy_config(body: dict[str, Any], generation: int) -> dict[str, Any]:
     """The deployed Serve config, with a new environment for the Router deployment only:
     Serve replaces the router replica (draining the old one) and leaves the engines."""
-    from cluster.app import APP_NAME
+    from cluster.control import APP_NAME
 
     app = body["applications"][APP_NAME]["deployed_app_config"]
     deployments = [d for d in app.get("deployments", []) if d.get("name") != "Router"]

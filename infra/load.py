@@ -591,7 +591,7 @@ async def _overhead(edge: str, serve_url: str, router_url: str, calls: int, warm
     (Serve's direct ingress), where nginx sends requests."""
     from ray import serve
 
-    from cluster.app import APP_NAME, ENGINE
+    from cluster.control import APP_NAME, ENGINE
 
     handle = serve.get_deployment_handle(ENGINE, APP_NAME).options(stream=True)
     body = {"model": "tpserve", "prompt": [5, 6, 7, 8], "max_tokens": 1, "temperature": 0.0}

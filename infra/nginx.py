@@ -310,23 +310,45 @@ def check(path: str | Path, prefix: str | Path | None = None) -> None:
 _CLI_SKIP = ("upstreams", "prefix", "trusted", "fallback")
 
 
+# `tpserve nginx --help`: one sentence per NginxConfig field the command line sets
+FIELD_HELP = {
+    "listen": "Address and port nginx listens on.",
+    "balance": "hash: each client address sticks to one Serve proxy; ip_hash: keyed on the "
+               "first three octets of an IPv4 address.",
+    "client_max_body_size": "Largest request body nginx accepts.",
+    "proxy_read_timeout_s": "Seconds nginx waits for the next bytes of a response (a long "
+                            "stream's gaps).",
+    "proxy_connect_timeout_s": "Seconds nginx waits to connect to an upstream.",
+    "keepalive": "Idle connections to the upstreams each nginx worker keeps open.",
+    "worker_processes": "nginx worker processes (auto: one per core).",
+    "worker_connections": "Connections each nginx worker may hold open.",
+}
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add `tpserve nginx`; its flags and defaults come from NginxConfig's fields."""
+    """Add `tpserve nginx` with its flags (add_arguments)."""
     parser = subparsers.add_parser("nginx", help="print the nginx config of the edge")
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `tpserve nginx`; their defaults come from NginxConfig's fields."""
     parser.add_argument("--upstream", action="append", required=True, metavar="HOST:PORT",
-                        help="a Ray Serve HTTP proxy; repeat for each node")
-    parser.add_argument("--prefix", default=None, metavar="DIR", help="pid, logs and temp "
-                        "files (default: <tmp>/tpserve-nginx-<listen port>)")
+                        help="A Ray Serve HTTP proxy; repeat for each node.")
+    parser.add_argument("--prefix", default=None, metavar="DIR", help="Directory of nginx's "
+                        "pid, logs and temp files (default: <tmp>/tpserve-nginx-<listen "
+                        "port>).")
     parser.add_argument("--trusted", action="append", default=[], metavar="CIDR",
-                        help="a proxy in front of nginx whose X-Forwarded-For is believed")
+                        help="A proxy in front of nginx whose X-Forwarded-For is believed; "
+                        "repeat for each.")
     for f in dataclasses.fields(NginxConfig):
         if f.name in _CLI_SKIP:
             continue
         flag = f"--{f.name.replace('_', '-')}"
         choices = sorted(BALANCE) if f.name == "balance" else None
         parser.add_argument(flag, type=type(f.default), default=f.default, choices=choices,
-                            help=f"(default: {f.default})")
-    return parser
+                            help=f"{FIELD_HELP[f.name]} (default: {f.default})")
 
 
 def config_from_args(args: argparse.Namespace) -> NginxConfig:

@@ -31,8 +31,7 @@ from typing import Any
 from cluster.control import ServeError, deploy, load_config, ray_auth_headers, replicas
 from cluster.ray_env import ray_env
 from infra.edge import DIRECT_INGRESS_ENV, configured_upstreams
-from infra.services import nginx_conf, redis_url
-from router.pinning import ROUTING_MODES
+from router.policy import RATE_LIMIT_PER_MINUTE, ROUTING_MODES, SESSION_POLICIES
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_STATE = Path.home() / ".tpserve" / "stack"
@@ -55,11 +54,24 @@ class StackConfig:
     num_cpus: int = 8  # logical CPUs Ray may hand out (bundles of the TP ranks)
     state_dir: str = str(DEFAULT_STATE)
     timeout_s: float = 600.0
-    routing: str = "pinned"  # RouterConfig.routing: pinned | random (the baseline)
+    routing: str = ROUTING_MODES[0]  # RouterConfig.routing: pinned | random (the baseline)
+    sessions: str = SESSION_POLICIES[0]  # RouterConfig.sessions: on_use | always
+    rate_limit_per_minute: int = RATE_LIMIT_PER_MINUTE  # per client key; 0: no limit
 
     def __post_init__(self) -> None:
         if self.routing not in ROUTING_MODES:
             raise StackError(f"routing={self.routing!r}: use one of {ROUTING_MODES}")
+        if self.sessions not in SESSION_POLICIES:
+            raise StackError(f"sessions={self.sessions!r}: use one of {SESSION_POLICIES}")
+        if self.rate_limit_per_minute < 0:
+            raise StackError(f"rate_limit_per_minute must be >= 0 (0: no limit), got "
+                             f"{self.rate_limit_per_minute}")
+
+    @property
+    def router(self) -> dict[str, Any]:
+        """The RouterConfig fields this stack sets."""
+        return {"ray_dashboard": self.ray_dashboard, "routing": self.routing,
+                "sessions": self.sessions, "rate_limit_per_minute": self.rate_limit_per_minute}
 
     @property
     def ports(self) -> dict[str, int]:
@@ -144,6 +156,8 @@ def stack_env(config: StackConfig, state: Path, token: str) -> dict[str, str]:
     """The environment of Ray's processes: loopback only, token auth, Redis and the admin
     token for the router (never printed by Ray; the token is printed once by `up`), and the
     Serve settings of cluster/ray.env (a variable already in the environment wins)."""
+    from infra.services import redis_url  # imports Ray: only when a stack starts
+
     return {**ray_env(), **os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
             "RAY_AUTH_MODE": "token",
             "TPSERVE_REDIS_URL": redis_url(state, "127.0.0.1", config.redis_port),
@@ -165,14 +179,14 @@ def start(engine: dict[str, Any], config: StackConfig, state: Path, env: dict[st
     pids = json.loads(services.stdout.strip().splitlines()[-1])
     print("  Redis and nginx up")
     serve_config = load_config(REPO / "cluster/serve.yaml", "127.0.0.1", config.serve_port,
-                               engine, config.replicas,
-                               {"ray_dashboard": config.ray_dashboard,
-                                "routing": config.routing})
+                               engine, config.replicas, config.router)
     deploy(serve_config, config.ray_dashboard)
     progress(f"deploying {config.replicas} engine replicas",
              lambda: app_running(config), config.timeout_s,
              lambda: replica_line(config))
     if env.get(DIRECT_INGRESS_ENV) == "1":
+        from infra.services import nginx_conf
+
         progress("nginx on the router replicas",
                  lambda: configured_upstreams(nginx_conf(state)) != [proxy], 30)
     return pids
@@ -288,7 +302,14 @@ def down(state_dir: str) -> int:
     return 0
 
 
+NOT_RUNNING = 3  # `tpserve status`'s exit status when no stack is recorded (as LSB's)
+
+
 def status(state_dir: str) -> int:
+    if not (Path(state_dir) / "stack.json").exists():
+        print(f"tpserve is not running (no stack recorded in {state_dir}). Start it with "
+              "`tpserve up`, or `tpserve up --detach` to keep the shell.")
+        return NOT_RUNNING
     data = read_state(state_dir)
     config = StackConfig(**data["config"])
     print(f"Ray head pid {data['pid']} ({'alive' if alive(data['pid']) else 'gone'})")
@@ -298,9 +319,12 @@ def status(state_dir: str) -> int:
         req = urllib.request.Request(f"{edge}/admin/replicas",
                                      headers={"Authorization": f"Bearer {token}"})
         with urllib.request.urlopen(req, timeout=10) as resp:
-            for r in json.loads(resp.read())["replicas"]:
-                print(f"  replica {r['id']}: {r['state']}, tp={r['tp']}, queue="
-                      f"{(r['running'] or 0) + (r['waiting'] or 0)}, sessions={r['sessions']}")
+            admin = json.loads(resp.read())
+        running = sum(r["state"] == "RUNNING" for r in admin["replicas"])
+        print(f"  engine replicas: {running} running (target {admin['target']})")
+        for r in admin["replicas"]:
+            print(f"  replica {r['id']}: {r['state']}, tp={r['tp']}, queue="
+                  f"{(r['running'] or 0) + (r['waiting'] or 0)}, sessions={r['sessions']}")
         with urllib.request.urlopen(f"{edge}/healthz", timeout=5) as resp:
             health = json.loads(resp.read())
         print(f"  router: {health['status']} (Redis {'up' if health['redis'] else 'down'})")

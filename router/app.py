@@ -2,10 +2,13 @@
 
 Routes: POST /v1/completions, POST /v1/chat/completions (stream or not; SSE ending in
 `data: [DONE]`), GET /v1/models, GET /healthz, GET /metrics, GET and DELETE
-/v1/sessions/{id}. Every generation response carries X-Session-ID and X-Replica-ID.
+/v1/sessions/{id}. Every generation response carries X-Replica-ID, and X-Session-ID when
+the request has a session.
 
 Sessions: the pin key is X-Session-ID, else the OpenAI `user`, else the client IP (the
 socket peer; X-Real-IP / X-Forwarded-For only from trusted proxies), see router/policy.py.
+A session (pin and history under an id, in X-Session-ID) is stored only for a request
+that uses one, unless RouterConfig.sessions is "always".
 The engine handle is called with `.options(session_id=key)` and the engine deployment's
 request router (router/pinning.py) keeps the pin in Redis. A chat request with a known
 session may send only its new messages with `"session": {"append": true}`: the stored
@@ -37,10 +40,18 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from cluster.app import REPLICA_STATS_KEY, classify, root_cause
-from cluster.control import ServeError, replicas, scale
+from cluster.control import ServeError, deployment_state, request_scale
 from router import metrics
-from router.pinning import ROUTING_MODES
-from router.policy import PolicyError, SessionKey, new_session_id, parse_networks, session_key
+from router.policy import (
+    RATE_LIMIT_PER_MINUTE,
+    ROUTING_MODES,
+    SESSION_POLICIES,
+    PolicyError,
+    SessionKey,
+    parse_networks,
+    session_key,
+    stored_session,
+)
 from router.sessions import SessionStore, SessionStoreConfig
 
 MAX_TOKENS_CAP = 1 << 20
@@ -58,23 +69,36 @@ class RouterConfig:
     history_token_budget: int = 4096
     max_body_bytes: int = 1 << 20
     max_in_flight: int = 256  # per router replica; more is a 429
-    rate_limit_per_minute: int = 1200  # per session key
+    # requests a minute per session key at this router replica; 0: no limit (the default,
+    # router/policy.py says why)
+    rate_limit_per_minute: int = RATE_LIMIT_PER_MINUTE
     retry_after_s: int = 1
     ray_dashboard: str = "http://127.0.0.1:8265"  # Serve's REST API, for the admin API
     max_replicas: int = 16  # the admin API refuses to scale past this
     # pinned: a session keeps its replica (the prefix cache pays); random: every request
     # goes to a random live replica (the baseline that infra/load.py measures pinning by)
-    routing: str = "pinned"
+    routing: str = ROUTING_MODES[0]
+    # on_use: a session (pin and chat history in Redis) is stored only for a request that
+    # uses one: it sends X-Session-ID, or a chat body with "session": {...} (then the
+    # router makes an id and returns it in X-Session-ID). A request with neither gets no
+    # X-Session-ID and leaves nothing per request in Redis (its client's pin, keyed on
+    # `user` or the IP, is one key per client). always: every request gets a stored session.
+    sessions: str = SESSION_POLICIES[0]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "trusted_proxies", tuple(self.trusted_proxies))
         parse_networks(self.trusted_proxies)  # raises on a bad CIDR
         if self.routing not in ROUTING_MODES:
             raise ValueError(f"routing={self.routing!r}: use one of {ROUTING_MODES}")
+        if self.sessions not in SESSION_POLICIES:
+            raise ValueError(f"sessions={self.sessions!r}: use one of {SESSION_POLICIES}")
         for name in ("session_ttl_s", "history_token_budget", "max_body_bytes",
-                     "max_in_flight", "rate_limit_per_minute"):
+                     "max_in_flight"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.rate_limit_per_minute < 0:
+            raise ValueError(f"rate_limit_per_minute must be >= 0 (0: no limit), got "
+                             f"{self.rate_limit_per_minute}")
 
 
 class _Body(BaseModel):
@@ -142,6 +166,15 @@ def count_tokens(message: dict[str, Any]) -> int:
     return 4 + len(message.get("content", "")) // 4
 
 
+def _delta(item: dict[str, Any]) -> dict[str, Any]:
+    """An item of the engine's stream; ApiError for the error item it sends instead of
+    raising when it refuses a request (cluster/app.py: EngineDeployment.generate)."""
+    if "error" in item:
+        error = item["error"]
+        raise ApiError(error["status"], error["message"], error["type"])
+    return item
+
+
 def _event(data: dict[str, Any]) -> str:
     """One server-sent event. (Module-level helpers the ingress class uses are defined
     above it: Serve pickles the class with the globals it sees at that point.)"""
@@ -178,7 +211,7 @@ class _Call:
     route: str
     body: _Body
     key: SessionKey
-    session_id: str
+    session_id: str  # "" when the request uses no session (RouterConfig.sessions)
     issued: bool  # the router made the session id (the client sent none)
     engine_request: dict[str, Any]
     new_messages: list[dict[str, Any]] = field(default_factory=list)
@@ -206,17 +239,17 @@ class Router:
             url=url, ttl_s=self.config.session_ttl_s,
             history_token_budget=self.config.history_token_budget))
         self.in_flight = 0
-        self.limiter = RateLimiter(self.config.rate_limit_per_minute)
+        self.limiter = (RateLimiter(self.config.rate_limit_per_minute)
+                        if self.config.rate_limit_per_minute else None)
         # the admin token comes from the environment, never from the (visible) Serve config
         self.admin_token = os.environ.get("TPSERVE_ADMIN_TOKEN") or None
         self.totals = {"requests": 0, "tokens": 0, "ttft_sum_s": 0.0, "ttft_count": 0}
-        self.target: int | None = None
-        self.scaling: asyncio.Task[Any] | None = None
 
     # ---- routes ----
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
+        await self.sessions.ping()  # Redis' state now, not as the last session op saw it
         degraded = self.sessions.degraded
         metrics.DEGRADED.set(1 if degraded else 0)
         return {"status": "degraded" if degraded else "ok", "redis": not degraded,
@@ -264,10 +297,11 @@ class Router:
     async def admin_replicas(self, request: Request) -> Response:
         if (denied := self._deny(request)) is not None:
             return denied
-        try:
-            states = await asyncio.to_thread(replicas, self.config.ray_dashboard)
+        try:  # the target is Serve's own, whoever set it (`tpserve scale`, this API, config)
+            serve_state = await asyncio.to_thread(deployment_state, self.config.ray_dashboard)
         except ServeError as e:
             return ApiError(503, str(e), "replica_unavailable").response()
+        states = serve_state.replicas
         stats = await self.sessions.read_json(REPLICA_STATS_KEY.format("*"))
         sessions = await self.sessions.sessions_per_replica()
         rows = []
@@ -280,8 +314,7 @@ class Router:
                          "prefix_cache_hit_blocks": beat.get("prefix_cache_hit_blocks"),
                          "block_size": beat.get("block_size"),
                          "sessions": sessions.get(r.replica_id, 0)})
-        running = sum(r.state == "RUNNING" for r in states)
-        return JSONResponse({"target": self.target if self.target is not None else running,
+        return JSONResponse({"target": serve_state.target,
                              "ray_dashboard": self.config.ray_dashboard, "time": time.time(),
                              "replicas": rows, "totals": self.totals})
 
@@ -297,10 +330,11 @@ class Router:
                 1 <= target <= self.config.max_replicas):
             return ApiError(400, f"replicas must be an integer in [1, "
                             f"{self.config.max_replicas}]", param="replicas").response()
-        self.target = target
-        # Serve converges in the background; the page follows GET /admin/replicas
-        self.scaling = asyncio.create_task(asyncio.to_thread(
-            scale, target, self.config.ray_dashboard, timeout_s=600.0))
+        try:  # one request to Serve; it converges by itself, seen in GET /admin/replicas
+            await asyncio.to_thread(request_scale, target, self.config.ray_dashboard)
+        except ServeError as e:
+            return ApiError(502, f"Serve did not take the new target: {e}",
+                            "scale_failed").response()
         return JSONResponse({"target": target}, 202)
 
     def _deny(self, request: Request) -> Response | None:
@@ -329,12 +363,14 @@ class Router:
             self.in_flight -= 1
             metrics.REQUESTS.labels(route, str(e.status)).inc()
             return e.response()
-        headers = {"X-Session-ID": call.session_id, "X-Replica-ID": call.replica}
+        headers = {"X-Replica-ID": call.replica}
+        if call.session_id:
+            headers["X-Session-ID"] = call.session_id
         if call.body.stream:
             return StreamingResponse(self._sse(call, first, stream), headers=headers,
                                      media_type="text/event-stream")
         try:
-            deltas = [first] + [d async for d in stream]
+            deltas = [first] + [_delta(d) async for d in stream]
         except Exception as e:  # noqa: BLE001 - the engine's error, mapped to a status
             return self._finish_error(call, e).response()
         finally:
@@ -358,7 +394,8 @@ class Router:
                            "rate_limit_exceeded",
                            headers={"Retry-After": str(self.config.retry_after_s)})
         issued = key.kind != "session"
-        session_id = new_session_id() if issued else key.value
+        opens = isinstance(body, ChatBody) and body.session is not None
+        session_id = stored_session(key, opens, self.config.sessions)  # "": none stored
         call = _Call(route, body, key, session_id, issued, {"params": body.params()})
         if isinstance(body, ChatBody):
             call.new_messages = [m.model_dump() for m in body.messages]
@@ -394,6 +431,8 @@ class Router:
             raise ApiError(400, f"{param}: {err['msg']}", param=param) from e
 
     def _rate_limit(self, key: str) -> None:
+        if self.limiter is None:
+            return
         wait = self.limiter.take(key)
         if wait:
             raise ApiError(429, "rate limit exceeded for this client", "rate_limit_exceeded",
@@ -412,19 +451,22 @@ class Router:
                 error = self._error(e)
                 if attempt == 2 or error.status != 503:
                     raise error from e
+        first = _delta(first)  # ApiError when the engine refused the request
         call.replica = first["replica"]
         call.prompt_tokens = first.get("prompt_tokens", 0)
         ttft = time.perf_counter() - call.started
         metrics.TTFT.labels(call.route).observe(ttft)
         self.totals["ttft_sum_s"] += ttft
         self.totals["ttft_count"] += 1
-        if call.issued and self.config.routing == "pinned":
+        if call.issued and call.session_id and self.config.routing == "pinned":
             # the next turn, sent with this id, goes to the same replica
             await self.sessions.claim_pin(f"session:{call.session_id}", call.replica,
                                           [call.replica])
         return first, stream
 
     def _error(self, error: BaseException) -> ApiError:
+        if isinstance(error, ApiError):  # the engine's refusal (_delta)
+            return error
         status, kind = classify(error)
         if status == 500:  # an engine bug must not look like the client's fault either
             status, kind = 503, "replica_unavailable"
@@ -444,7 +486,7 @@ class Router:
         metrics.TOKENS.labels("completion").inc(call.tokens)
         self.totals["requests"] += 1
         self.totals["tokens"] += call.tokens
-        if call.route == "chat":
+        if call.route == "chat" and call.session_id:
             reply = {"role": "assistant", "content": "".join(d["text"] for d in deltas)}
             await self.sessions.append_history(f"session:{call.session_id}",
                                                call.new_messages + [reply], count_tokens)
@@ -482,7 +524,8 @@ class Router:
         deltas = [first]
         try:
             yield _event(self._chunk(call, cid, first["text"], first["finish_reason"], True))
-            async for delta in stream:
+            async for item in stream:
+                delta = _delta(item)
                 deltas.append(delta)
                 yield _event(self._chunk(call, cid, delta["text"], delta["finish_reason"],
                                          False))

@@ -38,11 +38,10 @@ from ray.serve._private.request_router.replica_wrapper import RunningReplica
 from ray.serve._private.request_router.request_router import RequestRouter
 
 from router import metrics
-from router.policy import choose_replica
+from router.policy import ROUTING_MODES, choose_replica
 from router.sessions import SessionStore, SessionStoreConfig
 
 log = logging.getLogger(__name__)
-ROUTING_MODES = ("pinned", "random")
 PIN_CACHE_SIZE = 100_000  # sessions whose pin this process remembers (least recent dropped)
 REFRESH_S = 1.0  # s before a cached pin is claimed again (TTL slid, another router's move)
 

@@ -12,6 +12,9 @@ pins. Contract:
 - A new session goes to its highest-ranked replica under rendezvous hashing unless that
   replica is over a load bound (`choose_replica`); the ranking is the same in every
   router process, so routers agree without talking to each other.
+- Which requests store a session in Redis (`stored_session`): those that use one (an
+  X-Session-ID, or a chat body's "session" field), or all with the "always" policy; the
+  pin of a client without one (its `user` or IP) is one key per client, not per request.
 """
 
 from __future__ import annotations
@@ -31,6 +34,18 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 MAX_USER_LEN = 256
 SESSION_KINDS = ("session", "user", "ip")
+# RouterConfig.routing. pinned: a session keeps its replica (the prefix cache pays);
+# random: every request to a random live replica (the baseline pinning is measured by)
+ROUTING_MODES = ("pinned", "random")
+# RouterConfig.sessions: when the router stores a session (its pin and chat history).
+# on_use: only when the request uses one (an X-Session-ID header, or a chat body with
+# "session": {...}); always: every request, under an id the router makes and returns.
+SESSION_POLICIES = ("on_use", "always")
+# RouterConfig.rate_limit_per_minute: requests a minute per session key (session id, user,
+# else client IP) at each router replica; 0 = no limit. Off by default: a key is often
+# many people (every user behind one NAT or proxy, a benchmark host), and overload is
+# already refused by max_in_flight (429 with Retry-After).
+RATE_LIMIT_PER_MINUTE = 0
 
 
 class PolicyError(ValueError):
@@ -176,6 +191,18 @@ def _session_header(headers: Mapping[str, str]) -> str | None:
 def new_session_id() -> str:
     """A fresh session id: 128 random bits as 32 hex chars (matches SESSION_ID_PATTERN)."""
     return secrets.token_hex(16)
+
+
+def stored_session(key: SessionKey, opens: bool, policy: str) -> str:
+    """The id a request's session is stored under (its pin and chat history), or "" for a
+    request that stores none. A client's X-Session-ID is always its session; otherwise the
+    router makes a new id when the request opens one (`opens`: a chat body with
+    "session": {...}) or when `policy` (SESSION_POLICIES) is "always"."""
+    if policy not in SESSION_POLICIES:
+        raise ValueError(f"session policy {policy!r}: use one of {SESSION_POLICIES}")
+    if key.kind == "session":
+        return key.value
+    return new_session_id() if opens or policy == "always" else ""
 
 
 # ---- replica choice -----------------------------------------------------------------

@@ -225,6 +225,12 @@ class SessionStore:
                         "only, retrying every %.1f s", self._where, type(exc).__name__, exc,
                         self.config.retry_interval_s)
 
+    async def ping(self) -> bool:
+        """Whether Redis answers now: one PING (while degraded, at most one per retry
+        interval, as for any call). /healthz asks, so its status does not depend on a
+        request having used the store (a request without a session does not)."""
+        return bool(await self._run(lambda c: c.ping(), False))
+
     # ---- pins ------------------------------------------------------------------------------
 
     async def get_pin(self, key: str) -> str | None:

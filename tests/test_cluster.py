@@ -20,8 +20,8 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 from ray.util.state import list_actors  # noqa: E402
 
-from cluster.app import APP_NAME, build  # noqa: E402
-from cluster.control import ServeError, replicas, scale  # noqa: E402
+from cluster.app import build  # noqa: E402
+from cluster.control import APP_NAME, ServeError, replicas, scale  # noqa: E402
 from replicas import Engine, EngineConfig, SamplingParams  # noqa: E402
 from replicas.engine import free_port  # noqa: E402
 

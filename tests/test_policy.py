@@ -26,6 +26,7 @@ from router.policy import (
     pin_is_live,
     rendezvous_order,
     session_key,
+    stored_session,
 )
 
 KEYS = [f"session-{i}" for i in range(10_000)]
@@ -203,6 +204,20 @@ def test_session_header_is_case_insensitive_and_wins_over_a_bad_user() -> None:
     for name in ("x-session-id", "X-SESSION-ID", "X-Session-Id"):
         got = session_key({name: "a.b:c_d-1"}, 12345, "1.2.3.4", TRUSTED)
         assert got == SessionKey("session", "a.b:c_d-1")
+
+
+def test_a_session_is_stored_only_when_used_unless_the_policy_is_always() -> None:
+    client = SessionKey("session", "chat-42")
+    for policy in ("on_use", "always"):  # a client's own id is always its session
+        assert stored_session(client, False, policy) == "chat-42"
+    for anonymous in (SessionKey("ip", "1.2.3.4"), SessionKey("user", "alice")):
+        assert stored_session(anonymous, False, "on_use") == ""  # nothing stored
+        opened = stored_session(anonymous, True, "on_use")  # "session": {...} in the body
+        made = stored_session(anonymous, False, "always")
+        assert SESSION_ID_PATTERN.match(opened) and SESSION_ID_PATTERN.match(made)
+        assert opened != made  # a new id each time
+    with pytest.raises(ValueError, match="session policy"):
+        stored_session(client, False, "never")
 
 
 def test_redis_key_is_prefixed_by_kind() -> None:

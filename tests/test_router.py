@@ -22,8 +22,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from ray import serve  # noqa: E402
 
-from cluster.app import APP_NAME  # noqa: E402
-from cluster.control import replicas, scale  # noqa: E402
+from cluster.control import APP_NAME, replicas, scale  # noqa: E402
 from infra import nginx  # noqa: E402
 from infra.services import wait_for_port  # noqa: E402
 from replicas.engine import free_port  # noqa: E402
@@ -130,6 +129,10 @@ def test_openai_client_completion_chat_and_stream(stack: Stack) -> None:
     assert chat.choices[0].message.role == "assistant"
     raw = c.chat.completions.with_raw_response.create(
         model="tpserve", max_tokens=4, messages=[{"role": "user", "content": "Hi"}])
+    assert raw.headers["x-replica-id"] and "x-session-id" not in raw.headers  # none used
+    raw = c.chat.completions.with_raw_response.create(
+        model="tpserve", max_tokens=4, messages=[{"role": "user", "content": "Hi"}],
+        extra_body={"session": {"append": True}})  # the README's first turn opens one
     assert raw.headers["x-session-id"] and raw.headers["x-replica-id"]
     chunks = list(c.chat.completions.create(
         model="tpserve", max_tokens=8, temperature=0.0, stream=True,
@@ -280,6 +283,65 @@ def test_sessions_keep_history(stack: Stack) -> None:
         resp.read()
         assert resp.status == status, method
 
+
+
+def session_keys(stack: Stack) -> set[str]:
+    import redis
+
+    r = redis.Redis(port=stack.redis_port, password=stack.redis_password)
+    return {k.decode() for pattern in ("tpserve:s:*", "tpserve:h:*")
+            for k in r.scan_iter(pattern)}
+
+
+def test_anonymous_requests_store_no_session_and_a_used_one_is_kept(stack: Stack) -> None:
+    source = "127.0.0.55"
+    before = session_keys(stack)
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for i in range(10):
+        path, body = (("/v1/chat/completions", chat) if i % 2 else
+                      ("/v1/completions", {"prompt": [5, 6], "max_tokens": 2}))
+        status, headers, _ = post(stack.edge, path, body, source=source)
+        assert status == 200 and "x-session-id" not in headers
+    # 10 requests leave one key: the pin of this client's address, not one per request
+    assert session_keys(stack) - before == {f"tpserve:s:ip:{source}"}
+    status, headers, _ = post(stack.edge, "/v1/chat/completions",
+                              {**chat, "session": {"append": True}}, source=source)
+    sid = headers["x-session-id"]
+    status, headers, _ = post(stack.edge, "/v1/chat/completions",
+                              {"messages": [{"role": "user", "content": "again"}],
+                               "max_tokens": 2, "session": {"append": True}},
+                              {"X-Session-ID": sid}, source=source)
+    assert status == 200 and headers["x-session-id"] == sid
+    _, stored = get_json(stack.edge, f"/v1/sessions/{sid}")
+    assert [m["content"] for m in stored["history"] if m["role"] == "user"] == ["hi", "again"]
+    assert {f"tpserve:s:session:{sid}", f"tpserve:h:session:{sid}"} <= session_keys(stack)
+
+
+def replica_logs() -> str:
+    """The engine replicas' Serve logs of this Ray session."""
+    from pathlib import Path
+
+    session = Path(ray._private.worker.global_worker.node.get_session_dir_path())
+    return "".join(p.read_text(errors="replace")
+                   for p in sorted((session / "logs" / "serve").glob("replica_*Engine*.log")))
+
+
+def test_a_request_the_engine_refuses_is_a_400_and_one_log_line(stack: Stack) -> None:
+    before = replica_logs()
+    too_long = {"prompt": list(range(600)), "max_tokens": 1}  # max_model_len is 512
+    for _ in range(3):
+        status, _, raw = post(stack.serve, "/v1/completions", too_long)
+        assert status == 400 and "max_model_len" in json.loads(raw)["error"]["message"], raw
+    deadline = time.monotonic() + 20
+    while True:  # the replicas' processes write the lines: wait for them
+        after = replica_logs()
+        refused = after.count("request refused (400)") - before.count("request refused (400)")
+        if refused >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert refused >= 3, after[-2000:]
+    for text in ("Request failed", "Traceback"):  # what Serve logs for a raised exception
+        assert after.count(text) == before.count(text), after[-3000:]
 
 
 def get_json(port: int, path: str) -> tuple[int, dict]:

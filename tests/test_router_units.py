@@ -7,7 +7,14 @@ import pytest
 pytest.importorskip("ray")
 from pydantic import ValidationError  # noqa: E402
 
-from router.app import ChatBody, CompletionBody, RateLimiter, RouterConfig  # noqa: E402
+from router.app import (  # noqa: E402
+    ApiError,
+    ChatBody,
+    CompletionBody,
+    RateLimiter,
+    RouterConfig,
+    _delta,
+)
 
 
 def test_rate_limiter_refuses_past_the_budget_and_refills() -> None:
@@ -26,6 +33,27 @@ def test_router_config_validation() -> None:
         RouterConfig(max_in_flight=0)
     with pytest.raises(ValueError):
         RouterConfig(trusted_proxies=("not-a-network",))
+    with pytest.raises(ValueError, match="sessions"):
+        RouterConfig(sessions="never")
+    with pytest.raises(ValueError, match="rate_limit_per_minute"):
+        RouterConfig(rate_limit_per_minute=-1)
+
+
+def test_defaults_store_sessions_on_use_and_limit_no_client() -> None:
+    config = RouterConfig()
+    assert (config.sessions, config.rate_limit_per_minute) == ("on_use", 0)
+    assert RouterConfig(rate_limit_per_minute=600).rate_limit_per_minute == 600
+
+
+def test_an_engine_refusal_item_is_the_clients_error() -> None:
+    delta = {"token_ids": [5], "text": "a", "finish_reason": None, "replica": "r"}
+    assert _delta(delta) is delta
+    refused = {"error": {"status": 400, "type": "invalid_request_error",
+                         "message": "the prompt is empty"}, "replica": "r"}
+    with pytest.raises(ApiError) as err:
+        _delta(refused)
+    assert (err.value.status, err.value.kind, err.value.message) == (
+        400, "invalid_request_error", "the prompt is empty")
 
 
 @pytest.mark.parametrize("body", [

@@ -357,6 +357,29 @@ def test_stop_and_restart_redis(server: RedisServer, make_store: Callable[..., S
     assert server.password not in caplog.text
 
 
+def test_ping_sees_an_outage_and_the_return_without_any_session_op(
+        server: RedisServer, make_store: Callable[..., SessionStore]) -> None:
+    async def main() -> None:
+        store = make_store(retry_interval_s=0.2)
+        assert await store.ping() and not store.degraded
+        server.stop()
+        try:
+            assert not await store.ping() and store.degraded
+        finally:
+            server.start()
+        await asyncio.sleep(0.25)
+        assert await store.ping() and not store.degraded
+        await store.close()
+
+    run(main)
+    assert not asyncio.run(_ping_without_redis())
+
+
+async def _ping_without_redis() -> bool:
+    store = SessionStore(SessionStoreConfig(url=None))
+    return await store.ping()
+
+
 def test_restart_leaves_no_stale_pooled_connection(
         server: RedisServer, make_store: Callable[..., SessionStore],
         caplog: pytest.LogCaptureFixture) -> None:
