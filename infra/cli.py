@@ -55,8 +55,8 @@ FIELD_HELP = {
     "tp": "Tensor-parallel size: the GPUs (or CPU processes) that one engine replica spans.",
     "dtype": "Weight and activation dtype: auto (the checkpoint's), float32, float16 or "
              "bfloat16.",
-    "comm_dtype": "Dtype of the all-reduce payloads between ranks: float16, bfloat16 or "
-                  "float32.",
+    "comm_dtype": "Dtype of the all-reduce payloads between ranks: auto (the model's own "
+                  "16-bit dtype), float16, bfloat16 or float32.",
     "max_model_len": "Longest prompt plus completion, in tokens; not set: the model's own "
                      "limit.",
     "kv_cache_memory": "Bytes of KV cache per rank; not set: measured from free GPU memory "
@@ -78,11 +78,15 @@ FIELD_HELP = {
     "cuda_graphs": "Replay decode steps from CUDA graphs (GPU only).",
     "gemv_kernels": "Use Triton GEMV kernels for batch-1 matmuls where they beat cuBLAS "
                     "(16-bit, GPU only).",
-    "async_scheduling": "At tp=1 on a GPU, launch the next step before the host has read "
-                        "this step's tokens.",
+    "async_scheduling": "Launch the next step before the host has read this step's "
+                        "tokens (at tp > 1 on GPUs only, where rank 0 broadcasts them).",
     "overlap_chunk_tokens": "At tp > 1, split long prefills into chunks of this many tokens "
                             "so all-reduces overlap matmuls (0: off).",
     "shm_all_reduce": "At tp > 1 on CPU, all-reduce through shared memory instead of gloo.",
+    "shm_step_messages": "At tp > 1, send each step's plan to the other ranks of the host "
+                         "through shared memory instead of gloo.",
+    "one_shot_all_reduce": "At tp > 1 on GPUs, all-reduce decode-size payloads in one "
+                           "symmetric-memory kernel instead of NCCL.",
     # StackConfig (infra/stack.py)
     "nginx_port": "Port of nginx, the cluster's front door (API and dashboard).",
     "serve_port": "Port of Ray Serve's HTTP proxy.",
