@@ -196,7 +196,8 @@ class ShmChannel:
     """
 
     SPIN_S = 0.02  # spin this long before napping: steps follow each other closely
-    NAP_S = 0.0002
+    NAP_S = 0.0002  # naps while the wait is short (within a burst of steps)
+    IDLE_S, IDLE_NAP_S = 1.0, 0.002  # an idle engine's ranks wake 500 times a second
 
     def __init__(self, rank: int, world_size: int, capacity: int, mapping: torch.Tensor,
                  pids: list[int]) -> None:
@@ -253,7 +254,7 @@ class ShmChannel:
             if now - start < self.SPIN_S:
                 os.sched_yield()
                 continue
-            time.sleep(self.NAP_S)
+            time.sleep(self.NAP_S if now - start < self.IDLE_S else self.IDLE_NAP_S)
             if now - last >= CHECK_PERIOD_S:
                 last = now
                 for r in watched:
