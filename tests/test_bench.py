@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def test_cpu_bench_prints_json_lines(tmp_path: Path) -> None:
     out = tmp_path / "bench.jsonl"
@@ -26,27 +28,17 @@ def test_cpu_bench_prints_json_lines(tmp_path: Path) -> None:
     assert all(row["versions"]["torch"] and row["command"] for row in printed)
 
 
-def test_multigpu_table_is_made_from_the_results() -> None:
+@pytest.mark.parametrize("name, second", [("gpu_h200", "unit"),
+                                           ("multigpu_2xh200", "all_reduce")])
+def test_table_is_made_from_the_results(name: str, second: str) -> None:
     from replicas.bench import table
 
-    path = Path(__file__).resolve().parent.parent / "replicas/results/multigpu_2xh200.jsonl"
+    path = Path(__file__).resolve().parent.parent / f"replicas/results/{name}.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     text = table(str(path))
     assert text.count("\n") == len(rows) + 1
     for row in rows:
-        assert f"| {row['case']} | {row['all_reduce']} | {row['ours']} |" in text
-    assert text in (path.parent.parent.parent / "README.md").read_text()
-
-
-def test_table_is_made_from_the_results() -> None:
-    from replicas.bench import table
-
-    path = Path(__file__).resolve().parent.parent / "replicas/results/gpu_h200.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    text = table(str(path))
-    assert text.count("\n") == len(rows) + 1
-    for row in rows:
-        assert f"| {row['case']} | {row['unit']} | {row['ours']} |" in text
+        assert f"| {row['case']} | {row[second]} | {row['ours']} |" in text
     readme = (path.parent.parent.parent / "README.md").read_text()
     assert text in readme  # the README's table is the current one
 
