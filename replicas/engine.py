@@ -204,11 +204,11 @@ class Engine:
             model_dir = config.model
         self.model_dir = model_dir
         ModelSpec.from_hf(AutoConfig.from_pretrained(model_dir)).check_tp(config.tp)  # fail early
-        self.tokenizer = Tokenizer(model_dir)
         # each replica rendezvouses on its own port, so replicas on one node never collide
         init_method = init_method or f"tcp://127.0.0.1:{free_port()}"
         self._procs = [launch(config, model_dir, r, init_method) for r in range(1, config.tp)]
         try:
+            self.tokenizer = Tokenizer(model_dir)  # while the rank processes start
             self.worker = Worker(config, model_dir, 0, init_method,
                                  peers_alive=lambda: all(p.is_alive() for p in self._procs))
         except BaseException:

@@ -12,6 +12,7 @@ decoding one token. `ForwardBatch` carries the per-step index tensors.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers.activations import ACT2FN
 
 from replicas import kernels
 from replicas.config import ModelSpec, rope_parameters
@@ -237,6 +237,14 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(out.shape[0], -1))
 
 
+def _hf_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """transformers' activation of that name. Imported here, not at the top: the module
+    costs ~1.5 s of every rank process's start, and every supported family uses silu."""
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
+
+
 class MLP(nn.Module):
     def __init__(self, spec: ModelSpec, comm: Comm) -> None:
         super().__init__()
@@ -244,8 +252,7 @@ class MLP(nn.Module):
         self.gate_up_proj = ColumnParallelLinear(spec.hidden_size, [size, size], spec.mlp_bias,
                                                  comm)
         self.down_proj = RowParallelLinear(size, spec.hidden_size, spec.mlp_bias, comm)
-        self.act = ACT2FN[spec.hidden_act]
-
+        self.act = F.silu if spec.hidden_act == "silu" else _hf_activation(spec.hidden_act)
         self.fused_act = spec.hidden_act == "silu"
         if self.fused_act:
             self.down_proj.gemv_kind = "gated"  # see forward

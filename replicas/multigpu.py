@@ -200,7 +200,8 @@ def engine_figures(shapes: Shapes, tp: int, overrides: dict[str, Any], repeats: 
     start = time.perf_counter()
     engine = _engine(shapes, tp, **overrides)
     figures: dict[str, Any] = {"startup_s": time.perf_counter() - start,
-                               "startup_phases": engine.worker.startup_s}
+                               "startup_phases": engine.worker.startup_s,
+                               "rank_startup_phases": engine.worker.peer_startup()}
     try:
         vocab = engine.spec.vocab_size
         figures.update(
@@ -264,6 +265,7 @@ def prefill_and_decode(shapes: Shapes, tp: int, repeats: int) -> Iterator[dict[s
            "ours": round(on["startup_s"], 2), "tp1_s": round(base["startup_s"], 2),
            "ratio_to_tp1": round(on["startup_s"] / base["startup_s"], 3),
            "phases": on["startup_phases"], "tp1_phases": base["startup_phases"],
+           "other_ranks_phases": on["rank_startup_phases"],
            "shutdown_s": round(on["shutdown_s"], 2), "target_ratio": 1.3}
     payloads = [(wire, on)] + [(p, got[p]) for p in ("float16", "float32") if p in got]
     if "nccl" in got:
@@ -449,7 +451,8 @@ def decode_probe(name: str, tp: int, overrides: dict[str, Any], repeats: int = 2
                "settings": overrides, "ours": round(ms, 3),
                "graph_replay_ms": round(graph_step_ms(engine), 3),
                "one_shot": engine.worker.comm.one_shot is not None,
-               "startup_s": round(started, 2), "startup_phases": engine.worker.startup_s}
+               "startup_s": round(started, 2), "startup_phases": engine.worker.startup_s,
+               "other_ranks_phases": engine.worker.peer_startup()}
     finally:
         stop = time.perf_counter()
         engine.shutdown()

@@ -9,6 +9,7 @@ the GPU queue), with `encode` / `decode` as its only format.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import threading
@@ -107,8 +108,9 @@ class Worker:
     def __init__(self, config: EngineConfig, model_dir: str, rank: int, init_method: str | None,
                  peers_alive: Callable[[], bool] | None = None) -> None:
         self.config, self.rank, self.world_size = config, rank, config.tp
-        # seconds each start-up phase took on this rank (the bench reports rank 0's)
-        self.startup_s: dict[str, float] = {}
+        # seconds each start-up phase took on this rank (`peer_startup` has the others');
+        # "process" is the time from this process's start to here (imports, mostly)
+        self.startup_s: dict[str, float] = {"process": process_age_s()}
         mark = time.perf_counter()
 
         def phase(name: str) -> None:
@@ -180,6 +182,16 @@ class Worker:
                 config.max_num_seqs, -(-self.max_model_len // config.block_size),
                 config.block_size, self.num_blocks, self._kv_heads(), self.device)
             phase("cuda_graphs")
+        if self.world_size > 1:
+            self._store.set(f"startup/{rank}", json.dumps(self.startup_s))
+
+    def peer_startup(self) -> dict[int, dict[str, float]]:
+        """Rank 0: the start-up phases each other rank has reported so far."""
+        if self.world_size == 1:
+            return {}
+        keys = [f"startup/{r}" for r in range(1, self.world_size)]
+        return {r: json.loads(self._store.get(k)) for r, k in enumerate(keys, start=1)
+                if self._store.check([k])}
 
     def _pick_device(self, config: EngineConfig) -> torch.device:
         if config.resolved_device() == "cuda":
@@ -495,6 +507,18 @@ class Worker:
         gc.collect()  # reference cycles through the modules hold tensors too
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (Linux /proc; 0.0 elsewhere)."""
+    try:
+        with open("/proc/self/stat") as f:
+            started_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return round(max(0.0, uptime - started_ticks / os.sysconf("SC_CLK_TCK")), 3)
 
 
 def dump_stacks_when_asked() -> None:
