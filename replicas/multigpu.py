@@ -427,7 +427,7 @@ def suite(repeats: int, tps: tuple[int, ...] = (2, 4), smoke: bool = False
         yield from prefill_and_decode(shapes, tp, repeats)
         if not smoke:
             yield from graph_all_reduce(tp)
-        yield shutdown_cycles(shapes, tp)
+        yield shutdown_cycles(shapes, tp, cycles=2 if smoke else 5)
         yield correctness(shapes, tp)
         if not smoke:
             yield llama_decode(tp, repeats)

@@ -61,3 +61,10 @@ def test_multigpu_suite_runs_every_case_on_cpu() -> None:
     half, full = cases["tiny_tp2_comm_float16"], cases["tiny_tp2_comm_float32"]
     assert full["wire_bytes_per_token"] == 2 * half["wire_bytes_per_token"] > 0
     assert cases["tiny_tp2_decode_b1_in128_out16"]["ours"] > 0
+    assert cases["tiny_tp2_decode_b1_in128_out16"]["tp1_ms"] > 0
+    assert cases["tiny_tp2_ttft_in256"]["ratio_to_tp1"] > 0
+    startup = cases["tiny_tp2_startup"]
+    assert startup["phases"]["join"] >= 0 and startup["other_ranks_phases"]["1"]["load"] >= 0
+    cycles = cases["tiny_tp2_shutdown_cycles"]
+    assert len(cycles["shutdown_s"]) == 2 and cycles["ranks_left"] == 0
+    assert cycles["same_tokens_every_cycle"] and cycles["ours"] < 10
