@@ -7,7 +7,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from replicas.worker import SHUTDOWN, SHUTDOWN_BATCH, STEP, StepBatch
+from replicas.worker import (
+    PING,
+    PING_BATCH,
+    REPLAY,
+    SHUTDOWN,
+    SHUTDOWN_BATCH,
+    STEP,
+    StepBatch,
+    replay_batch,
+)
 
 
 def round_trip(batch: StepBatch) -> StepBatch:
@@ -49,6 +58,12 @@ CASES = {
         block_tables=((0, 1, 2),), logits_indices=tuple(range(10)),
     ),
     "shutdown": SHUTDOWN_BATCH,
+    "heartbeat": PING_BATCH,
+    "replay the batch-1 graph": replay_batch(51),
+    "placeholders of tokens still on the device": StepBatch(
+        input_ids=(-1, -2, 9), positions=(30, 12, 0), query_lens=(1, 1, 1),
+        block_tables=((1, 2), (3,), (4,)), logits_indices=(0, 1, 2),
+    ),
 }
 
 
@@ -71,6 +86,13 @@ def test_shutdown_is_a_command_not_a_step() -> None:
     assert out.command == SHUTDOWN != STEP
     assert out.input_ids == () and out.block_tables == ()
     assert CASES["prefill and decode"].command == STEP
+
+
+def test_heartbeat_and_replay_are_commands_with_their_count() -> None:
+    assert round_trip(PING_BATCH).command == PING
+    replay = round_trip(replay_batch(7))
+    assert replay.command == REPLAY and replay.logits_indices == (7,)
+    assert len({STEP, SHUTDOWN, PING, REPLAY}) == 4
 
 
 def test_layout_of_the_header() -> None:
@@ -100,7 +122,7 @@ def step_batches(draw: st.DrawFn) -> StepBatch:
     tables = draw(st.lists(st.lists(ids, max_size=7).map(tuple), min_size=num_seqs,
                            max_size=num_seqs))
     logits = draw(st.lists(st.integers(0, max(total - 1, 0)), max_size=total))
-    command = draw(st.sampled_from([STEP, SHUTDOWN]))
+    command = draw(st.sampled_from([STEP, SHUTDOWN, PING, REPLAY]))
     return StepBatch(tuple(input_ids), tuple(positions), tuple(query_lens), tuple(tables),
                      tuple(logits), command)
 
