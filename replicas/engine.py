@@ -449,16 +449,11 @@ class Engine:
                 if self._closed or self._dead is not None:
                     return
                 inbox, self._inbox = self._inbox, []
-                if not inbox and not self.scheduler.has_work():
-                    try:  # under the lock: replay_graph_ms sends too
-                        self.worker.send(PING_BATCH)
-                    except Exception as e:  # noqa: BLE001 - a rank is gone: the engine is dead
-                        failed = e
-                    else:
-                        continue
-            if not inbox and not self.scheduler.has_work():
-                self._die(failed)
-                return
+                idle = not inbox and not self.scheduler.has_work()
+                if idle and not self._heartbeat():  # under the lock: replay_graph_ms sends
+                    return
+            if idle:
+                continue
             for kind, item in inbox:
                 self._take(kind, item)
             if not self.scheduler.has_work():
@@ -472,6 +467,16 @@ class Engine:
                 log.exception("engine step failed")
                 self._die(e)
                 return
+
+    def _heartbeat(self) -> bool:
+        """Idle at tp > 1: a step message that runs nothing; False (the engine is dead)
+        if a rank cannot be reached."""
+        try:
+            self.worker.send(PING_BATCH)
+        except Exception as e:  # noqa: BLE001 - a rank is gone
+            self._die(e)
+            return False
+        return True
 
     def _die(self, error: BaseException) -> None:
         """The engine cannot step any more: every request in flight fails."""
