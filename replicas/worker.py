@@ -349,7 +349,11 @@ class Worker:
                                                      list(batch.block_tables), feed)
         else:
             logits = self.model(self.forward_batch(batch, feed), self.kv)
-        if self.comm.world_size > 1 and bool(self.comm.overflow):
+        # reading the flag waits for the step (a host sync): only float16 payloads can
+        # overflow, so bfloat16 and float32 ones never read it (at tp > 1 on GPUs that
+        # wait would undo asynchronous scheduling)
+        if (self.comm.world_size > 1 and self.comm.dtype == torch.float16
+                and bool(self.comm.overflow)):
             self.overflow_retries += 1
             log.warning("16-bit all-reduce overflowed; step re-run with float32 communication")
             self.comm.force_float32 = True  # eager: the graphs were captured with 16 bits
