@@ -19,7 +19,6 @@ clients do.
 from __future__ import annotations
 
 import json
-import os
 import time
 import urllib.error
 import urllib.request
@@ -31,6 +30,7 @@ from typing import Any
 import yaml
 
 from cluster.app import APP_NAME, ENGINE
+from cluster.ray_token import read_token
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 
@@ -47,12 +47,9 @@ class ReplicaState:
 
 def ray_auth_headers() -> dict[str, str]:
     """The Authorization header for a Ray cluster with token auth (Ray's default for local
-    clusters since 2.5x): the token from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
-    ~/.ray/auth_token, as Ray's own clients look for it. Empty when there is none."""
-    token = os.environ.get("RAY_AUTH_TOKEN")
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    if not token and path.is_file():
-        token = path.read_text().strip()
+    clusters since 2.5x), with the token Ray's own clients send (cluster/ray_token.py).
+    Empty when there is none."""
+    token = read_token()
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
