@@ -70,9 +70,9 @@ if ! "$venv/bin/python" -c "$cpu_torch" 2>/dev/null; then
   # offers only CUDA builds (PyPI, for Linux) makes this fail at once instead of
   # downloading gigabytes of CUDA libraries
   if ! "${pip[@]}" torch; then
-    say "pip found no CPU build of torch ($(grep '^torch' infra/constraints.txt))." \
-        "Point pip at one (PIP_FIND_LINKS=DIR holding the wheel, or PIP_EXTRA_INDEX_URL=" \
-        "PyTorch's CPU wheel index) and run this again."
+    say "pip found no CPU build of torch ($(grep '^torch' infra/constraints.txt)): point" \
+        "pip at one (PIP_FIND_LINKS=a directory holding its wheel, or PIP_EXTRA_INDEX_URL=" \
+        "the URL of PyTorch's CPU wheel index) and run this again"
     exit 1
   fi
 fi
