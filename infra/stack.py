@@ -85,11 +85,11 @@ def port_busy(port: int) -> bool:
 
 def preflight(config: StackConfig) -> None:
     """Missing programs and busy ports, as errors that say what to do."""
-    for program in ("redis-server", "nginx", "ray"):
+    for program in ("redis-server", "nginx", ray_program()):
         if not (shutil.which(program) or os.path.exists(f"/usr/sbin/{program}")):
             raise StackError(f"{program} is not installed: run `bash infra/install.sh`, "
                              "which installs redis-server and nginx with apt-get and Ray "
-                             "with pip")
+                             "into .venv")
     busy = [f"{name} port {port}" for name, port in config.ports.items() if port_busy(port)]
     if busy:
         raise StackError(f"busy: {', '.join(busy)}. Stop what uses it (or an earlier "
