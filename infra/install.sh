@@ -63,18 +63,28 @@ if [ ! -e "$venv" ]; then
 fi
 pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check -c infra/constraints.txt)
 
-cpu_torch='import sys, torch; sys.exit(torch.version.cuda is not None)'
-if ! "$venv/bin/python" -c "$cpu_torch" 2>/dev/null; then
+torch_pin=$(grep '^torch==' infra/constraints.txt)
+installed_torch='import importlib.metadata as m; print("torch==" + m.version("torch"))'
+if [ "$("$venv/bin/python" -c "$installed_torch" 2>/dev/null)" != "$torch_pin" ]; then
   echo "installing torch (CPU build) into $venv"
   # the constraint names the CPU build's version (2.13.0+cpu), so a package index that
   # offers only CUDA builds (PyPI, for Linux) makes this fail at once instead of
   # downloading gigabytes of CUDA libraries
   if ! "${pip[@]}" torch; then
-    say "pip found no CPU build of torch ($(grep '^torch' infra/constraints.txt)): point" \
+    say "pip found no CPU build of torch ($torch_pin): point" \
         "pip at one (PIP_FIND_LINKS=a directory holding its wheel, or PIP_EXTRA_INDEX_URL=" \
         "the URL of PyTorch's CPU wheel index) and run this again"
     exit 1
   fi
 fi
+# pip runs again only when what it installed from has changed (or another set of extras)
+stamp="$venv/.tpserve-installed${extras:+-test}"
+want=$(cat pyproject.toml infra/constraints.txt | sha256sum | cut -d' ' -f1)
+for done in "$stamp" "$venv/.tpserve-installed-test"; do
+  if [ "$(cat "$done" 2>/dev/null)" = "$want" ]; then
+    exit 0
+  fi
+done
 echo "installing tpserve${extras} into $venv"
 "${pip[@]}" -e ".${extras}"
+echo "$want" > "$stamp"
