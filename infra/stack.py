@@ -173,10 +173,15 @@ def ray_died(ray: subprocess.Popen, log: Path, lines: int = 15) -> str | None:
     if code is None:
         return None
     text = log.read_text(errors="replace") if log.exists() else ""
-    tail = "\n".join("    " + line for line in text.rstrip().splitlines()[-lines:])
     fix = next((f for cause, f in RAY_FIXES if cause in text.lower()),
                f"fix what its log says ({log}), then `tpserve up` again")
-    return f"Ray exited (status {code}); the end of {log}:\n{tail}\n  fix: {fix}"
+    return f"Ray exited (status {code}); the end of {log}:\n{log_tail(log, lines)}\n  fix: {fix}"
+
+
+def log_tail(log: Path, lines: int = 15) -> str:
+    """The last `lines` lines of a log, indented; empty when there is none."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return "\n".join("    " + line for line in text.rstrip().splitlines()[-lines:])
 
 
 def stack_env(config: StackConfig, state: Path, token: str) -> dict[str, str]:
@@ -194,8 +199,15 @@ def start(engine: dict[str, Any], config: StackConfig, state: Path, env: dict[st
     """Services and the Serve app on the started Ray; returns the services' pids. Every
     wait ends at once, with Ray's log, when the Ray head exits."""
     died = functools.partial(ray_died, ray, state / "ray.log")
-    progress("starting Ray", lambda: port_busy(config.dashboard_port) and serve_api_up(config),
-             120, failed=died)
+    try:
+        progress("starting Ray",
+                 lambda: port_busy(config.dashboard_port) and serve_api_up(config), 120,
+                 failed=died)
+    except StackError as e:  # alive but not answering: what it last said
+        if ray.poll() is not None:
+            raise
+        raise StackError(f"{e}; the end of {state / 'ray.log'}:\n"
+                         f"{log_tail(state / 'ray.log')}") from None
     proxy = f"127.0.0.1:{config.serve_port}"  # nginx's upstream until it follows the router
     services = subprocess.run(
         [sys.executable, "-m", "infra.services", "up", "--state", str(state), "--bind",
