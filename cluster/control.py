@@ -21,7 +21,6 @@ clients do.
 from __future__ import annotations
 
 import json
-import os
 import time
 import urllib.error
 import urllib.request
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from cluster.ray_token import read_token
 
 # the Serve application and its engine deployment, by name (here, not in cluster/app.py,
 # so that the CLI reads and scales them without importing Ray or torch)
@@ -51,12 +52,9 @@ class ReplicaState:
 
 def ray_auth_headers() -> dict[str, str]:
     """The Authorization header for a Ray cluster with token auth (Ray's default for local
-    clusters since 2.5x): the token from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
-    ~/.ray/auth_token, as Ray's own clients look for it. Empty when there is none."""
-    token = os.environ.get("RAY_AUTH_TOKEN")
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
-    if not token and path.is_file():
-        token = path.read_text().strip()
+    clusters since 2.5x), with the token Ray's own clients send (cluster/ray_token.py).
+    Empty when there is none."""
+    token = read_token()
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 

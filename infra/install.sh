@@ -1,16 +1,40 @@
 #!/usr/bin/env bash
 # Installs what tpserve needs on a fresh Debian-like machine: system packages through
-# apt-get (redis-server and nginx for the stack; with --test also openssh-server and rsync
-# for the `ray up` test, chromium and chromium-driver for the dashboard test) and the
-# Python packages (torch pinned to its CPU build through infra/constraints.txt). Safe to
-# run again: only what is missing is installed.
+# apt-get (redis-server and nginx for the stack; python3-venv when python3 cannot make a
+# virtual environment; with --test also openssh-server and rsync for the `ray up` test,
+# chromium and chromium-driver for the dashboard test) and the Python packages into the
+# project's own virtual environment, .venv in the repository root (made with the first
+# python3 on PATH, 3.11 or newer; Debian's own python3 refuses `pip install` outside one).
+# torch is the CPU build, pinned in infra/constraints.txt: pip never picks a CUDA build.
+# Safe to run again: only what is missing is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+venv=.venv
 extras=""
 packages=(nginx redis-server)
 if [ "${1:-}" = "--test" ]; then
   extras="[test]"
   packages+=(openssh-server rsync chromium chromium-driver)
+fi
+
+say() { echo "tpserve install: $*" >&2; }
+
+if ! command -v python3 >/dev/null; then
+  say "no python3 on PATH: install Python 3.11 or newer (Debian: apt-get install python3)"
+  exit 1
+fi
+if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  say "python3 is $(python3 -V 2>&1); tpserve needs 3.11 or newer first on PATH"
+  exit 1
+fi
+# a virtual environment that does not run (its python3 was removed) is made again
+if [ -e "$venv" ] && ! "$venv/bin/python" -c 'import sys' 2>/dev/null; then
+  say "$venv does not run; making it again"
+  rm -rf "$venv"
+fi
+# Debian's python3 makes virtual environments only with the python3-venv package
+if [ ! -e "$venv" ] && ! python3 -c 'import ensurepip' 2>/dev/null; then
+  packages+=(python3-venv)
 fi
 
 missing=()
@@ -21,7 +45,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -ne 0 ] && sudo="sudo"
   if ! command -v apt-get >/dev/null || { [ -n "$sudo" ] && ! command -v sudo >/dev/null; }; then
-    echo "tpserve: please install ${missing[*]} with your package manager" >&2
+    say "please install ${missing[*]} with your package manager"
     exit 1
   fi
   echo "installing system packages: ${missing[*]}"
@@ -29,5 +53,38 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-python3 -m pip install -q --disable-pip-version-check -c infra/constraints.txt torch==2.13.0
-python3 -m pip install -q --disable-pip-version-check -c infra/constraints.txt -e ".${extras}"
+if [ ! -e "$venv" ]; then
+  echo "making the virtual environment $venv ($(python3 -V 2>&1))"
+  if ! python3 -m venv "$venv"; then
+    rm -rf "$venv"
+    say "\`python3 -m venv $venv\` failed (Debian: apt-get install python3-venv)"
+    exit 1
+  fi
+fi
+pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check -c infra/constraints.txt)
+
+torch_pin=$(grep '^torch==' infra/constraints.txt)
+installed_torch='import importlib.metadata as m; print("torch==" + m.version("torch"))'
+if [ "$("$venv/bin/python" -c "$installed_torch" 2>/dev/null)" != "$torch_pin" ]; then
+  echo "installing torch (CPU build) into $venv"
+  # the constraint names the CPU build's version (2.13.0+cpu), so a package index that
+  # offers only CUDA builds (PyPI, for Linux) makes this fail at once instead of
+  # downloading gigabytes of CUDA libraries
+  if ! "${pip[@]}" torch; then
+    say "pip found no CPU build of torch ($torch_pin): point" \
+        "pip at one (PIP_FIND_LINKS=a directory holding its wheel, or PIP_EXTRA_INDEX_URL=" \
+        "the URL of PyTorch's CPU wheel index) and run this again"
+    exit 1
+  fi
+fi
+# pip runs again only when what it installed from has changed (or another set of extras)
+stamp="$venv/.tpserve-installed${extras:+-test}"
+want=$(cat pyproject.toml infra/constraints.txt | sha256sum | cut -d' ' -f1)
+for done in "$stamp" "$venv/.tpserve-installed-test"; do
+  if [ "$(cat "$done" 2>/dev/null)" = "$want" ]; then
+    exit 0
+  fi
+done
+echo "installing tpserve${extras} into $venv"
+"${pip[@]}" -e ".${extras}"
+echo "$want" > "$stamp"

@@ -11,6 +11,7 @@ waits until Serve reports it RUNNING and prints the URLs and the admin token. Wi
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import json
 import os
@@ -23,13 +24,14 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from cluster.control import ServeError, deploy, load_config, ray_auth_headers, replicas
 from cluster.ray_env import ray_env
+from cluster.ray_token import ensure_token
 from infra.edge import DIRECT_INGRESS_ENV, configured_upstreams
 from router.policy import RATE_LIMIT_PER_MINUTE, ROUTING_MODES, SESSION_POLICIES
 
@@ -95,11 +97,11 @@ def port_busy(port: int) -> bool:
 
 def preflight(config: StackConfig) -> None:
     """Missing programs and busy ports, as errors that say what to do."""
-    for program in ("redis-server", "nginx", "ray"):
+    for program in ("redis-server", "nginx", ray_program()):
         if not (shutil.which(program) or os.path.exists(f"/usr/sbin/{program}")):
             raise StackError(f"{program} is not installed: run `bash infra/install.sh`, "
                              "which installs redis-server and nginx with apt-get and Ray "
-                             "with pip")
+                             "into .venv")
     busy = [f"{name} port {port}" for name, port in config.ports.items() if port_busy(port)]
     if busy:
         raise StackError(f"busy: {', '.join(busy)}. Stop what uses it (or an earlier "
@@ -112,21 +114,17 @@ def up(engine: dict[str, Any], config: StackConfig, detach: bool) -> int:
     preflight(config)
     state = Path(config.state_dir)
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ensure_token()  # Ray's token auth refuses to start without one (a fresh HOME has none)
     token = secrets.token_urlsafe(24)
     env = stack_env(config, state, token)
-    log = open(state / "ray.log", "w")  # noqa: SIM115 - the child keeps it
-    ray = subprocess.Popen(
-        ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-         "--port", str(config.ray_port), "--dashboard-host", "127.0.0.1",
-         "--dashboard-port", str(config.dashboard_port), "--num-cpus", str(config.num_cpus),
-         "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    ray = start_ray(config, state, env)
     record = {"pid": ray.pid, "services": {}, "config": asdict(config)}
     write_state(state, record)
     try:
-        record["services"] = start(engine, config, state, env)
+        record["services"] = start(engine, config, state, env, ray)
     except BaseException:
         stop(record, config)
+        clear_state(state)  # a failed start leaves no stack behind for `status` / `down`
         raise
     write_state(state, record)
     (state / "admin_token").write_text(token)
@@ -152,6 +150,52 @@ def up(engine: dict[str, Any], config: StackConfig, detach: bool) -> int:
     return 0
 
 
+def ray_program() -> str:
+    """The `ray` of this interpreter's environment (the project's .venv, also when it is
+    not on PATH), else the first on PATH."""
+    beside = Path(sys.executable).parent / "ray"
+    return str(beside) if beside.exists() else (shutil.which("ray") or "ray")
+
+
+def start_ray(config: StackConfig, state: Path, env: dict[str, str]) -> subprocess.Popen:
+    """`ray start --head --block` in a process group of its own, output to state/ray.log."""
+    with open(state / "ray.log", "w") as log:  # the child keeps its own copy
+        return subprocess.Popen(
+            [ray_program(), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+             "--port", str(config.ray_port), "--dashboard-host", "127.0.0.1",
+             "--dashboard-port", str(config.dashboard_port), "--num-cpus",
+             str(config.num_cpus), "--disable-usage-stats"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+# what a Ray that died at start most often says in its log, and what to do about it
+RAY_FIXES = (
+    ("authentication token", "Ray's token auth found no token: make one with `ray "
+     "get-auth-token --generate` (it goes to ~/.ray/auth_token; RAY_AUTH_TOKEN_PATH names "
+     "another file), then `tpserve up` again"),
+    ("address already in use", "a port is taken: stop what uses it or pick other ports "
+     "(--ray-port, --dashboard-port)"),
+)
+
+
+def ray_died(ray: subprocess.Popen, log: Path, lines: int = 15) -> str | None:
+    """None while the Ray head runs; once it has exited, a message with the last `lines`
+    lines of its log and the fix for what they say."""
+    code = ray.poll()
+    if code is None:
+        return None
+    text = log.read_text(errors="replace") if log.exists() else ""
+    fix = next((f for cause, f in RAY_FIXES if cause in text.lower()),
+               f"fix what its log says ({log}), then `tpserve up` again")
+    return f"Ray exited (status {code}); the end of {log}:\n{log_tail(log, lines)}\n  fix: {fix}"
+
+
+def log_tail(log: Path, lines: int = 15) -> str:
+    """The last `lines` lines of a log, indented; empty when there is none."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return "\n".join("    " + line for line in text.rstrip().splitlines()[-lines:])
+
+
 def stack_env(config: StackConfig, state: Path, token: str) -> dict[str, str]:
     """The environment of Ray's processes: loopback only, token auth, Redis and the admin
     token for the router (never printed by Ray; the token is printed once by `up`), and the
@@ -164,18 +208,31 @@ def stack_env(config: StackConfig, state: Path, token: str) -> dict[str, str]:
             "TPSERVE_ADMIN_TOKEN": token}
 
 
-def start(engine: dict[str, Any], config: StackConfig, state: Path, env: dict[str, str]
-          ) -> dict[str, int]:
-    """Services and the Serve app on the started Ray; returns the services' pids."""
-    progress("starting Ray", lambda: port_busy(config.dashboard_port) and serve_api_up(config),
-             120)
+def start(engine: dict[str, Any], config: StackConfig, state: Path, env: dict[str, str],
+          ray: subprocess.Popen) -> dict[str, int]:
+    """Services and the Serve app on the started Ray; returns the services' pids. Every
+    wait ends at once, with Ray's log, when the Ray head exits."""
+    died = functools.partial(ray_died, ray, state / "ray.log")
+    try:
+        progress("starting Ray",
+                 lambda: port_busy(config.dashboard_port) and serve_api_up(config), 120,
+                 failed=died)
+    except StackError as e:  # alive but not answering: what it last said
+        if ray.poll() is not None:
+            raise
+        raise StackError(f"{e}; the end of {state / 'ray.log'}:\n"
+                         f"{log_tail(state / 'ray.log')}") from None
     proxy = f"127.0.0.1:{config.serve_port}"  # nginx's upstream until it follows the router
     services = subprocess.run(
         [sys.executable, "-m", "infra.services", "up", "--state", str(state), "--bind",
          "127.0.0.1", "--redis-port", str(config.redis_port), "--nginx-listen",
          f"127.0.0.1:{config.nginx_port}", "--upstream", proxy,
          "--ray-address", f"127.0.0.1:{config.ray_port}"],
-        env=env, check=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        env=env, capture_output=True, text=True)
+    if services.returncode != 0:
+        tail = "\n".join(services.stderr.rstrip().splitlines()[-15:])
+        raise StackError(f"Redis and nginx did not start (python -m infra.services exited "
+                         f"with {services.returncode}):\n{tail}")
     pids = json.loads(services.stdout.strip().splitlines()[-1])
     print("  Redis and nginx up")
     serve_config = load_config(REPO / "cluster/serve.yaml", "127.0.0.1", config.serve_port,
@@ -183,12 +240,12 @@ def start(engine: dict[str, Any], config: StackConfig, state: Path, env: dict[st
     deploy(serve_config, config.ray_dashboard)
     progress(f"deploying {config.replicas} engine replicas",
              lambda: app_running(config), config.timeout_s,
-             lambda: replica_line(config))
+             lambda: replica_line(config), failed=died)
     if env.get(DIRECT_INGRESS_ENV) == "1":
         from infra.services import nginx_conf
 
         progress("nginx on the router replicas",
-                 lambda: configured_upstreams(nginx_conf(state)) != [proxy], 30)
+                 lambda: configured_upstreams(nginx_conf(state)) != [proxy], 30, failed=died)
     return pids
 
 
@@ -221,11 +278,16 @@ def replica_line(config: StackConfig) -> str:
     return f"{sum(r.state == 'RUNNING' for r in now)}/{config.replicas} replicas running"
 
 
-def progress(what: str, done: Any, timeout_s: float, detail: Any = None) -> None:
-    """Print `what` and the changing `detail()` until `done()`; StackError on timeout."""
+def progress(what: str, done: Callable[[], bool], timeout_s: float,
+             detail: Callable[[], str] | None = None,
+             failed: Callable[[], str | None] | None = None) -> None:
+    """Print `what` and the changing `detail()` until `done()`; StackError on timeout, or
+    at once with `failed()`'s message when that says something went wrong."""
     print(f"  {what}…", flush=True)
     deadline, last = time.monotonic() + timeout_s, ""
     while not done():
+        if failed is not None and (why := failed()):
+            raise StackError(f"{what}: {why}")
         line = detail() if detail is not None else ""
         if line and line != last:
             print(f"    {line}", flush=True)
@@ -277,11 +339,21 @@ def write_state(state: Path, data: dict[str, Any]) -> None:
 
 
 def read_state(state_dir: str) -> dict[str, Any]:
+    """The stack recorded by `up` in state_dir; StackError when there is none or it cannot
+    be read (a file of another version, cut short)."""
     path = Path(state_dir) / "stack.json"
     if not path.exists():
-        raise StackError(f"no stack recorded in {state_dir}: nothing to stop (was it started "
-                         "with `tpserve up --detach`?)")
-    return json.loads(path.read_text())
+        raise StackError(f"no stack is recorded in {state_dir}: nothing started by `tpserve "
+                         "up --detach` is running there")
+    try:
+        data = json.loads(path.read_text())
+        StackConfig(**data["config"])
+        int(data["pid"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise StackError(f"{path} cannot be read ({type(e).__name__}: {e}); if no stack is "
+                         f"running, remove it (or `tpserve down --state-dir {state_dir}`, "
+                         "which stops what it can and removes it)") from e
+    return data
 
 
 def clear_state(state: Path) -> None:
@@ -290,7 +362,14 @@ def clear_state(state: Path) -> None:
 
 
 def down(state_dir: str) -> int:
-    data = read_state(state_dir)
+    try:
+        data = read_state(state_dir)
+    except StackError:
+        if not (Path(state_dir) / "stack.json").exists():
+            raise
+        clear_state(Path(state_dir))  # unreadable: nothing to stop by pid; forget it
+        print(f"removed an unreadable stack record from {state_dir}")
+        return 0
     config = StackConfig(**data["config"])
     stop(data, config)
     busy = [f"{n} {p}" for n, p in config.ports.items() if port_busy(p)]
@@ -306,18 +385,28 @@ NOT_RUNNING = 3  # `tpserve status`'s exit status when no stack is recorded (as 
 
 
 def status(state_dir: str) -> int:
+    """What `tpserve status` prints: the replicas, Serve's target, the router's health and
+    the URLs. No stack recorded: its own wording, exit status 3; a stack that is gone or
+    not answering is explained (exit status 1), never a traceback."""
     if not (Path(state_dir) / "stack.json").exists():
         print(f"tpserve is not running (no stack recorded in {state_dir}). Start it with "
               "`tpserve up`, or `tpserve up --detach` to keep the shell.")
         return NOT_RUNNING
     data = read_state(state_dir)
     config = StackConfig(**data["config"])
-    print(f"Ray head pid {data['pid']} ({'alive' if alive(data['pid']) else 'gone'})")
+    if not alive(data["pid"]):
+        raise StackError(f"the stack recorded in {state_dir} is not running (its Ray head, "
+                         f"pid {data['pid']}, is gone): `tpserve down --state-dir {state_dir}` "
+                         "clears the record, `tpserve up` starts a new stack")
+    print(f"Ray head pid {data['pid']} (alive)")
+    token_file = Path(state_dir) / "admin_token"
+    if not token_file.exists():
+        raise StackError(f"the stack in {state_dir} is still starting (no admin token yet), "
+                         "or its start failed: try again in a moment, or `tpserve down`")
     edge = f"http://127.0.0.1:{config.nginx_port}"
-    token = (Path(state_dir) / "admin_token").read_text()
     try:
-        req = urllib.request.Request(f"{edge}/admin/replicas",
-                                     headers={"Authorization": f"Bearer {token}"})
+        req = urllib.request.Request(f"{edge}/admin/replicas", headers={
+            "Authorization": f"Bearer {token_file.read_text().strip()}"})
         with urllib.request.urlopen(req, timeout=10) as resp:
             admin = json.loads(resp.read())
         running = sum(r["state"] == "RUNNING" for r in admin["replicas"])
@@ -328,8 +417,9 @@ def status(state_dir: str) -> int:
         with urllib.request.urlopen(f"{edge}/healthz", timeout=5) as resp:
             health = json.loads(resp.read())
         print(f"  router: {health['status']} (Redis {'up' if health['redis'] else 'down'})")
-    except (ServeError, OSError, KeyError) as e:
-        print(f"  not answering: {e}")
+    except (ServeError, OSError, http.client.HTTPException, ValueError, KeyError,
+            TypeError) as e:
+        print(f"  not answering at {edge}: {type(e).__name__}: {e}")
         return 1
     print(f"  API {config.api_url}  dashboard http://127.0.0.1:{config.nginx_port}/dashboard"
           f"  Ray dashboard {config.ray_dashboard}")

@@ -9,10 +9,15 @@
 # TPSERVE_RAY_PORT 6379, TPSERVE_DASHBOARD_PORT 8265, TPSERVE_REDIS_PORT 6380,
 # TPSERVE_HTTP_PORT 8000 (Serve, loopback only), TPSERVE_NGINX_LISTEN 0.0.0.0:8080,
 # TPSERVE_SERVE_CONFIG cluster/serve.yaml, TPSERVE_ENGINE_JSON '{}' (EngineConfig overrides),
-# TPSERVE_STATE ~/.tpserve (Redis password and configs, nginx prefix).
+# TPSERVE_STATE ~/.tpserve (Redis password and configs, nginx prefix). Ray's token: the
+# one copied here (cluster.yaml's file_mounts), else one made in ~/.ray/auth_token.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ -x .venv/bin/python ]; then  # the project's environment (infra/install.sh makes it)
+  export VIRTUAL_ENV="$PWD/.venv" PATH="$PWD/.venv/bin:$PATH"
+fi
 export RAY_AUTH_MODE=token
+python3 -m cluster.ray_token  # Ray refuses to start with token auth and no token: make one
 set -a; . cluster/ray.env; set +a  # Serve's settings on this node (Ray reads them at start)
 bind=${TPSERVE_BIND:-$(hostname -I | awk '{print $1}')}
 ray_port=${TPSERVE_RAY_PORT:-6379}

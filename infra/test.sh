@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The README's second command: install what the tests need, lint, then run the CPU tests
-# (GPU tests are marked `gpu` / `multigpu` and run on the device machine).
+# The README's second command: install what the tests need (into .venv, infra/install.sh),
+# lint, then run the CPU tests (GPU tests are marked `gpu` / `multigpu` and run on the
+# device machine). The tests' subprocesses (python, ray, tpserve) are .venv's: it comes
+# first on PATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash infra/install.sh --test
-python3 -m ruff check .
-python3 -m pytest -q -m "not gpu and not multigpu" "$@"
+export VIRTUAL_ENV="$PWD/.venv" PATH="$PWD/.venv/bin:$PATH"
+python -m ruff check .
+python -m pytest -q -m "not gpu and not multigpu" "$@"

@@ -1,10 +1,13 @@
 """`ray up cluster/cluster.local.yaml` / `ray down` for real, over SSH on loopback.
 
-The test starts its own sshd on 127.0.0.1 (Debian's openssh-server) with a key it makes,
-writes a copy of cluster/cluster.local.yaml with that key and its own ports, and runs the
-real cluster launcher: the yaml's setup and start commands run over SSH, the head comes
-up with Redis, nginx and the Serve app, a completion comes back through nginx, and after
-`ray down -y` nothing of it is running and its ports are free.
+The test starts its own sshd on 127.0.0.1 (Debian's openssh-server) with a key it makes
+and a HOME of its own for the sessions (empty but for a ~/.bashrc that puts this test's
+Python environment on PATH, as a node's image would: no Ray token, nothing installed
+there), writes a copy of cluster/cluster.local.yaml with that key and its own ports, and
+runs the real cluster launcher: the yaml's setup and start commands run over SSH, the head
+comes up with Redis, nginx and the Serve app (and a Ray token it made), a completion comes
+back through nginx, and after `ray down -y` nothing of it is running and its ports are
+free.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -33,8 +37,10 @@ SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 
 
 @pytest.fixture
-def sshd(tmp_path: Path) -> Iterator[tuple[Path, int]]:
-    """An sshd of this test's own on 127.0.0.1:PORT accepting a key made here."""
+def sshd(tmp_path: Path) -> Iterator[tuple[Path, int, Path]]:
+    """An sshd of this test's own on 127.0.0.1:PORT accepting a key made here; its sessions
+    get HOME=tmp_path/home (yielded), whose ~/.bashrc puts this interpreter's environment
+    first on PATH (Ray's command runner sources it)."""
     if not (os.path.exists(SSHD) and shutil.which("rsync") and os.geteuid() == 0):
         pytest.skip("needs root, openssh-server and rsync (infra/install.sh --test installs them)")
     key = tmp_path / "id_ed25519"
@@ -43,13 +49,16 @@ def sshd(tmp_path: Path) -> Iterator[tuple[Path, int]]:
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)],
                        check=True)
     (tmp_path / "authorized_keys").write_text(key.with_suffix(".pub").read_text())
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".bashrc").write_text(f'export PATH="{Path(sys.executable).parent}:$PATH"\n')
     port = free_port()
     config = tmp_path / "sshd_config"
     config.write_text("\n".join([
         f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {host_key}",
         f"PidFile {tmp_path / 'sshd.pid'}", f"AuthorizedKeysFile {tmp_path / 'authorized_keys'}",
         "UsePAM no", "PermitRootLogin prohibit-password", "PasswordAuthentication no",
-        "StrictModes no", "",
+        "StrictModes no", f"SetEnv HOME={home}", "",
     ]))
     Path("/run/sshd").mkdir(exist_ok=True)
     proc = subprocess.Popen([SSHD, "-D", "-f", str(config), "-E", str(tmp_path / "sshd.log")])
@@ -59,7 +68,7 @@ def sshd(tmp_path: Path) -> Iterator[tuple[Path, int]]:
             assert proc.poll() is None and time.monotonic() < deadline, (
                 (tmp_path / "sshd.log").read_text())
             time.sleep(0.1)
-        yield key, port
+        yield key, port, home
     finally:
         proc.terminate()
         proc.wait(10)
@@ -76,8 +85,8 @@ def stack_processes(marker: str) -> list[str]:
     return [line for line in out.splitlines() if "pgrep" not in line]
 
 
-def test_ray_up_and_down_round_trip(sshd: tuple[Path, int], tmp_path: Path) -> None:
-    key, ssh_port = sshd
+def test_ray_up_and_down_round_trip(sshd: tuple[Path, int, Path], tmp_path: Path) -> None:
+    key, ssh_port, home = sshd
     ports = {name: free_port() for name in ("ray", "dashboard", "redis", "http", "nginx")}
     name = f"tpserve-test-{uuid.uuid4().hex[:8]}"
     state = tmp_path / "state"
@@ -134,7 +143,6 @@ def test_ray_up_and_down_round_trip(sshd: tuple[Path, int], tmp_path: Path) -> N
         time.sleep(1)
     assert not left, left
     assert not any(port_busy(p) for p in ports.values()), ports
-    for leftover in (Path(f"/tmp/ray/cluster-{name}.state"),
-                     Path.home() / "ray_bootstrap_key.pem"):
-        leftover.unlink(missing_ok=True)
+    assert (home / ".ray" / "auth_token").is_file()  # start_head.sh made the head's token
+    Path(f"/tmp/ray/cluster-{name}.state").unlink(missing_ok=True)
     signal.getsignal(signal.SIGINT)  # the test process itself is untouched

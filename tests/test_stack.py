@@ -1,4 +1,5 @@
-"""The local stack as a user runs it: `tpserve up --detach`, an openai client call through
+"""The local stack as a user runs it on a fresh machine: `tpserve up --detach` with an empty
+HOME (no Ray token, no model cache, the default state dir), an openai client call through
 nginx (which goes to the router replica's own HTTP server), the dashboard in headless
 Chromium (sees 2 replicas, scales to 3 through the page, sees 3, saves a screenshot), the
 admin API's token, `tpserve down` leaving nothing alive and every port free, and a busy
@@ -35,14 +36,17 @@ ARTIFACTS = Path(os.environ.get("TPSERVE_ARTIFACTS", REPO / "test-artifacts"))
 PORT_FLAGS = ("nginx", "serve", "dashboard", "ray", "redis")
 
 
-def tpserve(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "infra.cli", *args], cwd=REPO,
+def tpserve(*args: str, timeout: float = 600, home: Path | None = None
+            ) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HOME": str(home)} if home else None
+    return subprocess.run([sys.executable, "-m", "infra.cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
 @dataclass
 class Running:
     ports: dict[str, int]
+    home: Path
     state: Path
     token: str
     output: str
@@ -61,18 +65,27 @@ def live_processes(marker: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    """`tpserve up --detach` in an empty HOME: only the ports are not the defaults."""
     ports = {name: free_port() for name in PORT_FLAGS}
-    state = tmp_path_factory.mktemp("stack")
+    home = tmp_path_factory.mktemp("home")
+    state = home / ".tpserve" / "stack"  # StackConfig's default state dir, in that HOME
     flags = [f"--{name}-port={port}" for name, port in ports.items()]
-    up = tpserve("up", "--detach", f"--state-dir={state}", *flags)
+    up = tpserve("up", "--detach", *flags, home=home)
     assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
     token = (state / "admin_token").read_text()
-    running = Running(ports, state, token, up.stdout)
+    running = Running(ports, home, state, token, up.stdout)
     try:
         yield running
     finally:
         if (state / "stack.json").exists():
-            tpserve("down", f"--state-dir={state}")
+            tpserve("down", f"--state-dir={state}", home=home)
+
+
+def test_up_on_an_empty_home_makes_what_it_needs(stack: Running) -> None:
+    token = stack.home / ".ray" / "auth_token"  # Ray's token auth refuses to start without
+    assert len(token.read_text()) == 64 and oct(token.stat().st_mode & 0o777) == "0o600"
+    assert (stack.state / "stack.json").is_file()
+    assert list((stack.home / ".cache" / "tpserve").glob("*/config.json"))  # the tiny model
 
 
 def test_up_prints_the_urls_and_the_token(stack: Running) -> None:
@@ -241,7 +254,7 @@ def test_sixteen_clients_from_one_host_get_no_429(stack: Running) -> None:
 
 
 def test_status_shows_replicas_health_and_urls(stack: Running) -> None:
-    out = tpserve("status", f"--state-dir={stack.state}", timeout=60)
+    out = tpserve("status", timeout=60, home=stack.home)  # the default state dir
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("replica ") >= 2 and "sessions=" in out.stdout
     assert "router: ok" in out.stdout and f"{stack.edge}/dashboard" in out.stdout
@@ -265,7 +278,7 @@ def test_busy_port_is_a_clear_error(stack: Running) -> None:
 
 
 def test_down_stops_everything_and_frees_the_ports(stack: Running) -> None:
-    down = tpserve("down", f"--state-dir={stack.state}", timeout=180)
+    down = tpserve("down", timeout=180, home=stack.home)
     assert down.returncode == 0, down.stdout + down.stderr
     assert not any(port_busy(p) for p in stack.ports.values())
     time.sleep(1)
