@@ -193,11 +193,12 @@ def test_after_a_cli_scale_the_dashboard_status_and_admin_api_show_its_target(
 
     ray_dashboard = f"http://127.0.0.1:{stack.ports['dashboard']}"
     assert admin_replicas(stack)["target"] == 3
-    out = tpserve("scale", "2", f"--dashboard={ray_dashboard}", "--timeout-s=240", timeout=300)
+    out = tpserve("scale", "2", f"--dashboard={ray_dashboard}", "--timeout-s=240", timeout=300,
+                  home=stack.home)  # (Ray's token is in the stack's HOME)
     assert out.returncode == 0, out.stdout + out.stderr
     admin = admin_replicas(stack)
     assert admin["target"] == 2 and len(admin["replicas"]) == 2
-    status = tpserve("status", f"--state-dir={stack.state}", timeout=60)
+    status = tpserve("status", f"--state-dir={stack.state}", timeout=60, home=stack.home)
     assert "engine replicas: 2 running (target 2)" in status.stdout, status.stdout
     with dashboard(stack) as (_, wait):
         wait.until(ec.text_to_be_present_in_element((By.ID, "replica-count"),
