@@ -186,10 +186,16 @@ class Worker:
             self._store.set(f"startup/{rank}", json.dumps(self.startup_s))
 
     def peer_startup(self) -> dict[int, dict[str, float]]:
-        """Rank 0: the start-up phases each other rank has reported so far."""
+        """Rank 0: the start-up phases of the other ranks. Each reports them at the end
+        of its start, which may come a moment after rank 0's: wait up to 10 s for them,
+        then give those reported."""
         if self.world_size == 1:
             return {}
         keys = [f"startup/{r}" for r in range(1, self.world_size)]
+        try:
+            self._store.wait(keys, timedelta(seconds=10))
+        except RuntimeError:  # (DistStoreError) a rank has not reported: the others
+            pass
         return {r: json.loads(self._store.get(k)) for r, k in enumerate(keys, start=1)
                 if self._store.check([k])}
 
