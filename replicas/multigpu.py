@@ -224,9 +224,9 @@ def prefill_and_decode(shapes: Shapes, tp: int, repeats: int) -> Iterator[dict[s
     """tp=1, then tp in each payload setting: decode ms/token, its graph replay, TTFT of
     one long prompt, start-up; then the rows: decode and TTFT against tp=1, the
     overlap's hidden share, the payloads side by side."""
-    # the default payload: the model's 16-bit dtype (bf16 on GPUs; float16 for the CPU's
-    # float32 model); the other payloads explicitly
-    wire = "float16" if shapes.device == "cpu" else "bfloat16"
+    # the default payload (auto: bf16 for the GPUs' bf16 model, float16 for the CPU's
+    # float32 one); the other payloads explicitly
+    wire = EngineConfig().wire_dtype(torch.float32 if shapes.device == "cpu" else torch.bfloat16)
     settings: list[tuple[str, int, dict[str, Any]]] = [
         ("tp1", 1, {}), ("on", tp, {}), ("off", tp, {"overlap_chunk_tokens": 0})]
     settings += [(p, tp, {"comm_dtype": p}) for p in ("float16", "float32") if p != wire]
@@ -436,28 +436,18 @@ def suite(repeats: int, tps: tuple[int, ...] = (2, 4), smoke: bool = False
 
 def decode_probe(name: str, tp: int, overrides: dict[str, Any], repeats: int = 2
                  ) -> dict[str, Any]:
-    """One engine of `name`'s shapes (random bf16 weights, 512 tokens, batch 1): batch-1
-    decode ms/token (128 in / 128 out) against its graph replay, start-up by phase and
-    shutdown: the quick look at one setting that the suite's decode row makes."""
-    start = time.perf_counter()
-    engine = Engine(EngineConfig(model=model_dir(name), load_format="random",
-                                 dtype="bfloat16", tp=tp, max_model_len=512, max_num_seqs=1,
-                                 kv_cache_memory=4 * 2**30, **overrides))
-    started = time.perf_counter() - start
-    try:
-        ms = ours_per_token(engine, prompts_for(1, 128, engine.spec.vocab_size), 128,
-                            repeats) * 1e3
-        row = {"case": f"{name}_tp{tp}_decode_b1_in128_out128", "unit": "ms/token", "tp": tp,
-               "settings": overrides, "ours": round(ms, 3),
-               "graph_replay_ms": round(graph_step_ms(engine), 3),
-               "one_shot": engine.worker.comm.one_shot is not None,
-               "startup_s": round(started, 2), "startup_phases": engine.worker.startup_s,
-               "other_ranks_phases": engine.worker.peer_startup()}
-    finally:
-        stop = time.perf_counter()
-        engine.shutdown()
-    row["shutdown_s"] = round(time.perf_counter() - stop, 2)
-    return row
+    """One engine of `name`'s shapes (random bf16 weights, 512 tokens, batch 1), measured
+    as the suite measures each engine (`engine_figures`): batch-1 decode ms/token (128 in
+    / 128 out) against its graph replay, start-up by phase, shutdown."""
+    shapes = dataclasses.replace(_shapes(False, name), prompt=448, kv_bytes=4 * 2**30)
+    fig = engine_figures(shapes, tp, overrides, repeats, seed=1)
+    return {"case": f"{name}_tp{tp}_decode_b1_in128_out{shapes.new}", "unit": "ms/token",
+            "tp": tp, "settings": overrides, "ours": round(fig["per_token_s"] * 1e3, 3),
+            "graph_replay_ms": round(fig["graph_ms"], 3), "one_shot": fig["one_shot"],
+            "ttft_in448_ms": round(fig["ttft_s"] * 1e3, 1),
+            "startup_s": round(fig["startup_s"], 2), "startup_phases": fig["startup_phases"],
+            "other_ranks_phases": fig["rank_startup_phases"],
+            "shutdown_s": round(fig["shutdown_s"], 2)}
 
 
 def main() -> None:
