@@ -108,6 +108,17 @@ FAMILY: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel], dict[str,
 }
 
 
+# the GPU tests' bf16 tolerance: max |ours_bf16 - ref_fp32| <= FACTOR x the reference
+# engine's own bf16 error + SLACK (tests/test_gpu.py says why)
+BF16_FACTOR, BF16_SLACK = 1.5, 0.05
+
+
+def prompts(vocab: int) -> list[list[int]]:
+    """Three prompts (7, 33 and 60 tokens) drawn from a fixed seed."""
+    gen = torch.Generator().manual_seed(3)
+    return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in (7, 33, 60)]
+
+
 def make_checkpoint(
     family: str,
     path: str | Path,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from checkpoints import FAMILIES, CheckpointFactory
+from checkpoints import BF16_FACTOR, BF16_SLACK, FAMILIES, CheckpointFactory, prompts
 from transformers import AutoModelForCausalLM
 
 from replicas import Engine, EngineConfig, SamplingParams, kernels
@@ -23,12 +23,6 @@ pytestmark = [
 ]
 
 NEW_TOKENS = 16
-BF16_FACTOR, BF16_SLACK = 1.5, 0.05
-
-
-def prompts(vocab: int) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(3)
-    return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in (7, 33, 60)]
 
 
 def hf_model(ckpt: str, dtype: torch.dtype) -> torch.nn.Module:

@@ -19,7 +19,7 @@ import time
 
 import pytest
 import torch
-from checkpoints import CheckpointFactory
+from checkpoints import BF16_FACTOR, BF16_SLACK, CheckpointFactory, prompts
 
 from replicas import Engine, EngineConfig, SamplingParams
 
@@ -30,12 +30,6 @@ pytestmark = [
 ]
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-BF16_FACTOR, BF16_SLACK = 1.5, 0.05
-
-
-def prompts(vocab: int) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(3)
-    return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in (7, 33, 60)]
 
 
 @pytest.mark.parametrize("family", ["llama", "glm", "qwen2"])
