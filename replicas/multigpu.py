@@ -26,6 +26,7 @@ checks the harness and the tp=2 token equality there; its timings mean nothing.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import tempfile
 import time
@@ -204,11 +205,18 @@ def engine_figures(shapes: Shapes, tp: int, overrides: dict[str, Any], repeats: 
                                "rank_startup_phases": engine.worker.peer_startup()}
     try:
         vocab = engine.spec.vocab_size
+        # a new prompt each time (a repeated one is served from the prefix cache), after
+        # one untimed prefill of the same length (the first compiles the prefill kernels)
+        fresh = iter(range(100 * seed, 100 * seed + repeats + 1))
+
+        def long_prefill() -> None:
+            engine.generate(prompts_for(1, shapes.prompt, vocab, seed=next(fresh)), one)
+
+        long_prefill()
         figures.update(
             layers=engine.spec.num_layers, hidden=engine.spec.hidden_size,
             one_shot=engine.worker.comm.one_shot is not None,
-            ttft_s=best_of(lambda: engine.generate(
-                prompts_for(1, shapes.prompt, vocab, seed=seed), one), repeats),
+            ttft_s=best_of(long_prefill, repeats),
             per_token_s=ours_per_token(engine, prompts_for(1, 128, vocab), shapes.new,
                                        repeats))
         if engine.worker.graphs is not None:
@@ -392,13 +400,33 @@ def throughput(shapes: Shapes, tp: int) -> dict[str, Any]:
             "ratio_to_tp1_engines": round(rates[tp] / rates[1], 3), "target_ratio": 0.85}
 
 
+def live_allocation_sites(top: int = 8) -> list[tuple[str, float]]:
+    """Where the CUDA memory still allocated was allocated: the first frame in this
+    project of each live block's stack (needs memory history recording on), summed per
+    site, MiB, largest first."""
+    sites: dict[str, float] = {}
+    for segment in torch.cuda.memory._snapshot()["segments"]:
+        for block in segment["blocks"]:
+            if block["state"] != "active_allocated":
+                continue
+            frames = block.get("frames") or []
+            ours = [f for f in frames if "/replicas/" in f.get("filename", "")]
+            frame = (ours or frames or [{"filename": "?", "line": 0, "name": "?"}])[0]
+            site = f"{os.path.basename(frame['filename'])}:{frame['line']} {frame['name']}"
+            sites[site] = sites.get(site, 0.0) + block["size"] / 2**20
+    return sorted(((k, round(v, 1)) for k, v in sites.items()), key=lambda kv: -kv[1])[:top]
+
+
 def shutdown_cycles(shapes: Shapes, tp: int, cycles: int = 5) -> dict[str, Any]:
     """`cycles` create / generate / shutdown rounds in this process, on a small
     checkpoint: each shutdown's seconds, rank processes still alive after it, rank 0's
-    GPU memory left allocated."""
+    GPU memory left allocated (and, on GPUs, where what is left was allocated)."""
     ckpt = shapes.model if shapes.device == "cpu" else _glm_checkpoint(layers=2)
     greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     times, left, memory, tokens = [], 0, [], []
+    cuda = shapes.device == "cuda"
+    if cuda:
+        torch.cuda.memory._record_memory_history(max_entries=100_000)
     for _ in range(cycles):
         engine = Engine(EngineConfig(model=ckpt, tp=tp, device=shapes.device,
                                      max_model_len=256, max_num_seqs=4))
@@ -407,13 +435,17 @@ def shutdown_cycles(shapes: Shapes, tp: int, cycles: int = 5) -> dict[str, Any]:
         engine.shutdown()
         times.append(round(time.perf_counter() - start, 2))
         left += sum(p.is_alive() for p in engine._procs)
-        if shapes.device == "cuda":
-            memory.append(torch.cuda.memory_allocated() // 2**20)
         del engine
+        if cuda:
+            gc.collect()
+            memory.append(torch.cuda.memory_allocated() // 2**20)
+    sites = live_allocation_sites() if cuda else []
+    if cuda:
+        torch.cuda.memory._record_memory_history(enabled=None)
     return {"case": f"{shapes.name}_tp{tp}_shutdown_cycles", "unit": "s (slowest)", "tp": tp,
             "ours": max(times), "shutdown_s": times, "ranks_left": left,
             "same_tokens_every_cycle": all(t == tokens[0] for t in tokens),
-            "rank0_mib_allocated_after": memory, "target": 5.0}
+            "rank0_mib_allocated_after": memory, "live_sites_mib": sites, "target": 5.0}
 
 
 def suite(repeats: int, tps: tuple[int, ...] = (2, 4), smoke: bool = False
@@ -423,15 +455,23 @@ def suite(repeats: int, tps: tuple[int, ...] = (2, 4), smoke: bool = False
     runnable = [tp for tp in tps if tp <= have]
     if not runnable:
         raise SystemExit(f"--suite multigpu needs at least {min(tps)} GPUs; {have} visible")
-    for tp in runnable:  # the headline figures first
-        yield from prefill_and_decode(shapes, tp, repeats)
+    started = time.perf_counter()
+
+    def timed(rows: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for row in rows:  # when each row came, for planning the suite's one device call
+            yield {**row, "suite_elapsed_s": round(time.perf_counter() - started, 1)}
+
+    def cases(tp: int) -> Iterator[dict[str, Any]]:
+        yield from prefill_and_decode(shapes, tp, repeats)  # the headline figures first
         if not smoke:
             yield from graph_all_reduce(tp)
-        yield shutdown_cycles(shapes, tp, cycles=2 if smoke else 5)
-        yield correctness(shapes, tp)
-        if not smoke:
-            yield llama_decode(tp, repeats)
             yield throughput(shapes, tp)
+            yield llama_decode(tp, repeats)
+        yield correctness(shapes, tp)
+        yield shutdown_cycles(shapes, tp, cycles=2 if smoke else 5)
+
+    for tp in runnable:
+        yield from timed(cases(tp))
 
 
 def decode_probe(name: str, tp: int, overrides: dict[str, Any], repeats: int = 2

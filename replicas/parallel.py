@@ -15,8 +15,15 @@ overflow costs one step's time and never a wrong token.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -26,6 +33,8 @@ from torch import nn
 from replicas import kernels
 from replicas.shm import ShmAllReduce
 from replicas.symm import OneShotAllReduce
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -186,10 +195,57 @@ class ColumnParallelLinear(nn.Module):
         return self(h), residual
 
 
-def tune_gemv(model: nn.Module) -> dict[str, dict[str, float | str]]:
+def gemv_cache_path() -> Path:
+    """Where measured GEMV picks are kept between starts: $TPSERVE_CACHE_DIR, else
+    ~/.cache/tpserve (as Triton keeps its compiled kernels under ~/.triton)."""
+    root = os.environ.get("TPSERVE_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "tpserve")
+    return Path(root) / "gemv_picks.json"
+
+
+def gemv_cache_key(weight: torch.Tensor, has_bias: bool, kind: str) -> str:
+    """A pick holds for one GPU model, software stack, kernel source and config list, and
+    one weight shape, dtype and layer kind: change any, and the GEMV is timed again."""
+    import triton  # (only called on the GPU path, where Triton is present)
+
+    source = hashlib.sha256(Path(kernels.__file__).read_bytes()).hexdigest()[:16]
+    return "|".join([torch.cuda.get_device_name(weight.device), f"torch {torch.__version__}",
+                     f"triton {triton.__version__}", f"kernels {source}",
+                     f"{tuple(weight.shape)} {weight.dtype}", f"bias={has_bias}", kind])
+
+
+def read_picks(path: Path) -> dict[str, dict[str, Any]]:
+    """The kept picks; an unreadable or foreign file counts as empty (it is only a cache)."""
+    try:
+        picks = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return picks if isinstance(picks, dict) else {}
+
+
+def write_picks(path: Path, new: dict[str, dict[str, Any]]) -> None:
+    """Merge `new` into the kept picks, atomically (a rename): two ranks or engines that
+    start together each write a whole file, never a torn one. A read-only home only
+    costs the timing on the next start."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        merged = {**read_picks(path), **new}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".gemv_picks.")
+        with os.fdopen(fd, "w") as f:
+            json.dump(merged, f, indent=0, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("GEMV picks not kept in %s: %s", path, exc)
+
+
+def tune_gemv(model: nn.Module, cache: Path | None = None
+              ) -> dict[str, dict[str, float | str]]:
     """Give each linear layer the Triton GEMV config that beats cuBLAS on its shape at one
     row, by measurement on this GPU (layers of one shape share the answer); returns the
-    times per shape, for the record."""
+    times per shape, for the record. Picks measured before on the same GPU model and
+    software are read from `cache` (default `gemv_cache_path()`) instead of timed."""
+    path = cache or gemv_cache_path()
+    kept, measured = read_picks(path), {}
     picked: dict[tuple[int, int, bool, str], kernels.GemvConfig | None] = {}
     report: dict[str, dict[str, float | str]] = {}
     for module in model.modules():
@@ -198,11 +254,36 @@ def tune_gemv(model: nn.Module) -> dict[str, dict[str, float | str]]:
         bias = module.bias if isinstance(module, ColumnParallelLinear) else None
         key = (*module.weight.shape, bias is not None, module.gemv_kind)
         if key not in picked:
-            picked[key], times = kernels.pick_gemv(module.weight, bias, module.gemv_kind)
-            report[str(key)] = {**{k: round(v, 2) for k, v in times.items()},
-                                "chosen": str(picked[key] or "cublas")}
+            cache_key = gemv_cache_key(module.weight, bias is not None, module.gemv_kind)
+            entry = kept.get(cache_key)
+            hit = kept_pick(entry)
+            if hit is not None:
+                picked[key] = hit[0]
+                report[str(key)] = {**(entry or {}), "cached": "yes"}
+            else:
+                picked[key], times = kernels.pick_gemv(module.weight, bias, module.gemv_kind)
+                report[str(key)] = {**{k: round(v, 2) for k, v in times.items()},
+                                    "chosen": str(picked[key] or "cublas")}
+                measured[cache_key] = report[str(key)]
         module.gemv = picked[key]
+    if measured:
+        write_picks(path, measured)
     return report
+
+
+def kept_pick(entry: Any) -> tuple[kernels.GemvConfig | None] | None:
+    """A kept pick as (config or None for cuBLAS,), or None when `entry` holds no usable
+    pick (missing, malformed, or a config no longer in the list): then time it again."""
+    chosen = entry.get("chosen") if isinstance(entry, dict) else None
+    if chosen == "cublas":
+        return (None,)
+    if not isinstance(chosen, str):
+        return None
+    try:
+        config = tuple(int(v) for v in chosen.strip("() ").split(","))
+    except ValueError:
+        return None
+    return (config,) if config in kernels.GEMV_CONFIGS else None  # type: ignore[return-value]
 
 
 class RowParallelLinear(nn.Module):

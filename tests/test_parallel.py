@@ -8,9 +8,11 @@ arrays through a queue, and are always joined or killed within a bounded time.
 
 from __future__ import annotations
 
+import json
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -325,3 +327,52 @@ def test_shard_ranges_cover_the_rows() -> None:
     assert [shard_range(12, r, 2) for r in range(2)] == [(0, 6), (6, 12)]
     assert [shard_range(8, r, 4) for r in range(4)] == [(0, 2), (2, 4), (4, 6), (6, 8)]
 
+
+
+def test_gemv_picks_are_kept_and_a_bad_cache_is_timed_again(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """tune_gemv times each shape once and keeps the pick on disk; the next start reads
+    it (no timing); a torn, foreign or stale cache entry is timed again, never trusted."""
+    from replicas import kernels, parallel
+
+    timed: list[tuple[int, ...]] = []
+
+    def pick(weight: torch.Tensor, bias: torch.Tensor | None, kind: str
+             ) -> tuple[kernels.GemvConfig | None, dict[str, float]]:
+        timed.append(tuple(weight.shape))
+        config = kernels.GEMV_CONFIGS[1] if weight.shape[0] > 16 else None
+        return config, {"cublas": 3.0, str(kernels.GEMV_CONFIGS[1]): 2.0}
+
+    monkeypatch.setattr(kernels, "pick_gemv", pick)
+    monkeypatch.setattr(parallel, "gemv_cache_key",
+                        lambda w, has_bias, kind: f"cpu|{tuple(w.shape)}|{has_bias}|{kind}")
+
+    def model() -> torch.nn.ModuleList:
+        comm = Comm()
+        return torch.nn.ModuleList([ColumnParallelLinear(32, [64], True, comm),
+                                    ColumnParallelLinear(32, [64], True, comm),  # same shape
+                                    ColumnParallelLinear(32, [8], False, comm)])
+
+    cache = tmp_path / "picks" / "gemv_picks.json"
+    first = model()
+    report = parallel.tune_gemv(first, cache)
+    assert timed == [(64, 32), (8, 32)]  # one timing per shape
+    assert [m.gemv for m in first] == [kernels.GEMV_CONFIGS[1]] * 2 + [None]
+    assert all("cached" not in r for r in report.values())
+
+    second = model()
+    report = parallel.tune_gemv(second, cache)
+    assert timed == [(64, 32), (8, 32)]  # nothing timed again
+    assert [m.gemv for m in second] == [m.gemv for m in first]
+    assert all(r["cached"] == "yes" for r in report.values())
+
+    kept = json.loads(cache.read_text())
+    kept["cpu|(64, 32)|True|plain"]["chosen"] = "(3, 3, 3, 3)"  # not a config of the list
+    cache.write_text(json.dumps(kept))
+    parallel.tune_gemv(model(), cache)
+    assert timed[2:] == [(64, 32)]
+    cache.write_text("{torn")
+    parallel.tune_gemv(model(), cache)
+    assert timed[3:] == [(64, 32), (8, 32)]
+    assert json.loads(cache.read_text())  # rewritten whole
