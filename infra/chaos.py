@@ -37,18 +37,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from infra.load import (
-    Budget,
-    LoadConfig,
-    Turn,
-    chat_turn,
-    driver_env,
-    emit,
-    environment,
-    run_clients,
-    script_args,
-)
-from infra.load import summarize as load_summary
+from infra.client import Budget, LoadConfig, Turn, chat_turn, run_clients
+from infra.results import driver_env, emit, environment, script_args
+from infra.results import summarize as load_summary
 
 FAULTS = ("kill_rank", "redis", "router", "router_kill", "scale")
 

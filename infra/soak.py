@@ -22,17 +22,9 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from infra.load import (
-    Budget,
-    LoadConfig,
-    Turn,
-    driver_env,
-    emit,
-    environment,
-    run_clients,
-    script_args,
-)
-from infra.load import summarize as load_summary
+from infra.client import Budget, LoadConfig, Turn, run_clients
+from infra.results import driver_env, emit, environment, script_args
+from infra.results import summarize as load_summary
 
 # Ray actor class names -> the role a soak reports them under
 ROLES = {"ServeReplica:tpserve:Router": "router", "ServeReplica:tpserve:Engine": "engine",
