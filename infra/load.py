@@ -31,14 +31,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import statistics
 import sys
 import time
 import urllib.request
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from infra.client import Budget, LoadConfig, Turn, run_clients, user_message
@@ -88,52 +86,6 @@ def _load_row(config: LoadConfig, out: str | None, extra: dict[str, Any] | None 
     return row
 
 
-# A Llama shape for the pinning payoff on CPU: the built-in tiny model (hidden 64) prefills
-# 1,000 tokens in about one decode step, so its TTFT is all fixed cost and no cache can
-# show; this one prefills 1,200 tokens in ~0.6 s at tp=2 on 2 cores (~0.1 s for 170 new
-# tokens after a cached prefix), a real model's proportions. Random weights
-# (load_format=random), the tiny tokenizer.
-PREFILL_MODEL = {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 6,
-                 "num_attention_heads": 12, "num_key_value_heads": 4,
-                 "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
-                 "tie_word_embeddings": False}
-PREFILL_MODEL_VERSION = "load-llama-v2"
-
-
-def prefill_model_dir() -> str:
-    """A config-only checkpoint (config.json + the tiny tokenizer) of PREFILL_MODEL, made
-    once in the tpserve cache; serve it with load_format=random."""
-    from transformers import LlamaConfig
-
-    from replicas.tiny import build_tokenizer, cache_root, special_token_ids
-
-    path = Path(cache_root()) / PREFILL_MODEL_VERSION
-    if (path / "config.json").exists():
-        return str(path)
-    tmp = Path(str(path) + f".tmp-{os.getpid()}")
-    vocab = build_tokenizer(tmp)
-    config = LlamaConfig(vocab_size=vocab, **PREFILL_MODEL, **special_token_ids(),
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-    config.architectures = ["LlamaForCausalLM"]
-    config.save_pretrained(str(tmp))
-    try:
-        os.rename(tmp, path)
-    except OSError:  # another process made it first
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(path)
-
-
-def engine_for(model: str) -> dict[str, Any]:
-    """EngineConfig fields of a named load model: "tiny" (built in) or "prefill"."""
-    if model == "tiny":
-        return {"tp": 2}
-    if model == "prefill":
-        return {"tp": 2, "model": prefill_model_dir(), "load_format": "random"}
-    raise ValueError(f"model={model!r}: use 'tiny' or 'prefill'")
-
-
 @dataclass(frozen=True)
 class PinningConfig:
     """The pinning-payoff run: conversations whose history grows past history_tokens."""
@@ -170,6 +122,7 @@ async def _conversations(config: PinningConfig, url: str, records: list[Turn]) -
 def pinning_side(config: PinningConfig, routing: str) -> dict[str, Any]:
     """One side of the comparison on a fresh stack with the given routing."""
     from infra.stack import local_stack
+    from replicas.bench import engine_for
 
     with local_stack(engine_for(config.model), replicas=config.replicas, routing=routing,
                      num_cpus=max(8, 2 * config.replicas + 2)) as stack:
@@ -211,18 +164,6 @@ def pinning_mode(config: PinningConfig, out: str | None) -> dict[str, Any]:
     return row
 
 
-def cached_prefix(previous: list[int], prompt: list[int], block_size: int) -> int:
-    """Tokens of `prompt` a prefix cache holding `previous` (the last turn's prompt and
-    the tokens it generated) can serve: the common prefix in whole blocks, leaving at least
-    one token to compute (the scheduler's rule)."""
-    common = 0
-    for a, b in zip(previous, prompt, strict=False):
-        if a != b:
-            break
-        common += 1
-    return min(common, len(prompt) - 1) // block_size * block_size
-
-
 async def _engine_turns(engine: Any, config: PinningConfig, cold_token: int = 100
                         ) -> list[dict[str, Any]]:
     """The pinning mode's conversations on one engine, turn after turn as the router sends
@@ -231,6 +172,7 @@ async def _engine_turns(engine: Any, config: PinningConfig, cold_token: int = 10
     nothing cached (its first token changed to one no other prompt starts with: cold_token,
     cold_token + 1, ...), and the tokens the cache could serve at best."""
     from replicas import SamplingParams
+    from replicas.bench import cached_prefix
 
     rng = random.Random(config.clients * 1000 + config.sessions)
     reply = SamplingParams(max_tokens=config.max_tokens, temperature=0.0, ignore_eos=True)
@@ -264,6 +206,7 @@ def pinning_engine_mode(config: PinningConfig, out: str | None) -> dict[str, Any
     """The pinning mode's conversations on the engine alone (no Ray, HTTP or Redis): what
     the prefix cache can give at best, against which the stack's figures are read."""
     from replicas import Engine, EngineConfig
+    from replicas.bench import engine_for
 
     with Engine(EngineConfig(**engine_for(config.model))) as engine:
         warm = PinningConfig(sessions=1, turns=2, model=config.model)

@@ -21,6 +21,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -314,6 +315,64 @@ def _row(case: str, unit: str, ours: float, theirs: float | None, **shape: Any
         row["transformers"] = round(theirs * 1e3, 3)
         row["ratio_ours_over_transformers"] = round(ours / theirs, 3)
     return row
+
+
+# A Llama shape for the pinning payoff on CPU: the built-in tiny model (hidden 64) prefills
+# 1,000 tokens in about one decode step, so its TTFT is all fixed cost and no cache can
+# show; this one prefills 1,200 tokens in ~0.6 s at tp=2 on 2 cores (~0.1 s for 170 new
+# tokens after a cached prefix), a real model's proportions. Random weights
+# (load_format=random), the tiny tokenizer.
+PREFILL_MODEL = {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 6,
+                 "num_attention_heads": 12, "num_key_value_heads": 4,
+                 "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+                 "tie_word_embeddings": False}
+PREFILL_MODEL_VERSION = "load-llama-v2"
+
+
+def prefill_model_dir() -> str:
+    """A config-only checkpoint (config.json + the tiny tokenizer) of PREFILL_MODEL, made
+    once in the tpserve cache; serve it with load_format=random."""
+    from transformers import LlamaConfig
+
+    from replicas.tiny import build_tokenizer, cache_root, special_token_ids
+
+    path = Path(cache_root()) / PREFILL_MODEL_VERSION
+    if (path / "config.json").exists():
+        return str(path)
+    tmp = Path(str(path) + f".tmp-{os.getpid()}")
+    vocab = build_tokenizer(tmp)
+    config = LlamaConfig(vocab_size=vocab, **PREFILL_MODEL, **special_token_ids(),
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(str(tmp))
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another process made it first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(path)
+
+
+def engine_for(model: str) -> dict[str, Any]:
+    """EngineConfig fields of a named load model: "tiny" (built in) or "prefill"."""
+    if model == "tiny":
+        return {"tp": 2}
+    if model == "prefill":
+        return {"tp": 2, "model": prefill_model_dir(), "load_format": "random"}
+    raise ValueError(f"model={model!r}: use 'tiny' or 'prefill'")
+
+
+def cached_prefix(previous: list[int], prompt: list[int], block_size: int) -> int:
+    """Tokens of `prompt` a prefix cache holding `previous` (the last turn's prompt and
+    the tokens it generated) can serve: the common prefix in whole blocks, leaving at least
+    one token to compute (the scheduler's rule)."""
+    common = 0
+    for a, b in zip(previous, prompt, strict=False):
+        if a != b:
+            break
+        common += 1
+    return min(common, len(prompt) - 1) // block_size * block_size
 
 
 def table(path: str) -> str:

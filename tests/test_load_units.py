@@ -91,7 +91,7 @@ def test_overhead_rows_from_before_direct_ingress_still_make_their_table_cell() 
 
 
 def test_cached_prefix_is_whole_blocks_of_the_common_prefix_leaving_one_token() -> None:
-    from infra.load import cached_prefix
+    from replicas.bench import cached_prefix
 
     previous = list(range(40))
     assert cached_prefix(previous, list(range(40)) + [7, 8], 16) == 32
