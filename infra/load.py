@@ -164,54 +164,22 @@ def pinning_mode(config: PinningConfig, out: str | None) -> dict[str, Any]:
     return row
 
 
-async def _engine_turns(engine: Any, config: PinningConfig, cold_token: int = 100
-                        ) -> list[dict[str, Any]]:
-    """The pinning mode's conversations on one engine, turn after turn as the router sends
-    them (history re-rendered with the chat template, the reply as text). Per turn: the
-    TTFT with the previous turn in the cache (pinned), the TTFT of the same prompt with
-    nothing cached (its first token changed to one no other prompt starts with: cold_token,
-    cold_token + 1, ...), and the tokens the cache could serve at best."""
-    from replicas import SamplingParams
-    from replicas.bench import cached_prefix
-
+def user_turns(config: PinningConfig) -> list[list[str]]:
+    """The user messages of the engine-alone conversations: config.sessions of
+    config.turns messages, the first of each config.first_words words long, the others
+    config.words."""
     rng = random.Random(config.clients * 1000 + config.sessions)
-    reply = SamplingParams(max_tokens=config.max_tokens, temperature=0.0, ignore_eos=True)
-    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    turns: list[dict[str, Any]] = []
-    for _ in range(config.sessions):
-        messages: list[dict[str, str]] = []
-        previous: list[int] = []
-        for turn in range(config.turns):
-            words = config.first_words if turn == 0 else config.words
-            messages.append({"role": "user", "content": user_message(rng, words)})
-            ids = engine.tokenizer.apply_chat_template(messages)
-            start, ttft, out, text = time.perf_counter(), None, [], ""
-            async for delta in engine.add_request(ids, reply):
-                ttft = ttft or time.perf_counter() - start
-                out += delta.token_ids
-                text += delta.text
-            start = time.perf_counter()
-            async for _ in engine.add_request([cold_token + len(turns)] + ids[1:], one):
-                cold = time.perf_counter() - start
-            turns.append({"turn": turn, "prompt": len(ids), "pinned_s": round(ttft, 4),
-                          "cold_s": round(cold, 4),
-                          "cacheable": cached_prefix(previous, ids,
-                                                     engine.config.block_size)})
-            previous = ids + out
-            messages.append({"role": "assistant", "content": text})
-    return turns
+    return [[user_message(rng, config.first_words if turn == 0 else config.words)
+             for turn in range(config.turns)] for _ in range(config.sessions)]
 
 
 def pinning_engine_mode(config: PinningConfig, out: str | None) -> dict[str, Any]:
     """The pinning mode's conversations on the engine alone (no Ray, HTTP or Redis): what
     the prefix cache can give at best, against which the stack's figures are read."""
-    from replicas import Engine, EngineConfig
-    from replicas.bench import engine_for
+    from replicas.bench import pinning_engine
 
-    with Engine(EngineConfig(**engine_for(config.model))) as engine:
-        warm = PinningConfig(sessions=1, turns=2, model=config.model)
-        asyncio.run(_engine_turns(engine, warm, cold_token=50))
-        turns = asyncio.run(_engine_turns(engine, config))
+    warmup = user_turns(PinningConfig(sessions=1, turns=2, model=config.model))
+    turns = pinning_engine(config.model, user_turns(config), config.max_tokens, warmup)
     late = [t for t in turns if t["turn"] >= 2]
     pinned = ms([t["pinned_s"] for t in late])["p50"]
     cold = ms([t["cold_s"] for t in late])["p50"]
@@ -226,7 +194,6 @@ def pinning_engine_mode(config: PinningConfig, out: str | None) -> dict[str, Any
            "config": asdict(config), "model": config.model, "tp": 2, **environment()}
     emit(row, out)
     return row
-
 
 
 # ---- command line ----------------------------------------------------------------------

@@ -375,6 +375,52 @@ def cached_prefix(previous: list[int], prompt: list[int], block_size: int) -> in
     return min(common, len(prompt) - 1) // block_size * block_size
 
 
+async def conversation_turns(engine: Engine, conversations: list[list[str]], max_tokens: int,
+                             cold_token: int = 100) -> list[dict[str, Any]]:
+    """Chats on one engine, turn after turn as the router sends them: each conversation's
+    user messages in order, the history re-rendered with the chat template, the reply
+    appended as text. Per turn: the TTFT with the previous turn in the cache (pinned), the
+    TTFT of the same prompt with nothing cached (its first token changed to one no other
+    prompt starts with: cold_token, cold_token + 1, ...), and the tokens the cache could
+    serve at best."""
+    reply = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    turns: list[dict[str, Any]] = []
+    for users in conversations:
+        messages: list[dict[str, str]] = []
+        previous: list[int] = []
+        for turn, content in enumerate(users):
+            messages.append({"role": "user", "content": content})
+            ids = engine.tokenizer.apply_chat_template(messages)
+            start, ttft, out, text = time.perf_counter(), None, [], ""
+            async for delta in engine.add_request(ids, reply):
+                ttft = ttft or time.perf_counter() - start
+                out += delta.token_ids
+                text += delta.text
+            start = time.perf_counter()
+            async for _ in engine.add_request([cold_token + len(turns)] + ids[1:], one):
+                cold = time.perf_counter() - start
+            turns.append({"turn": turn, "prompt": len(ids), "pinned_s": round(ttft, 4),
+                          "cold_s": round(cold, 4),
+                          "cacheable": cached_prefix(previous, ids,
+                                                     engine.config.block_size)})
+            previous = ids + out
+            messages.append({"role": "assistant", "content": text})
+    return turns
+
+
+def pinning_engine(model: str, conversations: list[list[str]], max_tokens: int,
+                   warmup: list[list[str]]) -> list[dict[str, Any]]:
+    """The pinning payoff on the engine alone (no Ray, HTTP or Redis): the turns of
+    `conversations` (see conversation_turns) on an engine of the load model `model` (see
+    engine_for), after the untimed `warmup` conversations (imports, first steps). The
+    bound the stack's pinning figures are read against (`python -m infra.load --mode
+    pinning-engine`)."""
+    with Engine(EngineConfig(**engine_for(model))) as engine:
+        asyncio.run(conversation_turns(engine, warmup, max_tokens, cold_token=50))
+        return asyncio.run(conversation_turns(engine, conversations, max_tokens))
+
+
 def table(path: str) -> str:
     """A markdown table of a results file (JSON lines), for the README."""
     rows = [json.loads(line) for line in open(path) if line.strip()]
