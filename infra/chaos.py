@@ -1,7 +1,7 @@
 """Faults under load: `python -m infra.chaos [--faults kill_rank,redis,router,scale]`.
 
 Starts a local stack (the tiny model, tp=2, 2 replicas) on free loopback ports, runs the
-streaming multi-turn clients of infra/load.py through nginx and, during the load, one
+streaming multi-turn clients of infra/client.py through nginx and, during the load, one
 fault after another, each waited out until the stack has recovered:
 
 - `kill_rank`: start a long stream (the probe), and once it has its first token kill

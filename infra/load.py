@@ -24,6 +24,11 @@ command. Everything runs on loopback and stops by itself (bounded requests and t
   to the stack (the same hop the router itself makes). Sequential requests, the paths
   interleaved call by call. `--direct-ingress` also times the router replica's own HTTP
   server (Serve's direct ingress, an experimental Serve setting the stack does not use).
+
+The modes live here; the streaming client in infra/client.py, the run summary and a
+result line's frame in infra/results.py, the README table (`--table`) in
+infra/report.py, the overhead mode in infra/overhead.py, and the engine-alone run
+(`pinning-engine`) and the load models in replicas/bench.py.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Memory under steady load: `python -m infra.soak [--duration 600]` (not in CI).
 
 Starts a local stack (the tiny model, tp=2, 2 replicas), runs the streaming multi-turn
-clients of infra/load.py for `--duration` seconds (new sessions all the time, so the
+clients of infra/client.py for `--duration` seconds (new sessions all the time, so the
 router's per-session state and Redis keep growing as in production) and samples, every
 `--every` seconds, the resident memory (VmRSS) of the router replica, each engine replica
 (rank 0, the Serve replica) and its rank actors, the Serve proxy, Redis and nginx.

@@ -6,6 +6,10 @@ hardware, versions and command. The CPU suite runs on the built-in tiny model; a
 times there only say that the path works, the ratios say more. The GPU suite comes with
 the GPU-speed issue.
 
+`pinning_engine` is the engine-alone side of the pinning payoff: multi-turn chats, each
+turn's TTFT with the previous turn cached and with nothing cached (`python -m infra.load
+--mode pinning-engine` runs it and writes its row with the stack's).
+
 Decode time per token is (time of N new tokens - time of 1 new token) / (N - 1), so
 prefill and start-up cancel out, for both engines alike.
 """
