@@ -1,7 +1,7 @@
 """Faults under load: `python -m infra.chaos [--faults kill_rank,redis,router,scale]`.
 
 Starts a local stack (the tiny model, tp=2, 2 replicas) on free loopback ports, runs the
-streaming multi-turn clients of infra/load.py through nginx and, during the load, one
+streaming multi-turn clients of infra/client.py through nginx and, during the load, one
 fault after another, each waited out until the stack has recovered:
 
 - `kill_rank`: start a long stream (the probe), and once it has its first token kill
@@ -37,18 +37,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from infra.load import (
-    Budget,
-    LoadConfig,
-    Turn,
-    chat_turn,
-    driver_env,
-    emit,
-    environment,
-    run_clients,
-    script_args,
-)
-from infra.load import summarize as load_summary
+from infra.client import Budget, LoadConfig, Turn, chat_turn, run_clients
+from infra.results import driver_env, emit, environment, script_args
+from infra.results import summarize as load_summary
 
 FAULTS = ("kill_rank", "redis", "router", "router_kill", "scale")
 

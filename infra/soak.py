@@ -1,7 +1,7 @@
 """Memory under steady load: `python -m infra.soak [--duration 600]` (not in CI).
 
 Starts a local stack (the tiny model, tp=2, 2 replicas), runs the streaming multi-turn
-clients of infra/load.py for `--duration` seconds (new sessions all the time, so the
+clients of infra/client.py for `--duration` seconds (new sessions all the time, so the
 router's per-session state and Redis keep growing as in production) and samples, every
 `--every` seconds, the resident memory (VmRSS) of the router replica, each engine replica
 (rank 0, the Serve replica) and its rank actors, the Serve proxy, Redis and nginx.
@@ -22,17 +22,9 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from infra.load import (
-    Budget,
-    LoadConfig,
-    Turn,
-    driver_env,
-    emit,
-    environment,
-    run_clients,
-    script_args,
-)
-from infra.load import summarize as load_summary
+from infra.client import Budget, LoadConfig, Turn, run_clients
+from infra.results import driver_env, emit, environment, script_args
+from infra.results import summarize as load_summary
 
 # Ray actor class names -> the role a soak reports them under
 ROLES = {"ServeReplica:tpserve:Router": "router", "ServeReplica:tpserve:Engine": "engine",

@@ -6,6 +6,10 @@ hardware, versions and command. The CPU suite runs on the built-in tiny model; a
 times there only say that the path works, the ratios say more. The GPU suite comes with
 the GPU-speed issue.
 
+`pinning_engine` is the engine-alone side of the pinning payoff: multi-turn chats, each
+turn's TTFT with the previous turn cached and with nothing cached (`python -m infra.load
+--mode pinning-engine` runs it and writes its row with the stack's).
+
 Decode time per token is (time of N new tokens - time of 1 new token) / (N - 1), so
 prefill and start-up cancel out, for both engines alike.
 """
@@ -21,6 +25,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -314,6 +319,110 @@ def _row(case: str, unit: str, ours: float, theirs: float | None, **shape: Any
         row["transformers"] = round(theirs * 1e3, 3)
         row["ratio_ours_over_transformers"] = round(ours / theirs, 3)
     return row
+
+
+# A Llama shape for the pinning payoff on CPU: the built-in tiny model (hidden 64) prefills
+# 1,000 tokens in about one decode step, so its TTFT is all fixed cost and no cache can
+# show; this one prefills 1,200 tokens in ~0.6 s at tp=2 on 2 cores (~0.1 s for 170 new
+# tokens after a cached prefix), a real model's proportions. Random weights
+# (load_format=random), the tiny tokenizer.
+PREFILL_MODEL = {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 6,
+                 "num_attention_heads": 12, "num_key_value_heads": 4,
+                 "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+                 "tie_word_embeddings": False}
+PREFILL_MODEL_VERSION = "load-llama-v2"
+
+
+def prefill_model_dir() -> str:
+    """A config-only checkpoint (config.json + the tiny tokenizer) of PREFILL_MODEL, made
+    once in the tpserve cache; serve it with load_format=random."""
+    from transformers import LlamaConfig
+
+    from replicas.tiny import build_tokenizer, cache_root, special_token_ids
+
+    path = Path(cache_root()) / PREFILL_MODEL_VERSION
+    if (path / "config.json").exists():
+        return str(path)
+    tmp = Path(str(path) + f".tmp-{os.getpid()}")
+    vocab = build_tokenizer(tmp)
+    config = LlamaConfig(vocab_size=vocab, **PREFILL_MODEL, **special_token_ids(),
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(str(tmp))
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another process made it first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(path)
+
+
+def engine_for(model: str) -> dict[str, Any]:
+    """EngineConfig fields of a named load model: "tiny" (built in) or "prefill"."""
+    if model == "tiny":
+        return {"tp": 2}
+    if model == "prefill":
+        return {"tp": 2, "model": prefill_model_dir(), "load_format": "random"}
+    raise ValueError(f"model={model!r}: use 'tiny' or 'prefill'")
+
+
+def cached_prefix(previous: list[int], prompt: list[int], block_size: int) -> int:
+    """Tokens of `prompt` a prefix cache holding `previous` (the last turn's prompt and
+    the tokens it generated) can serve: the common prefix in whole blocks, leaving at least
+    one token to compute (the scheduler's rule)."""
+    common = 0
+    for a, b in zip(previous, prompt, strict=False):
+        if a != b:
+            break
+        common += 1
+    return min(common, len(prompt) - 1) // block_size * block_size
+
+
+async def conversation_turns(engine: Engine, conversations: list[list[str]], max_tokens: int,
+                             cold_token: int = 100) -> list[dict[str, Any]]:
+    """Chats on one engine, turn after turn as the router sends them: each conversation's
+    user messages in order, the history re-rendered with the chat template, the reply
+    appended as text. Per turn: the TTFT with the previous turn in the cache (pinned), the
+    TTFT of the same prompt with nothing cached (its first token changed to one no other
+    prompt starts with: cold_token, cold_token + 1, ...), and the tokens the cache could
+    serve at best."""
+    reply = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    turns: list[dict[str, Any]] = []
+    for users in conversations:
+        messages: list[dict[str, str]] = []
+        previous: list[int] = []
+        for turn, content in enumerate(users):
+            messages.append({"role": "user", "content": content})
+            ids = engine.tokenizer.apply_chat_template(messages)
+            start, ttft, out, text = time.perf_counter(), None, [], ""
+            async for delta in engine.add_request(ids, reply):
+                ttft = ttft or time.perf_counter() - start
+                out += delta.token_ids
+                text += delta.text
+            start = time.perf_counter()
+            async for _ in engine.add_request([cold_token + len(turns)] + ids[1:], one):
+                cold = time.perf_counter() - start
+            turns.append({"turn": turn, "prompt": len(ids), "pinned_s": round(ttft, 4),
+                          "cold_s": round(cold, 4),
+                          "cacheable": cached_prefix(previous, ids,
+                                                     engine.config.block_size)})
+            previous = ids + out
+            messages.append({"role": "assistant", "content": text})
+    return turns
+
+
+def pinning_engine(model: str, conversations: list[list[str]], max_tokens: int,
+                   warmup: list[list[str]]) -> list[dict[str, Any]]:
+    """The pinning payoff on the engine alone (no Ray, HTTP or Redis): the turns of
+    `conversations` (see conversation_turns) on an engine of the load model `model` (see
+    engine_for), after the untimed `warmup` conversations (imports, first steps). The
+    bound the stack's pinning figures are read against (`python -m infra.load --mode
+    pinning-engine`)."""
+    with Engine(EngineConfig(**engine_for(model))) as engine:
+        asyncio.run(conversation_turns(engine, warmup, max_tokens, cold_token=50))
+        return asyncio.run(conversation_turns(engine, conversations, max_tokens))
 
 
 def table(path: str) -> str:

@@ -17,6 +17,7 @@ import torch
 
 from replicas import kernels
 from replicas.model import ForwardBatch, attention_mask, feed_tokens
+from replicas.step_inputs import split_step, step_size, write_step
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -31,15 +32,16 @@ class DecodeGraphs:
             next(b for b in BUCKETS if b >= max_batch)]
         self.width, self.block_size, self.scratch = width, block_size, scratch_block
         n = self.buckets[-1]
-        # all inputs of a step in one buffer, so a step is one host-to-device copy:
-        # [ids (n) | positions (n) | slots (n) | block tables (n * width)]; two of them,
-        # taken in turn: a step may be prepared while the copy of the one before is queued
-        self.staging = [torch.zeros(n * (3 + width), dtype=torch.int64).pin_memory()
+        # all inputs of a step in one buffer (step_inputs.py's layout, n tokens and rows),
+        # so a step is one host-to-device copy; two of them, taken in turn: a step may be
+        # prepared while the copy of the one before is queued
+        self.staging = [torch.zeros(step_size(n, n, width), dtype=torch.int64).pin_memory()
                         for _ in range(2)]
         self.turn = 0
         self.inputs = torch.zeros_like(self.staging[0], device=device)
-        self.ids, self.positions, self.slots = self.inputs[:3 * n].view(3, n)
-        self.tables = self.inputs[3 * n:].view(n, width)
+        # views of self.inputs: their addresses are the ones the graphs read
+        self.ids, self.positions, self.slots, self.tables = split_step(self.inputs, n, n,
+                                                                       width)
         self.tables.fill_(scratch_block)
         self.rows = torch.arange(n, device=device)
         self.cu_q = torch.arange(n + 1, dtype=torch.int32, device=device)
@@ -87,24 +89,16 @@ class DecodeGraphs:
                feed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [len(ids), vocab] of one decode step and their argmax [len(ids)]; an id
         -(j + 1) is feed[j] (see Worker.execute)."""
-        n, width, size = len(ids), self.width, self.block_size
+        n, size, cap = len(ids), self.block_size, self.buckets[-1]
         b = next(x for x in self.buckets if x >= n)
         staging = self.staging[self.turn]
         self.turn ^= 1
-        host = staging.numpy()
-        cap = self.buckets[-1]
-        ids_h, pos_h, slots_h = host[: 3 * cap].reshape(3, cap)
-        tables_h = host[3 * cap:].reshape(cap, width)
-        ids_h[:b] = 0  # padded rows: token 0 at position 0, writing the scratch block
-        pos_h[:b] = 0
-        tables_h[:b] = self.scratch
-        slots_h[n:b] = self.scratch * size + np.arange(b - n) % size
-        ids_h[:n] = ids
-        pos_h[:n] = positions
-        for i, t in enumerate(tables):
-            tables_h[i, : len(t)] = t
-        pos = pos_h[:n]
-        slots_h[:n] = tables_h[np.arange(n), pos // size] * size + pos % size
+        host = split_step(staging.numpy(), cap, cap, self.width)
+        host.ids[n:b] = 0  # padded rows: token 0 at position 0, writing the scratch block
+        host.positions[n:b] = 0
+        host.tables[n:b] = self.scratch
+        host.slots[n:b] = self.scratch * size + np.arange(b - n) % size
+        write_step(host, ids, positions, tables, size, pad_block=self.scratch)
         self.inputs.copy_(staging, non_blocking=True)  # one copy, ordered before replay
         if feed is not None:
             feed_tokens(self.ids[:n], feed)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from transformers import AutoConfig
@@ -30,6 +31,7 @@ from replicas.loader import load_weights, random_init
 from replicas.model import CausalLM, ForwardBatch, attention_mask, feed_tokens
 from replicas.parallel import Comm, tune_gemv
 from replicas.shm import ShmAllReduce, ShmChannel
+from replicas.step_inputs import split_step, step_size, write_step
 from replicas.symm import ONE_SHOT_MAX_BYTES, OneShotAllReduce
 
 log = logging.getLogger(__name__)
@@ -401,23 +403,26 @@ class Worker:
         def put(t: torch.Tensor) -> torch.Tensor:  # no wait for the device's queue
             return t.to(dev, non_blocking=True)
 
-        num_seqs = len(batch.query_lens)
+        num_tokens, num_seqs = len(batch.input_ids), len(batch.query_lens)
         width = max(len(t) for t in batch.block_tables)
-        tables = torch.tensor([list(t) + [0] * (width - len(t)) for t in batch.block_tables],
-                              dtype=torch.int64)
-        positions = torch.tensor(batch.positions, dtype=torch.int64)
+        # ids, positions, slots and block tables (0-padded), written as the graphs write
+        # theirs; each goes to the device as its own tensor
+        flat = np.empty(step_size(num_tokens, num_seqs, width), dtype=np.int64)
+        host = split_step(flat, num_tokens, num_seqs, width)
+        token_seq = torch.from_numpy(write_step(
+            host, batch.input_ids, batch.positions, batch.block_tables, bs, pad_block=0,
+            query_lens=batch.query_lens))  # [T]
+        ids, positions, slots, tables = (torch.from_numpy(a) for a in host)
         lens = torch.tensor(batch.query_lens, dtype=torch.int64)
-        token_seq = torch.repeat_interleave(torch.arange(num_seqs), lens)  # [T]
         starts = torch.cumsum(lens, 0) - lens
-        token_off = torch.arange(len(batch.input_ids)) - starts[token_seq]
-        slots = tables[token_seq, positions // bs] * bs + positions % bs
+        token_off = torch.arange(num_tokens) - starts[token_seq]
         query_pos = torch.zeros(num_seqs, int(lens.max()), dtype=torch.int64)
         query_pos[token_seq, token_off] = positions
         query_pos = put(query_pos)
         max_q = int(lens.max())
         fast = kernels.enabled(dev)  # Triton attention: bounds per sequence, no masks
         windows = set() if fast else set(self.spec.sliding_windows)
-        input_ids = put(torch.tensor(batch.input_ids, dtype=torch.int64))
+        input_ids = put(ids)
         if feed is not None:
             feed_tokens(input_ids, feed)
         return ForwardBatch(

@@ -6,7 +6,8 @@ import pytest
 
 pytest.importorskip("aiohttp")
 from infra.chaos import Fault, attribute, judge_sessions  # noqa: E402
-from infra.load import Turn, percentile, sessions_moved, summarize  # noqa: E402
+from infra.client import Turn  # noqa: E402
+from infra.results import percentile, sessions_moved, summarize  # noqa: E402
 from infra.soak import growth  # noqa: E402
 
 
@@ -67,7 +68,8 @@ def test_soak_growth_from_warmup_to_the_median_of_the_last_samples() -> None:
 
 
 def test_overhead_row_judges_nginx_on_the_router_replica_and_its_table_cell() -> None:
-    from infra.load import _cell, overhead_row
+    from infra.overhead import overhead_row
+    from infra.report import _cell
 
     times = {"direct_handle": [0.010] * 3, "serve_router": [0.0150] * 3,
              "nginx_router": [0.0115, 0.0120, 0.0110], "router": [0.0112] * 3}
@@ -80,7 +82,7 @@ def test_overhead_row_judges_nginx_on_the_router_replica_and_its_table_cell() ->
 
 
 def test_overhead_rows_from_before_direct_ingress_still_make_their_table_cell() -> None:
-    from infra.load import _cell
+    from infra.report import _cell
 
     old = {"kind": "overhead", "p50_ms": {"direct_handle": 10.0, "serve_router": 15.0,
                                           "nginx_router": 15.5, "serve_healthz": 3.0},
@@ -89,7 +91,7 @@ def test_overhead_rows_from_before_direct_ingress_still_make_their_table_cell() 
 
 
 def test_cached_prefix_is_whole_blocks_of_the_common_prefix_leaving_one_token() -> None:
-    from infra.load import cached_prefix
+    from replicas.bench import cached_prefix
 
     previous = list(range(40))
     assert cached_prefix(previous, list(range(40)) + [7, 8], 16) == 32
@@ -101,7 +103,8 @@ def test_cached_prefix_is_whole_blocks_of_the_common_prefix_leaving_one_token() 
 
 def test_an_overhead_row_measured_without_the_stack_settings_says_so() -> None:
     from cluster.ray_env import ray_env
-    from infra.load import _cell, overhead_row
+    from infra.overhead import overhead_row
+    from infra.report import _cell
 
     times = {"direct_handle": [0.010], "serve_router": [0.015], "nginx_router": [0.011],
              "router": [0.0108]}

@@ -1,0 +1,110 @@
+"""The README's table of the stack's measurements, rendered from the result lines
+(JSON) under infra/results/: one row per line, with what was measured, the figures, the
+target, whether it was met and the git revision (`python -m infra.load --table`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from infra.results import RESULTS
+
+# ---- the README's table -------------------------------------------------------------------
+
+TABLE_FILES = ("load_cpu.jsonl", "pinning_cpu.jsonl", "overhead_cpu.jsonl", "chaos_cpu.jsonl",
+               "soak_cpu.jsonl")
+
+
+def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
+    """(what was measured, the figures, the target) of one result line."""
+    kind, c = row["kind"], row.get("config", {})
+    if kind == "load":
+        return (f"load: {c['clients']} clients x {c['turns']}-turn sessions, "
+                f"{c['max_tokens']} tokens/turn",
+                f"TTFT p50/p99 {row['ttft_ms']['p50']}/{row['ttft_ms']['p99']} ms; ITL "
+                f"p50/p99 {row['itl_ms']['p50']}/{row['itl_ms']['p99']} ms; "
+                f"{row['output_tokens_per_s']} tok/s; {row['requests']} requests: "
+                f"{row['refused']} refused, {row['failed_accepted']} failed, {row['hung']} "
+                f"hung, {row.get('retried', 0)} retried after a 429/503; sessions moved "
+                f"{row['sessions_moved']}/{row['sessions']}", "—")
+    if kind == "pinning":
+        p, r = row["pinned"], row["random"]
+        return (f"pinning payoff ({row['model']} model, {c['replicas']} replicas, prompts up "
+                f"to {min(p['max_prompt_tokens'], r['max_prompt_tokens'])} tokens)",
+                f"TTFT turns >= 3 p50: pinned {p['ttft_turn3plus_ms']['p50']} ms, random "
+                f"{r['ttft_turn3plus_ms']['p50']} ms (ratio "
+                f"{row['ttft_turn3plus_p50_ratio_pinned_over_random']}); prefix-cache hit "
+                f"rate pinned {p['prefix_hit_rate']}, random {r['prefix_hit_rate']}",
+                "ratio <= 0.33")
+    if kind == "pinning_engine":
+        t = row["ttft_turn3plus_p50_ms"]
+        return (f"pinning payoff, engine alone ({row['model']} model, no Ray/HTTP/Redis, "
+                f"prompts up to {row['max_prompt_tokens']} tokens)",
+                f"TTFT turns >= 3 p50: previous turn cached {t['pinned']} ms, nothing "
+                f"cached {t['cold']} ms (ratio {row['ratio']}); new tokens per turn p50 "
+                f"{row['new_tokens_turn3plus_p50']}; best possible prefix-cache hit rate "
+                f"{row['best_hit_rate']}", "— (the bound of the row above)")
+    if kind == "overhead":
+        p50 = row["p50_ms"]
+        from cluster.ray_env import ray_env
+        from infra.edge import DIRECT_INGRESS_ENV
+
+        # rows from before direct ingress (no "router" path) are labelled by the path instead
+        unlike = {k: v for k, v in row.get("serve_env", {}).items()
+                  if k in ray_env() and v != ray_env()[k]
+                  and ("router" in p50 or k != DIRECT_INGRESS_ENV)}
+        what = ("router overhead: 1-token completion"
+                + (f" ({', '.join(f'{k}={v}' for k, v in unlike.items())}, not "
+                   "cluster/ray.env's)" if unlike else ""))
+        if "router" in p50:  # nginx on the router replica's own server (direct ingress)
+            return (what, f"p50: engine handle {p50['direct_handle']} ms, nginx + router "
+                    f"{p50['nginx_router']} ms (router alone {p50['router']} ms); added "
+                    f"{row['added_p50_ms']} ms (nginx {row['nginx_p50_ms']}); through "
+                    f"Serve's proxy instead {p50['serve_router']} ms, added "
+                    f"{row['proxy_added_p50_ms']} ms", "added <= 2 ms")
+        return (what,  # rows from before direct ingress: nginx -> Serve's proxy -> router
+                f"p50: engine handle {p50['direct_handle']} ms, Serve + router "
+                f"{p50['serve_router']} ms, nginx + router {p50['nginx_router']} ms; added "
+                f"{row['added_p50_ms']} ms (nginx {row['nginx_p50_ms']})"
+                + (f"; Serve proxy + FastAPI floor (GET /healthz) {p50['serve_healthz']} ms"
+                   if "serve_healthz" in p50 else "")
+                + (f"; Serve direct ingress (then experimental, not the stack's setting; no "
+                   f"nginx): router {p50['ingress_router']} ms, added "
+                   f"{row['direct_ingress_added_p50_ms']} ms, GET /healthz "
+                   f"{p50['ingress_healthz']} ms" if "ingress_router" in p50 else ""),
+                "added <= 2 ms")
+    if kind == "chaos":
+        return (f"chaos: {c['faults']} under {c['clients']} clients",
+                f"accepted and failed: {row['failed_on_killed_replica']} on the killed "
+                f"replica ({row['killed_streams_ended_with_error_event']} ended with an "
+                f"error event), {row['failed_in_router_crash']} in a router crash, "
+                f"{row['failed_other']} other; hung {row['hung']}; sessions lost "
+                f"{row['sessions_lost']}/{row['sessions_checked']}; refused "
+                f"{row['refused']}; turns unrecorded while Redis was down "
+                f"{row['turns_unrecorded_redis_down']}",
+                "0 other failures, 0 hangs, 0 sessions lost"
+                + (" (a crash: streams through the router break)"
+                   if "router_kill" in c["faults"] else ""))
+    if kind == "soak":
+        return (f"soak: {c['duration']:.0f} s, {c['clients']} clients",
+                f"RSS growth after {c['warmup']:.0f} s warm-up, max over router and engine "
+                f"processes {row['max_growth_bounded_mib']} MiB; {row['requests']} requests, "
+                f"{row['failed_accepted']} failed", f"<= {row['bound_mib']:.0f} MiB")
+    raise ValueError(f"unknown result kind {kind!r}")
+
+
+def table(results: str | Path = RESULTS) -> str:
+    """A markdown table of the results files (JSON lines) under `results`, for the README."""
+    out = ["| measurement | result | target | met | rev |", "|---|---|---|---|---|"]
+    for name in TABLE_FILES:
+        path = Path(results) / name
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                what, figures, target = _cell(row)
+                met = "—" if "met" not in row else ("yes" if row["met"] else "**no**")
+                out.append(f"| {what} | {figures} | {target} | {met} | {row['git_rev']} |")
+    return "\n".join(out)

@@ -1,0 +1,70 @@
+"""The int64 inputs of one step, built on the host in one place for both ways a step runs.
+
+Layout: one flat int64 buffer, the same on the host and on the device, so that a step's
+inputs reach the device in one copy:
+
+    [ids (tokens) | positions (tokens) | slots (tokens) | block tables (rows x width)]
+
+- The eager path (`Worker.forward_batch`) makes a new buffer of the step's own sizes
+  each step (tokens = T, rows = B, width = the longest block table; tables padded with
+  block 0) and copies it to the device.
+- The decode graphs (`DecodeGraphs.replay`) write into one of their two pinned staging
+  buffers, sized for the largest bucket (tokens = rows = that bucket, width = the blocks
+  of max_model_len; tables padded with the scratch block), and copy it in place into the
+  static device buffer that their captured graphs read.
+
+`write_step` fills the first T tokens and B rows; what lies past them (the graphs' padded
+rows) is the caller's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Generic, NamedTuple, TypeVar
+
+import numpy as np
+import torch
+
+Array = TypeVar("Array", np.ndarray, torch.Tensor)
+
+
+class StepInputs(NamedTuple, Generic[Array]):
+    """Views of one flat step buffer (numpy on the host, a tensor on either side)."""
+
+    ids: Array  # [tokens] token ids
+    positions: Array  # [tokens] absolute position of each token
+    slots: Array  # [tokens] flat KV slot each token writes
+    tables: Array  # [rows, width] KV blocks of each sequence, padded
+
+
+def step_size(tokens: int, rows: int, width: int) -> int:
+    """Elements of a flat step buffer."""
+    return 3 * tokens + rows * width
+
+
+def split_step(flat: Array, tokens: int, rows: int, width: int) -> StepInputs[Array]:
+    """`flat` (step_size(tokens, rows, width) elements) as its four views; no copy."""
+    ids, positions, slots = flat[: 3 * tokens].reshape(3, tokens)
+    tables = flat[3 * tokens : step_size(tokens, rows, width)].reshape(rows, width)
+    return StepInputs(ids, positions, slots, tables)
+
+
+def write_step(host: StepInputs[np.ndarray], ids: Sequence[int], positions: Sequence[int],
+               block_tables: Sequence[Sequence[int]], block_size: int, pad_block: int,
+               query_lens: Sequence[int] | None = None) -> np.ndarray:
+    """Write a step's T tokens and B sequences into the first T tokens and B rows of
+    `host`: ids and positions as given, each block table padded with `pad_block` to the
+    buffer's width, and each token's KV slot (its sequence's block at position //
+    block_size, offset position % block_size). `query_lens`: the tokens of each sequence,
+    in order; None for one each (a decode step). Returns the sequence of each token [T]."""
+    t, b = len(ids), len(block_tables)
+    host.ids[:t] = ids
+    host.positions[:t] = positions
+    host.tables[:b] = pad_block
+    for i, table in enumerate(block_tables):
+        host.tables[i, : len(table)] = table
+    rows = np.arange(b)
+    token_seq = rows if query_lens is None else np.repeat(rows, query_lens)  # [T]
+    pos = host.positions[:t]
+    host.slots[:t] = host.tables[token_seq, pos // block_size] * block_size + pos % block_size
+    return token_seq
