@@ -521,6 +521,13 @@ class Worker:
         self.comm.one_shot = self.comm.shm = self.channel = None
         gc.collect()  # reference cycles through the modules hold tensors too
         if self.device.type == "cuda":
+            # cuBLAS keeps a workspace (32 MiB on Hopper) for each stream it ran on, in
+            # the caching allocator, for the life of the process: this engine's side
+            # streams left ~66 MiB a cycle allocated at tp=2 (seen on 2xH200)
+            clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+            if clear is not None:
+                torch.cuda.synchronize(self.device)
+                clear()
             torch.cuda.empty_cache()
 
 
