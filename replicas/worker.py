@@ -176,6 +176,7 @@ class Worker:
                                     config.block_size, self.dtype, self.device)
         phase("kv_pool")
         self.overflow_retries = 0
+        self._drained = False  # set by `close` once this GPU's queue is known empty
         self.graphs: DecodeGraphs | None = None
         self.greedy: torch.Tensor | None = None  # the last step's argmax, if its graph made it
         if self.device.type == "cuda" and config.cuda_graphs:
@@ -498,6 +499,7 @@ class Worker:
             return
         if not peer_dead:
             torch.cuda.synchronize(self.device)
+            self._drained = True
             if self.graphs is not None:
                 for graph, _, _ in self.graphs.graphs.values():
                     graph.reset()
@@ -524,8 +526,9 @@ class Worker:
             # cuBLAS keeps a workspace (32 MiB on Hopper) for each stream it ran on, in
             # the caching allocator, for the life of the process: this engine's side
             # streams left ~66 MiB a cycle allocated at tp=2 (seen on 2xH200)
+            # (only with this GPU's queue drained: no peers, or `close` synchronized)
             clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
-            if clear is not None:
+            if clear is not None and (self.world_size == 1 or self._drained):
                 torch.cuda.synchronize(self.device)
                 clear()
             torch.cuda.empty_cache()
