@@ -39,7 +39,8 @@ def environment() -> dict[str, Any]:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
         "hardware": {"cpu": platform.processor() or platform.machine(),
-                     "cores": os.cpu_count(), "gpu": gpu},
+                     "cores": os.cpu_count(), "gpu": gpu,
+                     "gpus": torch.cuda.device_count() if gpu else 0},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
         # file arguments by name only: no machine's paths in committed results
@@ -450,16 +451,46 @@ def table(path: str) -> str:
 
 
 def _multigpu_table(rows: list[dict[str, Any]]) -> str:
-    """Tensor-parallel rows: ms/token against the graph's own replay time (the
-    difference is host work between steps), start-up and shutdown."""
-    out = ["| case | all-reduce | ms/token | graph replay, ms | host gap, ms | start-up, s "
-           "| shutdown, s | gpu |", "|---|---|---|---|---|---|---|---|"]
+    """The multigpu suite's rows: each figure against tp=1 (or NCCL, for the all-reduce
+    alone) measured in the same run, its target and whether it is met."""
+    out = ["| case | unit | ours | tp=1 (or NCCL) | ratio | target | met | gpus |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['case']} | {r.get('all_reduce', '—')} | {r['ours']} | "
-                   f"{r.get('graph_replay_ms', '—')} | {r.get('host_gap_ms', '—')} | "
-                   f"{r.get('startup_s', '—')} | {r.get('shutdown_s', '—')} | "
-                   f"{r['hardware']['gpu']} |")
+        base = next((r[k] for k in ("tp1_ms", "tp1_s", "2x_tp1_tokens_per_s", "nccl_us")
+                     if k in r), "—")
+        ratio = next((r[k] for k in ("speedup_over_tp1", "ratio_to_tp1",
+                                     "ratio_to_tp1_engines") if k in r), "—")
+        target, met = _target_met(r)
+        hw = r["hardware"]
+        gpus = f"{hw.get('gpus') or 2}x {hw['gpu']}" if hw.get("gpu") else hw["cpu"]
+        out.append(f"| {r['case']} | {r['unit']} | {r['ours']} | {base} | {ratio} | "
+                   f"{target} | {met} | {gpus} |")
     return "\n".join(out)
+
+
+def _target_met(row: dict[str, Any]) -> tuple[str, str]:
+    """(the row's target as written, "yes"/"no"/"—"): ratios to tp=1 engines and hidden
+    shares are at least their target; times and ratios to tp=1 at most theirs."""
+    if row["unit"] == "tokens equal":
+        return "equal", "yes" if row["ours"] and row.get("bf16_within_tolerance") else "no"
+    if row.get("target_ratio") is not None:
+        key = "ratio_to_tp1_engines" if "ratio_to_tp1_engines" in row else "ratio_to_tp1"
+        higher = key == "ratio_to_tp1_engines"
+        value, target = row[key], row["target_ratio"]
+        label = f"{'≥' if higher else '≤'} {target}x"
+    elif row.get("target") is not None:
+        higher = row["unit"] == "hidden share"
+        value, target = row["ours"], row["target"]
+        label = f"{'≥' if higher else '≤'} {target}"
+    else:
+        return "—", "—"
+    met = value >= target if higher else value <= target
+    if row["unit"] == "s (slowest)":
+        # and nothing left behind: no rank process, no GPU memory (the GPU test's bar)
+        left = row.get("rank0_mib_allocated_after") or [0]
+        met = (met and row.get("ranks_left") == 0 and left[-1] < 64
+               and row.get("same_tokens_every_cycle", True))
+    return label, "yes" if met else "no"
 
 
 def main() -> int:

@@ -196,11 +196,11 @@ class ColumnParallelLinear(nn.Module):
 
 
 def gemv_cache_path() -> Path:
-    """Where measured GEMV picks are kept between starts: $TPSERVE_CACHE_DIR, else
-    ~/.cache/tpserve (as Triton keeps its compiled kernels under ~/.triton)."""
-    root = os.environ.get("TPSERVE_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "tpserve")
-    return Path(root) / "gemv_picks.json"
+    """Where measured GEMV picks are kept between starts: in tpserve's cache
+    ($TPSERVE_CACHE, else ~/.cache/tpserve), as Triton keeps its kernels under ~/.triton."""
+    from replicas.tiny import cache_root
+
+    return cache_root() / "gemv_picks.json"
 
 
 def gemv_cache_key(weight: torch.Tensor, has_bias: bool, kind: str) -> str:
