@@ -10,7 +10,7 @@ socket peer; X-Real-IP / X-Forwarded-For only from trusted proxies), see router/
 A session (pin and history under an id, in X-Session-ID) is stored only for a request
 that uses one, unless RouterConfig.sessions is "always".
 The engine handle is called with `.options(session_id=key)` and the engine deployment's
-request router (router/pinning.py) keeps the pin in Redis. A chat request with a known
+request router (cluster/pinning.py) keeps the pin in Redis. A chat request with a known
 session may send only its new messages with `"session": {"append": true}`: the stored
 history is prepended and the reply stored.
 
@@ -560,7 +560,7 @@ def build(args: dict[str, Any]) -> Any:
     engine = engine_deployment(
         config, float(args.get("cpus_per_rank", 1.0)),
         num_replicas=int(args.get("num_replicas", 1)),
-        request_router_class="router.pinning.PinnedRouter",
+        request_router_class="cluster.pinning.PinnedRouter",
         request_router_kwargs={"routing": router_config.routing},
     )
     return Router.bind(engine, asdict(router_config))

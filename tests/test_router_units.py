@@ -93,7 +93,7 @@ class _FakeReplica:
 
 
 def _router(routing: str, refresh_s: float = 0.0) -> object:
-    from router.pinning import PinnedRouter
+    from cluster.pinning import PinnedRouter
 
     router = object.__new__(PinnedRouter)  # no Serve machinery: only the routing state
     router.initialize_state(redis_url=None, routing=routing, refresh_s=refresh_s)
