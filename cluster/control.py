@@ -33,7 +33,7 @@ import yaml
 
 from cluster.ray_token import read_token
 
-# the Serve application and its engine deployment, by name (here, not in cluster/app.py,
+# the Serve application and its engine deployment, by name (here, not in cluster/engine.py,
 # so that the CLI reads and scales them without importing Ray or torch)
 APP_NAME = "tpserve"
 ENGINE = "Engine"

@@ -39,8 +39,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from cluster.app import REPLICA_STATS_KEY, classify, root_cause
 from cluster.control import ServeError, deployment_state, request_scale
+from cluster.engine import REPLICA_STATS_KEY, classify, root_cause
 from router import metrics
 from router.policy import (
     RATE_LIMIT_PER_MINUTE,
@@ -168,7 +168,7 @@ def count_tokens(message: dict[str, Any]) -> int:
 
 def _delta(item: dict[str, Any]) -> dict[str, Any]:
     """An item of the engine's stream; ApiError for the error item it sends instead of
-    raising when it refuses a request (cluster/app.py: EngineDeployment.generate)."""
+    raising when it refuses a request (cluster/engine.py: EngineDeployment.generate)."""
     if "error" in item:
         error = item["error"]
         raise ApiError(error["status"], error["message"], error["type"])
@@ -552,7 +552,7 @@ def build(args: dict[str, Any]) -> Any:
     args: {"engine": EngineConfig fields, "cpus_per_rank": float, "num_replicas": int,
     "router": RouterConfig fields}.
     """
-    from cluster.app import engine_deployment
+    from cluster.engine import engine_deployment
     from replicas import EngineConfig
 
     config = EngineConfig(**(args.get("engine") or {}))

@@ -1,0 +1,187 @@
+"""The engine deployment: one Serve replica = one TP group.
+
+Each engine replica is one TP group: Serve reserves a placement group of tp bundles
+(STRICT_PACK, one node) for it; the replica itself is rank 0 in bundle 0 and starts ranks
+1..tp-1 as actors in the other bundles (cluster/ranks.py). Tokens stream from rank 0
+through a DeploymentHandle; a caller that goes away cancels the stream, which aborts the
+request in the engine.
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import ray
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from cluster.control import ENGINE
+from replicas import (
+    ConfigError,
+    Engine,
+    EngineConfig,
+    EngineDeadError,
+    RequestError,
+    SamplingParams,
+)
+
+log = logging.getLogger(__name__)
+# Serve's own logger: a line logged here lands in the replica's log file (serve/replica_*)
+serve_log = logging.getLogger("ray.serve")
+
+# where each engine replica publishes its stats (JSON, short TTL) when Redis is configured
+REPLICA_STATS_KEY = "tpserve:replica:{}"
+STATS_PERIOD_S = 1.0
+# Serve waits this long for a replica being removed to finish its accepted requests
+DRAIN_TIMEOUT_S = 300.0
+
+
+def sampling_params(fields: dict[str, Any]) -> SamplingParams:
+    """SamplingParams from a request; an unknown field is the client's error too."""
+    try:
+        return SamplingParams(**fields)
+    except TypeError as e:
+        raise RequestError(f"bad sampling parameters: {e}") from e
+
+
+@serve.deployment(
+    name=ENGINE,
+    max_ongoing_requests=64,
+    # Serve stops routing to a replica after 3 failed checks in a row: at 0.5 s a replica
+    # whose rank died answers 503 for ~1.5 s, not ~6 s (the check is one cheap call)
+    health_check_period_s=0.5,
+    health_check_timeout_s=30.0,
+    graceful_shutdown_wait_loop_s=1.0,
+    graceful_shutdown_timeout_s=DRAIN_TIMEOUT_S,
+    # no access-log line per handle call: CPU in rank 0's process (the router's nginx has
+    # the requests' log)
+    logging_config={"enable_access_log": False},
+)
+class EngineDeployment:
+    """One engine replica = one TP group. Takes the engine config as plain data."""
+
+    def __init__(self, config: dict[str, Any], use_gpu: bool, cpus_per_rank: float) -> None:
+        from cluster.ranks import RankGroup
+
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.config = EngineConfig(**{**config, "device": "cuda" if use_gpu else "cpu"})
+        self.ranks = RankGroup(self.config, use_gpu, cpus_per_rank, f"tpserve-{self.replica_id}")
+        self.engine = Engine(self.config, launch=self.ranks.launch)
+        self._publishing = threading.Event()
+        url = os.environ.get("TPSERVE_REDIS_URL")
+        if url:
+            threading.Thread(target=self._publish_stats, args=(url,), daemon=True,
+                             name="tpserve-stats").start()
+
+    def _publish_stats(self, url: str) -> None:
+        """Every STATS_PERIOD_S: this replica's queue, KV use and tokens/s into Redis,
+        for the dashboard. Best effort: a Redis outage only skips beats."""
+        import redis
+
+        client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        key = REPLICA_STATS_KEY.format(self.replica_id)
+        last_tokens, last_time = 0, time.monotonic()
+        while not self._publishing.wait(STATS_PERIOD_S):
+            stats = self.engine.stats()
+            now = time.monotonic()
+            rate = (stats["tokens_out"] - last_tokens) / (now - last_time)
+            last_tokens, last_time = stats["tokens_out"], now
+            beat = {"running": stats["running"], "waiting": stats["waiting"],
+                    "tp": stats["tp"], "tokens_per_s": round(rate, 1),
+                    "kv_used": round(1 - stats["free_kv_blocks"] / stats["num_kv_blocks"], 4),
+                    # for infra/load.py: the prefix-cache hit rate
+                    "prefix_cache_hit_blocks": stats["prefix_cache_hit_blocks"],
+                    "block_size": self.config.block_size}
+            try:
+                client.set(key, json.dumps(beat), ex=int(5 * STATS_PERIOD_S))
+            except redis.RedisError:
+                continue
+
+    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Stream {token_ids, text, finish_reason, replica} dicts for one request:
+        {"prompt": str | [ids]} or {"messages": chat turns}, "params": SamplingParams
+        fields, "request_id"?. The first dict also has prompt_tokens.
+
+        A request the engine refuses (RequestError, ConfigError: the client's fault, a 400)
+        ends the stream with one {"error": {"status", "type", "message"}} item and one log
+        line, rather than an exception: Serve logs every exception a replica raises at
+        ERROR with its whole traceback."""
+        try:
+            params = sampling_params(request.get("params", {}))
+            ids = self._prompt_ids(request)
+            extra = {"prompt_tokens": len(ids)}
+            async for delta in self.engine.add_request(ids, params, request.get("request_id")):
+                yield {**dataclasses.asdict(delta), "replica": self.replica_id, **extra}
+                extra = {}
+        except (RequestError, ConfigError) as e:
+            serve_log.info("request refused (400): %s", e)
+            yield {"error": {"status": 400, "type": "invalid_request_error",
+                             "message": str(e)}, "replica": self.replica_id}
+
+    def _prompt_ids(self, request: dict[str, Any]) -> list[int]:
+        tokenizer = self.engine.tokenizer
+        if "messages" in request:
+            try:
+                return tokenizer.apply_chat_template(request["messages"])
+            except Exception as e:  # a template's own error: bad roles, order, fields
+                raise RequestError(f"the chat template rejected the messages: {e}") from e
+        prompt = request["prompt"]
+        return tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.engine.stats(), "replica": self.replica_id}
+
+    def check_health(self) -> None:
+        """Serve replaces the replica when this raises: a dead rank, a broken group."""
+        if not self.engine.healthy():
+            raise RuntimeError("engine unhealthy: a rank died or a collective failed")
+
+    def __del__(self) -> None:
+        if hasattr(self, "_publishing"):
+            self._publishing.set()
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The exception raised in the replica, without Ray's task-error wrapping."""
+    while isinstance(error, ray.exceptions.RayTaskError) and error.cause is not None:
+        error = error.cause
+    return error
+
+
+def classify(error: BaseException) -> tuple[int, str]:
+    """HTTP status and error type for an exception from the engine deployment."""
+    error = root_cause(error)
+    if isinstance(error, RequestError | ConfigError | TypeError):
+        return 400, "invalid_request_error"
+    if isinstance(error, EngineDeadError | ray.exceptions.RayActorError
+                  | ray.exceptions.ActorDiedError):
+        return 503, "replica_unavailable"
+    return 500, "internal_error"
+
+
+def engine_deployment(config: EngineConfig, cpus_per_rank: float = 1.0,
+                      use_gpu: bool | None = None, num_replicas: int = 1,
+                      request_router_class: str | None = None,
+                      request_router_kwargs: dict[str, Any] | None = None) -> Any:
+    """The engine deployment bound to `config`, with its placement group of tp bundles."""
+    if use_gpu is None:
+        use_gpu = config.device == "cuda" or (
+            config.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+    bundle = {"CPU": cpus_per_rank, **({"GPU": 1} if use_gpu else {})}
+    return EngineDeployment.options(
+        ray_actor_options={"num_cpus": cpus_per_rank, "num_gpus": 1 if use_gpu else 0},
+        placement_group_bundles=[bundle] * config.tp,
+        placement_group_strategy="STRICT_PACK",
+        num_replicas=num_replicas,
+        **({"request_router_config": RequestRouterConfig(
+            request_router_class=request_router_class,
+            request_router_kwargs=request_router_kwargs or {})} if request_router_class else {}),
+    ).bind(config.to_dict(), use_gpu, cpus_per_rank)
