@@ -29,13 +29,14 @@ from replicas import (
     RequestError,
     SamplingParams,
 )
+from router import keys
 
 log = logging.getLogger(__name__)
 # Serve's own logger: a line logged here lands in the replica's log file (serve/replica_*)
 serve_log = logging.getLogger("ray.serve")
 
-# where each engine replica publishes its stats (JSON, short TTL) when Redis is configured
-REPLICA_STATS_KEY = "tpserve:replica:{}"
+# each engine replica publishes its stats (JSON, short TTL, under router/keys.py's
+# stats key) every STATS_PERIOD_S when Redis is configured
 STATS_PERIOD_S = 1.0
 # Serve waits this long for a replica being removed to finish its accepted requests
 DRAIN_TIMEOUT_S = 300.0
@@ -84,7 +85,7 @@ class EngineDeployment:
         import redis
 
         client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
-        key = REPLICA_STATS_KEY.format(self.replica_id)
+        key = keys.stats(self.replica_id)
         last_tokens, last_time = 0, time.monotonic()
         while not self._publishing.wait(STATS_PERIOD_S):
             stats = self.engine.stats()

@@ -40,8 +40,8 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from cluster.control import ServeError, deployment_state, request_scale
-from cluster.engine import REPLICA_STATS_KEY, classify, root_cause
-from router import metrics
+from cluster.engine import classify, root_cause
+from router import keys, metrics
 from router.policy import (
     RATE_LIMIT_PER_MINUTE,
     ROUTING_MODES,
@@ -268,14 +268,14 @@ class Router:
 
     @api.get("/v1/sessions/{session_id}")
     async def get_session(self, session_id: str) -> Response:
-        stored = await self.sessions.get_session(f"session:{session_id}")
+        stored = await self.sessions.get_session(keys.session_id(session_id))
         if stored is None:
             return ApiError(404, f"no session {session_id!r}", "not_found").response()
         return JSONResponse({"id": session_id, **stored})
 
     @api.delete("/v1/sessions/{session_id}")
     async def delete_session(self, session_id: str) -> Response:
-        if not await self.sessions.delete_session(f"session:{session_id}"):
+        if not await self.sessions.delete_session(keys.session_id(session_id)):
             return ApiError(404, f"no session {session_id!r}", "not_found").response()
         return JSONResponse({"id": session_id, "deleted": True})
 
@@ -302,11 +302,11 @@ class Router:
         except ServeError as e:
             return ApiError(503, str(e), "replica_unavailable").response()
         states = serve_state.replicas
-        stats = await self.sessions.read_json(REPLICA_STATS_KEY.format("*"))
+        stats = await self.sessions.replica_stats()
         sessions = await self.sessions.sessions_per_replica()
         rows = []
         for r in states:
-            beat = stats.get(REPLICA_STATS_KEY.format(r.replica_id), {})
+            beat = stats.get(r.replica_id, {})
             rows.append({"id": r.replica_id, "state": r.state, "tp": beat.get("tp"),
                          "running": beat.get("running"), "waiting": beat.get("waiting"),
                          "kv_used": beat.get("kv_used"),
@@ -460,7 +460,7 @@ class Router:
         self.totals["ttft_count"] += 1
         if call.issued and call.session_id and self.config.routing == "pinned":
             # the next turn, sent with this id, goes to the same replica
-            await self.sessions.claim_pin(f"session:{call.session_id}", call.replica,
+            await self.sessions.claim_pin(keys.session_id(call.session_id), call.replica,
                                           [call.replica])
         return first, stream
 
@@ -488,7 +488,7 @@ class Router:
         self.totals["tokens"] += call.tokens
         if call.route == "chat" and call.session_id:
             reply = {"role": "assistant", "content": "".join(d["text"] for d in deltas)}
-            await self.sessions.append_history(f"session:{call.session_id}",
+            await self.sessions.append_history(keys.session_id(call.session_id),
                                                call.new_messages + [reply], count_tokens)
 
     def _usage(self, call: _Call) -> dict[str, int]:
