@@ -1,114 +1,95 @@
-"""The Serve application: an ingress deployment in front of the engine deployment
-(cluster/engine.py).
+"""The Serve application, composed: the router (router/app.py) as the HTTP ingress in front
+of the engine deployment (cluster/engine.py), whose request router (cluster/pinning.py)
+pins sessions.
 
-The ingress here is the minimal one of the cluster issue (`POST /v1/completions`,
-`GET /healthz`); the router package gives the full OpenAI API.
+This is where the router meets Ray: the ingress deployment gives the router its engine
+(`ServeEngine`, over the engine deployment's handle) and its control of the cluster
+(`ServeControl`, over Serve's REST API), and serves the router's FastAPI app as the
+replica's ASGI app. The router itself imports no Ray.
 """
 
-import json
-import logging
-from collections.abc import AsyncIterator
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import FastAPI
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from cluster.engine import classify, engine_deployment, root_cause
+from cluster.control import (
+    APP_NAME,
+    DEFAULT_DASHBOARD,
+    ENGINE,
+    ServeError,
+    deployment_state,
+    request_scale,
+)
+from cluster.engine import ServeEngine, engine_deployment
 from replicas import EngineConfig
+from router.admin import ControlError, DeploymentStatus, ReplicaStatus
+from router.app import Router, RouterConfig, make_api
 
-log = logging.getLogger(__name__)
-
-
-api = FastAPI(title="tpserve (cluster ingress)")
-
-
-def error_response(status: int, message: str, kind: str) -> JSONResponse:
-    headers = {"Retry-After": "1"} if status == 503 else None
-    return JSONResponse({"error": {"message": message, "type": kind}}, status, headers=headers)
+PINNED_ROUTER = "cluster.pinning.PinnedRouter"
 
 
-@serve.deployment(name="Ingress", max_ongoing_requests=256)
-@serve.ingress(api)
-class Ingress:
-    """Minimal HTTP front of the cluster: completions, streamed or not."""
+class ServeControl:
+    """The router's Control (router/admin.py) over Serve's REST API on the Ray dashboard:
+    Serve's own target, replicas and status, and its scale endpoint."""
 
-    def __init__(self, engine: DeploymentHandle) -> None:
-        self.engine = engine.options(stream=True)
+    def __init__(self, dashboard: str = DEFAULT_DASHBOARD, app: str = APP_NAME,
+                 deployment: str = ENGINE) -> None:
+        self.dashboard, self.app, self.deployment_name = dashboard, app, deployment
 
-    @api.get("/healthz")
-    async def healthz(self) -> dict[str, str]:
-        return {"status": "ok"}
-
-    @api.post("/v1/completions")
-    async def completions(self, request: Request) -> Any:
+    async def deployment(self) -> DeploymentStatus:
         try:
-            body = await request.json()
-            engine_request = {"prompt": body["prompt"], "params": {
-                k: body[k] for k in ("max_tokens", "temperature", "top_k", "top_p", "seed",
-                                     "stop", "ignore_eos") if k in body}}
-        except (ValueError, KeyError, TypeError) as e:
-            return error_response(400, f"bad request body: {e!r}", "invalid_request_error")
-        try:
-            first, stream = await self._start(engine_request)
-        except Exception as e:  # noqa: BLE001 - mapped to a status below
-            status, kind = classify(e)
-            return error_response(status, str(root_cause(e)), kind)
-        if "error" in first:  # the engine refused the request
-            error = first["error"]
-            return error_response(error["status"], error["message"], error["type"])
-        if body.get("stream"):
-            return StreamingResponse(self._sse(first, stream), media_type="text/event-stream")
-        return await self._collect(first, stream)
+            state = await asyncio.to_thread(deployment_state, self.dashboard, self.app,
+                                            self.deployment_name)
+        except ServeError as e:
+            raise ControlError(str(e)) from e
+        replicas = tuple(ReplicaStatus(r.replica_id, r.state) for r in state.replicas)
+        return DeploymentStatus(state.target, replicas, state.status, state.message)
 
-    async def _start(self, engine_request: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-        """First delta and the rest of the stream; a replica that dies before the first
-        token is retried once (Serve routes the retry to a live replica)."""
-        for attempt in (1, 2):
-            stream = self.engine.generate.remote(engine_request)
-            try:
-                return await stream.__anext__(), stream
-            except Exception as e:
-                if attempt == 2 or classify(e)[0] != 503:
-                    raise
-                log.warning("replica failed before the first token, retrying: %r", e)
-        raise AssertionError("unreachable")
-
-    async def _collect(self, first: dict[str, Any], stream: Any) -> JSONResponse:
-        deltas = [first]
+    async def request_scale(self, target: int) -> None:
         try:
-            async for delta in stream:
-                deltas.append(delta)
-        except Exception as e:  # noqa: BLE001
-            status, kind = classify(e)
-            return error_response(status, str(root_cause(e)), kind)
-        return JSONResponse({
-            "text": "".join(d["text"] for d in deltas),
-            "token_ids": [t for d in deltas for t in d["token_ids"]],
-            "finish_reason": deltas[-1]["finish_reason"],
-            "replica": first["replica"],
-        }, headers={"X-Replica-ID": first["replica"]})
+            await asyncio.to_thread(request_scale, target, self.dashboard, self.app,
+                                    self.deployment_name)
+        except ServeError as e:
+            raise ControlError(str(e)) from e
 
-    async def _sse(self, first: dict[str, Any], stream: Any) -> AsyncIterator[str]:
-        yield f"data: {json.dumps(first)}\n\n"
-        try:
-            async for delta in stream:
-                yield f"data: {json.dumps(delta)}\n\n"
-        except Exception as e:  # noqa: BLE001 - the client hears of it in-band
-            status, kind = classify(e)
-            error = {"error": {"message": str(root_cause(e)), "type": kind}}
-            yield f"data: {json.dumps(error)}\n\n"
-        yield "data: [DONE]\n\n"
+
+# no Serve access-log line per request: nginx's access log has every request (status,
+# upstream, times), and Serve's line cost the router ~0.13 ms of CPU per request (py-spy)
+@serve.deployment(name="Router", max_ongoing_requests=1024,
+                  logging_config={"enable_access_log": False})
+@serve.ingress()
+class RouterDeployment:
+    """A router replica: the router over the engine deployment's handle."""
+
+    def __init__(self, engine: DeploymentHandle, config: dict[str, Any] | None = None) -> None:
+        router_config = RouterConfig(**(config or {}))
+        self.router = Router(ServeEngine(engine), router_config,
+                             ServeControl(router_config.ray_dashboard))
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return make_api(self.router)
 
 
 def build(args: dict[str, Any]) -> Any:
-    """Application builder for Serve config files (`import_path: cluster.app:build`).
+    """Application builder (`import_path: cluster.app:build`): the router in front of the
+    engine deployment, whose request router pins sessions.
 
-    args: {"engine": EngineConfig fields, "cpus_per_rank": float, "num_replicas": int}; a
-    config file's `deployments:` section overrides num_replicas / autoscaling_config.
+    args: {"engine": EngineConfig fields, "cpus_per_rank": float, "num_replicas": int,
+    "router": RouterConfig fields}; a config file's `deployments:` section overrides
+    num_replicas / autoscaling_config.
     """
     config = EngineConfig(**(args.get("engine") or {}))
-    engine = engine_deployment(config, float(args.get("cpus_per_rank", 1.0)),
-                               num_replicas=int(args.get("num_replicas", 1)))
-    return Ingress.bind(engine)
+    router_config = RouterConfig(**(args.get("router") or {}))
+    engine = engine_deployment(
+        config, float(args.get("cpus_per_rank", 1.0)),
+        num_replicas=int(args.get("num_replicas", 1)),
+        request_router_class=PINNED_ROUTER,
+        request_router_kwargs={"routing": router_config.routing},
+    )
+    return RouterDeployment.bind(engine, asdict(router_config))

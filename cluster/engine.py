@@ -5,31 +5,37 @@ Each engine replica is one TP group: Serve reserves a placement group of tp bund
 1..tp-1 as actors in the other bundles (cluster/ranks.py). Tokens stream from rank 0
 through a DeploymentHandle; a caller that goes away cancels the stream, which aborts the
 request in the engine.
+
+Both ends of the router -> engine hop live here, and speak router/wire.py: the replica's
+`generate` reads a wire Request and yields wire Deltas, and `ServeEngine` (the router's
+engine, over the deployment's handle) reads them back. Errors become a wire ErrorEvent
+with its HTTP status in one place, `error_event`: a request the engine refuses is a 400,
+anything else (a dead replica or rank, an engine bug) a 503, which the router may retry
+once on another replica.
 """
 
-import dataclasses
 import json
 import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
+from ray.serve.handle import DeploymentHandle
 
 from cluster.control import ENGINE
 from replicas import (
     ConfigError,
     Engine,
     EngineConfig,
-    EngineDeadError,
     RequestError,
     SamplingParams,
 )
-from router import keys
+from router import keys, wire
 
 log = logging.getLogger(__name__)
 # Serve's own logger: a line logged here lands in the replica's log file (serve/replica_*)
@@ -40,6 +46,8 @@ serve_log = logging.getLogger("ray.serve")
 STATS_PERIOD_S = 1.0
 # Serve waits this long for a replica being removed to finish its accepted requests
 DRAIN_TIMEOUT_S = 300.0
+# what the engine refuses: the client's error (a 400), logged in one line
+REFUSED = (RequestError, ConfigError, wire.WireError)
 
 
 def sampling_params(fields: dict[str, Any]) -> SamplingParams:
@@ -104,35 +112,34 @@ class EngineDeployment:
                 continue
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Stream {token_ids, text, finish_reason, replica} dicts for one request:
-        {"prompt": str | [ids]} or {"messages": chat turns}, "params": SamplingParams
-        fields, "request_id"?. The first dict also has prompt_tokens.
+        """Stream the wire Deltas (router/wire.py, as dicts) of one wire Request. The first
+        also has prompt_tokens.
 
-        A request the engine refuses (RequestError, ConfigError: the client's fault, a 400)
-        ends the stream with one {"error": {"status", "type", "message"}} item and one log
-        line, rather than an exception: Serve logs every exception a replica raises at
-        ERROR with its whole traceback."""
+        A request the engine refuses (the client's fault, a 400) ends the stream with one
+        ErrorEvent and one log line, rather than an exception: Serve logs every exception
+        a replica raises at ERROR with its whole traceback."""
         try:
-            params = sampling_params(request.get("params", {}))
-            ids = self._prompt_ids(request)
-            extra = {"prompt_tokens": len(ids)}
-            async for delta in self.engine.add_request(ids, params, request.get("request_id")):
-                yield {**dataclasses.asdict(delta), "replica": self.replica_id, **extra}
-                extra = {}
-        except (RequestError, ConfigError) as e:
+            req = wire.Request.from_dict(request)
+            params = sampling_params(req.params)
+            ids = self._prompt_ids(req)
+            prompt_tokens: int | None = len(ids)
+            async for delta in self.engine.add_request(ids, params, req.request_id):
+                yield wire.Delta(delta.token_ids, delta.text, delta.finish_reason,
+                                 self.replica_id, prompt_tokens).to_dict()
+                prompt_tokens = None
+        except REFUSED as e:
             serve_log.info("request refused (400): %s", e)
-            yield {"error": {"status": 400, "type": "invalid_request_error",
-                             "message": str(e)}, "replica": self.replica_id}
+            yield error_event(e, self.replica_id).to_dict()
 
-    def _prompt_ids(self, request: dict[str, Any]) -> list[int]:
+    def _prompt_ids(self, request: wire.Request) -> list[int]:
         tokenizer = self.engine.tokenizer
-        if "messages" in request:
+        if request.messages is not None:
             try:
-                return tokenizer.apply_chat_template(request["messages"])
+                return tokenizer.apply_chat_template(request.messages)
             except Exception as e:  # a template's own error: bad roles, order, fields
                 raise RequestError(f"the chat template rejected the messages: {e}") from e
-        prompt = request["prompt"]
-        return tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        prompt = request.prompt
+        return tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt or [])
 
     def stats(self) -> dict[str, Any]:
         return {**self.engine.stats(), "replica": self.replica_id}
@@ -157,15 +164,41 @@ def root_cause(error: BaseException) -> BaseException:
     return error
 
 
-def classify(error: BaseException) -> tuple[int, str]:
-    """HTTP status and error type for an exception from the engine deployment."""
-    error = root_cause(error)
-    if isinstance(error, RequestError | ConfigError | TypeError):
-        return 400, "invalid_request_error"
-    if isinstance(error, EngineDeadError | ray.exceptions.RayActorError
-                  | ray.exceptions.ActorDiedError):
-        return 503, "replica_unavailable"
-    return 500, "internal_error"
+def error_event(error: BaseException, replica: str = "") -> wire.ErrorEvent:
+    """The one mapping of an engine failure to an HTTP status: a request the engine refuses
+    is the client's 400; anything else (a dead replica or rank, a failed collective, an
+    engine bug) is a 503, never the client's fault, and another replica may serve it."""
+    cause = root_cause(error)
+    if isinstance(cause, REFUSED):
+        return wire.ErrorEvent(400, "invalid_request_error", str(cause), replica)
+    return wire.ErrorEvent(503, "replica_unavailable", str(cause), replica)
+
+
+class ServeEngine:
+    """The router's engine (router/app.py: EngineClient) over the engine deployment's
+    handle: the request goes out with `.options(session_id=key)`, so the deployment's
+    request router (cluster/pinning.py) pins it. Never raises for a failed replica: the
+    failure is the stream's last item, an ErrorEvent (`error_event`)."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self.handle = handle.options(stream=True)
+
+    async def generate(self, request: wire.Request, session_key: str
+                       ) -> AsyncGenerator[wire.Item, None]:
+        stream = self.handle.options(session_id=session_key).generate.remote(
+            request.to_dict())
+        ended = False
+        try:
+            async for item in stream:
+                yield wire.decode(item)
+            ended = True
+        except Exception as e:  # noqa: BLE001 - mapped here, once, for the router
+            ended = True
+            log.warning("engine stream failed: %r", e)
+            yield error_event(e)
+        finally:
+            if not ended:  # the router stopped reading (its client went away): abort
+                stream.cancel()
 
 
 def engine_deployment(config: EngineConfig, cpus_per_rank: float = 1.0,

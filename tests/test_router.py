@@ -22,11 +22,11 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from ray import serve  # noqa: E402
 
+from cluster.app import build  # noqa: E402
 from cluster.control import APP_NAME, replicas, scale  # noqa: E402
 from infra import nginx  # noqa: E402
 from infra.services import wait_for_port  # noqa: E402
 from replicas.engine import free_port  # noqa: E402
-from router.app import build  # noqa: E402
 
 pytestmark = pytest.mark.slow
 REDIS = "/usr/bin/redis-server"
