@@ -20,6 +20,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import ray
@@ -56,6 +57,41 @@ def sampling_params(fields: dict[str, Any]) -> SamplingParams:
         return SamplingParams(**fields)
     except TypeError as e:
         raise RequestError(f"bad sampling parameters: {e}") from e
+
+
+async def serve_request(engine: Engine, request: dict[str, Any], replica: str
+                        ) -> AsyncGenerator[dict[str, Any], None]:
+    """Stream the wire Deltas (as dicts) of one wire Request (a dict) on `engine`; the
+    first also has prompt_tokens.
+
+    A request the engine refuses (the client's fault, a 400) ends the stream with one
+    ErrorEvent and one log line, rather than an exception: Serve logs every exception a
+    replica raises at ERROR with its whole traceback. Any other failure raises; the
+    caller's end (ServeEngine) maps it."""
+    try:
+        req = wire.Request.from_dict(request)
+        params = sampling_params(req.params)
+        ids = prompt_ids(engine, req)
+        prompt_tokens: int | None = len(ids)
+        async for delta in engine.add_request(ids, params, req.request_id):
+            yield wire.Delta(delta.token_ids, delta.text, delta.finish_reason, replica,
+                             prompt_tokens).to_dict()
+            prompt_tokens = None
+    except REFUSED as e:
+        serve_log.info("request refused (400): %s", e)
+        yield error_event(e, replica).to_dict()
+
+
+def prompt_ids(engine: Engine, request: wire.Request) -> list[int]:
+    """The prompt's token ids: chat messages through the model's chat template."""
+    tokenizer = engine.tokenizer
+    if request.messages is not None:
+        try:
+            return tokenizer.apply_chat_template(request.messages)
+        except Exception as e:  # a template's own error: bad roles, order, fields
+            raise RequestError(f"the chat template rejected the messages: {e}") from e
+    prompt = request.prompt
+    return tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt or [])
 
 
 @serve.deployment(
@@ -112,34 +148,11 @@ class EngineDeployment:
                 continue
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Stream the wire Deltas (router/wire.py, as dicts) of one wire Request. The first
-        also has prompt_tokens.
-
-        A request the engine refuses (the client's fault, a 400) ends the stream with one
-        ErrorEvent and one log line, rather than an exception: Serve logs every exception
-        a replica raises at ERROR with its whole traceback."""
-        try:
-            req = wire.Request.from_dict(request)
-            params = sampling_params(req.params)
-            ids = self._prompt_ids(req)
-            prompt_tokens: int | None = len(ids)
-            async for delta in self.engine.add_request(ids, params, req.request_id):
-                yield wire.Delta(delta.token_ids, delta.text, delta.finish_reason,
-                                 self.replica_id, prompt_tokens).to_dict()
-                prompt_tokens = None
-        except REFUSED as e:
-            serve_log.info("request refused (400): %s", e)
-            yield error_event(e, self.replica_id).to_dict()
-
-    def _prompt_ids(self, request: wire.Request) -> list[int]:
-        tokenizer = self.engine.tokenizer
-        if request.messages is not None:
-            try:
-                return tokenizer.apply_chat_template(request.messages)
-            except Exception as e:  # a template's own error: bad roles, order, fields
-                raise RequestError(f"the chat template rejected the messages: {e}") from e
-        prompt = request.prompt
-        return tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt or [])
+        """The wire items (router/wire.py, as dicts) of one wire Request: `serve_request`."""
+        # closed with the stream (a caller gone aborts the request in the engine)
+        async with aclosing(serve_request(self.engine, request, self.replica_id)) as items:
+            async for item in items:
+                yield item
 
     def stats(self) -> dict[str, Any]:
         return {**self.engine.stats(), "replica": self.replica_id}
