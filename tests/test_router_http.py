@@ -166,10 +166,15 @@ class FakeEngine:
 # ---- fixtures -------------------------------------------------------------------------------
 
 
+ROUTERS: list[Router] = []  # every router of this module; their Redis pools close at the end
+
+
 @pytest.fixture(scope="module")
 def loop() -> Iterator[Loop]:
     loop = Loop()
     yield loop
+    for router in ROUTERS:
+        loop.run(router.sessions.close())
     loop.close()
 
 
@@ -183,8 +188,11 @@ def redis_server() -> Iterator[RedisServer]:
     server.stop()
 
 
-def router_with(engine: Any, redis_server: RedisServer, **config: Any) -> Router:
-    return Router(engine, RouterConfig(redis_url=redis_server.url(), **config))
+def router_with(engine: Any, redis_server: RedisServer, control: Any = None,
+                **config: Any) -> Router:
+    ROUTERS.append(Router(engine, RouterConfig(redis_url=redis_server.url(), **config),
+                          control))
+    return ROUTERS[-1]
 
 
 @pytest.fixture
@@ -489,8 +497,7 @@ def admin(loop: Loop, redis_server: RedisServer, engine: FakeEngine,
           monkeypatch: pytest.MonkeyPatch) -> tuple[Client, FakeControl]:
     monkeypatch.setenv("TPSERVE_ADMIN_TOKEN", "sesame")
     control = FakeControl()
-    router = Router(engine, RouterConfig(redis_url=redis_server.url(), max_replicas=4), control)
-    return Client(loop, router), control
+    return Client(loop, router_with(engine, redis_server, control, max_replicas=4)), control
 
 
 AUTH = {"Authorization": "Bearer sesame"}
