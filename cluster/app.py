@@ -1,287 +1,95 @@
-"""The Serve application: an ingress deployment in front of the engine deployment.
+"""The Serve application, composed: the router (router/app.py) as the HTTP ingress in front
+of the engine deployment (cluster/engine.py), whose request router (cluster/pinning.py)
+pins sessions.
 
-Each engine replica is one TP group: Serve reserves a placement group of tp bundles
-(STRICT_PACK, one node) for it; the replica itself is rank 0 in bundle 0 and starts ranks
-1..tp-1 as actors in the other bundles (cluster/ranks.py). Tokens stream from rank 0
-through a DeploymentHandle; a caller that goes away cancels the stream, which aborts the
-request in the engine.
-
-The ingress here is the minimal one of the cluster issue (`POST /v1/completions`,
-`GET /healthz`); the router package gives the full OpenAI API.
+This is where the router meets Ray: the ingress deployment gives the router its engine
+(`ServeEngine`, over the engine deployment's handle) and its control of the cluster
+(`ServeControl`, over Serve's REST API), and serves the router's FastAPI app as the
+replica's ASGI app. The router itself imports no Ray.
 """
 
+from __future__ import annotations
 
-import dataclasses
-import json
-import logging
-import os
-import threading
-import time
-from collections.abc import AsyncIterator
+import asyncio
+from dataclasses import asdict
 from typing import Any
 
-import ray
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import FastAPI
 from ray import serve
-from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
-from cluster.control import ENGINE
-from replicas import (
-    ConfigError,
-    Engine,
-    EngineConfig,
-    EngineDeadError,
-    RequestError,
-    SamplingParams,
+from cluster.control import (
+    APP_NAME,
+    DEFAULT_DASHBOARD,
+    ENGINE,
+    ServeError,
+    deployment_state,
+    request_scale,
 )
+from cluster.engine import ServeEngine, engine_deployment
+from replicas import EngineConfig
+from router.admin import ControlError, DeploymentStatus, ReplicaStatus
+from router.app import Router, RouterConfig, make_api
 
-log = logging.getLogger(__name__)
-# Serve's own logger: a line logged here lands in the replica's log file (serve/replica_*)
-serve_log = logging.getLogger("ray.serve")
-
-# where each engine replica publishes its stats (JSON, short TTL) when Redis is configured
-REPLICA_STATS_KEY = "tpserve:replica:{}"
-STATS_PERIOD_S = 1.0
-# Serve waits this long for a replica being removed to finish its accepted requests
-DRAIN_TIMEOUT_S = 300.0
+PINNED_ROUTER = "cluster.pinning.PinnedRouter"
 
 
-def sampling_params(fields: dict[str, Any]) -> SamplingParams:
-    """SamplingParams from a request; an unknown field is the client's error too."""
-    try:
-        return SamplingParams(**fields)
-    except TypeError as e:
-        raise RequestError(f"bad sampling parameters: {e}") from e
+class ServeControl:
+    """The router's Control (router/admin.py) over Serve's REST API on the Ray dashboard:
+    Serve's own target, replicas and status, and its scale endpoint."""
 
+    def __init__(self, dashboard: str = DEFAULT_DASHBOARD, app: str = APP_NAME,
+                 deployment: str = ENGINE) -> None:
+        self.dashboard, self.app, self.deployment_name = dashboard, app, deployment
 
-@serve.deployment(
-    name=ENGINE,
-    max_ongoing_requests=64,
-    # Serve stops routing to a replica after 3 failed checks in a row: at 0.5 s a replica
-    # whose rank died answers 503 for ~1.5 s, not ~6 s (the check is one cheap call)
-    health_check_period_s=0.5,
-    health_check_timeout_s=30.0,
-    graceful_shutdown_wait_loop_s=1.0,
-    graceful_shutdown_timeout_s=DRAIN_TIMEOUT_S,
-    # no access-log line per handle call: CPU in rank 0's process (the router's nginx has
-    # the requests' log)
-    logging_config={"enable_access_log": False},
-)
-class EngineDeployment:
-    """One engine replica = one TP group. Takes the engine config as plain data."""
-
-    def __init__(self, config: dict[str, Any], use_gpu: bool, cpus_per_rank: float) -> None:
-        from cluster.ranks import RankGroup
-
-        self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self.config = EngineConfig(**{**config, "device": "cuda" if use_gpu else "cpu"})
-        self.ranks = RankGroup(self.config, use_gpu, cpus_per_rank, f"tpserve-{self.replica_id}")
-        self.engine = Engine(self.config, launch=self.ranks.launch)
-        self._publishing = threading.Event()
-        url = os.environ.get("TPSERVE_REDIS_URL")
-        if url:
-            threading.Thread(target=self._publish_stats, args=(url,), daemon=True,
-                             name="tpserve-stats").start()
-
-    def _publish_stats(self, url: str) -> None:
-        """Every STATS_PERIOD_S: this replica's queue, KV use and tokens/s into Redis,
-        for the dashboard. Best effort: a Redis outage only skips beats."""
-        import redis
-
-        client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
-        key = REPLICA_STATS_KEY.format(self.replica_id)
-        last_tokens, last_time = 0, time.monotonic()
-        while not self._publishing.wait(STATS_PERIOD_S):
-            stats = self.engine.stats()
-            now = time.monotonic()
-            rate = (stats["tokens_out"] - last_tokens) / (now - last_time)
-            last_tokens, last_time = stats["tokens_out"], now
-            beat = {"running": stats["running"], "waiting": stats["waiting"],
-                    "tp": stats["tp"], "tokens_per_s": round(rate, 1),
-                    "kv_used": round(1 - stats["free_kv_blocks"] / stats["num_kv_blocks"], 4),
-                    # for infra/load.py: the prefix-cache hit rate
-                    "prefix_cache_hit_blocks": stats["prefix_cache_hit_blocks"],
-                    "block_size": self.config.block_size}
-            try:
-                client.set(key, json.dumps(beat), ex=int(5 * STATS_PERIOD_S))
-            except redis.RedisError:
-                continue
-
-    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Stream {token_ids, text, finish_reason, replica} dicts for one request:
-        {"prompt": str | [ids]} or {"messages": chat turns}, "params": SamplingParams
-        fields, "request_id"?. The first dict also has prompt_tokens.
-
-        A request the engine refuses (RequestError, ConfigError: the client's fault, a 400)
-        ends the stream with one {"error": {"status", "type", "message"}} item and one log
-        line, rather than an exception: Serve logs every exception a replica raises at
-        ERROR with its whole traceback."""
+    async def deployment(self) -> DeploymentStatus:
         try:
-            params = sampling_params(request.get("params", {}))
-            ids = self._prompt_ids(request)
-            extra = {"prompt_tokens": len(ids)}
-            async for delta in self.engine.add_request(ids, params, request.get("request_id")):
-                yield {**dataclasses.asdict(delta), "replica": self.replica_id, **extra}
-                extra = {}
-        except (RequestError, ConfigError) as e:
-            serve_log.info("request refused (400): %s", e)
-            yield {"error": {"status": 400, "type": "invalid_request_error",
-                             "message": str(e)}, "replica": self.replica_id}
+            state = await asyncio.to_thread(deployment_state, self.dashboard, self.app,
+                                            self.deployment_name)
+        except ServeError as e:
+            raise ControlError(str(e)) from e
+        replicas = tuple(ReplicaStatus(r.replica_id, r.state) for r in state.replicas)
+        return DeploymentStatus(state.target, replicas, state.status, state.message)
 
-    def _prompt_ids(self, request: dict[str, Any]) -> list[int]:
-        tokenizer = self.engine.tokenizer
-        if "messages" in request:
-            try:
-                return tokenizer.apply_chat_template(request["messages"])
-            except Exception as e:  # a template's own error: bad roles, order, fields
-                raise RequestError(f"the chat template rejected the messages: {e}") from e
-        prompt = request["prompt"]
-        return tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-
-    def stats(self) -> dict[str, Any]:
-        return {**self.engine.stats(), "replica": self.replica_id}
-
-    def check_health(self) -> None:
-        """Serve replaces the replica when this raises: a dead rank, a broken group."""
-        if not self.engine.healthy():
-            raise RuntimeError("engine unhealthy: a rank died or a collective failed")
-
-    def __del__(self) -> None:
-        if hasattr(self, "_publishing"):
-            self._publishing.set()
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.shutdown()
-
-
-api = FastAPI(title="tpserve (cluster ingress)")
-
-
-def error_response(status: int, message: str, kind: str) -> JSONResponse:
-    headers = {"Retry-After": "1"} if status == 503 else None
-    return JSONResponse({"error": {"message": message, "type": kind}}, status, headers=headers)
-
-
-def root_cause(error: BaseException) -> BaseException:
-    """The exception raised in the replica, without Ray's task-error wrapping."""
-    while isinstance(error, ray.exceptions.RayTaskError) and error.cause is not None:
-        error = error.cause
-    return error
-
-
-def classify(error: BaseException) -> tuple[int, str]:
-    """HTTP status and error type for an exception from the engine deployment."""
-    error = root_cause(error)
-    if isinstance(error, RequestError | ConfigError | TypeError):
-        return 400, "invalid_request_error"
-    if isinstance(error, EngineDeadError | ray.exceptions.RayActorError
-                  | ray.exceptions.ActorDiedError):
-        return 503, "replica_unavailable"
-    return 500, "internal_error"
-
-
-@serve.deployment(name="Ingress", max_ongoing_requests=256)
-@serve.ingress(api)
-class Ingress:
-    """Minimal HTTP front of the cluster: completions, streamed or not."""
-
-    def __init__(self, engine: DeploymentHandle) -> None:
-        self.engine = engine.options(stream=True)
-
-    @api.get("/healthz")
-    async def healthz(self) -> dict[str, str]:
-        return {"status": "ok"}
-
-    @api.post("/v1/completions")
-    async def completions(self, request: Request) -> Any:
+    async def request_scale(self, target: int) -> None:
         try:
-            body = await request.json()
-            engine_request = {"prompt": body["prompt"], "params": {
-                k: body[k] for k in ("max_tokens", "temperature", "top_k", "top_p", "seed",
-                                     "stop", "ignore_eos") if k in body}}
-        except (ValueError, KeyError, TypeError) as e:
-            return error_response(400, f"bad request body: {e!r}", "invalid_request_error")
-        try:
-            first, stream = await self._start(engine_request)
-        except Exception as e:  # noqa: BLE001 - mapped to a status below
-            status, kind = classify(e)
-            return error_response(status, str(root_cause(e)), kind)
-        if "error" in first:  # the engine refused the request
-            error = first["error"]
-            return error_response(error["status"], error["message"], error["type"])
-        if body.get("stream"):
-            return StreamingResponse(self._sse(first, stream), media_type="text/event-stream")
-        return await self._collect(first, stream)
-
-    async def _start(self, engine_request: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-        """First delta and the rest of the stream; a replica that dies before the first
-        token is retried once (Serve routes the retry to a live replica)."""
-        for attempt in (1, 2):
-            stream = self.engine.generate.remote(engine_request)
-            try:
-                return await stream.__anext__(), stream
-            except Exception as e:
-                if attempt == 2 or classify(e)[0] != 503:
-                    raise
-                log.warning("replica failed before the first token, retrying: %r", e)
-        raise AssertionError("unreachable")
-
-    async def _collect(self, first: dict[str, Any], stream: Any) -> JSONResponse:
-        deltas = [first]
-        try:
-            async for delta in stream:
-                deltas.append(delta)
-        except Exception as e:  # noqa: BLE001
-            status, kind = classify(e)
-            return error_response(status, str(root_cause(e)), kind)
-        return JSONResponse({
-            "text": "".join(d["text"] for d in deltas),
-            "token_ids": [t for d in deltas for t in d["token_ids"]],
-            "finish_reason": deltas[-1]["finish_reason"],
-            "replica": first["replica"],
-        }, headers={"X-Replica-ID": first["replica"]})
-
-    async def _sse(self, first: dict[str, Any], stream: Any) -> AsyncIterator[str]:
-        yield f"data: {json.dumps(first)}\n\n"
-        try:
-            async for delta in stream:
-                yield f"data: {json.dumps(delta)}\n\n"
-        except Exception as e:  # noqa: BLE001 - the client hears of it in-band
-            status, kind = classify(e)
-            error = {"error": {"message": str(root_cause(e)), "type": kind}}
-            yield f"data: {json.dumps(error)}\n\n"
-        yield "data: [DONE]\n\n"
+            await asyncio.to_thread(request_scale, target, self.dashboard, self.app,
+                                    self.deployment_name)
+        except ServeError as e:
+            raise ControlError(str(e)) from e
 
 
-def engine_deployment(config: EngineConfig, cpus_per_rank: float = 1.0,
-                      use_gpu: bool | None = None, num_replicas: int = 1,
-                      request_router_class: str | None = None,
-                      request_router_kwargs: dict[str, Any] | None = None) -> Any:
-    """The engine deployment bound to `config`, with its placement group of tp bundles."""
-    if use_gpu is None:
-        use_gpu = config.device == "cuda" or (
-            config.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
-    bundle = {"CPU": cpus_per_rank, **({"GPU": 1} if use_gpu else {})}
-    return EngineDeployment.options(
-        ray_actor_options={"num_cpus": cpus_per_rank, "num_gpus": 1 if use_gpu else 0},
-        placement_group_bundles=[bundle] * config.tp,
-        placement_group_strategy="STRICT_PACK",
-        num_replicas=num_replicas,
-        **({"request_router_config": RequestRouterConfig(
-            request_router_class=request_router_class,
-            request_router_kwargs=request_router_kwargs or {})} if request_router_class else {}),
-    ).bind(config.to_dict(), use_gpu, cpus_per_rank)
+# no Serve access-log line per request: nginx's access log has every request (status,
+# upstream, times), and Serve's line cost the router ~0.13 ms of CPU per request (py-spy)
+@serve.deployment(name="Router", max_ongoing_requests=1024,
+                  logging_config={"enable_access_log": False})
+@serve.ingress()
+class RouterDeployment:
+    """A router replica: the router over the engine deployment's handle."""
+
+    def __init__(self, engine: DeploymentHandle, config: dict[str, Any] | None = None) -> None:
+        router_config = RouterConfig(**(config or {}))
+        self.router = Router(ServeEngine(engine), router_config,
+                             ServeControl(router_config.ray_dashboard))
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return make_api(self.router)
 
 
 def build(args: dict[str, Any]) -> Any:
-    """Application builder for Serve config files (`import_path: cluster.app:build`).
+    """Application builder (`import_path: cluster.app:build`): the router in front of the
+    engine deployment, whose request router pins sessions.
 
-    args: {"engine": EngineConfig fields, "cpus_per_rank": float, "num_replicas": int}; a
-    config file's `deployments:` section overrides num_replicas / autoscaling_config.
+    args: {"engine": EngineConfig fields, "cpus_per_rank": float, "num_replicas": int,
+    "router": RouterConfig fields}; a config file's `deployments:` section overrides
+    num_replicas / autoscaling_config.
     """
     config = EngineConfig(**(args.get("engine") or {}))
-    engine = engine_deployment(config, float(args.get("cpus_per_rank", 1.0)),
-                               num_replicas=int(args.get("num_replicas", 1)))
-    return Ingress.bind(engine)
+    router_config = RouterConfig(**(args.get("router") or {}))
+    engine = engine_deployment(
+        config, float(args.get("cpus_per_rank", 1.0)),
+        num_replicas=int(args.get("num_replicas", 1)),
+        request_router_class=PINNED_ROUTER,
+        request_router_kwargs={"routing": router_config.routing},
+    )
+    return RouterDeployment.bind(engine, asdict(router_config))

@@ -33,7 +33,7 @@ import yaml
 
 from cluster.ray_token import read_token
 
-# the Serve application and its engine deployment, by name (here, not in cluster/app.py,
+# the Serve application and its engine deployment, by name (here, not in cluster/engine.py,
 # so that the CLI reads and scales them without importing Ray or torch)
 APP_NAME = "tpserve"
 ENGINE = "Engine"
@@ -136,6 +136,8 @@ class DeploymentState:
 
     target: int
     replicas: tuple[ReplicaState, ...]
+    status: str = ""  # Serve's: HEALTHY | UPDATING | UPSCALING | UNHEALTHY | ...
+    message: str = ""  # why, when it is not healthy (a replica that fails to start, ...)
 
     @property
     def running(self) -> int:
@@ -154,7 +156,8 @@ def deployment_state(dashboard: str = DEFAULT_DASHBOARD, app: str = APP_NAME,
     except (KeyError, TypeError) as e:
         raise ServeError(f"no deployment {app}/{deployment} is running") from e
     states = tuple(ReplicaState(r["replica_id"], r["state"]) for r in dep.get("replicas", []))
-    return DeploymentState(int(dep["target_num_replicas"]), states)
+    return DeploymentState(int(dep["target_num_replicas"]), states,
+                           str(dep.get("status") or ""), str(dep.get("message") or ""))
 
 
 def replicas(dashboard: str = DEFAULT_DASHBOARD, app: str = APP_NAME,

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP API, as the Serve ingress in front of the engine deployment.
+"""The OpenAI-compatible HTTP API in front of the engine replicas: HTTP only, no Ray.
 
 Routes: POST /v1/completions, POST /v1/chat/completions (stream or not; SSE ending in
 `data: [DONE]`), GET /v1/models, GET /healthz, GET /metrics, GET and DELETE
@@ -9,10 +9,17 @@ Sessions: the pin key is X-Session-ID, else the OpenAI `user`, else the client I
 socket peer; X-Real-IP / X-Forwarded-For only from trusted proxies), see router/policy.py.
 A session (pin and history under an id, in X-Session-ID) is stored only for a request
 that uses one, unless RouterConfig.sessions is "always".
-The engine handle is called with `.options(session_id=key)` and the engine deployment's
-request router (router/pinning.py) keeps the pin in Redis. A chat request with a known
-session may send only its new messages with `"session": {"append": true}`: the stored
-history is prepended and the reply stored.
+The router talks to the engine through an `EngineClient` (router/wire.py's messages), which
+the cluster injects (cluster/engine.py: ServeEngine calls the engine deployment's handle with
+`.options(session_id=key)`, and the deployment's request router, cluster/pinning.py, keeps
+the pin in Redis). A chat request with a known session may send only its new messages with
+`"session": {"append": true}`: the stored history is prepended and the reply stored.
+`Router` holds the state and the handlers; `make_api` gives its FastAPI app, which
+cluster/app.py serves as the Serve ingress and tests call in-process.
+
+Errors: the engine's come as wire ErrorEvents that already carry their HTTP status
+(mapped once, in cluster/engine.py); the router forwards that status, and retries once a
+request whose replica failed (503) before its first token.
 
 Bad input is a 4xx with an OpenAI-style error body, never a 5xx: malformed JSON, wrong
 types, unknown model, empty prompt, prompt + max_tokens over the context window (the
@@ -20,28 +27,25 @@ engine's check), a body over `max_body_bytes`, absurd parameter values. Overload
 with Retry-After.
 """
 
-import asyncio
-import hmac
 import json
+import logging
 import math
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from ray import serve
-from ray.serve.handle import DeploymentHandle
 
-from cluster.app import REPLICA_STATS_KEY, classify, root_cause
-from cluster.control import ServeError, deployment_state, request_scale
-from router import metrics
+from router import keys, metrics, wire
+from router.admin import Admin, Control
+from router.errors import ApiError
 from router.policy import (
     RATE_LIMIT_PER_MINUTE,
     ROUTING_MODES,
@@ -54,6 +58,7 @@ from router.policy import (
 )
 from router.sessions import SessionStore, SessionStoreConfig
 
+log = logging.getLogger(__name__)
 MAX_TOKENS_CAP = 1 << 20
 DASHBOARD_HTML = (Path(__file__).parent / "dashboard.html").read_text()  # no build step
 
@@ -73,7 +78,9 @@ class RouterConfig:
     # router/policy.py says why)
     rate_limit_per_minute: int = RATE_LIMIT_PER_MINUTE
     retry_after_s: int = 1
-    ray_dashboard: str = "http://127.0.0.1:8265"  # Serve's REST API, for the admin API
+    # the Ray dashboard (Serve's REST API): the cluster's control reads and scales through
+    # it (cluster/app.py), and the admin page links to it
+    ray_dashboard: str = "http://127.0.0.1:8265"
     max_replicas: int = 16  # the admin API refuses to scale past this
     # pinned: a session keeps its replica (the prefix cache pays); random: every request
     # goes to a random live replica (the baseline that infra/load.py measures pinning by)
@@ -116,6 +123,7 @@ class _Body(BaseModel):
     stream_options: dict[str, bool] | None = None
     user: str | None = None
     ignore_eos: bool = False  # extension: generate exactly max_tokens
+    return_token_ids: bool = False  # extension: each choice also has its token_ids
 
     def params(self) -> dict[str, Any]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -147,37 +155,36 @@ class ChatBody(_Body):
     session: SessionOptions | None = None
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
-                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
-        self.headers = headers
-
-    def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.kind, "param": self.param,
-                          "code": None}}
-        return JSONResponse(body, self.status, headers=self.headers)
-
-
 def count_tokens(message: dict[str, Any]) -> int:
     """Rough token count of a stored chat turn (~4 characters a token, plus the role):
     the router holds no tokenizer; the budget is a bound, not an exact figure."""
     return 4 + len(message.get("content", "")) // 4
 
 
-def _delta(item: dict[str, Any]) -> dict[str, Any]:
-    """An item of the engine's stream; ApiError for the error item it sends instead of
-    raising when it refuses a request (cluster/app.py: EngineDeployment.generate)."""
-    if "error" in item:
-        error = item["error"]
-        raise ApiError(error["status"], error["message"], error["type"])
+class EngineClient(Protocol):
+    """The engine replicas, as the router sees them (cluster/engine.py: ServeEngine)."""
+
+    def generate(self, request: wire.Request, session_key: str
+                 ) -> AsyncGenerator[wire.Item, None]:
+        """The request's Deltas, pinned by `session_key`; a failure is the stream's last
+        item, an ErrorEvent with its HTTP status (never an exception)."""
+        ...
+
+
+def _delta(item: wire.Item | None, retry_after_s: int = 1) -> wire.Delta:
+    """An item of the engine's stream; ApiError, with the status the engine boundary gave
+    it, for an ErrorEvent (None: a stream that ended before its first item)."""
+    if item is None:
+        item = wire.ErrorEvent(503, "replica_unavailable", "the engine's stream ended "
+                               "before its first item")
+    if isinstance(item, wire.ErrorEvent):
+        headers = {"Retry-After": str(retry_after_s)} if item.retryable else None
+        raise ApiError(item.status, item.message, item.type, headers=headers)
     return item
 
 
 def _event(data: dict[str, Any]) -> str:
-    """One server-sent event. (Module-level helpers the ingress class uses are defined
-    above it: Serve pickles the class with the globals it sees at that point.)"""
+    """One server-sent event."""
     return f"data: {json.dumps(data)}\n\n"
 
 
@@ -213,7 +220,7 @@ class _Call:
     key: SessionKey
     session_id: str  # "" when the request uses no session (RouterConfig.sessions)
     issued: bool  # the router made the session id (the client sent none)
-    engine_request: dict[str, Any]
+    engine_request: wire.Request
     new_messages: list[dict[str, Any]] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
     replica: str = ""
@@ -221,19 +228,14 @@ class _Call:
     tokens: int = 0
 
 
-api = FastAPI(title="tpserve", docs_url=None, redoc_url=None)
-
-
-# no Serve access-log line per request: nginx's access log has every request (status,
-# upstream, times), and Serve's line cost the router ~0.13 ms of CPU per request (py-spy)
-@serve.deployment(name="Router", max_ongoing_requests=1024,
-                  logging_config={"enable_access_log": False})
-@serve.ingress(api)
 class Router:
-    def __init__(self, engine: DeploymentHandle, config: dict[str, Any] | None = None) -> None:
-        self.config = RouterConfig(**(config or {}))
+    """The router's state (config, session store, limits, totals) and its handlers."""
+
+    def __init__(self, engine: EngineClient, config: RouterConfig | None = None,
+                 control: Control | None = None) -> None:
+        self.config = config or RouterConfig()
         self.trusted = parse_networks(self.config.trusted_proxies)
-        self.engine = engine.options(stream=True)
+        self.engine = engine
         url = self.config.redis_url or os.environ.get("TPSERVE_REDIS_URL") or None
         self.sessions = SessionStore(SessionStoreConfig(
             url=url, ttl_s=self.config.session_ttl_s,
@@ -241,13 +243,13 @@ class Router:
         self.in_flight = 0
         self.limiter = (RateLimiter(self.config.rate_limit_per_minute)
                         if self.config.rate_limit_per_minute else None)
-        # the admin token comes from the environment, never from the (visible) Serve config
-        self.admin_token = os.environ.get("TPSERVE_ADMIN_TOKEN") or None
         self.totals = {"requests": 0, "tokens": 0, "ttft_sum_s": 0.0, "ttft_count": 0}
+        # the admin token comes from the environment, never from the (visible) Serve config
+        self.admin = Admin(control, self.sessions, os.environ.get("TPSERVE_ADMIN_TOKEN") or None,
+                           self.config.max_replicas, self.config.ray_dashboard, self.totals)
 
     # ---- routes ----
 
-    @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         await self.sessions.ping()  # Redis' state now, not as the last session op saw it
         degraded = self.sessions.degraded
@@ -255,98 +257,34 @@ class Router:
         return {"status": "degraded" if degraded else "ok", "redis": not degraded,
                 "in_flight": self.in_flight}
 
-    @api.get("/metrics")
     async def prometheus(self) -> Response:
         metrics.LIVE_SESSIONS.set(await self.sessions.live_sessions())
         metrics.DEGRADED.set(1 if self.sessions.degraded else 0)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    @api.get("/v1/models")
     async def models(self) -> dict[str, Any]:
         return {"object": "list", "data": [{"id": self.config.model_name, "object": "model",
                                             "created": 0, "owned_by": "tpserve"}]}
 
-    @api.get("/v1/sessions/{session_id}")
     async def get_session(self, session_id: str) -> Response:
-        stored = await self.sessions.get_session(f"session:{session_id}")
+        stored = await self.sessions.get_session(keys.session_id(session_id))
         if stored is None:
             return ApiError(404, f"no session {session_id!r}", "not_found").response()
         return JSONResponse({"id": session_id, **stored})
 
-    @api.delete("/v1/sessions/{session_id}")
     async def delete_session(self, session_id: str) -> Response:
-        if not await self.sessions.delete_session(f"session:{session_id}"):
+        if not await self.sessions.delete_session(keys.session_id(session_id)):
             return ApiError(404, f"no session {session_id!r}", "not_found").response()
         return JSONResponse({"id": session_id, "deleted": True})
 
-    @api.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
         return await self._serve(request, "completions", CompletionBody)
 
-    @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         return await self._serve(request, "chat", ChatBody)
 
-    # ---- admin: the dashboard's API (Authorization: Bearer TPSERVE_ADMIN_TOKEN) ----
-
-    @api.get("/dashboard")
     async def dashboard(self) -> Response:
         return HTMLResponse(DASHBOARD_HTML)
-
-    @api.get("/admin/replicas")
-    async def admin_replicas(self, request: Request) -> Response:
-        if (denied := self._deny(request)) is not None:
-            return denied
-        try:  # the target is Serve's own, whoever set it (`tpserve scale`, this API, config)
-            serve_state = await asyncio.to_thread(deployment_state, self.config.ray_dashboard)
-        except ServeError as e:
-            return ApiError(503, str(e), "replica_unavailable").response()
-        states = serve_state.replicas
-        stats = await self.sessions.read_json(REPLICA_STATS_KEY.format("*"))
-        sessions = await self.sessions.sessions_per_replica()
-        rows = []
-        for r in states:
-            beat = stats.get(REPLICA_STATS_KEY.format(r.replica_id), {})
-            rows.append({"id": r.replica_id, "state": r.state, "tp": beat.get("tp"),
-                         "running": beat.get("running"), "waiting": beat.get("waiting"),
-                         "kv_used": beat.get("kv_used"),
-                         "tokens_per_s": beat.get("tokens_per_s"),
-                         "prefix_cache_hit_blocks": beat.get("prefix_cache_hit_blocks"),
-                         "block_size": beat.get("block_size"),
-                         "sessions": sessions.get(r.replica_id, 0)})
-        return JSONResponse({"target": serve_state.target,
-                             "ray_dashboard": self.config.ray_dashboard, "time": time.time(),
-                             "replicas": rows, "totals": self.totals})
-
-    @api.post("/admin/scale")
-    async def admin_scale(self, request: Request) -> Response:
-        if (denied := self._deny(request)) is not None:
-            return denied
-        try:
-            target = json.loads(await request.body())["replicas"]
-        except (ValueError, KeyError, TypeError):
-            target = None
-        if not isinstance(target, int) or isinstance(target, bool) or not (
-                1 <= target <= self.config.max_replicas):
-            return ApiError(400, f"replicas must be an integer in [1, "
-                            f"{self.config.max_replicas}]", param="replicas").response()
-        try:  # one request to Serve; it converges by itself, seen in GET /admin/replicas
-            await asyncio.to_thread(request_scale, target, self.config.ray_dashboard)
-        except ServeError as e:
-            return ApiError(502, f"Serve did not take the new target: {e}",
-                            "scale_failed").response()
-        return JSONResponse({"target": target}, 202)
-
-    def _deny(self, request: Request) -> Response | None:
-        """401 unless the request carries the admin token (compared in constant time)."""
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if self.admin_token is None:
-            return ApiError(401, "the admin API is off: start the router with "
-                            "TPSERVE_ADMIN_TOKEN set", "authentication_error").response()
-        if not hmac.compare_digest(given.encode(), self.admin_token.encode()):
-            return ApiError(401, "missing or wrong admin token", "authentication_error",
-                            headers={"WWW-Authenticate": "Bearer"}).response()
-        return None
 
     # ---- the generation path ----
 
@@ -370,11 +308,13 @@ class Router:
             return StreamingResponse(self._sse(call, first, stream), headers=headers,
                                      media_type="text/event-stream")
         try:
-            deltas = [first] + [_delta(d) async for d in stream]
-        except Exception as e:  # noqa: BLE001 - the engine's error, mapped to a status
-            return self._finish_error(call, e).response()
+            deltas = [first] + [self._delta(d) async for d in stream]
+        except ApiError as e:
+            metrics.REQUESTS.labels(route, str(e.status)).inc()
+            return e.response()
         finally:
             self.in_flight -= 1
+            await stream.aclose()
         await self._finish(call, deltas)
         return JSONResponse(self._whole(call, deltas), headers=headers)
 
@@ -396,16 +336,17 @@ class Router:
         issued = key.kind != "session"
         opens = isinstance(body, ChatBody) and body.session is not None
         session_id = stored_session(key, opens, self.config.sessions)  # "": none stored
-        call = _Call(route, body, key, session_id, issued, {"params": body.params()})
-        if isinstance(body, ChatBody):
-            call.new_messages = [m.model_dump() for m in body.messages]
-            history = []
-            if body.session is not None and body.session.append and not issued:
-                history = await self.sessions.history(key.redis_key)
-            call.engine_request["messages"] = history + call.new_messages
-        else:
-            call.engine_request["prompt"] = body.prompt
-        return call
+        if not isinstance(body, ChatBody):
+            assert isinstance(body, CompletionBody)
+            return _Call(route, body, key, session_id, issued,
+                         wire.Request(body.params(), prompt=body.prompt))
+        new_messages = [m.model_dump() for m in body.messages]
+        history = []
+        if body.session is not None and body.session.append and not issued:
+            history = await self.sessions.history(key.redis_key)
+        return _Call(route, body, key, session_id, issued,
+                     wire.Request(body.params(), messages=history + new_messages),
+                     new_messages)
 
     async def _parse(self, request: Request, model: type[_Body]) -> _Body:
         declared = request.headers.get("content-length")
@@ -438,48 +379,40 @@ class Router:
             raise ApiError(429, "rate limit exceeded for this client", "rate_limit_exceeded",
                            headers={"Retry-After": str(wait)})
 
-    async def _start(self, call: _Call) -> tuple[dict[str, Any], Any]:
-        """First delta and the stream; a replica that dies before the first token is
-        retried once (the request router re-pins the session to a live replica)."""
-        handle = self.engine.options(session_id=call.key.redis_key)
+    def _delta(self, item: wire.Item | None) -> wire.Delta:
+        return _delta(item, self.config.retry_after_s)
+
+    async def _start(self, call: _Call) -> tuple[wire.Delta, AsyncGenerator[wire.Item, None]]:
+        """First delta and the stream; a request whose replica failed before the first
+        token (a retryable ErrorEvent) is sent once more (the request router re-pins the
+        session to a live replica)."""
         for attempt in (1, 2):
-            stream = handle.generate.remote(call.engine_request)
-            try:
-                first = await stream.__anext__()
+            stream = self.engine.generate(call.engine_request, call.key.redis_key)
+            first = await anext(stream, None)
+            if not (attempt == 1 and isinstance(first, wire.ErrorEvent) and first.retryable):
                 break
-            except Exception as e:  # noqa: BLE001
-                error = self._error(e)
-                if attempt == 2 or error.status != 503:
-                    raise error from e
-        first = _delta(first)  # ApiError when the engine refused the request
-        call.replica = first["replica"]
-        call.prompt_tokens = first.get("prompt_tokens", 0)
+            log.warning("replica failed before the first token, retrying once: %s",
+                        first.message)
+            await stream.aclose()
+        try:
+            delta = self._delta(first)  # ApiError when the engine refused the request
+        except ApiError:
+            await stream.aclose()
+            raise
+        call.replica = delta.replica
+        call.prompt_tokens = delta.prompt_tokens or 0
         ttft = time.perf_counter() - call.started
         metrics.TTFT.labels(call.route).observe(ttft)
         self.totals["ttft_sum_s"] += ttft
         self.totals["ttft_count"] += 1
         if call.issued and call.session_id and self.config.routing == "pinned":
             # the next turn, sent with this id, goes to the same replica
-            await self.sessions.claim_pin(f"session:{call.session_id}", call.replica,
+            await self.sessions.claim_pin(keys.session_id(call.session_id), call.replica,
                                           [call.replica])
-        return first, stream
+        return delta, stream
 
-    def _error(self, error: BaseException) -> ApiError:
-        if isinstance(error, ApiError):  # the engine's refusal (_delta)
-            return error
-        status, kind = classify(error)
-        if status == 500:  # an engine bug must not look like the client's fault either
-            status, kind = 503, "replica_unavailable"
-        headers = {"Retry-After": str(self.config.retry_after_s)} if status == 503 else None
-        return ApiError(status, str(root_cause(error)), kind, headers=headers)
-
-    def _finish_error(self, call: _Call, error: BaseException) -> ApiError:
-        api_error = self._error(error)
-        metrics.REQUESTS.labels(call.route, str(api_error.status)).inc()
-        return api_error
-
-    async def _finish(self, call: _Call, deltas: list[dict[str, Any]]) -> None:
-        call.tokens = sum(len(d["token_ids"]) for d in deltas)
+    async def _finish(self, call: _Call, deltas: list[wire.Delta]) -> None:
+        call.tokens = sum(len(d.token_ids) for d in deltas)
         metrics.REQUESTS.labels(call.route, "200").inc()
         metrics.LATENCY.labels(call.route).observe(time.perf_counter() - call.started)
         metrics.TOKENS.labels("prompt").inc(call.prompt_tokens)
@@ -487,48 +420,58 @@ class Router:
         self.totals["requests"] += 1
         self.totals["tokens"] += call.tokens
         if call.route == "chat" and call.session_id:
-            reply = {"role": "assistant", "content": "".join(d["text"] for d in deltas)}
-            await self.sessions.append_history(f"session:{call.session_id}",
+            reply = {"role": "assistant", "content": "".join(d.text for d in deltas)}
+            await self.sessions.append_history(keys.session_id(call.session_id),
                                                call.new_messages + [reply], count_tokens)
 
     def _usage(self, call: _Call) -> dict[str, int]:
         return {"prompt_tokens": call.prompt_tokens, "completion_tokens": call.tokens,
                 "total_tokens": call.prompt_tokens + call.tokens}
 
-    def _whole(self, call: _Call, deltas: list[dict[str, Any]]) -> dict[str, Any]:
-        text = "".join(d["text"] for d in deltas)
-        reason = deltas[-1]["finish_reason"]
+    def _whole(self, call: _Call, deltas: list[wire.Delta]) -> dict[str, Any]:
+        text = "".join(d.text for d in deltas)
+        reason = deltas[-1].finish_reason
         head = {"id": f"{'chatcmpl' if call.route == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
                 "created": int(time.time()), "model": self.config.model_name,
                 "usage": self._usage(call)}
         if call.route == "chat":
             choice = {"index": 0, "message": {"role": "assistant", "content": text},
                       "finish_reason": reason, "logprobs": None}
-            return {**head, "object": "chat.completion", "choices": [choice]}
-        choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
-        return {**head, "object": "text_completion", "choices": [choice]}
+            head["object"] = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
+            head["object"] = "text_completion"
+        if call.body.return_token_ids:
+            choice["token_ids"] = [t for d in deltas for t in d.token_ids]
+        return {**head, "choices": [choice]}
 
-    def _chunk(self, call: _Call, cid: str, text: str, reason: str | None,
-               first: bool) -> dict[str, Any]:
+    def _chunk(self, call: _Call, cid: str, delta: wire.Delta, first: bool
+               ) -> dict[str, Any]:
         head = {"id": cid, "created": int(time.time()), "model": self.config.model_name}
         if call.route == "chat":
-            delta = {"role": "assistant", "content": text} if first else {"content": text}
-            return {**head, "object": "chat.completion.chunk", "choices": [
-                {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}]}
-        return {**head, "object": "text_completion", "choices": [
-            {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}]}
+            content = {"role": "assistant", "content": delta.text} if first else {
+                "content": delta.text}
+            choice = {"index": 0, "delta": content, "finish_reason": delta.finish_reason,
+                      "logprobs": None}
+            head["object"] = "chat.completion.chunk"
+        else:
+            choice = {"index": 0, "text": delta.text, "finish_reason": delta.finish_reason,
+                      "logprobs": None}
+            head["object"] = "text_completion"
+        if call.body.return_token_ids:
+            choice["token_ids"] = list(delta.token_ids)
+        return {**head, "choices": [choice]}
 
-    async def _sse(self, call: _Call, first: dict[str, Any], stream: Any
-                   ) -> AsyncIterator[str]:
+    async def _sse(self, call: _Call, first: wire.Delta,
+                   stream: AsyncGenerator[wire.Item, None]) -> AsyncIterator[str]:
         cid = f"{'chatcmpl' if call.route == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         deltas = [first]
         try:
-            yield _event(self._chunk(call, cid, first["text"], first["finish_reason"], True))
+            yield _event(self._chunk(call, cid, first, True))
             async for item in stream:
-                delta = _delta(item)
+                delta = self._delta(item)
                 deltas.append(delta)
-                yield _event(self._chunk(call, cid, delta["text"], delta["finish_reason"],
-                                         False))
+                yield _event(self._chunk(call, cid, delta, False))
             await self._finish(call, deltas)
             if call.body.wants_usage():
                 usage = {"id": cid, "object": "chat.completion.chunk" if call.route == "chat"
@@ -536,31 +479,29 @@ class Router:
                          "model": self.config.model_name, "choices": [],
                          "usage": self._usage(call)}
                 yield _event(usage)
-        except Exception as e:  # noqa: BLE001 - the client hears of it in-band
-            error = self._finish_error(call, e)
-            yield _event({"error": {"message": error.message, "type": error.kind,
-                                    "param": None, "code": None}})
+        except ApiError as error:  # the client hears of it in-band
+            metrics.REQUESTS.labels(call.route, str(error.status)).inc()
+            yield _event(error.body())
         finally:
             self.in_flight -= 1
+            await stream.aclose()
         yield "data: [DONE]\n\n"
 
 
-def build(args: dict[str, Any]) -> Any:
-    """Application builder (`import_path: router.app:build`): the router in front of the
-    engine deployment, whose request router pins sessions.
-
-    args: {"engine": EngineConfig fields, "cpus_per_rank": float, "num_replicas": int,
-    "router": RouterConfig fields}.
-    """
-    from cluster.app import engine_deployment
-    from replicas import EngineConfig
-
-    config = EngineConfig(**(args.get("engine") or {}))
-    router_config = RouterConfig(**(args.get("router") or {}))
-    engine = engine_deployment(
-        config, float(args.get("cpus_per_rank", 1.0)),
-        num_replicas=int(args.get("num_replicas", 1)),
-        request_router_class="router.pinning.PinnedRouter",
-        request_router_kwargs={"routing": router_config.routing},
-    )
-    return Router.bind(engine, asdict(router_config))
+def make_api(router: Router) -> FastAPI:
+    """The router's HTTP app: its routes bound to `router`."""
+    api = FastAPI(title="tpserve", docs_url=None, redoc_url=None)
+    routes: list[tuple[str, str, Any]] = [
+        ("GET", "/healthz", router.healthz), ("GET", "/metrics", router.prometheus),
+        ("GET", "/v1/models", router.models),
+        ("GET", "/v1/sessions/{session_id}", router.get_session),
+        ("DELETE", "/v1/sessions/{session_id}", router.delete_session),
+        ("POST", "/v1/completions", router.completions),
+        ("POST", "/v1/chat/completions", router.chat_completions),
+        ("GET", "/dashboard", router.dashboard),
+        ("GET", "/admin/replicas", router.admin.replicas),
+        ("POST", "/admin/scale", router.admin.scale),
+    ]
+    for method, path, endpoint in routes:
+        api.add_api_route(path, endpoint, methods=[method])
+    return api

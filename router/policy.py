@@ -26,6 +26,8 @@ import secrets
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
+from router import keys
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -66,7 +68,7 @@ class SessionKey:
     @property
     def redis_key(self) -> str:
         # the kind prefix keeps a user named "10.0.0.1" apart from that IP's session
-        return f"{self.kind}:{self.value}"
+        return keys.session(self.kind, self.value)
 
 
 # ---- trusted proxies and the client IP ----------------------------------------------

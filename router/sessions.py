@@ -1,13 +1,16 @@
 """The router's session store in Redis: which replica a session is pinned to, and its chat
 history.
 
-Data model (every key starts with `key_prefix`, "tpserve:" by default):
-- `{prefix}s:{key}`, a hash: `replica` (the replica id the session is pinned to) and
-  `last_seen` (unix time of its last claim, touch or append);
-- `{prefix}h:{key}`, a list of JSON-encoded chat messages, oldest first, capped to
-  `history_token_budget` tokens (the oldest dropped first, the newest always kept).
-Both keys carry the session TTL (`ttl_s`), refreshed by every use: an idle session expires.
-A pin key is either a session id or whatever the router derives for a client without one.
+Data model (the key formats are router/keys.py's; every key starts with `key_prefix`,
+"tpserve:" by default):
+- the pin, a hash: `replica` (the replica id the session is pinned to) and `last_seen`
+  (unix time of its last claim, touch or append);
+- the history, a list of JSON-encoded chat messages, oldest first, capped to
+  `history_token_budget` tokens (the oldest dropped first, the newest always kept);
+- the stats each engine replica publishes, read here for the dashboard.
+Pin and history carry the session TTL (`ttl_s`), refreshed by every use: an idle session
+expires. A session key (`kind:value`, router/keys.py) is a session id or whatever the
+router derives for a client without one.
 
 Contract:
 - `claim_pin` is one Lua script, so routers racing on a session agree: an existing pin
@@ -40,6 +43,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from router import keys
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -91,7 +96,7 @@ class SessionStoreConfig:
     url: str | None = field(default=None, repr=False)  # may hold a password: kept out of repr
     ttl_s: int = 3600
     history_token_budget: int = 4096
-    key_prefix: str = "tpserve:"
+    key_prefix: str = keys.PREFIX
     op_timeout_s: float = 0.5
     retry_interval_s: float = 2.0
 
@@ -166,7 +171,7 @@ class SessionStore:
 
     def _keys(self, key: str) -> tuple[str, str]:
         prefix = self.config.key_prefix
-        return f"{prefix}s:{key}", f"{prefix}h:{key}"
+        return keys.pin(key, prefix), keys.history(key, prefix)
 
     async def _run(self, op: Callable[[aioredis.Redis], Awaitable[T]], fallback: T) -> T:
         """`op(client)` within op_timeout_s, or `fallback` while Redis is away."""
@@ -312,7 +317,7 @@ class SessionStore:
 
     async def live_sessions(self) -> int:
         """How many sessions are stored (SCAN, at most SCAN_STEPS steps)."""
-        pattern = escape_glob(self.config.key_prefix) + "s:*"
+        pattern = keys.pins_pattern(self.config.key_prefix)
 
         async def op(c: aioredis.Redis) -> int:
             cursor, count = 0, 0
@@ -328,7 +333,7 @@ class SessionStore:
     async def sessions_per_replica(self) -> dict[str, int]:
         """How many stored sessions each replica holds (SCAN + HGET, bounded like
         live_sessions); {} while degraded."""
-        pattern = escape_glob(self.config.key_prefix) + "s:*"
+        pattern = keys.pins_pattern(self.config.key_prefix)
 
         async def op(c: aioredis.Redis) -> dict[str, int]:
             tally: dict[str, int] = {}
@@ -348,14 +353,17 @@ class SessionStore:
 
         return await self._run(op, {})
 
-    async def read_json(self, pattern: str) -> dict[str, Any]:
-        """{key: parsed JSON value} of the plain keys matching `pattern` (e.g. the stats the
-        engine replicas publish); {} while degraded."""
+    async def replica_stats(self) -> dict[str, dict[str, Any]]:
+        """{replica id: the stats it published} of the engine replicas (their keys expire
+        a few seconds after the last beat); {} while degraded."""
+        prefix = self.config.key_prefix
 
-        async def op(c: aioredis.Redis) -> dict[str, Any]:
-            keys = [k async for k in c.scan_iter(match=pattern, count=SCAN_BATCH)]
-            values = await c.mget(keys) if keys else []
-            return {k: json.loads(v) for k, v in zip(keys, values, strict=True) if v}
+        async def op(c: aioredis.Redis) -> dict[str, dict[str, Any]]:
+            found = [k async for k in c.scan_iter(match=keys.stats_pattern(prefix),
+                                                  count=SCAN_BATCH)]
+            values = await c.mget(found) if found else []
+            return {keys.replica_of_stats(k, prefix): json.loads(v)
+                    for k, v in zip(found, values, strict=True) if v}
 
         return await self._run(op, {})
 
@@ -364,7 +372,3 @@ class SessionStore:
         if self._client is not None:
             await self._client.aclose()
 
-
-def escape_glob(text: str) -> str:
-    """`text` as a literal inside a Redis MATCH pattern."""
-    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)

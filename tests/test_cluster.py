@@ -1,15 +1,19 @@
 """The Serve application on a local Ray (CPU): 2 replicas x tp=2 serving concurrently,
 scaling through Serve's REST API while requests flow, and replacement of a replica whose
-rank actor dies. Ray and Serve listen on loopback ports chosen here; ray.shutdown() stops
-the processes this test started."""
+rank actor dies. Requests go through the real router ingress (cluster.app.build), each
+from its own OpenAI `user` (so the pins spread over the replicas), without Redis. Ray and
+Serve listen on loopback ports chosen here; ray.shutdown() stops the processes this test
+started."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,9 +25,11 @@ from ray import serve  # noqa: E402
 from ray.util.state import list_actors  # noqa: E402
 
 from cluster.app import build  # noqa: E402
-from cluster.control import APP_NAME, ServeError, replicas, scale  # noqa: E402
+from cluster.control import APP_NAME, ENGINE, ServeError, replicas, scale  # noqa: E402
+from cluster.engine import ServeEngine  # noqa: E402
 from replicas import Engine, EngineConfig, SamplingParams  # noqa: E402
 from replicas.engine import free_port  # noqa: E402
+from router import wire  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -60,12 +66,18 @@ def stack() -> Iterator[Stack]:
 
 def complete(url: str, prompt: list[int], max_tokens: int = MAX_TOKENS, timeout: float = 120
              ) -> tuple[int, dict]:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+    """One completion through the router: (status, {text, token_ids, finish_reason,
+    replica}) or (status, the OpenAI error body)."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+            "return_token_ids": True, "user": f"client-{uuid.uuid4().hex[:8]}"}
     req = urllib.request.Request(f"{url}/v1/completions", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read())
+            choice = json.loads(resp.read())["choices"][0]
+            return resp.status, {"text": choice["text"], "token_ids": choice["token_ids"],
+                                 "finish_reason": choice["finish_reason"],
+                                 "replica": resp.headers["X-Replica-ID"]}
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
 
@@ -91,8 +103,15 @@ def test_two_tp2_replicas_serve_concurrently_like_the_engine_alone(
 
 def test_bad_request_is_a_400_with_the_engine_message(stack: Stack) -> None:
     status, body = complete(stack.url, [])
-    assert status == 400
-    assert body["error"]["message"] == "the prompt is empty; send at least one token"
+    assert status == 400 and body["error"]["type"] == "invalid_request_error"  # the router's
+
+    async def refused() -> list[wire.Item]:  # what the router hears when the engine refuses
+        engine = ServeEngine(serve.get_deployment_handle(ENGINE, APP_NAME))
+        return [item async for item in engine.generate(wire.Request({}, prompt=[]), "")]
+
+    (item,) = asyncio.run(refused())
+    assert isinstance(item, wire.ErrorEvent) and item.status == 400
+    assert item.message == "the prompt is empty; send at least one token"
 
 
 def engine_stats(min_calls: int = 12) -> dict[str, dict]:

@@ -49,7 +49,7 @@ def test_serve_yaml_is_a_valid_serve_config_with_overrides() -> None:
     config = load_config(CLUSTER / "serve.yaml", "127.0.0.1", 18000, {"tp": 4, "model": "/m"})
     schema = ServeDeploySchema(**config)
     app = schema.applications[0]
-    assert app.external_scaler_enabled and app.import_path == "router.app:build"
+    assert app.external_scaler_enabled and app.import_path == "cluster.app:build"
     assert app.args["engine"]["tp"] == 4 and app.args["engine"]["model"] == "/m"
     assert app.args["engine"]["comm_dtype"] == "auto"  # untouched fields stay
     assert config["http_options"] == {"host": "127.0.0.1", "port": 18000}

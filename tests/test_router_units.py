@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
-pytest.importorskip("ray")
-from pydantic import ValidationError  # noqa: E402
-
-from router.app import (  # noqa: E402
+from router import wire
+from router.app import (
     ApiError,
     ChatBody,
     CompletionBody,
@@ -46,14 +45,20 @@ def test_defaults_store_sessions_on_use_and_limit_no_client() -> None:
 
 
 def test_an_engine_refusal_item_is_the_clients_error() -> None:
-    delta = {"token_ids": [5], "text": "a", "finish_reason": None, "replica": "r"}
+    delta = wire.decode({"token_ids": [5], "text": "a", "finish_reason": None,
+                         "replica": "r"})
     assert _delta(delta) is delta
-    refused = {"error": {"status": 400, "type": "invalid_request_error",
-                         "message": "the prompt is empty"}, "replica": "r"}
+    refused = wire.decode({"error": {"status": 400, "type": "invalid_request_error",
+                                     "message": "the prompt is empty"}, "replica": "r"})
     with pytest.raises(ApiError) as err:
         _delta(refused)
     assert (err.value.status, err.value.kind, err.value.message) == (
         400, "invalid_request_error", "the prompt is empty")
+    assert err.value.headers is None  # the client's fault: no Retry-After
+    failed = wire.ErrorEvent(503, "replica_unavailable", "the replica died", "r")
+    with pytest.raises(ApiError) as err:
+        _delta(failed, retry_after_s=2)
+    assert (err.value.status, err.value.headers) == (503, {"Retry-After": "2"})
 
 
 @pytest.mark.parametrize("body", [
@@ -93,7 +98,8 @@ class _FakeReplica:
 
 
 def _router(routing: str, refresh_s: float = 0.0) -> object:
-    from router.pinning import PinnedRouter
+    pytest.importorskip("ray")
+    from cluster.pinning import PinnedRouter
 
     router = object.__new__(PinnedRouter)  # no Serve machinery: only the routing state
     router.initialize_state(redis_url=None, routing=routing, refresh_s=refresh_s)

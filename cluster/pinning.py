@@ -16,7 +16,7 @@ is gone is never used: that request waits for a new claim. With `routing="random
 (RouterConfig.routing) every request goes to a uniformly random live replica and no pin
 is read or written: the baseline against which infra/load.py measures what pinning buys.
 
-Configured with `RequestRouterConfig(request_router_class="router.pinning.PinnedRouter",
+Configured with `RequestRouterConfig(request_router_class="cluster.pinning.PinnedRouter",
 request_router_kwargs={...})`; the Redis URL comes from TPSERVE_REDIS_URL unless given.
 """
 

@@ -1,0 +1,79 @@
+"""A router process's cost before it serves: `python -m infra.router_memory [--tree DIR]`.
+
+Runs, `--runs` times, a fresh Python that imports `router.app` and builds its FastAPI app
+(as a router replica does before its first request), from the source tree DIR (this
+checkout by default; an exported older commit to compare). Prints and appends one JSON
+line: the median resident memory (VmRSS) and import time, and which of torch,
+transformers and Ray the import loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+HEAVY = ("torch", "transformers", "ray")
+# the app as a router replica builds it: make_api(Router(...)) here, a module-level `api`
+# in trees where the Serve ingress class defined the routes
+PROBE = f"""
+HEAVY = {HEAVY!r}
+import json, sys, time
+start = time.perf_counter()
+import router.app as app
+api = app.make_api(app.Router(engine=None)) if hasattr(app, "make_api") else app.api
+seconds = time.perf_counter() - start
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print(json.dumps({{"seconds": seconds,
+                   "rss_kib": int(status["VmRSS"].split()[0]),
+                   "loaded": sorted(m for m in HEAVY if m in sys.modules)}}))
+"""
+
+
+def probe(tree: Path) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, "-c", PROBE], cwd=tree, capture_output=True,
+                         text=True, check=True, timeout=300).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+def git_rev(tree: Path) -> str:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tree,
+                          capture_output=True, text=True)
+    return done.stdout.strip() or "unknown"
+
+
+def measure(tree: Path, runs: int, rev: str | None) -> dict[str, Any]:
+    samples = [probe(tree) for _ in range(runs)]
+    return {"kind": "router_memory", "runs": runs,
+            "rss_mib_p50": round(statistics.median(s["rss_kib"] for s in samples) / 1024, 1),
+            "import_s_p50": round(statistics.median(s["seconds"] for s in samples), 3),
+            "loaded": samples[0]["loaded"], "git_rev": rev or git_rev(tree),
+            "host": {"cpu": platform.machine(), "python": platform.python_version()},
+            "command": " ".join(["python -m infra.router_memory", *sys.argv[1:]]),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m infra.router_memory")
+    parser.add_argument("--tree", type=Path, default=REPO, help="source tree to import from")
+    parser.add_argument("--rev", help="the tree's commit, when it is not a git checkout")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--out", default=str(REPO / "infra" / "results" /
+                                             "router_memory_cpu.jsonl"))
+    args = parser.parse_args(argv)
+    row = measure(args.tree, args.runs, args.rev)
+    print(json.dumps(row))
+    with open(args.out, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

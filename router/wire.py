@@ -1,0 +1,150 @@
+"""The message between the router and an engine replica, typed.
+
+The router sends one `Request`; the replica streams back `Delta`s, or an `ErrorEvent`
+that ends the stream. On the way they are plain JSON-able dicts (`to_dict` / `from_dict`,
+`encode` / `decode`), which is what travels through Serve's handle. Contract:
+
+- `Request`: exactly one of `prompt` (text or token ids) and `messages` (chat turns,
+  templated on the engine side, which holds the tokenizer); `params` are SamplingParams
+  fields (replicas/config.py owns their defaults and checks them).
+- `Delta`: what one engine step added; the first of a stream also carries `prompt_tokens`.
+  `finish_reason` is set on the last one.
+- `ErrorEvent`: the request failed with an HTTP `status` and an OpenAI error `type`.
+  Errors are mapped to a status once, where the engine is called (cluster/engine.py);
+  the router forwards the status. 503 means "another replica may serve it".
+- `from_dict` / `decode` raise `WireError` (a ValueError) on a malformed message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+RETRYABLE = 503  # the replica failed, not the request: a retry may go elsewhere
+
+
+class WireError(ValueError):
+    """A message that is not a well-formed Request, Delta or ErrorEvent."""
+
+
+def _field(data: Any, name: str, kinds: type | tuple[type, ...], optional: bool = False
+           ) -> Any:
+    """data[name] if it is of `kinds` (a bool is not an int here), None if optional."""
+    if not isinstance(data, dict):
+        raise WireError(f"expected a JSON object, got {type(data).__name__}")
+    value = data.get(name)
+    if value is None and optional:
+        return None
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise WireError(f"{name}: expected {' or '.join(k.__name__ for k in kinds)}, "
+                        f"got {value!r:.80}")
+    return value
+
+
+def _ints(name: str, value: list[Any]) -> list[int]:
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise WireError(f"{name}: expected a list of integers")
+    return list(value)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation request, router -> engine."""
+
+    params: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields
+    prompt: str | list[int] | None = None
+    messages: list[dict[str, str]] | None = None  # [{"role", "content"}], oldest first
+    request_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise WireError("a request has exactly one of prompt and messages")
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"params": dict(self.params)}
+        if self.prompt is not None:
+            data["prompt"] = self.prompt if isinstance(self.prompt, str) else list(self.prompt)
+        if self.messages is not None:
+            data["messages"] = [dict(m) for m in self.messages]
+        if self.request_id is not None:
+            data["request_id"] = self.request_id
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Request:
+        params = _field(data, "params", dict, optional=True) or {}
+        prompt = _field(data, "prompt", (str, list), optional=True)
+        if isinstance(prompt, list):
+            prompt = _ints("prompt", prompt)
+        messages = _field(data, "messages", list, optional=True)
+        if messages is not None and not all(isinstance(m, dict) for m in messages):
+            raise WireError("messages: expected a list of objects")
+        request_id = _field(data, "request_id", str, optional=True)
+        return cls(dict(params), prompt, messages, request_id)
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What one engine step added to a request's output, engine -> router."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None  # "stop" | "length" | "abort" on the last delta
+    replica: str  # the Serve replica id that runs the request
+    prompt_tokens: int | None = None  # on the first delta of a stream
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"token_ids": list(self.token_ids), "text": self.text,
+                                "finish_reason": self.finish_reason, "replica": self.replica}
+        if self.prompt_tokens is not None:
+            data["prompt_tokens"] = self.prompt_tokens
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Delta:
+        return cls(_ints("token_ids", _field(data, "token_ids", list)),
+                   _field(data, "text", str), _field(data, "finish_reason", str, True),
+                   _field(data, "replica", str), _field(data, "prompt_tokens", int, True))
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    """The request failed; ends the stream. `status` is the HTTP status to answer."""
+
+    status: int
+    type: str  # OpenAI error type: invalid_request_error | replica_unavailable | ...
+    message: str
+    replica: str = ""  # "" when no replica took the request
+
+    @property
+    def retryable(self) -> bool:
+        return self.status == RETRYABLE
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": {"status": self.status, "type": self.type, "message": self.message},
+                "replica": self.replica}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ErrorEvent:
+        error = _field(data, "error", dict)
+        status = _field(error, "status", int)
+        if not 400 <= status <= 599:
+            raise WireError(f"error status {status} is not an HTTP error status")
+        return cls(status, _field(error, "type", str), _field(error, "message", str),
+                   _field(data, "replica", str, optional=True) or "")
+
+
+Item = Delta | ErrorEvent  # what an engine stream yields
+
+
+def encode(item: Item) -> dict[str, Any]:
+    """An engine stream's item as a plain dict."""
+    return item.to_dict()
+
+
+def decode(data: Any) -> Item:
+    """An engine stream's item from a plain dict: an ErrorEvent when it has "error"."""
+    if isinstance(data, dict) and "error" in data:
+        return ErrorEvent.from_dict(data)
+    return Delta.from_dict(data)

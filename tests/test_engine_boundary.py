@@ -1,0 +1,139 @@
+"""Where the engine's failures get their HTTP status, once (cluster/engine.py): the
+replica's request code (serve_request) and the router's end of the handle (ServeEngine),
+with fakes for the engine and the handle; no Ray cluster is started."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+ray = pytest.importorskip("ray")
+from cluster.engine import ServeEngine, error_event, serve_request  # noqa: E402
+from replicas import ConfigError, EngineDeadError, RequestError  # noqa: E402
+from replicas.engine import TokenDelta  # noqa: E402
+from router import wire  # noqa: E402
+
+
+@pytest.mark.parametrize("error, status", [
+    (RequestError("the prompt is empty"), 400), (ConfigError("bad"), 400),
+    (wire.WireError("no prompt"), 400), (EngineDeadError("rank 1 died"), 503),
+    (RuntimeError("an engine bug"), 503), (TypeError("an engine bug too"), 503),
+    (ray.exceptions.RayTaskError("generate", "tb", RequestError("too long")), 400),
+    (ray.exceptions.RayTaskError("generate", "tb", EngineDeadError("gone")), 503),
+])
+def test_every_failure_maps_once_to_400_or_503(error: BaseException, status: int) -> None:
+    event = error_event(error, "r")
+    assert (event.status, event.replica) == (status, "r")
+    assert event.type == ("invalid_request_error" if status == 400 else "replica_unavailable")
+    assert event.retryable == (status == 503)
+    assert "tb" not in event.message  # the cause's message, without Ray's wrapping
+
+
+class FakeTokenizer:
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        if messages[0]["role"] != "user":
+            raise ValueError("conversation must start with a user message")
+        return [1] * len(messages)
+
+
+class FakeEngine:
+    tokenizer = FakeTokenizer()
+
+    async def add_request(self, ids: list[int], params: Any, request_id: str | None
+                          ) -> AsyncIterator[TokenDelta]:
+        if not ids:
+            raise RequestError("the prompt is empty; send at least one token")
+        for i in range(params.max_tokens):
+            yield TokenDelta("x", [i], str(i), None,
+                             "length" if i == params.max_tokens - 1 else None)
+
+
+def items(request: dict[str, Any]) -> list[dict[str, Any]]:
+    async def run() -> list[dict[str, Any]]:
+        return [item async for item in serve_request(FakeEngine(), request, "r")]
+
+    return asyncio.run(run())
+
+
+def test_the_replica_streams_wire_deltas_and_refuses_in_band() -> None:
+    out = [wire.decode(i) for i in items({"prompt": "ab", "params": {"max_tokens": 2}})]
+    assert out == [wire.Delta([0], "0", None, "r", 2), wire.Delta([1], "1", "length", "r")]
+    for request, words in (({"prompt": [], "params": {}}, "prompt is empty"),
+                           ({"prompt": "a", "params": {"max_tokenz": 1}}, "sampling"),
+                           ({"messages": [{"role": "system", "content": "x"}]}, "template"),
+                           ({"prompt": 5}, "prompt")):
+        (item,) = items(request)
+        event = wire.decode(item)
+        assert isinstance(event, wire.ErrorEvent) and event.status == 400, request
+        assert words in event.message and event.replica == "r"
+
+
+class FakeStream:
+    """A Serve response stream: `items`, then `error` raised, if any."""
+
+    def __init__(self, items: list[dict[str, Any]], error: BaseException | None) -> None:
+        self.items, self.error, self.cancelled = list(items), error, False
+
+    def __aiter__(self) -> FakeStream:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        if self.items:
+            return self.items.pop(0)
+        if self.error is not None:
+            raise self.error
+        raise StopAsyncIteration
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeHandle:
+    def __init__(self, stream: FakeStream) -> None:
+        self.stream, self.options_seen = stream, []
+        self.generate = self
+
+    def options(self, **options: Any) -> FakeHandle:
+        self.options_seen.append(options)
+        return self
+
+    def remote(self, request: dict[str, Any]) -> FakeStream:
+        self.request = request
+        return self.stream
+
+
+DELTA = {"token_ids": [5], "text": "a", "finish_reason": None, "replica": "r"}
+
+
+def test_the_handle_end_pins_by_session_and_maps_a_dead_replica_to_a_503() -> None:
+    handle = FakeHandle(FakeStream([DELTA], ray.exceptions.ActorDiedError()))
+
+    async def run() -> list[wire.Item]:
+        engine = ServeEngine(handle)  # type: ignore[arg-type]
+        return [i async for i in engine.generate(wire.Request({}, prompt=[5]), "ip:1.2.3.4")]
+
+    out = asyncio.run(run())
+    assert {"session_id": "ip:1.2.3.4"} in handle.options_seen
+    assert handle.request == {"params": {}, "prompt": [5]}
+    assert out[0] == wire.decode(DELTA)
+    assert isinstance(out[1], wire.ErrorEvent) and out[1].status == 503
+    assert not handle.stream.cancelled  # it ended by itself
+
+
+def test_a_reader_that_stops_early_cancels_the_request() -> None:
+    handle = FakeHandle(FakeStream([DELTA, DELTA, DELTA], None))
+
+    async def run() -> None:
+        stream = ServeEngine(handle).generate(  # type: ignore[arg-type]
+            wire.Request({}, prompt=[5]), "")
+        await anext(stream)
+        await stream.aclose()
+
+    asyncio.run(run())
+    assert handle.stream.cancelled

@@ -1,0 +1,51 @@
+"""The folders import one way: infra -> cluster -> {router, replicas}, with no arrow
+between router and replicas (DESIGN.md), and the router loads no engine: checked on the
+source (every import statement, also those inside functions) and in a fresh process."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+# what each folder must not import (top-level names); infra may import everything
+FORBIDDEN = {
+    "router": {"ray", "torch", "transformers", "replicas", "cluster", "infra"},
+    "replicas": {"ray", "redis", "fastapi", "starlette", "router", "cluster", "infra"},
+    "cluster": {"infra"},
+}
+
+
+def imported(path: Path) -> set[tuple[str, int]]:
+    """(top-level module, line) of every absolute import in a file."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {(alias.name.split(".")[0], node.lineno) for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add((node.module.split(".")[0], node.lineno))
+    return found
+
+
+@pytest.mark.parametrize("folder", sorted(FORBIDDEN))
+def test_imports_run_one_way(folder: str) -> None:
+    wrong = [f"{path.relative_to(REPO)}:{line} imports {name}"
+             for path in sorted((REPO / folder).rglob("*.py"))
+             for name, line in sorted(imported(path)) if name in FORBIDDEN[folder]]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_router_loads_no_engine_and_no_ray() -> None:
+    code = ("import json, sys\n"
+            "import router.app as app\n"
+            "app.make_api(app.Router(engine=None))\n"
+            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    loaded = set(json.loads(out.splitlines()[-1]))
+    assert not loaded & {"torch", "transformers", "ray", "replicas", "cluster"}, loaded

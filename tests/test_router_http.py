@@ -1,0 +1,538 @@
+"""The router's HTTP contract in-process: its ASGI app (router.app.make_api) called
+directly, no Ray, no Serve, no nginx. The engine is a fake that yields wire deltas (the
+fuzz runs on the real tiny engine, still in this process); sessions live in a real
+redis-server on a free loopback port. Bad bodies, the fuzz, SSE framing and [DONE],
+usage, history append, rate limits, retry-once, errors forwarded with the engine
+boundary's status, and the admin API over a fake control."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import zlib
+from collections.abc import AsyncGenerator, Coroutine, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from redisserver import REDIS_SERVER, RedisServer
+
+from router import wire
+from router.admin import ControlError, DeploymentStatus, ReplicaStatus
+from router.app import Router, RouterConfig, make_api
+
+RATE_LIMIT = 300  # per client key and minute, in the rate-limited router
+MAX_MODEL_LEN = 512  # the fake engine's context window, as the stack's engine
+
+
+# ---- an event loop of the test's own, and an ASGI client on it ----------------------------
+
+
+class Loop:
+    """One event loop in a thread: the router, its Redis pool and the engine live on it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, Any], timeout: float = 60) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def events(self) -> list[str]:
+        """The data of each server-sent event, in order."""
+        return [line[6:] for line in self.body.decode().split("\n\n") if line]
+
+
+async def asgi(app: Any, method: str, path: str, body: bytes, headers: dict[str, str],
+               source: str) -> Reply:
+    """One HTTP request through the ASGI app, as a server would make it; the whole body."""
+    head = {"content-type": "application/json", "content-length": str(len(body)), **{
+        k.lower(): v for k, v in headers.items()}}
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": method, "scheme": "http", "path": path, "raw_path": path.encode(),
+             "query_string": b"", "root_path": "", "client": (source, 50000),
+             "server": ("127.0.0.1", 80),
+             "headers": [(k.encode(), v.encode()) for k, v in head.items()]}
+    done, sent = asyncio.Event(), False
+    status, out_headers, chunks = 0, {}, []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await done.wait()  # the client stays until the response is whole
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+            out_headers.update({k.decode(): v.decode() for k, v in message["headers"]})
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                done.set()
+
+    await app(scope, receive, send)
+    return Reply(status, out_headers, b"".join(chunks))
+
+
+class Client:
+    """Requests to one router's app, from a chosen client address."""
+
+    def __init__(self, loop: Loop, router: Router) -> None:
+        self.loop, self.router, self.app = loop, router, make_api(router)
+
+    def request(self, method: str, path: str, body: object = b"",
+                headers: dict[str, str] | None = None, source: str = "127.0.0.1") -> Reply:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return self.loop.run(asgi(self.app, method, path, data, headers or {}, source))
+
+    def post(self, path: str, body: object, headers: dict[str, str] | None = None,
+             source: str = "127.0.0.1") -> Reply:
+        return self.request("POST", path, body, headers, source)
+
+    def get(self, path: str, headers: dict[str, str] | None = None) -> Reply:
+        return self.request("GET", path, b"", headers)
+
+
+# ---- the fake engine ------------------------------------------------------------------------
+
+
+def prompt_length(request: wire.Request) -> int:
+    if request.messages is not None:
+        return sum(1 + len(m["content"].split()) for m in request.messages)
+    prompt = request.prompt
+    return len(prompt.split()) if isinstance(prompt, str) else len(prompt or [])
+
+
+@dataclass
+class FakeEngine:
+    """Yields wire deltas: token i is id 100+i, text "w{i} "; refuses what the real engine
+    refuses here (an empty prompt, prompt + max_tokens over MAX_MODEL_LEN) with a 400
+    ErrorEvent. `first` scripts the first items of the next calls (a failed replica's 503);
+    `fail_after` ends each stream with that ErrorEvent after two deltas."""
+
+    replicas: tuple[str, ...] = ("replica-a", "replica-b")
+    first: list[wire.ErrorEvent] = field(default_factory=list)
+    fail_after: wire.ErrorEvent | None = None
+    calls: list[tuple[wire.Request, str]] = field(default_factory=list)
+
+    def replica(self, key: str) -> str:
+        return self.replicas[zlib.crc32(key.encode()) % len(self.replicas)]
+
+    async def generate(self, request: wire.Request, session_key: str
+                       ) -> AsyncGenerator[wire.Item, None]:
+        self.calls.append((request, session_key))
+        replica = self.replica(session_key)
+        if self.first:
+            yield self.first.pop(0)
+            return
+        n, max_tokens = prompt_length(request), int(request.params.get("max_tokens", 16))
+        if n == 0 or n + max_tokens > MAX_MODEL_LEN:
+            yield wire.ErrorEvent(400, "invalid_request_error", f"prompt ({n} tokens) + "
+                                  f"max_tokens ({max_tokens}) over max_model_len "
+                                  f"({MAX_MODEL_LEN})", replica)
+            return
+        for i in range(max_tokens):
+            if i == 2 and self.fail_after is not None:
+                yield self.fail_after
+                return
+            await asyncio.sleep(0)
+            yield wire.Delta([100 + i], f"w{i} ", "length" if i == max_tokens - 1 else None,
+                             replica, n if i == 0 else None)
+
+
+# ---- fixtures -------------------------------------------------------------------------------
+
+
+ROUTERS: list[Router] = []  # every router of this module; their Redis pools close at the end
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[Loop]:
+    loop = Loop()
+    yield loop
+    for router in ROUTERS:
+        loop.run(router.sessions.close())
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    if not os.path.exists(REDIS_SERVER):
+        pytest.skip("redis-server not installed (Debian: apt-get install redis-server)")
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+def router_with(engine: Any, redis_server: RedisServer, control: Any = None,
+                **config: Any) -> Router:
+    ROUTERS.append(Router(engine, RouterConfig(redis_url=redis_server.url(), **config),
+                          control))
+    return ROUTERS[-1]
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    return FakeEngine()
+
+
+@pytest.fixture
+def client(loop: Loop, redis_server: RedisServer, engine: FakeEngine) -> Client:
+    return Client(loop, router_with(engine, redis_server))
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+
+BAD_BODIES = [b"", b"{", b"[]", b"null", b'"x"', json.dumps({"prompt": ""}).encode(),
+              json.dumps({"prompt": "x", "max_tokens": -1}).encode(),
+              json.dumps({"prompt": "x", "max_tokens": "5"}).encode(),
+              json.dumps({"prompt": "x", "temperature": 1e9}).encode(),
+              json.dumps({"prompt": "x", "model": "gpt-4"}).encode(),
+              json.dumps({"prompt": list(range(600)), "max_tokens": 1}).encode(),
+              json.dumps({"prompt": "x", "max_tokens": 600}).encode(),
+              b"x" * (2 << 20)]
+
+
+@pytest.mark.parametrize("body", BAD_BODIES, ids=range(len(BAD_BODIES)))
+def test_bad_input_is_a_4xx_with_an_openai_error(client: Client, body: bytes) -> None:
+    reply = client.post("/v1/completions", body)
+    assert 400 <= reply.status < 500, (reply.status, reply.body[:200])
+    assert "message" in reply.json()["error"]
+
+
+def test_an_engine_refusal_is_forwarded_with_its_status_and_message(
+        client: Client, engine: FakeEngine) -> None:
+    reply = client.post("/v1/completions", {"prompt": list(range(600)), "max_tokens": 1})
+    assert reply.status == 400 and "retry-after" not in reply.headers
+    error = reply.json()["error"]
+    assert error["type"] == "invalid_request_error" and "max_model_len" in error["message"]
+    assert len(engine.calls) == 1  # the client's fault: never retried
+
+
+# ---- the fuzz, on the real tiny engine ------------------------------------------------------
+
+
+class LocalEngine:
+    """The router's engine over a real replicas.Engine in this process: the engine
+    deployment's own request code (cluster/engine.py: serve_request, error_event)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    async def generate(self, request: wire.Request, session_key: str
+                       ) -> AsyncGenerator[wire.Item, None]:
+        from cluster.engine import error_event, serve_request
+
+        try:
+            async for item in serve_request(self.engine, request.to_dict(), "local"):
+                yield wire.decode(item)
+        except Exception as e:  # noqa: BLE001 - as ServeEngine maps it
+            yield error_event(e)
+
+
+@pytest.fixture(scope="module")
+def real_client(loop: Loop, redis_server: RedisServer) -> Iterator[Client]:
+    from replicas import Engine, EngineConfig
+
+    engine = Engine(EngineConfig(tp=1, max_model_len=MAX_MODEL_LEN))
+    try:
+        yield Client(loop, router_with(LocalEngine(engine), redis_server))
+    finally:
+        engine.shutdown()
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=False)
+    | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                               max_size=4), max_leaves=8)
+fields = st.fixed_dictionaries({}, optional={
+    "prompt": st.one_of(st.text(max_size=30), st.lists(st.integers(-5, 1200), max_size=8),
+                        json_values),
+    "messages": st.one_of(st.lists(st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "assistant", "system", "tool", ""]),
+         "content": st.one_of(st.text(max_size=20), json_values)}), max_size=3), json_values),
+    "max_tokens": st.one_of(st.integers(-3, 4), st.integers(10**5, 10**9), json_values),
+    "temperature": st.one_of(st.floats(-1, 3, allow_nan=False), json_values),
+    "top_p": st.one_of(st.floats(-1, 2, allow_nan=False), json_values),
+    "stream": st.one_of(st.booleans(), json_values), "model": json_values,
+    "stop": json_values, "seed": json_values, "user": json_values, "n": json_values,
+})
+
+
+@settings(max_examples=500, deadline=None, derandomize=True,
+          suppress_health_check=list(HealthCheck))
+@given(body=fields, chat=st.booleans())
+def test_fuzz_never_5xx_never_hangs(real_client: Client, body: dict, chat: bool) -> None:
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    reply = real_client.loop.run(asgi(real_client.app, "POST", path, json.dumps(body).encode(),
+                                      {}, "127.0.0.1"), timeout=30)
+    assert reply.status < 500, (reply.status, body, reply.body[:300])
+
+
+# ---- responses: whole, streamed, usage ------------------------------------------------------
+
+
+def test_completion_and_chat_answer_in_openai_shapes(client: Client) -> None:
+    models = client.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["tpserve"]
+    reply = client.post("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 3})
+    body = reply.json()
+    assert reply.status == 200 and body["object"] == "text_completion"
+    assert body["choices"][0]["text"] == "w0 w1 w2 " and body["choices"][0][
+        "finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
+    assert reply.headers["x-replica-id"] and "x-session-id" not in reply.headers  # none used
+    assert "token_ids" not in body["choices"][0]
+    ids = client.post("/v1/completions", {"prompt": [5, 6], "max_tokens": 2,
+                                          "return_token_ids": True}).json()
+    assert ids["choices"][0]["token_ids"] == [100, 101]
+    chat = client.post("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 2}).json()
+    assert chat["object"] == "chat.completion"
+    assert chat["choices"][0]["message"] == {"role": "assistant", "content": "w0 w1 "}
+
+
+def test_a_streamed_answer_is_sse_ending_in_done_with_usage(client: Client) -> None:
+    whole = client.post("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 4}).json()
+    reply = client.post("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 4,
+        "stream": True, "stream_options": {"include_usage": True}})
+    assert reply.status == 200 and reply.headers["content-type"].startswith(
+        "text/event-stream")
+    assert reply.body.endswith(b"data: [DONE]\n\n")
+    assert all(line.startswith("data: ") for line in reply.body.decode().split("\n\n") if line)
+    events = reply.events()
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert events[-1] == "[DONE]"
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"]
+               for c in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == whole["choices"][0]["message"]["content"]
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 4
+    plain = client.post("/v1/completions", {"prompt": [5], "max_tokens": 2, "stream": True})
+    events = plain.events()
+    assert events[-1] == "[DONE]" and len(events) == 3  # two tokens, no usage unless asked
+    assert [json.loads(e)["choices"][0]["text"] for e in events[:-1]] == ["w0 ", "w1 "]
+
+
+def test_a_stream_whose_replica_fails_ends_with_an_error_event_then_done(
+        client: Client, engine: FakeEngine) -> None:
+    engine.fail_after = wire.ErrorEvent(503, "replica_unavailable", "the replica died")
+    reply = client.post("/v1/completions", {"prompt": [5], "max_tokens": 8, "stream": True})
+    assert reply.status == 200
+    events = reply.events()
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert (error["type"], error["message"]) == ("replica_unavailable", "the replica died")
+    whole = client.post("/v1/completions", {"prompt": [5], "max_tokens": 8})
+    assert whole.status == 503 and whole.headers["retry-after"] == "1"
+    assert client.router.in_flight == 0  # every path gave its slot back
+
+
+# ---- retry once -----------------------------------------------------------------------------
+
+
+def test_a_replica_that_fails_before_the_first_token_is_retried_once(
+        client: Client, engine: FakeEngine) -> None:
+    dead = wire.ErrorEvent(503, "replica_unavailable", "the replica died", "replica-a")
+    engine.first = [dead]
+    reply = client.post("/v1/completions", {"prompt": [5], "max_tokens": 2},
+                        {"X-Session-ID": "retry-1"})
+    assert reply.status == 200 and len(engine.calls) == 2
+    assert engine.calls[0] == engine.calls[1]  # the same request, the same session key
+    engine.first = [dead, dead]
+    reply = client.post("/v1/completions", {"prompt": [5], "max_tokens": 2})
+    assert reply.status == 503 and reply.headers["retry-after"] == "1"
+    assert reply.json()["error"]["type"] == "replica_unavailable"
+    assert len(engine.calls) == 4  # once more, not twice more
+    assert client.router.in_flight == 0
+
+
+# ---- sessions and history -------------------------------------------------------------------
+
+
+def test_sessions_keep_history(client: Client, engine: FakeEngine,
+                               redis_server: RedisServer) -> None:
+    sid = "hist-1"
+    h = {"X-Session-ID": sid}
+    body = {"messages": [{"role": "user", "content": "first"}], "max_tokens": 3}
+    assert client.post("/v1/chat/completions", body, h).status == 200
+    body = {"messages": [{"role": "user", "content": "second"}], "max_tokens": 3,
+            "session": {"append": True}}
+    reply = client.post("/v1/chat/completions", body, h)
+    assert reply.status == 200 and reply.headers["x-session-id"] == sid
+    sent, key = engine.calls[-1]  # the stored history went first, under the session's key
+    assert [m["content"] for m in sent.messages or []] == ["first", "w0 w1 w2 ", "second"]
+    assert key == f"session:{sid}"
+    stored = client.get(f"/v1/sessions/{sid}").json()
+    assert [m["content"] for m in stored["history"] if m["role"] == "user"] == [
+        "first", "second"]
+    with redis_server.client() as r:  # the key schema of router/keys.py
+        assert r.exists(f"tpserve:h:session:{sid}")
+    for method, status in (("DELETE", 200), ("GET", 404), ("DELETE", 404)):
+        assert client.request(method, f"/v1/sessions/{sid}").status == status, method
+
+
+def test_a_first_turn_with_a_session_field_gets_an_id_and_its_pin(
+        client: Client, redis_server: RedisServer) -> None:
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    reply = client.post("/v1/chat/completions", chat, source="127.0.0.56")
+    assert reply.status == 200 and "x-session-id" not in reply.headers
+    reply = client.post("/v1/chat/completions", {**chat, "session": {"append": True}},
+                        source="127.0.0.56")
+    sid = reply.headers["x-session-id"]
+    with redis_server.client() as r:  # pinned where the first turn ran, for the next one
+        assert r.hget(f"tpserve:s:session:{sid}", "replica") == reply.headers["x-replica-id"]
+    again = client.post("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "again"}], "max_tokens": 2,
+        "session": {"append": True}}, {"X-Session-ID": sid}, source="127.0.0.56")
+    assert again.status == 200 and again.headers["x-session-id"] == sid
+    stored = client.get(f"/v1/sessions/{sid}").json()
+    assert [m["content"] for m in stored["history"] if m["role"] == "user"] == ["hi", "again"]
+
+
+def test_spoofed_forwarding_headers_from_an_untrusted_peer_are_ignored(
+        client: Client, engine: FakeEngine) -> None:
+    spoof = {"X-Forwarded-For": "203.0.113.9", "X-Real-IP": "203.0.113.9"}
+    assert client.post("/v1/completions", {"prompt": [5], "max_tokens": 1}, spoof,
+                       source="10.1.2.3").status == 200
+    assert engine.calls[-1][1] == "ip:10.1.2.3"
+    client.post("/v1/completions", {"prompt": [5], "max_tokens": 1}, spoof)  # nginx's peer
+    assert engine.calls[-1][1] == "ip:203.0.113.9"
+
+
+# ---- limits ---------------------------------------------------------------------------------
+
+
+def test_rate_limit_is_a_429_with_retry_after(loop: Loop, redis_server: RedisServer,
+                                              engine: FakeEngine) -> None:
+    client = Client(loop, router_with(engine, redis_server, rate_limit_per_minute=RATE_LIMIT))
+    source = "127.0.0.99"
+    statuses = []
+    for _ in range(2 * RATE_LIMIT):  # the bucket refills while we send
+        reply = client.post("/v1/completions", {"prompt": [5], "max_tokens": 1}, source=source)
+        statuses.append(reply.status)
+        if reply.status == 429:
+            assert int(reply.headers["retry-after"]) >= 1
+            break
+    assert statuses[-1] == 429 and set(statuses[:-1]) == {200}
+    assert len(statuses) >= RATE_LIMIT - 5  # not before the budget is spent
+    assert client.post("/v1/completions", {"prompt": [5], "max_tokens": 1},
+                       source="127.0.0.98").status == 200  # another client is not limited
+
+
+def test_too_many_in_flight_is_a_429(loop: Loop, redis_server: RedisServer,
+                                     engine: FakeEngine) -> None:
+    client = Client(loop, router_with(engine, redis_server, max_in_flight=1))
+    client.router.in_flight = 1  # one request streaming
+    reply = client.post("/v1/completions", {"prompt": [5], "max_tokens": 1})
+    assert reply.status == 429 and reply.headers["retry-after"] == "1"
+
+
+def test_health_and_metrics(client: Client) -> None:
+    client.post("/v1/completions", {"prompt": [5, 6], "max_tokens": 2})
+    assert client.get("/healthz").json() == {"status": "ok", "redis": True, "in_flight": 0}
+    text = client.get("/metrics").body.decode()
+    for name in ("tpserve_requests_total", "tpserve_request_seconds_bucket",
+                 "tpserve_time_to_first_token_seconds_bucket", "tpserve_tokens_total",
+                 "tpserve_live_sessions", "tpserve_redis_degraded"):
+        assert name in text, name
+
+
+# ---- admin, over a fake control -------------------------------------------------------------
+
+
+@dataclass
+class FakeControl:
+    target: int = 2
+    status: str = "HEALTHY"
+    message: str = ""
+    refuse: str = ""
+    asked: list[int] = field(default_factory=list)
+
+    async def deployment(self) -> DeploymentStatus:
+        if self.refuse:
+            raise ControlError(self.refuse)
+        return DeploymentStatus(self.target, (ReplicaStatus("replica-a", "RUNNING"),
+                                              ReplicaStatus("replica-b", "STARTING")),
+                                self.status, self.message)
+
+    async def request_scale(self, target: int) -> None:
+        if self.refuse:
+            raise ControlError(self.refuse)
+        self.asked.append(target)
+
+
+@pytest.fixture
+def admin(loop: Loop, redis_server: RedisServer, engine: FakeEngine,
+          monkeypatch: pytest.MonkeyPatch) -> tuple[Client, FakeControl]:
+    monkeypatch.setenv("TPSERVE_ADMIN_TOKEN", "sesame")
+    control = FakeControl()
+    return Client(loop, router_with(engine, redis_server, control, max_replicas=4)), control
+
+
+AUTH = {"Authorization": "Bearer sesame"}
+
+
+def test_admin_needs_the_token(admin: tuple[Client, FakeControl]) -> None:
+    client, _ = admin
+    assert client.get("/admin/replicas").status == 401
+    wrong = client.get("/admin/replicas", {"Authorization": "Bearer nope"})
+    assert wrong.status == 401 and wrong.headers["www-authenticate"] == "Bearer"
+    assert client.get("/dashboard").status == 200  # the page itself asks for the token
+
+
+def test_admin_scale_is_a_202_and_serve_reports_the_progress(
+        admin: tuple[Client, FakeControl], redis_server: RedisServer) -> None:
+    client, control = admin
+    reply = client.post("/admin/scale", {"replicas": 3}, AUTH)
+    assert (reply.status, reply.json(), control.asked) == (202, {"target": 3}, [3])
+    for bad in ({"replicas": 0}, {"replicas": 5}, {"replicas": True}, {"n": 2}, b"{"):
+        assert client.post("/admin/scale", bad, AUTH).status == 400, bad
+    control.target, control.status, control.message = 3, "UPSCALING", "starting 1 replica"
+    with redis_server.client() as r:  # the stats replica-a publishes (cluster/engine.py)
+        r.set("tpserve:replica:replica-a", json.dumps({"tp": 2, "running": 1}), ex=5)
+    state = client.get("/admin/replicas", AUTH).json()
+    assert state["target"] == 3
+    assert state["serve"] == {"status": "UPSCALING", "message": "starting 1 replica"}
+    rows = {row["id"]: row for row in state["replicas"]}
+    assert rows["replica-a"]["state"] == "RUNNING" and rows["replica-a"]["tp"] == 2
+    assert rows["replica-b"]["state"] == "STARTING" and rows["replica-b"]["tp"] is None
+
+
+def test_admin_reports_what_serve_refused(admin: tuple[Client, FakeControl]) -> None:
+    client, control = admin
+    control.refuse = "deploy the app with external_scaler_enabled: true"
+    reply = client.post("/admin/scale", {"replicas": 2}, AUTH)
+    assert reply.status == 502 and "external_scaler_enabled" in reply.json()["error"][
+        "message"]
+    assert client.get("/admin/replicas", AUTH).status == 503
