@@ -22,8 +22,8 @@ command. Everything runs on loopback and stops by itself (bounded requests and t
 - `overhead`: what nginx + router add to a 1-token completion, against the engine
   deployment called directly through a Serve DeploymentHandle from a Ray driver connected
   to the stack (the same hop the router itself makes). Sequential requests, the paths
-  interleaved call by call. `--direct-ingress` also times the router replica's own HTTP
-  server (Serve's direct ingress, an experimental Serve setting the stack does not use).
+  interleaved call by call. (Rows from before that flag was removed also timed the router
+  replica's own HTTP server, Serve's direct ingress; the table still reads them.)
 
 The modes live here; the streaming client in infra/client.py, the run summary and a
 result line's frame in infra/results.py, the README table (`--table`) in
