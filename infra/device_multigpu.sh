@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# The multi-GPU run on the device machine (nvidia-h200-x2): what the machine has, the
-# multigpu GPU tests, then `replicas.bench --suite multigpu`; logs and JSON lines under
-# $OUT (or ./out). NVLink multicast stays off (NCCL, PyTorch symmetric memory, NVSHMEM).
-#   TESTS="-k shutdown" PROBE_S=0 TEST_S=200 BENCH_S=380 bash infra/device_multigpu.sh
+# The multi-GPU run on the device machine (nvidia-h200-x2): what the machine has, then
+# (each step on when its bound is not 0) the decode probes, the multigpu GPU tests and
+# `replicas.bench --suite multigpu`; logs and JSON lines under $OUT (or ./out). NVLink
+# multicast stays off (NCCL, PyTorch symmetric memory, NVSHMEM). By default the suite
+# alone (it needs most of one 10-minute call); the tests in a call of their own:
+#   bash infra/device_multigpu.sh                          # the suite, bounded at 570 s
+#   TEST_S=300 BENCH_S=0 TESTS="-k shutdown" bash infra/device_multigpu.sh
+#   PROBE_S=240 BENCH_S=0 bash infra/device_multigpu.sh    # decode at tp=1 and tp=2
 # Each step is bounded (timeout -s KILL: a rank stuck in a GPU collective ignores
 # SIGTERM); TPSERVE_STACK_DUMP_S=N prints every thread's stack every N seconds.
 set -uo pipefail
@@ -16,18 +20,18 @@ python3 -c 'import torch, transformers, triton
 print("torch", torch.__version__, "transformers", transformers.__version__,
       "triton", triton.__version__, "gpus", torch.cuda.device_count())
 print("one_shot_all_reduce_copy_out:", hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out"))'
-if [ "${PROBE_S:-240}" != 0 ]; then  # the headline first: decode at tp=1 and tp=2
+if [ "${PROBE_S:-0}" != 0 ]; then  # the headline first: decode at tp=1 and tp=2
   for tp in 1 2; do
-    timeout -s KILL "${PROBE_S:-240}" python3 -m replicas.multigpu --probe glm4-9b --tp "$tp" \
+    timeout -s KILL "${PROBE_S}" python3 -m replicas.multigpu --probe glm4-9b --tp "$tp" \
       2>&1 | grep '^{' | tee -a "$out/probe.jsonl"
   done
 fi
-if [ "${TEST_S:-300}" != 0 ]; then
+if [ "${TEST_S:-0}" != 0 ]; then
   # shellcheck disable=SC2086
-  timeout -s KILL "${TEST_S:-300}" python3 -m pytest -q -m multigpu tests/test_multigpu.py \
+  timeout -s KILL "${TEST_S}" python3 -m pytest -q -m multigpu tests/test_multigpu.py \
     --timeout 150 -p no:cacheprovider ${TESTS:-} 2>&1 | tee "$out/tests.log"
 fi
-if [ "${BENCH_S:-380}" != 0 ]; then
-  timeout -s KILL "${BENCH_S:-380}" python3 -m replicas.bench --suite multigpu --tp 2 \
+if [ "${BENCH_S:-570}" != 0 ]; then
+  timeout -s KILL "${BENCH_S:-570}" python3 -m replicas.bench --suite multigpu --tp 2 \
     --out "$out/multigpu_2xh200.jsonl" 2>&1 | tee "$out/bench.log"
 fi
