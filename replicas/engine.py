@@ -16,26 +16,24 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import multiprocessing as mp
-import os
-import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from transformers import AutoConfig
 
 from replicas.config import ConfigError, EngineConfig, ModelSpec, SamplingParams
 from replicas.kv_cache import BlockManager
+from replicas.ranks import RankLauncher, free_port, spawn_rank
 from replicas.sampler import sample_on_device
 from replicas.scheduler import Scheduled, Scheduler, Sequence
 from replicas.tokenizer import IncrementalDecoder, Tokenizer
-from replicas.worker import PING_BATCH, SHUTDOWN_BATCH, StepBatch, Worker, rank_main, replay_batch
+from replicas.worker import PING_BATCH, SHUTDOWN_BATCH, StepBatch, Worker, replay_batch
 
 log = logging.getLogger(__name__)
 
@@ -146,48 +144,6 @@ class _AsyncSink:
 
     def fail(self, error: BaseException) -> None:
         self.push(error)
-
-
-class RankHandle(Protocol):
-    """A running rank 1..tp-1 (a process here, a Ray actor in cluster/)."""
-
-    def is_alive(self) -> bool: ...
-    def join(self, timeout: float | None = None) -> None: ...
-    def kill(self) -> None: ...
-
-
-# (config, model_dir, rank, init_method) -> a started rank that runs worker.rank_main
-RankLauncher = Callable[[EngineConfig, str, int, str], RankHandle]
-
-
-def _rank_process(config: EngineConfig, model_dir: str, rank: int, init_method: str) -> None:
-    """A spawned rank: the worker loop, then out at once. The interpreter's own exit
-    would finalize NCCL and CUDA state again, which can wait on peers."""
-    code = 0
-    try:
-        rank_main(config, model_dir, rank, init_method)
-    except BaseException:  # noqa: BLE001 - reported, then the exit code says it
-        log.exception("rank %d failed", rank)
-        code = 1
-    finally:
-        logging.shutdown()
-        os._exit(code)
-
-
-def spawn_rank(config: EngineConfig, model_dir: str, rank: int, init_method: str) -> RankHandle:
-    """Start a rank as a local process (spawned: CUDA and threads start clean)."""
-    proc = mp.get_context("spawn").Process(
-        target=_rank_process, args=(config, model_dir, rank, init_method), daemon=True,
-        name=f"tpserve-rank{rank}",
-    )
-    proc.start()
-    return proc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Engine:
