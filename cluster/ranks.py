@@ -19,7 +19,7 @@ from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from replicas import EngineConfig
-from replicas.engine import RankHandle
+from replicas.ranks import RankHandle
 
 NOSET_CUDA = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
 

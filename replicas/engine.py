@@ -16,26 +16,24 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import multiprocessing as mp
-import os
-import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from transformers import AutoConfig
 
 from replicas.config import ConfigError, EngineConfig, ModelSpec, SamplingParams
 from replicas.kv_cache import BlockManager
+from replicas.ranks import RankLauncher, Ranks, free_port, spawn_rank
 from replicas.sampler import sample_on_device
 from replicas.scheduler import Scheduled, Scheduler, Sequence
 from replicas.tokenizer import IncrementalDecoder, Tokenizer
-from replicas.worker import PING_BATCH, SHUTDOWN_BATCH, StepBatch, Worker, rank_main, replay_batch
+from replicas.worker import PING_BATCH, SHUTDOWN_BATCH, StepBatch, Worker, replay_batch
 
 log = logging.getLogger(__name__)
 
@@ -148,48 +146,6 @@ class _AsyncSink:
         self.push(error)
 
 
-class RankHandle(Protocol):
-    """A running rank 1..tp-1 (a process here, a Ray actor in cluster/)."""
-
-    def is_alive(self) -> bool: ...
-    def join(self, timeout: float | None = None) -> None: ...
-    def kill(self) -> None: ...
-
-
-# (config, model_dir, rank, init_method) -> a started rank that runs worker.rank_main
-RankLauncher = Callable[[EngineConfig, str, int, str], RankHandle]
-
-
-def _rank_process(config: EngineConfig, model_dir: str, rank: int, init_method: str) -> None:
-    """A spawned rank: the worker loop, then out at once. The interpreter's own exit
-    would finalize NCCL and CUDA state again, which can wait on peers."""
-    code = 0
-    try:
-        rank_main(config, model_dir, rank, init_method)
-    except BaseException:  # noqa: BLE001 - reported, then the exit code says it
-        log.exception("rank %d failed", rank)
-        code = 1
-    finally:
-        logging.shutdown()
-        os._exit(code)
-
-
-def spawn_rank(config: EngineConfig, model_dir: str, rank: int, init_method: str) -> RankHandle:
-    """Start a rank as a local process (spawned: CUDA and threads start clean)."""
-    proc = mp.get_context("spawn").Process(
-        target=_rank_process, args=(config, model_dir, rank, init_method), daemon=True,
-        name=f"tpserve-rank{rank}",
-    )
-    proc.start()
-    return proc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Engine:
     """One TP group serving requests. Always call `shutdown()` (or use `with`)."""
 
@@ -206,13 +162,13 @@ class Engine:
         ModelSpec.from_hf(AutoConfig.from_pretrained(model_dir)).check_tp(config.tp)  # fail early
         # each replica rendezvouses on its own port, so replicas on one node never collide
         init_method = init_method or f"tcp://127.0.0.1:{free_port()}"
-        self._procs = [launch(config, model_dir, r, init_method) for r in range(1, config.tp)]
+        self._ranks = Ranks(config, model_dir, init_method, launch)
         try:
             self.tokenizer = Tokenizer(model_dir)  # while the rank processes start
             self.worker = Worker(config, model_dir, 0, init_method,
-                                 peers_alive=lambda: all(p.is_alive() for p in self._procs))
+                                 peers_alive=self._ranks.all_alive)
         except BaseException:
-            self._kill_ranks()
+            self._ranks.kill()
             raise
         self.spec = self.worker.spec
         self.max_model_len = self.worker.max_model_len
@@ -263,9 +219,7 @@ class Engine:
         self._heartbeat_s = config.dist_timeout_s / 4
         self._thread = threading.Thread(target=self._drive, name="tpserve-driver", daemon=True)
         self._thread.start()
-        if self._procs:
-            threading.Thread(target=self._watch_ranks, name="tpserve-rank-watch",
-                             daemon=True).start()
+        self._ranks.watch(lambda: not self._closed and self._dead is None, self._rank_died)
 
     # ---- public API ----
 
@@ -344,7 +298,7 @@ class Engine:
         }
 
     def healthy(self) -> bool:
-        return self._dead is None and not self._closed and all(p.is_alive() for p in self._procs)
+        return self._dead is None and not self._closed and self._ranks.all_alive()
 
     def shutdown(self) -> None:
         """Stop the driver and every rank process, and hand rank 0's GPU memory back;
@@ -358,14 +312,13 @@ class Engine:
         # may never return, and is left behind (a daemon thread)
         self._thread.join(timeout=30 if self._dead is None else 2)
         self._fail_all(EngineDeadError("engine shut down"))
-        if self._dead is None and not self._thread.is_alive() and all(
-                p.is_alive() for p in self._procs):
+        if self._dead is None and not self._thread.is_alive() and self._ranks.all_alive():
             try:
                 self.worker.send(SHUTDOWN_BATCH)
             except Exception:  # a rank already gone: fall through to killing
                 log.warning("could not tell the ranks to stop; killing them")
         self.worker.close(peer_dead=self._dead is not None or self._thread.is_alive())
-        self._kill_ranks()
+        self._ranks.kill()
         if not self._thread.is_alive():  # else the stuck driver still holds the model
             self.worker.release()
 
@@ -374,7 +327,7 @@ class Engine:
         (at tp > 1 the graph holds collectives). Only while no request runs."""
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with self._cond:  # the driver sends its heartbeat under this lock
-            if self._procs:
+            if self._ranks.handles:
                 self.worker.send(replay_batch(times + 1))
             self.worker.replay_graph(1)
             start.record()
@@ -443,9 +396,9 @@ class Engine:
                 idle_since = time.monotonic()
                 while not self._inbox and not self.scheduler.has_work() and not self._closed:
                     left = idle_since + self._heartbeat_s - time.monotonic()
-                    if self._procs and left <= 0:
+                    if self._ranks.handles and left <= 0:
                         break
-                    self._cond.wait(timeout=left if self._procs else None)
+                    self._cond.wait(timeout=left if self._ranks.handles else None)
                 if self._closed or self._dead is not None:
                     return
                 inbox, self._inbox = self._inbox, []
@@ -485,19 +438,17 @@ class Engine:
                 self._dead = error
         self._fail_all(EngineDeadError(f"engine step failed: {error!r}"))
 
-    def _watch_ranks(self) -> None:
-        """tp > 1: a rank process that dies fails every request within a second, even
-        while rank 0 is blocked in a collective with it (which may never return); the
-        group is then aborted so that NCCL's waits end."""
-        while not self._closed and self._dead is None:
-            dead = [r for r, p in enumerate(self._procs, start=1) if not p.is_alive()]
-            if dead and not self._closed:
-                log.error("TP rank(s) %s died; failing every request", dead)
-                self._die(RuntimeError(f"TP rank {dead[0]} died"))
-                if self._device.type == "cuda":  # NCCL waits on a dead peer for minutes
-                    self.worker.close(peer_dead=True)
-                return
-            time.sleep(0.25)
+    def _rank_died(self, dead: list[int]) -> None:
+        """The rank watcher saw `dead` gone: every request fails within its poll, even
+        while rank 0 is blocked in a collective with them (which may never return); the
+        group is then aborted so that NCCL's waits end. During shutdown the ranks are
+        meant to leave."""
+        if self._closed:
+            return
+        log.error("TP rank(s) %s died; failing every request", dead)
+        self._die(RuntimeError(f"TP rank {dead[0]} died"))
+        if self._device.type == "cuda":  # NCCL waits on a dead peer for minutes
+            self.worker.close(peer_dead=True)
 
     def _take(self, kind: str, item: Any) -> None:
         if kind == "abort":
@@ -674,15 +625,7 @@ class Engine:
     def _abandon(self) -> None:
         self.worker.send(SHUTDOWN_BATCH)
         self.worker.close()
-        self._kill_ranks()
-
-    def _kill_ranks(self) -> None:
-        deadline = time.monotonic() + 3
-        for p in self._procs:
-            p.join(timeout=max(0.0, deadline - time.monotonic()))
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
+        self._ranks.kill()
 
 
 def _find_stop(text: str, stops: tuple[str, ...], sent: int) -> int | None:

@@ -47,7 +47,7 @@ class ForwardBatch:
     query_pos: torch.Tensor  # [B, max_q] positions of the chunk, padded with 0
     logits_indices: torch.Tensor  # [N] tokens whose next-token logits are wanted
     masks: dict[int | None, torch.Tensor]  # window -> [B, 1, max_q, keys] attend mask
-    # the Triton path's view of the same step (see kernels.py); masks are then empty
+    # the Triton path's view of the same step (see replicas/kernels/); masks are then empty
     cu_q: torch.Tensor | None = None  # [B + 1] int32, where each sequence's tokens start
     max_q: int = 0  # the longest chunk
     splits: int = 1  # key-range splits of decode attention

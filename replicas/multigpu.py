@@ -434,7 +434,7 @@ def shutdown_cycles(shapes: Shapes, tp: int, cycles: int = 5) -> dict[str, Any]:
         start = time.perf_counter()
         engine.shutdown()
         times.append(round(time.perf_counter() - start, 2))
-        left += sum(p.is_alive() for p in engine._procs)
+        left += sum(p.is_alive() for p in engine._ranks.handles)
         del engine
         if cuda:
             gc.collect()

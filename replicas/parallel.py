@@ -208,7 +208,8 @@ def gemv_cache_key(weight: torch.Tensor, has_bias: bool, kind: str) -> str:
     one weight shape, dtype and layer kind: change any, and the GEMV is timed again."""
     import triton  # (only called on the GPU path, where Triton is present)
 
-    source = hashlib.sha256(Path(kernels.__file__).read_bytes()).hexdigest()[:16]
+    modules = sorted(Path(kernels.__file__).parent.glob("*.py"))  # the kernels package
+    source = hashlib.sha256(b"".join(p.read_bytes() for p in modules)).hexdigest()[:16]
     return "|".join([torch.cuda.get_device_name(weight.device), f"torch {torch.__version__}",
                      f"triton {triton.__version__}", f"kernels {source}",
                      f"{tuple(weight.shape)} {weight.dtype}", f"bias={has_bias}", kind])

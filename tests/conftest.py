@@ -10,7 +10,7 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    # Triton kernels (replicas/kernels.py) run on CPU in Triton's interpreter for the
+    # Triton kernels (replicas/kernels/) run on CPU in Triton's interpreter for the
     # tests that ask for them; read when the kernels are defined, so set before imports
     os.environ.setdefault("TRITON_INTERPRET", "1")
 from checkpoints import CheckpointFactory, make_checkpoint

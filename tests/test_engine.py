@@ -360,7 +360,7 @@ def test_overlapped_chunked_all_reduce_changes_no_token() -> None:
 
 def test_tp2_dead_rank_fails_requests_fast_and_shutdown_cleans_up() -> None:
     eng = Engine(EngineConfig(model=None, tp=2, dist_timeout_s=60))
-    procs = list(eng._procs)
+    procs = list(eng._ranks.handles)
     try:
         assert eng.generate([PROMPTS[0]], GREEDY)[0].finish_reason == "length"
         assert eng.healthy()
@@ -381,13 +381,13 @@ def test_tp2_idle_engine_outlives_the_group_timeout() -> None:
     for 4 x that, the engine is the same one (same rank process, prefix cache kept),
     because rank 0 sends a heartbeat while idle. A dead rank is still found while idle."""
     eng = Engine(EngineConfig(model=None, tp=2, dist_timeout_s=5))
-    procs = list(eng._procs)
+    procs = list(eng._ranks.handles)
     pids = [p.pid for p in procs]
     shared = list(range(200, 264))  # 4 full blocks
     try:
         first = eng.generate([shared + [5]], GREEDY)[0]
         time.sleep(20)
-        assert eng.healthy() and [p.pid for p in eng._procs] == pids
+        assert eng.healthy() and [p.pid for p in eng._ranks.handles] == pids
         hits = eng.stats()["prefix_cache_hit_blocks"]
         again = eng.generate([shared + [5]], GREEDY)[0]
         assert again.token_ids == first.token_ids
@@ -424,7 +424,7 @@ def test_tp2_rank_killed_mid_stream_fails_every_request_within_seconds() -> None
         assert started.wait(60), errors
         time.sleep(0.5)
         killed = time.monotonic()
-        eng._procs[0].kill()
+        eng._ranks.handles[0].kill()
         thread.join(10)
         assert not thread.is_alive(), "a request hung after its rank died"
         assert time.monotonic() - killed < 5
@@ -437,7 +437,7 @@ def test_tp2_rank_killed_mid_stream_fails_every_request_within_seconds() -> None
 
 def test_tp2_shutdown_leaves_no_process() -> None:
     eng = Engine(EngineConfig(model=None, tp=2))
-    procs = list(eng._procs)
+    procs = list(eng._ranks.handles)
     assert all(p.is_alive() for p in procs)
     eng.shutdown()
     eng.shutdown()  # idempotent

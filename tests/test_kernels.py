@@ -1,4 +1,4 @@
-"""The Triton kernels (replicas/kernels.py) against the PyTorch reference path.
+"""The Triton kernels (replicas/kernels/) against the PyTorch reference path.
 
 On CPU they run in Triton's interpreter (conftest sets TRITON_INTERPRET=1), on a GPU
 compiled: the same assertions hold in both places. Attention is checked on ragged

@@ -69,7 +69,7 @@ def test_tp2_five_cycles_shut_down_within_5_s(checkpoint: CheckpointFactory) -> 
     for _ in range(5):
         engine = Engine(EngineConfig(model=ckpt, tp=2, device="cuda", max_model_len=256,
                                      max_num_seqs=4))
-        procs = list(engine._procs)
+        procs = list(engine._ranks.handles)
         tokens.append(engine.generate([[5, 6, 7, 8]], GREEDY)[0].token_ids)
         start = time.monotonic()
         engine.shutdown()
@@ -104,7 +104,7 @@ def test_tp2_rank_killed_mid_stream_fails_requests_within_seconds(
             started.wait(120)
             time.sleep(0.5)
             killed = time.monotonic()
-            eng._procs[0].kill()
+            eng._ranks.handles[0].kill()
             t.join(30)
             print("FAILED_AFTER", round(time.monotonic() - killed, 2), flush=True)
             print("ERRORS", [type(e).__name__ for e in errors], flush=True)

@@ -1,0 +1,39 @@
+"""Triton kernels of the GPU path: paged attention (and decode attention that also
+rotates and caches the new key), fused RMSNorm + residual, rotary with the KV-cache
+write, SwiGLU, and the batch-1 GEMV (which can take the RMSNorm or the SwiGLU of its
+input row into itself).
+
+Each kernel replaces a chain of small PyTorch kernels that batch-1 decode pays for in
+launches, and the attention kernel reads each sequence's keys straight through its block
+table (no gather of the padded context, no mask tensor). The PyTorch path in `model.py`
+stays the reference: on CPU it is the only path, and tests compare the two (on CPU
+through Triton's interpreter, `TRITON_INTERPRET=1`, on GPU compiled).
+
+Rounding follows transformers: where the reference rounds an intermediate to the model
+dtype (the residual sum, the normalized activations, each rotary product, silu(gate)),
+the kernels round it too, so float32 runs match exactly and 16-bit runs match to the
+last bit in most positions.
+
+`enabled(t)` decides per tensor: Triton importable, and `t` on a GPU (or, for tests,
+`TPSERVE_TRITON_CPU=1` with the interpreter). `TPSERVE_KERNELS=0` turns them off.
+
+One module per kernel family, each kernel next to its launcher: `norm`, `activation`,
+`rope`, `attention`, `gemv` (and its tuning), `tokens` (feeding and greedy argmax);
+`common` holds `enabled`, PDL and block-size helpers. Callers use `kernels.X`: this
+package re-exports every name they use.
+"""
+
+from replicas.kernels.activation import silu_and_mul
+from replicas.kernels.attention import _COUNTERS as _COUNTERS  # tests check the counters
+from replicas.kernels.attention import NewKeys, decode_splits, paged_attention
+from replicas.kernels.common import enabled, pdl
+from replicas.kernels.gemv import GEMV_CONFIGS, GemvConfig, GemvKind, gemv, gemv_norm, pick_gemv
+from replicas.kernels.norm import rms_norm
+from replicas.kernels.rope import rope_and_cache
+from replicas.kernels.tokens import ARGMAX_BLOCK, argmax_rows, feed_tokens
+
+__all__ = [
+    "ARGMAX_BLOCK", "GEMV_CONFIGS", "GemvConfig", "GemvKind", "NewKeys", "argmax_rows",
+    "decode_splits", "enabled", "feed_tokens", "gemv", "gemv_norm", "paged_attention", "pdl",
+    "pick_gemv", "rms_norm", "rope_and_cache", "silu_and_mul",
+]

@@ -1,0 +1,359 @@
+"""Paged attention: causal attention of chunks of tokens over each sequence's
+cached keys, read through its block table; the decode kernel also rotates and caches the
+new key, and splits long key ranges across programs (merged by the last split)."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from replicas.kernels.common import _launch, _pow2
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs without Triton: the PyTorch path only
+    triton = None
+
+
+def _attn_block_d(d: int) -> int:
+    """The attention kernels' head-dim tile: tl.dot needs K >= 16, so a smaller head
+    dim (8, say) is padded to 16 with masked lanes."""
+    return max(16, _pow2(d))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # float32 products stay float32 (no TF32), so float32 runs match the reference
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+if triton is not None:
+    from replicas.kernels.common import _pdl_enter
+    from replicas.kernels.rope import _rotated
+
+    @triton.jit
+    def _load_kv(KC, VC, table, n, upto, block_size, kv_heads, kvh, d, d_ok,
+                 D: tl.constexpr):
+        """Keys and values [BLOCK_N, D] at positions n through the block table; those at
+        upto or past it come as 0 (decode passes the new token's position: its key and
+        value are filled in from registers). v's load is issued with k's, so that its
+        latency hides behind the scores."""
+        ok = n < upto
+        blk = tl.load(table + n // block_size, mask=ok, other=0)
+        addr = ((blk * block_size + n % block_size) * kv_heads + kvh) * D
+        kv_mask = ok[:, None] & d_ok[None, :]
+        k = tl.load(KC + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(VC + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        return k, v
+
+    @triton.jit
+    def _attend(q, KC, VC, table, start, hi, qpos, win, m, l_sum, acc, scale_log2, block_size,
+                kv_heads, kvh, d, d_ok, MASKED: tl.constexpr,
+                BLOCK_N: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
+        """One block of BLOCK_N keys from `start` into the online softmax (m, l_sum, acc)."""
+        n = start + tl.arange(0, BLOCK_N)
+        n_ok = n < hi
+        k, v = _load_kv(KC, VC, table, n, hi, block_size, kv_heads, kvh, d, d_ok, D)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+        if MASKED:
+            diff = qpos[:, None] - n[None, :]
+            s = tl.where(n_ok[None, :] & (diff >= 0) & (diff < win), s, float("-inf"))
+        return _online_softmax(s, v, m, l_sum, acc, PREC)
+
+    @triton.jit
+    def _online_softmax(s, v, m, l_sum, acc, PREC: tl.constexpr):
+        """Scores s [R, N] (log2 units, -inf = masked) and values v [N, D] into the running
+        (max, sum, accumulator)."""
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_sum = l_sum * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        return m_new, l_sum, acc
+
+    @triton.jit
+    def _attention_kernel(
+        Q, KC, VC, OUT, OP, LSE, COUNT, TABLES, CU_Q, POS,
+        sqt, sqh, sot, soh, sps, spt, sph, sls, slt, stab,
+        scale_log2, window, block_size, kv_heads,
+        G: tl.constexpr, TILE_T: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+        SPLITS: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
+    ):
+        """Program (sequence, tile of TILE_T query tokens, kv head x split): the G query
+        heads of that kv head for those tokens, against the keys the tile may see.
+
+        Keys come through the block table; query token i of a chunk of length L sits at
+        position ctx - L + i, where ctx = position of the chunk's last token + 1.
+        With SPLITS > 1 (decode), each split takes a share of the key range and writes
+        its normalized partial result and log-sum-exp; the split that finishes last (a
+        counter per sequence and kv head, left at 0 again) merges them into OUT.
+        """
+        seq = tl.program_id(0)
+        tile = tl.program_id(1)
+        kvh = tl.program_id(2) // SPLITS
+        split = tl.program_id(2) % SPLITS
+        _pdl_enter(PDL)
+        q_start = tl.load(CU_Q + seq)
+        q_len = tl.load(CU_Q + seq + 1) - q_start
+        t0 = tile * TILE_T
+        if t0 < q_len:
+            ctx = tl.load(POS + q_start + q_len - 1).to(tl.int32) + 1
+            first = ctx - q_len
+            win = tl.where(window > 0, window, 1 << 30)
+            hi = tl.minimum(ctx, first + tl.minimum(t0 + TILE_T, q_len))
+            lo = tl.maximum(0, first + t0 - win + 1)
+            # whole key blocks per split: a short context leaves splits with no keys,
+            # which do nothing (and one split alone needs no merge)
+            share = tl.cdiv(tl.cdiv(hi - lo, SPLITS), BLOCK_N) * BLOCK_N
+            active = tl.cdiv(hi - lo, share)
+            if split < active:
+                rows = tl.arange(0, BLOCK_R)
+                tok = t0 + rows // G
+                head = kvh * G + rows % G
+                row_ok = (rows < TILE_T * G) & (tok < q_len)
+                qpos = first + tok
+                d = tl.arange(0, BLOCK_D)
+                d_ok = d < D
+                q = tl.load(Q + (q_start + tok)[:, None] * sqt + head[:, None] * sqh
+                            + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                lo_s = lo + split * share
+                hi_s = tl.minimum(hi, lo_s + share)
+                m = tl.full([BLOCK_R], -1.0e30, dtype=tl.float32)
+                l_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+                acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+                # keys every row of the tile sees (before the tile's first position, no
+                # window): no mask; the rest (the causal diagonal, a window's edge) masked
+                bulk = tl.where(window > 0, lo_s, tl.minimum(hi_s, first + t0 + 1))
+                bulk_end = lo_s + tl.maximum(bulk - lo_s, 0) // BLOCK_N * BLOCK_N
+                for start in range(lo_s, bulk_end, BLOCK_N):
+                    m, l_sum, acc = _attend(q, KC, VC, TABLES + seq * stab, start, hi_s, qpos,
+                                            win, m, l_sum, acc, scale_log2, block_size,
+                                            kv_heads, kvh, d, d_ok, False, BLOCK_N, D, PREC)
+                for start in range(bulk_end, hi_s, BLOCK_N):
+                    m, l_sum, acc = _attend(q, KC, VC, TABLES + seq * stab, start, hi_s, qpos,
+                                            win, m, l_sum, acc, scale_log2, block_size,
+                                            kv_heads, kvh, d, d_ok, True, BLOCK_N, D, PREC)
+                _finish(m, l_sum, acc, OUT, OP, LSE, COUNT + seq * kv_heads + kvh, q_start + tok,
+                        head, d, row_ok[:, None] & d_ok[None, :], row_ok, split, active, sps,
+                        spt, sph, sls, slt, sot, soh, SPLITS, BLOCK_R, BLOCK_D)
+
+    @triton.jit
+    def _decode_tile(q, k, v, k_new, v_new, n, pos, hi_s, m, l_sum, acc, scale_log2,
+                     PREC: tl.constexpr):
+        """One tile of keys into the online softmax, the new token's key and value put in
+        from registers."""
+        is_new = (n == pos)[:, None]
+        k = tl.where(is_new, k_new[None, :], k)
+        v = tl.where(is_new, v_new[None, :], v)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
+        s = tl.where((n < hi_s)[None, :], s, float("-inf"))
+        return _online_softmax(s, v, m, l_sum, acc, PREC)
+
+    @triton.jit
+    def _decode_kernel(
+        Q, K, V, KC, VC, OUT, OP, LSE, COUNT, TABLES, POS, COS, SIN, SLOTS,
+        sqt, sqh, skt, skh, svt, svh, sct, sot, soh, sps, spt, sph, sls, slt, stab,
+        rotary_dim, scale_log2, window, block_size, kv_heads,
+        G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+        BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, PREC: tl.constexpr,
+        INTERLEAVED: tl.constexpr, PDL: tl.constexpr,
+    ):
+        """Decode attention from the projection's raw q, k, v. Program (sequence, kv head
+        x split): the G query heads of that kv head, one token, against its split of
+        the keys. It rotates q and the new k (as `rope_and_cache`), and the split whose
+        keys end at the new token writes the new k and v to the cache.
+
+        Before waiting on the kernel that wrote q, k, v (PDL), each program reads what
+        the step's inputs and the cache already hold: the position, the block table and
+        the first tile of cached keys and values, so that those loads overlap the
+        projection's tail. The new token's key and value enter from registers.
+        """
+        seq = tl.program_id(0)
+        kvh = tl.program_id(1) // SPLITS
+        split = tl.program_id(1) % SPLITS
+        pos = tl.load(POS + seq).to(tl.int32)
+        win = tl.where(window > 0, window, 1 << 30)
+        lo = tl.maximum(0, pos - win + 1)
+        hi = pos + 1
+        share = tl.cdiv(tl.cdiv(hi - lo, SPLITS), BLOCK_N) * BLOCK_N
+        active = tl.cdiv(hi - lo, share)
+        lo_s = lo + split * share
+        hi_s = tl.minimum(hi, lo_s + share)
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        table = TABLES + seq * stab
+        n = lo_s + tl.arange(0, BLOCK_N)
+        k, v = _load_kv(KC, VC, table, n, pos, block_size, kv_heads, kvh, d, d_ok, D)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        if split < active:
+            rows = tl.arange(0, BLOCK_R)
+            head = kvh * G + rows % G
+            row_ok = rows < G
+            rot = d < rotary_dim
+            c = tl.load(COS + seq * sct + d, mask=rot, other=0.0).to(tl.float32)
+            sn = tl.load(SIN + seq * sct + d, mask=rot, other=0.0).to(tl.float32)
+            q_ok = row_ok[:, None] & d_ok[None, :]
+            q = _rotated(Q + seq * sqt + head[:, None] * sqh + d[None, :], d, q_ok, c, sn,
+                         rotary_dim, INTERLEAVED)
+            k_new = _rotated(K + seq * skt + kvh * skh + d, d, d_ok, c, sn, rotary_dim,
+                             INTERLEAVED)
+            v_new = tl.load(V + seq * svt + kvh * svh + d, mask=d_ok, other=0.0)
+            if split == active - 1:  # the split whose keys end at the new token's
+                dst = (tl.load(SLOTS + seq) * kv_heads + kvh) * D + d
+                tl.store(KC + dst, k_new, mask=d_ok)
+                tl.store(VC + dst, v_new, mask=d_ok)
+            m = tl.full([BLOCK_R], -1.0e30, dtype=tl.float32)
+            l_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+            m, l_sum, acc = _decode_tile(q, k, v, k_new, v_new, n, pos, hi_s, m, l_sum, acc,
+                                         scale_log2, PREC)
+            for start in range(lo_s + BLOCK_N, hi_s, BLOCK_N):
+                n = start + tl.arange(0, BLOCK_N)
+                k, v = _load_kv(KC, VC, table, n, pos, block_size, kv_heads, kvh, d, d_ok, D)
+                m, l_sum, acc = _decode_tile(q, k, v, k_new, v_new, n, pos, hi_s, m, l_sum,
+                                             acc, scale_log2, PREC)
+            _finish(m, l_sum, acc, OUT, OP, LSE, COUNT + seq * kv_heads + kvh,
+                    seq + rows * 0, head, d, q_ok, row_ok, split, active, sps, spt, sph, sls,
+                    slt, sot, soh, SPLITS, BLOCK_R, BLOCK_D)
+
+    @triton.jit
+    def _finish(m, l_sum, acc, OUT, OP, LSE, COUNT, t_idx, head, d, mask, row_ok, split,
+                active, sps, spt, sph, sls, slt, sot, soh, SPLITS: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        """A split's softmax state to OUT (rows t_idx x head): directly when it is the only
+        split with keys; else as a partial result and its log-sum-exp, and the split that
+        finishes last (COUNT, left at 0 again) merges them."""
+        safe = tl.where(l_sum > 0, l_sum, 1.0)
+        out = acc / safe[:, None]
+        if active == 1:
+            tl.store(OUT + t_idx[:, None] * sot + head[:, None] * soh + d[None, :],
+                     out.to(OUT.dtype.element_ty), mask=mask)
+        else:
+            if SPLITS > 1:  # (not compiled into the prefill kernel)
+                lse = tl.where(l_sum > 0, m + tl.log2(safe), float("-inf"))
+                tl.store(OP + split * sps + t_idx[:, None] * spt + head[:, None] * sph
+                         + d[None, :], out, mask=mask)
+                tl.store(LSE + split * sls + t_idx * slt + head, lse, mask=row_ok)
+                tl.debug_barrier()  # every thread's stores before the release below
+                done = tl.atomic_add(COUNT, 1, sem="acq_rel", scope="gpu")
+                if done == active - 1:  # the last split: the others' results are visible
+                    _merge(OP, LSE, OUT, t_idx, head, d, mask, row_ok, active, sps, spt, sph,
+                           sls, slt, sot, soh, SPLITS, BLOCK_R, BLOCK_D)
+                    tl.atomic_xchg(COUNT, 0)
+
+    @triton.jit
+    def _merge(OP, LSE, OUT, t_idx, head, d, mask, row_ok, active, sps, spt, sph, sls, slt,
+               sot, soh, SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Combine the `active` splits' partial results of rows (t_idx, head) by their
+        weights; loads bypass L1 (other programs wrote them)."""
+        top = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+        for s in tl.static_range(SPLITS):
+            live = row_ok & (head * 0 + s < active)
+            lse = tl.load(LSE + s * sls + t_idx * slt + head, mask=live, other=float("-inf"),
+                          cache_modifier=".cg")
+            top = tl.maximum(top, lse)
+        top = tl.where(top == float("-inf"), 0.0, top)  # rows no split saw: weights 0
+        total = tl.zeros([BLOCK_R], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+        for s in tl.static_range(SPLITS):
+            live = row_ok & (head * 0 + s < active)
+            lse = tl.load(LSE + s * sls + t_idx * slt + head, mask=live, other=float("-inf"),
+                          cache_modifier=".cg")
+            weight = tl.exp2(lse - top)
+            part = tl.load(OP + s * sps + t_idx[:, None] * spt + head[:, None] * sph
+                           + d[None, :], mask=mask & live[:, None], other=0.0,
+                           cache_modifier=".cg")
+            acc += part * weight[:, None]
+            total += weight
+        out = acc / tl.where(total > 0, total, 1.0)[:, None]
+        tl.store(OUT + t_idx[:, None] * sot + head[:, None] * soh + d[None, :],
+                 out.to(OUT.dtype.element_ty), mask=mask)
+
+
+def decode_splits(num_seqs: int, kv_heads: int, max_keys: int) -> int:
+    """How many splits of the key range a decode step uses: enough programs to fill the
+    GPU (~264 for 132 SMs), at most 16, and no split shorter than 64 keys."""
+    want = _pow2(max(1, math.ceil(264 / (num_seqs * kv_heads))))
+    return max(1, min(16, want, _pow2(max(1, max_keys // 64))))
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 counters of finished splits, one per (sequence, kv head), kept per
+    device: each merge leaves its counter at 0, so they are zeroed only when made (the
+    warm-up before a graph capture makes the largest)."""
+    have = _COUNTERS.get(device)
+    if have is None or have.numel() < n:
+        have = _COUNTERS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return have
+
+
+class NewKeys(NamedTuple):
+    """A decode step's own keys and values, not yet rotated or cached: the attention
+    kernel rotates q and k (as `rope_and_cache`) and writes k and v to their slots."""
+
+    k: torch.Tensor  # [T, KVH, D]
+    v: torch.Tensor  # [T, KVH, D]
+    cos: torch.Tensor  # [T, 1, rotary_dim]
+    sin: torch.Tensor
+    slots: torch.Tensor  # [T]
+    rotary_dim: int
+    interleaved: bool
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, cu_q: torch.Tensor, positions: torch.Tensor,
+                    window: int | None, max_q: int, splits: int = 1,
+                    new: NewKeys | None = None) -> torch.Tensor:
+    """Causal attention of q [T, H, D] (sequences' chunks back to back, bounded by cu_q
+    [B + 1]) over each sequence's cached keys -> [T, H, D]. The chunk's own keys must
+    already be in the cache, or (decode only, max_q == 1) come unrotated as `new`, with
+    q unrotated too."""
+    assert new is None or max_q == 1, "keys are rotated and cached here in decode only"
+    t, heads, d = q.shape
+    num_seqs = cu_q.shape[0] - 1
+    _, block_size, kv_heads, _ = k_cache.shape
+    group = heads // kv_heads
+    out = torch.empty_like(q)
+    if max_q == 1:  # decode: one token per sequence, its group of heads in one tile
+        tile_t, block_r, block_n, warps = 1, max(16, _pow2(group)), 64, 4
+    else:
+        block_r = max(64 if d > 128 else 128, _pow2(group))
+        tile_t, block_n, warps = max(1, block_r // group), 64, 8
+    splits = splits if max_q == 1 else 1
+    if splits > 1:
+        part = torch.empty(splits, t, heads, d, dtype=torch.float32, device=q.device)
+        lse = torch.empty(splits, t, heads, dtype=torch.float32, device=q.device)
+        count = _split_counters(q.device, num_seqs * kv_heads)
+    else:
+        part, lse, count = out, out, out  # unused
+    scale_log2 = (1.0 / math.sqrt(d)) * math.log2(math.e)
+    if new is not None:
+        _decode_kernel[(num_seqs, kv_heads * splits)](
+            q, new.k, new.v, k_cache, v_cache, out, part, lse, count, block_tables, positions,
+            new.cos, new.sin, new.slots, q.stride(0), q.stride(1), new.k.stride(0),
+            new.k.stride(1), new.v.stride(0), new.v.stride(1), new.cos.stride(0),
+            out.stride(0), out.stride(1), part.stride(0), part.stride(1), part.stride(2),
+            lse.stride(0), lse.stride(1), block_tables.stride(0), new.rotary_dim, scale_log2,
+            window or 0, block_size, kv_heads,
+            G=group, BLOCK_R=block_r, BLOCK_N=block_n, D=d, BLOCK_D=_attn_block_d(d),
+            SPLITS=splits,
+            PREC=_precision(q.dtype), INTERLEAVED=new.interleaved, num_warps=warps,
+            num_stages=2, **_launch(q))
+        return out
+    _attention_kernel[(num_seqs, triton.cdiv(max_q, tile_t), kv_heads * splits)](
+        q, k_cache, v_cache, out, part, lse, count, block_tables, cu_q, positions,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
+        block_tables.stride(0), scale_log2, window or 0, block_size, kv_heads,
+        G=group, TILE_T=tile_t, BLOCK_R=block_r, BLOCK_N=block_n, D=d, BLOCK_D=_attn_block_d(d),
+        SPLITS=splits, PREC=_precision(q.dtype), num_warps=warps, num_stages=2,
+        **_launch(q))
+    return out

@@ -1,0 +1,60 @@
+"""Shared by the kernel families: whether the Triton path is on (`enabled`),
+programmatic dependent launch (`pdl`, `_launch`, and `_pdl_enter` inside a kernel), and
+block-size arithmetic."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs without Triton: the PyTorch path only
+    triton = None
+
+
+def enabled(where: torch.Tensor | torch.device) -> bool:
+    """Whether tensors on `where` take the Triton path."""
+    if triton is None or os.environ.get("TPSERVE_KERNELS") == "0":
+        return False
+    device = where.device if isinstance(where, torch.Tensor) else where
+    return device.type == "cuda" or os.environ.get("TPSERVE_TRITON_CPU") == "1"
+
+
+@functools.cache
+def _pdl_capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch (Hopper on): each kernel of the GPU path may start
+    while the one before it finishes, and waits for it (`griddepcontrol.wait`) before it
+    touches memory that kernel writes; the GEMV loads its first weight tile before that
+    wait. Off in the interpreter and with `TPSERVE_PDL=0`."""
+    return (device.type == "cuda" and os.environ.get("TPSERVE_PDL") != "0"
+            and _pdl_capable(device.index if device.index is not None
+                             else torch.cuda.current_device()))
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+if triton is not None:
+
+    @triton.jit
+    def _pdl_enter(PDL: tl.constexpr):
+        """With PDL: wait for the kernel before (its writes are then visible), then let the
+        next kernel launch, so that its start overlaps this one."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+
+
+def _launch(t: torch.Tensor) -> dict[str, bool]:
+    """The PDL arguments of a launch on t's device: the kernel's flag and the launch's."""
+    on = pdl(t.device)
+    return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}

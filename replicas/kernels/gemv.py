@@ -1,0 +1,224 @@
+"""The batch-1 GEMV (plain, with the RMSNorm of its input row fused in, or with
+SwiGLU fused in), its tile configs, and `pick_gemv`, which times them against cuBLAS."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from replicas.kernels.common import _launch, _pow2
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs without Triton: the PyTorch path only
+    triton = None
+
+
+if triton is not None:
+    from replicas.kernels.common import _pdl_enter
+
+    @triton.jit
+    def _normed_x(X, R, NW, cols, k, rstd, EVEN: tl.constexpr, HAS_RES: tl.constexpr):
+        """K columns of norm(x + residual) * weight, float32, rounded as _rms_norm_kernel."""
+        if EVEN:
+            x = tl.load(X + cols).to(tl.float32)
+            if HAS_RES:
+                x = (x + tl.load(R + cols).to(tl.float32)).to(X.dtype.element_ty)
+            w = tl.load(NW + cols).to(tl.float32)
+        else:
+            x = tl.load(X + cols, mask=cols < k, other=0.0).to(tl.float32)
+            if HAS_RES:
+                x = (x + tl.load(R + cols, mask=cols < k, other=0.0).to(tl.float32)).to(
+                    X.dtype.element_ty)
+            w = tl.load(NW + cols, mask=cols < k, other=0.0).to(tl.float32)
+        y = (x.to(tl.float32) * rstd).to(X.dtype.element_ty).to(tl.float32)
+        return (y * w).to(X.dtype.element_ty).to(tl.float32)
+
+    @triton.jit
+    def _gemv_x(X, R, NW, cols, k, rstd, EVEN: tl.constexpr, GATED: tl.constexpr,
+                NORM: tl.constexpr, HAS_RES: tl.constexpr):
+        """K columns of the GEMV's input row, float32 (see _gemv_kernel)."""
+        if NORM:
+            return _normed_x(X, R, NW, cols, k, rstd, EVEN, HAS_RES)
+        if EVEN:
+            x = tl.load(X + cols)
+        else:
+            x = tl.load(X + cols, mask=cols < k, other=0.0)
+        if GATED:  # as _silu_mul_kernel rounds it
+            if EVEN:
+                u = tl.load(X + k + cols).to(tl.float32)
+            else:
+                u = tl.load(X + k + cols, mask=cols < k, other=0.0).to(tl.float32)
+            g = x.to(tl.float32)
+            act = (g / (1.0 + tl.exp(-g))).to(X.dtype.element_ty).to(tl.float32)
+            x = (act * u).to(X.dtype.element_ty)
+        return x.to(tl.float32)
+
+    @triton.jit
+    def _w_tile(W, rows, r_ok, cols, k, sw, EVEN: tl.constexpr):
+        if EVEN:  # shapes divide the blocks: no masks, wide loads
+            return tl.load(W + rows[:, None] * sw + cols[None, :])
+        return tl.load(W + rows[:, None] * sw + cols[None, :],
+                       mask=r_ok[:, None] & (cols < k)[None, :], other=0.0)
+
+    @triton.jit
+    def _gemv_kernel(X, W, B, Y, R, NW, ROUT, n, k, sw, eps, HAS_BIAS: tl.constexpr,
+                     EVEN: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
+                     HAS_RES: tl.constexpr, ROW: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        """y = W x (+ b) for one row x: program = BLOCK_N rows of W, streamed along K,
+        products summed in float32 registers and reduced once at the end. The first
+        tile of W is loaded before waiting on the kernel that writes x (with PDL it
+        streams while that kernel runs).
+
+        The input row may be made here: GATED, silu(gate) * up of x = [gate | up];
+        NORM, the decoder layer's RMSNorm of x (+ R): every program takes the row's sum
+        of squares (the row is read from L2 / L1 twice: for it, then tile by tile) and
+        program 0 writes x + R to ROUT."""
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        r_ok = rows < n
+        cols = tl.arange(0, BLOCK_K)
+        w = _w_tile(W, rows, r_ok, cols, k, sw, EVEN)
+        _pdl_enter(PDL)
+        rstd = 0.0
+        if NORM:
+            every = tl.arange(0, ROW)
+            whole = tl.load(X + every, mask=every < k, other=0.0).to(tl.float32)
+            if HAS_RES:
+                whole = (whole + tl.load(R + every, mask=every < k, other=0.0).to(
+                    tl.float32)).to(X.dtype.element_ty)
+                if tl.program_id(0) == 0:
+                    tl.store(ROUT + every, whole, mask=every < k)
+                whole = whole.to(tl.float32)
+            rstd = 1.0 / tl.sqrt(tl.sum(whole * whole, axis=0) / k + eps)
+        acc = w.to(tl.float32) * _gemv_x(X, R, NW, cols, k, rstd, EVEN, GATED, NORM,
+                                         HAS_RES)[None, :]
+        for k0 in range(BLOCK_K, k, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            w = _w_tile(W, rows, r_ok, cols, k, sw, EVEN)
+            acc += w.to(tl.float32) * _gemv_x(X, R, NW, cols, k, rstd, EVEN, GATED, NORM,
+                                              HAS_RES)[None, :]
+        y = tl.sum(acc, axis=1)
+        if HAS_BIAS:
+            y += tl.load(B + rows, mask=r_ok, other=0.0).to(tl.float32)
+        tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=r_ok)
+
+
+GemvConfig = tuple[int, int, int, int]  # (rows per program, K per iteration, warps, stages)
+
+
+GEMV_CONFIGS: tuple[GemvConfig, ...] = (  # the leaders of earlier H200 runs, and variations
+    (4, 1024, 4, 3), (4, 2048, 8, 2), (4, 2048, 8, 3), (4, 2048, 8, 4), (2, 4096, 8, 3),
+    (8, 1024, 8, 3), (16, 512, 8, 3), (8, 512, 4, 4), (2, 2048, 4, 2), (1, 4096, 4, 1),
+    (2, 4096, 4, 1), (4, 512, 4, 4), (8, 256, 4, 4),
+    # more rows per program: the fused kinds read the input row once per program
+    (16, 1024, 8, 2), (32, 256, 8, 3), (8, 2048, 8, 2))
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+         config: GemvConfig, gated: bool = False) -> torch.Tensor:
+    """x [1, K] @ weight[N, K].T (+ bias) -> [1, N], in x's dtype. gated: x is
+    [gate | up] of [1, 2K] and the input row is silu(gate) * up (SwiGLU fused in)."""
+    return _gemv(x, weight, bias, config, gated=gated)
+
+
+def gemv_norm(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+              eps: float, weight: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gemv(rms_norm(x + residual) * norm_weight), x + residual) for one row x [1, K], in
+    one kernel, equal to `rms_norm` then `gemv` with the same config; without a residual
+    the second result is x."""
+    r_out = torch.empty_like(x) if residual is not None else x
+    y = _gemv(x, weight, bias, config, norm=(residual, norm_weight, r_out, eps))
+    return y, r_out
+
+
+def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+          config: GemvConfig, gated: bool = False,
+          norm: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, float] | None = None
+          ) -> torch.Tensor:
+    n, k = weight.shape
+    block_n, block_k, warps, stages = config
+    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    residual, norm_weight, r_out, eps = norm or (None, x, x, 0.0)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else weight, y,
+        residual if residual is not None else x, norm_weight, r_out, n, k, weight.stride(0),
+        eps, HAS_BIAS=bias is not None, EVEN=n % block_n == 0 and k % block_k == 0,
+        GATED=gated, NORM=norm is not None, HAS_RES=residual is not None, ROW=_pow2(k),
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages, **_launch(x))
+    return y
+
+
+GemvKind = str  # how a layer calls its GEMV: "plain", "norm" (gemv_norm) or "gated"
+
+
+def pick_gemv(weight: torch.Tensor, bias: torch.Tensor | None, kind: GemvKind = "plain",
+              margin: float = 0.97) -> tuple[GemvConfig | None, dict[str, float]]:
+    """Time cuBLAS (F.linear) and each GEMV config on a one-row input, as a decode step
+    runs them: weights cold (copies cycled so that they never sit in L2), input hot, and
+    the GEMV in the layer's kind: "norm" with the RMSNorm (+ residual) fused in, "gated"
+    with SwiGLU fused in (their extra input reads favour other tile shapes than "plain").
+    Returns the fastest config if it beats plain cuBLAS by the margin (else None: keep
+    cuBLAS), and the times in us."""
+    k = weight.shape[1]
+    make = functools.partial(torch.randn, dtype=weight.dtype, device=weight.device)
+    x, residual, norm_weight = make(1, 2 * k if kind == "gated" else k), make(1, k), make(k)
+    if kind == "norm":
+        s = x + residual
+        h = (F.rms_norm(s.float(), (k,), eps=1e-5).to(x.dtype) * norm_weight)
+    elif kind == "gated":
+        gate, up = x.float().chunk(2, dim=-1)
+        h = (F.silu(gate) * up).to(x.dtype)
+    else:
+        h = x
+    want = F.linear(h, weight, bias)
+    # 256 MB of copies (at most 32: small matrices are cheap either way)
+    count = min(32, max(2, -(-2**28 // (weight.numel() * weight.element_size()))))
+    copies = [weight] + [weight.clone() for _ in range(count - 1)]
+
+    def run(w: torch.Tensor, config: GemvConfig) -> torch.Tensor:
+        if kind == "norm":
+            return gemv_norm(x, residual, norm_weight, 1e-5, w, bias, config)[0]
+        return gemv(x, w, bias, config, gated=kind == "gated")
+
+    runs: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "cublas": lambda w: F.linear(x[:, :k], w, bias)}
+    for config in GEMV_CONFIGS:
+        got = run(weight, config)
+        if not torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2 * float(
+                want.float().abs().max())):
+            raise AssertionError(f"GEMV {config} ({kind}) disagrees with cuBLAS on "
+                                 f"{tuple(weight.shape)}")
+        runs[str(config)] = functools.partial(run, config=config)
+    times = {name: _cycled_us(fn, copies) for name, fn in runs.items()}
+    best = min(GEMV_CONFIGS, key=lambda c: times[str(c)])
+    return (best if times[str(best)] < margin * times["cublas"] else None), times
+
+
+def _cycled_us(fn: Callable[[torch.Tensor], torch.Tensor], copies: list[torch.Tensor],
+               rounds: int = 10) -> float:
+    """GPU time per call, from a CUDA graph of one call per copy (as in the decode graph:
+    no host launch cost between kernels)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for w in copies:  # compile and warm up outside the graph
+            fn(w)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for w in copies:
+            fn(w)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(rounds):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / (rounds * len(copies))

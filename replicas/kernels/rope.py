@@ -1,0 +1,87 @@
+"""Rotary embedding of q and k in place, with the KV-cache write of k and v
+(`_rotated` is also the decode attention kernel's rotation)."""
+
+from __future__ import annotations
+
+import torch
+
+from replicas.kernels.common import _launch, _pow2
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs without Triton: the PyTorch path only
+    triton = None
+
+
+if triton is not None:
+    from replicas.kernels.common import _pdl_enter
+
+    @triton.jit
+    def _rotated(ptr, d, mask, c, s, rotary_dim, INTERLEAVED: tl.constexpr):
+        """Head vectors at ptr (last axis d) rotated by their token's cos c and sin s
+        (zero past rotary_dim), each product rounded to the model dtype as transformers
+        does; dims past rotary_dim pass unchanged."""
+        rot = d < rotary_dim
+        if INTERLEAVED:  # pairs (2i, 2i+1)
+            partner = d ^ 1
+            sign = tl.where(d % 2 == 0, -1.0, 1.0)
+        else:  # halves (i, i + rotary_dim / 2)
+            half = rotary_dim // 2
+            partner = tl.where(d < half, d + half, d - half)
+            sign = tl.where(d < half, -1.0, 1.0)
+        x = tl.load(ptr, mask=mask, other=0.0)
+        xp = tl.load(ptr + (partner - d), mask=mask & rot, other=0.0).to(tl.float32)
+        a = (x.to(tl.float32) * c).to(x.dtype).to(tl.float32)
+        b = (sign * xp * s).to(x.dtype).to(tl.float32)
+        return tl.where(rot, (a + b).to(x.dtype), x)
+
+    @triton.jit
+    def _rope_cache_kernel(Q, K, V, COS, SIN, SLOTS, KC, VC, T,
+                           sqt, sqh, skt, skh, svt, svh, sct, heads, kv_heads, rotary_dim,
+                           INTERLEAVED: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                           TOKENS: tl.constexpr, PDL: tl.constexpr):
+        """Program (TOKENS tokens, head) over heads + kv_heads: rotate q or k in place; a
+        k head also writes its k and v to the cache slots of the tokens."""
+        _pdl_enter(PDL)
+        t = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
+        t_ok = t < T
+        h = tl.program_id(1)
+        d = tl.arange(0, BLOCK_D)
+        mask = t_ok[:, None] & (d < D)[None, :]
+        is_q = h < heads
+        if is_q:
+            base = Q + t[:, None] * sqt + h * sqh + d[None, :]
+        else:
+            base = K + t[:, None] * skt + (h - heads) * skh + d[None, :]
+        rot = t_ok[:, None] & (d < rotary_dim)[None, :]
+        c = tl.load(COS + t[:, None] * sct + d[None, :], mask=rot, other=0.0).to(tl.float32)
+        s = tl.load(SIN + t[:, None] * sct + d[None, :], mask=rot, other=0.0).to(tl.float32)
+        y = _rotated(base, d, mask, c, s, rotary_dim, INTERLEAVED)
+        tl.store(base, y, mask=mask)
+        if not is_q:
+            kh = h - heads
+            slot = tl.load(SLOTS + t, mask=t_ok, other=0)
+            dst = (slot * kv_heads + kh)[:, None] * D + d[None, :]
+            tl.store(KC + dst, y, mask=mask)
+            v = tl.load(V + t[:, None] * svt + kh * svh + d[None, :], mask=mask, other=0.0)
+            tl.store(VC + dst, v, mask=mask)
+
+
+def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, rotary_dim: int,
+                   interleaved: bool) -> None:
+    """Rotate q [T, H, D] and k [T, KVH, D] in place by cos/sin [T, 1, rotary_dim] and
+    write k and v to their slots of the caches [blocks, block_size, KVH, D]."""
+    t, heads, d = q.shape
+    kv_heads = k.shape[1]
+    if t == 0:
+        return
+    tokens = min(16, _pow2(t))
+    _rope_cache_kernel[(triton.cdiv(t, tokens), heads + kv_heads)](
+        q, k, v, cos, sin, slots, k_cache, v_cache, t,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cos.stride(0), heads, kv_heads, rotary_dim,
+        INTERLEAVED=interleaved, D=d, BLOCK_D=_pow2(d), TOKENS=tokens,
+        num_warps=4 if tokens >= 8 else 1, **_launch(q))

@@ -1,0 +1,109 @@
+"""Ranks 1..tp-1 of an engine: how one is started, watched and stopped.
+
+A rank runs `worker.rank_main` until rank 0 sends the shutdown message. `spawn_rank`
+starts it as a local process; cluster/ launches Ray actors through the same
+`RankLauncher` signature. Each engine rendezvouses on its own port (`free_port`).
+`Ranks` holds one engine's ranks: whether all are alive, which died, a watcher thread
+that reports a death, and a kill bounded in time. What a death means (failing the
+requests, aborting the group) is the engine's.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from replicas.config import EngineConfig
+from replicas.worker import rank_main
+
+log = logging.getLogger(__name__)
+
+
+class RankHandle(Protocol):
+    """A running rank 1..tp-1 (a process here, a Ray actor in cluster/)."""
+
+    def is_alive(self) -> bool: ...
+    def join(self, timeout: float | None = None) -> None: ...
+    def kill(self) -> None: ...
+
+
+# (config, model_dir, rank, init_method) -> a started rank that runs worker.rank_main
+RankLauncher = Callable[[EngineConfig, str, int, str], RankHandle]
+
+
+def _rank_process(config: EngineConfig, model_dir: str, rank: int, init_method: str) -> None:
+    """A spawned rank: the worker loop, then out at once. The interpreter's own exit
+    would finalize NCCL and CUDA state again, which can wait on peers."""
+    code = 0
+    try:
+        rank_main(config, model_dir, rank, init_method)
+    except BaseException:  # noqa: BLE001 - reported, then the exit code says it
+        log.exception("rank %d failed", rank)
+        code = 1
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+def spawn_rank(config: EngineConfig, model_dir: str, rank: int, init_method: str) -> RankHandle:
+    """Start a rank as a local process (spawned: CUDA and threads start clean)."""
+    proc = mp.get_context("spawn").Process(
+        target=_rank_process, args=(config, model_dir, rank, init_method), daemon=True,
+        name=f"tpserve-rank{rank}",
+    )
+    proc.start()
+    return proc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Ranks:
+    """The running ranks 1..tp-1 of one engine (none at tp=1)."""
+
+    def __init__(self, config: EngineConfig, model_dir: str, init_method: str,
+                 launch: RankLauncher) -> None:
+        self.handles = [launch(config, model_dir, r, init_method) for r in range(1, config.tp)]
+
+    def all_alive(self) -> bool:
+        return all(h.is_alive() for h in self.handles)
+
+    def dead(self) -> list[int]:
+        """The ranks (numbered from 1) that are no longer running."""
+        return [r for r, h in enumerate(self.handles, start=1) if not h.is_alive()]
+
+    def watch(self, serving: Callable[[], bool], on_death: Callable[[list[int]], None]) -> None:
+        """tp > 1: a daemon thread checks the ranks every 0.25 s while `serving()` and, at
+        the first death it sees, calls `on_death(dead ranks)` once and ends. It never
+        waits on a rank, so a death is reported even while rank 0 is blocked in a
+        collective with the dead rank (which may never return)."""
+        if self.handles:
+            threading.Thread(target=self._watch, args=(serving, on_death),
+                             name="tpserve-rank-watch", daemon=True).start()
+
+    def _watch(self, serving: Callable[[], bool],
+               on_death: Callable[[list[int]], None]) -> None:
+        while serving():
+            dead = self.dead()
+            if dead:
+                on_death(dead)
+                return
+            time.sleep(0.25)
+
+    def kill(self) -> None:
+        """Give the ranks 3 s in all to leave, then kill each one still running."""
+        deadline = time.monotonic() + 3
+        for h in self.handles:
+            h.join(timeout=max(0.0, deadline - time.monotonic()))
+            if h.is_alive():
+                h.kill()
+                h.join(timeout=5)
