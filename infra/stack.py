@@ -437,6 +437,17 @@ class Running:
     def edge(self) -> str:
         return f"http://127.0.0.1:{self.config.nginx_port}"
 
+    @classmethod
+    def recorded(cls, state_dir: str) -> Running:
+        """The stack that `tpserve up` recorded in state_dir and still runs (StackError when
+        none is recorded there, or it is still starting)."""
+        data = read_state(state_dir)
+        token = Path(state_dir) / "admin_token"
+        if not (alive(data["pid"]) and token.exists()):
+            raise StackError(f"the stack recorded in {state_dir} is not running (or still "
+                             "starting): `tpserve status` says more")
+        return cls(StackConfig(**data["config"]), token.read_text())
+
     def connect(self) -> None:
         """Connect this process to the stack's Ray as a driver (`ray.shutdown()` ends it).
         Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (stay on loopback) and
