@@ -127,7 +127,7 @@ class Drill:
             if time.monotonic() - start > self.config.recover_timeout_s:
                 raise TimeoutError(f"{what}: not recovered after "
                                    f"{self.config.recover_timeout_s:.0f} s")
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(0.25)
         return time.monotonic() - start
 
     def running(self, count: int, excluding: str = "") -> bool:

@@ -294,7 +294,7 @@ def progress(what: str, done: Callable[[], bool], timeout_s: float,
             last = line
         if time.monotonic() > deadline:
             raise StackError(f"{what}: not ready after {timeout_s:.0f} s")
-        time.sleep(1.0)
+        time.sleep(0.25)  # each look is a local HTTP call or two
 
 
 def stop(record: dict[str, Any], config: StackConfig, timeout_s: float = 60.0) -> None:
