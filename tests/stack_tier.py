@@ -11,9 +11,9 @@ change what they change back (scale 2 -> 3 -> 2), then those that inject faults
 that stop it (`stack("stops")`: `tpserve down`). The fixture stops by pid whatever a
 failed or deselected stop left.
 
-Every process of this stack carries its admin token in its environment (Ray hands its
+Every Ray process of this stack carries its admin token in its environment (Ray hands its
 environment down to raylet, gcs_server and every worker), so `stack_processes` finds this
-stack's processes and no other Ray's on the host.
+stack's Ray and no other Ray on the host.
 """
 
 from __future__ import annotations
@@ -90,8 +90,9 @@ def live_processes(marker: str) -> list[str]:
 
 def stack_processes(token: str) -> list[str]:
     """Command lines of the live processes whose environment holds this stack's admin
-    token: its Ray (raylet, gcs_server, the dashboard, every `ray::` worker), Redis and
-    nginx; never another stack's or another Ray's."""
+    token: its Ray (raylet, gcs_server, the dashboard, every `ray::` worker); never another
+    stack's or another Ray's. (Redis and nginx, started by a Ray actor with an environment
+    of their own, are not among them.)"""
     wanted = f"{TOKEN_VARIABLE}={token}".encode()
     found = []
     for proc in Path("/proc").iterdir():

@@ -81,6 +81,7 @@ def sshd(tmp_path: Path) -> Iterator[Sshd]:
     Path("/run/sshd").mkdir(exist_ok=True)
     # --kill-child: sshd (the namespace's pid 1) dies with unshare, and with it whatever
     # still runs in the namespace
+    child = 0
     proc = subprocess.Popen(["unshare", "--pid", "--mount-proc", "--kill-child", SSHD, "-D",
                              "-f", str(config), "-E", str(tmp_path / "sshd.log")])
     try:
@@ -89,11 +90,16 @@ def sshd(tmp_path: Path) -> Iterator[Sshd]:
             assert proc.poll() is None and time.monotonic() < deadline, (
                 (tmp_path / "sshd.log").read_text())
             time.sleep(0.1)
-        child = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        yield Sshd(key, port, home, os.readlink(f"/proc/{child[0]}/ns/pid"))
-    finally:
-        proc.terminate()
-        proc.wait(10)
+        child = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+        yield Sshd(key, port, home, os.readlink(f"/proc/{child}/ns/pid"))
+    finally:  # unshare ignores SIGTERM while it waits for its child: stop sshd itself
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # (--kill-child: sshd and the namespace go with it)
+            proc.wait(10)
 
 
 def run(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
