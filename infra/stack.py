@@ -198,11 +198,15 @@ def log_tail(log: Path, lines: int = 15) -> str:
 
 def stack_env(config: StackConfig, state: Path, token: str) -> dict[str, str]:
     """The environment of Ray's processes: loopback only, token auth, Redis and the admin
-    token for the router (never printed by Ray; the token is printed once by `up`), and the
-    Serve settings of cluster/ray.env (a variable already in the environment wins)."""
+    token for the router (never printed by Ray; the token is printed once by `up`), no
+    drain on SIGTERM, and the Serve settings of cluster/ray.env (a variable already in the
+    environment wins over those two)."""
     from infra.services import redis_url  # imports Ray: only when a stack starts
 
-    return {**ray_env(), **os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    # one node: draining it on SIGTERM (Ray waits up to 30 s for its Serve replicas to move)
+    # has nowhere to move them to, so Ctrl-C and `tpserve down` stop at once
+    return {**ray_env(), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", **os.environ,
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
             "RAY_AUTH_MODE": "token",
             "TPSERVE_REDIS_URL": redis_url(state, "127.0.0.1", config.redis_port),
             "TPSERVE_ADMIN_TOKEN": token}
