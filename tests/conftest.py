@@ -5,7 +5,6 @@ the tiers run in."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +48,32 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=tier_order)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """When a selected test uses the shared stack, start it now, in the background: it
+    comes up while the tests before it run (the fast tier, the whole-stack tests with
+    processes of their own)."""
+    if session.config.option.collectonly or not any(
+            "shared_stack" in getattr(item, "fixturenames", ()) for item in session.items):
+        return
+    STARTING.append(stack_tier.start_in_background())
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Stop what the `stack("stops")` tests did not stop (failed, not selected, or a run
+    cut short), by pid."""
+    for starting in STARTING:
+        stack_tier.stop_in_background(starting)
+
+
+STARTING: list[stack_tier.Starting] = []
+
+
 @pytest.fixture(scope="session")
-def shared_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[stack_tier.Running]:
-    """`tpserve up --detach` in an empty HOME on free ports, once per session; what the
-    `stack("stops")` tests did not stop is stopped at the end."""
-    running = stack_tier.start(tmp_path_factory.mktemp("stack-home"))
-    try:
-        yield running
-    finally:
-        stack_tier.stop(running)
+def shared_stack() -> stack_tier.Running:
+    """`tpserve up --detach` in an empty HOME on free ports, once per session (started when
+    the tests were collected; this waits until it is up)."""
+    assert STARTING, "the shared stack was not started (pytest_collection_finish)"
+    return STARTING[0].running()
 
 
 @pytest.fixture(scope="session")

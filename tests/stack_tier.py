@@ -2,7 +2,9 @@
 fixture of tests/conftest.py): `tpserve up --detach`, the real CLI, as a user runs it on a
 fresh machine (an empty HOME: no Ray token, no model cache, the default state dir), only
 the ports not the defaults (free loopback ports), started once per test session and shared
-by tests/test_stack.py and tests/test_chaos.py.
+by tests/test_stack.py and tests/test_chaos.py. It starts in the background as soon as the
+tests are collected (tests/conftest.py), so its minute of start-up overlaps the tests that
+run before the first one that needs it.
 
 Its life in a session (tests/conftest.py orders the tests): the whole-stack tests that
 bring their own processes run first, then the tests that only look at the shared stack or
@@ -18,9 +20,12 @@ stack's Ray and no other Ray on the host.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +84,38 @@ def stop(running: Running) -> None:
     failed, or was not selected)."""
     if (running.state / "stack.json").exists():
         tpserve("down", f"--state-dir={running.state}", timeout=180, home=running.home)
+
+
+@dataclass
+class Starting:
+    """A stack being started by a thread (`start_in_background`)."""
+
+    home: Path
+    future: concurrent.futures.Future[Running]
+
+    def running(self) -> Running:
+        """The stack once it is up (re-raises why it could not start)."""
+        return self.future.result(timeout=900)
+
+
+def start_in_background() -> Starting:
+    """`start` in a new empty HOME, on a thread of its own."""
+    home = Path(tempfile.mkdtemp(prefix="tpserve-test-home-"))
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shared-stack")
+    future = pool.submit(start, home)
+    pool.shutdown(wait=False)
+    return Starting(home, future)
+
+
+def stop_in_background(starting: Starting) -> None:
+    """Stop a stack from `start_in_background` (waiting for its start to end first: a start
+    cut short cleans up after itself) and remove its HOME."""
+    try:
+        concurrent.futures.wait([starting.future], timeout=900)
+        if starting.future.done() and starting.future.exception() is None:
+            stop(starting.future.result())
+    finally:
+        shutil.rmtree(starting.home, ignore_errors=True)
 
 
 def live_processes(marker: str) -> list[str]:
