@@ -28,7 +28,7 @@ def chaos(shared_stack: Running, tmp_path_factory: pytest.TempPathFactory) -> di
     tmp = tmp_path_factory.mktemp("chaos")
     out, records = tmp / "chaos.jsonl", tmp / "records.jsonl"
     proc = subprocess.run(
-        [sys.executable, "-m", "infra.chaos", "--clients", "3", "--settle-s", "3",
+        [sys.executable, "-m", "infra.chaos", "--clients", "3", "--settle-s", "1",
          "--state-dir", str(shared_stack.state), "--out", str(out), "--records", str(records)],
         cwd=REPO, capture_output=True, text=True, timeout=900,
         env={**os.environ, "HOME": str(shared_stack.home)})  # (its Ray token is there)

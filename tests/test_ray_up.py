@@ -6,8 +6,8 @@ Python environment on PATH, as a node's image would: no Ray token, nothing insta
 there), writes a copy of cluster/cluster.local.yaml with that key and its own ports, and
 runs the real cluster launcher: the yaml's setup and start commands run over SSH, the head
 comes up with Redis, nginx and the Serve app (and a Ray token it made), a completion comes
-back through nginx, and after `ray down -y` nothing of it is running and its ports are
-free.
+back through nginx (cluster/serve.yaml's app, with one engine replica), and after `ray down
+-y` nothing of it is running and its ports are free.
 
 The sshd runs in a PID namespace of its own (`unshare --pid --mount-proc`): the `ray stop`
 that the yaml's start commands and `ray down` run kills every Ray process it can see, so
@@ -134,9 +134,16 @@ def test_ray_up_and_down_round_trip(sshd: Sshd, tmp_path: Path) -> None:
                              f"-o UserKnownHostsFile=/dev/null -W 127.0.0.1:{ssh_port} "
                              "root@127.0.0.1",
     }
+    # cluster/serve.yaml with one engine replica (tp=2): the launcher's path is the same,
+    # and one replica fewer to start on a 2-core machine that runs other tests meanwhile
+    serve = yaml.safe_load((REPO / "cluster/serve.yaml").read_text())
+    engine = next(d for d in serve["applications"][0]["deployments"] if d["name"] == "Engine")
+    engine["num_replicas"] = 1
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(serve))
     knobs = (f"TPSERVE_RAY_PORT={ports['ray']} TPSERVE_DASHBOARD_PORT={ports['dashboard']} "
              f"TPSERVE_REDIS_PORT={ports['redis']} TPSERVE_HTTP_PORT={ports['http']} "
              f"TPSERVE_NGINX_LISTEN=127.0.0.1:{ports['nginx']} TPSERVE_STATE={state} "
+             f"TPSERVE_SERVE_CONFIG={tmp_path / 'serve.yaml'} "
              "TPSERVE_ENGINE_JSON='{\"tp\": 2}'")
     config["head_start_ray_commands"] = [
         cmd.replace("TPSERVE_NGINX_LISTEN=127.0.0.1:8080", knobs)
