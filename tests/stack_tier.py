@@ -13,6 +13,15 @@ change what they change back (scale 2 -> 3 -> 2), then those that inject faults
 that stop it (`stack("stops")`: `tpserve down`). The fixture stops by pid whatever a
 failed or deselected stop left.
 
+A module moves onto it by marking its tests `stack` and taking `shared_stack` instead of
+starting a Ray of its own (then leaving tests/conftest.py's STACK_MODULES): nginx is
+`running.edge`, Serve's own HTTP proxy `ports["serve"]`, Serve's REST API
+`running.ray_dashboard`; the app is cluster/serve.yaml's (the tiny model, tp=2, 2 replicas,
+no rate limit), so a test needing other router settings stays in-process. A Ray driver
+connects with `infra.load.driver_env()` and the stack's token (`running.home/.ray`); Redis
+stops and starts through the services actor as infra/chaos.py does. A test that scales
+puts the replica count back; one that kills or stops something is `stack("faults")`.
+
 Every Ray process of this stack carries its admin token in its environment (Ray hands its
 environment down to raylet, gcs_server and every worker), so `stack_processes` finds this
 stack's Ray and no other Ray on the host.
