@@ -270,14 +270,17 @@ def app_running(config: StackConfig) -> bool:
             healthy = resp.status == 200
     except (OSError, http.client.HTTPException):  # nginx moving onto the router replicas
         return False
-    running = [r for r in replicas(config.ray_dashboard) if r.state == "RUNNING"]
+    try:
+        running = [r for r in replicas(config.ray_dashboard) if r.state == "RUNNING"]
+    except (ServeError, OSError, http.client.HTTPException):  # Serve's API slow to answer
+        return False
     return healthy and len(running) == config.replicas
 
 
 def replica_line(config: StackConfig) -> str:
     try:
         now = replicas(config.ray_dashboard)
-    except ServeError:
+    except (ServeError, OSError, http.client.HTTPException):  # (a busy machine: a timeout)
         return "waiting for Serve"
     return f"{sum(r.state == 'RUNNING' for r in now)}/{config.replicas} replicas running"
 
