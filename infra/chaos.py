@@ -1,8 +1,10 @@
 """Faults under load: `python -m infra.chaos [--faults kill_rank,redis,router,scale]`.
 
-Starts a local stack (the tiny model, tp=2, 2 replicas) on free loopback ports, runs the
-streaming multi-turn clients of infra/client.py through nginx and, during the load, one
-fault after another, each waited out until the stack has recovered:
+Starts a local stack (the tiny model, tp=2, 2 replicas) on free loopback ports, or with
+`--state-dir DIR` uses the running one that `tpserve up` recorded there (run it with that
+stack's HOME, where its Ray token is), runs the streaming multi-turn clients of
+infra/client.py through nginx and, during the load, one fault after another, each waited out
+until the stack has recovered (a stack used this way is whole again at the end):
 
 - `kill_rank`: start a long stream (the probe), and once it has its first token kill
   rank 1 (a Ray actor) of the replica serving it. Streams on that replica must end with an
@@ -26,7 +28,9 @@ were not recorded (the router's documented hash-only degraded mode).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -114,7 +118,7 @@ class Drill:
             if time.monotonic() - start > self.config.recover_timeout_s:
                 raise TimeoutError(f"{what}: not recovered after "
                                    f"{self.config.recover_timeout_s:.0f} s")
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(0.25)
         return time.monotonic() - start
 
     def running(self, count: int, excluding: str = "") -> bool:
@@ -365,13 +369,16 @@ def dump(records: list[Turn], faults: list[Fault], path: str) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def run(config: ChaosConfig, out: str | None, records_path: str | None = None
-        ) -> dict[str, Any]:
+def run(config: ChaosConfig, out: str | None, records_path: str | None = None,
+        state_dir: str | None = None) -> dict[str, Any]:
+    """The drill on a stack of its own, or on the running stack recorded in `state_dir`."""
     import ray
 
-    from infra.stack import local_stack
+    from infra.stack import Running, local_stack
 
-    with local_stack() as stack:
+    stack_cm = (contextlib.nullcontext(Running.recorded(state_dir)) if state_dir
+                else local_stack())
+    with stack_cm as stack:
         stack.connect()
         try:
             records, faults, wall = asyncio.run(drill(stack, config))
@@ -401,13 +408,18 @@ def summarize(config: ChaosConfig, records: list[Turn], faults: list[Fault], wal
             **environment()}
 
 
+def extra_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--records", help="write every turn and fault here (JSON lines)")
+    parser.add_argument("--state-dir", help="drill the running stack recorded here by "
+                        "`tpserve up` instead of starting one")
+
+
 def main(argv: list[str] | None = None) -> int:
     driver_env()
     config, out, args = script_args(
         "python -m infra.chaos", __doc__.split("\n")[0], ChaosConfig, "chaos_cpu.jsonl", argv,
-        lambda p: p.add_argument("--records",
-                                 help="write every turn and fault here (JSON lines)"))
-    row = run(config, out, args.records)
+        extra_arguments)
+    row = run(config, out, args.records, args.state_dir)
     return 0 if row["met"] else 1
 
 

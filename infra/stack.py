@@ -198,11 +198,15 @@ def log_tail(log: Path, lines: int = 15) -> str:
 
 def stack_env(config: StackConfig, state: Path, token: str) -> dict[str, str]:
     """The environment of Ray's processes: loopback only, token auth, Redis and the admin
-    token for the router (never printed by Ray; the token is printed once by `up`), and the
-    Serve settings of cluster/ray.env (a variable already in the environment wins)."""
+    token for the router (never printed by Ray; the token is printed once by `up`), no
+    drain on SIGTERM, and the Serve settings of cluster/ray.env (a variable already in the
+    environment wins over those two)."""
     from infra.services import redis_url  # imports Ray: only when a stack starts
 
-    return {**ray_env(), **os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    # one node: draining it on SIGTERM (Ray waits up to 30 s for its Serve replicas to move)
+    # has nowhere to move them to, so Ctrl-C and `tpserve down` stop at once
+    return {**ray_env(), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", **os.environ,
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
             "RAY_AUTH_MODE": "token",
             "TPSERVE_REDIS_URL": redis_url(state, "127.0.0.1", config.redis_port),
             "TPSERVE_ADMIN_TOKEN": token}
@@ -266,14 +270,17 @@ def app_running(config: StackConfig) -> bool:
             healthy = resp.status == 200
     except (OSError, http.client.HTTPException):  # nginx moving onto the router replicas
         return False
-    running = [r for r in replicas(config.ray_dashboard) if r.state == "RUNNING"]
+    try:
+        running = [r for r in replicas(config.ray_dashboard) if r.state == "RUNNING"]
+    except (ServeError, OSError, http.client.HTTPException):  # Serve's API slow to answer
+        return False
     return healthy and len(running) == config.replicas
 
 
 def replica_line(config: StackConfig) -> str:
     try:
         now = replicas(config.ray_dashboard)
-    except ServeError:
+    except (ServeError, OSError, http.client.HTTPException):  # (a busy machine: a timeout)
         return "waiting for Serve"
     return f"{sum(r.state == 'RUNNING' for r in now)}/{config.replicas} replicas running"
 
@@ -294,7 +301,7 @@ def progress(what: str, done: Callable[[], bool], timeout_s: float,
             last = line
         if time.monotonic() > deadline:
             raise StackError(f"{what}: not ready after {timeout_s:.0f} s")
-        time.sleep(1.0)
+        time.sleep(0.25)  # each look is a local HTTP call or two
 
 
 def stop(record: dict[str, Any], config: StackConfig, timeout_s: float = 60.0) -> None:
@@ -436,6 +443,17 @@ class Running:
     @property
     def edge(self) -> str:
         return f"http://127.0.0.1:{self.config.nginx_port}"
+
+    @classmethod
+    def recorded(cls, state_dir: str) -> Running:
+        """The stack that `tpserve up` recorded in state_dir and still runs (StackError when
+        none is recorded there, or it is still starting)."""
+        data = read_state(state_dir)
+        token = Path(state_dir) / "admin_token"
+        if not (alive(data["pid"]) and token.exists()):
+            raise StackError(f"the stack recorded in {state_dir} is not running (or still "
+                             "starting): `tpserve status` says more")
+        return cls(StackConfig(**data["config"]), token.read_text())
 
     def connect(self) -> None:
         """Connect this process to the stack's Ray as a driver (`ray.shutdown()` ends it).

@@ -1,11 +1,27 @@
 #!/usr/bin/env bash
 # The README's second command: install what the tests need (into .venv, infra/install.sh),
-# lint, then run the CPU tests (GPU tests are marked `gpu` / `multigpu` and run on the
-# device machine). The tests' subprocesses (python, ray, tpserve) are .venv's: it comes
-# first on PATH.
+# lint, then run the CPU tests in two tiers (GPU tests are marked `gpu` / `multigpu` and run
+# on the device machine):
+#   1. the fast tier: everything that starts no Ray (`-m "not stack"`);
+#   2. the whole-stack tier (marker `stack`): one shared `tpserve up` stack for the tests
+#      that use it (tests/stack_tier.py), and the tests that start their own (`ray up`,
+#      Ctrl-C on a foreground stack, a Ray that dies at start).
+# Both tiers run even when the first fails; the exit status is the first failure's. The
+# tests' subprocesses (python, ray, tpserve) are .venv's: it comes first on PATH. Extra
+# arguments go to both pytest runs (e.g. --durations=30).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash infra/install.sh --test
 export VIRTUAL_ENV="$PWD/.venv" PATH="$PWD/.venv/bin:$PATH"
 python -m ruff check .
-python -m pytest -q -m "not gpu and not multigpu" "$@"
+status=0
+for tier in "not stack" "stack"; do
+  echo "== tier: -m \"$tier\"" && started=$SECONDS
+  rc=0
+  python -m pytest -q -m "$tier and not gpu and not multigpu" "$@" || rc=$?
+  echo "== tier \"$tier\": exit $rc in $((SECONDS - started)) s"
+  if [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ] && [ "$status" -eq 0 ]; then  # 5: none selected
+    status=$rc
+  fi
+done
+exit $status

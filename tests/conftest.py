@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny checkpoints of each family, built once per test session."""
+"""Shared fixtures: tiny checkpoints of each family, built once per test session, and the
+whole-stack tier's one stack (tests/stack_tier.py), started once per session; the order
+the tiers run in."""
 
 from __future__ import annotations
 
@@ -13,7 +15,65 @@ if not torch.cuda.is_available():
     # Triton kernels (replicas/kernels/) run on CPU in Triton's interpreter for the
     # tests that ask for them; read when the kernels are defined, so set before imports
     os.environ.setdefault("TRITON_INTERPRET", "1")
-from checkpoints import CheckpointFactory, make_checkpoint
+import stack_tier  # noqa: E402
+from checkpoints import CheckpointFactory, make_checkpoint  # noqa: E402
+
+# the phases of the shared stack's life, in order (tests/stack_tier.py): `stack` alone,
+# `stack("faults")`, `stack("stops")`
+STACK_PHASES = ("", "faults", "stops")
+
+
+# modules that start a Ray of their own without the marker yet (their own Ray, for now;
+# they can move onto the shared stack): in the whole-stack tier all the same
+STACK_MODULES = ("test_router.py", "test_cluster.py")
+
+
+def tier_order(item: pytest.Item) -> tuple[int, int, int]:
+    """Where a test runs: the fast tier first, then the whole-stack tier (marker `stack`):
+    the tests with processes of their own, then those on the shared stack, phase by
+    phase."""
+    mark = item.get_closest_marker("stack")
+    if mark is None:
+        return (0, 0, 0)
+    phase = STACK_PHASES.index(mark.args[0] if mark.args else "")
+    return (1, int("shared_stack" in getattr(item, "fixturenames", ())), phase)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark STACK_MODULES' tests `stack` (so `-m "not stack"` leaves them out), then order
+    the tiers (stable: within a phase, the files' own order)."""
+    for item in items:
+        if item.path.name in STACK_MODULES and item.get_closest_marker("stack") is None:
+            item.add_marker(pytest.mark.stack)
+    items.sort(key=tier_order)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """When a selected test uses the shared stack, start it now, in the background: it
+    comes up while the tests before it run (the fast tier, the whole-stack tests with
+    processes of their own)."""
+    if session.config.option.collectonly or not any(
+            "shared_stack" in getattr(item, "fixturenames", ()) for item in session.items):
+        return
+    STARTING.append(stack_tier.start_in_background())
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Stop what the `stack("stops")` tests did not stop (failed, not selected, or a run
+    cut short), by pid."""
+    for starting in STARTING:
+        stack_tier.stop_in_background(starting)
+
+
+STARTING: list[stack_tier.Starting] = []
+
+
+@pytest.fixture(scope="session")
+def shared_stack() -> stack_tier.Running:
+    """`tpserve up --detach` in an empty HOME on free ports, once per session (started when
+    the tests were collected; this waits until it is up)."""
+    assert STARTING, "the shared stack was not started (pytest_collection_finish)"
+    return STARTING[0].running()
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 
+@pytest.mark.slow
 def test_cpu_bench_prints_json_lines(tmp_path: Path) -> None:
     out = tmp_path / "bench.jsonl"
     proc = subprocess.run(
@@ -43,6 +44,7 @@ def test_table_is_made_from_the_results(name: str, second: str) -> None:
     assert text in readme  # the README's table is the current one
 
 
+@pytest.mark.slow
 def test_multigpu_suite_runs_every_case_on_cpu() -> None:
     """`--suite multigpu --smoke`: the tp=2 cases on CPU (gloo, tiny model), so that the
     harness is checked where no two GPUs are: tp=2 float32 greedy tokens equal tp=1's,

@@ -6,13 +6,19 @@ Python environment on PATH, as a node's image would: no Ray token, nothing insta
 there), writes a copy of cluster/cluster.local.yaml with that key and its own ports, and
 runs the real cluster launcher: the yaml's setup and start commands run over SSH, the head
 comes up with Redis, nginx and the Serve app (and a Ray token it made), a completion comes
-back through nginx, and after `ray down -y` nothing of it is running and its ports are
-free.
+back through nginx (cluster/serve.yaml's app, with one engine replica), and after `ray down
+-y` nothing of it is running and its ports are free.
+
+The sshd runs in a PID namespace of its own (`unshare --pid --mount-proc`): the `ray stop`
+that the yaml's start commands and `ray down` run kills every Ray process it can see, so
+there it sees only this test's head, never another Ray on the host (another test's stack,
+another user's cluster). Everything started over SSH dies with that namespace.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -23,6 +29,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -31,18 +38,29 @@ import yaml
 from infra.stack import port_busy
 from replicas.engine import free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.stack]
 REPO = Path(__file__).resolve().parent.parent
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 
 
+@dataclass(frozen=True)
+class Sshd:
+    key: Path
+    port: int
+    home: Path  # its sessions' HOME
+    namespace: str  # its PID namespace (`readlink /proc/PID/ns/pid`)
+
+
 @pytest.fixture
-def sshd(tmp_path: Path) -> Iterator[tuple[Path, int, Path]]:
-    """An sshd of this test's own on 127.0.0.1:PORT accepting a key made here; its sessions
-    get HOME=tmp_path/home (yielded), whose ~/.bashrc puts this interpreter's environment
-    first on PATH (Ray's command runner sources it)."""
-    if not (os.path.exists(SSHD) and shutil.which("rsync") and os.geteuid() == 0):
-        pytest.skip("needs root, openssh-server and rsync (infra/install.sh --test installs them)")
+def sshd(tmp_path: Path) -> Iterator[Sshd]:
+    """An sshd of this test's own on 127.0.0.1:PORT accepting a key made here, alone in a
+    PID namespace (with its own /proc); its sessions get HOME=tmp_path/home, whose
+    ~/.bashrc puts this interpreter's environment first on PATH (Ray's command runner
+    sources it)."""
+    if not (os.path.exists(SSHD) and shutil.which("rsync") and shutil.which("unshare")
+            and os.geteuid() == 0):
+        pytest.skip("needs root, openssh-server, rsync and unshare (infra/install.sh --test "
+                    "installs them)")
     key = tmp_path / "id_ed25519"
     host_key = tmp_path / "host_ed25519"
     for path in (key, host_key):
@@ -61,17 +79,27 @@ def sshd(tmp_path: Path) -> Iterator[tuple[Path, int, Path]]:
         "StrictModes no", f"SetEnv HOME={home}", "",
     ]))
     Path("/run/sshd").mkdir(exist_ok=True)
-    proc = subprocess.Popen([SSHD, "-D", "-f", str(config), "-E", str(tmp_path / "sshd.log")])
+    # --kill-child: sshd (the namespace's pid 1) dies with unshare, and with it whatever
+    # still runs in the namespace
+    child = 0
+    proc = subprocess.Popen(["unshare", "--pid", "--mount-proc", "--kill-child", SSHD, "-D",
+                             "-f", str(config), "-E", str(tmp_path / "sshd.log")])
     try:
         deadline = time.monotonic() + 10
         while not port_busy(port):
             assert proc.poll() is None and time.monotonic() < deadline, (
                 (tmp_path / "sshd.log").read_text())
             time.sleep(0.1)
-        yield key, port, home
-    finally:
-        proc.terminate()
-        proc.wait(10)
+        child = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+        yield Sshd(key, port, home, os.readlink(f"/proc/{child}/ns/pid"))
+    finally:  # unshare ignores SIGTERM while it waits for its child: stop sshd itself
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # (--kill-child: sshd and the namespace go with it)
+            proc.wait(10)
 
 
 def run(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
@@ -79,14 +107,22 @@ def run(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.Compl
                           timeout=timeout)
 
 
-def stack_processes(marker: str) -> list[str]:
+def stack_processes(namespace: str, marker: str) -> list[str]:
+    """Command lines of the processes in the PID namespace `namespace` that are Ray's head
+    (raylet, gcs_server) or mention `marker`: the cluster's own, whatever else runs here."""
     out = subprocess.run(["pgrep", "-af", f"raylet|gcs_server|{marker}"], capture_output=True,
                          text=True).stdout
-    return [line for line in out.splitlines() if "pgrep" not in line]
+    found = []
+    for line in out.splitlines():
+        pid = line.split(maxsplit=1)[0]
+        with contextlib.suppress(OSError):  # gone meanwhile
+            if os.readlink(f"/proc/{pid}/ns/pid") == namespace:
+                found.append(line)
+    return found
 
 
-def test_ray_up_and_down_round_trip(sshd: tuple[Path, int, Path], tmp_path: Path) -> None:
-    key, ssh_port, home = sshd
+def test_ray_up_and_down_round_trip(sshd: Sshd, tmp_path: Path) -> None:
+    key, ssh_port, home = sshd.key, sshd.port, sshd.home
     ports = {name: free_port() for name in ("ray", "dashboard", "redis", "http", "nginx")}
     name = f"tpserve-test-{uuid.uuid4().hex[:8]}"
     state = tmp_path / "state"
@@ -98,9 +134,16 @@ def test_ray_up_and_down_round_trip(sshd: tuple[Path, int, Path], tmp_path: Path
                              f"-o UserKnownHostsFile=/dev/null -W 127.0.0.1:{ssh_port} "
                              "root@127.0.0.1",
     }
+    # cluster/serve.yaml with one engine replica (tp=2): the launcher's path is the same,
+    # and one replica fewer to start on a 2-core machine that runs other tests meanwhile
+    serve = yaml.safe_load((REPO / "cluster/serve.yaml").read_text())
+    engine = next(d for d in serve["applications"][0]["deployments"] if d["name"] == "Engine")
+    engine["num_replicas"] = 1
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(serve))
     knobs = (f"TPSERVE_RAY_PORT={ports['ray']} TPSERVE_DASHBOARD_PORT={ports['dashboard']} "
              f"TPSERVE_REDIS_PORT={ports['redis']} TPSERVE_HTTP_PORT={ports['http']} "
              f"TPSERVE_NGINX_LISTEN=127.0.0.1:{ports['nginx']} TPSERVE_STATE={state} "
+             f"TPSERVE_SERVE_CONFIG={tmp_path / 'serve.yaml'} "
              "TPSERVE_ENGINE_JSON='{\"tp\": 2}'")
     config["head_start_ray_commands"] = [
         cmd.replace("TPSERVE_NGINX_LISTEN=127.0.0.1:8080", knobs)
@@ -111,7 +154,7 @@ def test_ray_up_and_down_round_trip(sshd: tuple[Path, int, Path], tmp_path: Path
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "RAY_UP_enable_autoscaler_v2": "0",
            "AUTOSCALER_NODE_START_WAIT_S": "30", "RAY_AUTH_MODE": "token"}
-    assert not stack_processes(str(state)), "a Ray is already running here"
+    assert not stack_processes(sshd.namespace, str(state)), "a Ray is already running there"
     try:
         up = run(["ray", "up", "-y", "--no-config-cache", str(path)], env, timeout=420)
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
@@ -139,7 +182,7 @@ def test_ray_up_and_down_round_trip(sshd: tuple[Path, int, Path], tmp_path: Path
         down = run(["ray", "down", "-y", str(path)], env, timeout=180)
     assert down.returncode == 0, down.stdout[-2000:] + down.stderr[-2000:]
     deadline = time.monotonic() + 30
-    while (left := stack_processes(str(state))) and time.monotonic() < deadline:
+    while (left := stack_processes(sshd.namespace, str(state))) and time.monotonic() < deadline:
         time.sleep(1)
     assert not left, left
     assert not any(port_busy(p) for p in ports.values()), ports

@@ -1,9 +1,10 @@
 """The local stack as a user runs it on a fresh machine: `tpserve up --detach` with an empty
-HOME (no Ray token, no model cache, the default state dir), an openai client call through
-nginx (which goes to the router replica's own HTTP server), the dashboard in headless
-Chromium (sees 2 replicas, scales to 3 through the page, sees 3, saves a screenshot), the
-admin API's token, `tpserve down` leaving nothing alive and every port free, and a busy
-port refused with a clear message."""
+HOME (no Ray token, no model cache, the default state dir): the whole-stack tier's shared
+stack (tests/stack_tier.py), an openai client call through nginx (which goes to the router
+replica's own HTTP server), the dashboard in headless Chromium (sees 2 replicas, scales to 3
+through the page, sees 3, saves a screenshot), the admin API's token, `tpserve down`
+leaving nothing of it alive and every port free, a busy port refused with a clear message,
+and Ctrl-C stopping a stack in the foreground."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -19,66 +21,34 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from stack_tier import (
+    PORT_FLAGS,
+    REPO,
+    Running,
+    live_processes,
+    port_flags,
+    stack_processes,
+    tpserve,
+)
 
 from infra.edge import configured_upstreams
 from infra.services import nginx_conf
 from infra.stack import port_busy
 from replicas.engine import free_port
 
-pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parent.parent
+pytestmark = [pytest.mark.slow, pytest.mark.stack]
 ARTIFACTS = Path(os.environ.get("TPSERVE_ARTIFACTS", REPO / "test-artifacts"))
-PORT_FLAGS = ("nginx", "serve", "dashboard", "ray", "redis")
 
 
-def tpserve(*args: str, timeout: float = 600, home: Path | None = None
-            ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HOME": str(home)} if home else None
-    return subprocess.run([sys.executable, "-m", "infra.cli", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-@dataclass
-class Running:
-    ports: dict[str, int]
-    home: Path
-    state: Path
-    token: str
-    output: str
-
-    @property
-    def edge(self) -> str:
-        return f"http://127.0.0.1:{self.ports['nginx']}"
-
-
-def live_processes(marker: str) -> list[str]:
-    """Non-zombie processes whose command line mentions `marker`."""
-    out = subprocess.run(["ps", "-eo", "stat=,args="], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines()
-            if marker in line and not line.lstrip().startswith("Z") and "ps -eo" not in line]
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
-    """`tpserve up --detach` in an empty HOME: only the ports are not the defaults."""
-    ports = {name: free_port() for name in PORT_FLAGS}
-    home = tmp_path_factory.mktemp("home")
-    state = home / ".tpserve" / "stack"  # StackConfig's default state dir, in that HOME
-    flags = [f"--{name}-port={port}" for name, port in ports.items()]
-    up = tpserve("up", "--detach", *flags, home=home)
-    assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
-    token = (state / "admin_token").read_text()
-    running = Running(ports, home, state, token, up.stdout)
-    try:
-        yield running
-    finally:
-        if (state / "stack.json").exists():
-            tpserve("down", f"--state-dir={state}", home=home)
+@pytest.fixture
+def stack(shared_stack: Running) -> Running:
+    """The shared stack (tests/conftest.py): `tpserve up --detach` in an empty HOME, only
+    the ports not the defaults."""
+    return shared_stack
 
 
 def test_up_on_an_empty_home_makes_what_it_needs(stack: Running) -> None:
@@ -272,29 +242,36 @@ def test_token_is_in_no_log(stack: Running) -> None:
 def test_busy_port_is_a_clear_error(stack: Running) -> None:
     ports = {name: free_port() for name in PORT_FLAGS}
     ports["nginx"] = stack.ports["nginx"]  # taken by the running stack
-    out = tpserve("up", f"--state-dir={stack.state}-other",
-                  *[f"--{n}-port={p}" for n, p in ports.items()], timeout=60)
+    out = tpserve("up", f"--state-dir={stack.state}-other", *port_flags(ports), timeout=60)
     assert out.returncode == 1
     assert f"nginx port {stack.ports['nginx']}" in out.stderr and "tpserve down" in out.stderr
 
 
+@pytest.mark.stack("stops")
 def test_down_stops_everything_and_frees_the_ports(stack: Running) -> None:
+    """`tpserve down` (the default state dir) stops this stack's processes: Ray's head
+    (raylet, gcs_server) and every `ray::` worker, found by the admin token in their
+    environment (another Ray on the host is none of them), and Redis and nginx (their
+    ports, and their command lines naming the state dir)."""
+    mine = stack_processes(stack.token)
+    for marker in ("raylet", "gcs_server", "ray::"):
+        assert any(marker in line for line in mine), (marker, mine)  # the probe sees them
     down = tpserve("down", timeout=180, home=stack.home)
     assert down.returncode == 0, down.stdout + down.stderr
     assert not any(port_busy(p) for p in stack.ports.values())
-    time.sleep(1)
-    for marker in (str(stack.state), f"--port {stack.ports['ray']}", "ray::", "raylet",
-                   "gcs_server"):
+    deadline = time.monotonic() + 5  # a process killed a moment ago may not be reaped yet
+    while stack_processes(stack.token) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not stack_processes(stack.token), stack_processes(stack.token)
+    for marker in (str(stack.state), f"--port {stack.ports['ray']}"):
         assert not live_processes(marker), (marker, live_processes(marker))
 
 
 def test_ctrl_c_stops_the_foreground_stack(tmp_path: Path) -> None:
-    import signal
-
     ports = {name: free_port() for name in PORT_FLAGS}
     proc = subprocess.Popen(
         [sys.executable, "-m", "infra.cli", "up", f"--state-dir={tmp_path}", "--replicas=1",
-         "--tp=1", *[f"--{n}-port={p}" for n, p in ports.items()]],
+         "--tp=1", *port_flags(ports)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = []
@@ -303,6 +280,8 @@ def test_ctrl_c_stops_the_foreground_stack(tmp_path: Path) -> None:
             if "Ctrl-C stops everything" in line:
                 break
         assert proc.poll() is None, "".join(lines)
+        token = (tmp_path / "admin_token").read_text()
+        assert stack_processes(token)  # (what must be gone below)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(180) == 0
     finally:
@@ -313,3 +292,7 @@ def test_ctrl_c_stops_the_foreground_stack(tmp_path: Path) -> None:
             pytest.fail(f"Ctrl-C left the stack running; `tpserve down`: {down.stdout}")
     assert not any(port_busy(p) for p in ports.values())
     assert not live_processes(str(tmp_path))
+    deadline = time.monotonic() + 5
+    while stack_processes(token) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not stack_processes(token), stack_processes(token)

@@ -70,6 +70,7 @@ def test_a_token_is_made_once_where_ray_looks(empty_home: Path,
 
 
 @pytest.mark.slow
+@pytest.mark.stack
 def test_a_ray_that_dies_at_start_is_reported_within_seconds(empty_home: Path,
                                                              tmp_path: Path) -> None:
     # the failure of issue 15: token auth on, no token anywhere (nothing made it)
@@ -92,6 +93,7 @@ def test_a_ray_that_dies_at_start_is_reported_within_seconds(empty_home: Path,
 
 
 @pytest.mark.slow
+@pytest.mark.stack
 def test_a_failed_start_leaves_no_stack_behind(empty_home: Path, tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     """Ray dies while `up` waits for it (here: its head process is killed as soon as it is
