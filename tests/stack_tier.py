@@ -30,13 +30,18 @@ stack's Ray and no other Ray on the host.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 from replicas.engine import free_port
 
@@ -71,6 +76,10 @@ class Running:
     @property
     def ray_dashboard(self) -> str:
         return f"http://127.0.0.1:{self.ports['dashboard']}"
+
+    @property
+    def redis_password(self) -> str:
+        return (self.state / "redis.pass").read_text().strip()  # infra/services.py's
 
 
 def port_flags(ports: dict[str, int]) -> list[str]:
@@ -154,3 +163,93 @@ def stack_processes(token: str) -> list[str]:
         if stat[0] != "Z":
             found.append(f"{proc.name} {args.strip()}")
     return found
+
+
+# ---- a Ray driver on the shared stack (tests/test_router.py, tests/test_cluster.py) ----
+
+
+def connect_driver(running: Running, env: pytest.MonkeyPatch) -> None:
+    """Connect this process to the shared stack's Ray as a driver, the way
+    infra.load.driver_env() sets one up (loopback, token auth, cluster/ray.env's Serve
+    settings) with the stack's token (its HOME's .ray/auth_token; cluster.control's REST
+    calls read it too). `env` holds the variables set: undo it after `ray.shutdown()`.
+    Ray reads its auth mode into its config when first imported (by a test module, before
+    this): its config is read again from the environment (what Ray's own tests do)."""
+    import ray
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
+    from cluster.ray_env import ray_env
+
+    for name, value in {**ray_env(), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                        "RAY_AUTH_MODE": "token",
+                        "RAY_AUTH_TOKEN_PATH": str(running.home / ".ray" / "auth_token")
+                        }.items():
+        env.setenv(name, value)
+    env.delenv("RAY_AUTH_TOKEN", raising=False)
+    reset_auth_token_state()
+    ray.init(address=f"127.0.0.1:{running.ports['ray']}", log_to_driver=False)
+
+
+def disconnect_driver(env: pytest.MonkeyPatch) -> None:
+    """`ray.shutdown()`, then the environment as it was before `connect_driver`."""
+    import ray
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
+    ray.shutdown()
+    env.undo()
+    reset_auth_token_state()
+
+
+def stop_redis(running: Running) -> None:
+    """Stop the stack's Redis (SIGTERM, through the services actor, as infra/chaos.py
+    does); needs a connected driver."""
+    import ray
+
+    from infra.services import ACTOR_NAME, NAMESPACE
+
+    ray.get(ray.get_actor(ACTOR_NAME, namespace=NAMESPACE).stop.remote("redis"))
+
+
+def start_redis(running: Running) -> None:
+    """Start the stack's Redis again (it reloads its append-only file) and record its new
+    pid, so that `tpserve down` stops this one."""
+    import ray
+
+    from infra.services import ACTOR_NAME, NAMESPACE, wait_for_port
+    from infra.stack import read_state, write_state
+
+    pid = ray.get(ray.get_actor(ACTOR_NAME, namespace=NAMESPACE).start.remote("redis"))
+    record = read_state(str(running.state))
+    record["services"]["redis"] = pid
+    write_state(running.state, record)
+    wait_for_port("127.0.0.1", running.ports["redis"])
+
+
+def healthy(running: Running) -> bool:
+    """The router answers /healthz through nginx with status ok (Redis up)."""
+    try:
+        with urllib.request.urlopen(f"{running.edge}/healthz", timeout=10) as resp:
+            return resp.status == 200 and json.loads(resp.read()).get("status") == "ok"
+    except OSError:
+        return False
+
+
+def wait_whole(running: Running, replicas: int = 2, timeout_s: float = 300) -> None:
+    """Wait until the stack is whole again after a fault (as infra/chaos.py's drill does):
+    exactly `replicas` engine replicas, all RUNNING, and the router healthy on Redis;
+    AssertionError with what Serve reports when it is not by `timeout_s`."""
+    from cluster.control import ReplicaState, ServeError
+    from cluster.control import replicas as engine_replicas
+
+    deadline = time.monotonic() + timeout_s
+    now: list[ReplicaState] = []
+    while time.monotonic() < deadline:
+        try:
+            now = engine_replicas(running.ray_dashboard)
+        except (ServeError, OSError):
+            now = []
+        if (len(now) == replicas and all(r.state == "RUNNING" for r in now)
+                and healthy(running)):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the shared stack is not whole after {timeout_s:.0f} s: {now}")
