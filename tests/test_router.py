@@ -1,11 +1,11 @@
 """The whole path on loopback: openai client -> nginx -> router (Serve ingress) -> engine
 replicas, with a real redis-server: the whole-stack tier's shared stack (tests/stack_tier.py;
 the tiny model, tp=2, 2 replicas), a Ray driver connected to it. Tests that scale, stop
-Redis or kill a replica are `stack("faults")` and leave the stack whole. What needs the whole stack: pinning by client address
-and by X-Session-ID across real replicas, scaling, Redis outage, spoofed forwarding headers
-seen by Serve's proxy, the engine's own refusals, killed replicas. The router's HTTP
-contract (bad bodies, the fuzz, SSE framing, history, rate limits, retry-once) runs
-in-process in tests/test_router_http.py."""
+Redis or kill a replica are `stack("faults")` and leave the stack whole. What needs the
+whole stack: pinning by client address and by X-Session-ID across real replicas, scaling,
+Redis outage, spoofed forwarding headers seen by Serve's proxy, the engine's own refusals,
+killed replicas. The router's HTTP contract (bad bodies, the fuzz, SSE framing, history,
+rate limits, retry-once) runs in-process in tests/test_router_http.py."""
 
 from __future__ import annotations
 
