@@ -173,9 +173,12 @@ def connect_driver(running: Running, env: pytest.MonkeyPatch) -> None:
     infra.load.driver_env() sets one up (loopback, token auth, cluster/ray.env's Serve
     settings) with the stack's token (its HOME's .ray/auth_token; cluster.control's REST
     calls read it too). `env` holds the variables set: undo it after `ray.shutdown()`.
-    Ray reads its auth mode into its config when first imported (by a test module, before
-    this): its config is read again from the environment (what Ray's own tests do)."""
+    Ray reads its auth mode and RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when first imported (by a
+    test module, before this): its config is read again from the environment (what Ray's
+    own tests do) and the constant is set as the variable says (else Ray turns 127.0.0.1
+    into the host's address, where the stack does not listen)."""
     import ray
+    import ray._private.ray_constants
     from ray._private.authentication_test_utils import reset_auth_token_state
 
     from cluster.ray_env import ray_env
@@ -186,6 +189,7 @@ def connect_driver(running: Running, env: pytest.MonkeyPatch) -> None:
                         }.items():
         env.setenv(name, value)
     env.delenv("RAY_AUTH_TOKEN", raising=False)
+    env.setattr(ray._private.ray_constants, "ENABLE_RAY_CLUSTER", False)
     reset_auth_token_state()
     ray.init(address=f"127.0.0.1:{running.ports['ray']}", log_to_driver=False)
 
