@@ -238,9 +238,11 @@ def healthy(running: Running) -> bool:
         return False
 
 
-def wait_whole(running: Running, replicas: int = 2, timeout_s: float = 300) -> None:
+def wait_whole(running: Running, replicas: int = 2, gone: str = "",
+               timeout_s: float = 300) -> None:
     """Wait until the stack is whole again after a fault (as infra/chaos.py's drill does):
-    exactly `replicas` engine replicas, all RUNNING, and the router healthy on Redis;
+    exactly `replicas` engine replicas, all RUNNING, none of them `gone` (a killed one,
+    which Serve lists as RUNNING until it notices), and the router healthy on Redis;
     AssertionError with what Serve reports when it is not by `timeout_s`."""
     from cluster.control import ReplicaState, ServeError
     from cluster.control import replicas as engine_replicas
@@ -253,7 +255,7 @@ def wait_whole(running: Running, replicas: int = 2, timeout_s: float = 300) -> N
         except (ServeError, OSError):
             now = []
         if (len(now) == replicas and all(r.state == "RUNNING" for r in now)
-                and healthy(running)):
+                and gone not in {r.replica_id for r in now} and healthy(running)):
             return
         time.sleep(0.5)
     raise AssertionError(f"the shared stack is not whole after {timeout_s:.0f} s: {now}")

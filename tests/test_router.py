@@ -300,7 +300,7 @@ def test_killed_replica_moves_only_its_sessions_with_history(stack: Stack) -> No
         assert users == [f"hello {sid}", f"again {sid}"]  # history intact across the move
     _, text = get_metrics(stack)
     assert "tpserve_pins_moved_total" in text
-    stack_tier.wait_whole(stack.running)  # Serve replaces the killed replica
+    stack_tier.wait_whole(stack.running, gone=victim)  # Serve replaces the killed replica
 
 
 def get_metrics(stack: Stack) -> tuple[int, str]:
@@ -345,4 +345,4 @@ def test_stream_on_a_dying_replica_ends_with_an_error_event(stack: Stack) -> Non
     events = [line[6:] for line in rest.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     assert any("error" in json.loads(e) for e in events[:-1]), events[-3:]
-    stack_tier.wait_whole(stack.running)  # Serve replaces the killed replica
+    stack_tier.wait_whole(stack.running, gone=replica)  # Serve replaces the killed replica
