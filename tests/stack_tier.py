@@ -17,10 +17,13 @@ A module moves onto it by marking its tests `stack` and taking `shared_stack` in
 starting a Ray of its own (then leaving tests/conftest.py's STACK_MODULES): nginx is
 `running.edge`, Serve's own HTTP proxy `ports["serve"]`, Serve's REST API
 `running.ray_dashboard`; the app is cluster/serve.yaml's (the tiny model, tp=2, 2 replicas,
-no rate limit), so a test needing other router settings stays in-process. A Ray driver
-connects with `infra.load.driver_env()` and the stack's token (`running.home/.ray`); Redis
-stops and starts through the services actor as infra/chaos.py does. A test that scales
-puts the replica count back; one that kills or stops something is `stack("faults")`.
+no rate limit), so a test needing other router settings stays in-process. A test process
+becomes a Ray driver of it with `connect_driver` (the stack's token, loopback, cluster/ray.env;
+a module fixture, `disconnect_driver` after: no driver may outlive the stack into the
+`stops` phase); Redis stops and starts through the services actor as infra/chaos.py does
+(`stop_redis`, `start_redis`). A test that scales, kills or stops something is
+`stack("faults")` and leaves the stack whole (`wait_whole`: the replicas back, Redis back,
+the target back). tests/test_router.py and tests/test_cluster.py moved this way.
 
 Every Ray process of this stack carries its admin token in its environment (Ray hands its
 environment down to raylet, gcs_server and every worker), so `stack_processes` finds this
