@@ -17,10 +17,13 @@ A module moves onto it by marking its tests `stack` and taking `shared_stack` in
 starting a Ray of its own (then leaving tests/conftest.py's STACK_MODULES): nginx is
 `running.edge`, Serve's own HTTP proxy `ports["serve"]`, Serve's REST API
 `running.ray_dashboard`; the app is cluster/serve.yaml's (the tiny model, tp=2, 2 replicas,
-no rate limit), so a test needing other router settings stays in-process. A Ray driver
-connects with `infra.load.driver_env()` and the stack's token (`running.home/.ray`); Redis
-stops and starts through the services actor as infra/chaos.py does. A test that scales
-puts the replica count back; one that kills or stops something is `stack("faults")`.
+no rate limit), so a test needing other router settings stays in-process. A test process
+becomes a Ray driver of it with `connect_driver` (the stack's token, loopback, cluster/ray.env;
+a module fixture, `disconnect_driver` after: no driver may outlive the stack into the
+`stops` phase); Redis stops and starts through the services actor as infra/chaos.py does
+(`stop_redis`, `start_redis`). A test that scales, kills or stops something is
+`stack("faults")` and leaves the stack whole (`wait_whole`: the replicas back, Redis back,
+the target back). tests/test_router.py and tests/test_cluster.py moved this way.
 
 Every Ray process of this stack carries its admin token in its environment (Ray hands its
 environment down to raylet, gcs_server and every worker), so `stack_processes` finds this
@@ -30,13 +33,18 @@ stack's Ray and no other Ray on the host.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 from replicas.engine import free_port
 
@@ -72,17 +80,34 @@ class Running:
     def ray_dashboard(self) -> str:
         return f"http://127.0.0.1:{self.ports['dashboard']}"
 
+    @property
+    def redis_password(self) -> str:
+        return (self.state / "redis.pass").read_text().strip()  # infra/services.py's
+
 
 def port_flags(ports: dict[str, int]) -> list[str]:
     return [f"--{name}-port={port}" for name, port in ports.items()]
 
 
-def start(home: Path) -> Running:
+# what Ray's own start says when its raylet did not register within Ray's fixed 30 s (the
+# GCS too slow to answer: other Rays starting at once on a busy 2-core machine, e.g.
+# test_ray_up's and the Ctrl-C test's, which the shared stack's start overlaps)
+RAY_START_TIMED_OUT = "The current node timed out during startup"
+
+
+def start(home: Path, attempts: int = 2) -> Running:
     """`tpserve up --detach` in `home` (empty), on free ports; AssertionError with its
-    output when it fails."""
-    ports = {name: free_port() for name in PORT_FLAGS}
+    output when it fails. A start that failed only because Ray's own start timed out
+    (RAY_START_TIMED_OUT; `up` then leaves nothing behind) is tried again, on new ports,
+    up to `attempts` times in all; any other failure is not."""
     state = home / ".tpserve" / "stack"  # StackConfig's default state dir, in that HOME
-    up = tpserve("up", "--detach", *port_flags(ports), home=home)
+    for attempt in range(1, attempts + 1):
+        ports = {name: free_port() for name in PORT_FLAGS}
+        up = tpserve("up", "--detach", *port_flags(ports), home=home)
+        if up.returncode == 0 or RAY_START_TIMED_OUT not in up.stderr or attempt == attempts:
+            break
+        print(f"shared stack: Ray's start timed out (attempt {attempt}), starting again",
+              file=sys.stderr)
     assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
     token = (state / "admin_token").read_text()
     return Running(ports, home, state, token, up.stdout)
@@ -154,3 +179,99 @@ def stack_processes(token: str) -> list[str]:
         if stat[0] != "Z":
             found.append(f"{proc.name} {args.strip()}")
     return found
+
+
+# ---- a Ray driver on the shared stack (tests/test_router.py, tests/test_cluster.py) ----
+
+
+def connect_driver(running: Running, env: pytest.MonkeyPatch) -> None:
+    """Connect this process to the shared stack's Ray as a driver, the way
+    infra.load.driver_env() sets one up (loopback, token auth, cluster/ray.env's Serve
+    settings) with the stack's token (its HOME's .ray/auth_token; cluster.control's REST
+    calls read it too). `env` holds the variables set: undo it after `ray.shutdown()`.
+    Ray reads its auth mode and RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when first imported (by a
+    test module, before this): its config is read again from the environment (what Ray's
+    own tests do) and the constant is set as the variable says (else Ray turns 127.0.0.1
+    into the host's address, where the stack does not listen)."""
+    import ray
+    import ray._private.ray_constants
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
+    from cluster.ray_env import ray_env
+
+    for name, value in {**ray_env(), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                        "RAY_AUTH_MODE": "token",
+                        "RAY_AUTH_TOKEN_PATH": str(running.home / ".ray" / "auth_token")
+                        }.items():
+        env.setenv(name, value)
+    env.delenv("RAY_AUTH_TOKEN", raising=False)
+    env.setattr(ray._private.ray_constants, "ENABLE_RAY_CLUSTER", False)
+    reset_auth_token_state()
+    ray.init(address=f"127.0.0.1:{running.ports['ray']}", log_to_driver=False)
+
+
+def disconnect_driver(env: pytest.MonkeyPatch) -> None:
+    """`ray.shutdown()`, then the environment as it was before `connect_driver`."""
+    import ray
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
+    ray.shutdown()
+    env.undo()
+    reset_auth_token_state()
+
+
+def stop_redis(running: Running) -> None:
+    """Stop the stack's Redis (SIGTERM, through the services actor, as infra/chaos.py
+    does); needs a connected driver."""
+    import ray
+
+    from infra.services import ACTOR_NAME, NAMESPACE
+
+    ray.get(ray.get_actor(ACTOR_NAME, namespace=NAMESPACE).stop.remote("redis"))
+
+
+def start_redis(running: Running) -> None:
+    """Start the stack's Redis again (it reloads its append-only file) and record its new
+    pid, so that `tpserve down` stops this one."""
+    import ray
+
+    from infra.services import ACTOR_NAME, NAMESPACE, wait_for_port
+    from infra.stack import read_state, write_state
+
+    pid = ray.get(ray.get_actor(ACTOR_NAME, namespace=NAMESPACE).start.remote("redis"))
+    record = read_state(str(running.state))
+    record["services"]["redis"] = pid
+    write_state(running.state, record)
+    wait_for_port("127.0.0.1", running.ports["redis"])
+
+
+def healthy(running: Running) -> bool:
+    """The router answers /healthz through nginx with status ok (Redis up)."""
+    try:
+        with urllib.request.urlopen(f"{running.edge}/healthz", timeout=10) as resp:
+            return resp.status == 200 and json.loads(resp.read()).get("status") == "ok"
+    except OSError:
+        return False
+
+
+def wait_whole(running: Running, replicas: int = 2, gone: str = "",
+               timeout_s: float = 300) -> None:
+    """Wait until the stack is whole again after a fault (as infra/chaos.py's drill does):
+    exactly `replicas` engine replicas, all RUNNING, none of them `gone` (a killed one,
+    which Serve lists as RUNNING until it notices), and the router healthy on Redis;
+    AssertionError with what Serve reports when it is not by `timeout_s`."""
+    from cluster.control import ReplicaState, ServeError
+    from cluster.control import replicas as engine_replicas
+
+    deadline = time.monotonic() + timeout_s
+    now: list[ReplicaState] = []
+    while time.monotonic() < deadline:
+        try:
+            now = engine_replicas(running.ray_dashboard)
+        except (ServeError, OSError):
+            now = []
+        if (len(now) == replicas and all(r.state == "RUNNING" for r in now)
+                and gone not in {r.replica_id for r in now} and healthy(running)):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the shared stack is not whole after {timeout_s:.0f} s: {now}")

@@ -1,9 +1,10 @@
 """The Serve application on a local Ray (CPU): 2 replicas x tp=2 serving concurrently,
 scaling through Serve's REST API while requests flow, and replacement of a replica whose
-rank actor dies. Requests go through the real router ingress (cluster.app.build), each
-from its own OpenAI `user` (so the pins spread over the replicas), without Redis. Ray and
-Serve listen on loopback ports chosen here; ray.shutdown() stops the processes this test
-started."""
+rank actor dies. The Ray is the whole-stack tier's shared stack (tests/stack_tier.py: the
+app of cluster/serve.yaml, the tiny model, tp=2, 2 replicas), a Ray driver connected to it.
+Requests go through Serve's HTTP proxy to the real router ingress (cluster.app.build), each
+from its own OpenAI `user` (so the pins spread over the replicas). Tests that scale or
+kill a rank are `stack("faults")` and leave the stack whole (2 replicas running)."""
 
 from __future__ import annotations
 
@@ -21,47 +22,38 @@ from dataclasses import dataclass
 import pytest
 
 ray = pytest.importorskip("ray")
+import stack_tier  # noqa: E402
 from ray import serve  # noqa: E402
 from ray.util.state import list_actors  # noqa: E402
 
-from cluster.app import build  # noqa: E402
 from cluster.control import APP_NAME, ENGINE, ServeError, replicas, scale  # noqa: E402
 from cluster.engine import ServeEngine  # noqa: E402
 from replicas import Engine, EngineConfig, SamplingParams  # noqa: E402
-from replicas.engine import free_port  # noqa: E402
 from router import wire  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.stack]
 
-ENGINE_ARGS = {"tp": 2, "max_num_seqs": 16}
+ENGINE_ARGS = {"tp": 2}  # the shared stack's engine (cluster/serve.yaml's: the tiny model)
 PROMPTS = [[5 + i, 17, 33 + 2 * i, 99, 250 - i] for i in range(8)]
 MAX_TOKENS = 12
 
 
 @dataclass
 class Stack:
-    url: str
-    dashboard: str
+    url: str  # Serve's HTTP proxy
+    dashboard: str  # Ray's dashboard (Serve's REST API)
+    running: stack_tier.Running
 
 
 @pytest.fixture(scope="module")
-def stack() -> Iterator[Stack]:
-    dash_port, http_port = free_port(), free_port()
-    # Ray's switch for a single-machine cluster: every Ray address is 127.0.0.1
-    mp = pytest.MonkeyPatch()
-    mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(address="local", num_cpus=12, include_dashboard=True,
-             dashboard_host="127.0.0.1",
-             dashboard_port=dash_port, log_to_driver=False)
+def stack(shared_stack: stack_tier.Running) -> Iterator[Stack]:
+    env = pytest.MonkeyPatch()
+    stack_tier.connect_driver(shared_stack, env)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-        serve.run(build({"engine": ENGINE_ARGS, "cpus_per_rank": 1, "num_replicas": 2}),
-                  name=APP_NAME, external_scaler_enabled=True)
-        yield Stack(f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{dash_port}")
+        yield Stack(f"http://127.0.0.1:{shared_stack.ports['serve']}",
+                    shared_stack.ray_dashboard, shared_stack)
     finally:
-        serve.shutdown()
-        ray.shutdown()
-        mp.undo()
+        stack_tier.disconnect_driver(env)
 
 
 def complete(url: str, prompt: list[int], max_tokens: int = MAX_TOKENS, timeout: float = 120
@@ -137,6 +129,7 @@ def test_stream_aborts_when_the_caller_goes_away(stack: Stack) -> None:
         time.sleep(0.5)
 
 
+@pytest.mark.stack("faults")
 def test_scaling_while_requests_flow_loses_nothing(stack: Stack) -> None:
     stop = threading.Event()
     results: list[tuple[int, dict]] = []
@@ -173,6 +166,7 @@ def test_scale_refuses_a_negative_target(stack: Stack) -> None:
         scale(-1, stack.dashboard)
 
 
+@pytest.mark.stack("faults")
 def test_killed_rank_actor_gets_its_replica_replaced(stack: Stack) -> None:
     before = {r.replica_id for r in replicas(stack.dashboard)}
     assert len(before) == 2
@@ -202,4 +196,4 @@ def test_killed_rank_actor_gets_its_replica_replaced(stack: Stack) -> None:
         pytest.fail(f"replica not replaced: {replicas(stack.dashboard)}")
     status, body = complete(stack.url, PROMPTS[0])
     assert status == 200 and body["finish_reason"] == "length"
-
+    stack_tier.wait_whole(stack.running)  # as the other tests found it

@@ -1,18 +1,17 @@
 """The whole path on loopback: openai client -> nginx -> router (Serve ingress) -> engine
-replicas, with a real redis-server. What needs the whole stack: pinning by client address
-and by X-Session-ID across real replicas, scaling, Redis outage, spoofed forwarding headers
-seen by Serve's proxy, the engine's own refusals, killed replicas. The router's HTTP
-contract (bad bodies, the fuzz, SSE framing, history, rate limits, retry-once) runs
-in-process in tests/test_router_http.py."""
+replicas, with a real redis-server: the whole-stack tier's shared stack (tests/stack_tier.py;
+the tiny model, tp=2, 2 replicas), a Ray driver connected to it. Tests that scale, stop
+Redis or kill a replica are `stack("faults")` and leave the stack whole. What needs the
+whole stack: pinning by client address and by X-Session-ID across real replicas, scaling,
+Redis outage, spoofed forwarding headers seen by Serve's proxy, the engine's own refusals,
+killed replicas. The router's HTTP contract (bad bodies, the fuzz, SSE framing, history,
+rate limits, retry-once) runs in-process in tests/test_router_http.py."""
 
 from __future__ import annotations
 
 import http.client
 import json
-import os
 import secrets
-import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,80 +20,43 @@ import pytest
 
 ray = pytest.importorskip("ray")
 openai = pytest.importorskip("openai")
-from ray import serve  # noqa: E402
+import stack_tier  # noqa: E402
 
-from cluster.app import build  # noqa: E402
-from cluster.control import APP_NAME, replicas, scale  # noqa: E402
-from infra import nginx  # noqa: E402
-from infra.services import wait_for_port  # noqa: E402
-from replicas.engine import free_port  # noqa: E402
+from cluster.control import replicas, scale  # noqa: E402
 
-pytestmark = pytest.mark.slow
-REDIS = "/usr/bin/redis-server"
+pytestmark = [pytest.mark.slow, pytest.mark.stack]
+MAX_MODEL_LEN = 2048  # the shared stack's engine: the tiny model's (replicas/tiny.py)
 
 
 @dataclass
 class Stack:
+    """The shared stack (tests/stack_tier.py) as these tests use it, a Ray driver
+    connected to it."""
+
     edge: int  # nginx
     serve: int  # Serve's HTTP proxy (the router, no nginx)
     dashboard: str
     redis_port: int
     redis_password: str
-    redis_proc: subprocess.Popen
-
-    def start_redis(self) -> None:
-        self.redis_proc = subprocess.Popen(
-            [REDIS, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--requirepass", self.redis_password],
-            stdout=subprocess.DEVNULL)
-        wait_for_port("127.0.0.1", self.redis_port)
+    running: stack_tier.Running
 
     def stop_redis(self) -> None:
-        self.redis_proc.terminate()
-        self.redis_proc.wait(10)
+        stack_tier.stop_redis(self.running)
+
+    def start_redis(self) -> None:
+        stack_tier.start_redis(self.running)
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    if not os.path.exists(REDIS) or not shutil_which("nginx"):
-        pytest.skip("needs redis-server and nginx (infra/install.sh installs them)")
-    tmp = tmp_path_factory.mktemp("stack")
-    s = Stack(free_port(), free_port(), "", free_port(), secrets.token_hex(16), None)
-    s.start_redis()
-    mp = pytest.MonkeyPatch()
-    mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every Ray address on loopback
-    mp.setenv("TPSERVE_REDIS_URL", f"redis://:{s.redis_password}@127.0.0.1:{s.redis_port}/0")
-    dash = free_port()
-    s.dashboard = f"http://127.0.0.1:{dash}"
-    ray.init(address="local", num_cpus=12, include_dashboard=True,
-             dashboard_host="127.0.0.1",
-             dashboard_port=dash, log_to_driver=False,
-             runtime_env={"env_vars": {"TPSERVE_REDIS_URL": os.environ["TPSERVE_REDIS_URL"]}})
-    conf = nginx.NginxConfig(upstreams=(f"127.0.0.1:{s.serve}",), listen=f"127.0.0.1:{s.edge}",
-                             prefix=str(tmp / "nginx"))
-    path = nginx.write(conf, tmp / "nginx" / "nginx.conf")
-    edge = subprocess.Popen(nginx.nginx_command(path, tmp / "nginx"))
+def stack(shared_stack: stack_tier.Running) -> Iterator[Stack]:
+    env = pytest.MonkeyPatch()
+    stack_tier.connect_driver(shared_stack, env)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": s.serve})
-        serve.run(build({"engine": {"tp": 1, "max_model_len": 512}, "num_replicas": 2}),
-                  name=APP_NAME, external_scaler_enabled=True)
-        wait_for_port("127.0.0.1", s.edge)
-        yield s
+        yield Stack(shared_stack.ports["nginx"], shared_stack.ports["serve"],
+                    shared_stack.ray_dashboard, shared_stack.ports["redis"],
+                    shared_stack.redis_password, shared_stack)
     finally:
-        edge.send_signal(signal.SIGQUIT)
-        edge.wait(10)
-        serve.shutdown()
-        ray.shutdown()
-        mp.undo()
-        if s.redis_proc.poll() is None:
-            s.stop_redis()
-
-
-def shutil_which(name: str) -> str | None:
-    import shutil
-
-    return shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}")
-                                  else None)
+        stack_tier.disconnect_driver(env)
 
 
 def post(port: int, path: str, body: object, headers: dict[str, str] | None = None,
@@ -167,6 +129,7 @@ def test_each_client_stays_on_one_replica(stack: Stack) -> None:
         assert len(set().union(*seen.values())) == 2  # both replicas have sessions
 
 
+@pytest.mark.stack("faults")
 def test_scale_up_moves_no_session(stack: Stack) -> None:
     before = {i: next(iter(r)) for i, r in pins(stack, SESSION_CLIENTS, 1).items()}
     assert len(scale(3, stack.dashboard, timeout_s=240)) == 3
@@ -175,13 +138,14 @@ def test_scale_up_moves_no_session(stack: Stack) -> None:
     new = [f"new-{i}" for i in range(30)]  # new sessions may use the new replica
     used = {replica_of(stack, "127.0.0.1", {"X-Session-ID": s}) for s in new}
     assert len(used) == 3
-    assert len(scale(2, stack.dashboard, timeout_s=240)) == 2
+    assert len(scale(2, stack.dashboard, timeout_s=240)) == 2  # the stack as it was
     live = {r.replica_id for r in replicas(stack.dashboard)}
     after_down = {i: next(iter(r)) for i, r in pins(stack, SESSION_CLIENTS, 1).items()}
     for i, replica in before.items():  # only sessions of the removed replica moved
         assert after_down[i] == replica or replica not in live
 
 
+@pytest.mark.stack("faults")
 def test_redis_outage_degrades_without_5xx(stack: Stack) -> None:
     stack.stop_redis()
     try:
@@ -217,10 +181,12 @@ def test_spoofed_forwarded_for_from_untrusted_peer_is_ignored(stack: Stack) -> N
     assert not any("203.0.113.9" in k for k in keys)
 
 
+# a prompt over the engine's max_model_len (token ids the tiny model has)
+TOO_LONG_PROMPT = [5 + i % 500 for i in range(MAX_MODEL_LEN + 88)]
 # bodies only the engine refuses (over its max_model_len): through the whole stack; the
 # router's own refusals run in-process (tests/test_router_http.py: BAD_BODIES)
-ENGINE_REFUSED_BODIES = [json.dumps({"prompt": list(range(600)), "max_tokens": 1}).encode(),
-                         json.dumps({"prompt": "x", "max_tokens": 600}).encode()]
+ENGINE_REFUSED_BODIES = [json.dumps({"prompt": TOO_LONG_PROMPT, "max_tokens": 1}).encode(),
+                         json.dumps({"prompt": "x", "max_tokens": MAX_MODEL_LEN + 88}).encode()]
 
 
 @pytest.mark.parametrize("body", ENGINE_REFUSED_BODIES, ids=range(len(ENGINE_REFUSED_BODIES)))
@@ -273,7 +239,7 @@ def replica_logs() -> str:
 
 def test_a_request_the_engine_refuses_is_a_400_and_one_log_line(stack: Stack) -> None:
     before = replica_logs()
-    too_long = {"prompt": list(range(600)), "max_tokens": 1}  # max_model_len is 512
+    too_long = {"prompt": TOO_LONG_PROMPT, "max_tokens": 1}  # over max_model_len
     for _ in range(3):
         status, _, raw = post(stack.serve, "/v1/completions", too_long)
         assert status == 400 and "max_model_len" in json.loads(raw)["error"]["message"], raw
@@ -303,6 +269,7 @@ def chat(stack: Stack, sid: str, content: str, append: bool) -> tuple[int, dict[
     return status, headers
 
 
+@pytest.mark.stack("faults")
 def test_killed_replica_moves_only_its_sessions_with_history(stack: Stack) -> None:
     from ray.util.state import list_actors
 
@@ -333,6 +300,7 @@ def test_killed_replica_moves_only_its_sessions_with_history(stack: Stack) -> No
         assert users == [f"hello {sid}", f"again {sid}"]  # history intact across the move
     _, text = get_metrics(stack)
     assert "tpserve_pins_moved_total" in text
+    stack_tier.wait_whole(stack.running, gone=victim)  # Serve replaces the killed replica
 
 
 def get_metrics(stack: Stack) -> tuple[int, str]:
@@ -355,6 +323,7 @@ def test_metrics_expose_requests_latency_and_sessions(stack: Stack) -> None:
     assert float(live.split()[-1]) > 0
 
 
+@pytest.mark.stack("faults")
 def test_stream_on_a_dying_replica_ends_with_an_error_event(stack: Stack) -> None:
     from ray.util.state import list_actors
 
@@ -376,3 +345,4 @@ def test_stream_on_a_dying_replica_ends_with_an_error_event(stack: Stack) -> Non
     events = [line[6:] for line in rest.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     assert any("error" in json.loads(e) for e in events[:-1]), events[-3:]
+    stack_tier.wait_whole(stack.running, gone=replica)  # Serve replaces the killed replica

@@ -279,6 +279,8 @@ def test_ctrl_c_stops_the_foreground_stack(tmp_path: Path) -> None:
             lines.append(line)
             if "Ctrl-C stops everything" in line:
                 break
+        else:  # its output ended: `up` failed and is exiting (poll() may not see it yet)
+            proc.wait(60)
         assert proc.poll() is None, "".join(lines)
         token = (tmp_path / "admin_token").read_text()
         assert stack_processes(token)  # (what must be gone below)
