@@ -15,6 +15,7 @@ overflow costs one step's time and never a wrong token.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -206,13 +207,20 @@ def gemv_cache_path() -> Path:
 def gemv_cache_key(weight: torch.Tensor, has_bias: bool, kind: str) -> str:
     """A pick holds for one GPU model, software stack, kernel source and config list, and
     one weight shape, dtype and layer kind: change any, and the GEMV is timed again."""
+    return "|".join([_gemv_stack(weight.device), f"{tuple(weight.shape)} {weight.dtype}",
+                     f"bias={has_bias}", kind])
+
+
+@functools.cache
+def _gemv_stack(device: torch.device) -> str:
+    """The GPU model, torch, Triton and the kernels package's source, once a process (the
+    source is read and hashed once, not for every layer shape)."""
     import triton  # (only called on the GPU path, where Triton is present)
 
     modules = sorted(Path(kernels.__file__).parent.glob("*.py"))  # the kernels package
     source = hashlib.sha256(b"".join(p.read_bytes() for p in modules)).hexdigest()[:16]
-    return "|".join([torch.cuda.get_device_name(weight.device), f"torch {torch.__version__}",
-                     f"triton {triton.__version__}", f"kernels {source}",
-                     f"{tuple(weight.shape)} {weight.dtype}", f"bias={has_bias}", kind])
+    return "|".join([torch.cuda.get_device_name(device), f"torch {torch.__version__}",
+                     f"triton {triton.__version__}", f"kernels {source}"])
 
 
 def read_picks(path: Path) -> dict[str, dict[str, Any]]:
