@@ -152,11 +152,30 @@ def stop_in_background(starting: Starting) -> None:
         shutil.rmtree(starting.home, ignore_errors=True)
 
 
+def processes(environ: bytes | None = None) -> list[tuple[int, str]]:
+    """(pid, command line) of every live, non-zombie process but this one, read from /proc
+    (no procps: a fresh Debian has no `ps` or `pgrep`); with `environ`, only those whose
+    environment holds that NAME=value entry."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or proc.name == str(os.getpid()):
+            continue
+        try:
+            if environ is not None and environ not in (
+                    proc / "environ").read_bytes().split(b"\0"):
+                continue
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            args = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if state != "Z":
+            found.append((int(proc.name), args.strip()))
+    return found
+
+
 def live_processes(marker: str) -> list[str]:
     """Non-zombie processes whose command line mentions `marker`."""
-    out = subprocess.run(["ps", "-eo", "stat=,args="], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines()
-            if marker in line and not line.lstrip().startswith("Z") and "ps -eo" not in line]
+    return [f"{pid} {args}" for pid, args in processes() if marker in args]
 
 
 def stack_processes(token: str) -> list[str]:
@@ -164,21 +183,8 @@ def stack_processes(token: str) -> list[str]:
     token: its Ray (raylet, gcs_server, the dashboard, every `ray::` worker); never another
     stack's or another Ray's. (Redis and nginx, started by a Ray actor with an environment
     of their own, are not among them.)"""
-    wanted = f"{TOKEN_VARIABLE}={token}".encode()
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or proc.name == str(os.getpid()):
-            continue
-        try:
-            if wanted not in (proc / "environ").read_bytes().split(b"\0"):
-                continue
-            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-            args = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:  # gone meanwhile, or not ours to read
-            continue
-        if stat[0] != "Z":
-            found.append(f"{proc.name} {args.strip()}")
-    return found
+    return [f"{pid} {args}"
+            for pid, args in processes(f"{TOKEN_VARIABLE}={token}".encode())]
 
 
 # ---- a Ray driver on the shared stack (tests/test_router.py, tests/test_cluster.py) ----

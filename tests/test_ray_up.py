@@ -34,6 +34,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from stack_tier import processes
 
 from infra.stack import port_busy
 from replicas.engine import free_port
@@ -110,14 +111,12 @@ def run(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.Compl
 def stack_processes(namespace: str, marker: str) -> list[str]:
     """Command lines of the processes in the PID namespace `namespace` that are Ray's head
     (raylet, gcs_server) or mention `marker`: the cluster's own, whatever else runs here."""
-    out = subprocess.run(["pgrep", "-af", f"raylet|gcs_server|{marker}"], capture_output=True,
-                         text=True).stdout
     found = []
-    for line in out.splitlines():
-        pid = line.split(maxsplit=1)[0]
-        with contextlib.suppress(OSError):  # gone meanwhile
-            if os.readlink(f"/proc/{pid}/ns/pid") == namespace:
-                found.append(line)
+    for pid, args in processes():
+        if any(word in args for word in ("raylet", "gcs_server", marker)):
+            with contextlib.suppress(OSError):  # gone meanwhile
+                if os.readlink(f"/proc/{pid}/ns/pid") == namespace:
+                    found.append(f"{pid} {args}")
     return found
 
 
