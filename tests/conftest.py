@@ -30,13 +30,16 @@ STACK_MODULES: tuple[str, ...] = ()  # (test_router.py, test_cluster.py: on the 
 
 def tier_order(item: pytest.Item) -> tuple[int, int, int]:
     """Where a test runs: the fast tier first, then the whole-stack tier (marker `stack`):
-    the tests with processes of their own, then those on the shared stack, phase by
-    phase."""
+    the tests on the shared stack, phase by phase (the last phase stops it), then the tests
+    that start a Ray of their own. So two Rays never start at once: on a busy 2-core
+    machine a second Ray starting beside another misses Ray's fixed 30 s for its raylet to
+    register ("The current node timed out during startup": CI saw `ray up` fail so)."""
     mark = item.get_closest_marker("stack")
     if mark is None:
         return (0, 0, 0)
-    phase = STACK_PHASES.index(mark.args[0] if mark.args else "")
-    return (1, int("shared_stack" in getattr(item, "fixturenames", ())), phase)
+    if "shared_stack" not in getattr(item, "fixturenames", ()):
+        return (1, 1, 0)
+    return (1, 0, STACK_PHASES.index(mark.args[0] if mark.args else ""))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -50,8 +53,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """When a selected test uses the shared stack, start it now, in the background: it
-    comes up while the tests before it run (the fast tier, the whole-stack tests with
-    processes of their own)."""
+    comes up while the tests before it run (the fast tier, when one run selects both)."""
     if session.config.option.collectonly or not any(
             "shared_stack" in getattr(item, "fixturenames", ()) for item in session.items):
         return

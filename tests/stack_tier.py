@@ -6,12 +6,13 @@ by tests/test_stack.py and tests/test_chaos.py. It starts in the background as s
 tests are collected (tests/conftest.py), so its minute of start-up overlaps the tests that
 run before the first one that needs it.
 
-Its life in a session (tests/conftest.py orders the tests): the whole-stack tests that
-bring their own processes run first, then the tests that only look at the shared stack or
-change what they change back (scale 2 -> 3 -> 2), then those that inject faults
-(`stack("faults")`, the chaos drill: the stack is whole again after it), and last those
-that stop it (`stack("stops")`: `tpserve down`). The fixture stops by pid whatever a
-failed or deselected stop left.
+Its life in a session (tests/conftest.py orders the tests): first the tests that only look
+at the shared stack or change what they change back (scale 2 -> 3 -> 2), then those that
+inject faults (`stack("faults")`, the chaos drill: the stack is whole again after it), and
+last those that stop it (`stack("stops")`: `tpserve down`). The whole-stack tests that
+start a Ray of their own (`ray up`, Ctrl-C, a Ray dying at start) run after that, so no two
+Rays start at once. The session's end stops by pid whatever a failed or deselected stop
+left.
 
 A module moves onto it by marking its tests `stack` and taking `shared_stack` instead of
 starting a Ray of its own (then leaving tests/conftest.py's STACK_MODULES): nginx is
@@ -90,8 +91,7 @@ def port_flags(ports: dict[str, int]) -> list[str]:
 
 
 # what Ray's own start says when its raylet did not register within Ray's fixed 30 s (the
-# GCS too slow to answer: other Rays starting at once on a busy 2-core machine, e.g.
-# test_ray_up's and the Ctrl-C test's, which the shared stack's start overlaps)
+# GCS too slow to answer on a busy 2-core machine)
 RAY_START_TIMED_OUT = "The current node timed out during startup"
 
 
