@@ -27,7 +27,6 @@ from cluster.control import (
     request_scale,
 )
 from cluster.engine import ServeEngine, engine_deployment
-from replicas import EngineConfig
 from router.admin import ControlError, DeploymentStatus, ReplicaStatus
 from router.app import Router, RouterConfig, make_api
 
@@ -84,6 +83,8 @@ def build(args: dict[str, Any]) -> Any:
     "router": RouterConfig fields}; a config file's `deployments:` section overrides
     num_replicas / autoscaling_config.
     """
+    from replicas import EngineConfig  # (the build task's process; never a router replica)
+
     config = EngineConfig(**(args.get("engine") or {}))
     router_config = RouterConfig(**(args.get("router") or {}))
     engine = engine_deployment(

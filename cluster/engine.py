@@ -14,14 +14,17 @@ anything else (a dead replica or rank, an engine bug) a 503, which the router ma
 once on another replica.
 """
 
+from __future__ import annotations
+
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray import serve
@@ -29,14 +32,15 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
 from cluster.control import ENGINE
-from replicas import (
-    ConfigError,
-    Engine,
-    EngineConfig,
-    RequestError,
-    SamplingParams,
-)
 from router import keys, wire
+
+if TYPE_CHECKING:
+    from replicas import Engine, EngineConfig, SamplingParams
+
+# The engine (replicas: torch, transformers) is imported only where it runs: in an engine
+# replica's __init__, not when this module loads. A router replica imports this module
+# (ServeEngine, error_event) and so stays free of torch; and an engine replica starts its
+# rank actors before it spends seconds importing torch, so they import in parallel.
 
 log = logging.getLogger(__name__)
 # Serve's own logger: a line logged here lands in the replica's log file (serve/replica_*)
@@ -47,12 +51,22 @@ serve_log = logging.getLogger("ray.serve")
 STATS_PERIOD_S = 1.0
 # Serve waits this long for a replica being removed to finish its accepted requests
 DRAIN_TIMEOUT_S = 300.0
-# what the engine refuses: the client's error (a 400), logged in one line
-REFUSED = (RequestError, ConfigError, wire.WireError)
+
+
+def refused(error: BaseException) -> bool:
+    """Whether the engine refused the request: the client's error (a 400), logged in one
+    line. (An engine error class is only ever seen where `replicas` is loaded: its instance
+    was made, or unpickled, there.)"""
+    if isinstance(error, wire.WireError):
+        return True
+    engine = sys.modules.get("replicas")
+    return engine is not None and isinstance(error, (engine.RequestError, engine.ConfigError))
 
 
 def sampling_params(fields: dict[str, Any]) -> SamplingParams:
     """SamplingParams from a request; an unknown field is the client's error too."""
+    from replicas import RequestError, SamplingParams
+
     try:
         return SamplingParams(**fields)
     except TypeError as e:
@@ -77,13 +91,17 @@ async def serve_request(engine: Engine, request: dict[str, Any], replica: str
             yield wire.Delta(delta.token_ids, delta.text, delta.finish_reason, replica,
                              prompt_tokens).to_dict()
             prompt_tokens = None
-    except REFUSED as e:
+    except Exception as e:
+        if not refused(e):
+            raise
         serve_log.info("request refused (400): %s", e)
         yield error_event(e, replica).to_dict()
 
 
 def prompt_ids(engine: Engine, request: wire.Request) -> list[int]:
     """The prompt's token ids: chat messages through the model's chat template."""
+    from replicas import RequestError
+
     tokenizer = engine.tokenizer
     if request.messages is not None:
         try:
@@ -114,8 +132,12 @@ class EngineDeployment:
         from cluster.ranks import RankGroup
 
         self.replica_id = serve.get_replica_context().replica_id.unique_id
+        # the rank actors first: their processes start (and import torch) meanwhile
+        self.ranks = RankGroup(int(config.get("tp", 1)), use_gpu, cpus_per_rank,
+                               f"tpserve-{self.replica_id}")
+        from replicas import Engine, EngineConfig
+
         self.config = EngineConfig(**{**config, "device": "cuda" if use_gpu else "cpu"})
-        self.ranks = RankGroup(self.config, use_gpu, cpus_per_rank, f"tpserve-{self.replica_id}")
         self.engine = Engine(self.config, launch=self.ranks.launch)
         self._publishing = threading.Event()
         url = os.environ.get("TPSERVE_REDIS_URL")
@@ -182,7 +204,7 @@ def error_event(error: BaseException, replica: str = "") -> wire.ErrorEvent:
     is the client's 400; anything else (a dead replica or rank, a failed collective, an
     engine bug) is a 503, never the client's fault, and another replica may serve it."""
     cause = root_cause(error)
-    if isinstance(cause, REFUSED):
+    if refused(cause):
         return wire.ErrorEvent(400, "invalid_request_error", str(cause), replica)
     return wire.ErrorEvent(503, "replica_unavailable", str(cause), replica)
 

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from replicas import EngineConfig
-from replicas.ranks import RankHandle
+if TYPE_CHECKING:  # (the engine is imported where a rank runs: RankActor.run)
+    from replicas import EngineConfig
+    from replicas.ranks import RankHandle
 
 NOSET_CUDA = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
 
@@ -81,10 +82,9 @@ class ActorRank:
 class RankGroup:
     """Creates the rank actors of the current replica and launches them for the Engine."""
 
-    def __init__(self, config: EngineConfig, use_gpu: bool, cpus_per_rank: float,
-                 name: str) -> None:
+    def __init__(self, tp: int, use_gpu: bool, cpus_per_rank: float, name: str) -> None:
         pg = get_current_placement_group()
-        if config.tp > 1 and pg is None:
+        if tp > 1 and pg is None:
             raise RuntimeError("tp > 1 needs the replica to run in a placement group "
                                "(deployment option placement_group_bundles)")
         self.actors = [
@@ -95,7 +95,7 @@ class RankGroup:
                     placement_group=pg, placement_group_bundle_index=rank),
                 runtime_env={"env_vars": {NOSET_CUDA: "1"}} if use_gpu else None,
             ).remote()
-            for rank in range(1, config.tp)
+            for rank in range(1, tp)
         ]
         self.visible = None
         if use_gpu:

@@ -1,10 +1,16 @@
-"""A router process's cost before it serves: `python -m infra.router_memory [--tree DIR]`.
+"""A router process's cost: `python -m infra.router_memory [--tree DIR | --state-dir DIR]`.
 
-Runs, `--runs` times, a fresh Python that imports `router.app` and builds its FastAPI app
-(as a router replica does before its first request), from the source tree DIR (this
-checkout by default; an exported older commit to compare). Prints and appends one JSON
-line: the median resident memory (VmRSS) and import time, and which of torch,
+By default runs, `--runs` times, a fresh Python that imports `router.app` and builds its
+FastAPI app (as a router replica does before its first request), from the source tree DIR
+(this checkout by default; an exported older commit to compare). Prints and appends one
+JSON line: the median resident memory (VmRSS) and import time, and which of torch,
 transformers and Ray the import loaded.
+
+With `--state-dir` (a running `tpserve up` stack's state dir), measures the stack's own
+Serve replica processes instead: each one's VmRSS and whether torch's library is mapped
+into it, found by the stack's admin token in their environment (so no other stack's or
+Ray's processes). A router replica imports more than `router.app` (Ray, Serve,
+cluster.app), and this is what it holds while it serves.
 """
 
 from __future__ import annotations
@@ -60,15 +66,56 @@ def measure(tree: Path, runs: int, rev: str | None) -> dict[str, Any]:
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
+def serve_processes(token: str) -> list[dict[str, Any]]:
+    """The Serve replica and rank actor processes of the stack whose admin token this is:
+    their role (the process title Ray gives them), VmRSS and whether libtorch is mapped."""
+    want = f"TPSERVE_ADMIN_TOKEN={token}".encode()  # infra/stack.py's stack_env
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or want not in (proc / "environ").read_bytes().split(
+                    b"\0"):
+                continue
+            title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            if not title.startswith(("ray::ServeReplica", "ray::RankActor")):
+                continue
+            status = dict(line.split(":", 1) for line in (proc / "status").read_text()
+                          .splitlines() if ":" in line)
+            torch = "libtorch" in (proc / "maps").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        found.append({"role": title.removeprefix("ray::").split()[0],
+                      "rss_mib": round(int(status["VmRSS"].split()[0]) / 1024, 1),
+                      "torch_mapped": torch})
+    return sorted(found, key=lambda p: p["role"])
+
+
+def measure_stack(state_dir: Path, rev: str | None) -> dict[str, Any]:
+    processes = serve_processes((state_dir / "admin_token").read_text().strip())
+    if not any("Router" in p["role"] for p in processes):
+        raise SystemExit(f"no router replica of the stack in {state_dir} is running")
+    routers = [p for p in processes if "Router" in p["role"]]
+    return {"kind": "router_replica_memory",
+            "rss_mib": max(p["rss_mib"] for p in routers),
+            "torch_mapped": any(p["torch_mapped"] for p in routers),
+            "processes": processes, "git_rev": rev or git_rev(REPO),
+            "host": {"cpu": platform.machine(), "python": platform.python_version()},
+            "command": "python -m infra.router_memory --state-dir STATE",
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m infra.router_memory")
     parser.add_argument("--tree", type=Path, default=REPO, help="source tree to import from")
     parser.add_argument("--rev", help="the tree's commit, when it is not a git checkout")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--state-dir", type=Path,
+                        help="measure this running stack's replica processes instead")
     parser.add_argument("--out", default=str(REPO / "infra" / "results" /
                                              "router_memory_cpu.jsonl"))
     args = parser.parse_args(argv)
-    row = measure(args.tree, args.runs, args.rev)
+    row = (measure_stack(args.state_dir, args.rev) if args.state_dir
+           else measure(args.tree, args.runs, args.rev))
     print(json.dumps(row))
     with open(args.out, "a") as f:
         f.write(json.dumps(row) + "\n")

@@ -49,3 +49,18 @@ def test_the_router_loads_no_engine_and_no_ray() -> None:
                          text=True, timeout=120, check=True).stdout
     loaded = set(json.loads(out.splitlines()[-1]))
     assert not loaded & {"torch", "transformers", "ray", "replicas", "cluster"}, loaded
+
+
+def test_a_router_replica_loads_no_engine() -> None:
+    """What a router replica's process imports (cluster.app for RouterDeployment, its
+    request router, cluster.engine for ServeEngine) loads no torch or transformers; nor
+    does an engine replica before its __init__ (so its rank actors start first) or a rank
+    actor before its `run`."""
+    code = ("import json, sys\n"
+            "import cluster.app, cluster.engine, cluster.pinning, cluster.ranks\n"
+            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    loaded = set(json.loads(out.splitlines()[-1]))
+    assert "ray" in loaded  # (the check sees what was imported)
+    assert not loaded & {"torch", "transformers", "replicas", "triton"}, loaded

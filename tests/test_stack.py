@@ -84,6 +84,22 @@ def test_nginx_goes_to_the_router_replica_itself_not_through_serves_proxy(stack:
     assert "GET /healthz" in last and f"upstream={upstreams[0]} " in last, last
 
 
+def test_the_router_replica_holds_no_torch(stack: Running, tmp_path: Path) -> None:
+    """The router replica's process, as it serves (infra/router_memory.py --state-dir): no
+    torch mapped, unlike the engine replicas and rank actors of the same stack."""
+    out = tmp_path / "memory.jsonl"
+    done = subprocess.run([sys.executable, "-m", "infra.router_memory", "--state-dir",
+                           str(stack.state), "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = json.loads(out.read_text())
+    roles = collections.Counter(p["role"] for p in row["processes"])
+    assert roles["ServeReplica:tpserve:Router"] >= 1 and roles["RankActor.run"] >= 1, roles
+    for process in row["processes"]:
+        assert process["torch_mapped"] == ("Router" not in process["role"]), process
+    assert not row["torch_mapped"]
+
+
 def test_admin_api_needs_the_token(stack: Running) -> None:
     for method, path, body in (("GET", "/admin/replicas", None),
                                ("POST", "/admin/scale", b'{"replicas": 3}')):
