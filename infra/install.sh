@@ -80,7 +80,7 @@ choose_installer() {
   local command
   # -qq: pip's warnings about the configured sources that do not have uv are noise here
   if [ ! -x "$venv/bin/uv" ] && ! "$venv/bin/python" -m pip install -qq \
-        --disable-pip-version-check --no-compile uv; then
+        --disable-pip-version-check --no-compile -c infra/constraints.txt uv; then
     say "could not install uv with pip: installing with pip instead (slower)"
   elif ! command=$("$venv/bin/python" infra/pip_uv.py "$venv/bin/uv" pip install -q \
         --python "$venv/bin/python" --index-strategy unsafe-best-match \
