@@ -18,7 +18,11 @@ status=0
 for tier in "not stack" "stack"; do
   echo "== tier: -m \"$tier\"" && started=$SECONDS
   rc=0
-  python -m pytest -q -m "$tier and not gpu and not multigpu" "$@" || rc=$?
+  # the fast tier in 2 pytest-xdist workers (much of it waits on rank processes and
+  # sockets); the stack tier in one process: one shared stack (tests/conftest.py)
+  workers=()
+  [ "$tier" = "not stack" ] && workers=(-n 2)
+  python -m pytest -q "${workers[@]}" -m "$tier and not gpu and not multigpu" "$@" || rc=$?
   echo "== tier \"$tier\": exit $rc in $((SECONDS - started)) s"
   if [ "$rc" -ne 0 ] && [ "$rc" -ne 5 ] && [ "$status" -eq 0 ]; then  # 5: none selected
     status=$rc

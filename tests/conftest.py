@@ -15,6 +15,10 @@ if not torch.cuda.is_available():
     # Triton kernels (replicas/kernels/) run on CPU in Triton's interpreter for the
     # tests that ask for them; read when the kernels are defined, so set before imports
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # pytest-xdist (-n N): the workers share the cores instead of each taking all of them
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(
+        os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 import stack_tier  # noqa: E402
 from checkpoints import CheckpointFactory, make_checkpoint  # noqa: E402
 
@@ -57,6 +61,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     if session.config.option.collectonly or not any(
             "shared_stack" in getattr(item, "fixturenames", ()) for item in session.items):
         return
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker would start a stack of its own
+        raise pytest.UsageError("the whole-stack tier runs in one process: no -n")
     STARTING.append(stack_tier.start_in_background())
 
 

@@ -1,4 +1,4 @@
-"""Run a function on spawned rank processes and collect what each reports (the TP tests'
+"""Run a function on new rank processes and collect what each reports (the TP tests'
 harness: tests/test_parallel.py, tests/test_shm.py)."""
 
 from __future__ import annotations
@@ -11,15 +11,19 @@ import pytest
 import torch.multiprocessing as mp
 
 from replicas.engine import free_port
+from replicas.ranks import FORKSERVER_PRELOAD
 
 
 def run_spawned(target: Callable[..., None], args: tuple[Any, ...], world: int, expect: int,
                 timeout_s: float, join_s: float) -> tuple[dict[int, Any], list[int | None]]:
-    """Start `world` spawned processes `target(rank, port, *args, out)`, each putting
+    """Start `world` processes `target(rank, port, *args, out)`, each putting
     (rank, results, traceback or None) on `out`; take `expect` reports, failing the test on
     a silent timeout or a rank's error. Returns the results by rank and the exit codes
     after waiting join_s for each process (None: still running, then killed)."""
-    ctx = mp.get_context("spawn")
+    # forked from the fork server the engine's ranks use (replicas/ranks.py): clean
+    # processes that need not import torch again, each
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(FORKSERVER_PRELOAD)
     out = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=target, args=(r, port, *args, out), daemon=True)

@@ -380,13 +380,15 @@ def test_tp2_idle_engine_outlives_the_group_timeout() -> None:
     """Rank 1 waits for the next step in a collective bounded by dist_timeout_s; idle
     for 4 x that, the engine is the same one (same rank process, prefix cache kept),
     because rank 0 sends a heartbeat while idle. A dead rank is still found while idle."""
-    eng = Engine(EngineConfig(model=None, tp=2, dist_timeout_s=5))
+    # 3 s: short, so the test idles only 12 s, yet no step of this tiny model on a busy
+    # 2-core machine comes near it
+    eng = Engine(EngineConfig(model=None, tp=2, dist_timeout_s=3))
     procs = list(eng._ranks.handles)
     pids = [p.pid for p in procs]
     shared = list(range(200, 264))  # 4 full blocks
     try:
         first = eng.generate([shared + [5]], GREEDY)[0]
-        time.sleep(20)
+        time.sleep(4 * eng.config.dist_timeout_s)
         assert eng.healthy() and [p.pid for p in eng._ranks.handles] == pids
         hits = eng.stats()["prefix_cache_hit_blocks"]
         again = eng.generate([shared + [5]], GREEDY)[0]
