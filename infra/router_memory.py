@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from infra.procs import stack_processes
+
 REPO = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "transformers", "ray")
 # the app as a router replica builds it: make_api(Router(...)) here, a module-level `api`
@@ -67,24 +69,20 @@ def measure(tree: Path, runs: int, rev: str | None) -> dict[str, Any]:
 
 
 def serve_processes(token: str) -> list[dict[str, Any]]:
-    """The Serve replica and rank actor processes of the stack whose admin token this is:
-    their role (the process title Ray gives them), VmRSS and whether libtorch is mapped."""
-    want = f"TPSERVE_ADMIN_TOKEN={token}".encode()  # infra/stack.py's stack_env
+    """The Serve replica and rank actor processes of the stack whose admin token this is
+    (infra/procs.py): their role (the process title Ray gives them), VmRSS and whether
+    libtorch is mapped."""
     found = []
-    for proc in Path("/proc").iterdir():
+    for pid, args in stack_processes(token):
+        if not args.startswith(("ray::ServeReplica", "ray::RankActor")):
+            continue
         try:
-            if not proc.name.isdigit() or want not in (proc / "environ").read_bytes().split(
-                    b"\0"):
-                continue
-            title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-            if not title.startswith(("ray::ServeReplica", "ray::RankActor")):
-                continue
-            status = dict(line.split(":", 1) for line in (proc / "status").read_text()
-                          .splitlines() if ":" in line)
-            torch = "libtorch" in (proc / "maps").read_text()
+            status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status")
+                          .read_text().splitlines() if ":" in line)
+            torch = "libtorch" in Path(f"/proc/{pid}/maps").read_text()
         except OSError:  # gone meanwhile
             continue
-        found.append({"role": title.removeprefix("ray::").split()[0],
+        found.append({"role": args.removeprefix("ray::").split()[0],
                       "rss_mib": round(int(status["VmRSS"].split()[0]) / 1024, 1),
                       "torch_mapped": torch})
     return sorted(found, key=lambda p: p["role"])
@@ -92,9 +90,9 @@ def serve_processes(token: str) -> list[dict[str, Any]]:
 
 def measure_stack(state_dir: Path, rev: str | None) -> dict[str, Any]:
     processes = serve_processes((state_dir / "admin_token").read_text().strip())
-    if not any("Router" in p["role"] for p in processes):
-        raise SystemExit(f"no router replica of the stack in {state_dir} is running")
     routers = [p for p in processes if "Router" in p["role"]]
+    if not routers:
+        raise SystemExit(f"no router replica of the stack in {state_dir} is running")
     return {"kind": "router_replica_memory",
             "rss_mib": max(p["rss_mib"] for p in routers),
             "torch_mapped": any(p["torch_mapped"] for p in routers),

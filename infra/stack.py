@@ -33,6 +33,7 @@ from cluster.control import ServeError, deploy, load_config, ray_auth_headers, r
 from cluster.ray_env import ray_env
 from cluster.ray_token import ensure_token
 from infra.edge import DIRECT_INGRESS_ENV, configured_upstreams
+from infra.procs import ADMIN_TOKEN_ENV
 from router.policy import RATE_LIMIT_PER_MINUTE, ROUTING_MODES, SESSION_POLICIES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -209,7 +210,7 @@ def stack_env(config: StackConfig, state: Path, token: str) -> dict[str, str]:
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
             "RAY_AUTH_MODE": "token",
             "TPSERVE_REDIS_URL": redis_url(state, "127.0.0.1", config.redis_port),
-            "TPSERVE_ADMIN_TOKEN": token}
+            ADMIN_TOKEN_ENV: token}
 
 
 def start(engine: dict[str, Any], config: StackConfig, state: Path, env: dict[str, str],

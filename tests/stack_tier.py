@@ -47,11 +47,12 @@ from pathlib import Path
 
 import pytest
 
+from infra import procs
+from infra.procs import processes
 from replicas.engine import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PORT_FLAGS = ("nginx", "serve", "dashboard", "ray", "redis")
-TOKEN_VARIABLE = "TPSERVE_ADMIN_TOKEN"  # infra/stack.py's stack_env
 
 
 def tpserve(*args: str, timeout: float = 600, home: Path | None = None
@@ -152,39 +153,15 @@ def stop_in_background(starting: Starting) -> None:
         shutil.rmtree(starting.home, ignore_errors=True)
 
 
-def processes(environ: bytes | None = None) -> list[tuple[int, str]]:
-    """(pid, command line) of every live, non-zombie process but this one, read from /proc
-    (no procps: a fresh Debian has no `ps` or `pgrep`); with `environ`, only those whose
-    environment holds that NAME=value entry."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or proc.name == str(os.getpid()):
-            continue
-        try:
-            if environ is not None and environ not in (
-                    proc / "environ").read_bytes().split(b"\0"):
-                continue
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            args = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:  # gone meanwhile, or not ours to read
-            continue
-        if state != "Z":
-            found.append((int(proc.name), args.strip()))
-    return found
-
-
 def live_processes(marker: str) -> list[str]:
     """Non-zombie processes whose command line mentions `marker`."""
     return [f"{pid} {args}" for pid, args in processes() if marker in args]
 
 
 def stack_processes(token: str) -> list[str]:
-    """Command lines of the live processes whose environment holds this stack's admin
-    token: its Ray (raylet, gcs_server, the dashboard, every `ray::` worker); never another
-    stack's or another Ray's. (Redis and nginx, started by a Ray actor with an environment
-    of their own, are not among them.)"""
-    return [f"{pid} {args}"
-            for pid, args in processes(f"{TOKEN_VARIABLE}={token}".encode())]
+    """"PID command line" of this stack's live Ray processes (infra/procs.py); never
+    another stack's or another Ray's."""
+    return [f"{pid} {args}" for pid, args in procs.stack_processes(token)]
 
 
 # ---- a Ray driver on the shared stack (tests/test_router.py, tests/test_cluster.py) ----
