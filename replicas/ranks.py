@@ -56,19 +56,20 @@ def _rank_process(config: EngineConfig, model_dir: str, rank: int, init_method: 
         os._exit(code)
 
 
-# what the fork server imports once: a rank forked from it starts without importing
-# torch, transformers and Triton again (about 4 s of CPU a rank on a small host)
-FORKSERVER_PRELOAD = ["replicas.worker"]
+def rank_context() -> mp.context.ForkServerContext:
+    """multiprocessing's fork server, which imports the worker once (torch, transformers,
+    Triton): a process forked from it is clean (the server is started as a new
+    interpreter and touches no CUDA, so CUDA and threads start clean, as with spawn) and
+    starts without importing them again (about 4 s of CPU a rank on a small host)."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["replicas.worker"])
+    return ctx
 
 
 def spawn_rank(config: EngineConfig, model_dir: str, rank: int, init_method: str) -> RankHandle:
-    """Start a rank as a local process, forked from multiprocessing's fork server: a
-    clean process (the server is started as a new interpreter and touches no CUDA, so
-    CUDA and threads start clean, as with spawn) that has already imported the worker.
-    The rank gets this process's current environment, as a spawned one would."""
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(FORKSERVER_PRELOAD)
-    proc = ctx.Process(
+    """Start a rank as a local process from `rank_context`'s fork server. The rank gets
+    this process's current environment, as a spawned one would."""
+    proc = rank_context().Process(
         target=_rank_process, args=(config, model_dir, rank, init_method, dict(os.environ)),
         daemon=True, name=f"tpserve-rank{rank}",
     )

@@ -8,10 +8,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-import torch.multiprocessing as mp
 
 from replicas.engine import free_port
-from replicas.ranks import FORKSERVER_PRELOAD
+from replicas.ranks import rank_context
 
 
 def run_spawned(target: Callable[..., None], args: tuple[Any, ...], world: int, expect: int,
@@ -20,10 +19,9 @@ def run_spawned(target: Callable[..., None], args: tuple[Any, ...], world: int, 
     (rank, results, traceback or None) on `out`; take `expect` reports, failing the test on
     a silent timeout or a rank's error. Returns the results by rank and the exit codes
     after waiting join_s for each process (None: still running, then killed)."""
-    # forked from the fork server the engine's ranks use (replicas/ranks.py): clean
-    # processes that need not import torch again, each
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(FORKSERVER_PRELOAD)
+    # forked from the fork server the engine's ranks use: clean processes that need not
+    # import torch again, each
+    ctx = rank_context()
     out = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=target, args=(r, port, *args, out), daemon=True)
