@@ -300,20 +300,68 @@ def llama_decode(tp: int, repeats: int) -> dict[str, Any]:
             "target": 2.4 if tp == 2 else None}
 
 
+def _torch_one_shot(tp: int, device: torch.device) -> Callable[[torch.Tensor], None] | None:
+    """PyTorch's own one-shot all-reduce over a symmetric buffer of its own (the
+    reference the suite measures ours against), or None where this PyTorch lacks it."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    if not hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out"):
+        return None
+    name = dist.group.WORLD.group_name  # type: ignore[union-attr]
+    buf = symm_mem.empty(ONE_SHOT_MAX_BYTES // 2, dtype=torch.bfloat16, device=device)
+    symm_mem.rendezvous(buf, name)
+
+    def reduce(x: torch.Tensor) -> None:
+        flat = x.view(-1)
+        torch.ops.symm_mem.one_shot_all_reduce_copy_out(buf[: flat.numel()], flat, "sum",
+                                                        name, flat)
+    return reduce
+
+
+def _one_shot_checks(one_shot: OneShotAllReduce, rank: int, tp: int, hidden: int
+                     ) -> dict[str, Any]:
+    """Ours against NCCL on random bfloat16 data, for each wire dtype: the largest
+    difference from the exact sum rounded to bfloat16 (0 for bfloat16 and float32 wires;
+    a float16 wire rounds twice). And the float16 overflow flag: set by a sum past 65504,
+    clear otherwise."""
+    out: dict[str, Any] = {}
+    gen = torch.Generator(device="cuda").manual_seed(1234 + rank)
+    for rows in (1, 3, 256):
+        x = torch.randn(rows, hidden, generator=gen, device="cuda").to(torch.bfloat16)
+        ref = x.float()
+        dist.all_reduce(ref)  # exact: two bfloat16 values sum exactly in float32
+        ref = ref.to(x.dtype).float()  # what a bfloat16 result can be at best
+        for wire in (torch.bfloat16, torch.float16, torch.float32):
+            got = one_shot.all_reduce(x.clone(), wire)
+            err = (got.float() - ref).abs().max().item()
+            out[f"max_err_{rows}x{hidden}_{str(wire)[6:]}"] = round(err, 5)
+    overflow = torch.zeros((), dtype=torch.bool, device="cuda")
+    one_shot.all_reduce(torch.full((1, hidden), 1000.0, device="cuda", dtype=torch.float16),
+                        torch.float16, overflow)
+    out["fp16_flag_clear_ok"] = not bool(overflow)
+    one_shot.all_reduce(torch.full((1, hidden), 60000.0, device="cuda", dtype=torch.float16),
+                        torch.float16, overflow)
+    out["fp16_flag_set_ok"] = bool(overflow)
+    return out
+
+
 def _graph_all_reduce_worker(rank: int, tp: int, port: int, hidden: int, tokens: list[int],
                              out: Any) -> None:
-    """One decode-size all-reduce in a CUDA graph (50 in one graph, replayed): NCCL
-    against the one-shot kernel, bfloat16, `tokens` rows of `hidden`."""
+    """One decode-size all-reduce in a CUDA graph (50 in one graph, replayed): NCCL,
+    PyTorch's one-shot and ours, bfloat16, `tokens` rows of `hidden`; then ours against
+    NCCL on random data for each wire dtype."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", rank=rank, world_size=tp,
-                            device_id=torch.device("cuda", rank))
-    one_shot = OneShotAllReduce.create(None, tp, torch.device("cuda", rank),
-                                       (torch.bfloat16,), ONE_SHOT_MAX_BYTES)
+    device = torch.device("cuda", rank)
+    dist.init_process_group("nccl", rank=rank, world_size=tp, device_id=device)
+    one_shot = OneShotAllReduce.create(None, tp, device, ONE_SHOT_MAX_BYTES)
+    theirs = _torch_one_shot(tp, device)
     rows = []
     for t in tokens:
         x = torch.ones(t, hidden, dtype=torch.bfloat16, device="cuda")
         ways: dict[str, Callable[[], object]] = {"nccl": lambda x=x: dist.all_reduce(x)}
+        if theirs is not None:
+            ways["torch_one_shot"] = lambda x=x: theirs(x)
         if one_shot is not None:
             ways["one_shot"] = lambda x=x: one_shot.all_reduce(x)
         row: dict[str, Any] = {"tokens": t, "bytes": t * hidden * 2}
@@ -342,6 +390,9 @@ def _graph_all_reduce_worker(rank: int, tp: int, port: int, hidden: int, tokens:
             one_shot.all_reduce(x)
             row["one_shot_sum_ok"] = bool((x == tp * (tp + 1) / 2).all())
         rows.append(row)
+    if one_shot is not None:
+        rows[0].update(_one_shot_checks(one_shot, rank, tp, hidden))
+    torch.cuda.synchronize()
     if rank == 0:
         out.put(rows)
     dist.barrier()

@@ -1,19 +1,18 @@
 """Decode-size all-reduces in one kernel over PyTorch symmetric memory (GPUs, tp > 1).
 
 NCCL spends ~18 us on a 1-token all-reduce inside a CUDA graph on two H200s; a decode
-step of a 40-layer model does 80 of them. PyTorch's one-shot all-reduce
-(`torch.ops.symm_mem.one_shot_all_reduce_copy_out`) is one kernel: it copies this
-rank's payload into its buffer of a symmetric allocation (mapped into every rank's
-address space over NVLink), waits on the peers' signal pads, loads every rank's buffer,
-sums and writes the result, then signals again so that no buffer is overwritten while a
-peer still reads it. It is captured in the decode graphs like any kernel.
+step of a 40-layer model does 80 of them. Symmetric memory maps one buffer of every rank
+into each rank's address space over NVLink, so a rank can read its peers' payloads with
+plain loads. Here it holds a data buffer and a buffer of flags per rank, and the all-reduce
+is our own Triton kernel (`replicas/kernels/allreduce.py`): one launch that casts to the
+wire dtype, publishes, waits once for the peers, sums in float32 and writes back, with
+programmatic dependent launch like the kernels around it, and the float16 overflow check
+inside. It is captured in the decode graphs like any kernel. (PyTorch's own
+`one_shot_all_reduce_copy_out` took 6.6 us alone in a graph but broke the PDL chain and
+waited on a second barrier; v0.12 in PERF.md.)
 
-Only peer-to-peer loads are used. NVLink multicast (multimem / NVLS) is never turned
-on: `TORCH_SYMM_MEM_DISABLE_MULTICAST=1` is set before the first allocation.
-
-The kernel takes bfloat16 and float32 payloads (float16 payloads stay on NCCL, with
-the overflow guard of parallel.py). With two ranks a bfloat16 sum is one addition,
-rounded once, as exact as summing in float32 and rounding the result.
+Only peer-to-peer loads and stores are used. NVLink multicast (multimem / NVLS) is never
+turned on: `TORCH_SYMM_MEM_DISABLE_MULTICAST=1` is set before the first allocation.
 """
 
 from __future__ import annotations
@@ -27,25 +26,27 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 # payloads up to this size go through the one-shot kernel: decode steps of up to 256
-# sequences at 4096 hidden in bfloat16 (measured on 2xH200: 256 tokens 18.7 us against
-# NCCL's 38 us in a graph); longer prefill chunks stay on NCCL (bandwidth-bound)
+# sequences at 4096 hidden in bfloat16 (measured on 2xH200 with PyTorch's one-shot: 256
+# tokens 18.7 us against NCCL's 38 us in a graph); longer prefill chunks stay on NCCL
+# (bandwidth-bound)
 ONE_SHOT_MAX_BYTES = 2 * 2**20
-ONE_SHOT_DTYPES = (torch.bfloat16, torch.float32)
 _exchanges = 0  # symmetric-memory rendezvous this process has made (see create)
 
 
 class OneShotAllReduce:
-    """One symmetric buffer per payload dtype, rendezvoused on the TP group."""
+    """A data buffer and a flag buffer per rank, rendezvoused on the TP group, and the
+    addresses of every rank's pair as mapped in this process."""
 
-    def __init__(self, group_name: str, buffers: dict[torch.dtype, torch.Tensor],
-                 max_bytes: int) -> None:
-        self.group_name, self.buffers, self.max_bytes = group_name, buffers, max_bytes
-        self._copy = hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out")
+    def __init__(self, group_name: str, rank: int, data: torch.Tensor, flags: torch.Tensor,
+                 data_ptrs: torch.Tensor, flag_ptrs: torch.Tensor, max_bytes: int) -> None:
+        self.group_name, self.rank, self.max_bytes = group_name, rank, max_bytes
+        self.data, self.flags = data, flags  # kept alive: the peers map them
+        self.data_ptrs, self.flag_ptrs = data_ptrs, flag_ptrs
 
     @staticmethod
     def create(group: dist.ProcessGroup | None, world_size: int, device: torch.device,
-               dtypes: tuple[torch.dtype, ...], max_bytes: int, store: dist.Store | None = None,
-               rank: int = 0) -> OneShotAllReduce | None:
+               max_bytes: int, store: dist.Store | None = None, rank: int = 0
+               ) -> OneShotAllReduce | None:
         """Allocate and rendezvous the buffers (collective: every rank calls it at the
         same point). None, with a warning, where symmetric memory does not work here:
         then every all-reduce goes through NCCL.
@@ -57,8 +58,7 @@ class OneShotAllReduce:
         to NCCL unless all agree."""
         global _exchanges
         os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"  # never NVLink multicast
-        wanted = tuple(dict.fromkeys(d for d in dtypes if d in ONE_SHOT_DTYPES))
-        if not wanted or world_size < 2:
+        if world_size < 2:
             return None
         if store is not None:
             store.set(f"symm_exchanges/{rank}", str(_exchanges))
@@ -71,36 +71,46 @@ class OneShotAllReduce:
         try:
             import torch.distributed._symmetric_memory as symm_mem
 
+            from replicas.kernels.allreduce import flag_words
+
             pg = group or dist.group.WORLD
             assert pg is not None
             name = pg.group_name
-            buffers = {}
-            for dtype in wanted:
-                elem = torch.empty((), dtype=dtype).element_size()
-                buf = symm_mem.empty(max_bytes // elem, dtype=dtype, device=device)
-                symm_mem.rendezvous(buf, name)
+            data = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
+            flags = symm_mem.empty(flag_words(world_size, max_bytes), dtype=torch.int32,
+                                   device=device)
+            ptrs = []
+            for buf in (data, flags):
+                handle = symm_mem.rendezvous(buf, name)
                 _exchanges += 1
-                buffers[dtype] = buf
+                ptrs.append(torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
+                            + (buf.data_ptr() - handle.buffer_ptrs[handle.rank]))
+                rank = handle.rank
+            # ready flags 0, free flags 1 (nobody reads a slot yet), on every rank before
+            # any rank signals
+            flags.view(2, -1)[0].zero_()
+            flags.view(2, -1)[1].fill_(1)
+            torch.cuda.synchronize(device)
+            dist.barrier(group=pg, device_ids=[device.index or 0])
         except Exception as e:  # noqa: BLE001 - fall back to NCCL, loudly
             log.warning("symmetric-memory all-reduce unavailable (%r): decode all-reduces "
                         "go through NCCL", e)
             return None
-        return OneShotAllReduce(name, buffers, max_bytes)
+        return OneShotAllReduce(name, rank, data, flags, ptrs[0], ptrs[1], max_bytes)
 
-    def fits(self, payload: torch.Tensor) -> bool:
-        nbytes = payload.numel() * payload.element_size()
-        return (payload.is_cuda and payload.dtype in self.buffers
-                and 0 < nbytes <= self.max_bytes and nbytes % 16 == 0
-                and payload.is_contiguous())
+    def fits(self, x: torch.Tensor, wire: torch.dtype) -> bool:
+        """Whether `x` sent as `wire` goes through the one-shot kernel."""
+        from replicas.kernels.allreduce import WIRE_DTYPES
 
-    def all_reduce(self, payload: torch.Tensor) -> torch.Tensor:
-        """Sum `payload` over the group, in place (returned)."""
-        flat = payload.view(-1)
-        buf = self.buffers[payload.dtype][: flat.numel()]
-        if self._copy:
-            torch.ops.symm_mem.one_shot_all_reduce_copy_out(buf, flat, "sum", self.group_name,
-                                                            flat)
-        else:  # older PyTorch: the copy in, then the reduce
-            buf.copy_(flat)
-            torch.ops.symm_mem.one_shot_all_reduce_out(buf, "sum", self.group_name, flat)
-        return payload
+        nbytes = x.numel() * torch.empty((), dtype=wire).element_size()
+        return (x.is_cuda and x.dtype in WIRE_DTYPES and wire in WIRE_DTYPES
+                and 0 < nbytes <= self.max_bytes and x.is_contiguous())
+
+    def all_reduce(self, x: torch.Tensor, wire: torch.dtype | None = None,
+                   overflow: torch.Tensor | None = None) -> torch.Tensor:
+        """Sum `x` over the group in place (returned), sending `wire` (x's dtype by
+        default); a float16 wire sets `overflow` where the sum is not finite."""
+        from replicas.kernels.allreduce import one_shot_all_reduce, slots
+
+        return one_shot_all_reduce(x, wire or x.dtype, self.data_ptrs, self.flag_ptrs,
+                                   slots(self.max_bytes), self.rank, overflow)

@@ -152,8 +152,8 @@ class Worker:
             phase("join")
             if self.device.type == "cuda" and config.one_shot_all_reduce:
                 self.comm.one_shot = OneShotAllReduce.create(
-                    self.comm.group, self.world_size, self.device,
-                    (self.comm.dtype, torch.float32), ONE_SHOT_MAX_BYTES, store, rank)
+                    self.comm.group, self.world_size, self.device, ONE_SHOT_MAX_BYTES, store,
+                    rank)
             if self.device.type == "cpu" and config.shm_all_reduce:
                 # the largest all-reduce: a whole step's hidden states, in float32 at most
                 self.comm.shm = ShmAllReduce.connect(

@@ -8,6 +8,8 @@ tests/test_multigpu.py`).
 - shutdown at tp=2 within 5 s, five cycles in one process, no rank left behind.
 - a rank killed mid-stream fails every request with EngineDeadError within seconds.
 - a head dim under 16 runs (tl.dot needs K >= 16: the kernels pad it).
+- the one-shot all-reduce kernel sums like NCCL for each wire dtype, in and out of a CUDA
+  graph, and its float16 overflow flag is set by a sum past 65504 and only then.
 """
 
 from __future__ import annotations
@@ -61,6 +63,23 @@ def test_tp2_bfloat16_logits_within_tolerance(family: str, checkpoint: Checkpoin
     own = (logits[1, "bfloat16"] - ref).abs().max().item()
     print(f"{family}: bf16 max|diff| vs fp32: tp=2 {ours:.4f}, tp=1 {own:.4f}")
     assert ours <= BF16_FACTOR * own + BF16_SLACK
+
+
+def test_one_shot_kernel_sums_like_nccl_and_flags_float16_overflow() -> None:
+    from replicas.multigpu import graph_all_reduce
+
+    rows = list(graph_all_reduce(2))
+    print(rows)
+    assert all(row["one_shot_sum_ok"] for row in rows)  # after 50-call graphs of each size
+    first = rows[0]
+    assert first["fp16_flag_clear_ok"] and first["fp16_flag_set_ok"]
+    errors = {k: v for k, v in first.items() if k.startswith("max_err_")}
+    assert len(errors) == 9
+    for key, err in errors.items():
+        # bf16 and fp32 wires give the exact sum rounded to bf16; fp16 rounds twice (one
+        # bf16 step at |sum| < 16 is 1/16)
+        bound = {"float32": 0.0, "float16": 1 / 16, "bfloat16": 0.0}[key.split("_")[-1]]
+        assert err <= bound, (key, err)
 
 
 def test_tp2_five_cycles_shut_down_within_5_s(checkpoint: CheckpointFactory) -> None:

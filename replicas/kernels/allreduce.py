@@ -1,0 +1,169 @@
+"""The decode-size all-reduce of tensor parallelism on GPUs: one Triton kernel over
+peer-to-peer buffers (PyTorch symmetric memory maps every rank's buffer into each rank's
+address space over NVLink; `replicas/symm.py` allocates them).
+
+Each program owns one fixed 4 KiB slot of the flat payload. Program j of rank r:
+
+1. waits (PDL) for the kernel that wrote x, and lets the next kernel launch;
+2. loads its slot of x and converts it to the wire dtype (16-bit payloads cost no extra
+   kernel: the cast happens here);
+3. waits until every peer has finished reading slot j of r's buffer in the call before
+   ("free" flags: a peer sets them right after its loads, so this wait is almost always
+   over already; PyTorch's one-shot kernel instead waits on a second barrier at its end);
+4. stores the slot into r's buffer and sets its "ready" flag in every peer;
+5. waits for every peer's "ready" flag, then sums all ranks' slots in float32, in rank
+   order (every rank computes the same bits);
+6. sets "free" in every peer, and writes the sum rounded to the wire dtype, in x's
+   dtype, back into x. With a float16 wire it sets the overflow flag when a result is not
+   finite: the check is inside the kernel, not a pass of its own.
+
+A flag is a 32-bit word that its signaller sets to 1 (a release store at system scope)
+and its waiter takes back to 0 (an acquire compare-and-swap), so it needs no host-side
+epoch, and a CUDA graph replays the kernel as it is. Slots are fixed per program, not per
+call, so calls of different sizes and wire dtypes share the flags safely.
+
+Only thread 0 of a program signals and waits (inline PTX, guarded by %tid.x), and
+`tl.debug_barrier()` orders the other threads' loads and stores around it. No NVLink
+multicast (multimem) is used.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from replicas.kernels.common import _launch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs without Triton: the GPU path only
+    triton = None
+
+SLOT_BYTES = 4096  # each program's share of the payload
+WIRE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def flag_words(world_size: int, max_bytes: int) -> int:
+    """int32 words of each rank's flag buffer: ready and free, per peer, per slot."""
+    return 2 * world_size * slots(max_bytes)
+
+
+def slots(max_bytes: int) -> int:
+    return -(-max_bytes // SLOT_BYTES)
+
+
+if triton is not None:
+    from replicas.kernels.common import _pdl_enter
+
+    @triton.jit
+    def _set_flag(addr):
+        """Thread 0 stores 1 at `addr` ([1] pointers), releasing its program's writes."""
+        tl.inline_asm_elementwise(
+            """{
+            .reg .u32 %t, %one;
+            .reg .pred %p;
+            mov.u32 %t, %tid.x;
+            setp.eq.u32 %p, %t, 0;
+            mov.u32 %one, 1;
+            @%p st.release.sys.global.b32 [$1], %one;
+            mov.u32 $0, 0;
+            }""",
+            "=r,l", [addr], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def _take_flag(addr):
+        """Thread 0 waits until `addr` ([1] pointers) holds 1 and sets it back to 0
+        (acquire: what the signaller wrote before its flag is then visible)."""
+        tl.inline_asm_elementwise(
+            """{
+            .reg .u32 %t, %v, %one, %zero;
+            .reg .pred %p, %q;
+            mov.u32 %t, %tid.x;
+            setp.ne.u32 %p, %t, 0;
+            mov.u32 %one, 1;
+            mov.u32 %zero, 0;
+            @%p bra done;
+            spin:
+            atom.acquire.sys.global.cas.b32 %v, [$1], %one, %zero;
+            setp.ne.u32 %q, %v, 1;
+            @%q bra spin;
+            done:
+            mov.u32 $0, 0;
+            }""",
+            "=r,l", [addr], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def _aligned(addr, dtype: tl.constexpr):
+        """The buffer address at `addr` as a pointer that the compiler knows to be 16-byte
+        aligned (symmetric allocations are), so that loads and stores go 16 bytes wide."""
+        return tl.multiple_of(tl.load(addr).to(tl.pointer_type(dtype)), 16)
+
+    @triton.jit
+    def _one_shot_kernel(X, n, DATA, FLAGS, OVF, RANK: tl.constexpr, WORLD: tl.constexpr,
+                         WIRE: tl.constexpr, BLOCK: tl.constexpr, NSLOTS: tl.constexpr,
+                         CHECK: tl.constexpr, PDL: tl.constexpr):
+        _pdl_enter(PDL)
+        j = tl.program_id(0)
+        cols = j * BLOCK + tl.arange(0, BLOCK)
+        ok = cols < n
+        wire = tl.load(X + cols, mask=ok, other=0.0).to(WIRE)
+        one = tl.arange(0, 1)
+        mine = tl.load(FLAGS + RANK).to(tl.pointer_type(tl.int32))
+        for p in tl.static_range(WORLD):  # 3: peers are done with this slot
+            if p != RANK:
+                _take_flag(mine + ((WORLD + p) * NSLOTS + j) + one)
+        tl.debug_barrier()
+        own = _aligned(DATA + RANK, WIRE)
+        tl.store(own + cols, wire, mask=ok)  # 4: publish
+        tl.debug_barrier()
+        for p in tl.static_range(WORLD):
+            if p != RANK:
+                theirs = tl.load(FLAGS + p).to(tl.pointer_type(tl.int32))
+                _set_flag(theirs + (RANK * NSLOTS + j) + one)
+        for p in tl.static_range(WORLD):  # 5: gather
+            if p != RANK:
+                _take_flag(mine + (p * NSLOTS + j) + one)
+        tl.debug_barrier()
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for p in tl.static_range(WORLD):
+            if p == RANK:
+                acc += wire.to(tl.float32)
+            else:
+                peer = _aligned(DATA + p, WIRE)
+                acc += tl.load(peer + cols, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+        tl.debug_barrier()  # every thread's loads of the peers' slots are done
+        for p in tl.static_range(WORLD):  # 6: release the peers' slots
+            if p != RANK:
+                theirs = tl.load(FLAGS + p).to(tl.pointer_type(tl.int32))
+                _set_flag(theirs + ((WORLD + RANK) * NSLOTS + j) + one)
+        out = acc.to(WIRE)
+        if CHECK:
+            # float16 inf and NaN: all five exponent bits set
+            bits = out.to(tl.int16, bitcast=True).to(tl.int32) & 0x7C00
+            bad = tl.sum((bits == 0x7C00).to(tl.int32), 0)
+            tl.store(OVF, (bad > 0).to(tl.uint8), mask=bad > 0)
+        tl.store(X + cols, out.to(X.dtype.element_ty), mask=ok)
+
+
+_TL = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+def one_shot_all_reduce(x: torch.Tensor, wire: torch.dtype, data_ptrs: torch.Tensor,
+                        flag_ptrs: torch.Tensor, nslots: int, rank: int,
+                        overflow: torch.Tensor | None) -> torch.Tensor:
+    """Sum contiguous `x` over the ranks in place, sending `wire`; `data_ptrs` and
+    `flag_ptrs` are int64 device tensors of every rank's buffer and flag addresses (as
+    mapped here). `overflow` (bool, on x's device) is set when a float16 sum is not
+    finite. Every rank must call it with the same shape and wire dtype."""
+    n = x.numel()
+    elem = torch.empty((), dtype=wire).element_size()
+    block = SLOT_BYTES // elem
+    grid = -(-n // block)
+    assert grid <= nslots, f"{n} elements of {wire} exceed the one-shot buffer"
+    check = wire == torch.float16 and overflow is not None
+    ovf = overflow.view(torch.uint8) if check and overflow is not None else data_ptrs
+    _one_shot_kernel[(grid,)](
+        x, n, data_ptrs, flag_ptrs, ovf, RANK=rank, WORLD=data_ptrs.numel(),
+        WIRE=getattr(tl, _TL[wire]), BLOCK=block, NSLOTS=nslots, CHECK=check, num_warps=4,
+        **_launch(x))
+    return x
