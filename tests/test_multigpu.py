@@ -107,8 +107,8 @@ def test_tp2_rank_killed_mid_stream_fails_requests_within_seconds(
         from replicas import Engine, EngineConfig, EngineDeadError, SamplingParams
         if __name__ == "__main__":
             eng = Engine(EngineConfig(model={checkpoint("llama")!r}, tp=2, device="cuda",
-                                      max_model_len=4096, max_num_seqs=4))
-            long = SamplingParams(max_tokens=4000, temperature=0.0, ignore_eos=True)
+                                      max_model_len=2048, max_num_seqs=4))
+            long = SamplingParams(max_tokens=2000, temperature=0.0, ignore_eos=True)
             errors, started = [], threading.Event()
             async def stream(p):
                 try:
