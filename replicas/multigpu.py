@@ -541,6 +541,37 @@ def decode_probe(name: str, tp: int, overrides: dict[str, Any], repeats: int = 2
             "shutdown_s": round(fig["shutdown_s"], 2)}
 
 
+def decode_kernels(name: str, tp: int, overrides: dict[str, Any], top: int = 12,
+                   replays: int = 20) -> dict[str, Any]:
+    """Where one batch-1 decode step's GPU time goes on rank 0: PyTorch's profiler over
+    `replays` graph replays (every rank replaying), kernels grouped by name, µs per step.
+    For tp=2 against tp=1 side by side: which kernels do not halve."""
+    from torch.profiler import ProfilerActivity, profile
+
+    shapes = dataclasses.replace(_shapes(False, name), prompt=448, kv_bytes=4 * 2**30)
+    engine = _engine(shapes, tp, **overrides)
+    try:
+        engine.generate(prompts_for(1, 128, engine.spec.vocab_size),
+                        SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        step_ms = engine.replay_graph_ms(replays)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            engine.replay_graph_ms(replays)
+        per: dict[str, list[float]] = {}
+        for event in prof.events():
+            if event.device_type.name == "CUDA":
+                per.setdefault(event.name, []).append(event.time_range.elapsed_us())
+    finally:
+        engine.shutdown()
+    steps = replays + 1  # the warm-up replay is inside the profile too
+    rows = sorted(((k[:90], len(v) / steps, sum(v) / steps) for k, v in per.items()),
+                  key=lambda r: -r[2])
+    return {"case": f"{name}_tp{tp}_decode_b1_kernels", "unit": "us/step", "tp": tp,
+            "graph_replay_ms": round(step_ms, 3),
+            "profiled_us_per_step": round(sum(r[2] for r in rows), 1),
+            "kernels": [{"name": n, "calls": round(c, 1), "us": round(t, 1)}
+                        for n, c, t in rows[:top]]}
+
+
 def main() -> None:
     import argparse
     import json
@@ -552,9 +583,12 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=2, help="tensor-parallel size")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                         help="an EngineConfig field, e.g. one_shot_all_reduce=false")
+    parser.add_argument("--kernels", action="store_true",
+                        help="profile one decode step's kernels on rank 0 instead")
     args = parser.parse_args()
     overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
-    print(json.dumps(decode_probe(args.probe, args.tp, overrides)), flush=True)
+    probe = decode_kernels if args.kernels else decode_probe
+    print(json.dumps(probe(args.probe, args.tp, overrides)), flush=True)
     os._exit(0)  # (a rank 0 left in a collective with a dead peer cannot exit otherwise)
 
 
