@@ -349,6 +349,7 @@ class Worker:
         parallel.py); every rank sees the same reduced values, so all decide alike.
         A graphed step also leaves the logits' argmax in `self.greedy` (else None).
         """
+        entered = time.time()
         self.comm.reset_overflow()
         self.greedy = None
         feed = self._share_feed(batch, feed)
@@ -371,7 +372,19 @@ class Worker:
                 self.greedy = None
             finally:
                 self.comm.force_float32 = False
+        trace = os.environ.get("TPSERVE_STEP_TRACE")  # read now: ranks fork from a server
+        if trace:
+            self._trace_step(trace, batch, entered)
         return logits
+
+    def _trace_step(self, trace: str, batch: StepBatch, entered: float) -> None:
+        """With TPSERVE_STEP_TRACE=DIR: one JSON line a step in DIR/rank<r>.jsonl, the
+        wall clock (shared by the ranks of a host) at the step's entry and once its
+        kernels are launched, and its size: which rank's host sets a step's pace."""
+        row = {"rank": self.rank, "tokens": len(batch.input_ids), "seqs": len(batch.query_lens),
+               "entered": round(entered, 6), "launched": round(time.time(), 6)}
+        with open(os.path.join(trace, f"rank{self.rank}.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
 
     def _share_feed(self, batch: StepBatch, feed: torch.Tensor | None) -> torch.Tensor | None:
         """tp > 1 with asynchronous scheduling: the step's placeholder ids -(j + 1) stand
