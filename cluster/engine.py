@@ -55,12 +55,13 @@ DRAIN_TIMEOUT_S = 300.0
 
 def refused(error: BaseException) -> bool:
     """Whether the engine refused the request: the client's error (a 400), logged in one
-    line. (An engine error class is only ever seen where `replicas` is loaded: its instance
-    was made, or unpickled, there.)"""
+    line. (An engine error class is only ever seen where its module is loaded: its
+    instance was made, or unpickled, there; so this never imports the engine.)"""
     if isinstance(error, wire.WireError):
         return True
-    engine = sys.modules.get("replicas")
-    return engine is not None and isinstance(error, (engine.RequestError, engine.ConfigError))
+    engine, config = sys.modules.get("replicas.engine"), sys.modules.get("replicas.config")
+    return ((engine is not None and isinstance(error, engine.RequestError))
+            or (config is not None and isinstance(error, config.ConfigError)))
 
 
 def sampling_params(fields: dict[str, Any]) -> SamplingParams:

@@ -18,7 +18,7 @@ import ray
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-if TYPE_CHECKING:  # (the engine is imported where a rank runs: RankActor.run)
+if TYPE_CHECKING:  # (the engine is imported in the rank actor: RankActor)
     from replicas import EngineConfig
     from replicas.ranks import RankHandle
 
@@ -49,6 +49,15 @@ def rank_env(visible: str | None, rank: int) -> dict[str, str]:
 @ray.remote
 class RankActor:
     """One rank r >= 1: runs the worker loop until rank 0 says stop."""
+
+    def __init__(self, import_engine: bool = False) -> None:
+        """`import_engine`: import the worker (torch) now, while rank 0 is still importing
+        its own and reading the model, rather than when `run` comes: on CPU that takes
+        the ~2 s of imports off the replica's start (rank 0 waits for this rank at the
+        group's join). Never on GPUs: there CUDA_VISIBLE_DEVICES comes with `run`, and
+        nothing may touch CUDA before it."""
+        if import_engine:
+            import replicas.worker  # noqa: F401
 
     def gpu_ids(self) -> list[str]:
         return [str(g) for g in ray.get_gpu_ids()]
@@ -94,7 +103,7 @@ class RankGroup:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=pg, placement_group_bundle_index=rank),
                 runtime_env={"env_vars": {NOSET_CUDA: "1"}} if use_gpu else None,
-            ).remote()
+            ).remote(import_engine=not use_gpu)
             for rank in range(1, tp)
         ]
         self.visible = None

@@ -7,8 +7,10 @@ happens in `__post_init__` with messages that say what to change.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field, fields
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -239,6 +241,13 @@ class ModelSpec:
         if self.intermediate_size % tp:
             problems.append(f"intermediate_size={self.intermediate_size}")
         return problems
+
+
+def hf_config_from_json(text: str) -> SimpleNamespace:
+    """A transformers config's values (`to_json_string(use_diff=False)`: every attribute,
+    defaults applied) as attributes, which is all ModelSpec.from_hf and the default rope
+    read; without importing transformers."""
+    return SimpleNamespace(**json.loads(text))
 
 
 def rope_parameters(hf_config: Any) -> dict[str, Any]:

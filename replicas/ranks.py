@@ -57,10 +57,11 @@ def _rank_process(config: EngineConfig, model_dir: str, rank: int, init_method: 
 
 
 def rank_context() -> mp.context.ForkServerContext:
-    """multiprocessing's fork server, which imports the worker once (torch, transformers,
-    Triton): a process forked from it is clean (the server is started as a new
-    interpreter and touches no CUDA, so CUDA and threads start clean, as with spawn) and
-    starts without importing them again (about 4 s of CPU a rank on a small host)."""
+    """multiprocessing's fork server, which imports the worker once (torch, Triton; not
+    transformers: rank 0 shares the model's config): a process forked from it is clean
+    (the server is started as a new interpreter and touches no CUDA, so CUDA and threads
+    start clean, as with spawn) and starts without importing them again (about 2 s of CPU
+    a rank on a small host)."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["replicas.worker"])
     return ctx

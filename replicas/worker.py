@@ -17,14 +17,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from transformers import AutoConfig
 
 from replicas import kernels
-from replicas.config import DTYPES, ConfigError, EngineConfig, ModelSpec
+from replicas.config import (
+    DTYPES,
+    ConfigError,
+    EngineConfig,
+    ModelSpec,
+    hf_config_from_json,
+    rope_parameters,
+)
 from replicas.graphs import DecodeGraphs
 from replicas.kv_cache import allocate_kv_cache, block_bytes, kv_heads_per_rank
 from replicas.loader import load_weights, random_init
@@ -43,6 +50,8 @@ STEP, SHUTDOWN, PING, REPLAY = 0, 1, 2, 3
 CPU_KV_CACHE_BYTES = 256 * 2**20  # default KV budget per rank on CPU
 # the longest wait for the TP peers at start (joining, loading), whatever dist_timeout_s
 START_TIMEOUT_S = 600.0
+# the store key under which rank 0 shares the model's config (Worker._hf_config)
+HF_CONFIG_KEY = "hf_config"
 # the longest wait for NCCL's abort at shutdown (it returns in well under a second)
 ABORT_TIMEOUT_S = 3.0
 # a step whose longest chunk is this long, all prompts from position 0, attends with
@@ -128,7 +137,7 @@ class Worker:
         if self.world_size > 1:
             assert init_method is not None, "tp > 1 needs an init_method tcp://host:port"
             store = self._open_store(init_method, peers_alive or (lambda: True))
-        hf_config = AutoConfig.from_pretrained(model_dir)
+        hf_config = self._hf_config(model_dir, store)
         self.spec = ModelSpec.from_hf(hf_config)
         self.spec.check_tp(self.world_size)
         self.dtype = resolve_dtype(config, self.spec, self.device)
@@ -215,6 +224,27 @@ class Worker:
         # share the cores between the ranks instead of each taking all of them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tp))
         return torch.device("cpu")
+
+    def _hf_config(self, model_dir: str, store: dist.Store | None) -> Any:
+        """The model's transformers config. Rank 0 reads it with transformers and puts
+        all of its values (defaults applied) in the store; the other ranks read those, so
+        their processes never import transformers (~2.5 s of CPU each: the Ray rank
+        actors import no tokenizer either). A rope type other than the default needs
+        transformers' own frequency function and its config class: those ranks read the
+        config as rank 0 did."""
+        if store is None or self.rank == 0:
+            from transformers import AutoConfig
+
+            hf_config = AutoConfig.from_pretrained(model_dir)
+            if store is not None:
+                store.set(HF_CONFIG_KEY, hf_config.to_json_string(use_diff=False))
+            return hf_config
+        view = hf_config_from_json(store.get(HF_CONFIG_KEY).decode())
+        if rope_parameters(view)["rope_type"] == "default":
+            return view
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(model_dir)
 
     def _open_store(self, init_method: str, peers_alive: Callable[[], bool]) -> dist.Store:
         """This replica's own TCP store (rank 0 serves it), opened first thing: the

@@ -171,3 +171,23 @@ def test_float16_comm_close_to_float32(checkpoint: CheckpointFactory, family: st
     rel = ((got - ref).abs().max() / ref.abs().max()).item()
     print(f"{family}: float16 comm max rel diff {rel:.3g}")
     assert 0.0 < rel <= FP16_COMM_REL_TOL  # > 0: the float16 path really ran
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ranks_read_the_config_rank_0_shares(checkpoint: CheckpointFactory, family: str
+                                              ) -> None:
+    """Ranks 1..tp-1 build their shard from the values rank 0's transformers config puts
+    in the store (replicas/worker.py: Worker._hf_config), not from transformers: the same
+    ModelSpec, rope settings and rope frequencies."""
+    from replicas.config import ModelSpec, hf_config_from_json, rope_parameters
+    from replicas.model import rope_frequencies
+
+    hf = AutoConfig.from_pretrained(checkpoint(family))
+    view = hf_config_from_json(hf.to_json_string(use_diff=False))
+    spec = ModelSpec.from_hf(hf)
+    assert ModelSpec.from_hf(view) == spec
+    assert rope_parameters(view) == rope_parameters(hf)
+    if rope_parameters(view)["rope_type"] == "default":  # (else ranks read it as rank 0)
+        (ours, our_scale), (theirs, scale) = rope_frequencies(view, spec), rope_frequencies(
+            hf, spec)
+        assert torch.equal(ours, theirs) and our_scale == scale

@@ -64,3 +64,16 @@ def test_a_router_replica_loads_no_engine() -> None:
     loaded = set(json.loads(out.splitlines()[-1]))
     assert "ray" in loaded  # (the check sees what was imported)
     assert not loaded & {"torch", "transformers", "replicas", "triton"}, loaded
+
+
+def test_a_rank_process_loads_no_transformers() -> None:
+    """A rank 1..tp-1 process (a Ray rank actor's `run`, the fork server of replicas/ranks.py)
+    imports only replicas.worker: no transformers (rank 0 shares the model's config)."""
+    code = ("import json, sys\n"
+            "import replicas.worker\n"
+            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    loaded = set(json.loads(out.splitlines()[-1]))
+    assert "torch" in loaded  # (the check sees what was imported)
+    assert "transformers" not in loaded, loaded
