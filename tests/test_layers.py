@@ -32,6 +32,15 @@ def imported(path: Path) -> set[tuple[str, int]]:
     return found
 
 
+def loaded_after(code: str) -> set[str]:
+    """The top-level modules a fresh Python has loaded after running `code`."""
+    script = (f"{code}\nimport json, sys\n"
+              "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))")
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    return set(json.loads(out.splitlines()[-1]))
+
+
 @pytest.mark.parametrize("folder", sorted(FORBIDDEN))
 def test_imports_run_one_way(folder: str) -> None:
     wrong = [f"{path.relative_to(REPO)}:{line} imports {name}"
@@ -41,13 +50,8 @@ def test_imports_run_one_way(folder: str) -> None:
 
 
 def test_the_router_loads_no_engine_and_no_ray() -> None:
-    code = ("import json, sys\n"
-            "import router.app as app\n"
-            "app.make_api(app.Router(engine=None))\n"
-            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                         text=True, timeout=120, check=True).stdout
-    loaded = set(json.loads(out.splitlines()[-1]))
+    loaded = loaded_after("import router.app as app\n"
+                          "app.make_api(app.Router(engine=None))")
     assert not loaded & {"torch", "transformers", "ray", "replicas", "cluster"}, loaded
 
 
@@ -56,12 +60,7 @@ def test_a_router_replica_loads_no_engine() -> None:
     request router, cluster.engine for ServeEngine) loads no torch or transformers; nor
     does an engine replica before its __init__ (so its rank actors start first) or a rank
     actor before its `run`."""
-    code = ("import json, sys\n"
-            "import cluster.app, cluster.engine, cluster.pinning, cluster.ranks\n"
-            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                         text=True, timeout=120, check=True).stdout
-    loaded = set(json.loads(out.splitlines()[-1]))
+    loaded = loaded_after("import cluster.app, cluster.engine, cluster.pinning, cluster.ranks")
     assert "ray" in loaded  # (the check sees what was imported)
     assert not loaded & {"torch", "transformers", "replicas", "triton"}, loaded
 
@@ -69,11 +68,6 @@ def test_a_router_replica_loads_no_engine() -> None:
 def test_a_rank_process_loads_no_transformers() -> None:
     """A rank 1..tp-1 process (a Ray rank actor's `run`, the fork server of replicas/ranks.py)
     imports only replicas.worker: no transformers (rank 0 shares the model's config)."""
-    code = ("import json, sys\n"
-            "import replicas.worker\n"
-            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                         text=True, timeout=120, check=True).stdout
-    loaded = set(json.loads(out.splitlines()[-1]))
+    loaded = loaded_after("import replicas.worker")
     assert "torch" in loaded  # (the check sees what was imported)
     assert "transformers" not in loaded, loaded
