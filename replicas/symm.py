@@ -23,6 +23,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from replicas.kernels.allreduce import WIRE_DTYPES, flag_words, one_shot_all_reduce, slots
+
 log = logging.getLogger(__name__)
 
 # payloads up to this size go through the one-shot kernel: decode steps of up to 256
@@ -42,6 +44,7 @@ class OneShotAllReduce:
         self.group_name, self.rank, self.max_bytes = group_name, rank, max_bytes
         self.data, self.flags = data, flags  # kept alive: the peers map them
         self.data_ptrs, self.flag_ptrs = data_ptrs, flag_ptrs
+        self.nslots = slots(max_bytes)
 
     @staticmethod
     def create(group: dist.ProcessGroup | None, world_size: int, device: torch.device,
@@ -71,8 +74,6 @@ class OneShotAllReduce:
         try:
             import torch.distributed._symmetric_memory as symm_mem
 
-            from replicas.kernels.allreduce import flag_words
-
             pg = group or dist.group.WORLD
             assert pg is not None
             name = pg.group_name
@@ -100,9 +101,7 @@ class OneShotAllReduce:
 
     def fits(self, x: torch.Tensor, wire: torch.dtype) -> bool:
         """Whether `x` sent as `wire` goes through the one-shot kernel."""
-        from replicas.kernels.allreduce import WIRE_DTYPES
-
-        nbytes = x.numel() * torch.empty((), dtype=wire).element_size()
+        nbytes = x.numel() * wire.itemsize
         return (x.is_cuda and x.dtype in WIRE_DTYPES and wire in WIRE_DTYPES
                 and 0 < nbytes <= self.max_bytes and x.is_contiguous())
 
@@ -110,7 +109,5 @@ class OneShotAllReduce:
                    overflow: torch.Tensor | None = None) -> torch.Tensor:
         """Sum `x` over the group in place (returned), sending `wire` (x's dtype by
         default); a float16 wire sets `overflow` where the sum is not finite."""
-        from replicas.kernels.allreduce import one_shot_all_reduce, slots
-
         return one_shot_all_reduce(x, wire or x.dtype, self.data_ptrs, self.flag_ptrs,
-                                   slots(self.max_bytes), self.rank, overflow)
+                                   self.nslots, self.rank, overflow)

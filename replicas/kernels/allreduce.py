@@ -156,8 +156,7 @@ def one_shot_all_reduce(x: torch.Tensor, wire: torch.dtype, data_ptrs: torch.Ten
     mapped here). `overflow` (bool, on x's device) is set when a float16 sum is not
     finite. Every rank must call it with the same shape and wire dtype."""
     n = x.numel()
-    elem = torch.empty((), dtype=wire).element_size()
-    block = SLOT_BYTES // elem
+    block = SLOT_BYTES // wire.itemsize
     grid = -(-n // block)
     assert grid <= nslots, f"{n} elements of {wire} exceed the one-shot buffer"
     check = wire == torch.float16 and overflow is not None
