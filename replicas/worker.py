@@ -379,6 +379,9 @@ class Worker:
         parallel.py); every rank sees the same reduced values, so all decide alike.
         A graphed step also leaves the logits' argmax in `self.greedy` (else None).
         """
+        profile_dir = os.environ.get("TPSERVE_STEP_PROFILE")  # read now: ranks fork
+        if profile_dir and len(batch.input_ids) > 1:
+            return self._profiled(profile_dir, batch, feed)
         entered = time.time()
         self.comm.reset_overflow()
         self.greedy = None
@@ -415,6 +418,30 @@ class Worker:
                "entered": round(entered, 6), "launched": round(time.time(), 6)}
         with open(os.path.join(trace, f"rank{self.rank}.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
+
+    def _profiled(self, profile_dir: str, batch: StepBatch, feed: torch.Tensor | None
+                  ) -> torch.Tensor:
+        """With TPSERVE_STEP_PROFILE=DIR: a step of more than one token runs under
+        PyTorch's profiler (host and device), and its table of host time by op (CUDA
+        runtime calls included: launches, copies, waits) goes to DIR/rank<r>.txt."""
+        from torch.profiler import ProfilerActivity, profile
+
+        os.environ.pop("TPSERVE_STEP_PROFILE")
+        try:
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                start = time.perf_counter()
+                logits = self.execute(batch, feed)
+                launched = time.perf_counter() - start
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                done = time.perf_counter() - start
+        finally:
+            os.environ["TPSERVE_STEP_PROFILE"] = profile_dir
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+        with open(os.path.join(profile_dir, f"rank{self.rank}.txt"), "a") as f:
+            f.write(f"== rank {self.rank}: {len(batch.input_ids)} tokens, launched in "
+                    f"{launched * 1e3:.1f} ms, done in {done * 1e3:.1f} ms\n{table}\n")
+        return logits
 
     def _share_feed(self, batch: StepBatch, feed: torch.Tensor | None) -> torch.Tensor | None:
         """tp > 1 with asynchronous scheduling: the step's placeholder ids -(j + 1) stand
