@@ -74,6 +74,10 @@ class EngineConfig:
     # PyTorch symmetric memory (peer-to-peer loads over NVLink, never multicast;
     # replicas/symm.py) instead of NCCL; bfloat16 and float32 payloads
     one_shot_all_reduce: bool = True
+    # ...and, in batch-1 decode, each all-reduce after a row-parallel GEMV folded into the
+    # kernels beside it: that GEMV pushes its rows to every rank, the next norm GEMV sums
+    # them as it reads (no all-reduce kernel; replicas/kernels/allreduce.py)
+    fold_all_reduce: bool = True
 
     def __post_init__(self) -> None:
         if self.tp not in SUPPORTED_TP:

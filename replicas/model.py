@@ -23,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from replicas import kernels
 from replicas.config import ModelSpec, rope_parameters
+from replicas.kernels import Site
 from replicas.parallel import (
     ColumnParallelLinear,
     Comm,
@@ -203,7 +204,7 @@ class Attention(nn.Module):
 
     def forward(self, qkv: torch.Tensor, b: ForwardBatch, rotary: Rotary,
                 rope: tuple[torch.Tensor, torch.Tensor], kv: tuple[torch.Tensor, torch.Tensor]
-                ) -> torch.Tensor:
+                ) -> torch.Tensor | Site:
         """Attention from the layer's qkv_proj output [T, (heads + 2 kv_heads) * D] (the
         decoder layer runs the projection, fused with its norm) to o_proj's."""
         q, k, v = qkv.split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
@@ -257,7 +258,7 @@ class MLP(nn.Module):
         if self.fused_act:
             self.down_proj.gemv_kind = "gated"  # see forward
 
-    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor | Site:
         """From the layer's gate_up_proj output [T, 2 I/tp] (run by the decoder layer,
         fused with its norm) to down_proj's."""
         if self.fused_act and kernels.enabled(gate_up):
@@ -278,11 +279,13 @@ class DecoderLayer(nn.Module):
         # see forward: each norm runs inside the projection after it
         self.self_attn.qkv_proj.gemv_kind = self.mlp.gate_up_proj.gemv_kind = "norm"
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, b: ForwardBatch,
+    def forward(self, x: torch.Tensor | Site, residual: torch.Tensor | None, b: ForwardBatch,
                 rotary: Rotary, rope: tuple[torch.Tensor, torch.Tensor],
-                kv: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                kv: tuple[torch.Tensor, torch.Tensor]
+                ) -> tuple[torch.Tensor | Site, torch.Tensor]:
         """(this layer's output, the residual stream before it): the next norm adds the
-        two, fused with the normalization."""
+        two, fused with the normalization (and, at batch 1 on GPUs, with the sum of the
+        layer's all-reduce: the output is then a Site)."""
         qkv, residual = self.self_attn.qkv_proj.forward_normed(x, residual,
                                                                self.input_layernorm)
         x = self.self_attn(qkv, b, rotary, rope, kv)
@@ -308,7 +311,7 @@ class CausalLM(nn.Module):
 
     def __init__(self, hf_config: Any, spec: ModelSpec, comm: Comm, max_positions: int) -> None:
         super().__init__()
-        self.spec = spec
+        self.spec, self.comm = spec, comm
         self.model = Backbone(hf_config, spec, comm, max_positions)
         self.lm_head = ParallelLMHead(spec.vocab_size, spec.hidden_size, comm)
         if spec.tie_word_embeddings:
@@ -316,12 +319,16 @@ class CausalLM(nn.Module):
 
     def forward(self, b: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
                 ) -> torch.Tensor:
-        x = self.model.embed_tokens(b.input_ids)  # [T, hidden]
-        rope = self.model.rotary.tables(b.positions, x.dtype)
+        self.comm.new_step()
+        h = self.model.embed_tokens(b.input_ids)  # [T, hidden]
+        rope = self.model.rotary.tables(b.positions, h.dtype)
+        x: torch.Tensor | Site = h
         residual = None
         for layer, kv in zip(self.model.layers, kv_caches, strict=True):
             x, residual = layer(x, residual, b, self.model.rotary, rope, kv)
         assert residual is not None, "a model has at least one layer"
+        if isinstance(x, Site):  # the last layer's all-reduce, summed in a kernel of its own
+            x = x.pull()
         if not b.every_row:  # [N, hidden]: only where logits are wanted
             x, residual = x[b.logits_indices], residual[b.logits_indices]
         x, _ = self.model.norm(x, residual)

@@ -218,7 +218,11 @@ def engine_figures(shapes: Shapes, tp: int, overrides: dict[str, Any], repeats: 
             one_shot=engine.worker.comm.one_shot is not None,
             ttft_s=best_of(long_prefill, repeats),
             per_token_s=ours_per_token(engine, prompts_for(1, 128, vocab), shapes.new,
-                                       repeats))
+                                       repeats),
+            # greedy tokens of one prompt, to compare settings that must agree to the bit
+            greedy=engine.generate(prompts_for(1, 128, vocab, seed=3), SamplingParams(
+                max_tokens=32, temperature=0.0, ignore_eos=True))[0].token_ids,
+            folded=engine.worker.comm.folded > 0)
         if engine.worker.graphs is not None:
             figures["graph_ms"] = graph_step_ms(engine)
     finally:
@@ -240,6 +244,7 @@ def prefill_and_decode(shapes: Shapes, tp: int, repeats: int) -> Iterator[dict[s
     settings += [(p, tp, {"comm_dtype": p}) for p in ("float16", "float32") if p != wire]
     if shapes.device == "cuda":
         settings.append(("nccl", tp, {"one_shot_all_reduce": False}))
+        settings.append(("unfolded", tp, {"fold_all_reduce": False}))
     got: dict[str, dict[str, Any]] = {}
     for seed, (key, size, overrides) in enumerate(settings, start=1):
         args = (shapes, size, overrides, repeats, seed)
@@ -259,6 +264,7 @@ def prefill_and_decode(shapes: Shapes, tp: int, repeats: int) -> Iterator[dict[s
            "ours": round(on["per_token_s"] * 1e3, 3),
            "tp1_ms": round(base["per_token_s"] * 1e3, 3),
            "speedup_over_tp1": round(base["per_token_s"] / on["per_token_s"], 3),
+           "folded": on["folded"],
            "target": 2.7 if tp == 2 and shapes.name == "glm4-9b" else None, **graph}
     yield {"case": f"{name}_ttft_in{shapes.prompt}", "unit": "ms", "tp": tp,
            "ours": round(on["ttft_s"] * 1e3, 1), "tp1_ms": round(base["ttft_s"] * 1e3, 1),
@@ -278,13 +284,16 @@ def prefill_and_decode(shapes: Shapes, tp: int, repeats: int) -> Iterator[dict[s
     payloads = [(wire, on)] + [(p, got[p]) for p in ("float16", "float32") if p in got]
     if "nccl" in got:
         payloads.append((f"{wire}_nccl", got["nccl"]))
+    if "unfolded" in got:  # the one-shot kernel of its own after each row-parallel GEMV
+        payloads.append((f"{wire}_unfolded", got["unfolded"]))
     for label, fig in payloads:
-        comm = label.removesuffix("_nccl")
+        comm = label.removesuffix("_nccl").removesuffix("_unfolded")
         yield {"case": f"{name}_comm_{label}", "unit": "ms/token", "tp": tp,
                "ours": round(fig["per_token_s"] * 1e3, 3),
                "ttft_ms": round(fig["ttft_s"] * 1e3, 1),
                **({"graph_replay_ms": round(fig["graph_ms"], 3)} if "graph_ms" in fig else {}),
-               "one_shot": fig["one_shot"],
+               "one_shot": fig["one_shot"], "folded": fig["folded"],
+               "greedy_equal_default": fig["greedy"] == on["greedy"],
                # per token: two row-parallel reduces a layer in the payload dtype
                "wire_bytes_per_token": 2 * layers * hidden * DTYPE_BYTES[comm]}
 
@@ -292,11 +301,12 @@ def prefill_and_decode(shapes: Shapes, tp: int, repeats: int) -> Iterator[dict[s
 def llama_decode(tp: int, repeats: int) -> dict[str, Any]:
     """Llama-3-8B shapes, batch-1 decode at tp against tp=1 (target 2.4 ms at tp=2)."""
     shapes = dataclasses.replace(_shapes(False, "llama3-8b"), prompt=448)
-    per = {size: in_fresh_process(engine_figures, shapes, size, {}, repeats, 1)["per_token_s"]
-           for size in (1, tp)}
+    figs = {size: in_fresh_process(engine_figures, shapes, size, {}, repeats, 1)
+            for size in (1, tp)}
+    per = {size: fig["per_token_s"] for size, fig in figs.items()}
     return {"case": f"llama3-8b_tp{tp}_decode_b1_in128_out{shapes.new}", "unit": "ms/token",
             "tp": tp, "ours": round(per[tp] * 1e3, 3), "tp1_ms": round(per[1] * 1e3, 3),
-            "speedup_over_tp1": round(per[1] / per[tp], 3),
+            "speedup_over_tp1": round(per[1] / per[tp], 3), "folded": figs[tp]["folded"],
             "target": 2.4 if tp == 2 else None}
 
 
@@ -535,6 +545,7 @@ def decode_probe(name: str, tp: int, overrides: dict[str, Any], repeats: int = 2
     return {"case": f"{name}_tp{tp}_decode_b1_in128_out{shapes.new}", "unit": "ms/token",
             "tp": tp, "settings": overrides, "ours": round(fig["per_token_s"] * 1e3, 3),
             "graph_replay_ms": round(fig["graph_ms"], 3), "one_shot": fig["one_shot"],
+            "folded": fig["folded"], "greedy": fig["greedy"],
             "ttft_in448_ms": round(fig["ttft_s"] * 1e3, 1),
             "startup_s": round(fig["startup_s"], 2), "startup_phases": fig["startup_phases"],
             "other_ranks_phases": fig["rank_startup_phases"],

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from replicas import kernels
+from replicas.kernels import Site
 from replicas.shm import ShmAllReduce
 from replicas.symm import OneShotAllReduce
 
@@ -55,6 +56,29 @@ class Comm:
     shm: ShmAllReduce | None = None
     # GPUs: decode-size all-reduces in one symmetric-memory kernel instead of NCCL (symm.py)
     one_shot: OneShotAllReduce | None = None
+    # ...and a batch-1 step's all-reduces folded into the GEMVs beside them (`fold`)
+    fold_reduce: bool = False
+    _sites: int = 0  # sites the step has used so far
+    folded: int = 0  # all-reduces folded since the start (graph captures count once)
+
+    def new_step(self) -> None:
+        """A forward starts: its folded all-reduces number their sites from 0 again (every
+        rank makes the same calls in the same order, so the numbers agree)."""
+        self._sites = 0
+
+    def fold(self, x: torch.Tensor, n: int) -> Site | None:
+        """Where a one-row GEMV's output of n values goes instead of into an all-reduce
+        kernel: a Site that its reader sums (`kernels.gemv_push`), or None (then
+        `all_reduce`). Only for a wire dtype equal to x's and not float16 (its overflow
+        check lives in the one-shot kernel)."""
+        if (self.one_shot is None or not self.fold_reduce or self.force_float32
+                or x.dtype != self.dtype or x.dtype == torch.float16):
+            return None
+        site = self.one_shot.site(self._sites, n, x.dtype)
+        if site is not None:
+            self._sites += 1
+            self.folded += 1
+        return site
 
     def to(self, device: torch.device) -> Comm:
         self.overflow = self.overflow.to(device)
@@ -186,11 +210,15 @@ class ColumnParallelLinear(nn.Module):
             return kernels.gemv(x, self.weight, self.bias, self.gemv)
         return F.linear(x, self.weight, self.bias)
 
-    def forward_normed(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_normed(self, x: torch.Tensor | Site, residual: torch.Tensor | None,
+                       norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """(self(norm(x + residual)), x + residual): a decoder layer's norm and its
-        projection; on the one-row GEMV path one kernel does both."""
-        if on_gemv(self.gemv, x) and kernels.enabled(x):
+        projection; on the one-row GEMV path one kernel does both. `x` may be the Site of
+        a folded all-reduce: that kernel then sums the ranks' rows as it reads them."""
+        if isinstance(x, Site) and self.gemv is None:
+            x = x.pull()
+        if isinstance(x, Site) or (on_gemv(self.gemv, x) and kernels.enabled(x)):
+            assert self.gemv is not None
             return kernels.gemv_norm(x, residual, norm.weight, norm.eps, self.weight,
                                      self.bias, self.gemv)
         h, residual = norm(x, residual)
@@ -318,10 +346,16 @@ class RowParallelLinear(nn.Module):
             # [out, in_shard]: safetensors reads only these columns of each row
             self.weight.data.copy_(get((slice(None), slice(*self.in_shard))))
 
-    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor | Site:
         """[tokens, local_in] -> [tokens, out]; gated (one-row GEMV only, see
-        `takes_gated`): x is [gate | up], 2 local_in wide, and silu(gate) * up goes in."""
+        `takes_gated`): x is [gate | up], 2 local_in wide, and silu(gate) * up goes in.
+        One row on GPUs: the all-reduce may be folded (`Comm.fold`), and the Site is
+        returned for the next norm GEMV to sum."""
         if on_gemv(self.gemv, x):
+            assert self.gemv is not None
+            site = self.comm.fold(x, self.weight.shape[0]) if self.bias is None else None
+            if site is not None:  # pushed to every rank; its reader sums it
+                return kernels.gemv_push(x, self.weight, self.gemv, gated, site)
             y = self.comm.all_reduce(kernels.gemv(x, self.weight, None, self.gemv, gated))
         else:
             y = self.comm.matmul_all_reduce(x, self.weight)

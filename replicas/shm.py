@@ -208,6 +208,8 @@ class ShmChannel:
         self._published, self._acks = flags[:1], flags[1:]  # rank 0's n; each rank's ack
         self._slots = mapping[header:].view(2, capacity + 8).view(torch.int64)
         self._sent = 0
+        # TPSERVE_SHM_SPIN_S: how long a wait spins before it naps (for measuring)
+        self.spin_s = float(os.environ.get("TPSERVE_SHM_SPIN_S", self.SPIN_S))
 
     @staticmethod
     def size(world_size: int, capacity: int) -> int:
@@ -251,7 +253,7 @@ class ShmChannel:
         start = last = time.monotonic()
         while not ready():
             now = time.monotonic()
-            if now - start < self.SPIN_S:
+            if now - start < self.spin_s:
                 os.sched_yield()
                 continue
             time.sleep(self.NAP_S if now - start < self.IDLE_S else self.IDLE_NAP_S)

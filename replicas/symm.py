@@ -23,7 +23,13 @@ import os
 import torch
 import torch.distributed as dist
 
-from replicas.kernels.allreduce import WIRE_DTYPES, flag_words, one_shot_all_reduce, slots
+from replicas.kernels.allreduce import (
+    WIRE_DTYPES,
+    Site,
+    flag_words,
+    one_shot_all_reduce,
+    slots,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +46,36 @@ class OneShotAllReduce:
     addresses of every rank's pair as mapped in this process."""
 
     def __init__(self, group_name: str, rank: int, data: torch.Tensor, flags: torch.Tensor,
-                 data_ptrs: torch.Tensor, flag_ptrs: torch.Tensor, max_bytes: int) -> None:
+                 data_ptrs: torch.Tensor, flag_ptrs: torch.Tensor, max_bytes: int,
+                 sites: int = 0, site_bytes: int = 0) -> None:
         self.group_name, self.rank, self.max_bytes = group_name, rank, max_bytes
         self.data, self.flags = data, flags  # kept alive: the peers map them
         self.data_ptrs, self.flag_ptrs = data_ptrs, flag_ptrs
         self.nslots = slots(max_bytes)
+        self.world = data_ptrs.numel()
+        # after the one-shot kernel's part: `sites` regions of `site_bytes` (data) and
+        # two words each (flags) for the all-reduces folded into GEMVs (Site)
+        self.sites, self.site_bytes = sites, site_bytes
+
+    def site(self, index: int, n: int, dtype: torch.dtype) -> Site | None:
+        """Site `index` for a row of n `dtype` values, or None when there are not that
+        many sites or the row does not fit one."""
+        if index >= self.sites or self.world * n * dtype.itemsize > self.site_bytes:
+            return None
+        start = self.max_bytes + index * self.site_bytes
+        rows = self.data[start : start + self.world * n * dtype.itemsize].view(dtype)
+        words = flag_words(self.world, self.max_bytes) + 2 * index
+        return Site(rows.view(self.world, n), self.flags[words : words + 2], self.data_ptrs,
+                    self.flag_ptrs, start // dtype.itemsize, words, self.rank, self.world)
 
     @staticmethod
     def create(group: dist.ProcessGroup | None, world_size: int, device: torch.device,
-               max_bytes: int, store: dist.Store | None = None, rank: int = 0
-               ) -> OneShotAllReduce | None:
+               max_bytes: int, store: dist.Store | None = None, rank: int = 0,
+               sites: int = 0, row_bytes: int = 0) -> OneShotAllReduce | None:
         """Allocate and rendezvous the buffers (collective: every rank calls it at the
         same point). None, with a warning, where symmetric memory does not work here:
-        then every all-reduce goes through NCCL.
+        then every all-reduce goes through NCCL. `sites`: folded all-reduces a step may
+        make (`site`), of rows up to `row_bytes`.
 
         PyTorch numbers its rendezvous exchanges per process, so a process that made an
         engine before (a bench, five create/shutdown cycles) is out of step with fresh
@@ -77,9 +100,11 @@ class OneShotAllReduce:
             pg = group or dist.group.WORLD
             assert pg is not None
             name = pg.group_name
-            data = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
-            flags = symm_mem.empty(flag_words(world_size, max_bytes), dtype=torch.int32,
-                                   device=device)
+            site_bytes = -(-world_size * row_bytes // 16) * 16
+            data = symm_mem.empty(max_bytes + sites * site_bytes, dtype=torch.uint8,
+                                  device=device)
+            words = flag_words(world_size, max_bytes)
+            flags = symm_mem.empty(words + 2 * sites, dtype=torch.int32, device=device)
             ptrs = []
             for buf in (data, flags):
                 handle = symm_mem.rendezvous(buf, name)
@@ -87,17 +112,19 @@ class OneShotAllReduce:
                 ptrs.append(torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
                             + (buf.data_ptr() - handle.buffer_ptrs[handle.rank]))
                 rank = handle.rank
-            # ready flags 0, free flags 1 (nobody reads a slot yet), on every rank before
-            # any rank signals
-            flags.view(2, -1)[0].zero_()
-            flags.view(2, -1)[1].fill_(1)
+            # ready flags 0, free flags 1 (nobody reads a slot yet), the sites' counters 0,
+            # on every rank before any rank signals
+            flags[:words].view(2, -1)[0].zero_()
+            flags[:words].view(2, -1)[1].fill_(1)
+            flags[words:].zero_()
             torch.cuda.synchronize(device)
             dist.barrier(group=pg, device_ids=[device.index or 0])
         except Exception as e:  # noqa: BLE001 - fall back to NCCL, loudly
             log.warning("symmetric-memory all-reduce unavailable (%r): decode all-reduces "
                         "go through NCCL", e)
             return None
-        return OneShotAllReduce(name, rank, data, flags, ptrs[0], ptrs[1], max_bytes)
+        return OneShotAllReduce(name, rank, data, flags, ptrs[0], ptrs[1], max_bytes, sites,
+                                site_bytes)
 
     def fits(self, x: torch.Tensor, wire: torch.dtype) -> bool:
         """Whether `x` sent as `wire` goes through the one-shot kernel."""

@@ -162,7 +162,8 @@ class Worker:
             if self.device.type == "cuda" and config.one_shot_all_reduce:
                 self.comm.one_shot = OneShotAllReduce.create(
                     self.comm.group, self.world_size, self.device, ONE_SHOT_MAX_BYTES, store,
-                    rank)
+                    rank, sites=2 * self.spec.num_layers, row_bytes=self.spec.hidden_size * 4)
+                self.comm.fold_reduce = config.fold_all_reduce
             if self.device.type == "cpu" and config.shm_all_reduce:
                 # the largest all-reduce: a whole step's hidden states, in float32 at most
                 self.comm.shm = ShmAllReduce.connect(
@@ -176,6 +177,8 @@ class Worker:
                 and self.dtype != torch.float32):
             self.gemv_report = tune_gemv(self.model)
             torch.cuda.empty_cache()  # the timing copies' memory goes to the KV pool
+            if store is not None:
+                self._agree_gemv(store)
         phase("gemv_tuning")
         # PyTorch's fused attention on a GPU takes 16-bit grouped heads only (no float32)
         self._flash = self.device.type == "cpu" or self.dtype != torch.float32
@@ -272,6 +275,20 @@ class Worker:
         if self.config.shm_step_messages:
             self.channel = ShmChannel.connect(store, self.rank, self.world_size,
                                               8 * self._longest_message(), self.control)
+
+    def _agree_gemv(self, store: dist.Store) -> None:
+        """Every rank takes rank 0's GEMV picks: each rank timed its own, and two ranks
+        may pick differently where configs time alike. Then every rank runs the same
+        kernels, and a folded all-reduce (which needs the GEMVs on both sides of it on
+        every rank) is folded on all ranks or on none."""
+        layers = [m for m in self.model.modules() if hasattr(m, "gemv_kind")]
+        if self.rank == 0:
+            store.set("gemv_picks", json.dumps([m.gemv for m in layers]))
+            return
+        picks = json.loads(store.get("gemv_picks"))
+        assert len(picks) == len(layers), "ranks built different models"
+        for m, pick in zip(layers, picks, strict=True):
+            m.gemv = tuple(pick) if pick is not None else None
 
     def _longest_message(self) -> int:
         """Words of the longest step message (StepBatch.encode): every token's id and

@@ -10,6 +10,7 @@ tests/test_multigpu.py`).
 - a head dim under 16 runs (tl.dot needs K >= 16: the kernels pad it).
 - the one-shot all-reduce kernel sums like NCCL for each wire dtype, in and out of a CUDA
   graph, and its float16 overflow flag is set by a sum past 65504 and only then.
+- the all-reduce folded into the GEMVs beside it gives the one-shot kernel's bits.
 """
 
 from __future__ import annotations
@@ -63,6 +64,33 @@ def test_tp2_bfloat16_logits_within_tolerance(family: str, checkpoint: Checkpoin
     own = (logits[1, "bfloat16"] - ref).abs().max().item()
     print(f"{family}: bf16 max|diff| vs fp32: tp=2 {ours:.4f}, tp=1 {own:.4f}")
     assert ours <= BF16_FACTOR * own + BF16_SLACK
+
+
+def test_folded_all_reduce_gives_the_one_shot_kernels_bits(
+        checkpoint: CheckpointFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batch-1 decode at tp=2 in bfloat16 with each all-reduce folded into the GEMVs
+    beside it (pushed by the row-parallel GEMV, summed by the next norm GEMV) gives the
+    same tokens and the same log-probabilities, to the bit, as with the one-shot kernel:
+    both sum in float32 in rank order. The GEMV is forced on rank 0 (a tiny model's
+    timing would pick cuBLAS) and the other rank takes rank 0's picks."""
+    from replicas import kernels
+
+    pick = kernels.pick_gemv
+    monkeypatch.setattr(kernels, "pick_gemv", lambda w, b, kind="plain": (
+        pick(w, b, kind)[0] or kernels.GEMV_CONFIGS[0], {"forced": 1.0}))
+    ckpt = checkpoint("llama")
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=True)
+    got = {}
+    for fold, graphs in ((True, True), (False, True), (True, False)):
+        config = EngineConfig(model=ckpt, tp=2, device="cuda", dtype="bfloat16",
+                              max_model_len=256, max_num_seqs=4, fold_all_reduce=fold,
+                              cuda_graphs=graphs)
+        with Engine(config) as engine:
+            outs = engine.generate(prompts(1000)[:3], params)  # batch 3: not folded
+            outs += engine.generate(prompts(1000)[3:4], params)  # batch 1: folded
+            got[fold, graphs] = ([o.token_ids for o in outs], [o.logprobs for o in outs])
+            assert (engine.worker.comm.folded > 0) == fold
+    assert got[True, True] == got[False, True] == got[True, False]
 
 
 def test_one_shot_kernel_sums_like_nccl_and_flags_float16_overflow() -> None:

@@ -18,22 +18,32 @@ last bit in most positions.
 `TPSERVE_TRITON_CPU=1` with the interpreter). `TPSERVE_KERNELS=0` turns them off.
 
 One module per kernel family, each kernel next to its launcher: `norm`, `activation`,
-`rope`, `attention`, `gemv` (and its tuning), `tokens` (feeding and greedy argmax);
+`rope`, `attention`, `gemv` (and its tuning), `tokens` (feeding and greedy argmax),
+`allreduce` (tensor parallelism's decode all-reduce, alone or folded into the GEMVs);
 `common` holds `enabled`, PDL and block-size helpers. Callers use `kernels.X`: this
 package re-exports every name they use.
 """
 
 from replicas.kernels.activation import silu_and_mul
+from replicas.kernels.allreduce import Site
 from replicas.kernels.attention import _COUNTERS as _COUNTERS  # tests check the counters
 from replicas.kernels.attention import NewKeys, decode_splits, paged_attention
 from replicas.kernels.common import enabled, pdl
-from replicas.kernels.gemv import GEMV_CONFIGS, GemvConfig, GemvKind, gemv, gemv_norm, pick_gemv
+from replicas.kernels.gemv import (
+    GEMV_CONFIGS,
+    GemvConfig,
+    GemvKind,
+    gemv,
+    gemv_norm,
+    gemv_push,
+    pick_gemv,
+)
 from replicas.kernels.norm import rms_norm
 from replicas.kernels.rope import rope_and_cache
 from replicas.kernels.tokens import ARGMAX_BLOCK, argmax_rows, feed_tokens
 
 __all__ = [
-    "ARGMAX_BLOCK", "GEMV_CONFIGS", "GemvConfig", "GemvKind", "NewKeys", "argmax_rows",
-    "decode_splits", "enabled", "feed_tokens", "gemv", "gemv_norm", "paged_attention", "pdl",
-    "pick_gemv", "rms_norm", "rope_and_cache", "silu_and_mul",
+    "ARGMAX_BLOCK", "GEMV_CONFIGS", "GemvConfig", "GemvKind", "NewKeys", "Site", "argmax_rows",
+    "decode_splits", "enabled", "feed_tokens", "gemv", "gemv_norm", "gemv_push",
+    "paged_attention", "pdl", "pick_gemv", "rms_norm", "rope_and_cache", "silu_and_mul",
 ]

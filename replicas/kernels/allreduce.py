@@ -29,6 +29,8 @@ multicast (multimem) is used.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from replicas.kernels.common import _launch
@@ -50,6 +52,30 @@ def flag_words(world_size: int, max_bytes: int) -> int:
 
 def slots(max_bytes: int) -> int:
     return -(-max_bytes // SLOT_BYTES)
+
+
+@dataclass
+class Site:
+    """One all-reduce of a batch-1 decode step folded into the GEMVs beside it: a region
+    [world, n] of every rank's data buffer (row r: rank r's partial, pushed there by its
+    GEMV) and two words of every rank's flag buffer (arrived rows, reader programs done).
+    The same region and words on every rank; `rows` and `counters` are this rank's."""
+
+    rows: torch.Tensor  # [world, n] in the wire dtype (= the model dtype)
+    counters: torch.Tensor  # [2] int32: arrived, done
+    data_ptrs: torch.Tensor  # every rank's data buffer address (int64, on the device)
+    flag_ptrs: torch.Tensor
+    data_offset: int  # the region's offset in each data buffer, in wire elements
+    flag_offset: int  # the arrived word's index in each flag buffer
+    rank: int
+    world: int
+
+    def kernel_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+        return self.data_ptrs, self.flag_ptrs, self.counters, self.data_offset, self.flag_offset
+
+    def pull(self) -> torch.Tensor:
+        """The sum [1, n], in a kernel of its own (for a reader that cannot sum it)."""
+        return pull(self.rows, self.counters)
 
 
 if triton is not None:
@@ -143,6 +169,135 @@ if triton is not None:
             bad = tl.sum((bits == 0x7C00).to(tl.int32), 0)
             tl.store(OVF, (bad > 0).to(tl.uint8), mask=bad > 0)
         tl.store(X + cols, out.to(X.dtype.element_ty), mask=ok)
+
+
+    # ---- the reduce folded into the kernels beside it (batch-1 decode) ----
+    # A row-parallel GEMV pushes its rows of the partial result into every rank's buffer
+    # at a "site" (one per all-reduce of the step) and counts them into each rank's
+    # "arrived" word; the kernel that reads the sum (the next norm GEMV, or
+    # `_pull_kernel`) waits until every rank's rows arrived, sums them as it loads them,
+    # and counts its programs out in a "done" word: the last one resets both words for
+    # the next step. No kernel of its own, no copy-in, one NVLink store per row.
+
+    @triton.jit
+    def _add_count(addr, value):
+        """Thread 0 adds `value` to the word at `addr` ([1] pointers), releasing at system
+        scope what its program stored before (after a barrier)."""
+        tl.inline_asm_elementwise(
+            """{
+            .reg .u32 %t;
+            .reg .pred %p;
+            mov.u32 %t, %tid.x;
+            setp.eq.u32 %p, %t, 0;
+            @%p red.release.sys.global.add.u32 [$1], $2;
+            mov.u32 $0, 0;
+            }""",
+            "=r,l,r", [addr, value], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def _await_count(addr, target):
+        """Thread 0 waits until the word at `addr` ([1] pointers) reaches `target`
+        (acquire: what the adders stored before their adds is then visible)."""
+        tl.inline_asm_elementwise(
+            """{
+            .reg .u32 %t, %v;
+            .reg .pred %p, %q;
+            mov.u32 %t, %tid.x;
+            setp.ne.u32 %p, %t, 0;
+            @%p bra done;
+            spin:
+            ld.acquire.sys.global.u32 %v, [$1];
+            setp.lt.u32 %q, %v, $2;
+            @%q bra spin;
+            done:
+            mov.u32 $0, 0;
+            }""",
+            "=r,l,r", [addr, target], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def _leave_site(done, arrived, last):
+        """Thread 0 counts its program out of the site (`done` += 1); the program that
+        makes it `last` + 1 sets `arrived` and `done` back to 0 for the next step. A peer
+        adds to `arrived` again only after this rank's later kernels signalled it, so
+        the reset is never raced."""
+        tl.inline_asm_elementwise(
+            """{
+            .reg .u32 %t, %v;
+            .reg .pred %p, %q;
+            mov.u32 %t, %tid.x;
+            setp.ne.u32 %p, %t, 0;
+            @%p bra done;
+            atom.acq_rel.gpu.global.add.u32 %v, [$1], 1;
+            setp.ne.u32 %q, %v, $3;
+            @%q bra done;
+            st.relaxed.sys.global.u32 [$2], 0;
+            st.relaxed.gpu.global.u32 [$1], 0;
+            done:
+            mov.u32 $0, 0;
+            }""",
+            "=r,l,l,r", [done, arrived, last], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def _push_rows(y, rows, r_ok, n, DATA, FLAGS, site_data, site_flag, RANK: tl.constexpr,
+                   WORLD: tl.constexpr):
+        """Store `y` (rows `rows` of this rank's partial, in the wire dtype) into every
+        rank's buffer at the site, then count them into every rank's arrived word."""
+        for p in tl.static_range(WORLD):
+            buf = _aligned(DATA + p, y.dtype)
+            tl.store(buf + site_data + RANK * n + rows, y, mask=r_ok)
+        tl.debug_barrier()  # every thread's stores before thread 0's release
+        one = tl.arange(0, 1)
+        count = tl.zeros([1], dtype=tl.int32) + tl.sum(r_ok.to(tl.int32), axis=0)
+        for p in tl.static_range(WORLD):
+            flags = tl.load(FLAGS + p).to(tl.pointer_type(tl.int32))
+            _add_count(flags + site_flag + one, count)
+
+    @triton.jit
+    def _await_rows(CNT, n, WORLD: tl.constexpr):
+        """Wait until every rank's n rows arrived at the site (CNT: its arrived word)."""
+        one = tl.arange(0, 1)
+        _await_count(CNT + one, tl.zeros([1], dtype=tl.int32) + WORLD * n)
+        tl.debug_barrier()
+
+    @triton.jit
+    def _summed(X, cols, ok, n, WORLD: tl.constexpr):
+        """Columns `cols` of the sum of the WORLD partial rows at X ([WORLD, n]): float32,
+        in rank order, rounded to X's dtype (the one-shot kernel's bits)."""
+        acc = tl.zeros(cols.shape, dtype=tl.float32)
+        for p in tl.static_range(WORLD):
+            acc += tl.load(X + p * n + cols, mask=ok, other=0.0,
+                           cache_modifier=".cg").to(tl.float32)
+        return acc.to(X.dtype.element_ty)
+
+    @triton.jit
+    def _leave_rows(CNT):
+        """Count this program out of the site (after its last load of the rows)."""
+        tl.debug_barrier()
+        one = tl.arange(0, 1)
+        _leave_site(CNT + 1 + one, CNT + one,
+                    tl.zeros([1], dtype=tl.int32) + tl.num_programs(0) - 1)
+
+    @triton.jit
+    def _pull_kernel(X, Y, CNT, n, WORLD: tl.constexpr, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):
+        """Y = the site's sum, for a reader that cannot sum it itself."""
+        _pdl_enter(PDL)
+        _await_rows(CNT, n, WORLD)
+        cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = cols < n
+        tl.store(Y + cols, _summed(X, cols, ok, n, WORLD), mask=ok)
+        _leave_rows(CNT)
+
+
+def pull(rows: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """The sum [1, n] of a site's partial rows [world, n] (`counters`: its arrived and
+    done words), in one kernel: for a reader that does not sum as it loads."""
+    world, n = rows.shape
+    y = torch.empty(1, n, dtype=rows.dtype, device=rows.device)
+    block = 1024
+    _pull_kernel[(-(-n // block),)](rows, y, counters, n, WORLD=world, BLOCK=block,
+                                    num_warps=4, **_launch(rows))
+    return y
 
 
 _TL = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}

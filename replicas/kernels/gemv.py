@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from replicas.kernels.allreduce import Site
 from replicas.kernels.common import _launch, _pow2
 
 try:
@@ -19,12 +20,21 @@ except ImportError:  # CPU installs without Triton: the PyTorch path only
 
 
 if triton is not None:
+    from replicas.kernels.allreduce import _await_rows, _leave_rows, _push_rows, _summed
     from replicas.kernels.common import _pdl_enter
 
     @triton.jit
-    def _normed_x(X, R, NW, cols, k, rstd, EVEN: tl.constexpr, HAS_RES: tl.constexpr):
-        """K columns of norm(x + residual) * weight, float32, rounded as _rms_norm_kernel."""
-        if EVEN:
+    def _normed_x(X, R, NW, cols, k, rstd, EVEN: tl.constexpr, HAS_RES: tl.constexpr,
+                  PULL: tl.constexpr, WORLD: tl.constexpr):
+        """K columns of norm(x + residual) * weight, float32, rounded as _rms_norm_kernel.
+        PULL: x is the sum of WORLD partial rows at X, summed here."""
+        if PULL:
+            x = _summed(X, cols, cols < k, k, WORLD).to(tl.float32)
+            if HAS_RES:
+                x = (x + tl.load(R + cols, mask=cols < k, other=0.0).to(tl.float32)).to(
+                    X.dtype.element_ty)
+            w = tl.load(NW + cols, mask=cols < k, other=0.0).to(tl.float32)
+        elif EVEN:
             x = tl.load(X + cols).to(tl.float32)
             if HAS_RES:
                 x = (x + tl.load(R + cols).to(tl.float32)).to(X.dtype.element_ty)
@@ -40,10 +50,11 @@ if triton is not None:
 
     @triton.jit
     def _gemv_x(X, R, NW, cols, k, rstd, EVEN: tl.constexpr, GATED: tl.constexpr,
-                NORM: tl.constexpr, HAS_RES: tl.constexpr):
+                NORM: tl.constexpr, HAS_RES: tl.constexpr, PULL: tl.constexpr,
+                WORLD: tl.constexpr):
         """K columns of the GEMV's input row, float32 (see _gemv_kernel)."""
         if NORM:
-            return _normed_x(X, R, NW, cols, k, rstd, EVEN, HAS_RES)
+            return _normed_x(X, R, NW, cols, k, rstd, EVEN, HAS_RES, PULL, WORLD)
         if EVEN:
             x = tl.load(X + cols)
         else:
@@ -66,10 +77,12 @@ if triton is not None:
                        mask=r_ok[:, None] & (cols < k)[None, :], other=0.0)
 
     @triton.jit
-    def _gemv_kernel(X, W, B, Y, R, NW, ROUT, n, k, sw, eps, HAS_BIAS: tl.constexpr,
-                     EVEN: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
-                     HAS_RES: tl.constexpr, ROW: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    def _gemv_kernel(X, W, B, Y, R, NW, ROUT, n, k, sw, eps, DATA, FLAGS, CNT, site_data,
+                     site_flag, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
+                     GATED: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
+                     ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PUSH: tl.constexpr, PULL: tl.constexpr, RANK: tl.constexpr,
+                     WORLD: tl.constexpr, PDL: tl.constexpr):
         """y = W x (+ b) for one row x: program = BLOCK_N rows of W, streamed along K,
         products summed in float32 registers and reduced once at the end. The first
         tile of W is loaded before waiting on the kernel that writes x (with PDL it
@@ -78,16 +91,26 @@ if triton is not None:
         The input row may be made here: GATED, silu(gate) * up of x = [gate | up];
         NORM, the decoder layer's RMSNorm of x (+ R): every program takes the row's sum
         of squares (the row is read from L2 / L1 twice: for it, then tile by tile) and
-        program 0 writes x + R to ROUT."""
+        program 0 writes x + R to ROUT.
+
+        The all-reduce of tensor parallelism can fold into it (allreduce.py): PUSH, the
+        rows of y go to every rank's buffer at a site (DATA, FLAGS: every rank's
+        addresses) instead of Y; PULL, x is the sum of the WORLD partial rows at X,
+        waited for on the site's counters CNT and summed as it is read."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         r_ok = rows < n
         cols = tl.arange(0, BLOCK_K)
         w = _w_tile(W, rows, r_ok, cols, k, sw, EVEN)
         _pdl_enter(PDL)
+        if PULL:
+            _await_rows(CNT, k, WORLD)
         rstd = 0.0
         if NORM:
             every = tl.arange(0, ROW)
-            whole = tl.load(X + every, mask=every < k, other=0.0).to(tl.float32)
+            if PULL:
+                whole = _summed(X, every, every < k, k, WORLD).to(tl.float32)
+            else:
+                whole = tl.load(X + every, mask=every < k, other=0.0).to(tl.float32)
             if HAS_RES:
                 whole = (whole + tl.load(R + every, mask=every < k, other=0.0).to(
                     tl.float32)).to(X.dtype.element_ty)
@@ -96,16 +119,22 @@ if triton is not None:
                 whole = whole.to(tl.float32)
             rstd = 1.0 / tl.sqrt(tl.sum(whole * whole, axis=0) / k + eps)
         acc = w.to(tl.float32) * _gemv_x(X, R, NW, cols, k, rstd, EVEN, GATED, NORM,
-                                         HAS_RES)[None, :]
+                                         HAS_RES, PULL, WORLD)[None, :]
         for k0 in range(BLOCK_K, k, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             w = _w_tile(W, rows, r_ok, cols, k, sw, EVEN)
             acc += w.to(tl.float32) * _gemv_x(X, R, NW, cols, k, rstd, EVEN, GATED, NORM,
-                                              HAS_RES)[None, :]
+                                              HAS_RES, PULL, WORLD)[None, :]
         y = tl.sum(acc, axis=1)
         if HAS_BIAS:
             y += tl.load(B + rows, mask=r_ok, other=0.0).to(tl.float32)
-        tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=r_ok)
+        if PUSH:
+            _push_rows(y.to(Y.dtype.element_ty), rows, r_ok, n, DATA, FLAGS, site_data,
+                       site_flag, RANK, WORLD)
+        else:
+            tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=r_ok)
+        if PULL:
+            _leave_rows(CNT)
 
 
 GemvConfig = tuple[int, int, int, int]  # (rows per program, K per iteration, warps, stages)
@@ -126,31 +155,51 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return _gemv(x, weight, bias, config, gated=gated)
 
 
-def gemv_norm(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
-              eps: float, weight: torch.Tensor, bias: torch.Tensor | None, config: GemvConfig
+def gemv_norm(x: torch.Tensor | Site, residual: torch.Tensor | None,
+              norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+              bias: torch.Tensor | None, config: GemvConfig
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(gemv(rms_norm(x + residual) * norm_weight), x + residual) for one row x [1, K], in
     one kernel, equal to `rms_norm` then `gemv` with the same config; without a residual
-    the second result is x."""
-    r_out = torch.empty_like(x) if residual is not None else x
+    the second result is x. `x` may be a Site: the sum over the ranks of the row that
+    their GEMVs pushed there (`gemv_push`), summed here as it is read."""
+    row = x.rows[:1] if isinstance(x, Site) else x
+    r_out = torch.empty_like(row) if residual is not None else row
     y = _gemv(x, weight, bias, config, norm=(residual, norm_weight, r_out, eps))
     return y, r_out
 
 
-def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+def gemv_push(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig, gated: bool,
+              site: Site) -> Site:
+    """`gemv(x, weight, None, config, gated)`, its rows pushed to every rank's buffer at
+    `site` instead of returned: the all-reduce of a row-parallel layer, folded into the
+    GEMV; the reader sums it (`gemv_norm` of the site, or `site.pull()`)."""
+    _gemv(x, weight, None, config, gated=gated, push=site)
+    return site
+
+
+def _gemv(x: torch.Tensor | Site, weight: torch.Tensor, bias: torch.Tensor | None,
           config: GemvConfig, gated: bool = False,
-          norm: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, float] | None = None
-          ) -> torch.Tensor:
+          norm: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, float] | None = None,
+          push: Site | None = None) -> torch.Tensor:
     n, k = weight.shape
     block_n, block_k, warps, stages = config
-    y = torch.empty(1, n, dtype=x.dtype, device=x.device)
-    residual, norm_weight, r_out, eps = norm or (None, x, x, 0.0)
+    pull = x if isinstance(x, Site) else None
+    row = pull.rows if pull is not None else x
+    assert isinstance(row, torch.Tensor)
+    y = push.rows if push is not None else torch.empty(1, n, dtype=row.dtype, device=row.device)
+    residual, norm_weight, r_out, eps = norm or (None, row, row, 0.0)
+    site = push or pull
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, y,
-        residual if residual is not None else x, norm_weight, r_out, n, k, weight.stride(0),
-        eps, HAS_BIAS=bias is not None, EVEN=n % block_n == 0 and k % block_k == 0,
+        row, weight, bias if bias is not None else weight, y,
+        residual if residual is not None else row, norm_weight, r_out, n, k,
+        weight.stride(0), eps, *(site.kernel_args() if site is not None else (
+            weight, weight, weight, 0, 0)),
+        HAS_BIAS=bias is not None, EVEN=n % block_n == 0 and k % block_k == 0,
         GATED=gated, NORM=norm is not None, HAS_RES=residual is not None, ROW=_pow2(k),
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages, **_launch(x))
+        BLOCK_N=block_n, BLOCK_K=block_k, PUSH=push is not None, PULL=pull is not None,
+        RANK=site.rank if site is not None else 0, WORLD=site.world if site is not None else 1,
+        num_warps=warps, num_stages=stages, **_launch(row))
     return y
 
 
