@@ -54,7 +54,7 @@ class OneShotAllReduce:
         self.nslots = slots(max_bytes)
         self.world = data_ptrs.numel()
         # after the one-shot kernel's part: `sites` regions of `site_bytes` (data) and
-        # two words each (flags) for the all-reduces folded into GEMVs (Site)
+        # three words each (flags) for the all-reduces folded into GEMVs (Site)
         self.sites, self.site_bytes = sites, site_bytes
 
     def site(self, index: int, n: int, dtype: torch.dtype) -> Site | None:
@@ -64,8 +64,8 @@ class OneShotAllReduce:
             return None
         start = self.max_bytes + index * self.site_bytes
         rows = self.data[start : start + self.world * n * dtype.itemsize].view(dtype)
-        words = flag_words(self.world, self.max_bytes) + 2 * index
-        return Site(rows.view(self.world, n), self.flags[words : words + 2], self.data_ptrs,
+        words = flag_words(self.world, self.max_bytes) + 3 * index
+        return Site(rows.view(self.world, n), self.flags[words : words + 3], self.data_ptrs,
                     self.flag_ptrs, start // dtype.itemsize, words, self.rank, self.world)
 
     @staticmethod
@@ -104,7 +104,7 @@ class OneShotAllReduce:
             data = symm_mem.empty(max_bytes + sites * site_bytes, dtype=torch.uint8,
                                   device=device)
             words = flag_words(world_size, max_bytes)
-            flags = symm_mem.empty(words + 2 * sites, dtype=torch.int32, device=device)
+            flags = symm_mem.empty(words + 3 * sites, dtype=torch.int32, device=device)
             ptrs = []
             for buf in (data, flags):
                 handle = symm_mem.rendezvous(buf, name)

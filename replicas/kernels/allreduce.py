@@ -58,11 +58,12 @@ def slots(max_bytes: int) -> int:
 class Site:
     """One all-reduce of a batch-1 decode step folded into the GEMVs beside it: a region
     [world, n] of every rank's data buffer (row r: rank r's partial, pushed there by its
-    GEMV) and two words of every rank's flag buffer (arrived rows, reader programs done).
+    GEMV) and three words of every rank's flag buffer (rows arrived, reader programs
+    done, writer programs done).
     The same region and words on every rank; `rows` and `counters` are this rank's."""
 
     rows: torch.Tensor  # [world, n] in the wire dtype (= the model dtype)
-    counters: torch.Tensor  # [2] int32: arrived, done
+    counters: torch.Tensor  # [3] int32: arrived, read, written
     data_ptrs: torch.Tensor  # every rank's data buffer address (int64, on the device)
     flag_ptrs: torch.Tensor
     data_offset: int  # the region's offset in each data buffer, in wire elements
@@ -172,12 +173,12 @@ if triton is not None:
 
 
     # ---- the reduce folded into the kernels beside it (batch-1 decode) ----
-    # A row-parallel GEMV pushes its rows of the partial result into every rank's buffer
-    # at a "site" (one per all-reduce of the step) and counts them into each rank's
-    # "arrived" word; the kernel that reads the sum (the next norm GEMV, or
-    # `_pull_kernel`) waits until every rank's rows arrived, sums them as it loads them,
-    # and counts its programs out in a "done" word: the last one resets both words for
-    # the next step. No kernel of its own, no copy-in, one NVLink store per row.
+    # A row-parallel GEMV writes its partial row into every rank's buffer at a "site"
+    # (one per all-reduce of the step; its last program copies the row to the peers)
+    # and adds it to each rank's "arrived" word; the kernel that reads the sum (the next
+    # norm GEMV, or `_pull_kernel`) waits until every rank's row arrived, sums them as it
+    # loads them, and counts its programs out in a "done" word: the last one resets
+    # both words for the next step. No all-reduce kernel and no kernel boundary.
 
     @triton.jit
     def _add_count(addr, value):
@@ -238,19 +239,30 @@ if triton is not None:
             "=r,l,l,r", [done, arrived, last], dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
-    def _push_rows(y, rows, r_ok, n, DATA, FLAGS, site_data, site_flag, RANK: tl.constexpr,
-                   WORLD: tl.constexpr):
-        """Store `y` (rows `rows` of this rank's partial, in the wire dtype) into every
-        rank's buffer at the site, then count them into every rank's arrived word."""
-        for p in tl.static_range(WORLD):
-            buf = _aligned(DATA + p, y.dtype)
-            tl.store(buf + site_data + RANK * n + rows, y, mask=r_ok)
-        tl.debug_barrier()  # every thread's stores before thread 0's release
-        one = tl.arange(0, 1)
-        count = tl.zeros([1], dtype=tl.int32) + tl.sum(r_ok.to(tl.int32), axis=0)
-        for p in tl.static_range(WORLD):
-            flags = tl.load(FLAGS + p).to(tl.pointer_type(tl.int32))
-            _add_count(flags + site_flag + one, count)
+    def _push_rows(y, rows, r_ok, n, DATA, FLAGS, CNT, site_data, site_flag,
+                   RANK: tl.constexpr, WORLD: tl.constexpr):
+        """Store `y` (this program's rows of this rank's partial, in the wire dtype) at the
+        site in this rank's own buffer. The grid's last program to do so (a count in the
+        site's third word, GPU scope) copies the whole row into every other rank's buffer
+        and adds n to every rank's arrived word: one release at system scope per rank and
+        site (one per program, over NVLink to one word, cost ~28 us a site on 2xH200)."""
+        own = _aligned(DATA + RANK, y.dtype) + site_data + RANK * n
+        tl.store(own + rows, y, mask=r_ok)
+        tl.debug_barrier()  # every thread's stores before the count (acq_rel, cumulative)
+        before = tl.atomic_add(CNT + 2, 1, sem="acq_rel", scope="gpu")
+        if before == tl.num_programs(0) - 1:
+            tl.store(CNT + 2, 0)  # the next step's count (its GEMV runs after this one)
+            for c0 in range(0, n, 1024):
+                cols = c0 + tl.arange(0, 1024)
+                v = tl.load(own + cols, mask=cols < n, cache_modifier=".cg")
+                for p in tl.static_range(WORLD):
+                    if p != RANK:
+                        peer = _aligned(DATA + p, y.dtype) + site_data + RANK * n
+                        tl.store(peer + cols, v, mask=cols < n)
+            tl.debug_barrier()
+            for p in tl.static_range(WORLD):
+                flags = tl.load(FLAGS + p).to(tl.pointer_type(tl.int32))
+                tl.atomic_add(flags + site_flag, n, sem="release", scope="sys")
 
     @triton.jit
     def _await_rows(CNT, n, WORLD: tl.constexpr):
@@ -262,11 +274,13 @@ if triton is not None:
     @triton.jit
     def _summed(X, cols, ok, n, WORLD: tl.constexpr):
         """Columns `cols` of the sum of the WORLD partial rows at X ([WORLD, n]): float32,
-        in rank order, rounded to X's dtype (the one-shot kernel's bits)."""
+        in rank order, rounded to X's dtype (the one-shot kernel's bits). X is this
+        rank's own memory, read after the acquire of its arrived word: cached loads (each
+        of a norm GEMV's thousands of programs reads the whole row twice; from L1 after
+        the first program of an SM, not each time from L2)."""
         acc = tl.zeros(cols.shape, dtype=tl.float32)
         for p in tl.static_range(WORLD):
-            acc += tl.load(X + p * n + cols, mask=ok, other=0.0,
-                           cache_modifier=".cg").to(tl.float32)
+            acc += tl.load(X + p * n + cols, mask=ok, other=0.0).to(tl.float32)
         return acc.to(X.dtype.element_ty)
 
     @triton.jit

@@ -129,7 +129,7 @@ if triton is not None:
         if HAS_BIAS:
             y += tl.load(B + rows, mask=r_ok, other=0.0).to(tl.float32)
         if PUSH:
-            _push_rows(y.to(Y.dtype.element_ty), rows, r_ok, n, DATA, FLAGS, site_data,
+            _push_rows(y.to(Y.dtype.element_ty), rows, r_ok, n, DATA, FLAGS, CNT, site_data,
                        site_flag, RANK, WORLD)
         else:
             tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=r_ok)
