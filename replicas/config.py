@@ -76,8 +76,9 @@ class EngineConfig:
     one_shot_all_reduce: bool = True
     # ...and, in batch-1 decode, each all-reduce after a row-parallel GEMV folded into the
     # kernels beside it: that GEMV pushes its rows to every rank, the next norm GEMV sums
-    # them as it reads (no all-reduce kernel; replicas/kernels/allreduce.py)
-    fold_all_reduce: bool = True
+    # them as it reads (no all-reduce kernel; replicas/kernels/allreduce.py). Off until
+    # measured faster on two GPUs (PERF.md v0.15: its first form was slower)
+    fold_all_reduce: bool = False
 
     def __post_init__(self) -> None:
         if self.tp not in SUPPORTED_TP:
