@@ -83,28 +83,50 @@ class _Request:
 
 class _Flight:
     """A step's sampled tokens on their way to the host: the next step may already be
-    running on them (its input ids say -(j + 1) for row j of `tokens`)."""
+    running on them (its input ids say -(j + 1) for row j of `tokens`). With a float16
+    all-reduce at tp > 1 the step's overflow flag travels with them, and `step` keeps
+    what running the step again needs: (its message, its feed, the rows it sampled)."""
 
     def __init__(self, entries: list[tuple[_Request, int]], tokens: torch.Tensor,
-                 logprobs: torch.Tensor | None) -> None:
+                 logprobs: torch.Tensor | None, overflow: torch.Tensor | None = None,
+                 step: tuple[StepBatch, torch.Tensor | None, list[int]] | None = None
+                 ) -> None:
         self.entries = entries  # (request, the token's index among its outputs, from 1)
         self.tokens = tokens  # [N] int64 on the device
-        self._host = [tokens, logprobs]
+        self.step = step
+        self._overflow = None if overflow is None else overflow.clone()  # this step's
+        self._send_to_host(logprobs)
+
+    def _send_to_host(self, logprobs: torch.Tensor | None) -> None:
+        self._host = [self.tokens, logprobs, self._overflow]
         self._ready: torch.cuda.Event | None = None
-        if tokens.is_cuda:  # copied into pinned memory behind the step, read after the event
-            for i, t in enumerate(self._host):
+        if self.tokens.is_cuda:  # copied into pinned memory behind the step, read after
+            for i, t in enumerate(self._host):  # the event
                 if t is not None:
                     self._host[i] = torch.empty_like(t, device="cpu").pin_memory()
                     self._host[i].copy_(t, non_blocking=True)
             self._ready = torch.cuda.Event()
             self._ready.record()
 
+    def overflowed(self) -> bool:
+        """Whether the step's 16-bit all-reduce overflowed (waits for the step)."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host[2] is not None and bool(self._host[2])
+
+    def retake(self, tokens: torch.Tensor, logprobs: torch.Tensor | None) -> None:
+        """The step's tokens sampled again (after its re-run): in place, so that a next
+        step launched on them and run again reads these."""
+        self.tokens.copy_(tokens)
+        self._overflow = None
+        self._send_to_host(logprobs)
+
     def read(self) -> tuple[list[int], list[float]]:
         """The tokens and their log-probabilities (0 where none was asked for); waits
         for the step that sampled them."""
         if self._ready is not None:
             self._ready.synchronize()
-        tokens, logprobs = self._host
+        tokens, logprobs, _ = self._host
         assert tokens is not None
         return tokens.tolist(), ([0.0] * len(self.entries) if logprobs is None
                                  else logprobs.tolist())
@@ -483,8 +505,10 @@ class Engine:
             raise RuntimeError("scheduler has work but scheduled nothing")
         batch, rows = self._batch(plan)
         self.worker.send(batch)
-        logits = self.worker.execute(batch, self._flight.tokens if self._flight else None)
-        self._land()
+        feed = self._flight.tokens if self._flight else None
+        logits = self.worker.execute(batch, feed)
+        if self._land():  # the step before overflowed and was run again: so is this one,
+            logits = self.worker.rerun_float32(batch, feed)  # on its corrected tokens
         self._deliver()
         self._steps += 1
         live = [(item, r) for item, r in zip(plan, rows, strict=True)
@@ -494,28 +518,28 @@ class Engine:
                 self._requests[item.seq.request_id].score_rows.clear()
             self.scheduler.advance(item)
         sampled: list[tuple[_Request, int]] = []  # (request, its row of the logits)
+        scored: list[tuple[_Request, int, int]] = []  # (request, its rows)
         for item, (start, end) in live:
             req = self._requests[item.seq.request_id]
             if req.seq.score:
-                req.score_rows.append(logits[start:end].cpu())
-                if req.seq.num_computed == len(req.seq.token_ids):
-                    self._finish_score(req)
+                scored.append((req, start, end))
             elif end > start:
                 sampled.append((req, start))
+        overflow = self.worker.overflow_flag()
+        # a float16 all-reduce's overflow is read with the step's sampled tokens (`_land`);
+        # read now (a wait) when score rows go to the host at once or nothing is sampled
+        if overflow is not None and (scored or not sampled) and bool(overflow):
+            logits = self.worker.rerun_float32(batch, feed)
+        for req, start, end in scored:
+            req.score_rows.append(logits[start:end].cpu())
+            if req.seq.num_computed == len(req.seq.token_ids):
+                self._finish_score(req)
         if sampled:
             reqs = [r for r, _ in sampled]
             at = [row for _, row in sampled]
-            # a decode step samples every row in order: no gather of the logits then (and
-            # its graph may have taken their argmax already)
-            in_order = at == list(range(len(at)))
-            picked = logits[: len(at)] if in_order else logits[
-                torch.tensor(at).to(logits.device, non_blocking=True)]
-            greedy = self.worker.greedy
-            tokens, logprobs = sample_on_device(
-                picked, [r.seq.params for r in reqs], [r.generator for r in reqs],
-                argmax=greedy[: len(at)] if in_order and greedy is not None else None)
+            tokens, logprobs = self._sample(logits, reqs, at, self.worker.greedy)
             self._flight = _Flight([(r, self._accept(r, -(j + 1))) for j, r in enumerate(reqs)],
-                                   tokens, logprobs)
+                                   tokens, logprobs, overflow, (batch, feed, at))
             if not self._ahead:
                 self._land()
                 if self._device.type == "cpu":
@@ -523,6 +547,18 @@ class Engine:
                     # so waiting for the next step would only delay these tokens by it
                     # (measured: +18 ms on every first token of the CPU load model)
                     self._deliver()
+
+    def _sample(self, logits: torch.Tensor, reqs: list[_Request], at: list[int],
+                greedy: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sample row at[i] of the logits for reqs[i], on the device."""
+        # a decode step samples every row in order: no gather of the logits then (and its
+        # graph may have taken their argmax already)
+        in_order = at == list(range(len(at)))
+        picked = logits[: len(at)] if in_order else logits[
+            torch.tensor(at).to(logits.device, non_blocking=True)]
+        return sample_on_device(
+            picked, [r.seq.params for r in reqs], [r.generator for r in reqs],
+            argmax=greedy[: len(at)] if in_order and greedy is not None else None)
 
     def _batch(self, plan: list[Scheduled]) -> tuple[StepBatch, list[tuple[int, int]]]:
         """The step message, and per scheduled item the rows of the logits it owns."""
@@ -556,14 +592,22 @@ class Engine:
             self.scheduler.finish(seq)
         return index
 
-    def _land(self) -> None:
+    def _land(self) -> bool:
         """Read the last sampled step's tokens: each takes its placeholder's place; a
         stop token ends its sequence (and drops a placeholder launched after it).
-        Text and delivery wait for `_deliver`."""
+        Text and delivery wait for `_deliver`. A step whose float16 all-reduce overflowed
+        is run again in float32 and sampled again first; then True (a step launched on
+        its tokens since must run again too)."""
         flight, self._flight = self._flight, None
         if flight is None:
-            return
+            return False
         start = time.perf_counter()
+        redone = flight.overflowed()
+        if redone:  # its float16 all-reduce overflowed: run it again, sample again
+            assert flight.step is not None
+            batch, feed, at = flight.step
+            logits = self.worker.rerun_float32(batch, feed)
+            flight.retake(*self._sample(logits, [r for r, _ in flight.entries], at, None))
         tokens, logprobs = flight.read()
         self._device_wait_s += time.perf_counter() - start
         for (req, index), token, logprob in zip(flight.entries, tokens, logprobs, strict=True):
@@ -577,6 +621,7 @@ class Engine:
                 self._tokens_out -= len(seq.token_ids) - at - 1
                 del seq.token_ids[at + 1:]
             self._pending.append((req, token, logprob, stop_token, index))
+        return redone
 
     def _deliver(self) -> None:
         """Detokenize the read tokens, check stop strings, hand out the deltas."""

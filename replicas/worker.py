@@ -8,6 +8,7 @@ the GPU queue), with `encode` / `decode` as its only format.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -46,7 +47,8 @@ log = logging.getLogger(__name__)
 # the commands of a step message: run a step; stop; nothing (rank 0's heartbeat while
 # idle, so that a rank's wait never reaches the group's timeout); replay the batch-1
 # decode graph `logits_indices[0]` times on every rank (bench.graph_step_ms at tp > 1)
-STEP, SHUTDOWN, PING, REPLAY = 0, 1, 2, 3
+# STEP_FP32: a step run again with float32 communication (its 16-bit payload overflowed)
+STEP, SHUTDOWN, PING, REPLAY, STEP_FP32 = 0, 1, 2, 3, 4
 CPU_KV_CACHE_BYTES = 256 * 2**20  # default KV budget per rank on CPU
 # the longest wait for the TP peers at start (joining, loading), whatever dist_timeout_s
 START_TIMEOUT_S = 600.0
@@ -392,8 +394,8 @@ class Worker:
 
         An input id -(j + 1) is a token the step before sampled on the device, not yet
         read by the host: `feed[j]` (rank 0 at tp=1 only, see Engine._step).
-        A step whose 16-bit all-reduce overflowed is run again in float32 (see
-        parallel.py); every rank sees the same reduced values, so all decide alike.
+        A STEP_FP32 batch runs eagerly with float32 communication: rank 0 sends one when
+        a step's 16-bit all-reduce overflowed (`overflow_flag`, `rerun_float32`).
         A graphed step also leaves the logits' argmax in `self.greedy` (else None).
         """
         profile_dir = os.environ.get("TPSERVE_STEP_PROFILE")  # read now: ranks fork
@@ -403,23 +405,15 @@ class Worker:
         self.comm.reset_overflow()
         self.greedy = None
         feed = self._share_feed(batch, feed)
-        if self.graphs is not None and self._is_decode(batch):
+        float32 = batch.command == STEP_FP32  # eager: the graphs hold 16-bit reduces
+        if self.graphs is not None and not float32 and self._is_decode(batch):
             logits, self.greedy = self.graphs.replay(list(batch.input_ids),
                                                      list(batch.positions),
                                                      list(batch.block_tables), feed)
         else:
-            logits = self.model(self.forward_batch(batch, feed), self.kv)
-        # reading the flag waits for the step (a host sync): only float16 payloads can
-        # overflow, so bfloat16 and float32 ones never read it (at tp > 1 on GPUs that
-        # wait would undo asynchronous scheduling)
-        if (self.comm.world_size > 1 and self.comm.dtype == torch.float16
-                and bool(self.comm.overflow)):
-            self.overflow_retries += 1
-            log.warning("16-bit all-reduce overflowed; step re-run with float32 communication")
-            self.comm.force_float32 = True  # eager: the graphs were captured with 16 bits
+            self.comm.force_float32 = float32
             try:
                 logits = self.model(self.forward_batch(batch, feed), self.kv)
-                self.greedy = None
             finally:
                 self.comm.force_float32 = False
         trace = os.environ.get("TPSERVE_STEP_TRACE")  # read now: ranks fork from a server
@@ -435,6 +429,23 @@ class Worker:
                "entered": round(entered, 6), "launched": round(time.time(), 6)}
         with open(os.path.join(trace, f"rank{self.rank}.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
+
+    def overflow_flag(self) -> torch.Tensor | None:
+        """The last step's overflow flag (on the device: reading it waits for the step),
+        or None where no payload can overflow: only float16 payloads at tp > 1 can."""
+        if self.world_size > 1 and self.comm.dtype == torch.float16:
+            return self.comm.overflow
+        return None
+
+    def rerun_float32(self, batch: StepBatch, feed: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """Rank 0: run `batch` again on every rank with float32 communication (its 16-bit
+        all-reduce overflowed); the step is idempotent (it rewrites the same KV slots)."""
+        self.overflow_retries += 1
+        log.warning("16-bit all-reduce overflowed; step re-run with float32 communication")
+        again = dataclasses.replace(batch, command=STEP_FP32)
+        self.send(again)
+        return self.execute(again, feed)
 
     def _profiled(self, profile_dir: str, batch: StepBatch, feed: torch.Tensor | None
                   ) -> torch.Tensor:

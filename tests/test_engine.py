@@ -329,18 +329,31 @@ def overflowing_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
-def test_float16_overflow_is_rerun_in_float32(overflowing_model: str) -> None:
-    def run(comm: str) -> tuple[list[list[int]], int]:
+@pytest.mark.parametrize("ahead", [False, True])
+def test_float16_overflow_is_rerun_in_float32(overflowing_model: str, ahead: bool) -> None:
+    """The overflow flag is read with each step's sampled tokens (no wait of its own); a
+    step that overflowed runs again in float32 and samples again. `ahead`: the next step
+    was launched on the overflowed step's tokens before they were read (the GPUs' way;
+    CPU TP reads each step's tokens first, so it is forced here): that step runs again
+    too, on the corrected tokens. Score rows (read at once) are checked at once."""
+    def run(comm: str) -> tuple[list[list[int]], torch.Tensor, int]:
         with Engine(EngineConfig(model=overflowing_model, tp=2, comm_dtype=comm)) as eng:
+            eng._ahead = ahead
             outs = eng.generate(PROMPTS[:2], SamplingParams(max_tokens=8, temperature=0.0,
                                                             ignore_eos=True))
-            return [o.token_ids for o in outs], eng.stats()["comm_overflow_retries"]
+            outs += eng.generate(PROMPTS[2:3], SamplingParams(max_tokens=8,
+                                                              temperature=0.0,
+                                                              ignore_eos=True))
+            scores = eng.score(PROMPTS[3])
+            return ([o.token_ids for o in outs], scores,
+                    eng.stats()["comm_overflow_retries"])
 
-    exact, retries32 = run("float32")
-    guarded, retries16 = run("float16")
+    exact, exact_scores, retries32 = run("float32")
+    guarded, guarded_scores, retries16 = run("float16")
     assert retries32 == 0
-    assert retries16 >= 8  # every step overflowed and was run again
+    assert retries16 >= 8  # steps overflowed and were run again
     assert guarded == exact
+    assert torch.equal(guarded_scores, exact_scores)
 
 
 def test_overlapped_chunked_all_reduce_changes_no_token() -> None:
