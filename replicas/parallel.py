@@ -7,10 +7,11 @@ visible.
 
 Communication runs in `Comm.dtype` (16 bit by default). A float16 payload overflows
 above 65504: the reduced result then holds inf. The all-reduce never syncs the host to
-look; it records non-finite results in a device-side flag, and the worker reads that flag
-once per step, together with the sampled tokens. A step whose flag is set is run again
-with float32 communication (the step is idempotent: it rewrites the same KV slots), so
-overflow costs one step's time and never a wrong token.
+look; it records non-finite results in a device-side flag, and the engine reads that flag
+with the step's sampled tokens (replicas/engine.py `_Flight`), so a float16 wire costs no
+wait of its own. A step whose flag is set is run again on every rank with float32
+communication (the step is idempotent: it rewrites the same KV slots), and so is a step
+already launched on its tokens: overflow costs a step or two and never a wrong token.
 """
 
 from __future__ import annotations
