@@ -244,7 +244,6 @@ def prefill_and_decode(shapes: Shapes, tp: int, repeats: int) -> Iterator[dict[s
     settings += [(p, tp, {"comm_dtype": p}) for p in ("float16", "float32") if p != wire]
     if shapes.device == "cuda":
         settings.append(("nccl", tp, {"one_shot_all_reduce": False}))
-        settings.append(("folded", tp, {"fold_all_reduce": True}))
     got: dict[str, dict[str, Any]] = {}
     for seed, (key, size, overrides) in enumerate(settings, start=1):
         args = (shapes, size, overrides, repeats, seed)
@@ -284,10 +283,8 @@ def prefill_and_decode(shapes: Shapes, tp: int, repeats: int) -> Iterator[dict[s
     payloads = [(wire, on)] + [(p, got[p]) for p in ("float16", "float32") if p in got]
     if "nccl" in got:
         payloads.append((f"{wire}_nccl", got["nccl"]))
-    if "folded" in got:  # each decode all-reduce folded into the GEMVs beside it
-        payloads.append((f"{wire}_folded", got["folded"]))
     for label, fig in payloads:
-        comm = label.removesuffix("_nccl").removesuffix("_folded")
+        comm = label.removesuffix("_nccl")
         yield {"case": f"{name}_comm_{label}", "unit": "ms/token", "tp": tp,
                "ours": round(fig["per_token_s"] * 1e3, 3),
                "ttft_ms": round(fig["ttft_s"] * 1e3, 1),
@@ -296,6 +293,23 @@ def prefill_and_decode(shapes: Shapes, tp: int, repeats: int) -> Iterator[dict[s
                "greedy_equal_default": fig["greedy"] == on["greedy"],
                # per token: two row-parallel reduces a layer in the payload dtype
                "wire_bytes_per_token": 2 * layers * hidden * DTYPE_BYTES[comm]}
+
+
+def folded_decode(shapes: Shapes, tp: int, repeats: int) -> dict[str, Any]:
+    """Batch-1 decode with each all-reduce folded into the GEMVs beside it, against the
+    one-shot kernel (the default), side by side: ms/token, graph replay, and whether the
+    greedy tokens are the same (they must be, to the bit). Last in the suite: a new
+    kernel's hang costs no other row."""
+    figs = {fold: in_fresh_process(engine_figures, shapes, tp, {"fold_all_reduce": fold},
+                                   repeats, 1) for fold in (False, True)}
+    return {"case": f"{shapes.name}_tp{tp}_decode_b1_folded", "unit": "ms/token", "tp": tp,
+            "ours": round(figs[True]["per_token_s"] * 1e3, 3),
+            "unfolded_ms": round(figs[False]["per_token_s"] * 1e3, 3),
+            **({"graph_replay_ms": round(figs[True]["graph_ms"], 3),
+                "unfolded_graph_replay_ms": round(figs[False]["graph_ms"], 3)}
+               if "graph_ms" in figs[True] else {}),
+            "folded": figs[True]["folded"],
+            "greedy_equal": figs[True]["greedy"] == figs[False]["greedy"]}
 
 
 def llama_decode(tp: int, repeats: int) -> dict[str, Any]:
@@ -530,6 +544,8 @@ def suite(repeats: int, tps: tuple[int, ...] = (2, 4), smoke: bool = False
             yield llama_decode(tp, repeats)
         yield correctness(shapes, tp)
         yield shutdown_cycles(shapes, tp, cycles=2 if smoke else 5)
+        if shapes.device == "cuda":
+            yield folded_decode(shapes, tp, repeats)
 
     for tp in runnable:
         yield from timed(cases(tp))
