@@ -507,8 +507,8 @@ class Engine:
         self.worker.send(batch)
         feed = self._flight.tokens if self._flight else None
         logits = self.worker.execute(batch, feed)
-        if self._land():  # the step before overflowed and was run again: so is this one,
-            logits = self.worker.rerun_float32(batch, feed)  # on its corrected tokens
+        if self._land(batch):  # the step before overflowed and was run again: so is this
+            logits = self.worker.rerun_float32(batch, feed)  # one, on the corrected tokens
         self._deliver()
         self._steps += 1
         live = [(item, r) for item, r in zip(plan, rows, strict=True)
@@ -592,12 +592,12 @@ class Engine:
             self.scheduler.finish(seq)
         return index
 
-    def _land(self) -> bool:
+    def _land(self, launched: StepBatch | None = None) -> bool:
         """Read the last sampled step's tokens: each takes its placeholder's place; a
         stop token ends its sequence (and drops a placeholder launched after it).
         Text and delivery wait for `_deliver`. A step whose float16 all-reduce overflowed
-        is run again in float32 and sampled again first; then True (a step launched on
-        its tokens since must run again too)."""
+        is run again in float32 and sampled again first; then True: `launched`, a step
+        run on its tokens since, must run again too (its KV slots are zeroed first)."""
         flight, self._flight = self._flight, None
         if flight is None:
             return False
@@ -605,6 +605,8 @@ class Engine:
         redone = flight.overflowed()
         if redone:  # its float16 all-reduce overflowed: run it again, sample again
             assert flight.step is not None
+            if launched is not None:
+                self.worker.clear(launched)
             batch, feed, at = flight.step
             logits = self.worker.rerun_float32(batch, feed)
             flight.retake(*self._sample(logits, [r for r, _ in flight.entries], at, None))

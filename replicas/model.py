@@ -142,17 +142,14 @@ def paged_attention(
 
     q: [T, heads, D]; caches: [blocks, block_size, kv_heads, D] -> [T, heads, D].
     Sequences are padded to the longest chunk and the longest context; the mask hides
-    the padding. Padded query rows see key 0 (never empty rows, so no NaN). Slots past a
-    sequence's last position are zeroed, not only masked: they may hold anything (a
-    later step's keys, when a step is run again after an overflow), and a masked NaN
-    would still reach the output through SDPA's 0 * NaN.
+    the padding. Padded query rows see key 0 (never empty rows, so no NaN). Masked slots
+    are read too, so they must hold finite values (a masked NaN reaches the output
+    through 0 * NaN): the pool starts zeroed, and the slots of a step whose results are
+    thrown away are zeroed again (`Worker.clear`).
     """
     num_seqs, max_q = b.query_pos.shape
     keys = k_cache[b.block_tables].flatten(1, 2)  # [B, L, kv_heads, D]
     values = v_cache[b.block_tables].flatten(1, 2)
-    beyond = (torch.arange(keys.shape[1], device=keys.device)[None, :]
-              > b.query_pos.max(dim=1).values[:, None])[:, :, None, None]  # [B, L, 1, 1]
-    keys, values = keys.masked_fill(beyond, 0.0), values.masked_fill(beyond, 0.0)
     padded = q.new_zeros(num_seqs, max_q, *q.shape[1:])  # [B, max_q, heads, D]
     padded[b.token_seq, b.token_off] = q
     out = F.scaled_dot_product_attention(

@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -47,8 +48,9 @@ log = logging.getLogger(__name__)
 # the commands of a step message: run a step; stop; nothing (rank 0's heartbeat while
 # idle, so that a rank's wait never reaches the group's timeout); replay the batch-1
 # decode graph `logits_indices[0]` times on every rank (bench.graph_step_ms at tp > 1)
-# STEP_FP32: a step run again with float32 communication (its 16-bit payload overflowed)
-STEP, SHUTDOWN, PING, REPLAY, STEP_FP32 = 0, 1, 2, 3, 4
+# STEP_FP32: a step run again with float32 communication (its 16-bit payload overflowed);
+# CLEAR: zero the KV slots a step wrote (its results are thrown away)
+STEP, SHUTDOWN, PING, REPLAY, STEP_FP32, CLEAR = 0, 1, 2, 3, 4, 5
 CPU_KV_CACHE_BYTES = 256 * 2**20  # default KV budget per rank on CPU
 # the longest wait for the TP peers at start (joining, loading), whatever dist_timeout_s
 START_TIMEOUT_S = 600.0
@@ -103,6 +105,11 @@ PING_BATCH = StepBatch((), (), (), (), (), PING)
 def replay_batch(times: int) -> StepBatch:
     """The message that has every rank replay its batch-1 decode graph `times` times."""
     return StepBatch((), (), (), (), (times,), REPLAY)
+
+
+def _starts(lengths: Seq[int]) -> list[int]:
+    """Where each of consecutive runs of these lengths starts."""
+    return [sum(lengths[:i]) for i in range(len(lengths))]
 
 
 def resolve_dtype(config: EngineConfig, spec: ModelSpec, device: torch.device) -> torch.dtype:
@@ -447,6 +454,24 @@ class Worker:
         self.send(again)
         return self.execute(again, feed)
 
+    def clear(self, batch: StepBatch) -> None:
+        """Rank 0: on every rank, zero the KV slots that `batch` wrote: its results are
+        thrown away (it ran on tokens of an overflowed step), and attention reads masked
+        slots too, so they must stay finite."""
+        cleared = dataclasses.replace(batch, command=CLEAR)
+        self.send(cleared)
+        self._clear_slots(cleared)
+
+    def _clear_slots(self, batch: StepBatch) -> None:
+        bs = self.config.block_size
+        slots = [table[p // bs] * bs + p % bs for table, first, n in zip(
+            batch.block_tables, _starts(batch.query_lens), batch.query_lens, strict=True)
+            for p in batch.positions[first : first + n]]
+        index = torch.tensor(slots, dtype=torch.int64, device=self.device)
+        for k, v in self.kv:
+            k.view(-1, *k.shape[2:]).index_fill_(0, index, 0)
+            v.view(-1, *v.shape[2:]).index_fill_(0, index, 0)
+
     def _profiled(self, profile_dir: str, batch: StepBatch, feed: torch.Tensor | None
                   ) -> torch.Tensor:
         """With TPSERVE_STEP_PROFILE=DIR: a step of more than one token runs under
@@ -571,6 +596,9 @@ class Worker:
                 continue
             if batch.command == REPLAY:
                 self.replay_graph(batch.logits_indices[0])
+                continue
+            if batch.command == CLEAR:
+                self._clear_slots(batch)
                 continue
             self.execute(batch)
         self.close()
