@@ -181,21 +181,6 @@ if triton is not None:
     # both words for the next step. No all-reduce kernel and no kernel boundary.
 
     @triton.jit
-    def _add_count(addr, value):
-        """Thread 0 adds `value` to the word at `addr` ([1] pointers), releasing at system
-        scope what its program stored before (after a barrier)."""
-        tl.inline_asm_elementwise(
-            """{
-            .reg .u32 %t;
-            .reg .pred %p;
-            mov.u32 %t, %tid.x;
-            setp.eq.u32 %p, %t, 0;
-            @%p red.release.sys.global.add.u32 [$1], $2;
-            mov.u32 $0, 0;
-            }""",
-            "=r,l,r", [addr, value], dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
     def _await_count(addr, target):
         """Thread 0 waits until the word at `addr` ([1] pointers) reaches `target`
         (acquire: what the adders stored before their adds is then visible)."""
@@ -214,29 +199,6 @@ if triton is not None:
             mov.u32 $0, 0;
             }""",
             "=r,l,r", [addr, target], dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
-    def _leave_site(done, arrived, last):
-        """Thread 0 counts its program out of the site (`done` += 1); the program that
-        makes it `last` + 1 sets `arrived` and `done` back to 0 for the next step. A peer
-        adds to `arrived` again only after this rank's later kernels signalled it, so
-        the reset is never raced."""
-        tl.inline_asm_elementwise(
-            """{
-            .reg .u32 %t, %v;
-            .reg .pred %p, %q;
-            mov.u32 %t, %tid.x;
-            setp.ne.u32 %p, %t, 0;
-            @%p bra done;
-            atom.acq_rel.gpu.global.add.u32 %v, [$1], 1;
-            setp.ne.u32 %q, %v, $3;
-            @%q bra done;
-            st.relaxed.sys.global.u32 [$2], 0;
-            st.relaxed.gpu.global.u32 [$1], 0;
-            done:
-            mov.u32 $0, 0;
-            }""",
-            "=r,l,l,r", [done, arrived, last], dtype=tl.int32, is_pure=False, pack=1)
 
     @triton.jit
     def _push_rows(y, rows, r_ok, n, DATA, FLAGS, CNT, site_data, site_flag,
@@ -285,11 +247,15 @@ if triton is not None:
 
     @triton.jit
     def _leave_rows(CNT):
-        """Count this program out of the site (after its last load of the rows)."""
+        """Count this program out of the site (CNT[1], after its last load of the rows);
+        the grid's last program sets the arrived and read counts back to 0 for the next
+        step. A peer adds to the arrived count again only after this rank's later kernels
+        signalled it, so the reset is never raced."""
         tl.debug_barrier()
-        one = tl.arange(0, 1)
-        _leave_site(CNT + 1 + one, CNT + one,
-                    tl.zeros([1], dtype=tl.int32) + tl.num_programs(0) - 1)
+        before = tl.atomic_add(CNT + 1, 1, sem="acq_rel", scope="gpu")
+        if before == tl.num_programs(0) - 1:
+            tl.store(CNT, 0)
+            tl.store(CNT + 1, 0)
 
     @triton.jit
     def _pull_kernel(X, Y, CNT, n, WORLD: tl.constexpr, BLOCK: tl.constexpr,
