@@ -19,6 +19,7 @@ rows) is the caller's.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Generic, NamedTuple, TypeVar
 
@@ -49,6 +50,18 @@ def split_step(flat: Array, tokens: int, rows: int, width: int) -> StepInputs[Ar
     return StepInputs(ids, positions, slots, tables)
 
 
+def pad_tables(tables: Sequence[Sequence[int]], width: int, pad: int) -> np.ndarray:
+    """[len(tables), width] int64: each table, then `pad` to the width. In a few array
+    operations (a row at a time costs ~2 us a sequence in Python: 0.5 ms of a 256-row
+    decode step)."""
+    lens = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
+    out = np.full((len(tables), width), pad, dtype=np.int64)
+    # row-major boolean assignment takes the values in the tables' concatenated order
+    out[np.arange(width) < lens[:, None]] = np.fromiter(
+        itertools.chain.from_iterable(tables), dtype=np.int64, count=int(lens.sum()))
+    return out
+
+
 def write_step(host: StepInputs[np.ndarray], ids: Sequence[int], positions: Sequence[int],
                block_tables: Sequence[Sequence[int]], block_size: int, pad_block: int,
                query_lens: Sequence[int] | None = None) -> np.ndarray:
@@ -60,9 +73,7 @@ def write_step(host: StepInputs[np.ndarray], ids: Sequence[int], positions: Sequ
     t, b = len(ids), len(block_tables)
     host.ids[:t] = ids
     host.positions[:t] = positions
-    host.tables[:b] = pad_block
-    for i, table in enumerate(block_tables):
-        host.tables[i, : len(table)] = table
+    host.tables[:b] = pad_tables(block_tables, host.tables.shape[1], pad_block)
     rows = np.arange(b)
     token_seq = rows if query_lens is None else np.repeat(rows, query_lens)  # [T]
     pos = host.positions[:t]

@@ -43,7 +43,13 @@ class IncrementalDecoder:
 
     Decodes a short window (prefix_offset..) so each step costs O(window), and holds
     back text ending in U+FFFD, which means a multi-byte character is still incomplete.
+    Tokens that add no text at all (skipped special tokens, ids the tokenizer does not
+    know) would grow the window without end, and each step's cost with it: once
+    `LONG` tokens have added nothing, they count as read, and the window keeps the last
+    `CONTEXT` of them (so that the next token decodes after some text, as it would).
     """
+
+    LONG, CONTEXT = 16, 4
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
@@ -55,7 +61,12 @@ class IncrementalDecoder:
         self.ids.append(token_id)
         prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
         full = self.tokenizer.decode(self.ids[self.prefix_offset :])
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+        if full.endswith("\ufffd"):  # a character's bytes still to come
+            return ""
+        if len(full) <= len(prefix):
+            if full == prefix and len(self.ids) - self.read_offset > self.LONG:
+                self.read_offset = len(self.ids)
+                self.prefix_offset = self.read_offset - self.CONTEXT
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return full[len(prefix) :]

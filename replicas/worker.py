@@ -40,7 +40,7 @@ from replicas.loader import load_weights, random_init
 from replicas.model import CausalLM, ForwardBatch, attention_mask, feed_tokens
 from replicas.parallel import Comm, tune_gemv
 from replicas.shm import ShmAllReduce, ShmChannel
-from replicas.step_inputs import split_step, step_size, write_step
+from replicas.step_inputs import pad_tables, split_step, step_size, write_step
 from replicas.symm import ONE_SHOT_MAX_BYTES, OneShotAllReduce
 
 log = logging.getLogger(__name__)
@@ -76,26 +76,32 @@ class StepBatch:
 
     def encode(self) -> torch.Tensor:
         """Flat int64: [command, T, B, max_blocks, N, ids, positions, query_lens,
-        block tables padded with -1 to max_blocks, logits_indices]."""
+        block tables padded with -1 to max_blocks, logits_indices]. Built with numpy:
+        from Python ints `torch.tensor` took 6.6 ms for a 256-sequence decode step on
+        the 2-core VM, each step, on rank 0's critical path at tp > 1."""
         width = max((len(t) for t in self.block_tables), default=0)
-        tables = [x for t in self.block_tables for x in (*t, *([-1] * (width - len(t))))]
-        head = [self.command, len(self.input_ids), len(self.query_lens), width,
-                len(self.logits_indices)]
-        return torch.tensor([*head, *self.input_ids, *self.positions, *self.query_lens,
-                             *tables, *self.logits_indices], dtype=torch.int64)
+        head = (self.command, len(self.input_ids), len(self.query_lens), width,
+                len(self.logits_indices))
+        parts = [np.array(p, dtype=np.int64) for p in (
+            head, self.input_ids, self.positions, self.query_lens)]
+        parts += [pad_tables(self.block_tables, width, -1).ravel(),
+                  np.array(self.logits_indices, dtype=np.int64)]
+        return torch.from_numpy(np.concatenate(parts))
 
     @staticmethod
     def decode(flat: torch.Tensor) -> StepBatch:
-        v = flat.tolist()
-        command, t, b, width, n = v[:5]
+        v = flat.numpy()
+        command, t, b, width, n = v[:5].tolist()
         at = 5
-        ids, at = tuple(v[at : at + t]), at + t
-        positions, at = tuple(v[at : at + t]), at + t
-        query_lens, at = tuple(v[at : at + b]), at + b
-        rows = [v[at + i * width : at + (i + 1) * width] for i in range(b)]
+        ids, at = tuple(v[at : at + t].tolist()), at + t
+        positions, at = tuple(v[at : at + t].tolist()), at + t
+        query_lens, at = tuple(v[at : at + b].tolist()), at + b
+        rows = v[at : at + b * width].reshape(b, width)
         at += b * width
-        tables = tuple(tuple(x for x in row if x >= 0) for row in rows)
-        return StepBatch(ids, positions, query_lens, tables, tuple(v[at : at + n]), command)
+        lens = (rows >= 0).sum(axis=1).tolist()  # tables are padded at their ends
+        tables = tuple(tuple(row[:k]) for row, k in zip(rows.tolist(), lens, strict=True))
+        return StepBatch(ids, positions, query_lens, tables, tuple(v[at : at + n].tolist()),
+                         command)
 
 
 SHUTDOWN_BATCH = StepBatch((), (), (), (), (), SHUTDOWN)

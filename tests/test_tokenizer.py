@@ -34,3 +34,20 @@ def test_incremental_deltas_add_up(tokenizer: Tokenizer) -> None:
     decoder = IncrementalDecoder(tokenizer)
     text = "".join(decoder.push(i) for i in ids)
     assert text == tokenizer.decode(ids)
+
+
+def test_tokens_without_text_keep_the_window_short(tokenizer: Tokenizer) -> None:
+    """Skipped special tokens and ids past the vocabulary add no text: after a long run
+    of them the window moves on (each push stays cheap), and the deltas still add up to
+    the whole text."""
+    special = tokenizer.hf.all_special_ids[0]
+    words = tokenizer.encode("Déjà vu , the quick brown fox .")
+    ids = [special] * 40 + words[:3] + [special] * 25 + words[3:] + [special] * 30
+    decoder = IncrementalDecoder(tokenizer)
+    widest = 0
+    deltas = []
+    for i in ids:
+        deltas.append(decoder.push(i))
+        widest = max(widest, len(decoder.ids) - decoder.prefix_offset)
+    assert "".join(deltas) == tokenizer.decode(ids)
+    assert widest <= IncrementalDecoder.LONG + IncrementalDecoder.CONTEXT + 2
