@@ -626,28 +626,18 @@ class Engine:
         return redone
 
     def _deliver(self) -> None:
-        """Detokenize the read tokens (all of a step's in one batch), check stop strings,
-        hand out the deltas."""
+        """Detokenize the read tokens, check stop strings, hand out the deltas."""
         pending, self._pending = self._pending, []
-        live = [p for p in pending if self._requests.get(p[0].seq.request_id) is p[0]]
-        texts = [p for p in live if not p[3]]  # stop tokens add no text
-        if len({id(p[0]) for p in texts}) == len(texts):  # one token per request
-            pieces = IncrementalDecoder.push_each([p[0].decoder for p in texts],
-                                                  [p[1] for p in texts])
-        else:
-            pieces = [p[0].decoder.push(p[1]) for p in texts]
-        text_of = {id(p): piece for p, piece in zip(texts, pieces, strict=True)}
-        for item in live:
-            req, token, logprob, stop_token, index = item
-            if self._requests.get(req.seq.request_id) is req:  # not ended meanwhile
-                self._emit(req, token, logprob, stop_token, index, text_of.get(id(item), ""))
+        for req, token, logprob, stop_token, index in pending:
+            if self._requests.get(req.seq.request_id) is req:  # not aborted or ended
+                self._emit(req, token, logprob, stop_token, index)
 
     def _emit(self, req: _Request, token: int, logprob: float, stop_token: bool,
-              index: int, piece: str) -> None:
-        """Deliver one token, `piece` its new text (already detokenized)."""
+              index: int) -> None:
         seq, params = req.seq, req.seq.params
         finish = None
-        req.text += piece
+        if not stop_token:
+            req.text += req.decoder.push(token)
         if stop_token:
             finish = "stop"
         elif params.stop and (cut := _find_stop(req.text, params.stop, req.sent)) is not None:

@@ -28,13 +28,6 @@ class Tokenizer:
             return self.hf.decode(ids, skip_special_tokens=True)
         return self._backend_decode(ids, skip_special_tokens=True)
 
-    def decode_many(self, lists: list[list[int]]) -> list[str]:
-        """`decode` of each list, in one call into the Rust tokenizer (which decodes them
-        in parallel threads) instead of one call per list."""
-        if self._backend_decode is None:
-            return self.hf.batch_decode(lists, skip_special_tokens=True)
-        return self.hf.backend_tokenizer.decode_batch(lists, skip_special_tokens=True)
-
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
         """Token ids of `messages` rendered with the model's template, ready to generate."""
         out = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -68,25 +61,6 @@ class IncrementalDecoder:
         self.ids.append(token_id)
         prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
         full = self.tokenizer.decode(self.ids[self.prefix_offset :])
-        return self._advance(prefix, full)
-
-    @staticmethod
-    def push_each(decoders: list[IncrementalDecoder], token_ids: list[int]) -> list[str]:
-        """`push` of one token into each decoder (all distinct, of one tokenizer), with
-        the windows decoded in two calls for all of them: a 256-sequence step's text in
-        two trips into Rust instead of 512."""
-        if not decoders:
-            return []
-        for decoder, token_id in zip(decoders, token_ids, strict=True):
-            decoder.ids.append(token_id)
-        tokenizer = decoders[0].tokenizer
-        prefixes = tokenizer.decode_many([d.ids[d.prefix_offset : d.read_offset]
-                                          for d in decoders])
-        fulls = tokenizer.decode_many([d.ids[d.prefix_offset :] for d in decoders])
-        return [d._advance(p, f) for d, p, f in zip(decoders, prefixes, fulls, strict=True)]
-
-    def _advance(self, prefix: str, full: str) -> str:
-        """The new text, given the window's text before and after the new token."""
         if full.endswith("\ufffd"):  # a character's bytes still to come
             return ""
         if len(full) <= len(prefix):

@@ -51,25 +51,3 @@ def test_tokens_without_text_keep_the_window_short(tokenizer: Tokenizer) -> None
         widest = max(widest, len(decoder.ids) - decoder.prefix_offset)
     assert "".join(deltas) == tokenizer.decode(ids)
     assert widest <= IncrementalDecoder.LONG + IncrementalDecoder.CONTEXT + 2
-
-
-def test_pushing_many_decoders_at_once_equals_one_by_one(tokenizer: Tokenizer) -> None:
-    """`push_each` (a step's tokens, one per sequence, decoded in two batched calls)
-    gives each decoder the deltas that `push` gives it alone."""
-    texts = ["The quick brown fox .", "Déjà vu , twice !", "it 's here", "a b c d e f g"]
-    seqs = [tokenizer.encode(t) for t in texts]
-    special = tokenizer.hf.all_special_ids[0]
-    seqs[2] = seqs[2] + [special] * 20 + seqs[0]  # a long run of no text in one of them
-    alone = []
-    for ids in seqs:
-        decoder = IncrementalDecoder(tokenizer)
-        alone.append([decoder.push(i) for i in ids])
-    together: list[list[str]] = [[] for _ in seqs]
-    decoders = [IncrementalDecoder(tokenizer) for _ in seqs]
-    for step in range(max(map(len, seqs))):
-        live = [j for j, ids in enumerate(seqs) if step < len(ids)]
-        pieces = IncrementalDecoder.push_each([decoders[j] for j in live],
-                                              [seqs[j][step] for j in live])
-        for j, piece in zip(live, pieces, strict=True):
-            together[j].append(piece)
-    assert together == alone
