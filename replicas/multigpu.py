@@ -600,6 +600,60 @@ def decode_kernels(name: str, tp: int, overrides: dict[str, Any], top: int = 12,
             f"prefill{shapes.prompt}": {"wall_ms": round(wall * 1e3, 2), **prefill}}
 
 
+def host_breakdown(name: str, tp: int, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Where rank 0's host time goes per step in the throughput case (256 requests,
+    128 in / 128 out): the engine's step phases timed by wrapping them, and the time the
+    driver waited for the device. A tp=2 replica is host-bound once its host needs more
+    per step than its GPUs do."""
+    from replicas.engine import Engine as EngineClass
+    from replicas.graphs import DecodeGraphs
+    from replicas.worker import Worker
+
+    spent: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    wrapped = [(EngineClass, n) for n in ("_step", "_batch", "_land", "_deliver", "_sample")]
+    wrapped += [(Worker, "execute"), (Worker, "send"), (DecodeGraphs, "replay")]
+    originals = [(cls, n, getattr(cls, n)) for cls, n in wrapped]
+
+    def timed(label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[label] = spent.get(label, 0.0) + time.perf_counter() - start
+                calls[label] = calls.get(label, 0) + 1
+        return run
+
+    for cls, n, fn in originals:
+        setattr(cls, n, timed(f"{cls.__name__}.{n}", fn))
+    try:
+        engine = _engine(_shapes(False, name), tp, max_model_len=512, max_num_seqs=256,
+                         max_num_batched_tokens=8192, **overrides)
+        try:
+            many = prompts_for(256, 128, engine.spec.vocab_size)
+            engine.generate(many, SamplingParams(max_tokens=4, temperature=0.0,
+                                                 ignore_eos=True))
+            spent.clear()
+            calls.clear()
+            engine._device_wait_s = 0.0
+            start = time.perf_counter()
+            engine.generate(many, SamplingParams(max_tokens=128, temperature=0.0,
+                                                 ignore_eos=True))
+            wall = time.perf_counter() - start
+            waited = engine._device_wait_s
+        finally:
+            engine.shutdown()
+    finally:
+        for cls, n, fn in originals:
+            setattr(cls, n, fn)
+    steps = max(1, calls.get("Engine._step", 0))
+    per = {k: round(v / steps * 1e3, 3) for k, v in sorted(spent.items(), key=lambda kv: -kv[1])}
+    return {"case": f"{name}_tp{tp}_256req_in128_out128_host", "unit": "ms/step", "tp": tp,
+            "settings": overrides, "tokens_per_s": round(256 * 128 / wall), "steps": steps,
+            "device_wait_ms_per_step": round(waited / steps * 1e3, 3), "ms_per_step": per}
+
+
 def _kernel_table(prof: Any, steps: int, top: int) -> dict[str, Any]:
     """GPU kernels of a profile by name: calls and µs per step, the largest first."""
     per: dict[str, list[float]] = {}
@@ -627,9 +681,12 @@ def main() -> None:
                         help="an EngineConfig field, e.g. one_shot_all_reduce=false")
     parser.add_argument("--kernels", action="store_true",
                         help="profile one decode step's kernels on rank 0 instead")
+    parser.add_argument("--host", action="store_true",
+                        help="rank 0's host time per step at 256 requests instead")
     args = parser.parse_args()
     overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
-    probe = decode_kernels if args.kernels else decode_probe
+    probe = (decode_kernels if args.kernels else host_breakdown if args.host
+             else decode_probe)
     print(json.dumps(probe(args.probe, args.tp, overrides)), flush=True)
     os._exit(0)  # (a rank 0 left in a collective with a dead peer cannot exit otherwise)
 
