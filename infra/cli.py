@@ -87,6 +87,8 @@ FIELD_HELP = {
                          "through shared memory instead of gloo.",
     "one_shot_all_reduce": "At tp > 1 on GPUs, all-reduce decode-size payloads in one "
                            "symmetric-memory kernel instead of NCCL.",
+    "fold_all_reduce": "At tp > 1 on GPUs, fold batch-1 decode's all-reduces into the "
+                       "matrix-vector kernels beside them (experimental).",
     # StackConfig (infra/stack.py)
     "nginx_port": "Port of nginx, the cluster's front door (API and dashboard).",
     "serve_port": "Port of Ray Serve's HTTP proxy.",
