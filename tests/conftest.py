@@ -5,6 +5,7 @@ the tiers run in."""
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +36,8 @@ STACK_MODULES: tuple[str, ...] = ()  # (test_router.py, test_cluster.py: on the 
 def tier_order(item: pytest.Item) -> tuple[int, int, int]:
     """Where a test runs: the fast tier first, then the whole-stack tier (marker `stack`):
     the tests on the shared stack, phase by phase (the last phase stops it), then the tests
-    that start a Ray of their own. So two Rays never start at once: on a busy 2-core
-    machine a second Ray starting beside another misses Ray's fixed 30 s for its raylet to
-    register ("The current node timed out during startup": CI saw `ray up` fail so)."""
+    that start a Ray of their own. (infra/test.sh runs those two groups in two pytest
+    processes at once; `stack_tier.ray_starting` keeps two Rays from starting at once.)"""
     mark = item.get_closest_marker("stack")
     if mark is None:
         return (0, 0, 0)
@@ -46,19 +46,48 @@ def tier_order(item: pytest.Item) -> tuple[int, int, int]:
     return (1, 0, STACK_PHASES.index(mark.args[0] if mark.args else ""))
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--start-shared-stack", action="store_true",
+        help="start the whole-stack tier's shared stack before collecting (infra/test.sh "
+             "does, for its run of the tests that use it: the stack comes up while pytest "
+             "collects); without it, the stack starts once collection shows a selected "
+             "test that uses it")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A SIGTERM ends the run as Ctrl-C does (the session's end still stops the shared
+    stack): infra/test.sh stops its background runs so. With --start-shared-stack, the
+    shared stack starts now."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # (a worker is its controller's business)
+        return
+    signal.signal(signal.SIGTERM, interrupted)
+    if config.getoption("--start-shared-stack") and not config.option.collectonly:
+        STARTING.append(stack_tier.start_in_background())
+
+
+def interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark STACK_MODULES' tests `stack` (so `-m "not stack"` leaves them out), then order
-    the tiers (stable: within a phase, the files' own order)."""
+    """Mark STACK_MODULES' tests `stack` (so `-m "not stack"` leaves them out) and the tests
+    that use the shared stack `shared_stack` (so a run can select them, or the whole-stack
+    tests that start a Ray of their own, alone: `-m "stack and not shared_stack"`), then
+    order the tiers (stable: within a phase, the files' own order)."""
     for item in items:
         if item.path.name in STACK_MODULES and item.get_closest_marker("stack") is None:
             item.add_marker(pytest.mark.stack)
+        if "shared_stack" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.shared_stack)
     items.sort(key=tier_order)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """When a selected test uses the shared stack, start it now, in the background: it
-    comes up while the tests before it run (the fast tier, when one run selects both)."""
-    if session.config.option.collectonly or not any(
+    """When a selected test uses the shared stack, start it now (unless
+    --start-shared-stack started it already), in the background: it comes up while the
+    tests before it run (the fast tier, when one run selects both)."""
+    if session.config.option.collectonly or STARTING or not any(
             "shared_stack" in getattr(item, "fixturenames", ()) for item in session.items):
         return
     if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker would start a stack of its own
