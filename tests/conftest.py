@@ -36,8 +36,10 @@ STACK_MODULES: tuple[str, ...] = ()  # (test_router.py, test_cluster.py: on the 
 def tier_order(item: pytest.Item) -> tuple[int, int, int]:
     """Where a test runs: the fast tier first, then the whole-stack tier (marker `stack`):
     the tests on the shared stack, phase by phase (the last phase stops it), then the tests
-    that start a Ray of their own. (infra/test.sh runs those two groups in two pytest
-    processes at once; `stack_tier.ray_starting` keeps two Rays from starting at once.)"""
+    that start a Ray of their own. So two Rays never start at once: on a busy 2-core
+    machine a second Ray starting beside another misses Ray's fixed 30 s for its raylet to
+    register ("The current node timed out during startup": CI saw `ray up` fail so, and
+    the Ctrl-C test's Ray, when they started beside the shared stack's tests)."""
     mark = item.get_closest_marker("stack")
     if mark is None:
         return (0, 0, 0)
@@ -49,10 +51,9 @@ def tier_order(item: pytest.Item) -> tuple[int, int, int]:
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--start-shared-stack", action="store_true",
-        help="start the whole-stack tier's shared stack before collecting (infra/test.sh "
-             "does, for its run of the tests that use it: the stack comes up while pytest "
-             "collects); without it, the stack starts once collection shows a selected "
-             "test that uses it")
+        help="start the whole-stack tier's shared stack before collecting, so that it comes "
+             "up while pytest collects (infra/test.sh's whole-stack run); without it, the "
+             "stack starts once collection shows a selected test that uses it")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -71,15 +72,11 @@ def interrupted(signum: int, frame: object) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark STACK_MODULES' tests `stack` (so `-m "not stack"` leaves them out) and the tests
-    that use the shared stack `shared_stack` (so a run can select them, or the whole-stack
-    tests that start a Ray of their own, alone: `-m "stack and not shared_stack"`), then
-    order the tiers (stable: within a phase, the files' own order)."""
+    """Mark STACK_MODULES' tests `stack` (so `-m "not stack"` leaves them out), then order
+    the tiers (stable: within a phase, the files' own order)."""
     for item in items:
         if item.path.name in STACK_MODULES and item.get_closest_marker("stack") is None:
             item.add_marker(pytest.mark.stack)
-        if "shared_stack" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.shared_stack)
     items.sort(key=tier_order)
 
 

@@ -26,13 +26,6 @@ a module fixture, `disconnect_driver` after: no driver may outlive the stack int
 `stack("faults")` and leaves the stack whole (`wait_whole`: the replicas back, Redis back,
 the target back). tests/test_router.py and tests/test_cluster.py moved this way.
 
-Two Rays never start at once (`ray_starting`, a lock file every such start holds, in this
-process or another): infra/test.sh runs the tests on the shared stack and the whole-stack
-tests that start a Ray of their own in two pytest processes at once, and on a busy 2-core
-machine a Ray starting beside another misses Ray's fixed 30 s for its raylet to register
-("The current node timed out during startup": CI saw `ray up` fail so). The shared stack,
-started first, takes it first.
-
 Every Ray process of this stack carries its admin token in its environment (Ray hands its
 environment down to raylet, gcs_server and every worker), so `stack_processes` finds this
 stack's Ray and no other Ray on the host.
@@ -41,8 +34,6 @@ stack's Ray and no other Ray on the host.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -51,7 +42,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,19 +96,6 @@ def port_flags(ports: dict[str, int]) -> list[str]:
 RAY_START_TIMED_OUT = "The current node timed out during startup"
 
 
-# the lock file of `ray_starting`: one per machine (every test run here shares it)
-RAY_START_LOCK = Path(tempfile.gettempdir()) / "tpserve-tests-ray-start.lock"
-
-
-@contextlib.contextmanager
-def ray_starting() -> Iterator[None]:
-    """Held while a test starts a Ray (until it is up, or its start failed): waits for any
-    other test's Ray start on this machine, in this process or another, to end first."""
-    with open(RAY_START_LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        yield
-
-
 def start(home: Path, attempts: int = 2) -> Running:
     """`tpserve up --detach` in `home` (empty), on free ports; AssertionError with its
     output when it fails. A start that failed only because Ray's own start timed out
@@ -127,8 +104,7 @@ def start(home: Path, attempts: int = 2) -> Running:
     state = home / ".tpserve" / "stack"  # StackConfig's default state dir, in that HOME
     for attempt in range(1, attempts + 1):
         ports = {name: free_port() for name in PORT_FLAGS}
-        with ray_starting():
-            up = tpserve("up", "--detach", *port_flags(ports), home=home)
+        up = tpserve("up", "--detach", *port_flags(ports), home=home)
         if up.returncode == 0 or RAY_START_TIMED_OUT not in up.stderr or attempt == attempts:
             break
         print(f"shared stack: Ray's start timed out (attempt {attempt}), starting again",

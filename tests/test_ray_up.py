@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from stack_tier import RAY_START_TIMED_OUT, processes, ray_starting
+from stack_tier import RAY_START_TIMED_OUT, processes
 
 from infra.stack import port_busy
 from replicas.engine import free_port
@@ -155,14 +155,12 @@ def test_ray_up_and_down_round_trip(sshd: Sshd, tmp_path: Path) -> None:
            "AUTOSCALER_NODE_START_WAIT_S": "30", "RAY_AUTH_MODE": "token"}
     assert not stack_processes(sshd.namespace, str(state)), "a Ray is already running there"
     try:
-        with ray_starting():  # (no other test's Ray starts meanwhile: stack_tier.py)
+        up = run(["ray", "up", "-y", "--no-config-cache", str(path)], env, timeout=420)
+        if up.returncode != 0 and RAY_START_TIMED_OUT in up.stdout + up.stderr:
+            # Ray's own fixed 30 s for its raylet to register, missed on a busy 2-core
+            # machine (as stack_tier.start): the head's start commands once more
+            print("ray up: Ray's start timed out, running ray up again", file=sys.stderr)
             up = run(["ray", "up", "-y", "--no-config-cache", str(path)], env, timeout=420)
-            if up.returncode != 0 and RAY_START_TIMED_OUT in up.stdout + up.stderr:
-                # Ray's own fixed 30 s for its raylet to register, missed on a busy 2-core
-                # machine (as stack_tier.start): the head's start commands once more
-                print("ray up: Ray's start timed out, running ray up again", file=sys.stderr)
-                up = run(["ray", "up", "-y", "--no-config-cache", str(path)], env,
-                         timeout=420)
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
         body = {"prompt": [5, 6, 7, 8], "max_tokens": 6, "temperature": 0.0,
                 "ignore_eos": True}

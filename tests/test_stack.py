@@ -31,7 +31,6 @@ from stack_tier import (
     Running,
     live_processes,
     port_flags,
-    ray_starting,
     stack_processes,
     tpserve,
 )
@@ -286,21 +285,18 @@ def test_down_stops_everything_and_frees_the_ports(stack: Running) -> None:
 
 def test_ctrl_c_stops_the_foreground_stack(tmp_path: Path) -> None:
     ports = {name: free_port() for name in PORT_FLAGS}
-    starting = contextlib.ExitStack()  # until it is up, no other test's Ray starts
-    starting.enter_context(ray_starting())
     proc = subprocess.Popen(
         [sys.executable, "-m", "infra.cli", "up", f"--state-dir={tmp_path}", "--replicas=1",
          "--tp=1", *port_flags(ports)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = []
-        with starting:
-            for line in proc.stdout:  # bounded by the stack's own start timeout
-                lines.append(line)
-                if "Ctrl-C stops everything" in line:
-                    break
-            else:  # its output ended: `up` failed and is exiting (poll() may not see it yet)
-                proc.wait(60)
+        for line in proc.stdout:  # bounded by the stack's own start timeout
+            lines.append(line)
+            if "Ctrl-C stops everything" in line:
+                break
+        else:  # its output ended: `up` failed and is exiting (poll() may not see it yet)
+            proc.wait(60)
         assert proc.poll() is None, "".join(lines)
         token = (tmp_path / "admin_token").read_text()
         assert stack_processes(token)  # (what must be gone below)

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-from stack_tier import ray_starting
 
 from cluster.ray_token import ensure_token, read_token, token_path
 from infra.stack import NOT_RUNNING, StackConfig, StackError, progress, ray_died, start_ray, up
@@ -77,17 +76,16 @@ def test_a_ray_that_dies_at_start_is_reported_within_seconds(empty_home: Path,
     # the failure of issue 15: token auth on, no token anywhere (nothing made it)
     config = ports_config(tmp_path)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    with ray_starting():  # (no other test's Ray starts meanwhile: tests/stack_tier.py)
-        ray = start_ray(config, tmp_path, env)
-        started = time.monotonic()
-        try:
-            with pytest.raises(StackError) as err:
-                progress("starting Ray", lambda: False, 120,
-                         failed=lambda: ray_died(ray, tmp_path / "ray.log"))
-        finally:
-            if ray.poll() is None:
-                os.killpg(ray.pid, signal.SIGKILL)
-                ray.wait()
+    ray = start_ray(config, tmp_path, env)
+    started = time.monotonic()
+    try:
+        with pytest.raises(StackError) as err:
+            progress("starting Ray", lambda: False, 120,
+                     failed=lambda: ray_died(ray, tmp_path / "ray.log"))
+    finally:
+        if ray.poll() is None:
+            os.killpg(ray.pid, signal.SIGKILL)
+            ray.wait()
     assert time.monotonic() - started < 20
     message = str(err.value)
     assert "no authentication token was found" in message  # the log's last lines
@@ -110,16 +108,15 @@ def test_a_failed_start_leaves_no_stack_behind(empty_home: Path, tmp_path: Path,
         except BaseException as e:  # noqa: BLE001 - handed to the test thread
             errors.append(e)
 
-    with ray_starting():  # (no other test's Ray starts meanwhile: tests/stack_tier.py)
-        thread = threading.Thread(target=run)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not (state / "stack.json").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        pid = json.loads((state / "stack.json").read_text())["pid"]
-        killed = time.monotonic()
-        os.killpg(pid, signal.SIGKILL)
-        thread.join(60)
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not (state / "stack.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = json.loads((state / "stack.json").read_text())["pid"]
+    killed = time.monotonic()
+    os.killpg(pid, signal.SIGKILL)
+    thread.join(60)
     assert not thread.is_alive()
     assert len(errors) == 1 and isinstance(errors[0], StackError), errors
     assert "Ray exited" in str(errors[0]) and str(state / "ray.log") in str(errors[0])
