@@ -68,6 +68,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def interrupted(signum: int, frame: object) -> None:
+    signal.signal(signum, signal.SIG_IGN)  # once: a second one must not cut the clean-up
     raise KeyboardInterrupt(f"signal {signum}")
 
 
