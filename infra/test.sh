@@ -42,8 +42,9 @@ while [ "${#running[@]}" -gt 0 ]; do  # each run's exit status and time as it en
   wait -n -p ended "${running[@]}" || rc=$?
   [ -n "${ended:-}" ] || continue  # (a wait cut short by Ctrl-C: the runs are stopping)
   code[$ended]=$rc took[$ended]=$((SECONDS - started))
-  running=("${running[@]/$ended}")
-  running=(${running[@]})
+  left=()
+  for pid in "${running[@]}"; do [ "$pid" = "$ended" ] || left+=("$pid"); done
+  running=("${left[@]}")
 done
 echo "== fast tier: exit ${code[$fast]} in ${took[$fast]} s"
 cat "$log"
