@@ -3,8 +3,7 @@
 # lint, then run the CPU tests in two tiers, both at once (GPU tests are marked `gpu` /
 # `multigpu` and run on the device machine):
 #   1. the fast tier: everything that starts no Ray (`-m "not stack"`), in 2 pytest-xdist
-#      workers (its `slow` tests first; an idle worker takes queued tests from the other)
-#      at the lowest CPU priority (nice 19): it takes the CPU the other tier leaves;
+#      workers at the lowest CPU priority (nice 19): it takes the CPU the other tier leaves;
 #   2. the whole-stack tier (marker `stack`), one process: one shared `tpserve up` stack for
 #      the tests that use it (tests/stack_tier.py; started before pytest collects), then the
 #      tests that start a Ray of their own (`ray up`, Ctrl-C on a foreground stack, a Ray
@@ -29,7 +28,7 @@ started=$SECONDS
 python -m pytest -q -m "stack $markers" --start-shared-stack "$@" </dev/null >"$log" 2>&1 &
 stack=$!
 # Ray runs its workers at nice 15 (RAY_worker_niceness): the fast tier goes below them
-nice -n 19 python -m pytest -q -n 2 --dist worksteal -m "not stack $markers" "$@" </dev/null &
+nice -n 19 python -m pytest -q -n 2 -m "not stack $markers" "$@" </dev/null &
 fast=$!
 stop() {  # Ctrl-C or SIGTERM: both runs stop as on Ctrl-C (tests/conftest.py), once
   trap '' INT TERM

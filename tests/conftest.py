@@ -34,17 +34,15 @@ STACK_MODULES: tuple[str, ...] = ()  # (test_router.py, test_cluster.py: on the 
 
 
 def tier_order(item: pytest.Item) -> tuple[int, int, int]:
-    """Where a test runs: the fast tier first (its `slow` tests first: with infra/test.sh's
-    `--dist worksteal`, the other worker takes the short ones meanwhile, and no long test
-    starts last while the other worker idles), then the whole-stack tier (marker `stack`):
+    """Where a test runs: the fast tier first, then the whole-stack tier (marker `stack`):
     the tests on the shared stack, phase by phase (the last phase stops it), then the tests
     that start a Ray of their own. So two Rays never start at once: on a busy 2-core
     machine a second Ray starting beside another misses Ray's fixed 30 s for its raylet to
     register ("The current node timed out during startup": CI saw `ray up` fail so, and
     the Ctrl-C test's Ray, when they started beside the shared stack's tests)."""
     mark = item.get_closest_marker("stack")
-    if mark is None:  # the long (`slow`) ones first: none is left alone at the end
-        return (0, 0 if item.get_closest_marker("slow") else 1, 0)
+    if mark is None:
+        return (0, 0, 0)
     if "shared_stack" not in getattr(item, "fixturenames", ()):
         return (1, 1, 0)
     return (1, 0, STACK_PHASES.index(mark.args[0] if mark.args else ""))
