@@ -58,8 +58,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     """A SIGTERM ends the run as Ctrl-C does (the session's end still stops the shared
-    stack): infra/test.sh stops its background runs so. With --start-shared-stack, the
-    shared stack starts now."""
+    stack; a CI runner that cancels a job sends one). With --start-shared-stack, the shared
+    stack starts now."""
     if os.environ.get("PYTEST_XDIST_WORKER"):  # (a worker is its controller's business)
         return
     signal.signal(signal.SIGTERM, interrupted)
