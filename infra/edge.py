@@ -9,7 +9,8 @@ ports change whenever a router replica is replaced (a restart, a crash, a redepl
 a thread in the actor that owns nginx (infra/services.py) asks Serve's controller for the
 ingress targets every POLL_S and, when they change, rewrites nginx.conf and reloads nginx
 (SIGHUP: old workers finish their requests, new ones use the new upstreams). A replica
-being removed keeps serving for Serve's draining period (30 s), far longer than POLL_S. A
+being removed keeps serving for Serve's draining period (30 s by default; 10 s on the
+local stack, infra/stack.py's ROUTER_DRAIN_S), far longer than POLL_S. A
 new target is taken only once it answers HTTP (Serve reports a replica's port before its
 server listens).
 

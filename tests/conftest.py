@@ -5,6 +5,7 @@ the tiers run in."""
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +38,38 @@ def tier_order(item: pytest.Item) -> tuple[int, int, int]:
     the tests on the shared stack, phase by phase (the last phase stops it), then the tests
     that start a Ray of their own. So two Rays never start at once: on a busy 2-core
     machine a second Ray starting beside another misses Ray's fixed 30 s for its raylet to
-    register ("The current node timed out during startup": CI saw `ray up` fail so)."""
+    register ("The current node timed out during startup": CI saw `ray up` fail so, and
+    the Ctrl-C test's Ray, when they started beside the shared stack's tests)."""
     mark = item.get_closest_marker("stack")
     if mark is None:
         return (0, 0, 0)
     if "shared_stack" not in getattr(item, "fixturenames", ()):
         return (1, 1, 0)
     return (1, 0, STACK_PHASES.index(mark.args[0] if mark.args else ""))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--start-shared-stack", action="store_true",
+        help="start the whole-stack tier's shared stack before collecting, so that it comes "
+             "up while pytest collects (infra/test.sh's whole-stack run); without it, the "
+             "stack starts once collection shows a selected test that uses it")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A SIGTERM ends the run as Ctrl-C does (the session's end still stops the shared
+    stack; a CI runner that cancels a job sends one). With --start-shared-stack, the shared
+    stack starts now."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # (a worker is its controller's business)
+        return
+    signal.signal(signal.SIGTERM, interrupted)
+    if config.getoption("--start-shared-stack") and not config.option.collectonly:
+        STARTING.append(stack_tier.start_in_background())
+
+
+def interrupted(signum: int, frame: object) -> None:
+    signal.signal(signum, signal.SIG_IGN)  # once: a second one must not cut the clean-up
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -56,9 +82,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """When a selected test uses the shared stack, start it now, in the background: it
-    comes up while the tests before it run (the fast tier, when one run selects both)."""
-    if session.config.option.collectonly or not any(
+    """When a selected test uses the shared stack, start it now (unless
+    --start-shared-stack started it already), in the background: it comes up while the
+    tests before it run (the fast tier, when one run selects both)."""
+    if session.config.option.collectonly or STARTING or not any(
             "shared_stack" in getattr(item, "fixturenames", ()) for item in session.items):
         return
     if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker would start a stack of its own

@@ -14,6 +14,7 @@ import json
 import secrets
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pytest
@@ -113,8 +114,13 @@ def replica_of(stack: Stack, source: str, headers: dict[str, str] | None = None)
 
 def pins(stack: Stack, clients: list[tuple[str, dict[str, str] | None]], times: int
          ) -> dict[int, set[str]]:
-    return {i: {replica_of(stack, src, h) for _ in range(times)}
-            for i, (src, h) in enumerate(clients)}
+    """The replicas that served each client, asked `times` times: one request after
+    another per client, the clients at once (as real ones come)."""
+    def served(client: tuple[str, dict[str, str] | None]) -> set[str]:
+        return {replica_of(stack, *client) for _ in range(times)}
+
+    with ThreadPoolExecutor(8) as pool:
+        return dict(enumerate(pool.map(served, clients)))
 
 
 IP_CLIENTS = [(f"127.0.0.{i}", None) for i in range(2, 22)]
