@@ -7,6 +7,7 @@
 #   bash infra/device_multigpu.sh                          # the suite, bounded at 570 s
 #   TEST_S=300 BENCH_S=0 TESTS="-k shutdown" bash infra/device_multigpu.sh
 #   PROBE_S=240 BENCH_S=0 bash infra/device_multigpu.sh    # decode at tp=1 and tp=2
+#   HOST_S=200 BENCH_S=0 bash infra/device_multigpu.sh     # rank 0's host per step, 256 reqs
 # Each step is bounded (timeout -s KILL: a rank stuck in a GPU collective ignores
 # SIGTERM); TPSERVE_STACK_DUMP_S=N prints every thread's stack every N seconds.
 set -uo pipefail
@@ -24,6 +25,12 @@ if [ "${PROBE_S:-0}" != 0 ]; then  # the headline first: decode at tp=1 and tp=2
   for tp in 1 2; do
     timeout -s KILL "${PROBE_S}" python3 -m replicas.multigpu --probe glm4-9b --tp "$tp" \
       2>&1 | grep '^{' | tee -a "$out/probe.jsonl"
+  done
+fi
+if [ "${HOST_S:-0}" != 0 ]; then  # where rank 0's host time goes at 256 requests
+  for tp in 1 2; do
+    timeout -s KILL "${HOST_S}" python3 -m replicas.multigpu --host --probe glm4-9b --tp "$tp" \
+      2>&1 | grep '^{' | tee -a "$out/host.jsonl"
   done
 fi
 if [ "${TEST_S:-0}" != 0 ]; then
