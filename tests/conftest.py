@@ -126,3 +126,23 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> CheckpointFactory:
         return built[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def overflowing_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny model with o_proj scaled so its all-reduced output exceeds float16's
+    range (65504): float16 communication must overflow on every step."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from replicas.tiny import tiny_model_dir
+
+    path = tmp_path_factory.mktemp("overflow") / "model"
+    shutil.copytree(tiny_model_dir(), path)
+    tensors = load_file(path / "model.safetensors")
+    for name in tensors:
+        if name.endswith("o_proj.weight"):
+            tensors[name] = tensors[name] * 1e6
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    return str(path)

@@ -315,20 +315,6 @@ def test_missing_weights_are_named(tmp_path: Path) -> None:
         Engine(EngineConfig(model=str(broken)))
 
 
-@pytest.fixture(scope="module")
-def overflowing_model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The tiny model with o_proj scaled so its all-reduced output exceeds float16's
-    range (65504): float16 communication must overflow on every step."""
-    path = tmp_path_factory.mktemp("overflow") / "model"
-    shutil.copytree(tiny_model_dir(), path)
-    tensors = load_file(path / "model.safetensors")
-    for name in tensors:
-        if name.endswith("o_proj.weight"):
-            tensors[name] = tensors[name] * 1e6
-    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    return str(path)
-
-
 @pytest.mark.parametrize("ahead", [False, True])
 def test_float16_overflow_is_rerun_in_float32(overflowing_model: str, ahead: bool) -> None:
     """The overflow flag is read with each step's sampled tokens (no wait of its own); a

@@ -11,6 +11,7 @@ tests/test_multigpu.py`).
 - the one-shot all-reduce kernel sums like NCCL for each wire dtype, in and out of a CUDA
   graph, and its float16 overflow flag is set by a sum past 65504 and only then.
 - the all-reduce folded into the GEMVs beside it gives the one-shot kernel's bits.
+- a float16 wire that overflows is read with the tokens and re-run: float32's tokens.
 """
 
 from __future__ import annotations
@@ -91,6 +92,26 @@ def test_folded_all_reduce_gives_the_one_shot_kernels_bits(
             got[fold, graphs] = ([o.token_ids for o in outs], [o.logprobs for o in outs])
             assert (engine.worker.comm.folded > 0) == fold
     assert got[True, True] == got[False, True] == got[True, False]
+
+
+def test_tp2_float16_overflow_is_read_with_the_tokens_and_rerun(overflowing_model: str
+                                                                ) -> None:
+    """A float16 wire that overflows on every step (o_proj scaled past 65504), in bf16 on
+    GPUs with graphs and asynchronous scheduling: the flag is read with each step's
+    tokens, the step (and the one launched on its tokens) run again in float32, and the
+    tokens equal the float32 wire's."""
+    got = {}
+    for comm in ("float32", "float16"):
+        config = EngineConfig(model=overflowing_model, tp=2, device="cuda", dtype="bfloat16",
+                              comm_dtype=comm, max_model_len=256, max_num_seqs=4)
+        with Engine(config) as engine:
+            outs = engine.generate(prompts(1000)[:3], GREEDY)
+            outs += engine.generate(prompts(1000)[3:4], GREEDY)  # batch 1: graphed
+            got[comm] = ([o.token_ids for o in outs],
+                         engine.stats()["comm_overflow_retries"])
+    assert got["float32"][1] == 0
+    assert got["float16"][1] >= 16
+    assert got["float16"][0] == got["float32"][0]
 
 
 def test_one_shot_kernel_sums_like_nccl_and_flags_float16_overflow() -> None:
