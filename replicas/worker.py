@@ -16,7 +16,6 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -111,11 +110,6 @@ PING_BATCH = StepBatch((), (), (), (), (), PING)
 def replay_batch(times: int) -> StepBatch:
     """The message that has every rank replay its batch-1 decode graph `times` times."""
     return StepBatch((), (), (), (), (times,), REPLAY)
-
-
-def _starts(lengths: Seq[int]) -> list[int]:
-    """Where each of consecutive runs of these lengths starts."""
-    return [sum(lengths[:i]) for i in range(len(lengths))]
 
 
 def resolve_dtype(config: EngineConfig, spec: ModelSpec, device: torch.device) -> torch.dtype:
@@ -469,11 +463,13 @@ class Worker:
         self._clear_slots(cleared)
 
     def _clear_slots(self, batch: StepBatch) -> None:
-        bs = self.config.block_size
-        slots = [table[p // bs] * bs + p % bs for table, first, n in zip(
-            batch.block_tables, _starts(batch.query_lens), batch.query_lens, strict=True)
-            for p in batch.positions[first : first + n]]
-        index = torch.tensor(slots, dtype=torch.int64, device=self.device)
+        # the step's KV slots, computed as the step computed them (write_step)
+        t, b = len(batch.input_ids), len(batch.query_lens)
+        width = max((len(table) for table in batch.block_tables), default=0)
+        host = split_step(np.empty(step_size(t, b, width), dtype=np.int64), t, b, width)
+        write_step(host, batch.input_ids, batch.positions, batch.block_tables,
+                   self.config.block_size, pad_block=0, query_lens=batch.query_lens)
+        index = torch.from_numpy(host.slots.copy()).to(self.device)
         for k, v in self.kv:
             k.view(-1, *k.shape[2:]).index_fill_(0, index, 0)
             v.view(-1, *v.shape[2:]).index_fill_(0, index, 0)
