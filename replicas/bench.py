@@ -142,8 +142,14 @@ LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                  head_dim=128, max_position_embeddings=8192,
                  rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+# one rank's share of GLM-4-9B at tp=2 (half the heads, KV heads and MLP; the whole
+# vocabulary, as the gathered logits have it), run whole on one GPU: a tp=2 rank's GPU
+# work without its all-reduces, for host-side probes when only one GPU is at hand
+GLM4_9B_RANK_OF_2 = {**GLM4_9B, "num_attention_heads": 16, "num_key_value_heads": 1,
+                     "intermediate_size": 13696 // 2}
 SHAPES: dict[str, tuple[str, dict[str, Any]]] = {  # name: (transformers config class, shapes)
-    "glm4-9b": ("GlmConfig", GLM4_9B), "llama3-8b": ("LlamaConfig", LLAMA3_8B)}
+    "glm4-9b": ("GlmConfig", GLM4_9B), "llama3-8b": ("LlamaConfig", LLAMA3_8B),
+    "glm4-9b-rank-of-2": ("GlmConfig", GLM4_9B_RANK_OF_2)}
 
 
 def hf_config(name: str) -> Any:

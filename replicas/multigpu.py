@@ -25,6 +25,7 @@ checks the harness and the tp=2 token equality there; its timings mean nothing.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import gc
 import os
@@ -604,7 +605,8 @@ def host_breakdown(name: str, tp: int, overrides: dict[str, Any]) -> dict[str, A
     """Where rank 0's host time goes per step in the throughput case (256 requests,
     128 in / 128 out): the engine's step phases timed by wrapping them, and the time the
     driver waited for the device. A tp=2 replica is host-bound once its host needs more
-    per step than its GPUs do."""
+    per step than its GPUs do. Twice: through `generate`, and as 256 streams of
+    `add_request` on an event loop (as a Serve replica runs them)."""
     from replicas.engine import Engine as EngineClass
     from replicas.graphs import DecodeGraphs
     from replicas.worker import Worker
@@ -625,6 +627,20 @@ def host_breakdown(name: str, tp: int, overrides: dict[str, Any]) -> dict[str, A
                 calls[label] = calls.get(label, 0) + 1
         return run
 
+    def measured(run: Callable[[], object]) -> dict[str, Any]:
+        spent.clear()
+        calls.clear()
+        engine._device_wait_s = 0.0
+        start = time.perf_counter()
+        run()
+        wall = time.perf_counter() - start
+        steps = max(1, calls.get("Engine._step", 0))
+        per = {k: round(v / steps * 1e3, 3)
+               for k, v in sorted(spent.items(), key=lambda kv: -kv[1])}
+        return {"tokens_per_s": round(256 * 128 / wall), "steps": steps,
+                "device_wait_ms_per_step": round(engine._device_wait_s / steps * 1e3, 3),
+                "ms_per_step": per}
+
     for cls, n, fn in originals:
         setattr(cls, n, timed(f"{cls.__name__}.{n}", fn))
     try:
@@ -632,26 +648,27 @@ def host_breakdown(name: str, tp: int, overrides: dict[str, Any]) -> dict[str, A
                          max_num_batched_tokens=8192, **overrides)
         try:
             many = prompts_for(256, 128, engine.spec.vocab_size)
+            params = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
             engine.generate(many, SamplingParams(max_tokens=4, temperature=0.0,
                                                  ignore_eos=True))
-            spent.clear()
-            calls.clear()
-            engine._device_wait_s = 0.0
-            start = time.perf_counter()
-            engine.generate(many, SamplingParams(max_tokens=128, temperature=0.0,
-                                                 ignore_eos=True))
-            wall = time.perf_counter() - start
-            waited = engine._device_wait_s
+            generate = measured(lambda: engine.generate(many, params))
+            streams = measured(lambda: asyncio.run(_stream_all(engine, many, params)))
         finally:
             engine.shutdown()
     finally:
         for cls, n, fn in originals:
             setattr(cls, n, fn)
-    steps = max(1, calls.get("Engine._step", 0))
-    per = {k: round(v / steps * 1e3, 3) for k, v in sorted(spent.items(), key=lambda kv: -kv[1])}
     return {"case": f"{name}_tp{tp}_256req_in128_out128_host", "unit": "ms/step", "tp": tp,
-            "settings": overrides, "tokens_per_s": round(256 * 128 / wall), "steps": steps,
-            "device_wait_ms_per_step": round(waited / steps * 1e3, 3), "ms_per_step": per}
+            "settings": overrides, **generate, "streams": streams}
+
+
+async def _stream_all(engine: Engine, prompts: list[list[int]], params: SamplingParams
+                      ) -> None:
+    async def one(prompt: list[int]) -> None:
+        async for _ in engine.add_request(prompt, params):
+            pass
+
+    await asyncio.gather(*(one(p) for p in prompts))
 
 
 def _kernel_table(prof: Any, steps: int, top: int) -> dict[str, Any]:
@@ -675,7 +692,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="One tensor-parallel engine, measured "
                                      "alone (the full suite: python -m replicas.bench "
                                      "--suite multigpu).")
-    parser.add_argument("--probe", default="glm4-9b", help="shapes: glm4-9b or llama3-8b")
+    parser.add_argument("--probe", default="glm4-9b",
+                        help="shapes: glm4-9b, llama3-8b or glm4-9b-rank-of-2 "
+                        "(one tp=2 rank's share, whole)")
     parser.add_argument("--tp", type=int, default=2, help="tensor-parallel size")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                         help="an EngineConfig field, e.g. one_shot_all_reduce=false")

@@ -41,32 +41,43 @@ class Tokenizer:
 class IncrementalDecoder:
     """Text of a growing token list, delivered as deltas.
 
-    Decodes a short window (prefix_offset..) so each step costs O(window), and holds
-    back text ending in U+FFFD, which means a multi-byte character is still incomplete.
+    Each push decodes a short window (prefix_offset..): the new text is what the window
+    adds to its decoded prefix (prefix_offset..read_offset), which is kept from the push
+    before, so that a push costs one decode. The window starts over at the last read
+    token once it holds more than `WINDOW` tokens (one more decode then). Text ending
+    in U+FFFD is held back: a multi-byte character is still incomplete.
     Tokens that add no text at all (skipped special tokens, ids the tokenizer does not
     know) would grow the window without end, and each step's cost with it: once
     `LONG` tokens have added nothing, they count as read, and the window keeps the last
     `CONTEXT` of them (so that the next token decodes after some text, as it would).
     """
 
-    LONG, CONTEXT = 16, 4
+    WINDOW, LONG, CONTEXT = 4, 16, 4
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.prefix_offset = 0
         self.read_offset = 0
+        self._prefix = ""  # the decoded text of ids[prefix_offset:read_offset]
 
     def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
-        full = self.tokenizer.decode(self.ids[self.prefix_offset :])
+        ids, decode = self.ids, self.tokenizer.decode
+        ids.append(token_id)
+        full = decode(ids[self.prefix_offset :])
         if full.endswith("\ufffd"):  # a character's bytes still to come
             return ""
+        prefix = self._prefix
         if len(full) <= len(prefix):
-            if full == prefix and len(self.ids) - self.read_offset > self.LONG:
-                self.read_offset = len(self.ids)
-                self.prefix_offset = self.read_offset - self.CONTEXT
+            if full == prefix and len(ids) - self.read_offset > self.LONG:
+                self._restart(len(ids) - self.CONTEXT, len(ids))
             return ""
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        if len(ids) - self.prefix_offset > self.WINDOW:
+            self._restart(self.read_offset, len(ids))
+        else:
+            self.read_offset, self._prefix = len(ids), full
         return full[len(prefix) :]
+
+    def _restart(self, prefix_offset: int, read_offset: int) -> None:
+        self.prefix_offset, self.read_offset = prefix_offset, read_offset
+        self._prefix = self.tokenizer.decode(self.ids[prefix_offset:read_offset])

@@ -87,6 +87,51 @@ def test_stream_matches_generate_and_ends_once(engine: Engine) -> None:
     assert [d.finish_reason for d in deltas] == [None] * 11 + ["length"]
 
 
+def test_streams_get_a_steps_deltas_in_one_wake_up_of_their_loop(engine: Engine) -> None:
+    """Eight streams on one event loop: every delta arrives, in order, and the driver
+    wakes the loop about once a step, not once a token (`_Post`)."""
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    wakes = 0
+
+    async def run() -> list[list[int]]:
+        nonlocal wakes
+        loop = asyncio.get_running_loop()
+        call = loop.call_soon_threadsafe
+
+        def counted(*args: object) -> object:
+            nonlocal wakes
+            wakes += 1
+            return call(*args)
+
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+
+        async def one(prompt: list[int]) -> list[int]:
+            return [t async for d in engine.add_request(prompt, params) for t in d.token_ids]
+
+        return await asyncio.gather(*(one(p) for p in PROMPTS * 2))
+
+    steps = engine.stats()["steps"]
+    streamed = asyncio.run(run())
+    steps = engine.stats()["steps"] - steps
+    assert streamed == [c.token_ids for c in engine.generate(PROMPTS * 2, params)]
+    assert wakes <= steps + 2 < 8 * 10  # (+ the last deliveries after the last step)
+
+
+def test_the_heap_is_frozen_while_serving_and_the_model_freed_after() -> None:
+    """Start-up's objects leave the collector's generations (`freeze_heap`), and
+    shutdown gives them back: the model is collected, none of it left behind."""
+    import gc
+    import weakref
+
+    eng = Engine(EngineConfig(model=None))
+    assert gc.get_freeze_count() > 0
+    model = weakref.ref(eng.worker.model)
+    eng.shutdown()
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert model() is None
+
+
 def test_abort_by_leaving_the_stream_frees_blocks(engine: Engine) -> None:
     free_before = engine.stats()["free_kv_blocks"]
 

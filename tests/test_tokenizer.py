@@ -51,3 +51,24 @@ def test_tokens_without_text_keep_the_window_short(tokenizer: Tokenizer) -> None
         widest = max(widest, len(decoder.ids) - decoder.prefix_offset)
     assert "".join(deltas) == tokenizer.decode(ids)
     assert widest <= IncrementalDecoder.LONG + IncrementalDecoder.CONTEXT + 2
+
+
+def test_a_push_costs_about_one_decode(tokenizer: Tokenizer) -> None:
+    """The window's prefix text is kept from the push before: plain text costs one
+    decode a token, plus one each time the window starts over."""
+    ids = tokenizer.encode("The quick brown fox jumps over the lazy dog , twice . " * 8)
+    decoder = IncrementalDecoder(tokenizer)
+    decode, calls = tokenizer.decode, 0
+
+    def counted(part: list[int]) -> str:
+        nonlocal calls
+        calls += 1
+        return decode(part)
+
+    tokenizer.decode = counted  # type: ignore[method-assign]
+    try:
+        text = "".join(decoder.push(i) for i in ids)
+    finally:
+        del tokenizer.decode
+    assert text == tokenizer.decode(ids)
+    assert calls <= 1.5 * len(ids)  # the window of two decodes a token: 2 * len(ids)
