@@ -484,7 +484,7 @@ def local_stack(engine: dict[str, Any] | None = None, state_dir: str | None = No
     """A detached stack on free loopback ports for scripts and tests (infra/load.py,
     infra/chaos.py), stopped by pid on exit. `up`'s progress goes to stderr so that a
     script's stdout stays JSON lines. `overrides` are StackConfig fields."""
-    from replicas.engine import free_port
+    from replicas.ranks import free_port
 
     ports = {f"{name}_port": free_port() for name in ("nginx", "serve", "dashboard", "ray",
                                                       "redis")}

@@ -29,7 +29,7 @@ from transformers import AutoConfig
 
 from replicas.config import ConfigError, EngineConfig, ModelSpec, SamplingParams
 from replicas.kv_cache import BlockManager
-from replicas.ranks import RankLauncher, Ranks, free_port, spawn_rank
+from replicas.ranks import RankLauncher, Ranks, spawn_rank
 from replicas.sampler import sample_on_device
 from replicas.scheduler import Scheduled, Scheduler, Sequence
 from replicas.tokenizer import IncrementalDecoder, Tokenizer
@@ -39,6 +39,7 @@ from replicas.worker import (
     StepBatch,
     Worker,
     freeze_heap,
+    open_store,
     replay_batch,
 )
 
@@ -220,13 +221,19 @@ class Engine:
             model_dir = config.model
         self.model_dir = model_dir
         ModelSpec.from_hf(AutoConfig.from_pretrained(model_dir)).check_tp(config.tp)  # fail early
-        # each replica rendezvouses on its own port, so replicas on one node never collide
-        init_method = init_method or f"tcp://127.0.0.1:{free_port()}"
-        self._ranks = Ranks(config, model_dir, init_method, launch)
+        # each replica rendezvouses on its own port, so replicas on one node never collide:
+        # rank 0's store listens before the ranks start, on a port the kernel picks (a port
+        # found free and bound later could be taken in between: seen under load, when the
+        # host's outgoing connections took ephemeral ports as fast as they were freed)
+        store = None
+        if init_method is None and config.tp > 1:
+            store = open_store("127.0.0.1", 0, 0, config)
+            init_method = f"tcp://127.0.0.1:{store.port}"
+        self._ranks = Ranks(config, model_dir, init_method or "", launch)
         try:
             self.tokenizer = Tokenizer(model_dir)  # while the rank processes start
             self.worker = Worker(config, model_dir, 0, init_method,
-                                 peers_alive=self._ranks.all_alive)
+                                 peers_alive=self._ranks.all_alive, store=store)
         except BaseException:
             self._ranks.kill()
             raise

@@ -47,7 +47,7 @@ from replicas.bench import (
     ours_per_token,
     prompts_for,
 )
-from replicas.engine import free_port
+from replicas.ranks import free_port
 from replicas.symm import ONE_SHOT_MAX_BYTES, OneShotAllReduce
 from replicas.tiny import tiny_model_dir
 

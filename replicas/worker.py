@@ -126,7 +126,9 @@ class Worker:
     """The model shard and KV pool of one rank, and the step loop."""
 
     def __init__(self, config: EngineConfig, model_dir: str, rank: int, init_method: str | None,
-                 peers_alive: Callable[[], bool] | None = None) -> None:
+                 peers_alive: Callable[[], bool] | None = None,
+                 store: dist.TCPStore | None = None) -> None:
+        """`store`: rank 0's store already listening at `init_method` (`open_store`)."""
         self.config, self.rank, self.world_size = config, rank, config.tp
         # seconds each start-up phase took on this rank (`peer_startup` has the others');
         # "process" is the time from this process's start to here (imports, mostly)
@@ -142,10 +144,12 @@ class Worker:
         self.device = self._pick_device(config)
         self.control: dist.ProcessGroup | None = None
         self.channel: ShmChannel | None = None  # step messages through shared memory
-        store = None
         if self.world_size > 1:
             assert init_method is not None, "tp > 1 needs an init_method tcp://host:port"
-            store = self._open_store(init_method, peers_alive or (lambda: True))
+            if store is None:
+                host, port = init_method.removeprefix("tcp://").rsplit(":", 1)
+                store = open_store(host, int(port), rank, config)
+            self._store, self._peers_alive = store, peers_alive or (lambda: True)
         hf_config = self._hf_config(model_dir, store)
         self.spec = ModelSpec.from_hf(hf_config)
         self.spec.check_tp(self.world_size)
@@ -257,17 +261,6 @@ class Worker:
         from transformers import AutoConfig
 
         return AutoConfig.from_pretrained(model_dir)
-
-    def _open_store(self, init_method: str, peers_alive: Callable[[], bool]) -> dist.Store:
-        """This replica's own TCP store (rank 0 serves it), opened first thing: the
-        other ranks may reach it as soon as they start."""
-        host, port = init_method.removeprefix("tcp://").rsplit(":", 1)
-        store = dist.TCPStore(host, int(port), self.world_size, is_master=self.rank == 0,
-                              timeout=timedelta(seconds=max(self.config.dist_timeout_s,
-                                                            START_TIMEOUT_S)),
-                              wait_for_workers=False)
-        self._store, self._peers_alive = store, peers_alive
-        return store
 
     def _join_group(self, store: dist.Store) -> None:
         """Form the process group once every rank has its shard loaded; rank 0 gives up
@@ -661,6 +654,15 @@ class Worker:
                 torch.cuda.synchronize(self.device)
                 clear()
             torch.cuda.empty_cache()
+
+
+def open_store(host: str, port: int, rank: int, config: EngineConfig) -> dist.TCPStore:
+    """A replica's own TCP store, opened first thing on each rank: rank 0 serves it (on
+    `port`; 0: a port the kernel picks, then `store.port`), the others connect to it (and
+    may do so as soon as they start: they wait for it)."""
+    return dist.TCPStore(host, port, config.tp, is_master=rank == 0,
+                         timeout=timedelta(seconds=max(config.dist_timeout_s, START_TIMEOUT_S)),
+                         wait_for_workers=False)
 
 
 def freeze_heap() -> None:

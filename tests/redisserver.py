@@ -12,7 +12,7 @@ import time
 
 import redis
 
-from replicas.engine import free_port
+from replicas.ranks import free_port
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 

@@ -49,7 +49,7 @@ import pytest
 
 from infra import procs
 from infra.procs import processes
-from replicas.engine import free_port
+from replicas.ranks import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PORT_FLAGS = ("nginx", "serve", "dashboard", "ray", "redis")

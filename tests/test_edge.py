@@ -18,7 +18,7 @@ import pytest
 from infra import nginx
 from infra.edge import EdgeFollower, answers_http, configured_upstreams, ingress_upstreams
 from infra.services import wait_for_port
-from replicas.engine import free_port
+from replicas.ranks import free_port
 
 PROXY = ("127.0.0.1:8000",)
 

@@ -10,6 +10,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -479,6 +480,27 @@ def test_tp2_rank_killed_mid_stream_fails_every_request_within_seconds() -> None
         start = time.monotonic()
         eng.shutdown()
         assert time.monotonic() - start < 10
+
+
+def test_tp2_ranks_start_after_rank_0s_store_listens() -> None:
+    """Rank 0's store listens, on a port the kernel picked, before any rank starts: no port
+    found free can be taken by another process before it is bound (CI saw a port taken so,
+    under load: EADDRINUSE)."""
+    import socket
+
+    from replicas.ranks import spawn_rank
+
+    listening = []
+
+    def launch(config: EngineConfig, model_dir: str, rank: int, init_method: str) -> Any:
+        host, port = init_method.removeprefix("tcp://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=5):
+            listening.append(int(port))
+        return spawn_rank(config, model_dir, rank, init_method)
+
+    with Engine(EngineConfig(model=None, tp=2), launch=launch) as eng:
+        assert eng.generate([PROMPTS[0]], GREEDY)[0].token_ids
+    assert len(listening) == 1
 
 
 def test_tp2_shutdown_leaves_no_process() -> None:

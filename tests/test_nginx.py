@@ -24,7 +24,7 @@ import pytest
 
 from infra import nginx
 from infra.nginx import NginxConfig, NginxConfigError, NginxError
-from replicas.engine import free_port
+from replicas.ranks import free_port
 
 try:
     NGINX = nginx.nginx_binary()

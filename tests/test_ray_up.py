@@ -37,7 +37,7 @@ import yaml
 from stack_tier import RAY_START_TIMED_OUT, processes
 
 from infra.stack import port_busy
-from replicas.engine import free_port
+from replicas.ranks import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.stack]
 REPO = Path(__file__).resolve().parent.parent

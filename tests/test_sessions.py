@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from redisserver import REDIS_SERVER, RedisServer
 
-from replicas.engine import free_port
+from replicas.ranks import free_port
 from router.sessions import SessionStore, SessionStoreConfig, keep_from, redact
 
 

@@ -38,7 +38,7 @@ from stack_tier import (
 from infra.edge import configured_upstreams
 from infra.services import nginx_conf
 from infra.stack import port_busy
-from replicas.engine import free_port
+from replicas.ranks import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.stack]
 ARTIFACTS = Path(os.environ.get("TPSERVE_ARTIFACTS", REPO / "test-artifacts"))

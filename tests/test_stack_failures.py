@@ -18,7 +18,7 @@ import pytest
 
 from cluster.ray_token import ensure_token, read_token, token_path
 from infra.stack import NOT_RUNNING, StackConfig, StackError, progress, ray_died, start_ray, up
-from replicas.engine import free_port
+from replicas.ranks import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
