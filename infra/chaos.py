@@ -112,14 +112,40 @@ class Drill:
         return {r.replica_id: r.state for r in replicas(self.dashboard)}
 
     async def until(self, what: str, done: Any) -> float:
-        """Poll `done()` (in a thread) until true; the seconds it took."""
+        """Poll `done()` (in a thread) until true; the seconds it took. A TimeoutError
+        says what the stack looked like at the end (`snapshot`)."""
         start = time.monotonic()
         while not await asyncio.to_thread(done):
             if time.monotonic() - start > self.config.recover_timeout_s:
+                seen = await asyncio.to_thread(self.snapshot)
                 raise TimeoutError(f"{what}: not recovered after "
-                                   f"{self.config.recover_timeout_s:.0f} s")
+                                   f"{self.config.recover_timeout_s:.0f} s; at the end: "
+                                   f"{json.dumps(seen)}")
             await asyncio.sleep(0.25)
         return time.monotonic() - start
+
+    def snapshot(self) -> dict[str, Any]:
+        """What a fault's recovery waits on, each part as far as it can be read: the edge's
+        /healthz answer, Serve's engine and router replicas, nginx's upstreams."""
+        from cluster.control import replicas
+        from infra.edge import configured_upstreams
+        from infra.services import nginx_conf
+
+        parts: dict[str, Any] = {
+            "healthz": lambda: self.http("GET", "/healthz"),
+            "engines": self.engine_ids,
+            "routers": lambda: {r.replica_id: r.state
+                                for r in replicas(self.dashboard, deployment="Router")},
+            "edge_upstreams": lambda: configured_upstreams(
+                nginx_conf(Path(self.stack.config.state_dir))),
+        }
+        seen: dict[str, Any] = {}
+        for name, read in parts.items():
+            try:
+                seen[name] = read()
+            except Exception as e:  # noqa: BLE001 - a diagnosis, never a second failure
+                seen[name] = f"unreadable: {e!r}"[:300]
+        return seen
 
     def running(self, count: int, excluding: str = "") -> bool:
         states = self.engine_ids()

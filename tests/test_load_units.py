@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 pytest.importorskip("aiohttp")
@@ -113,3 +115,47 @@ def test_an_overhead_row_measured_without_the_stack_settings_says_so() -> None:
     assert _cell(row)[0] == "router overhead: 1-token completion"
     row["serve_env"]["RAY_SERVE_USE_GRPC_BY_DEFAULT"] = "0"
     assert "RAY_SERVE_USE_GRPC_BY_DEFAULT=0" in _cell(row)[0]
+
+
+def test_a_fault_not_recovered_says_what_the_stack_looked_like(tmp_path: Path) -> None:
+    """The drill's TimeoutError carries the edge's /healthz answer, and each part it could
+    not read says why (here: no Ray dashboard, no nginx.conf) instead of failing again."""
+    import asyncio
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from types import SimpleNamespace
+
+    from infra.chaos import ChaosConfig, Drill
+    from replicas.ranks import free_port
+
+    class Degraded(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            body = json.dumps({"status": "degraded", "redis": False}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Degraded)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        stack = SimpleNamespace(
+            edge=f"http://127.0.0.1:{server.server_address[1]}", token="t",
+            config=SimpleNamespace(ray_dashboard=f"http://127.0.0.1:{free_port()}",
+                                   state_dir=str(tmp_path)))
+        drill = Drill(stack, ChaosConfig(recover_timeout_s=0.3), [])
+        with pytest.raises(TimeoutError) as raised:
+            asyncio.run(drill.until("router back on Redis", drill.healthy))
+    finally:
+        server.shutdown()
+    message = str(raised.value)
+    assert message.startswith("router back on Redis: not recovered after 0 s; at the end: ")
+    seen = json.loads(message.split("at the end: ", 1)[1])
+    assert seen["healthz"] == [200, {"status": "degraded", "redis": False}]
+    assert all(seen[k].startswith("unreadable: ") for k in ("engines", "routers",
+                                                          "edge_upstreams"))
