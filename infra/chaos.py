@@ -217,8 +217,11 @@ class Drill:
         self.generation += 1
         body = await asyncio.to_thread(self.serve_status)
         config = redeploy_config(body, self.generation)
-        await asyncio.to_thread(deploy, config, self.dashboard)
+        # the routers before the redeploy: read after it, on a busy machine Serve had
+        # already started the new one (both listed, or only the new), and the drill then
+        # waited for a replacement of the replacement (never: "not recovered")
         before = await asyncio.to_thread(self.router_ids)
+        await asyncio.to_thread(deploy, config, self.dashboard)
         fault.detail["old"] = sorted(before)
         fault.detail["replaced_s"] = round(await self.until(
             "router restarted", lambda: self.router_replaced(before)), 1)
