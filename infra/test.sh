@@ -25,7 +25,22 @@ bash infra/install.sh --test
 export VIRTUAL_ENV="$PWD/.venv" PATH="$PWD/.venv/bin:$PATH"
 python -m ruff check .
 log=$(mktemp "${TMPDIR:-/tmp}/tpserve-stack-tier.XXXXXX")
-trap 'rm -f "$log"' EXIT
+# tests/stack_tier.py lists the HOME of each shared stack it starts here: a stack whose
+# pytest died without its clean-up (a crash, a kill) is stopped at the end
+stacks=$(mktemp "${TMPDIR:-/tmp}/tpserve-test-stacks.XXXXXX")
+export TPSERVE_TEST_STACKS="$stacks"
+cleanup() {
+  rm -f "$log"
+  while read -r home; do
+    if [ -f "$home/.tpserve/stack/stack.json" ]; then
+      echo "== stopping a shared stack its test run left behind ($home)"
+      HOME="$home" python -m infra.cli down --state-dir="$home/.tpserve/stack" || true
+    fi
+    rm -rf "$home"
+  done <"$stacks"
+  rm -f "$stacks"
+}
+trap cleanup EXIT
 markers="and not gpu and not multigpu"
 echo "== fast tier (-m \"not stack\"); the whole-stack tier runs meanwhile, its output after"
 started=$SECONDS

@@ -134,8 +134,14 @@ class Starting:
 
 
 def start_in_background() -> Starting:
-    """`start` in a new empty HOME, on a thread of its own."""
+    """`start` in a new empty HOME, on a thread of its own. The HOME is added to the file
+    TPSERVE_TEST_STACKS names, if set: infra/test.sh stops a stack left there by a test
+    run that could not clean up (a crashed or killed pytest)."""
     home = Path(tempfile.mkdtemp(prefix="tpserve-test-home-"))
+    record = os.environ.get("TPSERVE_TEST_STACKS")
+    if record:
+        with open(record, "a") as f:
+            f.write(f"{home}\n")
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shared-stack")
     future = pool.submit(start, home)
     pool.shutdown(wait=False)
