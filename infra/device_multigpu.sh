@@ -5,7 +5,7 @@
 # multicast stays off (NCCL, PyTorch symmetric memory, NVSHMEM). By default the suite
 # alone (it needs most of one 10-minute call); the tests in a call of their own:
 #   bash infra/device_multigpu.sh                          # the suite, bounded at 570 s
-#   TEST_S=300 BENCH_S=0 TESTS="-k shutdown" bash infra/device_multigpu.sh
+#   TEST_S=300 BENCH_S=0 TEST_K="folded or overflow" bash infra/device_multigpu.sh
 #   PROBE_S=240 BENCH_S=0 bash infra/device_multigpu.sh    # decode at tp=1 and tp=2
 #   HOST_S=200 BENCH_S=0 bash infra/device_multigpu.sh     # rank 0's host per step, 256 reqs
 # Each step is bounded (timeout -s KILL: a rank stuck in a GPU collective ignores
@@ -34,9 +34,8 @@ if [ "${HOST_S:-0}" != 0 ]; then  # where rank 0's host time goes at 256 request
   done
 fi
 if [ "${TEST_S:-0}" != 0 ]; then
-  # shellcheck disable=SC2086
   timeout -s KILL "${TEST_S}" python3 -m pytest -q -m multigpu tests/test_multigpu.py \
-    --timeout 150 -p no:cacheprovider ${TESTS:-} 2>&1 | tee "$out/tests.log"
+    --timeout 150 -p no:cacheprovider ${TEST_K:+-k "$TEST_K"} 2>&1 | tee "$out/tests.log"
 fi
 if [ "${BENCH_S:-570}" != 0 ]; then
   timeout -s KILL "${BENCH_S:-570}" python3 -m replicas.bench --suite multigpu --tp 2 \
