@@ -8,6 +8,7 @@ the GPU queue), with `encode` / `decode` as its only format.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import gc
 import json
@@ -671,9 +672,13 @@ def freeze_heap() -> None:
     process runs every few hundred steps scan only what it allocated since. Measured on
     the CPU test engine at 256 sequences: ~10 us more per delivered token over a run
     with one full collection (~160 ms in one step, every stream stalled by it) than
-    without. `Worker.release` undoes it."""
+    without. `Worker.release` undoes it, and so does the process's exit (else native
+    extensions report what is still frozen then as leaked: nanobind prints hundreds of
+    lines for Triton's types when a script ends without `Engine.shutdown()`)."""
     gc.collect()
     gc.freeze()
+    atexit.unregister(gc.unfreeze)  # (once, however many engines this process starts)
+    atexit.register(gc.unfreeze)
 
 
 def process_age_s() -> float:
