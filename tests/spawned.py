@@ -29,13 +29,12 @@ def run_spawned(target: Callable[..., None], args: tuple[Any, ...], world: int, 
     after waiting join_s for each process (None: still running, then killed). A group
     whose port was taken before rank 0 bound it starts again on a new port, up to
     `attempts` times in all."""
-    for attempt in range(1, attempts + 1):
+    for _ in range(attempts - 1):
         try:
-            return _run_once(target, args, world, expect, timeout_s, join_s,
-                             retry_port=attempt < attempts)
+            return _run_once(target, args, world, expect, timeout_s, join_s, retry_port=True)
         except _PortTaken:
             continue
-    raise AssertionError("unreachable")
+    return _run_once(target, args, world, expect, timeout_s, join_s, retry_port=False)
 
 
 def _run_once(target: Callable[..., None], args: tuple[Any, ...], world: int, expect: int,
