@@ -364,6 +364,10 @@ class Engine:
             "device_wait_s": round(self._device_wait_s, 6),
             "tp": self.config.tp,
             "healthy": self.healthy(),
+            # rank 0's start-up phases (seconds) and weight bytes: load GB/s is
+            # weight_bytes / startup_s["load"]
+            "startup_s": dict(self.worker.startup_s),
+            "weight_bytes": self.worker.weight_bytes,
         }
 
     def healthy(self) -> bool:

@@ -169,6 +169,8 @@ class Worker:
         else:
             load_weights(model, model_dir, show_progress=rank == 0)
         self.model = model.eval()
+        # this rank's weight bytes: with startup_s["load"], the load's throughput
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         phase("load")
         if store is not None:
             self._join_group(store)

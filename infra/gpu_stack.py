@@ -1,0 +1,248 @@
+"""The real stack on a GPU machine, measured: `python -m infra.gpu_stack STEP ...`.
+
+Steps (infra/device_stack.sh says how the stack's packages get onto a device machine; each
+step is its own process, so the GPU is free between them):
+
+- `checkpoint DIR`: a GLM-4-9B-shaped checkpoint (replicas/bench.py's SHAPES, random
+  weights initialised by transformers in bf16 on the GPU) saved with `save_pretrained` as
+  sharded safetensors with an index, and the built-in tiny tokenizer beside it.
+- `engine DIR --out F`: the engine alone on it (replicas.Engine, no Ray): start-up and
+  load throughput, the greedy tokens of PROMPT, and the load run's clients (LOAD, one
+  turn each) driven straight into the engine.
+- `stack DIR --state-dir S --engine-row F --out F`: a stack that `tpserve up --model DIR
+  --detach --state-dir S` started: the replica's start-up and load throughput (its
+  stats, through a Serve handle), a streaming chat through nginx -> router -> Serve with
+  the openai client, its tokens against the engine row's, and the same load run through
+  nginx (infra/client.py's clients).
+
+Each step prints one JSON line and appends it to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from infra.client import Budget, LoadConfig, Turn, run_clients, user_message
+from infra.results import emit, environment, summarize
+
+PROMPT = [{"role": "user", "content": "Tell me about the tensor-parallel replicas."}]
+GREEDY_TOKENS = 32
+# the stack's cost: 64 streaming clients, one-turn chats of 128 tokens each
+LOAD = LoadConfig(clients=64, turns=1, max_tokens=128, user_words=24, duration=120.0,
+                  max_requests=640, request_timeout=120.0)
+WARMUP = LoadConfig(clients=64, turns=1, max_tokens=8, user_words=24, duration=60.0,
+                    max_requests=128, request_timeout=120.0, seed=7)
+
+
+def make_checkpoint(path: str) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    from replicas.bench import hf_config
+    from replicas.tiny import build_tokenizer
+
+    started = time.perf_counter()
+    config = hf_config("glm4-9b")
+    config.dtype = torch.bfloat16
+    with torch.device("cuda"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    built = time.perf_counter()
+    model.save_pretrained(path, max_shard_size="5GB")
+    build_tokenizer(path)
+    files = sorted(p.name for p in Path(path).iterdir())
+    size = sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
+    return {"kind": "gpu_checkpoint", "model": "glm4-9b-shaped", "files": files,
+            "safetensors_bytes": size, "init_s": round(built - started, 1),
+            "save_s": round(time.perf_counter() - built, 1),
+            "gpu": torch.cuda.get_device_name()}
+
+
+def load_gb_s(stats: dict[str, Any]) -> float | None:
+    load = stats.get("startup_s", {}).get("load")
+    return round(stats["weight_bytes"] / load / 1e9, 2) if load else None
+
+
+async def engine_clients(engine: Any, config: LoadConfig, records: list[Turn]) -> float:
+    """infra/client.py's one-turn clients, driven into the engine: the same user messages
+    (each client's rng drawn as `client` draws it), chat template, parameters and budget;
+    the wall time in seconds."""
+    from replicas import SamplingParams
+
+    assert config.turns == 1
+    params = SamplingParams(max_tokens=config.max_tokens, temperature=config.temperature,
+                            ignore_eos=True)
+    budget = Budget(time.monotonic() + config.duration, config.max_requests)
+
+    async def client(index: int) -> None:
+        rng = random.Random(config.seed * 1000 + index)
+        while True:
+            session = f"load-{index}-{rng.getrandbits(32):08x}"
+            if not budget.take():
+                return
+            content = user_message(rng, config.user_words)
+            record = Turn(session, 0, time.monotonic(), content, status=200)
+            ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": content}])
+            record.prompt_tokens = len(ids)
+            async for delta in engine.add_request(ids, params):
+                if delta.token_ids:
+                    now = time.monotonic()
+                    record.ttft_s = record.ttft_s or now - record.started
+                    record.token_times.append(now)
+                    record.completion_tokens += len(delta.token_ids)
+            record.done, record.ended = True, time.monotonic()
+            records.append(record)
+
+    started = time.monotonic()
+    await asyncio.gather(*(client(i) for i in range(config.clients)))
+    return time.monotonic() - started
+
+
+def engine_step(model: str) -> dict[str, Any]:
+    import torch
+
+    from replicas import Engine, EngineConfig, SamplingParams
+
+    started = time.perf_counter()
+    engine = Engine(EngineConfig(model=model, tp=1, device="cuda"))
+    try:
+        ready_s = time.perf_counter() - started
+        stats = engine.stats()
+        ids = engine.tokenizer.apply_chat_template(PROMPT)
+        out = engine.generate([ids], SamplingParams(max_tokens=GREEDY_TOKENS, temperature=0.0,
+                                                    ignore_eos=True))[0]
+        asyncio.run(engine_clients(engine, WARMUP, []))
+        records: list[Turn] = []
+        wall = asyncio.run(engine_clients(engine, LOAD, records))
+        peak = torch.cuda.max_memory_allocated()
+    finally:
+        engine.shutdown()
+    return {"kind": "gpu_engine", "model": "glm4-9b-shaped", "tp": 1,
+            "ready_s": round(ready_s, 2), "startup_s": stats["startup_s"],
+            "weight_bytes": stats["weight_bytes"], "load_gb_s": load_gb_s(stats),
+            "num_kv_blocks": stats["num_kv_blocks"], "prompt_ids": ids,
+            "greedy_token_ids": list(out.token_ids), "load": summarize(records, wall),
+            "load_config": asdict(LOAD), "peak_allocated_bytes": peak,
+            "gpu": torch.cuda.get_device_name()}
+
+
+def replica_stats(state_dir: str) -> dict[str, Any]:
+    """The engine replica's own stats (start-up phases, weight bytes), from a Ray driver
+    connected to the stack, through a Serve handle."""
+    import ray
+    from ray import serve
+
+    from cluster.control import APP_NAME, ENGINE
+    from infra.stack import Running
+
+    async def stats() -> dict[str, Any]:  # (Serve runs the handle's router on this loop)
+        handle = serve.get_deployment_handle(ENGINE, APP_NAME)
+        return await asyncio.wait_for(handle.stats.remote(), 60)
+
+    Running.recorded(state_dir).connect()
+    try:
+        return asyncio.run(stats())
+    finally:
+        ray.shutdown()
+
+
+def streaming_chat(edge: str) -> dict[str, Any]:
+    """PROMPT through nginx -> router -> Serve -> the GPU replica with the openai client,
+    streamed, greedy, with the router's token-id extension."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{edge}/v1", api_key="unused", max_retries=0)
+    started = time.perf_counter()
+    ttft, chunks, ids, text = None, 0, [], ""
+    stream = client.chat.completions.create(
+        model="tpserve", messages=PROMPT, max_tokens=GREEDY_TOKENS, temperature=0.0,
+        stream=True, extra_body={"return_token_ids": True, "ignore_eos": True},
+        extra_headers={"X-Session-ID": "gpu-stack-chat"})
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        ttft = ttft or time.perf_counter() - started
+        chunks += 1
+        choice = chunk.choices[0]
+        ids += (choice.model_extra or {}).get("token_ids") or []
+        text += choice.delta.content or ""
+    return {"chunks": chunks, "ttft_ms": round(1e3 * (ttft or 0), 1),
+            "total_ms": round(1e3 * (time.perf_counter() - started), 1),
+            "token_ids": ids, "text_chars": len(text)}
+
+
+def stack_step(model: str, state_dir: str, engine_row: str) -> dict[str, Any]:
+    from infra.stack import Running
+
+    stack = Running.recorded(state_dir)
+    try:
+        stats = replica_stats(state_dir)
+    except Exception as e:  # noqa: BLE001 - the rest is still worth measuring
+        stats = {"error": f"{type(e).__name__}: {e}"[:300]}
+    chat = streaming_chat(stack.edge)
+    engine = json.loads(Path(engine_row).read_text().splitlines()[-1]) if engine_row else {}
+    asyncio.run(run_clients(LoadConfig(**{**asdict(WARMUP), "url": stack.edge}), []))
+    records: list[Turn] = []
+    wall = asyncio.run(run_clients(LoadConfig(**{**asdict(LOAD), "url": stack.edge}),
+                                   records))
+    load = summarize(records, wall)
+    row: dict[str, Any] = {
+        "kind": "gpu_stack", "model": "glm4-9b-shaped", "tp": 1, "replicas": 1,
+        "replica_startup_s": stats.get("startup_s"), "weight_bytes": stats.get("weight_bytes"),
+        "load_gb_s": load_gb_s(stats) if "weight_bytes" in stats else None,
+        "stats_error": stats.get("error"), "chat": chat, "load": load,
+        "load_config": asdict(LoadConfig(**{**asdict(LOAD), "url": stack.edge}))}
+    if engine:
+        want = engine["greedy_token_ids"]
+        row["greedy_equal"] = chat["token_ids"] == want
+        row["greedy_tokens"] = len(want)
+        alone = engine["load"]
+        row["vs_engine"] = {
+            "engine_output_tokens_per_s": alone["output_tokens_per_s"],
+            "stack_output_tokens_per_s": load["output_tokens_per_s"],
+            "tokens_per_s_ratio": round(load["output_tokens_per_s"]
+                                        / alone["output_tokens_per_s"], 3),
+            "engine_ttft_p50_ms": alone["ttft_ms"]["p50"],
+            "stack_ttft_p50_ms": load["ttft_ms"]["p50"],
+            "ttft_p50_added_ms": round(load["ttft_ms"]["p50"] - alone["ttft_ms"]["p50"], 2),
+            "engine_itl_p50_ms": alone["itl_ms"]["p50"], "stack_itl_p50_ms":
+            load["itl_ms"]["p50"]}
+        row["met"] = {"tokens_per_s_within_5pct": row["vs_engine"]["tokens_per_s_ratio"]
+                      >= 0.95, "ttft_p50_within_5ms": row["vs_engine"]["ttft_p50_added_ms"]
+                      <= 5.0}
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m infra.gpu_stack",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("step", choices=["checkpoint", "engine", "stack"])
+    parser.add_argument("model", help="the checkpoint's directory")
+    parser.add_argument("--state-dir", help="stack: the state directory of `tpserve up`")
+    parser.add_argument("--engine-row", help="stack: the engine step's JSON lines")
+    parser.add_argument("--out", help="append the JSON line here")
+    args = parser.parse_args(argv)
+    if args.step == "stack":
+        from infra.results import driver_env
+
+        driver_env()  # before Ray is imported
+    if args.step == "checkpoint":
+        row = make_checkpoint(args.model)
+    elif args.step == "engine":
+        row = engine_step(args.model)
+    else:
+        row = stack_step(args.model, args.state_dir, args.engine_row)
+    emit({**row, **environment(), "git_rev": os.environ.get("TPSERVE_REV")}, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
