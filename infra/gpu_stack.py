@@ -154,6 +154,24 @@ def replica_stats(state_dir: str) -> dict[str, Any]:
         ray.shutdown()
 
 
+def replica_init_s(logs: str = "/tmp/ray/session_latest/logs/serve") -> float | None:
+    """Seconds from Serve's "Started initializing replica" to "Finished initializing
+    replica" in the (first) engine replica's log: its start-up as Serve saw it."""
+    import datetime
+
+    marks = {}
+    for path in sorted(Path(logs).glob("replica_*_Engine_*.log"))[:1]:
+        for line in path.read_text(errors="replace").splitlines():
+            for mark in ("Started initializing", "Finished initializing"):
+                if mark in line and mark not in marks:
+                    stamp = " ".join(line.split()[1:3])  # INFO 2026-12-01 08:18:06,465 ...
+                    marks[mark] = datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f")
+    if len(marks) < 2:
+        return None
+    return round((marks["Finished initializing"] - marks["Started initializing"])
+                 .total_seconds(), 2)
+
+
 def streaming_chat(edge: str) -> dict[str, Any]:
     """PROMPT through nginx -> router -> Serve -> the GPU replica with the openai client,
     streamed, greedy, with the router's token-id extension."""
@@ -187,7 +205,10 @@ def stack_step(model: str, state_dir: str, engine_row: str) -> dict[str, Any]:
         stats = replica_stats(state_dir)
     except Exception as e:  # noqa: BLE001 - the rest is still worth measuring
         stats = {"error": f"{type(e).__name__}: {e}"[:300]}
-    chat = streaming_chat(stack.edge)
+    try:
+        chat = streaming_chat(stack.edge)
+    except Exception as e:  # noqa: BLE001 - the load run still says what the stack costs
+        chat = {"error": f"{type(e).__name__}: {e}"[:300], "token_ids": None}
     engine = json.loads(Path(engine_row).read_text().splitlines()[-1]) if engine_row else {}
     asyncio.run(run_clients(LoadConfig(**{**asdict(WARMUP), "url": stack.edge}), []))
     records: list[Turn] = []
@@ -196,7 +217,8 @@ def stack_step(model: str, state_dir: str, engine_row: str) -> dict[str, Any]:
     load = summarize(records, wall)
     row: dict[str, Any] = {
         "kind": "gpu_stack", "model": "glm4-9b-shaped", "tp": 1, "replicas": 1,
-        "replica_startup_s": stats.get("startup_s"), "weight_bytes": stats.get("weight_bytes"),
+        "replica_init_s": replica_init_s(), "replica_startup_s": stats.get("startup_s"),
+        "weight_bytes": stats.get("weight_bytes"),
         "load_gb_s": load_gb_s(stats) if "weight_bytes" in stats else None,
         "stats_error": stats.get("error"), "chat": chat, "load": load,
         "load_config": asdict(LoadConfig(**{**asdict(LOAD), "url": stack.edge}))}
@@ -240,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         row = engine_step(args.model)
     else:
         row = stack_step(args.model, args.state_dir, args.engine_row)
-    emit({**row, **environment(), "git_rev": os.environ.get("TPSERVE_REV")}, args.out)
+    # (environment() imports Ray, which the checkpoint step may run without)
+    env = environment() if args.step != "checkpoint" else {}
+    emit({**row, **env, "git_rev": os.environ.get("TPSERVE_REV")}, args.out)
     return 0
 
 
