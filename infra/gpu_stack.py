@@ -39,6 +39,9 @@ GREEDY_TOKENS = 32
 # the stack's cost: 64 streaming clients, one-turn chats of 128 tokens each
 LOAD = LoadConfig(clients=64, turns=1, max_tokens=128, user_words=24, duration=120.0,
                   max_requests=640, request_timeout=120.0)
+# one client, one request at a time: the stack's latency without queueing
+SEQUENTIAL = LoadConfig(clients=1, turns=1, max_tokens=16, user_words=24, duration=60.0,
+                        max_requests=40, request_timeout=60.0, seed=3)
 WARMUP = LoadConfig(clients=64, turns=1, max_tokens=8, user_words=24, duration=60.0,
                     max_requests=128, request_timeout=120.0, seed=7)
 
@@ -106,6 +109,81 @@ async def engine_clients(engine: Any, config: LoadConfig, records: list[Turn]) -
     return time.monotonic() - started
 
 
+def engine_run(engine: Any, config: LoadConfig) -> dict[str, Any]:
+    records: list[Turn] = []
+    wall = asyncio.run(engine_clients(engine, config, records))
+    return summarize(records, wall)
+
+
+def stack_run(edge: str, config: LoadConfig) -> dict[str, Any]:
+    records: list[Turn] = []
+    wall = asyncio.run(run_clients(LoadConfig(**{**asdict(config), "url": edge}), records))
+    return summarize(records, wall)
+
+
+# the stack's processes, by a part of their command line (Ray titles its workers)
+PROCESSES = {"router": ":Router", "engine": ":Engine", "proxy": "ProxyActor",
+             "controller": "ServeController", "nginx": "nginx", "redis": "redis-server",
+             "raylet": "raylet", "gcs": "gcs_server"}
+
+
+def stack_pids() -> dict[str, list[int]]:
+    import psutil
+
+    found: dict[str, list[int]] = {"client": [os.getpid()]}
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        line = " ".join(proc.info["cmdline"] or [])
+        for name, part in PROCESSES.items():
+            if part in line and proc.info["pid"] != os.getpid():
+                found.setdefault(name, []).append(proc.info["pid"])
+    return found
+
+
+def cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
+    import psutil
+
+    total: dict[str, float] = {}
+    for name, group in pids.items():
+        for pid in group:
+            try:
+                t = psutil.Process(pid).cpu_times()
+            except psutil.Error:
+                continue
+            total[name] = total.get(name, 0.0) + t.user + t.system
+    return total
+
+
+def profiled_run(edge: str, config: LoadConfig, out_dir: str | None) -> dict[str, Any]:
+    """A load run with each stack process's CPU use over it (cores), and, with out_dir
+    and py-spy on PATH, py-spy's samples of the router, the engine replica and this
+    client for PYSPY_S seconds from PYSPY_DELAY_S in (collapsed stacks, per thread)."""
+    import shutil
+    import subprocess
+
+    pids = stack_pids()
+    spies = []
+    if out_dir and shutil.which("py-spy"):
+        for name in ("router", "engine", "client"):
+            for pid in pids.get(name, [])[:1]:
+                spies.append(subprocess.Popen(
+                    ["sh", "-c", f"sleep {PYSPY_DELAY_S}; exec py-spy record -p {pid} -d "
+                     f"{PYSPY_S} -r 100 --threads -f raw -o {out_dir}/pyspy_{name}.txt"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    before, started = cpu_seconds(pids), time.monotonic()
+    row = stack_run(edge, config)
+    wall = time.monotonic() - started
+    after = cpu_seconds(pids)
+    for spy in spies:
+        spy.wait(timeout=60)
+    row["cpu_cores"] = {name: round((after[name] - before.get(name, 0.0)) / wall, 2)
+                        for name in after}
+    row["pyspy"] = bool(spies)
+    return row
+
+
+PYSPY_DELAY_S, PYSPY_S = 2, 6
+
+
 def engine_step(model: str) -> dict[str, Any]:
     import torch
 
@@ -120,8 +198,8 @@ def engine_step(model: str) -> dict[str, Any]:
         out = engine.generate([ids], SamplingParams(max_tokens=GREEDY_TOKENS, temperature=0.0,
                                                     ignore_eos=True))[0]
         asyncio.run(engine_clients(engine, WARMUP, []))
-        records: list[Turn] = []
-        wall = asyncio.run(engine_clients(engine, LOAD, records))
+        runs = [engine_run(engine, LOAD) for _ in range(2)]
+        sequential = engine_run(engine, SEQUENTIAL)
         peak = torch.cuda.max_memory_allocated()
     finally:
         engine.shutdown()
@@ -129,8 +207,9 @@ def engine_step(model: str) -> dict[str, Any]:
             "ready_s": round(ready_s, 2), "startup_s": stats["startup_s"],
             "weight_bytes": stats["weight_bytes"], "load_gb_s": load_gb_s(stats),
             "num_kv_blocks": stats["num_kv_blocks"], "prompt_ids": ids,
-            "greedy_token_ids": list(out.token_ids), "load": summarize(records, wall),
-            "load_config": asdict(LOAD), "peak_allocated_bytes": peak,
+            "greedy_token_ids": list(out.token_ids), "load": runs[0], "load_repeat": runs[1],
+            "load_config": asdict(LOAD), "sequential": sequential,
+            "sequential_config": asdict(SEQUENTIAL), "peak_allocated_bytes": peak,
             "gpu": torch.cuda.get_device_name()}
 
 
@@ -197,7 +276,8 @@ def streaming_chat(edge: str) -> dict[str, Any]:
             "token_ids": ids, "text_chars": len(text)}
 
 
-def stack_step(model: str, state_dir: str, engine_row: str) -> dict[str, Any]:
+def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | None
+               ) -> dict[str, Any]:
     from infra.stack import Running
 
     stack = Running.recorded(state_dir)
@@ -209,38 +289,55 @@ def stack_step(model: str, state_dir: str, engine_row: str) -> dict[str, Any]:
         chat = streaming_chat(stack.edge)
     except Exception as e:  # noqa: BLE001 - the load run still says what the stack costs
         chat = {"error": f"{type(e).__name__}: {e}"[:300], "token_ids": None}
-    engine = json.loads(Path(engine_row).read_text().splitlines()[-1]) if engine_row else {}
-    asyncio.run(run_clients(LoadConfig(**{**asdict(WARMUP), "url": stack.edge}), []))
-    records: list[Turn] = []
-    wall = asyncio.run(run_clients(LoadConfig(**{**asdict(LOAD), "url": stack.edge}),
-                                   records))
-    load = summarize(records, wall)
+    rows = [json.loads(line) for line in Path(engine_row).read_text().splitlines()
+            if line.strip()] if engine_row else []
+    engine = next((r for r in reversed(rows) if r.get("kind") == "gpu_engine"), {})
+    stack_run(stack.edge, WARMUP)
+    load = stack_run(stack.edge, LOAD)
+    repeat = profiled_run(stack.edge, LOAD, None)  # CPU use only
+    sequential = stack_run(stack.edge, SEQUENTIAL)
+    profiled = profiled_run(stack.edge, LOAD, profile_dir) if profile_dir else None
     row: dict[str, Any] = {
         "kind": "gpu_stack", "model": "glm4-9b-shaped", "tp": 1, "replicas": 1,
         "replica_init_s": replica_init_s(), "replica_startup_s": stats.get("startup_s"),
         "weight_bytes": stats.get("weight_bytes"),
         "load_gb_s": load_gb_s(stats) if "weight_bytes" in stats else None,
-        "stats_error": stats.get("error"), "chat": chat, "load": load,
-        "load_config": asdict(LoadConfig(**{**asdict(LOAD), "url": stack.edge}))}
+        "stats_error": stats.get("error"), "chat": chat, "load": load, "load_repeat": repeat,
+        "load_config": asdict(LoadConfig(**{**asdict(LOAD), "url": stack.edge})),
+        "sequential": sequential, "sequential_config": asdict(SEQUENTIAL),
+        "load_profiled": profiled}
     if engine:
         want = engine["greedy_token_ids"]
         row["greedy_equal"] = chat["token_ids"] == want
         row["greedy_tokens"] = len(want)
-        alone = engine["load"]
-        row["vs_engine"] = {
-            "engine_output_tokens_per_s": alone["output_tokens_per_s"],
-            "stack_output_tokens_per_s": load["output_tokens_per_s"],
-            "tokens_per_s_ratio": round(load["output_tokens_per_s"]
-                                        / alone["output_tokens_per_s"], 3),
-            "engine_ttft_p50_ms": alone["ttft_ms"]["p50"],
-            "stack_ttft_p50_ms": load["ttft_ms"]["p50"],
-            "ttft_p50_added_ms": round(load["ttft_ms"]["p50"] - alone["ttft_ms"]["p50"], 2),
-            "engine_itl_p50_ms": alone["itl_ms"]["p50"], "stack_itl_p50_ms":
-            load["itl_ms"]["p50"]}
+        row["vs_engine"] = compare([engine["load"], engine.get("load_repeat")],
+                                   [load, repeat])
+        if "sequential" in engine:
+            row["vs_engine_sequential"] = compare([engine["sequential"]], [sequential])
         row["met"] = {"tokens_per_s_within_5pct": row["vs_engine"]["tokens_per_s_ratio"]
                       >= 0.95, "ttft_p50_within_5ms": row["vs_engine"]["ttft_p50_added_ms"]
                       <= 5.0}
     return row
+
+
+def compare(alone: list[dict[str, Any] | None], stack: list[dict[str, Any]]
+            ) -> dict[str, Any]:
+    """The stack's runs against the engine's: the means over each side's runs of output
+    tokens/s and of TTFT and ITL p50."""
+    def mean(runs: list[dict[str, Any] | None], key: str, sub: str | None = None) -> float:
+        values = [r[key][sub] if sub else r[key] for r in runs if r]
+        return round(sum(values) / len(values), 2)
+
+    engine_tps, stack_tps = mean(alone, "output_tokens_per_s"), mean(stack,
+                                                                     "output_tokens_per_s")
+    engine_ttft, stack_ttft = mean(alone, "ttft_ms", "p50"), mean(stack, "ttft_ms", "p50")
+    return {"engine_output_tokens_per_s": engine_tps, "stack_output_tokens_per_s": stack_tps,
+            "tokens_per_s_ratio": round(stack_tps / engine_tps, 3),
+            "engine_ttft_p50_ms": engine_ttft, "stack_ttft_p50_ms": stack_ttft,
+            "ttft_p50_added_ms": round(stack_ttft - engine_ttft, 2),
+            "engine_itl_p50_ms": mean(alone, "itl_ms", "p50"),
+            "stack_itl_p50_ms": mean(stack, "itl_ms", "p50"),
+            "runs": [sum(1 for r in alone if r), len(stack)]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", help="stack: the state directory of `tpserve up`")
     parser.add_argument("--engine-row", help="stack: the engine step's JSON lines")
     parser.add_argument("--out", help="append the JSON line here")
+    parser.add_argument("--profile-dir", help="stack: one more load run, with py-spy's "
+                        "samples of the router, the engine replica and the client here")
     args = parser.parse_args(argv)
     if args.step == "stack":
         from infra.results import driver_env
@@ -261,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.step == "engine":
         row = engine_step(args.model)
     else:
-        row = stack_step(args.model, args.state_dir, args.engine_row)
+        row = stack_step(args.model, args.state_dir, args.engine_row, args.profile_dir)
     # (environment() imports Ray, which the checkpoint step may run without)
     env = environment() if args.step != "checkpoint" else {}
     emit({**row, **env, "git_rev": os.environ.get("TPSERVE_REV")}, args.out)
