@@ -140,9 +140,42 @@ measure() {
     return $rc
 }
 
+measure_cold() {
+    # THERE, after `install`, on a machine where nothing ran on the GPU yet (no Triton or
+    # GEMV-tuning caches): `tpserve up` on the checkpoint (made first if missing), the
+    # replica's start-up, the front door and the prefix cache (infra/gpu_stack.py stack
+    # --light), `tpserve down`.
+    . $ROOT/env.sh
+    local model=${MODEL_DIR:-/tmp/glm4-9b} out=${OUT:-/tmp/tpserve-out}
+    local state=/tmp/tpserve-state rc=0 t0 t1
+    mkdir -p "$out"
+    export PYTHONUNBUFFERED=1
+    [ -f $model/model.safetensors.index.json ] ||
+        python3 -m infra.gpu_stack checkpoint $model --out "$out/gpu_stack.jsonl"
+    t0=$(date +%s.%N)
+    python3 -m infra.cli up --model $model --tp 1 --replicas 1 --device cuda --detach \
+        --state-dir $state --timeout-s 400 || rc=$?
+    t1=$(date +%s.%N)
+    echo "{\"kind\": \"gpu_stack_up\", \"caches\": \"cold\", \"rc\": $rc, \"up_s\": \
+$(python3 -c "print(round($t1 - $t0, 1))")}" | tee -a "$out/gpu_stack.jsonl"
+    if [ $rc = 0 ]; then
+        python3 -m infra.gpu_stack stack $model --state-dir $state --light \
+            --out "$out/gpu_stack.jsonl" || rc=$?
+    fi
+    tar -czf "$out/logs.tar.gz" -C / tmp/ray/session_latest/logs ${state#/} 2>/dev/null || true
+    python3 -m infra.cli down --state-dir $state || rc=$?
+    sleep 2
+    echo "after down: GPU memory used $(nvidia-smi --query-gpu=memory.used \
+        --format=csv,noheader); compute processes: $(nvidia-smi \
+        --query-compute-apps=pid,used_memory --format=csv,noheader | wc -l)"
+    return $rc
+}
+
 case "${1:-}" in
     prepare) prepare ;;
     install) install ;;
     measure) measure ;;
-    *) echo "usage: bash infra/device_stack.sh prepare|install|measure" >&2; exit 2 ;;
+    measure-cold) measure_cold ;;
+    *) echo "usage: bash infra/device_stack.sh prepare|install|measure|measure-cold" >&2
+       exit 2 ;;
 esac

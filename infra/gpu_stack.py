@@ -276,8 +276,47 @@ def streaming_chat(edge: str) -> dict[str, Any]:
             "token_ids": ids, "text_chars": len(text)}
 
 
-def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | None
-               ) -> dict[str, Any]:
+# the prefix cache through the stack: sessions whose first turn is PREFIX_WORDS words
+# (~1,060 tokens with the tiny tokenizer), the second turn's TTFT (history cached) against
+# one-turn chats of the second turn's whole length (nothing cached)
+PREFIX_SESSIONS, PREFIX_WORDS, PREFIX_NEXT_WORDS = 8, 900, 20
+
+
+def prefix_run(edge: str, token: str) -> dict[str, Any]:
+    from infra.load import hit_tokens
+    from infra.results import ms
+
+    def run(config: LoadConfig, words: int, next_words: int) -> list[Turn]:
+        records: list[Turn] = []
+        asyncio.run(run_clients(config, records, None,
+                                lambda turn: words if turn == 0 else next_words))
+        return records
+
+    base = LoadConfig(url=edge, clients=1, max_tokens=16, duration=300.0,
+                      request_timeout=60.0)
+    hits = hit_tokens(edge, token)
+    pinned = run(LoadConfig(**{**asdict(base), "turns": 2, "seed": 11,
+                               "max_requests": 2 * PREFIX_SESSIONS}),
+                 PREFIX_WORDS, PREFIX_NEXT_WORDS)
+    cold = run(LoadConfig(**{**asdict(base), "turns": 1, "seed": 12,
+                             "max_requests": PREFIX_SESSIONS}),
+               PREFIX_WORDS + PREFIX_NEXT_WORDS, 0)
+    time.sleep(2.5)  # the replicas publish their stats every second
+    second = [r for r in pinned if r.turn == 1 and r.ok]
+    return {"sessions": PREFIX_SESSIONS, "ok": sum(r.ok for r in pinned + cold),
+            "requests": len(pinned) + len(cold),
+            "turn2_prompt_tokens": [r.prompt_tokens for r in second],
+            "turn2_ttft_ms": ms([r.ttft_s for r in second if r.ttft_s is not None]),
+            "cold_prompt_tokens": [r.prompt_tokens for r in cold if r.ok],
+            "cold_ttft_ms": ms([r.ttft_s for r in cold if r.ok and r.ttft_s is not None]),
+            "replicas": sorted({r.replica for r in pinned}),
+            "prefix_hit_tokens": hit_tokens(edge, token) - hits}
+
+
+def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | None,
+               light: bool = False) -> dict[str, Any]:
+    """`light`: the replica's start, the front door and the prefix cache only (no load
+    runs, no comparison with the engine)."""
     from infra.stack import Running
 
     stack = Running.recorded(state_dir)
@@ -289,6 +328,13 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
         chat = streaming_chat(stack.edge)
     except Exception as e:  # noqa: BLE001 - the load run still says what the stack costs
         chat = {"error": f"{type(e).__name__}: {e}"[:300], "token_ids": None}
+    if light:
+        return {"kind": "gpu_stack_start", "model": "glm4-9b-shaped", "tp": 1, "replicas": 1,
+                "replica_init_s": replica_init_s(), "replica_startup_s": stats.get("startup_s"),
+                "weight_bytes": stats.get("weight_bytes"),
+                "load_gb_s": load_gb_s(stats) if "weight_bytes" in stats else None,
+                "stats_error": stats.get("error"), "chat": chat,
+                "prefix": prefix_run(stack.edge, stack.token)}
     rows = [json.loads(line) for line in Path(engine_row).read_text().splitlines()
             if line.strip()] if engine_row else []
     engine = next((r for r in reversed(rows) if r.get("kind") == "gpu_engine"), {})
@@ -348,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", help="stack: the state directory of `tpserve up`")
     parser.add_argument("--engine-row", help="stack: the engine step's JSON lines")
     parser.add_argument("--out", help="append the JSON line here")
+    parser.add_argument("--light", action="store_true", help="stack: the start, the front "
+                        "door and the prefix cache only")
     parser.add_argument("--profile-dir", help="stack: one more load run, with py-spy's "
                         "samples of the router, the engine replica and the client here")
     args = parser.parse_args(argv)
@@ -360,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.step == "engine":
         row = engine_step(args.model)
     else:
-        row = stack_step(args.model, args.state_dir, args.engine_row, args.profile_dir)
+        row = stack_step(args.model, args.state_dir, args.engine_row, args.profile_dir,
+                         args.light)
     # (environment() imports Ray, which the checkpoint step may run without)
     env = environment() if args.step != "checkpoint" else {}
     emit({**row, **env, "git_rev": os.environ.get("TPSERVE_REV")}, args.out)
