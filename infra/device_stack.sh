@@ -6,26 +6,34 @@
 #                                        # wheels and .debs into .stack/, in parts
 #   bash infra/device_stack.sh install   # THERE, once per call that carries a part
 #
-# `prepare` downloads, at the versions of the project's .venv (`uv pip freeze` there), the
+# `prepare` downloads, at the versions of the project's .venv (`pip freeze` there), the
 # cp312 manylinux wheels of Ray and of the packages the device image lacks, and the Debian
 # packages of redis-server and nginx with the libraries they link to; it packs them into
 # .stack/a and .stack/b: one tar of all of it, cut in two (`split -n 2`, ~55 MiB each), as
 # the 64 MiB a call carries holds neither Ray's wheel (~79 MB) with the rest nor
-# everything (~112 MB). .stack/ is in .gitignore.
+# everything (~115 MB). .stack/ is in .gitignore.
 #
-# With the device tool, two calls in a row while the machine is warm (it goes back after
+# With the device tool: two calls in a row while the machine is warm (it goes back after
 # 30 s idle; files under /tmp survive between calls on a warm machine, a carried folder
-# does not):
-#   call 1: carry [".stack/a"], command: bash infra/device_stack.sh install; ...
-#   call 2: carry [".stack/b"], command: bash infra/device_stack.sh install &&
-#           . /tmp/tpserve-stack/env.sh && tpserve up --model DIR --tp 1 --replicas 1 ...
+# does not), each command beginning with
+#   export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1;
+#   call 1: carry [".stack/a"]: bash infra/device_stack.sh install; python3 -m
+#           infra.gpu_stack checkpoint /tmp/glm4-9b    (the checkpoint meanwhile: ~40 s)
+#   call 2: carry [".stack/b"]: bash infra/device_stack.sh install &&
+#           bash infra/device_stack.sh measure         (or measure-cold, or your own:
+#           . /tmp/tpserve-stack/env.sh; python3 -m infra.cli up --model DIR ...)
+# Issue call 2 at once when call 1 returns; on a fresh machine (call 2 too late) start
+# again with call 1. There `tpserve` is `python3 -m infra.cli` (the project is not
+# pip-installed; PYTHONPATH has the repo).
 # `install` copies the parts it finds under .stack/ to /tmp/tpserve-stack/parts; once
 # both are there it installs the wheels into /tmp/tpserve-stack/site (pip --target, no
-# index, no deps), unpacks the .debs into /tmp/tpserve-stack/debs (never into /), puts
-# redis-server and nginx wrappers (their libraries on LD_LIBRARY_PATH, for them alone) in
-# /tmp/tpserve-stack/bin, and writes /tmp/tpserve-stack/env.sh: PATH, PYTHONPATH (the
-# repo and the site; the image's own torch, transformers and numpy stay in use), and
-# NVLink multicast kept off. It exits 0 with "waiting for part b" after part a alone.
+# index, no deps; ~12 s), unpacks the .debs into /tmp/tpserve-stack/debs (never into /),
+# puts redis-server and nginx wrappers (their libraries on LD_LIBRARY_PATH, for them alone)
+# in /tmp/tpserve-stack/bin, and writes /tmp/tpserve-stack/env.sh: PATH, PYTHONPATH (the
+# repo and the site, ahead of the image's packages; the image's own torch, transformers
+# and numpy stay in use), and NVLink multicast kept off. After part a alone it says
+# "waiting for the other part" and exits 0. Seen working on the one-H200 kind (Ubuntu
+# 24.04, glibc 2.39, Python 3.12): Ray 2.60 with Serve, Redis 7.0.15, nginx 1.22.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -1,0 +1,54 @@
+"""infra/gpu_stack.py's logic on CPU: the engine-alone clients (the same messages as
+infra/client.py's clients), the engine's start-up stats, the comparison and the replica's
+init time read from Serve's log. The GPU runs themselves go through the device tool."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import replace
+from pathlib import Path
+
+from infra import gpu_stack
+from infra.client import Turn, user_message
+from replicas import Engine, EngineConfig
+
+
+def summary(tps: float, ttft: float, itl: float) -> dict:
+    return {"output_tokens_per_s": tps, "ttft_ms": {"p50": ttft}, "itl_ms": {"p50": itl}}
+
+
+def test_compare_means_each_side() -> None:
+    got = gpu_stack.compare([summary(100, 10, 2), summary(80, 20, 4), None],
+                            [summary(90, 21, 3)])
+    assert got["engine_output_tokens_per_s"] == 90
+    assert got["tokens_per_s_ratio"] == 1.0
+    assert got["ttft_p50_added_ms"] == 6.0
+    assert got["engine_itl_p50_ms"] == 3.0 and got["runs"] == [2, 1]
+
+
+def test_replica_init_s_from_serve_log(tmp_path: Path) -> None:
+    assert gpu_stack.replica_init_s(str(tmp_path)) is None
+    (tmp_path / "replica_tpserve_Engine_ab12.log").write_text(
+        "INFO 2026-12-01 08:24:55,887 tpserve_Engine ab12 -- Started initializing replica.\n"
+        "INFO 2026-12-01 08:25:00,000 tpserve_Engine ab12 -- some line\n"
+        "INFO 2026-12-01 08:25:10,634 tpserve_Engine ab12 -- Finished initializing replica.\n")
+    assert gpu_stack.replica_init_s(str(tmp_path)) == 14.75
+
+
+def test_engine_clients_send_the_load_clients_messages() -> None:
+    config = replace(gpu_stack.LOAD, clients=3, max_requests=7, max_tokens=4)
+    with Engine(EngineConfig(tp=1, device="cpu")) as engine:
+        stats = engine.stats()
+        records: list[Turn] = []
+        asyncio.run(gpu_stack.engine_clients(engine, config, records))
+    assert stats["startup_s"]["load"] >= 0 and stats["weight_bytes"] > 0
+    assert len(records) == 7 and all(r.ok and r.completion_tokens == 4 for r in records)
+    # infra/client.py's `client` draws a session name, then the message, per turn
+    sent = []
+    for index in range(3):
+        rng = random.Random(config.seed * 1000 + index)
+        for _ in range(3):
+            rng.getrandbits(32)
+            sent.append(user_message(rng, config.user_words))
+    assert {r.content for r in records} <= set(sent)
