@@ -12,10 +12,14 @@ step is its own process, so the GPU is free between them):
 - `stack DIR --state-dir S --engine-row F --out F`: a stack that `tpserve up --model DIR
   --detach --state-dir S` started: the replica's start-up and load throughput (its
   stats, through a Serve handle), a streaming chat through nginx -> router -> Serve with
-  the openai client, its tokens against the engine row's, and the same load run through
-  nginx (infra/client.py's clients).
+  the openai client, its tokens against the engine row's, and the same load runs through
+  nginx (infra/client.py's clients), with each stack process's CPU use over one of them;
+  `--profile-dir D`: one more run with py-spy's samples of the router, the engine replica
+  and the client in D. `--light`: the start, the chat and the prefix cache only (2-turn
+  sessions of ~1,100-token prompts against one-turn chats of that length).
 
-Each step prints one JSON line and appends it to --out.
+Each step prints one JSON line and appends it to --out. The rows of one H200 are in
+infra/results/stack_gpu_h200.jsonl.
 """
 
 from __future__ import annotations
