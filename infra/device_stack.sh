@@ -116,57 +116,36 @@ print("ray", ray.__version__)')
 
 measure() {
     # THERE, after `install`: the real stack on the machine's GPU, one tp=1 replica of a
-    # GLM-4-9B-shaped checkpoint (made once in $MODEL_DIR), measured by infra/gpu_stack.py:
-    # the engine alone first, then `tpserve up`, the front door, the load run, `tpserve
-    # down`, and the GPU's memory after it. JSON lines and logs go to $OUT.
+    # GLM-4-9B-shaped checkpoint (made once in $MODEL_DIR), measured by infra/gpu_stack.py.
+    # `measure warm`: the engine alone first, then `tpserve up`, the front door, the load
+    # run, `tpserve down`, and the GPU's memory after it. `measure cold`, on a machine
+    # where nothing ran on the GPU yet (no Triton or GEMV-tuning caches): `tpserve up`, the
+    # replica's start-up, the front door and the prefix cache (`stack --light`), `tpserve
+    # down`. JSON lines and logs go to $OUT.
     . $ROOT/env.sh
-    local model=${MODEL_DIR:-/tmp/glm4-9b} out=${OUT:-/tmp/tpserve-out}
-    local state=/tmp/tpserve-state rc=0 t0 t1
+    local caches=$1 model=${MODEL_DIR:-/tmp/glm4-9b} out=${OUT:-/tmp/tpserve-out}
+    local state=/tmp/tpserve-state rc=0 t0 t1 tag=""
     mkdir -p "$out"
     export PYTHONUNBUFFERED=1
     [ -f $model/model.safetensors.index.json ] ||
         python3 -m infra.gpu_stack checkpoint $model --out "$out/gpu_stack.jsonl"
-    python3 -m infra.gpu_stack engine $model --out "$out/gpu_stack.jsonl"
-    nvidia-smi --query-gpu=memory.used --format=csv,noheader
+    if [ "$caches" = warm ]; then
+        python3 -m infra.gpu_stack engine $model --out "$out/gpu_stack.jsonl"
+        nvidia-smi --query-gpu=memory.used --format=csv,noheader
+    else
+        tag='"caches": "cold", '
+    fi
     t0=$(date +%s.%N)
     python3 -m infra.cli up --model $model --tp 1 --replicas 1 --device cuda --detach \
         --state-dir $state --timeout-s 400 || rc=$?
     t1=$(date +%s.%N)
-    echo "{\"kind\": \"gpu_stack_up\", \"rc\": $rc, \"up_s\": $(python3 -c "print(round($t1 - $t0, 1))")}" |
-        tee -a "$out/gpu_stack.jsonl"
-    if [ $rc = 0 ]; then
+    echo "{\"kind\": \"gpu_stack_up\", $tag\"rc\": $rc, \"up_s\": \
+$(python3 -c "print(round($t1 - $t0, 1))")}" | tee -a "$out/gpu_stack.jsonl"
+    if [ $rc = 0 ] && [ "$caches" = warm ]; then
         python3 -m infra.gpu_stack stack $model --state-dir $state --engine-row \
             "$out/gpu_stack.jsonl" --out "$out/gpu_stack.jsonl" --profile-dir "$out" \
             || rc=$?
-    fi
-    tar -czf "$out/logs.tar.gz" -C / tmp/ray/session_latest/logs ${state#/} 2>/dev/null || true
-    python3 -m infra.cli down --state-dir $state || rc=$?
-    sleep 2
-    echo "after down: GPU memory used $(nvidia-smi --query-gpu=memory.used \
-        --format=csv,noheader); compute processes: $(nvidia-smi \
-        --query-compute-apps=pid,used_memory --format=csv,noheader | wc -l)"
-    return $rc
-}
-
-measure_cold() {
-    # THERE, after `install`, on a machine where nothing ran on the GPU yet (no Triton or
-    # GEMV-tuning caches): `tpserve up` on the checkpoint (made first if missing), the
-    # replica's start-up, the front door and the prefix cache (infra/gpu_stack.py stack
-    # --light), `tpserve down`.
-    . $ROOT/env.sh
-    local model=${MODEL_DIR:-/tmp/glm4-9b} out=${OUT:-/tmp/tpserve-out}
-    local state=/tmp/tpserve-state rc=0 t0 t1
-    mkdir -p "$out"
-    export PYTHONUNBUFFERED=1
-    [ -f $model/model.safetensors.index.json ] ||
-        python3 -m infra.gpu_stack checkpoint $model --out "$out/gpu_stack.jsonl"
-    t0=$(date +%s.%N)
-    python3 -m infra.cli up --model $model --tp 1 --replicas 1 --device cuda --detach \
-        --state-dir $state --timeout-s 400 || rc=$?
-    t1=$(date +%s.%N)
-    echo "{\"kind\": \"gpu_stack_up\", \"caches\": \"cold\", \"rc\": $rc, \"up_s\": \
-$(python3 -c "print(round($t1 - $t0, 1))")}" | tee -a "$out/gpu_stack.jsonl"
-    if [ $rc = 0 ]; then
+    elif [ $rc = 0 ]; then
         python3 -m infra.gpu_stack stack $model --state-dir $state --light \
             --out "$out/gpu_stack.jsonl" || rc=$?
     fi
@@ -182,8 +161,8 @@ $(python3 -c "print(round($t1 - $t0, 1))")}" | tee -a "$out/gpu_stack.jsonl"
 case "${1:-}" in
     prepare) prepare ;;
     install) install ;;
-    measure) measure ;;
-    measure-cold) measure_cold ;;
+    measure) measure warm ;;
+    measure-cold) measure cold ;;
     *) echo "usage: bash infra/device_stack.sh prepare|install|measure|measure-cold" >&2
        exit 2 ;;
 esac
