@@ -183,6 +183,14 @@ class _Post:
                 pass
 
 
+def _joined(first: TokenDelta, then: TokenDelta) -> TokenDelta:
+    """Two consecutive deltas of one request as one."""
+    logprobs = (None if first.logprobs is None or then.logprobs is None
+                else first.logprobs + then.logprobs)
+    return TokenDelta(first.request_id, first.token_ids + then.token_ids,
+                      first.text + then.text, logprobs, then.finish_reason)
+
+
 def _put_all(items: list[tuple[asyncio.Queue[Any], Any]]) -> None:
     for queue, item in items:
         queue.put_nowait(item)
@@ -320,12 +328,21 @@ class Engine:
         seq = self._make_sequence(prompt, params or SamplingParams(), request_id)
         sink = _AsyncSink(asyncio.get_running_loop(), self._post)
         self._submit([("add", (seq, sink))])
-        finished = False
+        finished, held = False, None
         try:
             while True:
-                item = await sink.queue.get()
+                item = held if held is not None else await sink.queue.get()
+                held = None
                 if isinstance(item, BaseException):
                     raise item
+                # a consumer that fell behind (Serve sending the last delta on) gets the
+                # steps queued meanwhile as one delta: one message instead of several
+                while item.finish_reason is None and not sink.queue.empty():
+                    queued = sink.queue.get_nowait()
+                    if isinstance(queued, BaseException):
+                        held = queued  # raised after the tokens before it are out
+                        break
+                    item = _joined(item, queued)
                 yield item
                 if item.finish_reason is not None:
                     finished = True
