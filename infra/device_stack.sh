@@ -151,6 +151,16 @@ $(python3 -c "print(round($t1 - $t0, 1))")}" | tee -a "$out/gpu_stack.jsonl"
     fi
     tar -czf "$out/logs.tar.gz" -C / tmp/ray/session_latest/logs ${state#/} 2>/dev/null || true
     python3 -m infra.cli down --state-dir $state || rc=$?
+    if [ "$caches" = warm ] && [ "${AB_JOIN:-0}" = 1 ] && [ $rc = 0 ]; then
+        # the same stack and load with each step's delta its own message (the row says
+        # join_deltas false), beside the default above, in the same call
+        TPSERVE_STREAM_JOIN=0 python3 -m infra.cli up --model $model --tp 1 --replicas 1 \
+            --device cuda --detach --state-dir $state --timeout-s 400 &&
+            TPSERVE_STREAM_JOIN=0 python3 -m infra.gpu_stack stack $model --state-dir \
+                $state --engine-row "$out/gpu_stack.jsonl" --out "$out/gpu_stack.jsonl" ||
+            rc=$?
+        python3 -m infra.cli down --state-dir $state || rc=$?
+    fi
     sleep 2
     echo "after down: GPU memory used $(nvidia-smi --query-gpu=memory.used \
         --format=csv,noheader); compute processes: $(nvidia-smi \

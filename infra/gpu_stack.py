@@ -352,7 +352,8 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
         "replica_init_s": replica_init_s(), "replica_startup_s": stats.get("startup_s"),
         "weight_bytes": stats.get("weight_bytes"),
         "load_gb_s": load_gb_s(stats) if "weight_bytes" in stats else None,
-        "stats_error": stats.get("error"), "chat": chat, "load": load, "load_repeat": repeat,
+        "stats_error": stats.get("error"), "join_deltas": stats.get("join_deltas"),
+        "chat": chat, "load": load, "load_repeat": repeat,
         "load_config": asdict(LoadConfig(**{**asdict(LOAD), "url": stack.edge})),
         "sequential": sequential, "sequential_config": asdict(SEQUENTIAL),
         "load_profiled": profiled}

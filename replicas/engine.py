@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import threading
 import time
 import uuid
@@ -221,6 +222,8 @@ class Engine:
     def __init__(self, config: EngineConfig, init_method: str | None = None,
                  launch: RankLauncher = spawn_rank) -> None:
         self.config = config
+        # TPSERVE_STREAM_JOIN=0: every step's delta is its own message (for measuring)
+        self.join_deltas = os.environ.get("TPSERVE_STREAM_JOIN", "1") != "0"
         if config.model is None:
             from replicas.tiny import tiny_model_dir
 
@@ -337,7 +340,8 @@ class Engine:
                     raise item
                 # a consumer that fell behind (Serve sending the last delta on) gets the
                 # steps queued meanwhile as one delta: one message instead of several
-                while item.finish_reason is None and not sink.queue.empty():
+                while (self.join_deltas and item.finish_reason is None
+                       and not sink.queue.empty()):
                     queued = sink.queue.get_nowait()
                     if isinstance(queued, BaseException):
                         held = queued  # raised after the tokens before it are out
@@ -384,6 +388,7 @@ class Engine:
             # rank 0's start-up phases (seconds) and weight bytes: load GB/s is
             # weight_bytes / startup_s["load"]
             "startup_s": dict(self.worker.startup_s),
+            "join_deltas": self.join_deltas,
             "weight_bytes": self.worker.weight_bytes,
         }
 
