@@ -96,7 +96,9 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                 f"{row['failed_accepted']} failed", f"<= {row['bound_mib']:.0f} MiB")
     if kind in ("gpu_stack", "gpu_stack_start"):
         what = (f"stack on one {row.get('gpu', 'H200')}: {row['model']}, {row['replicas']} "
-                f"replica tp={row['tp']}, kernel caches {row['caches']}")
+                f"replica tp={row['tp']}, kernel caches {row['caches']}"
+                + (", a late reader's deltas not joined (TPSERVE_STREAM_JOIN=0)"
+                   if row.get("join_deltas") is False else ""))
         start = (f"replica RUNNING in {row['replica_init_s']} s (GEMV tuning "
                  f"{row['replica_startup_s']['gemv_tuning']} s), weights "
                  f"{row['load_gb_s']} GB/s; first chat's TTFT {row['chat']['ttft_ms']} ms")
