@@ -22,6 +22,8 @@
 #   call 2: carry [".stack/b"]: bash infra/device_stack.sh install &&
 #           bash infra/device_stack.sh measure         (or measure-cold, or your own:
 #           . /tmp/tpserve-stack/env.sh; python3 -m infra.cli up --model DIR ...)
+# AB_JOIN=1 before `measure`: the stack a second time with TPSERVE_STREAM_JOIN=0 (each
+# step's delta its own message), beside the default, in the same call (PERF.md v0.19).
 # Issue call 2 at once when call 1 returns; on a fresh machine (call 2 too late) start
 # again with call 1. There `tpserve` is `python3 -m infra.cli` (the project is not
 # pip-installed; PYTHONPATH has the repo).
