@@ -11,7 +11,7 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,7 +171,11 @@ class Budget:
         return True
 
 
-async def client(http: aiohttp.ClientSession, config: LoadConfig, index: int, budget: Budget,
+# one chat turn: (session, turn, user message) -> its record (`chat_turn` over HTTP)
+TurnRunner = Callable[[str, int, str], Awaitable[Turn]]
+
+
+async def client(run_turn: TurnRunner, config: LoadConfig, index: int, budget: Budget,
                  records: list[Turn], words: Callable[[int], int] | None = None) -> None:
     """Sessions of `config.turns` turns each, one turn at a time, until the budget ends.
     `words(turn)` sizes the user message of each turn (default: config.user_words)."""
@@ -183,8 +187,7 @@ async def client(http: aiohttp.ClientSession, config: LoadConfig, index: int, bu
             if not budget.take():
                 return
             size = words(turn) if words else config.user_words
-            records.append(await chat_turn(http, config, session, turn,
-                                           user_message(rng, size)))
+            records.append(await run_turn(session, turn, user_message(rng, size)))
         n += 1
 
 
@@ -195,6 +198,9 @@ async def run_clients(config: LoadConfig, records: list[Turn], budget: Budget | 
     started = time.monotonic()
     connector = aiohttp.TCPConnector(limit=max(8, 2 * config.clients))
     async with aiohttp.ClientSession(connector=connector) as http:
-        await asyncio.gather(*(client(http, config, i, budget, records, words)
+        async def run_turn(session: str, turn: int, content: str) -> Turn:
+            return await chat_turn(http, config, session, turn, content)
+
+        await asyncio.gather(*(client(run_turn, config, i, budget, records, words)
                                for i in range(config.clients)))
     return time.monotonic() - started

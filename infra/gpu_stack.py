@@ -28,14 +28,13 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from infra.client import Budget, LoadConfig, Turn, run_clients, user_message
+from infra.client import Budget, LoadConfig, Turn, client, run_clients
 from infra.results import emit, environment, summarize
 
 PROMPT = [{"role": "user", "content": "Tell me about the tensor-parallel replicas."}]
@@ -79,37 +78,32 @@ def load_gb_s(stats: dict[str, Any]) -> float | None:
 
 
 async def engine_clients(engine: Any, config: LoadConfig, records: list[Turn]) -> float:
-    """infra/client.py's one-turn clients, driven into the engine: the same user messages
-    (each client's rng drawn as `client` draws it), chat template, parameters and budget;
-    the wall time in seconds."""
+    """infra/client.py's one-turn clients (`client`: the same user messages, budget and
+    parameters), each turn driven into the engine through the chat template instead of
+    over HTTP; the wall time in seconds."""
     from replicas import SamplingParams
 
-    assert config.turns == 1
+    assert config.turns == 1  # (the engine alone keeps no history)
     params = SamplingParams(max_tokens=config.max_tokens, temperature=config.temperature,
                             ignore_eos=True)
     budget = Budget(time.monotonic() + config.duration, config.max_requests)
 
-    async def client(index: int) -> None:
-        rng = random.Random(config.seed * 1000 + index)
-        while True:
-            session = f"load-{index}-{rng.getrandbits(32):08x}"
-            if not budget.take():
-                return
-            content = user_message(rng, config.user_words)
-            record = Turn(session, 0, time.monotonic(), content, status=200)
-            ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": content}])
-            record.prompt_tokens = len(ids)
-            async for delta in engine.add_request(ids, params):
-                if delta.token_ids:
-                    now = time.monotonic()
-                    record.ttft_s = record.ttft_s or now - record.started
-                    record.token_times.append(now)
-                    record.completion_tokens += len(delta.token_ids)
-            record.done, record.ended = True, time.monotonic()
-            records.append(record)
+    async def engine_turn(session: str, turn: int, content: str) -> Turn:
+        record = Turn(session, turn, time.monotonic(), content, status=200)
+        ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": content}])
+        record.prompt_tokens = len(ids)
+        async for delta in engine.add_request(ids, params):
+            if delta.token_ids:
+                now = time.monotonic()
+                record.ttft_s = record.ttft_s or now - record.started
+                record.token_times.append(now)
+                record.completion_tokens += len(delta.token_ids)
+        record.done, record.ended = True, time.monotonic()
+        return record
 
     started = time.monotonic()
-    await asyncio.gather(*(client(i) for i in range(config.clients)))
+    await asyncio.gather(*(client(engine_turn, config, i, budget, records)
+                           for i in range(config.clients)))
     return time.monotonic() - started
 
 
@@ -132,14 +126,13 @@ PROCESSES = {"router": ":Router", "engine": ":Engine", "proxy": "ProxyActor",
 
 
 def stack_pids() -> dict[str, list[int]]:
-    import psutil
+    from infra.procs import processes
 
     found: dict[str, list[int]] = {"client": [os.getpid()]}
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        line = " ".join(proc.info["cmdline"] or [])
+    for pid, line in processes():  # (all but this process)
         for name, part in PROCESSES.items():
-            if part in line and proc.info["pid"] != os.getpid():
-                found.setdefault(name, []).append(proc.info["pid"])
+            if part in line:
+                found.setdefault(name, []).append(pid)
     return found
 
 

@@ -10,9 +10,9 @@
 #      that dies at start), after it is down, so no two Rays start at once.
 # The whole-stack tier is the longer one and much of it waits (Ray and Serve starting,
 # replicas replaced), so the fast tier fits beside it: CI took 233-537 s so, 635-663 s
-# with the tiers one after the other (fresh clones, 2 cores, machines of differing speed). They ran one after the
-# other for a while because the chaos drill's router restart "never recovered" on the
-# saturated cores: the drill read the routers to wait out after the redeploy, and on a
+# with the tiers one after the other (fresh clones, 2 cores, machines of differing
+# speed). They ran one after the other for a while because the chaos drill's router
+# restart "never recovered" on the saturated cores: the drill read the routers to wait out after the redeploy, and on a
 # busy machine Serve had replaced the router by then (fixed in infra/chaos.py). The fast
 # tier's output comes as it runs, the whole-stack tier's whole after it; then each one's
 # exit status and time. Both run to their end even when one fails; the exit status is
