@@ -137,16 +137,14 @@ def stack_pids() -> dict[str, list[int]]:
 
 
 def cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
-    import psutil
+    from infra import procs
 
     total: dict[str, float] = {}
     for name, group in pids.items():
         for pid in group:
-            try:
-                t = psutil.Process(pid).cpu_times()
-            except psutil.Error:
-                continue
-            total[name] = total.get(name, 0.0) + t.user + t.system
+            used = procs.cpu_seconds(pid)
+            if used is not None:
+                total[name] = total.get(name, 0.0) + used
     return total
 
 

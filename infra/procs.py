@@ -31,6 +31,16 @@ def processes(environ: bytes | None = None) -> list[tuple[int, str]]:
     return found
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """The CPU time (user + system, seconds) a live process has used; None once it is
+    gone or not ours to read."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def stack_processes(token: str) -> list[tuple[int, str]]:
     """(pid, command line) of the live processes of the stack whose admin token this is:
     its Ray (raylet, gcs_server, the dashboard, every `ray::` worker). (Redis and nginx,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -52,3 +53,15 @@ def test_engine_clients_send_the_load_clients_messages() -> None:
             rng.getrandbits(32)
             sent.append(user_message(rng, config.user_words))
     assert {r.content for r in records} <= set(sent)
+
+
+def test_cpu_seconds_count_this_process_and_not_a_gone_one() -> None:
+    import os
+
+    pids = {"client": [os.getpid()], "gone": [2**22 + 1]}  # above Linux's pid_max
+    before = gpu_stack.cpu_seconds(pids)
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:
+        pass
+    after = gpu_stack.cpu_seconds(pids)
+    assert set(after) == {"client"} and after["client"] - before["client"] >= 0.2
