@@ -30,7 +30,7 @@ from transformers import AutoConfig
 
 from replicas.config import ConfigError, EngineConfig, ModelSpec, SamplingParams
 from replicas.kv_cache import BlockManager
-from replicas.ranks import RankLauncher, Ranks, spawn_rank
+from replicas.ranks import TOLD_EXIT_S, RankLauncher, Ranks, spawn_rank
 from replicas.sampler import sample_on_device
 from replicas.scheduler import Scheduled, Scheduler, Sequence
 from replicas.tokenizer import IncrementalDecoder, Tokenizer
@@ -407,13 +407,15 @@ class Engine:
         # may never return, and is left behind (a daemon thread)
         self._thread.join(timeout=30 if self._dead is None else 2)
         self._fail_all(EngineDeadError("engine shut down"))
+        told = False
         if self._dead is None and not self._thread.is_alive() and self._ranks.all_alive():
             try:
                 self.worker.send(SHUTDOWN_BATCH)
+                told = True
             except Exception:  # a rank already gone: fall through to killing
                 log.warning("could not tell the ranks to stop; killing them")
         self.worker.close(peer_dead=self._dead is not None or self._thread.is_alive())
-        self._ranks.kill()
+        self._ranks.kill(TOLD_EXIT_S if told else 3.0)
         if not self._thread.is_alive():  # else the stuck driver still holds the model
             self.worker.release()
 
@@ -748,7 +750,7 @@ class Engine:
     def _abandon(self) -> None:
         self.worker.send(SHUTDOWN_BATCH)
         self.worker.close()
-        self._ranks.kill()
+        self._ranks.kill(TOLD_EXIT_S)
 
 
 def _find_stop(text: str, stops: tuple[str, ...], sent: int) -> int | None:

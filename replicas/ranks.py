@@ -24,6 +24,10 @@ from replicas.worker import rank_main
 
 log = logging.getLogger(__name__)
 
+# how long ranks told to stop may take to leave before they are killed: one leaves in
+# ~0.5 s on an idle 2-core host, but a loaded 2-core CI machine once took over 3 s
+TOLD_EXIT_S = 15.0
+
 
 class RankHandle(Protocol):
     """A running rank 1..tp-1 (a process here, a Ray actor in cluster/)."""
@@ -116,11 +120,14 @@ class Ranks:
                 return
             time.sleep(0.25)
 
-    def kill(self) -> None:
-        """Give the ranks 3 s in all to leave, then kill each one still running."""
-        deadline = time.monotonic() + 3
-        for h in self.handles:
+    def kill(self, grace_s: float = 3.0) -> None:
+        """Give the ranks `grace_s` in all to leave, then kill each one still running
+        (logged). Ranks told to stop get `TOLD_EXIT_S`."""
+        deadline = time.monotonic() + grace_s
+        for r, h in enumerate(self.handles, start=1):
             h.join(timeout=max(0.0, deadline - time.monotonic()))
             if h.is_alive():
+                log.warning("rank %d still running %.0f s after shutdown began; killed",
+                            r, grace_s)
                 h.kill()
                 h.join(timeout=5)

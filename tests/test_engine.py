@@ -580,3 +580,33 @@ def test_preempted_score_request_returns_one_row_per_prompt_token() -> None:
         assert eng.stats()["preemptions"] > 0
         assert score_sink.result.shape == alone.shape
         torch.testing.assert_close(score_sink.result, alone, rtol=1e-4, atol=1e-4)
+
+
+def test_ranks_kill_waits_its_grace_then_kills_and_logs(caplog: pytest.LogCaptureFixture) -> None:
+    """A rank that leaves within the grace is not killed; one that stays is killed at
+    its end, with a warning naming it."""
+    import replicas.ranks as ranks_mod
+
+    class Handle:
+        def __init__(self, leaves_after: float) -> None:
+            self.leaves = time.monotonic() + leaves_after
+            self.killed = False
+
+        def is_alive(self) -> bool:
+            return not self.killed and time.monotonic() < self.leaves
+
+        def join(self, timeout: float | None = None) -> None:
+            if self.is_alive():
+                time.sleep(max(0.0, min(timeout or 0.0, self.leaves - time.monotonic())))
+
+        def kill(self) -> None:
+            self.killed = True
+
+    ranks = ranks_mod.Ranks.__new__(ranks_mod.Ranks)
+    ranks.handles = [Handle(0.3), Handle(60.0)]
+    start = time.monotonic()
+    with caplog.at_level("WARNING", logger="replicas.ranks"):
+        ranks.kill(grace_s=1.0)
+    assert 0.9 < time.monotonic() - start < 3
+    assert [h.killed for h in ranks.handles] == [False, True]
+    assert "rank 2 still running" in caplog.text and "rank 1" not in caplog.text
