@@ -27,6 +27,7 @@ engine's check), a body over `max_body_bytes`, absurd parameter values. Overload
 with Retry-After.
 """
 
+import asyncio
 import json
 import logging
 import math
@@ -36,12 +37,13 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router import keys, metrics, wire
 from router.admin import Admin, Control
@@ -56,10 +58,11 @@ from router.policy import (
     session_key,
     stored_session,
 )
+from router.responses import Choice, chunk, usage, usage_chunk, whole
+from router.schema import Body, ChatBody, CompletionBody, ParamError
 from router.sessions import SessionStore, SessionStoreConfig
 
 log = logging.getLogger(__name__)
-MAX_TOKENS_CAP = 1 << 20
 DASHBOARD_HTML = (Path(__file__).parent / "dashboard.html").read_text()  # no build step
 
 
@@ -108,57 +111,11 @@ class RouterConfig:
                              f"{self.rate_limit_per_minute}")
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    model: str | None = None
-    max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_CAP)
-    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
-    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    top_k: int = Field(0, ge=0, le=MAX_TOKENS_CAP)
-    n: int = Field(1, ge=1, le=1)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = Field(None, max_length=4)
-    stream: bool = False
-    stream_options: dict[str, bool] | None = None
-    user: str | None = None
-    ignore_eos: bool = False  # extension: generate exactly max_tokens
-    return_token_ids: bool = False  # extension: each choice also has its token_ids
-
-    def params(self) -> dict[str, Any]:
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return {"max_tokens": self.max_tokens, "temperature": self.temperature,
-                "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed,
-                "stop": stop, "ignore_eos": self.ignore_eos}
-
-    def wants_usage(self) -> bool:
-        return bool((self.stream_options or {}).get("include_usage"))
-
-
-class CompletionBody(_Body):
-    prompt: str | list[int] = Field(min_length=1)
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=1 << 20)
-
-
-class SessionOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    append: bool = False
-
-
-class ChatBody(_Body):
-    messages: list[Message] = Field(min_length=1)
-    session: SessionOptions | None = None
-
-
 def count_tokens(message: dict[str, Any]) -> int:
     """Rough token count of a stored chat turn (~4 characters a token, plus the role):
     the router holds no tokenizer; the budget is a bound, not an exact figure."""
-    return 4 + len(message.get("content", "")) // 4
+    calls = message.get("tool_calls") or []
+    return 4 + (len(message.get("content") or "") + len(json.dumps(calls)) * bool(calls)) // 4
 
 
 class EngineClient(Protocol):
@@ -213,19 +170,24 @@ class RateLimiter:
 
 @dataclass
 class _Call:
-    """One generation request on its way through the router."""
+    """One generation request on its way through the router: its choices (`n`, and on
+    /v1/completions one per prompt and n), each with its own engine request."""
 
     route: str
-    body: _Body
+    body: Body
     key: SessionKey
     session_id: str  # "" when the request uses no session (RouterConfig.sessions)
     issued: bool  # the router made the session id (the client sent none)
-    engine_request: wire.Request
+    choices: list[Choice]
     new_messages: list[dict[str, Any]] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
+    cid: str = ""
     replica: str = ""
     prompt_tokens: int = 0
     tokens: int = 0
+
+    def usage(self) -> dict[str, int]:
+        return usage(self.prompt_tokens, self.tokens)
 
 
 class Router:
@@ -263,8 +225,17 @@ class Router:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     async def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": self.config.model_name, "object": "model",
-                                            "created": 0, "owned_by": "tpserve"}]}
+        return {"object": "list", "data": [self._model()]}
+
+    async def model(self, model_id: str) -> Response:
+        if model_id != self.config.model_name:
+            return ApiError(404, f"model {model_id!r} does not exist; GET /v1/models lists "
+                            f"{self.config.model_name!r}", param="model").response()
+        return JSONResponse(self._model())
+
+    def _model(self) -> dict[str, Any]:
+        return {"id": self.config.model_name, "object": "model", "created": 0,
+                "owned_by": "tpserve"}
 
     async def get_session(self, session_id: str) -> Response:
         stored = await self.sessions.get_session(keys.session_id(session_id))
@@ -288,7 +259,7 @@ class Router:
 
     # ---- the generation path ----
 
-    async def _serve(self, request: Request, route: str, model: type[_Body]) -> Response:
+    async def _serve(self, request: Request, route: str, model: type[Body]) -> Response:
         try:
             call = await self._admit(request, route, model)
         except ApiError as e:
@@ -296,7 +267,7 @@ class Router:
             return e.response()
         self.in_flight += 1
         try:
-            first, stream = await self._start(call)
+            await self._start(call)
         except ApiError as e:
             self.in_flight -= 1
             metrics.REQUESTS.labels(route, str(e.status)).inc()
@@ -304,28 +275,31 @@ class Router:
         headers = {"X-Replica-ID": call.replica}
         if call.session_id:
             headers["X-Session-ID"] = call.session_id
-        if call.body.stream:
-            return StreamingResponse(self._sse(call, first, stream), headers=headers,
+        if call.body.streaming:
+            return StreamingResponse(self._sse(call), headers=headers,
                                      media_type="text/event-stream")
         try:
-            deltas = [first] + [self._delta(d) async for d in stream]
+            await _each(call.choices, self._collect)
         except ApiError as e:
             metrics.REQUESTS.labels(route, str(e.status)).inc()
             return e.response()
         finally:
             self.in_flight -= 1
-            await stream.aclose()
-        await self._finish(call, deltas)
-        return JSONResponse(self._whole(call, deltas), headers=headers)
+            await _close(call)
+        await self._finish(call)
+        return JSONResponse(whole(route, call.cid, self.config.model_name, call.choices,
+                                  bool(call.body.return_token_ids), call.usage()),
+                            headers=headers)
 
-    async def _admit(self, request: Request, route: str, model: type[_Body]) -> _Call:
+    async def _admit(self, request: Request, route: str, model: type[Body]) -> _Call:
         body = await self._parse(request, model)
         if body.model is not None and body.model != self.config.model_name:
             raise ApiError(404, f"model {body.model!r} does not exist; GET /v1/models lists "
                            f"{self.config.model_name!r}", "invalid_request_error", "model")
         peer = request.client.host if request.client else "0.0.0.0"
         try:
-            key = session_key(request.headers, body.user, peer, self.trusted)
+            key = session_key(request.headers, body.prompt_cache_key or body.user, peer,
+                              self.trusted)
         except PolicyError as e:
             raise ApiError(400, str(e), param="user") from e
         self._rate_limit(key.redis_key)
@@ -336,26 +310,33 @@ class Router:
         issued = key.kind != "session"
         opens = isinstance(body, ChatBody) and body.session is not None
         session_id = stored_session(key, opens, self.config.sessions)  # "": none stored
+        cid = f"{'chatcmpl' if route == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        n = body.choices
         if not isinstance(body, ChatBody):
             assert isinstance(body, CompletionBody)
-            return _Call(route, body, key, session_id, issued,
-                         wire.Request(body.params(), prompt=body.prompt))
-        new_messages = [m.model_dump() for m in body.messages]
+            echo = bool(body.echo)
+            choices = [Choice(i * n + j, wire.Request(body.engine_params(j), prompt=prompt,
+                                                      echo=echo),
+                              prompt if isinstance(prompt, str) else None)
+                       for i, prompt in enumerate(body.prompts()) for j in range(n)]
+            return _Call(route, body, key, session_id, issued, choices, cid=cid)
+        new_messages = [m.for_template() for m in body.messages]
         history = []
         if body.session is not None and body.session.append and not issued:
             history = await self.sessions.history(key.redis_key)
-        return _Call(route, body, key, session_id, issued,
-                     wire.Request(body.params(), messages=history + new_messages),
-                     new_messages)
+        choices = [Choice(j, wire.Request(body.engine_params(j),
+                                          messages=history + new_messages))
+                   for j in range(n)]
+        return _Call(route, body, key, session_id, issued, choices, new_messages, cid=cid)
 
-    async def _parse(self, request: Request, model: type[_Body]) -> _Body:
+    async def _parse(self, request: Request, model: type[Body]) -> Body:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > \
                 self.config.max_body_bytes:
             raise ApiError(413, f"request body over {self.config.max_body_bytes} bytes")
         raw = b""
-        async for chunk in request.stream():
-            raw += chunk
+        async for part in request.stream():
+            raw += part
             if len(raw) > self.config.max_body_bytes:
                 raise ApiError(413, f"request body over {self.config.max_body_bytes} bytes")
         try:
@@ -367,9 +348,7 @@ class Router:
         try:
             return model.model_validate(data)
         except ValidationError as e:
-            err = e.errors()[0]
-            param = ".".join(str(p) for p in err["loc"]) or None
-            raise ApiError(400, f"{param}: {err['msg']}", param=param) from e
+            raise _validation_error(e) from e
 
     def _rate_limit(self, key: str) -> None:
         if self.limiter is None:
@@ -382,25 +361,33 @@ class Router:
     def _delta(self, item: wire.Item | None) -> wire.Delta:
         return _delta(item, self.config.retry_after_s)
 
-    async def _start(self, call: _Call) -> tuple[wire.Delta, AsyncGenerator[wire.Item, None]]:
-        """First delta and the stream; a request whose replica failed before the first
-        token (a retryable ErrorEvent) is sent once more (the request router re-pins the
-        session to a live replica)."""
+    async def _open(self, call: _Call, choice: Choice) -> None:
+        """Start one choice's engine stream and read its first delta; a request whose
+        replica failed before the first token (a retryable ErrorEvent) is sent once more
+        (the request router re-pins the session to a live replica)."""
         for attempt in (1, 2):
-            stream = self.engine.generate(call.engine_request, call.key.redis_key)
-            first = await anext(stream, None)
+            choice.stream = self.engine.generate(choice.request, call.key.redis_key)
+            first = await anext(choice.stream, None)
             if not (attempt == 1 and isinstance(first, wire.ErrorEvent) and first.retryable):
                 break
             log.warning("replica failed before the first token, retrying once: %s",
                         first.message)
-            await stream.aclose()
+            await choice.stream.aclose()
+        choice.deltas.append(self._delta(first))  # ApiError: the engine refused it
+
+    async def _start(self, call: _Call) -> None:
+        """Every choice's stream, up to its first delta (ApiError, all closed, when one
+        fails); the call's replica, prompt tokens, time to first token and pin."""
         try:
-            delta = self._delta(first)  # ApiError when the engine refused the request
+            await _each(call.choices, lambda c: self._open(call, c))
         except ApiError:
-            await stream.aclose()
+            await _close(call)
             raise
-        call.replica = delta.replica
-        call.prompt_tokens = delta.prompt_tokens or 0
+        first = call.choices[0].deltas[0]
+        call.replica = first.replica
+        n = call.body.choices  # one prompt per n choices: count each prompt once
+        call.prompt_tokens = sum(c.deltas[0].prompt_tokens or 0 for c in call.choices
+                                 if c.index % n == 0)
         ttft = time.perf_counter() - call.started
         metrics.TTFT.labels(call.route).observe(ttft)
         self.totals["ttft_sum_s"] += ttft
@@ -409,10 +396,13 @@ class Router:
             # the next turn, sent with this id, goes to the same replica
             await self.sessions.claim_pin(keys.session_id(call.session_id), call.replica,
                                           [call.replica])
-        return delta, stream
 
-    async def _finish(self, call: _Call, deltas: list[wire.Delta]) -> None:
-        call.tokens = sum(len(d.token_ids) for d in deltas)
+    async def _collect(self, choice: Choice) -> None:
+        async for item in choice.stream:
+            choice.deltas.append(self._delta(item))
+
+    async def _finish(self, call: _Call) -> None:
+        call.tokens = sum(len(d.token_ids) for c in call.choices for d in c.deltas)
         metrics.REQUESTS.labels(call.route, "200").inc()
         metrics.LATENCY.labels(call.route).observe(time.perf_counter() - call.started)
         metrics.TOKENS.labels("prompt").inc(call.prompt_tokens)
@@ -420,72 +410,89 @@ class Router:
         self.totals["requests"] += 1
         self.totals["tokens"] += call.tokens
         if call.route == "chat" and call.session_id:
-            reply = {"role": "assistant", "content": "".join(d.text for d in deltas)}
+            text = "".join(d.text for d in call.choices[0].deltas)  # the first choice's
+            reply = {"role": "assistant", "content": text}
             await self.sessions.append_history(keys.session_id(call.session_id),
                                                call.new_messages + [reply], count_tokens)
 
-    def _usage(self, call: _Call) -> dict[str, int]:
-        return {"prompt_tokens": call.prompt_tokens, "completion_tokens": call.tokens,
-                "total_tokens": call.prompt_tokens + call.tokens}
-
-    def _whole(self, call: _Call, deltas: list[wire.Delta]) -> dict[str, Any]:
-        text = "".join(d.text for d in deltas)
-        reason = deltas[-1].finish_reason
-        head = {"id": f"{'chatcmpl' if call.route == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
-                "created": int(time.time()), "model": self.config.model_name,
-                "usage": self._usage(call)}
-        if call.route == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "finish_reason": reason, "logprobs": None}
-            head["object"] = "chat.completion"
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": reason, "logprobs": None}
-            head["object"] = "text_completion"
-        if call.body.return_token_ids:
-            choice["token_ids"] = [t for d in deltas for t in d.token_ids]
-        return {**head, "choices": [choice]}
-
-    def _chunk(self, call: _Call, cid: str, delta: wire.Delta, first: bool
-               ) -> dict[str, Any]:
-        head = {"id": cid, "created": int(time.time()), "model": self.config.model_name}
-        if call.route == "chat":
-            content = {"role": "assistant", "content": delta.text} if first else {
-                "content": delta.text}
-            choice = {"index": 0, "delta": content, "finish_reason": delta.finish_reason,
-                      "logprobs": None}
-            head["object"] = "chat.completion.chunk"
-        else:
-            choice = {"index": 0, "text": delta.text, "finish_reason": delta.finish_reason,
-                      "logprobs": None}
-            head["object"] = "text_completion"
-        if call.body.return_token_ids:
-            choice["token_ids"] = list(delta.token_ids)
-        return {**head, "choices": [choice]}
-
-    async def _sse(self, call: _Call, first: wire.Delta,
-                   stream: AsyncGenerator[wire.Item, None]) -> AsyncIterator[str]:
-        cid = f"{'chatcmpl' if call.route == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
-        deltas = [first]
+    async def _sse(self, call: _Call) -> AsyncIterator[str]:
+        model, ids = self.config.model_name, bool(call.body.return_token_ids)
         try:
-            yield _event(self._chunk(call, cid, first, True))
-            async for item in stream:
+            for choice in call.choices:
+                yield _event(chunk(call.route, call.cid, model, choice, choice.deltas[0],
+                                   True, ids))
+            async for choice, item in _merged(call.choices):
                 delta = self._delta(item)
-                deltas.append(delta)
-                yield _event(self._chunk(call, cid, delta, False))
-            await self._finish(call, deltas)
+                choice.deltas.append(delta)
+                yield _event(chunk(call.route, call.cid, model, choice, delta, False, ids))
+            await self._finish(call)
             if call.body.wants_usage():
-                usage = {"id": cid, "object": "chat.completion.chunk" if call.route == "chat"
-                         else "text_completion", "created": int(time.time()),
-                         "model": self.config.model_name, "choices": [],
-                         "usage": self._usage(call)}
-                yield _event(usage)
+                yield _event(usage_chunk(call.route, call.cid, model, call.usage()))
         except ApiError as error:  # the client hears of it in-band
             metrics.REQUESTS.labels(call.route, str(error.status)).inc()
             yield _event(error.body())
         finally:
             self.in_flight -= 1
-            await stream.aclose()
+            await _close(call)
         yield "data: [DONE]\n\n"
+
+
+async def _each(choices: list[Choice], run: Any) -> None:
+    """`run(choice)` for every choice, at once; the first error raised is raised."""
+    if len(choices) == 1:
+        await run(choices[0])
+        return
+    results = await asyncio.gather(*(run(c) for c in choices), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+
+async def _close(call: _Call) -> None:
+    for choice in call.choices:
+        if choice.stream is not None:
+            await choice.stream.aclose()
+
+
+async def _merged(choices: list[Choice]) -> AsyncIterator[tuple[Choice, wire.Item]]:
+    """The items of every choice's stream, as they come (one stream: in its order)."""
+    if len(choices) == 1:
+        async for item in choices[0].stream:
+            yield choices[0], item
+        return
+    queue: asyncio.Queue[tuple[Choice, wire.Item | None]] = asyncio.Queue()
+
+    async def pump(choice: Choice) -> None:
+        try:
+            async for item in choice.stream:
+                await queue.put((choice, item))
+        finally:
+            await queue.put((choice, None))
+
+    tasks = [asyncio.create_task(pump(c)) for c in choices]
+    try:
+        left = len(tasks)
+        while left:
+            choice, item = await queue.get()
+            if item is None:
+                left -= 1
+            else:
+                yield choice, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _validation_error(error: ValidationError) -> ApiError:
+    """A body's first validation error as a 400 that names the field."""
+    err = error.errors()[0]
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, ParamError):
+        return ApiError(400, str(cause), param=cause.param)
+    loc = ".".join(str(p) for p in err["loc"])
+    message = str(cause) if isinstance(cause, ValueError) else err["msg"]
+    param = loc or (message.split(":", 1)[0] if ":" in message else None)
+    return ApiError(400, f"{loc}: {message}" if loc else message, param=param)
 
 
 def make_api(router: Router) -> FastAPI:
@@ -494,6 +501,7 @@ def make_api(router: Router) -> FastAPI:
     routes: list[tuple[str, str, Any]] = [
         ("GET", "/healthz", router.healthz), ("GET", "/metrics", router.prometheus),
         ("GET", "/v1/models", router.models),
+        ("GET", "/v1/models/{model_id:path}", router.model),
         ("GET", "/v1/sessions/{session_id}", router.get_session),
         ("DELETE", "/v1/sessions/{session_id}", router.delete_session),
         ("POST", "/v1/completions", router.completions),
@@ -504,4 +512,15 @@ def make_api(router: Router) -> FastAPI:
     ]
     for method, path, endpoint in routes:
         api.add_api_route(path, endpoint, methods=[method])
+
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> Response:
+        """Starlette's own answers (no such route, a method a route does not take) in
+        OpenAI's error shape rather than {"detail": ...}."""
+        message = (f"no route {request.method} {request.url.path}" if error.status_code == 404
+                   else f"{request.method} is not allowed on {request.url.path}"
+                   if error.status_code == 405 else str(error.detail))
+        return ApiError(error.status_code, message, headers=dict(error.headers or {})
+                        ).response()
+
     return api

@@ -8,7 +8,9 @@ that ends the stream. On the way they are plain JSON-able dicts (`to_dict` / `fr
   templated on the engine side, which holds the tokenizer); `params` are SamplingParams
   fields (replicas/config.py owns their defaults and checks them).
 - `Delta`: what one engine step added; the first of a stream also carries `prompt_tokens`.
-  `finish_reason` is set on the last one.
+  `finish_reason` is set on the last one. With `params["logprobs"]`, each token comes with
+  a `TokenLogprob` (its text, log-probability and the `top_logprobs` alternatives); with
+  `echo`, the first delta also has the prompt's text and (with logprobs) its tokens'.
 - `ErrorEvent`: the request failed with an HTTP `status` and an OpenAI error `type`.
   Errors are mapped to a status once, where the engine is called (cluster/engine.py);
   the router forwards the status. 503 means "another replica may serve it".
@@ -54,8 +56,9 @@ class Request:
 
     params: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields
     prompt: str | list[int] | None = None
-    messages: list[dict[str, str]] | None = None  # [{"role", "content"}], oldest first
+    messages: list[dict[str, Any]] | None = None  # [{"role", "content", ...}], oldest first
     request_id: str | None = None
+    echo: bool = False  # the first delta also has the prompt's text (and logprobs)
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
@@ -69,6 +72,8 @@ class Request:
             data["messages"] = [dict(m) for m in self.messages]
         if self.request_id is not None:
             data["request_id"] = self.request_id
+        if self.echo:
+            data["echo"] = True
         return data
 
     @classmethod
@@ -81,7 +86,40 @@ class Request:
         if messages is not None and not all(isinstance(m, dict) for m in messages):
             raise WireError("messages: expected a list of objects")
         request_id = _field(data, "request_id", str, optional=True)
-        return cls(dict(params), prompt, messages, request_id)
+        echo = bool(_field(data, "echo", bool, optional=True))
+        return cls(dict(params), prompt, messages, request_id, echo)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's text and log-probability (None: the prompt's first token, which has
+    none), and the most likely tokens at its position, most likely first."""
+
+    token: str
+    logprob: float | None
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+    def to_list(self) -> list[Any]:
+        return [self.token, self.logprob, [[t, p] for t, p in self.top]]
+
+    @classmethod
+    def from_list(cls, data: Any) -> TokenLogprob:
+        if not (isinstance(data, list) and len(data) == 3 and isinstance(data[0], str)
+                and (data[1] is None or isinstance(data[1], (int, float)))
+                and isinstance(data[2], list)):
+            raise WireError(f"a token logprob is [token, logprob, top], got {data!r:.80}")
+        top = []
+        for pair in data[2]:
+            if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)
+                    and isinstance(pair[1], (int, float))):
+                raise WireError(f"a top logprob is [token, logprob], got {pair!r:.80}")
+            top.append((pair[0], float(pair[1])))
+        return cls(data[0], None if data[1] is None else float(data[1]), top)
+
+
+def _logprobs(data: Any, name: str) -> list[TokenLogprob] | None:
+    value = _field(data, name, list, optional=True)
+    return None if value is None else [TokenLogprob.from_list(v) for v in value]
 
 
 @dataclass(frozen=True)
@@ -93,19 +131,31 @@ class Delta:
     finish_reason: str | None  # "stop" | "length" | "abort" on the last delta
     replica: str  # the Serve replica id that runs the request
     prompt_tokens: int | None = None  # on the first delta of a stream
+    logprobs: list[TokenLogprob] | None = None  # one per token, when asked
+    # echo, on the first delta: the prompt's text, and its tokens' logprobs when asked
+    prompt_text: str | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"token_ids": list(self.token_ids), "text": self.text,
                                 "finish_reason": self.finish_reason, "replica": self.replica}
         if self.prompt_tokens is not None:
             data["prompt_tokens"] = self.prompt_tokens
+        if self.prompt_text is not None:
+            data["prompt_text"] = self.prompt_text
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                data[name] = [t.to_list() for t in value]
         return data
 
     @classmethod
     def from_dict(cls, data: Any) -> Delta:
         return cls(_ints("token_ids", _field(data, "token_ids", list)),
                    _field(data, "text", str), _field(data, "finish_reason", str, True),
-                   _field(data, "replica", str), _field(data, "prompt_tokens", int, True))
+                   _field(data, "replica", str), _field(data, "prompt_tokens", int, True),
+                   _logprobs(data, "logprobs"), _field(data, "prompt_text", str, True),
+                   _logprobs(data, "prompt_logprobs"))
 
 
 @dataclass(frozen=True)

@@ -126,11 +126,19 @@ def prompt_length(request: wire.Request) -> int:
     return len(prompt.split()) if isinstance(prompt, str) else len(prompt or [])
 
 
+def fake_logprob(token: str, i: int, top: int) -> wire.TokenLogprob:
+    """The fake engine's logprob of its token i, and `top` alternatives (itself first)."""
+    value = -0.25 * (i + 1)
+    return wire.TokenLogprob(token, value, [(token, value), ("alt", value - 1)][:top])
+
+
 @dataclass
 class FakeEngine:
     """Yields wire deltas: token i is id 100+i, text "w{i} "; refuses what the real engine
     refuses here (an empty prompt, prompt + max_tokens over MAX_MODEL_LEN) with a 400
-    ErrorEvent. `first` scripts the first items of the next calls (a failed replica's 503);
+    ErrorEvent. With logprobs, token i's logprob is -0.25 (i + 1) (`fake_logprob`); with
+    echo, the first delta has "P" + the prompt as its text. `first` scripts the first items
+    of the next calls (a failed replica's 503);
     `fail_after` ends each stream with that ErrorEvent after two deltas."""
 
     replicas: tuple[str, ...] = ("replica-a", "replica-b")
@@ -148,19 +156,28 @@ class FakeEngine:
         if self.first:
             yield self.first.pop(0)
             return
-        n, max_tokens = prompt_length(request), int(request.params.get("max_tokens", 16))
+        n, max_tokens = prompt_length(request), request.params.get("max_tokens", 16)
+        max_tokens = MAX_MODEL_LEN - n if max_tokens is None else int(max_tokens)
         if n == 0 or n + max_tokens > MAX_MODEL_LEN:
             yield wire.ErrorEvent(400, "invalid_request_error", f"prompt ({n} tokens) + "
                                   f"max_tokens ({max_tokens}) over max_model_len "
                                   f"({MAX_MODEL_LEN})", replica)
             return
+        top = request.params.get("top_logprobs", 0)
+        logprobs = request.params.get("logprobs")
         for i in range(max_tokens):
             if i == 2 and self.fail_after is not None:
                 yield self.fail_after
                 return
             await asyncio.sleep(0)
+            echo = request.echo and i == 0
             yield wire.Delta([100 + i], f"w{i} ", "length" if i == max_tokens - 1 else None,
-                             replica, n if i == 0 else None)
+                             replica, n if i == 0 else None,
+                             [fake_logprob(f"w{i} ", i, top)] if logprobs else None,
+                             f"P{request.prompt}" if echo else None,
+                             [wire.TokenLogprob("p0", None)] + [
+                                 fake_logprob(f"p{j}", j, top) for j in range(1, n)]
+                             if echo and logprobs else None)
 
 
 # ---- fixtures -------------------------------------------------------------------------------
@@ -536,3 +553,176 @@ def test_admin_reports_what_serve_refused(admin: tuple[Client, FakeControl]) -> 
     assert reply.status == 502 and "external_scaler_enabled" in reply.json()["error"][
         "message"]
     assert client.get("/admin/replicas", AUTH).status == 503
+
+
+# ---- the OpenAI request fields: honoured or refused by name (router/schema.py) --------------
+
+
+CHAT = {"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 2}
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("audio", {"voice": "alloy", "format": "wav"}), ("modalities", ["text", "audio"]),
+    ("store", True), ("metadata", {"a": "b"}), ("service_tier", "flex"),
+    ("reasoning_effort", "high"), ("functions", [{"name": "f"}]), ("prediction", {}),
+    ("web_search_options", {}), ("suffix", "end"), ("safety_identifier", "u1"),
+    ("verbosity", "low"), ("frobnicate", 1), ("max_token", 5),
+])
+def test_a_field_tpserve_does_not_honour_is_a_400_that_names_it(
+        client: Client, engine: FakeEngine, field: str, value: object) -> None:
+    body = {"prompt": "x", "max_tokens": 2} if field == "suffix" else CHAT
+    path = "/v1/completions" if field == "suffix" else "/v1/chat/completions"
+    reply = client.post(path, {**body, field: value})
+    assert reply.status == 400, reply.body
+    error = reply.json()["error"]
+    assert error["param"] == field and field in error["message"]
+    assert not engine.calls  # refused before the engine saw it
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("store", False), ("modalities", ["text"]), ("service_tier", "auto"), ("audio", None),
+    ("metadata", None), ("tools", None), ("response_format", {"type": "text"}),
+    ("temperature", None), ("stream_options", {"include_obfuscation": False}),
+])
+def test_a_harmless_value_of_a_refused_field_and_null_are_accepted(
+        client: Client, field: str, value: object) -> None:
+    assert client.post("/v1/chat/completions", {**CHAT, field: value}).status == 200
+
+
+def test_the_token_limit_max_completion_tokens_wins_and_none_is_the_context(
+        client: Client, engine: FakeEngine) -> None:
+    reply = client.post("/v1/chat/completions", {**CHAT, "max_completion_tokens": 3})
+    assert reply.json()["usage"]["completion_tokens"] == 3
+    reply = client.post("/v1/chat/completions", CHAT_NO_LIMIT)
+    assert engine.calls[-1][0].params["max_tokens"] is None  # the engine's context bound
+    assert reply.json()["usage"]["completion_tokens"] == MAX_MODEL_LEN - 3
+    assert reply.json()["choices"][0]["finish_reason"] == "length"
+
+
+CHAT_NO_LIMIT = {"messages": [{"role": "user", "content": "Hello there"}]}
+
+
+def test_n_choices_each_with_its_seed_and_the_prompt_counted_once(
+        client: Client, engine: FakeEngine) -> None:
+    reply = client.post("/v1/chat/completions", {**CHAT, "n": 3, "seed": 7})
+    body = reply.json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert sorted(call[0].params["seed"] for call in engine.calls) == [7, 8, 9]
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9}
+    stream = client.post("/v1/chat/completions", {**CHAT, "n": 2, "stream": True,
+                                                  "stream_options": {"include_usage": True}})
+    chunks = [json.loads(e) for e in stream.events()[:-1]]
+    by_choice: dict[int, list[dict]] = {}
+    for c in chunks[:-1]:
+        by_choice.setdefault(c["choices"][0]["index"], []).append(c["choices"][0])
+    assert sorted(by_choice) == [0, 1]
+    for parts in by_choice.values():
+        assert parts[0]["delta"]["role"] == "assistant"
+        assert "".join(p["delta"]["content"] for p in parts) == "w0 w1 "
+        assert parts[-1]["finish_reason"] == "length"
+    assert chunks[-1]["usage"]["completion_tokens"] == 4
+
+
+def test_a_list_of_prompts_gives_prompt_times_n_choices(
+        client: Client, engine: FakeEngine) -> None:
+    body = client.post("/v1/completions", {"prompt": ["a b", "c"], "n": 2,
+                                           "max_tokens": 1}).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    assert [call[0].prompt for call in engine.calls] == ["a b", "a b", "c", "c"]
+    assert body["usage"]["prompt_tokens"] == 3  # 2 + 1, each prompt once
+    ids = client.post("/v1/completions", {"prompt": [[5, 6], [7]], "max_tokens": 1}).json()
+    assert len(ids["choices"]) == 2 and engine.calls[-1][0].prompt == [7]
+    for bad in ([], [[]], [""], [[5], "x"], [[5, "x"]]):
+        reply = client.post("/v1/completions", {"prompt": bad, "max_tokens": 1})
+        assert reply.status == 400 and reply.json()["error"]["message"], bad
+
+
+def test_developer_role_text_parts_and_tool_turns_reach_the_template(
+        client: Client, engine: FakeEngine) -> None:
+    messages = [
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "one"},
+                                     {"type": "text", "text": "two"}]},
+        {"role": "assistant", "content": None, "tool_calls": [{
+            "id": "call_1", "type": "function",
+            "function": {"name": "add", "arguments": "{\"a\": 1}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "2"},
+    ]
+    reply = client.post("/v1/chat/completions", {"messages": messages, "max_tokens": 1})
+    assert reply.status == 200, reply.body
+    sent = engine.calls[-1][0].messages or []
+    assert [m["role"] for m in sent] == ["system", "user", "assistant", "tool"]
+    assert sent[1]["content"] == "one\ntwo"
+    assert sent[2]["tool_calls"][0]["function"]["arguments"] == {"a": 1}
+    assert sent[3]["tool_call_id"] == "call_1"
+    for bad, param in (
+            ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
+             "messages.0"),
+            ([{"role": "tool", "content": "2"}], "messages.0"),
+            ([{"role": "assistant", "content": None}], "messages.0"),
+            ([{"role": "assistant", "content": None, "tool_calls": [{
+                "id": "c", "function": {"name": "f", "arguments": "{"}}]}], "messages.0")):
+        reply = client.post("/v1/chat/completions", {"messages": bad})
+        assert reply.status == 400 and reply.json()["error"]["param"] == param, reply.body
+
+
+def test_models_by_id_and_openai_errors_for_unknown_routes_and_methods(
+        client: Client) -> None:
+    assert client.get("/v1/models/tpserve").json()["id"] == "tpserve"
+    for method, path, status in (("GET", "/v1/models/gpt-4", 404), ("GET", "/v1/nope", 404),
+                                 ("GET", "/v1/completions", 405),
+                                 ("DELETE", "/v1/chat/completions", 405)):
+        reply = client.request(method, path)
+        assert reply.status == status, (method, path)
+        assert reply.json()["error"]["message"] and "detail" not in reply.json()
+
+
+def test_prompt_cache_key_is_the_session_key_before_user(
+        client: Client, engine: FakeEngine) -> None:
+    for source in ("127.0.0.7", "127.0.0.8"):
+        client.post("/v1/chat/completions", {**CHAT, "prompt_cache_key": "k1",
+                                             "user": "u1"}, source=source)
+    keys_used = {call[1] for call in engine.calls}  # one key for both client addresses
+    assert len(keys_used) == 1 and "k1" in keys_used.pop()
+
+
+# ---- logprobs and echo ----------------------------------------------------------------------
+
+
+def test_chat_logprobs_whole_and_streamed(client: Client) -> None:
+    body = {**CHAT, "max_tokens": 3, "logprobs": True, "top_logprobs": 2}
+    whole = client.post("/v1/chat/completions", body).json()["choices"][0]["logprobs"]
+    entries = whole["content"]
+    assert [e["token"] for e in entries] == ["w0 ", "w1 ", "w2 "]
+    assert [e["logprob"] for e in entries] == [-0.25, -0.5, -0.75]
+    assert entries[0]["bytes"] == list(b"w0 ")
+    assert [t["token"] for t in entries[1]["top_logprobs"]] == ["w1 ", "alt"]
+    streamed = client.post("/v1/chat/completions", {**body, "stream": True}).events()[:-1]
+    parts = [e for c in streamed for e in json.loads(c)["choices"][0]["logprobs"]["content"]]
+    assert parts == entries
+    plain = client.post("/v1/chat/completions", CHAT).json()["choices"][0]
+    assert plain["logprobs"] is None
+    reply = client.post("/v1/chat/completions", {**CHAT, "top_logprobs": 2})
+    assert reply.status == 400 and reply.json()["error"]["param"] == "top_logprobs"
+
+
+def test_completion_logprobs_with_echo(client: Client, engine: FakeEngine) -> None:
+    body = {"prompt": "a b c", "max_tokens": 2, "logprobs": 1, "echo": True}
+    choice = client.post("/v1/completions", body).json()["choices"][0]
+    assert engine.calls[-1][0].echo and engine.calls[-1][0].params["logprobs"] is True
+    assert choice["text"] == "a b cw0 w1 "  # the client's prompt text, then the completion
+    lp = choice["logprobs"]
+    assert lp["tokens"] == ["p0", "p1", "p2", "w0 ", "w1 "]
+    assert lp["token_logprobs"] == [None, -0.5, -0.75, -0.25, -0.5]
+    assert lp["top_logprobs"][0] is None and lp["top_logprobs"][3] == {"w0 ": -0.25}
+    assert lp["text_offset"] == [0, 2, 4, 6, 9]
+    streamed = client.post("/v1/completions", {**body, "stream": True}).events()[:-1]
+    chunks = [json.loads(c)["choices"][0] for c in streamed]
+    assert "".join(c["text"] for c in chunks) == choice["text"]
+    assert [t for c in chunks for t in c["logprobs"]["tokens"]] == lp["tokens"]
+    assert [o for c in chunks for o in c["logprobs"]["text_offset"]] == lp["text_offset"]
+    ids = client.post("/v1/completions", {"prompt": [5, 6], "max_tokens": 1, "echo": True})
+    assert ids.json()["choices"][0]["text"] == "P[5, 6]w0 "  # the engine's prompt text
+    assert ids.json()["choices"][0]["logprobs"] is None
+    reply = client.post("/v1/completions", {"prompt": "x", "logprobs": 21})
+    assert reply.status == 400 and reply.json()["error"]["param"] == "logprobs"

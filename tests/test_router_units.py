@@ -6,14 +6,8 @@ import pytest
 from pydantic import ValidationError
 
 from router import wire
-from router.app import (
-    ApiError,
-    ChatBody,
-    CompletionBody,
-    RateLimiter,
-    RouterConfig,
-    _delta,
-)
+from router.app import ApiError, RateLimiter, RouterConfig, _delta
+from router.schema import ChatBody, CompletionBody
 
 
 def test_rate_limiter_refuses_past_the_budget_and_refills() -> None:
@@ -64,7 +58,7 @@ def test_an_engine_refusal_item_is_the_clients_error() -> None:
 @pytest.mark.parametrize("body", [
     {"prompt": ""}, {"prompt": []}, {"prompt": "x", "max_tokens": 0},
     {"prompt": "x", "max_tokens": "3"}, {"prompt": "x", "temperature": float("inf")},
-    {"prompt": "x", "n": 2}, {"prompt": "x", "top_p": 0}, {"prompt": "x", "stop": ["a"] * 5},
+    {"prompt": "x", "n": 17}, {"prompt": "x", "top_p": 0}, {"prompt": "x", "stop": ["a"] * 5},
     {"prompt": "x", "stream": "yes"},
 ])
 def test_completion_bodies_refused(body: dict) -> None:
@@ -76,7 +70,7 @@ def test_chat_body_and_session_options() -> None:
     body = ChatBody.model_validate({"messages": [{"role": "user", "content": "hi"}],
                                     "session": {"append": True}, "stop": "END"})
     assert body.session is not None and body.session.append
-    assert body.params()["stop"] == ["END"]
+    assert body.engine_params()["stop"] == ["END"]
     with pytest.raises(ValidationError):
         ChatBody.model_validate({"messages": []})
     with pytest.raises(ValidationError):

@@ -20,14 +20,20 @@ requests = st.builds(
         "stop": st.lists(texts, max_size=4), "seed": st.none() | st.integers(0, 2**63 - 1),
         "ignore_eos": st.booleans()}),
     prompt=st.one_of(texts, ids), messages=st.none(),
-    request_id=st.none() | texts,
+    request_id=st.none() | texts, echo=st.booleans(),
 ) | st.builds(
     wire.Request, params=st.just({}), prompt=st.none(),
     messages=st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system"]),
                                              "content": texts}), min_size=1, max_size=3))
+logprob = st.floats(-1e4, 0)
+token_logprobs = st.lists(st.builds(
+    wire.TokenLogprob, token=texts, logprob=st.none() | logprob,
+    top=st.lists(st.tuples(texts, logprob), max_size=3)), max_size=4)
 deltas = st.builds(wire.Delta, token_ids=ids, text=texts,
                    finish_reason=st.sampled_from([None, "stop", "length", "abort"]),
-                   replica=texts, prompt_tokens=st.none() | st.integers(0, 10**6))
+                   replica=texts, prompt_tokens=st.none() | st.integers(0, 10**6),
+                   logprobs=st.none() | token_logprobs, prompt_text=st.none() | texts,
+                   prompt_logprobs=st.none() | token_logprobs)
 errors = st.builds(wire.ErrorEvent, status=st.integers(400, 599), type=texts, message=texts,
                    replica=texts)
 
@@ -81,6 +87,12 @@ def test_a_malformed_request_is_a_wire_error(data: object) -> None:
      "prompt_tokens": True},
     {"error": "boom"}, {"error": {"status": 200, "type": "x", "message": "y"}},
     {"error": {"status": "503", "type": "x", "message": "y"}},
+    {"token_ids": [1], "text": "a", "finish_reason": None, "replica": "r",
+     "logprobs": [["a", -1.0]]},
+    {"token_ids": [1], "text": "a", "finish_reason": None, "replica": "r",
+     "logprobs": [["a", "-1", []]]},
+    {"token_ids": [1], "text": "a", "finish_reason": None, "replica": "r",
+     "prompt_logprobs": [["a", None, [["b"]]]]},
 ])
 def test_a_malformed_item_is_a_wire_error(data: object) -> None:
     with pytest.raises(wire.WireError):

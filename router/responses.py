@@ -1,0 +1,140 @@
+"""The OpenAI response bodies: whole completions, stream chunks, usage and logprobs.
+
+A request has one or more choices (`n`, and on /v1/completions a list of prompts: choice
+index = prompt index * n + j). Each `Choice` gathers the wire deltas its engine stream
+sent; the functions here shape them as OpenAI's chat and completions responses.
+
+Logprobs are OpenAI's two shapes: chat's `{"content": [{token, logprob, bytes,
+top_logprobs}]}`, and completions' `{"tokens", "token_logprobs", "top_logprobs",
+"text_offset"}`, where `text_offset` counts characters into the choice's returned text
+(the prompt's too, with echo). A token's text is the engine's decoding of that one token,
+and `bytes` its UTF-8: a token holding part of a character reads as U+FFFD.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from router import wire
+
+
+@dataclass
+class Choice:
+    """One choice of a request: its engine request, and what came back so far."""
+
+    index: int
+    request: wire.Request
+    prompt_text: str | None = None  # echo: the prompt as the client sent it, if text
+    deltas: list[wire.Delta] = field(default_factory=list)
+    offset: int = 0  # characters of this choice's text sent so far (text_offset)
+    stream: Any = None  # the engine stream (AsyncGenerator[wire.Item, None])
+
+    @property
+    def echo(self) -> bool:
+        return self.request.echo
+
+    @property
+    def logprobs(self) -> bool:
+        return "logprobs" in self.request.params
+
+    def echoed(self) -> str:
+        """The prompt's text as returned with echo ("" without echo)."""
+        if not self.echo:
+            return ""
+        if self.prompt_text is not None:
+            return self.prompt_text
+        return (self.deltas[0].prompt_text or "") if self.deltas else ""
+
+
+def _entry(token: str, logprob: float | None) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+
+def chat_logprobs(tokens: list[wire.TokenLogprob]) -> dict[str, Any]:
+    return {"content": [{**_entry(t.token, t.logprob),
+                         "top_logprobs": [_entry(a, p) for a, p in t.top]} for t in tokens],
+            "refusal": None}
+
+
+def completion_logprobs(tokens: list[wire.TokenLogprob], offset: int) -> dict[str, Any]:
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t.token)
+    return {"tokens": [t.token for t in tokens],
+            "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [None if t.logprob is None else dict(t.top) for t in tokens],
+            "text_offset": offsets}
+
+
+def _delta_logprobs(choice: Choice, delta: wire.Delta, first: bool) -> list[wire.TokenLogprob]:
+    """The token logprobs a delta adds to its choice: with echo, the prompt's first."""
+    head = (delta.prompt_logprobs or []) if first and choice.echo else []
+    return head + (delta.logprobs or [])
+
+
+def _logprobs(route: str, choice: Choice, tokens: list[wire.TokenLogprob]) -> Any:
+    if not choice.logprobs:
+        return None
+    if route == "chat":
+        return chat_logprobs(tokens)
+    shaped = completion_logprobs(tokens, choice.offset)
+    choice.offset += sum(len(t.token) for t in tokens)
+    return shaped
+
+
+def _head(cid: str, kind: str, model: str) -> dict[str, Any]:
+    return {"id": cid, "object": kind, "created": int(time.time()), "model": model}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def whole(route: str, cid: str, model: str, choices: list[Choice], token_ids: bool,
+          counted: dict[str, int]) -> dict[str, Any]:
+    """A whole (not streamed) response: every choice's text, finish reason, logprobs."""
+    out = []
+    for choice in sorted(choices, key=lambda c: c.index):
+        text = "".join(d.text for d in choice.deltas)
+        tokens = [t for i, d in enumerate(choice.deltas)
+                  for t in _delta_logprobs(choice, d, i == 0)]
+        shaped: dict[str, Any] = {"index": choice.index,
+                                  "finish_reason": choice.deltas[-1].finish_reason,
+                                  "logprobs": _logprobs(route, choice, tokens)}
+        if route == "chat":
+            shaped["message"] = {"role": "assistant", "content": text}
+        else:
+            shaped["text"] = choice.echoed() + text
+        if token_ids:
+            shaped["token_ids"] = [t for d in choice.deltas for t in d.token_ids]
+        out.append(shaped)
+    kind = "chat.completion" if route == "chat" else "text_completion"
+    return {**_head(cid, kind, model), "choices": out, "usage": counted}
+
+
+def chunk(route: str, cid: str, model: str, choice: Choice, delta: wire.Delta, first: bool,
+          token_ids: bool) -> dict[str, Any]:
+    """One stream chunk: what `delta` adds to `choice` (`first`: its first delta)."""
+    shaped: dict[str, Any] = {"index": choice.index, "finish_reason": delta.finish_reason,
+                              "logprobs": _logprobs(route, choice,
+                                                    _delta_logprobs(choice, delta, first))}
+    if route == "chat":
+        shaped["delta"] = ({"role": "assistant", "content": delta.text} if first
+                           else {"content": delta.text})
+        kind = "chat.completion.chunk"
+    else:
+        shaped["text"] = (choice.echoed() if first else "") + delta.text
+        kind = "text_completion"
+    if token_ids:
+        shaped["token_ids"] = list(delta.token_ids)
+    return {**_head(cid, kind, model), "choices": [shaped]}
+
+
+def usage_chunk(route: str, cid: str, model: str, counted: dict[str, int]) -> dict[str, Any]:
+    """The last chunk of a stream that asked for usage: no choices, the usage."""
+    kind = "chat.completion.chunk" if route == "chat" else "text_completion"
+    return {**_head(cid, kind, model), "choices": [], "usage": counted}
