@@ -36,6 +36,7 @@ from router import keys, wire
 
 if TYPE_CHECKING:
     from replicas import Engine, EngineConfig, SamplingParams
+    from replicas.engine import TokenDelta
 
 # The engine (replicas: torch, transformers) is imported only where it runs: in an engine
 # replica's __init__, not when this module loads. A router replica imports this module
@@ -85,18 +86,49 @@ async def serve_request(engine: Engine, request: dict[str, Any], replica: str
     caller's end (ServeEngine) maps it."""
     try:
         req = wire.Request.from_dict(request)
-        params = sampling_params(req.params)
+        fields = dict(req.params)
+        if req.echo and fields.get("logprobs"):
+            fields["prompt_logprobs"] = True
+        params = sampling_params(fields)
         ids = prompt_ids(engine, req)
-        prompt_tokens: int | None = len(ids)
+        first = True
         async for delta in engine.add_request(ids, params, req.request_id):
-            yield wire.Delta(delta.token_ids, delta.text, delta.finish_reason, replica,
-                             prompt_tokens).to_dict()
-            prompt_tokens = None
+            out = wire.Delta(delta.token_ids, delta.text, delta.finish_reason, replica,
+                             len(ids) if first else None,
+                             token_logprobs(engine, delta.token_ids, delta.logprobs,
+                                            delta.top_logprobs))
+            if first and req.echo:
+                out = echoed(engine, out, ids, req, delta)
+            yield out.to_dict()
+            first = False
     except Exception as e:
         if not refused(e):
             raise
         serve_log.info("request refused (400): %s", e)
         yield error_event(e, replica).to_dict()
+
+
+def token_logprobs(engine: Engine, ids: list[int], logprobs: list[float | None] | None,
+                   top: list[list[tuple[int, float]]] | None) -> list[wire.TokenLogprob] | None:
+    """The wire's logprobs of tokens `ids`: each token's text (the tokenizer's decoding of
+    that one token) with its log-probability and its alternatives'."""
+    if logprobs is None:
+        return None
+    text = engine.tokenizer.decode
+    tops = top if top is not None else [[] for _ in ids]
+    return [wire.TokenLogprob(text([t]), p, [(text([a]), q) for a, q in alts or []])
+            for t, p, alts in zip(ids, logprobs, tops, strict=True)]
+
+
+def echoed(engine: Engine, delta: wire.Delta, ids: list[int], request: wire.Request,
+           first: TokenDelta) -> wire.Delta:
+    """The first delta of an echo request: with the prompt's text (decoded, when the
+    client sent token ids) and, with logprobs, the prompt tokens' logprobs."""
+    from dataclasses import replace
+
+    text = request.prompt if isinstance(request.prompt, str) else engine.tokenizer.decode(ids)
+    return replace(delta, prompt_text=text, prompt_logprobs=token_logprobs(
+        engine, ids, first.prompt_logprobs, first.prompt_top_logprobs))
 
 
 def prompt_ids(engine: Engine, request: wire.Request) -> list[int]:

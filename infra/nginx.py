@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
+import json
 import re
 import shutil
 import subprocess
@@ -240,6 +241,19 @@ def _real_ip(config: NginxConfig) -> EmptyBlock:
     )
 
 
+def _too_large(config: NginxConfig) -> EmptyBlock:
+    """nginx's own 413 (a body over client_max_body_size, refused before the router sees
+    it) as an OpenAI error body, like the router's, instead of nginx's HTML page."""
+    body = json.dumps({"error": {"message": "request body over "
+                                 f"{config.client_max_body_size} bytes",
+                                 "type": "invalid_request_error", "param": None,
+                                 "code": None}})
+    return EmptyBlock(
+        KeyMultiValueOption("error_page", ["413", "@too_large"]),
+        Location("@too_large", KeyValueOption("default_type", "application/json"),
+                 KeyMultiValueOption("return", ["413", f"'{body}'"])))
+
+
 def _http(config: NginxConfig) -> Section:
     upstreams = [_upstream(config, UPSTREAM_NAME, config.upstreams)]
     locations = [_location(config, "/", UPSTREAM_NAME)]
@@ -248,7 +262,8 @@ def _http(config: NginxConfig) -> Section:
         locations = [_location(config, "/", UPSTREAM_NAME,
                                KeyMultiValueOption("error_page", ["502", "=", "@serve_proxy"])),
                      _location(config, "@serve_proxy", FALLBACK_NAME)]
-    server = Section("server", KeyValueOption("listen", config.listen), *locations)
+    server = Section("server", KeyValueOption("listen", config.listen), _too_large(config),
+                     *locations)
     return Section("http", _logs_and_temp(config), _real_ip(config),
                    EmptyBlock(*upstreams), server)
 

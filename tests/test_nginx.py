@@ -93,12 +93,13 @@ def test_proxy_location(tmp_path: Path) -> None:
 
 
 def test_fallback_takes_nginx_own_502_to_the_serve_proxies(tmp_path: Path) -> None:
-    assert "error_page" not in nginx.render(make(tmp_path))  # no fallback: none
+    assert lines(nginx.render(make(tmp_path)), "error_page 502") == []  # no fallback: none
     text = nginx.render(make(tmp_path, upstreams=("127.0.0.1:30000",),
                              fallback=("127.0.0.1:8000",)))
     assert lines(text, "proxy_pass") == ["proxy_pass http://tpserve_serve;",
                                          "proxy_pass http://tpserve_fallback;"]
-    assert lines(text, "error_page") == ["error_page 502 = @serve_proxy;"]
+    assert lines(text, "error_page") == ["error_page 413 @too_large;",
+                                         "error_page 502 = @serve_proxy;"]
     assert "location @serve_proxy {" in text
     fallback = text[text.index("upstream tpserve_fallback"):]
     assert lines(fallback[:fallback.index("}")], "server") == ["server 127.0.0.1:8000;"]
@@ -402,3 +403,19 @@ def test_stream_is_not_buffered(edge: int, backends: dict[str, ThreadingHTTPServ
         while data := sock.recv(4096):
             received += data
     assert b"data: last" in received
+
+
+@needs_nginx
+@pytest.mark.slow
+def test_a_body_over_the_limit_is_an_openai_413(edge: int) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", edge, timeout=5)
+    try:
+        conn.request("POST", "/v1/completions", body=b"x" * (1 << 20 + 1),
+                     headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        status, kind, body = response.status, response.getheader("Content-Type"), response.read()
+    finally:
+        conn.close()
+    assert status == 413 and kind == "application/json"
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request_error" and "1m" in error["message"]
