@@ -37,6 +37,7 @@ from router import keys, wire
 if TYPE_CHECKING:
     from replicas import Engine, EngineConfig, SamplingParams
     from replicas.engine import TokenDelta
+    from replicas.toolcalls import ToolCallParser
 
 # The engine (replicas: torch, transformers) is imported only where it runs: in an engine
 # replica's __init__, not when this module loads. A router replica imports this module
@@ -89,14 +90,18 @@ async def serve_request(engine: Engine, request: dict[str, Any], replica: str
         fields = dict(req.params)
         if req.echo and fields.get("logprobs"):
             fields["prompt_logprobs"] = True
+        parser = tool_parser(engine, req.tools, fields)
         params = sampling_params(fields)
         ids = prompt_ids(engine, req)
         first = True
         async for delta in engine.add_request(ids, params, req.request_id):
-            out = wire.Delta(delta.token_ids, delta.text, delta.finish_reason, replica,
+            text, calls, reason = delta.text, None, delta.finish_reason
+            if parser is not None:
+                text, calls, reason = parse_tools(parser, text, reason)
+            out = wire.Delta(delta.token_ids, text, reason, replica,
                              len(ids) if first else None,
                              token_logprobs(engine, delta.token_ids, delta.logprobs,
-                                            delta.top_logprobs))
+                                            delta.top_logprobs), tool_calls=calls)
             if first and req.echo:
                 out = echoed(engine, out, ids, req, delta)
             yield out.to_dict()
@@ -106,6 +111,40 @@ async def serve_request(engine: Engine, request: dict[str, Any], replica: str
             raise
         serve_log.info("request refused (400): %s", e)
         yield error_event(e, replica).to_dict()
+
+
+def tool_parser(engine: Engine, tools: dict[str, Any] | None, fields: dict[str, Any]
+                ) -> ToolCallParser | None:
+    """The parser of a request's tool calls (None: no tools), in the format the model's
+    chat template asks for; a template that renders no tools refuses the request."""
+    if tools is None:
+        return None
+    from replicas import RequestError
+    from replicas.toolcalls import ToolCallParser, detect_format
+
+    fmt = detect_format(engine.tokenizer.chat_template, engine.spec.family)
+    if fmt is None:
+        raise RequestError("tools: this model's chat template renders no tools, so the "
+                           "model would never see them")
+    names = [t["function"]["name"] for t in tools["tools"]]
+    choice, parallel = tools.get("choice", "auto"), bool(tools.get("parallel", True))
+    if choice == "auto":
+        return ToolCallParser(fmt, names, parallel=parallel)
+    raise RequestError(f"tool_choice {json.dumps(choice)}: constrained decoding is not "
+                       "available in this engine yet; send \"auto\"")
+
+
+def parse_tools(parser: ToolCallParser, text: str, reason: str | None
+                ) -> tuple[str, list[wire.ToolCall] | None, str | None]:
+    """A delta's content, the tool calls it completed, and its finish reason ("tool_calls"
+    when a reply that stopped by itself made calls)."""
+    content, calls = parser.feed(text)
+    if reason is not None:
+        rest, more = parser.finish()
+        content, calls = content + rest, calls + more
+        if reason == "stop" and parser.calls:
+            reason = "tool_calls"
+    return content, [wire.ToolCall(c.id, c.name, c.arguments) for c in calls] or None, reason
 
 
 def token_logprobs(engine: Engine, ids: list[int], logprobs: list[float | None] | None,
@@ -137,8 +176,9 @@ def prompt_ids(engine: Engine, request: wire.Request) -> list[int]:
 
     tokenizer = engine.tokenizer
     if request.messages is not None:
+        tools = request.tools["tools"] if request.tools else None
         try:
-            return tokenizer.apply_chat_template(request.messages)
+            return tokenizer.apply_chat_template(request.messages, tools)
         except Exception as e:  # a template's own error: bad roles, order, fields
             raise RequestError(f"the chat template rejected the messages: {e}") from e
     prompt = request.prompt

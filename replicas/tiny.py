@@ -27,17 +27,26 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
-TINY_VERSION = "tiny-llama-v1"
+TINY_VERSION = "tiny-llama-v2"  # v2: the chat template renders tools
 SEED = 1234
 VOCAB_SIZE = 1000  # target size of the trained BPE vocabulary (specials included)
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS = (BOS, EOS, PAD)  # ids 0, 1, 2 in this order
 
 # Role-tagged turns; `add_generation_prompt` opens an assistant turn for the model.
+# With tools, a system turn lists them and asks for Hermes-style calls (<tool_call>{"name",
+# "arguments"}</tool_call>), as Qwen's templates do; an assistant's calls are rendered so.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}<|system|>\nYou may call these functions:\n"
+    "{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}"
+    'To call one, reply <tool_call>{"name": ..., "arguments": {...}}</tool_call>'
+    "{{ eos_token }}\n{% endif %}"
     "{% for message in messages %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}"
+    "{% for call in message.get('tool_calls') or [] %}<tool_call>"
+    "{{ {'name': call['function']['name'], 'arguments': call['function']['arguments']}"
+    " | tojson }}</tool_call>{% endfor %}{{ eos_token }}\n"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )

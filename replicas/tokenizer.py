@@ -28,10 +28,18 @@ class Tokenizer:
             return self.hf.decode(ids, skip_special_tokens=True)
         return self._backend_decode(ids, skip_special_tokens=True)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Token ids of `messages` rendered with the model's template, ready to generate."""
-        out = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    def apply_chat_template(self, messages: list[dict[str, Any]],
+                            tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids of `messages` rendered with the model's template, ready to generate;
+        `tools` (OpenAI tool objects) go to the template too."""
+        out = self.hf.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
+                                          tokenize=True)
         return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+    @property
+    def chat_template(self) -> str | None:
+        template = self.hf.chat_template
+        return template if isinstance(template, str) or template is None else str(template)
 
     @property
     def eos_token_id(self) -> int | None:

@@ -58,7 +58,7 @@ from router.policy import (
     session_key,
     stored_session,
 )
-from router.responses import Choice, chunk, usage, usage_chunk, whole
+from router.responses import Choice, chunk, message, usage, usage_chunk, whole
 from router.schema import Body, ChatBody, CompletionBody, ParamError
 from router.sessions import SessionStore, SessionStoreConfig
 
@@ -325,7 +325,8 @@ class Router:
         if body.session is not None and body.session.append and not issued:
             history = await self.sessions.history(key.redis_key)
         choices = [Choice(j, wire.Request(body.engine_params(j),
-                                          messages=history + new_messages))
+                                          messages=history + new_messages,
+                                          tools=body.tools_spec()))
                    for j in range(n)]
         return _Call(route, body, key, session_id, issued, choices, new_messages, cid=cid)
 
@@ -410,8 +411,8 @@ class Router:
         self.totals["requests"] += 1
         self.totals["tokens"] += call.tokens
         if call.route == "chat" and call.session_id:
-            text = "".join(d.text for d in call.choices[0].deltas)  # the first choice's
-            reply = {"role": "assistant", "content": text}
+            reply = message(call.choices[0])  # the first choice's
+            reply["content"] = reply["content"] or ""
             await self.sessions.append_history(keys.session_id(call.session_id),
                                                call.new_messages + [reply], count_tokens)
 

@@ -29,6 +29,7 @@ class Choice:
     prompt_text: str | None = None  # echo: the prompt as the client sent it, if text
     deltas: list[wire.Delta] = field(default_factory=list)
     offset: int = 0  # characters of this choice's text sent so far (text_offset)
+    calls: int = 0  # tool calls sent so far (a stream's tool_calls index)
     stream: Any = None  # the engine stream (AsyncGenerator[wire.Item, None])
 
     @property
@@ -85,6 +86,32 @@ def _logprobs(route: str, choice: Choice, tokens: list[wire.TokenLogprob]) -> An
     return shaped
 
 
+def _call(call: wire.ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def message(choice: Choice) -> dict[str, Any]:
+    """A chat choice's whole message: its content (None when it is only tool calls) and
+    its tool calls."""
+    text = "".join(d.text for d in choice.deltas)
+    calls = [_call(c) for d in choice.deltas for c in d.tool_calls or []]
+    if not calls:
+        return {"role": "assistant", "content": text}
+    return {"role": "assistant", "content": text or None, "tool_calls": calls}
+
+
+def _chat_delta(choice: Choice, delta: wire.Delta, first: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": "assistant"} if first else {}
+    if delta.text or not delta.tool_calls:
+        out["content"] = delta.text
+    if delta.tool_calls:
+        out["tool_calls"] = [{"index": choice.calls + k, **_call(c)}
+                             for k, c in enumerate(delta.tool_calls)]
+        choice.calls += len(delta.tool_calls)
+    return out
+
+
 def _head(cid: str, kind: str, model: str) -> dict[str, Any]:
     return {"id": cid, "object": kind, "created": int(time.time()), "model": model}
 
@@ -106,7 +133,7 @@ def whole(route: str, cid: str, model: str, choices: list[Choice], token_ids: bo
                                   "finish_reason": choice.deltas[-1].finish_reason,
                                   "logprobs": _logprobs(route, choice, tokens)}
         if route == "chat":
-            shaped["message"] = {"role": "assistant", "content": text}
+            shaped["message"] = message(choice)
         else:
             shaped["text"] = choice.echoed() + text
         if token_ids:
@@ -123,8 +150,7 @@ def chunk(route: str, cid: str, model: str, choice: Choice, delta: wire.Delta, f
                               "logprobs": _logprobs(route, choice,
                                                     _delta_logprobs(choice, delta, first))}
     if route == "chat":
-        shaped["delta"] = ({"role": "assistant", "content": delta.text} if first
-                           else {"content": delta.text})
+        shaped["delta"] = _chat_delta(choice, delta, first)
         kind = "chat.completion.chunk"
     else:
         shaped["text"] = (choice.echoed() if first else "") + delta.text

@@ -47,11 +47,8 @@ REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     "safety_identifier": ((), "tpserve runs no abuse detection; to pin a client to a "
                           "replica send `user` or X-Session-ID"),
     "suffix": ((), "insertion (text after the completion) is not supported"),
-    # not yet: structured outputs and tool calls (issue 18)
+    # not yet: structured outputs (issue 18)
     "response_format": (({"type": "text"},), "only {\"type\": \"text\"} for now"),
-    "tools": ((), "tool calls are not supported yet"),
-    "tool_choice": (("none",), "tool calls are not supported yet"),
-    "parallel_tool_calls": ((), "tool calls are not supported yet"),
 }
 
 # tpserve's own fields, beyond OpenAI's
@@ -90,6 +87,12 @@ HONOURED: dict[str, str] = {
     "top_logprobs": f"chat: 0..{MAX_TOP_LOGPROBS} alternatives per token (needs logprobs)",
     "echo": "completions: the prompt is returned before the completion, with its "
             "tokens' logprobs when logprobs is set",
+    "tools": "functions given to the model's chat template (a template that renders no "
+             "tools: 400); calls parsed from the reply in the template's format (Hermes/"
+             "Qwen `<tool_call>`, Llama 3 JSON, GLM-4)",
+    "tool_choice": "none (the template gets no tools), auto (the model decides), required "
+                   "or a named function (decoding constrained to a valid call)",
+    "parallel_tool_calls": "false: at most one call",
 }
 
 
@@ -324,6 +327,31 @@ class Message(BaseModel):
         return out
 
 
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["function"]
+    function: FunctionName
+
+
 class SessionOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     append: bool = False
@@ -334,13 +362,38 @@ class ChatBody(Body):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_CAP)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     session: SessionOptions | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ChatBody:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs: set logprobs to true to get them")
+        names = [t.function.name for t in self.tools or []]
+        if self.tool_choice not in (None, "none") and not names:
+            raise ValueError("tool_choice: send `tools` to choose among")
+        if len(set(names)) != len(names):
+            raise ValueError("tools: two functions have the same name")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice: {choice.function.name!r} is not one of the tools")
+        forced = isinstance(choice, NamedToolChoice) or choice == "required"
+        if any(t.function.strict for t in self.tools or []) and not forced:
+            raise ValueError("tools: strict functions are enforced only with tool_choice "
+                             "\"required\" or a named function (with auto the model may "
+                             "write any arguments)")
         return self
+
+    def tools_spec(self) -> dict[str, Any] | None:
+        """The wire's tools: None without tools or with tool_choice "none"."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        choice = self.tool_choice or "auto"
+        return {"tools": [t.model_dump(exclude_none=True) for t in self.tools],
+                "choice": choice if isinstance(choice, str) else choice.model_dump(),
+                "parallel": self.parallel_tool_calls is not False}
 
     def token_limit(self) -> int | None:
         if self.max_completion_tokens is not None:

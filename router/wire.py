@@ -59,6 +59,9 @@ class Request:
     messages: list[dict[str, Any]] | None = None  # [{"role", "content", ...}], oldest first
     request_id: str | None = None
     echo: bool = False  # the first delta also has the prompt's text (and logprobs)
+    # chat with tools: {"tools": [OpenAI tool], "choice": "auto" | "required" |
+    # {"type": "function", "function": {"name"}}, "parallel": bool}
+    tools: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
@@ -74,6 +77,8 @@ class Request:
             data["request_id"] = self.request_id
         if self.echo:
             data["echo"] = True
+        if self.tools is not None:
+            data["tools"] = self.tools
         return data
 
     @classmethod
@@ -87,7 +92,29 @@ class Request:
             raise WireError("messages: expected a list of objects")
         request_id = _field(data, "request_id", str, optional=True)
         echo = bool(_field(data, "echo", bool, optional=True))
-        return cls(dict(params), prompt, messages, request_id, echo)
+        tools = _field(data, "tools", dict, optional=True)
+        if tools is not None and not isinstance(tools.get("tools"), list):
+            raise WireError("tools: expected {\"tools\": [...], \"choice\", \"parallel\"}")
+        return cls(dict(params), prompt, messages, request_id, echo, tools)
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A tool call the model made: its id, the function's name, its arguments (JSON)."""
+
+    id: str
+    name: str
+    arguments: str
+
+    def to_list(self) -> list[str]:
+        return [self.id, self.name, self.arguments]
+
+    @classmethod
+    def from_list(cls, data: Any) -> ToolCall:
+        if not (isinstance(data, list) and len(data) == 3
+                and all(isinstance(v, str) for v in data)):
+            raise WireError(f"a tool call is [id, name, arguments], got {data!r:.80}")
+        return cls(*data)
 
 
 @dataclass(frozen=True)
@@ -117,6 +144,11 @@ class TokenLogprob:
         return cls(data[0], None if data[1] is None else float(data[1]), top)
 
 
+def _tool_calls(data: Any) -> list[ToolCall] | None:
+    value = _field(data, "tool_calls", list, optional=True)
+    return None if value is None else [ToolCall.from_list(v) for v in value]
+
+
 def _logprobs(data: Any, name: str) -> list[TokenLogprob] | None:
     value = _field(data, name, list, optional=True)
     return None if value is None else [TokenLogprob.from_list(v) for v in value]
@@ -128,13 +160,14 @@ class Delta:
 
     token_ids: list[int]
     text: str
-    finish_reason: str | None  # "stop" | "length" | "abort" on the last delta
+    finish_reason: str | None  # "stop" | "length" | "abort" | "tool_calls" on the last
     replica: str  # the Serve replica id that runs the request
     prompt_tokens: int | None = None  # on the first delta of a stream
     logprobs: list[TokenLogprob] | None = None  # one per token, when asked
     # echo, on the first delta: the prompt's text, and its tokens' logprobs when asked
     prompt_text: str | None = None
     prompt_logprobs: list[TokenLogprob] | None = None
+    tool_calls: list[ToolCall] | None = None  # calls completed in this delta
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"token_ids": list(self.token_ids), "text": self.text,
@@ -143,7 +176,7 @@ class Delta:
             data["prompt_tokens"] = self.prompt_tokens
         if self.prompt_text is not None:
             data["prompt_text"] = self.prompt_text
-        for name in ("logprobs", "prompt_logprobs"):
+        for name in ("logprobs", "prompt_logprobs", "tool_calls"):
             value = getattr(self, name)
             if value is not None:
                 data[name] = [t.to_list() for t in value]
@@ -155,7 +188,7 @@ class Delta:
                    _field(data, "text", str), _field(data, "finish_reason", str, True),
                    _field(data, "replica", str), _field(data, "prompt_tokens", int, True),
                    _logprobs(data, "logprobs"), _field(data, "prompt_text", str, True),
-                   _logprobs(data, "prompt_logprobs"))
+                   _logprobs(data, "prompt_logprobs"), _tool_calls(data))
 
 
 @dataclass(frozen=True)

@@ -33,30 +33,48 @@ def test_every_failure_maps_once_to_400_or_503(error: BaseException, status: int
 
 
 class FakeTokenizer:
+    chat_template: str | None = "{% if tools %}<tool_call>{% endif %}"  # Hermes calls
+
     def encode(self, text: str) -> list[int]:
         return [ord(c) for c in text]
 
-    def apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(i) for i in ids)
+
+    def apply_chat_template(self, messages: list[dict[str, str]],
+                            tools: list[dict[str, Any]] | None = None) -> list[int]:
         if messages[0]["role"] != "user":
             raise ValueError("conversation must start with a user message")
-        return [1] * len(messages)
+        return [1] * (len(messages) + len(tools or []))
 
 
 class FakeEngine:
+    """Token i is i, text str(i); `script`: the texts of the reply's deltas instead, the
+    last finishing with "stop"."""
+
     tokenizer = FakeTokenizer()
+    spec = type("Spec", (), {"family": "qwen2"})()
+
+    def __init__(self, script: list[str] | None = None) -> None:
+        self.script = script
 
     async def add_request(self, ids: list[int], params: Any, request_id: str | None
                           ) -> AsyncIterator[TokenDelta]:
         if not ids:
             raise RequestError("the prompt is empty; send at least one token")
+        if self.script is not None:
+            for i, text in enumerate(self.script):
+                yield TokenDelta("x", [i], text, None,
+                                 "stop" if i == len(self.script) - 1 else None)
+            return
         for i in range(params.max_tokens):
             yield TokenDelta("x", [i], str(i), None,
                              "length" if i == params.max_tokens - 1 else None)
 
 
-def items(request: dict[str, Any]) -> list[dict[str, Any]]:
+def items(request: dict[str, Any], engine: FakeEngine | None = None) -> list[dict[str, Any]]:
     async def run() -> list[dict[str, Any]]:
-        return [item async for item in serve_request(FakeEngine(), request, "r")]
+        return [item async for item in serve_request(engine or FakeEngine(), request, "r")]
 
     return asyncio.run(run())
 
@@ -72,6 +90,36 @@ def test_the_replica_streams_wire_deltas_and_refuses_in_band() -> None:
         event = wire.decode(item)
         assert isinstance(event, wire.ErrorEvent) and event.status == 400, request
         assert words in event.message and event.replica == "r"
+
+
+TOOLS = {"tools": [{"type": "function", "function": {"name": "add"}}], "choice": "auto",
+         "parallel": True}
+CHAT = [{"role": "user", "content": "1 + 2?"}]
+
+
+def test_tool_calls_are_parsed_from_the_reply_in_the_templates_format() -> None:
+    script = ["Sure. <tool", "_call>{\"name\": \"add\", ", "\"arguments\": {\"a\": 1}}",
+              "</tool_call>"]
+    out = [wire.decode(i) for i in items({"messages": CHAT, "tools": TOOLS},
+                                         FakeEngine(script))]
+    assert all(isinstance(d, wire.Delta) for d in out)
+    assert "".join(d.text for d in out) == "Sure. "  # the call is not content
+    calls = [c for d in out for c in d.tool_calls or []]
+    assert [(c.name, c.arguments) for c in calls] == [("add", '{"a": 1}')]
+    assert out[-1].finish_reason == "tool_calls" and out[0].prompt_tokens == 2  # tools in
+    plain = [wire.decode(i) for i in items({"messages": CHAT}, FakeEngine(script))]
+    assert "".join(d.text for d in plain) == "".join(script)  # no tools: no parsing
+    assert plain[-1].finish_reason == "stop"
+
+
+def test_tools_for_a_template_that_renders_none_are_refused() -> None:
+    engine = FakeEngine(["x"])
+    engine.tokenizer = FakeTokenizer()
+    engine.tokenizer.chat_template = "{{ messages }}"
+    (item,) = items({"messages": CHAT, "tools": TOOLS}, engine)
+    event = wire.decode(item)
+    assert isinstance(event, wire.ErrorEvent) and event.status == 400
+    assert "renders no tools" in event.message
 
 
 class FakeStream:

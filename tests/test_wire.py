@@ -21,6 +21,10 @@ requests = st.builds(
         "ignore_eos": st.booleans()}),
     prompt=st.one_of(texts, ids), messages=st.none(),
     request_id=st.none() | texts, echo=st.booleans(),
+    tools=st.none() | st.fixed_dictionaries({
+        "tools": st.lists(st.fixed_dictionaries({"type": st.just("function"), "function": (
+            st.fixed_dictionaries({"name": texts}))}), max_size=2),
+        "choice": st.sampled_from(["auto", "required"]), "parallel": st.booleans()}),
 ) | st.builds(
     wire.Request, params=st.just({}), prompt=st.none(),
     messages=st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system"]),
@@ -33,7 +37,9 @@ deltas = st.builds(wire.Delta, token_ids=ids, text=texts,
                    finish_reason=st.sampled_from([None, "stop", "length", "abort"]),
                    replica=texts, prompt_tokens=st.none() | st.integers(0, 10**6),
                    logprobs=st.none() | token_logprobs, prompt_text=st.none() | texts,
-                   prompt_logprobs=st.none() | token_logprobs)
+                   prompt_logprobs=st.none() | token_logprobs,
+                   tool_calls=st.none() | st.lists(st.builds(wire.ToolCall, texts, texts, texts),
+                                                   max_size=2))
 errors = st.builds(wire.ErrorEvent, status=st.integers(400, 599), type=texts, message=texts,
                    replica=texts)
 
@@ -74,6 +80,7 @@ def test_the_dict_shapes_the_engine_handle_speaks() -> None:
     None, [], {"params": {}}, {"prompt": "x", "messages": [{"role": "user"}]},
     {"prompt": [1, "2"]}, {"prompt": [True]}, {"prompt": 5}, {"prompt": "x", "params": []},
     {"messages": ["hi"]}, {"prompt": "x", "request_id": 7},
+    {"messages": [{"role": "user"}], "tools": {"choice": "auto"}},
 ])
 def test_a_malformed_request_is_a_wire_error(data: object) -> None:
     with pytest.raises(wire.WireError):
@@ -93,6 +100,8 @@ def test_a_malformed_request_is_a_wire_error(data: object) -> None:
      "logprobs": [["a", "-1", []]]},
     {"token_ids": [1], "text": "a", "finish_reason": None, "replica": "r",
      "prompt_logprobs": [["a", None, [["b"]]]]},
+    {"token_ids": [1], "text": "a", "finish_reason": None, "replica": "r",
+     "tool_calls": [["id", "f"]]},
 ])
 def test_a_malformed_item_is_a_wire_error(data: object) -> None:
     with pytest.raises(wire.WireError):
