@@ -100,10 +100,11 @@ class _Request:
         self.text = ""  # all text so far; `sent` chars of it were delivered
         self.sent = 0
         self.score_rows: list[torch.Tensor] = []
-        # prompt_logprobs: per prefilled chunk, on the device, (log-probability of each
-        # next prompt token [m], and with top_logprobs its top values and ids [m, k])
-        self.prompt_parts: list[tuple[torch.Tensor, torch.Tensor | None,
-                                      torch.Tensor | None]] = []
+        # prompt_logprobs: per prefilled chunk, on their way to the host (see _to_host):
+        # [the log-probability of each next prompt token [m], and with top_logprobs the
+        # top values and ids [m, k]], and the event to wait for
+        self.prompt_parts: list[tuple[list[torch.Tensor | None],
+                                      torch.cuda.Event | None]] = []
         # penalties: how often each token was generated so far (counted as tokens land)
         self.counts: dict[int, int] = {}
         self.hold = max((len(s) for s in seq.params.stop), default=1) - 1
@@ -116,16 +117,37 @@ class _Request:
 
     def prompt_logprobs(self) -> tuple[list[float | None], list[TopLogprobs | None] | None]:
         """The gathered prompt log-probabilities, on the host: one per prompt token (the
-        first None), and the top ones per position if asked for (waits for the device)."""
+        first None), and the top ones per position if asked for (waits for the steps
+        that computed them)."""
         chosen: list[float | None] = [None]
         tops: list[TopLogprobs | None] | None = [None] if self.seq.params.top_logprobs else None
-        for values, top_values, top_ids in self.prompt_parts:
+        for (values, top_values, top_ids), ready in self.prompt_parts:
+            if ready is not None:
+                ready.synchronize()
+            assert values is not None
             chosen += values.tolist()
             if tops is not None:
                 assert top_values is not None and top_ids is not None
                 tops += _pairs(top_ids.tolist(), top_values.tolist())
         self.prompt_parts = []
         return chosen, tops
+
+
+def _to_host(tensors: list[torch.Tensor | None]
+             ) -> tuple[list[torch.Tensor | None], torch.cuda.Event | None]:
+    """CUDA tensors copied into pinned host memory behind the work queued so far, and the
+    event to wait for before reading them (waiting for that work only, not for steps
+    queued after it); CPU tensors as they are, and no event."""
+    if not any(t is not None and t.is_cuda for t in tensors):
+        return tensors, None
+    host: list[torch.Tensor | None] = []
+    for t in tensors:
+        if t is not None:
+            t = torch.empty_like(t, device="cpu").pin_memory().copy_(t, non_blocking=True)
+        host.append(t)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
 
 
 def _pairs(ids: list[list[int]], values: list[list[float]]) -> list[TopLogprobs]:
@@ -155,15 +177,8 @@ class _Flight:
         self._send_to_host(logprobs, top)
 
     def _send_to_host(self, logprobs: torch.Tensor | None, top: TopRows | None) -> None:
-        self._host = [self.tokens, logprobs, self._overflow, *(top or (None, None))]
-        self._ready: torch.cuda.Event | None = None
-        if self.tokens.is_cuda:  # copied into pinned memory behind the step, read after
-            for i, t in enumerate(self._host):  # the event
-                if t is not None:
-                    self._host[i] = torch.empty_like(t, device="cpu").pin_memory()
-                    self._host[i].copy_(t, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record()
+        self._host, self._ready = _to_host(
+            [self.tokens, logprobs, self._overflow, *(top or (None, None))])
 
     def overflowed(self) -> bool:
         """Whether the step's 16-bit all-reduce overflowed (waits for the step)."""
@@ -353,8 +368,8 @@ class Engine:
         self._ahead = config.async_scheduling and (config.tp == 1
                                                    or self.worker.device.type == "cuda")
         # tokens read back but not yet detokenized and delivered: done while the GPU runs
-        # the next step (see _step): (request, token, logprob, is a stop token, index)
-        # (request, token, logprob, top logprobs, is a stop token, index)
+        # the next step (see _step): (request, token, logprob, its top logprobs, is a stop
+        # token, index)
         self._pending: list[tuple[_Request, int, float, TopLogprobs | None, bool, int]] = []
         self._post = _Post()  # the async consumers' deltas, sent once a step
         # tp > 1: while idle the driver sends a heartbeat this often, so that a rank
@@ -735,16 +750,17 @@ class Engine:
     def _gather_prompt_logprobs(self, req: _Request, logits: torch.Tensor, row: int,
                                 pos: int, n: int) -> None:
         """Logits rows row.. are the request's positions pos..pos+n-1: each of them but
-        the prompt's last predicts the next prompt token, whose log-probability (and top
-        ones) stay on the device until the request's first token is delivered."""
+        the prompt's last predicts the next prompt token. Its log-probability (and the
+        top ones) are gathered on the device and copied to the host behind the step; they
+        go out with the request's first token."""
         seq = req.seq
         m = min(n, seq.num_prompt - 1 - pos)
         if m <= 0:
             return
         targets = torch.tensor(seq.token_ids[pos + 1 : pos + 1 + m])
-        req.prompt_parts.append(token_logprobs(
+        req.prompt_parts.append(_to_host(list(token_logprobs(
             logits[row : row + m], targets.to(logits.device, non_blocking=True),
-            seq.params.top_logprobs))
+            seq.params.top_logprobs))))
 
     def _batch(self, plan: list[Scheduled]) -> tuple[StepBatch, list[tuple[int, int]]]:
         """The step message, and per scheduled item the rows of the logits it owns."""
