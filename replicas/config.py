@@ -194,6 +194,8 @@ class SamplingParams:
             if not isinstance(value, int | float) or not -MAX_PENALTY <= value <= MAX_PENALTY:
                 raise ConfigError(f"{name} must be in [-{MAX_PENALTY}, {MAX_PENALTY}], "
                                   f"got {value}")
+        if self.logit_bias is None:  # (the API's null)
+            object.__setattr__(self, "logit_bias", {})
         if not isinstance(self.logit_bias, dict):
             raise ConfigError("logit_bias must map token ids to biases")
         bias = {}

@@ -244,6 +244,7 @@ def test_bad_logit_bias_and_penalties_are_refused(engine: Engine) -> None:
         with pytest.raises(ConfigError, match=word):
             SamplingParams(**kwargs)
     assert SamplingParams().max_tokens == 16
+    assert SamplingParams(logit_bias=None).logit_bias == {}  # the API's null
     hash(SamplingParams(logit_bias={1: 2.0}))  # still hashable
 
 
