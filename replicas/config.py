@@ -28,6 +28,11 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
 
 
+MAX_TOP_LOGPROBS = 20  # the OpenAI API's bound
+MAX_PENALTY = 2.0  # presence / frequency penalty, either sign (OpenAI's range)
+MAX_LOGIT_BIAS = 100.0  # either sign (OpenAI's range)
+
+
 class ConfigError(ValueError):
     """A setting the engine cannot run with; the message says what to change."""
 
@@ -130,7 +135,8 @@ class EngineConfig:
 class SamplingParams:
     """How one request is decoded. temperature 0 means greedy."""
 
-    max_tokens: int = 16
+    # None: up to the model's context (the engine sets max_model_len - len(prompt))
+    max_tokens: int | None = 16
     temperature: float = 1.0
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1.0: off
@@ -138,15 +144,32 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings; not included in the text
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # log-probabilities are "raw": log_softmax of the model's logits, before penalties,
+    # logit_bias, temperature, top-k and top-p (vLLM's default)
     logprobs: bool = False  # return the log-probability of each chosen token
+    # with logprobs (and/or prompt_logprobs): also this many most likely tokens at each
+    # position, with their log-probabilities, most likely first
+    top_logprobs: int = 0
+    # return the log-probability of each prompt token given the ones before (the first
+    # has none): the OpenAI API's `echo` with `logprobs`
+    prompt_logprobs: bool = False
+    # OpenAI penalties over the tokens generated so far in this request: the logit of a
+    # token seen `count` times drops by presence_penalty * (count > 0) +
+    # frequency_penalty * count; then logit_bias (token id -> bias) is added. Both act
+    # before temperature, top-k, top-p and greedy's argmax
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict, hash=False)  # (unhashable)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
-            raise ConfigError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if self.max_tokens is not None and (
+                not isinstance(self.max_tokens, int) or self.max_tokens <= 0):
+            raise ConfigError(f"max_tokens must be a positive integer or None (up to the "
+                              f"model's context), got {self.max_tokens!r}")
         if not self.temperature >= 0:  # also refuses NaN
             raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
@@ -155,10 +178,45 @@ class SamplingParams:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if any(not s for s in self.stop):
             raise ConfigError("stop strings must be non-empty")
+        self._check_logprobs()
+        self._check_penalties()
+
+    def _check_logprobs(self) -> None:
+        if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ConfigError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], "
+                              f"got {self.top_logprobs!r}")
+        if self.top_logprobs and not (self.logprobs or self.prompt_logprobs):
+            raise ConfigError("top_logprobs needs logprobs=True or prompt_logprobs=True")
+
+    def _check_penalties(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not -MAX_PENALTY <= value <= MAX_PENALTY:
+                raise ConfigError(f"{name} must be in [-{MAX_PENALTY}, {MAX_PENALTY}], "
+                                  f"got {value}")
+        if self.logit_bias is None:  # (the API's null)
+            object.__setattr__(self, "logit_bias", {})
+        if not isinstance(self.logit_bias, dict):
+            raise ConfigError("logit_bias must map token ids to biases")
+        bias = {}
+        for token, value in self.logit_bias.items():  # JSON keys arrive as strings
+            if isinstance(token, bool) or not str(token).isdigit():
+                raise ConfigError(f"logit_bias key {token!r} is not a token id")
+            if (not isinstance(value, int | float) or isinstance(value, bool)
+                    or not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS):
+                raise ConfigError(f"logit_bias of token {token} must be in [-{MAX_LOGIT_BIAS}, "
+                                  f"{MAX_LOGIT_BIAS}], got {value}")
+            bias[int(token)] = float(value)
+        object.__setattr__(self, "logit_bias", bias)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether a penalty or a bias changes the logits that tokens are chosen from."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
 
 @dataclass(frozen=True)

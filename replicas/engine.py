@@ -14,6 +14,7 @@ engine then refuses new work, and `healthy()` says so.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import os
@@ -31,7 +32,7 @@ from transformers import AutoConfig
 from replicas.config import ConfigError, EngineConfig, ModelSpec, SamplingParams
 from replicas.kv_cache import BlockManager
 from replicas.ranks import TOLD_EXIT_S, RankLauncher, Ranks, spawn_rank
-from replicas.sampler import sample_on_device
+from replicas.sampler import sample_on_device, token_logprobs
 from replicas.scheduler import Scheduled, Scheduler, Sequence
 from replicas.tokenizer import IncrementalDecoder, Tokenizer
 from replicas.worker import (
@@ -47,6 +48,8 @@ from replicas.worker import (
 log = logging.getLogger(__name__)
 
 Prompt = str | list[int]
+# the most likely tokens at one position: (token id, log-probability), most likely first
+TopLogprobs = list[tuple[int, float]]
 
 
 class RequestError(ValueError):
@@ -59,13 +62,19 @@ class EngineDeadError(RuntimeError):
 
 @dataclass
 class TokenDelta:
-    """What one step added to a request's output."""
+    """What one step added to a request's output. Log-probabilities are raw (of the
+    model's logits, before penalties, bias, temperature, top-k, top-p); each field is
+    None unless the request asked for it (SamplingParams)."""
 
     request_id: str
     token_ids: list[int]
     text: str
-    logprobs: list[float] | None = None
+    logprobs: list[float] | None = None  # one per token (logprobs)
     finish_reason: str | None = None  # "stop" | "length" | "abort" once finished
+    top_logprobs: list[TopLogprobs] | None = None  # one per token (logprobs, top_logprobs)
+    # the first delta only (prompt_logprobs): one per prompt token, the first None
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[TopLogprobs | None] | None = None  # (and top_logprobs)
 
 
 @dataclass
@@ -76,6 +85,10 @@ class Completion:
     text: str = ""
     finish_reason: str | None = None
     logprobs: list[float] | None = None
+    # as in TokenDelta, for the whole request
+    top_logprobs: list[TopLogprobs] | None = None
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[TopLogprobs | None] | None = None
 
 
 class _Request:
@@ -87,7 +100,64 @@ class _Request:
         self.text = ""  # all text so far; `sent` chars of it were delivered
         self.sent = 0
         self.score_rows: list[torch.Tensor] = []
+        # prompt_logprobs: per prefilled chunk, on their way to the host (see _to_host):
+        # [the log-probability of each next prompt token [m], and with top_logprobs the
+        # top values and ids [m, k]], and the event to wait for
+        self.prompt_parts: list[tuple[list[torch.Tensor | None],
+                                      torch.cuda.Event | None]] = []
+        # penalties: how often each token was generated so far (counted as tokens land)
+        self.counts: dict[int, int] = {}
         self.hold = max((len(s) for s in seq.params.stop), default=1) - 1
+
+    def restart(self) -> None:
+        """The sequence is computed from its start again (after a preemption): what was
+        gathered per prompt position is gathered again."""
+        self.score_rows.clear()
+        self.prompt_parts.clear()
+
+    def prompt_logprobs(self) -> tuple[list[float | None], list[TopLogprobs | None] | None]:
+        """The gathered prompt log-probabilities, on the host: one per prompt token (the
+        first None), and the top ones per position if asked for (waits for the steps
+        that computed them)."""
+        chosen: list[float | None] = [None]
+        tops: list[TopLogprobs | None] | None = [None] if self.seq.params.top_logprobs else None
+        for (values, top_values, top_ids), ready in self.prompt_parts:
+            if ready is not None:
+                ready.synchronize()
+            assert values is not None
+            chosen += values.tolist()
+            if tops is not None:
+                assert top_values is not None and top_ids is not None
+                tops += _pairs(top_ids.tolist(), top_values.tolist())
+        self.prompt_parts = []
+        return chosen, tops
+
+
+def _to_host(tensors: list[torch.Tensor | None]
+             ) -> tuple[list[torch.Tensor | None], torch.cuda.Event | None]:
+    """CUDA tensors copied into pinned host memory behind the work queued so far, and the
+    event to wait for before reading them (waiting for that work only, not for steps
+    queued after it); CPU tensors as they are, and no event."""
+    if not any(t is not None and t.is_cuda for t in tensors):
+        return tensors, None
+    host: list[torch.Tensor | None] = []
+    for t in tensors:
+        if t is not None:
+            t = torch.empty_like(t, device="cpu").pin_memory().copy_(t, non_blocking=True)
+        host.append(t)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
+
+
+def _pairs(ids: list[list[int]], values: list[list[float]]) -> list[TopLogprobs]:
+    """Rows of top ids and values as rows of (id, log-probability) pairs."""
+    return [list(zip(i, v, strict=True)) for i, v in zip(ids, values, strict=True)]
+
+
+# the top log-probabilities of a step's sampled rows, on the device: (values [N, k],
+# token ids [N, k]), k the largest top_logprobs among them
+TopRows = tuple[torch.Tensor, torch.Tensor]
 
 
 class _Flight:
@@ -98,24 +168,17 @@ class _Flight:
 
     def __init__(self, entries: list[tuple[_Request, int]], tokens: torch.Tensor,
                  logprobs: torch.Tensor | None, overflow: torch.Tensor | None = None,
-                 step: tuple[StepBatch, torch.Tensor | None, list[int]] | None = None
-                 ) -> None:
+                 step: tuple[StepBatch, torch.Tensor | None, list[int]] | None = None,
+                 top: TopRows | None = None) -> None:
         self.entries = entries  # (request, the token's index among its outputs, from 1)
         self.tokens = tokens  # [N] int64 on the device
         self.step = step
         self._overflow = None if overflow is None else overflow.clone()  # this step's
-        self._send_to_host(logprobs)
+        self._send_to_host(logprobs, top)
 
-    def _send_to_host(self, logprobs: torch.Tensor | None) -> None:
-        self._host = [self.tokens, logprobs, self._overflow]
-        self._ready: torch.cuda.Event | None = None
-        if self.tokens.is_cuda:  # copied into pinned memory behind the step, read after
-            for i, t in enumerate(self._host):  # the event
-                if t is not None:
-                    self._host[i] = torch.empty_like(t, device="cpu").pin_memory()
-                    self._host[i].copy_(t, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record()
+    def _send_to_host(self, logprobs: torch.Tensor | None, top: TopRows | None) -> None:
+        self._host, self._ready = _to_host(
+            [self.tokens, logprobs, self._overflow, *(top or (None, None))])
 
     def overflowed(self) -> bool:
         """Whether the step's 16-bit all-reduce overflowed (waits for the step)."""
@@ -123,22 +186,30 @@ class _Flight:
             self._ready.synchronize()
         return self._host[2] is not None and bool(self._host[2])
 
-    def retake(self, tokens: torch.Tensor, logprobs: torch.Tensor | None) -> None:
+    def retake(self, tokens: torch.Tensor, logprobs: torch.Tensor | None,
+               top: TopRows | None) -> None:
         """The step's tokens sampled again (after its re-run): in place, so that a next
         step launched on them and run again reads these."""
         self.tokens.copy_(tokens)
         self._overflow = None
-        self._send_to_host(logprobs)
+        self._send_to_host(logprobs, top)
 
-    def read(self) -> tuple[list[int], list[float]]:
-        """The tokens and their log-probabilities (0 where none was asked for); waits
-        for the step that sampled them."""
+    def read(self) -> tuple[list[int], list[float], list[TopLogprobs | None]]:
+        """The tokens, their log-probabilities (0 where none was asked for) and each
+        one's top log-probabilities (None where none were asked for); waits for the
+        step that sampled them."""
         if self._ready is not None:
             self._ready.synchronize()
-        tokens, logprobs, _ = self._host
+        tokens, logprobs, _, top_values, top_ids = self._host
         assert tokens is not None
-        return tokens.tolist(), ([0.0] * len(self.entries) if logprobs is None
-                                 else logprobs.tolist())
+        n = len(self.entries)
+        tops: list[TopLogprobs | None] = [None] * n
+        if top_values is not None and top_ids is not None:
+            pairs = _pairs(top_ids.tolist(), top_values.tolist())
+            for row, (req, _) in enumerate(self.entries):
+                if req.seq.params.logprobs and req.seq.params.top_logprobs:
+                    tops[row] = pairs[row][: req.seq.params.top_logprobs]
+        return tokens.tolist(), [0.0] * n if logprobs is None else logprobs.tolist(), tops
 
 
 class _SyncSink:
@@ -186,10 +257,17 @@ class _Post:
 
 def _joined(first: TokenDelta, then: TokenDelta) -> TokenDelta:
     """Two consecutive deltas of one request as one."""
-    logprobs = (None if first.logprobs is None or then.logprobs is None
-                else first.logprobs + then.logprobs)
-    return TokenDelta(first.request_id, first.token_ids + then.token_ids,
-                      first.text + then.text, logprobs, then.finish_reason)
+    # (a delta without tokens, an abort's, has None for the lists: it adds nothing)
+    return TokenDelta(
+        first.request_id, first.token_ids + then.token_ids, first.text + then.text,
+        _cat(first.logprobs, then.logprobs), then.finish_reason,
+        _cat(first.top_logprobs, then.top_logprobs),
+        _cat(first.prompt_logprobs, then.prompt_logprobs),  # (in one of them at most)
+        _cat(first.prompt_top_logprobs, then.prompt_top_logprobs))
+
+
+def _cat(first: list[Any] | None, then: list[Any] | None) -> list[Any] | None:
+    return then if first is None else first if then is None else first + then
 
 
 def _put_all(items: list[tuple[asyncio.Queue[Any], Any]]) -> None:
@@ -290,8 +368,9 @@ class Engine:
         self._ahead = config.async_scheduling and (config.tp == 1
                                                    or self.worker.device.type == "cuda")
         # tokens read back but not yet detokenized and delivered: done while the GPU runs
-        # the next step (see _step): (request, token, logprob, is a stop token, index)
-        self._pending: list[tuple[_Request, int, float, bool, int]] = []
+        # the next step (see _step): (request, token, logprob, its top logprobs, is a stop
+        # token, index)
+        self._pending: list[tuple[_Request, int, float, TopLogprobs | None, bool, int]] = []
         self._post = _Post()  # the async consumers' deltas, sent once a step
         # tp > 1: while idle the driver sends a heartbeat this often, so that a rank
         # waiting for the next step never reaches the group's timeout
@@ -457,6 +536,12 @@ class Engine:
             raise RequestError("the prompt is empty; send at least one token")
         if any(not isinstance(t, int) or not 0 <= t < self.spec.vocab_size for t in ids):
             raise RequestError(f"prompt token ids must be integers in [0, {self.spec.vocab_size})")
+        if params.max_tokens is None:  # up to the context's end
+            if len(ids) >= self.max_model_len:
+                raise RequestError(
+                    f"prompt ({len(ids)} tokens) leaves no room for a token in "
+                    f"max_model_len={self.max_model_len}; shorten the prompt")
+            params = dataclasses.replace(params, max_tokens=self.max_model_len - len(ids))
         total = len(ids) + (0 if score else params.max_tokens)
         if total > self.max_model_len:
             raise RequestError(
@@ -464,6 +549,10 @@ class Engine:
                 f"exceeds max_model_len={self.max_model_len}; shorten the prompt or lower "
                 "max_tokens"
             )
+        bad = [t for t in params.logit_bias if t >= self.spec.vocab_size]
+        if bad:
+            raise RequestError(f"logit_bias names token id {bad[0]}, outside the vocabulary "
+                               f"[0, {self.spec.vocab_size})")
         rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         return Sequence(rid, ids, len(ids), params, score=score)
 
@@ -482,6 +571,11 @@ class Engine:
             c.text += d.text
             if d.logprobs is not None:
                 c.logprobs = (c.logprobs or []) + d.logprobs
+            if d.top_logprobs is not None:
+                c.top_logprobs = (c.top_logprobs or []) + d.top_logprobs
+            if d.prompt_logprobs is not None:
+                c.prompt_logprobs = d.prompt_logprobs
+                c.prompt_top_logprobs = d.prompt_top_logprobs
             c.finish_reason = d.finish_reason or c.finish_reason
         return c
 
@@ -589,23 +683,29 @@ class Engine:
         self._steps += 1
         live = [(item, r) for item, r in zip(plan, rows, strict=True)
                 if item.seq.request_id in self._requests]
-        for item, _ in live:
-            if item.seq.score and item.seq.num_computed == 0:  # (re)started after preemption
-                self._requests[item.seq.request_id].score_rows.clear()
-            self.scheduler.advance(item)
         sampled: list[tuple[_Request, int]] = []  # (request, its row of the logits)
         scored: list[tuple[_Request, int, int]] = []  # (request, its rows)
+        prompts: list[tuple[_Request, int, int, int]] = []  # (request, row, position, n)
         for item, (start, end) in live:
-            req = self._requests[item.seq.request_id]
-            if req.seq.score:
-                scored.append((req, start, end))
-            elif end > start:
-                sampled.append((req, start))
+            seq = item.seq
+            req = self._requests[seq.request_id]
+            if seq.wants_every_logit:  # a row per token: scoring, or prompt logprobs
+                if seq.num_computed == 0:  # (re)started after preemption
+                    req.restart()
+                if seq.score:
+                    scored.append((req, start, end))
+                else:
+                    prompts.append((req, start, seq.num_computed, item.num_tokens))
+            if not seq.score and item.samples:  # (its last row)
+                sampled.append((req, end - 1))
+            self.scheduler.advance(item)
         overflow = self.worker.overflow_flag()
         # a float16 all-reduce's overflow is read with the step's sampled tokens (`_land`);
-        # read now (a wait) when score rows go to the host at once or nothing is sampled
-        if overflow is not None and (scored or not sampled) and bool(overflow):
+        # read now (a wait) when rows per position are used at once or nothing is sampled
+        if overflow is not None and (scored or prompts or not sampled) and bool(overflow):
             logits = self.worker.rerun_float32(batch, feed)
+        for req, start, pos, n in prompts:
+            self._gather_prompt_logprobs(req, logits, start, pos, n)
         for req, start, end in scored:
             req.score_rows.append(logits[start:end].cpu())
             if req.seq.num_computed == len(req.seq.token_ids):
@@ -613,9 +713,9 @@ class Engine:
         if sampled:
             reqs = [r for r, _ in sampled]
             at = [row for _, row in sampled]
-            tokens, logprobs = self._sample(logits, reqs, at, self.worker.greedy)
+            tokens, logprobs, top = self._sample(logits, reqs, at, self.worker.greedy)
             self._flight = _Flight([(r, self._accept(r, -(j + 1))) for j, r in enumerate(reqs)],
-                                   tokens, logprobs, overflow, (batch, feed, at))
+                                   tokens, logprobs, overflow, (batch, feed, at), top)
             if not self._ahead:
                 self._land()
                 if self._device.type == "cpu":
@@ -625,16 +725,42 @@ class Engine:
                     self._deliver()
 
     def _sample(self, logits: torch.Tensor, reqs: list[_Request], at: list[int],
-                greedy: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Sample row at[i] of the logits for reqs[i], on the device."""
+                greedy: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, TopRows | None]:
+        """Sample row at[i] of the logits for reqs[i], on the device: tokens, their
+        log-probabilities if asked for, the top log-probabilities if asked for."""
         # a decode step samples every row in order: no gather of the logits then (and its
-        # graph may have taken their argmax already)
+        # graph may have taken their argmax already: sample_on_device drops it for rows
+        # whose logits a penalty or bias changes)
         in_order = at == list(range(len(at)))
         picked = logits[: len(at)] if in_order else logits[
             torch.tensor(at).to(logits.device, non_blocking=True)]
-        return sample_on_device(
-            picked, [r.seq.params for r in reqs], [r.generator for r in reqs],
-            argmax=greedy[: len(at)] if in_order and greedy is not None else None)
+        params = [r.seq.params for r in reqs]
+        tokens, logprobs = sample_on_device(
+            picked, params, [r.generator for r in reqs],
+            argmax=greedy[: len(at)] if in_order and greedy is not None else None,
+            counts=[r.counts for r in reqs])
+        top = max((p.top_logprobs for p in params if p.logprobs), default=0)
+        if not top:
+            return tokens, logprobs, None
+        _, values, ids = token_logprobs(picked, tokens, top)  # [N, top] each
+        assert values is not None and ids is not None
+        return tokens, logprobs, (values, ids)
+
+    def _gather_prompt_logprobs(self, req: _Request, logits: torch.Tensor, row: int,
+                                pos: int, n: int) -> None:
+        """Logits rows row.. are the request's positions pos..pos+n-1: each of them but
+        the prompt's last predicts the next prompt token. Its log-probability (and the
+        top ones) are gathered on the device and copied to the host behind the step; they
+        go out with the request's first token."""
+        seq = req.seq
+        m = min(n, seq.num_prompt - 1 - pos)
+        if m <= 0:
+            return
+        targets = torch.tensor(seq.token_ids[pos + 1 : pos + 1 + m])
+        req.prompt_parts.append(_to_host(list(token_logprobs(
+            logits[row : row + m], targets.to(logits.device, non_blocking=True),
+            seq.params.top_logprobs))))
 
     def _batch(self, plan: list[Scheduled]) -> tuple[StepBatch, list[tuple[int, int]]]:
         """The step message, and per scheduled item the rows of the logits it owns."""
@@ -645,7 +771,7 @@ class Engine:
         for item in plan:
             seq, start = item.seq, item.seq.num_computed
             first = len(logits_at)
-            if seq.score:
+            if seq.wants_every_logit:
                 logits_at.extend(range(len(ids), len(ids) + item.num_tokens))
             elif item.samples:
                 logits_at.append(len(ids) + item.num_tokens - 1)
@@ -686,32 +812,35 @@ class Engine:
             batch, feed, at = flight.step
             logits = self.worker.rerun_float32(batch, feed)
             flight.retake(*self._sample(logits, [r for r, _ in flight.entries], at, None))
-        tokens, logprobs = flight.read()
+        tokens, logprobs, tops = flight.read()
         self._device_wait_s += time.perf_counter() - start
-        for (req, index), token, logprob in zip(flight.entries, tokens, logprobs, strict=True):
+        for (req, index), token, logprob, top in zip(flight.entries, tokens, logprobs, tops,
+                                                     strict=True):
             seq, params = req.seq, req.seq.params
             at = seq.num_prompt + index - 1
             seq.token_ids[at] = token
+            if params.presence_penalty or params.frequency_penalty:  # before its next token
+                req.counts[token] = req.counts.get(token, 0) + 1
             stop_token = token in params.stop_token_ids or (
                 token in self._eos and not params.ignore_eos)
             if stop_token:
                 self.scheduler.finish(seq)
                 self._tokens_out -= len(seq.token_ids) - at - 1
                 del seq.token_ids[at + 1:]
-            self._pending.append((req, token, logprob, stop_token, index))
+            self._pending.append((req, token, logprob, top, stop_token, index))
         return redone
 
     def _deliver(self) -> None:
         """Detokenize the read tokens, check stop strings, hand out the deltas."""
         pending, self._pending = self._pending, []
         requests = self._requests
-        for req, token, logprob, stop_token, index in pending:
+        for req, token, logprob, top, stop_token, index in pending:
             if requests.get(req.seq.request_id) is req:  # not aborted or ended
-                self._emit(req, token, logprob, stop_token, index)
+                self._emit(req, token, logprob, top, stop_token, index)
         self._post.send()
 
-    def _emit(self, req: _Request, token: int, logprob: float, stop_token: bool,
-              index: int) -> None:
+    def _emit(self, req: _Request, token: int, logprob: float, top: TopLogprobs | None,
+              stop_token: bool, index: int) -> None:
         seq, params = req.seq, req.seq.params
         finish = None
         if stop_token:
@@ -724,7 +853,10 @@ class Engine:
             finish = "length"
         upto = len(req.text) if finish else max(req.sent, len(req.text) - req.hold)
         delta = TokenDelta(seq.request_id, [token], req.text[req.sent : upto],
-                           [logprob] if params.logprobs else None, finish)
+                           [logprob] if params.logprobs else None, finish,
+                           [top] if top is not None else None)
+        if params.prompt_logprobs and index == 1:
+            delta.prompt_logprobs, delta.prompt_top_logprobs = req.prompt_logprobs()
         req.sent = upto
         listening = req.sink.push(delta)
         if finish or not listening:

@@ -34,6 +34,14 @@ class Sequence:
     def output_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt :]
 
+    @property
+    def wants_every_logit(self) -> bool:
+        """Whether its steps need the logits at every position they compute: scoring, or
+        prompt logprobs while the prompt is computed (before any token is generated).
+        Such a sequence computes its prompt whole: no prefix cache."""
+        return self.score or (self.params.prompt_logprobs
+                              and len(self.token_ids) == self.num_prompt)
+
     def block_hashes(self, block_size: int, count: int) -> list[int]:
         """Chain hashes of the first `count` full blocks (extended as tokens arrive)."""
         while len(self.hashes) < count:
@@ -149,7 +157,7 @@ class Scheduler:
     def _admit(self, seq: Sequence, budget: int) -> int:
         """Reuse cached prefix blocks, then allocate for the first chunk; tokens
         scheduled, or 0 (and nothing held) when the pool cannot take it now."""
-        if not seq.score:  # scoring needs logits at every position: no reuse
+        if not seq.wants_every_logit:  # (logits of the cached positions: none)
             size = self.blocks.block_size
             cacheable = (len(seq.token_ids) - 1) // size  # leave >= 1 token to compute
             seq.block_table = self.blocks.lookup(seq.block_hashes(size, cacheable))
