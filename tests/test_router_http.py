@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redisserver import REDIS_SERVER, RedisServer
+from routerserver import LocalEngine
 
 from router import wire
 from router.admin import ControlError, DeploymentStatus, ReplicaStatus
@@ -252,24 +253,6 @@ def test_an_engine_refusal_is_forwarded_with_its_status_and_message(
 
 
 # ---- the fuzz, on the real tiny engine ------------------------------------------------------
-
-
-class LocalEngine:
-    """The router's engine over a real replicas.Engine in this process: the engine
-    deployment's own request code (cluster/engine.py: serve_request, error_event)."""
-
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
-
-    async def generate(self, request: wire.Request, session_key: str
-                       ) -> AsyncGenerator[wire.Item, None]:
-        from cluster.engine import error_event, serve_request
-
-        try:
-            async for item in serve_request(self.engine, request.to_dict(), "local"):
-                yield wire.decode(item)
-        except Exception as e:  # noqa: BLE001 - as ServeEngine maps it
-            yield error_event(e)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,123 @@
+"""Real OpenAI clients against the router: the official `openai` client, LangChain's
+ChatOpenAI and litellm, over HTTP (uvicorn on a loopback port, tests/routerserver.py) to a
+real tiny engine in this process, with a real Redis. What each client sends must be
+honoured or refused by name (router/schema.py); these tests fail when a client sends a
+field the router does not know."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+from redisserver import REDIS_SERVER, RedisServer
+from routerserver import RouterServer
+
+MAX_MODEL_LEN = 256
+CHAT = [{"role": "user", "content": "Once upon a time"}]
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RouterServer]:
+    if not os.path.exists(REDIS_SERVER):
+        pytest.skip("redis-server not installed (Debian: apt-get install redis-server)")
+    from replicas import Engine, EngineConfig
+
+    redis = RedisServer()
+    redis.start()
+    engine = Engine(EngineConfig(tp=1, max_model_len=MAX_MODEL_LEN))
+    server = RouterServer(engine, redis.url()).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        engine.shutdown()
+        redis.stop()
+
+
+def test_the_openai_client(server: RouterServer) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+    assert client.models.retrieve("tpserve").id == "tpserve"
+    out = client.chat.completions.create(model="tpserve", messages=CHAT, temperature=0,
+                                         max_completion_tokens=5, logprobs=True,
+                                         top_logprobs=2, n=2)
+    assert [c.index for c in out.choices] == [0, 1]
+    assert out.choices[0].message.content == out.choices[1].message.content  # greedy
+    content = out.choices[0].logprobs.content
+    assert len(content) == out.usage.completion_tokens // 2
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob == t.logprob
+               for t in content)  # greedy: the chosen token is the most likely one
+    stream = client.chat.completions.create(model="tpserve", messages=CHAT, temperature=0,
+                                            max_completion_tokens=5, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+        out.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == len(content)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="tpserve", messages=CHAT, max_tokens=2,
+                                       extra_body={"frobnicate": 1})
+    assert refused.value.body["param"] == "frobnicate"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+
+
+def test_echo_logprobs_equal_transformers_log_softmax(server: RouterServer) -> None:
+    """lm-eval's loglikelihood request: echo + logprobs + max_tokens 1 on /v1/completions."""
+    import openai
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from replicas.tiny import tiny_model_dir
+    from replicas.tokenizer import Tokenizer
+
+    prompt = "The quick brown fox jumps over the lazy dog"
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+    out = client.completions.create(model="tpserve", prompt=prompt, max_tokens=1, echo=True,
+                                    logprobs=1, temperature=0)
+    choice = out.choices[0]
+    assert choice.text.startswith(prompt)
+    ids = Tokenizer(tiny_model_dir()).encode(prompt)
+    got = choice.logprobs.token_logprobs
+    assert len(got) == len(ids) + 1 and got[0] is None
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(), dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0]
+    want = torch.log_softmax(logits.float(), -1)[torch.arange(len(ids) - 1), ids[1:]]
+    assert torch.allclose(torch.tensor(got[1:len(ids)]), want, atol=1e-4)
+
+
+def test_langchain_chat_openai(server: RouterServer) -> None:
+    from langchain_core.messages import AIMessage
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(base_url=f"{server.url}/v1", api_key="none", model="tpserve",
+                     max_tokens=5, temperature=0, max_retries=0)
+    answer = llm.invoke("Once upon a time")
+    assert isinstance(answer, AIMessage) and answer.content
+    assert "".join(c.content for c in llm.stream("Once upon a time")) == answer.content
+
+    @tool
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    called = llm.bind_tools([add]).invoke("What is 1 + 2?")
+    assert isinstance(called, AIMessage)  # the tiny model may or may not call it
+
+
+def test_litellm(server: RouterServer) -> None:
+    os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"  # no fetch from the internet
+    import litellm
+
+    out = litellm.completion(model="openai/tpserve", api_base=f"{server.url}/v1",
+                             api_key="none", messages=CHAT, max_tokens=4, temperature=0)
+    text = out.choices[0].message.content
+    assert text and out.usage.completion_tokens == 4 or out.choices[0].finish_reason == "stop"
+    streamed = litellm.completion(model="openai/tpserve", api_base=f"{server.url}/v1",
+                                  api_key="none", messages=CHAT, max_tokens=4, temperature=0,
+                                  stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == text
