@@ -709,3 +709,75 @@ def test_completion_logprobs_with_echo(client: Client, engine: FakeEngine) -> No
     assert ids.json()["choices"][0]["logprobs"] is None
     reply = client.post("/v1/completions", {"prompt": "x", "logprobs": 21})
     assert reply.status == 400 and reply.json()["error"]["param"] == "logprobs"
+
+
+def test_penalties_and_logit_bias_reach_the_engine_and_bad_ones_are_refused(
+        client: Client, engine: FakeEngine) -> None:
+    body = {**CHAT, "presence_penalty": 0.5, "frequency_penalty": -1.0,
+            "logit_bias": {"17": 5.0, "3": -100}}
+    assert client.post("/v1/chat/completions", body).status == 200
+    params = engine.calls[-1][0].params
+    assert (params["presence_penalty"], params["frequency_penalty"]) == (0.5, -1.0)
+    assert params["logit_bias"] == {17: 5.0, 3: -100}
+    plain = client.post("/v1/chat/completions", CHAT)
+    assert plain.status == 200 and "presence_penalty" not in engine.calls[-1][0].params
+    for bad in ({"presence_penalty": 3}, {"logit_bias": {"x": 1}},
+                {"logit_bias": {"5": 101}}):
+        reply = client.post("/v1/chat/completions", {**CHAT, **bad})
+        assert reply.status == 400 and list(bad)[0] in reply.json()["error"]["message"]
+
+
+# ---- tool calls -----------------------------------------------------------------------------
+
+
+TOOLS = [{"type": "function", "function": {
+    "name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}}}}]
+
+
+class ToolEngine(FakeEngine):
+    """Answers a request with tools by calling the first one (two deltas: some text, then
+    the call with finish reason tool_calls)."""
+
+    async def generate(self, request: wire.Request, session_key: str
+                       ) -> AsyncGenerator[wire.Item, None]:
+        self.calls.append((request, session_key))
+        call = wire.ToolCall("call_1", request.tools["tools"][0]["function"]["name"]
+                             if request.tools else "none", '{"a": 1}')
+        yield wire.Delta([1], "Let me add.", None, "replica-a", 3)
+        yield wire.Delta([2, 3], "", "tool_calls", "replica-a", tool_calls=[call])
+
+
+def test_tools_reach_the_engine_and_calls_come_back_whole_and_streamed(
+        loop: Loop, redis_server: RedisServer) -> None:
+    engine = ToolEngine()
+    client = Client(loop, router_with(engine, redis_server))
+    body = {**CHAT, "tools": TOOLS, "tool_choice": "auto", "parallel_tool_calls": False}
+    choice = client.post("/v1/chat/completions", body).json()["choices"][0]
+    assert engine.calls[-1][0].tools == {"tools": TOOLS, "choice": "auto", "parallel": False}
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] == "Let me add."
+    assert choice["message"]["tool_calls"] == [{"id": "call_1", "type": "function", "function": {
+        "name": "add", "arguments": '{"a": 1}'}}]
+    chunks = [json.loads(e)["choices"][0] for e in client.post(
+        "/v1/chat/completions", {**body, "stream": True}).events()[:-1]]
+    assert chunks[1]["delta"]["tool_calls"] == [{"index": 0, "id": "call_1", "type": "function",
+                                                 "function": {"name": "add",
+                                                              "arguments": '{"a": 1}'}}]
+    assert chunks[-1]["finish_reason"] == "tool_calls"
+    client.post("/v1/chat/completions", {**body, "tool_choice": "none"})
+    assert engine.calls[-1][0].tools is None  # "none": the model is not shown the tools
+
+
+@pytest.mark.parametrize(("extra", "param"), [
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "mul"}}},
+     "tool_choice"),
+    ({"tools": TOOLS * 2}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "strict": True}}]}, "tools"),
+])
+def test_bad_tool_requests_are_refused_by_name(client: Client, extra: dict, param: str
+                                               ) -> None:
+    reply = client.post("/v1/chat/completions", {**CHAT, **extra})
+    assert reply.status == 400 and reply.json()["error"]["message"].startswith(param), \
+        reply.body
