@@ -33,6 +33,7 @@ from replicas.kv_cache import BlockManager
 from replicas.ranks import TOLD_EXIT_S, RankLauncher, Ranks, spawn_rank
 from replicas.sampler import sample_on_device
 from replicas.scheduler import Scheduled, Scheduler, Sequence
+from replicas.structured import Constraint, Grammars
 from replicas.tokenizer import IncrementalDecoder, Tokenizer
 from replicas.worker import (
     PING_BATCH,
@@ -88,6 +89,7 @@ class _Request:
         self.sent = 0
         self.score_rows: list[torch.Tensor] = []
         self.hold = max((len(s) for s in seq.params.stop), default=1) - 1
+        self.constraint: Constraint | None = None  # structured output's matcher
 
 
 class _Flight:
@@ -281,6 +283,9 @@ class Engine:
         self._steps = 0
         self._tokens_out = 0  # tokens generated since start
         self._device_wait_s = 0.0  # time the driver waited for sampled tokens (see _land)
+        self._grammars: Grammars | None = None  # made by the first structured request
+        self._grammars_lock = threading.Lock()
+        self.mask_fill_s = 0.0  # time spent filling structured outputs' token masks
         # the last step's tokens, still on the device (see _step)
         self._flight: _Flight | None = None
         # at tp > 1 the other ranks get the placeholders' tokens by a broadcast on the
@@ -464,8 +469,22 @@ class Engine:
                 f"exceeds max_model_len={self.max_model_len}; shorten the prompt or lower "
                 "max_tokens"
             )
+        if params.structured is not None and not score:
+            try:
+                self._structured().check(params.structured)
+            except ConfigError as e:
+                raise RequestError(str(e)) from None
         rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         return Sequence(rid, ids, len(ids), params, score=score)
+
+    def _structured(self) -> Grammars:
+        """The engine's grammars, made on first use (wrapping the tokenizer costs ~1 s at
+        a 150k vocabulary: only engines that serve structured outputs pay it)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = Grammars(self.tokenizer.hf, self.spec.vocab_size,
+                                          sorted(self._eos), self._device.type == "cuda")
+            return self._grammars
 
     def _submit(self, items: list[tuple[str, Any]], check: bool = True) -> None:
         with self._cond:
@@ -562,8 +581,10 @@ class Engine:
         seed = seq.params.seed
         gen = (torch.Generator(self._device).manual_seed(seed) if seed is not None
                else self._default_gen)
-        self._requests[seq.request_id] = _Request(seq, IncrementalDecoder(self.tokenizer), gen,
-                                                  sink)
+        req = _Request(seq, IncrementalDecoder(self.tokenizer), gen, sink)
+        if seq.params.structured is not None and not seq.score:
+            req.constraint = self._structured().constraint(seq.params.structured)
+        self._requests[seq.request_id] = req
         self.scheduler.add(seq)
 
     def _step(self) -> None:
@@ -626,15 +647,29 @@ class Engine:
 
     def _sample(self, logits: torch.Tensor, reqs: list[_Request], at: list[int],
                 greedy: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Sample row at[i] of the logits for reqs[i], on the device."""
+        """Sample row at[i] of the logits for reqs[i], on the device.
+
+        Structured requests' rows are chosen among the tokens their grammar allows: the
+        masks are filled on the host here, while the device still runs the step's
+        forward (launched before), and applied behind it; a graph's argmax is then not
+        used. Every earlier token of theirs is on the host by now: `_land` read the
+        step before (its matchers took those tokens) before this step is sampled."""
         # a decode step samples every row in order: no gather of the logits then (and its
         # graph may have taken their argmax already)
         in_order = at == list(range(len(at)))
         picked = logits[: len(at)] if in_order else logits[
             torch.tensor(at).to(logits.device, non_blocking=True)]
+        rows = [i for i, r in enumerate(reqs) if r.constraint is not None]
+        choose = None
+        if rows:
+            start = time.perf_counter()
+            bitmask = self._structured().fill([reqs[i].constraint for i in rows])
+            self.mask_fill_s += time.perf_counter() - start
+            choose = self._structured().apply(picked, rows, bitmask)
         return sample_on_device(
             picked, [r.seq.params for r in reqs], [r.generator for r in reqs],
-            argmax=greedy[: len(at)] if in_order and greedy is not None else None)
+            argmax=greedy[: len(at)] if in_order and greedy is not None else None,
+            choose=choose)
 
     def _batch(self, plan: list[Scheduled]) -> tuple[StepBatch, list[tuple[int, int]]]:
         """The step message, and per scheduled item the rows of the logits it owns."""
@@ -694,7 +729,9 @@ class Engine:
             seq.token_ids[at] = token
             stop_token = token in params.stop_token_ids or (
                 token in self._eos and not params.ignore_eos)
-            if stop_token:
+            # a structured request also ends once its grammar is over ("stop" in _emit)
+            over = req.constraint is not None and req.constraint.advance(token)
+            if stop_token or over:
                 self.scheduler.finish(seq)
                 self._tokens_out -= len(seq.token_ids) - at - 1
                 del seq.token_ids[at + 1:]
@@ -720,6 +757,8 @@ class Engine:
             req.text += req.decoder.push(token)
             if params.stop and (cut := _find_stop(req.text, params.stop, req.sent)) is not None:
                 req.text, finish = req.text[:cut], "stop"
+        if finish is None and req.constraint is not None and req.constraint.over:
+            finish = "stop"
         if finish is None and index >= params.max_tokens:
             finish = "length"
         upto = len(req.text) if finish else max(req.sent, len(req.text) - req.hold)

@@ -25,16 +25,19 @@ def sample(
 def sample_on_device(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
     with_logprobs: bool = False, argmax: torch.Tensor | None = None,
+    choose: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits [N, vocab] float32 -> (tokens [N] int64, log-probability of each token
     under the model's unmodified distribution [N] float32), on logits' device. The
     log-probabilities (a log-softmax over the vocabulary) only if a request asks for
     them, or with_logprobs. `argmax`: logits.argmax(-1) if already made (a decode
-    graph makes it)."""
-    tokens = logits.argmax(dim=-1) if argmax is None else argmax  # [N]
+    graph makes it). `choose`: the logits the tokens are chosen from where they differ
+    from `logits` (a grammar's mask, replicas/structured.py; then `argmax` is unused)."""
+    pick = logits if choose is None else choose
+    tokens = pick.argmax(dim=-1) if argmax is None or choose is not None else argmax  # [N]
     if not all(p.greedy for p in params):  # decided on the host: no sync for it
         greedy = _on(logits, [p.greedy for p in params], torch.bool)
-        sampled = _sample_random(logits, params, generators)
+        sampled = _sample_random(pick, params, generators)
         tokens = torch.where(greedy, tokens, sampled)
     if not (with_logprobs or any(p.logprobs for p in params)):
         return tokens, None
