@@ -141,12 +141,12 @@ class Grammars:
         words = bitmask.to(dev, non_blocking=True)  # [M, words]
         shifts = torch.arange(8, device=dev, dtype=torch.uint8)
         bits = (words.view(torch.uint8)[:, :, None] >> shifts) & 1  # [M, 4 * words, 8]
-        allowed = bits.view(len(rows), -1)[:, :vocab].bool()  # [M, vocab]
+        banned = bits.view(len(rows), -1)[:, :vocab] == 0  # [M, vocab]
         if rows == list(range(n)):
-            return logits.masked_fill(~allowed, float("-inf"))
+            return logits.masked_fill(banned, float("-inf"))
         at = torch.tensor(rows).to(dev, non_blocking=True)
         out = logits.clone()
-        out[at] = logits[at].masked_fill(~allowed, float("-inf"))
+        out[at] = logits[at].masked_fill(banned, float("-inf"))
         return out
 
 
