@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import pytest
@@ -225,3 +226,37 @@ def test_masks_apply_on_their_rows_only_and_logprobs_stay_the_models(engine: Eng
     assert int(tokens[1]) == int(logits[1].argmax())
     raw = torch.log_softmax(logits, -1).gather(1, tokens[:, None]).squeeze(1)
     assert torch.allclose(logprobs, raw)  # under the model's distribution, not the mask's
+
+
+def test_preemption_keeps_the_matchers_in_step(engine: Engine) -> None:
+    """In a KV pool too small for the batch, sequences are preempted and computed again
+    from their tokens; their matchers, fed only read tokens, give the same outputs."""
+    reqs = [params(JSON_SCHEMA, None, 80), params(JSON_SCHEMA, 1, 80),
+            params(JSON_SCHEMA, 2, 80), params(JSON_SCHEMA, 5, 80)]
+    prompts = ["Hi", "Tell me", "A user:", "JSON please"]
+    want = engine.generate(prompts, reqs)
+    config = EngineConfig(model=None, num_kv_blocks=12, block_size=8, max_model_len=96)
+    with Engine(config) as small:
+        got = small.generate(prompts, reqs)
+        assert small.stats()["preemptions"] > 0
+    for a, b in zip(want, got, strict=True):
+        assert (a.token_ids, a.finish_reason) == (b.token_ids, "stop")
+        check_schema(json.loads(b.text))
+
+
+def test_leaving_a_constrained_stream_aborts_it(engine: Engine) -> None:
+    async def run() -> int:
+        seen = 0
+        async for d in engine.add_request(PROMPT, params(JSON_OBJECT, 1, LONG)):
+            seen += len(d.token_ids)
+            if seen >= 3:
+                break
+        return seen
+
+    assert asyncio.run(run()) >= 3
+    deadline = 50
+    while engine.stats()["running"] and deadline:
+        time.sleep(0.1)
+        deadline -= 1
+    assert engine.stats()["running"] == 0
+    check_schema(json.loads(engine.generate([PROMPT], params(JSON_SCHEMA, None))[0].text))
