@@ -260,3 +260,28 @@ def test_leaving_a_constrained_stream_aborts_it(engine: Engine) -> None:
         deadline -= 1
     assert engine.stats()["running"] == 0
     check_schema(json.loads(engine.generate([PROMPT], params(JSON_SCHEMA, None))[0].text))
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_float16_overflow_rerun_samples_again_under_the_same_masks(overflowing_model: str,
+                                                                   ahead: bool) -> None:
+    """At tp=2 every float16 step overflows and is run again in float32, then sampled
+    again (with `ahead`, inside `_land`, before the matchers took its tokens): the same
+    constrained tokens as float32 communication gives. (Greedy: a seeded row's generator
+    has moved on by the rerun, constrained or not.)"""
+    reqs = [params(JSON_SCHEMA, None, 120), params(JSON_OBJECT, None, 120)]
+
+    def run(comm: str) -> tuple[list, int]:
+        config = EngineConfig(model=overflowing_model, tp=2, comm_dtype=comm)
+        with Engine(config) as eng:
+            eng._ahead = ahead
+            outs = eng.generate([PROMPT, PROMPT], reqs)
+            return outs, eng.stats()["comm_overflow_retries"]
+
+    exact, _ = run("float32")
+    guarded, retries = run("float16")
+    assert retries >= 8
+    assert [o.token_ids for o in guarded] == [o.token_ids for o in exact]
+    assert exact[0].finish_reason == "stop"
+    check_schema(json.loads(guarded[0].text))
+    assert guarded[1].text.startswith("{")
