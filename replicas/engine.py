@@ -662,10 +662,11 @@ class Engine:
         rows = [i for i, r in enumerate(reqs) if r.constraint is not None]
         choose = None
         if rows:
+            grammars = self._structured()
             start = time.perf_counter()
-            bitmask = self._structured().fill([reqs[i].constraint for i in rows])
+            bitmask = grammars.fill([reqs[i].constraint for i in rows])
             self.mask_fill_s += time.perf_counter() - start
-            choose = self._structured().apply(picked, rows, bitmask)
+            choose = grammars.apply(picked, rows, bitmask)
         return sample_on_device(
             picked, [r.seq.params for r in reqs], [r.generator for r in reqs],
             argmax=greedy[: len(at)] if in_order and greedy is not None else None,

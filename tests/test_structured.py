@@ -15,8 +15,14 @@ from typing import Any
 import pytest
 import torch
 
-from replicas import ConfigError, Engine, EngineConfig, RequestError, SamplingParams
-from replicas.config import StructuredSpec
+from replicas import (
+    ConfigError,
+    Engine,
+    EngineConfig,
+    RequestError,
+    SamplingParams,
+    StructuredSpec,
+)
 from replicas.sampler import sample_on_device
 
 SCHEMA: dict[str, Any] = {
