@@ -377,11 +377,14 @@ def environment() -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lib", choices=sorted(LIBS), required=True)
-    parser.add_argument("--tokenizer", default="/tmp/tpserve-bpe", help="trained once, kept")
+    parser.add_argument("--tokenizer", default=None,
+                        help="its folder (trained there once); default: in the tpserve cache")
     parser.add_argument("--vocab", type=int, default=150_000)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    folder = Path(args.tokenizer)
+    from replicas.tiny import cache_root
+
+    folder = Path(args.tokenizer or cache_root() / f"bpe-{args.vocab}")
     if not (folder / "tokenizer.json").is_file():
         train_tokenizer(folder, args.vocab)
     row = {**measure(args.lib, folder), **environment()}
