@@ -6,7 +6,7 @@ tokenizer (about a second and a half of CPU per rank process)."""
 
 from typing import TYPE_CHECKING, Any
 
-from replicas.config import ConfigError, EngineConfig, SamplingParams
+from replicas.config import ConfigError, EngineConfig, SamplingParams, StructuredSpec
 
 if TYPE_CHECKING:
     from replicas.engine import Completion, Engine, EngineDeadError, RequestError, TokenDelta
@@ -19,6 +19,7 @@ __all__ = [
     "EngineDeadError",
     "RequestError",
     "SamplingParams",
+    "StructuredSpec",
     "TokenDelta",
 ]
 

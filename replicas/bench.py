@@ -365,6 +365,104 @@ def prefill_model_dir() -> str:
     return str(path)
 
 
+# Structured outputs at a real vocabulary: a 150k byte-level BPE trained on local sources
+# (replicas/structured_libs.py), padded to Qwen's 151,936 logits (the grammar masks the
+# ids past the tokenizer's), on a small random Llama: what the host spends filling masks
+# beside what a decode step costs, and what applying them costs on the logits' device
+STRUCTURED_MODEL = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
+                    "num_attention_heads": 4, "num_key_value_heads": 2,
+                    "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+                    "tie_word_embeddings": False, "vocab_size": 151936}
+STRUCTURED_MODEL_VERSION = "structured-llama-150k-v1"
+# a list of user records, long enough that no output ends within the 64 tokens measured
+# (every step then has every row), each going through keys, strings, integers and enums
+USER = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 16}, "age": {"type": "integer"},
+    "role": {"enum": ["admin", "user", "guest"]},
+    "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 3}},
+    "required": ["name", "age", "role", "tags"], "additionalProperties": False}
+STRUCTURED_SCHEMA = {"type": "object", "properties": {
+    "users": {"type": "array", "items": USER, "minItems": 20}}, "required": ["users"]}
+
+
+def structured_model_dir() -> str:
+    """A config-only checkpoint of STRUCTURED_MODEL with the 150k tokenizer, made once in
+    the tpserve cache (training the tokenizer takes ~40 s on 2 cores); load_format=random."""
+    from transformers import LlamaConfig
+
+    from replicas.structured_libs import train_tokenizer
+    from replicas.tiny import cache_root
+
+    path = Path(cache_root()) / STRUCTURED_MODEL_VERSION
+    if (path / "config.json").exists():
+        return str(path)
+    tmp = Path(str(path) + f".tmp-{os.getpid()}")
+    train_tokenizer(tmp, 150_000)  # <s> 0, </s> 1, <pad> 2
+    config = LlamaConfig(**STRUCTURED_MODEL, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(str(tmp))
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another process made it first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(path)
+
+
+def structured_suite(repeats: int) -> list[dict[str, Any]]:
+    """Per decode step, batches of 1 and 16 json_schema requests: the host's mask filling
+    (Engine.mask_fill_s), the masks' application, and the step with and without them."""
+    from replicas.config import StructuredSpec
+
+    spec = StructuredSpec("json_schema", json.dumps(STRUCTURED_SCHEMA))
+    rows = []
+    config = EngineConfig(model=structured_model_dir(), load_format="random", max_model_len=512)
+    with Engine(config) as engine:
+        for batch in (1, 16):
+            prompts = prompts_for(batch, 32, 150_000)
+            plain = SamplingParams(max_tokens=64, temperature=1.0, seed=0, ignore_eos=True)
+            shaped = dataclasses.replace(plain, structured=spec)
+            step_ms = {name: min(_per_step(engine, prompts, p) for _ in range(repeats))
+                       for name, p in (("plain", plain), ("structured", shaped))}
+            fill = min(_fill_per_step(engine, prompts, shaped) for _ in range(repeats))
+            apply_ms = _apply_ms(engine, batch, repeats)
+            rows.append({"case": f"structured_b{batch}_vocab151936", "unit": "ms/step",
+                         "fill_ms": round(fill, 3), "apply_ms": round(apply_ms, 3),
+                         "step_ms_plain": round(step_ms["plain"], 3),
+                         "step_ms_structured": round(step_ms["structured"], 3),
+                         "fill_share_of_plain_step": round(fill / step_ms["plain"], 3),
+                         "batch": batch, "schema": "users[20+]: name/age/role/tags",
+                         "tp": 1})
+    return rows
+
+
+def _per_step(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> float:
+    """Milliseconds per engine step over a whole generate (its prefill included)."""
+    steps, start = engine._steps, time.perf_counter()
+    engine.generate(prompts, params)
+    return (time.perf_counter() - start) * 1e3 / (engine._steps - steps)
+
+
+def _fill_per_step(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> float:
+    steps, fill = engine._steps, engine.mask_fill_s
+    engine.generate(prompts, params)
+    return (engine.mask_fill_s - fill) * 1e3 / (engine._steps - steps)
+
+
+def _apply_ms(engine: Engine, batch: int, repeats: int) -> float:
+    """Milliseconds to apply `batch` rows' bitmasks to [batch, vocab] logits."""
+    from replicas.config import StructuredSpec
+
+    grammars = engine._structured()
+    logits = torch.randn(batch, engine.spec.vocab_size, device=engine._device)
+    spec = StructuredSpec("json_object")
+    bitmask = grammars.fill([grammars.constraint(spec) for _ in range(batch)])
+    rows = list(range(batch))
+    return best_of(lambda: grammars.apply(logits, rows, bitmask), repeats * 10) * 1e3
+
+
 def engine_for(model: str) -> dict[str, Any]:
     """EngineConfig fields of a named load model: "tiny" (built in) or "prefill"."""
     if model == "tiny":
@@ -501,7 +599,8 @@ def _target_met(row: dict[str, Any]) -> tuple[str, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--suite", choices=["cpu", "gpu", "multigpu"], default="cpu")
+    parser.add_argument("--suite", choices=["cpu", "gpu", "multigpu", "structured"],
+                        default="cpu")
     parser.add_argument("--tp", default="2,4",
                         help="multigpu: the TP sizes to run (those with enough GPUs)")
     parser.add_argument("--smoke", action="store_true",
@@ -520,7 +619,8 @@ def main() -> int:
         tps = tuple(int(t) for t in args.tp.split(","))
         rows = multigpu.suite(args.repeats, tps, smoke=args.smoke)
     else:
-        rows = (gpu_suite if args.suite == "gpu" else cpu_suite)(args.repeats)
+        suites = {"gpu": gpu_suite, "cpu": cpu_suite, "structured": structured_suite}
+        rows = suites[args.suite](args.repeats)
     for row in rows:
         line = json.dumps({**row, "suite": args.suite, **env})
         print(line, flush=True)

@@ -131,6 +131,41 @@ class EngineConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+STRUCTURED_KINDS = ("json_object", "json_schema", "lark")
+
+
+@dataclass(frozen=True)
+class StructuredSpec:
+    """What a request's output must match (replicas/structured.py enforces it).
+
+    kind "json_object": any JSON object (`spec` unused, ""); "json_schema": `spec` is
+    the schema as JSON text; "lark": `spec` is a Lark grammar in llguidance's dialect,
+    which can embed a schema as `%json{...}`: the form a tool call wrapped in a model
+    family's tags takes (`start: "<tool_call>" %json{...} "</tool_call>"`).
+    Hashable: compiled grammars are cached by it.
+    """
+
+    kind: str
+    spec: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_KINDS:
+            raise ConfigError(f"structured kind must be one of {', '.join(STRUCTURED_KINDS)}; "
+                              f"got {self.kind!r}")
+        if not isinstance(self.spec, str):
+            raise ConfigError("structured spec must be a string (a JSON schema as JSON text, "
+                              "or a Lark grammar)")
+        if self.kind != "json_object" and not self.spec.strip():
+            raise ConfigError(f"structured kind {self.kind!r} needs a spec")
+        if self.kind == "json_schema":
+            try:
+                schema = json.loads(self.spec)
+            except ValueError as e:
+                raise ConfigError(f"the JSON schema is not valid JSON: {e}") from None
+            if not isinstance(schema, dict | bool):
+                raise ConfigError("a JSON schema must be a JSON object (or true/false)")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request is decoded. temperature 0 means greedy."""
@@ -160,8 +195,14 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict, hash=False)  # (unhashable)
+    # constrained decoding (response_format); a dict {"kind", "spec"} is taken too
+    structured: StructuredSpec | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured, dict):
+            object.__setattr__(self, "structured", StructuredSpec(**self.structured))
+        if self.structured is not None and not isinstance(self.structured, StructuredSpec):
+            raise ConfigError("structured must be a StructuredSpec or {'kind', 'spec'}")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))

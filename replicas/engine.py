@@ -34,6 +34,7 @@ from replicas.kv_cache import BlockManager
 from replicas.ranks import TOLD_EXIT_S, RankLauncher, Ranks, spawn_rank
 from replicas.sampler import sample_on_device, token_logprobs
 from replicas.scheduler import Scheduled, Scheduler, Sequence
+from replicas.structured import Constraint, Grammars
 from replicas.tokenizer import IncrementalDecoder, Tokenizer
 from replicas.worker import (
     PING_BATCH,
@@ -108,6 +109,7 @@ class _Request:
         # penalties: how often each token was generated so far (counted as tokens land)
         self.counts: dict[int, int] = {}
         self.hold = max((len(s) for s in seq.params.stop), default=1) - 1
+        self.constraint: Constraint | None = None  # structured output's matcher
 
     def restart(self) -> None:
         """The sequence is computed from its start again (after a preemption): what was
@@ -359,6 +361,9 @@ class Engine:
         self._steps = 0
         self._tokens_out = 0  # tokens generated since start
         self._device_wait_s = 0.0  # time the driver waited for sampled tokens (see _land)
+        self._grammars: Grammars | None = None  # made by the first structured request
+        self._grammars_lock = threading.Lock()
+        self.mask_fill_s = 0.0  # time spent filling structured outputs' token masks
         # the last step's tokens, still on the device (see _step)
         self._flight: _Flight | None = None
         # at tp > 1 the other ranks get the placeholders' tokens by a broadcast on the
@@ -553,8 +558,22 @@ class Engine:
         if bad:
             raise RequestError(f"logit_bias names token id {bad[0]}, outside the vocabulary "
                                f"[0, {self.spec.vocab_size})")
+        if params.structured is not None and not score:
+            try:
+                self._structured().check(params.structured)
+            except ConfigError as e:
+                raise RequestError(str(e)) from None
         rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         return Sequence(rid, ids, len(ids), params, score=score)
+
+    def _structured(self) -> Grammars:
+        """The engine's grammars, made on first use (wrapping the tokenizer costs ~1 s at
+        a 150k vocabulary: only engines that serve structured outputs pay it)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = Grammars(self.tokenizer.hf, self.spec.vocab_size,
+                                          sorted(self._eos), self._device.type == "cuda")
+            return self._grammars
 
     def _submit(self, items: list[tuple[str, Any]], check: bool = True) -> None:
         with self._cond:
@@ -656,8 +675,10 @@ class Engine:
         seed = seq.params.seed
         gen = (torch.Generator(self._device).manual_seed(seed) if seed is not None
                else self._default_gen)
-        self._requests[seq.request_id] = _Request(seq, IncrementalDecoder(self.tokenizer), gen,
-                                                  sink)
+        req = _Request(seq, IncrementalDecoder(self.tokenizer), gen, sink)
+        if seq.params.structured is not None and not seq.score:
+            req.constraint = self._structured().constraint(seq.params.structured)
+        self._requests[seq.request_id] = req
         self.scheduler.add(seq)
 
     def _step(self) -> None:
@@ -728,18 +749,32 @@ class Engine:
                 greedy: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor | None, TopRows | None]:
         """Sample row at[i] of the logits for reqs[i], on the device: tokens, their
-        log-probabilities if asked for, the top log-probabilities if asked for."""
+        log-probabilities if asked for, the top log-probabilities if asked for.
+
+        Structured requests' rows are chosen among the tokens their grammar allows: the
+        masks are filled on the host here, while the device still runs the step's
+        forward (launched before), and applied behind it; a graph's argmax is then not
+        used. Every earlier token of theirs is on the host by now: `_land` read the
+        step before (its matchers took those tokens) before this step is sampled."""
         # a decode step samples every row in order: no gather of the logits then (and its
         # graph may have taken their argmax already: sample_on_device drops it for rows
         # whose logits a penalty or bias changes)
         in_order = at == list(range(len(at)))
         picked = logits[: len(at)] if in_order else logits[
             torch.tensor(at).to(logits.device, non_blocking=True)]
+        rows = [i for i, r in enumerate(reqs) if r.constraint is not None]
+        choose = None
+        if rows:
+            grammars = self._structured()
+            start = time.perf_counter()
+            bitmask = grammars.fill([reqs[i].constraint for i in rows])
+            self.mask_fill_s += time.perf_counter() - start
+            choose = grammars.apply(picked, rows, bitmask)
         params = [r.seq.params for r in reqs]
         tokens, logprobs = sample_on_device(
             picked, params, [r.generator for r in reqs],
             argmax=greedy[: len(at)] if in_order and greedy is not None else None,
-            counts=[r.counts for r in reqs])
+            counts=[r.counts for r in reqs], choose=choose)
         top = max((p.top_logprobs for p in params if p.logprobs), default=0)
         if not top:
             return tokens, logprobs, None
@@ -823,7 +858,9 @@ class Engine:
                 req.counts[token] = req.counts.get(token, 0) + 1
             stop_token = token in params.stop_token_ids or (
                 token in self._eos and not params.ignore_eos)
-            if stop_token:
+            # a structured request also ends once its grammar is over ("stop" in _emit)
+            over = req.constraint is not None and req.constraint.advance(token)
+            if stop_token or over:
                 self.scheduler.finish(seq)
                 self._tokens_out -= len(seq.token_ids) - at - 1
                 del seq.token_ids[at + 1:]
@@ -849,6 +886,8 @@ class Engine:
             req.text += req.decoder.push(token)
             if params.stop and (cut := _find_stop(req.text, params.stop, req.sent)) is not None:
                 req.text, finish = req.text[:cut], "stop"
+        if finish is None and req.constraint is not None and req.constraint.over:
+            finish = "stop"
         if finish is None and index >= params.max_tokens:
             finish = "length"
         upto = len(req.text) if finish else max(req.sent, len(req.text) - req.hold)

@@ -29,15 +29,18 @@ def sample(
 def sample_on_device(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
     with_logprobs: bool = False, argmax: torch.Tensor | None = None,
-    counts: list[dict[int, int]] | None = None,
+    counts: list[dict[int, int]] | None = None, choose: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits [N, vocab] float32 -> (tokens [N] int64, log-probability of each token
     under the model's unmodified distribution [N] float32), on logits' device. The
     log-probabilities (a log-softmax over the vocabulary) only if a request asks for
     them, or with_logprobs. `argmax`: logits.argmax(-1) if already made (a decode
-    graph makes it; not used when a row's logits are adjusted). `counts`: per row, how
-    often each token was generated so far (for the penalties; None: no row has any)."""
-    chosen_from = adjust_logits(logits, params, counts)
+    graph makes it; not used when a row's logits are adjusted or masked). `counts`: per
+    row, how often each token was generated so far (for the penalties; None: no row has
+    any). `choose`: `logits` with a grammar's mask applied (replicas/structured.py): the
+    tokens are chosen from it (after the penalties), the log-probabilities stay the
+    model's."""
+    chosen_from = adjust_logits(logits if choose is None else choose, params, counts)
     if chosen_from is not logits:  # the graph's argmax is of the raw logits
         argmax = None
     tokens = chosen_from.argmax(dim=-1) if argmax is None else argmax  # [N]

@@ -1,0 +1,293 @@
+"""Structured outputs (replicas/structured.py) on the built-in tiny model, whose random
+weights never write JSON by themselves, and whose byte-level tokenizer can spell it:
+json_object and json_schema outputs parse and validate, greedy and sampled; the request
+ends with "stop" once the grammar is complete (or "length" when max_tokens cuts it, the
+text then an unfinished prefix); bad specs are refused; unconstrained requests batched
+with constrained ones keep their tokens; streaming, asynchronous scheduling and tp=2."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import pytest
+import torch
+
+from replicas import (
+    ConfigError,
+    Engine,
+    EngineConfig,
+    RequestError,
+    SamplingParams,
+    StructuredSpec,
+)
+from replicas.sampler import sample_on_device
+
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "role": {"enum": ["admin", "user", "guest"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 8},
+                 "minItems": 1, "maxItems": 3},
+    },
+    "required": ["name", "age", "role", "tags"],
+    "additionalProperties": False,
+}
+JSON_SCHEMA = StructuredSpec("json_schema", json.dumps(SCHEMA))
+JSON_OBJECT = StructuredSpec("json_object")
+PROMPT = "Tell me about the user:"
+SEEDS = (1, 2, 5)
+# a random model closes a free JSON string by chance: sampled json_object outputs of the
+# tiny model took 96 to 1,358 tokens over seeds 1-8
+LONG = 1900
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    eng = Engine(EngineConfig(model=None, max_model_len=2048))
+    yield eng
+    eng.shutdown()
+
+
+def check_schema(value: Any) -> None:
+    """SCHEMA, checked by hand."""
+    assert isinstance(value, dict) and set(value) == {"name", "age", "role", "tags"}
+    assert isinstance(value["name"], str) and len(value["name"]) <= 12
+    assert type(value["age"]) is int and 0 <= value["age"] <= 150
+    assert value["role"] in ("admin", "user", "guest")
+    assert isinstance(value["tags"], list) and 1 <= len(value["tags"]) <= 3
+    assert all(isinstance(t, str) and len(t) <= 8 for t in value["tags"])
+
+
+def params(spec: StructuredSpec, seed: int | None, max_tokens: int = 400,
+           **more: Any) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0 if seed is None else 1.0,
+                          seed=seed, structured=spec, **more)
+
+
+def test_unconstrained_output_of_this_model_is_no_json(engine: Engine) -> None:
+    """The baseline the constraint changes: the same requests without it."""
+    for seed in (None, *SEEDS):
+        plain = SamplingParams(max_tokens=60, temperature=0.0 if seed is None else 1.0,
+                               seed=seed)
+        text = engine.generate([PROMPT], plain)[0].text
+        with pytest.raises(ValueError):
+            json.loads(text)
+
+
+@pytest.mark.parametrize("seed", [None, *SEEDS])
+def test_json_object_parses_and_stops(engine: Engine, seed: int | None) -> None:
+    out = engine.generate([PROMPT], params(JSON_OBJECT, seed, LONG))[0]
+    assert out.finish_reason == "stop" and len(out.token_ids) < LONG
+    assert isinstance(json.loads(out.text), dict)
+    assert out.text.endswith("}")  # the grammar ends there: no EOS step after it
+
+
+@pytest.mark.parametrize("seed", [None, *SEEDS])
+def test_json_schema_validates_and_stops(engine: Engine, seed: int | None) -> None:
+    out = engine.generate([PROMPT], params(JSON_SCHEMA, seed))[0]
+    assert out.finish_reason == "stop" and len(out.token_ids) < 400
+    check_schema(json.loads(out.text))
+
+
+def test_max_tokens_cuts_the_json_and_finishes_with_length(engine: Engine) -> None:
+    """The grammar cannot stop the request early: max_tokens wins and the text is the
+    unfinished prefix of a valid instance (what a client with too small a budget gets)."""
+    full = engine.generate([PROMPT], params(JSON_SCHEMA, None))[0]
+    cut = engine.generate([PROMPT], params(JSON_SCHEMA, None, max_tokens=8))[0]
+    assert cut.finish_reason == "length" and len(cut.token_ids) == 8
+    assert cut.token_ids == full.token_ids[:8] and full.text.startswith(cut.text)
+    with pytest.raises(ValueError):
+        json.loads(cut.text)
+
+
+def test_ignore_eos_and_logprobs_do_not_change_the_end(engine: Engine) -> None:
+    out = engine.generate([PROMPT], params(JSON_SCHEMA, 5, ignore_eos=True, logprobs=True))[0]
+    assert out.finish_reason == "stop"
+    check_schema(json.loads(out.text))
+    assert out.logprobs is not None and len(out.logprobs) == len(out.token_ids)
+    assert all(lp <= 0.0 for lp in out.logprobs)
+
+
+@pytest.mark.parametrize("spec, word", [
+    (StructuredSpec("json_schema", json.dumps(
+        {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}})), "missing"),
+    (StructuredSpec("json_schema", json.dumps({"type": "strnig"})), "strnig"),
+    (StructuredSpec("lark", "start: undefined_rule"), "undefined_rule"),
+])
+def test_a_spec_the_library_refuses_is_a_request_error(engine: Engine, spec: StructuredSpec,
+                                                       word: str) -> None:
+    with pytest.raises(RequestError, match=word):
+        engine.generate([PROMPT], params(spec, None))
+
+    async def stream() -> None:
+        async for _ in engine.add_request(PROMPT, params(spec, None)):
+            pass
+
+    with pytest.raises(RequestError):
+        asyncio.run(stream())
+    assert engine.healthy()
+    check_schema(json.loads(engine.generate([PROMPT], params(JSON_SCHEMA, None))[0].text))
+
+
+def test_bad_specs_are_config_errors() -> None:
+    for kwargs, word in [({"kind": "yaml"}, "kind"), ({"kind": "json_schema"}, "spec"),
+                         ({"kind": "json_schema", "spec": "{"}, "not valid JSON"),
+                         ({"kind": "json_schema", "spec": "[1]"}, "JSON object"),
+                         ({"kind": "lark", "spec": " "}, "spec")]:
+        with pytest.raises(ConfigError, match=word):
+            StructuredSpec(**kwargs)
+    with pytest.raises(ConfigError, match="structured"):
+        SamplingParams(structured="json")  # type: ignore[arg-type]
+    # the wire's form: a dict; hashable and equal by value (the grammar cache's key)
+    made = SamplingParams(structured={"kind": "json_schema", "spec": json.dumps(SCHEMA)})
+    assert made.structured == JSON_SCHEMA and hash(made.structured) == hash(JSON_SCHEMA)
+
+
+def test_unconstrained_requests_in_a_mixed_batch_keep_their_tokens(engine: Engine) -> None:
+    plain = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    prompts = ["Once upon a time", PROMPT, "The quick brown fox", PROMPT, "Hello!"]
+    alone = [engine.generate([p], plain)[0].token_ids for p in prompts[::2]]
+    mixed = engine.generate(prompts, [plain, params(JSON_SCHEMA, None), plain,
+                                      params(JSON_OBJECT, 2, LONG), plain])
+    assert [o.token_ids for o in mixed[::2]] == alone
+    check_schema(json.loads(mixed[1].text))
+    assert isinstance(json.loads(mixed[3].text), dict)
+    constrained_alone = engine.generate([PROMPT], params(JSON_SCHEMA, None))[0]
+    assert mixed[1].token_ids == constrained_alone.token_ids
+
+
+def test_streaming_gives_the_same_json(engine: Engine) -> None:
+    async def run() -> list:
+        return [d async for d in engine.add_request(PROMPT, params(JSON_SCHEMA, 2))]
+
+    deltas = asyncio.run(run())
+    whole = engine.generate([PROMPT], params(JSON_SCHEMA, 2))[0]
+    assert [d.finish_reason for d in deltas[:-1]] == [None] * (len(deltas) - 1)
+    assert deltas[-1].finish_reason == "stop"
+    assert "".join(d.text for d in deltas) == whole.text
+    assert [t for d in deltas for t in d.token_ids] == whole.token_ids
+    check_schema(json.loads(whole.text))
+
+
+def test_lark_kind_wraps_json_in_tool_call_tags(engine: Engine) -> None:
+    """The form a tool call takes later: a schema inside a model family's tags."""
+    grammar = ('start: "<tool_call>" body "</tool_call>"\n'
+               f"body: %json {json.dumps(SCHEMA)}\n")
+    out = engine.generate([PROMPT], params(StructuredSpec("lark", grammar), 3))[0]
+    assert out.finish_reason == "stop"
+    assert out.text.startswith("<tool_call>") and out.text.endswith("</tool_call>")
+    check_schema(json.loads(out.text[len("<tool_call>"):-len("</tool_call>")]))
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_async_scheduling_and_tp2_give_the_same_json(engine: Engine, tp: int) -> None:
+    """At tp=1 the next step is launched on the tokens still on the device, while the
+    masks wait for them on the host: the same tokens as step by step, and at tp=2 (rank 0
+    alone samples) as at tp=1."""
+    reqs = [params(JSON_SCHEMA, None), params(JSON_SCHEMA, 5), params(JSON_OBJECT, 8, LONG),
+            SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)]
+    want = engine.generate([PROMPT] * 4, reqs)
+    config = EngineConfig(model=None, max_model_len=2048, tp=tp, comm_dtype="float32",
+                          async_scheduling=tp == 1)
+    with Engine(config) as other:
+        assert other._ahead == (tp == 1) and engine._ahead
+        if tp == 1:
+            other._ahead = False  # step by step
+        got = other.generate([PROMPT] * 4, reqs)
+    for a, b in zip(want, got, strict=True):
+        assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
+    check_schema(json.loads(got[0].text))
+
+
+def test_masks_apply_on_their_rows_only_and_logprobs_stay_the_models(engine: Engine) -> None:
+    grammars = engine._structured()
+    first = grammars.constraint(JSON_OBJECT)
+    second = grammars.constraint(JSON_SCHEMA)
+    bitmask = grammars.fill([first, second])  # [2, words]
+    vocab = engine.spec.vocab_size
+    bits = [[bool((int(bitmask[r, t // 32]) >> (t % 32)) & 1) for t in range(vocab)]
+            for r in range(2)]
+    decode = engine.tokenizer.decode
+    for row in bits:  # compact JSON starts with "{": every allowed first token does
+        allowed = [t for t in range(vocab) if row[t]]
+        assert allowed and all(decode([t]).startswith("{") for t in allowed)
+    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(0))
+    out = grammars.apply(logits, [0, 2], bitmask)
+    assert torch.equal(out[1], logits[1])  # the unconstrained row is untouched
+    for r, row in ((0, 0), (2, 1)):
+        keep = torch.tensor(bits[row])
+        assert torch.equal(out[r][keep], logits[r][keep])
+        assert bool((out[r][~keep] == float("-inf")).all())
+    plist = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0),
+             SamplingParams(temperature=1.0, seed=1)]
+    tokens, logprobs = sample_on_device(logits, plist, [torch.Generator()] * 3,
+                                        with_logprobs=True, argmax=logits.argmax(-1),
+                                        choose=out)
+    assert bits[0][int(tokens[0])] and bits[1][int(tokens[2])]
+    assert int(tokens[1]) == int(logits[1].argmax())
+    raw = torch.log_softmax(logits, -1).gather(1, tokens[:, None]).squeeze(1)
+    assert torch.allclose(logprobs, raw)  # under the model's distribution, not the mask's
+
+
+def test_preemption_keeps_the_matchers_in_step(engine: Engine) -> None:
+    """In a KV pool too small for the batch, sequences are preempted and computed again
+    from their tokens; their matchers, fed only read tokens, give the same outputs."""
+    reqs = [params(JSON_SCHEMA, None, 80), params(JSON_SCHEMA, 1, 80),
+            params(JSON_SCHEMA, 2, 80), params(JSON_SCHEMA, 5, 80)]
+    prompts = ["Hi", "Tell me", "A user:", "JSON please"]
+    want = engine.generate(prompts, reqs)
+    config = EngineConfig(model=None, num_kv_blocks=12, block_size=8, max_model_len=96)
+    with Engine(config) as small:
+        got = small.generate(prompts, reqs)
+        assert small.stats()["preemptions"] > 0
+    for a, b in zip(want, got, strict=True):
+        assert (a.token_ids, a.finish_reason) == (b.token_ids, "stop")
+        check_schema(json.loads(b.text))
+
+
+def test_leaving_a_constrained_stream_aborts_it(engine: Engine) -> None:
+    async def run() -> int:
+        seen = 0
+        async for d in engine.add_request(PROMPT, params(JSON_OBJECT, 1, LONG)):
+            seen += len(d.token_ids)
+            if seen >= 3:
+                break
+        return seen
+
+    assert asyncio.run(run()) >= 3
+    deadline = 50
+    while engine.stats()["running"] and deadline:
+        time.sleep(0.1)
+        deadline -= 1
+    assert engine.stats()["running"] == 0
+    check_schema(json.loads(engine.generate([PROMPT], params(JSON_SCHEMA, None))[0].text))
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_float16_overflow_rerun_samples_again_under_the_same_masks(overflowing_model: str,
+                                                                   ahead: bool) -> None:
+    """At tp=2 every float16 step overflows and is run again in float32, then sampled
+    again (with `ahead`, inside `_land`, before the matchers took its tokens): the same
+    constrained tokens as float32 communication gives. (Greedy: a seeded row's generator
+    has moved on by the rerun, constrained or not.)"""
+    reqs = [params(JSON_SCHEMA, None, 120), params(JSON_OBJECT, None, 120)]
+
+    def run(comm: str) -> tuple[list, int]:
+        config = EngineConfig(model=overflowing_model, tp=2, comm_dtype=comm)
+        with Engine(config) as eng:
+            eng._ahead = ahead
+            outs = eng.generate([PROMPT, PROMPT], reqs)
+            return outs, eng.stats()["comm_overflow_retries"]
+
+    exact, _ = run("float32")
+    guarded, retries = run("float16")
+    assert retries >= 8
+    assert [o.token_ids for o in guarded] == [o.token_ids for o in exact]
+    assert exact[0].finish_reason == "stop"
+    check_schema(json.loads(guarded[0].text))
+    assert guarded[1].text.startswith("{")
