@@ -120,7 +120,7 @@ def tool_parser(engine: Engine, tools: dict[str, Any] | None, fields: dict[str, 
     if tools is None:
         return None
     from replicas import RequestError
-    from replicas.toolcalls import ToolCallParser, detect_format
+    from replicas.toolcalls import ToolCallParser, detect_format, named_schema, required_schema
 
     fmt = detect_format(engine.tokenizer.chat_template, engine.spec.family)
     if fmt is None:
@@ -130,8 +130,16 @@ def tool_parser(engine: Engine, tools: dict[str, Any] | None, fields: dict[str, 
     choice, parallel = tools.get("choice", "auto"), bool(tools.get("parallel", True))
     if choice == "auto":
         return ToolCallParser(fmt, names, parallel=parallel)
-    raise RequestError(f"tool_choice {json.dumps(choice)}: constrained decoding is not "
-                       "available in this engine yet; send \"auto\"")
+    # required or a named function: decoding is constrained to a call, as JSON
+    if "structured" in fields:
+        raise RequestError("response_format and a forced tool_choice both constrain the "
+                           "reply; send one of the two")
+    forced = choice["function"]["name"] if isinstance(choice, dict) else None
+    tool = next((t for t in tools["tools"] if t["function"]["name"] == forced), None)
+    schema = named_schema(tool) if tool is not None else required_schema(tools["tools"],
+                                                                          parallel)
+    fields["structured"] = {"kind": "json_schema", "spec": json.dumps(schema)}
+    return ToolCallParser("json", names, forced, parallel)
 
 
 def parse_tools(parser: ToolCallParser, text: str, reason: str | None

@@ -8,6 +8,11 @@ Contract:
   refuses raises `GrammarError` (a ConfigError: the client's 400) with its message.
   Safe from any thread (the engine calls it in the caller's thread, before the request
   reaches the scheduler).
+- A json_schema object that lists `properties` and says nothing of others takes no
+  others (`closed`: "additionalProperties": false, as OpenAI's strict mode and
+  xgrammar's default do): JSON Schema's own default lets a model add keys without end,
+  which a weak model does (seen: a random model's extra key never closed). An object
+  without `properties` stays open.
 - `constraint(spec)` gives a request its own matcher (`Constraint`), a copy of the
   cached, already-built one.
 - `fill(constraints)` writes each constraint's allowed next tokens as a packed bitmask
@@ -112,7 +117,8 @@ class Grammars:
         matcher = self._lib.LLMatcher
         if spec.kind == "lark":
             return matcher.grammar_from_lark(spec.spec)
-        schema = {"type": "object"} if spec.kind == "json_object" else json.loads(spec.spec)
+        schema = {"type": "object"} if spec.kind == "json_object" else closed(
+            json.loads(spec.spec))
         try:
             return matcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
         except ValueError as e:
@@ -148,6 +154,35 @@ class Grammars:
         out = logits.clone()
         out[at] = logits[at].masked_fill(banned, float("-inf"))
         return out
+
+
+# the keywords whose values are schemas, or lists or maps of schemas
+_SUBSCHEMAS = ("items", "additionalItems", "contains", "not", "if", "then", "else")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
+
+
+def closed(schema: Any) -> Any:
+    """`schema` with "additionalProperties": false on every object schema that lists
+    `properties` and does not say whether it takes others (a new dict; input unchanged)."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SUBSCHEMAS:
+        if key in out:
+            out[key] = closed(out[key])
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed(s) for s in out[key]]
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {k: closed(s) for k, s in out[key].items()}
+    if isinstance(out.get("additionalProperties"), dict):
+        out["additionalProperties"] = closed(out["additionalProperties"])
+    elif ("properties" in out and "additionalProperties" not in out
+          and "patternProperties" not in out and "unevaluatedProperties" not in out):
+        out["additionalProperties"] = False
+    return out
 
 
 def _bit(k: int) -> int:

@@ -47,8 +47,6 @@ REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     "safety_identifier": ((), "tpserve runs no abuse detection; to pin a client to a "
                           "replica send `user` or X-Session-ID"),
     "suffix": ((), "insertion (text after the completion) is not supported"),
-    # not yet: structured outputs (issue 18)
-    "response_format": (({"type": "text"},), "only {\"type\": \"text\"} for now"),
 }
 
 # tpserve's own fields, beyond OpenAI's
@@ -93,6 +91,8 @@ HONOURED: dict[str, str] = {
     "tool_choice": "none (the template gets no tools), auto (the model decides), required "
                    "or a named function (decoding constrained to a valid call)",
     "parallel_tool_calls": "false: at most one call",
+    "response_format": "text, json_object (any JSON object) or json_schema (decoding "
+                       "constrained to the schema, always strictly, by llguidance)",
 }
 
 
@@ -352,6 +352,34 @@ class NamedToolChoice(BaseModel):
     function: FunctionName
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # every schema is enforced strictly
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema: give it with type \"json_schema\", and only then")
+        return self
+
+    def structured(self) -> dict[str, str] | None:
+        """The engine's StructuredSpec fields (None: free text)."""
+        if self.type == "json_object":
+            return {"kind": "json_object", "spec": ""}
+        if self.json_schema is not None:
+            return {"kind": "json_schema", "spec": json.dumps(self.json_schema.schema_ or {})}
+        return None
+
+
 class SessionOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     append: bool = False
@@ -365,6 +393,7 @@ class ChatBody(Body):
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
     session: SessionOptions | None = None
 
     @model_validator(mode="after")
@@ -380,11 +409,21 @@ class ChatBody(Body):
         if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
             raise ValueError(f"tool_choice: {choice.function.name!r} is not one of the tools")
         forced = isinstance(choice, NamedToolChoice) or choice == "required"
+        if forced and self.response_format is not None and self.response_format.type != "text":
+            raise ValueError("response_format: a forced tool_choice already constrains the "
+                             "reply to a call; send one of the two")
         if any(t.function.strict for t in self.tools or []) and not forced:
             raise ValueError("tools: strict functions are enforced only with tool_choice "
                              "\"required\" or a named function (with auto the model may "
                              "write any arguments)")
         return self
+
+    def engine_params(self, choice: int = 0) -> dict[str, Any]:
+        params = super().engine_params(choice)
+        structured = self.response_format.structured() if self.response_format else None
+        if structured is not None:
+            params["structured"] = structured
+        return params
 
     def tools_spec(self) -> dict[str, Any] | None:
         """The wire's tools: None without tools or with tool_choice "none"."""

@@ -13,7 +13,7 @@ import pytest
 from redisserver import REDIS_SERVER, RedisServer
 from routerserver import RouterServer
 
-MAX_MODEL_LEN = 256
+MAX_MODEL_LEN = 1024
 CHAT = [{"role": "user", "content": "Once upon a time"}]
 
 
@@ -121,3 +121,90 @@ def test_litellm(server: RouterServer) -> None:
                                   api_key="none", messages=CHAT, max_tokens=4, temperature=0,
                                   stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == text
+
+
+SCHEMA = {"type": "object", "properties": {
+    "count": {"type": "integer"}, "colour": {"enum": ["red", "green", "blue"]},
+    "ok": {"type": "boolean"}}, "required": ["count", "colour", "ok"],
+    "additionalProperties": False}
+# enums and booleans: a random model's integers may run on for ever (digits are valid JSON)
+LIGHT = {"type": "function", "function": {
+    "name": "set_light", "description": "Switch the light.", "parameters": {
+        "type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]},
+                                         "on": {"type": "boolean"}},
+        "required": ["colour", "on"], "additionalProperties": False}}}
+
+
+def matches(value: object) -> bool:
+    return (isinstance(value, dict) and set(value) == {"count", "colour", "ok"}
+            and isinstance(value["count"], int) and value["colour"] in ("red", "green", "blue")
+            and isinstance(value["ok"], bool))
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_weights_give_json_that_matches_the_schema(server: RouterServer,
+                                                          seed: int) -> None:
+    import json
+
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+    out = client.chat.completions.create(
+        model="tpserve", messages=CHAT, max_tokens=200, seed=seed, temperature=1.0,
+        response_format={"type": "json_schema", "json_schema": {"name": "thing",
+                                                                "schema": SCHEMA}})
+    assert out.choices[0].finish_reason == "stop"
+    assert matches(json.loads(out.choices[0].message.content))
+    anything = client.chat.completions.create(
+        model="tpserve", messages=CHAT, max_tokens=200, seed=seed, temperature=0,
+        response_format={"type": "json_object"})
+    text = anything.choices[0].message.content
+    if anything.choices[0].finish_reason == "stop":  # a random model may fill max_tokens
+        assert isinstance(json.loads(text), dict)
+    else:
+        assert text.startswith("{")
+
+
+def test_forced_tool_choices_return_a_valid_call(server: RouterServer) -> None:
+    import json
+
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+    for choice in ("required", {"type": "function", "function": {"name": "set_light"}}):
+        out = client.chat.completions.create(
+            model="tpserve", messages=[{"role": "user", "content": "Red light, please"}],
+            tools=[LIGHT], tool_choice=choice, max_tokens=100, temperature=0,
+            parallel_tool_calls=False)
+        reply = out.choices[0]
+        assert reply.finish_reason == "tool_calls", (choice, reply)
+        (call,) = reply.message.tool_calls
+        arguments = json.loads(call.function.arguments)
+        assert call.function.name == "set_light" and call.id
+        assert arguments["colour"] in ("red", "green", "blue") and isinstance(
+            arguments["on"], bool) and len(arguments) == 2
+        streamed = client.chat.completions.create(
+            model="tpserve", messages=[{"role": "user", "content": "Red light, please"}],
+            tools=[LIGHT], tool_choice=choice, max_tokens=100, temperature=0,
+            parallel_tool_calls=False, stream=True)
+        deltas = [c.choices[0] for c in streamed if c.choices]
+        calls = [t for d in deltas for t in d.delta.tool_calls or []]
+        assert [json.loads(t.function.arguments) for t in calls][:1] == [arguments]
+        assert deltas[-1].finish_reason == "tool_calls"
+
+
+def test_langchain_structured_output(server: RouterServer) -> None:
+    from typing import Literal
+
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel
+
+    class Thing(BaseModel):  # no integer: a random model's digits may run on for ever
+        colour: Literal["red", "green", "blue"]
+        ok: bool
+
+    llm = ChatOpenAI(base_url=f"{server.url}/v1", api_key="none", model="tpserve",
+                     max_tokens=200, temperature=0, max_retries=0)
+    for method in ("json_schema", "function_calling"):
+        thing = llm.with_structured_output(Thing, method=method).invoke("Describe a thing")
+        assert isinstance(thing, Thing), method

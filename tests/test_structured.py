@@ -291,3 +291,22 @@ def test_float16_overflow_rerun_samples_again_under_the_same_masks(overflowing_m
     assert exact[0].finish_reason == "stop"
     check_schema(json.loads(guarded[0].text))
     assert guarded[1].text.startswith("{")
+
+
+def test_objects_that_list_properties_take_no_others_unless_they_say_so() -> None:
+    from replicas.structured import closed
+
+    schema = {"type": "object", "properties": {
+        "a": {"type": "object", "properties": {"b": {"type": "integer"}}},
+        "c": {"type": "array", "items": {"properties": {"d": {}}}},
+        "e": {"type": "object"}, "f": {"properties": {}, "additionalProperties": True}},
+        "$defs": {"g": {"anyOf": [{"properties": {"h": {}}}]}}}
+    out = closed(schema)
+    assert out["additionalProperties"] is False
+    props = out["properties"]
+    assert props["a"]["additionalProperties"] is False
+    assert props["c"]["items"]["additionalProperties"] is False
+    assert "additionalProperties" not in props["e"]  # no properties listed: open
+    assert props["f"]["additionalProperties"] is True  # said so
+    assert out["$defs"]["g"]["anyOf"][0]["additionalProperties"] is False
+    assert "additionalProperties" not in schema  # the input is left as it was
