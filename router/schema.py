@@ -64,9 +64,9 @@ HONOURED: dict[str, str] = {
                 "assistant (with tool_calls, content null), tool; content a string or "
                 "text parts (other part types: 400)",
     "prompt": "a string, token ids, or a list of either (one choice per prompt and n)",
-    "max_tokens": "the completion's token limit",
-    "max_completion_tokens": "the completion's token limit (wins over max_tokens); with "
-                             "neither, generation may run to the end of the context",
+    "max_tokens": "the completion's token limit; absent, generation may run to the end "
+                  "of the context (as vLLM; OpenAI's completions stop at 16)",
+    "max_completion_tokens": "the completion's token limit (wins over max_tokens)",
     "temperature": "0 is greedy", "top_p": "nucleus sampling",
     "n": f"independent choices, 1..{MAX_N} (seed s: choice i uses s + i)",
     "best_of": "only equal to n (no server-side ranking)",
@@ -91,8 +91,10 @@ HONOURED: dict[str, str] = {
     "tool_choice": "none (the template gets no tools), auto (the model decides), required "
                    "or a named function (decoding constrained to a valid call)",
     "parallel_tool_calls": "false: at most one call",
-    "response_format": "text, json_object (any JSON object) or json_schema (decoding "
-                       "constrained to the schema, always strictly, by llguidance)",
+    "response_format": "text, json_object (any JSON object) or json_schema: decoding "
+                       "constrained by llguidance, always strictly (`strict` is implied; "
+                       "an object listing `properties` takes no others unless its "
+                       "additionalProperties says so); compact JSON, no free whitespace",
 }
 
 
@@ -443,8 +445,15 @@ class ChatBody(Body):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-if __name__ == "__main__":
+def table() -> str:
+    """The README's tables of the request fields, per route."""
+    out = []
     for route in ("chat", "completions"):
-        print(f"\n| {route} field | status | how, or why not |\n|---|---|---|")
-        for name, status, how in field_status(route):
-            print(f"| `{name}` | {status} | {how} |")
+        out.append(f"| {route} field | status | how, or why not |\n|---|---|---|")
+        out += [f"| `{name}` | {status} | {how} |" for name, status, how in field_status(route)]
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(table(), end="")

@@ -230,3 +230,18 @@ def test_pins_are_not_cached_while_redis_is_away() -> None:
         assert store.calls == 3 and not router.pins  # every request asks (the hash rules)
 
     asyncio.run(run())
+
+
+def test_the_readme_lists_every_request_field_as_the_router_treats_it() -> None:
+    from pathlib import Path
+
+    from router.schema import REFUSED, ChatBody, CompletionBody, field_status, table
+
+    assert table() in (Path(__file__).parents[1] / "README.md").read_text()
+    for route in ("chat", "completions"):
+        rows = field_status(route)
+        assert all(status != "honoured" or how != "?" for _, status, how in rows), rows
+        assert {name for name, status, _ in rows if status == "refused"} <= set(REFUSED)
+        model = ChatBody if route == "chat" else CompletionBody
+        taken = {name for name, status, _ in rows if status != "refused"}
+        assert taken <= set(model.model_fields), taken - set(model.model_fields)
