@@ -7,11 +7,9 @@ through a DeploymentHandle; a caller that goes away cancels the stream, which ab
 request in the engine.
 
 Both ends of the router -> engine hop live here, and speak router/wire.py: the replica's
-`generate` reads a wire Request and yields wire Deltas, and `ServeEngine` (the router's
-engine, over the deployment's handle) reads them back. Errors become a wire ErrorEvent
-with its HTTP status in one place, `error_event`: a request the engine refuses is a 400,
-anything else (a dead replica or rank, an engine bug) a 503, which the router may retry
-once on another replica.
+`generate` reads a wire Request and yields wire Deltas (cluster/requests.py: the
+translation, and the one mapping of failures to an HTTP status), and `ServeEngine` (the
+router's engine, over the deployment's handle) reads them back.
 """
 
 from __future__ import annotations
@@ -19,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -32,12 +29,11 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
 from cluster.control import ENGINE
+from cluster.requests import error_event, serve_request
 from router import keys, wire
 
 if TYPE_CHECKING:
-    from replicas import Engine, EngineConfig, SamplingParams
-    from replicas.engine import TokenDelta
-    from replicas.toolcalls import ToolCallParser
+    from replicas import EngineConfig
 
 # The engine (replicas: torch, transformers) is imported only where it runs: in an engine
 # replica's __init__, not when this module loads. A router replica imports this module
@@ -45,152 +41,11 @@ if TYPE_CHECKING:
 # rank actors before it spends seconds importing torch, so they import in parallel.
 
 log = logging.getLogger(__name__)
-# Serve's own logger: a line logged here lands in the replica's log file (serve/replica_*)
-serve_log = logging.getLogger("ray.serve")
-
 # each engine replica publishes its stats (JSON, short TTL, under router/keys.py's
 # stats key) every STATS_PERIOD_S when Redis is configured
 STATS_PERIOD_S = 1.0
 # Serve waits this long for a replica being removed to finish its accepted requests
 DRAIN_TIMEOUT_S = 300.0
-
-
-def refused(error: BaseException) -> bool:
-    """Whether the engine refused the request: the client's error (a 400), logged in one
-    line. (An engine error class is only ever seen where its module is loaded: its
-    instance was made, or unpickled, there; so this never imports the engine.)"""
-    if isinstance(error, wire.WireError):
-        return True
-    engine, config = sys.modules.get("replicas.engine"), sys.modules.get("replicas.config")
-    return ((engine is not None and isinstance(error, engine.RequestError))
-            or (config is not None and isinstance(error, config.ConfigError)))
-
-
-def sampling_params(fields: dict[str, Any]) -> SamplingParams:
-    """SamplingParams from a request; an unknown field is the client's error too."""
-    from replicas import RequestError, SamplingParams
-
-    try:
-        return SamplingParams(**fields)
-    except TypeError as e:
-        raise RequestError(f"bad sampling parameters: {e}") from e
-
-
-async def serve_request(engine: Engine, request: dict[str, Any], replica: str
-                        ) -> AsyncGenerator[dict[str, Any], None]:
-    """Stream the wire Deltas (as dicts) of one wire Request (a dict) on `engine`; the
-    first also has prompt_tokens.
-
-    A request the engine refuses (the client's fault, a 400) ends the stream with one
-    ErrorEvent and one log line, rather than an exception: Serve logs every exception a
-    replica raises at ERROR with its whole traceback. Any other failure raises; the
-    caller's end (ServeEngine) maps it."""
-    try:
-        req = wire.Request.from_dict(request)
-        fields = dict(req.params)
-        if req.echo and fields.get("logprobs"):
-            fields["prompt_logprobs"] = True
-        parser = tool_parser(engine, req.tools, fields)
-        params = sampling_params(fields)
-        ids = prompt_ids(engine, req)
-        first = True
-        async for delta in engine.add_request(ids, params, req.request_id):
-            text, calls, reason = delta.text, None, delta.finish_reason
-            if parser is not None:
-                text, calls, reason = parse_tools(parser, text, reason)
-            out = wire.Delta(delta.token_ids, text, reason, replica,
-                             len(ids) if first else None,
-                             token_logprobs(engine, delta.token_ids, delta.logprobs,
-                                            delta.top_logprobs), tool_calls=calls)
-            if first and req.echo:
-                out = echoed(engine, out, ids, req, delta)
-            yield out.to_dict()
-            first = False
-    except Exception as e:
-        if not refused(e):
-            raise
-        serve_log.info("request refused (400): %s", e)
-        yield error_event(e, replica).to_dict()
-
-
-def tool_parser(engine: Engine, tools: dict[str, Any] | None, fields: dict[str, Any]
-                ) -> ToolCallParser | None:
-    """The parser of a request's tool calls (None: no tools), in the format the model's
-    chat template asks for; a template that renders no tools refuses the request."""
-    if tools is None:
-        return None
-    from replicas import RequestError
-    from replicas.toolcalls import ToolCallParser, detect_format, named_schema, required_schema
-
-    fmt = detect_format(engine.tokenizer.chat_template, engine.spec.family)
-    if fmt is None:
-        raise RequestError("tools: this model's chat template renders no tools, so the "
-                           "model would never see them")
-    names = [t["function"]["name"] for t in tools["tools"]]
-    choice, parallel = tools.get("choice", "auto"), bool(tools.get("parallel", True))
-    if choice == "auto":
-        return ToolCallParser(fmt, names, parallel=parallel)
-    # required or a named function: decoding is constrained to a call, as JSON
-    if "structured" in fields:
-        raise RequestError("response_format and a forced tool_choice both constrain the "
-                           "reply; send one of the two")
-    forced = choice["function"]["name"] if isinstance(choice, dict) else None
-    tool = next((t for t in tools["tools"] if t["function"]["name"] == forced), None)
-    schema = named_schema(tool) if tool is not None else required_schema(tools["tools"],
-                                                                          parallel)
-    fields["structured"] = {"kind": "json_schema", "spec": json.dumps(schema)}
-    return ToolCallParser("json", names, forced, parallel)
-
-
-def parse_tools(parser: ToolCallParser, text: str, reason: str | None
-                ) -> tuple[str, list[wire.ToolCall] | None, str | None]:
-    """A delta's content, the tool calls it completed, and its finish reason ("tool_calls"
-    when a reply that stopped by itself made calls)."""
-    content, calls = parser.feed(text)
-    if reason is not None:
-        rest, more = parser.finish()
-        content, calls = content + rest, calls + more
-        if reason == "stop" and parser.calls:
-            reason = "tool_calls"
-    return content, [wire.ToolCall(c.id, c.name, c.arguments) for c in calls] or None, reason
-
-
-def token_logprobs(engine: Engine, ids: list[int], logprobs: list[float | None] | None,
-                   top: list[list[tuple[int, float]]] | None) -> list[wire.TokenLogprob] | None:
-    """The wire's logprobs of tokens `ids`: each token's text (the tokenizer's decoding of
-    that one token) with its log-probability and its alternatives'."""
-    if logprobs is None:
-        return None
-    text = engine.tokenizer.decode
-    tops = top if top is not None else [[] for _ in ids]
-    return [wire.TokenLogprob(text([t]), p, [(text([a]), q) for a, q in alts or []])
-            for t, p, alts in zip(ids, logprobs, tops, strict=True)]
-
-
-def echoed(engine: Engine, delta: wire.Delta, ids: list[int], request: wire.Request,
-           first: TokenDelta) -> wire.Delta:
-    """The first delta of an echo request: with the prompt's text (decoded, when the
-    client sent token ids) and, with logprobs, the prompt tokens' logprobs."""
-    from dataclasses import replace
-
-    text = request.prompt if isinstance(request.prompt, str) else engine.tokenizer.decode(ids)
-    return replace(delta, prompt_text=text, prompt_logprobs=token_logprobs(
-        engine, ids, first.prompt_logprobs, first.prompt_top_logprobs))
-
-
-def prompt_ids(engine: Engine, request: wire.Request) -> list[int]:
-    """The prompt's token ids: chat messages through the model's chat template."""
-    from replicas import RequestError
-
-    tokenizer = engine.tokenizer
-    if request.messages is not None:
-        tools = request.tools["tools"] if request.tools else None
-        try:
-            return tokenizer.apply_chat_template(request.messages, tools)
-        except Exception as e:  # a template's own error: bad roles, order, fields
-            raise RequestError(f"the chat template rejected the messages: {e}") from e
-    prompt = request.prompt
-    return tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt or [])
 
 
 @serve.deployment(
@@ -271,23 +126,6 @@ class EngineDeployment:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
-
-
-def root_cause(error: BaseException) -> BaseException:
-    """The exception raised in the replica, without Ray's task-error wrapping."""
-    while isinstance(error, ray.exceptions.RayTaskError) and error.cause is not None:
-        error = error.cause
-    return error
-
-
-def error_event(error: BaseException, replica: str = "") -> wire.ErrorEvent:
-    """The one mapping of an engine failure to an HTTP status: a request the engine refuses
-    is the client's 400; anything else (a dead replica or rank, a failed collective, an
-    engine bug) is a 503, never the client's fault, and another replica may serve it."""
-    cause = root_cause(error)
-    if refused(cause):
-        return wire.ErrorEvent(400, "invalid_request_error", str(cause), replica)
-    return wire.ErrorEvent(503, "replica_unavailable", str(cause), replica)
 
 
 class ServeEngine:

@@ -18,7 +18,7 @@ the pin in Redis). A chat request with a known session may send only its new mes
 cluster/app.py serves as the Serve ingress and tests call in-process.
 
 Errors: the engine's come as wire ErrorEvents that already carry their HTTP status
-(mapped once, in cluster/engine.py); the router forwards that status, and retries once a
+(mapped once, in cluster/requests.py); the router forwards that status, and retries once a
 request whose replica failed (503) before its first token.
 
 Bad input is a 4xx with an OpenAI-style error body, never a 5xx: malformed JSON, wrong

@@ -12,7 +12,7 @@ that ends the stream. On the way they are plain JSON-able dicts (`to_dict` / `fr
   a `TokenLogprob` (its text, log-probability and the `top_logprobs` alternatives); with
   `echo`, the first delta also has the prompt's text and (with logprobs) its tokens'.
 - `ErrorEvent`: the request failed with an HTTP `status` and an OpenAI error `type`.
-  Errors are mapped to a status once, where the engine is called (cluster/engine.py);
+  Errors are mapped to a status once, where the engine is called (cluster/requests.py);
   the router forwards the status. 503 means "another replica may serve it".
 - `from_dict` / `decode` raise `WireError` (a ValueError) on a malformed message.
 """

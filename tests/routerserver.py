@@ -1,6 +1,6 @@
 """The router's HTTP app served by uvicorn on a free loopback port, in a thread of the
 test process, over a real tiny engine in the same process (the engine deployment's own
-request code, cluster/engine.py's serve_request): what a real HTTP client talks to,
+request code, cluster/requests.py: serve_request): what a real HTTP client talks to,
 without Ray or nginx. Stopped by `stop()` (uvicorn's should_exit)."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class LocalEngine:
 
     async def generate(self, request: wire.Request, session_key: str
                        ) -> AsyncGenerator[wire.Item, None]:
-        from cluster.engine import error_event, serve_request
+        from cluster.requests import error_event, serve_request
 
         try:
             async for item in serve_request(self.engine, request.to_dict(), "local"):

@@ -1,4 +1,4 @@
-"""Where the engine's failures get their HTTP status, once (cluster/engine.py): the
+"""Where the engine's failures get their HTTP status, once (cluster/requests.py): the
 replica's request code (serve_request) and the router's end of the handle (ServeEngine),
 with fakes for the engine and the handle; no Ray cluster is started."""
 
@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 ray = pytest.importorskip("ray")
-from cluster.engine import ServeEngine, error_event, serve_request  # noqa: E402
+from cluster.engine import ServeEngine  # noqa: E402
+from cluster.requests import error_event, serve_request  # noqa: E402
 from replicas import ConfigError, EngineDeadError, RequestError  # noqa: E402
 from replicas.engine import TokenDelta  # noqa: E402
 from router import wire  # noqa: E402

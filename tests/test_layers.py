@@ -60,7 +60,8 @@ def test_a_router_replica_loads_no_engine() -> None:
     request router, cluster.engine for ServeEngine) loads no torch or transformers; nor
     does an engine replica before its __init__ (so its rank actors start first) or a rank
     actor before its `run`."""
-    loaded = loaded_after("import cluster.app, cluster.engine, cluster.pinning, cluster.ranks")
+    loaded = loaded_after("import cluster.app, cluster.engine, cluster.pinning, cluster.ranks, "
+                          "cluster.requests")
     assert "ray" in loaded  # (the check sees what was imported)
     assert not loaded & {"torch", "transformers", "replicas", "triton"}, loaded
 
