@@ -16,6 +16,7 @@ run on an engine replica, so a router replica importing this module loads no tor
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -74,6 +75,8 @@ async def serve_request(engine: Engine, request: dict[str, Any], replica: str
         parser = tool_parser(engine, req.tools, fields)
         params = sampling_params(fields)
         ids = prompt_ids(engine, req)
+        if params.structured is not None:  # off the replica's event loop (see there)
+            await asyncio.to_thread(engine.check_structured, params.structured)
         first = True
         async for delta in engine.add_request(ids, params, req.request_id):
             text, calls, reason = delta.text, None, delta.finish_reason

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig
 
-from replicas.config import ConfigError, EngineConfig, ModelSpec, SamplingParams
+from replicas.config import ConfigError, EngineConfig, ModelSpec, SamplingParams, StructuredSpec
 from replicas.kv_cache import BlockManager
 from replicas.ranks import TOLD_EXIT_S, RankLauncher, Ranks, spawn_rank
 from replicas.sampler import sample_on_device, token_logprobs
@@ -559,12 +559,19 @@ class Engine:
             raise RequestError(f"logit_bias names token id {bad[0]}, outside the vocabulary "
                                f"[0, {self.spec.vocab_size})")
         if params.structured is not None and not score:
-            try:
-                self._structured().check(params.structured)
-            except ConfigError as e:
-                raise RequestError(str(e)) from None
+            self.check_structured(params.structured)
         rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         return Sequence(rid, ids, len(ids), params, score=score)
+
+    def check_structured(self, spec: StructuredSpec) -> None:
+        """Compile `spec`'s grammar now (RequestError if the library refuses it). The
+        first one of an engine also wraps the tokenizer (~1 s at a 150k vocabulary): an
+        async caller runs this in a thread first, so its event loop is not held that
+        long; add_request then finds the grammar compiled."""
+        try:
+            self._structured().check(spec)
+        except ConfigError as e:
+            raise RequestError(str(e)) from None
 
     def _structured(self) -> Grammars:
         """The engine's grammars, made on first use (wrapping the tokenizer costs ~1 s at
