@@ -422,10 +422,18 @@ class Router:
             for choice in call.choices:
                 yield _event(chunk(call.route, call.cid, model, choice, choice.deltas[0],
                                    True, ids))
-            async for choice, item in _merged(call.choices):
-                delta = self._delta(item)
-                choice.deltas.append(delta)
-                yield _event(chunk(call.route, call.cid, model, choice, delta, False, ids))
+            if len(call.choices) == 1:  # the common case, without _merged's layer
+                choice = call.choices[0]
+                async for item in choice.stream:
+                    delta = self._delta(item)
+                    choice.deltas.append(delta)
+                    yield _event(chunk(call.route, call.cid, model, choice, delta, False, ids))
+            else:
+                async for choice, item in _merged(call.choices):
+                    delta = self._delta(item)
+                    choice.deltas.append(delta)
+                    yield _event(chunk(call.route, call.cid, model, choice, delta, False,
+                                       ids))
             await self._finish(call)
             if call.body.wants_usage():
                 yield _event(usage_chunk(call.route, call.cid, model, call.usage()))
@@ -456,11 +464,7 @@ async def _close(call: _Call) -> None:
 
 
 async def _merged(choices: list[Choice]) -> AsyncIterator[tuple[Choice, wire.Item]]:
-    """The items of every choice's stream, as they come (one stream: in its order)."""
-    if len(choices) == 1:
-        async for item in choices[0].stream:
-            yield choices[0], item
-        return
+    """The items of every choice's stream, as they come."""
     queue: asyncio.Queue[tuple[Choice, wire.Item | None]] = asyncio.Queue()
 
     async def pump(choice: Choice) -> None:

@@ -27,18 +27,18 @@ class Choice:
     index: int
     request: wire.Request
     prompt_text: str | None = None  # echo: the prompt as the client sent it, if text
+    logprobs: bool = False  # the request asked for them (set from `request`)
     deltas: list[wire.Delta] = field(default_factory=list)
     offset: int = 0  # characters of this choice's text sent so far (text_offset)
     calls: int = 0  # tool calls sent so far (a stream's tool_calls index)
     stream: Any = None  # the engine stream (AsyncGenerator[wire.Item, None])
 
+    def __post_init__(self) -> None:
+        self.logprobs = "logprobs" in self.request.params
+
     @property
     def echo(self) -> bool:
         return self.request.echo
-
-    @property
-    def logprobs(self) -> bool:
-        return "logprobs" in self.request.params
 
     def echoed(self) -> str:
         """The prompt's text as returned with echo ("" without echo)."""
@@ -145,19 +145,23 @@ def whole(route: str, cid: str, model: str, choices: list[Choice], token_ids: bo
 
 def chunk(route: str, cid: str, model: str, choice: Choice, delta: wire.Delta, first: bool,
           token_ids: bool) -> dict[str, Any]:
-    """One stream chunk: what `delta` adds to `choice` (`first`: its first delta)."""
+    """One stream chunk: what `delta` adds to `choice` (`first`: its first delta). The
+    router's CPU per streamed token (it was the GPU stack's bottleneck): the plain case
+    builds one dict of each kind and nothing else."""
     shaped: dict[str, Any] = {"index": choice.index, "finish_reason": delta.finish_reason,
-                              "logprobs": _logprobs(route, choice,
-                                                    _delta_logprobs(choice, delta, first))}
+                              "logprobs": _logprobs(route, choice, _delta_logprobs(
+                                  choice, delta, first)) if choice.logprobs else None}
     if route == "chat":
-        shaped["delta"] = _chat_delta(choice, delta, first)
+        shaped["delta"] = (_chat_delta(choice, delta, first) if first or delta.tool_calls
+                           else {"content": delta.text})
         kind = "chat.completion.chunk"
     else:
         shaped["text"] = (choice.echoed() if first else "") + delta.text
         kind = "text_completion"
     if token_ids:
         shaped["token_ids"] = list(delta.token_ids)
-    return {**_head(cid, kind, model), "choices": [shaped]}
+    return {"id": cid, "object": kind, "created": int(time.time()), "model": model,
+            "choices": [shaped]}
 
 
 def usage_chunk(route: str, cid: str, model: str, counted: dict[str, int]) -> dict[str, Any]:

@@ -245,3 +245,18 @@ def test_the_readme_lists_every_request_field_as_the_router_treats_it() -> None:
         model = ChatBody if route == "chat" else CompletionBody
         taken = {name for name, status, _ in rows if status != "refused"}
         assert taken <= set(model.model_fields), taken - set(model.model_fields)
+
+
+def test_router_cpu_measures_the_streamed_path(tmp_path: object, capsys: pytest.CaptureFixture
+                                               ) -> None:
+    import json
+    from pathlib import Path
+
+    from infra import router_cpu
+
+    out = Path(str(tmp_path)) / "cpu.jsonl"
+    assert router_cpu.main(["--tokens", "8", "--requests", "4", "--rounds", "1",
+                            "--out", str(out)]) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["tokens_per_request"] == 8 and 0 < row["cpu_us_per_token"] < 10_000
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == row

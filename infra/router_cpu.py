@@ -1,0 +1,99 @@
+"""The router's CPU per streamed token: `python -m infra.router_cpu [--tokens N]`.
+
+The router replica was the GPU stack's bottleneck (~1 core at 64 clients, issue 19), and
+most of its work is per token: reading the engine's wire item, shaping an OpenAI chunk,
+writing a server-sent event. This runs the router's real ASGI app (router.app.make_api)
+in this process on streamed chat requests, against an engine that answers with plain
+tokens as wire dicts decoded as ServeEngine decodes them (router/wire.py, both ends of the
+hop, no Ray), and measures the process's CPU time per streamed token: the best of
+`--rounds` rounds of `--requests` requests of `--tokens` tokens. Sessions are off (no
+Redis). Prints and appends one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from infra.results import emit, environment
+from router import wire
+from router.app import Router, RouterConfig, make_api
+
+DEFAULT_OUT = "infra/results/router_cpu.jsonl"
+
+
+class PlainEngine:
+    """Answers every request with its max_tokens plain tokens, through the wire's dicts."""
+
+    async def generate(self, request: wire.Request, session_key: str
+                       ) -> AsyncGenerator[wire.Item, None]:
+        n = request.params["max_tokens"]
+        for i in range(n):
+            delta = wire.Delta([100 + i], f"w{i} ", "length" if i == n - 1 else None,
+                               "replica", 4 if i == 0 else None)
+            yield wire.decode(delta.to_dict())
+
+
+async def stream(app: Any, body: bytes) -> None:
+    """One streamed request through the ASGI app, its response read to the end."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/chat/completions",
+             "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
+             "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 80),
+             "headers": [(b"content-type", b"application/json"),
+                         (b"content-length", str(len(body)).encode())]}
+    done, sent = asyncio.Event(), False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await done.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            done.set()
+
+    await app(scope, receive, send)
+
+
+async def measure(tokens: int, requests: int, rounds: int) -> float:
+    """Best CPU microseconds per streamed token over `rounds` rounds."""
+    router = Router(PlainEngine(), RouterConfig(redis_url="redis://127.0.0.1:1/0"))
+    app = make_api(router)
+    body = json.dumps({"model": "tpserve", "messages": [{"role": "user", "content": "hi"}],
+                       "max_tokens": tokens, "temperature": 0.8, "stream": True,
+                       "stream_options": {"include_usage": True}}).encode()
+    for _ in range(max(1, requests // 5)):  # warm-up: imports, caches
+        await stream(app, body)
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.process_time()
+        for _ in range(requests):
+            await stream(app, body)
+        best = min(best, (time.process_time() - start) / (requests * tokens) * 1e6)
+    await router.sessions.close()
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=256, help="tokens per request")
+    parser.add_argument("--requests", type=int, default=100, help="requests per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", default=DEFAULT_OUT, help="append the JSON line here")
+    args = parser.parse_args(argv)
+    us = asyncio.run(measure(args.tokens, args.requests, args.rounds))
+    emit({"mode": "router_cpu", "tokens_per_request": args.tokens,
+          "cpu_us_per_token": round(us, 2), **environment()}, args.out or None)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
