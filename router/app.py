@@ -58,7 +58,15 @@ from router.policy import (
     session_key,
     stored_session,
 )
-from router.responses import Choice, chunk, message, usage, usage_chunk, whole
+from router.responses import (
+    Choice,
+    chunk,
+    message,
+    plain_event,
+    usage,
+    usage_chunk,
+    whole,
+)
 from router.schema import Body, ChatBody, CompletionBody, ParamError
 from router.sessions import SessionStore, SessionStoreConfig
 
@@ -424,10 +432,14 @@ class Router:
                                    True, ids))
             if len(call.choices) == 1:  # the common case, without _merged's layer
                 choice = call.choices[0]
+                plain = not (ids or choice.logprobs)
                 async for item in choice.stream:
                     delta = self._delta(item)
                     choice.deltas.append(delta)
-                    yield _event(chunk(call.route, call.cid, model, choice, delta, False, ids))
+                    yield (plain_event(call.route, call.cid, model, choice, delta)
+                           if plain and delta.tool_calls is None else
+                           _event(chunk(call.route, call.cid, model, choice, delta, False,
+                                        ids)))
             else:
                 async for choice, item in _merged(call.choices):
                     delta = self._delta(item)

