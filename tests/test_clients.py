@@ -6,8 +6,10 @@ field the router does not know."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from redisserver import REDIS_SERVER, RedisServer
@@ -208,3 +210,50 @@ def test_langchain_structured_output(server: RouterServer) -> None:
     for method in ("json_schema", "function_calling"):
         thing = llm.with_structured_output(Thing, method=method).invoke("Describe a thing")
         assert isinstance(thing, Thing), method
+
+
+def test_lm_eval_loglikelihood_on_a_local_task(server: RouterServer, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """lm-eval's `local-completions` model runs a multiple-choice task of local data
+    through the router (prompts as token-id lists, echo + logprobs); each choice's
+    loglikelihood equals transformers' sum of log_softmax over its tokens."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import lm_eval
+    import torch
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from replicas.tiny import tiny_model_dir
+
+    rows = [{"question": "The sky is", "choices": [" blue", " green", " loud"], "answer": 0},
+            {"question": "Two plus two is", "choices": [" four", " five"], "answer": 0}]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "task.yaml").write_text(
+        "task: tpserve_local\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {tmp_path / 'data.jsonl'}\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    out = lm_eval.simple_evaluate(
+        model="local-completions", model_args={
+            "base_url": f"{server.url}/v1/completions", "model": "tpserve",
+            "tokenizer": tiny_model_dir(), "tokenizer_backend": "huggingface",
+            "num_concurrent": 1, "max_retries": 1},
+        tasks=["tpserve_local"], task_manager=TaskManager(include_path=str(tmp_path)),
+        log_samples=True)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir())
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(), dtype=torch.float32)
+    samples = out["samples"]["tpserve_local"]
+    assert len(samples) == len(rows) and 0.0 <= out["results"]["tpserve_local"]["acc,none"] <= 1
+    for sample in samples:
+        for (context, continuation), ((got, _),) in zip(sample["arguments"], sample["resps"],
+                                                         strict=True):
+            ctx = tokenizer.encode(context)
+            ids = ctx + tokenizer.encode(context + continuation)[len(ctx):]
+            with torch.no_grad():
+                logits = model(torch.tensor([ids])).logits[0].float()
+            want = torch.log_softmax(logits, -1)[torch.arange(len(ctx) - 1, len(ids) - 1),
+                                                 torch.tensor(ids[len(ctx):])].sum()
+            assert abs(got - float(want)) < 1e-3, (context, continuation, got, float(want))
