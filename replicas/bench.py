@@ -340,19 +340,20 @@ PREFILL_MODEL = {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_laye
 PREFILL_MODEL_VERSION = "load-llama-v2"
 
 
-def prefill_model_dir() -> str:
-    """A config-only checkpoint (config.json + the tiny tokenizer) of PREFILL_MODEL, made
-    once in the tpserve cache; serve it with load_format=random."""
+def random_checkpoint(version: str, tokenizer: Callable[[Path], dict[str, Any]],
+                      model: dict[str, Any]) -> str:
+    """A config-only Llama checkpoint, served with load_format=random, made once in the
+    tpserve cache under `version`: `tokenizer(folder)` writes the tokenizer there and
+    returns the config fields it fixes (vocabulary size, special token ids)."""
     from transformers import LlamaConfig
 
-    from replicas.tiny import build_tokenizer, cache_root, special_token_ids
+    from replicas.tiny import cache_root
 
-    path = Path(cache_root()) / PREFILL_MODEL_VERSION
+    path = Path(cache_root()) / version
     if (path / "config.json").exists():
         return str(path)
     tmp = Path(str(path) + f".tmp-{os.getpid()}")
-    vocab = build_tokenizer(tmp)
-    config = LlamaConfig(vocab_size=vocab, **PREFILL_MODEL, **special_token_ids(),
+    config = LlamaConfig(**model, **tokenizer(tmp),
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     config.architectures = ["LlamaForCausalLM"]
     config.save_pretrained(str(tmp))
@@ -363,6 +364,15 @@ def prefill_model_dir() -> str:
 
         shutil.rmtree(tmp, ignore_errors=True)
     return str(path)
+
+
+def prefill_model_dir() -> str:
+    """A config-only checkpoint (config.json + the tiny tokenizer) of PREFILL_MODEL, made
+    once in the tpserve cache; serve it with load_format=random."""
+    from replicas.tiny import build_tokenizer, special_token_ids
+
+    return random_checkpoint(PREFILL_MODEL_VERSION, lambda folder: {
+        "vocab_size": build_tokenizer(folder), **special_token_ids()}, PREFILL_MODEL)
 
 
 # Structured outputs at a real vocabulary: a 150k byte-level BPE trained on local sources
@@ -388,27 +398,13 @@ STRUCTURED_SCHEMA = {"type": "object", "properties": {
 def structured_model_dir() -> str:
     """A config-only checkpoint of STRUCTURED_MODEL with the 150k tokenizer, made once in
     the tpserve cache (training the tokenizer takes ~40 s on 2 cores); load_format=random."""
-    from transformers import LlamaConfig
-
     from replicas.structured_libs import train_tokenizer
-    from replicas.tiny import cache_root
 
-    path = Path(cache_root()) / STRUCTURED_MODEL_VERSION
-    if (path / "config.json").exists():
-        return str(path)
-    tmp = Path(str(path) + f".tmp-{os.getpid()}")
-    train_tokenizer(tmp, 150_000)  # <s> 0, </s> 1, <pad> 2
-    config = LlamaConfig(**STRUCTURED_MODEL, bos_token_id=0, eos_token_id=1, pad_token_id=2,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-    config.architectures = ["LlamaForCausalLM"]
-    config.save_pretrained(str(tmp))
-    try:
-        os.rename(tmp, path)
-    except OSError:  # another process made it first
-        import shutil
+    def tokenizer(folder: Path) -> dict[str, Any]:
+        train_tokenizer(folder, 150_000)
+        return {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}
 
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(path)
+    return random_checkpoint(STRUCTURED_MODEL_VERSION, tokenizer, STRUCTURED_MODEL)
 
 
 def structured_suite(repeats: int) -> list[dict[str, Any]]:
