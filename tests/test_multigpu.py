@@ -67,30 +67,45 @@ def test_tp2_bfloat16_logits_within_tolerance(family: str, checkpoint: Checkpoin
     assert ours <= BF16_FACTOR * own + BF16_SLACK
 
 
-def test_folded_all_reduce_gives_the_one_shot_kernels_bits(
-        checkpoint: CheckpointFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Batch-1 decode at tp=2 in bfloat16 with each all-reduce folded into the GEMVs
-    beside it (pushed by the row-parallel GEMV, summed by the next norm GEMV) gives the
-    same tokens and the same log-probabilities, to the bit, as with the one-shot kernel:
-    both sum in float32 in rank order. The GEMV is forced on rank 0 (a tiny model's
-    timing would pick cuBLAS) and the other rank takes rank 0's picks."""
+def _folded_run(ckpt: str, fold: bool, graphs: bool
+                ) -> tuple[list[list[int]], list[list[float] | None], int]:
+    """One engine of the fold test, in a process of its own (`in_fresh_process`: a second
+    engine in a process that used symmetric memory falls back to NCCL, replicas/symm.py):
+    its tokens and log-probabilities, and how many all-reduces it folded. The GEMV is
+    forced on rank 0 (a tiny model's timing would pick cuBLAS); the other rank takes rank
+    0's picks."""
     from replicas import kernels
 
     pick = kernels.pick_gemv
-    monkeypatch.setattr(kernels, "pick_gemv", lambda w, b, kind="plain": (
-        pick(w, b, kind)[0] or kernels.GEMV_CONFIGS[0], {"forced": 1.0}))
-    ckpt = checkpoint("qwen2")  # no o_proj / down_proj bias (a bias is not folded)
+    kernels.pick_gemv = lambda w, b, kind="plain": (  # type: ignore[assignment]
+        pick(w, b, kind)[0] or kernels.GEMV_CONFIGS[0], {"forced": 1.0})
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=True)
+    config = EngineConfig(model=ckpt, tp=2, device="cuda", dtype="bfloat16",
+                          max_model_len=256, max_num_seqs=4, fold_all_reduce=fold,
+                          cuda_graphs=graphs)
+    with Engine(config) as engine:
+        outs = engine.generate(prompts(1000)[:3], params)  # batch 3: not folded
+        outs += engine.generate(prompts(1000)[3:4], params)  # batch 1: folded
+        return ([o.token_ids for o in outs], [o.logprobs for o in outs],
+                engine.worker.comm.folded)
+
+
+def test_folded_all_reduce_gives_the_one_shot_kernels_bits(checkpoint: CheckpointFactory
+                                                           ) -> None:
+    """Batch-1 decode at tp=2 in bfloat16 with each all-reduce folded into the GEMVs
+    beside it (pushed by the row-parallel GEMV, summed by the next norm GEMV) gives the
+    same tokens and the same log-probabilities, to the bit, as with the one-shot kernel:
+    both sum in float32 in rank order. Each engine runs in a fresh process (on 2xH200 an
+    earlier engine of the pytest process made this one fall back to NCCL: nothing
+    folded)."""
+    from replicas.multigpu import in_fresh_process
+
+    ckpt = checkpoint("qwen2")  # no o_proj / down_proj bias (a bias is not folded)
     got = {}
     for fold, graphs in ((True, True), (False, True), (True, False)):
-        config = EngineConfig(model=ckpt, tp=2, device="cuda", dtype="bfloat16",
-                              max_model_len=256, max_num_seqs=4, fold_all_reduce=fold,
-                              cuda_graphs=graphs)
-        with Engine(config) as engine:
-            outs = engine.generate(prompts(1000)[:3], params)  # batch 3: not folded
-            outs += engine.generate(prompts(1000)[3:4], params)  # batch 1: folded
-            got[fold, graphs] = ([o.token_ids for o in outs], [o.logprobs for o in outs])
-            assert (engine.worker.comm.folded > 0) == fold
+        tokens, logprobs, folded = in_fresh_process(_folded_run, ckpt, fold, graphs)
+        assert (folded > 0) == fold, (fold, graphs, folded)
+        got[fold, graphs] = (tokens, logprobs)
     assert got[True, True] == got[False, True] == got[True, False]
 
 
