@@ -23,7 +23,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,6 +30,15 @@ from transformers import AutoConfig
 
 from replicas.config import ConfigError, EngineConfig, ModelSpec, SamplingParams, StructuredSpec
 from replicas.kv_cache import BlockManager
+from replicas.outputs import (
+    AsyncSink,
+    Completion,
+    DeltaPost,
+    SyncSink,
+    TokenDelta,
+    TopLogprobs,
+    joined,
+)
 from replicas.ranks import TOLD_EXIT_S, RankLauncher, Ranks, spawn_rank
 from replicas.sampler import sample_on_device, token_logprobs
 from replicas.scheduler import Scheduled, Scheduler, Sequence
@@ -49,8 +57,6 @@ from replicas.worker import (
 log = logging.getLogger(__name__)
 
 Prompt = str | list[int]
-# the most likely tokens at one position: (token id, log-probability), most likely first
-TopLogprobs = list[tuple[int, float]]
 
 
 class RequestError(ValueError):
@@ -59,37 +65,6 @@ class RequestError(ValueError):
 
 class EngineDeadError(RuntimeError):
     """The engine failed (a rank died or a step raised); retry on another replica."""
-
-
-@dataclass
-class TokenDelta:
-    """What one step added to a request's output. Log-probabilities are raw (of the
-    model's logits, before penalties, bias, temperature, top-k, top-p); each field is
-    None unless the request asked for it (SamplingParams)."""
-
-    request_id: str
-    token_ids: list[int]
-    text: str
-    logprobs: list[float] | None = None  # one per token (logprobs)
-    finish_reason: str | None = None  # "stop" | "length" | "abort" once finished
-    top_logprobs: list[TopLogprobs] | None = None  # one per token (logprobs, top_logprobs)
-    # the first delta only (prompt_logprobs): one per prompt token, the first None
-    prompt_logprobs: list[float | None] | None = None
-    prompt_top_logprobs: list[TopLogprobs | None] | None = None  # (and top_logprobs)
-
-
-@dataclass
-class Completion:
-    request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
-    logprobs: list[float] | None = None
-    # as in TokenDelta, for the whole request
-    top_logprobs: list[TopLogprobs] | None = None
-    prompt_logprobs: list[float | None] | None = None
-    prompt_top_logprobs: list[TopLogprobs | None] | None = None
 
 
 class _Request:
@@ -214,88 +189,6 @@ class _Flight:
         return tokens.tolist(), [0.0] * n if logprobs is None else logprobs.tolist(), tops
 
 
-class _SyncSink:
-    def __init__(self) -> None:
-        self.deltas: list[TokenDelta] = []
-        self.done = threading.Event()
-        self.error: BaseException | None = None
-        self.result: Any = None
-
-    def push(self, delta: TokenDelta) -> bool:
-        """Deliver a delta; returns whether anyone still listens."""
-        self.deltas.append(delta)
-        if delta.finish_reason is not None:
-            self.done.set()
-        return True
-
-    def fail(self, error: BaseException) -> None:
-        self.error = error
-        self.done.set()
-
-
-class _Post:
-    """Deltas on their way to the consumers' event loops, sent once a step: one
-    `call_soon_threadsafe` per loop, not per token (each call takes a lock and wakes the
-    loop through a pipe: ~8 us, measured on the 2-core VM, as much as the rest of a
-    token's delivery)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], Any]]] = {}
-
-    def add(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any], item: Any) -> None:
-        with self._lock:
-            self._by_loop.setdefault(loop, []).append((queue, item))
-
-    def send(self) -> None:
-        with self._lock:
-            by_loop, self._by_loop = self._by_loop, {}
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:  # the loop closed: nobody reads these
-                pass
-
-
-def _joined(first: TokenDelta, then: TokenDelta) -> TokenDelta:
-    """Two consecutive deltas of one request as one."""
-    # (a delta without tokens, an abort's, has None for the lists: it adds nothing)
-    return TokenDelta(
-        first.request_id, first.token_ids + then.token_ids, first.text + then.text,
-        _cat(first.logprobs, then.logprobs), then.finish_reason,
-        _cat(first.top_logprobs, then.top_logprobs),
-        _cat(first.prompt_logprobs, then.prompt_logprobs),  # (in one of them at most)
-        _cat(first.prompt_top_logprobs, then.prompt_top_logprobs))
-
-
-def _cat(first: list[Any] | None, then: list[Any] | None) -> list[Any] | None:
-    return then if first is None else first if then is None else first + then
-
-
-def _put_all(items: list[tuple[asyncio.Queue[Any], Any]]) -> None:
-    for queue, item in items:
-        queue.put_nowait(item)
-
-
-class _AsyncSink:
-    def __init__(self, loop: asyncio.AbstractEventLoop, post: _Post) -> None:
-        self.loop, self.post = loop, post
-        self.queue: asyncio.Queue[TokenDelta | BaseException] = asyncio.Queue()
-
-    def push(self, delta: TokenDelta | BaseException) -> bool:
-        """Posted with the step's other deltas (`_Post.send`); False when the consumer's
-        event loop is gone (nobody will read on)."""
-        if self.loop.is_closed():
-            return False
-        self.post.add(self.loop, self.queue, delta)
-        return True
-
-    def fail(self, error: BaseException) -> None:
-        """From any thread; sent at once, behind the deltas posted before it."""
-        self.push(error)
-        self.post.send()
-
-
 class Engine:
     """One TP group serving requests. Always call `shutdown()` (or use `with`)."""
 
@@ -376,7 +269,7 @@ class Engine:
         # the next step (see _step): (request, token, logprob, its top logprobs, is a stop
         # token, index)
         self._pending: list[tuple[_Request, int, float, TopLogprobs | None, bool, int]] = []
-        self._post = _Post()  # the async consumers' deltas, sent once a step
+        self._post = DeltaPost()  # the async consumers' deltas, sent once a step
         # tp > 1: while idle the driver sends a heartbeat this often, so that a rank
         # waiting for the next step never reaches the group's timeout
         self._heartbeat_s = config.dist_timeout_s / 4
@@ -395,7 +288,7 @@ class Engine:
         """
         plist = self._params_list(params, len(prompts))
         seqs = [self._make_sequence(p, sp, None) for p, sp in zip(prompts, plist, strict=True)]
-        sinks = [_SyncSink() for _ in seqs]
+        sinks = [SyncSink() for _ in seqs]
         self._submit([("add", (s, k)) for s, k in zip(seqs, sinks, strict=True)])
         out = []
         for seq, sink in zip(seqs, sinks, strict=True):
@@ -413,7 +306,7 @@ class Engine:
         Raises RequestError before yielding anything if the request is invalid.
         """
         seq = self._make_sequence(prompt, params or SamplingParams(), request_id)
-        sink = _AsyncSink(asyncio.get_running_loop(), self._post)
+        sink = AsyncSink(asyncio.get_running_loop(), self._post)
         self._submit([("add", (seq, sink))])
         finished, held = False, None
         try:
@@ -430,7 +323,7 @@ class Engine:
                     if isinstance(queued, BaseException):
                         held = queued  # raised after the tokens before it are out
                         break
-                    item = _joined(item, queued)
+                    item = joined(item, queued)
                 yield item
                 if item.finish_reason is not None:
                     finished = True
@@ -446,7 +339,7 @@ class Engine:
     def score(self, prompt: Prompt) -> torch.Tensor:
         """Next-token logits at every prompt position: [len(prompt), vocab] float32, CPU."""
         seq = self._make_sequence(prompt, SamplingParams(max_tokens=1), None, score=True)
-        sink = _SyncSink()
+        sink = SyncSink()
         self._submit([("add", (seq, sink))])
         sink.done.wait()
         if sink.error is not None:

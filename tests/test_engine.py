@@ -24,7 +24,7 @@ from replicas import (
     RequestError,
     SamplingParams,
 )
-from replicas.engine import _SyncSink
+from replicas.outputs import SyncSink
 from replicas.tiny import tiny_model_dir
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
@@ -112,7 +112,7 @@ def test_a_consumer_behind_gets_the_queued_steps_as_one_delta(engine: Engine) ->
 
 def test_streams_get_a_steps_deltas_in_one_wake_up_of_their_loop(engine: Engine) -> None:
     """Eight streams on one event loop: every delta arrives, in order, and the driver
-    wakes the loop about once a step, not once a token (`_Post`)."""
+    wakes the loop about once a step, not once a token (`DeltaPost`)."""
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
     wakes = 0
 
@@ -574,7 +574,7 @@ def test_preempted_score_request_returns_one_row_per_prompt_token() -> None:
         gen = eng._make_sequence(list(range(100, 120)), SamplingParams(
             max_tokens=12, temperature=0, ignore_eos=True), None)
         scored = eng._make_sequence(prompt, SamplingParams(max_tokens=1), None, score=True)
-        gen_sink, score_sink = _SyncSink(), _SyncSink()
+        gen_sink, score_sink = SyncSink(), SyncSink()
         eng._submit([("add", (gen, gen_sink)), ("add", (scored, score_sink))])
         assert score_sink.done.wait(120) and gen_sink.done.wait(120)
         assert eng.stats()["preemptions"] > 0

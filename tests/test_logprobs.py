@@ -22,7 +22,7 @@ from checkpoints import CheckpointFactory
 from transformers import AutoModelForCausalLM
 
 from replicas import ConfigError, Engine, EngineConfig, RequestError, SamplingParams
-from replicas.engine import Completion, TokenDelta, _joined
+from replicas.outputs import Completion, TokenDelta, joined
 from replicas.sampler import sample_on_device
 
 LOGPROB_ATOL = 1e-4
@@ -330,8 +330,8 @@ def test_joined_deltas_keep_every_field() -> None:
                        [None, [(3, -1.5)]])
     then = TokenDelta("r", [4], "b", [-0.25], None, [[(4, -0.25), (1, -3.0)]])
     end = TokenDelta("r", [], "", None, "abort")
-    joined = _joined(_joined(first, then), end)
-    assert joined == TokenDelta("r", [1, 4], "ab", [-0.5, -0.25], "abort",
+    whole = joined(joined(first, then), end)
+    assert whole == TokenDelta("r", [1, 4], "ab", [-0.5, -0.25], "abort",
                                 [[(1, -0.5), (2, -1.0)], [(4, -0.25), (1, -3.0)]],
                                 [None, -2.0], [None, [(3, -1.5)]])
 
