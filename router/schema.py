@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 MAX_TOKENS_CAP = 1 << 20
 MAX_N = 16  # choices per request (n, and prompts x n on /v1/completions)
 MAX_PROMPTS = 64  # prompts in one /v1/completions list
+MAX_CHOICES = 128  # prompts x n: engine requests one HTTP request may start
 MAX_TOP_LOGPROBS = 20
 MAX_STOP = 4
 
@@ -63,7 +64,8 @@ HONOURED: dict[str, str] = {
     "messages": "roles system, developer (given to the template as system), user, "
                 "assistant (with tool_calls, content null), tool; content a string or "
                 "text parts (other part types: 400)",
-    "prompt": "a string, token ids, or a list of either (one choice per prompt and n)",
+    "prompt": f"a string, token ids, or a list of up to {MAX_PROMPTS} of either (one "
+              f"choice per prompt and n, at most {MAX_CHOICES} in all)",
     "max_tokens": "the completion's token limit; absent, generation may run to the end "
                   "of the context (as vLLM; OpenAI's completions stop at 16)",
     "max_completion_tokens": "the completion's token limit (wins over max_tokens)",
@@ -235,6 +237,9 @@ class CompletionBody(Body):
             raise ValueError("prompt: empty; send at least one token")
         if len(prompts) > MAX_PROMPTS:
             raise ValueError(f"prompt: at most {MAX_PROMPTS} prompts in one request")
+        if len(prompts) * self.choices > MAX_CHOICES:
+            raise ValueError(f"n: {len(prompts)} prompts x n={self.choices} choices is over "
+                             f"{MAX_CHOICES} in one request")
         return self
 
     def prompts(self) -> list[str | PromptIds]:

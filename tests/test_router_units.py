@@ -60,7 +60,8 @@ def test_an_engine_refusal_item_is_the_clients_error() -> None:
 @pytest.mark.parametrize("body", [
     {"prompt": ""}, {"prompt": []}, {"prompt": "x", "max_tokens": 0},
     {"prompt": "x", "max_tokens": "3"}, {"prompt": "x", "temperature": float("inf")},
-    {"prompt": "x", "n": 17}, {"prompt": "x", "top_p": 0}, {"prompt": "x", "stop": ["a"] * 5},
+    {"prompt": "x", "n": 17}, {"prompt": ["x"] * 9, "n": 15}, {"prompt": ["x"] * 65},
+    {"prompt": "x", "top_p": 0}, {"prompt": "x", "stop": ["a"] * 5},
     {"prompt": "x", "stream": "yes"},
 ])
 def test_completion_bodies_refused(body: dict) -> None:
