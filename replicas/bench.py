@@ -32,6 +32,7 @@ import torch
 import transformers
 
 from replicas import Engine, EngineConfig, SamplingParams
+from replicas.jsonlines import emit
 from replicas.tiny import tiny_model_dir
 
 
@@ -618,11 +619,7 @@ def main() -> int:
         suites = {"gpu": gpu_suite, "cpu": cpu_suite, "structured": structured_suite}
         rows = suites[args.suite](args.repeats)
     for row in rows:
-        line = json.dumps({**row, "suite": args.suite, **env})
-        print(line, flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(line + "\n")
+        emit({**row, "suite": args.suite, **env}, args.out)
     return 0
 
 

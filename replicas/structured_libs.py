@@ -33,6 +33,8 @@ from typing import Any
 
 from packaging.requirements import Requirement
 
+from replicas.jsonlines import emit
+
 LIBS = {"xgrammar": "xgrammar", "llguidance": "llguidance", "outlines-core": "outlines_core"}
 BASE = ("torch", "transformers", "tokenizers", "numpy")
 
@@ -387,12 +389,7 @@ def main() -> int:
     folder = Path(args.tokenizer or cache_root() / f"bpe-{args.vocab}")
     if not (folder / "tokenizer.json").is_file():
         train_tokenizer(folder, args.vocab)
-    row = {**measure(args.lib, folder), **environment()}
-    line = json.dumps(row)
-    print(line)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(line + "\n")
+    emit({**measure(args.lib, folder), **environment()}, args.out)
     return 0
 
 
