@@ -1,7 +1,7 @@
 """A measurement's output: each result is one JSON line, printed and appended to a file
-(replicas/results/*.jsonl, from which the README's tables are made). Standard library
-only: replicas/structured_libs.py runs it in environments without the engine's
-dependencies."""
+(replicas/results/*.jsonl, from which the README's tables are made). No engine import:
+replicas/structured_libs.py uses it in virtual environments that have torch and
+transformers but not the engine's other dependencies."""
 
 from __future__ import annotations
 
