@@ -24,6 +24,8 @@
 #           . /tmp/tpserve-stack/env.sh; python3 -m infra.cli up --model DIR ...)
 # AB_JOIN=1 before `measure`: the stack a second time with TPSERVE_STREAM_JOIN=0 (each
 # step's delta its own message), beside the default, in the same call (PERF.md v0.19).
+# AB_INTERVAL=N before `measure`: the stack a second time with --stream-interval N (N
+# tokens a Serve message after the first), beside the default, in the same call.
 # Issue call 2 at once when call 1 returns; on a fresh machine (call 2 too late) start
 # again with call 1. There `tpserve` is `python3 -m infra.cli` (the project is not
 # pip-installed; PYTHONPATH has the repo).
@@ -164,6 +166,13 @@ $(python3 -c "print(round($t1 - $t0, 1))")}" | tee -a "$out/gpu_stack.jsonl"
             TPSERVE_STREAM_JOIN=0 python3 -m infra.gpu_stack stack $model --state-dir \
                 $state --engine-row "$out/gpu_stack.jsonl" --out "$out/gpu_stack.jsonl" ||
             rc=$?
+        python3 -m infra.cli down --state-dir $state || rc=$?
+    fi
+    if [ "$caches" = warm ] && [ "${AB_INTERVAL:-1}" != 1 ] && [ $rc = 0 ]; then
+        python3 -m infra.cli up --model $model --tp 1 --replicas 1 --device cuda --detach \
+            --state-dir $state --timeout-s 400 --stream-interval "$AB_INTERVAL" &&
+            python3 -m infra.gpu_stack stack $model --state-dir $state --engine-row \
+                "$out/gpu_stack.jsonl" --out "$out/gpu_stack.jsonl" || rc=$?
         python3 -m infra.cli down --state-dir $state || rc=$?
     fi
     sleep 2

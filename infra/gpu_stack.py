@@ -344,6 +344,7 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
         "weight_bytes": stats.get("weight_bytes"),
         "load_gb_s": load_gb_s(stats) if "weight_bytes" in stats else None,
         "stats_error": stats.get("error"), "join_deltas": stats.get("join_deltas"),
+        "stream_interval": stats.get("stream_interval", 1),
         "chat": chat, "load": load, "load_repeat": repeat,
         "load_config": asdict(LoadConfig(**{**asdict(LOAD), "url": stack.edge})),
         "sequential": sequential, "sequential_config": asdict(SEQUENTIAL),

@@ -98,7 +98,9 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
         what = (f"stack on one {row.get('gpu', 'H200')}: {row['model']}, {row['replicas']} "
                 f"replica tp={row['tp']}, kernel caches {row['caches']}"
                 + (", a late reader's deltas not joined (TPSERVE_STREAM_JOIN=0)"
-                   if row.get("join_deltas") is False else ""))
+                   if row.get("join_deltas") is False else "")
+                + (f", {row['stream_interval']} tokens a message"
+                   if row.get("stream_interval", 1) > 1 else ""))
         start = (f"replica RUNNING in {row['replica_init_s']} s (GEMV tuning "
                  f"{row['replica_startup_s']['gemv_tuning']} s), weights "
                  f"{row['load_gb_s']} GB/s; first chat's TTFT {row['chat']['ttft_ms']} ms")

@@ -1,4 +1,5 @@
-"""The router's CPU per streamed token: `python -m infra.router_cpu [--tokens N]`.
+"""The router's CPU per streamed token: `python -m infra.router_cpu [--tokens N]
+[--stack EDGE]`.
 
 The router replica was the GPU stack's bottleneck (~1 core at 64 clients, issue 19), and
 most of its work is per token: reading the engine's wire item, shaping an OpenAI chunk,
@@ -8,6 +9,12 @@ tokens as wire dicts decoded as ServeEngine decodes them (router/wire.py, both e
 hop, no Ray), and measures the process's CPU time per streamed token: the best of
 `--rounds` rounds of `--requests` requests of `--tokens` tokens. Sessions are off (no
 Redis). Prints and appends one JSON line.
+
+`--stack EDGE`: the same figure in a running stack (`tpserve up`; EDGE its nginx URL):
+`--clients` streaming clients (infra/client.py) for `--duration` seconds through nginx,
+and each stack process's CPU seconds per streamed token over the run (the router
+replica's, the engine replica's, nginx's, this client's), with the run's tok/s and TTFT
+and the `--stream-interval` the stack was started with (as given here).
 """
 
 from __future__ import annotations
@@ -82,13 +89,53 @@ async def measure(tokens: int, requests: int, rounds: int) -> float:
     return best
 
 
+def stack_row(edge: str, clients: int, tokens: int, duration: float, interval: int
+              ) -> dict[str, Any]:
+    """CPU seconds per streamed token of each stack process over one load run."""
+    from dataclasses import asdict
+
+    from infra.client import LoadConfig, run_clients
+    from infra.gpu_stack import cpu_seconds, stack_pids
+    from infra.results import summarize
+
+    warm = LoadConfig(url=edge, clients=4, turns=1, max_tokens=8, duration=5.0,
+                      max_requests=20)
+    asyncio.run(run_clients(warm, []))
+    config = LoadConfig(url=edge, clients=clients, turns=1, max_tokens=tokens, user_words=8,
+                        duration=duration, max_requests=100_000, request_timeout=120.0)
+    pids = stack_pids()
+    before = cpu_seconds(pids)
+    records: list[Any] = []
+    wall = asyncio.run(run_clients(config, records))
+    after = cpu_seconds(pids)
+    run = summarize(records, wall)
+    streamed = run["output_tokens_per_s"] * wall
+    per_token = {name: round((after[name] - before.get(name, 0.0)) / streamed * 1e6, 1)
+                 for name in ("router", "engine", "nginx", "client") if name in after}
+    return {"mode": "router_cpu_stack", "cpu_us_per_token": per_token,
+            "tok_s": run["output_tokens_per_s"], "ttft_ms": run["ttft_ms"],
+            "requests": run["requests"], "failed": run["failed_accepted"],
+            "stream_interval": interval, "load_config": asdict(config)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokens", type=int, default=256, help="tokens per request")
+    parser.add_argument("--tokens", type=int, default=256,
+                        help="tokens per request (--stack: 128 is the GPU stack run's)")
     parser.add_argument("--requests", type=int, default=100, help="requests per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", default=DEFAULT_OUT, help="append the JSON line here")
+    parser.add_argument("--stack", metavar="EDGE", help="measure the running stack at EDGE")
+    parser.add_argument("--clients", type=int, default=16, help="--stack: clients")
+    parser.add_argument("--duration", type=float, default=25.0, help="--stack: seconds")
+    parser.add_argument("--stream-interval", type=int, default=1,
+                        help="--stack: the stack's --stream-interval, for the record")
     args = parser.parse_args(argv)
+    if args.stack:
+        emit({**stack_row(args.stack, args.clients, args.tokens, args.duration,
+                          args.stream_interval),
+              **environment()}, args.out or None)
+        return 0
     us = asyncio.run(measure(args.tokens, args.requests, args.rounds))
     emit({"mode": "router_cpu", "tokens_per_request": args.tokens,
           "cpu_us_per_token": round(us, 2), **environment()}, args.out or None)

@@ -84,6 +84,10 @@ class EngineConfig:
     # them as it reads (no all-reduce kernel; replicas/kernels/allreduce.py). Off until
     # measured faster on two GPUs (PERF.md v0.15: its first form was slower)
     fold_all_reduce: bool = False
+    # tokens per streamed delta (Engine.add_request) after a request's first, which goes
+    # at once: each delta is one Serve message to the router, whose per-message cost set
+    # the GPU stack's pace (issue 19); 1: every step's token as it comes
+    stream_interval: int = 1
 
     def __post_init__(self) -> None:
         if self.tp not in SUPPORTED_TP:
@@ -100,7 +104,7 @@ class EngineConfig:
         if self.overlap_chunk_tokens < 0:
             raise ConfigError(f"overlap_chunk_tokens must be >= 0, got "
                               f"{self.overlap_chunk_tokens}")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "stream_interval"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len <= 0:

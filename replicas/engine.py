@@ -300,7 +300,8 @@ class Engine:
 
     async def add_request(self, prompt: Prompt, params: SamplingParams | None = None,
                           request_id: str | None = None) -> AsyncIterator[TokenDelta]:
-        """Stream a request's deltas; the last one has `finish_reason` set.
+        """Stream a request's deltas; the last one has `finish_reason` set. After the
+        first, each delta holds at least `config.stream_interval` tokens (or ends it).
 
         Leaving the iteration early (break, cancel, client gone) aborts the request.
         Raises RequestError before yielding anything if the request is invalid.
@@ -308,7 +309,7 @@ class Engine:
         seq = self._make_sequence(prompt, params or SamplingParams(), request_id)
         sink = AsyncSink(asyncio.get_running_loop(), self._post)
         self._submit([("add", (seq, sink))])
-        finished, held = False, None
+        finished, held, first = False, None, True
         try:
             while True:
                 item = held if held is not None else await sink.queue.get()
@@ -316,14 +317,19 @@ class Engine:
                 if isinstance(item, BaseException):
                     raise item
                 # a consumer that fell behind (Serve sending the last delta on) gets the
-                # steps queued meanwhile as one delta: one message instead of several
-                while (self.join_deltas and item.finish_reason is None
-                       and not sink.queue.empty()):
-                    queued = sink.queue.get_nowait()
+                # steps queued meanwhile as one delta: one message instead of several;
+                # and after the first, a delta waits for stream_interval tokens
+                want = 1 if first else self.config.stream_interval
+                while item.finish_reason is None and (
+                        (self.join_deltas and not sink.queue.empty())
+                        or len(item.token_ids) < want):
+                    queued = sink.queue.get_nowait() if not sink.queue.empty() else (
+                        await sink.queue.get())
                     if isinstance(queued, BaseException):
                         held = queued  # raised after the tokens before it are out
                         break
                     item = joined(item, queued)
+                first = False
                 yield item
                 if item.finish_reason is not None:
                     finished = True
@@ -366,6 +372,7 @@ class Engine:
             # weight_bytes / startup_s["load"]
             "startup_s": dict(self.worker.startup_s),
             "join_deltas": self.join_deltas,
+            "stream_interval": self.config.stream_interval,
             "weight_bytes": self.worker.weight_bytes,
         }
 

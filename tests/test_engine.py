@@ -5,6 +5,7 @@ failure of a rank and shutdown."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import shutil
 import threading
@@ -86,6 +87,27 @@ def test_stream_matches_generate_and_ends_once(engine: Engine) -> None:
     assert [t for d in deltas for t in d.token_ids] == whole.token_ids
     assert "".join(d.text for d in deltas) == whole.text
     assert [d.finish_reason for d in deltas] == [None] * (len(deltas) - 1) + ["length"]
+
+
+def test_stream_interval_sends_the_first_token_alone_then_groups(engine: Engine) -> None:
+    """stream_interval=4: the first delta is the first token (the time to first token is
+    not held back), each later one has at least 4 tokens but the last; the same tokens,
+    text and finish as one token a delta."""
+    params = SamplingParams(max_tokens=15, temperature=0.0, ignore_eos=True)
+    plain = collect(engine, "The fox", params)
+    engine.config = dataclasses.replace(engine.config, stream_interval=4)
+    try:
+        grouped = collect(engine, "The fox", params)
+    finally:
+        engine.config = dataclasses.replace(engine.config, stream_interval=1)
+    sizes = [len(d.token_ids) for d in grouped]
+    assert sizes[0] == 1 and all(n >= 4 for n in sizes[1:-1]) and sum(sizes) == 15
+    assert len(grouped) <= 5  # 1 + ceil(14 / 4)
+    assert [t for d in grouped for t in d.token_ids] == [t for d in plain for t in d.token_ids]
+    assert "".join(d.text for d in grouped) == "".join(d.text for d in plain)
+    assert [d.finish_reason for d in grouped][-1] == "length"
+    with pytest.raises(ConfigError, match="stream_interval"):
+        EngineConfig(stream_interval=0)
 
 
 def test_a_consumer_behind_gets_the_queued_steps_as_one_delta(engine: Engine) -> None:
