@@ -13,7 +13,7 @@ from infra.results import RESULTS
 # ---- the README's table -------------------------------------------------------------------
 
 TABLE_FILES = ("load_cpu.jsonl", "pinning_cpu.jsonl", "overhead_cpu.jsonl", "chaos_cpu.jsonl",
-               "soak_cpu.jsonl", "stack_gpu_h200.jsonl")
+               "soak_cpu.jsonl", "router_cpu.jsonl", "stack_gpu_h200.jsonl")
 # lines of a GPU run (infra/gpu_stack.py) whose figures its `gpu_stack` / `gpu_stack_start`
 # line carries too: kept in the file, not rows of the table
 DETAIL_KINDS = ("gpu_engine", "gpu_stack_up", "gpu_checkpoint")
@@ -94,6 +94,18 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                 f"RSS growth after {c['warmup']:.0f} s warm-up, max over router and engine "
                 f"processes {row['max_growth_bounded_mib']} MiB; {row['requests']} requests, "
                 f"{row['failed_accepted']} failed", f"<= {row['bound_mib']:.0f} MiB")
+    if kind == "router_cpu":
+        return (f"router CPU per streamed token, in-process (its ASGI app, the wire both ways, "
+                f"{row['tokens_per_request']}-token streams)",
+                f"{row['cpu_us_per_token']} us", "—")
+    if kind == "router_cpu_stack":
+        c, us = row["load_config"], row["cpu_us_per_token"]
+        return (f"CPU per streamed token in the CPU stack (tiny model, one tp=1 replica, "
+                f"{c['clients']} clients x {c['max_tokens']} tokens, stream_interval "
+                f"{row['stream_interval']})",
+                f"router {us['router']} us, engine replica {us['engine']}, nginx "
+                f"{us['nginx']}, client {us['client']}; {row['tok_s']} tok/s, TTFT p50 "
+                f"{row['ttft_ms']['p50']} ms", "—")
     if kind in ("gpu_stack", "gpu_stack_start"):
         what = (f"stack on one {row.get('gpu', 'H200')}: {row['model']}, {row['replicas']} "
                 f"replica tp={row['tp']}, kernel caches {row['caches']}"

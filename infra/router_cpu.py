@@ -112,7 +112,7 @@ def stack_row(edge: str, clients: int, tokens: int, duration: float, interval: i
     streamed = run["output_tokens_per_s"] * wall
     per_token = {name: round((after[name] - before.get(name, 0.0)) / streamed * 1e6, 1)
                  for name in ("router", "engine", "nginx", "client") if name in after}
-    return {"mode": "router_cpu_stack", "cpu_us_per_token": per_token,
+    return {"kind": "router_cpu_stack", "cpu_us_per_token": per_token,
             "tok_s": run["output_tokens_per_s"], "ttft_ms": run["ttft_ms"],
             "requests": run["requests"], "failed": run["failed_accepted"],
             "stream_interval": interval, "load_config": asdict(config)}
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
               **environment()}, args.out or None)
         return 0
     us = asyncio.run(measure(args.tokens, args.requests, args.rounds))
-    emit({"mode": "router_cpu", "tokens_per_request": args.tokens,
+    emit({"kind": "router_cpu", "tokens_per_request": args.tokens,
           "cpu_us_per_token": round(us, 2), **environment()}, args.out or None)
     return 0
 
