@@ -426,26 +426,25 @@ class Router:
 
     async def _sse(self, call: _Call) -> AsyncIterator[str]:
         model, ids = self.config.model_name, bool(call.body.return_token_ids)
+
+        def event(choice: Choice, item: wire.Item) -> str:
+            """A later item of a choice's stream as its event (a plain token's directly)."""
+            delta = self._delta(item)
+            choice.deltas.append(delta)
+            if not (ids or choice.logprobs or delta.tool_calls):
+                return plain_event(call.route, call.cid, model, choice, delta)
+            return _event(chunk(call.route, call.cid, model, choice, delta, False, ids))
+
         try:
             for choice in call.choices:
                 yield _event(chunk(call.route, call.cid, model, choice, choice.deltas[0],
                                    True, ids))
             if len(call.choices) == 1:  # the common case, without _merged's layer
-                choice = call.choices[0]
-                plain = not (ids or choice.logprobs)
-                async for item in choice.stream:
-                    delta = self._delta(item)
-                    choice.deltas.append(delta)
-                    yield (plain_event(call.route, call.cid, model, choice, delta)
-                           if plain and delta.tool_calls is None else
-                           _event(chunk(call.route, call.cid, model, choice, delta, False,
-                                        ids)))
+                async for item in call.choices[0].stream:
+                    yield event(call.choices[0], item)
             else:
                 async for choice, item in _merged(call.choices):
-                    delta = self._delta(item)
-                    choice.deltas.append(delta)
-                    yield _event(chunk(call.route, call.cid, model, choice, delta, False,
-                                       ids))
+                    yield event(choice, item)
             await self._finish(call)
             if call.body.wants_usage():
                 yield _event(usage_chunk(call.route, call.cid, model, call.usage()))
