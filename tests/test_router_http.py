@@ -281,7 +281,28 @@ fields = st.fixed_dictionaries({}, optional={
     "temperature": st.one_of(st.floats(-1, 3, allow_nan=False), json_values),
     "top_p": st.one_of(st.floats(-1, 2, allow_nan=False), json_values),
     "stream": st.one_of(st.booleans(), json_values), "model": json_values,
-    "stop": json_values, "seed": json_values, "user": json_values, "n": json_values,
+    "stop": json_values, "seed": json_values, "user": json_values,
+    "n": st.one_of(st.integers(0, 3), json_values),
+    # the fields of issue 18: logprobs, echo, penalties, bias, tools, structured outputs
+    "logprobs": st.one_of(st.booleans(), st.integers(-1, 3), json_values),
+    "top_logprobs": st.one_of(st.integers(-1, 3), json_values),
+    "echo": st.one_of(st.booleans(), json_values),
+    "presence_penalty": st.one_of(st.floats(-3, 3, allow_nan=False), json_values),
+    "logit_bias": st.one_of(st.dictionaries(st.sampled_from(["0", "5", "999", "x", "-1"]),
+                                            st.floats(-150, 150, allow_nan=False),
+                                            max_size=2), json_values),
+    "max_completion_tokens": st.one_of(st.integers(-1, 4), json_values),
+    "response_format": st.one_of(
+        st.sampled_from([{"type": "json_object"}, {"type": "text"}, {"type": "json_schema"},
+                         {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+                             "type": "object", "properties": {"a": {"type": "boolean"}},
+                             "required": ["a"]}}},
+                         {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+                             "type": "nonsense"}}}]), json_values),
+    "tools": st.one_of(st.just([{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"on": {"type": "boolean"}}}}}]), json_values),
+    "tool_choice": st.one_of(st.sampled_from(["auto", "none", "required", {
+        "type": "function", "function": {"name": "f"}}]), json_values),
 })
 
 
@@ -781,3 +802,46 @@ def test_bad_tool_requests_are_refused_by_name(client: Client, extra: dict, para
     reply = client.post("/v1/chat/completions", {**CHAT, **extra})
     assert reply.status == 400 and reply.json()["error"]["message"].startswith(param), \
         reply.body
+
+
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=list(HealthCheck))
+@given(chat=st.booleans(), n=st.integers(1, 3), logprobs=st.booleans(),
+       top=st.integers(0, 3), echo=st.booleans(), stream=st.booleans(),
+       penalty=st.floats(-2, 2, allow_nan=False), bias=st.sampled_from([None, {"5": 3.0}]),
+       form=st.sampled_from(["text", "json_object", "json_schema"]),
+       tools=st.sampled_from([None, "auto", "required", "named", "none"]))
+def test_fuzz_valid_combinations_of_the_new_fields_answer_whole(
+        real_client: Client, chat: bool, n: int, logprobs: bool, top: int, echo: bool,
+        stream: bool, penalty: float, bias: dict | None, form: str, tools: str | None
+        ) -> None:
+    """Valid mixes of n, logprobs, echo, penalties, bias, response_format and tool_choice
+    on the real tiny engine: never a 5xx; a whole answer has n choices, each with
+    logprobs exactly when asked."""
+    body: dict = {"max_tokens": 6, "n": n, "presence_penalty": penalty, "stream": stream,
+                  "logit_bias": bias, "seed": 3}
+    if chat:
+        body.update(messages=[{"role": "user", "content": "Switch the light"}],
+                    logprobs=logprobs, top_logprobs=top if logprobs else None)
+        if form != "text":
+            schema = {"type": "object", "properties": {"on": {"type": "boolean"}},
+                      "required": ["on"]}
+            body["response_format"] = {"type": form} if form == "json_object" else {
+                "type": form, "json_schema": {"name": "s", "schema": schema}}
+        if tools is not None and form == "text":
+            body["tools"] = [{"type": "function", "function": {"name": "light", "parameters": {
+                "type": "object", "properties": {"on": {"type": "boolean"}}}}}]
+            body["tool_choice"] = ({"type": "function", "function": {"name": "light"}}
+                                   if tools == "named" else tools)
+    else:
+        body.update(prompt="Once upon a time", logprobs=top if logprobs else None, echo=echo)
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    reply = real_client.loop.run(asgi(real_client.app, "POST", path, json.dumps(body).encode(),
+                                      {}, "127.0.0.1"), timeout=60)
+    assert reply.status == 200, (reply.status, body, reply.body[:300])
+    if stream:
+        assert reply.body.endswith(b"data: [DONE]\n\n") and b'"error"' not in reply.body
+        return
+    choices = reply.json()["choices"]
+    assert sorted(c["index"] for c in choices) == list(range(n))
+    assert all((c["logprobs"] is not None) == logprobs for c in choices), choices
