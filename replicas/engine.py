@@ -40,7 +40,7 @@ from replicas.outputs import (
     joined,
 )
 from replicas.ranks import TOLD_EXIT_S, RankLauncher, Ranks, spawn_rank
-from replicas.sampler import sample_on_device, token_logprobs
+from replicas.sampler import choose_tokens, token_logprobs
 from replicas.scheduler import Scheduled, Scheduler, Sequence
 from replicas.structured import Constraint, Grammars
 from replicas.tokenizer import IncrementalDecoder, Tokenizer
@@ -664,7 +664,7 @@ class Engine:
         used. Every earlier token of theirs is on the host by now: `_land` read the
         step before (its matchers took those tokens) before this step is sampled."""
         # a decode step samples every row in order: no gather of the logits then (and its
-        # graph may have taken their argmax already: sample_on_device drops it for rows
+        # graph may have taken their argmax already: choose_tokens drops it for rows
         # whose logits a penalty or bias changes)
         in_order = at == list(range(len(at)))
         picked = logits[: len(at)] if in_order else logits[
@@ -678,16 +678,16 @@ class Engine:
             self.mask_fill_s += time.perf_counter() - start
             choose = grammars.apply(picked, rows, bitmask)
         params = [r.seq.params for r in reqs]
-        tokens, logprobs = sample_on_device(
+        tokens = choose_tokens(
             picked, params, [r.generator for r in reqs],
             argmax=greedy[: len(at)] if in_order and greedy is not None else None,
             counts=[r.counts for r in reqs], choose=choose)
-        top = max((p.top_logprobs for p in params if p.logprobs), default=0)
-        if not top:
-            return tokens, logprobs, None
-        _, values, ids = token_logprobs(picked, tokens, top)  # [N, top] each
-        assert values is not None and ids is not None
-        return tokens, logprobs, (values, ids)
+        if not any(p.logprobs for p in params):
+            return tokens, None, None
+        # one log-softmax for the chosen tokens' log-probabilities and the top ones
+        top = max(p.top_logprobs for p in params if p.logprobs)
+        logprobs, values, ids = token_logprobs(picked, tokens, top)  # [N], [N, top] each
+        return tokens, logprobs, None if values is None or ids is None else (values, ids)
 
     def _gather_prompt_logprobs(self, req: _Request, logits: torch.Tensor, row: int,
                                 pos: int, n: int) -> None:

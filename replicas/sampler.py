@@ -32,14 +32,26 @@ def sample_on_device(
     counts: list[dict[int, int]] | None = None, choose: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits [N, vocab] float32 -> (tokens [N] int64, log-probability of each token
-    under the model's unmodified distribution [N] float32), on logits' device. The
-    log-probabilities (a log-softmax over the vocabulary) only if a request asks for
-    them, or with_logprobs. `argmax`: logits.argmax(-1) if already made (a decode
-    graph makes it; not used when a row's logits are adjusted or masked). `counts`: per
-    row, how often each token was generated so far (for the penalties; None: no row has
-    any). `choose`: `logits` with a grammar's mask applied (replicas/structured.py): the
-    tokens are chosen from it (after the penalties), the log-probabilities stay the
-    model's."""
+    under the model's unmodified distribution [N] float32), on logits' device: the tokens
+    of `choose_tokens`, and their log-probabilities (a log-softmax over the vocabulary)
+    only if a request asks for them, or with_logprobs."""
+    tokens = choose_tokens(logits, params, generators, argmax, counts, choose)
+    if not (with_logprobs or any(p.logprobs for p in params)):
+        return tokens, None
+    return tokens, token_logprobs(logits, tokens)[0]
+
+
+def choose_tokens(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
+    argmax: torch.Tensor | None = None, counts: list[dict[int, int]] | None = None,
+    choose: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """logits [N, vocab] float32 -> tokens [N] int64, on logits' device. `argmax`:
+    logits.argmax(-1) if already made (a decode graph makes it; not used when a row's
+    logits are adjusted or masked). `counts`: per row, how often each token was generated
+    so far (for the penalties; None: no row has any). `choose`: `logits` with a grammar's
+    mask applied (replicas/structured.py): the tokens are chosen from it (after the
+    penalties)."""
     chosen_from = adjust_logits(logits if choose is None else choose, params, counts)
     if chosen_from is not logits:  # the graph's argmax is of the raw logits
         argmax = None
@@ -48,10 +60,7 @@ def sample_on_device(
         greedy = _on(logits, [p.greedy for p in params], torch.bool)
         sampled = _sample_random(chosen_from, params, generators)
         tokens = torch.where(greedy, tokens, sampled)
-    if not (with_logprobs or any(p.logprobs for p in params)):
-        return tokens, None
-    logprobs = torch.log_softmax(logits, dim=-1)  # [N, vocab]
-    return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)
+    return tokens
 
 
 def adjust_logits(logits: torch.Tensor, params: list[SamplingParams],
