@@ -84,7 +84,7 @@ async def serve_request(engine: Engine, request: dict[str, Any], replica: str
                 text, calls, reason = parse_tools(parser, text, reason)
             out = wire.Delta(delta.token_ids, text, reason, replica,
                              len(ids) if first else None,
-                             token_logprobs(engine, delta.token_ids, delta.logprobs,
+                             wire_logprobs(engine, delta.token_ids, delta.logprobs,
                                             delta.top_logprobs), tool_calls=calls)
             if first and req.echo:
                 out = echoed(engine, out, ids, req, delta)
@@ -139,7 +139,7 @@ def parse_tools(parser: ToolCallParser, text: str, reason: str | None
     return content, [wire.ToolCall(c.id, c.name, c.arguments) for c in calls] or None, reason
 
 
-def token_logprobs(engine: Engine, ids: list[int], logprobs: list[float | None] | None,
+def wire_logprobs(engine: Engine, ids: list[int], logprobs: list[float | None] | None,
                    top: list[list[tuple[int, float]]] | None) -> list[wire.TokenLogprob] | None:
     """The wire's logprobs of tokens `ids`: each token's text (the tokenizer's decoding of
     that one token) with its log-probability and its alternatives'."""
@@ -156,7 +156,7 @@ def echoed(engine: Engine, delta: wire.Delta, ids: list[int], request: wire.Requ
     """The first delta of an echo request: with the prompt's text (decoded, when the
     client sent token ids) and, with logprobs, the prompt tokens' logprobs."""
     text = request.prompt if isinstance(request.prompt, str) else engine.tokenizer.decode(ids)
-    return replace(delta, prompt_text=text, prompt_logprobs=token_logprobs(
+    return replace(delta, prompt_text=text, prompt_logprobs=wire_logprobs(
         engine, ids, first.prompt_logprobs, first.prompt_top_logprobs))
 
 

@@ -122,8 +122,9 @@ class RouterConfig:
 def count_tokens(message: dict[str, Any]) -> int:
     """Rough token count of a stored chat turn (~4 characters a token, plus the role):
     the router holds no tokenizer; the budget is a bound, not an exact figure."""
-    calls = message.get("tool_calls") or []
-    return 4 + (len(message.get("content") or "") + len(json.dumps(calls)) * bool(calls)) // 4
+    calls = message.get("tool_calls")
+    text = (message.get("content") or "") + (json.dumps(calls) if calls else "")
+    return 4 + len(text) // 4
 
 
 class EngineClient(Protocol):
@@ -237,9 +238,12 @@ class Router:
 
     async def model(self, model_id: str) -> Response:
         if model_id != self.config.model_name:
-            return ApiError(404, f"model {model_id!r} does not exist; GET /v1/models lists "
-                            f"{self.config.model_name!r}", param="model").response()
+            return self._no_model(model_id).response()
         return JSONResponse(self._model())
+
+    def _no_model(self, model_id: str) -> ApiError:
+        return ApiError(404, f"model {model_id!r} does not exist; GET /v1/models lists "
+                        f"{self.config.model_name!r}", param="model")
 
     def _model(self) -> dict[str, Any]:
         return {"id": self.config.model_name, "object": "model", "created": 0,
@@ -302,8 +306,7 @@ class Router:
     async def _admit(self, request: Request, route: str, model: type[Body]) -> _Call:
         body = await self._parse(request, model)
         if body.model is not None and body.model != self.config.model_name:
-            raise ApiError(404, f"model {body.model!r} does not exist; GET /v1/models lists "
-                           f"{self.config.model_name!r}", "invalid_request_error", "model")
+            raise self._no_model(body.model)
         peer = request.client.host if request.client else "0.0.0.0"
         try:
             key = session_key(request.headers, body.prompt_cache_key or body.user, peer,

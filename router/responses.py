@@ -127,7 +127,6 @@ def whole(route: str, cid: str, model: str, choices: list[Choice], token_ids: bo
     """A whole (not streamed) response: every choice's text, finish reason, logprobs."""
     out = []
     for choice in sorted(choices, key=lambda c: c.index):
-        text = "".join(d.text for d in choice.deltas)
         tokens = [t for i, d in enumerate(choice.deltas)
                   for t in _delta_logprobs(choice, d, i == 0)]
         shaped: dict[str, Any] = {"index": choice.index,
@@ -136,7 +135,7 @@ def whole(route: str, cid: str, model: str, choices: list[Choice], token_ids: bo
         if route == "chat":
             shaped["message"] = message(choice)
         else:
-            shaped["text"] = choice.echoed() + text
+            shaped["text"] = choice.echoed() + "".join(d.text for d in choice.deltas)
         if token_ids:
             shaped["token_ids"] = [t for d in choice.deltas for t in d.token_ids]
         out.append(shaped)
