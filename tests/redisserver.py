@@ -9,7 +9,10 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+import pytest
 import redis
 
 from replicas.ranks import free_port
@@ -63,3 +66,17 @@ class RedisServer:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         self.proc = None
+
+
+@contextmanager
+def running() -> Iterator[RedisServer]:
+    """A started server for a test module's fixture, stopped at the end; the module's
+    tests are skipped where redis-server is not installed."""
+    if not os.path.exists(REDIS_SERVER):
+        pytest.skip("redis-server not installed (Debian: apt-get install redis-server)")
+    server = RedisServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from redisserver import REDIS_SERVER, RedisServer
+from redisserver import running
 from routerserver import RouterServer
 
 MAX_MODEL_LEN = 1024
@@ -21,20 +21,16 @@ CHAT = [{"role": "user", "content": "Once upon a time"}]
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[RouterServer]:
-    if not os.path.exists(REDIS_SERVER):
-        pytest.skip("redis-server not installed (Debian: apt-get install redis-server)")
     from replicas import Engine, EngineConfig
 
-    redis = RedisServer()
-    redis.start()
-    engine = Engine(EngineConfig(tp=1, max_model_len=MAX_MODEL_LEN))
-    server = RouterServer(engine, redis.url()).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        engine.shutdown()
-        redis.stop()
+    with running() as redis:
+        engine = Engine(EngineConfig(tp=1, max_model_len=MAX_MODEL_LEN))
+        server = RouterServer(engine, redis.url()).start()
+        try:
+            yield server
+        finally:
+            server.stop()
+            engine.shutdown()
 
 
 def test_the_openai_client(server: RouterServer) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import threading
 import zlib
 from collections.abc import AsyncGenerator, Coroutine, Iterator
@@ -19,7 +18,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from redisserver import REDIS_SERVER, RedisServer
+from redisserver import RedisServer, running
 from routerserver import LocalEngine
 
 from router import wire
@@ -198,12 +197,8 @@ def loop() -> Iterator[Loop]:
 
 @pytest.fixture(scope="module")
 def redis_server() -> Iterator[RedisServer]:
-    if not os.path.exists(REDIS_SERVER):
-        pytest.skip("redis-server not installed (Debian: apt-get install redis-server)")
-    server = RedisServer()
-    server.start()
-    yield server
-    server.stop()
+    with running() as server:
+        yield server
 
 
 def router_with(engine: Any, redis_server: RedisServer, control: Any = None,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from redisserver import REDIS_SERVER, RedisServer
+from redisserver import REDIS_SERVER, RedisServer, running
 
 from replicas.ranks import free_port
 from router.sessions import SessionStore, SessionStoreConfig, keep_from, redact
@@ -25,14 +25,8 @@ from router.sessions import SessionStore, SessionStoreConfig, keep_from, redact
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[RedisServer]:
-    if not os.path.exists(REDIS_SERVER):
-        pytest.skip("redis-server not installed (Debian: apt-get install redis-server)")
-    srv = RedisServer()
-    try:
-        srv.start()
+    with running() as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture
