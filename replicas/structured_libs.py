@@ -140,9 +140,12 @@ def import_seconds(module: str) -> float:
 
 
 class Lib:
-    """One library behind a common face: wrap the tokenizer, compile, match, fill."""
+    """One library behind a common face: wrap the tokenizer, compile, match, fill. Each
+    fills `mask`, a packed bitmask [1, ceil(vocab / 32)] int32 (bit t % 32 of word t // 32
+    is token t)."""
 
     name = ""
+    mask: Any
 
     def __init__(self, hf: Any, vocab: int, eos: int) -> None:
         raise NotImplementedError
@@ -161,7 +164,7 @@ class Lib:
 
     def allowed(self, token: int) -> bool:
         """Whether the last fill allowed `token`."""
-        raise NotImplementedError
+        return bool((int(self.mask[0, token // 32]) >> (token % 32)) & 1)
 
 
 class Xgrammar(Lib):
@@ -190,9 +193,6 @@ class Xgrammar(Lib):
 
     def accept(self, matcher: Any, token: int) -> bool:
         return bool(matcher.accept_token(token))
-
-    def allowed(self, token: int) -> bool:
-        return bool((int(self.mask[0, token // 32]) >> (token % 32)) & 1)
 
 
 class Llguidance(Lib):
@@ -230,9 +230,6 @@ class Llguidance(Lib):
     def accept(self, matcher: Any, token: int) -> bool:
         return bool(matcher.consume_token(token))
 
-    def allowed(self, token: int) -> bool:
-        return bool((int(self.mask[0, token // 32]) >> (token % 32)) & 1)
-
 
 class OutlinesCore(Lib):
     name = "outlines-core"
@@ -267,9 +264,6 @@ class OutlinesCore(Lib):
         if not matcher.is_finished():  # a finished guide allows only EOS, and ends there
             matcher.advance(token)
         return True
-
-    def allowed(self, token: int) -> bool:
-        return bool((int(self.mask[0, token // 32]) >> (token % 32)) & 1)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
