@@ -110,50 +110,21 @@ class _Request:
         return chosen, tops
 
 
-def _to_host(tensors: list[torch.Tensor | None], slots: list[torch.Tensor | None] | None = None
+def _to_host(tensors: list[torch.Tensor | None]
              ) -> tuple[list[torch.Tensor | None], torch.cuda.Event | None]:
     """CUDA tensors copied into pinned host memory behind the work queued so far, and the
     event to wait for before reading them (waiting for that work only, not for steps
-    queued after it); CPU tensors as they are, and no event. `slots`: pinned buffers to
-    copy into (tensor i into slots[i], grown when too small), else fresh ones."""
+    queued after it); CPU tensors as they are, and no event."""
     if not any(t is not None and t.is_cuda for t in tensors):
         return tensors, None
     host: list[torch.Tensor | None] = []
-    for i, t in enumerate(tensors):
+    for t in tensors:
         if t is not None:
-            t = _pinned(t, slots, i).copy_(t, non_blocking=True)
+            t = torch.empty_like(t, device="cpu").pin_memory().copy_(t, non_blocking=True)
         host.append(t)
     ready = torch.cuda.Event()
     ready.record()
     return host, ready
-
-
-def _pinned(t: torch.Tensor, slots: list[torch.Tensor | None] | None, i: int) -> torch.Tensor:
-    """A pinned host tensor shaped as `t`: a view of slots[i] (grown if too small)."""
-    if slots is None:
-        return torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    slots.extend([None] * (i + 1 - len(slots)))
-    buf, n = slots[i], t.numel()
-    if buf is None or buf.dtype != t.dtype or buf.numel() < n:
-        size = max(n, 2 * buf.numel() if buf is not None and buf.dtype == t.dtype else 0)
-        buf = slots[i] = torch.empty(size, dtype=t.dtype, pin_memory=True)
-    return buf[:n].view(t.shape)
-
-
-class _Staging:
-    """Pinned host buffers that the steps' sampled results are copied into, two sets
-    used in turn. A flight is read (`_land`) before the next one is made, so its set is
-    free again by its next turn. A pinned allocation per tensor per step took about a
-    quarter of the driver thread's samples in a py-spy profile of the GPU stack (PERF.md
-    v0.21)."""
-
-    def __init__(self) -> None:
-        self._sets: tuple[list[torch.Tensor | None], ...] = ([], [])
-        self._turn = 0
-
-    def take(self) -> list[torch.Tensor | None]:
-        self._turn ^= 1
-        return self._sets[self._turn]
 
 
 def _pairs(ids: list[list[int]], values: list[list[float]]) -> list[TopLogprobs]:
@@ -175,18 +146,16 @@ class _Flight:
     def __init__(self, entries: list[tuple[_Request, int]], tokens: torch.Tensor,
                  logprobs: torch.Tensor | None, overflow: torch.Tensor | None = None,
                  step: tuple[StepBatch, torch.Tensor | None, list[int]] | None = None,
-                 top: TopRows | None = None,
-                 slots: list[torch.Tensor | None] | None = None) -> None:
+                 top: TopRows | None = None) -> None:
         self.entries = entries  # (request, the token's index among its outputs, from 1)
         self.tokens = tokens  # [N] int64 on the device
         self.step = step
         self._overflow = None if overflow is None else overflow.clone()  # this step's
-        self._slots = slots  # the pinned buffers its results land in (_Staging)
         self._send_to_host(logprobs, top)
 
     def _send_to_host(self, logprobs: torch.Tensor | None, top: TopRows | None) -> None:
         self._host, self._ready = _to_host(
-            [self.tokens, logprobs, self._overflow, *(top or (None, None))], self._slots)
+            [self.tokens, logprobs, self._overflow, *(top or (None, None))])
 
     def overflowed(self) -> bool:
         """Whether the step's 16-bit all-reduce overflowed (waits for the step)."""
@@ -290,7 +259,6 @@ class Engine:
         self.mask_fill_s = 0.0  # time spent filling structured outputs' token masks
         # the last step's tokens, still on the device (see _step)
         self._flight: _Flight | None = None
-        self._staging = _Staging()
         # at tp > 1 the other ranks get the placeholders' tokens by a broadcast on the
         # device (Worker._share_feed): on GPUs that costs far less than the host round
         # trip it saves; on CPU (gloo) it costs about what it saves, so CPU TP steps
@@ -675,8 +643,7 @@ class Engine:
             at = [row for _, row in sampled]
             tokens, logprobs, top = self._sample(logits, reqs, at, self.worker.greedy)
             self._flight = _Flight([(r, self._accept(r, -(j + 1))) for j, r in enumerate(reqs)],
-                                   tokens, logprobs, overflow, (batch, feed, at), top,
-                                   self._staging.take())
+                                   tokens, logprobs, overflow, (batch, feed, at), top)
             if not self._ahead:
                 self._land()
                 if self._device.type == "cpu":
