@@ -427,9 +427,7 @@ def structured_model_dir(name: str = "tiny") -> str:
 
 def structured_suite(repeats: int) -> list[dict[str, Any]]:
     """Per decode step, json_schema requests in batches: the host's mask filling
-    (Engine.mask_fill_s; the driver's wait for it, mask_wait_s: the fill runs in a thread
-    of its own while the driver delivers the step before's tokens), the masks'
-    application, and the step with and without them.
+    (Engine.mask_fill_s), the masks' application, and the step with and without them.
     On the tiny model a step is the host's own work, so nothing can hide the fill; on a
     GPU the 8B-shaped model's forward is long enough for the fill to overlap it: then
     `added_ms` (structured step - plain step) stays well under `fill_ms`."""
@@ -458,12 +456,11 @@ def _structured_row(engine: Engine, spec: Any, batch: int, repeats: int, shapes:
     shaped = dataclasses.replace(plain, structured=spec)
     step_ms = {name: min(_per_step(engine, prompts, p) for _ in range(repeats))
                for name, p in (("plain", plain), ("structured", shaped))}
-    fill, wait = min(_fill_per_step(engine, prompts, shaped) for _ in range(repeats))
+    fill = min(_fill_per_step(engine, prompts, shaped) for _ in range(repeats))
     apply_ms = _apply_ms(engine, batch, repeats)
     added = step_ms["structured"] - step_ms["plain"]
     return {"case": f"structured_b{batch}_vocab151936", "unit": "ms/step", "model": shapes,
-            "fill_ms": round(fill, 3), "fill_wait_ms": round(wait, 3),
-            "apply_ms": round(apply_ms, 3),
+            "fill_ms": round(fill, 3), "apply_ms": round(apply_ms, 3),
             "step_ms_plain": round(step_ms["plain"], 3),
             "step_ms_structured": round(step_ms["structured"], 3),
             "added_ms": round(added, 3),
@@ -478,13 +475,10 @@ def _per_step(engine: Engine, prompts: list[list[int]], params: SamplingParams) 
     return (time.perf_counter() - start) * 1e3 / (engine._steps - steps)
 
 
-def _fill_per_step(engine: Engine, prompts: list[list[int]], params: SamplingParams
-                   ) -> tuple[float, float]:
-    """Milliseconds per step spent filling masks, and the driver's wait for them."""
-    steps, fill, wait = engine._steps, engine.mask_fill_s, engine.mask_wait_s
+def _fill_per_step(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> float:
+    steps, fill = engine._steps, engine.mask_fill_s
     engine.generate(prompts, params)
-    n = engine._steps - steps
-    return (engine.mask_fill_s - fill) * 1e3 / n, (engine.mask_wait_s - wait) * 1e3 / n
+    return (engine.mask_fill_s - fill) * 1e3 / (engine._steps - steps)
 
 
 def _apply_ms(engine: Engine, batch: int, repeats: int) -> float:

@@ -23,7 +23,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from collections.abc import Sequence as Seq
-from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -257,10 +256,7 @@ class Engine:
         self._device_wait_s = 0.0  # time the driver waited for sampled tokens (see _land)
         self._grammars: Grammars | None = None  # made by the first structured request
         self._grammars_lock = threading.Lock()
-        self.mask_wait_s = 0.0  # time the driver waited for structured outputs' masks
-        # a step's structured rows (their requests) and the future of their masks, being
-        # filled while the driver delivers the step before's tokens (_prefill_masks)
-        self._masks: tuple[list[_Request], Future[torch.Tensor]] | None = None
+        self.mask_fill_s = 0.0  # time spent filling structured outputs' token masks
         # the last step's tokens, still on the device (see _step)
         self._flight: _Flight | None = None
         # at tp > 1 the other ranks get the placeholders' tokens by a broadcast on the
@@ -406,13 +402,6 @@ class Engine:
         self._ranks.kill(TOLD_EXIT_S if told else 3.0)
         if not self._thread.is_alive():  # else the stuck driver still holds the model
             self.worker.release()
-        if self._grammars is not None:
-            self._grammars.close()
-
-    @property
-    def mask_fill_s(self) -> float:
-        """Time spent filling structured outputs' token masks (in the driver or beside)."""
-        return 0.0 if self._grammars is None else self._grammars.fill_s
 
     def replay_graph_ms(self, times: int = 50) -> float:
         """GPU time of one batch-1 decode graph replay, every rank replaying together
@@ -618,7 +607,6 @@ class Engine:
         logits = self.worker.execute(batch, feed)
         if self._land(batch):  # the step before overflowed and was run again: so is this
             logits = self.worker.rerun_float32(batch, feed)  # one, on the corrected tokens
-        self._prefill_masks(plan)
         self._deliver()
         self._steps += 1
         live = [(item, r) for item, r in zip(plan, rows, strict=True)
@@ -663,9 +651,6 @@ class Engine:
                     # so waiting for the next step would only delay these tokens by it
                     # (measured: +18 ms on every first token of the CPU load model)
                     self._deliver()
-        if self._masks is not None:  # started for rows that all ended meanwhile: no
-            self._masks[1].result()   # fill may be running when _land advances matchers
-            self._masks = None
 
     def _sample(self, logits: torch.Tensor, reqs: list[_Request], at: list[int],
                 greedy: torch.Tensor | None
@@ -674,11 +659,10 @@ class Engine:
         log-probabilities if asked for, the top log-probabilities if asked for.
 
         Structured requests' rows are chosen among the tokens their grammar allows: the
-        masks were filled on the host while the device ran the step's forward (launched
-        before) and the driver delivered the step before's tokens (`_prefill_masks`),
-        and are applied behind the forward; a graph's argmax is then not used. Every
-        earlier token of theirs is on the host by now: `_land` read the step before (its
-        matchers took those tokens) before this step's masks were started."""
+        masks are filled on the host here, while the device still runs the step's
+        forward (launched before), and applied behind it; a graph's argmax is then not
+        used. Every earlier token of theirs is on the host by now: `_land` read the
+        step before (its matchers took those tokens) before this step is sampled."""
         # a decode step samples every row in order: no gather of the logits then (and its
         # graph may have taken their argmax already: choose_tokens drops it for rows
         # whose logits a penalty or bias changes)
@@ -688,8 +672,11 @@ class Engine:
         rows = [i for i, r in enumerate(reqs) if r.constraint is not None]
         choose = None
         if rows:
-            bitmask = self._masks_of([reqs[i] for i in rows])
-            choose = self._structured().apply(picked, rows, bitmask)
+            grammars = self._structured()
+            start = time.perf_counter()
+            bitmask = grammars.fill([reqs[i].constraint for i in rows])
+            self.mask_fill_s += time.perf_counter() - start
+            choose = grammars.apply(picked, rows, bitmask)
         params = [r.seq.params for r in reqs]
         tokens = choose_tokens(
             picked, params, [r.generator for r in reqs],
@@ -701,35 +688,6 @@ class Engine:
         top = max(p.top_logprobs for p in params if p.logprobs)
         logprobs, values, ids = token_logprobs(picked, tokens, top)  # [N], [N, top] each
         return tokens, logprobs, None if values is None or ids is None else (values, ids)
-
-    def _prefill_masks(self, plan: list[Scheduled]) -> None:
-        """Start filling the masks of the step's structured rows, in the grammars' thread:
-        their matchers took the step before's tokens (`_land`), and the driver delivers
-        those tokens meanwhile. `_masks_of` takes them."""
-        reqs = [req for item in plan if item.samples and not item.seq.score
-                and (req := self._requests.get(item.seq.request_id)) is not None
-                and req.constraint is not None]
-        if reqs:
-            self._masks = (reqs, self._structured().fill_soon(
-                [r.constraint for r in reqs if r.constraint is not None]))
-
-    def _masks_of(self, reqs: list[_Request]) -> torch.Tensor:
-        """The bitmask of reqs' constraints: the one `_prefill_masks` started if it was for
-        these requests (it is, unless one of them ended while their tokens were delivered,
-        or a step is sampled again), else filled now (after waiting for that one: two
-        fills may not touch the same matchers at once)."""
-        masks, self._masks = self._masks, None
-        start = time.perf_counter()
-        try:
-            if masks is not None:
-                done = masks[1].result()
-                if len(masks[0]) == len(reqs) and all(
-                        a is b for a, b in zip(masks[0], reqs, strict=True)):
-                    return done
-            return self._structured().fill([r.constraint for r in reqs
-                                            if r.constraint is not None])
-        finally:
-            self.mask_wait_s += time.perf_counter() - start
 
     def _gather_prompt_logprobs(self, req: _Request, logits: torch.Tensor, row: int,
                                 pos: int, n: int) -> None:

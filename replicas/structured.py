@@ -21,11 +21,6 @@ Contract:
   GIL. The engine calls it while the device runs the step's forward.
 - `apply(logits, rows, bitmask)`: a copy of `logits` [N, vocab] whose rows[i] keep only
   the tokens bitmask[i] allows (the others -inf), on the logits' device.
-- `fill_soon(constraints)`: `fill` in the grammars' own thread, a future of the
-  bitmask: the engine starts it as soon as the step before's tokens were consumed and
-  does its own Python work meanwhile (llguidance holds no GIL while it fills). While it
-  runs, nothing else may call those matchers: `Constraint.over` does not (it keeps what
-  `advance` saw). `fill_s` adds up the time spent filling, in either thread.
 - `Constraint.advance(token)` consumes a sampled token; True once the grammar is over
   (it accepts nothing but EOS, or it took EOS): the request then ends with "stop".
 """
@@ -35,9 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -60,17 +53,18 @@ class Constraint:
 
     def __init__(self, matcher: Any) -> None:
         self.matcher = matcher
-        # nothing but EOS may follow (the grammar completed, took EOS, or erred), as of
-        # the last token consumed: read without touching the matcher (see fill_soon)
-        self.over = bool(matcher.is_stopped())
 
     def advance(self, token: int) -> bool:
         """Consume `token`; True once the grammar is over (see `over`)."""
         if not self.matcher.consume_token(token):
             log.warning("structured output: token %d refused: %s", token,
                         self.matcher.get_error())
-        self.over = bool(self.matcher.is_stopped())
         return self.over
+
+    @property
+    def over(self) -> bool:
+        """Nothing but EOS may follow (the grammar completed, took EOS, or erred)."""
+        return bool(self.matcher.is_stopped())
 
 
 class Grammars:
@@ -92,13 +86,6 @@ class Grammars:
         self._cache: OrderedDict[StructuredSpec, Any] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
-        self._thread: ThreadPoolExecutor | None = None  # fill_soon's, made on first use
-        self.fill_s = 0.0
-
-    def close(self) -> None:
-        """Let fill_soon's thread end (it ends after any fill under way)."""
-        if self._thread is not None:
-            self._thread.shutdown(wait=False)
 
     def check(self, spec: StructuredSpec) -> None:
         """Compile `spec` into the cache, or raise GrammarError."""
@@ -137,15 +124,8 @@ class Grammars:
         except ValueError as e:
             raise GrammarError(f"bad JSON schema: {e}") from None
 
-    def fill_soon(self, constraints: list[Constraint]) -> Future[torch.Tensor]:
-        """`fill(constraints)` in the grammars' own thread (see the module doc)."""
-        if self._thread is None:
-            self._thread = ThreadPoolExecutor(1, thread_name_prefix="tpserve-masks")
-        return self._thread.submit(self.fill, constraints)
-
     def fill(self, constraints: list[Constraint]) -> torch.Tensor:
         """Bitmasks [M, words] int32 on the host of the constraints' next tokens."""
-        start = time.perf_counter()
         n = len(constraints)
         host = torch.empty((n, self.words), dtype=torch.int32, pin_memory=self._pin)
         self._executor.unsafe_compute_mask_ptr(
@@ -156,7 +136,6 @@ class Grammars:
                 host[i].zero_()
                 for eos in self.eos_ids:
                     host[i, eos // 32] |= _bit(eos % 32)
-        self.fill_s += time.perf_counter() - start
         return host
 
     def apply(self, logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor

@@ -105,25 +105,6 @@ def test_max_tokens_cuts_the_json_and_finishes_with_length(engine: Engine) -> No
         json.loads(cut.text)
 
 
-def test_rows_that_end_while_others_go_on_keep_every_mask_right(engine: Engine) -> None:
-    """The masks of a step are filled beside the driver's delivery of the step before:
-    when a row ends then (here: max_tokens 3 and 7 among longer ones, and a sampled row
-    ends when its seed closes the JSON), the step's other rows are filled again for the
-    rows that remain. Each output equals the same request run alone."""
-    reqs = [params(JSON_SCHEMA, None, max_tokens=3), params(JSON_OBJECT, 2, LONG),
-            params(JSON_SCHEMA, None, max_tokens=7), params(JSON_SCHEMA, 5),
-            params(JSON_SCHEMA, None)]
-    fill, wait = engine.mask_fill_s, engine.mask_wait_s
-    together = engine.generate([PROMPT] * len(reqs), reqs)
-    assert engine.mask_fill_s > fill and engine.mask_wait_s > wait
-    for req, got in zip(reqs, together, strict=True):
-        alone = engine.generate([PROMPT], req)[0]
-        assert (got.token_ids, got.finish_reason) == (alone.token_ids, alone.finish_reason)
-    assert [o.finish_reason for o in together[:3:2]] == ["length", "length"]
-    check_schema(json.loads(together[3].text))
-    assert isinstance(json.loads(together[1].text), dict)
-
-
 def test_ignore_eos_and_logprobs_do_not_change_the_end(engine: Engine) -> None:
     out = engine.generate([PROMPT], params(JSON_SCHEMA, 5, ignore_eos=True, logprobs=True))[0]
     assert out.finish_reason == "stop"
