@@ -105,6 +105,24 @@ def test_max_tokens_cuts_the_json_and_finishes_with_length(engine: Engine) -> No
         json.loads(cut.text)
 
 
+def test_rows_that_end_while_others_go_on_keep_every_mask_right(engine: Engine) -> None:
+    """Rows of a batch end at different steps (max_tokens 3 and 7 among longer ones; a
+    sampled row ends when its JSON closes): the masks of the rows that remain stay
+    theirs. Each output equals the same request run alone."""
+    reqs = [params(JSON_SCHEMA, None, max_tokens=3), params(JSON_OBJECT, 2, LONG),
+            params(JSON_SCHEMA, None, max_tokens=7), params(JSON_SCHEMA, 5),
+            params(JSON_SCHEMA, None)]
+    fill = engine.mask_fill_s
+    together = engine.generate([PROMPT] * len(reqs), reqs)
+    assert engine.mask_fill_s > fill
+    for req, got in zip(reqs, together, strict=True):
+        alone = engine.generate([PROMPT], req)[0]
+        assert (got.token_ids, got.finish_reason) == (alone.token_ids, alone.finish_reason)
+    assert [o.finish_reason for o in together[:3:2]] == ["length", "length"]
+    check_schema(json.loads(together[3].text))
+    assert isinstance(json.loads(together[1].text), dict)
+
+
 def test_ignore_eos_and_logprobs_do_not_change_the_end(engine: Engine) -> None:
     out = engine.generate([PROMPT], params(JSON_SCHEMA, 5, ignore_eos=True, logprobs=True))[0]
     assert out.finish_reason == "stop"
