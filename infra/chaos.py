@@ -16,8 +16,8 @@ until the stack has recovered (a stack used this way is whole again at the end):
   the Router deployment only; Serve starts a new router and drains the old one.
 - `router_kill`: kill the router's replica actor (a crash; Serve restarts it). Streams
   in flight through it break: counted apart, as the price of a crash.
-- `scale`: POST /admin/scale to 3 replicas, wait, then back to 2 (Serve drains the
-  removed replica).
+- `scale`: POST /admin/scale to one replica more, wait until it is RUNNING and a client
+  got a token from it, then back (Serve drains the removed replica).
 
 Then it stops the load and checks every session's stored history. One JSON line:
 accepted requests that failed (on the killed replica / elsewhere, by fault window),
@@ -260,14 +260,35 @@ class Drill:
         fault.detail["healthy_s"] = round(await self.until("router back", self.healthy), 1)
 
     async def scale(self, fault: Fault) -> None:
-        count = len(self.engine_ids())
+        """One replica more, then as many as before. Besides the time until Serve lists
+        the new one RUNNING: the time from the request until a client's first token
+        from the new replica (`first_traffic_s`), waited for before scaling back."""
+        before = self.engine_ids()
+        count = len(before)
         for target in (count + 1, count):
+            posted = time.monotonic()
             status, body = await asyncio.to_thread(self.http, "POST", "/admin/scale",
                                                    {"replicas": target}, True)
             if status != 202:
                 raise RuntimeError(f"/admin/scale {target}: {status} {body}")
             fault.detail[f"to_{target}_s"] = round(await self.until(
                 f"{target} replicas", lambda t=target: self.running(t)), 1)
+            if target > count:
+                await self.until("a token from the new replica",
+                                 lambda p=posted: self.first_token_on_new(before, p) is not None)
+                first = self.first_token_on_new(before, posted)
+                assert first is not None
+                fault.detail["first_traffic_s"] = round(first - posted, 1)
+
+    def first_token_on_new(self, known: dict[str, str], since: float) -> float | None:
+        """When the first token came of a turn started after `since` and served by a
+        replica not in `known` (among the turns recorded so far: a turn is recorded once
+        it ends), or None. (Turns before `since` on a replica replaced by an earlier fault
+        are not in `known` either.)"""
+        times = [t.started + t.ttft_s for t in list(self.records)
+                 if t.started >= since and t.replica and t.replica not in known
+                 and t.ttft_s is not None]
+        return min(times, default=None)
 
 
 def redeploy_config(body: dict[str, Any], generation: int) -> dict[str, Any]:
@@ -416,9 +437,22 @@ def run(config: ChaosConfig, out: str | None, records_path: str | None = None,
                 dump(records, faults, records_path)
         finally:
             ray.shutdown()
-    row = summarize(config, records, faults, wall, sessions)
+    row = {**summarize(config, records, faults, wall, sessions), **stack_shape(state_dir)}
     emit(row, out)
     return row
+
+
+def stack_shape(state_dir: str | None) -> dict[str, Any]:
+    """What the drill ran on: a local stack of its own (the tiny model at tp=2), or the
+    recorded stack's model, tp and device as `tpserve up` recorded them."""
+    if not state_dir:
+        return {"stack": "local", "model": "tiny", "tp": 2}
+    from infra.stack import read_state
+
+    engine = read_state(state_dir).get("engine", {})
+    model = engine.get("model")
+    return {"stack": "recorded", "model": Path(model).name if model else "tiny",
+            "tp": engine.get("tp"), "device": engine.get("device")}
 
 
 def summarize(config: ChaosConfig, records: list[Turn], faults: list[Fault], wall: float,
@@ -433,8 +467,7 @@ def summarize(config: ChaosConfig, records: list[Turn], faults: list[Fault], wal
     return {"kind": "chaos", **load, **blame, **sessions,
             "faults": [{"name": f.name, "at_s": round(f.start - t0, 1),
                         "took_s": round(f.end - f.start, 1), **f.detail} for f in faults],
-            "met": met, "config": asdict(config), "stack": "local", "model": "tiny", "tp": 2,
-            **environment()}
+            "met": met, "config": asdict(config), **environment()}
 
 
 def extra_arguments(parser: argparse.ArgumentParser) -> None:

@@ -26,6 +26,8 @@
 # step's delta its own message), beside the default, in the same call (PERF.md v0.19).
 # AB_INTERVAL=N before `measure`: the stack a second time with --stream-interval N (N
 # tokens a Serve message after the first), beside the default, in the same call.
+# On the two-GPU kind, `measure-x2 tp2` and `measure-x2 replicas` (see measure_x2) in
+# place of `measure`, each in its own call (call 3 carries nothing: the install is in /tmp).
 # Issue call 2 at once when call 1 returns; on a fresh machine (call 2 too late) start
 # again with call 1. There `tpserve` is `python3 -m infra.cli` (the project is not
 # pip-installed; PYTHONPATH has the repo).
@@ -182,11 +184,63 @@ $(python3 -c "print(round($t1 - $t0, 1))")}" | tee -a "$out/gpu_stack.jsonl"
     return $rc
 }
 
+measure_x2() {
+    # THERE, on the two-GPU kind (nvidia-h200-x2), after `install`: issue 19's runs that
+    # need two GPUs, in two calls of under 10 minutes each (the checkpoint made once in
+    # $MODEL_DIR, as for `measure`). JSON lines and logs go to $OUT.
+    # `measure-x2 tp2`: one tp=2 replica: `tpserve up --tp 2 --replicas 1`, its start, the
+    #   front door and the prefix cache (gpu_stack stack --light), then rank 1's actor
+    #   killed under load (infra.chaos --faults kill_rank: the streams on it end with an
+    #   error event, Serve replaces the replica, its sessions move with their history),
+    #   `tpserve down` and the GPUs' memory after it.
+    # `measure-x2 replicas`: two tp=1 replicas, pinned against random routing
+    #   (gpu_stack pinning, a stack each), then one tp=1 replica scaled to two and back
+    #   through the admin API under load (infra.chaos --faults scale: the time until the
+    #   new replica is RUNNING and until a client's first token from it).
+    . $ROOT/env.sh
+    local part=$1 model=${MODEL_DIR:-/tmp/glm4-9b} out=${OUT:-/tmp/tpserve-out}
+    local state=/tmp/tpserve-state rc=0
+    local up="python3 -m infra.cli up --model $model --device cuda --detach --state-dir $state --timeout-s 400"
+    mkdir -p "$out"
+    export PYTHONUNBUFFERED=1
+    [ -f $model/model.safetensors.index.json ] ||
+        python3 -m infra.gpu_stack checkpoint $model --out "$out/gpu_stack.jsonl"
+    case $part in
+    tp2)
+        $up --tp 2 --replicas 1 || rc=$?
+        if [ $rc = 0 ]; then
+            python3 -m infra.gpu_stack stack $model --state-dir $state --light \
+                --out "$out/gpu_stack.jsonl" || rc=$?
+            python3 -m infra.chaos --state-dir $state --faults kill_rank \
+                --out "$out/chaos_gpu.jsonl" --records "$out/chaos_records.jsonl" || rc=$?
+        fi ;;
+    replicas)
+        python3 -m infra.gpu_stack pinning $model --state-dir $state --replicas 2 \
+            --out "$out/gpu_stack.jsonl" || rc=$?
+        $up --tp 1 --replicas 1 || rc=$?
+        if [ $rc = 0 ]; then
+            python3 -m infra.chaos --state-dir $state --faults scale \
+                --out "$out/chaos_gpu.jsonl" --records "$out/chaos_records.jsonl" || rc=$?
+        fi ;;
+    *) echo "measure-x2 tp2|replicas" >&2; return 2 ;;
+    esac
+    tar -czf "$out/logs-$part.tar.gz" -C / tmp/ray/session_latest/logs ${state#/} \
+        2>/dev/null || true
+    python3 -m infra.cli down --state-dir $state || rc=$?
+    sleep 2
+    echo "after down: GPU memory used $(nvidia-smi --query-gpu=memory.used \
+        --format=csv,noheader | tr '\n' ' '); compute processes: $(nvidia-smi \
+        --query-compute-apps=pid,used_memory --format=csv,noheader | wc -l)"
+    return $rc
+}
+
 case "${1:-}" in
     prepare) prepare ;;
     install) install ;;
     measure) measure warm ;;
     measure-cold) measure cold ;;
-    *) echo "usage: bash infra/device_stack.sh prepare|install|measure|measure-cold" >&2
+    measure-x2) measure_x2 "${2:-}" ;;
+    *) echo "usage: bash infra/device_stack.sh prepare|install|measure|measure-cold|" \
+            "measure-x2 tp2|replicas" >&2
        exit 2 ;;
 esac

@@ -17,6 +17,11 @@ step is its own process, so the GPU is free between them):
   `--profile-dir D`: one more run with py-spy's samples of the router, the engine replica
   and the client in D. `--light`: the start, the chat and the prefix cache only (2-turn
   sessions of ~1,100-token prompts against one-turn chats of that length).
+  The row's tp and replicas are the stack's (`tpserve up` records them).
+- `pinning DIR --state-dir S --replicas N --out F`: session pinning's payoff on N tp=1
+  GPU replicas: for routing pinned, then random, `tpserve up --model DIR --tp 1
+  --replicas N --routing R` in S, infra/load.py's pinning conversations through nginx
+  (one client, 20 sessions of 6 turns, histories past 1,000 tokens), `tpserve down`.
 
 Each step prints one JSON line and appends it to --out. The rows of one H200 are in
 infra/results/stack_gpu_h200.jsonl.
@@ -312,9 +317,11 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
                light: bool = False) -> dict[str, Any]:
     """`light`: the replica's start, the front door and the prefix cache only (no load
     runs, no comparison with the engine)."""
-    from infra.stack import Running
+    from infra.stack import Running, read_state
 
     stack = Running.recorded(state_dir)
+    shape = {"tp": read_state(state_dir).get("engine", {}).get("tp", 1),
+             "replicas": stack.config.replicas}
     try:
         stats = replica_stats(state_dir)
     except Exception as e:  # noqa: BLE001 - the rest is still worth measuring
@@ -324,7 +331,7 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
     except Exception as e:  # noqa: BLE001 - the load run still says what the stack costs
         chat = {"error": f"{type(e).__name__}: {e}"[:300], "token_ids": None}
     if light:
-        return {"kind": "gpu_stack_start", "model": "glm4-9b-shaped", "tp": 1, "replicas": 1,
+        return {"kind": "gpu_stack_start", "model": "glm4-9b-shaped", **shape,
                 "replica_init_s": replica_init_s(), "replica_startup_s": stats.get("startup_s"),
                 "weight_bytes": stats.get("weight_bytes"),
                 "load_gb_s": load_gb_s(stats) if "weight_bytes" in stats else None,
@@ -339,7 +346,7 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
     sequential = stack_run(stack.edge, SEQUENTIAL)
     profiled = profiled_run(stack.edge, LOAD, profile_dir) if profile_dir else None
     row: dict[str, Any] = {
-        "kind": "gpu_stack", "model": "glm4-9b-shaped", "tp": 1, "replicas": 1,
+        "kind": "gpu_stack", "model": "glm4-9b-shaped", **shape,
         "replica_init_s": replica_init_s(), "replica_startup_s": stats.get("startup_s"),
         "weight_bytes": stats.get("weight_bytes"),
         "load_gb_s": load_gb_s(stats) if "weight_bytes" in stats else None,
@@ -361,6 +368,30 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
                       >= 0.95, "ttft_p50_within_5ms": row["vs_engine"]["ttft_p50_added_ms"]
                       <= 5.0}
     return row
+
+
+def pinning_step(model: str, state_dir: str, replicas: int, device: str = "cuda"
+                 ) -> dict[str, Any]:
+    """Pinned against random routing, each on a stack of its own (see the module doc)."""
+    import subprocess
+
+    from infra.load import PinningConfig, pinning_conversations, pinning_row
+    from infra.stack import Running
+
+    config = PinningConfig(replicas=replicas, model=Path(model).name)
+    cli = [sys.executable, "-m", "infra.cli"]
+    sides: dict[str, dict[str, Any]] = {}
+    for routing in ("pinned", "random"):
+        subprocess.run([*cli, "up", "--model", model, "--tp", "1", "--replicas",
+                        str(replicas), "--device", device, "--routing", routing, "--detach",
+                        "--state-dir", state_dir, "--timeout-s", "400"], check=True)
+        try:
+            stack = Running.recorded(state_dir)
+            sides[routing] = pinning_conversations(config, stack.edge, stack.token, routing)
+        finally:
+            subprocess.run([*cli, "down", "--state-dir", state_dir], check=False)
+    return {**pinning_row(config, sides["pinned"], sides["random"]), "kind": "gpu_pinning",
+            "stack": "gpu", "model": "glm4-9b-shaped", "tp": 1}
 
 
 def compare(alone: list[dict[str, Any] | None], stack: list[dict[str, Any]]
@@ -386,17 +417,19 @@ def compare(alone: list[dict[str, Any] | None], stack: list[dict[str, Any]]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m infra.gpu_stack",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("step", choices=["checkpoint", "engine", "stack"])
+    parser.add_argument("step", choices=["checkpoint", "engine", "stack", "pinning"])
     parser.add_argument("model", help="the checkpoint's directory")
     parser.add_argument("--state-dir", help="stack: the state directory of `tpserve up`")
     parser.add_argument("--engine-row", help="stack: the engine step's JSON lines")
     parser.add_argument("--out", help="append the JSON line here")
     parser.add_argument("--light", action="store_true", help="stack: the start, the front "
                         "door and the prefix cache only")
+    parser.add_argument("--replicas", type=int, default=2, help="pinning: tp=1 replicas")
+    parser.add_argument("--device", default="cuda", help="pinning: the replicas' device")
     parser.add_argument("--profile-dir", help="stack: one more load run, with py-spy's "
                         "samples of the router, the engine replica and the client here")
     args = parser.parse_args(argv)
-    if args.step == "stack":
+    if args.step in ("stack", "pinning"):
         from infra.results import driver_env
 
         driver_env()  # before Ray is imported
@@ -404,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         row = make_checkpoint(args.model)
     elif args.step == "engine":
         row = engine_step(args.model)
+    elif args.step == "pinning":
+        row = pinning_step(args.model, args.state_dir, args.replicas, args.device)
     else:
         row = stack_step(args.model, args.state_dir, args.engine_row, args.profile_dir,
                          args.light)

@@ -125,21 +125,29 @@ async def _conversations(config: PinningConfig, url: str, records: list[Turn]) -
 
 
 def pinning_side(config: PinningConfig, routing: str) -> dict[str, Any]:
-    """One side of the comparison on a fresh stack with the given routing."""
+    """One side of the comparison on a fresh local stack with the given routing."""
     from infra.stack import local_stack
     from replicas.bench import engine_for
 
     with local_stack(engine_for(config.model), replicas=config.replicas, routing=routing,
                      num_cpus=max(8, 2 * config.replicas + 2)) as stack:
-        warm: list[Turn] = []  # one short request per replica path: imports, first steps
-        asyncio.run(run_clients(LoadConfig(url=stack.edge, clients=2, turns=1, max_tokens=2,
-                                           max_requests=4, seed=99), warm))
-        time.sleep(2.5)  # replicas publish stats every second
-        hits_before = hit_tokens(stack.edge, stack.token)
-        records: list[Turn] = []
-        wall = asyncio.run(_conversations(config, stack.edge, records))
-        time.sleep(2.5)
-        hits = hit_tokens(stack.edge, stack.token) - hits_before
+        return pinning_conversations(config, stack.edge, stack.token, routing)
+
+
+def pinning_conversations(config: PinningConfig, edge: str, token: str, routing: str
+                          ) -> dict[str, Any]:
+    """The conversations on a running stack (its nginx at `edge`, its admin token) whose
+    router routes by `routing`: TTFT of turns >= 3, the replicas' prefix-cache hit rate
+    over them (from /admin/replicas), the longest prompt."""
+    warm: list[Turn] = []  # one short request per replica path: imports, first steps
+    asyncio.run(run_clients(LoadConfig(url=edge, clients=2, turns=1, max_tokens=2,
+                                       max_requests=4, seed=99), warm))
+    time.sleep(2.5)  # replicas publish stats every second
+    hits_before = hit_tokens(edge, token)
+    records: list[Turn] = []
+    wall = asyncio.run(_conversations(config, edge, records))
+    time.sleep(2.5)
+    hits = hit_tokens(edge, token) - hits_before
     late = [r for r in records if r.ok and r.turn >= 2]
     prompt = sum(r.prompt_tokens for r in records if r.ok)
     return {"routing": routing, **summarize(records, wall),
@@ -151,22 +159,28 @@ def pinning_side(config: PinningConfig, routing: str) -> dict[str, Any]:
 
 
 def pinning_mode(config: PinningConfig, out: str | None) -> dict[str, Any]:
-    pinned = pinning_side(config, "pinned")
-    random_side = pinning_side(config, "random")
+    row = {**pinning_row(config, pinning_side(config, "pinned"),
+                         pinning_side(config, "random")),
+           "stack": "local", "model": config.model, "tp": 2, **environment()}
+    emit(row, out)
+    return row
+
+
+def pinning_row(config: PinningConfig, pinned: dict[str, Any], random_side: dict[str, Any]
+                ) -> dict[str, Any]:
+    """The comparison of the two sides (pinning_conversations' dicts): TTFT p50 of turns
+    >= 3, pinned over random, against the target of 1/3."""
     ratio = None
     if pinned["ttft_turn3plus_ms"]["p50"] and random_side["ttft_turn3plus_ms"]["p50"]:
         ratio = round(pinned["ttft_turn3plus_ms"]["p50"]
                       / random_side["ttft_turn3plus_ms"]["p50"], 3)
-    row = {"kind": "pinning", "pinned": pinned, "random": random_side,
-           "ttft_turn3plus_p50_ratio_pinned_over_random": ratio,
-           "target_ratio": 1 / 3, "met": ratio is not None and ratio <= 1 / 3,
-           "history_past_target": min(pinned["max_prompt_tokens"],
-                                      random_side["max_prompt_tokens"])
-           > config.history_tokens,
-           "config": asdict(config), "stack": "local", "model": config.model, "tp": 2,
-           **environment()}
-    emit(row, out)
-    return row
+    return {"kind": "pinning", "pinned": pinned, "random": random_side,
+            "ttft_turn3plus_p50_ratio_pinned_over_random": ratio,
+            "target_ratio": 1 / 3, "met": ratio is not None and ratio <= 1 / 3,
+            "history_past_target": min(pinned["max_prompt_tokens"],
+                                       random_side["max_prompt_tokens"])
+            > config.history_tokens,
+            "config": asdict(config)}
 
 
 def user_turns(config: PinningConfig) -> list[list[str]]:

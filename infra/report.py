@@ -31,9 +31,11 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                 f"{row['refused']} refused, {row['failed_accepted']} failed, {row['hung']} "
                 f"hung, {row.get('retried', 0)} retried after a 429/503; sessions moved "
                 f"{row['sessions_moved']}/{row['sessions']}", "—")
-    if kind == "pinning":
+    if kind in ("pinning", "gpu_pinning"):
         p, r = row["pinned"], row["random"]
-        return (f"pinning payoff ({row['model']} model, {c['replicas']} replicas, prompts up "
+        where = " on GPUs" if kind == "gpu_pinning" else ""
+        return (f"pinning payoff{where} ({row['model']} model, {c['replicas']} replicas of "
+                f"tp={row['tp']}, prompts up "
                 f"to {min(p['max_prompt_tokens'], r['max_prompt_tokens'])} tokens)",
                 f"TTFT turns >= 3 p50: pinned {p['ttft_turn3plus_ms']['p50']} ms, random "
                 f"{r['ttft_turn3plus_ms']['p50']} ms (ratio "

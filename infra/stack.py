@@ -119,7 +119,7 @@ def up(engine: dict[str, Any], config: StackConfig, detach: bool) -> int:
     token = secrets.token_urlsafe(24)
     env = stack_env(config, state, token)
     ray = start_ray(config, state, env)
-    record = {"pid": ray.pid, "services": {}, "config": asdict(config)}
+    record = {"pid": ray.pid, "services": {}, "config": asdict(config), "engine": engine}
     write_state(state, record)
     try:
         record["services"] = start(engine, config, state, env, ray)

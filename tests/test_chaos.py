@@ -45,7 +45,10 @@ def test_every_fault_ran_and_the_stack_recovered(chaos: dict) -> None:
     assert [f["name"] for f in chaos["faults"]] == ["kill_rank", "redis", "router", "scale"]
     kill = chaos["faults"][0]
     assert kill["replica"] and kill["replaced_s"] > 0
+    scale = chaos["faults"][3]
+    assert scale["to_3_s"] > 0 and scale["first_traffic_s"] > 0 and scale["to_2_s"] > 0
     assert chaos["ok"] > 50 and chaos["sessions_checked"] > 10
+    assert (chaos["stack"], chaos["model"], chaos["tp"]) == ("recorded", "tiny", 2)
 
 
 @pytest.mark.stack("faults")

@@ -58,6 +58,22 @@ def test_up_on_an_empty_home_makes_what_it_needs(stack: Running) -> None:
     assert list((stack.home / ".cache" / "tpserve").glob("*/config.json"))  # the tiny model
 
 
+def test_pinning_conversations_run_on_a_recorded_stack(stack: Running) -> None:
+    """infra/load.py's pinning conversations against a running stack, as the GPU pinning
+    step (infra/gpu_stack.py) runs them on the stacks it brings up: every turn answered,
+    the history growing past the first prompt, and with pinned routing prefix-cache
+    hits. `tpserve up` records the engine's fields (the chaos drill reads its tp)."""
+    from infra.load import PinningConfig, pinning_conversations
+    from infra.stack import read_state
+
+    config = PinningConfig(sessions=2, turns=3, first_words=40, words=20, max_tokens=2,
+                           history_tokens=50, model="tiny")
+    side = pinning_conversations(config, stack.edge, stack.token, "pinned")
+    assert side["routing"] == "pinned" and side["ok"] == side["requests"] == 6
+    assert side["max_prompt_tokens"] > 50 and side["prefix_hit_rate"] > 0
+    assert read_state(str(stack.state))["engine"]["tp"] == 2
+
+
 def test_up_prints_the_urls_and_the_token(stack: Running) -> None:
     for text in (f"{stack.edge}/v1", f"{stack.edge}/dashboard",
                  f"http://127.0.0.1:{stack.ports['dashboard']}", stack.token):
