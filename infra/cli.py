@@ -91,6 +91,8 @@ FIELD_HELP = {
                        "Serve message to the router): 1 sends every token as it comes.",
     "fold_all_reduce": "At tp > 1 on GPUs, fold batch-1 decode's all-reduces into the "
                        "matrix-vector kernels beside them (experimental).",
+    "quantization": "none, or fp8: the linear layers' weights in FP8 (e4m3, a scale per "
+                    "output channel), quantized at load; embedding and LM head stay 16-bit.",
     # StackConfig (infra/stack.py)
     "nginx_port": "Port of nginx, the cluster's front door (API and dashboard).",
     "serve_port": "Port of Ray Serve's HTTP proxy.",

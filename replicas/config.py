@@ -88,6 +88,11 @@ class EngineConfig:
     # at once: each delta is one Serve message to the router, whose per-message cost set
     # the GPU stack's pace (issue 19); 1: every step's token as it comes
     stream_interval: int = 1
+    # none | fp8: the linear layers' weights quantized to FP8 (e4m3, a scale per output
+    # channel) once loaded, their matmuls on FP8 tensor cores with each token's
+    # activations quantized likewise; the embedding and LM head stay 16-bit
+    # (replicas/fp8.py)
+    quantization: str = "none"
 
     def __post_init__(self) -> None:
         if self.tp not in SUPPORTED_TP:
@@ -117,6 +122,8 @@ class EngineConfig:
                 "holding config.json and *.safetensors (HF format), or model=None for "
                 "the built-in tiny model"
             )
+        if self.quantization not in ("none", "fp8"):
+            raise ConfigError(f"quantization={self.quantization!r}: use 'none' or 'fp8'")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError("gpu_memory_utilization must be in (0, 1]")
 

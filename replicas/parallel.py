@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from replicas import kernels
+from replicas.fp8 import fp8_linear, is_fp8
 from replicas.kernels import Site
 from replicas.shm import ShmAllReduce
 from replicas.symm import OneShotAllReduce
@@ -108,8 +109,10 @@ class Comm:
             self.overflow |= ~torch.isfinite(payload.sum(dtype=torch.float32))
         return payload.to(x.dtype)
 
-    def matmul_all_reduce(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """x @ weight.T summed over the group, in x's dtype.
+    def matmul_all_reduce(self, x: torch.Tensor, weight: torch.Tensor,
+                          scale: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ weight.T summed over the group, in x's dtype (an FP8 weight with its
+        per-row `scale`: through replicas/fp8.py's fp8_linear).
 
         Over `overlap_chunk` tokens (a prefill), the rows go in chunks: each chunk's
         all-reduce is started asynchronously (NCCL runs it on its own stream, gloo on its
@@ -121,13 +124,13 @@ class Comm:
         # through shared memory a reduce is a copy and an add: nothing to overlap
         if self.world_size == 1 or not 0 < self.overlap_chunk < t or capturing or (
                 self.shm is not None and not x.is_cuda):
-            return self.all_reduce(F.linear(x, weight))
+            return self.all_reduce(_matmul(x, weight, scale))
         wire = torch.float32 if self.force_float32 else self.dtype
         out = torch.empty(t, weight.shape[0], dtype=x.dtype, device=x.device)
         started = []
         for start in range(0, t, self.overlap_chunk):
             end = min(t, start + self.overlap_chunk)
-            payload = F.linear(x[start:end], weight).to(wire)
+            payload = _matmul(x[start:end], weight, scale).to(wire)
             started.append((start, end, payload,
                             dist.all_reduce(payload, group=self.group, async_op=True)))
         for start, end, payload, work in started:
@@ -147,6 +150,14 @@ class Comm:
 
     def reset_overflow(self) -> None:
         self.overflow.zero_()
+
+
+def _matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
+            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias); an FP8 weight (scale not None) through fp8_linear."""
+    if scale is None:
+        return F.linear(x, weight, bias)
+    return fp8_linear(x, weight, scale, bias)
 
 
 def shard_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -186,6 +197,9 @@ class ColumnParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(local), requires_grad=False) if bias else None
         self.gemv: kernels.GemvConfig | None = None  # one-row inputs: Triton GEMV (tuned)
         self.gemv_kind: kernels.GemvKind = "plain"  # as its owner calls it (pick_gemv)
+        # per row, once the weight is FP8 (replicas/fp8.py quantize_model)
+        self.weight_scale: torch.Tensor | None
+        self.register_buffer("weight_scale", None, persistent=False)
 
     def load(self, name: str, get: Callable[[Index], torch.Tensor], part: int | None) -> None:
         """Copy this rank's rows of checkpoint tensor `name` (weight or bias) into place.
@@ -209,7 +223,7 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [tokens, in] -> [tokens, local_out]
         if on_gemv(self.gemv, x):
             return kernels.gemv(x, self.weight, self.bias, self.gemv)
-        return F.linear(x, self.weight, self.bias)
+        return _matmul(x, self.weight, self.weight_scale, self.bias)
 
     def forward_normed(self, x: torch.Tensor | Site, residual: torch.Tensor | None,
                        norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,6 +304,8 @@ def tune_gemv(model: nn.Module, cache: Path | None = None
     for module in model.modules():
         if not isinstance(module, ColumnParallelLinear | RowParallelLinear | ParallelLMHead):
             continue
+        if is_fp8(module):  # no FP8 GEMV yet: its matmuls go through fp8_linear
+            continue
         bias = module.bias if isinstance(module, ColumnParallelLinear) else None
         key = (*module.weight.shape, bias is not None, module.gemv_kind)
         if key not in picked:
@@ -338,6 +354,9 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.gemv: kernels.GemvConfig | None = None  # one-row inputs: Triton GEMV (tuned)
         self.gemv_kind: kernels.GemvKind = "plain"  # as its owner calls it (pick_gemv)
+        # per row, once the weight is FP8 (replicas/fp8.py quantize_model)
+        self.weight_scale: torch.Tensor | None
+        self.register_buffer("weight_scale", None, persistent=False)
 
     def load(self, name: str, get: Callable[[Index], torch.Tensor], part: int | None) -> None:
         if name.endswith("bias"):
@@ -359,7 +378,7 @@ class RowParallelLinear(nn.Module):
                 return kernels.gemv_push(x, self.weight, self.gemv, gated, site)
             y = self.comm.all_reduce(kernels.gemv(x, self.weight, None, self.gemv, gated))
         else:
-            y = self.comm.matmul_all_reduce(x, self.weight)
+            y = self.comm.matmul_all_reduce(x, self.weight, self.weight_scale)
         return y + self.bias if self.bias is not None else y
 
     def takes_gated(self, x: torch.Tensor) -> bool:

@@ -34,6 +34,7 @@ from replicas.config import (
     hf_config_from_json,
     rope_parameters,
 )
+from replicas.fp8 import quantize_model
 from replicas.graphs import DecodeGraphs
 from replicas.kv_cache import allocate_kv_cache, block_bytes, kv_heads_per_rank
 from replicas.loader import load_weights, random_init
@@ -168,6 +169,8 @@ class Worker:
             random_init(model, config.seed + rank)
         else:
             load_weights(model, model_dir, show_progress=rank == 0)
+        if config.quantization == "fp8":
+            quantize_model(model)
         self.model = model.eval()
         # this rank's weight bytes: with startup_s["load"], the load's throughput
         self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

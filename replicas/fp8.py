@@ -1,0 +1,85 @@
+"""FP8 (e4m3) weights, quantized at load, and the matmuls that read them.
+
+Contract:
+- `quantize_rows(w)`: w [out, in] -> (w8 float8_e4m3fn [out, in], scale float32 [out]),
+  row i of w ~= w8[i] * scale[i]. One scale per output channel: max |w[i]| / 448 (e4m3's
+  largest finite value), so no element saturates; a normal value keeps 3 mantissa bits
+  (relative error <= 1/16). An all-zero row gets scale 1 (w8 zeros).
+- `fp8_linear(x, w8, scale, bias)`: x [tokens, in] @ (w8 * scale)^T (+ bias), in x's
+  dtype. x is quantized per token (its own scale, max |x_row| / 448) and the product runs
+  as one `torch._scaled_mm` with both scales (FP8 tensor cores on a GPU, where in and out
+  must be multiples of 16 and x 16-bit; PyTorch's reference on CPU).
+- `quantize_model(model)`: every ColumnParallelLinear and RowParallelLinear of the model
+  gets its weight replaced by its FP8 form and a `weight_scale`; its forward then goes
+  through `fp8_linear`, and the batch-1 GEMV picks leave it alone. The embedding and the
+  LM head stay 16-bit: the embedding is a row gather (no matmul to gain), and the head's
+  error would move every logit (keeping it 16-bit is the choice until measured otherwise).
+  Quantized after the 16-bit weights are loaded, layer by layer: the 16-bit copy of a
+  layer is freed as its FP8 form takes its place, so the peak is the 16-bit model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+QUANTIZATIONS = ("fp8",)
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w8, scale) with w ~= w8 * scale[:, None] (see the module doc)."""
+    amax = w.abs().amax(dim=1).float()
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    w8 = (w.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return w8, scale
+
+
+def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [tokens, in] -> (x8, scale [tokens, 1] float32), per token as quantize_rows."""
+    amax = x.abs().amax(dim=1, keepdim=True).float()
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ (w8 * scale)^T (+ bias) in x's dtype, through FP8 (see the module doc)."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    x8, x_scale = quantize_tokens(x.reshape(-1, k))
+    out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) or not x.is_cuda \
+        else torch.bfloat16  # rowwise scaling on a GPU writes 16-bit only
+    y = torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=scale.view(1, -1),
+                         out_dtype=out_dtype)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.to(x.dtype).reshape(*lead, w8.shape[0])
+
+
+def is_fp8(module: nn.Module) -> bool:
+    """Whether a linear layer holds FP8 weights (quantize_model)."""
+    weight = getattr(module, "weight", None)
+    return weight is not None and weight.dtype == FP8
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module) -> int:
+    """Every tensor-parallel linear layer's weight to FP8 in place (see the module doc);
+    returns the number of layers quantized."""
+    from replicas.config import ConfigError
+    from replicas.parallel import ColumnParallelLinear, RowParallelLinear
+
+    count = 0
+    for name, module in model.named_modules():
+        if isinstance(module, ColumnParallelLinear | RowParallelLinear) and not is_fp8(module):
+            out, k = module.weight.shape
+            if module.weight.is_cuda and (out % 16 or k % 16):
+                raise ConfigError(f"quantization='fp8': layer {name} is {out} x {k} on this "
+                                  "rank; FP8 matmuls on a GPU need both multiples of 16")
+            w8, scale = quantize_rows(module.weight.data)
+            module.weight = nn.Parameter(w8, requires_grad=False)
+            module.weight_scale = scale
+            module.gemv = None
+            count += 1
+    return count

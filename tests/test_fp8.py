@@ -1,0 +1,118 @@
+"""FP8 weights (replicas/fp8.py) on CPU, where torch._scaled_mm is PyTorch's reference:
+the per-channel quantization's error bound, fp8_linear against the same product in
+float64, the engine with quantization="fp8" (which layers hold FP8, the bytes, steady
+tokens, tp=2), and the teacher-forced accuracy measure (replicas/accuracy.py).
+The FP8 tensor-core path and issue 20's accuracy bar are GPU tests (tests/test_gpu.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from checkpoints import CheckpointFactory
+
+from replicas import ConfigError, Engine, EngineConfig, SamplingParams
+from replicas.accuracy import compare, scored, sequences
+from replicas.fp8 import FP8, FP8_MAX, fp8_linear, quantize_rows, quantize_tokens
+from replicas.parallel import ColumnParallelLinear, ParallelLMHead, RowParallelLinear
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+def test_rows_keep_three_mantissa_bits() -> None:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 256, generator=gen) * torch.logspace(-3, 2, 64)[:, None]
+    w[5] = 0.0
+    w8, scale = quantize_rows(w)
+    assert w8.dtype == FP8 and scale.dtype == torch.float32 and scale.shape == (64,)
+    assert float(w8.float().abs().max()) <= FP8_MAX
+    assert torch.equal(w8[5].float(), torch.zeros(256)) and scale[5] == 1.0
+    back = w8.float() * scale[:, None]
+    # within e4m3's normal range (>= 2^-6 of the scale) an element keeps 3 mantissa bits
+    normal = w.abs() >= scale[:, None] * 2.0 ** -6
+    rel = ((back - w).abs() / w.abs().clamp(min=1e-30))[normal]
+    assert float(rel.max()) <= 1 / 16
+    # each row's largest element is exact: its scale maps it onto 448
+    rows = torch.arange(64) != 5
+    top = w.abs().argmax(dim=1)
+    assert torch.allclose(back[rows, top[rows]], w[rows, top[rows]], rtol=1e-6)
+
+
+def test_fp8_linear_is_the_product_of_the_quantized_operands() -> None:
+    gen = torch.Generator().manual_seed(1)
+    x, w, bias = (torch.randn(7, 96, generator=gen), torch.randn(40, 96, generator=gen),
+                  torch.randn(40, generator=gen))
+    w8, ws = quantize_rows(w)
+    x8, xs = quantize_tokens(x)
+    want = (x8.double() * xs.double()) @ (w8.double() * ws.double()[:, None]).T + bias.double()
+    got = fp8_linear(x, w8, ws, bias)
+    assert got.dtype == torch.float32 and got.shape == (7, 40)
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-4)
+    # and close to the float product: a few % of its scale
+    exact = x @ w.T + bias
+    assert float((got - exact).abs().max()) < 0.1 * float(exact.abs().max())
+    # 3-d inputs keep their leading dims; bfloat16 in, bfloat16 out
+    y = fp8_linear(x.reshape(7, 1, 96).bfloat16(), w8, ws)
+    assert y.shape == (7, 1, 40) and y.dtype == torch.bfloat16
+
+
+def test_unknown_quantization_is_refused() -> None:
+    with pytest.raises(ConfigError, match="quantization='int4'"):
+        EngineConfig(quantization="int4")
+
+
+@pytest.fixture(scope="module")
+def ckpt(checkpoint: CheckpointFactory) -> str:
+    return checkpoint("llama")
+
+
+def test_linear_layers_hold_fp8_and_the_rest_stays(ckpt: str) -> None:
+    base = EngineConfig(model=ckpt, dtype="float32", max_model_len=128)
+    with Engine(base) as plain:
+        plain_bytes = plain.worker.weight_bytes
+    with Engine(EngineConfig(model=ckpt, dtype="float32", max_model_len=128,
+                             quantization="fp8")) as eng:
+        linears = [m for m in eng.worker.model.modules()
+                   if isinstance(m, ColumnParallelLinear | RowParallelLinear)]
+        assert linears and all(m.weight.dtype == FP8 and m.weight_scale is not None
+                               and m.weight_scale.shape == (m.weight.shape[0],)
+                               and m.gemv is None for m in linears)
+        head = next(m for m in eng.worker.model.modules() if isinstance(m, ParallelLMHead))
+        assert head.weight.dtype == torch.float32
+        assert eng.worker.model.model.embed_tokens.weight.dtype == torch.float32
+        # the linear layers' bytes drop to a quarter of float32's
+        linear_bytes = sum(m.weight.numel() for m in linears)
+        assert eng.worker.weight_bytes == plain_bytes - 3 * linear_bytes
+        first = eng.generate([[5, 6, 7, 8, 9]], GREEDY)[0]
+        again = eng.generate([[5, 6, 7, 8, 9]], GREEDY)[0]
+    assert first.token_ids == again.token_ids and len(first.token_ids) == 12
+
+
+def test_accuracy_measure(ckpt: str) -> None:
+    """compare(): an engine against itself agrees everywhere with no divergence; FP8
+    weights move the distributions a little (KL > 0), the top-1 tokens mostly stay."""
+    prompts = sequences(2, 48, 1000, seed=3)
+    base = EngineConfig(model=ckpt, dtype="float32", max_model_len=128,
+                        max_num_batched_tokens=16)
+    ref = scored(base, prompts)
+    same = compare(ref, ref)
+    assert same == {"positions": 96, "top1_agreement": 1.0, "mean_kl": 0.0}
+    fp8 = compare(ref, scored(EngineConfig(**{**base.to_dict(), "quantization": "fp8"}),
+                              prompts))
+    assert fp8["positions"] == 96 and 0 < fp8["mean_kl"] < 0.5
+    assert 0.5 < fp8["top1_agreement"] < 1.0
+
+
+@pytest.mark.slow
+def test_tp2_fp8_scores_like_tp1_fp8(ckpt: str) -> None:
+    """At tp=2 each rank quantizes its own shard (row-parallel layers: a scale per row of
+    its columns), so the numbers differ a little from tp=1's; the distributions stay as
+    close as tp=1's are to float32."""
+    prompts = sequences(1, 40, 1000, seed=4)
+    base = EngineConfig(model=ckpt, dtype="float32", max_model_len=128, comm_dtype="float32")
+    ref = scored(base, prompts)
+    one = compare(ref, scored(EngineConfig(**{**base.to_dict(), "quantization": "fp8"}),
+                              prompts))
+    two = compare(ref, scored(EngineConfig(**{**base.to_dict(), "quantization": "fp8",
+                                              "tp": 2}), prompts))
+    assert two["mean_kl"] < 3 * one["mean_kl"] + 0.01
+    assert two["top1_agreement"] > one["top1_agreement"] - 0.15
