@@ -11,7 +11,10 @@ Contract:
   must be multiples of 16 and x 16-bit; PyTorch's reference on CPU).
 - `quantize_model(model)`: every ColumnParallelLinear and RowParallelLinear of the model
   gets its weight replaced by its FP8 form and a `weight_scale`; its forward then goes
-  through `fp8_linear`, and the batch-1 GEMV picks leave it alone. The embedding and the
+  through `fp8_linear`, and a one-row input through the batch-1 GEMV where tuning picks
+  it (replicas/kernels/gemv.py: FP8 tiles, the row's scale applied once at the end; the
+  input row stays 16-bit there, so decode reads half the bytes and rounds only the
+  weights). The embedding and the
   LM head stay 16-bit: the embedding is a row gather (no matmul to gain), and the head's
   error would move every logit (keeping it 16-bit is the choice until measured otherwise).
   Quantized after the 16-bit weights are loaded, layer by layer: the 16-bit copy of a
@@ -57,10 +60,14 @@ def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
     return y.to(x.dtype).reshape(*lead, w8.shape[0])
 
 
+def is_fp8_dtype(dtype: torch.dtype) -> bool:
+    return dtype == FP8
+
+
 def is_fp8(module: nn.Module) -> bool:
     """Whether a linear layer holds FP8 weights (quantize_model)."""
     weight = getattr(module, "weight", None)
-    return weight is not None and weight.dtype == FP8
+    return weight is not None and is_fp8_dtype(weight.dtype)
 
 
 @torch.no_grad()

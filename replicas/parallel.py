@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from replicas import kernels
-from replicas.fp8 import fp8_linear, is_fp8
+from replicas.fp8 import fp8_linear, is_fp8, is_fp8_dtype
 from replicas.kernels import Site
 from replicas.shm import ShmAllReduce
 from replicas.symm import OneShotAllReduce
@@ -222,7 +222,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [tokens, in] -> [tokens, local_out]
         if on_gemv(self.gemv, x):
-            return kernels.gemv(x, self.weight, self.bias, self.gemv)
+            return kernels.gemv(x, self.weight, self.bias, self.gemv, scale=self.weight_scale)
         return _matmul(x, self.weight, self.weight_scale, self.bias)
 
     def forward_normed(self, x: torch.Tensor | Site, residual: torch.Tensor | None,
@@ -235,7 +235,7 @@ class ColumnParallelLinear(nn.Module):
         if isinstance(x, Site) or (on_gemv(self.gemv, x) and kernels.enabled(x)):
             assert self.gemv is not None
             return kernels.gemv_norm(x, residual, norm.weight, norm.eps, self.weight,
-                                     self.bias, self.gemv)
+                                     self.bias, self.gemv, self.weight_scale)
         h, residual = norm(x, residual)
         return self(h), residual
 
@@ -299,15 +299,18 @@ def tune_gemv(model: nn.Module, cache: Path | None = None
     software are read from `cache` (default `gemv_cache_path()`) instead of timed."""
     path = cache or gemv_cache_path()
     kept, measured = read_picks(path), {}
+    # what the layers' input rows are in (an FP8 layer's GEMV is timed on those)
+    model_dtype = next((p.dtype for p in model.parameters() if not is_fp8_dtype(p.dtype)),
+                       torch.bfloat16)
     picked: dict[tuple[int, int, bool, str], kernels.GemvConfig | None] = {}
     report: dict[str, dict[str, float | str]] = {}
     for module in model.modules():
         if not isinstance(module, ColumnParallelLinear | RowParallelLinear | ParallelLMHead):
             continue
-        if is_fp8(module):  # no FP8 GEMV yet: its matmuls go through fp8_linear
-            continue
         bias = module.bias if isinstance(module, ColumnParallelLinear) else None
-        key = (*module.weight.shape, bias is not None, module.gemv_kind)
+        scale = module.weight_scale if is_fp8(module) else None
+        key = (*module.weight.shape, bias is not None, module.gemv_kind,
+               str(module.weight.dtype))
         if key not in picked:
             cache_key = gemv_cache_key(module.weight, bias is not None, module.gemv_kind)
             entry = kept.get(cache_key)
@@ -316,7 +319,9 @@ def tune_gemv(model: nn.Module, cache: Path | None = None
                 picked[key] = hit[0]
                 report[str(key)] = {**(entry or {}), "cached": "yes"}
             else:
-                picked[key], times = kernels.pick_gemv(module.weight, bias, module.gemv_kind)
+                picked[key], times = kernels.pick_gemv(
+                    module.weight, bias, module.gemv_kind, scale=scale,
+                    dtype=None if scale is None else model_dtype)
                 report[str(key)] = {**{k: round(v, 2) for k, v in times.items()},
                                     "chosen": str(picked[key] or "cublas")}
                 measured[cache_key] = report[str(key)]
@@ -375,8 +380,10 @@ class RowParallelLinear(nn.Module):
             assert self.gemv is not None
             site = self.comm.fold(x, self.weight.shape[0]) if self.bias is None else None
             if site is not None:  # pushed to every rank; its reader sums it
-                return kernels.gemv_push(x, self.weight, self.gemv, gated, site)
-            y = self.comm.all_reduce(kernels.gemv(x, self.weight, None, self.gemv, gated))
+                return kernels.gemv_push(x, self.weight, self.gemv, gated, site,
+                                         self.weight_scale)
+            y = self.comm.all_reduce(kernels.gemv(x, self.weight, None, self.gemv, gated,
+                                                  self.weight_scale))
         else:
             y = self.comm.matmul_all_reduce(x, self.weight, self.weight_scale)
         return y + self.bias if self.bias is not None else y

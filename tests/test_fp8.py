@@ -116,3 +116,50 @@ def test_tp2_fp8_scores_like_tp1_fp8(ckpt: str) -> None:
                                               "tp": 2}), prompts))
     assert two["mean_kl"] < 3 * one["mean_kl"] + 0.01
     assert two["top1_agreement"] > one["top1_agreement"] - 0.15
+
+
+@pytest.mark.parametrize("shape", [(64, 256), (40, 200)])  # blocks divide it; they do not
+@pytest.mark.parametrize("kind", ["plain", "gated", "norm"])
+def test_fp8_gemv_is_the_scaled_rows_product(shape: tuple[int, int], kind: str) -> None:
+    """The batch-1 GEMV on FP8 weights (Triton; its interpreter on CPU) equals the
+    16-bit GEMV of the dequantized weights, for each kind it fuses (SwiGLU, RMSNorm)."""
+    from replicas import kernels
+
+    gen = torch.Generator().manual_seed(12)
+    w8, scale = quantize_rows(torch.randn(*shape, generator=gen))
+    dense = w8.float() * scale[:, None]
+    bias = torch.randn(shape[0], generator=gen)
+    x = torch.randn(1, 2 * shape[1] if kind == "gated" else shape[1], generator=gen)
+    res, norm_w = torch.randn(1, shape[1], generator=gen), 1 + torch.rand(shape[1]) / 4
+    for config in [(8, 64, 4, 2), (16, 128, 4, 3)]:
+        if kind == "norm":
+            got, got_sum = kernels.gemv_norm(x, res, norm_w, 1e-5, w8, bias, config, scale)
+            want, want_sum = kernels.gemv_norm(x, res, norm_w, 1e-5, dense, bias, config)
+            torch.testing.assert_close(got_sum, want_sum, atol=0, rtol=0)
+        else:
+            got = kernels.gemv(x, w8, bias, config, gated=kind == "gated", scale=scale)
+            want = kernels.gemv(x, dense, bias, config, gated=kind == "gated")
+        assert got.shape == (1, shape[0]) and got.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+def test_fp8_decode_through_the_gemvs(ckpt: str) -> None:
+    """Batch-1 decode with every FP8 projection on the GEMV (weights rounded, input rows
+    not) stays as close to the float32 engine as the FP8 matmul path (both rounded)."""
+    prompt = sequences(1, 24, 1000, seed=5)[0]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=True)
+    base = EngineConfig(model=ckpt, dtype="float32", max_model_len=128, cuda_graphs=False)
+    with Engine(base) as plain:
+        want = plain.generate([prompt], params)[0]
+    runs = {}
+    with Engine(EngineConfig(**{**base.to_dict(), "quantization": "fp8"})) as engine:
+        for on in (False, True):
+            for module in engine.worker.model.modules():
+                if isinstance(module, ColumnParallelLinear | RowParallelLinear):
+                    module.gemv = (16, 32, 4, 1) if on else None
+            runs[on] = engine.generate([prompt], params)[0]
+    first = [torch.tensor(r.logprobs[:1]) for r in (want, runs[False], runs[True])]
+    # the first token's log-probability (same prefix for all three): both FP8 paths
+    # within a few % of float32, the GEMV's (weights only rounded) no further
+    assert abs(float(first[2] - first[0])) <= max(0.05, 1.5 * abs(float(first[1] - first[0])))
+    assert runs[True].token_ids[0] == want.token_ids[0]

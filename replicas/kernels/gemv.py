@@ -77,8 +77,9 @@ if triton is not None:
                        mask=r_ok[:, None] & (cols < k)[None, :], other=0.0)
 
     @triton.jit
-    def _gemv_kernel(X, W, B, Y, R, NW, ROUT, n, k, sw, eps, DATA, FLAGS, CNT, site_data,
-                     site_flag, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
+    def _gemv_kernel(X, W, S, B, Y, R, NW, ROUT, n, k, sw, eps, DATA, FLAGS, CNT, site_data,
+                     site_flag, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     EVEN: tl.constexpr,
                      GATED: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
                      ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      PUSH: tl.constexpr, PULL: tl.constexpr, RANK: tl.constexpr,
@@ -96,7 +97,10 @@ if triton is not None:
         The all-reduce of tensor parallelism can fold into it (allreduce.py): PUSH, the
         rows of y go to every rank's buffer at a site (DATA, FLAGS: every rank's
         addresses) instead of Y; PULL, x is the sum of the WORLD partial rows at X,
-        waited for on the site's counters CNT and summed as it is read."""
+        waited for on the site's counters CNT and summed as it is read.
+
+        SCALED: W holds FP8 (e4m3) and row r of the product is multiplied by S[r], its
+        scale (replicas/fp8.py): half the bytes of a 16-bit W, the input row as it is."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         r_ok = rows < n
         cols = tl.arange(0, BLOCK_K)
@@ -126,6 +130,8 @@ if triton is not None:
             acc += w.to(tl.float32) * _gemv_x(X, R, NW, cols, k, rstd, EVEN, GATED, NORM,
                                               HAS_RES, PULL, WORLD)[None, :]
         y = tl.sum(acc, axis=1)
+        if SCALED:
+            y *= tl.load(S + rows, mask=r_ok, other=0.0)
         if HAS_BIAS:
             y += tl.load(B + rows, mask=r_ok, other=0.0).to(tl.float32)
         if PUSH:
@@ -149,15 +155,18 @@ GEMV_CONFIGS: tuple[GemvConfig, ...] = (  # the leaders of earlier H200 runs, an
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-         config: GemvConfig, gated: bool = False) -> torch.Tensor:
+         config: GemvConfig, gated: bool = False, scale: torch.Tensor | None = None
+         ) -> torch.Tensor:
     """x [1, K] @ weight[N, K].T (+ bias) -> [1, N], in x's dtype. gated: x is
-    [gate | up] of [1, 2K] and the input row is silu(gate) * up (SwiGLU fused in)."""
-    return _gemv(x, weight, bias, config, gated=gated)
+    [gate | up] of [1, 2K] and the input row is silu(gate) * up (SwiGLU fused in).
+    scale: weight is FP8 and row r of it stands for weight[r] * scale[r] (each of these
+    functions takes it alike)."""
+    return _gemv(x, weight, bias, config, gated=gated, scale=scale)
 
 
 def gemv_norm(x: torch.Tensor | Site, residual: torch.Tensor | None,
               norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-              bias: torch.Tensor | None, config: GemvConfig
+              bias: torch.Tensor | None, config: GemvConfig, scale: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(gemv(rms_norm(x + residual) * norm_weight), x + residual) for one row x [1, K], in
     one kernel, equal to `rms_norm` then `gemv` with the same config; without a residual
@@ -165,23 +174,23 @@ def gemv_norm(x: torch.Tensor | Site, residual: torch.Tensor | None,
     their GEMVs pushed there (`gemv_push`), summed here as it is read."""
     row = x.rows[:1] if isinstance(x, Site) else x
     r_out = torch.empty_like(row) if residual is not None else row
-    y = _gemv(x, weight, bias, config, norm=(residual, norm_weight, r_out, eps))
+    y = _gemv(x, weight, bias, config, norm=(residual, norm_weight, r_out, eps), scale=scale)
     return y, r_out
 
 
 def gemv_push(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig, gated: bool,
-              site: Site) -> Site:
+              site: Site, scale: torch.Tensor | None = None) -> Site:
     """`gemv(x, weight, None, config, gated)`, its rows pushed to every rank's buffer at
     `site` instead of returned: the all-reduce of a row-parallel layer, folded into the
     GEMV; the reader sums it (`gemv_norm` of the site, or `site.pull()`)."""
-    _gemv(x, weight, None, config, gated=gated, push=site)
+    _gemv(x, weight, None, config, gated=gated, push=site, scale=scale)
     return site
 
 
 def _gemv(x: torch.Tensor | Site, weight: torch.Tensor, bias: torch.Tensor | None,
           config: GemvConfig, gated: bool = False,
           norm: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, float] | None = None,
-          push: Site | None = None) -> torch.Tensor:
+          push: Site | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
     n, k = weight.shape
     block_n, block_k, warps, stages = config
     pull = x if isinstance(x, Site) else None
@@ -191,11 +200,12 @@ def _gemv(x: torch.Tensor | Site, weight: torch.Tensor, bias: torch.Tensor | Non
     residual, norm_weight, r_out, eps = norm or (None, row, row, 0.0)
     site = push or pull
     _gemv_kernel[(triton.cdiv(n, block_n),)](
-        row, weight, bias if bias is not None else weight, y,
+        row, weight, scale if scale is not None else row, bias if bias is not None else row, y,
         residual if residual is not None else row, norm_weight, r_out, n, k,
         weight.stride(0), eps, *(site.kernel_args() if site is not None else (
             weight, weight, weight, 0, 0)),
-        HAS_BIAS=bias is not None, EVEN=n % block_n == 0 and k % block_k == 0,
+        SCALED=scale is not None, HAS_BIAS=bias is not None,
+        EVEN=n % block_n == 0 and k % block_k == 0,
         GATED=gated, NORM=norm is not None, HAS_RES=residual is not None, ROW=_pow2(k),
         BLOCK_N=block_n, BLOCK_K=block_k, PUSH=push is not None, PULL=pull is not None,
         RANK=site.rank if site is not None else 0, WORLD=site.world if site is not None else 1,
@@ -207,15 +217,19 @@ GemvKind = str  # how a layer calls its GEMV: "plain", "norm" (gemv_norm) or "ga
 
 
 def pick_gemv(weight: torch.Tensor, bias: torch.Tensor | None, kind: GemvKind = "plain",
-              margin: float = 0.97) -> tuple[GemvConfig | None, dict[str, float]]:
+              margin: float = 0.97, scale: torch.Tensor | None = None,
+              dtype: torch.dtype | None = None) -> tuple[GemvConfig | None, dict[str, float]]:
     """Time cuBLAS (F.linear) and each GEMV config on a one-row input, as a decode step
     runs them: weights cold (copies cycled so that they never sit in L2), input hot, and
     the GEMV in the layer's kind: "norm" with the RMSNorm (+ residual) fused in, "gated"
     with SwiGLU fused in (their extra input reads favour other tile shapes than "plain").
     Returns the fastest config if it beats plain cuBLAS by the margin (else None: keep
-    cuBLAS), and the times in us."""
+    cuBLAS), and the times in us. An FP8 weight (its `scale` given; the input in
+    `dtype`) is timed against what its layer runs otherwise: fp8_linear's FP8 matmul."""
+    from replicas.fp8 import fp8_linear
+
     k = weight.shape[1]
-    make = functools.partial(torch.randn, dtype=weight.dtype, device=weight.device)
+    make = functools.partial(torch.randn, dtype=dtype or weight.dtype, device=weight.device)
     x, residual, norm_weight = make(1, 2 * k if kind == "gated" else k), make(1, k), make(k)
     if kind == "norm":
         s = x + residual
@@ -225,18 +239,20 @@ def pick_gemv(weight: torch.Tensor, bias: torch.Tensor | None, kind: GemvKind = 
         h = (F.silu(gate) * up).to(x.dtype)
     else:
         h = x
-    want = F.linear(h, weight, bias)
+    dense = weight if scale is None else (weight.float() * scale[:, None]).to(h.dtype)
+    want = F.linear(h, dense, bias)
     # 256 MB of copies (at most 32: small matrices are cheap either way)
     count = min(32, max(2, -(-2**28 // (weight.numel() * weight.element_size()))))
     copies = [weight] + [weight.clone() for _ in range(count - 1)]
 
     def run(w: torch.Tensor, config: GemvConfig) -> torch.Tensor:
         if kind == "norm":
-            return gemv_norm(x, residual, norm_weight, 1e-5, w, bias, config)[0]
-        return gemv(x, w, bias, config, gated=kind == "gated")
+            return gemv_norm(x, residual, norm_weight, 1e-5, w, bias, config, scale)[0]
+        return gemv(x, w, bias, config, gated=kind == "gated", scale=scale)
 
     runs: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-        "cublas": lambda w: F.linear(x[:, :k], w, bias)}
+        "cublas": (lambda w: F.linear(x[:, :k], w, bias)) if scale is None else (
+            lambda w: fp8_linear(x[:, :k], w, scale, bias))}
     for config in GEMV_CONFIGS:
         got = run(weight, config)
         if not torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2 * float(
