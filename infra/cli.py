@@ -93,6 +93,8 @@ FIELD_HELP = {
                        "matrix-vector kernels beside them (experimental).",
     "quantization": "none, or fp8: the linear layers' weights in FP8 (e4m3, a scale per "
                     "output channel), quantized at load; embedding and LM head stay 16-bit.",
+    "kv_cache_dtype": "auto (the model's dtype) or fp8: the KV cache in FP8 (e4m3), twice "
+                      "the tokens in the same memory.",
     # StackConfig (infra/stack.py)
     "nginx_port": "Port of nginx, the cluster's front door (API and dashboard).",
     "serve_port": "Port of Ray Serve's HTTP proxy.",

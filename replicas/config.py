@@ -93,6 +93,9 @@ class EngineConfig:
     # activations quantized likewise; the embedding and LM head stay 16-bit
     # (replicas/fp8.py)
     quantization: str = "none"
+    # auto | fp8: the KV cache's entries in the model's dtype, or in FP8 (e4m3, scale 1):
+    # half the bytes of a 16-bit cache, twice the tokens in the same memory
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.tp not in SUPPORTED_TP:
@@ -122,6 +125,8 @@ class EngineConfig:
                 "holding config.json and *.safetensors (HF format), or model=None for "
                 "the built-in tiny model"
             )
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            raise ConfigError(f"kv_cache_dtype={self.kv_cache_dtype!r}: use 'auto' or 'fp8'")
         if self.quantization not in ("none", "fp8"):
             raise ConfigError(f"quantization={self.quantization!r}: use 'none' or 'fp8'")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

@@ -148,8 +148,8 @@ def paged_attention(
     thrown away are zeroed again (`Worker.clear`).
     """
     num_seqs, max_q = b.query_pos.shape
-    keys = k_cache[b.block_tables].flatten(1, 2)  # [B, L, kv_heads, D]
-    values = v_cache[b.block_tables].flatten(1, 2)
+    keys = read_cache(k_cache, b.block_tables, q.dtype)  # [B, L, kv_heads, D]
+    values = read_cache(v_cache, b.block_tables, q.dtype)
     padded = q.new_zeros(num_seqs, max_q, *q.shape[1:])  # [B, max_q, heads, D]
     padded[b.token_seq, b.token_off] = q
     out = F.scaled_dot_product_attention(
@@ -157,6 +157,28 @@ def paged_attention(
         attn_mask=b.masks[window], enable_gqa=True,
     )  # [B, heads, max_q, D]
     return out.transpose(1, 2)[b.token_seq, b.token_off]
+
+
+def write_cache(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+    """x [T, kv_heads, D] into the cache's slots [blocks, block_size, kv_heads, D]. An
+    FP8 cache's entries saturate at +-448, as the Triton kernels write them
+    (replicas/kernels/rope.py _to_cache), and go in as bytes (PyTorch has no FP8
+    index_copy on CPU)."""
+    flat = cache.view(-1, *x.shape[1:])
+    if cache.dtype == torch.float8_e4m3fn:
+        x8 = x.clamp(-448.0, 448.0).to(cache.dtype)
+        flat.view(torch.uint8).index_copy_(0, slots, x8.view(torch.uint8))
+    else:
+        flat.index_copy_(0, slots, x)
+
+
+def read_cache(cache: torch.Tensor, tables: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Each sequence's cached entries through its block table [B, blocks] -> [B, L,
+    kv_heads, D] in `dtype` (an FP8 cache's widened; gathered as bytes)."""
+    if cache.dtype == torch.float8_e4m3fn:
+        raw = cache.view(torch.uint8)[tables].view(cache.dtype)
+        return raw.flatten(1, 2).to(dtype)
+    return cache[tables].flatten(1, 2)
 
 
 def fresh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -235,8 +257,8 @@ class Attention(nn.Module):
                                               b.positions, self.window, b.max_q, b.splits)
             return self.o_proj(out.reshape(out.shape[0], -1))
         q, k = rotary(q, rope), rotary(k, rope)
-        k_cache.view(-1, self.kv_heads, self.head_dim).index_copy_(0, b.slot_mapping, k)
-        v_cache.view(-1, self.kv_heads, self.head_dim).index_copy_(0, b.slot_mapping, v)
+        write_cache(k_cache, b.slot_mapping, k)
+        write_cache(v_cache, b.slot_mapping, v)
         out = paged_attention(q, k_cache, v_cache, b, self.window)  # [T, heads, D]
         return self.o_proj(out.reshape(out.shape[0], -1))
 

@@ -156,6 +156,9 @@ class Worker:
         self.spec = ModelSpec.from_hf(hf_config)
         self.spec.check_tp(self.world_size)
         self.dtype = resolve_dtype(config, self.spec, self.device)
+        # the KV cache's entries: the model's dtype, or FP8 (e4m3, scale 1: the attention
+        # kernels widen them as they read, and saturate them at +-448 as they write)
+        self.kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else self.dtype
         self.comm = Comm(rank, self.world_size, DTYPES[config.wire_dtype(self.dtype)],
                          overlap_chunk=config.overlap_chunk_tokens).to(self.device)
         self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
@@ -204,7 +207,7 @@ class Worker:
         self.num_blocks = self._agree_min(self._count_blocks())
         # one block more than the scheduler hands out: the scratch block of padded rows
         self.kv = allocate_kv_cache(self.spec, self.world_size, self.num_blocks + 1,
-                                    config.block_size, self.dtype, self.device)
+                                    config.block_size, self.kv_dtype, self.device)
         phase("kv_pool")
         self.overflow_retries = 0
         self._drained = False  # set by `close` once this GPU's queue is known empty
@@ -323,7 +326,7 @@ class Worker:
         cfg = self.config
         if cfg.num_kv_blocks is not None:
             return cfg.num_kv_blocks
-        per_block = block_bytes(self.spec, self.world_size, cfg.block_size, self.dtype)
+        per_block = block_bytes(self.spec, self.world_size, cfg.block_size, self.kv_dtype)
         budget = cfg.kv_cache_memory
         if budget is None and self.device.type == "cuda":
             self.activation_peak = self._activation_peak()
@@ -343,7 +346,7 @@ class Worker:
         row) and a max_num_seqs decode step (a logits row each). Every rank runs the
         same steps, so their collectives pair up."""
         cfg, bs = self.config, self.config.block_size
-        kv = allocate_kv_cache(self.spec, self.world_size, 1, bs, self.dtype, self.device)
+        kv = allocate_kv_cache(self.spec, self.world_size, 1, bs, self.kv_dtype, self.device)
         n, b = min(cfg.max_num_batched_tokens, self.max_model_len), cfg.max_num_seqs
         prompt = StepBatch(tuple([0] * n), tuple(range(n)), (n,), ((0,) * -(-n // bs),),
                            (n - 1,))

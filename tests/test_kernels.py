@@ -200,6 +200,88 @@ def test_decode_attention_rotates_and_caches_the_new_keys(interleaved: bool, spl
     assert torch.equal(v_fused, caches[1])
 
 
+def fp8_caches(num_blocks: int, block_size: int, kv_heads: int, d: int, seed: int
+               ) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(num_blocks, block_size, kv_heads, d, generator=gen) * 3).to(
+        torch.float8_e4m3fn).to(DEVICE) for _ in range(2)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", ["prefill", "chunk after a long prefix", "sliding window",
+                                  "decode, split keys"])
+def test_paged_attention_over_an_fp8_cache(case: str, dtype: torch.dtype) -> None:
+    """kv_cache_dtype="fp8": the kernel widens the cache's entries as it reads them, as
+    the PyTorch path does (model.read_cache)."""
+    query_lens, contexts, window, heads, kv_heads, d, splits = CASES[case]
+    b = ragged_batch(query_lens, contexts, 4, 512, window)
+    b.splits = splits
+    k_cache, v_cache = fp8_caches(512, 4, kv_heads, d, seed=5)
+    q = torch.randn(sum(query_lens), heads, d,
+                    generator=torch.Generator().manual_seed(6)).to(DEVICE, dtype)
+    want = reference_attention(q, k_cache, v_cache, b, window)
+    assert b.cu_q is not None
+    got = kernels.paged_attention(q, k_cache, v_cache, b.block_tables, b.cu_q, b.positions,
+                                  window, b.max_q, b.splits)
+    tol = 2e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+def test_fp8_cache_writes_round_and_saturate_as_the_reference() -> None:
+    """rope_and_cache and decode attention write an FP8 cache as model.write_cache does:
+    each entry rounded to e4m3, and past +-448 saturated (a plain cast would give NaN)."""
+    from replicas.model import write_cache
+
+    t, kv_heads, heads, d, rotary_dim = 3, 2, 4, 16, 8
+    gen = torch.Generator().manual_seed(14)
+    q, k, v = (torch.randn(t, h, d, generator=gen).to(DEVICE) * 4 for h in (heads, kv_heads,
+                                                                              kv_heads))
+    v[0, 0, :3] = torch.tensor([1000.0, -1000.0, 448.5])
+    angles = torch.rand(t, 1, rotary_dim, generator=gen).to(DEVICE) * 6
+    cos, sin = angles.cos(), angles.sin()
+    slots = torch.tensor([5, 0, 9], device=DEVICE)
+    caches = [torch.zeros(4, 4, kv_heads, d, device=DEVICE).to(torch.float8_e4m3fn)
+              for _ in range(2)]
+    k_rot = k.clone()
+    kernels.rope_and_cache(q, k_rot, v, cos, sin, slots, *caches, rotary_dim, False)
+    want = [torch.zeros_like(c) for c in caches]
+    write_cache(want[0], slots, k_rot)
+    write_cache(want[1], slots, v)
+    for got, ref in zip(caches, want, strict=True):
+        same_fp8(got, ref)
+    flat_v = caches[1].view(-1, kv_heads, d).float()
+    assert flat_v[5, 0, :3].tolist() == [448.0, -448.0, 448.0]
+    assert bool(torch.isfinite(flat_v).all())
+    # decode writes the new token's key and value the same way
+    b = ragged_batch([1, 1, 1], [10, 1, 6], 4, 8, None)
+    assert b.cu_q is not None
+    slots = (b.block_tables[torch.arange(3, device=DEVICE), b.positions // 4] * 4
+             + b.positions % 4)
+    fused = [torch.zeros(8, 4, kv_heads, d, device=DEVICE).to(torch.float8_e4m3fn)
+             for _ in range(2)]
+    k2 = k.clone()
+    kernels.paged_attention(q.clone(), *fused, b.block_tables, b.cu_q, b.positions, None, 1,
+                            1, kernels.NewKeys(k2, v, cos, sin, slots, rotary_dim, False))
+    apart = [torch.zeros_like(c) for c in fused]
+    kernels.rope_and_cache(q.clone(), k.clone(), v, cos, sin, slots, *apart, rotary_dim, False)
+    for got, ref in zip(fused, apart, strict=True):
+        assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8))
+
+
+def same_fp8(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Bit for bit on a GPU. Triton's interpreter rounds to e4m3 without carrying a
+    rounded-up mantissa into the exponent (1.96 -> 1.0 where the GPU and PyTorch give
+    2.0; one step off among subnormals): there, every other entry is bit for bit and
+    the differing ones are exactly those."""
+    g, w = got.float(), want.float()
+    differ = got.view(torch.uint8) != want.view(torch.uint8)
+    if DEVICE != "cpu":
+        assert not bool(differ.any())
+        return
+    carry = (g * 2 == w) | ((g - w).abs() <= 2.0 ** -9)
+    assert bool(carry[differ].all()) and int(differ.sum()) <= differ.numel() // 20
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="races show on a GPU only")
 def test_split_merge_by_the_last_split_holds_under_replay() -> None:
@@ -340,6 +422,40 @@ def test_engine_tokens_equal_through_the_kernels(family: str, flash_from: int,
             if flag == "1":
                 assert engine.stats()["prefix_cache_hit_blocks"] > 0
     assert runs["1"] == runs["0"]
+
+
+@pytest.mark.parametrize("flash_from", [4, 10**6])
+def test_engine_caches_alike_through_the_kernels_in_fp8(
+        flash_from: int, checkpoint: CheckpointFactory, monkeypatch: pytest.MonkeyPatch
+        ) -> None:
+    """kv_cache_dtype="fp8": the kernels and the PyTorch path write the cache alike
+    (chunked prefill, a prefix-cache hit): the first layer's cache, whose inputs both
+    paths compute alike, holds the same entries (see same_fp8), and decoding over an FP8
+    cache runs (its writes: test_fp8_cache_writes_round_and_saturate_as_the_reference).
+    Later layers' inputs differ by the interpreter's rounding, so the tokens of a tiny
+    random model may too: on a GPU tests/test_gpu.py holds the accuracy bar."""
+    monkeypatch.setattr(worker, "FLASH_MIN_TOKENS", flash_from)
+    config = EngineConfig(model=checkpoint("llama"), device=DEVICE, dtype="float32",
+                          max_num_batched_tokens=16, block_size=4, kv_cache_dtype="fp8")
+    gen = torch.Generator().manual_seed(7)
+    shared = torch.randint(3, 200, (13,), generator=gen).tolist()
+    prompts = [shared + [5, 6], shared + [7]]
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    caches = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("TPSERVE_KERNELS", flag)
+        with Engine(config) as engine:
+            k_cache, v_cache = engine.worker.kv[0]
+            assert k_cache.dtype == torch.float8_e4m3fn
+            engine.generate(prompts[:1], params)
+            engine.generate(prompts[1:], params)  # (its prefix from the cache)
+            assert engine.stats()["prefix_cache_hit_blocks"] > 0
+            caches[flag] = (k_cache.clone(), v_cache.clone())
+            out = engine.generate([[9, 8, 7]], SamplingParams(max_tokens=5, temperature=0.0,
+                                                              ignore_eos=True))
+            assert len(out[0].token_ids) == 5
+    for got, want in zip(caches["1"], caches["0"], strict=True):
+        same_fp8(got, want)
 
 
 @pytest.mark.parametrize("family", ["llama", "glm"])  # GLM: biased qkv, fused gate_up

@@ -31,31 +31,34 @@ def _precision(dtype: torch.dtype) -> str:
 
 if triton is not None:
     from replicas.kernels.common import _pdl_enter
-    from replicas.kernels.rope import _rotated
+    from replicas.kernels.rope import _rotated, _to_cache
 
     @triton.jit
     def _load_kv(KC, VC, table, n, upto, block_size, kv_heads, kvh, d, d_ok,
-                 D: tl.constexpr):
-        """Keys and values [BLOCK_N, D] at positions n through the block table; those at
-        upto or past it come as 0 (decode passes the new token's position: its key and
-        value are filled in from registers). v's load is issued with k's, so that its
-        latency hides behind the scores."""
+                 D: tl.constexpr, DT: tl.constexpr):
+        """Keys and values [BLOCK_N, D] at positions n through the block table, in DT
+        (the queries' dtype: an FP8 cache's entries are widened); those at upto or past
+        it come as 0 (decode passes the new token's position: its key and value are
+        filled in from registers). v's load is issued with k's, so that its latency
+        hides behind the scores."""
         ok = n < upto
         blk = tl.load(table + n // block_size, mask=ok, other=0)
         addr = ((blk * block_size + n % block_size) * kv_heads + kvh) * D
         kv_mask = ok[:, None] & d_ok[None, :]
         k = tl.load(KC + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(VC + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        return k, v
+        return k.to(DT), v.to(DT)
+
 
     @triton.jit
     def _attend(q, KC, VC, table, start, hi, qpos, win, m, l_sum, acc, scale_log2, block_size,
                 kv_heads, kvh, d, d_ok, MASKED: tl.constexpr,
-                BLOCK_N: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr):
+                BLOCK_N: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
+                DT: tl.constexpr):
         """One block of BLOCK_N keys from `start` into the online softmax (m, l_sum, acc)."""
         n = start + tl.arange(0, BLOCK_N)
         n_ok = n < hi
-        k, v = _load_kv(KC, VC, table, n, hi, block_size, kv_heads, kvh, d, d_ok, D)
+        k, v = _load_kv(KC, VC, table, n, hi, block_size, kv_heads, kvh, d, d_ok, D, DT)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
         if MASKED:
             diff = qpos[:, None] - n[None, :]
@@ -131,11 +134,13 @@ if triton is not None:
                 for start in range(lo_s, bulk_end, BLOCK_N):
                     m, l_sum, acc = _attend(q, KC, VC, TABLES + seq * stab, start, hi_s, qpos,
                                             win, m, l_sum, acc, scale_log2, block_size,
-                                            kv_heads, kvh, d, d_ok, False, BLOCK_N, D, PREC)
+                                            kv_heads, kvh, d, d_ok, False, BLOCK_N, D, PREC,
+                                            Q.dtype.element_ty)
                 for start in range(bulk_end, hi_s, BLOCK_N):
                     m, l_sum, acc = _attend(q, KC, VC, TABLES + seq * stab, start, hi_s, qpos,
                                             win, m, l_sum, acc, scale_log2, block_size,
-                                            kv_heads, kvh, d, d_ok, True, BLOCK_N, D, PREC)
+                                            kv_heads, kvh, d, d_ok, True, BLOCK_N, D, PREC,
+                                            Q.dtype.element_ty)
                 _finish(m, l_sum, acc, OUT, OP, LSE, COUNT + seq * kv_heads + kvh, q_start + tok,
                         head, d, row_ok[:, None] & d_ok[None, :], row_ok, split, active, sps,
                         spt, sph, sls, slt, sot, soh, SPLITS, BLOCK_R, BLOCK_D)
@@ -159,7 +164,7 @@ if triton is not None:
         rotary_dim, scale_log2, window, block_size, kv_heads,
         G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
         BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, PREC: tl.constexpr,
-        INTERLEAVED: tl.constexpr, PDL: tl.constexpr,
+        INTERLEAVED: tl.constexpr, FP8_KV: tl.constexpr, PDL: tl.constexpr,
     ):
         """Decode attention from the projection's raw q, k, v. Program (sequence, kv head
         x split): the G query heads of that kv head, one token, against its split of
@@ -186,7 +191,8 @@ if triton is not None:
         d_ok = d < D
         table = TABLES + seq * stab
         n = lo_s + tl.arange(0, BLOCK_N)
-        k, v = _load_kv(KC, VC, table, n, pos, block_size, kv_heads, kvh, d, d_ok, D)
+        k, v = _load_kv(KC, VC, table, n, pos, block_size, kv_heads, kvh, d, d_ok, D,
+                        Q.dtype.element_ty)
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -205,8 +211,8 @@ if triton is not None:
             v_new = tl.load(V + seq * svt + kvh * svh + d, mask=d_ok, other=0.0)
             if split == active - 1:  # the split whose keys end at the new token's
                 dst = (tl.load(SLOTS + seq) * kv_heads + kvh) * D + d
-                tl.store(KC + dst, k_new, mask=d_ok)
-                tl.store(VC + dst, v_new, mask=d_ok)
+                tl.store(KC + dst, _to_cache(k_new, KC, FP8_KV), mask=d_ok)
+                tl.store(VC + dst, _to_cache(v_new, VC, FP8_KV), mask=d_ok)
             m = tl.full([BLOCK_R], -1.0e30, dtype=tl.float32)
             l_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
             acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
@@ -214,7 +220,8 @@ if triton is not None:
                                          scale_log2, PREC)
             for start in range(lo_s + BLOCK_N, hi_s, BLOCK_N):
                 n = start + tl.arange(0, BLOCK_N)
-                k, v = _load_kv(KC, VC, table, n, pos, block_size, kv_heads, kvh, d, d_ok, D)
+                k, v = _load_kv(KC, VC, table, n, pos, block_size, kv_heads, kvh, d, d_ok, D,
+                                Q.dtype.element_ty)
                 m, l_sum, acc = _decode_tile(q, k, v, k_new, v_new, n, pos, hi_s, m, l_sum,
                                              acc, scale_log2, PREC)
             _finish(m, l_sum, acc, OUT, OP, LSE, COUNT + seq * kv_heads + kvh,
@@ -345,7 +352,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             window or 0, block_size, kv_heads,
             G=group, BLOCK_R=block_r, BLOCK_N=block_n, D=d, BLOCK_D=_attn_block_d(d),
             SPLITS=splits,
-            PREC=_precision(q.dtype), INTERLEAVED=new.interleaved, num_warps=warps,
+            PREC=_precision(q.dtype), INTERLEAVED=new.interleaved,
+            FP8_KV=k_cache.dtype == torch.float8_e4m3fn, num_warps=warps,
             num_stages=2, **_launch(q))
         return out
     _attention_kernel[(num_seqs, triton.cdiv(max_q, tile_t), kv_heads * splits)](

@@ -37,10 +37,19 @@ if triton is not None:
         return tl.where(rot, (a + b).to(x.dtype), x)
 
     @triton.jit
+    def _to_cache(x, C, FP8: tl.constexpr):
+        """x as the cache C holds it: an FP8 cache's entries saturate at +-448 (e4m3 has
+        no infinity; a scale of 1: the keys and values of the supported families stay far
+        inside that range)."""
+        if FP8:
+            x = tl.minimum(tl.maximum(x.to(tl.float32), -448.0), 448.0)
+        return x.to(C.dtype.element_ty)
+
+    @triton.jit
     def _rope_cache_kernel(Q, K, V, COS, SIN, SLOTS, KC, VC, T,
                            sqt, sqh, skt, skh, svt, svh, sct, heads, kv_heads, rotary_dim,
                            INTERLEAVED: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                           TOKENS: tl.constexpr, PDL: tl.constexpr):
+                           TOKENS: tl.constexpr, FP8_KV: tl.constexpr, PDL: tl.constexpr):
         """Program (TOKENS tokens, head) over heads + kv_heads: rotate q or k in place; a
         k head also writes its k and v to the cache slots of the tokens."""
         _pdl_enter(PDL)
@@ -63,9 +72,9 @@ if triton is not None:
             kh = h - heads
             slot = tl.load(SLOTS + t, mask=t_ok, other=0)
             dst = (slot * kv_heads + kh)[:, None] * D + d[None, :]
-            tl.store(KC + dst, y, mask=mask)
+            tl.store(KC + dst, _to_cache(y, KC, FP8_KV), mask=mask)
             v = tl.load(V + t[:, None] * svt + kh * svh + d[None, :], mask=mask, other=0.0)
-            tl.store(VC + dst, v, mask=mask)
+            tl.store(VC + dst, _to_cache(v, VC, FP8_KV), mask=mask)
 
 
 def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -84,4 +93,5 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos.stride(0), heads, kv_heads, rotary_dim,
         INTERLEAVED=interleaved, D=d, BLOCK_D=_pow2(d), TOKENS=tokens,
+        FP8_KV=k_cache.dtype == torch.float8_e4m3fn,
         num_warps=4 if tokens >= 8 else 1, **_launch(q))
