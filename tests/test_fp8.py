@@ -163,3 +163,22 @@ def test_fp8_decode_through_the_gemvs(ckpt: str) -> None:
     # within a few % of float32, the GEMV's (weights only rounded) no further
     assert abs(float(first[2] - first[0])) <= max(0.05, 1.5 * abs(float(first[1] - first[0])))
     assert runs[True].token_ids[0] == want.token_ids[0]
+
+
+def test_fp8_kv_cache_holds_more_tokens_in_the_same_memory(ckpt: str) -> None:
+    """kv_cache_dtype="fp8": one byte an entry, so the same kv_cache_memory holds 4x the
+    blocks of a float32 cache (2x a 16-bit one); the outputs stay close to float32's."""
+    base = EngineConfig(model=ckpt, dtype="float32", max_model_len=128,
+                        kv_cache_memory=2**20, max_num_batched_tokens=16)
+    prompts = sequences(2, 40, 1000, seed=6)
+    blocks = {}
+    outs = {}
+    for kv in ("auto", "fp8"):
+        with Engine(EngineConfig(**{**base.to_dict(), "kv_cache_dtype": kv})) as eng:
+            blocks[kv] = eng.stats()["num_kv_blocks"]
+            assert eng.worker.kv[0][0].dtype == (torch.float8_e4m3fn if kv == "fp8"
+                                                 else torch.float32)
+            outs[kv] = [eng.score(p) for p in prompts]
+    assert abs((blocks["fp8"] + 1) - 4 * (blocks["auto"] + 1)) <= 4
+    row = compare(outs["auto"], outs["fp8"])
+    assert 0 < row["mean_kl"] < 0.2 and row["top1_agreement"] > 0.5
