@@ -180,16 +180,17 @@ def test_kv_pool_is_sized_after_measuring_the_largest_steps(
                          ids=["weights", "weights+kv"])
 def test_fp8_keeps_the_trained_models_top1(changes: dict) -> None:
     """Issue 20's bar: teacher-forced top-1 agreement >= 98 % with the bfloat16 engine
-    over 512 positions of held-out text, on the trained checkpoint (replicas/accuracy.py;
+    over 2048 positions of held-out text, on the trained checkpoint (replicas/accuracy.py;
     random checkpoints cannot say: their top-1 flips on any rounding)."""
     from replicas.accuracy import BARS, held_out, measure, trained_model_dir
 
     model = trained_model_dir()
     base = EngineConfig(model=model, device="cuda", dtype="bfloat16", max_model_len=256,
                         max_num_batched_tokens=64)
-    row = measure(base, changes, held_out(model, 4, 128))
+    # 2048 positions (the issue asks >= 512): at 98 % one run's share moves by +-0.3 %
+    row = measure(base, changes, held_out(model, 16, 128))
     print(f"FP8 {changes}: {row}")
-    assert row["positions"] == 512 and row["top1_agreement"] >= BARS["top1_agreement"]
+    assert row["positions"] == 2048 and row["top1_agreement"] >= BARS["top1_agreement"]
 
 
 def test_fp8_decode_graphs_equal_eager_and_use_the_fp8_gemv(checkpoint: CheckpointFactory

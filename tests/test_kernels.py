@@ -146,9 +146,12 @@ CASES = {  # name: (query lens, contexts, window, heads, kv heads, head dim, spl
 }
 
 
+@pytest.mark.parametrize("cache", ["dtype", "fp8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", list(CASES))
-def test_paged_attention_matches_reference(case: str, dtype: torch.dtype) -> None:
+def test_paged_attention_matches_reference(case: str, dtype: torch.dtype, cache: str) -> None:
+    """The kernel against the PyTorch path; with kv_cache_dtype="fp8" both widen the
+    cache's entries as they read them (model.read_cache)."""
     query_lens, contexts, window, heads, kv_heads, d, splits = CASES[case]
     block_size, num_blocks = 4, 512
     b = ragged_batch(query_lens, contexts, block_size, num_blocks, window)
@@ -156,6 +159,8 @@ def test_paged_attention_matches_reference(case: str, dtype: torch.dtype) -> Non
     gen = torch.Generator().manual_seed(4)
     k_cache, v_cache = (torch.randn(num_blocks, block_size, kv_heads, d, generator=gen)
                         .to(DEVICE, dtype) for _ in range(2))
+    if cache == "fp8":
+        k_cache, v_cache = ((c * 3).to(torch.float8_e4m3fn) for c in (k_cache, v_cache))
     q = torch.randn(sum(query_lens), heads, d, generator=gen).to(DEVICE, dtype)
     want = reference_attention(q, k_cache, v_cache, b, window)
     assert b.cu_q is not None
@@ -198,33 +203,6 @@ def test_decode_attention_rotates_and_caches_the_new_keys(interleaved: bool, spl
     torch.testing.assert_close(got, want, atol=exact, rtol=exact)
     torch.testing.assert_close(k_fused, caches[0], atol=exact, rtol=exact)
     assert torch.equal(v_fused, caches[1])
-
-
-def fp8_caches(num_blocks: int, block_size: int, kv_heads: int, d: int, seed: int
-               ) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(num_blocks, block_size, kv_heads, d, generator=gen) * 3).to(
-        torch.float8_e4m3fn).to(DEVICE) for _ in range(2)]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("case", ["prefill", "chunk after a long prefix", "sliding window",
-                                  "decode, split keys"])
-def test_paged_attention_over_an_fp8_cache(case: str, dtype: torch.dtype) -> None:
-    """kv_cache_dtype="fp8": the kernel widens the cache's entries as it reads them, as
-    the PyTorch path does (model.read_cache)."""
-    query_lens, contexts, window, heads, kv_heads, d, splits = CASES[case]
-    b = ragged_batch(query_lens, contexts, 4, 512, window)
-    b.splits = splits
-    k_cache, v_cache = fp8_caches(512, 4, kv_heads, d, seed=5)
-    q = torch.randn(sum(query_lens), heads, d,
-                    generator=torch.Generator().manual_seed(6)).to(DEVICE, dtype)
-    want = reference_attention(q, k_cache, v_cache, b, window)
-    assert b.cu_q is not None
-    got = kernels.paged_attention(q, k_cache, v_cache, b.block_tables, b.cu_q, b.positions,
-                                  window, b.max_q, b.splits)
-    tol = 2e-5 if dtype == torch.float32 else 2e-3
-    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
 def test_fp8_cache_writes_round_and_saturate_as_the_reference() -> None:
