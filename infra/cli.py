@@ -91,8 +91,9 @@ FIELD_HELP = {
                        "Serve message to the router): 1 sends every token as it comes.",
     "fold_all_reduce": "At tp > 1 on GPUs, fold batch-1 decode's all-reduces into the "
                        "matrix-vector kernels beside them (experimental).",
-    "quantization": "none, or fp8: the linear layers' weights in FP8 (e4m3, a scale per "
-                    "output channel), quantized at load; embedding and LM head stay 16-bit.",
+    "quantization": "none; fp8: the linear layers' weights in FP8 (e4m3, a scale per "
+                    "output channel), quantized at load; fp8-w8a8: activations in FP8 too "
+                    "(FP8 tensor cores, less accurate). Embedding and LM head stay 16-bit.",
     "kv_cache_dtype": "auto (the model's dtype) or fp8: the KV cache in FP8 (e4m3), twice "
                       "the tokens in the same memory.",
     # StackConfig (infra/stack.py)

@@ -299,30 +299,56 @@ def fp8_rows(config: EngineConfig, long_config: EngineConfig, bandwidth: float,
              repeats: int, bf16_blocks: int) -> list[dict[str, Any]]:
     """Issue 20's cases with FP8 weights and FP8 KV cache, in the call of the bf16 rows:
     batch-1 decode against the floor of the bytes an FP8 step reads, 256 x 128/128
-    output tok/s, the 8192-token TTFT, and the KV pool's blocks in the same memory."""
-    fp8 = {"quantization": "fp8", "kv_cache_dtype": "fp8"}
+    output tok/s and the 8192-token TTFT (weight-only FP8, and W8A8 on FP8 tensor
+    cores), the KV pool's blocks in the same memory, and each mode's accuracy."""
     rows = []
-    with Engine(dataclasses.replace(config, **fp8)) as engine:
-        blocks = engine.stats()["num_kv_blocks"]
-        b1 = decode_row("glm4-9b", engine, bandwidth, repeats)
-        rows.append({**b1, "case": "glm4-9b_fp8_decode_b1_in128_out128", **fp8})
-        many = prompts_for(256, 128, GLM4_9B["vocab_size"])
-        engine.generate(many, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
-        greedy = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
-        wall = best_of(lambda: engine.generate(many, greedy), repeats)
-    rows.append({"case": "glm4-9b_fp8_256req_in128_out128", "unit": "tokens/s",
-                 "ours": round(256 * 128 / wall, 1), **fp8})
-    rows.append({"case": "glm4-9b_fp8_kv_blocks_same_memory", "unit": "blocks",
-                 "ours": blocks, "bf16": bf16_blocks,
-                 "ratio": round(blocks / bf16_blocks, 3), **fp8})
-    torch.cuda.empty_cache()
+    greedy = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
     one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    with Engine(dataclasses.replace(long_config, **fp8)) as engine:
-        fresh = iter(range(200, 300))
-        ttft = best_of(lambda: engine.generate(
-            prompts_for(1, 8192, GLM4_9B["vocab_size"], seed=next(fresh)), one), repeats)
-    rows.append({"case": "glm4-9b_fp8_ttft_in8192", "unit": "ms",
-                 "ours": round(ttft * 1e3, 1), **fp8})
+    many = prompts_for(256, 128, GLM4_9B["vocab_size"])
+    fresh = iter(range(200, 300))
+    for quantization in ("fp8", "fp8-w8a8"):
+        fp8 = {"quantization": quantization, "kv_cache_dtype": "fp8"}
+        with Engine(dataclasses.replace(config, **fp8)) as engine:
+            if quantization == "fp8":  # (batch 1 runs the same GEMV in both modes)
+                b1 = decode_row("glm4-9b", engine, bandwidth, repeats)
+                rows.append({**b1, "case": "glm4-9b_fp8_decode_b1_in128_out128", **fp8})
+                blocks = engine.stats()["num_kv_blocks"]
+                rows.append({"case": "glm4-9b_fp8_kv_blocks_same_memory", "unit": "blocks",
+                             "ours": blocks, "bf16": bf16_blocks,
+                             "ratio": round(blocks / bf16_blocks, 3), **fp8})
+            engine.generate(many, SamplingParams(max_tokens=4, temperature=0.0,
+                                                 ignore_eos=True))
+            wall = best_of(lambda e=engine: e.generate(many, greedy), repeats)
+        rows.append({"case": f"glm4-9b_{quantization}_256req_in128_out128",
+                     "unit": "tokens/s", "ours": round(256 * 128 / wall, 1), **fp8})
+        torch.cuda.empty_cache()
+        with Engine(dataclasses.replace(long_config, **fp8)) as engine:
+            ttft = best_of(lambda e=engine: e.generate(
+                prompts_for(1, 8192, GLM4_9B["vocab_size"], seed=next(fresh)), one), repeats)
+        rows.append({"case": f"glm4-9b_{quantization}_ttft_in8192", "unit": "ms",
+                     "ours": round(ttft * 1e3, 1), **fp8})
+        torch.cuda.empty_cache()
+    rows += accuracy_rows()
+    return rows
+
+
+def accuracy_rows() -> list[dict[str, Any]]:
+    """Teacher-forced top-1 agreement and KL against the bfloat16 engine on the trained
+    checkpoint (replicas/accuracy.py), 2048 positions, per FP8 mode."""
+    from replicas.accuracy import held_out, measure, trained_model_dir
+
+    model = trained_model_dir()
+    base = EngineConfig(model=model, dtype="bfloat16", max_model_len=256,
+                        max_num_batched_tokens=64)
+    prompts = held_out(model, 16, 128)
+    rows = []
+    for changes in ({"quantization": "fp8"}, {"quantization": "fp8-w8a8"},
+                    {"quantization": "fp8", "kv_cache_dtype": "fp8"},
+                    {"kv_cache_dtype": "fp8"}):
+        row = measure(base, changes, prompts)
+        name = "_".join(f"{k}={v}" for k, v in changes.items())
+        rows.append({"case": f"accuracy_{name}", "unit": "top-1 agreement",
+                     "ours": row["top1_agreement"], **row})
     return rows
 
 

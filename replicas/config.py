@@ -88,10 +88,10 @@ class EngineConfig:
     # at once: each delta is one Serve message to the router, whose per-message cost set
     # the GPU stack's pace (issue 19); 1: every step's token as it comes
     stream_interval: int = 1
-    # none | fp8: the linear layers' weights quantized to FP8 (e4m3, a scale per output
-    # channel) once loaded, their matmuls on FP8 tensor cores with each token's
-    # activations quantized likewise; the embedding and LM head stay 16-bit
-    # (replicas/fp8.py)
+    # none | fp8 | fp8-w8a8: the linear layers' weights quantized to FP8 (e4m3, a scale
+    # per output channel) once loaded; fp8: activations stay 16-bit (FP8 tiles widened in
+    # the kernels); fp8-w8a8: activations quantized per token too, matmuls on FP8 tensor
+    # cores. The embedding and LM head stay 16-bit (replicas/fp8.py)
     quantization: str = "none"
     # auto | fp8: the KV cache's entries in the model's dtype, or in FP8 (e4m3, scale 1):
     # half the bytes of a 16-bit cache, twice the tokens in the same memory
@@ -127,8 +127,9 @@ class EngineConfig:
             )
         if self.kv_cache_dtype not in ("auto", "fp8"):
             raise ConfigError(f"kv_cache_dtype={self.kv_cache_dtype!r}: use 'auto' or 'fp8'")
-        if self.quantization not in ("none", "fp8"):
-            raise ConfigError(f"quantization={self.quantization!r}: use 'none' or 'fp8'")
+        if self.quantization not in ("none", "fp8", "fp8-w8a8"):
+            raise ConfigError(f"quantization={self.quantization!r}: use 'none', 'fp8' "
+                              "(FP8 weights) or 'fp8-w8a8' (FP8 weights and activations)")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError("gpu_memory_utilization must be in (0, 1]")
 

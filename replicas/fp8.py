@@ -5,12 +5,19 @@ Contract:
   row i of w ~= w8[i] * scale[i]. One scale per output channel: max |w[i]| / 448 (e4m3's
   largest finite value), so no element saturates; a normal value keeps 3 mantissa bits
   (relative error <= 1/16). An all-zero row gets scale 1 (w8 zeros).
-- `fp8_linear(x, w8, scale, bias)`: x [tokens, in] @ (w8 * scale)^T (+ bias), in x's
-  dtype. x is quantized per token (its own scale, max |x_row| / 448) and the product runs
-  as one `torch._scaled_mm` with both scales (FP8 tensor cores on a GPU, where in and out
-  must be multiples of 16 and x 16-bit; PyTorch's reference on CPU).
-- `quantize_model(model)`: every ColumnParallelLinear and RowParallelLinear of the model
-  gets its weight replaced by its FP8 form and a `weight_scale`; its forward then goes
+- `fp8_linear(x, w8, scale, bias, w8a8)`: x [tokens, in] @ (w8 * scale)^T (+ bias), in
+  x's dtype. Weight-only (w8a8 False, quantization="fp8"): x stays as it is and only the
+  weights are rounded: FP8 tiles widened in registers (replicas/kernels/fp8mm.py) up to
+  DEQUANT_ROWS rows, the weight widened once and one 16-bit matmul beyond (a long
+  prefill is compute-bound: the widening is a small share of it); PyTorch's reference
+  off the Triton path. W8A8 (quantization="fp8-w8a8"): x is quantized per token too (its
+  own scale, max |x_row| / 448) and the product runs as one `torch._scaled_mm` (FP8
+  tensor cores on a GPU, where in and out must be multiples of 16 and x 16-bit; PyTorch's
+  reference on CPU): faster prefill, and ~1.5 points of top-1 agreement lost on the
+  trained checkpoint (PERF.md v0.22), where weight-only loses ~1.
+- `quantize_model(model, w8a8)`: every ColumnParallelLinear and RowParallelLinear of the
+  model gets its weight replaced by its FP8 form and a `weight_scale` (and `w8a8`); its
+  forward then goes
   through `fp8_linear`, and a one-row input through the batch-1 GEMV where tuning picks
   it (replicas/kernels/gemv.py: FP8 tiles, the row's scale applied once at the end; the
   input row stays 16-bit there, so decode reads half the bytes and rounds only the
@@ -24,11 +31,11 @@ Contract:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
-QUANTIZATIONS = ("fp8",)
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,11 +53,23 @@ def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
+DEQUANT_ROWS = 1024  # weight-only: from this many rows, widen the weight and use cuBLAS
+
+
 def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
-               bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ (w8 * scale)^T (+ bias) in x's dtype, through FP8 (see the module doc)."""
+               bias: torch.Tensor | None = None, w8a8: bool = False) -> torch.Tensor:
+    """x @ (w8 * scale)^T (+ bias) in x's dtype (see the module doc)."""
+    from replicas import kernels
+
     lead, k = x.shape[:-1], x.shape[-1]
-    x8, x_scale = quantize_tokens(x.reshape(-1, k))
+    rows = x.reshape(-1, k)
+    if not w8a8:
+        if kernels.enabled(x) and rows.shape[0] < DEQUANT_ROWS:
+            y = kernels.w8a16(rows, w8, scale, bias)
+        else:
+            y = F.linear(rows, (w8.to(x.dtype) * scale[:, None].to(x.dtype)), bias)
+        return y.reshape(*lead, w8.shape[0])
+    x8, x_scale = quantize_tokens(rows)
     out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) or not x.is_cuda \
         else torch.bfloat16  # rowwise scaling on a GPU writes 16-bit only
     y = torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=scale.view(1, -1),
@@ -71,7 +90,7 @@ def is_fp8(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module) -> int:
+def quantize_model(model: nn.Module, w8a8: bool = False) -> int:
     """Every tensor-parallel linear layer's weight to FP8 in place (see the module doc);
     returns the number of layers quantized."""
     from replicas.config import ConfigError
@@ -87,6 +106,7 @@ def quantize_model(model: nn.Module) -> int:
             w8, scale = quantize_rows(module.weight.data)
             module.weight = nn.Parameter(w8, requires_grad=False)
             module.weight_scale = scale
+            module.w8a8 = w8a8
             module.gemv = None
             count += 1
     return count

@@ -110,7 +110,8 @@ class Comm:
         return payload.to(x.dtype)
 
     def matmul_all_reduce(self, x: torch.Tensor, weight: torch.Tensor,
-                          scale: torch.Tensor | None = None) -> torch.Tensor:
+                          scale: torch.Tensor | None = None, w8a8: bool = False
+                          ) -> torch.Tensor:
         """x @ weight.T summed over the group, in x's dtype (an FP8 weight with its
         per-row `scale`: through replicas/fp8.py's fp8_linear).
 
@@ -124,13 +125,13 @@ class Comm:
         # through shared memory a reduce is a copy and an add: nothing to overlap
         if self.world_size == 1 or not 0 < self.overlap_chunk < t or capturing or (
                 self.shm is not None and not x.is_cuda):
-            return self.all_reduce(_matmul(x, weight, scale))
+            return self.all_reduce(_matmul(x, weight, scale, None, w8a8))
         wire = torch.float32 if self.force_float32 else self.dtype
         out = torch.empty(t, weight.shape[0], dtype=x.dtype, device=x.device)
         started = []
         for start in range(0, t, self.overlap_chunk):
             end = min(t, start + self.overlap_chunk)
-            payload = _matmul(x[start:end], weight, scale).to(wire)
+            payload = _matmul(x[start:end], weight, scale, None, w8a8).to(wire)
             started.append((start, end, payload,
                             dist.all_reduce(payload, group=self.group, async_op=True)))
         for start, end, payload, work in started:
@@ -153,11 +154,11 @@ class Comm:
 
 
 def _matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
-            bias: torch.Tensor | None = None) -> torch.Tensor:
+            bias: torch.Tensor | None = None, w8a8: bool = False) -> torch.Tensor:
     """x @ weight.T (+ bias); an FP8 weight (scale not None) through fp8_linear."""
     if scale is None:
         return F.linear(x, weight, bias)
-    return fp8_linear(x, weight, scale, bias)
+    return fp8_linear(x, weight, scale, bias, w8a8)
 
 
 def shard_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -200,6 +201,7 @@ class ColumnParallelLinear(nn.Module):
         # per row, once the weight is FP8 (replicas/fp8.py quantize_model)
         self.weight_scale: torch.Tensor | None
         self.register_buffer("weight_scale", None, persistent=False)
+        self.w8a8 = False  # FP8 activations too (quantization="fp8-w8a8")
 
     def load(self, name: str, get: Callable[[Index], torch.Tensor], part: int | None) -> None:
         """Copy this rank's rows of checkpoint tensor `name` (weight or bias) into place.
@@ -223,7 +225,7 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [tokens, in] -> [tokens, local_out]
         if on_gemv(self.gemv, x):
             return kernels.gemv(x, self.weight, self.bias, self.gemv, scale=self.weight_scale)
-        return _matmul(x, self.weight, self.weight_scale, self.bias)
+        return _matmul(x, self.weight, self.weight_scale, self.bias, self.w8a8)
 
     def forward_normed(self, x: torch.Tensor | Site, residual: torch.Tensor | None,
                        norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -362,6 +364,7 @@ class RowParallelLinear(nn.Module):
         # per row, once the weight is FP8 (replicas/fp8.py quantize_model)
         self.weight_scale: torch.Tensor | None
         self.register_buffer("weight_scale", None, persistent=False)
+        self.w8a8 = False  # FP8 activations too (quantization="fp8-w8a8")
 
     def load(self, name: str, get: Callable[[Index], torch.Tensor], part: int | None) -> None:
         if name.endswith("bias"):
@@ -385,7 +388,7 @@ class RowParallelLinear(nn.Module):
             y = self.comm.all_reduce(kernels.gemv(x, self.weight, None, self.gemv, gated,
                                                   self.weight_scale))
         else:
-            y = self.comm.matmul_all_reduce(x, self.weight, self.weight_scale)
+            y = self.comm.matmul_all_reduce(x, self.weight, self.weight_scale, self.w8a8)
         return y + self.bias if self.bias is not None else y
 
     def takes_gated(self, x: torch.Tensor) -> bool:

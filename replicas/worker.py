@@ -172,8 +172,8 @@ class Worker:
             random_init(model, config.seed + rank)
         else:
             load_weights(model, model_dir, show_progress=rank == 0)
-        if config.quantization == "fp8":
-            quantize_model(model)
+        if config.quantization != "none":
+            quantize_model(model, w8a8=config.quantization == "fp8-w8a8")
         self.model = model.eval()
         # this rank's weight bytes: with startup_s["load"], the load's throughput
         self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

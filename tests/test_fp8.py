@@ -38,26 +38,59 @@ def test_rows_keep_three_mantissa_bits() -> None:
 
 
 def test_fp8_linear_is_the_product_of_the_quantized_operands() -> None:
+    """W8A8 (quantization="fp8-w8a8"): both operands rounded to FP8, each with its scales;
+    weight-only (quantization="fp8"): x as it is."""
     gen = torch.Generator().manual_seed(1)
     x, w, bias = (torch.randn(7, 96, generator=gen), torch.randn(40, 96, generator=gen),
                   torch.randn(40, generator=gen))
     w8, ws = quantize_rows(w)
+    dense = w8.double() * ws.double()[:, None]
+    only_w = fp8_linear(x, w8, ws, bias)
+    torch.testing.assert_close(only_w.double(), x.double() @ dense.T + bias.double(),
+                               rtol=1e-5, atol=1e-4)
     x8, xs = quantize_tokens(x)
-    want = (x8.double() * xs.double()) @ (w8.double() * ws.double()[:, None]).T + bias.double()
-    got = fp8_linear(x, w8, ws, bias)
+    want = (x8.double() * xs.double()) @ dense.T + bias.double()
+    got = fp8_linear(x, w8, ws, bias, w8a8=True)
     assert got.dtype == torch.float32 and got.shape == (7, 40)
     assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-4)
     # and close to the float product: a few % of its scale
-    exact = x @ w.T + bias
-    assert float((got - exact).abs().max()) < 0.1 * float(exact.abs().max())
+    assert float((got - x @ w.T - bias).abs().max()) < 0.1 * float((x @ w.T).abs().max())
     # 3-d inputs keep their leading dims; bfloat16 in, bfloat16 out
-    y = fp8_linear(x.reshape(7, 1, 96).bfloat16(), w8, ws)
-    assert y.shape == (7, 1, 40) and y.dtype == torch.bfloat16
+    for w8a8 in (False, True):
+        y = fp8_linear(x.reshape(7, 1, 96).bfloat16(), w8, ws, w8a8=w8a8)
+        assert y.shape == (7, 1, 40) and y.dtype == torch.bfloat16
+    # and W8A8's rounding of x costs more than the weights' alone
+    exact = x @ w.T + bias
+    assert float((got - exact).abs().mean()) > float((only_w - exact).abs().mean())
+
+
+@pytest.mark.parametrize("shape", [(5, 200, 72), (33, 256, 130), (1, 64, 128)])
+def test_w8a16_kernel_is_the_weight_only_product(shape: tuple[int, int, int],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Triton FP8-weight matmul (its interpreter here) against float64: K and N
+    that its blocks do not divide, one row and many, float32 and float16 inputs; and
+    fp8_linear takes it below DEQUANT_ROWS rows when the kernels are on."""
+    from replicas import kernels
+
+    monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
+    m, k, n = shape
+    gen = torch.Generator().manual_seed(m)
+    w8, scale = quantize_rows(torch.randn(n, k, generator=gen))
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        bias = torch.randn(n, generator=gen).to(dtype)
+        want = x.double() @ (w8.double() * scale.double()[:, None]).T + bias.double()
+        got = kernels.w8a16(x, w8, scale, bias)
+        assert got.dtype == dtype and got.shape == (m, n)
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * 50)
+        assert torch.equal(fp8_linear(x, w8, scale, bias), got)  # the same kernel
 
 
 def test_unknown_quantization_is_refused() -> None:
     with pytest.raises(ConfigError, match="quantization='int4'"):
         EngineConfig(quantization="int4")
+    with pytest.raises(ConfigError, match="kv_cache_dtype='int8'"):
+        EngineConfig(kv_cache_dtype="int8")
 
 
 @pytest.fixture(scope="module")
@@ -65,17 +98,19 @@ def ckpt(checkpoint: CheckpointFactory) -> str:
     return checkpoint("llama")
 
 
-def test_linear_layers_hold_fp8_and_the_rest_stays(ckpt: str) -> None:
+@pytest.mark.parametrize("quantization", ["fp8", "fp8-w8a8"])
+def test_linear_layers_hold_fp8_and_the_rest_stays(ckpt: str, quantization: str) -> None:
     base = EngineConfig(model=ckpt, dtype="float32", max_model_len=128)
     with Engine(base) as plain:
         plain_bytes = plain.worker.weight_bytes
     with Engine(EngineConfig(model=ckpt, dtype="float32", max_model_len=128,
-                             quantization="fp8")) as eng:
+                             quantization=quantization)) as eng:
         linears = [m for m in eng.worker.model.modules()
                    if isinstance(m, ColumnParallelLinear | RowParallelLinear)]
         assert linears and all(m.weight.dtype == FP8 and m.weight_scale is not None
                                and m.weight_scale.shape == (m.weight.shape[0],)
-                               and m.gemv is None for m in linears)
+                               and m.gemv is None
+                               and m.w8a8 == (quantization == "fp8-w8a8") for m in linears)
         head = next(m for m in eng.worker.model.modules() if isinstance(m, ParallelLMHead))
         assert head.weight.dtype == torch.float32
         assert eng.worker.model.model.embed_tokens.weight.dtype == torch.float32

@@ -19,7 +19,8 @@ last bit in most positions.
 
 One module per kernel family, each kernel next to its launcher: `norm`, `activation`,
 `rope`, `attention`, `gemv` (and its tuning), `tokens` (feeding and greedy argmax),
-`allreduce` (tensor parallelism's decode all-reduce, alone or folded into the GEMVs);
+`allreduce` (tensor parallelism's decode all-reduce, alone or folded into the GEMVs),
+`fp8mm` (FP8 weights times 16-bit activations, more than one row);
 `common` holds `enabled`, PDL and block-size helpers. Callers use `kernels.X`: this
 package re-exports every name they use.
 """
@@ -29,6 +30,7 @@ from replicas.kernels.allreduce import Site
 from replicas.kernels.attention import _COUNTERS as _COUNTERS  # tests check the counters
 from replicas.kernels.attention import NewKeys, decode_splits, paged_attention
 from replicas.kernels.common import enabled, pdl
+from replicas.kernels.fp8mm import w8a16
 from replicas.kernels.gemv import (
     GEMV_CONFIGS,
     GemvConfig,
@@ -46,4 +48,5 @@ __all__ = [
     "ARGMAX_BLOCK", "GEMV_CONFIGS", "GemvConfig", "GemvKind", "NewKeys", "Site", "argmax_rows",
     "decode_splits", "enabled", "feed_tokens", "gemv", "gemv_norm", "gemv_push",
     "paged_attention", "pdl", "pick_gemv", "rms_norm", "rope_and_cache", "silu_and_mul",
+    "w8a16",
 ]

@@ -1,0 +1,64 @@
+"""x @ W.T for FP8 weights and 16-bit (or float32) activations: the weight tiles are
+widened to the activations' dtype in registers and multiplied on the 16-bit tensor cores,
+each output column scaled once at the end (`replicas/fp8.py`'s weight-only path for more
+than one row; the batch-1 GEMV does the same for one row). Reads half a 16-bit weight's
+bytes, and rounds only the weights."""
+
+from __future__ import annotations
+
+import torch
+
+from replicas.kernels.attention import _precision
+from replicas.kernels.common import _launch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs without Triton: the PyTorch path only
+    triton = None
+
+
+if triton is not None:
+    from replicas.kernels.common import _pdl_enter
+
+    @triton.jit
+    def _w8a16_kernel(X, W, S, B, Y, m, n, k, sxm, swn, sym, HAS_BIAS: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      PREC: tl.constexpr, PDL: tl.constexpr):
+        """Program (BLOCK_M rows of x, BLOCK_N rows of W): the tile of y, K streamed in
+        BLOCK_K steps, float32 accumulation, then W's row scales and the bias."""
+        _pdl_enter(PDL)
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        m_ok, n_ok = rm < m, rn < n
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, k, BLOCK_K):
+            k_ok = (k0 + rk) < k
+            a = tl.load(X + rm[:, None] * sxm + (k0 + rk)[None, :],
+                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(W + rn[:, None] * swn + (k0 + rk)[None, :],
+                        mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            acc += tl.dot(a, tl.trans(w.to(a.dtype)), input_precision=PREC)
+        acc *= tl.load(S + rn, mask=n_ok, other=0.0)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(B + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + rm[:, None] * sym + rn[None, :], acc.to(Y.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+
+def w8a16(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
+          bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ (w8 [N, K] FP8 * scale [N])^T (+ bias) -> [M, N] in x's dtype."""
+    m, k = x.shape
+    n = w8.shape[0]
+    x = x if x.stride(1) == 1 else x.contiguous()
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    block_m = 16 if m <= 16 else 64
+    block_n, block_k = 128, 64
+    _w8a16_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
+        x, w8, scale, bias if bias is not None else scale, y, m, n, k, x.stride(0),
+        w8.stride(0), y.stride(0), HAS_BIAS=bias is not None, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k, PREC=_precision(x.dtype), num_warps=4,
+        num_stages=3, **_launch(x))
+    return y
