@@ -321,9 +321,9 @@ def tune_gemv(model: nn.Module, cache: Path | None = None
                 picked[key] = hit[0]
                 report[str(key)] = {**(entry or {}), "cached": "yes"}
             else:
-                picked[key], times = kernels.pick_gemv(
-                    module.weight, bias, module.gemv_kind, scale=scale,
-                    dtype=None if scale is None else model_dtype)
+                fp8 = {} if scale is None else {"scale": scale, "dtype": model_dtype}
+                picked[key], times = kernels.pick_gemv(module.weight, bias,
+                                                       module.gemv_kind, **fp8)
                 report[str(key)] = {**{k: round(v, 2) for k, v in times.items()},
                                     "chosen": str(picked[key] or "cublas")}
                 measured[cache_key] = report[str(key)]

@@ -140,19 +140,15 @@ def test_accuracy_measure(ckpt: str) -> None:
 @pytest.mark.slow
 def test_tp2_fp8_scores_like_tp1_fp8(ckpt: str) -> None:
     """At tp=2 each rank quantizes its own shard (row-parallel layers: a scale per row of
-    its columns), so the numbers differ a little from tp=1's; the distributions stay as
-    close as tp=1's are to float32."""
-    prompts = sequences(1, 40, 1000, seed=4)
-    base = EngineConfig(model=ckpt, dtype="float32", max_model_len=128, comm_dtype="float32")
-    ref = scored(base, prompts)
-    one = compare(ref, scored(EngineConfig(**{**base.to_dict(), "quantization": "fp8"}),
-                              prompts))
-    two = compare(ref, scored(EngineConfig(**{**base.to_dict(), "quantization": "fp8",
-                                              "tp": 2}), prompts))
-    assert two["mean_kl"] < 3 * one["mean_kl"] + 0.01
-    assert two["top1_agreement"] > one["top1_agreement"] - 0.15
-
-
+    its columns), so the numbers differ a little from tp=1's, and the distributions stay
+    close to them."""
+    prompts = sequences(1, 24, 1000, seed=4)
+    base = EngineConfig(model=ckpt, dtype="float32", max_model_len=64, comm_dtype="float32",
+                        quantization="fp8")
+    one = scored(base, prompts)
+    two = scored(EngineConfig(**{**base.to_dict(), "tp": 2}), prompts)
+    row = compare(one, two)
+    assert 0 < row["mean_kl"] < 0.05 and row["top1_agreement"] >= 0.75
 @pytest.mark.parametrize("shape", [(64, 256), (40, 200)])  # blocks divide it; they do not
 @pytest.mark.parametrize("kind", ["plain", "gated", "norm"])
 def test_fp8_gemv_is_the_scaled_rows_product(shape: tuple[int, int], kind: str) -> None:
