@@ -13,17 +13,15 @@ Contract:
   off the Triton path. W8A8 (quantization="fp8-w8a8"): x is quantized per token too (its
   own scale, max |x_row| / 448) and the product runs as one `torch._scaled_mm` (FP8
   tensor cores on a GPU, where in and out must be multiples of 16 and x 16-bit; PyTorch's
-  reference on CPU): faster prefill, and ~1.5 points of top-1 agreement lost on the
-  trained checkpoint (PERF.md v0.22), where weight-only loses ~1.
+  reference on CPU): faster prefill, and ~2.5 points of top-1 agreement lost on the
+  trained checkpoint where weight-only loses ~1 (PERF.md v0.22).
 - `quantize_model(model, w8a8)`: every ColumnParallelLinear and RowParallelLinear of the
-  model gets its weight replaced by its FP8 form and a `weight_scale` (and `w8a8`); its
-  forward then goes
-  through `fp8_linear`, and a one-row input through the batch-1 GEMV where tuning picks
-  it (replicas/kernels/gemv.py: FP8 tiles, the row's scale applied once at the end; the
-  input row stays 16-bit there, so decode reads half the bytes and rounds only the
-  weights). The embedding and the
-  LM head stay 16-bit: the embedding is a row gather (no matmul to gain), and the head's
-  error would move every logit (keeping it 16-bit is the choice until measured otherwise).
+  model gets its weight replaced by its FP8 form, a `weight_scale` and `w8a8`; its
+  forward then goes through `fp8_linear`, and a one-row input through the batch-1 GEMV
+  where tuning picks it (replicas/kernels/gemv.py: FP8 tiles, the row's scale applied
+  once at the end, the input row 16-bit in both modes). The embedding and the LM head
+  stay 16-bit: the embedding is a row gather (no matmul to gain), and the head's error
+  would move every logit (keeping it 16-bit is the choice until measured otherwise).
   Quantized after the 16-bit weights are loaded, layer by layer: the 16-bit copy of a
   layer is freed as its FP8 form takes its place, so the peak is the 16-bit model.
 """
@@ -100,9 +98,10 @@ def quantize_model(model: nn.Module, w8a8: bool = False) -> int:
     for name, module in model.named_modules():
         if isinstance(module, ColumnParallelLinear | RowParallelLinear) and not is_fp8(module):
             out, k = module.weight.shape
-            if module.weight.is_cuda and (out % 16 or k % 16):
-                raise ConfigError(f"quantization='fp8': layer {name} is {out} x {k} on this "
-                                  "rank; FP8 matmuls on a GPU need both multiples of 16")
+            if w8a8 and module.weight.is_cuda and (out % 16 or k % 16):
+                raise ConfigError(f"quantization='fp8-w8a8': layer {name} is {out} x {k} on "
+                                  "this rank; FP8 tensor-core matmuls need both multiples "
+                                  "of 16 (quantization='fp8' takes any shape)")
             w8, scale = quantize_rows(module.weight.data)
             module.weight = nn.Parameter(w8, requires_grad=False)
             module.weight_scale = scale
