@@ -4,7 +4,9 @@ Each case prints one JSON line (and appends it to --out): our figure, transforme
 figure measured in the same run on the same shapes and tokens, their ratio, and the
 hardware, versions and command. The CPU suite runs on the built-in tiny model; absolute
 times there only say that the path works, the ratios say more. The GPU suite comes with
-the GPU-speed issue.
+the GPU-speed issue; `--suite fp8` (issue 20) runs its GLM-4-9B bf16 rows and, in the
+same call, the FP8 ones (weight-only and W8A8, FP8 KV cache) with each mode's accuracy
+(replicas/accuracy.py).
 
 `pinning_engine` is the engine-alone side of the pinning payoff: multi-turn chats, each
 turn's TTFT with the previous turn cached and with nothing cached (`python -m infra.load
@@ -251,7 +253,28 @@ def decode_row(name: str, engine: Engine, bandwidth: float, repeats: int) -> dic
 
 def gpu_suite(repeats: int) -> list[dict[str, Any]]:
     """GLM-4-9B shapes, random bf16 weights, one GPU: ours and transformers side by side."""
-    bandwidth, rate = copy_bandwidth(), matmul_rate()
+    bandwidth = copy_bandwidth()
+    rows, config, _, _ = _glm_rows(repeats, bandwidth)
+    llama = dataclasses.replace(config, model=model_dir("llama3-8b"), max_num_seqs=1)
+    with Engine(llama) as engine:
+        rows.append(decode_row("llama3-8b", engine, bandwidth, repeats))
+    torch.cuda.empty_cache()
+    _hf_side_by_side(rows, repeats)
+    return rows
+
+
+def fp8_suite(repeats: int) -> list[dict[str, Any]]:
+    """Issue 20: the GLM-4-9B bf16 rows and, in the same call, the FP8 ones (fp8_rows)."""
+    bandwidth = copy_bandwidth()
+    rows, config, long_config, bf16_blocks = _glm_rows(repeats, bandwidth)
+    return rows + fp8_rows(config, long_config, bandwidth, repeats, bf16_blocks)
+
+
+def _glm_rows(repeats: int, bandwidth: float
+              ) -> tuple[list[dict[str, Any]], EngineConfig, EngineConfig, int]:
+    """GLM-4-9B shapes in bf16: batch-1 decode, 256 x 128/128, the 8192-token TTFT; and
+    the configs they ran with and the KV pool's blocks (the FP8 rows' baseline)."""
+    rate = matmul_rate()
     rows: list[dict[str, Any]] = []
     greedy = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
     config = EngineConfig(model=model_dir("glm4-9b"), load_format="random", dtype="bfloat16",
@@ -285,14 +308,7 @@ def gpu_suite(repeats: int) -> list[dict[str, Any]]:
                  "ratio_to_floor": round(ttft / (flops / (rate * 1e12)), 2),
                  "bf16_tflops": round(rate)})
     torch.cuda.empty_cache()
-    rows += fp8_rows(config, long_config, bandwidth, repeats, bf16_blocks)
-    torch.cuda.empty_cache()
-    llama = dataclasses.replace(config, model=model_dir("llama3-8b"), max_num_seqs=1)
-    with Engine(llama) as engine:
-        rows.append(decode_row("llama3-8b", engine, bandwidth, repeats))
-    torch.cuda.empty_cache()
-    _hf_side_by_side(rows, repeats)
-    return rows
+    return rows, config, long_config, bf16_blocks
 
 
 def fp8_rows(config: EngineConfig, long_config: EngineConfig, bandwidth: float,
@@ -692,7 +708,7 @@ def _target_met(row: dict[str, Any]) -> tuple[str, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--suite", choices=["cpu", "gpu", "multigpu", "structured"],
+    parser.add_argument("--suite", choices=["cpu", "gpu", "fp8", "multigpu", "structured"],
                         default="cpu")
     parser.add_argument("--tp", default="2,4",
                         help="multigpu: the TP sizes to run (those with enough GPUs)")
@@ -712,7 +728,8 @@ def main() -> int:
         tps = tuple(int(t) for t in args.tp.split(","))
         rows = multigpu.suite(args.repeats, tps, smoke=args.smoke)
     else:
-        suites = {"gpu": gpu_suite, "cpu": cpu_suite, "structured": structured_suite}
+        suites = {"gpu": gpu_suite, "cpu": cpu_suite, "structured": structured_suite,
+                  "fp8": fp8_suite}
         rows = suites[args.suite](args.repeats)
     for row in rows:
         emit({**row, "suite": args.suite, **env}, args.out)
