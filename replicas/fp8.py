@@ -24,6 +24,12 @@ Contract:
   would move every logit (keeping it 16-bit is the choice until measured otherwise).
   Quantized after the 16-bit weights are loaded, layer by layer: the 16-bit copy of a
   layer is freed as its FP8 form takes its place, so the peak is the 16-bit model.
+- A checkpoint stored in FP8 (`checkpoint_fp8(hf_config)`: a `quantization_config` of
+  quant_method "fp8", or "compressed-tensors" with 8-bit float weights, per channel or
+  per tensor) loads as it is: `prepare_model` gives the layers FP8 weights first, the
+  loader copies the FP8 rows and each `weight_scale` (a scalar is every row's), and a
+  static `input_scale` is reported and not used (activations are quantized per token,
+  or not at all). Block-wise scales (`weight_block_size`) are refused by name.
 """
 
 from __future__ import annotations
@@ -109,3 +115,58 @@ def quantize_model(model: nn.Module, w8a8: bool = False) -> int:
             module.gemv = None
             count += 1
     return count
+
+
+def checkpoint_fp8(hf_config: object) -> bool:
+    """Whether the checkpoint's weights are stored in FP8 in a layout this loads (see the
+    module doc); a quantization this cannot load raises ConfigError."""
+    from replicas.config import ConfigError
+
+    qc = getattr(hf_config, "quantization_config", None)
+    if qc is None:
+        return False
+    qc = qc if isinstance(qc, dict) else vars(qc)
+    method = qc.get("quant_method")
+    if method == "fp8":
+        if qc.get("weight_block_size"):
+            raise ConfigError(f"this checkpoint's FP8 weights have block-wise scales "
+                              f"(weight_block_size {qc['weight_block_size']}): only per-"
+                              "channel or per-tensor scales load")
+        return True
+    if method == "compressed-tensors":
+        weights = [g.get("weights") or {} for g in (qc.get("config_groups") or {}).values()]
+        if weights and all(w.get("type") == "float" and w.get("num_bits") == 8
+                           and w.get("strategy") in ("channel", "tensor") for w in weights):
+            return True
+        raise ConfigError(f"this checkpoint's compressed-tensors scheme {weights!r} is not "
+                          "FP8 weights with per-channel or per-tensor scales")
+    raise ConfigError(f"this checkpoint is quantized with {method!r}: only FP8 checkpoints "
+                      "(quant_method 'fp8' or compressed-tensors FP8) load")
+
+
+@torch.no_grad()
+def prepare_model(model: nn.Module, w8a8: bool = False) -> None:
+    """The linear layers hold FP8 weights (their values and scales to be loaded: each
+    scale NaN until then, `check_scales` says which stayed so)."""
+    from replicas.parallel import ColumnParallelLinear, RowParallelLinear
+
+    for module in model.modules():
+        if isinstance(module, ColumnParallelLinear | RowParallelLinear):
+            weight = module.weight
+            module.weight = nn.Parameter(torch.empty_like(weight, dtype=FP8),
+                                         requires_grad=False)
+            module.weight_scale = torch.full((weight.shape[0],), float("nan"),
+                                             device=weight.device)
+            module.w8a8 = w8a8
+            module.gemv = None
+
+
+def check_scales(model: nn.Module) -> None:
+    """ConfigError naming the FP8 layers whose weight_scale the checkpoint lacked."""
+    from replicas.config import ConfigError
+
+    missing = [name for name, m in model.named_modules()
+               if is_fp8(m) and bool(torch.isnan(m.weight_scale).any())]
+    if missing:
+        raise ConfigError(f"this FP8 checkpoint has no weight_scale for {len(missing)} "
+                          f"layers, e.g. {missing[:3]}")

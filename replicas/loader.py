@@ -6,6 +6,7 @@ for benchmarks.
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import torch
@@ -15,6 +16,8 @@ from tqdm import tqdm
 
 from replicas.config import ConfigError
 from replicas.model import CausalLM, checkpoint_target
+
+log = logging.getLogger(__name__)
 
 
 def safetensors_files(model_dir: str) -> list[str]:
@@ -41,6 +44,7 @@ def load_weights(model: CausalLM, model_dir: str, show_progress: bool) -> None:
     """
     modules = dict(model.named_modules())
     loaded: set[tuple[str, str, int | None]] = set()
+    static: list[str] = []
     files = safetensors_files(model_dir)
     with tqdm(desc="loading weights", unit="tensor", disable=not show_progress) as bar:
         for path in files:
@@ -55,9 +59,21 @@ def load_weights(model: CausalLM, model_dir: str, show_progress: bool) -> None:
                     module = modules.get(target[0])
                     if module is None:
                         raise ConfigError(f"checkpoint tensor {name} has no place in the model")
-                    tensor = f.get_slice(name)
-                    module.load(name, lambda rows, t=tensor: t[rows], target[1])
+                    if name.endswith(".input_scale"):  # a static activation scale
+                        static.append(name)
+                        continue
+                    if name.endswith("_scale"):  # an FP8 weight's: [out], [out, 1] or []
+                        whole = f.get_tensor(name).float().reshape(-1)
+                        module.load(name, lambda rows, t=whole: t if t.numel() == 1
+                                    else t[rows], target[1])
+                    else:
+                        tensor = f.get_slice(name)
+                        module.load(name, lambda rows, t=tensor: t[rows], target[1])
                     loaded.add((target[0], name.rsplit(".", 1)[1], target[1]))
+    if static:
+        log.warning("%d static activation scales (input_scale, e.g. %s) are not used: "
+                    "activations are quantized per token (quantization='fp8-w8a8') or not "
+                    "at all ('fp8')", len(static), static[0])
     _check_complete(model, loaded)
 
 

@@ -161,6 +161,16 @@ def _matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
     return fp8_linear(x, weight, scale, bias, w8a8)
 
 
+def _target(layer: nn.Module, name: str) -> torch.Tensor:
+    """The tensor of `layer` that checkpoint tensor `name` fills: weight, bias, or (an FP8
+    checkpoint, replicas/fp8.py) weight_scale."""
+    kind = name.rsplit(".", 1)[-1]
+    target = getattr(layer, kind, None) if kind in ("weight", "bias", "weight_scale") else None
+    if target is None:
+        raise ValueError(f"checkpoint has {name} but the layer has no {kind}")
+    return target
+
+
 def shard_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
     """[start, end) of rank's equal share of `total` rows."""
     size = total // world_size
@@ -209,8 +219,7 @@ class ColumnParallelLinear(nn.Module):
         `get(rows)` reads only those rows from the checkpoint. part=None means the
         checkpoint tensor holds all pieces fused in order (GLM's gate_up_proj).
         """
-        target = self.weight if name.endswith("weight") else self.bias
-        assert target is not None, f"checkpoint has {name} but the layer has no bias"
+        target = _target(self, name)
         pieces = range(len(self.part_sizes)) if part is None else [part]
         offset_full = 0
         for i in range(len(self.part_sizes)):
@@ -367,9 +376,8 @@ class RowParallelLinear(nn.Module):
         self.w8a8 = False  # FP8 activations too (quantization="fp8-w8a8")
 
     def load(self, name: str, get: Callable[[Index], torch.Tensor], part: int | None) -> None:
-        if name.endswith("bias"):
-            assert self.bias is not None
-            self.bias.data.copy_(get(slice(None)))
+        if not name.endswith("weight"):  # bias, an FP8 weight's scale: every row
+            _target(self, name).data.copy_(get(slice(None)))
         else:
             # [out, in_shard]: safetensors reads only these columns of each row
             self.weight.data.copy_(get((slice(None), slice(*self.in_shard))))

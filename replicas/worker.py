@@ -34,7 +34,7 @@ from replicas.config import (
     hf_config_from_json,
     rope_parameters,
 )
-from replicas.fp8 import quantize_model
+from replicas.fp8 import check_scales, checkpoint_fp8, prepare_model, quantize_model
 from replicas.graphs import DecodeGraphs
 from replicas.kv_cache import allocate_kv_cache, block_bytes, kv_heads_per_rank
 from replicas.loader import load_weights, random_init
@@ -168,12 +168,20 @@ class Worker:
             model = CausalLM(hf_config, self.spec, self.comm, max(self.max_model_len, 1))
         for p in model.parameters():  # rotary tables stay float32, like transformers'
             p.data = p.data.to(self.dtype)
+        w8a8 = config.quantization == "fp8-w8a8"
+        stored_fp8 = config.load_format != "random" and checkpoint_fp8(hf_config)
+        if stored_fp8:  # loaded as it is (replicas/fp8.py)
+            if config.quantization == "none" and rank == 0:
+                log.info("the checkpoint's weights are FP8: they run as quantization='fp8'")
+            prepare_model(model, w8a8)
         if config.load_format == "random":
             random_init(model, config.seed + rank)
         else:
             load_weights(model, model_dir, show_progress=rank == 0)
-        if config.quantization != "none":
-            quantize_model(model, w8a8=config.quantization == "fp8-w8a8")
+        if stored_fp8:
+            check_scales(model)
+        elif config.quantization != "none":
+            quantize_model(model, w8a8)
         self.model = model.eval()
         # this rank's weight bytes: with startup_s["load"], the load's throughput
         self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -6,6 +6,11 @@ The FP8 tensor-core path and issue 20's accuracy bar are GPU tests (tests/test_g
 
 from __future__ import annotations
 
+import json
+import logging
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 from checkpoints import CheckpointFactory
@@ -213,3 +218,81 @@ def test_fp8_kv_cache_holds_more_tokens_in_the_same_memory(ckpt: str) -> None:
     assert abs((blocks["fp8"] + 1) - 4 * (blocks["auto"] + 1)) <= 4
     row = compare(outs["auto"], outs["fp8"])
     assert 0 < row["mean_kl"] < 0.2 and row["top1_agreement"] > 0.5
+
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def fp8_checkpoint(src: str, dst: Path, per: str, extra: dict | None = None) -> str:
+    """`src` (16-bit) stored with FP8 linear weights as FP8 checkpoints on the hub lay
+    them out: each `*.weight` in float8_e4m3fn and its `*.weight_scale` ([out, 1] per
+    channel, or a scalar per tensor), one static `input_scale`, and a quantization_config
+    in config.json."""
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir()
+    for f in Path(src).iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, dst / f.name)
+    tensors = load_file(str(Path(src) / "model.safetensors"))
+    for name in [n for n in tensors if n.split(".")[-2] in LINEARS and n.endswith("weight")]:
+        w = tensors[name]
+        if per == "channel":
+            w8, scale = quantize_rows(w)
+            tensors[name], tensors[name + "_scale"] = w8, scale[:, None]
+        else:
+            scale = w.abs().max().float() / FP8_MAX
+            tensors[name] = (w.float() / scale).to(FP8)
+            tensors[name + "_scale"] = scale
+    tensors["model.layers.0.mlp.down_proj.input_scale"] = torch.tensor(0.01)
+    save_file(tensors, str(dst / "model.safetensors"))
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                     **(extra or {})}
+    (dst / "config.json").write_text(json.dumps(config))
+    return str(dst)
+
+
+@pytest.mark.parametrize("per", ["channel", "tensor"])
+def test_an_fp8_checkpoint_loads_as_it_is(ckpt: str, tmp_path: Path, per: str,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Stored per channel, it is exactly what quantization="fp8" makes of the 16-bit
+    checkpoint: the same scores bit for bit. Per tensor, close to them. It runs as FP8
+    without being asked, and its static input_scale is reported, not used."""
+    stored = fp8_checkpoint(ckpt, tmp_path / "fp8", per)
+    prompts = sequences(1, 32, 1000, seed=8)
+    ours = scored(EngineConfig(model=ckpt, dtype="float32", max_model_len=64,
+                               quantization="fp8"), prompts)
+    with caplog.at_level(logging.WARNING, logger="replicas.loader"):
+        theirs = scored(EngineConfig(model=stored, dtype="float32", max_model_len=64),
+                        prompts)
+    assert "input_scale" in caplog.text and "not used" in caplog.text
+    if per == "channel":
+        assert torch.equal(ours[0], theirs[0])
+        return
+    # per tensor: every row of a layer takes its one scale, the FP8 bytes as stored
+    from safetensors.torch import load_file
+
+    tensors = load_file(f"{stored}/model.safetensors")
+    with Engine(EngineConfig(model=stored, dtype="float32", max_model_len=64)) as eng:
+        down = eng.worker.model.model.layers[1].mlp.down_proj
+        assert torch.equal(down.weight.view(torch.uint8),
+                           tensors["model.layers.1.mlp.down_proj.weight"].view(torch.uint8))
+        want = tensors["model.layers.1.mlp.down_proj.weight_scale"]
+        assert torch.equal(down.weight_scale, want.expand(down.weight.shape[0]))
+        assert compare(ours, [eng.score(prompts[0])])["mean_kl"] < 0.2
+
+
+def test_unsupported_fp8_checkpoints_are_refused(ckpt: str, tmp_path: Path) -> None:
+    blocks = fp8_checkpoint(ckpt, tmp_path / "blocks", "channel",
+                            {"weight_block_size": [128, 128]})
+    with pytest.raises(ConfigError, match="block-wise"):
+        scored(EngineConfig(model=blocks, dtype="float32", max_model_len=64), [[5, 6]])
+    missing = fp8_checkpoint(ckpt, tmp_path / "missing", "channel")
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(f"{missing}/model.safetensors")
+    del tensors["model.layers.1.self_attn.o_proj.weight_scale"]
+    save_file(tensors, f"{missing}/model.safetensors")
+    with pytest.raises(ConfigError, match="no weight_scale for 1 layers"):
+        scored(EngineConfig(model=missing, dtype="float32", max_model_len=64), [[5, 6]])
