@@ -69,6 +69,17 @@ def test_fp8_linear_is_the_product_of_the_quantized_operands() -> None:
     assert float((got - exact).abs().mean()) > float((only_w - exact).abs().mean())
 
 
+def test_w8a16_blocks_keep_the_gpu_busy() -> None:
+    from replicas.kernels.fp8mm import PROGRAMS, w8a16_blocks
+
+    assert w8a16_blocks(1, 4096) == (16, 32)  # 128 programs: the narrowest blocks
+    assert w8a16_blocks(8, 27392) == (16, 64)  # 428 programs at 64 wide
+    assert w8a16_blocks(4096, 4608) == (64, 128)  # a prefill: plenty at 128
+    for m, n in ((1, 4096), (8, 27392), (4096, 4608)):
+        bm, bn = w8a16_blocks(m, n)
+        assert -(-m // bm) * -(-n // bn) >= PROGRAMS or bn == 32
+
+
 @pytest.mark.parametrize("shape", [(5, 200, 72), (33, 256, 130), (1, 64, 128)])
 def test_w8a16_kernel_is_the_weight_only_product(shape: tuple[int, int, int],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:

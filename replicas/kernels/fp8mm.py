@@ -47,6 +47,20 @@ if triton is not None:
                  mask=m_ok[:, None] & n_ok[None, :])
 
 
+PROGRAMS = 264  # two per SM of an H100 / H200 (132 SMs)
+
+
+def w8a16_blocks(m: int, n: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N): 16 rows of x a program up to 16 rows, else 64; and the widest
+    BLOCK_N (128, 64, 32) that still gives PROGRAMS programs, so that a decode batch,
+    which only streams the weight, keeps every SM reading (a first guess: not tuned on a
+    GPU yet)."""
+    block_m = 16 if m <= 16 else 64
+    rows = -(-m // block_m)
+    block_n = next((b for b in (128, 64) if rows * -(-n // b) >= PROGRAMS), 32)
+    return block_m, block_n
+
+
 def w8a16(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
           bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] @ (w8 [N, K] FP8 * scale [N])^T (+ bias) -> [M, N] in x's dtype."""
@@ -54,8 +68,8 @@ def w8a16(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
     n = w8.shape[0]
     x = x if x.stride(1) == 1 else x.contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_m = 16 if m <= 16 else 64
-    block_n, block_k = 128, 64
+    block_m, block_n = w8a16_blocks(m, n)
+    block_k = 64
     _w8a16_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
         x, w8, scale, bias if bias is not None else scale, y, m, n, k, x.stride(0),
         w8.stride(0), y.stride(0), HAS_BIAS=bias is not None, BLOCK_M=block_m,
