@@ -20,7 +20,8 @@ step is its own process, so the GPU is free between them):
   The row's tp and replicas are the stack's (`tpserve up` records them).
 - `pinning DIR --state-dir S --replicas N --out F`: session pinning's payoff on N tp=1
   GPU replicas: for routing pinned, then random, `tpserve up --model DIR --tp 1
-  --replicas N --routing R` in S, infra/load.py's pinning conversations through nginx
+  --replicas N --routing R` in S-R (a state directory each: Redis keeps the first
+  side's sessions across `down`), infra/load.py's pinning conversations through nginx
   (one client, 20 sessions of 6 turns, histories past 1,000 tokens), `tpserve down`.
 
 Each step prints one JSON line and appends it to --out. The rows of one H200 are in
@@ -382,14 +383,17 @@ def pinning_step(model: str, state_dir: str, replicas: int, device: str = "cuda"
     cli = [sys.executable, "-m", "infra.cli"]
     sides: dict[str, dict[str, Any]] = {}
     for routing in ("pinned", "random"):
+        # a state directory each: Redis keeps its sessions there across `down`, and the
+        # second side's conversations (the same session ids) must start empty
+        side = f"{state_dir}-{routing}"
         subprocess.run([*cli, "up", "--model", model, "--tp", "1", "--replicas",
                         str(replicas), "--device", device, "--routing", routing, "--detach",
-                        "--state-dir", state_dir, "--timeout-s", "400"], check=True)
+                        "--state-dir", side, "--timeout-s", "400"], check=True)
         try:
-            stack = Running.recorded(state_dir)
+            stack = Running.recorded(side)
             sides[routing] = pinning_conversations(config, stack.edge, stack.token, routing)
         finally:
-            subprocess.run([*cli, "down", "--state-dir", state_dir], check=False)
+            subprocess.run([*cli, "down", "--state-dir", side], check=False)
     return {**pinning_row(config, sides["pinned"], sides["random"]), "kind": "gpu_pinning",
             "stack": "gpu", "model": "glm4-9b-shaped", "tp": 1}
 

@@ -10,6 +10,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 from infra import gpu_stack
 from infra.client import Turn, user_message
 from replicas import Engine, EngineConfig
@@ -65,3 +67,41 @@ def test_cpu_seconds_count_this_process_and_not_a_gone_one() -> None:
         pass
     after = gpu_stack.cpu_seconds(pids)
     assert set(after) == {"client"} and after["client"] - before["client"] >= 0.2
+
+
+def test_pinning_step_brings_up_a_stack_per_routing_in_its_own_state(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`gpu_stack pinning`: pinned, then random, each `tpserve up` (tp=1, the replicas and
+    device asked for) in a state directory of its own (Redis keeps a stack's sessions
+    across `down`: in a shared one the random side's sessions, the same ids, began with
+    the pinned side's history: prompts past the context, seen on CPU), and `down` after
+    each, also when its conversations fail."""
+    import subprocess
+    from types import SimpleNamespace
+
+    import infra.load
+    import infra.stack
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, check: calls.append(cmd[3:]))
+    monkeypatch.setattr(infra.stack.Running, "recorded", staticmethod(
+        lambda state: SimpleNamespace(edge=f"edge:{state}", token="t")))
+    seen = []
+
+    def conversations(config, edge, token, routing):
+        seen.append((edge, routing, config.replicas))
+        if routing == "random":
+            raise RuntimeError("conversations failed")
+        return {"ttft_turn3plus_ms": {"p50": 1.0}, "max_prompt_tokens": 1200}
+
+    monkeypatch.setattr(infra.load, "pinning_conversations", conversations)
+    with pytest.raises(RuntimeError, match="conversations failed"):
+        gpu_stack.pinning_step("/m", "/s", 2, "cpu")
+    ups = [c for c in calls if c[0] == "up"]
+    downs = [c for c in calls if c[0] == "down"]
+    assert [c[c.index("--state-dir") + 1] for c in ups] == ["/s-pinned", "/s-random"]
+    assert [c[c.index("--routing") + 1] for c in ups] == ["pinned", "random"]
+    assert all(c[c.index("--tp") + 1] == "1" and c[c.index("--replicas") + 1] == "2"
+               and c[c.index("--device") + 1] == "cpu" for c in ups)
+    assert [c[-1] for c in downs] == ["/s-pinned", "/s-random"]
+    assert seen == [("edge:/s-pinned", "pinned", 2), ("edge:/s-random", "random", 2)]
