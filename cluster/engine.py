@@ -46,11 +46,22 @@ log = logging.getLogger(__name__)
 STATS_PERIOD_S = 1.0
 # Serve waits this long for a replica being removed to finish its accepted requests
 DRAIN_TIMEOUT_S = 300.0
+# requests an engine replica takes at once (Serve's max_ongoing_requests; the engine queues
+# those past max_num_seqs itself). TPSERVE_MAX_ONGOING=N sets another, for measuring:
+# issue 19's stack ran 64 streaming clients against exactly 64, so a client's next request
+# may find the replica still counting the one that just ended, and Serve's router then
+# backs off (>= 50 ms) before it tries again (`AB_MAX_ONGOING=N bash
+# infra/device_stack.sh measure` runs the stack both ways)
+MAX_ONGOING = 64
+
+
+def max_ongoing() -> int:
+    return int(os.environ.get("TPSERVE_MAX_ONGOING", MAX_ONGOING))
 
 
 @serve.deployment(
     name=ENGINE,
-    max_ongoing_requests=64,
+    max_ongoing_requests=MAX_ONGOING,  # (engine_deployment sets max_ongoing())
     # Serve stops routing to a replica after 3 failed checks in a row: at 0.5 s a replica
     # whose rank died answers 503 for ~1.5 s, not ~6 s (the check is one cheap call)
     health_check_period_s=0.5,
@@ -165,6 +176,7 @@ def engine_deployment(config: EngineConfig, cpus_per_rank: float = 1.0,
             config.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
     bundle = {"CPU": cpus_per_rank, **({"GPU": 1} if use_gpu else {})}
     return EngineDeployment.options(
+        max_ongoing_requests=max_ongoing(),
         ray_actor_options={"num_cpus": cpus_per_rank, "num_gpus": 1 if use_gpu else 0},
         placement_group_bundles=[bundle] * config.tp,
         placement_group_strategy="STRICT_PACK",

@@ -26,6 +26,8 @@
 # step's delta its own message), beside the default, in the same call (PERF.md v0.19).
 # AB_INTERVAL=N before `measure`: the stack a second time with --stream-interval N (N
 # tokens a Serve message after the first), beside the default, in the same call.
+# AB_MAX_ONGOING=N before `measure`: the stack a second time with the engine replica
+# taking N requests at once instead of 64 (TPSERVE_MAX_ONGOING), in the same call.
 # On the two-GPU kind, `measure-x2 tp2` and `measure-x2 replicas` (see measure_x2) in
 # place of `measure`, each in its own call (call 3 carries nothing: the install is in /tmp).
 # Issue call 2 at once when call 1 returns; on a fresh machine (call 2 too late) start
@@ -168,6 +170,16 @@ $(python3 -c "print(round($t1 - $t0, 1))")}" | tee -a "$out/gpu_stack.jsonl"
             TPSERVE_STREAM_JOIN=0 python3 -m infra.gpu_stack stack $model --state-dir \
                 $state --engine-row "$out/gpu_stack.jsonl" --out "$out/gpu_stack.jsonl" ||
             rc=$?
+        python3 -m infra.cli down --state-dir $state || rc=$?
+    fi
+    if [ "$caches" = warm ] && [ -n "${AB_MAX_ONGOING:-}" ] && [ $rc = 0 ]; then
+        # the same stack and load with the engine replica taking AB_MAX_ONGOING requests
+        # at once instead of 64 (cluster/engine.py MAX_ONGOING), in the same call
+        TPSERVE_MAX_ONGOING=$AB_MAX_ONGOING python3 -m infra.cli up --model $model --tp 1 \
+            --replicas 1 --device cuda --detach --state-dir $state --timeout-s 400 &&
+            TPSERVE_MAX_ONGOING=$AB_MAX_ONGOING python3 -m infra.gpu_stack stack $model \
+                --state-dir $state --engine-row "$out/gpu_stack.jsonl" \
+                --out "$out/gpu_stack.jsonl" || rc=$?
         python3 -m infra.cli down --state-dir $state || rc=$?
     fi
     if [ "$caches" = warm ] && [ "${AB_INTERVAL:-1}" != 1 ] && [ $rc = 0 ]; then

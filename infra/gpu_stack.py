@@ -353,6 +353,8 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
         "load_gb_s": load_gb_s(stats) if "weight_bytes" in stats else None,
         "stats_error": stats.get("error"), "join_deltas": stats.get("join_deltas"),
         "stream_interval": stats.get("stream_interval", 1),
+        # the engine replica's max_ongoing_requests, as `tpserve up` ran with this env
+        "max_ongoing": int(os.environ.get("TPSERVE_MAX_ONGOING", 64)),
         "chat": chat, "load": load, "load_repeat": repeat,
         "load_config": asdict(LoadConfig(**{**asdict(LOAD), "url": stack.edge})),
         "sequential": sequential, "sequential_config": asdict(SEQUENTIAL),

@@ -114,7 +114,9 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                 + (", a late reader's deltas not joined (TPSERVE_STREAM_JOIN=0)"
                    if row.get("join_deltas") is False else "")
                 + (f", {row['stream_interval']} tokens a message"
-                   if row.get("stream_interval", 1) > 1 else ""))
+                   if row.get("stream_interval", 1) > 1 else "")
+                + (f", an engine replica takes {row['max_ongoing']} requests at once"
+                   if row.get("max_ongoing", 64) != 64 else ""))
         start = (f"replica RUNNING in {row['replica_init_s']} s (GEMV tuning "
                  f"{row['replica_startup_s']['gemv_tuning']} s), weights "
                  f"{row['load_gb_s']} GB/s; first chat's TTFT {row['chat']['ttft_ms']} ms")
