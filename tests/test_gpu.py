@@ -193,11 +193,12 @@ def test_fp8_keeps_the_trained_models_top1(changes: dict) -> None:
     assert row["positions"] == 2048 and row["top1_agreement"] >= BARS["top1_agreement"]
 
 
-def test_fp8_decode_graphs_equal_eager_and_use_the_fp8_gemv(checkpoint: CheckpointFactory
-                                                            ) -> None:
+def test_fp8_decode_graphs_equal_eager_and_tune_the_fp8_gemv(checkpoint: CheckpointFactory
+                                                             ) -> None:
     """FP8 weights and KV cache on the GPU: decode replayed from CUDA graphs gives the
-    eager path's tokens (bfloat16 input rows, FP8 tiles through the tuned GEMV where it
-    wins, _scaled_mm otherwise), and the pool holds twice the 16-bit pool's blocks."""
+    eager path's tokens (bfloat16 input rows; FP8 tiles through the GEMV where tuning
+    picks it, the FP8 matmul otherwise: the tuning timed the FP8 shapes), and the pool
+    holds twice the 16-bit pool's blocks."""
     ckpt = checkpoint("llama")
     prompts = [list(range(10 + i, 30 + 2 * i)) for i in range(5)]
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
@@ -209,6 +210,7 @@ def test_fp8_decode_graphs_equal_eager_and_use_the_fp8_gemv(checkpoint: Checkpoi
         with Engine(config) as engine:
             outs[graphs] = [o.token_ids for o in engine.generate(prompts, params)]
             blocks[graphs] = engine.stats()["num_kv_blocks"]
+            assert any("float8" in key for key in engine.worker.gemv_report)
     with Engine(EngineConfig(model=ckpt, device="cuda", dtype="bfloat16", max_model_len=256,
                              kv_cache_memory=2**24)) as engine:
         plain = engine.stats()["num_kv_blocks"]
