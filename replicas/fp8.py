@@ -44,19 +44,23 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 
 
+def saturated(x: torch.Tensor) -> torch.Tensor:
+    """x in FP8, values past +-448 clamped there (e4m3 has no infinity: a plain cast of
+    them gives NaN)."""
+    return x.clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(w8, scale) with w ~= w8 * scale[:, None] (see the module doc)."""
     amax = w.abs().amax(dim=1).float()
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    w8 = (w.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return w8, scale
+    return saturated(w.float() / scale[:, None]), scale
 
 
 def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [tokens, in] -> (x8, scale [tokens, 1] float32), per token as quantize_rows."""
-    amax = x.abs().amax(dim=1, keepdim=True).float()
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    x8, scale = quantize_rows(x)
+    return x8, scale[:, None]
 
 
 DEQUANT_ROWS = 1024  # weight-only: from this many rows, widen the weight and use cuBLAS
@@ -85,38 +89,43 @@ def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
     return y.to(x.dtype).reshape(*lead, w8.shape[0])
 
 
-def is_fp8_dtype(dtype: torch.dtype) -> bool:
-    return dtype == FP8
-
-
 def is_fp8(module: nn.Module) -> bool:
     """Whether a linear layer holds FP8 weights (quantize_model)."""
     weight = getattr(module, "weight", None)
-    return weight is not None and is_fp8_dtype(weight.dtype)
+    return weight is not None and weight.dtype == FP8
+
+
+def _linear_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from replicas.parallel import ColumnParallelLinear, RowParallelLinear
+
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, ColumnParallelLinear | RowParallelLinear)]
+
+
+def _hold(name: str, layer: nn.Module, w8: torch.Tensor, scale: torch.Tensor,
+          w8a8: bool) -> None:
+    """`layer` (called `name`) holds the FP8 weight w8 and its row scales from now on."""
+    from replicas.config import ConfigError
+
+    out, k = w8.shape
+    if w8a8 and w8.is_cuda and (out % 16 or k % 16):
+        raise ConfigError(f"quantization='fp8-w8a8': layer {name} is {out} x {k} on this "
+                          "rank; FP8 tensor-core matmuls need both multiples of 16 "
+                          "(quantization='fp8' takes any shape)")
+    layer.weight = nn.Parameter(w8, requires_grad=False)
+    layer.weight_scale = scale
+    layer.w8a8 = w8a8
+    layer.gemv = None
 
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, w8a8: bool = False) -> int:
     """Every tensor-parallel linear layer's weight to FP8 in place (see the module doc);
     returns the number of layers quantized."""
-    from replicas.config import ConfigError
-    from replicas.parallel import ColumnParallelLinear, RowParallelLinear
-
-    count = 0
-    for name, module in model.named_modules():
-        if isinstance(module, ColumnParallelLinear | RowParallelLinear) and not is_fp8(module):
-            out, k = module.weight.shape
-            if w8a8 and module.weight.is_cuda and (out % 16 or k % 16):
-                raise ConfigError(f"quantization='fp8-w8a8': layer {name} is {out} x {k} on "
-                                  "this rank; FP8 tensor-core matmuls need both multiples "
-                                  "of 16 (quantization='fp8' takes any shape)")
-            w8, scale = quantize_rows(module.weight.data)
-            module.weight = nn.Parameter(w8, requires_grad=False)
-            module.weight_scale = scale
-            module.w8a8 = w8a8
-            module.gemv = None
-            count += 1
-    return count
+    layers = [(name, m) for name, m in _linear_layers(model) if not is_fp8(m)]
+    for name, layer in layers:
+        _hold(name, layer, *quantize_rows(layer.weight.data), w8a8)
+    return len(layers)
 
 
 def checkpoint_fp8(hf_config: object) -> bool:
@@ -150,17 +159,10 @@ def checkpoint_fp8(hf_config: object) -> bool:
 def prepare_model(model: nn.Module, w8a8: bool = False) -> None:
     """The linear layers hold FP8 weights (their values and scales to be loaded: each
     scale NaN until then, `check_scales` says which stayed so)."""
-    from replicas.parallel import ColumnParallelLinear, RowParallelLinear
-
-    for module in model.modules():
-        if isinstance(module, ColumnParallelLinear | RowParallelLinear):
-            weight = module.weight
-            module.weight = nn.Parameter(torch.empty_like(weight, dtype=FP8),
-                                         requires_grad=False)
-            module.weight_scale = torch.full((weight.shape[0],), float("nan"),
-                                             device=weight.device)
-            module.w8a8 = w8a8
-            module.gemv = None
+    for name, layer in _linear_layers(model):
+        weight = layer.weight
+        _hold(name, layer, torch.empty_like(weight, dtype=FP8),
+              torch.full((weight.shape[0],), float("nan"), device=weight.device), w8a8)
 
 
 def check_scales(model: nn.Module) -> None:

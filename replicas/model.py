@@ -23,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from replicas import kernels
 from replicas.config import ModelSpec, rope_parameters
+from replicas.fp8 import FP8, saturated
 from replicas.kernels import Site
 from replicas.parallel import (
     ColumnParallelLinear,
@@ -165,9 +166,8 @@ def write_cache(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> No
     (replicas/kernels/rope.py _to_cache), and go in as bytes (PyTorch has no FP8
     index_copy on CPU)."""
     flat = cache.view(-1, *x.shape[1:])
-    if cache.dtype == torch.float8_e4m3fn:
-        x8 = x.clamp(-448.0, 448.0).to(cache.dtype)
-        flat.view(torch.uint8).index_copy_(0, slots, x8.view(torch.uint8))
+    if cache.dtype == FP8:
+        flat.view(torch.uint8).index_copy_(0, slots, saturated(x).view(torch.uint8))
     else:
         flat.index_copy_(0, slots, x)
 
@@ -175,8 +175,8 @@ def write_cache(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> No
 def read_cache(cache: torch.Tensor, tables: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Each sequence's cached entries through its block table [B, blocks] -> [B, L,
     kv_heads, D] in `dtype` (an FP8 cache's widened; gathered as bytes)."""
-    if cache.dtype == torch.float8_e4m3fn:
-        raw = cache.view(torch.uint8)[tables].view(cache.dtype)
+    if cache.dtype == FP8:
+        raw = cache.view(torch.uint8)[tables].view(FP8)
         return raw.flatten(1, 2).to(dtype)
     return cache[tables].flatten(1, 2)
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from replicas import kernels
-from replicas.fp8 import fp8_linear, is_fp8, is_fp8_dtype
+from replicas.fp8 import FP8, fp8_linear, is_fp8
 from replicas.kernels import Site
 from replicas.shm import ShmAllReduce
 from replicas.symm import OneShotAllReduce
@@ -311,7 +311,7 @@ def tune_gemv(model: nn.Module, cache: Path | None = None
     path = cache or gemv_cache_path()
     kept, measured = read_picks(path), {}
     # what the layers' input rows are in (an FP8 layer's GEMV is timed on those)
-    model_dtype = next((p.dtype for p in model.parameters() if not is_fp8_dtype(p.dtype)),
+    model_dtype = next((p.dtype for p in model.parameters() if p.dtype != FP8),
                        torch.bfloat16)
     picked: dict[tuple[int, int, bool, str], kernels.GemvConfig | None] = {}
     report: dict[str, dict[str, float | str]] = {}

@@ -34,7 +34,7 @@ from replicas.config import (
     hf_config_from_json,
     rope_parameters,
 )
-from replicas.fp8 import check_scales, checkpoint_fp8, prepare_model, quantize_model
+from replicas.fp8 import FP8, check_scales, checkpoint_fp8, prepare_model, quantize_model
 from replicas.graphs import DecodeGraphs
 from replicas.kv_cache import allocate_kv_cache, block_bytes, kv_heads_per_rank
 from replicas.loader import load_weights, random_init
@@ -158,7 +158,7 @@ class Worker:
         self.dtype = resolve_dtype(config, self.spec, self.device)
         # the KV cache's entries: the model's dtype, or FP8 (e4m3, scale 1: the attention
         # kernels widen them as they read, and saturate them at +-448 as they write)
-        self.kv_dtype = torch.float8_e4m3fn if config.kv_cache_dtype == "fp8" else self.dtype
+        self.kv_dtype = FP8 if config.kv_cache_dtype == "fp8" else self.dtype
         self.comm = Comm(rank, self.world_size, DTYPES[config.wire_dtype(self.dtype)],
                          overlap_chunk=config.overlap_chunk_tokens).to(self.device)
         self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
