@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,39 +53,30 @@ def _source(module: str) -> str:
 def trained_model_dir() -> str:
     """The trained checkpoint (see the module doc), made once in the tpserve cache: ~40 s
     on 2 CPU cores, seconds on a GPU. Its weights depend on this Python's sources."""
-    import os
-    import shutil
-
     import transformers
 
-    from replicas.tiny import build_tokenizer, cache_root, special_token_ids
+    from replicas.tiny import build_tokenizer, cached_dir, special_token_ids
 
-    path = cache_root() / TRAINED_VERSION
-    if (path / "config.json").exists():
-        return str(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    vocab = build_tokenizer(tmp)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp))
-    ids = torch.tensor(tokenizer("".join(_source(m) for m in TRAIN_MODULES))["input_ids"])
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = transformers.LlamaConfig(vocab_size=vocab, **TRAINED, **special_token_ids())
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=TRAIN_LR)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(TRAIN_STEPS):
-        starts = torch.randint(0, len(ids) - TRAIN_LEN - 1, (TRAIN_BATCH,), generator=gen)
-        batch = torch.stack([ids[s : s + TRAIN_LEN] for s in starts.tolist()]).to(device)
-        loss = model(batch, labels=batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.cpu().save_pretrained(str(tmp), safe_serialization=True)
-    try:
-        os.rename(tmp, path)
-    except OSError:  # another process made it first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(path)
+    def train(folder: Path) -> None:
+        vocab = build_tokenizer(folder)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+        ids = torch.tensor(tokenizer("".join(_source(m) for m in TRAIN_MODULES))["input_ids"])
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        config = transformers.LlamaConfig(vocab_size=vocab, **TRAINED, **special_token_ids())
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=TRAIN_LR)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(TRAIN_STEPS):
+            starts = torch.randint(0, len(ids) - TRAIN_LEN - 1, (TRAIN_BATCH,), generator=gen)
+            batch = torch.stack([ids[s : s + TRAIN_LEN] for s in starts.tolist()]).to(device)
+            loss = model(batch, labels=batch).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        model.cpu().save_pretrained(str(folder), safe_serialization=True)
+
+    return cached_dir(TRAINED_VERSION, train)
 
 
 def held_out(model_dir: str, count: int, length: int) -> list[list[int]]:

@@ -428,21 +428,15 @@ def random_checkpoint(version: str, tokenizer: Callable[[Path], dict[str, Any]],
     returns the config fields it fixes (vocabulary size, special token ids)."""
     from transformers import LlamaConfig
 
-    from replicas.tiny import cache_root
+    from replicas.tiny import cached_dir
 
-    path = Path(cache_root()) / version
-    if (path / "config.json").exists():
-        return str(path)
-    tmp = Path(str(path) + f".tmp-{os.getpid()}")
-    config = LlamaConfig(**model, **tokenizer(tmp),
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-    config.architectures = ["LlamaForCausalLM"]
-    config.save_pretrained(str(tmp))
-    try:
-        os.rename(tmp, path)
-    except OSError:  # another process made it first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(path)
+    def build(folder: Path) -> None:
+        config = LlamaConfig(**model, **tokenizer(folder),
+                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+        config.architectures = ["LlamaForCausalLM"]
+        config.save_pretrained(str(folder))
+
+    return cached_dir(version, build)
 
 
 def prefill_model_dir() -> str:
@@ -495,7 +489,6 @@ def structured_model_dir(name: str = "tiny") -> str:
     tiny = Path(structured_model_dir("tiny"))
 
     def copied(folder: Path) -> dict[str, Any]:
-        folder.mkdir(parents=True, exist_ok=True)
         for f in tiny.iterdir():
             if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
                 shutil.copy(f, folder / f.name)

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -121,14 +122,23 @@ def tiny_model_dir(cache_dir: str | None = None) -> str:
     `cache_dir` overrides the cache root. Safe when several processes call it at once:
     the directory appears complete or not at all.
     """
+    return cached_dir(TINY_VERSION, _build_tiny, cache_dir)
+
+
+def cached_dir(name: str, build: Callable[[Path], None], cache_dir: str | None = None
+               ) -> str:
+    """The directory `name` under the cache root (`cache_dir`, else `cache_root()`), made
+    by `build(folder)` on first use. Safe when several processes call it at once: it is
+    built in a temporary folder and renamed into place, so it appears complete or not at
+    all."""
     root = Path(cache_dir) if cache_dir else cache_root()
-    final = root / TINY_VERSION
+    final = root / name
     if (final / "config.json").is_file():
         return str(final)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_VERSION}-", dir=root))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
     try:
-        _build_tiny(tmp)
+        build(tmp)
         try:
             os.rename(tmp, final)  # atomic; fails if another process won the race
         except OSError:
