@@ -27,7 +27,7 @@ import platform
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -276,7 +276,6 @@ def _glm_rows(repeats: int, bandwidth: float
     the configs they ran with and the KV pool's blocks (the FP8 rows' baseline)."""
     rate = matmul_rate()
     rows: list[dict[str, Any]] = []
-    greedy = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
     config = EngineConfig(model=model_dir("glm4-9b"), load_format="random", dtype="bfloat16",
                           max_model_len=512, max_num_seqs=256, max_num_batched_tokens=8192,
                           kv_cache_memory=16 * 2**30)
@@ -284,10 +283,7 @@ def _glm_rows(repeats: int, bandwidth: float
         weights = read_bytes(engine)
         bf16_blocks = engine.stats()["num_kv_blocks"]
         b1 = decode_row("glm4-9b", engine, bandwidth, repeats)
-        many = prompts_for(256, 128, GLM4_9B["vocab_size"])
-        engine.generate(many, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
-        # steady state: the warm-up above compiled what this batch shape needs
-        wall = best_of(lambda: engine.generate(many, greedy), repeats)
+        wall = _wall_256(engine, repeats)
         peak = torch.cuda.max_memory_allocated() / 1e9
     rows.append({**b1, "peak_mem_gb": round(peak, 1)})
     rows.append({"case": "glm4-9b_256req_in128_out128", "unit": "tokens/s",
@@ -296,12 +292,8 @@ def _glm_rows(repeats: int, bandwidth: float
     torch.cuda.reset_peak_memory_stats()
     long_config = dataclasses.replace(config, max_model_len=8192 + 64, max_num_seqs=1,
                                       max_num_batched_tokens=8192, cuda_graphs=False)
-    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     with Engine(long_config) as engine:
-        # a new prompt each time: a repeated one would be served from the prefix cache
-        fresh = iter(range(1, 100))
-        ttft = best_of(lambda: engine.generate(
-            prompts_for(1, 8192, GLM4_9B["vocab_size"], seed=next(fresh)), one), repeats)
+        ttft = _ttft_8192(engine, repeats, iter(range(1, 100)))
         flops = 2 * (weights // 2) * 8192  # 2 FLOPs per bf16 weight per token
     rows.append({"case": "glm4-9b_ttft_in8192", "unit": "ms", "ours": round(ttft * 1e3, 1),
                  "matmul_floor_ms": round(flops / (rate * 1e12) * 1e3, 1),
@@ -311,6 +303,23 @@ def _glm_rows(repeats: int, bandwidth: float
     return rows, config, long_config, bf16_blocks
 
 
+def _wall_256(engine: Engine, repeats: int) -> float:
+    """Seconds for 256 requests of 128 tokens out on 128-token prompts (GLM-4-9B's
+    vocabulary), in steady state: a short run first compiles what the batch shape needs."""
+    many = prompts_for(256, 128, GLM4_9B["vocab_size"])
+    engine.generate(many, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    greedy = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
+    return best_of(lambda: engine.generate(many, greedy), repeats)
+
+
+def _ttft_8192(engine: Engine, repeats: int, seeds: Iterator[int]) -> float:
+    """Seconds to the first token of an 8192-token prompt: a new prompt each time (from
+    the next of `seeds`), as a repeated one would be served from the prefix cache."""
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    return best_of(lambda: engine.generate(
+        prompts_for(1, 8192, GLM4_9B["vocab_size"], seed=next(seeds)), one), repeats)
+
+
 def fp8_rows(config: EngineConfig, long_config: EngineConfig, bandwidth: float,
              repeats: int, bf16_blocks: int) -> list[dict[str, Any]]:
     """Issue 20's cases with FP8 weights and FP8 KV cache, in the call of the bf16 rows:
@@ -318,10 +327,7 @@ def fp8_rows(config: EngineConfig, long_config: EngineConfig, bandwidth: float,
     output tok/s and the 8192-token TTFT (weight-only FP8, and W8A8 on FP8 tensor
     cores), the KV pool's blocks in the same memory, and each mode's accuracy."""
     rows = []
-    greedy = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
-    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    many = prompts_for(256, 128, GLM4_9B["vocab_size"])
-    fresh = iter(range(200, 300))
+    fresh = iter(range(200, 300))  # prompt seeds: no prompt twice, none of the bf16 rows
     for quantization in ("fp8", "fp8-w8a8"):
         fp8 = {"quantization": quantization, "kv_cache_dtype": "fp8"}
         with Engine(dataclasses.replace(config, **fp8)) as engine:
@@ -332,15 +338,12 @@ def fp8_rows(config: EngineConfig, long_config: EngineConfig, bandwidth: float,
                 rows.append({"case": "glm4-9b_fp8_kv_blocks_same_memory", "unit": "blocks",
                              "ours": blocks, "bf16": bf16_blocks,
                              "ratio": round(blocks / bf16_blocks, 3), **fp8})
-            engine.generate(many, SamplingParams(max_tokens=4, temperature=0.0,
-                                                 ignore_eos=True))
-            wall = best_of(lambda e=engine: e.generate(many, greedy), repeats)
+            wall = _wall_256(engine, repeats)
         rows.append({"case": f"glm4-9b_{quantization}_256req_in128_out128",
                      "unit": "tokens/s", "ours": round(256 * 128 / wall, 1), **fp8})
         torch.cuda.empty_cache()
         with Engine(dataclasses.replace(long_config, **fp8)) as engine:
-            ttft = best_of(lambda e=engine: e.generate(
-                prompts_for(1, 8192, GLM4_9B["vocab_size"], seed=next(fresh)), one), repeats)
+            ttft = _ttft_8192(engine, repeats, fresh)
         rows.append({"case": f"glm4-9b_{quantization}_ttft_in8192", "unit": "ms",
                      "ours": round(ttft * 1e3, 1), **fp8})
         torch.cuda.empty_cache()
