@@ -163,37 +163,35 @@ $(python3 -c "print(round($t1 - $t0, 1))")}" | tee -a "$out/gpu_stack.jsonl"
     tar -czf "$out/logs.tar.gz" -C / tmp/ray/session_latest/logs ${state#/} 2>/dev/null || true
     python3 -m infra.cli down --state-dir $state || rc=$?
     if [ "$caches" = warm ] && [ "${AB_JOIN:-0}" = 1 ] && [ $rc = 0 ]; then
-        # the same stack and load with each step's delta its own message (the row says
-        # join_deltas false), beside the default above, in the same call
-        TPSERVE_STREAM_JOIN=0 python3 -m infra.cli up --model $model --tp 1 --replicas 1 \
-            --device cuda --detach --state-dir $state --timeout-s 400 &&
-            TPSERVE_STREAM_JOIN=0 python3 -m infra.gpu_stack stack $model --state-dir \
-                $state --engine-row "$out/gpu_stack.jsonl" --out "$out/gpu_stack.jsonl" ||
-            rc=$?
-        python3 -m infra.cli down --state-dir $state || rc=$?
+        # each step's delta its own message (the row says join_deltas false)
+        stack_again TPSERVE_STREAM_JOIN=0
     fi
     if [ "$caches" = warm ] && [ -n "${AB_MAX_ONGOING:-}" ] && [ $rc = 0 ]; then
-        # the same stack and load with the engine replica taking AB_MAX_ONGOING requests
-        # at once instead of 64 (cluster/engine.py MAX_ONGOING), in the same call
-        TPSERVE_MAX_ONGOING=$AB_MAX_ONGOING python3 -m infra.cli up --model $model --tp 1 \
-            --replicas 1 --device cuda --detach --state-dir $state --timeout-s 400 &&
-            TPSERVE_MAX_ONGOING=$AB_MAX_ONGOING python3 -m infra.gpu_stack stack $model \
-                --state-dir $state --engine-row "$out/gpu_stack.jsonl" \
-                --out "$out/gpu_stack.jsonl" || rc=$?
-        python3 -m infra.cli down --state-dir $state || rc=$?
+        # the engine replica taking AB_MAX_ONGOING requests at once instead of 64
+        # (cluster/engine.py MAX_ONGOING)
+        stack_again TPSERVE_MAX_ONGOING=$AB_MAX_ONGOING
     fi
     if [ "$caches" = warm ] && [ "${AB_INTERVAL:-1}" != 1 ] && [ $rc = 0 ]; then
-        python3 -m infra.cli up --model $model --tp 1 --replicas 1 --device cuda --detach \
-            --state-dir $state --timeout-s 400 --stream-interval "$AB_INTERVAL" &&
-            python3 -m infra.gpu_stack stack $model --state-dir $state --engine-row \
-                "$out/gpu_stack.jsonl" --out "$out/gpu_stack.jsonl" || rc=$?
-        python3 -m infra.cli down --state-dir $state || rc=$?
+        stack_again "" --stream-interval "$AB_INTERVAL"
     fi
     sleep 2
     echo "after down: GPU memory used $(nvidia-smi --query-gpu=memory.used \
         --format=csv,noheader); compute processes: $(nvidia-smi \
         --query-compute-apps=pid,used_memory --format=csv,noheader | wc -l)"
     return $rc
+}
+
+stack_again() {
+    # (called by `measure`, with its model, state, out and rc) the same stack and load
+    # once more, beside the default, in the same call: with the environment $1 (NAME=VALUE,
+    # or "") for `up` and the stack step, and the rest as more `up` flags
+    local vars=$1
+    shift
+    env $vars python3 -m infra.cli up --model $model --tp 1 --replicas 1 --device cuda \
+        --detach --state-dir $state --timeout-s 400 "$@" &&
+        env $vars python3 -m infra.gpu_stack stack $model --state-dir $state --engine-row \
+            "$out/gpu_stack.jsonl" --out "$out/gpu_stack.jsonl" || rc=$?
+    python3 -m infra.cli down --state-dir $state || rc=$?
 }
 
 measure_x2() {

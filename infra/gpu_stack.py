@@ -318,6 +318,7 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
                light: bool = False) -> dict[str, Any]:
     """`light`: the replica's start, the front door and the prefix cache only (no load
     runs, no comparison with the engine)."""
+    from cluster.engine import max_ongoing
     from infra.stack import Running, read_state
 
     stack = Running.recorded(state_dir)
@@ -354,7 +355,7 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
         "stats_error": stats.get("error"), "join_deltas": stats.get("join_deltas"),
         "stream_interval": stats.get("stream_interval", 1),
         # the engine replica's max_ongoing_requests, as `tpserve up` ran with this env
-        "max_ongoing": int(os.environ.get("TPSERVE_MAX_ONGOING", 64)),
+        "max_ongoing": max_ongoing(),
         "chat": chat, "load": load, "load_repeat": repeat,
         "load_config": asdict(LoadConfig(**{**asdict(LOAD), "url": stack.edge})),
         "sequential": sequential, "sequential_config": asdict(SEQUENTIAL),
