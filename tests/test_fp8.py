@@ -86,6 +86,7 @@ def test_w8a16_kernel_is_the_weight_only_product(shape: tuple[int, int, int],
     """The Triton FP8-weight matmul (its interpreter here) against float64: K and N
     that its blocks do not divide, one row and many, float32 and float16 inputs; and
     fp8_linear takes it below DEQUANT_ROWS rows when the kernels are on."""
+    pytest.importorskip("triton")  # (as tests/test_kernels.py: the interpreter runs it)
     from replicas import kernels
 
     monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
@@ -170,6 +171,7 @@ def test_tp2_fp8_scores_like_tp1_fp8(ckpt: str) -> None:
 def test_fp8_gemv_is_the_scaled_rows_product(shape: tuple[int, int], kind: str) -> None:
     """The batch-1 GEMV on FP8 weights (Triton; its interpreter on CPU) equals the
     16-bit GEMV of the dequantized weights, for each kind it fuses (SwiGLU, RMSNorm)."""
+    pytest.importorskip("triton")  # (as tests/test_kernels.py: the interpreter runs it)
     from replicas import kernels
 
     gen = torch.Generator().manual_seed(12)
@@ -193,6 +195,7 @@ def test_fp8_gemv_is_the_scaled_rows_product(shape: tuple[int, int], kind: str) 
 def test_fp8_decode_through_the_gemvs(ckpt: str) -> None:
     """Batch-1 decode with every FP8 projection on the GEMV (weights rounded, input rows
     not) stays as close to the float32 engine as the FP8 matmul path (both rounded)."""
+    pytest.importorskip("triton")
     prompt = sequences(1, 24, 1000, seed=5)[0]
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=True)
     base = EngineConfig(model=ckpt, dtype="float32", max_model_len=128, cuda_graphs=False)
