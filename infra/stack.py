@@ -69,6 +69,14 @@ class StackConfig:
         if self.rate_limit_per_minute < 0:
             raise StackError(f"rate_limit_per_minute must be >= 0 (0: no limit), got "
                              f"{self.rate_limit_per_minute}")
+        names: dict[int, list[str]] = {}
+        for name, port in self.ports.items():
+            names.setdefault(port, []).append(name)
+        shared = [f"{' and '.join(n)} both on {port}" for port, n in names.items() if len(n) > 1]
+        if shared:
+            raise StackError(f"one port for two servers: {'; '.join(shared)}. Give each its "
+                             "own (--nginx-port, --serve-port, --dashboard-port, --ray-port, "
+                             "--redis-port)")
 
     @property
     def router(self) -> dict[str, Any]:
@@ -484,10 +492,10 @@ def local_stack(engine: dict[str, Any] | None = None, state_dir: str | None = No
     """A detached stack on free loopback ports for scripts and tests (infra/load.py,
     infra/chaos.py), stopped by pid on exit. `up`'s progress goes to stderr so that a
     script's stdout stays JSON lines. `overrides` are StackConfig fields."""
-    from replicas.ranks import free_port
+    from replicas.ranks import free_ports
 
-    ports = {f"{name}_port": free_port() for name in ("nginx", "serve", "dashboard", "ray",
-                                                      "redis")}
+    names = ("nginx", "serve", "dashboard", "ray", "redis")
+    ports = {f"{n}_port": p for n, p in zip(names, free_ports(len(names)), strict=True)}
     state = state_dir or tempfile.mkdtemp(prefix="tpserve-stack-")
     config = StackConfig(**{**ports, "state_dir": state, **overrides})
     engine = {"tp": 2, **(engine or {})}

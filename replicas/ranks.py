@@ -10,6 +10,7 @@ requests, aborting the group) is the engine's.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -83,9 +84,21 @@ def spawn_rank(config: EngineConfig, model_dir: str, rank: int, init_method: str
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port that was free a moment ago."""
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct loopback ports that were free a moment ago. Each is held open until all
+    are picked: ports picked one after another (each closed before the next) can repeat,
+    and two servers of one stack then fight over one port."""
+    with contextlib.ExitStack() as held:
+        ports = []
+        for _ in range(n):
+            s = held.enter_context(socket.socket())
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+        return ports
 
 
 class Ranks:

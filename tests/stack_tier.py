@@ -49,7 +49,7 @@ import pytest
 
 from infra import procs
 from infra.procs import processes
-from replicas.ranks import free_port
+from replicas.ranks import free_ports
 
 REPO = Path(__file__).resolve().parent.parent
 PORT_FLAGS = ("nginx", "serve", "dashboard", "ray", "redis")
@@ -103,7 +103,7 @@ def start(home: Path, attempts: int = 2) -> Running:
     up to `attempts` times in all; any other failure is not."""
     state = home / ".tpserve" / "stack"  # StackConfig's default state dir, in that HOME
     for attempt in range(1, attempts + 1):
-        ports = {name: free_port() for name in PORT_FLAGS}
+        ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True))
         up = tpserve("up", "--detach", *port_flags(ports), home=home)
         if up.returncode == 0 or RAY_START_TIMED_OUT not in up.stderr or attempt == attempts:
             break

@@ -37,7 +37,7 @@ import yaml
 from stack_tier import RAY_START_TIMED_OUT, processes
 
 from infra.stack import port_busy
-from replicas.ranks import free_port
+from replicas.ranks import free_port, free_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.stack]
 REPO = Path(__file__).resolve().parent.parent
@@ -122,7 +122,8 @@ def stack_processes(namespace: str, marker: str) -> list[str]:
 
 def test_ray_up_and_down_round_trip(sshd: Sshd, tmp_path: Path) -> None:
     key, ssh_port, home = sshd.key, sshd.port, sshd.home
-    ports = {name: free_port() for name in ("ray", "dashboard", "redis", "http", "nginx")}
+    names = ("ray", "dashboard", "redis", "http", "nginx")
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
     name = f"tpserve-test-{uuid.uuid4().hex[:8]}"
     state = tmp_path / "state"
     config = yaml.safe_load((REPO / "cluster/cluster.local.yaml").read_text())

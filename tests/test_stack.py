@@ -38,7 +38,7 @@ from stack_tier import (
 from infra.edge import configured_upstreams
 from infra.services import nginx_conf
 from infra.stack import port_busy
-from replicas.ranks import free_port
+from replicas.ranks import free_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.stack]
 ARTIFACTS = Path(os.environ.get("TPSERVE_ARTIFACTS", REPO / "test-artifacts"))
@@ -272,7 +272,7 @@ def test_token_is_in_no_log(stack: Running) -> None:
 
 
 def test_busy_port_is_a_clear_error(stack: Running) -> None:
-    ports = {name: free_port() for name in PORT_FLAGS}
+    ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True))
     ports["nginx"] = stack.ports["nginx"]  # taken by the running stack
     out = tpserve("up", f"--state-dir={stack.state}-other", *port_flags(ports), timeout=60)
     assert out.returncode == 1
@@ -300,7 +300,7 @@ def test_down_stops_everything_and_frees_the_ports(stack: Running) -> None:
 
 
 def test_ctrl_c_stops_the_foreground_stack(tmp_path: Path) -> None:
-    ports = {name: free_port() for name in PORT_FLAGS}
+    ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True))
     proc = subprocess.Popen(
         [sys.executable, "-m", "infra.cli", "up", f"--state-dir={tmp_path}", "--replicas=1",
          "--tp=1", *port_flags(ports)],

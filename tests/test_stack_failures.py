@@ -18,7 +18,7 @@ import pytest
 
 from cluster.ray_token import ensure_token, read_token, token_path
 from infra.stack import NOT_RUNNING, StackConfig, StackError, progress, ray_died, start_ray, up
-from replicas.ranks import free_port
+from replicas.ranks import free_ports
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,7 +50,8 @@ def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
 
 
 def ports_config(state: Path, **overrides: object) -> StackConfig:
-    ports = {f"{n}_port": free_port() for n in ("nginx", "serve", "dashboard", "ray", "redis")}
+    names = ("nginx", "serve", "dashboard", "ray", "redis")
+    ports = {f"{n}_port": p for n, p in zip(names, free_ports(len(names)), strict=True)}
     return StackConfig(**ports, state_dir=str(state), **overrides)
 
 
@@ -150,3 +151,20 @@ def test_status_and_down_explain_a_missing_stale_or_unreadable_stack(
     assert code == 1 and "cannot be read" in err
     assert cli(capsys, "down", f"--state-dir={state}")[0] == 0
     assert not (state / "stack.json").exists()
+
+
+def test_one_port_for_two_servers_is_refused_before_anything_starts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two servers given one port (here nginx and the Ray dashboard) is a clear error from
+    `up`, before Ray, Redis or nginx start; and `free_ports` never picks one port twice."""
+    nginx, serve, ray, redis = free_ports(4)
+    state = tmp_path / "state"
+    code, err = cli(capsys, "up", "--detach", f"--state-dir={state}", f"--nginx-port={nginx}",
+                    f"--serve-port={serve}", f"--dashboard-port={nginx}", f"--ray-port={ray}",
+                    f"--redis-port={redis}")
+    assert code == 1, err
+    assert f"nginx and Ray dashboard both on {nginx}" in err and "--dashboard-port" in err
+    assert "Traceback" not in err and not (state / "stack.json").exists()
+    for _ in range(20):
+        picked = free_ports(8)
+        assert len(set(picked)) == 8, picked
