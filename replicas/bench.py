@@ -39,7 +39,9 @@ from replicas.jsonlines import emit
 from replicas.tiny import tiny_model_dir
 
 
-def environment() -> dict[str, Any]:
+def environment(module: str = "replicas.bench") -> dict[str, Any]:
+    """Where a row was measured: hardware, versions, and the command (`python -m module`
+    with this process's arguments)."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
         "hardware": {"cpu": platform.processor() or platform.machine(),
@@ -48,7 +50,7 @@ def environment() -> dict[str, Any]:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
         # file arguments by name only: no machine's paths in committed results
-        "command": " ".join(["python -m replicas.bench",
+        "command": " ".join([f"python -m {module}",
                              *(os.path.basename(a) if os.sep in a else a for a in sys.argv[1:])]),
     }
 

@@ -148,7 +148,7 @@ class EngineConfig:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-STRUCTURED_KINDS = ("json_object", "json_schema", "lark")
+STRUCTURED_KINDS = ("json_object", "json_schema", "ebnf", "structural_tag")
 
 
 @dataclass(frozen=True)
@@ -156,9 +156,11 @@ class StructuredSpec:
     """What a request's output must match (replicas/structured.py enforces it).
 
     kind "json_object": any JSON object (`spec` unused, ""); "json_schema": `spec` is
-    the schema as JSON text; "lark": `spec` is a Lark grammar in llguidance's dialect,
-    which can embed a schema as `%json{...}`: the form a tool call wrapped in a model
-    family's tags takes (`start: "<tool_call>" %json{...} "</tool_call>"`).
+    the schema as JSON text; "ebnf": `spec` is a grammar in xgrammar's EBNF (GBNF:
+    `root ::= ...`); "structural_tag": `spec` is xgrammar's structural tag as JSON text,
+    e.g. a schema inside a model family's tool-call tags (`{"type": "structural_tag",
+    "format": {"type": "tag", "begin": "<tool_call>", "content": {"type": "json_schema",
+    "json_schema": {...}}, "end": "</tool_call>"}}`).
     Hashable: compiled grammars are cached by it.
     """
 
@@ -170,17 +172,20 @@ class StructuredSpec:
             raise ConfigError(f"structured kind must be one of {', '.join(STRUCTURED_KINDS)}; "
                               f"got {self.kind!r}")
         if not isinstance(self.spec, str):
-            raise ConfigError("structured spec must be a string (a JSON schema as JSON text, "
-                              "or a Lark grammar)")
+            raise ConfigError("structured spec must be a string (a JSON schema or a "
+                              "structural tag as JSON text, or an EBNF grammar)")
         if self.kind != "json_object" and not self.spec.strip():
             raise ConfigError(f"structured kind {self.kind!r} needs a spec")
-        if self.kind == "json_schema":
+        if self.kind in ("json_schema", "structural_tag"):
+            what = "JSON schema" if self.kind == "json_schema" else "structural tag"
             try:
-                schema = json.loads(self.spec)
+                value = json.loads(self.spec)
             except ValueError as e:
-                raise ConfigError(f"the JSON schema is not valid JSON: {e}") from None
-            if not isinstance(schema, dict | bool):
+                raise ConfigError(f"the {what} is not valid JSON: {e}") from None
+            if self.kind == "json_schema" and not isinstance(value, dict | bool):
                 raise ConfigError("a JSON schema must be a JSON object (or true/false)")
+            if self.kind == "structural_tag" and not isinstance(value, dict):
+                raise ConfigError("a structural tag must be a JSON object")
 
 
 @dataclass(frozen=True)

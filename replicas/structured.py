@@ -1,34 +1,39 @@
-"""Structured outputs: decoding constrained by a grammar, with llguidance.
+"""Structured outputs: decoding constrained by a grammar, with xgrammar.
 
 Contract:
 - `Grammars(tokenizer, vocab_size, eos_ids)` is one engine's: it wraps the tokenizer for
-  llguidance once (~0.9 s at a 150k vocabulary, on the first constrained request) and
+  xgrammar once (~0.4 s at a 150k vocabulary, on the first constrained request) and
   keeps a bounded LRU cache of compiled grammars, one per distinct `StructuredSpec`.
 - `check(spec)` compiles (or finds) the spec's grammar; a schema or grammar the library
   refuses raises `GrammarError` (a ConfigError: the client's 400) with its message.
   Safe from any thread (the engine calls it in the caller's thread, before the request
-  reaches the scheduler).
+  reaches the scheduler). Compiling precomputes, per grammar state, the tokens whose
+  acceptance does not depend on the stack below it (tens of ms for a typical schema):
+  that is what keeps a mask cheap in every state (replicas/PERF.md, v0.23).
+- JSON is compact (no free whitespace between tokens, "," and ":" as separators), so a
+  weak model cannot loop on spaces.
 - A json_schema object that lists `properties` and says nothing of others takes no
-  others (`closed`: "additionalProperties": false, as OpenAI's strict mode and
-  xgrammar's default do): JSON Schema's own default lets a model add keys without end,
-  which a weak model does (seen: a random model's extra key never closed). An object
-  without `properties` stays open.
-- `constraint(spec)` gives a request its own matcher (`Constraint`), a copy of the
-  cached, already-built one.
+  others (`prepared`: "additionalProperties": false, as OpenAI's strict mode does): JSON
+  Schema's own default lets a model add keys without end, which a weak model does (seen:
+  a random model's extra key never closed). An object without `properties` stays open.
+  A length-bounded string holds no escapes (xgrammar 0.2.9; see `prepared`).
+- `constraint(spec)` gives a request its own matcher (`Constraint`).
 - `fill(constraints)` writes each constraint's allowed next tokens as a packed bitmask
   into a host tensor [M, ceil(vocab / 32)] int32 (pinned on a GPU engine): bit t % 32 of
-  word t // 32 is token t. llguidance fills the rows in parallel threads, without the
-  GIL. The engine calls it while the device runs the step's forward.
+  word t // 32 is token t. xgrammar fills the rows in parallel threads, without the GIL.
+  The engine calls it while the device runs the step's forward.
 - `apply(logits, rows, bitmask)`: a copy of `logits` [N, vocab] whose rows[i] keep only
   the tokens bitmask[i] allows (the others -inf), on the logits' device.
 - `Constraint.advance(token)` consumes a sampled token; True once the grammar is over
-  (it accepts nothing but EOS, or it took EOS): the request then ends with "stop".
+  (it accepts nothing but EOS, it took EOS, or it refused the token): the request then
+  ends with "stop".
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -41,7 +46,10 @@ log = logging.getLogger(__name__)
 
 CACHE_SIZE = 256  # compiled grammars kept (one per distinct spec)
 # compact JSON: no free whitespace between tokens, so a weak model cannot loop on spaces
-JSON_OPTIONS = {"whitespace_flexible": False}
+JSON_OPTIONS: dict[str, Any] = {"any_whitespace": False, "separators": (",", ":"),
+                                "strict_mode": False}  # `closed` says what strict would
+# xgrammar's errors start with a time and its C++ source's path: not for a client
+_ERROR_PREFIX = re.compile(r"^\[[0-9:]+\] \S+:[0-9]+: ")
 
 
 class GrammarError(ConfigError):
@@ -51,37 +59,53 @@ class GrammarError(ConfigError):
 class Constraint:
     """One request's matcher: which tokens may come next, and whether it is over."""
 
-    def __init__(self, matcher: Any) -> None:
+    def __init__(self, matcher: Any, stop_ids: list[int], words: int) -> None:
         self.matcher = matcher
+        self.failed = False  # a token was refused: only EOS may follow
+        self._stop_ids = stop_ids
+        self._words = words
+        self._over = False
 
     def advance(self, token: int) -> bool:
         """Consume `token`; True once the grammar is over (see `over`)."""
-        if not self.matcher.consume_token(token):
-            log.warning("structured output: token %d refused: %s", token,
-                        self.matcher.get_error())
-        return self.over
+        if not self.failed and not self.matcher.accept_token(token):
+            log.warning("structured output: token %d refused by the grammar", token)
+            self.failed = True
+        self._over = self.failed or self.matcher.is_terminated() or (
+            self.matcher.is_completed() and self._only_stop())
+        return self._over
 
     @property
     def over(self) -> bool:
-        """Nothing but EOS may follow (the grammar completed, took EOS, or erred)."""
-        return bool(self.matcher.is_stopped())
+        """Nothing but EOS may follow (the grammar completed, took EOS, or refused)."""
+        return self._over
+
+    def _only_stop(self) -> bool:
+        """The grammar is complete: does it allow anything but EOS next? (One mask, once
+        per request: a grammar like `"a" | "ab"` is complete after "a" yet goes on.)"""
+        mask = torch.empty((1, self._words), dtype=torch.int32)
+        self.matcher.fill_next_token_bitmask(mask)
+        for stop in self._stop_ids:
+            mask[0, stop // 32] &= ~_bit(stop % 32)
+        return not bool(mask.any())
 
 
 class Grammars:
-    """One engine's compiled grammars and llguidance tokenizer (see the module doc)."""
+    """One engine's compiled grammars and xgrammar tokenizer (see the module doc)."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, eos_ids: list[int],
                  pin: bool = False, cache_size: int = CACHE_SIZE) -> None:
-        import llguidance
-        import llguidance.hf
+        import xgrammar
 
-        self._lib = llguidance
+        self._lib = xgrammar
         self.vocab_size = vocab_size
         self.words = (vocab_size + 31) // 32  # int32 words of one row's bitmask
         self.eos_ids = sorted(eos_ids)
-        self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size,
-                                                      eos_token=self.eos_ids)
-        self._executor = llguidance.LLExecutor()
+        info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                       stop_token_ids=self.eos_ids)
+        # our own LRU keeps the compiled grammars: xgrammar's cache would hold them twice
+        self._compiler = xgrammar.GrammarCompiler(info, cache_enabled=False)
+        self._batch = xgrammar.BatchGrammarMatcher()
         self._pin = pin
         self._cache: OrderedDict[StructuredSpec, Any] = OrderedDict()
         self._cache_size = cache_size
@@ -93,49 +117,49 @@ class Grammars:
 
     def constraint(self, spec: StructuredSpec) -> Constraint:
         """A fresh matcher for one request."""
-        compiled = self._compiled(spec)
-        with self._lock:
-            return Constraint(compiled.deep_copy())
+        return Constraint(self._lib.GrammarMatcher(self._compiled(spec)), self.eos_ids,
+                          self.words)
 
     def _compiled(self, spec: StructuredSpec) -> Any:
         with self._lock:
             if spec in self._cache:
                 self._cache.move_to_end(spec)
                 return self._cache[spec]
-        matcher = self._lib.LLMatcher(self.tokenizer, self._grammar(spec), log_level=0)
-        if matcher.is_error():
-            raise GrammarError(f"cannot constrain the output to this {spec.kind}: "
-                               f"{matcher.get_error()}")
+        compiled = self._compile(spec)
         with self._lock:
-            self._cache[spec] = matcher
+            self._cache[spec] = compiled
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
-        return matcher
+        return compiled
 
-    def _grammar(self, spec: StructuredSpec) -> str:
-        """The spec as llguidance's grammar text."""
-        matcher = self._lib.LLMatcher
-        if spec.kind == "lark":
-            return matcher.grammar_from_lark(spec.spec)
-        schema = {"type": "object"} if spec.kind == "json_object" else closed(
-            json.loads(spec.spec))
+    def _compile(self, spec: StructuredSpec) -> Any:
+        """The spec compiled by xgrammar, or GrammarError with the library's reason."""
+        compiler = self._compiler
         try:
-            return matcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
-        except ValueError as e:
-            raise GrammarError(f"bad JSON schema: {e}") from None
+            if spec.kind == "ebnf":
+                return compiler.compile_grammar(spec.spec)
+            if spec.kind == "structural_tag":
+                return compiler.compile_structural_tag(spec.spec)
+            schema = {"type": "object"} if spec.kind == "json_object" else prepared(
+                json.loads(spec.spec))
+            return compiler.compile_json_schema(json.dumps(schema), **JSON_OPTIONS)
+        except (RuntimeError, ValueError, TypeError) as e:
+            why = _ERROR_PREFIX.sub("", str(e).strip())
+            raise GrammarError(f"cannot constrain the output to this {spec.kind}: "
+                               f"{why}") from None
 
     def fill(self, constraints: list[Constraint]) -> torch.Tensor:
         """Bitmasks [M, words] int32 on the host of the constraints' next tokens."""
         n = len(constraints)
         host = torch.empty((n, self.words), dtype=torch.int32, pin_memory=self._pin)
-        self._executor.unsafe_compute_mask_ptr(
-            [(c.matcher, i) for i, c in enumerate(constraints)], host.data_ptr(),
-            self.words * 4, n)
-        for i, c in enumerate(constraints):
-            if c.matcher.is_error():  # its mask may be empty: let it end
-                host[i].zero_()
-                for eos in self.eos_ids:
-                    host[i, eos // 32] |= _bit(eos % 32)
+        live = [i for i, c in enumerate(constraints) if not c.failed]
+        if live:
+            self._batch.batch_fill_next_token_bitmask(
+                [constraints[i].matcher for i in live], host, indices=live)
+        for i in sorted(set(range(n)) - set(live)):  # refused a token: let it end
+            host[i].zero_()
+            for eos in self.eos_ids:
+                host[i, eos // 32] |= _bit(eos % 32)
         return host
 
     def apply(self, logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor
@@ -162,26 +186,37 @@ _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
 
 
-def closed(schema: Any) -> Any:
-    """`schema` with "additionalProperties": false on every object schema that lists
-    `properties` and does not say whether it takes others (a new dict; input unchanged)."""
+def prepared(schema: Any) -> Any:
+    """`schema` as xgrammar gets it (a new dict; input unchanged), two rewrites on every
+    subschema:
+    - closed objects: "additionalProperties": false on every object schema that lists
+      `properties` and does not say whether it takes others;
+    - length-bounded strings (`minLength`/`maxLength`, no `pattern` or `format`) as the
+      equivalent `pattern`: xgrammar 0.2.9 lowers the bounds to a character class that
+      admits raw control characters (invalid JSON; its issue #800), where its pattern
+      path does not. Either way such a string holds no escapes (no quote, backslash or
+      control character), which #800 also reports."""
     if not isinstance(schema, dict):
         return schema
     out = dict(schema)
     for key in _SUBSCHEMAS:
         if key in out:
-            out[key] = closed(out[key])
+            out[key] = prepared(out[key])
     for key in _SCHEMA_LISTS:
         if isinstance(out.get(key), list):
-            out[key] = [closed(s) for s in out[key]]
+            out[key] = [prepared(s) for s in out[key]]
     for key in _SCHEMA_MAPS:
         if isinstance(out.get(key), dict):
-            out[key] = {k: closed(s) for k, s in out[key].items()}
+            out[key] = {k: prepared(s) for k, s in out[key].items()}
     if isinstance(out.get("additionalProperties"), dict):
-        out["additionalProperties"] = closed(out["additionalProperties"])
+        out["additionalProperties"] = prepared(out["additionalProperties"])
     elif ("properties" in out and "additionalProperties" not in out
           and "patternProperties" not in out and "unevaluatedProperties" not in out):
         out["additionalProperties"] = False
+    bounded = "minLength" in out or "maxLength" in out
+    if out.get("type") == "string" and bounded and not {"pattern", "format"} & set(out):
+        low, high = out.pop("minLength", 0), out.pop("maxLength", "")
+        out["pattern"] = f"^[\\s\\S]{{{low},{high}}}$"
     return out
 
 

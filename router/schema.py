@@ -94,9 +94,11 @@ HONOURED: dict[str, str] = {
                    "or a named function (decoding constrained to a valid call)",
     "parallel_tool_calls": "false: at most one call",
     "response_format": "text, json_object (any JSON object) or json_schema: decoding "
-                       "constrained by llguidance, always strictly (`strict` is implied; "
+                       "constrained by xgrammar, always strictly (`strict` is implied; "
                        "an object listing `properties` takes no others unless its "
-                       "additionalProperties says so); compact JSON, no free whitespace",
+                       "additionalProperties says so); compact JSON, no free whitespace; "
+                       "a string with minLength/maxLength holds no escapes (no quote, "
+                       "backslash or control character: xgrammar 0.2.9)",
 }
 
 

@@ -40,9 +40,10 @@ SCHEMA: dict[str, Any] = {
 JSON_SCHEMA = StructuredSpec("json_schema", json.dumps(SCHEMA))
 JSON_OBJECT = StructuredSpec("json_object")
 PROMPT = "Tell me about the user:"
-SEEDS = (1, 2, 5)
+SEEDS = (1, 3, 5)
 # a random model closes a free JSON string by chance: sampled json_object outputs of the
-# tiny model took 96 to 1,358 tokens over seeds 1-8
+# tiny model took 27 to 1,062 tokens over seeds 1 and 3-8 (seed 2's first key was still
+# open at 1,900)
 LONG = 1900
 
 
@@ -109,7 +110,7 @@ def test_rows_that_end_while_others_go_on_keep_every_mask_right(engine: Engine) 
     """Rows of a batch end at different steps (max_tokens 3 and 7 among longer ones; a
     sampled row ends when its JSON closes): the masks of the rows that remain stay
     theirs. Each output equals the same request run alone."""
-    reqs = [params(JSON_SCHEMA, None, max_tokens=3), params(JSON_OBJECT, 2, LONG),
+    reqs = [params(JSON_SCHEMA, None, max_tokens=3), params(JSON_OBJECT, 3, LONG),
             params(JSON_SCHEMA, None, max_tokens=7), params(JSON_SCHEMA, 5),
             params(JSON_SCHEMA, None)]
     fill = engine.mask_fill_s
@@ -135,7 +136,9 @@ def test_ignore_eos_and_logprobs_do_not_change_the_end(engine: Engine) -> None:
     (StructuredSpec("json_schema", json.dumps(
         {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}})), "missing"),
     (StructuredSpec("json_schema", json.dumps({"type": "strnig"})), "strnig"),
-    (StructuredSpec("lark", "start: undefined_rule"), "undefined_rule"),
+    (StructuredSpec("ebnf", "root ::= undefined_rule"), "undefined_rule"),
+    (StructuredSpec("structural_tag", json.dumps({"type": "structural_tag", "format": {
+        "type": "tagg"}})), "tagg"),
 ])
 def test_a_spec_the_library_refuses_is_a_request_error(engine: Engine, spec: StructuredSpec,
                                                        word: str) -> None:
@@ -156,7 +159,9 @@ def test_bad_specs_are_config_errors() -> None:
     for kwargs, word in [({"kind": "yaml"}, "kind"), ({"kind": "json_schema"}, "spec"),
                          ({"kind": "json_schema", "spec": "{"}, "not valid JSON"),
                          ({"kind": "json_schema", "spec": "[1]"}, "JSON object"),
-                         ({"kind": "lark", "spec": " "}, "spec")]:
+                         ({"kind": "ebnf", "spec": " "}, "spec"),
+                         ({"kind": "structural_tag", "spec": "<tool_call>"}, "not valid JSON"),
+                         ({"kind": "structural_tag", "spec": "[]"}, "JSON object")]:
         with pytest.raises(ConfigError, match=word):
             StructuredSpec(**kwargs)
     with pytest.raises(ConfigError, match="structured"):
@@ -171,7 +176,7 @@ def test_unconstrained_requests_in_a_mixed_batch_keep_their_tokens(engine: Engin
     prompts = ["Once upon a time", PROMPT, "The quick brown fox", PROMPT, "Hello!"]
     alone = [engine.generate([p], plain)[0].token_ids for p in prompts[::2]]
     mixed = engine.generate(prompts, [plain, params(JSON_SCHEMA, None), plain,
-                                      params(JSON_OBJECT, 2, LONG), plain])
+                                      params(JSON_OBJECT, 3, LONG), plain])
     assert [o.token_ids for o in mixed[::2]] == alone
     check_schema(json.loads(mixed[1].text))
     assert isinstance(json.loads(mixed[3].text), dict)
@@ -192,14 +197,28 @@ def test_streaming_gives_the_same_json(engine: Engine) -> None:
     check_schema(json.loads(whole.text))
 
 
-def test_lark_kind_wraps_json_in_tool_call_tags(engine: Engine) -> None:
-    """The form a tool call takes later: a schema inside a model family's tags."""
-    grammar = ('start: "<tool_call>" body "</tool_call>"\n'
-               f"body: %json {json.dumps(SCHEMA)}\n")
-    out = engine.generate([PROMPT], params(StructuredSpec("lark", grammar), 3))[0]
+def test_structural_tag_wraps_json_in_tool_call_tags(engine: Engine) -> None:
+    """A schema inside a model family's tags (the form a tool call takes)."""
+    tag = {"type": "structural_tag", "format": {
+        "type": "tag", "begin": "<tool_call>", "end": "</tool_call>",
+        "content": {"type": "json_schema", "json_schema": SCHEMA}}}
+    out = engine.generate([PROMPT], params(StructuredSpec("structural_tag", json.dumps(tag)),
+                                           3))[0]
     assert out.finish_reason == "stop"
     assert out.text.startswith("<tool_call>") and out.text.endswith("</tool_call>")
     check_schema(json.loads(out.text[len("<tool_call>"):-len("</tool_call>")]))
+
+
+def test_ebnf_kind_and_a_grammar_that_goes_on_after_it_is_complete(engine: Engine) -> None:
+    """An EBNF grammar; one complete after "a" that may still go on ("ab") is not over
+    there: the request ends only once nothing but EOS may follow."""
+    grammar = 'root ::= "yes" | "no" | "maybe" | "maybe not"'
+    texts = {engine.generate([PROMPT], params(StructuredSpec("ebnf", grammar), seed))[0].text
+             for seed in range(12)}
+    assert texts <= {"yes", "no", "maybe", "maybe not"} and len(texts) >= 2, texts
+    out = engine.generate([PROMPT], params(StructuredSpec("ebnf", 'root ::= "ab" | "abab"'),
+                                           None))[0]
+    assert out.text in ("ab", "abab") and out.finish_reason == "stop"
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -312,14 +331,14 @@ def test_float16_overflow_rerun_samples_again_under_the_same_masks(overflowing_m
 
 
 def test_objects_that_list_properties_take_no_others_unless_they_say_so() -> None:
-    from replicas.structured import closed
+    from replicas.structured import prepared
 
     schema = {"type": "object", "properties": {
         "a": {"type": "object", "properties": {"b": {"type": "integer"}}},
         "c": {"type": "array", "items": {"properties": {"d": {}}}},
         "e": {"type": "object"}, "f": {"properties": {}, "additionalProperties": True}},
         "$defs": {"g": {"anyOf": [{"properties": {"h": {}}}]}}}
-    out = closed(schema)
+    out = prepared(schema)
     assert out["additionalProperties"] is False
     props = out["properties"]
     assert props["a"]["additionalProperties"] is False
@@ -328,3 +347,45 @@ def test_objects_that_list_properties_take_no_others_unless_they_say_so() -> Non
     assert props["f"]["additionalProperties"] is True  # said so
     assert out["$defs"]["g"]["anyOf"][0]["additionalProperties"] is False
     assert "additionalProperties" not in schema  # the input is left as it was
+
+
+def test_bounded_strings_are_valid_json_strings(engine: Engine) -> None:
+    """A string with minLength/maxLength becomes a pattern (xgrammar 0.2.9's own lowering
+    of the bounds admits raw control characters: invalid JSON): the bounds hold, a raw
+    control character is refused, and so (a limit of that version) is an escape."""
+    from replicas.structured import prepared
+
+    schema = {"type": "object", "properties": {"s": {"type": "string", "minLength": 2,
+                                                     "maxLength": 4},
+                                               "p": {"type": "string", "maxLength": 3,
+                                                     "pattern": "^a+$"}}}
+    out = prepared(schema)
+    assert out["properties"]["s"] == {"type": "string", "pattern": "^[\\s\\S]{2,4}$"}
+    assert out["properties"]["p"] == schema["properties"]["p"]  # its own pattern: as is
+    grammars = engine._structured()
+    spec = StructuredSpec("json_schema", json.dumps({"type": "string", "minLength": 2,
+                                                     "maxLength": 4}))
+    for text, ok in [('"ab"', True), ('"abcd"', True), ('"éé"', True), ('"a"', False),
+                     ('"abcde"', False), ('"a\x0fb"', False), ('"a\tb"', False),
+                     ('"a\\nb"', False)]:
+        matcher = grammars.constraint(spec).matcher
+        assert (matcher.accept_string(text) and matcher.is_completed()) == ok, text
+
+
+def test_grammar_replay_steps_rows_through_the_engines_matchers() -> None:
+    """replicas.grammar_replay's measurement: a batch of texts stepped through the
+    engine's matchers; a row whose text leaves the schema drops out there, the others
+    run to their end."""
+    from transformers import AutoTokenizer
+
+    from replicas.grammar_replay import Xgrammar, replay
+    from replicas.tiny import tiny_model_dir
+
+    hf = AutoTokenizer.from_pretrained(tiny_model_dir())
+    texts = ['{"name":"ab","age":3,"role":"user","tags":["x","y"]}',
+             '{"name":"ab","age":3,"role":"boss"}']
+    lists = [hf.encode(t, add_special_tokens=False) for t in texts]
+    row = replay(Xgrammar(hf), SCHEMA, lists)
+    assert row["steps"] == len(lists[0]) and row["refused_rows"] == 1
+    assert 0 < row["batch_fill_ms"]["p50"] <= row["batch_fill_ms"]["max"]
+    assert 0 < row["row_fill_us"]["p50"] <= row["row_fill_us"]["max"]
