@@ -244,13 +244,51 @@ measure_x2() {
     return $rc
 }
 
+# The engine alone (tests/test_structured.py, replicas.bench --suite structured,
+# replicas.grammar_replay) needs, beyond the image's torch, transformers and triton, only
+# the structured outputs' grammar library and what it imports: ENGINE_EXTRA, at .venv's
+# versions, in .stack/engine (~8 MB, one carry); llguidance too when .venv has it (`pip
+# install llguidance==1.9.1`: replicas.grammar_replay then compares both there). THERE:
+#   carry [".stack/engine"]: bash infra/device_stack.sh install-engine &&
+#   . /tmp/tpserve-engine/env.sh && python3 -m pytest tests/test_structured.py ...
+ENGINE_EXTRA='xgrammar|llguidance|apache[-_]tvm[-_]ffi|pydantic|pydantic[-_]core|annotated[-_]types|typing[-_]inspection|typing[-_]extensions'
+
+prepare_engine() {
+    local venv=.venv/bin/python
+    [ -x $venv ] || { echo "no .venv: run bash infra/install.sh first" >&2; exit 1; }
+    rm -rf $STACK/engine && mkdir -p $STACK/engine
+    $venv -m pip freeze --exclude-editable 2>/dev/null | grep '==' |
+        awk -F'==' -v want="^($ENGINE_EXTRA)\$" 'tolower($1) ~ want' \
+        > $STACK/engine/requirements.txt
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version $PY_VERSION \
+        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+        --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 --platform any \
+        -d $STACK/engine -r $STACK/engine/requirements.txt
+    ls $STACK/engine; du -sh $STACK/engine
+}
+
+install_engine() {
+    local root=/tmp/tpserve-engine
+    rm -rf $root && mkdir -p $root
+    $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --disable-pip-version-check --target $root/site $STACK/engine/*.whl
+    printf '%s\n' "export PYTHONPATH=$PWD:$root/site\${PYTHONPATH:+:\$PYTHONPATH}" \
+        "export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1" \
+        > $root/env.sh
+    (. $root/env.sh && $PYTHON -c 'import xgrammar, replicas.structured; print("xgrammar ok")')
+    echo "device_stack: engine extras installed; . $root/env.sh"
+}
+
 case "${1:-}" in
     prepare) prepare ;;
     install) install ;;
+    prepare-engine) prepare_engine ;;
+    install-engine) install_engine ;;
     measure) measure warm ;;
     measure-cold) measure cold ;;
     measure-x2) measure_x2 "${2:-}" ;;
-    *) echo "usage: bash infra/device_stack.sh prepare|install|measure|measure-cold|" \
-            "measure-x2 tp2|replicas" >&2
+    *) echo "usage: bash infra/device_stack.sh prepare|install|prepare-engine|" \
+            "install-engine|measure|measure-cold|measure-x2 tp2|replicas" >&2
        exit 2 ;;
 esac
