@@ -261,7 +261,8 @@ prepare_engine() {
         awk -F'==' -v want="^($ENGINE_EXTRA)\$" 'tolower($1) ~ want' \
         > $STACK/engine/requirements.txt
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version $PY_VERSION \
-        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+        --implementation cp --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 \
+        --platform manylinux_2_27_x86_64 \
         --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
         --platform manylinux2014_x86_64 --platform any \
         -d $STACK/engine -r $STACK/engine/requirements.txt
