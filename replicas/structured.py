@@ -3,7 +3,8 @@
 Contract:
 - `Grammars(tokenizer, vocab_size, eos_ids)` is one engine's: it wraps the tokenizer for
   xgrammar once (~0.4 s at a 150k vocabulary, on the first constrained request) and
-  keeps a bounded LRU cache of compiled grammars, one per distinct `StructuredSpec`.
+  keeps an LRU cache of compiled grammars, one per distinct `StructuredSpec`, bounded in
+  count (CACHE_SIZE) and in bytes (CACHE_BYTES).
 - `check(spec)` compiles (or finds) the spec's grammar; a schema or grammar the library
   refuses raises `GrammarError` (a ConfigError: the client's 400) with its message.
   Safe from any thread (the engine calls it in the caller's thread, before the request
@@ -45,6 +46,9 @@ from replicas.config import ConfigError, StructuredSpec
 log = logging.getLogger(__name__)
 
 CACHE_SIZE = 256  # compiled grammars kept (one per distinct spec)
+# and at most this many bytes of them (a typical schema compiles to ~1 MiB at a 150k
+# vocabulary: its per-state token masks)
+CACHE_BYTES = 512 << 20
 # compact JSON: no free whitespace between tokens, so a weak model cannot loop on spaces
 JSON_OPTIONS: dict[str, Any] = {"any_whitespace": False, "separators": (",", ":"),
                                 "strict_mode": False}  # `closed` says what strict would
@@ -94,7 +98,8 @@ class Grammars:
     """One engine's compiled grammars and xgrammar tokenizer (see the module doc)."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, eos_ids: list[int],
-                 pin: bool = False, cache_size: int = CACHE_SIZE) -> None:
+                 pin: bool = False, cache_size: int = CACHE_SIZE,
+                 cache_bytes: int = CACHE_BYTES) -> None:
         import xgrammar
 
         self._lib = xgrammar
@@ -109,6 +114,8 @@ class Grammars:
         self._pin = pin
         self._cache: OrderedDict[StructuredSpec, Any] = OrderedDict()
         self._cache_size = cache_size
+        self._cache_bytes = cache_bytes
+        self.cached_bytes = 0  # what the cached grammars hold
         self._lock = threading.Lock()
 
     def check(self, spec: StructuredSpec) -> None:
@@ -127,9 +134,12 @@ class Grammars:
                 return self._cache[spec]
         compiled = self._compile(spec)
         with self._lock:
-            self._cache[spec] = compiled
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+            if spec not in self._cache:
+                self._cache[spec] = compiled
+                self.cached_bytes += compiled.memory_size_bytes
+            while len(self._cache) > 1 and (len(self._cache) > self._cache_size
+                                            or self.cached_bytes > self._cache_bytes):
+                self.cached_bytes -= self._cache.popitem(last=False)[1].memory_size_bytes
         return compiled
 
     def _compile(self, spec: StructuredSpec) -> Any:

@@ -389,3 +389,26 @@ def test_grammar_replay_steps_rows_through_the_engines_matchers() -> None:
     assert row["steps"] == len(lists[0]) and row["refused_rows"] == 1
     assert 0 < row["batch_fill_ms"]["p50"] <= row["batch_fill_ms"]["max"]
     assert 0 < row["row_fill_us"]["p50"] <= row["row_fill_us"]["max"]
+
+
+def test_the_grammar_cache_is_bounded_in_count_and_in_bytes(engine: Engine) -> None:
+    """Compiled grammars are kept least recently used first out, at most `cache_size` of
+    them and at most `cache_bytes` (xgrammar's own count of what one holds)."""
+    from replicas.structured import Grammars
+
+    def spec(i: int) -> StructuredSpec:
+        return StructuredSpec("json_schema", json.dumps({**SCHEMA, "title": f"s{i}"}))
+
+    grammars = Grammars(engine.tokenizer.hf, engine.spec.vocab_size, [1], cache_size=3)
+    for i in range(5):
+        grammars.check(spec(i))
+    one = grammars.cached_bytes // 3
+    assert list(grammars._cache) == [spec(2), spec(3), spec(4)] and one > 0
+    grammars.check(spec(2))  # used again: the newest
+    grammars.check(spec(5))
+    assert list(grammars._cache) == [spec(4), spec(2), spec(5)]
+    small = Grammars(engine.tokenizer.hf, engine.spec.vocab_size, [1],
+                     cache_bytes=int(2.5 * one))
+    for i in range(4):
+        small.check(spec(i))
+    assert list(small._cache) == [spec(2), spec(3)] and small.cached_bytes <= 2.5 * one
