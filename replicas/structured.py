@@ -51,7 +51,7 @@ CACHE_SIZE = 256  # compiled grammars kept (one per distinct spec)
 CACHE_BYTES = 512 << 20
 # compact JSON: no free whitespace between tokens, so a weak model cannot loop on spaces
 JSON_OPTIONS: dict[str, Any] = {"any_whitespace": False, "separators": (",", ":"),
-                                "strict_mode": False}  # `closed` says what strict would
+                                "strict_mode": False}  # `prepared` closes objects
 # xgrammar's errors start with a time and its C++ source's path: not for a client
 _ERROR_PREFIX = re.compile(r"^\[[0-9:]+\] \S+:[0-9]+: ")
 
@@ -166,7 +166,7 @@ class Grammars:
         if live:
             self._batch.batch_fill_next_token_bitmask(
                 [constraints[i].matcher for i in live], host, indices=live)
-        for i in sorted(set(range(n)) - set(live)):  # refused a token: let it end
+        for i in (i for i, c in enumerate(constraints) if c.failed):  # let it end
             host[i].zero_()
             for eos in self.eos_ids:
                 host[i, eos // 32] |= _bit(eos % 32)

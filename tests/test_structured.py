@@ -412,3 +412,18 @@ def test_the_grammar_cache_is_bounded_in_count_and_in_bytes(engine: Engine) -> N
     for i in range(4):
         small.check(spec(i))
     assert list(small._cache) == [spec(2), spec(3)] and small.cached_bytes <= 2.5 * one
+
+
+def test_a_refused_token_ends_the_constraint_and_leaves_only_eos(engine: Engine) -> None:
+    """A token the grammar refuses (sampling never picks one; a bug could) ends the
+    request rather than corrupting the matcher: `over`, and its mask allows EOS alone."""
+    grammars = engine._structured()
+    good, bad = grammars.constraint(JSON_SCHEMA), grammars.constraint(JSON_SCHEMA)
+    x = engine.tokenizer.hf.encode("x", add_special_tokens=False)[0]
+    assert bad.advance(x) and bad.failed and bad.over
+    assert not good.over
+    masks = grammars.fill([good, bad])
+    allowed = [{t for t in range(grammars.vocab_size) if masks[row, t // 32] >> (t % 32) & 1}
+               for row in range(2)]
+    assert allowed[1] == set(grammars.eos_ids)
+    assert len(allowed[0]) > 1 and not set(grammars.eos_ids) & allowed[0]
