@@ -1,6 +1,8 @@
-"""The grammar-library comparison behind replicas/structured.py's choice:
-`python -m replicas.structured_libs --lib {xgrammar,llguidance,outlines-core}
-[--tokenizer DIR] [--vocab 150000] [--out FILE]`.
+"""The first grammar-library comparison (install, import, compile, masks over one valid
+instance): `python -m replicas.structured_libs --lib {xgrammar,llguidance,outlines-core}
+[--tokenizer DIR] [--vocab 150000] [--out FILE]`. It chose llguidance; the masks in the
+states a model's decoding reaches (replicas/grammar_replay.py) then chose xgrammar
+(replicas/PERF.md, v0.23).
 
 Run once per library, each in a clean virtual environment holding the CPU torch, the
 project's transformers and tokenizers, and that one library (the project needs only the
