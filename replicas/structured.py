@@ -17,7 +17,11 @@ Contract:
   others (`prepared`: "additionalProperties": false, as OpenAI's strict mode does): JSON
   Schema's own default lets a model add keys without end, which a weak model does (seen:
   a random model's extra key never closed). An object without `properties` stays open.
-  A length-bounded string holds no escapes (xgrammar 0.2.9; see `prepared`).
+- A JSON constraint's mask never allows a token holding a raw control character
+  (bytes 0x00-0x1f): compact JSON has none anywhere, and xgrammar 0.2.9 lets them into
+  strings with `minLength`/`maxLength` (its issue #800). Such a string holds no escapes
+  either (no quote or backslash: the same issue; its `pattern` path, which refuses both,
+  compiles 10-15x slower).
 - `constraint(spec)` gives a request its own matcher (`Constraint`).
 - `fill(constraints)` writes each constraint's allowed next tokens as a packed bitmask
   into a host tensor [M, ceil(vocab / 32)] int32 (pinned on a GPU engine): bit t % 32 of
@@ -63,8 +67,10 @@ class GrammarError(ConfigError):
 class Constraint:
     """One request's matcher: which tokens may come next, and whether it is over."""
 
-    def __init__(self, matcher: Any, stop_ids: list[int], words: int) -> None:
+    def __init__(self, matcher: Any, stop_ids: list[int], words: int,
+                 json: bool = False) -> None:
         self.matcher = matcher
+        self.json = json  # a JSON kind: no raw control characters (see Grammars.fill)
         self.failed = False  # a token was refused: only EOS may follow
         self._stop_ids = stop_ids
         self._words = words
@@ -108,6 +114,7 @@ class Grammars:
         self.eos_ids = sorted(eos_ids)
         info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
                                                        stop_token_ids=self.eos_ids)
+        self._json_bits = _without_control_chars(info.decoded_vocab, vocab_size)
         # our own LRU keeps the compiled grammars: xgrammar's cache would hold them twice
         self._compiler = xgrammar.GrammarCompiler(info, cache_enabled=False)
         self._batch = xgrammar.BatchGrammarMatcher()
@@ -125,7 +132,7 @@ class Grammars:
     def constraint(self, spec: StructuredSpec) -> Constraint:
         """A fresh matcher for one request."""
         return Constraint(self._lib.GrammarMatcher(self._compiled(spec)), self.eos_ids,
-                          self.words)
+                          self.words, json=spec.kind in ("json_object", "json_schema"))
 
     def _compiled(self, spec: StructuredSpec) -> Any:
         with self._lock:
@@ -166,6 +173,12 @@ class Grammars:
         if live:
             self._batch.batch_fill_next_token_bitmask(
                 [constraints[i].matcher for i in live], host, indices=live)
+        json_rows = [i for i in live if constraints[i].json]
+        if len(json_rows) == n:
+            host.bitwise_and_(self._json_bits)
+        else:
+            for i in json_rows:
+                host[i].bitwise_and_(self._json_bits)
         for i in (i for i, c in enumerate(constraints) if c.failed):  # let it end
             host[i].zero_()
             for eos in self.eos_ids:
@@ -197,15 +210,9 @@ _SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
 
 
 def prepared(schema: Any) -> Any:
-    """`schema` as xgrammar gets it (a new dict; input unchanged), two rewrites on every
-    subschema:
-    - closed objects: "additionalProperties": false on every object schema that lists
-      `properties` and does not say whether it takes others;
-    - length-bounded strings (`minLength`/`maxLength`, no `pattern` or `format`) as the
-      equivalent `pattern`: xgrammar 0.2.9 lowers the bounds to a character class that
-      admits raw control characters (invalid JSON; its issue #800), where its pattern
-      path does not. Either way such a string holds no escapes (no quote, backslash or
-      control character), which #800 also reports."""
+    """`schema` as xgrammar gets it (a new dict; input unchanged): "additionalProperties":
+    false on every object schema that lists `properties` and does not say whether it
+    takes others."""
     if not isinstance(schema, dict):
         return schema
     out = dict(schema)
@@ -223,11 +230,17 @@ def prepared(schema: Any) -> Any:
     elif ("properties" in out and "additionalProperties" not in out
           and "patternProperties" not in out and "unevaluatedProperties" not in out):
         out["additionalProperties"] = False
-    bounded = "minLength" in out or "maxLength" in out
-    if out.get("type") == "string" and bounded and not {"pattern", "format"} & set(out):
-        low, high = out.pop("minLength", 0), out.pop("maxLength", "")
-        out["pattern"] = f"^[\\s\\S]{{{low},{high}}}$"
     return out
+
+
+def _without_control_chars(vocab: list[bytes], vocab_size: int) -> torch.Tensor:
+    """A packed bitmask [ceil(vocab_size / 32)] int32 of the tokens whose bytes hold no
+    control character (0x00-0x1f); ids past the tokenizer's are left out."""
+    control = re.compile(rb"[\x00-\x1f]")
+    ok = torch.zeros(((vocab_size + 31) // 32) * 32, dtype=torch.bool)
+    ok[[i for i, token in enumerate(vocab[:vocab_size]) if not control.search(token)]] = True
+    weights = torch.tensor([_bit(k) for k in range(32)], dtype=torch.int64)
+    return (ok.view(-1, 32).to(torch.int64) * weights).sum(1).to(torch.int32)
 
 
 def _bit(k: int) -> int:

@@ -350,26 +350,34 @@ def test_objects_that_list_properties_take_no_others_unless_they_say_so() -> Non
 
 
 def test_bounded_strings_are_valid_json_strings(engine: Engine) -> None:
-    """A string with minLength/maxLength becomes a pattern (xgrammar 0.2.9's own lowering
-    of the bounds admits raw control characters: invalid JSON): the bounds hold, a raw
-    control character is refused, and so (a limit of that version) is an escape."""
-    from replicas.structured import prepared
-
-    schema = {"type": "object", "properties": {"s": {"type": "string", "minLength": 2,
-                                                     "maxLength": 4},
-                                               "p": {"type": "string", "maxLength": 3,
-                                                     "pattern": "^a+$"}}}
-    out = prepared(schema)
-    assert out["properties"]["s"] == {"type": "string", "pattern": "^[\\s\\S]{2,4}$"}
-    assert out["properties"]["p"] == schema["properties"]["p"]  # its own pattern: as is
+    """xgrammar 0.2.9 lets raw control characters into a string with minLength/maxLength
+    (invalid JSON); a JSON constraint's mask bans every token that holds one, in such a
+    string as anywhere, while the bounds and the other characters stay as they were."""
     grammars = engine._structured()
+    hf = engine.tokenizer.hf
     spec = StructuredSpec("json_schema", json.dumps({"type": "string", "minLength": 2,
                                                      "maxLength": 4}))
-    for text, ok in [('"ab"', True), ('"abcd"', True), ('"éé"', True), ('"a"', False),
-                     ('"abcde"', False), ('"a\x0fb"', False), ('"a\tb"', False),
-                     ('"a\\nb"', False)]:
-        matcher = grammars.constraint(spec).matcher
-        assert (matcher.accept_string(text) and matcher.is_completed()) == ok, text
+
+    def allowed_after(text: str) -> set[int]:
+        row = grammars.constraint(spec)
+        for token in hf.encode(text, add_special_tokens=False):
+            assert not row.advance(token), text
+        mask = grammars.fill([row])[0]
+        return {t for t in range(grammars.vocab_size) if mask[t // 32] >> (t % 32) & 1}
+
+    vocab = {t: hf.decode([t]) for t in range(len(hf))}
+    control = {t for t, text in vocab.items() if any(ord(c) < 32 for c in text)}
+    assert control  # the byte-level tokenizer has them (\x00-\x1f, "\n  ", ...)
+    quote = hf.encode('"', add_special_tokens=False)[0]
+    for prefix, can_close in [('"', False), ('"a', False), ('"ab', True), ('"abcd', True)]:
+        allowed = allowed_after(prefix)
+        assert not allowed & control, prefix
+        assert (quote in allowed) == can_close, prefix
+        assert any(vocab[t] == "b" for t in allowed) == (prefix != '"abcd'), prefix
+    plain = grammars.constraint(StructuredSpec("ebnf", 'root ::= "a" [\\x00-\\x1f]'))
+    plain.advance(hf.encode("a", add_special_tokens=False)[0])
+    mask = grammars.fill([plain])[0]
+    assert any(mask[t // 32] >> (t % 32) & 1 for t in control)  # only JSON kinds ban them
 
 
 def test_grammar_replay_steps_rows_through_the_engines_matchers() -> None:
