@@ -2,14 +2,15 @@
 
 Contract:
 - `Grammars(tokenizer, vocab_size, eos_ids)` is one engine's: it wraps the tokenizer for
-  xgrammar once (~0.4 s at a 150k vocabulary, on the first constrained request) and
+  xgrammar once (~1 s at a 150k vocabulary, its tokens' bytes listed included, on the
+  first constrained request) and
   keeps an LRU cache of compiled grammars, one per distinct `StructuredSpec`, bounded in
   count (CACHE_SIZE) and in bytes (CACHE_BYTES).
 - `check(spec)` compiles (or finds) the spec's grammar; a schema or grammar the library
   refuses raises `GrammarError` (a ConfigError: the client's 400) with its message.
   Safe from any thread (the engine calls it in the caller's thread, before the request
   reaches the scheduler). Compiling precomputes, per grammar state, the tokens whose
-  acceptance does not depend on the stack below it (tens of ms for a typical schema):
+  acceptance does not depend on the stack below it (~0.1 s for a typical schema):
   that is what keeps a mask cheap in every state (replicas/PERF.md, v0.23).
 - JSON is compact (no free whitespace between tokens, "," and ":" as separators), so a
   weak model cannot loop on spaces.
