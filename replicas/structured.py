@@ -2,10 +2,9 @@
 
 Contract:
 - `Grammars(tokenizer, vocab_size, eos_ids)` is one engine's: it wraps the tokenizer for
-  xgrammar once (~1 s at a 150k vocabulary, its tokens' bytes listed included, on the
-  first constrained request) and
-  keeps an LRU cache of compiled grammars, one per distinct `StructuredSpec`, bounded in
-  count (CACHE_SIZE) and in bytes (CACHE_BYTES).
+  xgrammar once (~1 s at a 150k vocabulary with its tokens' bytes listed, on the first
+  constrained request) and keeps an LRU cache of compiled grammars, one per distinct
+  `StructuredSpec`, bounded in count (CACHE_SIZE) and in bytes (CACHE_BYTES).
 - `check(spec)` compiles (or finds) the spec's grammar; a schema or grammar the library
   refuses raises `GrammarError` (a ConfigError: the client's 400) with its message.
   Safe from any thread (the engine calls it in the caller's thread, before the request
