@@ -6,7 +6,8 @@ transformers' `generate` gives for each prompt alone (batch 1, no padding, float
 off). The checkpoints (tests/checkpoints.py) are built so that greedy argmax is well
 separated, so any difference is a bug, not rounding. Also: `score` logits against the
 transformers forward pass, a sharded checkpoint, a single kv head replicated over tp=2,
-and float16 all-reduce payloads against float32 ones.
+tp=4 (three rank processes) with two kv heads replicated, and float16 all-reduce
+payloads against float32 ones.
 """
 
 from __future__ import annotations
@@ -149,6 +150,22 @@ def test_single_kv_head_replicated_over_tp2(checkpoint: CheckpointFactory) -> No
     with running(ckpt, tp=2) as engine:
         got = engine_greedy(engine, prompts)
     assert_same_tokens(got, hf_greedy(ckpt, prompts), "llama kv_heads=1, tp=2")
+
+
+@pytest.mark.parametrize("family", ["glm", "llama"])
+def test_tp4_one_head_a_rank_two_kv_heads_replicated(checkpoint: CheckpointFactory,
+                                                     family: str) -> None:
+    """tp=4 (issue 21's size) on the checkpoints' 4 heads and 2 KV heads: one query head
+    a rank, each KV head kept by two ranks (GLM-4-9B's 2 KV heads at tp=4 are the same
+    case). Greedy tokens equal transformers', score logits within SCORE_ATOL."""
+    ckpt = checkpoint(family)
+    prompts = make_prompts(engine_vocab(ckpt))
+    with running(ckpt, tp=4) as engine:
+        got = engine_greedy(engine, prompts)
+        logits = engine.score(prompts[-1])
+    assert_same_tokens(got, hf_greedy(ckpt, prompts), f"{family}, tp=4")
+    diff = (logits - hf_logits(ckpt, prompts[-1])).abs().max()
+    assert diff <= SCORE_ATOL, f"max |diff| {diff:.3g}"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
