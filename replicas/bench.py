@@ -667,8 +667,8 @@ def _multigpu_table(rows: list[dict[str, Any]]) -> str:
     out = ["| case | unit | ours | tp=1 (or NCCL) | ratio | target | met | gpus |",
            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        base = next((r[k] for k in ("tp1_ms", "tp1_s", "2x_tp1_tokens_per_s", "nccl_us")
-                     if k in r), "—")
+        base = next((r[k] for k in ("tp1_ms", "tp1_s", f"{r.get('tp')}x_tp1_tokens_per_s",
+                                    "nccl_us") if k in r), "—")
         ratio = next((r[k] for k in ("speedup_over_tp1", "ratio_to_tp1",
                                      "ratio_to_tp1_engines") if k in r), "—")
         target, met = _target_met(r)

@@ -15,7 +15,8 @@ over the GPUs of one host, GLM-4-9B shapes, bfloat16, one JSON row per case.
 - Llama-3-8B shapes: batch-1 decode at tp and at tp=1;
 - one decode-size all-reduce alone, in a CUDA graph: NCCL against the one-shot kernel;
 - throughput, 256 requests of 128 in / 128 out: one tp engine against tp engines of
-  tp=1 (one a GPU, all at once) on the same GPUs;
+  tp=1 (one a GPU, all at once) on the same GPUs, and from tp=4 on against tp / 2
+  engines of tp=2;
 - robustness: five create / generate / shutdown cycles in one process, each shutdown's
   time, the rank processes left and rank 0's GPU memory after it.
 
@@ -436,32 +437,45 @@ def graph_all_reduce(tp: int, hidden: int = 4096) -> Iterator[dict[str, Any]]:
                "target": 8.0 if row["tokens"] == 1 else None, **row}
 
 
-def _throughput_worker(gpu: int, shapes: Shapes, tp: int, barrier: Any, out: Any) -> None:
-    """One engine on GPUs gpu..gpu+tp-1: warm up, wait for the others, then 256
-    requests of 128 in / 128 out; puts (start, end) wall-clock times."""
+def _throughput_worker(gpu: int, shapes: Shapes, tp: int, requests: int, tokens: int,
+                       barrier: Any, out: Any) -> None:
+    """One engine on GPUs gpu..gpu+tp-1: warm up, wait for the others, then `requests`
+    requests of 128 in / `tokens` out; puts (start, end) wall-clock times."""
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu + r) for r in range(tp))
     engine = _engine(shapes, tp, max_model_len=512, max_num_seqs=256,
                      max_num_batched_tokens=8192)
     try:
-        many = prompts_for(256, 128, engine.spec.vocab_size)
+        many = prompts_for(requests, 128, engine.spec.vocab_size)
         engine.generate(many, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
         barrier.wait()
         start = time.time()
-        engine.generate(many, SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True))
+        engine.generate(many, SamplingParams(max_tokens=tokens, temperature=0.0,
+                                             ignore_eos=True))
         out.put((start, time.time()))
     finally:
         engine.shutdown()
 
 
-def throughput(shapes: Shapes, tp: int) -> dict[str, Any]:
-    """256 x 128/128 output tok/s: one tp engine against tp engines of tp=1 running at
-    once, one on each of the same GPUs (each its own process)."""
+def throughput_layouts(tp: int) -> list[tuple[int, int]]:
+    """(engine tp, engines) run on the same `tp` GPUs, each engine its own process: one
+    tp engine, tp engines of tp=1, and from tp=4 on, tp / 2 engines of tp=2 (the choice
+    between one wide replica and several narrower ones)."""
+    layouts = [(tp, 1), (1, tp)]
+    if tp > 2 and tp % 2 == 0:
+        layouts.append((2, tp // 2))
+    return layouts
+
+
+def throughput(shapes: Shapes, tp: int, requests: int = 256, tokens: int = 128
+               ) -> dict[str, Any]:
+    """`requests` x 128/`tokens` output tok/s of each of `throughput_layouts(tp)`, the
+    engines of a layout running at once; every ratio is the tp engine's to a layout's."""
     ctx = mp.get_context("spawn")
     rates = {}
-    for size, count in ((tp, 1), (1, tp)):
+    for size, count in throughput_layouts(tp):
         barrier, out = ctx.Barrier(count), ctx.SimpleQueue()
-        procs = [ctx.Process(target=_throughput_worker, args=(i * size, shapes, size, barrier,
-                                                             out)) for i in range(count)]
+        procs = [ctx.Process(target=_throughput_worker, args=(
+            i * size, shapes, size, requests, tokens, barrier, out)) for i in range(count)]
         for p in procs:
             p.start()
         for p in procs:
@@ -470,10 +484,14 @@ def throughput(shapes: Shapes, tp: int) -> dict[str, Any]:
         if len(spans) != count:
             raise RuntimeError(f"throughput: {count} engine(s) of tp={size} did not finish")
         wall = max(e for _, e in spans) - min(s for s, _ in spans)
-        rates[size] = count * 256 * 128 / wall
-    return {"case": f"{shapes.name}_tp{tp}_256req_in128_out128", "unit": "tokens/s", "tp": tp,
-            "ours": round(rates[tp], 1), f"{tp}x_tp1_tokens_per_s": round(rates[1], 1),
-            "ratio_to_tp1_engines": round(rates[tp] / rates[1], 3), "target_ratio": 0.85}
+        rates[size] = count * requests * tokens / wall
+    row = {"case": f"{shapes.name}_tp{tp}_{requests}req_in128_out{tokens}", "unit": "tokens/s",
+           "tp": tp, "ours": round(rates[tp], 1), f"{tp}x_tp1_tokens_per_s": round(rates[1], 1),
+           "ratio_to_tp1_engines": round(rates[tp] / rates[1], 3), "target_ratio": 0.85}
+    if 2 in rates and tp != 2:
+        row[f"{tp // 2}x_tp2_tokens_per_s"] = round(rates[2], 1)
+        row["ratio_to_tp2_engines"] = round(rates[tp] / rates[2], 3)
+    return row
 
 
 def live_allocation_sites(top: int = 8) -> list[tuple[str, float]]:
@@ -543,6 +561,8 @@ def suite(repeats: int, tps: tuple[int, ...] = (2, 4), smoke: bool = False
             yield from graph_all_reduce(tp)
             yield throughput(shapes, tp)
             yield llama_decode(tp, repeats)
+        else:  # the harness only: a few short requests
+            yield throughput(shapes, tp, requests=16, tokens=8)
         yield correctness(shapes, tp)
         yield shutdown_cycles(shapes, tp, cycles=2 if smoke else 5)
         if shapes.device == "cuda":

@@ -67,6 +67,21 @@ def test_multigpu_suite_runs_every_case_on_cpu() -> None:
     assert cases["tiny_tp2_ttft_in256"]["ratio_to_tp1"] > 0
     startup = cases["tiny_tp2_startup"]
     assert startup["phases"]["join"] >= 0 and startup["other_ranks_phases"]["1"]["load"] >= 0
+    engines = cases["tiny_tp2_16req_in128_out8"]  # one tp=2 engine, two tp=1 at once
+    assert engines["ours"] > 0 and engines["2x_tp1_tokens_per_s"] > 0
+    assert engines["ratio_to_tp1_engines"] > 0 and "ratio_to_tp2_engines" not in engines
     cycles = cases["tiny_tp2_shutdown_cycles"]
     assert len(cycles["shutdown_s"]) == 2 and cycles["ranks_left"] == 0
     assert cycles["same_tokens_every_cycle"] and cycles["ours"] < 10
+
+
+def test_throughput_layouts_share_the_same_gpus() -> None:
+    """The throughput case's layouts: one tp engine, tp engines of tp=1, and from tp=4
+    on tp / 2 engines of tp=2 (issue 21's comparison), each layout on exactly tp GPUs."""
+    from replicas.multigpu import throughput_layouts
+
+    assert throughput_layouts(2) == [(2, 1), (1, 2)]
+    assert throughput_layouts(4) == [(4, 1), (1, 4), (2, 2)]
+    assert throughput_layouts(8) == [(8, 1), (1, 8), (2, 4)]
+    for tp in (2, 4, 8):
+        assert all(size * count == tp for size, count in throughput_layouts(tp))
