@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -53,6 +54,7 @@ CACHE_SIZE = 256  # compiled grammars kept (one per distinct spec)
 # and at most this many bytes of them (a typical schema compiles to ~1 MiB at a 150k
 # vocabulary: its per-state token masks)
 CACHE_BYTES = 512 << 20
+FILL_THREADS_MAX = 8
 # compact JSON: no free whitespace between tokens, so a weak model cannot loop on spaces
 JSON_OPTIONS: dict[str, Any] = {"any_whitespace": False, "separators": (",", ":"),
                                 "strict_mode": False}  # `prepared` closes objects
@@ -117,7 +119,7 @@ class Grammars:
         self._json_bits = _without_control_chars(info.decoded_vocab, vocab_size)
         # our own LRU keeps the compiled grammars: xgrammar's cache would hold them twice
         self._compiler = xgrammar.GrammarCompiler(info, cache_enabled=False)
-        self._batch = xgrammar.BatchGrammarMatcher()
+        self._batch = xgrammar.BatchGrammarMatcher(max_threads=fill_threads())
         self._pin = pin
         self._cache: OrderedDict[StructuredSpec, Any] = OrderedDict()
         self._cache_size = cache_size
@@ -231,6 +233,12 @@ def prepared(schema: Any) -> Any:
           and "patternProperties" not in out and "unevaluatedProperties" not in out):
         out["additionalProperties"] = False
     return out
+
+
+def fill_threads() -> int:
+    """Threads that fill a batch's masks: half the host's cores (xgrammar's own default),
+    at most FILL_THREADS_MAX (a many-core GPU host has the driver and the ranks to run)."""
+    return max(1, min(FILL_THREADS_MAX, (os.cpu_count() or 2) // 2))
 
 
 def _without_control_chars(vocab: list[bytes], vocab_size: int) -> torch.Tensor:
