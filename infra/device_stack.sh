@@ -66,7 +66,8 @@ libgcrypt20 libgpg-error0 liblz4-1 liblzma5 libzstd1 libatomic1 libcrypt1 zlib1g
 prepare() {
     local venv=.venv/bin/python
     [ -x $venv ] || { echo "no .venv: run bash infra/install.sh first" >&2; exit 1; }
-    rm -rf $STACK && mkdir -p $STACK/wheels $STACK/debs $STACK/a $STACK/b
+    rm -rf $STACK/wheels $STACK/debs $STACK/a $STACK/b  # not .stack/engine (prepare-engine)
+    mkdir -p $STACK/wheels $STACK/debs $STACK/a $STACK/b
     $venv -m pip freeze --exclude-editable 2>/dev/null | grep '==' |
         awk -F'==' -v skip="$SKIP" 'tolower($1) !~ skip' > $STACK/requirements.txt
     echo "$(wc -l < $STACK/requirements.txt) wheels to fetch"
