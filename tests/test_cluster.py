@@ -174,10 +174,13 @@ def test_killed_rank_actor_gets_its_replica_replaced(stack: Stack) -> None:
                         address=stack.dashboard)
     assert len(ranks) == 2  # one rank actor per tp=2 replica
     victim = ranks[0].name.removeprefix("tpserve-").removesuffix("-rank1")  # its replica id
-    # long requests in flight on both replicas while a rank dies: never a hang
+    # long requests in flight on both replicas while a rank dies: never a hang. As long
+    # as the context allows (2048 - 5 prompt tokens), and the rank killed a second after
+    # they were sent: 1,500 tokens once took the tiny model under 3 s on CI, so that a
+    # request on the victim could finish before its rank died
     with ThreadPoolExecutor(4) as pool:
-        flying = [pool.submit(complete, stack.url, PROMPTS[i], 1500, 120) for i in range(4)]
-        time.sleep(3)
+        flying = [pool.submit(complete, stack.url, PROMPTS[i], 2040, 120) for i in range(4)]
+        time.sleep(1)
         ray.kill(ray.get_actor(ranks[0].name, namespace=ranks[0].ray_namespace))
         outcomes = [f.result(timeout=150) for f in flying]
     for status, body in outcomes:  # finished, or a clear retryable error from the dead one
