@@ -333,9 +333,14 @@ def test_metrics_expose_requests_latency_and_sessions(stack: Stack) -> None:
 def test_stream_on_a_dying_replica_ends_with_an_error_event(stack: Stack) -> None:
     from ray.util.state import list_actors
 
+    # the replicas' actors looked up first, and a stream that runs to the context's end
+    # (no max_tokens: ~2,000 tokens of the tiny model), so that it cannot end before its
+    # replica is killed
+    engines = list_actors(filters=[("class_name", "=", "ServeReplica:tpserve:Engine"),
+                                   ("state", "=", "ALIVE")], address=stack.dashboard)
     conn = http.client.HTTPConnection("127.0.0.1", stack.edge, timeout=60)
-    body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 480,
-            "ignore_eos": True, "stream": True}
+    body = {"messages": [{"role": "user", "content": "go"}], "ignore_eos": True,
+            "stream": True}
     conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
                  headers={"Content-Type": "application/json", "X-Session-ID": "dying-1"})
     resp = conn.getresponse()
@@ -343,8 +348,6 @@ def test_stream_on_a_dying_replica_ends_with_an_error_event(stack: Stack) -> Non
     replica = resp.getheader("x-replica-id")
     first = resp.readline()
     assert first.startswith(b"data: {")
-    engines = list_actors(filters=[("class_name", "=", "ServeReplica:tpserve:Engine"),
-                                   ("state", "=", "ALIVE")], address=stack.dashboard)
     target = next(a for a in engines if replica in (a.name or ""))
     ray.kill(ray.get_actor(target.name, namespace=target.ray_namespace))
     rest = resp.read().decode()  # bounded by the connection timeout: never a hang
