@@ -186,7 +186,24 @@ def on_gemv(gemv: kernels.GemvConfig | None, x: torch.Tensor) -> bool:
     return gemv is not None and x.shape[0] == 1
 
 
-class ColumnParallelLinear(nn.Module):
+class _KernelLinear(nn.Module):
+    """What both sharded linears carry for their kernels: a tuned GEMV for one-row
+    inputs, and the FP8 form replicas/fp8.py may give their weight."""
+
+    gemv: kernels.GemvConfig | None
+    gemv_kind: kernels.GemvKind
+    weight_scale: torch.Tensor | None
+    w8a8: bool
+
+    def _init_kernels(self) -> None:
+        self.gemv = None  # one-row inputs: Triton GEMV (tuned)
+        self.gemv_kind = "plain"  # as its owner calls it (pick_gemv)
+        # per row, once the weight is FP8 (replicas/fp8.py quantize_model)
+        self.register_buffer("weight_scale", None, persistent=False)
+        self.w8a8 = False  # FP8 activations too (quantization="fp8-w8a8")
+
+
+class ColumnParallelLinear(_KernelLinear):
     """y = x W^T with W's output rows split over ranks; output stays sharded.
 
     One weight may fuse several pieces (q|k|v, gate|up): each piece is sharded on its
@@ -206,12 +223,7 @@ class ColumnParallelLinear(nn.Module):
         local = sum(e - s for s, e in self.part_shards)
         self.weight = nn.Parameter(torch.empty(local, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(local), requires_grad=False) if bias else None
-        self.gemv: kernels.GemvConfig | None = None  # one-row inputs: Triton GEMV (tuned)
-        self.gemv_kind: kernels.GemvKind = "plain"  # as its owner calls it (pick_gemv)
-        # per row, once the weight is FP8 (replicas/fp8.py quantize_model)
-        self.weight_scale: torch.Tensor | None
-        self.register_buffer("weight_scale", None, persistent=False)
-        self.w8a8 = False  # FP8 activations too (quantization="fp8-w8a8")
+        self._init_kernels()
 
     def load(self, name: str, get: Callable[[Index], torch.Tensor], part: int | None) -> None:
         """Copy this rank's rows of checkpoint tensor `name` (weight or bias) into place.
@@ -357,7 +369,7 @@ def kept_pick(entry: Any) -> tuple[kernels.GemvConfig | None] | None:
     return (config,) if config in kernels.GEMV_CONFIGS else None  # type: ignore[return-value]
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_KernelLinear):
     """y = sum_ranks x_r W_r^T: input columns split over ranks, one all-reduce after."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, comm: Comm) -> None:
@@ -368,12 +380,7 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, local_in), requires_grad=False)
         # the bias is added once, after the reduce, so it is not counted tp times
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
-        self.gemv: kernels.GemvConfig | None = None  # one-row inputs: Triton GEMV (tuned)
-        self.gemv_kind: kernels.GemvKind = "plain"  # as its owner calls it (pick_gemv)
-        # per row, once the weight is FP8 (replicas/fp8.py quantize_model)
-        self.weight_scale: torch.Tensor | None
-        self.register_buffer("weight_scale", None, persistent=False)
-        self.w8a8 = False  # FP8 activations too (quantization="fp8-w8a8")
+        self._init_kernels()
 
     def load(self, name: str, get: Callable[[Index], torch.Tensor], part: int | None) -> None:
         if not name.endswith("weight"):  # bias, an FP8 weight's scale: every row
