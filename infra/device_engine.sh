@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The one-GPU engine runs on the device machine (nvidia-h200), each step bounded and on
+# when its bound is not 0; logs and JSON lines under $OUT (or ./out), the JSON lines also
+# appended to replicas/results/ (they come back with $OUT; copy them here). NVLink
+# multicast stays off. Carry ".stack/engine" (`bash infra/device_stack.sh prepare-engine`
+# here): the structured outputs' grammar library and what it imports, which the image
+# lacks; this installs it first. Each bound is per step; a call has 600 s in all.
+#   STRUCT_S=250 bash infra/device_engine.sh     # issue 18: tests, the structured suite,
+#                                                # the grammar replay (llguidance beside)
+#   FP8_TEST_S=200 FP8_S=380 bash infra/device_engine.sh   # issue 20: tests, the fp8 suite
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-out}
+mkdir -p "$out"
+bash infra/device_stack.sh install-engine || exit 1
+. /tmp/tpserve-engine/env.sh
+export PYTHONUNBUFFERED=1
+python3 -c 'import torch, transformers, triton, xgrammar
+print("torch", torch.__version__, "transformers", transformers.__version__,
+      "triton", triton.__version__, "gpu", torch.cuda.get_device_name(0))'
+rows() {  # the JSON lines of a step's output, into $out/$1 and replicas/results/$2
+  grep '^{' | tee -a "$out/$1" >> "replicas/results/$2"
+}
+if [ "${STRUCT_S:-0}" != 0 ]; then
+  timeout -s KILL "$STRUCT_S" python3 -m pytest -q tests/test_structured.py \
+    tests/test_toolcalls.py -k "not tp2 and not overflow" -p no:cacheprovider 2>&1 |
+    tail -5 | tee "$out/structured_tests.log"
+  timeout -s KILL "$STRUCT_S" python3 -m replicas.bench --suite structured 2>&1 |
+    rows structured_h200.jsonl structured_h200.jsonl
+  timeout -s KILL "$STRUCT_S" python3 -m replicas.grammar_replay 2>&1 |
+    rows grammar_replay_h200.jsonl grammar_replay_h200.jsonl
+fi
+if [ "${FP8_TEST_S:-0}" != 0 ]; then
+  timeout -s KILL "$FP8_TEST_S" python3 -m pytest -q -s tests/test_gpu.py tests/test_kernels.py \
+    -k fp8 -p no:cacheprovider 2>&1 | tail -15 | tee "$out/fp8_tests.log"
+fi
+if [ "${FP8_S:-0}" != 0 ]; then
+  timeout -s KILL "$FP8_S" python3 -m replicas.bench --suite fp8 --repeats 1 2>&1 |
+    rows fp8_h200.jsonl fp8_h200.jsonl
+fi
+cat "$out"/*.jsonl 2>/dev/null | cut -c1-400  # the rows, in the call's output too
