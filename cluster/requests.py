@@ -104,7 +104,13 @@ def tool_parser(engine: Engine, tools: dict[str, Any] | None, fields: dict[str, 
     if tools is None:
         return None
     from replicas import RequestError
-    from replicas.toolcalls import ToolCallParser, detect_format, named_schema, required_schema
+    from replicas.toolcalls import (
+        ToolCallParser,
+        auto_call_tag,
+        detect_format,
+        named_schema,
+        required_schema,
+    )
 
     fmt = detect_format(engine.tokenizer.chat_template, engine.spec.family)
     if fmt is None:
@@ -113,6 +119,16 @@ def tool_parser(engine: Engine, tools: dict[str, Any] | None, fields: dict[str, 
     names = [t["function"]["name"] for t in tools["tools"]]
     choice, parallel = tools.get("choice", "auto"), bool(tools.get("parallel", True))
     if choice == "auto":
+        if any(t["function"].get("strict") for t in tools["tools"]):
+            # the calls follow their schemas; the text around them stays free
+            if "structured" in fields:
+                raise RequestError("response_format and strict tools both constrain the "
+                                   "reply; send one of the two")
+            try:
+                tag = auto_call_tag(fmt, tools["tools"], parallel)
+            except ValueError as e:
+                raise RequestError(f"tools: {e}") from None
+            fields["structured"] = {"kind": "structural_tag", "spec": json.dumps(tag)}
         return ToolCallParser(fmt, names, parallel=parallel)
     # required or a named function: decoding is constrained to a call, as JSON
     if "structured" in fields:

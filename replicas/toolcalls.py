@@ -13,6 +13,9 @@ Formats, as the model families' chat templates define them:
 - `json`: tool_choice "required" or a named function, where decoding was constrained to
   JSON (`required_schema`, `named_schema`): the reply is that JSON.
 
+Strict functions with tool_choice "auto" constrain the calls, not the text around them
+(`auto_call_tag`: hermes only).
+
 `ToolCallParser.feed` takes each new piece of text and returns the content that can go out
 now and the calls completed so far; text that may still become a call is held back (a
 partial `<tool_call>` tag, a reply that opens with `{`). `finish` flushes. Text that
@@ -75,6 +78,41 @@ def required_schema(tools: list[dict[str, Any]], parallel: bool) -> dict[str, An
 def named_schema(tool: dict[str, Any]) -> dict[str, Any]:
     """A named tool_choice: the reply is the function's arguments."""
     return tool["function"].get("parameters") or {"type": "object"}
+
+
+def auto_call_tag(fmt: str, tools: list[dict[str, Any]], parallel: bool) -> dict[str, Any]:
+    """tool_choice "auto" with strict functions: xgrammar's structural tag for format
+    `fmt`. The text is free until a call opens; the call must then name one of `tools`
+    and give arguments matching its schema (a strict function's parameters, any JSON
+    object for the others), in the layout Qwen's templates show (`<tool_call>` newline
+    `{"name": ..., "arguments": ...}` newline `</tool_call>`); after it the text is free
+    again (no second call without `parallel`). A strict schema's objects are closed as a
+    json_schema response's are (replicas/structured.py `prepared`); the raw control
+    characters that JSON responses ban cannot be banned here (the text and the tags hold
+    newlines), so a length-bounded string in a call may hold one (xgrammar's issue #800):
+    such a call then does not parse and goes out as text. Only the hermes format opens
+    its calls with a tag that can trigger this: ValueError for the others, which name a
+    function bare (GLM-4) or make the whole reply one call (Llama 3)."""
+    if fmt != "hermes":
+        raise ValueError(f"strict functions with tool_choice \"auto\" need a model whose "
+                         f"chat template opens each call with {HERMES_OPEN} (Hermes, Qwen); "
+                         f"this model's calls are in the {fmt} format: send tool_choice "
+                         "\"required\" or a named function, or drop strict")
+    from replicas.structured import prepared  # the engine's side only (imports torch)
+
+    tags = []
+    for tool in tools:
+        function = tool["function"]
+        schema = prepared(function.get("parameters") or {"type": "object"}) if function.get(
+            "strict") else {"type": "object"}
+        tags.append({"type": "tag",
+                     "begin": f'{HERMES_OPEN}\n{{"name": {json.dumps(function["name"])}, '
+                              '"arguments": ',
+                     "content": {"type": "json_schema", "json_schema": schema},
+                     "end": "}\n" + HERMES_CLOSE})
+    return {"type": "structural_tag", "format": {
+        "type": "triggered_tags", "triggers": [HERMES_OPEN], "tags": tags,
+        "stop_after_first": not parallel}}
 
 
 class ToolCallParser:

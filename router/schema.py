@@ -90,8 +90,10 @@ HONOURED: dict[str, str] = {
     "tools": "functions given to the model's chat template (a template that renders no "
              "tools: 400); calls parsed from the reply in the template's format (Hermes/"
              "Qwen `<tool_call>`, Llama 3 JSON, GLM-4)",
-    "tool_choice": "none (the template gets no tools), auto (the model decides), required "
-                   "or a named function (decoding constrained to a valid call)",
+    "tool_choice": "none (the template gets no tools), auto (the model decides; with "
+                   "strict functions its calls are constrained to their schemas, Hermes/Qwen "
+                   "format only, else 400), required or a named function (decoding "
+                   "constrained to a valid call)",
     "parallel_tool_calls": "false: at most one call",
     "response_format": "text, json_object (any JSON object) or json_schema: decoding "
                        "constrained by xgrammar, always strictly (`strict` is implied; "
@@ -421,10 +423,6 @@ class ChatBody(Body):
         if forced and self.response_format is not None and self.response_format.type != "text":
             raise ValueError("response_format: a forced tool_choice already constrains the "
                              "reply to a call; send one of the two")
-        if any(t.function.strict for t in self.tools or []) and not forced:
-            raise ValueError("tools: strict functions are enforced only with tool_choice "
-                             "\"required\" or a named function (with auto the model may "
-                             "write any arguments)")
         return self
 
     def engine_params(self, choice: int = 0) -> dict[str, Any]:

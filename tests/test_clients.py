@@ -191,6 +191,33 @@ def test_forced_tool_choices_return_a_valid_call(server: RouterServer) -> None:
         assert deltas[-1].finish_reason == "tool_calls"
 
 
+def test_strict_tools_with_auto_are_served(server: RouterServer) -> None:
+    """A strict function with tool_choice "auto" (what OpenAI's Agents SDK sends by
+    default): served, its calls constrained to the schema (tests/test_structured.py has the
+    grammar), the text free. The tiny random model answers in text or calls validly."""
+    import json
+
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+    strict = {**LIGHT, "function": {**LIGHT["function"], "strict": True}}
+    for stream in (False, True):
+        out = client.chat.completions.create(
+            model="tpserve", messages=[{"role": "user", "content": "Red light, please"}],
+            tools=[strict], tool_choice="auto", max_tokens=60, temperature=0,
+            parallel_tool_calls=False, stream=stream)
+        if stream:
+            chunks = [c.choices[0] for c in out if c.choices]
+            calls = [t for c in chunks for t in c.delta.tool_calls or []]
+            reason = chunks[-1].finish_reason
+        else:
+            calls, reason = out.choices[0].message.tool_calls or [], out.choices[0].finish_reason
+        assert reason in ("stop", "length", "tool_calls")
+        for call in calls:
+            arguments = json.loads(call.function.arguments)
+            assert call.function.name == "set_light" and set(arguments) == {"colour", "on"}
+
+
 def test_langchain_structured_output(server: RouterServer) -> None:
     from typing import Literal
 

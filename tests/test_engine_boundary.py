@@ -5,6 +5,7 @@ with fakes for the engine and the handle; no Ray cluster is started."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -58,9 +59,14 @@ class FakeEngine:
 
     def __init__(self, script: list[str] | None = None) -> None:
         self.script = script
+        self.params: list[Any] = []  # what each request asked for
+
+    def check_structured(self, spec: Any) -> None:
+        pass  # the real engine compiles it here (tests/test_structured.py)
 
     async def add_request(self, ids: list[int], params: Any, request_id: str | None
                           ) -> AsyncIterator[TokenDelta]:
+        self.params.append(params)
         if not ids:
             raise RequestError("the prompt is empty; send at least one token")
         if self.script is not None:
@@ -186,3 +192,38 @@ def test_a_reader_that_stops_early_cancels_the_request() -> None:
 
     asyncio.run(run())
     assert handle.stream.cancelled
+
+
+def test_strict_tools_with_auto_constrain_the_calls_in_the_hermes_format_only() -> None:
+    """tool_choice "auto" with a strict function: the request carries the structural tag
+    that constrains its calls (replicas/toolcalls.py auto_call_tag), the reply is parsed
+    as before; a template of another format, or a response_format beside, is a 400."""
+    strict = {"tools": [{"type": "function", "function": {
+        "name": "add", "strict": True, "parameters": {"type": "object", "properties": {
+            "a": {"type": "integer"}}, "required": ["a"]}}}], "choice": "auto",
+        "parallel": False}
+    script = ['<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call>']
+    engine = FakeEngine(script)
+    out = [wire.decode(i) for i in items({"messages": CHAT, "tools": strict}, engine)]
+    spec = engine.params[-1].structured
+    assert spec.kind == "structural_tag"
+    fmt = json.loads(spec.spec)["format"]
+    assert fmt["type"] == "triggered_tags" and fmt["stop_after_first"] is True
+    assert fmt["tags"][0]["content"]["json_schema"] == {  # closed, as json_schema's are
+        **strict["tools"][0]["function"]["parameters"], "additionalProperties": False}
+    calls = [c for d in out for c in d.tool_calls or []]
+    assert [(c.name, c.arguments) for c in calls] == [("add", '{"a": 1}')]
+    assert out[-1].finish_reason == "tool_calls"
+    items({"messages": CHAT, "tools": TOOLS}, engine)  # not strict: nothing constrained
+    assert engine.params[-1].structured is None
+    llama = FakeEngine(script)
+    llama.tokenizer = FakeTokenizer()
+    llama.tokenizer.chat_template = "{% if tools %}<|python_tag|>{% endif %}"
+    both = {"messages": CHAT, "tools": strict, "params": {"structured": {
+        "kind": "json_object", "spec": ""}}}
+    for request, engine_, words in [({"messages": CHAT, "tools": strict}, llama, "llama3"),
+                                    (both, FakeEngine(script), "response_format")]:
+        (item,) = items(request, engine_)
+        event = wire.decode(item)
+        assert isinstance(event, wire.ErrorEvent) and event.status == 400
+        assert words in event.message

@@ -790,7 +790,6 @@ def test_tools_reach_the_engine_and_calls_come_back_whole_and_streamed(
      "tool_choice"),
     ({"tools": TOOLS * 2}, "tools"),
     ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "strict": True}}]}, "tools"),
 ])
 def test_bad_tool_requests_are_refused_by_name(client: Client, extra: dict, param: str
                                                ) -> None:

@@ -435,3 +435,44 @@ def test_a_refused_token_ends_the_constraint_and_leaves_only_eos(engine: Engine)
                for row in range(2)]
     assert allowed[1] == set(grammars.eos_ids)
     assert len(allowed[0]) > 1 and not set(grammars.eos_ids) & allowed[0]
+
+
+def test_auto_call_tag_constrains_calls_and_leaves_the_text_free(engine: Engine) -> None:
+    """tool_choice "auto" with a strict function (replicas/toolcalls.py auto_call_tag), as
+    the engine compiles it: any text, then a call that names a tool and whose arguments
+    match a strict function's schema (any object for a non-strict one); after one call
+    and without parallel calls, nothing but EOS."""
+    from replicas.toolcalls import auto_call_tag
+
+    tools = [{"type": "function", "function": {"name": "set_light", "strict": True,
+                                               "parameters": {
+                                                   "type": "object", "properties": {
+                                                       "colour": {"enum": ["red", "blue"]}},
+                                                   "required": ["colour"],
+                                                   "additionalProperties": False}}},
+             {"type": "function", "function": {"name": "note", "parameters": {
+                 "type": "object", "properties": {"text": {"type": "string"}}}}}]
+    grammars = engine._structured()
+
+    def matcher(parallel: bool) -> Any:
+        spec = StructuredSpec("structural_tag", json.dumps(auto_call_tag("hermes", tools,
+                                                                         parallel)))
+        return grammars.constraint(spec).matcher
+
+    call = '<tool_call>\n{"name": "set_light", "arguments": {"colour": "red"}}\n</tool_call>'
+    for text, ok in [("Sure, one moment. " + call, True),
+                     ("No call at all.", True),
+                     ('<tool_call>\n{"name": "set_light", "arguments": {"colour": "green"}}',
+                      False),  # outside the strict schema
+                     ('<tool_call>\n{"name": "paint", "arguments": {}}', False),  # no tool
+                     ('<tool_call>\n{"name": "note", "arguments": {"any": [1]}}\n</tool_call>',
+                      True)]:  # not strict: any object
+        m = matcher(parallel=True)
+        assert m.accept_string(text) == ok, text
+    one = matcher(parallel=False)
+    assert one.accept_string("Ok. " + call) and one.is_completed()
+    assert not one.accept_string(" more")  # one call, then only EOS
+    two = matcher(parallel=True)
+    assert two.accept_string(call + " and " + call)
+    with pytest.raises(ValueError, match="llama3"):
+        auto_call_tag("llama3", tools, True)
