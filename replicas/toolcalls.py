@@ -14,7 +14,7 @@ Formats, as the model families' chat templates define them:
   JSON (`required_schema`, `named_schema`): the reply is that JSON.
 
 Strict functions with tool_choice "auto" constrain the calls, not the text around them
-(`auto_call_tag`: hermes only).
+(`auto_call_tag`).
 
 `ToolCallParser.feed` takes each new piece of text and returns the content that can go out
 now and the calls completed so far; text that may still become a call is held back (a
@@ -81,38 +81,54 @@ def named_schema(tool: dict[str, Any]) -> dict[str, Any]:
 
 
 def auto_call_tag(fmt: str, tools: list[dict[str, Any]], parallel: bool) -> dict[str, Any]:
-    """tool_choice "auto" with strict functions: xgrammar's structural tag for format
-    `fmt`. The text is free until a call opens; the call must then name one of `tools`
-    and give arguments matching its schema (a strict function's parameters, any JSON
-    object for the others), in the layout Qwen's templates show (`<tool_call>` newline
-    `{"name": ..., "arguments": ...}` newline `</tool_call>`); after it the text is free
-    again (no second call without `parallel`). A strict schema's objects are closed as a
-    json_schema response's are (replicas/structured.py `prepared`); the raw control
-    characters that JSON responses ban cannot be banned here (the text and the tags hold
-    newlines), so a length-bounded string in a call may hold one (xgrammar's issue #800):
-    such a call then does not parse and goes out as text. Only the hermes format opens
-    its calls with a tag that can trigger this: ValueError for the others, which name a
-    function bare (GLM-4) or make the whole reply one call (Llama 3)."""
-    if fmt != "hermes":
-        raise ValueError(f"strict functions with tool_choice \"auto\" need a model whose "
-                         f"chat template opens each call with {HERMES_OPEN} (Hermes, Qwen); "
-                         f"this model's calls are in the {fmt} format: send tool_choice "
-                         "\"required\" or a named function, or drop strict")
+    """tool_choice "auto" with strict functions: xgrammar's structural tag that constrains
+    the calls of format `fmt` and leaves the text free. A call must name one of `tools`
+    and give arguments matching its schema (a strict function's parameters, closed as a
+    json_schema response's are, replicas/structured.py `prepared`; any JSON object for
+    the others), laid out as the format's templates show it:
+
+    - hermes: text, and wherever `<tool_call>` opens, `<tool_call>` newline `{"name": ...,
+      "arguments": ...}` newline `</tool_call>`; text again after it (no second call
+      without `parallel`);
+    - llama3: the whole reply is calls, `{"name": ..., "parameters": ...}` joined by "; "
+      (one without `parallel`), or it is text that never writes `{"name"`;
+    - glm4: the whole reply is one call, the name on a line of its own then the arguments,
+      or it is text that never writes a tool's name followed by a newline.
+
+    The raw control characters that JSON responses ban cannot be banned here (text and
+    layouts hold newlines), so a length-bounded string in a call may hold one (xgrammar's
+    issue #800): such a call does not parse and goes out as text."""
     from replicas.structured import prepared  # the engine's side only (imports torch)
 
-    tags = []
-    for tool in tools:
-        function = tool["function"]
+    def arguments(function: dict[str, Any]) -> dict[str, Any]:
         schema = prepared(function.get("parameters") or {"type": "object"}) if function.get(
             "strict") else {"type": "object"}
-        tags.append({"type": "tag",
-                     "begin": f'{HERMES_OPEN}\n{{"name": {json.dumps(function["name"])}, '
-                              '"arguments": ',
-                     "content": {"type": "json_schema", "json_schema": schema},
-                     "end": "}\n" + HERMES_CLOSE})
-    return {"type": "structural_tag", "format": {
-        "type": "triggered_tags", "triggers": [HERMES_OPEN], "tags": tags,
-        "stop_after_first": not parallel}}
+        return {"type": "json_schema", "json_schema": schema}
+
+    functions = [t["function"] for t in tools]
+    if fmt == "hermes":
+        tags = [{"type": "tag", "begin": f'{HERMES_OPEN}\n{{"name": {json.dumps(f["name"])}, '
+                                         '"arguments": ',
+                 "content": arguments(f), "end": "}\n" + HERMES_CLOSE} for f in functions]
+        form = {"type": "triggered_tags", "triggers": [HERMES_OPEN], "tags": tags,
+                "stop_after_first": not parallel}
+    elif fmt == "llama3":
+        tags = [{"type": "tag", "begin": f'{{"name": {json.dumps(f["name"])}, "parameters": ',
+                 "content": arguments(f), "end": "}"} for f in functions]
+        form = {"type": "or", "elements": [
+            {"type": "tags_with_separator", "tags": tags, "separator": "; ",
+             "at_least_one": True, "stop_after_first": not parallel},
+            {"type": "any_text", "excludes": ['{"name"']}]}
+    elif fmt == "glm4":
+        calls = [{"type": "sequence", "elements": [
+            {"type": "const_string", "value": f["name"] + "\n"}, arguments(f)]}
+            for f in functions]
+        form = {"type": "or", "elements": [
+            *calls, {"type": "any_text", "excludes": [f["name"] + "\n" for f in functions]}]}
+    else:
+        raise ValueError(f"tool calls in the {fmt!r} format cannot be constrained under "
+                         "tool_choice \"auto\"")
+    return {"type": "structural_tag", "format": form}
 
 
 class ToolCallParser:

@@ -91,9 +91,9 @@ HONOURED: dict[str, str] = {
              "tools: 400); calls parsed from the reply in the template's format (Hermes/"
              "Qwen `<tool_call>`, Llama 3 JSON, GLM-4)",
     "tool_choice": "none (the template gets no tools), auto (the model decides; with "
-                   "strict functions its calls are constrained to their schemas, Hermes/Qwen "
-                   "format only, else 400), required or a named function (decoding "
-                   "constrained to a valid call)",
+                   "strict functions its calls, not its text, are constrained to their "
+                   "schemas), required or a named function (decoding constrained to a "
+                   "valid call)",
     "parallel_tool_calls": "false: at most one call",
     "response_format": "text, json_object (any JSON object) or json_schema: decoding "
                        "constrained by xgrammar, always strictly (`strict` is implied; "

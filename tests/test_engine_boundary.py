@@ -194,10 +194,11 @@ def test_a_reader_that_stops_early_cancels_the_request() -> None:
     assert handle.stream.cancelled
 
 
-def test_strict_tools_with_auto_constrain_the_calls_in_the_hermes_format_only() -> None:
+def test_strict_tools_with_auto_constrain_the_calls_in_the_templates_format() -> None:
     """tool_choice "auto" with a strict function: the request carries the structural tag
     that constrains its calls (replicas/toolcalls.py auto_call_tag), the reply is parsed
-    as before; a template of another format, or a response_format beside, is a 400."""
+    as before, in the template's format (Hermes here, then Llama 3); a response_format
+    beside is a 400."""
     strict = {"tools": [{"type": "function", "function": {
         "name": "add", "strict": True, "parameters": {"type": "object", "properties": {
             "a": {"type": "integer"}}, "required": ["a"]}}}], "choice": "auto",
@@ -216,14 +217,16 @@ def test_strict_tools_with_auto_constrain_the_calls_in_the_hermes_format_only() 
     assert out[-1].finish_reason == "tool_calls"
     items({"messages": CHAT, "tools": TOOLS}, engine)  # not strict: nothing constrained
     assert engine.params[-1].structured is None
-    llama = FakeEngine(script)
+    llama = FakeEngine(['{"name": "add", "parameters": {"a": 1}}'])
     llama.tokenizer = FakeTokenizer()
     llama.tokenizer.chat_template = "{% if tools %}<|python_tag|>{% endif %}"
+    out = [wire.decode(i) for i in items({"messages": CHAT, "tools": strict}, llama)]
+    assert json.loads(llama.params[-1].structured.spec)["format"]["type"] == "or"
+    assert [(c.name, c.arguments) for d in out for c in d.tool_calls or []] == [
+        ("add", '{"a": 1}')]
     both = {"messages": CHAT, "tools": strict, "params": {"structured": {
         "kind": "json_object", "spec": ""}}}
-    for request, engine_, words in [({"messages": CHAT, "tools": strict}, llama, "llama3"),
-                                    (both, FakeEngine(script), "response_format")]:
-        (item,) = items(request, engine_)
-        event = wire.decode(item)
-        assert isinstance(event, wire.ErrorEvent) and event.status == 400
-        assert words in event.message
+    (item,) = items(both, FakeEngine(script))
+    event = wire.decode(item)
+    assert isinstance(event, wire.ErrorEvent) and event.status == 400
+    assert "response_format" in event.message

@@ -439,9 +439,9 @@ def test_a_refused_token_ends_the_constraint_and_leaves_only_eos(engine: Engine)
 
 def test_auto_call_tag_constrains_calls_and_leaves_the_text_free(engine: Engine) -> None:
     """tool_choice "auto" with a strict function (replicas/toolcalls.py auto_call_tag), as
-    the engine compiles it: any text, then a call that names a tool and whose arguments
-    match a strict function's schema (any object for a non-strict one); after one call
-    and without parallel calls, nothing but EOS."""
+    the engine compiles it, in each format: text, or calls that name a tool and whose
+    arguments match a strict function's schema (any object for a non-strict one); without
+    parallel calls, one call and then nothing but EOS."""
     from replicas.toolcalls import auto_call_tag
 
     tools = [{"type": "function", "function": {"name": "set_light", "strict": True,
@@ -454,25 +454,35 @@ def test_auto_call_tag_constrains_calls_and_leaves_the_text_free(engine: Engine)
                  "type": "object", "properties": {"text": {"type": "string"}}}}}]
     grammars = engine._structured()
 
-    def matcher(parallel: bool) -> Any:
-        spec = StructuredSpec("structural_tag", json.dumps(auto_call_tag("hermes", tools,
+    def matcher(fmt: str, parallel: bool) -> Any:
+        spec = StructuredSpec("structural_tag", json.dumps(auto_call_tag(fmt, tools,
                                                                          parallel)))
         return grammars.constraint(spec).matcher
 
-    call = '<tool_call>\n{"name": "set_light", "arguments": {"colour": "red"}}\n</tool_call>'
-    for text, ok in [("Sure, one moment. " + call, True),
-                     ("No call at all.", True),
-                     ('<tool_call>\n{"name": "set_light", "arguments": {"colour": "green"}}',
-                      False),  # outside the strict schema
-                     ('<tool_call>\n{"name": "paint", "arguments": {}}', False),  # no tool
-                     ('<tool_call>\n{"name": "note", "arguments": {"any": [1]}}\n</tool_call>',
-                      True)]:  # not strict: any object
-        m = matcher(parallel=True)
-        assert m.accept_string(text) == ok, text
-    one = matcher(parallel=False)
-    assert one.accept_string("Ok. " + call) and one.is_completed()
-    assert not one.accept_string(" more")  # one call, then only EOS
-    two = matcher(parallel=True)
-    assert two.accept_string(call + " and " + call)
-    with pytest.raises(ValueError, match="llama3"):
-        auto_call_tag("llama3", tools, True)
+    def calls(fmt: str, args: str, name: str = "set_light") -> str:
+        return {"hermes": f'<tool_call>\n{{"name": "{name}", "arguments": {args}}}\n'
+                          "</tool_call>",
+                "llama3": f'{{"name": "{name}", "parameters": {args}}}',
+                "glm4": f"{name}\n{args}"}[fmt]
+
+    red, green, any_object = '{"colour": "red"}', '{"colour": "green"}', '{"any": [1]}'
+    for fmt in ("hermes", "llama3", "glm4"):
+        for text, ok in [(calls(fmt, red), True), ("No call at all.", True),
+                         (calls(fmt, green), False),  # outside the strict schema
+                         # no such tool: refused, but for glm4 that is text (a call
+                         # there starts with a tool's name)
+                         (calls(fmt, "{}", name="paint"), fmt == "glm4"),
+                         (calls(fmt, any_object, name="note"), True)]:  # not strict
+            m = matcher(fmt, parallel=True)
+            assert (m.accept_string(text) and m.is_completed()) == ok, (fmt, text)
+        one = matcher(fmt, parallel=False)
+        assert one.accept_string(calls(fmt, red)) and one.is_completed()
+        assert not one.accept_string("; " + calls(fmt, red))  # one call, then only EOS
+    hermes = matcher("hermes", parallel=True)  # text around hermes calls, several calls
+    assert hermes.accept_string("Sure. " + calls("hermes", red) + " and " + calls("hermes", red))
+    llama = matcher("llama3", parallel=True)  # llama3: calls joined by "; ", no text
+    assert llama.accept_string(calls("llama3", red) + "; " + calls("llama3", red))
+    assert not matcher("llama3", parallel=True).accept_string("Sure. " + calls("llama3", red))
+    assert not matcher("glm4", parallel=True).accept_string("Sure. " + calls("glm4", red))
+    with pytest.raises(ValueError, match="json"):
+        auto_call_tag("json", tools, True)
