@@ -226,7 +226,8 @@ class ToolCallParser:
             return [new_call(name, call)] if name in self.names and call is not None else None
         if self.fmt == "json":
             return self._parse_forced(text)
-        calls = [_call_object(part, "parameters") for part in text.split(";") if part.strip()]
+        parts = _joined_objects(text)
+        calls = [_call_object(part, "parameters") for part in parts or []]
         return calls if calls and all(c is not None for c in calls) else None  # type: ignore[return-value]
 
     def _parse_forced(self, text: str) -> list[ToolCall] | None:
@@ -249,6 +250,26 @@ def _partial_suffix(text: str, tag: str) -> int:
         if text.endswith(tag[:n]):
             return n
     return 0
+
+
+def _joined_objects(text: str) -> list[str] | None:
+    """The JSON texts of `text`, JSON values joined by ";" (Llama 3's parallel calls),
+    found by parsing, so that a ";" inside a string does not split a call; None when
+    `text` is not that."""
+    decoder, parts, at = json.JSONDecoder(), [], 0
+    while True:
+        at = len(text) - len(text[at:].lstrip())
+        try:
+            _, end = decoder.raw_decode(text, at)
+        except ValueError:
+            return None
+        parts.append(text[at:end])
+        rest = text[end:].lstrip()
+        if not rest:
+            return parts
+        if not rest.startswith(";"):
+            return None
+        at = len(text) - len(rest) + 1
 
 
 def _json_object(text: str) -> dict[str, Any] | None:

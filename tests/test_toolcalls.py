@@ -46,6 +46,11 @@ CASES = [
      [("get_weather", {"city": "Oslo"})]),
     ("llama3", '{"name": "add", "parameters": {"a": 1}}; {"name": "add", "parameters": {}}',
      "", [("add", {"a": 1}), ("add", {})]),
+    ("llama3", '{"name": "note", "parameters": {"text": "a; b"}};{"name": "add", '
+               '"parameters": {"a": 2}}', "",
+     [("note", {"text": "a; b"}), ("add", {"a": 2})]),  # a ";" inside a string
+    ("llama3", '{"name": "add", "parameters": {}} {"name": "add", "parameters": {}}',
+     '{"name": "add", "parameters": {}} {"name": "add", "parameters": {}}', []),  # no ";"
     ("llama3", "Hello {there}", "Hello {there}", []),
     ("llama3", "{not a call}", "{not a call}", []),
     ("glm4", 'get_weather\n{"city": "Rome"}', "", [("get_weather", {"city": "Rome"})]),
