@@ -30,6 +30,9 @@ from dataclasses import dataclass
 from typing import Any
 
 FORMATS = ("hermes", "llama3", "glm4", "json")
+# whitespace in a row inside a constrained call's arguments: indented JSON fits, a weak
+# model looping on spaces does not (JSON responses allow none: replicas/structured.py)
+CALL_WHITESPACE_MAX = 16
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
 
@@ -103,7 +106,8 @@ def auto_call_tag(fmt: str, tools: list[dict[str, Any]], parallel: bool) -> dict
     def arguments(function: dict[str, Any]) -> dict[str, Any]:
         schema = prepared(function.get("parameters") or {"type": "object"}) if function.get(
             "strict") else {"type": "object"}
-        return {"type": "json_schema", "json_schema": schema}
+        return {"type": "json_schema", "json_schema": schema,
+                "max_whitespace_cnt": CALL_WHITESPACE_MAX}
 
     functions = [t["function"] for t in tools]
     if fmt == "hermes":

@@ -484,5 +484,9 @@ def test_auto_call_tag_constrains_calls_and_leaves_the_text_free(engine: Engine)
     assert llama.accept_string(calls("llama3", red) + "; " + calls("llama3", red))
     assert not matcher("llama3", parallel=True).accept_string("Sure. " + calls("llama3", red))
     assert not matcher("glm4", parallel=True).accept_string("Sure. " + calls("glm4", red))
+    pretty = '{\n    "colour": "red"\n}'  # indented arguments fit; endless spaces do not
+    assert matcher("hermes", parallel=True).accept_string(calls("hermes", pretty))
+    assert not matcher("hermes", parallel=True).accept_string(
+        calls("hermes", '{"colour":' + " " * 17 + '"red"}'))
     with pytest.raises(ValueError, match="json"):
         auto_call_tag("json", tools, True)
