@@ -44,6 +44,10 @@ class StackError(RuntimeError):
     """The stack cannot start or stop; the message says what to do."""
 
 
+# the servers whose ports StackConfig sets (<name>_port; `tpserve up --<name>-port`)
+STACK_PORTS = ("nginx", "serve", "dashboard", "ray", "redis")
+
+
 @dataclass(frozen=True)
 class StackConfig:
     """Ports and sizes of the local stack; each default exists here once."""
@@ -486,18 +490,21 @@ class Running:
         ray.init(address=f"127.0.0.1:{self.config.ray_port}", log_to_driver=False)
 
 
+def on_free_ports(**fields: Any) -> StackConfig:
+    """A StackConfig of `fields`, its servers on distinct free loopback ports."""
+    from replicas.ranks import free_ports
+
+    return StackConfig(**free_ports(f"{name}_port" for name in STACK_PORTS), **fields)
+
+
 @contextlib.contextmanager
 def local_stack(engine: dict[str, Any] | None = None, state_dir: str | None = None,
                 **overrides: Any) -> Iterator[Running]:
     """A detached stack on free loopback ports for scripts and tests (infra/load.py,
     infra/chaos.py), stopped by pid on exit. `up`'s progress goes to stderr so that a
     script's stdout stays JSON lines. `overrides` are StackConfig fields."""
-    from replicas.ranks import free_ports
-
-    names = ("nginx", "serve", "dashboard", "ray", "redis")
-    ports = {f"{n}_port": p for n, p in zip(names, free_ports(len(names)), strict=True)}
     state = state_dir or tempfile.mkdtemp(prefix="tpserve-stack-")
-    config = StackConfig(**{**ports, "state_dir": state, **overrides})
+    config = on_free_ports(state_dir=state, **overrides)
     engine = {"tp": 2, **(engine or {})}
     with contextlib.redirect_stdout(sys.stderr):
         up(engine, config, detach=True)

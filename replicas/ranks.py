@@ -17,7 +17,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from replicas.config import EngineConfig
@@ -85,19 +85,19 @@ def spawn_rank(config: EngineConfig, model_dir: str, rank: int, init_method: str
 
 def free_port() -> int:
     """A loopback port that was free a moment ago."""
-    return free_ports(1)[0]
+    return free_ports(["port"])["port"]
 
 
-def free_ports(n: int) -> list[int]:
-    """`n` distinct loopback ports that were free a moment ago. Each is held open until all
-    are picked: ports picked one after another (each closed before the next) can repeat,
-    and two servers of one stack then fight over one port."""
+def free_ports(names: Iterable[str]) -> dict[str, int]:
+    """A distinct loopback port for each of `names`, free a moment ago. Each is held open
+    until all are picked: ports picked one after another (each closed before the next)
+    can repeat, and two servers of one stack then fight over one port."""
     with contextlib.ExitStack() as held:
-        ports = []
-        for _ in range(n):
+        ports = {}
+        for name in names:
             s = held.enter_context(socket.socket())
             s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
+            ports[name] = s.getsockname()[1]
         return ports
 
 

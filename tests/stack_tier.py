@@ -49,10 +49,11 @@ import pytest
 
 from infra import procs
 from infra.procs import processes
+from infra.stack import STACK_PORTS
 from replicas.ranks import free_ports
 
 REPO = Path(__file__).resolve().parent.parent
-PORT_FLAGS = ("nginx", "serve", "dashboard", "ray", "redis")
+PORT_FLAGS = STACK_PORTS  # `tpserve up --<name>-port`
 
 
 def tpserve(*args: str, timeout: float = 600, home: Path | None = None
@@ -103,7 +104,7 @@ def start(home: Path, attempts: int = 2) -> Running:
     up to `attempts` times in all; any other failure is not."""
     state = home / ".tpserve" / "stack"  # StackConfig's default state dir, in that HOME
     for attempt in range(1, attempts + 1):
-        ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True))
+        ports = free_ports(PORT_FLAGS)
         up = tpserve("up", "--detach", *port_flags(ports), home=home)
         if up.returncode == 0 or RAY_START_TIMED_OUT not in up.stderr or attempt == attempts:
             break

@@ -122,8 +122,7 @@ def stack_processes(namespace: str, marker: str) -> list[str]:
 
 def test_ray_up_and_down_round_trip(sshd: Sshd, tmp_path: Path) -> None:
     key, ssh_port, home = sshd.key, sshd.port, sshd.home
-    names = ("ray", "dashboard", "redis", "http", "nginx")
-    ports = dict(zip(names, free_ports(len(names)), strict=True))
+    ports = free_ports(("ray", "dashboard", "redis", "http", "nginx"))
     name = f"tpserve-test-{uuid.uuid4().hex[:8]}"
     state = tmp_path / "state"
     config = yaml.safe_load((REPO / "cluster/cluster.local.yaml").read_text())

@@ -272,7 +272,7 @@ def test_token_is_in_no_log(stack: Running) -> None:
 
 
 def test_busy_port_is_a_clear_error(stack: Running) -> None:
-    ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True))
+    ports = free_ports(PORT_FLAGS)
     ports["nginx"] = stack.ports["nginx"]  # taken by the running stack
     out = tpserve("up", f"--state-dir={stack.state}-other", *port_flags(ports), timeout=60)
     assert out.returncode == 1
@@ -300,7 +300,7 @@ def test_down_stops_everything_and_frees_the_ports(stack: Running) -> None:
 
 
 def test_ctrl_c_stops_the_foreground_stack(tmp_path: Path) -> None:
-    ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True))
+    ports = free_ports(PORT_FLAGS)
     proc = subprocess.Popen(
         [sys.executable, "-m", "infra.cli", "up", f"--state-dir={tmp_path}", "--replicas=1",
          "--tp=1", *port_flags(ports)],

@@ -17,7 +17,16 @@ from pathlib import Path
 import pytest
 
 from cluster.ray_token import ensure_token, read_token, token_path
-from infra.stack import NOT_RUNNING, StackConfig, StackError, progress, ray_died, start_ray, up
+from infra.stack import (
+    NOT_RUNNING,
+    StackConfig,
+    StackError,
+    on_free_ports,
+    progress,
+    ray_died,
+    start_ray,
+    up,
+)
 from replicas.ranks import free_ports
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,9 +59,7 @@ def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
 
 
 def ports_config(state: Path, **overrides: object) -> StackConfig:
-    names = ("nginx", "serve", "dashboard", "ray", "redis")
-    ports = {f"{n}_port": p for n, p in zip(names, free_ports(len(names)), strict=True)}
-    return StackConfig(**ports, state_dir=str(state), **overrides)
+    return on_free_ports(state_dir=str(state), **overrides)
 
 
 def test_a_token_is_made_once_where_ray_looks(empty_home: Path,
@@ -157,7 +164,7 @@ def test_one_port_for_two_servers_is_refused_before_anything_starts(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Two servers given one port (here nginx and the Ray dashboard) is a clear error from
     `up`, before Ray, Redis or nginx start; and `free_ports` never picks one port twice."""
-    nginx, serve, ray, redis = free_ports(4)
+    nginx, serve, ray, redis = free_ports(("nginx", "serve", "ray", "redis")).values()
     state = tmp_path / "state"
     code, err = cli(capsys, "up", "--detach", f"--state-dir={state}", f"--nginx-port={nginx}",
                     f"--serve-port={serve}", f"--dashboard-port={nginx}", f"--ray-port={ray}",
@@ -166,5 +173,5 @@ def test_one_port_for_two_servers_is_refused_before_anything_starts(
     assert f"nginx and Ray dashboard both on {nginx}" in err and "--dashboard-port" in err
     assert "Traceback" not in err and not (state / "stack.json").exists()
     for _ in range(20):
-        picked = free_ports(8)
-        assert len(set(picked)) == 8, picked
+        picked = free_ports(str(i) for i in range(8))
+        assert len(set(picked.values())) == 8, picked
