@@ -69,13 +69,11 @@ class GrammarError(ConfigError):
 class Constraint:
     """One request's matcher: which tokens may come next, and whether it is over."""
 
-    def __init__(self, matcher: Any, stop_ids: list[int], words: int,
-                 json: bool = False) -> None:
+    def __init__(self, matcher: Any, eos_bits: torch.Tensor, json: bool = False) -> None:
         self.matcher = matcher
         self.json = json  # a JSON kind: no raw control characters (see Grammars.fill)
         self.failed = False  # a token was refused: only EOS may follow
-        self._stop_ids = stop_ids
-        self._words = words
+        self._eos_bits = eos_bits  # the packed bitmask of the EOS ids (Grammars')
         self._over = False
 
     def advance(self, token: int) -> bool:
@@ -95,11 +93,9 @@ class Constraint:
     def _only_stop(self) -> bool:
         """The grammar is complete: does it allow anything but EOS next? (One mask, once
         per request: a grammar like `"a" | "ab"` is complete after "a" yet goes on.)"""
-        mask = torch.empty((1, self._words), dtype=torch.int32)
+        mask = torch.empty((1, len(self._eos_bits)), dtype=torch.int32)
         self.matcher.fill_next_token_bitmask(mask)
-        for stop in self._stop_ids:
-            mask[0, stop // 32] &= ~_bit(stop % 32)
-        return not bool(mask.any())
+        return not bool((mask & ~self._eos_bits).any())
 
 
 class Grammars:
@@ -116,7 +112,10 @@ class Grammars:
         self.eos_ids = sorted(eos_ids)
         info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
                                                        stop_token_ids=self.eos_ids)
-        self._json_bits = _without_control_chars(info.decoded_vocab, vocab_size)
+        control = re.compile(rb"[\x00-\x1f]")  # a raw control character
+        self._json_bits = _packed([i for i, token in enumerate(info.decoded_vocab[:vocab_size])
+                                   if not control.search(token)], self.words)
+        self._eos_bits = _packed(self.eos_ids, self.words)
         # our own LRU keeps the compiled grammars: xgrammar's cache would hold them twice
         self._compiler = xgrammar.GrammarCompiler(info, cache_enabled=False)
         self._batch = xgrammar.BatchGrammarMatcher(max_threads=fill_threads())
@@ -133,8 +132,8 @@ class Grammars:
 
     def constraint(self, spec: StructuredSpec) -> Constraint:
         """A fresh matcher for one request."""
-        return Constraint(self._lib.GrammarMatcher(self._compiled(spec)), self.eos_ids,
-                          self.words, json=spec.kind in ("json_object", "json_schema"))
+        return Constraint(self._lib.GrammarMatcher(self._compiled(spec)), self._eos_bits,
+                          json=spec.kind in ("json_object", "json_schema"))
 
     def _compiled(self, spec: StructuredSpec) -> Any:
         with self._lock:
@@ -182,9 +181,7 @@ class Grammars:
             for i in json_rows:
                 host[i].bitwise_and_(self._json_bits)
         for i in (i for i, c in enumerate(constraints) if c.failed):  # let it end
-            host[i].zero_()
-            for eos in self.eos_ids:
-                host[i, eos // 32] |= _bit(eos % 32)
+            host[i] = self._eos_bits
         return host
 
     def apply(self, logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor
@@ -241,16 +238,11 @@ def fill_threads() -> int:
     return max(1, min(FILL_THREADS_MAX, (os.cpu_count() or 2) // 2))
 
 
-def _without_control_chars(vocab: list[bytes], vocab_size: int) -> torch.Tensor:
-    """A packed bitmask [ceil(vocab_size / 32)] int32 of the tokens whose bytes hold no
-    control character (0x00-0x1f); ids past the tokenizer's are left out."""
-    control = re.compile(rb"[\x00-\x1f]")
-    ok = torch.zeros(((vocab_size + 31) // 32) * 32, dtype=torch.bool)
-    ok[[i for i, token in enumerate(vocab[:vocab_size]) if not control.search(token)]] = True
-    weights = torch.tensor([_bit(k) for k in range(32)], dtype=torch.int64)
-    return (ok.view(-1, 32).to(torch.int64) * weights).sum(1).to(torch.int32)
-
-
-def _bit(k: int) -> int:
-    """Bit k of an int32 word, as a (signed) int32 value."""
-    return -(1 << 31) if k == 31 else 1 << k
+def _packed(ids: list[int], words: int) -> torch.Tensor:
+    """A packed bitmask [words] int32 of the tokens `ids` (bit t % 32 of word t // 32 is
+    token t)."""
+    bits = torch.zeros(words * 32, dtype=torch.int64)
+    bits[ids] = 1
+    # bit k's value in an int32 word (bit 31's is negative)
+    weights = torch.tensor([1 << k for k in range(31)] + [-(1 << 31)], dtype=torch.int64)
+    return (bits.view(words, 32) * weights).sum(1).to(torch.int32)
