@@ -349,6 +349,11 @@ def test_objects_that_list_properties_take_no_others_unless_they_say_so() -> Non
     assert "additionalProperties" not in schema  # the input is left as it was
 
 
+def allowed_by(mask: torch.Tensor, vocab: int) -> set[int]:
+    """The token ids one row of a packed bitmask allows (bit t % 32 of word t // 32)."""
+    return {t for t in range(vocab) if mask[t // 32] >> (t % 32) & 1}
+
+
 def test_bounded_strings_are_valid_json_strings(engine: Engine) -> None:
     """xgrammar 0.2.9 lets raw control characters into a string with minLength/maxLength
     (invalid JSON); a JSON constraint's mask bans every token that holds one, in such a
@@ -362,8 +367,7 @@ def test_bounded_strings_are_valid_json_strings(engine: Engine) -> None:
         row = grammars.constraint(spec)
         for token in hf.encode(text, add_special_tokens=False):
             assert not row.advance(token), text
-        mask = grammars.fill([row])[0]
-        return {t for t in range(grammars.vocab_size) if mask[t // 32] >> (t % 32) & 1}
+        return allowed_by(grammars.fill([row])[0], grammars.vocab_size)
 
     vocab = {t: hf.decode([t]) for t in range(len(hf))}
     control = {t for t, text in vocab.items() if any(ord(c) < 32 for c in text)}
@@ -377,7 +381,7 @@ def test_bounded_strings_are_valid_json_strings(engine: Engine) -> None:
     plain = grammars.constraint(StructuredSpec("ebnf", 'root ::= "a" [\\x00-\\x1f]'))
     plain.advance(hf.encode("a", add_special_tokens=False)[0])
     mask = grammars.fill([plain])[0]
-    assert any(mask[t // 32] >> (t % 32) & 1 for t in control)  # only JSON kinds ban them
+    assert allowed_by(mask, grammars.vocab_size) & control  # only JSON kinds ban them
 
 
 def test_grammar_replay_steps_rows_through_the_engines_matchers() -> None:
@@ -431,8 +435,7 @@ def test_a_refused_token_ends_the_constraint_and_leaves_only_eos(engine: Engine)
     assert bad.advance(x) and bad.failed and bad.over
     assert not good.over
     masks = grammars.fill([good, bad])
-    allowed = [{t for t in range(grammars.vocab_size) if masks[row, t // 32] >> (t % 32) & 1}
-               for row in range(2)]
+    allowed = [allowed_by(masks[row], grammars.vocab_size) for row in range(2)]
     assert allowed[1] == set(grammars.eos_ids)
     assert len(allowed[0]) > 1 and not set(grammars.eos_ids) & allowed[0]
 
