@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata as md
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from typing import Any
 
 import torch
 
-from replicas.jsonlines import emit
+from replicas.jsonlines import emit, spread
 
 STRUCTURED_TEXTS = Path(__file__).resolve().parent / "results" / "structured_replay_texts.json"
 EOS = 1  # the bench's structured model's EOS id
@@ -129,16 +128,6 @@ def _seconds(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def _spread(values: list[float], scale: float, digits: int) -> dict[str, float]:
-    """mean, p50, p90, p99 and max of `values` times `scale`."""
-    ordered = sorted(values)
-    at = {"p50": 0.5, "p90": 0.9, "p99": 0.99}
-    out = {"mean": statistics.mean(ordered)}
-    out.update({k: ordered[min(len(ordered) - 1, int(len(ordered) * q))] for k, q in at.items()})
-    out["max"] = ordered[-1]
-    return {k: round(v * scale, digits) for k, v in out.items()}
-
-
 def replay(lib: Any, schema: dict[str, Any], token_lists: list[list[int]]) -> dict[str, Any]:
     """Step the batch `token_lists` through `lib`'s matchers (see the module doc). The
     batch's fills and the rows' lone fills run on two sets of matchers fed the same
@@ -160,7 +149,7 @@ def replay(lib: Any, schema: dict[str, Any], token_lists: list[list[int]]) -> di
             token = token_lists[i][step]
             live[i] = lib.accept(batch_rows[i], token) and lib.accept(lone_rows[i], token)
     return {"steps": len(batch_s), "refused_rows": live.count(False),
-            "batch_fill_ms": _spread(batch_s, 1e3, 3), "row_fill_us": _spread(row_s, 1e6, 1)}
+            "batch_fill_ms": spread(batch_s, 1e3, 3), "row_fill_us": spread(row_s, 1e6, 1)}
 
 
 def main() -> int:

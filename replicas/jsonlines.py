@@ -6,6 +6,7 @@ transformers but not the engine's other dependencies."""
 from __future__ import annotations
 
 import json
+import statistics
 from typing import Any
 
 
@@ -16,3 +17,14 @@ def emit(row: dict[str, Any], out: str | None) -> None:
     if out:
         with open(out, "a") as f:
             f.write(line + "\n")
+
+
+def spread(values: list[float], scale: float = 1.0, digits: int = 1) -> dict[str, float]:
+    """mean, p50, p90, p99 and max of `values` times `scale`, rounded to `digits` (the
+    q-th percentile: the value at index int(q * n) of the sorted values)."""
+    ordered = sorted(values)
+    out = {"mean": statistics.mean(ordered)}
+    out.update({name: ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+                for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))})
+    out["max"] = ordered[-1]
+    return {k: round(v * scale, digits) for k, v in out.items()}

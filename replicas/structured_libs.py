@@ -35,7 +35,7 @@ from typing import Any
 
 from packaging.requirements import Requirement
 
-from replicas.jsonlines import emit
+from replicas.jsonlines import emit, spread
 
 LIBS = {"xgrammar": "xgrammar", "llguidance": "llguidance", "outlines-core": "outlines_core"}
 BASE = ("torch", "transformers", "tokenizers", "numpy")
@@ -295,11 +295,9 @@ def mask_times(lib: Lib, compiled: Any, tokens: list[int], eos: int, runs: int =
     accepts: list[float] = []
     for _ in range(runs):
         _feed(lib, lib.matcher(compiled), [*tokens, eos], fills, accepts)
-    fills.sort()
-    return {"tokens": len(fills), "fill_us_mean": round(statistics.mean(fills), 1),
-            "fill_us_p50": round(fills[len(fills) // 2], 1),
-            "fill_us_p99": round(fills[min(len(fills) - 1, int(len(fills) * 0.99))], 1),
-            "fill_us_max": round(fills[-1], 1),
+    fill = spread(fills)
+    return {"tokens": len(fills), "fill_us_mean": fill["mean"], "fill_us_p50": fill["p50"],
+            "fill_us_p99": fill["p99"], "fill_us_max": fill["max"],
             "accept_us_mean": round(statistics.mean(accepts), 1)}
 
 
