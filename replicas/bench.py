@@ -462,6 +462,7 @@ STRUCTURED_MODEL = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_la
                     "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
                     "tie_word_embeddings": False, "vocab_size": 151936}
 STRUCTURED_MODEL_VERSION = "structured-llama-150k-v1"
+STRUCTURED_SPECIAL = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}
 STRUCTURED_8B = {**{k: v for k, v in LLAMA3_8B.items() if k != "rope_parameters"},
                  "vocab_size": 151936, "max_position_embeddings": 2048}
 STRUCTURED_8B_VERSION = "structured-llama3-8b-150k-v1"
@@ -483,11 +484,9 @@ def structured_model_dir(name: str = "tiny") -> str:
     151,936 logits (STRUCTURED_8B)."""
     from replicas.structured_libs import train_tokenizer
 
-    special = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}
-
     def tokenizer(folder: Path) -> dict[str, Any]:
         train_tokenizer(folder, 150_000)
-        return special
+        return STRUCTURED_SPECIAL
 
     if name == "tiny":
         return random_checkpoint(STRUCTURED_MODEL_VERSION, tokenizer, STRUCTURED_MODEL)
@@ -497,7 +496,7 @@ def structured_model_dir(name: str = "tiny") -> str:
         for f in tiny.iterdir():
             if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
                 shutil.copy(f, folder / f.name)
-        return special
+        return STRUCTURED_SPECIAL
 
     return random_checkpoint(STRUCTURED_8B_VERSION, copied, STRUCTURED_8B)
 

@@ -31,11 +31,12 @@ from typing import Any
 
 import torch
 
+from replicas.bench import STRUCTURED_MODEL, STRUCTURED_SPECIAL
 from replicas.jsonlines import emit, spread
 
 STRUCTURED_TEXTS = Path(__file__).resolve().parent / "results" / "structured_replay_texts.json"
-EOS = 1  # the bench's structured model's EOS id
-VOCAB = 151_936
+EOS = STRUCTURED_SPECIAL["eos_token_id"]  # the bench's structured model's
+VOCAB = STRUCTURED_MODEL["vocab_size"]
 
 
 def schemas() -> dict[str, dict[str, Any]]:
