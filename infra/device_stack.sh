@@ -87,6 +87,15 @@ prepare() {
     du -sh $STACK/a $STACK/b
 }
 
+write_env() {  # ROOT [LINE...]: ROOT/env.sh: the lines, the repo and ROOT/site on
+    # PYTHONPATH ahead of the image's packages, and NVLink multicast kept off
+    local root=$1
+    shift
+    printf '%s\n' "$@" "export PYTHONPATH=$PWD:$root/site\${PYTHONPATH:+:\$PYTHONPATH}" \
+        "export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1" \
+        > $root/env.sh
+}
+
 install() {
     mkdir -p $ROOT/parts
     for part in a b; do
@@ -114,11 +123,7 @@ install() {
         done
         touch $ROOT/installed
     fi
-    cat > $ROOT/env.sh <<EOF
-export PATH=$ROOT/bin:$ROOT/site/bin:\$PATH
-export PYTHONPATH=$PWD:$ROOT/site\${PYTHONPATH:+:\$PYTHONPATH}
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-EOF
+    write_env $ROOT "export PATH=$ROOT/bin:$ROOT/site/bin:\$PATH"
     # the binaries run, and Ray, Serve and the router import
     (. $ROOT/env.sh && redis-server --version && nginx -v &&
         $PYTHON -c 'import ray, ray.serve, fastapi, redis, nginx.config, router.app;
@@ -275,9 +280,7 @@ install_engine() {
     rm -rf $root && mkdir -p $root
     $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
         --disable-pip-version-check --target $root/site $STACK/engine/*.whl
-    printf '%s\n' "export PYTHONPATH=$PWD:$root/site\${PYTHONPATH:+:\$PYTHONPATH}" \
-        "export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1" \
-        > $root/env.sh
+    write_env $root
     (. $root/env.sh && $PYTHON -c 'import xgrammar, replicas.structured; print("xgrammar ok")')
     echo "device_stack: engine extras installed; . $root/env.sh"
 }
