@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 
 ADMIN_TOKEN_ENV = "TPSERVE_ADMIN_TOKEN"
+# the servers of a stack that listen, each on its own port (`tpserve up --<name>-port`)
+STACK_PORTS = ("nginx", "serve", "dashboard", "ray", "redis")
 
 
 def processes(environ: bytes | None = None) -> list[tuple[int, str]]:

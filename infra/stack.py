@@ -33,7 +33,7 @@ from cluster.control import ServeError, deploy, load_config, ray_auth_headers, r
 from cluster.ray_env import ray_env
 from cluster.ray_token import ensure_token
 from infra.edge import DIRECT_INGRESS_ENV, configured_upstreams
-from infra.procs import ADMIN_TOKEN_ENV
+from infra.procs import ADMIN_TOKEN_ENV, STACK_PORTS
 from router.policy import RATE_LIMIT_PER_MINUTE, ROUTING_MODES, SESSION_POLICIES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,10 +42,6 @@ DEFAULT_STATE = Path.home() / ".tpserve" / "stack"
 
 class StackError(RuntimeError):
     """The stack cannot start or stop; the message says what to do."""
-
-
-# the servers whose ports StackConfig sets (<name>_port; `tpserve up --<name>-port`)
-STACK_PORTS = ("nginx", "serve", "dashboard", "ray", "redis")
 
 
 @dataclass(frozen=True)

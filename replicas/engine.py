@@ -402,6 +402,8 @@ class Engine:
         self._ranks.kill(TOLD_EXIT_S if told else 3.0)
         if not self._thread.is_alive():  # else the stuck driver still holds the model
             self.worker.release()
+            if self._grammars is not None:  # its fill threads (the driver's alone)
+                self._grammars.close()
 
     def replay_graph_ms(self, times: int = 50) -> float:
         """GPU time of one batch-1 decode graph replay, every rank replaying together

@@ -11,11 +11,12 @@ tokenized again here.
 
 Each batch of texts goes through its matchers step by step, as the engine drives them;
 per step, the batch's masks are filled the way each library's engine code fills them,
-and timed: xgrammar through `replicas.structured.Grammars.fill` (the engine's own path)
-and, when it is installed, llguidance 1.9.1 through its `LLExecutor`, as tpserve did up
-to v0.22. Then each row's mask alone (a second set of matchers), for the distribution
-of per-row costs. Both libraries get the same schema (`replicas.structured.prepared`), so they
-accept the same language and pass through the same states.
+and timed: xgrammar through `replicas.structured.Grammars.fill` (the engine's own path,
+once per thread count of `--threads`) and, when it is installed, llguidance 1.9.1
+through its `LLExecutor`, as tpserve did up to v0.22. Then each row's mask alone (a
+second set of matchers), for the distribution of per-row costs. Both libraries get the
+same schema (`replicas.structured.prepared`), so they accept the same language and pass
+through the same states.
 """
 
 from __future__ import annotations
@@ -72,10 +73,11 @@ class Xgrammar:
 
     name = "xgrammar"
 
-    def __init__(self, hf: Any) -> None:
+    def __init__(self, hf: Any, threads: int) -> None:
         from replicas.structured import Grammars
 
-        self.grammars = Grammars(hf, VOCAB, [EOS])
+        self.grammars = Grammars(hf, VOCAB, [EOS], threads=threads)
+        self.threads = threads
 
     def matchers(self, schema: dict[str, Any], n: int) -> list[Any]:
         from replicas.config import StructuredSpec
@@ -96,6 +98,7 @@ class Llguidance:
     filled by its LLExecutor's threads."""
 
     name = "llguidance"
+    threads = None  # its executor's own
 
     def __init__(self, hf: Any) -> None:
         import llguidance
@@ -158,6 +161,9 @@ def main() -> int:
     parser.add_argument("--make-texts", action="store_true",
                         help=f"write {STRUCTURED_TEXTS.name} anew (the engine, ~1 min on CPU)")
     parser.add_argument("--batch", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--threads", type=int, nargs="+", default=None,
+                        help="xgrammar fill threads, each a run (default: 1 and the "
+                             "engine's fill_threads())")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.make_texts:
@@ -167,7 +173,10 @@ def main() -> int:
     from replicas.bench import environment, structured_model_dir
 
     hf = AutoTokenizer.from_pretrained(structured_model_dir("tiny"))
-    libs: list[Any] = [Xgrammar(hf)]
+    from replicas.structured import fill_threads
+
+    threads = args.threads or sorted({1, fill_threads()})
+    libs: list[Any] = [Xgrammar(hf, n) for n in threads]
     try:
         libs.append(Llguidance(hf))
     except ImportError:
@@ -179,7 +188,8 @@ def main() -> int:
             for lib in libs:
                 row = replay(lib, entry["schema"], token_lists[:batch])
                 emit({"case": "grammar_replay", "lib": lib.name,
-                      "version": md.version(lib.name), "schema": name, "batch": batch,
+                      "version": md.version(lib.name), "threads": lib.threads,
+                      "schema": name, "batch": batch,
                       "vocab": VOCAB, **row,
                       **environment("replicas.grammar_replay")}, args.out)
     return 0

@@ -25,8 +25,12 @@ Contract:
 - `constraint(spec)` gives a request its own matcher (`Constraint`).
 - `fill(constraints)` writes each constraint's allowed next tokens as a packed bitmask
   into a host tensor [M, ceil(vocab / 32)] int32 (pinned on a GPU engine): bit t % 32 of
-  word t // 32 is token t. xgrammar fills the rows in parallel threads, without the GIL.
-  The engine calls it while the device runs the step's forward.
+  word t // 32 is token t. xgrammar fills a row without the GIL; a batch of more than
+  FILL_ROWS_PER_THREAD rows is split over up to `threads` threads of a pool that lives
+  as long as the Grammars (xgrammar's own batch fill starts its threads on every call:
+  ~0.5 ms on the H200 host's CPU even for one row, where a row costs 1-40 µs; PERF.md
+  v0.24). The engine calls it from its driver thread, while the device runs the step's
+  forward; one fill at a time. `close()` stops the pool.
 - `apply(logits, rows, bitmask)`: a copy of `logits` [N, vocab] whose rows[i] keep only
   the tokens bitmask[i] allows (the others -inf), on the logits' device.
 - `Constraint.advance(token)` consumes a sampled token; True once the grammar is over
@@ -42,6 +46,7 @@ import os
 import re
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -55,6 +60,9 @@ CACHE_SIZE = 256  # compiled grammars kept (one per distinct spec)
 # vocabulary: its per-state token masks)
 CACHE_BYTES = 512 << 20
 FILL_THREADS_MAX = 8
+# rows below which a thread of the pool costs more than it saves: handing a part to a
+# pool thread costs ~20-50 µs, a row's mask 1-40 µs (replicas/grammar_replay.py)
+FILL_ROWS_PER_THREAD = 8
 # compact JSON: no free whitespace between tokens, so a weak model cannot loop on spaces
 JSON_OPTIONS: dict[str, Any] = {"any_whitespace": False, "separators": (",", ":"),
                                 "strict_mode": False}  # `prepared` closes objects
@@ -103,7 +111,7 @@ class Grammars:
 
     def __init__(self, tokenizer: Any, vocab_size: int, eos_ids: list[int],
                  pin: bool = False, cache_size: int = CACHE_SIZE,
-                 cache_bytes: int = CACHE_BYTES) -> None:
+                 cache_bytes: int = CACHE_BYTES, threads: int | None = None) -> None:
         import xgrammar
 
         self._lib = xgrammar
@@ -118,7 +126,12 @@ class Grammars:
         self._eos_bits = _packed(self.eos_ids, self.words)
         # our own LRU keeps the compiled grammars: xgrammar's cache would hold them twice
         self._compiler = xgrammar.GrammarCompiler(info, cache_enabled=False)
-        self._batch = xgrammar.BatchGrammarMatcher(max_threads=fill_threads())
+        self.threads = fill_threads() if threads is None else max(1, threads)
+        # one single-threaded batch filler per part of a batch; the pool starts with the
+        # first batch large enough to split
+        self._fillers = [xgrammar.BatchGrammarMatcher(max_threads=1)
+                         for _ in range(self.threads)]
+        self._pool: ThreadPoolExecutor | None = None
         self._pin = pin
         self._cache: OrderedDict[StructuredSpec, Any] = OrderedDict()
         self._cache_size = cache_size
@@ -171,9 +184,18 @@ class Grammars:
         n = len(constraints)
         host = torch.empty((n, self.words), dtype=torch.int32, pin_memory=self._pin)
         live = [i for i, c in enumerate(constraints) if not c.failed]
+        parts = max(1, min(self.threads, len(live) // FILL_ROWS_PER_THREAD))
+        # rows dealt out in turn: a batch's slow states (long strings) come in runs
+        chunks = [live[k::parts] for k in range(parts)]
+        if parts > 1 and self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads - 1, "tpserve-mask")
+        pending = [self._pool.submit(self._fill_rows, self._fillers[k], constraints,
+                                     chunk, host)
+                   for k, chunk in enumerate(chunks[1:], 1)] if self._pool else []
         if live:
-            self._batch.batch_fill_next_token_bitmask(
-                [constraints[i].matcher for i in live], host, indices=live)
+            self._fill_rows(self._fillers[0], constraints, chunks[0], host)
+        for part in pending:
+            part.result()
         json_rows = [i for i in live if constraints[i].json]
         if len(json_rows) == n:
             host.bitwise_and_(self._json_bits)
@@ -183,6 +205,18 @@ class Grammars:
         for i in (i for i, c in enumerate(constraints) if c.failed):  # let it end
             host[i] = self._eos_bits
         return host
+
+    @staticmethod
+    def _fill_rows(filler: Any, constraints: list[Constraint], rows: list[int],
+                   host: torch.Tensor) -> None:
+        filler.batch_fill_next_token_bitmask([constraints[i].matcher for i in rows], host,
+                                             indices=rows)
+
+    def close(self) -> None:
+        """Stop the fill threads (the pool, if it started); fill starts it again."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     def apply(self, logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor
               ) -> torch.Tensor:

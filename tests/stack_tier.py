@@ -48,8 +48,7 @@ from pathlib import Path
 import pytest
 
 from infra import procs
-from infra.procs import processes
-from infra.stack import STACK_PORTS
+from infra.procs import STACK_PORTS, processes
 from replicas.ranks import free_ports
 
 REPO = Path(__file__).resolve().parent.parent

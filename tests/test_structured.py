@@ -397,10 +397,46 @@ def test_grammar_replay_steps_rows_through_the_engines_matchers() -> None:
     texts = ['{"name":"ab","age":3,"role":"user","tags":["x","y"]}',
              '{"name":"ab","age":3,"role":"boss"}']
     lists = [hf.encode(t, add_special_tokens=False) for t in texts]
-    row = replay(Xgrammar(hf), SCHEMA, lists)
+    row = replay(Xgrammar(hf, 1), SCHEMA, lists)
     assert row["steps"] == len(lists[0]) and row["refused_rows"] == 1
     assert 0 < row["batch_fill_ms"]["p50"] <= row["batch_fill_ms"]["max"]
     assert 0 < row["row_fill_us"]["p50"] <= row["row_fill_us"]["max"]
+
+
+def test_a_batch_split_over_fill_threads_gets_the_masks_of_one_thread(engine: Engine
+                                                                     ) -> None:
+    """A batch of more than FILL_ROWS_PER_THREAD rows is filled in parts on the pool's
+    threads: each row's mask is the one a single thread fills, failed rows included;
+    `close` stops the pool's threads, and the next fill starts them again."""
+    import threading
+
+    from replicas.structured import FILL_ROWS_PER_THREAD, Grammars
+
+    hf = engine.tokenizer.hf
+    text = '{"name":"abcdefgh","age":42,"role":"admin","tags":["x","yz"]}'
+    tokens = hf.encode(text, add_special_tokens=False)
+    rows = 5 * FILL_ROWS_PER_THREAD
+    one, split = (Grammars(hf, engine.spec.vocab_size, [1], threads=n) for n in (1, 3))
+    batches = []
+    for grammars in (one, split):
+        batch = [grammars.constraint(JSON_SCHEMA) for _ in range(rows)]
+        for i, c in enumerate(batch):  # each row at its own point of the text
+            for t in tokens[: i % len(tokens)]:
+                c.advance(t)
+        batch[3].advance(hf.encode("x", add_special_tokens=False)[0])  # refused: failed
+        batches.append(batch)
+    assert torch.equal(one.fill(batches[0]), split.fill(batches[1]))
+    assert len({tuple(m.tolist()) for m in one.fill(batches[0])}) > 5  # states differ
+
+    def pool_threads() -> int:
+        return sum(t.name.startswith("tpserve-mask") for t in threading.enumerate())
+
+    running = pool_threads()  # the engine's own grammars may have a pool too
+    assert one._pool is None and split._pool is not None and running >= 2
+    split.close()
+    assert split._pool is None and pool_threads() == running - 2  # 3 parts: 2 pool threads
+    assert torch.equal(one.fill(batches[0][:16]), split.fill(batches[1][:16]))
+    split.close()
 
 
 def test_the_grammar_cache_is_bounded_in_count_and_in_bytes(engine: Engine) -> None:
