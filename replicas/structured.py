@@ -25,12 +25,14 @@ Contract:
 - `constraint(spec)` gives a request its own matcher (`Constraint`).
 - `fill(constraints)` writes each constraint's allowed next tokens as a packed bitmask
   into a host tensor [M, ceil(vocab / 32)] int32 (pinned on a GPU engine): bit t % 32 of
-  word t // 32 is token t. xgrammar fills a row without the GIL; a batch of more than
-  FILL_ROWS_PER_THREAD rows is split over up to `threads` threads of a pool that lives
-  as long as the Grammars (xgrammar's own batch fill starts its threads on every call:
-  ~0.5 ms on the H200 host's CPU even for one row, where a row costs 1-40 µs; PERF.md
-  v0.24). The engine calls it from its driver thread, while the device runs the step's
-  forward; one fill at a time. `close()` stops the pool.
+  word t // 32 is token t. xgrammar fills a row without the GIL. A batch is split over
+  up to `threads` threads of a pool that lives as long as the Grammars only when that
+  pays: each part gets FILL_ROWS_PER_THREAD rows or more and, by the rows' recent cost,
+  FILL_PART_S of work or more (a mask costs 1 µs to ~1 ms by its state; handing a part
+  to a thread costs 0.05-0.3 ms on the H200 host; xgrammar's own batch fill starts its
+  threads on every call, ~0.5 ms even for one row: PERF.md v0.24). The engine calls it
+  from its driver thread, while the device runs the step's forward; one fill at a time.
+  `close()` stops the pool.
 - `apply(logits, rows, bitmask)`: a copy of `logits` [N, vocab] whose rows[i] keep only
   the tokens bitmask[i] allows (the others -inf), on the logits' device.
 - `Constraint.advance(token)` consumes a sampled token; True once the grammar is over
@@ -45,6 +47,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -60,9 +63,10 @@ CACHE_SIZE = 256  # compiled grammars kept (one per distinct spec)
 # vocabulary: its per-state token masks)
 CACHE_BYTES = 512 << 20
 FILL_THREADS_MAX = 8
-# rows below which a thread of the pool costs more than it saves: handing a part to a
-# pool thread costs ~20-50 µs, a row's mask 1-40 µs (replicas/grammar_replay.py)
+# a part of a batch worth a pool thread: this many rows, and this much work by the rows'
+# recent cost (see the module doc)
 FILL_ROWS_PER_THREAD = 8
+FILL_PART_S = 0.5e-3
 # compact JSON: no free whitespace between tokens, so a weak model cannot loop on spaces
 JSON_OPTIONS: dict[str, Any] = {"any_whitespace": False, "separators": (",", ":"),
                                 "strict_mode": False}  # `prepared` closes objects
@@ -132,6 +136,7 @@ class Grammars:
         self._fillers = [xgrammar.BatchGrammarMatcher(max_threads=1)
                          for _ in range(self.threads)]
         self._pool: ThreadPoolExecutor | None = None
+        self.row_fill_s = 0.0  # a row's mask, recent mean (moving; the parts' own times)
         self._pin = pin
         self._cache: OrderedDict[StructuredSpec, Any] = OrderedDict()
         self._cache_size = cache_size
@@ -184,7 +189,8 @@ class Grammars:
         n = len(constraints)
         host = torch.empty((n, self.words), dtype=torch.int32, pin_memory=self._pin)
         live = [i for i, c in enumerate(constraints) if not c.failed]
-        parts = max(1, min(self.threads, len(live) // FILL_ROWS_PER_THREAD))
+        parts = max(1, min(self.threads, len(live) // FILL_ROWS_PER_THREAD,
+                           int(len(live) * self.row_fill_s / FILL_PART_S)))
         # rows dealt out in turn: a batch's slow states (long strings) come in runs
         chunks = [live[k::parts] for k in range(parts)]
         if parts > 1 and self._pool is None:
@@ -193,9 +199,9 @@ class Grammars:
                                      chunk, host)
                    for k, chunk in enumerate(chunks[1:], 1)] if self._pool else []
         if live:
-            self._fill_rows(self._fillers[0], constraints, chunks[0], host)
-        for part in pending:
-            part.result()
+            spent = self._fill_rows(self._fillers[0], constraints, chunks[0], host)
+            spent += sum(part.result() for part in pending)
+            self.row_fill_s += (spent / len(live) - self.row_fill_s) / 4
         json_rows = [i for i in live if constraints[i].json]
         if len(json_rows) == n:
             host.bitwise_and_(self._json_bits)
@@ -208,9 +214,12 @@ class Grammars:
 
     @staticmethod
     def _fill_rows(filler: Any, constraints: list[Constraint], rows: list[int],
-                   host: torch.Tensor) -> None:
+                   host: torch.Tensor) -> float:
+        """Fill `rows` of `host` on this thread; the seconds it took."""
+        start = time.perf_counter()
         filler.batch_fill_next_token_bitmask([constraints[i].matcher for i in rows], host,
                                              indices=rows)
+        return time.perf_counter() - start
 
     def close(self) -> None:
         """Stop the fill threads (the pool, if it started); fill starts it again."""

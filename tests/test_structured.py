@@ -427,9 +427,10 @@ def test_grammar_replay_steps_rows_through_the_engines_matchers() -> None:
 
 def test_a_batch_split_over_fill_threads_gets_the_masks_of_one_thread(engine: Engine
                                                                      ) -> None:
-    """A batch of more than FILL_ROWS_PER_THREAD rows is filled in parts on the pool's
-    threads: each row's mask is the one a single thread fills, failed rows included;
-    `close` stops the pool's threads, and the next fill starts them again."""
+    """A batch of FILL_ROWS_PER_THREAD rows a part or more, whose rows have been slow
+    lately, is filled in parts on the pool's threads: each row's mask is the one a single
+    thread fills, failed rows included; `close` stops the pool's threads, and the next
+    fill starts them again. Cheap rows stay on one thread: no pool."""
     import threading
 
     from replicas.structured import FILL_ROWS_PER_THREAD, Grammars
@@ -447,6 +448,11 @@ def test_a_batch_split_over_fill_threads_gets_the_masks_of_one_thread(engine: En
                 c.advance(t)
         batch[3].advance(hf.encode("x", add_special_tokens=False)[0])  # refused: failed
         batches.append(batch)
+    cheap = [split.constraint(JSON_SCHEMA) for _ in range(rows)]  # ~1 µs a mask
+    for _ in range(3):
+        split.fill(cheap)
+    assert split._pool is None and 0 < split.row_fill_s < 1e-4
+    split.row_fill_s = one.row_fill_s = 1e-3  # as if the rows had been slow
     assert torch.equal(one.fill(batches[0]), split.fill(batches[1]))
     assert len({tuple(m.tolist()) for m in one.fill(batches[0])}) > 5  # states differ
 
@@ -457,7 +463,9 @@ def test_a_batch_split_over_fill_threads_gets_the_masks_of_one_thread(engine: En
     assert one._pool is None and split._pool is not None and running >= 2
     split.close()
     assert split._pool is None and pool_threads() == running - 2  # 3 parts: 2 pool threads
-    assert torch.equal(one.fill(batches[0][:16]), split.fill(batches[1][:16]))
+    split.row_fill_s = 1e-3
+    assert torch.equal(one.fill(batches[0][:17]), split.fill(batches[1][:17]))  # 16 live
+    assert split._pool is not None
     split.close()
 
 
