@@ -37,6 +37,7 @@ from cluster.ray_token import read_token
 # so that the CLI reads and scales them without importing Ray or torch)
 APP_NAME = "tpserve"
 ENGINE = "Engine"
+ROUTER = "Router"  # the router's deployment (cluster/app.py)
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 
 
@@ -80,9 +81,10 @@ def _request(url: str, body: dict[str, Any] | None = None, timeout: float = 10.0
 
 def load_config(path: str | Path, http_host: str | None = None, http_port: int | None = None,
                 engine: dict[str, Any] | None = None, num_replicas: int | None = None,
-                router: dict[str, Any] | None = None) -> dict[str, Any]:
+                router: dict[str, Any] | None = None,
+                router_replicas: int | None = None) -> dict[str, Any]:
     """A Serve config file with overrides: HTTP host/port, EngineConfig fields, the
-    engine's replica count and RouterConfig fields."""
+    engine's replica count, RouterConfig fields and the router's replica count."""
     with open(path) as f:
         config = yaml.safe_load(f)
     http = config.setdefault("http_options", {})
@@ -97,10 +99,14 @@ def load_config(path: str | Path, http_host: str | None = None, http_port: int |
         args.setdefault("engine", {}).update(engine or {})
         if router:
             args["router"] = {**(args.get("router") or {}), **router}
-        if num_replicas is not None:
-            for dep in app.get("deployments", []):
-                if dep.get("name") == ENGINE:
-                    dep["num_replicas"] = num_replicas
+        for name, count in ((ENGINE, num_replicas), (ROUTER, router_replicas)):
+            if count is None:
+                continue
+            deployments = app.setdefault("deployments", [])
+            dep = next((d for d in deployments if d.get("name") == name), None)
+            if dep is None:
+                deployments.append(dep := {"name": name})
+            dep["num_replicas"] = count
     return config
 
 

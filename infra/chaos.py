@@ -127,7 +127,7 @@ class Drill:
     def snapshot(self) -> dict[str, Any]:
         """What a fault's recovery waits on, each part as far as it can be read: the edge's
         /healthz answer, Serve's engine and router replicas, nginx's upstreams."""
-        from cluster.control import replicas
+        from cluster.control import ROUTER, replicas
         from infra.edge import configured_upstreams
         from infra.services import nginx_conf
 
@@ -135,7 +135,7 @@ class Drill:
             "healthz": lambda: self.http("GET", "/healthz"),
             "engines": self.engine_ids,
             "routers": lambda: {r.replica_id: r.state
-                                for r in replicas(self.dashboard, deployment="Router")},
+                                for r in replicas(self.dashboard, deployment=ROUTER)},
             "edge_upstreams": lambda: configured_upstreams(
                 nginx_conf(Path(self.stack.config.state_dir))),
         }
@@ -235,14 +235,14 @@ class Drill:
             return json.loads(resp.read())
 
     def router_ids(self) -> set[str]:
-        from cluster.control import replicas
+        from cluster.control import ROUTER, replicas
 
-        return {r.replica_id for r in replicas(self.dashboard, deployment="Router")}
+        return {r.replica_id for r in replicas(self.dashboard, deployment=ROUTER)}
 
     def router_replaced(self, old: set[str]) -> bool:
-        from cluster.control import replicas
+        from cluster.control import ROUTER, replicas
 
-        now = replicas(self.dashboard, deployment="Router")
+        now = replicas(self.dashboard, deployment=ROUTER)
         return bool(now) and all(r.state == "RUNNING" and r.replica_id not in old
                                  for r in now) and self.healthy()
 
@@ -294,11 +294,12 @@ class Drill:
 def redeploy_config(body: dict[str, Any], generation: int) -> dict[str, Any]:
     """The deployed Serve config, with a new environment for the Router deployment only:
     Serve replaces the router replica (draining the old one) and leaves the engines."""
-    from cluster.control import APP_NAME
+    from cluster.control import APP_NAME, ROUTER
 
     app = body["applications"][APP_NAME]["deployed_app_config"]
-    deployments = [d for d in app.get("deployments", []) if d.get("name") != "Router"]
-    deployments.append({"name": "Router", "ray_actor_options": {"runtime_env": {
+    deployments = [d for d in app.get("deployments", []) if d.get("name") != ROUTER]
+    router = next((d for d in app.get("deployments", []) if d.get("name") == ROUTER), {})
+    deployments.append({**router, "name": ROUTER, "ray_actor_options": {"runtime_env": {
         "env_vars": {"TPSERVE_ROUTER_GENERATION": str(generation)}}}})
     http = body.get("http_options") or {}
     return {"proxy_location": body.get("proxy_location", "HeadOnly"),

@@ -103,6 +103,8 @@ FIELD_HELP = {
     "ray_port": "Port of the Ray head (GCS).",
     "redis_port": "Port of Redis, which keeps the sessions.",
     "replicas": "Number of engine replicas to start (`tpserve scale` changes it later).",
+    "router_replicas": "Number of router replicas (the OpenAI API); nginx spreads requests "
+                       "over them. Each streams on one core: more for many streams.",
     "num_cpus": "Logical CPUs Ray may hand out (each rank of a CPU replica takes one).",
     "state_dir": "Directory for the running cluster's state, logs and admin token.",
     "timeout_s": "Seconds to wait for the replicas to be running before giving up.",

@@ -26,6 +26,8 @@
 # step's delta its own message), beside the default, in the same call (PERF.md v0.19).
 # AB_INTERVAL=N before `measure`: the stack a second time with --stream-interval N (N
 # tokens a Serve message after the first), beside the default, in the same call.
+# AB_ROUTERS=N before `measure`: the stack a second time with N router replicas (nginx
+# spreads the streams over them), in the same call.
 # AB_MAX_ONGOING=N before `measure`: the stack a second time with the engine replica
 # taking N requests at once instead of 64 (TPSERVE_MAX_ONGOING), in the same call.
 # On the two-GPU kind, `measure-x2 tp2` and `measure-x2 replicas` (see measure_x2) in
@@ -176,6 +178,9 @@ $(python3 -c "print(round($t1 - $t0, 1))")}" | tee -a "$out/gpu_stack.jsonl"
         # the engine replica taking AB_MAX_ONGOING requests at once instead of 64
         # (cluster/engine.py MAX_ONGOING)
         stack_again TPSERVE_MAX_ONGOING=$AB_MAX_ONGOING
+    fi
+    if [ "$caches" = warm ] && [ "${AB_ROUTERS:-1}" != 1 ] && [ $rc = 0 ]; then
+        stack_again "" --router-replicas "$AB_ROUTERS"
     fi
     if [ "$caches" = warm ] && [ "${AB_INTERVAL:-1}" != 1 ] && [ $rc = 0 ]; then
         stack_again "" --stream-interval "$AB_INTERVAL"

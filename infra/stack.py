@@ -54,6 +54,7 @@ class StackConfig:
     ray_port: int = 6379
     redis_port: int = 6380  # Ray's head takes 6379
     replicas: int = 2
+    router_replicas: int = 1  # the router's event loop is one core: more share the streams
     num_cpus: int = 8  # logical CPUs Ray may hand out (bundles of the TP ranks)
     state_dir: str = str(DEFAULT_STATE)
     timeout_s: float = 600.0
@@ -66,6 +67,8 @@ class StackConfig:
             raise StackError(f"routing={self.routing!r}: use one of {ROUTING_MODES}")
         if self.sessions not in SESSION_POLICIES:
             raise StackError(f"sessions={self.sessions!r}: use one of {SESSION_POLICIES}")
+        if self.router_replicas < 1:
+            raise StackError(f"router_replicas must be >= 1, got {self.router_replicas}")
         if self.rate_limit_per_minute < 0:
             raise StackError(f"rate_limit_per_minute must be >= 0 (0: no limit), got "
                              f"{self.rate_limit_per_minute}")
@@ -261,7 +264,8 @@ def start(engine: dict[str, Any], config: StackConfig, state: Path, env: dict[st
     pids = json.loads(services.stdout.strip().splitlines()[-1])
     print("  Redis and nginx up")
     serve_config = load_config(REPO / "cluster/serve.yaml", "127.0.0.1", config.serve_port,
-                               engine, config.replicas, config.router)
+                               engine, config.replicas, config.router,
+                               config.router_replicas)
     deploy(serve_config, config.ray_dashboard)
     progress(f"deploying {config.replicas} engine replicas",
              lambda: app_running(config), config.timeout_s,

@@ -196,6 +196,7 @@ def test_router_settings_reach_the_router_config() -> None:
     defaults = RouterConfig(**load_config(serve_yaml)["applications"][0]["args"]["router"])
     assert (defaults.sessions, defaults.rate_limit_per_minute) == (
         StackConfig().sessions, StackConfig().rate_limit_per_minute) == ("on_use", 0)
-    for bad in ({"routing": "sticky"}, {"sessions": "never"}, {"rate_limit_per_minute": -1}):
+    for bad in ({"routing": "sticky"}, {"sessions": "never"}, {"rate_limit_per_minute": -1},
+                {"router_replicas": 0}):
         with pytest.raises(StackError):
             StackConfig(**bad)

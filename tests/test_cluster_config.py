@@ -55,6 +55,26 @@ def test_serve_yaml_is_a_valid_serve_config_with_overrides() -> None:
     assert config["http_options"] == {"host": "127.0.0.1", "port": 18000}
 
 
+def test_replica_counts_of_the_engine_and_the_router_override_their_deployments() -> None:
+    """`tpserve up --replicas N --router-replicas M`: each count lands on its own
+    deployment (the router's entry is added; serve.yaml lists the engine's alone), and a
+    chaos redeploy of the router keeps its count."""
+    from infra.chaos import redeploy_config
+
+    config = load_config(CLUSTER / "serve.yaml", num_replicas=3, router_replicas=2)
+    app = ServeDeploySchema(**config).applications[0]
+    counts = {d.name: d.num_replicas for d in app.deployments}
+    assert counts == {"Engine": 3, "Router": 2}
+    plain = load_config(CLUSTER / "serve.yaml")["applications"][0]["deployments"]
+    assert [d["name"] for d in plain] == ["Engine"]
+    body = {"applications": {"tpserve": {"deployed_app_config": config["applications"][0]}},
+            "http_options": config["http_options"]}
+    again = redeploy_config(body, 2)["applications"][0]["deployments"]
+    router = next(d for d in again if d["name"] == "Router")
+    assert router["num_replicas"] == 2 and "TPSERVE_ROUTER_GENERATION" in str(router)
+    assert ServeDeploySchema(**redeploy_config(body, 2))
+
+
 def test_each_rank_sees_all_gpus_of_its_replica_in_rank_order() -> None:
     assert visible_devices([["3"], ["5"], ["4"], ["6"]]) == "3,5,4,6"
     assert rank_env("3,5", 1) == {"LOCAL_RANK": "1", "CUDA_VISIBLE_DEVICES": "3,5"}

@@ -300,10 +300,12 @@ def test_down_stops_everything_and_frees_the_ports(stack: Running) -> None:
 
 
 def test_ctrl_c_stops_the_foreground_stack(tmp_path: Path) -> None:
+    """A foreground stack (here with two router replicas, which nginx both fronts, each
+    answering) stops on Ctrl-C, leaving nothing behind."""
     ports = free_ports(PORT_FLAGS)
     proc = subprocess.Popen(
         [sys.executable, "-m", "infra.cli", "up", f"--state-dir={tmp_path}", "--replicas=1",
-         "--tp=1", *port_flags(ports)],
+         "--tp=1", "--router-replicas=2", *port_flags(ports)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = []
@@ -316,6 +318,15 @@ def test_ctrl_c_stops_the_foreground_stack(tmp_path: Path) -> None:
         assert proc.poll() is None, "".join(lines)
         token = (tmp_path / "admin_token").read_text()
         assert stack_processes(token)  # (what must be gone below)
+        deadline = time.monotonic() + 60  # the edge follows Serve's ingress every second
+        while (len(configured_upstreams(nginx_conf(tmp_path))) != 2
+               and time.monotonic() < deadline):
+            time.sleep(0.5)
+        upstreams = configured_upstreams(nginx_conf(tmp_path))
+        assert len(upstreams) == 2, upstreams  # one per router replica
+        for upstream in upstreams:  # each answers the API itself
+            with urllib.request.urlopen(f"http://{upstream}/v1/models", timeout=30) as r:
+                assert json.load(r)["data"]
         proc.send_signal(signal.SIGINT)
         assert proc.wait(180) == 0
     finally:
