@@ -143,7 +143,7 @@ measure() {
     # down`. JSON lines and logs go to $OUT.
     . $ROOT/env.sh
     local caches=$1 model=${MODEL_DIR:-/tmp/glm4-9b} out=${OUT:-/tmp/tpserve-out}
-    local state=/tmp/tpserve-state rc=0 t0 t1 tag=""
+    local state=/tmp/tpserve-state rc=0 t0 t1 tag="\"caches\": \"$1\", "
     mkdir -p "$out"
     export PYTHONUNBUFFERED=1
     [ -f $model/model.safetensors.index.json ] ||
@@ -151,8 +151,6 @@ measure() {
     if [ "$caches" = warm ]; then
         python3 -m infra.gpu_stack engine $model --out "$out/gpu_stack.jsonl"
         nvidia-smi --query-gpu=memory.used --format=csv,noheader
-    else
-        tag='"caches": "cold", '
     fi
     t0=$(date +%s.%N)
     python3 -m infra.cli up --model $model --tp 1 --replicas 1 --device cuda --detach \

@@ -110,13 +110,15 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                 f"{row['ttft_ms']['p50']} ms", "—")
     if kind in ("gpu_stack", "gpu_stack_start"):
         what = (f"stack on one {row.get('gpu', 'H200')}: {row['model']}, {row['replicas']} "
-                f"replica tp={row['tp']}, kernel caches {row['caches']}"
+                f"replica tp={row['tp']}, kernel caches {row.get('caches', 'not recorded')}"
                 + (", a late reader's deltas not joined (TPSERVE_STREAM_JOIN=0)"
                    if row.get("join_deltas") is False else "")
                 + (f", {row['stream_interval']} tokens a message"
                    if row.get("stream_interval", 1) > 1 else "")
                 + (f", an engine replica takes {row['max_ongoing']} requests at once"
-                   if row.get("max_ongoing", 64) != 64 else ""))
+                   if row.get("max_ongoing", 64) != 64 else "")
+                + (f", {row['router_replicas']} router replicas"
+                   if row.get("router_replicas", 1) != 1 else ""))
         start = (f"replica RUNNING in {row['replica_init_s']} s (GEMV tuning "
                  f"{row['replica_startup_s']['gemv_tuning']} s), weights "
                  f"{row['load_gb_s']} GB/s; first chat's TTFT {row['chat']['ttft_ms']} ms")
