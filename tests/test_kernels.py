@@ -415,8 +415,11 @@ def test_engine_caches_alike_through_the_kernels_in_fp8(
     Later layers' inputs differ by the interpreter's rounding, so the tokens of a tiny
     random model may too: on a GPU tests/test_gpu.py holds the accuracy bar."""
     monkeypatch.setattr(worker, "FLASH_MIN_TOKENS", flash_from)
+    # a small pool: the caches are cloned and compared whole (a GPU's default pool would
+    # take tens of GB in float)
     config = EngineConfig(model=checkpoint("llama"), device=DEVICE, dtype="float32",
-                          max_num_batched_tokens=16, block_size=4, kv_cache_dtype="fp8")
+                          max_num_batched_tokens=16, block_size=4, kv_cache_dtype="fp8",
+                          num_kv_blocks=64, max_model_len=256)
     gen = torch.Generator().manual_seed(7)
     shared = torch.randint(3, 200, (13,), generator=gen).tolist()
     prompts = [shared + [5, 6], shared + [7]]
