@@ -29,7 +29,7 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
 from cluster.control import ENGINE
-from cluster.requests import error_event, serve_request
+from cluster.requests import ReplicaTimes, error_event, serve_request
 from router import keys, wire
 
 if TYPE_CHECKING:
@@ -79,6 +79,7 @@ class EngineDeployment:
         from cluster.ranks import RankGroup
 
         self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.times = ReplicaTimes()  # the requests' way to the engine (stats)
         # the rank actors first: their processes start (and import torch) meanwhile
         self.ranks = RankGroup(int(config.get("tp", 1)), use_gpu, cpus_per_rank,
                                f"tpserve-{self.replica_id}")
@@ -119,12 +120,13 @@ class EngineDeployment:
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """The wire items (router/wire.py, as dicts) of one wire Request: `serve_request`."""
         # closed with the stream (a caller gone aborts the request in the engine)
-        async with aclosing(serve_request(self.engine, request, self.replica_id)) as items:
+        async with aclosing(serve_request(self.engine, request, self.replica_id,
+                                            self.times)) as items:
             async for item in items:
                 yield item
 
     def stats(self) -> dict[str, Any]:
-        return {**self.engine.stats(), "replica": self.replica_id}
+        return {**self.engine.stats(), **self.times.summary(), "replica": self.replica_id}
 
     def check_health(self) -> None:
         """Serve replaces the replica when this raises: a dead rank, a broken group."""

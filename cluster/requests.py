@@ -20,8 +20,9 @@ import asyncio
 import json
 import logging
 import sys
+import time
 from collections.abc import AsyncGenerator
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -31,6 +32,7 @@ from router import wire
 if TYPE_CHECKING:
     from replicas import Engine, SamplingParams
     from replicas.engine import TokenDelta
+    from replicas.jsonlines import Recent
     from replicas.toolcalls import ToolCallParser
 
 # Serve's own logger: a line logged here lands in the replica's log file (serve/replica_*)
@@ -58,15 +60,38 @@ def sampling_params(fields: dict[str, Any]) -> SamplingParams:
         raise RequestError(f"bad sampling parameters: {e}") from e
 
 
-async def serve_request(engine: Engine, request: dict[str, Any], replica: str
+def _recent() -> Recent:
+    from replicas.jsonlines import Recent  # (replicas imports torch: engine replicas only)
+
+    return Recent()
+
+
+@dataclass
+class ReplicaTimes:
+    """What a replica's requests spent before the engine, over the last ones (its stats):
+    from entering the replica to reaching the engine's add_request (parsing, the chat
+    template, tokenizing, a grammar's compile) and to their first delta."""
+
+    prepare: Recent = field(default_factory=_recent)
+    first_delta: Recent = field(default_factory=_recent)
+
+    def summary(self) -> dict[str, Any]:
+        return {"prepare_ms": self.prepare.summary(),
+                "replica_ttft_ms": self.first_delta.summary()}
+
+
+async def serve_request(engine: Engine, request: dict[str, Any], replica: str,
+                        times: ReplicaTimes | None = None
                         ) -> AsyncGenerator[dict[str, Any], None]:
     """Stream the wire Deltas (as dicts) of one wire Request (a dict) on `engine`; the
-    first also has prompt_tokens.
+    first also has prompt_tokens. `times`, when given, records the request's way to the
+    engine and its first delta.
 
     A request the engine refuses (the client's fault, a 400) ends the stream with one
     ErrorEvent and one log line, rather than an exception: Serve logs every exception a
     replica raises at ERROR with its whole traceback. Any other failure raises; the
     caller's end (ServeEngine) maps it."""
+    start = time.perf_counter()
     try:
         req = wire.Request.from_dict(request)
         fields = dict(req.params)
@@ -78,6 +103,8 @@ async def serve_request(engine: Engine, request: dict[str, Any], replica: str
         if params.structured is not None:  # off the replica's event loop (see there)
             await asyncio.to_thread(engine.check_structured, params.structured)
         first = True
+        if times is not None:
+            times.prepare.add(time.perf_counter() - start)
         async for delta in engine.add_request(ids, params, req.request_id):
             text, calls, reason = delta.text, None, delta.finish_reason
             if parser is not None:
@@ -88,6 +115,8 @@ async def serve_request(engine: Engine, request: dict[str, Any], replica: str
                                             delta.top_logprobs), tool_calls=calls)
             if first and req.echo:
                 out = echoed(engine, out, ids, req, delta)
+            if first and times is not None:
+                times.first_delta.add(time.perf_counter() - start)
             yield out.to_dict()
             first = False
     except Exception as e:

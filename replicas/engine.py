@@ -29,6 +29,7 @@ import torch
 from transformers import AutoConfig
 
 from replicas.config import ConfigError, EngineConfig, ModelSpec, SamplingParams, StructuredSpec
+from replicas.jsonlines import Recent
 from replicas.kv_cache import BlockManager
 from replicas.outputs import (
     AsyncSink,
@@ -257,6 +258,8 @@ class Engine:
         self._grammars: Grammars | None = None  # made by the first structured request
         self._grammars_lock = threading.Lock()
         self.mask_fill_s = 0.0  # time spent filling structured outputs' token masks
+        # add_request to its first delta, the last requests' (stats' ttft_ms)
+        self.first_token = Recent()
         # the last step's tokens, still on the device (see _step)
         self._flight: _Flight | None = None
         # at tp > 1 the other ranks get the placeholders' tokens by a broadcast on the
@@ -306,6 +309,7 @@ class Engine:
         Leaving the iteration early (break, cancel, client gone) aborts the request.
         Raises RequestError before yielding anything if the request is invalid.
         """
+        start = time.perf_counter()
         seq = self._make_sequence(prompt, params or SamplingParams(), request_id)
         sink = AsyncSink(asyncio.get_running_loop(), self._post)
         self._submit([("add", (seq, sink))])
@@ -329,6 +333,8 @@ class Engine:
                         held = queued  # raised after the tokens before it are out
                         break
                     item = joined(item, queued)
+                if first:
+                    self.first_token.add(time.perf_counter() - start)
                 first = False
                 yield item
                 if item.finish_reason is not None:
@@ -374,6 +380,10 @@ class Engine:
             "join_deltas": self.join_deltas,
             "stream_interval": self.config.stream_interval,
             "weight_bytes": self.worker.weight_bytes,
+            # streamed requests' time to first token inside the engine (add_request to
+            # its first delta), over the last 512: against a client's TTFT, what the
+            # way to the engine and back costs
+            "ttft_ms": self.first_token.summary(),
         }
 
     def healthy(self) -> bool:

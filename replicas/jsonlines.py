@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections import deque
 from typing import Any
 
 
@@ -28,3 +29,19 @@ def spread(values: list[float], scale: float = 1.0, digits: int = 1) -> dict[str
                 for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))})
     out["max"] = ordered[-1]
     return {k: round(v * scale, digits) for k, v in out.items()}
+
+
+class Recent:
+    """The last `size` durations (seconds) of something a server does per request, for
+    its stats: `summary()` is their count and spread in ms. Appends from any thread."""
+
+    def __init__(self, size: int = 512) -> None:
+        self._seconds: deque[float] = deque(maxlen=size)
+
+    def add(self, seconds: float) -> None:
+        self._seconds.append(seconds)
+
+    def summary(self) -> dict[str, float]:
+        """{"n": count} and, when there are any, mean/p50/p90/p99/max in ms."""
+        seconds = list(self._seconds)
+        return {"n": len(seconds), **(spread(seconds, 1e3, 2) if seconds else {})}

@@ -127,6 +127,10 @@ def test_stream_aborts_when_the_caller_goes_away(stack: Stack) -> None:
     while any(s["running"] for s in engine_stats().values()):
         assert time.monotonic() < deadline, "the cancelled request still runs"
         time.sleep(0.5)
+    # the replicas' stats time their requests' way to the engine and first delta
+    stats = engine_stats().values()
+    for key in ("prepare_ms", "replica_ttft_ms", "ttft_ms"):
+        assert sum(s[key]["n"] for s in stats) >= 1, key
 
 
 @pytest.mark.stack("faults")

@@ -82,7 +82,10 @@ def test_batch_invariance_arrivals_midway(engine: Engine, solo: dict[int, list[i
 
 def test_stream_matches_generate_and_ends_once(engine: Engine) -> None:
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    before = engine.stats()["ttft_ms"]["n"]
     deltas = collect(engine, "The fox", params)
+    ttft = engine.stats()["ttft_ms"]  # a streamed request's first delta, inside the engine
+    assert ttft["n"] == min(before + 1, 512) and 0 < ttft["p50"] <= ttft["max"]
     whole = engine.generate(["The fox"], params)[0]
     assert [t for d in deltas for t in d.token_ids] == whole.token_ids
     assert "".join(d.text for d in deltas) == whole.text

@@ -13,7 +13,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 from cluster.engine import ServeEngine  # noqa: E402
-from cluster.requests import error_event, serve_request  # noqa: E402
+from cluster.requests import ReplicaTimes, error_event, serve_request  # noqa: E402
 from replicas import ConfigError, EngineDeadError, RequestError  # noqa: E402
 from replicas.engine import TokenDelta  # noqa: E402
 from router import wire  # noqa: E402
@@ -97,6 +97,35 @@ def test_the_replica_streams_wire_deltas_and_refuses_in_band() -> None:
         event = wire.decode(item)
         assert isinstance(event, wire.ErrorEvent) and event.status == 400, request
         assert words in event.message and event.replica == "r"
+
+
+class SlowEngine(FakeEngine):
+    """Its first delta comes `wait_s` after the request reaches add_request."""
+
+    wait_s = 0.05
+
+    async def add_request(self, ids: list[int], params: Any, request_id: str | None
+                          ) -> AsyncIterator[TokenDelta]:
+        await asyncio.sleep(self.wait_s)
+        async for delta in super().add_request(ids, params, request_id):
+            yield delta
+
+
+def test_replica_times_record_the_way_to_the_engine_and_the_first_delta() -> None:
+    """A replica's stats say how long its requests took to reach the engine and to their
+    first delta (two streamed requests; a refused one reaches neither)."""
+    times = ReplicaTimes()
+
+    async def run(request: dict[str, Any]) -> list[dict[str, Any]]:
+        return [i async for i in serve_request(SlowEngine(), request, "r", times)]
+
+    for _ in range(2):
+        asyncio.run(run({"prompt": "ab", "params": {"max_tokens": 3}}))
+    asyncio.run(run({"prompt": [], "params": {}}))  # refused by the engine: no first delta
+    summary = times.summary()
+    prepare, first = summary["prepare_ms"], summary["replica_ttft_ms"]
+    assert (prepare["n"], first["n"]) == (3, 2)
+    assert first["p50"] >= SlowEngine.wait_s * 1e3 > prepare["max"]
 
 
 TOOLS = {"tools": [{"type": "function", "function": {"name": "add"}}], "choice": "auto",
