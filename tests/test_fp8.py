@@ -103,6 +103,41 @@ def test_w8a16_kernel_is_the_weight_only_product(shape: tuple[int, int, int],
         assert torch.equal(fp8_linear(x, w8, scale, bias), got)  # the same kernel
 
 
+@pytest.mark.parametrize("shape", [(5, 200), (3, 2100), (1, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_quantization_kernel_is_quantize_tokens(shape: tuple[int, int],
+                                                      dtype: torch.dtype,
+                                                      monkeypatch: pytest.MonkeyPatch
+                                                      ) -> None:
+    """The W8A8 path's one-kernel per-token quantization (its interpreter here) against
+    quantize_tokens: the same scales, the same FP8 entries but where the interpreter's
+    e4m3 rounding drops a carry (tests/test_kernels.py same_fp8), over rows longer than
+    its block, a zero row and values past the range; fp8_linear takes it when the
+    kernels are on."""
+    pytest.importorskip("triton")
+    from test_kernels import same_fp8
+
+    from replicas import kernels
+
+    monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
+    m, k = shape
+    gen = torch.Generator().manual_seed(k)
+    x = (torch.randn(m, k, generator=gen) * torch.logspace(-2, 3, m)[:, None]).to(dtype)
+    x[-1, : k // 2] = 0.0
+    if m > 1:
+        x[0] = 0.0  # a zero row: scale 1
+    x8, scale = kernels.quantize_tokens_fp8(x)
+    want8, want_scale = quantize_tokens(x)
+    assert x8.dtype == FP8 and scale.shape == (m, 1) and scale.dtype == torch.float32
+    torch.testing.assert_close(scale, want_scale, rtol=1e-6, atol=0)
+    same_fp8(x8, want8)
+    w8, ws = quantize_rows(torch.randn(16, k, generator=gen))
+    got = fp8_linear(x, w8, ws, w8a8=True)  # through the kernel
+    monkeypatch.setenv("TPSERVE_TRITON_CPU", "0")
+    torch.testing.assert_close(got, fp8_linear(x, w8, ws, w8a8=True), rtol=0.07,
+                               atol=0.07 * float(got.abs().max()))
+
+
 def test_unknown_quantization_is_refused() -> None:
     with pytest.raises(ConfigError, match="quantization='int4'"):
         EngineConfig(quantization="int4")

@@ -20,7 +20,8 @@ last bit in most positions.
 One module per kernel family, each kernel next to its launcher: `norm`, `activation`,
 `rope`, `attention`, `gemv` (and its tuning), `tokens` (feeding and greedy argmax),
 `allreduce` (tensor parallelism's decode all-reduce, alone or folded into the GEMVs),
-`fp8mm` (FP8 weights times 16-bit activations, more than one row);
+`fp8mm` (FP8 weights times 16-bit activations, more than one row), `quant` (per-token
+FP8 quantization of activations, the W8A8 path's input);
 `common` holds `enabled`, PDL and block-size helpers. Callers use `kernels.X`: this
 package re-exports every name they use.
 """
@@ -41,12 +42,13 @@ from replicas.kernels.gemv import (
     pick_gemv,
 )
 from replicas.kernels.norm import rms_norm
+from replicas.kernels.quant import quantize_tokens_fp8
 from replicas.kernels.rope import rope_and_cache
 from replicas.kernels.tokens import ARGMAX_BLOCK, argmax_rows, feed_tokens
 
 __all__ = [
     "ARGMAX_BLOCK", "GEMV_CONFIGS", "GemvConfig", "GemvKind", "NewKeys", "Site", "argmax_rows",
     "decode_splits", "enabled", "feed_tokens", "gemv", "gemv_norm", "gemv_push",
-    "paged_attention", "pdl", "pick_gemv", "rms_norm", "rope_and_cache", "silu_and_mul",
-    "w8a16",
+    "paged_attention", "pdl", "pick_gemv", "quantize_tokens_fp8", "rms_norm",
+    "rope_and_cache", "silu_and_mul", "w8a16",
 ]
