@@ -189,19 +189,8 @@ class Grammars:
         n = len(constraints)
         host = torch.empty((n, self.words), dtype=torch.int32, pin_memory=self._pin)
         live = [i for i, c in enumerate(constraints) if not c.failed]
-        parts = max(1, min(self.threads, len(live) // FILL_ROWS_PER_THREAD,
-                           int(len(live) * self.row_fill_s / FILL_PART_S)))
-        # rows dealt out in turn: a batch's slow states (long strings) come in runs
-        chunks = [live[k::parts] for k in range(parts)]
-        if parts > 1 and self._pool is None:
-            self._pool = ThreadPoolExecutor(self.threads - 1, "tpserve-mask")
-        pending = [self._pool.submit(self._fill_rows, self._fillers[k], constraints,
-                                     chunk, host)
-                   for k, chunk in enumerate(chunks[1:], 1)] if self._pool else []
         if live:
-            spent = self._fill_rows(self._fillers[0], constraints, chunks[0], host)
-            spent += sum(part.result() for part in pending)
-            self.row_fill_s += (spent / len(live) - self.row_fill_s) / 4
+            self._fill_live(constraints, live, host)
         json_rows = [i for i in live if constraints[i].json]
         if len(json_rows) == n:
             host.bitwise_and_(self._json_bits)
@@ -211,6 +200,23 @@ class Grammars:
         for i in (i for i, c in enumerate(constraints) if c.failed):  # let it end
             host[i] = self._eos_bits
         return host
+
+    def _fill_live(self, constraints: list[Constraint], live: list[int],
+                   host: torch.Tensor) -> None:
+        """Fill rows `live` of `host`: in parts on the pool when that pays (module doc),
+        and update the rows' recent mean cost."""
+        parts = max(1, min(self.threads, len(live) // FILL_ROWS_PER_THREAD,
+                           int(len(live) * self.row_fill_s / FILL_PART_S)))
+        # rows dealt out in turn: a batch's slow states (long strings) come in runs
+        chunks = [live[k::parts] for k in range(parts)]
+        if parts > 1 and self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads - 1, "tpserve-mask")
+        pending = [self._pool.submit(self._fill_rows, self._fillers[k], constraints,
+                                     chunk, host)
+                   for k, chunk in enumerate(chunks[1:], 1)] if self._pool else []
+        spent = self._fill_rows(self._fillers[0], constraints, chunks[0], host)
+        spent += sum(part.result() for part in pending)
+        self.row_fill_s += (spent / len(live) - self.row_fill_s) / 4
 
     @staticmethod
     def _fill_rows(filler: Any, constraints: list[Constraint], rows: list[int],
