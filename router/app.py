@@ -194,6 +194,7 @@ class _Call:
     replica: str = ""
     prompt_tokens: int = 0
     tokens: int = 0
+    pin: asyncio.Task[Any] | None = None  # an issued session's pin, claimed meanwhile
 
     def usage(self) -> dict[str, int]:
         return usage(self.prompt_tokens, self.tokens)
@@ -405,9 +406,11 @@ class Router:
         self.totals["ttft_sum_s"] += ttft
         self.totals["ttft_count"] += 1
         if call.issued and call.session_id and self.config.routing == "pinned":
-            # the next turn, sent with this id, goes to the same replica
-            await self.sessions.claim_pin(keys.session_id(call.session_id), call.replica,
-                                          [call.replica])
+            # the next turn, sent with this id, goes to the same replica: claimed while
+            # the first token goes out (no Redis round trip before it) and awaited before
+            # the response ends (_close): a next turn sent after this one finds the pin
+            call.pin = asyncio.create_task(self.sessions.claim_pin(
+                keys.session_id(call.session_id), call.replica, [call.replica]))
 
     async def _collect(self, choice: Choice) -> None:
         async for item in choice.stream:
@@ -475,6 +478,8 @@ async def _close(call: _Call) -> None:
     for choice in call.choices:
         if choice.stream is not None:
             await choice.stream.aclose()
+    if call.pin is not None:
+        await call.pin
 
 
 async def _merged(choices: list[Choice]) -> AsyncIterator[tuple[Choice, wire.Item]]:

@@ -434,6 +434,14 @@ def test_a_first_turn_with_a_session_field_gets_an_id_and_its_pin(
     assert again.status == 200 and again.headers["x-session-id"] == sid
     stored = client.get(f"/v1/sessions/{sid}").json()
     assert [m["content"] for m in stored["history"] if m["role"] == "user"] == ["hi", "again"]
+    # streamed: the pin is claimed while the tokens go out, and stored by the stream's end
+    reply = client.post("/v1/chat/completions", {**chat, "stream": True,
+                                                 "session": {"append": True}},
+                        source="127.0.0.57")
+    sid = reply.headers["x-session-id"]
+    assert reply.status == 200 and reply.body.endswith(b"data: [DONE]\n\n")
+    with redis_server.client() as r:
+        assert r.hget(f"tpserve:s:session:{sid}", "replica") == reply.headers["x-replica-id"]
 
 
 def test_spoofed_forwarding_headers_from_an_untrusted_peer_are_ignored(
