@@ -105,3 +105,25 @@ def test_pinning_step_brings_up_a_stack_per_routing_in_its_own_state(
                and c[c.index("--device") + 1] == "cpu" for c in ups)
     assert [c[-1] for c in downs] == ["/s-pinned", "/s-random"]
     assert seen == [("edge:/s-pinned", "pinned", 2), ("edge:/s-random", "random", 2)]
+
+
+def test_router_ttft_sums_every_route_of_the_histogram(monkeypatch: pytest.MonkeyPatch
+                                                       ) -> None:
+    """The router's TTFT histogram read from /metrics: the sums and counts of every route
+    (buckets and other metrics left out)."""
+    import io
+    import urllib.request
+
+    from infra.gpu_stack import router_ttft
+
+    text = ('# HELP tpserve_time_to_first_token_seconds time to first token\n'
+            'tpserve_time_to_first_token_seconds_bucket{le="0.1",route="chat"} 3.0\n'
+            'tpserve_time_to_first_token_seconds_sum{route="chat"} 0.25\n'
+            'tpserve_time_to_first_token_seconds_count{route="chat"} 5.0\n'
+            'tpserve_time_to_first_token_seconds_sum{route="completions"} 0.5\n'
+            'tpserve_time_to_first_token_seconds_count{route="completions"} 2.0\n'
+            'tpserve_request_latency_seconds_sum{route="chat"} 9.0\n')
+    monkeypatch.setattr(urllib.request, "urlopen",
+                        lambda url, timeout=0: io.BytesIO(text.encode()))
+    assert router_ttft("http://127.0.0.1:1") == (0.75, 7.0)
+
