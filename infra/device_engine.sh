@@ -8,6 +8,7 @@
 #   STRUCT_S=250 bash infra/device_engine.sh     # issue 18: tests, the structured suite,
 #                                                # the grammar replay (llguidance beside)
 #   FP8_TEST_S=200 FP8_S=380 bash infra/device_engine.sh   # issue 20: tests, the fp8 suite
+#   W8A16_S=120 ...                              # and the weight-only matmul's configs
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-out}
@@ -33,6 +34,10 @@ fi
 if [ "${FP8_TEST_S:-0}" != 0 ]; then
   timeout -s KILL "$FP8_TEST_S" python3 -m pytest -q -s tests/test_gpu.py tests/test_kernels.py \
     -k fp8 -p no:cacheprovider 2>&1 | tail -15 | tee "$out/fp8_tests.log"
+fi
+if [ "${W8A16_S:-0}" != 0 ]; then  # the FP8 weight-only batch matmul's configs (~1 min)
+  timeout -s KILL "$W8A16_S" python3 -m replicas.bench --suite w8a16 2>&1 |
+    rows w8a16_h200.jsonl w8a16_h200.jsonl
 fi
 if [ "${FP8_S:-0}" != 0 ]; then
   timeout -s KILL "$FP8_S" python3 -m replicas.bench --suite fp8 --repeats 1 2>&1 |

@@ -6,7 +6,8 @@ hardware, versions and command. The CPU suite runs on the built-in tiny model; a
 times there only say that the path works, the ratios say more. The GPU suite comes with
 the GPU-speed issue; `--suite fp8` (issue 20) runs its GLM-4-9B bf16 rows and, in the
 same call, the FP8 ones (weight-only and W8A8, FP8 KV cache) with each mode's accuracy
-(replicas/accuracy.py).
+(replicas/accuracy.py); `--suite w8a16` times the FP8 weight-only batch matmul's configs
+on GLM-4-9B's layer shapes.
 
 `pinning_engine` is the engine-alone side of the pinning payoff: multi-turn chats, each
 turn's TTFT with the previous turn cached and with nothing cached (`python -m infra.load
@@ -350,6 +351,80 @@ def fp8_rows(config: EngineConfig, long_config: EngineConfig, bandwidth: float,
                      "ours": round(ttft * 1e3, 1), **fp8})
         torch.cuda.empty_cache()
     rows += accuracy_rows()
+    return rows
+
+
+# GLM-4-9B's linear layers at tp=1 (out, in): qkv, o, gate_up, down
+W8A16_PROBE_SHAPES = {"qkv": (4608, 4096), "o": (4096, 4096), "gate_up": (27392, 4096),
+                      "down": (4096, 13696)}
+W8A16_PROBE_ROWS = (16, 64, 256)
+
+
+def w8a16_suite(repeats: int) -> list[dict[str, Any]]:
+    """Issue 20's weight-only batch matmul (`kernels.w8a16`, FP8 weight tiles widened in
+    registers): its default config and each of W8A16_CONFIGS against bf16 cuBLAS on
+    GLM-4-9B's layer shapes at decode batches of 16, 64 and 256 rows, each timed in a CUDA
+    graph over cycled weight copies (cold, as a decode step reads them: gemv's
+    _cycled_us); the floor is the FP8 weight's bytes at the measured copy rate. What the
+    default should become is read from these rows. (`repeats`: unused, each time is
+    already a mean of 10 graph replays.)"""
+    from replicas.kernels.gemv import _cycled_us
+
+    return w8a16_probe(W8A16_PROBE_SHAPES, W8A16_PROBE_ROWS, "cuda", _cycled_us,
+                       copy_bandwidth())
+
+
+def w8a16_probe(shapes: dict[str, tuple[int, int]], batch_rows: tuple[int, ...],
+                device: str, timer: Callable[[Callable[[torch.Tensor], torch.Tensor],
+                                              list[torch.Tensor]], float],
+                bandwidth: float, dtype: torch.dtype = torch.bfloat16
+                ) -> list[dict[str, Any]]:
+    """w8a16_suite's rows: per (out, in) shape and rows, `timer(fn, weight copies)`'s µs
+    of F.linear in `dtype` and of each config (one that fails to run is recorded, not
+    fatal; one whose product disagrees is an AssertionError)."""
+    import torch.nn.functional as F
+
+    from replicas.fp8 import quantize_rows
+    from replicas.kernels.fp8mm import W8A16_CONFIGS, w8a16, w8a16_config
+
+    rows = []
+    gen = torch.Generator(device=device).manual_seed(0)
+    for name, (n, k) in shapes.items():
+        w = torch.randn(n, k, device=device, dtype=dtype, generator=gen)
+        w8, scale = quantize_rows(w)
+        dense = w8.to(dtype) * scale[:, None].to(dtype)
+        count = min(32, max(2, -(-2**28 // (n * k))))  # 256 MB of FP8 copies
+        copies8 = [w8] + [w8.clone() for _ in range(count - 1)]
+        copies16 = [dense] + [dense.clone() for _ in range(count - 1)]
+        for m in batch_rows:
+            x = torch.randn(m, k, device=device, dtype=dtype, generator=gen)
+            want = F.linear(x, dense).float()
+            times = {"cublas": timer(lambda c, x=x: F.linear(x, c), copies16)}
+            default = w8a16_config(m, n)
+            configs = dict.fromkeys((default, *W8A16_CONFIGS))
+            failed = {}
+            for config in configs:
+                try:  # a config this GPU cannot run (shared memory) is recorded, not fatal
+                    got = w8a16(x, w8, scale, None, config).float()
+                except Exception as e:  # noqa: BLE001 - Triton's resource errors vary
+                    failed[str(config)] = f"{type(e).__name__}: {e}"[:200]
+                    continue
+                if not torch.allclose(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max())):
+                    raise AssertionError(f"w8a16 {config} disagrees on {(m, n, k)}")
+                times[str(config)] = timer(
+                    lambda c, x=x, s=scale, config=config: w8a16(x, c, s, None, config),
+                    copies8)
+            best = min((c for c in configs if str(c) in times), key=lambda c: times[str(c)])
+            rows.append({"case": f"w8a16_{name}_m{m}", "unit": "us", "n": n, "k": k, "rows": m,
+                         "default": str(default), "default_us": times.get(str(default)),
+                         "best": str(best), "best_us": times[str(best)],
+                         "cublas_us": times["cublas"],
+                         "fp8_floor_us": round(n * k / (bandwidth * 1e9) * 1e6, 2),
+                         "times_us": {c: round(t, 2) for c, t in times.items()},
+                         "failed": failed})
+        del copies8, copies16
+        if device == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -707,7 +782,8 @@ def _target_met(row: dict[str, Any]) -> tuple[str, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--suite", choices=["cpu", "gpu", "fp8", "multigpu", "structured"],
+    parser.add_argument("--suite", choices=["cpu", "gpu", "fp8", "w8a16", "multigpu",
+                                            "structured"],
                         default="cpu")
     parser.add_argument("--tp", default="2,4",
                         help="multigpu: the TP sizes to run (those with enough GPUs)")
@@ -728,7 +804,7 @@ def main() -> int:
         rows = multigpu.suite(args.repeats, tps, smoke=args.smoke)
     else:
         suites = {"gpu": gpu_suite, "cpu": cpu_suite, "structured": structured_suite,
-                  "fp8": fp8_suite}
+                  "fp8": fp8_suite, "w8a16": w8a16_suite}
         rows = suites[args.suite](args.repeats)
     for row in rows:
         emit({**row, "suite": args.suite, **env}, args.out)

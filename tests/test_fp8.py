@@ -10,6 +10,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -136,6 +137,52 @@ def test_token_quantization_kernel_is_quantize_tokens(shape: tuple[int, int],
     monkeypatch.setenv("TPSERVE_TRITON_CPU", "0")
     torch.testing.assert_close(got, fp8_linear(x, w8, ws, w8a8=True), rtol=0.07,
                                atol=0.07 * float(got.abs().max()))
+
+
+def test_every_w8a16_config_is_the_weight_only_product(monkeypatch: pytest.MonkeyPatch
+                                                       ) -> None:
+    """Each config the w8a16 probe times (replicas/bench.py w8a16_suite) computes the same
+    product as the default, on a shape none of their blocks divides."""
+    pytest.importorskip("triton")
+    from replicas import kernels
+    from replicas.kernels.fp8mm import W8A16_CONFIGS
+
+    monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
+    gen = torch.Generator().manual_seed(3)
+    w8, scale = quantize_rows(torch.randn(72, 130, generator=gen))
+    x = torch.randn(33, 130, generator=gen)
+    want = x.double() @ (w8.double() * scale.double()[:, None]).T
+    for config in W8A16_CONFIGS:
+        got = kernels.w8a16(x, w8, scale, None, config)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=5e-4, msg=str(config))
+
+
+def test_w8a16_probe_times_every_config_against_cublas(monkeypatch: pytest.MonkeyPatch
+                                                      ) -> None:
+    """The fp8 probe's rows (replicas/bench.py w8a16_probe; on a GPU its timer is a CUDA
+    graph over cycled weights): every config and F.linear timed per shape and rows,
+    the best of them named, and each config's product checked."""
+    pytest.importorskip("triton")
+    from replicas.bench import w8a16_probe
+    from replicas.kernels.fp8mm import W8A16_CONFIGS
+
+    monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
+    calls: list[int] = []
+
+    def timer(fn: Any, copies: list[torch.Tensor]) -> float:
+        fn(copies[-1])
+        calls.append(len(copies))
+        return float(len(calls))  # the first timed is the fastest
+
+    # float16: Triton's interpreter mis-multiplies bfloat16 (the GPU runs it)
+    rows = w8a16_probe({"o": (48, 40)}, (3, 17), "cpu", timer, 1e-3, torch.float16)
+    assert [r["case"] for r in rows] == ["w8a16_o_m3", "w8a16_o_m17"]
+    for row in rows:
+        assert row["best"] == row["default"]  # timed first of the configs: the fastest
+        assert row["best_us"] < row["times_us"][str(W8A16_CONFIGS[-1])]
+        assert len(row["times_us"]) >= len(W8A16_CONFIGS) + 1 and not row["failed"]
+        assert row["default_us"] is not None and row["fp8_floor_us"] > 0
+    assert all(c == 32 for c in calls)  # a small matrix: 32 copies, cold each time
 
 
 def test_unknown_quantization_is_refused() -> None:

@@ -61,18 +61,33 @@ def w8a16_blocks(m: int, n: int) -> tuple[int, int]:
     return block_m, block_n
 
 
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the configs the fp8 suite's probe times
+# against the default (w8a16_config) on the GPU, to replace the first guess with
+# measured picks (replicas/bench.py w8a16_probe_rows)
+W8A16Config = tuple[int, int, int, int, int]
+W8A16_CONFIGS: tuple[W8A16Config, ...] = (
+    (16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (64, 64, 128, 4, 3),
+    (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3))
+
+
+def w8a16_config(m: int, n: int) -> W8A16Config:
+    """The default config: w8a16_blocks' tiles, BLOCK_K 64, 4 warps, 3 stages."""
+    return (*w8a16_blocks(m, n), 64, 4, 3)
+
+
 def w8a16(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
-          bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] @ (w8 [N, K] FP8 * scale [N])^T (+ bias) -> [M, N] in x's dtype."""
+          bias: torch.Tensor | None = None, config: W8A16Config | None = None
+          ) -> torch.Tensor:
+    """x [M, K] @ (w8 [N, K] FP8 * scale [N])^T (+ bias) -> [M, N] in x's dtype; `config`
+    (one of W8A16_CONFIGS) in place of the default."""
     m, k = x.shape
     n = w8.shape[0]
     x = x if x.stride(1) == 1 else x.contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_m, block_n = w8a16_blocks(m, n)
-    block_k = 64
+    block_m, block_n, block_k, warps, stages = config or w8a16_config(m, n)
     _w8a16_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
         x, w8, scale, bias if bias is not None else scale, y, m, n, k, x.stride(0),
         w8.stride(0), y.stride(0), HAS_BIAS=bias is not None, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_K=block_k, PREC=_precision(x.dtype), num_warps=4,
-        num_stages=3, **_launch(x))
+        BLOCK_N=block_n, BLOCK_K=block_k, PREC=_precision(x.dtype), num_warps=warps,
+        num_stages=stages, **_launch(x))
     return y
