@@ -30,7 +30,7 @@ def test_cpu_bench_prints_json_lines(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name, second", [("gpu_h200", "unit"),
-                                           ("multigpu_2xh200", "unit")])
+                                           ("multigpu_2xh200", "unit"), ("fp8_h200", "unit")])
 def test_table_is_made_from_the_results(name: str, second: str) -> None:
     from replicas.bench import table
 
@@ -42,6 +42,34 @@ def test_table_is_made_from_the_results(name: str, second: str) -> None:
         assert f"| {row['case']} | {row[second]} | {row['ours']} |" in text
     readme = (path.parent.parent.parent / "README.md").read_text()
     assert text in readme  # the README's table is the current one
+
+
+def test_fp8_table_puts_each_fp8_figure_beside_bf16_and_its_target(tmp_path: Path) -> None:
+    """Issue 20's table: an FP8 row beside the bf16 row of its case, its target and
+    whether it is met (the decode also by its share of the floor); of the accuracy rows
+    only weight-only FP8, alone and with the FP8 cache, carry the 98 % bar; a case run
+    twice shows its latest row."""
+    from replicas.bench import table
+
+    base = {"suite": "fp8", "unit": "x", "hardware": {"gpu": "H200"}}
+    fp8 = {"quantization": "fp8", "kv_cache_dtype": "fp8"}
+    rows = [{"case": "glm4-9b_ttft_in8192", "ours": 300.0},
+            {"case": "glm4-9b_fp8_ttft_in8192", "ours": 250.0, **fp8},
+            {"case": "glm4-9b_fp8_ttft_in8192", "ours": 180.0, **fp8},
+            {"case": "glm4-9b_fp8_decode_b1_in128_out128", "ours": 2.5,
+             "fraction_of_floor": 0.8, **fp8},
+            {"case": "glm4-9b_fp8_kv_blocks_same_memory", "ours": 50, "bf16": 25,
+             "ratio": 2.0, **fp8},
+            {"case": "accuracy_quantization=fp8", "ours": 0.981},
+            {"case": "accuracy_dtype=float32", "ours": 0.97}]
+    path = tmp_path / "fp8.jsonl"
+    path.write_text("".join(json.dumps({**base, **r}) + "\n" for r in rows))
+    lines = table(str(path)).splitlines()
+    assert len(lines) == 2 + 6  # the ttft case once, its latest row
+    assert "| glm4-9b_fp8_ttft_in8192 | x | 180.0 | 300.0 | ≤ 190 | yes |" in lines
+    assert lines[4].endswith("| ≤ 2.6, ≥ 85 % of its floor | no |")  # 80 % of the floor
+    assert lines[5].endswith("| 25 | ≥ 1.9x | yes (2.0x) |")
+    assert lines[6].endswith("| ≥ 0.98 | yes |") and lines[7].endswith("| — | — |")
 
 
 @pytest.mark.slow
