@@ -154,20 +154,33 @@ def cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
     return total
 
 
-def router_ttft(edge: str) -> tuple[float, float]:
-    """(sum of seconds, count) of the router's time-to-first-token histogram, every route
-    (its /metrics through nginx: one router replica's, with several): from the router
-    taking a parsed request to its first delta, the way to the replica and back
-    included. Two readings around a run give that run's mean."""
+ROUTER_TIMES = {"router_ttft": "tpserve_time_to_first_token_seconds",
+                "engine_first_item": "tpserve_engine_first_item_seconds"}
+
+
+def router_times(edge: str) -> dict[str, tuple[float, float]]:
+    """(sum of seconds, count) of the router's ROUTER_TIMES histograms, every label (its
+    /metrics through nginx: one router replica's, with several): its time to first token
+    (from taking a parsed request to its first delta) and, within it, from its call of
+    the engine handle to the first item back. Two readings around a run give that run's
+    means (`means`)."""
     import re
     import urllib.request
 
     with urllib.request.urlopen(f"{edge}/metrics", timeout=30) as reply:
         text = reply.read().decode()
-    name = "tpserve_time_to_first_token_seconds"
-    return tuple(sum(float(v) for v in re.findall(rf"^{name}_{part}{{[^}}]*}} (\S+)$", text,
-                                                  re.MULTILINE))
-                 for part in ("sum", "count"))  # type: ignore[return-value]
+    return {key: tuple(sum(float(v) for v in re.findall(
+                rf"^{name}_{part}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE))
+                for part in ("sum", "count"))  # type: ignore[misc]
+            for key, name in ROUTER_TIMES.items()}
+
+
+def means(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
+          ) -> dict[str, float]:
+    """Each histogram's mean (ms) over what it recorded between two router_times."""
+    return {f"{key}_mean_ms": round((after[key][0] - before[key][0])
+                                    / max(1.0, after[key][1] - before[key][1]) * 1e3, 2)
+            for key in before}
 
 
 def profiled_run(edge: str, config: LoadConfig, out_dir: str | None) -> dict[str, Any]:
@@ -362,11 +375,9 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
     engine = next((r for r in reversed(rows) if r.get("kind") == "gpu_engine"), {})
     stack_run(stack.edge, WARMUP)
     load = stack_run(stack.edge, LOAD)
-    before = router_ttft(stack.edge)
+    before = router_times(stack.edge)
     repeat = profiled_run(stack.edge, LOAD, None)  # CPU use only
-    after_router = router_ttft(stack.edge)
-    inside: dict[str, Any] = {"router_ttft_mean_ms": round(
-        (after_router[0] - before[0]) / max(1.0, after_router[1] - before[1]) * 1e3, 2)}
+    inside: dict[str, Any] = means(before, router_times(stack.edge))
     try:  # the replica's own view of the last 512 requests (the repeat run's)
         after = replica_stats(state_dir)
         inside.update(engine_ttft_ms=after.get("ttft_ms"),

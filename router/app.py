@@ -379,8 +379,10 @@ class Router:
         replica failed before the first token (a retryable ErrorEvent) is sent once more
         (the request router re-pins the session to a live replica)."""
         for attempt in (1, 2):
+            start = time.perf_counter()
             choice.stream = self.engine.generate(choice.request, call.key.redis_key)
             first = await anext(choice.stream, None)
+            metrics.ENGINE_FIRST.observe(time.perf_counter() - start)
             if not (attempt == 1 and isinstance(first, wire.ErrorEvent) and first.retryable):
                 break
             log.warning("replica failed before the first token, retrying once: %s",

@@ -107,14 +107,15 @@ def test_pinning_step_brings_up_a_stack_per_routing_in_its_own_state(
     assert seen == [("edge:/s-pinned", "pinned", 2), ("edge:/s-random", "random", 2)]
 
 
-def test_router_ttft_sums_every_route_of_the_histogram(monkeypatch: pytest.MonkeyPatch
-                                                       ) -> None:
-    """The router's TTFT histogram read from /metrics: the sums and counts of every route
-    (buckets and other metrics left out)."""
+def test_router_times_sum_every_label_of_the_histograms(monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    """The router's TTFT and engine-first-item histograms read from /metrics: the sums
+    and counts over every label (buckets and other metrics left out), and the means
+    between two readings."""
     import io
     import urllib.request
 
-    from infra.gpu_stack import router_ttft
+    from infra.gpu_stack import means, router_times
 
     text = ('# HELP tpserve_time_to_first_token_seconds time to first token\n'
             'tpserve_time_to_first_token_seconds_bucket{le="0.1",route="chat"} 3.0\n'
@@ -122,8 +123,13 @@ def test_router_ttft_sums_every_route_of_the_histogram(monkeypatch: pytest.Monke
             'tpserve_time_to_first_token_seconds_count{route="chat"} 5.0\n'
             'tpserve_time_to_first_token_seconds_sum{route="completions"} 0.5\n'
             'tpserve_time_to_first_token_seconds_count{route="completions"} 2.0\n'
+            'tpserve_engine_first_item_seconds_sum 0.07\n'
+            'tpserve_engine_first_item_seconds_count 7.0\n'
             'tpserve_request_latency_seconds_sum{route="chat"} 9.0\n')
     monkeypatch.setattr(urllib.request, "urlopen",
                         lambda url, timeout=0: io.BytesIO(text.encode()))
-    assert router_ttft("http://127.0.0.1:1") == (0.75, 7.0)
-
+    times = router_times("http://127.0.0.1:1")
+    assert times == {"router_ttft": (0.75, 7.0), "engine_first_item": (0.07, 7.0)}
+    zero = {"router_ttft": (0.0, 0.0), "engine_first_item": (0.0, 0.0)}
+    assert means(zero, times) == {"router_ttft_mean_ms": 107.14,
+                                  "engine_first_item_mean_ms": 10.0}
