@@ -301,7 +301,8 @@ def test_down_stops_everything_and_frees_the_ports(stack: Running) -> None:
 
 def test_ctrl_c_stops_the_foreground_stack(tmp_path: Path) -> None:
     """A foreground stack (here with two router replicas, which nginx both fronts, each
-    answering) stops on Ctrl-C, leaving nothing behind."""
+    answering, a session opened on one going on through the other with its history)
+    stops on Ctrl-C, leaving nothing behind."""
     ports = free_ports(PORT_FLAGS)
     proc = subprocess.Popen(
         [sys.executable, "-m", "infra.cli", "up", f"--state-dir={tmp_path}", "--replicas=1",
@@ -327,6 +328,23 @@ def test_ctrl_c_stops_the_foreground_stack(tmp_path: Path) -> None:
         for upstream in upstreams:  # each answers the API itself
             with urllib.request.urlopen(f"http://{upstream}/v1/models", timeout=30) as r:
                 assert json.load(r)["data"]
+
+        def chat(upstream: str, words: str, headers: dict[str, str]) -> str:
+            body = {"messages": [{"role": "user", "content": words}], "max_tokens": 2,
+                    "session": {"append": True}}
+            request = urllib.request.Request(
+                f"http://{upstream}/v1/chat/completions", json.dumps(body).encode(),
+                {"Content-Type": "application/json", **headers})
+            with urllib.request.urlopen(request, timeout=60) as r:
+                return r.headers["X-Session-ID"]
+
+        # the sessions live in Redis: a turn through either router finds the others'
+        sid = chat(upstreams[0], "first", {})
+        assert chat(upstreams[1], "second", {"X-Session-ID": sid}) == sid
+        with urllib.request.urlopen(f"http://{upstreams[0]}/v1/sessions/{sid}",
+                                    timeout=30) as r:
+            history = json.load(r)["history"]
+        assert [m["content"] for m in history if m["role"] == "user"] == ["first", "second"]
         proc.send_signal(signal.SIGINT)
         assert proc.wait(180) == 0
     finally:
