@@ -65,6 +65,15 @@ SKIP='^('"$CLIENTS"'|torch|triton|numpy|transformers|tokenizers|safetensors|hugg
 DEBS="redis-server redis-tools nginx libjemalloc2 liblzf1 libssl3 libpcre2-8-0 libsystemd0 libcap2 \
 libgcrypt20 libgpg-error0 liblz4-1 liblzma5 libzstd1 libatomic1 libcrypt1 zlib1g"
 
+download_wheels() {  # DIR REQUIREMENTS: their wheels for the device's CPython, no deps
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version $PY_VERSION \
+        --implementation cp --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 \
+        --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        --platform manylinux_2_5_x86_64 --platform linux_x86_64 --platform any \
+        -d "$1" -r "$2"
+}
+
 prepare() {
     local venv=.venv/bin/python
     [ -x $venv ] || { echo "no .venv: run bash infra/install.sh first" >&2; exit 1; }
@@ -73,11 +82,7 @@ prepare() {
     $venv -m pip freeze --exclude-editable 2>/dev/null | grep '==' |
         awk -F'==' -v skip="$SKIP" 'tolower($1) !~ skip' > $STACK/requirements.txt
     echo "$(wc -l < $STACK/requirements.txt) wheels to fetch"
-    python3 -m pip download -q --no-deps --only-binary=:all: --python-version $PY_VERSION \
-        --implementation cp --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 \
-        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        --platform manylinux_2_5_x86_64 --platform linux_x86_64 --platform any \
-        -d $STACK/wheels -r $STACK/requirements.txt
+    download_wheels $STACK/wheels $STACK/requirements.txt
     (cd $STACK/debs && apt-get download $DEBS >/dev/null)
     # one tar of everything, cut in two halves (part a, part b) of ~55 MiB each
     tar -C $STACK -cf $STACK/payload.tar wheels debs
@@ -269,12 +274,7 @@ prepare_engine() {
     $venv -m pip freeze --exclude-editable 2>/dev/null | grep '==' |
         awk -F'==' -v want="^($ENGINE_EXTRA)\$" 'tolower($1) ~ want' \
         > $STACK/engine/requirements.txt
-    python3 -m pip download -q --no-deps --only-binary=:all: --python-version $PY_VERSION \
-        --implementation cp --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 \
-        --platform manylinux_2_27_x86_64 \
-        --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
-        --platform manylinux2014_x86_64 --platform any \
-        -d $STACK/engine -r $STACK/engine/requirements.txt
+    download_wheels $STACK/engine $STACK/engine/requirements.txt
     ls $STACK/engine; du -sh $STACK/engine
 }
 
