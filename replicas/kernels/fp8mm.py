@@ -63,7 +63,7 @@ def w8a16_blocks(m: int, n: int) -> tuple[int, int]:
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the configs the fp8 suite's probe times
 # against the default (w8a16_config) on the GPU, to replace the first guess with
-# measured picks (replicas/bench.py w8a16_probe_rows)
+# measured picks (replicas/bench.py w8a16_suite)
 W8A16Config = tuple[int, int, int, int, int]
 W8A16_CONFIGS: tuple[W8A16Config, ...] = (
     (16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (64, 64, 128, 4, 3),

@@ -18,7 +18,6 @@ try:
 except ImportError:  # CPU installs without Triton: the PyTorch path only
     triton = None
 
-FP8_MAX = 448.0  # e4m3's largest finite value (replicas/fp8.py FP8_MAX)
 QUANT_BLOCK_K = 1024
 
 if triton is not None:
@@ -26,7 +25,8 @@ if triton is not None:
 
     @triton.jit
     def _quant_rows_kernel(X, Y, S, k, sxm, sym, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-        """Program (row): its max |x| in float32, then x / scale saturated, in FP8."""
+        """Program (row): its max |x| in float32, then x / scale saturated, in FP8
+        (448: e4m3's largest finite value, replicas/fp8.py FP8_MAX)."""
         _pdl_enter(PDL)
         row = tl.program_id(0).to(tl.int64)
         rk = tl.arange(0, BLOCK_K)
