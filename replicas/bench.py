@@ -56,14 +56,16 @@ def environment(module: str = "replicas.bench") -> dict[str, Any]:
     }
 
 
+def seconds(fn: Callable[[], object]) -> float:
+    """Wall time of one run of `fn`."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def best_of(fn: Callable[[], object], repeats: int) -> float:
     """Fastest wall time of `repeats` runs, in seconds."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(seconds(fn) for _ in range(repeats))
 
 
 def prompts_for(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:

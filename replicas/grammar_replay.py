@@ -25,14 +25,12 @@ import argparse
 import importlib.metadata as md
 import json
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from replicas.bench import STRUCTURED_MODEL, STRUCTURED_SPECIAL
+from replicas.bench import STRUCTURED_MODEL, STRUCTURED_SPECIAL, seconds
 from replicas.jsonlines import emit, spread
 
 STRUCTURED_TEXTS = Path(__file__).resolve().parent / "results" / "structured_replay_texts.json"
@@ -126,12 +124,6 @@ class Llguidance:
         return bool(row.consume_token(token))
 
 
-def _seconds(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def replay(lib: Any, schema: dict[str, Any], token_lists: list[list[int]]) -> dict[str, Any]:
     """Step the batch `token_lists` through `lib`'s matchers (see the module doc). The
     batch's fills and the rows' lone fills run on two sets of matchers fed the same
@@ -146,9 +138,9 @@ def replay(lib: Any, schema: dict[str, Any], token_lists: list[list[int]]) -> di
         alive = [i for i, tokens in enumerate(token_lists) if live[i] and step < len(tokens)]
         if not alive:
             break
-        batch_s.append(_seconds(lambda a=alive: lib.fill([batch_rows[i] for i in a])))
+        batch_s.append(seconds(lambda a=alive: lib.fill([batch_rows[i] for i in a])))
         for i in alive:
-            row_s.append(_seconds(lambda i=i: lib.fill([lone_rows[i]])))
+            row_s.append(seconds(lambda i=i: lib.fill([lone_rows[i]])))
         for i in alive:
             token = token_lists[i][step]
             live[i] = lib.accept(batch_rows[i], token) and lib.accept(lone_rows[i], token)
