@@ -66,6 +66,11 @@ def check_schema(value: Any) -> None:
     assert all(isinstance(t, str) and len(t) <= 8 for t in value["tags"])
 
 
+def allowed_by(mask: torch.Tensor, vocab: int) -> set[int]:
+    """The token ids one row of a packed bitmask allows (bit t % 32 of word t // 32)."""
+    return {t for t in range(vocab) if mask[t // 32] >> (t % 32) & 1}
+
+
 @functools.cache
 def closing_tokens() -> tuple[int, ...]:
     """The tiny model's tokens that close a JSON string or object."""
@@ -268,17 +273,15 @@ def test_masks_apply_on_their_rows_only_and_logprobs_stay_the_models(engine: Eng
     second = grammars.constraint(JSON_SCHEMA)
     bitmask = grammars.fill([first, second])  # [2, words]
     vocab = engine.spec.vocab_size
-    bits = [[bool((int(bitmask[r, t // 32]) >> (t % 32)) & 1) for t in range(vocab)]
-            for r in range(2)]
+    allowed = [allowed_by(bitmask[r], vocab) for r in range(2)]
     decode = engine.tokenizer.decode
-    for row in bits:  # compact JSON starts with "{": every allowed first token does
-        allowed = [t for t in range(vocab) if row[t]]
-        assert allowed and all(decode([t]).startswith("{") for t in allowed)
+    for row in allowed:  # compact JSON starts with "{": every allowed first token does
+        assert row and all(decode([t]).startswith("{") for t in row)
     logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(0))
     out = grammars.apply(logits, [0, 2], bitmask)
     assert torch.equal(out[1], logits[1])  # the unconstrained row is untouched
     for r, row in ((0, 0), (2, 1)):
-        keep = torch.tensor(bits[row])
+        keep = torch.tensor([t in allowed[row] for t in range(vocab)])
         assert torch.equal(out[r][keep], logits[r][keep])
         assert bool((out[r][~keep] == float("-inf")).all())
     plist = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0),
@@ -286,7 +289,7 @@ def test_masks_apply_on_their_rows_only_and_logprobs_stay_the_models(engine: Eng
     tokens, logprobs = sample_on_device(logits, plist, [torch.Generator()] * 3,
                                         with_logprobs=True, argmax=logits.argmax(-1),
                                         choose=out)
-    assert bits[0][int(tokens[0])] and bits[1][int(tokens[2])]
+    assert int(tokens[0]) in allowed[0] and int(tokens[2]) in allowed[1]
     assert int(tokens[1]) == int(logits[1].argmax())
     raw = torch.log_softmax(logits, -1).gather(1, tokens[:, None]).squeeze(1)
     assert torch.allclose(logprobs, raw)  # under the model's distribution, not the mask's
@@ -369,11 +372,6 @@ def test_objects_that_list_properties_take_no_others_unless_they_say_so() -> Non
     assert props["f"]["additionalProperties"] is True  # said so
     assert out["$defs"]["g"]["anyOf"][0]["additionalProperties"] is False
     assert "additionalProperties" not in schema  # the input is left as it was
-
-
-def allowed_by(mask: torch.Tensor, vocab: int) -> set[int]:
-    """The token ids one row of a packed bitmask allows (bit t % 32 of word t // 32)."""
-    return {t for t in range(vocab) if mask[t // 32] >> (t % 32) & 1}
 
 
 def test_bounded_strings_are_valid_json_strings(engine: Engine) -> None:
