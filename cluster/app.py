@@ -14,6 +14,7 @@ import asyncio
 from dataclasses import asdict
 from typing import Any
 
+import ray
 from fastapi import FastAPI
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -26,6 +27,7 @@ from cluster.control import (
     deployment_state,
     request_scale,
 )
+from cluster.datapath import DATA_PATHS
 from cluster.engine import ServeEngine, engine_deployment
 from router.admin import ControlError, DeploymentStatus, ReplicaStatus
 from router.app import Router, RouterConfig, make_api
@@ -66,9 +68,12 @@ class ServeControl:
 class RouterDeployment:
     """A router replica: the router over the engine deployment's handle."""
 
-    def __init__(self, engine: DeploymentHandle, config: dict[str, Any] | None = None) -> None:
+    def __init__(self, engine: DeploymentHandle, config: dict[str, Any] | None = None,
+                 data_path: str = DATA_PATHS[0]) -> None:
         router_config = RouterConfig(**(config or {}))
-        self.router = Router(ServeEngine(engine), router_config,
+        # the direct data path's inbox listens where this node's replicas reach it
+        host = ray.util.get_node_ip_address() if data_path == "direct" else "127.0.0.1"
+        self.router = Router(ServeEngine(engine, data_path, host), router_config,
                              ServeControl(router_config.ray_dashboard))
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -80,8 +85,9 @@ def build(args: dict[str, Any]) -> Any:
     engine deployment, whose request router pins sessions.
 
     args: {"engine": EngineConfig fields, "cpus_per_rank": float, "num_replicas": int,
-    "router": RouterConfig fields}; a config file's `deployments:` section overrides
-    num_replicas / autoscaling_config.
+    "router": RouterConfig fields, "data_path": "serve" | "direct" (cluster/engine.py's
+    DATA_PATHS)}; a config file's `deployments:` section overrides num_replicas /
+    autoscaling_config.
     """
     from replicas import EngineConfig  # (the build task's process; never a router replica)
 
@@ -93,4 +99,7 @@ def build(args: dict[str, Any]) -> Any:
         request_router_class=PINNED_ROUTER,
         request_router_kwargs={"routing": router_config.routing},
     )
-    return RouterDeployment.bind(engine, asdict(router_config))
+    data_path = str(args.get("data_path", DATA_PATHS[0]))
+    if data_path not in DATA_PATHS:
+        raise ValueError(f"data_path must be one of {DATA_PATHS}, got {data_path!r}")
+    return RouterDeployment.bind(engine, asdict(router_config), data_path)

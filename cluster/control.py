@@ -82,9 +82,11 @@ def _request(url: str, body: dict[str, Any] | None = None, timeout: float = 10.0
 def load_config(path: str | Path, http_host: str | None = None, http_port: int | None = None,
                 engine: dict[str, Any] | None = None, num_replicas: int | None = None,
                 router: dict[str, Any] | None = None,
-                router_replicas: int | None = None) -> dict[str, Any]:
+                router_replicas: int | None = None, data_path: str | None = None
+                ) -> dict[str, Any]:
     """A Serve config file with overrides: HTTP host/port, EngineConfig fields, the
-    engine's replica count, RouterConfig fields and the router's replica count."""
+    engine's replica count, RouterConfig fields, the router's replica count and the way
+    the engine's items come back to it (cluster/app.py: build's data_path)."""
     with open(path) as f:
         config = yaml.safe_load(f)
     http = config.setdefault("http_options", {})
@@ -99,6 +101,8 @@ def load_config(path: str | Path, http_host: str | None = None, http_port: int |
         args.setdefault("engine", {}).update(engine or {})
         if router:
             args["router"] = {**(args.get("router") or {}), **router}
+        if data_path is not None:
+            args["data_path"] = data_path
         for name, count in ((ENGINE, num_replicas), (ROUTER, router_replicas)):
             if count is None:
                 continue

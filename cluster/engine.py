@@ -14,6 +14,7 @@ router's engine, over the deployment's handle) reads them back.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
 from cluster.control import ENGINE
+from cluster.datapath import DATA_PATHS, LATE_S, DataPathError, Inbox, Lost, Outbox, Outboxes
 from cluster.requests import ReplicaTimes, error_event, serve_request
 from router import keys, wire
 
@@ -80,6 +82,7 @@ class EngineDeployment:
 
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.times = ReplicaTimes()  # the requests' way to the engine (stats)
+        self.outboxes = Outboxes()  # the direct data path's connections to routers
         # the rank actors first: their processes start (and import torch) meanwhile
         self.ranks = RankGroup(int(config.get("tp", 1)), use_gpu, cpus_per_rank,
                                f"tpserve-{self.replica_id}")
@@ -125,6 +128,14 @@ class EngineDeployment:
             async for item in items:
                 yield item
 
+    async def deliver(self, request: dict[str, Any], reply: dict[str, Any]) -> int:
+        """The direct data path's call (cluster/datapath.py): the same items as
+        `generate`, sent to the router's inbox at `reply` instead of through Serve;
+        returns how many were sent, once all are written."""
+        outbox = await self.outboxes.get(reply)
+        return await deliver(serve_request(self.engine, request, self.replica_id, self.times),
+                             outbox, reply["stream"], self.replica_id)
+
     def stats(self) -> dict[str, Any]:
         return {**self.engine.stats(), **self.times.summary(), "replica": self.replica_id}
 
@@ -145,13 +156,66 @@ class ServeEngine:
     """The router's engine (router/app.py: EngineClient) over the engine deployment's
     handle: the request goes out with `.options(session_id=key)`, so the deployment's
     request router (cluster/pinning.py) pins it. Never raises for a failed replica: the
-    failure is the stream's last item, an ErrorEvent (`error_event`)."""
+    failure is the stream's last item, an ErrorEvent (`error_event`).
 
-    def __init__(self, handle: DeploymentHandle) -> None:
+    `data_path`: "serve" streams the items through Serve's handle, one message each;
+    "direct" makes a unary Serve call and takes the items from this process's inbox
+    (cluster/datapath.py), listening on `host`."""
+
+    def __init__(self, handle: DeploymentHandle, data_path: str = "serve",
+                 host: str = "127.0.0.1") -> None:
+        if data_path not in DATA_PATHS:
+            raise ValueError(f"data_path must be one of {DATA_PATHS}, got {data_path!r}")
         self.handle = handle.options(stream=True)
+        self.unary = handle.options(stream=False)
+        self.inbox = Inbox(host) if data_path == "direct" else None
 
-    async def generate(self, request: wire.Request, session_key: str
-                       ) -> AsyncGenerator[wire.Item, None]:
+    def generate(self, request: wire.Request, session_key: str
+                 ) -> AsyncGenerator[wire.Item, None]:
+        if self.inbox is not None:
+            return self._direct(self.inbox, request, session_key)
+        return self._streamed(request, session_key)
+
+    async def _direct(self, inbox: Inbox, request: wire.Request, session_key: str
+                      ) -> AsyncGenerator[wire.Item, None]:
+        await inbox.start()
+        stream_id, stream = inbox.open()
+        call = self.unary.options(session_id=session_key).deliver.remote(
+            request.to_dict(), inbox.reply_to(stream_id))
+        answer = asyncio.ensure_future(_answer(call))
+        answer.add_done_callback(lambda _: _answered(answer, stream.queue))
+        received, sent, ended = 0, None, False
+        try:
+            while sent is None or received < sent:
+                try:
+                    entry = await (stream.queue.get() if sent is None else
+                                   asyncio.wait_for(stream.queue.get(), LATE_S))
+                except TimeoutError:
+                    entry = Lost()
+                if entry is answer:
+                    if answer.exception() is not None:
+                        log.warning("engine call failed: %r", answer.exception())
+                        ended = True
+                        yield error_event(answer.exception())
+                        return
+                    sent = answer.result()
+                elif isinstance(entry, Lost):
+                    ended = True
+                    yield error_event(DataPathError(
+                        f"{received} of {sent if sent is not None else 'some'} items "
+                        "arrived before the replica's data connection failed"))
+                    return
+                else:
+                    received += 1
+                    yield wire.decode(entry)
+            ended = True
+        finally:
+            inbox.close(stream_id)
+            if not ended:  # the router stopped reading (its client went away): abort
+                call.cancel()
+
+    async def _streamed(self, request: wire.Request, session_key: str
+                        ) -> AsyncGenerator[wire.Item, None]:
         stream = self.handle.options(session_id=session_key).generate.remote(
             request.to_dict())
         ended = False
@@ -166,6 +230,39 @@ class ServeEngine:
         finally:
             if not ended:  # the router stopped reading (its client went away): abort
                 stream.cancel()
+
+
+async def deliver(items: AsyncGenerator[dict[str, Any], None], outbox: Outbox, stream: int,
+                  replica: str) -> int:
+    """Send a request's wire items to `stream` through `outbox`; how many, once all are
+    written. A failure goes the same way, after the items before it, as the ErrorEvent
+    ServeEngine would make of it (a broken outbox raises: nothing can go through it)."""
+    sent = 0
+    try:
+        async with aclosing(items):
+            async for item in items:
+                outbox.send(stream, item)
+                sent += 1
+    except DataPathError:
+        raise
+    except Exception as e:  # noqa: BLE001 - mapped here, as ServeEngine maps a stream's
+        log.warning("request failed on the replica: %r", e)
+        outbox.send(stream, error_event(e, replica).to_dict())
+        sent += 1
+    await outbox.flushed()
+    return sent
+
+
+async def _answer(call: Any) -> int:
+    return await call
+
+
+def _answered(answer: asyncio.Future[int], queue: asyncio.Queue[Any]) -> None:
+    """The call's answer, into its stream's queue after the items that came before it;
+    its failure is read here, so a stream left early (the call cancelled) logs nothing."""
+    if not answer.cancelled():
+        answer.exception()
+    queue.put_nowait(answer)
 
 
 def engine_deployment(config: EngineConfig, cpus_per_rank: float = 1.0,

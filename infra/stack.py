@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.control import ServeError, deploy, load_config, ray_auth_headers, replicas
+from cluster.datapath import DATA_PATHS
 from cluster.ray_env import ray_env
 from cluster.ray_token import ensure_token
 from infra.edge import DIRECT_INGRESS_ENV, configured_upstreams
@@ -55,6 +56,7 @@ class StackConfig:
     redis_port: int = 6380  # Ray's head takes 6379
     replicas: int = 2
     router_replicas: int = 1  # the router's event loop is one core: more share the streams
+    data_path: str = DATA_PATHS[0]  # cluster/app.py's build: serve | direct
     num_cpus: int = 8  # logical CPUs Ray may hand out (bundles of the TP ranks)
     state_dir: str = str(DEFAULT_STATE)
     timeout_s: float = 600.0
@@ -67,6 +69,8 @@ class StackConfig:
             raise StackError(f"routing={self.routing!r}: use one of {ROUTING_MODES}")
         if self.sessions not in SESSION_POLICIES:
             raise StackError(f"sessions={self.sessions!r}: use one of {SESSION_POLICIES}")
+        if self.data_path not in DATA_PATHS:
+            raise StackError(f"data_path={self.data_path!r}: use one of {DATA_PATHS}")
         if self.router_replicas < 1:
             raise StackError(f"router_replicas must be >= 1, got {self.router_replicas}")
         if self.rate_limit_per_minute < 0:
@@ -265,7 +269,7 @@ def start(engine: dict[str, Any], config: StackConfig, state: Path, env: dict[st
     print("  Redis and nginx up")
     serve_config = load_config(REPO / "cluster/serve.yaml", "127.0.0.1", config.serve_port,
                                engine, config.replicas, config.router,
-                               config.router_replicas)
+                               config.router_replicas, config.data_path)
     deploy(serve_config, config.ray_dashboard)
     progress(f"deploying {config.replicas} engine replicas",
              lambda: app_running(config), config.timeout_s,

@@ -1,0 +1,241 @@
+"""The direct data path: an engine replica's deltas go back to a router over a connection
+of our own, beside Serve's, all of one engine step's deltas for that router in one frame.
+
+Through Serve alone, each delta of each stream is its own message (pickled, sent, read,
+handed to a task on both event loops): under 64 streams ~10k messages a second, and a
+new request's way in and its first token queue behind them (replicas/PERF.md, issue 19).
+On the direct path the request still goes through Serve, which keeps choosing the
+replica (the pinning request router), counting its ongoing requests, health-checking
+it and cancelling the call when the client goes; but the call is unary: it answers,
+once the request has ended, with the number of items the replica sent. The items travel
+over one TCP connection per (router process, engine replica), which the replica opens to
+the address the request carries.
+
+Frames: a 4-byte big-endian length, then JSON. A replica's first frame on a connection
+is the router's token, which the request carried through Serve (a connection that does
+not open with it is dropped); each later frame is a list of [stream, item] pairs, the
+items being router/wire.py's dicts. The router ends a stream once the call answered and
+that many items arrived. A connection lost mid-stream, or items that do not arrive within
+LATE_S of the answer, end the stream with a 503 ErrorEvent, as a failed replica does.
+
+- `Inbox`: the router's side; one per router process, listening on the node's address.
+- `Outboxes`: the replica's side; one connection per inbox, opened on first use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import secrets
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# how items travel back from an engine replica to the router (cluster/engine.py's
+# ServeEngine): through Serve's handle, a message each, or this module's connections
+DATA_PATHS = ("serve", "direct")
+_LENGTH = struct.Struct(">I")
+MAX_FRAME = 64 << 20  # bytes; a longer length is a broken or foreign peer
+# after the call answered, its last items may still be on the way (another connection)
+LATE_S = 10.0
+
+
+class DataPathError(ConnectionError):
+    """The data connection between a replica and a router failed (or lost items)."""
+
+
+def frame(payload: Any) -> bytes:
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    return _LENGTH.pack(len(body)) + body
+
+
+async def read_frame(reader: asyncio.StreamReader) -> Any:
+    """The next frame's payload; IncompleteReadError at the end of the stream."""
+    (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
+    if length > MAX_FRAME:
+        raise DataPathError(f"a frame of {length} bytes is over {MAX_FRAME}")
+    return json.loads(await reader.readexactly(length))
+
+
+class Lost:
+    """Put into a stream's queue when the connection its items came on is gone."""
+
+
+@dataclass
+class Stream:
+    """One request's items as they arrive (`queue`), and the connection they came on."""
+
+    queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+    connection: int | None = None
+
+
+class Inbox:
+    """The router's side: a listening socket whose connections (one per engine replica
+    that serves this router) carry the items of many streams."""
+
+    def __init__(self, host: str) -> None:
+        self.host, self.port = host, 0
+        self.token = secrets.token_hex(16)
+        self.streams: dict[int, Stream] = {}
+        self._next = 0
+        self._server: asyncio.Server | None = None
+        self.connections: set[asyncio.StreamWriter] = set()  # one per replica
+        self._starting: asyncio.Lock | None = None
+
+    async def start(self) -> None:
+        """Listen (once; later calls return at once)."""
+        if self._server is not None:
+            return
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            if self._server is None:
+                server = await asyncio.start_server(self._serve, self.host, 0)
+                self.port = server.sockets[0].getsockname()[1]
+                self._server = server
+
+    def open(self) -> tuple[int, Stream]:
+        """A new stream's id and its queue; `reply_to(id)` is what the replica needs."""
+        self._next += 1
+        stream = self.streams[self._next] = Stream()
+        return self._next, stream
+
+    def reply_to(self, stream: int) -> dict[str, Any]:
+        return {"host": self.host, "port": self.port, "token": self.token, "stream": stream}
+
+    def close(self, stream: int) -> None:
+        """Forget a stream: items still arriving for it are dropped."""
+        self.streams.pop(stream, None)
+
+    async def stop(self) -> None:
+        """Stop listening and close the replicas' connections (their streams get Lost)."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for writer in list(self.connections):
+            writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        connection = id(writer)
+        self.connections.add(writer)
+        try:
+            hello = await asyncio.wait_for(read_frame(reader), LATE_S)
+            if not (isinstance(hello, str) and hmac.compare_digest(hello, self.token)):
+                log.warning("data path: a connection without this router's token, dropped")
+                return
+            while True:
+                self._take(await read_frame(reader), connection)
+        except (asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass  # the replica closed it; or this loop is ending (3.11's streams would
+            # log a handler task that ends cancelled)
+        except (ConnectionError, TimeoutError, ValueError) as e:
+            log.warning("data path: connection from a replica failed: %r", e)
+        finally:
+            self.connections.discard(writer)
+            writer.close()
+            for stream in self.streams.values():
+                if stream.connection == connection:
+                    stream.queue.put_nowait(Lost())
+
+    def _take(self, pairs: list[list[Any]], connection: int) -> None:
+        streams = self.streams
+        for stream_id, item in pairs:
+            stream = streams.get(stream_id)
+            if stream is not None:  # else the router stopped reading it
+                stream.connection = connection
+                stream.queue.put_nowait(item)
+
+
+class Outbox:
+    """The replica's side of one connection to an inbox. Items sent during one turn of
+    the event loop (one engine step's deltas, as the engine hands them out together)
+    leave as one frame at the end of that turn."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 on_lost: Callable[[Outbox], None]) -> None:
+        self.writer, self._on_lost = writer, on_lost
+        self.error: DataPathError | None = None
+        self._pending: list[list[Any]] = []
+        self._loop = asyncio.get_running_loop()
+        self._watch = asyncio.ensure_future(self._watch_closed(reader))
+
+    def send(self, stream: int, item: dict[str, Any]) -> None:
+        """Queue an item for the end of this turn; raises DataPathError once the
+        connection is gone."""
+        if self.error is not None:
+            raise self.error
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append([stream, item])
+
+    async def flushed(self) -> None:
+        """Return once everything sent so far is written to the socket (raises
+        DataPathError if the connection is gone)."""
+        self._flush()
+        try:
+            await self.writer.drain()
+        except ConnectionError as e:
+            self._fail(e)
+        if self.error is not None:
+            raise self.error
+
+    def close(self, cause: BaseException | None = None) -> None:
+        """End the connection: later sends raise, Outboxes opens a new one."""
+        self._fail(cause or DataPathError("closed by the replica"))
+        self._watch.cancel()
+        self.writer.close()
+        self._on_lost(self)
+
+    def _flush(self) -> None:
+        if self._pending and self.error is None:
+            pending, self._pending = self._pending, []
+            self.writer.write(frame(pending))
+
+    def _fail(self, cause: BaseException | None) -> None:
+        if self.error is None:
+            self.error = DataPathError(f"the router's data connection is gone: {cause!r}")
+
+    async def _watch_closed(self, reader: asyncio.StreamReader) -> None:
+        """The router sends nothing: anything read is the end of the connection."""
+        try:
+            await reader.read(1)
+            cause: BaseException = DataPathError("closed by the router")
+        except ConnectionError as e:
+            cause = e
+        self._watch = asyncio.get_running_loop().create_future()  # (close: nothing to cancel)
+        self.close(cause)
+
+
+class Outboxes:
+    """A replica's connections, one per router inbox, opened on first use."""
+
+    def __init__(self) -> None:
+        self._open: dict[tuple[str, int, str], Outbox] = {}
+        self._opening: dict[tuple[str, int, str], asyncio.Lock] = {}
+
+    async def get(self, reply: dict[str, Any]) -> Outbox:
+        key = (reply["host"], int(reply["port"]), reply["token"])
+        outbox = self._open.get(key)
+        if outbox is not None:
+            return outbox
+        async with self._opening.setdefault(key, asyncio.Lock()):
+            if key not in self._open:
+                reader, writer = await asyncio.open_connection(key[0], key[1])
+                writer.write(frame(key[2]))
+                self._open[key] = Outbox(reader, writer, lambda o, k=key: self._lost(k, o))
+            return self._open[key]
+
+    def _lost(self, key: tuple[str, int, str], outbox: Outbox) -> None:
+        if self._open.get(key) is outbox:
+            del self._open[key]
+
+    def close(self) -> None:
+        for outbox in self._open.values():
+            outbox.close()
+        self._open.clear()
