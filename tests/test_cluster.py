@@ -106,6 +106,48 @@ def test_bad_request_is_a_400_with_the_engine_message(stack: Stack) -> None:
     assert item.message == "the prompt is empty; send at least one token"
 
 
+def test_the_direct_data_path_gives_the_engines_tokens_and_aborts_with_its_reader(
+        stack: Stack, reference: dict[int, list[int]]) -> None:
+    """The router's end of the direct data path (here in the test's process, its inbox on
+    loopback) against the real replicas' `deliver`: the same tokens as the engine alone
+    for requests spread over both replicas, a refused request's 400 the same way, and a
+    reader that stops early aborts its request in the engine."""
+    engine = ServeEngine(serve.get_deployment_handle(ENGINE, APP_NAME), "direct")
+
+    async def tokens(i: int) -> tuple[list[int], str]:
+        request = wire.Request({"max_tokens": MAX_TOKENS, "temperature": 0.0,
+                                "ignore_eos": True}, prompt=PROMPTS[i % 8])
+        items = [item async for item in engine.generate(request, f"user:direct-{i}")]
+        assert all(isinstance(d, wire.Delta) for d in items), items
+        return [t for d in items for t in d.token_ids], items[-1].replica
+
+    async def refused() -> list[wire.Item]:
+        return [item async for item in engine.generate(wire.Request({}, prompt=[]), "")]
+
+    async def left_early() -> None:
+        request = wire.Request({"max_tokens": 2000 - 5, "temperature": 0.0,
+                                "ignore_eos": True}, prompt=PROMPTS[0])
+        stream = engine.generate(request, "user:direct-leaves")
+        for _ in range(3):
+            await anext(stream)
+        await stream.aclose()
+
+    async def main() -> tuple[list[tuple[list[int], str]], list[wire.Item]]:
+        got = await asyncio.gather(*(tokens(i) for i in range(16)))
+        bad = await refused()
+        await left_early()
+        return list(got), bad
+
+    got, bad = asyncio.run(main())
+    assert [t for t, _ in got] == [reference[i % 8] for i in range(16)]
+    assert len({replica for _, replica in got}) == 2  # both replicas' connections
+    assert len(bad) == 1 and isinstance(bad[0], wire.ErrorEvent) and bad[0].status == 400
+    deadline = time.monotonic() + 30
+    while any(s["running"] for s in engine_stats().values()):
+        assert time.monotonic() < deadline, "the request left early still runs"
+        time.sleep(0.5)
+
+
 def engine_stats(min_calls: int = 12) -> dict[str, dict]:
     """Stats of every engine replica (calls are routed at random; ask until all seen)."""
     handle = serve.get_deployment_handle("Engine", APP_NAME)
