@@ -354,7 +354,8 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
 
     stack = Running.recorded(state_dir)
     shape = {"tp": read_state(state_dir).get("engine", {}).get("tp", 1),
-             "replicas": stack.config.replicas, "router_replicas": stack.config.router_replicas}
+             "replicas": stack.config.replicas, "router_replicas": stack.config.router_replicas,
+             "data_path": stack.config.data_path}
     try:
         stats = replica_stats(state_dir)
     except Exception as e:  # noqa: BLE001 - the rest is still worth measuring
