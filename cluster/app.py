@@ -27,7 +27,7 @@ from cluster.control import (
     deployment_state,
     request_scale,
 )
-from cluster.datapath import DATA_PATHS
+from cluster.datapath import DATA_PATHS, checked
 from cluster.engine import ServeEngine, engine_deployment
 from router.admin import ControlError, DeploymentStatus, ReplicaStatus
 from router.app import Router, RouterConfig, make_api
@@ -85,12 +85,13 @@ def build(args: dict[str, Any]) -> Any:
     engine deployment, whose request router pins sessions.
 
     args: {"engine": EngineConfig fields, "cpus_per_rank": float, "num_replicas": int,
-    "router": RouterConfig fields, "data_path": "serve" | "direct" (cluster/engine.py's
+    "router": RouterConfig fields, "data_path": "direct" | "serve" (cluster/datapath.py's
     DATA_PATHS)}; a config file's `deployments:` section overrides num_replicas /
     autoscaling_config.
     """
     from replicas import EngineConfig  # (the build task's process; never a router replica)
 
+    data_path = checked(str(args.get("data_path", DATA_PATHS[0])))
     config = EngineConfig(**(args.get("engine") or {}))
     router_config = RouterConfig(**(args.get("router") or {}))
     engine = engine_deployment(
@@ -99,7 +100,4 @@ def build(args: dict[str, Any]) -> Any:
         request_router_class=PINNED_ROUTER,
         request_router_kwargs={"routing": router_config.routing},
     )
-    data_path = str(args.get("data_path", DATA_PATHS[0]))
-    if data_path not in DATA_PATHS:
-        raise ValueError(f"data_path must be one of {DATA_PATHS}, got {data_path!r}")
     return RouterDeployment.bind(engine, asdict(router_config), data_path)

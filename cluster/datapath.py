@@ -37,8 +37,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 # how items travel back from an engine replica to the router (cluster/engine.py's
-# ServeEngine): through Serve's handle, a message each, or this module's connections
-DATA_PATHS = ("serve", "direct")
+# ServeEngine): this module's connections (the default, first), or through Serve's
+# handle, a message each
+DATA_PATHS = ("direct", "serve")
 _LENGTH = struct.Struct(">I")
 MAX_FRAME = 64 << 20  # bytes; a longer length is a broken or foreign peer
 # after the call answered, its last items may still be on the way (another connection)
@@ -47,6 +48,13 @@ LATE_S = 10.0
 
 class DataPathError(ConnectionError):
     """The data connection between a replica and a router failed (or lost items)."""
+
+
+def checked(data_path: str) -> str:
+    """`data_path` if it is one of DATA_PATHS, else a ValueError that lists them."""
+    if data_path not in DATA_PATHS:
+        raise ValueError(f"data_path must be one of {DATA_PATHS}, got {data_path!r}")
+    return data_path
 
 
 def frame(payload: Any) -> bytes:

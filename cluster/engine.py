@@ -30,7 +30,16 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
 from cluster.control import ENGINE
-from cluster.datapath import DATA_PATHS, LATE_S, DataPathError, Inbox, Lost, Outbox, Outboxes
+from cluster.datapath import (
+    DATA_PATHS,
+    LATE_S,
+    DataPathError,
+    Inbox,
+    Lost,
+    Outbox,
+    Outboxes,
+    checked,
+)
 from cluster.requests import ReplicaTimes, error_event, serve_request
 from router import keys, wire
 
@@ -158,14 +167,13 @@ class ServeEngine:
     request router (cluster/pinning.py) pins it. Never raises for a failed replica: the
     failure is the stream's last item, an ErrorEvent (`error_event`).
 
-    `data_path`: "serve" streams the items through Serve's handle, one message each;
-    "direct" makes a unary Serve call and takes the items from this process's inbox
-    (cluster/datapath.py), listening on `host`."""
+    `data_path`: "direct" makes a unary Serve call and takes the items from this
+    process's inbox (cluster/datapath.py), listening on `host`; "serve" streams them
+    through Serve's handle, one message each."""
 
-    def __init__(self, handle: DeploymentHandle, data_path: str = "serve",
+    def __init__(self, handle: DeploymentHandle, data_path: str = DATA_PATHS[0],
                  host: str = "127.0.0.1") -> None:
-        if data_path not in DATA_PATHS:
-            raise ValueError(f"data_path must be one of {DATA_PATHS}, got {data_path!r}")
+        checked(data_path)
         self.handle = handle.options(stream=True)
         self.unary = handle.options(stream=False)
         self.inbox = Inbox(host) if data_path == "direct" else None

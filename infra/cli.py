@@ -105,9 +105,9 @@ FIELD_HELP = {
     "replicas": "Number of engine replicas to start (`tpserve scale` changes it later).",
     "router_replicas": "Number of router replicas (the OpenAI API); nginx spreads requests "
                        "over them. Each streams on one core: more for many streams.",
-    "data_path": "How the engine's tokens come back to the router: serve (each delta a Serve "
-                 "message) or direct (one connection per router and engine replica, one "
-                 "frame per engine step).",
+    "data_path": "How the engine's tokens come back to the router: direct (one connection "
+                 "per router and engine replica, one frame per engine step) or serve (each "
+                 "delta a Serve message).",
     "num_cpus": "Logical CPUs Ray may hand out (each rank of a CPU replica takes one).",
     "state_dir": "Directory for the running cluster's state, logs and admin token.",
     "timeout_s": "Seconds to wait for the replicas to be running before giving up.",

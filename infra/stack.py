@@ -56,7 +56,7 @@ class StackConfig:
     redis_port: int = 6380  # Ray's head takes 6379
     replicas: int = 2
     router_replicas: int = 1  # the router's event loop is one core: more share the streams
-    data_path: str = DATA_PATHS[0]  # cluster/app.py's build: serve | direct
+    data_path: str = DATA_PATHS[0]  # cluster/app.py's build: direct | serve
     num_cpus: int = 8  # logical CPUs Ray may hand out (bundles of the TP ranks)
     state_dir: str = str(DEFAULT_STATE)
     timeout_s: float = 600.0

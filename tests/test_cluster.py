@@ -27,6 +27,7 @@ from ray import serve  # noqa: E402
 from ray.util.state import list_actors  # noqa: E402
 
 from cluster.control import APP_NAME, ENGINE, ServeError, replicas, scale  # noqa: E402
+from cluster.datapath import DATA_PATHS  # noqa: E402
 from cluster.engine import ServeEngine  # noqa: E402
 from replicas import Engine, EngineConfig, SamplingParams  # noqa: E402
 from router import wire  # noqa: E402
@@ -96,23 +97,18 @@ def test_two_tp2_replicas_serve_concurrently_like_the_engine_alone(
 def test_bad_request_is_a_400_with_the_engine_message(stack: Stack) -> None:
     status, body = complete(stack.url, [])
     assert status == 400 and body["error"]["type"] == "invalid_request_error"  # the router's
-
-    async def refused() -> list[wire.Item]:  # what the router hears when the engine refuses
-        engine = ServeEngine(serve.get_deployment_handle(ENGINE, APP_NAME))
-        return [item async for item in engine.generate(wire.Request({}, prompt=[]), "")]
-
-    (item,) = asyncio.run(refused())
-    assert isinstance(item, wire.ErrorEvent) and item.status == 400
-    assert item.message == "the prompt is empty; send at least one token"
+    # what the router hears when the engine refuses: the next test, over each data path
 
 
-def test_the_direct_data_path_gives_the_engines_tokens_and_aborts_with_its_reader(
-        stack: Stack, reference: dict[int, list[int]]) -> None:
-    """The router's end of the direct data path (here in the test's process, its inbox on
-    loopback) against the real replicas' `deliver`: the same tokens as the engine alone
-    for requests spread over both replicas, a refused request's 400 the same way, and a
-    reader that stops early aborts its request in the engine."""
-    engine = ServeEngine(serve.get_deployment_handle(ENGINE, APP_NAME), "direct")
+@pytest.mark.parametrize("data_path", DATA_PATHS)
+def test_each_data_path_gives_the_engines_tokens_and_aborts_with_its_reader(
+        stack: Stack, reference: dict[int, list[int]], data_path: str) -> None:
+    """The router's end (here in the test's process; the direct path's inbox on loopback)
+    of each data path against the real replicas: the same tokens as the engine alone for
+    requests spread over both replicas, a refused request's 400 the same way, and a
+    reader that stops early aborts its request in the engine. (The stack's router runs
+    the default path; this runs both.)"""
+    engine = ServeEngine(serve.get_deployment_handle(ENGINE, APP_NAME), data_path)
 
     async def tokens(i: int) -> tuple[list[int], str]:
         request = wire.Request({"max_tokens": MAX_TOKENS, "temperature": 0.0,
@@ -142,6 +138,7 @@ def test_the_direct_data_path_gives_the_engines_tokens_and_aborts_with_its_reade
     assert [t for t, _ in got] == [reference[i % 8] for i in range(16)]
     assert len({replica for _, replica in got}) == 2  # both replicas' connections
     assert len(bad) == 1 and isinstance(bad[0], wire.ErrorEvent) and bad[0].status == 400
+    assert bad[0].message == "the prompt is empty; send at least one token"
     deadline = time.monotonic() + 30
     while any(s["running"] for s in engine_stats().values()):
         assert time.monotonic() < deadline, "the request left early still runs"

@@ -75,6 +75,21 @@ def test_replica_counts_of_the_engine_and_the_router_override_their_deployments(
     assert ServeDeploySchema(**redeploy_config(body, 2))
 
 
+def test_the_data_path_is_an_app_argument_and_a_bad_one_is_refused_by_name() -> None:
+    """serve.yaml says the default (DATA_PATHS' first); `tpserve up --data-path` overrides
+    it; the app's builder refuses an unknown one before any replica starts."""
+    from cluster.app import build
+    from cluster.datapath import DATA_PATHS
+
+    args = load_config(CLUSTER / "serve.yaml")["applications"][0]["args"]
+    assert args["data_path"] == DATA_PATHS[0] == "direct"
+    app = load_config(CLUSTER / "serve.yaml", data_path="serve")["applications"][0]
+    assert ServeDeploySchema(**load_config(CLUSTER / "serve.yaml", data_path="serve"))
+    assert app["args"]["data_path"] == "serve"
+    with pytest.raises(ValueError, match="data_path must be one of"):
+        build({**args, "data_path": "sideways"})
+
+
 def test_each_rank_sees_all_gpus_of_its_replica_in_rank_order() -> None:
     assert visible_devices([["3"], ["5"], ["4"], ["6"]]) == "3,5,4,6"
     assert rank_env("3,5", 1) == {"LOCAL_RANK": "1", "CUDA_VISIBLE_DEVICES": "3,5"}

@@ -199,7 +199,7 @@ def test_the_handle_end_pins_by_session_and_maps_a_dead_replica_to_a_503() -> No
     handle = FakeHandle(FakeStream([DELTA], ray.exceptions.ActorDiedError()))
 
     async def run() -> list[wire.Item]:
-        engine = ServeEngine(handle)  # type: ignore[arg-type]
+        engine = ServeEngine(handle, "serve")  # type: ignore[arg-type]
         return [i async for i in engine.generate(wire.Request({}, prompt=[5]), "ip:1.2.3.4")]
 
     out = asyncio.run(run())
@@ -214,7 +214,7 @@ def test_a_reader_that_stops_early_cancels_the_request() -> None:
     handle = FakeHandle(FakeStream([DELTA, DELTA, DELTA], None))
 
     async def run() -> None:
-        stream = ServeEngine(handle).generate(  # type: ignore[arg-type]
+        stream = ServeEngine(handle, "serve").generate(  # type: ignore[arg-type]
             wire.Request({}, prompt=[5]), "")
         await anext(stream)
         await stream.aclose()
