@@ -104,7 +104,8 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
         c, us = row["load_config"], row["cpu_us_per_token"]
         return (f"CPU per streamed token in the CPU stack (tiny model, one tp=1 replica, "
                 f"{c['clients']} clients x {c['max_tokens']} tokens, stream_interval "
-                f"{row['stream_interval']})",
+                f"{row['stream_interval']}"
+                + (f", data path {row['data_path']}" if "data_path" in row else "") + ")",
                 f"router {us['router']} us, engine replica {us['engine']}, nginx "
                 f"{us['nginx']}, client {us['client']}; {row['tok_s']} tok/s, TTFT p50 "
                 f"{row['ttft_ms']['p50']} ms", "—")
@@ -118,7 +119,8 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                 + (f", an engine replica takes {row['max_ongoing']} requests at once"
                    if row.get("max_ongoing", 64) != 64 else "")
                 + (f", {row['router_replicas']} router replicas"
-                   if row.get("router_replicas", 1) != 1 else ""))
+                   if row.get("router_replicas", 1) != 1 else "")
+                + (f", data path {row['data_path']}" if "data_path" in row else ""))
         start = (f"replica RUNNING in {row['replica_init_s']} s (GEMV tuning "
                  f"{row['replica_startup_s']['gemv_tuning']} s), weights "
                  f"{row['load_gb_s']} GB/s; first chat's TTFT {row['chat']['ttft_ms']} ms")

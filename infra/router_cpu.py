@@ -14,7 +14,7 @@ Redis). Prints and appends one JSON line.
 `--clients` streaming clients (infra/client.py) for `--duration` seconds through nginx,
 and each stack process's CPU seconds per streamed token over the run (the router
 replica's, the engine replica's, nginx's, this client's), with the run's tok/s and TTFT
-and the `--stream-interval` the stack was started with (as given here).
+and the `--stream-interval` and `--data-path` the stack was started with (as given here).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
+from cluster.datapath import DATA_PATHS
 from infra.results import emit, environment
 from router import wire
 from router.app import Router, RouterConfig, make_api
@@ -89,8 +90,8 @@ async def measure(tokens: int, requests: int, rounds: int) -> float:
     return best
 
 
-def stack_row(edge: str, clients: int, tokens: int, duration: float, interval: int
-              ) -> dict[str, Any]:
+def stack_row(edge: str, clients: int, tokens: int, duration: float, interval: int,
+              data_path: str) -> dict[str, Any]:
     """CPU seconds per streamed token of each stack process over one load run."""
     from dataclasses import asdict
 
@@ -115,7 +116,8 @@ def stack_row(edge: str, clients: int, tokens: int, duration: float, interval: i
     return {"kind": "router_cpu_stack", "cpu_us_per_token": per_token,
             "tok_s": run["output_tokens_per_s"], "ttft_ms": run["ttft_ms"],
             "requests": run["requests"], "failed": run["failed_accepted"],
-            "stream_interval": interval, "load_config": asdict(config)}
+            "stream_interval": interval, "data_path": data_path,
+            "load_config": asdict(config)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,10 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=25.0, help="--stack: seconds")
     parser.add_argument("--stream-interval", type=int, default=1,
                         help="--stack: the stack's --stream-interval, for the record")
+    parser.add_argument("--data-path", default=DATA_PATHS[0], choices=DATA_PATHS,
+                        help="--stack: the stack's --data-path, for the record")
     args = parser.parse_args(argv)
     if args.stack:
         emit({**stack_row(args.stack, args.clients, args.tokens, args.duration,
-                          args.stream_interval),
+                          args.stream_interval, args.data_path),
               **environment()}, args.out or None)
         return 0
     us = asyncio.run(measure(args.tokens, args.requests, args.rounds))
