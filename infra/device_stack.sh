@@ -30,8 +30,9 @@
 # spreads the streams over them), in the same call.
 # AB_MAX_ONGOING=N before `measure`: the stack a second time with the engine replica
 # taking N requests at once instead of 64 (TPSERVE_MAX_ONGOING), in the same call.
-# AB_DIRECT=1 before `measure`: the stack a second time with --data-path direct (the
-# replica's deltas over a connection of its own, one frame per step), in the same call.
+# AB_DATA_PATH=P before `measure`: the stack a second time with --data-path P (serve:
+# each delta a Serve message, as before the direct path became the default), in the
+# same call.
 # On the two-GPU kind, `measure-x2 tp2` and `measure-x2 replicas` (see measure_x2) in
 # place of `measure`, each in its own call (call 3 carries nothing: the install is in /tmp).
 # Issue call 2 at once when call 1 returns; on a fresh machine (call 2 too late) start
@@ -190,8 +191,8 @@ $(python3 -c "print(round($t1 - $t0, 1))")}" | tee -a "$out/gpu_stack.jsonl"
     if [ "$caches" = warm ] && [ "${AB_INTERVAL:-1}" != 1 ] && [ $rc = 0 ]; then
         stack_again "" --stream-interval "$AB_INTERVAL"
     fi
-    if [ "$caches" = warm ] && [ "${AB_DIRECT:-0}" = 1 ] && [ $rc = 0 ]; then
-        stack_again "" --data-path direct
+    if [ "$caches" = warm ] && [ -n "${AB_DATA_PATH:-}" ] && [ $rc = 0 ]; then
+        stack_again "" --data-path "$AB_DATA_PATH"
     fi
     sleep 2
     echo "after down: GPU memory used $(nvidia-smi --query-gpu=memory.used \
