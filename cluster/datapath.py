@@ -44,6 +44,7 @@ _LENGTH = struct.Struct(">I")
 MAX_FRAME = 64 << 20  # bytes; a longer length is a broken or foreign peer
 # after the call answered, its last items may still be on the way (another connection)
 LATE_S = 10.0
+CONNECT_S = 10.0  # a replica reaching a router's inbox (a failed call: the router retries)
 
 
 class DataPathError(ConnectionError):
@@ -234,7 +235,8 @@ class Outboxes:
             return outbox
         async with self._opening.setdefault(key, asyncio.Lock()):
             if key not in self._open:
-                reader, writer = await asyncio.open_connection(key[0], key[1])
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(key[0], key[1]), CONNECT_S)
                 writer.write(frame(key[2]))
                 self._open[key] = Outbox(reader, writer, lambda o, k=key: self._lost(k, o))
             return self._open[key]
