@@ -141,6 +141,8 @@ class EngineDeployment:
         """The direct data path's call (cluster/datapath.py): the same items as
         `generate`, sent to the router's inbox at `reply` instead of through Serve;
         returns how many were sent, once all are written."""
+        if "sent_at" in reply:
+            self.times.way_in.add(time.time() - reply["sent_at"])
         outbox = await self.outboxes.get(reply)
         return await deliver(serve_request(self.engine, request, self.replica_id, self.times),
                              outbox, reply["stream"], self.replica_id)
@@ -189,7 +191,7 @@ class ServeEngine:
         await inbox.start()
         stream_id, stream = inbox.open()
         call = self.unary.options(session_id=session_key).deliver.remote(
-            request.to_dict(), inbox.reply_to(stream_id))
+            request.to_dict(), {**inbox.reply_to(stream_id), "sent_at": time.time()})
         answer = asyncio.ensure_future(_answer(call))
         answer.add_done_callback(lambda _: _answered(answer, stream.queue))
         received, sent, ended = 0, None, False

@@ -70,14 +70,18 @@ def _recent() -> Recent:
 class ReplicaTimes:
     """What a replica's requests spent before the engine, over the last ones (its stats):
     from entering the replica to reaching the engine's add_request (parsing, the chat
-    template, tokenizing, a grammar's compile) and to their first delta."""
+    template, tokenizing, a grammar's compile) and to their first delta; and, on the
+    direct data path, from the router's call to entering the replica (wall clocks: the
+    same host's, or as far apart as the hosts' clocks)."""
 
     prepare: Recent = field(default_factory=_recent)
     first_delta: Recent = field(default_factory=_recent)
+    way_in: Recent = field(default_factory=_recent)
 
     def summary(self) -> dict[str, Any]:
         return {"prepare_ms": self.prepare.summary(),
-                "replica_ttft_ms": self.first_delta.summary()}
+                "replica_ttft_ms": self.first_delta.summary(),
+                "way_in_ms": self.way_in.summary()}
 
 
 async def serve_request(engine: Engine, request: dict[str, Any], replica: str,

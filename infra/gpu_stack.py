@@ -383,7 +383,8 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
         after = replica_stats(state_dir)
         inside.update(engine_ttft_ms=after.get("ttft_ms"),
                       replica_ttft_ms=after.get("replica_ttft_ms"),
-                      prepare_ms=after.get("prepare_ms"))
+                      prepare_ms=after.get("prepare_ms"),
+                      way_in_ms=after.get("way_in_ms"))
     except Exception as e:  # noqa: BLE001 - the rest is still worth measuring
         inside["error"] = f"{type(e).__name__}: {e}"[:300]
     sequential = stack_run(stack.edge, SEQUENTIAL)
