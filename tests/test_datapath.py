@@ -296,3 +296,36 @@ def test_the_inbox_listens_on_the_host_it_was_given() -> None:
         return reply["host"], reply["stream"]
 
     assert run(main()) == ("127.0.0.1", 7)
+
+
+def test_a_router_gone_mid_stream_aborts_the_replicas_request() -> None:
+    """The router's process gone (its inbox closes): the replica's next send fails, and
+    `deliver` closes the request's items (serve_request's close aborts it in the engine)
+    and raises, instead of generating on for no one."""
+    closed = asyncio.Event()
+
+    async def endless() -> AsyncGenerator[dict[str, Any], None]:
+        try:
+            i = 0
+            while True:
+                await asyncio.sleep(0.01)
+                yield delta(i)
+                i += 1
+        finally:
+            closed.set()
+
+    async def main() -> tuple[bool, float]:
+        inbox = Inbox("127.0.0.1")
+        await inbox.start()
+        stream_id, stream = inbox.open()
+        outbox = await Outboxes().get(inbox.reply_to(stream_id))
+        call = asyncio.ensure_future(deliver(endless(), outbox, stream_id, "r"))
+        await stream.queue.get()
+        start = asyncio.get_running_loop().time()
+        await inbox.stop()
+        with pytest.raises(datapath.DataPathError):
+            await call
+        return closed.is_set(), asyncio.get_running_loop().time() - start
+
+    aborted, took = run(main())
+    assert aborted and took < 2
