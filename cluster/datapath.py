@@ -30,7 +30,7 @@ import json
 import logging
 import secrets
 import struct
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +81,37 @@ class Stream:
 
     queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     connection: int | None = None
+
+    async def items(self, answer: asyncio.Future[int]) -> AsyncGenerator[Any, None]:
+        """The items, until `answer` (the replica's call) says how many it sent and that
+        many came. Raises the call's failure, or DataPathError when the connection they
+        came on failed or the last ones are LATE_S late."""
+        answer.add_done_callback(lambda _: _answered(answer, self.queue))
+        received, sent = 0, None
+        while sent is None or received < sent:
+            try:
+                entry = await (self.queue.get() if sent is None else
+                               asyncio.wait_for(self.queue.get(), LATE_S))
+            except TimeoutError:
+                entry = Lost()
+            if entry is answer:
+                if answer.cancelled():  # (by Serve: the caller's own cancel ends the loop)
+                    raise DataPathError("the replica's call was cancelled")
+                sent = answer.result()
+            elif isinstance(entry, Lost):
+                raise DataPathError(f"{received} of {'some' if sent is None else sent} items "
+                                    "arrived before the replica's data connection failed")
+            else:
+                received += 1
+                yield entry
+
+
+def _answered(answer: asyncio.Future[int], queue: asyncio.Queue[Any]) -> None:
+    """The call's answer, into its stream's queue after the items that came before it;
+    its failure is read here, so a stream left early (the call cancelled) logs nothing."""
+    if not answer.cancelled():
+        answer.exception()
+    queue.put_nowait(answer)
 
 
 class Inbox:

@@ -32,10 +32,8 @@ from ray.serve.handle import DeploymentHandle
 from cluster.control import ENGINE
 from cluster.datapath import (
     DATA_PATHS,
-    LATE_S,
     DataPathError,
     Inbox,
-    Lost,
     Outbox,
     Outboxes,
     checked,
@@ -192,33 +190,15 @@ class ServeEngine:
         stream_id, stream = inbox.open()
         call = self.unary.options(session_id=session_key).deliver.remote(
             request.to_dict(), {**inbox.reply_to(stream_id), "sent_at": time.time()})
-        answer = asyncio.ensure_future(_answer(call))
-        answer.add_done_callback(lambda _: _answered(answer, stream.queue))
-        received, sent, ended = 0, None, False
+        ended = False
         try:
-            while sent is None or received < sent:
-                try:
-                    entry = await (stream.queue.get() if sent is None else
-                                   asyncio.wait_for(stream.queue.get(), LATE_S))
-                except TimeoutError:
-                    entry = Lost()
-                if entry is answer:
-                    if answer.exception() is not None:
-                        log.warning("engine call failed: %r", answer.exception())
-                        ended = True
-                        yield error_event(answer.exception())
-                        return
-                    sent = answer.result()
-                elif isinstance(entry, Lost):
-                    ended = True
-                    yield error_event(DataPathError(
-                        f"{received} of {sent if sent is not None else 'some'} items "
-                        "arrived before the replica's data connection failed"))
-                    return
-                else:
-                    received += 1
-                    yield wire.decode(entry)
+            async for item in stream.items(asyncio.ensure_future(call)):
+                yield wire.decode(item)
             ended = True
+        except Exception as e:  # noqa: BLE001 - mapped here, once, for the router
+            ended = True
+            log.warning("engine call failed: %r", e)
+            yield error_event(e)
         finally:
             inbox.close(stream_id)
             if not ended:  # the router stopped reading (its client went away): abort
@@ -261,18 +241,6 @@ async def deliver(items: AsyncGenerator[dict[str, Any], None], outbox: Outbox, s
         sent += 1
     await outbox.flushed()
     return sent
-
-
-async def _answer(call: Any) -> int:
-    return await call
-
-
-def _answered(answer: asyncio.Future[int], queue: asyncio.Queue[Any]) -> None:
-    """The call's answer, into its stream's queue after the items that came before it;
-    its failure is read here, so a stream left early (the call cancelled) logs nothing."""
-    if not answer.cancelled():
-        answer.exception()
-    queue.put_nowait(answer)
 
 
 def engine_deployment(config: EngineConfig, cpus_per_rank: float = 1.0,

@@ -205,7 +205,7 @@ def test_items_that_arrive_after_the_answer_still_reach_the_router() -> None:
 
 def test_items_that_never_arrive_end_the_stream_with_a_503(monkeypatch: pytest.MonkeyPatch
                                                             ) -> None:
-    monkeypatch.setattr("cluster.engine.LATE_S", 0.3)
+    monkeypatch.setattr("cluster.datapath.LATE_S", 0.3)
 
     async def lying(request: dict[str, Any], reply: dict[str, Any]) -> int:
         await Outboxes().get(reply)
