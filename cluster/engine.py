@@ -178,39 +178,23 @@ class ServeEngine:
         self.unary = handle.options(stream=False)
         self.inbox = Inbox(host) if data_path == "direct" else None
 
-    def generate(self, request: wire.Request, session_key: str
-                 ) -> AsyncGenerator[wire.Item, None]:
-        if self.inbox is not None:
-            return self._direct(self.inbox, request, session_key)
-        return self._streamed(request, session_key)
-
-    async def _direct(self, inbox: Inbox, request: wire.Request, session_key: str
-                      ) -> AsyncGenerator[wire.Item, None]:
-        await inbox.start()
-        stream_id, stream = inbox.open()
-        call = self.unary.options(session_id=session_key).deliver.remote(
-            request.to_dict(), {**inbox.reply_to(stream_id), "sent_at": time.time()})
+    async def generate(self, request: wire.Request, session_key: str
+                       ) -> AsyncGenerator[wire.Item, None]:
+        handle = self.unary if self.inbox is not None else self.handle
+        handle = handle.options(session_id=session_key)
+        stream_id = None
+        if self.inbox is None:  # the items through Serve, a message each
+            call = handle.generate.remote(request.to_dict())
+            items: AsyncIterator[Any] = call
+        else:  # a unary call; the items through this process's inbox
+            await self.inbox.start()
+            stream_id, stream = self.inbox.open()
+            call = handle.deliver.remote(
+                request.to_dict(), {**self.inbox.reply_to(stream_id), "sent_at": time.time()})
+            items = stream.items(asyncio.ensure_future(call))
         ended = False
         try:
-            async for item in stream.items(asyncio.ensure_future(call)):
-                yield wire.decode(item)
-            ended = True
-        except Exception as e:  # noqa: BLE001 - mapped here, once, for the router
-            ended = True
-            log.warning("engine call failed: %r", e)
-            yield error_event(e)
-        finally:
-            inbox.close(stream_id)
-            if not ended:  # the router stopped reading (its client went away): abort
-                call.cancel()
-
-    async def _streamed(self, request: wire.Request, session_key: str
-                        ) -> AsyncGenerator[wire.Item, None]:
-        stream = self.handle.options(session_id=session_key).generate.remote(
-            request.to_dict())
-        ended = False
-        try:
-            async for item in stream:
+            async for item in items:
                 yield wire.decode(item)
             ended = True
         except Exception as e:  # noqa: BLE001 - mapped here, once, for the router
@@ -218,8 +202,10 @@ class ServeEngine:
             log.warning("engine stream failed: %r", e)
             yield error_event(e)
         finally:
+            if self.inbox is not None and stream_id is not None:
+                self.inbox.close(stream_id)
             if not ended:  # the router stopped reading (its client went away): abort
-                stream.cancel()
+                call.cancel()
 
 
 async def deliver(items: AsyncGenerator[dict[str, Any], None], outbox: Outbox, stream: int,
