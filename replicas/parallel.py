@@ -366,7 +366,8 @@ def kept_pick(entry: Any) -> tuple[kernels.GemvConfig | None] | None:
         config = tuple(int(v) for v in chosen.strip("() ").split(","))
     except ValueError:
         return None
-    return (config,) if config in kernels.GEMV_CONFIGS else None  # type: ignore[return-value]
+    known = kernels.gemv_configs(fp8=True)  # (every config either kind may pick)
+    return (config,) if config in known else None  # type: ignore[return-value]
 
 
 class RowParallelLinear(_KernelLinear):

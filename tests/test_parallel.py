@@ -376,3 +376,19 @@ def test_gemv_picks_are_kept_and_a_bad_cache_is_timed_again(tmp_path: Path,
     parallel.tune_gemv(model(), cache)
     assert timed[3:] == [(64, 32), (8, 32)]
     assert json.loads(cache.read_text())  # rewritten whole
+
+
+def test_a_kept_pick_may_be_any_config_either_kind_times() -> None:
+    """FP8 weights are timed on more configs (kernels.FP8_GEMV_CONFIGS): a pick of one of
+    those is kept like any other; cuBLAS is kept as None; anything else is timed again."""
+    from replicas import kernels
+    from replicas.parallel import kept_pick
+
+    fp8_only = kernels.FP8_GEMV_CONFIGS[0]
+    assert fp8_only not in kernels.GEMV_CONFIGS
+    assert fp8_only in kernels.gemv_configs(fp8=True)
+    assert fp8_only not in kernels.gemv_configs(fp8=False)
+    assert kept_pick({"chosen": str(fp8_only)}) == (fp8_only,)
+    assert kept_pick({"chosen": str(kernels.GEMV_CONFIGS[0])}) == (kernels.GEMV_CONFIGS[0],)
+    assert kept_pick({"chosen": "cublas"}) == (None,)
+    assert kept_pick({"chosen": "(3, 3, 3, 3)"}) is None and kept_pick({}) is None

@@ -33,10 +33,12 @@ from replicas.kernels.attention import NewKeys, decode_splits, paged_attention
 from replicas.kernels.common import enabled, pdl
 from replicas.kernels.fp8mm import w8a16
 from replicas.kernels.gemv import (
+    FP8_GEMV_CONFIGS,
     GEMV_CONFIGS,
     GemvConfig,
     GemvKind,
     gemv,
+    gemv_configs,
     gemv_norm,
     gemv_push,
     pick_gemv,
@@ -47,8 +49,9 @@ from replicas.kernels.rope import rope_and_cache
 from replicas.kernels.tokens import ARGMAX_BLOCK, argmax_rows, feed_tokens
 
 __all__ = [
-    "ARGMAX_BLOCK", "GEMV_CONFIGS", "GemvConfig", "GemvKind", "NewKeys", "Site", "argmax_rows",
-    "decode_splits", "enabled", "feed_tokens", "gemv", "gemv_norm", "gemv_push",
+    "ARGMAX_BLOCK", "FP8_GEMV_CONFIGS", "GEMV_CONFIGS", "GemvConfig", "GemvKind", "NewKeys",
+    "Site", "argmax_rows", "decode_splits", "enabled", "feed_tokens", "gemv", "gemv_configs",
+    "gemv_norm", "gemv_push",
     "paged_attention", "pdl", "pick_gemv", "quantize_tokens_fp8", "rms_norm",
     "rope_and_cache", "silu_and_mul", "w8a16",
 ]
