@@ -99,8 +99,9 @@ class Stream:
                     raise DataPathError("the replica's call was cancelled")
                 sent = answer.result()
             elif isinstance(entry, Lost):
-                raise DataPathError(f"{received} of {'some' if sent is None else sent} items "
-                                    "arrived before the replica's data connection failed")
+                raise DataPathError(
+                    f"{received} of {'some' if sent is None else sent} items arrived: the "
+                    f"replica's data connection failed, or they are over {LATE_S} s late")
             else:
                 received += 1
                 yield entry

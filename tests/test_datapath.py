@@ -213,7 +213,7 @@ def test_items_that_never_arrive_end_the_stream_with_a_503(monkeypatch: pytest.M
 
     out = run(collect(direct_engine(FakeUnary(lying))))
     assert len(out) == 1 and isinstance(out[0], wire.ErrorEvent) and out[0].status == 503
-    assert "0 of 2 items" in out[0].message
+    assert "0 of 2 items arrived" in out[0].message
 
 
 def test_a_request_failing_on_the_replica_is_a_503_after_its_items() -> None:
