@@ -77,6 +77,8 @@ def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
     if not w8a8:
         if kernels.enabled(x) and rows.shape[0] < DEQUANT_ROWS:
             y = kernels.w8a16(rows, w8, scale, bias)
+        elif kernels.enabled(x) and x.dtype in (torch.bfloat16, torch.float16):
+            y = F.linear(rows, kernels.widen_fp8(w8, scale, x.dtype), bias)
         else:
             y = F.linear(rows, (w8.to(x.dtype) * scale[:, None].to(x.dtype)), bias)
         return y.reshape(*lead, w8.shape[0])

@@ -104,6 +104,41 @@ def test_w8a16_kernel_is_the_weight_only_product(shape: tuple[int, int, int],
         assert torch.equal(fp8_linear(x, w8, scale, bias), got)  # the same kernel
 
 
+@pytest.mark.parametrize("shape", [(5, 200), (37, 1100)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_widening_kernel_is_pytorchs_widening_bit_for_bit(shape: tuple[int, int],
+                                                          dtype: torch.dtype,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """Weight-only FP8's long prefills widen each weight in one kernel: the same bits as
+    `w8.to(dtype) * scale[:, None].to(dtype)`, over shapes that do not divide its blocks
+    and scales over many octaves; fp8_linear takes it from DEQUANT_ROWS rows when the
+    kernels are on, with the same result as without. (Triton's CPU interpreter rounds
+    float32 to bfloat16 toward zero, a GPU to nearest even: there, bf16 may be one unit
+    in the last place below.)"""
+    pytest.importorskip("triton")
+    from replicas import kernels
+    from replicas.fp8 import DEQUANT_ROWS
+
+    monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # (CPU: the interpreter)
+    n, k = shape
+    gen = torch.Generator().manual_seed(n)
+    w = torch.randn(n, k, generator=gen) * torch.logspace(-4, 2, n)[:, None]
+    w8, scale = quantize_rows(w.to(device))
+    got = kernels.widen_fp8(w8, scale, dtype)
+    want = w8.to(dtype) * scale[:, None].to(dtype)
+    exact = dtype == torch.float16 or got.is_cuda
+    assert got.dtype == dtype and (torch.equal(got, want) if exact else bool(
+        ((want.float() - got.float()) * want.float().sign() <= want.float().abs() * 2**-7)
+        .all() and (got.float().abs() <= want.float().abs()).all()))
+    x = torch.randn(DEQUANT_ROWS, k, generator=gen).to(device, dtype)
+    through_kernel = fp8_linear(x, w8, scale)
+    monkeypatch.setenv("TPSERVE_KERNELS", "0")  # PyTorch's widening
+    if exact:
+        assert torch.equal(through_kernel, fp8_linear(x, w8, scale))
+
+
 @pytest.mark.parametrize("shape", [(5, 200), (3, 2100), (1, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_token_quantization_kernel_is_quantize_tokens(shape: tuple[int, int],

@@ -1,10 +1,18 @@
-"""Per-token FP8 quantization of activations in one kernel: x [M, K] (16-bit or float32)
+"""FP8 <-> 16-bit in one pass each.
+
+`quantize_tokens_fp8`: per-token FP8 quantization of activations: x [M, K] (16-bit or float32)
 -> x8 [M, K] float8_e4m3fn and scale [M, 1] float32, the scale of a row max|x| / 448 (1
 for a zero row), each element x / scale saturated at +-448 (`replicas/fp8.py`'s
 `quantize_tokens`, the W8A8 path's input; that chain is seven PyTorch kernels with
 float32 intermediates of the whole activation, this one pass reads x twice from L2).
 One program a row: the row's max over K in BLOCK_K steps, then the same steps again,
-divided and rounded (round to nearest even, as PyTorch's cast)."""
+divided and rounded (round to nearest even, as PyTorch's cast).
+
+`widen_fp8`: an FP8 weight [N, K] with its row scales -> the 16-bit weight, bit for bit
+`w8.to(dtype) * scale[:, None].to(dtype)` (weight-only FP8's long prefills: fp8_linear
+widens each layer's weight once a step and runs one 16-bit matmul). PyTorch does that in
+two elementwise kernels and a temporary, ~7 bytes of traffic a weight; this reads 1 and
+writes 2."""
 
 from __future__ import annotations
 
@@ -19,6 +27,7 @@ except ImportError:  # CPU installs without Triton: the PyTorch path only
     triton = None
 
 QUANT_BLOCK_K = 1024
+WIDEN_BLOCK = (16, 512)  # rows x columns a program
 
 if triton is not None:
     from replicas.kernels.common import _pdl_enter
@@ -43,6 +52,20 @@ if triton is not None:
             tl.store(Y + row * sym + k0 + rk, y.to(Y.dtype.element_ty), mask=ok)
         tl.store(S + row, scale)
 
+    @triton.jit
+    def _widen_kernel(W, S, Y, n, k, swn, syn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      PDL: tl.constexpr):
+        """Program (row block, column block): y = w * scale[row] (the scale already in Y's
+        dtype, as PyTorch's second kernel takes it), the product rounded once."""
+        _pdl_enter(PDL)
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        ok = (rows < n)[:, None] & (cols < k)[None, :]
+        s = tl.load(S + rows, mask=rows < n, other=1.0).to(tl.float32)  # (16-bit already)
+        w = tl.load(W + rows[:, None] * swn + cols[None, :], mask=ok, other=0.0)
+        y = w.to(tl.float32) * s[:, None]
+        tl.store(Y + rows[:, None] * syn + cols[None, :], y.to(Y.dtype.element_ty), mask=ok)
+
 
 def quantize_tokens_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (x8 [M, K] float8_e4m3fn, scale [M, 1] float32): see the module doc."""
@@ -54,3 +77,17 @@ def quantize_tokens_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _quant_rows_kernel[(m,)](x, x8, scale, k, x.stride(0), x8.stride(0),
                                  BLOCK_K=QUANT_BLOCK_K, num_warps=4, **_launch(x))
     return x8, scale
+
+
+def widen_fp8(w8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """w8 [N, K] float8_e4m3fn, scale [N] float32 -> [N, K] in `dtype` (16-bit): see the
+    module doc."""
+    n, k = w8.shape
+    w8 = w8 if w8.stride(1) == 1 else w8.contiguous()
+    y = torch.empty(n, k, dtype=dtype, device=w8.device)
+    bn, bk = WIDEN_BLOCK
+    if n and k:
+        _widen_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
+            w8, scale.to(dtype), y, n, k, w8.stride(0), y.stride(0), BLOCK_N=bn,
+            BLOCK_K=bk, num_warps=4, **_launch(y))
+    return y
