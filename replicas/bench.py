@@ -299,11 +299,12 @@ def _glm_rows(repeats: int, bandwidth: float
                                       max_num_batched_tokens=8192, cuda_graphs=False)
     with Engine(long_config) as engine:
         ttft = _ttft_8192(engine, repeats, iter(range(1, 100)))
+        kernels = ttft_kernels(engine, 100)
         flops = 2 * (weights // 2) * 8192  # 2 FLOPs per bf16 weight per token
     rows.append({"case": "glm4-9b_ttft_in8192", "unit": "ms", "ours": round(ttft * 1e3, 1),
                  "matmul_floor_ms": round(flops / (rate * 1e12) * 1e3, 1),
                  "ratio_to_floor": round(ttft / (flops / (rate * 1e12)), 2),
-                 "bf16_tflops": round(rate)})
+                 "bf16_tflops": round(rate), "kernels": kernels})
     torch.cuda.empty_cache()
     return rows, config, long_config, bf16_blocks
 
@@ -315,6 +316,34 @@ def _wall_256(engine: Engine, repeats: int) -> float:
     engine.generate(many, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     greedy = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
     return best_of(lambda: engine.generate(many, greedy), repeats)
+
+
+def kernel_table(prof: Any, steps: int, top: int) -> dict[str, Any]:
+    """GPU kernels of a profile by name: calls and µs per step, the largest first."""
+    per: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type.name == "CUDA":
+            per.setdefault(event.name, []).append(event.time_range.elapsed_us())
+    rows = sorted(((k[:90], len(v) / steps, sum(v) / steps) for k, v in per.items()),
+                  key=lambda r: -r[2])
+    return {"kernels_us": round(sum(r[2] for r in rows), 1),
+            "kernel_calls": round(sum(r[1] for r in rows), 1),
+            "top": [{"name": n, "calls": round(c, 1), "us": round(t, 1)}
+                    for n, c, t in rows[:top]]}
+
+
+def ttft_kernels(engine: Engine, seed: int, top: int = 12) -> dict[str, Any]:
+    """Where an 8192-token prefill's GPU time goes: one more (a new prompt) under
+    PyTorch's profiler, kernels grouped by name (`kernel_table`), with its wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    prompt = prompts_for(1, 8192, GLM4_9B["vocab_size"], seed=seed)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        engine.generate(prompt, one)
+        wall = time.perf_counter() - start
+    return {"wall_ms": round(wall * 1e3, 1), **kernel_table(prof, 1, top)}
 
 
 def _ttft_8192(engine: Engine, repeats: int, seeds: Iterator[int]) -> float:
@@ -349,8 +378,9 @@ def fp8_rows(config: EngineConfig, long_config: EngineConfig, bandwidth: float,
         torch.cuda.empty_cache()
         with Engine(dataclasses.replace(long_config, **fp8)) as engine:
             ttft = _ttft_8192(engine, repeats, fresh)
+            kernels = ttft_kernels(engine, next(fresh))
         rows.append({"case": f"glm4-9b_{quantization}_ttft_in8192", "unit": "ms",
-                     "ours": round(ttft * 1e3, 1), **fp8})
+                     "ours": round(ttft * 1e3, 1), **fp8, "kernels": kernels})
         torch.cuda.empty_cache()
     rows += accuracy_rows()
     return rows

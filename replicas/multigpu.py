@@ -44,6 +44,7 @@ from replicas.bench import (
     best_of,
     graph_step_ms,
     hf_config,
+    kernel_table,
     model_dir,
     ours_per_token,
     prompts_for,
@@ -604,7 +605,7 @@ def decode_kernels(name: str, tp: int, overrides: dict[str, Any], top: int = 12,
         step_ms = engine.replay_graph_ms(replays)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             engine.replay_graph_ms(replays)
-        decode = _kernel_table(prof, replays + 1, top)  # (+ the warm-up replay)
+        decode = kernel_table(prof, replays + 1, top)  # (+ the warm-up replay)
         # one prefill of a new prompt (the first of that length compiles): wall time
         # against its kernels' time says whether the host or the GPU sets its pace
         one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
@@ -613,7 +614,7 @@ def decode_kernels(name: str, tp: int, overrides: dict[str, Any], top: int = 12,
             start = time.perf_counter()
             engine.generate(prompts_for(1, shapes.prompt, engine.spec.vocab_size, seed=8), one)
             wall = time.perf_counter() - start
-        prefill = _kernel_table(prof, 1, top)
+        prefill = kernel_table(prof, 1, top)
     finally:
         engine.shutdown()
     return {"case": f"{name}_tp{tp}_decode_b1_kernels", "unit": "us/step", "tp": tp,
@@ -689,20 +690,6 @@ async def _stream_all(engine: Engine, prompts: list[list[int]], params: Sampling
             pass
 
     await asyncio.gather(*(one(p) for p in prompts))
-
-
-def _kernel_table(prof: Any, steps: int, top: int) -> dict[str, Any]:
-    """GPU kernels of a profile by name: calls and µs per step, the largest first."""
-    per: dict[str, list[float]] = {}
-    for event in prof.events():
-        if event.device_type.name == "CUDA":
-            per.setdefault(event.name, []).append(event.time_range.elapsed_us())
-    rows = sorted(((k[:90], len(v) / steps, sum(v) / steps) for k, v in per.items()),
-                  key=lambda r: -r[2])
-    return {"kernels_us": round(sum(r[2] for r in rows), 1),
-            "kernel_calls": round(sum(r[1] for r in rows), 1),
-            "top": [{"name": n, "calls": round(c, 1), "us": round(t, 1)}
-                    for n, c, t in rows[:top]]}
 
 
 def main() -> None:

@@ -113,3 +113,24 @@ def test_throughput_layouts_share_the_same_gpus() -> None:
     assert throughput_layouts(8) == [(8, 1), (1, 8), (2, 4)]
     for tp in (2, 4, 8):
         assert all(size * count == tp for size, count in throughput_layouts(tp))
+
+
+def test_kernel_table_groups_a_profiles_gpu_kernels_by_name_largest_first() -> None:
+    """What the 8192-token TTFT rows (`ttft_kernels`) and the multigpu suite's decode
+    breakdown record: the GPU kernels of a profile by name, per step, the CPU's events
+    left out."""
+    from types import SimpleNamespace
+
+    from replicas.bench import kernel_table
+
+    def event(name: str, us: float, device: str = "CUDA") -> SimpleNamespace:
+        return SimpleNamespace(name=name, device_type=SimpleNamespace(name=device),
+                               time_range=SimpleNamespace(elapsed_us=lambda: us))
+
+    prof = SimpleNamespace(events=lambda: [
+        event("gemm", 30.0), event("gemm", 50.0), event("widen", 6.0),
+        event("attention", 20.0), event("aten::mm", 99.0, "CPU")])
+    table = kernel_table(prof, steps=2, top=2)
+    assert table["kernels_us"] == 53.0 and table["kernel_calls"] == 2.0
+    assert table["top"] == [{"name": "gemm", "calls": 1.0, "us": 40.0},
+                            {"name": "attention", "calls": 0.5, "us": 10.0}]
