@@ -34,6 +34,9 @@ fi
 if [ "${FP8_TEST_S:-0}" != 0 ]; then
   timeout -s KILL "$FP8_TEST_S" python3 -m pytest -q -s tests/test_gpu.py tests/test_kernels.py \
     -k fp8 -p no:cacheprovider 2>&1 | tail -15 | tee "$out/fp8_tests.log"
+  # (test_fp8.py's kernel tests run in the CPU interpreter; this one on the GPU too)
+  timeout -s KILL "$FP8_TEST_S" python3 -m pytest -q tests/test_fp8.py -k widening \
+    -p no:cacheprovider 2>&1 | tail -5 | tee -a "$out/fp8_tests.log"
 fi
 if [ "${W8A16_S:-0}" != 0 ]; then  # the FP8 weight-only batch matmul's configs (~1 min)
   timeout -s KILL "$W8A16_S" python3 -m replicas.bench --suite w8a16 2>&1 |
