@@ -272,16 +272,22 @@ def test_a_bad_data_path_is_refused_by_name() -> None:
 
 
 def test_frames_round_trip_and_a_huge_length_is_refused() -> None:
+    """What a delta may hold goes through as Serve's pickles took it: a -inf logprob, a
+    lone surrogate of a token that ends mid-character, any text."""
+    odd = {**delta(0), "text": "caf\udce9 \u00e9\u4e2d\n\"",
+           "logprobs": [["\udce9", float("-inf"), [["x", -1.5]]]]}
+
     async def main() -> tuple[Any, str]:
         reader = asyncio.StreamReader()
-        reader.feed_data(frame([[1, delta(0)]]) + (1 << 30).to_bytes(4, "big"))
+        reader.feed_data(frame([[1, odd]]) + (1 << 30).to_bytes(4, "big"))
         first = await read_frame(reader)
         with pytest.raises(datapath.DataPathError) as e:
             await read_frame(reader)
         return first, str(e.value)
 
     first, error = run(main())
-    assert first == [[1, delta(0)]] and "over" in error
+    assert first == [[1, odd]] and "over" in error
+    assert wire.decode(first[0][1]).logprobs[0].logprob == float("-inf")
 
 
 def test_the_inbox_listens_on_the_host_it_was_given() -> None:
