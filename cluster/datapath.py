@@ -229,7 +229,8 @@ class Outbox:
     def close(self, cause: BaseException | None = None) -> None:
         """End the connection: later sends raise, Outboxes opens a new one."""
         self._fail(cause or DataPathError("closed by the replica"))
-        self._watch.cancel()
+        if self._watch is not asyncio.current_task():
+            self._watch.cancel()
         self.writer.close()
         self._on_lost(self)
 
@@ -249,7 +250,6 @@ class Outbox:
             cause: BaseException = DataPathError("closed by the router")
         except ConnectionError as e:
             cause = e
-        self._watch = asyncio.get_running_loop().create_future()  # (close: nothing to cancel)
         self.close(cause)
 
 
@@ -276,8 +276,3 @@ class Outboxes:
     def _lost(self, key: tuple[str, int, str], outbox: Outbox) -> None:
         if self._open.get(key) is outbox:
             del self._open[key]
-
-    def close(self) -> None:
-        for outbox in self._open.values():
-            outbox.close()
-        self._open.clear()
