@@ -180,17 +180,16 @@ class ServeEngine:
 
     async def generate(self, request: wire.Request, session_key: str
                        ) -> AsyncGenerator[wire.Item, None]:
-        handle = self.unary if self.inbox is not None else self.handle
-        handle = handle.options(session_id=session_key)
-        stream_id = None
-        if self.inbox is None:  # the items through Serve, a message each
-            call = handle.generate.remote(request.to_dict())
+        inbox, stream_id = self.inbox, None
+        if inbox is None:  # the items through Serve, a message each
+            call = self.handle.options(session_id=session_key).generate.remote(
+                request.to_dict())
             items: AsyncIterator[Any] = call
         else:  # a unary call; the items through this process's inbox
-            await self.inbox.start()
-            stream_id, stream = self.inbox.open()
-            call = handle.deliver.remote(
-                request.to_dict(), {**self.inbox.reply_to(stream_id), "sent_at": time.time()})
+            await inbox.start()
+            stream_id, stream = inbox.open()
+            call = self.unary.options(session_id=session_key).deliver.remote(
+                request.to_dict(), {**inbox.reply_to(stream_id), "sent_at": time.time()})
             items = stream.items(asyncio.ensure_future(call))
         ended = False
         try:
@@ -202,8 +201,8 @@ class ServeEngine:
             log.warning("engine stream failed: %r", e)
             yield error_event(e)
         finally:
-            if self.inbox is not None and stream_id is not None:
-                self.inbox.close(stream_id)
+            if inbox is not None and stream_id is not None:
+                inbox.close(stream_id)
             if not ended:  # the router stopped reading (its client went away): abort
                 call.cancel()
 
