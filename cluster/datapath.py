@@ -267,8 +267,14 @@ class Outboxes:
             return outbox
         async with self._opening.setdefault(key, asyncio.Lock()):
             if key not in self._open:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(key[0], key[1]), CONNECT_S)
+                try:
+                    reader, writer = await asyncio.wait_for(
+                        asyncio.open_connection(key[0], key[1]), CONNECT_S)
+                except (OSError, TimeoutError) as e:
+                    raise DataPathError(
+                        f"this engine replica cannot reach the router's data path at "
+                        f"{key[0]}:{key[1]} ({e!r}): the nodes of a cluster must reach "
+                        "each other on any port, or start it with --data-path serve") from e
                 writer.write(frame(key[2]))
                 self._open[key] = Outbox(reader, writer, lambda o, k=key: self._lost(k, o))
             return self._open[key]

@@ -335,3 +335,19 @@ def test_a_router_gone_mid_stream_aborts_the_replicas_request() -> None:
 
     aborted, took = run(main())
     assert aborted and took < 2
+
+
+def test_a_router_out_of_reach_is_an_error_that_says_what_to_do() -> None:
+    """A replica that cannot open the router's data connection (a port closed between
+    nodes) fails the call with a message naming the address and the way out."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    async def main() -> str:
+        with pytest.raises(datapath.DataPathError) as e:
+            await Outboxes().get({"host": "127.0.0.1", "port": port, "token": "t"})
+        return str(e.value)
+
+    message = run(main())
+    assert f"127.0.0.1:{port}" in message and "--data-path serve" in message
