@@ -87,8 +87,9 @@ FIELD_HELP = {
                          "through shared memory instead of gloo.",
     "one_shot_all_reduce": "At tp > 1 on GPUs, all-reduce decode-size payloads in one "
                            "symmetric-memory kernel instead of NCCL.",
-    "stream_interval": "Tokens per streamed delta after a request's first (each one is a "
-                       "Serve message to the router): 1 sends every token as it comes.",
+    "stream_interval": "Tokens per streamed delta after a request's first (with --data-path "
+                       "serve each delta is a Serve message to the router): 1 sends every "
+                       "token as it comes.",
     "fold_all_reduce": "At tp > 1 on GPUs, fold batch-1 decode's all-reduces into the "
                        "matrix-vector kernels beside them (experimental).",
     "quantization": "none; fp8: the linear layers' weights in FP8 (e4m3, a scale per "

@@ -85,8 +85,9 @@ class EngineConfig:
     # measured faster on two GPUs (PERF.md v0.15: its first form was slower)
     fold_all_reduce: bool = False
     # tokens per streamed delta (Engine.add_request) after a request's first, which goes
-    # at once: each delta is one Serve message to the router, whose per-message cost set
-    # the GPU stack's pace (issue 19); 1: every step's token as it comes
+    # at once: each delta is one message to the router (through Serve, a message of its
+    # own, whose per-message cost set the GPU stack's pace, issue 19; on the direct data
+    # path, an item of its step's frame); 1: every step's token as it comes
     stream_interval: int = 1
     # none | fp8 | fp8-w8a8: the linear layers' weights quantized to FP8 (e4m3, a scale
     # per output channel) once loaded; fp8: activations stay 16-bit (FP8 tiles widened in
