@@ -431,6 +431,7 @@ def run(config: ChaosConfig, out: str | None, records_path: str | None = None,
                 else local_stack())
     with stack_cm as stack:
         stack.connect()
+        data_path = stack.config.data_path
         try:
             records, faults, wall = asyncio.run(drill(stack, config))
             sessions = check_sessions(stack.edge, records, faults)
@@ -438,7 +439,8 @@ def run(config: ChaosConfig, out: str | None, records_path: str | None = None,
                 dump(records, faults, records_path)
         finally:
             ray.shutdown()
-    row = {**summarize(config, records, faults, wall, sessions), **stack_shape(state_dir)}
+    row = {**summarize(config, records, faults, wall, sessions), **stack_shape(state_dir),
+           "data_path": data_path}
     emit(row, out)
     return row
 

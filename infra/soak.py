@@ -128,7 +128,7 @@ def run(config: SoakConfig, out: str | None) -> dict[str, Any]:
            "first_rss_mib": samples[0]["rss_mib"] if samples else {},
            "last_rss_mib": samples[-1]["rss_mib"] if samples else {},
            "samples": samples, "config": asdict(config), "stack": "local", "model": "tiny",
-           "tp": 2, **environment()}
+           "tp": 2, "data_path": stack.config.data_path, **environment()}
     emit(row, out)
     return row
 
