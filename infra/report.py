@@ -19,6 +19,11 @@ TABLE_FILES = ("load_cpu.jsonl", "pinning_cpu.jsonl", "overhead_cpu.jsonl", "cha
 DETAIL_KINDS = ("gpu_engine", "gpu_stack_up", "gpu_checkpoint")
 
 
+def _path(row: dict[str, Any]) -> str:
+    """", data path P" for a row that says which (rows before the choice say nothing)."""
+    return f", data path {row['data_path']}" if "data_path" in row else ""
+
+
 def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
     """(what was measured, the figures, the target) of one result line."""
     kind, c = row["kind"], row.get("config", {})
@@ -80,7 +85,7 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                    f"{p50['ingress_healthz']} ms" if "ingress_router" in p50 else ""),
                 "added <= 2 ms")
     if kind == "chaos":
-        return (f"chaos: {c['faults']} under {c['clients']} clients",
+        return (f"chaos: {c['faults']} under {c['clients']} clients{_path(row)}",
                 f"accepted and failed: {row['failed_on_killed_replica']} on the killed "
                 f"replica ({row['killed_streams_ended_with_error_event']} ended with an "
                 f"error event), {row['failed_in_router_crash']} in a router crash, "
@@ -92,7 +97,7 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                 + (" (a crash: streams through the router break)"
                    if "router_kill" in c["faults"] else ""))
     if kind == "soak":
-        return (f"soak: {c['duration']:.0f} s, {c['clients']} clients",
+        return (f"soak: {c['duration']:.0f} s, {c['clients']} clients{_path(row)}",
                 f"RSS growth after {c['warmup']:.0f} s warm-up, max over router and engine "
                 f"processes {row['max_growth_bounded_mib']} MiB; {row['requests']} requests, "
                 f"{row['failed_accepted']} failed", f"<= {row['bound_mib']:.0f} MiB")
@@ -104,8 +109,7 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
         c, us = row["load_config"], row["cpu_us_per_token"]
         return (f"CPU per streamed token in the CPU stack (tiny model, one tp=1 replica, "
                 f"{c['clients']} clients x {c['max_tokens']} tokens, stream_interval "
-                f"{row['stream_interval']}"
-                + (f", data path {row['data_path']}" if "data_path" in row else "") + ")",
+                f"{row['stream_interval']}{_path(row)})",
                 f"router {us['router']} us, engine replica {us['engine']}, nginx "
                 f"{us['nginx']}, client {us['client']}; {row['tok_s']} tok/s, TTFT p50 "
                 f"{row['ttft_ms']['p50']} ms", "—")
@@ -120,7 +124,7 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                    if row.get("max_ongoing", 64) != 64 else "")
                 + (f", {row['router_replicas']} router replicas"
                    if row.get("router_replicas", 1) != 1 else "")
-                + (f", data path {row['data_path']}" if "data_path" in row else ""))
+                + _path(row))
         start = (f"replica RUNNING in {row['replica_init_s']} s (GEMV tuning "
                  f"{row['replica_startup_s']['gemv_tuning']} s), weights "
                  f"{row['load_gb_s']} GB/s; first chat's TTFT {row['chat']['ttft_ms']} ms")
