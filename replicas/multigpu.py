@@ -47,6 +47,7 @@ from replicas.bench import (
     kernel_table,
     model_dir,
     ours_per_token,
+    prefill_kernels,
     prompts_for,
 )
 from replicas.ranks import free_port
@@ -610,16 +611,13 @@ def decode_kernels(name: str, tp: int, overrides: dict[str, Any], top: int = 12,
         # against its kernels' time says whether the host or the GPU sets its pace
         one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
         engine.generate(prompts_for(1, shapes.prompt, engine.spec.vocab_size, seed=7), one)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            start = time.perf_counter()
-            engine.generate(prompts_for(1, shapes.prompt, engine.spec.vocab_size, seed=8), one)
-            wall = time.perf_counter() - start
-        prefill = kernel_table(prof, 1, top)
+        prefill = prefill_kernels(
+            engine, prompts_for(1, shapes.prompt, engine.spec.vocab_size, seed=8), top)
     finally:
         engine.shutdown()
     return {"case": f"{name}_tp{tp}_decode_b1_kernels", "unit": "us/step", "tp": tp,
             "graph_replay_ms": round(step_ms, 3), "decode": decode,
-            f"prefill{shapes.prompt}": {"wall_ms": round(wall * 1e3, 2), **prefill}}
+            f"prefill{shapes.prompt}": prefill}
 
 
 def host_breakdown(name: str, tp: int, overrides: dict[str, Any]) -> dict[str, Any]:

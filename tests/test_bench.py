@@ -116,9 +116,9 @@ def test_throughput_layouts_share_the_same_gpus() -> None:
 
 
 def test_kernel_table_groups_a_profiles_gpu_kernels_by_name_largest_first() -> None:
-    """What the 8192-token TTFT rows (`ttft_kernels`) and the multigpu suite's decode
-    breakdown record: the GPU kernels of a profile by name, per step, the CPU's events
-    left out."""
+    """What the 8192-token TTFT rows and the multigpu suite's prefill and decode
+    breakdowns record (`prefill_kernels`, `decode_kernels`): the GPU kernels of a profile
+    by name, per step, the CPU's events left out."""
     from types import SimpleNamespace
 
     from replicas.bench import kernel_table
