@@ -9,14 +9,14 @@ REQUESTS = Counter("tpserve_requests_total", "HTTP generation requests",
                    ["route", "status"])
 LATENCY = Histogram("tpserve_request_seconds", "whole request latency", ["route"],
                     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120))
+FIRST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10)  # s to a first token
 TTFT = Histogram("tpserve_time_to_first_token_seconds", "time to first token", ["route"],
-                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10))
+                 buckets=FIRST_BUCKETS)
 # of that time, from handing the request to the engine deployment's handle to its first
 # item back: Serve's request routing (the session pin), the way to the replica and back,
 # and the replica (its own share is the engine replica's stats' replica_ttft_ms)
 ENGINE_FIRST = Histogram("tpserve_engine_first_item_seconds", "engine handle call to its "
-                         "first item", buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
-                                                2, 5, 10))
+                         "first item", buckets=FIRST_BUCKETS)
 TOKENS = Counter("tpserve_tokens_total", "tokens", ["kind"])  # prompt | completion
 REPLICA_LOAD = Gauge("tpserve_replica_in_flight", "requests in flight per replica",
                      ["replica"])
