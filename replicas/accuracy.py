@@ -50,9 +50,11 @@ def _source(module: str) -> str:
         return f.read()
 
 
-def trained_model_dir() -> str:
-    """The trained checkpoint (see the module doc), made once in the tpserve cache: ~40 s
-    on 2 CPU cores, seconds on a GPU. Its weights depend on this Python's sources."""
+def trained_model_dir(seed: int = 0, steps: int = TRAIN_STEPS) -> str:
+    """The trained checkpoint (see the module doc), made once in the tpserve cache: ~50 s
+    on 2 CPU cores, seconds on a GPU. Its weights depend on this Python's sources and the
+    device it was trained on. Another `seed` or number of `steps` gives another checkpoint
+    of the same recipe (to see how a measure spreads across checkpoints)."""
     import transformers
 
     from replicas.tiny import build_tokenizer, cached_dir, special_token_ids
@@ -63,11 +65,11 @@ def trained_model_dir() -> str:
         ids = torch.tensor(tokenizer("".join(_source(m) for m in TRAIN_MODULES))["input_ids"])
         device = "cuda" if torch.cuda.is_available() else "cpu"
         config = transformers.LlamaConfig(vocab_size=vocab, **TRAINED, **special_token_ids())
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         model = transformers.LlamaForCausalLM(config).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=TRAIN_LR)
-        gen = torch.Generator().manual_seed(0)
-        for _ in range(TRAIN_STEPS):
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
             starts = torch.randint(0, len(ids) - TRAIN_LEN - 1, (TRAIN_BATCH,), generator=gen)
             batch = torch.stack([ids[s : s + TRAIN_LEN] for s in starts.tolist()]).to(device)
             loss = model(batch, labels=batch).loss
@@ -76,7 +78,9 @@ def trained_model_dir() -> str:
             optimizer.step()
         model.cpu().save_pretrained(str(folder), safe_serialization=True)
 
-    return cached_dir(TRAINED_VERSION, train)
+    other = (seed, steps) != (0, TRAIN_STEPS)
+    return cached_dir(f"{TRAINED_VERSION}-seed{seed}-steps{steps}" if other else TRAINED_VERSION,
+                      train)
 
 
 def held_out(model_dir: str, count: int, length: int) -> list[list[int]]:

@@ -1,0 +1,160 @@
+"""Which 8-bit format keeps a KV cache closest to the 16-bit model (issue 20's accuracy
+bar): `python -m replicas.kv_formats [--model DIR | --seeds 0,1] [--steps N] [--out FILE]`.
+
+Simulated in transformers (a Llama checkpoint), with replicas/accuracy.py's method and
+checkpoint: teacher-forced over held-out text, in bfloat16, each layer's keys (after
+rotary) and/or values rounded as a cache of the format would store them, the logits
+compared with the plain bfloat16 model's (top-1 agreement, mean KL). Formats:
+
+- `e4m3`: FP8 with a scale of 1, saturated at +-448: what `kv_cache_dtype="fp8"` stores;
+- `e4m3-row`: FP8 with a scale per (token, KV head), max|x| / 448;
+- `int8-row`: int8 with a scale per (token, KV head), max|x| / 127, rounded to nearest.
+
+A row scale is a 16-bit float here, as a cache would keep it: (head_dim + 2) bytes a
+(token, head) against 2 * head_dim at 16 bits (0.508 of the bytes at head_dim 128).
+
+Beside them, two reference rows: float32 against bfloat16 (how many top-1 tokens 16-bit
+rounding alone flips: the measure's floor), and the engine's own `kv_cache_dtype="fp8"`
+measure (`accuracy.measure`), which the simulated `e4m3` row should reproduce.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from replicas import EngineConfig
+from replicas.accuracy import (
+    TRAIN_STEPS,
+    TRAINED_VERSION,
+    compare,
+    held_out,
+    measure,
+    trained_model_dir,
+)
+from replicas.fp8 import FP8, FP8_MAX
+from replicas.jsonlines import emit
+
+Rounding = Callable[[torch.Tensor], torch.Tensor]
+
+
+def e4m3(x: torch.Tensor) -> torch.Tensor:
+    """x through FP8 e4m3 at scale 1 (saturated), back in x's dtype."""
+    return x.float().clamp(-FP8_MAX, FP8_MAX).to(FP8).to(x.dtype)
+
+
+def _row_scale(x: torch.Tensor, top: float) -> torch.Tensor:
+    """max|x| over the last dim / top, as a 16-bit float (a zero row: scale 1)."""
+    amax = x.float().abs().amax(-1, keepdim=True)
+    return torch.where(amax > 0, amax / top, 1.0).half().float()
+
+
+def e4m3_row(x: torch.Tensor) -> torch.Tensor:
+    """x through FP8 e4m3 with a scale per row of the last dim."""
+    scale = _row_scale(x, FP8_MAX)
+    return ((x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).float() * scale).to(x.dtype)
+
+
+def int8_row(x: torch.Tensor) -> torch.Tensor:
+    """x through int8 with a scale per row of the last dim (round to nearest, +-127)."""
+    scale = _row_scale(x, 127.0)
+    return ((x.float() / scale).round().clamp(-127, 127) * scale).to(x.dtype)
+
+
+FORMATS: dict[str, Rounding] = {"e4m3": e4m3, "e4m3-row": e4m3_row, "int8-row": int8_row}
+
+
+@contextmanager
+def cached_as(model: Any, keys: Rounding | None, values: Rounding | None) -> Iterator[None]:
+    """Inside: `model` (transformers' Llama) reads its keys and values as a cache of
+    these roundings would hold them (None: 16-bit, as computed)."""
+    from transformers.models.llama import modeling_llama
+
+    if not isinstance(model, modeling_llama.LlamaForCausalLM):
+        raise ValueError(f"the KV-format simulation needs a Llama checkpoint, not "
+                         f"{type(model).__name__}")
+    rotary = modeling_llama.apply_rotary_pos_emb
+    head_dim = model.config.head_dim if getattr(model.config, "head_dim", None) else (
+        model.config.hidden_size // model.config.num_attention_heads)
+
+    def rotated(q: torch.Tensor, k: torch.Tensor, *args: Any, **kwargs: Any
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k = rotary(q, k, *args, **kwargs)  # k: [batch, kv heads, tokens, head_dim]
+        return q, keys(k) if keys is not None else k
+
+    def stored(_module: Any, _args: Any, v: torch.Tensor) -> torch.Tensor:
+        assert values is not None
+        return values(v.unflatten(-1, (-1, head_dim))).flatten(-2)  # a row per KV head
+
+    hooks = ([layer.self_attn.v_proj.register_forward_hook(stored)
+              for layer in model.model.layers] if values is not None else [])
+    modeling_llama.apply_rotary_pos_emb = rotated
+    try:
+        yield
+    finally:
+        modeling_llama.apply_rotary_pos_emb = rotary
+        for hook in hooks:
+            hook.remove()
+
+
+def logits(model: Any, prompts: list[list[int]]) -> list[torch.Tensor]:
+    """Each prompt's logits at every position, float32 ([len, vocab] each)."""
+    with torch.no_grad():
+        out = model(torch.tensor(prompts)).logits.float()
+    return list(out)
+
+
+def rows(model_dir: str, name: str, count: int = 16, length: int = 128
+         ) -> list[dict[str, Any]]:
+    """Every format on keys, values and both, the float32 floor and the engine's check,
+    for one checkpoint (`name` goes into the rows)."""
+    import transformers
+
+    prompts = held_out(model_dir, count, length)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir,
+                                                              dtype=torch.bfloat16).eval()
+    base = logits(model, prompts)
+    exact = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    out = [{"k": "float32", "v": "float32", "note": "the model in float32 against "
+            "bfloat16: how many top-1 tokens 16-bit rounding alone flips (the floor)",
+            **compare(base, logits(exact.eval(), prompts))}]
+    for fmt in FORMATS:
+        for k, v in ((fmt, "bfloat16"), ("bfloat16", fmt), (fmt, fmt)):
+            with cached_as(model, FORMATS.get(k), FORMATS.get(v)):
+                out.append({"k": k, "v": v, **compare(base, logits(model, prompts))})
+    engine = EngineConfig(model=model_dir, dtype="bfloat16", max_model_len=length * 2,
+                          max_num_batched_tokens=64)
+    row = measure(engine, {"kv_cache_dtype": "fp8"}, prompts)
+    out.append({"k": "e4m3", "v": "e4m3", "note": "the engine's kv_cache_dtype=fp8",
+                **{key: row[key] for key in ("positions", "top1_agreement", "mean_kl")}})
+    return [{"kind": "kv_format", "model": name, **r} for r in out]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m replicas.kv_formats",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--model", help="a Llama checkpoint directory (default: the "
+                        "trained one of replicas/accuracy.py)")
+    parser.add_argument("--seeds", default="0", help="trained checkpoints of these seeds")
+    parser.add_argument("--steps", type=int, default=TRAIN_STEPS)
+    parser.add_argument("--out", help="append the JSON lines here")
+    args = parser.parse_args(argv)
+    if args.model:
+        checkpoints = [(args.model, args.model)]
+    else:
+        checkpoints = [(trained_model_dir(seed, args.steps),
+                        f"{TRAINED_VERSION} seed {seed}, {args.steps} steps")
+                       for seed in (int(s) for s in args.seeds.split(","))]
+    for model_dir, name in checkpoints:
+        for row in rows(model_dir, name):
+            emit(row, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
