@@ -9,6 +9,8 @@
 #                                                # the grammar replay (llguidance beside)
 #   FP8_TEST_S=200 FP8_S=380 bash infra/device_engine.sh   # issue 20: tests, the fp8 suite
 #   W8A16_S=120 ...                              # and the weight-only matmul's configs
+#   KV_S=90 ...                                  # and the KV formats' accuracy on the
+#                                                # checkpoint trained on this GPU
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-out}
@@ -41,6 +43,11 @@ fi
 if [ "${W8A16_S:-0}" != 0 ]; then  # the FP8 weight-only batch matmul's configs (~1 min)
   timeout -s KILL "$W8A16_S" python3 -m replicas.bench --suite w8a16 2>&1 |
     rows w8a16_h200.jsonl w8a16_h200.jsonl
+fi
+if [ "${KV_S:-0}" != 0 ]; then  # simulated in transformers on the CPU; the engine's check
+  # on the GPU; the checkpoint trained here, on the GPU, as the accuracy test's is
+  timeout -s KILL "$KV_S" python3 -m replicas.kv_formats 2>&1 |
+    rows kv_formats_h200.jsonl kv_formats_h200.jsonl
 fi
 if [ "${FP8_S:-0}" != 0 ]; then
   timeout -s KILL "$FP8_S" python3 -m replicas.bench --suite fp8 --repeats 1 2>&1 |
