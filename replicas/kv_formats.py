@@ -80,8 +80,9 @@ def cached_as(model: Any, keys: Rounding | None, values: Rounding | None) -> Ite
         raise ValueError(f"the KV-format simulation needs a Llama checkpoint, not "
                          f"{type(model).__name__}")
     rotary = modeling_llama.apply_rotary_pos_emb
-    head_dim = model.config.head_dim if getattr(model.config, "head_dim", None) else (
-        model.config.hidden_size // model.config.num_attention_heads)
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or (
+        config.hidden_size // config.num_attention_heads)
 
     def rotated(q: torch.Tensor, k: torch.Tensor, *args: Any, **kwargs: Any
                 ) -> tuple[torch.Tensor, torch.Tensor]:
