@@ -24,6 +24,7 @@ SUPPORTED_ARCHITECTURES = {
 }
 SUPPORTED_TP = (1, 2, 4, 8)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+KV_CACHE_DTYPES = ("auto", "fp8", "int8")  # EngineConfig.kv_cache_dtype
 # rope types whose frequencies do not depend on the sequence length seen so far
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
 
@@ -94,8 +95,11 @@ class EngineConfig:
     # the kernels); fp8-w8a8: activations quantized per token too, matmuls on FP8 tensor
     # cores. The embedding and LM head stay 16-bit (replicas/fp8.py)
     quantization: str = "none"
-    # auto | fp8: the KV cache's entries in the model's dtype, or in FP8 (e4m3, scale 1):
-    # half the bytes of a 16-bit cache, twice the tokens in the same memory
+    # auto | fp8 | int8: the KV cache's entries in the model's dtype; in FP8 (e4m3, scale
+    # 1): half the bytes of a 16-bit cache, twice the tokens in the same memory; or in
+    # int8 with a float32 scale per (token, KV head), max|row| / 127: (head_dim + 4) /
+    # (2 head_dim) of the bytes (1.94x the tokens at head_dim 128), and far closer to the
+    # 16-bit model than e4m3 (replicas/kv_formats.py, PERF.md)
     kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
@@ -126,8 +130,9 @@ class EngineConfig:
                 "holding config.json and *.safetensors (HF format), or model=None for "
                 "the built-in tiny model"
             )
-        if self.kv_cache_dtype not in ("auto", "fp8"):
-            raise ConfigError(f"kv_cache_dtype={self.kv_cache_dtype!r}: use 'auto' or 'fp8'")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv_cache_dtype={self.kv_cache_dtype!r}: use one of "
+                              f"{', '.join(map(repr, KV_CACHE_DTYPES))}")
         if self.quantization not in ("none", "fp8", "fp8-w8a8"):
             raise ConfigError(f"quantization={self.quantization!r}: use 'none', 'fp8' "
                               "(FP8 weights) or 'fp8-w8a8' (FP8 weights and activations)")

@@ -24,26 +24,47 @@ def kv_heads_per_rank(spec: ModelSpec, tp: int) -> int:
     return max(1, spec.num_kv_heads // tp)
 
 
+# an int8 cache keeps, beside each (token, KV head) row of head_dim entries, the float32
+# scale it was rounded with (max|row| / 127): `KV_SCALE` bytes a row
+KV_SCALE = torch.float32
+
+
+def int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (int8 [..., D], float32 scales [...]): each row over the last dim
+    divided by max|row| / 127 (1 for a zero row) and rounded half up, in float32, as the
+    Triton kernels write an int8 cache (replicas/kernels/rope.py)."""
+    amax = x.float().abs().amax(-1)
+    scale = torch.where(amax > 0, amax / 127.0, 1.0)
+    rows = torch.floor(x.float() / scale[..., None] + 0.5).clamp(-127, 127)
+    return rows.to(torch.int8), scale
+
+
 def block_bytes(spec: ModelSpec, tp: int, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes one block takes on one rank: K and V of every layer."""
+    """Bytes one block takes on one rank: K and V of every layer (and an int8 cache's
+    row scales)."""
     kv_heads = kv_heads_per_rank(spec, tp)
-    elem = torch.empty((), dtype=dtype).element_size()
-    return 2 * spec.num_layers * block_size * kv_heads * spec.head_dim * elem
+    row = spec.head_dim * dtype.itemsize + (KV_SCALE.itemsize if dtype == torch.int8 else 0)
+    return 2 * spec.num_layers * block_size * kv_heads * row
 
 
 def allocate_kv_cache(
     spec: ModelSpec, tp: int, num_blocks: int, block_size: int, dtype: torch.dtype,
     device: torch.device,
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+) -> list[tuple[torch.Tensor, ...]]:
     """Per layer (K, V), each [num_blocks, block_size, kv_heads, head_dim], zeroed so
-    that masked-out padding reads finite values."""
+    that masked-out padding reads finite values; an int8 cache's layers are (K, V, K
+    scales, V scales), the scales [num_blocks, block_size, kv_heads] float32."""
     kv_heads = kv_heads_per_rank(spec, tp)
     shape = (num_blocks, block_size, kv_heads, spec.head_dim)
-    return [
-        (torch.zeros(shape, dtype=dtype, device=device),
-         torch.zeros(shape, dtype=dtype, device=device))
-        for _ in range(spec.num_layers)
-    ]
+
+    def layer() -> tuple[torch.Tensor, ...]:
+        kv = (torch.zeros(shape, dtype=dtype, device=device),
+              torch.zeros(shape, dtype=dtype, device=device))
+        if dtype != torch.int8:
+            return kv
+        return (*kv, *(torch.zeros(shape[:3], dtype=KV_SCALE, device=device) for _ in kv))
+
+    return [layer() for _ in range(spec.num_layers)]
 
 
 def chain_hash(prev: int | None, tokens: Sequence[int]) -> int:

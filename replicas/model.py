@@ -25,6 +25,7 @@ from replicas import kernels
 from replicas.config import ModelSpec, rope_parameters
 from replicas.fp8 import FP8, saturated
 from replicas.kernels import Site
+from replicas.kv_cache import int8_rows
 from replicas.parallel import (
     ColumnParallelLinear,
     Comm,
@@ -137,7 +138,7 @@ def rope_frequencies(hf_config: Any, spec: ModelSpec) -> tuple[torch.Tensor, flo
 
 def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b: ForwardBatch,
-    window: int | None,
+    window: int | None, scales: tuple[torch.Tensor, ...] = (),
 ) -> torch.Tensor:
     """Attention of the step's queries over each sequence's cached keys.
 
@@ -146,11 +147,13 @@ def paged_attention(
     the padding. Padded query rows see key 0 (never empty rows, so no NaN). Masked slots
     are read too, so they must hold finite values (a masked NaN reaches the output
     through 0 * NaN): the pool starts zeroed, and the slots of a step whose results are
-    thrown away are zeroed again (`Worker.clear`).
+    thrown away are zeroed again (`Worker.clear`). `scales`: an int8 cache's (K, V) row
+    scales.
     """
     num_seqs, max_q = b.query_pos.shape
-    keys = read_cache(k_cache, b.block_tables, q.dtype)  # [B, L, kv_heads, D]
-    values = read_cache(v_cache, b.block_tables, q.dtype)
+    k_scale, v_scale = scales or (None, None)
+    keys = read_cache(k_cache, b.block_tables, q.dtype, k_scale)  # [B, L, kv_heads, D]
+    values = read_cache(v_cache, b.block_tables, q.dtype, v_scale)
     padded = q.new_zeros(num_seqs, max_q, *q.shape[1:])  # [B, max_q, heads, D]
     padded[b.token_seq, b.token_off] = q
     out = F.scaled_dot_product_attention(
@@ -160,24 +163,37 @@ def paged_attention(
     return out.transpose(1, 2)[b.token_seq, b.token_off]
 
 
-def write_cache(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+def write_cache(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor,
+                scale: torch.Tensor | None = None) -> None:
     """x [T, kv_heads, D] into the cache's slots [blocks, block_size, kv_heads, D]. An
     FP8 cache's entries saturate at +-448, as the Triton kernels write them
     (replicas/kernels/rope.py _to_cache), and go in as bytes (PyTorch has no FP8
-    index_copy on CPU)."""
+    index_copy on CPU); an int8 cache's rows are rounded with a scale each, which goes
+    into `scale` [blocks, block_size, kv_heads] (kv_cache.int8_rows)."""
     flat = cache.view(-1, *x.shape[1:])
     if cache.dtype == FP8:
         flat.view(torch.uint8).index_copy_(0, slots, saturated(x).view(torch.uint8))
+    elif cache.dtype == torch.int8:
+        assert scale is not None, "an int8 cache needs its scales"
+        rows, row_scale = int8_rows(x)
+        flat.index_copy_(0, slots, rows)
+        scale.view(-1, x.shape[1]).index_copy_(0, slots, row_scale)
     else:
         flat.index_copy_(0, slots, x)
 
 
-def read_cache(cache: torch.Tensor, tables: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def read_cache(cache: torch.Tensor, tables: torch.Tensor, dtype: torch.dtype,
+               scale: torch.Tensor | None = None) -> torch.Tensor:
     """Each sequence's cached entries through its block table [B, blocks] -> [B, L,
-    kv_heads, D] in `dtype` (an FP8 cache's widened; gathered as bytes)."""
+    kv_heads, D] in `dtype` (an FP8 cache's widened, gathered as bytes; an int8 cache's
+    times their rows' `scale`)."""
     if cache.dtype == FP8:
         raw = cache.view(torch.uint8)[tables].view(FP8)
         return raw.flatten(1, 2).to(dtype)
+    if cache.dtype == torch.int8:
+        assert scale is not None, "an int8 cache needs its scales"
+        rows = cache[tables].flatten(1, 2).float() * scale[tables].flatten(1, 2)[..., None]
+        return rows.to(dtype)
     return cache[tables].flatten(1, 2)
 
 
@@ -228,7 +244,7 @@ class Attention(nn.Module):
         self.window = spec.sliding_windows[layer]
 
     def forward(self, qkv: torch.Tensor, b: ForwardBatch, rotary: Rotary,
-                rope: tuple[torch.Tensor, torch.Tensor], kv: tuple[torch.Tensor, torch.Tensor]
+                rope: tuple[torch.Tensor, torch.Tensor], kv: tuple[torch.Tensor, ...]
                 ) -> torch.Tensor | Site:
         """Attention from the layer's qkv_proj output [T, (heads + 2 kv_heads) * D] (the
         decoder layer runs the projection, fused with its norm) to o_proj's."""
@@ -239,27 +255,30 @@ class Attention(nn.Module):
         v = v.view(-1, self.kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q)[0], self.k_norm(k)[0]
-        k_cache, v_cache = kv
+        k_cache, v_cache, *scales = kv  # (an int8 cache's row scales)
         if b.cu_q is not None and b.max_q == 1:  # Triton decode: rotary, cache write and
             # attention in one kernel
             new = kernels.NewKeys(k, v, *rope, b.slot_mapping, rotary.rotary_dim,
                                   rotary.interleaved)
             out = kernels.paged_attention(q, k_cache, v_cache, b.block_tables, b.cu_q,
-                                          b.positions, self.window, 1, b.splits, new)
+                                          b.positions, self.window, 1, b.splits, new,
+                                          scales)
             return self.o_proj(out.reshape(out.shape[0], -1))
         if b.cu_q is not None:  # Triton: rotary + cache write in one kernel, paged attention
             kernels.rope_and_cache(q, k, v, *rope, b.slot_mapping, k_cache, v_cache,
-                                   rotary.rotary_dim, rotary.interleaved)
+                                   rotary.rotary_dim, rotary.interleaved, scales)
             if b.fresh is not None and self.window is None:
                 out = fresh_attention(q, k, v, b.fresh)
             else:
                 out = kernels.paged_attention(q, k_cache, v_cache, b.block_tables, b.cu_q,
-                                              b.positions, self.window, b.max_q, b.splits)
+                                              b.positions, self.window, b.max_q, b.splits,
+                                              scales=scales)
             return self.o_proj(out.reshape(out.shape[0], -1))
         q, k = rotary(q, rope), rotary(k, rope)
-        write_cache(k_cache, b.slot_mapping, k)
-        write_cache(v_cache, b.slot_mapping, v)
-        out = paged_attention(q, k_cache, v_cache, b, self.window)  # [T, heads, D]
+        k_scale, v_scale = scales or (None, None)
+        write_cache(k_cache, b.slot_mapping, k, k_scale)
+        write_cache(v_cache, b.slot_mapping, v, v_scale)
+        out = paged_attention(q, k_cache, v_cache, b, self.window, scales)  # [T, heads, D]
         return self.o_proj(out.reshape(out.shape[0], -1))
 
 
@@ -306,7 +325,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor | Site, residual: torch.Tensor | None, b: ForwardBatch,
                 rotary: Rotary, rope: tuple[torch.Tensor, torch.Tensor],
-                kv: tuple[torch.Tensor, torch.Tensor]
+                kv: tuple[torch.Tensor, ...]
                 ) -> tuple[torch.Tensor | Site, torch.Tensor]:
         """(this layer's output, the residual stream before it): the next norm adds the
         two, fused with the normalization (and, at batch 1 on GPUs, with the sum of the
@@ -342,7 +361,7 @@ class CausalLM(nn.Module):
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, b: ForwardBatch, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+    def forward(self, b: ForwardBatch, kv_caches: list[tuple[torch.Tensor, ...]]
                 ) -> torch.Tensor:
         self.comm.new_step()
         h = self.model.embed_tokens(b.input_ids)  # [T, hidden]

@@ -156,9 +156,10 @@ class Worker:
         self.spec = ModelSpec.from_hf(hf_config)
         self.spec.check_tp(self.world_size)
         self.dtype = resolve_dtype(config, self.spec, self.device)
-        # the KV cache's entries: the model's dtype, or FP8 (e4m3, scale 1: the attention
-        # kernels widen them as they read, and saturate them at +-448 as they write)
-        self.kv_dtype = FP8 if config.kv_cache_dtype == "fp8" else self.dtype
+        # the KV cache's entries: the model's dtype, FP8 (e4m3, scale 1: the attention
+        # kernels widen them as they read, and saturate them at +-448 as they write), or
+        # int8 with a scale per (token, KV head) (replicas/kv_cache.py)
+        self.kv_dtype = {"fp8": FP8, "int8": torch.int8}.get(config.kv_cache_dtype, self.dtype)
         self.comm = Comm(rank, self.world_size, DTYPES[config.wire_dtype(self.dtype)],
                          overlap_chunk=config.overlap_chunk_tokens).to(self.device)
         self.max_model_len = config.max_model_len or self.spec.max_position_embeddings
@@ -480,9 +481,9 @@ class Worker:
         write_step(host, batch.input_ids, batch.positions, batch.block_tables,
                    self.config.block_size, pad_block=0, query_lens=batch.query_lens)
         index = torch.from_numpy(host.slots.copy()).to(self.device)
-        for k, v in self.kv:
-            k.view(-1, *k.shape[2:]).index_fill_(0, index, 0)
-            v.view(-1, *v.shape[2:]).index_fill_(0, index, 0)
+        for layer in self.kv:  # (an int8 cache's scales too)
+            for x in layer:
+                x.view(-1, *x.shape[2:]).index_fill_(0, index, 0)
 
     def _profiled(self, profile_dir: str, batch: StepBatch, feed: torch.Tensor | None
                   ) -> torch.Tensor:

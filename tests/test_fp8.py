@@ -334,23 +334,29 @@ def test_fp8_decode_through_the_gemvs(ckpt: str) -> None:
     assert runs[True].token_ids[0] == want.token_ids[0]
 
 
-def test_fp8_kv_cache_holds_more_tokens_in_the_same_memory(ckpt: str) -> None:
+def test_8_bit_kv_caches_hold_more_tokens_in_the_same_memory(ckpt: str) -> None:
     """kv_cache_dtype="fp8": one byte an entry, so the same kv_cache_memory holds 4x the
-    blocks of a float32 cache (2x a 16-bit one); the outputs stay close to float32's."""
+    blocks of a float32 cache (2x a 16-bit one); "int8": one byte an entry and a float32
+    scale a (token, head) row, 4 D / (D + 4) times the blocks. The outputs stay close to
+    float32's, int8's closer than e4m3's."""
     base = EngineConfig(model=ckpt, dtype="float32", max_model_len=128,
                         kv_cache_memory=2**20, max_num_batched_tokens=16)
     prompts = sequences(2, 40, 1000, seed=6)
     blocks = {}
     outs = {}
-    for kv in ("auto", "fp8"):
+    dtypes = {"auto": torch.float32, "fp8": torch.float8_e4m3fn, "int8": torch.int8}
+    for kv, dtype in dtypes.items():
         with Engine(EngineConfig(**{**base.to_dict(), "kv_cache_dtype": kv})) as eng:
             blocks[kv] = eng.stats()["num_kv_blocks"]
-            assert eng.worker.kv[0][0].dtype == (torch.float8_e4m3fn if kv == "fp8"
-                                                 else torch.float32)
+            assert eng.worker.kv[0][0].dtype == dtype
+            d = eng.worker.spec.head_dim
             outs[kv] = [eng.score(p) for p in prompts]
     assert abs((blocks["fp8"] + 1) - 4 * (blocks["auto"] + 1)) <= 4
-    row = compare(outs["auto"], outs["fp8"])
-    assert 0 < row["mean_kl"] < 0.2 and row["top1_agreement"] > 0.5
+    assert abs((blocks["int8"] + 1) - 4 * d / (d + 4) * (blocks["auto"] + 1)) <= 4
+    rows = {kv: compare(outs["auto"], outs[kv]) for kv in ("fp8", "int8")}
+    for row in rows.values():
+        assert 0 < row["mean_kl"] < 0.2 and row["top1_agreement"] > 0.5
+    assert rows["int8"]["mean_kl"] < rows["fp8"]["mean_kl"] / 4
 
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -146,12 +146,13 @@ CASES = {  # name: (query lens, contexts, window, heads, kv heads, head dim, spl
 }
 
 
-@pytest.mark.parametrize("cache", ["dtype", "fp8"])
+@pytest.mark.parametrize("cache", ["dtype", "fp8", "int8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", list(CASES))
 def test_paged_attention_matches_reference(case: str, dtype: torch.dtype, cache: str) -> None:
     """The kernel against the PyTorch path; with kv_cache_dtype="fp8" both widen the
-    cache's entries as they read them (model.read_cache)."""
+    cache's entries as they read them (model.read_cache), with "int8" times each row's
+    scale."""
     query_lens, contexts, window, heads, kv_heads, d, splits = CASES[case]
     block_size, num_blocks = 4, 512
     b = ragged_batch(query_lens, contexts, block_size, num_blocks, window)
@@ -159,13 +160,18 @@ def test_paged_attention_matches_reference(case: str, dtype: torch.dtype, cache:
     gen = torch.Generator().manual_seed(4)
     k_cache, v_cache = (torch.randn(num_blocks, block_size, kv_heads, d, generator=gen)
                         .to(DEVICE, dtype) for _ in range(2))
+    scales: tuple[torch.Tensor, ...] = ()
     if cache == "fp8":
         k_cache, v_cache = ((c * 3).to(torch.float8_e4m3fn) for c in (k_cache, v_cache))
+    elif cache == "int8":
+        k_cache, v_cache = ((c * 40).clamp(-127, 127).to(torch.int8) for c in (k_cache, v_cache))
+        scales = tuple(torch.rand(num_blocks, block_size, kv_heads, generator=gen)
+                       .to(DEVICE) / 40 for _ in range(2))
     q = torch.randn(sum(query_lens), heads, d, generator=gen).to(DEVICE, dtype)
-    want = reference_attention(q, k_cache, v_cache, b, window)
+    want = reference_attention(q, k_cache, v_cache, b, window, scales)
     assert b.cu_q is not None
     got = kernels.paged_attention(q, k_cache, v_cache, b.block_tables, b.cu_q, b.positions,
-                                  window, b.max_q, b.splits)
+                                  window, b.max_q, b.splits, scales=scales)
     tol = 2e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
@@ -244,6 +250,59 @@ def test_fp8_cache_writes_round_and_saturate_as_the_reference() -> None:
     kernels.rope_and_cache(q.clone(), k.clone(), v, cos, sin, slots, *apart, rotary_dim, False)
     for got, ref in zip(fused, apart, strict=True):
         same_fp8(got, ref)
+
+
+def test_int8_cache_writes_rows_and_scales_as_the_reference() -> None:
+    """rope_and_cache and decode attention write an int8 cache as model.write_cache does
+    (kv_cache.int8_rows): each (token, head) row over max|row| / 127, rounded half up,
+    and its float32 scale beside it; a zero row keeps scale 1. The two kernels write the
+    same; int8_rows' extremes land on +-127."""
+    from replicas.kv_cache import int8_rows
+    from replicas.model import write_cache
+
+    t, kv_heads, heads, d, rotary_dim = 3, 2, 4, 16, 8
+    gen = torch.Generator().manual_seed(15)
+    q, k, v = (torch.randn(t, h, d, generator=gen).to(DEVICE) * 4 for h in (heads, kv_heads,
+                                                                              kv_heads))
+    v[1, 1] = 0.0
+    angles = torch.rand(t, 1, rotary_dim, generator=gen).to(DEVICE) * 6
+    cos, sin = angles.cos(), angles.sin()
+    slots = torch.tensor([5, 0, 9], device=DEVICE)
+
+    def pool() -> list[torch.Tensor]:
+        return [torch.zeros(4, 4, kv_heads, d, dtype=torch.int8, device=DEVICE)
+                for _ in range(2)] + [torch.zeros(4, 4, kv_heads, device=DEVICE)
+                                      for _ in range(2)]
+
+    got, want = pool(), pool()
+    k_rot = k.clone()
+    kernels.rope_and_cache(q, k_rot, v, cos, sin, slots, *got[:2], rotary_dim, False, got[2:])
+    write_cache(want[0], slots, k_rot, want[2])
+    write_cache(want[1], slots, v, want[3])
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+    rows, scale = int8_rows(v)
+    assert rows.abs().amax(-1).tolist() == [[127, 127], [127, 0], [127, 127]]
+    assert scale[1, 1] == 1.0 and got[3].view(-1, kv_heads)[0, 1] == 1.0
+    # decode writes the new token's key and value the same way
+    b = ragged_batch([1, 1, 1], [10, 1, 6], 4, 8, None)
+    assert b.cu_q is not None
+    slots = (b.block_tables[torch.arange(3, device=DEVICE), b.positions // 4] * 4
+             + b.positions % 4)
+    fused, apart = pool(), pool()
+    fused = [torch.zeros(8, *x.shape[1:], dtype=x.dtype, device=DEVICE) for x in fused]
+    apart = [torch.zeros_like(x) for x in fused]
+    kernels.paged_attention(q.clone(), *fused[:2], b.block_tables, b.cu_q, b.positions, None,
+                            1, 1, kernels.NewKeys(k.clone(), v, cos, sin, slots, rotary_dim,
+                                                  False), fused[2:])
+    kernels.rope_and_cache(q.clone(), k.clone(), v, cos, sin, slots, *apart[:2], rotary_dim,
+                           False, apart[2:])
+    for g, w in zip(fused, apart, strict=True):
+        if DEVICE == "cpu":
+            assert torch.equal(g, w)
+        else:  # (the two kernels' rotations may fuse their multiply-adds differently)
+            assert (g.float() - w.float()).abs().max() <= (1 if g.dtype == torch.int8
+                                                           else 1e-5)
 
 
 def same_fp8(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -404,21 +463,23 @@ def test_engine_tokens_equal_through_the_kernels(family: str, flash_from: int,
     assert runs["1"] == runs["0"]
 
 
+@pytest.mark.parametrize("kv", ["fp8", "int8"])
 @pytest.mark.parametrize("flash_from", [4, 10**6])
-def test_engine_caches_alike_through_the_kernels_in_fp8(
-        flash_from: int, checkpoint: CheckpointFactory, monkeypatch: pytest.MonkeyPatch
-        ) -> None:
-    """kv_cache_dtype="fp8": the kernels and the PyTorch path write the cache alike
-    (chunked prefill, a prefix-cache hit): the first layer's cache, whose inputs both
-    paths compute alike, holds the same entries (see same_fp8), and decoding over an FP8
-    cache runs (its writes: test_fp8_cache_writes_round_and_saturate_as_the_reference).
-    Later layers' inputs differ by the interpreter's rounding, so the tokens of a tiny
-    random model may too: on a GPU tests/test_gpu.py holds the accuracy bar."""
+def test_engine_caches_alike_through_the_kernels_in_8_bits(
+        flash_from: int, kv: str, checkpoint: CheckpointFactory,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """kv_cache_dtype="fp8" or "int8": the kernels and the PyTorch path write the cache
+    alike (chunked prefill, a prefix-cache hit): the first layer's cache, whose inputs
+    both paths compute alike, holds the same entries (see same_fp8; int8: the same, or
+    one step apart where a rotation rounded differently, and the same row scales), and
+    decoding over the cache runs (its writes: the two cache-write tests above). Later
+    layers' inputs differ by the interpreter's rounding, so the tokens of a tiny random
+    model may too: on a GPU tests/test_gpu.py holds the accuracy bar."""
     monkeypatch.setattr(worker, "FLASH_MIN_TOKENS", flash_from)
     # a small pool: the caches are cloned and compared whole (a GPU's default pool would
     # take tens of GB in float)
     config = EngineConfig(model=checkpoint("llama"), device=DEVICE, dtype="float32",
-                          max_num_batched_tokens=16, block_size=4, kv_cache_dtype="fp8",
+                          max_num_batched_tokens=16, block_size=4, kv_cache_dtype=kv,
                           num_kv_blocks=64, max_model_len=256)
     gen = torch.Generator().manual_seed(7)
     shared = torch.randint(3, 200, (13,), generator=gen).tolist()
@@ -428,17 +489,25 @@ def test_engine_caches_alike_through_the_kernels_in_fp8(
     for flag in ("0", "1"):
         monkeypatch.setenv("TPSERVE_KERNELS", flag)
         with Engine(config) as engine:
-            k_cache, v_cache = engine.worker.kv[0]
-            assert k_cache.dtype == torch.float8_e4m3fn
+            layer = engine.worker.kv[0]
+            assert layer[0].dtype == (torch.int8 if kv == "int8" else torch.float8_e4m3fn)
+            assert len(layer) == (4 if kv == "int8" else 2)  # (K, V[, their row scales])
             engine.generate(prompts[:1], params)
             engine.generate(prompts[1:], params)  # (its prefix from the cache)
             assert engine.stats()["prefix_cache_hit_blocks"] > 0
-            caches[flag] = (k_cache.clone(), v_cache.clone())
+            caches[flag] = tuple(x.clone() for x in layer)
             out = engine.generate([[9, 8, 7]], SamplingParams(max_tokens=5, temperature=0.0,
                                                               ignore_eos=True))
             assert len(out[0].token_ids) == 5
     for got, want in zip(caches["1"], caches["0"], strict=True):
-        same_fp8(got, want)
+        if got.dtype == torch.float8_e4m3fn:
+            same_fp8(got, want)
+        elif got.dtype == torch.int8:
+            differ = got != want
+            assert int(differ.sum()) <= differ.numel() // 20
+            assert int((got.int() - want.int()).abs().max()) <= 1
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("family", ["llama", "glm"])  # GLM: biased qkv, fused gate_up

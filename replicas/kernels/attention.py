@@ -5,11 +5,13 @@ new key, and splits long key ranges across programs (merged by the last split)."
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 
 from replicas.kernels.common import _launch, _pow2
+from replicas.kernels.rope import cache_scales
 
 try:
     import triton
@@ -31,34 +33,41 @@ def _precision(dtype: torch.dtype) -> str:
 
 if triton is not None:
     from replicas.kernels.common import _pdl_enter
-    from replicas.kernels.rope import _rotated, _to_cache
+    from replicas.kernels.rope import _rotated, _store_cache
 
     @triton.jit
-    def _load_kv(KC, VC, table, n, upto, block_size, kv_heads, kvh, d, d_ok,
-                 D: tl.constexpr, DT: tl.constexpr):
+    def _load_kv(KC, VC, KS, VS, table, n, upto, block_size, kv_heads, kvh, d, d_ok,
+                 D: tl.constexpr, DT: tl.constexpr, INT8: tl.constexpr):
         """Keys and values [BLOCK_N, D] at positions n through the block table, in DT
-        (the queries' dtype: an FP8 cache's entries are widened); those at upto or past
-        it come as 0 (decode passes the new token's position: its key and value are
-        filled in from registers). v's load is issued with k's, so that its latency
-        hides behind the scores."""
+        (the queries' dtype: an FP8 cache's entries are widened, an int8 cache's times
+        their rows' scales KS, VS); those at upto or past it come as 0 (decode passes
+        the new token's position: its key and value are filled in from registers). v's
+        load is issued with k's, so that its latency hides behind the scores."""
         ok = n < upto
         blk = tl.load(table + n // block_size, mask=ok, other=0)
-        addr = ((blk * block_size + n % block_size) * kv_heads + kvh) * D
+        row = (blk * block_size + n % block_size) * kv_heads + kvh
+        addr = row * D
         kv_mask = ok[:, None] & d_ok[None, :]
         k = tl.load(KC + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(VC + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        if INT8:
+            k_scale = tl.load(KS + row, mask=ok, other=0.0)
+            v_scale = tl.load(VS + row, mask=ok, other=0.0)
+            return ((k.to(tl.float32) * k_scale[:, None]).to(DT),
+                    (v.to(tl.float32) * v_scale[:, None]).to(DT))
         return k.to(DT), v.to(DT)
 
 
     @triton.jit
-    def _attend(q, KC, VC, table, start, hi, qpos, win, m, l_sum, acc, scale_log2, block_size,
-                kv_heads, kvh, d, d_ok, MASKED: tl.constexpr,
+    def _attend(q, KC, VC, KS, VS, table, start, hi, qpos, win, m, l_sum, acc, scale_log2,
+                block_size, kv_heads, kvh, d, d_ok, MASKED: tl.constexpr,
                 BLOCK_N: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
-                DT: tl.constexpr):
+                DT: tl.constexpr, INT8: tl.constexpr):
         """One block of BLOCK_N keys from `start` into the online softmax (m, l_sum, acc)."""
         n = start + tl.arange(0, BLOCK_N)
         n_ok = n < hi
-        k, v = _load_kv(KC, VC, table, n, hi, block_size, kv_heads, kvh, d, d_ok, D, DT)
+        k, v = _load_kv(KC, VC, KS, VS, table, n, hi, block_size, kv_heads, kvh, d, d_ok, D,
+                        DT, INT8)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
         if MASKED:
             diff = qpos[:, None] - n[None, :]
@@ -78,12 +87,12 @@ if triton is not None:
 
     @triton.jit
     def _attention_kernel(
-        Q, KC, VC, OUT, OP, LSE, COUNT, TABLES, CU_Q, POS,
+        Q, KC, VC, KS, VS, OUT, OP, LSE, COUNT, TABLES, CU_Q, POS,
         sqt, sqh, sot, soh, sps, spt, sph, sls, slt, stab,
         scale_log2, window, block_size, kv_heads,
         G: tl.constexpr, TILE_T: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-        SPLITS: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
+        SPLITS: tl.constexpr, PREC: tl.constexpr, INT8_KV: tl.constexpr, PDL: tl.constexpr,
     ):
         """Program (sequence, tile of TILE_T query tokens, kv head x split): the G query
         heads of that kv head for those tokens, against the keys the tile may see.
@@ -132,15 +141,15 @@ if triton is not None:
                 bulk = tl.where(window > 0, lo_s, tl.minimum(hi_s, first + t0 + 1))
                 bulk_end = lo_s + tl.maximum(bulk - lo_s, 0) // BLOCK_N * BLOCK_N
                 for start in range(lo_s, bulk_end, BLOCK_N):
-                    m, l_sum, acc = _attend(q, KC, VC, TABLES + seq * stab, start, hi_s, qpos,
-                                            win, m, l_sum, acc, scale_log2, block_size,
-                                            kv_heads, kvh, d, d_ok, False, BLOCK_N, D, PREC,
-                                            Q.dtype.element_ty)
+                    m, l_sum, acc = _attend(q, KC, VC, KS, VS, TABLES + seq * stab, start,
+                                            hi_s, qpos, win, m, l_sum, acc, scale_log2,
+                                            block_size, kv_heads, kvh, d, d_ok, False,
+                                            BLOCK_N, D, PREC, Q.dtype.element_ty, INT8_KV)
                 for start in range(bulk_end, hi_s, BLOCK_N):
-                    m, l_sum, acc = _attend(q, KC, VC, TABLES + seq * stab, start, hi_s, qpos,
-                                            win, m, l_sum, acc, scale_log2, block_size,
-                                            kv_heads, kvh, d, d_ok, True, BLOCK_N, D, PREC,
-                                            Q.dtype.element_ty)
+                    m, l_sum, acc = _attend(q, KC, VC, KS, VS, TABLES + seq * stab, start,
+                                            hi_s, qpos, win, m, l_sum, acc, scale_log2,
+                                            block_size, kv_heads, kvh, d, d_ok, True,
+                                            BLOCK_N, D, PREC, Q.dtype.element_ty, INT8_KV)
                 _finish(m, l_sum, acc, OUT, OP, LSE, COUNT + seq * kv_heads + kvh, q_start + tok,
                         head, d, row_ok[:, None] & d_ok[None, :], row_ok, split, active, sps,
                         spt, sph, sls, slt, sot, soh, SPLITS, BLOCK_R, BLOCK_D)
@@ -159,12 +168,13 @@ if triton is not None:
 
     @triton.jit
     def _decode_kernel(
-        Q, K, V, KC, VC, OUT, OP, LSE, COUNT, TABLES, POS, COS, SIN, SLOTS,
+        Q, K, V, KC, VC, KS, VS, OUT, OP, LSE, COUNT, TABLES, POS, COS, SIN, SLOTS,
         sqt, sqh, skt, skh, svt, svh, sct, sot, soh, sps, spt, sph, sls, slt, stab,
         rotary_dim, scale_log2, window, block_size, kv_heads,
         G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
         BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, PREC: tl.constexpr,
-        INTERLEAVED: tl.constexpr, FP8_KV: tl.constexpr, PDL: tl.constexpr,
+        INTERLEAVED: tl.constexpr, FP8_KV: tl.constexpr, INT8_KV: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """Decode attention from the projection's raw q, k, v. Program (sequence, kv head
         x split): the G query heads of that kv head, one token, against its split of
@@ -191,8 +201,8 @@ if triton is not None:
         d_ok = d < D
         table = TABLES + seq * stab
         n = lo_s + tl.arange(0, BLOCK_N)
-        k, v = _load_kv(KC, VC, table, n, pos, block_size, kv_heads, kvh, d, d_ok, D,
-                        Q.dtype.element_ty)
+        k, v = _load_kv(KC, VC, KS, VS, table, n, pos, block_size, kv_heads, kvh, d, d_ok,
+                        D, Q.dtype.element_ty, INT8_KV)
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -210,9 +220,13 @@ if triton is not None:
                              INTERLEAVED)
             v_new = tl.load(V + seq * svt + kvh * svh + d, mask=d_ok, other=0.0)
             if split == active - 1:  # the split whose keys end at the new token's
-                dst = (tl.load(SLOTS + seq) * kv_heads + kvh) * D + d
-                tl.store(KC + dst, _to_cache(k_new, KC, FP8_KV), mask=d_ok)
-                tl.store(VC + dst, _to_cache(v_new, VC, FP8_KV), mask=d_ok)
+                row = tl.load(SLOTS + seq) * kv_heads + kvh + tl.zeros([1], tl.int64)
+                dst = row[:, None] * D + d[None, :]
+                one = d_ok[None, :]
+                _store_cache(KC, KS, dst, row, k_new[None, :], one, row >= 0, FP8_KV,
+                             INT8_KV)
+                _store_cache(VC, VS, dst, row, v_new[None, :], one, row >= 0, FP8_KV,
+                             INT8_KV)
             m = tl.full([BLOCK_R], -1.0e30, dtype=tl.float32)
             l_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
             acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
@@ -220,8 +234,8 @@ if triton is not None:
                                          scale_log2, PREC)
             for start in range(lo_s + BLOCK_N, hi_s, BLOCK_N):
                 n = start + tl.arange(0, BLOCK_N)
-                k, v = _load_kv(KC, VC, table, n, pos, block_size, kv_heads, kvh, d, d_ok, D,
-                                Q.dtype.element_ty)
+                k, v = _load_kv(KC, VC, KS, VS, table, n, pos, block_size, kv_heads, kvh, d,
+                                d_ok, D, Q.dtype.element_ty, INT8_KV)
                 m, l_sum, acc = _decode_tile(q, k, v, k_new, v_new, n, pos, hi_s, m, l_sum,
                                              acc, scale_log2, PREC)
             _finish(m, l_sum, acc, OUT, OP, LSE, COUNT + seq * kv_heads + kvh,
@@ -318,11 +332,14 @@ class NewKeys(NamedTuple):
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, cu_q: torch.Tensor, positions: torch.Tensor,
                     window: int | None, max_q: int, splits: int = 1,
-                    new: NewKeys | None = None) -> torch.Tensor:
+                    new: NewKeys | None = None, scales: Sequence[torch.Tensor] = ()
+                    ) -> torch.Tensor:
     """Causal attention of q [T, H, D] (sequences' chunks back to back, bounded by cu_q
     [B + 1]) over each sequence's cached keys -> [T, H, D]. The chunk's own keys must
     already be in the cache, or (decode only, max_q == 1) come unrotated as `new`, with
-    q unrotated too."""
+    q unrotated too. An int8 cache comes with its (K, V) row `scales`."""
+    k_scales, v_scales = cache_scales(k_cache, scales)
+    int8 = k_cache.dtype == torch.int8
     assert new is None or max_q == 1, "keys are rotated and cached here in decode only"
     t, heads, d = q.shape
     num_seqs = cu_q.shape[0] - 1
@@ -344,7 +361,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     scale_log2 = (1.0 / math.sqrt(d)) * math.log2(math.e)
     if new is not None:
         _decode_kernel[(num_seqs, kv_heads * splits)](
-            q, new.k, new.v, k_cache, v_cache, out, part, lse, count, block_tables, positions,
+            q, new.k, new.v, k_cache, v_cache, k_scales, v_scales, out, part, lse, count,
+            block_tables, positions,
             new.cos, new.sin, new.slots, q.stride(0), q.stride(1), new.k.stride(0),
             new.k.stride(1), new.v.stride(0), new.v.stride(1), new.cos.stride(0),
             out.stride(0), out.stride(1), part.stride(0), part.stride(1), part.stride(2),
@@ -353,15 +371,16 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             G=group, BLOCK_R=block_r, BLOCK_N=block_n, D=d, BLOCK_D=_attn_block_d(d),
             SPLITS=splits,
             PREC=_precision(q.dtype), INTERLEAVED=new.interleaved,
-            FP8_KV=k_cache.dtype == torch.float8_e4m3fn, num_warps=warps,
+            FP8_KV=k_cache.dtype == torch.float8_e4m3fn, INT8_KV=int8, num_warps=warps,
             num_stages=2, **_launch(q))
         return out
     _attention_kernel[(num_seqs, triton.cdiv(max_q, tile_t), kv_heads * splits)](
-        q, k_cache, v_cache, out, part, lse, count, block_tables, cu_q, positions,
+        q, k_cache, v_cache, k_scales, v_scales, out, part, lse, count, block_tables, cu_q,
+        positions,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
         block_tables.stride(0), scale_log2, window or 0, block_size, kv_heads,
         G=group, TILE_T=tile_t, BLOCK_R=block_r, BLOCK_N=block_n, D=d, BLOCK_D=_attn_block_d(d),
-        SPLITS=splits, PREC=_precision(q.dtype), num_warps=warps, num_stages=2,
+        SPLITS=splits, PREC=_precision(q.dtype), INT8_KV=int8, num_warps=warps, num_stages=2,
         **_launch(q))
     return out

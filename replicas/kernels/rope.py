@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from replicas.kernels.common import _launch, _pow2
@@ -46,10 +48,35 @@ if triton is not None:
         return x.to(C.dtype.element_ty)
 
     @triton.jit
-    def _rope_cache_kernel(Q, K, V, COS, SIN, SLOTS, KC, VC, T,
+    def _int8_rows(x):
+        """x [R, BLOCK_D] (masked lanes 0) -> (int8 [R, BLOCK_D], float32 scales [R]), as
+        replicas/kv_cache.py int8_rows: each row over max|row| / 127 (1 for a zero row),
+        rounded half up; IEEE divisions, so a GPU rounds as PyTorch does."""
+        x = x.to(tl.float32)
+        amax = tl.max(tl.abs(x), axis=1)
+        scale = tl.where(amax > 0, tl.math.div_rn(amax, tl.full(amax.shape, 127.0,
+                                                                tl.float32)), 1.0)
+        r = tl.floor(tl.math.div_rn(x, tl.broadcast_to(scale[:, None], x.shape)) + 0.5)
+        return tl.minimum(tl.maximum(r, -127.0), 127.0).to(tl.int8), scale
+
+    @triton.jit
+    def _store_cache(C, CS, dst, row, x, mask, row_ok, FP8: tl.constexpr,
+                     INT8: tl.constexpr):
+        """Rows x [R, BLOCK_D] into the cache C at offsets dst [R, BLOCK_D] (mask); an int8
+        cache's row scales into CS at the rows' indices `row` [R] (row_ok)."""
+        if INT8:
+            r, scale = _int8_rows(tl.where(mask, x, 0.0))
+            tl.store(C + dst, r, mask=mask)
+            tl.store(CS + row, scale, mask=row_ok)
+        else:
+            tl.store(C + dst, _to_cache(x, C, FP8), mask=mask)
+
+    @triton.jit
+    def _rope_cache_kernel(Q, K, V, COS, SIN, SLOTS, KC, VC, KS, VS, T,
                            sqt, sqh, skt, skh, svt, svh, sct, heads, kv_heads, rotary_dim,
                            INTERLEAVED: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                           TOKENS: tl.constexpr, FP8_KV: tl.constexpr, PDL: tl.constexpr):
+                           TOKENS: tl.constexpr, FP8_KV: tl.constexpr, INT8_KV: tl.constexpr,
+                           PDL: tl.constexpr):
         """Program (TOKENS tokens, head) over heads + kv_heads: rotate q or k in place; a
         k head also writes its k and v to the cache slots of the tokens."""
         _pdl_enter(PDL)
@@ -71,27 +98,40 @@ if triton is not None:
         if not is_q:
             kh = h - heads
             slot = tl.load(SLOTS + t, mask=t_ok, other=0)
-            dst = (slot * kv_heads + kh)[:, None] * D + d[None, :]
-            tl.store(KC + dst, _to_cache(y, KC, FP8_KV), mask=mask)
+            row = slot * kv_heads + kh
+            dst = row[:, None] * D + d[None, :]
+            _store_cache(KC, KS, dst, row, y, mask, t_ok, FP8_KV, INT8_KV)
             v = tl.load(V + t[:, None] * svt + kh * svh + d[None, :], mask=mask, other=0.0)
-            tl.store(VC + dst, _to_cache(v, VC, FP8_KV), mask=mask)
+            _store_cache(VC, VS, dst, row, v, mask, t_ok, FP8_KV, INT8_KV)
 
 
 def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
                    k_cache: torch.Tensor, v_cache: torch.Tensor, rotary_dim: int,
-                   interleaved: bool) -> None:
+                   interleaved: bool, scales: Sequence[torch.Tensor] = ()) -> None:
     """Rotate q [T, H, D] and k [T, KVH, D] in place by cos/sin [T, 1, rotary_dim] and
-    write k and v to their slots of the caches [blocks, block_size, KVH, D]."""
+    write k and v to their slots of the caches [blocks, block_size, KVH, D] (an int8
+    cache: with their row scales into `scales`, (K, V) [blocks, block_size, KVH])."""
     t, heads, d = q.shape
     kv_heads = k.shape[1]
     if t == 0:
         return
     tokens = min(16, _pow2(t))
     _rope_cache_kernel[(triton.cdiv(t, tokens), heads + kv_heads)](
-        q, k, v, cos, sin, slots, k_cache, v_cache, t,
+        q, k, v, cos, sin, slots, k_cache, v_cache, *cache_scales(k_cache, scales), t,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos.stride(0), heads, kv_heads, rotary_dim,
         INTERLEAVED=interleaved, D=d, BLOCK_D=_pow2(d), TOKENS=tokens,
-        FP8_KV=k_cache.dtype == torch.float8_e4m3fn,
+        FP8_KV=k_cache.dtype == torch.float8_e4m3fn, INT8_KV=k_cache.dtype == torch.int8,
         num_warps=4 if tokens >= 8 else 1, **_launch(q))
+
+
+def cache_scales(k_cache: torch.Tensor, scales: Sequence[torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (K, V) row-scale tensors a kernel takes: an int8 cache's own (checked), else
+    the cache itself twice, never read (the kernels compile the int8 path out)."""
+    if k_cache.dtype != torch.int8:
+        return k_cache, k_cache
+    assert len(scales) == 2 and all(s.dtype == torch.float32 for s in scales), \
+        "an int8 cache needs its (K, V) float32 row scales"
+    return scales[0], scales[1]
