@@ -8,15 +8,17 @@ compared with the plain bfloat16 model's (top-1 agreement, mean KL). Formats:
 
 - `e4m3`: FP8 with a scale of 1, saturated at +-448: what `kv_cache_dtype="fp8"` stores;
 - `e4m3-row`: FP8 with a scale per (token, KV head), max|x| / 448;
-- `int8-row`: int8 with a scale per (token, KV head), max|x| / 127, rounded to nearest.
+- `int8-row`: int8 with a scale per (token, KV head), max|x| / 127, rounded half up:
+  what `kv_cache_dtype="int8"` stores (`kv_cache.int8_rows`).
 
-A row scale is a 16-bit float here, as a cache would keep it: (head_dim + 2) bytes a
-(token, head) against 2 * head_dim at 16 bits (0.508 of the bytes at head_dim 128).
+A row scale is float32, as the int8 cache keeps it: (head_dim + 4) bytes a (token, head)
+against 2 * head_dim at 16 bits (0.516 of the bytes at head_dim 128).
 
 Beside them, two reference rows: float32 against bfloat16 (how many top-1 tokens 16-bit
 rounding alone flips: the measure's floor), and the engine's own `kv_cache_dtype="fp8"`
-measure (`accuracy.measure`), which the simulated `e4m3` row should reproduce; then the
-engine's FP8 weights + FP8 KV, the bar's second case.
+and `"int8"` measures (`accuracy.measure`), which the simulated `e4m3` and `int8-row`
+rows should reproduce; then the engine's FP8 weights with a 16-bit cache and with each
+8-bit one (the bar's two cases).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from replicas.accuracy import (
 )
 from replicas.fp8 import FP8, FP8_MAX
 from replicas.jsonlines import emit
+from replicas.kv_cache import int8_rows
 
 Rounding = Callable[[torch.Tensor], torch.Tensor]
 
@@ -49,22 +52,18 @@ def e4m3(x: torch.Tensor) -> torch.Tensor:
     return x.float().clamp(-FP8_MAX, FP8_MAX).to(FP8).to(x.dtype)
 
 
-def _row_scale(x: torch.Tensor, top: float) -> torch.Tensor:
-    """max|x| over the last dim / top, as a 16-bit float (a zero row: scale 1)."""
-    amax = x.float().abs().amax(-1, keepdim=True)
-    return torch.where(amax > 0, amax / top, 1.0).half().float()
-
-
 def e4m3_row(x: torch.Tensor) -> torch.Tensor:
-    """x through FP8 e4m3 with a scale per row of the last dim."""
-    scale = _row_scale(x, FP8_MAX)
+    """x through FP8 e4m3 with a float32 scale per row of the last dim."""
+    amax = x.float().abs().amax(-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / FP8_MAX, 1.0)
     return ((x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).float() * scale).to(x.dtype)
 
 
 def int8_row(x: torch.Tensor) -> torch.Tensor:
-    """x through int8 with a scale per row of the last dim (round to nearest, +-127)."""
-    scale = _row_scale(x, 127.0)
-    return ((x.float() / scale).round().clamp(-127, 127) * scale).to(x.dtype)
+    """x through the int8 cache's rounding (kv_cache.int8_rows), widened back as the
+    engine reads it."""
+    rows, scale = int8_rows(x)
+    return (rows.float() * scale[..., None]).to(x.dtype)
 
 
 FORMATS: dict[str, Rounding] = {"e4m3": e4m3, "e4m3-row": e4m3_row, "int8-row": int8_row}
@@ -131,11 +130,13 @@ def rows(model_dir: str, name: str, count: int = 16, length: int = 128
                 out.append({"k": k, "v": v, **compare(base, logits(model, prompts))})
     engine = EngineConfig(model=model_dir, dtype="bfloat16", max_model_len=length * 2,
                           max_num_batched_tokens=64)
-    for changes in ({"kv_cache_dtype": "fp8"}, {"quantization": "fp8", "kv_cache_dtype": "fp8"}):
-        row = measure(engine, changes, prompts)
-        out.append({"k": "e4m3", "v": "e4m3", "note": "the engine: " + ", ".join(
-            f"{key}={value}" for key, value in changes.items()), **{
-                key: row[key] for key in ("positions", "top1_agreement", "mean_kl")}})
+    for weights, kv in (("none", "fp8"), ("none", "int8"), ("fp8", "auto"), ("fp8", "fp8"),
+                        ("fp8", "int8")):
+        row = measure(engine, {"quantization": weights, "kv_cache_dtype": kv}, prompts)
+        fmt = {"int8": "int8-row", "fp8": "e4m3"}.get(kv, "bfloat16")
+        out.append({"k": fmt, "v": fmt, "note": f"the engine: quantization={weights}, "
+                    f"kv_cache_dtype={kv}", **{
+                        key: row[key] for key in ("positions", "top1_agreement", "mean_kl")}})
     return [{"kind": "kv_format", "model": name, **r} for r in out]
 
 
