@@ -223,8 +223,10 @@ def test_w8a16_probe_times_every_config_against_cublas(monkeypatch: pytest.Monke
 def test_unknown_quantization_is_refused() -> None:
     with pytest.raises(ConfigError, match="quantization='int4'"):
         EngineConfig(quantization="int4")
-    with pytest.raises(ConfigError, match="kv_cache_dtype='int8'"):
-        EngineConfig(kv_cache_dtype="int8")
+    with pytest.raises(ConfigError, match="kv_cache_dtype='int4': use one of 'auto', 'fp8', "
+                                          "'int8'"):
+        EngineConfig(kv_cache_dtype="int4")
+    assert EngineConfig(kv_cache_dtype="int8").kv_cache_dtype == "int8"
 
 
 @pytest.fixture(scope="module")
