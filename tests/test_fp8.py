@@ -285,6 +285,20 @@ def test_tp2_fp8_scores_like_tp1_fp8(ckpt: str) -> None:
     two = scored(EngineConfig(**{**base.to_dict(), "tp": 2}), prompts)
     row = compare(one, two)
     assert 0 < row["mean_kl"] < 0.05 and row["top1_agreement"] >= 0.75
+@pytest.mark.slow
+def test_tp2_int8_kv_scores_like_tp1(ckpt: str) -> None:
+    """At tp=2 each rank caches its own KV heads in int8, each (token, head) row with its
+    own scale, as tp=1 does: the keys and values are the same rows, so only the
+    all-reduces' order of summation moves the scores."""
+    prompts = sequences(1, 24, 1000, seed=4)
+    base = EngineConfig(model=ckpt, dtype="float32", max_model_len=64, comm_dtype="float32",
+                        kv_cache_dtype="int8", max_num_batched_tokens=8)
+    one = scored(base, prompts)
+    two = scored(EngineConfig(**{**base.to_dict(), "tp": 2}), prompts)
+    row = compare(one, two)
+    assert row["mean_kl"] < 1e-4 and row["top1_agreement"] == 1.0
+
+
 @pytest.mark.parametrize("shape", [(64, 256), (40, 200)])  # blocks divide it; they do not
 @pytest.mark.parametrize("kind", ["plain", "gated", "norm"])
 def test_fp8_gemv_is_the_scaled_rows_product(shape: tuple[int, int], kind: str) -> None:
