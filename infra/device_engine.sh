@@ -7,7 +7,8 @@
 # lacks; this installs it first. Each bound is per step; a call has 600 s in all.
 #   STRUCT_S=250 bash infra/device_engine.sh     # issue 18: tests, the structured suite,
 #                                                # the grammar replay (llguidance beside)
-#   FP8_TEST_S=200 FP8_S=380 bash infra/device_engine.sh   # issue 20: tests, the fp8 suite
+#   FP8_TEST_S=200 FP8_S=420 bash infra/device_engine.sh   # issue 20: tests (FP8 and the
+#                                                # int8 KV cache), the fp8 suite
 #   W8A16_S=120 ...                              # and the weight-only matmul's configs
 #   KV_S=90 ...                                  # and the KV formats' accuracy on the
 #                                                # checkpoint trained on this GPU
@@ -35,7 +36,7 @@ if [ "${STRUCT_S:-0}" != 0 ]; then
 fi
 if [ "${FP8_TEST_S:-0}" != 0 ]; then
   timeout -s KILL "$FP8_TEST_S" python3 -m pytest -q -s tests/test_gpu.py tests/test_kernels.py \
-    -k fp8 -p no:cacheprovider 2>&1 | tail -15 | tee "$out/fp8_tests.log"
+    -k "fp8 or int8 or 8_bits" -p no:cacheprovider 2>&1 | tail -15 | tee "$out/fp8_tests.log"
   # (test_fp8.py's kernel tests run in the CPU interpreter; this one on the GPU too)
   timeout -s KILL "$FP8_TEST_S" python3 -m pytest -q tests/test_fp8.py -k widening \
     -p no:cacheprovider 2>&1 | tail -5 | tee -a "$out/fp8_tests.log"
