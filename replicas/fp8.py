@@ -32,7 +32,9 @@ Contract:
   per tensor) loads as it is: `prepare_model` gives the layers FP8 weights first, the
   loader copies the FP8 rows and each `weight_scale` (a scalar is every row's), and a
   static `input_scale` is reported and not used (activations are quantized per token,
-  or not at all). Block-wise scales (`weight_block_size`) are refused by name.
+  or not at all), and so are static KV-cache scales (`self_attn.k_scale` / `v_scale`,
+  `k_proj` / `v_proj` `output_scale`: the cache follows `kv_cache_dtype`). Block-wise
+  scales (`weight_block_size`) are refused by name.
 """
 
 from __future__ import annotations

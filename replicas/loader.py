@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 
 import torch
 from safetensors import safe_open
@@ -18,6 +19,9 @@ from replicas.config import ConfigError
 from replicas.model import CausalLM, checkpoint_target
 
 log = logging.getLogger(__name__)
+# an FP8 checkpoint's static KV-cache scales: llm-compressor's `self_attn.k_scale` and
+# `v_scale`, AutoFP8's `kv_scale` and `k_proj` / `v_proj` `output_scale`
+KV_CACHE_SCALE = re.compile(r"\.(self_attn\.(k|v|kv)_scale|[kv]_proj\.(output|kv)_scale)$")
 
 
 def safetensors_files(model_dir: str) -> list[str]:
@@ -45,6 +49,7 @@ def load_weights(model: CausalLM, model_dir: str, show_progress: bool) -> None:
     modules = dict(model.named_modules())
     loaded: set[tuple[str, str, int | None]] = set()
     static: list[str] = []
+    kv_scales: list[str] = []
     files = safetensors_files(model_dir)
     with tqdm(desc="loading weights", unit="tensor", disable=not show_progress) as bar:
         for path in files:
@@ -62,6 +67,9 @@ def load_weights(model: CausalLM, model_dir: str, show_progress: bool) -> None:
                     if name.endswith(".input_scale"):  # a static activation scale
                         static.append(name)
                         continue
+                    if KV_CACHE_SCALE.search(name):  # an FP8 KV cache's static scale
+                        kv_scales.append(name)
+                        continue
                     if name.endswith("_scale"):  # an FP8 weight's: [out], [out, 1] or []
                         whole = f.get_tensor(name).float().reshape(-1)
                         module.load(name, lambda rows, t=whole: t if t.numel() == 1
@@ -74,6 +82,10 @@ def load_weights(model: CausalLM, model_dir: str, show_progress: bool) -> None:
         log.warning("%d static activation scales (input_scale, e.g. %s) are not used: "
                     "activations are quantized per token (quantization='fp8-w8a8') or not "
                     "at all ('fp8')", len(static), static[0])
+    if kv_scales:
+        log.warning("%d static KV-cache scales (e.g. %s) are not used: the KV cache follows "
+                    "kv_cache_dtype (fp8: e4m3 at scale 1; int8: a scale per token and head, "
+                    "closer to the 16-bit model)", len(kv_scales), kv_scales[0])
     _check_complete(model, loaded)
 
 

@@ -438,6 +438,31 @@ def test_an_fp8_checkpoint_loads_as_it_is(ckpt: str, tmp_path: Path, per: str,
         assert compare(ours, [eng.score(prompts[0])])["mean_kl"] < 0.2
 
 
+def test_an_fp8_checkpoints_kv_cache_scales_are_reported_not_used(
+        ckpt: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Static KV-cache scales in the layouts FP8-KV checkpoints carry them (llm-compressor:
+    self_attn.k_scale / v_scale; AutoFP8: k_proj / v_proj output_scale) load with the
+    rest: reported, not used, and the weights' scales untouched (the same scores)."""
+    from safetensors.torch import load_file, save_file
+
+    plain = fp8_checkpoint(ckpt, tmp_path / "plain", "channel")
+    kv = fp8_checkpoint(ckpt, tmp_path / "kv", "channel")
+    tensors = load_file(f"{kv}/model.safetensors")
+    tensors["model.layers.0.self_attn.k_scale"] = torch.tensor(0.02)
+    tensors["model.layers.0.self_attn.v_scale"] = torch.tensor(0.03)
+    tensors["model.layers.1.self_attn.k_proj.output_scale"] = torch.tensor(0.5)
+    tensors["model.layers.1.self_attn.v_proj.output_scale"] = torch.tensor(0.5)
+    save_file(tensors, f"{kv}/model.safetensors")
+    prompts = sequences(1, 16, 1000, seed=9)
+    with caplog.at_level(logging.WARNING, logger="replicas.loader"):
+        theirs = scored(EngineConfig(model=kv, dtype="float32", max_model_len=64,
+                                     kv_cache_dtype="int8"), prompts)
+    assert "4 static KV-cache scales" in caplog.text and "not used" in caplog.text
+    ours = scored(EngineConfig(model=plain, dtype="float32", max_model_len=64,
+                               kv_cache_dtype="int8"), prompts)
+    assert torch.equal(ours[0], theirs[0])
+
+
 def test_unsupported_fp8_checkpoints_are_refused(ckpt: str, tmp_path: Path) -> None:
     blocks = fp8_checkpoint(ckpt, tmp_path / "blocks", "channel",
                             {"weight_block_size": [128, 128]})
