@@ -44,11 +44,14 @@ if triton is not None:
             x = tl.load(X + row * sxm + k0 + rk, mask=(k0 + rk) < k, other=0.0)
             top = tl.maximum(top, tl.abs(x.to(tl.float32)))
         amax = tl.max(top, axis=0)
-        scale = tl.where(amax > 0, amax / 448.0, 1.0)
+        # IEEE divisions (a GPU's `/` is approximate: div.full), so that a GPU rounds as
+        # PyTorch's chain does
+        scale = tl.where(amax > 0, tl.math.div_rn(amax, 448.0), 1.0)
         for k0 in range(0, k, BLOCK_K):
             ok = (k0 + rk) < k
             x = tl.load(X + row * sxm + k0 + rk, mask=ok, other=0.0).to(tl.float32)
-            y = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
+            y = tl.minimum(tl.maximum(tl.math.div_rn(x, tl.full(x.shape, scale, tl.float32)),
+                                      -448.0), 448.0)
             tl.store(Y + row * sym + k0 + rk, y.to(Y.dtype.element_ty), mask=ok)
         tl.store(S + row, scale)
 
