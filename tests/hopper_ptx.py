@@ -1,13 +1,16 @@
-"""`python tests/hopper_ptx.py fp8|int8|quant`: compile kernels to PTX for an H200 (sm_90)
-on a machine with no GPU (Triton's own ptxas), GLM-4-9B's shapes: the KV-cache kernels
-(the cache write, decode and prefill attention) with that 8-bit cache, or the FP8 weight
-path's one-pass kernels (per-token quantization, widening). A kernel that must round as
+"""`python tests/hopper_ptx.py fp8|int8|quant|gemv`: compile kernels to PTX for an H200
+(sm_90) on a machine with no GPU (Triton's own ptxas), GLM-4-9B's shapes: the KV-cache
+kernels (the cache write, decode and prefill attention) with that 8-bit cache; the FP8
+weight path's one-pass kernels (per-token quantization, widening); or the GEMV with FP8
+weights in each of FP8_GEMV_CONFIGS' tiles, and with the all-reduce folded in (pushing
+its rows, pulling the peers'), none of which has run on a GPU yet. A kernel that must round as
 PyTorch does may not divide approximately (a GPU's `/` is div.full: not IEEE). Run by
 tests/test_kernels.py in a process of its own: the tests' processes import the kernels
 for Triton's interpreter, which cannot compile them."""
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import re
 import sys
@@ -19,10 +22,14 @@ from triton.compiler import ASTSource
 
 from replicas.kernels import attention, quant, rope
 
+# (the package's name `gemv` is the function it exports; the module is this)
+gemv = importlib.import_module("replicas.kernels.gemv")
+
 APPROXIMATE = re.compile(r"div\.(full|approx)\.f32")
 
 
-def ptx(jit: Any, pointers: dict[str, str], consts: dict[str, Any]) -> str:
+def ptx(jit: Any, pointers: dict[str, str], consts: dict[str, Any], warps: int = 4,
+        stages: int = 3) -> str:
     """`jit` compiled for sm_90: its arguments typed by `pointers` (else i32), the
     constexprs among `consts` set."""
     names = list(inspect.signature(jit.fn).parameters)
@@ -30,12 +37,34 @@ def ptx(jit: Any, pointers: dict[str, str], consts: dict[str, Any]) -> str:
     signature = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in names}
     src = ASTSource(fn=jit, signature=signature,
                     constexprs={(names.index(n),): v for n, v in consts.items()})
-    code = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    code = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": warps, "num_stages": stages})
     assert ".target sm_90" in code.asm["ptx"], jit.fn.__name__
     return code.asm["ptx"]
 
 
+def gemvs() -> None:
+    pointers = {**{n: "*bf16" for n in ("X", "B", "Y", "R", "NW", "ROUT")}, "W": "*fp8e4nv",
+                "S": "*fp32", "DATA": "*i64", "FLAGS": "*i64", "CNT": "*i32", "eps": "fp32"}
+    flags = {"SCALED": True, "HAS_BIAS": False, "EVEN": True, "GATED": False, "NORM": True,
+             "HAS_RES": True, "ROW": 4096, "PUSH": False, "PULL": False, "RANK": 0,
+             "WORLD": 1, "PDL": True}
+    for block_n, block_k, warps, stages in gemv.FP8_GEMV_CONFIGS:  # a decoder layer's
+        # norm-fused FP8 GEMV (gate_up's kind)
+        ptx(gemv._gemv_kernel, pointers, {**flags, "BLOCK_N": block_n, "BLOCK_K": block_k},
+            warps, stages)
+    bf16 = {**pointers, "W": "*bf16"}
+    folded = {**flags, "SCALED": False, "WORLD": 2, "BLOCK_N": 4, "BLOCK_K": 1024}
+    ptx(gemv._gemv_kernel, bf16, {**folded, "NORM": False, "HAS_RES": False, "GATED": True,
+                                   "PUSH": True})  # down_proj pushing its rows
+    ptx(gemv._gemv_kernel, bf16, {**folded, "PULL": True})  # the next norm GEMV summing them
+    print(len(gemv.FP8_GEMV_CONFIGS) + 2, "GEMVs compiled for sm_90", flush=True)
+
+
 def main(mode: str) -> None:
+    if mode == "gemv":
+        gemvs()
+        return
     if mode == "quant":
         kernels = [(quant._quant_rows_kernel, {"X": "*bf16", "Y": "*fp8e4nv", "S": "*fp32"},
                     {"BLOCK_K": quant.QUANT_BLOCK_K, "PDL": True}, True),

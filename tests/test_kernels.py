@@ -305,13 +305,13 @@ def test_int8_cache_writes_rows_and_scales_as_the_reference() -> None:
                                                            else 1e-5)
 
 
-@pytest.mark.parametrize("mode", ["fp8", "int8", "quant"])
+@pytest.mark.parametrize("mode", ["fp8", "int8", "quant", "gemv"])
 def test_kernels_compile_for_hopper(mode: str, tmp_path: Path) -> None:
-    """The cache-writing and attention kernels with an 8-bit cache, and FP8 weights'
-    one-pass kernels, compile to PTX for an H200 (sm_90) (tests/hopper_ptx.py, in a
-    process of its own, with no GPU), and those that must round as PyTorch does divide
-    exactly: a kernel that only ever ran in the interpreter here does not first fail, or
-    round otherwise, on a lent GPU."""
+    """The cache-writing and attention kernels with an 8-bit cache, FP8 weights' one-pass
+    kernels, the FP8 GEMV's new tiles and the folded all-reduce's GEMVs compile to PTX
+    for an H200 (sm_90) (tests/hopper_ptx.py, in a process of its own, with no GPU), and
+    those that must round as PyTorch does divide exactly: a kernel that only ever ran in
+    the interpreter here does not first fail, or round otherwise, on a lent GPU."""
     import os
     import subprocess
     import sys
@@ -323,7 +323,10 @@ def test_kernels_compile_for_hopper(mode: str, tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(script), mode], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("compiled for sm_90") == (2 if mode == "quant" else 3)
+    if mode == "gemv":
+        assert f"{len(kernels.FP8_GEMV_CONFIGS) + 2} GEMVs compiled for sm_90" in done.stdout
+    else:
+        assert done.stdout.count("compiled for sm_90") == (2 if mode == "quant" else 3)
 
 
 def same_fp8(got: torch.Tensor, want: torch.Tensor) -> None:
