@@ -1,9 +1,10 @@
-"""`python tests/hopper_ptx.py fp8|int8|quant|gemv`: compile kernels to PTX for an H200
+"""`python tests/hopper_ptx.py fp8|int8|quant|gemv|rest`: compile kernels to PTX for an H200
 (sm_90) on a machine with no GPU (Triton's own ptxas), GLM-4-9B's shapes: the KV-cache
 kernels (the cache write, decode and prefill attention) with that 8-bit cache; the FP8
-weight path's one-pass kernels (per-token quantization, widening); or the GEMV with FP8
+weight path's one-pass kernels (per-token quantization, widening); the GEMV with FP8
 weights in each of FP8_GEMV_CONFIGS' tiles, and with the all-reduce folded in (pushing
-its rows, pulling the peers'), none of which has run on a GPU yet. A kernel that must round as
+its rows, pulling the peers'); or every other kernel of replicas/kernels. Each compiled
+kernel's name is printed. A kernel that must round as
 PyTorch does may not divide approximately (a GPU's `/` is div.full: not IEEE). Run by
 tests/test_kernels.py in a process of its own: the tests' processes import the kernels
 for Triton's interpreter, which cannot compile them."""
@@ -20,7 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from replicas.kernels import attention, quant, rope
+from replicas.kernels import activation, allreduce, attention, fp8mm, norm, quant, rope, tokens
 
 # (the package's name `gemv` is the function it exports; the module is this)
 gemv = importlib.import_module("replicas.kernels.gemv")
@@ -59,13 +60,44 @@ def gemvs() -> None:
                                    "PUSH": True})  # down_proj pushing its rows
     ptx(gemv._gemv_kernel, bf16, {**folded, "PULL": True})  # the next norm GEMV summing them
     print(len(gemv.FP8_GEMV_CONFIGS) + 2, "GEMVs compiled for sm_90", flush=True)
+    print("_gemv_kernel compiled for sm_90", flush=True)
+
+
+def rest() -> list[tuple[Any, dict[str, str], dict[str, Any], bool]]:
+    """The other kernels, as their launchers call them: (kernel, pointers, constexprs,
+    whether it must round as PyTorch does)."""
+    bf16 = "*bf16"
+    block_m, block_n, block_k, warps, stages = fp8mm.W8A16_CONFIGS[0]
+    return [
+        (norm._rms_norm_kernel, {n: bf16 for n in ("X", "R", "W", "Y", "ROUT")} | {
+            "eps": "fp32"}, {"HAS_RES": True, "BLOCK": 4096, "PDL": True}, False),
+        (activation._silu_mul_kernel, {"GU": bf16, "OUT": bf16}, {"BLOCK": 1024, "PDL": True},
+         False),
+        (fp8mm._w8a16_kernel, {"X": bf16, "W": "*fp8e4nv", "S": "*fp32", "B": "*fp32",
+                               "Y": bf16}, {"HAS_BIAS": False, "BLOCK_M": block_m,
+                                            "BLOCK_N": block_n, "BLOCK_K": block_k,
+                                            "PREC": "tf32", "PDL": True}, False),
+        (allreduce._one_shot_kernel, {"X": bf16, "DATA": "*i64", "FLAGS": "*i64",
+                                      "OVF": "*u8"},
+         {"RANK": 0, "WORLD": 2, "WIRE": triton.language.float16,
+          "BLOCK": allreduce.SLOT_BYTES // 2, "NSLOTS": 512, "CHECK": True, "PDL": True},
+         False),
+        (allreduce._pull_kernel, {"X": bf16, "Y": bf16, "CNT": "*i32"},
+         {"WORLD": 2, "BLOCK": 1024, "PDL": True}, False),
+        (tokens._feed_kernel, {"IDS": "*i64", "FEED": "*i64"}, {"BLOCK": 1024}, True),
+        (tokens._argmax_part_kernel, {"X": "*fp32", "PV": "*fp32", "PI": "*i64"},
+         {"BLOCK": tokens.ARGMAX_BLOCK, "PDL": True}, True),
+        (tokens._argmax_merge_kernel, {"PV": "*fp32", "PI": "*i64", "OUT": "*i64"},
+         {"BLOCK_P": 64, "PDL": True}, True)]
 
 
 def main(mode: str) -> None:
     if mode == "gemv":
         gemvs()
         return
-    if mode == "quant":
+    if mode == "rest":
+        kernels = rest()
+    elif mode == "quant":
         kernels = [(quant._quant_rows_kernel, {"X": "*bf16", "Y": "*fp8e4nv", "S": "*fp32"},
                     {"BLOCK_K": quant.QUANT_BLOCK_K, "PDL": True}, True),
                    (quant._widen_kernel, {"W": "*fp8e4nv", "S": "*bf16", "Y": "*bf16"},

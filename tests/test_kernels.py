@@ -305,7 +305,7 @@ def test_int8_cache_writes_rows_and_scales_as_the_reference() -> None:
                                                            else 1e-5)
 
 
-@pytest.mark.parametrize("mode", ["fp8", "int8", "quant", "gemv"])
+@pytest.mark.parametrize("mode", ["fp8", "int8", "quant", "gemv", "rest"])
 def test_kernels_compile_for_hopper(mode: str, tmp_path: Path) -> None:
     """The cache-writing and attention kernels with an 8-bit cache, FP8 weights' one-pass
     kernels, the FP8 GEMV's new tiles and the folded all-reduce's GEMVs compile to PTX
@@ -326,7 +326,21 @@ def test_kernels_compile_for_hopper(mode: str, tmp_path: Path) -> None:
     if mode == "gemv":
         assert f"{len(kernels.FP8_GEMV_CONFIGS) + 2} GEMVs compiled for sm_90" in done.stdout
     else:
-        assert done.stdout.count("compiled for sm_90") == (2 if mode == "quant" else 3)
+        count = {"quant": 2, "rest": 8}.get(mode, 3)
+        assert done.stdout.count("compiled for sm_90") == count
+
+
+def test_every_kernel_is_compiled_for_hopper() -> None:
+    """tests/hopper_ptx.py names every Triton kernel of replicas/kernels (a new kernel
+    joins that check, or this fails)."""
+    import re
+
+    root = Path(kernels.__file__).parent
+    defined = {name for f in root.glob("*.py")
+               for name in re.findall(r"def (_\w+_kernel)\(", f.read_text())}
+    checked = set(re.findall(r"\.(_\w+_kernel)\b",
+                             Path(__file__).with_name("hopper_ptx.py").read_text()))
+    assert len(defined) >= 14 and defined <= checked, sorted(defined - checked)
 
 
 def same_fp8(got: torch.Tensor, want: torch.Tensor) -> None:
