@@ -12,7 +12,7 @@ decoding one token. `ForwardBatch` carries the per-step index tensors.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,7 +138,7 @@ def rope_frequencies(hf_config: Any, spec: ModelSpec) -> tuple[torch.Tensor, flo
 
 def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, b: ForwardBatch,
-    window: int | None, scales: tuple[torch.Tensor, ...] = (),
+    window: int | None, scales: Sequence[torch.Tensor] = (),
 ) -> torch.Tensor:
     """Attention of the step's queries over each sequence's cached keys.
 
