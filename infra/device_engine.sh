@@ -10,7 +10,7 @@
 #   FP8_TEST_S=200 FP8_S=420 bash infra/device_engine.sh   # issue 20: tests (FP8 and the
 #                                                # int8 KV cache), the fp8 suite
 #   W8A16_S=120 ...                              # and the weight-only matmul's configs
-#   KV_S=90 ...                                  # and the KV formats' accuracy on the
+#   KV_S=120 ...                                 # and the KV formats' accuracy on the
 #                                                # checkpoint trained on this GPU
 set -uo pipefail
 cd "$(dirname "$0")/.."
