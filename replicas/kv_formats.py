@@ -24,6 +24,7 @@ rows should reproduce; then the engine's FP8 weights with a 16-bit cache and wit
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -142,6 +143,38 @@ def rows(model_dir: str, name: str, count: int = 16, length: int = 128
     return [{"kind": "kv_format", "model": name, **r} for r in out]
 
 
+# the README table's columns: a row's (k format, how it was measured) -> heading
+COLUMNS = {("float32", "floor"): "float32 vs bf16 (the floor)",
+           ("e4m3", "none"): "e4m3 KV (`fp8`)",
+           ("e4m3-row", "simulated"): "e4m3, a scale per row",
+           ("int8-row", "none"): "int8 KV (`int8`)",
+           ("bfloat16", "fp8"): "FP8 weights",
+           ("e4m3", "fp8"): "FP8 weights + e4m3 KV",
+           ("int8-row", "fp8"): "FP8 weights + int8 KV"}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a markdown table, a line per checkpoint: top-1 agreement (KL) with the
+    bfloat16 model, keys and values both in each format (the engine's cache where it has
+    one, else the simulation), and the engine with FP8 weights and each cache (the
+    accuracy bar's cases)."""
+    cells: dict[str, dict[str, str]] = {}
+    for r in rows:
+        note = r.get("note", "")
+        how = (note.split("quantization=")[1].split(",")[0] if note.startswith("the engine")
+               else "floor" if r["k"] == "float32" else "simulated")
+        heading = COLUMNS.get((r["k"], how)) if r["k"] == r["v"] else None
+        if heading is not None:
+            cells.setdefault(r["model"], {})[heading] = (
+                f"{r['top1_agreement'] * 100:.2f} % ({r['mean_kl']:.5f})")
+    headings = list(COLUMNS.values())
+    out = ["| checkpoint | " + " | ".join(headings) + " |",
+           "|---" * (len(headings) + 1) + "|"]
+    for model, row in cells.items():
+        out.append(f"| {model} | " + " | ".join(row.get(h, "—") for h in headings) + " |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m replicas.kv_formats",
                                      description=__doc__.split("\n")[0])
@@ -150,7 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0", help="trained checkpoints of these seeds")
     parser.add_argument("--steps", type=int, default=TRAIN_STEPS)
     parser.add_argument("--out", help="append the JSON lines here")
+    parser.add_argument("--table", metavar="JSONL", help="print the rows of JSONL as the "
+                        "README's markdown table, and measure nothing")
     args = parser.parse_args(argv)
+    if args.table:
+        with open(args.table) as f:
+            print(table([json.loads(line) for line in f if line.strip()]))
+        return 0
     if args.model:
         checkpoints = [(args.model, args.model)]
     else:

@@ -4,6 +4,9 @@ the e4m3 simulation moves them as the engine's FP8 cache does)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
@@ -59,3 +62,30 @@ def test_simulation_refuses_other_families(checkpoint: CheckpointFactory) -> Non
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint("qwen2"))
     with pytest.raises(ValueError, match="Llama"), cached_as(model, e4m3, e4m3):
         pass
+
+
+def test_table_is_a_line_per_checkpoint_and_the_readmes_copy_is_current() -> None:
+    """`--table`: each checkpoint's floor, its caches (the engine's where it has one, the
+    simulation's e4m3-row) and FP8 weights with each cache, in COLUMNS' order; the
+    README holds the table of the committed rows."""
+    from replicas.kv_formats import COLUMNS, table
+
+    def row(k: str, agree: float, note: str = "") -> dict:
+        return {"model": "m", "k": k, "v": k, "top1_agreement": agree, "mean_kl": 0.001,
+                "note": note}
+
+    rows = [row("float32", 0.99, "the floor"), row("e4m3", 0.5),  # (the simulated twin)
+            row("e4m3", 0.98, "the engine: quantization=none, kv_cache_dtype=fp8"),
+            row("e4m3-row", 0.97), row("int8-row", 0.4),
+            row("int8-row", 0.993, "the engine: quantization=none, kv_cache_dtype=int8"),
+            row("bfloat16", 0.989, "the engine: quantization=fp8, kv_cache_dtype=auto"),
+            row("int8-row", 0.9897, "the engine: quantization=fp8, kv_cache_dtype=int8"),
+            {**row("e4m3", 0.1), "v": "bfloat16"}]  # keys only: not in the table
+    lines = table(rows).splitlines()
+    assert len(lines) == 3 and lines[0].count("|") == len(COLUMNS) + 2
+    assert lines[2] == ("| m | 99.00 % (0.00100) | 98.00 % (0.00100) | 97.00 % (0.00100) | "
+                        "99.30 % (0.00100) | 98.90 % (0.00100) | — | 98.97 % (0.00100) |")
+    root = Path(__file__).parent.parent
+    results = root / "replicas" / "results" / "kv_formats_cpu.jsonl"
+    committed = table([json.loads(line) for line in results.read_text().splitlines()])
+    assert committed in (root / "README.md").read_text()
