@@ -39,6 +39,13 @@ def int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows.to(torch.int8), scale
 
 
+def from_int8_rows(rows: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
+                   ) -> torch.Tensor:
+    """int8 rows [..., D] and their scales [...] -> the entries they stand for, in
+    `dtype` (each product in float32, rounded once), as the attention kernels read them."""
+    return (rows.float() * scale[..., None]).to(dtype)
+
+
 def block_bytes(spec: ModelSpec, tp: int, block_size: int, dtype: torch.dtype) -> int:
     """Bytes one block takes on one rank: K and V of every layer (and an int8 cache's
     row scales)."""

@@ -41,30 +41,30 @@ from replicas.accuracy import (
     measure,
     trained_model_dir,
 )
-from replicas.fp8 import FP8, FP8_MAX
+from replicas.fp8 import quantize_rows, saturated
 from replicas.jsonlines import emit
-from replicas.kv_cache import int8_rows
+from replicas.kv_cache import from_int8_rows, int8_rows
 
 Rounding = Callable[[torch.Tensor], torch.Tensor]
 
 
 def e4m3(x: torch.Tensor) -> torch.Tensor:
-    """x through FP8 e4m3 at scale 1 (saturated), back in x's dtype."""
-    return x.float().clamp(-FP8_MAX, FP8_MAX).to(FP8).to(x.dtype)
+    """x through FP8 e4m3 at scale 1, saturated as the FP8 cache writes it
+    (fp8.saturated), back in x's dtype."""
+    return saturated(x).to(x.dtype)
 
 
 def e4m3_row(x: torch.Tensor) -> torch.Tensor:
-    """x through FP8 e4m3 with a float32 scale per row of the last dim."""
-    amax = x.float().abs().amax(-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / FP8_MAX, 1.0)
-    return ((x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).float() * scale).to(x.dtype)
+    """x through FP8 e4m3 with a float32 scale per row of the last dim (fp8.quantize_rows,
+    FP8 weights' rounding)."""
+    rows, scale = quantize_rows(x.reshape(-1, x.shape[-1]))
+    return (rows.float() * scale[:, None]).reshape(x.shape).to(x.dtype)
 
 
 def int8_row(x: torch.Tensor) -> torch.Tensor:
-    """x through the int8 cache's rounding (kv_cache.int8_rows), widened back as the
-    engine reads it."""
-    rows, scale = int8_rows(x)
-    return (rows.float() * scale[..., None]).to(x.dtype)
+    """x through the int8 cache's rounding, widened back as the engine reads it
+    (kv_cache.int8_rows, from_int8_rows)."""
+    return from_int8_rows(*int8_rows(x), x.dtype)
 
 
 FORMATS: dict[str, Rounding] = {"e4m3": e4m3, "e4m3-row": e4m3_row, "int8-row": int8_row}

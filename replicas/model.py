@@ -25,7 +25,7 @@ from replicas import kernels
 from replicas.config import ModelSpec, rope_parameters
 from replicas.fp8 import FP8, saturated
 from replicas.kernels import Site
-from replicas.kv_cache import int8_rows
+from replicas.kv_cache import from_int8_rows, int8_rows
 from replicas.parallel import (
     ColumnParallelLinear,
     Comm,
@@ -192,8 +192,7 @@ def read_cache(cache: torch.Tensor, tables: torch.Tensor, dtype: torch.dtype,
         return raw.flatten(1, 2).to(dtype)
     if cache.dtype == torch.int8:
         assert scale is not None, "an int8 cache needs its scales"
-        rows = cache[tables].flatten(1, 2).float() * scale[tables].flatten(1, 2)[..., None]
-        return rows.to(dtype)
+        return from_int8_rows(cache[tables].flatten(1, 2), scale[tables].flatten(1, 2), dtype)
     return cache[tables].flatten(1, 2)
 
 
