@@ -50,8 +50,7 @@ if triton is not None:
         for k0 in range(0, k, BLOCK_K):
             ok = (k0 + rk) < k
             x = tl.load(X + row * sxm + k0 + rk, mask=ok, other=0.0).to(tl.float32)
-            y = tl.minimum(tl.maximum(tl.math.div_rn(x, tl.full(x.shape, scale, tl.float32)),
-                                      -448.0), 448.0)
+            y = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
             tl.store(Y + row * sym + k0 + rk, y.to(Y.dtype.element_ty), mask=ok)
         tl.store(S + row, scale)
 

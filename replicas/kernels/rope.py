@@ -54,9 +54,8 @@ if triton is not None:
         rounded half up; IEEE divisions, so a GPU rounds as PyTorch does."""
         x = x.to(tl.float32)
         amax = tl.max(tl.abs(x), axis=1)
-        scale = tl.where(amax > 0, tl.math.div_rn(amax, tl.full(amax.shape, 127.0,
-                                                                tl.float32)), 1.0)
-        r = tl.floor(tl.math.div_rn(x, tl.broadcast_to(scale[:, None], x.shape)) + 0.5)
+        scale = tl.where(amax > 0, tl.math.div_rn(amax, 127.0), 1.0)
+        r = tl.floor(tl.math.div_rn(x, scale[:, None]) + 0.5)
         return tl.minimum(tl.maximum(r, -127.0), 127.0).to(tl.int8), scale
 
     @triton.jit
