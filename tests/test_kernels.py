@@ -269,12 +269,12 @@ def test_int8_cache_writes_rows_and_scales_as_the_reference() -> None:
     cos, sin = angles.cos(), angles.sin()
     slots = torch.tensor([5, 0, 9], device=DEVICE)
 
-    def pool() -> list[torch.Tensor]:
-        return [torch.zeros(4, 4, kv_heads, d, dtype=torch.int8, device=DEVICE)
-                for _ in range(2)] + [torch.zeros(4, 4, kv_heads, device=DEVICE)
+    def pool(blocks: int) -> list[torch.Tensor]:  # (K, V, K scales, V scales)
+        return [torch.zeros(blocks, 4, kv_heads, d, dtype=torch.int8, device=DEVICE)
+                for _ in range(2)] + [torch.zeros(blocks, 4, kv_heads, device=DEVICE)
                                       for _ in range(2)]
 
-    got, want = pool(), pool()
+    got, want = pool(4), pool(4)
     k_rot = k.clone()
     kernels.rope_and_cache(q, k_rot, v, cos, sin, slots, *got[:2], rotary_dim, False, got[2:])
     write_cache(want[0], slots, k_rot, want[2])
@@ -289,9 +289,7 @@ def test_int8_cache_writes_rows_and_scales_as_the_reference() -> None:
     assert b.cu_q is not None
     slots = (b.block_tables[torch.arange(3, device=DEVICE), b.positions // 4] * 4
              + b.positions % 4)
-    fused, apart = pool(), pool()
-    fused = [torch.zeros(8, *x.shape[1:], dtype=x.dtype, device=DEVICE) for x in fused]
-    apart = [torch.zeros_like(x) for x in fused]
+    fused, apart = pool(8), pool(8)
     kernels.paged_attention(q.clone(), *fused[:2], b.block_tables, b.cu_q, b.positions, None,
                             1, 1, kernels.NewKeys(k.clone(), v, cos, sin, slots, rotary_dim,
                                                   False), fused[2:])
