@@ -53,10 +53,17 @@ def saturated(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
+def row_scales(amax: torch.Tensor, top: float) -> torch.Tensor:
+    """amax / top in float32 (1 where amax is 0), each an IEEE division as the Triton
+    kernels' div_rn: on CUDA, PyTorch divides by a Python number as a product with its
+    rounded reciprocal, one ulp off for some amax, so the divisor is a tensor here."""
+    amax = amax.float()
+    return torch.where(amax > 0, amax / torch.full_like(amax, top), 1.0)
+
+
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(w8, scale) with w ~= w8 * scale[:, None] (see the module doc)."""
-    amax = w.abs().amax(dim=1).float()
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    scale = row_scales(w.abs().amax(dim=1), FP8_MAX)
     return saturated(w.float() / scale[:, None]), scale
 
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from replicas.config import ModelSpec
+from replicas.fp8 import row_scales
 
 
 def kv_heads_per_rank(spec: ModelSpec, tp: int) -> int:
@@ -33,8 +34,7 @@ def int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., D] -> (int8 [..., D], float32 scales [...]): each row over the last dim
     divided by max|row| / 127 (1 for a zero row) and rounded half up, in float32, as the
     Triton kernels write an int8 cache (replicas/kernels/rope.py)."""
-    amax = x.float().abs().amax(-1)
-    scale = torch.where(amax > 0, amax / 127.0, 1.0)
+    scale = row_scales(x.float().abs().amax(-1), 127.0)
     rows = torch.floor(x.float() / scale[..., None] + 0.5).clamp(-127, 127)
     return rows.to(torch.int8), scale
 
