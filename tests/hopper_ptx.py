@@ -67,16 +67,17 @@ def rest() -> list[tuple[Any, dict[str, str], dict[str, Any], bool]]:
     """The other kernels, as their launchers call them: (kernel, pointers, constexprs,
     whether it must round as PyTorch does)."""
     bf16 = "*bf16"
-    block_m, block_n, block_k, warps, stages = fp8mm.W8A16_CONFIGS[0]
-    return [
+    w8a16 = [(fp8mm._w8a16_kernel, {"X": bf16, "W": "*fp8e4nv", "S": "*fp32", "B": "*fp32",
+                                    "Y": bf16},
+              {"HAS_BIAS": swap, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SWAP": swap,
+               "PREC": "tf32", "PDL": True}, False)
+             for bm, bn, bk, _, _, swap in (next(c for c in fp8mm.W8A16_CONFIGS if c[-1] == s)
+                                            for s in (False, True))]
+    return [*w8a16,
         (norm._rms_norm_kernel, {n: bf16 for n in ("X", "R", "W", "Y", "ROUT")} | {
             "eps": "fp32"}, {"HAS_RES": True, "BLOCK": 4096, "PDL": True}, False),
         (activation._silu_mul_kernel, {"GU": bf16, "OUT": bf16}, {"BLOCK": 1024, "PDL": True},
          False),
-        (fp8mm._w8a16_kernel, {"X": bf16, "W": "*fp8e4nv", "S": "*fp32", "B": "*fp32",
-                               "Y": bf16}, {"HAS_BIAS": False, "BLOCK_M": block_m,
-                                            "BLOCK_N": block_n, "BLOCK_K": block_k,
-                                            "PREC": "tf32", "PDL": True}, False),
         (allreduce._one_shot_kernel, {"X": bf16, "DATA": "*i64", "FLAGS": "*i64",
                                       "OVF": "*u8"},
          {"RANK": 0, "WORLD": 2, "WIRE": triton.language.float16,

@@ -177,7 +177,8 @@ def test_token_quantization_kernel_is_quantize_tokens(shape: tuple[int, int],
 def test_every_w8a16_config_is_the_weight_only_product(monkeypatch: pytest.MonkeyPatch
                                                        ) -> None:
     """Each config the w8a16 probe times (replicas/bench.py w8a16_suite) computes the same
-    product as the default, on a shape none of their blocks divides."""
+    product as the default, swapped (y^T = W x^T) or not, on a shape none of their blocks
+    divides, with a bias and without."""
     pytest.importorskip("triton")
     from replicas import kernels
     from replicas.kernels.fp8mm import W8A16_CONFIGS
@@ -185,11 +186,15 @@ def test_every_w8a16_config_is_the_weight_only_product(monkeypatch: pytest.Monke
     monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
     gen = torch.Generator().manual_seed(3)
     w8, scale = quantize_rows(torch.randn(72, 130, generator=gen))
-    x = torch.randn(33, 130, generator=gen)
+    x, bias = torch.randn(33, 130, generator=gen), torch.randn(72, generator=gen)
     want = x.double() @ (w8.double() * scale.double()[:, None]).T
+    assert {c[-1] for c in W8A16_CONFIGS} == {False, True}
     for config in W8A16_CONFIGS:
-        got = kernels.w8a16(x, w8, scale, None, config)
-        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=5e-4, msg=str(config))
+        for b in (None, bias):
+            got = kernels.w8a16(x, w8, scale, b, config)
+            plus = 0.0 if b is None else b.double()
+            torch.testing.assert_close(got.double(), want + plus, rtol=1e-5, atol=5e-4,
+                                       msg=str(config))
 
 
 def test_w8a16_probe_times_every_config_against_cublas(monkeypatch: pytest.MonkeyPatch

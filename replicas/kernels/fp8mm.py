@@ -24,27 +24,51 @@ if triton is not None:
     @triton.jit
     def _w8a16_kernel(X, W, S, B, Y, m, n, k, sxm, swn, sym, HAS_BIAS: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      PREC: tl.constexpr, PDL: tl.constexpr):
+                      SWAP: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr):
         """Program (BLOCK_M rows of x, BLOCK_N rows of W): the tile of y, K streamed in
-        BLOCK_K steps, float32 accumulation, then W's row scales and the bias."""
+        BLOCK_K steps, float32 accumulation, then W's row scales and the bias. SWAP
+        computes the tile of y^T = W x^T instead: the widened weight tile is then the
+        dot's first operand, which Hopper's wgmma may take from registers (with x^T from
+        shared memory), and BLOCK_N weight rows fill its 64-row side while a decode
+        batch's few rows of x are its narrow side."""
         _pdl_enter(PDL)
-        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        if SWAP:
+            pn, pm = tl.program_id(0), tl.program_id(1)
+        else:
+            pm, pn = tl.program_id(0), tl.program_id(1)
+        rm = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pn * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         m_ok, n_ok = rm < m, rn < n
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, k, BLOCK_K):
-            k_ok = (k0 + rk) < k
-            a = tl.load(X + rm[:, None] * sxm + (k0 + rk)[None, :],
-                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(W + rn[:, None] * swn + (k0 + rk)[None, :],
-                        mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            acc += tl.dot(a, tl.trans(w.to(a.dtype)), input_precision=PREC)
-        acc *= tl.load(S + rn, mask=n_ok, other=0.0)[None, :]
+        s = tl.load(S + rn, mask=n_ok, other=0.0)
         if HAS_BIAS:
-            acc += tl.load(B + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(Y + rm[:, None] * sym + rn[None, :], acc.to(Y.dtype.element_ty),
-                 mask=m_ok[:, None] & n_ok[None, :])
+            b = tl.load(B + rn, mask=n_ok, other=0.0).to(tl.float32)
+        else:
+            b = tl.zeros([BLOCK_N], dtype=tl.float32)
+        if SWAP:  # acc[BLOCK_N, BLOCK_M], stored transposed into y
+            acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            for k0 in range(0, k, BLOCK_K):
+                k_ok = (k0 + rk) < k
+                w = tl.load(W + rn[:, None] * swn + (k0 + rk)[None, :],
+                            mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                x_t = tl.load(X + rm[None, :] * sxm + (k0 + rk)[:, None],
+                              mask=k_ok[:, None] & m_ok[None, :], other=0.0)
+                acc_t += tl.dot(w.to(x_t.dtype), x_t, input_precision=PREC)
+            acc_t = acc_t * s[:, None] + b[:, None]
+            tl.store(Y + rm[None, :] * sym + rn[:, None], acc_t.to(Y.dtype.element_ty),
+                     mask=n_ok[:, None] & m_ok[None, :])
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, k, BLOCK_K):
+                k_ok = (k0 + rk) < k
+                a = tl.load(X + rm[:, None] * sxm + (k0 + rk)[None, :],
+                            mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(W + rn[:, None] * swn + (k0 + rk)[None, :],
+                            mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                acc += tl.dot(a, tl.trans(w.to(a.dtype)), input_precision=PREC)
+            acc = acc * s[None, :] + b[None, :]
+            tl.store(Y + rm[:, None] * sym + rn[None, :], acc.to(Y.dtype.element_ty),
+                     mask=m_ok[:, None] & n_ok[None, :])
 
 
 PROGRAMS = 264  # two per SM of an H100 / H200 (132 SMs)
@@ -61,18 +85,22 @@ def w8a16_blocks(m: int, n: int) -> tuple[int, int]:
     return block_m, block_n
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the configs the fp8 suite's probe times
-# against the default (w8a16_config) on the GPU, to replace the first guess with
-# measured picks (replicas/bench.py w8a16_suite)
-W8A16Config = tuple[int, int, int, int, int]
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, swap): the configs the fp8 suite's probe
+# times against the default (w8a16_config) on the GPU, to replace the first guess with
+# measured picks (replicas/bench.py w8a16_suite); swap: the kernel's SWAP (y^T = W x^T)
+W8A16Config = tuple[int, int, int, int, int, bool]
 W8A16_CONFIGS: tuple[W8A16Config, ...] = (
-    (16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (64, 64, 128, 4, 3),
-    (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3))
+    (16, 32, 128, 4, 4, False), (16, 64, 128, 4, 4, False), (32, 64, 128, 4, 4, False),
+    (64, 64, 128, 4, 3, False), (64, 128, 64, 4, 3, False), (128, 64, 64, 4, 3, False),
+    (128, 128, 64, 8, 3, False), (128, 256, 64, 8, 3, False),
+    (16, 64, 128, 4, 4, True), (16, 128, 128, 4, 4, True), (32, 128, 128, 4, 4, True),
+    (64, 64, 128, 4, 4, True), (64, 128, 64, 4, 3, True), (64, 128, 128, 8, 3, True),
+    (128, 128, 64, 8, 3, True), (256, 128, 64, 8, 3, True))
 
 
 def w8a16_config(m: int, n: int) -> W8A16Config:
     """The default config: w8a16_blocks' tiles, BLOCK_K 64, 4 warps, 3 stages."""
-    return (*w8a16_blocks(m, n), 64, 4, 3)
+    return (*w8a16_blocks(m, n), 64, 4, 3, False)
 
 
 def w8a16(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
@@ -84,10 +112,11 @@ def w8a16(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
     n = w8.shape[0]
     x = x if x.stride(1) == 1 else x.contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_m, block_n, block_k, warps, stages = config or w8a16_config(m, n)
-    _w8a16_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
+    block_m, block_n, block_k, warps, stages, swap = config or w8a16_config(m, n)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _w8a16_kernel[grid[::-1] if swap else grid](
         x, w8, scale, bias if bias is not None else scale, y, m, n, k, x.stride(0),
         w8.stride(0), y.stride(0), HAS_BIAS=bias is not None, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_K=block_k, PREC=_precision(x.dtype), num_warps=warps,
-        num_stages=stages, **_launch(x))
+        BLOCK_N=block_n, BLOCK_K=block_k, SWAP=swap, PREC=_precision(x.dtype),
+        num_warps=warps, num_stages=stages, **_launch(x))
     return y
