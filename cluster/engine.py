@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -68,6 +69,24 @@ def max_ongoing() -> int:
     return int(os.environ.get("TPSERVE_MAX_ONGOING", MAX_ONGOING))
 
 
+def switch_interval_ms() -> float | None:
+    """TPSERVE_SWITCH_INTERVAL_MS: the engine replica's sys.setswitchinterval, in ms (None:
+    Python's 5 ms). Its event loop (Serve's calls, the direct path's frames) and the
+    engine's driver thread share one GIL; a thread that waits for it waits up to the
+    interval each time (issue 19's way in: PERF.md v0.30). `AB_SWITCH_MS=N bash
+    infra/device_stack.sh measure` runs the stack both ways."""
+    value = os.environ.get("TPSERVE_SWITCH_INTERVAL_MS")
+    if not value:
+        return None
+    try:
+        ms = float(value)
+    except ValueError:
+        ms = float("nan")
+    if not 0 < ms <= 1000:  # (NaN too)
+        raise ValueError(f"TPSERVE_SWITCH_INTERVAL_MS={value}: give milliseconds in (0, 1000]")
+    return ms
+
+
 @serve.deployment(
     name=ENGINE,
     max_ongoing_requests=MAX_ONGOING,  # (engine_deployment sets max_ongoing())
@@ -88,6 +107,8 @@ class EngineDeployment:
         from cluster.ranks import RankGroup
 
         self.replica_id = serve.get_replica_context().replica_id.unique_id
+        if (ms := switch_interval_ms()) is not None:
+            sys.setswitchinterval(ms / 1e3)
         self.times = ReplicaTimes()  # the requests' way to the engine (stats)
         self.outboxes = Outboxes()  # the direct data path's connections to routers
         # the rank actors first: their processes start (and import torch) meanwhile

@@ -30,6 +30,9 @@
 # spreads the streams over them), in the same call.
 # AB_MAX_ONGOING=N before `measure`: the stack a second time with the engine replica
 # taking N requests at once instead of 64 (TPSERVE_MAX_ONGOING), in the same call.
+# AB_SWITCH_MS=N before `measure`: the stack a second time with the engine replica's GIL
+# switch interval at N ms instead of Python's 5 (TPSERVE_SWITCH_INTERVAL_MS), in the same
+# call. SWITCH_MS=N: the first stack with it already (one stack, no A/B: a short call).
 # AB_DATA_PATH=P before `measure`: the stack a second time with --data-path P (serve:
 # each delta a Serve message, as before the direct path became the default), in the
 # same call.
@@ -154,6 +157,7 @@ measure() {
     local state=/tmp/tpserve-state rc=0 t0 t1 tag="\"caches\": \"$1\", "
     mkdir -p "$out"
     export PYTHONUNBUFFERED=1
+    export TPSERVE_SWITCH_INTERVAL_MS=${SWITCH_MS:-}  # (empty: Python's own)
     [ -f $model/model.safetensors.index.json ] ||
         python3 -m infra.gpu_stack checkpoint $model --out "$out/gpu_stack.jsonl"
     if [ "$caches" = warm ]; then
@@ -184,6 +188,10 @@ $(python3 -c "print(round($t1 - $t0, 1))")}" | tee -a "$out/gpu_stack.jsonl"
         # the engine replica taking AB_MAX_ONGOING requests at once instead of 64
         # (cluster/engine.py MAX_ONGOING)
         stack_again TPSERVE_MAX_ONGOING=$AB_MAX_ONGOING
+    fi
+    if [ "$caches" = warm ] && [ -n "${AB_SWITCH_MS:-}" ] && [ $rc = 0 ]; then
+        # the engine replica's GIL switch interval (cluster/engine.py switch_interval_ms)
+        stack_again TPSERVE_SWITCH_INTERVAL_MS=$AB_SWITCH_MS
     fi
     if [ "$caches" = warm ] && [ "${AB_ROUTERS:-1}" != 1 ] && [ $rc = 0 ]; then
         stack_again "" --router-replicas "$AB_ROUTERS"

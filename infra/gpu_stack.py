@@ -349,7 +349,7 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
                light: bool = False) -> dict[str, Any]:
     """`light`: the replica's start, the front door and the prefix cache only (no load
     runs, no comparison with the engine)."""
-    from cluster.engine import max_ongoing
+    from cluster.engine import max_ongoing, switch_interval_ms
     from infra.stack import Running, read_state
 
     stack = Running.recorded(state_dir)
@@ -398,6 +398,7 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
         "stream_interval": stats.get("stream_interval", 1),
         # the engine replica's max_ongoing_requests, as `tpserve up` ran with this env
         "max_ongoing": max_ongoing(),
+        "switch_interval_ms": switch_interval_ms(),  # (None: Python's 5 ms)
         "chat": chat, "load": load, "load_repeat": repeat, "load_repeat_inside": inside,
         "load_config": asdict(LoadConfig(**{**asdict(LOAD), "url": stack.edge})),
         "sequential": sequential, "sequential_config": asdict(SEQUENTIAL),

@@ -122,6 +122,8 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                    if row.get("stream_interval", 1) > 1 else "")
                 + (f", an engine replica takes {row['max_ongoing']} requests at once"
                    if row.get("max_ongoing", 64) != 64 else "")
+                + (f", the engine replica's GIL switch interval {row['switch_interval_ms']} ms"
+                   if row.get("switch_interval_ms") else "")
                 + (f", {row['router_replicas']} router replicas"
                    if row.get("router_replicas", 1) != 1 else "")
                 + _path(row))

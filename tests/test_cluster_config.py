@@ -114,3 +114,22 @@ def test_an_engine_replica_takes_64_requests_at_once_unless_told(
     monkeypatch.setenv("TPSERVE_MAX_ONGOING", "256")
     app = engine_deployment(EngineConfig(), use_gpu=False)
     assert app._bound_deployment.max_ongoing_requests == 256
+
+
+def test_the_engine_replicas_gil_switch_interval_is_pythons_unless_told(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """TPSERVE_SWITCH_INTERVAL_MS (for measuring; infra/device_stack.sh AB_SWITCH_MS):
+    unset or empty is Python's own; milliseconds in (0, 1000] are taken; anything else
+    is refused with the variable's name, not ignored."""
+    from cluster.engine import switch_interval_ms
+
+    monkeypatch.delenv("TPSERVE_SWITCH_INTERVAL_MS", raising=False)
+    assert switch_interval_ms() is None
+    monkeypatch.setenv("TPSERVE_SWITCH_INTERVAL_MS", "")
+    assert switch_interval_ms() is None
+    monkeypatch.setenv("TPSERVE_SWITCH_INTERVAL_MS", "0.5")
+    assert switch_interval_ms() == 0.5
+    for bad in ("0", "-1", "2000", "fast"):
+        monkeypatch.setenv("TPSERVE_SWITCH_INTERVAL_MS", bad)
+        with pytest.raises(ValueError, match="TPSERVE_SWITCH_INTERVAL_MS"):
+            switch_interval_ms()
