@@ -193,12 +193,18 @@ def profiled_run(edge: str, config: LoadConfig, out_dir: str | None) -> dict[str
     pids = stack_pids()
     spies = []
     if out_dir and shutil.which("py-spy"):
-        for name in ("router", "engine", "client"):
-            for pid in pids.get(name, [])[:1]:
-                spies.append(subprocess.Popen(
-                    ["sh", "-c", f"sleep {PYSPY_DELAY_S}; exec py-spy record -p {pid} -d "
-                     f"{PYSPY_S} -r 100 --threads -f raw -o {out_dir}/pyspy_{name}.txt"],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        # (name, pid, flags): and the engine replica's samples of the thread holding the
+        # GIL (--gil: their count over PYSPY_S * 100 is the share of time it is held; its
+        # event loop and the engine's driver thread share it), read without stopping it
+        runs = [(name, pid, "") for name in ("router", "engine", "client")
+                for pid in pids.get(name, [])[:1]]
+        runs += [("engine_gil", pid, " --gil --nonblocking")
+                 for pid in pids.get("engine", [])[:1]]
+        for name, pid, flags in runs:
+            spies.append(subprocess.Popen(
+                ["sh", "-c", f"sleep {PYSPY_DELAY_S}; exec py-spy record -p {pid} -d "
+                 f"{PYSPY_S} -r 100 --threads{flags} -f raw -o {out_dir}/pyspy_{name}.txt"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     before, started = cpu_seconds(pids), time.monotonic()
     row = stack_run(edge, config)
     wall = time.monotonic() - started
