@@ -175,9 +175,15 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m replicas.kv_formats",
-                                     description=__doc__.split("\n")[0])
+Study = Callable[[str, str], list[dict[str, Any]]]
+
+
+def study_main(prog: str, doc: str | None, study: Study,
+               table: Callable[[list[dict[str, Any]]], str], argv: list[str] | None) -> int:
+    """The command line of an accuracy study of the trained checkpoints (this module's,
+    replicas/w8a8_formats.py's): `study(model_dir, name)`'s rows for `--model DIR` or
+    each of `--seeds` at `--steps`, to stdout and `--out`; or `--table JSONL`."""
+    parser = argparse.ArgumentParser(prog=prog, description=(doc or "").split("\n")[0])
     parser.add_argument("--model", help="a Llama checkpoint directory (default: the "
                         "trained one of replicas/accuracy.py)")
     parser.add_argument("--seeds", default="0", help="trained checkpoints of these seeds")
@@ -197,9 +203,13 @@ def main(argv: list[str] | None = None) -> int:
                         f"{TRAINED_VERSION} seed {seed}, {args.steps} steps")
                        for seed in (int(s) for s in args.seeds.split(","))]
     for model_dir, name in checkpoints:
-        for row in rows(model_dir, name):
+        for row in study(model_dir, name):
             emit(row, args.out)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return study_main("python -m replicas.kv_formats", __doc__, rows, table, argv)
 
 
 if __name__ == "__main__":

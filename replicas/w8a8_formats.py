@@ -1,0 +1,180 @@
+"""Which FP8 scaling keeps W8A8 (FP8 tensor cores) closest to the 16-bit model (issue
+20's accuracy bar and its 256-request target): `python -m replicas.w8a8_formats [--model
+DIR | --seeds 0,1] [--steps N] [--out FILE] [--table JSONL]`.
+
+At 256 decode rows GLM-4-9B's layers are compute-bound in bf16, so weight-only FP8 cannot
+pass bf16 there; FP8 tensor cores can, but `quantization="fp8-w8a8"` (e4m3 activations
+with a scale per token) misses the 98 % top-1 bar (PERF.md v0.30). This measures finer
+scales, simulated in transformers (a Llama checkpoint) with replicas/accuracy.py's method
+and checkpoint: every linear layer of the decoder (not the LM head) computes in float32
+from its weight and its input as FP8 would hold them, and the logits are compared with
+the plain bfloat16 model's (top-1 agreement, mean KL). Formats, each e4m3 with float32
+scales of max|block| / 448 (`fp8.row_scales`, `fp8.saturated`):
+
+- weights: `channel`, a scale per output row (what `quantize_rows` stores); `block128`,
+  a scale per 128 x 128 block;
+- inputs: `bfloat16` (weight-only: the weight widened to bf16 first, as
+  `quantization="fp8"` computes); `token`, a scale per token (`fp8-w8a8` today);
+  `group128` and `group32`, a scale per token and run of 128 (or 32) input columns; and
+  `token` with one kind of projection's inputs left 16-bit (that projection computed
+  weight-only), to find which inputs cost the most; `group32` with qkv's left 16-bit.
+
+Beside them the float32 floor, and the engine's own `fp8` and `fp8-w8a8` measures
+(`accuracy.measure`), which the (`channel`, `bfloat16`) and (`channel`, `token`) rows
+should reproduce. The trained checkpoint is 256 wide (768 in the MLP): a row has 2
+groups of 128 there against 32 in GLM-4-9B, so `group32` is nearer GLM's share of a row.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from replicas import EngineConfig
+from replicas.accuracy import compare, held_out, measure
+from replicas.fp8 import FP8_MAX, row_scales, saturated
+from replicas.kv_formats import logits, study_main
+
+
+def e4m3_blocks(x: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [R, C] (float32) as e4m3 with a float32 scale per `rows` x `cols` block: (the
+    e4m3 values, float32 [R, C]; each block's scale, float32 [R, C])."""
+    r, c = x.shape
+    if r % rows or c % cols:
+        raise ValueError(f"a {r} x {c} tensor is not made of {rows} x {cols} blocks")
+    blocks = x.reshape(r // rows, rows, c // cols, cols)
+    scale = row_scales(blocks.abs().amax(dim=(1, 3)), FP8_MAX)[:, None, :, None]
+    q = saturated(blocks / scale).float()
+    return q.reshape(r, c), scale.expand_as(blocks).reshape(r, c)
+
+
+Quantizer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def groups_of(size: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Inputs [..., K] as e4m3 with a scale per token and run of `size` columns (None: the
+    whole token), widened back to float32."""
+    def rounded(x: torch.Tensor) -> torch.Tensor:
+        q, scale = e4m3_blocks(x.reshape(-1, x.shape[-1]), 1, size or x.shape[-1])
+        return (q * scale).reshape(x.shape)
+    return rounded
+
+
+WEIGHTS: dict[str, Quantizer] = {"channel": lambda w: e4m3_blocks(w, 1, w.shape[1]),
+                                 "block128": lambda w: e4m3_blocks(w, 128, 128)}
+# an input format: its rounding (None: 16-bit, weight-only) and the layers (by the end of
+# their name) whose inputs stay 16-bit (computed weight-only) all the same
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+INPUTS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor] | None, tuple[str, ...]]] = {
+    "bfloat16": (None, ()), "token": (groups_of(None), ()),
+    "group128": (groups_of(128), ()), "group32": (groups_of(32), ()),
+    "token, o_proj 16-bit": (groups_of(None), ("o_proj",)),
+    "token, down_proj 16-bit": (groups_of(None), ("down_proj",)),
+    "token, qkv 16-bit": (groups_of(None), ("q_proj", "k_proj", "v_proj")),
+    "token, gate_up 16-bit": (groups_of(None), ("gate_proj", "up_proj")),
+    "group32, qkv 16-bit": (groups_of(32), ("q_proj", "k_proj", "v_proj"))}
+
+
+@contextmanager
+def computed_as(model: Any, weights: Quantizer, inputs: str) -> Iterator[None]:
+    """Inside: each linear layer of `model`'s decoder computes from its weight as
+    `weights` quantizes it and its input in the format INPUTS[inputs], as fp8.fp8_linear
+    computes off the Triton path: in float32 with the scales applied to the FP8 values
+    (FP8 tensor cores accumulate so), rounded to the model's dtype, the bias added
+    after; a 16-bit input (weight-only) meets the weight widened as w8.to(dtype) *
+    scale.to(dtype) in one F.linear."""
+    rounding, kept = INPUTS[inputs]
+    layers = [(name, m) for name, m in model.model.layers.named_modules()
+              if isinstance(m, torch.nn.Linear)]
+    if not layers:
+        raise ValueError(f"no linear layers in {type(model).__name__}'s decoder")
+    saved = [layer.forward for _, layer in layers]
+
+    def simulated(name: str, layer: torch.nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
+        q, scale = weights(layer.weight.detach().float())
+        dtype = layer.weight.dtype
+        rounds = None if name.endswith(kept) else rounding
+        if rounds is None:  # weight-only: fp8_linear's F.linear on the widened weight
+            widened = q.to(dtype) * scale.to(dtype)
+            return lambda x: F.linear(x, widened, layer.bias)
+        w = q * scale
+
+        def forward(x: torch.Tensor) -> torch.Tensor:  # (and its bias after, as W8A8's)
+            y = (rounds(x.float()) @ w.T).to(x.dtype)
+            return y if layer.bias is None else y + layer.bias.to(y.dtype)
+        return forward
+
+    for name, layer in layers:
+        layer.forward = simulated(name, layer)
+    try:
+        yield
+    finally:
+        for (_, layer), forward in zip(layers, saved, strict=True):
+            layer.forward = forward
+
+
+def rows(model_dir: str, name: str, count: int = 16, length: int = 128
+         ) -> list[dict[str, Any]]:
+    """Every (weights, inputs) format, the float32 floor and the engine's checks, for one
+    checkpoint (`name` goes into the rows)."""
+    import transformers
+
+    prompts = held_out(model_dir, count, length)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir,
+                                                              dtype=torch.bfloat16).eval()
+    base = logits(model, prompts)
+    exact = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    out = [{"weights": "float32", "inputs": "float32", "note": "the model in float32 "
+            "against bfloat16: how many top-1 tokens 16-bit rounding alone flips (the "
+            "floor)", **compare(base, logits(exact.eval(), prompts))}]
+    for w_name, w_fmt in WEIGHTS.items():
+        for x_name in INPUTS:
+            with computed_as(model, w_fmt, x_name):
+                out.append({"weights": w_name, "inputs": x_name,
+                            **compare(base, logits(model, prompts))})
+    engine = EngineConfig(model=model_dir, dtype="bfloat16", max_model_len=length * 2,
+                          max_num_batched_tokens=64, cuda_graphs=False, gemv_kernels=False)
+    for quantization, inputs in (("fp8", "bfloat16"), ("fp8-w8a8", "token")):
+        row = measure(engine, {"quantization": quantization}, prompts)
+        out.append({"weights": "channel", "inputs": inputs,
+                    "note": f"the engine: quantization={quantization}",
+                    **{key: row[key] for key in ("positions", "top1_agreement", "mean_kl")}})
+    return [{"kind": "w8a8_format", "model": name, **r} for r in out]
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a markdown table: a column per checkpoint, a line per (weights,
+    inputs) format, the float32 floor first and the engine's own measures last; each
+    cell the top-1 agreement (mean KL) with the bfloat16 model."""
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    lines: dict[str, dict[str, str]] = {}
+    for r in rows:
+        if r["weights"] == "float32":
+            what = "float32 vs bf16 (the floor)"
+        elif r.get("note", "").startswith("the engine"):
+            what = f"the engine: `quantization=\"{r['note'].split('=')[1]}\"`"
+        else:
+            what = f"{r['weights']} | {r['inputs']}"
+        lines.setdefault(what, {})[r["model"]] = (
+            f"{r['top1_agreement'] * 100:.2f} % ({r['mean_kl']:.5f})")
+    order = sorted(lines, key=lambda w: (not w.startswith("float32"), w.startswith("the")))
+    out = ["| weights | inputs | " + " | ".join(models) + " |",
+           "|---" * (len(models) + 2) + "|"]
+    for what in order:
+        first = what if " | " in what else f"{what} | "
+        out.append(f"| {first} | " + " | ".join(lines[what].get(m, "—") for m in models)
+                   + " |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return study_main("python -m replicas.w8a8_formats", __doc__, rows, table, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
