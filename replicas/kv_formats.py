@@ -111,10 +111,11 @@ def logits(model: Any, prompts: list[list[int]]) -> list[torch.Tensor]:
     return list(out)
 
 
-def rows(model_dir: str, name: str, count: int = 16, length: int = 128
-         ) -> list[dict[str, Any]]:
-    """Every format on keys, values and both, the float32 floor and the engine's check,
-    for one checkpoint (`name` goes into the rows)."""
+def study_start(model_dir: str, count: int, length: int
+                ) -> tuple[list[list[int]], Any, list[torch.Tensor], dict[str, Any]]:
+    """What a study of the checkpoint at `model_dir` starts from: `count` held-out
+    prompts of `length` tokens, the model in bfloat16 (transformers), its logits on them,
+    and the floor row (the model in float32 against it)."""
     import transformers
 
     prompts = held_out(model_dir, count, length)
@@ -122,17 +123,30 @@ def rows(model_dir: str, name: str, count: int = 16, length: int = 128
                                                               dtype=torch.bfloat16).eval()
     base = logits(model, prompts)
     exact = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    out = [{"k": "float32", "v": "float32", "note": "the model in float32 against "
-            "bfloat16: how many top-1 tokens 16-bit rounding alone flips (the floor)",
-            **compare(base, logits(exact.eval(), prompts))}]
+    return prompts, model, base, {
+        "note": "the model in float32 against bfloat16: how many top-1 tokens 16-bit "
+        "rounding alone flips (the floor)", **compare(base, logits(exact.eval(), prompts))}
+
+
+def scoring_engine(model_dir: str, length: int) -> EngineConfig:
+    """The engine config a study measures the engine's own formats with. (Scoring runs
+    prefill steps only: a GPU engine needs no decode graphs or GEMV tuning for it, which
+    would cost each engine seconds to start.)"""
+    return EngineConfig(model=model_dir, dtype="bfloat16", max_model_len=length * 2,
+                        max_num_batched_tokens=64, cuda_graphs=False, gemv_kernels=False)
+
+
+def rows(model_dir: str, name: str, count: int = 16, length: int = 128
+         ) -> list[dict[str, Any]]:
+    """Every format on keys, values and both, the float32 floor and the engine's check,
+    for one checkpoint (`name` goes into the rows)."""
+    prompts, model, base, floor = study_start(model_dir, count, length)
+    out = [{"k": "float32", "v": "float32", **floor}]
     for fmt in FORMATS:
         for k, v in ((fmt, "bfloat16"), ("bfloat16", fmt), (fmt, fmt)):
             with cached_as(model, FORMATS.get(k), FORMATS.get(v)):
                 out.append({"k": k, "v": v, **compare(base, logits(model, prompts))})
-    # (scoring runs prefill steps only: a GPU engine needs no decode graphs or GEMV
-    # tuning for it, which would cost each of the ten engines seconds to start)
-    engine = EngineConfig(model=model_dir, dtype="bfloat16", max_model_len=length * 2,
-                          max_num_batched_tokens=64, cuda_graphs=False, gemv_kernels=False)
+    engine = scoring_engine(model_dir, length)
     for weights, kv in (("none", "fp8"), ("none", "int8"), ("fp8", "auto"), ("fp8", "fp8"),
                         ("fp8", "int8")):
         row = measure(engine, {"quantization": weights, "kv_cache_dtype": kv}, prompts)

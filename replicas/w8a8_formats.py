@@ -35,10 +35,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from replicas import EngineConfig
-from replicas.accuracy import compare, held_out, measure
+from replicas.accuracy import compare, measure
 from replicas.fp8 import FP8_MAX, row_scales, saturated
-from replicas.kv_formats import logits, study_main
+from replicas.kv_formats import logits, scoring_engine, study_main, study_start
 
 
 def e4m3_blocks(x: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,23 +121,14 @@ def rows(model_dir: str, name: str, count: int = 16, length: int = 128
          ) -> list[dict[str, Any]]:
     """Every (weights, inputs) format, the float32 floor and the engine's checks, for one
     checkpoint (`name` goes into the rows)."""
-    import transformers
-
-    prompts = held_out(model_dir, count, length)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir,
-                                                              dtype=torch.bfloat16).eval()
-    base = logits(model, prompts)
-    exact = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    out = [{"weights": "float32", "inputs": "float32", "note": "the model in float32 "
-            "against bfloat16: how many top-1 tokens 16-bit rounding alone flips (the "
-            "floor)", **compare(base, logits(exact.eval(), prompts))}]
+    prompts, model, base, floor = study_start(model_dir, count, length)
+    out = [{"weights": "float32", "inputs": "float32", **floor}]
     for w_name, w_fmt in WEIGHTS.items():
         for x_name in INPUTS:
             with computed_as(model, w_fmt, x_name):
                 out.append({"weights": w_name, "inputs": x_name,
                             **compare(base, logits(model, prompts))})
-    engine = EngineConfig(model=model_dir, dtype="bfloat16", max_model_len=length * 2,
-                          max_num_batched_tokens=64, cuda_graphs=False, gemv_kernels=False)
+    engine = scoring_engine(model_dir, length)
     for quantization, inputs in (("fp8", "bfloat16"), ("fp8-w8a8", "token")):
         row = measure(engine, {"quantization": quantization}, prompts)
         out.append({"weights": "channel", "inputs": inputs,
