@@ -442,13 +442,16 @@ def graph_all_reduce(tp: int, hidden: int = 4096) -> Iterator[dict[str, Any]]:
 def _throughput_worker(gpu: int, shapes: Shapes, tp: int, requests: int, tokens: int,
                        barrier: Any, out: Any) -> None:
     """One engine on GPUs gpu..gpu+tp-1: warm up, wait for the others, then `requests`
-    requests of 128 in / `tokens` out; puts (start, end) wall-clock times."""
+    requests of 128 in / `tokens` out, on prompts the warm-up did not have (their prefill
+    computed, not served from the prefix cache, as before v0.30); puts (start, end)
+    wall-clock times."""
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu + r) for r in range(tp))
     engine = _engine(shapes, tp, max_model_len=512, max_num_seqs=256,
                      max_num_batched_tokens=8192)
     try:
         many = prompts_for(requests, 128, engine.spec.vocab_size)
-        engine.generate(many, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        engine.generate(prompts_for(requests, 128, engine.spec.vocab_size, seed=1),
+                        SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
         barrier.wait()
         start = time.time()
         engine.generate(many, SamplingParams(max_tokens=tokens, temperature=0.0,

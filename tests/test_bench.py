@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -134,3 +135,29 @@ def test_kernel_table_groups_a_profiles_gpu_kernels_by_name_largest_first() -> N
     assert table["kernels_us"] == 53.0 and table["kernel_calls"] == 2.0
     assert table["top"] == [{"name": "gemm", "calls": 1.0, "us": 40.0},
                             {"name": "attention", "calls": 0.5, "us": 10.0}]
+
+
+def test_256_requests_time_new_prompts_and_beside_them_cached_ones() -> None:
+    """_wall_256 warms up on one batch of prompts, times each run on prompts of its own
+    (their prefill computed, as transformers' side computes it), then times the warm-up's
+    prompts again, which the prefix cache serves (the measure before v0.30); _row_256
+    gives both as output tok/s."""
+    from replicas.bench import _row_256, _wall_256
+
+    calls: list[tuple[tuple[int, ...], int]] = []
+
+    class Recorder:  # stands for the engine: what it was asked to generate
+        def generate(self, prompts: list[list[int]], params: Any) -> None:
+            assert len(prompts) == 256 and all(len(p) == 128 for p in prompts)
+            calls.append((tuple(prompts[0][:8]), params.max_tokens))
+
+    fresh, cached = _wall_256(Recorder(), repeats=2)  # type: ignore[arg-type]
+    assert fresh > 0 and cached > 0
+    warm, *timed = calls
+    assert warm[1] == 4 and [t[1] for t in timed] == [128] * 4
+    new, again = timed[:2], timed[2:]
+    assert len({warm[0], *(p for p, _ in new)}) == 3  # each run's prompts are new
+    assert all(p == warm[0] for p, _ in again)  # then the cached ones
+    row = _row_256("c", (2.0, 1.0), x=1)
+    assert row == {"case": "c", "unit": "tokens/s", "ours": 16384.0,
+                   "ours_prompts_cached": 32768.0, "x": 1}
