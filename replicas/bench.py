@@ -288,10 +288,11 @@ def _glm_rows(repeats: int, bandwidth: float
         weights = read_bytes(engine)
         bf16_blocks = engine.stats()["num_kv_blocks"]
         b1 = decode_row("glm4-9b", engine, bandwidth, repeats)
-        walls = _wall_256(engine, repeats)
+        run_256 = _run_256(engine, repeats)
         peak = torch.cuda.max_memory_allocated() / 1e9
     rows.append({**b1, "peak_mem_gb": round(peak, 1)})
-    rows.append(_row_256("glm4-9b_256req_in128_out128", walls, peak_mem_gb=round(peak, 1)))
+    rows.append({"case": "glm4-9b_256req_in128_out128", "unit": "tokens/s", **run_256,
+                 "peak_mem_gb": round(peak, 1)})
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     long_config = dataclasses.replace(config, max_model_len=8192 + 64, max_num_seqs=1,
@@ -308,28 +309,28 @@ def _glm_rows(repeats: int, bandwidth: float
     return rows, config, long_config, bf16_blocks
 
 
-def _wall_256(engine: Engine, repeats: int) -> tuple[float, float]:
-    """Seconds for 256 requests of 128 tokens out on 128-token prompts (GLM-4-9B's
-    vocabulary), in steady state (a short run first compiles what the batch shape
-    needs): (each run on prompts of its own, their prefill computed, as a client's new
-    prompts are and as transformers computes them; the warm-up's prompts run again, their
-    prefill served from the prefix cache, which is how this was measured until v0.30)."""
+def _run_256(engine: Engine, repeats: int) -> dict[str, Any]:
+    """256 requests of 128 tokens out on 128-token prompts (GLM-4-9B's vocabulary), in
+    steady state (a short run first compiles what the batch shape needs): output tok/s
+    with each run on prompts of its own, their prefill computed, as a client's new prompts
+    are and as transformers computes them (`ours`); the warm-up's prompts again, their
+    prefill served from the prefix cache, as this was measured until v0.30
+    (`ours_prompts_cached`); and one more run of new prompts under the profiler
+    (`kernels`: where its GPU time goes)."""
     vocab = GLM4_9B["vocab_size"]
-    batches = [prompts_for(256, 128, vocab, seed=seed) for seed in range(repeats + 1)]
+    batches = [prompts_for(256, 128, vocab, seed=seed) for seed in range(repeats + 2)]
     engine.generate(batches[0], SamplingParams(max_tokens=4, temperature=0.0,
                                                ignore_eos=True))
     greedy = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
-    fresh = iter(batches[1:])
-    return (best_of(lambda: engine.generate(next(fresh), greedy), repeats),
-            best_of(lambda: engine.generate(batches[0], greedy), repeats))
-
-
-def _row_256(case: str, walls: tuple[float, float], **more: Any) -> dict[str, Any]:
-    """The 256-request row: output tok/s with the prompts' prefill, and beside it
-    without (`ours_prompts_cached`)."""
-    fresh, cached = walls
-    return {"case": case, "unit": "tokens/s", "ours": round(256 * 128 / fresh, 1),
-            "ours_prompts_cached": round(256 * 128 / cached, 1), **more}
+    fresh = iter(batches[1:-1])
+    new = best_of(lambda: engine.generate(next(fresh), greedy), repeats)
+    cached = best_of(lambda: engine.generate(batches[0], greedy), repeats)
+    try:  # (a first profile of decode's graphs: a failure is recorded, not fatal)
+        kernels = run_kernels(engine, batches[-1], top=16, tokens=128)
+    except Exception as e:  # noqa: BLE001 - the profiler's errors vary
+        kernels = {"error": f"{type(e).__name__}: {e}"[:300]}
+    return {"ours": round(256 * 128 / new, 1),
+            "ours_prompts_cached": round(256 * 128 / cached, 1), "kernels": kernels}
 
 
 def kernel_table(prof: Any, steps: int, top: int) -> dict[str, Any]:
@@ -346,22 +347,24 @@ def kernel_table(prof: Any, steps: int, top: int) -> dict[str, Any]:
                     for n, c, t in rows[:top]]}
 
 
-def prefill_kernels(engine: Engine, prompts: list[list[int]], top: int = 12
-                    ) -> dict[str, Any]:
-    """Where a prefill's GPU time goes: `prompts` (new to the prefix cache) prefilled
-    under PyTorch's profiler, kernels grouped by name (`kernel_table`), with the wall
-    time, which against the kernels' says whether the host or the GPU sets the pace."""
+def run_kernels(engine: Engine, prompts: list[list[int]], top: int = 12, tokens: int = 1
+                ) -> dict[str, Any]:
+    """Where a run's GPU time goes: `prompts` (new to the prefix cache) generating
+    `tokens` tokens each (1: their prefill alone) under PyTorch's profiler, kernels
+    grouped by name (`kernel_table`, totals of the run), with the wall time, which against
+    the kernels' says whether the host or the GPU sets the pace."""
     from torch.profiler import ProfilerActivity, profile
 
-    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        wall = seconds(lambda: engine.generate(prompts, one))
+        wall = seconds(lambda: engine.generate(prompts, params))
     return {"wall_ms": round(wall * 1e3, 2), **kernel_table(prof, 1, top)}
 
 
 def _ttft_kernels(engine: Engine, seed: int) -> dict[str, Any]:
-    """prefill_kernels of one more 8192-token prompt (seed `seed`), as _ttft_8192 runs."""
-    return prefill_kernels(engine, prompts_for(1, 8192, GLM4_9B["vocab_size"], seed=seed))
+    """run_kernels of one more 8192-token prompt's prefill (seed `seed`), as _ttft_8192
+    runs."""
+    return run_kernels(engine, prompts_for(1, 8192, GLM4_9B["vocab_size"], seed=seed))
 
 
 def _ttft_8192(engine: Engine, repeats: int, seeds: Iterator[int]) -> float:
@@ -399,8 +402,9 @@ def fp8_rows(config: EngineConfig, long_config: EngineConfig, bandwidth: float,
                 rows.append({"case": f"glm4-9b_{name}_kv_blocks_same_memory",
                              "unit": "blocks", "ours": blocks, "bf16": bf16_blocks,
                              "ratio": round(blocks / bf16_blocks, 3), **fp8})
-            walls = _wall_256(engine, repeats)
-        rows.append(_row_256(f"glm4-9b_{name}_256req_in128_out128", walls, **fp8))
+            run_256 = _run_256(engine, repeats)
+        rows.append({"case": f"glm4-9b_{name}_256req_in128_out128", "unit": "tokens/s",
+                     **run_256, **fp8})
         torch.cuda.empty_cache()
         if kv == "int8":  # (a prompt's prefill attends over its own 16-bit keys)
             continue

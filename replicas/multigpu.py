@@ -47,8 +47,8 @@ from replicas.bench import (
     kernel_table,
     model_dir,
     ours_per_token,
-    prefill_kernels,
     prompts_for,
+    run_kernels,
 )
 from replicas.ranks import free_port
 from replicas.symm import ONE_SHOT_MAX_BYTES, OneShotAllReduce
@@ -614,7 +614,7 @@ def decode_kernels(name: str, tp: int, overrides: dict[str, Any], top: int = 12,
         # against its kernels' time says whether the host or the GPU sets its pace
         one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
         engine.generate(prompts_for(1, shapes.prompt, engine.spec.vocab_size, seed=7), one)
-        prefill = prefill_kernels(
+        prefill = run_kernels(
             engine, prompts_for(1, shapes.prompt, engine.spec.vocab_size, seed=8), top)
     finally:
         engine.shutdown()

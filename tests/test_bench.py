@@ -118,7 +118,7 @@ def test_throughput_layouts_share_the_same_gpus() -> None:
 
 def test_kernel_table_groups_a_profiles_gpu_kernels_by_name_largest_first() -> None:
     """What the 8192-token TTFT rows and the multigpu suite's prefill and decode
-    breakdowns record (`prefill_kernels`, `decode_kernels`): the GPU kernels of a profile
+    breakdowns record (`run_kernels`, `decode_kernels`): the GPU kernels of a profile
     by name, per step, the CPU's events left out."""
     from types import SimpleNamespace
 
@@ -137,12 +137,13 @@ def test_kernel_table_groups_a_profiles_gpu_kernels_by_name_largest_first() -> N
                             {"name": "attention", "calls": 0.5, "us": 10.0}]
 
 
-def test_256_requests_time_new_prompts_and_beside_them_cached_ones() -> None:
-    """_wall_256 warms up on one batch of prompts, times each run on prompts of its own
+def test_256_requests_time_new_prompts_and_beside_them_cached_ones(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """_run_256 warms up on one batch of prompts, times each run on prompts of its own
     (their prefill computed, as transformers' side computes it), then times the warm-up's
-    prompts again, which the prefix cache serves (the measure before v0.30); _row_256
-    gives both as output tok/s."""
-    from replicas.bench import _row_256, _wall_256
+    prompts again, which the prefix cache serves (the measure before v0.30), then
+    profiles one more run of new prompts; output tok/s of both, and the profile."""
+    from replicas import bench
 
     calls: list[tuple[tuple[int, ...], int]] = []
 
@@ -151,13 +152,19 @@ def test_256_requests_time_new_prompts_and_beside_them_cached_ones() -> None:
             assert len(prompts) == 256 and all(len(p) == 128 for p in prompts)
             calls.append((tuple(prompts[0][:8]), params.max_tokens))
 
-    fresh, cached = _wall_256(Recorder(), repeats=2)  # type: ignore[arg-type]
-    assert fresh > 0 and cached > 0
+    profiled: list[tuple[tuple[int, ...], int]] = []
+
+    def run_kernels(engine: Any, prompts: list[list[int]], top: int, tokens: int) -> dict:
+        profiled.append((tuple(prompts[0][:8]), tokens))
+        return {"wall_ms": 1.0}
+
+    monkeypatch.setattr(bench, "run_kernels", run_kernels)
+    row = bench._run_256(Recorder(), repeats=2)  # type: ignore[arg-type]
+    assert row["ours"] > 0 and row["ours_prompts_cached"] > 0
+    assert row["kernels"] == {"wall_ms": 1.0}
     warm, *timed = calls
     assert warm[1] == 4 and [t[1] for t in timed] == [128] * 4
     new, again = timed[:2], timed[2:]
-    assert len({warm[0], *(p for p, _ in new)}) == 3  # each run's prompts are new
+    assert len({warm[0], *(p for p, _ in new), profiled[0][0]}) == 4  # new prompts each
     assert all(p == warm[0] for p, _ in again)  # then the cached ones
-    row = _row_256("c", (2.0, 1.0), x=1)
-    assert row == {"case": "c", "unit": "tokens/s", "ours": 16384.0,
-                   "ours_prompts_cached": 32768.0, "x": 1}
+    assert profiled[0][1] == 128
