@@ -95,6 +95,10 @@ FIELD_HELP = {
     "quantization": "none; fp8: the linear layers' weights in FP8 (e4m3, a scale per "
                     "output channel), quantized at load; fp8-w8a8: activations in FP8 too "
                     "(FP8 tensor cores, less accurate). Embedding and LM head stay 16-bit.",
+    "w8a8_weight_only": "With --quantization fp8-w8a8: projections (comma-separated: "
+                        "qkv_proj, o_proj, gate_up_proj, down_proj) computed weight-only, "
+                        "their inputs left 16-bit; qkv_proj's input costs W8A8 the most "
+                        "accuracy.",
     "kv_cache_dtype": "auto (the model's dtype); fp8: the KV cache in FP8 (e4m3), twice "
                       "the tokens in the same memory; int8: in int8 with a scale per token "
                       "and head, 1.94x the tokens at head_dim 128 and closer to the 16-bit "

@@ -34,6 +34,10 @@ MAX_PENALTY = 2.0  # presence / frequency penalty, either sign (OpenAI's range)
 MAX_LOGIT_BIAS = 100.0  # either sign (OpenAI's range)
 
 
+# the decoder's linear layers as the model names them (replicas/model.py)
+PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
 class ConfigError(ValueError):
     """A setting the engine cannot run with; the message says what to change."""
 
@@ -101,6 +105,10 @@ class EngineConfig:
     # (2 head_dim) of the bytes (1.94x the tokens at head_dim 128), and far closer to the
     # 16-bit model than e4m3 (replicas/kv_formats.py, PERF.md)
     kv_cache_dtype: str = "auto"
+    # with quantization fp8-w8a8: the projections (comma-separated, of PROJECTIONS)
+    # computed weight-only, their inputs left 16-bit: qkv's input costs W8A8 the most
+    # accuracy (replicas/w8a8_formats.py, PERF.md v0.31)
+    w8a8_weight_only: str = ""
 
     def __post_init__(self) -> None:
         if self.tp not in SUPPORTED_TP:
@@ -138,6 +146,17 @@ class EngineConfig:
                               "(FP8 weights) or 'fp8-w8a8' (FP8 weights and activations)")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError("gpu_memory_utilization must be in (0, 1]")
+        weight_only = self.weight_only_projections()
+        if set(weight_only) - set(PROJECTIONS):
+            raise ConfigError(f"w8a8_weight_only={self.w8a8_weight_only!r}: name projections "
+                              f"of {', '.join(PROJECTIONS)}, separated by commas")
+        if weight_only and self.quantization != "fp8-w8a8":
+            raise ConfigError(f"w8a8_weight_only={self.w8a8_weight_only!r} is for "
+                              f"quantization='fp8-w8a8', not {self.quantization!r}")
+
+    def weight_only_projections(self) -> tuple[str, ...]:
+        """The projections w8a8_weight_only names (in PROJECTIONS' terms)."""
+        return tuple(name.strip() for name in self.w8a8_weight_only.split(",") if name.strip())
 
     def wire_dtype(self, model_dtype: torch.dtype) -> str:
         """The all-reduce payload's dtype for a model running in `model_dtype`."""

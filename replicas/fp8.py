@@ -16,8 +16,10 @@ Contract:
   tensor cores on a GPU, where in and out must be multiples of 16 and x 16-bit; PyTorch's
   reference on CPU): faster prefill, and ~2.5 points of top-1 agreement lost on the
   trained checkpoint where weight-only loses ~1 (PERF.md v0.22).
-- `quantize_model(model, w8a8)`: every ColumnParallelLinear and RowParallelLinear of the
-  model gets its weight replaced by its FP8 form, a `weight_scale` and `w8a8`; its
+- `quantize_model(model, w8a8, weight_only)`: every ColumnParallelLinear and
+  RowParallelLinear of the model gets its weight replaced by its FP8 form, a
+  `weight_scale` and `w8a8` (False for the projections `weight_only` names:
+  `EngineConfig.w8a8_weight_only`, e.g. qkv_proj, whose input costs W8A8 the most); its
   forward then goes through `fp8_linear`, and a one-row input through the batch-1 GEMV
   where tuning picks it (replicas/kernels/gemv.py: FP8 tiles, the row's scale applied
   once at the end, the input row 16-bit in both modes). The embedding and the LM head
@@ -132,12 +134,15 @@ def _hold(name: str, layer: nn.Module, w8: torch.Tensor, scale: torch.Tensor,
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, w8a8: bool = False) -> int:
+def quantize_model(model: nn.Module, w8a8: bool = False, weight_only: tuple[str, ...] = ()
+                   ) -> int:
     """Every tensor-parallel linear layer's weight to FP8 in place (see the module doc);
-    returns the number of layers quantized."""
+    with w8a8, the layers whose name ends in one of `weight_only` compute weight-only.
+    Returns the number of layers quantized."""
     layers = [(name, m) for name, m in _linear_layers(model) if not is_fp8(m)]
     for name, layer in layers:
-        _hold(name, layer, *quantize_rows(layer.weight.data), w8a8)
+        _hold(name, layer, *quantize_rows(layer.weight.data),
+              w8a8 and not name.endswith(weight_only))
     return len(layers)
 
 
@@ -169,13 +174,16 @@ def checkpoint_fp8(hf_config: object) -> bool:
 
 
 @torch.no_grad()
-def prepare_model(model: nn.Module, w8a8: bool = False) -> None:
+def prepare_model(model: nn.Module, w8a8: bool = False, weight_only: tuple[str, ...] = ()
+                  ) -> None:
     """The linear layers hold FP8 weights (their values and scales to be loaded: each
-    scale NaN until then, `check_scales` says which stayed so)."""
+    scale NaN until then, `check_scales` says which stayed so); `w8a8` and `weight_only`
+    as quantize_model's."""
     for name, layer in _linear_layers(model):
         weight = layer.weight
         _hold(name, layer, torch.empty_like(weight, dtype=FP8),
-              torch.full((weight.shape[0],), float("nan"), device=weight.device), w8a8)
+              torch.full((weight.shape[0],), float("nan"), device=weight.device),
+              w8a8 and not name.endswith(weight_only))
 
 
 def check_scales(model: nn.Module) -> None:

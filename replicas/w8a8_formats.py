@@ -20,8 +20,9 @@ scales of max|block| / 448 (`fp8.row_scales`, `fp8.saturated`):
   weight-only), to find which inputs cost the most; `group32` with qkv's left 16-bit.
 
 Beside them the float32 floor, and the engine's own `fp8` and `fp8-w8a8` measures
-(`accuracy.measure`), which the (`channel`, `bfloat16`) and (`channel`, `token`) rows
-should reproduce. The trained checkpoint is 256 wide (768 in the MLP): a row has 2
+(`accuracy.measure`), also with `w8a8_weight_only="qkv_proj"`, which the (`channel`,
+`bfloat16`), (`channel`, `token`) and (`channel`, `token, qkv 16-bit`) rows should
+reproduce (ENGINE_TWINS). The trained checkpoint is 256 wide (768 in the MLP): a row has 2
 groups of 128 there against 32 in GLM-4-9B, so `group32` is nearer GLM's share of a row.
 """
 
@@ -79,6 +80,12 @@ INPUTS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor] | None, tuple[str
     "group32, qkv 16-bit": (groups_of(32), ("q_proj", "k_proj", "v_proj"))}
 
 
+# the engine's own modes, each beside the simulated input format it computes as
+ENGINE_TWINS: tuple[tuple[dict[str, str], str], ...] = (
+    ({"quantization": "fp8"}, "bfloat16"), ({"quantization": "fp8-w8a8"}, "token"),
+    ({"quantization": "fp8-w8a8", "w8a8_weight_only": "qkv_proj"}, "token, qkv 16-bit"))
+
+
 @contextmanager
 def computed_as(model: Any, weights: Quantizer, inputs: str) -> Iterator[None]:
     """Inside: each linear layer of `model`'s decoder computes from its weight as
@@ -129,10 +136,10 @@ def rows(model_dir: str, name: str, count: int = 16, length: int = 128
                 out.append({"weights": w_name, "inputs": x_name,
                             **compare(base, logits(model, prompts))})
     engine = scoring_engine(model_dir, length)
-    for quantization, inputs in (("fp8", "bfloat16"), ("fp8-w8a8", "token")):
-        row = measure(engine, {"quantization": quantization}, prompts)
-        out.append({"weights": "channel", "inputs": inputs,
-                    "note": f"the engine: quantization={quantization}",
+    for changes, inputs in ENGINE_TWINS:
+        row = measure(engine, changes, prompts)
+        shown = ", ".join(f"{k}={v}" for k, v in changes.items())
+        out.append({"weights": "channel", "inputs": inputs, "note": f"the engine: {shown}",
                     **{key: row[key] for key in ("positions", "top1_agreement", "mean_kl")}})
     return [{"kind": "w8a8_format", "model": name, **r} for r in out]
 
@@ -147,7 +154,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         if r["weights"] == "float32":
             what = "float32 vs bf16 (the floor)"
         elif r.get("note", "").startswith("the engine"):
-            what = f"the engine: `quantization=\"{r['note'].split('=')[1]}\"`"
+            what = f"the engine: `{r['note'].removeprefix('the engine: ')}`"
         else:
             what = f"{r['weights']} | {r['inputs']}"
         lines.setdefault(what, {})[r["model"]] = (

@@ -174,7 +174,7 @@ class Worker:
         if stored_fp8:  # loaded as it is (replicas/fp8.py)
             if config.quantization == "none" and rank == 0:
                 log.info("the checkpoint's weights are FP8: they run as quantization='fp8'")
-            prepare_model(model, w8a8)
+            prepare_model(model, w8a8, config.weight_only_projections())
         if config.load_format == "random":
             random_init(model, config.seed + rank)
         else:
@@ -182,7 +182,7 @@ class Worker:
         if stored_fp8:
             check_scales(model)
         elif config.quantization != "none":
-            quantize_model(model, w8a8)
+            quantize_model(model, w8a8, config.weight_only_projections())
         self.model = model.eval()
         # this rank's weight bytes: with startup_s["load"], the load's throughput
         self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -234,9 +234,41 @@ def test_unknown_quantization_is_refused() -> None:
     assert EngineConfig(kv_cache_dtype="int8").kv_cache_dtype == "int8"
 
 
+def test_w8a8_weight_only_names_projections_of_fp8_w8a8() -> None:
+    """w8a8_weight_only: comma-separated projections of PROJECTIONS, with fp8-w8a8 only;
+    anything else is refused by name, not ignored."""
+    from replicas.config import PROJECTIONS
+
+    config = EngineConfig(quantization="fp8-w8a8", w8a8_weight_only=" qkv_proj,down_proj ")
+    assert config.weight_only_projections() == ("qkv_proj", "down_proj")
+    assert EngineConfig(quantization="fp8-w8a8").weight_only_projections() == ()
+    assert set(PROJECTIONS) == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    with pytest.raises(ConfigError, match="w8a8_weight_only='q_proj': name projections of "
+                                          "qkv_proj, o_proj"):
+        EngineConfig(quantization="fp8-w8a8", w8a8_weight_only="q_proj")
+    with pytest.raises(ConfigError, match="is for quantization='fp8-w8a8', not 'fp8'"):
+        EngineConfig(quantization="fp8", w8a8_weight_only="qkv_proj")
+
+
 @pytest.fixture(scope="module")
 def ckpt(checkpoint: CheckpointFactory) -> str:
     return checkpoint("llama")
+
+
+def test_w8a8_weight_only_projections_compute_weight_only(ckpt: str) -> None:
+    """With fp8-w8a8 and w8a8_weight_only="qkv_proj", each layer's qkv_proj holds FP8
+    weights but computes weight-only (w8a8 False), every other projection on FP8 inputs;
+    the engine then generates (its simulation's accuracy: replicas/w8a8_formats.py)."""
+    with Engine(EngineConfig(model=ckpt, dtype="float32", max_model_len=128,
+                             quantization="fp8-w8a8", w8a8_weight_only="qkv_proj")) as eng:
+        kinds = {(name.rsplit(".", 1)[-1], m.w8a8) for name, m in
+                 eng.worker.model.named_modules()
+                 if isinstance(m, ColumnParallelLinear | RowParallelLinear)}
+        assert all(m.weight.dtype == FP8 for m in eng.worker.model.modules()
+                   if isinstance(m, ColumnParallelLinear | RowParallelLinear))
+        assert kinds == {("qkv_proj", False), ("o_proj", True), ("gate_up_proj", True),
+                         ("down_proj", True)}
+        assert len(eng.generate([[5, 6, 7, 8, 9]], GREEDY)[0].token_ids) > 0
 
 
 @pytest.mark.parametrize("quantization", ["fp8", "fp8-w8a8"])

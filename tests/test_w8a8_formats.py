@@ -94,7 +94,7 @@ def test_table_is_a_column_per_checkpoint_and_the_readmes_copy_is_current() -> N
         "| weights | inputs | a | b |", "|---|---|---|---|",
         "| float32 vs bf16 (the floor) |  | 99.00 % (0.00100) | 98.00 % (0.00100) |",
         "| channel | token | 97.00 % (0.00100) | 96.00 % (0.00100) |",
-        '| the engine: `quantization="fp8-w8a8"` |  | 97.00 % (0.00100) | — |']
+        '| the engine: `quantization=fp8-w8a8` |  | 97.00 % (0.00100) | — |']
     root = Path(__file__).parent.parent
     results = root / "replicas" / "results" / "w8a8_formats_cpu.jsonl"
     committed = [json.loads(line) for line in results.read_text().splitlines()]
@@ -103,7 +103,7 @@ def test_table_is_a_column_per_checkpoint_and_the_readmes_copy_is_current() -> N
     for model in {r["model"] for r in committed}:
         mine = {(r["weights"], r["inputs"], "note" in r): (r["top1_agreement"], r["mean_kl"])
                 for r in committed if r["model"] == model}
-        for inputs in ("bfloat16", "token"):
+        for inputs in ("bfloat16", "token", "token, qkv 16-bit"):
             assert mine[("channel", inputs, True)][0] == mine[("channel", inputs, False)][0]
             assert mine[("channel", inputs, True)][1] == pytest.approx(
                 mine[("channel", inputs, False)][1], abs=2e-6)
