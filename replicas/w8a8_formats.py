@@ -17,7 +17,9 @@ scales of max|block| / 448 (`fp8.row_scales`, `fp8.saturated`):
   `quantization="fp8"` computes); `token`, a scale per token (`fp8-w8a8` today);
   `group128` and `group32`, a scale per token and run of 128 (or 32) input columns; and
   `token` with one kind of projection's inputs left 16-bit (that projection computed
-  weight-only), to find which inputs cost the most; `group32` with qkv's left 16-bit.
+  weight-only), to find which inputs cost the most; `group128` and `group32` with qkv's
+  left 16-bit (128 x 128 weight blocks with 1 x 128 input groups is what Hopper's
+  block-wise `torch._scaled_mm` takes).
 
 Beside them the float32 floor, and the engine's own `fp8` and `fp8-w8a8` measures
 (`accuracy.measure`), also with `w8a8_weight_only="qkv_proj"`, which the (`channel`,
@@ -77,6 +79,7 @@ INPUTS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor] | None, tuple[str
     "token, down_proj 16-bit": (groups_of(None), ("down_proj",)),
     "token, qkv 16-bit": (groups_of(None), ("q_proj", "k_proj", "v_proj")),
     "token, gate_up 16-bit": (groups_of(None), ("gate_proj", "up_proj")),
+    "group128, qkv 16-bit": (groups_of(128), ("q_proj", "k_proj", "v_proj")),
     "group32, qkv 16-bit": (groups_of(32), ("q_proj", "k_proj", "v_proj"))}
 
 
