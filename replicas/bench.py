@@ -469,7 +469,7 @@ def w8a16_probe(shapes: dict[str, tuple[int, int]], batch_rows: tuple[int, ...],
             x = torch.randn(m, k, device=device, dtype=dtype, generator=gen)
             want = F.linear(x, dense).float()
             times = {"cublas": timer(lambda c, x=x: F.linear(x, c), copies16)}
-            default = w8a16_config(m, n)
+            default = w8a16_config(m)
             configs = dict.fromkeys((default, *W8A16_CONFIGS))
             failed = {}
             for config in configs:

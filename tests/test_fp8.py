@@ -70,15 +70,20 @@ def test_fp8_linear_is_the_product_of_the_quantized_operands() -> None:
     assert float((got - exact).abs().mean()) > float((only_w - exact).abs().mean())
 
 
-def test_w8a16_blocks_keep_the_gpu_busy() -> None:
-    from replicas.kernels.fp8mm import PROGRAMS, w8a16_blocks
+def test_w8a16_default_is_the_measured_pick_for_its_rows() -> None:
+    """The default config by rows of x: each measured pick is one the probe times (so
+    the probe's rows keep judging it), chosen by the largest rows it was picked for."""
+    from replicas.kernels.fp8mm import (
+        W8A16_CONFIGS,
+        W8A16_MANY_ROWS,
+        W8A16_PICKS,
+        w8a16_config,
+    )
 
-    assert w8a16_blocks(1, 4096) == (16, 32)  # 128 programs: the narrowest blocks
-    assert w8a16_blocks(8, 27392) == (16, 64)  # 428 programs at 64 wide
-    assert w8a16_blocks(4096, 4608) == (64, 128)  # a prefill: plenty at 128
-    for m, n in ((1, 4096), (8, 27392), (4096, 4608)):
-        bm, bn = w8a16_blocks(m, n)
-        assert -(-m // bm) * -(-n // bn) >= PROGRAMS or bn == 32
+    assert {c for _, c in W8A16_PICKS} | {W8A16_MANY_ROWS} <= set(W8A16_CONFIGS)
+    assert [w8a16_config(m) for m in (1, 16, 17, 64, 65, 256, 1023)] == [
+        W8A16_PICKS[0][1], W8A16_PICKS[0][1], W8A16_PICKS[1][1], W8A16_PICKS[1][1],
+        W8A16_MANY_ROWS, W8A16_MANY_ROWS, W8A16_MANY_ROWS]
 
 
 @pytest.mark.parametrize("shape", [(5, 200, 72), (33, 256, 130), (1, 64, 128)])

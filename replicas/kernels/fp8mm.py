@@ -71,20 +71,6 @@ if triton is not None:
                      mask=m_ok[:, None] & n_ok[None, :])
 
 
-PROGRAMS = 264  # two per SM of an H100 / H200 (132 SMs)
-
-
-def w8a16_blocks(m: int, n: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N): 16 rows of x a program up to 16 rows, else 64; and the widest
-    BLOCK_N (128, 64, 32) that still gives PROGRAMS programs, so that a decode batch,
-    which only streams the weight, keeps every SM reading (a first guess: not tuned on a
-    GPU yet)."""
-    block_m = 16 if m <= 16 else 64
-    rows = -(-m // block_m)
-    block_n = next((b for b in (128, 64) if rows * -(-n // b) >= PROGRAMS), 32)
-    return block_m, block_n
-
-
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, swap): the configs the fp8 suite's probe
 # times against the default (w8a16_config) on the GPU, to replace the first guess with
 # measured picks (replicas/bench.py w8a16_suite); swap: the kernel's SWAP (y^T = W x^T)
@@ -98,9 +84,18 @@ W8A16_CONFIGS: tuple[W8A16Config, ...] = (
     (128, 128, 64, 8, 3, True), (256, 128, 64, 8, 3, True))
 
 
-def w8a16_config(m: int, n: int) -> W8A16Config:
-    """The default config: w8a16_blocks' tiles, BLOCK_K 64, 4 warps, 3 stages."""
-    return (*w8a16_blocks(m, n), 64, 4, 3, False)
+# the default config by rows of x, measured on the H200 (`--suite w8a16`,
+# replicas/results/w8a16_h200.jsonl at b7e4e52): of W8A16_CONFIGS, the one with the least
+# time summed over GLM-4-9B's four layer shapes at 16, 64 and 256 rows (per layer 107.5,
+# 197.2 and 420.9 µs against the first guess's 189.1, 254.0 and 517.7; PERF.md v0.32)
+W8A16_PICKS: tuple[tuple[int, W8A16Config], ...] = (
+    (16, (16, 32, 128, 4, 4, False)), (64, (64, 64, 128, 4, 4, True)))
+W8A16_MANY_ROWS: W8A16Config = (128, 64, 64, 4, 3, False)  # beyond the last pick's rows
+
+
+def w8a16_config(m: int) -> W8A16Config:
+    """The default config for `m` rows of x (W8A16_PICKS, else W8A16_MANY_ROWS)."""
+    return next((config for rows, config in W8A16_PICKS if m <= rows), W8A16_MANY_ROWS)
 
 
 def w8a16(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
@@ -112,7 +107,7 @@ def w8a16(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
     n = w8.shape[0]
     x = x if x.stride(1) == 1 else x.contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_m, block_n, block_k, warps, stages, swap = config or w8a16_config(m, n)
+    block_m, block_n, block_k, warps, stages, swap = config or w8a16_config(m)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _w8a16_kernel[grid[::-1] if swap else grid](
         x, w8, scale, bias if bias is not None else scale, y, m, n, k, x.stride(0),
