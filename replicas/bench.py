@@ -426,17 +426,17 @@ def fp8_rows(config: EngineConfig, long_config: EngineConfig, bandwidth: float,
 # GLM-4-9B's linear layers at tp=1 (out, in): qkv, o, gate_up, down
 W8A16_PROBE_SHAPES = {"qkv": (4608, 4096), "o": (4096, 4096), "gate_up": (27392, 4096),
                       "down": (4096, 13696)}
-W8A16_PROBE_ROWS = (16, 64, 256)
+W8A16_PROBE_ROWS = (16, 64, 128, 256)
 
 
 def w8a16_suite(repeats: int) -> list[dict[str, Any]]:
     """Issue 20's weight-only batch matmul (`kernels.w8a16`, FP8 weight tiles widened in
-    registers): its default config and each of W8A16_CONFIGS against bf16 cuBLAS on
-    GLM-4-9B's layer shapes at decode batches of 16, 64 and 256 rows, each timed in a CUDA
-    graph over cycled weight copies (cold, as a decode step reads them: gemv's
-    _cycled_us); the floor is the FP8 weight's bytes at the measured copy rate. What the
-    default should become is read from these rows. (`repeats`: unused, each time is
-    already a mean of 10 graph replays.)"""
+    registers): its default config and each of W8A16_CONFIGS against bf16 cuBLAS and
+    against widening then cuBLAS, on GLM-4-9B's layer shapes at decode batches of 16, 64,
+    128 and 256 rows, each timed in a CUDA graph over cycled weight copies (cold, as a
+    decode step reads them: gemv's _cycled_us); the floor is the FP8 weight's bytes at the
+    measured copy rate. The default (W8A16_PICKS) and DEQUANT_ROWS are read from these
+    rows. (`repeats`: unused, each time is already a mean of 10 graph replays.)"""
     from replicas.kernels.gemv import _cycled_us
 
     return w8a16_probe(W8A16_PROBE_SHAPES, W8A16_PROBE_ROWS, "cuda", _cycled_us,
@@ -449,11 +449,13 @@ def w8a16_probe(shapes: dict[str, tuple[int, int]], batch_rows: tuple[int, ...],
                 bandwidth: float, dtype: torch.dtype = torch.bfloat16
                 ) -> list[dict[str, Any]]:
     """w8a16_suite's rows: per (out, in) shape and rows, `timer(fn, weight copies)`'s µs
-    of F.linear in `dtype` and of each config (one that fails to run is recorded, not
-    fatal; one whose product disagrees is an AssertionError)."""
+    of F.linear in `dtype`, of the FP8 weight widened (one kernel) then F.linear (what
+    fp8_linear does from DEQUANT_ROWS rows), and of each config (one that fails to run
+    is recorded, not fatal; one whose product disagrees is an AssertionError)."""
     import torch.nn.functional as F
 
     from replicas.fp8 import quantize_rows
+    from replicas.kernels import widen_fp8
     from replicas.kernels.fp8mm import W8A16_CONFIGS, w8a16, w8a16_config
 
     rows = []
@@ -468,7 +470,10 @@ def w8a16_probe(shapes: dict[str, tuple[int, int]], batch_rows: tuple[int, ...],
         for m in batch_rows:
             x = torch.randn(m, k, device=device, dtype=dtype, generator=gen)
             want = F.linear(x, dense).float()
-            times = {"cublas": timer(lambda c, x=x: F.linear(x, c), copies16)}
+            times = {"cublas": timer(lambda c, x=x: F.linear(x, c), copies16),
+                     # what fp8_linear does from DEQUANT_ROWS rows: the crossover
+                     "widen+cublas": timer(lambda c, x=x, s=scale: F.linear(
+                         x, widen_fp8(c, s, dtype)), copies8)}
             default = w8a16_config(m)
             configs = dict.fromkeys((default, *W8A16_CONFIGS))
             failed = {}
@@ -488,6 +493,7 @@ def w8a16_probe(shapes: dict[str, tuple[int, int]], batch_rows: tuple[int, ...],
                          "default": str(default), "default_us": times.get(str(default)),
                          "best": str(best), "best_us": times[str(best)],
                          "cublas_us": times["cublas"],
+                         "widen_cublas_us": times["widen+cublas"],
                          "fp8_floor_us": round(n * k / (bandwidth * 1e9) * 1e6, 2),
                          "times_us": {c: round(t, 2) for c, t in times.items()},
                          "failed": failed})

@@ -225,7 +225,8 @@ def test_w8a16_probe_times_every_config_against_cublas(monkeypatch: pytest.Monke
     for row in rows:
         assert row["best"] == row["default"]  # timed first of the configs: the fastest
         assert row["best_us"] < row["times_us"][str(W8A16_CONFIGS[-1])]
-        assert len(row["times_us"]) >= len(W8A16_CONFIGS) + 1 and not row["failed"]
+        assert len(row["times_us"]) >= len(W8A16_CONFIGS) + 2 and not row["failed"]
+        assert row["widen_cublas_us"] == row["times_us"]["widen+cublas"] > 0
         assert row["default_us"] is not None and row["fp8_floor_us"] > 0
     assert all(c == 32 for c in calls)  # a small matrix: 32 copies, cold each time
 
