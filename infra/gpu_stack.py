@@ -218,6 +218,9 @@ def profiled_run(edge: str, config: LoadConfig, out_dir: str | None) -> dict[str
 
 
 PYSPY_DELAY_S, PYSPY_S = 2, 6
+# load runs beyond the first two, each side (the engine alone, the stack): the comparison
+# takes the mean of all of them
+MORE_LOAD_RUNS = 2
 
 
 def engine_step(model: str) -> dict[str, Any]:
@@ -234,7 +237,7 @@ def engine_step(model: str) -> dict[str, Any]:
         out = engine.generate([ids], SamplingParams(max_tokens=GREEDY_TOKENS, temperature=0.0,
                                                     ignore_eos=True))[0]
         asyncio.run(engine_clients(engine, WARMUP, []))
-        runs = [engine_run(engine, LOAD) for _ in range(2)]
+        runs = [engine_run(engine, LOAD) for _ in range(2 + MORE_LOAD_RUNS)]
         inside = engine.stats()["ttft_ms"]  # the last 512 requests: the second run's
         sequential = engine_run(engine, SEQUENTIAL)
         peak = torch.cuda.max_memory_allocated()
@@ -245,6 +248,7 @@ def engine_step(model: str) -> dict[str, Any]:
             "weight_bytes": stats["weight_bytes"], "load_gb_s": load_gb_s(stats),
             "num_kv_blocks": stats["num_kv_blocks"], "prompt_ids": ids,
             "greedy_token_ids": list(out.token_ids), "load": runs[0], "load_repeat": runs[1],
+            "load_more": runs[2:],
             "load_repeat_inside": {"engine_ttft_ms": inside},
             "load_config": asdict(LOAD), "sequential": sequential,
             "sequential_config": asdict(SEQUENTIAL), "peak_allocated_bytes": peak,
@@ -393,6 +397,7 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
                       way_in_ms=after.get("way_in_ms"))
     except Exception as e:  # noqa: BLE001 - the rest is still worth measuring
         inside["error"] = f"{type(e).__name__}: {e}"[:300]
+    more = [stack_run(stack.edge, LOAD) for _ in range(MORE_LOAD_RUNS)]
     sequential = stack_run(stack.edge, SEQUENTIAL)
     profiled = profiled_run(stack.edge, LOAD, profile_dir) if profile_dir else None
     row: dict[str, Any] = {
@@ -405,7 +410,8 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
         # the engine replica's max_ongoing_requests, as `tpserve up` ran with this env
         "max_ongoing": max_ongoing(),
         "switch_interval_ms": switch_interval_ms(),  # (None: Python's 5 ms)
-        "chat": chat, "load": load, "load_repeat": repeat, "load_repeat_inside": inside,
+        "chat": chat, "load": load, "load_repeat": repeat, "load_more": more,
+        "load_repeat_inside": inside,
         "load_config": asdict(LoadConfig(**{**asdict(LOAD), "url": stack.edge})),
         "sequential": sequential, "sequential_config": asdict(SEQUENTIAL),
         "load_profiled": profiled}
@@ -413,8 +419,9 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
         want = engine["greedy_token_ids"]
         row["greedy_equal"] = chat["token_ids"] == want
         row["greedy_tokens"] = len(want)
-        row["vs_engine"] = compare([engine["load"], engine.get("load_repeat")],
-                                   [load, repeat])
+        row["vs_engine"] = compare(
+            [engine["load"], engine.get("load_repeat"), *engine.get("load_more", [])],
+            [load, repeat, *more])
         if "sequential" in engine:
             row["vs_engine_sequential"] = compare([engine["sequential"]], [sequential])
         row["met"] = {"tokens_per_s_within_5pct": row["vs_engine"]["tokens_per_s_ratio"]
@@ -453,10 +460,16 @@ def pinning_step(model: str, state_dir: str, replicas: int, device: str = "cuda"
 def compare(alone: list[dict[str, Any] | None], stack: list[dict[str, Any]]
             ) -> dict[str, Any]:
     """The stack's runs against the engine's: the means over each side's runs of output
-    tokens/s and of TTFT and ITL p50."""
+    tokens/s and of TTFT and ITL p50, and each side's range of tokens/s (how much one
+    run's figure says: the engine alone's varied by up to 15 % between runs on the H200,
+    PERF.md v0.30)."""
     def mean(runs: list[dict[str, Any] | None], key: str, sub: str | None = None) -> float:
         values = [r[key][sub] if sub else r[key] for r in runs if r]
         return round(sum(values) / len(values), 2)
+
+    def spread(runs: list[dict[str, Any] | None]) -> list[float]:
+        values = [r["output_tokens_per_s"] for r in runs if r]
+        return [min(values), max(values)]
 
     engine_tps, stack_tps = mean(alone, "output_tokens_per_s"), mean(stack,
                                                                      "output_tokens_per_s")
@@ -467,6 +480,7 @@ def compare(alone: list[dict[str, Any] | None], stack: list[dict[str, Any]]
             "ttft_p50_added_ms": round(stack_ttft - engine_ttft, 2),
             "engine_itl_p50_ms": mean(alone, "itl_ms", "p50"),
             "stack_itl_p50_ms": mean(stack, "itl_ms", "p50"),
+            "engine_tokens_per_s_range": spread(alone), "stack_tokens_per_s_range": spread(stack),
             "runs": [sum(1 for r in alone if r), len(stack)]}
 
 

@@ -137,14 +137,22 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                     "RUNNING <= 30 s from the page cache: "
                     + ("met" if row["replica_init_s"] <= 30 else "**missed**"))
         v, c = row["vs_engine"], row["load_config"]
+        runs = (f" (means of {v['runs'][1]} and {v['runs'][0]} runs: "
+                f"{_span(v['stack_tokens_per_s_range'])} and "
+                f"{_span(v['engine_tokens_per_s_range'])})"
+                if "stack_tokens_per_s_range" in v else "")
         return (what, f"{start}; greedy tokens through nginx equal the engine's: "
                 f"{'yes' if row['greedy_equal'] else '**no**'}; {c['clients']} streaming "
                 f"clients x {c['max_tokens']} tokens: {v['stack_output_tokens_per_s']} tok/s "
-                f"vs the engine alone {v['engine_output_tokens_per_s']} (ratio "
+                f"vs the engine alone {v['engine_output_tokens_per_s']}{runs} (ratio "
                 f"{v['tokens_per_s_ratio']}), TTFT p50 {v['stack_ttft_p50_ms']} vs "
                 f"{v['engine_ttft_p50_ms']} ms (added {v['ttft_p50_added_ms']})",
                 "tok/s within 5 %, TTFT p50 within 5 ms; RUNNING <= 30 s")
     raise ValueError(f"unknown result kind {kind!r}")
+
+
+def _span(values: list[float]) -> str:
+    return f"{values[0]:.0f}-{values[1]:.0f}"
 
 
 def _met(met: bool | dict[str, bool]) -> bool:

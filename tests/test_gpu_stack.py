@@ -28,6 +28,8 @@ def test_compare_means_each_side() -> None:
     assert got["tokens_per_s_ratio"] == 1.0
     assert got["ttft_p50_added_ms"] == 6.0
     assert got["engine_itl_p50_ms"] == 3.0 and got["runs"] == [2, 1]
+    assert got["engine_tokens_per_s_range"] == [80, 100]
+    assert got["stack_tokens_per_s_range"] == [90, 90]
 
 
 def test_replica_init_s_from_serve_log(tmp_path: Path) -> None:

@@ -159,3 +159,23 @@ def test_a_fault_not_recovered_says_what_the_stack_looked_like(tmp_path: Path) -
     assert seen["healthz"] == [200, {"status": "degraded", "redis": False}]
     assert all(seen[k].startswith("unreadable: ") for k in ("engines", "routers",
                                                           "edge_upstreams"))
+
+
+def test_a_gpu_stack_row_with_several_runs_shows_each_sides_range() -> None:
+    """A GPU stack row whose comparison carries each side's tok/s range (gpu_stack.compare
+    over four runs a side) says so in its cell; rows from before keep their text."""
+    import json
+
+    from infra.report import _cell
+
+    root = Path(__file__).resolve().parent.parent
+    rows = [json.loads(line) for line in (root / "infra" / "results" /
+                                          "stack_gpu_h200.jsonl").read_text().splitlines()]
+    row = next(r for r in reversed(rows) if r["kind"] == "gpu_stack" and "vs_engine" in r)
+    _, before, _ = _cell(row)
+    assert "runs:" not in before
+    row = {**row, "vs_engine": {**row["vs_engine"], "runs": [4, 4],
+                                "engine_tokens_per_s_range": [7565.5, 8887.5],
+                                "stack_tokens_per_s_range": [7020.2, 7482.6]}}
+    _, result, _ = _cell(row)
+    assert "(means of 4 and 4 runs: 7020-7483 and 7566-8888)" in result
