@@ -132,7 +132,8 @@ def test_a_consumer_behind_gets_the_queued_steps_as_one_delta(engine: Engine) ->
     assert [t for d in deltas for t in d.token_ids] == whole.token_ids
     assert "".join(d.text for d in deltas) == whole.text
     assert [d.finish_reason for d in deltas] == [None] * (len(deltas) - 1) + ["length"]
-    assert len(deltas) < 8 and len(deltas[1].token_ids) > 1
+    # (on a loaded machine the first delta may already hold them all: joined too)
+    assert len(deltas) < 8 and any(len(d.token_ids) > 1 for d in deltas)
 
 
 def test_streams_get_a_steps_deltas_in_one_wake_up_of_their_loop(engine: Engine) -> None:
