@@ -439,8 +439,68 @@ def w8a16_suite(repeats: int) -> list[dict[str, Any]]:
     rows. (`repeats`: unused, each time is already a mean of 10 graph replays.)"""
     from replicas.kernels.gemv import _cycled_us
 
-    return w8a16_probe(W8A16_PROBE_SHAPES, W8A16_PROBE_ROWS, "cuda", _cycled_us,
-                       copy_bandwidth())
+    return (w8a16_probe(W8A16_PROBE_SHAPES, W8A16_PROBE_ROWS, "cuda", _cycled_us,
+                        copy_bandwidth())
+            + w8a8_groups_probe(W8A16_PROBE_SHAPES, W8A16_PROBE_ROWS, "cuda", _cycled_us))
+
+
+def w8a8_groups_probe(shapes: dict[str, tuple[int, int]], batch_rows: tuple[int, ...],
+                      device: str, timer: Callable[[Callable[[torch.Tensor], torch.Tensor],
+                                                    list[torch.Tensor]], float],
+                      dtype: torch.dtype = torch.bfloat16, group: int = 32
+                      ) -> list[dict[str, Any]]:
+    """W8A8 with a scale per token and run of `group` input columns (`kernels.w8a8_groups`,
+    each config of W8A8_GROUPS_CONFIGS) against W8A8 with a scale per token
+    (`torch._scaled_mm`, what fp8-w8a8 runs) and bf16 cuBLAS, per (out, in) shape and
+    rows, `timer(fn, weight copies)`'s µs of the matmul alone; beside them the µs of
+    quantizing the input each way (the product of each is checked against the float64
+    product of its own rounded operands)."""
+    import torch.nn.functional as F
+
+    from replicas.fp8 import quantize_groups, quantize_rows
+    from replicas.kernels import quantize_tokens_fp8
+    from replicas.kernels.fp8mm import W8A8_GROUPS_CONFIGS, w8a8_groups
+
+    rows = []
+    gen = torch.Generator(device=device).manual_seed(1)
+    for name, (n, k) in shapes.items():
+        w8, ws = quantize_rows(torch.randn(n, k, device=device, dtype=dtype, generator=gen))
+        dense = w8.to(dtype) * ws[:, None].to(dtype)
+        count = min(32, max(2, -(-2**28 // (n * k))))
+        copies8 = [w8] + [w8.clone() for _ in range(count - 1)]
+        copies16 = [dense] + [dense.clone() for _ in range(count - 1)]
+        for m in batch_rows:
+            x = torch.randn(m, k, device=device, dtype=dtype, generator=gen)
+            xg, xgs = quantize_groups(x, group)
+            xt, xts = quantize_tokens_fp8(x)
+            want = ((xg.double().reshape(m, -1, group) * xgs.double()[..., None]).reshape(m, k)
+                    @ (w8.double() * ws.double()[:, None]).T)
+            times = {"cublas": timer(lambda c, x=x: F.linear(x, c), copies16),
+                     "scaled_mm per token": timer(
+                         lambda c, xt=xt, xts=xts, ws=ws: torch._scaled_mm(
+                             xt, c.t(), scale_a=xts, scale_b=ws.view(1, -1), out_dtype=dtype),
+                         copies8),
+                     "quantize per token": timer(lambda c, x=x: quantize_tokens_fp8(x)[0],
+                                                 copies8[:2]),
+                     f"quantize groups of {group}": timer(
+                         lambda c, x=x: quantize_groups(x, group)[0], copies8[:2])}
+            for config in W8A8_GROUPS_CONFIGS:
+                got = w8a8_groups(xg, xgs, w8, ws, None, torch.float32, config).double()
+                if not torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max())):
+                    raise AssertionError(f"w8a8_groups {config} disagrees on {(m, n, k)}")
+                times[str(config)] = timer(
+                    lambda c, config=config, xg=xg, xgs=xgs, ws=ws: w8a8_groups(
+                        xg, xgs, c, ws, None, dtype, config), copies8)
+            best = min((str(c) for c in W8A8_GROUPS_CONFIGS), key=times.__getitem__)
+            rows.append({"case": f"w8a8_groups{group}_{name}_m{m}", "unit": "us", "n": n,
+                         "k": k, "rows": m, "best": best, "best_us": round(times[best], 2),
+                         "scaled_mm_us": round(times["scaled_mm per token"], 2),
+                         "cublas_us": round(times["cublas"], 2),
+                         "times_us": {c: round(t, 2) for c, t in times.items()}})
+        del copies8, copies16
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
 
 
 def w8a16_probe(shapes: dict[str, tuple[int, int]], batch_rows: tuple[int, ...],

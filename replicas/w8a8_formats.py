@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from replicas.accuracy import compare, measure
-from replicas.fp8 import FP8_MAX, row_scales, saturated
+from replicas.fp8 import FP8_MAX, quantize_groups, row_scales, saturated
 from replicas.kv_formats import logits, scoring_engine, study_main, study_start
 
 
@@ -60,10 +60,12 @@ Quantizer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 def groups_of(size: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
     """Inputs [..., K] as e4m3 with a scale per token and run of `size` columns (None: the
-    whole token), widened back to float32."""
+    whole token; fp8.quantize_groups), widened back to float32."""
     def rounded(x: torch.Tensor) -> torch.Tensor:
-        q, scale = e4m3_blocks(x.reshape(-1, x.shape[-1]), 1, size or x.shape[-1])
-        return (q * scale).reshape(x.shape)
+        rows = x.reshape(-1, x.shape[-1])
+        q, scales = quantize_groups(rows, size or rows.shape[1])
+        return (q.float().unflatten(1, (scales.shape[1], -1)) * scales[..., None]
+                ).reshape(x.shape)
     return rounded
 
 

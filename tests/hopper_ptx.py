@@ -73,7 +73,11 @@ def rest() -> list[tuple[Any, dict[str, str], dict[str, Any], bool]]:
                "PREC": "tf32", "PDL": True}, False)
              for bm, bn, bk, _, _, swap in (next(c for c in fp8mm.W8A16_CONFIGS if c[-1] == s)
                                             for s in (False, True))]
-    return [*w8a16,
+    groups = (fp8mm._w8a8_groups_kernel, {"X": "*fp8e4nv", "XS": "*fp32", "W": "*fp8e4nv",
+                                          "WS": "*fp32", "B": "*fp32", "Y": bf16},
+              {"HAS_BIAS": True, "GROUP": 32, "BLOCK_M": 64, "BLOCK_N": 128, "PDL": True},
+              False)
+    return [*w8a16, groups,
         (norm._rms_norm_kernel, {n: bf16 for n in ("X", "R", "W", "Y", "ROUT")} | {
             "eps": "fp32"}, {"HAS_RES": True, "BLOCK": 4096, "PDL": True}, False),
         (activation._silu_mul_kernel, {"GU": bf16, "OUT": bf16}, {"BLOCK": 1024, "PDL": True},

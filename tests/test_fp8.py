@@ -519,3 +519,82 @@ def test_unsupported_fp8_checkpoints_are_refused(ckpt: str, tmp_path: Path) -> N
     save_file(tensors, f"{missing}/model.safetensors")
     with pytest.raises(ConfigError, match="no weight_scale for 1 layers"):
         scored(EngineConfig(model=missing, dtype="float32", max_model_len=64), [[5, 6]])
+
+
+def test_quantize_groups_scales_each_run_of_a_token() -> None:
+    from replicas.fp8 import quantize_groups
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 64, generator=gen) * torch.logspace(-3, 3, 64)
+    x[1, :32] = 0.0  # a zero run: scale 1, zeros
+    x8, scales = quantize_groups(x, 32)
+    assert x8.dtype == FP8 and x8.shape == (3, 64) and scales.shape == (3, 2)
+    assert scales[1, 0] == 1.0 and torch.equal(x8[1, :32].float(), torch.zeros(32))
+    back = x8.float().reshape(3, 2, 32) * scales[..., None]
+    assert (x8.float().abs().amax(-1) <= FP8_MAX).all()
+    big = x.abs().reshape(3, 2, 32) > scales[..., None] * FP8_MAX / 64
+    err = (back - x.reshape(3, 2, 32)).abs()
+    assert (err[big] <= x.abs().reshape(3, 2, 32)[big] / 16 * 1.01).all()
+    # one run per token is quantize_tokens' rounding
+    whole, per_token = quantize_groups(x, 64), quantize_tokens(x)
+    assert torch.equal(whole[0].float(), per_token[0].float())
+    assert torch.equal(whole[1], per_token[1])
+    with pytest.raises(ValueError, match="64 input columns are not runs of 48"):
+        quantize_groups(x, 48)
+
+
+@pytest.mark.parametrize("shape", [(33, 72, 128), (5, 40, 64), (1, 16, 32)])
+def test_w8a8_groups_kernel_is_the_group_scaled_product(shape: tuple[int, int, int],
+                                                       monkeypatch: pytest.MonkeyPatch
+                                                       ) -> None:
+    """The Triton FP8 matmul with a scale per token and run of 32 columns (its
+    interpreter here) against float64 of the same FP8 values and scales, in every config
+    the probe times, with a bias and without, M and N that its blocks do not divide."""
+    pytest.importorskip("triton")
+    from replicas import kernels
+    from replicas.fp8 import quantize_groups
+    from replicas.kernels.fp8mm import W8A8_GROUPS_CONFIGS
+
+    monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
+    m, n, k = shape
+    gen = torch.Generator().manual_seed(k)
+    x8, xs = quantize_groups(torch.randn(m, k, generator=gen) * 3, 32)
+    w8, ws = quantize_rows(torch.randn(n, k, generator=gen))
+    bias = torch.randn(n, generator=gen)
+    xd = (x8.double().reshape(m, -1, 32) * xs.double()[..., None]).reshape(m, k)
+    want = xd @ (w8.double() * ws.double()[:, None]).T
+    for config in (None, *W8A8_GROUPS_CONFIGS):
+        for b in (None, bias):
+            got = kernels.w8a8_groups(x8, xs, w8, ws, b, torch.float32, config)
+            plus = 0.0 if b is None else b.double()
+            torch.testing.assert_close(got.double(), want + plus, rtol=1e-5, atol=1e-4,
+                                       msg=str(config))
+    with pytest.raises(ValueError, match="power of two >= 32"):
+        kernels.w8a8_groups(x8, torch.ones(m, k // 16), w8, ws)
+
+
+def test_w8a8_groups_probe_times_each_way_and_checks_each_product(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The w8a16 suite's second part (replicas/bench.py w8a8_groups_probe): per shape and
+    rows, the group-scaled kernel in each config, per-token W8A8 (_scaled_mm), bf16
+    F.linear and both input quantizations timed; the best config named."""
+    pytest.importorskip("triton")
+    from replicas.bench import w8a8_groups_probe
+    from replicas.kernels.fp8mm import W8A8_GROUPS_CONFIGS
+
+    monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
+    timed: list[int] = []
+
+    def timer(fn: Any, copies: list[torch.Tensor]) -> float:
+        fn(copies[-1])
+        timed.append(len(copies))
+        return float(100 - len(timed))  # the later timed, the faster
+
+    rows = w8a8_groups_probe({"o": (48, 64)}, (3, 17), "cpu", timer, torch.float32)
+    assert [r["case"] for r in rows] == ["w8a8_groups32_o_m3", "w8a8_groups32_o_m17"]
+    for row in rows:
+        assert set(row["times_us"]) == {"cublas", "scaled_mm per token", "quantize per token",
+                                        "quantize groups of 32",
+                                        *map(str, W8A8_GROUPS_CONFIGS)}
+        assert row["best"] == str(W8A8_GROUPS_CONFIGS[-1])  # timed last: the fastest
+        assert row["best_us"] < row["scaled_mm_us"] and row["k"] == 64

@@ -31,7 +31,7 @@ from replicas.kernels.allreduce import Site
 from replicas.kernels.attention import _COUNTERS as _COUNTERS  # tests check the counters
 from replicas.kernels.attention import NewKeys, decode_splits, paged_attention
 from replicas.kernels.common import enabled, pdl
-from replicas.kernels.fp8mm import w8a16
+from replicas.kernels.fp8mm import w8a8_groups, w8a16
 from replicas.kernels.gemv import (
     FP8_GEMV_CONFIGS,
     GEMV_CONFIGS,
@@ -53,5 +53,5 @@ __all__ = [
     "Site", "argmax_rows", "decode_splits", "enabled", "feed_tokens", "gemv", "gemv_configs",
     "gemv_norm", "gemv_push",
     "paged_attention", "pdl", "pick_gemv", "quantize_tokens_fp8", "rms_norm",
-    "rope_and_cache", "silu_and_mul", "w8a16", "widen_fp8",
+    "rope_and_cache", "silu_and_mul", "w8a8_groups", "w8a16", "widen_fp8",
 ]

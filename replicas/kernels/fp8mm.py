@@ -1,8 +1,16 @@
-"""x @ W.T for FP8 weights and 16-bit (or float32) activations: the weight tiles are
-widened to the activations' dtype in registers and multiplied on the 16-bit tensor cores,
-each output column scaled once at the end (`replicas/fp8.py`'s weight-only path for more
-than one row; the batch-1 GEMV does the same for one row). Reads half a 16-bit weight's
-bytes, and rounds only the weights."""
+"""x @ W.T for FP8 weights.
+
+- `w8a16`: 16-bit (or float32) activations; the weight tiles are widened to the
+  activations' dtype in registers and multiplied on the 16-bit tensor cores, each output
+  column scaled once at the end (`replicas/fp8.py`'s weight-only path for more than one
+  row; the batch-1 GEMV does the same for one row). Reads half a 16-bit weight's bytes,
+  and rounds only the weights.
+- `w8a8_groups`: FP8 activations with a scale per token and run of `group` input columns
+  (`fp8.quantize_groups`), on the FP8 tensor cores: each run's partial product is scaled
+  by its rows' scales as it is added, the weight's row scales once at the end. The
+  rounding that keeps W8A8 nearest the 16-bit model with qkv left 16-bit
+  (replicas/w8a8_formats.py: groups of 32). Not used by the engine yet: `--suite w8a16`
+  times it against per-token W8A8 (`torch._scaled_mm`) and bf16 cuBLAS."""
 
 from __future__ import annotations
 
@@ -71,6 +79,33 @@ if triton is not None:
                      mask=m_ok[:, None] & n_ok[None, :])
 
 
+    @triton.jit
+    def _w8a8_groups_kernel(X, XS, W, WS, B, Y, m, n, k, sxm, sxs, swn, sym,
+                            HAS_BIAS: tl.constexpr, GROUP: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+        """Program (BLOCK_M rows of x, BLOCK_N rows of W): K in runs of GROUP, each run's
+        FP8 product (float32) times its rows' scales added to the tile; then W's row
+        scales and the bias."""
+        _pdl_enter(PDL)
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, GROUP)
+        m_ok, n_ok = rm < m, rn < n
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for g in range(0, k // GROUP):
+            a = tl.load(X + rm[:, None] * sxm + (g * GROUP + rk)[None, :],
+                        mask=m_ok[:, None], other=0.0)
+            w = tl.load(W + rn[:, None] * swn + (g * GROUP + rk)[None, :],
+                        mask=n_ok[:, None], other=0.0)
+            s = tl.load(XS + rm * sxs + g, mask=m_ok, other=0.0)
+            acc += tl.dot(a, tl.trans(w)) * s[:, None]
+        acc = acc * tl.load(WS + rn, mask=n_ok, other=0.0)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(B + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + rm[:, None] * sym + rn[None, :], acc.to(Y.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, swap): the configs the fp8 suite's probe
 # times against the default (w8a16_config) on the GPU, to replace the first guess with
 # measured picks (replicas/bench.py w8a16_suite); swap: the kernel's SWAP (y^T = W x^T)
@@ -114,4 +149,33 @@ def w8a16(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
         w8.stride(0), y.stride(0), HAS_BIAS=bias is not None, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, SWAP=swap, PREC=_precision(x.dtype),
         num_warps=warps, num_stages=stages, **_launch(x))
+    return y
+
+
+# (BLOCK_M, BLOCK_N, warps, stages): the configs `--suite w8a16` times w8a8_groups in
+W8A8GroupsConfig = tuple[int, int, int, int]
+W8A8_GROUPS_CONFIGS: tuple[W8A8GroupsConfig, ...] = (
+    (16, 64, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3))
+
+
+def w8a8_groups(x8: torch.Tensor, x_scales: torch.Tensor, w8: torch.Tensor,
+                scale: torch.Tensor, bias: torch.Tensor | None = None,
+                out_dtype: torch.dtype = torch.bfloat16,
+                config: W8A8GroupsConfig | None = None) -> torch.Tensor:
+    """x8 [M, K] FP8 with x_scales [M, K / group] float32 (fp8.quantize_groups) @ (w8
+    [N, K] FP8 * scale [N])^T (+ bias) -> [M, N] in `out_dtype`; K a multiple of group
+    (>= 32: an FP8 dot's least K)."""
+    m, k = x8.shape
+    n = w8.shape[0]
+    group = k // x_scales.shape[1]
+    if group * x_scales.shape[1] != k or group < 32 or group & (group - 1):
+        raise ValueError(f"{k} input columns in {x_scales.shape[1]} groups: each group "
+                         "must be a power of two >= 32 columns")
+    y = torch.empty(m, n, dtype=out_dtype, device=x8.device)
+    block_m, block_n, warps, stages = config or W8A8_GROUPS_CONFIGS[2 if m > 16 else 0]
+    _w8a8_groups_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
+        x8, x_scales, w8, scale, bias if bias is not None else scale, y, m, n, k,
+        x8.stride(0), x_scales.stride(0), w8.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=warps, num_stages=stages, **_launch(x8))
     return y
