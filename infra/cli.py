@@ -99,6 +99,9 @@ FIELD_HELP = {
                         "qkv_proj, o_proj, gate_up_proj, down_proj) computed weight-only, "
                         "their inputs left 16-bit; qkv_proj's input costs W8A8 the most "
                         "accuracy.",
+    "w8a8_group": "With --quantization fp8-w8a8: 0, inputs scaled per token; 32, 64 or "
+                  "128, per token and run of that many input columns (closer to the "
+                  "16-bit model).",
     "kv_cache_dtype": "auto (the model's dtype); fp8: the KV cache in FP8 (e4m3), twice "
                       "the tokens in the same memory; int8: in int8 with a scale per token "
                       "and head, 1.94x the tokens at head_dim 128 and closer to the 16-bit "

@@ -109,6 +109,10 @@ class EngineConfig:
     # computed weight-only, their inputs left 16-bit: qkv's input costs W8A8 the most
     # accuracy (replicas/w8a8_formats.py, PERF.md v0.31)
     w8a8_weight_only: str = ""
+    # with quantization fp8-w8a8: 0, a scale per token; 32, 64 or 128 (a power of two >=
+    # 32), a scale per token and run of that many input columns (kernels.w8a8_groups):
+    # 32 with qkv_proj weight-only kept W8A8 over the 98 % bar on CPU (PERF.md v0.31)
+    w8a8_group: int = 0
 
     def __post_init__(self) -> None:
         if self.tp not in SUPPORTED_TP:
@@ -153,6 +157,13 @@ class EngineConfig:
         if weight_only and self.quantization != "fp8-w8a8":
             raise ConfigError(f"w8a8_weight_only={self.w8a8_weight_only!r} is for "
                               f"quantization='fp8-w8a8', not {self.quantization!r}")
+        if self.w8a8_group and (self.w8a8_group < 32
+                                or self.w8a8_group & (self.w8a8_group - 1)):
+            raise ConfigError(f"w8a8_group={self.w8a8_group}: use 0 (a scale per token) or "
+                              "a power of two >= 32")
+        if self.w8a8_group and self.quantization != "fp8-w8a8":
+            raise ConfigError(f"w8a8_group={self.w8a8_group} is for quantization='fp8-w8a8', "
+                              f"not {self.quantization!r}")
 
     def weight_only_projections(self) -> tuple[str, ...]:
         """The projections w8a8_weight_only names (in PROJECTIONS' terms)."""

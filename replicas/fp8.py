@@ -91,8 +91,10 @@ DEQUANT_ROWS = 1024  # weight-only: from this many rows, widen the weight and us
 
 
 def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
-               bias: torch.Tensor | None = None, w8a8: bool = False) -> torch.Tensor:
-    """x @ (w8 * scale)^T (+ bias) in x's dtype (see the module doc)."""
+               bias: torch.Tensor | None = None, w8a8: int = 0) -> torch.Tensor:
+    """x @ (w8 * scale)^T (+ bias) in x's dtype (see the module doc). `w8a8`: 0 (False)
+    weight-only; 1 (True) x quantized with a scale per token; n > 1 with a scale per
+    token and run of n input columns."""
     from replicas import kernels
 
     lead, k = x.shape[:-1], x.shape[-1]
@@ -105,12 +107,20 @@ def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
         else:
             y = F.linear(rows, (w8.to(x.dtype) * scale[:, None].to(x.dtype)), bias)
         return y.reshape(*lead, w8.shape[0])
-    x8, x_scale = (kernels.quantize_tokens_fp8(rows) if kernels.enabled(x)
-                   else quantize_tokens(rows))
     out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) or not x.is_cuda \
         else torch.bfloat16  # rowwise scaling on a GPU writes 16-bit only
-    y = torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=scale.view(1, -1),
-                         out_dtype=out_dtype)
+    if w8a8 > 1:  # a scale per token and run of w8a8 input columns
+        x8, x_scales = quantize_groups(rows, w8a8)
+        if kernels.enabled(x):
+            y = kernels.w8a8_groups(x8, x_scales, w8, scale, None, out_dtype)
+        else:  # (the float32 product of the rounded operands, then rounded once)
+            xr = (x8.float().unflatten(1, (-1, w8a8)) * x_scales[..., None]).flatten(1)
+            y = (xr @ (w8.float() * scale[:, None]).T).to(out_dtype)
+    else:
+        x8, x_scale = (kernels.quantize_tokens_fp8(rows) if kernels.enabled(x)
+                       else quantize_tokens(rows))
+        y = torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=scale.view(1, -1),
+                             out_dtype=out_dtype)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.to(x.dtype).reshape(*lead, w8.shape[0])
@@ -130,11 +140,15 @@ def _linear_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _hold(name: str, layer: nn.Module, w8: torch.Tensor, scale: torch.Tensor,
-          w8a8: bool) -> None:
-    """`layer` (called `name`) holds the FP8 weight w8 and its row scales from now on."""
+          w8a8: int) -> None:
+    """`layer` (called `name`) holds the FP8 weight w8 and its row scales from now on,
+    and computes as fp8_linear's `w8a8` says."""
     from replicas.config import ConfigError
 
     out, k = w8.shape
+    if w8a8 > 1 and k % w8a8:
+        raise ConfigError(f"w8a8_group={w8a8}: layer {name} has {k} inputs on this rank, "
+                          f"not runs of {w8a8}")
     if w8a8 and w8.is_cuda and (out % 16 or k % 16):
         raise ConfigError(f"quantization='fp8-w8a8': layer {name} is {out} x {k} on this "
                           "rank; FP8 tensor-core matmuls need both multiples of 16 "
@@ -146,15 +160,15 @@ def _hold(name: str, layer: nn.Module, w8: torch.Tensor, scale: torch.Tensor,
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, w8a8: bool = False, weight_only: tuple[str, ...] = ()
+def quantize_model(model: nn.Module, w8a8: int = 0, weight_only: tuple[str, ...] = ()
                    ) -> int:
-    """Every tensor-parallel linear layer's weight to FP8 in place (see the module doc);
-    with w8a8, the layers whose name ends in one of `weight_only` compute weight-only.
-    Returns the number of layers quantized."""
+    """Every tensor-parallel linear layer's weight to FP8 in place (see the module doc),
+    computing as fp8_linear's `w8a8` says, except the layers whose name ends in one of
+    `weight_only`: those weight-only. Returns the number of layers quantized."""
     layers = [(name, m) for name, m in _linear_layers(model) if not is_fp8(m)]
     for name, layer in layers:
         _hold(name, layer, *quantize_rows(layer.weight.data),
-              w8a8 and not name.endswith(weight_only))
+              0 if name.endswith(weight_only) else w8a8)
     return len(layers)
 
 
@@ -186,7 +200,7 @@ def checkpoint_fp8(hf_config: object) -> bool:
 
 
 @torch.no_grad()
-def prepare_model(model: nn.Module, w8a8: bool = False, weight_only: tuple[str, ...] = ()
+def prepare_model(model: nn.Module, w8a8: int = 0, weight_only: tuple[str, ...] = ()
                   ) -> None:
     """The linear layers hold FP8 weights (their values and scales to be loaded: each
     scale NaN until then, `check_scales` says which stayed so); `w8a8` and `weight_only`
@@ -195,7 +209,7 @@ def prepare_model(model: nn.Module, w8a8: bool = False, weight_only: tuple[str, 
         weight = layer.weight
         _hold(name, layer, torch.empty_like(weight, dtype=FP8),
               torch.full((weight.shape[0],), float("nan"), device=weight.device),
-              w8a8 and not name.endswith(weight_only))
+              0 if name.endswith(weight_only) else w8a8)
 
 
 def check_scales(model: nn.Module) -> None:

@@ -110,7 +110,7 @@ class Comm:
         return payload.to(x.dtype)
 
     def matmul_all_reduce(self, x: torch.Tensor, weight: torch.Tensor,
-                          scale: torch.Tensor | None = None, w8a8: bool = False
+                          scale: torch.Tensor | None = None, w8a8: int = 0
                           ) -> torch.Tensor:
         """x @ weight.T summed over the group, in x's dtype (an FP8 weight with its
         per-row `scale`: through replicas/fp8.py's fp8_linear).
@@ -154,7 +154,7 @@ class Comm:
 
 
 def _matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
-            bias: torch.Tensor | None = None, w8a8: bool = False) -> torch.Tensor:
+            bias: torch.Tensor | None = None, w8a8: int = 0) -> torch.Tensor:
     """x @ weight.T (+ bias); an FP8 weight (scale not None) through fp8_linear."""
     if scale is None:
         return F.linear(x, weight, bias)
@@ -193,14 +193,15 @@ class _KernelLinear(nn.Module):
     gemv: kernels.GemvConfig | None
     gemv_kind: kernels.GemvKind
     weight_scale: torch.Tensor | None
-    w8a8: bool
+    w8a8: int
 
     def _init_kernels(self) -> None:
         self.gemv = None  # one-row inputs: Triton GEMV (tuned)
         self.gemv_kind = "plain"  # as its owner calls it (pick_gemv)
         # per row, once the weight is FP8 (replicas/fp8.py quantize_model)
         self.register_buffer("weight_scale", None, persistent=False)
-        self.w8a8 = False  # FP8 activations too (quantization="fp8-w8a8")
+        # FP8 activations too (quantization="fp8-w8a8"): fp8.fp8_linear's w8a8
+        self.w8a8 = 0
 
 
 class ColumnParallelLinear(_KernelLinear):

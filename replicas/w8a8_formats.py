@@ -22,9 +22,10 @@ scales of max|block| / 448 (`fp8.row_scales`, `fp8.saturated`):
   block-wise `torch._scaled_mm` takes).
 
 Beside them the float32 floor, and the engine's own `fp8` and `fp8-w8a8` measures
-(`accuracy.measure`), also with `w8a8_weight_only="qkv_proj"`, which the (`channel`,
-`bfloat16`), (`channel`, `token`) and (`channel`, `token, qkv 16-bit`) rows should
-reproduce (ENGINE_TWINS). The trained checkpoint is 256 wide (768 in the MLP): a row has 2
+(`accuracy.measure`), also with `w8a8_weight_only="qkv_proj"` and with it and
+`w8a8_group=32`, which the (`channel`, `bfloat16`), (`channel`, `token`), (`channel`,
+`token, qkv 16-bit`) and (`channel`, `group32, qkv 16-bit`) rows should reproduce
+(ENGINE_TWINS). The trained checkpoint is 256 wide (768 in the MLP): a row has 2
 groups of 128 there against 32 in GLM-4-9B, so `group32` is nearer GLM's share of a row.
 """
 
@@ -88,7 +89,9 @@ INPUTS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor] | None, tuple[str
 # the engine's own modes, each beside the simulated input format it computes as
 ENGINE_TWINS: tuple[tuple[dict[str, str], str], ...] = (
     ({"quantization": "fp8"}, "bfloat16"), ({"quantization": "fp8-w8a8"}, "token"),
-    ({"quantization": "fp8-w8a8", "w8a8_weight_only": "qkv_proj"}, "token, qkv 16-bit"))
+    ({"quantization": "fp8-w8a8", "w8a8_weight_only": "qkv_proj"}, "token, qkv 16-bit"),
+    ({"quantization": "fp8-w8a8", "w8a8_weight_only": "qkv_proj", "w8a8_group": 32},
+     "group32, qkv 16-bit"))
 
 
 @contextmanager

@@ -169,7 +169,8 @@ class Worker:
             model = CausalLM(hf_config, self.spec, self.comm, max(self.max_model_len, 1))
         for p in model.parameters():  # rotary tables stay float32, like transformers'
             p.data = p.data.to(self.dtype)
-        w8a8 = config.quantization == "fp8-w8a8"
+        # fp8.fp8_linear's w8a8: 0 weight-only, 1 a scale per token, n a scale per run
+        w8a8 = (config.w8a8_group or 1) if config.quantization == "fp8-w8a8" else 0
         stored_fp8 = config.load_format != "random" and checkpoint_fp8(hf_config)
         if stored_fp8:  # loaded as it is (replicas/fp8.py)
             if config.quantization == "none" and rank == 0:

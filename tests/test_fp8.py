@@ -6,6 +6,7 @@ The FP8 tensor-core path and issue 20's accuracy bar are GPU tests (tests/test_g
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -256,9 +257,55 @@ def test_w8a8_weight_only_names_projections_of_fp8_w8a8() -> None:
         EngineConfig(quantization="fp8", w8a8_weight_only="qkv_proj")
 
 
+def test_w8a8_group_is_a_power_of_two_of_fp8_w8a8() -> None:
+    assert EngineConfig(quantization="fp8-w8a8", w8a8_group=32).w8a8_group == 32
+    for bad in (16, 48, -32):
+        with pytest.raises(ConfigError, match=f"w8a8_group={bad}: use 0"):
+            EngineConfig(quantization="fp8-w8a8", w8a8_group=bad)
+    with pytest.raises(ConfigError, match="w8a8_group=32 is for quantization='fp8-w8a8'"):
+        EngineConfig(quantization="fp8", w8a8_group=32)
+
+
 @pytest.fixture(scope="module")
 def ckpt(checkpoint: CheckpointFactory) -> str:
     return checkpoint("llama")
+
+
+def test_w8a8_groups_through_the_engine_kernels_and_reference_alike(
+        ckpt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp8-w8a8 with w8a8_group=32 and qkv_proj weight-only: the layers compute with
+    runs of 32 (qkv weight-only); the engine's logits through the Triton kernel (its
+    interpreter) and through the PyTorch reference agree, and differ from per-token
+    W8A8's; a model whose inputs are not runs of the group is refused by layer."""
+    pytest.importorskip("triton")
+    from replicas.accuracy import compare, scored, sequences
+
+    config = EngineConfig(model=ckpt, dtype="float32", max_model_len=64,
+                          quantization="fp8-w8a8", w8a8_weight_only="qkv_proj",
+                          w8a8_group=32)
+    with Engine(config) as eng:
+        kinds = {(name.rsplit(".", 1)[-1], m.w8a8) for name, m in
+                 eng.worker.model.named_modules()
+                 if isinstance(m, ColumnParallelLinear | RowParallelLinear)}
+        vocab = eng.spec.vocab_size
+    assert kinds == {("qkv_proj", 0), ("o_proj", 32), ("gate_up_proj", 32),
+                     ("down_proj", 32)}
+    prompts = sequences(2, 24, vocab, seed=2)
+    reference = scored(config, prompts)
+    per_token = scored(dataclasses.replace(config, w8a8_group=0), prompts)
+    monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
+    from replicas import kernels
+
+    calls = []
+    through = kernels.w8a8_groups
+    monkeypatch.setattr(kernels, "w8a8_groups",
+                        lambda *a, **k: calls.append(1) or through(*a, **k))
+    kernel = scored(config, prompts)
+    assert calls  # (the kernel ran, not the reference twice)
+    assert compare(reference, kernel)["mean_kl"] < 1e-6
+    assert compare(reference, per_token)["mean_kl"] > 1e-6
+    with pytest.raises(ConfigError, match="w8a8_group=128: layer .* not runs of 128"):
+        Engine(dataclasses.replace(config, w8a8_group=128))
 
 
 def test_w8a8_weight_only_projections_compute_weight_only(ckpt: str) -> None:
