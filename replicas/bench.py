@@ -268,11 +268,13 @@ def gpu_suite(repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
-def fp8_suite(repeats: int) -> list[dict[str, Any]]:
-    """Issue 20: the GLM-4-9B bf16 rows and, in the same call, the FP8 ones (fp8_rows)."""
+def fp8_suite(repeats: int) -> Iterator[dict[str, Any]]:
+    """Issue 20: the GLM-4-9B bf16 rows and, in the same call, the FP8 ones (fp8_rows),
+    each row as soon as it is measured."""
     bandwidth = copy_bandwidth()
     rows, config, long_config, bf16_blocks = _glm_rows(repeats, bandwidth)
-    return rows + fp8_rows(config, long_config, bandwidth, repeats, bf16_blocks)
+    yield from rows
+    yield from fp8_rows(config, long_config, bandwidth, repeats, bf16_blocks)
 
 
 def _glm_rows(repeats: int, bandwidth: float
@@ -382,12 +384,12 @@ def _ttft_8192(engine: Engine, repeats: int, seeds: Iterator[int]) -> float:
 
 
 def fp8_rows(config: EngineConfig, long_config: EngineConfig, bandwidth: float,
-             repeats: int, bf16_blocks: int) -> list[dict[str, Any]]:
+             repeats: int, bf16_blocks: int) -> Iterator[dict[str, Any]]:
     """Issue 20's cases with FP8 weights and FP8 KV cache, in the call of the bf16 rows:
     batch-1 decode against the floor of the bytes an FP8 step reads, 256 x 128/128
     output tok/s and the 8192-token TTFT (weight-only FP8, and W8A8 on FP8 tensor
-    cores), the KV pool's blocks in the same memory, and each mode's accuracy."""
-    rows = []
+    cores), the KV pool's blocks in the same memory, and each mode's accuracy; each row
+    as soon as it is measured (a call cut short keeps the rows before)."""
     fresh = iter(range(200, 300))  # prompt seeds: no prompt twice, none of the bf16 rows
     # (weights, KV cache, W8A8's options): the int8 cache (a scale per token and head) is
     # the one that holds the accuracy bar (PERF.md), its name gets "_int8kv"; W8A8 with
@@ -402,25 +404,24 @@ def fp8_rows(config: EngineConfig, long_config: EngineConfig, bandwidth: float,
         with Engine(dataclasses.replace(config, **fp8)) as engine:
             if quantization == "fp8":  # (batch 1 runs the same GEMV in both modes)
                 b1 = decode_row("glm4-9b", engine, bandwidth, repeats)
-                rows.append({**b1, "case": f"glm4-9b_{name}_decode_b1_in128_out128", **fp8})
+                yield {**b1, "case": f"glm4-9b_{name}_decode_b1_in128_out128", **fp8}
                 blocks = engine.stats()["num_kv_blocks"]
-                rows.append({"case": f"glm4-9b_{name}_kv_blocks_same_memory",
-                             "unit": "blocks", "ours": blocks, "bf16": bf16_blocks,
-                             "ratio": round(blocks / bf16_blocks, 3), **fp8})
+                yield {"case": f"glm4-9b_{name}_kv_blocks_same_memory", "unit": "blocks",
+                       "ours": blocks, "bf16": bf16_blocks,
+                       "ratio": round(blocks / bf16_blocks, 3), **fp8}
             run_256 = _run_256(engine, repeats)
-        rows.append({"case": f"glm4-9b_{name}_256req_in128_out128", "unit": "tokens/s",
-                     **run_256, **fp8})
+        yield {"case": f"glm4-9b_{name}_256req_in128_out128", "unit": "tokens/s",
+               **run_256, **fp8}
         torch.cuda.empty_cache()
         if kv == "int8" and not options:  # (a prompt's prefill attends over its own
             continue                          # 16-bit keys: the cache changes nothing)
         with Engine(dataclasses.replace(long_config, **fp8)) as engine:
             ttft = _ttft_8192(engine, repeats, fresh)
             kernels = _ttft_kernels(engine, next(fresh))
-        rows.append({"case": f"glm4-9b_{name.removesuffix('_int8kv')}_ttft_in8192",
-                     "unit": "ms", "ours": round(ttft * 1e3, 1), **fp8, "kernels": kernels})
+        yield {"case": f"glm4-9b_{name.removesuffix('_int8kv')}_ttft_in8192", "unit": "ms",
+               "ours": round(ttft * 1e3, 1), **fp8, "kernels": kernels}
         torch.cuda.empty_cache()
-    rows += accuracy_rows()
-    return rows
+    yield from accuracy_rows()
 
 
 # GLM-4-9B's linear layers at tp=1 (out, in): qkv, o, gate_up, down
@@ -429,7 +430,7 @@ W8A16_PROBE_SHAPES = {"qkv": (4608, 4096), "o": (4096, 4096), "gate_up": (27392,
 W8A16_PROBE_ROWS = (16, 64, 128, 256)
 
 
-def w8a16_suite(repeats: int) -> list[dict[str, Any]]:
+def w8a16_suite(repeats: int) -> Iterator[dict[str, Any]]:
     """Issue 20's weight-only batch matmul (`kernels.w8a16`, FP8 weight tiles widened in
     registers): its default config and each of W8A16_CONFIGS against bf16 cuBLAS and
     against widening then cuBLAS, on GLM-4-9B's layer shapes at decode batches of 16, 64,
@@ -439,9 +440,9 @@ def w8a16_suite(repeats: int) -> list[dict[str, Any]]:
     rows. (`repeats`: unused, each time is already a mean of 10 graph replays.)"""
     from replicas.kernels.gemv import _cycled_us
 
-    return (w8a16_probe(W8A16_PROBE_SHAPES, W8A16_PROBE_ROWS, "cuda", _cycled_us,
-                        copy_bandwidth())
-            + w8a8_groups_probe(W8A16_PROBE_SHAPES, W8A16_PROBE_ROWS, "cuda", _cycled_us))
+    yield from w8a16_probe(W8A16_PROBE_SHAPES, W8A16_PROBE_ROWS, "cuda", _cycled_us,
+                           copy_bandwidth())  # (these before the next probe starts)
+    yield from w8a8_groups_probe(W8A16_PROBE_SHAPES, W8A16_PROBE_ROWS, "cuda", _cycled_us)
 
 
 def w8a8_groups_probe(shapes: dict[str, tuple[int, int]], batch_rows: tuple[int, ...],

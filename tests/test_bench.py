@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -168,3 +169,47 @@ def test_256_requests_time_new_prompts_and_beside_them_cached_ones(
     assert len({warm[0], *(p for p, _ in new), profiled[0][0]}) == 4  # new prompts each
     assert all(p == warm[0] for p, _ in again)  # then the cached ones
     assert profiled[0][1] == 128
+
+
+def test_fp8_rows_come_one_by_one_in_each_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fp8 suite's FP8 part (fp8_rows) yields each row as soon as it is measured (a
+    device call cut short keeps the rows before), in the modes and cases the README's
+    table reads: weight-only with each cache, W8A8, and W8A8 with qkv weight-only and
+    runs of 32 with the int8 cache; the engines it starts are the ones each case needs.
+    (The engine and the measures are stand-ins here: on a GPU they are the real ones.)"""
+    import contextlib
+
+    from replicas import EngineConfig, bench
+
+    started: list[dict[str, Any]] = []
+
+    @contextlib.contextmanager
+    def engine(config: EngineConfig) -> Any:
+        started.append({k: getattr(config, k) for k in (
+            "quantization", "kv_cache_dtype", "w8a8_weight_only", "w8a8_group",
+            "max_num_seqs")})
+        yield type("E", (), {"stats": lambda self: {"num_kv_blocks": 52}})()
+
+    monkeypatch.setattr(bench, "Engine", engine)
+    monkeypatch.setattr(bench, "decode_row", lambda *a: {"case": "x", "ours": 3.0})
+    monkeypatch.setattr(bench, "_run_256", lambda *a: {"ours": 1.0})
+    monkeypatch.setattr(bench, "_ttft_8192", lambda *a: 0.25)
+    monkeypatch.setattr(bench, "_ttft_kernels", lambda *a: {})
+    monkeypatch.setattr(bench, "accuracy_rows", lambda: iter([{"case": "accuracy_x"}]))
+    config = EngineConfig(max_num_seqs=256)
+    rows = bench.fp8_rows(config, dataclasses.replace(config, max_num_seqs=1), 1.0, 1, 26)
+    first = next(rows)
+    assert first["case"] == "glm4-9b_fp8_decode_b1_in128_out128" and len(started) == 1
+    cases = [first["case"]] + [r["case"] for r in rows]
+    assert cases == [
+        "glm4-9b_fp8_decode_b1_in128_out128", "glm4-9b_fp8_kv_blocks_same_memory",
+        "glm4-9b_fp8_256req_in128_out128", "glm4-9b_fp8_ttft_in8192",
+        "glm4-9b_fp8_int8kv_decode_b1_in128_out128",
+        "glm4-9b_fp8_int8kv_kv_blocks_same_memory", "glm4-9b_fp8_int8kv_256req_in128_out128",
+        "glm4-9b_fp8-w8a8_256req_in128_out128", "glm4-9b_fp8-w8a8_ttft_in8192",
+        "glm4-9b_fp8-w8a8-qkv16-g32_int8kv_256req_in128_out128",
+        "glm4-9b_fp8-w8a8-qkv16-g32_ttft_in8192", "accuracy_x"]
+    assert started[-1] == {"quantization": "fp8-w8a8", "kv_cache_dtype": "int8",
+                           "w8a8_weight_only": "qkv_proj", "w8a8_group": 32,
+                           "max_num_seqs": 1}
+    assert len(started) == 7  # two engines a mode, one for the int8 cache's
