@@ -16,10 +16,15 @@ Contract:
   tensor cores on a GPU, where in and out must be multiples of 16 and x 16-bit; PyTorch's
   reference on CPU): faster prefill, and ~2.5 points of top-1 agreement lost on the
   trained checkpoint where weight-only loses ~1 (PERF.md v0.22).
+- W8A8 with a scale per token and run of n input columns (`EngineConfig.w8a8_group`,
+  fp8_linear's `w8a8` = n): x quantized per run (`quantize_groups`) and the product in
+  one Triton kernel (`kernels.w8a8_groups`; off the Triton path the float32 product of
+  the rounded operands): closer to the 16-bit model than per token (w8a8_formats.py).
 - `quantize_model(model, w8a8, weight_only)`: every ColumnParallelLinear and
   RowParallelLinear of the model gets its weight replaced by its FP8 form, a
-  `weight_scale` and `w8a8` (False for the projections `weight_only` names:
-  `EngineConfig.w8a8_weight_only`, e.g. qkv_proj, whose input costs W8A8 the most); its
+  `weight_scale` and `w8a8` (fp8_linear's: 0 weight-only, 1 per token, n per run; 0 for
+  the projections `weight_only` names: `EngineConfig.w8a8_weight_only`, e.g. qkv_proj,
+  whose input costs W8A8 the most); its
   forward then goes through `fp8_linear`, and a one-row input through the batch-1 GEMV
   where tuning picks it (replicas/kernels/gemv.py: FP8 tiles, the row's scale applied
   once at the end, the input row 16-bit in both modes). The embedding and the LM head

@@ -9,7 +9,7 @@
   (`fp8.quantize_groups`), on the FP8 tensor cores: each run's partial product is scaled
   by its rows' scales as it is added, the weight's row scales once at the end. The
   rounding that keeps W8A8 nearest the 16-bit model with qkv left 16-bit
-  (replicas/w8a8_formats.py: groups of 32). Not used by the engine yet: `--suite w8a16`
+  (replicas/w8a8_formats.py: groups of 32); the engine's `w8a8_group`. `--suite w8a16`
   times it against per-token W8A8 (`torch._scaled_mm`) and bf16 cuBLAS."""
 
 from __future__ import annotations
@@ -77,7 +77,6 @@ if triton is not None:
             acc = acc * s[None, :] + b[None, :]
             tl.store(Y + rm[:, None] * sym + rn[None, :], acc.to(Y.dtype.element_ty),
                      mask=m_ok[:, None] & n_ok[None, :])
-
 
     @triton.jit
     def _w8a8_groups_kernel(X, XS, W, WS, B, Y, m, n, k, sxm, sxs, swn, sym,
