@@ -68,22 +68,38 @@ def row_scales(amax: torch.Tensor, top: float) -> torch.Tensor:
     return torch.where(amax > 0, amax / torch.full_like(amax, top), 1.0)
 
 
+def quantize_blocks(x: torch.Tensor, rows: int, cols: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [R, C] -> (x8 [R, C] FP8, scales [R / rows, C / cols] float32): each `rows` x
+    `cols` block rounded with its own scale, max|block| / 448 (1 for a zero block), so
+    that none saturates; the one FP8 rounding of rows, runs and blocks here."""
+    r, c = x.shape
+    if r % rows or c % cols:
+        raise ValueError(f"a {r} x {c} tensor is not made of {rows} x {cols} blocks")
+    shape = (r // rows, rows, c // cols, cols)
+    scales = row_scales(x.abs().reshape(shape).amax(dim=(1, 3)), FP8_MAX)
+    x8 = saturated(x.float().reshape(shape) / scales[:, None, :, None])
+    return x8.reshape(r, c), scales
+
+
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(w8, scale) with w ~= w8 * scale[:, None] (see the module doc)."""
-    scale = row_scales(w.abs().amax(dim=1), FP8_MAX)
-    return saturated(w.float() / scale[:, None]), scale
+    w8, scales = quantize_blocks(w, 1, w.shape[1])
+    return w8, scales[:, 0]
 
 
 def quantize_groups(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x [tokens, in] -> (x8 [tokens, in] FP8, scales [tokens, in / group] float32): each
     run of `group` columns of a token rounded with its own scale, max|run| / 448 (1 for a
     zero run), as quantize_rows rounds a row."""
-    t, k = x.shape
-    if k % group:
-        raise ValueError(f"{k} input columns are not runs of {group}")
-    runs = x.float().reshape(t, k // group, group)
-    scales = row_scales(runs.abs().amax(-1), FP8_MAX)
-    return saturated(runs / scales[..., None]).reshape(t, k), scales
+    if x.shape[1] % group:
+        raise ValueError(f"{x.shape[1]} input columns are not runs of {group}")
+    return quantize_blocks(x, 1, group)
+
+
+def widen_groups(x8: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """quantize_groups' (x8, scales) -> the float32 values they stand for."""
+    return (x8.float().unflatten(1, (scales.shape[1], -1)) * scales[..., None]).flatten(1)
 
 
 def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,8 +135,7 @@ def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
         if kernels.enabled(x):
             y = kernels.w8a8_groups(x8, x_scales, w8, scale, None, out_dtype)
         else:  # (the float32 product of the rounded operands, then rounded once)
-            xr = (x8.float().unflatten(1, (-1, w8a8)) * x_scales[..., None]).flatten(1)
-            y = (xr @ (w8.float() * scale[:, None]).T).to(out_dtype)
+            y = (widen_groups(x8, x_scales) @ (w8.float() * scale[:, None]).T).to(out_dtype)
     else:
         x8, x_scale = (kernels.quantize_tokens_fp8(rows) if kernels.enabled(x)
                        else quantize_tokens(rows))

@@ -40,20 +40,16 @@ import torch
 import torch.nn.functional as F
 
 from replicas.accuracy import compare, measure
-from replicas.fp8 import FP8_MAX, quantize_groups, row_scales, saturated
+from replicas.fp8 import quantize_blocks, quantize_groups, widen_groups
 from replicas.kv_formats import logits, scoring_engine, study_main, study_start
 
 
 def e4m3_blocks(x: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [R, C] (float32) as e4m3 with a float32 scale per `rows` x `cols` block: (the
-    e4m3 values, float32 [R, C]; each block's scale, float32 [R, C])."""
-    r, c = x.shape
-    if r % rows or c % cols:
-        raise ValueError(f"a {r} x {c} tensor is not made of {rows} x {cols} blocks")
-    blocks = x.reshape(r // rows, rows, c // cols, cols)
-    scale = row_scales(blocks.abs().amax(dim=(1, 3)), FP8_MAX)[:, None, :, None]
-    q = saturated(blocks / scale).float()
-    return q.reshape(r, c), scale.expand_as(blocks).reshape(r, c)
+    """x [R, C] (float32) as e4m3 with a float32 scale per `rows` x `cols` block
+    (fp8.quantize_blocks): (the e4m3 values, float32 [R, C]; each one's block's scale,
+    float32 [R, C])."""
+    q, scales = quantize_blocks(x, rows, cols)
+    return q.float(), scales.repeat_interleave(rows, 0).repeat_interleave(cols, 1)
 
 
 Quantizer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -64,9 +60,7 @@ def groups_of(size: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
     whole token; fp8.quantize_groups), widened back to float32."""
     def rounded(x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        q, scales = quantize_groups(rows, size or rows.shape[1])
-        return (q.float().unflatten(1, (scales.shape[1], -1)) * scales[..., None]
-                ).reshape(x.shape)
+        return widen_groups(*quantize_groups(rows, size or rows.shape[1])).reshape(x.shape)
     return rounded
 
 
