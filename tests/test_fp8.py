@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +204,18 @@ def test_every_w8a16_config_is_the_weight_only_product(monkeypatch: pytest.Monke
                                        msg=str(config))
 
 
+def ranked_timer(calls: list[int], first_fastest: bool
+                 ) -> Callable[[Any, list[torch.Tensor]], float]:
+    """A probe's timer for the interpreter: runs fn on the last weight copy, records how
+    many copies it was given in `calls`, and ranks each call by its order (the first
+    the fastest, or the last)."""
+    def timer(fn: Any, copies: list[torch.Tensor]) -> float:
+        fn(copies[-1])
+        calls.append(len(copies))
+        return float(len(calls) if first_fastest else 100 - len(calls))
+    return timer
+
+
 def test_w8a16_probe_times_every_config_against_cublas(monkeypatch: pytest.MonkeyPatch
                                                       ) -> None:
     """The fp8 probe's rows (replicas/bench.py w8a16_probe; on a GPU its timer is a CUDA
@@ -214,12 +227,7 @@ def test_w8a16_probe_times_every_config_against_cublas(monkeypatch: pytest.Monke
 
     monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
     calls: list[int] = []
-
-    def timer(fn: Any, copies: list[torch.Tensor]) -> float:
-        fn(copies[-1])
-        calls.append(len(copies))
-        return float(len(calls))  # the first timed is the fastest
-
+    timer = ranked_timer(calls, first_fastest=True)
     # float16: Triton's interpreter mis-multiplies bfloat16 (the GPU runs it)
     rows = w8a16_probe({"o": (48, 40)}, (3, 17), "cpu", timer, 1e-3, torch.float16)
     assert [r["case"] for r in rows] == ["w8a16_o_m3", "w8a16_o_m17"]
@@ -630,13 +638,7 @@ def test_w8a8_groups_probe_times_each_way_and_checks_each_product(
     from replicas.kernels.fp8mm import W8A8_GROUPS_CONFIGS
 
     monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
-    timed: list[int] = []
-
-    def timer(fn: Any, copies: list[torch.Tensor]) -> float:
-        fn(copies[-1])
-        timed.append(len(copies))
-        return float(100 - len(timed))  # the later timed, the faster
-
+    timer = ranked_timer([], first_fastest=False)
     rows = w8a8_groups_probe({"o": (48, 64)}, (3, 17), "cpu", timer, torch.float32)
     assert [r["case"] for r in rows] == ["w8a8_groups32_o_m3", "w8a8_groups32_o_m17"]
     for row in rows:
