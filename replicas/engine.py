@@ -57,6 +57,27 @@ from replicas.worker import (
 
 log = logging.getLogger(__name__)
 
+SLOW_SHUTDOWN_S = 5.0  # a shutdown longer than this logs where its time went
+
+
+class _Phases:
+    """Wall time of a sequence of phases, for a log line that says where a slow one went."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.monotonic()
+        self.spent: list[tuple[str, float]] = []
+
+    def mark(self, name: str) -> None:
+        now = time.monotonic()
+        self.spent.append((name, now - self.last))
+        self.last = now
+
+    def report_if_slow(self, what: str, limit_s: float) -> None:
+        total = self.last - self.start
+        if total > limit_s:
+            log.warning("%s took %.1f s (%s)", what, total,
+                        ", ".join(f"{n} {s:.1f} s" for n, s in self.spent))
+
 Prompt = str | list[int]
 
 
@@ -397,9 +418,11 @@ class Engine:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+        phases = _Phases()
         # a healthy driver leaves between steps; one stuck in a step with a dead rank
         # may never return, and is left behind (a daemon thread)
         self._thread.join(timeout=30 if self._dead is None else 2)
+        phases.mark("driver")
         self._fail_all(EngineDeadError("engine shut down"))
         told = False
         if self._dead is None and not self._thread.is_alive() and self._ranks.all_alive():
@@ -409,11 +432,15 @@ class Engine:
             except Exception:  # a rank already gone: fall through to killing
                 log.warning("could not tell the ranks to stop; killing them")
         self.worker.close(peer_dead=self._dead is not None or self._thread.is_alive())
+        phases.mark("group")
         self._ranks.kill(TOLD_EXIT_S if told else 3.0)
+        phases.mark("ranks")
         if not self._thread.is_alive():  # else the stuck driver still holds the model
             self.worker.release()
             if self._grammars is not None:  # its fill threads (the driver's alone)
                 self._grammars.close()
+        phases.mark("memory")
+        phases.report_if_slow("engine shutdown", SLOW_SHUTDOWN_S)
 
     def replay_graph_ms(self, times: int = 50) -> float:
         """GPU time of one batch-1 decode graph replay, every rank replaying together
