@@ -41,6 +41,7 @@ from cluster.datapath import (
 )
 from cluster.requests import ReplicaTimes, error_event, serve_request
 from router import keys, wire
+from router.looplag import LoopLag
 
 if TYPE_CHECKING:
     from replicas import EngineConfig
@@ -110,6 +111,7 @@ class EngineDeployment:
         if (ms := switch_interval_ms()) is not None:
             sys.setswitchinterval(ms / 1e3)
         self.times = ReplicaTimes()  # the requests' way to the engine (stats)
+        self.loop_lag = LoopLag(self.times.loop_lag.add)  # (started by the first request)
         self.outboxes = Outboxes()  # the direct data path's connections to routers
         # the rank actors first: their processes start (and import torch) meanwhile
         self.ranks = RankGroup(int(config.get("tp", 1)), use_gpu, cpus_per_rank,
@@ -150,6 +152,7 @@ class EngineDeployment:
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """The wire items (router/wire.py, as dicts) of one wire Request: `serve_request`."""
+        self.loop_lag.ensure_started()
         # closed with the stream (a caller gone aborts the request in the engine)
         async with aclosing(serve_request(self.engine, request, self.replica_id,
                                             self.times)) as items:
@@ -162,6 +165,7 @@ class EngineDeployment:
         returns how many were sent, once all are written."""
         if "sent_at" in reply:
             self.times.way_in.add(time.time() - reply["sent_at"])
+        self.loop_lag.ensure_started()
         outbox = await self.outboxes.get(reply)
         return await deliver(serve_request(self.engine, request, self.replica_id, self.times),
                              outbox, reply["stream"], self.replica_id)

@@ -67,6 +67,8 @@ class PinnedRouter(RequestRouter):
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None
                               ) -> list[list[RunningReplica]]:
+        if pending_request is not None:
+            metrics.ROUTING.observe(time.time() - pending_request.created_at)
         if not candidate_replicas:
             return []
         if self.routing == "random":
@@ -116,8 +118,19 @@ class PinnedRouter(RequestRouter):
 
         task.add_done_callback(done)
 
-    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
-                          result: Any) -> None:
+    @property
+    def max_num_routing_tasks(self) -> int:
+        """Requests routed at once. Serve's default is twice the replicas, at most 50;
+        but a choice here may wait for Redis (a session's first request claims its pin),
+        and with one replica two such waits at a time held up every request behind them
+        (64 clients on the CPU stack: 30 ms from the handle call to the choice)."""
+        return self.max_num_routing_tasks_cap
+
+    def on_send_request(self, replica_id: ReplicaID) -> None:
+        """A request goes to `replica_id` (counted in its load until it completes: Serve
+        calls on_request_completed for every request sent, also one the replica refused).
+        Not on_request_routed: on a unary call that comes when the call ends."""
+        super().on_send_request(replica_id)
         self._count(replica_id.unique_id, +1)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:

@@ -60,10 +60,10 @@ def sampling_params(fields: dict[str, Any]) -> SamplingParams:
         raise RequestError(f"bad sampling parameters: {e}") from e
 
 
-def _recent() -> Recent:
+def _recent(size: int = 512) -> Recent:
     from replicas.jsonlines import Recent  # (replicas imports torch: engine replicas only)
 
-    return Recent()
+    return Recent(size)
 
 
 @dataclass
@@ -72,16 +72,19 @@ class ReplicaTimes:
     from entering the replica to reaching the engine's add_request (parsing, the chat
     template, tokenizing, a grammar's compile) and to their first delta; and, on the
     direct data path, from the router's call to entering the replica (wall clocks: the
-    same host's, or as far apart as the hosts' clocks)."""
+    same host's, or as far apart as the hosts' clocks). And the replica's event loop's
+    lag (router/looplag.py), sampled all the time once a request came."""
 
     prepare: Recent = field(default_factory=_recent)
     first_delta: Recent = field(default_factory=_recent)
     way_in: Recent = field(default_factory=_recent)
+    loop_lag: Recent = field(default_factory=lambda: _recent(2048))
 
     def summary(self) -> dict[str, Any]:
         return {"prepare_ms": self.prepare.summary(),
                 "replica_ttft_ms": self.first_delta.summary(),
-                "way_in_ms": self.way_in.summary()}
+                "way_in_ms": self.way_in.summary(),
+                "loop_lag_ms": self.loop_lag.summary()}
 
 
 async def serve_request(engine: Engine, request: dict[str, Any], replica: str,

@@ -154,33 +154,54 @@ def cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
     return total
 
 
-ROUTER_TIMES = {"router_ttft": "tpserve_time_to_first_token_seconds",
-                "engine_first_item": "tpserve_engine_first_item_seconds"}
+# (histogram, the labels a series must have: "" any) of the router's /metrics
+ROUTER_TIMES = {"router_ttft": ("tpserve_time_to_first_token_seconds", ""),
+                "engine_first_item": ("tpserve_engine_first_item_seconds", ""),
+                # Serve's routing of the engine call (cluster/pinning.py): to each choice of
+                # replicas (more of them than engine calls: requests chosen again)
+                "routing_choose": ("tpserve_engine_routing_seconds", ""),
+                "router_loop_lag": ("tpserve_loop_lag_seconds", "")}
 
 
 def router_times(edge: str) -> dict[str, tuple[float, float]]:
-    """(sum of seconds, count) of the router's ROUTER_TIMES histograms, every label (its
-    /metrics through nginx: one router replica's, with several): its time to first token
-    (from taking a parsed request to its first delta) and, within it, from its call of
-    the engine handle to the first item back. Two readings around a run give that run's
-    means (`means`)."""
-    import re
+    """(sum of seconds, count) of the router's ROUTER_TIMES histograms, over the series
+    with the labels given there (its /metrics through nginx: one router replica's, with
+    several): its time to first token (from taking a parsed request to its first delta)
+    and, within it, from its call of the engine handle to the first item back, Serve's
+    routing of that call, and its event loop's lag. Two readings around a run give that
+    run's means (`means`)."""
     import urllib.request
 
     with urllib.request.urlopen(f"{edge}/metrics", timeout=30) as reply:
-        text = reply.read().decode()
-    return {key: tuple(sum(float(v) for v in re.findall(
-                rf"^{name}_{part}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE))
-                for part in ("sum", "count"))  # type: ignore[misc]
-            for key, name in ROUTER_TIMES.items()}
+        return histogram_totals(reply.read().decode())
+
+
+def histogram_totals(text: str) -> dict[str, tuple[float, float]]:
+    """router_times of a /metrics text."""
+    import re
+
+    out = {}
+    for key, (name, labels) in ROUTER_TIMES.items():
+        sums = []
+        for part in ("sum", "count"):
+            series = re.findall(rf"^{name}_{part}(?:{{([^}}]*)}})? (\S+)$", text, re.MULTILINE)
+            sums.append(sum(float(v) for found, v in series if labels in found))
+        out[key] = (sums[0], sums[1])
+    return out
 
 
 def means(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
           ) -> dict[str, float]:
-    """Each histogram's mean (ms) over what it recorded between two router_times."""
-    return {f"{key}_mean_ms": round((after[key][0] - before[key][0])
-                                    / max(1.0, after[key][1] - before[key][1]) * 1e3, 2)
-            for key in before}
+    """Each histogram's mean (ms) over what it recorded between two router_times, and the
+    choices of replicas per accepted engine call (1.0: none chosen again)."""
+    def count(key: str) -> float:
+        return after[key][1] - before[key][1]
+
+    out = {f"{key}_mean_ms": round((after[key][0] - before[key][0])
+                                   / max(1.0, count(key)) * 1e3, 2) for key in before}
+    out["routing_choices_per_call"] = round(count("routing_choose")
+                                            / max(1.0, count("engine_first_item")), 3)
+    return out
 
 
 def profiled_run(edge: str, config: LoadConfig, out_dir: str | None) -> dict[str, Any]:
@@ -394,7 +415,8 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
         inside.update(engine_ttft_ms=after.get("ttft_ms"),
                       replica_ttft_ms=after.get("replica_ttft_ms"),
                       prepare_ms=after.get("prepare_ms"),
-                      way_in_ms=after.get("way_in_ms"))
+                      way_in_ms=after.get("way_in_ms"),
+                      replica_loop_lag_ms=after.get("loop_lag_ms"))
     except Exception as e:  # noqa: BLE001 - the rest is still worth measuring
         inside["error"] = f"{type(e).__name__}: {e}"[:300]
     more = [stack_run(stack.edge, LOAD) for _ in range(MORE_LOAD_RUNS)]

@@ -48,6 +48,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from router import keys, metrics, wire
 from router.admin import Admin, Control
 from router.errors import ApiError
+from router.looplag import LoopLag
 from router.policy import (
     RATE_LIMIT_PER_MINUTE,
     ROUTING_MODES,
@@ -213,6 +214,7 @@ class Router:
             url=url, ttl_s=self.config.session_ttl_s,
             history_token_budget=self.config.history_token_budget))
         self.in_flight = 0
+        self.loop_lag = LoopLag(metrics.LOOP_LAG.observe)  # (started by the first request)
         self.limiter = (RateLimiter(self.config.rate_limit_per_minute)
                         if self.config.rate_limit_per_minute else None)
         self.totals = {"requests": 0, "tokens": 0, "ttft_sum_s": 0.0, "ttft_count": 0}
@@ -279,6 +281,7 @@ class Router:
             metrics.REQUESTS.labels(route, str(e.status)).inc()
             return e.response()
         self.in_flight += 1
+        self.loop_lag.ensure_started()
         try:
             await self._start(call)
         except ApiError as e:

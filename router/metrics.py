@@ -24,3 +24,11 @@ LIVE_SESSIONS = Gauge("tpserve_live_sessions", "sessions stored in Redis")
 PINS_MOVED = Counter("tpserve_pins_moved_total", "sessions re-pinned because their "
                      "replica was gone")
 DEGRADED = Gauge("tpserve_redis_degraded", "1 while Redis is unreachable (hash-only pinning)")
+# the router process's event loop: how late its timers run (router/looplag.py)
+LOOP_LAG = Histogram("tpserve_loop_lag_seconds", "the router's event loop lag",
+                     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1))
+# an engine request in Serve's request router (cluster/pinning.py): from the handle call to
+# each choice of replicas (a request chosen more than once found no replica with room, and
+# Serve backed off in between)
+ROUTING = Histogram("tpserve_engine_routing_seconds", "engine handle call to a choice of "
+                    "replicas", buckets=FIRST_BUCKETS)

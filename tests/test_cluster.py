@@ -145,6 +145,8 @@ def test_each_data_path_gives_the_engines_tokens_and_aborts_with_its_reader(
         time.sleep(0.5)
     if data_path == "direct":  # the router's call to the replica, timed on the way in
         assert sum(s["way_in_ms"]["n"] for s in engine_stats().values()) >= 16
+    # the replicas' event loops are sampled once a request came (router/looplag.py)
+    assert all(s["loop_lag_ms"]["n"] > 0 for s in engine_stats().values())
 
 
 def engine_stats(min_calls: int = 12) -> dict[str, dict]:

@@ -111,9 +111,9 @@ def test_pinning_step_brings_up_a_stack_per_routing_in_its_own_state(
 
 def test_router_times_sum_every_label_of_the_histograms(monkeypatch: pytest.MonkeyPatch
                                                         ) -> None:
-    """The router's TTFT and engine-first-item histograms read from /metrics: the sums
-    and counts over every label (buckets and other metrics left out), and the means
-    between two readings."""
+    """The router's histograms read from /metrics: the sums and counts over every label,
+    or over the series with the labels asked for (buckets and other metrics left out),
+    and the means between two readings, with the choices of replicas per call."""
     import io
     import urllib.request
 
@@ -127,11 +127,20 @@ def test_router_times_sum_every_label_of_the_histograms(monkeypatch: pytest.Monk
             'tpserve_time_to_first_token_seconds_count{route="completions"} 2.0\n'
             'tpserve_engine_first_item_seconds_sum 0.07\n'
             'tpserve_engine_first_item_seconds_count 7.0\n'
-            'tpserve_request_latency_seconds_sum{route="chat"} 9.0\n')
+            'tpserve_request_latency_seconds_sum{route="chat"} 9.0\n'
+            'tpserve_engine_routing_seconds_bucket{le="0.01"} 8.0\n'
+            'tpserve_engine_routing_seconds_sum 0.04\n'
+            'tpserve_engine_routing_seconds_count 14.0\n'
+            'tpserve_loop_lag_seconds_sum 0.3\n'
+            'tpserve_loop_lag_seconds_count 100.0\n')
     monkeypatch.setattr(urllib.request, "urlopen",
                         lambda url, timeout=0: io.BytesIO(text.encode()))
     times = router_times("http://127.0.0.1:1")
-    assert times == {"router_ttft": (0.75, 7.0), "engine_first_item": (0.07, 7.0)}
-    zero = {"router_ttft": (0.0, 0.0), "engine_first_item": (0.0, 0.0)}
+    assert times == {"router_ttft": (0.75, 7.0), "engine_first_item": (0.07, 7.0),
+                     "routing_choose": (0.04, 14.0), "router_loop_lag": (0.3, 100.0)}
+    zero = dict.fromkeys(times, (0.0, 0.0))
     assert means(zero, times) == {"router_ttft_mean_ms": 107.14,
-                                  "engine_first_item_mean_ms": 10.0}
+                                  "engine_first_item_mean_ms": 10.0,
+                                  "routing_choose_mean_ms": 2.86,
+                                  "router_loop_lag_mean_ms": 3.0,
+                                  "routing_choices_per_call": 2.0}

@@ -106,8 +106,7 @@ def _router(routing: str, refresh_s: float = 0.0) -> object:
 def test_random_routing_spreads_one_session_over_replicas() -> None:
     import asyncio
 
-    metadata = type("Metadata", (), {"session_id": "s-1"})()
-    pending = type("Pending", (), {"metadata": metadata})()
+    pending = _pending("s-1")
     replicas = [_FakeReplica(r) for r in ("a", "b", "c")]
 
     async def picks(routing: str) -> set[str]:
@@ -148,9 +147,48 @@ def _pinned_with(store: _FakeStore, refresh_s: float = 0.0) -> object:
     return router
 
 
-def _pending(session: str) -> object:
+def _pending(session: str, created_at: float | None = None) -> object:
+    """Serve's PendingRequest as the request router sees it: its session and the wall time
+    the handle call made it."""
+    import time
+
     metadata = type("Metadata", (), {"session_id": session})()
-    return type("Pending", (), {"metadata": metadata})()
+    return type("Pending", (), {"metadata": metadata,
+                                "created_at": time.time() if created_at is None
+                                else created_at})()
+
+
+def test_the_request_router_times_each_choice_and_counts_each_send() -> None:
+    """tpserve_engine_routing_seconds: from the handle call to each choice of replicas (a
+    request chosen again: Serve backed off). A replica's load counts each request sent to
+    it until it completes (one it refused too: Serve completes every request it sent)."""
+    import asyncio
+    import time
+
+    from router import metrics
+
+    def total() -> tuple[float, float]:
+        values = {s.name: s.value for m in metrics.ROUTING.collect() for s in m.samples}
+        return (values["tpserve_engine_routing_seconds_sum"],
+                values["tpserve_engine_routing_seconds_count"])
+
+    router = _router("pinned")
+    router._use_replica_queue_len_cache = False  # (Serve's own cache: not set up here)
+    assert router.max_num_routing_tasks == 50  # not 2 per replica: choices wait for Redis
+    replicas = [_FakeReplica(r) for r in ("a", "b")]
+    pending = _pending("s-timed", created_at=time.time() - 0.25)
+    (s0, n0) = total()
+    for _ in range(2):  # chosen twice (the first replica refused it)
+        asyncio.run(router.choose_replicas(replicas, pending))
+    (s1, n1) = total()
+    assert n1 - n0 == 2 and 0.5 <= s1 - s0 < 1.0
+    a = replicas[0].replica_id
+    router.on_send_request(a)
+    router.on_send_request(a)
+    assert router.in_flight["a"] == 2
+    router.on_request_completed(a, "refused")
+    router.on_request_completed(a, "done")
+    assert router.in_flight["a"] == 0
 
 
 def test_a_known_pin_routes_without_waiting_for_redis_and_is_refreshed() -> None:
@@ -282,3 +320,31 @@ def test_a_plain_token_event_is_the_chunks_json_byte_for_byte(
         fast = plain_event(route, "cmpl-1", 'tp"serve', choice, delta)
         slow = _event(chunk(route, "cmpl-1", 'tp"serve', choice, delta, False, False))
     assert fast == slow and json.loads(fast[6:])["choices"][0]["index"] == index
+
+
+def test_loop_lag_records_how_long_the_loop_was_kept_from_its_timers() -> None:
+    """A loop kept busy for 150 ms (a blocking call on it) shows a lag of about that;
+    idle, its samples stay well under it; started twice, it samples once."""
+    import asyncio
+    import time
+
+    from router.looplag import LoopLag
+
+    lags: list[float] = []
+
+    async def main() -> int:
+        lag = LoopLag(lags.append, period_s=0.005)
+        lag.ensure_started()
+        lag.ensure_started()
+        await asyncio.sleep(0.1)
+        idle = len(lags)
+        time.sleep(0.15)  # noqa: ASYNC251 - the point: the loop can run nothing meanwhile
+        await asyncio.sleep(0.05)
+        lag.stop()
+        await asyncio.sleep(0)
+        return idle
+
+    idle = asyncio.run(main())
+    assert 3 <= idle <= 21  # one sampler, a sample per 5 ms at most
+    assert max(lags) >= 0.14
+    assert sorted(lags[:idle])[idle // 2] < 0.05
