@@ -45,6 +45,10 @@ class ServeError(RuntimeError):
     """Serve refused a deploy or a scale, or it did not finish; the message says why."""
 
 
+class DeployFailed(ServeError):
+    """Serve gave up deploying the application (DEPLOY_FAILED); the message is Serve's."""
+
+
 @dataclass(frozen=True)
 class ReplicaState:
     replica_id: str
@@ -121,19 +125,26 @@ def deploy(config: dict[str, Any], dashboard: str = DEFAULT_DASHBOARD) -> None:
         raise ServeError(f"Serve refused the config ({status}): {body}")
 
 
+def app_status(dashboard: str = DEFAULT_DASHBOARD, app: str = APP_NAME) -> str | None:
+    """The application's status as Serve reports it now (None: not reported); DeployFailed,
+    with Serve's message, when Serve gave up deploying it (a deployment's replicas failed
+    to start again and again, e.g. their constructor raised). ServeError when Serve's API
+    cannot be reached."""
+    status, body = _request(f"{dashboard}/api/serve/applications/")
+    found = (body or {}).get("applications", {}).get(app, {}) if status == 200 else {}
+    if found.get("status") == "DEPLOY_FAILED":
+        why = [f"{name}: {d['message']}" for name, d in found.get("deployments", {}).items()
+               if d.get("status") != "HEALTHY" and d.get("message")]
+        raise DeployFailed("\n".join([f"Serve could not deploy {app}: "
+                                      f"{found.get('message', '')}", *why]))
+    return found.get("status")
+
+
 def wait_running(dashboard: str = DEFAULT_DASHBOARD, app: str = APP_NAME,
                  timeout_s: float = 600.0) -> None:
     """Wait until the application is RUNNING (all its deployments healthy)."""
     deadline = time.monotonic() + timeout_s
-    while True:
-        status, body = _request(f"{dashboard}/api/serve/applications/")
-        state = (body or {}).get("applications", {}).get(app, {}).get("status") \
-            if status == 200 else None
-        if state == "RUNNING":
-            return
-        if state == "DEPLOY_FAILED":
-            message = body["applications"][app].get("message", "")
-            raise ServeError(f"Serve could not deploy {app}: {message}")
+    while (state := app_status(dashboard, app)) != "RUNNING":
         if time.monotonic() > deadline:
             raise ServeError(f"{app} not RUNNING after {timeout_s:.0f} s (status {state})")
         time.sleep(1.0)

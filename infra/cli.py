@@ -330,6 +330,10 @@ def stack_command(args: argparse.Namespace) -> int:
     except stack.StackError as e:
         print(f"tpserve {args.command}: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM while it started: all of it stopped
+        print(f"\ntpserve {args.command}: interrupted; what it started is stopped",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

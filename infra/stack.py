@@ -29,7 +29,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster.control import ServeError, deploy, load_config, ray_auth_headers, replicas
+from cluster.control import (
+    DeployFailed,
+    ServeError,
+    app_status,
+    deploy,
+    load_config,
+    ray_auth_headers,
+    replicas,
+)
 from cluster.datapath import DATA_PATHS
 from cluster.ray_env import ray_env
 from cluster.ray_token import ensure_token
@@ -133,16 +141,18 @@ def up(engine: dict[str, Any], config: StackConfig, detach: bool) -> int:
     ensure_token()  # Ray's token auth refuses to start without one (a fresh HOME has none)
     token = secrets.token_urlsafe(24)
     env = stack_env(config, state, token)
+    # SIGTERM (a supervisor, `timeout`, `kill`) stops the stack as Ctrl-C does, also while
+    # it starts: nothing is left running, whichever comes when
+    signal.signal(signal.SIGTERM, _interrupted)
     ray = start_ray(config, state, env)
     record = {"pid": ray.pid, "services": {}, "config": asdict(config), "engine": engine}
     write_state(state, record)
     try:
-        record["services"] = start(engine, config, state, env, ray)
+        start(engine, config, state, env, ray, record)
     except BaseException:
         stop(record, config)
         clear_state(state)  # a failed start leaves no stack behind for `status` / `down`
         raise
-    write_state(state, record)
     (state / "admin_token").write_text(token)
     os.chmod(state / "admin_token", 0o600)
     print(f"\ntpserve is up\n  API:            {config.api_url}\n"
@@ -156,7 +166,7 @@ def up(engine: dict[str, Any], config: StackConfig, detach: bool) -> int:
     # the line below promises that Ctrl-C (a SIGINT) stops the stack, so take it back
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:  # from here on, Ctrl-C (also one landing during the print) stops the stack
-        print("Ctrl-C stops everything", flush=True)
+        print("Ctrl-C stops everything (so does SIGTERM)", flush=True)
         ray.wait()
     except KeyboardInterrupt:
         print("\nstopping…", flush=True)
@@ -240,10 +250,16 @@ def stack_env(config: StackConfig, state: Path, token: str) -> dict[str, str]:
             ADMIN_TOKEN_ENV: token}
 
 
+def _interrupted(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def start(engine: dict[str, Any], config: StackConfig, state: Path, env: dict[str, str],
-          ray: subprocess.Popen) -> dict[str, int]:
-    """Services and the Serve app on the started Ray; returns the services' pids. Every
-    wait ends at once, with Ray's log, when the Ray head exits."""
+          ray: subprocess.Popen, record: dict[str, Any]) -> None:
+    """Services and the Serve app on the started Ray; the services' pids go into `record`
+    (and state_dir) as soon as they run, so that a `tpserve up` killed meanwhile leaves
+    them to `tpserve down`. Every wait ends at once, with Ray's log, when the Ray head
+    exits."""
     died = functools.partial(ray_died, ray, state / "ray.log")
     try:
         progress("starting Ray",
@@ -265,7 +281,8 @@ def start(engine: dict[str, Any], config: StackConfig, state: Path, env: dict[st
         tail = "\n".join(services.stderr.rstrip().splitlines()[-15:])
         raise StackError(f"Redis and nginx did not start (python -m infra.services exited "
                          f"with {services.returncode}):\n{tail}")
-    pids = json.loads(services.stdout.strip().splitlines()[-1])
+    record["services"] = json.loads(services.stdout.strip().splitlines()[-1])
+    write_state(state, record)
     print("  Redis and nginx up")
     serve_config = load_config(REPO / "cluster/serve.yaml", "127.0.0.1", config.serve_port,
                                engine, config.replicas, config.router,
@@ -273,13 +290,12 @@ def start(engine: dict[str, Any], config: StackConfig, state: Path, env: dict[st
     deploy(serve_config, config.ray_dashboard)
     progress(f"deploying {config.replicas} engine replicas",
              lambda: app_running(config), config.timeout_s,
-             lambda: replica_line(config), failed=died)
+             lambda: replica_line(config), failed=lambda: died() or deploy_failed(config))
     if env.get(DIRECT_INGRESS_ENV) == "1":
         from infra.services import nginx_conf
 
         progress("nginx on the router replicas",
                  lambda: configured_upstreams(nginx_conf(state)) != [proxy], 30, failed=died)
-    return pids
 
 
 def serve_api_up(config: StackConfig) -> bool:
@@ -304,6 +320,20 @@ def app_running(config: StackConfig) -> bool:
     except (ServeError, OSError, http.client.HTTPException):  # Serve's API slow to answer
         return False
     return healthy and len(running) == config.replicas
+
+
+def deploy_failed(config: StackConfig) -> str | None:
+    """Serve's message once it gave up deploying the app (a replica's constructor raised
+    on each of its tries), with where the replicas' logs are; None while it still tries
+    (or its API is slow to answer)."""
+    try:
+        app_status(config.ray_dashboard)
+    except DeployFailed as e:
+        return (f"{e}\n(each replica's log, its traceback among it: "
+                "/tmp/ray/session_latest/logs/serve/replica_*.log)")
+    except (ServeError, OSError, http.client.HTTPException):
+        pass
+    return None
 
 
 def replica_line(config: StackConfig) -> str:

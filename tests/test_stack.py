@@ -359,3 +359,57 @@ def test_ctrl_c_stops_the_foreground_stack(tmp_path: Path) -> None:
     while stack_processes(token) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not stack_processes(token), stack_processes(token)
+
+
+def _broken_checkpoint(path: Path) -> str:
+    """The tiny model with its weights file overwritten: every engine replica's
+    constructor raises (safetensors cannot read the header), after Ray and the services
+    started."""
+    from replicas.tiny import tiny_model_dir
+
+    shutil.copytree(tiny_model_dir(), path)
+    for weights in path.glob("*.safetensors"):
+        weights.write_bytes(b"\xff" * 64)
+    return str(path)
+
+
+def test_up_fails_fast_with_the_replicas_error_and_stops_on_sigterm(tmp_path: Path) -> None:
+    """A replica whose constructor raises fails `tpserve up` once Serve gives up (3 tries),
+    with the replica's error, not after the 10-minute start timeout; a SIGTERM while it
+    starts stops it as Ctrl-C does. Neither leaves anything running."""
+    model = _broken_checkpoint(tmp_path / "broken")
+    state = tmp_path / "state"
+    ports = free_ports(PORT_FLAGS)
+    start = time.monotonic()
+    up = tpserve("up", f"--state-dir={state}", "--replicas=1", "--tp=1", f"--model={model}",
+                 "--detach", *port_flags(ports), timeout=300)
+    assert up.returncode == 1, up.stdout[-2000:] + up.stderr[-2000:]
+    assert time.monotonic() - start < 240
+    assert "Serve could not deploy" in up.stderr and "SafetensorError" in up.stderr, \
+        up.stderr[-3000:]
+    assert not (state / "stack.json").exists()
+    assert not live_processes(str(state)) and not any(port_busy(p) for p in ports.values())
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "infra.cli", "up", f"--state-dir={state}", "--replicas=1",
+         "--tp=1", f"--model={model}", *port_flags(ports)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:  # Ray, then Redis and nginx: stopped while Serve deploys
+            lines.append(line)
+            if "Redis and nginx up" in line:
+                break
+        assert (state / "stack.json").exists() and json.loads(
+            (state / "stack.json").read_text())["services"], "".join(lines)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 130, "".join(lines) + proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (state / "stack.json").exists()
+    deadline = time.monotonic() + 10
+    while live_processes(str(state)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not live_processes(str(state)), live_processes(str(state))
+    assert not any(port_busy(p) for p in ports.values())
