@@ -146,9 +146,23 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                 f"clients x {c['max_tokens']} tokens: {v['stack_output_tokens_per_s']} tok/s "
                 f"vs the engine alone {v['engine_output_tokens_per_s']}{runs} (ratio "
                 f"{v['tokens_per_s_ratio']}), TTFT p50 {v['stack_ttft_p50_ms']} vs "
-                f"{v['engine_ttft_p50_ms']} ms (added {v['ttft_p50_added_ms']})",
+                f"{v['engine_ttft_p50_ms']} ms (added {v['ttft_p50_added_ms']})"
+                + _way_in(row.get("load_repeat_inside", {})),
                 "tok/s within 5 %, TTFT p50 within 5 ms; RUNNING <= 30 s")
     raise ValueError(f"unknown result kind {kind!r}")
+
+
+def _way_in(inside: dict[str, Any]) -> str:
+    """Where a request's way into the engine replica went, in rows that measured it
+    (PERF.md v0.34): Serve's routing up to our choice of replica, and each process's
+    event-loop lag (means)."""
+    if "routing_choose_mean_ms" not in inside:
+        return ""
+    lag = (inside.get("replica_loop_lag_ms") or {}).get("mean")
+    return (f"; way in {(inside.get('way_in_ms') or {}).get('mean')} ms mean, of it "
+            f"{inside['routing_choose_mean_ms']} ms to the choice of replica "
+            f"({inside['routing_choices_per_call']} choices a call); event-loop lag: "
+            f"router {inside['router_loop_lag_mean_ms']} ms, engine replica {lag} ms")
 
 
 def _span(values: list[float]) -> str:

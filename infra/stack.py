@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -143,7 +144,8 @@ def up(engine: dict[str, Any], config: StackConfig, detach: bool) -> int:
     env = stack_env(config, state, token)
     # SIGTERM (a supervisor, `timeout`, `kill`) stops the stack as Ctrl-C does, also while
     # it starts: nothing is left running, whichever comes when
-    signal.signal(signal.SIGTERM, _interrupted)
+    if threading.current_thread() is threading.main_thread():  # (where Python allows it)
+        signal.signal(signal.SIGTERM, _interrupted)
     ray = start_ray(config, state, env)
     record = {"pid": ray.pid, "services": {}, "config": asdict(config), "engine": engine}
     write_state(state, record)

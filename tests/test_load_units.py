@@ -179,3 +179,24 @@ def test_a_gpu_stack_row_with_several_runs_shows_each_sides_range() -> None:
                                 "stack_tokens_per_s_range": [7020.2, 7482.6]}}
     _, result, _ = _cell(row)
     assert "(means of 4 and 4 runs: 7020-7483 and 7566-8888)" in result
+
+
+def test_a_gpu_stack_row_with_the_way_in_measured_says_where_it_went() -> None:
+    """A GPU stack row that measured Serve's routing and the event loops' lag (PERF.md
+    v0.34) says so in its table cell; the rows before them make the same cell as before."""
+    import json
+    from pathlib import Path
+
+    from infra.report import _cell
+
+    rows = [json.loads(line) for line in
+            Path("infra/results/stack_gpu_h200.jsonl").read_text().splitlines()]
+    row = next(r for r in reversed(rows) if r["kind"] == "gpu_stack" and "vs_engine" in r)
+    before = _cell(row)[1]
+    assert "way in" not in before
+    row["load_repeat_inside"].update(
+        routing_choose_mean_ms=4.2, routing_choices_per_call=1.0, router_loop_lag_mean_ms=3.1,
+        replica_loop_lag_ms={"n": 2048, "mean": 0.9}, way_in_ms={"n": 512, "mean": 27.2})
+    assert _cell(row)[1] == before + (
+        "; way in 27.2 ms mean, of it 4.2 ms to the choice of replica (1.0 choices a call); "
+        "event-loop lag: router 3.1 ms, engine replica 0.9 ms")
