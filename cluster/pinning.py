@@ -42,8 +42,22 @@ from router.policy import ROUTING_MODES, choose_replica
 from router.sessions import SessionStore, SessionStoreConfig
 
 log = logging.getLogger(__name__)
+# TPSERVE_ROUTING_TASKS=N: requests a router process routes at once (0: Serve's own rule,
+# twice the replicas up to 50), for measuring (`AB_ROUTING_TASKS=0 bash
+# infra/device_stack.sh measure` runs the GPU stack both ways); unset: Serve's cap, 50
+ROUTING_TASKS_ENV = "TPSERVE_ROUTING_TASKS"
 PIN_CACHE_SIZE = 100_000  # sessions whose pin this process remembers (least recent dropped)
 REFRESH_S = 1.0  # s before a cached pin is claimed again (TTL slid, another router's move)
+
+
+def routing_tasks() -> int | None:
+    """TPSERVE_ROUTING_TASKS as a count (0: Serve's own rule; None: unset)."""
+    value = os.environ.get(ROUTING_TASKS_ENV, "").strip()
+    if not value:
+        return None
+    if not value.isdigit():
+        raise ValueError(f"{ROUTING_TASKS_ENV}={value}: give a count (0: Serve's own rule)")
+    return int(value)
 
 
 class PinnedRouter(RequestRouter):
@@ -123,8 +137,11 @@ class PinnedRouter(RequestRouter):
         """Requests routed at once. Serve's default is twice the replicas, at most 50;
         but a choice here may wait for Redis (a session's first request claims its pin),
         and with one replica two such waits at a time held up every request behind them
-        (64 clients on the CPU stack: 30 ms from the handle call to the choice)."""
-        return self.max_num_routing_tasks_cap
+        (64 clients on the CPU stack: 30 ms from the handle call to the choice). So
+        Serve's cap, unless TPSERVE_ROUTING_TASKS says otherwise (routing_tasks)."""
+        wanted = routing_tasks()
+        return super().max_num_routing_tasks if wanted == 0 else (
+            wanted or self.max_num_routing_tasks_cap)
 
     def on_send_request(self, replica_id: ReplicaID) -> None:
         """A request goes to `replica_id` (counted in its load until it completes: Serve

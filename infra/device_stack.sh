@@ -33,6 +33,9 @@
 # AB_SWITCH_MS=N before `measure`: the stack a second time with the engine replica's GIL
 # switch interval at N ms instead of Python's 5 (TPSERVE_SWITCH_INTERVAL_MS), in the same
 # call. SWITCH_MS=N: the first stack with it already (one stack, no A/B: a short call).
+# AB_ROUTING_TASKS=N before `measure`: the stack a second time with the router routing N
+# requests at once (TPSERVE_ROUTING_TASKS; 0: Serve's own rule, 2 a replica, as before
+# PERF.md v0.34) instead of Serve's cap of 50, in the same call.
 # AB_DATA_PATH=P before `measure`: the stack a second time with --data-path P (serve:
 # each delta a Serve message, as before the direct path became the default), in the
 # same call.
@@ -198,6 +201,10 @@ $(python3 -c "print(round($t1 - $t0, 1))")}" | tee -a "$out/gpu_stack.jsonl"
     fi
     if [ "$caches" = warm ] && [ "${AB_INTERVAL:-1}" != 1 ] && [ $rc = 0 ]; then
         stack_again "" --stream-interval "$AB_INTERVAL"
+    fi
+    if [ "$caches" = warm ] && [ -n "${AB_ROUTING_TASKS:-}" ] && [ $rc = 0 ]; then
+        # the router routing AB_ROUTING_TASKS requests at once (cluster/pinning.py)
+        stack_again TPSERVE_ROUTING_TASKS=$AB_ROUTING_TASKS
     fi
     if [ "$caches" = warm ] && [ -n "${AB_DATA_PATH:-}" ] && [ $rc = 0 ]; then
         stack_again "" --data-path "$AB_DATA_PATH"

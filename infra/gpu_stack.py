@@ -381,6 +381,7 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
     """`light`: the replica's start, the front door and the prefix cache only (no load
     runs, no comparison with the engine)."""
     from cluster.engine import max_ongoing, switch_interval_ms
+    from cluster.pinning import routing_tasks
     from infra.stack import Running, read_state
 
     stack = Running.recorded(state_dir)
@@ -432,6 +433,8 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
         # the engine replica's max_ongoing_requests, as `tpserve up` ran with this env
         "max_ongoing": max_ongoing(),
         "switch_interval_ms": switch_interval_ms(),  # (None: Python's 5 ms)
+        # requests the router routes at once (None: Serve's cap; 0: Serve's own rule)
+        "routing_tasks": routing_tasks(),
         "chat": chat, "load": load, "load_repeat": repeat, "load_more": more,
         "load_repeat_inside": inside,
         "load_config": asdict(LoadConfig(**{**asdict(LOAD), "url": stack.edge})),

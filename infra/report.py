@@ -124,6 +124,10 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                    if row.get("max_ongoing", 64) != 64 else "")
                 + (f", the engine replica's GIL switch interval {row['switch_interval_ms']} ms"
                    if row.get("switch_interval_ms") else "")
+                + (", Serve's own count of routing tasks (2 a replica)"
+                   if row.get("routing_tasks") == 0 else
+                   f", {row['routing_tasks']} routing tasks" if row.get("routing_tasks")
+                   else "")
                 + (f", {row['router_replicas']} router replicas"
                    if row.get("router_replicas", 1) != 1 else "")
                 + _path(row))

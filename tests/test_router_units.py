@@ -174,7 +174,6 @@ def test_the_request_router_times_each_choice_and_counts_each_send() -> None:
 
     router = _router("pinned")
     router._use_replica_queue_len_cache = False  # (Serve's own cache: not set up here)
-    assert router.max_num_routing_tasks == 50  # not 2 per replica: choices wait for Redis
     replicas = [_FakeReplica(r) for r in ("a", "b")]
     pending = _pending("s-timed", created_at=time.time() - 0.25)
     (s0, n0) = total()
@@ -348,3 +347,19 @@ def test_loop_lag_records_how_long_the_loop_was_kept_from_its_timers() -> None:
     assert 3 <= idle <= 21  # one sampler, a sample per 5 ms at most
     assert max(lags) >= 0.14
     assert sorted(lags[:idle])[idle // 2] < 0.05
+
+
+def test_routing_tasks_are_serves_cap_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TPSERVE_ROUTING_TASKS: a count of requests routed at once, 0 for Serve's own rule
+    (two a replica), unset for Serve's cap; anything else refused by name."""
+    router = _router("pinned")
+    router._replicas = {"a": _FakeReplica("a")}  # (Serve's: one replica)
+    monkeypatch.delenv("TPSERVE_ROUTING_TASKS", raising=False)
+    assert router.max_num_routing_tasks == 50
+    monkeypatch.setenv("TPSERVE_ROUTING_TASKS", "0")
+    assert router.max_num_routing_tasks == 2
+    monkeypatch.setenv("TPSERVE_ROUTING_TASKS", "7")
+    assert router.max_num_routing_tasks == 7
+    monkeypatch.setenv("TPSERVE_ROUTING_TASKS", "many")
+    with pytest.raises(ValueError, match="TPSERVE_ROUTING_TASKS=many"):
+        _ = router.max_num_routing_tasks
