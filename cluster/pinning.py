@@ -77,6 +77,7 @@ class PinnedRouter(RequestRouter):
         # session -> (replica Redis gave, monotonic time of that claim)
         self.pins: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self.refreshing: dict[str, asyncio.Task[str]] = {}  # background claims
+        self.routing_tasks = routing_tasks()  # (max_num_routing_tasks)
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None
@@ -139,7 +140,7 @@ class PinnedRouter(RequestRouter):
         and with one replica two such waits at a time held up every request behind them
         (64 clients on the CPU stack: 30 ms from the handle call to the choice). So
         Serve's cap, unless TPSERVE_ROUTING_TASKS says otherwise (routing_tasks)."""
-        wanted = routing_tasks()
+        wanted = self.routing_tasks
         return super().max_num_routing_tasks if wanted == 0 else (
             wanted or self.max_num_routing_tasks_cap)
 

@@ -253,6 +253,8 @@ def stack_env(config: StackConfig, state: Path, token: str) -> dict[str, str]:
 
 
 def _interrupted(signum: int, frame: Any) -> None:
+    """SIGTERM as Ctrl-C; a second one is ignored, so that the stop it began finishes."""
+    signal.signal(signum, signal.SIG_IGN)
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 

@@ -352,14 +352,15 @@ def test_loop_lag_records_how_long_the_loop_was_kept_from_its_timers() -> None:
 def test_routing_tasks_are_serves_cap_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
     """TPSERVE_ROUTING_TASKS: a count of requests routed at once, 0 for Serve's own rule
     (two a replica), unset for Serve's cap; anything else refused by name."""
-    router = _router("pinned")
-    router._replicas = {"a": _FakeReplica("a")}  # (Serve's: one replica)
-    monkeypatch.delenv("TPSERVE_ROUTING_TASKS", raising=False)
-    assert router.max_num_routing_tasks == 50
-    monkeypatch.setenv("TPSERVE_ROUTING_TASKS", "0")
-    assert router.max_num_routing_tasks == 2
-    monkeypatch.setenv("TPSERVE_ROUTING_TASKS", "7")
-    assert router.max_num_routing_tasks == 7
-    monkeypatch.setenv("TPSERVE_ROUTING_TASKS", "many")
+    def tasks(value: str | None) -> int:
+        if value is None:
+            monkeypatch.delenv("TPSERVE_ROUTING_TASKS", raising=False)
+        else:
+            monkeypatch.setenv("TPSERVE_ROUTING_TASKS", value)
+        router = _router("pinned")  # (read as the router starts)
+        router._replicas = {"a": _FakeReplica("a")}  # (Serve's: one replica)
+        return router.max_num_routing_tasks
+
+    assert [tasks(None), tasks("0"), tasks("7")] == [50, 2, 7]
     with pytest.raises(ValueError, match="TPSERVE_ROUTING_TASKS=many"):
-        _ = router.max_num_routing_tasks
+        tasks("many")
