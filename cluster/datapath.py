@@ -13,8 +13,10 @@ the address the request carries.
 
 Frames: a 4-byte big-endian length, then JSON. A replica's first frame on a connection
 is the router's token, which the request carried through Serve (a connection that does
-not open with it is dropped); each later frame is a list of [stream, item] pairs, the
-items being router/wire.py's dicts. The router ends a stream once the call answered and
+not open with it is dropped); each later frame is {"sent_at": the replica's wall clock
+as it wrote the frame, "items": a list of [stream, item] pairs}, the items being
+router/wire.py's dicts (`items_frame`; the router records each frame's age as it reads
+it: the way back, on one host's clock). The router ends a stream once the call answered and
 that many items arrived. A connection lost mid-stream, or items that do not arrive within
 LATE_S of the answer, end the stream with a 503 ErrorEvent, as a failed replica does.
 
@@ -30,6 +32,7 @@ import json
 import logging
 import secrets
 import struct
+import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +64,11 @@ def checked(data_path: str) -> str:
 def frame(payload: Any) -> bytes:
     body = json.dumps(payload, separators=(",", ":")).encode()
     return _LENGTH.pack(len(body)) + body
+
+
+def items_frame(pairs: list[list[Any]], sent_at: float | None = None) -> bytes:
+    """A frame of [stream, item] pairs, stamped with the wall clock (or `sent_at`)."""
+    return frame({"sent_at": time.time() if sent_at is None else sent_at, "items": pairs})
 
 
 async def read_frame(reader: asyncio.StreamReader) -> Any:
@@ -119,8 +127,10 @@ class Inbox:
     """The router's side: a listening socket whose connections (one per engine replica
     that serves this router) carry the items of many streams."""
 
-    def __init__(self, host: str) -> None:
+    def __init__(self, host: str, frame_age: Callable[[float], None] | None = None) -> None:
+        """`frame_age`: given each frame's age (seconds) as it is read."""
         self.host, self.port = host, 0
+        self.frame_age = frame_age
         self.token = secrets.token_hex(16)
         self.streams: dict[int, Stream] = {}
         self._next = 0
@@ -175,7 +185,7 @@ class Inbox:
         except (asyncio.IncompleteReadError, asyncio.CancelledError):
             pass  # the replica closed it; or this loop is ending (3.11's streams would
             # log a handler task that ends cancelled)
-        except (ConnectionError, TimeoutError, ValueError) as e:
+        except (ConnectionError, TimeoutError, ValueError, KeyError, TypeError) as e:
             log.warning("data path: connection from a replica failed: %r", e)
         finally:
             self.connections.discard(writer)
@@ -184,9 +194,11 @@ class Inbox:
                 if stream.connection == connection:
                     stream.queue.put_nowait(Lost())
 
-    def _take(self, pairs: list[list[Any]], connection: int) -> None:
+    def _take(self, payload: dict[str, Any], connection: int) -> None:
+        if self.frame_age is not None:
+            self.frame_age(max(0.0, time.time() - payload["sent_at"]))
         streams = self.streams
-        for stream_id, item in pairs:
+        for stream_id, item in payload["items"]:
             stream = streams.get(stream_id)
             if stream is not None:  # else the router stopped reading it
                 stream.connection = connection
@@ -237,7 +249,7 @@ class Outbox:
     def _flush(self) -> None:
         if self._pending and self.error is None:
             pending, self._pending = self._pending, []
-            self.writer.write(frame(pending))
+            self.writer.write(items_frame(pending))
 
     def _fail(self, cause: BaseException | None) -> None:
         if self.error is None:

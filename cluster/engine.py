@@ -40,7 +40,7 @@ from cluster.datapath import (
     checked,
 )
 from cluster.requests import ReplicaTimes, error_event, serve_request
-from router import keys, wire
+from router import keys, metrics, wire
 from router.looplag import LoopLag
 
 if TYPE_CHECKING:
@@ -201,7 +201,7 @@ class ServeEngine:
         checked(data_path)
         self.handle = handle.options(stream=True)
         self.unary = handle.options(stream=False)
-        self.inbox = Inbox(host) if data_path == "direct" else None
+        self.inbox = Inbox(host, metrics.FRAME_AGE.observe) if data_path == "direct" else None
 
     async def generate(self, request: wire.Request, session_key: str
                        ) -> AsyncGenerator[wire.Item, None]:

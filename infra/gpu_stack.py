@@ -160,7 +160,9 @@ ROUTER_TIMES = {"router_ttft": ("tpserve_time_to_first_token_seconds", ""),
                 # Serve's routing of the engine call (cluster/pinning.py): to each choice of
                 # replicas (more of them than engine calls: requests chosen again)
                 "routing_choose": ("tpserve_engine_routing_seconds", ""),
-                "router_loop_lag": ("tpserve_loop_lag_seconds", "")}
+                "router_loop_lag": ("tpserve_loop_lag_seconds", ""),
+                # the direct data path's frames: the replica's write to the router's read
+                "frame_age": ("tpserve_data_path_frame_age_seconds", "")}
 
 
 def router_times(edge: str) -> dict[str, tuple[float, float]]:

@@ -166,7 +166,9 @@ def _way_in(inside: dict[str, Any]) -> str:
     return (f"; way in {(inside.get('way_in_ms') or {}).get('mean')} ms mean, of it "
             f"{inside['routing_choose_mean_ms']} ms to the choice of replica "
             f"({inside['routing_choices_per_call']} choices a call); event-loop lag: "
-            f"router {inside['router_loop_lag_mean_ms']} ms, engine replica {lag} ms")
+            f"router {inside['router_loop_lag_mean_ms']} ms, engine replica {lag} ms"
+            + (f"; frames {inside['frame_age_mean_ms']} ms old as the router read them"
+               if "frame_age_mean_ms" in inside else ""))
 
 
 def _span(values: list[float]) -> str:

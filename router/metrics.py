@@ -32,3 +32,9 @@ LOOP_LAG = Histogram("tpserve_loop_lag_seconds", "the router's event loop lag",
 # Serve backed off in between)
 ROUTING = Histogram("tpserve_engine_routing_seconds", "engine handle call to a choice of "
                     "replicas", buckets=FIRST_BUCKETS)
+# the direct data path (cluster/datapath.py): a frame's age as the router reads it, from
+# the engine replica's write (wall clocks; one host's, or as far apart as the hosts' are)
+FRAME_AGE = Histogram("tpserve_data_path_frame_age_seconds", "engine replica's write of a "
+                      "frame to the router's read of it", buckets=(0.0005, 0.001, 0.002,
+                                                                   0.005, 0.01, 0.02, 0.05,
+                                                                   0.1, 0.25, 1))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 
 pytest.importorskip("ray")
 from cluster import datapath  # noqa: E402
-from cluster.datapath import Inbox, Lost, Outboxes, frame, read_frame  # noqa: E402
+from cluster.datapath import Inbox, Lost, Outboxes, frame, items_frame, read_frame  # noqa: E402
 from cluster.engine import ServeEngine, deliver  # noqa: E402
 from router import wire  # noqa: E402
 
@@ -36,7 +37,8 @@ def test_a_turns_items_leave_as_one_frame_in_order() -> None:
         inbox = Inbox("127.0.0.1")
         await inbox.start()
         take = inbox._take
-        inbox._take = lambda pairs, c: (frames.append(len(pairs)), take(pairs, c))  # type: ignore
+        inbox._take = lambda frame, c: (  # type: ignore[method-assign]
+            frames.append(len(frame["items"])), take(frame, c))
         (a, qa), (b, qb), (gone, _) = inbox.open(), inbox.open(), inbox.open()
         inbox.close(gone)
         outbox = await Outboxes().get(inbox.reply_to(a))
@@ -57,13 +59,37 @@ def test_a_turns_items_leave_as_one_frame_in_order() -> None:
     assert frames == [9, 1] and not gone_kept
 
 
+def test_each_frames_age_is_recorded_and_a_malformed_frame_drops_its_connection() -> None:
+    """The inbox hands each frame's age (the replica's stamp to its read) to `frame_age`;
+    a frame that is not {sent_at, items} ends its connection (its streams get Lost)."""
+    ages: list[float] = []
+
+    async def main() -> tuple[Any, Any]:
+        inbox = Inbox("127.0.0.1", ages.append)
+        await inbox.start()
+        stream_id, stream = inbox.open()
+        reader, writer = await asyncio.open_connection("127.0.0.1", inbox.port)
+        writer.write(frame(inbox.token)
+                     + items_frame([[stream_id, delta(0)]], sent_at=time.time() - 0.25)
+                     + frame([[stream_id, delta(1)]]))  # (the old format: pairs alone)
+        first = await asyncio.wait_for(stream.queue.get(), 5)
+        second = await asyncio.wait_for(stream.queue.get(), 5)
+        writer.close()
+        await inbox.stop()
+        return first, second
+
+    first, second = run(main())
+    assert first == delta(0) and isinstance(second, Lost)
+    assert len(ages) == 1 and 0.25 <= ages[0] < 5
+
+
 def test_a_connection_without_the_routers_token_is_dropped() -> None:
     async def main() -> tuple[int, bytes]:
         inbox = Inbox("127.0.0.1")
         await inbox.start()
         stream_id, stream = inbox.open()
         reader, writer = await asyncio.open_connection("127.0.0.1", inbox.port)
-        writer.write(frame("not-the-token") + frame([[stream_id, delta(0)]]))
+        writer.write(frame("not-the-token") + items_frame([[stream_id, delta(0)]]))
         end = await reader.read()  # the inbox closes it
         writer.close()
         await inbox.stop()
@@ -194,7 +220,7 @@ def test_items_that_arrive_after_the_answer_still_reach_the_router() -> None:
     async def late(request: dict[str, Any], reply: dict[str, Any]) -> int:
         outbox = await Outboxes().get(reply)  # the answer overtakes the items
         asyncio.get_running_loop().call_later(0.2, lambda: outbox.writer.write(
-            frame([[reply["stream"], item] for item in items])))
+            items_frame([[reply["stream"], item] for item in items])))
         return len(items)
 
     async def main() -> list[wire.Item]:

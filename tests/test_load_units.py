@@ -196,7 +196,9 @@ def test_a_gpu_stack_row_with_the_way_in_measured_says_where_it_went() -> None:
     assert "way in" not in before
     row["load_repeat_inside"].update(
         routing_choose_mean_ms=4.2, routing_choices_per_call=1.0, router_loop_lag_mean_ms=3.1,
-        replica_loop_lag_ms={"n": 2048, "mean": 0.9}, way_in_ms={"n": 512, "mean": 27.2})
+        replica_loop_lag_ms={"n": 2048, "mean": 0.9}, way_in_ms={"n": 512, "mean": 27.2},
+        frame_age_mean_ms=1.4)
     assert _cell(row)[1] == before + (
         "; way in 27.2 ms mean, of it 4.2 ms to the choice of replica (1.0 choices a call); "
-        "event-loop lag: router 3.1 ms, engine replica 0.9 ms")
+        "event-loop lag: router 3.1 ms, engine replica 0.9 ms; frames 1.4 ms old as the "
+        "router read them")
