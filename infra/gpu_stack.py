@@ -154,48 +154,38 @@ def cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
     return total
 
 
-# (histogram, the labels a series must have: "" any) of the router's /metrics
-ROUTER_TIMES = {"router_ttft": ("tpserve_time_to_first_token_seconds", ""),
-                "engine_first_item": ("tpserve_engine_first_item_seconds", ""),
+ROUTER_TIMES = {"router_ttft": "tpserve_time_to_first_token_seconds",
+                "engine_first_item": "tpserve_engine_first_item_seconds",
                 # Serve's routing of the engine call (cluster/pinning.py): to each choice of
                 # replicas (more of them than engine calls: requests chosen again)
-                "routing_choose": ("tpserve_engine_routing_seconds", ""),
-                "router_loop_lag": ("tpserve_loop_lag_seconds", ""),
+                "routing_choose": "tpserve_engine_routing_seconds",
+                "router_loop_lag": "tpserve_loop_lag_seconds",
                 # the direct data path's frames: the replica's write to the router's read
-                "frame_age": ("tpserve_data_path_frame_age_seconds", "")}
+                "frame_age": "tpserve_data_path_frame_age_seconds"}
 
 
 def router_times(edge: str) -> dict[str, tuple[float, float]]:
-    """(sum of seconds, count) of the router's ROUTER_TIMES histograms, over the series
-    with the labels given there (its /metrics through nginx: one router replica's, with
-    several): its time to first token (from taking a parsed request to its first delta)
-    and, within it, from its call of the engine handle to the first item back, Serve's
-    routing of that call, and its event loop's lag. Two readings around a run give that
+    """(sum of seconds, count) of the router's ROUTER_TIMES histograms, every label (its
+    /metrics through nginx: one router replica's, with several): its time to first token
+    (from taking a parsed request to its first delta) and, within it, from its call of
+    the engine handle to the first item back, Serve's routing of that call, its event
+    loop's lag and the data path's frames' age. Two readings around a run give that
     run's means (`means`)."""
+    import re
     import urllib.request
 
     with urllib.request.urlopen(f"{edge}/metrics", timeout=30) as reply:
-        return histogram_totals(reply.read().decode())
-
-
-def histogram_totals(text: str) -> dict[str, tuple[float, float]]:
-    """router_times of a /metrics text."""
-    import re
-
-    out = {}
-    for key, (name, labels) in ROUTER_TIMES.items():
-        sums = []
-        for part in ("sum", "count"):
-            series = re.findall(rf"^{name}_{part}(?:{{([^}}]*)}})? (\S+)$", text, re.MULTILINE)
-            sums.append(sum(float(v) for found, v in series if labels in found))
-        out[key] = (sums[0], sums[1])
-    return out
+        text = reply.read().decode()
+    return {key: tuple(sum(float(v) for v in re.findall(
+                rf"^{name}_{part}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE))
+                for part in ("sum", "count"))  # type: ignore[misc]
+            for key, name in ROUTER_TIMES.items()}
 
 
 def means(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
           ) -> dict[str, float]:
     """Each histogram's mean (ms) over what it recorded between two router_times, and the
-    choices of replicas per accepted engine call (1.0: none chosen again)."""
+    choices of replicas per engine call (1.0: none chosen again)."""
     def count(key: str) -> float:
         return after[key][1] - before[key][1]
 

@@ -111,9 +111,9 @@ def test_pinning_step_brings_up_a_stack_per_routing_in_its_own_state(
 
 def test_router_times_sum_every_label_of_the_histograms(monkeypatch: pytest.MonkeyPatch
                                                         ) -> None:
-    """The router's histograms read from /metrics: the sums and counts over every label,
-    or over the series with the labels asked for (buckets and other metrics left out),
-    and the means between two readings, with the choices of replicas per call."""
+    """The router's histograms read from /metrics: the sums and counts over every label
+    (buckets and other metrics left out), and the means between two readings, with the
+    choices of replicas per engine call."""
     import io
     import urllib.request
 
