@@ -62,9 +62,9 @@ DRAIN_TIMEOUT_S = 300.0
 # often found the replica still counting the one that just ended, Serve's router counted
 # it full, probed it and routed later; under 64 streaming clients at 256 the way in was
 # about half and tok/s ~30 % higher on the CPU stack (PERF.md v0.34, 2 x 2 runs), and on
-# the H200 TTFT p50 was 21 ms shorter (v0.30, one run each). TPSERVE_MAX_ONGOING=N sets
-# another, for measuring (`AB_MAX_ONGOING=64 bash infra/device_stack.sh measure` runs the
-# stack both ways)
+# the H200 (an earlier test, the Serve data path) TTFT p50 was 21 ms shorter.
+# TPSERVE_MAX_ONGOING=N sets another, for measuring (`AB_MAX_ONGOING=64 bash
+# infra/device_stack.sh measure` runs the stack both ways)
 MAX_ONGOING = 256
 
 
