@@ -58,14 +58,12 @@ STATS_PERIOD_S = 1.0
 # Serve waits this long for a replica being removed to finish its accepted requests
 DRAIN_TIMEOUT_S = 300.0
 # requests an engine replica takes at once (Serve's max_ongoing_requests; the engine queues
-# those past max_num_seqs itself, 64 by default). It was 64: then a client's next request
-# often found the replica still counting the one that just ended, Serve's router counted
-# it full, probed it and routed later; under 64 streaming clients at 256 the way in was
-# about half and tok/s ~30 % higher on the CPU stack (PERF.md v0.34, 2 x 2 runs), and on
-# the H200 (an earlier test, the Serve data path) TTFT p50 was 21 ms shorter.
-# TPSERVE_MAX_ONGOING=N sets another, for measuring (`AB_MAX_ONGOING=64 bash
+# those past max_num_seqs itself). TPSERVE_MAX_ONGOING=N sets another, for measuring:
+# issue 19's stack ran 64 streaming clients against exactly 64, so a client's next request
+# may find the replica still counting the one that just ended, and Serve's router then
+# backs off (>= 50 ms) before it tries again (`AB_MAX_ONGOING=N bash
 # infra/device_stack.sh measure` runs the stack both ways)
-MAX_ONGOING = 256
+MAX_ONGOING = 64
 
 
 def max_ongoing() -> int:
@@ -173,7 +171,8 @@ class EngineDeployment:
                              outbox, reply["stream"], self.replica_id)
 
     def stats(self) -> dict[str, Any]:
-        return {**self.engine.stats(), **self.times.summary(), "replica": self.replica_id}
+        return {**self.engine.stats(), **self.times.summary(), "replica": self.replica_id,
+                "max_ongoing": max_ongoing()}
 
     def check_health(self) -> None:
         """Serve replaces the replica when this raises: a dead rank, a broken group."""

@@ -29,8 +29,7 @@
 # AB_ROUTERS=N before `measure`: the stack a second time with N router replicas (nginx
 # spreads the streams over them), in the same call.
 # AB_MAX_ONGOING=N before `measure`: the stack a second time with the engine replica
-# taking N requests at once instead of 256 (TPSERVE_MAX_ONGOING; 64 before PERF.md
-# v0.34), in the same call.
+# taking N requests at once instead of 64 (TPSERVE_MAX_ONGOING), in the same call.
 # AB_SWITCH_MS=N before `measure`: the stack a second time with the engine replica's GIL
 # switch interval at N ms instead of Python's 5 (TPSERVE_SWITCH_INTERVAL_MS), in the same
 # call. SWITCH_MS=N: the first stack with it already (one stack, no A/B: a short call).
@@ -189,7 +188,7 @@ $(python3 -c "print(round($t1 - $t0, 1))")}" | tee -a "$out/gpu_stack.jsonl"
         stack_again TPSERVE_STREAM_JOIN=0
     fi
     if [ "$caches" = warm ] && [ -n "${AB_MAX_ONGOING:-}" ] && [ $rc = 0 ]; then
-        # the engine replica taking AB_MAX_ONGOING requests at once instead of 256
+        # the engine replica taking AB_MAX_ONGOING requests at once instead of 64
         # (cluster/engine.py MAX_ONGOING)
         stack_again TPSERVE_MAX_ONGOING=$AB_MAX_ONGOING
     fi

@@ -107,12 +107,15 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                 f"{row['cpu_us_per_token']} us", "—")
     if kind == "router_cpu_stack":
         c, us = row["load_config"], row["cpu_us_per_token"]
+        inside = row.get("inside", {})
         return (f"CPU per streamed token in the CPU stack (tiny model, one tp=1 replica, "
                 f"{c['clients']} clients x {c['max_tokens']} tokens, stream_interval "
-                f"{row['stream_interval']}{_path(row)})",
+                f"{row['stream_interval']}{_path(row)}"
+                + (f", an engine replica takes {inside['max_ongoing']} requests at once"
+                   if inside.get("max_ongoing") else "") + ")",
                 f"router {us['router']} us, engine replica {us['engine']}, nginx "
                 f"{us['nginx']}, client {us['client']}; {row['tok_s']} tok/s, TTFT p50 "
-                f"{row['ttft_ms']['p50']} ms", "—")
+                f"{row['ttft_ms']['p50']} ms" + _way_in(inside), "—")
     if kind in ("gpu_stack", "gpu_stack_start"):
         what = (f"stack on one {row.get('gpu', 'H200')}: {row['model']}, {row['replicas']} "
                 f"replica tp={row['tp']}, kernel caches {row.get('caches', 'not recorded')}"

@@ -1,5 +1,5 @@
 """The router's CPU per streamed token: `python -m infra.router_cpu [--tokens N]
-[--stack EDGE]`.
+[--stack EDGE [--state-dir DIR]]`.
 
 The router replica was the GPU stack's bottleneck (~1 core at 64 clients, issue 19), and
 most of its work is per token: reading the engine's wire item, shaping an OpenAI chunk,
@@ -14,7 +14,10 @@ Redis). Prints and appends one JSON line.
 `--clients` streaming clients (infra/client.py) for `--duration` seconds through nginx,
 and each stack process's CPU seconds per streamed token over the run (the router
 replica's, the engine replica's, nginx's, this client's), with the run's tok/s and TTFT
-and the `--stream-interval` and `--data-path` the stack was started with (as given here).
+and the `--stream-interval` and `--data-path` the stack was started with (as given here);
+and where the router's TTFT went (`inside`: its routing, loop lag and data-path frames'
+age over the run, and with `--state-dir` the engine replica's way in, own TTFT, loop lag
+and max_ongoing).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 from cluster.datapath import DATA_PATHS
-from infra.results import emit, environment
+from infra.results import driver_env, emit, environment
 from router import wire
 from router.app import Router, RouterConfig, make_api
 
@@ -91,12 +94,15 @@ async def measure(tokens: int, requests: int, rounds: int) -> float:
 
 
 def stack_row(edge: str, clients: int, tokens: int, duration: float, interval: int,
-              data_path: str) -> dict[str, Any]:
-    """CPU seconds per streamed token of each stack process over one load run."""
+              data_path: str, state_dir: str | None = None) -> dict[str, Any]:
+    """CPU seconds per streamed token of each stack process over one load run, and where
+    the router's TTFT went (PERF.md v0.34): its histograms' means over the run and, with
+    `state_dir` (the stack's: a Ray driver reads the engine replica's stats), the
+    replica's own view of its last 512 requests."""
     from dataclasses import asdict
 
     from infra.client import LoadConfig, run_clients
-    from infra.gpu_stack import cpu_seconds, stack_pids
+    from infra.gpu_stack import cpu_seconds, means, replica_stats, router_times, stack_pids
     from infra.results import summarize
 
     warm = LoadConfig(url=edge, clients=4, turns=1, max_tokens=8, duration=5.0,
@@ -105,10 +111,16 @@ def stack_row(edge: str, clients: int, tokens: int, duration: float, interval: i
     config = LoadConfig(url=edge, clients=clients, turns=1, max_tokens=tokens, user_words=8,
                         duration=duration, max_requests=100_000, request_timeout=120.0)
     pids = stack_pids()
-    before = cpu_seconds(pids)
+    before, times = cpu_seconds(pids), router_times(edge)
     records: list[Any] = []
     wall = asyncio.run(run_clients(config, records))
     after = cpu_seconds(pids)
+    inside: dict[str, Any] = means(times, router_times(edge))
+    if state_dir:
+        stats = replica_stats(state_dir)
+        inside.update({key: stats.get(key) for key in (
+            "way_in_ms", "prepare_ms", "replica_ttft_ms", "ttft_ms")},
+            replica_loop_lag_ms=stats.get("loop_lag_ms"), max_ongoing=stats.get("max_ongoing"))
     run = summarize(records, wall)
     streamed = run["output_tokens_per_s"] * wall
     per_token = {name: round((after[name] - before.get(name, 0.0)) / streamed * 1e6, 1)
@@ -116,7 +128,7 @@ def stack_row(edge: str, clients: int, tokens: int, duration: float, interval: i
     return {"kind": "router_cpu_stack", "cpu_us_per_token": per_token,
             "tok_s": run["output_tokens_per_s"], "ttft_ms": run["ttft_ms"],
             "requests": run["requests"], "failed": run["failed_accepted"],
-            "stream_interval": interval, "data_path": data_path,
+            "stream_interval": interval, "data_path": data_path, "inside": inside,
             "load_config": asdict(config)}
 
 
@@ -134,10 +146,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="--stack: the stack's --stream-interval, for the record")
     parser.add_argument("--data-path", default=DATA_PATHS[0], choices=DATA_PATHS,
                         help="--stack: the stack's --data-path, for the record")
+    parser.add_argument("--state-dir", help="--stack: the stack's state dir (`tpserve up "
+                        "--state-dir`): adds the engine replica's stats (its way in, loop "
+                        "lag, own TTFT)")
     args = parser.parse_args(argv)
     if args.stack:
+        if args.state_dir:
+            driver_env()  # (before anything imports Ray)
         emit({**stack_row(args.stack, args.clients, args.tokens, args.duration,
-                          args.stream_interval, args.data_path),
+                          args.stream_interval, args.data_path, args.state_dir),
               **environment()}, args.out or None)
         return 0
     us = asyncio.run(measure(args.tokens, args.requests, args.rounds))

@@ -202,3 +202,22 @@ def test_a_gpu_stack_row_with_the_way_in_measured_says_where_it_went() -> None:
         "; way in 27.2 ms mean, of it 4.2 ms to the choice of replica (1.0 choices a call); "
         "event-loop lag: router 3.1 ms, engine replica 0.9 ms; frames 1.4 ms old as the "
         "router read them")
+
+
+def test_a_cpu_stack_row_says_its_replicas_cap_and_where_the_way_in_went() -> None:
+    """router_cpu --stack --state-dir rows carry `inside` (PERF.md v0.34): their cell names
+    the engine replica's max_ongoing and where the router's TTFT went; older rows' cells
+    are as before."""
+    import json
+    from pathlib import Path
+
+    from infra.report import _cell
+
+    rows = [json.loads(line) for line in
+            Path("infra/results/router_cpu.jsonl").read_text().splitlines()
+            if '"router_cpu_stack"' in line]
+    old, new = rows[0], rows[-1]
+    assert "inside" not in old and "way in" not in _cell(old)[1]
+    what, figures, _ = _cell(new)
+    assert f"an engine replica takes {new['inside']['max_ongoing']} requests at once" in what
+    assert f"way in {new['inside']['way_in_ms']['mean']} ms mean" in figures
