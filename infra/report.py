@@ -112,7 +112,9 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                 f"{c['clients']} clients x {c['max_tokens']} tokens, stream_interval "
                 f"{row['stream_interval']}{_path(row)}"
                 + (f", an engine replica takes {inside['max_ongoing']} requests at once"
-                   if inside.get("max_ongoing") else "") + ")",
+                   if inside.get("max_ongoing") else "")
+                + (", Serve's own count of routing tasks (2 a replica)"
+                   if inside.get("routing_tasks") == 0 else "") + ")",
                 f"router {us['router']} us, engine replica {us['engine']}, nginx "
                 f"{us['nginx']}, client {us['client']}; {row['tok_s']} tok/s, TTFT p50 "
                 f"{row['ttft_ms']['p50']} ms" + _way_in(inside), "—")

@@ -101,6 +101,7 @@ def stack_row(edge: str, clients: int, tokens: int, duration: float, interval: i
     replica's own view of its last 512 requests."""
     from dataclasses import asdict
 
+    from cluster.pinning import routing_tasks
     from infra.client import LoadConfig, run_clients
     from infra.gpu_stack import cpu_seconds, means, replica_stats, router_times, stack_pids
     from infra.results import summarize
@@ -116,6 +117,7 @@ def stack_row(edge: str, clients: int, tokens: int, duration: float, interval: i
     wall = asyncio.run(run_clients(config, records))
     after = cpu_seconds(pids)
     inside: dict[str, Any] = means(times, router_times(edge))
+    inside["routing_tasks"] = routing_tasks()  # (as the stack was started with this env)
     if state_dir:
         stats = replica_stats(state_dir)
         inside.update({key: stats.get(key) for key in (
