@@ -113,8 +113,7 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                 f"{row['stream_interval']}{_path(row)}"
                 + (f", an engine replica takes {inside['max_ongoing']} requests at once"
                    if inside.get("max_ongoing") else "")
-                + (", Serve's own count of routing tasks (2 a replica)"
-                   if inside.get("routing_tasks") == 0 else "") + ")",
+                + _routing_tasks(inside.get("routing_tasks")) + ")",
                 f"router {us['router']} us, engine replica {us['engine']}, nginx "
                 f"{us['nginx']}, client {us['client']}; {row['tok_s']} tok/s, TTFT p50 "
                 f"{row['ttft_ms']['p50']} ms" + _way_in(inside), "—")
@@ -129,10 +128,7 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                    if row.get("max_ongoing", 64) != 64 else "")
                 + (f", the engine replica's GIL switch interval {row['switch_interval_ms']} ms"
                    if row.get("switch_interval_ms") else "")
-                + (", Serve's own count of routing tasks (2 a replica)"
-                   if row.get("routing_tasks") == 0 else
-                   f", {row['routing_tasks']} routing tasks" if row.get("routing_tasks")
-                   else "")
+                + _routing_tasks(row.get("routing_tasks"))
                 + (f", {row['router_replicas']} router replicas"
                    if row.get("router_replicas", 1) != 1 else "")
                 + _path(row))
@@ -159,6 +155,13 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                 + _way_in(row.get("load_repeat_inside", {})),
                 "tok/s within 5 %, TTFT p50 within 5 ms; RUNNING <= 30 s")
     raise ValueError(f"unknown result kind {kind!r}")
+
+
+def _routing_tasks(count: int | None) -> str:
+    """A stack row's TPSERVE_ROUTING_TASKS, when it was set (cluster/pinning.py)."""
+    if count == 0:
+        return ", Serve's own count of routing tasks (2 a replica)"
+    return f", {count} routing tasks" if count else ""
 
 
 def _way_in(inside: dict[str, Any]) -> str:

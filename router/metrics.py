@@ -24,9 +24,11 @@ LIVE_SESSIONS = Gauge("tpserve_live_sessions", "sessions stored in Redis")
 PINS_MOVED = Counter("tpserve_pins_moved_total", "sessions re-pinned because their "
                      "replica was gone")
 DEGRADED = Gauge("tpserve_redis_degraded", "1 while Redis is unreachable (hash-only pinning)")
+# s of a wait of ms: a loop's lag, a frame's age
+WAIT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1)
 # the router process's event loop: how late its timers run (router/looplag.py)
 LOOP_LAG = Histogram("tpserve_loop_lag_seconds", "the router's event loop lag",
-                     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1))
+                     buckets=WAIT_BUCKETS)
 # an engine request in Serve's request router (cluster/pinning.py): from the handle call to
 # each choice of replicas (a request chosen more than once found no replica with room, and
 # Serve backed off in between)
@@ -35,6 +37,4 @@ ROUTING = Histogram("tpserve_engine_routing_seconds", "engine handle call to a c
 # the direct data path (cluster/datapath.py): a frame's age as the router reads it, from
 # the engine replica's write (wall clocks; one host's, or as far apart as the hosts' are)
 FRAME_AGE = Histogram("tpserve_data_path_frame_age_seconds", "engine replica's write of a "
-                      "frame to the router's read of it", buckets=(0.0005, 0.001, 0.002,
-                                                                   0.005, 0.01, 0.02, 0.05,
-                                                                   0.1, 0.25, 1))
+                      "frame to the router's read of it", buckets=WAIT_BUCKETS)
