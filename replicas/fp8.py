@@ -8,8 +8,9 @@ Contract:
 - `fp8_linear(x, w8, scale, bias, w8a8)`: x [tokens, in] @ (w8 * scale)^T (+ bias), in
   x's dtype. Weight-only (w8a8 False, quantization="fp8"): x stays as it is and only the
   weights are rounded: FP8 tiles widened in registers (replicas/kernels/fp8mm.py) up to
-  DEQUANT_ROWS rows, the weight widened once and one 16-bit matmul beyond (a long
-  prefill is compute-bound: the widening is a small share of it); PyTorch's reference
+  DEQUANT_ROWS rows, the weight widened once and one 16-bit matmul beyond (from ~160
+  rows the matmul is compute-bound and the widening costs less than the batch kernel's
+  conversions; a long prefill's share of it is small); PyTorch's reference
   off the Triton path. W8A8 (quantization="fp8-w8a8"): x is quantized per token too (its
   own scale, max |x_row| / 448; one Triton kernel on the GPU path,
   `kernels.quantize_tokens_fp8`) and the product runs as one `torch._scaled_mm` (FP8
@@ -108,7 +109,10 @@ def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x8, scale[:, None]
 
 
-DEQUANT_ROWS = 1024  # weight-only: from this many rows, widen the weight and use cuBLAS
+# weight-only: from this many rows, widen the weight and use cuBLAS. The H200's probe at
+# e08b4a2 (`--suite w8a16`, per GLM-4-9B layer): the batch kernel 268 µs at 128 rows
+# (widening 306), 432 at 256 (widening 327); the lines cross near 160 (PERF.md v0.36)
+DEQUANT_ROWS = 160
 
 
 def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,

@@ -83,9 +83,12 @@ def test_w8a16_default_is_the_measured_pick_for_its_rows() -> None:
     )
 
     assert {c for _, c in W8A16_PICKS} | {W8A16_MANY_ROWS} <= set(W8A16_CONFIGS)
-    assert [w8a16_config(m) for m in (1, 16, 17, 64, 65, 256, 1023)] == [
-        W8A16_PICKS[0][1], W8A16_PICKS[0][1], W8A16_PICKS[1][1], W8A16_PICKS[1][1],
-        W8A16_MANY_ROWS, W8A16_MANY_ROWS, W8A16_MANY_ROWS]
+    assert [rows for rows, _ in W8A16_PICKS] == sorted({rows for rows, _ in W8A16_PICKS})
+    for m in (1, 2, 15, 16, 17, 63, 64, 65, 128, 129, 256, 1023):
+        picked = [config for rows, config in W8A16_PICKS if m <= rows]
+        assert w8a16_config(m) == (picked[0] if picked else W8A16_MANY_ROWS), m
+    # the swapped (64, 64, 128) from 17 rows on (the H200's probe at e08b4a2)
+    assert w8a16_config(17) == w8a16_config(128) == (64, 64, 128, 4, 4, True)
 
 
 @pytest.mark.parametrize("shape", [(5, 200, 72), (33, 256, 130), (1, 64, 128)])

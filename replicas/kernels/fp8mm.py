@@ -119,12 +119,14 @@ W8A16_CONFIGS: tuple[W8A16Config, ...] = (
 
 
 # the default config by rows of x, measured on the H200 (`--suite w8a16`,
-# replicas/results/w8a16_h200.jsonl at b7e4e52): of W8A16_CONFIGS, the one with the least
-# time summed over GLM-4-9B's four layer shapes at 16, 64 and 256 rows (per layer 107.5,
-# 197.2 and 420.9 µs against the first guess's 189.1, 254.0 and 517.7; PERF.md v0.32)
-W8A16_PICKS: tuple[tuple[int, W8A16Config], ...] = (
-    (16, (16, 32, 128, 4, 4, False)), (64, (64, 64, 128, 4, 4, True)))
-W8A16_MANY_ROWS: W8A16Config = (128, 64, 64, 4, 3, False)  # beyond the last pick's rows
+# replicas/results/w8a16_h200.jsonl): of W8A16_CONFIGS, the one with the least time
+# summed over GLM-4-9B's four layer shapes. At b7e4e52 (16, 64, 256 rows): per layer
+# 107.5, 197.2, 420.9 µs against the first guess's 189.1, 254.0, 517.7 (PERF.md v0.32).
+# At e08b4a2, with 128 rows probed too: the swapped (64, 64, 128) 268.1 µs at 128 rows
+# against the (128, 64, 64) 346.2 it replaces there; at 256 rows both lose to widening
+# then cuBLAS (327.2 against 422.3: fp8.DEQUANT_ROWS; PERF.md v0.36)
+W8A16_PICKS: tuple[tuple[int, W8A16Config], ...] = ((16, (16, 32, 128, 4, 4, False)),)
+W8A16_MANY_ROWS: W8A16Config = (64, 64, 128, 4, 4, True)  # beyond the last pick's rows
 
 
 def w8a16_config(m: int) -> W8A16Config:
