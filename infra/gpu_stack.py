@@ -159,6 +159,9 @@ ROUTER_TIMES = {"router_ttft": "tpserve_time_to_first_token_seconds",
                 # Serve's routing of the engine call (cluster/pinning.py): to each choice of
                 # replicas (more of them than engine calls: requests chosen again)
                 "routing_choose": "tpserve_engine_routing_seconds",
+                # Serve's probes of the chosen replica's queue length, the request waiting
+                # (Serve's cache counted the replica full): a count a call, and their mean
+                "queue_probe": "tpserve_engine_queue_probe_seconds",
                 "router_loop_lag": "tpserve_loop_lag_seconds",
                 # the direct data path's frames: the replica's write to the router's read
                 "frame_age": "tpserve_data_path_frame_age_seconds"}
@@ -184,15 +187,17 @@ def router_times(edge: str) -> dict[str, tuple[float, float]]:
 
 def means(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
           ) -> dict[str, float]:
-    """Each histogram's mean (ms) over what it recorded between two router_times, and the
-    choices of replicas per engine call (1.0: none chosen again)."""
+    """Each histogram's mean (ms) over what it recorded between two router_times, the
+    choices of replicas per engine call (1.0: none chosen again) and Serve's queue-length
+    probes per engine call (0: its cache always had room on the chosen replica)."""
     def count(key: str) -> float:
         return after[key][1] - before[key][1]
 
     out = {f"{key}_mean_ms": round((after[key][0] - before[key][0])
                                    / max(1.0, count(key)) * 1e3, 2) for key in before}
-    out["routing_choices_per_call"] = round(count("routing_choose")
-                                            / max(1.0, count("engine_first_item")), 3)
+    calls = max(1.0, count("engine_first_item"))
+    out["routing_choices_per_call"] = round(count("routing_choose") / calls, 3)
+    out["queue_probes_per_call"] = round(count("queue_probe") / calls, 3)
     return out
 
 

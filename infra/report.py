@@ -173,7 +173,11 @@ def _way_in(inside: dict[str, Any]) -> str:
     lag = (inside.get("replica_loop_lag_ms") or {}).get("mean")
     return (f"; way in {(inside.get('way_in_ms') or {}).get('mean')} ms mean, of it "
             f"{inside['routing_choose_mean_ms']} ms to the choice of replica "
-            f"({inside['routing_choices_per_call']} choices a call); event-loop lag: "
+            f"({inside['routing_choices_per_call']} choices a call"
+            + (f", {inside['queue_probes_per_call']} queue-length probes a call of "
+               f"{inside['queue_probe_mean_ms']} ms" if "queue_probes_per_call" in inside
+               else "")
+            + "); event-loop lag: "
             f"router {inside['router_loop_lag_mean_ms']} ms, engine replica {lag} ms"
             + (f"; frames {inside['frame_age_mean_ms']} ms old as the router read them"
                if "frame_age_mean_ms" in inside else ""))

@@ -34,6 +34,11 @@ LOOP_LAG = Histogram("tpserve_loop_lag_seconds", "the router's event loop lag",
 # Serve backed off in between)
 ROUTING = Histogram("tpserve_engine_routing_seconds", "engine handle call to a choice of "
                     "replicas", buckets=FIRST_BUCKETS)
+# Serve's probe of a chosen replica's queue length before it sends (cluster/pinning.py):
+# Serve probes a replica its cache counts as full (max_ongoing_requests requests sent and
+# not yet completed) or has no count for, and the request waits for the answer
+QUEUE_PROBE = Histogram("tpserve_engine_queue_probe_seconds", "Serve's probe of replicas' "
+                        "queue lengths before a send", buckets=WAIT_BUCKETS)
 # the direct data path (cluster/datapath.py): a frame's age as the router reads it, from
 # the engine replica's write (wall clocks; one host's, or as far apart as the hosts' are)
 FRAME_AGE = Histogram("tpserve_data_path_frame_age_seconds", "engine replica's write of a "

@@ -190,6 +190,37 @@ def test_the_request_router_times_each_choice_and_counts_each_send() -> None:
     assert router.in_flight["a"] == 0
 
 
+def test_the_request_router_times_serves_queue_length_probes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """tpserve_engine_queue_probe_seconds: each probe Serve makes of the chosen replicas'
+    queue lengths (its cache counted them full) is timed with the answer it gave; a call
+    with no replica to probe is not counted."""
+    import asyncio
+
+    from ray.serve._private.request_router.request_router import RequestRouter
+
+    from router import metrics
+
+    async def probe(self: object, replicas: list, backoff_index: int) -> list:
+        await asyncio.sleep(0.05)
+        return [(r, 3) for r in replicas]
+
+    monkeypatch.setattr(RequestRouter, "_probe_queue_lens", probe)
+
+    def total() -> tuple[float, float]:
+        values = {s.name: s.value for m in metrics.QUEUE_PROBE.collect() for s in m.samples}
+        return (values["tpserve_engine_queue_probe_seconds_sum"],
+                values["tpserve_engine_queue_probe_seconds_count"])
+
+    router = _router("pinned")
+    replica = _FakeReplica("a")
+    (s0, n0) = total()
+    assert asyncio.run(router._probe_queue_lens([replica], 0)) == [(replica, 3)]
+    assert asyncio.run(router._probe_queue_lens([], 0)) == []
+    (s1, n1) = total()
+    assert n1 - n0 == 1 and 0.05 <= s1 - s0 < 1.0
+
+
 def test_a_known_pin_routes_without_waiting_for_redis_and_is_refreshed() -> None:
     import asyncio
 
