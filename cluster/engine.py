@@ -57,17 +57,23 @@ log = logging.getLogger(__name__)
 STATS_PERIOD_S = 1.0
 # Serve waits this long for a replica being removed to finish its accepted requests
 DRAIN_TIMEOUT_S = 300.0
-# requests an engine replica takes at once (Serve's max_ongoing_requests; the engine queues
-# those past max_num_seqs itself). TPSERVE_MAX_ONGOING=N sets another, for measuring:
-# issue 19's stack ran 64 streaming clients against exactly 64, so a client's next request
-# may find the replica still counting the one that just ended, and Serve's router then
-# backs off (>= 50 ms) before it tries again (`AB_MAX_ONGOING=N bash
+# requests an engine replica takes at once (Serve's max_ongoing_requests): ONGOING_PER_SEQ
+# times its engine's batch (max_num_seqs; the engine queues those past it itself). Not one
+# batch: Serve counts a direct-path request until its unary call returns, after its last
+# frame is flushed, and a client's next request can come before that. At a cap of one
+# batch, 64 streaming clients against 64 made Serve's cache count the replica full, and
+# Serve then probed its queue length before the send, the request waiting: 17 % of
+# requests, ~40 ms each, on the CPU stack (tpserve_engine_queue_probe_seconds; PERF.md
+# v0.37). TPSERVE_MAX_ONGOING=N sets another, for measuring (`AB_MAX_ONGOING=N bash
 # infra/device_stack.sh measure` runs the stack both ways)
-MAX_ONGOING = 64
+ONGOING_PER_SEQ = 2
+MAX_ONGOING = 128  # (the deployment's own default: ONGOING_PER_SEQ x max_num_seqs' 64)
 
 
-def max_ongoing() -> int:
-    return int(os.environ.get("TPSERVE_MAX_ONGOING", MAX_ONGOING))
+def max_ongoing(max_num_seqs: int = 64) -> int:
+    """Serve's max_ongoing_requests for an engine replica whose batch is max_num_seqs."""
+    value = os.environ.get("TPSERVE_MAX_ONGOING", "").strip()
+    return int(value) if value else ONGOING_PER_SEQ * max_num_seqs
 
 
 def switch_interval_ms() -> float | None:
@@ -172,7 +178,7 @@ class EngineDeployment:
 
     def stats(self) -> dict[str, Any]:
         return {**self.engine.stats(), **self.times.summary(), "replica": self.replica_id,
-                "max_ongoing": max_ongoing()}
+                "max_ongoing": max_ongoing(self.config.max_num_seqs)}
 
     def check_health(self) -> None:
         """Serve replaces the replica when this raises: a dead rank, a broken group."""
@@ -264,7 +270,7 @@ def engine_deployment(config: EngineConfig, cpus_per_rank: float = 1.0,
             config.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
     bundle = {"CPU": cpus_per_rank, **({"GPU": 1} if use_gpu else {})}
     return EngineDeployment.options(
-        max_ongoing_requests=max_ongoing(),
+        max_ongoing_requests=max_ongoing(config.max_num_seqs),
         ray_actor_options={"num_cpus": cpus_per_rank, "num_gpus": 1 if use_gpu else 0},
         placement_group_bundles=[bundle] * config.tp,
         placement_group_strategy="STRICT_PACK",

@@ -29,7 +29,8 @@
 # AB_ROUTERS=N before `measure`: the stack a second time with N router replicas (nginx
 # spreads the streams over them), in the same call.
 # AB_MAX_ONGOING=N before `measure`: the stack a second time with the engine replica
-# taking N requests at once instead of 64 (TPSERVE_MAX_ONGOING), in the same call.
+# taking N requests at once instead of twice its batch, 128 (TPSERVE_MAX_ONGOING; 64 was
+# the cap before PERF.md v0.37), in the same call.
 # AB_SWITCH_MS=N before `measure`: the stack a second time with the engine replica's GIL
 # switch interval at N ms instead of Python's 5 (TPSERVE_SWITCH_INTERVAL_MS), in the same
 # call. SWITCH_MS=N: the first stack with it already (one stack, no A/B: a short call).
@@ -188,8 +189,8 @@ $(python3 -c "print(round($t1 - $t0, 1))")}" | tee -a "$out/gpu_stack.jsonl"
         stack_again TPSERVE_STREAM_JOIN=0
     fi
     if [ "$caches" = warm ] && [ -n "${AB_MAX_ONGOING:-}" ] && [ $rc = 0 ]; then
-        # the engine replica taking AB_MAX_ONGOING requests at once instead of 64
-        # (cluster/engine.py MAX_ONGOING)
+        # the engine replica taking AB_MAX_ONGOING requests at once instead of 128
+        # (cluster/engine.py max_ongoing)
         stack_again TPSERVE_MAX_ONGOING=$AB_MAX_ONGOING
     fi
     if [ "$caches" = warm ] && [ -n "${AB_SWITCH_MS:-}" ] && [ $rc = 0 ]; then

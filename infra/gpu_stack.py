@@ -427,8 +427,9 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
         "load_gb_s": load_gb_s(stats) if "weight_bytes" in stats else None,
         "stats_error": stats.get("error"), "join_deltas": stats.get("join_deltas"),
         "stream_interval": stats.get("stream_interval", 1),
-        # the engine replica's max_ongoing_requests, as `tpserve up` ran with this env
-        "max_ongoing": max_ongoing(),
+        # the engine replica's max_ongoing_requests (its stats; else as `tpserve up` ran
+        # with this env and the default batch)
+        "max_ongoing": stats.get("max_ongoing", max_ongoing()),
         "switch_interval_ms": switch_interval_ms(),  # (None: Python's 5 ms)
         # requests the router routes at once (None: Serve's cap; 0: Serve's own rule)
         "routing_tasks": routing_tasks(),

@@ -100,20 +100,23 @@ def test_each_rank_sees_all_gpus_of_its_replica_in_rank_order() -> None:
         visible_devices([["0"], []])
 
 
-def test_an_engine_replica_takes_64_requests_at_once_unless_told(
+def test_an_engine_replica_takes_twice_its_batch_at_once_unless_told(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Serve's max_ongoing_requests of the engine deployment: 64 (cluster/engine.py
-    MAX_ONGOING), or TPSERVE_MAX_ONGOING as the Serve app's build sees it (for measuring;
-    infra/device_stack.sh AB_MAX_ONGOING)."""
+    """Serve's max_ongoing_requests of the engine deployment: twice the engine's
+    max_num_seqs (cluster/engine.py ONGOING_PER_SEQ: Serve's count of direct-path calls
+    runs ahead of the engine's), or TPSERVE_MAX_ONGOING as the Serve app's build sees it
+    (for measuring; infra/device_stack.sh AB_MAX_ONGOING)."""
     from cluster.engine import MAX_ONGOING, engine_deployment
     from replicas import EngineConfig
 
     monkeypatch.delenv("TPSERVE_MAX_ONGOING", raising=False)
     app = engine_deployment(EngineConfig(), use_gpu=False)
-    assert app._bound_deployment.max_ongoing_requests == MAX_ONGOING == 64
-    monkeypatch.setenv("TPSERVE_MAX_ONGOING", "256")
-    app = engine_deployment(EngineConfig(), use_gpu=False)
-    assert app._bound_deployment.max_ongoing_requests == 256
+    assert app._bound_deployment.max_ongoing_requests == MAX_ONGOING == 128
+    app = engine_deployment(EngineConfig(max_num_seqs=200), use_gpu=False)
+    assert app._bound_deployment.max_ongoing_requests == 400
+    monkeypatch.setenv("TPSERVE_MAX_ONGOING", "64")
+    app = engine_deployment(EngineConfig(max_num_seqs=200), use_gpu=False)
+    assert app._bound_deployment.max_ongoing_requests == 64
 
 
 def test_the_engine_replicas_gil_switch_interval_is_pythons_unless_told(
