@@ -120,22 +120,30 @@ def test_throughput_layouts_share_the_same_gpus() -> None:
 def test_kernel_table_groups_a_profiles_gpu_kernels_by_name_largest_first() -> None:
     """What the 8192-token TTFT rows and the multigpu suite's prefill and decode
     breakdowns record (`run_kernels`, `decode_kernels`): the GPU kernels of a profile
-    by name, per step, the CPU's events left out."""
+    by name, per step, the CPU's events left out; each kernel's own time leaves out what
+    an earlier kernel on its GPU still ran (a kernel launched early, as programmatic
+    dependent launch does, waits inside its span), each GPU on its own."""
     from types import SimpleNamespace
 
     from replicas.bench import kernel_table
 
-    def event(name: str, us: float, device: str = "CUDA") -> SimpleNamespace:
+    def event(name: str, start: float, us: float, device: str = "CUDA", index: int = 0
+              ) -> SimpleNamespace:
         return SimpleNamespace(name=name, device_type=SimpleNamespace(name=device),
-                               time_range=SimpleNamespace(elapsed_us=lambda: us))
+                               device_index=index, time_range=SimpleNamespace(
+                                   start=start, end=start + us, elapsed_us=lambda: us))
 
     prof = SimpleNamespace(events=lambda: [
-        event("gemm", 30.0), event("gemm", 50.0), event("widen", 6.0),
-        event("attention", 20.0), event("aten::mm", 99.0, "CPU")])
-    table = kernel_table(prof, steps=2, top=2)
-    assert table["kernels_us"] == 53.0 and table["kernel_calls"] == 2.0
-    assert table["top"] == [{"name": "gemm", "calls": 1.0, "us": 40.0},
-                            {"name": "attention", "calls": 0.5, "us": 10.0}]
+        event("gemm", 0.0, 30.0), event("norm", 5.0, 27.0),  # norm waits 25 of its 27
+        event("gemm", 40.0, 50.0), event("widen", 90.0, 6.0),
+        event("attention", 100.0, 20.0), event("aten::mm", 0.0, 99.0, "CPU"),
+        event("gemm", 10.0, 4.0, index=1)])  # another GPU's: its own
+    table = kernel_table(prof, steps=2, top=3)
+    assert table["kernels_us"] == 68.5 and table["busy_us"] == 56.0
+    assert table["kernel_calls"] == 3.0
+    assert table["top"] == [{"name": "gemm", "calls": 1.5, "us": 42.0, "own_us": 42.0},
+                            {"name": "attention", "calls": 0.5, "us": 10.0, "own_us": 10.0},
+                            {"name": "widen", "calls": 0.5, "us": 3.0, "own_us": 3.0}]
 
 
 def test_256_requests_time_new_prompts_and_beside_them_cached_ones(
