@@ -88,13 +88,19 @@ ENGINE_TWINS: tuple[tuple[dict[str, str], str], ...] = (
      "group32, qkv 16-bit"))
 
 
+# the projections the engine splits by input rows (replicas/parallel.py RowParallelLinear):
+# their bias is added once, after the all-reduce, so after the product's rounding
+ROW_PARALLEL = ("o_proj", "down_proj")
+
+
 @contextmanager
 def computed_as(model: Any, weights: Quantizer, inputs: str) -> Iterator[None]:
     """Inside: each linear layer of `model`'s decoder computes from its weight as
     `weights` quantizes it and its input in the format INPUTS[inputs], as fp8.fp8_linear
     computes off the Triton path: in float32 with the scales applied to the FP8 values
-    (FP8 tensor cores accumulate so), rounded to the model's dtype, the bias added
-    after; a 16-bit input (weight-only) meets the weight widened as w8.to(dtype) *
+    (FP8 tensor cores accumulate so) with the bias, rounded once to the model's dtype
+    (a row-parallel projection's bias after the rounding, as the engine adds it after
+    its all-reduce); a 16-bit input (weight-only) meets the weight widened as w8.to(dtype) *
     scale.to(dtype) in one F.linear."""
     rounding, kept = INPUTS[inputs]
     layers = [(name, m) for name, m in model.model.layers.named_modules()
@@ -112,9 +118,13 @@ def computed_as(model: Any, weights: Quantizer, inputs: str) -> Iterator[None]:
             return lambda x: F.linear(x, widened, layer.bias)
         w = q * scale
 
-        def forward(x: torch.Tensor) -> torch.Tensor:  # (and its bias after, as W8A8's)
-            y = (rounds(x.float()) @ w.T).to(x.dtype)
-            return y if layer.bias is None else y + layer.bias.to(y.dtype)
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            y = rounds(x.float()) @ w.T
+            if layer.bias is None:
+                return y.to(x.dtype)
+            if name.endswith(ROW_PARALLEL):  # (the engine's: after its all-reduce)
+                return y.to(x.dtype) + layer.bias.to(x.dtype)
+            return (y + layer.bias.float()).to(x.dtype)  # (in the matmul's epilogue)
         return forward
 
     for name, layer in layers:

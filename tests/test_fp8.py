@@ -70,6 +70,15 @@ def test_fp8_linear_is_the_product_of_the_quantized_operands() -> None:
     # and W8A8's rounding of x costs more than the weights' alone
     exact = x @ w.T + bias
     assert float((got - exact).abs().mean()) > float((only_w - exact).abs().mean())
+    # a 16-bit W8A8 product with a bias: the bias added before the one rounding to 16
+    # bits (in the matmul's epilogue), as near the float64 value as bfloat16 allows
+    xb, bb = x.bfloat16(), bias.bfloat16()
+    xb8, xbs = quantize_tokens(xb)
+    want16 = (xb8.double() * xbs.double()) @ dense.T + bb.double()
+    got16 = fp8_linear(xb, w8, ws, bb, w8a8=True)
+    assert got16.dtype == torch.bfloat16
+    ulp = want16.abs().clamp_min(2.0 ** -8) * 2.0 ** -8  # (bfloat16's spacing, halved: 2^-8)
+    assert bool(((got16.double() - want16).abs() <= 1.01 * ulp).all())
 
 
 def test_w8a16_default_is_the_measured_pick_for_its_rows() -> None:
