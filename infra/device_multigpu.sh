@@ -7,6 +7,8 @@
 #   bash infra/device_multigpu.sh                          # the suite, bounded at 570 s
 #   TEST_S=300 BENCH_S=0 TEST_K="folded or overflow" bash infra/device_multigpu.sh
 #   PROBE_S=240 BENCH_S=0 bash infra/device_multigpu.sh    # decode at tp=1 and tp=2
+#   PROBE_SET='quantization="fp8";kv_cache_dtype="int8"' ...  # the probes with EngineConfig
+#                                         # fields set (';' between them): issue 20 at tp=2
 #   HOST_S=200 BENCH_S=0 bash infra/device_multigpu.sh     # rank 0's host per step, 256 reqs
 # Each step is bounded (timeout -s KILL: a rank stuck in a GPU collective ignores
 # SIGTERM); TPSERVE_STACK_DUMP_S=N prints every thread's stack every N seconds.
@@ -22,9 +24,12 @@ print("torch", torch.__version__, "transformers", transformers.__version__,
       "triton", triton.__version__, "gpus", torch.cuda.device_count())
 print("one_shot_all_reduce_copy_out:", hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out"))'
 if [ "${PROBE_S:-0}" != 0 ]; then  # the headline first: decode at tp=1 and tp=2
+  sets=()
+  IFS=';' read -ra fields <<< "${PROBE_SET:-}"
+  for field in "${fields[@]}"; do sets+=(--set "$field"); done
   for tp in 1 2; do
     timeout -s KILL "${PROBE_S}" python3 -m replicas.multigpu --probe glm4-9b --tp "$tp" \
-      2>&1 | grep '^{' | tee -a "$out/probe.jsonl"
+      "${sets[@]}" 2>&1 | grep '^{' | tee -a "$out/probe.jsonl"
   done
 fi
 if [ "${HOST_S:-0}" != 0 ]; then  # where rank 0's host time goes at 256 requests
