@@ -14,9 +14,11 @@ Contract:
   off the Triton path. W8A8 (quantization="fp8-w8a8"): x is quantized per token too (its
   own scale, max |x_row| / 448; one Triton kernel on the GPU path,
   `kernels.quantize_tokens_fp8`) and the product runs as one `torch._scaled_mm` (FP8
-  tensor cores on a GPU, where in and out must be multiples of 16 and x 16-bit; PyTorch's
-  reference on CPU): faster prefill, and ~2.5 points of top-1 agreement lost on the
-  trained checkpoint where weight-only loses ~1 (PERF.md v0.22).
+  tensor cores on a GPU, where in and out must be multiples of 16 and x 16-bit; on CPU
+  the float32 product of the rounded operands): faster prefill, and ~2.5 points of top-1
+  agreement lost on the trained checkpoint where weight-only loses ~1 (PERF.md v0.22).
+  Every W8A8 form adds a column-parallel layer's bias to the float32 product before its
+  one rounding (`_scaled_mm`'s epilogue on a GPU; PERF.md v0.38).
 - W8A8 with a scale per token and run of n input columns (`EngineConfig.w8a8_group`,
   fp8_linear's `w8a8` = n): x quantized per run (`quantize_groups`) and the product in
   one Triton kernel (`kernels.w8a8_groups`; off the Triton path the float32 product of
