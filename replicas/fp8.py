@@ -145,18 +145,18 @@ def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
             y = kernels.w8a8_groups(x8, x_scales, w8, scale, bias, out_dtype)
         else:
             y = _w8a8_reference(widen_groups(x8, x_scales), w8, scale, bias, out_dtype)
-    elif x.is_cuda:
+    else:
         x8, x_scale = (kernels.quantize_tokens_fp8(rows) if kernels.enabled(x)
                        else quantize_tokens(rows))
-        fused = bias is not None and out_dtype in (torch.bfloat16, torch.float16)
-        y = torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=scale.view(1, -1),
-                             bias=bias.to(out_dtype) if fused else None,
-                             out_dtype=out_dtype)
-        if bias is not None and not fused:  # (a float32 product: the same sum)
-            y = y + bias.to(y.dtype)
-    else:
-        x8, x_scale = quantize_tokens(rows)
-        y = _w8a8_reference(x8.float() * x_scale, w8, scale, bias, out_dtype)
+        if not x.is_cuda:
+            y = _w8a8_reference(x8.float() * x_scale, w8, scale, bias, out_dtype)
+        else:
+            fused = bias is not None and out_dtype in (torch.bfloat16, torch.float16)
+            y = torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=scale.view(1, -1),
+                                 bias=bias.to(out_dtype) if fused else None,
+                                 out_dtype=out_dtype)
+            if bias is not None and not fused:  # (a float32 product: the same sum)
+                y = y + bias.to(y.dtype)
     return y.to(x.dtype).reshape(*lead, w8.shape[0])
 
 
