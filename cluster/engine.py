@@ -30,6 +30,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
+from cluster import waytrace
 from cluster.control import ENGINE
 from cluster.datapath import (
     DATA_PATHS,
@@ -117,6 +118,7 @@ class EngineDeployment:
         if (ms := switch_interval_ms()) is not None:
             sys.setswitchinterval(ms / 1e3)
         self.times = ReplicaTimes()  # the requests' way to the engine (stats)
+        waytrace.install_replica()  # (TPSERVE_WAY_TRACE=1: the way in, hop by hop)
         self.loop_lag = LoopLag(self.times.loop_lag.add)  # (started by the first request)
         self.outboxes = Outboxes()  # the direct data path's connections to routers
         # the rank actors first: their processes start (and import torch) meanwhile
@@ -169,8 +171,7 @@ class EngineDeployment:
         """The direct data path's call (cluster/datapath.py): the same items as
         `generate`, sent to the router's inbox at `reply` instead of through Serve;
         returns how many were sent, once all are written."""
-        if "sent_at" in reply:
-            self.times.way_in.add(time.time() - reply["sent_at"])
+        self.times.arrived(reply, waytrace.received_at())
         self.loop_lag.ensure_started()
         outbox = await self.outboxes.get(reply)
         return await deliver(serve_request(self.engine, request, self.replica_id, self.times),
@@ -206,6 +207,7 @@ class ServeEngine:
     def __init__(self, handle: DeploymentHandle, data_path: str = DATA_PATHS[0],
                  host: str = "127.0.0.1") -> None:
         checked(data_path)
+        waytrace.install_router()  # (TPSERVE_WAY_TRACE=1: the way in, hop by hop)
         self.handle = handle.options(stream=True)
         self.unary = handle.options(stream=False)
         self.inbox = Inbox(host, metrics.FRAME_AGE.observe) if data_path == "direct" else None

@@ -72,19 +72,42 @@ class ReplicaTimes:
     from entering the replica to reaching the engine's add_request (parsing, the chat
     template, tokenizing, a grammar's compile) and to their first delta; and, on the
     direct data path, from the router's call to entering the replica (wall clocks: the
-    same host's, or as far apart as the hosts' clocks). And the replica's event loop's
-    lag (router/looplag.py), sampled all the time once a request came."""
+    same host's, or as far apart as the hosts' clocks), and with TPSERVE_WAY_TRACE=1 that
+    way in three (cluster/waytrace.py): Serve's routing, the way over gRPC, Serve's
+    dispatch in the replica. And the replica's event loop's lag (router/looplag.py),
+    sampled all the time once a request came."""
 
     prepare: Recent = field(default_factory=_recent)
     first_delta: Recent = field(default_factory=_recent)
     way_in: Recent = field(default_factory=_recent)
+    routing: Recent = field(default_factory=_recent)
+    transit: Recent = field(default_factory=_recent)
+    dispatch: Recent = field(default_factory=_recent)
     loop_lag: Recent = field(default_factory=lambda: _recent(2048))
 
     def summary(self) -> dict[str, Any]:
         return {"prepare_ms": self.prepare.summary(),
                 "replica_ttft_ms": self.first_delta.summary(),
                 "way_in_ms": self.way_in.summary(),
+                "way_in_routing_ms": self.routing.summary(),
+                "way_in_transit_ms": self.transit.summary(),
+                "way_in_dispatch_ms": self.dispatch.summary(),
                 "loop_lag_ms": self.loop_lag.summary()}
+
+    def arrived(self, reply: dict[str, Any], received: float | None) -> None:
+        """A direct-path call entering the replica now: its way in from the router's
+        handle call (`sent_at`), and where the trace stamped it (`routed_at`, Serve's
+        send; `received`, Serve's gRPC handler here), each hop."""
+        now = time.time()
+        sent, routed = reply.get("sent_at"), reply.get("routed_at")
+        if sent is None:
+            return
+        self.way_in.add(now - sent)
+        if routed is None or received is None:
+            return
+        self.routing.add(routed - sent)
+        self.transit.add(received - routed)
+        self.dispatch.add(now - received)
 
 
 async def serve_request(engine: Engine, request: dict[str, Any], replica: str,

@@ -162,6 +162,9 @@ measure() {
     mkdir -p "$out"
     export PYTHONUNBUFFERED=1
     export TPSERVE_SWITCH_INTERVAL_MS=${SWITCH_MS:-}  # (empty: Python's own)
+    # the way into the engine replica hop by hop in the rows (cluster/waytrace.py;
+    # WAY_TRACE=0: not split)
+    export TPSERVE_WAY_TRACE=${WAY_TRACE:-1}
     [ -f $model/model.safetensors.index.json ] ||
         python3 -m infra.gpu_stack checkpoint $model --out "$out/gpu_stack.jsonl"
     if [ "$caches" = warm ]; then

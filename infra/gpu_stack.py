@@ -167,6 +167,11 @@ ROUTER_TIMES = {"router_ttft": "tpserve_time_to_first_token_seconds",
                 "frame_age": "tpserve_data_path_frame_age_seconds"}
 
 
+# an engine replica's way in, hop by hop, when the stack runs with TPSERVE_WAY_TRACE=1
+# (cluster/waytrace.py): Serve's routing, the way over gRPC, Serve's dispatch
+WAY_IN_HOPS = ("way_in_routing_ms", "way_in_transit_ms", "way_in_dispatch_ms")
+
+
 def router_times(edge: str) -> dict[str, tuple[float, float]]:
     """(sum of seconds, count) of the router's ROUTER_TIMES histograms, every label (its
     /metrics through nginx: one router replica's, with several): its time to first token
@@ -414,7 +419,8 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
                       replica_ttft_ms=after.get("replica_ttft_ms"),
                       prepare_ms=after.get("prepare_ms"),
                       way_in_ms=after.get("way_in_ms"),
-                      replica_loop_lag_ms=after.get("loop_lag_ms"))
+                      replica_loop_lag_ms=after.get("loop_lag_ms"),
+                      **{key: after.get(key) for key in WAY_IN_HOPS if after.get(key)})
     except Exception as e:  # noqa: BLE001 - the rest is still worth measuring
         inside["error"] = f"{type(e).__name__}: {e}"[:300]
     more = [stack_run(stack.edge, LOAD) for _ in range(MORE_LOAD_RUNS)]

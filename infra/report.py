@@ -171,7 +171,12 @@ def _way_in(inside: dict[str, Any]) -> str:
     if "routing_choose_mean_ms" not in inside:
         return ""
     lag = (inside.get("replica_loop_lag_ms") or {}).get("mean")
-    return (f"; way in {(inside.get('way_in_ms') or {}).get('mean')} ms mean, of it "
+    hops = [(inside.get(f"way_in_{hop}_ms") or {}).get("mean")
+            for hop in ("routing", "transit", "dispatch")]
+    return (f"; way in {(inside.get('way_in_ms') or {}).get('mean')} ms mean"
+            + (f" (Serve's routing {hops[0]}, gRPC {hops[1]}, dispatch {hops[2]} ms)"
+               if None not in hops else "")
+            + ", of it "
             f"{inside['routing_choose_mean_ms']} ms to the choice of replica "
             f"({inside['routing_choices_per_call']} choices a call"
             + (f", {inside['queue_probes_per_call']} queue-length probes a call of "

@@ -103,7 +103,14 @@ def stack_row(edge: str, clients: int, tokens: int, duration: float, interval: i
 
     from cluster.pinning import routing_tasks
     from infra.client import LoadConfig, run_clients
-    from infra.gpu_stack import cpu_seconds, means, replica_stats, router_times, stack_pids
+    from infra.gpu_stack import (
+        WAY_IN_HOPS,
+        cpu_seconds,
+        means,
+        replica_stats,
+        router_times,
+        stack_pids,
+    )
     from infra.results import summarize
 
     warm = LoadConfig(url=edge, clients=4, turns=1, max_tokens=8, duration=5.0,
@@ -121,7 +128,8 @@ def stack_row(edge: str, clients: int, tokens: int, duration: float, interval: i
     if state_dir:
         stats = replica_stats(state_dir)
         inside.update({key: stats.get(key) for key in (
-            "way_in_ms", "prepare_ms", "replica_ttft_ms", "ttft_ms")},
+            "way_in_ms", "prepare_ms", "replica_ttft_ms", "ttft_ms") + WAY_IN_HOPS
+            if key not in WAY_IN_HOPS or stats.get(key)},
             replica_loop_lag_ms=stats.get("loop_lag_ms"), max_ongoing=stats.get("max_ongoing"))
     run = summarize(records, wall)
     streamed = run["output_tokens_per_s"] * wall

@@ -259,3 +259,68 @@ def test_strict_tools_with_auto_constrain_the_calls_in_the_templates_format() ->
     event = wire.decode(item)
     assert isinstance(event, wire.ErrorEvent) and event.status == 400
     assert "response_format" in event.message
+
+
+def test_replica_times_split_a_traced_way_in_hop_by_hop() -> None:
+    """A direct-path call's way in (router's handle call to `deliver`), and with the trace's
+    stamps (cluster/waytrace.py) each hop: Serve's routing, gRPC, Serve's dispatch; a call
+    without them counts in the way in alone."""
+    import time
+
+    times = ReplicaTimes()
+    now = time.time()
+    times.arrived({"sent_at": now - 0.050, "routed_at": now - 0.030}, now - 0.010)
+    times.arrived({"sent_at": now - 0.020}, None)  # (trace off)
+    times.arrived({}, None)  # (no stamp at all: nothing to measure)
+    summary = times.summary()
+    assert summary["way_in_ms"]["n"] == 2 and summary["way_in_routing_ms"]["n"] == 1
+    assert 19.0 <= summary["way_in_routing_ms"]["mean"] <= 21.0
+    assert 19.0 <= summary["way_in_transit_ms"]["mean"] <= 21.0
+    assert 10.0 <= summary["way_in_dispatch_ms"]["mean"] < 30.0
+
+
+def test_the_way_trace_wraps_serves_send_and_grpc_handler_only_when_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """TPSERVE_WAY_TRACE=1: Serve's gRPC send stamps a deliver call's reply dict with
+    `routed_at` (other calls untouched), and its gRPC handler notes when it took the call
+    for that call's task (`received_at`); wrapping twice wraps once. Off: nothing is
+    wrapped."""
+    import time
+    from types import SimpleNamespace
+
+    from ray.serve._private import replica
+    from ray.serve._private.request_router import replica_wrapper
+
+    from cluster import waytrace
+
+    sent: list[Any] = []
+
+    def send(self: Any, pr: Any, *, with_rejection: bool) -> str:
+        sent.append(pr)
+        return "call"
+
+    async def handle(self: Any, request: Any, context: Any) -> float | None:
+        await asyncio.sleep(0)
+        return waytrace.received_at()
+
+    monkeypatch.setattr(replica_wrapper.gRPCReplicaWrapper, "send_request_python", send)
+    monkeypatch.setattr(replica.Replica, "HandleRequestWithRejection", handle)
+    monkeypatch.delenv(waytrace.ENV, raising=False)
+    assert not waytrace.install_router() and not waytrace.install_replica()
+    assert replica_wrapper.gRPCReplicaWrapper.send_request_python is send
+    monkeypatch.setenv(waytrace.ENV, "1")
+    for _ in range(2):
+        assert waytrace.install_router() and waytrace.install_replica()
+    wrapped = replica_wrapper.gRPCReplicaWrapper.send_request_python
+    assert wrapped is not send and wrapped.__wrapped__ is send  # (once: not wrapped twice)
+    reply = {"stream": 3, "sent_at": time.time() - 1.0}
+    deliver_call = SimpleNamespace(args=({"prompt": "x"}, reply))
+    other = SimpleNamespace(args=({"prompt": "x"},))
+    assert wrapped(None, deliver_call, with_rejection=True) == "call"
+    wrapped(None, other, with_rejection=True)
+    assert reply["sent_at"] < reply["routed_at"] <= time.time()
+    assert other.args == ({"prompt": "x"},) and sent == [deliver_call, other]
+    before = time.time()
+    got = asyncio.run(replica.Replica.HandleRequestWithRejection(None, "request", "context"))
+    assert got is not None and before <= got <= time.time()
+    assert waytrace.received_at() is None  # (set in that call's task alone)

@@ -206,6 +206,11 @@ def test_a_gpu_stack_row_with_the_way_in_measured_says_where_it_went() -> None:
         "router read them")
     row["load_repeat_inside"].update(queue_probes_per_call=0.98, queue_probe_mean_ms=6.5)
     assert "(1.0 choices a call, 0.98 queue-length probes a call of 6.5 ms); " in _cell(row)[1]
+    row["load_repeat_inside"].update(way_in_routing_ms={"n": 512, "mean": 15.0},
+                                     way_in_transit_ms={"n": 512, "mean": 10.0},
+                                     way_in_dispatch_ms={"n": 512, "mean": 1.2})
+    assert ("; way in 27.2 ms mean (Serve's routing 15.0, gRPC 10.0, dispatch 1.2 ms), of "
+            "it 4.2 ms to the choice") in _cell(row)[1]
 
 
 def test_a_cpu_stack_row_says_its_replicas_cap_and_where_the_way_in_went() -> None:
