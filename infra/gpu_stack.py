@@ -159,6 +159,8 @@ ROUTER_TIMES = {"router_ttft": "tpserve_time_to_first_token_seconds",
                 # Serve's routing of the engine call (cluster/pinning.py): to each choice of
                 # replicas (more of them than engine calls: requests chosen again)
                 "routing_choose": "tpserve_engine_routing_seconds",
+                # our choice itself (a new session's Redis claim in it)
+                "choice": "tpserve_engine_choice_seconds",
                 # Serve's probes of the chosen replica's queue length, the request waiting
                 # (Serve's cache counted the replica full): a count a call, and their mean
                 "queue_probe": "tpserve_engine_queue_probe_seconds",

@@ -177,7 +177,10 @@ def _way_in(inside: dict[str, Any]) -> str:
             + (f" (Serve's routing {hops[0]}, gRPC {hops[1]}, dispatch {hops[2]} ms)"
                if None not in hops else "")
             + ", of it "
-            f"{inside['routing_choose_mean_ms']} ms to the choice of replica "
+            f"{inside['routing_choose_mean_ms']} ms to the choice of replica"
+            + (f" and {inside['choice_mean_ms']} in it" if "choice_mean_ms" in inside
+               else "")
+            + " "
             f"({inside['routing_choices_per_call']} choices a call"
             + (f", {inside['queue_probes_per_call']} queue-length probes a call of "
                f"{inside['queue_probe_mean_ms']} ms" if "queue_probes_per_call" in inside

@@ -34,6 +34,10 @@ LOOP_LAG = Histogram("tpserve_loop_lag_seconds", "the router's event loop lag",
 # Serve backed off in between)
 ROUTING = Histogram("tpserve_engine_routing_seconds", "engine handle call to a choice of "
                     "replicas", buckets=FIRST_BUCKETS)
+# our choice of replicas itself (cluster/pinning.py choose_replicas): a new session's
+# waits for its Redis claim
+CHOICE = Histogram("tpserve_engine_choice_seconds", "the request router's choice of "
+                   "replicas, start to end", buckets=WAIT_BUCKETS)
 # Serve's probe of a chosen replica's queue length before it sends (cluster/pinning.py):
 # Serve probes a replica its cache counts as full (max_ongoing_requests requests sent and
 # not yet completed) or has no count for, and the request waits for the answer

@@ -131,6 +131,8 @@ def test_router_times_sum_every_label_of_the_histograms(monkeypatch: pytest.Monk
             'tpserve_engine_routing_seconds_bucket{le="0.01"} 8.0\n'
             'tpserve_engine_routing_seconds_sum 0.04\n'
             'tpserve_engine_routing_seconds_count 14.0\n'
+            'tpserve_engine_choice_seconds_sum 0.028\n'
+            'tpserve_engine_choice_seconds_count 14.0\n'
             'tpserve_engine_queue_probe_seconds_sum 0.03\n'
             'tpserve_engine_queue_probe_seconds_count 6.0\n'
             'tpserve_loop_lag_seconds_sum 0.3\n'
@@ -141,13 +143,15 @@ def test_router_times_sum_every_label_of_the_histograms(monkeypatch: pytest.Monk
                         lambda url, timeout=0: io.BytesIO(text.encode()))
     times = router_times("http://127.0.0.1:1")
     assert times == {"router_ttft": (0.75, 7.0), "engine_first_item": (0.07, 7.0),
-                     "routing_choose": (0.04, 14.0), "queue_probe": (0.03, 6.0),
+                     "routing_choose": (0.04, 14.0), "choice": (0.028, 14.0),
+                     "queue_probe": (0.03, 6.0),
                      "router_loop_lag": (0.3, 100.0),
                      "frame_age": (0.5, 1000.0)}
     zero = dict.fromkeys(times, (0.0, 0.0))
     assert means(zero, times) == {"router_ttft_mean_ms": 107.14,
                                   "engine_first_item_mean_ms": 10.0,
                                   "routing_choose_mean_ms": 2.86,
+                                  "choice_mean_ms": 2.0,
                                   "queue_probe_mean_ms": 5.0,
                                   "router_loop_lag_mean_ms": 3.0,
                                   "frame_age_mean_ms": 0.5,

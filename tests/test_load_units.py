@@ -211,6 +211,8 @@ def test_a_gpu_stack_row_with_the_way_in_measured_says_where_it_went() -> None:
                                      way_in_dispatch_ms={"n": 512, "mean": 1.2})
     assert ("; way in 27.2 ms mean (Serve's routing 15.0, gRPC 10.0, dispatch 1.2 ms), of "
             "it 4.2 ms to the choice") in _cell(row)[1]
+    row["load_repeat_inside"].update(choice_mean_ms=3.3)
+    assert "4.2 ms to the choice of replica and 3.3 in it (1.0 choices" in _cell(row)[1]
 
 
 def test_a_cpu_stack_row_says_its_replicas_cap_and_where_the_way_in_went() -> None:

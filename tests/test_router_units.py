@@ -176,11 +176,16 @@ def test_the_request_router_times_each_choice_and_counts_each_send() -> None:
     router._use_replica_queue_len_cache = False  # (Serve's own cache: not set up here)
     replicas = [_FakeReplica(r) for r in ("a", "b")]
     pending = _pending("s-timed", created_at=time.time() - 0.25)
-    (s0, n0) = total()
+    def choices() -> float:
+        return {s.name: s.value for m in metrics.CHOICE.collect()
+                for s in m.samples}["tpserve_engine_choice_seconds_count"]
+
+    (s0, n0), c0 = total(), choices()
     for _ in range(2):  # chosen twice (the first replica refused it)
         asyncio.run(router.choose_replicas(replicas, pending))
     (s1, n1) = total()
     assert n1 - n0 == 2 and 0.5 <= s1 - s0 < 1.0
+    assert choices() - c0 == 2  # (and each choice's own time)
     a = replicas[0].replica_id
     router.on_send_request(a)
     router.on_send_request(a)
