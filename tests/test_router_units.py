@@ -147,15 +147,57 @@ def _pinned_with(store: _FakeStore, refresh_s: float = 0.0) -> object:
     return router
 
 
-def _pending(session: str, created_at: float | None = None) -> object:
-    """Serve's PendingRequest as the request router sees it: its session and the wall time
-    the handle call made it."""
+def _pending(session: str, created_at: float | None = None,
+             messages: list[dict[str, str]] | None = None) -> object:
+    """Serve's PendingRequest as the request router sees it: its session, the wall time
+    the handle call made it, and (with `messages`) its arguments: a chat request."""
     import time
 
     metadata = type("Metadata", (), {"session_id": session})()
-    return type("Pending", (), {"metadata": metadata,
+    args = () if messages is None else ({"params": {}, "messages": messages},)
+    return type("Pending", (), {"metadata": metadata, "args": args,
                                 "created_at": time.time() if created_at is None
                                 else created_at})()
+
+
+def test_a_chats_first_turn_is_routed_without_waiting_for_its_claim() -> None:
+    """A chat's first turn (no assistant message yet: no replica caches its prefix) goes to
+    the hash's choice at once, its Redis claim in the background, and later turns follow
+    the pin the claim left; a later turn the router has no pin for waits for its claim
+    (another router may have pinned the session where its history is cached)."""
+    import asyncio
+
+    from cluster.pinning import opens_session
+
+    user = [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]
+    later = [*user, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "?"}]
+    assert opens_session(_pending("s", messages=user))
+    assert not opens_session(_pending("s", messages=later))
+    assert not opens_session(_pending("s")) and not opens_session(None)  # (a prompt: unknown)
+
+    async def run() -> None:
+        store = _FakeStore()
+        store.calls = 1  # every claim now waits on the gate (a slow Redis)
+        router = _pinned_with(store)
+        replicas = [_FakeReplica(r) for r in ("a", "b", "c")]
+        first = await asyncio.wait_for(
+            router.choose_replicas(replicas, _pending("s1", messages=user)), 1)
+        assert store.calls == 2 and "s1" not in store.pins  # its claim: still out
+        store.gate.set()
+        await asyncio.sleep(0.01)
+        assert store.pins["s1"] == first[0][0].replica_id.unique_id
+        again = await router.choose_replicas(replicas, _pending("s1", messages=later))
+        assert again[0][0] is first[0][0] and store.calls == 2  # the cached pin
+        store.gate.clear()
+        waiting = asyncio.ensure_future(
+            router.choose_replicas(replicas, _pending("s2", messages=later)))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # a later turn waits for its claim
+        store.gate.set()
+        assert (await asyncio.wait_for(waiting, 1))[0][0].replica_id.unique_id \
+            == store.pins["s2"]
+
+    asyncio.run(run())
 
 
 def test_the_request_router_times_each_choice_and_counts_each_send() -> None:
