@@ -165,6 +165,8 @@ ROUTER_TIMES = {"router_ttft": "tpserve_time_to_first_token_seconds",
                 # (Serve's cache counted the replica full): a count a call, and their mean
                 "queue_probe": "tpserve_engine_queue_probe_seconds",
                 "router_loop_lag": "tpserve_loop_lag_seconds",
+                # a chat turn's history written to Redis, before the stream's last event
+                "history_append": "tpserve_history_append_seconds",
                 # the direct data path's frames: the replica's write to the router's read
                 "frame_age": "tpserve_data_path_frame_age_seconds"}
 

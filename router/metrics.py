@@ -34,6 +34,11 @@ LOOP_LAG = Histogram("tpserve_loop_lag_seconds", "the router's event loop lag",
 # Serve backed off in between)
 ROUTING = Histogram("tpserve_engine_routing_seconds", "engine handle call to a choice of "
                     "replicas", buckets=FIRST_BUCKETS)
+# a chat turn's history written to Redis (router/app.py _finish), which the client's
+# stream waits for before its last event: a session's next turn with
+# `"session": {"append": true}` reads it
+HISTORY_APPEND = Histogram("tpserve_history_append_seconds", "a chat turn's history "
+                           "written to Redis before the stream's end", buckets=WAIT_BUCKETS)
 # our choice of replicas itself (cluster/pinning.py choose_replicas): a new session's
 # waits for its Redis claim
 CHOICE = Histogram("tpserve_engine_choice_seconds", "the request router's choice of "

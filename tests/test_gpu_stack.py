@@ -137,6 +137,8 @@ def test_router_times_sum_every_label_of_the_histograms(monkeypatch: pytest.Monk
             'tpserve_engine_queue_probe_seconds_count 6.0\n'
             'tpserve_loop_lag_seconds_sum 0.3\n'
             'tpserve_loop_lag_seconds_count 100.0\n'
+            'tpserve_history_append_seconds_sum 0.012\n'
+            'tpserve_history_append_seconds_count 4.0\n'
             'tpserve_data_path_frame_age_seconds_sum 0.5\n'
             'tpserve_data_path_frame_age_seconds_count 1000.0\n')
     monkeypatch.setattr(urllib.request, "urlopen",
@@ -145,7 +147,7 @@ def test_router_times_sum_every_label_of_the_histograms(monkeypatch: pytest.Monk
     assert times == {"router_ttft": (0.75, 7.0), "engine_first_item": (0.07, 7.0),
                      "routing_choose": (0.04, 14.0), "choice": (0.028, 14.0),
                      "queue_probe": (0.03, 6.0),
-                     "router_loop_lag": (0.3, 100.0),
+                     "router_loop_lag": (0.3, 100.0), "history_append": (0.012, 4.0),
                      "frame_age": (0.5, 1000.0)}
     zero = dict.fromkeys(times, (0.0, 0.0))
     assert means(zero, times) == {"router_ttft_mean_ms": 107.14,
@@ -154,6 +156,7 @@ def test_router_times_sum_every_label_of_the_histograms(monkeypatch: pytest.Monk
                                   "choice_mean_ms": 2.0,
                                   "queue_probe_mean_ms": 5.0,
                                   "router_loop_lag_mean_ms": 3.0,
+                                  "history_append_mean_ms": 3.0,
                                   "frame_age_mean_ms": 0.5,
                                   "routing_choices_per_call": 2.0,
                                   "queue_probes_per_call": 0.857}

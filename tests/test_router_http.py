@@ -398,10 +398,18 @@ def test_a_replica_that_fails_before_the_first_token_is_retried_once(
 
 def test_sessions_keep_history(client: Client, engine: FakeEngine,
                                redis_server: RedisServer) -> None:
+    from router import metrics
+
+    def appends() -> float:  # (each turn's write, timed before its stream's last event)
+        return {s.name: s.value for m in metrics.HISTORY_APPEND.collect()
+                for s in m.samples}["tpserve_history_append_seconds_count"]
+
     sid = "hist-1"
     h = {"X-Session-ID": sid}
     body = {"messages": [{"role": "user", "content": "first"}], "max_tokens": 3}
+    before = appends()
     assert client.post("/v1/chat/completions", body, h).status == 200
+    assert appends() == before + 1
     body = {"messages": [{"role": "user", "content": "second"}], "max_tokens": 3,
             "session": {"append": True}}
     reply = client.post("/v1/chat/completions", body, h)
