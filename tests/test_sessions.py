@@ -5,6 +5,7 @@ history capped to a token budget, and degraded mode while Redis is stopped or hu
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shutil
@@ -181,6 +182,41 @@ def test_history_is_capped_to_the_token_budget(make_store: Callable[..., Session
         assert await store.history("s") == [msg("é " * 9)]
         await store.append_history("s", [], words)
         assert len(await store.history("s")) == 1
+        await store.close()
+
+    run(main)
+
+
+def test_history_keeps_its_token_total_and_trims_exactly_when_over_or_unknown(
+        server: RedisServer, make_store: Callable[..., SessionStore]) -> None:
+    """An append is one script that keeps the history's token total beside it
+    (`history_tokens`); over budget, or for a history stored before the total existed,
+    the exact trim runs and sets the total again; concurrent appends stay exact."""
+    async def main() -> None:
+        store = make_store(history_token_budget=6)
+        skey, hkey = store._keys("s")
+
+        def total() -> int:
+            with server.client() as c:
+                return int(c.hget(skey, "history_tokens"))
+
+        await store.append_history("s", [msg("one two")], words)
+        await store.append_history("s", [msg("three four", "assistant")], words)
+        assert total() == 4
+        await store.append_history("s", [msg("five six seven")], words)  # 7: trimmed
+        assert total() == 5 and len(await store.history("s")) == 2
+        # a history written before the total existed: 8 tokens, no field
+        with server.client() as c:
+            c.delete(skey, hkey)
+            c.rpush(hkey, *(json.dumps(msg(t)) for t in ("a b c", "d e f", "g h")))
+        await store.append_history("s", [msg("i")], words)  # the total was unknown: exact
+        assert [m["content"] for m in await store.history("s")] == ["d e f", "g h", "i"]
+        assert total() == 6
+        # concurrent appends of one session: the kept ones fit, and the total is theirs
+        await asyncio.gather(*(store.append_history("s", [msg(f"w{i} x")], words)
+                               for i in range(8)))
+        kept = await store.history("s")
+        assert sum(words(m) for m in kept) == total() <= 6 and len(kept) == 3
         await store.close()
 
     run(main)
