@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import importlib
 import logging
 import os
 import time
@@ -50,11 +51,18 @@ def received_at() -> float | None:
     return _RECEIVED.get()
 
 
-def _wrap(owner: Any, name: str, make: Any) -> bool:
-    original = getattr(owner, name, None) if owner is not None else None
+def _wrap(module: str, owner_name: str, name: str, make: Any) -> bool:
+    """With the trace on, `module.owner_name.name` replaced by `make(it)`, once."""
+    if not enabled():
+        return False
+    try:
+        owner = getattr(importlib.import_module(module), owner_name, None)
+    except ImportError:
+        owner = None
+    original = getattr(owner, name, None)
     if original is None:
         log.warning("%s=1 but Serve has no %s.%s here: the way in is not split", ENV,
-                    getattr(owner, "__name__", owner), name)
+                    owner_name, name)
         return False
     if getattr(original, "_tpserve_traced", False):
         return True
@@ -66,13 +74,6 @@ def _wrap(owner: Any, name: str, make: Any) -> bool:
 
 def install_router() -> bool:
     """Stamp `routed_at` on each deliver call Serve sends from this process."""
-    if not enabled():
-        return False
-    try:
-        from ray.serve._private.request_router import replica_wrapper
-    except ImportError:
-        replica_wrapper = None
-
     def make(send: Any) -> Any:
         @functools.wraps(send)
         def traced(self: Any, pr: Any, *args: Any, **kwargs: Any) -> Any:
@@ -80,19 +81,12 @@ def install_router() -> bool:
             return send(self, pr, *args, **kwargs)
         return traced
 
-    return _wrap(getattr(replica_wrapper, "gRPCReplicaWrapper", None), "send_request_python",
-                 make)
+    return _wrap("ray.serve._private.request_router.replica_wrapper", "gRPCReplicaWrapper",
+                 "send_request_python", make)
 
 
 def install_replica() -> bool:
     """Note when Serve's gRPC handler takes each unary call in this process."""
-    if not enabled():
-        return False
-    try:
-        from ray.serve._private import replica
-    except ImportError:
-        replica = None
-
     def make(handle: Any) -> Any:
         @functools.wraps(handle)
         async def traced(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -100,4 +94,4 @@ def install_replica() -> bool:
             return await handle(self, *args, **kwargs)
         return traced
 
-    return _wrap(getattr(replica, "Replica", None), "HandleRequestWithRejection", make)
+    return _wrap("ray.serve._private.replica", "Replica", "HandleRequestWithRejection", make)
