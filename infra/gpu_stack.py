@@ -176,6 +176,15 @@ ROUTER_TIMES = {"router_ttft": "tpserve_time_to_first_token_seconds",
 WAY_IN_HOPS = ("way_in_routing_ms", "way_in_transit_ms", "way_in_dispatch_ms")
 
 
+def replica_inside(stats: dict[str, Any]) -> dict[str, Any]:
+    """What a stack row records of the engine replica's stats (its last 512 requests):
+    its way in (hop by hop when traced), its preparation, its own TTFT, its loop lag."""
+    return {"way_in_ms": stats.get("way_in_ms"), "prepare_ms": stats.get("prepare_ms"),
+            "replica_ttft_ms": stats.get("replica_ttft_ms"),
+            "replica_loop_lag_ms": stats.get("loop_lag_ms"),
+            **{key: stats[key] for key in WAY_IN_HOPS if stats.get(key)}}
+
+
 def router_times(edge: str) -> dict[str, tuple[float, float]]:
     """(sum of seconds, count) of the router's ROUTER_TIMES histograms, every label (its
     /metrics through nginx: one router replica's, with several): its time to first token
@@ -419,12 +428,7 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
     inside: dict[str, Any] = means(before, router_times(stack.edge))
     try:  # the replica's own view of the last 512 requests (the repeat run's)
         after = replica_stats(state_dir)
-        inside.update(engine_ttft_ms=after.get("ttft_ms"),
-                      replica_ttft_ms=after.get("replica_ttft_ms"),
-                      prepare_ms=after.get("prepare_ms"),
-                      way_in_ms=after.get("way_in_ms"),
-                      replica_loop_lag_ms=after.get("loop_lag_ms"),
-                      **{key: after.get(key) for key in WAY_IN_HOPS if after.get(key)})
+        inside.update(replica_inside(after), engine_ttft_ms=after.get("ttft_ms"))
     except Exception as e:  # noqa: BLE001 - the rest is still worth measuring
         inside["error"] = f"{type(e).__name__}: {e}"[:300]
     more = [stack_run(stack.edge, LOAD) for _ in range(MORE_LOAD_RUNS)]

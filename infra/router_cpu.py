@@ -104,9 +104,9 @@ def stack_row(edge: str, clients: int, tokens: int, duration: float, interval: i
     from cluster.pinning import routing_tasks
     from infra.client import LoadConfig, run_clients
     from infra.gpu_stack import (
-        WAY_IN_HOPS,
         cpu_seconds,
         means,
+        replica_inside,
         replica_stats,
         router_times,
         stack_pids,
@@ -127,10 +127,8 @@ def stack_row(edge: str, clients: int, tokens: int, duration: float, interval: i
     inside["routing_tasks"] = routing_tasks()  # (as the stack was started with this env)
     if state_dir:
         stats = replica_stats(state_dir)
-        inside.update({key: stats.get(key) for key in (
-            "way_in_ms", "prepare_ms", "replica_ttft_ms", "ttft_ms") + WAY_IN_HOPS
-            if key not in WAY_IN_HOPS or stats.get(key)},
-            replica_loop_lag_ms=stats.get("loop_lag_ms"), max_ongoing=stats.get("max_ongoing"))
+        inside.update(replica_inside(stats), ttft_ms=stats.get("ttft_ms"),
+                      max_ongoing=stats.get("max_ongoing"))
     run = summarize(records, wall)
     streamed = run["output_tokens_per_s"] * wall
     per_token = {name: round((after[name] - before.get(name, 0.0)) / streamed * 1e6, 1)

@@ -301,18 +301,17 @@ class SessionStore:
         args = [self.config.ttl_s, time.time(), self.config.history_token_budget,
                 sum(count_tokens(m) for m in messages), *new]
 
-        async def op(_: aioredis.Redis) -> None:
+        async def op(client: aioredis.Redis) -> None:
             if await self._append(keys=[skey, hkey], args=args):
-                await self._trim(skey, hkey, count_tokens)
+                await self._trim(client, skey, hkey, count_tokens)
 
         await self._run(op, None)
 
-    async def _trim(self, skey: str, hkey: str,
+    async def _trim(self, client: aioredis.Redis, skey: str, hkey: str,
                     count_tokens: Callable[[dict[str, Any]], int]) -> None:
         """Drop the oldest messages until the history fits the token budget, and set its
         exact token total. Optimistic (WATCH on both keys) so concurrent appends stay
         exact."""
-        assert self._client is not None
 
         async def trim(pipe: Pipeline) -> None:
             counts = [count_tokens(json.loads(m)) for m in await pipe.lrange(hkey, 0, -1)]
@@ -321,7 +320,7 @@ class SessionStore:
             pipe.ltrim(hkey, drop, -1)
             pipe.hset(skey, "history_tokens", sum(counts[drop:]))
 
-        await self._client.transaction(trim, skey, hkey)
+        await client.transaction(trim, skey, hkey)
 
     # ---- whole sessions --------------------------------------------------------------------
 
