@@ -124,8 +124,10 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                    if row.get("join_deltas") is False else "")
                 + (f", {row['stream_interval']} tokens a message"
                    if row.get("stream_interval", 1) > 1 else "")
+                # said whenever recorded: the default was 64 (the batch) until cc93632,
+                # twice the batch since
                 + (f", an engine replica takes {row['max_ongoing']} requests at once"
-                   if row.get("max_ongoing", 64) != 64 else "")
+                   if row.get("max_ongoing") else "")
                 + (f", the engine replica's GIL switch interval {row['switch_interval_ms']} ms"
                    if row.get("switch_interval_ms") else "")
                 + _routing_tasks(row.get("routing_tasks"))

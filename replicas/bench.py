@@ -390,14 +390,16 @@ def _ttft_8192(engine: Engine, repeats: int, seeds: Iterator[int]) -> float:
     """Seconds to the first token of an 8192-token prompt: a new prompt each time (from
     the next of `seeds`), as a repeated one would be served from the prefix cache; one
     untimed first, which compiles what the prefill needs (with --repeats 1 the timed
-    one was that first: 1.9 s against 0.27 on the H200, PERF.md v0.30)."""
+    one was that first: 1.9 s against 0.27 on the H200, PERF.md v0.30); then the best of
+    at least 3, whatever `repeats` (one prefill is ~0.2 s; a single timed one read 208 ms
+    where its profiled twin took 188, PERF.md v0.40)."""
     one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
 
     def prefill() -> None:
         engine.generate(prompts_for(1, 8192, GLM4_9B["vocab_size"], seed=next(seeds)), one)
 
     prefill()
-    return best_of(prefill, repeats)
+    return best_of(prefill, max(repeats, 3))
 
 
 def fp8_rows(config: EngineConfig, long_config: EngineConfig, bandwidth: float,
