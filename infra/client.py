@@ -46,6 +46,7 @@ class Turn:
     retries: int = 0  # refusals (429/503) retried after their Retry-After
     done: bool = False  # [DONE] arrived
     ended: float = 0.0
+    client: int = -1  # which of the run's clients sent it (`client` sets it)
 
     @property
     def accepted(self) -> bool:
@@ -187,7 +188,9 @@ async def client(run_turn: TurnRunner, config: LoadConfig, index: int, budget: B
             if not budget.take():
                 return
             size = words(turn) if words else config.user_words
-            records.append(await run_turn(session, turn, user_message(rng, size)))
+            record = await run_turn(session, turn, user_message(rng, size))
+            record.client = index
+            records.append(record)
         n += 1
 
 

@@ -71,6 +71,32 @@ def sessions_moved(records: list[Turn]) -> int:
     return sum(len(replicas) > 1 for replicas in seen.values())
 
 
+def _mean_ms(values: list[float]) -> float | None:
+    return round(1e3 * sum(values) / len(values), 2) if values else None
+
+
+def cycle_ms(records: list[Turn]) -> dict[str, float | None]:
+    """Where a closed-loop client's time goes, means over the run's completed requests
+    (ms): `request` (sent to its end: [DONE] read, or the engine's last item), of it
+    `ttft`, `first_to_last` (first content chunk to the last) and `after_last` (the last
+    content chunk to the end: the usage chunk, [DONE], what the server does before them);
+    then `between`, a client's end of one request to its next request's start. A
+    client's tok/s is its tokens over request + between, so these split a stack's tok/s
+    gap to the engine alone (replicas/PERF.md v0.41)."""
+    ok = [r for r in records if r.ok and r.token_times and r.ended]
+    by_client: dict[int, list[Turn]] = {}
+    for r in records:
+        if r.client >= 0 and r.ended:
+            by_client.setdefault(r.client, []).append(r)
+    between = [b.started - a.ended for turns in by_client.values()
+               for a, b in zip(turns, turns[1:], strict=False)]
+    return {"request": _mean_ms([r.ended - r.started for r in ok]),
+            "ttft": _mean_ms([r.token_times[0] - r.started for r in ok]),
+            "first_to_last": _mean_ms([r.token_times[-1] - r.token_times[0] for r in ok]),
+            "after_last": _mean_ms([r.ended - r.token_times[-1] for r in ok]),
+            "between": _mean_ms(between)}
+
+
 def summarize(records: list[Turn], wall_s: float) -> dict[str, Any]:
     ok = [r for r in records if r.ok]
     return {
@@ -86,6 +112,7 @@ def summarize(records: list[Turn], wall_s: float) -> dict[str, Any]:
         "sessions": len({r.session for r in records}),
         "sessions_moved": sessions_moved(records),
         "wall_s": round(wall_s, 1),
+        "cycle_ms": cycle_ms(records),
         "errors": sorted({r.error for r in records if r.error})[:5],
     }
 

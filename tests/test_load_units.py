@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("aiohttp")
 from infra.chaos import Fault, attribute, judge_sessions  # noqa: E402
 from infra.client import Turn  # noqa: E402
-from infra.results import percentile, sessions_moved, summarize  # noqa: E402
+from infra.results import cycle_ms, percentile, sessions_moved, summarize  # noqa: E402
 from infra.soak import growth  # noqa: E402
 
 
@@ -37,6 +37,22 @@ def test_summary_counts_refused_failed_hung_and_moves() -> None:
     assert (row["ok"], row["refused"], row["failed_accepted"], row["hung"]) == (2, 1, 1, 1)
     assert sessions_moved(records) == 1 and row["sessions_moved"] == 1
     assert row["output_tokens_per_s"] == 0.4 and row["itl_ms"]["p50"] == 100.0
+
+
+def test_cycle_splits_a_client_s_time_between_and_inside_its_requests() -> None:
+    # client 0: a request 0-1 s (tokens at 0.1, 0.2), the next from 1.5 to 2.5; client 1:
+    # one request 0-2 s whose last chunk came at 0.2 (1.8 s after it), then a failed one
+    records = [turn("a", 0, 1), turn("a", 1.5, 2.5), turn("b", 0, 2),
+               turn("c", 2.25, 3, error="error event: engine died")]
+    for record, client in zip(records, (0, 0, 1, 1), strict=True):
+        record.client = client
+    cycle = cycle_ms(records)
+    assert cycle["request"] == round(1e3 * (1 + 1 + 2) / 3, 2)
+    assert cycle["ttft"] == 100.0 and cycle["first_to_last"] == 100.0
+    assert cycle["after_last"] == round(1e3 * (0.8 + 0.8 + 1.8) / 3, 2)
+    assert cycle["between"] == 375.0  # (0.5 + 0.25) / 2: a failed request still ends a gap
+    assert summarize(records, 10.0)["cycle_ms"] == cycle
+    assert cycle_ms([]) == dict.fromkeys(cycle)  # nothing completed: no means
 
 
 def test_failures_are_attributed_to_the_killed_replica_a_crash_or_nothing() -> None:
