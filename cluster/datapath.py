@@ -14,11 +14,15 @@ the address the request carries.
 Frames: a 4-byte big-endian length, then JSON. A replica's first frame on a connection
 is the router's token, which the request carried through Serve (a connection that does
 not open with it is dropped); each later frame is {"sent_at": the replica's wall clock
-as it wrote the frame, "items": a list of [stream, item] pairs}, the items being
-router/wire.py's dicts (`items_frame`; the router records each frame's age as it reads
-it: the way back, on one host's clock). The router ends a stream once the call answered and
-that many items arrived. A connection lost mid-stream, or items that do not arrive within
-LATE_S of the answer, end the stream with a 503 ErrorEvent, as a failed replica does.
+as it wrote the frame, "items": a list of [stream, item] pairs, and "ends": a list of
+[stream, count] pairs, streams whose last item is in this frame or an earlier one}, the
+items being router/wire.py's dicts (`items_frame`; the router records each frame's age as
+it reads it: the way back, on one host's clock). The router ends a stream once `count`
+items arrived after its end, or once the call answered and that many items arrived,
+whichever comes first: the end on the data path spares a finished stream the wait for
+Serve's answer, a gRPC hop back (replicas/PERF.md v0.41). A connection lost mid-stream,
+or items that do not arrive within LATE_S of the answer, end the stream with a 503
+ErrorEvent, as a failed replica does.
 
 - `Inbox`: the router's side; one per router process, listening on the node's address.
 - `Outboxes`: the replica's side; one connection per inbox, opened on first use.
@@ -66,9 +70,15 @@ def frame(payload: Any) -> bytes:
     return _LENGTH.pack(len(body)) + body
 
 
-def items_frame(pairs: list[list[Any]], sent_at: float | None = None) -> bytes:
-    """A frame of [stream, item] pairs, stamped with the wall clock (or `sent_at`)."""
-    return frame({"sent_at": time.time() if sent_at is None else sent_at, "items": pairs})
+def items_frame(pairs: list[list[Any]], sent_at: float | None = None,
+                ends: list[list[int]] | None = None) -> bytes:
+    """A frame of [stream, item] pairs, stamped with the wall clock (or `sent_at`), and
+    the [stream, count] ends of streams whose items are all sent."""
+    payload: dict[str, Any] = {"sent_at": time.time() if sent_at is None else sent_at,
+                               "items": pairs}
+    if ends:
+        payload["ends"] = ends
+    return frame(payload)
 
 
 async def read_frame(reader: asyncio.StreamReader) -> Any:
@@ -83,6 +93,13 @@ class Lost:
     """Put into a stream's queue when the connection its items came on is gone."""
 
 
+@dataclass(frozen=True)
+class End:
+    """Put into a stream's queue after its last item: how many items the replica sent."""
+
+    count: int
+
+
 @dataclass
 class Stream:
     """One request's items as they arrive (`queue`), and the connection they came on."""
@@ -91,9 +108,10 @@ class Stream:
     connection: int | None = None
 
     async def items(self, answer: asyncio.Future[int]) -> AsyncGenerator[Any, None]:
-        """The items, until `answer` (the replica's call) says how many it sent and that
-        many came. Raises the call's failure, or DataPathError when the connection they
-        came on failed or the last ones are LATE_S late."""
+        """The items, until the stream's End or `answer` (the replica's call) says how
+        many were sent and that many came. Raises the call's failure (if it came first),
+        or DataPathError when the connection they came on failed or the last ones are
+        LATE_S late. Ended by its End, the stream leaves `answer` to come on its own."""
         answer.add_done_callback(lambda _: _answered(answer, self.queue))
         received, sent = 0, None
         while sent is None or received < sent:
@@ -102,7 +120,9 @@ class Stream:
                                asyncio.wait_for(self.queue.get(), LATE_S))
             except TimeoutError:
                 entry = Lost()
-            if entry is answer:
+            if isinstance(entry, End):
+                sent = entry.count if sent is None else sent
+            elif entry is answer:
                 if answer.cancelled():  # (by Serve: the caller's own cancel ends the loop)
                     raise DataPathError("the replica's call was cancelled")
                 sent = answer.result()
@@ -203,6 +223,10 @@ class Inbox:
             if stream is not None:  # else the router stopped reading it
                 stream.connection = connection
                 stream.queue.put_nowait(item)
+        for stream_id, count in payload.get("ends", ()):
+            stream = streams.get(stream_id)
+            if stream is not None:
+                stream.queue.put_nowait(End(int(count)))
 
 
 class Outbox:
@@ -215,6 +239,7 @@ class Outbox:
         self.writer, self._on_lost = writer, on_lost
         self.error: DataPathError | None = None
         self._pending: list[list[Any]] = []
+        self._ends: list[list[int]] = []
         self._loop = asyncio.get_running_loop()
         self._watch = asyncio.ensure_future(self._watch_closed(reader))
 
@@ -223,9 +248,18 @@ class Outbox:
         connection is gone."""
         if self.error is not None:
             raise self.error
-        if not self._pending:
+        if not (self._pending or self._ends):
             self._loop.call_soon(self._flush)
         self._pending.append([stream, item])
+
+    def end(self, stream: int, count: int) -> None:
+        """Say, in this turn's frame (after its items), that `stream` had `count` items:
+        the router ends the stream at it, without waiting for the call's answer."""
+        if self.error is not None:
+            raise self.error
+        if not (self._pending or self._ends):
+            self._loop.call_soon(self._flush)
+        self._ends.append([stream, count])
 
     async def flushed(self) -> None:
         """Return once everything sent so far is written to the socket (raises
@@ -247,9 +281,9 @@ class Outbox:
         self._on_lost(self)
 
     def _flush(self) -> None:
-        if self._pending and self.error is None:
-            pending, self._pending = self._pending, []
-            self.writer.write(items_frame(pending))
+        if (self._pending or self._ends) and self.error is None:
+            pending, ends, self._pending, self._ends = self._pending, self._ends, [], []
+            self.writer.write(items_frame(pending, ends=ends))
 
     def _fail(self, cause: BaseException | None) -> None:
         if self.error is None:

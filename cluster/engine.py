@@ -258,6 +258,7 @@ async def deliver(items: AsyncGenerator[dict[str, Any], None], outbox: Outbox, s
         log.warning("request failed on the replica: %r", e)
         outbox.send(stream, error_event(e, replica).to_dict())
         sent += 1
+    outbox.end(stream, sent)  # the router ends the stream at it, not at this call's answer
     await outbox.flushed()
     return sent
 

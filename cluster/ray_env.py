@@ -7,6 +7,8 @@ driver before `import ray` (infra/load.py). This module imports nothing from Ray
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
 
 RAY_ENV_FILE = Path(__file__).resolve().parent / "ray.env"
@@ -30,3 +32,10 @@ def parse_env(text: str) -> dict[str, str]:
 def ray_env(path: Path = RAY_ENV_FILE) -> dict[str, str]:
     """The settings of cluster/ray.env."""
     return parse_env(path.read_text())
+
+
+def deviations(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The settings of cluster/ray.env that `environ` (default: this process's) sets
+    otherwise, as it sets them: what a measurement ran with that the file does not say."""
+    environ = os.environ if environ is None else environ
+    return {k: environ[k] for k, v in ray_env().items() if k in environ and environ[k] != v}

@@ -37,6 +37,10 @@
 # AB_ROUTING_TASKS=N before `measure`: the stack a second time with the router routing N
 # requests at once (TPSERVE_ROUTING_TASKS; 0: Serve's own rule, 2 a replica, as before
 # PERF.md v0.34) instead of Serve's cap of 50, in the same call.
+# AB_ENV='NAME=VALUE ...' before `measure`: the stack a second time with Serve's settings
+# of cluster/ray.env set otherwise (e.g. RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=1: the
+# router's handle calls routed on a loop of their own, not behind its streams), in the
+# same call; the row's serve_env names them.
 # AB_DATA_PATH=P before `measure`: the stack a second time with --data-path P (serve:
 # each delta a Serve message, as before the direct path became the default), in the
 # same call.
@@ -209,6 +213,11 @@ $(python3 -c "print(round($t1 - $t0, 1))")}" | tee -a "$out/gpu_stack.jsonl"
     if [ "$caches" = warm ] && [ -n "${AB_ROUTING_TASKS:-}" ] && [ $rc = 0 ]; then
         # the router routing AB_ROUTING_TASKS requests at once (cluster/pinning.py)
         stack_again TPSERVE_ROUTING_TASKS=$AB_ROUTING_TASKS
+    fi
+    if [ "$caches" = warm ] && [ -n "${AB_ENV:-}" ] && [ $rc = 0 ]; then
+        # Serve's settings otherwise than cluster/ray.env, e.g. its request router on a
+        # loop of its own (the row's serve_env names them)
+        stack_again "$AB_ENV"
     fi
     if [ "$caches" = warm ] && [ -n "${AB_DATA_PATH:-}" ] && [ $rc = 0 ]; then
         stack_again "" --data-path "$AB_DATA_PATH"

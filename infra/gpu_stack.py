@@ -397,6 +397,7 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
     runs, no comparison with the engine)."""
     from cluster.engine import max_ongoing, switch_interval_ms
     from cluster.pinning import routing_tasks
+    from cluster.ray_env import deviations
     from infra.stack import Running, read_state
 
     stack = Running.recorded(state_dir)
@@ -447,6 +448,8 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
         "switch_interval_ms": switch_interval_ms(),  # (None: Python's 5 ms)
         # requests the router routes at once (None: Serve's cap; 0: Serve's own rule)
         "routing_tasks": routing_tasks(),
+        # Serve settings set otherwise than cluster/ray.env (device_stack.sh AB_ENV)
+        "serve_env": deviations(),
         "chat": chat, "load": load, "load_repeat": repeat, "load_more": more,
         "load_repeat_inside": inside,
         "load_config": asdict(LoadConfig(**{**asdict(LOAD), "url": stack.edge})),

@@ -133,6 +133,7 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                 + _routing_tasks(row.get("routing_tasks"))
                 + (f", {row['router_replicas']} router replicas"
                    if row.get("router_replicas", 1) != 1 else "")
+                + "".join(f", {k}={v}" for k, v in row.get("serve_env", {}).items())
                 + _path(row))
         start = (f"replica RUNNING in {row['replica_init_s']} s (GEMV tuning "
                  f"{row['replica_startup_s']['gemv_tuning']} s), weights "

@@ -135,7 +135,8 @@ def stack_row(edge: str, clients: int, tokens: int, duration: float, interval: i
                  for name in ("router", "engine", "nginx", "client") if name in after}
     return {"kind": "router_cpu_stack", "cpu_us_per_token": per_token,
             "tok_s": run["output_tokens_per_s"], "ttft_ms": run["ttft_ms"],
-            "cycle_ms": run["cycle_ms"], "requests": run["requests"], "failed": run["failed_accepted"],
+            "cycle_ms": run["cycle_ms"], "requests": run["requests"],
+            "failed": run["failed_accepted"],
             "stream_interval": interval, "data_path": data_path, "inside": inside,
             "load_config": asdict(config)}
 

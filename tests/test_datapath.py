@@ -214,6 +214,56 @@ def test_the_router_gets_every_item_in_order_and_pins_by_session() -> None:
     assert not unary.calls[0].cancelled and left == 0  # ended by itself, stream forgotten
 
 
+def test_a_stream_ends_at_its_end_on_the_data_path_without_waiting_for_the_answer(
+        ) -> None:
+    """The real `deliver` sends the stream's End after its items: the router's stream ends
+    there, though the call answers only 5 s later (Serve's answer is a gRPC hop back),
+    and the call is left to answer, not cancelled. A replica that sends no End (before
+    it existed) still ends the stream at the answer (the test below)."""
+    items = [delta(0), delta(1, "stop")]
+    outboxes = Outboxes()
+
+    async def slow_answer(request: dict[str, Any], reply: dict[str, Any]) -> int:
+        async def engine_items() -> AsyncGenerator[dict[str, Any], None]:
+            for item in items:
+                yield item
+        sent = await deliver(engine_items(), await outboxes.get(reply), reply["stream"], "r")
+        await asyncio.sleep(5)
+        return sent
+
+    async def main() -> tuple[list[wire.Item], float, FakeUnary]:
+        unary = FakeUnary(slow_answer)
+        start = asyncio.get_running_loop().time()
+        out = await collect(direct_engine(unary))
+        took = asyncio.get_running_loop().time() - start
+        unary.calls[0].task.cancel()  # (the test's own end, not the router's)
+        return out, took, unary
+
+    out, took, unary = run(main())
+    assert out == [wire.decode(i) for i in items] and took < 2
+    assert not unary.calls[0].cancelled
+
+
+def test_an_end_counts_items_still_on_the_way() -> None:
+    """An End names how many items the stream had: one that overtook some of them (it
+    cannot on one connection, but the count is what ends the stream) waits for them."""
+    async def main() -> list[Any]:
+        inbox = Inbox("127.0.0.1")
+        await inbox.start()
+        stream_id, stream = inbox.open()
+        answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        inbox._take({"sent_at": time.time(), "items": [[stream_id, delta(0)]],
+                     "ends": [[stream_id, 2]]}, 1)
+        asyncio.get_running_loop().call_later(0.1, inbox._take, {
+            "sent_at": time.time(), "items": [[stream_id, delta(1, "stop")]]}, 1)
+        got = [item async for item in stream.items(answer)]
+        answer.cancel()
+        await inbox.stop()
+        return got
+
+    assert run(main()) == [delta(0), delta(1, "stop")]
+
+
 def test_items_that_arrive_after_the_answer_still_reach_the_router() -> None:
     items = [delta(0), delta(1, "stop")]
 

@@ -229,6 +229,10 @@ def test_a_gpu_stack_row_with_the_way_in_measured_says_where_it_went() -> None:
             "it 4.2 ms to the choice") in _cell(row)[1]
     row["load_repeat_inside"].update(choice_mean_ms=3.3)
     assert "4.2 ms to the choice of replica and 3.3 in it (1.0 choices" in _cell(row)[1]
+    what = _cell(row)[0]
+    row["serve_env"] = {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1"}
+    assert _cell(row)[0] == what.replace(", data path", ", RAY_SERVE_RUN_ROUTER_IN_SEPARATE_"
+                                         "LOOP=1, data path")
 
 
 def test_a_cpu_stack_row_says_its_replicas_cap_and_where_the_way_in_went() -> None:

@@ -41,3 +41,15 @@ def test_stack_and_head_start_ray_with_them(tmp_path: Path,
     assert ". cluster/ray.env" in head.split("\nray start")[0]
     workers = (RAY_ENV_FILE.parent / "cluster.yaml").read_text()
     assert "cluster/ray.env" in workers.split("worker_start_ray_commands")[1]
+
+
+def test_deviations_name_the_settings_a_run_changed() -> None:
+    """What a measurement ran with otherwise than cluster/ray.env (gpu_stack rows'
+    serve_env, device_stack.sh AB_ENV); unset or equal settings are not deviations."""
+    from cluster.ray_env import deviations
+
+    settings = ray_env()
+    assert deviations({}) == {} and deviations(dict(settings)) == {}
+    changed = {**settings, "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1", "OTHER": "x"}
+    assert settings["RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"] != "1"
+    assert deviations(changed) == {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1"}
