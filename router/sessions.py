@@ -195,7 +195,10 @@ class SessionStore:
         if self._client is None or not await self._reachable(self._client):
             return fallback
         try:
-            return await asyncio.wait_for(op(self._client), self.config.op_timeout_s)
+            # (asyncio.timeout, not wait_for: on Python 3.11 wait_for runs the op as a task
+            # of its own, a turn of the busy event loop more each way)
+            async with asyncio.timeout(self.config.op_timeout_s):
+                return await op(self._client)
         except DOWN_ERRORS as exc:
             await self._go_degraded(exc)
             return fallback
