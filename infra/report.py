@@ -113,10 +113,12 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                 f"{row['stream_interval']}{_path(row)}"
                 + (f", an engine replica takes {inside['max_ongoing']} requests at once"
                    if inside.get("max_ongoing") else "")
-                + _routing_tasks(inside.get("routing_tasks")) + ")",
+                + _routing_tasks(inside.get("routing_tasks"))
+                + "".join(f", {k}={v}" for k, v in row.get("serve_env", {}).items()) + ")",
                 f"router {us['router']} us, engine replica {us['engine']}, nginx "
                 f"{us['nginx']}, client {us['client']}; {row['tok_s']} tok/s, TTFT p50 "
-                f"{row['ttft_ms']['p50']} ms" + _way_in(inside), "—")
+                f"{row['ttft_ms']['p50']} ms" + _way_in(inside) + _cycle(row.get("cycle_ms")),
+                "—")
     if kind in ("gpu_stack", "gpu_stack_start"):
         what = (f"stack on one {row.get('gpu', 'H200')}: {row['model']}, {row['replicas']} "
                 f"replica tp={row['tp']}, kernel caches {row.get('caches', 'not recorded')}"
@@ -155,7 +157,8 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                 f"vs the engine alone {v['engine_output_tokens_per_s']}{runs} (ratio "
                 f"{v['tokens_per_s_ratio']}), TTFT p50 {v['stack_ttft_p50_ms']} vs "
                 f"{v['engine_ttft_p50_ms']} ms (added {v['ttft_p50_added_ms']})"
-                + _way_in(row.get("load_repeat_inside", {})),
+                + _way_in(row.get("load_repeat_inside", {}))
+                + _cycle((row.get("load_repeat") or {}).get("cycle_ms")),
                 "tok/s within 5 %, TTFT p50 within 5 ms; RUNNING <= 30 s")
     raise ValueError(f"unknown result kind {kind!r}")
 
@@ -192,6 +195,16 @@ def _way_in(inside: dict[str, Any]) -> str:
             f"router {inside['router_loop_lag_mean_ms']} ms, engine replica {lag} ms"
             + (f"; frames {inside['frame_age_mean_ms']} ms old as the router read them"
                if "frame_age_mean_ms" in inside else ""))
+
+
+def _cycle(cycle: dict[str, float | None] | None) -> str:
+    """A closed-loop client's request, split (infra/results.py cycle_ms; PERF.md v0.41),
+    in rows that measured it."""
+    if not cycle or cycle.get("request") is None:
+        return ""
+    return (f"; a client's request {cycle['request']} ms mean: to the first token "
+            f"{cycle['ttft']}, to the last {cycle['first_to_last']}, then to its end "
+            f"{cycle['after_last']}; {cycle['between']} ms to its next")
 
 
 def _span(values: list[float]) -> str:

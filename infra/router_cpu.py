@@ -30,6 +30,7 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 from cluster.datapath import DATA_PATHS
+from cluster.ray_env import deviations
 from infra.results import driver_env, emit, environment
 from router import wire
 from router.app import Router, RouterConfig, make_api
@@ -138,6 +139,8 @@ def stack_row(edge: str, clients: int, tokens: int, duration: float, interval: i
             "cycle_ms": run["cycle_ms"], "requests": run["requests"],
             "failed": run["failed_accepted"],
             "stream_interval": interval, "data_path": data_path, "inside": inside,
+            # Serve settings set otherwise than cluster/ray.env (as given to this run)
+            "serve_env": deviations(),
             "load_config": asdict(config)}
 
 

@@ -229,6 +229,13 @@ def test_a_gpu_stack_row_with_the_way_in_measured_says_where_it_went() -> None:
             "it 4.2 ms to the choice") in _cell(row)[1]
     row["load_repeat_inside"].update(choice_mean_ms=3.3)
     assert "4.2 ms to the choice of replica and 3.3 in it (1.0 choices" in _cell(row)[1]
+    cell = _cell(row)[1]
+    row["load_repeat"] = {**row["load_repeat"], "cycle_ms": {
+        "request": 1100.0, "ttft": 150.0, "first_to_last": 930.0, "after_last": 20.0,
+        "between": 0.1}}
+    assert _cell(row)[1] == cell + (
+        "; a client's request 1100.0 ms mean: to the first token 150.0, to the last "
+        "930.0, then to its end 20.0; 0.1 ms to its next")
     what = _cell(row)[0]
     row["serve_env"] = {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1"}
     assert _cell(row)[0] == what.replace(", data path", ", RAY_SERVE_RUN_ROUTER_IN_SEPARATE_"
