@@ -152,12 +152,13 @@ def test_single_kv_head_replicated_over_tp2(checkpoint: CheckpointFactory) -> No
     assert_same_tokens(got, hf_greedy(ckpt, prompts), "llama kv_heads=1, tp=2")
 
 
-@pytest.mark.parametrize("family", ["glm", "llama"])
+@pytest.mark.parametrize("family", ["glm", "llama", "qwen2"])
 def test_tp4_one_head_a_rank_two_kv_heads_replicated(checkpoint: CheckpointFactory,
                                                      family: str) -> None:
     """tp=4 (issue 21's size) on the checkpoints' 4 heads and 2 KV heads: one query head
     a rank, each KV head kept by two ranks (GLM-4-9B's 2 KV heads at tp=4 are the same
-    case). Greedy tokens equal transformers', score logits within SCORE_ATOL."""
+    case; qwen2's k and v biases go with their replicated heads). Greedy tokens equal
+    transformers', score logits within SCORE_ATOL."""
     ckpt = checkpoint(family)
     prompts = make_prompts(engine_vocab(ckpt))
     with running(ckpt, tp=4) as engine:
