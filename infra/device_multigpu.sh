@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The multi-GPU run on the device machine (nvidia-h200-x2): what the machine has, then
+# The multi-GPU run on the device machine (nvidia-h200-x2, or -x4 for issue 21: there the
+# probes and the suite add tp=4, and the suite's rows go to multigpu_4xh200.jsonl; TPS
+# overrides the suite's sizes, e.g. TPS=2): what the machine has, then
 # (each step on when its bound is not 0) the decode probes, the multigpu GPU tests and
 # `replicas.bench --suite multigpu`; logs and JSON lines under $OUT (or ./out). NVLink
 # multicast stays off (NCCL, PyTorch symmetric memory, NVSHMEM). By default the suite
@@ -23,11 +25,15 @@ python3 -c 'import torch, transformers, triton
 print("torch", torch.__version__, "transformers", transformers.__version__,
       "triton", triton.__version__, "gpus", torch.cuda.device_count())
 print("one_shot_all_reduce_copy_out:", hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy_out"))'
-if [ "${PROBE_S:-0}" != 0 ]; then  # the headline first: decode at tp=1 and tp=2
+gpus=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+if [ "$gpus" -ge 4 ]; then sizes="1 2 4"; else sizes="1 2"; fi
+tps=${TPS:-$(echo ${sizes#1 } | tr ' ' ',')}  # the suite's tp sizes: "2" or "2,4"
+if [ "$gpus" -ge 4 ]; then suite_out=multigpu_4xh200.jsonl; else suite_out=multigpu_2xh200.jsonl; fi
+if [ "${PROBE_S:-0}" != 0 ]; then  # the headline first: decode at tp=1, 2 (and 4)
   sets=()
   IFS=';' read -ra fields <<< "${PROBE_SET:-}"
   for field in "${fields[@]}"; do sets+=(--set "$field"); done
-  for tp in 1 2; do
+  for tp in $sizes; do
     timeout -s KILL "${PROBE_S}" python3 -m replicas.multigpu --probe glm4-9b --tp "$tp" \
       "${sets[@]}" 2>&1 | grep '^{' | tee -a "$out/probe.jsonl"
   done
@@ -43,6 +49,6 @@ if [ "${TEST_S:-0}" != 0 ]; then
     --timeout 150 -p no:cacheprovider ${TEST_K:+-k "$TEST_K"} 2>&1 | tee "$out/tests.log"
 fi
 if [ "${BENCH_S:-570}" != 0 ]; then
-  timeout -s KILL "${BENCH_S:-570}" python3 -m replicas.bench --suite multigpu --tp 2 \
-    --out "$out/multigpu_2xh200.jsonl" 2>&1 | tee "$out/bench.log"
+  timeout -s KILL "${BENCH_S:-570}" python3 -m replicas.bench --suite multigpu --tp "$tps" \
+    --out "$out/$suite_out" 2>&1 | tee "$out/bench.log"
 fi
