@@ -684,6 +684,56 @@ def host_breakdown(name: str, tp: int, overrides: dict[str, Any]) -> dict[str, A
             "settings": overrides, **generate, "streams": streams}
 
 
+def prefill_host(name: str, tp: int, overrides: dict[str, Any], prompts: int = 9,
+                 length: int = 40, top: int = 40) -> dict[str, Any]:
+    """Where an eager prefill step's host time goes on rank 0: `prompts` new prompts of
+    `length` tokens (a step that admits requests under load; such a step runs outside
+    the decode graphs). Its wall time, bare (best of 3) and under PyTorch's profiler
+    against its kernels' busy time (host-bound when the wall is the larger), then the
+    driver thread's Python functions by own time (cProfile on the driver, whose overhead
+    inflates the total: read the shares)."""
+    import cProfile
+    import pstats
+
+    from replicas.engine import Engine as EngineClass
+
+    shapes = dataclasses.replace(_shapes(False, name), prompt=prompts * length,
+                                 kv_bytes=4 * 2**30)
+    engine = _engine(shapes, tp, max_num_seqs=max(64, prompts), **overrides)
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    vocab = engine.spec.vocab_size
+    profiler = cProfile.Profile()
+    original = EngineClass._step
+    try:
+        def run(seed: int) -> float:
+            start = time.perf_counter()
+            engine.generate(prompts_for(prompts, length, vocab, seed=seed), one)
+            return time.perf_counter() - start
+
+        run(1)  # (what the shapes compile)
+        bare = min(run(seed) for seed in (2, 3, 4))
+        kernels = (run_kernels(engine, prompts_for(prompts, length, vocab, seed=5), 12)
+                   if shapes.device == "cuda" else None)  # (PyTorch's CUDA profiler)
+
+        def profiled_step(self: Any) -> None:
+            profiler.runcall(original, self)
+
+        EngineClass._step = profiled_step  # type: ignore[method-assign]
+        profiled = run(6)
+    finally:
+        EngineClass._step = original  # type: ignore[method-assign]
+        engine.shutdown()
+    stats = pstats.Stats(profiler)
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]  # type: ignore[attr-defined]
+    return {"case": f"{name}_tp{tp}_prefill_{prompts}x{length}_host", "unit": "ms",
+            "tp": tp, "settings": overrides, "bare_ms": round(bare * 1e3, 2),
+            "kernels": kernels, "cprofile_ms": round(profiled * 1e3, 2),
+            "functions": [{"where": f"{file.rsplit('/', 2)[-1]}:{line}({fn})",
+                           "calls": nc, "own_ms": round(tt * 1e3, 3),
+                           "cum_ms": round(ct * 1e3, 3)}
+                          for (file, line, fn), (_, nc, tt, ct, _) in rows]}
+
+
 async def _stream_all(engine: Engine, prompts: list[list[int]], params: SamplingParams
                       ) -> None:
     async def one(prompt: list[int]) -> None:
@@ -710,10 +760,12 @@ def main() -> None:
                         help="profile one decode step's kernels on rank 0 instead")
     parser.add_argument("--host", action="store_true",
                         help="rank 0's host time per step at 256 requests instead")
+    parser.add_argument("--prefill-host", action="store_true",
+                        help="where an eager prefill step's host time goes instead")
     args = parser.parse_args()
     overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
     probe = (decode_kernels if args.kernels else host_breakdown if args.host
-             else decode_probe)
+             else prefill_host if args.prefill_host else decode_probe)
     print(json.dumps(probe(args.probe, args.tp, overrides)), flush=True)
     os._exit(0)  # (a rank 0 left in a collective with a dead peer cannot exit otherwise)
 
