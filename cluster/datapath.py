@@ -246,20 +246,22 @@ class Outbox:
     def send(self, stream: int, item: dict[str, Any]) -> None:
         """Queue an item for the end of this turn; raises DataPathError once the
         connection is gone."""
-        if self.error is not None:
-            raise self.error
-        if not (self._pending or self._ends):
-            self._loop.call_soon(self._flush)
+        self._flush_later()
         self._pending.append([stream, item])
 
     def end(self, stream: int, count: int) -> None:
         """Say, in this turn's frame (after its items), that `stream` had `count` items:
         the router ends the stream at it, without waiting for the call's answer."""
+        self._flush_later()
+        self._ends.append([stream, count])
+
+    def _flush_later(self) -> None:
+        """Raise if the connection is gone; else, with nothing queued yet this turn, have
+        the turn's frame written at its end."""
         if self.error is not None:
             raise self.error
         if not (self._pending or self._ends):
             self._loop.call_soon(self._flush)
-        self._ends.append([stream, count])
 
     async def flushed(self) -> None:
         """Return once everything sent so far is written to the socket (raises

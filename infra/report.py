@@ -113,8 +113,7 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                 f"{row['stream_interval']}{_path(row)}"
                 + (f", an engine replica takes {inside['max_ongoing']} requests at once"
                    if inside.get("max_ongoing") else "")
-                + _routing_tasks(inside.get("routing_tasks"))
-                + "".join(f", {k}={v}" for k, v in row.get("serve_env", {}).items()) + ")",
+                + _routing_tasks(inside.get("routing_tasks")) + _serve_env(row) + ")",
                 f"router {us['router']} us, engine replica {us['engine']}, nginx "
                 f"{us['nginx']}, client {us['client']}; {row['tok_s']} tok/s, TTFT p50 "
                 f"{row['ttft_ms']['p50']} ms" + _way_in(inside) + _cycle(row.get("cycle_ms")),
@@ -135,8 +134,7 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                 + _routing_tasks(row.get("routing_tasks"))
                 + (f", {row['router_replicas']} router replicas"
                    if row.get("router_replicas", 1) != 1 else "")
-                + "".join(f", {k}={v}" for k, v in row.get("serve_env", {}).items())
-                + _path(row))
+                + _serve_env(row) + _path(row))
         start = (f"replica RUNNING in {row['replica_init_s']} s (GEMV tuning "
                  f"{row['replica_startup_s']['gemv_tuning']} s), weights "
                  f"{row['load_gb_s']} GB/s; first chat's TTFT {row['chat']['ttft_ms']} ms")
@@ -161,6 +159,11 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                 + _cycle((row.get("load_repeat") or {}).get("cycle_ms")),
                 "tok/s within 5 %, TTFT p50 within 5 ms; RUNNING <= 30 s")
     raise ValueError(f"unknown result kind {kind!r}")
+
+
+def _serve_env(row: dict[str, Any]) -> str:
+    """A stack row's Serve settings set otherwise than cluster/ray.env (`serve_env`)."""
+    return "".join(f", {k}={v}" for k, v in row.get("serve_env", {}).items())
 
 
 def _routing_tasks(count: int | None) -> str:
