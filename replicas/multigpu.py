@@ -690,8 +690,9 @@ def prefill_host(name: str, tp: int, overrides: dict[str, Any], prompts: int = 9
     `length` tokens (a step that admits requests under load; such a step runs outside
     the decode graphs). Its wall time, bare (best of 3) and under PyTorch's profiler
     against its kernels' busy time (host-bound when the wall is the larger), then the
-    driver thread's Python functions by own time (cProfile on the driver, whose overhead
-    inflates the total: read the shares)."""
+    driver thread's Python functions by own time (cProfile on the driver). cProfile
+    inflates the total, and on the H200 its own time for `F.linear` read 72-83 µs a call
+    where timing the calls gave ~20 (PERF.md v0.42): read its shares as leads."""
     import cProfile
     import pstats
 

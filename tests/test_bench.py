@@ -221,3 +221,21 @@ def test_fp8_rows_come_one_by_one_in_each_mode(monkeypatch: pytest.MonkeyPatch) 
                            "w8a8_weight_only": "qkv_proj", "w8a8_group": 32,
                            "max_num_seqs": 1}
     assert len(started) == 7  # two engines a mode, one for the int8 cache's
+
+
+def test_prefill_host_probe_times_an_eager_step_and_profiles_the_driver(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`python -m replicas.multigpu --prefill-host` (PERF.md v0.42) on the tiny CPU model:
+    a bare wall time, no kernel table off CUDA, and the driver thread's functions from
+    cProfile (the step runs there, not in the caller), with the step restored after."""
+    import replicas.multigpu as multigpu
+    from replicas.engine import Engine
+
+    step = Engine._step
+    smoke = multigpu._shapes(True)
+    monkeypatch.setattr(multigpu, "_shapes", lambda smoke_, name="glm4-9b": smoke)
+    row = multigpu.prefill_host("tiny", 1, {}, prompts=3, length=20, top=10)
+    assert row["case"] == "tiny_tp1_prefill_3x20_host" and row["kernels"] is None
+    assert row["bare_ms"] > 0 and row["cprofile_ms"] > 0 and len(row["functions"]) == 10
+    assert any("forward" in f["where"] for f in row["functions"])  # the model, profiled
+    assert Engine._step is step
