@@ -83,6 +83,7 @@ class PinnedRouter(RequestRouter):
         self.routing = routing
         url = redis_url or os.environ.get("TPSERVE_REDIS_URL") or None
         self.store = SessionStore(SessionStoreConfig(url=url, ttl_s=ttl_s))
+        self.store.warm_soon()
         self.load_factor = load_factor
         self.in_flight: Tally[str] = Tally()  # requests this router sent, per replica
         self.refresh_s = refresh_s

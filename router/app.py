@@ -213,6 +213,7 @@ class Router:
         self.sessions = SessionStore(SessionStoreConfig(
             url=url, ttl_s=self.config.session_ttl_s,
             history_token_budget=self.config.history_token_budget))
+        self.sessions.warm_soon()  # (in a Serve replica, its loop runs: open them now)
         self.in_flight = 0
         self.loop_lag = LoopLag(metrics.LOOP_LAG.observe)  # (started by the first request)
         self.limiter = (RateLimiter(self.config.rate_limit_per_minute)

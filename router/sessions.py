@@ -42,6 +42,7 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from router import keys
@@ -54,6 +55,10 @@ URL_SCHEMES = ("redis://", "rediss://", "unix://")
 # and "Too many connections" are ConnectionErrors; asyncio's TimeoutError is an OSError.
 DOWN_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 POOL_SIZE = 64  # connections per store; callers beyond it wait (bounded by op_timeout_s)
+# connections a store opens ahead of its requests (`warm_soon`): under 64 streaming clients
+# a connection opened on demand took ~100 ms (its handshake's round trips on the router's
+# busy event loop), and the first burst after a start opened ~60 of them
+WARM_CONNECTIONS = 32
 SCAN_BATCH = 1000  # keys per SCAN step in live_sessions
 SCAN_STEPS = 100  # live_sessions stops after this many steps (a lower bound past ~100k keys)
 
@@ -173,6 +178,7 @@ class SessionStore:
         self._degraded = self._client is None
         self._retry_at = 0.0  # monotonic time of the next PING while degraded
         self._probe: asyncio.Future[bool] | None = None  # that PING, while it is out
+        self._warming: asyncio.Future[None] | None = None  # the pool's warm-up (warm_soon)
         if self._client is None:
             log.info("session store: no Redis URL; sessions are routed by hash only")
         else:
@@ -190,10 +196,41 @@ class SessionStore:
         prefix = self.config.key_prefix
         return keys.pin(key, prefix), keys.history(key, prefix)
 
+    def warm_soon(self) -> None:
+        """Open WARM_CONNECTIONS pooled connections in the background, once (again after an
+        outage), so that a burst of requests finds them open. Needs a running event loop;
+        without one (a constructor outside it) the store's first operation starts it."""
+        if self._client is None or self._warming is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._warming = loop.create_task(self._warm(self._client, WARM_CONNECTIONS))
+
+    async def _warm(self, client: aioredis.Redis, n: int) -> None:
+        """Take n connections from the pool one after another, holding them (so each is a
+        new one), then give them back. One handshake at a time: the store's operations
+        never wait behind a crowd of them (32 TLS handshakes at once on two cores held an
+        operation past op_timeout_s). A failure only logs: the operations themselves put
+        the store into degraded mode."""
+        pool = client.connection_pool
+        held: list[Any] = []
+        try:
+            for _ in range(n):
+                async with asyncio.timeout(self.config.op_timeout_s):
+                    held.append(await pool.get_connection())
+        except (*DOWN_ERRORS, RedisError) as exc:
+            log.debug("session store: warming the pool: %r", exc)
+        finally:
+            for connection in held:
+                await pool.release(connection)
+
     async def _run(self, op: Callable[[aioredis.Redis], Awaitable[T]], fallback: T) -> T:
         """`op(client)` within op_timeout_s, or `fallback` while Redis is away."""
         if self._client is None or not await self._reachable(self._client):
             return fallback
+        self.warm_soon()
         try:
             # (asyncio.timeout, not wait_for: on Python 3.11 wait_for runs the op as a task
             # of its own, a turn of the busy event loop more each way)
@@ -229,6 +266,7 @@ class SessionStore:
         self._degraded = False
         log.warning("session store: Redis at %s answers again; sessions are pinned",
                     self._where)
+        self._warming = None  # (the outage closed the pool: warm it again)
         return True
 
     async def _drop_connections(self) -> None:
@@ -402,6 +440,8 @@ class SessionStore:
 
     async def close(self) -> None:
         """Close the pool; the store is not used afterwards."""
+        if self._warming is not None:
+            self._warming.cancel()
         if self._client is not None:
             await self._client.aclose()
 

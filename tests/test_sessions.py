@@ -430,3 +430,31 @@ def test_tls_with_password(tmp_path: Path) -> None:
         run(main)
     finally:
         server.stop()
+
+
+def test_a_store_opens_its_pool_ahead_of_a_burst(make_store: Callable[..., SessionStore],
+                                                 server: RedisServer) -> None:
+    """warm_soon (at a router's start, or a store's first operation) opens WARM_CONNECTIONS
+    pooled connections in the background: a burst of requests then finds them open
+    instead of paying each one's handshake on a busy loop (PERF.md v0.43)."""
+    from router.sessions import WARM_CONNECTIONS
+
+    async def main() -> tuple[int, int]:
+        store = make_store()
+        assert store._client is not None
+        pool = store._client.connection_pool
+        store.warm_soon()
+        store.warm_soon()  # once
+        assert store._warming is not None
+        await store._warming
+        opened = len(pool._available_connections) + len(pool._in_use_connections)
+        await store.history("someone")  # an operation now takes an open connection
+        after = len(pool._available_connections) + len(pool._in_use_connections)
+        await store._client.aclose()
+        return opened, after
+
+    assert run(main) == (WARM_CONNECTIONS, WARM_CONNECTIONS)
+    # outside a running loop it waits for the first operation
+    store = make_store()
+    store.warm_soon()
+    assert store._warming is None
