@@ -97,11 +97,8 @@ class PinnedRouter(RequestRouter):
                               ) -> list[list[RunningReplica]]:
         if pending_request is not None:
             metrics.ROUTING.observe(time.time() - pending_request.created_at)
-        start = time.perf_counter()
-        try:
+        with metrics.CHOICE.time():
             return await self._choose(candidate_replicas, pending_request)
-        finally:
-            metrics.CHOICE.observe(time.perf_counter() - start)
 
     async def _choose(self, candidate_replicas: list[RunningReplica],
                       pending_request: PendingRequest | None

@@ -150,13 +150,10 @@ def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
                        else quantize_tokens(rows))
         if not x.is_cuda:
             y = _w8a8_reference(x8.float() * x_scale, w8, scale, bias, out_dtype)
-        else:
-            fused = bias is not None and out_dtype in (torch.bfloat16, torch.float16)
+        else:  # (out_dtype is 16-bit here, as `_scaled_mm`'s bias needs)
             y = torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=scale.view(1, -1),
-                                 bias=bias.to(out_dtype) if fused else None,
+                                 bias=None if bias is None else bias.to(out_dtype),
                                  out_dtype=out_dtype)
-            if bias is not None and not fused:  # (a float32 product: the same sum)
-                y = y + bias.to(y.dtype)
     return y.to(x.dtype).reshape(*lead, w8.shape[0])
 
 
