@@ -25,6 +25,7 @@ SUPPORTED_ARCHITECTURES = {
 SUPPORTED_TP = (1, 2, 4, 8)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 KV_CACHE_DTYPES = ("auto", "fp8", "int8")  # EngineConfig.kv_cache_dtype
+MAX_PIECE_TOKENS = 2048  # EngineConfig.piece_graph_tokens' bound (replicas/pieces.py)
 # rope types whose frequencies do not depend on the sequence length seen so far
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
 
@@ -66,6 +67,13 @@ class EngineConfig:
     # activations (measured at start, Worker._activation_peak) may take together
     gpu_memory_utilization: float = 0.90
     cuda_graphs: bool = True  # decode steps replayed from CUDA graphs (GPU only)
+    # steps that are not plain decode (they admit prompts or prefill chunks) of up to this
+    # many tokens: each layer's work but attention replayed from CUDA graphs in pieces
+    # per token bucket, attention run eagerly between them (replicas/pieces.py); 0: all
+    # eager. On a CPU (or without cuda_graphs) the same pieces run as plain calls, padded:
+    # no gain there, it is what the tests hold against the eager forward. Off by default
+    # until measured on a GPU (PERF.md v0.44)
+    piece_graph_tokens: int = 0
     gemv_kernels: bool = True  # batch-1 matmuls: Triton GEMV where it beats cuBLAS (16-bit GPU)
     # step N+1 is launched with step N's tokens still on the device (the host reads them
     # while the GPU runs it); at tp > 1 on GPUs too (rank 0 broadcasts those tokens on the
@@ -126,6 +134,9 @@ class EngineConfig:
             raise ConfigError(f"load_format={self.load_format!r}: use 'auto' or 'random'")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device={self.device!r}: use 'auto', 'cpu' or 'cuda'")
+        if not 0 <= self.piece_graph_tokens <= MAX_PIECE_TOKENS:
+            raise ConfigError(f"piece_graph_tokens must be in [0, {MAX_PIECE_TOKENS}], got "
+                              f"{self.piece_graph_tokens}")
         if self.overlap_chunk_tokens < 0:
             raise ConfigError(f"overlap_chunk_tokens must be >= 0, got "
                               f"{self.overlap_chunk_tokens}")

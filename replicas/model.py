@@ -197,10 +197,12 @@ def read_cache(cache: torch.Tensor, tables: torch.Tensor, dtype: torch.dtype,
 
 
 def fresh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    spans: tuple[tuple[int, int], ...]) -> torch.Tensor:
+                    spans: tuple[tuple[int, int], ...], out: torch.Tensor | None = None
+                    ) -> torch.Tensor:
     """Causal attention of whole prompts (no cached prefix) from the step's own q, k, v
-    [T, heads | kv_heads, D], one SDPA call per sequence -> [T, heads, D]."""
-    out = torch.empty_like(q)
+    [T, heads | kv_heads, D], one SDPA call per sequence -> [T, heads, D] (`out`, if
+    given)."""
+    out = torch.empty_like(q) if out is None else out
     # never the math kernel on a GPU (it builds the L x L matrix): a fused one or an error
     backends = FUSED_SDPA if q.is_cuda else [*FUSED_SDPA, SDPBackend.MATH]
     with sdpa_kernel(backends):
@@ -242,11 +244,10 @@ class Attention(nn.Module):
         self.head_dim = d
         self.window = spec.sliding_windows[layer]
 
-    def forward(self, qkv: torch.Tensor, b: ForwardBatch, rotary: Rotary,
-                rope: tuple[torch.Tensor, torch.Tensor], kv: tuple[torch.Tensor, ...]
-                ) -> torch.Tensor | Site:
-        """Attention from the layer's qkv_proj output [T, (heads + 2 kv_heads) * D] (the
-        decoder layer runs the projection, fused with its norm) to o_proj's."""
+    def heads_of(self, qkv: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [T, heads, D], k and v [T, kv_heads, D] from the qkv_proj output [T,
+        (heads + 2 kv_heads) * D] (views, or q and k normed where the model has QK norm)."""
         q, k, v = qkv.split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
                              self.kv_heads * self.head_dim], dim=-1)
         q = q.view(-1, self.heads, self.head_dim)
@@ -254,30 +255,55 @@ class Attention(nn.Module):
         v = v.view(-1, self.kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q)[0], self.k_norm(k)[0]
+        return q, k, v
+
+    def place(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+              rotary: Rotary, rope: tuple[torch.Tensor, torch.Tensor],
+              kv: tuple[torch.Tensor, ...], fast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate q and k and write k and v into the cache at `slots` [T]: the rotated
+        (q, k) (`fast`, the Triton path: in place, one kernel)."""
         k_cache, v_cache, *scales = kv  # (an int8 cache's row scales)
+        if fast:
+            kernels.rope_and_cache(q, k, v, *rope, slots, k_cache, v_cache,
+                                   rotary.rotary_dim, rotary.interleaved, scales)
+            return q, k
+        q, k = rotary(q, rope), rotary(k, rope)
+        k_scale, v_scale = scales or (None, None)
+        write_cache(k_cache, slots, k, k_scale)
+        write_cache(v_cache, slots, v, v_scale)
+        return q, k
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b: ForwardBatch,
+               kv: tuple[torch.Tensor, ...], out: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of the step's rotated queries [T, heads, D] over the cache (k and v,
+        already `place`d, for whole fresh prompts) -> [T, heads, D], into `out` if given."""
+        k_cache, v_cache, *scales = kv
+        if b.cu_q is None:  # PyTorch: padded sequences and masks
+            attn = paged_attention(q, k_cache, v_cache, b, self.window, scales)
+            return attn if out is None else out.copy_(attn)
+        if b.fresh is not None and self.window is None:
+            return fresh_attention(q, k, v, b.fresh, out)
+        return kernels.paged_attention(q, k_cache, v_cache, b.block_tables, b.cu_q,
+                                       b.positions, self.window, b.max_q, b.splits,
+                                       scales=scales, out=out)
+
+    def forward(self, qkv: torch.Tensor, b: ForwardBatch, rotary: Rotary,
+                rope: tuple[torch.Tensor, torch.Tensor], kv: tuple[torch.Tensor, ...]
+                ) -> torch.Tensor | Site:
+        """Attention from the layer's qkv_proj output [T, (heads + 2 kv_heads) * D] (the
+        decoder layer runs the projection, fused with its norm) to o_proj's."""
+        q, k, v = self.heads_of(qkv)
         if b.cu_q is not None and b.max_q == 1:  # Triton decode: rotary, cache write and
             # attention in one kernel
+            k_cache, v_cache, *scales = kv
             new = kernels.NewKeys(k, v, *rope, b.slot_mapping, rotary.rotary_dim,
                                   rotary.interleaved)
             out = kernels.paged_attention(q, k_cache, v_cache, b.block_tables, b.cu_q,
                                           b.positions, self.window, 1, b.splits, new,
                                           scales)
-            return self.o_proj(out.reshape(out.shape[0], -1))
-        if b.cu_q is not None:  # Triton: rotary + cache write in one kernel, paged attention
-            kernels.rope_and_cache(q, k, v, *rope, b.slot_mapping, k_cache, v_cache,
-                                   rotary.rotary_dim, rotary.interleaved, scales)
-            if b.fresh is not None and self.window is None:
-                out = fresh_attention(q, k, v, b.fresh)
-            else:
-                out = kernels.paged_attention(q, k_cache, v_cache, b.block_tables, b.cu_q,
-                                              b.positions, self.window, b.max_q, b.splits,
-                                              scales=scales)
-            return self.o_proj(out.reshape(out.shape[0], -1))
-        q, k = rotary(q, rope), rotary(k, rope)
-        k_scale, v_scale = scales or (None, None)
-        write_cache(k_cache, b.slot_mapping, k, k_scale)
-        write_cache(v_cache, b.slot_mapping, v, v_scale)
-        out = paged_attention(q, k_cache, v_cache, b, self.window, scales)  # [T, heads, D]
+        else:
+            q, k = self.place(q, k, v, b.slot_mapping, rotary, rope, kv, b.cu_q is not None)
+            out = self.attend(q, k, v, b, kv)  # [T, heads, D]
         return self.o_proj(out.reshape(out.shape[0], -1))
 
 
@@ -329,9 +355,17 @@ class DecoderLayer(nn.Module):
         """(this layer's output, the residual stream before it): the next norm adds the
         two, fused with the normalization (and, at batch 1 on GPUs, with the sum of the
         layer's all-reduce: the output is then a Site)."""
-        qkv, residual = self.self_attn.qkv_proj.forward_normed(x, residual,
-                                                               self.input_layernorm)
-        x = self.self_attn(qkv, b, rotary, rope, kv)
+        qkv, residual = self.project(x, residual)
+        return self.finish(self.self_attn(qkv, b, rotary, rope, kv), residual)
+
+    def project(self, x: torch.Tensor | Site, residual: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer up to attention: (qkv_proj's output, the residual stream)."""
+        return self.self_attn.qkv_proj.forward_normed(x, residual, self.input_layernorm)
+
+    def finish(self, x: torch.Tensor | Site, residual: torch.Tensor
+               ) -> tuple[torch.Tensor | Site, torch.Tensor]:
+        """The layer after o_proj (its output `x`): the MLP, with its norm."""
         gate_up, residual = self.mlp.gate_up_proj.forward_normed(x, residual,
                                                                  self.post_attention_layernorm)
         return self.mlp(gate_up), residual
@@ -363,17 +397,31 @@ class CausalLM(nn.Module):
     def forward(self, b: ForwardBatch, kv_caches: list[tuple[torch.Tensor, ...]]
                 ) -> torch.Tensor:
         self.comm.new_step()
-        h = self.model.embed_tokens(b.input_ids)  # [T, hidden]
-        rope = self.model.rotary.tables(b.positions, h.dtype)
-        x: torch.Tensor | Site = h
+        x, rope = self.embed(b.input_ids, b.positions)
         residual = None
         for layer, kv in zip(self.model.layers, kv_caches, strict=True):
             x, residual = layer(x, residual, b, self.model.rotary, rope, kv)
         assert residual is not None, "a model has at least one layer"
+        return self.head(x, residual, b)
+
+    def embed(self, ids: torch.Tensor, positions: torch.Tensor
+              ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The step's hidden states [T, hidden] and its rotary tables (see Rotary.tables)."""
+        h = self.model.embed_tokens(ids)
+        return h, self.model.rotary.tables(positions, h.dtype)
+
+    def head(self, x: torch.Tensor | Site, residual: torch.Tensor, b: ForwardBatch
+             ) -> torch.Tensor:
+        """Logits from the last layer's output and the residual stream: rows
+        `b.logits_indices` (every row of the step's tokens if `b.every_row`; the first
+        len(b.input_ids) rows when the step was padded)."""
         if isinstance(x, Site):  # the last layer's all-reduce, summed in a kernel of its own
             x = x.pull()
         if not b.every_row:  # [N, hidden]: only where logits are wanted
             x, residual = x[b.logits_indices], residual[b.logits_indices]
+        elif x.shape[0] != b.input_ids.shape[0]:
+            n = b.input_ids.shape[0]
+            x, residual = x[:n], residual[:n]
         x, _ = self.model.norm(x, residual)
         return self.lm_head(x)
 

@@ -40,6 +40,7 @@ from replicas.kv_cache import allocate_kv_cache, block_bytes, kv_heads_per_rank
 from replicas.loader import load_weights, random_init
 from replicas.model import CausalLM, ForwardBatch, attention_mask, feed_tokens
 from replicas.parallel import Comm, tune_gemv
+from replicas.pieces import StepPieces
 from replicas.shm import ShmAllReduce, ShmChannel
 from replicas.step_inputs import pad_tables, split_step, step_size, write_step
 from replicas.symm import ONE_SHOT_MAX_BYTES, OneShotAllReduce
@@ -222,6 +223,7 @@ class Worker:
         self.overflow_retries = 0
         self._drained = False  # set by `close` once this GPU's queue is known empty
         self.graphs: DecodeGraphs | None = None
+        self.pieces: StepPieces | None = None  # steps that are not plain decode, in pieces
         self.greedy: torch.Tensor | None = None  # the last step's argmax, if its graph made it
         if self.device.type == "cuda" and config.cuda_graphs:
             self.graphs = DecodeGraphs(
@@ -229,6 +231,14 @@ class Worker:
                 config.max_num_seqs, -(-self.max_model_len // config.block_size),
                 config.block_size, self.num_blocks, self._kv_heads(), self.device)
             phase("cuda_graphs")
+        if config.piece_graph_tokens:
+            with torch.inference_mode():  # (as steps run: its buffers are written in them)
+                self.pieces = StepPieces(
+                    self.model, self.kv, min(config.piece_graph_tokens,
+                                             config.max_num_batched_tokens),
+                    self.num_blocks * config.block_size, self.device,
+                    capture=self.device.type == "cuda" and config.cuda_graphs)
+            phase("piece_graphs")
         if self.world_size > 1:
             self._store.set(f"startup/{rank}", json.dumps(self.startup_s))
 
@@ -429,6 +439,9 @@ class Worker:
             logits, self.greedy = self.graphs.replay(list(batch.input_ids),
                                                      list(batch.positions),
                                                      list(batch.block_tables), feed)
+        elif self.pieces is not None and not float32 and self.pieces.fits(
+                len(batch.input_ids)):
+            logits = self.pieces.run(self.forward_batch(batch, feed))
         else:
             self.comm.force_float32 = float32
             try:
@@ -644,6 +657,9 @@ class Worker:
                 for graph, _, _ in self.graphs.graphs.values():
                     graph.reset()
                 self.graphs = None
+            if self.pieces is not None:
+                self.pieces.reset()
+                self.pieces = None
         abort = threading.Thread(target=dist.distributed_c10d._abort_process_group,
                                  name="tpserve-nccl-abort", daemon=True)
         abort.start()
@@ -655,7 +671,7 @@ class Worker:
     def release(self) -> None:
         """Drop the model, KV pool, graphs and shared buffers, and hand their memory
         back (after `close`). Idempotent."""
-        self.graphs = None
+        self.graphs = self.pieces = None
         self.greedy = None
         for name in ("model", "kv"):
             if hasattr(self, name):

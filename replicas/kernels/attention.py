@@ -332,12 +332,13 @@ class NewKeys(NamedTuple):
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, cu_q: torch.Tensor, positions: torch.Tensor,
                     window: int | None, max_q: int, splits: int = 1,
-                    new: NewKeys | None = None, scales: Sequence[torch.Tensor] = ()
-                    ) -> torch.Tensor:
+                    new: NewKeys | None = None, scales: Sequence[torch.Tensor] = (),
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of q [T, H, D] (sequences' chunks back to back, bounded by cu_q
-    [B + 1]) over each sequence's cached keys -> [T, H, D]. The chunk's own keys must
-    already be in the cache, or (decode only, max_q == 1) come unrotated as `new`, with
-    q unrotated too. An int8 cache comes with its (K, V) row `scales`."""
+    [B + 1]) over each sequence's cached keys -> [T, H, D] (into `out`, if given: any
+    [T, H, D] view with unit stride in D). The chunk's own keys must already be in the
+    cache, or (decode only, max_q == 1) come unrotated as `new`, with q unrotated too.
+    An int8 cache comes with its (K, V) row `scales`."""
     k_scales, v_scales = cache_scales(k_cache, scales)
     int8 = k_cache.dtype == torch.int8
     assert new is None or max_q == 1, "keys are rotated and cached here in decode only"
@@ -345,7 +346,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     num_seqs = cu_q.shape[0] - 1
     _, block_size, kv_heads, _ = k_cache.shape
     group = heads // kv_heads
-    out = torch.empty_like(q)
+    if out is None:
+        out = torch.empty_like(q)
+    assert out.shape == q.shape and out.stride(2) == 1, "out: a [T, H, D] view, unit stride in D"
     if max_q == 1:  # decode: one token per sequence, its group of heads in one tile
         tile_t, block_r, block_n, warps = 1, max(16, _pow2(group)), 64, 4
     else:

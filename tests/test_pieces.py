@@ -1,0 +1,100 @@
+"""Steps in pieces (replicas/pieces.py): the same logits as the eager forward.
+
+On a CPU the pieces run as plain calls, padded to their bucket, with attention between
+them reading the first T rows; on a GPU the same calls are what the graphs capture. Each
+test runs one workload on an engine with `piece_graph_tokens` and on one without, and
+compares every logprob: prompts chunked (a chunk over a cached prefix), decode rows
+beside prefill chunks, a prefix-cache hit, a step whose every row wants logits
+(prompt_logprobs), and steps of more tokens than the largest bucket (eager).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from checkpoints import CheckpointFactory
+
+from replicas import model
+from replicas.config import ConfigError, EngineConfig
+from replicas.engine import Engine
+from replicas.pieces import BUCKETS, StepPieces
+from replicas.sampler import SamplingParams
+
+SHARED = list(range(300, 348))  # 3 blocks of 16
+PROMPTS = [SHARED + [5, 6, 7], list(range(40, 47)), list(range(100, 180)), [9, 10]]
+PARAMS = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=True,
+                        prompt_logprobs=True)
+
+
+def run(config: EngineConfig) -> tuple[list[list[int]], list[list[float]], int]:
+    """(tokens, logprobs of every prompt and output token, steps run in pieces)."""
+    counted = [0]
+    with Engine(config) as eng:
+        pieces = eng.worker.pieces
+        if pieces is not None:
+            through = pieces.run
+            pieces.run = lambda b: counted.__setitem__(0, counted[0] + 1) or through(b)
+        out = eng.generate(PROMPTS, PARAMS)
+        out += eng.generate([SHARED + [8, 9]], PARAMS)  # the shared blocks cached
+    tokens = [c.token_ids for c in out]
+    logprobs = [[x for x in (c.prompt_logprobs or []) if x is not None] + (c.logprobs or [])
+                for c in out]
+    return tokens, logprobs, counted[0]
+
+
+def assert_same(config: EngineConfig) -> int:
+    tokens, logprobs, _ = run(dataclasses.replace(config, piece_graph_tokens=0))
+    tokens2, logprobs2, steps = run(config)
+    assert tokens2 == tokens
+    for a, b in zip(logprobs, logprobs2, strict=True):
+        assert b == pytest.approx(a, abs=2e-3)  # tp=2 against tp=1: 4e-3
+    return steps
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "glm", "mistral"])
+def test_pieces_give_the_eager_logits(checkpoint: CheckpointFactory, family: str) -> None:
+    """Families: QK norm (qwen3, inside a piece), partial interleaved rotary (glm), a
+    sliding window (mistral, in the eager attention)."""
+    config = EngineConfig(model=checkpoint(family), dtype="float32", max_model_len=256,
+                          max_num_batched_tokens=48, piece_graph_tokens=32)
+    assert assert_same(config) >= 3  # (the 48-token steps ran eagerly)
+
+
+def test_pieces_through_the_triton_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU's path (Triton's interpreter on a CPU): rotary and the cache write inside
+    the piece, attention written into the pieces' buffer, whole prompts through fused
+    SDPA."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
+    monkeypatch.delenv("TPSERVE_KERNELS", raising=False)
+    monkeypatch.setattr("replicas.worker.FLASH_MIN_TOKENS", 16)  # (512: too slow here)
+    fresh = []
+    through = model.fresh_attention
+    monkeypatch.setattr(model, "fresh_attention",
+                        lambda *a, **k: fresh.append(a[-1] is not None) or through(*a, **k))
+    config = EngineConfig(model=None, dtype="float32", max_num_batched_tokens=64,
+                          piece_graph_tokens=64)
+    assert assert_same(config) >= 3
+    assert True in fresh  # a step of whole prompts, in pieces
+
+
+def test_pieces_at_tp2() -> None:
+    """Every rank runs the same pieces, their all-reduces in the same order."""
+    config = EngineConfig(model=None, tp=2, dtype="float32", max_num_batched_tokens=64,
+                          piece_graph_tokens=64)
+    assert assert_same(config) >= 3
+
+
+def test_buckets_and_bounds() -> None:
+    with Engine(EngineConfig(model=None, max_num_batched_tokens=100,
+                             piece_graph_tokens=1000)) as eng:
+        pieces = eng.worker.pieces
+        assert isinstance(pieces, StepPieces)
+        assert pieces.buckets == [16, 32, 64, 128]  # up to the step's budget, 100
+        assert pieces.fits(100) and pieces.fits(1) and not pieces.fits(129)
+        assert not pieces.graphs  # a CPU: plain calls
+    with Engine(EngineConfig(model=None)) as eng:
+        assert eng.worker.pieces is None  # off by default
+    with pytest.raises(ConfigError, match="piece_graph_tokens"):
+        EngineConfig(model=None, piece_graph_tokens=BUCKETS[-1] + 1)
