@@ -76,6 +76,9 @@ FIELD_HELP = {
     "gpu_memory_utilization": "Share of the GPU memory free after loading that the KV cache "
                               "and activations may take.",
     "cuda_graphs": "Replay decode steps from CUDA graphs (GPU only).",
+    "piece_graph_tokens": "Steps that admit prompts, of up to this many tokens: replay each "
+                          "layer's work but attention from CUDA graphs, in pieces (0: "
+                          "eager; not yet measured on a GPU).",
     "gemv_kernels": "Use Triton GEMV kernels for batch-1 matmuls where they beat cuBLAS "
                     "(16-bit, GPU only).",
     "async_scheduling": "Launch the next step before the host has read this step's "

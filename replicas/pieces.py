@@ -67,6 +67,7 @@ class StepPieces:
         self.attn = torch.zeros(n, attn.heads, attn.head_dim, dtype=dtype, device=device)
         self.fast = kernels.enabled(device)
         self.capture = capture
+        self.steps = 0  # steps run in pieces
         # per bucket: its pieces, each piece's q/k/v, and the last piece's (x, residual)
         self.qkv: dict[int, list[QKV | None]] = {}
         self.last: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -153,6 +154,7 @@ class StepPieces:
         them), as CausalLM.forward gives them."""
         t = b.input_ids.shape[0]
         tb = next(x for x in self.buckets if x >= t)
+        self.steps += 1
         self.ids[:t].copy_(b.input_ids, non_blocking=True)
         self.positions[:t].copy_(b.positions, non_blocking=True)
         self.slots[:t].copy_(b.slot_mapping, non_blocking=True)

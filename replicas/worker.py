@@ -440,7 +440,8 @@ class Worker:
                                                      list(batch.positions),
                                                      list(batch.block_tables), feed)
         elif self.pieces is not None and not float32 and self.pieces.fits(
-                len(batch.input_ids)):
+                len(batch.input_ids)) and max(batch.query_lens) > 1:
+            # (one token a sequence: the eager step's fused decode attention)
             logits = self.pieces.run(self.forward_batch(batch, feed))
         else:
             self.comm.force_float32 = float32

@@ -85,6 +85,18 @@ def test_cuda_graph_decode_equals_eager(checkpoint: CheckpointFactory) -> None:
     assert outs[(True, "alone")] == outs[True][0]
 
 
+@pytest.mark.parametrize("family", ["llama", "glm"])
+def test_piece_graphs_equal_eager(family: str, checkpoint: CheckpointFactory) -> None:
+    """Steps that admit prompts replayed from CUDA graphs in pieces (replicas/pieces.py)
+    give the eager steps' tokens and logprobs (float32; tests/test_pieces.py's workload:
+    chunks over a cached prefix, decode rows beside them, every-row logits)."""
+    from test_pieces import assert_same
+
+    config = EngineConfig(model=checkpoint(family), device="cuda", dtype="float32",
+                          max_model_len=256, max_num_batched_tokens=24, piece_graph_tokens=32)
+    assert assert_same(config, captured=True) >= 8
+
+
 def test_async_scheduling_equals_step_by_step_on_gpu(checkpoint: CheckpointFactory) -> None:
     """Steps launched from the previous step's tokens still on the GPU (the token feed
     kernel before the graph replay, and before eager steps where prompts join) give the

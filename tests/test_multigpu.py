@@ -57,6 +57,18 @@ def test_tp_float32_tokens_equal_tp1(family: str, tp: int, checkpoint: Checkpoin
 
 
 @pytest.mark.parametrize("tp", TP_SIZES)
+def test_tp_piece_graphs_equal_eager(tp: int, checkpoint: CheckpointFactory) -> None:
+    """Pieces hold the layers' all-reduces (NCCL, or the one-shot kernel, captured): every
+    rank replays the same pieces in the same order (float32 on the wire)."""
+    from test_pieces import assert_same
+
+    config = EngineConfig(model=checkpoint("glm"), tp=tp, device="cuda", dtype="float32",
+                          comm_dtype="float32", max_model_len=256, max_num_batched_tokens=48,
+                          piece_graph_tokens=32)
+    assert assert_same(config, captured=True) >= 8
+
+
+@pytest.mark.parametrize("tp", TP_SIZES)
 @pytest.mark.parametrize("family", ["llama", "glm"])
 def test_tp_bfloat16_logits_within_tolerance(family: str, tp: int,
                                              checkpoint: CheckpointFactory) -> None:
