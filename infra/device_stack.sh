@@ -41,6 +41,11 @@
 # of cluster/ray.env set otherwise (e.g. RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=1: the
 # router's handle calls routed on a loop of their own, not behind its streams), in the
 # same call; the row's serve_env names them.
+# AB_ENGINE='FIELD=VALUE ...' before `measure`: EngineConfig fields set otherwise (e.g.
+# piece_graph_tokens=512: steps that admit prompts in CUDA-graph pieces): the engine alone
+# a second time with them (its row's engine_set), and the stack a second time with them as
+# `up` flags, in the same call; each stack row is compared with the engine row of its own
+# settings (infra/gpu_stack.py engine_reference).
 # AB_DATA_PATH=P before `measure`: the stack a second time with --data-path P (serve:
 # each delta a Serve message, as before the direct path became the default), in the
 # same call.
@@ -174,6 +179,10 @@ measure() {
     if [ "$caches" = warm ]; then
         python3 -m infra.gpu_stack engine $model --out "$out/gpu_stack.jsonl"
         nvidia-smi --query-gpu=memory.used --format=csv,noheader
+        if [ -n "${AB_ENGINE:-}" ]; then
+            python3 -m infra.gpu_stack engine $model $(engine_flags --set) \
+                --out "$out/gpu_stack.jsonl" || rc=$?
+        fi
     fi
     t0=$(date +%s.%N)
     python3 -m infra.cli up --model $model --tp 1 --replicas 1 --device cuda --detach \
@@ -219,6 +228,9 @@ $(python3 -c "print(round($t1 - $t0, 1))")}" | tee -a "$out/gpu_stack.jsonl"
         # loop of its own (the row's serve_env names them)
         stack_again "$AB_ENV"
     fi
+    if [ "$caches" = warm ] && [ -n "${AB_ENGINE:-}" ] && [ $rc = 0 ]; then
+        stack_again "" $(engine_flags)
+    fi
     if [ "$caches" = warm ] && [ -n "${AB_DATA_PATH:-}" ] && [ $rc = 0 ]; then
         stack_again "" --data-path "$AB_DATA_PATH"
     fi
@@ -227,6 +239,20 @@ $(python3 -c "print(round($t1 - $t0, 1))")}" | tee -a "$out/gpu_stack.jsonl"
         --format=csv,noheader); compute processes: $(nvidia-smi \
         --query-compute-apps=pid,used_memory --format=csv,noheader | wc -l)"
     return $rc
+}
+
+engine_flags() {
+    # AB_ENGINE's FIELD=VALUE items as `--set FIELD=VALUE` (with $1 = --set: gpu_stack
+    # engine) or as `tpserve up` flags, `--field-name VALUE`
+    local item
+    for item in $AB_ENGINE; do
+        if [ "${1:-}" = --set ]; then
+            echo "--set $item"
+        else
+            local name=${item%%=*}
+            echo "--${name//_/-} ${item#*=}"
+        fi
+    done
 }
 
 stack_again() {

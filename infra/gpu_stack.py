@@ -259,13 +259,17 @@ PYSPY_DELAY_S, PYSPY_S = 2, 6
 MORE_LOAD_RUNS = 2
 
 
-def engine_step(model: str) -> dict[str, Any]:
+def engine_step(model: str, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The engine alone under the stack's loads; `settings`: EngineConfig fields set
+    otherwise (the row's `engine_set`; a stack compares with the engine row whose
+    settings its replica shares, `engine_reference`)."""
     import torch
 
     from replicas import Engine, EngineConfig, SamplingParams
 
+    settings = settings or {}
     started = time.perf_counter()
-    engine = Engine(EngineConfig(model=model, tp=1, device="cuda"))
+    engine = Engine(EngineConfig(model=model, tp=1, device="cuda", **settings))
     try:
         ready_s = time.perf_counter() - started
         stats = engine.stats()
@@ -279,7 +283,8 @@ def engine_step(model: str) -> dict[str, Any]:
         peak = torch.cuda.max_memory_allocated()
     finally:
         engine.shutdown()
-    return {"kind": "gpu_engine", "model": "glm4-9b-shaped", "tp": 1,
+    return {"kind": "gpu_engine", "model": "glm4-9b-shaped", "tp": 1, "engine_set": settings,
+            "piece_steps": engine.stats()["piece_steps"] if settings else 0,
             "ready_s": round(ready_s, 2), "startup_s": stats["startup_s"],
             "weight_bytes": stats["weight_bytes"], "load_gb_s": load_gb_s(stats),
             "num_kv_blocks": stats["num_kv_blocks"], "prompt_ids": ids,
@@ -289,6 +294,22 @@ def engine_step(model: str) -> dict[str, Any]:
             "load_config": asdict(LOAD), "sequential": sequential,
             "sequential_config": asdict(SEQUENTIAL), "peak_allocated_bytes": peak,
             "gpu": torch.cuda.get_device_name()}
+
+
+# EngineConfig fields a stack's replica reports in its stats, which its reference engine
+# row must share (as `engine_set`, where the engine ran with a setting otherwise)
+COMPARED_SETTINGS = {"piece_graph_tokens": 0}
+
+
+def engine_reference(rows: list[dict[str, Any]], stats: dict[str, Any]) -> dict[str, Any]:
+    """The last engine-alone row run with the settings of the replica whose `stats` these
+    are (COMPARED_SETTINGS), or {}."""
+    def settings(values: dict[str, Any]) -> dict[str, Any]:
+        return {k: values.get(k, default) for k, default in COMPARED_SETTINGS.items()}
+
+    want = settings(stats)
+    return next((r for r in reversed(rows) if r.get("kind") == "gpu_engine"
+                 and settings(r.get("engine_set") or {}) == want), {})
 
 
 def replica_stats(state_dir: str) -> dict[str, Any]:
@@ -421,7 +442,7 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
                 "prefix": prefix_run(stack.edge, stack.token)}
     rows = [json.loads(line) for line in Path(engine_row).read_text().splitlines()
             if line.strip()] if engine_row else []
-    engine = next((r for r in reversed(rows) if r.get("kind") == "gpu_engine"), {})
+    engine = engine_reference(rows, stats)
     stack_run(stack.edge, WARMUP)
     load = stack_run(stack.edge, LOAD)
     before = router_times(stack.edge)
@@ -442,6 +463,7 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
         "load_gb_s": load_gb_s(stats) if "weight_bytes" in stats else None,
         "stats_error": stats.get("error"), "join_deltas": stats.get("join_deltas"),
         "stream_interval": stats.get("stream_interval", 1),
+        "piece_graph_tokens": stats.get("piece_graph_tokens", 0),
         # the engine replica's max_ongoing_requests (its stats; else as `tpserve up` ran
         # with this env and the default batch)
         "max_ongoing": stats.get("max_ongoing", max_ongoing()),
@@ -538,6 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda", help="pinning: the replicas' device")
     parser.add_argument("--profile-dir", help="stack: one more load run, with py-spy's "
                         "samples of the router, the engine replica and the client here")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                        help="engine: an EngineConfig field, e.g. piece_graph_tokens=512")
     args = parser.parse_args(argv)
     if args.step in ("stack", "pinning"):
         from infra.results import driver_env
@@ -546,7 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.step == "checkpoint":
         row = make_checkpoint(args.model)
     elif args.step == "engine":
-        row = engine_step(args.model)
+        row = engine_step(args.model, {k: json.loads(v) for k, v in
+                                       (item.split("=", 1) for item in args.set)})
     elif args.step == "pinning":
         row = pinning_step(args.model, args.state_dir, args.replicas, args.device)
     else:

@@ -125,6 +125,8 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                    if row.get("join_deltas") is False else "")
                 + (f", {row['stream_interval']} tokens a message"
                    if row.get("stream_interval", 1) > 1 else "")
+                + (f", steps admitting prompts (up to {row['piece_graph_tokens']} tokens) "
+                   "in CUDA-graph pieces" if row.get("piece_graph_tokens") else "")
                 # said whenever recorded: the default was 64 (the batch) until cc93632,
                 # twice the batch since
                 + (f", an engine replica takes {row['max_ongoing']} requests at once"

@@ -32,6 +32,21 @@ def test_compare_means_each_side() -> None:
     assert got["stack_tokens_per_s_range"] == [90, 90]
 
 
+def test_a_stack_compares_with_the_engine_run_with_its_replicas_settings() -> None:
+    """The stack with piece graphs against the engine alone with them, the default
+    against the default, whichever ran last (rows written before engine_set existed
+    count as the default)."""
+    rows = [{"kind": "gpu_engine", "n": 0},
+            {"kind": "gpu_engine", "n": 1, "engine_set": {}},
+            {"kind": "gpu_engine", "n": 2, "engine_set": {"piece_graph_tokens": 512}},
+            {"kind": "gpu_stack_up"}]
+    assert gpu_stack.engine_reference(rows, {"piece_graph_tokens": 0})["n"] == 1
+    assert gpu_stack.engine_reference(rows, {})["n"] == 1
+    assert gpu_stack.engine_reference(rows, {"piece_graph_tokens": 512})["n"] == 2
+    assert gpu_stack.engine_reference(rows[:2], {"piece_graph_tokens": 512}) == {}
+    assert gpu_stack.engine_reference(rows[:1], {})["n"] == 0
+
+
 def test_replica_init_s_from_serve_log(tmp_path: Path) -> None:
     assert gpu_stack.replica_init_s(str(tmp_path)) is None
     (tmp_path / "replica_tpserve_Engine_ab12.log").write_text(
