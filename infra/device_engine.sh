@@ -12,6 +12,9 @@
 #   W8A16_S=120 ...                              # and the weight-only matmul's configs
 #   KV_S=120 ...                                 # and the KV formats' accuracy on the
 #                                                # checkpoint trained on this GPU
+#   PIECES_S=200 bash infra/device_engine.sh     # steps in CUDA-graph pieces: their GPU
+#                                                # tests, then a step admitting 9 x 40
+#                                                # tokens eager and in pieces (PERF v0.44)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-out}
@@ -40,6 +43,14 @@ if [ "${FP8_TEST_S:-0}" != 0 ]; then
   # (test_fp8.py's kernel tests run in the CPU interpreter; this one on the GPU too)
   timeout -s KILL "$FP8_TEST_S" python3 -m pytest -q tests/test_fp8.py -k widening \
     -p no:cacheprovider 2>&1 | tail -5 | tee -a "$out/fp8_tests.log"
+fi
+if [ "${PIECES_S:-0}" != 0 ]; then
+  timeout -s KILL "$PIECES_S" python3 -m pytest -q -s tests/test_gpu.py -k piece \
+    -p no:cacheprovider 2>&1 | tail -8 | tee "$out/pieces_tests.log"
+  for set in "" "--set piece_graph_tokens=512"; do
+    timeout -s KILL "$PIECES_S" python3 -m replicas.multigpu --prefill-host \
+      --probe glm4-9b --tp 1 $set 2>&1 | rows prefill_host_h200.jsonl prefill_host_h200.jsonl
+  done
 fi
 if [ "${W8A16_S:-0}" != 0 ]; then  # the FP8 weight-only batch matmul's configs (~1 min)
   timeout -s KILL "$W8A16_S" python3 -m replicas.bench --suite w8a16 2>&1 |

@@ -403,6 +403,8 @@ class Engine:
             # steps that admit prompts, up to this many tokens, in pieces (replicas/pieces.py)
             "piece_graph_tokens": self.config.piece_graph_tokens,
             "piece_steps": self.worker.pieces.steps if self.worker.pieces is not None else 0,
+            "piece_graph_bytes": (self.worker.pieces.memory_bytes
+                                  if self.worker.pieces is not None else 0),
             "weight_bytes": self.worker.weight_bytes,
             # streamed requests' time to first token inside the engine (add_request to
             # its first delta), over the last 512: against a client's TTFT, what the

@@ -721,13 +721,16 @@ def prefill_host(name: str, tp: int, overrides: dict[str, Any], prompts: int = 9
 
         EngineClass._step = profiled_step  # type: ignore[method-assign]
         profiled = run(6)
+        counts = engine.stats()  # (piece_graph_tokens: steps in pieces, their memory)
     finally:
         EngineClass._step = original  # type: ignore[method-assign]
         engine.shutdown()
     stats = pstats.Stats(profiler)
     rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:top]  # type: ignore[attr-defined]
     return {"case": f"{name}_tp{tp}_prefill_{prompts}x{length}_host", "unit": "ms",
-            "tp": tp, "settings": overrides, "bare_ms": round(bare * 1e3, 2),
+            "tp": tp, "settings": overrides, "piece_steps": counts["piece_steps"],
+            "piece_graph_bytes": counts["piece_graph_bytes"],
+            "bare_ms": round(bare * 1e3, 2),
             "kernels": kernels, "cprofile_ms": round(profiled * 1e3, 2),
             "functions": [{"where": f"{file.rsplit('/', 2)[-1]}:{line}({fn})",
                            "calls": nc, "own_ms": round(tt * 1e3, 3),

@@ -238,4 +238,8 @@ def test_prefill_host_probe_times_an_eager_step_and_profiles_the_driver(
     assert row["case"] == "tiny_tp1_prefill_3x20_host" and row["kernels"] is None
     assert row["bare_ms"] > 0 and row["cprofile_ms"] > 0 and len(row["functions"]) == 10
     assert any("forward" in f["where"] for f in row["functions"])  # the model, profiled
-    assert Engine._step is step
+    assert Engine._step is step and row["piece_steps"] == 0
+    pieces = multigpu.prefill_host("tiny", 1, {"piece_graph_tokens": 64}, prompts=3,
+                                   length=20, top=10)
+    assert pieces["settings"] == {"piece_graph_tokens": 64}
+    assert pieces["piece_steps"] >= 5  # every admitting step of its runs (60 tokens)
