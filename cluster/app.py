@@ -84,7 +84,8 @@ def build(args: dict[str, Any]) -> Any:
     """Application builder (`import_path: cluster.app:build`): the router in front of the
     engine deployment, whose request router pins sessions.
 
-    args: {"engine": EngineConfig fields, "cpus_per_rank": float, "num_replicas": int,
+    args: {"engine": EngineConfig fields, "cpus_per_rank": float, "gpus_per_rank": float
+    (under 1: tp=1 replicas sharing GPUs), "num_replicas": int,
     "router": RouterConfig fields, "data_path": "direct" | "serve" (cluster/datapath.py's
     DATA_PATHS)}; a config file's `deployments:` section overrides num_replicas /
     autoscaling_config.
@@ -99,5 +100,6 @@ def build(args: dict[str, Any]) -> Any:
         num_replicas=int(args.get("num_replicas", 1)),
         request_router_class=PINNED_ROUTER,
         request_router_kwargs={"routing": router_config.routing},
+        gpus_per_rank=float(args.get("gpus_per_rank", 1.0)),
     )
     return RouterDeployment.bind(engine, asdict(router_config), data_path)

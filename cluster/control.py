@@ -86,11 +86,12 @@ def _request(url: str, body: dict[str, Any] | None = None, timeout: float = 10.0
 def load_config(path: str | Path, http_host: str | None = None, http_port: int | None = None,
                 engine: dict[str, Any] | None = None, num_replicas: int | None = None,
                 router: dict[str, Any] | None = None,
-                router_replicas: int | None = None, data_path: str | None = None
-                ) -> dict[str, Any]:
+                router_replicas: int | None = None, data_path: str | None = None,
+                gpus_per_rank: float | None = None) -> dict[str, Any]:
     """A Serve config file with overrides: HTTP host/port, EngineConfig fields, the
-    engine's replica count, RouterConfig fields, the router's replica count and the way
-    the engine's items come back to it (cluster/app.py: build's data_path)."""
+    engine's replica count, RouterConfig fields, the router's replica count, the way
+    the engine's items come back to it (cluster/app.py: build's data_path) and the share
+    of a GPU each rank takes."""
     with open(path) as f:
         config = yaml.safe_load(f)
     http = config.setdefault("http_options", {})
@@ -107,6 +108,8 @@ def load_config(path: str | Path, http_host: str | None = None, http_port: int |
             args["router"] = {**(args.get("router") or {}), **router}
         if data_path is not None:
             args["data_path"] = data_path
+        if gpus_per_rank is not None:
+            args["gpus_per_rank"] = gpus_per_rank
         for name, count in ((ENGINE, num_replicas), (ROUTER, router_replicas)):
             if count is None:
                 continue

@@ -266,15 +266,22 @@ async def deliver(items: AsyncGenerator[dict[str, Any], None], outbox: Outbox, s
 def engine_deployment(config: EngineConfig, cpus_per_rank: float = 1.0,
                       use_gpu: bool | None = None, num_replicas: int = 1,
                       request_router_class: str | None = None,
-                      request_router_kwargs: dict[str, Any] | None = None) -> Any:
-    """The engine deployment bound to `config`, with its placement group of tp bundles."""
+                      request_router_kwargs: dict[str, Any] | None = None,
+                      gpus_per_rank: float = 1.0) -> Any:
+    """The engine deployment bound to `config`, with its placement group of tp bundles.
+
+    `gpus_per_rank` under 1: tp=1 replicas that share a GPU (Ray packs them by the
+    fraction), each with a KV pool of a set size (a pool sized from free memory would
+    race with the other replicas' starts); a ValueError otherwise."""
+    check_gpu_share(config, gpus_per_rank)
     if use_gpu is None:
         use_gpu = config.device == "cuda" or (
             config.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
-    bundle = {"CPU": cpus_per_rank, **({"GPU": 1} if use_gpu else {})}
+    gpus = gpus_per_rank if use_gpu else 0
+    bundle = {"CPU": cpus_per_rank, **({"GPU": gpus} if use_gpu else {})}
     return EngineDeployment.options(
         max_ongoing_requests=max_ongoing(config.max_num_seqs),
-        ray_actor_options={"num_cpus": cpus_per_rank, "num_gpus": 1 if use_gpu else 0},
+        ray_actor_options={"num_cpus": cpus_per_rank, "num_gpus": gpus},
         placement_group_bundles=[bundle] * config.tp,
         placement_group_strategy="STRICT_PACK",
         num_replicas=num_replicas,
@@ -282,3 +289,20 @@ def engine_deployment(config: EngineConfig, cpus_per_rank: float = 1.0,
             request_router_class=request_router_class,
             request_router_kwargs=request_router_kwargs or {})} if request_router_class else {}),
     ).bind(config.to_dict(), use_gpu, cpus_per_rank)
+
+
+def check_gpu_share(config: EngineConfig, gpus_per_rank: float) -> None:
+    """A share of a GPU per rank: (0, 1]; under 1 only for tp=1 (two ranks of one replica
+    on one GPU cannot form an NCCL group) with kv_cache_memory or num_kv_blocks set."""
+    if not 0 < gpus_per_rank <= 1:
+        raise ValueError(f"gpus_per_rank must be in (0, 1], got {gpus_per_rank}")
+    if gpus_per_rank == 1:
+        return
+    if config.tp != 1:
+        raise ValueError(f"gpus_per_rank={gpus_per_rank} shares a GPU between replicas: "
+                         f"tp=1 only (tp={config.tp} would put two ranks of one replica on "
+                         "one GPU)")
+    if config.kv_cache_memory is None and config.num_kv_blocks is None:
+        raise ValueError(f"gpus_per_rank={gpus_per_rank}: set kv_cache_memory (bytes a "
+                         "replica's KV pool takes) or num_kv_blocks; a pool sized from the "
+                         "GPU's free memory would take what the other replicas need")

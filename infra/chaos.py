@@ -452,10 +452,13 @@ def stack_shape(state_dir: str | None) -> dict[str, Any]:
         return {"stack": "local", "model": "tiny", "tp": 2}
     from infra.stack import read_state
 
-    engine = read_state(state_dir).get("engine", {})
+    state = read_state(state_dir)
+    engine = state.get("engine", {})
     model = engine.get("model")
     return {"stack": "recorded", "model": Path(model).name if model else "tiny",
-            "tp": engine.get("tp"), "device": engine.get("device")}
+            "tp": engine.get("tp"), "device": engine.get("device"),
+            # (under 1: the replicas shared GPUs, `tpserve up --gpus-per-rank`)
+            "gpus_per_rank": state.get("config", {}).get("gpus_per_rank", 1.0)}
 
 
 def summarize(config: ChaosConfig, records: list[Turn], faults: list[Fault], wall: float,

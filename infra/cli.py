@@ -122,6 +122,8 @@ FIELD_HELP = {
                  "per router and engine replica, one frame per engine step) or serve (each "
                  "delta a Serve message).",
     "num_cpus": "Logical CPUs Ray may hand out (each rank of a CPU replica takes one).",
+    "gpus_per_rank": "Share of a GPU each rank takes; under 1, tp=1 replicas share GPUs "
+                     "(then set --kv-cache-memory).",
     "state_dir": "Directory for the running cluster's state, logs and admin token.",
     "timeout_s": "Seconds to wait for the replicas to be running before giving up.",
     "routing": "pinned: each session stays on one replica (its prefix cache pays); random: "

@@ -281,6 +281,9 @@ measure_x2() {
     #   (gpu_stack pinning, a stack each), then one tp=1 replica scaled to two and back
     #   through the admin API under load (infra.chaos --faults scale: the time until the
     #   new replica is RUNNING and until a client's first token from it).
+    # `measure-x2 shared`, on ONE GPU (nvidia-h200): the same as `replicas`, the tp=1
+    #   replicas sharing the GPU (`--gpus-per-rank 0.5`, a 16 GiB KV pool each; the rows
+    #   say gpus_per_rank): the pinning payoff and the scale-up without two GPUs.
     . $ROOT/env.sh
     local part=$1 model=${MODEL_DIR:-/tmp/glm4-9b} out=${OUT:-/tmp/tpserve-out}
     local state=/tmp/tpserve-state rc=0
@@ -298,15 +301,20 @@ measure_x2() {
             python3 -m infra.chaos --state-dir $state --faults kill_rank \
                 --out "$out/chaos_gpu.jsonl" --records "$out/chaos_records.jsonl" || rc=$?
         fi ;;
-    replicas)
+    replicas|shared)
+        local share=1 shared_up=""
+        if [ $part = shared ]; then
+            share=0.5
+            shared_up="--gpus-per-rank 0.5 --kv-cache-memory $((16 * 2**30))"
+        fi
         python3 -m infra.gpu_stack pinning $model --state-dir $state --replicas 2 \
-            --out "$out/gpu_stack.jsonl" || rc=$?
-        $up --tp 1 --replicas 1 || rc=$?
+            --gpus-per-rank $share --out "$out/gpu_stack.jsonl" || rc=$?
+        $up --tp 1 --replicas 1 $shared_up || rc=$?
         if [ $rc = 0 ]; then
             python3 -m infra.chaos --state-dir $state --faults scale \
                 --out "$out/chaos_gpu.jsonl" --records "$out/chaos_records.jsonl" || rc=$?
         fi ;;
-    *) echo "measure-x2 tp2|replicas" >&2; return 2 ;;
+    *) echo "measure-x2 tp2|replicas|shared" >&2; return 2 ;;
     esac
     tar -czf "$out/logs-$part.tar.gz" -C / tmp/ray/session_latest/logs ${state#/} \
         2>/dev/null || true

@@ -492,9 +492,23 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
     return row
 
 
-def pinning_step(model: str, state_dir: str, replicas: int, device: str = "cuda"
-                 ) -> dict[str, Any]:
-    """Pinned against random routing, each on a stack of its own (see the module doc)."""
+# a replica's KV pool where replicas share a GPU (`--gpus-per-rank` under 1): 16 GiB holds
+# the pinning conversations many times over, and two GLM-4-9B-shaped replicas (~19 GB of
+# weights each) with it fit one H200 with room to spare
+SHARED_KV_BYTES = 16 * 2**30
+
+
+def shared_gpu_flags(gpus_per_rank: float) -> list[str]:
+    """`tpserve up` flags for replicas that each take `gpus_per_rank` of a GPU (none at 1)."""
+    if gpus_per_rank >= 1:
+        return []
+    return ["--gpus-per-rank", str(gpus_per_rank), "--kv-cache-memory", str(SHARED_KV_BYTES)]
+
+
+def pinning_step(model: str, state_dir: str, replicas: int, device: str = "cuda",
+                 gpus_per_rank: float = 1.0) -> dict[str, Any]:
+    """Pinned against random routing, each on a stack of its own (see the module doc);
+    `gpus_per_rank` under 1: the replicas share GPUs (on one H200: 0.5, two replicas)."""
     import subprocess
 
     from infra.load import PinningConfig, pinning_conversations, pinning_row
@@ -509,14 +523,15 @@ def pinning_step(model: str, state_dir: str, replicas: int, device: str = "cuda"
         side = f"{state_dir}-{routing}"
         subprocess.run([*cli, "up", "--model", model, "--tp", "1", "--replicas",
                         str(replicas), "--device", device, "--routing", routing, "--detach",
-                        "--state-dir", side, "--timeout-s", "400"], check=True)
+                        "--state-dir", side, "--timeout-s", "400",
+                        *shared_gpu_flags(gpus_per_rank)], check=True)
         try:
             stack = Running.recorded(side)
             sides[routing] = pinning_conversations(config, stack.edge, stack.token, routing)
         finally:
             subprocess.run([*cli, "down", "--state-dir", side], check=False)
     return {**pinning_row(config, sides["pinned"], sides["random"]), "kind": "gpu_pinning",
-            "stack": "gpu", "model": "glm4-9b-shaped", "tp": 1}
+            "stack": "gpu", "model": "glm4-9b-shaped", "tp": 1, "gpus_per_rank": gpus_per_rank}
 
 
 def compare(alone: list[dict[str, Any] | None], stack: list[dict[str, Any]]
@@ -558,6 +573,8 @@ def main(argv: list[str] | None = None) -> int:
                         "door and the prefix cache only")
     parser.add_argument("--replicas", type=int, default=2, help="pinning: tp=1 replicas")
     parser.add_argument("--device", default="cuda", help="pinning: the replicas' device")
+    parser.add_argument("--gpus-per-rank", type=float, default=1.0,
+                        help="pinning: each replica's share of a GPU (0.5: two on one GPU)")
     parser.add_argument("--profile-dir", help="stack: one more load run, with py-spy's "
                         "samples of the router, the engine replica and the client here")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
@@ -573,7 +590,8 @@ def main(argv: list[str] | None = None) -> int:
         row = engine_step(args.model, {k: json.loads(v) for k, v in
                                        (item.split("=", 1) for item in args.set)})
     elif args.step == "pinning":
-        row = pinning_step(args.model, args.state_dir, args.replicas, args.device)
+        row = pinning_step(args.model, args.state_dir, args.replicas, args.device,
+                           args.gpus_per_rank)
     else:
         row = stack_step(args.model, args.state_dir, args.engine_row, args.profile_dir,
                          args.light)

@@ -38,7 +38,7 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                 f"{row['sessions_moved']}/{row['sessions']}", "—")
     if kind in ("pinning", "gpu_pinning"):
         p, r = row["pinned"], row["random"]
-        where = " on GPUs" if kind == "gpu_pinning" else ""
+        where = (" on GPUs" if kind == "gpu_pinning" else "") + _shared(row)
         return (f"pinning payoff{where} ({row['model']} model, {c['replicas']} replicas of "
                 f"tp={row['tp']}, prompts up "
                 f"to {min(p['max_prompt_tokens'], r['max_prompt_tokens'])} tokens)",
@@ -85,7 +85,8 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                    f"{p50['ingress_healthz']} ms" if "ingress_router" in p50 else ""),
                 "added <= 2 ms")
     if kind == "chaos":
-        return (f"chaos: {c['faults']} under {c['clients']} clients{_path(row)}",
+        return (f"chaos: {c['faults']} under {c['clients']} clients{_path(row)}"
+                f"{_shared(row)}",
                 f"accepted and failed: {row['failed_on_killed_replica']} on the killed "
                 f"replica ({row['killed_streams_ended_with_error_event']} ended with an "
                 f"error event), {row['failed_in_router_crash']} in a router crash, "
@@ -161,6 +162,12 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                 + _cycle((row.get("load_repeat") or {}).get("cycle_ms")),
                 "tok/s within 5 %, TTFT p50 within 5 ms; RUNNING <= 30 s")
     raise ValueError(f"unknown result kind {kind!r}")
+
+
+def _shared(row: dict[str, Any]) -> str:
+    """A row whose tp=1 replicas shared GPUs (`tpserve up --gpus-per-rank`)."""
+    share = row.get("gpus_per_rank", 1.0)
+    return f", replicas sharing GPUs ({share} of one each)" if share < 1 else ""
 
 
 def _serve_env(row: dict[str, Any]) -> str:

@@ -67,6 +67,8 @@ class StackConfig:
     router_replicas: int = 1  # the router's event loop is one core: more share the streams
     data_path: str = DATA_PATHS[0]  # cluster/app.py's build: direct | serve
     num_cpus: int = 8  # logical CPUs Ray may hand out (bundles of the TP ranks)
+    # each rank's share of a GPU; under 1, tp=1 replicas share GPUs (cluster/engine.py)
+    gpus_per_rank: float = 1.0
     state_dir: str = str(DEFAULT_STATE)
     timeout_s: float = 600.0
     routing: str = ROUTING_MODES[0]  # RouterConfig.routing: pinned | random (the baseline)
@@ -80,6 +82,8 @@ class StackConfig:
             raise StackError(f"sessions={self.sessions!r}: use one of {SESSION_POLICIES}")
         if self.data_path not in DATA_PATHS:
             raise StackError(f"data_path={self.data_path!r}: use one of {DATA_PATHS}")
+        if not 0 < self.gpus_per_rank <= 1:
+            raise StackError(f"gpus_per_rank must be in (0, 1], got {self.gpus_per_rank}")
         if self.router_replicas < 1:
             raise StackError(f"router_replicas must be >= 1, got {self.router_replicas}")
         if self.rate_limit_per_minute < 0:
@@ -290,7 +294,8 @@ def start(engine: dict[str, Any], config: StackConfig, state: Path, env: dict[st
     print("  Redis and nginx up")
     serve_config = load_config(REPO / "cluster/serve.yaml", "127.0.0.1", config.serve_port,
                                engine, config.replicas, config.router,
-                               config.router_replicas, config.data_path)
+                               config.router_replicas, config.data_path,
+                               config.gpus_per_rank)
     deploy(serve_config, config.ray_dashboard)
     progress(f"deploying {config.replicas} engine replicas",
              lambda: app_running(config), config.timeout_s,

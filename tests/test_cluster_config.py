@@ -119,6 +119,38 @@ def test_an_engine_replica_takes_twice_its_batch_at_once_unless_told(
     assert app._bound_deployment.max_ongoing_requests == 64
 
 
+def test_tp1_replicas_may_share_a_gpu_with_a_set_kv_pool() -> None:
+    """gpus_per_rank (an app argument, `tpserve up --gpus-per-rank`): each rank's bundle
+    and the replica's actor take that share of a GPU; under 1 only at tp=1 and with the
+    KV pool's size set, each refused by name otherwise (before any replica starts)."""
+    from cluster.app import build
+    from cluster.engine import engine_deployment
+    from replicas import EngineConfig
+
+    def options(app: object) -> tuple[object, object]:
+        dep = app._bound_deployment  # type: ignore[attr-defined]
+        return dep._replica_config.placement_group_bundles, dep.ray_actor_options["num_gpus"]
+
+    shared = EngineConfig(kv_cache_memory=16 * 2**30)
+    app = engine_deployment(shared, use_gpu=True, gpus_per_rank=0.5)
+    assert options(app) == ([{"CPU": 1.0, "GPU": 0.5}], 0.5)
+    assert options(engine_deployment(EngineConfig(tp=2), use_gpu=True)) == (
+        [{"CPU": 1.0, "GPU": 1.0}] * 2, 1.0)
+    assert options(engine_deployment(shared, use_gpu=False, gpus_per_rank=0.5)) == (
+        [{"CPU": 1.0}], 0)
+    with pytest.raises(ValueError, match="tp=1 only"):
+        engine_deployment(EngineConfig(tp=2, kv_cache_memory=2**30), gpus_per_rank=0.5)
+    with pytest.raises(ValueError, match="set kv_cache_memory"):
+        engine_deployment(EngineConfig(), gpus_per_rank=0.5)
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        engine_deployment(EngineConfig(), gpus_per_rank=2)
+    args = load_config(CLUSTER / "serve.yaml", gpus_per_rank=0.5)["applications"][0]["args"]
+    assert args["gpus_per_rank"] == 0.5
+    assert load_config(CLUSTER / "serve.yaml")["applications"][0]["args"]["gpus_per_rank"] == 1
+    with pytest.raises(ValueError, match="tp=1 only"):
+        build({**args, "engine": {"tp": 2, "kv_cache_memory": 2**30}})
+
+
 def test_the_engine_replicas_gil_switch_interval_is_pythons_unless_told(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """TPSERVE_SWITCH_INTERVAL_MS (for measuring; infra/device_stack.sh AB_SWITCH_MS):

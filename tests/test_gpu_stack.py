@@ -122,6 +122,14 @@ def test_pinning_step_brings_up_a_stack_per_routing_in_its_own_state(
                and c[c.index("--device") + 1] == "cpu" for c in ups)
     assert [c[-1] for c in downs] == ["/s-pinned", "/s-random"]
     assert seen == [("edge:/s-pinned", "pinned", 2), ("edge:/s-random", "random", 2)]
+    assert not any("--gpus-per-rank" in c for c in ups)
+    calls.clear()
+    with pytest.raises(RuntimeError, match="conversations failed"):
+        gpu_stack.pinning_step("/m", "/s", 2, "cuda", gpus_per_rank=0.5)  # one GPU, shared
+    ups = [c for c in calls if c[0] == "up"]
+    assert all(c[c.index("--gpus-per-rank") + 1] == "0.5"
+               and int(c[c.index("--kv-cache-memory") + 1]) == gpu_stack.SHARED_KV_BYTES
+               for c in ups) and len(ups) == 2
 
 
 def test_router_times_sum_every_label_of_the_histograms(monkeypatch: pytest.MonkeyPatch

@@ -259,3 +259,20 @@ def test_a_cpu_stack_row_says_its_replicas_cap_and_where_the_way_in_went() -> No
     what, figures, _ = _cell(new)
     assert f"an engine replica takes {new['inside']['max_ongoing']} requests at once" in what
     assert f"way in {new['inside']['way_in_ms']['mean']} ms mean" in figures
+
+
+def test_a_chaos_row_says_what_stack_it_ran_on(tmp_path: Path) -> None:
+    """chaos.stack_shape: the recorded stack's model, tp, device and GPU share (two
+    replicas on one GPU, `--gpus-per-rank 0.5`); a stack recorded before the share existed
+    took whole GPUs."""
+    from infra.chaos import stack_shape
+    from infra.stack import write_state
+
+    write_state(tmp_path, {"pid": 1, "services": {},
+                           "engine": {"model": "/m/glm4-9b", "tp": 1, "device": "cuda"},
+                           "config": {"gpus_per_rank": 0.5}})
+    assert stack_shape(str(tmp_path)) == {"stack": "recorded", "model": "glm4-9b", "tp": 1,
+                                          "device": "cuda", "gpus_per_rank": 0.5}
+    write_state(tmp_path, {"pid": 1, "services": {}, "engine": {"tp": 2}, "config": {}})
+    assert stack_shape(str(tmp_path))["gpus_per_rank"] == 1.0
+    assert stack_shape(None) == {"stack": "local", "model": "tiny", "tp": 2}
