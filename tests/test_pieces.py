@@ -110,3 +110,39 @@ def test_buckets_and_bounds() -> None:
         assert eng.worker.pieces is None  # off by default
     with pytest.raises(ConfigError, match="piece_graph_tokens"):
         EngineConfig(model=None, piece_graph_tokens=BUCKETS[-1] + 1)
+
+
+# aten ops that wait for the device's result on a GPU (the host reads a value or a shape
+# computed there): inside a CUDA graph capture they fail, or freeze one step's value
+HOST_SYNC_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal",
+                 "unique", "_unique", "item")
+
+
+@pytest.mark.parametrize("triton_path", [False, True])
+def test_pieces_never_wait_for_the_device(monkeypatch: pytest.MonkeyPatch,
+                                          triton_path: bool) -> None:
+    """What a piece runs, as aten sees it: no op that reads a value or a shape back from
+    the device (`.item()`, a boolean mask's index, `nonzero`), which a CUDA graph cannot
+    hold. The Triton path is the GPU's (its kernels run in the interpreter here)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    if triton_path:
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
+        monkeypatch.delenv("TPSERVE_KERNELS", raising=False)
+    seen: set[str] = set()
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            seen.add(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    with Engine(EngineConfig(model=None, dtype="float32", piece_graph_tokens=64)) as eng:
+        pieces = eng.worker.pieces
+        assert pieces is not None
+        with torch.inference_mode(), Ops():
+            for piece in pieces.pieces[32]:
+                piece()
+    assert "linear" in seen and "embedding" in seen  # (the ops were seen)
+    assert not seen & set(HOST_SYNC_OPS)
