@@ -112,18 +112,21 @@ def test_buckets_and_bounds() -> None:
         EngineConfig(model=None, piece_graph_tokens=BUCKETS[-1] + 1)
 
 
-# aten ops that wait for the device's result on a GPU (the host reads a value or a shape
-# computed there): inside a CUDA graph capture they fail, or freeze one step's value
-HOST_SYNC_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal",
-                 "unique", "_unique", "item")
+# aten ops a CUDA graph cannot hold: those that wait for the device's result (the host
+# reads a value or a shape computed there: the capture fails, or freezes one step's
+# value), and a tensor made from host values (`torch.tensor(...)`: its copy to the device
+# would replay from a host buffer long gone)
+CAPTURE_HAZARDS = ("_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal",
+                   "unique", "_unique", "item", "lift_fresh", "lift_fresh_copy")
 
 
 @pytest.mark.parametrize("triton_path", [False, True])
 def test_pieces_never_wait_for_the_device(monkeypatch: pytest.MonkeyPatch,
                                           triton_path: bool) -> None:
     """What a piece runs, as aten sees it: no op that reads a value or a shape back from
-    the device (`.item()`, a boolean mask's index, `nonzero`), which a CUDA graph cannot
-    hold. The Triton path is the GPU's (its kernels run in the interpreter here)."""
+    the device (`.item()`, a boolean mask's index, `nonzero`) and no tensor made from host
+    values, which a CUDA graph cannot hold. The Triton path is the GPU's (its kernels run
+    in the interpreter here)."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -145,4 +148,4 @@ def test_pieces_never_wait_for_the_device(monkeypatch: pytest.MonkeyPatch,
             for piece in pieces.pieces[32]:
                 piece()
     assert "linear" in seen and "embedding" in seen  # (the ops were seen)
-    assert not seen & set(HOST_SYNC_OPS)
+    assert not seen & set(CAPTURE_HAZARDS)
