@@ -16,12 +16,12 @@ layer after attention. Between pieces i and i + 1, layer i's attention reads the
 rows of piece i's q (and k, v for whole fresh prompts) and writes a static buffer that
 piece i + 1 reads. The logits of the rows that want them come after piece L, eagerly.
 
-Padded rows (T..Tb) carry whatever ids and positions the buffers held (valid ones: the
-buffers start at 0 and only ever hold real steps' values), write their keys into the
-scratch block that no sequence owns, and their attention output rows are never written
-(they start at 0): their results are finite and read by nothing. Each row of every
+Padded rows (T..Tb) carry whatever ids, positions and attention outputs the buffers
+held (0 at first, then an earlier step's real rows: valid and finite), write their keys
+into the scratch block that no sequence owns, and are read by nothing. Each row of every
 captured operation depends on its own row only, so the real rows are those of an eager
-step.
+step. (With float16 all-reduces a padded row can overflow as a real one can: the step is
+then re-run eagerly in float32, slower, never wrong.)
 
 Memory: a bucket keeps every piece's q/k/v (the attention between pieces reads them), and
 one residual stream at a time (a piece's residual is freed for the next pieces' use once
