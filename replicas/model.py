@@ -397,7 +397,8 @@ class CausalLM(nn.Module):
     def forward(self, b: ForwardBatch, kv_caches: list[tuple[torch.Tensor, ...]]
                 ) -> torch.Tensor:
         self.comm.new_step()
-        x, rope = self.embed(b.input_ids, b.positions)
+        h, rope = self.embed(b.input_ids, b.positions)
+        x: torch.Tensor | Site = h
         residual = None
         for layer, kv in zip(self.model.layers, kv_caches, strict=True):
             x, residual = layer(x, residual, b, self.model.rotary, rope, kv)
