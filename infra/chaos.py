@@ -7,8 +7,10 @@ infra/client.py through nginx and, during the load, one fault after another, eac
 until the stack has recovered (a stack used this way is whole again at the end):
 
 - `kill_rank`: start a long stream (the probe), and once it has its first token kill
-  rank 1 (a Ray actor) of the replica serving it. Streams on that replica must end with an
-  error event and [DONE], never hang; Serve replaces the replica (its health check fails)
+  rank 1 (a Ray actor) of the replica serving it; a tp=1 replica has no rank 1, so its
+  rank 0, the Serve replica's own actor (a GPU replica's process dies with its CUDA
+  context). Streams on that replica must end with an error event and [DONE], never hang
+  (at tp=1 the router sees the replica's connection drop); Serve replaces the replica
   and its sessions move, history intact.
 - `redis`: stop Redis (SIGTERM, through the Ray actor that owns it), wait, start it
   again; it reloads its append-only file. The router serves hash-only meanwhile.
@@ -174,7 +176,7 @@ class Drill:
             while probe.ttft_s is None and not streaming.done():
                 await asyncio.sleep(0.05)
             victim = probe.replica
-            await self._kill_rank1(victim, fault)
+            await self._kill_rank(victim, fault)
             self.records.append(await streaming)
         fault.detail["probe"] = {"error": probe.error[:80], "done": probe.done,
                                  "tokens_before_kill": len(probe.token_times)}
@@ -182,16 +184,24 @@ class Drill:
         fault.detail["replaced_s"] = round(await self.until(
             "replica replaced", lambda: self.running(count, excluding=victim)), 1)
 
-    async def _kill_rank1(self, victim: str, fault: Fault) -> None:
+    async def _kill_rank(self, victim: str, fault: Fault) -> None:
+        """Kill rank 1 of replica `victim`, or its rank 0 (the Serve replica) at tp=1."""
         import ray
         from ray.util.state import list_actors
 
-        actors = await asyncio.to_thread(
-            list_actors, filters=[("class_name", "=", "RankActor"), ("state", "=", "ALIVE")],
-            address=self.dashboard)
-        target = next(a for a in actors if a.name == f"tpserve-{victim}-rank1")
+        def alive(cls: str) -> list[Any]:
+            return list_actors(filters=[("class_name", "=", cls), ("state", "=", "ALIVE")],
+                               address=self.dashboard)
+
+        ranks = await asyncio.to_thread(alive, "RankActor")
+        target = next((a for a in ranks if a.name == f"tpserve-{victim}-rank1"), None)
+        rank = 1
+        if target is None:  # tp=1: the replica is its only rank
+            replicas_now = await asyncio.to_thread(alive, "ServeReplica:tpserve:Engine")
+            target = next(a for a in replicas_now if a.name.endswith(f"#{victim}"))
+            rank = 0
         ray.kill(ray.get_actor(target.name, namespace=target.ray_namespace))
-        fault.detail.update(replica=victim, actor=target.name)
+        fault.detail.update(replica=victim, actor=target.name, rank=rank)
 
     async def redis(self, fault: Fault) -> None:
         import ray

@@ -282,8 +282,10 @@ measure_x2() {
     #   through the admin API under load (infra.chaos --faults scale: the time until the
     #   new replica is RUNNING and until a client's first token from it).
     # `measure-x2 shared`, on ONE GPU (nvidia-h200): the same as `replicas`, the tp=1
-    #   replicas sharing the GPU (`--gpus-per-rank 0.5`, a 16 GiB KV pool each; the rows
-    #   say gpus_per_rank): the pinning payoff and the scale-up without two GPUs.
+    #   replicas sharing the GPU (`--gpus-per-rank 0.3`: up to 3, a 16 GiB KV pool each;
+    #   the rows say gpus_per_rank): the pinning payoff, then on 2 replicas the scale-up
+    #   (2 -> 3 -> 2) and a replica's process killed under load (kill_rank at tp=1),
+    #   without two GPUs.
     . $ROOT/env.sh
     local part=$1 model=${MODEL_DIR:-/tmp/glm4-9b} out=${OUT:-/tmp/tpserve-out}
     local state=/tmp/tpserve-state rc=0
@@ -302,16 +304,16 @@ measure_x2() {
                 --out "$out/chaos_gpu.jsonl" --records "$out/chaos_records.jsonl" || rc=$?
         fi ;;
     replicas|shared)
-        local share=1 shared_up=""
+        local share=1 shared_up="" start=1 faults=scale
         if [ $part = shared ]; then
-            share=0.5
-            shared_up="--gpus-per-rank 0.5 --kv-cache-memory $((16 * 2**30))"
+            share=0.3 start=2 faults=scale,kill_rank
+            shared_up="--gpus-per-rank 0.3 --kv-cache-memory $((16 * 2**30))"
         fi
         python3 -m infra.gpu_stack pinning $model --state-dir $state --replicas 2 \
             --gpus-per-rank $share --out "$out/gpu_stack.jsonl" || rc=$?
-        $up --tp 1 --replicas 1 $shared_up || rc=$?
+        $up --tp 1 --replicas $start $shared_up || rc=$?
         if [ $rc = 0 ]; then
-            python3 -m infra.chaos --state-dir $state --faults scale \
+            python3 -m infra.chaos --state-dir $state --faults $faults \
                 --out "$out/chaos_gpu.jsonl" --records "$out/chaos_records.jsonl" || rc=$?
         fi ;;
     *) echo "measure-x2 tp2|replicas|shared" >&2; return 2 ;;

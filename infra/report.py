@@ -85,8 +85,11 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                    f"{p50['ingress_healthz']} ms" if "ingress_router" in p50 else ""),
                 "added <= 2 ms")
     if kind == "chaos":
+        rank0 = any(f.get("rank") == 0 for f in row.get("faults", []))
         return (f"chaos: {c['faults']} under {c['clients']} clients{_path(row)}"
-                f"{_shared(row)}",
+                f"{_shared(row)}"
+                + (" (tp=1 replicas: the killed rank is the replica's own process)"
+                   if rank0 else ""),
                 f"accepted and failed: {row['failed_on_killed_replica']} on the killed "
                 f"replica ({row['killed_streams_ended_with_error_event']} ended with an "
                 f"error event), {row['failed_in_router_crash']} in a router crash, "
