@@ -77,7 +77,13 @@ INPUTS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor] | None, tuple[str
     "token, qkv 16-bit": (groups_of(None), ("q_proj", "k_proj", "v_proj")),
     "token, gate_up 16-bit": (groups_of(None), ("gate_proj", "up_proj")),
     "group128, qkv 16-bit": (groups_of(128), ("q_proj", "k_proj", "v_proj")),
-    "group32, qkv 16-bit": (groups_of(32), ("q_proj", "k_proj", "v_proj"))}
+    "group32, qkv 16-bit": (groups_of(32), ("q_proj", "k_proj", "v_proj")),
+    # only gate_up's inputs in FP8 (55 % of a GLM-4-9B layer's matmul FLOPs), and pairs
+    # on the way there (PERF.md v0.47)
+    "token, qkv+o 16-bit": (groups_of(None), ("q_proj", "k_proj", "v_proj", "o_proj")),
+    "token, qkv+down 16-bit": (groups_of(None), ("q_proj", "k_proj", "v_proj", "down_proj")),
+    "token, qkv+o+down 16-bit": (groups_of(None), ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                   "down_proj"))}
 
 
 # the engine's own modes, each beside the simulated input format it computes as
@@ -85,7 +91,9 @@ ENGINE_TWINS: tuple[tuple[dict[str, str], str], ...] = (
     ({"quantization": "fp8"}, "bfloat16"), ({"quantization": "fp8-w8a8"}, "token"),
     ({"quantization": "fp8-w8a8", "w8a8_weight_only": "qkv_proj"}, "token, qkv 16-bit"),
     ({"quantization": "fp8-w8a8", "w8a8_weight_only": "qkv_proj", "w8a8_group": 32},
-     "group32, qkv 16-bit"))
+     "group32, qkv 16-bit"),
+    ({"quantization": "fp8-w8a8", "w8a8_weight_only": "qkv_proj,o_proj,down_proj"},
+     "token, qkv+o+down 16-bit"))
 
 
 # the projections the engine splits by input rows (replicas/parallel.py RowParallelLinear):

@@ -103,7 +103,8 @@ def test_table_is_a_column_per_checkpoint_and_the_readmes_copy_is_current() -> N
     for model in {r["model"] for r in committed}:
         mine = {(r["weights"], r["inputs"], "note" in r): (r["top1_agreement"], r["mean_kl"])
                 for r in committed if r["model"] == model}
-        for inputs in ("bfloat16", "token", "token, qkv 16-bit", "group32, qkv 16-bit"):
+        for inputs in ("bfloat16", "token", "token, qkv 16-bit", "group32, qkv 16-bit",
+                       "token, qkv+o+down 16-bit"):
             assert mine[("channel", inputs, True)][0] == mine[("channel", inputs, False)][0]
             assert mine[("channel", inputs, True)][1] == pytest.approx(
                 mine[("channel", inputs, False)][1], abs=2e-6)
