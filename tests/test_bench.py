@@ -80,9 +80,15 @@ def test_multigpu_suite_runs_every_case_on_cpu() -> None:
     harness is checked where no two GPUs are: tp=2 float32 greedy tokens equal tp=1's,
     the overlap row has both prefill times and the all-reduces timed alone, and the
     32-bit payload puts twice the bytes on the wire."""
+    # (faulthandler: a crash prints every thread's stack; CI once saw this process die of
+    # SIGABRT after ~126 s, its usual time, with nothing to say where)
     proc = subprocess.run(
-        [sys.executable, "-m", "replicas.bench", "--suite", "multigpu", "--smoke", "--tp",
-         "2", "--repeats", "1"], capture_output=True, text=True, timeout=600, check=True)
+        [sys.executable, "-X", "faulthandler", "-m", "replicas.bench", "--suite", "multigpu",
+         "--smoke", "--tp", "2", "--repeats", "1"], capture_output=True, text=True,
+        timeout=600)
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}; rows: {proc.stdout.count(chr(10))}; stderr's end:\n"
+        + proc.stderr[-4000:])
     cases = {row["case"]: row for row in map(json.loads, (
         line for line in proc.stdout.splitlines() if line.startswith("{")))}
     same = cases["tiny_tp2_correctness"]
