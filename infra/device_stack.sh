@@ -281,11 +281,11 @@ measure_x2() {
     #   (gpu_stack pinning, a stack each), then one tp=1 replica scaled to two and back
     #   through the admin API under load (infra.chaos --faults scale: the time until the
     #   new replica is RUNNING and until a client's first token from it).
-    # `measure-x2 shared`, on ONE GPU (nvidia-h200): the same as `replicas`, the tp=1
-    #   replicas sharing the GPU (`--gpus-per-rank 0.3`: up to 3, a 16 GiB KV pool each;
-    #   the rows say gpus_per_rank): the pinning payoff, then on 2 replicas the scale-up
-    #   (2 -> 3 -> 2) and a replica's process killed under load (kill_rank at tp=1),
-    #   without two GPUs.
+    # `measure-x2 shared` and `measure-x2 shared-faults`, on ONE GPU (nvidia-h200), a call
+    #   each: the same as `replicas`, the tp=1 replicas sharing the GPU (`--gpus-per-rank
+    #   0.3`: up to 3, a 16 GiB KV pool each; the rows say gpus_per_rank): the pinning
+    #   payoff; then on 2 replicas the scale-up (2 -> 3 -> 2) and a replica's process
+    #   killed under load (kill_rank at tp=1), without two GPUs.
     . $ROOT/env.sh
     local part=$1 model=${MODEL_DIR:-/tmp/glm4-9b} out=${OUT:-/tmp/tpserve-out}
     local state=/tmp/tpserve-state rc=0
@@ -303,24 +303,27 @@ measure_x2() {
             python3 -m infra.chaos --state-dir $state --faults kill_rank \
                 --out "$out/chaos_gpu.jsonl" --records "$out/chaos_records.jsonl" || rc=$?
         fi ;;
-    replicas|shared)
+    replicas|shared|shared-faults)
         local share=1 shared_up="" start=1 faults=scale
-        if [ $part = shared ]; then
+        if [ $part != replicas ]; then
             share=0.3 start=2 faults=scale,kill_rank
             shared_up="--gpus-per-rank 0.3 --kv-cache-memory $((16 * 2**30))"
         fi
-        python3 -m infra.gpu_stack pinning $model --state-dir $state --replicas 2 \
-            --gpus-per-rank $share --out "$out/gpu_stack.jsonl" || rc=$?
-        $up --tp 1 --replicas $start $shared_up || rc=$?
-        if [ $rc = 0 ]; then
+        if [ $part != shared-faults ]; then
+            python3 -m infra.gpu_stack pinning $model --state-dir $state --replicas 2 \
+                --gpus-per-rank $share --out "$out/gpu_stack.jsonl" || rc=$?
+        fi
+        [ $part = shared ] || $up --tp 1 --replicas $start $shared_up || rc=$?
+        if [ $rc = 0 ] && [ $part != shared ]; then
             python3 -m infra.chaos --state-dir $state --faults $faults \
                 --out "$out/chaos_gpu.jsonl" --records "$out/chaos_records.jsonl" || rc=$?
         fi ;;
-    *) echo "measure-x2 tp2|replicas|shared" >&2; return 2 ;;
+    *) echo "measure-x2 tp2|replicas|shared|shared-faults" >&2; return 2 ;;
     esac
     tar -czf "$out/logs-$part.tar.gz" -C / tmp/ray/session_latest/logs ${state#/} \
         2>/dev/null || true
-    python3 -m infra.cli down --state-dir $state || rc=$?
+    # (`shared` brought up no stack of its own: the pinning step's are down already)
+    [ $part = shared ] || python3 -m infra.cli down --state-dir $state || rc=$?
     sleep 2
     echo "after down: GPU memory used $(nvidia-smi --query-gpu=memory.used \
         --format=csv,noheader | tr '\n' ' '); compute processes: $(nvidia-smi \
@@ -367,6 +370,6 @@ case "${1:-}" in
     measure-cold) measure cold ;;
     measure-x2) measure_x2 "${2:-}" ;;
     *) echo "usage: bash infra/device_stack.sh prepare|install|prepare-engine|" \
-            "install-engine|measure|measure-cold|measure-x2 tp2|replicas" >&2
+            "install-engine|measure|measure-cold|measure-x2 tp2|replicas|shared|shared-faults" >&2
        exit 2 ;;
 esac
