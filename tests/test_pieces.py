@@ -73,10 +73,11 @@ def test_steps_past_the_largest_bucket_run_eagerly_between_pieces() -> None:
     assert assert_same(config) >= 1
 
 
-def test_pieces_through_the_triton_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("kv", ["auto", "int8"])
+def test_pieces_through_the_triton_kernels(monkeypatch: pytest.MonkeyPatch, kv: str) -> None:
     """The GPU's path (Triton's interpreter on a CPU): rotary and the cache write inside
-    the piece, attention written into the pieces' buffer, whole prompts through fused
-    SDPA."""
+    the piece (with an int8 cache, its row scales too), attention written into the
+    pieces' buffer, whole prompts through fused SDPA."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
     monkeypatch.delenv("TPSERVE_KERNELS", raising=False)
@@ -86,7 +87,7 @@ def test_pieces_through_the_triton_kernels(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(model, "fresh_attention",
                         lambda *a, **k: fresh.append(a[-1] is not None) or through(*a, **k))
     config = EngineConfig(model=None, dtype="float32", max_num_batched_tokens=64,
-                          piece_graph_tokens=64)
+                          piece_graph_tokens=64, kv_cache_dtype=kv)
     assert assert_same(config) >= 3
     assert True in fresh  # a step of whole prompts, in pieces
 
@@ -149,3 +150,14 @@ def test_pieces_never_wait_for_the_device(monkeypatch: pytest.MonkeyPatch,
                 piece()
     assert "linear" in seen and "embedding" in seen  # (the ops were seen)
     assert not seen & set(CAPTURE_HAZARDS)
+
+
+@pytest.mark.parametrize("changes", [{"kv_cache_dtype": "int8"},
+                                     {"quantization": "fp8", "kv_cache_dtype": "fp8"},
+                                     {"quantization": "fp8-w8a8"}])
+def test_pieces_with_8_bit_weights_and_caches(changes: dict) -> None:
+    """The int8 cache's row scales and the FP8 cache's bytes are written inside a piece
+    (its cache write), FP8 weights' matmuls run in it (their CPU reference here)."""
+    config = EngineConfig(model=None, dtype="float32", max_num_batched_tokens=24,
+                          piece_graph_tokens=32, **changes)
+    assert assert_same(config) >= 8
