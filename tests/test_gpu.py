@@ -10,6 +10,8 @@ machine: `pytest -m gpu tests/test_gpu.py`).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from checkpoints import BF16_FACTOR, BF16_SLACK, FAMILIES, CheckpointFactory, prompts
@@ -95,6 +97,26 @@ def test_piece_graphs_equal_eager(family: str, checkpoint: CheckpointFactory) ->
     config = EngineConfig(model=checkpoint(family), device="cuda", dtype="float32",
                           max_model_len=256, max_num_batched_tokens=24, piece_graph_tokens=32)
     assert assert_same(config, captured=True) >= 8
+
+
+@pytest.mark.parametrize("changes", [{"quantization": "fp8", "kv_cache_dtype": "int8"},
+                                     {"quantization": "fp8-w8a8"}])
+def test_piece_graphs_with_fp8_equal_eager(changes: dict, checkpoint: CheckpointFactory
+                                           ) -> None:
+    """FP8 weights (weight-only FP8's batch matmul, or `_scaled_mm` with its per-token
+    input quantization, captured in the pieces) and the int8 cache's scales written
+    inside them, bfloat16 as these modes run: the eager steps' tokens, logprobs within
+    0.1 (a padded bucket rounds its matmuls otherwise)."""
+    from test_pieces import run
+
+    config = EngineConfig(model=checkpoint("llama"), device="cuda", dtype="bfloat16",
+                          max_model_len=256, max_num_batched_tokens=24, **changes)
+    tokens, logprobs, _ = run(config)
+    tokens2, logprobs2, steps = run(dataclasses.replace(config, piece_graph_tokens=32),
+                                    captured=True)
+    assert tokens2 == tokens and steps >= 8
+    for a, b in zip(logprobs, logprobs2, strict=True):
+        assert b == pytest.approx(a, abs=0.1)
 
 
 def test_async_scheduling_equals_step_by_step_on_gpu(checkpoint: CheckpointFactory) -> None:
