@@ -307,7 +307,9 @@ measure_x2() {
         local share=1 shared_up="" start=1 faults=scale
         if [ $part != replicas ]; then
             share=0.3 start=2 faults=scale,kill_rank
-            shared_up="--gpus-per-rank 0.3 --kv-cache-memory $((16 * 2**30))"
+            # (the pinning step's flags for the same share: infra/gpu_stack.py)
+            shared_up=$(python3 -c 'from infra.gpu_stack import shared_gpu_flags
+print(" ".join(shared_gpu_flags(0.3)))')
         fi
         if [ $part != shared-faults ]; then
             python3 -m infra.gpu_stack pinning $model --state-dir $state --replicas 2 \

@@ -281,10 +281,11 @@ def engine_step(model: str, settings: dict[str, Any] | None = None) -> dict[str,
         inside = engine.stats()["ttft_ms"]  # the last 512 requests: the second run's
         sequential = engine_run(engine, SEQUENTIAL)
         peak = torch.cuda.max_memory_allocated()
+        piece_steps = engine.stats()["piece_steps"]  # (read before shutdown drops them)
     finally:
         engine.shutdown()
     return {"kind": "gpu_engine", "model": "glm4-9b-shaped", "tp": 1, "engine_set": settings,
-            "piece_steps": engine.stats()["piece_steps"] if settings else 0,
+            "piece_steps": piece_steps,
             "ready_s": round(ready_s, 2), "startup_s": stats["startup_s"],
             "weight_bytes": stats["weight_bytes"], "load_gb_s": load_gb_s(stats),
             "num_kv_blocks": stats["num_kv_blocks"], "prompt_ids": ids,

@@ -69,7 +69,6 @@ class StepPieces:
         self.scratch_slot = scratch_slot
         self.attn = torch.zeros(n, attn.heads, attn.head_dim, dtype=dtype, device=device)
         self.fast = kernels.enabled(device)
-        self.capture = capture
         self.steps = 0  # steps run in pieces
         # per bucket: its pieces, each piece's q/k/v, and the last piece's (x, residual)
         self.qkv: dict[int, list[QKV | None]] = {}
@@ -165,20 +164,16 @@ class StepPieces:
         self.positions[:t].copy_(b.positions, non_blocking=True)
         self.slots[:t].copy_(b.slot_mapping, non_blocking=True)
         self.slots[t:tb].fill_(self.scratch_slot)
-        pieces, graphs = self.pieces[tb], self.graphs.get(tb)
+        # each piece's graph, or (not captured) the piece itself
+        runs = ([graph.replay for graph in self.graphs[tb]] if tb in self.graphs
+                else self.pieces[tb])
         for i, layer in enumerate(self.layers):
-            if graphs is None:
-                pieces[i]()
-            else:
-                graphs[i].replay()
+            runs[i]()
             qkv = self.qkv[tb][i]
             assert qkv is not None, "piece i leaves layer i's q, k, v"
             q, k, v = (x[:t] for x in qkv)
             layer.self_attn.attend(q, k, v, b, self.kv[i], out=self.attn[:t])
-        if graphs is None:
-            pieces[-1]()
-        else:
-            graphs[-1].replay()
+        runs[-1]()
         x, residual = self.last[tb]
         return self.model.head(x, residual, b)
 
