@@ -46,10 +46,11 @@ if [ "${FP8_TEST_S:-0}" != 0 ]; then
 fi
 if [ "${PIECES_S:-0}" != 0 ]; then
   timeout -s KILL "$PIECES_S" python3 -m pytest -q -s tests/test_gpu.py -k piece \
-    -p no:cacheprovider 2>&1 | tail -8 | tee "$out/pieces_tests.log"
+    -p no:cacheprovider 2>&1 | tee "$out/pieces_tests.log" | tail -8
   for set in "" "--set piece_graph_tokens=512"; do
     timeout -s KILL "$PIECES_S" python3 -m replicas.multigpu --prefill-host \
-      --probe glm4-9b --tp 1 $set 2>&1 | rows prefill_host_h200.jsonl prefill_host_h200.jsonl
+      --probe glm4-9b --tp 1 $set 2>&1 | tee -a "$out/prefill_host.log" |
+      rows prefill_host_h200.jsonl prefill_host_h200.jsonl
   done
 fi
 if [ "${W8A16_S:-0}" != 0 ]; then  # the FP8 weight-only batch matmul's configs (~1 min)
