@@ -78,7 +78,7 @@ FIELD_HELP = {
     "cuda_graphs": "Replay decode steps from CUDA graphs (GPU only).",
     "piece_graph_tokens": "Steps that admit prompts, of up to this many tokens: replay each "
                           "layer's work but attention from CUDA graphs, in pieces (0: "
-                          "eager; not yet measured on a GPU).",
+                          "eager; not set: 512 at tp=1 on a GPU, else 0).",
     "gemv_kernels": "Use Triton GEMV kernels for batch-1 matmuls where they beat cuBLAS "
                     "(16-bit, GPU only).",
     "async_scheduling": "Launch the next step before the host has read this step's "

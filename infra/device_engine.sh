@@ -47,7 +47,7 @@ fi
 if [ "${PIECES_S:-0}" != 0 ]; then
   timeout -s KILL "$PIECES_S" python3 -m pytest -q -s tests/test_gpu.py -k piece \
     -p no:cacheprovider 2>&1 | tee "$out/pieces_tests.log" | tail -8
-  for set in "" "--set piece_graph_tokens=512"; do
+  for set in "--set piece_graph_tokens=0" "--set piece_graph_tokens=512"; do
     timeout -s KILL "$PIECES_S" python3 -m replicas.multigpu --prefill-host \
       --probe glm4-9b --tp 1 $set 2>&1 | tee -a "$out/prefill_host.log" |
       rows prefill_host_h200.jsonl prefill_host_h200.jsonl

@@ -42,7 +42,8 @@
 # router's handle calls routed on a loop of their own, not behind its streams), in the
 # same call; the row's serve_env names them.
 # AB_ENGINE='FIELD=VALUE ...' before `measure`: EngineConfig fields set otherwise (e.g.
-# piece_graph_tokens=512: steps that admit prompts in CUDA-graph pieces): the engine alone
+# piece_graph_tokens=0: steps that admit prompts eager, not in the CUDA-graph pieces of
+# the default): the engine alone
 # a second time with them (its row's engine_set), and the stack a second time with them as
 # `up` flags, in the same call; each stack row is compared with the engine row of its own
 # settings (infra/gpu_stack.py engine_reference).

@@ -285,7 +285,7 @@ def engine_step(model: str, settings: dict[str, Any] | None = None) -> dict[str,
     finally:
         engine.shutdown()
     return {"kind": "gpu_engine", "model": "glm4-9b-shaped", "tp": 1, "engine_set": settings,
-            "piece_steps": piece_steps,
+            "in_effect": {k: stats[k] for k in COMPARED_SETTINGS}, "piece_steps": piece_steps,
             "ready_s": round(ready_s, 2), "startup_s": stats["startup_s"],
             "weight_bytes": stats["weight_bytes"], "load_gb_s": load_gb_s(stats),
             "num_kv_blocks": stats["num_kv_blocks"], "prompt_ids": ids,
@@ -297,20 +297,21 @@ def engine_step(model: str, settings: dict[str, Any] | None = None) -> dict[str,
             "gpu": torch.cuda.get_device_name()}
 
 
-# EngineConfig fields a stack's replica reports in its stats, which its reference engine
-# row must share (as `engine_set`, where the engine ran with a setting otherwise)
+# EngineConfig fields a stack's replica reports in its stats (their values in effect),
+# which its reference engine row must share, with the value rows that lack one had
 COMPARED_SETTINGS = {"piece_graph_tokens": 0}
 
 
 def engine_reference(rows: list[dict[str, Any]], stats: dict[str, Any]) -> dict[str, Any]:
     """The last engine-alone row run with the settings of the replica whose `stats` these
-    are (COMPARED_SETTINGS), or {}."""
+    are (COMPARED_SETTINGS), or {}. An engine row's settings are those it recorded in
+    effect (`in_effect`), else those it set (`engine_set`, rows from before)."""
     def settings(values: dict[str, Any]) -> dict[str, Any]:
         return {k: values.get(k, default) for k, default in COMPARED_SETTINGS.items()}
 
     want = settings(stats)
-    return next((r for r in reversed(rows) if r.get("kind") == "gpu_engine"
-                 and settings(r.get("engine_set") or {}) == want), {})
+    return next((r for r in reversed(rows) if r.get("kind") == "gpu_engine" and settings(
+        r.get("in_effect") or r.get("engine_set") or {}) == want), {})
 
 
 def replica_stats(state_dir: str) -> dict[str, Any]:

@@ -26,6 +26,8 @@ SUPPORTED_TP = (1, 2, 4, 8)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 KV_CACHE_DTYPES = ("auto", "fp8", "int8")  # EngineConfig.kv_cache_dtype
 MAX_PIECE_TOKENS = 2048  # EngineConfig.piece_graph_tokens' bound (replicas/pieces.py)
+# EngineConfig.piece_graph_tokens when not set, where pieces are captured (PERF.md v0.48)
+DEFAULT_PIECE_TOKENS = 512
 # rope types whose frequencies do not depend on the sequence length seen so far
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
 
@@ -71,9 +73,10 @@ class EngineConfig:
     # many tokens: each layer's work but attention replayed from CUDA graphs in pieces
     # per token bucket, attention run eagerly between them (replicas/pieces.py); 0: all
     # eager. On a CPU (or without cuda_graphs) the same pieces run as plain calls, padded:
-    # no gain there, it is what the tests hold against the eager forward. Off by default
-    # until measured on a GPU (PERF.md v0.44)
-    piece_graph_tokens: int = 0
+    # no gain there, it is what the tests hold against the eager forward. None (not set):
+    # DEFAULT_PIECE_TOKENS on one GPU with cuda_graphs (measured there, PERF.md v0.48),
+    # else 0: at tp > 1 until measured on several GPUs; `resolved_piece_graph_tokens`
+    piece_graph_tokens: int | None = None
     gemv_kernels: bool = True  # batch-1 matmuls: Triton GEMV where it beats cuBLAS (16-bit GPU)
     # step N+1 is launched with step N's tokens still on the device (the host reads them
     # while the GPU runs it); at tp > 1 on GPUs too (rank 0 broadcasts those tokens on the
@@ -134,7 +137,8 @@ class EngineConfig:
             raise ConfigError(f"load_format={self.load_format!r}: use 'auto' or 'random'")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device={self.device!r}: use 'auto', 'cpu' or 'cuda'")
-        if not 0 <= self.piece_graph_tokens <= MAX_PIECE_TOKENS:
+        if self.piece_graph_tokens is not None and not (
+                0 <= self.piece_graph_tokens <= MAX_PIECE_TOKENS):
             raise ConfigError(f"piece_graph_tokens must be in [0, {MAX_PIECE_TOKENS}], got "
                               f"{self.piece_graph_tokens}")
         if self.overlap_chunk_tokens < 0:
@@ -190,6 +194,15 @@ class EngineConfig:
         if self.device == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.device
+
+    def resolved_piece_graph_tokens(self) -> int:
+        """The steps up to how many tokens run in pieces (0: none): the field where set,
+        else DEFAULT_PIECE_TOKENS where they are captured, at tp=1 (one GPU, cuda_graphs
+        on), else 0."""
+        if self.piece_graph_tokens is not None:
+            return self.piece_graph_tokens
+        captured = self.resolved_device() == "cuda" and self.cuda_graphs and self.tp == 1
+        return DEFAULT_PIECE_TOKENS if captured else 0
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -401,7 +401,7 @@ class Engine:
             "join_deltas": self.join_deltas,
             "stream_interval": self.config.stream_interval,
             # steps that admit prompts, up to this many tokens, in pieces (replicas/pieces.py)
-            "piece_graph_tokens": self.config.piece_graph_tokens,
+            "piece_graph_tokens": self.config.resolved_piece_graph_tokens(),
             "piece_steps": self.worker.pieces.steps if self.worker.pieces is not None else 0,
             "piece_graph_bytes": (self.worker.pieces.memory_bytes
                                   if self.worker.pieces is not None else 0),

@@ -231,11 +231,10 @@ class Worker:
                 config.max_num_seqs, -(-self.max_model_len // config.block_size),
                 config.block_size, self.num_blocks, self._kv_heads(), self.device)
             phase("cuda_graphs")
-        if config.piece_graph_tokens:
+        if piece_tokens := config.resolved_piece_graph_tokens():
             with torch.inference_mode():  # (as steps run: its buffers are written in them)
                 self.pieces = StepPieces(
-                    self.model, self.kv, min(config.piece_graph_tokens,
-                                             config.max_num_batched_tokens),
+                    self.model, self.kv, min(piece_tokens, config.max_num_batched_tokens),
                     self.num_blocks * config.block_size, self.device,
                     capture=self.device.type == "cuda" and config.cuda_graphs)
             phase("piece_graphs")

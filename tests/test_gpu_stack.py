@@ -45,6 +45,11 @@ def test_a_stack_compares_with_the_engine_run_with_its_replicas_settings() -> No
     assert gpu_stack.engine_reference(rows, {"piece_graph_tokens": 512})["n"] == 2
     assert gpu_stack.engine_reference(rows[:2], {"piece_graph_tokens": 512}) == {}
     assert gpu_stack.engine_reference(rows[:1], {})["n"] == 0
+    # a row that recorded the value in effect (a default of 512 set nothing) matches by it
+    rows.append({"kind": "gpu_engine", "n": 3, "engine_set": {},
+                 "in_effect": {"piece_graph_tokens": 512}})
+    assert gpu_stack.engine_reference(rows, {"piece_graph_tokens": 512})["n"] == 3
+    assert gpu_stack.engine_reference(rows, {"piece_graph_tokens": 0})["n"] == 1
 
 
 def test_replica_init_s_from_serve_log(tmp_path: Path) -> None:

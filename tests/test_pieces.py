@@ -16,7 +16,7 @@ import pytest
 from checkpoints import CheckpointFactory
 
 from replicas import model
-from replicas.config import ConfigError, EngineConfig
+from replicas.config import DEFAULT_PIECE_TOKENS, ConfigError, EngineConfig
 from replicas.engine import Engine
 from replicas.pieces import BUCKETS, StepPieces
 from replicas.sampler import SamplingParams
@@ -108,9 +108,28 @@ def test_buckets_and_bounds() -> None:
         assert pieces.fits(100) and pieces.fits(1) and not pieces.fits(129)
         assert not pieces.graphs  # a CPU: plain calls
     with Engine(EngineConfig(model=None)) as eng:
-        assert eng.worker.pieces is None  # off by default
+        assert eng.worker.pieces is None  # off by default on a CPU
+        assert eng.stats()["piece_graph_tokens"] == 0
     with pytest.raises(ConfigError, match="piece_graph_tokens"):
         EngineConfig(model=None, piece_graph_tokens=BUCKETS[-1] + 1)
+    with pytest.raises(ConfigError, match="piece_graph_tokens"):
+        EngineConfig(model=None, piece_graph_tokens=-1)
+
+
+def test_default_is_on_where_pieces_are_captured_at_tp1() -> None:
+    """Not set: 512 on a GPU with decode graphs at tp=1 (measured there, PERF.md v0.48),
+    0 on a CPU, without graphs and at tp > 1 (not measured on several GPUs); a value set
+    holds everywhere."""
+    def resolved(**fields: object) -> int:
+        return EngineConfig(model=None, **fields).resolved_piece_graph_tokens()
+
+    assert resolved(device="cuda") == DEFAULT_PIECE_TOKENS == 512
+    assert resolved(device="cpu") == 0
+    assert resolved(device="cuda", cuda_graphs=False) == 0
+    assert resolved(device="cuda", tp=2) == 0
+    assert resolved(device="cuda", tp=2, piece_graph_tokens=256) == 256
+    assert resolved(device="cpu", piece_graph_tokens=64) == 64
+    assert resolved(device="cuda", piece_graph_tokens=0) == 0
 
 
 # aten ops a CUDA graph cannot hold: those that wait for the device's result (the host
