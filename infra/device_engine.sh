@@ -13,8 +13,10 @@
 #   KV_S=120 ...                                 # and the KV formats' accuracy on the
 #                                                # checkpoint trained on this GPU
 #   PIECES_S=200 bash infra/device_engine.sh     # steps in CUDA-graph pieces: their GPU
-#                                                # tests, then a step admitting 9 x 40
-#                                                # tokens eager and in pieces (PERF v0.44)
+#                                                # tests (and no Triton compile in the
+#                                                # first turns, v0.49), then a step
+#                                                # admitting 9 x 40 tokens eager and in
+#                                                # pieces (PERF v0.44)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-out}
@@ -45,7 +47,7 @@ if [ "${FP8_TEST_S:-0}" != 0 ]; then
     -p no:cacheprovider 2>&1 | tail -5 | tee -a "$out/fp8_tests.log"
 fi
 if [ "${PIECES_S:-0}" != 0 ]; then
-  timeout -s KILL "$PIECES_S" python3 -m pytest -q -s tests/test_gpu.py -k piece \
+  timeout -s KILL "$PIECES_S" python3 -m pytest -q -s tests/test_gpu.py -k "piece or first_turns" \
     -p no:cacheprovider 2>&1 | tee "$out/pieces_tests.log" | tail -8
   for set in "--set piece_graph_tokens=0" "--set piece_graph_tokens=512"; do
     timeout -s KILL "$PIECES_S" python3 -m replicas.multigpu --prefill-host \

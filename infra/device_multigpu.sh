@@ -12,6 +12,8 @@
 #   PROBE_SET='quantization="fp8";kv_cache_dtype="int8"' ...  # the probes with EngineConfig
 #                                         # fields set (';' between them): issue 20 at tp=2
 #   HOST_S=200 BENCH_S=0 bash infra/device_multigpu.sh     # rank 0's host per step, 256 reqs
+#   PIECES_S=150 BENCH_S=0 bash infra/device_multigpu.sh   # the admitting step without and
+#                                         # with pieces at each tp (PERF v0.44, v0.48)
 # Each step is bounded (timeout -s KILL: a rank stuck in a GPU collective ignores
 # SIGTERM); TPSERVE_STACK_DUMP_S=N prints every thread's stack every N seconds.
 set -uo pipefail
@@ -42,6 +44,14 @@ if [ "${HOST_S:-0}" != 0 ]; then  # where rank 0's host time goes at 256 request
   for tp in 1 2; do
     timeout -s KILL "${HOST_S}" python3 -m replicas.multigpu --host --probe glm4-9b --tp "$tp" \
       2>&1 | grep '^{' | tee -a "$out/host.jsonl"
+  done
+fi
+if [ "${PIECES_S:-0}" != 0 ]; then  # a step admitting 9 x 40 tokens, eager and in pieces,
+  for tp in $sizes; do               # at each tp (pieces are on by default at tp=1 only)
+    for n in 0 512; do
+      timeout -s KILL "${PIECES_S}" python3 -m replicas.multigpu --prefill-host --probe glm4-9b \
+        --tp "$tp" --set piece_graph_tokens=$n 2>&1 | grep '^{' | tee -a "$out/prefill_host.jsonl"
+    done
   done
 fi
 if [ "${TEST_S:-0}" != 0 ]; then

@@ -5,6 +5,10 @@ inputs reach the device in one copy:
 
     [ids (tokens) | positions (tokens) | slots (tokens) | block tables (rows x width)]
 
+each per-token section padded to an even length, so that every view starts 16-byte
+aligned (Triton keys a kernel on its pointers' alignment: views at odd offsets would
+compile a second variant of each kernel that reads them, in the middle of serving).
+
 - The eager path (`Worker.forward_batch`) makes a new buffer of the step's own sizes
   each step (tokens = T, rows = B, width = the longest block table; tables padded with
   block 0) and copies it to the device.
@@ -38,15 +42,21 @@ class StepInputs(NamedTuple, Generic[Array]):
     tables: Array  # [rows, width] KV blocks of each sequence, padded
 
 
+def _section(tokens: int) -> int:
+    """Elements of a per-token section: `tokens`, rounded up to even (16 bytes)."""
+    return tokens + tokens % 2
+
+
 def step_size(tokens: int, rows: int, width: int) -> int:
     """Elements of a flat step buffer."""
-    return 3 * tokens + rows * width
+    return 3 * _section(tokens) + rows * width
 
 
 def split_step(flat: Array, tokens: int, rows: int, width: int) -> StepInputs[Array]:
     """`flat` (step_size(tokens, rows, width) elements) as its four views; no copy."""
-    ids, positions, slots = flat[: 3 * tokens].reshape(3, tokens)
-    tables = flat[3 * tokens : step_size(tokens, rows, width)].reshape(rows, width)
+    section = _section(tokens)
+    ids, positions, slots = flat[: 3 * section].reshape(3, section)[:, :tokens]
+    tables = flat[3 * section : step_size(tokens, rows, width)].reshape(rows, width)
     return StepInputs(ids, positions, slots, tables)
 
 

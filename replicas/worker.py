@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import gc
+import itertools
 import json
 import logging
 import os
@@ -238,6 +239,9 @@ class Worker:
                     self.num_blocks * config.block_size, self.device,
                     capture=self.device.type == "cuda" and config.cuda_graphs)
             phase("piece_graphs")
+        if kernels.enabled(self.device) and self.max_model_len >= 8:
+            self._warm_up()
+            phase("warm_up")
         if self.world_size > 1:
             self._store.set(f"startup/{rank}", json.dumps(self.startup_s))
 
@@ -382,6 +386,39 @@ class Worker:
         del kv
         torch.cuda.empty_cache()
         return peak
+
+    def _warm_up(self) -> None:
+        """Run the kinds of step that serving meets first, on the scratch block, so that
+        the Triton kernels they launch (each compiled at its first launch: ~0.2-1.5 s on
+        an H200 host) are compiled before the first request, not in its time to first
+        token: a prompt; a chunk over cached keys beside a decode row (a prefix-cache
+        hit's shape, and a second request's first step); a decode step. Each takes the
+        path a served step of its shape takes (pieces, eager, the decode graphs). Every
+        rank runs them in the same order, so their collectives pair up."""
+        scratch, bs, longest = self.num_blocks, self.config.block_size, self.max_model_len
+        prompt = min(24, longest // 2)
+        chunk = min(16, longest - prompt)
+
+        def step(*rows: tuple[int, int]) -> StepBatch:  # (tokens, first position) a row
+            spans = [range(start, start + n) for n, start in rows]
+            lens = tuple(len(span) for span in spans)
+            return StepBatch(tuple([0] * sum(lens)), tuple(itertools.chain(*spans)), lens,
+                             tuple((scratch,) * -(-span.stop // bs) for span in spans),
+                             tuple(end - 1 for end in itertools.accumulate(lens)))
+
+        decode = [(1, i) for i in range(min(3, self.config.max_num_seqs))]
+        # the decode step's ids as placeholders for tokens sampled on the device, as a
+        # step launched before the host has read the last one's has them (feed_tokens)
+        fed = dataclasses.replace(step(*decode), input_ids=tuple(
+            -(j + 1) for j in range(len(decode))))
+        feed = torch.zeros(len(decode), dtype=torch.int64, device=self.device)
+        with torch.inference_mode():
+            for batch in (step((prompt, 0)), step((chunk, prompt), *decode[:1]), fed):
+                self.execute(batch, feed if batch is fed else None)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if self.pieces is not None:
+            self.pieces.steps = 0  # (steps served in pieces: the warm-up's are not)
 
     def _agree_min(self, value: int) -> int:
         if self.world_size == 1:

@@ -99,6 +99,35 @@ def test_piece_graphs_equal_eager(family: str, checkpoint: CheckpointFactory) ->
     assert assert_same(config, captured=True) >= 8
 
 
+@pytest.mark.parametrize("family", ["llama", "glm"])
+def test_the_first_turns_compile_no_triton_kernel(family: str,
+                                                  checkpoint: CheckpointFactory) -> None:
+    """Start-up's warm-up (`Worker._warm_up`) and the shape-free kernel arguments
+    (`kernels.common.STEP_SHAPED`): a chat's first turn, its second over the cached
+    prefix, prompts of other lengths beside decode rows, a sampled request: none of them
+    compiles a Triton kernel (each compile is ~0.2-1.5 s of some request's TTFT)."""
+    knobs = pytest.importorskip("triton.knobs")
+    compiled: list[str] = []
+    with Engine(EngineConfig(model=checkpoint(family), device="cuda", dtype="bfloat16",
+                             max_model_len=1024)) as engine:
+        knobs.runtime.jit_post_compile_hook = (
+            lambda *args, **kwargs: compiled.append(str(kwargs.get("repr", args))[:200]))
+        try:
+            g = torch.Generator().manual_seed(0)
+            first = torch.randint(5, 200, (30,), generator=g).tolist()
+            greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+            engine.generate([first], greedy)
+            engine.generate([first + torch.randint(5, 200, (45,), generator=g).tolist()],
+                            greedy)
+            engine.generate([torch.randint(5, 200, (n,), generator=g).tolist()
+                             for n in (3, 17, 130, 300)], greedy)
+            engine.generate([first[:20]], SamplingParams(max_tokens=8, temperature=0.8,
+                                                         top_p=0.9, ignore_eos=True))
+        finally:
+            knobs.runtime.jit_post_compile_hook = None
+    assert compiled == []
+
+
 @pytest.mark.parametrize("changes", [{"quantization": "fp8", "kv_cache_dtype": "int8"},
                                      {"quantization": "fp8-w8a8"}])
 def test_piece_graphs_with_fp8_equal_eager(changes: dict, checkpoint: CheckpointFactory

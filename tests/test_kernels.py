@@ -531,7 +531,9 @@ def test_engine_caches_alike_through_the_kernels_in_8_bits(
             engine.generate(prompts[:1], params)
             engine.generate(prompts[1:], params)  # (its prefix from the cache)
             assert engine.stats()["prefix_cache_hit_blocks"] > 0
-            caches[flag] = tuple(x.clone() for x in layer)
+            # (all but the scratch block, the last: padded rows and the start-up's
+            # warm-up steps write it, Worker._warm_up where the kernels run)
+            caches[flag] = tuple(x[:-1].clone() for x in layer)
             out = engine.generate([[9, 8, 7]], SamplingParams(max_tokens=5, temperature=0.0,
                                                               ignore_eos=True))
             assert len(out[0].token_ids) == 5

@@ -11,8 +11,11 @@ from replicas.step_inputs import split_step, step_size, write_step
 def test_views_share_one_buffer_in_the_documented_order() -> None:
     flat = torch.arange(step_size(3, 2, 4))
     step = split_step(flat, 3, 2, 4)
-    assert [v.data_ptr() for v in step] == [flat.data_ptr() + 8 * k for k in (0, 3, 6, 9)]
+    # (3 tokens: each section padded to 4, so every view starts 16-byte aligned)
+    assert [v.data_ptr() for v in step] == [flat.data_ptr() + 8 * k for k in (0, 4, 8, 12)]
+    assert [len(v) for v in step[:3]] == [3, 3, 3]
     assert step.tables.shape == (2, 4) and step.tables.is_contiguous()
+    assert step_size(3, 2, 4) == 12 + 8 and step_size(4, 2, 4) == 12 + 8
 
 
 def test_a_chunked_step_gets_each_tokens_slot_from_its_own_sequence() -> None:

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import torch
 
-from replicas.kernels.common import _launch, _pow2
+from replicas.kernels.common import STEP_SHAPED, _launch, _pow2
 from replicas.kernels.rope import cache_scales
 
 try:
@@ -85,7 +85,7 @@ if triton is not None:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         return m_new, l_sum, acc
 
-    @triton.jit
+    @triton.jit(do_not_specialize=STEP_SHAPED["_attention_kernel"])
     def _attention_kernel(
         Q, KC, VC, KS, VS, OUT, OP, LSE, COUNT, TABLES, CU_Q, POS,
         sqt, sqh, sot, soh, sps, spt, sph, sls, slt, stab,
@@ -166,7 +166,7 @@ if triton is not None:
         s = tl.where((n < hi_s)[None, :], s, float("-inf"))
         return _online_softmax(s, v, m, l_sum, acc, PREC)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=STEP_SHAPED["_decode_kernel"])
     def _decode_kernel(
         Q, K, V, KC, VC, KS, VS, OUT, OP, LSE, COUNT, TABLES, POS, COS, SIN, SLOTS,
         sqt, sqh, skt, skh, svt, svh, sct, sot, soh, sps, spt, sph, sls, slt, stab,

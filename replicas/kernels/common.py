@@ -39,6 +39,23 @@ def pdl(device: torch.device) -> bool:
                              else torch.cuda.current_device()))
 
 
+# Integer arguments that follow a step's shape (its tokens or rows, its block table's
+# width, a buffer's stride over rows): Triton would compile a variant of the kernel for
+# each class of value it meets (1, a multiple of 16, any other), the first of each in the
+# middle of serving (~0.2-1.5 s on an H200 host). None of them is a stride along which a
+# kernel vectorizes, so each kernel is compiled once for them all
+# (tests/test_kernel_variants.py runs a varied workload and holds the rest of each
+# kernel's integer arguments to one class).
+STEP_SHAPED: dict[str, tuple[str, ...]] = {
+    "_attention_kernel": ("stab",),  # block table columns: the widest sequence's blocks
+    "_decode_kernel": ("stab", "sls"),  # and the split LSE buffer's stride over rows
+    "_rope_cache_kernel": ("T",),  # the step's tokens
+    "_feed_kernel": ("n",),  # the tokens fed back
+    "_w8a16_kernel": ("m",),  # the step's rows
+    "_w8a8_groups_kernel": ("m",),
+}
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from replicas.kernels.attention import _precision
-from replicas.kernels.common import _launch
+from replicas.kernels.common import STEP_SHAPED, _launch
 
 try:
     import triton
@@ -29,7 +29,7 @@ except ImportError:  # CPU installs without Triton: the PyTorch path only
 if triton is not None:
     from replicas.kernels.common import _pdl_enter
 
-    @triton.jit
+    @triton.jit(do_not_specialize=STEP_SHAPED["_w8a16_kernel"])
     def _w8a16_kernel(X, W, S, B, Y, m, n, k, sxm, swn, sym, HAS_BIAS: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       SWAP: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr):
@@ -78,7 +78,7 @@ if triton is not None:
             tl.store(Y + rm[:, None] * sym + rn[None, :], acc.to(Y.dtype.element_ty),
                      mask=m_ok[:, None] & n_ok[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=STEP_SHAPED["_w8a8_groups_kernel"])
     def _w8a8_groups_kernel(X, XS, W, WS, B, Y, m, n, k, sxm, sxs, swn, sym,
                             HAS_BIAS: tl.constexpr, GROUP: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):

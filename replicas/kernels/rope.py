@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from replicas.kernels.common import _launch, _pow2
+from replicas.kernels.common import STEP_SHAPED, _launch, _pow2
 
 try:
     import triton
@@ -70,7 +70,7 @@ if triton is not None:
         else:
             tl.store(C + dst, _to_cache(x, C, FP8), mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=STEP_SHAPED["_rope_cache_kernel"])
     def _rope_cache_kernel(Q, K, V, COS, SIN, SLOTS, KC, VC, KS, VS, T,
                            sqt, sqh, skt, skh, svt, svh, sct, heads, kv_heads, rotary_dim,
                            INTERLEAVED: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -104,6 +104,9 @@ if triton is not None:
             _store_cache(VC, VS, dst, row, v, mask, t_ok, FP8_KV, INT8_KV)
 
 
+ROPE_TOKENS = 16  # tokens a program of the rotary-and-cache kernel
+
+
 def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
                    k_cache: torch.Tensor, v_cache: torch.Tensor, rotary_dim: int,
@@ -115,14 +118,16 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     kv_heads = k.shape[1]
     if t == 0:
         return
-    tokens = min(16, _pow2(t))
+    # (16 tokens a program whatever the step's: a count that followed it would compile
+    # a variant for each power of two under 16, in the middle of serving)
+    tokens = ROPE_TOKENS
     _rope_cache_kernel[(triton.cdiv(t, tokens), heads + kv_heads)](
         q, k, v, cos, sin, slots, k_cache, v_cache, *cache_scales(k_cache, scales), t,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos.stride(0), heads, kv_heads, rotary_dim,
         INTERLEAVED=interleaved, D=d, BLOCK_D=_pow2(d), TOKENS=tokens,
         FP8_KV=k_cache.dtype == torch.float8_e4m3fn, INT8_KV=k_cache.dtype == torch.int8,
-        num_warps=4 if tokens >= 8 else 1, **_launch(q))
+        num_warps=4, **_launch(q))
 
 
 def cache_scales(k_cache: torch.Tensor, scales: Sequence[torch.Tensor]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from replicas.kernels.common import _launch, _pow2
+from replicas.kernels.common import STEP_SHAPED, _launch, _pow2
 
 try:
     import triton
@@ -17,7 +17,7 @@ except ImportError:  # CPU installs without Triton: the PyTorch path only
 if triton is not None:
     from replicas.kernels.common import _pdl_enter
 
-    @triton.jit
+    @triton.jit(do_not_specialize=STEP_SHAPED["_feed_kernel"])
     def _feed_kernel(IDS, FEED, n, BLOCK: tl.constexpr):
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = i < n
@@ -46,12 +46,16 @@ if triton is not None:
         tl.store(OUT + row, tl.load(PI + row * parts + best).to(tl.int64))
 
 
+FEED_BLOCK = 256
+
+
 def feed_tokens(ids: torch.Tensor, feed: torch.Tensor) -> None:
     """In place: each id -(j + 1) of ids [T] becomes feed[j] (tokens sampled on the
     device by the step before); other ids stay."""
-    block = min(1024, _pow2(ids.numel()))
-    _feed_kernel[(triton.cdiv(ids.numel(), block),)](ids, feed, ids.numel(), BLOCK=block,
-                                                     num_warps=4)
+    # (one block size for every step: a size that followed the step's tokens would
+    # compile a variant for each power of two of them, in the middle of serving)
+    _feed_kernel[(triton.cdiv(ids.numel(), FEED_BLOCK),)](ids, feed, ids.numel(),
+                                                          BLOCK=FEED_BLOCK, num_warps=4)
 
 
 ARGMAX_BLOCK = 4096
