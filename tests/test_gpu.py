@@ -106,13 +106,26 @@ def test_the_first_turns_compile_no_triton_kernel(family: str,
     (`kernels.common.STEP_SHAPED`): a chat's first turn, its second over the cached
     prefix, prompts of other lengths beside decode rows, a sampled request: none of them
     compiles a Triton kernel (each compile is ~0.2-1.5 s of some request's TTFT)."""
+    import triton
+    import triton.language as tl
+
     knobs = pytest.importorskip("triton.knobs")
+    if not hasattr(knobs.runtime, "jit_post_compile_hook"):
+        pytest.skip("this Triton has no compile hook")
+
+    @triton.jit
+    def probe(x):  # (a kernel this process has not compiled: the hook must see it)
+        tl.store(x, 1.0)
+
     compiled: list[str] = []
     with Engine(EngineConfig(model=checkpoint(family), device="cuda", dtype="bfloat16",
                              max_model_len=1024)) as engine:
         knobs.runtime.jit_post_compile_hook = (
             lambda *args, **kwargs: compiled.append(str(kwargs.get("repr", args))[:200]))
         try:
+            probe[(1,)](torch.zeros(1, device="cuda"))
+            assert len(compiled) == 1, compiled  # (the hook works here)
+            compiled.clear()
             g = torch.Generator().manual_seed(0)
             first = torch.randint(5, 200, (30,), generator=g).tolist()
             greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
