@@ -142,3 +142,21 @@ def test_the_first_turns_compile_nothing_the_start_did_not(launches: Launches) -
         engine.generate([second], greedy)
         assert engine.stats()["piece_steps"] >= 2
     assert compiled(launches) - at_start == set()
+
+
+def test_every_rank_warms_up_in_step_at_tp2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At tp=2 both ranks run the warm-up's steps, their all-reduces and the fed decode
+    step's broadcast paired (a rank out of step would hang the start); the engine then
+    gives tp=1's tokens."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
+    monkeypatch.delenv("TPSERVE_KERNELS", raising=False)
+    prompts = [[5, 6, 7, 8, 9] * 5, [3] * 40]
+    greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    tokens = []
+    for tp in (1, 2):
+        with Engine(EngineConfig(model=None, tp=tp, dtype="float32",
+                                 max_num_batched_tokens=64, dist_timeout_s=60)) as engine:
+            assert "warm_up" in engine.worker.startup_s
+            tokens.append([o.token_ids for o in engine.generate(prompts, greedy)])
+    assert tokens[0] == tokens[1]
