@@ -239,7 +239,8 @@ class Worker:
                     self.num_blocks * config.block_size, self.device,
                     capture=self.device.type == "cuda" and config.cuda_graphs)
             phase("piece_graphs")
-        if kernels.enabled(self.device) and self.max_model_len >= 8:
+        if (kernels.enabled(self.device) and self.max_model_len >= 8
+                and config.max_num_batched_tokens >= 8):
             self._warm_up()
             phase("warm_up")
         if self.world_size > 1:
@@ -396,8 +397,9 @@ class Worker:
         path a served step of its shape takes (pieces, eager, the decode graphs). Every
         rank runs them in the same order, so their collectives pair up."""
         scratch, bs, longest = self.num_blocks, self.config.block_size, self.max_model_len
-        prompt = min(24, longest // 2)
-        chunk = min(16, longest - prompt)
+        budget = self.config.max_num_batched_tokens  # (a step's tokens, as the scheduler's)
+        prompt = min(24, longest // 2, budget)
+        chunk = min(16, longest - prompt, budget - 1)
 
         def step(*rows: tuple[int, int]) -> StepBatch:  # (tokens, first position) a row
             spans = [range(start, start + n) for n, start in rows]
