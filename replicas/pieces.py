@@ -91,8 +91,7 @@ class StepPieces:
     def _pieces(self, tb: int) -> list[Callable[[], None]]:
         model, layers, kv = self.model, self.layers, self.kv
         rotary = model.model.rotary
-        self.qkv[tb] = [None] * len(layers)
-        self._residual[tb] = [None] * len(layers)
+        self._forget(tb)  # (its q/k/v and residual slots, empty)
 
         def up_to_attention(i: int, x: torch.Tensor, residual: torch.Tensor | None) -> None:
             layer = layers[i]
@@ -148,7 +147,8 @@ class StepPieces:
         return graphs
 
     def _forget(self, tb: int) -> None:
-        """Drop the warm-up's outputs, so that the captures allocate their own."""
+        """Empty the bucket's slots (the capture's warm-up outputs dropped, so that the
+        captures allocate their own)."""
         self.qkv[tb] = [None] * len(self.layers)
         self._residual[tb] = [None] * len(self.layers)
         self.last.pop(tb, None)

@@ -126,6 +126,17 @@ def resolve_dtype(config: EngineConfig, spec: ModelSpec, device: torch.device) -
         torch.bfloat16)
 
 
+def filler_step(block: int, block_size: int, *rows: tuple[int, int]) -> StepBatch:
+    """A step of token 0s whose every sequence lives in `block` (its table that block
+    repeated): one row per (tokens, first position), each wanting its last token's
+    logits. For the steps run at start (measuring the activation peak, the warm-up)."""
+    spans = [range(start, start + n) for n, start in rows]
+    lens = tuple(len(span) for span in spans)
+    return StepBatch(tuple([0] * sum(lens)), tuple(itertools.chain(*spans)), lens,
+                     tuple((block,) * -(-span.stop // block_size) for span in spans),
+                     tuple(end - 1 for end in itertools.accumulate(lens)))
+
+
 class Worker:
     """The model shard and KV pool of one rank, and the step loop."""
 
@@ -372,10 +383,7 @@ class Worker:
         cfg, bs = self.config, self.config.block_size
         kv = allocate_kv_cache(self.spec, self.world_size, 1, bs, self.kv_dtype, self.device)
         n, b = min(cfg.max_num_batched_tokens, self.max_model_len), cfg.max_num_seqs
-        prompt = StepBatch(tuple([0] * n), tuple(range(n)), (n,), ((0,) * -(-n // bs),),
-                           (n - 1,))
-        decode = StepBatch(tuple([0] * b), tuple([0] * b), tuple([1] * b), ((0,),) * b,
-                           tuple(range(b)))
+        prompt, decode = filler_step(0, bs, (n, 0)), filler_step(0, bs, *[(1, 0)] * b)
         torch.cuda.synchronize(self.device)
         base = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -401,12 +409,8 @@ class Worker:
         prompt = min(24, longest // 2, budget)
         chunk = min(16, longest - prompt, budget - 1)
 
-        def step(*rows: tuple[int, int]) -> StepBatch:  # (tokens, first position) a row
-            spans = [range(start, start + n) for n, start in rows]
-            lens = tuple(len(span) for span in spans)
-            return StepBatch(tuple([0] * sum(lens)), tuple(itertools.chain(*spans)), lens,
-                             tuple((scratch,) * -(-span.stop // bs) for span in spans),
-                             tuple(end - 1 for end in itertools.accumulate(lens)))
+        def step(*rows: tuple[int, int]) -> StepBatch:
+            return filler_step(scratch, bs, *rows)
 
         decode = [(1, i) for i in range(min(3, self.config.max_num_seqs))]
         # the decode step's ids as placeholders for tokens sampled on the device, as a
