@@ -152,7 +152,8 @@ def test_piece_graphs_with_fp8_equal_eager(changes: dict, checkpoint: Checkpoint
     from test_pieces import run
 
     config = EngineConfig(model=checkpoint("llama"), device="cuda", dtype="bfloat16",
-                          max_model_len=256, max_num_batched_tokens=24, **changes)
+                          max_model_len=256, max_num_batched_tokens=24,
+                          piece_graph_tokens=0, **changes)  # (eager: pieces are the default)
     tokens, logprobs, _ = run(config)
     tokens2, logprobs2, steps = run(dataclasses.replace(config, piece_graph_tokens=32),
                                     captured=True)
