@@ -2,10 +2,13 @@
 
 Contract: `render(NginxConfig)` returns a complete nginx.conf that runs without root paths
 (`daemon off`, pid, logs and every `*_temp_path` under `config.prefix`) and proxies every
-request to the Ray Serve HTTP proxies (one per node) in `upstream tpserve_serve`, keyed on
-the client address (`hash $remote_addr consistent` by default) so one user keeps reaching
-the same proxy. Requests and responses are not buffered (SSE token streams reach the client as they
-are made); `X-Real-IP` / `X-Forwarded-For` carry the client address to the router.
+request to the Ray Serve HTTP proxies (one per node), or the router replicas themselves
+(infra/edge.py), in `upstream tpserve_serve`, keyed by default on the session and the
+client address (`hash $http_x_session_id$remote_addr consistent`): one session keeps
+reaching the same upstream, and the sessions of one address (many users behind one NAT
+or load balancer, a load test on loopback) spread over all of them. Requests and
+responses are not buffered (SSE token streams reach the client as they are made);
+`X-Real-IP` / `X-Forwarded-For` carry the client address to the router.
 
 nginx-config-builder keeps options and sections in dicts keyed by name, prints keyword
 options before positional ones, and lets a second directive of the same name replace the
@@ -36,7 +39,12 @@ from nginx.config.api.options import KeyMultiValueOption, KeyValueOption, KeyVal
 
 UPSTREAM_NAME = "tpserve_serve"
 FALLBACK_NAME = "tpserve_fallback"
-BALANCE = {"hash": "hash $remote_addr consistent", "ip_hash": "ip_hash"}
+# how nginx picks an upstream. A router keeps no state a later request needs (pins and
+# histories live in Redis); only its per-client rate limit counts locally, keyed on the
+# router's session key (X-Session-ID, else the body's `user`, else the address), which
+# each of these keeps on one router for a given header and address.
+BALANCE = {"session": "hash $http_x_session_id$remote_addr consistent",
+           "hash": "hash $remote_addr consistent", "ip_hash": "ip_hash"}
 TEMP_PATHS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 # where Debian/Ubuntu and nginx's own builds put the binary; /usr/sbin is often not on the
 # PATH of a non-root user
@@ -64,9 +72,12 @@ class NginxConfig:
 
     `upstreams`: HOST:PORT of each Ray Serve HTTP proxy (one per node), at least one.
     `prefix`: an absolute directory for pid, logs and temp files (no root paths needed).
-    `balance`: "hash" (`hash $remote_addr consistent`: each client address sticks to one
-    proxy, and adding a proxy moves few users) or "ip_hash" (keys on the first three
-    octets of an IPv4 address, so all of 127.0.0.x land on one proxy).
+    `balance`: "session" (`hash $http_x_session_id$remote_addr consistent`: each session
+    of each client address sticks to one upstream, adding one moves few sessions, and
+    the sessions of one address spread), "hash" (`hash $remote_addr consistent`: each
+    client address sticks to one upstream: behind one address every stream lands on one
+    router) or "ip_hash" (keys on the first three octets of an IPv4 address, so all of
+    127.0.0.x land on one upstream).
     `trusted`: CIDRs of proxies in front of nginx (a cloud load balancer) whose
     X-Forwarded-For nginx believes (realip module); empty = nginx is the edge and the
     socket address is the client.
@@ -79,7 +90,7 @@ class NginxConfig:
     upstreams: tuple[str, ...]
     prefix: str
     listen: str = "127.0.0.1:8080"
-    balance: str = "hash"
+    balance: str = "session"
     client_max_body_size: str = "1m"
     proxy_read_timeout_s: int = 300
     proxy_connect_timeout_s: int = 5
@@ -328,8 +339,9 @@ _CLI_SKIP = ("upstreams", "prefix", "trusted", "fallback")
 # `tpserve nginx --help`: one sentence per NginxConfig field the command line sets
 FIELD_HELP = {
     "listen": "Address and port nginx listens on.",
-    "balance": "hash: each client address sticks to one Serve proxy; ip_hash: keyed on the "
-               "first three octets of an IPv4 address.",
+    "balance": "session: each session (X-Session-ID) of each client address sticks to one "
+               "upstream; hash: each client address does; ip_hash: keyed on the first three "
+               "octets of an IPv4 address.",
     "client_max_body_size": "Largest request body nginx accepts.",
     "proxy_read_timeout_s": "Seconds nginx waits for the next bytes of a response (a long "
                             "stream's gaps).",

@@ -57,10 +57,12 @@ def test_one_server_line_per_upstream(tmp_path: Path, n: int) -> None:
     assert lines(text, "server") == [*[f"server {u};" for u in upstreams], "server {"]
 
 
-def test_balance_hash_by_default_ip_hash_when_asked(tmp_path: Path) -> None:
+def test_balance_by_session_by_default_address_or_ip_hash_when_asked(tmp_path: Path) -> None:
     text = nginx.render(make(tmp_path))
-    assert lines(text, "hash") == ["hash $remote_addr consistent;"]
+    assert lines(text, "hash") == ["hash $http_x_session_id$remote_addr consistent;"]
     assert lines(text, "ip_hash") == []
+    text = nginx.render(make(tmp_path, balance="hash"))
+    assert lines(text, "hash") == ["hash $remote_addr consistent;"]
     text = nginx.render(make(tmp_path, balance="ip_hash"))
     assert lines(text, "ip_hash") == ["ip_hash;"]
     assert lines(text, "hash") == []
@@ -72,7 +74,8 @@ def test_upstream_block_order(tmp_path: Path) -> None:
     block = re.search(r"upstream tpserve_serve \{(.*?)\}", text, re.S)
     assert block is not None
     body = [ln.strip() for ln in block.group(1).strip().splitlines()]
-    assert body == ["hash $remote_addr consistent;", *[f"server {u};" for u in UPSTREAMS],
+    assert body == ["hash $http_x_session_id$remote_addr consistent;",
+                    *[f"server {u};" for u in UPSTREAMS],
                     "keepalive 7;"]
 
 
@@ -330,10 +333,12 @@ def edge(tmp_path: Path, backends: dict[str, ThreadingHTTPServer]) -> Iterator[i
         stop(proc)
 
 
-def get(port: int, source: str, path: str = "/", body: bytes | None = None) -> dict[str, str]:
+def get(port: int, source: str, path: str = "/", body: bytes | None = None,
+        session: str | None = None) -> dict[str, str]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5, source_address=(source, 0))
     try:
-        conn.request("POST" if body else "GET", path, body=body)
+        conn.request("POST" if body else "GET", path, body=body,
+                     headers={"X-Session-ID": session} if session else {})
         response = conn.getresponse()
         assert response.status == 200, (response.status, response.read())
         return json.loads(response.read())
@@ -355,6 +360,22 @@ def test_sources_stick_to_one_backend(edge: int, backends: dict[str, ThreadingHT
         assert all(a["x_forwarded_for"] == source for a in answers), answers
         chosen[source] = names.pop()
     assert set(chosen.values()) == {"a", "b"}, f"one backend got every source: {chosen}"
+
+
+@needs_nginx
+@pytest.mark.slow
+def test_the_sessions_of_one_address_spread_and_each_sticks(
+        edge: int, backends: dict[str, ThreadingHTTPServer]) -> None:
+    """Behind one address (a NAT, a load test on loopback), `hash $remote_addr` sent every
+    stream to one router replica; keyed on the session too, the sessions spread over the
+    upstreams and each keeps its own."""
+    chosen: dict[str, str] = {}
+    for i in range(20):
+        session = f"session-{i}"
+        names = {get(edge, "127.0.0.2", session=session)["name"] for _ in range(3)}
+        assert len(names) == 1, f"{session} reached {names} in 3 requests"
+        chosen[session] = names.pop()
+    assert set(chosen.values()) == {"a", "b"}, f"one backend got every session: {chosen}"
 
 
 @needs_nginx
