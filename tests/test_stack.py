@@ -89,6 +89,18 @@ def test_openai_client_through_nginx(stack: Running) -> None:
     assert out.usage.completion_tokens >= 1
 
 
+def test_the_gpu_stacks_chat_says_what_the_router_took_of_its_ttft(stack: Running) -> None:
+    """infra/gpu_stack.py's front-door chat: streamed tokens, and the router's own TTFT of
+    that one request read from its /metrics around it, within the client's TTFT."""
+    pytest.importorskip("openai")
+    from infra.gpu_stack import GREEDY_TOKENS, streaming_chat
+
+    chat = streaming_chat(stack.edge, "test-front-door")
+    assert len(chat["token_ids"]) == GREEDY_TOKENS and chat["chunks"] >= 1
+    assert chat["router_ttft_ms"] is not None
+    assert 0 < chat["router_ttft_ms"] <= chat["ttft_ms"]
+
+
 def test_nginx_goes_to_the_router_replica_itself_not_through_serves_proxy(stack: Running
                                                                          ) -> None:
     upstreams = configured_upstreams(nginx_conf(stack.state))
