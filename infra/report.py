@@ -143,7 +143,8 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                 + _serve_env(row) + _path(row))
         start = (f"replica RUNNING in {row['replica_init_s']} s (GEMV tuning "
                  f"{row['replica_startup_s']['gemv_tuning']} s), weights "
-                 f"{row['load_gb_s']} GB/s; first chat's TTFT {row['chat']['ttft_ms']} ms")
+                 f"{row['load_gb_s']} GB/s; first chat's TTFT {row['chat']['ttft_ms']} ms"
+                 + _chat_split(row["chat"]))
         if kind == "gpu_stack_start":
             p = row["prefix"]
             return (what, f"{start}; turn-2 TTFT p50 {p['turn2_ttft_ms']['p50']} ms (~1,100 "
@@ -229,6 +230,17 @@ def _span(values: list[float]) -> str:
 def _met(met: bool | dict[str, bool]) -> bool:
     """A line's `met`: one verdict, or one per target (all must hold)."""
     return all(met.values()) if isinstance(met, dict) else bool(met)
+
+
+def _chat_split(chat: dict[str, Any]) -> str:
+    """The router's own share of the front door's first chat and the chat after it, where
+    recorded (rows from dbb777f on; before it, the first chat's TTFT also held the openai
+    client's first import of its chat resources)."""
+    if chat.get("router_ttft_ms") is None:
+        return ""
+    again = chat.get("again") or {}
+    return (f" (the router's own {chat['router_ttft_ms']} ms; a second chat "
+            f"{again.get('ttft_ms')} ms, the router's own {again.get('router_ttft_ms')})")
 
 
 def table(results: str | Path = RESULTS) -> str:

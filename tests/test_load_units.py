@@ -276,3 +276,24 @@ def test_a_chaos_row_says_what_stack_it_ran_on(tmp_path: Path) -> None:
     write_state(tmp_path, {"pid": 1, "services": {}, "engine": {"tp": 2}, "config": {}})
     assert stack_shape(str(tmp_path))["gpus_per_rank"] == 1.0
     assert stack_shape(None) == {"stack": "local", "model": "tiny", "tp": 2}
+
+
+def test_a_stack_rows_first_chat_says_the_routers_share_where_recorded() -> None:
+    """The front door's first chat in a stack row's cell: with the router's own TTFT of it
+    and the chat after it where the row has them (dbb777f on), as before where not."""
+    import json
+    from pathlib import Path
+
+    from infra.report import _cell
+
+    rows = [json.loads(line) for line in
+            Path("infra/results/stack_gpu_h200.jsonl").read_text().splitlines()]
+    row = next(r for r in rows if r["kind"] == "gpu_stack_start")
+    assert "router_ttft_ms" not in row["chat"]
+    before = _cell(row)[1]
+    row["chat"].update(router_ttft_ms=34.2, again={"ttft_ms": 14.9, "router_ttft_ms": 11.1})
+    after = _cell(row)[1]
+    split = " (the router's own 34.2 ms; a second chat 14.9 ms, the router's own 11.1)"
+    assert after == before.replace(f"TTFT {row['chat']['ttft_ms']} ms",
+                                   f"TTFT {row['chat']['ttft_ms']} ms{split}", 1)
+    assert split in after
