@@ -116,12 +116,14 @@ FIELD_HELP = {
     "ray_port": "Port of the Ray head (GCS).",
     "redis_port": "Port of Redis, which keeps the sessions.",
     "replicas": "Number of engine replicas to start (`tpserve scale` changes it later).",
-    "router_replicas": "Number of router replicas (the OpenAI API); nginx spreads requests "
-                       "over them. Each streams on one core: more for many streams.",
+    "router_replicas": "Number of router replicas (the OpenAI API); nginx spreads sessions "
+                       "over them. Each streams on one core: more for many streams. Not set: "
+                       "one per 4 cores of this machine, 1 to 4.",
     "data_path": "How the engine's tokens come back to the router: direct (one connection "
                  "per router and engine replica, one frame per engine step) or serve (each "
                  "delta a Serve message).",
-    "num_cpus": "Logical CPUs Ray may hand out (each rank of a CPU replica takes one).",
+    "num_cpus": "Logical CPUs Ray may hand out (each rank of a CPU replica takes one, each "
+                "router replica one). Not set: 7 + the router replicas.",
     "gpus_per_rank": "Share of a GPU each rank takes; under 1, tp=1 replicas share GPUs "
                      "(then set --kv-cache-memory).",
     "state_dir": "Directory for the running cluster's state, logs and admin token.",

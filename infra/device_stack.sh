@@ -27,7 +27,8 @@
 # AB_INTERVAL=N before `measure`: the stack a second time with --stream-interval N (N
 # tokens a Serve message after the first), beside the default, in the same call.
 # AB_ROUTERS=N before `measure`: the stack a second time with N router replicas (nginx
-# spreads the streams over them), in the same call.
+# spreads the sessions over them), in the same call; the first has the default, one per 4
+# cores (4 on the H200 host), so AB_ROUTERS=1 is the single router.
 # AB_MAX_ONGOING=N before `measure`: the stack a second time with the engine replica
 # taking N requests at once instead of twice its batch, 128 (TPSERVE_MAX_ONGOING; 64 was
 # the cap before PERF.md v0.37), in the same call.
@@ -214,7 +215,7 @@ $(python3 -c "print(round($t1 - $t0, 1))")}" | tee -a "$out/gpu_stack.jsonl"
         # the engine replica's GIL switch interval (cluster/engine.py switch_interval_ms)
         stack_again TPSERVE_SWITCH_INTERVAL_MS=$AB_SWITCH_MS
     fi
-    if [ "$caches" = warm ] && [ "${AB_ROUTERS:-1}" != 1 ] && [ $rc = 0 ]; then
+    if [ "$caches" = warm ] && [ -n "${AB_ROUTERS:-}" ] && [ $rc = 0 ]; then
         stack_again "" --router-replicas "$AB_ROUTERS"
     fi
     if [ "$caches" = warm ] && [ "${AB_INTERVAL:-1}" != 1 ] && [ $rc = 0 ]; then

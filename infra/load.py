@@ -126,11 +126,13 @@ async def _conversations(config: PinningConfig, url: str, records: list[Turn]) -
 
 def pinning_side(config: PinningConfig, routing: str) -> dict[str, Any]:
     """One side of the comparison on a fresh local stack with the given routing."""
-    from infra.stack import local_stack
+    from infra.stack import auto_router_replicas, local_stack
     from replicas.bench import engine_for
 
+    # (the replicas' tp=2 ranks, a third replica's room, each router replica's CPU)
     with local_stack(engine_for(config.model), replicas=config.replicas, routing=routing,
-                     num_cpus=max(8, 2 * config.replicas + 2)) as stack:
+                     num_cpus=max(7, 2 * config.replicas + 1) + auto_router_replicas()
+                     ) as stack:
         return pinning_conversations(config, stack.edge, stack.token, routing)
 
 

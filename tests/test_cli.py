@@ -200,3 +200,18 @@ def test_router_settings_reach_the_router_config() -> None:
                 {"router_replicas": 0}):
         with pytest.raises(StackError):
             StackConfig(**bad)
+
+
+def test_router_replicas_follow_the_cores_unless_given() -> None:
+    """Unset, a stack runs one router replica per 4 cores (1 to 4: PERF.md v0.51's four on
+    the H200 host's 16), and Ray hands out one logical CPU more for each beyond the
+    first; given, both are as given."""
+    from infra.stack import auto_router_replicas
+
+    assert [auto_router_replicas(n) for n in (1, 2, 7, 8, 15, 16, 128)] == [1, 1, 1, 2, 3, 4, 4]
+    config = StackConfig()
+    assert config.router_replicas == auto_router_replicas()
+    assert config.num_cpus == 7 + config.router_replicas
+    assert (StackConfig(router_replicas=3, num_cpus=5).router_replicas,
+            StackConfig(router_replicas=3, num_cpus=5).num_cpus) == (3, 5)
+    assert StackConfig(router_replicas=2).num_cpus == 9
