@@ -185,9 +185,10 @@ def replica_inside(stats: dict[str, Any]) -> dict[str, Any]:
             **{key: stats[key] for key in WAY_IN_HOPS if stats.get(key)}}
 
 
-def router_times(edge: str) -> dict[str, tuple[float, float]]:
+def router_times(edge: str, session: str | None = None) -> dict[str, tuple[float, float]]:
     """(sum of seconds, count) of the router's ROUTER_TIMES histograms, every label (its
-    /metrics through nginx: one router replica's, with several): its time to first token
+    /metrics through nginx: one router replica's, with several; with `session`, the one
+    nginx sends that session's requests to): its time to first token
     (from taking a parsed request to its first delta) and, within it, from its call of
     the engine handle to the first item back, Serve's routing of that call, its event
     loop's lag and the data path's frames' age. Two readings around a run give that
@@ -195,7 +196,9 @@ def router_times(edge: str) -> dict[str, tuple[float, float]]:
     import re
     import urllib.request
 
-    with urllib.request.urlopen(f"{edge}/metrics", timeout=30) as reply:
+    request = urllib.request.Request(f"{edge}/metrics",
+                                     headers={"X-Session-ID": session} if session else {})
+    with urllib.request.urlopen(request, timeout=30) as reply:
         text = reply.read().decode()
     return {key: tuple(sum(float(v) for v in re.findall(
                 rf"^{name}_{part}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE))
@@ -355,15 +358,15 @@ def replica_init_s(logs: str = "/tmp/ray/session_latest/logs/serve") -> float | 
 def streaming_chat(edge: str, session: str = "gpu-stack-chat") -> dict[str, Any]:
     """PROMPT through nginx -> router -> Serve -> the GPU replica with the openai client,
     streamed, greedy, with the router's token-id extension; with the router's own TTFT of
-    it (`router_ttft_ms`: from its parsed request to its first delta, its /metrics read
-    around the call; None where another router replica took it). The client's first use
+    it (`router_ttft_ms`: from its parsed request to its first delta, the /metrics of the
+    router replica nginx sends the session to, read around the call). The client's first use
     of its chat resources (a lazy import: ~20-50 ms here, more where its modules have no
     bytecode cached yet) happens before the clock starts: it is not the stack's time."""
     import openai
 
     client = openai.OpenAI(base_url=f"{edge}/v1", api_key="unused", max_retries=0)
     client.chat.completions  # noqa: B018 - (the lazy import, out of the timed request)
-    before = router_times(edge)
+    before = router_times(edge, session)  # (the router replica the chat goes to)
     started = time.perf_counter()
     ttft, chunks, ids, text = None, 0, [], ""
     stream = client.chat.completions.create(
@@ -381,7 +384,8 @@ def streaming_chat(edge: str, session: str = "gpu-stack-chat") -> dict[str, Any]
     total = time.perf_counter() - started
     return {"chunks": chunks, "ttft_ms": round(1e3 * (ttft or 0), 1),
             "total_ms": round(1e3 * total, 1), "token_ids": ids, "text_chars": len(text),
-            "router_ttft_ms": one_request_ms(before, router_times(edge), "router_ttft")}
+            "router_ttft_ms": one_request_ms(before, router_times(edge, session),
+                                             "router_ttft")}
 
 
 def one_request_ms(before: dict[str, tuple[float, float]],
