@@ -105,6 +105,9 @@ FIELD_HELP = {
     "w8a8_group": "With --quantization fp8-w8a8: 0, inputs scaled per token; 32, 64 or "
                   "128, per token and run of that many input columns (closer to the "
                   "16-bit model).",
+    "keep_16bit": "With --quantization fp8 or fp8-w8a8: projections (comma-separated: "
+                  "qkv_proj, o_proj, gate_up_proj, down_proj) left 16-bit, weights and "
+                  "inputs; qkv_proj,o_proj,down_proj puts only gate_up_proj on FP8.",
     "kv_cache_dtype": "auto (the model's dtype); fp8: the KV cache in FP8 (e4m3), twice "
                       "the tokens in the same memory; int8: in int8 with a scale per token "
                       "and head, 1.94x the tokens at head_dim 128 and closer to the 16-bit "

@@ -41,6 +41,11 @@ MAX_LOGIT_BIAS = 100.0  # either sign (OpenAI's range)
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
+def _names(listed: str) -> tuple[str, ...]:
+    """The names of a comma-separated list, blanks dropped."""
+    return tuple(name.strip() for name in listed.split(",") if name.strip())
+
+
 class ConfigError(ValueError):
     """A setting the engine cannot run with; the message says what to change."""
 
@@ -124,6 +129,11 @@ class EngineConfig:
     # 32), a scale per token and run of that many input columns (kernels.w8a8_groups):
     # 32 with qkv_proj weight-only kept W8A8 over the 98 % bar on CPU (PERF.md v0.31)
     w8a8_group: int = 0
+    # with quantization fp8 or fp8-w8a8: the projections (comma-separated, of PROJECTIONS)
+    # left in the model's 16-bit dtype, weights and inputs: "qkv_proj,o_proj,down_proj"
+    # puts only gate_up (~55 % of a GLM-4-9B layer's matmul FLOPs) on FP8 tensor cores,
+    # and nothing is widened from FP8 at large batches (PERF.md v0.47, v0.52)
+    keep_16bit: str = ""
 
     def __post_init__(self) -> None:
         if self.tp not in SUPPORTED_TP:
@@ -172,6 +182,17 @@ class EngineConfig:
         if weight_only and self.quantization != "fp8-w8a8":
             raise ConfigError(f"w8a8_weight_only={self.w8a8_weight_only!r} is for "
                               f"quantization='fp8-w8a8', not {self.quantization!r}")
+        keep = self.kept_16bit_projections()
+        if set(keep) - set(PROJECTIONS):
+            raise ConfigError(f"keep_16bit={self.keep_16bit!r}: name projections of "
+                              f"{', '.join(PROJECTIONS)}, separated by commas")
+        if keep and self.quantization == "none":
+            raise ConfigError(f"keep_16bit={self.keep_16bit!r} is for quantization 'fp8' or "
+                              "'fp8-w8a8' (without quantization every projection is 16-bit)")
+        if set(keep) & set(weight_only):
+            raise ConfigError(f"{', '.join(sorted(set(keep) & set(weight_only)))}: in both "
+                              "keep_16bit (16-bit weights) and w8a8_weight_only (FP8 weights); "
+                              "name each in one")
         if self.w8a8_group and (self.w8a8_group < 32
                                 or self.w8a8_group & (self.w8a8_group - 1)):
             raise ConfigError(f"w8a8_group={self.w8a8_group}: use 0 (a scale per token) or "
@@ -182,7 +203,11 @@ class EngineConfig:
 
     def weight_only_projections(self) -> tuple[str, ...]:
         """The projections w8a8_weight_only names (in PROJECTIONS' terms)."""
-        return tuple(name.strip() for name in self.w8a8_weight_only.split(",") if name.strip())
+        return _names(self.w8a8_weight_only)
+
+    def kept_16bit_projections(self) -> tuple[str, ...]:
+        """The projections keep_16bit names (in PROJECTIONS' terms)."""
+        return _names(self.keep_16bit)
 
     def wire_dtype(self, model_dtype: torch.dtype) -> str:
         """The all-reduce payload's dtype for a model running in `model_dtype`."""

@@ -23,11 +23,12 @@ Contract:
   fp8_linear's `w8a8` = n): x quantized per run (`quantize_groups`) and the product in
   one Triton kernel (`kernels.w8a8_groups`; off the Triton path the float32 product of
   the rounded operands): closer to the 16-bit model than per token (w8a8_formats.py).
-- `quantize_model(model, w8a8, weight_only)`: every ColumnParallelLinear and
+- `quantize_model(model, w8a8, weight_only, keep)`: every ColumnParallelLinear and
   RowParallelLinear of the model gets its weight replaced by its FP8 form, a
   `weight_scale` and `w8a8` (fp8_linear's: 0 weight-only, 1 per token, n per run; 0 for
   the projections `weight_only` names: `EngineConfig.w8a8_weight_only`, e.g. qkv_proj,
-  whose input costs W8A8 the most); its
+  whose input costs W8A8 the most), but for the projections `keep` names
+  (`EngineConfig.keep_16bit`), which stay 16-bit, weights and inputs; its
   forward then goes through `fp8_linear`, and a one-row input through the batch-1 GEMV
   where tuning picks it (replicas/kernels/gemv.py: FP8 tiles, the row's scale applied
   once at the end, the input row 16-bit in both modes). The embedding and the LM head
@@ -199,12 +200,15 @@ def _hold(name: str, layer: nn.Module, w8: torch.Tensor, scale: torch.Tensor,
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, w8a8: int = 0, weight_only: tuple[str, ...] = ()
-                   ) -> int:
+def quantize_model(model: nn.Module, w8a8: int = 0, weight_only: tuple[str, ...] = (),
+                   keep: tuple[str, ...] = ()) -> int:
     """Every tensor-parallel linear layer's weight to FP8 in place (see the module doc),
     computing as fp8_linear's `w8a8` says, except the layers whose name ends in one of
-    `weight_only`: those weight-only. Returns the number of layers quantized."""
-    layers = [(name, m) for name, m in _linear_layers(model) if not is_fp8(m)]
+    `weight_only`: those weight-only; and the layers whose name ends in one of `keep`
+    (`EngineConfig.keep_16bit`) stay as they are, 16-bit. Returns the number of layers
+    quantized."""
+    layers = [(name, m) for name, m in _linear_layers(model)
+              if not is_fp8(m) and not name.endswith(keep)]
     for name, layer in layers:
         _hold(name, layer, *quantize_rows(layer.weight.data),
               0 if name.endswith(weight_only) else w8a8)

@@ -186,6 +186,10 @@ class Worker:
         w8a8 = (config.w8a8_group or 1) if config.quantization == "fp8-w8a8" else 0
         stored_fp8 = config.load_format != "random" and checkpoint_fp8(hf_config)
         if stored_fp8:  # loaded as it is (replicas/fp8.py)
+            if config.keep_16bit:
+                raise ConfigError(f"keep_16bit={config.keep_16bit!r}: this checkpoint's "
+                                  "weights are stored in FP8; only a 16-bit checkpoint can "
+                                  "keep projections 16-bit")
             if config.quantization == "none" and rank == 0:
                 log.info("the checkpoint's weights are FP8: they run as quantization='fp8'")
             prepare_model(model, w8a8, config.weight_only_projections())
@@ -196,7 +200,8 @@ class Worker:
         if stored_fp8:
             check_scales(model)
         elif config.quantization != "none":
-            quantize_model(model, w8a8, config.weight_only_projections())
+            quantize_model(model, w8a8, config.weight_only_projections(),
+                           config.kept_16bit_projections())
         self.model = model.eval()
         # this rank's weight bytes: with startup_s["load"], the load's throughput
         self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -200,8 +200,7 @@ def test_fp8_rows_come_one_by_one_in_each_mode(monkeypatch: pytest.MonkeyPatch) 
     @contextlib.contextmanager
     def engine(config: EngineConfig) -> Any:
         started.append({k: getattr(config, k) for k in (
-            "quantization", "kv_cache_dtype", "w8a8_weight_only", "w8a8_group",
-            "max_num_seqs")})
+            "quantization", "kv_cache_dtype", "keep_16bit", "max_num_seqs")})
         yield type("E", (), {"stats": lambda self: {"num_kv_blocks": 52}})()
 
     monkeypatch.setattr(bench, "Engine", engine)
@@ -221,11 +220,12 @@ def test_fp8_rows_come_one_by_one_in_each_mode(monkeypatch: pytest.MonkeyPatch) 
         "glm4-9b_fp8_int8kv_decode_b1_in128_out128",
         "glm4-9b_fp8_int8kv_kv_blocks_same_memory", "glm4-9b_fp8_int8kv_256req_in128_out128",
         "glm4-9b_fp8-w8a8_256req_in128_out128", "glm4-9b_fp8-w8a8_ttft_in8192",
-        "glm4-9b_fp8-w8a8-qkv16-g32_int8kv_256req_in128_out128",
-        "glm4-9b_fp8-w8a8-qkv16-g32_ttft_in8192", "accuracy_x"]
+        "glm4-9b_fp8-w8a8-gateup_int8kv_decode_b1_in128_out128",
+        "glm4-9b_fp8-w8a8-gateup_int8kv_kv_blocks_same_memory",
+        "glm4-9b_fp8-w8a8-gateup_int8kv_256req_in128_out128",
+        "glm4-9b_fp8-w8a8-gateup_ttft_in8192", "accuracy_x"]
     assert started[-1] == {"quantization": "fp8-w8a8", "kv_cache_dtype": "int8",
-                           "w8a8_weight_only": "qkv_proj", "w8a8_group": 32,
-                           "max_num_seqs": 1}
+                           "keep_16bit": "qkv_proj,o_proj,down_proj", "max_num_seqs": 1}
     assert len(started) == 7  # two engines a mode, one for the int8 cache's
 
 

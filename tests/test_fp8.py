@@ -20,7 +20,8 @@ from checkpoints import CheckpointFactory
 
 from replicas import ConfigError, Engine, EngineConfig, SamplingParams
 from replicas.accuracy import compare, scored, sequences
-from replicas.fp8 import FP8, FP8_MAX, fp8_linear, quantize_rows, quantize_tokens
+from replicas.config import PROJECTIONS
+from replicas.fp8 import FP8, FP8_MAX, fp8_linear, is_fp8, quantize_rows, quantize_tokens
 from replicas.parallel import ColumnParallelLinear, ParallelLMHead, RowParallelLinear
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -264,7 +265,6 @@ def test_unknown_quantization_is_refused() -> None:
 def test_w8a8_weight_only_names_projections_of_fp8_w8a8() -> None:
     """w8a8_weight_only: comma-separated projections of PROJECTIONS, with fp8-w8a8 only;
     anything else is refused by name, not ignored."""
-    from replicas.config import PROJECTIONS
 
     config = EngineConfig(quantization="fp8-w8a8", w8a8_weight_only=" qkv_proj,down_proj ")
     assert config.weight_only_projections() == ("qkv_proj", "down_proj")
@@ -275,6 +275,22 @@ def test_w8a8_weight_only_names_projections_of_fp8_w8a8() -> None:
         EngineConfig(quantization="fp8-w8a8", w8a8_weight_only="q_proj")
     with pytest.raises(ConfigError, match="is for quantization='fp8-w8a8', not 'fp8'"):
         EngineConfig(quantization="fp8", w8a8_weight_only="qkv_proj")
+
+
+def test_keep_16bit_names_projections_of_a_quantized_model() -> None:
+    """keep_16bit: comma-separated projections of PROJECTIONS, with fp8 or fp8-w8a8, none
+    also named weight-only; anything else is refused by name."""
+    config = EngineConfig(quantization="fp8-w8a8", keep_16bit="qkv_proj, o_proj,down_proj")
+    assert config.kept_16bit_projections() == ("qkv_proj", "o_proj", "down_proj")
+    assert EngineConfig(quantization="fp8", keep_16bit="down_proj").keep_16bit == "down_proj"
+    with pytest.raises(ConfigError, match="keep_16bit='mlp': name projections of qkv_proj"):
+        EngineConfig(quantization="fp8", keep_16bit="mlp")
+    with pytest.raises(ConfigError, match="keep_16bit='o_proj' is for quantization 'fp8' or "
+                                          "'fp8-w8a8'"):
+        EngineConfig(keep_16bit="o_proj")
+    with pytest.raises(ConfigError, match="qkv_proj: in both keep_16bit"):
+        EngineConfig(quantization="fp8-w8a8", keep_16bit="qkv_proj,o_proj",
+                     w8a8_weight_only="qkv_proj")
 
 
 def test_w8a8_group_is_a_power_of_two_of_fp8_w8a8() -> None:
@@ -342,6 +358,33 @@ def test_w8a8_weight_only_projections_compute_weight_only(ckpt: str) -> None:
         assert kinds == {("qkv_proj", False), ("o_proj", True), ("gate_up_proj", True),
                          ("down_proj", True)}
         assert len(eng.generate([[5, 6, 7, 8, 9]], GREEDY)[0].token_ids) > 0
+
+
+def test_kept_projections_stay_16bit_and_the_others_run_fp8(ckpt: str) -> None:
+    """fp8-w8a8 with keep_16bit="qkv_proj,o_proj,down_proj": only gate_up holds FP8
+    weights (on FP8 inputs); the kept layers keep the checkpoint's weights as they are,
+    and with all four kept the engine scores exactly as the unquantized one."""
+    prompts = sequences(1, 32, 1000, seed=9)
+    base = EngineConfig(model=ckpt, dtype="float32", max_model_len=64)
+    plain = scored(base, prompts)
+    with Engine(base) as eng:
+        weights = {name: m.weight.detach().clone() for name, m in
+                   eng.worker.model.named_modules()
+                   if isinstance(m, ColumnParallelLinear | RowParallelLinear)}
+    config = EngineConfig(**{**base.to_dict(), "quantization": "fp8-w8a8",
+                             "keep_16bit": "qkv_proj,o_proj,down_proj"})
+    with Engine(config) as eng:
+        layers = {name: m for name, m in eng.worker.model.named_modules()
+                  if isinstance(m, ColumnParallelLinear | RowParallelLinear)}
+        for name, m in layers.items():
+            if name.endswith("gate_up_proj"):
+                assert m.weight.dtype == FP8 and m.w8a8
+            else:
+                assert torch.equal(m.weight, weights[name]) and not is_fp8(m)
+        mixed = [eng.score(prompts[0])]
+    assert 0 < compare(plain, mixed)["mean_kl"] < 0.5
+    every = EngineConfig(**{**config.to_dict(), "keep_16bit": ",".join(PROJECTIONS)})
+    assert torch.equal(scored(every, prompts)[0], plain[0])
 
 
 @pytest.mark.parametrize("quantization", ["fp8", "fp8-w8a8"])
