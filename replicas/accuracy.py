@@ -135,13 +135,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--quantization", default="fp8")
     parser.add_argument("--kv-cache-dtype", default="auto")
+    parser.add_argument("--keep-16bit", default="", help="EngineConfig.keep_16bit")
+    parser.add_argument("--w8a8-weight-only", default="",
+                        help="EngineConfig.w8a8_weight_only")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the trained checkpoint's seed (without --model)")
+    parser.add_argument("--steps", type=int, default=TRAIN_STEPS,
+                        help="the trained checkpoint's training steps (without --model)")
     # 512 is the least; at 98 % agreement one run's top-1 share then moves by
     # +-0.6 % (binomial), so more positions say more
     parser.add_argument("--positions", type=int, default=2048)
     parser.add_argument("--chunk", type=int, default=64, help="tokens per prefill step")
     parser.add_argument("--out", help="append the JSON line here")
     args = parser.parse_args(argv)
-    model = args.model or trained_model_dir()
+    model = args.model or trained_model_dir(args.seed, args.steps)
     length, count = 128, -(-args.positions // 128)
     if args.model is None:
         prompts = held_out(model, count, length)
@@ -151,9 +158,13 @@ def main(argv: list[str] | None = None) -> int:
         prompts = sequences(count, length, AutoConfig.from_pretrained(model).vocab_size)
     base = EngineConfig(model=model, dtype=args.dtype, max_model_len=256,
                         max_num_batched_tokens=args.chunk)
-    row = measure(base, {"quantization": args.quantization,
-                         "kv_cache_dtype": args.kv_cache_dtype}, prompts)
-    emit({"kind": "accuracy", "model": args.model or TRAINED_VERSION, **row}, args.out)
+    changes = {"quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype,
+               **{k: v for k, v in (("keep_16bit", args.keep_16bit),
+                                    ("w8a8_weight_only", args.w8a8_weight_only)) if v}}
+    row = measure(base, changes, prompts)
+    name = args.model or (TRAINED_VERSION if (args.seed, args.steps) == (0, TRAIN_STEPS)
+                          else f"{TRAINED_VERSION} seed {args.seed}, {args.steps} steps")
+    emit({"kind": "accuracy", "model": name, **row}, args.out)
     return 0 if row["met"] else 1
 
 
