@@ -178,9 +178,11 @@ WAY_IN_HOPS = ("way_in_routing_ms", "way_in_transit_ms", "way_in_dispatch_ms")
 
 def replica_inside(stats: dict[str, Any]) -> dict[str, Any]:
     """What a stack row records of the engine replica's stats (its last 512 requests):
-    its way in (hop by hop when traced), its preparation, its own TTFT, its loop lag."""
+    its way in (hop by hop when traced), its preparation, its own TTFT and the engine's
+    queue wait within it (admit_wait_ms), its loop lag."""
     return {"way_in_ms": stats.get("way_in_ms"), "prepare_ms": stats.get("prepare_ms"),
             "replica_ttft_ms": stats.get("replica_ttft_ms"),
+            "admit_wait_ms": stats.get("admit_wait_ms"),
             "replica_loop_lag_ms": stats.get("loop_lag_ms"),
             **{key: stats[key] for key in WAY_IN_HOPS if stats.get(key)}}
 
@@ -281,7 +283,9 @@ def engine_step(model: str, settings: dict[str, Any] | None = None) -> dict[str,
                                                     ignore_eos=True))[0]
         asyncio.run(engine_clients(engine, WARMUP, []))
         runs = [engine_run(engine, LOAD) for _ in range(2 + MORE_LOAD_RUNS)]
-        inside = engine.stats()["ttft_ms"]  # the last 512 requests: the second run's
+        stats_after = engine.stats()  # the last 512 requests: the second run's
+        inside = {"engine_ttft_ms": stats_after["ttft_ms"],
+                  "admit_wait_ms": stats_after["admit_wait_ms"]}
         sequential = engine_run(engine, SEQUENTIAL)
         peak = torch.cuda.max_memory_allocated()
         piece_steps = engine.stats()["piece_steps"]  # (read before shutdown drops them)
@@ -294,7 +298,7 @@ def engine_step(model: str, settings: dict[str, Any] | None = None) -> dict[str,
             "num_kv_blocks": stats["num_kv_blocks"], "prompt_ids": ids,
             "greedy_token_ids": list(out.token_ids), "load": runs[0], "load_repeat": runs[1],
             "load_more": runs[2:],
-            "load_repeat_inside": {"engine_ttft_ms": inside},
+            "load_repeat_inside": inside,
             "load_config": asdict(LOAD), "sequential": sequential,
             "sequential_config": asdict(SEQUENTIAL), "peak_allocated_bytes": peak,
             "gpu": torch.cuda.get_device_name()}

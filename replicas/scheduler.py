@@ -9,6 +9,7 @@ running sequence is preempted: its blocks are released and it waits to be recomp
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -29,6 +30,10 @@ class Sequence:
     num_computed: int = 0  # tokens whose K/V are in the cache
     num_registered: int = 0  # full blocks indexed in the prefix cache
     hashes: list[int] = field(default_factory=list)  # chain hash of each full block
+    # when it was made (add_request) and when a step first computed it (the engine's
+    # stats: admit_wait_ms)
+    arrived: float = field(default_factory=time.perf_counter)
+    admitted: float | None = None
 
     @property
     def output_ids(self) -> list[int]:

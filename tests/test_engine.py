@@ -94,6 +94,23 @@ def test_stream_matches_generate_and_ends_once(engine: Engine) -> None:
     assert [d.finish_reason for d in deltas] == [None] * (len(deltas) - 1) + ["length"]
 
 
+def test_admit_wait_is_the_queue_a_request_waits_in_before_its_first_step() -> None:
+    """stats' admit_wait_ms: from add_request to the step that first computes a request.
+    With one sequence at a time, the second of two requests waits for the whole of the
+    first; the first is computed at once."""
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    with Engine(EngineConfig(max_model_len=64, max_num_seqs=1)) as eng:
+        eng.generate(["warm"], SamplingParams(max_tokens=2))
+        before = eng.stats()["admit_wait_ms"]["n"]
+        started = time.perf_counter()
+        eng.generate(["The fox", "The dog"], params)
+        took_ms = (time.perf_counter() - started) * 1e3
+        wait = eng.stats()["admit_wait_ms"]
+    assert wait["n"] == before + 2
+    # (the second waited for the first's 16 tokens: about half of the generate call)
+    assert wait["max"] > 0.3 * took_ms and wait["p50"] < wait["max"]
+
+
 def test_stream_interval_sends_the_first_token_alone_then_groups(engine: Engine) -> None:
     """stream_interval=4: the first delta is the first token (the time to first token is
     not held back), each later one has at least 4 tokens but the last; the same tokens,
