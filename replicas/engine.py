@@ -238,6 +238,7 @@ class Engine:
         self._ranks = Ranks(config, model_dir, init_method or "", launch)
         try:
             self.tokenizer = Tokenizer(model_dir)  # while the rank processes start
+            self.tokenizer.warm()
             self.worker = Worker(config, model_dir, 0, init_method,
                                  peers_alive=self._ranks.all_alive, store=store)
         except BaseException:

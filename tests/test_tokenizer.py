@@ -72,3 +72,21 @@ def test_a_push_costs_about_one_decode(tokenizer: Tokenizer) -> None:
         del tokenizer.decode
     assert text == tokenizer.decode(ids)
     assert calls <= 1.5 * len(ids)  # the window of two decodes a token: 2 * len(ids)
+
+
+def test_warm_compiles_the_chat_template_before_a_request_and_never_raises() -> None:
+    """Tokenizer.warm (an engine's start): the template's jinja compile, ~5-10 ms, is done
+    before the first request needs it; a template that refuses the warm-up's message
+    is left for requests to report."""
+    templates = pytest.importorskip("transformers.utils.chat_template_utils")
+    compiled = getattr(templates, "_compile_jinja_template", None)
+    if not hasattr(compiled, "cache_clear"):
+        pytest.skip("this transformers compiles its templates otherwise")
+    tokenizer = Tokenizer(tiny_model_dir())
+    compiled.cache_clear()
+    tokenizer.warm()
+    assert compiled.cache_info().misses == 1
+    tokenizer.apply_chat_template([{"role": "user", "content": "a request"}])
+    assert compiled.cache_info().misses == 1 and compiled.cache_info().hits >= 1
+    tokenizer.hf.chat_template = "{{ raise_exception('a system message first') }}"
+    tokenizer.warm()
