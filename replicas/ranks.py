@@ -14,6 +14,7 @@ import contextlib
 import logging
 import multiprocessing as mp
 import os
+import random
 import socket
 import threading
 import time
@@ -88,17 +89,55 @@ def free_port() -> int:
     return free_ports(["port"])["port"]
 
 
+# Where free_ports picks: a server of ours binds its port seconds after the pick (the
+# stack's Redis and nginx start after Ray), and a port the kernel picks (bind to 0) comes
+# from its ephemeral range, where every outgoing connection of those seconds takes one
+# too: CI saw Redis's port taken so. So the picks come from above Ray's worker ports
+# (10002-19999 by default) and below Serve's direct-ingress ports (30000-31000) and the
+# kernel's ephemeral range (from 32768 by default); the kernel picks where that range
+# starts lower or this range is full.
+PICK_RANGE = (20000, 30000)
+PICK_TRIES = 64
+
+
+def _pick_range() -> tuple[int, int] | None:
+    """PICK_RANGE, cut below the kernel's ephemeral ports; None if too little is left."""
+    low, high = PICK_RANGE
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            high = min(high, int(f.read().split()[0]))
+    except (OSError, ValueError, IndexError):
+        pass  # (not Linux: the kernel's own range is unknown, PICK_RANGE stands)
+    return (low, high) if high - low >= 1000 else None
+
+
 def free_ports(names: Iterable[str]) -> dict[str, int]:
-    """A distinct loopback port for each of `names`, free a moment ago. Each is held open
-    until all are picked: ports picked one after another (each closed before the next)
-    can repeat, and two servers of one stack then fight over one port."""
+    """A distinct loopback port for each of `names`, free a moment ago, outside the
+    kernel's ephemeral range where it can (PICK_RANGE). Each is held open until all are
+    picked: ports picked one after another (each closed before the next) can repeat, and
+    two servers of one stack then fight over one port."""
+    span = _pick_range()
     with contextlib.ExitStack() as held:
         ports = {}
         for name in names:
             s = held.enter_context(socket.socket())
-            s.bind(("127.0.0.1", 0))
-            ports[name] = s.getsockname()[1]
+            ports[name] = _bind_free(s, span)
         return ports
+
+
+def _bind_free(s: socket.socket, span: tuple[int, int] | None) -> int:
+    """Bind `s` on loopback to a random free port of `span` (PICK_TRIES tries), else to
+    one the kernel picks; the port."""
+    if span is not None:
+        for _ in range(PICK_TRIES):
+            port = random.randrange(*span)
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
 class Ranks:

@@ -175,3 +175,25 @@ def test_one_port_for_two_servers_is_refused_before_anything_starts(
     for _ in range(20):
         picked = free_ports(str(i) for i in range(8))
         assert len(set(picked.values())) == 8, picked
+
+
+def test_free_ports_come_from_outside_the_kernels_ephemeral_range(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stack's ports are picked above Ray's worker ports and below the kernel's
+    ephemeral range (replicas.ranks.PICK_RANGE): a port the kernel hands out can be taken
+    by any outgoing connection before the server binds it (CI: Redis's, while Ray
+    started). Where the range's tries all find a port taken, the kernel picks."""
+    import socket
+
+    from replicas import ranks
+
+    span = ranks._pick_range()
+    if span is None:
+        pytest.skip("this kernel's ephemeral range starts below PICK_RANGE")
+    picked = list(ranks.free_ports(str(i) for i in range(16)).values())
+    assert all(span[0] <= p < span[1] for p in picked) and len(set(picked)) == 16
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        taken = busy.getsockname()[1]
+        monkeypatch.setattr(ranks.random, "randrange", lambda *_: taken)
+        assert ranks.free_ports(["x"])["x"] not in (taken, 0)
