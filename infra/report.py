@@ -239,8 +239,10 @@ def _chat_split(chat: dict[str, Any]) -> str:
     if chat.get("router_ttft_ms") is None:
         return ""
     again = chat.get("again") or {}
-    return (f" (the router's own {chat['router_ttft_ms']} ms; a second chat "
-            f"{again.get('ttft_ms')} ms, the router's own {again.get('router_ttft_ms')})")
+    second = (f"a second chat {again['ttft_ms']} ms, the router's own "
+              f"{again.get('router_ttft_ms')}" if "ttft_ms" in again
+              else f"a second chat failed: {again.get('error')}")
+    return f" (the router's own {chat['router_ttft_ms']} ms; {second})"
 
 
 def table(results: str | Path = RESULTS) -> str:
