@@ -282,9 +282,6 @@ class Engine:
         self.mask_fill_s = 0.0  # time spent filling structured outputs' token masks
         # add_request to its first delta, the last requests' (stats' ttft_ms)
         self.first_token = Recent()
-        # a request's wait from add_request to the step that first computes it (stats'
-        # admit_wait_ms): the part of ttft_ms spent queued, for a slot or the step's budget
-        self.admit_wait = Recent()
         # the last step's tokens, still on the device (see _step)
         self._flight: _Flight | None = None
         # at tp > 1 the other ranks get the placeholders' tokens by a broadcast on the
@@ -414,9 +411,9 @@ class Engine:
             # its first delta), over the last 512: against a client's TTFT, what the
             # way to the engine and back costs
             "ttft_ms": self.first_token.summary(),
-            # of it, the wait for the step that first computes a request (every request,
-            # streamed or not, over the last 512)
-            "admit_wait_ms": self.admit_wait.summary(),
+            # of it, the wait for the step that first computes a request, for a slot or
+            # the step's token budget (every request, streamed or not, over the last 512)
+            "admit_wait_ms": self.scheduler.admit_wait.summary(),
         }
 
     def healthy(self) -> bool:
@@ -652,11 +649,6 @@ class Engine:
         plan = self.scheduler.schedule()
         if not plan:
             raise RuntimeError("scheduler has work but scheduled nothing")
-        now = time.perf_counter()
-        for item in plan:
-            if item.seq.admitted is None:
-                item.seq.admitted = now
-                self.admit_wait.add(now - item.seq.arrived)
         batch, rows = self._batch(plan)
         self.worker.send(batch)
         feed = self._flight.tokens if self._flight else None

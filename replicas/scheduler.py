@@ -14,6 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from replicas.config import SamplingParams
+from replicas.jsonlines import Recent
 from replicas.kv_cache import BlockManager, chain_hash
 
 
@@ -30,8 +31,8 @@ class Sequence:
     num_computed: int = 0  # tokens whose K/V are in the cache
     num_registered: int = 0  # full blocks indexed in the prefix cache
     hashes: list[int] = field(default_factory=list)  # chain hash of each full block
-    # when it was made (add_request) and when a step first computed it (the engine's
-    # stats: admit_wait_ms)
+    # when it was made (add_request) and when a step first took it in (Scheduler's
+    # admit_wait)
     arrived: float = field(default_factory=time.perf_counter)
     admitted: float | None = None
 
@@ -78,6 +79,9 @@ class Scheduler:
         self.running: list[Sequence] = []
         self._preempted: set[int] = set()
         self.preemptions = 0
+        # a sequence's wait from its making (add_request) to its first admission into a
+        # step, the last 512 (the engine's stats: admit_wait_ms)
+        self.admit_wait = Recent()
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -121,6 +125,9 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.running.append(seq)
+            if seq.admitted is None:  # (not again after a preemption)
+                seq.admitted = time.perf_counter()
+                self.admit_wait.add(seq.admitted - seq.arrived)
             out.append(Scheduled(seq, n))
             budget -= n
         return out
