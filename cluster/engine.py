@@ -77,6 +77,18 @@ def max_ongoing(max_num_seqs: int = 64) -> int:
     return int(value) if value else ONGOING_PER_SEQ * max_num_seqs
 
 
+def engine_process() -> bool:
+    """Whether an engine replica runs its engine (rank 0 and the driver) in a process of
+    its own (replicas/engineproc.py), the default, or in the replica's process
+    (TPSERVE_ENGINE_PROCESS=0, for measuring: `AB_ENGINE_PROCESS=0 bash
+    infra/device_stack.sh measure`). In its own process the driver does not share a GIL
+    with Serve's calls and the direct path's frames (issue 19: PERF.md v0.30, v0.54)."""
+    value = os.environ.get("TPSERVE_ENGINE_PROCESS", "1").strip()
+    if value not in ("0", "1"):
+        raise ValueError(f"TPSERVE_ENGINE_PROCESS={value}: give 1 (own process) or 0")
+    return value == "1"
+
+
 def switch_interval_ms() -> float | None:
     """TPSERVE_SWITCH_INTERVAL_MS: the engine replica's sys.setswitchinterval, in ms (None:
     Python's 5 ms). Its event loop (Serve's calls, the direct path's frames) and the
@@ -125,9 +137,14 @@ class EngineDeployment:
         self.ranks = RankGroup(int(config.get("tp", 1)), use_gpu, cpus_per_rank,
                                f"tpserve-{self.replica_id}")
         from replicas import Engine, EngineConfig
+        from replicas.engineproc import EngineProcess
 
         self.config = EngineConfig(**{**config, "device": "cuda" if use_gpu else "cpu"})
-        self.engine = Engine(self.config, launch=self.ranks.launch)
+        self.engine: Engine | EngineProcess
+        if engine_process():
+            self.engine = EngineProcess(self.config, launch=self.ranks.launch)
+        else:
+            self.engine = Engine(self.config, launch=self.ranks.launch)
         self._publishing = threading.Event()
         url = os.environ.get("TPSERVE_REDIS_URL")
         if url:
@@ -177,14 +194,19 @@ class EngineDeployment:
         return await deliver(serve_request(self.engine, request, self.replica_id, self.times),
                              outbox, reply["stream"], self.replica_id)
 
-    def stats(self) -> dict[str, Any]:
-        return {**self.engine.stats(), **self.times.summary(), "replica": self.replica_id,
+    async def stats(self) -> dict[str, Any]:
+        # (off the event loop: from an engine process, a call over its pipe)
+        stats = await asyncio.to_thread(self.engine.stats)
+        return {"engine_process": None, **stats, **self.times.summary(),
+                "replica": self.replica_id,
                 "max_ongoing": max_ongoing(self.config.max_num_seqs)}
 
-    def check_health(self) -> None:
-        """Serve replaces the replica when this raises: a dead rank, a broken group."""
-        if not self.engine.healthy():
-            raise RuntimeError("engine unhealthy: a rank died or a collective failed")
+    async def check_health(self) -> None:
+        """Serve replaces the replica when this raises: a dead rank, a broken group, an
+        engine process gone."""
+        if not await asyncio.to_thread(self.engine.healthy):
+            raise RuntimeError("engine unhealthy: a rank died, a collective failed or the "
+                               "engine process exited")
 
     def __del__(self) -> None:
         if hasattr(self, "_publishing"):

@@ -38,6 +38,9 @@
 # AB_ROUTING_TASKS=N before `measure`: the stack a second time with the router routing N
 # requests at once (TPSERVE_ROUTING_TASKS; 0: Serve's own rule, 2 a replica, as before
 # PERF.md v0.34) instead of Serve's cap of 50, in the same call.
+# AB_ENGINE_PROCESS=0 before `measure`: the stack a second time with the engine in the
+# replica's process (TPSERVE_ENGINE_PROCESS=0) instead of a process of its own, the
+# default since PERF.md v0.54, in the same call.
 # AB_ENV='NAME=VALUE ...' before `measure`: the stack a second time with Serve's settings
 # of cluster/ray.env set otherwise (e.g. RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=1: the
 # router's handle calls routed on a loop of their own, not behind its streams), in the
@@ -214,6 +217,10 @@ $(python3 -c "print(round($t1 - $t0, 1))")}" | tee -a "$out/gpu_stack.jsonl"
     if [ "$caches" = warm ] && [ -n "${AB_SWITCH_MS:-}" ] && [ $rc = 0 ]; then
         # the engine replica's GIL switch interval (cluster/engine.py switch_interval_ms)
         stack_again TPSERVE_SWITCH_INTERVAL_MS=$AB_SWITCH_MS
+    fi
+    if [ "$caches" = warm ] && [ -n "${AB_ENGINE_PROCESS:-}" ] && [ $rc = 0 ]; then
+        # the engine in the replica's process, or in its own (cluster/engine.py)
+        stack_again TPSERVE_ENGINE_PROCESS=$AB_ENGINE_PROCESS
     fi
     if [ "$caches" = warm ] && [ -n "${AB_ROUTERS:-}" ] && [ $rc = 0 ]; then
         stack_again "" --router-replicas "$AB_ROUTERS"

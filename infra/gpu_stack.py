@@ -499,6 +499,9 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
         # with this env and the default batch)
         "max_ongoing": stats.get("max_ongoing", max_ongoing()),
         "switch_interval_ms": switch_interval_ms(),  # (None: Python's 5 ms)
+        # whether the replica ran its engine in a process of its own (its stats: the
+        # child's pid; None: in the replica's process; absent before v0.54)
+        "engine_process": stats.get("engine_process") is not None,
         # requests the router routes at once (None: Serve's cap; 0: Serve's own rule)
         "routing_tasks": routing_tasks(),
         # Serve settings set otherwise than cluster/ray.env (device_stack.sh AB_ENV)

@@ -137,6 +137,9 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                    if row.get("max_ongoing") else "")
                 + (f", the engine replica's GIL switch interval {row['switch_interval_ms']} ms"
                    if row.get("switch_interval_ms") else "")
+                + ({True: ", the engine in a process of its own",
+                    False: ", the engine in the replica's process"}.get(
+                        row.get("engine_process"), ""))
                 + _routing_tasks(row.get("routing_tasks"))
                 + (f", {row['router_replicas']} router replicas"
                    if row.get("router_replicas", 1) != 1 else "")

@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from collections.abc import Sequence as Seq
+from contextlib import aclosing
 from typing import Any
 
 import torch
@@ -35,10 +36,11 @@ from replicas.outputs import (
     AsyncSink,
     Completion,
     DeltaPost,
+    Sink,
     SyncSink,
     TokenDelta,
     TopLogprobs,
-    joined,
+    streamed,
 )
 from replicas.ranks import TOLD_EXIT_S, RankLauncher, Ranks, spawn_rank
 from replicas.sampler import choose_tokens, token_logprobs
@@ -294,7 +296,7 @@ class Engine:
         # the next step (see _step): (request, token, logprob, its top logprobs, is a stop
         # token, index)
         self._pending: list[tuple[_Request, int, float, TopLogprobs | None, bool, int]] = []
-        self._post = DeltaPost()  # the async consumers' deltas, sent once a step
+        self.post = DeltaPost()  # the consumers' deltas, sent once a step (see submit)
         # tp > 1: while idle the driver sends a heartbeat this often, so that a rank
         # waiting for the next step never reaches the group's timeout
         self._heartbeat_s = config.dist_timeout_s / 4
@@ -332,39 +334,31 @@ class Engine:
         Raises RequestError before yielding anything if the request is invalid.
         """
         start = time.perf_counter()
-        seq = self._make_sequence(prompt, params or SamplingParams(), request_id)
-        sink = AsyncSink(asyncio.get_running_loop(), self._post)
-        self._submit([("add", (seq, sink))])
-        finished, held, first = False, None, True
+        sink = AsyncSink(asyncio.get_running_loop(), self.post)
+        rid = self.submit(prompt, params or SamplingParams(), request_id, sink)
+        finished, first = False, True
         try:
-            while True:
-                item = held if held is not None else await sink.queue.get()
-                held = None
-                if isinstance(item, BaseException):
-                    raise item
-                # a consumer that fell behind (Serve sending the last delta on) gets the
-                # steps queued meanwhile as one delta: one message instead of several;
-                # and after the first, a delta waits for stream_interval tokens
-                want = 1 if first else self.config.stream_interval
-                while item.finish_reason is None and (
-                        (self.join_deltas and not sink.queue.empty())
-                        or len(item.token_ids) < want):
-                    queued = sink.queue.get_nowait() if not sink.queue.empty() else (
-                        await sink.queue.get())
-                    if isinstance(queued, BaseException):
-                        held = queued  # raised after the tokens before it are out
-                        break
-                    item = joined(item, queued)
-                if first:
-                    self.first_token.add(time.perf_counter() - start)
-                first = False
-                yield item
-                if item.finish_reason is not None:
-                    finished = True
-                    return
+            async with aclosing(streamed(sink.queue, self.join_deltas,
+                                         self.config.stream_interval)) as deltas:
+                async for item in deltas:
+                    if first:
+                        self.first_token.add(time.perf_counter() - start)
+                        first = False
+                    finished = item.finish_reason is not None
+                    yield item
         finally:
             if not finished:
-                self.abort(seq.request_id)
+                self.abort(rid)
+
+    def submit(self, prompt: Prompt, params: SamplingParams, request_id: str | None,
+               sink: Sink) -> str:
+        """Start a request whose deltas the driver thread pushes into `sink` (through
+        `post` for an AsyncSink, sent once a step); its request id. Raises RequestError
+        (nothing is started) if the request is invalid, EngineDeadError if the engine
+        no longer serves."""
+        seq = self._make_sequence(prompt, params, request_id)
+        self._submit([("add", (seq, sink))])
+        return seq.request_id
 
     def abort(self, request_id: str) -> None:
         """Stop a request; its blocks return to the pool at the next step boundary."""
@@ -574,7 +568,7 @@ class Engine:
                 continue
             for kind, item in inbox:
                 self._take(kind, item)
-            self._post.send()  # aborts' last deltas
+            self.post.send()  # aborts' last deltas
             if not self.scheduler.has_work():
                 continue
             try:
@@ -829,7 +823,7 @@ class Engine:
         for req, token, logprob, top, stop_token, index in pending:
             if requests.get(req.seq.request_id) is req:  # not aborted or ended
                 self._emit(req, token, logprob, top, stop_token, index)
-        self._post.send()
+        self.post.send()
 
     def _emit(self, req: _Request, token: int, logprob: float, top: TopLogprobs | None,
               stop_token: bool, index: int) -> None:

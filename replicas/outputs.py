@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 # the most likely tokens at one position: (token id, log-probability), most likely first
 TopLogprobs = list[tuple[int, float]]
@@ -44,6 +45,18 @@ class Completion:
     top_logprobs: list[TopLogprobs] | None = None
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[TopLogprobs | None] | None = None
+
+
+class Sink(Protocol):
+    """Where the driver thread puts one request's deltas."""
+
+    def push(self, delta: TokenDelta) -> bool:
+        """Deliver a delta; returns whether anyone still listens."""
+        ...
+
+    def fail(self, error: BaseException) -> None:
+        """The request failed (from any thread)."""
+        ...
 
 
 class SyncSink:
@@ -126,3 +139,31 @@ class AsyncSink:
         """From any thread; sent at once, behind the deltas posted before it."""
         self.push(error)
         self.post.send()
+
+
+async def streamed(queue: asyncio.Queue[Any], join: bool, interval: int
+                   ) -> AsyncIterator[TokenDelta]:
+    """A request's deltas as its queue (an AsyncSink's) receives them, until the one that
+    finishes it; an exception in the queue is raised, after the tokens before it.
+
+    A consumer that fell behind (Serve sending the last delta on) gets the deltas queued
+    meanwhile as one (`join`): one message instead of several; and after the first, a
+    delta waits for `interval` tokens (stream_interval)."""
+    held, first = None, True
+    while True:
+        item = held if held is not None else await queue.get()
+        held = None
+        if isinstance(item, BaseException):
+            raise item
+        want = 1 if first else interval
+        while item.finish_reason is None and ((join and not queue.empty())
+                                              or len(item.token_ids) < want):
+            queued = queue.get_nowait() if not queue.empty() else await queue.get()
+            if isinstance(queued, BaseException):
+                held = queued  # raised after the tokens before it are out
+                break
+            item = joined(item, queued)
+        first = False
+        yield item
+        if item.finish_reason is not None:
+            return
