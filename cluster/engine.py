@@ -45,7 +45,7 @@ from router import keys, metrics, wire
 from router.looplag import LoopLag
 
 if TYPE_CHECKING:
-    from replicas import EngineConfig
+    from replicas import Engine, EngineConfig
 
 # The engine (replicas: torch, transformers) is imported only where it runs: in an engine
 # replica's __init__, not when this module loads. A router replica imports this module
@@ -124,6 +124,10 @@ class EngineDeployment:
     """One engine replica = one TP group. Takes the engine config as plain data."""
 
     def __init__(self, config: dict[str, Any], use_gpu: bool, cpus_per_rank: float) -> None:
+        if engine_process():  # its fork server imports the engine while this starts
+            from replicas.engineproc import start_fork_server
+
+            start_fork_server()
         from cluster.ranks import RankGroup
 
         self.replica_id = serve.get_replica_context().replica_id.unique_id
@@ -136,7 +140,7 @@ class EngineDeployment:
         # the rank actors first: their processes start (and import torch) meanwhile
         self.ranks = RankGroup(int(config.get("tp", 1)), use_gpu, cpus_per_rank,
                                f"tpserve-{self.replica_id}")
-        from replicas import Engine, EngineConfig
+        from replicas import EngineConfig
         from replicas.engineproc import EngineProcess
 
         self.config = EngineConfig(**{**config, "device": "cuda" if use_gpu else "cpu"})
@@ -144,6 +148,8 @@ class EngineDeployment:
         if engine_process():
             self.engine = EngineProcess(self.config, launch=self.ranks.launch)
         else:
+            from replicas import Engine
+
             self.engine = Engine(self.config, launch=self.ranks.launch)
         self._publishing = threading.Event()
         url = os.environ.get("TPSERVE_REDIS_URL")
