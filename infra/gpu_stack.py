@@ -407,6 +407,14 @@ def one_request_ms(before: dict[str, tuple[float, float]],
 PREFIX_SESSIONS, PREFIX_WORDS, PREFIX_NEXT_WORDS = 8, 900, 20
 
 
+def engine_process_of(stats: dict[str, Any]) -> bool | None:
+    """Whether the replica ran its engine in a process of its own (its stats name the
+    child's pid, None when in the replica's own process); None when the stats failed."""
+    if "engine_process" not in stats:
+        return None
+    return stats["engine_process"] is not None
+
+
 def prefix_run(edge: str, token: str) -> dict[str, Any]:
     from infra.load import hit_tokens
     from infra.results import ms
@@ -470,6 +478,7 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
                 "weight_bytes": stats.get("weight_bytes"),
                 "load_gb_s": load_gb_s(stats) if "weight_bytes" in stats else None,
                 "stats_error": stats.get("error"), "chat": chat,
+                "engine_process": engine_process_of(stats),
                 "prefix": prefix_run(stack.edge, stack.token)}
     rows = [json.loads(line) for line in Path(engine_row).read_text().splitlines()
             if line.strip()] if engine_row else []
@@ -499,9 +508,7 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
         # with this env and the default batch)
         "max_ongoing": stats.get("max_ongoing", max_ongoing()),
         "switch_interval_ms": switch_interval_ms(),  # (None: Python's 5 ms)
-        # whether the replica ran its engine in a process of its own (its stats: the
-        # child's pid; None: in the replica's process; absent before v0.54)
-        "engine_process": stats.get("engine_process") is not None,
+        "engine_process": engine_process_of(stats),
         # requests the router routes at once (None: Serve's cap; 0: Serve's own rule)
         "routing_tasks": routing_tasks(),
         # Serve settings set otherwise than cluster/ray.env (device_stack.sh AB_ENV)

@@ -17,6 +17,8 @@ TABLE_FILES = ("load_cpu.jsonl", "pinning_cpu.jsonl", "overhead_cpu.jsonl", "cha
 # lines of a GPU run (infra/gpu_stack.py) whose figures its `gpu_stack` / `gpu_stack_start`
 # line carries too: kept in the file, not rows of the table
 DETAIL_KINDS = ("gpu_engine", "gpu_stack_up", "gpu_checkpoint")
+# issue 19: a GPU replica RUNNING this soon after `up` asks for it, from the page cache
+RUNNING_TARGET_S = 30.0
 
 
 def _path(row: dict[str, Any]) -> str:
@@ -152,8 +154,8 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
             p = row["prefix"]
             return (what, f"{start}; turn-2 TTFT p50 {p['turn2_ttft_ms']['p50']} ms (~1,100 "
                     f"tokens, history cached) vs {p['cold_ttft_ms']['p50']} ms uncached",
-                    "RUNNING <= 30 s from the page cache: "
-                    + ("met" if row["replica_init_s"] <= 30 else "**missed**"))
+                    f"RUNNING <= {RUNNING_TARGET_S:.0f} s from the page cache: "
+                    + ("met" if row["replica_init_s"] <= RUNNING_TARGET_S else "**missed**"))
         v, c = row["vs_engine"], row["load_config"]
         runs = (f" (means of {v['runs'][1]} and {v['runs'][0]} runs: "
                 f"{_span(v['stack_tokens_per_s_range'])} and "
@@ -235,6 +237,14 @@ def _met(met: bool | dict[str, bool]) -> bool:
     return all(met.values()) if isinstance(met, dict) else bool(met)
 
 
+def _running_in_time(row: dict[str, Any]) -> bool:
+    """A stack row's other target: its replica RUNNING within RUNNING_TARGET_S (its `met`
+    holds only the load's two)."""
+    if row["kind"] != "gpu_stack" or row.get("replica_init_s") is None:
+        return True
+    return row["replica_init_s"] <= RUNNING_TARGET_S
+
+
 def _chat_split(chat: dict[str, Any]) -> str:
     """The router's own share of the front door's first chat and the chat after it, where
     recorded (rows from dbb777f on; before it, the first chat's TTFT also held the openai
@@ -258,6 +268,7 @@ def table(results: str | Path = RESULTS) -> str:
         for line in path.read_text().splitlines():
             if line.strip() and (row := json.loads(line))["kind"] not in DETAIL_KINDS:
                 what, figures, target = _cell(row)
-                met = "—" if "met" not in row else ("yes" if _met(row["met"]) else "**no**")
+                met = "—" if "met" not in row else ("yes" if _met(row["met"])
+                                                    and _running_in_time(row) else "**no**")
                 out.append(f"| {what} | {figures} | {target} | {met} | {row['git_rev']} |")
     return "\n".join(out)

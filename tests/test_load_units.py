@@ -297,3 +297,28 @@ def test_a_stack_rows_first_chat_says_the_routers_share_where_recorded() -> None
     assert after == before.replace(f"TTFT {row['chat']['ttft_ms']} ms",
                                    f"TTFT {row['chat']['ttft_ms']} ms{split}", 1)
     assert split in after
+
+
+def test_a_gpu_stack_row_meets_its_targets_only_with_its_replica_running_in_time() -> None:
+    """A stack row's `met` holds the load's two targets; its table verdict also needs the
+    replica RUNNING within 30 s, the third target its cell names (v0.54's first engine
+    process row met both load targets at 34.55 s)."""
+    import json
+
+    from infra.report import table
+
+    root = Path(__file__).resolve().parent.parent
+    rows = [json.loads(line) for line in (root / "infra" / "results" /
+                                          "stack_gpu_h200.jsonl").read_text().splitlines()]
+    row = next(r for r in rows if r["kind"] == "gpu_stack" and r.get("engine_process"))
+    row = {**row, "met": {"tokens_per_s_within_5pct": True, "ttft_p50_within_5ms": True}}
+
+    def verdict(init_s: float, tmp: Path) -> str:
+        (tmp / "stack_gpu_h200.jsonl").write_text(json.dumps({**row, "replica_init_s": init_s}))
+        return table(tmp).splitlines()[-1].split(" | ")[-2]
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        assert verdict(27.9, Path(tmp)) == "yes"
+        assert verdict(34.6, Path(tmp)) == "**no**"
