@@ -8,6 +8,7 @@ import asyncio
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -100,12 +101,12 @@ def test_a_killed_child_fails_its_streams_and_reports_unhealthy() -> None:
     try:
         async def killed() -> None:
             params = SamplingParams(max_tokens=2000, temperature=0.0, ignore_eos=True)
-            got = 0
+            killed = False
             with pytest.raises(EngineDeadError, match="exited"):
-                async for delta in engine.add_request([1, 2, 3], params):
-                    got += len(delta.token_ids)
-                    if got == 1:
+                async for _delta in engine.add_request([1, 2, 3], params):
+                    if not killed:  # (a late reader's first delta may hold several)
                         os.kill(engine.pid, signal.SIGKILL)
+                        killed = True
             with pytest.raises(EngineDeadError):
                 await tokens(engine, [1, 2, 3])
 
@@ -155,3 +156,52 @@ def test_ranks_launched_through_the_caller_at_tp2() -> None:
     assert not handle.is_alive()  # the child's shutdown stopped the caller's rank
     with Engine(EngineConfig(model=None, tp=1, dtype="float32")) as one:
         assert got == asyncio.run(tokens(one, PROMPTS[0]))
+
+
+def test_a_child_whose_caller_is_killed_shuts_down_and_exits(tmp_path: Any) -> None:
+    """The replica's process killed (SIGKILL: Ray's kill, a crash): its engine process
+    sees the pipe close, shuts its engine down and exits, so no process is left holding
+    the engine's memory (on a GPU, its share of the device)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "caller.py"
+    script.write_text(
+        "import sys, time\n"
+        "from replicas import EngineConfig\n"
+        "from replicas.engineproc import EngineProcess\n"
+        "if __name__ == '__main__':\n"
+        "    engine = EngineProcess(EngineConfig(model=None))\n"
+        "    print(engine.pid, flush=True)\n"
+        "    time.sleep(600)\n")
+    root = str(Path(__file__).resolve().parent.parent)
+    caller = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                              text=True, cwd=root, env={**os.environ, "PYTHONPATH": root})
+    try:
+        line = caller.stdout.readline() if caller.stdout else ""
+        child = int(line)
+        os.kill(child, 0)  # running
+        caller.kill()
+        caller.wait(10)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                break
+            if _zombie(child):
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"the engine process {child} outlived its caller by 30 s")
+    finally:
+        caller.kill()
+
+
+def _zombie(pid: int) -> bool:
+    """Exited but not yet reaped (its parent, the killed caller, is gone: init reaps)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
