@@ -50,6 +50,7 @@ START_TIMEOUT_S = 1800.0  # a GLM-4-9B-sized start is ~20-60 s; tuning caches ca
 CALL_TIMEOUT_S = 60.0  # stats, healthy, check_structured (a grammar's first compile ~1 s)
 HEALTH_TIMEOUT_S = 10.0  # a child that cannot answer this fast is reported unhealthy
 SHUTDOWN_TIMEOUT_S = 90.0  # the Engine's own shutdown is bounded (~30 s + rank kills)
+CALLS = ("stats", "healthy", "check_structured")  # the Engine methods a caller may call
 
 
 def engine_context() -> mp.context.ForkServerContext:
@@ -269,16 +270,21 @@ def _child_main(config: EngineConfig, conn: Connection, relay: bool,
                     engine[0].abort(message[1])
                 elif kind == "call":
                     _, n, method, args = message
+                    if method not in CALLS:
+                        raise ValueError(f"not an engine call: {method!r}")
                     calls.submit(pipe.reply, n, lambda m=method, a=args: getattr(
                         engine[0], m)(*a))
                 elif kind == "shutdown":
                     threading.Thread(target=shutdown, args=(message[1],),
                                      name="tpserve-engine-shutdown", daemon=True).start()
         except (EOFError, OSError):  # the caller is gone
-            pipe.close()
-            if engine:
-                engine[0].shutdown()
-            done.set()
+            pass
+        except Exception:  # noqa: BLE001 - a message it cannot take: this engine is over
+            log.exception("the engine process's pipe failed")
+        pipe.close()
+        if engine:
+            engine[0].shutdown()
+        done.set()
 
     outbox = _Outbox(pipe)
     reader = threading.Thread(target=read, name="tpserve-engine-pipe", daemon=True)
@@ -512,6 +518,9 @@ class EngineProcess:
                     self._ready.set_exception(message[1])
         except (EOFError, OSError):
             pass
+        except Exception:  # noqa: BLE001 - a message it cannot take: the child is lost
+            log.exception("reading the engine process's pipe failed; stopping it")
+            self._proc.kill()
         self._relay.shutdown(wait=False)
         code = self._proc.exitcode if not self._proc.is_alive() else None
         error = EngineDeadError(f"the engine process exited (code {code})")
