@@ -336,19 +336,12 @@ class Engine:
         start = time.perf_counter()
         sink = AsyncSink(asyncio.get_running_loop(), self.post)
         rid = self.submit(prompt, params or SamplingParams(), request_id, sink)
-        finished, first = False, True
-        try:
-            async with aclosing(streamed(sink.queue, self.join_deltas,
-                                         self.config.stream_interval)) as deltas:
-                async for item in deltas:
-                    if first:
-                        self.first_token.add(time.perf_counter() - start)
-                        first = False
-                    finished = item.finish_reason is not None
-                    yield item
-        finally:
-            if not finished:
-                self.abort(rid)
+        async with aclosing(streamed(
+                sink.queue, self.join_deltas, self.config.stream_interval,
+                lambda: self.first_token.add(time.perf_counter() - start),
+                lambda: self.abort(rid))) as deltas:
+            async for item in deltas:
+                yield item
 
     def submit(self, prompt: Prompt, params: SamplingParams, request_id: str | None,
                sink: Sink) -> str:

@@ -405,20 +405,16 @@ class EngineProcess:
             raise RequestError(f"request id {rid!r} is already in use")
         queue: asyncio.Queue[Any] = asyncio.Queue()
         self._streams[rid] = (asyncio.get_running_loop(), queue)
-        finished, first = False, True
         try:
             self._send(("add", rid, ids, params or SamplingParams()))
-            async with aclosing(streamed(queue, self.join_deltas,
-                                         self.config.stream_interval)) as deltas:
+            async with aclosing(streamed(
+                    queue, self.join_deltas, self.config.stream_interval,
+                    lambda: self.first_token.add(time.perf_counter() - start),
+                    lambda: self.abort(rid))) as deltas:
                 async for item in deltas:
-                    if first:
-                        self.first_token.add(time.perf_counter() - start)
-                        first = False
-                    finished = item.finish_reason is not None
                     yield item
         finally:
-            if self._streams.pop(rid, None) is not None and not finished:
-                self.abort(rid)
+            self._streams.pop(rid, None)
 
     def abort(self, request_id: str) -> None:
         try:

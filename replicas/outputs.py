@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -141,29 +141,40 @@ class AsyncSink:
         self.post.send()
 
 
-async def streamed(queue: asyncio.Queue[Any], join: bool, interval: int
+async def streamed(queue: asyncio.Queue[Any], join: bool, interval: int,
+                   on_first: Callable[[], None], on_left: Callable[[], None]
                    ) -> AsyncIterator[TokenDelta]:
     """A request's deltas as its queue (an AsyncSink's) receives them, until the one that
     finishes it; an exception in the queue is raised, after the tokens before it.
+    `on_first` runs as the first delta goes out; `on_left` when the consumer leaves
+    before the last (break, cancel, client gone: the caller aborts the request there).
 
     A consumer that fell behind (Serve sending the last delta on) gets the deltas queued
     meanwhile as one (`join`): one message instead of several; and after the first, a
     delta waits for `interval` tokens (stream_interval)."""
-    held, first = None, True
-    while True:
-        item = held if held is not None else await queue.get()
-        held = None
-        if isinstance(item, BaseException):
-            raise item
-        want = 1 if first else interval
-        while item.finish_reason is None and ((join and not queue.empty())
-                                              or len(item.token_ids) < want):
-            queued = queue.get_nowait() if not queue.empty() else await queue.get()
-            if isinstance(queued, BaseException):
-                held = queued  # raised after the tokens before it are out
-                break
-            item = joined(item, queued)
-        first = False
-        yield item
-        if item.finish_reason is not None:
-            return
+    held, first, finished = None, True, False
+    try:
+        while True:
+            item = held if held is not None else await queue.get()
+            held = None
+            if isinstance(item, BaseException):
+                finished = True  # (failed: nothing to abort)
+                raise item
+            want = 1 if first else interval
+            while item.finish_reason is None and ((join and not queue.empty())
+                                                  or len(item.token_ids) < want):
+                queued = queue.get_nowait() if not queue.empty() else await queue.get()
+                if isinstance(queued, BaseException):
+                    held = queued  # raised after the tokens before it are out
+                    break
+                item = joined(item, queued)
+            if first:
+                on_first()
+                first = False
+            finished = item.finish_reason is not None
+            yield item
+            if finished:
+                return
+    finally:
+        if not finished:
+            on_left()
