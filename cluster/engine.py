@@ -124,6 +124,7 @@ class EngineDeployment:
     """One engine replica = one TP group. Takes the engine config as plain data."""
 
     def __init__(self, config: dict[str, Any], use_gpu: bool, cpus_per_rank: float) -> None:
+        begun = time.monotonic()
         if engine_process():  # its fork server imports the engine while this starts
             from replicas.engineproc import start_fork_server
 
@@ -145,12 +146,17 @@ class EngineDeployment:
 
         self.config = EngineConfig(**{**config, "device": "cuda" if use_gpu else "cpu"})
         self.engine: Engine | EngineProcess
+        # where the replica's start went, seconds from its __init__ (stats: replica_start_s)
+        self.start_s = {"imports_and_ranks": round(time.monotonic() - begun, 3)}
         if engine_process():
             self.engine = EngineProcess(self.config, launch=self.ranks.launch)
+            self.start_s.update({f"engine_process_{k}": round(v + self.start_s[
+                "imports_and_ranks"], 3) for k, v in self.engine.start_s.items()})
         else:
             from replicas import Engine
 
             self.engine = Engine(self.config, launch=self.ranks.launch)
+        self.start_s["engine"] = round(time.monotonic() - begun, 3)
         self._publishing = threading.Event()
         url = os.environ.get("TPSERVE_REDIS_URL")
         if url:
@@ -204,7 +210,7 @@ class EngineDeployment:
         # (off the event loop: from an engine process, a call over its pipe)
         stats = await asyncio.to_thread(self.engine.stats)
         return {"engine_process": None, **stats, **self.times.summary(),
-                "replica": self.replica_id,
+                "replica": self.replica_id, "replica_start_s": self.start_s,
                 "max_ongoing": max_ongoing(self.config.max_num_seqs)}
 
     async def check_health(self) -> None:

@@ -128,17 +128,24 @@ def stack_run(edge: str, config: LoadConfig) -> dict[str, Any]:
 # the stack's processes, by a part of their command line (Ray titles its workers)
 PROCESSES = {"router": ":Router", "engine": ":Engine", "proxy": "ProxyActor",
              "controller": "ServeController", "nginx": "nginx", "redis": "redis-server",
-             "raylet": "raylet", "gcs": "gcs_server"}
+             "raylet": "raylet", "gcs": "gcs_server",
+             # the engine replica's engine process (replicas/engineproc.py) and the fork
+             # server it came from (idle once it forked), by the server's command line
+             "engine_process": "['replicas.engine']"}
 
 
 def stack_pids() -> dict[str, list[int]]:
-    from infra.procs import processes
+    from infra.procs import parent_pid, processes
 
     found: dict[str, list[int]] = {"client": [os.getpid()]}
     for pid, line in processes():  # (all but this process)
         for name, part in PROCESSES.items():
             if part in line:
                 found.setdefault(name, []).append(pid)
+    # the engine processes first: the fork servers' children, not the servers
+    group = found.get("engine_process", [])
+    servers = set(group)  # (a list being sorted reads as empty meanwhile)
+    group.sort(key=lambda pid: parent_pid(pid) not in servers)
     return found
 
 
@@ -237,7 +244,7 @@ def profiled_run(edge: str, config: LoadConfig, out_dir: str | None) -> dict[str
         # (name, pid, flags): and the engine replica's samples of the thread holding the
         # GIL (--gil: their count over PYSPY_S * 100 is the share of time it is held; its
         # event loop and the engine's driver thread share it), read without stopping it
-        runs = [(name, pid, "") for name in ("router", "engine", "client")
+        runs = [(name, pid, "") for name in ("router", "engine", "engine_process", "client")
                 for pid in pids.get(name, [])[:1]]
         runs += [("engine_gil", pid, " --gil --nonblocking")
                  for pid in pids.get("engine", [])[:1]]
@@ -475,6 +482,7 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
     if light:
         return {"kind": "gpu_stack_start", "model": "glm4-9b-shaped", **shape,
                 "replica_init_s": replica_init_s(), "replica_startup_s": stats.get("startup_s"),
+                "replica_start_s": stats.get("replica_start_s"),  # (as below)
                 "weight_bytes": stats.get("weight_bytes"),
                 "load_gb_s": load_gb_s(stats) if "weight_bytes" in stats else None,
                 "stats_error": stats.get("error"), "chat": chat,
@@ -499,6 +507,8 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
     row: dict[str, Any] = {
         "kind": "gpu_stack", "model": "glm4-9b-shaped", **shape,
         "replica_init_s": replica_init_s(), "replica_startup_s": stats.get("startup_s"),
+        # the replica's own start, from its __init__ (cluster/engine.py start_s)
+        "replica_start_s": stats.get("replica_start_s"),
         "weight_bytes": stats.get("weight_bytes"),
         "load_gb_s": load_gb_s(stats) if "weight_bytes" in stats else None,
         "stats_error": stats.get("error"), "join_deltas": stats.get("join_deltas"),

@@ -43,6 +43,14 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def parent_pid(pid: int) -> int | None:
+    """A live process's parent; None once it is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def stack_processes(token: str) -> list[tuple[int, str]]:
     """(pid, command line) of the live processes of the stack whose admin token this is:
     its Ray (raylet, gcs_server, the dashboard, every `ray::` worker). (Redis and nginx,

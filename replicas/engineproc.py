@@ -362,14 +362,22 @@ class EngineProcess:
             name="tpserve-engine", daemon=False)  # (its own ranks may be processes)
         # (start returns once the fork server, maybe still importing, has forked the
         # child: the tokenizer loads meanwhile)
-        starting = threading.Thread(target=self._proc.start, name="tpserve-engine-start",
-                                    daemon=True)
+        begun = time.monotonic()
+        # where the start went, seconds from here (the replica's stats: replica_start_s)
+        self.start_s: dict[str, float] = {}
+
+        def start() -> None:
+            self._proc.start()
+            self.start_s["forked"] = round(time.monotonic() - begun, 3)
+
+        starting = threading.Thread(target=start, name="tpserve-engine-start", daemon=True)
         starting.start()
         # before multiprocessing's exit joins its children: the child leaves when told
         self._finalizer = multiprocessing.util.Finalize(self, self.shutdown, exitpriority=10)
         try:
             self.tokenizer = Tokenizer(model_dir)  # while the child starts
             self.tokenizer.warm()
+            self.start_s["tokenizer"] = round(time.monotonic() - begun, 3)
             starting.join()
             child.close()
             if self._proc.pid is None:
@@ -378,6 +386,7 @@ class EngineProcess:
                                             daemon=True)
             self._reader.start()
             info = self._ready.result(start_timeout_s)
+            self.start_s["ready"] = round(time.monotonic() - begun, 3)
         except TimeoutError:
             self.shutdown()
             raise EngineDeadError(f"the engine process did not start in {start_timeout_s} s"

@@ -174,6 +174,13 @@ def test_stream_aborts_when_the_caller_goes_away(stack: Stack) -> None:
     stats = engine_stats().values()
     for key in ("prepare_ms", "replica_ttft_ms", "ttft_ms"):
         assert sum(s[key]["n"] for s in stats) >= 1, key
+    # each replica's engine runs in a process of its own (the default), which its start
+    # split names: the child forked, then ready, after the replica's own imports
+    for s in stats:
+        assert isinstance(s["engine_process"], int), s["engine_process"]
+        start = s["replica_start_s"]
+        assert (0 < start["imports_and_ranks"] <= start["engine_process_forked"]
+                <= start["engine_process_ready"] <= start["engine"]), start
 
 
 @pytest.mark.stack("faults")

@@ -188,3 +188,18 @@ def test_router_times_sum_every_label_of_the_histograms(monkeypatch: pytest.Monk
                                   "frame_age_mean_ms": 0.5,
                                   "routing_choices_per_call": 2.0,
                                   "queue_probes_per_call": 0.857}
+
+
+def test_stack_pids_find_the_engine_process_before_its_fork_server() -> None:
+    """The CPU use and py-spy samples of an engine replica's engine process (v0.54): its
+    pid comes first among the processes of the engine's fork server command line."""
+    from infra.gpu_stack import stack_pids
+    from replicas import EngineConfig
+    from replicas.engineproc import EngineProcess
+
+    engine = EngineProcess(EngineConfig(model=None))
+    try:
+        group = stack_pids()["engine_process"]
+        assert group[0] == engine.pid and len(group) >= 2  # (and the server)
+    finally:
+        engine.shutdown()
