@@ -131,7 +131,9 @@ PROCESSES = {"router": ":Router", "engine": ":Engine", "proxy": "ProxyActor",
              "raylet": "raylet", "gcs": "gcs_server",
              # the engine replica's engine process (replicas/engineproc.py) and the fork
              # server it came from (idle once it forked), by the server's command line
-             "engine_process": "['replicas.engine']"}
+             # (its preload is the first fork server's of the process: replicas.engine in
+             # a replica, maybe replicas.worker where ranks were spawned before)
+             "engine_process": "multiprocessing.forkserver import main"}
 
 
 def stack_pids() -> dict[str, list[int]]:
