@@ -10,7 +10,8 @@ child runs the Engine (rank 0 and its driver) and speaks over one pipe:
 - caller -> child: ("add", id, token ids, params), ("abort", id), ("call", n, method,
   args), ("shutdown", n), ("reply", n, ok, value) (to the child's rank calls);
 - child -> caller: ("deltas", [(id, delta or exception)]) once a step, ("reply", n, ok,
-  value), ("ready", info) or ("failed", exception) once, ("rank", n, op, args) (below).
+  value), ("ready", info) or ("failed", exception) once, ("launch", n, config, model
+  dir, rank, init method) and ("rank", n, rank, op, arg) (below).
 
 At tp > 1 with a `launch` (a Ray replica's rank actors, whose handles live in the
 caller's process) the child's ranks are started and watched through the caller: each
