@@ -125,7 +125,8 @@ class EngineDeployment:
 
     def __init__(self, config: dict[str, Any], use_gpu: bool, cpus_per_rank: float) -> None:
         begun = time.monotonic()
-        if engine_process():  # its fork server imports the engine while this starts
+        own_process = engine_process()
+        if own_process:  # its fork server imports the engine while this starts
             from replicas.engineproc import start_fork_server
 
             start_fork_server()
@@ -148,7 +149,7 @@ class EngineDeployment:
         self.engine: Engine | EngineProcess
         # where the replica's start went, seconds from its __init__ (stats: replica_start_s)
         self.start_s = {"imports_and_ranks": round(time.monotonic() - begun, 3)}
-        if engine_process():
+        if own_process:
             self.engine = EngineProcess(self.config, launch=self.ranks.launch)
             self.start_s.update({f"engine_process_{k}": round(v + self.start_s[
                 "imports_and_ranks"], 3) for k, v in self.engine.start_s.items()})

@@ -220,6 +220,14 @@ class EngineConfig:
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.device
 
+    def resolved_model_dir(self) -> str:
+        """The model's directory: `model`, or the built-in tiny model's (made on first use)."""
+        if self.model is not None:
+            return self.model
+        from replicas.tiny import tiny_model_dir
+
+        return tiny_model_dir()
+
     def resolved_piece_graph_tokens(self) -> int:
         """The steps up to how many tokens run in pieces (0: none): the field where set,
         else DEFAULT_PIECE_TOKENS where they are captured, at tp=1 (one GPU, cuda_graphs

@@ -17,7 +17,6 @@ import asyncio
 import dataclasses
 import itertools
 import logging
-import os
 import threading
 import time
 import uuid
@@ -40,6 +39,7 @@ from replicas.outputs import (
     SyncSink,
     TokenDelta,
     TopLogprobs,
+    join_deltas,
     streamed,
 )
 from replicas.ranks import TOLD_EXIT_S, RankLauncher, Ranks, spawn_rank
@@ -219,15 +219,8 @@ class Engine:
     def __init__(self, config: EngineConfig, init_method: str | None = None,
                  launch: RankLauncher = spawn_rank) -> None:
         self.config = config
-        # TPSERVE_STREAM_JOIN=0: every step's delta is its own message (for measuring)
-        self.join_deltas = os.environ.get("TPSERVE_STREAM_JOIN", "1") != "0"
-        if config.model is None:
-            from replicas.tiny import tiny_model_dir
-
-            model_dir = tiny_model_dir()
-        else:
-            model_dir = config.model
-        self.model_dir = model_dir
+        self.join_deltas = join_deltas()
+        model_dir = self.model_dir = config.resolved_model_dir()
         ModelSpec.from_hf(AutoConfig.from_pretrained(model_dir)).check_tp(config.tp)  # fail early
         # each replica rendezvouses on its own port, so replicas on one node never collide:
         # rank 0's store listens before the ranks start, on a port the kernel picks (a port

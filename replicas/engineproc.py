@@ -42,7 +42,7 @@ from typing import Any
 
 from replicas.config import ConfigError, EngineConfig, ModelSpec, SamplingParams, StructuredSpec
 from replicas.jsonlines import Recent
-from replicas.outputs import DeltaPost, TokenDelta, streamed
+from replicas.outputs import DeltaPost, TokenDelta, join_deltas, streamed
 from replicas.ranks import RankHandle, RankLauncher
 
 log = logging.getLogger(__name__)
@@ -336,17 +336,10 @@ class EngineProcess:
         from replicas.tokenizer import Tokenizer
 
         self.config = config
-        if config.model is None:
-            from replicas.tiny import tiny_model_dir
-
-            model_dir = tiny_model_dir()
-        else:
-            model_dir = config.model
-        self.model_dir = model_dir
+        model_dir = self.model_dir = config.resolved_model_dir()
         self.spec = ModelSpec.from_hf(AutoConfig.from_pretrained(model_dir))
         self.spec.check_tp(config.tp)  # fail early, here
-        # TPSERVE_STREAM_JOIN=0: every step's delta its own message (for measuring)
-        self.join_deltas = os.environ.get("TPSERVE_STREAM_JOIN", "1") != "0"
+        self.join_deltas = join_deltas()
         self._launch = launch
         self._ranks: dict[int, RankHandle] = {}
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}

@@ -7,6 +7,7 @@ through `DeltaPost`). `joined` makes one delta of two (a lagging reader's queued
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -139,6 +140,12 @@ class AsyncSink:
         """From any thread; sent at once, behind the deltas posted before it."""
         self.push(error)
         self.post.send()
+
+
+def join_deltas() -> bool:
+    """Whether `streamed` joins a late reader's queued deltas (TPSERVE_STREAM_JOIN=0: every
+    step's delta is its own message, for measuring)."""
+    return os.environ.get("TPSERVE_STREAM_JOIN", "1") != "0"
 
 
 async def streamed(queue: asyncio.Queue[Any], join: bool, interval: int,
