@@ -330,6 +330,9 @@ class EngineProcess:
 
     def __init__(self, config: EngineConfig, launch: RankLauncher | None = None,
                  start_timeout_s: float = START_TIMEOUT_S) -> None:
+        # where the start went, seconds from here (the replica's stats: replica_start_s)
+        begun = time.monotonic()
+        self.start_s: dict[str, float] = {}
         from transformers import AutoConfig
 
         from replicas.engine import EngineDeadError
@@ -339,6 +342,7 @@ class EngineProcess:
         model_dir = self.model_dir = config.resolved_model_dir()
         self.spec = ModelSpec.from_hf(AutoConfig.from_pretrained(model_dir))
         self.spec.check_tp(config.tp)  # fail early, here
+        self.start_s["model_config"] = round(time.monotonic() - begun, 3)
         self.join_deltas = join_deltas()
         self._launch = launch
         self._ranks: dict[int, RankHandle] = {}
@@ -359,9 +363,6 @@ class EngineProcess:
             name="tpserve-engine", daemon=False)  # (its own ranks may be processes)
         # (start returns once the fork server, maybe still importing, has forked the
         # child: the tokenizer loads meanwhile)
-        begun = time.monotonic()
-        # where the start went, seconds from here (the replica's stats: replica_start_s)
-        self.start_s: dict[str, float] = {}
 
         def start() -> None:
             self._proc.start()
