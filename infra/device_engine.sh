@@ -8,7 +8,9 @@
 #   STRUCT_S=250 bash infra/device_engine.sh     # issue 18: tests, the structured suite,
 #                                                # the grammar replay (llguidance beside)
 #   FP8_TEST_S=200 FP8_S=420 bash infra/device_engine.sh   # issue 20: tests (FP8 and the
-#                                                # int8 KV cache), the fp8 suite
+#                                                # int8 KV cache), the fp8 suite (366 s with
+#                                                # four FP8 modes at 070d6db; five since
+#                                                # PERF v0.56: FP8_S=520 alone in a call)
 #   W8A16_S=120 ...                              # and the weight-only matmul's configs
 #   KV_S=120 ...                                 # and the KV formats' accuracy on the
 #                                                # checkpoint trained on this GPU

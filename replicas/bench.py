@@ -414,15 +414,20 @@ def fp8_rows(config: EngineConfig, long_config: EngineConfig, bandwidth: float,
     # head) is the one that holds the accuracy bar (PERF.md), its name gets "_int8kv";
     # "-gateup": W8A8 with qkv, o and down kept 16-bit, only gate_up on FP8 tensor cores,
     # over the bar on CPU and on the GPU with those weight-only (PERF.md v0.47, v0.50) and
-    # nothing widened (v0.52). (W8A8 with qkv weight-only and inputs in runs of 32 columns,
-    # "-qkv16-g32", ran until 2319b5c: its kernel is 3x slower than `_scaled_mm`.)
+    # nothing widened (v0.52); "-keepqkv": W8A8 with only qkv kept 16-bit (o, gate_up
+    # and down on FP8 tensor cores, ~91 % of a layer's matmul FLOPs), over the bar on the
+    # four 300-step CPU checkpoints with the int8 cache (v0.56). (W8A8 with qkv weight-only
+    # and inputs in runs of 32 columns, "-qkv16-g32", ran until 2319b5c: its kernel is 3x
+    # slower than `_scaled_mm`.)
     for quantization, kv, options, suffix in (
             ("fp8", "fp8", {}, ""), ("fp8", "int8", {}, ""), ("fp8-w8a8", "fp8", {}, ""),
-            ("fp8-w8a8", "int8", {"keep_16bit": "qkv_proj,o_proj,down_proj"}, "-gateup")):
+            ("fp8-w8a8", "int8", {"keep_16bit": "qkv_proj,o_proj,down_proj"}, "-gateup"),
+            ("fp8-w8a8", "int8", {"keep_16bit": "qkv_proj"}, "-keepqkv")):
         fp8 = {"quantization": quantization, "kv_cache_dtype": kv, **options}
         name = quantization + suffix + ("_int8kv" if kv == "int8" else "")
         with Engine(dataclasses.replace(config, **fp8)) as engine:
-            # (batch 1 runs the same GEMV in both FP8 modes; -gateup's keeps three 16-bit)
+            # (batch 1 runs the same GEMV in both FP8 modes; -gateup and -keepqkv keep
+            # some projections 16-bit)
             if quantization == "fp8" or options:
                 b1 = decode_row("glm4-9b", engine, bandwidth, repeats)
                 yield {**b1, "case": f"glm4-9b_{name}_decode_b1_in128_out128", **fp8}
@@ -607,6 +612,9 @@ ACCURACY_CASES: tuple[tuple[dict[str, Any], bool], ...] = (
     ({"quantization": "fp8-w8a8", "keep_16bit": "qkv_proj,o_proj,down_proj"}, True),
     ({"quantization": "fp8-w8a8", "keep_16bit": "qkv_proj,o_proj,down_proj",
       "kv_cache_dtype": "int8"}, True),
+    # only qkv kept 16-bit, o, gate_up and down W8A8 (-keepqkv's rows; PERF v0.56)
+    ({"quantization": "fp8-w8a8", "keep_16bit": "qkv_proj"}, True),
+    ({"quantization": "fp8-w8a8", "keep_16bit": "qkv_proj", "kv_cache_dtype": "int8"}, True),
     ({"kv_cache_dtype": "fp8"}, False), ({"kv_cache_dtype": "int8"}, False),
     ({"dtype": "float32"}, False))
 

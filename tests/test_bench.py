@@ -223,10 +223,16 @@ def test_fp8_rows_come_one_by_one_in_each_mode(monkeypatch: pytest.MonkeyPatch) 
         "glm4-9b_fp8-w8a8-gateup_int8kv_decode_b1_in128_out128",
         "glm4-9b_fp8-w8a8-gateup_int8kv_kv_blocks_same_memory",
         "glm4-9b_fp8-w8a8-gateup_int8kv_256req_in128_out128",
-        "glm4-9b_fp8-w8a8-gateup_ttft_in8192", "accuracy_x"]
-    assert started[-1] == {"quantization": "fp8-w8a8", "kv_cache_dtype": "int8",
+        "glm4-9b_fp8-w8a8-gateup_ttft_in8192",
+        "glm4-9b_fp8-w8a8-keepqkv_int8kv_decode_b1_in128_out128",
+        "glm4-9b_fp8-w8a8-keepqkv_int8kv_kv_blocks_same_memory",
+        "glm4-9b_fp8-w8a8-keepqkv_int8kv_256req_in128_out128",
+        "glm4-9b_fp8-w8a8-keepqkv_ttft_in8192", "accuracy_x"]
+    assert started[-3] == {"quantization": "fp8-w8a8", "kv_cache_dtype": "int8",
                            "keep_16bit": "qkv_proj,o_proj,down_proj", "max_num_seqs": 1}
-    assert len(started) == 7  # two engines a mode, one for the int8 cache's
+    assert started[-1] == {"quantization": "fp8-w8a8", "kv_cache_dtype": "int8",
+                           "keep_16bit": "qkv_proj", "max_num_seqs": 1}
+    assert len(started) == 9  # two engines a mode, one for the int8 cache's
 
 
 def test_prefill_host_probe_times_an_eager_step_and_profiles_the_driver(
