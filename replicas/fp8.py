@@ -135,8 +135,7 @@ def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
         else:
             y = F.linear(rows, (w8.to(x.dtype) * scale[:, None].to(x.dtype)), bias)
         return y.reshape(*lead, w8.shape[0])
-    out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) or not x.is_cuda \
-        else torch.bfloat16  # rowwise scaling on a GPU writes 16-bit only
+    out_dtype = w8a8_out_dtype(x.dtype, x.is_cuda)
     # W8A8 adds the bias to the float32 product, before its one rounding: in the
     # matmul's epilogue on a GPU (a separate add was its own kernel, 4.3 ms of the
     # 8192-token TTFT's 191 on the H200, and rounded twice)
@@ -149,13 +148,28 @@ def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
     else:
         x8, x_scale = (kernels.quantize_tokens_fp8(rows) if kernels.enabled(x)
                        else quantize_tokens(rows))
-        if not x.is_cuda:
-            y = _w8a8_reference(x8.float() * x_scale, w8, scale, bias, out_dtype)
-        else:  # (out_dtype is 16-bit here, as `_scaled_mm`'s bias needs)
-            y = torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=scale.view(1, -1),
-                                 bias=None if bias is None else bias.to(out_dtype),
-                                 out_dtype=out_dtype)
+        y = w8a8_tokens(x8, x_scale, w8, scale, bias, out_dtype)
     return y.to(x.dtype).reshape(*lead, w8.shape[0])
+
+
+def w8a8_out_dtype(dtype: torch.dtype, cuda: bool) -> torch.dtype:
+    """The dtype W8A8's product is rounded to for an input of `dtype`: its own when
+    16-bit or off a GPU, else bfloat16 (rowwise scaling on a GPU writes 16-bit only)."""
+    return dtype if dtype in (torch.bfloat16, torch.float16) or not cuda else torch.bfloat16
+
+
+def w8a8_tokens(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor,
+                scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype
+                ) -> torch.Tensor:
+    """x8 [M, K] FP8 with a scale per token (x_scale [M, 1]) @ (w8 * scale)^T (+ bias),
+    rounded once to out_dtype (w8a8_out_dtype): `_scaled_mm` on a GPU, the float32
+    reference off it."""
+    if not x8.is_cuda:
+        return _w8a8_reference(x8.float() * x_scale, w8, scale, bias, out_dtype)
+    # (out_dtype is 16-bit here, as `_scaled_mm`'s bias needs)
+    return torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=scale.view(1, -1),
+                            bias=None if bias is None else bias.to(out_dtype),
+                            out_dtype=out_dtype)
 
 
 def _w8a8_reference(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,

@@ -333,6 +333,9 @@ class MLP(nn.Module):
         if self.fused_act and kernels.enabled(gate_up):
             if self.down_proj.takes_gated(gate_up):  # SwiGLU inside the down GEMV
                 return self.down_proj(gate_up, gated=True)
+            if self.down_proj.takes_tokens_fp8():  # W8A8: SwiGLU quantized in one pass
+                x8, x_scale = kernels.silu_mul_quantize_fp8(gate_up)
+                return self.down_proj.forward_tokens_fp8(x8, x_scale, gate_up.dtype)
             return self.down_proj(kernels.silu_and_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from replicas import kernels
-from replicas.fp8 import FP8, fp8_linear, is_fp8
+from replicas.fp8 import FP8, fp8_linear, is_fp8, w8a8_out_dtype, w8a8_tokens
 from replicas.kernels import Site
 from replicas.shm import ShmAllReduce
 from replicas.symm import OneShotAllReduce
@@ -411,6 +411,23 @@ class RowParallelLinear(_KernelLinear):
     def takes_gated(self, x: torch.Tensor) -> bool:
         """Whether `forward(x, gated=True)` may be called: a one-row step on the GEMV."""
         return on_gemv(self.gemv, x)
+
+    def takes_tokens_fp8(self) -> bool:
+        """Whether `forward_tokens_fp8` may be called: W8A8 with a scale per token, at
+        tp=1 (at tp > 1 forward's matmul_all_reduce overlaps its chunks' reduces)."""
+        return (self.w8a8 == 1 and self.weight_scale is not None
+                and self.comm.world_size == 1)
+
+    def forward_tokens_fp8(self, x8: torch.Tensor, x_scale: torch.Tensor,
+                           dtype: torch.dtype) -> torch.Tensor:
+        """forward(x) for an input of `dtype` given already quantized per token, (x8,
+        x_scale) as fp8_linear would make them (kernels.silu_mul_quantize_fp8: SwiGLU and
+        the quantization in one pass)."""
+        out = w8a8_out_dtype(dtype, x8.is_cuda)
+        assert self.weight_scale is not None
+        y = self.comm.all_reduce(w8a8_tokens(x8, x_scale, self.weight, self.weight_scale,
+                                             None, out).to(dtype))
+        return y + self.bias if self.bias is not None else y
 
 
 def vocab_shard(vocab_size: int, rank: int, world_size: int) -> tuple[int, int, int]:

@@ -105,6 +105,10 @@ def main(mode: str) -> None:
     elif mode == "quant":
         kernels = [(quant._quant_rows_kernel, {"X": "*bf16", "Y": "*fp8e4nv", "S": "*fp32"},
                     {"BLOCK_K": quant.QUANT_BLOCK_K, "PDL": True}, True),
+                   # (its SwiGLU divides as _silu_mul_kernel does: the same instruction)
+                   (quant._silu_mul_quant_kernel, {"GU": "*bf16", "Y": "*fp8e4nv",
+                                                   "S": "*fp32"},
+                    {"BLOCK_K": quant.QUANT_BLOCK_K, "PDL": True}, False),
                    (quant._widen_kernel, {"W": "*fp8e4nv", "S": "*bf16", "Y": "*bf16"},
                     {"BLOCK_N": quant.WIDEN_BLOCK[0], "BLOCK_K": quant.WIDEN_BLOCK[1],
                      "PDL": True}, False)]

@@ -194,6 +194,31 @@ def test_token_quantization_kernel_is_quantize_tokens(shape: tuple[int, int],
                                atol=0.07 * float(got.abs().max()))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_swiglu_quantized_in_one_pass_is_the_two_kernels_bit_for_bit(
+        monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    """A W8A8 down_proj's input (kernels.silu_mul_quantize_fp8): exactly what
+    silu_and_mul then quantize_tokens_fp8 give, scales and FP8 entries, on rows longer
+    than the kernel's block (not a multiple of it), a zero row, and a row whose max is in
+    its second block."""
+    pytest.importorskip("triton")
+
+    from replicas import kernels
+
+    monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
+    m, n = 5, 1500
+    gen = torch.Generator().manual_seed(n)
+    gate_up = (torch.randn(m, 2 * n, generator=gen)
+               * torch.logspace(-2, 2, m)[:, None]).to(dtype)
+    gate_up[0] = 0.0  # a zero row: scale 1
+    gate_up[2, 1100] = 300.0  # a peak in the second block: the row's max
+    x8, scale = kernels.silu_mul_quantize_fp8(gate_up)
+    want8, want_scale = kernels.quantize_tokens_fp8(kernels.silu_and_mul(gate_up))
+    assert x8.shape == (m, n) and x8.dtype == FP8 and scale.dtype == torch.float32
+    assert torch.equal(scale, want_scale) and scale[0, 0] == 1.0
+    assert torch.equal(x8.view(torch.uint8), want8.view(torch.uint8))
+
+
 def test_every_w8a16_config_is_the_weight_only_product(monkeypatch: pytest.MonkeyPatch
                                                        ) -> None:
     """Each config the w8a16 probe times (replicas/bench.py w8a16_suite) computes the same
@@ -342,6 +367,34 @@ def test_w8a8_groups_through_the_engine_kernels_and_reference_alike(
     assert compare(reference, per_token)["mean_kl"] > 1e-6
     with pytest.raises(ConfigError, match="w8a8_group=128: layer .* not runs of 128"):
         Engine(dataclasses.replace(config, w8a8_group=128))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_w8a8_swiglu_quantized_in_one_pass_scores_as_the_two_kernels(
+        ckpt: str, monkeypatch: pytest.MonkeyPatch, dtype: str) -> None:
+    """fp8-w8a8 (a scale per token) through the kernels (their interpreter): down_proj's
+    input made by kernels.silu_mul_quantize_fp8 at tp=1 (prompts, multi-row steps) gives
+    the logits silu_and_mul then fp8_linear's own quantization give, exactly."""
+    pytest.importorskip("triton")
+    from replicas import kernels
+    from replicas.accuracy import scored, sequences
+
+    monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
+    config = EngineConfig(model=ckpt, dtype=dtype, max_model_len=64,
+                          quantization="fp8-w8a8")
+    prompts = sequences(2, 24, 200, seed=3)
+    calls = []
+    fused = kernels.silu_mul_quantize_fp8
+    monkeypatch.setattr(kernels, "silu_mul_quantize_fp8",
+                        lambda *a: calls.append(1) or fused(*a))
+    one_pass = scored(config, prompts)
+    assert calls
+    monkeypatch.setattr(RowParallelLinear, "takes_tokens_fp8", lambda self: False)
+    calls.clear()
+    two_kernels = scored(config, prompts)
+    assert not calls
+    for a, b in zip(one_pass, two_kernels, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_w8a8_weight_only_projections_compute_weight_only(ckpt: str) -> None:
