@@ -114,7 +114,7 @@ def quantize_tokens_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def silu_mul_quantize_fp8(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """gate_up [M, 2N] (16-bit) -> (x8 [M, N] float8_e4m3fn, scale [M, 1] float32):
+    """gate_up [M, 2N] -> (x8 [M, N] float8_e4m3fn, scale [M, 1] float32):
     `quantize_tokens_fp8(silu_and_mul(gate_up))` bit for bit, in one pass that never
     writes the 16-bit activation (a W8A8 down_proj's input: see the module doc)."""
     return _per_token(_silu_mul_quant_kernel, gate_up, gate_up.shape[1] // 2)
