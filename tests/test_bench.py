@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import subprocess
@@ -109,6 +110,32 @@ def test_multigpu_suite_runs_every_case_on_cpu() -> None:
     cycles = cases["tiny_tp2_shutdown_cycles"]
     assert len(cycles["shutdown_s"]) == 2 and cycles["ranks_left"] == 0
     assert cycles["same_tokens_every_cycle"] and cycles["ours"] < 10
+
+
+def test_time_per_token_runs_again_when_a_stream_came_in_one_delta() -> None:
+    """A client starved while the engine decoded gets all its tokens in one delta: that
+    run measures nothing (it once read 0.0 ms/token in CI) and is run again; if no run
+    can be measured, an error, never a zero."""
+    from replicas.bench import ours_per_token
+
+    class Engine:
+        def __init__(self, runs: list[bool]) -> None:
+            self.runs = runs  # per run: True = every token in one delta
+
+        async def add_request(self, prompt: list[int], params: Any) -> Any:
+            bunched = self.runs.pop(0)
+            if bunched:
+                yield type("Delta", (), {"token_ids": list(range(params.max_tokens))})()
+                return
+            for token in range(params.max_tokens):
+                await asyncio.sleep(0.002)
+                yield type("Delta", (), {"token_ids": [token]})()
+
+    engine = Engine([True, True, False])
+    per = ours_per_token(engine, [[1, 2]], 4, repeats=1)  # type: ignore[arg-type]
+    assert 0.001 < per < 0.5 and engine.runs == []
+    with pytest.raises(RuntimeError, match="not measurable"):
+        ours_per_token(Engine([True] * 5), [[1, 2]], 4, repeats=1)  # type: ignore[arg-type]
 
 
 def test_throughput_layouts_share_the_same_gpus() -> None:
