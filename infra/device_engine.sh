@@ -12,6 +12,10 @@
 #                                                # four FP8 modes at 070d6db; five since
 #                                                # PERF v0.56: FP8_S=520 alone in a call)
 #   W8A16_S=120 ...                              # and the weight-only matmul's configs
+#   GEMV_S=150 ...                               # and the batch-1 GEMV's configs alone,
+#                                                # bf16 and FP8 (PERF v0.58's float16
+#                                                # chains against the others), then
+#                                                # test_kernels.py's GEMV tests
 #   KV_S=120 ...                                 # and the KV formats' accuracy on the
 #                                                # checkpoint trained on this GPU
 #   PIECES_S=200 bash infra/device_engine.sh     # steps in CUDA-graph pieces: their GPU
@@ -60,6 +64,13 @@ fi
 if [ "${W8A16_S:-0}" != 0 ]; then  # the FP8 weight-only batch matmul's configs (~1 min)
   timeout -s KILL "$W8A16_S" python3 -m replicas.bench --suite w8a16 2>&1 |
     rows w8a16_h200.jsonl w8a16_h200.jsonl
+fi
+if [ "${GEMV_S:-0}" != 0 ]; then  # every GEMV config on GLM-4-9B's shapes (~1 min)
+  timeout -s KILL "$GEMV_S" python3 -m replicas.bench --suite gemv 2>&1 |
+    rows gemv_h200.jsonl gemv_h200.jsonl
+  # (pick_gemv checks every config against cuBLAS as it times it: the chains on the GPU)
+  timeout -s KILL "$GEMV_S" python3 -m pytest -q tests/test_kernels.py -k "gemv" \
+    -p no:cacheprovider 2>&1 | tail -5 | tee "$out/gemv_tests.log"
 fi
 if [ "${KV_S:-0}" != 0 ]; then  # simulated in transformers on the CPU; the engine's check
   # on the GPU; the checkpoint trained here, on the GPU, as the accuracy test's is

@@ -486,6 +486,63 @@ def w8a16_suite(repeats: int) -> Iterator[dict[str, Any]]:
     yield from w8a8_groups_probe(W8A16_PROBE_SHAPES, W8A16_PROBE_ROWS, "cuda", _cycled_us)
 
 
+# GLM-4-9B's batch-1 GEMVs as a decoder layer calls them (its qkv has a bias; the LM
+# head stays 16-bit in every FP8 mode): name: (out, in, kind, bias)
+GEMV_SHAPES = {"qkv": (4608, 4096, "norm", True), "o": (4096, 4096, "plain", False),
+               "gate_up": (27392, 4096, "norm", False), "down": (4096, 13696, "gated", False),
+               "lm_head": (151552, 4096, "plain", False)}
+
+
+def gemv_suite(repeats: int, picker: Callable[..., tuple[Any, dict[str, float]]] | None = None,
+               bandwidth: float | None = None, device: str = "cuda",
+               shapes: dict[str, tuple[int, int, str, bool]] | None = None
+               ) -> Iterator[dict[str, Any]]:
+    """The batch-1 GEMV alone, every config `pick_gemv` times, on GLM-4-9B's shapes with
+    random bf16 and FP8 weights (cold, in a CUDA graph, as a decode step reads them): a
+    row per (weight dtype, layer) with the fastest config, its bytes a second against
+    the measured copy rate, what the layer runs otherwise (cuBLAS; FP8's matmul), and for
+    FP8 the fastest config with float16 chains beside the fastest without (v0.58's A/B,
+    in one process). About a minute on the H200, most of it compiling. (`repeats`:
+    unused; each time is a mean over 10 graph replays.)"""
+    from replicas.fp8 import quantize_rows
+    from replicas.kernels import pick_gemv
+
+    pick = picker or pick_gemv
+    rate = bandwidth if bandwidth is not None else copy_bandwidth()
+    gen = torch.Generator(device=device).manual_seed(0)
+    for dtype in ("bfloat16", "fp8"):
+        for name, (n, k, kind, has_bias) in (shapes or GEMV_SHAPES).items():
+            if dtype == "fp8" and name == "lm_head":
+                continue
+            w = torch.randn(n, k, device=device, dtype=torch.bfloat16, generator=gen) * 0.02
+            bias = (torch.randn(n, device=device, dtype=torch.bfloat16, generator=gen)
+                    if has_bias else None)
+            fp8: dict[str, Any] = {}
+            if dtype == "fp8":
+                w, scale = quantize_rows(w)
+                fp8 = {"scale": scale, "dtype": torch.bfloat16}
+            _, times = pick(w, bias, kind, **fp8)
+            configs = {c: t for c, t in times.items() if c != "cublas"}
+            best = min(configs, key=configs.__getitem__)
+            nbytes = w.numel() * w.element_size()
+            row: dict[str, Any] = {
+                "case": f"glm4-9b_gemv_{dtype}_{name}", "unit": "us", "shape": [n, k],
+                "kind": kind, "ours": round(configs[best], 2), "config": best,
+                "cublas_us": round(times["cublas"], 2),
+                "gb_s": round(nbytes / configs[best] / 1e3, 1),
+                "fraction_of_copy": round(nbytes / configs[best] / 1e3 / rate, 3),
+                "times_us": {c: round(t, 2) for c, t in times.items()}}
+            if dtype == "fp8":
+                chained = {c: t for c, t in configs.items() if len(c.split(",")) == 5}
+                plain = {c: t for c, t in configs.items() if c not in chained}
+                if chained:
+                    row["best_chained_us"] = round(min(chained.values()), 2)
+                    row["best_unchained_us"] = round(min(plain.values()), 2)
+                    row["chained_over_unchained"] = round(
+                        min(chained.values()) / min(plain.values()), 3)
+            yield row
+
+
 def _probe_weights(n: int, k: int, device: str, dtype: torch.dtype, gen: torch.Generator
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                               list[torch.Tensor], list[torch.Tensor]]:
@@ -1030,8 +1087,8 @@ def _target_met(row: dict[str, Any]) -> tuple[str, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--suite", choices=["cpu", "gpu", "fp8", "w8a16", "multigpu",
-                                            "structured"],
+    parser.add_argument("--suite", choices=["cpu", "gpu", "fp8", "w8a16", "gemv",
+                                            "multigpu", "structured"],
                         default="cpu")
     parser.add_argument("--tp", default="2,4",
                         help="multigpu: the TP sizes to run (those with enough GPUs)")
@@ -1052,7 +1109,7 @@ def main() -> int:
         rows = multigpu.suite(args.repeats, tps, smoke=args.smoke)
     else:
         suites = {"gpu": gpu_suite, "cpu": cpu_suite, "structured": structured_suite,
-                  "fp8": fp8_suite, "w8a16": w8a16_suite}
+                  "fp8": fp8_suite, "w8a16": w8a16_suite, "gemv": gemv_suite}
         rows = suites[args.suite](args.repeats)
     for row in rows:
         emit({**row, "suite": args.suite, **env}, args.out)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 
 @pytest.mark.slow
@@ -136,6 +137,38 @@ def test_time_per_token_runs_again_when_a_stream_came_in_one_delta() -> None:
     assert 0.001 < per < 0.5 and engine.runs == []
     with pytest.raises(RuntimeError, match="not measurable"):
         ours_per_token(Engine([True] * 5), [[1, 2]], 4, repeats=1)  # type: ignore[arg-type]
+
+
+def test_gemv_suite_rows_put_the_chained_fp8_configs_beside_the_others() -> None:
+    """`--suite gemv`: a row per weight dtype and layer from pick_gemv's times (here a
+    stand-in's, on small shapes): the fastest config, its bytes a second, and for FP8 the
+    best chained config against the best unchained; the LM head only in 16 bits."""
+    from replicas.bench import gemv_suite
+
+    seen = []
+
+    def picker(w: torch.Tensor, bias: Any, kind: str, scale: Any = None,
+               dtype: Any = None) -> tuple[Any, dict[str, float]]:
+        seen.append((tuple(w.shape), w.dtype, kind, bias is not None, scale is not None))
+        times = {"cublas": 9.0, "(16, 1024, 8, 3)": 8.0, "(4, 1024, 4, 3)": 7.0}
+        if scale is not None:
+            times["(16, 512, 8, 3, 4)"] = 5.6
+        return None, times
+
+    shapes = {"qkv": (48, 64, "norm", True), "down": (32, 128, "gated", False),
+              "lm_head": (80, 64, "plain", False)}
+    rows = list(gemv_suite(1, picker, bandwidth=100.0, device="cpu", shapes=shapes))
+    assert [r["case"] for r in rows] == [
+        "glm4-9b_gemv_bfloat16_qkv", "glm4-9b_gemv_bfloat16_down",
+        "glm4-9b_gemv_bfloat16_lm_head", "glm4-9b_gemv_fp8_qkv", "glm4-9b_gemv_fp8_down"]
+    assert seen[0] == ((48, 64), torch.bfloat16, "norm", True, False)
+    assert seen[3][1] == torch.float8_e4m3fn and seen[3][4]
+    bf16, fp8 = rows[0], rows[3]
+    assert bf16["ours"] == 7.0 and bf16["config"] == "(4, 1024, 4, 3)"
+    assert bf16["gb_s"] == round(48 * 64 * 2 / 7.0 / 1e3, 1) and "best_chained_us" not in bf16
+    assert fp8["ours"] == 5.6 and fp8["config"] == "(16, 512, 8, 3, 4)"
+    assert fp8["best_unchained_us"] == 7.0 and fp8["chained_over_unchained"] == 0.8
+    assert fp8["fraction_of_copy"] == round(48 * 64 / 5.6 / 1e3 / 100.0, 3)
 
 
 def test_throughput_layouts_share_the_same_gpus() -> None:
