@@ -107,15 +107,18 @@ def main(mode: str) -> None:
     if mode == "rest":
         kernels = rest()
     elif mode == "quant":
+        # one pass (GLM-4-9B's 4096-wide inputs; its 13,696-wide down_proj input), and two
         kernels = [(quant._quant_rows_kernel, {"X": "*bf16", "Y": "*fp8e4nv", "S": "*fp32"},
-                    {"BLOCK_K": quant.QUANT_BLOCK_K, "PDL": True}, True),
-                   # (its SwiGLU divides as _silu_mul_kernel does: the same instruction)
-                   (quant._silu_mul_quant_kernel, {"GU": "*bf16", "Y": "*fp8e4nv",
-                                                   "S": "*fp32"},
-                    {"BLOCK_K": quant.QUANT_BLOCK_K, "PDL": True}, False),
-                   (quant._widen_kernel, {"W": "*fp8e4nv", "S": "*bf16", "Y": "*bf16"},
-                    {"BLOCK_N": quant.WIDEN_BLOCK[0], "BLOCK_K": quant.WIDEN_BLOCK[1],
-                     "PDL": True}, False)]
+                    {"BLOCK_K": block, "ONE_PASS": block > quant.QUANT_BLOCK_K,
+                     "PDL": True}, True) for block in (4096, quant.QUANT_BLOCK_K)]
+        # (its SwiGLU divides as _silu_mul_kernel does: the same instruction)
+        kernels += [(quant._silu_mul_quant_kernel, {"GU": "*bf16", "Y": "*fp8e4nv",
+                                                    "S": "*fp32"},
+                     {"BLOCK_K": block, "ONE_PASS": block > quant.QUANT_BLOCK_K,
+                      "PDL": True}, False) for block in (16384, quant.QUANT_BLOCK_K)]
+        kernels += [(quant._widen_kernel, {"W": "*fp8e4nv", "S": "*bf16", "Y": "*bf16"},
+                     {"BLOCK_N": quant.WIDEN_BLOCK[0], "BLOCK_K": quant.WIDEN_BLOCK[1],
+                      "PDL": True}, False)]
     else:
         cache = "*i8" if mode == "int8" else "*fp8e4nv"
         pointers = {**{n: "*bf16" for n in ("Q", "K", "V", "COS", "SIN", "OUT")},

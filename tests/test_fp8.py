@@ -161,21 +161,25 @@ def test_widening_kernel_is_pytorchs_widening_bit_for_bit(shape: tuple[int, int]
 
 @pytest.mark.parametrize("shape", [(5, 200), (3, 2100), (1, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("one_pass", [True, False])
 def test_token_quantization_kernel_is_quantize_tokens(shape: tuple[int, int],
-                                                      dtype: torch.dtype,
+                                                      dtype: torch.dtype, one_pass: bool,
                                                       monkeypatch: pytest.MonkeyPatch
                                                       ) -> None:
     """The W8A8 path's one-kernel per-token quantization (its interpreter here) against
     quantize_tokens: the same scales, the same FP8 entries but where the interpreter's
     e4m3 rounding drops a carry (tests/test_kernels.py same_fp8), over rows longer than
-    its block, a zero row and values past the range; fp8_linear takes it when the
-    kernels are on."""
+    the two-pass block, a zero row and values past the range, each row in one block or
+    in two passes; fp8_linear takes it when the kernels are on."""
     pytest.importorskip("triton")
     from test_kernels import same_fp8
 
     from replicas import kernels
+    from replicas.kernels import quant
 
     monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
+    if not one_pass:
+        monkeypatch.setattr(quant, "ONE_PASS_MAX_K", 0)
     m, k = shape
     gen = torch.Generator().manual_seed(k)
     x = (torch.randn(m, k, generator=gen) * torch.logspace(-2, 3, m)[:, None]).to(dtype)
@@ -195,17 +199,21 @@ def test_token_quantization_kernel_is_quantize_tokens(shape: tuple[int, int],
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("one_pass", [True, False])
 def test_swiglu_quantized_in_one_pass_is_the_two_kernels_bit_for_bit(
-        monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+        monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, one_pass: bool) -> None:
     """A W8A8 down_proj's input (kernels.silu_mul_quantize_fp8): exactly what
     silu_and_mul then quantize_tokens_fp8 give, scales and FP8 entries, on rows longer
-    than the kernel's block (not a multiple of it), a zero row, and a row whose max is in
-    its second block."""
+    than the two-pass block (not a multiple of it), a zero row, and a row whose max is in
+    its second block; each row in one block, or (both kernels) in two passes."""
     pytest.importorskip("triton")
 
     from replicas import kernels
+    from replicas.kernels import quant
 
     monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
+    if not one_pass:
+        monkeypatch.setattr(quant, "ONE_PASS_MAX_K", 0)
     m, n = 5, 1500
     gen = torch.Generator().manual_seed(n)
     gate_up = (torch.randn(m, 2 * n, generator=gen)

@@ -5,8 +5,9 @@
 for a zero row), each element x / scale saturated at +-448 (`replicas/fp8.py`'s
 `quantize_tokens`, the W8A8 path's input; that chain is seven PyTorch kernels with
 float32 intermediates of the whole activation, this one pass reads x twice from L2).
-One program a row: the row's max over K in BLOCK_K steps, then the same steps again,
-divided and rounded (round to nearest even, as PyTorch's cast).
+One program a row: a row of up to ONE_PASS_MAX_K read once into registers, its max,
+then divided and rounded (round to nearest even, as PyTorch's cast); a longer row's max
+over K in BLOCK_K steps, then the same steps again.
 
 `silu_mul_quantize_fp8`: SwiGLU and that quantization in one pass, for a W8A8 down_proj:
 the 16-bit activation (an 8192-token prefill of GLM-4-9B: 224 MB a layer) is neither
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 
-from replicas.kernels.common import _launch
+from replicas.kernels.common import _launch, _pow2
 
 try:
     import triton
@@ -32,54 +33,78 @@ try:
 except ImportError:  # CPU installs without Triton: the PyTorch path only
     triton = None
 
-QUANT_BLOCK_K = 1024
+QUANT_BLOCK_K = 1024  # a two-pass row's block
+# rows up to this long are one block, read once (a decode step's few hundred rows: two
+# passes of 1024-wide blocks were 8 dependent loads a program, ~11 us a call on the H200
+# where the bytes take ~1 us; PERF.md v0.59)
+ONE_PASS_MAX_K = 16384
 WIDEN_BLOCK = (16, 512)  # rows x columns a program
 
 if triton is not None:
     from replicas.kernels.common import _pdl_enter
 
     @triton.jit
-    def _quant_rows_kernel(X, Y, S, k, sxm, sym, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    def _quant_rows_kernel(X, Y, S, k, sxm, sym, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr,
+                           PDL: tl.constexpr):
         """Program (row): its max |x| in float32, then x / scale saturated, in FP8
-        (448: e4m3's largest finite value, replicas/fp8.py FP8_MAX)."""
+        (448: e4m3's largest finite value, replicas/fp8.py FP8_MAX). ONE_PASS: the row is
+        one block (BLOCK_K >= k), read once and kept in registers; else two passes over
+        it in BLOCK_K steps."""
         _pdl_enter(PDL)
         row = tl.program_id(0).to(tl.int64)
         rk = tl.arange(0, BLOCK_K)
-        top = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, k, BLOCK_K):
-            x = tl.load(X + row * sxm + k0 + rk, mask=(k0 + rk) < k, other=0.0)
-            top = tl.maximum(top, tl.abs(x.to(tl.float32)))
-        amax = tl.max(top, axis=0)
-        # IEEE divisions (a GPU's `/` is approximate: div.full), so that a GPU rounds as
-        # PyTorch's chain does
-        scale = tl.where(amax > 0, tl.math.div_rn(amax, 448.0), 1.0)
-        for k0 in range(0, k, BLOCK_K):
-            ok = (k0 + rk) < k
-            x = tl.load(X + row * sxm + k0 + rk, mask=ok, other=0.0).to(tl.float32)
-            y = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
-            tl.store(Y + row * sym + k0 + rk, y.to(Y.dtype.element_ty), mask=ok)
+        if ONE_PASS:
+            x = tl.load(X + row * sxm + rk, mask=rk < k, other=0.0).to(tl.float32)
+            scale = _row_scale(tl.max(tl.abs(x), axis=0))
+            _store_fp8(Y + row * sym, rk, rk < k, x, scale)
+        else:
+            top = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, k, BLOCK_K):
+                x = tl.load(X + row * sxm + k0 + rk, mask=(k0 + rk) < k, other=0.0)
+                top = tl.maximum(top, tl.abs(x.to(tl.float32)))
+            scale = _row_scale(tl.max(top, axis=0))
+            for k0 in range(0, k, BLOCK_K):
+                ok = (k0 + rk) < k
+                x = tl.load(X + row * sxm + k0 + rk, mask=ok, other=0.0).to(tl.float32)
+                _store_fp8(Y + row * sym, k0 + rk, ok, x, scale)
         tl.store(S + row, scale)
 
     @triton.jit
+    def _row_scale(amax):
+        """A row's scale from its max |x|: amax / 448, 1 for a zero row. IEEE division (a
+        GPU's `/` is approximate: div.full), so that a GPU rounds as PyTorch's chain does."""
+        return tl.where(amax > 0, tl.math.div_rn(amax, 448.0), 1.0)
+
+    @triton.jit
+    def _store_fp8(Y, cols, ok, x, scale):
+        """x / scale (IEEE), saturated at +-448, stored at Y + cols in Y's FP8."""
+        y = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
+        tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=ok)
+
+    @triton.jit
     def _silu_mul_quant_kernel(GU, Y, S, n, sg, sym, BLOCK_K: tl.constexpr,
-                               PDL: tl.constexpr):
+                               ONE_PASS: tl.constexpr, PDL: tl.constexpr):
         """Program (row): a = silu(gate) * up of gate_up = [gate | up], rounded as
         _silu_mul_kernel rounds it (to Y's 16-bit source dtype, GU's), its max |a|, then
-        a again (recomputed: the row's gate_up is read twice, the second time from L2),
-        divided and rounded to FP8 as _quant_rows_kernel does."""
+        a divided and rounded to FP8 as _quant_rows_kernel does. ONE_PASS: the row is one
+        block, computed once; else a is recomputed for the second pass (the row's gate_up
+        read twice, the second time from L2)."""
         _pdl_enter(PDL)
         row = tl.program_id(0).to(tl.int64)
         rk = tl.arange(0, BLOCK_K)
-        top = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, n, BLOCK_K):
-            a = _swiglu(GU, row * sg, k0 + rk, n)
-            top = tl.maximum(top, tl.abs(a))
-        amax = tl.max(top, axis=0)
-        scale = tl.where(amax > 0, tl.math.div_rn(amax, 448.0), 1.0)
-        for k0 in range(0, n, BLOCK_K):
-            a = _swiglu(GU, row * sg, k0 + rk, n)
-            y = tl.minimum(tl.maximum(tl.math.div_rn(a, scale), -448.0), 448.0)
-            tl.store(Y + row * sym + k0 + rk, y.to(Y.dtype.element_ty), mask=(k0 + rk) < n)
+        if ONE_PASS:
+            a = _swiglu(GU, row * sg, rk, n)
+            scale = _row_scale(tl.max(tl.abs(a), axis=0))
+            _store_fp8(Y + row * sym, rk, rk < n, a, scale)
+        else:
+            top = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, n, BLOCK_K):
+                a = _swiglu(GU, row * sg, k0 + rk, n)
+                top = tl.maximum(top, tl.abs(a))
+            scale = _row_scale(tl.max(top, axis=0))
+            for k0 in range(0, n, BLOCK_K):
+                a = _swiglu(GU, row * sg, k0 + rk, n)
+                _store_fp8(Y + row * sym, k0 + rk, (k0 + rk) < n, a, scale)
         tl.store(S + row, scale)
 
     @triton.jit
@@ -121,14 +146,19 @@ def silu_mul_quantize_fp8(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 def _per_token(kernel: Any, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x8 [M, k] FP8, scale [M, 1] float32) from `kernel`, one program a row of x."""
+    """(x8 [M, k] FP8, scale [M, 1] float32) from `kernel`, one program a row of x: the
+    row in one block up to ONE_PASS_MAX_K (warps to keep ~32 values a thread), else two
+    passes of QUANT_BLOCK_K."""
     m = x.shape[0]
     x = x if x.stride(1) == 1 else x.contiguous()
     x8 = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    one_pass = k <= ONE_PASS_MAX_K
+    block = _pow2(k) if one_pass else QUANT_BLOCK_K
     if m:
-        kernel[(m,)](x, x8, scale, k, x.stride(0), x8.stride(0), BLOCK_K=QUANT_BLOCK_K,
-                     num_warps=4, **_launch(x))
+        kernel[(m,)](x, x8, scale, k, x.stride(0), x8.stride(0), BLOCK_K=block,
+                     ONE_PASS=one_pass, num_warps=min(16, max(4, block // 1024)),
+                     **_launch(x))
     return x8, scale
 
 
