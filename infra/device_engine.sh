@@ -16,6 +16,8 @@
 #                                                # bf16 and FP8 (PERF v0.58's float16
 #                                                # chains against the others), then
 #                                                # test_kernels.py's GEMV tests
+#   ATTN_S=150 ...                               # and decode attention's tiles and splits
+#                                                # at batch 1, 64 and 256 (bf16, int8)
 #   KV_S=120 ...                                 # and the KV formats' accuracy on the
 #                                                # checkpoint trained on this GPU
 #   PIECES_S=200 bash infra/device_engine.sh     # steps in CUDA-graph pieces: their GPU
@@ -71,6 +73,10 @@ if [ "${GEMV_S:-0}" != 0 ]; then  # every GEMV config on GLM-4-9B's shapes (~1 m
   # (pick_gemv checks every config against cuBLAS as it times it: the chains on the GPU)
   timeout -s KILL "$GEMV_S" python3 -m pytest -q tests/test_kernels.py -k "gemv" \
     -p no:cacheprovider 2>&1 | tail -5 | tee "$out/gemv_tests.log"
+fi
+if [ "${ATTN_S:-0}" != 0 ]; then  # decode attention's variants (~1-2 min)
+  timeout -s KILL "$ATTN_S" python3 -m replicas.bench --suite attention 2>&1 |
+    rows attention_h200.jsonl attention_h200.jsonl
 fi
 if [ "${KV_S:-0}" != 0 ]; then  # simulated in transformers on the CPU; the engine's check
   # on the GPU; the checkpoint trained here, on the GPU, as the accuracy test's is

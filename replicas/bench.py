@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -29,7 +30,7 @@ import platform
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -541,6 +542,111 @@ def gemv_suite(repeats: int, picker: Callable[..., tuple[Any, dict[str, float]]]
                     row["chained_over_unchained"] = round(
                         min(chained.values()) / min(plain.values()), 3)
             yield row
+
+
+# decode attention at GLM-4-9B's shapes (32 heads, 2 KV heads, head dim 128, half of it
+# rotated, pairs interleaved; 16-token KV blocks): (sequences, keys each) of batch-1
+# decode and of the 64-client and 256-request runs
+ATTENTION_CASES = ((1, 256), (1, 4096), (64, 320), (256, 192), (256, 1024))
+ATTENTION_TILES = ((32, 4), (64, 4), (128, 4), (32, 8), (64, 8), (128, 8))
+
+
+def attention_suite(repeats: int) -> Iterator[dict[str, Any]]:
+    """Decode attention alone (the fused kernel: rotary, the new key's cache write, the
+    split merge), on GLM-4-9B's shapes, bf16 and int8 caches: the engine's tile and
+    splits against other tiles (keys a tile, warps) and twice or half the splits, each
+    timed in a CUDA graph over cycled caches (cold, as a decode step reads each layer's),
+    against the bytes of keys and values read at the measured copy rate. (`repeats`:
+    unused; each time is a mean over 10 graph replays.)"""
+    from replicas.kernels.gemv import _cycled_us
+
+    yield from attention_probe(ATTENTION_CASES, "cuda", _cycled_us, copy_bandwidth())
+
+
+def attention_probe(cases: Sequence[tuple[int, int]], device: str,
+                    timer: Callable[[Callable[[Any], Any], list[Any]], float],
+                    bandwidth: float, tiles: Sequence[tuple[int, int]] = ATTENTION_TILES,
+                    **shape: int) -> list[dict[str, Any]]:
+    """A row per (cache dtype, sequences, keys): `timer(fn, copies)`'s µs for each
+    (tile, splits) variant, the engine's own (kernels.DECODE_TILE, decode_splits) first;
+    every variant's output checked against that one's (a variant that differs is listed
+    in `failed`, not timed). `shape`: heads, kv_heads, d, rotary_dim, block_size."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    return [_attention_row(cache_dtype, num_seqs, keys, device, timer, bandwidth, tiles, gen,
+                           **shape)
+            for cache_dtype in ("bfloat16", "int8") for num_seqs, keys in cases]
+
+
+def _attention_row(cache_dtype: str, num_seqs: int, keys: int, device: str,
+                   timer: Callable[[Callable[[Any], Any], list[Any]], float],
+                   bandwidth: float, tiles: Sequence[tuple[int, int]],
+                   gen: torch.Generator, heads: int = 32, kv_heads: int = 2, d: int = 128,
+                   rotary_dim: int = 64, block_size: int = 16) -> dict[str, Any]:
+    """attention_probe's row for one cache dtype and (sequences, keys each)."""
+    from replicas import kernels
+    from replicas.kernels.gemv import OutOfResources
+
+    width = -(-keys // block_size)
+    blocks = num_seqs * width
+    int8 = cache_dtype == "int8"
+    kv_bytes = 2 * num_seqs * keys * kv_heads * (d + 4 if int8 else 2 * d)
+    count = min(32, max(2, -(-2**28 // kv_bytes)))  # copies enough that each is read cold
+    shape = (blocks, block_size, kv_heads, d)
+
+    def cache() -> tuple[torch.Tensor, ...]:
+        if int8:
+            return (*(torch.randint(-127, 128, shape, device=device, dtype=torch.int8,
+                                    generator=gen) for _ in range(2)),
+                    *(torch.rand(shape[:3], device=device, generator=gen) / 64
+                      for _ in range(2)))
+        return tuple(torch.randn(shape, device=device, dtype=torch.bfloat16, generator=gen)
+                     for _ in range(2))
+
+    copies = [cache() for _ in range(count)]
+    tables = torch.randperm(blocks, device=device, generator=gen).view(
+        num_seqs, width).to(torch.int32)
+    positions = torch.full((num_seqs,), keys - 1, device=device)
+    cu_q = torch.arange(num_seqs + 1, device=device, dtype=torch.int32)
+    qkv = torch.randn(num_seqs, (heads + 2 * kv_heads) * d, device=device,
+                      dtype=torch.bfloat16, generator=gen)  # q, k, v as the projection's views
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=1)
+    angles = torch.rand(num_seqs, 1, rotary_dim, device=device, generator=gen) * 6
+    slots = tables[:, (keys - 1) // block_size].long() * block_size + (keys - 1) % block_size
+    new = kernels.NewKeys(k.view(num_seqs, kv_heads, d), v.view(num_seqs, kv_heads, d),
+                          angles.cos(), angles.sin(), slots, rotary_dim, True)
+    out = torch.empty(num_seqs, heads, d, device=device, dtype=torch.bfloat16)
+
+    def run(c: tuple[torch.Tensor, ...], tile: tuple[int, int], splits: int) -> torch.Tensor:
+        return kernels.paged_attention(q.view(num_seqs, heads, d), c[0], c[1], tables, cu_q,
+                                       positions, None, 1, splits, new, c[2:], out=out,
+                                       decode_tile=tile)
+
+    base = kernels.decode_splits(num_seqs, kv_heads, keys)
+    variants = [(tuple(kernels.DECODE_TILE), base)]
+    variants += [(t, s) for t in tiles for s in sorted({base, 2 * base, max(1, base // 2)})
+                 if (t, s) not in variants]
+    want = run(copies[0], *variants[0]).clone()
+    times, failed = {}, []
+    for tile, splits in variants:
+        name = f"tile {tile[0]}x{tile[1]}w splits {splits}"
+        try:
+            got = run(copies[0], tile, splits)
+        except OutOfResources:  # a tile this GPU cannot hold
+            failed.append(f"{name}: out of resources")
+            continue
+        if not torch.allclose(got.float(), want.float(), atol=2e-2, rtol=2e-2):
+            failed.append(f"{name}: differs from the engine's")
+            continue
+        times[name] = timer(functools.partial(run, tile=tile, splits=splits), copies)
+    default = times[next(iter(times))]
+    best = min(times, key=times.__getitem__)
+    floor_us = kv_bytes / (bandwidth * 1e3)
+    return {"case": f"glm4-9b_decode_attention_{cache_dtype}_{num_seqs}x{keys}", "unit": "us",
+            "ours": round(default, 2), "best": best, "best_us": round(times[best], 2),
+            "floor_us": round(floor_us, 2), "fraction_of_copy": round(floor_us / default, 3),
+            "best_fraction_of_copy": round(floor_us / times[best], 3),
+            "engine_tile": list(kernels.DECODE_TILE), "engine_splits": base,
+            "times_us": {n: round(t, 2) for n, t in times.items()}, "failed": failed}
 
 
 def _probe_weights(n: int, k: int, device: str, dtype: torch.dtype, gen: torch.Generator
@@ -1088,7 +1194,7 @@ def _target_met(row: dict[str, Any]) -> tuple[str, str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--suite", choices=["cpu", "gpu", "fp8", "w8a16", "gemv",
-                                            "multigpu", "structured"],
+                                            "attention", "multigpu", "structured"],
                         default="cpu")
     parser.add_argument("--tp", default="2,4",
                         help="multigpu: the TP sizes to run (those with enough GPUs)")
@@ -1109,7 +1215,8 @@ def main() -> int:
         rows = multigpu.suite(args.repeats, tps, smoke=args.smoke)
     else:
         suites = {"gpu": gpu_suite, "cpu": cpu_suite, "structured": structured_suite,
-                  "fp8": fp8_suite, "w8a16": w8a16_suite, "gemv": gemv_suite}
+                  "fp8": fp8_suite, "w8a16": w8a16_suite, "gemv": gemv_suite,
+                  "attention": attention_suite}
         rows = suites[args.suite](args.repeats)
     for row in rows:
         emit({**row, "suite": args.suite, **env}, args.out)

@@ -29,7 +29,7 @@ package re-exports every name they use.
 from replicas.kernels.activation import silu_and_mul
 from replicas.kernels.allreduce import Site
 from replicas.kernels.attention import _COUNTERS as _COUNTERS  # tests check the counters
-from replicas.kernels.attention import NewKeys, decode_splits, paged_attention
+from replicas.kernels.attention import DECODE_TILE, NewKeys, decode_splits, paged_attention
 from replicas.kernels.common import enabled, pdl
 from replicas.kernels.fp8mm import w8a8_groups, w8a16
 from replicas.kernels.gemv import (
@@ -49,9 +49,9 @@ from replicas.kernels.rope import rope_and_cache
 from replicas.kernels.tokens import ARGMAX_BLOCK, argmax_rows, feed_tokens
 
 __all__ = [
-    "ARGMAX_BLOCK", "FP8_GEMV_CONFIGS", "GEMV_CONFIGS", "GemvConfig", "GemvKind", "NewKeys",
-    "Site", "argmax_rows", "decode_splits", "enabled", "feed_tokens", "gemv", "gemv_configs",
-    "gemv_norm", "gemv_push",
+    "ARGMAX_BLOCK", "DECODE_TILE", "FP8_GEMV_CONFIGS", "GEMV_CONFIGS", "GemvConfig",
+    "GemvKind", "NewKeys", "Site", "argmax_rows", "decode_splits", "enabled", "feed_tokens",
+    "gemv", "gemv_configs", "gemv_norm", "gemv_push",
     "paged_attention", "pdl", "pick_gemv", "quantize_tokens_fp8", "rms_norm",
     "rope_and_cache", "silu_and_mul", "silu_mul_quantize_fp8", "w8a8_groups", "w8a16", "widen_fp8",
 ]

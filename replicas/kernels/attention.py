@@ -296,6 +296,12 @@ if triton is not None:
                  out.to(OUT.dtype.element_ty), mask=mask)
 
 
+# decode attention's (keys a tile, warps): tuned at batch 1 on the H200 (PERF.md's first
+# decode entries); `python -m replicas.bench --suite attention` times others at larger
+# batches
+DECODE_TILE = (64, 4)
+
+
 def decode_splits(num_seqs: int, kv_heads: int, max_keys: int) -> int:
     """How many splits of the key range a decode step uses: enough programs to fill the
     GPU (~264 for 132 SMs), at most 16, and no split shorter than 64 keys."""
@@ -333,12 +339,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     block_tables: torch.Tensor, cu_q: torch.Tensor, positions: torch.Tensor,
                     window: int | None, max_q: int, splits: int = 1,
                     new: NewKeys | None = None, scales: Sequence[torch.Tensor] = (),
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None,
+                    decode_tile: tuple[int, int] | None = None) -> torch.Tensor:
     """Causal attention of q [T, H, D] (sequences' chunks back to back, bounded by cu_q
     [B + 1]) over each sequence's cached keys -> [T, H, D] (into `out`, if given: any
     [T, H, D] view with unit stride in D). The chunk's own keys must already be in the
     cache, or (decode only, max_q == 1) come unrotated as `new`, with q unrotated too.
-    An int8 cache comes with its (K, V) row `scales`."""
+    An int8 cache comes with its (K, V) row `scales`. `decode_tile`: (keys a tile,
+    warps) for decode instead of DECODE_TILE (the attention probe's variants)."""
     k_scales, v_scales = cache_scales(k_cache, scales)
     int8 = k_cache.dtype == torch.int8
     assert new is None or max_q == 1, "keys are rotated and cached here in decode only"
@@ -350,7 +358,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         out = torch.empty_like(q)
     assert out.shape == q.shape and out.stride(2) == 1, "out: a [T, H, D] view, unit stride in D"
     if max_q == 1:  # decode: one token per sequence, its group of heads in one tile
-        tile_t, block_r, block_n, warps = 1, max(16, _pow2(group)), 64, 4
+        tile_t, block_r = 1, max(16, _pow2(group))
+        block_n, warps = decode_tile or DECODE_TILE
     else:
         block_r = max(64 if d > 128 else 128, _pow2(group))
         tile_t, block_n, warps = max(1, block_r // group), 64, 8
