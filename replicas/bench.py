@@ -548,7 +548,9 @@ def gemv_suite(repeats: int, picker: Callable[..., tuple[Any, dict[str, float]]]
 # rotated, pairs interleaved; 16-token KV blocks): (sequences, keys each) of batch-1
 # decode and of the 64-client and 256-request runs
 ATTENTION_CASES = ((1, 256), (1, 4096), (64, 320), (256, 192), (256, 1024))
-ATTENTION_TILES = ((32, 4), (64, 4), (128, 4), (32, 8), (64, 8), (128, 8))
+# (keys a tile, warps[, ahead: the next tile's keys loaded before this one's softmax])
+ATTENTION_TILES = ((32, 4), (64, 4), (128, 4), (32, 8), (64, 8), (128, 8), (32, 4, 1),
+                   (64, 4, 1), (64, 8, 1), (128, 8, 1))
 
 
 def attention_suite(repeats: int) -> Iterator[dict[str, Any]]:
@@ -565,7 +567,7 @@ def attention_suite(repeats: int) -> Iterator[dict[str, Any]]:
 
 def attention_probe(cases: Sequence[tuple[int, int]], device: str,
                     timer: Callable[[Callable[[Any], Any], list[Any]], float],
-                    bandwidth: float, tiles: Sequence[tuple[int, int]] = ATTENTION_TILES,
+                    bandwidth: float, tiles: Sequence[tuple[int, ...]] = ATTENTION_TILES,
                     **shape: int) -> list[dict[str, Any]]:
     """A row per (cache dtype, sequences, keys): `timer(fn, copies)`'s µs for each
     (tile, splits) variant, the engine's own (kernels.DECODE_TILE, decode_splits) first;
@@ -579,7 +581,7 @@ def attention_probe(cases: Sequence[tuple[int, int]], device: str,
 
 def _attention_row(cache_dtype: str, num_seqs: int, keys: int, device: str,
                    timer: Callable[[Callable[[Any], Any], list[Any]], float],
-                   bandwidth: float, tiles: Sequence[tuple[int, int]],
+                   bandwidth: float, tiles: Sequence[tuple[int, ...]],
                    gen: torch.Generator, heads: int = 32, kv_heads: int = 2, d: int = 128,
                    rotary_dim: int = 64, block_size: int = 16) -> dict[str, Any]:
     """attention_probe's row for one cache dtype and (sequences, keys each)."""
@@ -616,7 +618,7 @@ def _attention_row(cache_dtype: str, num_seqs: int, keys: int, device: str,
                           angles.cos(), angles.sin(), slots, rotary_dim, True)
     out = torch.empty(num_seqs, heads, d, device=device, dtype=torch.bfloat16)
 
-    def run(c: tuple[torch.Tensor, ...], tile: tuple[int, int], splits: int) -> torch.Tensor:
+    def run(c: tuple[torch.Tensor, ...], tile: tuple[int, ...], splits: int) -> torch.Tensor:
         return kernels.paged_attention(q.view(num_seqs, heads, d), c[0], c[1], tables, cu_q,
                                        positions, None, 1, splits, new, c[2:], out=out,
                                        decode_tile=tile)
@@ -628,7 +630,8 @@ def _attention_row(cache_dtype: str, num_seqs: int, keys: int, device: str,
     want = run(copies[0], *variants[0]).clone()
     times, failed = {}, []
     for tile, splits in variants:
-        name = f"tile {tile[0]}x{tile[1]}w splits {splits}"
+        name = (f"tile {tile[0]}x{tile[1]}w{' ahead' if tile[2:] and tile[2] else ''} "
+                f"splits {splits}")
         try:
             got = run(copies[0], tile, splits)
         except OutOfResources:  # a tile this GPU cannot hold

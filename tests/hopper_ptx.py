@@ -132,7 +132,10 @@ def main(mode: str) -> None:
                    # (its softmax divides approximately; its cache write is the rotary
                    # kernel's _store_cache, checked there)
                    (attention._decode_kernel, pointers,
-                    {**flags, "BLOCK_R": 16, "SPLITS": 4}, False),
+                    {**flags, "BLOCK_R": 16, "SPLITS": 4, "AHEAD": False}, False),
+                   # (the probe's variant: the next tile loaded before this one's softmax)
+                   (attention._decode_kernel, pointers,
+                    {**flags, "BLOCK_R": 16, "SPLITS": 1, "AHEAD": True}, False),
                    (attention._attention_kernel, pointers,
                     {**flags, "TILE_T": 8, "BLOCK_R": 128, "SPLITS": 1}, False)]
     for jit, pointers, consts, exact in kernels:

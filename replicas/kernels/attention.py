@@ -174,7 +174,7 @@ if triton is not None:
         G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
         BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, PREC: tl.constexpr,
         INTERLEAVED: tl.constexpr, FP8_KV: tl.constexpr, INT8_KV: tl.constexpr,
-        PDL: tl.constexpr,
+        PDL: tl.constexpr, AHEAD: tl.constexpr = False,
     ):
         """Decode attention from the projection's raw q, k, v. Program (sequence, kv head
         x split): the G query heads of that kv head, one token, against its split of
@@ -185,6 +185,8 @@ if triton is not None:
         the step's inputs and the cache already hold: the position, the block table and
         the first tile of cached keys and values, so that those loads overlap the
         projection's tail. The new token's key and value enter from registers.
+        AHEAD: each tile's keys and values are loaded before the previous tile's scores
+        and softmax are worked out (two tiles in registers), not after.
         """
         seq = tl.program_id(0)
         kvh = tl.program_id(1) // SPLITS
@@ -230,14 +232,26 @@ if triton is not None:
             m = tl.full([BLOCK_R], -1.0e30, dtype=tl.float32)
             l_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
             acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-            m, l_sum, acc = _decode_tile(q, k, v, k_new, v_new, n, pos, hi_s, m, l_sum, acc,
-                                         scale_log2, PREC)
-            for start in range(lo_s + BLOCK_N, hi_s, BLOCK_N):
-                n = start + tl.arange(0, BLOCK_N)
-                k, v = _load_kv(KC, VC, KS, VS, table, n, pos, block_size, kv_heads, kvh, d,
-                                d_ok, D, Q.dtype.element_ty, INT8_KV)
+            if AHEAD:
+                for start in range(lo_s + BLOCK_N, hi_s, BLOCK_N):
+                    n_next = start + tl.arange(0, BLOCK_N)
+                    k_next, v_next = _load_kv(KC, VC, KS, VS, table, n_next, pos, block_size,
+                                              kv_heads, kvh, d, d_ok, D, Q.dtype.element_ty,
+                                              INT8_KV)
+                    m, l_sum, acc = _decode_tile(q, k, v, k_new, v_new, n, pos, hi_s, m,
+                                                 l_sum, acc, scale_log2, PREC)
+                    n, k, v = n_next, k_next, v_next
                 m, l_sum, acc = _decode_tile(q, k, v, k_new, v_new, n, pos, hi_s, m, l_sum,
                                              acc, scale_log2, PREC)
+            else:
+                m, l_sum, acc = _decode_tile(q, k, v, k_new, v_new, n, pos, hi_s, m, l_sum,
+                                             acc, scale_log2, PREC)
+                for start in range(lo_s + BLOCK_N, hi_s, BLOCK_N):
+                    n = start + tl.arange(0, BLOCK_N)
+                    k, v = _load_kv(KC, VC, KS, VS, table, n, pos, block_size, kv_heads, kvh,
+                                    d, d_ok, D, Q.dtype.element_ty, INT8_KV)
+                    m, l_sum, acc = _decode_tile(q, k, v, k_new, v_new, n, pos, hi_s, m,
+                                                 l_sum, acc, scale_log2, PREC)
             _finish(m, l_sum, acc, OUT, OP, LSE, COUNT + seq * kv_heads + kvh,
                     seq + rows * 0, head, d, q_ok, row_ok, split, active, sps, spt, sph, sls,
                     slt, sot, soh, SPLITS, BLOCK_R, BLOCK_D)
@@ -296,7 +310,7 @@ if triton is not None:
                  out.to(OUT.dtype.element_ty), mask=mask)
 
 
-# decode attention's (keys a tile, warps): tuned at batch 1 on the H200 (PERF.md's first
+# decode attention's (keys a tile, warps[, ahead]): tuned at batch 1 on the H200 (PERF.md's first
 # decode entries); `python -m replicas.bench --suite attention` times others at larger
 # batches
 DECODE_TILE = (64, 4)
@@ -340,13 +354,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     window: int | None, max_q: int, splits: int = 1,
                     new: NewKeys | None = None, scales: Sequence[torch.Tensor] = (),
                     out: torch.Tensor | None = None,
-                    decode_tile: tuple[int, int] | None = None) -> torch.Tensor:
+                    decode_tile: tuple[int, ...] | None = None) -> torch.Tensor:
     """Causal attention of q [T, H, D] (sequences' chunks back to back, bounded by cu_q
     [B + 1]) over each sequence's cached keys -> [T, H, D] (into `out`, if given: any
     [T, H, D] view with unit stride in D). The chunk's own keys must already be in the
     cache, or (decode only, max_q == 1) come unrotated as `new`, with q unrotated too.
     An int8 cache comes with its (K, V) row `scales`. `decode_tile`: (keys a tile,
-    warps) for decode instead of DECODE_TILE (the attention probe's variants)."""
+    warps[, ahead]) for decode instead of DECODE_TILE (the attention probe's variants;
+    ahead 1: the _decode_kernel's AHEAD)."""
     k_scales, v_scales = cache_scales(k_cache, scales)
     int8 = k_cache.dtype == torch.int8
     assert new is None or max_q == 1, "keys are rotated and cached here in decode only"
@@ -359,7 +374,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     assert out.shape == q.shape and out.stride(2) == 1, "out: a [T, H, D] view, unit stride in D"
     if max_q == 1:  # decode: one token per sequence, its group of heads in one tile
         tile_t, block_r = 1, max(16, _pow2(group))
-        block_n, warps = decode_tile or DECODE_TILE
+        block_n, warps, *ahead = decode_tile or DECODE_TILE
     else:
         block_r = max(64 if d > 128 else 128, _pow2(group))
         tile_t, block_n, warps = max(1, block_r // group), 64, 8
@@ -383,8 +398,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             G=group, BLOCK_R=block_r, BLOCK_N=block_n, D=d, BLOCK_D=_attn_block_d(d),
             SPLITS=splits,
             PREC=_precision(q.dtype), INTERLEAVED=new.interleaved,
-            FP8_KV=k_cache.dtype == torch.float8_e4m3fn, INT8_KV=int8, num_warps=warps,
-            num_stages=2, **_launch(q))
+            FP8_KV=k_cache.dtype == torch.float8_e4m3fn, INT8_KV=int8,
+            AHEAD=bool(ahead and ahead[0]), num_warps=warps, num_stages=2, **_launch(q))
         return out
     _attention_kernel[(num_seqs, triton.cdiv(max_q, tile_t), kv_heads * splits)](
         q, k_cache, v_cache, k_scales, v_scales, out, part, lse, count, block_tables, cu_q,
