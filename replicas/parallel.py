@@ -260,8 +260,28 @@ class ColumnParallelLinear(_KernelLinear):
             assert self.gemv is not None
             return kernels.gemv_norm(x, residual, norm.weight, norm.eps, self.weight,
                                      self.bias, self.gemv, self.weight_scale)
+        if self.takes_tokens_fp8() and kernels.enabled(x) and x.dim() == 2:
+            # W8A8 with a scale per token: the norm's row quantized in the same pass
+            x8, x_scale, s = kernels.rms_norm_quantize_fp8(x, norm.weight, norm.eps, residual)
+            return self.forward_tokens_fp8(x8, x_scale, x.dtype), s
         h, residual = norm(x, residual)
         return self(h), residual
+
+    def takes_tokens_fp8(self) -> bool:
+        """Whether `forward_tokens_fp8` may be called: W8A8 with a scale per token (the
+        output stays sharded: any tp)."""
+        return self.w8a8 == 1 and self.weight_scale is not None
+
+    def forward_tokens_fp8(self, x8: torch.Tensor, x_scale: torch.Tensor,
+                           dtype: torch.dtype) -> torch.Tensor:
+        """forward(x) for an input of `dtype` given already quantized per token, (x8,
+        x_scale) as fp8_linear would make them (kernels.rms_norm_quantize_fp8: the
+        decoder layer's norm and the quantization in one pass); the bias added in the
+        matmul's epilogue, as fp8_linear adds it."""
+        assert self.weight_scale is not None
+        out = w8a8_out_dtype(dtype, x8.is_cuda)
+        return w8a8_tokens(x8, x_scale, self.weight, self.weight_scale, self.bias,
+                           out).to(dtype)
 
 
 def gemv_cache_path() -> Path:

@@ -82,8 +82,13 @@ def rest() -> list[tuple[Any, dict[str, str], dict[str, Any], bool]]:
               {"HAS_BIAS": True, "GROUP": 32, "BLOCK_M": 64, "BLOCK_N": 128, "PDL": True},
               False)
     return [*w8a16, groups,
-        (norm._rms_norm_kernel, {n: bf16 for n in ("X", "R", "W", "Y", "ROUT")} | {
-            "eps": "fp32"}, {"HAS_RES": True, "BLOCK": 4096, "PDL": True}, False),
+        (norm._rms_norm_kernel, {n: bf16 for n in ("X", "R", "W", "Y", "ROUT", "S")} | {
+            "eps": "fp32"}, {"HAS_RES": True, "BLOCK": 4096, "QUANT": False, "PDL": True},
+         False),
+        # (with a W8A8 projection's per-token FP8 quantization: divides as PyTorch does)
+        (norm._rms_norm_kernel, {n: bf16 for n in ("X", "R", "W", "ROUT")} | {
+            "Y": "*fp8e4nv", "S": "*fp32", "eps": "fp32"},
+         {"HAS_RES": True, "BLOCK": 4096, "QUANT": True, "PDL": True}, False),
         (activation._silu_mul_kernel, {"GU": bf16, "OUT": bf16}, {"BLOCK": 1024, "PDL": True},
          False),
         (allreduce._one_shot_kernel, {"X": bf16, "DATA": "*i64", "FLAGS": "*i64",

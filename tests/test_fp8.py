@@ -378,11 +378,12 @@ def test_w8a8_groups_through_the_engine_kernels_and_reference_alike(
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_w8a8_swiglu_quantized_in_one_pass_scores_as_the_two_kernels(
+def test_w8a8_inputs_quantized_in_one_pass_score_as_the_two_kernels(
         ckpt: str, monkeypatch: pytest.MonkeyPatch, dtype: str) -> None:
     """fp8-w8a8 (a scale per token) through the kernels (their interpreter): down_proj's
-    input made by kernels.silu_mul_quantize_fp8 at tp=1 (prompts, multi-row steps) gives
-    the logits silu_and_mul then fp8_linear's own quantization give, exactly."""
+    input made by kernels.silu_mul_quantize_fp8 at tp=1, and qkv_proj's and
+    gate_up_proj's by kernels.rms_norm_quantize_fp8 (prompts, multi-row steps), give the
+    logits the norm or silu_and_mul then fp8_linear's own quantization give, exactly."""
     pytest.importorskip("triton")
     from replicas import kernels
     from replicas.accuracy import scored, sequences
@@ -391,18 +392,48 @@ def test_w8a8_swiglu_quantized_in_one_pass_scores_as_the_two_kernels(
     config = EngineConfig(model=ckpt, dtype=dtype, max_model_len=64,
                           quantization="fp8-w8a8")
     prompts = sequences(2, 24, 200, seed=3)
-    calls = []
-    fused = kernels.silu_mul_quantize_fp8
-    monkeypatch.setattr(kernels, "silu_mul_quantize_fp8",
-                        lambda *a: calls.append(1) or fused(*a))
+    calls: list[str] = []
+    for name in ("silu_mul_quantize_fp8", "rms_norm_quantize_fp8"):
+        fused = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name,
+                            lambda *a, _f=fused, _n=name: calls.append(_n) or _f(*a))
     one_pass = scored(config, prompts)
-    assert calls
+    assert set(calls) == {"silu_mul_quantize_fp8", "rms_norm_quantize_fp8"}
     monkeypatch.setattr(RowParallelLinear, "takes_tokens_fp8", lambda self: False)
+    monkeypatch.setattr(ColumnParallelLinear, "takes_tokens_fp8", lambda self: False)
     calls.clear()
     two_kernels = scored(config, prompts)
     assert not calls
     for a, b in zip(one_pass, two_kernels, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_rms_norm_quantized_in_one_pass_is_the_two_kernels_bit_for_bit(
+        monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, with_residual: bool) -> None:
+    """A W8A8 projection's input (kernels.rms_norm_quantize_fp8): exactly what rms_norm
+    then quantize_tokens_fp8 give, FP8 entries and scales, and the same residual sum;
+    rows past a power of two wide, a zero row (scale 1), rows far apart in size."""
+    pytest.importorskip("triton")
+    from replicas import kernels
+
+    monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
+    m, n = 5, 300
+    gen = torch.Generator().manual_seed(n)
+    x = (torch.randn(m, n, generator=gen) * torch.logspace(-2, 2, m)[:, None]).to(dtype)
+    x[0] = 0.0
+    residual = torch.randn(m, n, generator=gen).to(dtype) if with_residual else None
+    if residual is not None:
+        residual[0] = 0.0
+    weight = (1 + torch.rand(n, generator=gen)).to(dtype)
+    x8, scale, s = kernels.rms_norm_quantize_fp8(x, weight, 1e-5, residual)
+    h, want_s = kernels.rms_norm(x, weight, 1e-5, residual)
+    want8, want_scale = kernels.quantize_tokens_fp8(h)
+    assert x8.shape == (m, n) and x8.dtype == FP8 and scale.dtype == torch.float32
+    assert torch.equal(scale, want_scale) and scale[0, 0] == 1.0
+    assert torch.equal(x8.view(torch.uint8), want8.view(torch.uint8))
+    assert torch.equal(s, want_s if residual is not None else x)
 
 
 def test_w8a8_weight_only_projections_compute_weight_only(ckpt: str) -> None:

@@ -43,7 +43,7 @@ from replicas.kernels.gemv import (
     gemv_push,
     pick_gemv,
 )
-from replicas.kernels.norm import rms_norm
+from replicas.kernels.norm import rms_norm, rms_norm_quantize_fp8
 from replicas.kernels.quant import quantize_tokens_fp8, silu_mul_quantize_fp8, widen_fp8
 from replicas.kernels.rope import rope_and_cache
 from replicas.kernels.tokens import ARGMAX_BLOCK, argmax_rows, feed_tokens
@@ -53,5 +53,6 @@ __all__ = [
     "GemvKind", "NewKeys", "Site", "argmax_rows", "decode_splits", "enabled", "feed_tokens",
     "gemv", "gemv_configs", "gemv_norm", "gemv_push",
     "paged_attention", "pdl", "pick_gemv", "quantize_tokens_fp8", "rms_norm",
+    "rms_norm_quantize_fp8",
     "rope_and_cache", "silu_and_mul", "silu_mul_quantize_fp8", "w8a8_groups", "w8a16", "widen_fp8",
 ]

@@ -1,4 +1,6 @@
-"""RMSNorm, with the residual add fused in: one program per row."""
+"""RMSNorm, with the residual add fused in: one program per row. `rms_norm_quantize_fp8`:
+the same, its output quantized to FP8 with a scale per row in the same pass (a W8A8
+projection's input: the 16-bit output is neither written nor read back)."""
 
 from __future__ import annotations
 
@@ -15,10 +17,14 @@ except ImportError:  # CPU installs without Triton: the PyTorch path only
 
 if triton is not None:
     from replicas.kernels.common import _pdl_enter
+    from replicas.kernels.quant import _row_scale, _store_fp8
 
     @triton.jit
-    def _rms_norm_kernel(X, R, W, Y, ROUT, n, eps, sx, sr, sy, sro,
-                         HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    def _rms_norm_kernel(X, R, W, Y, ROUT, S, n, eps, sx, sr, sy, sro,
+                         HAS_RES: tl.constexpr, BLOCK: tl.constexpr, QUANT: tl.constexpr,
+                         PDL: tl.constexpr):
+        """Row: norm(x + r) * w in x's dtype (x + r stored to ROUT); QUANT: that row
+        quantized as _quant_rows_kernel does (Y FP8, its scale to S)."""
         _pdl_enter(PDL)
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
@@ -26,13 +32,20 @@ if triton is not None:
         x = tl.load(X + row * sx + cols, mask=ok, other=0.0).to(tl.float32)
         if HAS_RES:
             x += tl.load(R + row * sr + cols, mask=ok, other=0.0).to(tl.float32)
-            x = x.to(Y.dtype.element_ty)  # the reference adds in the model dtype
+            x = x.to(X.dtype.element_ty)  # the reference adds in the model dtype
             tl.store(ROUT + row * sro + cols, x, mask=ok)
             x = x.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n + eps)
-        y = (x * rstd).to(Y.dtype.element_ty).to(tl.float32)
+        y = (x * rstd).to(X.dtype.element_ty).to(tl.float32)
         w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
-        tl.store(Y + row * sy + cols, (y * w).to(Y.dtype.element_ty), mask=ok)
+        h = (y * w).to(X.dtype.element_ty)
+        if QUANT:
+            h = h.to(tl.float32)
+            scale = _row_scale(tl.max(tl.abs(h), axis=0))
+            _store_fp8(Y + row * sy, cols, ok, h, scale)
+            tl.store(S + row, scale)
+        else:
+            tl.store(Y + row * sy + cols, h, mask=ok)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -43,10 +56,35 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     x2 = x.reshape(-1, n)
     y = torch.empty_like(x2)
     r_out = torch.empty_like(x2) if residual is not None else y
+    _launch_norm(x2, weight, eps, residual, y, r_out, y)
+    return y.view(x.shape), (r_out.view(x.shape) if residual is not None else None)
+
+
+def rms_norm_quantize_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                          residual: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (x8 [M, K] float8_e4m3fn, scale [M, 1] float32, x + residual (x
+    itself without one)): `quantize_tokens_fp8(rms_norm(x, weight, eps, residual)[0])`
+    bit for bit, in one pass that never writes the normed 16-bit row."""
+    m, n = x.shape
+    x = x if x.stride(1) == 1 else x.contiguous()
+    x8 = torch.empty(m, n, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    r_out = torch.empty_like(x) if residual is not None else x
+    if m:
+        _launch_norm(x, weight, eps, residual, x8, r_out, scale)
+    return x8, scale, r_out
+
+
+def _launch_norm(x2: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None, y: torch.Tensor, r_out: torch.Tensor,
+                 scale: torch.Tensor) -> None:
+    """_rms_norm_kernel over the rows of x2 into y (FP8, with `scale`, when y is)."""
+    n = x2.shape[1]
     r = residual.reshape(-1, n) if residual is not None else x2
     block = _pow2(n)
     _rms_norm_kernel[(x2.shape[0],)](
-        x2, r, weight, y, r_out, n, eps, x2.stride(0), r.stride(0), y.stride(0),
+        x2, r, weight, y, r_out, scale, n, eps, x2.stride(0), r.stride(0), y.stride(0),
         r_out.stride(0), HAS_RES=residual is not None, BLOCK=block,
-        num_warps=min(16, max(1, block // 256)), **_launch(x))
-    return y.view(x.shape), (r_out.view(x.shape) if residual is not None else None)
+        QUANT=y.dtype == torch.float8_e4m3fn, num_warps=min(16, max(1, block // 256)),
+        **_launch(x2))
