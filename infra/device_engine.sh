@@ -10,7 +10,10 @@
 #   FP8_TEST_S=200 FP8_S=420 bash infra/device_engine.sh   # issue 20: tests (FP8 and the
 #                                                # int8 KV cache), the fp8 suite (366 s with
 #                                                # four FP8 modes at 070d6db; five since
-#                                                # PERF v0.56: FP8_S=520 alone in a call)
+#                                                # PERF v0.56: FP8_S=520 alone in a call;
+#                                                # FP8_MODES=fp8-w8a8-keepqkv_int8kv,...
+#                                                # runs those modes only, and their
+#                                                # accuracy cases: bench.fp8_modes)
 #   W8A16_S=120 ...                              # and the weight-only matmul's configs
 #   GEMV_S=150 ...                               # and the batch-1 GEMV's configs alone,
 #                                                # bf16 and FP8 (PERF v0.58's float16
@@ -84,6 +87,7 @@ if [ "${KV_S:-0}" != 0 ]; then  # simulated in transformers on the CPU; the engi
     rows kv_formats_h200.jsonl kv_formats_h200.jsonl
 fi
 if [ "${FP8_S:-0}" != 0 ]; then
+  TPSERVE_FP8_MODES="${FP8_MODES:-}" \
   timeout -s KILL "$FP8_S" python3 -m replicas.bench --suite fp8 --repeats 1 2>&1 |
     rows fp8_h200.jsonl fp8_h200.jsonl
 fi

@@ -435,12 +435,8 @@ def fp8_rows(config: EngineConfig, long_config: EngineConfig, bandwidth: float,
     # four 300-step CPU checkpoints with the int8 cache (v0.56). (W8A8 with qkv weight-only
     # and inputs in runs of 32 columns, "-qkv16-g32", ran until 2319b5c: its kernel is 3x
     # slower than `_scaled_mm`.)
-    for quantization, kv, options, suffix in (
-            ("fp8", "fp8", {}, ""), ("fp8", "int8", {}, ""), ("fp8-w8a8", "fp8", {}, ""),
-            ("fp8-w8a8", "int8", {"keep_16bit": "qkv_proj,o_proj,down_proj"}, "-gateup"),
-            ("fp8-w8a8", "int8", {"keep_16bit": "qkv_proj"}, "-keepqkv")):
+    for quantization, kv, options, name in fp8_modes():
         fp8 = {"quantization": quantization, "kv_cache_dtype": kv, **options}
-        name = quantization + suffix + ("_int8kv" if kv == "int8" else "")
         with Engine(dataclasses.replace(config, **fp8)) as engine:
             # (batch 1 runs the same GEMV in both FP8 modes; -gateup and -keepqkv keep
             # some projections 16-bit)
@@ -464,6 +460,27 @@ def fp8_rows(config: EngineConfig, long_config: EngineConfig, bandwidth: float,
                "ours": round(ttft * 1e3, 1), **fp8, "kernels": kernels}
         torch.cuda.empty_cache()
     yield from accuracy_rows()
+
+
+# the fp8 suite's modes: (weights, KV cache, options, the rows' name)
+FP8_MODES: tuple[tuple[str, str, dict[str, str], str], ...] = (
+    ("fp8", "fp8", {}, "fp8"), ("fp8", "int8", {}, "fp8_int8kv"),
+    ("fp8-w8a8", "fp8", {}, "fp8-w8a8"),
+    ("fp8-w8a8", "int8", {"keep_16bit": "qkv_proj,o_proj,down_proj"},
+     "fp8-w8a8-gateup_int8kv"),
+    ("fp8-w8a8", "int8", {"keep_16bit": "qkv_proj"}, "fp8-w8a8-keepqkv_int8kv"))
+
+
+def fp8_modes() -> list[tuple[str, str, dict[str, str], str]]:
+    """FP8_MODES, or those named in $TPSERVE_FP8_MODES (comma-separated rows' names, e.g.
+    "fp8-w8a8-keepqkv_int8kv,fp8-w8a8": a device call short of time runs what it needs;
+    an unknown name is an error that lists them)."""
+    chosen = [n for n in os.environ.get("TPSERVE_FP8_MODES", "").split(",") if n.strip()]
+    names = [mode[3] for mode in FP8_MODES]
+    unknown = [n for n in chosen if n.strip() not in names]
+    if unknown:
+        raise ValueError(f"TPSERVE_FP8_MODES: unknown {unknown}; the modes are {names}")
+    return [m for m in FP8_MODES if not chosen or m[3] in {n.strip() for n in chosen}]
 
 
 # GLM-4-9B's linear layers at tp=1 (out, in): qkv, o, gate_up, down
@@ -800,6 +817,18 @@ ACCURACY_CASES: tuple[tuple[dict[str, Any], bool], ...] = (
     ({"dtype": "float32"}, False))
 
 
+def accuracy_cases() -> list[tuple[dict[str, Any], bool]]:
+    """ACCURACY_CASES, or with $TPSERVE_FP8_MODES (fp8_modes) those of the chosen modes'
+    weights and options (either cache) and the float32 baseline."""
+    if not os.environ.get("TPSERVE_FP8_MODES", "").strip():
+        return list(ACCURACY_CASES)
+    keys = ("quantization", "keep_16bit", "w8a8_weight_only", "w8a8_group")
+    modes = [{"quantization": q, **options} for q, _, options, _ in fp8_modes()]
+    return [(changes, held) for changes, held in ACCURACY_CASES
+            if changes == {"dtype": "float32"}
+            or any(all(changes.get(k) == mode.get(k) for k in keys) for mode in modes)]
+
+
 def _accuracy_case(changes: dict[str, Any]) -> str:
     return "accuracy_" + "_".join(f"{k}={v}" for k, v in changes.items())
 
@@ -816,7 +845,7 @@ def accuracy_rows() -> list[dict[str, Any]]:
                         max_num_batched_tokens=64)
     prompts = held_out(model, 16, 128)
     rows = []
-    for changes, _ in ACCURACY_CASES:
+    for changes, _ in accuracy_cases():
         row = measure(base, changes, prompts)
         rows.append({"case": _accuracy_case(changes), "unit": "top-1 agreement",
                      "ours": row["top1_agreement"], **row})

@@ -332,6 +332,27 @@ def test_fp8_rows_come_one_by_one_in_each_mode(monkeypatch: pytest.MonkeyPatch) 
     assert len(started) == 9  # two engines a mode, one for the int8 cache's
 
 
+def test_fp8_modes_can_be_chosen_for_a_short_device_call(monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    """$TPSERVE_FP8_MODES names the fp8 suite's modes to run (rows' names), in the suite's
+    order; the accuracy cases follow (each chosen mode's weights and options, either
+    cache, and the float32 baseline); an unknown name is refused with the list."""
+    from replicas import bench
+
+    monkeypatch.setenv("TPSERVE_FP8_MODES", "fp8-w8a8-keepqkv_int8kv, fp8-w8a8")
+    assert [m[3] for m in bench.fp8_modes()] == ["fp8-w8a8", "fp8-w8a8-keepqkv_int8kv"]
+    assert [c for c, _ in bench.accuracy_cases()] == [
+        {"quantization": "fp8-w8a8"},
+        {"quantization": "fp8-w8a8", "keep_16bit": "qkv_proj"},
+        {"quantization": "fp8-w8a8", "keep_16bit": "qkv_proj", "kv_cache_dtype": "int8"},
+        {"dtype": "float32"}]
+    monkeypatch.setenv("TPSERVE_FP8_MODES", "fp8-w8a8,keepqkv")
+    with pytest.raises(ValueError, match="unknown \\['keepqkv'\\].*fp8-w8a8-gateup_int8kv"):
+        bench.fp8_modes()
+    monkeypatch.delenv("TPSERVE_FP8_MODES")
+    assert len(bench.fp8_modes()) == 5 and bench.accuracy_cases() == list(bench.ACCURACY_CASES)
+
+
 def test_prefill_host_probe_times_an_eager_step_and_profiles_the_driver(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """`python -m replicas.multigpu --prefill-host` (PERF.md v0.42) on the tiny CPU model:
