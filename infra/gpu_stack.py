@@ -42,6 +42,7 @@ from typing import Any
 
 from infra.client import Budget, LoadConfig, Turn, client, run_clients
 from infra.results import emit, environment, summarize
+from replicas.jsonlines import between
 
 PROMPT = [{"role": "user", "content": "Tell me about the tensor-parallel replicas."}]
 GREEDY_TOKENS = 32
@@ -350,6 +351,14 @@ def replica_stats(state_dir: str) -> dict[str, Any]:
         ray.shutdown()
 
 
+def _stats_or_error(state_dir: str) -> dict[str, Any]:
+    """replica_stats, or {"error": ...} (a figure the row then lacks, not a failed row)."""
+    try:
+        return replica_stats(state_dir)
+    except Exception as e:  # noqa: BLE001 - the rest is still worth measuring
+        return {"error": f"{type(e).__name__}: {e}"[:300]}
+
+
 def replica_init_s(logs: str = "/tmp/ray/session_latest/logs/serve") -> float | None:
     """Seconds from Serve's "Started initializing replica" to "Finished initializing
     replica" in the (first) engine replica's log: its start-up as Serve saw it."""
@@ -496,15 +505,24 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
     stack_run(stack.edge, WARMUP)
     load = stack_run(stack.edge, LOAD)
     before = router_times(stack.edge)
+    replica_before = _stats_or_error(state_dir)
     repeat = profiled_run(stack.edge, LOAD, None)  # CPU use only
     inside: dict[str, Any] = means(before, router_times(stack.edge))
     try:  # the replica's own view of the last 512 requests (the repeat run's)
         after = replica_stats(state_dir)
-        inside.update(replica_inside(after), engine_ttft_ms=after.get("ttft_ms"))
+        inside.update(replica_inside(after), engine_ttft_ms=after.get("ttft_ms"),
+                      replica_means_ms=between(replica_before, after))
     except Exception as e:  # noqa: BLE001 - the rest is still worth measuring
         inside["error"] = f"{type(e).__name__}: {e}"[:300]
     more = [stack_run(stack.edge, LOAD) for _ in range(MORE_LOAD_RUNS)]
+    # one client at a time: the path's own cost, hop by hop (the router's means and the
+    # replica's over just these requests)
+    before = router_times(stack.edge)
+    replica_before = _stats_or_error(state_dir)
     sequential = stack_run(stack.edge, SEQUENTIAL)
+    sequential_inside: dict[str, Any] = means(before, router_times(stack.edge))
+    sequential_inside["replica_means_ms"] = between(replica_before,
+                                                    _stats_or_error(state_dir))
     profiled = profiled_run(stack.edge, LOAD, profile_dir) if profile_dir else None
     row: dict[str, Any] = {
         "kind": "gpu_stack", "model": "glm4-9b-shaped", **shape,
@@ -529,6 +547,7 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
         "load_repeat_inside": inside,
         "load_config": asdict(LoadConfig(**{**asdict(LOAD), "url": stack.edge})),
         "sequential": sequential, "sequential_config": asdict(SEQUENTIAL),
+        "sequential_inside": sequential_inside,
         "load_profiled": profiled}
     if engine:
         want = engine["greedy_token_ids"]

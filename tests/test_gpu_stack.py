@@ -206,3 +206,59 @@ def test_stack_pids_find_the_engine_process_before_its_fork_server() -> None:
         assert server in group and group.index(engine.pid) < group.index(server), group
     finally:
         engine.shutdown()
+
+
+def test_stack_step_means_the_replicas_hops_over_each_run(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """stack_step (stand-ins for the stack and its measures): the load repeat's and the
+    one-client run's replica means come from the stats' counts and sums before and after
+    each run alone (replicas/jsonlines.py `between`), beside the router's means."""
+    from types import SimpleNamespace
+
+    from infra import stack as stack_mod
+
+    running = SimpleNamespace(edge="http://127.0.0.1:1", token="t", config=SimpleNamespace(
+        replicas=1, router_replicas=1, data_path="direct"))
+    monkeypatch.setattr(stack_mod.Running, "recorded", classmethod(lambda cls, d: running))
+    monkeypatch.setattr(stack_mod, "read_state", lambda d: {"engine": {"tp": 1}})
+    served = iter(range(100))
+
+    def stats(state_dir: str) -> dict:  # each reading: 10 more requests of 2 ms way in
+        n = next(served)
+        return {"way_in_ms": {"n": 10, "count": 10 * n, "sum_ms": 20.0 * n},
+                "prepare_ms": {"n": 0, "count": 0, "sum_ms": 0.0}, "ttft_ms": {"n": 1}}
+
+    monkeypatch.setattr(gpu_stack, "replica_stats", stats)
+    monkeypatch.setattr(gpu_stack, "streaming_chat", lambda *a: {
+        "token_ids": [1], "ttft_ms": 1.0, "total_ms": 2.0, "router_ttft_ms": 0.5})
+    run = {"output_tokens_per_s": 10.0, "ttft_ms": {"p50": 5.0}, "itl_ms": {"p50": 1.0}}
+    monkeypatch.setattr(gpu_stack, "stack_run", lambda *a: dict(run))
+    monkeypatch.setattr(gpu_stack, "profiled_run", lambda *a: dict(run))
+    monkeypatch.setattr(gpu_stack, "router_times", lambda *a: {
+        "router_ttft": (0.0, 0.0), "engine_first_item": (0.0, 0.0),
+        "routing_choose": (0.0, 0.0), "queue_probe": (0.0, 0.0)})
+    monkeypatch.setattr(gpu_stack, "replica_init_s", lambda: 1.0)
+    row = gpu_stack.stack_step("model", "state", "", None)
+    assert row["load_repeat_inside"]["replica_means_ms"] == {"way_in_ms": 2.0,
+                                                             "prepare_ms": None}
+    assert row["sequential_inside"]["replica_means_ms"] == {"way_in_ms": 2.0,
+                                                            "prepare_ms": None}
+    assert "router_ttft_mean_ms" in row["sequential_inside"] and "vs_engine" not in row
+
+
+def test_recent_counts_and_sums_beyond_its_window() -> None:
+    """A Recent summary's "n" is its window's; "count" and "sum_ms" are every value's,
+    so `between` two summaries is the mean of what came between, however many."""
+    from replicas.jsonlines import Recent, between
+
+    recent = Recent(size=4)
+    for v in (0.001, 0.003):
+        recent.add(v)
+    before = {"x": recent.summary(), "other": 3}
+    for _ in range(10):
+        recent.add(0.010)
+    after = {"x": recent.summary(), "other": 4, "new": {"count": 1, "sum_ms": 1.0}}
+    assert after["x"]["n"] == 4 and after["x"]["count"] == 12
+    assert after["x"]["sum_ms"] == 104.0
+    assert between(before, after) == {"x": 10.0}
+    assert between(after, after) == {"x": None, "new": None}
