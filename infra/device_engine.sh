@@ -73,9 +73,11 @@ fi
 if [ "${GEMV_S:-0}" != 0 ]; then  # every GEMV config on GLM-4-9B's shapes (~1 min)
   timeout -s KILL "$GEMV_S" python3 -m replicas.bench --suite gemv 2>&1 |
     rows gemv_h200.jsonl gemv_h200.jsonl
-  # (pick_gemv checks every config against cuBLAS as it times it: the chains on the GPU)
-  timeout -s KILL "$GEMV_S" python3 -m pytest -q tests/test_kernels.py -k "gemv" \
-    -p no:cacheprovider 2>&1 | tail -5 | tee "$out/gemv_tests.log"
+  # (pick_gemv checks every config against cuBLAS as it times it: the chains on the GPU;
+  # and PERF v0.58-v0.61's kernels against their references on the GPU)
+  timeout -s KILL "$GEMV_S" python3 -m pytest -q tests/test_kernels.py tests/test_gpu.py \
+    -k "gemv or one_pass_equals or chained_fp8 or ahead_equals" -p no:cacheprovider 2>&1 |
+    tail -5 | tee "$out/gemv_tests.log"
 fi
 if [ "${ATTN_S:-0}" != 0 ]; then  # decode attention's variants (~1-2 min)
   timeout -s KILL "$ATTN_S" python3 -m replicas.bench --suite attention 2>&1 |
