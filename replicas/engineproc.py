@@ -329,9 +329,12 @@ class EngineProcess:
     """An Engine run in a child process (see the module). Always call `shutdown()`."""
 
     def __init__(self, config: EngineConfig, launch: RankLauncher | None = None,
-                 start_timeout_s: float = START_TIMEOUT_S) -> None:
-        # where the start went, seconds from here (the replica's stats: replica_start_s)
-        begun = time.monotonic()
+                 start_timeout_s: float = START_TIMEOUT_S, started_at: float | None = None
+                 ) -> None:
+        # where the start went (`start_s`), seconds from `started_at` (a time.monotonic()
+        # reading; default: here): a caller that passes its own start gets phases on its
+        # clock, each rounded once (the replica's stats: replica_start_s)
+        begun = time.monotonic() if started_at is None else started_at
         self.start_s: dict[str, float] = {}
         from transformers import AutoConfig
 

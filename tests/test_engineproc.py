@@ -119,7 +119,12 @@ def test_a_killed_child_fails_its_streams_and_reports_unhealthy() -> None:
 
 
 def test_shutdown_ends_the_child_and_refuses_after() -> None:
-    engine = EngineProcess(EngineConfig(model=None))
+    """(And the start's phases count from the caller's `started_at`, in their order.)"""
+    started = time.monotonic() - 100.0
+    engine = EngineProcess(EngineConfig(model=None), started_at=started)
+    phases = engine.start_s
+    assert 100.0 <= phases["model_config"] <= phases["forked"] <= phases["ready"]
+    assert phases["tokenizer"] <= phases["ready"] <= time.monotonic() - started + 0.001
     pid = engine.pid
     engine.shutdown()
     assert not engine._proc.is_alive() and engine._proc.exitcode == 0
