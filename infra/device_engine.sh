@@ -19,7 +19,7 @@
 #                                                # bf16 and FP8 (PERF v0.58's float16
 #                                                # chains against the others), then
 #                                                # test_kernels.py's GEMV tests
-#   ATTN_S=150 ...                               # and decode attention's tiles and splits
+#   ATTN_S=240 ...                               # and decode attention's tiles and splits
 #                                                # at batch 1, 64 and 256 (bf16, int8)
 #   KV_S=120 ...                                 # and the KV formats' accuracy on the
 #                                                # checkpoint trained on this GPU
@@ -79,7 +79,7 @@ if [ "${GEMV_S:-0}" != 0 ]; then  # every GEMV config on GLM-4-9B's shapes (~1 m
     -k "gemv or one_pass_equals or chained_fp8 or ahead_equals" -p no:cacheprovider 2>&1 |
     tail -5 | tee "$out/gemv_tests.log"
 fi
-if [ "${ATTN_S:-0}" != 0 ]; then  # decode attention's variants (~1-2 min)
+if [ "${ATTN_S:-0}" != 0 ]; then  # decode attention's variants (~60 compiles, then timing)
   timeout -s KILL "$ATTN_S" python3 -m replicas.bench --suite attention 2>&1 |
     rows attention_h200.jsonl attention_h200.jsonl
 fi

@@ -565,9 +565,12 @@ def gemv_suite(repeats: int, picker: Callable[..., tuple[Any, dict[str, float]]]
 # rotated, pairs interleaved; 16-token KV blocks): (sequences, keys each) of batch-1
 # decode and of the 64-client and 256-request runs
 ATTENTION_CASES = ((1, 256), (1, 4096), (64, 320), (256, 192), (256, 1024))
-# (keys a tile, warps[, ahead: the next tile's keys loaded before this one's softmax])
-ATTENTION_TILES = ((32, 4), (64, 4), (128, 4), (32, 8), (64, 8), (128, 8), (32, 4, 1),
-                   (64, 4, 1), (64, 8, 1), (128, 8, 1))
+# (keys a tile, warps[, ahead: the next tile's keys loaded before this one's softmax]),
+# each at the engine's splits; the engine's tile and its AHEAD form also at twice and half
+# the splits (every tile and split count is a compile: ~60 in all, kept to what one
+# device step can afford)
+ATTENTION_TILES = ((32, 4), (64, 4), (128, 4), (64, 8), (128, 8), (64, 4, 1), (64, 8, 1),
+                   (128, 8, 1))
 
 
 def attention_suite(repeats: int) -> Iterator[dict[str, Any]]:
@@ -585,15 +588,17 @@ def attention_suite(repeats: int) -> Iterator[dict[str, Any]]:
 def attention_probe(cases: Sequence[tuple[int, int]], device: str,
                     timer: Callable[[Callable[[Any], Any], list[Any]], float],
                     bandwidth: float, tiles: Sequence[tuple[int, ...]] = ATTENTION_TILES,
-                    **shape: int) -> list[dict[str, Any]]:
-    """A row per (cache dtype, sequences, keys): `timer(fn, copies)`'s µs for each
-    (tile, splits) variant, the engine's own (kernels.DECODE_TILE, decode_splits) first;
-    every variant's output checked against that one's (a variant that differs is listed
-    in `failed`, not timed). `shape`: heads, kv_heads, d, rotary_dim, block_size."""
+                    **shape: int) -> Iterator[dict[str, Any]]:
+    """A row per (cache dtype, sequences, keys), each as soon as it is measured (a step
+    cut short keeps the rows before): `timer(fn, copies)`'s µs for each (tile, splits)
+    variant, the engine's own (kernels.DECODE_TILE, decode_splits) first; every variant's
+    output checked against that one's (a variant that differs is listed in `failed`, not
+    timed). `shape`: heads, kv_heads, d, rotary_dim, block_size."""
     gen = torch.Generator(device=device).manual_seed(0)
-    return [_attention_row(cache_dtype, num_seqs, keys, device, timer, bandwidth, tiles, gen,
-                           **shape)
-            for cache_dtype in ("bfloat16", "int8") for num_seqs, keys in cases]
+    for cache_dtype in ("bfloat16", "int8"):
+        for num_seqs, keys in cases:
+            yield _attention_row(cache_dtype, num_seqs, keys, device, timer, bandwidth, tiles,
+                                 gen, **shape)
 
 
 def _attention_row(cache_dtype: str, num_seqs: int, keys: int, device: str,
@@ -641,9 +646,13 @@ def _attention_row(cache_dtype: str, num_seqs: int, keys: int, device: str,
                                        decode_tile=tile)
 
     base = kernels.decode_splits(num_seqs, kv_heads, keys)
-    variants = [(tuple(kernels.DECODE_TILE), base)]
-    variants += [(t, s) for t in tiles for s in sorted({base, 2 * base, max(1, base // 2)})
-                 if (t, s) not in variants]
+    engine_tile = tuple(kernels.DECODE_TILE)
+    variants = [(engine_tile, base)]
+    for tile in tiles:  # the engine's tile (and its AHEAD form) at other splits too
+        own = tile[:2] == engine_tile[:2]
+        for splits in sorted({base, 2 * base, max(1, base // 2)}) if own else [base]:
+            if (tile, splits) not in variants:
+                variants.append((tile, splits))
     want = run(copies[0], *variants[0]).clone()
     times, failed = {}, []
     for tile, splits in variants:

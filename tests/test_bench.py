@@ -174,9 +174,9 @@ def test_gemv_suite_rows_put_the_chained_fp8_configs_beside_the_others() -> None
 def test_attention_probe_times_every_tile_and_split_against_the_engines() -> None:
     """`--suite attention`'s rows (here on CPU, Triton's interpreter, small shapes and a
     stand-in timer): per cache dtype and (sequences, keys), the engine's tile and splits
-    first, then each tile at the engine's splits, twice and half of them; every variant
-    computes what the engine's does (none failed); the floor is the keys' and values'
-    bytes at the given rate."""
+    first, then each tile at the engine's splits, the engine's tile and its AHEAD form
+    also at twice and half of them; every variant computes what the engine's does (none
+    failed); the floor is the keys' and values' bytes at the given rate."""
     pytest.importorskip("triton")
     from replicas import kernels
     from replicas.bench import attention_probe
@@ -188,9 +188,9 @@ def test_attention_probe_times_every_tile_and_split_against_the_engines() -> Non
         timed.append(str(fn.keywords))
         return 10.0 - len(timed) * 0.1  # later variants "faster"
 
-    rows = attention_probe([(2, 40), (3, 9)], "cpu", timer, bandwidth=1.0,
-                           tiles=[(16, 4), (32, 4)], heads=4, kv_heads=2, d=16, rotary_dim=8,
-                           block_size=4)
+    rows = list(attention_probe([(2, 40), (3, 9)], "cpu", timer, bandwidth=1.0,
+                                tiles=[(16, 4), (64, 4), (64, 4, 1)], heads=4, kv_heads=2,
+                                d=16, rotary_dim=8, block_size=4))
     assert [r["case"] for r in rows] == [
         "glm4-9b_decode_attention_bfloat16_2x40", "glm4-9b_decode_attention_bfloat16_3x9",
         "glm4-9b_decode_attention_int8_2x40", "glm4-9b_decode_attention_int8_3x9"]
@@ -199,9 +199,10 @@ def test_attention_probe_times_every_tile_and_split_against_the_engines() -> Non
     assert first["engine_tile"] == list(kernels.DECODE_TILE) and first["engine_splits"] == splits
     names = list(first["times_us"])
     assert names[0] == f"tile {kernels.DECODE_TILE[0]}x{kernels.DECODE_TILE[1]}w splits {splits}"
-    want = {f"tile {t}x4w splits {s}" for t in (16, 32)
-            for s in {splits, 2 * splits, max(1, splits // 2)}}
-    assert set(names[1:]) == want and not first["failed"]
+    others = {splits, 2 * splits, max(1, splits // 2)}  # the engine's tile only
+    want = {f"tile 16x4w splits {splits}"} | {f"tile 64x4w splits {s}" for s in others} | {
+        f"tile 64x4w ahead splits {s}" for s in others}
+    assert set(names) == want and len(names) == len(want) and not first["failed"]
     assert first["ours"] == first["times_us"][names[0]] and first["best"] == names[-1]
     assert first["floor_us"] == round(2 * 2 * 40 * 2 * 16 * 2 / 1e3, 2)  # bf16 K and V
     assert rows[2]["floor_us"] == round(2 * 2 * 40 * 2 * (16 + 4) / 1e3, 2)  # int8 + scales
