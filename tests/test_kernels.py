@@ -176,25 +176,42 @@ def test_paged_attention_matches_reference(case: str, dtype: torch.dtype, cache:
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
+DECODE_ROTARY = 8  # decode_inputs' rotated features of each 16-wide head
+
+
+def new_slots(b: ForwardBatch, block_size: int) -> torch.Tensor:
+    """The cache slots of a decode batch's new tokens (their positions' blocks)."""
+    blocks = b.block_tables[torch.arange(len(b.positions), device=DEVICE),
+                            b.positions // block_size]
+    return blocks * block_size + b.positions % block_size
+
+
+def decode_inputs(contexts: list[int], window: int | None, seed: int
+                  ) -> tuple[ForwardBatch, list[torch.Tensor], torch.Tensor, torch.Tensor,
+                             torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decode step of one token a sequence over `contexts` (blocks of 4 tokens, 2 KV
+    heads of 4 query heads, head dim 16, DECODE_ROTARY of it rotated): (batch, the K and V
+    caches, q, k, v, cos, sin, the new tokens' slots), random from `seed`."""
+    kv_heads, heads, d = 2, 4, 16
+    b = ragged_batch([1] * len(contexts), contexts, 4, 512, window)
+    gen = torch.Generator().manual_seed(seed)
+    caches = [torch.randn(512, 4, kv_heads, d, generator=gen).to(DEVICE) for _ in range(2)]
+    q, k, v = (torch.randn(len(contexts), h, d, generator=gen).to(DEVICE)
+               for h in (heads, kv_heads, kv_heads))
+    angles = torch.rand(len(contexts), 1, DECODE_ROTARY, generator=gen).to(DEVICE) * 6
+    return b, caches, q, k, v, angles.cos(), angles.sin(), new_slots(b, 4)
+
+
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("splits", [1, 4])
 def test_decode_attention_rotates_and_caches_the_new_keys(interleaved: bool, splits: int
                                                           ) -> None:
     """Decode attention given the step's unrotated q, k, v (NewKeys) equals rope_and_cache
     then attention, and leaves the same cache: bit for bit in the interpreter."""
-    contexts, block_size, kv_heads, heads, d, rotary_dim = [300, 5, 70], 4, 2, 4, 16, 8
     window = 40 if splits == 1 else None  # (split: 3 of 4 have keys at 300)
-    b = ragged_batch([1, 1, 1], contexts, block_size, 512, window)
-    gen = torch.Generator().manual_seed(12)
-    caches = [torch.randn(512, block_size, kv_heads, d, generator=gen).to(DEVICE)
-              for _ in range(2)]
-    q, k, v = (torch.randn(3, h, d, generator=gen).to(DEVICE) for h in (heads, kv_heads,
-                                                                          kv_heads))
-    angles = torch.rand(3, 1, rotary_dim, generator=gen).to(DEVICE) * 6
-    cos, sin = angles.cos(), angles.sin()
-    blocks = b.block_tables[torch.arange(3, device=DEVICE), b.positions // block_size]
-    slots = blocks * block_size + b.positions % block_size
+    b, caches, q, k, v, cos, sin, slots = decode_inputs([300, 5, 70], window, seed=12)
     assert b.cu_q is not None
+    rotary_dim = DECODE_ROTARY
     new = kernels.NewKeys(k, v, cos, sin, slots, rotary_dim, interleaved)
     k_fused, v_fused = (c.clone() for c in caches)
     got = kernels.paged_attention(q.clone(), k_fused, v_fused, b.block_tables, b.cu_q,
@@ -216,18 +233,9 @@ def test_decode_attention_loading_ahead_is_the_same_attention(splits: int) -> No
     """The decode kernel's AHEAD variant (each tile's keys loaded before the previous
     tile's softmax; `decode_tile`'s third entry) and other tiles give the engine's tile's
     result, and write the same cache: tiles of 16 keys over contexts of 1 to 300."""
-    contexts, block_size, kv_heads, heads, d, rotary_dim = [300, 5, 70, 33], 4, 2, 4, 16, 8
-    b = ragged_batch([1, 1, 1, 1], contexts, block_size, 512, None)
-    gen = torch.Generator().manual_seed(13)
-    caches = [torch.randn(512, block_size, kv_heads, d, generator=gen).to(DEVICE)
-              for _ in range(2)]
-    q, k, v = (torch.randn(4, h, d, generator=gen).to(DEVICE) for h in (heads, kv_heads,
-                                                                          kv_heads))
-    angles = torch.rand(4, 1, rotary_dim, generator=gen).to(DEVICE) * 6
-    blocks = b.block_tables[torch.arange(4, device=DEVICE), b.positions // block_size]
-    slots = blocks * block_size + b.positions % block_size
+    b, caches, q, k, v, cos, sin, slots = decode_inputs([300, 5, 70, 33], None, seed=13)
     assert b.cu_q is not None
-    new = kernels.NewKeys(k, v, angles.cos(), angles.sin(), slots, rotary_dim, False)
+    new = kernels.NewKeys(k, v, cos, sin, slots, DECODE_ROTARY, False)
     runs = {}
     for tile in [kernels.DECODE_TILE, (16, 4), (16, 4, 1), (32, 4, 1)]:
         cache = [c.clone() for c in caches]
@@ -269,8 +277,7 @@ def test_fp8_cache_writes_round_and_saturate_as_the_reference() -> None:
     # decode writes the new token's key and value the same way
     b = ragged_batch([1, 1, 1], [10, 1, 6], 4, 8, None)
     assert b.cu_q is not None
-    slots = (b.block_tables[torch.arange(3, device=DEVICE), b.positions // 4] * 4
-             + b.positions % 4)
+    slots = new_slots(b, 4)
     fused = [torch.zeros(8, 4, kv_heads, d, device=DEVICE).to(torch.float8_e4m3fn)
              for _ in range(2)]
     k2 = k.clone()
@@ -317,8 +324,7 @@ def test_int8_cache_writes_rows_and_scales_as_the_reference() -> None:
     # decode writes the new token's key and value the same way
     b = ragged_batch([1, 1, 1], [10, 1, 6], 4, 8, None)
     assert b.cu_q is not None
-    slots = (b.block_tables[torch.arange(3, device=DEVICE), b.positions // 4] * 4
-             + b.positions % 4)
+    slots = new_slots(b, 4)
     fused, apart = pool(8), pool(8)
     kernels.paged_attention(q.clone(), *fused[:2], b.block_tables, b.cu_q, b.positions, None,
                             1, 1, kernels.NewKeys(k.clone(), v, cos, sin, slots, rotary_dim,
