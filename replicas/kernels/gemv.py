@@ -124,22 +124,28 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_K)
         part = w.to(tl.float16) * _x16(X, R, NW, cols, k, rstd, EVEN, GATED, NORM, HAS_RES,
                                        PULL, WORLD, SHIFT)[None, :]
-        for j in tl.static_range(1, CHAIN):
-            cols = j * BLOCK_K + tl.arange(0, BLOCK_K)
-            part += _w_tile(W, rows, r_ok, cols, k, sw, EVEN).to(tl.float16) * _x16(
-                X, R, NW, cols, k, rstd, EVEN, GATED, NORM, HAS_RES, PULL, WORLD, SHIFT)[None, :]
-        acc = part.to(tl.float32)
+        acc = _chain_rest(part, W, X, R, NW, rows, r_ok, 0, k, sw, rstd, EVEN, GATED, NORM,
+                          HAS_RES, PULL, WORLD, BLOCK_K, CHAIN, SHIFT).to(tl.float32)
         for k1 in range(CHAIN * BLOCK_K, k, CHAIN * BLOCK_K):
             cols = k1 + tl.arange(0, BLOCK_K)
             part = _w_tile(W, rows, r_ok, cols, k, sw, EVEN).to(tl.float16) * _x16(
                 X, R, NW, cols, k, rstd, EVEN, GATED, NORM, HAS_RES, PULL, WORLD, SHIFT)[None, :]
-            for j in tl.static_range(1, CHAIN):
-                cols = k1 + j * BLOCK_K + tl.arange(0, BLOCK_K)
-                part += _w_tile(W, rows, r_ok, cols, k, sw, EVEN).to(tl.float16) * _x16(
-                    X, R, NW, cols, k, rstd, EVEN, GATED, NORM, HAS_RES, PULL, WORLD,
-                    SHIFT)[None, :]
-            acc += part.to(tl.float32)
+            acc += _chain_rest(part, W, X, R, NW, rows, r_ok, k1, k, sw, rstd, EVEN, GATED,
+                               NORM, HAS_RES, PULL, WORLD, BLOCK_K, CHAIN, SHIFT).to(tl.float32)
         return tl.sum(acc, axis=1) * (1 << SHIFT)
+
+    @triton.jit
+    def _chain_rest(part, W, X, R, NW, rows, r_ok, k1, k, sw, rstd, EVEN: tl.constexpr,
+                    GATED: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
+                    PULL: tl.constexpr, WORLD: tl.constexpr, BLOCK_K: tl.constexpr,
+                    CHAIN: tl.constexpr, SHIFT: tl.constexpr):
+        """`part` (the chain's first tile at column k1, float16) plus the float16
+        products of its other CHAIN - 1 tiles."""
+        for j in tl.static_range(1, CHAIN):
+            cols = k1 + j * BLOCK_K + tl.arange(0, BLOCK_K)
+            part += _w_tile(W, rows, r_ok, cols, k, sw, EVEN).to(tl.float16) * _x16(
+                X, R, NW, cols, k, rstd, EVEN, GATED, NORM, HAS_RES, PULL, WORLD, SHIFT)[None, :]
+        return part
 
     @triton.jit
     def _gemv_kernel(X, W, S, B, Y, R, NW, ROUT, n, k, sw, eps, DATA, FLAGS, CNT, site_data,
