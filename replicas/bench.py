@@ -475,12 +475,13 @@ def fp8_modes() -> list[tuple[str, str, dict[str, str], str]]:
     """FP8_MODES, or those named in $TPSERVE_FP8_MODES (comma-separated rows' names, e.g.
     "fp8-w8a8-keepqkv_int8kv,fp8-w8a8": a device call short of time runs what it needs;
     an unknown name is an error that lists them)."""
-    chosen = [n for n in os.environ.get("TPSERVE_FP8_MODES", "").split(",") if n.strip()]
+    chosen = [n.strip() for n in os.environ.get("TPSERVE_FP8_MODES", "").split(",")
+              if n.strip()]
     names = [mode[3] for mode in FP8_MODES]
-    unknown = [n for n in chosen if n.strip() not in names]
+    unknown = [n for n in chosen if n not in names]
     if unknown:
         raise ValueError(f"TPSERVE_FP8_MODES: unknown {unknown}; the modes are {names}")
-    return [m for m in FP8_MODES if not chosen or m[3] in {n.strip() for n in chosen}]
+    return [m for m in FP8_MODES if not chosen or m[3] in chosen]
 
 
 # GLM-4-9B's linear layers at tp=1 (out, in): qkv, o, gate_up, down
@@ -608,13 +609,13 @@ def _attention_row(cache_dtype: str, num_seqs: int, keys: int, device: str,
                    rotary_dim: int = 64, block_size: int = 16) -> dict[str, Any]:
     """attention_probe's row for one cache dtype and (sequences, keys each)."""
     from replicas import kernels
-    from replicas.kernels.gemv import OutOfResources
+    from replicas.kernels.gemv import OutOfResources, cold_copies
 
     width = -(-keys // block_size)
     blocks = num_seqs * width
     int8 = cache_dtype == "int8"
     kv_bytes = 2 * num_seqs * keys * kv_heads * (d + 4 if int8 else 2 * d)
-    count = min(32, max(2, -(-2**28 // kv_bytes)))  # copies enough that each is read cold
+    count = cold_copies(kv_bytes)
     shape = (blocks, block_size, kv_heads, d)
 
     def cache() -> tuple[torch.Tensor, ...]:
@@ -685,10 +686,11 @@ def _probe_weights(n: int, k: int, device: str, dtype: torch.dtype, gen: torch.G
     weight they stand for, copies of w8, copies of the 16-bit one): enough copies (up to
     32, 256 MB of FP8) that a timer cycling through them reads each cold."""
     from replicas.fp8 import quantize_rows
+    from replicas.kernels.gemv import cold_copies
 
     w8, scale = quantize_rows(torch.randn(n, k, device=device, dtype=dtype, generator=gen))
     dense = w8.to(dtype) * scale[:, None].to(dtype)
-    count = min(32, max(2, -(-2**28 // (n * k))))
+    count = cold_copies(n * k)  # (w8's bytes)
     return (w8, scale, dense, [w8] + [w8.clone() for _ in range(count - 1)],
             [dense] + [dense.clone() for _ in range(count - 1)])
 

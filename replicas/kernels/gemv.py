@@ -339,8 +339,7 @@ def pick_gemv(weight: torch.Tensor, bias: torch.Tensor | None, kind: GemvKind = 
         h = x
     dense = weight if scale is None else (weight.float() * scale[:, None]).to(h.dtype)
     want = F.linear(h, dense, bias)
-    # 256 MB of copies (at most 32: small matrices are cheap either way)
-    count = min(32, max(2, -(-2**28 // (weight.numel() * weight.element_size()))))
+    count = cold_copies(weight.numel() * weight.element_size())
     copies = [weight] + [weight.clone() for _ in range(count - 1)]
 
     def run(w: torch.Tensor, config: GemvConfig) -> torch.Tensor:
@@ -367,6 +366,13 @@ def pick_gemv(weight: torch.Tensor, bias: torch.Tensor | None, kind: GemvKind = 
     times = {name: _cycled_us(fn, copies) for name, fn in runs.items()}
     best = min(configs, key=lambda c: times[str(c)])
     return (best if times[str(best)] < margin * times["cublas"] else None), times
+
+
+def cold_copies(nbytes: int) -> int:
+    """How many copies of an operand of `nbytes` a timer cycles through (_cycled_us) so
+    that each is read cold, as a step reads it: 256 MB of them, 2 to 32 (small ones are
+    cheap either way)."""
+    return min(32, max(2, -(-2**28 // nbytes)))
 
 
 def _cycled_us(fn: Callable[[torch.Tensor], torch.Tensor], copies: list[torch.Tensor],
