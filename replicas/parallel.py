@@ -203,6 +203,19 @@ class _KernelLinear(nn.Module):
         # FP8 activations too (quantization="fp8-w8a8"): fp8.fp8_linear's w8a8
         self.w8a8 = 0
 
+    def takes_tokens_fp8(self) -> bool:
+        """Whether `forward_tokens_fp8` may be called: W8A8 with a scale per token."""
+        return self.w8a8 == 1 and self.weight_scale is not None
+
+    def _tokens_fp8(self, x8: torch.Tensor, x_scale: torch.Tensor, dtype: torch.dtype,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+        """This rank's product of an input of `dtype` given already quantized per token,
+        (x8, x_scale) as fp8_linear would make them (a fused kernel: the norm's or
+        SwiGLU's and the quantization in one pass), `bias` in the matmul's epilogue."""
+        assert self.weight_scale is not None
+        out = w8a8_out_dtype(dtype, x8.is_cuda)
+        return w8a8_tokens(x8, x_scale, self.weight, self.weight_scale, bias, out).to(dtype)
+
 
 class ColumnParallelLinear(_KernelLinear):
     """y = x W^T with W's output rows split over ranks; output stays sharded.
@@ -267,21 +280,11 @@ class ColumnParallelLinear(_KernelLinear):
         h, residual = norm(x, residual)
         return self(h), residual
 
-    def takes_tokens_fp8(self) -> bool:
-        """Whether `forward_tokens_fp8` may be called: W8A8 with a scale per token (the
-        output stays sharded: any tp)."""
-        return self.w8a8 == 1 and self.weight_scale is not None
-
     def forward_tokens_fp8(self, x8: torch.Tensor, x_scale: torch.Tensor,
                            dtype: torch.dtype) -> torch.Tensor:
-        """forward(x) for an input of `dtype` given already quantized per token, (x8,
-        x_scale) as fp8_linear would make them (kernels.rms_norm_quantize_fp8: the
-        decoder layer's norm and the quantization in one pass); the bias added in the
-        matmul's epilogue, as fp8_linear adds it."""
-        assert self.weight_scale is not None
-        out = w8a8_out_dtype(dtype, x8.is_cuda)
-        return w8a8_tokens(x8, x_scale, self.weight, self.weight_scale, self.bias,
-                           out).to(dtype)
+        """forward(x) from x quantized per token (kernels.rms_norm_quantize_fp8); the
+        output stays sharded (any tp), the bias added in the epilogue as fp8_linear does."""
+        return self._tokens_fp8(x8, x_scale, dtype, self.bias)
 
 
 def gemv_cache_path() -> Path:
@@ -433,20 +436,15 @@ class RowParallelLinear(_KernelLinear):
         return on_gemv(self.gemv, x)
 
     def takes_tokens_fp8(self) -> bool:
-        """Whether `forward_tokens_fp8` may be called: W8A8 with a scale per token, at
-        tp=1 (at tp > 1 forward's matmul_all_reduce overlaps its chunks' reduces)."""
-        return (self.w8a8 == 1 and self.weight_scale is not None
-                and self.comm.world_size == 1)
+        """As the base's, at tp=1 only (at tp > 1 forward's matmul_all_reduce overlaps
+        its chunks' reduces)."""
+        return super().takes_tokens_fp8() and self.comm.world_size == 1
 
     def forward_tokens_fp8(self, x8: torch.Tensor, x_scale: torch.Tensor,
                            dtype: torch.dtype) -> torch.Tensor:
-        """forward(x) for an input of `dtype` given already quantized per token, (x8,
-        x_scale) as fp8_linear would make them (kernels.silu_mul_quantize_fp8: SwiGLU and
-        the quantization in one pass)."""
-        out = w8a8_out_dtype(dtype, x8.is_cuda)
-        assert self.weight_scale is not None
-        y = self.comm.all_reduce(w8a8_tokens(x8, x_scale, self.weight, self.weight_scale,
-                                             None, out).to(dtype))
+        """forward(x) from x quantized per token (kernels.silu_mul_quantize_fp8): the
+        ranks' products all-reduced, then the bias."""
+        y = self.comm.all_reduce(self._tokens_fp8(x8, x_scale, dtype, None))
         return y + self.bias if self.bias is not None else y
 
 
