@@ -477,10 +477,7 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
     shape = {"tp": read_state(state_dir).get("engine", {}).get("tp", 1),
              "replicas": stack.config.replicas, "router_replicas": stack.config.router_replicas,
              "data_path": stack.config.data_path}
-    try:
-        stats = replica_stats(state_dir)
-    except Exception as e:  # noqa: BLE001 - the rest is still worth measuring
-        stats = {"error": f"{type(e).__name__}: {e}"[:300]}
+    stats = _stats_or_error(state_dir)
     try:
         chat = streaming_chat(stack.edge)
     except Exception as e:  # noqa: BLE001 - the load run still says what the stack costs
@@ -508,12 +505,12 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
     replica_before = _stats_or_error(state_dir)
     repeat = profiled_run(stack.edge, LOAD, None)  # CPU use only
     inside: dict[str, Any] = means(before, router_times(stack.edge))
-    try:  # the replica's own view of the last 512 requests (the repeat run's)
-        after = replica_stats(state_dir)
+    after = _stats_or_error(state_dir)  # the replica's own view, the repeat run's
+    if "error" in after:
+        inside["error"] = after["error"]
+    else:
         inside.update(replica_inside(after), engine_ttft_ms=after.get("ttft_ms"),
                       replica_means_ms=between(replica_before, after))
-    except Exception as e:  # noqa: BLE001 - the rest is still worth measuring
-        inside["error"] = f"{type(e).__name__}: {e}"[:300]
     more = [stack_run(stack.edge, LOAD) for _ in range(MORE_LOAD_RUNS)]
     # one client at a time: the path's own cost, hop by hop (the router's means and the
     # replica's over just these requests)
