@@ -168,9 +168,26 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                 f"{v['tokens_per_s_ratio']}), TTFT p50 {v['stack_ttft_p50_ms']} vs "
                 f"{v['engine_ttft_p50_ms']} ms (added {v['ttft_p50_added_ms']})"
                 + _way_in(row.get("load_repeat_inside", {}))
-                + _cycle((row.get("load_repeat") or {}).get("cycle_ms")),
+                + _cycle((row.get("load_repeat") or {}).get("cycle_ms"))
+                + _one_client(row),
                 "tok/s within 5 %, TTFT p50 within 5 ms; RUNNING <= 30 s")
     raise ValueError(f"unknown result kind {kind!r}")
+
+
+def _one_client(row: dict[str, Any]) -> str:
+    """Where one client's added TTFT goes, in rows that split it (`sequential_inside`):
+    the router's own TTFT (means over that run), and inside it the way in, the replica's
+    preparation and the engine process's TTFT; the rest is HTTP outside the router."""
+    inside, v = row.get("sequential_inside"), row.get("vs_engine_sequential")
+    if not inside or not v or "replica_means_ms" not in inside:
+        return ""
+    m = inside["replica_means_ms"]
+    return (f"; one client: TTFT p50 {v['stack_ttft_p50_ms']} vs {v['engine_ttft_p50_ms']} "
+            f"ms (added {v['ttft_p50_added_ms']}), the router's own "
+            f"{inside['router_ttft_mean_ms']} ms mean: way in {m['way_in_ms']} (Serve's "
+            f"routing {m['way_in_routing_ms']}, gRPC {m['way_in_transit_ms']}, dispatch "
+            f"{m['way_in_dispatch_ms']}), preparation {m['prepare_ms']}, the engine "
+            f"process's TTFT {m['ttft_ms']}")
 
 
 def _shared(row: dict[str, Any]) -> str:

@@ -1182,10 +1182,12 @@ def _fp8_table(rows: list[dict[str, Any]]) -> str:
     one of the same call, its target (issue 20) and whether it is met; the accuracy rows
     against the bf16 engine (the bar holds for weight-only FP8, alone and with the FP8
     KV cache; the other rows say how far the rest moves, the float32 one the base's own
-    rounding)."""
+    rounding). The bf16 twin is the one of the row's own call (its git_rev) where the file
+    has it: a mode not re-run keeps its call's figures, and the rev column says which."""
     latest = {r["case"]: r for r in rows}
-    out = ["| case | unit | ours | bf16, same call | target | met |",
-           "|---|---|---|---|---|---|"]
+    of_call = {(r.get("git_rev"), r["case"]): r for r in rows}
+    out = ["| case | unit | ours | bf16, same call | target | met | rev |",
+           "|---|---|---|---|---|---|---|"]
     for case, r in latest.items():
         quantized = r.get("quantization") or r.get("kv_cache_dtype")
         base, target, met = "—", "—", "—"
@@ -1194,7 +1196,8 @@ def _fp8_table(rows: list[dict[str, Any]]) -> str:
                 target, met = "≥ 0.98", "yes" if r["ours"] >= 0.98 else "no"
         elif quantized:
             end = next((e for e in FP8_TARGETS if case.endswith(e)), None)
-            twin = latest.get("glm4-9b" + end) if end else None
+            twin = (of_call.get((r.get("git_rev"), "glm4-9b" + end))
+                    or latest.get("glm4-9b" + end)) if end else None
             base = r.get("bf16", twin["ours"] if twin else "—")
             if end is not None:
                 higher, goal = FP8_TARGETS[end]
@@ -1205,7 +1208,8 @@ def _fp8_table(rows: list[dict[str, Any]]) -> str:
                     target += ", ≥ 85 % of its floor"
                     ok = ok and r.get("fraction_of_floor", 0) >= 0.85
                 met = ("yes" if ok else "no") + (f" ({value}x)" if "blocks" in end else "")
-        out.append(f"| {case} | {r['unit']} | {r['ours']} | {base} | {target} | {met} |")
+        out.append(f"| {case} | {r['unit']} | {r['ours']} | {base} | {target} | {met} | "
+                   f"{r.get('git_rev') or '—'} |")
     return "\n".join(out)
 
 

@@ -322,3 +322,28 @@ def test_a_gpu_stack_row_meets_its_targets_only_with_its_replica_running_in_time
     with tempfile.TemporaryDirectory() as tmp:
         assert verdict(27.9, Path(tmp)) == "yes"
         assert verdict(34.6, Path(tmp)) == "**no**"
+
+
+def test_a_gpu_stack_row_splits_one_clients_added_ttft_where_it_was_measured() -> None:
+    """A GPU stack row with `sequential_inside` (infra/gpu_stack.py) says where one
+    client's added TTFT went; rows from before it keep their cell."""
+    import json
+
+    from infra.report import _cell
+
+    rows = [json.loads(line) for line in
+            Path("infra/results/stack_gpu_h200.jsonl").read_text().splitlines()]
+    row = next(r for r in rows if r["kind"] == "gpu_stack" and "vs_engine" in r
+               and "sequential_inside" not in r)
+    assert "one client" not in _cell(row)[1]
+    row = {**row, "vs_engine_sequential": {"stack_ttft_p50_ms": 13.7, "engine_ttft_p50_ms": 8.2,
+                                           "ttft_p50_added_ms": 5.5},
+           "sequential_inside": {"router_ttft_mean_ms": 11.5, "replica_means_ms": {
+               "way_in_ms": 2.4, "way_in_routing_ms": 0.7, "way_in_transit_ms": 1.3,
+               "way_in_dispatch_ms": 0.4, "prepare_ms": 0.6, "ttft_ms": 8.1}}}
+    assert _cell(row)[1].endswith(
+        "; one client: TTFT p50 13.7 vs 8.2 ms (added 5.5), the router's own 11.5 ms mean: "
+        "way in 2.4 (Serve's routing 0.7, gRPC 1.3, dispatch 0.4), preparation 0.6, the "
+        "engine process's TTFT 8.1")
+    del row["sequential_inside"]["replica_means_ms"]  # a run whose replica was unreadable
+    assert "one client" not in _cell(row)[1]
