@@ -19,6 +19,9 @@
 #                                                # bf16 and FP8 (PERF v0.58's float16
 #                                                # chains against the others), then
 #                                                # test_kernels.py's GEMV tests
+#   W8A8_S=150 ...                               # and W8A8's few-row matmul: Triton's
+#                                                # configs against _scaled_mm at 16-256
+#                                                # rows (PERF v0.62), then its GPU test
 #   ATTN_S=240 ...                               # and decode attention's tiles and splits
 #                                                # at batch 1, 64 and 256 (bf16, int8)
 #   KV_S=120 ...                                 # and the KV formats' accuracy on the
@@ -78,6 +81,12 @@ if [ "${GEMV_S:-0}" != 0 ]; then  # every GEMV config on GLM-4-9B's shapes (~1 m
   timeout -s KILL "$GEMV_S" python3 -m pytest -q tests/test_kernels.py tests/test_gpu.py \
     -k "gemv or one_pass_equals or chained_fp8 or ahead_equals" -p no:cacheprovider 2>&1 |
     tail -5 | tee "$out/gemv_tests.log"
+fi
+if [ "${W8A8_S:-0}" != 0 ]; then  # W8A8 per token at a decode step's rows (~1 min)
+  timeout -s KILL "$W8A8_S" python3 -m replicas.bench --suite w8a8 2>&1 |
+    rows w8a8_h200.jsonl w8a8_h200.jsonl
+  timeout -s KILL "$W8A8_S" python3 -m pytest -q tests/test_gpu.py -k "w8a8_per_token" \
+    -p no:cacheprovider 2>&1 | tail -5 | tee "$out/w8a8_tests.log"
 fi
 if [ "${ATTN_S:-0}" != 0 ]; then  # decode attention's variants (~60 compiles, then timing)
   timeout -s KILL "$ATTN_S" python3 -m replicas.bench --suite attention 2>&1 |

@@ -562,6 +562,41 @@ def gemv_suite(repeats: int, picker: Callable[..., tuple[Any, dict[str, float]]]
             yield row
 
 
+def w8a8_suite(repeats: int, picker: Callable[..., tuple[Any, Any]] | None = None,
+               bandwidth: float | None = None, device: str = "cuda",
+               shapes: dict[str, tuple[int, int, str, bool]] | None = None
+               ) -> Iterator[dict[str, Any]]:
+    """W8A8 with a scale per token at a decode step's rows (16, 64, 128, 256), on
+    GLM-4-9B's four layer shapes: `torch._scaled_mm` (what fp8-w8a8 ran until v0.62)
+    against each Triton config `kernels.pick_w8a8` times (weights cold, in a CUDA graph),
+    a row per (layer, rows) with the fastest, the weight's bytes a second against the
+    measured copy rate, and the pick the engine would take. (`repeats`: unused.)"""
+    from replicas.fp8 import quantize_rows
+    from replicas.kernels import pick_w8a8
+
+    pick = picker or pick_w8a8
+    rate = bandwidth if bandwidth is not None else copy_bandwidth()
+    gen = torch.Generator(device=device).manual_seed(0)
+    for name, (n, k, _, has_bias) in (shapes or GEMV_SHAPES).items():
+        if name == "lm_head":  # (16-bit in every FP8 mode)
+            continue
+        w8, scale = quantize_rows(torch.randn(n, k, device=device, dtype=torch.bfloat16,
+                                              generator=gen) * 0.02)
+        picks, report = pick(w8, scale, has_bias)
+        for rows, chosen in picks:
+            times = report[rows]
+            best = min((c for c in times if c != "scaled_mm"), key=times.__getitem__)
+            row: dict[str, Any] = {
+                "case": f"glm4-9b_w8a8_{name}_m{rows}", "unit": "us", "shape": [n, k],
+                "rows": rows, "ours": round(times[best], 2), "config": best,
+                "scaled_mm_us": round(times["scaled_mm"], 2),
+                "over_scaled_mm": round(times[best] / times["scaled_mm"], 3),
+                "picked": str(chosen) if chosen else "scaled_mm",
+                "fraction_of_copy": round(n * k / times[best] / 1e3 / rate, 3),
+                "times_us": {c: round(t, 2) for c, t in times.items()}}
+            yield row
+
+
 # decode attention at GLM-4-9B's shapes (32 heads, 2 KV heads, head dim 128, half of it
 # rotated, pairs interleaved; 16-token KV blocks): (sequences, keys each) of batch-1
 # decode and of the 64-client and 256-request runs
@@ -1240,7 +1275,7 @@ def _target_met(row: dict[str, Any]) -> tuple[str, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--suite", choices=["cpu", "gpu", "fp8", "w8a16", "gemv",
+    parser.add_argument("--suite", choices=["cpu", "gpu", "fp8", "w8a16", "gemv", "w8a8",
                                             "attention", "multigpu", "structured"],
                         default="cpu")
     parser.add_argument("--tp", default="2,4",
@@ -1263,7 +1298,7 @@ def main() -> int:
     else:
         suites = {"gpu": gpu_suite, "cpu": cpu_suite, "structured": structured_suite,
                   "fp8": fp8_suite, "w8a16": w8a16_suite, "gemv": gemv_suite,
-                  "attention": attention_suite}
+                  "w8a8": w8a8_suite, "attention": attention_suite}
         rows = suites[args.suite](args.repeats)
     for row in rows:
         emit({**row, "suite": args.suite, **env}, args.out)

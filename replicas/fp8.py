@@ -162,10 +162,18 @@ def w8a8_tokens(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor,
                 scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype
                 ) -> torch.Tensor:
     """x8 [M, K] FP8 with a scale per token (x_scale [M, 1]) @ (w8 * scale)^T (+ bias),
-    rounded once to out_dtype (w8a8_out_dtype): `_scaled_mm` on a GPU, the float32
+    rounded once to out_dtype (w8a8_out_dtype): `_scaled_mm` on a GPU, or the Triton
+    kernel its shape and rows were tuned to (`kernels.w8a8_config`); the float32
     reference off it."""
+    from replicas import kernels
+
     if not x8.is_cuda:
         return _w8a8_reference(x8.float() * x_scale, w8, scale, bias, out_dtype)
+    # a decode step's few rows: the Triton kernel where tuning found it faster on this
+    # shape (kernels.pick_w8a8, PERF.md v0.62)
+    config = kernels.w8a8_config(w8.shape[0], w8.shape[1], x8.shape[0])
+    if config is not None:
+        return kernels.w8a8_per_token(x8, x_scale, w8, scale, bias, out_dtype, config)
     # (out_dtype is 16-bit here, as `_scaled_mm`'s bias needs)
     return torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=scale.view(1, -1),
                             bias=None if bias is None else bias.to(out_dtype),

@@ -338,11 +338,11 @@ def write_picks(path: Path, new: dict[str, dict[str, Any]]) -> None:
         log.warning("GEMV picks not kept in %s: %s", path, exc)
 
 
-def tune_gemv(model: nn.Module, cache: Path | None = None
-              ) -> dict[str, dict[str, float | str]]:
+def tune_gemv(model: nn.Module, cache: Path | None = None) -> dict[str, dict[str, Any]]:
     """Give each linear layer the Triton GEMV config that beats cuBLAS on its shape at one
-    row, by measurement on this GPU (layers of one shape share the answer); returns the
-    times per shape, for the record. Picks measured before on the same GPU model and
+    row, by measurement on this GPU (layers of one shape share the answer), and each W8A8
+    layer with a scale per token its few-row picks (`_tune_w8a8`); returns the times per
+    shape, for the record. Picks measured before on the same GPU model and
     software are read from `cache` (default `gemv_cache_path()`) instead of timed."""
     path = cache or gemv_cache_path()
     kept, measured = read_picks(path), {}
@@ -350,7 +350,7 @@ def tune_gemv(model: nn.Module, cache: Path | None = None
     model_dtype = next((p.dtype for p in model.parameters() if p.dtype != FP8),
                        torch.bfloat16)
     picked: dict[tuple[int, int, bool, str], kernels.GemvConfig | None] = {}
-    report: dict[str, dict[str, float | str]] = {}
+    report: dict[str, dict[str, Any]] = {}
     for module in model.modules():
         if not isinstance(module, ColumnParallelLinear | RowParallelLinear | ParallelLMHead):
             continue
@@ -373,9 +373,56 @@ def tune_gemv(model: nn.Module, cache: Path | None = None
                                     "chosen": str(picked[key] or "cublas")}
                 measured[cache_key] = report[str(key)]
         module.gemv = picked[key]
+        if isinstance(module, _KernelLinear) and module.w8a8 == 1 and scale is not None:
+            _tune_w8a8(module, kept, measured, report)  # W8A8, a scale per token: few rows
     if measured:
         write_picks(path, measured)
     return report
+
+
+def _tune_w8a8(module: _KernelLinear, kept: dict[str, Any], measured: dict[str, Any],
+               report: dict[str, dict[str, Any]]) -> None:
+    """A W8A8 layer's picks for a decode step's rows (`kernels.pick_w8a8`: a Triton
+    config or `_scaled_mm`, per count of rows), once per weight shape and process, kept
+    in the GEMV picks' cache beside them (kernels.fp8mm.W8A8_PICKS)."""
+    from replicas.kernels import fp8mm
+
+    assert module.weight_scale is not None
+    shape = (module.weight.shape[0], module.weight.shape[1])
+    if shape in fp8mm.W8A8_PICKS:
+        return
+    has_bias = getattr(module, "bias", None) is not None
+    cache_key = gemv_cache_key(module.weight, has_bias, "w8a8")
+    entry = kept.get(cache_key)
+    picks = kept_w8a8(entry)
+    if picks is not None:
+        report[f"w8a8 {shape}"] = {**entry, "cached": "yes"}
+    else:
+        picks, times = kernels.pick_w8a8(module.weight, module.weight_scale, has_bias)
+        report[f"w8a8 {shape}"] = measured[cache_key] = {
+            "picks": [[rows, list(config) if config else None] for rows, config in picks],
+            **{f"{rows} rows": {name: round(us, 2) for name, us in t.items()}
+               for rows, t in times.items()}}
+    fp8mm.W8A8_PICKS[shape] = picks
+
+
+def kept_w8a8(entry: Any) -> tuple[tuple[int, Any], ...] | None:
+    """Kept W8A8 picks as ((rows, config or None), ...), or None when `entry` holds none
+    usable (missing, malformed, or a config no longer in the list): then time again."""
+    from replicas.kernels.fp8mm import W8A8_TOKENS_CONFIGS
+
+    picks = entry.get("picks") if isinstance(entry, dict) else None
+    if not isinstance(picks, list) or not picks:
+        return None
+    out = []
+    for pick in picks:
+        if not (isinstance(pick, list) and len(pick) == 2 and isinstance(pick[0], int)):
+            return None
+        config = None if pick[1] is None else tuple(pick[1])
+        if config is not None and config not in W8A8_TOKENS_CONFIGS:
+            return None
+        out.append((pick[0], config))
+    return tuple(out)
 
 
 def kept_pick(entry: Any) -> tuple[kernels.GemvConfig | None] | None:

@@ -220,7 +220,7 @@ class Worker:
                     store, rank, self.world_size,
                     config.max_num_batched_tokens * self.spec.hidden_size * 4, self.control,
                     config.dist_timeout_s)
-        self.gemv_report: dict[str, dict[str, float | str]] = {}
+        self.gemv_report: dict[str, dict[str, Any]] = {}
         self.activation_peak = 0  # bytes a largest step allocates (GPU, measured)
         self.free_at_sizing = 0  # free GPU bytes when the pool was sized (after the above)
         if (config.gemv_kernels and self.device.type == "cuda" and kernels.enabled(self.device)

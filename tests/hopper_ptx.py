@@ -79,9 +79,16 @@ def rest() -> list[tuple[Any, dict[str, str], dict[str, Any], bool]]:
                                             for s in (False, True))]
     groups = (fp8mm._w8a8_groups_kernel, {"X": "*fp8e4nv", "XS": "*fp32", "W": "*fp8e4nv",
                                           "WS": "*fp32", "B": "*fp32", "Y": bf16},
-              {"HAS_BIAS": True, "GROUP": 32, "BLOCK_M": 64, "BLOCK_N": 128, "PDL": True},
+              {"HAS_BIAS": True, "GROUP": 32, "BLOCK_M": 64, "BLOCK_N": 128, "PDL": True,
+               "TOKENS": False, "SWAP": False},
               False)
-    return [*w8a16, groups,
+    # W8A8 with a scale per token (w8a8_tokens: the kernel's TOKENS), plain and swapped
+    tokens_ = [(fp8mm._w8a8_groups_kernel, {**groups[1], "Y": bf16},
+                {"HAS_BIAS": True, "GROUP": bk, "BLOCK_M": bm, "BLOCK_N": bn, "PDL": True,
+                 "TOKENS": True, "SWAP": swap}, False)
+               for bm, bn, bk, _, _, swap in (next(c for c in fp8mm.W8A8_TOKENS_CONFIGS
+                                                   if c[-1] == s) for s in (False, True))]
+    return [*w8a16, groups, *tokens_,
         (norm._rms_norm_kernel, {n: bf16 for n in ("X", "R", "W", "Y", "ROUT", "S")} | {
             "eps": "fp32"}, {"HAS_RES": True, "BLOCK": 4096, "QUANT": False, "PDL": True},
          False),

@@ -147,6 +147,35 @@ def test_time_per_token_runs_again_when_a_stream_came_in_one_delta() -> None:
         ours_per_token(Engine([True] * 5), [[1, 2]], 4, repeats=1)  # type: ignore[arg-type]
 
 
+def test_w8a8_suite_rows_put_each_count_of_rows_beside_scaled_mm() -> None:
+    """`--suite w8a8`: a row per (layer, rows) from pick_w8a8's times (a stand-in's here,
+    on small FP8 weights): the fastest Triton config against `_scaled_mm`, the pick the
+    engine would take, the weight's bytes a second; no LM head (16-bit in FP8 modes)."""
+    from replicas.bench import w8a8_suite
+
+    seen = []
+
+    def picker(w8: torch.Tensor, scale: torch.Tensor, has_bias: bool) -> tuple[Any, Any]:
+        seen.append((tuple(w8.shape), w8.dtype, scale.shape, has_bias))
+        fast = (64, 64, 128, 4, 4, False)
+        return ((16, None), (256, fast)), {
+            16: {"scaled_mm": 10.0, str(fast): 11.0, "(16, 64, 128, 4, 4, True)": 10.5},
+            256: {"scaled_mm": 20.0, str(fast): 12.0}}
+
+    shapes = {"qkv": (48, 64, "norm", True), "down": (32, 128, "gated", False),
+              "lm_head": (80, 64, "plain", False)}
+    rows = list(w8a8_suite(1, picker, bandwidth=100.0, device="cpu", shapes=shapes))
+    assert [r["case"] for r in rows] == ["glm4-9b_w8a8_qkv_m16", "glm4-9b_w8a8_qkv_m256",
+                                         "glm4-9b_w8a8_down_m16", "glm4-9b_w8a8_down_m256"]
+    assert seen == [((48, 64), torch.float8_e4m3fn, (48,), True),
+                    ((32, 128), torch.float8_e4m3fn, (32,), False)]
+    few, many = rows[0], rows[1]
+    assert few["ours"] == 10.5 and few["config"] == "(16, 64, 128, 4, 4, True)"
+    assert few["picked"] == "scaled_mm" and few["over_scaled_mm"] == 1.05
+    assert many["picked"] == "(64, 64, 128, 4, 4, False)" and many["over_scaled_mm"] == 0.6
+    assert many["fraction_of_copy"] == round(48 * 64 / 12.0 / 1e3 / 100.0, 3)
+
+
 def test_gemv_suite_rows_put_the_chained_fp8_configs_beside_the_others() -> None:
     """`--suite gemv`: a row per weight dtype and layer from pick_gemv's times (here a
     stand-in's, on small shapes): the fastest config, its bytes a second, and for FP8 the

@@ -844,6 +844,54 @@ def test_w8a8_groups_kernel_is_the_group_scaled_product(shape: tuple[int, int, i
         kernels.w8a8_groups(x8, torch.ones(m, k // 16), w8, ws)
 
 
+@pytest.mark.parametrize("shape", [(33, 72, 200), (5, 40, 128), (1, 16, 64)])
+def test_w8a8_per_token_kernel_is_the_token_scaled_product(
+        shape: tuple[int, int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Triton FP8 matmul with a scale per token (the engine's W8A8 at a decode step's
+    rows where tuning picks it; its interpreter here) against float64 of the same FP8
+    values and scales, in every config pick_w8a8 times, plain and swapped, with a bias
+    and without, M, N and K (200: a masked last step) its blocks do not divide."""
+    pytest.importorskip("triton")
+    from replicas import kernels
+    from replicas.kernels.fp8mm import W8A8_TOKENS_CONFIGS
+
+    monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
+    m, n, k = shape
+    gen = torch.Generator().manual_seed(k)
+    x8, xs = quantize_tokens(torch.randn(m, k, generator=gen) * 3)
+    w8, ws = quantize_rows(torch.randn(n, k, generator=gen))
+    bias = torch.randn(n, generator=gen)
+    want = (x8.double() * xs.double()) @ (w8.double() * ws.double()[:, None]).T
+    assert {c[-1] for c in W8A8_TOKENS_CONFIGS} == {False, True}
+    for config in W8A8_TOKENS_CONFIGS:
+        for b in (None, bias):
+            got = kernels.w8a8_per_token(x8, xs, w8, ws, b, torch.float32, config)
+            plus = 0.0 if b is None else b.double()
+            torch.testing.assert_close(got.double(), want + plus, rtol=1e-5, atol=1e-4,
+                                       msg=str(config))
+
+
+def test_w8a8_picks_choose_a_config_by_shape_and_rows(monkeypatch: pytest.MonkeyPatch
+                                                       ) -> None:
+    """kernels.w8a8_config: the pick of the least count of rows at or above the step's, for
+    the weight's shape; more rows than the last pick's, or a shape not tuned, go to
+    `_scaled_mm` (None). Kept picks are read back only when every config is still known."""
+    from replicas.kernels import fp8mm, w8a8_config
+    from replicas.parallel import kept_w8a8
+
+    plain, swapped = fp8mm.W8A8_TOKENS_CONFIGS[0], fp8mm.W8A8_TOKENS_CONFIGS[-1]
+    monkeypatch.setattr(fp8mm, "W8A8_PICKS", {(4096, 4096): (
+        (16, swapped), (64, None), (256, plain))})
+    assert [w8a8_config(4096, 4096, m) for m in (1, 16, 17, 64, 65, 256, 257)] == [
+        swapped, swapped, None, None, plain, plain, None]
+    assert w8a8_config(4608, 4096, 16) is None
+    kept = {"picks": [[16, list(swapped)], [64, None], [256, list(plain)]], "16 rows": {}}
+    assert kept_w8a8(kept) == ((16, swapped), (64, None), (256, plain))
+    for broken in (None, {}, {"picks": []}, {"picks": [[16, [1, 2, 3, 4, 5, False]]]},
+                   {"picks": [["16", None]]}, {"picks": [[16]]}):
+        assert kept_w8a8(broken) is None, broken
+
+
 def test_w8a8_groups_probe_times_each_way_and_checks_each_product(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The w8a16 suite's second part (replicas/bench.py w8a8_groups_probe): per shape and

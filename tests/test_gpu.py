@@ -376,3 +376,37 @@ def test_decode_attention_ahead_equals_the_plain_loop_on_gpu(splits: int) -> Non
     assert len(rows) == 2  # bf16 and int8 caches
     assert all(not r["failed"] for r in rows), [r["failed"] for r in rows]
     assert all(len(r["times_us"]) >= 4 for r in rows)
+
+
+def test_w8a8_per_token_on_gpu_and_its_picks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PERF v0.62: every W8A8 per-token Triton config agrees with `torch._scaled_mm` on a
+    GLM-4-9B o_proj-shaped weight at 16 and 256 rows (pick_w8a8 checks each, and picks
+    only what beats `_scaled_mm`), and fp8.w8a8_tokens then runs what was picked."""
+    from replicas.fp8 import quantize_rows, w8a8_tokens
+    from replicas.kernels import fp8mm
+
+    monkeypatch.setattr(fp8mm, "W8A8_PICKS", {})
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    w8, scale = quantize_rows(torch.randn(4096, 4096, device="cuda", generator=gen) * 0.02)
+    picks, times = kernels.pick_w8a8(w8, scale, True, rows=(16, 256))
+    assert [rows for rows, _ in picks] == [16, 256] and set(times) == {16, 256}
+    for rows, config in picks:
+        assert len(times[rows]) > 1 + len(fp8mm.W8A8_TOKENS_CONFIGS) // 2  # (most fit)
+        if config is not None:
+            assert times[rows][str(config)] < 0.97 * times[rows]["scaled_mm"]
+    fp8mm.W8A8_PICKS[(4096, 4096)] = ((256, fp8mm.W8A8_TOKENS_CONFIGS[0]),)
+    called = []
+    through = fp8mm.w8a8_per_token
+    monkeypatch.setattr(kernels, "w8a8_per_token",
+                        lambda *a: called.append(a[-1]) or through(*a))
+    x8, xs = kernels.quantize_tokens_fp8(torch.randn(64, 4096, device="cuda",
+                                                     dtype=torch.bfloat16, generator=gen))
+    got = w8a8_tokens(x8, xs, w8, scale, None, torch.bfloat16)
+    want = torch._scaled_mm(x8, w8.t(), scale_a=xs, scale_b=scale.view(1, -1),
+                            out_dtype=torch.bfloat16)
+    assert called == [fp8mm.W8A8_TOKENS_CONFIGS[0]]
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    x8, xs = kernels.quantize_tokens_fp8(torch.randn(300, 4096, device="cuda",
+                                                     dtype=torch.bfloat16, generator=gen))
+    w8a8_tokens(x8, xs, w8, scale, None, torch.bfloat16)  # more rows: _scaled_mm
+    assert len(called) == 1

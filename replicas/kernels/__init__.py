@@ -20,7 +20,8 @@ last bit in most positions.
 One module per kernel family, each kernel next to its launcher: `norm`, `activation`,
 `rope`, `attention`, `gemv` (and its tuning), `tokens` (feeding and greedy argmax),
 `allreduce` (tensor parallelism's decode all-reduce, alone or folded into the GEMVs),
-`fp8mm` (FP8 weights times 16-bit activations, more than one row), `quant` (per-token
+`fp8mm` (FP8 weights times 16-bit or, W8A8, FP8 activations, more than one row, and
+the W8A8 matmul's tuning against `torch._scaled_mm`), `quant` (per-token
 FP8 quantization of activations, the W8A8 path's input);
 `common` holds `enabled`, PDL and block-size helpers. Callers use `kernels.X`: this
 package re-exports every name they use.
@@ -31,7 +32,13 @@ from replicas.kernels.allreduce import Site
 from replicas.kernels.attention import _COUNTERS as _COUNTERS  # tests check the counters
 from replicas.kernels.attention import DECODE_TILE, NewKeys, decode_splits, paged_attention
 from replicas.kernels.common import enabled, pdl
-from replicas.kernels.fp8mm import w8a8_groups, w8a16
+from replicas.kernels.fp8mm import (
+    pick_w8a8,
+    w8a8_config,
+    w8a8_groups,
+    w8a8_per_token,
+    w8a16,
+)
 from replicas.kernels.gemv import (
     FP8_GEMV_CONFIGS,
     GEMV_CONFIGS,
@@ -52,7 +59,8 @@ __all__ = [
     "ARGMAX_BLOCK", "DECODE_TILE", "FP8_GEMV_CONFIGS", "GEMV_CONFIGS", "GemvConfig",
     "GemvKind", "NewKeys", "Site", "argmax_rows", "decode_splits", "enabled", "feed_tokens",
     "gemv", "gemv_configs", "gemv_norm", "gemv_push",
-    "paged_attention", "pdl", "pick_gemv", "quantize_tokens_fp8", "rms_norm",
+    "paged_attention", "pdl", "pick_gemv", "pick_w8a8", "quantize_tokens_fp8", "rms_norm",
     "rms_norm_quantize_fp8",
-    "rope_and_cache", "silu_and_mul", "silu_mul_quantize_fp8", "w8a8_groups", "w8a16", "widen_fp8",
+    "rope_and_cache", "silu_and_mul", "silu_mul_quantize_fp8", "w8a8_config", "w8a8_groups",
+    "w8a8_per_token", "w8a16", "widen_fp8",
 ]

@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from replicas.kernels.attention import _precision
@@ -81,28 +83,56 @@ if triton is not None:
     @triton.jit(do_not_specialize=STEP_SHAPED["_w8a8_groups_kernel"])
     def _w8a8_groups_kernel(X, XS, W, WS, B, Y, m, n, k, sxm, sxs, swn, sym,
                             HAS_BIAS: tl.constexpr, GROUP: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
+                            TOKENS: tl.constexpr = False, SWAP: tl.constexpr = False):
         """Program (BLOCK_M rows of x, BLOCK_N rows of W): K in runs of GROUP, each run's
         FP8 product (float32) times its rows' scales added to the tile; then W's row
-        scales and the bias."""
+        scales and the bias. TOKENS: one scale per token (XS [M, 1]), K in steps of
+        GROUP (the last one masked), the rows' scales applied once with W's at the end.
+        SWAP computes the tile of y^T = W x^T (the weight tile the dot's 64-row side, a
+        few rows of x its narrow side)."""
         _pdl_enter(PDL)
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, GROUP)
         m_ok, n_ok = rm < m, rn < n
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for g in range(0, k // GROUP):
-            a = tl.load(X + rm[:, None] * sxm + (g * GROUP + rk)[None, :],
-                        mask=m_ok[:, None], other=0.0)
-            w = tl.load(W + rn[:, None] * swn + (g * GROUP + rk)[None, :],
-                        mask=n_ok[:, None], other=0.0)
-            s = tl.load(XS + rm * sxs + g, mask=m_ok, other=0.0)
-            acc += tl.dot(a, tl.trans(w)) * s[:, None]
-        acc = acc * tl.load(WS + rn, mask=n_ok, other=0.0)[None, :]
-        if HAS_BIAS:
-            acc += tl.load(B + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(Y + rm[:, None] * sym + rn[None, :], acc.to(Y.dtype.element_ty),
-                 mask=m_ok[:, None] & n_ok[None, :])
+        if SWAP:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for g in tl.range(0, tl.cdiv(k, GROUP)):
+            cols = g * GROUP + rk
+            k_ok = cols < k  # (all true but in a per-token product's last step)
+            a = tl.load(X + rm[:, None] * sxm + cols[None, :],
+                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(W + rn[:, None] * swn + cols[None, :],
+                        mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            if SWAP:
+                part = tl.dot(w, tl.trans(a))
+            else:
+                part = tl.dot(a, tl.trans(w))
+            if TOKENS:
+                acc += part
+            else:
+                s = tl.load(XS + rm * sxs + g, mask=m_ok, other=0.0)
+                acc += part * (s[None, :] if SWAP else s[:, None])
+        ws = tl.load(WS + rn, mask=n_ok, other=0.0)
+        if TOKENS:
+            xs = tl.load(XS + rm * sxs, mask=m_ok, other=0.0)
+        else:
+            xs = tl.full([BLOCK_M], 1.0, tl.float32)
+        if SWAP:
+            acc = acc * ws[:, None] * xs[None, :]
+            if HAS_BIAS:
+                acc += tl.load(B + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            tl.store(Y + rm[None, :] * sym + rn[:, None], acc.to(Y.dtype.element_ty),
+                     mask=n_ok[:, None] & m_ok[None, :])
+        else:
+            acc = acc * xs[:, None] * ws[None, :]
+            if HAS_BIAS:
+                acc += tl.load(B + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(Y + rm[:, None] * sym + rn[None, :], acc.to(Y.dtype.element_ty),
+                     mask=m_ok[:, None] & n_ok[None, :])
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, swap): the configs the fp8 suite's probe
@@ -180,3 +210,102 @@ def w8a8_groups(x8: torch.Tensor, x_scales: torch.Tensor, w8: torch.Tensor,
         HAS_BIAS=bias is not None, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=warps, num_stages=stages, **_launch(x8))
     return y
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, swap): the configs W8A8 with a scale per token
+# may run in (`w8a8_tokens`), timed against `torch._scaled_mm` by `pick_w8a8` and `--suite
+# w8a8`. Why (PERF.md v0.62): at 16-256 rows cuBLAS's FP8 kernel takes 128x128 tiles,
+# 36-72 programs for GLM-4-9B's qkv, o and down projections on 132 SMs, each streaming a
+# 0.5-1.75 MB run of the weight alone: narrower tiles fill the GPU. Swapped ones put the
+# weight on the dot's 64-row side for a few rows of x.
+W8A8TokensConfig = tuple[int, int, int, int, int, bool]
+W8A8_TOKENS_CONFIGS: tuple[W8A8TokensConfig, ...] = (
+    (64, 64, 128, 4, 4, False), (64, 128, 128, 4, 4, False), (128, 64, 128, 4, 4, False),
+    (128, 128, 128, 8, 3, False), (64, 32, 128, 4, 4, False), (128, 64, 256, 8, 3, False),
+    (16, 64, 128, 4, 4, True), (32, 64, 128, 4, 4, True), (64, 64, 128, 4, 4, True),
+    (32, 128, 128, 4, 4, True), (64, 128, 128, 8, 3, True), (16, 64, 256, 4, 3, True))
+
+
+def w8a8_per_token(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor,
+                   scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
+                   config: W8A8TokensConfig) -> torch.Tensor:
+    """x8 [M, K] FP8 with a scale per token (x_scale [M, 1] float32) @ (w8 [N, K] FP8 *
+    scale [N])^T (+ bias) -> [M, N] in `out_dtype`, rounded once, on the FP8 tensor
+    cores in `config` (one of W8A8_TOKENS_CONFIGS): what `torch._scaled_mm` computes."""
+    m, k = x8.shape
+    n = w8.shape[0]
+    y = torch.empty(m, n, dtype=out_dtype, device=x8.device)
+    block_m, block_n, block_k, warps, stages, swap = config
+    _w8a8_groups_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
+        x8, x_scale, w8, scale, bias if bias is not None else scale, y, m, n, k,
+        x8.stride(0), x_scale.stride(0), w8.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, GROUP=block_k, BLOCK_M=block_m, BLOCK_N=block_n,
+        TOKENS=True, SWAP=swap, num_warps=warps, num_stages=stages, **_launch(x8))
+    return y
+
+
+# The picks `pick_w8a8` measured, by weight shape (N, K), per process (each rank its own;
+# parallel.tune_gemv fills it, layers of one shape share it): ((up to this many rows, a
+# config or None for `_scaled_mm`), ...) by rows. A shape without picks, and more rows
+# than its last pick's, go to `_scaled_mm` (a prefill's thousands of rows: cuBLAS's large
+# tiles fill the GPU there).
+W8A8_PICKS: dict[tuple[int, int], tuple[tuple[int, W8A8TokensConfig | None], ...]] = {}
+W8A8_PICK_ROWS = (16, 64, 128, 256)  # a decode step's rows the picks are timed at
+
+
+def w8a8_config(n: int, k: int, m: int) -> W8A8TokensConfig | None:
+    """The config W8A8_PICKS holds for `m` rows times an (n, k) weight, else None."""
+    return next((config for rows, config in W8A8_PICKS.get((n, k), ()) if m <= rows), None)
+
+
+def pick_w8a8(w8: torch.Tensor, scale: torch.Tensor, has_bias: bool,
+              rows: tuple[int, ...] = W8A8_PICK_ROWS, margin: float = 0.97
+              ) -> tuple[tuple[tuple[int, W8A8TokensConfig | None], ...],
+                         dict[int, dict[str, float]]]:
+    """Time `torch._scaled_mm` and each of W8A8_TOKENS_CONFIGS on `rows` rows of a
+    per-token FP8 input times the FP8 weight w8 [N, K] (its row `scale`), bf16 out, as a
+    decode step runs them: weights cold (copies cycled), in a CUDA graph. Each config's
+    product is checked against `_scaled_mm`'s. Returns, per count of rows, the fastest
+    config if it beats `_scaled_mm` by the margin (else None), and the times in us."""
+    from triton.runtime.errors import OutOfResources
+
+    from replicas.kernels.gemv import _cycled_us, cold_copies
+    from replicas.kernels.quant import quantize_tokens_fp8
+
+    n, k = w8.shape
+    gen = torch.Generator(device=w8.device).manual_seed(n + k)
+    bias = (torch.randn(n, generator=gen, device=w8.device, dtype=torch.bfloat16)
+            if has_bias else None)
+    copies = [w8] + [w8.clone() for _ in range(cold_copies(w8.numel()) - 1)]
+    picks, report = [], {}
+    for m in rows:
+        x8, xs = quantize_tokens_fp8(torch.randn(m, k, generator=gen, device=w8.device,
+                                                 dtype=torch.bfloat16))
+
+        def cublas(w: torch.Tensor, x8: torch.Tensor = x8, xs: torch.Tensor = xs
+                   ) -> torch.Tensor:
+            return torch._scaled_mm(x8, w.t(), scale_a=xs, scale_b=scale.view(1, -1),
+                                    bias=bias, out_dtype=torch.bfloat16)
+
+        want = cublas(w8).float()
+        runs = {"scaled_mm": cublas}
+        configs = []
+        for config in W8A8_TOKENS_CONFIGS:
+            try:
+                got = w8a8_per_token(x8, xs, w8, scale, bias, torch.bfloat16, config)
+            except OutOfResources:  # a tile this GPU cannot hold: not a candidate here
+                continue
+            if not torch.allclose(got.float(), want, rtol=2e-2,
+                                  atol=2e-2 * float(want.abs().max())):
+                raise AssertionError(f"W8A8 {config} disagrees with _scaled_mm on "
+                                     f"{(m, n, k)}")
+            configs.append(config)
+            runs[str(config)] = functools.partial(
+                lambda w, x8, xs, config: w8a8_per_token(x8, xs, w, scale, bias,
+                                                         torch.bfloat16, config),
+                x8=x8, xs=xs, config=config)
+        times = {name: _cycled_us(fn, copies) for name, fn in runs.items()}
+        best = min(configs, key=lambda c: times[str(c)])
+        picks.append((m, best if times[str(best)] < margin * times["scaled_mm"] else None))
+        report[m] = times
+    return tuple(picks), report
