@@ -16,8 +16,7 @@
 #                                                # accuracy cases: bench.fp8_modes)
 #   W8A16_S=120 ...                              # and the weight-only matmul's configs
 #   GEMV_S=150 ...                               # and the batch-1 GEMV's configs alone,
-#                                                # bf16 and FP8 (PERF v0.58's float16
-#                                                # chains against the others), then
+#                                                # bf16 and FP8, then
 #                                                # test_kernels.py's GEMV tests
 #   W8A8_S=150 ...                               # and W8A8's few-row matmul: Triton's
 #                                                # configs against _scaled_mm at 16-256
@@ -76,10 +75,10 @@ fi
 if [ "${GEMV_S:-0}" != 0 ]; then  # every GEMV config on GLM-4-9B's shapes (~1 min)
   timeout -s KILL "$GEMV_S" python3 -m replicas.bench --suite gemv 2>&1 |
     rows gemv_h200.jsonl gemv_h200.jsonl
-  # (pick_gemv checks every config against cuBLAS as it times it: the chains on the GPU;
-  # and PERF v0.58-v0.61's kernels against their references on the GPU)
+  # (pick_gemv checks every config against cuBLAS as it times it; and PERF v0.59-v0.61's
+  # kernels against their references on the GPU)
   timeout -s KILL "$GEMV_S" python3 -m pytest -q tests/test_kernels.py tests/test_gpu.py \
-    -k "gemv or one_pass_equals or chained_fp8 or ahead_equals" -p no:cacheprovider 2>&1 |
+    -k "gemv or one_pass_equals or ahead_equals" -p no:cacheprovider 2>&1 |
     tail -5 | tee "$out/gemv_tests.log"
 fi
 if [ "${W8A8_S:-0}" != 0 ]; then  # W8A8 per token at a decode step's rows (~1 min)

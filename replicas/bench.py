@@ -519,10 +519,9 @@ def gemv_suite(repeats: int, picker: Callable[..., tuple[Any, dict[str, float]]]
     """The batch-1 GEMV alone, every config `pick_gemv` times, on GLM-4-9B's shapes with
     random bf16 and FP8 weights (cold, in a CUDA graph, as a decode step reads them): a
     row per (weight dtype, layer) with the fastest config, its bytes a second against
-    the measured copy rate, what the layer runs otherwise (cuBLAS; FP8's matmul), and for
-    FP8 the fastest config with float16 chains beside the fastest without (v0.58's A/B,
-    in one process). About a minute on the H200, most of it compiling. (`repeats`:
-    unused; each time is a mean over 10 graph replays.)"""
+    the measured copy rate, and what the layer runs otherwise (cuBLAS; FP8's matmul).
+    About a minute on the H200, most of it compiling. (`repeats`: unused; each time is a
+    mean over 10 graph replays.)"""
     from replicas.fp8 import quantize_rows
     from replicas.kernels import pick_gemv
 
@@ -551,14 +550,6 @@ def gemv_suite(repeats: int, picker: Callable[..., tuple[Any, dict[str, float]]]
                 "gb_s": round(nbytes / configs[best] / 1e3, 1),
                 "fraction_of_copy": round(nbytes / configs[best] / 1e3 / rate, 3),
                 "times_us": {c: round(t, 2) for c, t in times.items()}}
-            if dtype == "fp8":
-                chained = {c: t for c, t in configs.items() if len(c.split(",")) == 5}
-                plain = {c: t for c, t in configs.items() if c not in chained}
-                if chained:
-                    row["best_chained_us"] = round(min(chained.values()), 2)
-                    row["best_unchained_us"] = round(min(plain.values()), 2)
-                    row["chained_over_unchained"] = round(
-                        min(chained.values()) / min(plain.values()), 3)
             yield row
 
 

@@ -49,21 +49,17 @@ def gemvs() -> None:
                 "S": "*fp32", "DATA": "*i64", "FLAGS": "*i64", "CNT": "*i32", "eps": "fp32"}
     flags = {"SCALED": True, "HAS_BIAS": False, "EVEN": True, "GATED": False, "NORM": True,
              "HAS_RES": True, "ROW": 4096, "PUSH": False, "PULL": False, "RANK": 0,
-             "WORLD": 1, "PDL": True, "CHAIN": 0, "SHIFT": gemv.CHAIN_SHIFT_BITS}
-    for block_n, block_k, warps, stages, *chain in gemv.FP8_GEMV_CONFIGS:  # a decoder
-        # layer's norm-fused FP8 GEMV (gate_up's kind)
-        ptx(gemv._gemv_kernel, pointers, {**flags, "BLOCK_N": block_n, "BLOCK_K": block_k,
-                                          "CHAIN": chain[0] if chain else 0}, warps, stages)
+             "WORLD": 1, "PDL": True}
+    for block_n, block_k, warps, stages in gemv.FP8_GEMV_CONFIGS:  # a decoder layer's
+        # norm-fused FP8 GEMV (gate_up's kind)
+        ptx(gemv._gemv_kernel, pointers, {**flags, "BLOCK_N": block_n, "BLOCK_K": block_k},
+            warps, stages)
     bf16 = {**pointers, "W": "*bf16"}
     folded = {**flags, "SCALED": False, "WORLD": 2, "BLOCK_N": 4, "BLOCK_K": 1024}
     ptx(gemv._gemv_kernel, bf16, {**folded, "NORM": False, "HAS_RES": False, "GATED": True,
                                    "PUSH": True})  # down_proj pushing its rows
     ptx(gemv._gemv_kernel, bf16, {**folded, "PULL": True})  # the next norm GEMV summing them
-    # FP8 down_proj at tp=2 in float16 chains, pushing its rows
-    ptx(gemv._gemv_kernel, pointers, {**folded, "SCALED": True, "NORM": False,
-                                      "HAS_RES": False, "GATED": True, "PUSH": True,
-                                      "BLOCK_N": 16, "BLOCK_K": 512, "CHAIN": 4}, 8)
-    print(len(gemv.FP8_GEMV_CONFIGS) + 3, "GEMVs compiled for sm_90", flush=True)
+    print(len(gemv.FP8_GEMV_CONFIGS) + 2, "GEMVs compiled for sm_90", flush=True)
     print("_gemv_kernel compiled for sm_90", flush=True)
 
 

@@ -24,10 +24,6 @@ except ImportError:  # CPU installs without Triton: the PyTorch path only
 log = logging.getLogger(__name__)
 
 
-# _chained_rows divides the input row by 2**CHAIN_SHIFT_BITS before its float16 products
-# (its SHIFT)
-CHAIN_SHIFT_BITS = 8
-
 if triton is not None:
     from replicas.kernels.allreduce import _await_rows, _leave_rows, _push_rows, _summed
     from replicas.kernels.common import _pdl_enter
@@ -86,76 +82,13 @@ if triton is not None:
                        mask=r_ok[:, None] & (cols < k)[None, :], other=0.0)
 
     @triton.jit
-    def _rows(W, X, R, NW, rows, r_ok, k, sw, rstd, w, EVEN: tl.constexpr,
-              GATED: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
-              PULL: tl.constexpr, WORLD: tl.constexpr, BLOCK_K: tl.constexpr):
-        """The rows' products with the input row, float32: `w` is the first tile of W
-        (loaded early), each product summed in float32 registers, reduced once."""
-        cols = tl.arange(0, BLOCK_K)
-        acc = w.to(tl.float32) * _gemv_x(X, R, NW, cols, k, rstd, EVEN, GATED, NORM,
-                                         HAS_RES, PULL, WORLD)[None, :]
-        for k0 in range(BLOCK_K, k, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            w = _w_tile(W, rows, r_ok, cols, k, sw, EVEN)
-            acc += w.to(tl.float32) * _gemv_x(X, R, NW, cols, k, rstd, EVEN, GATED, NORM,
-                                              HAS_RES, PULL, WORLD)[None, :]
-        return tl.sum(acc, axis=1)
-
-    @triton.jit
-    def _x16(X, R, NW, cols, k, rstd, EVEN: tl.constexpr, GATED: tl.constexpr,
-             NORM: tl.constexpr, HAS_RES: tl.constexpr, PULL: tl.constexpr,
-             WORLD: tl.constexpr, SHIFT: tl.constexpr):
-        """The input row's columns as float16, divided by 2**SHIFT (exact)."""
-        x = _gemv_x(X, R, NW, cols, k, rstd, EVEN, GATED, NORM, HAS_RES, PULL, WORLD)
-        return (x * (1.0 / (1 << SHIFT))).to(tl.float16)
-
-    @triton.jit
-    def _chained_rows(W, X, R, NW, rows, r_ok, k, sw, rstd, w, EVEN: tl.constexpr,
-                      GATED: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
-                      PULL: tl.constexpr, WORLD: tl.constexpr, BLOCK_K: tl.constexpr,
-                      CHAIN: tl.constexpr, SHIFT: tl.constexpr):
-        """As _rows for FP8 W, in half the instructions: an e4m3 weight is exact in
-        float16, so each product is taken in float16 pairs (one fused multiply-add for
-        two, where float32 needs a widening and a multiply-add for each), CHAIN tiles'
-        products summed into one float16 partial, then into float32. The input row is
-        divided by 2**SHIFT first, so that a partial (CHAIN products of at most 448 |x| /
-        2**SHIFT) stays finite for |x| up to ~65504 * 2**SHIFT / (448 CHAIN); the caller
-        redoes rows whose sum did not."""
-        cols = tl.arange(0, BLOCK_K)
-        part = w.to(tl.float16) * _x16(X, R, NW, cols, k, rstd, EVEN, GATED, NORM, HAS_RES,
-                                       PULL, WORLD, SHIFT)[None, :]
-        acc = _chain_rest(part, W, X, R, NW, rows, r_ok, 0, k, sw, rstd, EVEN, GATED, NORM,
-                          HAS_RES, PULL, WORLD, BLOCK_K, CHAIN, SHIFT).to(tl.float32)
-        for k1 in range(CHAIN * BLOCK_K, k, CHAIN * BLOCK_K):
-            cols = k1 + tl.arange(0, BLOCK_K)
-            part = _w_tile(W, rows, r_ok, cols, k, sw, EVEN).to(tl.float16) * _x16(
-                X, R, NW, cols, k, rstd, EVEN, GATED, NORM, HAS_RES, PULL, WORLD, SHIFT)[None, :]
-            acc += _chain_rest(part, W, X, R, NW, rows, r_ok, k1, k, sw, rstd, EVEN, GATED,
-                               NORM, HAS_RES, PULL, WORLD, BLOCK_K, CHAIN, SHIFT).to(tl.float32)
-        return tl.sum(acc, axis=1) * (1 << SHIFT)
-
-    @triton.jit
-    def _chain_rest(part, W, X, R, NW, rows, r_ok, k1, k, sw, rstd, EVEN: tl.constexpr,
-                    GATED: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
-                    PULL: tl.constexpr, WORLD: tl.constexpr, BLOCK_K: tl.constexpr,
-                    CHAIN: tl.constexpr, SHIFT: tl.constexpr):
-        """`part` (the chain's first tile at column k1, float16) plus the float16
-        products of its other CHAIN - 1 tiles."""
-        for j in tl.static_range(1, CHAIN):
-            cols = k1 + j * BLOCK_K + tl.arange(0, BLOCK_K)
-            part += _w_tile(W, rows, r_ok, cols, k, sw, EVEN).to(tl.float16) * _x16(
-                X, R, NW, cols, k, rstd, EVEN, GATED, NORM, HAS_RES, PULL, WORLD, SHIFT)[None, :]
-        return part
-
-    @triton.jit
     def _gemv_kernel(X, W, S, B, Y, R, NW, ROUT, n, k, sw, eps, DATA, FLAGS, CNT, site_data,
                      site_flag, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
                      EVEN: tl.constexpr,
                      GATED: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
                      ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      PUSH: tl.constexpr, PULL: tl.constexpr, RANK: tl.constexpr,
-                     WORLD: tl.constexpr, PDL: tl.constexpr, CHAIN: tl.constexpr,
-                     SHIFT: tl.constexpr):
+                     WORLD: tl.constexpr, PDL: tl.constexpr):
         """y = W x (+ b) for one row x: program = BLOCK_N rows of W, streamed along K,
         products summed in float32 registers and reduced once at the end. The first
         tile of W is loaded before waiting on the kernel that writes x (with PDL it
@@ -172,9 +105,7 @@ if triton is not None:
         waited for on the site's counters CNT and summed as it is read.
 
         SCALED: W holds FP8 (e4m3) and row r of the product is multiplied by S[r], its
-        scale (replicas/fp8.py): half the bytes of a 16-bit W, the input row as it is.
-        CHAIN (FP8 W only): the products in float16 pairs, CHAIN tiles summed in float16
-        before float32 (_chained_rows), rows whose sum overflowed redone in float32."""
+        scale (replicas/fp8.py): half the bytes of a 16-bit W, the input row as it is."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         r_ok = rows < n
         cols = tl.arange(0, BLOCK_K)
@@ -196,18 +127,14 @@ if triton is not None:
                     tl.store(ROUT + every, whole, mask=every < k)
                 whole = whole.to(tl.float32)
             rstd = 1.0 / tl.sqrt(tl.sum(whole * whole, axis=0) / k + eps)
-        if CHAIN:
-            y = _chained_rows(W, X, R, NW, rows, r_ok, k, sw, rstd, w, EVEN, GATED, NORM,
-                              HAS_RES, PULL, WORLD, BLOCK_K, CHAIN, SHIFT)
-            # a 16-bit sum that overflowed (an input row far beyond SHIFT's range):
-            # these rows again, in float32 throughout
-            if tl.max(((y != y) | (tl.abs(y) > 3.0e38)).to(tl.int32), axis=0) > 0:
-                w = _w_tile(W, rows, r_ok, cols, k, sw, EVEN)
-                y = _rows(W, X, R, NW, rows, r_ok, k, sw, rstd, w, EVEN, GATED, NORM,
-                          HAS_RES, PULL, WORLD, BLOCK_K)
-        else:
-            y = _rows(W, X, R, NW, rows, r_ok, k, sw, rstd, w, EVEN, GATED, NORM, HAS_RES,
-                      PULL, WORLD, BLOCK_K)
+        acc = w.to(tl.float32) * _gemv_x(X, R, NW, cols, k, rstd, EVEN, GATED, NORM,
+                                         HAS_RES, PULL, WORLD)[None, :]
+        for k0 in range(BLOCK_K, k, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            w = _w_tile(W, rows, r_ok, cols, k, sw, EVEN)
+            acc += w.to(tl.float32) * _gemv_x(X, R, NW, cols, k, rstd, EVEN, GATED, NORM,
+                                              HAS_RES, PULL, WORLD)[None, :]
+        y = tl.sum(acc, axis=1)
         if SCALED:
             y *= tl.load(S + rows, mask=r_ok, other=0.0)
         if HAS_BIAS:
@@ -221,9 +148,7 @@ if triton is not None:
             _leave_rows(CNT)
 
 
-# (rows per program, K per iteration, warps, stages[, chain]): chain > 0 (FP8 weights
-# only) takes the products in float16 pairs, `chain` tiles summed in float16 (_chained_rows)
-GemvConfig = tuple[int, ...]
+GemvConfig = tuple[int, int, int, int]  # (rows per program, K per iteration, warps, stages)
 
 
 GEMV_CONFIGS: tuple[GemvConfig, ...] = (  # the leaders of earlier H200 runs, and variations
@@ -237,10 +162,7 @@ GEMV_CONFIGS: tuple[GemvConfig, ...] = (  # the leaders of earlier H200 runs, an
 # against bf16's 3.2-4.3 (fp8_h200.jsonl's gemv_us); these go further in rows and K
 FP8_GEMV_CONFIGS: tuple[GemvConfig, ...] = (
     (16, 1024, 8, 3), (32, 512, 8, 3), (16, 2048, 8, 2), (32, 1024, 8, 2), (64, 256, 8, 3),
-    (16, 512, 8, 4),
-    # float16 products, chains of 4 or 8 tiles: 1.8-2.1 instructions an FP8 weight in
-    # the plain kind's K loop against 3.2 (sm_90 SASS, PERF.md v0.58)
-    (16, 512, 8, 3, 4), (16, 512, 8, 3, 8), (32, 512, 8, 3, 4), (16, 1024, 8, 3, 4))
+    (16, 512, 8, 4))
 
 
 def gemv_configs(fp8: bool) -> tuple[GemvConfig, ...]:
@@ -286,11 +208,7 @@ def _gemv(x: torch.Tensor | Site, weight: torch.Tensor, bias: torch.Tensor | Non
           norm: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, float] | None = None,
           push: Site | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
     n, k = weight.shape
-    block_n, block_k, warps, stages, *more = config
-    chain = more[0] if more else 0
-    if chain and scale is None:
-        raise ValueError(f"GEMV config {config}: a chain of float16 products is for FP8 "
-                         "weights only")
+    block_n, block_k, warps, stages = config
     pull = x if isinstance(x, Site) else None
     row = pull.rows if pull is not None else x
     assert isinstance(row, torch.Tensor)
@@ -303,11 +221,11 @@ def _gemv(x: torch.Tensor | Site, weight: torch.Tensor, bias: torch.Tensor | Non
         weight.stride(0), eps, *(site.kernel_args() if site is not None else (
             weight, weight, weight, 0, 0)),
         SCALED=scale is not None, HAS_BIAS=bias is not None,
-        EVEN=n % block_n == 0 and k % (block_k * max(chain, 1)) == 0,
+        EVEN=n % block_n == 0 and k % block_k == 0,
         GATED=gated, NORM=norm is not None, HAS_RES=residual is not None, ROW=_pow2(k),
         BLOCK_N=block_n, BLOCK_K=block_k, PUSH=push is not None, PULL=pull is not None,
         RANK=site.rank if site is not None else 0, WORLD=site.world if site is not None else 1,
-        CHAIN=chain, SHIFT=CHAIN_SHIFT_BITS, num_warps=warps, num_stages=stages, **_launch(row))
+        num_warps=warps, num_stages=stages, **_launch(row))
     return y
 
 
