@@ -217,11 +217,13 @@ def w8a8_groups(x8: torch.Tensor, x_scales: torch.Tensor, w8: torch.Tensor,
 # w8a8`. Why (PERF.md v0.62): at 16-256 rows cuBLAS's FP8 kernel takes 128x128 tiles,
 # 36-72 programs for GLM-4-9B's qkv, o and down projections on 132 SMs, each streaming a
 # 0.5-1.75 MB run of the weight alone: narrower tiles fill the GPU. Swapped ones put the
-# weight on the dot's 64-row side for a few rows of x.
+# weight on the dot's 64-row side for a few rows of x (their programs then number N / 64
+# below 64 rows: the narrow unswapped tiles are the ones that fill the GPU there).
 W8A8TokensConfig = tuple[int, int, int, int, int, bool]
 W8A8_TOKENS_CONFIGS: tuple[W8A8TokensConfig, ...] = (
     (64, 64, 128, 4, 4, False), (64, 128, 128, 4, 4, False), (128, 64, 128, 4, 4, False),
     (128, 128, 128, 8, 3, False), (64, 32, 128, 4, 4, False), (128, 64, 256, 8, 3, False),
+    (64, 16, 128, 4, 4, False),  # (256-288 programs on N = 4,096-4,608 at any rows)
     (16, 64, 128, 4, 4, True), (32, 64, 128, 4, 4, True), (64, 64, 128, 4, 4, True),
     (32, 128, 128, 4, 4, True), (64, 128, 128, 8, 3, True), (16, 64, 256, 4, 3, True))
 
