@@ -7,6 +7,7 @@ The FP8 tensor-core path and issue 20's accuracy bar are GPU tests (tests/test_g
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
 import shutil
@@ -843,3 +844,58 @@ def test_w8a8_groups_probe_times_each_way_and_checks_each_product(
                                         *map(str, W8A8_GROUPS_CONFIGS)}
         assert row["best"] == str(W8A8_GROUPS_CONFIGS[-1])  # timed last: the fastest
         assert row["best_us"] < row["scaled_mm_us"] and row["k"] == 64
+
+
+def test_pick_w8a8_takes_a_config_only_where_it_beats_scaled_mm(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """kernels.pick_w8a8's choice, run here with the interpreter's kernels, `_scaled_mm`
+    stood in by the float32 reference and a stand-in timer: a config is picked only where
+    it beats `_scaled_mm` by the margin; a config that fails to build is skipped (logged),
+    not fatal; one whose product disagrees stops the tuning."""
+    pytest.importorskip("triton")
+    from triton.compiler.errors import CompilationError
+
+    from replicas.fp8 import _w8a8_reference
+    from replicas.kernels import fp8mm, quant
+
+    gemv = importlib.import_module("replicas.kernels.gemv")  # (kernels.gemv: the function)
+    monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
+    monkeypatch.setattr(fp8mm, "W8A8_TOKENS_CONFIGS", fp8mm.W8A8_TOKENS_CONFIGS[:3])
+    good, broken, slow = fp8mm.W8A8_TOKENS_CONFIGS
+
+    def scaled_mm(x8: torch.Tensor, wt: torch.Tensor, scale_a: torch.Tensor,
+                  scale_b: torch.Tensor, bias: torch.Tensor | None,
+                  out_dtype: torch.dtype) -> torch.Tensor:
+        return _w8a8_reference(x8.float() * scale_a, wt.t(), scale_b.view(-1), bias,
+                               out_dtype)
+
+    monkeypatch.setattr(torch, "_scaled_mm", scaled_mm)
+    run = fp8mm.w8a8_per_token
+
+    def per_token(*args: Any) -> torch.Tensor:
+        if args[-1] == broken:
+            raise CompilationError("", None, "a tile this Triton cannot build")
+        return run(*args)
+
+    monkeypatch.setattr(fp8mm, "w8a8_per_token", per_token)
+    # (the timer: `_scaled_mm` 10 us; the good config 9 at 16 rows, 9.9 (within the
+    # margin) at 32; the slow one 12)
+    rows_now: list[int] = []
+
+    def timer(fn: Any, copies: list[torch.Tensor]) -> float:
+        name = getattr(fn, "keywords", {}).get("config")
+        if name is None:
+            return 10.0
+        return {good: 9.0 if rows_now[-1] == 16 else 9.9, slow: 12.0}[name]
+
+    monkeypatch.setattr(gemv, "_cycled_us", timer)
+    through = quant.quantize_tokens_fp8
+    monkeypatch.setattr(quant, "quantize_tokens_fp8",
+                        lambda x: rows_now.append(x.shape[0]) or through(x))
+    w8, ws = quantize_rows(torch.randn(40, 64, generator=torch.Generator().manual_seed(5)))
+    picks, times = fp8mm.pick_w8a8(w8, ws, True, rows=(16, 32))
+    assert picks == ((16, good), (32, None))
+    assert set(times[16]) == {"scaled_mm", str(good), str(slow)}  # (broken: skipped)
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: scaled_mm(*a, **k) + 1.0)
+    with pytest.raises(AssertionError, match="disagrees with _scaled_mm"):
+        fp8mm.pick_w8a8(w8, ws, False, rows=(16,))

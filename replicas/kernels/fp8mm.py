@@ -15,11 +15,14 @@
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 
 from replicas.kernels.attention import _precision
 from replicas.kernels.common import STEP_SHAPED, _launch
+
+log = logging.getLogger(__name__)
 
 try:
     import triton
@@ -269,6 +272,7 @@ def pick_w8a8(w8: torch.Tensor, scale: torch.Tensor, has_bias: bool,
     decode step runs them: weights cold (copies cycled), in a CUDA graph. Each config's
     product is checked against `_scaled_mm`'s. Returns, per count of rows, the fastest
     config if it beats `_scaled_mm` by the margin (else None), and the times in us."""
+    from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources
 
     from replicas.kernels.gemv import _cycled_us, cold_copies
@@ -295,7 +299,10 @@ def pick_w8a8(w8: torch.Tensor, scale: torch.Tensor, has_bias: bool,
         for config in W8A8_TOKENS_CONFIGS:
             try:
                 got = w8a8_per_token(x8, xs, w8, scale, bias, torch.bfloat16, config)
-            except OutOfResources:  # a tile this GPU cannot hold: not a candidate here
+            except (OutOfResources, CompilationError) as e:  # a tile this GPU (or this
+                # Triton) cannot build: not a candidate here
+                log.warning("W8A8 config %s not built on %s: %s", config, (m, n, k),
+                            str(e).splitlines()[-1] if str(e) else type(e).__name__)
                 continue
             if not torch.allclose(got.float(), want, rtol=2e-2,
                                   atol=2e-2 * float(want.abs().max())):
@@ -307,7 +314,8 @@ def pick_w8a8(w8: torch.Tensor, scale: torch.Tensor, has_bias: bool,
                                                          torch.bfloat16, config),
                 x8=x8, xs=xs, config=config)
         times = {name: _cycled_us(fn, copies) for name, fn in runs.items()}
-        best = min(configs, key=lambda c: times[str(c)])
-        picks.append((m, best if times[str(best)] < margin * times["scaled_mm"] else None))
+        best = min(configs, key=lambda c: times[str(c)], default=None)
+        picks.append((m, best if best is not None
+                      and times[str(best)] < margin * times["scaled_mm"] else None))
         report[m] = times
     return tuple(picks), report
