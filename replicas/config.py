@@ -82,7 +82,11 @@ class EngineConfig:
     # DEFAULT_PIECE_TOKENS on one GPU with cuda_graphs (measured there, PERF.md v0.48),
     # else 0: at tp > 1 until measured on several GPUs; `resolved_piece_graph_tokens`
     piece_graph_tokens: int | None = None
-    gemv_kernels: bool = True  # batch-1 matmuls: Triton GEMV where it beats cuBLAS (16-bit GPU)
+    # batch-1 matmuls: Triton GEMV where it beats cuBLAS (16-bit GPU); and W8A8's matmul at
+    # a decode step's rows: Triton where it beats `_scaled_mm` (kernels.pick_w8a8; picks
+    # are per process and weight shape, so an engine started after a tuned one in the
+    # same process finds them)
+    gemv_kernels: bool = True
     # step N+1 is launched with step N's tokens still on the device (the host reads them
     # while the GPU runs it); at tp > 1 on GPUs too (rank 0 broadcasts those tokens on the
     # device), while CPU ranks at tp > 1 read each step's tokens before the next
