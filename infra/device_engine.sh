@@ -21,8 +21,8 @@
 #   W8A8_S=150 ...                               # and W8A8's few-row matmul: Triton's
 #                                                # configs against _scaled_mm at 16-256
 #                                                # rows (PERF v0.62), then its GPU test
-#   ATTN_S=240 ...                               # and decode attention's tiles and splits
-#                                                # at batch 1, 64 and 256 (bf16, int8)
+#   ATTN_S=360 ...                               # and decode attention's tiles and splits
+#                                                # at batch 1, 16, 32, 64 and 256 (bf16, int8)
 #   KV_S=120 ...                                 # and the KV formats' accuracy on the
 #                                                # checkpoint trained on this GPU
 #   PIECES_S=200 bash infra/device_engine.sh     # steps in CUDA-graph pieces: their GPU
