@@ -715,13 +715,12 @@ def _probe_weights(n: int, k: int, device: str, dtype: torch.dtype, gen: torch.G
     weight they stand for, copies of w8, copies of the 16-bit one): enough copies (up to
     32, 256 MB of FP8) that a timer cycling through them reads each cold."""
     from replicas.fp8 import quantize_rows
-    from replicas.kernels.gemv import cold_copies
+    from replicas.kernels.gemv import cold_copies, cold_set
 
     w8, scale = quantize_rows(torch.randn(n, k, device=device, dtype=dtype, generator=gen))
     dense = w8.to(dtype) * scale[:, None].to(dtype)
     count = cold_copies(n * k)  # (w8's bytes)
-    return (w8, scale, dense, [w8] + [w8.clone() for _ in range(count - 1)],
-            [dense] + [dense.clone() for _ in range(count - 1)])
+    return w8, scale, dense, cold_set(w8, count), cold_set(dense, count)
 
 
 def w8a8_groups_probe(shapes: dict[str, tuple[int, int]], batch_rows: tuple[int, ...],

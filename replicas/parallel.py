@@ -373,8 +373,10 @@ def tune_gemv(model: nn.Module, cache: Path | None = None) -> dict[str, dict[str
                                     "chosen": str(picked[key] or "cublas")}
                 measured[cache_key] = report[str(key)]
         module.gemv = picked[key]
-        if isinstance(module, _KernelLinear) and module.w8a8 == 1 and scale is not None:
-            _tune_w8a8(module, kept, measured, report)  # W8A8, a scale per token: few rows
+        # W8A8 with a scale per token, at any tp (the base's test: a row-parallel layer
+        # at tp > 1 takes no pre-quantized input, but still runs w8a8_tokens)
+        if isinstance(module, _KernelLinear) and _KernelLinear.takes_tokens_fp8(module):
+            _tune_w8a8(module, kept, measured, report)
     if measured:
         write_picks(path, measured)
     return report

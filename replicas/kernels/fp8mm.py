@@ -200,18 +200,27 @@ def w8a8_groups(x8: torch.Tensor, x_scales: torch.Tensor, w8: torch.Tensor,
     [N, K] FP8 * scale [N])^T (+ bias) -> [M, N] in `out_dtype`; K a multiple of group
     (>= 32: an FP8 dot's least K)."""
     m, k = x8.shape
-    n = w8.shape[0]
     group = k // x_scales.shape[1]
     if group * x_scales.shape[1] != k or group < 32 or group & (group - 1):
         raise ValueError(f"{k} input columns in {x_scales.shape[1]} groups: each group "
                          "must be a power of two >= 32 columns")
-    y = torch.empty(m, n, dtype=out_dtype, device=x8.device)
     block_m, block_n, warps, stages = config or W8A8_GROUPS_CONFIGS[2 if m > 16 else 0]
+    return _w8a8(x8, x_scales, w8, scale, bias, out_dtype, group, block_m, block_n, warps,
+                 stages, tokens=False, swap=False)
+
+
+def _w8a8(x8: torch.Tensor, xs: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
+          bias: torch.Tensor | None, out_dtype: torch.dtype, group: int, block_m: int,
+          block_n: int, warps: int, stages: int, tokens: bool, swap: bool) -> torch.Tensor:
+    """_w8a8_groups_kernel's launch, for w8a8_groups and w8a8_per_token: y [M, N] in
+    `out_dtype`, a program a (BLOCK_M rows of x, BLOCK_N rows of W) tile."""
+    m, n = x8.shape[0], w8.shape[0]
+    y = torch.empty(m, n, dtype=out_dtype, device=x8.device)
     _w8a8_groups_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
-        x8, x_scales, w8, scale, bias if bias is not None else scale, y, m, n, k,
-        x8.stride(0), x_scales.stride(0), w8.stride(0), y.stride(0),
+        x8, xs, w8, scale, bias if bias is not None else scale, y, m, n, x8.shape[1],
+        x8.stride(0), xs.stride(0), w8.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=warps, num_stages=stages, **_launch(x8))
+        TOKENS=tokens, SWAP=swap, num_warps=warps, num_stages=stages, **_launch(x8))
     return y
 
 
@@ -237,16 +246,9 @@ def w8a8_per_token(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor,
     """x8 [M, K] FP8 with a scale per token (x_scale [M, 1] float32) @ (w8 [N, K] FP8 *
     scale [N])^T (+ bias) -> [M, N] in `out_dtype`, rounded once, on the FP8 tensor
     cores in `config` (one of W8A8_TOKENS_CONFIGS): what `torch._scaled_mm` computes."""
-    m, k = x8.shape
-    n = w8.shape[0]
-    y = torch.empty(m, n, dtype=out_dtype, device=x8.device)
     block_m, block_n, block_k, warps, stages, swap = config
-    _w8a8_groups_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
-        x8, x_scale, w8, scale, bias if bias is not None else scale, y, m, n, k,
-        x8.stride(0), x_scale.stride(0), w8.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, GROUP=block_k, BLOCK_M=block_m, BLOCK_N=block_n,
-        TOKENS=True, SWAP=swap, num_warps=warps, num_stages=stages, **_launch(x8))
-    return y
+    return _w8a8(x8, x_scale, w8, scale, bias, out_dtype, block_k, block_m, block_n, warps,
+                 stages, tokens=True, swap=swap)
 
 
 # The picks `pick_w8a8` measured, by weight shape (N, K), per process (each rank its own;
@@ -275,14 +277,14 @@ def pick_w8a8(w8: torch.Tensor, scale: torch.Tensor, has_bias: bool,
     from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources
 
-    from replicas.kernels.gemv import _cycled_us, cold_copies
+    from replicas.kernels.gemv import _cycled_us, cold_set
     from replicas.kernels.quant import quantize_tokens_fp8
 
     n, k = w8.shape
     gen = torch.Generator(device=w8.device).manual_seed(n + k)
     bias = (torch.randn(n, generator=gen, device=w8.device, dtype=torch.bfloat16)
             if has_bias else None)
-    copies = [w8] + [w8.clone() for _ in range(cold_copies(w8.numel()) - 1)]
+    copies = cold_set(w8)
     picks, report = [], {}
     for m in rows:
         x8, xs = quantize_tokens_fp8(torch.randn(m, k, generator=gen, device=w8.device,

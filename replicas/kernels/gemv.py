@@ -257,8 +257,7 @@ def pick_gemv(weight: torch.Tensor, bias: torch.Tensor | None, kind: GemvKind = 
         h = x
     dense = weight if scale is None else (weight.float() * scale[:, None]).to(h.dtype)
     want = F.linear(h, dense, bias)
-    count = cold_copies(weight.numel() * weight.element_size())
-    copies = [weight] + [weight.clone() for _ in range(count - 1)]
+    copies = cold_set(weight)
 
     def run(w: torch.Tensor, config: GemvConfig) -> torch.Tensor:
         if kind == "norm":
@@ -291,6 +290,13 @@ def cold_copies(nbytes: int) -> int:
     that each is read cold, as a step reads it: 256 MB of them, 2 to 32 (small ones are
     cheap either way)."""
     return min(32, max(2, -(-2**28 // nbytes)))
+
+
+def cold_set(t: torch.Tensor, count: int | None = None) -> list[torch.Tensor]:
+    """`t` and clones of it for a timer to cycle through (_cycled_us): `count` in all,
+    by default cold_copies of its bytes."""
+    count = count or cold_copies(t.numel() * t.element_size())
+    return [t] + [t.clone() for _ in range(count - 1)]
 
 
 def _cycled_us(fn: Callable[[torch.Tensor], torch.Tensor], copies: list[torch.Tensor],
