@@ -35,6 +35,7 @@ from cluster.control import ENGINE
 from cluster.datapath import (
     DATA_PATHS,
     DataPathError,
+    Heads,
     Inbox,
     Outbox,
     Outboxes,
@@ -138,7 +139,9 @@ class EngineDeployment:
         self.times = ReplicaTimes()  # the requests' way to the engine (stats)
         waytrace.install_replica()  # (TPSERVE_WAY_TRACE=1: the way in, hop by hop)
         self.loop_lag = LoopLag(self.times.loop_lag.add)  # (started by the first request)
-        self.outboxes = Outboxes()  # the direct data path's connections to routers
+        # the direct data path's connections to routers, and the requests they head-start
+        self.heads = Heads(self._head_start)
+        self.outboxes = Outboxes(self.replica_id, self.heads.take)
         # the rank actors first: their processes start (and import torch) meanwhile
         self.ranks = RankGroup(int(config.get("tp", 1)), use_gpu, cpus_per_rank,
                                f"tpserve-{self.replica_id}")
@@ -204,10 +207,24 @@ class EngineDeployment:
     async def deliver(self, request: dict[str, Any], reply: dict[str, Any]) -> int:
         """The direct data path's call (cluster/datapath.py): the same items as
         `generate`, sent to the router's inbox at `reply` instead of through Serve;
-        returns how many were sent, once all are written."""
+        returns how many were sent, once all are written. A request the router
+        head-started here already runs: the call awaits that run."""
+        head = self.heads.claim(reply)
+        if head is not None:
+            return await head
         self.times.arrived(reply, waytrace.received_at())
         self.loop_lag.ensure_started()
-        outbox = await self.outboxes.get(reply)
+        return await self._deliver(request, reply, await self.outboxes.get(reply))
+
+    async def _head_start(self, request: dict[str, Any], reply: dict[str, Any],
+                          outbox: Outbox) -> int:
+        """A request a router sent down its data connection (Heads)."""
+        self.times.arrived(reply, None, head=True)
+        self.loop_lag.ensure_started()
+        return await self._deliver(request, reply, outbox)
+
+    async def _deliver(self, request: dict[str, Any], reply: dict[str, Any],
+                       outbox: Outbox) -> int:
         return await deliver(serve_request(self.engine, request, self.replica_id, self.times),
                              outbox, reply["stream"], self.replica_id)
 
@@ -215,7 +232,8 @@ class EngineDeployment:
         # (off the event loop: from an engine process, a call over its pipe)
         stats = await asyncio.to_thread(self.engine.stats)
         return {"engine_process": None, **stats, **self.times.summary(),
-                "replica": self.replica_id, "replica_start_s": self.start_s,
+                "head_starts": self.heads.started, "replica": self.replica_id,
+                "replica_start_s": self.start_s,
                 "max_ongoing": max_ongoing(self.config.max_num_seqs)}
 
     async def check_health(self) -> None:
@@ -264,19 +282,21 @@ class ServeEngine:
             call = self.unary.options(session_id=session_key).deliver.remote(
                 request.to_dict(), {**inbox.reply_to(stream_id), "sent_at": time.time()})
             items = stream.items(asyncio.ensure_future(call))
-        ended = False
+        ended, lost = False, False
         try:
             async for item in items:
                 yield wire.decode(item)
             ended = True
         except Exception as e:  # noqa: BLE001 - mapped here, once, for the router
-            ended = True
+            ended, lost = True, isinstance(e, DataPathError)
             log.warning("engine stream failed: %r", e)
             yield error_event(e)
         finally:
             if inbox is not None and stream_id is not None:
-                inbox.close(stream_id)
-            if not ended:  # the router stopped reading (its client went away): abort
+                inbox.close(stream_id, abort=lost or not ended)
+            # the router stopped reading (its client went away), or the stream's items
+            # were lost while its call may still run: abort
+            if lost or not ended:
                 call.cancel()
 
 

@@ -16,6 +16,11 @@ is gone is never used: that request waits for a new claim. With `routing="random
 (RouterConfig.routing) every request goes to a uniformly random live replica and no pin
 is read or written: the baseline against which infra/load.py measures what pinning buys.
 
+On the direct data path a request whose replica is chosen is also sent down that
+replica's data connection at once, ahead of Serve's call (cluster/datapath.py, the head
+start); choosing again for it (Serve backing off from a full replica) keeps that replica
+while it is a candidate.
+
 Configured with `RequestRouterConfig(request_router_class="cluster.pinning.PinnedRouter",
 request_router_kwargs={...})`; the Redis URL comes from TPSERVE_REDIS_URL unless given.
 """
@@ -37,6 +42,7 @@ from ray.serve._private.request_router.common import PendingRequest
 from ray.serve._private.request_router.replica_wrapper import RunningReplica
 from ray.serve._private.request_router.request_router import RequestRouter
 
+from cluster import datapath
 from router import metrics
 from router.policy import ROUTING_MODES, choose_replica
 from router.sessions import SessionStore, SessionStoreConfig
@@ -97,8 +103,19 @@ class PinnedRouter(RequestRouter):
                               ) -> list[list[RunningReplica]]:
         if pending_request is not None:
             metrics.ROUTING.observe(time.time() - pending_request.created_at)
+        args = getattr(pending_request, "args", None)
         with metrics.CHOICE.time():
-            return await self._choose(candidate_replicas, pending_request)
+            head = datapath.head_of(args)
+            if head is not None:  # chosen before, and already running there
+                for replica in candidate_replicas:
+                    if replica.replica_id.unique_id == head:
+                        return [[replica]]
+                datapath.drop_head(args)  # (that replica went: choose again)
+            ranks = await self._choose(candidate_replicas, pending_request)
+        if ranks and len(ranks[0]) == 1 and datapath.start_head(
+                args, ranks[0][0].replica_id.unique_id):
+            metrics.HEAD_STARTS.inc()
+        return ranks
 
     async def _choose(self, candidate_replicas: list[RunningReplica],
                       pending_request: PendingRequest | None

@@ -83,6 +83,7 @@ class ReplicaTimes:
     routing: Recent = field(default_factory=_recent)
     transit: Recent = field(default_factory=_recent)
     dispatch: Recent = field(default_factory=_recent)
+    head: Recent = field(default_factory=_recent)  # the way in of head-started requests
     loop_lag: Recent = field(default_factory=lambda: _recent(2048))
 
     def summary(self) -> dict[str, Any]:
@@ -92,17 +93,23 @@ class ReplicaTimes:
                 "way_in_routing_ms": self.routing.summary(),
                 "way_in_transit_ms": self.transit.summary(),
                 "way_in_dispatch_ms": self.dispatch.summary(),
+                "way_in_head_ms": self.head.summary(),
                 "loop_lag_ms": self.loop_lag.summary()}
 
-    def arrived(self, reply: dict[str, Any], received: float | None) -> None:
+    def arrived(self, reply: dict[str, Any], received: float | None,
+                head: bool = False) -> None:
         """A direct-path call entering the replica now: its way in from the router's
         handle call (`sent_at`), and where the trace stamped it (`routed_at`, Serve's
-        send; `received`, Serve's gRPC handler here), each hop."""
+        send; `received`, Serve's gRPC handler here), each hop. `head`: the request came
+        down the data connection instead, ahead of its call (cluster/datapath.py): its
+        way in counts in `head` too."""
         now = time.time()
         sent, routed = reply.get("sent_at"), reply.get("routed_at")
         if sent is None:
             return
         self.way_in.add(now - sent)
+        if head:
+            self.head.add(now - sent)
         if routed is None or received is None:
             return
         self.routing.add(routed - sent)

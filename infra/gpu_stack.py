@@ -197,6 +197,22 @@ def replica_inside(stats: dict[str, Any]) -> dict[str, Any]:
             **{key: stats[key] for key in WAY_IN_HOPS if stats.get(key)}}
 
 
+def head_start_share(before: dict[str, Any], after: dict[str, Any]) -> float | None:
+    """Of the requests that reached the engine replica between two of its stats, the
+    share that came down the data connection ahead of their call (cluster/datapath.py's
+    head start); None without the counts (an older replica, or a stats error)."""
+    def count(stats: dict[str, Any], key: str) -> int | None:
+        summary = stats.get(key)
+        return summary.get("count") if isinstance(summary, dict) else None
+
+    counts = [count(s, k) for s in (before, after) for k in ("way_in_ms", "way_in_head_ms")]
+    if None in counts:
+        return None
+    way_in0, head0, way_in1, head1 = counts
+    total = way_in1 - way_in0  # type: ignore[operator]
+    return round((head1 - head0) / total, 3) if total else None  # type: ignore[operator]
+
+
 def router_times(edge: str, session: str | None = None) -> dict[str, tuple[float, float]]:
     """(sum of seconds, count) of the router's ROUTER_TIMES histograms, every label (its
     /metrics through nginx: one router replica's, with several; with `session`, the one
@@ -510,7 +526,8 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
         inside["error"] = after["error"]
     else:
         inside.update(replica_inside(after), engine_ttft_ms=after.get("ttft_ms"),
-                      replica_means_ms=between(replica_before, after))
+                      replica_means_ms=between(replica_before, after),
+                      head_start_share=head_start_share(replica_before, after))
     more = [stack_run(stack.edge, LOAD) for _ in range(MORE_LOAD_RUNS)]
     # one client at a time: the path's own cost, hop by hop (the router's means and the
     # replica's over just these requests)
@@ -518,8 +535,9 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
     replica_before = _stats_or_error(state_dir)
     sequential = stack_run(stack.edge, SEQUENTIAL)
     sequential_inside: dict[str, Any] = means(before, router_times(stack.edge))
-    sequential_inside["replica_means_ms"] = between(replica_before,
-                                                    _stats_or_error(state_dir))
+    replica_after = _stats_or_error(state_dir)
+    sequential_inside["replica_means_ms"] = between(replica_before, replica_after)
+    sequential_inside["head_start_share"] = head_start_share(replica_before, replica_after)
     profiled = profiled_run(stack.edge, LOAD, profile_dir) if profile_dir else None
     row: dict[str, Any] = {
         "kind": "gpu_stack", "model": "glm4-9b-shaped", **shape,

@@ -182,12 +182,16 @@ def _one_client(row: dict[str, Any]) -> str:
     if not inside or not v or "replica_means_ms" not in inside:
         return ""
     m = inside["replica_means_ms"]
+    share = inside.get("head_start_share")
+    hops = (f"Serve's routing {m.get('way_in_routing_ms')}, gRPC "
+            f"{m.get('way_in_transit_ms')}, dispatch {m.get('way_in_dispatch_ms')}")
+    if share:  # (the traced hops are those of the requests not head-started)
+        hops = (f"{round(share * 100)} % head-started, their way in "
+                f"{m.get('way_in_head_ms')}; the others': {hops}")
     return (f"; one client: TTFT p50 {v['stack_ttft_p50_ms']} vs {v['engine_ttft_p50_ms']} "
             f"ms (added {v['ttft_p50_added_ms']}), the router's own "
-            f"{inside['router_ttft_mean_ms']} ms mean: way in {m['way_in_ms']} (Serve's "
-            f"routing {m['way_in_routing_ms']}, gRPC {m['way_in_transit_ms']}, dispatch "
-            f"{m['way_in_dispatch_ms']}), preparation {m['prepare_ms']}, the engine "
-            f"process's TTFT {m['ttft_ms']}")
+            f"{inside['router_ttft_mean_ms']} ms mean: way in {m['way_in_ms']} ({hops}), "
+            f"preparation {m['prepare_ms']}, the engine process's TTFT {m['ttft_ms']}")
 
 
 def _shared(row: dict[str, Any]) -> str:

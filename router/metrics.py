@@ -52,3 +52,7 @@ QUEUE_PROBE = Histogram("tpserve_engine_queue_probe_seconds", "Serve's probe of 
 # the engine replica's write (wall clocks; one host's, or as far apart as the hosts' are)
 FRAME_AGE = Histogram("tpserve_data_path_frame_age_seconds", "engine replica's write of a "
                       "frame to the router's read of it", buckets=WAIT_BUCKETS)
+# requests sent down a replica's data connection as soon as it was chosen, ahead of
+# Serve's call (cluster/datapath.py, the head start)
+HEAD_STARTS = Counter("tpserve_engine_head_starts_total", "engine requests head-started "
+                      "on their replica's data connection")

@@ -86,12 +86,21 @@ def reference() -> dict[int, list[int]]:
 
 def test_two_tp2_replicas_serve_concurrently_like_the_engine_alone(
         stack: Stack, reference: dict[int, list[int]]) -> None:
+    """Through the router, each token as the engine alone gives it; once a replica's data
+    connection to the router is open, requests go down it ahead of Serve's call (the
+    head start, cluster/datapath.py), and come out the same."""
+    def head_starts() -> int:
+        return sum(s["head_starts"] for s in engine_stats().values())
+
+    before = head_starts()
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda i: complete(stack.url, PROMPTS[i % 8]), range(24)))
     assert all(status == 200 for status, _ in results), results
     for i, (_, body) in enumerate(results):
         assert body["token_ids"] == reference[i % 8]
     assert len({body["replica"] for _, body in results}) == 2  # both replicas served
+    # (the first requests to each replica open its connection: through Serve alone)
+    assert head_starts() - before >= 8
 
 
 def test_bad_request_is_a_400_with_the_engine_message(stack: Stack) -> None:

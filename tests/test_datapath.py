@@ -69,7 +69,7 @@ def test_each_frames_age_is_recorded_and_a_malformed_frame_drops_its_connection(
         await inbox.start()
         stream_id, stream = inbox.open()
         reader, writer = await asyncio.open_connection("127.0.0.1", inbox.port)
-        writer.write(frame(inbox.token)
+        writer.write(datapath.hello(inbox.token)
                      + items_frame([[stream_id, delta(0)]], sent_at=time.time() - 0.25)
                      + frame([[stream_id, delta(1)]]))  # (the old format: pairs alone)
         first = await asyncio.wait_for(stream.queue.get(), 5)
@@ -89,7 +89,7 @@ def test_a_connection_without_the_routers_token_is_dropped() -> None:
         await inbox.start()
         stream_id, stream = inbox.open()
         reader, writer = await asyncio.open_connection("127.0.0.1", inbox.port)
-        writer.write(frame("not-the-token") + items_frame([[stream_id, delta(0)]]))
+        writer.write(datapath.hello("not-the-token") + items_frame([[stream_id, delta(0)]]))
         end = await reader.read()  # the inbox closes it
         writer.close()
         await inbox.stop()
@@ -427,3 +427,225 @@ def test_a_router_out_of_reach_is_an_error_that_says_what_to_do() -> None:
 
     message = run(main())
     assert f"127.0.0.1:{port}" in message and "--data-path serve" in message
+
+
+# --- the head start: a request down the data connection as soon as its replica is chosen -
+
+class EngineRuns:
+    """A replica's engine: each run yields `items` gap_s apart; counts runs, notes
+    which were closed (aborted) before their end."""
+
+    def __init__(self, items: list[dict[str, Any]], gap_s: float = 0.0) -> None:
+        self.items, self.gap_s = items, gap_s
+        self.runs, self.aborted = 0, 0
+
+    async def stream(self) -> AsyncGenerator[dict[str, Any], None]:
+        self.runs += 1
+        done = False
+        try:
+            for item in self.items:
+                await asyncio.sleep(self.gap_s)
+                yield item
+            done = True
+        finally:
+            if not done:
+                self.aborted += 1
+
+
+class Replica:
+    """EngineDeployment's direct path: its outboxes, its head starts, and its call."""
+
+    def __init__(self, name: str, engine: EngineRuns) -> None:
+        self.name, self.engine = name, engine
+        self.heads = datapath.Heads(self._run)
+        self.outboxes = Outboxes(name, self.heads.take)
+
+    async def _run(self, request: dict[str, Any], reply: dict[str, Any],
+                   outbox: datapath.Outbox) -> int:
+        return await deliver(self.engine.stream(), outbox, reply["stream"], self.name)
+
+    async def call(self, request: dict[str, Any], reply: dict[str, Any]) -> int:
+        head = self.heads.claim(reply)
+        if head is not None:
+            return await head
+        return await self._run(request, reply, await self.outboxes.get(reply))
+
+
+async def connected(inbox: Inbox, replica: Replica) -> None:
+    """Open `replica`'s connection to `inbox` (a first request does, through Serve)."""
+    await replica.outboxes.get(inbox.reply_to(0))
+    for _ in range(100):
+        if replica.name in inbox.replicas:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the replica's hello never reached the inbox")
+
+
+def test_a_head_started_request_runs_once_and_its_call_attaches() -> None:
+    """The router sends the request as soon as it chose the replica; its items flow
+    before Serve's call comes, and the call, when it comes, awaits that run: one run,
+    every item once, the call's answer its count."""
+    items = [delta(0), delta(1), delta(2, "stop")]
+
+    async def main() -> tuple[bool, list[Any], int, int, int]:
+        inbox = Inbox("127.0.0.1")
+        await inbox.start()
+        replica = Replica("r1", EngineRuns(items))
+        await connected(inbox, replica)
+        stream_id, stream = inbox.open()
+        reply = {**inbox.reply_to(stream_id), "sent_at": time.time()}
+        started = datapath.start_head(({"prompt": [1]}, reply), "r1")
+        got = [await stream.queue.get() for _ in range(4)]  # 3 items and the End
+        answer = await replica.call({"prompt": [1]}, reply)  # Serve's call, late
+        await inbox.stop()
+        return started, got, answer, replica.engine.runs, replica.heads.started
+
+    started, got, answer, runs, heads = run(main())
+    assert started and got[:3] == items and got[3] == datapath.End(3)
+    assert answer == 3 and runs == 1 and heads == 1
+
+
+def test_a_call_that_comes_first_runs_it_and_the_start_after_it_is_ignored() -> None:
+    items = [delta(0, "stop")]
+
+    async def main() -> tuple[int, int]:
+        inbox = Inbox("127.0.0.1")
+        await inbox.start()
+        replica = Replica("r1", EngineRuns(items))
+        await connected(inbox, replica)
+        stream_id, stream = inbox.open()
+        reply = inbox.reply_to(stream_id)
+        answer = await replica.call({}, reply)
+        assert inbox.start_head(reply, "r1", {})  # sent, after the call
+        await asyncio.sleep(0.2)
+        await inbox.stop()
+        return answer, replica.engine.runs
+
+    assert run(main()) == (1, 1)
+
+
+def test_no_head_start_without_a_connection_a_stream_or_when_turned_off(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing is sent to a replica with no connection here yet (its first request goes
+    through Serve alone), for a stream that is gone or has its head start, for arguments
+    that are not a direct-path call's, or with TPSERVE_HEAD_START=0; a bad value is
+    refused by name."""
+    async def main() -> list[bool]:
+        inbox = Inbox("127.0.0.1")
+        await inbox.start()
+        replica = Replica("r1", EngineRuns([delta(0, "stop")]))
+        stream_id, _ = inbox.open()
+        reply = inbox.reply_to(stream_id)
+        results = [inbox.start_head(reply, "r1", {})]  # no connection yet
+        await connected(inbox, replica)
+        results.append(datapath.start_head(({}, {"token": "other", "stream": 1}), "r1"))
+        results.append(datapath.start_head(({},), "r1"))
+        results.append(inbox.start_head(reply, "r1", {}))  # sent
+        results.append(inbox.start_head(reply, "r1", {}))  # it has one
+        inbox.close(stream_id)
+        results.append(inbox.start_head(reply, "r1", {}))  # gone
+        monkeypatch.setenv(datapath.HEAD_START_ENV, "0")
+        off = Inbox("127.0.0.1")
+        await off.start()
+        await connected(off, replica)
+        off_id, _ = off.open()
+        results.append(off.start_head(off.reply_to(off_id), "r1", {}))
+        await asyncio.gather(inbox.stop(), off.stop())
+        return results
+
+    assert run(main()) == [False, False, False, True, False, False, False]
+    monkeypatch.setenv(datapath.HEAD_START_ENV, "yes")
+    with pytest.raises(ValueError, match=datapath.HEAD_START_ENV):
+        Inbox("127.0.0.1")
+
+
+def test_a_dropped_head_start_is_cancelled_and_its_items_refused() -> None:
+    """The chosen replica left the candidates before Serve sent the call: its run is
+    cancelled (the request aborted there) and anything still coming from it is dropped;
+    a stream that already had items from it fails (Lost), as a lost replica's does."""
+    async def main() -> tuple[bool, int, bool, int]:
+        inbox = Inbox("127.0.0.1")
+        await inbox.start()
+        slow = Replica("r1", EngineRuns([delta(i) for i in range(50)], gap_s=0.05))
+        await connected(inbox, slow)
+        quiet_id, quiet = inbox.open()  # dropped before its first item
+        datapath.start_head(({}, inbox.reply_to(quiet_id)), "r1")
+        inbox.drop_head(quiet_id)
+        busy_id, busy = inbox.open()  # dropped after its first item
+        datapath.start_head(({}, inbox.reply_to(busy_id)), "r1")
+        first = await busy.queue.get()
+        assert first == delta(0) and datapath.head_of(({}, inbox.reply_to(busy_id))) == "r1"
+        datapath.drop_head(({}, inbox.reply_to(busy_id)))
+        lost = isinstance(await busy.queue.get(), Lost)
+        await asyncio.sleep(0.3)
+        refused = quiet.queue.qsize()
+        await inbox.stop()
+        engine = slow.engine
+        return (lost, refused, busy.head is None and quiet.head is None,
+                engine.runs >= 1 and engine.aborted == engine.runs)
+
+    lost, refused, cleared, all_aborted = run(main())
+    # (every run that began was aborted: the quiet one's cancel may come before it began)
+    assert lost and refused == 0 and cleared and all_aborted
+
+
+def test_a_reader_gone_cancels_a_head_started_run_whose_call_never_came() -> None:
+    """The router's client went away before Serve's call reached the replica: closing the
+    stream (ServeEngine's end) sends the cancel, and the run's request is aborted."""
+    async def main() -> tuple[int, int]:
+        inbox = Inbox("127.0.0.1")
+        await inbox.start()
+        replica = Replica("r1", EngineRuns([delta(i) for i in range(50)], gap_s=0.05))
+        await connected(inbox, replica)
+        stream_id, stream = inbox.open()
+        inbox.start_head(inbox.reply_to(stream_id), "r1", {})
+        await stream.queue.get()
+        inbox.close(stream_id, abort=True)
+        await asyncio.sleep(0.3)
+        await inbox.stop()
+        return replica.engine.runs, replica.engine.aborted
+
+    assert run(main()) == (1, 1)
+
+
+def test_the_request_router_head_starts_and_keeps_the_replica_when_choosing_again() -> None:
+    """PinnedRouter: the request goes down the chosen replica's connection at once;
+    choosing again (Serve backed off from a full replica) returns that replica while it
+    is a candidate; once it is not, its head start is dropped and the choice made anew."""
+    from cluster.pinning import PinnedRouter
+    from router import metrics
+
+    class FakeReplica:
+        def __init__(self, rid: str) -> None:
+            self.replica_id = type("Id", (), {"unique_id": rid})()
+
+    def starts() -> float:
+        return {s.name: s.value for m in metrics.HEAD_STARTS.collect()
+                for s in m.samples}["tpserve_engine_head_starts_total"]
+
+    async def main() -> tuple[list[str], float, int]:
+        inbox = Inbox("127.0.0.1")
+        await inbox.start()
+        engines = {n: Replica(n, EngineRuns([delta(i) for i in range(50)], gap_s=0.05))
+                   for n in ("a", "b")}
+        for replica in engines.values():
+            await connected(inbox, replica)
+        router = object.__new__(PinnedRouter)
+        router.initialize_state(redis_url=None)
+        stream_id, _ = inbox.open()
+        args = ({"prompt": [1]}, inbox.reply_to(stream_id))
+        pending = type("Pending", (), {"metadata": type("M", (), {"session_id": ""})(),
+                                       "args": args, "created_at": time.time()})()
+        a, b = FakeReplica("a"), FakeReplica("b")
+        before = starts()
+        picks = []
+        for candidates in ([a, b], [b, a], [b]):
+            chosen = await router.choose_replicas(candidates, pending)
+            picks.append(chosen[0][0].replica_id.unique_id)
+            router.in_flight["b"] += 5  # (a load that would send it elsewhere)
+            await asyncio.sleep(0.1)
+        await inbox.stop()
+        return picks, starts() - before, sum(e.engine.runs for e in engines.values())
+
+    picks, started, runs = run(main())
+    assert picks == ["a", "a", "b"] and started == 2 and runs == 2

@@ -264,7 +264,7 @@ def test_strict_tools_with_auto_constrain_the_calls_in_the_templates_format() ->
 def test_replica_times_split_a_traced_way_in_hop_by_hop() -> None:
     """A direct-path call's way in (router's handle call to `deliver`), and with the trace's
     stamps (cluster/waytrace.py) each hop: Serve's routing, gRPC, Serve's dispatch; a call
-    without them counts in the way in alone."""
+    without them counts in the way in alone; a head-started request's also in its own."""
     import time
 
     times = ReplicaTimes()
@@ -272,8 +272,11 @@ def test_replica_times_split_a_traced_way_in_hop_by_hop() -> None:
     times.arrived({"sent_at": now - 0.050, "routed_at": now - 0.030}, now - 0.010)
     times.arrived({"sent_at": now - 0.020}, None)  # (trace off)
     times.arrived({}, None)  # (no stamp at all: nothing to measure)
+    times.arrived({"sent_at": now - 0.002}, None, head=True)  # (down the data connection)
     summary = times.summary()
-    assert summary["way_in_ms"]["n"] == 2 and summary["way_in_routing_ms"]["n"] == 1
+    assert summary["way_in_ms"]["n"] == 3 and summary["way_in_routing_ms"]["n"] == 1
+    assert summary["way_in_head_ms"]["n"] == 1
+    assert 1.5 <= summary["way_in_head_ms"]["mean"] < 20.0
     assert 19.0 <= summary["way_in_routing_ms"]["mean"] <= 21.0
     assert 19.0 <= summary["way_in_transit_ms"]["mean"] <= 21.0
     assert 10.0 <= summary["way_in_dispatch_ms"]["mean"] < 30.0

@@ -345,5 +345,20 @@ def test_a_gpu_stack_row_splits_one_clients_added_ttft_where_it_was_measured() -
         "; one client: TTFT p50 13.7 vs 8.2 ms (added 5.5), the router's own 11.5 ms mean: "
         "way in 2.4 (Serve's routing 0.7, gRPC 1.3, dispatch 0.4), preparation 0.6, the "
         "engine process's TTFT 8.1")
+    row["sequential_inside"].update(head_start_share=0.98)  # (cluster/datapath.py)
+    row["sequential_inside"]["replica_means_ms"]["way_in_head_ms"] = 0.3
+    assert _cell(row)[1].endswith(
+        "way in 2.4 (98 % head-started, their way in 0.3; the others': Serve's routing 0.7, "
+        "gRPC 1.3, dispatch 0.4), preparation 0.6, the engine process's TTFT 8.1")
     del row["sequential_inside"]["replica_means_ms"]  # a run whose replica was unreadable
     assert "one client" not in _cell(row)[1]
+
+
+def test_the_head_start_share_is_counted_between_two_replica_stats() -> None:
+    from infra.gpu_stack import head_start_share
+
+    before = {"way_in_ms": {"count": 10}, "way_in_head_ms": {"count": 4}}
+    after = {"way_in_ms": {"count": 30}, "way_in_head_ms": {"count": 19}}
+    assert head_start_share(before, after) == 0.75
+    assert head_start_share(before, before) is None  # (nothing between them)
+    assert head_start_share({"error": "x"}, after) is None
