@@ -44,7 +44,8 @@
 # AB_ENV='NAME=VALUE ...' before `measure`: the stack a second time with Serve's settings
 # of cluster/ray.env set otherwise (e.g. RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=1: the
 # router's handle calls routed on a loop of their own, not behind its streams), in the
-# same call; the row's serve_env names them.
+# same call; the row's serve_env names them. AB_ENV=TPSERVE_HEAD_START=0: the stack a
+# second time without the head start (cluster/datapath.py; the row's head_start: false).
 # AB_ENGINE='FIELD=VALUE ...' before `measure`: EngineConfig fields set otherwise (e.g.
 # piece_graph_tokens=0: steps that admit prompts eager, not in the CUDA-graph pieces of
 # the default): the engine alone

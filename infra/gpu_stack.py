@@ -484,6 +484,7 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
                light: bool = False) -> dict[str, Any]:
     """`light`: the replica's start, the front door and the prefix cache only (no load
     runs, no comparison with the engine)."""
+    from cluster.datapath import head_start_on
     from cluster.engine import max_ongoing, switch_interval_ms
     from cluster.pinning import routing_tasks
     from cluster.ray_env import deviations
@@ -556,6 +557,9 @@ def stack_step(model: str, state_dir: str, engine_row: str, profile_dir: str | N
         "engine_process": engine_process_of(stats),
         # requests the router routes at once (None: Serve's cap; 0: Serve's own rule)
         "routing_tasks": routing_tasks(),
+        # requests sent down the data connection ahead of Serve's call (cluster/datapath.py;
+        # TPSERVE_HEAD_START=0: not, as before PERF.md v0.64)
+        "head_start": head_start_on(),
         # Serve settings set otherwise than cluster/ray.env (device_stack.sh AB_ENV)
         "serve_env": deviations(),
         "chat": chat, "load": load, "load_repeat": repeat, "load_more": more,

@@ -143,6 +143,8 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                     False: ", the engine in the replica's process"}.get(
                         row.get("engine_process"), ""))
                 + _routing_tasks(row.get("routing_tasks"))
+                + (", no head start (TPSERVE_HEAD_START=0)"
+                   if row.get("head_start") is False else "")
                 + (f", {row['router_replicas']} router replicas"
                    if row.get("router_replicas", 1) != 1 else "")
                 + _serve_env(row) + _path(row))
