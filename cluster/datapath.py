@@ -518,6 +518,7 @@ class Heads:
         """The head-started run of the stream `reply` names, for its call to await
         (cancelling the call cancels it); None: the call runs the request itself."""
         key = (str(reply.get("token")), int(reply["stream"]))
+        self._forget_old()
         task = self.runs.pop(key, None)
         self._ended.pop(key, None)
         if task is None:

@@ -649,3 +649,27 @@ def test_the_request_router_head_starts_and_keeps_the_replica_when_choosing_agai
 
     picks, started, runs = run(main())
     assert picks == ["a", "a", "b"] and started == 2 and runs == 2
+
+
+def test_a_replicas_head_start_records_are_forgotten_after_keep_s(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replica keeps an unclaimed run's end and a call's claim KEEP_S, then forgets
+    them (every call claims its stream, head starts on or off: no record may grow)."""
+    monkeypatch.setattr(datapath, "KEEP_S", 0.2)
+
+    async def main() -> tuple[int, int, int, int]:
+        async def run_(request: Any, reply: Any, outbox: Any) -> int:
+            return 0
+
+        heads = datapath.Heads(run_)
+        outbox = type("O", (), {"token": "t"})()
+        heads.take(outbox, {"start": {"stream": 1}, "request": {}})  # never claimed
+        await asyncio.sleep(0.01)
+        for stream in range(2, 12):  # calls with no head start
+            assert heads.claim({"token": "t", "stream": stream}) is None
+        kept = len(heads._claimed), len(heads.runs)
+        await asyncio.sleep(0.3)
+        heads.claim({"token": "t", "stream": 99})
+        return (*kept, len(heads._claimed), len(heads.runs))
+
+    assert run(main()) == (10, 1, 1, 0)
