@@ -188,13 +188,15 @@ WAY_IN_HOPS = ("way_in_routing_ms", "way_in_transit_ms", "way_in_dispatch_ms")
 
 def replica_inside(stats: dict[str, Any]) -> dict[str, Any]:
     """What a stack row records of the engine replica's stats (its last 512 requests):
-    its way in (hop by hop when traced), its preparation, its own TTFT and the engine's
+    its way in (hop by hop when traced; and that of requests head-started), its
+    preparation, its own TTFT and the engine's
     queue wait within it (admit_wait_ms), its loop lag."""
     return {"way_in_ms": stats.get("way_in_ms"), "prepare_ms": stats.get("prepare_ms"),
             "replica_ttft_ms": stats.get("replica_ttft_ms"),
             "admit_wait_ms": stats.get("admit_wait_ms"),
             "replica_loop_lag_ms": stats.get("loop_lag_ms"),
-            **{key: stats[key] for key in WAY_IN_HOPS if stats.get(key)}}
+            **{key: stats[key] for key in (*WAY_IN_HOPS, "way_in_head_ms")
+               if stats.get(key)}}
 
 
 def head_start_share(before: dict[str, Any], after: dict[str, Any]) -> float | None:

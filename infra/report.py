@@ -119,7 +119,9 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                 f"{row['stream_interval']}{_path(row)}"
                 + (f", an engine replica takes {inside['max_ongoing']} requests at once"
                    if inside.get("max_ongoing") else "")
-                + _routing_tasks(inside.get("routing_tasks")) + _serve_env(row) + ")",
+                + _routing_tasks(inside.get("routing_tasks"))
+                + (", no head start (TPSERVE_HEAD_START=0)"
+                   if inside.get("head_start") is False else "") + _serve_env(row) + ")",
                 f"router {us['router']} us, engine replica {us['engine']}, nginx "
                 f"{us['nginx']}, client {us['client']}; {row['tok_s']} tok/s, TTFT p50 "
                 f"{row['ttft_ms']['p50']} ms" + _way_in(inside) + _cycle(row.get("cycle_ms")),
@@ -223,9 +225,12 @@ def _way_in(inside: dict[str, Any]) -> str:
     lag = (inside.get("replica_loop_lag_ms") or {}).get("mean")
     hops = [(inside.get(f"way_in_{hop}_ms") or {}).get("mean")
             for hop in ("routing", "transit", "dispatch")]
+    head = inside.get("way_in_head_ms") or {}
     return (f"; way in {(inside.get('way_in_ms') or {}).get('mean')} ms mean"
             + (f" (Serve's routing {hops[0]}, gRPC {hops[1]}, dispatch {hops[2]} ms)"
                if None not in hops else "")
+            + (f" ({head['n']} head-started: {head.get('mean')} ms mean)"
+               if head.get("n") else "")
             + ", of it "
             f"{inside['routing_choose_mean_ms']} ms to the choice of replica"
             + (f" and {inside['choice_mean_ms']} in it" if "choice_mean_ms" in inside

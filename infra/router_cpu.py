@@ -102,6 +102,7 @@ def stack_row(edge: str, clients: int, tokens: int, duration: float, interval: i
     replica's own view of its last 512 requests."""
     from dataclasses import asdict
 
+    from cluster.datapath import head_start_on
     from cluster.pinning import routing_tasks
     from infra.client import LoadConfig, run_clients
     from infra.gpu_stack import (
@@ -126,6 +127,7 @@ def stack_row(edge: str, clients: int, tokens: int, duration: float, interval: i
     after = cpu_seconds(pids)
     inside: dict[str, Any] = means(times, router_times(edge))
     inside["routing_tasks"] = routing_tasks()  # (as the stack was started with this env)
+    inside["head_start"] = head_start_on()  # (cluster/datapath.py; likewise)
     if state_dir:
         stats = replica_stats(state_dir)
         inside.update(replica_inside(stats), ttft_ms=stats.get("ttft_ms"),

@@ -259,6 +259,13 @@ def test_a_cpu_stack_row_says_its_replicas_cap_and_where_the_way_in_went() -> No
     what, figures, _ = _cell(new)
     assert f"an engine replica takes {new['inside']['max_ongoing']} requests at once" in what
     assert f"way in {new['inside']['way_in_ms']['mean']} ms mean" in figures
+    # a row of the head start's A/B (cluster/datapath.py): each side says which it is
+    on = {**new, "inside": {**new["inside"], "head_start": True,
+                            "way_in_head_ms": {"n": 300, "mean": 1.25}}}
+    off = {**new, "inside": {**new["inside"], "head_start": False}}
+    assert "(300 head-started: 1.25 ms mean)" in _cell(on)[1]
+    assert "no head start" not in _cell(on)[0] and "head-started" not in _cell(off)[1]
+    assert "no head start (TPSERVE_HEAD_START=0)" in _cell(off)[0]
 
 
 def test_a_chaos_row_says_what_stack_it_ran_on(tmp_path: Path) -> None:
