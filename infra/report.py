@@ -226,11 +226,14 @@ def _way_in(inside: dict[str, Any]) -> str:
     hops = [(inside.get(f"way_in_{hop}_ms") or {}).get("mean")
             for hop in ("routing", "transit", "dispatch")]
     head = inside.get("way_in_head_ms") or {}
+    split = (f"Serve's routing {hops[0]}, gRPC {hops[1]}, dispatch {hops[2]} ms"
+             if None not in hops else "")
+    if head.get("n"):  # (the hops are those of the requests that went through Serve)
+        others = (inside.get("way_in_routing_ms") or {}).get("n")
+        split = (f"{head['n']} head-started: {head.get('mean')} ms mean"
+                 + (f"; {others} through Serve: {split}" if split else ""))
     return (f"; way in {(inside.get('way_in_ms') or {}).get('mean')} ms mean"
-            + (f" (Serve's routing {hops[0]}, gRPC {hops[1]}, dispatch {hops[2]} ms)"
-               if None not in hops else "")
-            + (f" ({head['n']} head-started: {head.get('mean')} ms mean)"
-               if head.get("n") else "")
+            + (f" ({split})" if split else "")
             + ", of it "
             f"{inside['routing_choose_mean_ms']} ms to the choice of replica"
             + (f" and {inside['choice_mean_ms']} in it" if "choice_mean_ms" in inside

@@ -264,6 +264,11 @@ def test_a_cpu_stack_row_says_its_replicas_cap_and_where_the_way_in_went() -> No
                             "way_in_head_ms": {"n": 300, "mean": 1.25}}}
     off = {**new, "inside": {**new["inside"], "head_start": False}}
     assert "(300 head-started: 1.25 ms mean)" in _cell(on)[1]
+    traced = {**on, "inside": {**on["inside"], **{
+        f"way_in_{hop}_ms": {"n": 4, "mean": 2.0} for hop in ("routing", "transit",
+                                                             "dispatch")}}}
+    assert ("(300 head-started: 1.25 ms mean; 4 through Serve: Serve's routing 2.0, gRPC "
+            "2.0, dispatch 2.0 ms)") in _cell(traced)[1]
     assert "no head start" not in _cell(on)[0] and "head-started" not in _cell(off)[1]
     assert "no head start (TPSERVE_HEAD_START=0)" in _cell(off)[0]
 
