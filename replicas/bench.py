@@ -591,8 +591,8 @@ def w8a8_suite(repeats: int, picker: Callable[..., tuple[Any, Any]] | None = Non
 # decode attention at GLM-4-9B's shapes (32 heads, 2 KV heads, head dim 128, half of it
 # rotated, pairs interleaved; 16-token KV blocks): (sequences, keys each) of batch-1
 # decode, of the 64-client and 256-request runs, and (since cfb6225's run, where 2
-# splits beat the engine's 4 at 64 sequences) 16 and 32 sequences, where `decode_splits`
-# would change with a rule aiming at fewer programs
+# splits beat the engine's 4 at 64 sequences) 16 and 32 sequences: 40e061d's run set
+# `decode_splits` to at most two programs an SM (PERF.md v0.65)
 ATTENTION_CASES = ((1, 256), (1, 4096), (16, 512), (32, 512), (64, 320), (256, 192),
                    (256, 1024))
 # (keys a tile, warps[, ahead: the next tile's keys loaded before this one's softmax]),

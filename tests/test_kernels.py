@@ -507,6 +507,8 @@ def test_decode_splits_fill_the_gpu_within_bounds() -> None:
     assert kernels.decode_splits(1, 2, 8192) == 16  # 2 programs alone would idle the GPU
     assert kernels.decode_splits(1, 2, 128) == 2  # no split under 64 keys
     assert kernels.decode_splits(256, 2, 8192) == 1  # enough programs already
+    # at most two programs an SM (the H200's probe, PERF.md v0.65): 16, 32, 64 sequences
+    assert [kernels.decode_splits(n, 2, 512) for n in (16, 32, 64, 128)] == [8, 4, 2, 1]
 
 
 @pytest.mark.parametrize("flash_from", [4, 10**6])  # whole prompts through SDPA, or not

@@ -317,9 +317,15 @@ DECODE_TILE = (64, 4)
 
 
 def decode_splits(num_seqs: int, kv_heads: int, max_keys: int) -> int:
-    """How many splits of the key range a decode step uses: enough programs to fill the
-    GPU (~264 for 132 SMs), at most 16, and no split shorter than 64 keys."""
-    want = _pow2(max(1, math.ceil(264 / (num_seqs * kv_heads))))
+    """How many splits of the key range a decode step uses: the most (a power of two)
+    that keeps the programs at or under two per SM (264 for the H200's 132), at most 16,
+    and no split shorter than 64 keys. Not more: the H200's probe (PERF.md v0.65,
+    `replicas/results/attention_h200.jsonl`) found the next power of two up slower at
+    32 and 64 sequences (GLM-4-9B, 2 KV heads: 8 splits 17.8 us against 4's 11.7 at
+    32 x 512 keys; 4 splits 16.9 against 2's 13.5 at 64 x 320), and this choice the
+    fastest at 1, 16 and 256 sequences."""
+    fit = max(1, 264 // (num_seqs * kv_heads))
+    want = 1 << (fit.bit_length() - 1)  # (the power of two at or under it)
     return max(1, min(16, want, _pow2(max(1, max_keys // 64))))
 
 
