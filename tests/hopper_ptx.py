@@ -92,8 +92,8 @@ def rest() -> list[tuple[Any, dict[str, str], dict[str, Any], bool]]:
         (norm._rms_norm_kernel, {n: bf16 for n in ("X", "R", "W", "ROUT")} | {
             "Y": "*fp8e4nv", "S": "*fp32", "eps": "fp32"},
          {"HAS_RES": True, "BLOCK": 4096, "QUANT": True, "PDL": True}, False),
-        (activation._silu_mul_kernel, {"GU": bf16, "OUT": bf16},
-         {"BLOCK": 1024, "PDL": True, "WITH_MAX": False}, False),
+        (activation._silu_mul_kernel, {"GU": bf16, "OUT": bf16}, {"BLOCK": 1024, "PDL": True},
+         False),
         (allreduce._one_shot_kernel, {"X": bf16, "DATA": "*i64", "FLAGS": "*i64",
                                       "OVF": "*u8"},
          {"RANK": 0, "WORLD": 2, "WIRE": triton.language.float16,
@@ -119,14 +119,11 @@ def main(mode: str) -> None:
         kernels = [(quant._quant_rows_kernel, {"X": "*bf16", "Y": "*fp8e4nv", "S": "*fp32"},
                     {"BLOCK_K": block, "ONE_PASS": block > quant.QUANT_BLOCK_K,
                      "PDL": True}, True) for block in (4096, quant.QUANT_BLOCK_K)]
-        # (SwiGLU with each row's max, then the quantization with it; the SwiGLU divides
-        # as plain _silu_mul_kernel does: the same instruction)
-        kernels += [(activation._silu_mul_kernel, {"GU": "*bf16", "OUT": "*bf16",
-                                                   "AMAX": "*fp32"},
-                     {"BLOCK": 1024, "PDL": True, "WITH_MAX": True}, False),
-                    (quant._quant_given_kernel, {"X": "*bf16", "AMAX": "*fp32",
-                                                 "Y": "*fp8e4nv", "S": "*fp32"},
-                     {"BLOCK_K": quant.QUANT_BLOCK_K, "PDL": True}, True)]
+        # (its SwiGLU divides as _silu_mul_kernel does: the same instruction)
+        kernels += [(quant._silu_mul_quant_kernel, {"GU": "*bf16", "Y": "*fp8e4nv",
+                                                    "S": "*fp32"},
+                     {"BLOCK_K": block, "ONE_PASS": block > quant.QUANT_BLOCK_K,
+                      "PDL": True}, False) for block in (16384, quant.QUANT_BLOCK_K)]
         kernels += [(quant._widen_kernel, {"W": "*fp8e4nv", "S": "*bf16", "Y": "*bf16"},
                      {"BLOCK_N": quant.WIDEN_BLOCK[0], "BLOCK_K": quant.WIDEN_BLOCK[1],
                       "PDL": True}, False)]

@@ -201,13 +201,12 @@ def test_token_quantization_kernel_is_quantize_tokens(shape: tuple[int, int],
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("one_pass", [True, False])
-def test_swiglu_quantized_per_token_is_the_two_kernels_bit_for_bit(
+def test_swiglu_quantized_in_one_pass_is_the_two_kernels_bit_for_bit(
         monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, one_pass: bool) -> None:
-    """A W8A8 down_proj's input (kernels.silu_mul_quantize_fp8: SwiGLU with each row's
-    max gathered over its blocks, then the quantization with it): exactly what
+    """A W8A8 down_proj's input (kernels.silu_mul_quantize_fp8): exactly what
     silu_and_mul then quantize_tokens_fp8 give, scales and FP8 entries, on rows longer
-    than a block (not a multiple of it), a zero row, and a row whose max is in its
-    second block; against quantize_tokens_fp8 in one pass and in two."""
+    than the two-pass block (not a multiple of it), a zero row, and a row whose max is in
+    its second block; each row in one block, or (both kernels) in two passes."""
     pytest.importorskip("triton")
 
     from replicas import kernels

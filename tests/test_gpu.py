@@ -304,11 +304,9 @@ def test_fp8_decode_graphs_equal_eager_and_tune_the_fp8_gemv(checkpoint: Checkpo
 @pytest.mark.parametrize("k", [4096, 13696])
 def test_per_token_quantization_in_one_pass_equals_two_on_gpu(
         k: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """quantize_tokens_fp8 with rows in one block (v0.59) writes the two-pass kernel's
-    bytes and scales, and silu_mul_quantize_fp8 (v0.63: SwiGLU's row maxima by atomics,
-    then the quantization) those of silu_and_mul then quantize_tokens_fp8;
-    rms_norm_quantize_fp8 (v0.61) writes rms_norm then quantize_tokens_fp8's, and the
-    same residual sum."""
+    """quantize_tokens_fp8 and silu_mul_quantize_fp8 with rows in one block (v0.59) write
+    the two-pass kernels' bytes and scales; rms_norm_quantize_fp8 (v0.61) writes
+    rms_norm then quantize_tokens_fp8's, and the same residual sum."""
     from replicas.kernels import quant
 
     gen = torch.Generator(device="cuda").manual_seed(k)
@@ -316,8 +314,7 @@ def test_per_token_quantization_in_one_pass_equals_two_on_gpu(
     gate_up = torch.randn(64, 2 * k, device="cuda", dtype=torch.bfloat16, generator=gen)
     one = kernels.quantize_tokens_fp8(x), kernels.silu_mul_quantize_fp8(gate_up)
     monkeypatch.setattr(quant, "ONE_PASS_MAX_K", 0)
-    two = (kernels.quantize_tokens_fp8(x),
-           kernels.quantize_tokens_fp8(kernels.silu_and_mul(gate_up)))
+    two = kernels.quantize_tokens_fp8(x), kernels.silu_mul_quantize_fp8(gate_up)
     for (a8, a_s), (b8, b_s) in zip(one, two, strict=True):
         assert torch.equal(a_s, b_s) and torch.equal(a8.view(torch.uint8), b8.view(torch.uint8))
     residual = torch.randn_like(x)

@@ -9,12 +9,9 @@ One program a row: a row of up to ONE_PASS_MAX_K read once into registers, its m
 then divided and rounded (round to nearest even, as PyTorch's cast); a longer row's max
 over K in BLOCK_K steps, then the same steps again.
 
-`silu_mul_quantize_fp8`: SwiGLU and that quantization for a W8A8 down_proj, in two
-kernels of many programs a row: `_silu_mul_kernel` writes the 16-bit activation and each
-row's max |a| (an atomic maximum over its blocks), then `_quant_given_kernel` quantizes
-it. (One program a 13,696-wide row doing both, v0.57/v0.59, kept one program an SM with
-nothing to overlap its load, maximum and store: 318 µs at 8192 rows on the H200, 2.4x
-its bytes; PERF.md v0.63.)
+`silu_mul_quantize_fp8`: SwiGLU and that quantization in one pass, for a W8A8 down_proj:
+the 16-bit activation (an 8192-token prefill of GLM-4-9B: 224 MB a layer) is neither
+written nor read back; the row's gate_up is read twice, the second time from L2.
 
 `widen_fp8`: an FP8 weight [N, K] with its row scales -> the 16-bit weight, bit for bit
 `w8.to(dtype) * scale[:, None].to(dtype)` (weight-only FP8's long prefills: fp8_linear
@@ -28,7 +25,6 @@ from typing import Any
 
 import torch
 
-from replicas.kernels.activation import silu_and_mul
 from replicas.kernels.common import _launch, _pow2
 
 try:
@@ -86,21 +82,40 @@ if triton is not None:
         tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _quant_given_kernel(X, AMAX, Y, S, k, sxm, sym, BLOCK_K: tl.constexpr,
-                            PDL: tl.constexpr):
-        """Program (row, BLOCK_K columns): x / scale saturated, in FP8, as
-        _quant_rows_kernel rounds it, the row's scale from its max |x| found before
-        (AMAX[row], as _silu_mul_kernel's WITH_MAX leaves it); the first block stores
-        the scale."""
+    def _silu_mul_quant_kernel(GU, Y, S, n, sg, sym, BLOCK_K: tl.constexpr,
+                               ONE_PASS: tl.constexpr, PDL: tl.constexpr):
+        """Program (row): a = silu(gate) * up of gate_up = [gate | up], rounded as
+        _silu_mul_kernel rounds it (to Y's 16-bit source dtype, GU's), its max |a|, then
+        a divided and rounded to FP8 as _quant_rows_kernel does. ONE_PASS: the row is one
+        block, computed once; else a is recomputed for the second pass (the row's gate_up
+        read twice, the second time from L2)."""
         _pdl_enter(PDL)
         row = tl.program_id(0).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-        ok = cols < k
-        scale = _row_scale(tl.load(AMAX + row))
-        x = tl.load(X + row * sxm + cols, mask=ok, other=0.0).to(tl.float32)
-        _store_fp8(Y + row * sym, cols, ok, x, scale)
-        if tl.program_id(1) == 0:
-            tl.store(S + row, scale)
+        rk = tl.arange(0, BLOCK_K)
+        if ONE_PASS:
+            a = _swiglu(GU, row * sg, rk, n)
+            scale = _row_scale(tl.max(tl.abs(a), axis=0))
+            _store_fp8(Y + row * sym, rk, rk < n, a, scale)
+        else:
+            top = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, n, BLOCK_K):
+                a = _swiglu(GU, row * sg, k0 + rk, n)
+                top = tl.maximum(top, tl.abs(a))
+            scale = _row_scale(tl.max(top, axis=0))
+            for k0 in range(0, n, BLOCK_K):
+                a = _swiglu(GU, row * sg, k0 + rk, n)
+                _store_fp8(Y + row * sym, k0 + rk, (k0 + rk) < n, a, scale)
+        tl.store(S + row, scale)
+
+    @triton.jit
+    def _swiglu(GU, start, cols, n):
+        """silu(gate) * up at `cols` of the row at GU + start, float32 of its 16-bit
+        rounding (the expression _silu_mul_kernel compiles)."""
+        ok = cols < n
+        g = tl.load(GU + start + cols, mask=ok, other=0.0).to(tl.float32)
+        u = tl.load(GU + start + n + cols, mask=ok, other=0.0).to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(GU.dtype.element_ty).to(tl.float32)
+        return (act * u).to(GU.dtype.element_ty).to(tl.float32)
 
     @triton.jit
     def _widen_kernel(W, S, Y, n, k, swn, syn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -125,18 +140,9 @@ def quantize_tokens_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def silu_mul_quantize_fp8(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """gate_up [M, 2N] -> (x8 [M, N] float8_e4m3fn, scale [M, 1] float32):
-    `quantize_tokens_fp8(silu_and_mul(gate_up))` bit for bit, in two kernels of many
-    programs a row (a W8A8 down_proj's input: see the module doc)."""
-    m, n = gate_up.shape[0], gate_up.shape[1] // 2
-    amax = torch.zeros(m, dtype=torch.float32, device=gate_up.device)
-    act = silu_and_mul(gate_up, amax)
-    x8 = torch.empty(m, n, dtype=torch.float8_e4m3fn, device=gate_up.device)
-    scale = torch.empty(m, 1, dtype=torch.float32, device=gate_up.device)
-    if m and n:
-        _quant_given_kernel[(m, triton.cdiv(n, QUANT_BLOCK_K))](
-            act, amax, x8, scale, n, act.stride(0), x8.stride(0), BLOCK_K=QUANT_BLOCK_K,
-            num_warps=4, **_launch(act))
-    return x8, scale
+    `quantize_tokens_fp8(silu_and_mul(gate_up))` bit for bit, in one pass that never
+    writes the 16-bit activation (a W8A8 down_proj's input: see the module doc)."""
+    return _per_token(_silu_mul_quant_kernel, gate_up, gate_up.shape[1] // 2)
 
 
 def _per_token(kernel: Any, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
