@@ -32,11 +32,12 @@ attaches to that run and answers with its count as before. Under 64 clients on a
 the gRPC hop took 7.5 ms mean while this connection's frames took 0.35 (PERF.md, the
 stack's one-client TTFT). A request router that must choose again for a head-started
 request keeps its replica while that replica is a candidate; when it is not, the head
-start is cancelled ({"cancel": stream}) and its items refused, and a stream that had
-items from it fails as a lost replica's does. A call that reaches the replica first runs
-the request itself, and a start that comes after it is ignored. TPSERVE_HEAD_START=0
-turns head starts off (for measuring: `AB_ENV=TPSERVE_HEAD_START=0 bash
-infra/device_stack.sh measure`).
+start is cancelled ({"cancel": stream}) and its items dropped (they come under an id of
+their own, "as", which the router then forgets), and a stream that had items from it
+fails as a lost replica's does. A call that reaches the replica first runs the request
+itself, and a start that comes after it is ignored. TPSERVE_HEAD_START=0 turns head
+starts off (for measuring: `AB_ENV=TPSERVE_HEAD_START=0 bash infra/device_stack.sh
+measure`).
 
 - `Inbox`: the router's side; one per router process, listening on the node's address.
 - `Outboxes`: the replica's side; one connection per inbox, opened on first use.
@@ -143,7 +144,8 @@ class Stream:
     queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     connection: int | None = None
     head: str | None = None  # the replica its request was head-started on
-    refused: int | None = None  # a connection whose items it drops (a dropped head's)
+    head_id: int | None = None  # the id the head-started run's items come under
+    from_head: bool = False  # whether any came
 
     async def items(self, answer: asyncio.Future[int]) -> AsyncGenerator[Any, None]:
         """The items, until the stream's End or `answer` (the replica's call) says how
@@ -261,40 +263,46 @@ class Inbox:
         """Forget a stream: items still arriving for it are dropped. `abort`: it did not
         end (its reader went away, or it failed): a head start of it is cancelled."""
         gone = self.streams.pop(stream, None)
-        if abort and gone is not None and gone.head is not None:
-            self._cancel_head(stream, gone.head)
+        if gone is not None and gone.head_id is not None:
+            self.streams.pop(gone.head_id, None)
+            if abort and gone.head is not None:
+                self._cancel_head(stream, gone.head)
 
     def start_head(self, reply: dict[str, Any], replica: str, request: Any) -> bool:
         """Send the request of the stream `reply` names to `replica` over its data
         connection, now (the head start); False, sending nothing, when head starts are
         off, the stream has one already or is gone, `replica` has no open connection
-        here, this is not the inbox's event loop, or the request is not JSON."""
+        here, this is not the inbox's event loop, or the request is not JSON. The run's
+        items come under an id of their own (`as`), which dropping the head forgets."""
         stream = self.streams.get(reply.get("stream"))  # type: ignore[arg-type]
         writer = self.replicas.get(replica)
         if (not self.head_start or stream is None or stream.head is not None
                 or writer is None or writer.is_closing() or not self._on_loop()):
             return False
+        head_id = self._next + 1
         try:
-            data = frame({"start": reply, "request": request})
+            data = frame({"start": reply, "request": request, "as": head_id})
         except (TypeError, ValueError):
             return False
+        self._next = head_id
+        self.streams[head_id] = stream
         writer.write(data)
-        stream.head = replica
+        stream.head, stream.head_id = replica, head_id
         return True
 
     def drop_head(self, stream_id: int) -> None:
         """The stream's head-start replica is no longer a candidate: cancel its run and
-        refuse its items; a stream that already had items from it gets Lost."""
+        forget its items' id (what still comes under it is dropped); a stream that
+        already had items from it gets Lost."""
         stream = self.streams.get(stream_id)
         if stream is None or stream.head is None or not self._on_loop():
             return
-        writer = self.replicas.get(stream.head)
         self._cancel_head(stream_id, stream.head)
-        stream.head = None
-        if writer is not None:
-            if stream.connection == id(writer):
-                stream.queue.put_nowait(Lost())
-            stream.refused = id(writer)
+        if stream.head_id is not None:
+            self.streams.pop(stream.head_id, None)
+        stream.head = stream.head_id = None
+        if stream.from_head:
+            stream.queue.put_nowait(Lost())
 
     def _cancel_head(self, stream: int, replica: str) -> None:
         writer = self.replicas.get(replica)
@@ -339,7 +347,8 @@ class Inbox:
             for replica in [r for r, w in self.replicas.items() if w is writer]:
                 del self.replicas[replica]
             writer.close()
-            for stream in self.streams.values():
+            # (a head-started stream is here twice: under its id and its run's)
+            for stream in {id(s): s for s in self.streams.values()}.values():
                 if stream.connection == connection:
                     stream.queue.put_nowait(Lost())
 
@@ -349,13 +358,14 @@ class Inbox:
         streams = self.streams
         for stream_id, item in payload["items"]:
             stream = streams.get(stream_id)
-            # (none: the router stopped reading it; refused: a dropped head start's)
-            if stream is not None and stream.refused != connection:
+            if stream is not None:  # else the router stopped reading it
+                if stream_id == stream.head_id:
+                    stream.from_head = True
                 stream.connection = connection
                 stream.queue.put_nowait(item)
         for stream_id, count in payload.get("ends", ()):
             stream = streams.get(stream_id)
-            if stream is not None and stream.refused != connection:
+            if stream is not None:
                 stream.queue.put_nowait(End(int(count)))
 
 
@@ -509,7 +519,9 @@ class Heads:
         if key in self.runs or key in self._claimed:
             self._claimed.pop(key, None)
             return
-        task = asyncio.ensure_future(self._run(request, reply, outbox))
+        # (the items go under the id the router gave the run)
+        to = {**reply, "stream": int(payload.get("as", reply["stream"]))}
+        task = asyncio.ensure_future(self._run(request, to, outbox))
         self.runs[key] = task
         self.started += 1
         task.add_done_callback(lambda t, k=key: self._ended_run(k, t))

@@ -562,7 +562,8 @@ def test_no_head_start_without_a_connection_a_stream_or_when_turned_off(
 def test_a_dropped_head_start_is_cancelled_and_its_items_refused() -> None:
     """The chosen replica left the candidates before Serve sent the call: its run is
     cancelled (the request aborted there) and anything still coming from it is dropped;
-    a stream that already had items from it fails (Lost), as a lost replica's does."""
+    a stream that already had items from it fails (Lost), as a lost replica's does; a
+    stream head-started again on the same replica gets the new run's items."""
     async def main() -> tuple[bool, int, bool, int]:
         inbox = Inbox("127.0.0.1")
         await inbox.start()
@@ -579,13 +580,20 @@ def test_a_dropped_head_start_is_cancelled_and_its_items_refused() -> None:
         lost = isinstance(await busy.queue.get(), Lost)
         await asyncio.sleep(0.3)
         refused = quiet.queue.qsize()
+        # chosen again, the same replica: the new run's items come (the old one's id is
+        # forgotten, not the replica)
+        slow.engine.items = [delta(7, "stop")]
+        assert inbox.start_head(inbox.reply_to(quiet_id), "r1", {})
+        again = [await quiet.queue.get(), await quiet.queue.get()]
+        assert again == [delta(7, "stop"), datapath.End(1)], again
         await inbox.stop()
         engine = slow.engine
-        return (lost, refused, busy.head is None and quiet.head is None,
-                engine.runs >= 1 and engine.aborted == engine.runs)
+        return (lost, refused, busy.head is None,
+                engine.runs >= 2 and engine.aborted == engine.runs - 1)
 
     lost, refused, cleared, all_aborted = run(main())
-    # (every run that began was aborted: the quiet one's cancel may come before it began)
+    # (every run that began was aborted but the last: the quiet one's cancel may come
+    # before it began)
     assert lost and refused == 0 and cleared and all_aborted
 
 
