@@ -39,6 +39,7 @@ class Turn:
     status: int = 0  # HTTP status; 0 when the connection failed before one
     replica: str = ""
     ttft_s: float | None = None
+    router_s: float | None = None  # the router's part of it (its Server-Timing header)
     token_times: list[float] = field(default_factory=list)  # arrival of each content chunk
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -122,6 +123,7 @@ async def _stream(http: aiohttp.ClientSession, url: str, body: dict[str, Any], s
                          headers={"X-Session-ID": session}) as resp:
         record.status = resp.status
         record.replica = resp.headers.get("X-Replica-ID", "")
+        record.router_s = router_seconds(resp.headers.get("Server-Timing", ""))
         if resp.status != 200:
             record.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
             if resp.status in (429, 503):
@@ -137,6 +139,21 @@ async def _stream(http: aiohttp.ClientSession, url: str, body: dict[str, Any], s
                 record.done = True
                 return None
             _event(record, json.loads(line[6:]))
+    return None
+
+
+def router_seconds(server_timing: str) -> float | None:
+    """The router's `router;dur=MS` entry of a Server-Timing header, in seconds."""
+    for entry in server_timing.split(","):
+        name, *params = (part.strip() for part in entry.split(";"))
+        if name == "router":
+            for param in params:
+                key, _, value = param.partition("=")
+                if key == "dur":
+                    try:
+                        return float(value) / 1e3
+                    except ValueError:
+                        return None
     return None
 
 

@@ -173,9 +173,20 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                 f"{v['engine_ttft_p50_ms']} ms (added {v['ttft_p50_added_ms']})"
                 + _way_in(row.get("load_repeat_inside", {}))
                 + _cycle((row.get("load_repeat") or {}).get("cycle_ms"))
+                + _outside(row.get("load_repeat") or {})
                 + _one_client(row),
                 "tok/s within 5 %, TTFT p50 within 5 ms; RUNNING <= 30 s")
     raise ValueError(f"unknown result kind {kind!r}")
+
+
+def _outside(run: dict[str, Any]) -> str:
+    """A load run's TTFT split by the router's Server-Timing header (PERF.md v0.66), in
+    rows that have it: the router's own part and the rest (nginx, uvicorn, the client)."""
+    router, outside = run.get("router_ttft_ms"), run.get("outside_router_ttft_ms")
+    if not router or not outside:
+        return ""
+    return (f"; TTFT p50 in the router {router['p50']} ms, outside it (nginx, uvicorn, "
+            f"the client) {outside['p50']}")
 
 
 def _one_client(row: dict[str, Any]) -> str:

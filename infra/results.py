@@ -106,6 +106,12 @@ def summarize(records: list[Turn], wall_s: float) -> dict[str, Any]:
         "hung": sum(r.error == "hang" for r in records),
         "retried": sum(r.retries > 0 for r in records),
         "ttft_ms": ms([r.ttft_s for r in ok if r.ttft_s is not None]),
+        # of it, the router's own (its Server-Timing header) and the rest of the way:
+        # nginx, uvicorn, the stream's write, this client's read (PERF.md v0.66)
+        **({"router_ttft_ms": ms([r.router_s for r in timed]),
+            "outside_router_ttft_ms": ms([r.ttft_s - r.router_s for r in timed])}
+           if (timed := [r for r in ok if r.ttft_s is not None and r.router_s is not None])
+           else {}),
         "itl_ms": ms([gap for r in ok for gap in r.itl_s()]),
         "output_tokens_per_s": round(sum(r.completion_tokens for r in ok) / wall_s, 1)
         if wall_s > 0 else None,

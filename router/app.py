@@ -276,6 +276,7 @@ class Router:
     # ---- the generation path ----
 
     async def _serve(self, request: Request, route: str, model: type[Body]) -> Response:
+        begun = time.perf_counter()
         try:
             call = await self._admit(request, route, model)
         except ApiError as e:
@@ -289,7 +290,10 @@ class Router:
             self.in_flight -= 1
             metrics.REQUESTS.labels(route, str(e.status)).inc()
             return e.response()
-        headers = {"X-Replica-ID": call.replica}
+        # the router's own part of the time to first token (from taking the request to
+        # its first delta), for a client to tell it from the rest of the way
+        headers = {"X-Replica-ID": call.replica,
+                   "Server-Timing": f"router;dur={(time.perf_counter() - begun) * 1e3:.3f}"}
         if call.session_id:
             headers["X-Session-ID"] = call.session_id
         if call.body.streaming:

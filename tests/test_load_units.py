@@ -39,6 +39,27 @@ def test_summary_counts_refused_failed_hung_and_moves() -> None:
     assert row["output_tokens_per_s"] == 0.4 and row["itl_ms"]["p50"] == 100.0
 
 
+def test_the_routers_server_timing_splits_a_clients_ttft() -> None:
+    """The router's `Server-Timing: router;dur=MS` (its own part of the time to first
+    token) read by the client; the summary's TTFT outside the router is the rest."""
+    from infra.client import router_seconds
+
+    assert router_seconds("router;dur=12.5") == 0.0125
+    assert router_seconds("db;dur=3, router;desc=x;dur=2") == 0.002
+    assert router_seconds("") is None and router_seconds("router;dur=abc") is None
+    records = [turn("a", 0, 1), turn("b", 0, 1), turn("c", 0, 1)]
+    records[0].router_s, records[1].router_s = 0.04, 0.07  # (c's header missing)
+    row = summarize(records, 10.0)
+    assert row["router_ttft_ms"] == {"p50": 40.0, "p99": 70.0}
+    assert row["outside_router_ttft_ms"] == {"p50": 30.0, "p99": 60.0}
+    assert "outside_router_ttft_ms" not in summarize(records[2:], 10.0)
+    from infra.report import _outside
+
+    assert _outside(row) == ("; TTFT p50 in the router 40.0 ms, outside it (nginx, "
+                             "uvicorn, the client) 30.0")
+    assert _outside({}) == ""
+
+
 def test_cycle_splits_a_client_s_time_between_and_inside_its_requests() -> None:
     # client 0: a request 0-1 s (tokens at 0.1, 0.2), the next from 1.5 to 2.5; client 1:
     # one request 0-2 s whose last chunk came at 0.2 (1.8 s after it), then a failed one

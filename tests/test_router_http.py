@@ -342,6 +342,9 @@ def test_a_streamed_answer_is_sse_ending_in_done_with_usage(client: Client) -> N
         "stream": True, "stream_options": {"include_usage": True}})
     assert reply.status == 200 and reply.headers["content-type"].startswith(
         "text/event-stream")
+    # the router's own part of the time to first token, for the client to split it
+    timing = reply.headers["server-timing"]
+    assert timing.startswith("router;dur=") and float(timing.split("=")[1]) > 0
     assert reply.body.endswith(b"data: [DONE]\n\n")
     assert all(line.startswith("data: ") for line in reply.body.decode().split("\n\n") if line)
     events = reply.events()

@@ -425,3 +425,21 @@ def test_up_fails_fast_with_the_replicas_error_and_stops_on_sigterm(tmp_path: Pa
         time.sleep(0.2)
     assert not live_processes(str(state)), live_processes(str(state))
     assert not any(port_busy(p) for p in ports.values())
+
+
+def test_a_load_run_through_nginx_splits_its_ttft_at_the_router(stack: Running) -> None:
+    """The router's Server-Timing header reaches the load client through nginx: each
+    turn's TTFT splits into the router's own part and the rest of the way."""
+    import asyncio
+
+    from infra.client import LoadConfig, run_clients
+    from infra.results import summarize
+
+    records: list = []
+    config = LoadConfig(url=stack.edge, clients=2, turns=1, max_tokens=4, duration=20.0,
+                        max_requests=4)
+    wall = asyncio.run(run_clients(config, records))
+    row = summarize(records, wall)
+    assert row["ok"] == 4, row
+    assert all(r.router_s is not None and 0 < r.router_s <= r.ttft_s for r in records)
+    assert row["outside_router_ttft_ms"]["p50"] >= 0
