@@ -282,18 +282,20 @@ class ServeEngine:
             call = self.unary.options(session_id=session_key).deliver.remote(
                 request.to_dict(), {**inbox.reply_to(stream_id), "sent_at": time.time()})
             items = stream.items(asyncio.ensure_future(call))
-        ended, lost = False, False
+        ended, lost, clean = False, False, False
         try:
             async for item in items:
                 yield wire.decode(item)
-            ended = True
+            ended = clean = True
         except Exception as e:  # noqa: BLE001 - mapped here, once, for the router
             ended, lost = True, isinstance(e, DataPathError)
             log.warning("engine stream failed: %r", e)
             yield error_event(e)
         finally:
             if inbox is not None and stream_id is not None:
-                inbox.close(stream_id, abort=lost or not ended)
+                # (a stream that did not end cleanly cancels its head start, if any: a
+                # run no one reads must not go on)
+                inbox.close(stream_id, abort=not clean)
             # the router stopped reading (its client went away), or the stream's items
             # were lost while its call may still run: abort
             if lost or not ended:

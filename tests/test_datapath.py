@@ -681,3 +681,37 @@ def test_a_replicas_head_start_records_are_forgotten_after_keep_s(
         return (*kept, len(heads._claimed), len(heads.runs))
 
     assert run(main()) == (10, 1, 1, 0)
+
+
+def test_a_call_that_fails_cancels_its_head_start() -> None:
+    """Serve's call fails (not the data path: Serve could not route it, say) while the
+    request already runs on the replica it was head-started on: the router's stream ends
+    with the error, and the run no one will read is cancelled there."""
+    async def main() -> tuple[list[wire.Item], int, int, int]:
+        engine_runs = EngineRuns([delta(i) for i in range(50)], gap_s=0.05)
+        replica = Replica("r1", engine_runs)
+
+        async def failing(request: dict[str, Any], reply: dict[str, Any]) -> int:
+            raise RuntimeError("Serve could not route it")
+
+        unary = FakeUnary(failing)
+        engine = direct_engine(unary)
+        assert engine.inbox is not None
+        await engine.inbox.start()
+        await connected(engine.inbox, replica)
+        remote = unary.remote
+
+        def remote_after_a_head_start(request: dict[str, Any],
+                                      reply: dict[str, Any]) -> FakeCall:
+            assert engine.inbox is not None and engine.inbox.start_head(reply, "r1", request)
+            return remote(request, reply)
+
+        unary.remote = remote_after_a_head_start  # type: ignore[method-assign]
+        out = await collect(engine)
+        await asyncio.sleep(0.3)
+        await engine.inbox.stop()
+        return out, engine_runs.runs, engine_runs.aborted, len(replica.heads.runs)
+
+    out, runs, aborted, left = run(main())
+    assert len(out) == 1 and isinstance(out[0], wire.ErrorEvent), out
+    assert runs == aborted and left == 0  # (a run cancelled before it began: 0 and 0)
