@@ -120,8 +120,7 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                 + (f", an engine replica takes {inside['max_ongoing']} requests at once"
                    if inside.get("max_ongoing") else "")
                 + _routing_tasks(inside.get("routing_tasks"))
-                + (", no head start (TPSERVE_HEAD_START=0)"
-                   if inside.get("head_start") is False else "") + _serve_env(row) + ")",
+                + _head_start(inside.get("head_start")) + _serve_env(row) + ")",
                 f"router {us['router']} us, engine replica {us['engine']}, nginx "
                 f"{us['nginx']}, client {us['client']}; {row['tok_s']} tok/s, TTFT p50 "
                 f"{row['ttft_ms']['p50']} ms" + _way_in(inside) + _cycle(row.get("cycle_ms")),
@@ -145,8 +144,7 @@ def _cell(row: dict[str, Any]) -> tuple[str, str, str]:
                     False: ", the engine in the replica's process"}.get(
                         row.get("engine_process"), ""))
                 + _routing_tasks(row.get("routing_tasks"))
-                + (", no head start (TPSERVE_HEAD_START=0)"
-                   if row.get("head_start") is False else "")
+                + _head_start(row.get("head_start"))
                 + (f", {row['router_replicas']} router replicas"
                    if row.get("router_replicas", 1) != 1 else "")
                 + _serve_env(row) + _path(row))
@@ -225,6 +223,11 @@ def _routing_tasks(count: int | None) -> str:
     if count == 0:
         return ", Serve's own count of routing tasks (2 a replica)"
     return f", {count} routing tasks" if count else ""
+
+
+def _head_start(on: bool | None) -> str:
+    """A stack row run without the head start (cluster/datapath.py), when it says so."""
+    return ", no head start (TPSERVE_HEAD_START=0)" if on is False else ""
 
 
 def _way_in(inside: dict[str, Any]) -> str:
