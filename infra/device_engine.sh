@@ -21,6 +21,11 @@
 #   W8A8_S=150 ...                               # and W8A8's few-row matmul: Triton's
 #                                                # configs against _scaled_mm at 16-256
 #                                                # rows (PERF v0.62), then its GPU test
+#   ACC_S=200 ...                                # and W8A8's accuracy (-keepqkv, with
+#                                                # the int8 cache, all W8A8) with
+#                                                # gemv_kernels off (cuBLAS at every row
+#                                                # count), then on (Triton's picks at a
+#                                                # decode step's rows, PERF v0.62)
 #   ATTN_S=360 ...                               # and decode attention's tiles and splits
 #                                                # at batch 1, 16, 32, 64 and 256 (bf16, int8)
 #   KV_S=120 ...                                 # and the KV formats' accuracy on the
@@ -84,8 +89,16 @@ fi
 if [ "${W8A8_S:-0}" != 0 ]; then  # W8A8 per token at a decode step's rows (~1 min)
   timeout -s KILL "$W8A8_S" python3 -m replicas.bench --suite w8a8 2>&1 |
     rows w8a8_h200.jsonl w8a8_h200.jsonl
-  timeout -s KILL "$W8A8_S" python3 -m pytest -q tests/test_gpu.py -k "w8a8_per_token" \
-    -p no:cacheprovider 2>&1 | tail -5 | tee "$out/w8a8_tests.log"
+  timeout -s KILL "$W8A8_S" python3 -m pytest -q tests/test_gpu.py -k "w8a8_per_token" -s \
+    -p no:cacheprovider 2>&1 | grep -E "mean relative|passed|failed|Error" | tee "$out/w8a8_tests.log"
+fi
+if [ "${ACC_S:-0}" != 0 ]; then  # W8A8's accuracy, cuBLAS then Triton (~20 s each)
+  for kernels in --no-gemv-kernels ""; do
+    for mode in "--keep-16bit qkv_proj" "--keep-16bit qkv_proj --kv-cache-dtype int8" ""; do
+      timeout -s KILL "$ACC_S" python3 -m replicas.accuracy --quantization fp8-w8a8 \
+        $mode $kernels 2>&1 | rows accuracy_h200.jsonl accuracy_h200.jsonl
+    done
+  done
 fi
 if [ "${ATTN_S:-0}" != 0 ]; then  # decode attention's variants (~60 compiles, then timing)
   timeout -s KILL "$ATTN_S" python3 -m replicas.bench --suite attention 2>&1 |

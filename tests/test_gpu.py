@@ -342,6 +342,35 @@ def test_decode_attention_ahead_equals_the_plain_loop_on_gpu(splits: int) -> Non
     assert all(len(r["times_us"]) >= 4 for r in rows)
 
 
+def test_w8a8_per_token_sums_as_near_float64_as_scaled_mm() -> None:
+    """Over GLM-4-9B down_proj's K (13,696), every W8A8 per-token config is as near the
+    float64 product of the same FP8 inputs as `torch._scaled_mm` (whose cuBLAS kernel
+    adds each run of K into float32). Each config's dot adds its BLOCK_K products in the
+    FP8 tensor cores' narrower accumulator, then into the float32 tile (the PTX has one
+    add.f32 per tile element and step: Triton does not fold `acc += dot` there)."""
+    from replicas.fp8 import quantize_rows
+    from replicas.kernels import fp8mm
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    n, k = 4096, 13696
+    w8, scale = quantize_rows(torch.randn(n, k, device="cuda", generator=gen) * 0.02)
+    x8, xs = kernels.quantize_tokens_fp8(torch.randn(64, k, device="cuda",
+                                                     dtype=torch.bfloat16, generator=gen))
+    want = (x8.double() * xs.double()) @ (w8.double() * scale.double()[:, None]).t()
+
+    def error(got: torch.Tensor) -> float:  # (float32 out: only the sums' error shows)
+        return float((got.double() - want).abs().mean() / want.abs().mean())
+
+    cublas = error(torch._scaled_mm(x8, w8.t(), scale_a=xs, scale_b=scale.view(1, -1),
+                                    out_dtype=torch.float32))
+    errors = {config: error(fp8mm.w8a8_per_token(x8, xs, w8, scale, None, torch.float32,
+                                                 config))
+              for config in fp8mm.W8A8_TOKENS_CONFIGS}
+    print(f"\nmean relative error: _scaled_mm {cublas:.3g}; "
+          + "; ".join(f"{c} {e:.3g}" for c, e in errors.items()))
+    assert all(e <= 1.5 * cublas + 1e-7 for e in errors.values()), (cublas, errors)
+
+
 def test_w8a8_per_token_on_gpu_and_its_picks(monkeypatch: pytest.MonkeyPatch) -> None:
     """PERF v0.62: every W8A8 per-token Triton config agrees with `torch._scaled_mm` on a
     GLM-4-9B o_proj-shaped weight at 16 and 256 rows (pick_w8a8 checks each, and picks
