@@ -27,6 +27,7 @@ from replicas.kernels import activation, allreduce, attention, fp8mm, norm, quan
 gemv = importlib.import_module("replicas.kernels.gemv")
 
 APPROXIMATE = re.compile(r"div\.(full|approx)\.f32")
+FLOAT_ADD = re.compile(r"\badd(\.rn)?\.f32\b")
 
 
 def ptx(jit: Any, pointers: dict[str, str], consts: dict[str, Any], warps: int = 4,
@@ -76,12 +77,12 @@ def rest() -> list[tuple[Any, dict[str, str], dict[str, Any], bool]]:
     groups = (fp8mm._w8a8_groups_kernel, {"X": "*fp8e4nv", "XS": "*fp32", "W": "*fp8e4nv",
                                           "WS": "*fp32", "B": "*fp32", "Y": bf16},
               {"HAS_BIAS": True, "GROUP": 32, "BLOCK_M": 64, "BLOCK_N": 128, "PDL": True,
-               "TOKENS": False, "SWAP": False},
+               "TOKENS": False, "SWAP": False, "IMPRECISE": None},
               False)
     # W8A8 with a scale per token (w8a8_tokens: the kernel's TOKENS), plain and swapped
     tokens_ = [(fp8mm._w8a8_groups_kernel, {**groups[1], "Y": bf16},
                 {"HAS_BIAS": True, "GROUP": bk, "BLOCK_M": bm, "BLOCK_N": bn, "PDL": True,
-                 "TOKENS": True, "SWAP": swap}, False)
+                 "TOKENS": True, "SWAP": swap, "IMPRECISE": fp8mm.fp8_promotion(bk)}, False)
                for bm, bn, bk, _, _, swap in (next(c for c in fp8mm.W8A8_TOKENS_CONFIGS
                                                    if c[-1] == s) for s in (False, True))]
     return [*w8a16, groups, *tokens_,
@@ -146,11 +147,29 @@ def main(mode: str) -> None:
                     {**flags, "BLOCK_R": 16, "SPLITS": 1, "AHEAD": True}, False),
                    (attention._attention_kernel, pointers,
                     {**flags, "TILE_T": 8, "BLOCK_R": 128, "SPLITS": 1}, False)]
+    if mode == "rest":
+        promoted_every_128(kernels)
     for jit, pointers, consts, exact in kernels:
         code = ptx(jit, pointers, consts)
         if exact:  # it writes what PyTorch's reference writes, bit for bit
             assert not APPROXIMATE.search(code), f"{jit.fn.__name__} divides approximately"
         print(jit.fn.__name__, "compiled for sm_90", flush=True)
+
+
+def promoted_every_128(kernels: list[tuple[Any, dict[str, str], dict[str, Any], bool]]
+                       ) -> None:
+    """The per-token W8A8 kernel in a 256-wide step adds its FP8 products into float32
+    every 128 (PERF.md v0.67): its PTX has more float32 adds than Triton's default's,
+    which adds the whole step in the FP8 tensor cores' own accumulator."""
+    jit, pointers, consts, _ = next(k for k in kernels if k[2].get("TOKENS"))
+    wide = next(c for c in fp8mm.W8A8_TOKENS_CONFIGS if c[2] > fp8mm.FP8_PROMOTE_EVERY)
+    consts = {**consts, "BLOCK_M": wide[0], "BLOCK_N": wide[1], "GROUP": wide[2],
+              "SWAP": wide[5]}
+    adds = {imprecise: len(FLOAT_ADD.findall(ptx(jit, pointers, {
+        **consts, "IMPRECISE": imprecise}, wide[3], wide[4])))
+        for imprecise in (fp8mm.fp8_promotion(wide[2]), None)}
+    assert adds[fp8mm.FP8_PROMOTE_EVERY] > adds[None] > 0, adds
+    print("w8a8 per token promoted every 128:", adds, flush=True)
 
 
 if __name__ == "__main__":

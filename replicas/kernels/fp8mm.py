@@ -87,13 +87,16 @@ if triton is not None:
     def _w8a8_groups_kernel(X, XS, W, WS, B, Y, m, n, k, sxm, sxs, swn, sym,
                             HAS_BIAS: tl.constexpr, GROUP: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
-                            TOKENS: tl.constexpr = False, SWAP: tl.constexpr = False):
+                            TOKENS: tl.constexpr = False, SWAP: tl.constexpr = False,
+                            IMPRECISE: tl.constexpr = None):
         """Program (BLOCK_M rows of x, BLOCK_N rows of W): K in runs of GROUP, each run's
         FP8 product (float32) times its rows' scales added to the tile; then W's row
         scales and the bias. TOKENS: one scale per token (XS [M, 1]), K in steps of
         GROUP (the last one masked), the rows' scales applied once with W's at the end.
         SWAP computes the tile of y^T = W x^T (the weight tile the dot's 64-row side, a
-        few rows of x its narrow side)."""
+        few rows of x its narrow side). IMPRECISE: the dot's max_num_imprecise_acc, the
+        products the FP8 tensor cores add in their narrower accumulator before adding
+        into float32 (None: Triton's default, all of a step's GROUP)."""
         _pdl_enter(PDL)
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -111,9 +114,9 @@ if triton is not None:
             w = tl.load(W + rn[:, None] * swn + cols[None, :],
                         mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             if SWAP:
-                part = tl.dot(w, tl.trans(a))
+                part = tl.dot(w, tl.trans(a), max_num_imprecise_acc=IMPRECISE)
             else:
-                part = tl.dot(a, tl.trans(w))
+                part = tl.dot(a, tl.trans(w), max_num_imprecise_acc=IMPRECISE)
             if TOKENS:
                 acc += part
             else:
@@ -209,6 +212,19 @@ def w8a8_groups(x8: torch.Tensor, x_scales: torch.Tensor, w8: torch.Tensor,
                  stages, tokens=False, swap=False)
 
 
+# The FP8 products a dot adds in the tensor cores' narrower accumulator before adding them
+# into float32: cuBLAS's `_scaled_mm` adds 128 so (its error over K = 13,696 is that of
+# the 128-wide configs to 3 digits on the H200, 0.000127; the 256-wide ones, adding all
+# 256 so, were at 0.000208 until PERF.md v0.67, and cost -keepqkv 0.5 % of top-1)
+FP8_PROMOTE_EVERY = 128
+
+
+def fp8_promotion(block_k: int) -> int | None:
+    """The per-token kernel's IMPRECISE for steps of `block_k` columns: FP8_PROMOTE_EVERY
+    where a step is wider (None: Triton's default, the whole step)."""
+    return FP8_PROMOTE_EVERY if block_k > FP8_PROMOTE_EVERY else None
+
+
 def _w8a8(x8: torch.Tensor, xs: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
           bias: torch.Tensor | None, out_dtype: torch.dtype, group: int, block_m: int,
           block_n: int, warps: int, stages: int, tokens: bool, swap: bool) -> torch.Tensor:
@@ -220,7 +236,8 @@ def _w8a8(x8: torch.Tensor, xs: torch.Tensor, w8: torch.Tensor, scale: torch.Ten
         x8, xs, w8, scale, bias if bias is not None else scale, y, m, n, x8.shape[1],
         x8.stride(0), xs.stride(0), w8.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n,
-        TOKENS=tokens, SWAP=swap, num_warps=warps, num_stages=stages, **_launch(x8))
+        TOKENS=tokens, SWAP=swap, num_warps=warps, num_stages=stages,
+        IMPRECISE=fp8_promotion(group) if tokens else None, **_launch(x8))
     return y
 
 
