@@ -199,8 +199,9 @@ def _one_client(row: dict[str, Any]) -> str:
     hops = (f"Serve's routing {m.get('way_in_routing_ms')}, gRPC "
             f"{m.get('way_in_transit_ms')}, dispatch {m.get('way_in_dispatch_ms')}")
     if share:  # (the traced hops are those of the requests not head-started)
+        others = f"; the others': {hops}" if share < 1 else ""
         hops = (f"{round(share * 100)} % head-started, their way in "
-                f"{m.get('way_in_head_ms')}; the others': {hops}")
+                f"{m.get('way_in_head_ms')}{others}")
     return (f"; one client: TTFT p50 {v['stack_ttft_p50_ms']} vs {v['engine_ttft_p50_ms']} "
             f"ms (added {v['ttft_p50_added_ms']}), the router's own "
             f"{inside['router_ttft_mean_ms']} ms mean: way in {m['way_in_ms']} ({hops}), "

@@ -383,6 +383,10 @@ def test_a_gpu_stack_row_splits_one_clients_added_ttft_where_it_was_measured() -
     assert _cell(row)[1].endswith(
         "way in 2.4 (98 % head-started, their way in 0.3; the others': Serve's routing 0.7, "
         "gRPC 1.3, dispatch 0.4), preparation 0.6, the engine process's TTFT 8.1")
+    row["sequential_inside"].update(head_start_share=1.0)  # (no others: no hops of theirs)
+    assert _cell(row)[1].endswith(
+        "way in 2.4 (100 % head-started, their way in 0.3), preparation 0.6, the engine "
+        "process's TTFT 8.1")
     del row["sequential_inside"]["replica_means_ms"]  # a run whose replica was unreadable
     assert "one client" not in _cell(row)[1]
 
