@@ -220,8 +220,8 @@ FP8_PROMOTE_EVERY = 128
 
 
 def fp8_promotion(block_k: int) -> int | None:
-    """The per-token kernel's IMPRECISE for steps of `block_k` columns: FP8_PROMOTE_EVERY
-    where a step is wider (None: Triton's default, the whole step)."""
+    """_w8a8_groups_kernel's IMPRECISE for steps (or groups) of `block_k` columns:
+    FP8_PROMOTE_EVERY where a step is wider (None: Triton's default, the whole step)."""
     return FP8_PROMOTE_EVERY if block_k > FP8_PROMOTE_EVERY else None
 
 
@@ -237,7 +237,7 @@ def _w8a8(x8: torch.Tensor, xs: torch.Tensor, w8: torch.Tensor, scale: torch.Ten
         x8.stride(0), xs.stride(0), w8.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n,
         TOKENS=tokens, SWAP=swap, num_warps=warps, num_stages=stages,
-        IMPRECISE=fp8_promotion(group) if tokens else None, **_launch(x8))
+        IMPRECISE=fp8_promotion(group), **_launch(x8))
     return y
 
 
