@@ -386,6 +386,14 @@ def test_fp8_modes_can_be_chosen_for_a_short_device_call(monkeypatch: pytest.Mon
     monkeypatch.setenv("TPSERVE_FP8_MODES", "fp8-w8a8,keepqkv")
     with pytest.raises(ValueError, match="unknown \\['keepqkv'\\].*fp8-w8a8-gateup_int8kv"):
         bench.fp8_modes()
+
+    def measured() -> float:
+        raise AssertionError("the suite measured before it checked its modes")
+
+    # the suite refuses the name before its bf16 rows (a device call once lost ~60 s so)
+    monkeypatch.setattr(bench, "copy_bandwidth", measured)
+    with pytest.raises(ValueError, match="unknown \\['keepqkv'\\]"):
+        next(bench.fp8_suite(1))
     monkeypatch.delenv("TPSERVE_FP8_MODES")
     assert len(bench.fp8_modes()) == 5 and bench.accuracy_cases() == list(bench.ACCURACY_CASES)
 
