@@ -45,6 +45,10 @@ export PYTHONUNBUFFERED=1
 python3 -c 'import torch, transformers, triton, xgrammar
 print("torch", torch.__version__, "transformers", transformers.__version__,
       "triton", triton.__version__, "gpu", torch.cuda.get_device_name(0))'
+if [ "${FP8_S:-0}" != 0 ]; then  # a mode name the suite lacks fails now, not after the rest
+  TPSERVE_FP8_MODES="${FP8_MODES:-}" python3 -c "from replicas.bench import fp8_modes
+fp8_modes()" || exit 1
+fi
 rows() {  # the JSON lines of a step's output, into $out/$1 and replicas/results/$2
   grep '^{' | tee -a "$out/$1" >> "replicas/results/$2"
 }
