@@ -347,9 +347,10 @@ def test_decode_attention_ahead_equals_the_plain_loop_on_gpu(splits: int) -> Non
 def test_w8a8_per_token_sums_as_near_float64_as_scaled_mm() -> None:
     """Over GLM-4-9B down_proj's K (13,696), every W8A8 per-token config is as near the
     float64 product of the same FP8 inputs as `torch._scaled_mm` (whose cuBLAS kernel
-    adds each run of K into float32). Each config's dot adds its BLOCK_K products in the
-    FP8 tensor cores' narrower accumulator, then into the float32 tile (the PTX has one
-    add.f32 per tile element and step: Triton does not fold `acc += dot` there)."""
+    adds each run of 128 products into float32). A config's dot adds at most 128
+    products (fp8mm.FP8_PROMOTE_EVERY) in the FP8 tensor cores' narrower accumulator,
+    then into the float32 tile; the 256-wide configs, adding all 256 so, had 1.64x
+    `_scaled_mm`'s error (0.000208 against 0.000127) until PERF.md v0.67."""
     from replicas.fp8 import quantize_rows
     from replicas.kernels import fp8mm
 
