@@ -20,7 +20,8 @@
 #                                                # test_kernels.py's GEMV tests
 #   W8A8_S=150 ...                               # and W8A8's few-row matmul: Triton's
 #                                                # configs against _scaled_mm at 16-256
-#                                                # rows (PERF v0.62), then its GPU test
+#                                                # rows (PERF v0.62) and the split-K
+#                                                # candidates (v0.68), then their GPU tests
 #   ACC_S=200 ...                                # and W8A8's accuracy (-keepqkv, with
 #                                                # the int8 cache, all W8A8) with
 #                                                # gemv_kernels off (cuBLAS at every row
@@ -93,8 +94,9 @@ fi
 if [ "${W8A8_S:-0}" != 0 ]; then  # W8A8 per token at a decode step's rows (~1 min)
   timeout -s KILL "$W8A8_S" python3 -m replicas.bench --suite w8a8 2>&1 |
     rows w8a8_h200.jsonl w8a8_h200.jsonl
-  timeout -s KILL "$W8A8_S" python3 -m pytest -q tests/test_gpu.py -k "w8a8_per_token" -s \
-    -p no:cacheprovider 2>&1 | grep -E "mean relative|passed|failed|Error" | tee "$out/w8a8_tests.log"
+  timeout -s KILL "$W8A8_S" python3 -m pytest -q tests/test_gpu.py tests/test_kernels.py \
+    -k "w8a8_per_token or w8a8_split" -s -p no:cacheprovider 2>&1 |
+    grep -E "mean relative|passed|failed|Error" | tee "$out/w8a8_tests.log"
 fi
 if [ "${ACC_S:-0}" != 0 ]; then  # W8A8's accuracy, cuBLAS then Triton (~20 s each)
   for kernels in --no-gemv-kernels ""; do

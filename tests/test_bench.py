@@ -152,10 +152,19 @@ def test_w8a8_suite_rows_put_each_count_of_rows_beside_scaled_mm() -> None:
     on small FP8 weights): the fastest Triton config against `_scaled_mm`, the pick the
     engine would take, the weight's bytes a second; no LM head (16-bit in FP8 modes)."""
     from replicas.bench import w8a8_suite
+    from replicas.kernels.fp8mm import W8A8_SPLIT_CONFIGS, w8a8_split
 
     seen = []
 
-    def picker(w8: torch.Tensor, scale: torch.Tensor, has_bias: bool) -> tuple[Any, Any]:
+    def picker(w8: torch.Tensor, scale: torch.Tensor, has_bias: bool,
+               **split: Any) -> tuple[Any, Any]:
+        if split:  # PERF.md v0.68's candidates: timed beside, never picked
+            assert split["rows"] == (16, 256) and split["kernel"] is w8a8_split
+            if w8.shape[0] == 32:
+                raise RuntimeError("no TMA here\nTMA not supported")
+            times = {str(c): 30.0 - i for i, c in enumerate(split["candidates"])}
+            return ((16, None), (256, None)), {
+                rows: {"scaled_mm": 20.0, **times} for rows in (16, 256)}
         seen.append((tuple(w8.shape), w8.dtype, scale.shape, has_bias))
         fast = (64, 64, 128, 4, 4, False)
         return ((16, None), (256, fast)), {
@@ -174,6 +183,11 @@ def test_w8a8_suite_rows_put_each_count_of_rows_beside_scaled_mm() -> None:
     assert few["picked"] == "scaled_mm" and few["over_scaled_mm"] == 1.05
     assert many["picked"] == "(64, 64, 128, 4, 4, False)" and many["over_scaled_mm"] == 0.6
     assert many["fraction_of_copy"] == round(48 * 64 / 12.0 / 1e3 / 100.0, 3)
+    last = str(W8A8_SPLIT_CONFIGS[-1])  # (the stand-in's fastest split config)
+    assert many["split_best"] == last and many["split_us"][last] == 31.0 - len(
+        W8A8_SPLIT_CONFIGS) and len(many["split_us"]) == len(W8A8_SPLIT_CONFIGS)
+    assert many["split_over_scaled_mm"] == round(many["split_us"][last] / 20.0, 3)
+    assert rows[2]["split_error"] == "RuntimeError: TMA not supported"
 
 
 def test_gemv_suite_rows_name_the_fastest_config() -> None:

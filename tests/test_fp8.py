@@ -803,6 +803,38 @@ def test_w8a8_per_token_kernel_is_the_token_scaled_product(
                                        msg=str(config))
 
 
+@pytest.mark.parametrize("shape", [(33, 72, 208), (5, 40, 384), (130, 16, 64)])
+def test_w8a8_split_kernel_is_the_token_scaled_product(
+        shape: tuple[int, int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """PERF.md v0.68's candidate: K split among programs (the last to finish a tile adding
+    the others' partials), through TMA descriptors or pointers, in every config of
+    W8A8_SPLIT_CONFIGS, with a bias and without: the same product as w8a8_per_token
+    (float64 of the same FP8 values), twice over (the tiles' counters are left at 0); M,
+    N and K (208: a masked last step) its blocks do not divide. TMA refuses a K whose rows
+    do not start 16 bytes apart."""
+    pytest.importorskip("triton")
+    from replicas.kernels import fp8mm
+
+    monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
+    m, n, k = shape
+    gen = torch.Generator().manual_seed(k)
+    x8, xs = quantize_tokens(torch.randn(m, k, generator=gen) * 3)
+    w8, ws = quantize_rows(torch.randn(n, k, generator=gen))
+    bias = torch.randn(n, generator=gen)
+    want = (x8.double() * xs.double()) @ (w8.double() * ws.double()[:, None]).T
+    assert {c[-1] for c in fp8mm.W8A8_SPLIT_CONFIGS} == {False, True}
+    for config in fp8mm.W8A8_SPLIT_CONFIGS:
+        for b in (None, bias, None):
+            got = fp8mm.w8a8_split(x8, xs, w8, ws, b, torch.float32, config)
+            plus = 0.0 if b is None else b.double()
+            torch.testing.assert_close(got.double(), want + plus, rtol=1e-5, atol=1e-4,
+                                       msg=str(config))
+    assert not fp8mm._SPLIT_SPACE[x8.device][1].any()
+    with pytest.raises(ValueError, match="16 bytes apart"):
+        fp8mm.w8a8_split(x8[:, :k - 8], xs, w8[:, :k - 8], ws, None, torch.float32,
+                         fp8mm.W8A8_SPLIT_CONFIGS[0])
+
+
 def test_w8a8_picks_choose_a_config_by_shape_and_rows(monkeypatch: pytest.MonkeyPatch
                                                        ) -> None:
     """kernels.w8a8_config: the pick of the least count of rows at or above the step's, for
@@ -893,7 +925,7 @@ def test_pick_w8a8_takes_a_config_only_where_it_beats_scaled_mm(
                         lambda x: rows_now.append(x.shape[0]) or through(x))
     w8, ws = quantize_rows(torch.randn(40, 64, generator=torch.Generator().manual_seed(5)))
     picks, times = fp8mm.pick_w8a8(w8, ws, True, rows=(16, 32))
-    assert picks == ((16, good), (32, None))
+    assert picks == ((16, good), (32, None)), times
     assert set(times[16]) == {"scaled_mm", str(good), str(slow)}  # (broken: skipped)
     monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: scaled_mm(*a, **k) + 1.0)
     with pytest.raises(AssertionError, match="disagrees with _scaled_mm"):
