@@ -776,6 +776,26 @@ def test_w8a8_groups_kernel_is_the_group_scaled_product(shape: tuple[int, int, i
         kernels.w8a8_groups(x8, torch.ones(m, k // 16), w8, ws)
 
 
+def token_scaled_products(kernel: Any, configs: Any, shape: tuple[int, int, int],
+                          biases: tuple[bool, ...]) -> tuple[torch.Tensor, ...]:
+    """`kernel` (w8a8_per_token's arguments) in each of `configs`, with a bias or without
+    as `biases` says, against float64 of the same FP8 values and scales; returns x8, its
+    scales, w8 and its scales."""
+    m, n, k = shape
+    gen = torch.Generator().manual_seed(k)
+    x8, xs = quantize_tokens(torch.randn(m, k, generator=gen) * 3)
+    w8, ws = quantize_rows(torch.randn(n, k, generator=gen))
+    bias = torch.randn(n, generator=gen)
+    want = (x8.double() * xs.double()) @ (w8.double() * ws.double()[:, None]).T
+    for config in configs:
+        for with_bias in biases:
+            got = kernel(x8, xs, w8, ws, bias if with_bias else None, torch.float32, config)
+            plus = bias.double() if with_bias else 0.0
+            torch.testing.assert_close(got.double(), want + plus, rtol=1e-5, atol=1e-4,
+                                       msg=str(config))
+    return x8, xs, w8, ws
+
+
 @pytest.mark.parametrize("shape", [(33, 72, 200), (5, 40, 128), (1, 16, 64)])
 def test_w8a8_per_token_kernel_is_the_token_scaled_product(
         shape: tuple[int, int, int], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -788,19 +808,8 @@ def test_w8a8_per_token_kernel_is_the_token_scaled_product(
     from replicas.kernels.fp8mm import W8A8_TOKENS_CONFIGS
 
     monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
-    m, n, k = shape
-    gen = torch.Generator().manual_seed(k)
-    x8, xs = quantize_tokens(torch.randn(m, k, generator=gen) * 3)
-    w8, ws = quantize_rows(torch.randn(n, k, generator=gen))
-    bias = torch.randn(n, generator=gen)
-    want = (x8.double() * xs.double()) @ (w8.double() * ws.double()[:, None]).T
     assert {c[-1] for c in W8A8_TOKENS_CONFIGS} == {False, True}
-    for config in W8A8_TOKENS_CONFIGS:
-        for b in (None, bias):
-            got = kernels.w8a8_per_token(x8, xs, w8, ws, b, torch.float32, config)
-            plus = 0.0 if b is None else b.double()
-            torch.testing.assert_close(got.double(), want + plus, rtol=1e-5, atol=1e-4,
-                                       msg=str(config))
+    token_scaled_products(kernels.w8a8_per_token, W8A8_TOKENS_CONFIGS, shape, (False, True))
 
 
 @pytest.mark.parametrize("shape", [(33, 72, 208), (5, 40, 384), (130, 16, 64)])
@@ -816,20 +825,11 @@ def test_w8a8_split_kernel_is_the_token_scaled_product(
     from replicas.kernels import fp8mm
 
     monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
-    m, n, k = shape
-    gen = torch.Generator().manual_seed(k)
-    x8, xs = quantize_tokens(torch.randn(m, k, generator=gen) * 3)
-    w8, ws = quantize_rows(torch.randn(n, k, generator=gen))
-    bias = torch.randn(n, generator=gen)
-    want = (x8.double() * xs.double()) @ (w8.double() * ws.double()[:, None]).T
     assert {c[-1] for c in fp8mm.W8A8_SPLIT_CONFIGS} == {False, True}
-    for config in fp8mm.W8A8_SPLIT_CONFIGS:
-        for b in (None, bias, None):
-            got = fp8mm.w8a8_split(x8, xs, w8, ws, b, torch.float32, config)
-            plus = 0.0 if b is None else b.double()
-            torch.testing.assert_close(got.double(), want + plus, rtol=1e-5, atol=1e-4,
-                                       msg=str(config))
+    x8, xs, w8, ws = token_scaled_products(fp8mm.w8a8_split, fp8mm.W8A8_SPLIT_CONFIGS, shape,
+                                           (False, True, False))
     assert not fp8mm._SPLIT_SPACE[x8.device][1].any()
+    k = shape[2]
     with pytest.raises(ValueError, match="16 bytes apart"):
         fp8mm.w8a8_split(x8[:, :k - 8], xs, w8[:, :k - 8], ws, None, torch.float32,
                          fp8mm.W8A8_SPLIT_CONFIGS[0])

@@ -8,6 +8,7 @@ heads, split key ranges); the engine test runs whole generations through the ker
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -395,6 +396,19 @@ def same_fp8(got: torch.Tensor, want: torch.Tensor) -> None:
     assert bool(near[differ].all()) and int(differ.sum()) <= differ.numel() // 20
 
 
+def replays_equal(run: Callable[[], torch.Tensor], times: int) -> torch.Tensor:
+    """`run`'s output once, then `run` captured in a CUDA graph and replayed `times`
+    times, each replay's output equal to it; returns it."""
+    first = run().clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for _ in range(times):
+        graph.replay()
+        assert torch.equal(out, first)
+    return first
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="races show on a GPU only")
 def test_split_merge_by_the_last_split_holds_under_replay() -> None:
@@ -414,13 +428,7 @@ def test_split_merge_by_the_last_split_holds_under_replay() -> None:
         return kernels.paged_attention(q, k_cache, v_cache, b.block_tables, b.cu_q,
                                        b.positions, None, 1, 16)
 
-    first = run().clone()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
-    for _ in range(300):
-        graph.replay()
-        assert torch.equal(out, first)
+    first = replays_equal(run, 300)
     torch.testing.assert_close(first, want, atol=2e-2, rtol=2e-2)
     assert int(kernels._COUNTERS[q.device].abs().sum()) == 0
 
@@ -445,13 +453,7 @@ def test_w8a8_split_by_the_last_program_holds_under_replay() -> None:
         def run(config: fp8mm.W8A8SplitConfig = config) -> torch.Tensor:
             return fp8mm.w8a8_split(x8, xs, w8, scale, None, torch.bfloat16, config)
 
-        first = run().clone()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = run()
-        for _ in range(200):
-            graph.replay()
-            assert torch.equal(out, first), config
+        first = replays_equal(run, 200)
         torch.testing.assert_close(first.float(), want, atol=2e-2 * float(want.abs().max()),
                                    rtol=2e-2, msg=str(config))
         assert int(fp8mm._SPLIT_SPACE[x8.device][1].abs().sum()) == 0, config
