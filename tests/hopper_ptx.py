@@ -92,7 +92,8 @@ def rest() -> list[tuple[Any, dict[str, str], dict[str, Any], bool]]:
                                          "XD": desc if tma else "*fp8e4nv",
                                          "WD": desc if tma else "*fp8e4nv"},
               {"HAS_BIAS": True, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "SPLITS": 2,
-               "TMA": tma, "PDL": True, "IMPRECISE": None}, False) for tma in (True, False)]
+               "TMA": tma, "PDL": True, "IMPRECISE": fp8mm.fp8_promotion(128)}, False)
+             for tma in (True, False)]
     return [*w8a16, groups, *tokens_, *split,
         (norm._rms_norm_kernel, {n: bf16 for n in ("X", "R", "W", "Y", "ROUT", "S")} | {
             "eps": "fp32"}, {"HAS_RES": True, "BLOCK": 4096, "QUANT": False, "PDL": True},

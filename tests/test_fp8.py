@@ -828,7 +828,7 @@ def test_w8a8_split_kernel_is_the_token_scaled_product(
     assert {c[-1] for c in fp8mm.W8A8_SPLIT_CONFIGS} == {False, True}
     x8, xs, w8, ws = token_scaled_products(fp8mm.w8a8_split, fp8mm.W8A8_SPLIT_CONFIGS, shape,
                                            (False, True, False))
-    assert not fp8mm._SPLIT_SPACE[x8.device][1].any()
+    assert not fp8mm._SPLIT_COUNTERS[x8.device].any()
     k = shape[2]
     with pytest.raises(ValueError, match="16 bytes apart"):
         fp8mm.w8a8_split(x8[:, :k - 8], xs, w8[:, :k - 8], ws, None, torch.float32,

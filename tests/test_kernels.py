@@ -456,7 +456,7 @@ def test_w8a8_split_by_the_last_program_holds_under_replay() -> None:
         first = replays_equal(run, 200)
         torch.testing.assert_close(first.float(), want, atol=2e-2 * float(want.abs().max()),
                                    rtol=2e-2, msg=str(config))
-        assert int(fp8mm._SPLIT_SPACE[x8.device][1].abs().sum()) == 0, config
+        assert int(fp8mm._SPLIT_COUNTERS[x8.device].abs().sum()) == 0, config
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -332,14 +332,20 @@ def decode_splits(num_seqs: int, kv_heads: int, max_keys: int) -> int:
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
+def _kept(table: dict[torch.device, torch.Tensor], device: torch.device, n: int,
+          dtype: torch.dtype) -> torch.Tensor:
+    """table[device]: a buffer of at least n (and 4096) elements, zeroed when made, made
+    again when n outgrows it (the warm-up before a graph capture makes the largest)."""
+    have = table.get(device)
+    if have is None or have.numel() < n:
+        have = table[device] = torch.zeros(max(n, 4096), dtype=dtype, device=device)
+    return have
+
+
 def _split_counters(device: torch.device, n: int) -> torch.Tensor:
     """Zeroed int32 counters of finished splits, one per (sequence, kv head), kept per
-    device: each merge leaves its counter at 0, so they are zeroed only when made (the
-    warm-up before a graph capture makes the largest)."""
-    have = _COUNTERS.get(device)
-    if have is None or have.numel() < n:
-        have = _COUNTERS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-    return have
+    device: each merge leaves its counter at 0, so they are zeroed only when made."""
+    return _kept(_COUNTERS, device, n, torch.int32)
 
 
 class NewKeys(NamedTuple):

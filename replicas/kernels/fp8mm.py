@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from replicas.kernels.attention import _precision
+from replicas.kernels.attention import _kept, _precision
 from replicas.kernels.common import STEP_SHAPED, _launch
 
 log = logging.getLogger(__name__)
@@ -345,21 +345,11 @@ W8A8_SPLIT_CONFIGS: tuple[W8A8SplitConfig, ...] = (
     (128, 128, 128, 8, 3, 2, False), (128, 64, 128, 4, 3, 2, True),
     (64, 128, 128, 4, 3, 2, True), (128, 128, 128, 8, 4, 2, True))
 
-# per device: float32 partial tiles and int32 counters (each left at 0 by the split that
-# finishes its tile), grown as needed; made outside a CUDA graph's capture (its warm-up)
-_SPLIT_SPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _split_space(device: torch.device, floats: int, tiles: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    have = _SPLIT_SPACE.get(device)
-    if have is None or have[0].numel() < floats or have[1].numel() < tiles:
-        have = _SPLIT_SPACE[device] = (
-            torch.empty(max(floats, have[0].numel() if have else 0), dtype=torch.float32,
-                        device=device),
-            torch.zeros(max(tiles, have[1].numel() if have else 0, 1024), dtype=torch.int32,
-                        device=device))
-    return have
+# per device (attention._kept): float32 partial tiles and int32 counters a tile (each left
+# at 0 by the split that finishes its tile; apart from decode attention's, which PDL may
+# run beside these), made outside a CUDA graph's capture (its warm-up)
+_SPLIT_PARTIALS: dict[torch.device, torch.Tensor] = {}
+_SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
 def w8a8_split(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor,
@@ -372,8 +362,10 @@ def w8a8_split(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor,
     m, k = x8.shape
     n = w8.shape[0]
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)
-    partial, counters = _split_space(x8.device, splits * grid[0] * grid[1] * block_m
-                                     * block_n, grid[0] * grid[1])
+    tiles = grid[0] * grid[1]
+    partial = _kept(_SPLIT_PARTIALS, x8.device, splits * tiles * block_m * block_n,
+                    torch.float32)
+    counters = _kept(_SPLIT_COUNTERS, x8.device, tiles, torch.int32)
     y = torch.empty(m, n, dtype=out_dtype, device=x8.device)
     xd, wd = x8, w8  # (through pointers: unused)
     if tma:
