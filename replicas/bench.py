@@ -621,9 +621,14 @@ ATTENTION_TILES = ((32, 4), (64, 4), (128, 4), (64, 8), (128, 8), (64, 4, 1), (6
                    (128, 8, 1))
 
 
+# the caches: bf16, int8 with a scale a row, e4m3 (`fp8`: fp8-w8a8's own, the cache of
+# the W8A8 256-request row)
+ATTENTION_CACHES = ("bfloat16", "int8", "fp8")
+
+
 def attention_suite(repeats: int) -> Iterator[dict[str, Any]]:
     """Decode attention alone (the fused kernel: rotary, the new key's cache write, the
-    split merge), on GLM-4-9B's shapes, bf16 and int8 caches: the engine's tile and
+    split merge), on GLM-4-9B's shapes, bf16, int8 and e4m3 caches: the engine's tile and
     splits against other tiles (keys a tile, warps) and twice or half the splits, each
     timed in a CUDA graph over cycled caches (cold, as a decode step reads each layer's),
     against the bytes of keys and values read at the measured copy rate. (`repeats`:
@@ -636,6 +641,7 @@ def attention_suite(repeats: int) -> Iterator[dict[str, Any]]:
 def attention_probe(cases: Sequence[tuple[int, int]], device: str,
                     timer: Callable[[Callable[[Any], Any], list[Any]], float],
                     bandwidth: float, tiles: Sequence[tuple[int, ...]] = ATTENTION_TILES,
+                    cache_dtypes: Sequence[str] = ATTENTION_CACHES,
                     **shape: int) -> Iterator[dict[str, Any]]:
     """A row per (cache dtype, sequences, keys), each as soon as it is measured (a step
     cut short keeps the rows before): `timer(fn, copies)`'s µs for each (tile, splits)
@@ -643,7 +649,7 @@ def attention_probe(cases: Sequence[tuple[int, int]], device: str,
     output checked against that one's (a variant that differs is listed in `failed`, not
     timed). `shape`: heads, kv_heads, d, rotary_dim, block_size."""
     gen = torch.Generator(device=device).manual_seed(0)
-    for cache_dtype in ("bfloat16", "int8"):
+    for cache_dtype in cache_dtypes:
         for num_seqs, keys in cases:
             yield _attention_row(cache_dtype, num_seqs, keys, device, timer, bandwidth, tiles,
                                  gen, **shape)
@@ -661,7 +667,8 @@ def _attention_row(cache_dtype: str, num_seqs: int, keys: int, device: str,
     width = -(-keys // block_size)
     blocks = num_seqs * width
     int8 = cache_dtype == "int8"
-    kv_bytes = 2 * num_seqs * keys * kv_heads * (d + 4 if int8 else 2 * d)
+    width_bytes = {"int8": d + 4, "fp8": d}.get(cache_dtype, 2 * d)  # a row's, with its scale
+    kv_bytes = 2 * num_seqs * keys * kv_heads * width_bytes
     count = cold_copies(kv_bytes)
     shape = (blocks, block_size, kv_heads, d)
 
@@ -671,8 +678,10 @@ def _attention_row(cache_dtype: str, num_seqs: int, keys: int, device: str,
                                     generator=gen) for _ in range(2)),
                     *(torch.rand(shape[:3], device=device, generator=gen) / 64
                       for _ in range(2)))
-        return tuple(torch.randn(shape, device=device, dtype=torch.bfloat16, generator=gen)
-                     for _ in range(2))
+        dense = tuple(torch.randn(shape, device=device, dtype=torch.bfloat16, generator=gen)
+                      for _ in range(2))
+        return tuple(c.to(torch.float8_e4m3fn) for c in dense) if cache_dtype == "fp8" \
+            else dense
 
     copies = [cache() for _ in range(count)]
     tables = torch.randperm(blocks, device=device, generator=gen).view(

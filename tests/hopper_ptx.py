@@ -145,7 +145,7 @@ def main(mode: str) -> None:
                     "TABLES": "*i32", "CU_Q": "*i32", "scale_log2": "fp32"}
         flags = {"INT8_KV": mode == "int8", "FP8_KV": mode == "fp8", "PDL": True, "D": 128,
                  "BLOCK_D": 128, "INTERLEAVED": False, "PREC": "tf32", "BLOCK_N": 64,
-                 "G": 16}
+                 "BLOCK_SIZE": 16, "G": 16}
         kernels = [(rope._rope_cache_kernel, pointers, {**flags, "TOKENS": 16}, True),
                    # (its softmax divides approximately; its cache write is the rotary
                    # kernel's _store_cache, checked there)

@@ -243,7 +243,8 @@ def test_attention_probe_times_every_tile_and_split_against_the_engines() -> Non
                                 d=16, rotary_dim=8, block_size=4))
     assert [r["case"] for r in rows] == [
         "glm4-9b_decode_attention_bfloat16_2x40", "glm4-9b_decode_attention_bfloat16_3x9",
-        "glm4-9b_decode_attention_int8_2x40", "glm4-9b_decode_attention_int8_3x9"]
+        "glm4-9b_decode_attention_int8_2x40", "glm4-9b_decode_attention_int8_3x9",
+        "glm4-9b_decode_attention_fp8_2x40", "glm4-9b_decode_attention_fp8_3x9"]
     first = rows[0]
     splits = kernels.decode_splits(2, 2, 40)
     assert first["engine_tile"] == list(kernels.DECODE_TILE) and first["engine_splits"] == splits
@@ -256,6 +257,7 @@ def test_attention_probe_times_every_tile_and_split_against_the_engines() -> Non
     assert first["ours"] == first["times_us"][names[0]] and first["best"] == names[-1]
     assert first["floor_us"] == round(2 * 2 * 40 * 2 * 16 * 2 / 1e3, 2)  # bf16 K and V
     assert rows[2]["floor_us"] == round(2 * 2 * 40 * 2 * (16 + 4) / 1e3, 2)  # int8 + scales
+    assert rows[4]["floor_us"] == round(2 * 2 * 40 * 2 * 16 / 1e3, 2)  # e4m3
     assert all(not r["failed"] for r in rows)
 
 

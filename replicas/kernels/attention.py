@@ -36,16 +36,16 @@ if triton is not None:
     from replicas.kernels.rope import _rotated, _store_cache
 
     @triton.jit
-    def _load_kv(KC, VC, KS, VS, table, n, upto, block_size, kv_heads, kvh, d, d_ok,
-                 D: tl.constexpr, DT: tl.constexpr, INT8: tl.constexpr):
+    def _load_kv(KC, VC, KS, VS, table, n, upto, BLOCK_SIZE: tl.constexpr, kv_heads, kvh, d,
+                 d_ok, D: tl.constexpr, DT: tl.constexpr, INT8: tl.constexpr):
         """Keys and values [BLOCK_N, D] at positions n through the block table, in DT
         (the queries' dtype: an FP8 cache's entries are widened, an int8 cache's times
         their rows' scales KS, VS); those at upto or past it come as 0 (decode passes
         the new token's position: its key and value are filled in from registers). v's
         load is issued with k's, so that its latency hides behind the scores."""
         ok = n < upto
-        blk = tl.load(table + n // block_size, mask=ok, other=0)
-        row = (blk * block_size + n % block_size) * kv_heads + kvh
+        blk = tl.load(table + n // BLOCK_SIZE, mask=ok, other=0)
+        row = (blk * BLOCK_SIZE + n % BLOCK_SIZE) * kv_heads + kvh
         addr = row * D
         kv_mask = ok[:, None] & d_ok[None, :]
         k = tl.load(KC + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
@@ -60,13 +60,13 @@ if triton is not None:
 
     @triton.jit
     def _attend(q, KC, VC, KS, VS, table, start, hi, qpos, win, m, l_sum, acc, scale_log2,
-                block_size, kv_heads, kvh, d, d_ok, MASKED: tl.constexpr,
+                BLOCK_SIZE: tl.constexpr, kv_heads, kvh, d, d_ok, MASKED: tl.constexpr,
                 BLOCK_N: tl.constexpr, D: tl.constexpr, PREC: tl.constexpr,
                 DT: tl.constexpr, INT8: tl.constexpr):
         """One block of BLOCK_N keys from `start` into the online softmax (m, l_sum, acc)."""
         n = start + tl.arange(0, BLOCK_N)
         n_ok = n < hi
-        k, v = _load_kv(KC, VC, KS, VS, table, n, hi, block_size, kv_heads, kvh, d, d_ok, D,
+        k, v = _load_kv(KC, VC, KS, VS, table, n, hi, BLOCK_SIZE, kv_heads, kvh, d, d_ok, D,
                         DT, INT8)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
         if MASKED:
@@ -89,7 +89,7 @@ if triton is not None:
     def _attention_kernel(
         Q, KC, VC, KS, VS, OUT, OP, LSE, COUNT, TABLES, CU_Q, POS,
         sqt, sqh, sot, soh, sps, spt, sph, sls, slt, stab,
-        scale_log2, window, block_size, kv_heads,
+        scale_log2, window, BLOCK_SIZE: tl.constexpr, kv_heads,
         G: tl.constexpr, TILE_T: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
         SPLITS: tl.constexpr, PREC: tl.constexpr, INT8_KV: tl.constexpr, PDL: tl.constexpr,
@@ -143,34 +143,42 @@ if triton is not None:
                 for start in range(lo_s, bulk_end, BLOCK_N):
                     m, l_sum, acc = _attend(q, KC, VC, KS, VS, TABLES + seq * stab, start,
                                             hi_s, qpos, win, m, l_sum, acc, scale_log2,
-                                            block_size, kv_heads, kvh, d, d_ok, False,
+                                            BLOCK_SIZE, kv_heads, kvh, d, d_ok, False,
                                             BLOCK_N, D, PREC, Q.dtype.element_ty, INT8_KV)
                 for start in range(bulk_end, hi_s, BLOCK_N):
                     m, l_sum, acc = _attend(q, KC, VC, KS, VS, TABLES + seq * stab, start,
                                             hi_s, qpos, win, m, l_sum, acc, scale_log2,
-                                            block_size, kv_heads, kvh, d, d_ok, True,
+                                            BLOCK_SIZE, kv_heads, kvh, d, d_ok, True,
                                             BLOCK_N, D, PREC, Q.dtype.element_ty, INT8_KV)
                 _finish(m, l_sum, acc, OUT, OP, LSE, COUNT + seq * kv_heads + kvh, q_start + tok,
                         head, d, row_ok[:, None] & d_ok[None, :], row_ok, split, active, sps,
                         spt, sph, sls, slt, sot, soh, SPLITS, BLOCK_R, BLOCK_D)
 
     @triton.jit
-    def _decode_tile(q, k, v, k_new, v_new, n, pos, hi_s, m, l_sum, acc, scale_log2,
-                     PREC: tl.constexpr):
-        """One tile of keys into the online softmax, the new token's key and value put in
-        from registers."""
-        is_new = (n == pos)[:, None]
-        k = tl.where(is_new, k_new[None, :], k)
-        v = tl.where(is_new, v_new[None, :], v)
+    def _decode_tile(q, k, v, n, hi_c, m, l_sum, acc, scale_log2, PREC: tl.constexpr):
+        """One tile of cached keys (those before hi_c) into the online softmax."""
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
-        s = tl.where((n < hi_s)[None, :], s, float("-inf"))
+        s = tl.where((n < hi_c)[None, :], s, float("-inf"))
         return _online_softmax(s, v, m, l_sum, acc, PREC)
+
+    @triton.jit
+    def _decode_new(q, k_new, v_new, m, l_sum, acc, scale_log2):
+        """The new token's key and value, from registers, into the online softmax: one
+        more column, its score and its share of the values worked out in float32 (no
+        tile of keys selects it in, key by key)."""
+        s = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale_log2
+        m_new = tl.maximum(m, s)
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new)
+        l_sum = l_sum * alpha + p
+        acc = acc * alpha[:, None] + p[:, None] * v_new.to(tl.float32)[None, :]
+        return m_new, l_sum, acc
 
     @triton.jit(do_not_specialize=STEP_SHAPED["_decode_kernel"])
     def _decode_kernel(
         Q, K, V, KC, VC, KS, VS, OUT, OP, LSE, COUNT, TABLES, POS, COS, SIN, SLOTS,
         sqt, sqh, skt, skh, svt, svh, sct, sot, soh, sps, spt, sph, sls, slt, stab,
-        rotary_dim, scale_log2, window, block_size, kv_heads,
+        rotary_dim, scale_log2, window, BLOCK_SIZE: tl.constexpr, kv_heads,
         G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
         BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, PREC: tl.constexpr,
         INTERLEAVED: tl.constexpr, FP8_KV: tl.constexpr, INT8_KV: tl.constexpr,
@@ -184,7 +192,8 @@ if triton is not None:
         Before waiting on the kernel that wrote q, k, v (PDL), each program reads what
         the step's inputs and the cache already hold: the position, the block table and
         the first tile of cached keys and values, so that those loads overlap the
-        projection's tail. The new token's key and value enter from registers.
+        projection's tail. The new token's key and value enter from registers, after the
+        cached ones, as one more column of the softmax.
         AHEAD: each tile's keys and values are loaded before the previous tile's scores
         and softmax are worked out (two tiles in registers), not after.
         """
@@ -203,7 +212,7 @@ if triton is not None:
         d_ok = d < D
         table = TABLES + seq * stab
         n = lo_s + tl.arange(0, BLOCK_N)
-        k, v = _load_kv(KC, VC, KS, VS, table, n, pos, block_size, kv_heads, kvh, d, d_ok,
+        k, v = _load_kv(KC, VC, KS, VS, table, n, pos, BLOCK_SIZE, kv_heads, kvh, d, d_ok,
                         D, Q.dtype.element_ty, INT8_KV)
         if PDL:
             tl.extra.cuda.gdc_wait()
@@ -232,26 +241,29 @@ if triton is not None:
             m = tl.full([BLOCK_R], -1.0e30, dtype=tl.float32)
             l_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
             acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+            hi_c = tl.minimum(hi_s, pos)  # the cached keys: the new token's comes after
             if AHEAD:
-                for start in range(lo_s + BLOCK_N, hi_s, BLOCK_N):
+                for start in range(lo_s + BLOCK_N, hi_c, BLOCK_N):
                     n_next = start + tl.arange(0, BLOCK_N)
-                    k_next, v_next = _load_kv(KC, VC, KS, VS, table, n_next, pos, block_size,
+                    k_next, v_next = _load_kv(KC, VC, KS, VS, table, n_next, pos, BLOCK_SIZE,
                                               kv_heads, kvh, d, d_ok, D, Q.dtype.element_ty,
                                               INT8_KV)
-                    m, l_sum, acc = _decode_tile(q, k, v, k_new, v_new, n, pos, hi_s, m,
-                                                 l_sum, acc, scale_log2, PREC)
+                    m, l_sum, acc = _decode_tile(q, k, v, n, hi_c, m, l_sum, acc,
+                                                 scale_log2, PREC)
                     n, k, v = n_next, k_next, v_next
-                m, l_sum, acc = _decode_tile(q, k, v, k_new, v_new, n, pos, hi_s, m, l_sum,
-                                             acc, scale_log2, PREC)
+                m, l_sum, acc = _decode_tile(q, k, v, n, hi_c, m, l_sum, acc, scale_log2,
+                                             PREC)
             else:
-                m, l_sum, acc = _decode_tile(q, k, v, k_new, v_new, n, pos, hi_s, m, l_sum,
-                                             acc, scale_log2, PREC)
-                for start in range(lo_s + BLOCK_N, hi_s, BLOCK_N):
+                m, l_sum, acc = _decode_tile(q, k, v, n, hi_c, m, l_sum, acc, scale_log2,
+                                             PREC)
+                for start in range(lo_s + BLOCK_N, hi_c, BLOCK_N):
                     n = start + tl.arange(0, BLOCK_N)
-                    k, v = _load_kv(KC, VC, KS, VS, table, n, pos, block_size, kv_heads, kvh,
+                    k, v = _load_kv(KC, VC, KS, VS, table, n, pos, BLOCK_SIZE, kv_heads, kvh,
                                     d, d_ok, D, Q.dtype.element_ty, INT8_KV)
-                    m, l_sum, acc = _decode_tile(q, k, v, k_new, v_new, n, pos, hi_s, m,
-                                                 l_sum, acc, scale_log2, PREC)
+                    m, l_sum, acc = _decode_tile(q, k, v, n, hi_c, m, l_sum, acc,
+                                                 scale_log2, PREC)
+            if split == active - 1:  # the split whose keys end at the new token's
+                m, l_sum, acc = _decode_new(q, k_new, v_new, m, l_sum, acc, scale_log2)
             _finish(m, l_sum, acc, OUT, OP, LSE, COUNT + seq * kv_heads + kvh,
                     seq + rows * 0, head, d, q_ok, row_ok, split, active, sps, spt, sph, sls,
                     slt, sot, soh, SPLITS, BLOCK_R, BLOCK_D)
