@@ -613,12 +613,13 @@ def w8a8_suite(repeats: int, picker: Callable[..., tuple[Any, Any]] | None = Non
 # `decode_splits` to at most two programs an SM (PERF.md v0.65)
 ATTENTION_CASES = ((1, 256), (1, 4096), (16, 512), (32, 512), (64, 320), (256, 192),
                    (256, 1024))
-# (keys a tile, warps[, ahead: the next tile's keys loaded before this one's softmax]),
-# each at the engine's splits; the engine's tile and its AHEAD form also at twice and half
-# the splits (every tile and split count is a compile: ~60 in all, kept to what one
-# device step can afford)
+# (keys a tile, warps[, ahead: the next tile's keys loaded before this one's softmax[,
+# f16: an 8-bit cache's dots in float16, PERF.md v0.70]]), each at the engine's splits;
+# the engine's tile and its AHEAD and F16 forms also at twice and half the splits (every
+# tile and split count is a compile: ~80 in all, kept to what one device step can afford;
+# the F16 forms with the 8-bit caches only)
 ATTENTION_TILES = ((32, 4), (64, 4), (128, 4), (64, 8), (128, 8), (64, 4, 1), (64, 8, 1),
-                   (128, 8, 1))
+                   (128, 8, 1), (64, 4, 0, 1), (64, 8, 0, 1))
 
 
 # the caches: bf16, int8 with a scale a row, e4m3 (`fp8`: fp8-w8a8's own, the cache of
@@ -642,23 +643,26 @@ def attention_probe(cases: Sequence[tuple[int, int]], device: str,
                     timer: Callable[[Callable[[Any], Any], list[Any]], float],
                     bandwidth: float, tiles: Sequence[tuple[int, ...]] = ATTENTION_TILES,
                     cache_dtypes: Sequence[str] = ATTENTION_CACHES,
+                    dtype: torch.dtype = torch.bfloat16,
                     **shape: int) -> Iterator[dict[str, Any]]:
     """A row per (cache dtype, sequences, keys), each as soon as it is measured (a step
     cut short keeps the rows before): `timer(fn, copies)`'s µs for each (tile, splits)
     variant, the engine's own (kernels.DECODE_TILE, decode_splits) first; every variant's
     output checked against that one's (a variant that differs is listed in `failed`, not
-    timed). `shape`: heads, kv_heads, d, rotary_dim, block_size."""
+    timed). `dtype`: the queries' (and a 16-bit cache's, named "bfloat16" or "float16" in
+    `cache_dtypes`). `shape`: heads, kv_heads, d, rotary_dim, block_size."""
     gen = torch.Generator(device=device).manual_seed(0)
     for cache_dtype in cache_dtypes:
         for num_seqs, keys in cases:
             yield _attention_row(cache_dtype, num_seqs, keys, device, timer, bandwidth, tiles,
-                                 gen, **shape)
+                                 gen, dtype, **shape)
 
 
 def _attention_row(cache_dtype: str, num_seqs: int, keys: int, device: str,
                    timer: Callable[[Callable[[Any], Any], list[Any]], float],
                    bandwidth: float, tiles: Sequence[tuple[int, ...]],
-                   gen: torch.Generator, heads: int = 32, kv_heads: int = 2, d: int = 128,
+                   gen: torch.Generator, dtype: torch.dtype = torch.bfloat16,
+                   heads: int = 32, kv_heads: int = 2, d: int = 128,
                    rotary_dim: int = 64, block_size: int = 16) -> dict[str, Any]:
     """attention_probe's row for one cache dtype and (sequences, keys each)."""
     from replicas import kernels
@@ -666,6 +670,8 @@ def _attention_row(cache_dtype: str, num_seqs: int, keys: int, device: str,
 
     width = -(-keys // block_size)
     blocks = num_seqs * width
+    if cache_dtype not in ("int8", "fp8") and getattr(torch, cache_dtype, None) != dtype:
+        raise ValueError(f"a 16-bit cache is the queries' dtype ({dtype}), not {cache_dtype}")
     int8 = cache_dtype == "int8"
     width_bytes = {"int8": d + 4, "fp8": d}.get(cache_dtype, 2 * d)  # a row's, with its scale
     kv_bytes = 2 * num_seqs * keys * kv_heads * width_bytes
@@ -678,7 +684,7 @@ def _attention_row(cache_dtype: str, num_seqs: int, keys: int, device: str,
                                     generator=gen) for _ in range(2)),
                     *(torch.rand(shape[:3], device=device, generator=gen) / 64
                       for _ in range(2)))
-        dense = tuple(torch.randn(shape, device=device, dtype=torch.bfloat16, generator=gen)
+        dense = tuple(torch.randn(shape, device=device, dtype=dtype, generator=gen)
                       for _ in range(2))
         return tuple(c.to(torch.float8_e4m3fn) for c in dense) if cache_dtype == "fp8" \
             else dense
@@ -689,13 +695,13 @@ def _attention_row(cache_dtype: str, num_seqs: int, keys: int, device: str,
     positions = torch.full((num_seqs,), keys - 1, device=device)
     cu_q = torch.arange(num_seqs + 1, device=device, dtype=torch.int32)
     qkv = torch.randn(num_seqs, (heads + 2 * kv_heads) * d, device=device,
-                      dtype=torch.bfloat16, generator=gen)  # q, k, v as the projection's views
+                      dtype=dtype, generator=gen)  # q, k, v as the projection's views
     q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=1)
     angles = torch.rand(num_seqs, 1, rotary_dim, device=device, generator=gen) * 6
     slots = tables[:, (keys - 1) // block_size].long() * block_size + (keys - 1) % block_size
     new = kernels.NewKeys(k.view(num_seqs, kv_heads, d), v.view(num_seqs, kv_heads, d),
                           angles.cos(), angles.sin(), slots, rotary_dim, True)
-    out = torch.empty(num_seqs, heads, d, device=device, dtype=torch.bfloat16)
+    out = torch.empty(num_seqs, heads, d, device=device, dtype=dtype)
 
     def run(c: tuple[torch.Tensor, ...], tile: tuple[int, ...], splits: int) -> torch.Tensor:
         return kernels.paged_attention(q.view(num_seqs, heads, d), c[0], c[1], tables, cu_q,
@@ -705,7 +711,9 @@ def _attention_row(cache_dtype: str, num_seqs: int, keys: int, device: str,
     base = kernels.decode_splits(num_seqs, kv_heads, keys)
     engine_tile = tuple(kernels.DECODE_TILE)
     variants = [(engine_tile, base)]
-    for tile in tiles:  # the engine's tile (and its AHEAD form) at other splits too
+    for tile in tiles:  # the engine's tile (and its AHEAD, F16 forms) at other splits too
+        if tile[3:] and tile[3] and cache_dtype not in ("int8", "fp8"):
+            continue  # (F16 widens an 8-bit cache)
         own = tile[:2] == engine_tile[:2]
         for splits in sorted({base, 2 * base, max(1, base // 2)}) if own else [base]:
             if (tile, splits) not in variants:
@@ -713,8 +721,8 @@ def _attention_row(cache_dtype: str, num_seqs: int, keys: int, device: str,
     want = run(copies[0], *variants[0]).clone()
     times, failed = {}, []
     for tile, splits in variants:
-        name = (f"tile {tile[0]}x{tile[1]}w{' ahead' if tile[2:] and tile[2] else ''} "
-                f"splits {splits}")
+        name = (f"tile {tile[0]}x{tile[1]}w{' ahead' if tile[2:] and tile[2] else ''}"
+                f"{' f16' if tile[3:] and tile[3] else ''} splits {splits}")
         try:
             got = run(copies[0], tile, splits)
         except OutOfResources:  # a tile this GPU cannot hold

@@ -252,6 +252,62 @@ def test_decode_attention_loading_ahead_is_the_same_attention(splits: int) -> No
     assert torch.equal(runs[(16, 4, 1)][0], runs[(16, 4)][0])  # the same sums, in order
 
 
+@pytest.mark.parametrize("cache", ["int8", "fp8"])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_decode_attention_in_float16_dots_is_the_same_attention(cache: str, splits: int
+                                                                ) -> None:
+    """`decode_tile`'s f16 (PERF.md v0.70: an 8-bit cache's entries widened exactly to
+    float16, both dots in float16, int8 row scales on the scores and probabilities) with
+    bf16 queries is within bf16's rounding of the engine's tile with the same queries in
+    float32 (whose entries are widened in float32), also for a sequence whose queries
+    are past float16's range (scaled in by a power of two, not inf) and int8 rows of
+    tiny scales; it writes the same cache as the engine's bf16 tile, and refuses a
+    16-bit cache, float32 queries and AHEAD. (The bf16 tile itself is no reference in
+    Triton's interpreter: it multiplies bf16 dots' bit patterns, triton-lang/triton
+    issue 11584.)"""
+    b, caches, q, k, v, cos, sin, slots = decode_inputs([300, 5, 70, 33], None, seed=14)
+    assert b.cu_q is not None
+    q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
+    q[0] *= 4e4  # (|q| up to ~1.5e5: float16 would give inf)
+    scales: list[torch.Tensor] = []
+    if cache == "int8":
+        caches = [(c * 40).clamp(-127, 127).to(torch.int8) for c in caches]
+        gen = torch.Generator().manual_seed(15)
+        scales = [(torch.rand(512, 4, 2, generator=gen) * 1e-4).to(DEVICE) for _ in range(2)]
+    else:
+        caches = [(c * 3).to(torch.float8_e4m3fn) for c in caches]
+
+    def run(tile: tuple[int, ...], dtype: torch.dtype = torch.bfloat16
+            ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        state = [c.clone() for c in caches + scales]
+        new = kernels.NewKeys(k.to(dtype), v.to(dtype), cos, sin, slots, DECODE_ROTARY, False)
+        out = kernels.paged_attention(q.to(dtype), state[0], state[1], b.block_tables,
+                                      b.cu_q, b.positions, None, 1, splits, new, state[2:],
+                                      decode_tile=tile)
+        return out.float(), state
+
+    exact = run(kernels.DECODE_TILE, torch.float32)[0]  # (the entries widened in float32)
+    want_state = run(kernels.DECODE_TILE)[1]
+    scale = exact.abs().amax(dim=(1, 2), keepdim=True)  # (each sequence's own)
+    for tile in [(*kernels.DECODE_TILE, 0, 1), (16, 4, 0, 1)]:
+        got, state = run(tile)
+        assert torch.isfinite(got).all(), tile
+        # (~0.006-0.014 here: the bf16 run's q and new key rotated and rounded to bf16)
+        error = ((got - exact).abs() / scale).amax().item()
+        assert error < 2e-2, (tile, error)
+        assert all(torch.equal(g.view(torch.uint8) if g.element_size() == 1 else g,
+                               w.view(torch.uint8) if w.element_size() == 1 else w)
+                   for g, w in zip(state, want_state, strict=True))
+    with pytest.raises(ValueError, match="float16 dots"):
+        run((16, 4, 1, 1))  # with AHEAD
+    with pytest.raises(ValueError, match="float16 dots"):
+        run((16, 4, 0, 1), torch.float32)
+    wide = decode_inputs([300, 5, 70, 33], None, seed=14)[1]
+    caches, scales = [c.to(torch.bfloat16) for c in wide], []
+    with pytest.raises(ValueError, match="float16 dots"):  # a 16-bit cache
+        run((16, 4, 0, 1))
+
+
 def test_fp8_cache_writes_round_and_saturate_as_the_reference() -> None:
     """rope_and_cache and decode attention write an FP8 cache as model.write_cache does:
     each entry rounded to e4m3, and past +-448 saturated (a plain cast would give NaN)."""
@@ -364,8 +420,9 @@ def test_kernels_compile_for_hopper(mode: str, tmp_path: Path) -> None:
     if mode == "gemv":
         assert f"{len(kernels.FP8_GEMV_CONFIGS) + 2} GEMVs compiled for sm_90" in done.stdout
     else:
-        # (rest: W8A8 per token twice, split along K twice: through TMA and pointers)
-        count = {"quant": 5, "rest": 15}.get(mode, 4)
+        # (rest: W8A8 per token twice, split along K twice: through TMA and pointers; an
+        # 8-bit cache: the cache write, decode attention plain, AHEAD and F16, prefill)
+        count = {"quant": 5, "rest": 15}.get(mode, 5)
         assert done.stdout.count("compiled for sm_90") == count
 
 

@@ -43,6 +43,18 @@ if triton is not None:
         their rows' scales KS, VS); those at upto or past it come as 0 (decode passes
         the new token's position: its key and value are filled in from registers). v's
         load is issued with k's, so that its latency hides behind the scores."""
+        ok, row, k, v = _kv_rows(KC, VC, table, n, upto, BLOCK_SIZE, kv_heads, kvh, d, d_ok, D)
+        if INT8:
+            k_scale = tl.load(KS + row, mask=ok, other=0.0)
+            v_scale = tl.load(VS + row, mask=ok, other=0.0)
+            return ((k.to(tl.float32) * k_scale[:, None]).to(DT),
+                    (v.to(tl.float32) * v_scale[:, None]).to(DT))
+        return k.to(DT), v.to(DT)
+
+    @triton.jit
+    def _kv_rows(KC, VC, table, n, upto, BLOCK_SIZE: tl.constexpr, kv_heads, kvh, d, d_ok,
+                 D: tl.constexpr):
+        """(in range, cache row, keys, values as the cache holds them) at positions n."""
         ok = n < upto
         blk = tl.load(table + n // BLOCK_SIZE, mask=ok, other=0)
         row = (blk * BLOCK_SIZE + n % BLOCK_SIZE) * kv_heads + kvh
@@ -50,12 +62,30 @@ if triton is not None:
         kv_mask = ok[:, None] & d_ok[None, :]
         k = tl.load(KC + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(VC + addr[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        return ok, row, k, v
+
+    @triton.jit
+    def _load_kv16(KC, VC, KS, VS, table, n, upto, BLOCK_SIZE: tl.constexpr, kv_heads, kvh,
+                   d, d_ok, D: tl.constexpr, INT8: tl.constexpr):
+        """An 8-bit cache's keys and values [BLOCK_N, D] as float16, exactly, with their
+        rows' scales [BLOCK_N] (float32; an e4m3 cache's are 1), as _load_kv's F16 form:
+        e4m3 widens a pair an instruction; int8 x becomes the float16 whose bits are
+        0x6400 + (x + 128), i.e. 1024 + (x + 128), minus 1152 (integer and float16 adds,
+        no conversion instruction). The scales are applied by _decode_tile16 to the
+        scores and probabilities, not to each entry."""
+        ok, row, k, v = _kv_rows(KC, VC, table, n, upto, BLOCK_SIZE, kv_heads, kvh, d, d_ok, D)
         if INT8:
             k_scale = tl.load(KS + row, mask=ok, other=0.0)
             v_scale = tl.load(VS + row, mask=ok, other=0.0)
-            return ((k.to(tl.float32) * k_scale[:, None]).to(DT),
-                    (v.to(tl.float32) * v_scale[:, None]).to(DT))
-        return k.to(DT), v.to(DT)
+            return _int8_f16(k), _int8_f16(v), k_scale, v_scale
+        one = tl.where(ok, 1.0, 0.0)
+        return k.to(tl.float16), v.to(tl.float16), one, one
+
+    @triton.jit
+    def _int8_f16(x):
+        """int8 -> float16, exact (see _load_kv16)."""
+        bits = x.to(tl.int16) + 0x6480
+        return bits.to(tl.float16, bitcast=True) - 1152.0
 
 
     @triton.jit
@@ -162,6 +192,24 @@ if triton is not None:
         return _online_softmax(s, v, m, l_sum, acc, PREC)
 
     @triton.jit
+    def _decode_tile16(q16, k, v, k_scale, v_scale, n, hi_c, m, l_sum, acc, score_scale):
+        """_decode_tile with float16 dots (F16): q16 [R, D] and the tile's keys and
+        values [N, D] float16 (_load_kv16), each key's scale times score_scale applied to
+        its scores, each value row's scale to its probabilities (as a fraction of the
+        tile's largest, so that they stay in [0, 1]; the product scaled back after the
+        dot)."""
+        s = tl.dot(q16, tl.trans(k)) * (k_scale * score_scale)[None, :]
+        s = tl.where((n < hi_c)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_sum = l_sum * alpha + tl.sum(p, axis=1)
+        top = tl.max(v_scale, axis=0)
+        top = tl.where(top > 0, top, 1.0)
+        pv = tl.dot((p * (v_scale / top)[None, :]).to(tl.float16), v)
+        return m_new, l_sum, acc * alpha[:, None] + pv * top
+
+    @triton.jit
     def _decode_new(q, k_new, v_new, m, l_sum, acc, scale_log2):
         """The new token's key and value, from registers, into the online softmax: one
         more column, its score and its share of the values worked out in float32 (no
@@ -182,7 +230,7 @@ if triton is not None:
         G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
         BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, PREC: tl.constexpr,
         INTERLEAVED: tl.constexpr, FP8_KV: tl.constexpr, INT8_KV: tl.constexpr,
-        PDL: tl.constexpr, AHEAD: tl.constexpr = False,
+        PDL: tl.constexpr, AHEAD: tl.constexpr = False, F16: tl.constexpr = False,
     ):
         """Decode attention from the projection's raw q, k, v. Program (sequence, kv head
         x split): the G query heads of that kv head, one token, against its split of
@@ -196,6 +244,10 @@ if triton is not None:
         cached ones, as one more column of the softmax.
         AHEAD: each tile's keys and values are loaded before the previous tile's scores
         and softmax are worked out (two tiles in registers), not after.
+        F16 (an 8-bit cache, 16-bit queries; not with AHEAD): both dots in float16, the
+        8-bit entries widened exactly (_load_kv16), q scaled into float16's range by a
+        power of two when it is not in it, the int8 rows' scales on the scores and
+        probabilities.
         """
         seq = tl.program_id(0)
         kvh = tl.program_id(1) // SPLITS
@@ -212,8 +264,12 @@ if triton is not None:
         d_ok = d < D
         table = TABLES + seq * stab
         n = lo_s + tl.arange(0, BLOCK_N)
-        k, v = _load_kv(KC, VC, KS, VS, table, n, pos, BLOCK_SIZE, kv_heads, kvh, d, d_ok,
-                        D, Q.dtype.element_ty, INT8_KV)
+        if F16:
+            k, v, ks, vs = _load_kv16(KC, VC, KS, VS, table, n, pos, BLOCK_SIZE, kv_heads,
+                                      kvh, d, d_ok, D, INT8_KV)
+        else:
+            k, v = _load_kv(KC, VC, KS, VS, table, n, pos, BLOCK_SIZE, kv_heads, kvh, d,
+                            d_ok, D, Q.dtype.element_ty, INT8_KV)
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -253,6 +309,23 @@ if triton is not None:
                     n, k, v = n_next, k_next, v_next
                 m, l_sum, acc = _decode_tile(q, k, v, n, hi_c, m, l_sum, acc, scale_log2,
                                              PREC)
+            elif F16:
+                # q into float16's range (<= 65504) by a power of two, exactly: 2^(14 - e)
+                # for a largest |q| in [2^e, 2^(e + 1)), e >= 15
+                qf = q.to(tl.float32)
+                top = tl.max(tl.max(tl.abs(qf), axis=1), axis=0)
+                e = (top.to(tl.int32, bitcast=True) >> 23) - 127
+                q_scale = tl.where(e >= 15, ((141 - e) << 23).to(tl.float32, bitcast=True), 1.0)
+                q16 = (qf * q_scale).to(tl.float16)
+                score_scale = scale_log2 / q_scale
+                m, l_sum, acc = _decode_tile16(q16, k, v, ks, vs, n, hi_c, m, l_sum, acc,
+                                               score_scale)
+                for start in range(lo_s + BLOCK_N, hi_c, BLOCK_N):
+                    n = start + tl.arange(0, BLOCK_N)
+                    k, v, ks, vs = _load_kv16(KC, VC, KS, VS, table, n, pos, BLOCK_SIZE,
+                                              kv_heads, kvh, d, d_ok, D, INT8_KV)
+                    m, l_sum, acc = _decode_tile16(q16, k, v, ks, vs, n, hi_c, m, l_sum, acc,
+                                                   score_scale)
             else:
                 m, l_sum, acc = _decode_tile(q, k, v, n, hi_c, m, l_sum, acc, scale_log2,
                                              PREC)
@@ -384,8 +457,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     [T, H, D] view with unit stride in D). The chunk's own keys must already be in the
     cache, or (decode only, max_q == 1) come unrotated as `new`, with q unrotated too.
     An int8 cache comes with its (K, V) row `scales`. `decode_tile`: (keys a tile,
-    warps[, ahead]) for decode instead of DECODE_TILE (the attention probe's variants;
-    ahead 1: the _decode_kernel's AHEAD)."""
+    warps[, ahead[, f16]]) for decode instead of DECODE_TILE (the attention probe's
+    variants; ahead 1: the _decode_kernel's AHEAD; f16 1: its F16, an 8-bit cache's
+    dots in float16)."""
     k_scales, v_scales = cache_scales(k_cache, scales)
     int8 = k_cache.dtype == torch.int8
     assert new is None or max_q == 1, "keys are rotated and cached here in decode only"
@@ -398,7 +472,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     assert out.shape == q.shape and out.stride(2) == 1, "out: a [T, H, D] view, unit stride in D"
     if max_q == 1:  # decode: one token per sequence, its group of heads in one tile
         tile_t, block_r = 1, max(16, _pow2(group))
-        block_n, warps, *ahead = decode_tile or DECODE_TILE
+        block_n, warps, *more = decode_tile or DECODE_TILE
+        ahead, f16 = (bool(x) for x in (*more, 0, 0)[:2])
+        if f16 and (k_cache.element_size() != 1 or q.dtype == torch.float32 or ahead):
+            raise ValueError("decode_tile's float16 dots take an 8-bit cache and 16-bit "
+                             f"queries, without ahead (cache {k_cache.dtype}, queries "
+                             f"{q.dtype}, ahead {ahead})")
     else:
         block_r = max(64 if d > 128 else 128, _pow2(group))
         tile_t, block_n, warps = max(1, block_r // group), 64, 8
@@ -423,7 +502,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             SPLITS=splits,
             PREC=_precision(q.dtype), INTERLEAVED=new.interleaved,
             FP8_KV=k_cache.dtype == torch.float8_e4m3fn, INT8_KV=int8,
-            AHEAD=bool(ahead and ahead[0]), num_warps=warps, num_stages=2, **_launch(q))
+            AHEAD=ahead, F16=f16, num_warps=warps, num_stages=2, **_launch(q))
         return out
     _attention_kernel[(num_seqs, triton.cdiv(max_q, tile_t), kv_heads * splits)](
         q, k_cache, v_cache, k_scales, v_scales, out, part, lse, count, block_tables, cu_q,
