@@ -27,8 +27,10 @@
 #                                                # gemv_kernels off (cuBLAS at every row
 #                                                # count), then on (Triton's picks at a
 #                                                # decode step's rows, PERF v0.62)
-#   ATTN_S=360 ...                               # and decode attention's tiles and splits
-#                                                # at batch 1, 16, 32, 64 and 256 (bf16, int8)
+#   ATTN_S=480 ...                               # and decode attention's tiles and splits
+#                                                # at batch 1, 16, 32, 64 and 256 (bf16, int8,
+#                                                # e4m3; the 8-bit caches' F16 form, PERF
+#                                                # v0.70), then the probe's GPU test
 #   KV_S=120 ...                                 # and the KV formats' accuracy on the
 #                                                # checkpoint trained on this GPU
 #   PIECES_S=200 bash infra/device_engine.sh     # steps in CUDA-graph pieces: their GPU
@@ -106,9 +108,11 @@ if [ "${ACC_S:-0}" != 0 ]; then  # W8A8's accuracy, cuBLAS then Triton (~20 s ea
     done
   done
 fi
-if [ "${ATTN_S:-0}" != 0 ]; then  # decode attention's variants (~60 compiles, then timing)
+if [ "${ATTN_S:-0}" != 0 ]; then  # decode attention's variants (~80 compiles, then timing)
   timeout -s KILL "$ATTN_S" python3 -m replicas.bench --suite attention 2>&1 |
     rows attention_h200.jsonl attention_h200.jsonl
+  timeout -s KILL 120 python3 -m pytest -q tests/test_gpu.py tests/test_kernels.py \
+    -k "decode_attention" -p no:cacheprovider 2>&1 | tail -3 | tee "$out/attention_tests.log"
 fi
 if [ "${KV_S:-0}" != 0 ]; then  # simulated in transformers on the CPU; the engine's check
   # on the GPU; the checkpoint trained here, on the GPU, as the accuracy test's is
