@@ -421,8 +421,9 @@ def test_kernels_compile_for_hopper(mode: str, tmp_path: Path) -> None:
         assert f"{len(kernels.FP8_GEMV_CONFIGS) + 2} GEMVs compiled for sm_90" in done.stdout
     else:
         # (rest: W8A8 per token twice, split along K twice: through TMA and pointers; an
-        # 8-bit cache: the cache write, decode attention plain, AHEAD and F16, prefill)
-        count = {"quant": 5, "rest": 15}.get(mode, 5)
+        # 8-bit cache: the cache write, decode attention plain, AHEAD (int8 only) and
+        # F16, prefill)
+        count = {"quant": 5, "rest": 15, "fp8": 4}.get(mode, 5)
         assert done.stdout.count("compiled for sm_90") == count
 
 
