@@ -108,12 +108,18 @@ if triton is not None:
     def _online_softmax(s, v, m, l_sum, acc, PREC: tl.constexpr):
         """Scores s [R, N] (log2 units, -inf = masked) and values v [N, D] into the running
         (max, sum, accumulator)."""
+        m_new, alpha, p, l_sum = _softmax_step(s, m, l_sum)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        return m_new, l_sum, acc
+
+    @triton.jit
+    def _softmax_step(s, m, l_sum):
+        """Scores s [R, N] into the running max and sum: (the new max, the factor the
+        accumulator is rescaled by, the columns' weights p [R, N], the new sum)."""
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
-        l_sum = l_sum * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        return m_new, l_sum, acc
+        return m_new, alpha, p, l_sum * alpha + tl.sum(p, axis=1)
 
     @triton.jit(do_not_specialize=STEP_SHAPED["_attention_kernel"])
     def _attention_kernel(
@@ -200,10 +206,7 @@ if triton is not None:
         dot)."""
         s = tl.dot(q16, tl.trans(k)) * (k_scale * score_scale)[None, :]
         s = tl.where((n < hi_c)[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_sum = l_sum * alpha + tl.sum(p, axis=1)
+        m_new, alpha, p, l_sum = _softmax_step(s, m, l_sum)
         top = tl.max(v_scale, axis=0)
         top = tl.where(top > 0, top, 1.0)
         pv = tl.dot((p * (v_scale / top)[None, :]).to(tl.float16), v)
@@ -215,11 +218,8 @@ if triton is not None:
         more column, its score and its share of the values worked out in float32 (no
         tile of keys selects it in, key by key)."""
         s = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale_log2
-        m_new = tl.maximum(m, s)
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new)
-        l_sum = l_sum * alpha + p
-        acc = acc * alpha[:, None] + p[:, None] * v_new.to(tl.float32)[None, :]
+        m_new, alpha, p, l_sum = _softmax_step(s[:, None], m, l_sum)
+        acc = acc * alpha[:, None] + p * v_new.to(tl.float32)[None, :]
         return m_new, l_sum, acc
 
     @triton.jit(do_not_specialize=STEP_SHAPED["_decode_kernel"])
