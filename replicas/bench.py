@@ -565,7 +565,12 @@ def w8a8_suite(repeats: int, picker: Callable[..., tuple[Any, Any]] | None = Non
     measured copy rate, and the pick the engine would take. (`repeats`: unused.)"""
     from replicas.fp8 import quantize_rows
     from replicas.kernels import pick_w8a8
-    from replicas.kernels.fp8mm import W8A8_SPLIT_CONFIGS, w8a8_split
+    from replicas.kernels.fp8mm import (
+        W8A8_CUBLAS_CONFIGS,
+        W8A8_SPLIT_CONFIGS,
+        w8a8_cublas,
+        w8a8_split,
+    )
 
     pick = picker or pick_w8a8
     rate = bandwidth if bandwidth is not None else copy_bandwidth()
@@ -576,14 +581,19 @@ def w8a8_suite(repeats: int, picker: Callable[..., tuple[Any, Any]] | None = Non
         w8, scale = quantize_rows(torch.randn(n, k, device=device, dtype=torch.bfloat16,
                                               generator=gen) * 0.02)
         picks, report = pick(w8, scale, has_bias)
-        # PERF.md v0.68's split-K candidates, timed the same way, not picked by the engine
-        # (a failure to build or run them is the row's, not the suite's)
-        try:
-            split: dict[int, dict[str, float]] | str = pick(
-                w8, scale, has_bias, rows=tuple(rows for rows, _ in picks),
-                candidates=W8A8_SPLIT_CONFIGS, kernel=w8a8_split)[1]
-        except Exception as e:  # noqa: BLE001 - recorded in the rows
-            split = f"{type(e).__name__}: {str(e).splitlines()[-1] if str(e) else ''}"
+        # candidates timed the same way, not picked by the engine: PERF.md v0.68's split-K
+        # tiles, v0.71's `_scaled_mm` in runs of K side by side (a failure to build or run
+        # them is the row's, not the suite's)
+        families: dict[str, dict[int, dict[str, float]] | str] = {}
+        for family, configs, kernel in (("split", W8A8_SPLIT_CONFIGS, w8a8_split),
+                                        ("cublas", W8A8_CUBLAS_CONFIGS, w8a8_cublas)):
+            try:
+                families[family] = pick(w8, scale, has_bias,
+                                        rows=tuple(rows for rows, _ in picks),
+                                        candidates=configs, kernel=kernel)[1]
+            except Exception as e:  # noqa: BLE001 - recorded in the rows
+                families[family] = (f"{type(e).__name__}: "
+                                    f"{str(e).splitlines()[-1] if str(e) else ''}")
         for rows, chosen in picks:
             times = report[rows]
             best = min((c for c in times if c != "scaled_mm"), key=times.__getitem__)
@@ -595,14 +605,16 @@ def w8a8_suite(repeats: int, picker: Callable[..., tuple[Any, Any]] | None = Non
                 "picked": str(chosen) if chosen else "scaled_mm",
                 "fraction_of_copy": round(n * k / times[best] / 1e3 / rate, 3),
                 "times_us": {c: round(t, 2) for c, t in times.items()}}
-            if isinstance(split, str):
-                row["split_error"] = split
-            else:
-                split_us = {c: t for c, t in split[rows].items() if c != "scaled_mm"}
-                fastest = min(split_us, key=split_us.__getitem__, default=None)
-                row.update(split_us={c: round(t, 2) for c, t in split_us.items()},
-                           split_best=fastest, split_over_scaled_mm=None if fastest is None
-                           else round(split_us[fastest] / times["scaled_mm"], 3))
+            for family, found in families.items():
+                if isinstance(found, str):
+                    row[f"{family}_error"] = found
+                    continue
+                family_us = {c: t for c, t in found[rows].items() if c != "scaled_mm"}
+                fastest = min(family_us, key=family_us.__getitem__, default=None)
+                row.update({f"{family}_us": {c: round(t, 2) for c, t in family_us.items()},
+                            f"{family}_best": fastest,
+                            f"{family}_over_scaled_mm": None if fastest is None
+                            else round(family_us[fastest] / times["scaled_mm"], 3)})
             yield row
 
 

@@ -152,15 +152,21 @@ def test_w8a8_suite_rows_put_each_count_of_rows_beside_scaled_mm() -> None:
     on small FP8 weights): the fastest Triton config against `_scaled_mm`, the pick the
     engine would take, the weight's bytes a second; no LM head (16-bit in FP8 modes)."""
     from replicas.bench import w8a8_suite
-    from replicas.kernels.fp8mm import W8A8_SPLIT_CONFIGS, w8a8_split
+    from replicas.kernels.fp8mm import (
+        W8A8_CUBLAS_CONFIGS,
+        W8A8_SPLIT_CONFIGS,
+        w8a8_cublas,
+        w8a8_split,
+    )
 
     seen = []
 
     def picker(w8: torch.Tensor, scale: torch.Tensor, has_bias: bool,
                **split: Any) -> tuple[Any, Any]:
-        if split:  # PERF.md v0.68's candidates: timed beside, never picked
-            assert split["rows"] == (16, 256) and split["kernel"] is w8a8_split
-            if w8.shape[0] == 32:
+        if split:  # PERF.md v0.68's and v0.71's candidates: timed beside, never picked
+            assert split["rows"] == (16, 256)
+            assert split["kernel"] in (w8a8_split, w8a8_cublas)
+            if w8.shape[0] == 32 and split["kernel"] is w8a8_split:
                 raise RuntimeError("no TMA here\nTMA not supported")
             times = {str(c): 30.0 - i for i, c in enumerate(split["candidates"])}
             return ((16, None), (256, None)), {
@@ -188,6 +194,11 @@ def test_w8a8_suite_rows_put_each_count_of_rows_beside_scaled_mm() -> None:
         W8A8_SPLIT_CONFIGS) and len(many["split_us"]) == len(W8A8_SPLIT_CONFIGS)
     assert many["split_over_scaled_mm"] == round(many["split_us"][last] / 20.0, 3)
     assert rows[2]["split_error"] == "RuntimeError: TMA not supported"
+    assert "split_us" not in rows[2] and "cublas_error" not in rows[2]
+    last = str(W8A8_CUBLAS_CONFIGS[-1])
+    assert rows[2]["cublas_best"] == last and len(rows[2]["cublas_us"]) == len(
+        W8A8_CUBLAS_CONFIGS) and rows[2]["cublas_over_scaled_mm"] == round(
+        (31.0 - len(W8A8_CUBLAS_CONFIGS)) / 10.0, 3)  # (16 rows: _scaled_mm 10 us)
 
 
 def test_gemv_suite_rows_name_the_fastest_config() -> None:

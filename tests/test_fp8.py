@@ -835,6 +835,30 @@ def test_w8a8_split_kernel_is_the_token_scaled_product(
                          fp8mm.W8A8_SPLIT_CONFIGS[0])
 
 
+def test_w8a8_cublas_in_runs_of_k_is_the_token_scaled_product() -> None:
+    """PERF.md v0.71's candidates: `_scaled_mm` on runs of K whose products are added, or
+    transposed, in every config of W8A8_CUBLAS_CONFIGS, with a bias and without: the same
+    product as float64 of the same FP8 values (at K = 4,096 within float32's sums, as
+    plain `_scaled_mm`). A K that does not split into the runs (in multiples of 16) is
+    refused."""
+    from replicas.kernels import fp8mm
+
+    x8, xs, w8, ws = token_scaled_products(fp8mm.w8a8_cublas, fp8mm.W8A8_CUBLAS_CONFIGS,
+                                           (33, 72, 208), (False, True))
+    gen = torch.Generator().manual_seed(1)
+    x8, xs = quantize_tokens(torch.randn(5, 4096, generator=gen) * 3)
+    w8, ws = quantize_rows(torch.randn(40, 4096, generator=gen))
+    want = (x8.double() * xs.double()) @ (w8.double() * ws.double()[:, None]).T
+    for config in fp8mm.W8A8_CUBLAS_CONFIGS:
+        got = fp8mm.w8a8_cublas(x8, xs, w8, ws, None, torch.float32, config).double()
+        assert (got - want).abs().max() < 1e-5 * want.abs().max(), config
+    with pytest.raises(ValueError, match="does not split into 4 runs"):
+        fp8mm.w8a8_cublas(x8[:, :48], xs, w8[:, :48], ws, None, torch.float32,
+                          ("streams", 4))
+    with pytest.raises(ValueError, match="unknown W8A8 cuBLAS config"):
+        fp8mm.w8a8_cublas(x8, xs, w8, ws, None, torch.float32, ("lanes", 2))
+
+
 def test_w8a8_picks_choose_a_config_by_shape_and_rows(monkeypatch: pytest.MonkeyPatch
                                                        ) -> None:
     """kernels.w8a8_config: the pick of the least count of rows at or above the step's, for

@@ -15,7 +15,9 @@
   computes, in narrower tiles for a decode step's few rows (PERF.md v0.62), each 128
   FP8 products added into float32 (v0.67).
 - `w8a8_split`: the same product with K split among programs, tiles through TMA or
-  pointers: a candidate `--suite w8a8` times, not picked by the engine (v0.68)."""
+  pointers: a candidate `--suite w8a8` times, not picked by the engine (v0.68).
+- `w8a8_cublas`: the same product through `torch._scaled_mm`, K in runs side by side on
+  CUDA streams, or transposed: candidates `--suite w8a8` times (v0.71)."""
 
 from __future__ import annotations
 
@@ -391,6 +393,71 @@ def w8a8_split(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor,
 # than its last pick's, go to `_scaled_mm` (a prefill's thousands of rows: cuBLAS's large
 # tiles fill the GPU there).
 W8A8_PICKS: dict[tuple[int, int], tuple[tuple[int, W8A8TokensConfig | None], ...]] = {}
+# ("streams", parts): `_scaled_mm` on `parts` runs of K at once, each on a CUDA stream of
+# its own, their 16-bit products added; ("swap", 1): `_scaled_mm` of y^T = W x^T, the
+# weight on cuBLAS's long side. `w8a8_cublas`'s configs, timed by `--suite w8a8` beside
+# the picks (PERF.md v0.71): at 128-256 rows cuBLAS's 128 x 128 tiles keep half the SMs
+# idle on GLM-4-9B's qkv, o and down; two or four of them side by side fill them with
+# cuBLAS's own tile rate, which v0.68's Triton tiles lacked.
+W8A8CublasConfig = tuple[str, int]
+W8A8_CUBLAS_CONFIGS: tuple[W8A8CublasConfig, ...] = (
+    ("streams", 2), ("streams", 4), ("swap", 1))
+# per device: the side streams `w8a8_cublas` forks to (made once, outside a capture)
+_SIDE_STREAMS: dict[torch.device, list[torch.cuda.Stream]] = {}
+
+
+def w8a8_cublas(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor,
+                scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
+                config: W8A8CublasConfig) -> torch.Tensor:
+    """What `w8a8_per_token` computes, through `torch._scaled_mm` as one of
+    W8A8_CUBLAS_CONFIGS says: K in `parts` runs (each a multiple of 16 long) whose
+    products, each rounded to out_dtype, are added (on side streams on a GPU, so that the
+    runs' tiles share the SMs), or the transposed product. The bias is added last."""
+    kind, parts = config
+    m, k = x8.shape
+    if kind == "swap":
+        y = torch._scaled_mm(w8, x8.t(), scale_a=scale.view(-1, 1).float(),
+                             scale_b=x_scale.view(1, -1).float(), out_dtype=out_dtype).t()
+    elif kind == "streams":
+        step = -(-k // (parts * 16)) * 16
+        bounds = [(lo, min(lo + step, k)) for lo in range(0, k, step)]
+        if len(bounds) != parts or k % 16:
+            raise ValueError(f"K = {k} does not split into {parts} runs of multiples of 16")
+        # every run's product is allocated on this stream, so no block is freed while a
+        # side stream may still write it (this stream waits for them before the sum)
+        outs = [torch.empty(m, w8.shape[0], dtype=out_dtype, device=x8.device)
+                for _ in bounds]
+
+        def run(i: int) -> None:
+            lo, hi = bounds[i]
+            torch._scaled_mm(x8[:, lo:hi], w8[:, lo:hi].t(), scale_a=x_scale,
+                             scale_b=scale.view(1, -1), out_dtype=out_dtype, out=outs[i])
+
+        if not x8.is_cuda:
+            for i in range(parts):
+                run(i)
+        else:
+            here = torch.cuda.current_stream(x8.device)
+            side = _SIDE_STREAMS.setdefault(x8.device, [])
+            while len(side) < parts - 1:
+                side.append(torch.cuda.Stream(x8.device))
+            for i, stream in enumerate(side[:parts - 1], start=1):
+                stream.wait_stream(here)
+                with torch.cuda.stream(stream):
+                    run(i)
+            run(0)
+            for stream in side[:parts - 1]:
+                here.wait_stream(stream)
+        y = outs[0]
+        for out in outs[1:]:
+            y += out
+    else:
+        raise ValueError(f"unknown W8A8 cuBLAS config {config}")
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.contiguous()
+
+
 W8A8_PICK_ROWS = (16, 64, 128, 256)  # a decode step's rows the picks are timed at
 
 
