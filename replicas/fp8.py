@@ -172,8 +172,8 @@ def w8a8_tokens(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor,
     # a decode step's few rows: the Triton kernel where tuning found it faster on this
     # shape (kernels.pick_w8a8, PERF.md v0.62)
     config = kernels.w8a8_config(w8.shape[0], w8.shape[1], x8.shape[0])
-    if config is not None:
-        return kernels.w8a8_per_token(x8, x_scale, w8, scale, bias, out_dtype, config)
+    if config is not None:  # (or cuBLAS in runs of K side by side, PERF.md v0.71)
+        return kernels.w8a8_picked(x8, x_scale, w8, scale, bias, out_dtype, config)
     # (out_dtype is 16-bit here, as `_scaled_mm`'s bias needs)
     return torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=scale.view(1, -1),
                             bias=None if bias is None else bias.to(out_dtype),

@@ -385,7 +385,8 @@ def tune_gemv(model: nn.Module, cache: Path | None = None) -> dict[str, dict[str
 def _tune_w8a8(module: _KernelLinear, kept: dict[str, Any], measured: dict[str, Any],
                report: dict[str, dict[str, Any]]) -> None:
     """A W8A8 layer's picks for a decode step's rows (`kernels.pick_w8a8`: a Triton
-    config or `_scaled_mm`, per count of rows), once per weight shape and process, kept
+    config, `_scaled_mm` in runs of K side by side, or plain `_scaled_mm`, per count of
+    rows), once per weight shape and process, kept
     in the GEMV picks' cache beside them (kernels.fp8mm.W8A8_PICKS)."""
     from replicas.kernels import fp8mm
 
@@ -411,7 +412,7 @@ def _tune_w8a8(module: _KernelLinear, kept: dict[str, Any], measured: dict[str, 
 def kept_w8a8(entry: Any) -> tuple[tuple[int, Any], ...] | None:
     """Kept W8A8 picks as ((rows, config or None), ...), or None when `entry` holds none
     usable (missing, malformed, or a config no longer in the list): then time again."""
-    from replicas.kernels.fp8mm import W8A8_TOKENS_CONFIGS
+    from replicas.kernels.fp8mm import W8A8_CUBLAS_CONFIGS, W8A8_TOKENS_CONFIGS
 
     picks = entry.get("picks") if isinstance(entry, dict) else None
     if not isinstance(picks, list) or not picks:
@@ -421,7 +422,7 @@ def kept_w8a8(entry: Any) -> tuple[tuple[int, Any], ...] | None:
         if not (isinstance(pick, list) and len(pick) == 2 and isinstance(pick[0], int)):
             return None
         config = None if pick[1] is None else tuple(pick[1])
-        if config is not None and config not in W8A8_TOKENS_CONFIGS:
+        if config is not None and config not in W8A8_TOKENS_CONFIGS + W8A8_CUBLAS_CONFIGS:
             return None
         out.append((pick[0], config))
     return tuple(out)

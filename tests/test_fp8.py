@@ -845,6 +845,9 @@ def test_w8a8_cublas_in_runs_of_k_is_the_token_scaled_product() -> None:
 
     x8, xs, w8, ws = token_scaled_products(fp8mm.w8a8_cublas, fp8mm.W8A8_CUBLAS_CONFIGS,
                                            (33, 72, 208), (False, True))
+    for config in fp8mm.W8A8_CUBLAS_CONFIGS:  # (a pick of one goes the same way)
+        assert torch.equal(fp8mm.w8a8_picked(x8, xs, w8, ws, None, torch.float32, config),
+                           fp8mm.w8a8_cublas(x8, xs, w8, ws, None, torch.float32, config))
     gen = torch.Generator().manual_seed(1)
     x8, xs = quantize_tokens(torch.randn(5, 4096, generator=gen) * 3)
     w8, ws = quantize_rows(torch.randn(40, 4096, generator=gen))
@@ -875,6 +878,9 @@ def test_w8a8_picks_choose_a_config_by_shape_and_rows(monkeypatch: pytest.Monkey
     assert w8a8_config(4608, 4096, 16) is None
     kept = {"picks": [[16, list(swapped)], [64, None], [256, list(plain)]], "16 rows": {}}
     assert kept_w8a8(kept) == ((16, swapped), (64, None), (256, plain))
+    streams = fp8mm.W8A8_CUBLAS_CONFIGS[0]  # (cuBLAS in runs of K: kept as JSON lists)
+    assert kept_w8a8({"picks": [[256, list(streams)]]}) == ((256, streams),)
+    assert kept_w8a8({"picks": [[256, ["streams", 3]]]}) is None
     for broken in (None, {}, {"picks": []}, {"picks": [[16, [1, 2, 3, 4, 5, False]]]},
                    {"picks": [["16", None]]}, {"picks": [[16]]}):
         assert kept_w8a8(broken) is None, broken
@@ -905,8 +911,9 @@ def test_pick_w8a8_takes_a_config_only_where_it_beats_scaled_mm(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """kernels.pick_w8a8's choice, run here with the interpreter's kernels, `_scaled_mm`
     stood in by the float32 reference and a stand-in timer: a config is picked only where
-    it beats `_scaled_mm` by the margin; a config that fails to build is skipped (logged),
-    not fatal; one whose product disagrees stops the tuning."""
+    it beats `_scaled_mm` by the margin, a Triton tile or cuBLAS in runs of K (PERF.md
+    v0.71); a config that fails to build, or whose runs do not divide K, is skipped
+    (logged), not fatal; one whose product disagrees stops the tuning."""
     pytest.importorskip("triton")
     from triton.compiler.errors import CompilationError
 
@@ -917,12 +924,16 @@ def test_pick_w8a8_takes_a_config_only_where_it_beats_scaled_mm(
     monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
     monkeypatch.setattr(fp8mm, "W8A8_TOKENS_CONFIGS", fp8mm.W8A8_TOKENS_CONFIGS[:3])
     good, broken, slow = fp8mm.W8A8_TOKENS_CONFIGS
+    runs, odd = ("streams", 2), ("streams", 16)  # (16 runs do not divide K = 64)
+    monkeypatch.setattr(fp8mm, "W8A8_CUBLAS_CONFIGS", (runs, odd))
 
     def scaled_mm(x8: torch.Tensor, wt: torch.Tensor, scale_a: torch.Tensor,
-                  scale_b: torch.Tensor, bias: torch.Tensor | None,
-                  out_dtype: torch.dtype) -> torch.Tensor:
-        return _w8a8_reference(x8.float() * scale_a, wt.t(), scale_b.view(-1), bias,
-                               out_dtype)
+                  scale_b: torch.Tensor, bias: torch.Tensor | None = None,
+                  out_dtype: torch.dtype = torch.bfloat16,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+        y = _w8a8_reference(x8.float() * scale_a, wt.t(), scale_b.view(-1), bias,
+                            out_dtype)
+        return y if out is None else out.copy_(y)
 
     monkeypatch.setattr(torch, "_scaled_mm", scaled_mm)
     run = fp8mm.w8a8_per_token
@@ -934,23 +945,26 @@ def test_pick_w8a8_takes_a_config_only_where_it_beats_scaled_mm(
 
     monkeypatch.setattr(fp8mm, "w8a8_per_token", per_token)
     # (the timer: `_scaled_mm` 10 us; the good config 9 at 16 rows, 9.9 (within the
-    # margin) at 32; the slow one 12)
+    # margin) at 32; the slow one 12; cuBLAS in two runs 9.5 at 16 rows, 8 at 48)
     rows_now: list[int] = []
 
     def timer(fn: Any, copies: list[torch.Tensor]) -> float:
         name = getattr(fn, "keywords", {}).get("config")
         if name is None:
             return 10.0
-        return {good: 9.0 if rows_now[-1] == 16 else 9.9, slow: 12.0}[name]
+        return {good: 9.0 if rows_now[-1] == 16 else 9.9, slow: 12.0,
+                runs: 9.5 if rows_now[-1] == 16 else 8.0 if rows_now[-1] == 48 else 11.0
+                }[name]
 
     monkeypatch.setattr(gemv, "_cycled_us", timer)
     through = quant.quantize_tokens_fp8
     monkeypatch.setattr(quant, "quantize_tokens_fp8",
                         lambda x: rows_now.append(x.shape[0]) or through(x))
     w8, ws = quantize_rows(torch.randn(40, 64, generator=torch.Generator().manual_seed(5)))
-    picks, times = fp8mm.pick_w8a8(w8, ws, True, rows=(16, 32))
-    assert picks == ((16, good), (32, None)), times
-    assert set(times[16]) == {"scaled_mm", str(good), str(slow)}  # (broken: skipped)
+    picks, times = fp8mm.pick_w8a8(w8, ws, True, rows=(16, 32, 48))
+    assert picks == ((16, good), (32, None), (48, runs)), times
+    # (broken and odd: skipped)
+    assert set(times[16]) == {"scaled_mm", str(good), str(slow), str(runs)}
     monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: scaled_mm(*a, **k) + 1.0)
     with pytest.raises(AssertionError, match="disagrees with _scaled_mm"):
         fp8mm.pick_w8a8(w8, ws, False, rows=(16,))

@@ -392,7 +392,6 @@ def w8a8_split(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor,
 # config or None for `_scaled_mm`), ...) by rows. A shape without picks, and more rows
 # than its last pick's, go to `_scaled_mm` (a prefill's thousands of rows: cuBLAS's large
 # tiles fill the GPU there).
-W8A8_PICKS: dict[tuple[int, int], tuple[tuple[int, W8A8TokensConfig | None], ...]] = {}
 # ("streams", parts): `_scaled_mm` on `parts` runs of K at once, each on a CUDA stream of
 # its own, their 16-bit products added; ("swap", 1): `_scaled_mm` of y^T = W x^T, the
 # weight on cuBLAS's long side. `w8a8_cublas`'s configs, timed by `--suite w8a8` beside
@@ -458,10 +457,26 @@ def w8a8_cublas(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor,
     return y.contiguous()
 
 
+# a W8A8 pick: a Triton tile (W8A8_TOKENS_CONFIGS) or a way through cuBLAS
+# (W8A8_CUBLAS_CONFIGS); None: one plain `_scaled_mm`
+W8A8PickConfig = W8A8TokensConfig | W8A8CublasConfig
+W8A8_PICKS: dict[tuple[int, int], tuple[tuple[int, W8A8PickConfig | None], ...]] = {}
+
+
+def w8a8_picked(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor,
+                scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
+                config: W8A8PickConfig) -> torch.Tensor:
+    """The product in a picked `config`: `w8a8_cublas` for one of W8A8_CUBLAS_CONFIGS,
+    else `w8a8_per_token`'s Triton tile."""
+    if isinstance(config[0], str):
+        return w8a8_cublas(x8, x_scale, w8, scale, bias, out_dtype, config)  # type: ignore[arg-type]
+    return w8a8_per_token(x8, x_scale, w8, scale, bias, out_dtype, config)  # type: ignore[arg-type]
+
+
 W8A8_PICK_ROWS = (16, 64, 128, 256)  # a decode step's rows the picks are timed at
 
 
-def w8a8_config(n: int, k: int, m: int) -> W8A8TokensConfig | None:
+def w8a8_config(n: int, k: int, m: int) -> W8A8PickConfig | None:
     """The config W8A8_PICKS holds for `m` rows times an (n, k) weight, else None."""
     return next((config for rows, config in W8A8_PICKS.get((n, k), ()) if m <= rows), None)
 
@@ -471,14 +486,15 @@ def pick_w8a8(w8: torch.Tensor, scale: torch.Tensor, has_bias: bool,
               candidates: tuple[Any, ...] | None = None,
               kernel: Callable[..., torch.Tensor] | None = None
               ) -> tuple[tuple[tuple[int, Any], ...], dict[int, dict[str, float]]]:
-    """Time `torch._scaled_mm` and each of `candidates` (W8A8_TOKENS_CONFIGS of
-    w8a8_per_token, or another `kernel`'s: `--suite w8a8` times w8a8_split's so) on
+    """Time `torch._scaled_mm` and each of `candidates` (W8A8_TOKENS_CONFIGS and
+    W8A8_CUBLAS_CONFIGS through w8a8_picked, or another `kernel`'s: `--suite w8a8` times
+    w8a8_split's so) on
     `rows` rows of a per-token FP8 input times the FP8 weight w8 [N, K] (its row `scale`),
     bf16 out, as a decode step runs them: weights cold (copies cycled), in a CUDA graph.
     Each config's product is checked against `_scaled_mm`'s. Returns, per count of rows,
     the fastest config if it beats `_scaled_mm` by the margin (else None), and the times
     in us."""
-    run = kernel or w8a8_per_token
+    run = kernel or w8a8_picked
     from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources
 
@@ -503,11 +519,13 @@ def pick_w8a8(w8: torch.Tensor, scale: torch.Tensor, has_bias: bool,
         want = cublas(w8).float()
         runs = {"scaled_mm": cublas}
         configs = []
-        for config in W8A8_TOKENS_CONFIGS if candidates is None else candidates:
+        for config in (W8A8_TOKENS_CONFIGS + W8A8_CUBLAS_CONFIGS if candidates is None
+                       else candidates):
             try:
                 got = run(x8, xs, w8, scale, bias, torch.bfloat16, config)
-            except (OutOfResources, CompilationError) as e:  # a tile this GPU (or this
-                # Triton) cannot build: not a candidate here
+            except (OutOfResources, CompilationError, ValueError) as e:  # a tile this GPU
+                # (or this Triton) cannot build, a K the runs do not divide: not a
+                # candidate here
                 log.warning("W8A8 config %s not built on %s: %s", config, (m, n, k),
                             str(e).splitlines()[-1] if str(e) else type(e).__name__)
                 continue
