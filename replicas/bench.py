@@ -463,6 +463,35 @@ def fp8_rows(config: EngineConfig, long_config: EngineConfig, bandwidth: float,
     yield from accuracy_rows()
 
 
+def w8a8_cublas_ab(rounds: int = 2, modes: tuple[str, ...] = ("fp8-w8a8",)
+                   ) -> Iterator[dict[str, Any]]:
+    """PERF.md v0.71 A/B in one process: the 256 x 128/128 run of each FP8 mode named
+    (FP8_MODES' names) with the W8A8 picks free to take cuBLAS in runs of K, then not
+    (TPSERVE_W8A8_CUBLAS=0), `rounds` times in turn; an engine each, its picks timed
+    afresh. A row per run: output tok/s new and cached, and the picks the engine took."""
+    from replicas.kernels import fp8mm
+
+    config = EngineConfig(model=model_dir("glm4-9b"), load_format="random", dtype="bfloat16",
+                          max_model_len=512, max_num_seqs=256, max_num_batched_tokens=8192,
+                          kv_cache_memory=16 * 2**30)
+    chosen = [m for m in FP8_MODES if m[3] in modes]
+    for turn in range(rounds):
+        for quantization, kv, options, name in chosen:
+            for on in ("1", "0"):
+                os.environ["TPSERVE_W8A8_CUBLAS"] = on
+                fp8mm.W8A8_PICKS.clear()  # (kept once a process: timed again here)
+                fp8 = {"quantization": quantization, "kv_cache_dtype": kv, **options}
+                with Engine(dataclasses.replace(config, **fp8)) as engine:
+                    run = _run_256(engine, 1)
+                picks = {str(shape): [[rows, list(c) if c else None] for rows, c in p]
+                         for shape, p in fp8mm.W8A8_PICKS.items()}
+                yield {"case": f"glm4-9b_{name}_256req_in128_out128_cublas_runs_{on}",
+                       "unit": "tokens/s", "round": turn, "cublas_runs": on == "1",
+                       **run, **fp8, "w8a8_picks": picks}
+                torch.cuda.empty_cache()
+    os.environ.pop("TPSERVE_W8A8_CUBLAS", None)
+
+
 # the fp8 suite's modes: (weights, KV cache, options, the rows' name)
 FP8_MODES: tuple[tuple[str, str, dict[str, str], str], ...] = (
     ("fp8", "fp8", {}, "fp8"), ("fp8", "int8", {}, "fp8_int8kv"),

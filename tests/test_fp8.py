@@ -965,6 +965,9 @@ def test_pick_w8a8_takes_a_config_only_where_it_beats_scaled_mm(
     assert picks == ((16, good), (32, None), (48, runs)), times
     # (broken and odd: skipped)
     assert set(times[16]) == {"scaled_mm", str(good), str(slow), str(runs)}
+    monkeypatch.setenv("TPSERVE_W8A8_CUBLAS", "0")  # (the A/B's off side: Triton only)
+    assert fp8mm.pick_w8a8(w8, ws, True, rows=(48,))[0] == ((48, None),)
+    monkeypatch.delenv("TPSERVE_W8A8_CUBLAS")
     monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: scaled_mm(*a, **k) + 1.0)
     with pytest.raises(AssertionError, match="disagrees with _scaled_mm"):
         fp8mm.pick_w8a8(w8, ws, False, rows=(16,))

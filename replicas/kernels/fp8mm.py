@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -401,6 +402,14 @@ def w8a8_split(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor,
 W8A8CublasConfig = tuple[str, int]
 W8A8_CUBLAS_CONFIGS: tuple[W8A8CublasConfig, ...] = (
     ("streams", 2), ("streams", 4), ("swap", 1))
+
+
+def w8a8_cublas_on() -> bool:
+    """Whether the picks may take W8A8_CUBLAS_CONFIGS (off with TPSERVE_W8A8_CUBLAS=0: an
+    A/B of PERF.md v0.71 in one process; kept picks are keyed by it)."""
+    return os.environ.get("TPSERVE_W8A8_CUBLAS") != "0"
+
+
 # per device: the side streams `w8a8_cublas` forks to (made once, outside a capture)
 _SIDE_STREAMS: dict[torch.device, list[torch.cuda.Stream]] = {}
 
@@ -519,8 +528,8 @@ def pick_w8a8(w8: torch.Tensor, scale: torch.Tensor, has_bias: bool,
         want = cublas(w8).float()
         runs = {"scaled_mm": cublas}
         configs = []
-        for config in (W8A8_TOKENS_CONFIGS + W8A8_CUBLAS_CONFIGS if candidates is None
-                       else candidates):
+        default = W8A8_TOKENS_CONFIGS + (W8A8_CUBLAS_CONFIGS if w8a8_cublas_on() else ())
+        for config in default if candidates is None else candidates:
             try:
                 got = run(x8, xs, w8, scale, bias, torch.bfloat16, config)
             except (OutOfResources, CompilationError, ValueError) as e:  # a tile this GPU
