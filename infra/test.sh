@@ -2,12 +2,15 @@
 # The README's second command: install what the tests need (into .venv, infra/install.sh),
 # lint, then run the CPU tests in two tiers, both at once (GPU tests are marked `gpu` /
 # `multigpu` and run on the device machine):
-#   1. the fast tier: everything that starts no Ray (`-m "not stack"`), in 2 pytest-xdist
-#      workers at the lowest CPU priority (nice 19): it takes the CPU the other tier leaves;
-#   2. the whole-stack tier (marker `stack`), one process: one shared `tpserve up` stack for
-#      the tests that use it (tests/stack_tier.py; started before pytest collects), then the
-#      tests that start a Ray of their own (`ray up`, Ctrl-C on a foreground stack, a Ray
-#      that dies at start), after it is down, so no two Rays start at once.
+#   1. the fast tier: everything that starts no Ray (`-m "not stack and not serial"`), in 2
+#      pytest-xdist workers at the lowest CPU priority (nice 19): it takes the CPU the other
+#      tier leaves;
+#   2. the whole-stack tier (marker `stack`), one process: first the `serial` tests
+#      (several processes that wait on each other: tp=2 ranks, an engine's child; starved
+#      to 3-7x their time at nice 19), while the shared `tpserve up` stack comes up for
+#      the tests that use it (tests/stack_tier.py; started before pytest collects), then
+#      the tests that start a Ray of their own (`ray up`, Ctrl-C on a foreground stack, a
+#      Ray that dies at start), after it is down, so no two Rays start at once.
 # The whole-stack tier is the longer one and much of it waits (Ray and Serve starting,
 # replicas replaced), so the fast tier fits beside it: CI took 233-537 s so, 635-663 s
 # with the tiers one after the other (fresh clones, 2 cores, machines of differing
@@ -44,10 +47,11 @@ trap cleanup EXIT
 markers="and not gpu and not multigpu"
 echo "== fast tier (-m \"not stack\"); the whole-stack tier runs meanwhile, its output after"
 started=$SECONDS
-python -m pytest -q -m "stack $markers" --start-shared-stack "$@" </dev/null >"$log" 2>&1 &
+python -m pytest -q -m "(stack or serial) $markers" --start-shared-stack "$@" </dev/null \
+  >"$log" 2>&1 &
 stack=$!
 # Ray runs its workers at nice 15 (RAY_worker_niceness): the fast tier goes below them
-nice -n 19 python -m pytest -q -n 2 -m "not stack $markers" "$@" </dev/null &
+nice -n 19 python -m pytest -q -n 2 -m "not stack and not serial $markers" "$@" </dev/null &
 fast=$!
 stop() {  # Ctrl-C or SIGTERM: both runs stop as on Ctrl-C (tests/conftest.py), once
   trap '' INT TERM

@@ -15,6 +15,7 @@ import torch
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # (tp=2 ranks: 41.5 s in the fast tier in CI, 15.8 alone)
 def test_cpu_bench_prints_json_lines(tmp_path: Path) -> None:
     out = tmp_path / "bench.jsonl"
     proc = subprocess.run(
@@ -85,6 +86,7 @@ def test_fp8_table_puts_each_fp8_figure_beside_bf16_and_its_target(tmp_path: Pat
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # (tp=2 ranks: 282 s in the fast tier in CI, 39 alone)
 def test_multigpu_suite_runs_every_case_on_cpu() -> None:
     """`--suite multigpu --smoke`: the tp=2 cases on CPU (gloo, tiny model), so that the
     harness is checked where no two GPUs are: tp=2 float32 greedy tokens equal tp=1's,
