@@ -90,7 +90,7 @@ if [ "${GEMV_S:-0}" != 0 ]; then  # every GEMV config on GLM-4-9B's shapes (~1 m
   # (pick_gemv checks every config against cuBLAS as it times it; and PERF v0.59-v0.61's
   # kernels against their references on the GPU)
   timeout -s KILL "$GEMV_S" python3 -m pytest -q tests/test_kernels.py tests/test_gpu.py \
-    -k "gemv or one_pass_equals or ahead_equals" -p no:cacheprovider 2>&1 |
+    -k "gemv or one_pass_equals or probe_variants_equal" -p no:cacheprovider 2>&1 |
     tail -5 | tee "$out/gemv_tests.log"
 fi
 if [ "${W8A8_S:-0}" != 0 ]; then  # W8A8 per token at a decode step's rows (~1 min)

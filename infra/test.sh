@@ -51,7 +51,7 @@ python -m pytest -q -m "(stack or serial) $markers" --start-shared-stack "$@" </
   >"$log" 2>&1 &
 stack=$!
 # Ray runs its workers at nice 15 (RAY_worker_niceness): the fast tier goes below them
-nice -n 19 python -m pytest -q -n 3 -m "not stack and not serial $markers" "$@" </dev/null &
+nice -n 19 python -m pytest -q -n 2 -m "not stack and not serial $markers" "$@" </dev/null &
 fast=$!
 stop() {  # Ctrl-C or SIGTERM: both runs stop as on Ctrl-C (tests/conftest.py), once
   trap '' INT TERM

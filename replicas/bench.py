@@ -654,13 +654,12 @@ def w8a8_suite(repeats: int, picker: Callable[..., tuple[Any, Any]] | None = Non
 # `decode_splits` to at most two programs an SM (PERF.md v0.65)
 ATTENTION_CASES = ((1, 256), (1, 4096), (16, 512), (32, 512), (64, 320), (256, 192),
                    (256, 1024))
-# (keys a tile, warps[, ahead: the next tile's keys loaded before this one's softmax[,
-# f16: an 8-bit cache's dots in float16, PERF.md v0.70]]), each at the engine's splits;
-# the engine's tile and its AHEAD and F16 forms also at twice and half the splits (every
-# tile and split count is a compile: ~80 in all, kept to what one device step can afford;
-# the F16 forms with the 8-bit caches only)
-ATTENTION_TILES = ((32, 4), (64, 4), (128, 4), (64, 8), (128, 8), (64, 4, 1), (64, 8, 1),
-                   (128, 8, 1), (64, 4, 0, 1), (64, 8, 0, 1))
+# (keys a tile, warps[, f16: an 8-bit cache's dots in float16, PERF.md v0.70]), each at
+# the engine's splits; the engine's tile and its F16 form also at twice and half the
+# splits (every tile and split count is a compile; the F16 forms with the 8-bit caches
+# only). (AHEAD, the next tile's keys loaded before this one's softmax, was timed here
+# from v0.60 to f8c0c92: never the fastest, 1.01-1.49x the best; removed, PERF.md v0.72)
+ATTENTION_TILES = ((32, 4), (64, 4), (128, 4), (64, 8), (128, 8), (64, 4, 1), (64, 8, 1))
 
 
 # the caches: bf16, int8 with a scale a row, e4m3 (`fp8`: fp8-w8a8's own, the cache of
@@ -752,11 +751,9 @@ def _attention_row(cache_dtype: str, num_seqs: int, keys: int, device: str,
     base = kernels.decode_splits(num_seqs, kv_heads, keys)
     engine_tile = tuple(kernels.DECODE_TILE)
     variants = [(engine_tile, base)]
-    for tile in tiles:  # the engine's tile (and its AHEAD, F16 forms) at other splits too
-        if tile[3:] and tile[3] and cache_dtype not in ("int8", "fp8"):
+    for tile in tiles:  # the engine's tile (and its F16 form) at other splits too
+        if tile[2:] and tile[2] and cache_dtype not in ("int8", "fp8"):
             continue  # (F16 widens an 8-bit cache)
-        if tile[2:3] == (1,) and cache_dtype == "fp8":
-            continue  # (AHEAD over e4m3: ptxas takes ~150 s a compile since v0.69)
         own = tile[:2] == engine_tile[:2]
         for splits in sorted({base, 2 * base, max(1, base // 2)}) if own else [base]:
             if (tile, splits) not in variants:
@@ -764,8 +761,7 @@ def _attention_row(cache_dtype: str, num_seqs: int, keys: int, device: str,
     want = run(copies[0], *variants[0]).clone()
     times, failed = {}, []
     for tile, splits in variants:
-        name = (f"tile {tile[0]}x{tile[1]}w{' ahead' if tile[2:] and tile[2] else ''}"
-                f"{' f16' if tile[3:] and tile[3] else ''} splits {splits}")
+        name = f"tile {tile[0]}x{tile[1]}w{' f16' if tile[2:] and tile[2] else ''} splits {splits}"
         try:
             got = run(copies[0], tile, splits)
         except OutOfResources:  # a tile this GPU cannot hold

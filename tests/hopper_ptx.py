@@ -150,15 +150,10 @@ def main(mode: str) -> None:
                    # (its softmax divides approximately; its cache write is the rotary
                    # kernel's _store_cache, checked there)
                    (attention._decode_kernel, pointers,
-                    {**flags, "BLOCK_R": 16, "SPLITS": 4, "AHEAD": False, "F16": False}, False),
-                   # (the probe's variant: the next tile loaded before this one's softmax;
-                   # not over e4m3, which the probe skips: ptxas takes ~150 s on it)
-                   *[(attention._decode_kernel, pointers,
-                      {**flags, "BLOCK_R": 16, "SPLITS": 1, "AHEAD": True, "F16": False},
-                      False)] * (mode == "int8"),
-                   # (and its float16 dots over this 8-bit cache, PERF.md v0.70)
+                    {**flags, "BLOCK_R": 16, "SPLITS": 4, "F16": False}, False),
+                   # (and its float16 dots over this 8-bit cache, the probe's, PERF.md v0.70)
                    (attention._decode_kernel, pointers,
-                    {**flags, "BLOCK_R": 16, "SPLITS": 4, "AHEAD": False, "F16": True}, False),
+                    {**flags, "BLOCK_R": 16, "SPLITS": 4, "F16": True}, False),
                    (attention._attention_kernel, pointers,
                     {**flags, "TILE_T": 8, "BLOCK_R": 128, "SPLITS": 1}, False)]
     if mode == "rest":

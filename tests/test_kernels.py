@@ -232,15 +232,15 @@ def test_decode_attention_rotates_and_caches_the_new_keys(interleaved: bool, spl
 
 
 @pytest.mark.parametrize("splits", [1, 4])
-def test_decode_attention_loading_ahead_is_the_same_attention(splits: int) -> None:
-    """The decode kernel's AHEAD variant (each tile's keys loaded before the previous
-    tile's softmax; `decode_tile`'s third entry) and other tiles give the engine's tile's
-    result, and write the same cache: tiles of 16 keys over contexts of 1 to 300."""
+def test_decode_attention_in_other_tiles_is_the_same_attention(splits: int) -> None:
+    """The decode kernel in other tiles (`decode_tile`: the attention probe's variants)
+    gives the engine's tile's result, and writes the same cache: tiles of 16 and 32 keys
+    over contexts of 1 to 300."""
     b, caches, q, k, v, cos, sin, slots = decode_inputs([300, 5, 70, 33], None, seed=13)
     assert b.cu_q is not None
     new = kernels.NewKeys(k, v, cos, sin, slots, DECODE_ROTARY, False)
     runs = {}
-    for tile in [kernels.DECODE_TILE, (16, 4), (16, 4, 1), (32, 4, 1)]:
+    for tile in [kernels.DECODE_TILE, (16, 4), (32, 4)]:
         cache = [c.clone() for c in caches]
         runs[tile] = (kernels.paged_attention(q.clone(), *cache, b.block_tables, b.cu_q,
                                               b.positions, None, 1, splits, new,
@@ -249,7 +249,6 @@ def test_decode_attention_loading_ahead_is_the_same_attention(splits: int) -> No
     for tile, (got, cache) in runs.items():
         torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6, msg=str(tile))
         assert all(torch.equal(g, w) for g, w in zip(cache, want_cache, strict=True))
-    assert torch.equal(runs[(16, 4, 1)][0], runs[(16, 4)][0])  # the same sums, in order
 
 
 @pytest.mark.parametrize("cache", ["int8", "fp8"])
@@ -262,7 +261,7 @@ def test_decode_attention_in_float16_dots_is_the_same_attention(cache: str, spli
     float32 (whose entries are widened in float32), also for a sequence whose queries
     are past float16's range (scaled in by a power of two, not inf) and int8 rows of
     tiny scales; it writes the same cache as the engine's bf16 tile, and refuses a
-    16-bit cache, float32 queries and AHEAD. (The bf16 tile itself is no reference in
+    16-bit cache and float32 queries. (The bf16 tile itself is no reference in
     Triton's interpreter: it multiplies bf16 dots' bit patterns, triton-lang/triton
     issue 11584.)"""
     b, caches, q, k, v, cos, sin, slots = decode_inputs([300, 5, 70, 33], None, seed=14)
@@ -289,7 +288,7 @@ def test_decode_attention_in_float16_dots_is_the_same_attention(cache: str, spli
     exact = run(kernels.DECODE_TILE, torch.float32)[0]  # (the entries widened in float32)
     want_state = run(kernels.DECODE_TILE)[1]
     scale = exact.abs().amax(dim=(1, 2), keepdim=True)  # (each sequence's own)
-    for tile in [(*kernels.DECODE_TILE, 0, 1), (16, 4, 0, 1)]:
+    for tile in [(*kernels.DECODE_TILE, 1), (16, 4, 1)]:
         got, state = run(tile)
         assert torch.isfinite(got).all(), tile
         # (~0.006-0.014 here: the bf16 run's q and new key rotated and rounded to bf16)
@@ -299,13 +298,11 @@ def test_decode_attention_in_float16_dots_is_the_same_attention(cache: str, spli
                                w.view(torch.uint8) if w.element_size() == 1 else w)
                    for g, w in zip(state, want_state, strict=True))
     with pytest.raises(ValueError, match="float16 dots"):
-        run((16, 4, 1, 1))  # with AHEAD
-    with pytest.raises(ValueError, match="float16 dots"):
-        run((16, 4, 0, 1), torch.float32)
+        run((16, 4, 1), torch.float32)
     wide = decode_inputs([300, 5, 70, 33], None, seed=14)[1]
     caches, scales = [c.to(torch.bfloat16) for c in wide], []
     with pytest.raises(ValueError, match="float16 dots"):  # a 16-bit cache
-        run((16, 4, 0, 1))
+        run((16, 4, 1))
 
 
 def test_fp8_cache_writes_round_and_saturate_as_the_reference() -> None:
@@ -421,9 +418,8 @@ def test_kernels_compile_for_hopper(mode: str, tmp_path: Path) -> None:
         assert f"{len(kernels.FP8_GEMV_CONFIGS) + 2} GEMVs compiled for sm_90" in done.stdout
     else:
         # (rest: W8A8 per token twice, split along K twice: through TMA and pointers; an
-        # 8-bit cache: the cache write, decode attention plain, AHEAD (int8 only) and
-        # F16, prefill)
-        count = {"quant": 5, "rest": 15, "fp8": 4}.get(mode, 5)
+        # 8-bit cache: the cache write, decode attention plain and F16, prefill)
+        count = {"quant": 5, "rest": 15}.get(mode, 4)
         assert done.stdout.count("compiled for sm_90") == count
 
 

@@ -230,7 +230,7 @@ if triton is not None:
         G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
         BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, PREC: tl.constexpr,
         INTERLEAVED: tl.constexpr, FP8_KV: tl.constexpr, INT8_KV: tl.constexpr,
-        PDL: tl.constexpr, AHEAD: tl.constexpr = False, F16: tl.constexpr = False,
+        PDL: tl.constexpr, F16: tl.constexpr = False,
     ):
         """Decode attention from the projection's raw q, k, v. Program (sequence, kv head
         x split): the G query heads of that kv head, one token, against its split of
@@ -242,9 +242,7 @@ if triton is not None:
         the first tile of cached keys and values, so that those loads overlap the
         projection's tail. The new token's key and value enter from registers, after the
         cached ones, as one more column of the softmax.
-        AHEAD: each tile's keys and values are loaded before the previous tile's scores
-        and softmax are worked out (two tiles in registers), not after.
-        F16 (an 8-bit cache, 16-bit queries; not with AHEAD): both dots in float16, the
+        F16 (an 8-bit cache, 16-bit queries): both dots in float16, the
         8-bit entries widened exactly (_load_kv16), q scaled into float16's range by a
         power of two when it is not in it, the int8 rows' scales on the scores and
         probabilities.
@@ -298,18 +296,7 @@ if triton is not None:
             l_sum = tl.zeros([BLOCK_R], dtype=tl.float32)
             acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
             hi_c = tl.minimum(hi_s, pos)  # the cached keys: the new token's comes after
-            if AHEAD:
-                for start in range(lo_s + BLOCK_N, hi_c, BLOCK_N):
-                    n_next = start + tl.arange(0, BLOCK_N)
-                    k_next, v_next = _load_kv(KC, VC, KS, VS, table, n_next, pos, BLOCK_SIZE,
-                                              kv_heads, kvh, d, d_ok, D, Q.dtype.element_ty,
-                                              INT8_KV)
-                    m, l_sum, acc = _decode_tile(q, k, v, n, hi_c, m, l_sum, acc,
-                                                 scale_log2, PREC)
-                    n, k, v = n_next, k_next, v_next
-                m, l_sum, acc = _decode_tile(q, k, v, n, hi_c, m, l_sum, acc, scale_log2,
-                                             PREC)
-            elif F16:
+            if F16:
                 # q into float16's range (<= 65504) by a power of two, exactly: 2^(14 - e)
                 # for a largest |q| in [2^e, 2^(e + 1)), e >= 15
                 qf = q.to(tl.float32)
@@ -395,7 +382,7 @@ if triton is not None:
                  out.to(OUT.dtype.element_ty), mask=mask)
 
 
-# decode attention's (keys a tile, warps[, ahead]): tuned at batch 1 on the H200 (PERF.md's first
+# decode attention's (keys a tile, warps[, f16]): tuned at batch 1 on the H200 (PERF.md's first
 # decode entries); `python -m replicas.bench --suite attention` times others at larger
 # batches
 DECODE_TILE = (64, 4)
@@ -457,9 +444,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     [T, H, D] view with unit stride in D). The chunk's own keys must already be in the
     cache, or (decode only, max_q == 1) come unrotated as `new`, with q unrotated too.
     An int8 cache comes with its (K, V) row `scales`. `decode_tile`: (keys a tile,
-    warps[, ahead[, f16]]) for decode instead of DECODE_TILE (the attention probe's
-    variants; ahead 1: the _decode_kernel's AHEAD; f16 1: its F16, an 8-bit cache's
-    dots in float16)."""
+    warps[, f16]]) for decode instead of DECODE_TILE (the attention probe's variants;
+    f16 1: the _decode_kernel's F16, an 8-bit cache's dots in float16)."""
     k_scales, v_scales = cache_scales(k_cache, scales)
     int8 = k_cache.dtype == torch.int8
     assert new is None or max_q == 1, "keys are rotated and cached here in decode only"
@@ -473,11 +459,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if max_q == 1:  # decode: one token per sequence, its group of heads in one tile
         tile_t, block_r = 1, max(16, _pow2(group))
         block_n, warps, *more = decode_tile or DECODE_TILE
-        ahead, f16 = (bool(x) for x in (*more, 0, 0)[:2])
-        if f16 and (k_cache.element_size() != 1 or q.dtype == torch.float32 or ahead):
+        f16 = bool(more and more[0])
+        if f16 and (k_cache.element_size() != 1 or q.dtype == torch.float32):
             raise ValueError("decode_tile's float16 dots take an 8-bit cache and 16-bit "
-                             f"queries, without ahead (cache {k_cache.dtype}, queries "
-                             f"{q.dtype}, ahead {ahead})")
+                             f"queries (cache {k_cache.dtype}, queries {q.dtype})")
     else:
         block_r = max(64 if d > 128 else 128, _pow2(group))
         tile_t, block_n, warps = max(1, block_r // group), 64, 8
@@ -502,7 +487,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             SPLITS=splits,
             PREC=_precision(q.dtype), INTERLEAVED=new.interleaved,
             FP8_KV=k_cache.dtype == torch.float8_e4m3fn, INT8_KV=int8,
-            AHEAD=ahead, F16=f16, num_warps=warps, num_stages=2, **_launch(q))
+            F16=f16, num_warps=warps, num_stages=2, **_launch(q))
         return out
     _attention_kernel[(num_seqs, triton.cdiv(max_q, tile_t), kv_heads * splits)](
         q, k_cache, v_cache, k_scales, v_scales, out, part, lse, count, block_tables, cu_q,
