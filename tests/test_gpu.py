@@ -345,6 +345,42 @@ def test_decode_attention_probe_variants_equal_the_engines_on_gpu() -> None:
     assert len(rows[0]["times_us"]) >= 4 and len(rows[1]["times_us"]) >= 6
 
 
+def test_w8a8_cublas_runs_replay_in_a_cuda_graph_as_run_eagerly() -> None:
+    """PERF.md v0.71: `_scaled_mm` in runs of K on side streams, captured into a CUDA graph
+    (as a decode step's picks run) and replayed on new inputs, gives what the same runs
+    give eagerly, bit for bit (the same kernels, the same sums), and is within bf16's
+    rounding of one `_scaled_mm`; GLM-4-9B down_proj's shape at 128 rows, with qkv's bias
+    shape too."""
+    from replicas.fp8 import quantize_rows
+    from replicas.kernels.fp8mm import W8A8_CUBLAS_CONFIGS, w8a8_cublas
+    from replicas.kernels.quant import quantize_tokens_fp8
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    for n, k, has_bias in ((4096, 13696, False), (4608, 4096, True)):
+        w8, ws = quantize_rows(torch.randn(n, k, device="cuda", dtype=torch.bfloat16,
+                                           generator=gen) * 0.02)
+        bias = (torch.randn(n, device="cuda", dtype=torch.bfloat16, generator=gen)
+                if has_bias else None)
+        x8, xs = quantize_tokens_fp8(torch.randn(128, k, device="cuda", dtype=torch.bfloat16,
+                                                 generator=gen))
+        for config in W8A8_CUBLAS_CONFIGS:
+            w8a8_cublas(x8, xs, w8, ws, bias, torch.bfloat16, config)  # (warm-up, streams)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                y = w8a8_cublas(x8, xs, w8, ws, bias, torch.bfloat16, config)
+            fresh, fresh_s = quantize_tokens_fp8(torch.randn(
+                128, k, device="cuda", dtype=torch.bfloat16, generator=gen))
+            x8.copy_(fresh)
+            xs.copy_(fresh_s)
+            graph.replay()
+            want = w8a8_cublas(x8, xs, w8, ws, bias, torch.bfloat16, config)
+            torch.cuda.synchronize()
+            assert torch.equal(y, want), config
+            one = torch._scaled_mm(x8, w8.t(), scale_a=xs, scale_b=ws.view(1, -1),
+                                   bias=bias, out_dtype=torch.bfloat16).float()
+            assert ((y.float() - one).abs().max() <= 2e-2 * one.abs().max()), config
+
+
 def test_w8a8_per_token_sums_as_near_float64_as_scaled_mm() -> None:
     """Over GLM-4-9B down_proj's K (13,696), every W8A8 per-token config is as near the
     float64 product of the same FP8 inputs as `torch._scaled_mm` (whose cuBLAS kernel
