@@ -5,7 +5,7 @@
 #   1. the fast tier: everything that starts no Ray (`-m "not stack and not serial"`), in 2
 #      pytest-xdist workers at the lowest CPU priority (nice 19): it takes the CPU the other
 #      tier leaves;
-#   2. the whole-stack tier (marker `stack`), one process: first the `serial` tests
+#   2. the whole-stack tier (markers `stack` and `serial`), one process: first the `serial` tests
 #      (several processes that wait on each other: tp=2 ranks, an engine's child; starved
 #      to 3-7x their time at nice 19), while the shared `tpserve up` stack comes up for
 #      the tests that use it (tests/stack_tier.py; started before pytest collects), then
