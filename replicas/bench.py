@@ -475,21 +475,27 @@ def w8a8_cublas_ab(rounds: int = 2, modes: tuple[str, ...] = ("fp8-w8a8",)
                           max_model_len=512, max_num_seqs=256, max_num_batched_tokens=8192,
                           kv_cache_memory=16 * 2**30)
     chosen = [m for m in FP8_MODES if m[3] in modes]
-    for turn in range(rounds):
-        for quantization, kv, options, name in chosen:
-            for on in ("1", "0"):
-                os.environ["TPSERVE_W8A8_CUBLAS"] = on
-                fp8mm.W8A8_PICKS.clear()  # (kept once a process: timed again here)
-                fp8 = {"quantization": quantization, "kv_cache_dtype": kv, **options}
-                with Engine(dataclasses.replace(config, **fp8)) as engine:
-                    run = _run_256(engine, 1)
-                picks = {str(shape): [[rows, list(c) if c else None] for rows, c in p]
-                         for shape, p in fp8mm.W8A8_PICKS.items()}
-                yield {"case": f"glm4-9b_{name}_256req_in128_out128_cublas_runs_{on}",
-                       "unit": "tokens/s", "round": turn, "cublas_runs": on == "1",
-                       **run, **fp8, "w8a8_picks": picks}
-                torch.cuda.empty_cache()
-    os.environ.pop("TPSERVE_W8A8_CUBLAS", None)
+    before = os.environ.get("TPSERVE_W8A8_CUBLAS")
+    try:
+        for turn in range(rounds):
+            for quantization, kv, options, name in chosen:
+                for on in ("1", "0"):
+                    os.environ["TPSERVE_W8A8_CUBLAS"] = on
+                    fp8mm.W8A8_PICKS.clear()  # (kept once a process: timed again here)
+                    fp8 = {"quantization": quantization, "kv_cache_dtype": kv, **options}
+                    with Engine(dataclasses.replace(config, **fp8)) as engine:
+                        run = _run_256(engine, 1)
+                    picks = {str(shape): [[rows, list(c) if c else None] for rows, c in p]
+                             for shape, p in fp8mm.W8A8_PICKS.items()}
+                    yield {"case": f"glm4-9b_{name}_256req_in128_out128_cublas_runs_{on}",
+                           "unit": "tokens/s", "round": turn, "cublas_runs": on == "1",
+                           **run, **fp8, "w8a8_picks": picks}
+                    torch.cuda.empty_cache()
+    finally:  # (the caller's setting back, as it was)
+        if before is None:
+            os.environ.pop("TPSERVE_W8A8_CUBLAS", None)
+        else:
+            os.environ["TPSERVE_W8A8_CUBLAS"] = before
 
 
 # the fp8 suite's modes: (weights, KV cache, options, the rows' name)
@@ -589,17 +595,13 @@ def w8a8_suite(repeats: int, picker: Callable[..., tuple[Any, Any]] | None = Non
                ) -> Iterator[dict[str, Any]]:
     """W8A8 with a scale per token at a decode step's rows (16, 64, 128, 256), on
     GLM-4-9B's four layer shapes: `torch._scaled_mm` (what fp8-w8a8 ran until v0.62)
-    against each Triton config `kernels.pick_w8a8` times (weights cold, in a CUDA graph),
-    a row per (layer, rows) with the fastest, the weight's bytes a second against the
+    against each config `kernels.pick_w8a8` times (Triton's tiles and cuBLAS in runs of
+    K; weights cold, in a CUDA graph), a row per (layer, rows) with the fastest, the
+    weight's bytes a second against the
     measured copy rate, and the pick the engine would take. (`repeats`: unused.)"""
     from replicas.fp8 import quantize_rows
     from replicas.kernels import pick_w8a8
-    from replicas.kernels.fp8mm import (
-        W8A8_CUBLAS_CONFIGS,
-        W8A8_SPLIT_CONFIGS,
-        w8a8_cublas,
-        w8a8_split,
-    )
+    from replicas.kernels.fp8mm import W8A8_CUBLAS_CONFIGS, W8A8_SPLIT_CONFIGS, w8a8_split
 
     pick = picker or pick_w8a8
     rate = bandwidth if bandwidth is not None else copy_bandwidth()
@@ -610,19 +612,20 @@ def w8a8_suite(repeats: int, picker: Callable[..., tuple[Any, Any]] | None = Non
         w8, scale = quantize_rows(torch.randn(n, k, device=device, dtype=torch.bfloat16,
                                               generator=gen) * 0.02)
         picks, report = pick(w8, scale, has_bias)
-        # candidates timed the same way, not picked by the engine: PERF.md v0.68's split-K
-        # tiles, v0.71's `_scaled_mm` in runs of K side by side (a failure to build or run
-        # them is the row's, not the suite's)
-        families: dict[str, dict[int, dict[str, float]] | str] = {}
-        for family, configs, kernel in (("split", W8A8_SPLIT_CONFIGS, w8a8_split),
-                                        ("cublas", W8A8_CUBLAS_CONFIGS, w8a8_cublas)):
-            try:
-                families[family] = pick(w8, scale, has_bias,
-                                        rows=tuple(rows for rows, _ in picks),
-                                        candidates=configs, kernel=kernel)[1]
-            except Exception as e:  # noqa: BLE001 - recorded in the rows
-                families[family] = (f"{type(e).__name__}: "
-                                    f"{str(e).splitlines()[-1] if str(e) else ''}")
+        # each family of candidates beside the picks: v0.71's `_scaled_mm` in runs of K
+        # (among the picks' own candidates: their times are the pick's); PERF.md v0.68's
+        # split-K tiles, timed the same way, not picked by the engine (a failure to build
+        # or run them is the row's, not the suite's)
+        families: dict[str, dict[int, dict[str, float]] | str] = {"cublas": {
+            rows: {str(c): t[str(c)] for c in W8A8_CUBLAS_CONFIGS if str(c) in t}
+            for rows, t in report.items()}}
+        try:
+            families["split"] = pick(w8, scale, has_bias,
+                                     rows=tuple(rows for rows, _ in picks),
+                                     candidates=W8A8_SPLIT_CONFIGS, kernel=w8a8_split)[1]
+        except Exception as e:  # noqa: BLE001 - recorded in the rows
+            families["split"] = (f"{type(e).__name__}: "
+                                 f"{str(e).splitlines()[-1] if str(e) else ''}")
         for rows, chosen in picks:
             times = report[rows]
             best = min((c for c in times if c != "scaled_mm"), key=times.__getitem__)

@@ -242,10 +242,9 @@ if triton is not None:
         the first tile of cached keys and values, so that those loads overlap the
         projection's tail. The new token's key and value enter from registers, after the
         cached ones, as one more column of the softmax.
-        F16 (an 8-bit cache, 16-bit queries): both dots in float16, the
-        8-bit entries widened exactly (_load_kv16), q scaled into float16's range by a
-        power of two when it is not in it, the int8 rows' scales on the scores and
-        probabilities.
+        F16 (an 8-bit cache, 16-bit queries): both dots in float16, the 8-bit entries
+        widened exactly (_load_kv16), q scaled into float16's range by a power of two
+        when it is not in it, the int8 rows' scales on the scores and probabilities.
         """
         seq = tl.program_id(0)
         kvh = tl.program_id(1) // SPLITS
@@ -444,7 +443,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     [T, H, D] view with unit stride in D). The chunk's own keys must already be in the
     cache, or (decode only, max_q == 1) come unrotated as `new`, with q unrotated too.
     An int8 cache comes with its (K, V) row `scales`. `decode_tile`: (keys a tile,
-    warps[, f16]]) for decode instead of DECODE_TILE (the attention probe's variants;
+    warps[, f16]) for decode instead of DECODE_TILE (the attention probe's variants;
     f16 1: the _decode_kernel's F16, an 8-bit cache's dots in float16)."""
     k_scales, v_scales = cache_scales(k_cache, scales)
     int8 = k_cache.dtype == torch.int8

@@ -516,6 +516,8 @@ def pick_w8a8(w8: torch.Tensor, scale: torch.Tensor, has_bias: bool,
             if has_bias else None)
     copies = cold_set(w8)
     picks, report = [], {}
+    if candidates is None:
+        candidates = W8A8_TOKENS_CONFIGS + (W8A8_CUBLAS_CONFIGS if w8a8_cublas_on() else ())
     for m in rows:
         x8, xs = quantize_tokens_fp8(torch.randn(m, k, generator=gen, device=w8.device,
                                                  dtype=torch.bfloat16))
@@ -528,8 +530,7 @@ def pick_w8a8(w8: torch.Tensor, scale: torch.Tensor, has_bias: bool,
         want = cublas(w8).float()
         runs = {"scaled_mm": cublas}
         configs = []
-        default = W8A8_TOKENS_CONFIGS + (W8A8_CUBLAS_CONFIGS if w8a8_cublas_on() else ())
-        for config in default if candidates is None else candidates:
+        for config in candidates:
             try:
                 got = run(x8, xs, w8, scale, bias, torch.bfloat16, config)
             except (OutOfResources, CompilationError, ValueError) as e:  # a tile this GPU
