@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import json
@@ -475,27 +476,57 @@ def w8a8_cublas_ab(rounds: int = 2, modes: tuple[str, ...] = ("fp8-w8a8",)
                           max_model_len=512, max_num_seqs=256, max_num_batched_tokens=8192,
                           kv_cache_memory=16 * 2**30)
     chosen = [m for m in FP8_MODES if m[3] in modes]
-    before = os.environ.get("TPSERVE_W8A8_CUBLAS")
+    for turn in range(rounds):
+        for quantization, kv, options, name in chosen:
+            for on in ("1", "0"):
+                fp8mm.W8A8_PICKS.clear()  # (kept once a process: timed again here)
+                fp8 = {"quantization": quantization, "kv_cache_dtype": kv, **options}
+                with _env("TPSERVE_W8A8_CUBLAS", on), \
+                        Engine(dataclasses.replace(config, **fp8)) as engine:
+                    run = _run_256(engine, 1)
+                picks = {str(shape): [[rows, list(c) if c else None] for rows, c in p]
+                         for shape, p in fp8mm.W8A8_PICKS.items()}
+                yield {"case": f"glm4-9b_{name}_256req_in128_out128_cublas_runs_{on}",
+                       "unit": "tokens/s", "round": turn, "cublas_runs": on == "1",
+                       **run, **fp8, "w8a8_picks": picks}
+                torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    """$name set to `value` inside, the caller's setting back after, even when cut short."""
+    before = os.environ.get(name)
+    os.environ[name] = value
     try:
-        for turn in range(rounds):
-            for quantization, kv, options, name in chosen:
-                for on in ("1", "0"):
-                    os.environ["TPSERVE_W8A8_CUBLAS"] = on
-                    fp8mm.W8A8_PICKS.clear()  # (kept once a process: timed again here)
-                    fp8 = {"quantization": quantization, "kv_cache_dtype": kv, **options}
-                    with Engine(dataclasses.replace(config, **fp8)) as engine:
-                        run = _run_256(engine, 1)
-                    picks = {str(shape): [[rows, list(c) if c else None] for rows, c in p]
-                             for shape, p in fp8mm.W8A8_PICKS.items()}
-                    yield {"case": f"glm4-9b_{name}_256req_in128_out128_cublas_runs_{on}",
-                           "unit": "tokens/s", "round": turn, "cublas_runs": on == "1",
-                           **run, **fp8, "w8a8_picks": picks}
-                    torch.cuda.empty_cache()
-    finally:  # (the caller's setting back, as it was)
+        yield
+    finally:
         if before is None:
-            os.environ.pop("TPSERVE_W8A8_CUBLAS", None)
+            os.environ.pop(name, None)
         else:
-            os.environ["TPSERVE_W8A8_CUBLAS"] = before
+            os.environ[name] = before
+
+
+def gemv_mma_ab(rounds: int = 2) -> Iterator[dict[str, Any]]:
+    """PERF.md v0.73 A/B in one process: weight-only FP8 batch-1 decode (decode_row) with
+    the GEMV picks free to take the tensor-core configs, then not (TPSERVE_GEMV_MMA=0),
+    `rounds` times in turn; an engine each, its GEMVs picked afresh (no kept picks). A
+    row per run: ms/token, and the first layer's and the LM head's picks (kept between
+    rounds in the picks' cache, under a key of each setting's own)."""
+    config = EngineConfig(model=model_dir("glm4-9b"), load_format="random", dtype="bfloat16",
+                          max_model_len=512, max_num_seqs=256, max_num_batched_tokens=8192,
+                          kv_cache_memory=16 * 2**30, quantization="fp8",
+                          kv_cache_dtype="fp8")
+    bandwidth = copy_bandwidth()
+    for turn in range(rounds):
+        for on in ("1", "0"):
+            with _env("TPSERVE_GEMV_MMA", on), Engine(config) as engine:
+                row = decode_row("glm4-9b", engine, bandwidth, 1)
+                picks = {name: str(m.gemv) for name, m in engine.worker.model.named_modules()
+                         if hasattr(m, "gemv") and name.startswith(("model.layers.0.",
+                                                                     "lm_head"))}
+            yield {**row, "case": f"glm4-9b_fp8_decode_b1_in128_out128_gemv_mma_{on}",
+                   "round": turn, "gemv_mma": on == "1", "gemv_picks": picks}
+            torch.cuda.empty_cache()
 
 
 # the fp8 suite's modes: (weights, KV cache, options, the rows' name)
