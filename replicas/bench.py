@@ -506,29 +506,6 @@ def _env(name: str, value: str) -> Iterator[None]:
             os.environ[name] = before
 
 
-def gemv_mma_ab(rounds: int = 2) -> Iterator[dict[str, Any]]:
-    """PERF.md v0.73 A/B in one process: weight-only FP8 batch-1 decode (decode_row) with
-    the GEMV picks free to take the tensor-core configs, then not (TPSERVE_GEMV_MMA=0),
-    `rounds` times in turn; an engine each, its GEMVs picked afresh (no kept picks). A
-    row per run: ms/token, and the first layer's and the LM head's picks (kept between
-    rounds in the picks' cache, under a key of each setting's own)."""
-    config = EngineConfig(model=model_dir("glm4-9b"), load_format="random", dtype="bfloat16",
-                          max_model_len=512, max_num_seqs=256, max_num_batched_tokens=8192,
-                          kv_cache_memory=16 * 2**30, quantization="fp8",
-                          kv_cache_dtype="fp8")
-    bandwidth = copy_bandwidth()
-    for turn in range(rounds):
-        for on in ("1", "0"):
-            with _env("TPSERVE_GEMV_MMA", on), Engine(config) as engine:
-                row = decode_row("glm4-9b", engine, bandwidth, 1)
-                picks = {name: str(m.gemv) for name, m in engine.worker.model.named_modules()
-                         if hasattr(m, "gemv") and name.startswith(("model.layers.0.",
-                                                                     "lm_head"))}
-            yield {**row, "case": f"glm4-9b_fp8_decode_b1_in128_out128_gemv_mma_{on}",
-                   "round": turn, "gemv_mma": on == "1", "gemv_picks": picks}
-            torch.cuda.empty_cache()
-
-
 # the fp8 suite's modes: (weights, KV cache, options, the rows' name)
 FP8_MODES: tuple[tuple[str, str, dict[str, str], str], ...] = (
     ("fp8", "fp8", {}, "fp8"), ("fp8", "int8", {}, "fp8_int8kv"),

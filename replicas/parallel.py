@@ -359,8 +359,7 @@ def tune_gemv(model: nn.Module, cache: Path | None = None) -> dict[str, dict[str
         key = (*module.weight.shape, bias is not None, module.gemv_kind,
                str(module.weight.dtype))
         if key not in picked:
-            cache_key = gemv_cache_key(module.weight, bias is not None, module.gemv_kind + (
-                " no-mma" if scale is not None and not kernels.gemv_mma_on() else ""))
+            cache_key = gemv_cache_key(module.weight, bias is not None, module.gemv_kind)
             entry = kept.get(cache_key)
             hit = kept_pick(entry)
             if hit is not None:

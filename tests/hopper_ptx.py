@@ -50,7 +50,7 @@ def gemvs() -> None:
                 "S": "*fp32", "DATA": "*i64", "FLAGS": "*i64", "CNT": "*i32", "eps": "fp32"}
     flags = {"SCALED": True, "HAS_BIAS": False, "EVEN": True, "GATED": False, "NORM": True,
              "HAS_RES": True, "ROW": 4096, "PUSH": False, "PULL": False, "RANK": 0,
-             "WORLD": 1, "PDL": True, "MMA": False}
+             "WORLD": 1, "PDL": True}
     for block_n, block_k, warps, stages in gemv.FP8_GEMV_CONFIGS:  # a decoder layer's
         # norm-fused FP8 GEMV (gate_up's kind)
         ptx(gemv._gemv_kernel, pointers, {**flags, "BLOCK_N": block_n, "BLOCK_K": block_k},
@@ -60,14 +60,7 @@ def gemvs() -> None:
     ptx(gemv._gemv_kernel, bf16, {**folded, "NORM": False, "HAS_RES": False, "GATED": True,
                                    "PUSH": True})  # down_proj pushing its rows
     ptx(gemv._gemv_kernel, bf16, {**folded, "PULL": True})  # the next norm GEMV summing them
-    for kind, (block_n, block_k, warps, stages, _) in (  # FP8 on tensor cores (MMA), with
-            ("NORM", gemv.MMA_GEMV_CONFIGS[0]), ("GATED", gemv.MMA_GEMV_CONFIGS[-1])):
-        # its float32 redo: gate_up's kind and down_proj's
-        ptx(gemv._gemv_kernel, pointers, {**flags, "NORM": kind == "NORM",
-                                          "HAS_RES": kind == "NORM", "GATED": kind == "GATED",
-                                          "MMA": True, "BLOCK_N": block_n, "BLOCK_K": block_k},
-            warps, stages)
-    print(len(gemv.FP8_GEMV_CONFIGS) + 4, "GEMVs compiled for sm_90", flush=True)
+    print(len(gemv.FP8_GEMV_CONFIGS) + 2, "GEMVs compiled for sm_90", flush=True)
     print("_gemv_kernel compiled for sm_90", flush=True)
 
 

@@ -573,51 +573,6 @@ def test_fp8_gemv_is_the_scaled_rows_product(shape: tuple[int, int], kind: str) 
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # (the redo's input)
-@pytest.mark.parametrize("kind", ["plain", "gated", "norm"])
-def test_fp8_gemv_on_tensor_cores_is_the_float32_gemvs(kind: str) -> None:
-    """The FP8 GEMV's MMA configs (PERF.md v0.73: each weight row as 16 sixteenths of K
-    against the input row's, float16 products summed in float32) give the float32 loop's
-    rows of the same FP8 weights and bf16 input row, for each kind, with blocks that
-    divide the shape and blocks that do not (masked rows and columns); an input row
-    beyond float16's range (x 2**4) is redone in float32, to the bit; and rows of a
-    tiny input are rounded as float16 rounds them (the tensor-core path really ran)."""
-    pytest.importorskip("triton")
-    from replicas import kernels
-
-    gen = torch.Generator().manual_seed(13)
-    for n, k in ((64, 1024), (40, 600)):
-        w8, scale = quantize_rows(torch.randn(n, k, generator=gen))
-        bias = torch.randn(n, generator=gen).to(torch.bfloat16)
-        x = torch.randn(1, 2 * k if kind == "gated" else k, generator=gen).to(torch.bfloat16)
-        res = torch.randn(1, k, generator=gen).to(torch.bfloat16)
-        norm_w = (1 + torch.rand(k, generator=gen) / 4).to(torch.bfloat16)
-
-        def run(x: torch.Tensor, config: tuple[int, ...], w8: torch.Tensor = w8,
-                scale: torch.Tensor = scale, bias: torch.Tensor = bias,
-                res: torch.Tensor = res, norm_w: torch.Tensor = norm_w) -> torch.Tensor:
-            if kind == "norm":
-                return kernels.gemv_norm(x, res, norm_w, 1e-5, w8, bias, config, scale)[0]
-            return kernels.gemv(x, w8, bias, config, gated=kind == "gated", scale=scale)
-
-        f32 = (4, 256, 4, 1)
-        for mma in ((4, 256, 4, 1, 1), kernels.MMA_GEMV_CONFIGS[3]):
-            got, want = run(x, mma), run(x, f32)
-            assert got.dtype == torch.bfloat16
-            torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=1e-2)
-        if kind != "norm":  # (a normed row is never that large)
-            big = x.clone()
-            big[0, 5] = 2.0**21  # x 2**-4 is 2**17: not a float16
-            assert torch.equal(run(big, (4, 256, 4, 1, 1)), run(big, f32))
-    if kind == "plain":
-        tiny = torch.full((1, k), 1.5 * 2.0**-22).to(torch.bfloat16)  # (2**-26 in float16)
-        exact = kernels.gemv(tiny.float(), w8.float() * scale[:, None], None, f32)
-        rounded = kernels.gemv(tiny, w8, None, (4, 256, 4, 1, 1), scale=scale)
-        assert not torch.allclose(rounded.float(), exact, rtol=0.1, atol=0)
-    with pytest.raises(ValueError, match="16-bit input row"):
-        kernels.gemv(x.float(), w8, None, (4, 256, 4, 1, 1), scale=scale)
-
-
 def test_fp8_decode_through_the_gemvs(ckpt: str) -> None:
     """Batch-1 decode with every FP8 projection on the GEMV (weights rounded, input rows
     not) stays as close to the float32 engine as the FP8 matmul path (both rounded)."""

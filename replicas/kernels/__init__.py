@@ -43,12 +43,10 @@ from replicas.kernels.fp8mm import (
 from replicas.kernels.gemv import (
     FP8_GEMV_CONFIGS,
     GEMV_CONFIGS,
-    MMA_GEMV_CONFIGS,
     GemvConfig,
     GemvKind,
     gemv,
     gemv_configs,
-    gemv_mma_on,
     gemv_norm,
     gemv_push,
     pick_gemv,
@@ -60,9 +58,8 @@ from replicas.kernels.tokens import ARGMAX_BLOCK, argmax_rows, feed_tokens
 
 __all__ = [
     "ARGMAX_BLOCK", "DECODE_TILE", "FP8_GEMV_CONFIGS", "GEMV_CONFIGS", "GemvConfig",
-    "MMA_GEMV_CONFIGS",
     "GemvKind", "NewKeys", "Site", "argmax_rows", "decode_splits", "enabled", "feed_tokens",
-    "gemv", "gemv_configs", "gemv_mma_on", "gemv_norm", "gemv_push",
+    "gemv", "gemv_configs", "gemv_norm", "gemv_push",
     "paged_attention", "pdl", "pick_gemv", "pick_w8a8", "quantize_tokens_fp8", "rms_norm",
     "rms_norm_quantize_fp8",
     "rope_and_cache", "silu_and_mul", "silu_mul_quantize_fp8", "w8a8_config", "w8a8_groups",

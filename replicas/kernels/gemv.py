@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from collections.abc import Callable
 
 import torch
@@ -83,76 +82,13 @@ if triton is not None:
                        mask=r_ok[:, None] & (cols < k)[None, :], other=0.0)
 
     @triton.jit
-    def _mma_w(W, n, k0, k, sw, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr):
-        """MMA's weight tile: the program's BLOCK_N rows of W at K columns k0.. k0 +
-        BLOCK_K, as [16 BLOCK_N, BLOCK_K / 16]: tile row 16 r + s holds row r's s-th
-        sixteenth (a reshape of each row's contiguous bytes, not a gather)."""
-        m = tl.arange(0, 16 * BLOCK_N)
-        rows = tl.program_id(0) * BLOCK_N + m // 16
-        cols = k0 + (m % 16)[:, None] * (BLOCK_K // 16) + tl.arange(0, BLOCK_K // 16)[None, :]
-        if EVEN:
-            return tl.load(W + rows[:, None] * sw + cols)
-        return tl.load(W + rows[:, None] * sw + cols, mask=(rows < n)[:, None] & (cols < k),
-                       other=0.0)
-
-    @triton.jit
-    def _mma_cols(k0, BLOCK_K: tl.constexpr):
-        """The input row's columns as MMA's [BLOCK_K / 16, 16] operand: column s holds
-        the s-th sixteenth of k0.. k0 + BLOCK_K, which meets tile rows 16 r + s."""
-        return (k0 + tl.arange(0, BLOCK_K // 16)[:, None]
-                + tl.arange(0, 16)[None, :] * (BLOCK_K // 16))
-
-    @triton.jit
-    def _mma_rows(X, W, R, NW, w, n, k, sw, rstd, EVEN: tl.constexpr, GATED: tl.constexpr,
-                  NORM: tl.constexpr, HAS_RES: tl.constexpr, PULL: tl.constexpr,
-                  WORLD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """The program's rows of W x on tensor cores (an FP8 W; `w` its first tile, from
-        _mma_w): each iteration one [16 BLOCK_N, BLOCK_K / 16] x [BLOCK_K / 16, 16] float16
-        product, float32 sums, so all 16 columns of the MMA do work: tile row 16 r + s
-        against the row's s-th sixteenth sits in column s, and row r of y is the sum of
-        those 16 diagonal entries. The input row (16-bit values, as _gemv_x rounds them)
-        is multiplied by 2**-4 first, exact in float16 for |x| in [2**-13, 65504 * 16);
-        returns (y, the largest |x|): the caller redoes the rows in float32 when that is
-        out of range above (a float16 overflow)."""
-        x = _gemv_x(X, R, NW, _mma_cols(0, BLOCK_K), k, rstd, EVEN, GATED, NORM, HAS_RES,
-                    PULL, WORLD)
-        big = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
-        acc = tl.dot(w.to(tl.float16), (x * 0.0625).to(tl.float16),
-                     tl.zeros((16 * BLOCK_N, 16), dtype=tl.float32))
-        for k0 in range(BLOCK_K, k, BLOCK_K):
-            w = _mma_w(W, n, k0, k, sw, EVEN, BLOCK_N, BLOCK_K)
-            x = _gemv_x(X, R, NW, _mma_cols(k0, BLOCK_K), k, rstd, EVEN, GATED, NORM,
-                        HAS_RES, PULL, WORLD)
-            big = tl.maximum(big, tl.max(tl.max(tl.abs(x), axis=1), axis=0))
-            acc = tl.dot(w.to(tl.float16), (x * 0.0625).to(tl.float16), acc)
-        m = tl.arange(0, 16 * BLOCK_N)
-        diagonal = tl.where((m % 16)[:, None] == tl.arange(0, 16)[None, :], acc, 0.0)
-        return tl.sum(tl.reshape(tl.sum(diagonal, axis=1), (BLOCK_N, 16)), axis=1) * 16.0, big
-
-    @triton.jit
-    def _f32_rows(X, W, R, NW, w, rows, r_ok, k, sw, rstd, EVEN: tl.constexpr,
-                  GATED: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
-                  PULL: tl.constexpr, WORLD: tl.constexpr, BLOCK_K: tl.constexpr):
-        """The program's rows of W x in float32 registers (`w` the first tile)."""
-        cols = tl.arange(0, BLOCK_K)
-        acc = w.to(tl.float32) * _gemv_x(X, R, NW, cols, k, rstd, EVEN, GATED, NORM,
-                                         HAS_RES, PULL, WORLD)[None, :]
-        for k0 in range(BLOCK_K, k, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            w = _w_tile(W, rows, r_ok, cols, k, sw, EVEN)
-            acc += w.to(tl.float32) * _gemv_x(X, R, NW, cols, k, rstd, EVEN, GATED, NORM,
-                                              HAS_RES, PULL, WORLD)[None, :]
-        return tl.sum(acc, axis=1)
-
-    @triton.jit
     def _gemv_kernel(X, W, S, B, Y, R, NW, ROUT, n, k, sw, eps, DATA, FLAGS, CNT, site_data,
                      site_flag, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
                      EVEN: tl.constexpr,
                      GATED: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
                      ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      PUSH: tl.constexpr, PULL: tl.constexpr, RANK: tl.constexpr,
-                     WORLD: tl.constexpr, PDL: tl.constexpr, MMA: tl.constexpr):
+                     WORLD: tl.constexpr, PDL: tl.constexpr):
         """y = W x (+ b) for one row x: program = BLOCK_N rows of W, streamed along K,
         products summed in float32 registers and reduced once at the end. The first
         tile of W is loaded before waiting on the kernel that writes x (with PDL it
@@ -169,14 +105,11 @@ if triton is not None:
         waited for on the site's counters CNT and summed as it is read.
 
         SCALED: W holds FP8 (e4m3) and row r of the product is multiplied by S[r], its
-        scale (replicas/fp8.py): half the bytes of a 16-bit W, the input row as it is.
-        MMA (FP8 W, a 16-bit input row): the products on tensor cores (_mma_rows)."""
+        scale (replicas/fp8.py): half the bytes of a 16-bit W, the input row as it is."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         r_ok = rows < n
-        if MMA:
-            w = _mma_w(W, n, 0, k, sw, EVEN, BLOCK_N, BLOCK_K)
-        else:
-            w = _w_tile(W, rows, r_ok, tl.arange(0, BLOCK_K), k, sw, EVEN)
+        cols = tl.arange(0, BLOCK_K)
+        w = _w_tile(W, rows, r_ok, cols, k, sw, EVEN)
         _pdl_enter(PDL)
         if PULL:
             _await_rows(CNT, k, WORLD)
@@ -194,17 +127,14 @@ if triton is not None:
                     tl.store(ROUT + every, whole, mask=every < k)
                 whole = whole.to(tl.float32)
             rstd = 1.0 / tl.sqrt(tl.sum(whole * whole, axis=0) / k + eps)
-        if MMA:
-            y, big = _mma_rows(X, W, R, NW, w, n, k, sw, rstd, EVEN, GATED, NORM, HAS_RES,
-                               PULL, WORLD, BLOCK_N, BLOCK_K)
-            if big >= 65504.0 * 16:  # the input row overflowed float16: redo in float32
-                y = _f32_rows(X, W, R, NW, _w_tile(W, rows, r_ok, tl.arange(0, BLOCK_K), k,
-                                                   sw, EVEN),
-                              rows, r_ok, k, sw, rstd, EVEN, GATED, NORM, HAS_RES, PULL,
-                              WORLD, BLOCK_K)
-        else:
-            y = _f32_rows(X, W, R, NW, w, rows, r_ok, k, sw, rstd, EVEN, GATED, NORM,
-                          HAS_RES, PULL, WORLD, BLOCK_K)
+        acc = w.to(tl.float32) * _gemv_x(X, R, NW, cols, k, rstd, EVEN, GATED, NORM,
+                                         HAS_RES, PULL, WORLD)[None, :]
+        for k0 in range(BLOCK_K, k, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            w = _w_tile(W, rows, r_ok, cols, k, sw, EVEN)
+            acc += w.to(tl.float32) * _gemv_x(X, R, NW, cols, k, rstd, EVEN, GATED, NORM,
+                                              HAS_RES, PULL, WORLD)[None, :]
+        y = tl.sum(acc, axis=1)
         if SCALED:
             y *= tl.load(S + rows, mask=r_ok, other=0.0)
         if HAS_BIAS:
@@ -218,9 +148,7 @@ if triton is not None:
             _leave_rows(CNT)
 
 
-# (rows per program, K per iteration, warps, stages[, mma]): mma 1 runs the products on
-# tensor cores (_mma_rows; FP8 weights, 16-bit inputs only)
-GemvConfig = tuple[int, ...]
+GemvConfig = tuple[int, int, int, int]  # (rows per program, K per iteration, warps, stages)
 
 
 GEMV_CONFIGS: tuple[GemvConfig, ...] = (  # the leaders of earlier H200 runs, and variations
@@ -237,26 +165,9 @@ FP8_GEMV_CONFIGS: tuple[GemvConfig, ...] = (
     (16, 512, 8, 4))
 
 
-# FP8 weights on tensor cores (PERF.md v0.73): a [16 rows, K / 16] view of each weight row
-# against the input row's sixteenths, so that the tiles are 64-256 x 16 MMAs with no idle
-# column; e4m3 widens to float16 in one instruction a pair, where the float32 loop spends
-# ~3 an FP8 weight (v0.58's SASS)
-MMA_GEMV_CONFIGS: tuple[GemvConfig, ...] = (
-    (4, 1024, 4, 3, 1), (4, 2048, 4, 3, 1), (8, 1024, 4, 3, 1), (8, 512, 4, 3, 1),
-    (4, 512, 4, 3, 1), (16, 512, 8, 3, 1))
-
-
-def gemv_mma_on() -> bool:
-    """Whether an FP8 weight's picks may take MMA_GEMV_CONFIGS (off with
-    TPSERVE_GEMV_MMA=0: an A/B, bench.gemv_mma_ab)."""
-    return os.environ.get("TPSERVE_GEMV_MMA") != "0"
-
-
-def gemv_configs(fp8: bool, mma: bool = True) -> tuple[GemvConfig, ...]:
-    """The configs `pick_gemv` times for a weight (FP8 or not; mma: with FP8's tensor-core
-    configs, which need a 16-bit input row)."""
-    return GEMV_CONFIGS + (FP8_GEMV_CONFIGS + (MMA_GEMV_CONFIGS if mma else ()) if fp8
-                           else ())
+def gemv_configs(fp8: bool) -> tuple[GemvConfig, ...]:
+    """The configs `pick_gemv` times for a weight (FP8 or not)."""
+    return GEMV_CONFIGS + (FP8_GEMV_CONFIGS if fp8 else ())
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -297,14 +208,10 @@ def _gemv(x: torch.Tensor | Site, weight: torch.Tensor, bias: torch.Tensor | Non
           norm: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, float] | None = None,
           push: Site | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
     n, k = weight.shape
-    block_n, block_k, warps, stages, *rest = config
-    mma = bool(rest and rest[0])
+    block_n, block_k, warps, stages = config
     pull = x if isinstance(x, Site) else None
     row = pull.rows if pull is not None else x
     assert isinstance(row, torch.Tensor)
-    if mma and (scale is None or row.element_size() != 2 or block_k % 256):
-        raise ValueError(f"GEMV config {config} runs FP8 weights with a 16-bit input row "
-                         "and K blocks of a multiple of 256 only")
     y = push.rows if push is not None else torch.empty(1, n, dtype=row.dtype, device=row.device)
     residual, norm_weight, r_out, eps = norm or (None, row, row, 0.0)
     site = push or pull
@@ -318,7 +225,7 @@ def _gemv(x: torch.Tensor | Site, weight: torch.Tensor, bias: torch.Tensor | Non
         GATED=gated, NORM=norm is not None, HAS_RES=residual is not None, ROW=_pow2(k),
         BLOCK_N=block_n, BLOCK_K=block_k, PUSH=push is not None, PULL=pull is not None,
         RANK=site.rank if site is not None else 0, WORLD=site.world if site is not None else 1,
-        MMA=mma, num_warps=warps, num_stages=stages, **_launch(row))
+        num_warps=warps, num_stages=stages, **_launch(row))
     return y
 
 
@@ -361,8 +268,7 @@ def pick_gemv(weight: torch.Tensor, bias: torch.Tensor | None, kind: GemvKind = 
         "cublas": (lambda w: F.linear(x[:, :k], w, bias)) if scale is None else (
             lambda w: fp8_linear(x[:, :k], w, scale, bias))}
     configs = []
-    mma = (dtype or weight.dtype).itemsize == 2 and gemv_mma_on()  # (16-bit rows only)
-    for config in gemv_configs(scale is not None, mma=mma):
+    for config in gemv_configs(scale is not None):
         try:
             got = run(weight, config)
         except OutOfResources as e:  # a tile this GPU cannot hold: not a candidate here
