@@ -506,6 +506,33 @@ def _env(name: str, value: str) -> Iterator[None]:
             os.environ[name] = before
 
 
+def pdl_ab(rounds: int = 2) -> Iterator[dict[str, Any]]:
+    """PERF.md v0.74 A/B in one process: W8A8 (the e4m3 cache) 256 x 128/128 with
+    programmatic dependent launch as it is (decode attention lets the next kernel launch
+    right after its wait), with decode attention letting it launch at its end
+    (TPSERVE_PDL_LATE_ATTENTION=1), and with PDL off (TPSERVE_PDL=0), `rounds` times in
+    turn; an engine each (its graphs captured with the setting). A row per run: output
+    tok/s new and cached, GPU busy time, decode attention's calls and own time."""
+    config = EngineConfig(model=model_dir("glm4-9b"), load_format="random", dtype="bfloat16",
+                          max_model_len=512, max_num_seqs=256, max_num_batched_tokens=8192,
+                          kv_cache_memory=16 * 2**30, quantization="fp8-w8a8",
+                          kv_cache_dtype="fp8")
+    settings = {"early": ("TPSERVE_PDL", "1"), "late": ("TPSERVE_PDL_LATE_ATTENTION", "1"),
+                "off": ("TPSERVE_PDL", "0")}
+    for turn in range(rounds):
+        for name, (var, value) in settings.items():
+            with _env(var, value), Engine(config) as engine:
+                run = _run_256(engine, 1)
+            table = run.pop("kernels")
+            mine = {t["name"]: t for t in table.get("top", [])
+                    if t["name"] in ("_decode_kernel", "_quant_rows_kernel")}
+            yield {"case": f"glm4-9b_fp8-w8a8_256req_in128_out128_pdl_{name}",
+                   "unit": "tokens/s", "round": turn, "pdl": name, **run,
+                   "busy_us": table.get("busy_us"), "wall_ms": table.get("wall_ms"),
+                   "kernels_of_note": mine}
+            torch.cuda.empty_cache()
+
+
 # the fp8 suite's modes: (weights, KV cache, options, the rows' name)
 FP8_MODES: tuple[tuple[str, str, dict[str, str], str], ...] = (
     ("fp8", "fp8", {}, "fp8"), ("fp8", "int8", {}, "fp8_int8kv"),

@@ -5,6 +5,7 @@ new key, and splits long key ranges across programs (merged by the last split)."
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -230,7 +231,7 @@ if triton is not None:
         G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
         BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, PREC: tl.constexpr,
         INTERLEAVED: tl.constexpr, FP8_KV: tl.constexpr, INT8_KV: tl.constexpr,
-        PDL: tl.constexpr, F16: tl.constexpr = False,
+        PDL: tl.constexpr, F16: tl.constexpr = False, LATE: tl.constexpr = False,
     ):
         """Decode attention from the projection's raw q, k, v. Program (sequence, kv head
         x split): the G query heads of that kv head, one token, against its split of
@@ -245,6 +246,9 @@ if triton is not None:
         F16 (an 8-bit cache, 16-bit queries): both dots in float16, the 8-bit entries
         widened exactly (_load_kv16), q scaled into float16's range by a power of two
         when it is not in it, the int8 rows' scales on the scores and probabilities.
+        LATE (with PDL): the next kernel is let launch at this program's end, not after
+        the wait (PERF.md v0.74: its waiting programs hold SM slots that a second wave of
+        this grid's programs would take).
         """
         seq = tl.program_id(0)
         kvh = tl.program_id(1) // SPLITS
@@ -269,7 +273,8 @@ if triton is not None:
                             d_ok, D, Q.dtype.element_ty, INT8_KV)
         if PDL:
             tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+            if not LATE:
+                tl.extra.cuda.gdc_launch_dependents()
         if split < active:
             rows = tl.arange(0, BLOCK_R)
             head = kvh * G + rows % G
@@ -326,6 +331,9 @@ if triton is not None:
             _finish(m, l_sum, acc, OUT, OP, LSE, COUNT + seq * kv_heads + kvh,
                     seq + rows * 0, head, d, q_ok, row_ok, split, active, sps, spt, sph, sls,
                     slt, sot, soh, SPLITS, BLOCK_R, BLOCK_D)
+        if PDL:
+            if LATE:
+                tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
     def _finish(m, l_sum, acc, OUT, OP, LSE, COUNT, t_idx, head, d, mask, row_ok, split,
@@ -486,7 +494,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             SPLITS=splits,
             PREC=_precision(q.dtype), INTERLEAVED=new.interleaved,
             FP8_KV=k_cache.dtype == torch.float8_e4m3fn, INT8_KV=int8,
-            F16=f16, num_warps=warps, num_stages=2, **_launch(q))
+            F16=f16, LATE=os.environ.get("TPSERVE_PDL_LATE_ATTENTION") == "1",
+            num_warps=warps, num_stages=2, **_launch(q))
         return out
     _attention_kernel[(num_seqs, triton.cdiv(max_q, tile_t), kv_heads * splits)](
         q, k_cache, v_cache, k_scales, v_scales, out, part, lse, count, block_tables, cu_q,
