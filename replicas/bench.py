@@ -533,6 +533,30 @@ def pdl_ab(rounds: int = 2) -> Iterator[dict[str, Any]]:
             torch.cuda.empty_cache()
 
 
+def decode_tile_ab(rounds: int = 1) -> Iterator[dict[str, Any]]:
+    """PERF.md v0.74 A/B in one process: 256 x 128/128 in bf16 (16-bit cache) and W8A8
+    (e4m3 cache) with decode attention's wide-step tiles (engine_decode_tile) and without
+    (TPSERVE_WIDE_DECODE_TILES=0), `rounds` times in turn; an engine each. A row per
+    run: output tok/s new and cached, GPU busy time, decode attention's calls and time."""
+    config = EngineConfig(model=model_dir("glm4-9b"), load_format="random", dtype="bfloat16",
+                          max_model_len=512, max_num_seqs=256, max_num_batched_tokens=8192,
+                          kv_cache_memory=16 * 2**30)
+    modes = {"bf16": {}, "fp8-w8a8": {"quantization": "fp8-w8a8", "kv_cache_dtype": "fp8"}}
+    for turn in range(rounds):
+        for name, options in modes.items():
+            for on in ("1", "0"):
+                with _env("TPSERVE_WIDE_DECODE_TILES", on), \
+                        Engine(dataclasses.replace(config, **options)) as engine:
+                    run = _run_256(engine, 1)
+                table = run.pop("kernels")
+                decode = [t for t in table.get("top", []) if t["name"] == "_decode_kernel"]
+                yield {"case": f"glm4-9b_{name}_256req_in128_out128_wide_tiles_{on}",
+                       "unit": "tokens/s", "round": turn, "wide_tiles": on == "1", **run,
+                       **options, "busy_us": table.get("busy_us"),
+                       "wall_ms": table.get("wall_ms"), "decode_kernel": decode}
+                torch.cuda.empty_cache()
+
+
 # the fp8 suite's modes: (weights, KV cache, options, the rows' name)
 FP8_MODES: tuple[tuple[str, str, dict[str, str], str], ...] = (
     ("fp8", "fp8", {}, "fp8"), ("fp8", "int8", {}, "fp8_int8kv"),
@@ -787,7 +811,7 @@ def _attention_row(cache_dtype: str, num_seqs: int, keys: int, device: str,
                                        decode_tile=tile)
 
     base = kernels.decode_splits(num_seqs, kv_heads, keys)
-    engine_tile = tuple(kernels.DECODE_TILE)
+    engine_tile = kernels.engine_decode_tile(num_seqs, copies[0][0].dtype, dtype)
     variants = [(engine_tile, base)]
     for tile in tiles:  # the engine's tile (and its F16 form) at other splits too
         if tile[2:] and tile[2] and cache_dtype not in ("int8", "fp8"):
@@ -816,7 +840,7 @@ def _attention_row(cache_dtype: str, num_seqs: int, keys: int, device: str,
             "ours": round(default, 2), "best": best, "best_us": round(times[best], 2),
             "floor_us": round(floor_us, 2), "fraction_of_copy": round(floor_us / default, 3),
             "best_fraction_of_copy": round(floor_us / times[best], 3),
-            "engine_tile": list(kernels.DECODE_TILE), "engine_splits": base,
+            "engine_tile": list(engine_tile), "engine_splits": base,
             "times_us": {n: round(t, 2) for n, t in times.items()}, "failed": failed}
 
 

@@ -337,16 +337,14 @@ def test_decode_attention_probe_variants_equal_the_engines_on_gpu() -> None:
     def timer(fn: object, copies: list) -> float:
         return 1.0
 
-    # (the engine's tile listed too, so that it also runs at other splits: 4 bf16 variants,
-    # and the int8 cache's F16 form at both splits besides)
+    # (the batch-1 tile listed too; at 256 sequences the engine runs others, PERF.md v0.74)
     rows = list(attention_probe([(256, 192)], "cuda", timer, 1.0,
                                 tiles=[tuple(kernels.DECODE_TILE), (32, 4), (64, 8),
                                        (*kernels.DECODE_TILE[:2], 1)],
                                 cache_dtypes=("bfloat16", "int8")))
     assert len(rows) == 2
     assert all(not r["failed"] for r in rows), [r["failed"] for r in rows]
-    assert len(rows[0]["times_us"]) >= 4 and len(rows[1]["times_us"]) >= 6, \
-        [r["times_us"] for r in rows]
+    assert all(len(r["times_us"]) >= 4 for r in rows), [r["times_us"] for r in rows]
 
 
 def test_w8a8_cublas_runs_replay_in_a_cuda_graph_as_run_eagerly() -> None:

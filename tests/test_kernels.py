@@ -703,3 +703,25 @@ def test_decode_through_the_gemvs_equals_the_matmuls(family: str, checkpoint: Ch
     assert runs[True].logprobs is not None and runs[False].logprobs is not None
     torch.testing.assert_close(torch.tensor(runs[True].logprobs),
                                torch.tensor(runs[False].logprobs), atol=1e-4, rtol=1e-4)
+
+
+def test_wide_decode_steps_take_the_tiles_timed_fastest_there(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """PERF.md v0.74: below WIDE_DECODE_SEQS sequences decode attention runs DECODE_TILE;
+    from there 32-key tiles on a 16-bit cache and DECODE_TILE's F16 form on an 8-bit one
+    (not with float32 queries, which F16 does not take); TPSERVE_WIDE_DECODE_TILES=0
+    keeps DECODE_TILE everywhere."""
+    from replicas.kernels.attention import WIDE_DECODE_SEQS, engine_decode_tile
+
+    bf16, f32 = torch.bfloat16, torch.float32
+    for seqs in (1, 64, WIDE_DECODE_SEQS - 1):
+        for cache in (bf16, torch.int8, torch.float8_e4m3fn):
+            assert engine_decode_tile(seqs, cache, bf16) == kernels.DECODE_TILE
+    wide = WIDE_DECODE_SEQS
+    assert engine_decode_tile(wide, bf16, bf16) == (32, 4)
+    assert engine_decode_tile(wide, torch.float16, torch.float16) == (32, 4)
+    for cache in (torch.int8, torch.float8_e4m3fn):
+        assert engine_decode_tile(wide, cache, bf16) == (*kernels.DECODE_TILE, 1)
+        assert engine_decode_tile(wide, cache, f32) == kernels.DECODE_TILE
+    monkeypatch.setenv("TPSERVE_WIDE_DECODE_TILES", "0")
+    assert engine_decode_tile(wide, bf16, bf16) == kernels.DECODE_TILE

@@ -30,7 +30,13 @@ package re-exports every name they use.
 from replicas.kernels.activation import silu_and_mul
 from replicas.kernels.allreduce import Site
 from replicas.kernels.attention import _COUNTERS as _COUNTERS  # tests check the counters
-from replicas.kernels.attention import DECODE_TILE, NewKeys, decode_splits, paged_attention
+from replicas.kernels.attention import (
+    DECODE_TILE,
+    NewKeys,
+    decode_splits,
+    engine_decode_tile,
+    paged_attention,
+)
 from replicas.kernels.common import enabled, pdl
 from replicas.kernels.fp8mm import (
     pick_w8a8,
@@ -59,7 +65,7 @@ from replicas.kernels.tokens import ARGMAX_BLOCK, argmax_rows, feed_tokens
 __all__ = [
     "ARGMAX_BLOCK", "DECODE_TILE", "FP8_GEMV_CONFIGS", "GEMV_CONFIGS", "GemvConfig",
     "GemvKind", "NewKeys", "Site", "argmax_rows", "decode_splits", "enabled", "feed_tokens",
-    "gemv", "gemv_configs", "gemv_norm", "gemv_push",
+    "engine_decode_tile", "gemv", "gemv_configs", "gemv_norm", "gemv_push",
     "paged_attention", "pdl", "pick_gemv", "pick_w8a8", "quantize_tokens_fp8", "rms_norm",
     "rms_norm_quantize_fp8",
     "rope_and_cache", "silu_and_mul", "silu_mul_quantize_fp8", "w8a8_config", "w8a8_groups",

@@ -393,6 +393,24 @@ if triton is not None:
 # decode entries); `python -m replicas.bench --suite attention` times others at larger
 # batches
 DECODE_TILE = (64, 4)
+# From WIDE_DECODE_SEQS sequences a step (one split, two programs an SM or more), the
+# probe timed without PDL (PERF.md v0.74: each kernel alone, as the engine's follows a
+# cuBLAS matmul) found other tiles faster at 256 sequences of 192 and 1,024 keys: 32 keys
+# for a 16-bit cache (0.81x the (64, 4) tile's time at both), and (64, 4)'s F16 form for
+# an 8-bit one (e4m3 0.91x / 0.91x, int8 0.97x / 0.96x). At 64 sequences (64, 4) stayed
+# within 4 % of the best. TPSERVE_WIDE_DECODE_TILES=0 keeps DECODE_TILE (an A/B).
+WIDE_DECODE_SEQS = 256
+
+
+def engine_decode_tile(num_seqs: int, cache_dtype: torch.dtype, q_dtype: torch.dtype
+                ) -> tuple[int, ...]:
+    """The decode attention tile (keys a tile, warps[, f16]) the engine runs for a step of
+    `num_seqs` sequences on a cache of `cache_dtype` with queries of `q_dtype`."""
+    if num_seqs < WIDE_DECODE_SEQS or os.environ.get("TPSERVE_WIDE_DECODE_TILES") == "0":
+        return DECODE_TILE
+    if cache_dtype.itemsize == 1:  # (F16 needs 16-bit queries)
+        return DECODE_TILE if q_dtype == torch.float32 else (*DECODE_TILE, 1)
+    return (32, 4)
 
 
 def decode_splits(num_seqs: int, kv_heads: int, max_keys: int) -> int:
@@ -451,7 +469,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     [T, H, D] view with unit stride in D). The chunk's own keys must already be in the
     cache, or (decode only, max_q == 1) come unrotated as `new`, with q unrotated too.
     An int8 cache comes with its (K, V) row `scales`. `decode_tile`: (keys a tile,
-    warps[, f16]) for decode instead of DECODE_TILE (the attention probe's variants;
+    warps[, f16]) for decode instead of engine_decode_tile's (the attention probe's variants;
     f16 1: the _decode_kernel's F16, an 8-bit cache's dots in float16)."""
     k_scales, v_scales = cache_scales(k_cache, scales)
     int8 = k_cache.dtype == torch.int8
@@ -465,7 +483,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     assert out.shape == q.shape and out.stride(2) == 1, "out: a [T, H, D] view, unit stride in D"
     if max_q == 1:  # decode: one token per sequence, its group of heads in one tile
         tile_t, block_r = 1, max(16, _pow2(group))
-        block_n, warps, *more = decode_tile or DECODE_TILE
+        block_n, warps, *more = decode_tile or engine_decode_tile(num_seqs, k_cache.dtype,
+                                                                   q.dtype)
         f16 = bool(more and more[0])
         if f16 and (k_cache.element_size() != 1 or q.dtype == torch.float32):
             raise ValueError("decode_tile's float16 dots take an 8-bit cache and 16-bit "
