@@ -506,31 +506,66 @@ def _env(name: str, value: str) -> Iterator[None]:
             os.environ[name] = before
 
 
-def pdl_ab(rounds: int = 2) -> Iterator[dict[str, Any]]:
-    """PERF.md v0.74 A/B in one process: W8A8 (the e4m3 cache) 256 x 128/128 with
-    programmatic dependent launch as it is (decode attention lets the next kernel launch
-    right after its wait), with decode attention letting it launch at its end
-    (TPSERVE_PDL_LATE_ATTENTION=1), and with PDL off (TPSERVE_PDL=0), `rounds` times in
-    turn; an engine each (its graphs captured with the setting). A row per run: output
-    tok/s new and cached, GPU busy time, decode attention's calls and own time."""
-    config = EngineConfig(model=model_dir("glm4-9b"), load_format="random", dtype="bfloat16",
-                          max_model_len=512, max_num_seqs=256, max_num_batched_tokens=8192,
-                          kv_cache_memory=16 * 2**30, quantization="fp8-w8a8",
-                          kv_cache_dtype="fp8")
-    settings = {"early": ("TPSERVE_PDL", "1"), "late": ("TPSERVE_PDL_LATE_ATTENTION", "1"),
-                "off": ("TPSERVE_PDL", "0")}
-    for turn in range(rounds):
-        for name, (var, value) in settings.items():
-            with _env(var, value), Engine(config) as engine:
-                run = _run_256(engine, 1)
-            table = run.pop("kernels")
-            mine = {t["name"]: t for t in table.get("top", [])
-                    if t["name"] in ("_decode_kernel", "_quant_rows_kernel")}
-            yield {"case": f"glm4-9b_fp8-w8a8_256req_in128_out128_pdl_{name}",
-                   "unit": "tokens/s", "round": turn, "pdl": name, **run,
-                   "busy_us": table.get("busy_us"), "wall_ms": table.get("wall_ms"),
-                   "kernels_of_note": mine}
-            torch.cuda.empty_cache()
+def attention_pdl_gap() -> Iterator[dict[str, Any]]:
+    """PERF.md v0.74: why decode attention took ~32 us a call in the 256-request run and
+    ~24 in the probe (256 x 192 keys, e4m3 and bf16 caches): the probe with PDL on (its
+    kernels back to back, each one's start overlapping the one before) and off (each
+    alone, as the engine's follows a cuBLAS matmul); then engine-like block tables
+    (prompts' blocks sequence by sequence, then decode's step by step) from pools of
+    3,072-52,427 blocks (the W8A8 run's pool), and random ones, PDL on and off."""
+    from replicas import kernels
+    from replicas.kernels.gemv import _cycled_us
+
+    rate = copy_bandwidth()
+    for pdl in ("1", "0"):
+        with _env("TPSERVE_PDL", pdl):
+            for r in attention_probe([(256, 192)], "cuda", _cycled_us, rate, tiles=[],
+                                     cache_dtypes=("fp8", "bfloat16")):
+                yield {"probe": True, "pdl": pdl, "case": r["case"], "us": r["ours"]}
+    seqs, keys, bs, kvh, d, heads = 256, 192, 16, 2, 128, 32
+    width = keys // bs
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    qkv = torch.randn(seqs, (heads + 2 * kvh) * d, device="cuda", dtype=torch.bfloat16,
+                      generator=gen)
+    q, k, v = qkv.split([heads * d, kvh * d, kvh * d], dim=1)
+    angles = torch.rand(seqs, 1, 64, device="cuda", generator=gen) * 6
+    positions = torch.full((seqs,), keys - 1, device="cuda")
+    cu_q = torch.arange(seqs + 1, device="cuda", dtype=torch.int32)
+    out = torch.empty(seqs, heads, d, device="cuda", dtype=torch.bfloat16)
+    for dtype in ("fp8", "bfloat16"):
+        for pool, order in ((3072, "random"), (3072 * 4, "alloc"), (52427, "alloc"),
+                            (52427, "random")):
+            if order == "alloc":  # (as the block manager hands them out, a third in)
+                prompt = torch.arange(seqs * 8).view(seqs, 8)
+                decode = seqs * 8 + torch.arange(seqs * (width - 8)).view(width - 8, seqs).T
+                tables = (pool // 3 + torch.cat([prompt, decode], 1)).to("cuda", torch.int32)
+            else:
+                tables = torch.randperm(pool, device="cuda", generator=gen)[
+                    :seqs * width].view(seqs, width).to(torch.int32)
+            slots = tables[:, (keys - 1) // bs].long() * bs + (keys - 1) % bs
+            new = kernels.NewKeys(k.view(seqs, kvh, d), v.view(seqs, kvh, d), angles.cos(),
+                                  angles.sin(), slots, 64, True)
+
+            def run(c: list[torch.Tensor], tables: torch.Tensor = tables,
+                    new: kernels.NewKeys = new) -> torch.Tensor:
+                return kernels.paged_attention(
+                    q.view(seqs, heads, d), c[0], c[1], tables, cu_q, positions, None, 1,
+                    kernels.decode_splits(seqs, kvh, keys), new, (), out=out,
+                    decode_tile=kernels.DECODE_TILE)
+
+            for pdl in ("1", "0"):
+                copies = []
+                for _ in range(2 if pool > 10000 else 8):
+                    pair = [torch.randn(pool, bs, kvh, d, device="cuda",
+                                        dtype=torch.bfloat16, generator=gen) for _ in "kv"]
+                    copies.append([c.to(torch.float8_e4m3fn) for c in pair]
+                                  if dtype == "fp8" else pair)
+                with _env("TPSERVE_PDL", pdl):
+                    us = _cycled_us(run, copies)
+                del copies
+                torch.cuda.empty_cache()
+                yield {"probe": False, "dtype": dtype, "pool": pool, "order": order,
+                       "pdl": pdl, "us": round(us, 2)}
 
 
 def decode_tile_ab(rounds: int = 1) -> Iterator[dict[str, Any]]:

@@ -231,7 +231,7 @@ if triton is not None:
         G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
         BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, PREC: tl.constexpr,
         INTERLEAVED: tl.constexpr, FP8_KV: tl.constexpr, INT8_KV: tl.constexpr,
-        PDL: tl.constexpr, F16: tl.constexpr = False, LATE: tl.constexpr = False,
+        PDL: tl.constexpr, F16: tl.constexpr = False,
     ):
         """Decode attention from the projection's raw q, k, v. Program (sequence, kv head
         x split): the G query heads of that kv head, one token, against its split of
@@ -246,9 +246,6 @@ if triton is not None:
         F16 (an 8-bit cache, 16-bit queries): both dots in float16, the 8-bit entries
         widened exactly (_load_kv16), q scaled into float16's range by a power of two
         when it is not in it, the int8 rows' scales on the scores and probabilities.
-        LATE (with PDL): the next kernel is let launch at this program's end, not after
-        the wait (PERF.md v0.74: its waiting programs hold SM slots that a second wave of
-        this grid's programs would take).
         """
         seq = tl.program_id(0)
         kvh = tl.program_id(1) // SPLITS
@@ -273,8 +270,7 @@ if triton is not None:
                             d_ok, D, Q.dtype.element_ty, INT8_KV)
         if PDL:
             tl.extra.cuda.gdc_wait()
-            if not LATE:
-                tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_launch_dependents()
         if split < active:
             rows = tl.arange(0, BLOCK_R)
             head = kvh * G + rows % G
@@ -331,9 +327,6 @@ if triton is not None:
             _finish(m, l_sum, acc, OUT, OP, LSE, COUNT + seq * kv_heads + kvh,
                     seq + rows * 0, head, d, q_ok, row_ok, split, active, sps, spt, sph, sls,
                     slt, sot, soh, SPLITS, BLOCK_R, BLOCK_D)
-        if PDL:
-            if LATE:
-                tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
     def _finish(m, l_sum, acc, OUT, OP, LSE, COUNT, t_idx, head, d, mask, row_ok, split,
@@ -398,12 +391,14 @@ DECODE_TILE = (64, 4)
 # cuBLAS matmul) found other tiles faster at 256 sequences of 192 and 1,024 keys: 32 keys
 # for a 16-bit cache (0.81x the (64, 4) tile's time at both), and (64, 4)'s F16 form for
 # an 8-bit one (e4m3 0.91x / 0.91x, int8 0.97x / 0.96x). At 64 sequences (64, 4) stayed
-# within 4 % of the best. TPSERVE_WIDE_DECODE_TILES=0 keeps DECODE_TILE (an A/B).
+# within 4 % of the best. In the engine (256 x 128/128, one process, bench.decode_tile_ab)
+# a call went 34.2 -> 26.0 us (bf16) and 32.6 -> 30.7 (e4m3).
+# TPSERVE_WIDE_DECODE_TILES=0 keeps DECODE_TILE (an A/B).
 WIDE_DECODE_SEQS = 256
 
 
 def engine_decode_tile(num_seqs: int, cache_dtype: torch.dtype, q_dtype: torch.dtype
-                ) -> tuple[int, ...]:
+                       ) -> tuple[int, ...]:
     """The decode attention tile (keys a tile, warps[, f16]) the engine runs for a step of
     `num_seqs` sequences on a cache of `cache_dtype` with queries of `q_dtype`."""
     if num_seqs < WIDE_DECODE_SEQS or os.environ.get("TPSERVE_WIDE_DECODE_TILES") == "0":
@@ -469,8 +464,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     [T, H, D] view with unit stride in D). The chunk's own keys must already be in the
     cache, or (decode only, max_q == 1) come unrotated as `new`, with q unrotated too.
     An int8 cache comes with its (K, V) row `scales`. `decode_tile`: (keys a tile,
-    warps[, f16]) for decode instead of engine_decode_tile's (the attention probe's variants;
-    f16 1: the _decode_kernel's F16, an 8-bit cache's dots in float16)."""
+    warps[, f16]) for decode instead of engine_decode_tile's (the attention probe's
+    variants; f16 1: the _decode_kernel's F16, an 8-bit cache's dots in float16)."""
     k_scales, v_scales = cache_scales(k_cache, scales)
     int8 = k_cache.dtype == torch.int8
     assert new is None or max_q == 1, "keys are rotated and cached here in decode only"
@@ -513,8 +508,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             SPLITS=splits,
             PREC=_precision(q.dtype), INTERLEAVED=new.interleaved,
             FP8_KV=k_cache.dtype == torch.float8_e4m3fn, INT8_KV=int8,
-            F16=f16, LATE=os.environ.get("TPSERVE_PDL_LATE_ATTENTION") == "1",
-            num_warps=warps, num_stages=2, **_launch(q))
+            F16=f16, num_warps=warps, num_stages=2, **_launch(q))
         return out
     _attention_kernel[(num_seqs, triton.cdiv(max_q, tile_t), kv_heads * splits)](
         q, k_cache, v_cache, k_scales, v_scales, out, part, lse, count, block_tables, cu_q,
