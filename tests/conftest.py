@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,21 @@ def shared_stack() -> stack_tier.Running:
     return STARTING[0].running()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def heap_not_frozen() -> Iterator[None]:
+    """Engines started in a test's process leave the heap as it is: `freeze_heap` (a
+    serving process's one start-up: a full collection, then gc.freeze) collected the whole
+    test process's heap, pytest's and every test module's imports, 0.5-0.8 s an engine,
+    ~100 CPU-seconds of the fast tier's ~300 engines. Shutdown still collects (and
+    unfreezes); rank processes and engine children freeze as they do in service.
+    tests/test_engine.py's freeze test puts `freeze_heap` back."""
+    import replicas.engine
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(replicas.engine, "freeze_heap", lambda: None)
+        yield
+
+
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> CheckpointFactory:
     """`checkpoint(family, **options)` -> directory; the same arguments give the same
@@ -146,3 +162,4 @@ def overflowing_model(tmp_path_factory: pytest.TempPathFactory) -> str:
             tensors[name] = tensors[name] * 1e6
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     return str(path)
+
