@@ -1,8 +1,9 @@
 """The row-wise kernels (RMSNorm with its residual add, SwiGLU: one program a row) in
 PyTorch for a test: in Triton's interpreter they are about half of an engine test's time
-(a program a row, each interpreted), and their launches do not depend on the KV cache's
-dtype. So a test run once per cache dtype runs them through the kernels in one of its
-runs and through PyTorch (the model's own non-Triton path) in the others."""
+(a program a row, each interpreted), and neither their launches nor their results depend
+on the KV cache's dtype or on how attention runs. So a test parametrized over those runs
+them through the kernels in one of its variants and through PyTorch (the model's own
+non-Triton path) in the others."""
 
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoints import CheckpointFactory
+from rowwise import rows_in_pytorch
 from transformers import AutoConfig
 
 from replicas import Engine, EngineConfig, SamplingParams, kernels, worker
@@ -584,6 +585,8 @@ def test_engine_tokens_equal_through_the_kernels(family: str, flash_from: int,
     """Whole generations (prefill in chunks, prefix-cache hits, decode) through the
     kernels give the PyTorch path's greedy tokens."""
     monkeypatch.setattr(worker, "FLASH_MIN_TOKENS", flash_from)
+    if flash_from < 10**6:  # (the norms and SwiGLU: the other run's, tests/rowwise.py)
+        rows_in_pytorch(monkeypatch)
     ckpt = checkpoint(family)
     config = EngineConfig(model=ckpt, device=DEVICE, dtype="float32",
                           max_num_batched_tokens=16, block_size=4)
