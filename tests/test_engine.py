@@ -216,17 +216,25 @@ def test_the_heap_is_frozen_while_serving_and_the_model_freed_after(
     import weakref
 
     import replicas.engine
+    import replicas.worker
     from replicas.worker import freeze_heap
 
-    # (the tests' processes start engines without it: tests/conftest.py heap_not_frozen)
+    # (the tests' processes freeze their imports once and start engines without it:
+    # tests/conftest.py frozen_imports)
     monkeypatch.setattr(replicas.engine, "freeze_heap", freeze_heap)
-    eng = Engine(EngineConfig(model=None))
-    assert gc.get_freeze_count() > 0
-    model = weakref.ref(eng.worker.model)
-    eng.shutdown()
-    assert gc.get_freeze_count() == 0
-    gc.collect()
-    assert model() is None
+    monkeypatch.setattr(replicas.worker, "gc", gc)
+    gc.unfreeze()
+    try:
+        assert gc.get_freeze_count() == 0
+        eng = Engine(EngineConfig(model=None))
+        assert gc.get_freeze_count() > 0
+        model = weakref.ref(eng.worker.model)
+        eng.shutdown()
+        assert gc.get_freeze_count() == 0
+        gc.collect()
+        assert model() is None
+    finally:
+        gc.freeze()  # (the session's heap frozen again)
 
 
 def test_abort_by_leaving_the_stream_frees_blocks(engine: Engine) -> None:
