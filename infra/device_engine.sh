@@ -20,8 +20,8 @@
 #                                                # test_kernels.py's GEMV tests
 #   W8A8_S=150 ...                               # and W8A8's few-row matmul: Triton's
 #                                                # configs against _scaled_mm at 16-256
-#                                                # rows (PERF v0.62) and the split-K
-#                                                # candidates (v0.68), then their GPU tests
+#                                                # rows (PERF v0.62) and cuBLAS in runs
+#                                                # of K (v0.71), then their GPU tests
 #   ACC_S=200 ...                                # and W8A8's accuracy (-keepqkv, with
 #                                                # the int8 cache, all W8A8) with
 #                                                # gemv_kernels off (cuBLAS at every row
@@ -97,7 +97,7 @@ if [ "${W8A8_S:-0}" != 0 ]; then  # W8A8 per token at a decode step's rows (~1 m
   timeout -s KILL "$W8A8_S" python3 -m replicas.bench --suite w8a8 2>&1 |
     rows w8a8_h200.jsonl w8a8_h200.jsonl
   timeout -s KILL "$W8A8_S" python3 -m pytest -q tests/test_gpu.py tests/test_kernels.py \
-    -k "w8a8_per_token or w8a8_split or cublas_runs" -s -p no:cacheprovider 2>&1 |
+    -k "w8a8_per_token or cublas_runs" -s -p no:cacheprovider 2>&1 |
     grep -E "mean relative|passed|failed|Error" | tee "$out/w8a8_tests.log"
 fi
 if [ "${ACC_S:-0}" != 0 ]; then  # W8A8's accuracy, cuBLAS then Triton (~20 s each)

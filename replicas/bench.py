@@ -695,7 +695,7 @@ def w8a8_suite(repeats: int, picker: Callable[..., tuple[Any, Any]] | None = Non
     measured copy rate, and the pick the engine would take. (`repeats`: unused.)"""
     from replicas.fp8 import quantize_rows
     from replicas.kernels import pick_w8a8
-    from replicas.kernels.fp8mm import W8A8_CUBLAS_CONFIGS, W8A8_SPLIT_CONFIGS, w8a8_split
+    from replicas.kernels.fp8mm import W8A8_CUBLAS_CONFIGS
 
     pick = picker or pick_w8a8
     rate = bandwidth if bandwidth is not None else copy_bandwidth()
@@ -707,19 +707,10 @@ def w8a8_suite(repeats: int, picker: Callable[..., tuple[Any, Any]] | None = Non
                                               generator=gen) * 0.02)
         picks, report = pick(w8, scale, has_bias)
         # each family of candidates beside the picks: v0.71's `_scaled_mm` in runs of K
-        # (among the picks' own candidates: their times are the pick's); PERF.md v0.68's
-        # split-K tiles, timed the same way, not picked by the engine (a failure to build
-        # or run them is the row's, not the suite's)
+        # (among the picks' own candidates: their times are the pick's)
         families: dict[str, dict[int, dict[str, float]] | str] = {"cublas": {
             rows: {str(c): t[str(c)] for c in W8A8_CUBLAS_CONFIGS if str(c) in t}
             for rows, t in report.items()}}
-        try:
-            families["split"] = pick(w8, scale, has_bias,
-                                     rows=tuple(rows for rows, _ in picks),
-                                     candidates=W8A8_SPLIT_CONFIGS, kernel=w8a8_split)[1]
-        except Exception as e:  # noqa: BLE001 - recorded in the rows
-            families["split"] = (f"{type(e).__name__}: "
-                                 f"{str(e).splitlines()[-1] if str(e) else ''}")
         for rows, chosen in picks:
             times = report[rows]
             best = min((c for c in times if c != "scaled_mm"), key=times.__getitem__)

@@ -4,8 +4,10 @@ the tiers run in."""
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +113,41 @@ def shared_stack() -> stack_tier.Running:
     return STARTING[0].running()
 
 
+class ImportsStayFrozen:
+    """replicas.worker's `gc` in the tests' processes (`frozen_imports`): the collector,
+    but `unfreeze` leaves the heap the session froze frozen."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(gc, name)
+
+    @staticmethod
+    def unfreeze() -> None:
+        pass
+
+
+@pytest.fixture(scope="session", autouse=True)
+def frozen_imports() -> Iterator[None]:
+    """A test process freezes its heap once, as it is when its tests begin (pytest's,
+    every test module's imports), as `freeze_heap` does in a serving process; engines
+    started in it neither collect and freeze at start (`freeze_heap`) nor unfreeze at
+    shutdown (`Worker.release`, which still collects what they allocated). Each engine's
+    two full collections of a test process's heap took 0.5-0.8 s, ~200 CPU-seconds of the
+    fast tier's ~170 engines. Rank processes and engine children freeze as in service;
+    tests/test_engine.py's freeze test takes both back."""
+    import replicas.engine
+    import replicas.worker
+
+    gc.collect()
+    gc.freeze()
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(replicas.engine, "freeze_heap", lambda: None)
+            patch.setattr(replicas.worker, "gc", ImportsStayFrozen())
+            yield
+    finally:
+        gc.unfreeze()
+
+
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> CheckpointFactory:
     """`checkpoint(family, **options)` -> directory; the same arguments give the same
@@ -146,3 +183,5 @@ def overflowing_model(tmp_path_factory: pytest.TempPathFactory) -> str:
             tensors[name] = tensors[name] * 1e6
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     return str(path)
+
+

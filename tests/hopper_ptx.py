@@ -85,16 +85,7 @@ def rest() -> list[tuple[Any, dict[str, str], dict[str, Any], bool]]:
                  "TOKENS": True, "SWAP": swap, "IMPRECISE": fp8mm.fp8_promotion(bk)}, False)
                for bm, bn, bk, _, _, swap in (next(c for c in fp8mm.W8A8_TOKENS_CONFIGS
                                                    if c[-1] == s) for s in (False, True))]
-    # PERF.md v0.68's split-K candidate, its tiles through TMA descriptors and through
-    # pointers
-    desc = "tensordesc<fp8e4nv[128, 128]>"
-    split = [(fp8mm._w8a8_split_kernel, {**groups[1], "Y": bf16, "P": "*fp32", "CNT": "*i32",
-                                         "XD": desc if tma else "*fp8e4nv",
-                                         "WD": desc if tma else "*fp8e4nv"},
-              {"HAS_BIAS": True, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "SPLITS": 2,
-               "TMA": tma, "PDL": True, "IMPRECISE": fp8mm.fp8_promotion(128)}, False)
-             for tma in (True, False)]
-    return [*w8a16, groups, *tokens_, *split,
+    return [*w8a16, groups, *tokens_,
         (norm._rms_norm_kernel, {n: bf16 for n in ("X", "R", "W", "Y", "ROUT", "S")} | {
             "eps": "fp32"}, {"HAS_RES": True, "BLOCK": 4096, "QUANT": False, "PDL": True},
          False),

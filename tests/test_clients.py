@@ -264,7 +264,8 @@ def test_lm_eval_loglikelihood_on_a_local_task(server: RouterServer, tmp_path: P
             "base_url": f"{server.url}/v1/completions", "model": "tpserve",
             "tokenizer": tiny_model_dir(), "tokenizer_backend": "huggingface",
             "num_concurrent": 1, "max_retries": 1},
-        tasks=["tpserve_local"], task_manager=TaskManager(include_path=str(tmp_path)),
+        tasks=["tpserve_local"],
+        task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
         log_samples=True)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir())
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(), dtype=torch.float32)

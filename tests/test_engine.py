@@ -208,19 +208,33 @@ def test_streams_get_a_steps_deltas_in_one_wake_up_of_their_loop(engine: Engine)
     assert wakes <= steps + 2 < 8 * 10  # (+ the last deliveries after the last step)
 
 
-def test_the_heap_is_frozen_while_serving_and_the_model_freed_after() -> None:
+def test_the_heap_is_frozen_while_serving_and_the_model_freed_after(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Start-up's objects leave the collector's generations (`freeze_heap`), and
     shutdown gives them back: the model is collected, none of it left behind."""
     import gc
     import weakref
 
-    eng = Engine(EngineConfig(model=None))
-    assert gc.get_freeze_count() > 0
-    model = weakref.ref(eng.worker.model)
-    eng.shutdown()
-    assert gc.get_freeze_count() == 0
-    gc.collect()
-    assert model() is None
+    import replicas.engine
+    import replicas.worker
+    from replicas.worker import freeze_heap
+
+    # (the tests' processes freeze their imports once and start engines without it:
+    # tests/conftest.py frozen_imports)
+    monkeypatch.setattr(replicas.engine, "freeze_heap", freeze_heap)
+    monkeypatch.setattr(replicas.worker, "gc", gc)
+    gc.unfreeze()
+    try:
+        assert gc.get_freeze_count() == 0
+        eng = Engine(EngineConfig(model=None))
+        assert gc.get_freeze_count() > 0
+        model = weakref.ref(eng.worker.model)
+        eng.shutdown()
+        assert gc.get_freeze_count() == 0
+        gc.collect()
+        assert model() is None
+    finally:
+        gc.freeze()  # (the session's heap frozen again)
 
 
 def test_abort_by_leaving_the_stream_frees_blocks(engine: Engine) -> None:

@@ -812,29 +812,6 @@ def test_w8a8_per_token_kernel_is_the_token_scaled_product(
     token_scaled_products(kernels.w8a8_per_token, W8A8_TOKENS_CONFIGS, shape, (False, True))
 
 
-@pytest.mark.parametrize("shape", [(33, 72, 208), (5, 40, 384), (130, 16, 64)])
-def test_w8a8_split_kernel_is_the_token_scaled_product(
-        shape: tuple[int, int, int], monkeypatch: pytest.MonkeyPatch) -> None:
-    """PERF.md v0.68's candidate: K split among programs (the last to finish a tile adding
-    the others' partials), through TMA descriptors or pointers, in every config of
-    W8A8_SPLIT_CONFIGS, with a bias and without: the same product as w8a8_per_token
-    (float64 of the same FP8 values), twice over (the tiles' counters are left at 0); M,
-    N and K (208: a masked last step) its blocks do not divide. TMA refuses a K whose rows
-    do not start 16 bytes apart."""
-    pytest.importorskip("triton")
-    from replicas.kernels import fp8mm
-
-    monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
-    assert {c[-1] for c in fp8mm.W8A8_SPLIT_CONFIGS} == {False, True}
-    x8, xs, w8, ws = token_scaled_products(fp8mm.w8a8_split, fp8mm.W8A8_SPLIT_CONFIGS, shape,
-                                           (False, True, False))
-    assert not fp8mm._SPLIT_COUNTERS[x8.device].any()
-    k = shape[2]
-    with pytest.raises(ValueError, match="16 bytes apart"):
-        fp8mm.w8a8_split(x8[:, :k - 8], xs, w8[:, :k - 8], ws, None, torch.float32,
-                         fp8mm.W8A8_SPLIT_CONFIGS[0])
-
-
 def test_w8a8_cublas_in_runs_of_k_is_the_token_scaled_product() -> None:
     """PERF.md v0.71's candidates: `_scaled_mm` on runs of K whose products are added, or
     transposed, in every config of W8A8_CUBLAS_CONFIGS, with a bias and without: the same

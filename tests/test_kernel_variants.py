@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+from rowwise import rows_in_pytorch
 
 from replicas.config import EngineConfig
 from replicas.engine import Engine
@@ -70,7 +71,10 @@ def variants(seen: Launches) -> dict[str, dict[str, set[Any]]]:
 
 
 @pytest.mark.parametrize("kv", ["auto", "int8"])
-def test_a_steps_shape_chooses_no_kernel_variant(launches: Launches, kv: str) -> None:
+def test_a_steps_shape_chooses_no_kernel_variant(launches: Launches, kv: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    if kv != "auto":  # (the norms' and SwiGLU's launches, the same whatever the cache's
+        rows_in_pytorch(monkeypatch)  # dtype, are the "auto" run's: tests/rowwise.py)
     config = EngineConfig(model=None, dtype="float32", max_model_len=1024,
                           max_num_batched_tokens=128, piece_graph_tokens=64,
                           kv_cache_dtype=kv)

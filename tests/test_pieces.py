@@ -14,6 +14,7 @@ import dataclasses
 
 import pytest
 from checkpoints import CheckpointFactory
+from rowwise import rows_in_pytorch
 
 from replicas import model
 from replicas.config import DEFAULT_PIECE_TOKENS, ConfigError, EngineConfig
@@ -82,6 +83,8 @@ def test_pieces_through_the_triton_kernels(monkeypatch: pytest.MonkeyPatch, kv: 
     monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
     monkeypatch.delenv("TPSERVE_KERNELS", raising=False)
     monkeypatch.setattr("replicas.worker.FLASH_MIN_TOKENS", 16)  # (512: too slow here)
+    if kv != "auto":  # (the norms and SwiGLU in pieces: the "auto" run's, tests/rowwise.py)
+        rows_in_pytorch(monkeypatch)
     fresh = []
     through = model.fresh_attention
     monkeypatch.setattr(model, "fresh_attention",

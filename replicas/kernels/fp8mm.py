@@ -14,8 +14,6 @@
 - `w8a8_per_token`: FP8 activations with one scale per token: what `torch._scaled_mm`
   computes, in narrower tiles for a decode step's few rows (PERF.md v0.62), each 128
   FP8 products added into float32 (v0.67).
-- `w8a8_split`: the same product with K split among programs, tiles through TMA or
-  pointers: a candidate `--suite w8a8` times, not picked by the engine (v0.68).
 - `w8a8_cublas`: the same product through `torch._scaled_mm`, K in runs side by side on
   CUDA streams, or transposed: candidates `--suite w8a8` times (v0.71)."""
 
@@ -29,7 +27,7 @@ from typing import Any
 
 import torch
 
-from replicas.kernels.attention import _kept, _precision
+from replicas.kernels.attention import _precision
 from replicas.kernels.common import STEP_SHAPED, _launch
 
 log = logging.getLogger(__name__)
@@ -144,64 +142,6 @@ if triton is not None:
             tl.store(Y + rm[None, :] * sym + rn[:, None], acc.to(Y.dtype.element_ty),
                      mask=n_ok[:, None] & m_ok[None, :])
         else:
-            acc = acc * xs[:, None] * ws[None, :]
-            if HAS_BIAS:
-                acc += tl.load(B + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            tl.store(Y + rm[:, None] * sym + rn[None, :], acc.to(Y.dtype.element_ty),
-                     mask=m_ok[:, None] & n_ok[None, :])
-
-
-    @triton.jit(do_not_specialize=STEP_SHAPED["_w8a8_split_kernel"])
-    def _w8a8_split_kernel(X, XD, XS, W, WD, WS, B, Y, P, CNT, m, n, k, sxm, swn, sym,
-                           HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           SPLITS: tl.constexpr, TMA: tl.constexpr, PDL: tl.constexpr,
-                           IMPRECISE: tl.constexpr = None):
-        """Program (tile of BLOCK_M rows of x x BLOCK_N rows of W, split): the split's
-        share of K's steps (TMA: tiles loaded through the descriptors XD and WD, else
-        through pointers), as w8a8_per_token's product (per-token scales; IMPRECISE as
-        there). With SPLITS > 1 each split but the last to finish stores its float32
-        partial tile in P; the last (CNT, a counter a tile, left at 0 again) adds the
-        others' and writes the tile."""
-        _pdl_enter(PDL)
-        pid_m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        m_ok, n_ok = rm < m, rn < n
-        steps = tl.cdiv(k, BLOCK_K)
-        per = tl.cdiv(steps, SPLITS)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for i in tl.range(split * per, tl.minimum(steps, split * per + per)):
-            if TMA:  # (out of bounds: zeros)
-                a = XD.load([pid_m * BLOCK_M, i * BLOCK_K])
-                w = WD.load([pid_n * BLOCK_N, i * BLOCK_K])
-            else:
-                cols = i * BLOCK_K + rk
-                k_ok = cols < k
-                a = tl.load(X + rm[:, None] * sxm + cols[None, :],
-                            mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-                w = tl.load(W + rn[:, None] * swn + cols[None, :],
-                            mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            acc += tl.dot(a, tl.trans(w), max_num_imprecise_acc=IMPRECISE)
-        tile = pid_m * tl.num_programs(1) + pid_n
-        tiles = tl.num_programs(0) * tl.num_programs(1)
-        last = True
-        if SPLITS > 1:
-            inside = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-            tl.store(P + (split * tiles + tile) * BLOCK_M * BLOCK_N + inside, acc)
-            tl.debug_barrier()  # every thread's stores before the release below
-            done = tl.atomic_add(CNT + tile, 1, sem="acq_rel", scope="gpu")
-            last = done == SPLITS - 1
-            if last:  # the others' partials are visible: add them (past L1)
-                for other in tl.static_range(SPLITS):
-                    if other != split:
-                        acc += tl.load(P + (other * tiles + tile) * BLOCK_M * BLOCK_N
-                                       + inside, cache_modifier=".cg")
-                tl.atomic_xchg(CNT + tile, 0)
-        if last:
-            xs = tl.load(XS + rm, mask=m_ok, other=0.0)
-            ws = tl.load(WS + rn, mask=n_ok, other=0.0)
             acc = acc * xs[:, None] * ws[None, :]
             if HAS_BIAS:
                 acc += tl.load(B + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -336,58 +276,6 @@ def w8a8_per_token(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor,
                  stages, tokens=True, swap=swap)
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, splits, tma): `w8a8_split`'s configs, timed
-# by `--suite w8a8` beside the picks at a decode step's rows, not (yet) picked by the
-# engine. Why (PERF.md v0.68): at 256 rows cuBLAS's 128 x 128 tiles are 64-72 programs for
-# GLM-4-9B's qkv, o and down on 132 SMs; split in two along K they are twice as many.
-# (128, 128, 128) unsplit, through TMA, says whether Triton's tile an SM keeps up with
-# cuBLAS's at all; through pointers it took twice cuBLAS's time (v0.62).
-W8A8SplitConfig = tuple[int, int, int, int, int, int, bool]
-W8A8_SPLIT_CONFIGS: tuple[W8A8SplitConfig, ...] = (
-    (128, 128, 128, 8, 3, 1, True), (128, 128, 128, 8, 3, 2, True),
-    (128, 128, 128, 8, 3, 2, False), (128, 64, 128, 4, 3, 2, True),
-    (64, 128, 128, 4, 3, 2, True), (128, 128, 128, 8, 4, 2, True))
-
-# per device (attention._kept): float32 partial tiles and int32 counters a tile (each left
-# at 0 by the split that finishes its tile; apart from decode attention's, which PDL may
-# run beside these), made outside a CUDA graph's capture (its warm-up)
-_SPLIT_PARTIALS: dict[torch.device, torch.Tensor] = {}
-_SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def w8a8_split(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor,
-               scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
-               config: W8A8SplitConfig) -> torch.Tensor:
-    """What `w8a8_per_token` computes, in tiles whose K is split among `splits` programs
-    (the last to finish a tile adds the others' float32 partials), loaded through TMA
-    descriptors when `tma`: one of W8A8_SPLIT_CONFIGS (PERF.md v0.68)."""
-    block_m, block_n, block_k, warps, stages, splits, tma = config
-    m, k = x8.shape
-    n = w8.shape[0]
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)
-    tiles = grid[0] * grid[1]
-    partial = _kept(_SPLIT_PARTIALS, x8.device, splits * tiles * block_m * block_n,
-                    torch.float32)
-    counters = _kept(_SPLIT_COUNTERS, x8.device, tiles, torch.int32)
-    y = torch.empty(m, n, dtype=out_dtype, device=x8.device)
-    xd, wd = x8, w8  # (through pointers: unused)
-    if tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        if k % 16 or x8.stride(0) % 16 or w8.stride(0) % 16:
-            raise ValueError(f"TMA reads rows that start 16 bytes apart: K = {k}")
-
-        xd = TensorDescriptor.from_tensor(x8, [block_m, block_k])
-        wd = TensorDescriptor.from_tensor(w8, [block_n, block_k])
-    _w8a8_split_kernel[grid](
-        x8, xd, x_scale, w8, wd, scale, bias if bias is not None else scale, y, partial,
-        counters, m, n, k, x8.stride(0), w8.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        SPLITS=splits, TMA=tma, IMPRECISE=fp8_promotion(block_k), num_warps=warps,
-        num_stages=stages, **_launch(x8))
-    return y
-
-
 # The picks `pick_w8a8` measured, by weight shape (N, K), per process (each rank its own;
 # parallel.tune_gemv fills it, layers of one shape share it): ((up to this many rows, a
 # config or None for `_scaled_mm`), ...) by rows. A shape without picks, and more rows
@@ -496,8 +384,7 @@ def pick_w8a8(w8: torch.Tensor, scale: torch.Tensor, has_bias: bool,
               kernel: Callable[..., torch.Tensor] | None = None
               ) -> tuple[tuple[tuple[int, Any], ...], dict[int, dict[str, float]]]:
     """Time `torch._scaled_mm` and each of `candidates` (W8A8_TOKENS_CONFIGS and
-    W8A8_CUBLAS_CONFIGS through w8a8_picked, or another `kernel`'s: `--suite w8a8` times
-    w8a8_split's so) on
+    W8A8_CUBLAS_CONFIGS through w8a8_picked, or another `kernel`'s) on
     `rows` rows of a per-token FP8 input times the FP8 weight w8 [N, K] (its row `scale`),
     bf16 out, as a decode step runs them: weights cold (copies cycled), in a CUDA graph.
     Each config's product is checked against `_scaled_mm`'s. Returns, per count of rows,
