@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -379,18 +378,15 @@ def w8a8_config(n: int, k: int, m: int) -> W8A8PickConfig | None:
 
 
 def pick_w8a8(w8: torch.Tensor, scale: torch.Tensor, has_bias: bool,
-              rows: tuple[int, ...] = W8A8_PICK_ROWS, margin: float = 0.97,
-              candidates: tuple[Any, ...] | None = None,
-              kernel: Callable[..., torch.Tensor] | None = None
+              rows: tuple[int, ...] = W8A8_PICK_ROWS, margin: float = 0.97
               ) -> tuple[tuple[tuple[int, Any], ...], dict[int, dict[str, float]]]:
-    """Time `torch._scaled_mm` and each of `candidates` (W8A8_TOKENS_CONFIGS and
-    W8A8_CUBLAS_CONFIGS through w8a8_picked, or another `kernel`'s) on
+    """Time `torch._scaled_mm` and each of W8A8_TOKENS_CONFIGS and W8A8_CUBLAS_CONFIGS
+    (through w8a8_picked; the latter unless TPSERVE_W8A8_CUBLAS=0) on
     `rows` rows of a per-token FP8 input times the FP8 weight w8 [N, K] (its row `scale`),
     bf16 out, as a decode step runs them: weights cold (copies cycled), in a CUDA graph.
     Each config's product is checked against `_scaled_mm`'s. Returns, per count of rows,
     the fastest config if it beats `_scaled_mm` by the margin (else None), and the times
     in us."""
-    run = kernel or w8a8_picked
     from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources
 
@@ -403,8 +399,7 @@ def pick_w8a8(w8: torch.Tensor, scale: torch.Tensor, has_bias: bool,
             if has_bias else None)
     copies = cold_set(w8)
     picks, report = [], {}
-    if candidates is None:
-        candidates = W8A8_TOKENS_CONFIGS + (W8A8_CUBLAS_CONFIGS if w8a8_cublas_on() else ())
+    candidates = W8A8_TOKENS_CONFIGS + (W8A8_CUBLAS_CONFIGS if w8a8_cublas_on() else ())
     for m in rows:
         x8, xs = quantize_tokens_fp8(torch.randn(m, k, generator=gen, device=w8.device,
                                                  dtype=torch.bfloat16))
@@ -419,7 +414,7 @@ def pick_w8a8(w8: torch.Tensor, scale: torch.Tensor, has_bias: bool,
         configs = []
         for config in candidates:
             try:
-                got = run(x8, xs, w8, scale, bias, torch.bfloat16, config)
+                got = w8a8_picked(x8, xs, w8, scale, bias, torch.bfloat16, config)
             except (OutOfResources, CompilationError, ValueError) as e:  # a tile this GPU
                 # (or this Triton) cannot build, a K the runs do not divide: not a
                 # candidate here
@@ -432,8 +427,8 @@ def pick_w8a8(w8: torch.Tensor, scale: torch.Tensor, has_bias: bool,
                                      f"{(m, n, k)}")
             configs.append(config)
             runs[str(config)] = functools.partial(
-                lambda w, x8, xs, config: run(x8, xs, w, scale, bias, torch.bfloat16,
-                                              config),
+                lambda w, x8, xs, config: w8a8_picked(x8, xs, w, scale, bias,
+                                                      torch.bfloat16, config),
                 x8=x8, xs=xs, config=config)
         times = {name: _cycled_us(fn, copies) for name, fn in runs.items()}
         best = min(configs, key=lambda c: times[str(c)], default=None)
