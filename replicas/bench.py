@@ -706,11 +706,6 @@ def w8a8_suite(repeats: int, picker: Callable[..., tuple[Any, Any]] | None = Non
         w8, scale = quantize_rows(torch.randn(n, k, device=device, dtype=torch.bfloat16,
                                               generator=gen) * 0.02)
         picks, report = pick(w8, scale, has_bias)
-        # each family of candidates beside the picks: v0.71's `_scaled_mm` in runs of K
-        # (among the picks' own candidates: their times are the pick's)
-        families: dict[str, dict[int, dict[str, float]] | str] = {"cublas": {
-            rows: {str(c): t[str(c)] for c in W8A8_CUBLAS_CONFIGS if str(c) in t}
-            for rows, t in report.items()}}
         for rows, chosen in picks:
             times = report[rows]
             best = min((c for c in times if c != "scaled_mm"), key=times.__getitem__)
@@ -722,16 +717,14 @@ def w8a8_suite(repeats: int, picker: Callable[..., tuple[Any, Any]] | None = Non
                 "picked": str(chosen) if chosen else "scaled_mm",
                 "fraction_of_copy": round(n * k / times[best] / 1e3 / rate, 3),
                 "times_us": {c: round(t, 2) for c, t in times.items()}}
-            for family, found in families.items():
-                if isinstance(found, str):
-                    row[f"{family}_error"] = found
-                    continue
-                family_us = {c: t for c, t in found[rows].items() if c != "scaled_mm"}
-                fastest = min(family_us, key=family_us.__getitem__, default=None)
-                row.update({f"{family}_us": {c: round(t, 2) for c, t in family_us.items()},
-                            f"{family}_best": fastest,
-                            f"{family}_over_scaled_mm": None if fastest is None
-                            else round(family_us[fastest] / times["scaled_mm"], 3)})
+            # v0.71's `_scaled_mm` in runs of K beside them (among the pick's own
+            # candidates: their times are the pick's)
+            runs = {str(c): times[str(c)] for c in W8A8_CUBLAS_CONFIGS if str(c) in times}
+            fastest = min(runs, key=runs.__getitem__, default=None)
+            row.update({"cublas_us": {c: round(t, 2) for c, t in runs.items()},
+                        "cublas_best": fastest,
+                        "cublas_over_scaled_mm": None if fastest is None
+                        else round(runs[fastest] / times["scaled_mm"], 3)})
             yield row
 
 
