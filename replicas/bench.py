@@ -510,62 +510,24 @@ def attention_pdl_gap() -> Iterator[dict[str, Any]]:
     """PERF.md v0.74: why decode attention took ~32 us a call in the 256-request run and
     ~24 in the probe (256 x 192 keys, e4m3 and bf16 caches): the probe with PDL on (its
     kernels back to back, each one's start overlapping the one before) and off (each
-    alone, as the engine's follows a cuBLAS matmul); then engine-like block tables
-    (prompts' blocks sequence by sequence, then decode's step by step) from pools of
-    3,072-52,427 blocks (the W8A8 run's pool), and random ones, PDL on and off."""
+    alone, as the engine's follows a cuBLAS matmul), with its own block tables and with
+    engine-like ones (a prompt's 8 blocks sequence by sequence, then decode's step by
+    step) from pools of up to 52,427 blocks (the W8A8 run's pool), and random ones from
+    that pool: the engine's tile and (64, 4), the tile the engine ran then."""
     from replicas import kernels
     from replicas.kernels.gemv import _cycled_us
 
     rate = copy_bandwidth()
-    for pdl in ("1", "0"):
-        with _env("TPSERVE_PDL", pdl):
-            for r in attention_probe([(256, 192)], "cuda", _cycled_us, rate, tiles=[],
-                                     cache_dtypes=("fp8", "bfloat16")):
-                yield {"probe": True, "pdl": pdl, "case": r["case"], "us": r["ours"]}
-    seqs, keys, bs, kvh, d, heads = 256, 192, 16, 2, 128, 32
-    width = keys // bs
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    qkv = torch.randn(seqs, (heads + 2 * kvh) * d, device="cuda", dtype=torch.bfloat16,
-                      generator=gen)
-    q, k, v = qkv.split([heads * d, kvh * d, kvh * d], dim=1)
-    angles = torch.rand(seqs, 1, 64, device="cuda", generator=gen) * 6
-    positions = torch.full((seqs,), keys - 1, device="cuda")
-    cu_q = torch.arange(seqs + 1, device="cuda", dtype=torch.int32)
-    out = torch.empty(seqs, heads, d, device="cuda", dtype=torch.bfloat16)
-    for dtype in ("fp8", "bfloat16"):
-        for pool, order in ((3072, "random"), (3072 * 4, "alloc"), (52427, "alloc"),
-                            (52427, "random")):
-            if order == "alloc":  # (as the block manager hands them out, a third in)
-                prompt = torch.arange(seqs * 8).view(seqs, 8)
-                decode = seqs * 8 + torch.arange(seqs * (width - 8)).view(width - 8, seqs).T
-                tables = (pool // 3 + torch.cat([prompt, decode], 1)).to("cuda", torch.int32)
-            else:
-                tables = torch.randperm(pool, device="cuda", generator=gen)[
-                    :seqs * width].view(seqs, width).to(torch.int32)
-            slots = tables[:, (keys - 1) // bs].long() * bs + (keys - 1) % bs
-            new = kernels.NewKeys(k.view(seqs, kvh, d), v.view(seqs, kvh, d), angles.cos(),
-                                  angles.sin(), slots, 64, True)
-
-            def run(c: list[torch.Tensor], tables: torch.Tensor = tables,
-                    new: kernels.NewKeys = new) -> torch.Tensor:
-                return kernels.paged_attention(
-                    q.view(seqs, heads, d), c[0], c[1], tables, cu_q, positions, None, 1,
-                    kernels.decode_splits(seqs, kvh, keys), new, (), out=out,
-                    decode_tile=kernels.DECODE_TILE)
-
-            for pdl in ("1", "0"):
-                copies = []
-                for _ in range(2 if pool > 10000 else 8):
-                    pair = [torch.randn(pool, bs, kvh, d, device="cuda",
-                                        dtype=torch.bfloat16, generator=gen) for _ in "kv"]
-                    copies.append([c.to(torch.float8_e4m3fn) for c in pair]
-                                  if dtype == "fp8" else pair)
-                with _env("TPSERVE_PDL", pdl):
-                    us = _cycled_us(run, copies)
-                del copies
-                torch.cuda.empty_cache()
-                yield {"probe": False, "dtype": dtype, "pool": pool, "order": order,
-                       "pdl": pdl, "us": round(us, 2)}
+    for pool, prompt_blocks in ((0, 0), (3072 * 4, 8), (52427, 8), (52427, 0)):
+        for pdl in ("1", "0"):
+            with _env("TPSERVE_PDL", pdl):
+                for r in attention_probe([(256, 192)], "cuda", _cycled_us, rate,
+                                         tiles=[kernels.DECODE_TILE],
+                                         cache_dtypes=("fp8", "bfloat16"), pool=pool,
+                                         prompt_blocks=prompt_blocks):
+                    yield {"case": r["case"], "pdl": pdl, "pool": pool or 256 * 12,
+                           "order": "alloc" if prompt_blocks else "random",
+                           "times_us": r["times_us"], "failed": r["failed"]}
 
 
 def decode_tile_ab(rounds: int = 1) -> Iterator[dict[str, Any]]:
@@ -768,10 +730,14 @@ def attention_probe(cases: Sequence[tuple[int, int]], device: str,
                     **shape: int) -> Iterator[dict[str, Any]]:
     """A row per (cache dtype, sequences, keys), each as soon as it is measured (a step
     cut short keeps the rows before): `timer(fn, copies)`'s µs for each (tile, splits)
-    variant, the engine's own (kernels.DECODE_TILE, decode_splits) first; every variant's
-    output checked against that one's (a variant that differs is listed in `failed`, not
-    timed). `dtype`: the queries' (and a 16-bit cache's, named "bfloat16" or "float16" in
-    `cache_dtypes`). `shape`: heads, kv_heads, d, rotary_dim, block_size."""
+    variant, the engine's own (kernels.engine_decode_tile, decode_splits) first; every
+    variant's output checked against that one's (a variant that differs is listed in
+    `failed`, not timed). `dtype`: the queries' (and a 16-bit cache's, named "bfloat16" or
+    "float16" in `cache_dtypes`). `shape`: heads, kv_heads, d, rotary_dim, block_size; pool
+    (blocks in the cache, at least the sequences' own) and prompt_blocks (0: the tables'
+    blocks drawn at random from the pool; else handed out as the block manager does, a
+    third into the pool: that many for each sequence's prompt, one after another, then
+    the rest step by step across the sequences)."""
     gen = torch.Generator(device=device).manual_seed(0)
     for cache_dtype in cache_dtypes:
         for num_seqs, keys in cases:
@@ -784,13 +750,14 @@ def _attention_row(cache_dtype: str, num_seqs: int, keys: int, device: str,
                    bandwidth: float, tiles: Sequence[tuple[int, ...]],
                    gen: torch.Generator, dtype: torch.dtype = torch.bfloat16,
                    heads: int = 32, kv_heads: int = 2, d: int = 128,
-                   rotary_dim: int = 64, block_size: int = 16) -> dict[str, Any]:
+                   rotary_dim: int = 64, block_size: int = 16, pool: int = 0,
+                   prompt_blocks: int = 0) -> dict[str, Any]:
     """attention_probe's row for one cache dtype and (sequences, keys each)."""
     from replicas import kernels
     from replicas.kernels.gemv import OutOfResources, cold_copies
 
     width = -(-keys // block_size)
-    blocks = num_seqs * width
+    blocks = max(pool, num_seqs * width)
     if cache_dtype not in ("int8", "fp8") and getattr(torch, cache_dtype, None) != dtype:
         raise ValueError(f"a 16-bit cache is the queries' dtype ({dtype}), not {cache_dtype}")
     int8 = cache_dtype == "int8"
@@ -811,8 +778,14 @@ def _attention_row(cache_dtype: str, num_seqs: int, keys: int, device: str,
             else dense
 
     copies = [cache() for _ in range(count)]
-    tables = torch.randperm(blocks, device=device, generator=gen).view(
-        num_seqs, width).to(torch.int32)
+    if prompt_blocks:
+        prompts = torch.arange(num_seqs * prompt_blocks).view(num_seqs, prompt_blocks)
+        steps = num_seqs * prompt_blocks + torch.arange(
+            num_seqs * (width - prompt_blocks)).view(width - prompt_blocks, num_seqs).T
+        tables = (blocks // 3 + torch.cat([prompts, steps], 1)).to(device, torch.int32)
+    else:
+        tables = torch.randperm(blocks, device=device, generator=gen)[
+            :num_seqs * width].view(num_seqs, width).to(torch.int32)
     positions = torch.full((num_seqs,), keys - 1, device=device)
     cu_q = torch.arange(num_seqs + 1, device=device, dtype=torch.int32)
     qkv = torch.randn(num_seqs, (heads + 2 * kv_heads) * d, device=device,

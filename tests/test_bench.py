@@ -443,3 +443,26 @@ def test_prefill_host_probe_times_an_eager_step_and_profiles_the_driver(
                                    length=20, top=10)
     assert pieces["settings"] == {"piece_graph_tokens": 64}
     assert pieces["piece_steps"] >= 5  # every admitting step of its runs (60 tokens)
+
+
+def test_attention_probe_takes_a_larger_pool_and_the_block_managers_order() -> None:
+    """attention_probe's `pool` and `prompt_blocks` (bench.attention_pdl_gap's engine-like
+    tables): the tables index a pool larger than the sequences' blocks, handed out as the
+    block manager does or at random, and every variant still computes the engine's tile's
+    attention (none failed); the floor stays the keys' bytes, not the pool's."""
+    pytest.importorskip("triton")
+    from replicas.bench import attention_probe
+
+    def timer(fn: Any, copies: list[Any]) -> float:
+        fn(copies[-1])
+        return 1.0
+
+    shape = {"heads": 4, "kv_heads": 2, "d": 16, "rotary_dim": 8, "block_size": 4}
+    plain = list(attention_probe([(2, 12)], "cpu", timer, 1.0, tiles=[(16, 4)],
+                                 cache_dtypes=("float16",), dtype=torch.float16, **shape))
+    for prompt_blocks in (2, 0):
+        row, = attention_probe([(2, 12)], "cpu", timer, 1.0, tiles=[(16, 4)],
+                               cache_dtypes=("float16",), dtype=torch.float16, pool=40,
+                               prompt_blocks=prompt_blocks, **shape)
+        assert not row["failed"] and len(row["times_us"]) == 2, row
+        assert row["floor_us"] == plain[0]["floor_us"]
