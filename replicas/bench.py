@@ -296,15 +296,21 @@ def fp8_suite(repeats: int) -> Iterator[dict[str, Any]]:
     yield from fp8_rows(config, long_config, bandwidth, repeats, bf16_blocks)
 
 
+def _glm_config() -> EngineConfig:
+    """GLM-4-9B shapes, random bf16 weights, as the suites' decode and 256-request rows
+    run them (512-token sequences, 256 at once, a 16 GiB KV pool)."""
+    return EngineConfig(model=model_dir("glm4-9b"), load_format="random", dtype="bfloat16",
+                        max_model_len=512, max_num_seqs=256, max_num_batched_tokens=8192,
+                        kv_cache_memory=16 * 2**30)
+
+
 def _glm_rows(repeats: int, bandwidth: float
               ) -> tuple[list[dict[str, Any]], EngineConfig, EngineConfig, int]:
     """GLM-4-9B shapes in bf16: batch-1 decode, 256 x 128/128, the 8192-token TTFT; and
     the configs they ran with and the KV pool's blocks (the FP8 rows' baseline)."""
     rate = matmul_rate()
     rows: list[dict[str, Any]] = []
-    config = EngineConfig(model=model_dir("glm4-9b"), load_format="random", dtype="bfloat16",
-                          max_model_len=512, max_num_seqs=256, max_num_batched_tokens=8192,
-                          kv_cache_memory=16 * 2**30)
+    config = _glm_config()
     with Engine(config) as engine:
         weights = read_bytes(engine)
         bf16_blocks = engine.stats()["num_kv_blocks"]
@@ -472,9 +478,7 @@ def w8a8_cublas_ab(rounds: int = 2, modes: tuple[str, ...] = ("fp8-w8a8",)
     afresh. A row per run: output tok/s new and cached, and the picks the engine took."""
     from replicas.kernels import fp8mm
 
-    config = EngineConfig(model=model_dir("glm4-9b"), load_format="random", dtype="bfloat16",
-                          max_model_len=512, max_num_seqs=256, max_num_batched_tokens=8192,
-                          kv_cache_memory=16 * 2**30)
+    config = _glm_config()
     chosen = [m for m in FP8_MODES if m[3] in modes]
     for turn in range(rounds):
         for quantization, kv, options, name in chosen:
@@ -535,9 +539,7 @@ def decode_tile_ab(rounds: int = 1) -> Iterator[dict[str, Any]]:
     (e4m3 cache) with decode attention's wide-step tiles (engine_decode_tile) and without
     (TPSERVE_WIDE_DECODE_TILES=0), `rounds` times in turn; an engine each. A row per
     run: output tok/s new and cached, GPU busy time, decode attention's calls and time."""
-    config = EngineConfig(model=model_dir("glm4-9b"), load_format="random", dtype="bfloat16",
-                          max_model_len=512, max_num_seqs=256, max_num_batched_tokens=8192,
-                          kv_cache_memory=16 * 2**30)
+    config = _glm_config()
     modes = {"bf16": {}, "fp8-w8a8": {"quantization": "fp8-w8a8", "kv_cache_dtype": "fp8"}}
     for turn in range(rounds):
         for name, options in modes.items():

@@ -183,5 +183,3 @@ def overflowing_model(tmp_path_factory: pytest.TempPathFactory) -> str:
             tensors[name] = tensors[name] * 1e6
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     return str(path)
-
-
