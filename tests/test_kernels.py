@@ -684,16 +684,22 @@ def test_decode_through_the_gemvs_equals_the_matmuls(family: str, checkpoint: Ch
 
 def test_wide_decode_steps_take_the_tiles_timed_fastest_there(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """PERF.md v0.74: below WIDE_DECODE_SEQS sequences decode attention runs DECODE_TILE;
-    from there 32-key tiles on a 16-bit cache and DECODE_TILE's F16 form on an 8-bit one
-    (not with float32 queries, which F16 does not take); TPSERVE_WIDE_DECODE_TILES=0
-    keeps DECODE_TILE everywhere."""
-    from replicas.kernels.attention import WIDE_DECODE_SEQS, engine_decode_tile
+    """PERF.md v0.74, v0.76: decode attention runs DECODE_TILE, but from WIDE_DECODE_SEQS
+    sequences 32-key tiles on a 16-bit cache and from WIDE_F16_SEQS (128) DECODE_TILE's
+    F16 form on an 8-bit one (not with float32 queries, which F16 does not take);
+    TPSERVE_WIDE_DECODE_TILES=0 keeps DECODE_TILE everywhere."""
+    from replicas.kernels.attention import WIDE_DECODE_SEQS, WIDE_F16_SEQS, engine_decode_tile
 
     bf16, f32 = torch.bfloat16, torch.float32
-    for seqs in (1, 64, WIDE_DECODE_SEQS - 1):
+    assert WIDE_F16_SEQS == 128 < WIDE_DECODE_SEQS
+    for seqs in (1, 64, WIDE_F16_SEQS - 1):
         for cache in (bf16, torch.int8, torch.float8_e4m3fn):
             assert engine_decode_tile(seqs, cache, bf16) == kernels.DECODE_TILE
+    for seqs in (WIDE_F16_SEQS, WIDE_DECODE_SEQS - 1):
+        assert engine_decode_tile(seqs, bf16, bf16) == kernels.DECODE_TILE
+        for cache in (torch.int8, torch.float8_e4m3fn):
+            assert engine_decode_tile(seqs, cache, bf16) == (*kernels.DECODE_TILE, 1)
+            assert engine_decode_tile(seqs, cache, f32) == kernels.DECODE_TILE
     wide = WIDE_DECODE_SEQS
     assert engine_decode_tile(wide, bf16, bf16) == (32, 4)
     assert engine_decode_tile(wide, torch.float16, torch.float16) == (32, 4)

@@ -402,19 +402,25 @@ DECODE_TILE = (64, 4)
 # an 8-bit one (e4m3 0.91x / 0.91x, int8 0.97x / 0.96x). At 64 sequences (64, 4) stayed
 # within 4 % of the best. In the engine (256 x 128/128, one process, bench.decode_tile_ab)
 # a call went 34.2 -> 26.0 us (bf16) and 32.6 -> 30.7 (e4m3).
+# At 128 sequences (PERF.md v0.76, the same probe) the 32-key tiles lost (bf16 1.11x /
+# 1.30x at 192 / 1,024 keys) and the F16 form won on 8-bit caches (e4m3 0.93x / 0.91x,
+# int8 0.96x / 0.97x): 8-bit caches take it from WIDE_F16_SEQS. At 64 x 320 it won on
+# e4m3 (0.93x) and lost on int8 (1.02x), so not there.
 # TPSERVE_WIDE_DECODE_TILES=0 keeps DECODE_TILE (an A/B).
 WIDE_DECODE_SEQS = 256
+WIDE_F16_SEQS = 128
 
 
 def engine_decode_tile(num_seqs: int, cache_dtype: torch.dtype, q_dtype: torch.dtype
                        ) -> tuple[int, ...]:
     """The decode attention tile (keys a tile, warps[, f16]) the engine runs for a step of
     `num_seqs` sequences on a cache of `cache_dtype` with queries of `q_dtype`."""
-    if num_seqs < WIDE_DECODE_SEQS or os.environ.get("TPSERVE_WIDE_DECODE_TILES") == "0":
+    if os.environ.get("TPSERVE_WIDE_DECODE_TILES") == "0":
         return DECODE_TILE
     if cache_dtype.itemsize == 1:  # (F16 needs 16-bit queries)
-        return DECODE_TILE if q_dtype == torch.float32 else (*DECODE_TILE, 1)
-    return (32, 4)
+        wide = num_seqs >= WIDE_F16_SEQS and q_dtype != torch.float32
+        return (*DECODE_TILE, 1) if wide else DECODE_TILE
+    return (32, 4) if num_seqs >= WIDE_DECODE_SEQS else DECODE_TILE
 
 
 def decode_splits(num_seqs: int, kv_heads: int, max_keys: int) -> int:
