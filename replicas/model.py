@@ -288,11 +288,10 @@ class Attention(nn.Module):
                                        scales=scales, out=out)
 
     def forward(self, qkv: torch.Tensor, b: ForwardBatch, rotary: Rotary,
-                rope: tuple[torch.Tensor, torch.Tensor], kv: tuple[torch.Tensor, ...],
-                prefetch: Sequence[torch.Tensor] = ()) -> torch.Tensor | Site:
+                rope: tuple[torch.Tensor, torch.Tensor], kv: tuple[torch.Tensor, ...]
+                ) -> torch.Tensor | Site:
         """Attention from the layer's qkv_proj output [T, (heads + 2 kv_heads) * D] (the
-        decoder layer runs the projection, fused with its norm) to o_proj's. `prefetch`:
-        bytes that Triton's decode attention asks L2 for (kernels.paged_attention)."""
+        decoder layer runs the projection, fused with its norm) to o_proj's."""
         q, k, v = self.heads_of(qkv)
         if b.cu_q is not None and b.max_q == 1:  # Triton decode: rotary, cache write and
             # attention in one kernel
@@ -301,7 +300,7 @@ class Attention(nn.Module):
                                   rotary.interleaved)
             out = kernels.paged_attention(q, k_cache, v_cache, b.block_tables, b.cu_q,
                                           b.positions, self.window, 1, b.splits, new,
-                                          scales, prefetch=prefetch)
+                                          scales)
         else:
             q, k = self.place(q, k, v, b.slot_mapping, rotary, rope, kv, b.cu_q is not None)
             out = self.attend(q, k, v, b, kv)  # [T, heads, D]
@@ -328,29 +327,18 @@ class MLP(nn.Module):
         if self.fused_act:
             self.down_proj.gemv_kind = "gated"  # see forward
 
-    def forward(self, gate_up: torch.Tensor, prefetch: torch.Tensor | None = None
-                ) -> torch.Tensor | Site:
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor | Site:
         """From the layer's gate_up_proj output [T, 2 I/tp] (run by the decoder layer,
-        fused with its norm) to down_proj's. `prefetch`: bytes that the down GEMV asks L2
-        for as it ends."""
+        fused with its norm) to down_proj's."""
         if self.fused_act and kernels.enabled(gate_up):
             if self.down_proj.takes_gated(gate_up):  # SwiGLU inside the down GEMV
-                return self.down_proj(gate_up, gated=True, prefetch=prefetch)
+                return self.down_proj(gate_up, gated=True)
             if self.down_proj.takes_tokens_fp8():  # W8A8: SwiGLU quantized in one pass
                 x8, x_scale = kernels.silu_mul_quantize_fp8(gate_up)
                 return self.down_proj.forward_tokens_fp8(x8, x_scale, gate_up.dtype)
             return self.down_proj(kernels.silu_and_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
-
-
-def l2_prefetch_budget(site: str, x: torch.Tensor, b: ForwardBatch) -> int:
-    """The bytes that `site` of a decoder layer asks L2 for ahead (PERF.md v0.75): only
-    in a Triton decode step (one token a sequence) on a GPU, see
-    kernels.l2_prefetch_budget."""
-    if b.cu_q is None or b.max_q != 1 or not kernels.enabled(x):
-        return 0
-    return kernels.l2_prefetch_budget(site, x.device, b.cu_q.shape[0] - 1)
 
 
 class DecoderLayer(nn.Module):
@@ -365,22 +353,13 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor | Site, residual: torch.Tensor | None, b: ForwardBatch,
                 rotary: Rotary, rope: tuple[torch.Tensor, torch.Tensor],
-                kv: tuple[torch.Tensor, ...], after: DecoderLayer | None = None
+                kv: tuple[torch.Tensor, ...]
                 ) -> tuple[torch.Tensor | Site, torch.Tensor]:
         """(this layer's output, the residual stream before it): the next norm adds the
         two, fused with the normalization (and, at batch 1 on GPUs, with the sum of the
-        layer's all-reduce: the output is then a Site). `after`: the next layer, whose
-        first weights a decode step of few sequences may have L2 fetch ahead."""
+        layer's all-reduce: the output is then a Site)."""
         qkv, residual = self.project(x, residual)
-        ahead = l2_prefetch_budget("attention", qkv, b)
-        o = self.self_attn(qkv, b, rotary, rope, kv, kernels.prefetch_views(
-            [self.self_attn.o_proj.weight, self.mlp.gate_up_proj.weight], ahead)
-            if ahead else ())
-        gate_up, residual = self.mlp.gate_up_proj.forward_normed(
-            o, residual, self.post_attention_layernorm)
-        down = [] if after is None or not l2_prefetch_budget("down", qkv, b) else (
-            kernels.prefetch_views([after.self_attn.qkv_proj.weight], 1 << 40))
-        return self.mlp(gate_up, down[0] if down else None), residual
+        return self.finish(self.self_attn(qkv, b, rotary, rope, kv), residual)
 
     def project(self, x: torch.Tensor | Site, residual: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -424,10 +403,8 @@ class CausalLM(nn.Module):
         h, rope = self.embed(b.input_ids, b.positions)
         x: torch.Tensor | Site = h
         residual = None
-        layers = list(self.model.layers)
-        for i, (layer, kv) in enumerate(zip(layers, kv_caches, strict=True)):
-            after = layers[i + 1] if i + 1 < len(layers) else None
-            x, residual = layer(x, residual, b, self.model.rotary, rope, kv, after)
+        for layer, kv in zip(self.model.layers, kv_caches, strict=True):
+            x, residual = layer(x, residual, b, self.model.rotary, rope, kv)
         assert residual is not None, "a model has at least one layer"
         return self.head(x, residual, b)
 

@@ -465,21 +465,19 @@ class RowParallelLinear(_KernelLinear):
             # [out, in_shard]: safetensors reads only these columns of each row
             self.weight.data.copy_(get((slice(None), slice(*self.in_shard))))
 
-    def forward(self, x: torch.Tensor, gated: bool = False,
-                prefetch: torch.Tensor | None = None) -> torch.Tensor | Site:
+    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor | Site:
         """[tokens, local_in] -> [tokens, out]; gated (one-row GEMV only, see
         `takes_gated`): x is [gate | up], 2 local_in wide, and silu(gate) * up goes in.
         One row on GPUs: the all-reduce may be folded (`Comm.fold`), and the Site is
-        returned for the next norm GEMV to sum; `prefetch`, bytes the GEMV asks L2 for as
-        it ends (kernels.gemv)."""
+        returned for the next norm GEMV to sum."""
         if on_gemv(self.gemv, x):
             assert self.gemv is not None
             site = self.comm.fold(x, self.weight.shape[0]) if self.bias is None else None
             if site is not None:  # pushed to every rank; its reader sums it
                 return kernels.gemv_push(x, self.weight, self.gemv, gated, site,
-                                         self.weight_scale, prefetch)
+                                         self.weight_scale)
             y = self.comm.all_reduce(kernels.gemv(x, self.weight, None, self.gemv, gated,
-                                                  self.weight_scale, prefetch))
+                                                  self.weight_scale))
         else:
             y = self.comm.matmul_all_reduce(x, self.weight, self.weight_scale, self.w8a8)
         return y + self.bias if self.bias is not None else y

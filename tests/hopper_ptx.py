@@ -28,18 +28,14 @@ gemv = importlib.import_module("replicas.kernels.gemv")
 
 APPROXIMATE = re.compile(r"div\.(full|approx)\.f32")
 FLOAT_ADD = re.compile(r"\badd(\.rn)?\.f32\b")
-PREFETCH_L2 = re.compile(r"@p cp\.async\.bulk\.prefetch\.L2\.global \[%rd\d+\], %r\d+;")
 
 
 def ptx(jit: Any, pointers: dict[str, str], consts: dict[str, Any], warps: int = 4,
         stages: int = 3) -> str:
     """`jit` compiled for sm_90: its arguments typed by `pointers` (else i32), the
-    constexprs among `consts` set (the others at their defaults)."""
-    params = inspect.signature(jit.fn).parameters
-    names = list(params)
-    consts = {n: v for n, v in consts.items() if n in names} | {  # (and defaults' values)
-        n: p.default for n, p in params.items()
-        if n not in consts and p.default is not inspect.Parameter.empty}
+    constexprs among `consts` set."""
+    names = list(inspect.signature(jit.fn).parameters)
+    consts = {n: v for n, v in consts.items() if n in names}
     signature = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in names}
     src = ASTSource(fn=jit, signature=signature,
                     constexprs={(names.index(n),): v for n, v in consts.items()})
@@ -64,12 +60,7 @@ def gemvs() -> None:
     ptx(gemv._gemv_kernel, bf16, {**folded, "NORM": False, "HAS_RES": False, "GATED": True,
                                    "PUSH": True})  # down_proj pushing its rows
     ptx(gemv._gemv_kernel, bf16, {**folded, "PULL": True})  # the next norm GEMV summing them
-    # an FP8 down_proj asking L2 for the next layer's qkv_proj weights as it ends (v0.75)
-    code = ptx(gemv._gemv_kernel, {**pointers, "PF": "*u8"},
-               {**flags, "NORM": False, "HAS_RES": False, "GATED": True, "BLOCK_N": 8,
-                "BLOCK_K": 1024, "PREFETCH": 256}, 8, 3)
-    assert PREFETCH_L2.search(code), "no L2 bulk prefetch in the GEMV"
-    print(len(gemv.FP8_GEMV_CONFIGS) + 3, "GEMVs compiled for sm_90", flush=True)
+    print(len(gemv.FP8_GEMV_CONFIGS) + 2, "GEMVs compiled for sm_90", flush=True)
     print("_gemv_kernel compiled for sm_90", flush=True)
 
 
@@ -154,17 +145,12 @@ def main(mode: str) -> None:
                    # (and its float16 dots over this 8-bit cache, the probe's, PERF.md v0.70)
                    (attention._decode_kernel, pointers,
                     {**flags, "BLOCK_R": 16, "SPLITS": 4, "F16": True}, False),
-                   # (and asking L2 for the next kernels' weights, PERF.md v0.75)
-                   (attention._decode_kernel, {**pointers, "PFA": "*u8", "PFB": "*u8"},
-                    {**flags, "BLOCK_R": 16, "SPLITS": 4, "F16": True, "PREFETCH": 128},
-                    False),
                    (attention._attention_kernel, pointers,
                     {**flags, "TILE_T": 8, "BLOCK_R": 128, "SPLITS": 1}, False)]
     if mode == "rest":
         promoted_every_128(kernels)
     for jit, pointers, consts, exact in kernels:
         code = ptx(jit, pointers, consts)
-        assert bool(consts.get("PREFETCH")) == bool(PREFETCH_L2.search(code)), jit.fn.__name__
         if exact:  # it writes what PyTorch's reference writes, bit for bit
             assert not APPROXIMATE.search(code), f"{jit.fn.__name__} divides approximately"
         print(jit.fn.__name__, "compiled for sm_90", flush=True)

@@ -445,33 +445,3 @@ def test_w8a8_per_token_on_gpu_and_its_picks(monkeypatch: pytest.MonkeyPatch) ->
                                                      dtype=torch.bfloat16, generator=gen))
     w8a8_tokens(x8, xs, w8, scale, None, torch.bfloat16)  # more rows: _scaled_mm
     assert len(called) == 1
-
-
-def test_l2_prefetch_changes_no_result_on_gpu(checkpoint: CheckpointFactory,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """PERF.md v0.75: asking L2 for the next weights is a hint: an FP8 GEMV with and
-    without it gives the same bits, and a batch-1 engine (CUDA graphs) with both sites on
-    gives the tokens and log-probabilities it gives with them off."""
-    from replicas.fp8 import quantize_rows
-
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    w, scale = quantize_rows(torch.randn(4096, 4096, device="cuda", generator=gen))
-    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
-    nxt = torch.empty(4608, 4096, dtype=torch.float8_e4m3fn, device="cuda")
-    for config in kernels.FP8_GEMV_CONFIGS[:2]:
-        plain = kernels.gemv(x, w, None, config, scale=scale)
-        ahead = kernels.gemv(x, w, None, config, scale=scale,
-                             prefetch=kernels.prefetch_views([nxt], 1 << 40)[0])
-        assert torch.equal(plain, ahead)
-    ckpt = checkpoint("llama")
-    prompt = [list(range(10, 40))]
-    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=True)
-    outs = {}
-    for sites in ("", "attention,down"):
-        monkeypatch.setenv("TPSERVE_L2_PREFETCH", sites)
-        config = EngineConfig(model=ckpt, device="cuda", dtype="bfloat16", max_model_len=256,
-                              max_num_seqs=4, kv_cache_memory=2**24)
-        with Engine(config) as engine:
-            out = engine.generate(prompt, params)[0]
-            outs[sites] = (out.token_ids, out.logprobs)
-    assert outs[""] == outs["attention,down"]

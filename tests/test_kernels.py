@@ -416,11 +416,11 @@ def test_kernels_compile_for_hopper(mode: str, tmp_path: Path) -> None:
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     if mode == "gemv":
-        assert f"{len(kernels.FP8_GEMV_CONFIGS) + 3} GEMVs compiled for sm_90" in done.stdout
+        assert f"{len(kernels.FP8_GEMV_CONFIGS) + 2} GEMVs compiled for sm_90" in done.stdout
     else:
         # (rest: W8A8 per token twice; an 8-bit cache: the cache write, decode attention
-        # plain, F16 and F16 with the L2 prefetch, prefill)
-        count = {"quant": 5, "rest": 13}.get(mode, 5)
+        # plain and F16, prefill)
+        count = {"quant": 5, "rest": 13}.get(mode, 4)
         assert done.stdout.count("compiled for sm_90") == count
 
 
@@ -708,35 +708,3 @@ def test_wide_decode_steps_take_the_tiles_timed_fastest_there(
         assert engine_decode_tile(wide, cache, f32) == kernels.DECODE_TILE
     monkeypatch.setenv("TPSERVE_WIDE_DECODE_TILES", "0")
     assert engine_decode_tile(wide, bf16, bf16) == kernels.DECODE_TILE
-
-
-def test_l2_prefetch_asks_for_whole_16_byte_units_of_the_next_weights(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """PERF.md v0.75: prefetch_views cuts the next weights to the budget in whole 16-byte
-    units, in order, as byte views of their storage; l2_prefetch_budget is 0 unless the
-    site is listed in TPSERVE_L2_PREFETCH, the step is on a GPU and has few sequences."""
-    from replicas.kernels.common import L2_PREFETCH_MAX_SEQS
-
-    o = torch.zeros(64, 16, dtype=torch.bfloat16)  # 2,048 bytes
-    gate_up = torch.zeros(100, 7, dtype=torch.uint8)  # 700 bytes
-    views = kernels.prefetch_views([o, gate_up], 2048 + 500)
-    assert [v.numel() for v in views] == [2048, 496]
-    assert all(v.dtype == torch.uint8 for v in views)
-    assert views[0].data_ptr() == o.data_ptr() and views[1].data_ptr() == gate_up.data_ptr()
-    assert [v.numel() for v in kernels.prefetch_views([o, gate_up], 1000)] == [992]
-    assert [v.numel() for v in kernels.prefetch_views([o, gate_up], 1 << 40)] == [2048, 688]
-    assert kernels.prefetch_views([o], 15) == []
-    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
-    monkeypatch.delenv("TPSERVE_L2_PREFETCH", raising=False)
-    assert kernels.l2_prefetch_budget("attention", gpu, 1) == 0
-    monkeypatch.setenv("TPSERVE_L2_PREFETCH", "attention")
-    assert kernels.l2_prefetch_budget("attention", gpu, 1) == 32 * 2**20
-    assert kernels.l2_prefetch_budget("down", gpu, 1) == 0
-    assert kernels.l2_prefetch_budget("attention", cpu, 1) == 0
-    assert kernels.l2_prefetch_budget("attention", gpu, L2_PREFETCH_MAX_SEQS + 1) == 0
-    monkeypatch.setenv("TPSERVE_L2_PREFETCH", "attention,down")
-    monkeypatch.setenv("TPSERVE_L2_PREFETCH_MB", "8")
-    assert kernels.l2_prefetch_budget("attention", gpu, L2_PREFETCH_MAX_SEQS) == 8 * 2**20
-    assert kernels.l2_prefetch_budget("down", gpu, 1) > 2**30  # (the whole next weight)
-    with pytest.raises(AssertionError):
-        kernels.l2_prefetch_budget("qkv", gpu, 1)

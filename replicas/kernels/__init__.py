@@ -37,7 +37,7 @@ from replicas.kernels.attention import (
     engine_decode_tile,
     paged_attention,
 )
-from replicas.kernels.common import enabled, l2_prefetch_budget, pdl, prefetch_views
+from replicas.kernels.common import enabled, pdl
 from replicas.kernels.fp8mm import (
     pick_w8a8,
     w8a8_config,
@@ -66,8 +66,8 @@ __all__ = [
     "ARGMAX_BLOCK", "DECODE_TILE", "FP8_GEMV_CONFIGS", "GEMV_CONFIGS", "GemvConfig",
     "GemvKind", "NewKeys", "Site", "argmax_rows", "decode_splits", "enabled", "feed_tokens",
     "engine_decode_tile", "gemv", "gemv_configs", "gemv_norm", "gemv_push",
-    "l2_prefetch_budget", "paged_attention", "pdl", "pick_gemv", "pick_w8a8",
-    "prefetch_views", "quantize_tokens_fp8", "rms_norm", "rms_norm_quantize_fp8",
+    "paged_attention", "pdl", "pick_gemv", "pick_w8a8", "quantize_tokens_fp8", "rms_norm",
+    "rms_norm_quantize_fp8",
     "rope_and_cache", "silu_and_mul", "silu_mul_quantize_fp8", "w8a8_config", "w8a8_groups",
     "w8a8_per_token", "w8a8_picked", "w8a16", "widen_fp8",
 ]

@@ -33,7 +33,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 if triton is not None:
-    from replicas.kernels.common import _pdl_enter, _prefetch_l2
+    from replicas.kernels.common import _pdl_enter
     from replicas.kernels.rope import _rotated, _store_cache
 
     @triton.jit
@@ -227,12 +227,11 @@ if triton is not None:
     def _decode_kernel(
         Q, K, V, KC, VC, KS, VS, OUT, OP, LSE, COUNT, TABLES, POS, COS, SIN, SLOTS,
         sqt, sqh, skt, skh, svt, svh, sct, sot, soh, sps, spt, sph, sls, slt, stab,
-        rotary_dim, scale_log2, window, PFA, pfa_bytes, PFB, pfb_bytes,
-        BLOCK_SIZE: tl.constexpr, kv_heads,
+        rotary_dim, scale_log2, window, BLOCK_SIZE: tl.constexpr, kv_heads,
         G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
         BLOCK_D: tl.constexpr, SPLITS: tl.constexpr, PREC: tl.constexpr,
         INTERLEAVED: tl.constexpr, FP8_KV: tl.constexpr, INT8_KV: tl.constexpr,
-        PDL: tl.constexpr, F16: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
+        PDL: tl.constexpr, F16: tl.constexpr = False,
     ):
         """Decode attention from the projection's raw q, k, v. Program (sequence, kv head
         x split): the G query heads of that kv head, one token, against its split of
@@ -247,9 +246,6 @@ if triton is not None:
         F16 (an 8-bit cache, 16-bit queries): both dots in float16, the 8-bit entries
         widened exactly (_load_kv16), q scaled into float16's range by a power of two
         when it is not in it, the int8 rows' scales on the scores and probabilities.
-        PREFETCH (the program's threads, or 0): after its first tile's loads each program
-        asks L2 for its share of the bytes at PFA and at PFB (the weights of the kernels
-        after it; common._prefetch_l2).
         """
         seq = tl.program_id(0)
         kvh = tl.program_id(1) // SPLITS
@@ -272,11 +268,6 @@ if triton is not None:
         else:
             k, v = _load_kv(KC, VC, KS, VS, table, n, pos, BLOCK_SIZE, kv_heads, kvh, d,
                             d_ok, D, Q.dtype.element_ty, INT8_KV)
-        if PREFETCH:
-            part = seq * tl.num_programs(1) + tl.program_id(1)
-            parts = tl.num_programs(0) * tl.num_programs(1)
-            _prefetch_l2(PFA, pfa_bytes, part, parts, PREFETCH)
-            _prefetch_l2(PFB, pfb_bytes, part, parts, PREFETCH)
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -473,17 +464,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     window: int | None, max_q: int, splits: int = 1,
                     new: NewKeys | None = None, scales: Sequence[torch.Tensor] = (),
                     out: torch.Tensor | None = None,
-                    decode_tile: tuple[int, ...] | None = None,
-                    prefetch: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+                    decode_tile: tuple[int, ...] | None = None) -> torch.Tensor:
     """Causal attention of q [T, H, D] (sequences' chunks back to back, bounded by cu_q
     [B + 1]) over each sequence's cached keys -> [T, H, D] (into `out`, if given: any
     [T, H, D] view with unit stride in D). The chunk's own keys must already be in the
     cache, or (decode only, max_q == 1) come unrotated as `new`, with q unrotated too.
     An int8 cache comes with its (K, V) row `scales`. `decode_tile`: (keys a tile,
     warps[, f16]) for decode instead of engine_decode_tile's (the attention probe's
-    variants; f16 1: the _decode_kernel's F16, an 8-bit cache's dots in float16).
-    `prefetch` (decode with `new`, on a GPU): up to two byte views (common.prefetch_views)
-    that L2 is asked for while the kernel runs (PERF.md v0.75)."""
+    variants; f16 1: the _decode_kernel's F16, an 8-bit cache's dots in float16)."""
     k_scales, v_scales = cache_scales(k_cache, scales)
     int8 = k_cache.dtype == torch.int8
     assert new is None or max_q == 1, "keys are rotated and cached here in decode only"
@@ -514,8 +502,6 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         part, lse, count = out, out, out  # unused
     scale_log2 = (1.0 / math.sqrt(d)) * math.log2(math.e)
     if new is not None:
-        assert len(prefetch) <= 2, "two byte views at most"
-        pf = [*prefetch, q, q][:2]
         _decode_kernel[(num_seqs, kv_heads * splits)](
             q, new.k, new.v, k_cache, v_cache, k_scales, v_scales, out, part, lse, count,
             block_tables, positions,
@@ -523,14 +509,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             new.k.stride(1), new.v.stride(0), new.v.stride(1), new.cos.stride(0),
             out.stride(0), out.stride(1), part.stride(0), part.stride(1), part.stride(2),
             lse.stride(0), lse.stride(1), block_tables.stride(0), new.rotary_dim, scale_log2,
-            window or 0, pf[0], pf[0].numel() if prefetch else 0, pf[1],
-            pf[1].numel() if len(prefetch) > 1 else 0, block_size, kv_heads,
+            window or 0, block_size, kv_heads,
             G=group, BLOCK_R=block_r, BLOCK_N=block_n, D=d, BLOCK_D=_attn_block_d(d),
             SPLITS=splits,
             PREC=_precision(q.dtype), INTERLEAVED=new.interleaved,
             FP8_KV=k_cache.dtype == torch.float8_e4m3fn, INT8_KV=int8,
-            F16=f16, PREFETCH=32 * warps if prefetch and q.is_cuda else 0,
-            num_warps=warps, num_stages=2, **_launch(q))
+            F16=f16, num_warps=warps, num_stages=2, **_launch(q))
         return out
     _attention_kernel[(num_seqs, triton.cdiv(max_q, tile_t), kv_heads * splits)](
         q, k_cache, v_cache, k_scales, v_scales, out, part, lse, count, block_tables, cu_q,

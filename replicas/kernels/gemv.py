@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 if triton is not None:
     from replicas.kernels.allreduce import _await_rows, _leave_rows, _push_rows, _summed
-    from replicas.kernels.common import _pdl_enter, _prefetch_l2
+    from replicas.kernels.common import _pdl_enter
 
     @triton.jit
     def _normed_x(X, R, NW, cols, k, rstd, EVEN: tl.constexpr, HAS_RES: tl.constexpr,
@@ -83,12 +83,12 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(X, W, S, B, Y, R, NW, ROUT, n, k, sw, eps, DATA, FLAGS, CNT, site_data,
-                     site_flag, PF, pf_bytes, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     site_flag, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
                      EVEN: tl.constexpr,
                      GATED: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
                      ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      PUSH: tl.constexpr, PULL: tl.constexpr, RANK: tl.constexpr,
-                     WORLD: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr = 0):
+                     WORLD: tl.constexpr, PDL: tl.constexpr):
         """y = W x (+ b) for one row x: program = BLOCK_N rows of W, streamed along K,
         products summed in float32 registers and reduced once at the end. The first
         tile of W is loaded before waiting on the kernel that writes x (with PDL it
@@ -105,11 +105,7 @@ if triton is not None:
         waited for on the site's counters CNT and summed as it is read.
 
         SCALED: W holds FP8 (e4m3) and row r of the product is multiplied by S[r], its
-        scale (replicas/fp8.py): half the bytes of a 16-bit W, the input row as it is.
-
-        PREFETCH (the program's threads, or 0): once its rows are summed, each program asks
-        L2 for its share of the pf_bytes at PF (the next kernel's weights;
-        common._prefetch_l2)."""
+        scale (replicas/fp8.py): half the bytes of a 16-bit W, the input row as it is."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         r_ok = rows < n
         cols = tl.arange(0, BLOCK_K)
@@ -138,8 +134,6 @@ if triton is not None:
             w = _w_tile(W, rows, r_ok, cols, k, sw, EVEN)
             acc += w.to(tl.float32) * _gemv_x(X, R, NW, cols, k, rstd, EVEN, GATED, NORM,
                                               HAS_RES, PULL, WORLD)[None, :]
-        if PREFETCH:
-            _prefetch_l2(PF, pf_bytes, tl.program_id(0), tl.num_programs(0), PREFETCH)
         y = tl.sum(acc, axis=1)
         if SCALED:
             y *= tl.load(S + rows, mask=r_ok, other=0.0)
@@ -177,14 +171,13 @@ def gemv_configs(fp8: bool) -> tuple[GemvConfig, ...]:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-         config: GemvConfig, gated: bool = False, scale: torch.Tensor | None = None,
-         prefetch: torch.Tensor | None = None) -> torch.Tensor:
+         config: GemvConfig, gated: bool = False, scale: torch.Tensor | None = None
+         ) -> torch.Tensor:
     """x [1, K] @ weight[N, K].T (+ bias) -> [1, N], in x's dtype. gated: x is
     [gate | up] of [1, 2K] and the input row is silu(gate) * up (SwiGLU fused in).
     scale: weight is FP8 and row r of it stands for weight[r] * scale[r] (each of these
-    functions takes it alike). prefetch: bytes (common.prefetch_views) that L2 is asked
-    for as the GEMV ends, on a GPU (PERF.md v0.75)."""
-    return _gemv(x, weight, bias, config, gated=gated, scale=scale, prefetch=prefetch)
+    functions takes it alike)."""
+    return _gemv(x, weight, bias, config, gated=gated, scale=scale)
 
 
 def gemv_norm(x: torch.Tensor | Site, residual: torch.Tensor | None,
@@ -202,20 +195,18 @@ def gemv_norm(x: torch.Tensor | Site, residual: torch.Tensor | None,
 
 
 def gemv_push(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig, gated: bool,
-              site: Site, scale: torch.Tensor | None = None,
-              prefetch: torch.Tensor | None = None) -> Site:
+              site: Site, scale: torch.Tensor | None = None) -> Site:
     """`gemv(x, weight, None, config, gated)`, its rows pushed to every rank's buffer at
     `site` instead of returned: the all-reduce of a row-parallel layer, folded into the
     GEMV; the reader sums it (`gemv_norm` of the site, or `site.pull()`)."""
-    _gemv(x, weight, None, config, gated=gated, push=site, scale=scale, prefetch=prefetch)
+    _gemv(x, weight, None, config, gated=gated, push=site, scale=scale)
     return site
 
 
 def _gemv(x: torch.Tensor | Site, weight: torch.Tensor, bias: torch.Tensor | None,
           config: GemvConfig, gated: bool = False,
           norm: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, float] | None = None,
-          push: Site | None = None, scale: torch.Tensor | None = None,
-          prefetch: torch.Tensor | None = None) -> torch.Tensor:
+          push: Site | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
     n, k = weight.shape
     block_n, block_k, warps, stages = config
     pull = x if isinstance(x, Site) else None
@@ -229,9 +220,6 @@ def _gemv(x: torch.Tensor | Site, weight: torch.Tensor, bias: torch.Tensor | Non
         residual if residual is not None else row, norm_weight, r_out, n, k,
         weight.stride(0), eps, *(site.kernel_args() if site is not None else (
             weight, weight, weight, 0, 0)),
-        prefetch if prefetch is not None else weight,
-        prefetch.numel() if prefetch is not None else 0,
-        PREFETCH=32 * warps if prefetch is not None and weight.is_cuda else 0,
         SCALED=scale is not None, HAS_BIAS=bias is not None,
         EVEN=n % block_n == 0 and k % block_k == 0,
         GATED=gated, NORM=norm is not None, HAS_RES=residual is not None, ROW=_pow2(k),
