@@ -556,6 +556,31 @@ def decode_tile_ab(rounds: int = 1) -> Iterator[dict[str, Any]]:
                 torch.cuda.empty_cache()
 
 
+def swiglu_epilogue_ab(rounds: int = 2) -> Iterator[dict[str, Any]]:
+    """PERF.md v0.77 A/B in one process: GLM-4-9B batch-1 decode (128-token prompt, 128
+    new tokens) in bf16 and weight-only FP8 (e4m3 cache) with SwiGLU on gate_up's GEMV
+    and a plain down GEMV (TPSERVE_SWIGLU_EPILOGUE=1) and with SwiGLU inside the down
+    GEMV (0), `rounds` times, the order reversed every other round; an engine each. A
+    row per run: ms a token, the graph's replay, and the MLP GEMVs' picks and times."""
+    config = dataclasses.replace(_glm_config(), max_num_seqs=1, kv_cache_memory=2**31)
+    modes = {"bf16": {}, "fp8": {"quantization": "fp8", "kv_cache_dtype": "fp8"}}
+    prompt = prompts_for(1, 128, SHAPES["glm4-9b"][1]["vocab_size"])
+    for turn in range(rounds):
+        for name, options in modes.items():
+            for on in (("1", "0") if turn % 2 == 0 else ("0", "1")):
+                with _env("TPSERVE_SWIGLU_EPILOGUE", on), \
+                        Engine(dataclasses.replace(config, **options)) as engine:
+                    ms = ours_per_token(engine, prompt, 128, 3) * 1e3
+                    graph = graph_step_ms(engine)
+                    mlp = {key: times for key, times in engine.worker.gemv_report.items()
+                           if any(kind in key for kind in ("swiglu", "gated", "'plain'"))}
+                yield {"case": f"glm4-9b_{name}_decode_b1_swiglu_epilogue_{on}",
+                       "unit": "ms/token", "ours": round(ms, 3), "round": turn,
+                       "swiglu_epilogue": on == "1", "graph_replay_ms": round(graph, 3),
+                       "gemv_us": mlp, **options}
+                torch.cuda.empty_cache()
+
+
 # the fp8 suite's modes: (weights, KV cache, options, the rows' name)
 FP8_MODES: tuple[tuple[str, str, dict[str, str], str], ...] = (
     ("fp8", "fp8", {}, "fp8"), ("fp8", "int8", {}, "fp8_int8kv"),

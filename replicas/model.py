@@ -12,6 +12,7 @@ decoding one token. `ForwardBatch` carries the per-step index tensors.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -324,8 +325,14 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(size, spec.hidden_size, spec.mlp_bias, comm)
         self.act = F.silu if spec.hidden_act == "silu" else _hf_activation(spec.hidden_act)
         self.fused_act = spec.hidden_act == "silu"
-        if self.fused_act:
-            self.down_proj.gemv_kind = "gated"  # see forward
+        # the one-row GEMVs (DecoderLayer.finish): SwiGLU in gate_up's GEMV, after its
+        # norm, and a plain down GEMV (PERF.md v0.77); TPSERVE_SWIGLU_EPILOGUE=0: in
+        # down's, which then makes the activation in every program (see forward)
+        self.gate_up_proj.gemv_kind = "norm"
+        if self.fused_act and os.environ.get("TPSERVE_SWIGLU_EPILOGUE") != "0":
+            self.gate_up_proj.gemv_kind = "norm_swiglu"
+        elif self.fused_act:
+            self.down_proj.gemv_kind = "gated"
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor | Site:
         """From the layer's gate_up_proj output [T, 2 I/tp] (run by the decoder layer,
@@ -348,8 +355,9 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(hf_config, spec, layer, comm)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = MLP(spec, comm)
-        # see forward: each norm runs inside the projection after it
-        self.self_attn.qkv_proj.gemv_kind = self.mlp.gate_up_proj.gemv_kind = "norm"
+        # see forward: each norm runs inside the projection after it (MLP's gate_up_proj
+        # has its kind from MLP)
+        self.self_attn.qkv_proj.gemv_kind = "norm"
 
     def forward(self, x: torch.Tensor | Site, residual: torch.Tensor | None, b: ForwardBatch,
                 rotary: Rotary, rope: tuple[torch.Tensor, torch.Tensor],
@@ -369,8 +377,11 @@ class DecoderLayer(nn.Module):
     def finish(self, x: torch.Tensor | Site, residual: torch.Tensor
                ) -> tuple[torch.Tensor | Site, torch.Tensor]:
         """The layer after o_proj (its output `x`): the MLP, with its norm."""
-        gate_up, residual = self.mlp.gate_up_proj.forward_normed(x, residual,
-                                                                 self.post_attention_layernorm)
+        gate_up_proj, norm = self.mlp.gate_up_proj, self.post_attention_layernorm
+        if gate_up_proj.takes_swiglu(x):  # one kernel: norm, gate_up and SwiGLU
+            act, residual = gate_up_proj.forward_normed(x, residual, norm, swiglu=True)
+            return self.mlp.down_proj(act), residual
+        gate_up, residual = gate_up_proj.forward_normed(x, residual, norm)
         return self.mlp(gate_up), residual
 
 

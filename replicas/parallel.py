@@ -262,17 +262,27 @@ class ColumnParallelLinear(_KernelLinear):
             return kernels.gemv(x, self.weight, self.bias, self.gemv, scale=self.weight_scale)
         return _matmul(x, self.weight, self.weight_scale, self.bias, self.w8a8)
 
+    def takes_swiglu(self, x: torch.Tensor | Site) -> bool:
+        """Whether `forward_normed(x, ..., swiglu=True)` may be called: a layer tuned as
+        "norm_swiglu" (gate_up_proj's [gate; up]) on the one-row GEMV path."""
+        on = self.gemv is not None if isinstance(x, Site) else (
+            on_gemv(self.gemv, x) and kernels.enabled(x))
+        return self.gemv_kind == "norm_swiglu" and on
+
     def forward_normed(self, x: torch.Tensor | Site, residual: torch.Tensor | None,
-                       norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+                       norm: RMSNorm, swiglu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(self(norm(x + residual)), x + residual): a decoder layer's norm and its
         projection; on the one-row GEMV path one kernel does both. `x` may be the Site of
-        a folded all-reduce: that kernel then sums the ranks' rows as it reads them."""
+        a folded all-reduce: that kernel then sums the ranks' rows as it reads them.
+        swiglu (where `takes_swiglu`): the first result is silu(gate) * up of it, from the
+        same kernel."""
         if isinstance(x, Site) and self.gemv is None:
             x = x.pull()
         if isinstance(x, Site) or (on_gemv(self.gemv, x) and kernels.enabled(x)):
             assert self.gemv is not None
             return kernels.gemv_norm(x, residual, norm.weight, norm.eps, self.weight,
-                                     self.bias, self.gemv, self.weight_scale)
+                                     self.bias, self.gemv, self.weight_scale, swiglu)
+        assert not swiglu, "SwiGLU in the projection's kernel: the one-row GEMV only"
         if self.takes_tokens_fp8() and kernels.enabled(x) and x.dim() == 2:
             # W8A8 with a scale per token: the norm's row quantized in the same pass
             x8, x_scale, s = kernels.rms_norm_quantize_fp8(x, norm.weight, norm.eps, residual)

@@ -33,9 +33,12 @@ FLOAT_ADD = re.compile(r"\badd(\.rn)?\.f32\b")
 def ptx(jit: Any, pointers: dict[str, str], consts: dict[str, Any], warps: int = 4,
         stages: int = 3) -> str:
     """`jit` compiled for sm_90: its arguments typed by `pointers` (else i32), the
-    constexprs among `consts` set."""
-    names = list(inspect.signature(jit.fn).parameters)
-    consts = {n: v for n, v in consts.items() if n in names}
+    constexprs among `consts` set (the others at their defaults)."""
+    params = inspect.signature(jit.fn).parameters
+    names = list(params)
+    consts = {n: v for n, v in consts.items() if n in names} | {  # (and defaults' values)
+        n: p.default for n, p in params.items()
+        if n not in consts and p.default is not inspect.Parameter.empty}
     signature = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in names}
     src = ASTSource(fn=jit, signature=signature,
                     constexprs={(names.index(n),): v for n, v in consts.items()})
@@ -60,7 +63,10 @@ def gemvs() -> None:
     ptx(gemv._gemv_kernel, bf16, {**folded, "NORM": False, "HAS_RES": False, "GATED": True,
                                    "PUSH": True})  # down_proj pushing its rows
     ptx(gemv._gemv_kernel, bf16, {**folded, "PULL": True})  # the next norm GEMV summing them
-    print(len(gemv.FP8_GEMV_CONFIGS) + 2, "GEMVs compiled for sm_90", flush=True)
+    # an FP8 gate_up GEMV with SwiGLU on its output (PERF.md v0.77)
+    ptx(gemv._gemv_kernel, pointers, {**flags, "SWIGLU": True, "BLOCK_N": 16,
+                                      "BLOCK_K": 512}, 8, 3)
+    print(len(gemv.FP8_GEMV_CONFIGS) + 3, "GEMVs compiled for sm_90", flush=True)
     print("_gemv_kernel compiled for sm_90", flush=True)
 
 

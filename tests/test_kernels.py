@@ -19,6 +19,7 @@ from transformers import AutoConfig
 
 from replicas import Engine, EngineConfig, SamplingParams, kernels, worker
 from replicas.config import ModelSpec
+from replicas.fp8 import quantize_rows
 from replicas.model import ForwardBatch, Rotary, attention_mask
 from replicas.model import paged_attention as reference_attention
 
@@ -416,7 +417,7 @@ def test_kernels_compile_for_hopper(mode: str, tmp_path: Path) -> None:
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     if mode == "gemv":
-        assert f"{len(kernels.FP8_GEMV_CONFIGS) + 2} GEMVs compiled for sm_90" in done.stdout
+        assert f"{len(kernels.FP8_GEMV_CONFIGS) + 3} GEMVs compiled for sm_90" in done.stdout
     else:
         # (rest: W8A8 per token twice; an 8-bit cache: the cache write, decode attention
         # plain and F16, prefill)
@@ -546,6 +547,30 @@ def test_norm_in_the_gemv_is_rms_norm_then_gemv(dtype: torch.dtype, shape: tuple
                                    rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(128, 256), (80, 200)])  # [gate; up]: blocks divide it or not
+def test_swiglu_in_the_norm_gemv_is_the_norm_gemv_then_silu_and_mul(
+        dtype: torch.dtype, shape: tuple[int, int]) -> None:
+    """PERF.md v0.77: gate_up's GEMV with SwiGLU on its output (its rows' gate and up
+    halves in one program) equals the norm GEMV, then silu_and_mul, to the last bit, with
+    a bias and a residual; so does an FP8 weight with its row scales."""
+    gen = torch.Generator().manual_seed(12)
+    w = torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+    bias = torch.randn(shape[0], generator=gen).to(DEVICE, dtype)
+    x, residual = (torch.randn(1, shape[1], generator=gen).to(DEVICE, dtype) for _ in range(2))
+    norm_w = (1 + torch.randn(shape[1], generator=gen) / 4).to(DEVICE, dtype)
+    w8, scale = quantize_rows(w.float())
+    for weight, s in ((w, None), (w8, scale)):
+        for config in [(8, 64, 4, 2), (16, 128, 4, 3)]:
+            got, got_sum = kernels.gemv_norm(x, residual, norm_w, 1e-5, weight, bias, config,
+                                             s, swiglu=True)
+            full, want_sum = kernels.gemv_norm(x, residual, norm_w, 1e-5, weight, bias,
+                                               config, s)
+            assert got.shape == (1, shape[0] // 2)
+            torch.testing.assert_close(got, kernels.silu_and_mul(full), atol=0, rtol=0)
+            torch.testing.assert_close(got_sum, want_sum, atol=0, rtol=0)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="times kernels on a GPU")
 def test_tuned_gemv_keeps_bf16_decode_close(tmp_path: Path) -> None:
@@ -655,13 +680,16 @@ def test_engine_caches_alike_through_the_kernels_in_8_bits(
             torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("family", ["llama", "glm"])  # GLM: biased qkv, fused gate_up
-def test_decode_through_the_gemvs_equals_the_matmuls(family: str, checkpoint: CheckpointFactory
-                                                     ) -> None:
+@pytest.mark.parametrize(("family", "epilogue"), [("llama", "1"), ("glm", "1"), ("glm", "0")])
+def test_decode_through_the_gemvs_equals_the_matmuls(family: str, epilogue: str,
+                                                     checkpoint: CheckpointFactory,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Batch-1 decode with every projection on the GEMV (the layer norms inside the qkv
-    and gate_up GEMVs, SwiGLU inside the down GEMV, the LM head too) gives the tokens
-    and, to float32 rounding, the log-probabilities of the matmul path. On a GPU the
-    GEMV is only chosen where it wins; here it is set on every layer."""
+    and gate_up GEMVs, SwiGLU on gate_up's output, or with TPSERVE_SWIGLU_EPILOGUE=0
+    inside the down GEMV, the LM head too) gives the tokens and, to float32 rounding,
+    the log-probabilities of the matmul path. On a GPU the GEMV is only chosen where it
+    wins; here it is set on every layer. (GLM: biased qkv, fused gate_up.)"""
+    monkeypatch.setenv("TPSERVE_SWIGLU_EPILOGUE", epilogue)
     ckpt = checkpoint(family)
     config = EngineConfig(model=ckpt, device=DEVICE, dtype="float32", cuda_graphs=False)
     prompt = torch.randint(3, 200, (9,), generator=torch.Generator().manual_seed(2)).tolist()
@@ -676,6 +704,9 @@ def test_decode_through_the_gemvs_equals_the_matmuls(family: str, checkpoint: Ch
                     # rows end in a masked program (1000 = 62 x 16 + 8)
                     module.gemv = (16, 32, 4, 1) if on else None
             runs[on] = engine.generate([prompt], params)[0]
+        kinds = {m.gemv_kind for m in engine.worker.model.modules() if hasattr(m, "gemv")}
+    assert ("norm_swiglu" in kinds) == (epilogue == "1") and ("gated" in kinds) == (
+        epilogue == "0")
     assert runs[True].token_ids == runs[False].token_ids
     assert runs[True].logprobs is not None and runs[False].logprobs is not None
     torch.testing.assert_close(torch.tensor(runs[True].logprobs),

@@ -88,7 +88,7 @@ if triton is not None:
                      GATED: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
                      ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      PUSH: tl.constexpr, PULL: tl.constexpr, RANK: tl.constexpr,
-                     WORLD: tl.constexpr, PDL: tl.constexpr):
+                     WORLD: tl.constexpr, PDL: tl.constexpr, SWIGLU: tl.constexpr = False):
         """y = W x (+ b) for one row x: program = BLOCK_N rows of W, streamed along K,
         products summed in float32 registers and reduced once at the end. The first
         tile of W is loaded before waiting on the kernel that writes x (with PDL it
@@ -105,11 +105,18 @@ if triton is not None:
         waited for on the site's counters CNT and summed as it is read.
 
         SCALED: W holds FP8 (e4m3) and row r of the product is multiplied by S[r], its
-        scale (replicas/fp8.py): half the bytes of a 16-bit W, the input row as it is."""
+        scale (replicas/fp8.py): half the bytes of a 16-bit W, the input row as it is.
+
+        SWIGLU: W is [gate; up] (2n rows) and y is silu(gate) * up, n wide: a program
+        takes rows r of both halves, rounds each product to Y's dtype (as a gate_up
+        output is) and multiplies as _silu_mul_kernel does, so the down GEMV after it
+        reads the activation instead of making it in each of its programs."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         r_ok = rows < n
         cols = tl.arange(0, BLOCK_K)
         w = _w_tile(W, rows, r_ok, cols, k, sw, EVEN)
+        if SWIGLU:
+            wu = _w_tile(W + n * sw, rows, r_ok, cols, k, sw, EVEN)
         _pdl_enter(PDL)
         if PULL:
             _await_rows(CNT, k, WORLD)
@@ -127,18 +134,33 @@ if triton is not None:
                     tl.store(ROUT + every, whole, mask=every < k)
                 whole = whole.to(tl.float32)
             rstd = 1.0 / tl.sqrt(tl.sum(whole * whole, axis=0) / k + eps)
-        acc = w.to(tl.float32) * _gemv_x(X, R, NW, cols, k, rstd, EVEN, GATED, NORM,
-                                         HAS_RES, PULL, WORLD)[None, :]
+        xv = _gemv_x(X, R, NW, cols, k, rstd, EVEN, GATED, NORM, HAS_RES, PULL, WORLD)
+        acc = w.to(tl.float32) * xv[None, :]
+        if SWIGLU:
+            acc_u = wu.to(tl.float32) * xv[None, :]
         for k0 in range(BLOCK_K, k, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             w = _w_tile(W, rows, r_ok, cols, k, sw, EVEN)
-            acc += w.to(tl.float32) * _gemv_x(X, R, NW, cols, k, rstd, EVEN, GATED, NORM,
-                                              HAS_RES, PULL, WORLD)[None, :]
+            if SWIGLU:
+                wu = _w_tile(W + n * sw, rows, r_ok, cols, k, sw, EVEN)
+            xv = _gemv_x(X, R, NW, cols, k, rstd, EVEN, GATED, NORM, HAS_RES, PULL, WORLD)
+            acc += w.to(tl.float32) * xv[None, :]
+            if SWIGLU:
+                acc_u += wu.to(tl.float32) * xv[None, :]
         y = tl.sum(acc, axis=1)
         if SCALED:
             y *= tl.load(S + rows, mask=r_ok, other=0.0)
         if HAS_BIAS:
             y += tl.load(B + rows, mask=r_ok, other=0.0).to(tl.float32)
+        if SWIGLU:  # gate and up as gate_up's GEMV would store them, then _silu_mul_kernel
+            u = tl.sum(acc_u, axis=1)
+            if SCALED:
+                u *= tl.load(S + n + rows, mask=r_ok, other=0.0)
+            if HAS_BIAS:
+                u += tl.load(B + n + rows, mask=r_ok, other=0.0).to(tl.float32)
+            g = y.to(Y.dtype.element_ty).to(tl.float32)
+            u = u.to(Y.dtype.element_ty).to(tl.float32)
+            y = (g / (1.0 + tl.exp(-g))).to(Y.dtype.element_ty).to(tl.float32) * u
         if PUSH:
             _push_rows(y.to(Y.dtype.element_ty), rows, r_ok, n, DATA, FLAGS, CNT, site_data,
                        site_flag, RANK, WORLD)
@@ -182,15 +204,18 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 def gemv_norm(x: torch.Tensor | Site, residual: torch.Tensor | None,
               norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-              bias: torch.Tensor | None, config: GemvConfig, scale: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              bias: torch.Tensor | None, config: GemvConfig, scale: torch.Tensor | None = None,
+              swiglu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(gemv(rms_norm(x + residual) * norm_weight), x + residual) for one row x [1, K], in
     one kernel, equal to `rms_norm` then `gemv` with the same config; without a residual
     the second result is x. `x` may be a Site: the sum over the ranks of the row that
-    their GEMVs pushed there (`gemv_push`), summed here as it is read."""
+    their GEMVs pushed there (`gemv_push`), summed here as it is read. swiglu: weight is
+    gate_up's [gate; up] and the first result is silu(gate) * up, half as wide, equal to
+    `silu_and_mul` of the plain result (PERF.md v0.77)."""
     row = x.rows[:1] if isinstance(x, Site) else x
     r_out = torch.empty_like(row) if residual is not None else row
-    y = _gemv(x, weight, bias, config, norm=(residual, norm_weight, r_out, eps), scale=scale)
+    y = _gemv(x, weight, bias, config, norm=(residual, norm_weight, r_out, eps), scale=scale,
+              swiglu=swiglu)
     return y, r_out
 
 
@@ -206,8 +231,12 @@ def gemv_push(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig, gated: 
 def _gemv(x: torch.Tensor | Site, weight: torch.Tensor, bias: torch.Tensor | None,
           config: GemvConfig, gated: bool = False,
           norm: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, float] | None = None,
-          push: Site | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
+          push: Site | None = None, scale: torch.Tensor | None = None,
+          swiglu: bool = False) -> torch.Tensor:
     n, k = weight.shape
+    if swiglu:
+        assert n % 2 == 0 and push is None, "[gate; up] rows, the output stored here"
+        n //= 2
     block_n, block_k, warps, stages = config
     pull = x if isinstance(x, Site) else None
     row = pull.rows if pull is not None else x
@@ -225,11 +254,12 @@ def _gemv(x: torch.Tensor | Site, weight: torch.Tensor, bias: torch.Tensor | Non
         GATED=gated, NORM=norm is not None, HAS_RES=residual is not None, ROW=_pow2(k),
         BLOCK_N=block_n, BLOCK_K=block_k, PUSH=push is not None, PULL=pull is not None,
         RANK=site.rank if site is not None else 0, WORLD=site.world if site is not None else 1,
-        num_warps=warps, num_stages=stages, **_launch(row))
+        SWIGLU=swiglu, num_warps=warps, num_stages=stages, **_launch(row))
     return y
 
 
-GemvKind = str  # how a layer calls its GEMV: "plain", "norm" (gemv_norm) or "gated"
+GemvKind = str  # how a layer calls its GEMV: "plain", "norm" (gemv_norm), "norm_swiglu"
+# (gemv_norm with swiglu) or "gated"
 
 
 def pick_gemv(weight: torch.Tensor, bias: torch.Tensor | None, kind: GemvKind = "plain",
@@ -237,8 +267,10 @@ def pick_gemv(weight: torch.Tensor, bias: torch.Tensor | None, kind: GemvKind = 
               dtype: torch.dtype | None = None) -> tuple[GemvConfig | None, dict[str, float]]:
     """Time cuBLAS (F.linear) and each GEMV config on a one-row input, as a decode step
     runs them: weights cold (copies cycled so that they never sit in L2), input hot, and
-    the GEMV in the layer's kind: "norm" with the RMSNorm (+ residual) fused in, "gated"
-    with SwiGLU fused in (their extra input reads favour other tile shapes than "plain").
+    the GEMV in the layer's kind: "norm" with the RMSNorm (+ residual) fused in,
+    "norm_swiglu" also with SwiGLU on its output (weight is gate_up's [gate; up]; timed
+    against cuBLAS's whole gate_up product), "gated" with SwiGLU fused into its input
+    (their extra work favours other tile shapes than "plain").
     Returns the fastest config if it beats plain cuBLAS by the margin (else None: keep
     cuBLAS), and the times in us. An FP8 weight (its `scale` given; the input in
     `dtype`) is timed against what its layer runs otherwise: fp8_linear's FP8 matmul."""
@@ -247,7 +279,7 @@ def pick_gemv(weight: torch.Tensor, bias: torch.Tensor | None, kind: GemvKind = 
     k = weight.shape[1]
     make = functools.partial(torch.randn, dtype=dtype or weight.dtype, device=weight.device)
     x, residual, norm_weight = make(1, 2 * k if kind == "gated" else k), make(1, k), make(k)
-    if kind == "norm":
+    if kind in ("norm", "norm_swiglu"):
         s = x + residual
         h = (F.rms_norm(s.float(), (k,), eps=1e-5).to(x.dtype) * norm_weight)
     elif kind == "gated":
@@ -257,11 +289,15 @@ def pick_gemv(weight: torch.Tensor, bias: torch.Tensor | None, kind: GemvKind = 
         h = x
     dense = weight if scale is None else (weight.float() * scale[:, None]).to(h.dtype)
     want = F.linear(h, dense, bias)
+    if kind == "norm_swiglu":
+        gate, up = want.to(h.dtype).float().chunk(2, dim=-1)
+        want = F.silu(gate).to(h.dtype).float() * up
     copies = cold_set(weight)
 
     def run(w: torch.Tensor, config: GemvConfig) -> torch.Tensor:
-        if kind == "norm":
-            return gemv_norm(x, residual, norm_weight, 1e-5, w, bias, config, scale)[0]
+        if kind in ("norm", "norm_swiglu"):
+            return gemv_norm(x, residual, norm_weight, 1e-5, w, bias, config, scale,
+                             swiglu=kind == "norm_swiglu")[0]
         return gemv(x, w, bias, config, gated=kind == "gated", scale=scale)
 
     runs: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
