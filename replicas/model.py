@@ -325,14 +325,24 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(size, spec.hidden_size, spec.mlp_bias, comm)
         self.act = F.silu if spec.hidden_act == "silu" else _hf_activation(spec.hidden_act)
         self.fused_act = spec.hidden_act == "silu"
-        # the one-row GEMVs (DecoderLayer.finish): SwiGLU in gate_up's GEMV, after its
-        # norm, and a plain down GEMV (PERF.md v0.77); TPSERVE_SWIGLU_EPILOGUE=0: in
-        # down's, which then makes the activation in every program (see forward)
-        self.gate_up_proj.gemv_kind = "norm"
-        if self.fused_act and os.environ.get("TPSERVE_SWIGLU_EPILOGUE") != "0":
-            self.gate_up_proj.gemv_kind = "norm_swiglu"
-        elif self.fused_act:
-            self.down_proj.gemv_kind = "gated"
+        self.gemv_kinds()
+
+    def gemv_kinds(self) -> None:
+        """How the one-row GEMVs run the activation (DecoderLayer.finish, forward): with
+        FP8 weights SwiGLU on gate_up's GEMV output, after its norm, and a plain down
+        GEMV; with 16-bit ones SwiGLU inside the down GEMV, each of its programs making
+        the activation (PERF.md v0.77: on the H200 the first is 0.96x the second's
+        batch-1 decode with FP8 weights, 1.04x with bf16, whose gate_up tiles in pairs
+        lose to cuBLAS). $TPSERVE_SWIGLU_EPILOGUE: "fp8" (that, the default), "1"
+        (always the first), "0" (always the second). Called again by tune_gemv, once the
+        weights are loaded (and maybe quantized)."""
+        mode = os.environ.get("TPSERVE_SWIGLU_EPILOGUE", "fp8")
+        if mode not in ("fp8", "1", "0"):
+            raise ValueError(f"TPSERVE_SWIGLU_EPILOGUE={mode!r}: one of fp8, 1, 0")
+        on = self.fused_act and (mode == "1" or (
+            mode == "fp8" and self.gate_up_proj.weight.dtype == FP8))
+        self.gate_up_proj.gemv_kind = "norm_swiglu" if on else "norm"
+        self.down_proj.gemv_kind = "gated" if self.fused_act and not on else "plain"
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor | Site:
         """From the layer's gate_up_proj output [T, 2 I/tp] (run by the decoder layer,

@@ -361,6 +361,9 @@ def tune_gemv(model: nn.Module, cache: Path | None = None) -> dict[str, dict[str
                        torch.bfloat16)
     picked: dict[tuple[int, int, bool, str], kernels.GemvConfig | None] = {}
     report: dict[str, dict[str, Any]] = {}
+    for module in model.modules():  # (an MLP's kinds follow its weights' dtype)
+        if hasattr(module, "gemv_kinds"):
+            module.gemv_kinds()
     for module in model.modules():
         if not isinstance(module, ColumnParallelLinear | RowParallelLinear | ParallelLMHead):
             continue

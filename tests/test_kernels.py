@@ -739,3 +739,34 @@ def test_wide_decode_steps_take_the_tiles_timed_fastest_there(
         assert engine_decode_tile(wide, cache, f32) == kernels.DECODE_TILE
     monkeypatch.setenv("TPSERVE_WIDE_DECODE_TILES", "0")
     assert engine_decode_tile(wide, bf16, bf16) == kernels.DECODE_TILE
+
+
+def test_the_mlp_gemv_kinds_follow_the_weights_dtype(checkpoint: CheckpointFactory,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """PERF.md v0.77: once loaded (tune_gemv calls gemv_kinds again), an MLP with FP8
+    weights runs SwiGLU on gate_up's GEMV and a plain down GEMV, one with 16-bit weights
+    SwiGLU inside the down GEMV; TPSERVE_SWIGLU_EPILOGUE=1 / 0 forces either, another
+    value is refused by name."""
+    from replicas.model import MLP
+
+    ckpt = checkpoint("llama")
+    kinds = {}
+    for quantization in ("none", "fp8"):
+        config = EngineConfig(model=ckpt, device=DEVICE, dtype="bfloat16",
+                              quantization=quantization, cuda_graphs=False)
+        with Engine(config) as engine:
+            mlps = [m for m in engine.worker.model.modules() if isinstance(m, MLP)]
+            for mode in ("fp8", "1", "0"):
+                monkeypatch.setenv("TPSERVE_SWIGLU_EPILOGUE", mode)
+                for mlp in mlps:
+                    mlp.gemv_kinds()
+                kinds[quantization, mode] = {(m.gate_up_proj.gemv_kind,
+                                              m.down_proj.gemv_kind) for m in mlps}
+            monkeypatch.setenv("TPSERVE_SWIGLU_EPILOGUE", "yes")
+            with pytest.raises(ValueError, match="TPSERVE_SWIGLU_EPILOGUE"):
+                mlps[0].gemv_kinds()
+            monkeypatch.delenv("TPSERVE_SWIGLU_EPILOGUE")
+    fused, inside = {("norm_swiglu", "plain")}, {("norm", "gated")}
+    assert kinds["none", "fp8"] == inside and kinds["fp8", "fp8"] == fused
+    assert kinds["none", "1"] == kinds["fp8", "1"] == fused
+    assert kinds["none", "0"] == kinds["fp8", "0"] == inside
