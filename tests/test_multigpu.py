@@ -88,15 +88,18 @@ def test_tp_bfloat16_logits_within_tolerance(family: str, tp: int,
     assert ours <= BF16_FACTOR * own + BF16_SLACK
 
 
-def _folded_run(ckpt: str, fold: bool, graphs: bool
+def _folded_run(ckpt: str, fold: bool, graphs: bool, epilogue: str = "fp8"
                 ) -> tuple[list[list[int]], list[list[float] | None], int]:
     """One engine of the fold test, in a process of its own (`in_fresh_process`: a second
     engine in a process that used symmetric memory falls back to NCCL, replicas/symm.py):
     its tokens and log-probabilities, and how many all-reduces it folded. The GEMV is
     forced on rank 0 (a tiny model's timing would pick cuBLAS); the other rank takes rank
-    0's picks."""
+    0's picks. `epilogue`: $TPSERVE_SWIGLU_EPILOGUE (MLP.gemv_kinds)."""
+    import os
+
     from replicas import kernels
 
+    os.environ["TPSERVE_SWIGLU_EPILOGUE"] = epilogue
     pick = kernels.pick_gemv
     kernels.pick_gemv = lambda w, b, kind="plain": (  # type: ignore[assignment]
         pick(w, b, kind)[0] or kernels.GEMV_CONFIGS[0], {"forced": 1.0})
@@ -118,16 +121,19 @@ def test_folded_all_reduce_gives_the_one_shot_kernels_bits(checkpoint: Checkpoin
     same tokens and the same log-probabilities, to the bit, as with the one-shot kernel:
     both sum in float32 in rank order. Each engine runs in a fresh process (on 2xH200 an
     earlier engine of the pytest process made this one fall back to NCCL: nothing
-    folded)."""
+    folded). Also with SwiGLU on gate_up's GEMV (TPSERVE_SWIGLU_EPILOGUE=1, PERF.md v0.77;
+    the default for FP8 weights): the norm GEMV that sums the pushed rows applies it."""
     from replicas.multigpu import in_fresh_process
 
     ckpt = checkpoint("qwen2")  # no o_proj / down_proj bias (a bias is not folded)
     got = {}
-    for fold, graphs in ((True, True), (False, True), (True, False)):
-        tokens, logprobs, folded = in_fresh_process(_folded_run, ckpt, fold, graphs)
+    for fold, graphs, epilogue in ((True, True, "fp8"), (False, True, "fp8"),
+                                   (True, False, "fp8"), (True, True, "1"), (False, True, "1")):
+        tokens, logprobs, folded = in_fresh_process(_folded_run, ckpt, fold, graphs, epilogue)
         assert (folded > 0) == fold, (fold, graphs, folded)
-        got[fold, graphs] = (tokens, logprobs)
-    assert got[True, True] == got[False, True] == got[True, False]
+        got[fold, graphs, epilogue] = (tokens, logprobs)
+    assert got[True, True, "fp8"] == got[False, True, "fp8"] == got[True, False, "fp8"]
+    assert got[True, True, "1"] == got[False, True, "1"]
 
 
 def test_tp2_float16_overflow_is_read_with_the_tokens_and_rerun(overflowing_model: str
