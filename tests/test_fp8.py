@@ -200,28 +200,31 @@ def test_token_quantization_kernel_is_quantize_tokens(shape: tuple[int, int],
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("one_pass", [True, False])
+@pytest.mark.parametrize("mode", ["one pass", "two passes", "3 chunks", "8 chunks"])
 def test_swiglu_quantized_in_one_pass_is_the_two_kernels_bit_for_bit(
-        monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, one_pass: bool) -> None:
+        monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, mode: str) -> None:
     """A W8A8 down_proj's input (kernels.silu_mul_quantize_fp8): exactly what
     silu_and_mul then quantize_tokens_fp8 give, scales and FP8 entries, on rows longer
     than the two-pass block (not a multiple of it), a zero row, and a row whose max is in
-    its second block; each row in one block, or (both kernels) in two passes."""
+    its second block; each row in one block, or (both kernels) in two passes, or in
+    chunks of programs of their own (PERF.md v0.78's candidate: 3 asked, 3 chunks of 512
+    columns; 8 asked, 6 of 256; the last one short in both)."""
     pytest.importorskip("triton")
 
     from replicas import kernels
     from replicas.kernels import quant
 
     monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
-    if not one_pass:
+    if mode == "two passes":
         monkeypatch.setattr(quant, "ONE_PASS_MAX_K", 0)
+    chunks = int(mode.split()[0]) if mode.endswith("chunks") else 0
     m, n = 5, 1500
     gen = torch.Generator().manual_seed(n)
     gate_up = (torch.randn(m, 2 * n, generator=gen)
                * torch.logspace(-2, 2, m)[:, None]).to(dtype)
     gate_up[0] = 0.0  # a zero row: scale 1
     gate_up[2, 1100] = 300.0  # a peak in the second block: the row's max
-    x8, scale = kernels.silu_mul_quantize_fp8(gate_up)
+    x8, scale = kernels.silu_mul_quantize_fp8(gate_up, chunks=chunks)
     want8, want_scale = kernels.quantize_tokens_fp8(kernels.silu_and_mul(gate_up))
     assert x8.shape == (m, n) and x8.dtype == FP8 and scale.dtype == torch.float32
     assert torch.equal(scale, want_scale) and scale[0, 0] == 1.0

@@ -108,6 +108,37 @@ if triton is not None:
         tl.store(S + row, scale)
 
     @triton.jit
+    def _silu_mul_part_kernel(GU, A, P, n, sg, sa, CHUNK: tl.constexpr, PDL: tl.constexpr):
+        """Program (row, chunk): a = silu(gate) * up of the chunk's CHUNK columns (as
+        _swiglu rounds it), stored in GU's dtype at A, and its max |a| at P[row, chunk]
+        (the first half of silu_mul_quantize_fp8's chunked form)."""
+        _pdl_enter(PDL)
+        row = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1)
+        cols = c * CHUNK + tl.arange(0, CHUNK)
+        a = _swiglu(GU, row * sg, cols, n)
+        tl.store(A + row * sa + cols, a.to(A.dtype.element_ty), mask=cols < n)
+        tl.store(P + row * tl.num_programs(1) + c, tl.max(tl.abs(a), axis=0))
+
+    @triton.jit
+    def _quant_parts_kernel(A, P, Y, S, n, sa, sym, parts, CHUNK: tl.constexpr,
+                            BLOCK_P: tl.constexpr, PDL: tl.constexpr):
+        """Program (row, chunk): the row's scale from its `parts` chunk maxima (P), the
+        chunk of A divided and rounded to FP8 as _quant_rows_kernel does; chunk 0 stores
+        the scale (the second half of the chunked form)."""
+        _pdl_enter(PDL)
+        row = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1)
+        p = tl.arange(0, BLOCK_P)
+        scale = _row_scale(tl.max(tl.load(P + row * parts + p, mask=p < parts, other=0.0),
+                                  axis=0))
+        cols = c * CHUNK + tl.arange(0, CHUNK)
+        a = tl.load(A + row * sa + cols, mask=cols < n, other=0.0).to(tl.float32)
+        _store_fp8(Y + row * sym, cols, cols < n, a, scale)
+        if c == 0:
+            tl.store(S + row, scale)
+
+    @triton.jit
     def _swiglu(GU, start, cols, n):
         """silu(gate) * up at `cols` of the row at GU + start, float32 of its 16-bit
         rounding (the expression _silu_mul_kernel compiles)."""
@@ -138,11 +169,35 @@ def quantize_tokens_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _per_token(_quant_rows_kernel, x, k)
 
 
-def silu_mul_quantize_fp8(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def silu_mul_quantize_fp8(gate_up: torch.Tensor, chunks: int = 0
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """gate_up [M, 2N] -> (x8 [M, N] float8_e4m3fn, scale [M, 1] float32):
     `quantize_tokens_fp8(silu_and_mul(gate_up))` bit for bit, in one pass that never
-    writes the 16-bit activation (a W8A8 down_proj's input: see the module doc)."""
-    return _per_token(_silu_mul_quant_kernel, gate_up, gate_up.shape[1] // 2)
+    writes the 16-bit activation (a W8A8 down_proj's input: see the module doc).
+    `chunks` > 0 (a candidate of `--suite quant`, PERF.md v0.78; the engine runs 0): two
+    kernels of about M x chunks programs instead of M (a chunk a power of two wide, so
+    N / chunks rounded up to one: 13,696 in 4 asked is 4 of 4,096, in 16 asked 14 of
+    1,024), the 16-bit activation written to and read back from a scratch buffer, the
+    row's max from its chunks' maxima."""
+    if chunks <= 0:
+        return _per_token(_silu_mul_quant_kernel, gate_up, gate_up.shape[1] // 2)
+    m, n = gate_up.shape[0], gate_up.shape[1] // 2
+    gate_up = gate_up if gate_up.stride(1) == 1 else gate_up.contiguous()
+    chunk = _pow2(-(-n // chunks))
+    parts = -(-n // chunk)
+    act = torch.empty(m, n, dtype=gate_up.dtype, device=gate_up.device)
+    top = torch.empty(m, parts, dtype=torch.float32, device=gate_up.device)
+    x8 = torch.empty(m, n, dtype=torch.float8_e4m3fn, device=gate_up.device)
+    scale = torch.empty(m, 1, dtype=torch.float32, device=gate_up.device)
+    if m:
+        warps = min(16, max(4, chunk // 1024))
+        _silu_mul_part_kernel[(m, parts)](gate_up, act, top, n, gate_up.stride(0),
+                                          act.stride(0), CHUNK=chunk, num_warps=warps,
+                                          **_launch(gate_up))
+        _quant_parts_kernel[(m, parts)](act, top, x8, scale, n, act.stride(0), x8.stride(0),
+                                        parts, CHUNK=chunk, BLOCK_P=_pow2(parts),
+                                        num_warps=warps, **_launch(gate_up))
+    return x8, scale
 
 
 def _per_token(kernel: Any, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
