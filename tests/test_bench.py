@@ -7,6 +7,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +222,17 @@ def test_gemv_suite_rows_name_the_fastest_config() -> None:
     assert fp8["fraction_of_copy"] == round(48 * 64 / 5.6 / 1e3 / 100.0, 3)
 
 
+def stand_in_timer(timed: list[str]) -> Callable[[Any, list[Any]], float]:
+    """A probe's timer on CPU: runs the candidate once on the last copy (as the GPU's
+    timer does), notes its keywords in `timed`, and reads each later one as faster."""
+    def timer(fn: Any, copies: list[Any]) -> float:
+        fn(copies[-1])
+        timed.append(str(fn.keywords))
+        return 10.0 - len(timed) * 0.1
+
+    return timer
+
+
 def test_attention_probe_times_every_tile_and_split_against_the_engines() -> None:
     """`--suite attention`'s rows (here on CPU, Triton's interpreter, small shapes and a
     stand-in timer): per cache dtype and (sequences, keys), the engine's tile and splits
@@ -233,12 +245,7 @@ def test_attention_probe_times_every_tile_and_split_against_the_engines() -> Non
     from replicas.bench import attention_probe
 
     timed: list[str] = []
-
-    def timer(fn: Any, copies: list[Any]) -> float:
-        fn(copies[-1])  # (runs, as the GPU's timer does)
-        timed.append(str(fn.keywords))
-        return 10.0 - len(timed) * 0.1  # later variants "faster"
-
+    timer = stand_in_timer(timed)
     # (float16: Triton's interpreter multiplies bf16 dots' bit patterns, triton-lang/triton
     # issue 11584, so every bf16 variant would "agree" with the engine's)
     rows = list(attention_probe([(2, 40), (3, 9)], "cpu", timer, bandwidth=1.0,
@@ -478,12 +485,7 @@ def test_quant_probe_times_the_engines_row_kernels_and_their_candidates() -> Non
     from replicas.bench import quant_probe
 
     timed: list[str] = []
-
-    def timer(fn: Any, copies: list[Any]) -> float:
-        fn(copies[-1])  # (runs, as the GPU's timer does)
-        timed.append(str(fn.keywords))
-        return 10.0 - len(timed) * 0.1  # later candidates "faster"
-
+    timer = stand_in_timer(timed)
     rows = list(quant_probe([2, 3], "cpu", timer, bandwidth=1.0, act=300, hidden=96,
                             chunks=(2, 4), warps=(1, 2)))
     assert [r["case"] for r in rows] == [
