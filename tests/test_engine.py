@@ -160,13 +160,19 @@ def test_a_consumer_behind_gets_the_queued_steps_as_one_delta(engine: Engine) ->
     while it sends) gets the deltas queued meanwhile joined: fewer, longer deltas, the
     same tokens and text, one finish."""
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    before = engine.stats()["tokens_out"]
 
     async def run() -> list:
         deltas = []
         async for d in engine.add_request("The fox", params):
             deltas.append(d)
-            if len(deltas) == 1:
-                time.sleep(0.5)  # the loop is blocked: the next steps' deltas queue up
+            if len(deltas) == 1:  # the loop is blocked while the next steps' deltas
+                # queue up: until the engine has made them all (not a fixed time: a
+                # loaded CI machine's steps may take longer than any guess), at most 30 s
+                deadline = time.monotonic() + 30
+                while (engine.stats()["tokens_out"] < before + 16
+                       and time.monotonic() < deadline):
+                    time.sleep(0.01)
         return deltas
 
     deltas = asyncio.run(run())
@@ -175,7 +181,7 @@ def test_a_consumer_behind_gets_the_queued_steps_as_one_delta(engine: Engine) ->
     assert "".join(d.text for d in deltas) == whole.text
     assert [d.finish_reason for d in deltas] == [None] * (len(deltas) - 1) + ["length"]
     # (on a loaded machine the first delta may already hold them all: joined too)
-    assert len(deltas) < 8 and any(len(d.token_ids) > 1 for d in deltas)
+    assert len(deltas) <= 3 and any(len(d.token_ids) > 1 for d in deltas)
 
 
 def test_streams_get_a_steps_deltas_in_one_wake_up_of_their_loop(engine: Engine) -> None:
