@@ -761,10 +761,11 @@ def quant_probe(rows: Sequence[int], device: str,
                 act: int = 13696, hidden: int = 4096, chunks: Sequence[int] = QUANT_CHUNKS,
                 warps: Sequence[int] = QUANT_NORM_WARPS, dtype: torch.dtype = torch.bfloat16
                 ) -> Iterator[dict[str, Any]]:
-    """Two rows per row count m, each as soon as it is measured: `silu_mul_quantize_fp8`
+    """Three rows per row count m, each as soon as it is measured: `silu_mul_quantize_fp8`
     of an [m, 2 act] gate_up, the engine's one pass (chunks 0) then each chunk count;
     `rms_norm_quantize_fp8` of an [m, hidden] row with a residual, the engine's warps then
-    each of `warps`. `timer(fn, copies)`'s us for each; every candidate's FP8 bytes and
+    each of `warps`; `quantize_tokens_fp8` of an [m, hidden] row (o_proj's input), one
+    pass then each chunk count. `timer(fn, copies)`'s us for each; every candidate's FP8 bytes and
     scales checked against the engine's (one that differs is listed in `failed`, not
     timed); the floor is the bytes read and written at `bandwidth` GB/s."""
     from replicas import kernels
@@ -791,6 +792,14 @@ def quant_probe(rows: Sequence[int], device: str,
                  for w in warps}
         nbytes = m * (hidden * dtype.itemsize * 3 + hidden + 4)
         yield _quant_row(f"glm4-9b_rms_norm_quant_{m}rows", runs, [x] * 8, want, timer,
+                         nbytes / (bandwidth * 1e3))
+        # o_proj's input (attention's output) quantized per token, as is
+        want = kernels.quantize_tokens_fp8(x)
+        runs = {"one pass": functools.partial(kernels.quantize_tokens_fp8, chunks=0)}
+        runs |= {f"{c} chunks": functools.partial(kernels.quantize_tokens_fp8, chunks=c)
+                 for c in chunks}
+        nbytes = m * (hidden * dtype.itemsize + hidden + 4)
+        yield _quant_row(f"glm4-9b_quant_rows_{m}rows", runs, [x] * 8, want, timer,
                          nbytes / (bandwidth * 1e3))
 
 

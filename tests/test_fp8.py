@@ -199,6 +199,30 @@ def test_token_quantization_kernel_is_quantize_tokens(shape: tuple[int, int],
                                atol=0.07 * float(got.abs().max()))
 
 
+@pytest.mark.parametrize("shape", [(5, 200), (3, 2100)])
+@pytest.mark.parametrize("chunks", [3, 4])
+def test_token_quantization_in_chunks_is_the_one_pass_bit_for_bit(
+        shape: tuple[int, int], chunks: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PERF.md v0.78's candidate: per-token quantization in (row, chunk) programs, the
+    chunks' maxima then the chunks quantized, gives the one-pass kernel's scales and FP8
+    bytes exactly (a zero row, a row's max in its last chunk, chunks that do not divide
+    the row)."""
+    pytest.importorskip("triton")
+    from replicas import kernels
+
+    monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
+    m, k = shape
+    gen = torch.Generator().manual_seed(k + chunks)
+    x = (torch.randn(m, k, generator=gen) * torch.logspace(-2, 3, m)[:, None]).to(
+        torch.bfloat16)
+    x[0] = 0.0  # a zero row: scale 1
+    x[1, -1] = 5000.0  # the row's max in its last chunk
+    x8, scale = kernels.quantize_tokens_fp8(x, chunks=chunks)
+    want8, want_scale = kernels.quantize_tokens_fp8(x)
+    assert torch.equal(scale, want_scale) and scale[0, 0] == 1.0
+    assert torch.equal(x8.view(torch.uint8), want8.view(torch.uint8))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("mode", ["one pass", "two passes", "3 chunks", "8 chunks"])
 def test_swiglu_quantized_in_one_pass_is_the_two_kernels_bit_for_bit(

@@ -121,6 +121,17 @@ if triton is not None:
         tl.store(P + row * tl.num_programs(1) + c, tl.max(tl.abs(a), axis=0))
 
     @triton.jit
+    def _row_part_max_kernel(X, P, k, sx, CHUNK: tl.constexpr, PDL: tl.constexpr):
+        """Program (row, chunk): max |x| of the chunk's CHUNK columns at P[row, chunk]
+        (the first half of quantize_tokens_fp8's chunked form)."""
+        _pdl_enter(PDL)
+        row = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1)
+        cols = c * CHUNK + tl.arange(0, CHUNK)
+        x = tl.load(X + row * sx + cols, mask=cols < k, other=0.0).to(tl.float32)
+        tl.store(P + row * tl.num_programs(1) + c, tl.max(tl.abs(x), axis=0))
+
+    @triton.jit
     def _quant_parts_kernel(A, P, Y, S, n, sa, sym, parts, CHUNK: tl.constexpr,
                             BLOCK_P: tl.constexpr, PDL: tl.constexpr):
         """Program (row, chunk): the row's scale from its `parts` chunk maxima (P), the
@@ -163,10 +174,28 @@ if triton is not None:
         tl.store(Y + rows[:, None] * syn + cols[None, :], y.to(Y.dtype.element_ty), mask=ok)
 
 
-def quantize_tokens_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (x8 [M, K] float8_e4m3fn, scale [M, 1] float32): see the module doc."""
+def quantize_tokens_fp8(x: torch.Tensor, chunks: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (x8 [M, K] float8_e4m3fn, scale [M, 1] float32): see the module doc.
+    `chunks` > 0 (a candidate of `--suite quant`, PERF.md v0.78; the engine runs 0): two
+    kernels of (row, chunk) programs, the chunks' maxima then the chunks quantized, bit
+    for bit the one pass (chunks as in silu_mul_quantize_fp8)."""
     m, k = x.shape
-    return _per_token(_quant_rows_kernel, x, k)
+    if chunks <= 0:
+        return _per_token(_quant_rows_kernel, x, k)
+    x = x if x.stride(1) == 1 else x.contiguous()
+    chunk = _pow2(-(-k // chunks))
+    parts = -(-k // chunk)
+    top = torch.empty(m, parts, dtype=torch.float32, device=x.device)
+    x8 = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    if m:
+        warps = min(16, max(4, chunk // 1024))
+        _row_part_max_kernel[(m, parts)](x, top, k, x.stride(0), CHUNK=chunk,
+                                         num_warps=warps, **_launch(x))
+        _quant_parts_kernel[(m, parts)](x, top, x8, scale, k, x.stride(0), x8.stride(0),
+                                        parts, CHUNK=chunk, BLOCK_P=_pow2(parts),
+                                        num_warps=warps, **_launch(x))
+    return x8, scale
 
 
 def silu_mul_quantize_fp8(gate_up: torch.Tensor, chunks: int = 0
