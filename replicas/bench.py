@@ -765,18 +765,21 @@ def quant_probe(rows: Sequence[int], device: str,
     of an [m, 2 act] gate_up, the engine's one pass (chunks 0) then each chunk count;
     `rms_norm_quantize_fp8` of an [m, hidden] row with a residual, the engine's warps then
     each of `warps`; `quantize_tokens_fp8` of an [m, hidden] row (o_proj's input), one
-    pass then each chunk count. `timer(fn, copies)`'s us for each; every candidate's FP8 bytes and
-    scales checked against the engine's (one that differs is listed in `failed`, not
-    timed); the floor is the bytes read and written at `bandwidth` GB/s."""
+    pass then each chunk count. `timer(fn, copies)`'s us for each; every candidate's FP8
+    bytes and scales checked against the engine's (one that differs is listed in
+    `failed`, not timed); the floor is the bytes read and written at `bandwidth` GB/s."""
     from replicas import kernels
+
+    def by_chunks(fn: Callable[..., tuple[torch.Tensor, ...]]
+                  ) -> dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, ...]]]:
+        return {"one pass": functools.partial(fn, chunks=0)} | {
+            f"{c} chunks": functools.partial(fn, chunks=c) for c in chunks}
 
     gen = torch.Generator(device=device).manual_seed(0)
     for m in rows:
         gate_up = torch.randn(m, 2 * act, generator=gen, device=device).to(dtype)
         want = kernels.silu_mul_quantize_fp8(gate_up)
-        runs = {"one pass": functools.partial(kernels.silu_mul_quantize_fp8, chunks=0)}
-        runs |= {f"{c} chunks": functools.partial(kernels.silu_mul_quantize_fp8, chunks=c)
-                 for c in chunks}
+        runs = by_chunks(kernels.silu_mul_quantize_fp8)
         nbytes = m * (2 * act * dtype.itemsize + act + 4)
         yield _quant_row(f"glm4-9b_silu_mul_quant_{m}rows", runs, [gate_up] * 8, want,
                          timer, nbytes / (bandwidth * 1e3))
@@ -795,9 +798,7 @@ def quant_probe(rows: Sequence[int], device: str,
                          nbytes / (bandwidth * 1e3))
         # o_proj's input (attention's output) quantized per token, as is
         want = kernels.quantize_tokens_fp8(x)
-        runs = {"one pass": functools.partial(kernels.quantize_tokens_fp8, chunks=0)}
-        runs |= {f"{c} chunks": functools.partial(kernels.quantize_tokens_fp8, chunks=c)
-                 for c in chunks}
+        runs = by_chunks(kernels.quantize_tokens_fp8)
         nbytes = m * (hidden * dtype.itemsize + hidden + 4)
         yield _quant_row(f"glm4-9b_quant_rows_{m}rows", runs, [x] * 8, want, timer,
                          nbytes / (bandwidth * 1e3))

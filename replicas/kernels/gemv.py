@@ -82,6 +82,17 @@ if triton is not None:
                        mask=r_ok[:, None] & (cols < k)[None, :], other=0.0)
 
     @triton.jit
+    def _row_sums(acc, S, B, rows, r_ok, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """The rows' products (acc [rows, K block], summed along K), times their FP8
+        scales (S) and plus their bias (B) where the kernel has them."""
+        y = tl.sum(acc, axis=1)
+        if SCALED:
+            y *= tl.load(S + rows, mask=r_ok, other=0.0)
+        if HAS_BIAS:
+            y += tl.load(B + rows, mask=r_ok, other=0.0).to(tl.float32)
+        return y
+
+    @triton.jit
     def _gemv_kernel(X, W, S, B, Y, R, NW, ROUT, n, k, sw, eps, DATA, FLAGS, CNT, site_data,
                      site_flag, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
                      EVEN: tl.constexpr,
@@ -116,7 +127,8 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_K)
         w = _w_tile(W, rows, r_ok, cols, k, sw, EVEN)
         if SWIGLU:
-            wu = _w_tile(W + n * sw, rows, r_ok, cols, k, sw, EVEN)
+            WU = W + n * sw  # the up half's rows
+            wu = _w_tile(WU, rows, r_ok, cols, k, sw, EVEN)
         _pdl_enter(PDL)
         if PULL:
             _await_rows(CNT, k, WORLD)
@@ -142,22 +154,14 @@ if triton is not None:
             cols = k0 + tl.arange(0, BLOCK_K)
             w = _w_tile(W, rows, r_ok, cols, k, sw, EVEN)
             if SWIGLU:
-                wu = _w_tile(W + n * sw, rows, r_ok, cols, k, sw, EVEN)
+                wu = _w_tile(WU, rows, r_ok, cols, k, sw, EVEN)
             xv = _gemv_x(X, R, NW, cols, k, rstd, EVEN, GATED, NORM, HAS_RES, PULL, WORLD)
             acc += w.to(tl.float32) * xv[None, :]
             if SWIGLU:
                 acc_u += wu.to(tl.float32) * xv[None, :]
-        y = tl.sum(acc, axis=1)
-        if SCALED:
-            y *= tl.load(S + rows, mask=r_ok, other=0.0)
-        if HAS_BIAS:
-            y += tl.load(B + rows, mask=r_ok, other=0.0).to(tl.float32)
+        y = _row_sums(acc, S, B, rows, r_ok, SCALED, HAS_BIAS)
         if SWIGLU:  # gate and up as gate_up's GEMV would store them, then _silu_mul_kernel
-            u = tl.sum(acc_u, axis=1)
-            if SCALED:
-                u *= tl.load(S + n + rows, mask=r_ok, other=0.0)
-            if HAS_BIAS:
-                u += tl.load(B + n + rows, mask=r_ok, other=0.0).to(tl.float32)
+            u = _row_sums(acc_u, S + n, B + n, rows, r_ok, SCALED, HAS_BIAS)
             g = y.to(Y.dtype.element_ty).to(tl.float32)
             u = u.to(Y.dtype.element_ty).to(tl.float32)
             y = (g / (1.0 + tl.exp(-g))).to(Y.dtype.element_ty).to(tl.float32) * u
