@@ -470,6 +470,65 @@ def fp8_rows(config: EngineConfig, long_config: EngineConfig, bandwidth: float,
     yield from accuracy_rows()
 
 
+def gpu_gaps(prof: Any, least_us: float = 2.0, top: int = 10) -> dict[str, Any]:
+    """Where a profiled run's GPU sat idle: the stretches of at least `least_us` when no
+    kernel, copy or memset ran, grouped by the kernels on either side (names cut to 60),
+    the largest total first; `idle_us` sums them all, `gaps` counts them; each GPU's
+    timeline on its own."""
+    by_device: dict[int, list[Any]] = {}
+    for event in prof.events():
+        if event.device_type.name == "CUDA":
+            by_device.setdefault(getattr(event, "device_index", 0), []).append(event)
+    groups: dict[tuple[str, str], list[float]] = {}
+    for events in by_device.values():  # each GPU's idle time on its own
+        reached, before = -math.inf, ""
+        for event in sorted(events, key=lambda e: e.time_range.start):
+            gap = event.time_range.start - reached
+            if gap >= least_us and before:
+                groups.setdefault((before, event.name[:60]), []).append(gap)
+            if event.time_range.end > reached:
+                reached, before = event.time_range.end, event.name[:60]
+    rows = sorted(groups.items(), key=lambda kv: -sum(kv[1]))
+    return {"idle_us": round(sum(sum(v) for v in groups.values()), 1),
+            "gaps": sum(len(v) for v in groups.values()),
+            "top": [{"after": a, "before": b, "count": len(v), "us": round(sum(v), 1),
+                     "max_us": round(max(v), 1)} for (a, b), v in rows[:top]]}
+
+
+def decode_gaps(modes: tuple[str, ...] = ("fp8-w8a8",), tokens: int = 128
+                ) -> Iterator[dict[str, Any]]:
+    """PERF.md v0.79: the 256 x 128/128 run with the prompts cached (the issue's 256-request
+    measure, decode steps almost alone), once timed and once under the profiler, for each
+    FP8 mode named (and "bf16"): wall against the GPU's busy time, and where the GPU sat
+    idle (`gpu_gaps`), per decode step (`tokens` steps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    config = _glm_config()
+    vocab = GLM4_9B["vocab_size"]
+    prompts = prompts_for(256, 128, vocab, seed=0)
+    greedy = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    for mode in modes:
+        fp8 = next(({"quantization": q, "kv_cache_dtype": kv, **o}
+                    for q, kv, o, name in FP8_MODES if name == mode), {})
+        with Engine(dataclasses.replace(config, **fp8)) as engine:
+            engine.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0,
+                                                    ignore_eos=True))
+            wall = best_of(lambda: engine.generate(prompts, greedy), 2)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                profiled = seconds(lambda: engine.generate(prompts, greedy))
+            table = kernel_table(prof, 1, 12)
+            gaps = gpu_gaps(prof)
+        yield {"case": f"glm4-9b_{mode}_256req_cached_gaps", "unit": "ms/step",
+               "ours": round(wall * 1e3 / tokens, 3),
+               "tok_s_cached": round(256 * tokens / wall, 1),
+               "profiled_ms_per_step": round(profiled * 1e3 / tokens, 3),
+               "busy_ms_per_step": round(table["busy_us"] / 1e3 / tokens, 3),
+               "idle_ms_per_step": round(gaps["idle_us"] / 1e3 / tokens, 3),
+               "cublaslt_workspace_kib": os.environ.get("CUBLASLT_WORKSPACE_SIZE"),
+               "gaps": gaps, "kernels": table, **fp8}
+        torch.cuda.empty_cache()
+
+
 def w8a8_cublas_ab(rounds: int = 2, modes: tuple[str, ...] = ("fp8-w8a8",)
                    ) -> Iterator[dict[str, Any]]:
     """PERF.md v0.71 A/B in one process: the 256 x 128/128 run of each FP8 mode named

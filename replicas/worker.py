@@ -37,6 +37,7 @@ from replicas.config import (
 )
 from replicas.fp8 import FP8, check_scales, checkpoint_fp8, prepare_model, quantize_model
 from replicas.graphs import DecodeGraphs
+from replicas.kernels import fp8mm
 from replicas.kv_cache import allocate_kv_cache, block_bytes, kv_heads_per_rank
 from replicas.loader import load_weights, random_init
 from replicas.model import CausalLM, ForwardBatch, attention_mask, feed_tokens
@@ -157,6 +158,9 @@ class Worker:
             mark = now
 
         self.device = self._pick_device(config)
+        workspace = fp8mm.settle_cublaslt_workspace(config.quantization, self.device)
+        if workspace is not None and rank == 0:
+            log.info("W8A8: cuBLASLt workspace %s KiB (CUBLASLT_WORKSPACE_SIZE)", workspace)
         self.control: dist.ProcessGroup | None = None
         self.channel: ShmChannel | None = None  # step messages through shared memory
         if self.world_size > 1:

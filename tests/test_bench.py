@@ -318,6 +318,35 @@ def test_kernel_table_groups_a_profiles_gpu_kernels_by_name_largest_first() -> N
                             {"name": "widen", "calls": 0.5, "us": 3.0, "own_us": 3.0}]
 
 
+def test_gpu_gaps_sums_the_idle_stretches_between_kernels_by_their_neighbours() -> None:
+    """decode_gaps's reading of a profile (PERF.md v0.79): a stretch with nothing on a GPU
+    of at least `least_us` counts, named by the kernel that ended last before it and the
+    one after; overlapping kernels (PDL) leave no gap; the CPU's events and another GPU's
+    timeline do not close one."""
+    from types import SimpleNamespace
+
+    from replicas.bench import gpu_gaps
+
+    def event(name: str, start: float, end: float, device: str = "CUDA", index: int = 0
+              ) -> SimpleNamespace:
+        return SimpleNamespace(name=name, device_type=SimpleNamespace(name=device),
+                               device_index=index,
+                               time_range=SimpleNamespace(start=start, end=end))
+
+    prof = SimpleNamespace(events=lambda: [
+        event("argmax", 0.0, 10.0), event("embed", 40.0, 45.0),  # 30 idle
+        event("norm", 44.0, 50.0),  # overlaps: no gap
+        event("gemm", 51.0, 60.0),  # 1 us: under least_us
+        event("long", 55.0, 80.0), event("attn", 70.0, 75.0),  # inside long's span
+        event("argmax", 100.0, 110.0), event("embed", 150.0, 151.0),  # 20, then 40
+        event("aten::mm", 10.0, 40.0, "CPU"), event("gemm", 12.0, 30.0, index=1)])
+    gaps = gpu_gaps(prof, least_us=2.0)
+    assert gaps["idle_us"] == 90.0 and gaps["gaps"] == 3
+    assert gaps["top"] == [
+        {"after": "argmax", "before": "embed", "count": 2, "us": 70.0, "max_us": 40.0},
+        {"after": "long", "before": "argmax", "count": 1, "us": 20.0, "max_us": 20.0}]
+
+
 def test_256_requests_time_new_prompts_and_beside_them_cached_ones(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """_run_256 warms up on one batch of prompts, times each run on prompts of its own

@@ -10,6 +10,7 @@ import dataclasses
 import importlib
 import json
 import logging
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -839,6 +840,25 @@ def test_w8a8_per_token_kernel_is_the_token_scaled_product(
     monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
     assert {c[-1] for c in W8A8_TOKENS_CONFIGS} == {False, True}
     token_scaled_products(kernels.w8a8_per_token, W8A8_TOKENS_CONFIGS, shape, (False, True))
+
+
+def test_w8a8_engines_on_gpus_run_cublaslt_without_a_workspace(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """PERF.md v0.79: a W8A8 engine on a GPU sets CUBLASLT_WORKSPACE_SIZE to 0 (cuBLAS then
+    picks a gate_up kernel with no memset ahead of it in the decode graph), unless the
+    caller set it; weight-only FP8, bf16 and CPU engines leave the environment alone."""
+    from replicas.kernels.fp8mm import settle_cublaslt_workspace
+
+    monkeypatch.delenv("CUBLASLT_WORKSPACE_SIZE", raising=False)
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    for quantization, device in (("fp8", gpu), ("none", gpu), ("fp8-w8a8", cpu)):
+        assert settle_cublaslt_workspace(quantization, device) is None
+        assert "CUBLASLT_WORKSPACE_SIZE" not in os.environ
+    assert settle_cublaslt_workspace("fp8-w8a8", gpu) == "0"
+    assert os.environ["CUBLASLT_WORKSPACE_SIZE"] == "0"
+    monkeypatch.setenv("CUBLASLT_WORKSPACE_SIZE", "4096")  # the caller's stands
+    assert settle_cublaslt_workspace("fp8-w8a8", gpu) == "4096"
+    assert os.environ["CUBLASLT_WORKSPACE_SIZE"] == "4096"
 
 
 def test_w8a8_cublas_in_runs_of_k_is_the_token_scaled_product() -> None:
