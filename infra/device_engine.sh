@@ -31,10 +31,6 @@
 #                                                # at batch 1, 16, 32, 64 and 256 (bf16, int8,
 #                                                # e4m3; the 8-bit caches' F16 form, PERF
 #                                                # v0.70), then the probe's GPU test
-#   QUANT_S=120 ...                              # and a W8A8 decode step's row kernels
-#                                                # (SwiGLU + quantization, RMSNorm +
-#                                                # quantization) at 64-256 rows against
-#                                                # their candidates (PERF v0.78)
 #   KV_S=120 ...                                 # and the KV formats' accuracy on the
 #                                                # checkpoint trained on this GPU
 #   PIECES_S=200 bash infra/device_engine.sh     # steps in CUDA-graph pieces: their GPU
@@ -117,10 +113,6 @@ if [ "${ATTN_S:-0}" != 0 ]; then  # decode attention's variants (~80 compiles, t
     rows attention_h200.jsonl attention_h200.jsonl
   timeout -s KILL 120 python3 -m pytest -q tests/test_gpu.py tests/test_kernels.py \
     -k "decode_attention" -p no:cacheprovider 2>&1 | tail -3 | tee "$out/attention_tests.log"
-fi
-if [ "${QUANT_S:-0}" != 0 ]; then  # the row kernels' candidates (a few compiles, timing)
-  timeout -s KILL "$QUANT_S" python3 -m replicas.bench --suite quant 2>&1 |
-    rows quant_h200.jsonl quant_h200.jsonl
 fi
 if [ "${KV_S:-0}" != 0 ]; then  # simulated in transformers on the CPU; the engine's check
   # on the GPU; the checkpoint trained here, on the GPU, as the accuracy test's is

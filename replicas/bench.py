@@ -796,97 +796,6 @@ ATTENTION_TILES = ((32, 4), (64, 4), (128, 4), (64, 8), (128, 8), (64, 4, 1), (6
 ATTENTION_CACHES = ("bfloat16", "int8", "fp8")
 
 
-# PERF.md v0.78: a W8A8 decode step's row kernels at GLM-4-9B's widths: SwiGLU + per-token
-# quantization of down_proj's 13,696-wide input, and RMSNorm + quantization of a 4,096-wide
-# row; the chunked SwiGLU's chunk counts and the norm's warps timed against the engine's
-QUANT_ROWS = (64, 128, 256)
-QUANT_CHUNKS = (4, 8, 16)
-QUANT_NORM_WARPS = (4, 8)
-
-
-def quant_suite(repeats: int) -> Iterator[dict[str, Any]]:
-    """`--suite quant`: quant_probe on the GPU at QUANT_ROWS rows, each kernel alone
-    (TPSERVE_PDL=0: in the engine they follow a cuBLAS matmul, which starts none early),
-    its input hot in L2 (the matmul before it just wrote it), 8 calls a CUDA graph.
-    (`repeats`: unused, each time is a mean of 10 graph replays.)"""
-    from replicas.kernels.gemv import _cycled_us
-
-    with _env("TPSERVE_PDL", "0"):
-        yield from quant_probe(QUANT_ROWS, "cuda", _cycled_us, copy_bandwidth())
-
-
-def quant_probe(rows: Sequence[int], device: str,
-                timer: Callable[[Callable[[Any], Any], list[Any]], float], bandwidth: float,
-                act: int = 13696, hidden: int = 4096, chunks: Sequence[int] = QUANT_CHUNKS,
-                warps: Sequence[int] = QUANT_NORM_WARPS, dtype: torch.dtype = torch.bfloat16
-                ) -> Iterator[dict[str, Any]]:
-    """Three rows per row count m, each as soon as it is measured: `silu_mul_quantize_fp8`
-    of an [m, 2 act] gate_up, the engine's one pass (chunks 0) then each chunk count;
-    `rms_norm_quantize_fp8` of an [m, hidden] row with a residual, the engine's warps then
-    each of `warps`; `quantize_tokens_fp8` of an [m, hidden] row (o_proj's input), one
-    pass then each chunk count. `timer(fn, copies)`'s us for each; every candidate's FP8
-    bytes and scales checked against the engine's (one that differs is listed in
-    `failed`, not timed); the floor is the bytes read and written at `bandwidth` GB/s."""
-    from replicas import kernels
-
-    def by_chunks(fn: Callable[..., tuple[torch.Tensor, ...]]
-                  ) -> dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, ...]]]:
-        return {"one pass": functools.partial(fn, chunks=0)} | {
-            f"{c} chunks": functools.partial(fn, chunks=c) for c in chunks}
-
-    gen = torch.Generator(device=device).manual_seed(0)
-    for m in rows:
-        gate_up = torch.randn(m, 2 * act, generator=gen, device=device).to(dtype)
-        want = kernels.silu_mul_quantize_fp8(gate_up)
-        runs = by_chunks(kernels.silu_mul_quantize_fp8)
-        nbytes = m * (2 * act * dtype.itemsize + act + 4)
-        yield _quant_row(f"glm4-9b_silu_mul_quant_{m}rows", runs, [gate_up] * 8, want,
-                         timer, nbytes / (bandwidth * 1e3))
-        x, residual = (torch.randn(m, hidden, generator=gen, device=device).to(dtype)
-                       for _ in range(2))
-        weight = (1 + torch.randn(hidden, generator=gen, device=device) / 4).to(dtype)
-        want = kernels.rms_norm_quantize_fp8(x, weight, 1e-5, residual)
-        runs = {"engine's warps": functools.partial(kernels.rms_norm_quantize_fp8,
-                                                    weight=weight, eps=1e-5,
-                                                    residual=residual)}
-        runs |= {f"{w} warps": functools.partial(kernels.rms_norm_quantize_fp8, weight=weight,
-                                                 eps=1e-5, residual=residual, warps=w)
-                 for w in warps}
-        nbytes = m * (hidden * dtype.itemsize * 3 + hidden + 4)
-        yield _quant_row(f"glm4-9b_rms_norm_quant_{m}rows", runs, [x] * 8, want, timer,
-                         nbytes / (bandwidth * 1e3))
-        # o_proj's input (attention's output) quantized per token, as is
-        want = kernels.quantize_tokens_fp8(x)
-        runs = by_chunks(kernels.quantize_tokens_fp8)
-        nbytes = m * (hidden * dtype.itemsize + hidden + 4)
-        yield _quant_row(f"glm4-9b_quant_rows_{m}rows", runs, [x] * 8, want, timer,
-                         nbytes / (bandwidth * 1e3))
-
-
-def _quant_row(case: str, runs: dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, ...]]],
-               copies: list[torch.Tensor], want: tuple[torch.Tensor, ...],
-               timer: Callable[[Callable[[Any], Any], list[Any]], float], floor_us: float
-               ) -> dict[str, Any]:
-    """A quant_probe row: each run checked against `want` (FP8 entries as bytes), then
-    timed; the first run is the engine's."""
-    failed, times = [], {}
-    for name, fn in runs.items():
-        got = fn(copies[0])
-        same = all(torch.equal(g.view(torch.uint8) if g.dtype == torch.float8_e4m3fn else g,
-                               w.view(torch.uint8) if w.dtype == torch.float8_e4m3fn else w)
-                   for g, w in zip(got, want, strict=True))
-        if not same:
-            failed.append(name)
-            continue
-        times[name] = round(timer(fn, copies), 2)
-    engine = next(iter(runs))
-    best = min(times, key=times.__getitem__)
-    return {"case": case, "unit": "us", "ours": times.get(engine), "best": best,
-            "best_us": times[best], "floor_us": round(floor_us, 2),
-            "fraction_of_copy": round(floor_us / times[engine], 3) if engine in times
-            else None, "times_us": times, "failed": failed}
-
-
 def attention_suite(repeats: int) -> Iterator[dict[str, Any]]:
     """Decode attention alone (the fused kernel: rotary, the new key's cache write, the
     split merge), on GLM-4-9B's shapes, bf16, int8 and e4m3 caches: the engine's tile and
@@ -1574,7 +1483,7 @@ def _target_met(row: dict[str, Any]) -> tuple[str, str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--suite", choices=["cpu", "gpu", "fp8", "w8a16", "gemv", "w8a8",
-                                            "attention", "quant", "multigpu", "structured"],
+                                            "attention", "multigpu", "structured"],
                         default="cpu")
     parser.add_argument("--tp", default="2,4",
                         help="multigpu: the TP sizes to run (those with enough GPUs)")
@@ -1596,7 +1505,7 @@ def main() -> int:
     else:
         suites = {"gpu": gpu_suite, "cpu": cpu_suite, "structured": structured_suite,
                   "fp8": fp8_suite, "w8a16": w8a16_suite, "gemv": gemv_suite,
-                  "w8a8": w8a8_suite, "attention": attention_suite, "quant": quant_suite}
+                  "w8a8": w8a8_suite, "attention": attention_suite}
         rows = suites[args.suite](args.repeats)
     for row in rows:
         emit({**row, "suite": args.suite, **env}, args.out)

@@ -131,14 +131,6 @@ def main(mode: str) -> None:
                                                     "S": "*fp32"},
                      {"BLOCK_K": block, "ONE_PASS": block > quant.QUANT_BLOCK_K,
                       "PDL": True}, False) for block in (16384, quant.QUANT_BLOCK_K)]
-        # (PERF.md v0.78's chunked candidate: SwiGLU a chunk, then the chunks quantized)
-        kernels += [(quant._part_max_kernel, {"X": "*bf16", "A": "*bf16", "P": "*fp32"},
-                     {"CHUNK": 1024, "SWIGLU": False, "PDL": True}, True),
-                    (quant._part_max_kernel, {"X": "*bf16", "A": "*bf16", "P": "*fp32"},
-                     {"CHUNK": 2048, "SWIGLU": True, "PDL": True}, False),
-                    (quant._quant_parts_kernel, {"A": "*bf16", "P": "*fp32", "Y": "*fp8e4nv",
-                                                 "S": "*fp32"},
-                     {"CHUNK": 2048, "BLOCK_P": 8, "PDL": True}, True)]
         kernels += [(quant._widen_kernel, {"W": "*fp8e4nv", "S": "*bf16", "Y": "*bf16"},
                      {"BLOCK_N": quant.WIDEN_BLOCK[0], "BLOCK_K": quant.WIDEN_BLOCK[1],
                       "PDL": True}, False)]

@@ -502,32 +502,3 @@ def test_attention_probe_takes_a_larger_pool_and_the_block_managers_order() -> N
                                prompt_blocks=prompt_blocks, **shape)
         assert not row["failed"] and len(row["times_us"]) == 2, row
         assert row["floor_us"] == plain[0]["floor_us"]
-
-
-def test_quant_probe_times_the_engines_row_kernels_and_their_candidates() -> None:
-    """`--suite quant`'s rows (here on CPU, Triton's interpreter, small widths and a
-    stand-in timer): per row count, SwiGLU + quantization in the engine's one pass then
-    in each chunk count, RMSNorm + quantization at the engine's warps then each of the
-    others, and per-token quantization in one pass then in chunks; every candidate gives
-    the engine's FP8 bytes and scales (none failed); the floor is the bytes at the given
-    rate."""
-    pytest.importorskip("triton")
-    from replicas.bench import quant_probe
-
-    timed: list[str] = []
-    timer = stand_in_timer(timed)
-    rows = list(quant_probe([2, 3], "cpu", timer, bandwidth=1.0, act=300, hidden=96,
-                            chunks=(2, 4), warps=(1, 2)))
-    assert [r["case"] for r in rows] == [
-        "glm4-9b_silu_mul_quant_2rows", "glm4-9b_rms_norm_quant_2rows",
-        "glm4-9b_quant_rows_2rows", "glm4-9b_silu_mul_quant_3rows",
-        "glm4-9b_rms_norm_quant_3rows", "glm4-9b_quant_rows_3rows"]
-    assert all(r["failed"] == [] for r in rows)
-    assert list(rows[0]["times_us"]) == ["one pass", "2 chunks", "4 chunks"]
-    assert list(rows[1]["times_us"]) == ["engine's warps", "1 warps", "2 warps"]
-    assert list(rows[2]["times_us"]) == ["one pass", "2 chunks", "4 chunks"]
-    assert rows[0]["ours"] == rows[0]["times_us"]["one pass"]
-    assert rows[0]["best"] == "4 chunks"  # (the stand-in's last is fastest)
-    # bytes: gate_up read (2 x 300 bf16), FP8 written, a scale: 2 rows at 1 GB/s
-    assert rows[0]["floor_us"] == round(2 * (2 * 300 * 2 + 300 + 4) / 1e3, 2)
-    assert len(timed) == 18

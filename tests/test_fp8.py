@@ -200,40 +200,14 @@ def test_token_quantization_kernel_is_quantize_tokens(shape: tuple[int, int],
                                atol=0.07 * float(got.abs().max()))
 
 
-@pytest.mark.parametrize("shape", [(5, 200), (3, 2100)])
-@pytest.mark.parametrize("chunks", [3, 4])
-def test_token_quantization_in_chunks_is_the_one_pass_bit_for_bit(
-        shape: tuple[int, int], chunks: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """PERF.md v0.78's candidate: per-token quantization in (row, chunk) programs, the
-    chunks' maxima then the chunks quantized, gives the one-pass kernel's scales and FP8
-    bytes exactly (a zero row, a row's max in its last chunk, chunks that do not divide
-    the row)."""
-    pytest.importorskip("triton")
-    from replicas import kernels
-
-    monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
-    m, k = shape
-    gen = torch.Generator().manual_seed(k + chunks)
-    x = (torch.randn(m, k, generator=gen) * torch.logspace(-2, 3, m)[:, None]).to(
-        torch.bfloat16)
-    x[0] = 0.0  # a zero row: scale 1
-    x[1, -1] = 5000.0  # the row's max in its last chunk
-    x8, scale = kernels.quantize_tokens_fp8(x, chunks=chunks)
-    want8, want_scale = kernels.quantize_tokens_fp8(x)
-    assert torch.equal(scale, want_scale) and scale[0, 0] == 1.0
-    assert torch.equal(x8.view(torch.uint8), want8.view(torch.uint8))
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("mode", ["one pass", "two passes", "3 chunks", "8 chunks"])
+@pytest.mark.parametrize("mode", ["one pass", "two passes"])
 def test_swiglu_quantized_in_one_pass_is_the_two_kernels_bit_for_bit(
         monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, mode: str) -> None:
     """A W8A8 down_proj's input (kernels.silu_mul_quantize_fp8): exactly what
     silu_and_mul then quantize_tokens_fp8 give, scales and FP8 entries, on rows longer
     than the two-pass block (not a multiple of it), a zero row, and a row whose max is in
-    its second block; each row in one block, or (both kernels) in two passes, or in
-    chunks of programs of their own (PERF.md v0.78's candidate: 3 asked, 3 chunks of 512
-    columns; 8 asked, 6 of 256; the last one short in both)."""
+    its second block; each row in one block, or (both kernels) in two passes."""
     pytest.importorskip("triton")
 
     from replicas import kernels
@@ -242,14 +216,13 @@ def test_swiglu_quantized_in_one_pass_is_the_two_kernels_bit_for_bit(
     monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
     if mode == "two passes":
         monkeypatch.setattr(quant, "ONE_PASS_MAX_K", 0)
-    chunks = int(mode.split()[0]) if mode.endswith("chunks") else 0
     m, n = 5, 1500
     gen = torch.Generator().manual_seed(n)
     gate_up = (torch.randn(m, 2 * n, generator=gen)
                * torch.logspace(-2, 2, m)[:, None]).to(dtype)
     gate_up[0] = 0.0  # a zero row: scale 1
     gate_up[2, 1100] = 300.0  # a peak in the second block: the row's max
-    x8, scale = kernels.silu_mul_quantize_fp8(gate_up, chunks=chunks)
+    x8, scale = kernels.silu_mul_quantize_fp8(gate_up)
     want8, want_scale = kernels.quantize_tokens_fp8(kernels.silu_and_mul(gate_up))
     assert x8.shape == (m, n) and x8.dtype == FP8 and scale.dtype == torch.float32
     assert torch.equal(scale, want_scale) and scale[0, 0] == 1.0

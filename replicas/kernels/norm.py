@@ -61,27 +61,26 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
 
 
 def rms_norm_quantize_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                          residual: torch.Tensor | None = None, warps: int = 0
+                          residual: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [M, K] -> (x8 [M, K] float8_e4m3fn, scale [M, 1] float32, x + residual (x
     itself without one)): `quantize_tokens_fp8(rms_norm(x, weight, eps, residual)[0])`
-    bit for bit, in one pass that never writes the normed 16-bit row. `warps` > 0: a
-    program's warps instead of the launch's choice (`--suite quant`'s candidates)."""
+    bit for bit, in one pass that never writes the normed 16-bit row."""
     m, n = x.shape
     x = x if x.stride(1) == 1 else x.contiguous()
     x8 = torch.empty(m, n, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     r_out = torch.empty_like(x) if residual is not None else x
     if m:
-        _launch_norm(x, weight, eps, residual, x8, r_out, scale, warps)
+        _launch_norm(x, weight, eps, residual, x8, r_out, scale)
     return x8, scale, r_out
 
 
 def _launch_norm(x2: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: torch.Tensor | None, y: torch.Tensor, r_out: torch.Tensor,
-                 scale: torch.Tensor, warps: int = 0) -> None:
+                 scale: torch.Tensor) -> None:
     """_rms_norm_kernel over the rows of x2 into y (FP8, with `scale`, when y is); a row
-    a program of `warps` warps (0: one per 256 columns, 1 to 16)."""
+    a program, a warp per 256 columns (1 to 16)."""
     n = x2.shape[1]
     r = residual.reshape(-1, n) if residual is not None else x2
     block = _pow2(n)
@@ -89,5 +88,5 @@ def _launch_norm(x2: torch.Tensor, weight: torch.Tensor, eps: float,
         x2, r, weight, y, r_out, scale, n, eps, x2.stride(0), r.stride(0), y.stride(0),
         r_out.stride(0), HAS_RES=residual is not None, BLOCK=block,
         QUANT=y.dtype == torch.float8_e4m3fn,
-        num_warps=warps or min(16, max(1, block // 256)),
+        num_warps=min(16, max(1, block // 256)),
         **_launch(x2))

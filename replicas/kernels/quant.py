@@ -108,42 +108,6 @@ if triton is not None:
         tl.store(S + row, scale)
 
     @triton.jit
-    def _part_max_kernel(X, A, P, k, sx, sa, CHUNK: tl.constexpr, SWIGLU: tl.constexpr,
-                         PDL: tl.constexpr):
-        """Program (row, chunk): max |a| of the chunk's CHUNK columns at P[row, chunk], a
-        the row of X, or (SWIGLU) silu(gate) * up of X = [gate | up] (as _swiglu rounds
-        it), then also stored in X's dtype at A (the first half of the chunked form of
-        quantize_tokens_fp8 and silu_mul_quantize_fp8)."""
-        _pdl_enter(PDL)
-        row = tl.program_id(0).to(tl.int64)
-        c = tl.program_id(1)
-        cols = c * CHUNK + tl.arange(0, CHUNK)
-        if SWIGLU:
-            a = _swiglu(X, row * sx, cols, k)
-            tl.store(A + row * sa + cols, a.to(A.dtype.element_ty), mask=cols < k)
-        else:
-            a = tl.load(X + row * sx + cols, mask=cols < k, other=0.0).to(tl.float32)
-        tl.store(P + row * tl.num_programs(1) + c, tl.max(tl.abs(a), axis=0))
-
-    @triton.jit
-    def _quant_parts_kernel(A, P, Y, S, n, sa, sym, parts, CHUNK: tl.constexpr,
-                            BLOCK_P: tl.constexpr, PDL: tl.constexpr):
-        """Program (row, chunk): the row's scale from its `parts` chunk maxima (P), the
-        chunk of A divided and rounded to FP8 as _quant_rows_kernel does; chunk 0 stores
-        the scale (the second half of the chunked form)."""
-        _pdl_enter(PDL)
-        row = tl.program_id(0).to(tl.int64)
-        c = tl.program_id(1)
-        p = tl.arange(0, BLOCK_P)
-        scale = _row_scale(tl.max(tl.load(P + row * parts + p, mask=p < parts, other=0.0),
-                                  axis=0))
-        cols = c * CHUNK + tl.arange(0, CHUNK)
-        a = tl.load(A + row * sa + cols, mask=cols < n, other=0.0).to(tl.float32)
-        _store_fp8(Y + row * sym, cols, cols < n, a, scale)
-        if c == 0:
-            tl.store(S + row, scale)
-
-    @triton.jit
     def _swiglu(GU, start, cols, n):
         """silu(gate) * up at `cols` of the row at GU + start, float32 of its 16-bit
         rounding (the expression _silu_mul_kernel compiles)."""
@@ -168,54 +132,16 @@ if triton is not None:
         tl.store(Y + rows[:, None] * syn + cols[None, :], y.to(Y.dtype.element_ty), mask=ok)
 
 
-def quantize_tokens_fp8(x: torch.Tensor, chunks: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (x8 [M, K] float8_e4m3fn, scale [M, 1] float32): see the module doc.
-    `chunks` > 0 (a candidate of `--suite quant`, PERF.md v0.78; the engine runs 0): two
-    kernels of (row, chunk) programs, the chunks' maxima then the chunks quantized, bit
-    for bit the one pass (_per_token_chunks)."""
-    m, k = x.shape
-    if chunks <= 0:
-        return _per_token(_quant_rows_kernel, x, k)
-    return _per_token_chunks(x, k, chunks, swiglu=False)
+def quantize_tokens_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (x8 [M, K] float8_e4m3fn, scale [M, 1] float32): see the module doc."""
+    return _per_token(_quant_rows_kernel, x, x.shape[1])
 
 
-def silu_mul_quantize_fp8(gate_up: torch.Tensor, chunks: int = 0
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+def silu_mul_quantize_fp8(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """gate_up [M, 2N] -> (x8 [M, N] float8_e4m3fn, scale [M, 1] float32):
     `quantize_tokens_fp8(silu_and_mul(gate_up))` bit for bit, in one pass that never
-    writes the 16-bit activation (a W8A8 down_proj's input: see the module doc).
-    `chunks` > 0 (a candidate of `--suite quant`, PERF.md v0.78; the engine runs 0): two
-    kernels of (row, chunk) programs (_per_token_chunks), the 16-bit activation written
-    to and read back from a scratch buffer."""
-    if chunks <= 0:
-        return _per_token(_silu_mul_quant_kernel, gate_up, gate_up.shape[1] // 2)
-    return _per_token_chunks(gate_up, gate_up.shape[1] // 2, chunks, swiglu=True)
-
-
-def _per_token_chunks(x: torch.Tensor, k: int, chunks: int, swiglu: bool
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x8 [M, k] FP8, scale [M, 1] float32) in (row, chunk) programs: _part_max_kernel
-    (each chunk's max; with swiglu, x = [gate | up] and the chunk's activation stored to
-    a scratch buffer), then _quant_parts_kernel (the row's scale from its chunks' maxima,
-    the chunk quantized). About M x chunks programs instead of M: a chunk is a power of
-    two wide, k / chunks rounded up to one (13,696 in 4 asked: 4 of 4,096; in 16: 14 of
-    1,024)."""
-    m = x.shape[0]
-    x = x if x.stride(1) == 1 else x.contiguous()
-    chunk = _pow2(-(-k // chunks))
-    parts = -(-k // chunk)
-    act = torch.empty(m, k, dtype=x.dtype, device=x.device) if swiglu else x
-    top = torch.empty(m, parts, dtype=torch.float32, device=x.device)
-    x8 = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
-    scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
-    if m:
-        warps = min(16, max(4, chunk // 1024))
-        _part_max_kernel[(m, parts)](x, act, top, k, x.stride(0), act.stride(0), CHUNK=chunk,
-                                     SWIGLU=swiglu, num_warps=warps, **_launch(x))
-        _quant_parts_kernel[(m, parts)](act, top, x8, scale, k, act.stride(0), x8.stride(0),
-                                        parts, CHUNK=chunk, BLOCK_P=_pow2(parts),
-                                        num_warps=warps, **_launch(x))
-    return x8, scale
+    writes the 16-bit activation (a W8A8 down_proj's input: see the module doc)."""
+    return _per_token(_silu_mul_quant_kernel, gate_up, gate_up.shape[1] // 2)
 
 
 def _per_token(kernel: Any, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
