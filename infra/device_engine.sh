@@ -31,6 +31,10 @@
 #                                                # at batch 1, 16, 32, 64 and 256 (bf16, int8,
 #                                                # e4m3; the 8-bit caches' F16 form, PERF
 #                                                # v0.70), then the probe's GPU test
+#   GAPS_S=120 ...                               # and where the GPU idles in the cached
+#                                                # 256-request run (bench.decode_gaps,
+#                                                # PERF v0.79), a process a mode in
+#                                                # GAPS_MODES (default "fp8-w8a8 bf16")
 #   KV_S=120 ...                                 # and the KV formats' accuracy on the
 #                                                # checkpoint trained on this GPU
 #   PIECES_S=200 bash infra/device_engine.sh     # steps in CUDA-graph pieces: their GPU
@@ -113,6 +117,14 @@ if [ "${ATTN_S:-0}" != 0 ]; then  # decode attention's variants (~80 compiles, t
     rows attention_h200.jsonl attention_h200.jsonl
   timeout -s KILL 120 python3 -m pytest -q tests/test_gpu.py tests/test_kernels.py \
     -k "decode_attention" -p no:cacheprovider 2>&1 | tail -3 | tee "$out/attention_tests.log"
+fi
+if [ "${GAPS_S:-0}" != 0 ]; then  # a process each: PyTorch reads cuBLASLt's workspace once
+  for mode in ${GAPS_MODES:-fp8-w8a8 bf16}; do
+    timeout -s KILL "$GAPS_S" python3 -c "import json, sys
+from replicas.bench import decode_gaps
+for row in decode_gaps((sys.argv[1],)):
+    print(json.dumps(row), flush=True)" "$mode" 2>&1 | rows decode_gaps_h200.jsonl decode_gaps_h200.jsonl
+  done
 fi
 if [ "${KV_S:-0}" != 0 ]; then  # simulated in transformers on the CPU; the engine's check
   # on the GPU; the checkpoint trained here, on the GPU, as the accuracy test's is
