@@ -35,6 +35,10 @@
 #                                                # 256-request run (bench.decode_gaps,
 #                                                # PERF v0.79), a process a mode in
 #                                                # GAPS_MODES (default "fp8-w8a8 bf16")
+#   FOLD_S=300 ...                               # and v0.80's A/B in one process
+#                                                # (bench.w8a8_fold_ab: W8A8 at 256
+#                                                # requests, runs of K added by the norm
+#                                                # or not, two rounds), then its GPU tests
 #   KV_S=120 ...                                 # and the KV formats' accuracy on the
 #                                                # checkpoint trained on this GPU
 #   PIECES_S=200 bash infra/device_engine.sh     # steps in CUDA-graph pieces: their GPU
@@ -125,6 +129,14 @@ from replicas.bench import decode_gaps
 for row in decode_gaps((sys.argv[1],)):
     print(json.dumps(row), flush=True)" "$mode" 2>&1 | rows decode_gaps_h200.jsonl decode_gaps_h200.jsonl
   done
+fi
+if [ "${FOLD_S:-0}" != 0 ]; then  # PERF v0.80, one process (the fold is read at each call)
+  timeout -s KILL "$FOLD_S" python3 -c "import json
+from replicas.bench import w8a8_fold_ab
+for row in w8a8_fold_ab():
+    print(json.dumps(row), flush=True)" 2>&1 | rows w8a8_fold_ab_h200.jsonl w8a8_fold_ab_h200.jsonl
+  timeout -s KILL 200 python3 -m pytest -q tests/test_gpu.py -k "runs_of_k" \
+    -p no:cacheprovider 2>&1 | tail -3 | tee "$out/fold_tests.log"
 fi
 if [ "${KV_S:-0}" != 0 ]; then  # simulated in transformers on the CPU; the engine's check
   # on the GPU; the checkpoint trained here, on the GPU, as the accuracy test's is

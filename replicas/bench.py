@@ -555,6 +555,28 @@ def w8a8_cublas_ab(rounds: int = 2, modes: tuple[str, ...] = ("fp8-w8a8",)
                 torch.cuda.empty_cache()
 
 
+def w8a8_fold_ab(rounds: int = 2, modes: tuple[str, ...] = ("fp8-w8a8",)
+                 ) -> Iterator[dict[str, Any]]:
+    """PERF.md v0.80 A/B in one process: the 256 x 128/128 run (`_run_256`) of each FP8
+    mode named with W8A8's runs of K added by the next norm, then not
+    (TPSERVE_W8A8_FOLD=0), `rounds` times in turn, the order reversed every other round;
+    an engine each. A row per run: output tok/s new and cached, and the kernel table."""
+    config = _glm_config()
+    chosen = [m for m in FP8_MODES if m[3] in modes]
+    for turn in range(rounds):
+        for quantization, kv, options, name in chosen:
+            for fold in ("1", "0") if turn % 2 == 0 else ("0", "1"):
+                fp8 = {"quantization": quantization, "kv_cache_dtype": kv, **options}
+                with _env("TPSERVE_W8A8_FOLD", fold), \
+                        Engine(dataclasses.replace(config, **fp8)) as engine:
+                    run = _run_256(engine, 1)
+                yield {"case": f"glm4-9b_{name}_256req_in128_out128_fold_{fold}",
+                       "unit": "tokens/s", "round": turn, "fold": fold == "1",
+                       "cublaslt_workspace_kib": os.environ.get("CUBLASLT_WORKSPACE_SIZE"),
+                       **run, **fp8}
+                torch.cuda.empty_cache()
+
+
 @contextlib.contextmanager
 def _env(name: str, value: str) -> Iterator[None]:
     """$name set to `value` inside, the caller's setting back after, even when cut short."""

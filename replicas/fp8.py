@@ -50,9 +50,14 @@ Contract:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from replicas.kernels.fp8mm import RunSum
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -159,12 +164,13 @@ def w8a8_out_dtype(dtype: torch.dtype, cuda: bool) -> torch.dtype:
 
 
 def w8a8_tokens(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor,
-                scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype
-                ) -> torch.Tensor:
+                scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
+                defer: bool = False) -> torch.Tensor | RunSum:
     """x8 [M, K] FP8 with a scale per token (x_scale [M, 1]) @ (w8 * scale)^T (+ bias),
     rounded once to out_dtype (w8a8_out_dtype): `_scaled_mm` on a GPU, or the Triton
     kernel its shape and rows were tuned to (`kernels.w8a8_config`); the float32
-    reference off it."""
+    reference off it. `defer`: a pick in runs of K may return them unadded (a RunSum,
+    PERF.md v0.80)."""
     from replicas import kernels
 
     if not x8.is_cuda:
@@ -173,7 +179,7 @@ def w8a8_tokens(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor,
     # shape (kernels.pick_w8a8, PERF.md v0.62)
     config = kernels.w8a8_config(w8.shape[0], w8.shape[1], x8.shape[0])
     if config is not None:  # (or cuBLAS in runs of K side by side, PERF.md v0.71)
-        return kernels.w8a8_picked(x8, x_scale, w8, scale, bias, out_dtype, config)
+        return kernels.w8a8_picked(x8, x_scale, w8, scale, bias, out_dtype, config, defer)
     # (out_dtype is 16-bit here, as `_scaled_mm`'s bias needs)
     return torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=scale.view(1, -1),
                             bias=None if bias is None else bias.to(out_dtype),

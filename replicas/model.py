@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from replicas import kernels
 from replicas.config import ModelSpec, rope_parameters
 from replicas.fp8 import FP8, saturated
-from replicas.kernels import Site
+from replicas.kernels import RunSum, Site
 from replicas.kv_cache import from_int8_rows, int8_rows
 from replicas.parallel import (
     ColumnParallelLinear,
@@ -290,7 +290,7 @@ class Attention(nn.Module):
 
     def forward(self, qkv: torch.Tensor, b: ForwardBatch, rotary: Rotary,
                 rope: tuple[torch.Tensor, torch.Tensor], kv: tuple[torch.Tensor, ...]
-                ) -> torch.Tensor | Site:
+                ) -> torch.Tensor | Site | RunSum:
         """Attention from the layer's qkv_proj output [T, (heads + 2 kv_heads) * D] (the
         decoder layer runs the projection, fused with its norm) to o_proj's."""
         q, k, v = self.heads_of(qkv)
@@ -344,7 +344,7 @@ class MLP(nn.Module):
         self.gate_up_proj.gemv_kind = "norm_swiglu" if on else "norm"
         self.down_proj.gemv_kind = "gated" if self.fused_act and not on else "plain"
 
-    def forward(self, gate_up: torch.Tensor) -> torch.Tensor | Site:
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor | Site | RunSum:
         """From the layer's gate_up_proj output [T, 2 I/tp] (run by the decoder layer,
         fused with its norm) to down_proj's."""
         if self.fused_act and kernels.enabled(gate_up):
@@ -369,23 +369,24 @@ class DecoderLayer(nn.Module):
         # has its kind from MLP)
         self.self_attn.qkv_proj.gemv_kind = "norm"
 
-    def forward(self, x: torch.Tensor | Site, residual: torch.Tensor | None, b: ForwardBatch,
+    def forward(self, x: torch.Tensor | Site | RunSum, residual: torch.Tensor | None,
+                b: ForwardBatch,
                 rotary: Rotary, rope: tuple[torch.Tensor, torch.Tensor],
                 kv: tuple[torch.Tensor, ...]
-                ) -> tuple[torch.Tensor | Site, torch.Tensor]:
+                ) -> tuple[torch.Tensor | Site | RunSum, torch.Tensor]:
         """(this layer's output, the residual stream before it): the next norm adds the
         two, fused with the normalization (and, at batch 1 on GPUs, with the sum of the
         layer's all-reduce: the output is then a Site)."""
         qkv, residual = self.project(x, residual)
         return self.finish(self.self_attn(qkv, b, rotary, rope, kv), residual)
 
-    def project(self, x: torch.Tensor | Site, residual: torch.Tensor | None
+    def project(self, x: torch.Tensor | Site | RunSum, residual: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer up to attention: (qkv_proj's output, the residual stream)."""
         return self.self_attn.qkv_proj.forward_normed(x, residual, self.input_layernorm)
 
-    def finish(self, x: torch.Tensor | Site, residual: torch.Tensor
-               ) -> tuple[torch.Tensor | Site, torch.Tensor]:
+    def finish(self, x: torch.Tensor | Site | RunSum, residual: torch.Tensor
+               ) -> tuple[torch.Tensor | Site | RunSum, torch.Tensor]:
         """The layer after o_proj (its output `x`): the MLP, with its norm."""
         gate_up_proj, norm = self.mlp.gate_up_proj, self.post_attention_layernorm
         if gate_up_proj.takes_swiglu(x):  # one kernel: norm, gate_up and SwiGLU
@@ -422,7 +423,7 @@ class CausalLM(nn.Module):
                 ) -> torch.Tensor:
         self.comm.new_step()
         h, rope = self.embed(b.input_ids, b.positions)
-        x: torch.Tensor | Site = h
+        x: torch.Tensor | Site | RunSum = h
         residual = None
         for layer, kv in zip(self.model.layers, kv_caches, strict=True):
             x, residual = layer(x, residual, b, self.model.rotary, rope, kv)
@@ -435,13 +436,15 @@ class CausalLM(nn.Module):
         h = self.model.embed_tokens(ids)
         return h, self.model.rotary.tables(positions, h.dtype)
 
-    def head(self, x: torch.Tensor | Site, residual: torch.Tensor, b: ForwardBatch
+    def head(self, x: torch.Tensor | Site | RunSum, residual: torch.Tensor, b: ForwardBatch
              ) -> torch.Tensor:
         """Logits from the last layer's output and the residual stream: rows
         `b.logits_indices` (every row of the step's tokens if `b.every_row`; the first
         len(b.input_ids) rows when the step was padded)."""
         if isinstance(x, Site):  # the last layer's all-reduce, summed in a kernel of its own
             x = x.pull()
+        elif isinstance(x, RunSum):  # the last down_proj's runs of K (PERF.md v0.80)
+            x = x.total()
         if not b.every_row:  # [N, hidden]: only where logits are wanted
             x, residual = x[b.logits_indices], residual[b.logits_indices]
         elif x.shape[0] != b.input_ids.shape[0]:

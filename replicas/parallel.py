@@ -34,7 +34,8 @@ from torch import nn
 
 from replicas import kernels
 from replicas.fp8 import FP8, fp8_linear, is_fp8, w8a8_out_dtype, w8a8_tokens
-from replicas.kernels import Site
+from replicas.kernels import RunSum, Site
+from replicas.kernels.fp8mm import fold_runs_on
 from replicas.shm import ShmAllReduce
 from replicas.symm import OneShotAllReduce
 
@@ -208,13 +209,15 @@ class _KernelLinear(nn.Module):
         return self.w8a8 == 1 and self.weight_scale is not None
 
     def _tokens_fp8(self, x8: torch.Tensor, x_scale: torch.Tensor, dtype: torch.dtype,
-                    bias: torch.Tensor | None) -> torch.Tensor:
+                    bias: torch.Tensor | None, defer: bool = False) -> torch.Tensor | RunSum:
         """This rank's product of an input of `dtype` given already quantized per token,
         (x8, x_scale) as fp8_linear would make them (a fused kernel: the norm's or
-        SwiGLU's and the quantization in one pass), `bias` in the matmul's epilogue."""
+        SwiGLU's and the quantization in one pass), `bias` in the matmul's epilogue.
+        `defer`: a pick in runs of K may leave them unadded (RunSum, PERF.md v0.80)."""
         assert self.weight_scale is not None
         out = w8a8_out_dtype(dtype, x8.is_cuda)
-        return w8a8_tokens(x8, x_scale, self.weight, self.weight_scale, bias, out).to(dtype)
+        y = w8a8_tokens(x8, x_scale, self.weight, self.weight_scale, bias, out, defer)
+        return y if isinstance(y, RunSum) else y.to(dtype)
 
 
 class ColumnParallelLinear(_KernelLinear):
@@ -262,20 +265,35 @@ class ColumnParallelLinear(_KernelLinear):
             return kernels.gemv(x, self.weight, self.bias, self.gemv, scale=self.weight_scale)
         return _matmul(x, self.weight, self.weight_scale, self.bias, self.w8a8)
 
-    def takes_swiglu(self, x: torch.Tensor | Site) -> bool:
+    def takes_swiglu(self, x: torch.Tensor | Site | RunSum) -> bool:
         """Whether `forward_normed(x, ..., swiglu=True)` may be called: a layer tuned as
         "norm_swiglu" (gate_up_proj's [gate; up]) on the one-row GEMV path."""
+        if isinstance(x, RunSum):  # (a W8A8 matmul's output: not the one-row GEMV's)
+            return False
         on = self.gemv is not None if isinstance(x, Site) else (
             on_gemv(self.gemv, x) and kernels.enabled(x))
         return self.gemv_kind == "norm_swiglu" and on
 
-    def forward_normed(self, x: torch.Tensor | Site, residual: torch.Tensor | None,
+    def forward_normed(self, x: torch.Tensor | Site | RunSum, residual: torch.Tensor | None,
                        norm: RMSNorm, swiglu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(self(norm(x + residual)), x + residual): a decoder layer's norm and its
         projection; on the one-row GEMV path one kernel does both. `x` may be the Site of
-        a folded all-reduce: that kernel then sums the ranks' rows as it reads them.
-        swiglu (where `takes_swiglu`): the first result is silu(gate) * up of it, from the
-        same kernel."""
+        a folded all-reduce: that kernel then sums the ranks' rows as it reads them; or a
+        RunSum (a W8A8 product's two runs of K): the norm's kernel adds them as it reads
+        them (PERF.md v0.80). swiglu (where `takes_swiglu`): the first result is
+        silu(gate) * up of it, from the same kernel."""
+        if isinstance(x, RunSum):
+            if not self._folds(x, residual, swiglu):
+                x = x.total()
+            else:
+                first, extra = x.parts
+                if self.takes_tokens_fp8() and first.dim() == 2:
+                    x8, x_scale, s = kernels.rms_norm_quantize_fp8(
+                        first, norm.weight, norm.eps, residual, extra=extra)
+                    return self.forward_tokens_fp8(x8, x_scale, first.dtype), s
+                h, s = kernels.rms_norm(first, norm.weight, norm.eps, residual, extra=extra)
+                assert s is not None
+                return self(h), s
         if isinstance(x, Site) and self.gemv is None:
             x = x.pull()
         if isinstance(x, Site) or (on_gemv(self.gemv, x) and kernels.enabled(x)):
@@ -289,6 +307,13 @@ class ColumnParallelLinear(_KernelLinear):
             return self.forward_tokens_fp8(x8, x_scale, x.dtype), s
         h, residual = norm(x, residual)
         return self(h), residual
+
+    def _folds(self, x: RunSum, residual: torch.Tensor | None, swiglu: bool) -> bool:
+        """Whether forward_normed's norm adds x's parts itself: two of them, a residual to
+        store their sum in, on the kernels' path, not the one-row GEMV's."""
+        first = x.parts[0]
+        return (len(x.parts) == 2 and residual is not None and not swiglu
+                and kernels.enabled(first) and not on_gemv(self.gemv, first))
 
     def forward_tokens_fp8(self, x8: torch.Tensor, x_scale: torch.Tensor,
                            dtype: torch.dtype) -> torch.Tensor:
@@ -478,11 +503,16 @@ class RowParallelLinear(_KernelLinear):
             # [out, in_shard]: safetensors reads only these columns of each row
             self.weight.data.copy_(get((slice(None), slice(*self.in_shard))))
 
-    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor | Site:
+    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor | Site | RunSum:
         """[tokens, local_in] -> [tokens, out]; gated (one-row GEMV only, see
         `takes_gated`): x is [gate | up], 2 local_in wide, and silu(gate) * up goes in.
         One row on GPUs: the all-reduce may be folded (`Comm.fold`), and the Site is
-        returned for the next norm GEMV to sum."""
+        returned for the next norm GEMV to sum. W8A8 at tp=1 (`folds_runs`): a RunSum
+        may be returned for the next norm to add (PERF.md v0.80)."""
+        if not gated and self.folds_runs() and not on_gemv(self.gemv, x) and (
+                kernels.enabled(x) and x.dim() == 2):  # fp8_linear's steps, deferred
+            x8, x_scale = kernels.quantize_tokens_fp8(x)
+            return self._tokens_fp8(x8, x_scale, x.dtype, None, defer=True)
         if on_gemv(self.gemv, x):
             assert self.gemv is not None
             site = self.comm.fold(x, self.weight.shape[0]) if self.bias is None else None
@@ -504,10 +534,17 @@ class RowParallelLinear(_KernelLinear):
         its chunks' reduces)."""
         return super().takes_tokens_fp8() and self.comm.world_size == 1
 
+    def folds_runs(self) -> bool:
+        """Whether this layer's W8A8 product may leave its runs of K unadded (a RunSum):
+        per-token W8A8 at tp=1 (nothing to all-reduce), no bias, TPSERVE_W8A8_FOLD not 0."""
+        return self.takes_tokens_fp8() and self.bias is None and fold_runs_on()
+
     def forward_tokens_fp8(self, x8: torch.Tensor, x_scale: torch.Tensor,
-                           dtype: torch.dtype) -> torch.Tensor:
+                           dtype: torch.dtype) -> torch.Tensor | RunSum:
         """forward(x) from x quantized per token (kernels.silu_mul_quantize_fp8): the
-        ranks' products all-reduced, then the bias."""
+        ranks' products all-reduced, then the bias (or, `folds_runs`, maybe a RunSum)."""
+        if self.folds_runs():
+            return self._tokens_fp8(x8, x_scale, dtype, None, defer=True)
         y = self.comm.all_reduce(self._tokens_fp8(x8, x_scale, dtype, None))
         return y + self.bias if self.bias is not None else y
 

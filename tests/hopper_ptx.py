@@ -92,13 +92,15 @@ def rest() -> list[tuple[Any, dict[str, str], dict[str, Any], bool]]:
                for bm, bn, bk, _, _, swap in (next(c for c in fp8mm.W8A8_TOKENS_CONFIGS
                                                    if c[-1] == s) for s in (False, True))]
     return [*w8a16, groups, *tokens_,
-        (norm._rms_norm_kernel, {n: bf16 for n in ("X", "R", "W", "Y", "ROUT", "S")} | {
-            "eps": "fp32"}, {"HAS_RES": True, "BLOCK": 4096, "QUANT": False, "PDL": True},
+        (norm._rms_norm_kernel, {n: bf16 for n in ("X", "X2", "R", "W", "Y", "ROUT", "S")}
+         | {"eps": "fp32"}, {"HAS_RES": True, "BLOCK": 4096, "QUANT": False, "PDL": True},
          False),
-        # (with a W8A8 projection's per-token FP8 quantization: divides as PyTorch does)
-        (norm._rms_norm_kernel, {n: bf16 for n in ("X", "R", "W", "ROUT")} | {
+        # (with a W8A8 projection's per-token FP8 quantization: divides as PyTorch does;
+        # and with the two runs of K of the product before it added in, PERF.md v0.80)
+        *[(norm._rms_norm_kernel, {n: bf16 for n in ("X", "X2", "R", "W", "ROUT")} | {
             "Y": "*fp8e4nv", "S": "*fp32", "eps": "fp32"},
-         {"HAS_RES": True, "BLOCK": 4096, "QUANT": True, "PDL": True}, False),
+           {"HAS_RES": True, "BLOCK": 4096, "QUANT": True, "PDL": True, "HAS_X2": x2}, False)
+          for x2 in (False, True)],
         (activation._silu_mul_kernel, {"GU": bf16, "OUT": bf16}, {"BLOCK": 1024, "PDL": True},
          False),
         (allreduce._one_shot_kernel, {"X": bf16, "DATA": "*i64", "FLAGS": "*i64",

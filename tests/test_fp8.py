@@ -412,6 +412,51 @@ def test_w8a8_inputs_quantized_in_one_pass_score_as_the_two_kernels(
         assert torch.equal(a, b)
 
 
+def test_w8a8_runs_of_k_left_to_the_next_norm_score_as_added_first(
+        checkpoint: CheckpointFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PERF.md v0.80's wiring: with every W8A8 product of >= 2 rows and no bias made in
+    two runs of K (a stand-in for the GPU's ("streams", 2) picks: the reference product of
+    each half), o_proj's and down_proj's runs left unadded (RunSum) and added by the next
+    norm's kernel (the interpreter, float16) score exactly as with them added first
+    (TPSERVE_W8A8_FOLD=0), teacher-forced prompts; the last layer's in the head."""
+    pytest.importorskip("triton")
+    from replicas import fp8, parallel
+    from replicas.accuracy import scored, sequences
+    from replicas.kernels import RunSum
+
+    monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
+    real = fp8.w8a8_tokens
+    deferred: list[int] = []
+
+    def in_runs(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor,
+                scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
+                defer: bool = False) -> torch.Tensor | RunSum:
+        m, k = x8.shape
+        if bias is not None or m < 2:
+            return real(x8, x_scale, w8, scale, bias, out_dtype)
+        runs = RunSum([fp8._w8a8_reference(x8[:, lo:hi].float() * x_scale, w8[:, lo:hi],
+                                           scale, None, out_dtype)
+                       for lo, hi in ((0, k // 2), (k // 2, k))])
+        if defer:
+            deferred.append(m)
+        return runs if defer else runs.total()
+
+    monkeypatch.setattr(fp8, "w8a8_tokens", in_runs)
+    monkeypatch.setattr(parallel, "w8a8_tokens", in_runs)
+    # (qwen2: a bias on qkv only, none on o_proj and down_proj, as GLM-4-9B)
+    config = EngineConfig(model=checkpoint("qwen2"), dtype="float16", max_model_len=64,
+                          quantization="fp8-w8a8")
+    prompts = sequences(2, 24, 200, seed=4)
+    folded = scored(config, prompts)
+    assert deferred
+    deferred.clear()
+    monkeypatch.setenv("TPSERVE_W8A8_FOLD", "0")
+    added = scored(config, prompts)
+    assert not deferred
+    for a, b in zip(folded, added, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("with_residual", [True, False])
 def test_rms_norm_quantized_in_one_pass_is_the_two_kernels_bit_for_bit(
@@ -438,6 +483,44 @@ def test_rms_norm_quantized_in_one_pass_is_the_two_kernels_bit_for_bit(
     assert torch.equal(scale, want_scale) and scale[0, 0] == 1.0
     assert torch.equal(x8.view(torch.uint8), want8.view(torch.uint8))
     assert torch.equal(s, want_s if residual is not None else x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("quantized", [True, False])
+def test_the_norm_adds_two_runs_of_k_as_pytorch_adds_them(
+        monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, quantized: bool) -> None:
+    """PERF.md v0.80: rms_norm and rms_norm_quantize_fp8 given x's two parts (a W8A8
+    product's runs of K, `extra`) give, bit for bit, what they give for the sum PyTorch
+    makes of them (x += extra, as w8a8_cublas adds its runs), with the same residual sum;
+    a row where the parts cancel, rows far apart in size; no residual: refused. (Not
+    bfloat16 here: Triton's interpreter truncates float32 to bfloat16 where a GPU, as
+    PyTorch, rounds to nearest; test_gpu.py holds bfloat16 on the GPU.)"""
+    pytest.importorskip("triton")
+    from replicas import kernels
+
+    monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
+    m, n = 5, 300
+    gen = torch.Generator().manual_seed(n + 1)
+    a, b, residual = ((torch.randn(m, n, generator=gen)
+                       * torch.logspace(-2, 2, m)[:, None]).to(dtype) for _ in range(3))
+    b[1] = -a[1]  # the parts cancel: the residual alone
+    weight = (1 + torch.rand(n, generator=gen)).to(dtype)
+    total = a.clone()
+    total += b
+    if quantized:
+        got = kernels.rms_norm_quantize_fp8(a, weight, 1e-5, residual, extra=b)
+        want = kernels.rms_norm_quantize_fp8(total, weight, 1e-5, residual)
+        assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8))
+        assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+        with pytest.raises(ValueError, match="residual"):
+            kernels.rms_norm_quantize_fp8(a, weight, 1e-5, None, extra=b)
+    else:
+        got_h, got_s = kernels.rms_norm(a, weight, 1e-5, residual, extra=b)
+        want_h, want_s = kernels.rms_norm(total, weight, 1e-5, residual)
+        assert torch.equal(got_h, want_h) and torch.equal(got_s, want_s)
+        with pytest.raises(ValueError, match="residual"):
+            kernels.rms_norm(a, weight, 1e-5, None, extra=b)
+    assert not torch.equal(total, a)  # (the parts were not both zero)
 
 
 def test_w8a8_weight_only_projections_compute_weight_only(ckpt: str) -> None:

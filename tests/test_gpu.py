@@ -347,6 +347,55 @@ def test_decode_attention_probe_variants_equal_the_engines_on_gpu() -> None:
     assert all(len(r["times_us"]) >= 4 for r in rows), [r["times_us"] for r in rows]
 
 
+def test_the_norm_adds_two_runs_of_k_in_bfloat16_as_pytorch_on_gpu() -> None:
+    """PERF.md v0.80 on the GPU (the CPU test's interpreter truncates to bfloat16): the
+    norm kernels given a W8A8 product's two runs (`extra`) give, bit for bit, what they
+    give for PyTorch's sum of them; GLM-4-9B's width, 256 rows."""
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    a, b, residual = (torch.randn(256, 4096, device="cuda", generator=gen
+                                  ).to(torch.bfloat16) for _ in range(3))
+    weight = (1 + torch.rand(4096, device="cuda", generator=gen)).to(torch.bfloat16)
+    total = a.clone()
+    total += b
+    got = kernels.rms_norm_quantize_fp8(a, weight, 1e-5, residual, extra=b)
+    want = kernels.rms_norm_quantize_fp8(total, weight, 1e-5, residual)
+    assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8))
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    got_h, got_s = kernels.rms_norm(a, weight, 1e-5, residual, extra=b)
+    want_h, want_s = kernels.rms_norm(total, weight, 1e-5, residual)
+    assert torch.equal(got_h, want_h) and torch.equal(got_s, want_s)
+
+
+def test_w8a8_runs_of_k_folded_into_the_norm_score_as_added_on_gpu(
+        checkpoint: CheckpointFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PERF.md v0.80 through the engine on the GPU: with every bias-free W8A8 product
+    picked as two runs of K on side streams (("streams", 2), forced), o_proj's and
+    down_proj's runs added by the next norm score exactly as with them added first
+    (TPSERVE_W8A8_FOLD=0), bfloat16, teacher-forced prompts."""
+    from replicas.accuracy import scored, sequences
+    from replicas.kernels import fp8mm
+
+    picked: list[tuple[int, int]] = []
+
+    def two_runs(n: int, k: int, m: int) -> tuple[str, int] | None:
+        if k % 32:
+            return None
+        picked.append((n, k))
+        return ("streams", 2)
+
+    monkeypatch.setattr(fp8mm, "w8a8_config", two_runs)
+    monkeypatch.setattr(kernels, "w8a8_config", two_runs)
+    config = EngineConfig(model=checkpoint("qwen2"), device="cuda", dtype="bfloat16",
+                          max_model_len=64, quantization="fp8-w8a8")
+    prompts = sequences(2, 24, 200, seed=4)
+    folded = scored(config, prompts)
+    assert picked
+    monkeypatch.setenv("TPSERVE_W8A8_FOLD", "0")
+    added = scored(config, prompts)
+    for a, b in zip(folded, added, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_w8a8_cublas_runs_replay_in_a_cuda_graph_as_run_eagerly() -> None:
     """PERF.md v0.71: `_scaled_mm` in runs of K on side streams, captured into a CUDA graph
     (as a decode step's picks run) and replayed on new inputs, gives what the same runs

@@ -39,6 +39,7 @@ from replicas.kernels.attention import (
 )
 from replicas.kernels.common import enabled, pdl
 from replicas.kernels.fp8mm import (
+    RunSum,
     pick_w8a8,
     w8a8_config,
     w8a8_groups,
@@ -69,5 +70,5 @@ __all__ = [
     "paged_attention", "pdl", "pick_gemv", "pick_w8a8", "quantize_tokens_fp8", "rms_norm",
     "rms_norm_quantize_fp8",
     "rope_and_cache", "silu_and_mul", "silu_mul_quantize_fp8", "w8a8_config", "w8a8_groups",
-    "w8a8_per_token", "w8a8_picked", "w8a16", "widen_fp8",
+    "RunSum", "w8a8_per_token", "w8a8_picked", "w8a16", "widen_fp8",
 ]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -321,13 +322,38 @@ def settle_cublaslt_workspace(quantization: str, device: torch.device) -> str | 
 _SIDE_STREAMS: dict[torch.device, list[torch.cuda.Stream]] = {}
 
 
+@dataclass
+class RunSum:
+    """A W8A8 product in runs of K (`w8a8_cublas`'s "streams") whose 16-bit products are
+    not yet added (PERF.md v0.80): the next RMSNorm adds two of them as it reads its rows
+    (`rms_norm`'s and `rms_norm_quantize_fp8`'s `extra`), instead of an add kernel of its
+    own; any other reader takes `total()`."""
+
+    parts: list[torch.Tensor]
+
+    def total(self) -> torch.Tensor:
+        """The sum as `w8a8_cublas` makes it: the first part, each other added into it
+        (in place: call it once)."""
+        y = self.parts[0]
+        for part in self.parts[1:]:
+            y += part
+        return y
+
+
+def fold_runs_on() -> bool:
+    """Whether a W8A8 row-parallel product at tp=1 leaves its runs of K for the next norm
+    to add (PERF.md v0.80; off with TPSERVE_W8A8_FOLD=0: an A/B in one process)."""
+    return os.environ.get("TPSERVE_W8A8_FOLD") != "0"
+
+
 def w8a8_cublas(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor,
                 scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
-                config: W8A8CublasConfig) -> torch.Tensor:
+                config: W8A8CublasConfig, defer: bool = False) -> torch.Tensor | RunSum:
     """What `w8a8_per_token` computes, through `torch._scaled_mm` as one of
     W8A8_CUBLAS_CONFIGS says: K in `parts` runs (each a multiple of 16 long) whose
     products, each rounded to out_dtype, are added (on side streams on a GPU, so that the
-    runs' tiles share the SMs), or the transposed product. The bias is added last."""
+    runs' tiles share the SMs), or the transposed product. The bias is added last.
+    `defer` (no bias): runs of K are returned unadded, as a RunSum."""
     kind, parts = config
     m, k = x8.shape
     if kind == "swap":
@@ -363,9 +389,9 @@ def w8a8_cublas(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor,
             run(0)
             for stream in side[:parts - 1]:
                 here.wait_stream(stream)
-        y = outs[0]
-        for out in outs[1:]:
-            y += out
+        if defer and bias is None:
+            return RunSum(outs)
+        y = RunSum(outs).total()
     else:
         raise ValueError(f"unknown W8A8 cuBLAS config {config}")
     if bias is not None:
@@ -381,11 +407,12 @@ W8A8_PICKS: dict[tuple[int, int], tuple[tuple[int, W8A8PickConfig | None], ...]]
 
 def w8a8_picked(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor,
                 scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
-                config: W8A8PickConfig) -> torch.Tensor:
-    """The product in a picked `config`: `w8a8_cublas` for one of W8A8_CUBLAS_CONFIGS,
-    else `w8a8_per_token`'s Triton tile."""
+                config: W8A8PickConfig, defer: bool = False) -> torch.Tensor | RunSum:
+    """The product in a picked `config`: `w8a8_cublas` for one of W8A8_CUBLAS_CONFIGS
+    (`defer`: as it says), else `w8a8_per_token`'s Triton tile."""
     if isinstance(config[0], str):
-        return w8a8_cublas(x8, x_scale, w8, scale, bias, out_dtype, config)  # type: ignore[arg-type]
+        return w8a8_cublas(x8, x_scale, w8, scale, bias, out_dtype, config,  # type: ignore[arg-type]
+                           defer)
     return w8a8_per_token(x8, x_scale, w8, scale, bias, out_dtype, config)  # type: ignore[arg-type]
 
 
