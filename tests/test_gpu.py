@@ -371,7 +371,8 @@ def test_w8a8_runs_of_k_folded_into_the_norm_score_as_added_on_gpu(
     """PERF.md v0.80 through the engine on the GPU: with every bias-free W8A8 product
     picked as two runs of K on side streams (("streams", 2), forced), o_proj's and
     down_proj's runs added by the next norm score exactly as with them added first
-    (TPSERVE_W8A8_FOLD=0), bfloat16, teacher-forced prompts."""
+    (TPSERVE_W8A8_FOLD=0), bfloat16, teacher-forced prompts; and greedy generation (its
+    decode steps in CUDA graphs) gives the same tokens."""
     from replicas.accuracy import scored, sequences
     from replicas.kernels import fp8mm
 
@@ -388,12 +389,20 @@ def test_w8a8_runs_of_k_folded_into_the_norm_score_as_added_on_gpu(
     config = EngineConfig(model=checkpoint("qwen2"), device="cuda", dtype="bfloat16",
                           max_model_len=64, quantization="fp8-w8a8")
     prompts = sequences(2, 24, 200, seed=4)
-    folded = scored(config, prompts)
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+    def run() -> tuple[list[torch.Tensor], list[list[int]]]:
+        with Engine(config) as engine:
+            out = engine.generate(prompts, greedy)
+        return scored(config, prompts), [o.token_ids for o in out]
+
+    folded, folded_tokens = run()
     assert picked
     monkeypatch.setenv("TPSERVE_W8A8_FOLD", "0")
-    added = scored(config, prompts)
+    added, added_tokens = run()
     for a, b in zip(folded, added, strict=True):
         assert torch.equal(a, b)
+    assert folded_tokens == added_tokens
 
 
 def test_w8a8_cublas_runs_replay_in_a_cuda_graph_as_run_eagerly() -> None:
