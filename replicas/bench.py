@@ -809,8 +809,10 @@ ATTENTION_CASES = ((1, 256), (1, 4096), (16, 512), (32, 512), (64, 320), (256, 1
 # the engine's splits; the engine's tile and its F16 form also at twice and half the
 # splits (every tile and split count is a compile; the F16 forms with the 8-bit caches
 # only). (AHEAD, the next tile's keys loaded before this one's softmax, was timed here
-# from v0.60 to f8c0c92: never the fastest, 1.01-1.49x the best; removed, PERF.md v0.72)
-ATTENTION_TILES = ((32, 4), (64, 4), (128, 4), (64, 8), (128, 8), (64, 4, 1), (64, 8, 1))
+# from v0.60 to f8c0c92: never the fastest, 1.01-1.49x the best; removed, PERF.md v0.72).
+# (32, 4, 1): bf16's tile at 256 sequences in the F16 form (PERF.md v0.81)
+ATTENTION_TILES = ((32, 4), (64, 4), (128, 4), (64, 8), (128, 8), (64, 4, 1), (64, 8, 1),
+                   (32, 4, 1))
 
 
 # the caches: bf16, int8 with a scale a row, e4m3 (`fp8`: fp8-w8a8's own, the cache of
