@@ -287,13 +287,53 @@ def gpu_suite(repeats: int) -> list[dict[str, Any]]:
 
 
 def fp8_suite(repeats: int) -> Iterator[dict[str, Any]]:
-    """Issue 20: the GLM-4-9B bf16 rows and, in the same call, the FP8 ones (fp8_rows),
-    each row as soon as it is measured."""
-    fp8_modes()  # (an unknown $TPSERVE_FP8_MODES name fails here, before the bf16 rows)
+    """Issue 20: the GLM-4-9B bf16 rows and, in the same call, the FP8 ones, each row as
+    soon as it is measured: each FP8 mode in a process of its own (`fp8_mode_process`),
+    as an engine runs in its own (PyTorch reads settings such as a W8A8 engine's
+    cuBLASLt workspace once a process, PERF.md v0.79), then the accuracy rows."""
+    modes = fp8_modes()  # (an unknown $TPSERVE_FP8_MODES name fails here, before bf16's)
     bandwidth = copy_bandwidth()
-    rows, config, long_config, bf16_blocks = _glm_rows(repeats, bandwidth)
+    rows, _, _, bf16_blocks = _glm_rows(repeats, bandwidth)
     yield from rows
-    yield from fp8_rows(config, long_config, bandwidth, repeats, bf16_blocks)
+    for mode in modes:
+        yield from fp8_mode_process(mode[3], repeats, bandwidth, bf16_blocks)
+    yield from accuracy_rows()
+
+
+def fp8_mode_process(name: str, repeats: int, bandwidth: float, bf16_blocks: int,
+                     command: list[str] | None = None) -> Iterator[dict[str, Any]]:
+    """fp8_rows of the one FP8 mode `name` (without the accuracy rows) in a child
+    process, each of its rows as the child prints it (its other output passes through);
+    a child that fails raises, naming the mode, after the rows it gave. `command`: the
+    child's (a test's stand-in)."""
+    import subprocess
+    import sys
+
+    command = command or [sys.executable, "-c", (
+        "import json, sys\n"
+        "from replicas.bench import fp8_mode_child\n"
+        "for row in fp8_mode_child(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), "
+        "int(sys.argv[4])):\n"
+        "    print('FP8ROW ' + json.dumps(row), flush=True)"),
+        name, str(repeats), repr(bandwidth), str(bf16_blocks)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as child:
+        assert child.stdout is not None
+        for line in child.stdout:
+            if line.startswith("FP8ROW "):
+                yield json.loads(line.removeprefix("FP8ROW "))
+            else:
+                sys.stdout.write(line)
+    if child.returncode:
+        raise RuntimeError(f"the fp8 suite's mode {name!r} failed in its process "
+                           f"(exit {child.returncode})")
+
+
+def fp8_mode_child(name: str, repeats: int, bandwidth: float, bf16_blocks: int
+                   ) -> Iterator[dict[str, Any]]:
+    """fp8_mode_process's child: fp8_rows of mode `name` alone, no accuracy rows."""
+    config = _glm_config()
+    yield from fp8_rows(config, _long_config(config), bandwidth, repeats, bf16_blocks,
+                        modes=[m for m in FP8_MODES if m[3] == name], accuracy=False)
 
 
 def _glm_config() -> EngineConfig:
@@ -322,8 +362,7 @@ def _glm_rows(repeats: int, bandwidth: float
                  "peak_mem_gb": round(peak, 1)})
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    long_config = dataclasses.replace(config, max_model_len=8192 + 64, max_num_seqs=1,
-                                      max_num_batched_tokens=8192, cuda_graphs=False)
+    long_config = _long_config(config)
     with Engine(long_config) as engine:
         ttft = _ttft_8192(engine, repeats, iter(range(1, 100)))
         kernels = _ttft_kernels(engine, 100)
@@ -426,13 +465,22 @@ def _ttft_8192(engine: Engine, repeats: int, seeds: Iterator[int]) -> float:
     return best_of(prefill, max(repeats, 3))
 
 
+def _long_config(config: EngineConfig) -> EngineConfig:
+    """The 8192-token TTFT's engine: one sequence of 8192 tokens, no CUDA graphs."""
+    return dataclasses.replace(config, max_model_len=8192 + 64, max_num_seqs=1,
+                               max_num_batched_tokens=8192, cuda_graphs=False)
+
+
 def fp8_rows(config: EngineConfig, long_config: EngineConfig, bandwidth: float,
-             repeats: int, bf16_blocks: int) -> Iterator[dict[str, Any]]:
+             repeats: int, bf16_blocks: int,
+             modes: Sequence[tuple[str, str, dict[str, str], str]] | None = None,
+             accuracy: bool = True) -> Iterator[dict[str, Any]]:
     """Issue 20's cases with FP8 weights and FP8 KV cache, in the call of the bf16 rows:
     batch-1 decode against the floor of the bytes an FP8 step reads, 256 x 128/128
     output tok/s and the 8192-token TTFT (weight-only FP8, and W8A8 on FP8 tensor
     cores), the KV pool's blocks in the same memory, and each mode's accuracy; each row
-    as soon as it is measured (a call cut short keeps the rows before)."""
+    as soon as it is measured (a call cut short keeps the rows before). `modes`: these
+    (FP8_MODES' entries) instead of fp8_modes(); `accuracy` False: no accuracy rows."""
     fresh = iter(range(200, 300))  # prompt seeds: no prompt twice, none of the bf16 rows
     # (weights, KV cache, options, the name's suffix): the int8 cache (a scale per token and
     # head) is the one that holds the accuracy bar (PERF.md), its name gets "_int8kv";
@@ -443,7 +491,7 @@ def fp8_rows(config: EngineConfig, long_config: EngineConfig, bandwidth: float,
     # four 300-step CPU checkpoints with the int8 cache (v0.56). (W8A8 with qkv weight-only
     # and inputs in runs of 32 columns, "-qkv16-g32", ran until 2319b5c: its kernel is 3x
     # slower than `_scaled_mm`.)
-    for quantization, kv, options, name in fp8_modes():
+    for quantization, kv, options, name in fp8_modes() if modes is None else modes:
         fp8 = {"quantization": quantization, "kv_cache_dtype": kv, **options}
         with Engine(dataclasses.replace(config, **fp8)) as engine:
             # (batch 1 runs the same GEMV in both FP8 modes; -gateup and -keepqkv keep
@@ -467,7 +515,8 @@ def fp8_rows(config: EngineConfig, long_config: EngineConfig, bandwidth: float,
         yield {"case": f"glm4-9b_{name.removesuffix('_int8kv')}_ttft_in8192", "unit": "ms",
                "ours": round(ttft * 1e3, 1), **fp8, "kernels": kernels}
         torch.cuda.empty_cache()
-    yield from accuracy_rows()
+    if accuracy:
+        yield from accuracy_rows()
 
 
 def gpu_gaps(prof: Any, least_us: float = 2.0, top: int = 10) -> dict[str, Any]:

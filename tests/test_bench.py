@@ -430,6 +430,62 @@ def test_fp8_rows_come_one_by_one_in_each_mode(monkeypatch: pytest.MonkeyPatch) 
     assert len(started) == 9  # two engines a mode, one for the int8 cache's
 
 
+def test_fp8_suite_runs_each_mode_in_a_process_of_its_own(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """PERF.md v0.79: the fp8 suite's bf16 rows, then each chosen FP8 mode's rows from a
+    child process of its own (fp8_mode_process: a W8A8 engine's cuBLASLt setting is read
+    once a process), in the suite's order, then the accuracy rows; the child runs
+    fp8_rows of that mode alone, without the accuracy rows."""
+    from replicas import bench
+
+    monkeypatch.setenv("TPSERVE_FP8_MODES", "fp8-w8a8-keepqkv_int8kv,fp8")
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda: 4000.0)
+    monkeypatch.setattr(bench, "_glm_rows", lambda repeats, bandwidth: (
+        [{"case": "bf16"}], None, None, 26))
+    children: list[tuple[str, int, float, int]] = []
+
+    def child(name: str, repeats: int, bandwidth: float, blocks: int) -> Any:
+        children.append((name, repeats, bandwidth, blocks))
+        yield {"case": f"{name}_row"}
+
+    monkeypatch.setattr(bench, "fp8_mode_process", child)
+    monkeypatch.setattr(bench, "accuracy_rows", lambda: iter([{"case": "accuracy"}]))
+    assert [r["case"] for r in bench.fp8_suite(2)] == [
+        "bf16", "fp8_row", "fp8-w8a8-keepqkv_int8kv_row", "accuracy"]
+    assert children == [("fp8", 2, 4000.0, 26), ("fp8-w8a8-keepqkv_int8kv", 2, 4000.0, 26)]
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(bench, "fp8_rows", lambda *a, **k: calls.append(k) or iter([]))
+    list(bench.fp8_mode_child("fp8-w8a8", 1, 4000.0, 26))
+    assert calls == [{"modes": [m for m in bench.FP8_MODES if m[3] == "fp8-w8a8"],
+                      "accuracy": False}]
+
+
+def test_fp8_mode_process_yields_the_childs_rows_and_raises_when_it_fails(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """fp8_mode_process reads the child's rows as it prints them (its other lines pass
+    through to stdout), and a child that exits non-zero raises after the rows it gave."""
+    import sys
+
+    from replicas.bench import fp8_mode_process
+
+    def child(code: int) -> list[str]:
+        script = ("import json\n"
+                  "print('FP8ROW ' + json.dumps({'case': 'a', 'ours': 1.5}), flush=True)\n"
+                  "print('loading weights', flush=True)\n"
+                  "print('FP8ROW ' + json.dumps({'case': 'b'}), flush=True)\n"
+                  f"raise SystemExit({code})")
+        return [sys.executable, "-c", script]
+
+    rows = list(fp8_mode_process("fp8", 1, 1.0, 1, command=child(0)))
+    assert rows == [{"case": "a", "ours": 1.5}, {"case": "b"}]
+    assert "loading weights" in capsys.readouterr().out
+    got: list[dict[str, Any]] = []
+    with pytest.raises(RuntimeError, match="mode 'fp8-w8a8' failed .*exit 3"):
+        for row in fp8_mode_process("fp8-w8a8", 1, 1.0, 1, command=child(3)):
+            got.append(row)
+    assert [r["case"] for r in got] == ["a", "b"]
+
+
 def test_fp8_modes_can_be_chosen_for_a_short_device_call(monkeypatch: pytest.MonkeyPatch
                                                          ) -> None:
     """$TPSERVE_FP8_MODES names the fp8 suite's modes to run (rows' names), in the suite's
