@@ -30,7 +30,10 @@
 #   ATTN_S=480 ...                               # and decode attention's tiles and splits
 #                                                # at batch 1, 16, 32, 64 and 256 (bf16, int8,
 #                                                # e4m3; the 8-bit caches' F16 form, PERF
-#                                                # v0.70), then the probe's GPU test
+#                                                # v0.70), then the probe's GPU test;
+#                                                # ATTN_PDL=0: the probe without PDL, as
+#                                                # the engine runs it (PERF v0.74), the
+#                                                # other steps of the call unchanged
 #   GAPS_S=120 ...                               # and where the GPU idles in the cached
 #                                                # 256-request run (bench.decode_gaps,
 #                                                # PERF v0.79), a process a mode in
@@ -117,6 +120,7 @@ if [ "${ACC_S:-0}" != 0 ]; then  # W8A8's accuracy, cuBLAS then Triton (~20 s ea
   done
 fi
 if [ "${ATTN_S:-0}" != 0 ]; then  # decode attention's variants (~80 compiles, then timing)
+  TPSERVE_PDL="${ATTN_PDL:-${TPSERVE_PDL:-}}" \
   timeout -s KILL "$ATTN_S" python3 -m replicas.bench --suite attention 2>&1 |
     rows attention_h200.jsonl attention_h200.jsonl
   timeout -s KILL 120 python3 -m pytest -q tests/test_gpu.py tests/test_kernels.py \
