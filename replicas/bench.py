@@ -491,8 +491,9 @@ def fp8_rows(config: EngineConfig, long_config: EngineConfig, bandwidth: float,
     # four 300-step CPU checkpoints with the int8 cache (v0.56). (W8A8 with qkv weight-only
     # and inputs in runs of 32 columns, "-qkv16-g32", ran until 2319b5c: its kernel is 3x
     # slower than `_scaled_mm`.)
-    for quantization, kv, options, name in fp8_modes() if modes is None else modes:
-        fp8 = {"quantization": quantization, "kv_cache_dtype": kv, **options}
+    for mode in fp8_modes() if modes is None else modes:
+        quantization, kv, options, name = mode
+        fp8 = _fp8_settings(mode)
         with Engine(dataclasses.replace(config, **fp8)) as engine:
             # (batch 1 runs the same GEMV in both FP8 modes; -gateup and -keepqkv keep
             # some projections 16-bit)
@@ -557,8 +558,7 @@ def decode_gaps(modes: tuple[str, ...] = ("fp8-w8a8",), tokens: int = 128
     prompts = prompts_for(256, 128, vocab, seed=0)
     greedy = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     for mode in modes:
-        fp8 = next(({"quantization": q, "kv_cache_dtype": kv, **o}
-                    for q, kv, o, name in FP8_MODES if name == mode), {})
+        fp8 = next((_fp8_settings(m) for m in FP8_MODES if m[3] == mode), {})
         with Engine(dataclasses.replace(config, **fp8)) as engine:
             engine.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0,
                                                     ignore_eos=True))
@@ -589,19 +589,15 @@ def w8a8_cublas_ab(rounds: int = 2, modes: tuple[str, ...] = ("fp8-w8a8",)
     config = _glm_config()
     chosen = [m for m in FP8_MODES if m[3] in modes]
     for turn in range(rounds):
-        for quantization, kv, options, name in chosen:
+        for mode in chosen:
             for on in ("1", "0"):
                 fp8mm.W8A8_PICKS.clear()  # (kept once a process: timed again here)
-                fp8 = {"quantization": quantization, "kv_cache_dtype": kv, **options}
-                with _env("TPSERVE_W8A8_CUBLAS", on), \
-                        Engine(dataclasses.replace(config, **fp8)) as engine:
-                    run = _run_256(engine, 1)
+                fp8, run = _run_256_with(config, mode, "TPSERVE_W8A8_CUBLAS", on)
                 picks = {str(shape): [[rows, list(c) if c else None] for rows, c in p]
                          for shape, p in fp8mm.W8A8_PICKS.items()}
-                yield {"case": f"glm4-9b_{name}_256req_in128_out128_cublas_runs_{on}",
+                yield {"case": f"glm4-9b_{mode[3]}_256req_in128_out128_cublas_runs_{on}",
                        "unit": "tokens/s", "round": turn, "cublas_runs": on == "1",
                        **run, **fp8, "w8a8_picks": picks}
-                torch.cuda.empty_cache()
 
 
 def w8a8_fold_ab(rounds: int = 2, modes: tuple[str, ...] = ("fp8-w8a8",)
@@ -613,17 +609,31 @@ def w8a8_fold_ab(rounds: int = 2, modes: tuple[str, ...] = ("fp8-w8a8",)
     config = _glm_config()
     chosen = [m for m in FP8_MODES if m[3] in modes]
     for turn in range(rounds):
-        for quantization, kv, options, name in chosen:
+        for mode in chosen:
             for fold in ("1", "0") if turn % 2 == 0 else ("0", "1"):
-                fp8 = {"quantization": quantization, "kv_cache_dtype": kv, **options}
-                with _env("TPSERVE_W8A8_FOLD", fold), \
-                        Engine(dataclasses.replace(config, **fp8)) as engine:
-                    run = _run_256(engine, 1)
-                yield {"case": f"glm4-9b_{name}_256req_in128_out128_fold_{fold}",
+                fp8, run = _run_256_with(config, mode, "TPSERVE_W8A8_FOLD", fold)
+                yield {"case": f"glm4-9b_{mode[3]}_256req_in128_out128_fold_{fold}",
                        "unit": "tokens/s", "round": turn, "fold": fold == "1",
                        "cublaslt_workspace_kib": os.environ.get("CUBLASLT_WORKSPACE_SIZE"),
                        **run, **fp8}
-                torch.cuda.empty_cache()
+
+
+def _fp8_settings(mode: tuple[str, str, dict[str, str], str]) -> dict[str, str]:
+    """An FP8_MODES entry's engine settings: quantization, KV cache, its options."""
+    quantization, kv, options, _ = mode
+    return {"quantization": quantization, "kv_cache_dtype": kv, **options}
+
+
+def _run_256_with(config: EngineConfig, mode: tuple[str, str, dict[str, str], str],
+                  name: str, value: str) -> tuple[dict[str, str], dict[str, Any]]:
+    """(the mode's settings, `_run_256` of an engine of `config` in that FP8 mode) with
+    $name set to `value` while the engine lives (an A/B's one run); the GPU's cache
+    emptied after."""
+    fp8 = _fp8_settings(mode)
+    with _env(name, value), Engine(dataclasses.replace(config, **fp8)) as engine:
+        run = _run_256(engine, 1)
+    torch.cuda.empty_cache()
+    return fp8, run
 
 
 @contextlib.contextmanager

@@ -511,8 +511,7 @@ class RowParallelLinear(_KernelLinear):
         may be returned for the next norm to add (PERF.md v0.80)."""
         if not gated and self.folds_runs() and not on_gemv(self.gemv, x) and (
                 kernels.enabled(x) and x.dim() == 2):  # fp8_linear's steps, deferred
-            x8, x_scale = kernels.quantize_tokens_fp8(x)
-            return self._tokens_fp8(x8, x_scale, x.dtype, None, defer=True)
+            return self.forward_tokens_fp8(*kernels.quantize_tokens_fp8(x), x.dtype)
         if on_gemv(self.gemv, x):
             assert self.gemv is not None
             site = self.comm.fold(x, self.weight.shape[0]) if self.bias is None else None
