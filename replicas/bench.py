@@ -600,20 +600,23 @@ def w8a8_cublas_ab(rounds: int = 2, modes: tuple[str, ...] = ("fp8-w8a8",)
                        **run, **fp8, "w8a8_picks": picks}
 
 
-def w8a8_fold_ab(rounds: int = 2, modes: tuple[str, ...] = ("fp8-w8a8",)
-                 ) -> Iterator[dict[str, Any]]:
+def w8a8_fold_ab(rounds: int = 2, modes: tuple[str, ...] = ("fp8-w8a8",),
+                 switch: str = "TPSERVE_W8A8_FOLD") -> Iterator[dict[str, Any]]:
     """PERF.md v0.80 A/B in one process: the 256 x 128/128 run (`_run_256`) of each FP8
     mode named with W8A8's runs of K added by the next norm, then not
     (TPSERVE_W8A8_FOLD=0), `rounds` times in turn, the order reversed every other round;
-    an engine each. A row per run: output tok/s new and cached, and the kernel table."""
+    an engine each. A row per run: output tok/s new and cached, and the kernel table.
+    `switch`: another such variable read at each call, "1" against "0" (PERF.md v0.82:
+    TPSERVE_W8A8_FAST_ACCUM)."""
     config = _glm_config()
     chosen = [m for m in FP8_MODES if m[3] in modes]
+    label = switch.removeprefix("TPSERVE_W8A8_").lower()
     for turn in range(rounds):
         for mode in chosen:
             for fold in ("1", "0") if turn % 2 == 0 else ("0", "1"):
-                fp8, run = _run_256_with(config, mode, "TPSERVE_W8A8_FOLD", fold)
-                yield {"case": f"glm4-9b_{mode[3]}_256req_in128_out128_fold_{fold}",
-                       "unit": "tokens/s", "round": turn, "fold": fold == "1",
+                fp8, run = _run_256_with(config, mode, switch, fold)
+                yield {"case": f"glm4-9b_{mode[3]}_256req_in128_out128_{label}_{fold}",
+                       "unit": "tokens/s", "round": turn, label: fold == "1",
                        "cublaslt_workspace_kib": os.environ.get("CUBLASLT_WORKSPACE_SIZE"),
                        **run, **fp8}
 
@@ -870,8 +873,7 @@ ATTENTION_CASES = ((1, 256), (1, 4096), (16, 512), (32, 512), (64, 320), (256, 1
 # only). (AHEAD, the next tile's keys loaded before this one's softmax, was timed here
 # from v0.60 to f8c0c92: never the fastest, 1.01-1.49x the best; removed, PERF.md v0.72).
 # (32, 4, 1): bf16's tile at 256 sequences in the F16 form (PERF.md v0.81)
-ATTENTION_TILES = ((32, 4), (64, 4), (128, 4), (64, 8), (128, 8), (64, 4, 1), (64, 8, 1),
-                   (32, 4, 1))
+ATTENTION_TILES = ((32, 4), (64, 4), (128, 4), (64, 8), (128, 8), (64, 4, 1), (64, 8, 1))
 
 
 # the caches: bf16, int8 with a scale a row, e4m3 (`fp8`: fp8-w8a8's own, the cache of

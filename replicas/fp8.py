@@ -172,6 +172,7 @@ def w8a8_tokens(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor,
     reference off it. `defer`: a pick in runs of K may return them unadded (a RunSum,
     PERF.md v0.80)."""
     from replicas import kernels
+    from replicas.kernels.fp8mm import fast_accum_on
 
     if not x8.is_cuda:
         return _w8a8_reference(x8.float() * x_scale, w8, scale, bias, out_dtype)
@@ -183,7 +184,7 @@ def w8a8_tokens(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor,
     # (out_dtype is 16-bit here, as `_scaled_mm`'s bias needs)
     return torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=scale.view(1, -1),
                             bias=None if bias is None else bias.to(out_dtype),
-                            out_dtype=out_dtype)
+                            out_dtype=out_dtype, use_fast_accum=fast_accum_on())
 
 
 def _w8a8_reference(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,

@@ -471,6 +471,32 @@ def test_w8a8_per_token_sums_as_near_float64_as_scaled_mm() -> None:
     assert all(e <= 1.5 * cublas + 1e-7 for e in errors.values()), (cublas, errors)
 
 
+def test_w8a8_fast_accumulation_is_asked_for_and_stays_close_on_gpu(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """PERF.md v0.82: with TPSERVE_W8A8_FAST_ACCUM=1 a plain W8A8 product (gate_up's shape
+    at 256 rows, no pick) asks `_scaled_mm` for fast accumulation, and without it does
+    not; either result within the probe's error of the float32 product of the same FP8
+    values (mean 0.4 % of its magnitude)."""
+    from replicas.fp8 import quantize_rows, w8a8_tokens
+    from replicas.kernels import fp8mm
+
+    monkeypatch.setattr(fp8mm, "W8A8_PICKS", {})
+    gen = torch.Generator(device="cuda").manual_seed(8)
+    w8, scale = quantize_rows(torch.randn(27392, 4096, device="cuda", generator=gen) * 0.02)
+    x8, xs = kernels.quantize_tokens_fp8(torch.randn(256, 4096, device="cuda",
+                                                     dtype=torch.bfloat16, generator=gen))
+    want = (x8.float() * xs) @ (w8.float() * scale[:, None]).T
+    asked: list[bool] = []
+    through = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **kw: asked.append(
+        kw.get("use_fast_accum", False)) or through(*a, **kw))
+    for on in ("0", "1"):
+        monkeypatch.setenv("TPSERVE_W8A8_FAST_ACCUM", on)
+        got = w8a8_tokens(x8, xs, w8, scale, None, torch.bfloat16).float()
+        assert ((got - want).abs().mean() / want.abs().mean()).item() < 4e-3
+    assert asked == [False, True]
+
+
 def test_w8a8_per_token_on_gpu_and_its_picks(monkeypatch: pytest.MonkeyPatch) -> None:
     """PERF v0.62: every W8A8 per-token Triton config agrees with `torch._scaled_mm` on a
     GLM-4-9B o_proj-shaped weight at 16 and 256 rows (pick_w8a8 checks each, and picks
@@ -489,8 +515,8 @@ def test_w8a8_per_token_on_gpu_and_its_picks(monkeypatch: pytest.MonkeyPatch) ->
             assert times[rows][str(config)] < 0.97 * times[rows]["scaled_mm"]
     fp8mm.W8A8_PICKS[(4096, 4096)] = ((256, fp8mm.W8A8_TOKENS_CONFIGS[0]),)
     called = []
-    through = fp8mm.w8a8_per_token
-    monkeypatch.setattr(kernels, "w8a8_per_token",
+    through = fp8mm.w8a8_per_token  # (w8a8_picked calls fp8mm's own name, PERF v0.71)
+    monkeypatch.setattr(fp8mm, "w8a8_per_token",
                         lambda *a: called.append(a[-1]) or through(*a))
     x8, xs = kernels.quantize_tokens_fp8(torch.randn(64, 4096, device="cuda",
                                                      dtype=torch.bfloat16, generator=gen))

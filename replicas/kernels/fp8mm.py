@@ -346,6 +346,13 @@ def fold_runs_on() -> bool:
     return os.environ.get("TPSERVE_W8A8_FOLD") != "0"
 
 
+def fast_accum_on() -> bool:
+    """Whether a plain W8A8 `_scaled_mm` accumulates in the tensor cores' fast mode
+    (TPSERVE_W8A8_FAST_ACCUM=1; PERF.md v0.82, under test: read at each call, an A/B in
+    one process)."""
+    return os.environ.get("TPSERVE_W8A8_FAST_ACCUM") == "1"
+
+
 def w8a8_cublas(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor,
                 scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
                 config: W8A8CublasConfig, defer: bool = False) -> torch.Tensor | RunSum:
