@@ -27,6 +27,8 @@
 #                                                # gemv_kernels off (cuBLAS at every row
 #                                                # count), then on (Triton's picks at a
 #                                                # decode step's rows, PERF v0.62)
+#                                                # ACC_FAST_ACCUM="0 1": each without
+#                                                # and with fast accumulation (v0.82)
 #   ATTN_S=480 ...                               # and decode attention's tiles and splits
 #                                                # at batch 1, 16, 32, 64 and 256 (bf16, int8,
 #                                                # e4m3; the 8-bit caches' F16 form, PERF
@@ -112,10 +114,12 @@ if [ "${W8A8_S:-0}" != 0 ]; then  # W8A8 per token at a decode step's rows (~1 m
     grep -E "mean relative|passed|failed|Error" | tee "$out/w8a8_tests.log"
 fi
 if [ "${ACC_S:-0}" != 0 ]; then  # W8A8's accuracy, cuBLAS then Triton (~20 s each)
-  for kernels in --no-gemv-kernels ""; do
-    for mode in "--keep-16bit qkv_proj" "--keep-16bit qkv_proj --kv-cache-dtype int8" ""; do
-      timeout -s KILL "$ACC_S" python3 -m replicas.accuracy --quantization fp8-w8a8 \
-        $mode $kernels 2>&1 | rows accuracy_h200.jsonl accuracy_h200.jsonl
+  for fast in ${ACC_FAST_ACCUM:-0}; do  # "0 1": each also with fast accumulation (v0.82)
+    for kernels in --no-gemv-kernels ""; do
+      for mode in "--keep-16bit qkv_proj" "--keep-16bit qkv_proj --kv-cache-dtype int8" ""; do
+        TPSERVE_W8A8_FAST_ACCUM=$fast timeout -s KILL "$ACC_S" python3 -m replicas.accuracy \
+          --quantization fp8-w8a8 $mode $kernels 2>&1 | rows accuracy_h200.jsonl accuracy_h200.jsonl
+      done
     done
   done
 fi

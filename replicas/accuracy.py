@@ -168,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     row = measure(base, changes, prompts)
     name = args.model or (TRAINED_VERSION if (args.seed, args.steps) == (0, TRAIN_STEPS)
                           else f"{TRAINED_VERSION} seed {args.seed}, {args.steps} steps")
+    if args.quantization == "fp8-w8a8":  # an A/B switch read at each call (PERF.md v0.82)
+        from replicas.kernels.fp8mm import fast_accum_on
+
+        row["w8a8_fast_accum"] = fast_accum_on()
     emit({"kind": "accuracy", "model": name, **row}, args.out)
     return 0 if row["met"] else 1
 
