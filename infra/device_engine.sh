@@ -40,6 +40,9 @@
 #                                                # 256-request run (bench.decode_gaps,
 #                                                # PERF v0.79), a process a mode in
 #                                                # GAPS_MODES (default "fp8-w8a8 bf16")
+#   NCU_S=120 ...                                # and ncu's counters (occupancy, stalls,
+#                                                # throughput) of bench.ncu_subject's
+#                                                # kernels, a CSV each (NCU_SUBJECTS)
 #   FOLD_S=300 ...                               # and v0.80's A/B in one process
 #                                                # (bench.w8a8_fold_ab: W8A8 at 256
 #                                                # requests, runs of K added by the norm
@@ -136,6 +139,19 @@ if [ "${GAPS_S:-0}" != 0 ]; then  # a process each: PyTorch reads cuBLASLt's wor
 from replicas.bench import decode_gaps
 for row in decode_gaps((sys.argv[1],)):
     print(json.dumps(row), flush=True)" "$mode" 2>&1 | rows decode_gaps_h200.jsonl decode_gaps_h200.jsonl
+  done
+fi
+if [ "${NCU_S:-0}" != 0 ]; then  # hardware counters of a decode step's kernels (v0.82's next)
+  ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)
+  for subject in ${NCU_SUBJECTS:-attention swiglu_quant gate_up_mm gemv}; do
+    regex=$(python3 -c "from replicas.bench import NCU_SUBJECTS; print(NCU_SUBJECTS['$subject'])")
+    timeout -s KILL "$NCU_S" "$ncu" --clock-control none --profile-from-start off \
+      --kernel-name "regex:$regex" --section SpeedOfLight --section Occupancy \
+      --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+      --section ComputeWorkloadAnalysis --section SchedulerStats --csv --page details \
+      python3 -c "from replicas.bench import ncu_subject; ncu_subject('$subject')" \
+      > "$out/ncu_$subject.csv" 2> "$out/ncu_$subject.err"
+    echo "ncu $subject: rc $?, $(wc -l < "$out/ncu_$subject.csv") lines"
   done
 fi
 if [ "${FOLD_S:-0}" != 0 ]; then  # PERF v0.80, one process (the fold is read at each call)

@@ -545,6 +545,77 @@ def gpu_gaps(prof: Any, least_us: float = 2.0, top: int = 10) -> dict[str, Any]:
                      "max_us": round(max(v), 1)} for (a, b), v in rows[:top]]}
 
 
+# ncu_subject's kernels: each subject's name, and a regex of the kernels ncu profiles
+NCU_SUBJECTS = {"attention": "_decode_kernel", "swiglu_quant": "_silu_mul_quant_kernel",
+                "gate_up_mm": "nvjet|gemm", "gemv": "_gemv"}
+
+
+def ncu_subject(name: str, calls: int = 2) -> None:
+    """One kernel of a 256-request W8A8 decode step (or of batch-1 decode), at the
+    engine's shape and config, for a hardware-counter profile (PERF.md v0.82's next
+    call, `NCU_S` in infra/device_engine.sh, ncu --profile-from-start off): run once
+    (compiled, picked, checked), then `calls` times between cudaProfilerStart and Stop.
+    "attention" (256 sequences x 192 keys, the e4m3 cache, the engine's tile and splits),
+    "swiglu_quant" (SwiGLU + the per-token quantization of 256 x 27,392), "gate_up_mm"
+    (gate_up's `_scaled_mm` at 256 rows, `calls` times without fast accumulation, then
+    `calls` times with it), "gemv" (the FP8 o_proj GEMV at batch 1 in the config
+    `pick_gemv` picks)."""
+    from replicas import kernels
+    from replicas.fp8 import quantize_rows
+
+    if name not in NCU_SUBJECTS:
+        raise ValueError(f"unknown ncu subject {name!r}: one of {', '.join(NCU_SUBJECTS)}")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    calls_of: Callable[[], Any]
+    if name == "attention":
+        def once(fn: Callable[[Any], Any], copies: list[Any]) -> float:
+            _profiled(lambda: fn(copies[0]), calls)
+            return 1.0
+
+        for _ in attention_probe([(256, 192)], "cuda", once, 1.0, tiles=(),
+                                 cache_dtypes=("fp8",)):
+            pass  # (the engine's variant: run and checked, then `once`)
+        return
+    if name == "swiglu_quant":
+        x = torch.randn(256, 27392, device="cuda", dtype=torch.bfloat16, generator=gen)
+        calls_of = functools.partial(kernels.silu_mul_quantize_fp8, x)
+    else:
+        n, k = (27392, 4096) if name == "gate_up_mm" else (4096, 4096)
+        w8, scale = quantize_rows(torch.randn(n, k, device="cuda", generator=gen) * 0.02)
+        if name == "gate_up_mm":
+            x8, xs = kernels.quantize_tokens_fp8(torch.randn(
+                256, k, device="cuda", dtype=torch.bfloat16, generator=gen))
+            calls_of = functools.partial(_scaled_mm_both, x8, xs, w8, scale)
+        else:
+            config, _ = kernels.pick_gemv(w8, None, scale=scale, dtype=torch.bfloat16)
+            if config is None:
+                raise RuntimeError("pick_gemv kept cuBLAS for the FP8 o_proj: no GEMV "
+                                   "to profile")
+            x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+            calls_of = functools.partial(kernels.gemv, x, w8, None, config, scale=scale)
+    calls_of()
+    _profiled(calls_of, calls)
+
+
+def _scaled_mm_both(x8: torch.Tensor, xs: torch.Tensor, w8: torch.Tensor,
+                    scale: torch.Tensor) -> None:
+    """ncu_subject's "gate_up_mm": the product without fast accumulation, then with."""
+    for fast in (False, True):
+        torch._scaled_mm(x8, w8.t(), scale_a=xs, scale_b=scale.view(1, -1),
+                         out_dtype=torch.bfloat16, use_fast_accum=fast)
+
+
+def _profiled(fn: Callable[[], Any], calls: int) -> None:
+    """`fn` `calls` times between cudaProfilerStart and cudaProfilerStop (what ncu
+    --profile-from-start off profiles), the GPU idle before and after."""
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+
+
 def decode_gaps(modes: tuple[str, ...] = ("fp8-w8a8",), tokens: int = 128
                 ) -> Iterator[dict[str, Any]]:
     """PERF.md v0.79: the 256 x 128/128 run with the prompts cached (the issue's 256-request

@@ -529,3 +529,18 @@ def test_w8a8_per_token_on_gpu_and_its_picks(monkeypatch: pytest.MonkeyPatch) ->
                                                      dtype=torch.bfloat16, generator=gen))
     w8a8_tokens(x8, xs, w8, scale, None, torch.bfloat16)  # more rows: _scaled_mm
     assert len(called) == 1
+
+
+@pytest.mark.parametrize("subject", ["attention", "swiglu_quant", "gate_up_mm", "gemv"])
+def test_ncu_subjects_run_their_kernel_on_gpu(subject: str) -> None:
+    """bench.ncu_subject (what NCU_S profiles) runs each subject's kernel without ncu
+    (cudaProfilerStart/Stop then do nothing), and the kernel ncu is told to select runs:
+    torch's profiler sees a kernel whose name its NCU_SUBJECTS regex matches."""
+    import re
+
+    from replicas.bench import NCU_SUBJECTS, ncu_subject
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        ncu_subject(subject, calls=1)
+    names = {e.key for e in prof.key_averages()}
+    assert any(re.search(NCU_SUBJECTS[subject], n) for n in names), sorted(names)[:20]
