@@ -49,6 +49,18 @@ class DeployFailed(ServeError):
     """Serve gave up deploying the application (DEPLOY_FAILED); the message is Serve's."""
 
 
+class ServeTimeout(ServeError):
+    """The Ray dashboard took longer than the request's timeout to answer (a busy head
+    node); a poll may try again."""
+
+
+# how long one request to the dashboard may take: a status poll or a scale request, and a
+# deploy (the first PUT of a cluster starts Serve's controller and proxies before it
+# answers, which on a busy 2-core head took longer than a poll's 10 s)
+POLL_TIMEOUT_S = 10.0
+DEPLOY_TIMEOUT_S = 120.0
+
+
 @dataclass(frozen=True)
 class ReplicaState:
     replica_id: str
@@ -63,8 +75,12 @@ def ray_auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def _request(url: str, body: dict[str, Any] | None = None, timeout: float = 10.0,
+def _request(url: str, body: dict[str, Any] | None = None, timeout: float | None = None,
              method: str | None = None) -> tuple[int, Any]:
+    """(status, JSON body) of a request to Serve's REST API. ServeError when the dashboard
+    cannot be reached, ServeTimeout when it does not answer within `timeout` (default
+    POLL_TIMEOUT_S)."""
+    timeout = POLL_TIMEOUT_S if timeout is None else timeout
     data = json.dumps(body).encode() if body is not None else None
     headers = {"Content-Type": "application/json", **ray_auth_headers()}
     method = method or ("POST" if body is not None else "GET")
@@ -79,8 +95,14 @@ def _request(url: str, body: dict[str, Any] | None = None, timeout: float = 10.0
         except ValueError:
             return e.code, {"error": text}
     except urllib.error.URLError as e:
+        if isinstance(e.reason, TimeoutError):
+            raise ServeTimeout(f"the Ray dashboard at {url} did not answer within "
+                               f"{timeout:g} s") from e
         raise ServeError(f"cannot reach the Ray dashboard at {url}: {e.reason}; is Ray running "
                          "there?") from e
+    except TimeoutError as e:  # (a read that timed out is not wrapped in URLError)
+        raise ServeTimeout(f"the Ray dashboard at {url} did not answer within {timeout:g} s"
+                           ) from e
 
 
 def load_config(path: str | Path, http_host: str | None = None, http_port: int | None = None,
@@ -122,8 +144,10 @@ def load_config(path: str | Path, http_host: str | None = None, http_port: int |
 
 
 def deploy(config: dict[str, Any], dashboard: str = DEFAULT_DASHBOARD) -> None:
-    """Submit a Serve config (as `serve deploy` does); Serve then converges to it."""
-    status, body = _request(f"{dashboard}/api/serve/applications/", config, method="PUT")
+    """Submit a Serve config (as `serve deploy` does); Serve then converges to it. The
+    dashboard may take up to DEPLOY_TIMEOUT_S to accept it (it starts Serve first)."""
+    status, body = _request(f"{dashboard}/api/serve/applications/", config,
+                            timeout=DEPLOY_TIMEOUT_S, method="PUT")
     if status != 200:
         raise ServeError(f"Serve refused the config ({status}): {body}")
 
@@ -145,9 +169,17 @@ def app_status(dashboard: str = DEFAULT_DASHBOARD, app: str = APP_NAME) -> str |
 
 def wait_running(dashboard: str = DEFAULT_DASHBOARD, app: str = APP_NAME,
                  timeout_s: float = 600.0) -> None:
-    """Wait until the application is RUNNING (all its deployments healthy)."""
+    """Wait until the application is RUNNING (all its deployments healthy). A poll the
+    dashboard is too busy to answer in time is tried again until `timeout_s`; DeployFailed
+    and an unreachable dashboard end the wait at once."""
     deadline = time.monotonic() + timeout_s
-    while (state := app_status(dashboard, app)) != "RUNNING":
+    state: str | None = None
+    while True:
+        try:
+            if (state := app_status(dashboard, app)) == "RUNNING":
+                return
+        except ServeTimeout as e:
+            state = f"unknown: {e}"
         if time.monotonic() > deadline:
             raise ServeError(f"{app} not RUNNING after {timeout_s:.0f} s (status {state})")
         time.sleep(1.0)
@@ -214,19 +246,24 @@ def scale(target: int, dashboard: str = DEFAULT_DASHBOARD, app: str = APP_NAME,
     """Set the number of engine replicas and wait until Serve runs exactly that many.
 
     Returns the RUNNING replicas. Raises ServeError when Serve refuses (e.g. the
-    application was deployed without external_scaler_enabled) or on timeout.
+    application was deployed without external_scaler_enabled) or on timeout; a poll the
+    dashboard is too busy to answer in time is tried again until then.
     """
     request_scale(target, dashboard, app, deployment)
     deadline = time.monotonic() + timeout_s
     last = ""
     while True:
-        now = replicas(dashboard, app, deployment)
-        running = [r for r in now if r.state == "RUNNING"]
-        line = f"{len(running)}/{target} replicas running ({len(now)} known)"
+        try:
+            now: list[ReplicaState] | None = replicas(dashboard, app, deployment)
+        except ServeTimeout as e:  # a busy dashboard: poll again until the deadline
+            now, line = None, f"status unknown: {e}"
+        if now is not None:
+            running = [r for r in now if r.state == "RUNNING"]
+            line = f"{len(running)}/{target} replicas running ({len(now)} known)"
         if progress is not None and line != last:
             progress(line)
             last = line
-        if len(running) == target and len(now) == target:
+        if now is not None and len(running) == target and len(now) == target:
             return running
         if time.monotonic() > deadline:
             raise ServeError(f"timed out after {timeout_s:.0f} s: {line}")

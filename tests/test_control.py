@@ -9,22 +9,29 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+import cluster.control as control
 from cluster.control import (
     APP_NAME,
     ENGINE,
     DeploymentState,
     ReplicaState,
     ServeError,
+    ServeTimeout,
+    deploy,
     deployment_state,
     replicas,
     request_scale,
+    scale,
+    wait_running,
 )
 
 
@@ -37,10 +44,15 @@ class FakeServe:
         self.states = ["RUNNING", "RUNNING"]
         self.refuse: tuple[int, dict[str, Any]] | None = None
         self.scale_requests: list[dict[str, Any]] = []
+        self.app_status = "RUNNING"
+        self.stall_gets = 0  # how many status reads stall for stall_s before answering
+        self.stall_s = 0.0
+        self.deploy_s = 0.0  # how long a deploy (PUT) takes to answer
+        self.deployed: list[dict[str, Any]] = []
 
     def status(self) -> dict[str, Any]:
         reps = [{"replica_id": f"r{i}", "state": s} for i, s in enumerate(self.states)]
-        return {"applications": {APP_NAME: {"deployments": {ENGINE: {
+        return {"applications": {APP_NAME: {"status": self.app_status, "deployments": {ENGINE: {
             "target_num_replicas": self.target, "replicas": reps}}}}}
 
 
@@ -58,11 +70,23 @@ def serve() -> Iterator[tuple[FakeServe, str]]:
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            try:
+                self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # a client that timed out and left (the busy-dashboard test)
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
             assert self.path == "/api/serve/applications/"
+            if fake.stall_gets > 0:
+                fake.stall_gets -= 1
+                time.sleep(fake.stall_s)
             self.answer(200, fake.status())
+
+        def do_PUT(self) -> None:  # noqa: N802
+            assert self.path == "/api/serve/applications/"
+            fake.deployed.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            time.sleep(fake.deploy_s)
+            self.answer(200, {})
 
         def do_POST(self) -> None:  # noqa: N802
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -126,3 +150,43 @@ def test_control_imports_neither_ray_nor_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parent.parent, timeout=60)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_a_busy_dashboard_is_a_timeout_that_names_it_and_polls_try_again(
+        serve: tuple[FakeServe, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A status read the dashboard answers too late is ServeTimeout (a ServeError that
+    names the dashboard and the time), not a bare socket error; wait_running and scale
+    poll again until their own deadline, and return once an answer comes in time."""
+    fake, url = serve
+    monkeypatch.setattr(control, "POLL_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(control, "time", SimpleNamespace(monotonic=time.monotonic,
+                                                         sleep=lambda s: None))
+    fake.stall_gets, fake.stall_s = 1, 1.0
+    with pytest.raises(ServeTimeout, match=f"dashboard at {url}.* within 0.2 s"):
+        deployment_state(url)
+    fake.stall_gets = 2
+    wait_running(url, timeout_s=30)
+    assert fake.stall_gets == 0  # both stalled reads were tried past, then RUNNING
+    fake.stall_gets, fake.app_status = 10**6, "DEPLOYING"
+    with pytest.raises(ServeError, match="not RUNNING after 1 s .*status unknown.*within"):
+        wait_running(url, timeout_s=1)
+    fake.stall_gets = 2
+    lines: list[str] = []
+    assert [r.replica_id for r in scale(2, url, timeout_s=30, progress=lines.append)] == \
+        ["r0", "r1"]
+    assert lines[0].startswith("status unknown") and lines[-1] == "2/2 replicas running (2 known)"
+
+
+def test_a_deploy_may_take_longer_than_a_poll(
+        serve: tuple[FakeServe, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first deploy of a cluster starts Serve before the dashboard answers: deploy
+    waits up to DEPLOY_TIMEOUT_S, not a poll's time, and then fails as a ServeTimeout."""
+    fake, url = serve
+    monkeypatch.setattr(control, "POLL_TIMEOUT_S", 0.2)
+    fake.deploy_s = 0.6
+    deploy({"applications": []}, url)
+    assert fake.deployed == [{"applications": []}]
+    monkeypatch.setattr(control, "DEPLOY_TIMEOUT_S", 0.2)
+    with pytest.raises(ServeTimeout, match="within 0.2 s"):
+        deploy({"applications": []}, url)
+
