@@ -943,7 +943,8 @@ ATTENTION_CASES = ((1, 256), (1, 4096), (16, 512), (32, 512), (64, 320), (256, 1
 # splits (every tile and split count is a compile; the F16 forms with the 8-bit caches
 # only). (AHEAD, the next tile's keys loaded before this one's softmax, was timed here
 # from v0.60 to f8c0c92: never the fastest, 1.01-1.49x the best; removed, PERF.md v0.72).
-# (32, 4, 1): bf16's tile at 256 sequences in the F16 form (PERF.md v0.81)
+# ((32, 4, 1), bf16's tile at 256 sequences in the F16 form, was timed at aec69fd: 1.22x
+# (64, 4, 1) at 256 x 192 with the e4m3 cache, never the best; removed, PERF.md v0.81.)
 ATTENTION_TILES = ((32, 4), (64, 4), (128, 4), (64, 8), (128, 8), (64, 4, 1), (64, 8, 1))
 
 
