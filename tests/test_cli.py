@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import resource
 import subprocess
 import sys
-import time
 import typing
 from pathlib import Path
 
@@ -159,11 +159,16 @@ def test_help_imports_neither_torch_nor_ray(argv: list[str]) -> None:
 
 
 def test_tpserve_help_answers_in_under_a_second() -> None:
+    """`tpserve --help` does under a second of work (no Ray or torch import: those take
+    several). Measured as the child's CPU time, best of three: its wall time on a 2-core
+    CI machine busy with the other tests measures the machine (2.7 s there once, 0.2-0.5
+    s idle on the same machine)."""
     times = []
-    for _ in range(3):  # the best of three: a busy machine may stall one start
-        started = time.perf_counter()
+    for _ in range(3):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         help_text()
-        times.append(time.perf_counter() - started)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        times.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
     assert min(times) < 1.0, times
 
 
