@@ -94,15 +94,13 @@ def _request(url: str, body: dict[str, Any] | None = None, timeout: float | None
             return e.code, json.loads(text)
         except ValueError:
             return e.code, {"error": text}
-    except urllib.error.URLError as e:
-        if isinstance(e.reason, TimeoutError):
+    except (urllib.error.URLError, TimeoutError) as e:  # (a read that timed out is a bare
+        reason = getattr(e, "reason", e)                 # TimeoutError, not a URLError)
+        if isinstance(reason, TimeoutError):
             raise ServeTimeout(f"the Ray dashboard at {url} did not answer within "
                                f"{timeout:g} s") from e
-        raise ServeError(f"cannot reach the Ray dashboard at {url}: {e.reason}; is Ray running "
+        raise ServeError(f"cannot reach the Ray dashboard at {url}: {reason}; is Ray running "
                          "there?") from e
-    except TimeoutError as e:  # (a read that timed out is not wrapped in URLError)
-        raise ServeTimeout(f"the Ray dashboard at {url} did not answer within {timeout:g} s"
-                           ) from e
 
 
 def load_config(path: str | Path, http_host: str | None = None, http_port: int | None = None,
