@@ -31,6 +31,10 @@ from replicas.outputs import SyncSink
 from replicas.tiny import tiny_model_dir
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+# SERIAL_WHY: the tests marked `serial` below start tp=2 ranks or a child process and
+# bound their waits (a rank told to stop gets TOLD_EXIT_S, a child 120 s): in the fast
+# tier (nice 19 beside the whole-stack tier) CI's run at 91cb037 starved them past both
+# (a rank 0.2 s from told to gone alone took over 15 s; the 8 s script over 120 s)
 PROMPTS = [list(range(10, 15)), list(range(100, 131)), list(range(400, 412)), [7] * 3]
 
 
@@ -513,6 +517,7 @@ def test_overlapped_chunked_all_reduce_changes_no_token() -> None:
     torch.testing.assert_close(runs[4][1], runs[0][1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.serial  # (tp=2 ranks, waits bounded in seconds: see SERIAL_WHY)
 def test_tp2_dead_rank_fails_requests_fast_and_shutdown_cleans_up() -> None:
     eng = Engine(EngineConfig(model=None, tp=2, dist_timeout_s=60))
     procs = list(eng._ranks.handles)
@@ -531,14 +536,16 @@ def test_tp2_dead_rank_fails_requests_fast_and_shutdown_cleans_up() -> None:
     assert not any(p.is_alive() for p in procs)
 
 
+@pytest.mark.serial  # (tp=2 ranks, a group timeout of 8 s: see SERIAL_WHY)
 def test_tp2_idle_engine_outlives_the_group_timeout() -> None:
     """Rank 1 waits for the next step in a collective bounded by dist_timeout_s; idle
     for 2 x that, the engine is the same one (same rank process, prefix cache kept),
     because rank 0 sends a heartbeat while idle. A dead rank is still found while idle."""
-    # the timeout also bounds the all-reduces inside a step: at 3 s, CI (this tier at
-    # nice 19 beside the whole-stack tier, peers spinning on 2 cores) once stalled rank
-    # 0 that long in the first step and rank 1 gave up. At 8 s, idle for 2 x that: rank
-    # 1 without heartbeats (one every 2 s) would have failed halfway; the test idles 16 s.
+    # the timeout also bounds the all-reduces inside a step: at 3 s, CI (then in the fast
+    # tier, at nice 19 beside the whole-stack tier, peers spinning on 2 cores) once
+    # stalled rank 0 that long in the first step and rank 1 gave up. At 8 s, idle for 2 x
+    # that: rank 1 without heartbeats (one every 2 s) would have failed halfway; the test
+    # idles 16 s.
     eng = Engine(EngineConfig(model=None, tp=2, dist_timeout_s=8))
     procs = list(eng._ranks.handles)
     pids = [p.pid for p in procs]
@@ -561,11 +568,12 @@ def test_tp2_idle_engine_outlives_the_group_timeout() -> None:
         eng.shutdown()
 
 
+@pytest.mark.serial  # (tp=2 ranks, waits bounded in seconds: see SERIAL_WHY)
 def test_tp2_rank_killed_mid_stream_fails_every_request_within_seconds(
         caplog: pytest.LogCaptureFixture) -> None:
     """Requests fail within seconds; shutdown then ends well before the group's own timeout
     (what a stuck shutdown would wait on). Its bounded waits add up to 10 s (driver 2, ranks
-    3 + 5): under CI's load (this tier runs at nice 19 beside the whole-stack tier) one
+    3 + 5): under CI's load (then in the fast tier, at nice 19 beside the other) one
     took 18 s, so the bound is 30 s, and a slow one logs where its time went."""
     eng = Engine(EngineConfig(model=None, tp=2, dist_timeout_s=120))
     long = SamplingParams(max_tokens=2000, temperature=0.0, ignore_eos=True)
@@ -617,6 +625,7 @@ def test_a_slow_shutdown_logs_where_its_time_went(caplog: pytest.LogCaptureFixtu
     assert phases.spent[1][1] >= 0.05
 
 
+@pytest.mark.serial  # (a child process bounded at 120 s: see SERIAL_WHY)
 def test_a_script_that_never_shuts_its_engine_down_exits_quietly() -> None:
     """The frozen heap (`freeze_heap`) is given back at exit: nothing reports the
     objects still frozen then as leaked (nanobind did, for Triton's types)."""
@@ -632,6 +641,7 @@ def test_a_script_that_never_shuts_its_engine_down_exits_quietly() -> None:
     assert "leaked" not in done.stderr, done.stderr[-2000:]
 
 
+@pytest.mark.serial  # (tp=2 ranks: see SERIAL_WHY)
 def test_tp2_ranks_start_after_rank_0s_store_listens() -> None:
     """Rank 0's store listens, on a port the kernel picked, before any rank starts: no port
     found free can be taken by another process before it is bound (CI saw a port taken so,
@@ -653,6 +663,7 @@ def test_tp2_ranks_start_after_rank_0s_store_listens() -> None:
     assert len(listening) == 1
 
 
+@pytest.mark.serial  # (tp=2 ranks given TOLD_EXIT_S to leave: see SERIAL_WHY)
 def test_tp2_shutdown_leaves_no_process() -> None:
     eng = Engine(EngineConfig(model=None, tp=2))
     procs = list(eng._ranks.handles)
