@@ -43,7 +43,7 @@ from typing import Any
 from replicas.config import ConfigError, EngineConfig, ModelSpec, SamplingParams, StructuredSpec
 from replicas.jsonlines import Recent
 from replicas.outputs import DeltaPost, TokenDelta, join_deltas, streamed
-from replicas.ranks import RankHandle, RankLauncher
+from replicas.ranks import RankHandle, RankLauncher, thread_lock_for_tqdm
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ def _child_main(config: EngineConfig, conn: Connection, relay: bool,
     NCCL and CUDA state again)."""
     os.environ.clear()
     os.environ.update(environ)  # (the fork server's environment is older)
-    _thread_lock_for_tqdm()
+    thread_lock_for_tqdm()
     from replicas.engine import Engine
     from replicas.ranks import spawn_rank
 
@@ -309,17 +309,6 @@ def _child_main(config: EngineConfig, conn: Connection, relay: bool,
     finally:
         logging.shutdown()
         os._exit(code)
-
-
-def _thread_lock_for_tqdm() -> None:
-    """tqdm (the weights' progress bar) makes a multiprocessing lock on first use, a
-    semaphore this process's os._exit would leave for the resource tracker to report
-    ("leaked semaphore objects") at the caller's exit: a thread lock serves one process."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return
-    tqdm.set_lock(threading.RLock())
 
 
 # ---- the caller ----

@@ -43,6 +43,17 @@ class RankHandle(Protocol):
 RankLauncher = Callable[[EngineConfig, str, int, str], RankHandle]
 
 
+def thread_lock_for_tqdm() -> None:
+    """tqdm (the weights' progress bar) makes a multiprocessing lock on first use, a
+    semaphore this process's os._exit would leave for the resource tracker to report
+    ("leaked semaphore objects") at the caller's exit: a thread lock serves one process."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    tqdm.set_lock(threading.RLock())
+
+
 def _rank_process(config: EngineConfig, model_dir: str, rank: int, init_method: str,
                   environ: dict[str, str] | None = None) -> None:
     """A started rank: the worker loop, then out at once. The interpreter's own exit
@@ -51,6 +62,7 @@ def _rank_process(config: EngineConfig, model_dir: str, rank: int, init_method: 
     if environ is not None:
         os.environ.clear()
         os.environ.update(environ)
+    thread_lock_for_tqdm()
     code = 0
     try:
         rank_main(config, model_dir, rank, init_method)

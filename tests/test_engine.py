@@ -626,14 +626,16 @@ def test_a_slow_shutdown_logs_where_its_time_went(caplog: pytest.LogCaptureFixtu
 
 
 @pytest.mark.serial  # (a child process bounded at 120 s: see SERIAL_WHY)
-def test_a_script_that_never_shuts_its_engine_down_exits_quietly() -> None:
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_script_that_never_shuts_its_engine_down_exits_quietly(tp: int) -> None:
     """The frozen heap (`freeze_heap`) is given back at exit: nothing reports the
-    objects still frozen then as leaked (nanobind did, for Triton's types)."""
+    objects still frozen then as leaked (nanobind did, for Triton's types). At tp=2 the
+    rank leaves no semaphore behind either (tqdm's lock: `thread_lock_for_tqdm`)."""
     import subprocess
     import sys
 
     script = ("from replicas import Engine, EngineConfig, SamplingParams\n"
-              "e = Engine(EngineConfig(model=None))\n"
+              f"e = Engine(EngineConfig(model=None, tp={tp}))\n"
               "print(len(e.generate([[5, 6, 7]], SamplingParams(max_tokens=2))[0].token_ids))\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120)
