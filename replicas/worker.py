@@ -260,7 +260,7 @@ class Worker:
                     capture=self.device.type == "cuda" and config.cuda_graphs)
             phase("piece_graphs")
         if (kernels.enabled(self.device) and self.max_model_len >= 8
-                and config.max_num_batched_tokens >= 8):
+                and config.max_num_batched_tokens >= 8 and warms_up(self.device)):
             self._warm_up()
             phase("warm_up")
         if self.world_size > 1:
@@ -741,6 +741,15 @@ class Worker:
                 torch.cuda.synchronize(self.device)
                 clear()
             torch.cuda.empty_cache()
+
+
+def warms_up(device: torch.device) -> bool:
+    """Whether start-up runs `Worker._warm_up` (where the Triton kernels run): on GPUs,
+    where it compiles them before the first request. Triton's interpreter on a CPU
+    compiles nothing, so there it runs only with TPSERVE_WARM_UP=1 (the tests of the
+    warm-up itself): each engine of the interpreter's tests spent about as long in it as
+    in the steps the test runs."""
+    return device.type == "cuda" or os.environ.get("TPSERVE_WARM_UP") == "1"
 
 
 def open_store(host: str, port: int, rank: int, config: EngineConfig) -> dist.TCPStore:

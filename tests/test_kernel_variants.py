@@ -133,10 +133,13 @@ def compiled(seen: Launches) -> set[tuple[Any, ...]]:
             for cls in classes} | {(key,) for key in seen}
 
 
-def test_the_first_turns_compile_nothing_the_start_did_not(launches: Launches) -> None:
+def test_the_first_turns_compile_nothing_the_start_did_not(
+        launches: Launches, monkeypatch: pytest.MonkeyPatch) -> None:
     """Start-up runs a prompt, a chunk over cached keys beside a decode row and a
     decode step on the scratch block (`Worker._warm_up`): a chat's first turn and its
-    second, over the first's cached prefix, then launch no kernel variant it did not."""
+    second, over the first's cached prefix, then launch no kernel variant it did not.
+    (The interpreter warms up only when asked: `worker.warms_up`.)"""
+    monkeypatch.setenv("TPSERVE_WARM_UP", "1")
     g = torch.Generator().manual_seed(1)
     first = torch.randint(5, 200, (30,), generator=g).tolist()
     second = first + torch.randint(5, 200, (45,), generator=g).tolist()
@@ -158,6 +161,7 @@ def test_every_rank_warms_up_in_step_at_tp2(monkeypatch: pytest.MonkeyPatch) -> 
     gives tp=1's tokens."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
+    monkeypatch.setenv("TPSERVE_WARM_UP", "1")  # (the interpreter's, only when asked)
     monkeypatch.delenv("TPSERVE_KERNELS", raising=False)
     prompts = [[5, 6, 7, 8, 9] * 5, [3] * 40]
     greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
@@ -168,3 +172,18 @@ def test_every_rank_warms_up_in_step_at_tp2(monkeypatch: pytest.MonkeyPatch) -> 
             assert "warm_up" in engine.worker.startup_s
             tokens.append([o.token_ids for o in engine.generate(prompts, greedy)])
     assert tokens[0] == tokens[1]
+
+
+def test_the_interpreter_warms_up_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`worker.warms_up`: GPUs always (their kernels compile then); Triton's interpreter,
+    which compiles nothing, only with TPSERVE_WARM_UP=1."""
+    from replicas.worker import warms_up
+
+    monkeypatch.delenv("TPSERVE_WARM_UP", raising=False)
+    assert warms_up(torch.device("cuda")) and not warms_up(torch.device("cpu"))
+    monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
+    monkeypatch.delenv("TPSERVE_KERNELS", raising=False)
+    with Engine(EngineConfig(model=None, dtype="float32")) as engine:
+        assert "warm_up" not in engine.worker.startup_s
+    monkeypatch.setenv("TPSERVE_WARM_UP", "1")
+    assert warms_up(torch.device("cpu"))
