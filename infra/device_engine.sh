@@ -28,7 +28,8 @@
 #                                                # count), then on (Triton's picks at a
 #                                                # decode step's rows, PERF v0.62)
 #                                                # ACC_FAST_ACCUM="0 1": each without
-#                                                # and with fast accumulation (v0.82)
+#                                                # and with fast accumulation (v0.82;
+#                                                # on alone by default, as since v0.83)
 #   ATTN_S=480 ...                               # and decode attention's tiles and splits
 #                                                # at batch 1, 16, 32, 64 and 256 (bf16, int8,
 #                                                # e4m3; the 8-bit caches' F16 form, PERF
@@ -117,7 +118,7 @@ if [ "${W8A8_S:-0}" != 0 ]; then  # W8A8 per token at a decode step's rows (~1 m
     grep -E "mean relative|passed|failed|Error" | tee "$out/w8a8_tests.log"
 fi
 if [ "${ACC_S:-0}" != 0 ]; then  # W8A8's accuracy, cuBLAS then Triton (~20 s each)
-  for fast in ${ACC_FAST_ACCUM:-0}; do  # "0 1": each also with fast accumulation (v0.82)
+  for fast in ${ACC_FAST_ACCUM:-1}; do  # "0 1": each also without fast accumulation
     for kernels in --no-gemv-kernels ""; do
       for mode in "--keep-16bit qkv_proj" "--keep-16bit qkv_proj --kv-cache-dtype int8" ""; do
         TPSERVE_W8A8_FAST_ACCUM=$fast timeout -s KILL "$ACC_S" python3 -m replicas.accuracy \

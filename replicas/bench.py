@@ -491,22 +491,26 @@ def fp8_rows(config: EngineConfig, long_config: EngineConfig, bandwidth: float,
     # four 300-step CPU checkpoints with the int8 cache (v0.56). (W8A8 with qkv weight-only
     # and inputs in runs of 32 columns, "-qkv16-g32", ran until 2319b5c: its kernel is 3x
     # slower than `_scaled_mm`.)
+    from replicas.kernels.fp8mm import fast_accum_on
+
     for mode in fp8_modes() if modes is None else modes:
         quantization, kv, options, name = mode
         fp8 = _fp8_settings(mode)
+        tags = {**fp8, **({"w8a8_fast_accum": fast_accum_on()}  # (an A/B switch, v0.82)
+                          if quantization == "fp8-w8a8" else {})}
         with Engine(dataclasses.replace(config, **fp8)) as engine:
             # (batch 1 runs the same GEMV in both FP8 modes; -gateup and -keepqkv keep
             # some projections 16-bit)
             if quantization == "fp8" or options:
                 b1 = decode_row("glm4-9b", engine, bandwidth, repeats)
-                yield {**b1, "case": f"glm4-9b_{name}_decode_b1_in128_out128", **fp8}
+                yield {**b1, "case": f"glm4-9b_{name}_decode_b1_in128_out128", **tags}
                 blocks = engine.stats()["num_kv_blocks"]
                 yield {"case": f"glm4-9b_{name}_kv_blocks_same_memory", "unit": "blocks",
                        "ours": blocks, "bf16": bf16_blocks,
-                       "ratio": round(blocks / bf16_blocks, 3), **fp8}
+                       "ratio": round(blocks / bf16_blocks, 3), **tags}
             run_256 = _run_256(engine, repeats)
         yield {"case": f"glm4-9b_{name}_256req_in128_out128", "unit": "tokens/s",
-               **run_256, **fp8}
+               **run_256, **tags}
         torch.cuda.empty_cache()
         if kv == "int8" and not options:  # (a prompt's prefill attends over its own
             continue                          # 16-bit keys: the cache changes nothing)
@@ -514,7 +518,7 @@ def fp8_rows(config: EngineConfig, long_config: EngineConfig, bandwidth: float,
             ttft = _ttft_8192(engine, repeats, fresh)
             kernels = _ttft_kernels(engine, next(fresh))
         yield {"case": f"glm4-9b_{name.removesuffix('_int8kv')}_ttft_in8192", "unit": "ms",
-               "ours": round(ttft * 1e3, 1), **fp8, "kernels": kernels}
+               "ours": round(ttft * 1e3, 1), **tags, "kernels": kernels}
         torch.cuda.empty_cache()
     if accuracy:
         yield from accuracy_rows()

@@ -1053,3 +1053,17 @@ def test_pick_w8a8_takes_a_config_only_where_it_beats_scaled_mm(
     monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: scaled_mm(*a, **k) + 1.0)
     with pytest.raises(AssertionError, match="disagrees with _scaled_mm"):
         fp8mm.pick_w8a8(w8, ws, False, rows=(16,))
+
+
+def test_w8a8_fast_accumulation_is_on_unless_turned_off(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """PERF.md v0.83: a plain W8A8 `_scaled_mm` accumulates in the fast mode by default
+    (its accuracy measured on the H200); TPSERVE_W8A8_FAST_ACCUM=0 turns it off."""
+    from replicas.kernels.fp8mm import fast_accum_on
+
+    monkeypatch.delenv("TPSERVE_W8A8_FAST_ACCUM", raising=False)
+    assert fast_accum_on()
+    monkeypatch.setenv("TPSERVE_W8A8_FAST_ACCUM", "0")
+    assert not fast_accum_on()
+    monkeypatch.setenv("TPSERVE_W8A8_FAST_ACCUM", "1")
+    assert fast_accum_on()
