@@ -752,26 +752,70 @@ def attention_pdl_gap() -> Iterator[dict[str, Any]]:
                            "times_us": r["times_us"], "failed": r["failed"]}
 
 
-def decode_tile_ab(rounds: int = 1) -> Iterator[dict[str, Any]]:
+def decode_tile_ab(rounds: int = 1, switches: Sequence[str] = ("1", "0"),
+                   modes: Sequence[str] = ("bf16", "fp8-w8a8")) -> Iterator[dict[str, Any]]:
     """PERF.md v0.74 A/B in one process: 256 x 128/128 in bf16 (16-bit cache) and W8A8
     (e4m3 cache) with decode attention's wide-step tiles (engine_decode_tile) and without
-    (TPSERVE_WIDE_DECODE_TILES=0), `rounds` times in turn; an engine each. A row per
-    run: output tok/s new and cached, GPU busy time, decode attention's calls and time."""
+    (TPSERVE_WIDE_DECODE_TILES=0), or each of `switches` (a tile written out: v0.84),
+    `rounds` times in turn, the order reversed every other round; an engine each. A row
+    per run: output tok/s new and cached, GPU busy time, decode attention's calls and
+    time."""
     config = _glm_config()
-    modes = {"bf16": {}, "fp8-w8a8": {"quantization": "fp8-w8a8", "kv_cache_dtype": "fp8"}}
+    every = {"bf16": {}, "fp8-w8a8": {"quantization": "fp8-w8a8", "kv_cache_dtype": "fp8"}}
+    modes_of = {name: every[name] for name in modes}
     for turn in range(rounds):
-        for name, options in modes.items():
-            for on in ("1", "0"):
+        for name, options in modes_of.items():
+            for on in (switches if turn % 2 == 0 else switches[::-1]):
                 with _env("TPSERVE_WIDE_DECODE_TILES", on), \
                         Engine(dataclasses.replace(config, **options)) as engine:
                     run = _run_256(engine, 1)
                 table = run.pop("kernels")
                 decode = [t for t in table.get("top", []) if t["name"] == "_decode_kernel"]
-                yield {"case": f"glm4-9b_{name}_256req_in128_out128_wide_tiles_{on}",
-                       "unit": "tokens/s", "round": turn, "wide_tiles": on == "1", **run,
+                yield {"case": f"glm4-9b_{name}_256req_in128_out128_wide_tiles_"
+                               f"{on.replace(',', '-')}",
+                       "unit": "tokens/s", "round": turn, "wide_tiles": on, **run,
                        **options, "busy_us": table.get("busy_us"),
                        "wall_ms": table.get("wall_ms"), "decode_kernel": decode}
                 torch.cuda.empty_cache()
+
+
+# PERF.md v0.84's candidates for the wide decode steps' attention tile: fewer stages in
+# the key loop, and a cap on a thread's registers (ncu: 220 registers, 2 programs an SM)
+WIDE_TILE_CANDIDATES = {
+    "fp8": ((64, 4, 1, 1), (64, 4, 1, 2, 168), (64, 4, 1, 2, 128), (64, 4, 1, 1, 168),
+            (64, 4, 1, 1, 128), (32, 4, 1, 1), (32, 4, 1, 2, 128), (128, 4, 1, 1, 168),
+            (64, 8, 1, 1)),
+    "bfloat16": ((32, 4, 0, 1), (32, 4, 0, 2, 168), (32, 4, 0, 2, 128), (32, 4, 0, 1, 128),
+                 (64, 4, 0, 1, 128), (64, 4, 0, 2, 168))}
+
+
+def wide_tile_search(rounds: int = 2, least: float = 0.95,
+                     ab: Sequence[str] = ("fp8", "bfloat16")) -> Iterator[dict[str, Any]]:
+    """PERF.md v0.84 in one call: the attention probe of WIDE_TILE_CANDIDATES against the
+    engine's tile at 256 sequences of 192 and 1,024 keys (e4m3 and bf16 caches), then,
+    for each cache whose fastest candidate at 256 x 192 takes under `least` of the
+    engine's tile's time, decode_tile_ab of the engine's wide tile against that one
+    (TPSERVE_WIDE_DECODE_TILES), W8A8 on the e4m3 cache, bf16 on its own, `rounds`
+    times (the caches in `ab` only). Every row as it is measured."""
+    from replicas.kernels.gemv import _cycled_us
+
+    bandwidth = copy_bandwidth()
+    winners: dict[str, str] = {}
+    for cache, tiles in WIDE_TILE_CANDIDATES.items():
+        for row in attention_probe([(256, 192), (256, 1024)], "cuda", _cycled_us, bandwidth,
+                                   tiles=tiles, cache_dtypes=(cache,)):
+            yield row
+            if row["case"].endswith("_256x192"):
+                names = {_tile_name(t, row["engine_splits"]): t for t in tiles}
+                fastest = min((n for n in row["times_us"] if n in names),
+                              key=row["times_us"].__getitem__, default=None)
+                if fastest is not None and row["times_us"][fastest] < least * row["ours"]:
+                    winners[cache] = ",".join(str(part) for part in names[fastest])
+    for cache, tile in winners.items():
+        if cache not in ab:
+            continue
+        yield from decode_tile_ab(rounds, ("1", tile),
+                                  ("fp8-w8a8",) if cache == "fp8" else ("bf16",))
 
 
 def swiglu_epilogue_ab(rounds: int = 2) -> Iterator[dict[str, Any]]:
@@ -1055,18 +1099,23 @@ def _attention_row(cache_dtype: str, num_seqs: int, keys: int, device: str,
     for tile in tiles:  # the engine's tile (and its F16 form) at other splits too
         if tile[2:] and tile[2] and cache_dtype not in ("int8", "fp8"):
             continue  # (F16 widens an 8-bit cache)
-        own = tile[:2] == engine_tile[:2]
+        own = len(tile) <= 3 and tile[:2] == engine_tile[:2]
         for splits in sorted({base, 2 * base, max(1, base // 2)}) if own else [base]:
             if (tile, splits) not in variants:
                 variants.append((tile, splits))
     want = run(copies[0], *variants[0]).clone()
     times, failed = {}, []
     for tile, splits in variants:
-        name = f"tile {tile[0]}x{tile[1]}w{' f16' if tile[2:] and tile[2] else ''} splits {splits}"
+        name = _tile_name(tile, splits)
         try:
             got = run(copies[0], tile, splits)
         except OutOfResources:  # a tile this GPU cannot hold
             failed.append(f"{name}: out of resources")
+            continue
+        except Exception as e:  # a candidate that does not build here: said in the row
+            if (tile, splits) == variants[0]:
+                raise
+            failed.append(f"{name}: {type(e).__name__}: {str(e)[:200]}")
             continue
         if not torch.allclose(got.float(), want.float(), atol=2e-2, rtol=2e-2):
             failed.append(f"{name}: differs from the engine's")
@@ -1081,6 +1130,15 @@ def _attention_row(cache_dtype: str, num_seqs: int, keys: int, device: str,
             "best_fraction_of_copy": round(floor_us / times[best], 3),
             "engine_tile": list(engine_tile), "engine_splits": base,
             "times_us": {n: round(t, 2) for n, t in times.items()}, "failed": failed}
+
+
+def _tile_name(tile: tuple[int, ...], splits: int) -> str:
+    """A decode tile's name in the attention probe's rows: "tile 64x4w f16 s1 r128 splits
+    1" (f16: the F16 form; s: the key loop's stages, where not 2; r: the register cap)."""
+    f16, stages, regs = (*tile[2:], *(0, 2, 0)[len(tile[2:]):])
+    return (f"tile {tile[0]}x{tile[1]}w{' f16' if f16 else ''}"
+            f"{f' s{stages}' if stages != 2 else ''}{f' r{regs}' if regs else ''}"
+            f" splits {splits}")
 
 
 def _probe_weights(n: int, k: int, device: str, dtype: torch.dtype, gen: torch.Generator

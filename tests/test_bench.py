@@ -277,6 +277,26 @@ def test_attention_probe_times_every_tile_and_split_against_the_engines() -> Non
                              d=16, rotary_dim=8, block_size=4, dtype=torch.float16))
 
 
+def test_attention_probe_names_stages_and_register_caps() -> None:
+    """PERF.md v0.84's candidates: a tile with the key loop's stages and a register cap
+    (ignored by the interpreter) runs at the engine's splits only, under a name that says
+    both, and computes the engine's attention; a candidate that does not build (keys a
+    tile not a power of two) is listed in `failed` with its error, the rest still timed."""
+    pytest.importorskip("triton")
+    from replicas.bench import attention_probe
+
+    timer = stand_in_timer([])
+    row, = attention_probe([(2, 12)], "cpu", timer, 1.0,
+                           tiles=[(16, 4, 0, 1), (16, 4, 0, 2, 128), (3, 4, 0, 1)],
+                           cache_dtypes=("float16",), dtype=torch.float16, heads=4,
+                           kv_heads=2, d=16, rotary_dim=8, block_size=4)
+    splits = row["engine_splits"]
+    assert {f"tile 16x4w s1 splits {splits}", f"tile 16x4w r128 splits {splits}"} < set(
+        row["times_us"])
+    assert len(row["failed"]) == 1 and row["failed"][0].startswith(
+        f"tile 3x4w s1 splits {splits}: "), row["failed"]
+
+
 def test_throughput_layouts_share_the_same_gpus() -> None:
     """The throughput case's layouts: one tp engine, tp engines of tp=1, and from tp=4
     on tp / 2 engines of tp=2 (issue 21's comparison), each layout on exactly tp GPUs."""

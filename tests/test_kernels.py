@@ -242,7 +242,7 @@ def test_decode_attention_in_other_tiles_is_the_same_attention(splits: int) -> N
     assert b.cu_q is not None
     new = kernels.NewKeys(k, v, cos, sin, slots, DECODE_ROTARY, False)
     runs = {}
-    for tile in [kernels.DECODE_TILE, (16, 4), (32, 4)]:
+    for tile in [kernels.DECODE_TILE, (16, 4), (32, 4), (32, 4, 0, 1)]:
         cache = [c.clone() for c in caches]
         runs[tile] = (kernels.paged_attention(q.clone(), *cache, b.block_tables, b.cu_q,
                                               b.positions, None, 1, splits, new,
@@ -720,7 +720,8 @@ def test_wide_decode_steps_take_the_tiles_timed_fastest_there(
     """PERF.md v0.74, v0.76: decode attention runs DECODE_TILE, but from WIDE_DECODE_SEQS
     sequences 32-key tiles on a 16-bit cache and from WIDE_F16_SEQS (128) DECODE_TILE's
     F16 form on an 8-bit one (not with float32 queries, which F16 does not take);
-    TPSERVE_WIDE_DECODE_TILES=0 keeps DECODE_TILE everywhere."""
+    TPSERVE_WIDE_DECODE_TILES=0 keeps DECODE_TILE everywhere; a tile written out there is
+    the wide steps' (PERF.md v0.84's A/B), and anything else is refused."""
     from replicas.kernels.attention import WIDE_DECODE_SEQS, WIDE_F16_SEQS, engine_decode_tile
 
     bf16, f32 = torch.bfloat16, torch.float32
@@ -741,6 +742,14 @@ def test_wide_decode_steps_take_the_tiles_timed_fastest_there(
         assert engine_decode_tile(wide, cache, f32) == kernels.DECODE_TILE
     monkeypatch.setenv("TPSERVE_WIDE_DECODE_TILES", "0")
     assert engine_decode_tile(wide, bf16, bf16) == kernels.DECODE_TILE
+    monkeypatch.setenv("TPSERVE_WIDE_DECODE_TILES", "64,4,1,1,128")
+    assert engine_decode_tile(WIDE_F16_SEQS, torch.float8_e4m3fn, bf16) == (64, 4, 1, 1, 128)
+    assert engine_decode_tile(wide, bf16, bf16) == (64, 4, 1, 1, 128)
+    assert engine_decode_tile(WIDE_F16_SEQS - 1, torch.int8, bf16) == kernels.DECODE_TILE
+    assert engine_decode_tile(wide - 1, bf16, bf16) == kernels.DECODE_TILE
+    monkeypatch.setenv("TPSERVE_WIDE_DECODE_TILES", "wide")
+    with pytest.raises(ValueError, match="TPSERVE_WIDE_DECODE_TILES"):
+        engine_decode_tile(wide, bf16, bf16)
 
 
 def test_the_mlp_gemv_kinds_follow_the_weights_dtype(checkpoint: CheckpointFactory,

@@ -397,21 +397,33 @@ DECODE_TILE = (64, 4)
 # 1.30x at 192 / 1,024 keys) and the F16 form won on 8-bit caches (e4m3 0.93x / 0.91x,
 # int8 0.96x / 0.97x): 8-bit caches take it from WIDE_F16_SEQS. At 64 x 320 it won on
 # e4m3 (0.93x) and lost on int8 (1.02x), so not there.
-# TPSERVE_WIDE_DECODE_TILES=0 keeps DECODE_TILE (an A/B).
+# TPSERVE_WIDE_DECODE_TILES=0 keeps DECODE_TILE (an A/B); a tile written out ("64,4,1,1,128":
+# keys, warps, f16, stages, registers, as paged_attention's decode_tile) is taken by the
+# wide steps instead (an A/B of a probe's winner in the engine).
 WIDE_DECODE_SEQS = 256
 WIDE_F16_SEQS = 128
 
 
 def engine_decode_tile(num_seqs: int, cache_dtype: torch.dtype, q_dtype: torch.dtype
                        ) -> tuple[int, ...]:
-    """The decode attention tile (keys a tile, warps[, f16]) the engine runs for a step of
-    `num_seqs` sequences on a cache of `cache_dtype` with queries of `q_dtype`."""
-    if os.environ.get("TPSERVE_WIDE_DECODE_TILES") == "0":
+    """The decode attention tile (keys a tile, warps[, f16[, stages[, registers]]]) the
+    engine runs for a step of `num_seqs` sequences on a cache of `cache_dtype` with
+    queries of `q_dtype`."""
+    switch = os.environ.get("TPSERVE_WIDE_DECODE_TILES", "1")
+    if switch == "0":
         return DECODE_TILE
     if cache_dtype.itemsize == 1:  # (F16 needs 16-bit queries)
         wide = num_seqs >= WIDE_F16_SEQS and q_dtype != torch.float32
-        return (*DECODE_TILE, 1) if wide else DECODE_TILE
-    return (32, 4) if num_seqs >= WIDE_DECODE_SEQS else DECODE_TILE
+        tile = (*DECODE_TILE, 1)
+    else:
+        wide, tile = num_seqs >= WIDE_DECODE_SEQS, (32, 4)
+    if wide and switch != "1":
+        try:
+            tile = tuple(int(part) for part in switch.split(","))
+        except ValueError:
+            raise ValueError("TPSERVE_WIDE_DECODE_TILES: 0, 1 or a tile such as "
+                             f"'64,4,1,1,128', not {switch!r}") from None
+    return tile if wide else DECODE_TILE
 
 
 def decode_splits(num_seqs: int, kv_heads: int, max_keys: int) -> int:
@@ -470,8 +482,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     [T, H, D] view with unit stride in D). The chunk's own keys must already be in the
     cache, or (decode only, max_q == 1) come unrotated as `new`, with q unrotated too.
     An int8 cache comes with its (K, V) row `scales`. `decode_tile`: (keys a tile,
-    warps[, f16]) for decode instead of engine_decode_tile's (the attention probe's
-    variants; f16 1: the _decode_kernel's F16, an 8-bit cache's dots in float16)."""
+    warps[, f16[, stages[, registers]]]) for decode instead of engine_decode_tile's (the
+    attention probe's variants; f16 1: the _decode_kernel's F16, an 8-bit cache's dots in
+    float16; stages: the key loop's software pipeline, 2 unless given; registers: a cap
+    on a thread's, ptxas's maxnreg, 0 or absent for none)."""
     k_scales, v_scales = cache_scales(k_cache, scales)
     int8 = k_cache.dtype == torch.int8
     assert new is None or max_q == 1, "keys are rotated and cached here in decode only"
@@ -482,11 +496,16 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if out is None:
         out = torch.empty_like(q)
     assert out.shape == q.shape and out.stride(2) == 1, "out: a [T, H, D] view, unit stride in D"
+    launch = _launch(q)
+    stages = 2
     if max_q == 1:  # decode: one token per sequence, its group of heads in one tile
         tile_t, block_r = 1, max(16, _pow2(group))
         block_n, warps, *more = decode_tile or engine_decode_tile(num_seqs, k_cache.dtype,
                                                                    q.dtype)
         f16 = bool(more and more[0])
+        stages = more[1] if len(more) > 1 else 2
+        if len(more) > 2 and more[2] and q.is_cuda:  # (the interpreter takes no cap)
+            launch["maxnreg"] = more[2]
         if f16 and (k_cache.element_size() != 1 or q.dtype == torch.float32):
             raise ValueError("decode_tile's float16 dots take an 8-bit cache and 16-bit "
                              f"queries (cache {k_cache.dtype}, queries {q.dtype})")
@@ -514,7 +533,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             SPLITS=splits,
             PREC=_precision(q.dtype), INTERLEAVED=new.interleaved,
             FP8_KV=k_cache.dtype == torch.float8_e4m3fn, INT8_KV=int8,
-            F16=f16, num_warps=warps, num_stages=2, **_launch(q))
+            F16=f16, num_warps=warps, num_stages=stages, **launch)
         return out
     _attention_kernel[(num_seqs, triton.cdiv(max_q, tile_t), kv_heads * splits)](
         q, k_cache, v_cache, k_scales, v_scales, out, part, lse, count, block_tables, cu_q,
