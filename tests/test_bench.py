@@ -46,7 +46,7 @@ def test_table_is_made_from_the_results(name: str, second: str) -> None:
     latest = {row["case"]: row for row in rows}  # (a case run again: its latest row)
     assert text.count("\n") == len(latest) + 1
     for row in latest.values():
-        assert f"| {row['case']} | {row[second]} | {row['ours']} |" in text
+        assert f"| {row['case']} | {row[second]} | {row['ours']}" in text  # (fp8: + cached)
     readme = (path.parent.parent.parent / "README.md").read_text()
     assert text in readme  # the README's table is the current one
 
@@ -83,6 +83,16 @@ def test_fp8_table_puts_each_fp8_figure_beside_bf16_and_its_target(tmp_path: Pat
              {"case": "glm4-9b_ttft_in8192", "ours": 310.0, "git_rev": "bbb"}]
     path.write_text("".join(json.dumps({**base, **r}) + "\n" for r in rows))
     assert "| glm4-9b_fp8_ttft_in8192 | x | 185.0 | 290.0 | ≤ 190 | yes | aaa |" in table(
+        str(path)).splitlines()
+    # the 256-request rows: fresh prompts and prompts cached (as the 20.2k), each
+    # judged against the target
+    rows += [{"case": "glm4-9b_256req_in128_out128", "ours": 15000.0,
+              "ours_prompts_cached": 23000.0},
+             {"case": "glm4-9b_fp8_256req_in128_out128", "ours": 22500.0,
+              "ours_prompts_cached": 32300.0, **fp8}]
+    path.write_text("".join(json.dumps({**base, **r}) + "\n" for r in rows))
+    assert ("| glm4-9b_fp8_256req_in128_out128 | x | 22500.0 (32300.0 cached) | 15000.0 "
+            "(23000.0 cached) | ≥ 32000 | cached: yes; fresh: no | — |") in table(
         str(path)).splitlines()
 
 
