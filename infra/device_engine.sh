@@ -16,7 +16,8 @@
 #                                                # accuracy cases: bench.fp8_modes)
 #   W8A16_S=120 ...                              # and the weight-only matmul's configs
 #   GEMV_S=150 ...                               # and the batch-1 GEMV's configs alone,
-#                                                # bf16 and FP8, then
+#                                                # bf16 and FP8 (FP8 also with register
+#                                                # caps, PERF v0.85), then
 #                                                # test_kernels.py's GEMV tests
 #   W8A8_S=150 ...                               # and W8A8's few-row matmul: Triton's
 #                                                # configs against _scaled_mm at 16-256

@@ -2,8 +2,8 @@
 (sm_90) on a machine with no GPU (Triton's own ptxas), GLM-4-9B's shapes: the KV-cache
 kernels (the cache write, decode and prefill attention) with that 8-bit cache; the FP8
 weight path's one-pass kernels (per-token quantization, widening); the GEMV with FP8
-weights in each of FP8_GEMV_CONFIGS' tiles, and with the all-reduce folded in (pushing
-its rows, pulling the peers'); or every other kernel of replicas/kernels. Each compiled
+weights in each of FP8_GEMV_CONFIGS' tiles, with a register cap, and with the all-reduce
+folded in (pushing its rows, pulling the peers'); or every other kernel of replicas/kernels. Each compiled
 kernel's name is printed. A kernel that must round as
 PyTorch does may not divide approximately (a GPU's `/` is div.full: not IEEE). Run by
 tests/test_kernels.py in a process of its own: the tests' processes import the kernels
@@ -31,9 +31,10 @@ FLOAT_ADD = re.compile(r"\badd(\.rn)?\.f32\b")
 
 
 def ptx(jit: Any, pointers: dict[str, str], consts: dict[str, Any], warps: int = 4,
-        stages: int = 3) -> str:
+        stages: int = 3, maxnreg: int | None = None) -> str:
     """`jit` compiled for sm_90: its arguments typed by `pointers` (else i32), the
-    constexprs among `consts` set (the others at their defaults)."""
+    constexprs among `consts` set (the others at their defaults); `maxnreg`: a cap on a
+    thread's registers, which the PTX must then state."""
     params = inspect.signature(jit.fn).parameters
     names = list(params)
     consts = {n: v for n, v in consts.items() if n in names} | {  # (and defaults' values)
@@ -43,8 +44,10 @@ def ptx(jit: Any, pointers: dict[str, str], consts: dict[str, Any], warps: int =
     src = ASTSource(fn=jit, signature=signature,
                     constexprs={(names.index(n),): v for n, v in consts.items()})
     code = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": warps, "num_stages": stages})
+                          options={"num_warps": warps, "num_stages": stages,
+                                   **({"maxnreg": maxnreg} if maxnreg else {})})
     assert ".target sm_90" in code.asm["ptx"], jit.fn.__name__
+    assert not maxnreg or f".maxnreg {maxnreg}" in code.asm["ptx"], jit.fn.__name__
     return code.asm["ptx"]
 
 
@@ -66,7 +69,11 @@ def gemvs() -> None:
     # an FP8 gate_up GEMV with SwiGLU on its output (PERF.md v0.77)
     ptx(gemv._gemv_kernel, pointers, {**flags, "SWIGLU": True, "BLOCK_N": 16,
                                       "BLOCK_K": 512}, 8, 3)
-    print(len(gemv.FP8_GEMV_CONFIGS) + 3, "GEMVs compiled for sm_90", flush=True)
+    # and a register cap the GEMV probe times (PERF.md v0.85)
+    block_n, block_k, warps, stages, cap = gemv.FP8_GEMV_CAPPED[-1]
+    ptx(gemv._gemv_kernel, pointers, {**flags, "BLOCK_N": block_n, "BLOCK_K": block_k},
+        warps, stages, cap)
+    print(len(gemv.FP8_GEMV_CONFIGS) + 4, "GEMVs compiled for sm_90", flush=True)
     print("_gemv_kernel compiled for sm_90", flush=True)
 
 
@@ -158,7 +165,12 @@ def main(mode: str) -> None:
     if mode == "rest":
         promoted_every_128(kernels)
     for jit, pointers, consts, exact in kernels:
-        code = ptx(jit, pointers, consts)
+        # (the F16 decode kernel as the engine's wide steps run it on an e4m3 cache: one
+        # stage, 128 registers, PERF.md v0.84)
+        wide = mode == "fp8" and jit is attention._decode_kernel and consts["F16"]
+        keys, warps, _, stages, cap = attention.WIDE_E4M3_TILE
+        code = (ptx(jit, pointers, {**consts, "BLOCK_N": keys}, warps, stages, cap) if wide
+                else ptx(jit, pointers, consts))
         if exact:  # it writes what PyTorch's reference writes, bit for bit
             assert not APPROXIMATE.search(code), f"{jit.fn.__name__} divides approximately"
         print(jit.fn.__name__, "compiled for sm_90", flush=True)

@@ -646,8 +646,10 @@ def test_fp8_gemv_is_the_scaled_rows_product(shape: tuple[int, int], kind: str) 
     x = torch.randn(1, 2 * shape[1] if kind == "gated" else shape[1], generator=gen)
     res, norm_w = torch.randn(1, shape[1], generator=gen), 1 + torch.rand(shape[1]) / 4
     # small tiles, and the widest FP8-only one (more rows a program than either shape's
-    # blocks divide: masked rows)
-    for config in [(8, 64, 4, 2), (16, 128, 4, 3), kernels.FP8_GEMV_CONFIGS[4]]:
+    # blocks divide: masked rows), and one with a register cap (PERF.md v0.85: taken as a
+    # config, the cap itself only on a GPU)
+    for config in [(8, 64, 4, 2), (16, 128, 4, 3), kernels.FP8_GEMV_CONFIGS[4],
+                   (8, 64, 4, 2, 80)]:
         if kind == "norm":
             got, got_sum = kernels.gemv_norm(x, res, norm_w, 1e-5, w8, bias, config, scale)
             want, want_sum = kernels.gemv_norm(x, res, norm_w, 1e-5, dense, bias, config)
