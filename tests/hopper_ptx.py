@@ -3,8 +3,8 @@
 kernels (the cache write, decode and prefill attention) with that 8-bit cache; the FP8
 weight path's one-pass kernels (per-token quantization, widening); the GEMV with FP8
 weights in each of FP8_GEMV_CONFIGS' tiles, with a register cap, and with the all-reduce
-folded in (pushing its rows, pulling the peers'); or every other kernel of replicas/kernels. Each compiled
-kernel's name is printed. A kernel that must round as
+folded in (pushing its rows, pulling the peers'); or every other kernel of
+replicas/kernels. Each compiled kernel's name is printed. A kernel that must round as
 PyTorch does may not divide approximately (a GPU's `/` is div.full: not IEEE). Run by
 tests/test_kernels.py in a process of its own: the tests' processes import the kernels
 for Triton's interpreter, which cannot compile them."""
