@@ -49,6 +49,11 @@
 #                                                # (bench.w8a8_fold_ab: W8A8 at 256
 #                                                # requests, runs of K added by the norm
 #                                                # or not, two rounds), then its GPU tests
+#   WIDE_S=300 ...                               # and bench.wide_tile_search (PERF
+#                                                # v0.84): decode attention's candidate
+#                                                # tiles at 256 sequences, then an A/B
+#                                                # of the fastest in the engine; on the
+#                                                # caches in WIDE_CACHES (default int8)
 #   KV_S=120 ...                                 # and the KV formats' accuracy on the
 #                                                # checkpoint trained on this GPU
 #   PIECES_S=200 bash infra/device_engine.sh     # steps in CUDA-graph pieces: their GPU
@@ -163,6 +168,14 @@ for row in w8a8_fold_ab():
     print(json.dumps(row), flush=True)" 2>&1 | rows w8a8_fold_ab_h200.jsonl w8a8_fold_ab_h200.jsonl
   timeout -s KILL 200 python3 -m pytest -q tests/test_gpu.py -k "runs_of_k" \
     -p no:cacheprovider 2>&1 | tail -3 | tee "$out/fold_tests.log"
+fi
+if [ "${WIDE_S:-0}" != 0 ]; then  # (a caches' A/B: ~40 s an engine, 4 engines)
+  timeout -s KILL "$WIDE_S" python3 -c "import json, sys
+from replicas.bench import environment, wide_tile_search
+where = {**environment(), 'command': 'WIDE_CACHES=' + sys.argv[1] + ' bench.wide_tile_search'}
+for row in wide_tile_search(caches=sys.argv[1].split(',')):
+    print(json.dumps({**row, **where}), flush=True)" "${WIDE_CACHES:-int8}" 2>&1 |
+    rows wide_tile_h200.jsonl wide_tile_h200.jsonl
 fi
 if [ "${KV_S:-0}" != 0 ]; then  # simulated in transformers on the CPU; the engine's check
   # on the GPU; the checkpoint trained here, on the GPU, as the accuracy test's is
