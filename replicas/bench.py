@@ -911,7 +911,7 @@ def gemv_suite(repeats: int, picker: Callable[..., tuple[Any, dict[str, float]]]
     row per (weight dtype, layer) with the fastest config, its bytes a second against
     the measured copy rate, and what the layer runs otherwise (cuBLAS; FP8's matmul).
     About a minute on the H200, most of it compiling. FP8 weights are also timed on
-    FP8_GEMV_CAPPED's register caps (PERF.md v0.85). (`repeats`: unused; each time is a
+    FP8_GEMV_TRIALS' configs (PERF.md v0.85). (`repeats`: unused; each time is a
     mean over 10 graph replays.)"""
     from replicas.fp8 import quantize_rows
     from replicas.kernels import pick_gemv
@@ -930,7 +930,7 @@ def gemv_suite(repeats: int, picker: Callable[..., tuple[Any, dict[str, float]]]
             if dtype == "fp8":
                 w, scale = quantize_rows(w)
                 fp8 = {"scale": scale, "dtype": torch.bfloat16}
-            _, times = pick(w, bias, kind, **fp8, **({"capped": True} if fp8 else {}))
+            _, times = pick(w, bias, kind, **fp8, **({"trials": True} if fp8 else {}))
             configs = {c: t for c, t in times.items() if c != "cublas"}
             best = min(configs, key=configs.__getitem__)
             nbytes = w.numel() * w.element_size()

@@ -69,10 +69,10 @@ def gemvs() -> None:
     # an FP8 gate_up GEMV with SwiGLU on its output (PERF.md v0.77)
     ptx(gemv._gemv_kernel, pointers, {**flags, "SWIGLU": True, "BLOCK_N": 16,
                                       "BLOCK_K": 512}, 8, 3)
-    # and a register cap the GEMV probe times (PERF.md v0.85)
-    block_n, block_k, warps, stages, cap = gemv.FP8_GEMV_CAPPED[-1]
-    ptx(gemv._gemv_kernel, pointers, {**flags, "BLOCK_N": block_n, "BLOCK_K": block_k},
-        warps, stages, cap)
+    # and the GEMV probe's last trial: a register cap, each tile summed as made (v0.85)
+    block_n, block_k, warps, stages, cap, red = gemv.FP8_GEMV_TRIALS[-1]
+    ptx(gemv._gemv_kernel, pointers, {**flags, "BLOCK_N": block_n, "BLOCK_K": block_k,
+                                      "RED": bool(red)}, warps, stages, cap)
     print(len(gemv.FP8_GEMV_CONFIGS) + 4, "GEMVs compiled for sm_90", flush=True)
     print("_gemv_kernel compiled for sm_90", flush=True)
 

@@ -204,15 +204,15 @@ def test_w8a8_suite_rows_put_each_count_of_rows_beside_scaled_mm() -> None:
 def test_gemv_suite_rows_name_the_fastest_config() -> None:
     """`--suite gemv`: a row per weight dtype and layer from pick_gemv's times (here a
     stand-in's, on small shapes): the fastest config and its bytes a second; the LM head
-    only in 16 bits; FP8 weights also on the register caps (PERF.md v0.85)."""
+    only in 16 bits; FP8 weights also on the trial configs (PERF.md v0.85)."""
     from replicas.bench import gemv_suite
 
     seen = []
 
     def picker(w: torch.Tensor, bias: Any, kind: str, scale: Any = None,
-               dtype: Any = None, capped: bool = False) -> tuple[Any, dict[str, float]]:
+               dtype: Any = None, trials: bool = False) -> tuple[Any, dict[str, float]]:
         seen.append((tuple(w.shape), w.dtype, kind, bias is not None, scale is not None,
-                     capped))
+                     trials))
         times = {"cublas": 9.0, "(16, 1024, 8, 3)": 8.0, "(4, 1024, 4, 3)": 7.0}
         if scale is not None:
             times["(32, 512, 8, 3)"] = 5.6
@@ -225,7 +225,7 @@ def test_gemv_suite_rows_name_the_fastest_config() -> None:
         "glm4-9b_gemv_bfloat16_qkv", "glm4-9b_gemv_bfloat16_down",
         "glm4-9b_gemv_bfloat16_lm_head", "glm4-9b_gemv_fp8_qkv", "glm4-9b_gemv_fp8_down"]
     assert seen[0] == ((48, 64), torch.bfloat16, "norm", True, False, False)
-    assert seen[3][1] == torch.float8_e4m3fn and seen[3][4] and seen[3][5]  # (caps: FP8)
+    assert seen[3][1] == torch.float8_e4m3fn and seen[3][4] and seen[3][5]  # (trials: FP8)
     bf16, fp8 = rows[0], rows[3]
     assert bf16["ours"] == 7.0 and bf16["config"] == "(4, 1024, 4, 3)"
     assert bf16["gb_s"] == round(48 * 64 * 2 / 7.0 / 1e3, 1)

@@ -646,10 +646,11 @@ def test_fp8_gemv_is_the_scaled_rows_product(shape: tuple[int, int], kind: str) 
     x = torch.randn(1, 2 * shape[1] if kind == "gated" else shape[1], generator=gen)
     res, norm_w = torch.randn(1, shape[1], generator=gen), 1 + torch.rand(shape[1]) / 4
     # small tiles, and the widest FP8-only one (more rows a program than either shape's
-    # blocks divide: masked rows), and one with a register cap (PERF.md v0.85: taken as a
-    # config, the cap itself only on a GPU)
+    # blocks divide: masked rows), and PERF.md v0.85's trials: a register cap (taken as a
+    # config, the cap itself only on a GPU), each tile's products summed as made (RED)
+    firsts: dict[int, torch.Tensor] = {}
     for config in [(8, 64, 4, 2), (16, 128, 4, 3), kernels.FP8_GEMV_CONFIGS[4],
-                   (8, 64, 4, 2, 80)]:
+                   (8, 64, 4, 2, 80), (8, 64, 4, 2, 0, 1), (16, 32, 4, 2, 80, 1)]:
         if kind == "norm":
             got, got_sum = kernels.gemv_norm(x, res, norm_w, 1e-5, w8, bias, config, scale)
             want, want_sum = kernels.gemv_norm(x, res, norm_w, 1e-5, dense, bias, config)
@@ -659,6 +660,8 @@ def test_fp8_gemv_is_the_scaled_rows_product(shape: tuple[int, int], kind: str) 
             want = kernels.gemv(x, dense, bias, config, gated=kind == "gated")
         assert got.shape == (1, shape[0]) and got.dtype == torch.float32
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+        firsts.setdefault(0, got)  # (every config: the same sums, in another order)
+        torch.testing.assert_close(got, firsts[0], atol=1e-4, rtol=1e-5, msg=str(config))
 
 
 def test_fp8_decode_through_the_gemvs(ckpt: str) -> None:

@@ -563,7 +563,7 @@ def test_swiglu_in_the_norm_gemv_is_the_norm_gemv_then_silu_and_mul(
     norm_w = (1 + torch.randn(shape[1], generator=gen) / 4).to(DEVICE, dtype)
     w8, scale = quantize_rows(w.float())
     for weight, s in ((w, None), (w8, scale)):
-        for config in [(8, 64, 4, 2), (16, 128, 4, 3)]:
+        for config in [(8, 64, 4, 2), (16, 128, 4, 3), (8, 64, 4, 2, 0, 1)]:  # (+ RED, v0.85)
             got, got_sum = kernels.gemv_norm(x, residual, norm_w, 1e-5, weight, bias, config,
                                              s, swiglu=True)
             full, want_sum = kernels.gemv_norm(x, residual, norm_w, 1e-5, weight, bias,

@@ -48,8 +48,8 @@ from replicas.kernels.fp8mm import (
     w8a16,
 )
 from replicas.kernels.gemv import (
-    FP8_GEMV_CAPPED,
     FP8_GEMV_CONFIGS,
+    FP8_GEMV_TRIALS,
     GEMV_CONFIGS,
     GemvConfig,
     GemvKind,
@@ -65,7 +65,7 @@ from replicas.kernels.rope import rope_and_cache
 from replicas.kernels.tokens import ARGMAX_BLOCK, argmax_rows, feed_tokens
 
 __all__ = [
-    "ARGMAX_BLOCK", "DECODE_TILE", "FP8_GEMV_CAPPED", "FP8_GEMV_CONFIGS", "GEMV_CONFIGS",
+    "ARGMAX_BLOCK", "DECODE_TILE", "FP8_GEMV_CONFIGS", "FP8_GEMV_TRIALS", "GEMV_CONFIGS",
     "GemvConfig",
     "GemvKind", "NewKeys", "Site", "argmax_rows", "decode_splits", "enabled", "feed_tokens",
     "engine_decode_tile", "gemv", "gemv_configs", "gemv_norm", "gemv_push",

@@ -82,15 +82,24 @@ if triton is not None:
                        mask=r_ok[:, None] & (cols < k)[None, :], other=0.0)
 
     @triton.jit
-    def _row_sums(acc, S, B, rows, r_ok, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr):
-        """The rows' products (acc [rows, K block], summed along K), times their FP8
-        scales (S) and plus their bias (B) where the kernel has them."""
-        y = tl.sum(acc, axis=1)
+    def _row_sums(acc, S, B, rows, r_ok, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  RED: tl.constexpr):
+        """The rows' products (acc [rows, K block], summed along K; RED: already summed,
+        [rows]), times their FP8 scales (S) and plus their bias (B) where the kernel has
+        them."""
+        y = acc if RED else tl.sum(acc, axis=1)
         if SCALED:
             y *= tl.load(S + rows, mask=r_ok, other=0.0)
         if HAS_BIAS:
             y += tl.load(B + rows, mask=r_ok, other=0.0).to(tl.float32)
         return y
+
+    @triton.jit
+    def _products(w, xv, RED: tl.constexpr):
+        """A tile's products w [rows, K block] * x [K block], float32: as they are, or
+        (RED) summed along K, [rows]."""
+        prod = w.to(tl.float32) * xv[None, :]
+        return tl.sum(prod, axis=1) if RED else prod
 
     @triton.jit
     def _gemv_kernel(X, W, S, B, Y, R, NW, ROUT, n, k, sw, eps, DATA, FLAGS, CNT, site_data,
@@ -99,7 +108,8 @@ if triton is not None:
                      GATED: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
                      ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      PUSH: tl.constexpr, PULL: tl.constexpr, RANK: tl.constexpr,
-                     WORLD: tl.constexpr, PDL: tl.constexpr, SWIGLU: tl.constexpr = False):
+                     WORLD: tl.constexpr, PDL: tl.constexpr, SWIGLU: tl.constexpr = False,
+                     RED: tl.constexpr = False):
         """y = W x (+ b) for one row x: program = BLOCK_N rows of W, streamed along K,
         products summed in float32 registers and reduced once at the end. The first
         tile of W is loaded before waiting on the kernel that writes x (with PDL it
@@ -121,7 +131,11 @@ if triton is not None:
         SWIGLU: W is [gate; up] (2n rows) and y is silu(gate) * up, n wide: a program
         takes rows r of both halves, rounds each product to Y's dtype (as a gate_up
         output is) and multiplies as _silu_mul_kernel does, so the down GEMV after it
-        reads the activation instead of making it in each of its programs."""
+        reads the activation instead of making it in each of its programs.
+
+        RED: each tile's products are summed along K as they are made, into [BLOCK_N]
+        float32 sums, instead of kept [BLOCK_N, BLOCK_K] until the end: fewer registers
+        (more programs an SM, more loads in flight), a reduction a tile (PERF.md v0.85)."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         r_ok = rows < n
         cols = tl.arange(0, BLOCK_K)
@@ -147,21 +161,21 @@ if triton is not None:
                 whole = whole.to(tl.float32)
             rstd = 1.0 / tl.sqrt(tl.sum(whole * whole, axis=0) / k + eps)
         xv = _gemv_x(X, R, NW, cols, k, rstd, EVEN, GATED, NORM, HAS_RES, PULL, WORLD)
-        acc = w.to(tl.float32) * xv[None, :]
+        acc = _products(w, xv, RED)
         if SWIGLU:
-            acc_u = wu.to(tl.float32) * xv[None, :]
+            acc_u = _products(wu, xv, RED)
         for k0 in range(BLOCK_K, k, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             w = _w_tile(W, rows, r_ok, cols, k, sw, EVEN)
             if SWIGLU:
                 wu = _w_tile(WU, rows, r_ok, cols, k, sw, EVEN)
             xv = _gemv_x(X, R, NW, cols, k, rstd, EVEN, GATED, NORM, HAS_RES, PULL, WORLD)
-            acc += w.to(tl.float32) * xv[None, :]
+            acc += _products(w, xv, RED)
             if SWIGLU:
-                acc_u += wu.to(tl.float32) * xv[None, :]
-        y = _row_sums(acc, S, B, rows, r_ok, SCALED, HAS_BIAS)
+                acc_u += _products(wu, xv, RED)
+        y = _row_sums(acc, S, B, rows, r_ok, SCALED, HAS_BIAS, RED)
         if SWIGLU:  # gate and up as gate_up's GEMV would store them, then _silu_mul_kernel
-            u = _row_sums(acc_u, S + n, B + n, rows, r_ok, SCALED, HAS_BIAS)
+            u = _row_sums(acc_u, S + n, B + n, rows, r_ok, SCALED, HAS_BIAS, RED)
             g = y.to(Y.dtype.element_ty).to(tl.float32)
             u = u.to(Y.dtype.element_ty).to(tl.float32)
             y = (g / (1.0 + tl.exp(-g))).to(Y.dtype.element_ty).to(tl.float32) * u
@@ -175,7 +189,8 @@ if triton is not None:
 
 
 GemvConfig = tuple[int, ...]  # (rows per program, K per iteration, warps, stages[, registers:
-# a cap on a thread's, ptxas's maxnreg; FP8_GEMV_CAPPED's, PERF.md v0.85])
+# a cap on a thread's, ptxas's maxnreg, 0 for none[, 1: each tile's products summed as they
+# are made, the kernel's RED]]: FP8_GEMV_TRIALS', PERF.md v0.85)
 
 
 GEMV_CONFIGS: tuple[GemvConfig, ...] = (  # the leaders of earlier H200 runs, and variations
@@ -192,20 +207,26 @@ FP8_GEMV_CONFIGS: tuple[GemvConfig, ...] = (
     (16, 512, 8, 4))
 
 
-# FP8 candidates with a register cap (PERF.md v0.85, not yet timed on a GPU, so not among
-# the engine's picks): v0.84's cap took decode attention from 2 to 4 programs an SM and
-# 0.74x its time; ncu found the FP8 GEMV at 124 registers (2 programs of 8 warps an SM,
-# 4 of 4). 80 lets 3 programs of 8 warps or 6 of 4 in; 64, 4 or 8. Leaders of the fp8
-# suite's gemv_us (qkv, o, gate_up with SwiGLU, down), capped. `--suite gemv` times them.
-FP8_GEMV_CAPPED: tuple[GemvConfig, ...] = (
+# FP8 candidates with more loads in flight (PERF.md v0.85, not yet timed on a GPU, so not
+# among the engine's picks): v0.84's register cap took decode attention from 2 to 4
+# programs an SM and 0.74x its time; ncu found the FP8 GEMV stalled on its loads with few
+# warps an SM. A cap of 80 lets 3 programs of 8 warps or 6 of 4 in, 96 5 of 4; summing
+# each tile as it is made (RED) frees the [rows, K block] accumulator where the compiler
+# kept it (sm_90 compiles here: (16, 512, 8, 4) 176 -> 80 registers with the norm, 168
+# -> 64 plain; (8, 2048, 8, 2) plain 179 -> 100; others no fewer, so not tried). The
+# leaders of the fp8 suite's gemv_us (qkv, o, gate_up with SwiGLU, down), so changed.
+# `--suite gemv` times them.
+FP8_GEMV_TRIALS: tuple[GemvConfig, ...] = (
     (16, 512, 8, 4, 80), (8, 1024, 8, 3, 80), (4, 512, 4, 4, 80), (8, 256, 4, 4, 80),
-    (4, 1024, 4, 3, 80), (4, 512, 4, 4, 64), (8, 256, 4, 4, 64))
+    (8, 256, 4, 4, 96), (4, 1024, 4, 3, 80), (4, 512, 4, 4, 64),
+    (16, 512, 8, 4, 0, 1), (8, 2048, 8, 2, 0, 1), (4, 2048, 4, 3, 0, 1), (8, 512, 4, 4, 0, 1),
+    (4, 2048, 4, 3, 96, 1))
 
 
-def gemv_configs(fp8: bool, capped: bool = False) -> tuple[GemvConfig, ...]:
-    """The configs `pick_gemv` times for a weight (FP8 or not); `capped`: an FP8 weight's
-    also FP8_GEMV_CAPPED (the GEMV probe's)."""
-    return GEMV_CONFIGS + (FP8_GEMV_CONFIGS + (FP8_GEMV_CAPPED if capped else ()) if fp8
+def gemv_configs(fp8: bool, trials: bool = False) -> tuple[GemvConfig, ...]:
+    """The configs `pick_gemv` times for a weight (FP8 or not); `trials`: an FP8 weight's
+    also FP8_GEMV_TRIALS (the GEMV probe's)."""
+    return GEMV_CONFIGS + (FP8_GEMV_CONFIGS + (FP8_GEMV_TRIALS if trials else ()) if fp8
                            else ())
 
 
@@ -254,7 +275,8 @@ def _gemv(x: torch.Tensor | Site, weight: torch.Tensor, bias: torch.Tensor | Non
     if swiglu:
         assert n % 2 == 0 and push is None, "[gate; up] rows, the output stored here"
         n //= 2
-    block_n, block_k, warps, stages, *cap = config
+    block_n, block_k, warps, stages, *more = config
+    cap, red = (*more, 0, 0)[:2]
     pull = x if isinstance(x, Site) else None
     row = pull.rows if pull is not None else x
     assert isinstance(row, torch.Tensor)
@@ -262,8 +284,8 @@ def _gemv(x: torch.Tensor | Site, weight: torch.Tensor, bias: torch.Tensor | Non
     residual, norm_weight, r_out, eps = norm or (None, row, row, 0.0)
     site = push or pull
     launch = _launch(row)
-    if cap and cap[0] and row.is_cuda:  # (the interpreter takes no cap)
-        launch["maxnreg"] = cap[0]
+    if cap and row.is_cuda:  # (the interpreter takes no cap)
+        launch["maxnreg"] = cap
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         row, weight, scale if scale is not None else row, bias if bias is not None else row, y,
         residual if residual is not None else row, norm_weight, r_out, n, k,
@@ -274,7 +296,7 @@ def _gemv(x: torch.Tensor | Site, weight: torch.Tensor, bias: torch.Tensor | Non
         GATED=gated, NORM=norm is not None, HAS_RES=residual is not None, ROW=_pow2(k),
         BLOCK_N=block_n, BLOCK_K=block_k, PUSH=push is not None, PULL=pull is not None,
         RANK=site.rank if site is not None else 0, WORLD=site.world if site is not None else 1,
-        SWIGLU=swiglu, num_warps=warps, num_stages=stages, **launch)
+        SWIGLU=swiglu, RED=bool(red), num_warps=warps, num_stages=stages, **launch)
     return y
 
 
@@ -284,7 +306,7 @@ GemvKind = str  # how a layer calls its GEMV: "plain", "norm" (gemv_norm), "norm
 
 def pick_gemv(weight: torch.Tensor, bias: torch.Tensor | None, kind: GemvKind = "plain",
               margin: float = 0.97, scale: torch.Tensor | None = None,
-              dtype: torch.dtype | None = None, capped: bool = False
+              dtype: torch.dtype | None = None, trials: bool = False
               ) -> tuple[GemvConfig | None, dict[str, float]]:
     """Time cuBLAS (F.linear) and each GEMV config on a one-row input, as a decode step
     runs them: weights cold (copies cycled so that they never sit in L2), input hot, and
@@ -295,8 +317,8 @@ def pick_gemv(weight: torch.Tensor, bias: torch.Tensor | None, kind: GemvKind = 
     Returns the fastest config if it beats plain cuBLAS by the margin (else None: keep
     cuBLAS), and the times in us. An FP8 weight (its `scale` given; the input in
     `dtype`) is timed against what its layer runs otherwise: fp8_linear's FP8 matmul;
-    `capped`: on FP8_GEMV_CAPPED's configs too (a cap that does not build is logged and
-    left out, as a tile that does not fit)."""
+    `trials`: on FP8_GEMV_TRIALS' configs too (one that does not build is logged and left
+    out, as a tile that does not fit)."""
     from replicas.fp8 import fp8_linear
 
     k = weight.shape[1]
@@ -327,16 +349,16 @@ def pick_gemv(weight: torch.Tensor, bias: torch.Tensor | None, kind: GemvKind = 
         "cublas": (lambda w: F.linear(x[:, :k], w, bias)) if scale is None else (
             lambda w: fp8_linear(x[:, :k], w, scale, bias))}
     configs = []
-    for config in gemv_configs(scale is not None, capped):
+    for config in gemv_configs(scale is not None, trials):
         try:
             got = run(weight, config)
         except OutOfResources as e:  # a tile this GPU cannot hold: not a candidate here
             log.info("GEMV %s does not fit on this GPU: %s", config, e)
             continue
-        except Exception as e:  # (a register cap this Triton or GPU refuses)
+        except Exception as e:  # (a trial's cap this Triton or GPU refuses)
             if len(config) < 5:
                 raise
-            log.warning("GEMV %s (a register cap) does not build here: %s", config, e)
+            log.warning("GEMV %s (a trial) does not build here: %s", config, e)
             continue
         configs.append(config)
         if not torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2 * float(
