@@ -589,3 +589,35 @@ def test_attention_probe_takes_a_larger_pool_and_the_block_managers_order() -> N
                                prompt_blocks=prompt_blocks, **shape)
         assert not row["failed"] and len(row["times_us"]) == 2, row
         assert row["floor_us"] == plain[0]["floor_us"]
+
+
+def test_wide_tile_search_ab_tests_the_fastest_candidate_that_clearly_wins(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """PERF.md v0.84's search: per cache, the fastest candidate at 256 x 192 goes to the
+    engine A/B (as TPSERVE_WIDE_DECODE_TILES writes a tile, in the cache's mode) only
+    when it takes under `least` of the engine tile's time; the probe's rows come first."""
+    from replicas import bench
+
+    calls: list[tuple[Any, ...]] = []
+
+    def probe(cases: Any, device: str, timer: Any, bandwidth: float, tiles: Any,
+              cache_dtypes: Any) -> Any:
+        cache, = cache_dtypes
+        for seqs, keys in cases:  # int8: a clear winner; bf16: 2 % only
+            best = 0.7 if cache == "int8" else 0.98
+            times = {"engine": 10.0, **{bench._tile_name(t, 1): 10.0 for t in tiles}}
+            times[bench._tile_name(tiles[1], 1)] = 10.0 * best
+            yield {"case": f"x_{cache}_{seqs}x{keys}", "ours": 10.0, "engine_splits": 1,
+                   "times_us": times}
+
+    monkeypatch.setattr(bench, "attention_probe", probe)
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda: 1.0)
+    monkeypatch.setattr(bench, "decode_tile_ab", lambda rounds, switches, modes: calls.append(
+        (rounds, switches, modes)) or iter([{"case": "ab"}]))
+    rows = list(bench.wide_tile_search(rounds=2, caches=("bfloat16", "int8")))
+    assert [r["case"] for r in rows] == ["x_bfloat16_256x192", "x_bfloat16_256x1024",
+                                        "x_int8_256x192", "x_int8_256x1024", "ab"]
+    winner = ",".join(map(str, bench.WIDE_TILE_CANDIDATES["int8"][1]))
+    assert calls == [(2, ("1", winner), ("fp8-w8a8-keepqkv_int8kv",))]
+    calls.clear()
+    assert len(list(bench.wide_tile_search(caches=("int8",), ab=()))) == 2 and not calls
