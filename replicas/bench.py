@@ -633,7 +633,7 @@ def decode_gaps(modes: tuple[str, ...] = ("fp8-w8a8",), tokens: int = 128
     prompts = prompts_for(256, 128, vocab, seed=0)
     greedy = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     for mode in modes:
-        fp8 = next((_fp8_settings(m) for m in FP8_MODES if m[3] == mode), {})
+        fp8 = _mode_settings(mode)
         with Engine(dataclasses.replace(config, **fp8)) as engine:
             engine.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0,
                                                     ignore_eos=True))
@@ -702,6 +702,18 @@ def _fp8_settings(mode: tuple[str, str, dict[str, str], str]) -> dict[str, str]:
     return {"quantization": quantization, "kv_cache_dtype": kv, **options}
 
 
+def _mode_settings(name: str) -> dict[str, str]:
+    """A mode's engine settings by its rows' name: "bf16" none, else its FP8_MODES
+    entry's (an unknown name is an error that lists them)."""
+    if name == "bf16":
+        return {}
+    for mode in FP8_MODES:
+        if mode[3] == name:
+            return _fp8_settings(mode)
+    raise ValueError(f"unknown mode {name!r}: one of bf16, "
+                     f"{', '.join(m[3] for m in FP8_MODES)}")
+
+
 def _run_256_with(config: EngineConfig, mode: tuple[str, str, dict[str, str], str],
                   name: str, value: str) -> tuple[dict[str, str], dict[str, Any]]:
     """(the mode's settings, `_run_256` of an engine of `config` in that FP8 mode) with
@@ -761,10 +773,7 @@ def decode_tile_ab(rounds: int = 1, switches: Sequence[str] = ("1", "0"),
     per run: output tok/s new and cached, GPU busy time, decode attention's calls and
     time."""
     config = _glm_config()
-    every = {"bf16": {}, "fp8-w8a8": {"quantization": "fp8-w8a8", "kv_cache_dtype": "fp8"},
-             "fp8-w8a8-keepqkv_int8kv": {"quantization": "fp8-w8a8", "kv_cache_dtype": "int8",
-                                         "keep_16bit": "qkv_proj"}}
-    modes_of = {name: every[name] for name in modes}
+    modes_of = {name: _mode_settings(name) for name in modes}
     for turn in range(rounds):
         for name, options in modes_of.items():
             for on in (switches if turn % 2 == 0 else switches[::-1]):
@@ -1145,7 +1154,9 @@ def _attention_row(cache_dtype: str, num_seqs: int, keys: int, device: str,
 def _tile_name(tile: tuple[int, ...], splits: int) -> str:
     """A decode tile's name in the attention probe's rows: "tile 64x4w f16 s1 r128 splits
     1" (f16: the F16 form; s: the key loop's stages, where not 2; r: the register cap)."""
-    f16, stages, regs = (*tile[2:], *(0, 2, 0)[len(tile[2:]):])
+    from replicas.kernels.attention import decode_tile_parts
+
+    _, _, f16, stages, regs = decode_tile_parts(tile)
     return (f"tile {tile[0]}x{tile[1]}w{' f16' if f16 else ''}"
             f"{f' s{stages}' if stages != 2 else ''}{f' r{regs}' if regs else ''}"
             f" splits {splits}")

@@ -165,12 +165,13 @@ def main(mode: str) -> None:
     if mode == "rest":
         promoted_every_128(kernels)
     for jit, pointers, consts, exact in kernels:
-        # (the F16 decode kernel as the engine's wide steps run it on an e4m3 cache: one
-        # stage, 128 registers, PERF.md v0.84)
-        wide = mode == "fp8" and jit is attention._decode_kernel and consts["F16"]
-        keys, warps, _, stages, cap = attention.WIDE_E4M3_TILE
-        code = (ptx(jit, pointers, {**consts, "BLOCK_N": keys}, warps, stages, cap) if wide
-                else ptx(jit, pointers, consts))
+        if mode == "fp8" and jit is attention._decode_kernel and consts["F16"]:
+            # (as the engine's wide steps run it on an e4m3 cache: one stage, 128
+            # registers, PERF.md v0.84)
+            keys, warps, _, stages, cap = attention.WIDE_E4M3_TILE
+            code = ptx(jit, pointers, {**consts, "BLOCK_N": keys}, warps, stages, cap)
+        else:
+            code = ptx(jit, pointers, consts)
         if exact:  # it writes what PyTorch's reference writes, bit for bit
             assert not APPROXIMATE.search(code), f"{jit.fn.__name__} divides approximately"
         print(jit.fn.__name__, "compiled for sm_90", flush=True)

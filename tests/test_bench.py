@@ -621,3 +621,15 @@ def test_wide_tile_search_ab_tests_the_fastest_candidate_that_clearly_wins(
     assert calls == [(2, ("1", winner), ("fp8-w8a8-keepqkv_int8kv",))]
     calls.clear()
     assert len(list(bench.wide_tile_search(caches=("int8",), ab=()))) == 2 and not calls
+
+
+def test_a_modes_settings_come_from_its_fp8_modes_entry() -> None:
+    """The A/Bs' modes by their rows' names (decode_tile_ab, decode_gaps): bf16 none, an
+    FP8 mode its FP8_MODES entry's settings, and an unknown name an error naming them."""
+    from replicas.bench import _mode_settings
+
+    assert _mode_settings("bf16") == {}
+    assert _mode_settings("fp8-w8a8-keepqkv_int8kv") == {
+        "quantization": "fp8-w8a8", "kv_cache_dtype": "int8", "keep_16bit": "qkv_proj"}
+    with pytest.raises(ValueError, match="fp8-w8a8-gateup_int8kv"):
+        _mode_settings("fp8-w8a8-keepqkv")

@@ -434,6 +434,13 @@ def engine_decode_tile(num_seqs: int, cache_dtype: torch.dtype, q_dtype: torch.d
     return tile if wide else DECODE_TILE
 
 
+def decode_tile_parts(tile: tuple[int, ...]) -> tuple[int, int, bool, int, int]:
+    """A decode tile (keys a tile, warps[, f16[, stages[, registers]]]) in full: (keys,
+    warps, f16, stages: 2 unless given, registers: 0 for no cap)."""
+    keys, warps, f16, stages, registers = (*tile, *(0, 2, 0)[len(tile) - 2:])
+    return keys, warps, bool(f16), stages, registers
+
+
 def decode_splits(num_seqs: int, kv_heads: int, max_keys: int) -> int:
     """How many splits of the key range a decode step uses: the most (a power of two)
     that keeps the programs at or under two per SM (264 for the H200's 132), at most 16,
@@ -504,16 +511,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if out is None:
         out = torch.empty_like(q)
     assert out.shape == q.shape and out.stride(2) == 1, "out: a [T, H, D] view, unit stride in D"
-    launch = _launch(q)
-    stages = 2
     if max_q == 1:  # decode: one token per sequence, its group of heads in one tile
         tile_t, block_r = 1, max(16, _pow2(group))
-        block_n, warps, *more = decode_tile or engine_decode_tile(num_seqs, k_cache.dtype,
-                                                                   q.dtype)
-        f16 = bool(more and more[0])
-        stages = more[1] if len(more) > 1 else 2
-        if len(more) > 2 and more[2] and q.is_cuda:  # (the interpreter takes no cap)
-            launch["maxnreg"] = more[2]
+        block_n, warps, f16, stages, registers = decode_tile_parts(
+            decode_tile or engine_decode_tile(num_seqs, k_cache.dtype, q.dtype))
         if f16 and (k_cache.element_size() != 1 or q.dtype == torch.float32):
             raise ValueError("decode_tile's float16 dots take an 8-bit cache and 16-bit "
                              f"queries (cache {k_cache.dtype}, queries {q.dtype})")
@@ -541,7 +542,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             SPLITS=splits,
             PREC=_precision(q.dtype), INTERLEAVED=new.interleaved,
             FP8_KV=k_cache.dtype == torch.float8_e4m3fn, INT8_KV=int8,
-            F16=f16, num_warps=warps, num_stages=stages, **launch)
+            F16=f16, num_warps=warps, num_stages=stages, **_launch(q, registers))
         return out
     _attention_kernel[(num_seqs, triton.cdiv(max_q, tile_t), kv_heads * splits)](
         q, k_cache, v_cache, k_scales, v_scales, out, part, lse, count, block_tables, cu_q,

@@ -71,7 +71,10 @@ if triton is not None:
             tl.extra.cuda.gdc_launch_dependents()
 
 
-def _launch(t: torch.Tensor) -> dict[str, bool]:
-    """The PDL arguments of a launch on t's device: the kernel's flag and the launch's."""
+def _launch(t: torch.Tensor, maxnreg: int = 0) -> dict[str, bool | int]:
+    """The PDL arguments of a launch on t's device: the kernel's flag and the launch's;
+    and `maxnreg`, a cap on a thread's registers (ptxas's), where given and t is on a GPU
+    (Triton's interpreter takes none)."""
     on = pdl(t.device)
-    return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
+    cap = {"maxnreg": maxnreg} if maxnreg and t.is_cuda else {}
+    return {"PDL": on, "launch_pdl": True, **cap} if on else {"PDL": False, **cap}

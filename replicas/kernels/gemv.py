@@ -283,9 +283,6 @@ def _gemv(x: torch.Tensor | Site, weight: torch.Tensor, bias: torch.Tensor | Non
     y = push.rows if push is not None else torch.empty(1, n, dtype=row.dtype, device=row.device)
     residual, norm_weight, r_out, eps = norm or (None, row, row, 0.0)
     site = push or pull
-    launch = _launch(row)
-    if cap and row.is_cuda:  # (the interpreter takes no cap)
-        launch["maxnreg"] = cap
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         row, weight, scale if scale is not None else row, bias if bias is not None else row, y,
         residual if residual is not None else row, norm_weight, r_out, n, k,
@@ -296,7 +293,8 @@ def _gemv(x: torch.Tensor | Site, weight: torch.Tensor, bias: torch.Tensor | Non
         GATED=gated, NORM=norm is not None, HAS_RES=residual is not None, ROW=_pow2(k),
         BLOCK_N=block_n, BLOCK_K=block_k, PUSH=push is not None, PULL=pull is not None,
         RANK=site.rank if site is not None else 0, WORLD=site.world if site is not None else 1,
-        SWIGLU=swiglu, RED=bool(red), num_warps=warps, num_stages=stages, **launch)
+        SWIGLU=swiglu, RED=bool(red), num_warps=warps, num_stages=stages,
+        **_launch(row, cap))
     return y
 
 
