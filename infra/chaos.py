@@ -48,6 +48,8 @@ from infra.results import driver_env, emit, environment, script_args
 from infra.results import summarize as load_summary
 
 FAULTS = ("kill_rank", "redis", "router", "router_kill", "scale")
+# the Router deployment's environment variable a router restart changes (redeploy_config)
+GENERATION_VAR = "TPSERVE_ROUTER_GENERATION"
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,6 @@ class Drill:
     def __init__(self, stack: Any, config: ChaosConfig, records: list[Turn]) -> None:
         self.stack, self.config, self.records = stack, config, records
         self.dashboard = stack.config.ray_dashboard
-        self.generation = 0
 
     # -- helpers --
 
@@ -224,9 +225,8 @@ class Drill:
     async def router(self, fault: Fault) -> None:
         from cluster.control import deploy
 
-        self.generation += 1
         body = await asyncio.to_thread(self.serve_status)
-        config = redeploy_config(body, self.generation)
+        config = redeploy_config(body)
         # the routers before the redeploy: read after it, on a busy machine Serve had
         # already started the new one (both listed, or only the new), and the drill then
         # waited for a replacement of the replacement (never: "not recovered")
@@ -301,16 +301,24 @@ class Drill:
         return min(times, default=None)
 
 
-def redeploy_config(body: dict[str, Any], generation: int) -> dict[str, Any]:
+def redeploy_config(body: dict[str, Any]) -> dict[str, Any]:
     """The deployed Serve config, with a new environment for the Router deployment only:
-    Serve replaces the router replica (draining the old one) and leaves the engines."""
+    Serve replaces the router replica (draining the old one) and leaves the engines. The
+    new environment is the deployed one's generation + 1 (GENERATION_VAR): a drill run
+    again on the same stack redeploys a config that differs (a drill counting from 1 each
+    time redeployed an unchanged config, and waited for a restart that never came)."""
     from cluster.control import APP_NAME, ROUTER
 
     app = body["applications"][APP_NAME]["deployed_app_config"]
     deployments = [d for d in app.get("deployments", []) if d.get("name") != ROUTER]
     router = next((d for d in app.get("deployments", []) if d.get("name") == ROUTER), {})
-    deployments.append({**router, "name": ROUTER, "ray_actor_options": {"runtime_env": {
-        "env_vars": {"TPSERVE_ROUTER_GENERATION": str(generation)}}}})
+    options = router.get("ray_actor_options") or {}
+    runtime_env = options.get("runtime_env") or {}
+    env = runtime_env.get("env_vars") or {}
+    generation = int(env.get(GENERATION_VAR, "0")) + 1
+    deployments.append({**router, "name": ROUTER, "ray_actor_options": {
+        **options, "runtime_env": {**runtime_env, "env_vars": {
+            **env, GENERATION_VAR: str(generation)}}}})
     http = body.get("http_options") or {}
     return {"proxy_location": body.get("proxy_location", "HeadOnly"),
             "http_options": {"host": http.get("host"), "port": http.get("port")},

@@ -69,10 +69,18 @@ def test_replica_counts_of_the_engine_and_the_router_override_their_deployments(
     assert [d["name"] for d in plain] == ["Engine"]
     body = {"applications": {"tpserve": {"deployed_app_config": config["applications"][0]}},
             "http_options": config["http_options"]}
-    again = redeploy_config(body, 2)["applications"][0]["deployments"]
-    router = next(d for d in again if d["name"] == "Router")
-    assert router["num_replicas"] == 2 and "TPSERVE_ROUTER_GENERATION" in str(router)
-    assert ServeDeploySchema(**redeploy_config(body, 2))
+    again = redeploy_config(body)
+    router = next(d for d in again["applications"][0]["deployments"] if d["name"] == "Router")
+    assert router["num_replicas"] == 2
+    assert router["ray_actor_options"]["runtime_env"]["env_vars"] == {
+        "TPSERVE_ROUTER_GENERATION": "1"}
+    assert ServeDeploySchema(**again)
+    # a second drill on the same stack: the deployed generation + 1, never the same config
+    # (one counting from 1 again redeployed it unchanged and no router was replaced)
+    body["applications"]["tpserve"]["deployed_app_config"] = again["applications"][0]
+    third = redeploy_config(body)["applications"][0]["deployments"]
+    assert next(d for d in third if d["name"] == "Router")["ray_actor_options"][
+        "runtime_env"]["env_vars"] == {"TPSERVE_ROUTER_GENERATION": "2"}
 
 
 def test_the_data_path_is_an_app_argument_and_a_bad_one_is_refused_by_name() -> None:
