@@ -67,6 +67,11 @@ fi
 # parallel). Not compiling would leave it to the first import, and where
 # PYTHONDONTWRITEBYTECODE is set (as on the machine this was measured on) every process compiles
 # torch, transformers and Ray from source again: CI took 1.5x as long (1029 s, not 686 s).
+# The test extra's own packages (litellm, langchain, lm-eval, openai, pandas, scikit-learn,
+# selenium...: 12,200 of the 26,850 files) go in uncompiled: a few test processes import a
+# few of their modules, and compiling them all took most of the install's time (the test
+# install: 134 s and 216 busy core-seconds with them compiled, ~70 s without; importing
+# litellm uncompiled costs its one test ~11 s more).
 pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check
      -c infra/constraints.txt)
 installer=""  # uv or pip, chosen at the first install
@@ -93,14 +98,27 @@ choose_installer() {
     installer=uv
   fi
 }
-install() {
+install() {  # [--no-compile] PACKAGES...: compiled unless --no-compile
   choose_installer
+  local compile=1
+  if [ "$1" = --no-compile ]; then
+    compile=0
+    shift
+  fi
   if [ "$installer" = uv ]; then
-    env "${uv[@]}" "$@" && return 0
+    local arg command=()
+    for arg in "${uv[@]}"; do
+      [ "$compile" = 0 ] && [ "$arg" = --compile-bytecode ] || command+=("$arg")
+    done
+    env "${command[@]}" "$@" && return 0
     say "uv failed to install $*: installing with pip instead (slower)"
     installer=pip
   fi
-  "${pip[@]}" "$@"
+  if [ "$compile" = 0 ]; then
+    "${pip[@]}" --no-compile "$@"
+  else
+    "${pip[@]}" "$@"
+  fi
 }
 
 torch_pin=$(grep '^torch==' infra/constraints.txt)
@@ -119,15 +137,21 @@ if [ "$("$venv/bin/python" -c "$installed_torch" 2>/dev/null)" != "$torch_pin" ]
   fi
 fi
 # the install runs again only when what it installed from has changed (or another set of
-# extras)
-stamp="$venv/.tpserve-installed${extras:+-test}"
+# extras): tpserve and its dependencies compiled, then the test extra's packages not
+product="$venv/.tpserve-installed" tested="$venv/.tpserve-installed-test"
 want=$(cat pyproject.toml infra/constraints.txt | sha256sum | cut -d' ' -f1)
-for done in "$stamp" "$venv/.tpserve-installed-test"; do
-  if [ "$(cat "$done" 2>/dev/null)" = "$want" ]; then
-    exit 0
-  fi
-done
-choose_installer
-echo "installing tpserve${extras} into $venv with $installer"
-install -e ".${extras}"
-echo "$want" > "$stamp"
+if [ "$(cat "$tested" 2>/dev/null)" = "$want" ]; then
+  exit 0  # (all of it)
+fi
+if [ "$(cat "$product" 2>/dev/null)" != "$want" ]; then
+  choose_installer
+  echo "installing tpserve into $venv with $installer"
+  install -e .
+  echo "$want" > "$product"
+fi
+if [ -n "$extras" ]; then
+  choose_installer
+  echo "installing tpserve's test extra into $venv with $installer (not compiled)"
+  install --no-compile -e ".${extras}"
+  echo "$want" > "$tested"
+fi
