@@ -124,8 +124,58 @@ def _sender_dies(rank: int, store: dist.Store) -> dict[str, Any]:
     return {"first": first, "error": error, "waited_s": time.monotonic() - start}
 
 
-CHECKS = {"sums": _sums, "peer_dies": _peer_dies, "no_shm_on_rank0": _no_shm_on_rank0,
-          "messages": _messages, "sender_dies": _sender_dies}
+IDLE_PAUSE_S = 3.0
+
+
+def _idle_receive(rank: int, store: dist.Store) -> dict[str, Any]:
+    """Rank 0 sends two messages back to back, then a third after IDLE_PAUSE_S, each
+    carrying the time it was sent. Rank 1 sleeps through the pause: past IDLE_S (cut to
+    0.1 s here) it naps no more, and the third message wakes it although its futex waits
+    would otherwise last 30 s (CHECK_PERIOD_S). Both count their calls."""
+    calls: dict[str, int] = {"futex_wait": 0, "futex_wake": 0}
+    naps: list[float] = []
+
+    class Clock:  # replicas/shm.py's `time`, noting when it naps
+        monotonic = staticmethod(time.monotonic)
+
+        @staticmethod
+        def sleep(s: float) -> None:
+            naps.append(time.monotonic())
+            time.sleep(s)
+
+    def counted(name: str) -> Any:
+        call = getattr(shm_module, name)
+
+        def count(*args: Any) -> None:
+            calls[name] += 1
+            call(*args)
+        return count
+
+    shm_module.time = Clock  # type: ignore[assignment]
+    shm_module.futex_wait = counted("futex_wait")  # type: ignore[assignment]
+    shm_module.futex_wake = counted("futex_wake")  # type: ignore[assignment]
+    shm_module.CHECK_PERIOD_S = 30.0
+    ShmChannel.IDLE_S = 0.1
+    channel = ShmChannel.connect(store, rank, WORLD, 64, None)
+    assert channel is not None
+    if rank == 0:
+        for pause in (0.0, 0.0, IDLE_PAUSE_S):
+            time.sleep(pause)
+            channel.send(torch.tensor([time.monotonic_ns()]))
+        return calls
+    late = []
+    for _ in range(3):
+        sent = int(channel.receive()[0])
+        late.append((time.monotonic_ns() - sent) / 1e9)
+        if len(late) == 2:
+            idle_from, calls["futex_wait"] = time.monotonic() + ShmChannel.IDLE_S, 0
+    return {**calls, "late_s": late, "naps_after_idle_s": [
+        round(t - idle_from, 3) for t in naps if t > idle_from + 0.5]}
+
+
+CHECKS = {"sums": _sums, "idle_receive": _idle_receive, "peer_dies": _peer_dies,
+          "no_shm_on_rank0": _no_shm_on_rank0, "messages": _messages,
+          "sender_dies": _sender_dies}
 
 
 def _rank_main(rank: int, port: int, check: str, out: Any) -> None:
@@ -169,6 +219,19 @@ def test_a_dead_sender_fails_the_receiver_instead_of_hanging_it() -> None:
     assert r["first"] == [0, 1, 2]
     assert "rank 0" in r["error"] and "died" in r["error"]
     assert r["waited_s"] < 5.0
+
+
+def test_an_idle_receiver_sleeps_until_the_sender_wakes_it() -> None:
+    got = run_ranks("idle_receive")
+    sender, receiver = got[0], got[1]
+    # the first send after a pause wakes (the first of all, too); the next, at once, not
+    assert sender["futex_wake"] == 2, sender
+    # woken at once, not at the futex wait's 30 s timeout
+    assert max(receiver["late_s"]) < 2.0, receiver
+    # past IDLE_S no naps (half a second of slack), one futex wait through the pause (a
+    # few more where a wait ends early, e.g. at a signal)
+    assert receiver["naps_after_idle_s"] == [], receiver
+    assert 1 <= receiver["futex_wait"] <= 5, receiver
 
 
 def test_set_up_falls_back_to_gloo_on_every_rank_together() -> None:
