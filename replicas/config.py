@@ -11,9 +11,13 @@ import json
 import os
 from dataclasses import dataclass, field, fields
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+# (torch is imported only where a device or dtype is resolved: an engine's Serve replica
+# reads its config without torch, which its engine process and rank actors import)
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -23,7 +27,7 @@ SUPPORTED_ARCHITECTURES = {
     "GlmForCausalLM": "glm",
 }
 SUPPORTED_TP = (1, 2, 4, 8)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "float16", "bfloat16")  # EngineConfig.dtype and comm_dtype (torch's names)
 KV_CACHE_DTYPES = ("auto", "fp8", "int8")  # EngineConfig.kv_cache_dtype
 MAX_PIECE_TOKENS = 2048  # EngineConfig.piece_graph_tokens' bound (replicas/pieces.py)
 # EngineConfig.piece_graph_tokens when not set, where pieces are captured (PERF.md v0.48)
@@ -217,10 +221,12 @@ class EngineConfig:
         """The all-reduce payload's dtype for a model running in `model_dtype`."""
         if self.comm_dtype != "auto":
             return self.comm_dtype
-        return "bfloat16" if model_dtype == torch.bfloat16 else "float16"
+        return "bfloat16" if str(model_dtype) == "torch.bfloat16" else "float16"
 
     def resolved_device(self) -> str:
         if self.device == "auto":
+            import torch
+
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.device
 
@@ -421,7 +427,7 @@ class ModelSpec:
         attention_bias = bool(getattr(c, "attention_bias", False))
         eos = getattr(c, "eos_token_id", None)
         eos_ids = tuple(eos) if isinstance(eos, list | tuple) else (() if eos is None else (eos,))
-        dtype = getattr(c, "dtype", None) or getattr(c, "torch_dtype", None) or torch.float32
+        dtype = getattr(c, "dtype", None) or getattr(c, "torch_dtype", None) or "float32"
         return ModelSpec(
             family=family,
             vocab_size=c.vocab_size,

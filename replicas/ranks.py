@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from replicas.config import EngineConfig
-from replicas.worker import rank_main
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +64,8 @@ def _rank_process(config: EngineConfig, model_dir: str, rank: int, init_method: 
     thread_lock_for_tqdm()
     code = 0
     try:
+        from replicas.worker import rank_main  # (torch: not where the engine's caller is)
+
         rank_main(config, model_dir, rank, init_method)
     except BaseException:  # noqa: BLE001 - reported, then the exit code says it
         log.exception("rank %d failed", rank)

@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 
 from replicas import kernels
+from replicas.config import DTYPES as config_dtypes
 from replicas.config import (
-    DTYPES,
     ConfigError,
     EngineConfig,
     ModelSpec,
@@ -48,6 +48,7 @@ from replicas.step_inputs import pad_tables, split_step, step_size, write_step
 from replicas.symm import ONE_SHOT_MAX_BYTES, OneShotAllReduce
 
 log = logging.getLogger(__name__)
+DTYPES = {name: getattr(torch, name) for name in config_dtypes}  # (replicas/config.py's)
 
 # the commands of a step message: run a step; stop; nothing (rank 0's heartbeat while
 # idle, so that a rank's wait never reaches the group's timeout); replay the batch-1
