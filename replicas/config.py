@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-# (torch is imported only where a device or dtype is resolved: an engine's Serve replica
-# reads its config without torch, which its engine process and rank actors import)
+# (torch is imported only where a device is resolved: `tpserve up`, the Serve app's build
+# task and the stack's tools read the config without torch's ~4 s import; the engine's own
+# processes import it, and so does its Serve replica, through transformers' tokenizer)
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
