@@ -70,7 +70,7 @@ fi
 # The test extra's own packages (litellm, langchain, lm-eval, openai, pandas, scikit-learn,
 # selenium...: 12,200 of the 26,850 files) go in uncompiled: a few test processes import a
 # few of their modules, and compiling them all took most of the install's time (the test
-# install: 134 s and 216 busy core-seconds with them compiled, ~70 s without; importing
+# install: 134 s and 216 busy core-seconds with them compiled, 86 s and 142 without; importing
 # litellm uncompiled costs its one test ~11 s more).
 pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check
      -c infra/constraints.txt)
