@@ -19,6 +19,9 @@
 #                                                # bf16 and FP8 (FP8 also with register
 #                                                # caps, PERF v0.85), then
 #                                                # test_kernels.py's GEMV tests
+#   GEMVAB_S=200 ...                             # and batch-1 FP8 decode with v0.85's
+#                                                # winning GEMV trials and without (PERF
+#                                                # v0.87, bench.gemv_trials_ab)
 #   W8A8_S=150 ...                               # and W8A8's few-row matmul: Triton's
 #                                                # configs against _scaled_mm at 16-256
 #                                                # rows (PERF v0.62) and cuBLAS in runs
@@ -115,6 +118,14 @@ if [ "${GEMV_S:-0}" != 0 ]; then  # every GEMV config on GLM-4-9B's shapes (~1 m
   timeout -s KILL "$GEMV_S" python3 -m pytest -q tests/test_kernels.py tests/test_gpu.py \
     -k "gemv or one_pass_equals or probe_variants_equal" -p no:cacheprovider 2>&1 |
     tail -5 | tee "$out/gemv_tests.log"
+fi
+if [ "${GEMVAB_S:-0}" != 0 ]; then  # PERF v0.87, one process: batch-1 FP8 decode, the
+  # engine's GEMVs picked with v0.85's winning trials and without (~40 s an engine, 4)
+  timeout -s KILL "$GEMVAB_S" python3 -c "import json
+from replicas.bench import environment, gemv_trials_ab
+where = {**environment(), 'command': 'bench.gemv_trials_ab'}
+for row in gemv_trials_ab():
+    print(json.dumps({**row, **where}), flush=True)" 2>&1 | rows gemv_trials_ab_h200.jsonl gemv_trials_ab_h200.jsonl
 fi
 if [ "${W8A8_S:-0}" != 0 ]; then  # W8A8 per token at a decode step's rows (~1 min)
   timeout -s KILL "$W8A8_S" python3 -m replicas.bench --suite w8a8 2>&1 |

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import importlib
 import json
 import math
 import os
@@ -859,6 +860,41 @@ def swiglu_epilogue_ab(rounds: int = 2) -> Iterator[dict[str, Any]]:
                        "swiglu_epilogue": on == "1", "graph_replay_ms": round(graph, 3),
                        "gemv_us": mlp, **options}
                 torch.cuda.empty_cache()
+
+
+# PERF.md v0.85's trials that won on the H200 (in kernels.FP8_GEMV_CONFIGS since v0.87)
+GEMV_TRIAL_WINNERS: tuple[tuple[int, ...], ...] = (
+    (16, 512, 8, 4, 80), (4, 2048, 4, 3, 96, 1), (16, 512, 8, 4, 0, 1))
+
+
+def gemv_trials_ab(rounds: int = 2) -> Iterator[dict[str, Any]]:
+    """PERF.md v0.87 A/B in one process: GLM-4-9B batch-1 decode (128-token prompt, 128
+    new tokens) with FP8 weights and an e4m3 cache, the engine's GEMVs picked among
+    FP8_GEMV_CONFIGS with GEMV_TRIAL_WINNERS ("with") and without them ("without"),
+    `rounds` times, the order reversed every other round; an engine each. A row per run:
+    ms a token, the graph's replay, and the GEMVs' picks and times."""
+    gemv_module = importlib.import_module("replicas.kernels.gemv")  # (the module: the
+    # package's `gemv` is the function)
+    config = dataclasses.replace(_glm_config(), max_num_seqs=1, kv_cache_memory=2**31,
+                                 quantization="fp8", kv_cache_dtype="fp8")
+    prompt = prompts_for(1, 128, SHAPES["glm4-9b"][1]["vocab_size"])
+    every = gemv_module.FP8_GEMV_CONFIGS
+    sets = {"with": every, "without": tuple(c for c in every if c not in GEMV_TRIAL_WINNERS)}
+    try:
+        for turn in range(rounds):
+            for name in (("with", "without") if turn % 2 == 0 else ("without", "with")):
+                gemv_module.FP8_GEMV_CONFIGS = sets[name]
+                with Engine(config) as engine:
+                    ms = ours_per_token(engine, prompt, 128, 3) * 1e3
+                    graph = graph_step_ms(engine)
+                    report = dict(engine.worker.gemv_report)
+                yield {"case": f"glm4-9b_fp8_decode_b1_gemv_trials_{name}",
+                       "unit": "ms/token", "ours": round(ms, 3), "round": turn,
+                       "trial_winners": name == "with", "graph_replay_ms": round(graph, 3),
+                       "gemv_us": report}
+                torch.cuda.empty_cache()
+    finally:
+        gemv_module.FP8_GEMV_CONFIGS = every
 
 
 # the fp8 suite's modes: (weights, KV cache, options, the rows' name)

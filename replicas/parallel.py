@@ -333,8 +333,9 @@ def gemv_cache_path() -> Path:
 def gemv_cache_key(weight: torch.Tensor, has_bias: bool, kind: str) -> str:
     """A pick holds for one GPU model, software stack, kernel source and config list, and
     one weight shape, dtype and layer kind: change any, and the GEMV is timed again."""
-    return "|".join([_gemv_stack(weight.device), f"{tuple(weight.shape)} {weight.dtype}",
-                     f"bias={has_bias}", kind])
+    configs = hashlib.sha256(repr(kernels.gemv_configs(fp8=True)).encode()).hexdigest()[:12]
+    return "|".join([_gemv_stack(weight.device), f"configs {configs}",
+                     f"{tuple(weight.shape)} {weight.dtype}", f"bias={has_bias}", kind])
 
 
 @functools.cache

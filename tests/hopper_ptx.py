@@ -57,10 +57,11 @@ def gemvs() -> None:
     flags = {"SCALED": True, "HAS_BIAS": False, "EVEN": True, "GATED": False, "NORM": True,
              "HAS_RES": True, "ROW": 4096, "PUSH": False, "PULL": False, "RANK": 0,
              "WORLD": 1, "PDL": True}
-    for block_n, block_k, warps, stages in gemv.FP8_GEMV_CONFIGS:  # a decoder layer's
-        # norm-fused FP8 GEMV (gate_up's kind)
-        ptx(gemv._gemv_kernel, pointers, {**flags, "BLOCK_N": block_n, "BLOCK_K": block_k},
-            warps, stages)
+    for config in gemv.FP8_GEMV_CONFIGS:  # a decoder layer's norm-fused FP8 GEMV (gate_up's
+        # kind), a register cap and each tile summed as made where the config says so
+        block_n, block_k, warps, stages, cap, red = (*config, 0, 0)[:6]
+        ptx(gemv._gemv_kernel, pointers, {**flags, "BLOCK_N": block_n, "BLOCK_K": block_k,
+                                          "RED": bool(red)}, warps, stages, cap)
     bf16 = {**pointers, "W": "*bf16"}
     folded = {**flags, "SCALED": False, "WORLD": 2, "BLOCK_N": 4, "BLOCK_K": 1024}
     ptx(gemv._gemv_kernel, bf16, {**folded, "NORM": False, "HAS_RES": False, "GATED": True,
@@ -165,10 +166,10 @@ def main(mode: str) -> None:
     if mode == "rest":
         promoted_every_128(kernels)
     for jit, pointers, consts, exact in kernels:
-        if mode == "fp8" and jit is attention._decode_kernel and consts["F16"]:
-            # (as the engine's wide steps run it on an e4m3 cache: one stage, 128
-            # registers, PERF.md v0.84)
-            keys, warps, _, stages, cap = attention.WIDE_E4M3_TILE
+        if jit is attention._decode_kernel and consts.get("F16"):
+            # (as the engine's wide steps run it on an 8-bit cache: one stage, 128
+            # registers, PERF.md v0.84, v0.87)
+            keys, warps, _, stages, cap = attention.WIDE_8BIT_TILE
             code = ptx(jit, pointers, {**consts, "BLOCK_N": keys}, warps, stages, cap)
         else:
             code = ptx(jit, pointers, consts)

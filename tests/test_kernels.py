@@ -720,7 +720,7 @@ def test_wide_decode_steps_take_the_tiles_timed_fastest_there(
     """PERF.md v0.74, v0.76, v0.84: decode attention runs DECODE_TILE, but from
     WIDE_DECODE_SEQS sequences 32-key tiles on a 16-bit cache and from WIDE_F16_SEQS (128)
     DECODE_TILE's F16 form on an 8-bit one (not with float32 queries, which F16 does not
-    take), from WIDE_DECODE_SEQS on an e4m3 cache with one stage and 128 registers;
+    take), from WIDE_DECODE_SEQS on an 8-bit cache with one stage and 128 registers;
     TPSERVE_WIDE_DECODE_TILES=0 keeps DECODE_TILE everywhere; a tile written out there is
     the wide steps' (PERF.md v0.84's A/B), and anything else is refused."""
     from replicas.kernels.attention import WIDE_DECODE_SEQS, WIDE_F16_SEQS, engine_decode_tile
@@ -738,9 +738,8 @@ def test_wide_decode_steps_take_the_tiles_timed_fastest_there(
     wide = WIDE_DECODE_SEQS
     assert engine_decode_tile(wide, bf16, bf16) == (32, 4)
     assert engine_decode_tile(wide, torch.float16, torch.float16) == (32, 4)
-    assert engine_decode_tile(wide, torch.int8, bf16) == (*kernels.DECODE_TILE, 1)
-    assert engine_decode_tile(wide, torch.float8_e4m3fn, bf16) == (*kernels.DECODE_TILE, 1,
-                                                                   1, 128)  # (v0.84)
+    for cache in (torch.int8, torch.float8_e4m3fn):  # (v0.84, v0.87)
+        assert engine_decode_tile(wide, cache, bf16) == (*kernels.DECODE_TILE, 1, 1, 128)
     for cache in (torch.int8, torch.float8_e4m3fn):
         assert engine_decode_tile(wide, cache, f32) == kernels.DECODE_TILE
     monkeypatch.setenv("TPSERVE_WIDE_DECODE_TILES", "0")

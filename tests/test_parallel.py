@@ -8,6 +8,7 @@ arrays through a queue, and are always joined or killed within a bounded time.
 
 from __future__ import annotations
 
+import importlib
 import json
 import traceback
 from collections.abc import Callable
@@ -376,6 +377,23 @@ def test_gemv_picks_are_kept_and_a_bad_cache_is_timed_again(tmp_path: Path,
     parallel.tune_gemv(model(), cache)
     assert timed[3:] == [(64, 32), (8, 32)]
     assert json.loads(cache.read_text())  # rewritten whole
+
+
+def test_a_gemv_pick_is_kept_for_one_config_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kept pick's key names the configs that were timed: with a config added (PERF.md
+    v0.87's A/B adds some in a process, the kernels' source unchanged), a pick made
+    without it is not read back as if it had been timed against it."""
+    from replicas import kernels, parallel
+
+    gemv = importlib.import_module("replicas.kernels.gemv")  # (the package's is the function)
+    monkeypatch.setattr(parallel, "_gemv_stack", lambda device: "gpu|torch|triton|source")
+    weight = torch.empty(64, 32)
+    before = parallel.gemv_cache_key(weight, False, "norm")
+    assert before == parallel.gemv_cache_key(weight, False, "norm")
+    assert before != parallel.gemv_cache_key(weight, True, "norm")
+    monkeypatch.setattr(gemv, "FP8_GEMV_CONFIGS", gemv.FP8_GEMV_CONFIGS[:-1])
+    assert kernels.gemv_configs(fp8=True)[-1] != kernels.FP8_GEMV_CONFIGS[-1]
+    assert parallel.gemv_cache_key(weight, False, "norm") != before
 
 
 def test_a_kept_pick_may_be_any_config_either_kind_times() -> None:

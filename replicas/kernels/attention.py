@@ -402,12 +402,13 @@ DECODE_TILE = (64, 4)
 # wide steps instead (an A/B of a probe's winner in the engine).
 WIDE_DECODE_SEQS = 256
 WIDE_F16_SEQS = 128
-# From WIDE_DECODE_SEQS sequences on an e4m3 cache (PERF.md v0.84): the F16 tile with one
-# stage in the key loop and at most 128 registers a thread (220 without: 2 programs an
-# SM, 4 with it). The probe at 256 x 192 / 1,024 keys: 0.74x / 0.79x the time; in the
-# 256-request W8A8 run decode attention 31.2 -> 23.4 us a call, +4.5 % / +3.8 % tok/s.
-# (int8 caches were not timed with it; bf16 caches' 32-key tile gained nothing from a cap.)
-WIDE_E4M3_TILE = (*DECODE_TILE, 1, 1, 128)
+# From WIDE_DECODE_SEQS sequences on an 8-bit cache (PERF.md v0.84, v0.87): the F16 tile
+# with one stage in the key loop and at most 128 registers a thread (220 without: 2
+# programs an SM, 4 with it). The probe at 256 x 192 / 1,024 keys: e4m3 0.74x / 0.79x the
+# time, int8 0.75x / 0.82x; in the 256-request runs decode attention 31.2 -> 23.4 us a
+# call (W8A8, e4m3) and 35.8 -> 26.4 (W8A8 but qkv, int8), +3.0 to +4.5 % tok/s.
+# (bf16 caches' 32-key tile gained nothing from a cap.)
+WIDE_8BIT_TILE = (*DECODE_TILE, 1, 1, 128)
 
 
 def engine_decode_tile(num_seqs: int, cache_dtype: torch.dtype, q_dtype: torch.dtype
@@ -421,8 +422,8 @@ def engine_decode_tile(num_seqs: int, cache_dtype: torch.dtype, q_dtype: torch.d
     if cache_dtype.itemsize == 1:  # (F16 needs 16-bit queries)
         wide = num_seqs >= WIDE_F16_SEQS and q_dtype != torch.float32
         tile = (*DECODE_TILE, 1)
-        if num_seqs >= WIDE_DECODE_SEQS and cache_dtype == torch.float8_e4m3fn:
-            tile = WIDE_E4M3_TILE
+        if num_seqs >= WIDE_DECODE_SEQS:
+            tile = WIDE_8BIT_TILE
     else:
         wide, tile = num_seqs >= WIDE_DECODE_SEQS, (32, 4)
     if wide and switch != "1":

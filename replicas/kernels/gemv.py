@@ -201,26 +201,27 @@ GEMV_CONFIGS: tuple[GemvConfig, ...] = (  # the leaders of earlier H200 runs, an
     (16, 1024, 8, 2), (32, 256, 8, 3), (8, 2048, 8, 2))
 # FP8 weights, timed on these too: a tile of them is half the bytes, and on the H200 their
 # winners already had more rows per program than bf16's (8-16 against 4) at 2.0-3.4 TB/s
-# against bf16's 3.2-4.3 (fp8_h200.jsonl's gemv_us); these go further in rows and K
+# against bf16's 3.2-4.3 (fp8_h200.jsonl's gemv_us); these go further in rows and K. The
+# last three are PERF.md v0.85's trials that won on the H200 (`--suite gemv` at 59f7c89):
+# qkv 9.05 -> 8.22 us with a cap of 80 registers, o 6.17 -> 5.24 with a cap of 96 and each
+# tile summed as made, gate_up 32.97 -> 31.48 summed as made; down kept its pick.
 FP8_GEMV_CONFIGS: tuple[GemvConfig, ...] = (
     (16, 1024, 8, 3), (32, 512, 8, 3), (16, 2048, 8, 2), (32, 1024, 8, 2), (64, 256, 8, 3),
-    (16, 512, 8, 4))
+    (16, 512, 8, 4), (16, 512, 8, 4, 80), (4, 2048, 4, 3, 96, 1), (16, 512, 8, 4, 0, 1))
 
 
-# FP8 candidates with more loads in flight (PERF.md v0.85, not yet timed on a GPU, so not
-# among the engine's picks): v0.84's register cap took decode attention from 2 to 4
-# programs an SM and 0.74x its time; ncu found the FP8 GEMV stalled on its loads with few
-# warps an SM. A cap of 80 lets 3 programs of 8 warps or 6 of 4 in, 96 5 of 4; summing
-# each tile as it is made (RED) frees the [rows, K block] accumulator where the compiler
-# kept it (sm_90 compiles here: (16, 512, 8, 4) 176 -> 80 registers with the norm, 168
-# -> 64 plain; (8, 2048, 8, 2) plain 179 -> 100; others no fewer, so not tried). The
-# leaders of the fp8 suite's gemv_us (qkv, o, gate_up with SwiGLU, down), so changed.
-# `--suite gemv` times them.
+# FP8 candidates with more loads in flight (PERF.md v0.85): v0.84's register cap took
+# decode attention from 2 to 4 programs an SM and 0.74x its time; ncu found the FP8 GEMV
+# stalled on its loads with few warps an SM. A cap of 80 lets 3 programs of 8 warps or 6
+# of 4 in, 96 5 of 4; summing each tile as it is made (RED) frees the [rows, K block]
+# accumulator where the compiler kept it (sm_90 compiles here: (16, 512, 8, 4) 176 -> 80
+# registers with the norm, 168 -> 64 plain; (8, 2048, 8, 2) plain 179 -> 100). These are
+# the ones that lost to the picks on the H200 (the winners are in FP8_GEMV_CONFIGS);
+# `--suite gemv` still times them, the engine does not.
 FP8_GEMV_TRIALS: tuple[GemvConfig, ...] = (
-    (16, 512, 8, 4, 80), (8, 1024, 8, 3, 80), (4, 512, 4, 4, 80), (8, 256, 4, 4, 80),
+    (8, 1024, 8, 3, 80), (4, 512, 4, 4, 80), (8, 256, 4, 4, 80),
     (8, 256, 4, 4, 96), (4, 1024, 4, 3, 80), (4, 512, 4, 4, 64),
-    (16, 512, 8, 4, 0, 1), (8, 2048, 8, 2, 0, 1), (4, 2048, 4, 3, 0, 1), (8, 512, 4, 4, 0, 1),
-    (4, 2048, 4, 3, 96, 1))
+    (8, 2048, 8, 2, 0, 1), (4, 2048, 4, 3, 0, 1), (8, 512, 4, 4, 0, 1))
 
 
 def gemv_configs(fp8: bool, trials: bool = False) -> tuple[GemvConfig, ...]:
