@@ -1700,10 +1700,11 @@ def _fp8_table(rows: list[dict[str, Any]]) -> str:
     one of the same call, its target (issue 20) and whether it is met; the accuracy rows
     against the bf16 engine (the bar holds for weight-only FP8, alone and with the FP8
     KV cache; the other rows say how far the rest moves, the float32 one the base's own
-    rounding). The bf16 twin is the one of the row's own call (its git_rev) where the file
-    has it: a mode not re-run keeps its call's figures, and the rev column says which."""
+    rounding). The bf16 twin is the one of the row's own call where the file has it (its
+    `call`, else its git_rev: two calls at one revision carry a call each): a mode not
+    re-run keeps its call's figures, and the rev column says which."""
     latest = {r["case"]: r for r in rows}
-    of_call = {(r.get("git_rev"), r["case"]): r for r in rows}
+    of_call = {(r.get("call", r.get("git_rev")), r["case"]): r for r in rows}
     out = ["| case | unit | ours | bf16, same call | target | met | rev |",
            "|---|---|---|---|---|---|---|"]
     for case, r in latest.items():
@@ -1714,7 +1715,7 @@ def _fp8_table(rows: list[dict[str, Any]]) -> str:
                 target, met = "≥ 0.98", "yes" if r["ours"] >= 0.98 else "no"
         elif quantized:
             end = next((e for e in FP8_TARGETS if case.endswith(e)), None)
-            twin = (of_call.get((r.get("git_rev"), "glm4-9b" + end))
+            twin = (of_call.get((r.get("call", r.get("git_rev")), "glm4-9b" + end))
                     or latest.get("glm4-9b" + end)) if end else None
             base = r.get("bf16", _cached_too(twin) if twin else "—")
             if end is not None:

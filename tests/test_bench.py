@@ -84,6 +84,14 @@ def test_fp8_table_puts_each_fp8_figure_beside_bf16_and_its_target(tmp_path: Pat
     path.write_text("".join(json.dumps({**base, **r}) + "\n" for r in rows))
     assert "| glm4-9b_fp8_ttft_in8192 | x | 185.0 | 290.0 | ≤ 190 | yes | aaa |" in table(
         str(path)).splitlines()
+    # two calls at one revision: each row beside its own call's bf16 (`call`)
+    rows += [{"case": "glm4-9b_fp8_ttft_in8192", "ours": 186.0, "git_rev": "ccc",
+              "call": "ccc/1", **fp8},
+             {"case": "glm4-9b_ttft_in8192", "ours": 291.0, "git_rev": "ccc", "call": "ccc/1"},
+             {"case": "glm4-9b_ttft_in8192", "ours": 292.0, "git_rev": "ccc", "call": "ccc/2"}]
+    path.write_text("".join(json.dumps({**base, **r}) + "\n" for r in rows))
+    assert "| glm4-9b_fp8_ttft_in8192 | x | 186.0 | 291.0 | ≤ 190 | yes | ccc |" in table(
+        str(path)).splitlines()
     # the 256-request rows: fresh prompts and prompts cached (as the 20.2k), each
     # judged against the target
     rows += [{"case": "glm4-9b_256req_in128_out128", "ours": 15000.0,
