@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -93,6 +94,36 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker would start a stack of its own
         raise pytest.UsageError("the whole-stack tier runs in one process: no -n")
     STARTING.append(stack_tier.start_in_background())
+
+
+def too_few_gpus(error: BaseException) -> str | None:
+    """Why a test cannot run here, when `error` is the engine's refusal of a tp larger
+    than the GPUs this process sees (and it does see fewer), else None. The CPU tier's
+    tp > 1 tests take the default device: CUDA wherever one is visible, so on a one-GPU
+    machine their tp=2 engines are refused; there they are skipped, saying so, and on a
+    machine with no GPU or enough of them they run."""
+    from replicas.config import ConfigError
+
+    found = re.match(r"tp=(\d+) needs \d+ GPUs, \d+ visible", str(error))
+    if not isinstance(error, ConfigError) or found is None:
+        return None
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not 0 < visible < int(found.group(1)):
+        return None
+    return f"{error} (this machine: {visible} GPU{'s' if visible > 1 else ''})"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
+                              ) -> Iterator[None]:
+    """A test whose engine asks for more GPUs than this machine has (too_few_gpus) is
+    reported skipped, with the engine's message, not failed."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    reason = too_few_gpus(call.excinfo.value) if call.excinfo is not None else None
+    if reason is not None and report.failed:
+        report.outcome = "skipped"
+        report.longrepr = (str(item.path), item.location[1] or 0, f"Skipped: {reason}")
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

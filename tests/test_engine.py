@@ -443,6 +443,27 @@ def test_bad_sampling_params() -> None:
             SamplingParams(**kwargs)
 
 
+def test_a_tp_this_machines_gpus_cannot_hold_is_a_skip_only_there(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """conftest's too_few_gpus: the engine's refusal of tp=2 on a machine that sees one
+    GPU makes the test a skip (its message kept); with no GPU (the CPU path should have
+    run) or with enough of them, or for any other error, the failure stands."""
+    from conftest import too_few_gpus
+
+    refusal = ConfigError("tp=2 needs 2 GPUs, 1 visible; lower tp or use device='cpu'")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    reason = too_few_gpus(refusal)
+    assert reason is not None and reason.startswith("tp=2 needs 2 GPUs") and "1 GPU)" in reason
+    assert too_few_gpus(ValueError(str(refusal))) is None
+    assert too_few_gpus(ConfigError("tp=3 does not divide num_attention_heads=4")) is None
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert too_few_gpus(refusal) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert too_few_gpus(refusal) is None
+
+
 def test_bad_engine_configs(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         EngineConfig(model=str(tmp_path / "nowhere"))
