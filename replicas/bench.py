@@ -941,7 +941,8 @@ def w8a16_suite(repeats: int) -> Iterator[dict[str, Any]]:
 
 
 # GLM-4-9B's batch-1 GEMVs as a decoder layer calls them (its qkv has a bias; the LM
-# head stays 16-bit in every FP8 mode): name: (out, in, kind, bias)
+# head stays 16-bit in every FP8 mode): name: (out, in, kind, bias); gate_up's and down's
+# kinds are the engine's for the weights' dtype (gemv_suite: mlp_gemv_kinds)
 GEMV_SHAPES = {"qkv": (4608, 4096, "norm", True), "o": (4096, 4096, "plain", False),
                "gate_up": (27392, 4096, "norm", False), "down": (4096, 13696, "gated", False),
                "lm_head": (151552, 4096, "plain", False)}
@@ -956,18 +957,23 @@ def gemv_suite(repeats: int, picker: Callable[..., tuple[Any, dict[str, float]]]
     row per (weight dtype, layer) with the fastest config, its bytes a second against
     the measured copy rate, and what the layer runs otherwise (cuBLAS; FP8's matmul).
     About a minute on the H200, most of it compiling. FP8 weights are also timed on
-    FP8_GEMV_TRIALS' configs (PERF.md v0.85). (`repeats`: unused; each time is a
-    mean over 10 graph replays.)"""
+    FP8_GEMV_TRIALS' configs (PERF.md v0.85), and gate_up's and down's in the kinds the
+    engine runs with them (`mlp_gemv_kinds`: SwiGLU on gate_up's output, a plain down,
+    since PERF.md v0.77; v0.88). (`repeats`: unused; each time is a mean over 10 graph
+    replays.)"""
     from replicas.fp8 import quantize_rows
     from replicas.kernels import pick_gemv
+    from replicas.model import mlp_gemv_kinds
 
     pick = picker or pick_gemv
     rate = bandwidth if bandwidth is not None else copy_bandwidth()
     gen = torch.Generator(device=device).manual_seed(0)
     for dtype in ("bfloat16", "fp8"):
+        mlp = dict(zip(("gate_up", "down"), mlp_gemv_kinds(dtype == "fp8"), strict=True))
         for name, (n, k, kind, has_bias) in (shapes or GEMV_SHAPES).items():
             if dtype == "fp8" and name == "lm_head":
                 continue
+            kind = mlp.get(name, kind)
             w = torch.randn(n, k, device=device, dtype=torch.bfloat16, generator=gen) * 0.02
             bias = (torch.randn(n, device=device, dtype=torch.bfloat16, generator=gen)
                     if has_bias else None)

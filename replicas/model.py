@@ -316,6 +316,19 @@ def _hf_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return ACT2FN[name]
 
 
+
+def mlp_gemv_kinds(fp8: bool, fused_act: bool = True) -> tuple[str, str]:
+    """(gate_up's GEMV kind, down's) for an MLP with FP8 weights or not (`fused_act`: its
+    activation is SwiGLU), as `MLP.gemv_kinds` sets them and `--suite gemv` times them:
+    SwiGLU on gate_up's output with FP8 weights, inside down's GEMV with 16-bit ones,
+    unless $TPSERVE_SWIGLU_EPILOGUE says otherwise (fp8, the default; 1; 0)."""
+    mode = os.environ.get("TPSERVE_SWIGLU_EPILOGUE", "fp8")
+    if mode not in ("fp8", "1", "0"):
+        raise ValueError(f"TPSERVE_SWIGLU_EPILOGUE={mode!r}: one of fp8, 1, 0")
+    on = fused_act and (mode == "1" or (mode == "fp8" and fp8))
+    return ("norm_swiglu" if on else "norm"), ("gated" if fused_act and not on else "plain")
+
+
 class MLP(nn.Module):
     def __init__(self, spec: ModelSpec, comm: Comm) -> None:
         super().__init__()
@@ -336,13 +349,8 @@ class MLP(nn.Module):
         lose to cuBLAS). $TPSERVE_SWIGLU_EPILOGUE: "fp8" (that, the default), "1"
         (always the first), "0" (always the second). Called again by tune_gemv, once the
         weights are loaded (and maybe quantized)."""
-        mode = os.environ.get("TPSERVE_SWIGLU_EPILOGUE", "fp8")
-        if mode not in ("fp8", "1", "0"):
-            raise ValueError(f"TPSERVE_SWIGLU_EPILOGUE={mode!r}: one of fp8, 1, 0")
-        on = self.fused_act and (mode == "1" or (
-            mode == "fp8" and self.gate_up_proj.weight.dtype == FP8))
-        self.gate_up_proj.gemv_kind = "norm_swiglu" if on else "norm"
-        self.down_proj.gemv_kind = "gated" if self.fused_act and not on else "plain"
+        self.gate_up_proj.gemv_kind, self.down_proj.gemv_kind = mlp_gemv_kinds(
+            self.gate_up_proj.weight.dtype == FP8, self.fused_act)
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor | Site | RunSum:
         """From the layer's gate_up_proj output [T, 2 I/tp] (run by the decoder layer,

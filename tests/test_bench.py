@@ -234,6 +234,9 @@ def test_gemv_suite_rows_name_the_fastest_config() -> None:
         "glm4-9b_gemv_bfloat16_lm_head", "glm4-9b_gemv_fp8_qkv", "glm4-9b_gemv_fp8_down"]
     assert seen[0] == ((48, 64), torch.bfloat16, "norm", True, False, False)
     assert seen[3][1] == torch.float8_e4m3fn and seen[3][4] and seen[3][5]  # (trials: FP8)
+    # down as the engine runs it: SwiGLU inside with bf16 weights, plain with FP8 ones
+    assert seen[1][2] == rows[1]["kind"] == "gated"
+    assert seen[4][2] == rows[4]["kind"] == "plain"
     bf16, fp8 = rows[0], rows[3]
     assert bf16["ours"] == 7.0 and bf16["config"] == "(4, 1024, 4, 3)"
     assert bf16["gb_s"] == round(48 * 64 * 2 / 7.0 / 1e3, 1)

@@ -215,13 +215,19 @@ FP8_GEMV_CONFIGS: tuple[GemvConfig, ...] = (
 # stalled on its loads with few warps an SM. A cap of 80 lets 3 programs of 8 warps or 6
 # of 4 in, 96 5 of 4; summing each tile as it is made (RED) frees the [rows, K block]
 # accumulator where the compiler kept it (sm_90 compiles here: (16, 512, 8, 4) 176 -> 80
-# registers with the norm, 168 -> 64 plain; (8, 2048, 8, 2) plain 179 -> 100). These are
-# the ones that lost to the picks on the H200 (the winners are in FP8_GEMV_CONFIGS);
-# `--suite gemv` still times them, the engine does not.
+# registers with the norm, 168 -> 64 plain; (8, 2048, 8, 2) plain 179 -> 100). The first
+# nine lost to the picks on the H200 (the winners are in FP8_GEMV_CONFIGS); the rest are
+# the winners' neighbours (PERF.md v0.88, not yet timed): qkv's in rows, stages, K and
+# cap; o's and down's in rows, K, stages and cap; gate_up's (SwiGLU) in rows, K and cap.
+# `--suite gemv` times them, the engine does not.
 FP8_GEMV_TRIALS: tuple[GemvConfig, ...] = (
     (8, 1024, 8, 3, 80), (4, 512, 4, 4, 80), (8, 256, 4, 4, 80),
     (8, 256, 4, 4, 96), (4, 1024, 4, 3, 80), (4, 512, 4, 4, 64),
-    (8, 2048, 8, 2, 0, 1), (4, 2048, 4, 3, 0, 1), (8, 512, 4, 4, 0, 1))
+    (8, 2048, 8, 2, 0, 1), (4, 2048, 4, 3, 0, 1), (8, 512, 4, 4, 0, 1),
+    (16, 512, 8, 4, 96), (16, 512, 8, 3, 80), (32, 512, 8, 4, 80), (16, 1024, 8, 3, 80),
+    (16, 512, 8, 4, 80, 1), (4, 2048, 4, 4, 96, 1), (8, 2048, 4, 3, 96, 1),
+    (4, 4096, 4, 3, 96, 1), (4, 2048, 4, 3, 128, 1), (2, 4096, 4, 3, 96, 1),
+    (16, 512, 8, 4, 96, 1), (32, 512, 8, 4, 0, 1), (16, 1024, 8, 3, 0, 1))
 
 
 def gemv_configs(fp8: bool, trials: bool = False) -> tuple[GemvConfig, ...]:
