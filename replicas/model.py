@@ -316,7 +316,6 @@ def _hf_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return ACT2FN[name]
 
 
-
 def mlp_gemv_kinds(fp8: bool, fused_act: bool = True) -> tuple[str, str]:
     """(gate_up's GEMV kind, down's) for an MLP with FP8 weights or not (`fused_act`: its
     activation is SwiGLU), as `MLP.gemv_kinds` sets them and `--suite gemv` times them:
