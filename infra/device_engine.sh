@@ -17,7 +17,8 @@
 #   W8A16_S=120 ...                              # and the weight-only matmul's configs
 #   GEMV_S=150 ...                               # and the batch-1 GEMV's configs alone,
 #                                                # bf16 and FP8 (FP8 also with register
-#                                                # caps, PERF v0.85), then
+#                                                # caps, PERF v0.85, and the MLP in the
+#                                                # engine's kinds, v0.88), then
 #                                                # test_kernels.py's GEMV tests
 #   GEMVAB_S=200 ...                             # and batch-1 FP8 decode with v0.85's
 #                                                # winning GEMV trials and without (PERF
