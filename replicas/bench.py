@@ -962,7 +962,7 @@ def gemv_suite(repeats: int, picker: Callable[..., tuple[Any, dict[str, float]]]
     since PERF.md v0.77; v0.88). (`repeats`: unused; each time is a mean over 10 graph
     replays.)"""
     from replicas.fp8 import quantize_rows
-    from replicas.kernels import pick_gemv
+    from replicas.kernels import gemv_configs, pick_gemv
     from replicas.model import mlp_gemv_kinds
 
     pick = picker or pick_gemv
@@ -992,6 +992,14 @@ def gemv_suite(repeats: int, picker: Callable[..., tuple[Any, dict[str, float]]]
                 "gb_s": round(nbytes / configs[best] / 1e3, 1),
                 "fraction_of_copy": round(nbytes / configs[best] / 1e3 / rate, 3),
                 "times_us": {c: round(t, 2) for c, t in times.items()}}
+            if fp8:  # the engine's own pick (no trials) and the best's time over it: a
+                # trial under 0.97 of it is worth a place in FP8_GEMV_CONFIGS (v0.85)
+                known = {str(c) for c in gemv_configs(fp8=True)}
+                engine = min((c for c in configs if c in known), key=configs.__getitem__,
+                             default=None)
+                if engine is not None:
+                    row["engine_config"] = engine
+                    row["best_over_engine"] = round(configs[best] / configs[engine], 3)
             yield row
 
 

@@ -224,6 +224,8 @@ def test_gemv_suite_rows_name_the_fastest_config() -> None:
         times = {"cublas": 9.0, "(16, 1024, 8, 3)": 8.0, "(4, 1024, 4, 3)": 7.0}
         if scale is not None:
             times["(32, 512, 8, 3)"] = 5.6
+            if kind == "plain":  # a trial beats the engine's configs on the plain kind
+                times["(8, 1024, 8, 3, 80)"] = 5.04
         return None, times
 
     shapes = {"qkv": (48, 64, "norm", True), "down": (32, 128, "gated", False),
@@ -242,6 +244,11 @@ def test_gemv_suite_rows_name_the_fastest_config() -> None:
     assert bf16["gb_s"] == round(48 * 64 * 2 / 7.0 / 1e3, 1)
     assert fp8["ours"] == 5.6 and fp8["config"] == "(32, 512, 8, 3)"
     assert fp8["fraction_of_copy"] == round(48 * 64 / 5.6 / 1e3 / 100.0, 3)
+    # FP8 rows say the engine's own pick and how the best (a trial's, maybe) compares
+    assert fp8["engine_config"] == "(32, 512, 8, 3)" and fp8["best_over_engine"] == 1.0
+    down = rows[4]  # (plain with FP8 weights: the trial wins)
+    assert down["config"] == "(8, 1024, 8, 3, 80)" and down["engine_config"] == "(32, 512, 8, 3)"
+    assert down["best_over_engine"] == 0.9 and "engine_config" not in bf16
 
 
 def stand_in_timer(timed: list[str]) -> Callable[[Any, list[Any]], float]:
