@@ -968,6 +968,7 @@ def gemv_suite(repeats: int, picker: Callable[..., tuple[Any, dict[str, float]]]
     pick = picker or pick_gemv
     rate = bandwidth if bandwidth is not None else copy_bandwidth()
     gen = torch.Generator(device=device).manual_seed(0)
+    known = {str(c) for c in gemv_configs(fp8=True)}  # (the engine's, trials left out)
     for dtype in ("bfloat16", "fp8"):
         mlp = dict(zip(("gate_up", "down"), mlp_gemv_kinds(dtype == "fp8"), strict=True))
         for name, (n, k, kind, has_bias) in (shapes or GEMV_SHAPES).items():
@@ -994,7 +995,6 @@ def gemv_suite(repeats: int, picker: Callable[..., tuple[Any, dict[str, float]]]
                 "times_us": {c: round(t, 2) for c, t in times.items()}}
             if fp8:  # the engine's own pick (no trials) and the best's time over it: a
                 # trial under 0.97 of it is worth a place in FP8_GEMV_CONFIGS (v0.85)
-                known = {str(c) for c in gemv_configs(fp8=True)}
                 engine = min((c for c in configs if c in known), key=configs.__getitem__,
                              default=None)
                 if engine is not None:
@@ -1717,8 +1717,11 @@ def _fp8_table(rows: list[dict[str, Any]]) -> str:
     rounding). The bf16 twin is the one of the row's own call where the file has it (its
     `call`, else its git_rev: two calls at one revision carry a call each): a mode not
     re-run keeps its call's figures, and the rev column says which."""
+    def call(r: dict[str, Any]) -> Any:
+        return r.get("call", r.get("git_rev"))
+
     latest = {r["case"]: r for r in rows}
-    of_call = {(r.get("call", r.get("git_rev")), r["case"]): r for r in rows}
+    of_call = {(call(r), r["case"]): r for r in rows}
     out = ["| case | unit | ours | bf16, same call | target | met | rev |",
            "|---|---|---|---|---|---|---|"]
     for case, r in latest.items():
@@ -1729,7 +1732,7 @@ def _fp8_table(rows: list[dict[str, Any]]) -> str:
                 target, met = "≥ 0.98", "yes" if r["ours"] >= 0.98 else "no"
         elif quantized:
             end = next((e for e in FP8_TARGETS if case.endswith(e)), None)
-            twin = (of_call.get((r.get("call", r.get("git_rev")), "glm4-9b" + end))
+            twin = (of_call.get((call(r), "glm4-9b" + end))
                     or latest.get("glm4-9b" + end)) if end else None
             base = r.get("bf16", _cached_too(twin) if twin else "—")
             if end is not None:

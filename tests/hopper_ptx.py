@@ -57,9 +57,11 @@ def gemvs() -> None:
     flags = {"SCALED": True, "HAS_BIAS": False, "EVEN": True, "GATED": False, "NORM": True,
              "HAS_RES": True, "ROW": 4096, "PUSH": False, "PULL": False, "RANK": 0,
              "WORLD": 1, "PDL": True}
-    for config in gemv.FP8_GEMV_CONFIGS:  # a decoder layer's norm-fused FP8 GEMV (gate_up's
-        # kind), a register cap and each tile summed as made where the config says so
-        block_n, block_k, warps, stages, cap, red = (*config, 0, 0)[:6]
+    # a decoder layer's norm-fused FP8 GEMV (gate_up's kind) in each engine config and the
+    # GEMV probe's last trial: a register cap and each tile summed as made where the
+    # config says so (PERF.md v0.85)
+    for config in (*gemv.FP8_GEMV_CONFIGS, gemv.FP8_GEMV_TRIALS[-1]):
+        block_n, block_k, warps, stages, cap, red = gemv.gemv_config_parts(config)
         ptx(gemv._gemv_kernel, pointers, {**flags, "BLOCK_N": block_n, "BLOCK_K": block_k,
                                           "RED": bool(red)}, warps, stages, cap)
     bf16 = {**pointers, "W": "*bf16"}
@@ -70,10 +72,6 @@ def gemvs() -> None:
     # an FP8 gate_up GEMV with SwiGLU on its output (PERF.md v0.77)
     ptx(gemv._gemv_kernel, pointers, {**flags, "SWIGLU": True, "BLOCK_N": 16,
                                       "BLOCK_K": 512}, 8, 3)
-    # and the GEMV probe's last trial: a register cap, each tile summed as made (v0.85)
-    block_n, block_k, warps, stages, cap, red = gemv.FP8_GEMV_TRIALS[-1]
-    ptx(gemv._gemv_kernel, pointers, {**flags, "BLOCK_N": block_n, "BLOCK_K": block_k,
-                                      "RED": bool(red)}, warps, stages, cap)
     print(len(gemv.FP8_GEMV_CONFIGS) + 4, "GEMVs compiled for sm_90", flush=True)
     print("_gemv_kernel compiled for sm_90", flush=True)
 

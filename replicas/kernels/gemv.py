@@ -230,6 +230,14 @@ FP8_GEMV_TRIALS: tuple[GemvConfig, ...] = (
     (16, 512, 8, 4, 96, 1), (32, 512, 8, 4, 0, 1), (16, 1024, 8, 3, 0, 1))
 
 
+def gemv_config_parts(config: GemvConfig) -> tuple[int, int, int, int, int, int]:
+    """A GEMV config in full: (rows per program, K per iteration, warps, stages, register
+    cap: 0 for none, RED: 1 where each tile's products are summed as made)."""
+    block_n, block_k, warps, stages, *more = config
+    cap, red = (*more, 0, 0)[:2]
+    return block_n, block_k, warps, stages, cap, red
+
+
 def gemv_configs(fp8: bool, trials: bool = False) -> tuple[GemvConfig, ...]:
     """The configs `pick_gemv` times for a weight (FP8 or not); `trials`: an FP8 weight's
     also FP8_GEMV_TRIALS (the GEMV probe's)."""
@@ -282,8 +290,7 @@ def _gemv(x: torch.Tensor | Site, weight: torch.Tensor, bias: torch.Tensor | Non
     if swiglu:
         assert n % 2 == 0 and push is None, "[gate; up] rows, the output stored here"
         n //= 2
-    block_n, block_k, warps, stages, *more = config
-    cap, red = (*more, 0, 0)[:2]
+    block_n, block_k, warps, stages, cap, red = gemv_config_parts(config)
     pull = x if isinstance(x, Site) else None
     row = pull.rows if pull is not None else x
     assert isinstance(row, torch.Tensor)
