@@ -36,11 +36,14 @@ class LocalEngine:
 
 
 class RouterServer:
-    """uvicorn serving a Router over `engine` on 127.0.0.1:`port`."""
+    """uvicorn serving a Router over `engine` on 127.0.0.1:`port` (and `control`, the
+    admin API's cluster, router/admin.py's Control, when given)."""
 
-    def __init__(self, engine: Any, redis_url: str, **config: Any) -> None:
+    def __init__(self, engine: Any, redis_url: str, control: Any = None, **config: Any
+                 ) -> None:
         self.port = free_port()
-        self.router = Router(LocalEngine(engine), RouterConfig(redis_url=redis_url, **config))
+        self.router = Router(LocalEngine(engine), RouterConfig(redis_url=redis_url, **config),
+                             control)
         self.server = uvicorn.Server(uvicorn.Config(
             make_api(self.router), host="127.0.0.1", port=self.port, log_level="warning",
             lifespan="off"))

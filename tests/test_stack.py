@@ -9,7 +9,6 @@ and Ctrl-C stopping a stack in the foreground."""
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import os
 import shutil
@@ -20,11 +19,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from browser import dashboard, scale_from_page, wait_for_text
 from stack_tier import (
     PORT_FLAGS,
     REPO,
@@ -141,47 +141,14 @@ def test_admin_api_needs_the_token(stack: Running) -> None:
         assert err.value.code == 401
 
 
-@contextlib.contextmanager
-def dashboard(stack: Running) -> Iterator[tuple[Any, Any]]:
-    """Headless Chromium on the dashboard, the admin token entered: (driver, a 240 s wait)."""
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver_path = shutil.which("chromedriver")
-    if not (browser_path and driver_path):
-        pytest.skip("needs Debian's chromium and chromium-driver (infra/install.sh --test)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser_path
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                "--window-size=1280,900"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path),
-                              options=options)
-    try:
-        driver.get(f"{stack.edge}/dashboard")
-        driver.find_element(By.ID, "token").send_keys(stack.token)
-        driver.find_element(By.ID, "token-submit").click()
-        yield driver, WebDriverWait(driver, 240, poll_frequency=0.5)
-    finally:
-        driver.quit()
-
-
 def test_dashboard_scales_from_two_to_three_replicas(stack: Running) -> None:
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
 
-    with dashboard(stack) as (driver, wait):
-        wait.until(ec.text_to_be_present_in_element((By.ID, "replica-count"),
-                                                    "2 replicas running (target 2)"))
+    with dashboard(stack.edge, stack.token) as (driver, wait):
+        wait_for_text(driver, wait, "replica-count", "2 replicas running (target 2)")
         assert len(driver.find_elements(By.CSS_SELECTOR, "#replicas tr.replica")) == 2
-        box = driver.find_element(By.ID, "scale-input")
-        box.clear()
-        box.send_keys("3")
-        driver.find_element(By.ID, "scale-button").click()
-        wait.until(ec.text_to_be_present_in_element((By.ID, "replica-count"),
-                                                    "3 replicas running (target 3)"))
+        scale_from_page(driver, 3)
+        wait_for_text(driver, wait, "replica-count", "3 replicas running (target 3)")
         rows = driver.find_elements(By.CSS_SELECTOR, "#replicas tr.replica")
         assert [r.get_attribute("data-state") for r in rows] == ["RUNNING"] * 3
         assert stack.token not in driver.current_url
@@ -202,9 +169,6 @@ def test_after_a_cli_scale_the_dashboard_status_and_admin_api_show_its_target(
         stack: Running) -> None:
     """The page scaled to 3 (the test above); `tpserve scale 2` from the command line then
     sets Serve's target, and every view shows Serve's target, not one a router kept."""
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as ec
-
     ray_dashboard = f"http://127.0.0.1:{stack.ports['dashboard']}"
     assert admin_replicas(stack)["target"] == 3
     out = tpserve("scale", "2", f"--dashboard={ray_dashboard}", "--timeout-s=240", timeout=300,
@@ -214,11 +178,9 @@ def test_after_a_cli_scale_the_dashboard_status_and_admin_api_show_its_target(
     assert admin["target"] == 2 and len(admin["replicas"]) == 2
     status = tpserve("status", f"--state-dir={stack.state}", timeout=60, home=stack.home)
     assert "engine replicas: 2 running (target 2)" in status.stdout, status.stdout
-    with dashboard(stack) as (_, wait):
-        wait.until(ec.text_to_be_present_in_element((By.ID, "replica-count"),
-                                                    "2 replicas running (target 2)"))
-        wait.until(ec.text_to_be_present_in_element((By.ID, "scale-status"),
-                                                    "2 replicas running"))
+    with dashboard(stack.edge, stack.token) as (driver, wait):
+        wait_for_text(driver, wait, "replica-count", "2 replicas running (target 2)")
+        wait_for_text(driver, wait, "scale-status", "2 replicas running")
 
 
 def test_sixteen_clients_from_one_host_get_no_429(stack: Running) -> None:
