@@ -654,6 +654,12 @@ def decode_gaps(modes: tuple[str, ...] = ("fp8-w8a8",), tokens: int = 128
         torch.cuda.empty_cache()
 
 
+def _turn_order(arms: Sequence[str], turn: int) -> Sequence[str]:
+    """The arms of an A/B in one process in round `turn`'s order: as given, reversed every
+    other round (a drift over the call favours neither arm)."""
+    return arms if turn % 2 == 0 else arms[::-1]
+
+
 def w8a8_cublas_ab(rounds: int = 2, modes: tuple[str, ...] = ("fp8-w8a8",)
                    ) -> Iterator[dict[str, Any]]:
     """PERF.md v0.71 A/B in one process: the 256 x 128/128 run of each FP8 mode named
@@ -689,7 +695,7 @@ def w8a8_fold_ab(rounds: int = 2, modes: tuple[str, ...] = ("fp8-w8a8",),
     label = switch.removeprefix("TPSERVE_W8A8_").lower()
     for turn in range(rounds):
         for mode in chosen:
-            for fold in ("1", "0") if turn % 2 == 0 else ("0", "1"):
+            for fold in _turn_order(("1", "0"), turn):
                 fp8, run = _run_256_with(config, mode, switch, fold)
                 yield {"case": f"glm4-9b_{mode[3]}_256req_in128_out128_{label}_{fold}",
                        "unit": "tokens/s", "round": turn, label: fold == "1",
@@ -777,7 +783,7 @@ def decode_tile_ab(rounds: int = 1, switches: Sequence[str] = ("1", "0"),
     modes_of = {name: _mode_settings(name) for name in modes}
     for turn in range(rounds):
         for name, options in modes_of.items():
-            for on in (switches if turn % 2 == 0 else switches[::-1]):
+            for on in _turn_order(switches, turn):
                 with _env("TPSERVE_WIDE_DECODE_TILES", on), \
                         Engine(dataclasses.replace(config, **options)) as engine:
                     run = _run_256(engine, 1)
@@ -848,7 +854,7 @@ def swiglu_epilogue_ab(rounds: int = 2) -> Iterator[dict[str, Any]]:
     prompt = prompts_for(1, 128, SHAPES["glm4-9b"][1]["vocab_size"])
     for turn in range(rounds):
         for name, options in modes.items():
-            for on in (("1", "0") if turn % 2 == 0 else ("0", "1")):
+            for on in _turn_order(("1", "0"), turn):
                 with _env("TPSERVE_SWIGLU_EPILOGUE", on), \
                         Engine(dataclasses.replace(config, **options)) as engine:
                     ms = ours_per_token(engine, prompt, 128, 3) * 1e3
@@ -882,7 +888,7 @@ def gemv_trials_ab(rounds: int = 2) -> Iterator[dict[str, Any]]:
     sets = {"with": every, "without": tuple(c for c in every if c not in GEMV_TRIAL_WINNERS)}
     try:
         for turn in range(rounds):
-            for name in (("with", "without") if turn % 2 == 0 else ("without", "with")):
+            for name in _turn_order(("with", "without"), turn):
                 gemv_module.FP8_GEMV_CONFIGS = sets[name]
                 with Engine(config) as engine:
                     ms = ours_per_token(engine, prompt, 128, 3) * 1e3

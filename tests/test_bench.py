@@ -651,3 +651,13 @@ def test_a_modes_settings_come_from_its_fp8_modes_entry() -> None:
         "quantization": "fp8-w8a8", "kv_cache_dtype": "int8", "keep_16bit": "qkv_proj"}
     with pytest.raises(ValueError, match="fp8-w8a8-gateup_int8kv"):
         _mode_settings("fp8-w8a8-keepqkv")
+
+
+def test_an_ab_reverses_its_arms_every_other_round() -> None:
+    """The A/Bs in one process (w8a8_fold_ab, decode_tile_ab, swiglu_epilogue_ab,
+    gemv_trials_ab) run every arm each round, round 1 in the reverse order of round 0."""
+    from replicas.bench import _turn_order
+
+    orders = [list(_turn_order(("with", "without"), turn)) for turn in range(3)]
+    assert orders == [["with", "without"], ["without", "with"], ["with", "without"]]
+    assert list(_turn_order(("1", "64,4,1,1"), 1)) == ["64,4,1,1", "1"]
