@@ -24,12 +24,13 @@ from cluster.control import (
     DEFAULT_DASHBOARD,
     ENGINE,
     ServeError,
+    ServeTimeout,
     deployment_state,
     request_scale,
 )
 from cluster.datapath import DATA_PATHS, checked
 from cluster.engine import ServeEngine, engine_deployment
-from router.admin import ControlError, DeploymentStatus, ReplicaStatus
+from router.admin import ControlError, ControlTimeout, DeploymentStatus, ReplicaStatus
 from router.app import Router, RouterConfig, make_api
 
 PINNED_ROUTER = "cluster.pinning.PinnedRouter"
@@ -56,6 +57,8 @@ class ServeControl:
         try:
             await asyncio.to_thread(request_scale, target, self.dashboard, self.app,
                                     self.deployment_name)
+        except ServeTimeout as e:
+            raise ControlTimeout(str(e)) from e
         except ServeError as e:
             raise ControlError(str(e)) from e
 

@@ -54,10 +54,12 @@ class ServeTimeout(ServeError):
     node); a poll may try again."""
 
 
-# how long one request to the dashboard may take: a status poll or a scale request, and a
-# deploy (the first PUT of a cluster starts Serve's controller and proxies before it
-# answers, which on a busy 2-core head took longer than a poll's 10 s)
+# how long one request to the dashboard may take: a status poll, a scale request (a write:
+# it waits for Serve's controller, and is not tried again), and a deploy (the first PUT of
+# a cluster starts Serve's controller and proxies before it answers, which on a busy
+# 2-core head took longer than a poll's 10 s)
 POLL_TIMEOUT_S = 10.0
+SCALE_TIMEOUT_S = 30.0
 DEPLOY_TIMEOUT_S = 120.0
 
 
@@ -224,13 +226,26 @@ def request_scale(target: int, dashboard: str = DEFAULT_DASHBOARD, app: str = AP
                   deployment: str = ENGINE) -> None:
     """Ask Serve to run `target` replicas of the deployment and return at once (Serve
     converges in the background; `deployment_state()` shows its progress). ServeError when Serve
-    refuses, e.g. the application was deployed without external_scaler_enabled."""
+    refuses, e.g. the application was deployed without external_scaler_enabled. When the
+    dashboard does not answer within SCALE_TIMEOUT_S, Serve's target is read once: the
+    request took if it is `target`, else ServeTimeout says the target it still has (a
+    request that timed out may yet be taken)."""
     if target < 0:
         raise ServeError(f"target must be >= 0, got {target}")
-    status, body = _request(
-        f"{dashboard}/api/v1/applications/{app}/deployments/{deployment}/scale",
-        {"target_num_replicas": target},
-    )
+    try:
+        status, body = _request(
+            f"{dashboard}/api/v1/applications/{app}/deployments/{deployment}/scale",
+            {"target_num_replicas": target}, timeout=SCALE_TIMEOUT_S)
+    except ServeTimeout as e:
+        try:
+            now = deployment_state(dashboard, app, deployment).target
+        except ServeError:
+            now = None
+        if now == target:
+            return
+        still = "unknown" if now is None else str(now)
+        raise ServeTimeout(f"{e}; Serve's target is still {still}, and the request may yet "
+                           f"be taken (Serve's status shows the target)") from e
     if status == 412:
         raise ServeError(f"Serve refused to scale: {body.get('error', body)} (deploy the app "
                          "with external_scaler_enabled: true)")

@@ -8,7 +8,7 @@ is unset the admin API is off):
   and its session count. Serve's status and message say how a scale goes, and why it fails.
 - POST /admin/scale {"replicas": N} -> 202 {"target": N}: one request to Serve, which
   converges by itself (seen in GET /admin/replicas); 400 for a bad N, 502 when Serve
-  refuses the request.
+  refuses the request, 504 when it does not answer in time (the target may yet change).
 
 The router knows no Ray: it reads and scales the cluster through a `Control`, which the
 cluster injects (cluster/app.py: ServeControl, over Serve's REST API).
@@ -31,6 +31,10 @@ from router.sessions import SessionStore
 
 class ControlError(RuntimeError):
     """The cluster refused a request or did not answer; the message says why."""
+
+
+class ControlTimeout(ControlError):
+    """The cluster did not answer in time: the request may yet take effect."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,9 @@ class Admin:
                             param="replicas").response()
         try:  # one request; Serve converges by itself, seen in GET /admin/replicas
             await self._control().request_scale(target)
+        except ControlTimeout as e:
+            return ApiError(504, f"Serve did not answer in time: {e}",
+                            "scale_timeout").response()
         except ControlError as e:
             return ApiError(502, f"Serve did not take the new target: {e}",
                             "scale_failed").response()

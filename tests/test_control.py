@@ -50,6 +50,11 @@ class FakeServe:
         self.stall_gets = 0
         self.released = threading.Event()
         self.deploy_s = 0.0  # how long a deploy (PUT) takes to answer
+        # how many scale requests stall as the status reads do, and whether Serve takes
+        # the stalled ones' targets before (as its controller does when the dashboard is
+        # slow to answer) or not at all
+        self.stall_posts = 0
+        self.take_stalled = True
         self.deployed: list[dict[str, Any]] = []
 
     def status(self) -> dict[str, Any]:
@@ -96,6 +101,13 @@ def serve() -> Iterator[tuple[FakeServe, str]]:
             fake.scale_requests.append(body)
             if fake.refuse is not None:
                 self.answer(*fake.refuse)
+                return
+            if fake.stall_posts > 0:
+                fake.stall_posts -= 1
+                if fake.take_stalled:
+                    fake.target = body["target_num_replicas"]
+                fake.released.wait()
+                self.answer(200, {})
                 return
             fake.target = body["target_num_replicas"]
             self.answer(200, {})
@@ -180,6 +192,22 @@ def test_a_busy_dashboard_is_a_timeout_that_names_it_and_polls_try_again(
     assert [r.replica_id for r in scale(2, url, timeout_s=30, progress=lines.append)] == \
         ["r0", "r1"]
     assert lines[0].startswith("status unknown") and lines[-1] == "2/2 replicas running (2 known)"
+
+
+def test_a_scale_request_the_dashboard_answers_too_late_reads_where_the_target_stands(
+        serve: tuple[FakeServe, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scale request is one write, not tried again: when the dashboard does not answer
+    it within SCALE_TIMEOUT_S, Serve's target is read; the request took if it is the new
+    one, else ServeTimeout names the target Serve still has."""
+    fake, url = serve
+    monkeypatch.setattr(control, "SCALE_TIMEOUT_S", 0.3)
+    fake.stall_posts = 1  # Serve takes it, the answer comes too late
+    request_scale(3, url)
+    assert fake.target == 3 and fake.stall_posts == 0
+    fake.stall_posts, fake.take_stalled = 1, False
+    with pytest.raises(ServeTimeout, match="within 0.3 s; Serve's target is still 3"):
+        request_scale(4, url)
+    assert [r["target_num_replicas"] for r in fake.scale_requests] == [3, 4]  # once each
 
 
 def test_a_deploy_may_take_longer_than_a_poll(

@@ -22,7 +22,7 @@ from redisserver import RedisServer, running
 from routerserver import LocalEngine
 
 from router import wire
-from router.admin import ControlError, DeploymentStatus, ReplicaStatus
+from router.admin import ControlError, ControlTimeout, DeploymentStatus, ReplicaStatus
 from router.app import Router, RouterConfig, make_api
 
 RATE_LIMIT = 300  # per client key and minute, in the rate-limited router
@@ -512,6 +512,7 @@ class FakeControl:
     status: str = "HEALTHY"
     message: str = ""
     refuse: str = ""
+    late: str = ""  # request_scale's timeout (ControlTimeout) with this message
     asked: list[int] = field(default_factory=list)
 
     async def deployment(self) -> DeploymentStatus:
@@ -525,6 +526,8 @@ class FakeControl:
         if self.refuse:
             raise ControlError(self.refuse)
         self.asked.append(target)
+        if self.late:
+            raise ControlTimeout(self.late)
 
 
 @pytest.fixture
@@ -571,6 +574,16 @@ def test_admin_reports_what_serve_refused(admin: tuple[Client, FakeControl]) -> 
     assert reply.status == 502 and "external_scaler_enabled" in reply.json()["error"][
         "message"]
     assert client.get("/admin/replicas", AUTH).status == 503
+
+
+def test_a_scale_serve_answers_too_late_is_a_504_that_says_the_target_may_yet_change(
+        admin: tuple[Client, FakeControl]) -> None:
+    client, control = admin
+    control.late = "no answer within 30 s; Serve's target is still 2"
+    reply = client.post("/admin/scale", {"replicas": 3}, AUTH)
+    error = reply.json()["error"]
+    assert (reply.status, error["type"], control.asked) == (504, "scale_timeout", [3])
+    assert "did not answer in time" in error["message"] and "still 2" in error["message"]
 
 
 # ---- the OpenAI request fields: honoured or refused by name (router/schema.py) --------------
