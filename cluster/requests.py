@@ -45,8 +45,8 @@ def refused(error: BaseException) -> bool:
     instance was made, or unpickled, there; so this never imports the engine.)"""
     if isinstance(error, wire.WireError):
         return True
-    engine, config = sys.modules.get("replicas.engine"), sys.modules.get("replicas.config")
-    return ((engine is not None and isinstance(error, engine.RequestError))
+    errors, config = sys.modules.get("replicas.errors"), sys.modules.get("replicas.config")
+    return ((errors is not None and isinstance(error, errors.RequestError))
             or (config is not None and isinstance(error, config.ConfigError)))
 
 

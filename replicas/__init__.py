@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 from replicas.config import ConfigError, EngineConfig, SamplingParams, StructuredSpec
 
 if TYPE_CHECKING:
-    from replicas.engine import Completion, Engine, EngineDeadError, RequestError, TokenDelta
+    from replicas.engine import Completion, Engine, TokenDelta
+    from replicas.errors import EngineDeadError, RequestError
 
 __all__ = [
     "Completion",
@@ -23,10 +24,15 @@ __all__ = [
     "TokenDelta",
 ]
 
-_ENGINE_NAMES = ("Completion", "Engine", "EngineDeadError", "RequestError", "TokenDelta")
+_ENGINE_NAMES = ("Completion", "Engine", "TokenDelta")
+_ERROR_NAMES = ("EngineDeadError", "RequestError")
 
 
 def __getattr__(name: str) -> Any:
+    if name in _ERROR_NAMES:  # (without the engine: a router unpickles these)
+        from replicas import errors
+
+        return getattr(errors, name)
     if name in _ENGINE_NAMES:
         from replicas import engine
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
@@ -414,13 +415,7 @@ class ModelSpec:
 
     @staticmethod
     def from_hf(hf_config: Any) -> ModelSpec:
-        arch = (getattr(hf_config, "architectures", None) or [""])[0]
-        family = SUPPORTED_ARCHITECTURES.get(arch)
-        if family is None:
-            raise ConfigError(
-                f"architecture {arch or '(none)'!r} is not supported; supported: "
-                + ", ".join(SUPPORTED_ARCHITECTURES)
-            )
+        family = _family((getattr(hf_config, "architectures", None) or [""])[0])
         c = hf_config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         rope = _rope_parameters(c)
@@ -455,22 +450,54 @@ class ModelSpec:
 
     def check_tp(self, tp: int) -> None:
         """Raise a ConfigError unless the model splits evenly over `tp` ranks."""
-        problems = self._tp_problems(tp)
-        if problems:
-            raise ConfigError(
-                f"tp={tp} does not divide {', '.join(problems)}; choose tp from "
-                f"{[t for t in SUPPORTED_TP if not self._tp_problems(t)]} for this model"
-            )
+        _check_tp(self.num_heads, self.num_kv_heads, self.intermediate_size, tp)
 
-    def _tp_problems(self, tp: int) -> list[str]:
-        problems = []
-        if self.num_heads % tp:
-            problems.append(f"num_attention_heads={self.num_heads}")
-        if self.num_kv_heads % tp and tp % self.num_kv_heads:
-            problems.append(f"num_key_value_heads={self.num_kv_heads}")
-        if self.intermediate_size % tp:
-            problems.append(f"intermediate_size={self.intermediate_size}")
-        return problems
+
+def _family(arch: str) -> str:
+    """The model family of a transformers architecture; ConfigError if not supported."""
+    family = SUPPORTED_ARCHITECTURES.get(arch)
+    if family is None:
+        raise ConfigError(f"architecture {arch or '(none)'!r} is not supported; supported: "
+                          + ", ".join(SUPPORTED_ARCHITECTURES))
+    return family
+
+
+def _check_tp(heads: int, kv_heads: int, intermediate_size: int, tp: int) -> None:
+    if problems := _tp_problems(heads, kv_heads, intermediate_size, tp):
+        fits = [t for t in SUPPORTED_TP if not _tp_problems(heads, kv_heads,
+                                                              intermediate_size, t)]
+        raise ConfigError(f"tp={tp} does not divide {', '.join(problems)}; choose tp from "
+                          f"{fits} for this model")
+
+
+def _tp_problems(heads: int, kv_heads: int, intermediate_size: int, tp: int) -> list[str]:
+    problems = []
+    if heads % tp:
+        problems.append(f"num_attention_heads={heads}")
+    if kv_heads % tp and tp % kv_heads:
+        problems.append(f"num_key_value_heads={kv_heads}")
+    if intermediate_size % tp:
+        problems.append(f"intermediate_size={intermediate_size}")
+    return problems
+
+
+def check_model_dir(model_dir: str, tp: int) -> None:
+    """ModelSpec.from_hf's architecture check and check_tp on what `model_dir`'s
+    config.json says, read as JSON: no transformers, so no torch (the engine replica's
+    Serve process fails a wrong model or tp so at once, before its engine process starts).
+    A config.json that leaves a head count or the MLP's width to its class's defaults is
+    left to the engine's own check, on the whole config."""
+    try:
+        c = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {model_dir}/config.json: {e}") from e
+    if not isinstance(c, dict):
+        raise ConfigError(f"{model_dir}/config.json is not a JSON object")
+    _family((c.get("architectures") or [""])[0])
+    heads, width = c.get("num_attention_heads"), c.get("intermediate_size")
+    kv_heads = c.get("num_key_value_heads") or heads
+    if all(isinstance(v, int) and v > 0 for v in (heads, kv_heads, width)):
+        _check_tp(heads, kv_heads, width, tp)
 
 
 def hf_config_from_json(text: str) -> SimpleNamespace:

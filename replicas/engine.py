@@ -29,6 +29,7 @@ import torch
 from transformers import AutoConfig
 
 from replicas.config import ConfigError, EngineConfig, ModelSpec, SamplingParams, StructuredSpec
+from replicas.errors import EngineDeadError, RequestError
 from replicas.jsonlines import Recent
 from replicas.kv_cache import BlockManager
 from replicas.outputs import (
@@ -81,14 +82,6 @@ class _Phases:
                         ", ".join(f"{n} {s:.1f} s" for n, s in self.spent))
 
 Prompt = str | list[int]
-
-
-class RequestError(ValueError):
-    """A request the engine refuses (bad prompt or parameters); other requests go on."""
-
-
-class EngineDeadError(RuntimeError):
-    """The engine failed (a rank died or a step raised); retry on another replica."""
 
 
 class _Request:

@@ -40,7 +40,14 @@ from contextlib import aclosing
 from multiprocessing.connection import Connection
 from typing import Any
 
-from replicas.config import ConfigError, EngineConfig, ModelSpec, SamplingParams, StructuredSpec
+from replicas.config import (
+    ConfigError,
+    EngineConfig,
+    ModelSpec,
+    SamplingParams,
+    StructuredSpec,
+    check_model_dir,
+)
 from replicas.jsonlines import Recent
 from replicas.outputs import DeltaPost, TokenDelta, join_deltas, streamed
 from replicas.ranks import RankHandle, RankLauncher, thread_lock_for_tqdm
@@ -79,7 +86,7 @@ def portable(error: BaseException) -> BaseException:
     """`error` as it can cross the pipe and keep its meaning: the engine's refusals
     (RequestError, ConfigError: a client's 400) and EngineDeadError as they are, anything
     else as an EngineDeadError naming it (a 503, as it was)."""
-    from replicas.engine import EngineDeadError, RequestError
+    from replicas.errors import EngineDeadError, RequestError
 
     if isinstance(error, RequestError | ConfigError | EngineDeadError) and error.args:
         return type(error)(str(error))
@@ -104,7 +111,7 @@ class _Pipe:
     def call(self, kind: str, *args: Any, timeout: float = CALL_TIMEOUT_S) -> Any:
         """Send (kind, n, *args) and wait for its reply; raises what the other end raised,
         or EngineDeadError when the pipe closes or no reply comes in `timeout`."""
-        from replicas.engine import EngineDeadError
+        from replicas.errors import EngineDeadError
 
         n = next(self._ids)
         future: Future[Any] = Future()
@@ -145,7 +152,7 @@ class _Pipe:
 
     def close(self) -> None:
         """The pipe is gone: every call waiting fails."""
-        from replicas.engine import EngineDeadError
+        from replicas.errors import EngineDeadError
 
         self.closed = True
         for future in list(self._waiting.values()):
@@ -297,7 +304,8 @@ def _child_main(config: EngineConfig, conn: Connection, relay: bool,
     try:
         engine.append(Engine(config, launch=launch if relay else spawn_rank))
         e = engine[0]
-        pipe.send(("ready", {"max_model_len": e.max_model_len, "pid": os.getpid()}))
+        pipe.send(("ready", {"max_model_len": e.max_model_len, "pid": os.getpid(),
+                             "spec": e.spec}))
         done.wait()
     except BaseException as error:  # noqa: BLE001 - the caller raises it
         log.exception("the engine process failed")
@@ -325,15 +333,15 @@ class EngineProcess:
         # clock, each rounded once (the replica's stats: replica_start_s)
         begun = time.monotonic() if started_at is None else started_at
         self.start_s: dict[str, float] = {}
-        from transformers import AutoConfig
-
-        from replicas.engine import EngineDeadError
+        from replicas.errors import EngineDeadError
         from replicas.tokenizer import Tokenizer
 
         self.config = config
         model_dir = self.model_dir = config.resolved_model_dir()
-        self.spec = ModelSpec.from_hf(AutoConfig.from_pretrained(model_dir))
-        self.spec.check_tp(config.tp)  # fail early, here
+        # fail early, here: the architecture and tp from config.json, read without
+        # transformers' model configs (they import torch, ~5 s of CPU before the child
+        # could start); the child's engine reads the whole config and sends its spec
+        check_model_dir(model_dir, config.tp)
         self.start_s["model_config"] = round(time.monotonic() - begun, 3)
         self.join_deltas = join_deltas()
         self._launch = launch
@@ -386,6 +394,7 @@ class EngineProcess:
             raise
         self.max_model_len = info["max_model_len"]
         self.pid = info["pid"]
+        self.spec: ModelSpec = info["spec"]
 
     # ---- the API a replica uses ----
 
@@ -393,7 +402,7 @@ class EngineProcess:
                           request_id: str | None = None) -> AsyncIterator[TokenDelta]:
         """As Engine.add_request: the deltas, the last with its finish_reason; RequestError
         before anything if the child refuses the request; leaving early aborts it."""
-        from replicas.engine import EngineDeadError, RequestError
+        from replicas.errors import EngineDeadError, RequestError
 
         start = time.perf_counter()
         if not self._serving():
@@ -441,7 +450,7 @@ class EngineProcess:
     def shutdown(self) -> None:
         """Stop the child's engine (its ranks, its GPU memory) and the child; idempotent,
         bounded in time: a child that does not leave is killed."""
-        from replicas.engine import EngineDeadError
+        from replicas.errors import EngineDeadError
 
         if self._closed:
             return
@@ -475,7 +484,7 @@ class EngineProcess:
         return self._dead is None and not self._closed
 
     def _send(self, message: tuple[Any, ...]) -> None:
-        from replicas.engine import EngineDeadError
+        from replicas.errors import EngineDeadError
 
         try:
             self._pipe.send(message)
@@ -485,7 +494,7 @@ class EngineProcess:
     def _read(self) -> None:
         """The reader thread: deltas to their streams' loops (once a message, per loop),
         replies to their calls, the child's rank calls to the launcher's handles."""
-        from replicas.engine import EngineDeadError
+        from replicas.errors import EngineDeadError
 
         conn, streams, post = self._pipe.conn, self._streams, self._post
         try:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -122,7 +124,7 @@ def tiny_model_dir(cache_dir: str | None = None) -> str:
     `cache_dir` overrides the cache root. Safe when several processes call it at once:
     the directory appears complete or not at all.
     """
-    return cached_dir(TINY_VERSION, _build_tiny, cache_dir)
+    return cached_dir(TINY_VERSION, _build_tiny_keeping_torch_out, cache_dir)
 
 
 def cached_dir(name: str, build: Callable[[Path], None], cache_dir: str | None = None
@@ -196,6 +198,25 @@ def _train_tokenizer() -> PreTrainedTokenizerFast:
     assert tokenizer.eos_token_id == ids["eos_token_id"]
     assert tokenizer.pad_token_id == ids["pad_token_id"]
     return tokenizer
+
+
+def _build_tiny_keeping_torch_out(path: Path) -> None:
+    """_build_tiny in this process when it has imported torch already, else in a child
+    Python: a process without torch (an engine replica's Serve process, whose engine runs
+    in a process of its own) stays without it, ~5 s of CPU and ~400 MB resident."""
+    if "torch" in sys.modules:
+        _build_tiny(path)
+        return
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)}
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys\nfrom pathlib import Path\n"
+         "from replicas.tiny import _build_tiny\n_build_tiny(Path(sys.argv[1]))", str(path)],
+        cwd=root, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"building the tiny model in {path} failed (exit "
+                           f"{done.returncode}):\n{done.stderr[-3000:]}")
 
 
 def _build_tiny(path: Path) -> None:

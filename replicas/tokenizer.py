@@ -3,16 +3,40 @@ detokenization that never emits half a character."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
-from transformers import AutoTokenizer
+# the tokenizer class AutoTokenizer would take from tokenizer_config.json and that is
+# loaded here by name: transformers' generic fast tokenizer (a tokenizer.json), which
+# imports no model config and so no torch (AutoTokenizer's model configs import torch:
+# ~5 s of CPU before the engine replica's child could start)
+GENERIC_FAST = "PreTrainedTokenizerFast"
+
+
+def load_hf_tokenizer(model_dir: str) -> Any:
+    """transformers' tokenizer of `model_dir`, as AutoTokenizer.from_pretrained gives it:
+    the generic fast tokenizer directly when tokenizer_config.json names it (the class
+    AutoTokenizer takes from there), else AutoTokenizer's own choice."""
+    try:
+        named = json.loads((Path(model_dir) / "tokenizer_config.json").read_text()
+                           ).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        named = None
+    if named == GENERIC_FAST:
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(model_dir)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
 
 
 class Tokenizer:
     """Encode, decode and chat-format for one model directory."""
 
     def __init__(self, model_dir: str) -> None:
-        self.hf = AutoTokenizer.from_pretrained(model_dir)
+        self.hf = load_hf_tokenizer(model_dir)
         # the Rust tokenizer directly: transformers' decode spends ~45 us per call
         # converting arguments, which at 256 sequences is 10+ ms of every decode step
         # (unless the tokenizer asks for transformers' clean-up pass, which it keeps)

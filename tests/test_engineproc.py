@@ -216,3 +216,34 @@ def _zombie(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def test_the_callers_process_imports_no_torch() -> None:
+    """The caller (an engine replica's Serve process) reads config.json and the tokenizer
+    without torch: only the engine's own process imports it (~5 s of CPU, and ~400 MB, a
+    replica otherwise, before its engine process could start). It still serves, and has
+    the engine's model spec once the child is ready."""
+    import subprocess
+    import sys
+
+    from replicas.tiny import tiny_model_dir
+
+    model = tiny_model_dir()  # (made here if it is not yet: that takes torch)
+    probe = (
+        "import asyncio, sys\n"
+        "from replicas import EngineConfig, SamplingParams\n"
+        "from replicas.engineproc import EngineProcess\n"
+        f"engine = EngineProcess(EngineConfig(model={model!r}, max_num_batched_tokens=64))\n"
+        "async def go():\n"
+        "    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)\n"
+        "    return [t async for d in engine.add_request([5, 6, 7], params)\n"
+        "            for t in d.token_ids]\n"
+        "print('TOKENS', len(asyncio.run(go())), engine.spec.family, "
+        "engine.start_s['model_config'] < 1.0)\n"
+        "engine.shutdown()\n"
+        "print('HEAVY', sorted(m for m in ('torch', 'triton') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=600, cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line for line in out.stdout.splitlines() if line.startswith(("TOKENS", "HEAVY"))]
+    assert lines == ["TOKENS 4 llama True", "HEAVY []"], out.stdout[-2000:] + out.stderr[-2000:]

@@ -112,9 +112,10 @@ def test_nginx_goes_to_the_router_replica_itself_not_through_serves_proxy(stack:
     assert "GET /healthz" in last and f"upstream={upstreams[0]} " in last, last
 
 
-def test_the_router_replica_holds_no_torch(stack: Running, tmp_path: Path) -> None:
-    """The router replica's process, as it serves (infra/router_memory.py --state-dir): no
-    torch mapped, unlike the engine replicas and rank actors of the same stack."""
+def test_the_serve_replicas_hold_no_torch(stack: Running, tmp_path: Path) -> None:
+    """The router replica's and the engine replicas' Serve processes, as they serve
+    (infra/router_memory.py --state-dir): no torch mapped (an engine replica's engine runs
+    in a process of its own), unlike the rank actors of the same stack."""
     out = tmp_path / "memory.jsonl"
     done = subprocess.run([sys.executable, "-m", "infra.router_memory", "--state-dir",
                            str(stack.state), "--out", str(out)], cwd=REPO,
@@ -123,8 +124,9 @@ def test_the_router_replica_holds_no_torch(stack: Running, tmp_path: Path) -> No
     row = json.loads(out.read_text())
     roles = collections.Counter(p["role"] for p in row["processes"])
     assert roles["ServeReplica:tpserve:Router"] >= 1 and roles["RankActor.run"] >= 1, roles
+    assert roles["ServeReplica:tpserve:Engine"] >= 1, roles
     for process in row["processes"]:
-        assert process["torch_mapped"] == ("Router" not in process["role"]), process
+        assert process["torch_mapped"] == process["role"].startswith("RankActor"), process
     assert not row["torch_mapped"]
 
 
