@@ -48,6 +48,7 @@ from replicas.config import (
     StructuredSpec,
     check_model_dir,
 )
+from replicas.errors import EngineDeadError, RequestError
 from replicas.jsonlines import Recent
 from replicas.outputs import DeltaPost, TokenDelta, join_deltas, streamed
 from replicas.ranks import RankHandle, RankLauncher, thread_lock_for_tqdm
@@ -86,8 +87,6 @@ def portable(error: BaseException) -> BaseException:
     """`error` as it can cross the pipe and keep its meaning: the engine's refusals
     (RequestError, ConfigError: a client's 400) and EngineDeadError as they are, anything
     else as an EngineDeadError naming it (a 503, as it was)."""
-    from replicas.errors import EngineDeadError, RequestError
-
     if isinstance(error, RequestError | ConfigError | EngineDeadError) and error.args:
         return type(error)(str(error))
     return EngineDeadError(f"{type(error).__name__}: {error}")
@@ -111,8 +110,6 @@ class _Pipe:
     def call(self, kind: str, *args: Any, timeout: float = CALL_TIMEOUT_S) -> Any:
         """Send (kind, n, *args) and wait for its reply; raises what the other end raised,
         or EngineDeadError when the pipe closes or no reply comes in `timeout`."""
-        from replicas.errors import EngineDeadError
-
         n = next(self._ids)
         future: Future[Any] = Future()
         self._waiting[n] = future
@@ -152,8 +149,6 @@ class _Pipe:
 
     def close(self) -> None:
         """The pipe is gone: every call waiting fails."""
-        from replicas.errors import EngineDeadError
-
         self.closed = True
         for future in list(self._waiting.values()):
             if not future.done():
@@ -333,7 +328,6 @@ class EngineProcess:
         # clock, each rounded once (the replica's stats: replica_start_s)
         begun = time.monotonic() if started_at is None else started_at
         self.start_s: dict[str, float] = {}
-        from replicas.errors import EngineDeadError
         from replicas.tokenizer import Tokenizer
 
         self.config = config
@@ -402,8 +396,6 @@ class EngineProcess:
                           request_id: str | None = None) -> AsyncIterator[TokenDelta]:
         """As Engine.add_request: the deltas, the last with its finish_reason; RequestError
         before anything if the child refuses the request; leaving early aborts it."""
-        from replicas.errors import EngineDeadError, RequestError
-
         start = time.perf_counter()
         if not self._serving():
             raise EngineDeadError(f"engine is not serving: {self._dead or 'shut down'}")
@@ -450,8 +442,6 @@ class EngineProcess:
     def shutdown(self) -> None:
         """Stop the child's engine (its ranks, its GPU memory) and the child; idempotent,
         bounded in time: a child that does not leave is killed."""
-        from replicas.errors import EngineDeadError
-
         if self._closed:
             return
         self._closed = True
@@ -484,8 +474,6 @@ class EngineProcess:
         return self._dead is None and not self._closed
 
     def _send(self, message: tuple[Any, ...]) -> None:
-        from replicas.errors import EngineDeadError
-
         try:
             self._pipe.send(message)
         except OSError as e:
@@ -494,8 +482,6 @@ class EngineProcess:
     def _read(self) -> None:
         """The reader thread: deltas to their streams' loops (once a message, per loop),
         replies to their calls, the child's rank calls to the launcher's handles."""
-        from replicas.errors import EngineDeadError
-
         conn, streams, post = self._pipe.conn, self._streams, self._post
         try:
             while True:
