@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from checkpoints import FAMILIES
+from checkpoints import FAMILIES, CheckpointFactory
 
 from replicas.config import SUPPORTED_TP, ConfigError, ModelSpec, check_model_dir
 from replicas.tiny import tiny_model_dir
@@ -40,8 +40,8 @@ def light_refusal(model_dir: str, tp: int) -> str | None:
     *((family, {}) for family in FAMILIES), ("llama", {"num_key_value_heads": 1}),
     ("qwen2", {"num_attention_heads": 2, "num_key_value_heads": 2, "intermediate_size": 36})])
 def test_config_json_refuses_the_tps_the_whole_config_refuses(
-        checkpoint: object, family: str, overrides: dict[str, int]) -> None:
-    model = checkpoint(family, **overrides)  # type: ignore[operator]
+        checkpoint: CheckpointFactory, family: str, overrides: dict[str, int]) -> None:
+    model = checkpoint(family, **overrides)
     for tp in SUPPORTED_TP:
         assert light_refusal(model, tp) == whole_config_refusal(model, tp), (family, tp)
 
