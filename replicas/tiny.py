@@ -207,13 +207,10 @@ def _build_tiny_keeping_torch_out(path: Path) -> None:
     if "torch" in sys.modules:
         _build_tiny(path)
         return
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)}
-    done = subprocess.run(
+    done = subprocess.run(  # (in this package's root: `-c` imports from its folder)
         [sys.executable, "-c", "import sys\nfrom pathlib import Path\n"
          "from replicas.tiny import _build_tiny\n_build_tiny(Path(sys.argv[1]))", str(path)],
-        cwd=root, env=env, capture_output=True, text=True)
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"building the tiny model in {path} failed (exit "
                            f"{done.returncode}):\n{done.stderr[-3000:]}")
