@@ -20,9 +20,9 @@
 #                                                # caps, PERF v0.85, and the MLP in the
 #                                                # engine's kinds, v0.88), then
 #                                                # test_kernels.py's GEMV tests
-#   GEMVAB_S=200 ...                             # and batch-1 FP8 decode with v0.85's
+#   GEMVAB_S=200 ...                             # and batch-1 FP8 decode with the last
 #                                                # winning GEMV trials and without (PERF
-#                                                # v0.87, bench.gemv_trials_ab)
+#                                                # v0.87, v0.89: bench.gemv_trials_ab)
 #   W8A8_S=150 ...                               # and W8A8's few-row matmul: Triton's
 #                                                # configs against _scaled_mm at 16-256
 #                                                # rows (PERF v0.62) and cuBLAS in runs
@@ -116,12 +116,14 @@ if [ "${GEMV_S:-0}" != 0 ]; then  # every GEMV config on GLM-4-9B's shapes (~1 m
     rows gemv_h200.jsonl gemv_h200.jsonl
   # (pick_gemv checks every config against cuBLAS as it times it; and PERF v0.59-v0.61's
   # kernels against their references on the GPU)
-  timeout -s KILL "$GEMV_S" python3 -m pytest -q tests/test_kernels.py tests/test_gpu.py \
-    -k "gemv or one_pass_equals or probe_variants_equal" -p no:cacheprovider 2>&1 |
-    tail -5 | tee "$out/gemv_tests.log"
+  if [ "${GEMV_TESTS:-1}" != 0 ]; then  # GEMV_TESTS=0: the probe alone (~3 min less)
+    timeout -s KILL "$GEMV_S" python3 -m pytest -q tests/test_kernels.py tests/test_gpu.py \
+      -k "gemv or one_pass_equals or probe_variants_equal" -p no:cacheprovider 2>&1 |
+      tail -5 | tee "$out/gemv_tests.log"
+  fi
 fi
-if [ "${GEMVAB_S:-0}" != 0 ]; then  # PERF v0.87, one process: batch-1 FP8 decode, the
-  # engine's GEMVs picked with v0.85's winning trials and without (~40 s an engine, 4)
+if [ "${GEMVAB_S:-0}" != 0 ]; then  # PERF v0.87/v0.89, one process: batch-1 FP8 decode,
+  # the engine's GEMVs picked with bench.GEMV_TRIAL_WINNERS and without (~40 s an engine, 4)
   timeout -s KILL "$GEMVAB_S" python3 -c "import json
 from replicas.bench import environment, gemv_trials_ab
 where = {**environment(), 'command': 'bench.gemv_trials_ab'}
