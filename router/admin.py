@@ -84,7 +84,7 @@ class Admin:
         sessions = await self.sessions.sessions_per_replica()
         rows = [self._row(r, stats.get(r.replica_id, {}), sessions.get(r.replica_id, 0))
                 for r in state.replicas]
-        return JSONResponse({"target": state.target,
+        return JSONResponse({"target": state.target, "max_replicas": self.max_replicas,
                              "serve": {"status": state.status, "message": state.message},
                              "ray_dashboard": self.ray_dashboard, "time": time.time(),
                              "replicas": rows, "totals": self.totals})

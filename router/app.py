@@ -112,7 +112,7 @@ class RouterConfig:
         if self.sessions not in SESSION_POLICIES:
             raise ValueError(f"sessions={self.sessions!r}: use one of {SESSION_POLICIES}")
         for name in ("session_ttl_s", "history_token_budget", "max_body_bytes",
-                     "max_in_flight"):
+                     "max_in_flight", "max_replicas"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.rate_limit_per_minute < 0:

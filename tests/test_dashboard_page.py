@@ -52,7 +52,8 @@ def test_a_poll_between_clearing_the_box_and_typing_leaves_the_box_to_the_user(
     lands before the user types must not write the target back into it (CI typed "3"
     after such a poll and pressed Scale on "23", which the page refused). Until the box is
     edited, and again after a scale, it follows Serve's target (a CLI scale shows). A
-    count the admin API would refuse is refused on the page, saying the range."""
+    count the admin API would refuse is refused on the page, saying the range the admin
+    API reports (this router's max_replicas, not the page's default)."""
     from selenium.webdriver.common.by import By
 
     url, control = page_router
@@ -70,6 +71,8 @@ def test_a_poll_between_clearing_the_box_and_typing_leaves_the_box_to_the_user(
         wait_for_text(driver, wait, "replica-count", "5 replicas running (target 5)")
         wait.until(lambda d: d.find_element(By.ID, "scale-input").get_attribute("value")
                    == "5", f"the box did not follow the target: {page_state(driver)}")
-        scale_from_page(driver, 0)  # the admin API's least is 1: refused on the page
-        wait_for_text(driver, wait, "scale-status", "enter a whole number from 1 to 16")
+        for refused in (0, 9):  # the admin API takes 1 to this router's max_replicas, 8
+            scale_from_page(driver, refused)  # (the page's default is 16): refused there
+            wait_for_text(driver, wait, "scale-status", "enter a whole number from 1 to 8")
+        assert driver.find_element(By.ID, "scale-input").get_attribute("max") == "8"
         assert control.asked == [3]

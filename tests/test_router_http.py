@@ -560,7 +560,7 @@ def test_admin_scale_is_a_202_and_serve_reports_the_progress(
     with redis_server.client() as r:  # the stats replica-a publishes (cluster/engine.py)
         r.set("tpserve:replica:replica-a", json.dumps({"tp": 2, "running": 1}), ex=5)
     state = client.get("/admin/replicas", AUTH).json()
-    assert state["target"] == 3
+    assert (state["target"], state["max_replicas"]) == (3, 4)  # (the page's scale range)
     assert state["serve"] == {"status": "UPSCALING", "message": "starting 1 replica"}
     rows = {row["id"]: row for row in state["replicas"]}
     assert rows["replica-a"]["state"] == "RUNNING" and rows["replica-a"]["tp"] == 2

@@ -26,6 +26,8 @@ def test_rate_limiter_refuses_past_the_budget_and_refills() -> None:
 def test_router_config_validation() -> None:
     with pytest.raises(ValueError, match="max_in_flight"):
         RouterConfig(max_in_flight=0)
+    with pytest.raises(ValueError, match="max_replicas"):  # (no count could be scaled to)
+        RouterConfig(max_replicas=0)
     with pytest.raises(ValueError):
         RouterConfig(trusted_proxies=("not-a-network",))
     with pytest.raises(ValueError, match="sessions"):
