@@ -855,17 +855,28 @@ def swiglu_epilogue_ab(rounds: int = 2) -> Iterator[dict[str, Any]]:
     for turn in range(rounds):
         for name, options in modes.items():
             for on in _turn_order(("1", "0"), turn):
-                with _env("TPSERVE_SWIGLU_EPILOGUE", on), \
-                        Engine(dataclasses.replace(config, **options)) as engine:
-                    ms = ours_per_token(engine, prompt, 128, 3) * 1e3
-                    graph = graph_step_ms(engine)
-                    mlp = {key: times for key, times in engine.worker.gemv_report.items()
-                           if any(kind in key for kind in ("swiglu", "gated", "'plain'"))}
+                with _env("TPSERVE_SWIGLU_EPILOGUE", on):
+                    ms, graph, report = _b1_decode(dataclasses.replace(config, **options),
+                                                   prompt)
+                mlp = {key: times for key, times in report.items()
+                       if any(kind in key for kind in ("swiglu", "gated", "'plain'"))}
                 yield {"case": f"glm4-9b_{name}_decode_b1_swiglu_epilogue_{on}",
                        "unit": "ms/token", "ours": round(ms, 3), "round": turn,
                        "swiglu_epilogue": on == "1", "graph_replay_ms": round(graph, 3),
                        "gemv_us": mlp, **options}
-                torch.cuda.empty_cache()
+
+
+def _b1_decode(config: EngineConfig, prompt: list[list[int]]
+               ) -> tuple[float, float, dict[Any, Any]]:
+    """An engine's batch-1 decode for the A/Bs: ms a token (128 new tokens, best of 3),
+    its graph's replay in ms, and its GEMVs' report (picks and times); the engine is
+    closed and its memory handed back before the next."""
+    with Engine(config) as engine:
+        ms = ours_per_token(engine, prompt, 128, 3) * 1e3
+        graph = graph_step_ms(engine)
+        report = dict(engine.worker.gemv_report)
+    torch.cuda.empty_cache()
+    return ms, graph, report
 
 
 # the GEMV trial that won on the H200 at PERF.md v0.88 (in kernels.FP8_GEMV_CONFIGS since
@@ -890,15 +901,11 @@ def gemv_trials_ab(rounds: int = 2) -> Iterator[dict[str, Any]]:
         for turn in range(rounds):
             for name in _turn_order(("with", "without"), turn):
                 gemv_module.FP8_GEMV_CONFIGS = sets[name]
-                with Engine(config) as engine:
-                    ms = ours_per_token(engine, prompt, 128, 3) * 1e3
-                    graph = graph_step_ms(engine)
-                    report = dict(engine.worker.gemv_report)
+                ms, graph, report = _b1_decode(config, prompt)
                 yield {"case": f"glm4-9b_fp8_decode_b1_gemv_trials_{name}",
                        "unit": "ms/token", "ours": round(ms, 3), "round": turn,
                        "trial_winners": name == "with", "graph_replay_ms": round(graph, 3),
                        "gemv_us": report}
-                torch.cuda.empty_cache()
     finally:
         gemv_module.FP8_GEMV_CONFIGS = every
 

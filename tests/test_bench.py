@@ -661,3 +661,31 @@ def test_an_ab_reverses_its_arms_every_other_round() -> None:
     orders = [list(_turn_order(("with", "without"), turn)) for turn in range(3)]
     assert orders == [["with", "without"], ["without", "with"], ["with", "without"]]
     assert list(_turn_order(("1", "64,4,1,1"), 1)) == ["64,4,1,1", "1"]
+
+
+def test_the_gemv_trials_ab_runs_the_engine_with_and_without_the_winners(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench.gemv_trials_ab's arms: "with" picks among all of FP8_GEMV_CONFIGS, "without"
+    among them less GEMV_TRIAL_WINNERS (each winner is among the configs), each arm an
+    FP8 batch-1 engine; the module's configs are whole again afterwards."""
+    import importlib
+
+    from replicas import bench
+
+    gemv_module = importlib.import_module("replicas.kernels.gemv")
+    every = gemv_module.FP8_GEMV_CONFIGS
+    assert set(bench.GEMV_TRIAL_WINNERS) <= set(every)
+    seen: list[tuple[tuple[int, ...], ...]] = []
+
+    def decode(config: Any, prompt: list[list[int]]) -> tuple[float, float, dict[Any, Any]]:
+        assert (config.quantization, config.max_num_seqs, len(prompt)) == ("fp8", 1, 1)
+        seen.append(gemv_module.FP8_GEMV_CONFIGS)
+        return 3.0, 2.9, {}
+
+    monkeypatch.setattr(bench, "_b1_decode", decode)
+    rows = list(bench.gemv_trials_ab(rounds=2))
+    assert [r["trial_winners"] for r in rows] == [True, False, False, True]
+    assert seen[0] == every and seen[3] == every
+    assert seen[1] == seen[2] == tuple(c for c in every if c not in bench.GEMV_TRIAL_WINNERS)
+    assert len(seen[1]) == len(every) - len(bench.GEMV_TRIAL_WINNERS)
+    assert gemv_module.FP8_GEMV_CONFIGS == every
