@@ -167,13 +167,14 @@ def up(engine: dict[str, Any], config: StackConfig, detach: bool) -> int:
     # it starts: nothing is left running, whichever comes when
     if threading.current_thread() is threading.main_thread():  # (where Python allows it)
         signal.signal(signal.SIGTERM, _interrupted)
-    ray = start_ray(config, state, env)
-    record = {"pid": ray.pid, "services": {}, "config": asdict(config), "engine": engine}
-    write_state(state, record)
+    record: dict[str, Any] = {"pid": None, "services": {}, "config": asdict(config),
+                              "engine": engine}
     try:
+        ray = start_ray_head(config, state, env, record)
         start(engine, config, state, env, ray, record)
     except BaseException:
-        stop(record, config)
+        if record["pid"] is not None:
+            stop(record, config)
         clear_state(state)  # a failed start leaves no stack behind for `status` / `down`
         raise
     (state / "admin_token").write_text(token)
@@ -217,8 +218,50 @@ def start_ray(config: StackConfig, state: Path, env: dict[str, str]) -> subproce
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+# Ray 2.60's raylet gives its dashboard agent a fixed 15 s to write the ports it listens on
+# to files (its agent_register_timeout_ms does not apply there), then aborts ("Timed out
+# waiting for file .../dashboard_agent_listen_port_..." in raylet.out), and `ray start`
+# fails saying RAY_START_TIMED_OUT. On a busy 2-core machine the agent, a Python process
+# importing aiohttp, gRPC and OpenTelemetry, took 19-20 s (CI: twice in a row, while the
+# test process collected beside it); it takes 3-6 s otherwise. `up` starts Ray again then.
+RAY_START_TIMED_OUT = "The current node timed out during startup"
+RAY_START_ATTEMPTS = 3
+
+
+def start_ray_head(config: StackConfig, state: Path, env: dict[str, str],
+                   record: dict[str, Any]) -> subprocess.Popen:
+    """start_ray, then wait until Ray's dashboard and Serve's REST API answer. A start that
+    timed out (RAY_START_TIMED_OUT in Ray's log) is stopped and made again, up to
+    RAY_START_ATTEMPTS in all, saying so; `record`'s pid (and state_dir's record) is each
+    attempt's Ray head as soon as it runs. StackError, with the end of Ray's log, when Ray
+    dies otherwise, times out every time, or runs and does not answer."""
+    log = state / "ray.log"
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        ray = start_ray(config, state, env)
+        record["pid"] = ray.pid
+        write_state(state, record)
+        try:
+            progress("starting Ray",
+                     lambda: port_busy(config.dashboard_port) and serve_api_up(config), 120,
+                     failed=functools.partial(ray_died, ray, log))
+            return ray
+        except StackError as e:
+            if ray.poll() is None:  # alive but not answering: what it last said
+                raise StackError(f"{e}; the end of {log}:\n{log_tail(log)}") from None
+            timed_out = RAY_START_TIMED_OUT in log.read_text(errors="replace")
+            if not timed_out or attempt == RAY_START_ATTEMPTS:
+                raise
+        stop(record, config)  # what is left of its process group
+        print(f"  Ray's start timed out (its processes were slow to start: a busy machine?); "
+              f"starting it again, attempt {attempt + 1} of {RAY_START_ATTEMPTS}", flush=True)
+    raise AssertionError("unreachable")
+
+
 # what a Ray that died at start most often says in its log, and what to do about it
 RAY_FIXES = (
+    (RAY_START_TIMED_OUT.lower(), f"Ray's processes were too slow to start, "
+     f"{RAY_START_ATTEMPTS} times (Ray's raylet waits 15 s for its dashboard agent): run "
+     "`tpserve up` again when the machine is less busy"),
     ("authentication token", "Ray's token auth found no token: make one with `ray "
      "get-auth-token --generate` (it goes to ~/.ray/auth_token; RAY_AUTH_TOKEN_PATH names "
      "another file), then `tpserve up` again"),
@@ -281,20 +324,11 @@ def _interrupted(signum: int, frame: Any) -> None:
 
 def start(engine: dict[str, Any], config: StackConfig, state: Path, env: dict[str, str],
           ray: subprocess.Popen, record: dict[str, Any]) -> None:
-    """Services and the Serve app on the started Ray; the services' pids go into `record`
-    (and state_dir) as soon as they run, so that a `tpserve up` killed meanwhile leaves
-    them to `tpserve down`. Every wait ends at once, with Ray's log, when the Ray head
-    exits."""
+    """Services and the Serve app on Ray once it answers (start_ray_head); the services'
+    pids go into `record` (and state_dir) as soon as they run, so that a `tpserve up`
+    killed meanwhile leaves them to `tpserve down`. Every wait ends at once, with Ray's
+    log, when the Ray head exits."""
     died = functools.partial(ray_died, ray, state / "ray.log")
-    try:
-        progress("starting Ray",
-                 lambda: port_busy(config.dashboard_port) and serve_api_up(config), 120,
-                 failed=died)
-    except StackError as e:  # alive but not answering: what it last said
-        if ray.poll() is not None:
-            raise
-        raise StackError(f"{e}; the end of {state / 'ray.log'}:\n"
-                         f"{log_tail(state / 'ray.log')}") from None
     proxy = f"127.0.0.1:{config.serve_port}"  # nginx's upstream until it follows the router
     services = subprocess.run(
         [sys.executable, "-m", "infra.services", "up", "--state", str(state), "--bind",

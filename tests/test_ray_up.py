@@ -34,9 +34,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from stack_tier import RAY_START_TIMED_OUT, processes
+from stack_tier import processes
 
-from infra.stack import port_busy
+from infra.stack import RAY_START_TIMED_OUT, port_busy
 from replicas.ranks import free_port, free_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.stack]
@@ -157,8 +157,9 @@ def test_ray_up_and_down_round_trip(sshd: Sshd, tmp_path: Path) -> None:
     try:
         up = run(["ray", "up", "-y", "--no-config-cache", str(path)], env, timeout=420)
         if up.returncode != 0 and RAY_START_TIMED_OUT in up.stdout + up.stderr:
-            # Ray's own fixed 30 s for its raylet to register, missed on a busy 2-core
-            # machine (as stack_tier.start): the head's start commands once more
+            # Ray's raylet aborts when its dashboard agent takes over 15 s to start, as on
+            # a busy 2-core machine (infra.stack.start_ray_head): the head's start commands
+            # once more
             print("ray up: Ray's start timed out, running ray up again", file=sys.stderr)
             up = run(["ray", "up", "-y", "--no-config-cache", str(path)], env, timeout=420)
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
