@@ -40,9 +40,10 @@ def tier_order(item: pytest.Item) -> tuple[int, int, int]:
     """Where a test runs: the fast tier first, then the whole-stack tier (marker `stack`):
     the tests on the shared stack, phase by phase (the last phase stops it), then the tests
     that start a Ray of their own. So two Rays never start at once: on a busy 2-core
-    machine a second Ray starting beside another misses Ray's fixed 30 s for its raylet to
-    register ("The current node timed out during startup": CI saw `ray up` fail so, and
-    the Ctrl-C test's Ray, when they started beside the shared stack's tests)."""
+    machine a second Ray starting beside another misses Ray's fixed waits (its raylet
+    aborts when its dashboard agent takes over 15 s to start: "The current node timed out
+    during startup"; CI saw `ray up` fail so, and the Ctrl-C test's Ray, when they started
+    beside the shared stack's tests; `tpserve up` now starts such a Ray again)."""
     mark = item.get_closest_marker("stack")
     if mark is None:
         return (0, 0, 0)
