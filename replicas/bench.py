@@ -879,9 +879,10 @@ def _b1_decode(config: EngineConfig, prompt: list[list[int]]
     return ms, graph, report
 
 
-# the GEMV trial that won on the H200 at PERF.md v0.88 (in kernels.FP8_GEMV_CONFIGS since
-# v0.89; v0.85's three, A/B'd at v0.87, are in it since then)
-GEMV_TRIAL_WINNERS: tuple[tuple[int, ...], ...] = ((8, 2048, 4, 3, 96, 1),)
+# PERF.md v0.85's trials that won on the H200 (in kernels.FP8_GEMV_CONFIGS since v0.87;
+# v0.89 A/B'd v0.88's qkv winner so, and took it out again: no gain in the engine)
+GEMV_TRIAL_WINNERS: tuple[tuple[int, ...], ...] = (
+    (16, 512, 8, 4, 80), (4, 2048, 4, 3, 96, 1), (16, 512, 8, 4, 0, 1))
 
 
 def gemv_trials_ab(rounds: int = 2) -> Iterator[dict[str, Any]]:

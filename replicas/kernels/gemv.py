@@ -204,12 +204,11 @@ GEMV_CONFIGS: tuple[GemvConfig, ...] = (  # the leaders of earlier H200 runs, an
 # against bf16's 3.2-4.3 (fp8_h200.jsonl's gemv_us); these go further in rows and K. The
 # last three are PERF.md v0.85's trials that won on the H200 (`--suite gemv` at 59f7c89):
 # qkv 9.05 -> 8.22 us with a cap of 80 registers, o 6.17 -> 5.24 with a cap of 96 and each
-# tile summed as made, gate_up 32.97 -> 31.48 summed as made; down kept its pick. The last
-# is v0.88's: qkv (with the norm) 8.17 -> 6.78 us, 8 rows of 2,048 with a cap of 96, RED.
+# tile summed as made, gate_up 32.97 -> 31.48 summed as made; down kept its pick (batch-1
+# FP8 decode 3.151 -> 3.044 ms with them, v0.87's A/B).
 FP8_GEMV_CONFIGS: tuple[GemvConfig, ...] = (
     (16, 1024, 8, 3), (32, 512, 8, 3), (16, 2048, 8, 2), (32, 1024, 8, 2), (64, 256, 8, 3),
-    (16, 512, 8, 4), (16, 512, 8, 4, 80), (4, 2048, 4, 3, 96, 1), (16, 512, 8, 4, 0, 1),
-    (8, 2048, 4, 3, 96, 1))
+    (16, 512, 8, 4), (16, 512, 8, 4, 80), (4, 2048, 4, 3, 96, 1), (16, 512, 8, 4, 0, 1))
 
 
 # FP8 candidates with more loads in flight (PERF.md v0.85): v0.84's register cap took
@@ -220,15 +219,17 @@ FP8_GEMV_CONFIGS: tuple[GemvConfig, ...] = (
 # registers with the norm, 168 -> 64 plain; (8, 2048, 8, 2) plain 179 -> 100). The first
 # nine lost to the picks on the H200 (the winners are in FP8_GEMV_CONFIGS); the rest are
 # the winners' neighbours (PERF.md v0.88): qkv's in rows, stages, K and cap; o's and
-# down's in rows, K, stages and cap; gate_up's (SwiGLU) in rows, K and cap; of these only
-# qkv's (8, 2048, 4, 3, 96, 1) won by more than 3 % (now in FP8_GEMV_CONFIGS). The last
-# five are its own neighbours (v0.89). `--suite gemv` times them, the engine does not.
+# down's in rows, K, stages and cap; gate_up's (SwiGLU) in rows, K and cap. Of these only
+# qkv's (8, 2048, 4, 3, 96, 1) won by more than 3 % alone (6.7 against 8.2 us), but among
+# the engine's picks it left batch-1 decode as it was (3.030 against 3.032 ms, v0.89's
+# A/B), so it stays here; the last five are its neighbours (none better than it).
+# `--suite gemv` times them, the engine does not.
 FP8_GEMV_TRIALS: tuple[GemvConfig, ...] = (
     (8, 1024, 8, 3, 80), (4, 512, 4, 4, 80), (8, 256, 4, 4, 80),
     (8, 256, 4, 4, 96), (4, 1024, 4, 3, 80), (4, 512, 4, 4, 64),
     (8, 2048, 8, 2, 0, 1), (4, 2048, 4, 3, 0, 1), (8, 512, 4, 4, 0, 1),
     (16, 512, 8, 4, 96), (16, 512, 8, 3, 80), (32, 512, 8, 4, 80), (16, 1024, 8, 3, 80),
-    (16, 512, 8, 4, 80, 1), (4, 2048, 4, 4, 96, 1),
+    (16, 512, 8, 4, 80, 1), (4, 2048, 4, 4, 96, 1), (8, 2048, 4, 3, 96, 1),
     (4, 4096, 4, 3, 96, 1), (4, 2048, 4, 3, 128, 1), (2, 4096, 4, 3, 96, 1),
     (16, 512, 8, 4, 96, 1), (32, 512, 8, 4, 0, 1), (16, 1024, 8, 3, 0, 1),
     (8, 2048, 4, 4, 96, 1), (8, 2048, 4, 2, 96, 1), (8, 2048, 4, 3, 80, 1),
