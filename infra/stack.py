@@ -218,10 +218,11 @@ def start_ray(config: StackConfig, state: Path, env: dict[str, str]) -> subproce
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-# Ray 2.60's raylet gives its dashboard agent a fixed 15 s to write the ports it listens on
-# to files (its agent_register_timeout_ms does not apply there), then aborts ("Timed out
-# waiting for file .../dashboard_agent_listen_port_..." in raylet.out), and `ray start`
-# fails saying RAY_START_TIMED_OUT. On a busy 2-core machine the agent, a Python process
+# Ray 2.60's raylet gives its dashboard agent a fixed 15 s to write each port it listens on
+# to a file (its agent_register_timeout_ms does not apply there), then aborts ("Timed out
+# waiting for file .../metrics_agent_port_..." in raylet.out; given that port, it waits for
+# dashboard_agent_listen_port_..., which `ray start` cannot give it), and `ray start` fails
+# saying RAY_START_TIMED_OUT. On a busy 2-core machine the agent, a Python process
 # importing aiohttp, gRPC and OpenTelemetry, took 19-20 s (CI: twice in a row, while the
 # test process collected beside it); it takes 3-6 s otherwise. `up` starts Ray again then.
 RAY_START_TIMED_OUT = "The current node timed out during startup"
