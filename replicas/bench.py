@@ -911,6 +911,42 @@ def gemv_trials_ab(rounds: int = 2) -> Iterator[dict[str, Any]]:
         gemv_module.FP8_GEMV_CONFIGS = every
 
 
+
+def b1_kernels_ab(extra: tuple[tuple[int, ...], ...] = ((8, 2048, 4, 3, 96, 1),),
+                  tokens: int = 64) -> Iterator[dict[str, Any]]:
+    """PERF.md v0.90: where GLM-4-9B batch-1 FP8 decode's ~3.03 ms go (FP8 weights, e4m3
+    cache, 128-token prompt), the engine's GEMVs picked among FP8_GEMV_CONFIGS as they are
+    ("picks") and with `extra` among them too ("picks_extra": v0.89's qkv GEMV, faster
+    alone, no faster in the step); an engine each. A row per engine: ms a token, then
+    `tokens` new tokens under the profiler: the kernels' spans and own times a step
+    (kernel_table), where the GPU sat idle (gpu_gaps), and the GEMVs' picks."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gemv_module = importlib.import_module("replicas.kernels.gemv")
+    config = dataclasses.replace(_glm_config(), max_num_seqs=1, kv_cache_memory=2**31,
+                                 quantization="fp8", kv_cache_dtype="fp8")
+    prompt = prompts_for(1, 128, SHAPES["glm4-9b"][1]["vocab_size"])
+    greedy = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    every = gemv_module.FP8_GEMV_CONFIGS
+    try:
+        for name, configs in (("picks", every), ("picks_extra", every + extra)):
+            gemv_module.FP8_GEMV_CONFIGS = configs
+            with Engine(config) as engine:
+                ms = ours_per_token(engine, prompt, 128, 3) * 1e3
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    engine.generate(prompt, greedy)
+                picks = {key: report.get("chosen")
+                         for key, report in engine.worker.gemv_report.items()}
+            table, gaps = kernel_table(prof, tokens, 16), gpu_gaps(prof)
+            yield {"case": f"glm4-9b_fp8_decode_b1_kernels_{name}", "unit": "ms/token",
+                   "ours": round(ms, 3), "busy_ms_per_step": round(table["busy_us"] / 1e3, 3),
+                   "kernels_ms_per_step": round(table["kernels_us"] / 1e3, 3),
+                   "idle_ms_per_step": round(gaps["idle_us"] / 1e3 / tokens, 3),
+                   "kernels": table, "gaps": gaps, "picks": picks}
+            torch.cuda.empty_cache()
+    finally:
+        gemv_module.FP8_GEMV_CONFIGS = every
+
 # the fp8 suite's modes: (weights, KV cache, options, the rows' name)
 FP8_MODES: tuple[tuple[str, str, dict[str, str], str], ...] = (
     ("fp8", "fp8", {}, "fp8"), ("fp8", "int8", {}, "fp8_int8kv"),
