@@ -689,3 +689,54 @@ def test_the_gemv_trials_ab_runs_the_engine_with_and_without_the_winners(
     assert seen[1] == seen[2] == tuple(c for c in every if c not in bench.GEMV_TRIAL_WINNERS)
     assert len(seen[1]) == len(every) - len(bench.GEMV_TRIAL_WINNERS)
     assert gemv_module.FP8_GEMV_CONFIGS == every
+
+
+def test_the_b1_kernels_ab_profiles_each_arm_and_leaves_the_configs_whole(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench.b1_kernels_ab's arms: the engine's FP8 GEMV picks among FP8_GEMV_CONFIGS as
+    they are, then with `extra` too; an FP8 batch-1 engine each, its tokens under the
+    profiler; a row each; the module's configs as they were afterwards."""
+    import contextlib
+    import importlib
+
+    import torch.profiler
+
+    from replicas import bench
+
+    gemv_module = importlib.import_module("replicas.kernels.gemv")
+    every = gemv_module.FP8_GEMV_CONFIGS
+    seen: list[tuple[Any, ...]] = []
+
+    class FakeEngine:
+        def __init__(self, config: Any) -> None:
+            assert (config.quantization, config.kv_cache_dtype, config.max_num_seqs) == (
+                "fp8", "fp8", 1)
+            seen.append(gemv_module.FP8_GEMV_CONFIGS)
+            self.worker = type("W", (), {"gemv_report": {"qkv": {"chosen": "(1,)"}}})()
+
+        def __enter__(self) -> FakeEngine:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def generate(self, prompts: Any, params: Any) -> None:
+            assert params.max_tokens == 8
+
+    class FakeProfile(contextlib.nullcontext):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(self)
+
+        def events(self) -> list[Any]:
+            return []
+
+    monkeypatch.setattr(bench, "Engine", FakeEngine)
+    monkeypatch.setattr(bench, "ours_per_token", lambda *a: 0.003)
+    monkeypatch.setattr(torch.profiler, "profile", FakeProfile)
+    extra = ((8, 2048, 4, 3, 96, 1),)
+    rows = list(bench.b1_kernels_ab(extra, tokens=8))
+    assert [r["case"] for r in rows] == ["glm4-9b_fp8_decode_b1_kernels_picks",
+                                         "glm4-9b_fp8_decode_b1_kernels_picks_extra"]
+    assert seen == [every, every + extra]
+    assert rows[0]["ours"] == 3.0 and rows[0]["picks"] == {"qkv": "(1,)"}
+    assert gemv_module.FP8_GEMV_CONFIGS == every
