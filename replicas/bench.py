@@ -891,25 +891,17 @@ def gemv_trials_ab(rounds: int = 2) -> Iterator[dict[str, Any]]:
     FP8_GEMV_CONFIGS with GEMV_TRIAL_WINNERS ("with") and without them ("without"),
     `rounds` times, the order reversed every other round; an engine each. A row per run:
     ms a token, the graph's replay, and the GEMVs' picks and times."""
-    gemv_module = importlib.import_module("replicas.kernels.gemv")  # (the module: the
-    # package's `gemv` is the function)
-    config = dataclasses.replace(_glm_config(), max_num_seqs=1, kv_cache_memory=2**31,
-                                 quantization="fp8", kv_cache_dtype="fp8")
-    prompt = prompts_for(1, 128, SHAPES["glm4-9b"][1]["vocab_size"])
-    every = gemv_module.FP8_GEMV_CONFIGS
+    config, prompt = _b1_fp8()
+    every = _gemv_module().FP8_GEMV_CONFIGS
     sets = {"with": every, "without": tuple(c for c in every if c not in GEMV_TRIAL_WINNERS)}
-    try:
-        for turn in range(rounds):
-            for name in _turn_order(("with", "without"), turn):
-                gemv_module.FP8_GEMV_CONFIGS = sets[name]
+    for turn in range(rounds):
+        for name in _turn_order(("with", "without"), turn):
+            with _fp8_gemv_configs(sets[name]):
                 ms, graph, report = _b1_decode(config, prompt)
-                yield {"case": f"glm4-9b_fp8_decode_b1_gemv_trials_{name}",
-                       "unit": "ms/token", "ours": round(ms, 3), "round": turn,
-                       "trial_winners": name == "with", "graph_replay_ms": round(graph, 3),
-                       "gemv_us": report}
-    finally:
-        gemv_module.FP8_GEMV_CONFIGS = every
-
+            yield {"case": f"glm4-9b_fp8_decode_b1_gemv_trials_{name}",
+                   "unit": "ms/token", "ours": round(ms, 3), "round": turn,
+                   "trial_winners": name == "with", "graph_replay_ms": round(graph, 3),
+                   "gemv_us": report}
 
 
 def b1_kernels_ab(extra: tuple[tuple[int, ...], ...] = ((8, 2048, 4, 3, 96, 1),),
@@ -922,30 +914,50 @@ def b1_kernels_ab(extra: tuple[tuple[int, ...], ...] = ((8, 2048, 4, 3, 96, 1),)
     (kernel_table), where the GPU sat idle (gpu_gaps), and the GEMVs' picks."""
     from torch.profiler import ProfilerActivity, profile
 
-    gemv_module = importlib.import_module("replicas.kernels.gemv")
+    config, prompt = _b1_fp8()
+    greedy = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    every = _gemv_module().FP8_GEMV_CONFIGS
+    for name, configs in (("picks", every), ("picks_extra", every + extra)):
+        with _fp8_gemv_configs(configs), Engine(config) as engine:
+            ms = ours_per_token(engine, prompt, 128, 3) * 1e3
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                engine.generate(prompt, greedy)
+            picks = {key: report.get("chosen")
+                     for key, report in engine.worker.gemv_report.items()}
+        table, gaps = kernel_table(prof, tokens, 16), gpu_gaps(prof)
+        yield {"case": f"glm4-9b_fp8_decode_b1_kernels_{name}", "unit": "ms/token",
+               "ours": round(ms, 3), "busy_ms_per_step": round(table["busy_us"] / 1e3, 3),
+               "kernels_ms_per_step": round(table["kernels_us"] / 1e3, 3),
+               "idle_ms_per_step": round(gaps["idle_us"] / 1e3 / tokens, 3),
+               "kernels": table, "gaps": gaps, "picks": picks}
+        torch.cuda.empty_cache()
+
+
+def _b1_fp8() -> tuple[EngineConfig, list[list[int]]]:
+    """The batch-1 FP8 A/Bs' engine (GLM-4-9B shapes, FP8 weights, e4m3 cache) and prompt
+    (128 tokens)."""
     config = dataclasses.replace(_glm_config(), max_num_seqs=1, kv_cache_memory=2**31,
                                  quantization="fp8", kv_cache_dtype="fp8")
-    prompt = prompts_for(1, 128, SHAPES["glm4-9b"][1]["vocab_size"])
-    greedy = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-    every = gemv_module.FP8_GEMV_CONFIGS
+    return config, prompts_for(1, 128, SHAPES["glm4-9b"][1]["vocab_size"])
+
+
+def _gemv_module() -> Any:
+    """replicas.kernels.gemv, the module (the package's `gemv` is the function)."""
+    return importlib.import_module("replicas.kernels.gemv")
+
+
+@contextlib.contextmanager
+def _fp8_gemv_configs(configs: tuple[tuple[int, ...], ...]) -> Iterator[None]:
+    """The engine's FP8 GEMVs picked among `configs` inside (an engine reads
+    FP8_GEMV_CONFIGS as it loads), the module's own back after, even when cut short."""
+    module = _gemv_module()
+    before = module.FP8_GEMV_CONFIGS
+    module.FP8_GEMV_CONFIGS = configs
     try:
-        for name, configs in (("picks", every), ("picks_extra", every + extra)):
-            gemv_module.FP8_GEMV_CONFIGS = configs
-            with Engine(config) as engine:
-                ms = ours_per_token(engine, prompt, 128, 3) * 1e3
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    engine.generate(prompt, greedy)
-                picks = {key: report.get("chosen")
-                         for key, report in engine.worker.gemv_report.items()}
-            table, gaps = kernel_table(prof, tokens, 16), gpu_gaps(prof)
-            yield {"case": f"glm4-9b_fp8_decode_b1_kernels_{name}", "unit": "ms/token",
-                   "ours": round(ms, 3), "busy_ms_per_step": round(table["busy_us"] / 1e3, 3),
-                   "kernels_ms_per_step": round(table["kernels_us"] / 1e3, 3),
-                   "idle_ms_per_step": round(gaps["idle_us"] / 1e3 / tokens, 3),
-                   "kernels": table, "gaps": gaps, "picks": picks}
-            torch.cuda.empty_cache()
+        yield
     finally:
-        gemv_module.FP8_GEMV_CONFIGS = every
+        module.FP8_GEMV_CONFIGS = before
+
 
 # the fp8 suite's modes: (weights, KV cache, options, the rows' name)
 FP8_MODES: tuple[tuple[str, str, dict[str, str], str], ...] = (

@@ -203,7 +203,6 @@ def test_free_ports_come_from_outside_the_kernels_ephemeral_range(
         assert ranks.free_ports(["x"])["x"] not in (taken, 0)
 
 
-
 # each Ray process imports this (PYTHONPATH); the dashboard agent's first start waits
 SLOW_AGENT = """import os, sys, time
 if sys.argv and sys.argv[0].replace(os.sep, "/").endswith("ray/dashboard/agent.py"):
