@@ -44,6 +44,7 @@ from cluster.ray_env import ray_env
 from cluster.ray_token import ensure_token
 from infra.edge import DIRECT_INGRESS_ENV, configured_upstreams
 from infra.procs import ADMIN_TOKEN_ENV, STACK_PORTS
+from infra.ray_start import RAY_START_ATTEMPTS, RAY_START_TIMED_OUT, ray_program
 from router.policy import RATE_LIMIT_PER_MINUTE, ROUTING_MODES, SESSION_POLICIES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -200,13 +201,6 @@ def up(engine: dict[str, Any], config: StackConfig, detach: bool) -> int:
     return 0
 
 
-def ray_program() -> str:
-    """The `ray` of this interpreter's environment (the project's .venv, also when it is
-    not on PATH), else the first on PATH."""
-    beside = Path(sys.executable).parent / "ray"
-    return str(beside) if beside.exists() else (shutil.which("ray") or "ray")
-
-
 def start_ray(config: StackConfig, state: Path, env: dict[str, str]) -> subprocess.Popen:
     """`ray start --head --block` in a process group of its own, output to state/ray.log."""
     with open(state / "ray.log", "w") as log:  # the child keeps its own copy
@@ -218,15 +212,7 @@ def start_ray(config: StackConfig, state: Path, env: dict[str, str]) -> subproce
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-# Ray 2.60's raylet gives its dashboard agent a fixed 15 s to write each port it listens on
-# to a file (its agent_register_timeout_ms does not apply there), then aborts ("Timed out
-# waiting for file .../metrics_agent_port_..." in raylet.out; given that port, it waits for
-# dashboard_agent_listen_port_..., which `ray start` cannot give it), and `ray start` fails
-# saying RAY_START_TIMED_OUT. On a busy 2-core machine the agent, a Python process
-# importing aiohttp, gRPC and OpenTelemetry, took 19-20 s (CI: twice in a row, while the
-# test process collected beside it); it takes 3-6 s otherwise. `up` starts Ray again then.
-RAY_START_TIMED_OUT = "The current node timed out during startup"
-RAY_START_ATTEMPTS = 3
+# (a start timing out, RAY_START_TIMED_OUT: infra/ray_start.py says why)
 
 
 def start_ray_head(config: StackConfig, state: Path, env: dict[str, str],

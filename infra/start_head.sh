@@ -33,7 +33,8 @@ TPSERVE_REDIS_URL=$(python3 -m infra.services redis-url --state "$state" --bind 
   --redis-port "$redis_port")
 export TPSERVE_REDIS_URL
 
-ray start --head --node-ip-address "$bind" --port "$ray_port" \
+# `ray start`, made again if Ray's own start timed out (a busy machine: infra/ray_start.py)
+python3 -m infra.ray_start --head --node-ip-address "$bind" --port "$ray_port" \
   --dashboard-host 127.0.0.1 --dashboard-port "$dash_port" --disable-usage-stats "$@"
 python3 -m infra.services up --state "$state" --bind "$bind" --redis-port "$redis_port" \
   --nginx-listen "$nginx_listen" --upstream "127.0.0.1:$http_port" \

@@ -31,6 +31,8 @@ def test_cluster_yaml_has_gpu_workers_and_starts_the_stack() -> None:
     assert workers["node_config"]["InstanceType"].startswith(("p5.", "p4d."))
     head_start = " ".join(config["head_start_ray_commands"])
     assert "infra/start_head.sh" in head_start
+    # the workers' `ray start` too is made again when it times out (infra/ray_start.py)
+    assert "python3 -m infra.ray_start --address=" in " ".join(config["worker_start_ray_commands"])
     assert any("redis-server nginx" in c for c in config["setup_commands"])
 
 

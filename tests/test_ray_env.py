@@ -38,7 +38,7 @@ def test_stack_and_head_start_ray_with_them(tmp_path: Path,
     assert stack_env(StackConfig(state_dir=str(tmp_path)), tmp_path, "t")[
         "RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "0"
     head = (RAY_ENV_FILE.parent.parent / "infra" / "start_head.sh").read_text()
-    assert ". cluster/ray.env" in head.split("\nray start")[0]
+    assert ". cluster/ray.env" in head.split("\npython3 -m infra.ray_start")[0]
     workers = (RAY_ENV_FILE.parent / "cluster.yaml").read_text()
     assert "cluster/ray.env" in workers.split("worker_start_ray_commands")[1]
 
