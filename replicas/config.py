@@ -56,6 +56,18 @@ class ConfigError(ValueError):
     """A setting the engine cannot run with; the message says what to change."""
 
 
+class TooFewGPUs(ConfigError):
+    """A tp larger than the GPUs this process sees (`tp`, `visible`)."""
+
+    def __init__(self, tp: int, visible: int) -> None:
+        super().__init__(f"tp={tp} needs {tp} GPUs, {visible} visible; lower tp or use "
+                         "device='cpu'")
+        self.tp, self.visible = tp, visible
+
+    def __reduce__(self) -> tuple[type, tuple[int, int]]:  # (to another process whole)
+        return type(self), (self.tp, self.visible)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything that decides how one engine replica (one TP group) runs."""

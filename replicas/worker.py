@@ -32,6 +32,7 @@ from replicas.config import (
     ConfigError,
     EngineConfig,
     ModelSpec,
+    TooFewGPUs,
     hf_config_from_json,
     rope_parameters,
 )
@@ -284,10 +285,7 @@ class Worker:
     def _pick_device(self, config: EngineConfig) -> torch.device:
         if config.resolved_device() == "cuda":
             if config.tp > torch.cuda.device_count():
-                raise ConfigError(
-                    f"tp={config.tp} needs {config.tp} GPUs, {torch.cuda.device_count()} "
-                    "visible; lower tp or use device='cpu'"
-                )
+                raise TooFewGPUs(config.tp, torch.cuda.device_count())
             local = int(os.environ.get("LOCAL_RANK", self.rank)) % torch.cuda.device_count()
             torch.cuda.set_device(local)
             return torch.device("cuda", local)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gc
 import os
-import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,13 +102,12 @@ def too_few_gpus(error: BaseException) -> str | None:
     tp > 1 tests take the default device: CUDA wherever one is visible, so on a one-GPU
     machine their tp=2 engines are refused; there they are skipped, saying so, and on a
     machine with no GPU or enough of them they run."""
-    from replicas.config import ConfigError
+    from replicas.config import TooFewGPUs
 
-    found = re.match(r"tp=(\d+) needs \d+ GPUs, \d+ visible", str(error))
-    if not isinstance(error, ConfigError) or found is None:
+    if not isinstance(error, TooFewGPUs):
         return None
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if not 0 < visible < int(found.group(1)):
+    if not 0 < visible < error.tp:
         return None
     return f"{error} (this machine: {visible} GPU{'s' if visible > 1 else ''})"
 

@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import pickle
 import re
 import shutil
 import threading
@@ -27,6 +28,7 @@ from replicas import (
     RequestError,
     SamplingParams,
 )
+from replicas.config import TooFewGPUs
 from replicas.outputs import SyncSink
 from replicas.tiny import tiny_model_dir
 
@@ -450,12 +452,14 @@ def test_a_tp_this_machines_gpus_cannot_hold_is_a_skip_only_there(
     run) or with enough of them, or for any other error, the failure stands."""
     from conftest import too_few_gpus
 
-    refusal = ConfigError("tp=2 needs 2 GPUs, 1 visible; lower tp or use device='cpu'")
+    refusal = TooFewGPUs(2, 1)
+    assert pickle.loads(pickle.dumps(refusal)).tp == 2  # whole from another process
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     reason = too_few_gpus(refusal)
     assert reason is not None and reason.startswith("tp=2 needs 2 GPUs") and "1 GPU)" in reason
     assert too_few_gpus(ValueError(str(refusal))) is None
+    assert too_few_gpus(ConfigError(str(refusal))) is None  # its kind, not its words
     assert too_few_gpus(ConfigError("tp=3 does not divide num_attention_heads=4")) is None
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert too_few_gpus(refusal) is None
