@@ -14,6 +14,7 @@ import typing
 from pathlib import Path
 
 import pytest
+from probes import loaded_after, run_probe
 
 from infra.cli import (
     COMMANDS,
@@ -26,7 +27,7 @@ from infra.cli import (
 from infra.stack import NOT_RUNNING, StackConfig
 
 REPO = Path(__file__).resolve().parent.parent
-HEAVY = ("torch", "ray", "transformers")
+HEAVY = {"torch", "ray", "transformers"}
 
 
 def engine_config() -> type:
@@ -138,24 +139,15 @@ def test_help_describes_tpserve_for_a_user_and_hides_the_home_path() -> None:
     assert "--no-cuda-graphs" in help_text("up")
 
 
-PROBE = """
-import sys
-from infra import cli
-try:
-    cli.main(sys.argv[1:])
-except SystemExit:
-    pass
-print("HEAVY", sorted(m for m in {heavy!r} if m in sys.modules))
-"""
-
-
 @pytest.mark.parametrize("argv", [["--help"], ["up", "--help"], ["generate", "--help"],
                                   ["status", "--help"], ["down", "--help"],
                                   ["scale", "--help"], ["nginx", "--help"]])
 def test_help_imports_neither_torch_nor_ray(argv: list[str]) -> None:
-    out = subprocess.run([sys.executable, "-c", PROBE.format(heavy=HEAVY), *argv], cwd=REPO,
-                         capture_output=True, text=True, timeout=60)
-    assert out.stdout.splitlines()[-1] == "HEAVY []", out.stdout[-500:] + out.stderr[-2000:]
+    done, loaded = run_probe("import sys\nfrom infra import cli\ntry:\n"
+                             "    cli.main(sys.argv[1:])\nexcept SystemExit:\n    pass", *argv,
+                             timeout=60)
+    assert "usage:" in done.stdout  # (the help was printed)
+    assert not loaded & HEAVY, sorted(loaded & HEAVY)
 
 
 def test_ups_engine_config_and_the_apps_build_import_no_torch() -> None:
@@ -164,15 +156,12 @@ def test_ups_engine_config_and_the_apps_build_import_no_torch() -> None:
     without torch, which only the engine's own processes import (~4 s of CPU each time
     otherwise). (Ray's import is left out: it is not the point, and at nice 19 beside the
     whole-stack tier CI once starved this probe past 120 s with it.)"""
-    probe = ("import sys\n"
-             "import infra.stack\n"
-             "from replicas import EngineConfig\n"
-             "from replicas.engineproc import EngineProcess\n"
-             "EngineConfig(tp=2, dtype='bfloat16').to_dict(); infra.stack.on_free_ports()\n"
-             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
-                         text=True, timeout=600)
-    assert out.stdout.splitlines()[-1:] == ["[]"], out.stdout[-500:] + out.stderr[-2000:]
+    loaded = loaded_after("import infra.stack\n"
+                          "from replicas import EngineConfig\n"
+                          "from replicas.engineproc import EngineProcess\n"
+                          "EngineConfig(tp=2, dtype='bfloat16').to_dict(); "
+                          "infra.stack.on_free_ports()", timeout=600)
+    assert not loaded & {"torch", "transformers"}, loaded
 
 
 def test_tpserve_help_answers_in_under_a_second() -> None:

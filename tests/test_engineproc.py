@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from probes import run_probe
 
 from replicas import (
     ConfigError,
@@ -223,8 +224,6 @@ def test_the_callers_process_imports_no_torch() -> None:
     without torch: only the engine's own process imports it (~5 s of CPU, and ~400 MB, a
     replica otherwise, before its engine process could start). It still serves, and has
     the engine's model spec once the child is ready."""
-    import subprocess
-    import sys
 
     from replicas.tiny import tiny_model_dir
 
@@ -240,10 +239,8 @@ def test_the_callers_process_imports_no_torch() -> None:
         "            for t in d.token_ids]\n"
         "print('TOKENS', len(asyncio.run(go())), engine.spec.family, "
         "engine.start_s['model_config'] < 1.0)\n"
-        "engine.shutdown()\n"
-        "print('HEAVY', sorted(m for m in ('torch', 'triton') if m in sys.modules))\n")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                         timeout=600, cwd=Path(__file__).resolve().parent.parent)
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = [line for line in out.stdout.splitlines() if line.startswith(("TOKENS", "HEAVY"))]
-    assert lines == ["TOKENS 4 llama True", "HEAVY []"], out.stdout[-2000:] + out.stderr[-2000:]
+        "engine.shutdown()\n")
+    out, loaded = run_probe(probe, timeout=600)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("TOKENS")]
+    assert lines == ["TOKENS 4 llama True"], out.stdout[-2000:] + out.stderr[-2000:]
+    assert not loaded & {"torch", "triton"}, loaded

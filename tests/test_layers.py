@@ -5,12 +5,10 @@ source (every import statement, also those inside functions) and in a fresh proc
 from __future__ import annotations
 
 import ast
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from probes import loaded_after
 
 REPO = Path(__file__).resolve().parent.parent
 # what each folder must not import (top-level names); infra may import everything
@@ -30,15 +28,6 @@ def imported(path: Path) -> set[tuple[str, int]]:
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             found.add((node.module.split(".")[0], node.lineno))
     return found
-
-
-def loaded_after(code: str) -> set[str]:
-    """The top-level modules a fresh Python has loaded after running `code`."""
-    script = (f"{code}\nimport json, sys\n"
-              "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))")
-    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
-                         text=True, timeout=120, check=True).stdout
-    return set(json.loads(out.splitlines()[-1]))
 
 
 @pytest.mark.parametrize("folder", sorted(FORBIDDEN))

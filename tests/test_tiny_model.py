@@ -116,16 +116,12 @@ def test_a_process_without_torch_builds_it_in_a_child_and_stays_without(
     """An engine replica's Serve process (no torch: its engine runs in a process of its
     own) that is first to need the tiny model builds it in a child Python: the same files
     as a build in a process with torch, and torch still not imported."""
-    import subprocess
-    import sys
+    from probes import run_probe
 
-    probe = ("import sys\nfrom replicas.tiny import tiny_model_dir\n"
-             "print(tiny_model_dir(sys.argv[1]))\nprint('torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], capture_output=True,
-                         text=True, timeout=600, cwd=Path(tiny.__file__).parent.parent)
-    assert out.returncode == 0, out.stderr[-3000:]
-    built, torch_loaded = out.stdout.split()
-    assert (built, torch_loaded) == (str(tmp_path / TINY_VERSION), "False")
+    out, loaded = run_probe("import sys\nfrom replicas.tiny import tiny_model_dir\n"
+                            "print(tiny_model_dir(sys.argv[1]))", str(tmp_path), timeout=600)
+    built = out.stdout.splitlines()[-2]
+    assert built == str(tmp_path / TINY_VERSION) and "torch" not in loaded, (built, loaded)
     assert sorted(os.listdir(built)) == sorted(os.listdir(tiny_dir))
     for name in ("config.json", "tokenizer.json"):
         assert (Path(built) / name).read_text() == (Path(tiny_dir) / name).read_text()
