@@ -82,8 +82,11 @@ if [ "${FP8_S:-0}" != 0 ]; then  # a mode name the suite lacks fails now, not af
   TPSERVE_FP8_MODES="${FP8_MODES:-}" python3 -c "from replicas.bench import fp8_modes
 fp8_modes()" || exit 1
 fi
+# the files' GPU: "_h200" in a results file's name becomes "_h100" on an H100
+tag=$(python3 -c 'import torch; n = torch.cuda.get_device_name(0)
+print(next((t for t in ("h100", "h200") if t in n.lower()), "gpu"))')
 rows() {  # the JSON lines of a step's output, into $out/$1 and replicas/results/$2
-  grep '^{' | tee -a "$out/$1" >> "replicas/results/$2"
+  grep '^{' | tee -a "$out/${1/_h200/_$tag}" >> "replicas/results/${2/_h200/_$tag}"
 }
 if [ "${STRUCT_S:-0}" != 0 ]; then
   timeout -s KILL "$STRUCT_S" python3 -m pytest -q tests/test_structured.py \
