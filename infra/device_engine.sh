@@ -25,7 +25,8 @@
 #                                                # v0.87, v0.89: bench.gemv_trials_ab)
 #   KERNELS_S=200 ...                            # and batch-1 FP8 decode's kernels under
 #                                                # the profiler, with v0.89's qkv GEMV and
-#                                                # without (PERF v0.90, bench.b1_kernels_ab)
+#                                                # without (PERF v0.90, bench.b1_kernels_ab),
+#                                                # then each weight's read floor (v0.91)
 #   W8A8_S=150 ...                               # and W8A8's few-row matmul: Triton's
 #                                                # configs against _scaled_mm at 16-256
 #                                                # rows (PERF v0.62) and cuBLAS in runs
@@ -143,6 +144,12 @@ from replicas.bench import b1_kernels_ab, environment
 where = {**environment(), 'command': 'bench.b1_kernels_ab'}
 for row in b1_kernels_ab():
     print(json.dumps({**row, **where}), flush=True)" 2>&1 | rows b1_kernels_h200.jsonl b1_kernels_h200.jsonl
+  # and each weight's read floor: its bytes read by a kernel that only reads (PERF v0.91)
+  timeout -s KILL "$KERNELS_S" python3 -c "import json
+from replicas.bench import environment, read_floor
+where = {**environment(), 'command': 'bench.read_floor'}
+for row in read_floor():
+    print(json.dumps({**row, **where}), flush=True)" 2>&1 | rows read_floor_h200.jsonl read_floor_h200.jsonl
 fi
 if [ "${W8A8_S:-0}" != 0 ]; then  # W8A8 per token at a decode step's rows (~1 min)
   timeout -s KILL "$W8A8_S" python3 -m replicas.bench --suite w8a8 2>&1 |

@@ -933,6 +933,41 @@ def b1_kernels_ab(extra: tuple[tuple[int, ...], ...] = ((8, 2048, 4, 3, 96, 1),)
         torch.cuda.empty_cache()
 
 
+# the bytes a batch-1 FP8 decode step's weights are read as: the layers' FP8 products
+# (W8A16_PROBE_SHAPES, a byte a weight) and the 16-bit LM head
+READ_FLOOR_BYTES = {**{name: n * k for name, (n, k) in {
+    "qkv": (4608, 4096), "o": (4096, 4096), "gate_up": (27392, 4096),
+    "down": (4096, 13696)}.items()}, "lm_head_bf16": 151552 * 4096 * 2}
+
+
+def read_floor(sizes: dict[str, int] | None = None, device: str = "cuda",
+               timer: Callable[..., float] | None = None) -> Iterator[dict[str, Any]]:
+    """PERF.md v0.91: the read floor of each weight a batch-1 FP8 decode step reads
+    (GLM-4-9B): a kernel that only reads its bytes (kernels.stream), timed as the GEMV
+    probe times a GEMV (copies cycled past L2, a graph of back-to-back launches with
+    PDL), at each of READ_CONFIGS; a row per weight with the fastest, its TB/s and every
+    config's time. The GEMV probe's time for the same weight over this is what the GEMV
+    spends beyond reading."""
+    from replicas.kernels.gemv import _cycled_us, cold_set
+    from replicas.kernels.stream import READ_CONFIGS, read_all, read_programs
+
+    time_us = timer or _cycled_us
+    for name, nbytes in (sizes or READ_FLOOR_BYTES).items():
+        copies = cold_set(torch.zeros(nbytes, dtype=torch.uint8, device=device))
+        out = torch.empty(max(read_programs(nbytes, c) for c in READ_CONFIGS),
+                          dtype=torch.int64, device=device)
+        times = {str(c): time_us(functools.partial(read_all, out=out, config=c), copies)
+                 for c in READ_CONFIGS}
+        best = min(times, key=times.__getitem__)
+        yield {"case": f"glm4-9b_read_floor_{name}", "unit": "us", "bytes": nbytes,
+               "ours": round(times[best], 2), "config": best,
+               "tb_s": round(nbytes / times[best] / 1e6, 3),
+               "times_us": {c: round(t, 2) for c, t in times.items()}}
+        del copies
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
 def _b1_fp8() -> tuple[EngineConfig, list[list[int]]]:
     """The batch-1 FP8 A/Bs' engine (GLM-4-9B shapes, FP8 weights, e4m3 cache) and prompt
     (128 tokens)."""

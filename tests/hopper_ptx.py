@@ -21,7 +21,17 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from replicas.kernels import activation, allreduce, attention, fp8mm, norm, quant, rope, tokens
+from replicas.kernels import (
+    activation,
+    allreduce,
+    attention,
+    fp8mm,
+    norm,
+    quant,
+    rope,
+    stream,
+    tokens,
+)
 
 # (the package's name `gemv` is the function it exports; the module is this)
 gemv = importlib.import_module("replicas.kernels.gemv")
@@ -120,7 +130,10 @@ def rest() -> list[tuple[Any, dict[str, str], dict[str, Any], bool]]:
         (tokens._argmax_part_kernel, {"X": "*fp32", "PV": "*fp32", "PI": "*i64"},
          {"BLOCK": tokens.ARGMAX_BLOCK, "PDL": True}, True),
         (tokens._argmax_merge_kernel, {"PV": "*fp32", "PI": "*i64", "OUT": "*i64"},
-         {"BLOCK_P": 64, "PDL": True}, True)]
+         {"BLOCK_P": 64, "PDL": True}, True),
+        # (the bench's read floor, PERF.md v0.91)
+        (stream._read_kernel, {"X": "*i64", "OUT": "*i64"},
+         {"BLOCK": 2048, "ITERS": 4, "PDL": True}, True)]
 
 
 def main(mode: str) -> None:

@@ -740,3 +740,52 @@ def test_the_b1_kernels_ab_profiles_each_arm_and_leaves_the_configs_whole(
     assert seen == [every, every + extra]
     assert rows[0]["ours"] == 3.0 and rows[0]["picks"] == {"qkv": "(1,)"}
     assert gemv_module.FP8_GEMV_CONFIGS == every
+
+
+def test_the_read_kernel_reads_every_word_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kernels.stream.read_all (the read floor's kernel, in Triton's interpreter here):
+    each program's sum is that of its own words, the last program's cut at the end, for
+    every READ_CONFIGS entry; a buffer of odd bytes or a short `out` is refused."""
+    monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
+    from replicas.kernels.stream import READ_CONFIGS, read_all, read_programs
+
+    words = 5000  # not a multiple of any config's words a program: the last is cut
+    values = torch.arange(1, words + 1, dtype=torch.int64) % 97
+    data = values.view(torch.uint8)  # the kernel sees bytes, reads them as words
+    for config in READ_CONFIGS:
+        programs = read_programs(data.numel(), config)
+        out = torch.full((programs + 1,), -1, dtype=torch.int64)
+        read_all(data, out, config)
+        each = config[0] * config[1]
+        expected = [int(values[p * each:(p + 1) * each].sum()) for p in range(programs)]
+        assert out[:programs].tolist() == expected, config
+        assert out[programs] == -1  # no program beyond the buffer
+    with pytest.raises(ValueError, match="8-byte words"):
+        read_all(torch.zeros(12, dtype=torch.uint8), torch.zeros(4, dtype=torch.int64),
+                 READ_CONFIGS[0])
+    with pytest.raises(ValueError, match="out needs"):
+        read_all(data, torch.zeros(1, dtype=torch.int64), READ_CONFIGS[0])
+
+
+def test_the_read_floor_times_every_config_on_each_weights_bytes() -> None:
+    """bench.read_floor with the GPU timer stood in (each config's time its words a tile,
+    so the widest wins): a row per weight, its bytes, every config timed on cold copies
+    of a buffer that size, the fastest chosen and its TB/s from the bytes."""
+    from replicas import bench
+    from replicas.kernels.stream import READ_CONFIGS
+
+    seen: list[tuple[str, int, int]] = []
+
+    def timer(fn: Any, copies: list[torch.Tensor]) -> float:
+        config = fn.keywords["config"]
+        seen.append((str(config), len(copies), copies[0].numel()))
+        return 100.0 / config[0]
+
+    rows = list(bench.read_floor({"a": 4096, "b": 8 * 3000}, device="cpu", timer=timer))
+    assert [r["case"] for r in rows] == ["glm4-9b_read_floor_a", "glm4-9b_read_floor_b"]
+    assert [r["bytes"] for r in rows] == [4096, 24000]
+    assert len(seen) == 2 * len(READ_CONFIGS) and all(n >= 2 for _, n, _ in seen)
+    widest = max(READ_CONFIGS, key=lambda c: c[0])
+    assert rows[0]["config"] == str(widest) and rows[0]["ours"] == round(100 / widest[0], 2)
+    assert set(rows[0]["times_us"]) == {str(c) for c in READ_CONFIGS}
+    assert rows[1]["tb_s"] == round(24000 / (100 / widest[0]) / 1e6, 3)
