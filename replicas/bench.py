@@ -416,11 +416,8 @@ def kernel_table(prof: Any, steps: int, top: int) -> dict[str, Any]:
             spans.setdefault(event.name, []).append(event.time_range.elapsed_us())
             by_device.setdefault(getattr(event, "device_index", 0), []).append(event)
     for events in by_device.values():
-        reached = -math.inf  # the latest end of the kernels started so far
-        for event in sorted(events, key=lambda e: e.time_range.start):
-            start, end = event.time_range.start, event.time_range.end
-            own[event.name] = own.get(event.name, 0.0) + max(0.0, end - max(start, reached))
-            reached = max(reached, end)
+        for event, mine in _own_times(events):
+            own[event.name] = own.get(event.name, 0.0) + mine
     rows = sorted(((k[:90], len(v) / steps, sum(v) / steps, own[k] / steps)
                    for k, v in spans.items()), key=lambda r: -r[3])
     return {"kernels_us": round(sum(r[2] for r in rows), 1),
@@ -428,6 +425,66 @@ def kernel_table(prof: Any, steps: int, top: int) -> dict[str, Any]:
             "kernel_calls": round(sum(r[1] for r in rows), 1),
             "top": [{"name": n, "calls": round(c, 1), "us": round(t, 1),
                      "own_us": round(o, 1)} for n, c, t, o in rows[:top]]}
+
+
+def _own_times(events: list[Any]) -> list[tuple[Any, float]]:
+    """One GPU's kernels in start order, each with its own time: its span less the part
+    that an earlier kernel still ran (kernel_table's `own_us`)."""
+    reached, owned = -math.inf, []
+    for event in sorted(events, key=lambda e: e.time_range.start):
+        start, end = event.time_range.start, event.time_range.end
+        owned.append((event, max(0.0, end - max(start, reached))))
+        reached = max(reached, end)
+    return owned
+
+
+# a decode step's GEMVs at tp=1, as a decoder layer runs them: qkv (the norm fused in)
+# before attention; after it o, gate_up (SwiGLU fused in), down, then the next layer's qkv,
+# or after the last layer the LM head (the final norm fused in)
+GEMV_AFTER_ATTENTION = ("o", "gate_up", "down")
+
+
+def gemv_roles(prof: Any, steps: int, gemv: str = "_gemv_kernel",
+               attention: str = "_decode_kernel") -> dict[str, dict[str, float]]:
+    """The GEMVs of a profile of decode steps split by the weight each reads, from where
+    each sits (they share a kernel's name): the run of GEMVs after an attention kernel is
+    o, gate_up, down, then qkv where another attention follows the run, else the LM head;
+    a lone GEMV before an attention (the first layer's) is qkv; any other run (a prefill's)
+    is "other". Calls, span and own time (as kernel_table's) per step, by role."""
+    by_device: dict[int, list[Any]] = {}
+    for event in prof.events():
+        if event.device_type.name == "CUDA":
+            by_device.setdefault(getattr(event, "device_index", 0), []).append(event)
+    roles: dict[str, list[float]] = {}
+
+    def add(role: str, event: Any, own: float) -> None:
+        calls, span, owned = roles.setdefault(role, [0.0, 0.0, 0.0])
+        roles[role] = [calls + 1, span + event.time_range.elapsed_us(), owned + own]
+
+    for events in by_device.values():
+        owned = _own_times(events)
+        i = 0
+        while i < len(owned):
+            if owned[i][0].name != gemv:
+                i += 1
+                continue
+            j = i
+            while j < len(owned) and owned[j][0].name == gemv:
+                j += 1  # owned[i:j]: a run of GEMVs
+            before = owned[i - 1][0].name if i else ""
+            after = owned[j][0].name if j < len(owned) else ""
+            run = owned[i:j]
+            if before == attention and len(run) == 4:
+                names = [*GEMV_AFTER_ATTENTION, "qkv" if after == attention else "lm_head"]
+            elif len(run) == 1 and after == attention:
+                names = ["qkv"]
+            else:
+                names = ["other"] * len(run)
+            for name, (event, own) in zip(names, run, strict=True):
+                add(name, event, own)
+            i = j
+    return {role: {"calls": round(c / steps, 1), "us": round(t / steps, 1),
+                   "own_us": round(o / steps, 1)} for role, (c, t, o) in sorted(roles.items())}
 
 
 def run_kernels(engine: Engine, prompts: list[list[int]], top: int = 12, tokens: int = 1
@@ -929,7 +986,8 @@ def b1_kernels_ab(extra: tuple[tuple[int, ...], ...] = ((8, 2048, 4, 3, 96, 1),)
                "ours": round(ms, 3), "busy_ms_per_step": round(table["busy_us"] / 1e3, 3),
                "kernels_ms_per_step": round(table["kernels_us"] / 1e3, 3),
                "idle_ms_per_step": round(gaps["idle_us"] / 1e3 / tokens, 3),
-               "kernels": table, "gaps": gaps, "picks": picks}
+               "gemv_roles": gemv_roles(prof, tokens), "kernels": table, "gaps": gaps,
+               "picks": picks}
         torch.cuda.empty_cache()
 
 
