@@ -439,18 +439,21 @@ def _own_times(events: list[Any]) -> list[tuple[Any, float]]:
 
 
 # a decode step's GEMVs at tp=1, as a decoder layer runs them: qkv (the norm fused in)
-# before attention; after it o, gate_up (SwiGLU fused in), down, then the next layer's qkv,
-# or after the last layer the LM head (the final norm fused in)
+# before attention; after it o, gate_up (SwiGLU fused in), down, then the next layer's qkv;
+# after the last layer's down the final norm (a kernel of its own), then the LM head alone
+# before the argmax
 GEMV_AFTER_ATTENTION = ("o", "gate_up", "down")
 
 
 def gemv_roles(prof: Any, steps: int, gemv: str = "_gemv_kernel",
-               attention: str = "_decode_kernel") -> dict[str, dict[str, float]]:
+               attention: str = "_decode_kernel", argmax: str = "_argmax_part_kernel"
+               ) -> dict[str, dict[str, float]]:
     """The GEMVs of a profile of decode steps split by the weight each reads, from where
     each sits (they share a kernel's name): the run of GEMVs after an attention kernel is
-    o, gate_up, down, then qkv where another attention follows the run, else the LM head;
-    a lone GEMV before an attention (the first layer's) is qkv; any other run (a prefill's)
-    is "other". Calls, span and own time (as kernel_table's) per step, by role."""
+    o, gate_up, down, then qkv where another attention follows the run (the last layer's
+    run stops at down); a lone GEMV before an attention (the first layer's) is qkv, one
+    before the argmax the LM head (a prefill's too: its last token's); any other run is
+    "other". Calls, span and own time (as kernel_table's) per step, by role."""
     by_device: dict[int, list[Any]] = {}
     for event in prof.events():
         if event.device_type.name == "CUDA":
@@ -474,10 +477,12 @@ def gemv_roles(prof: Any, steps: int, gemv: str = "_gemv_kernel",
             before = owned[i - 1][0].name if i else ""
             after = owned[j][0].name if j < len(owned) else ""
             run = owned[i:j]
-            if before == attention and len(run) == 4:
-                names = [*GEMV_AFTER_ATTENTION, "qkv" if after == attention else "lm_head"]
-            elif len(run) == 1 and after == attention:
-                names = ["qkv"]
+            if before == attention and len(run) == 4 and after == attention:
+                names = [*GEMV_AFTER_ATTENTION, "qkv"]
+            elif before == attention and len(run) == 3:
+                names = list(GEMV_AFTER_ATTENTION)
+            elif len(run) == 1 and after in (attention, argmax):
+                names = ["qkv" if after == attention else "lm_head"]
             else:
                 names = ["other"] * len(run)
             for name, (event, own) in zip(names, run, strict=True):

@@ -370,9 +370,10 @@ def test_kernel_table_groups_a_profiles_gpu_kernels_by_name_largest_first() -> N
 def test_gemv_roles_name_each_gemv_by_where_it_sits_in_the_step() -> None:
     """bench.gemv_roles (PERF.md v0.92): the GEMVs share a kernel's name; in a decode
     step a lone one before attention is the first layer's qkv, the four after an
-    attention are o, gate_up, down and the next layer's qkv (or, with no attention after
-    them, the LM head); a prefill's are "other". Own time as kernel_table's (an
-    overlapping start waits inside its span)."""
+    attention are o, gate_up, down and the next layer's qkv, the last layer's three stop
+    at down (the final norm runs next), and the one alone before the argmax is the LM
+    head; a prefill's other GEMVs are "other". Own time as kernel_table's (an overlapping
+    start waits inside its span)."""
     from types import SimpleNamespace
 
     from replicas.bench import gemv_roles
@@ -391,9 +392,10 @@ def test_gemv_roles_name_each_gemv_by_where_it_sits_in_the_step() -> None:
         return [event("embed", 1), event(g, 6), event("_decode_kernel", 4),
                 event(g, 5), event(g, 30, overlap=2), event(g, 16), event(g, 7),
                 event("_decode_kernel", 4), event(g, 5), event(g, 30), event(g, 16),
-                event(g, 270), event("_argmax_part_kernel", 2)]
+                event("_rms_norm_kernel", 1), event(g, 270), event("_argmax_part_kernel", 2)]
 
-    prefill = [event("_w8a16_kernel", 50), event("_gemv_kernel", 9), event("norm", 1)]
+    prefill = [event("_w8a16_kernel", 50), event("_gemv_kernel", 9), event("norm", 1),
+               event("_gemv_kernel", 3), event("_gemv_kernel", 3), event("embed", 1)]
     prof = SimpleNamespace(events=lambda: [*prefill, *step(), *step()])
     roles = gemv_roles(prof, steps=2)
     assert set(roles) == {"qkv", "o", "gate_up", "down", "lm_head", "other"}
@@ -401,7 +403,7 @@ def test_gemv_roles_name_each_gemv_by_where_it_sits_in_the_step() -> None:
     assert roles["gate_up"] == {"calls": 2.0, "us": 60.0, "own_us": 58.0}  # 2 us waited
     assert roles["o"]["calls"] == 2.0 and roles["down"]["us"] == 32.0
     assert roles["lm_head"] == {"calls": 1.0, "us": 270.0, "own_us": 270.0}
-    assert roles["other"]["calls"] == 0.5  # the prefill's lone GEMV, not a qkv
+    assert roles["other"]["calls"] == 1.5  # the prefill's lone GEMV and its pair
 
 
 def test_gpu_gaps_sums_the_idle_stretches_between_kernels_by_their_neighbours() -> None:
