@@ -446,14 +446,15 @@ GEMV_AFTER_ATTENTION = ("o", "gate_up", "down")
 
 
 def gemv_roles(prof: Any, steps: int, gemv: str = "_gemv_kernel",
-               attention: str = "_decode_kernel", argmax: str = "_argmax_part_kernel"
-               ) -> dict[str, dict[str, float]]:
+               attention: str = "_decode_kernel", argmax: str = "_argmax_part_kernel",
+               norm: str = "_rms_norm_kernel") -> dict[str, dict[str, float]]:
     """The GEMVs of a profile of decode steps split by the weight each reads, from where
     each sits (they share a kernel's name): the run of GEMVs after an attention kernel is
     o, gate_up, down, then qkv where another attention follows the run (the last layer's
     run stops at down); a lone GEMV before an attention (the first layer's) is qkv, one
-    before the argmax the LM head (a prefill's too: its last token's); any other run is
-    "other". Calls, span and own time (as kernel_table's) per step, by role."""
+    after the final norm or before the argmax the LM head (a prefill's too: its last
+    token's); any other run is "other". Calls, span and own time (as kernel_table's) per
+    step, by role."""
     by_device: dict[int, list[Any]] = {}
     for event in prof.events():
         if event.device_type.name == "CUDA":
@@ -481,8 +482,10 @@ def gemv_roles(prof: Any, steps: int, gemv: str = "_gemv_kernel",
                 names = [*GEMV_AFTER_ATTENTION, "qkv"]
             elif before == attention and len(run) == 3:
                 names = list(GEMV_AFTER_ATTENTION)
-            elif len(run) == 1 and after in (attention, argmax):
-                names = ["qkv" if after == attention else "lm_head"]
+            elif len(run) == 1 and after == attention:
+                names = ["qkv"]
+            elif len(run) == 1 and (after == argmax or before == norm):
+                names = ["lm_head"]
             else:
                 names = ["other"] * len(run)
             for name, (event, own) in zip(names, run, strict=True):

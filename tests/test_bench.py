@@ -392,7 +392,8 @@ def test_gemv_roles_name_each_gemv_by_where_it_sits_in_the_step() -> None:
         return [event("embed", 1), event(g, 6), event("_decode_kernel", 4),
                 event(g, 5), event(g, 30, overlap=2), event(g, 16), event(g, 7),
                 event("_decode_kernel", 4), event(g, 5), event(g, 30), event(g, 16),
-                event("_rms_norm_kernel", 1), event(g, 270), event("_argmax_part_kernel", 2)]
+                event("_rms_norm_kernel", 1), event(g, 270), event("copy", 1),
+                event("_argmax_part_kernel", 2)]  # (on the H200 the argmax was not next)
 
     prefill = [event("_w8a16_kernel", 50), event("_gemv_kernel", 9), event("norm", 1),
                event("_gemv_kernel", 3), event("_gemv_kernel", 3), event("embed", 1)]
