@@ -33,6 +33,25 @@ if triton is not None:
                   PULL: tl.constexpr, WORLD: tl.constexpr):
         """K columns of norm(x + residual) * weight, float32, rounded as _rms_norm_kernel.
         PULL: x is the sum of WORLD partial rows at X, summed here."""
+        x, w = _norm_in(X, R, NW, cols, k, EVEN, HAS_RES, PULL, WORLD)
+        y = (x.to(tl.float32) * rstd).to(X.dtype.element_ty).to(tl.float32)
+        return (y * w).to(X.dtype.element_ty).to(tl.float32)
+
+    @triton.jit
+    def _late_x(X, R, NW, cols, k, EVEN: tl.constexpr, HAS_RES: tl.constexpr,
+                PULL: tl.constexpr, WORLD: tl.constexpr):
+        """LATE (PERF.md v0.93): K columns of (x + residual) * weight, rounded to X's
+        dtype, float32, the row's rstd left for the end; with these columns' sum of
+        squares of x + residual (as _rms_norm_kernel squares it) and x + residual itself."""
+        x, w = _norm_in(X, R, NW, cols, k, EVEN, HAS_RES, PULL, WORLD)
+        h = x.to(tl.float32)
+        return (h * w).to(X.dtype.element_ty).to(tl.float32), tl.sum(h * h, axis=0), x
+
+    @triton.jit
+    def _norm_in(X, R, NW, cols, k, EVEN: tl.constexpr, HAS_RES: tl.constexpr,
+                 PULL: tl.constexpr, WORLD: tl.constexpr):
+        """K columns of x + residual (in X's dtype where added, as _rms_norm_kernel
+        rounds it) and of the norm's weight, float32."""
         if PULL:
             x = _summed(X, cols, cols < k, k, WORLD).to(tl.float32)
             if HAS_RES:
@@ -50,8 +69,7 @@ if triton is not None:
                 x = (x + tl.load(R + cols, mask=cols < k, other=0.0).to(tl.float32)).to(
                     X.dtype.element_ty)
             w = tl.load(NW + cols, mask=cols < k, other=0.0).to(tl.float32)
-        y = (x.to(tl.float32) * rstd).to(X.dtype.element_ty).to(tl.float32)
-        return (y * w).to(X.dtype.element_ty).to(tl.float32)
+        return x, w
 
     @triton.jit
     def _gemv_x(X, R, NW, cols, k, rstd, EVEN: tl.constexpr, GATED: tl.constexpr,
@@ -109,7 +127,7 @@ if triton is not None:
                      ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      PUSH: tl.constexpr, PULL: tl.constexpr, RANK: tl.constexpr,
                      WORLD: tl.constexpr, PDL: tl.constexpr, SWIGLU: tl.constexpr = False,
-                     RED: tl.constexpr = False):
+                     RED: tl.constexpr = False, LATE: tl.constexpr = False):
         """y = W x (+ b) for one row x: program = BLOCK_N rows of W, streamed along K,
         products summed in float32 registers and reduced once at the end. The first
         tile of W is loaded before waiting on the kernel that writes x (with PDL it
@@ -135,7 +153,14 @@ if triton is not None:
 
         RED: each tile's products are summed along K as they are made, into [BLOCK_N]
         float32 sums, instead of kept [BLOCK_N, BLOCK_K] until the end: fewer registers
-        (more programs an SM, more loads in flight), a reduction a tile (PERF.md v0.85)."""
+        (more programs an SM, more loads in flight), a reduction a tile (PERF.md v0.85).
+
+        LATE (with NORM; PERF.md v0.93): no pass over the row before the loop. The
+        products are of (x + R) * NW, the row's squares are summed tile by tile in the
+        loop, and the rows' sums are multiplied by the rstd at the end (it is one number
+        for the row, so it factors out). Program 0 writes x + R to ROUT tile by tile. Not
+        bit for bit the norm then the GEMV: the normalized row is not rounded to X's
+        dtype before its weight multiplies it (~1 rounding of X's dtype an element)."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         r_ok = rows < n
         cols = tl.arange(0, BLOCK_K)
@@ -147,7 +172,7 @@ if triton is not None:
         if PULL:
             _await_rows(CNT, k, WORLD)
         rstd = 0.0
-        if NORM:
+        if NORM and not LATE:
             every = tl.arange(0, ROW)
             if PULL:
                 whole = _summed(X, every, every < k, k, WORLD).to(tl.float32)
@@ -160,7 +185,13 @@ if triton is not None:
                     tl.store(ROUT + every, whole, mask=every < k)
                 whole = whole.to(tl.float32)
             rstd = 1.0 / tl.sqrt(tl.sum(whole * whole, axis=0) / k + eps)
-        xv = _gemv_x(X, R, NW, cols, k, rstd, EVEN, GATED, NORM, HAS_RES, PULL, WORLD)
+        squares = 0.0
+        if NORM and LATE:
+            xv, squares, h = _late_x(X, R, NW, cols, k, EVEN, HAS_RES, PULL, WORLD)
+            if HAS_RES and tl.program_id(0) == 0:
+                tl.store(ROUT + cols, h.to(ROUT.dtype.element_ty), mask=cols < k)
+        else:
+            xv = _gemv_x(X, R, NW, cols, k, rstd, EVEN, GATED, NORM, HAS_RES, PULL, WORLD)
         acc = _products(w, xv, RED)
         if SWIGLU:
             acc_u = _products(wu, xv, RED)
@@ -169,10 +200,22 @@ if triton is not None:
             w = _w_tile(W, rows, r_ok, cols, k, sw, EVEN)
             if SWIGLU:
                 wu = _w_tile(WU, rows, r_ok, cols, k, sw, EVEN)
-            xv = _gemv_x(X, R, NW, cols, k, rstd, EVEN, GATED, NORM, HAS_RES, PULL, WORLD)
+            if NORM and LATE:
+                xv, more, h = _late_x(X, R, NW, cols, k, EVEN, HAS_RES, PULL, WORLD)
+                squares += more
+                if HAS_RES and tl.program_id(0) == 0:
+                    tl.store(ROUT + cols, h.to(ROUT.dtype.element_ty), mask=cols < k)
+            else:
+                xv = _gemv_x(X, R, NW, cols, k, rstd, EVEN, GATED, NORM, HAS_RES, PULL,
+                             WORLD)
             acc += _products(w, xv, RED)
             if SWIGLU:
                 acc_u += _products(wu, xv, RED)
+        if NORM and LATE:  # the row's rstd, now that every column has been seen
+            rstd = 1.0 / tl.sqrt(squares / k + eps)
+            acc = acc * rstd
+            if SWIGLU:
+                acc_u = acc_u * rstd
         y = _row_sums(acc, S, B, rows, r_ok, SCALED, HAS_BIAS, RED)
         if SWIGLU:  # gate and up as gate_up's GEMV would store them, then _silu_mul_kernel
             u = _row_sums(acc_u, S + n, B + n, rows, r_ok, SCALED, HAS_BIAS, RED)
@@ -190,7 +233,8 @@ if triton is not None:
 
 GemvConfig = tuple[int, ...]  # (rows per program, K per iteration, warps, stages[, registers:
 # a cap on a thread's, ptxas's maxnreg, 0 for none[, 1: each tile's products summed as they
-# are made, the kernel's RED]]: FP8_GEMV_TRIALS', PERF.md v0.85)
+# are made, the kernel's RED[, 1: a norm-fused GEMV's rstd applied after its loop, LATE]]]:
+# FP8_GEMV_TRIALS', PERF.md v0.85, v0.93)
 
 
 GEMV_CONFIGS: tuple[GemvConfig, ...] = (  # the leaders of earlier H200 runs, and variations
@@ -233,15 +277,20 @@ FP8_GEMV_TRIALS: tuple[GemvConfig, ...] = (
     (4, 4096, 4, 3, 96, 1), (4, 2048, 4, 3, 128, 1), (2, 4096, 4, 3, 96, 1),
     (16, 512, 8, 4, 96, 1), (32, 512, 8, 4, 0, 1), (16, 1024, 8, 3, 0, 1),
     (8, 2048, 4, 4, 96, 1), (8, 2048, 4, 2, 96, 1), (8, 2048, 4, 3, 80, 1),
-    (8, 2048, 4, 3, 128, 1), (8, 1024, 4, 3, 96, 1))
+    (8, 2048, 4, 3, 128, 1), (8, 1024, 4, 3, 96, 1),
+    # LATE (PERF.md v0.93): the H200's qkv and gate_up picks and probe winners with the
+    # norm's pass before the loop gone (plain GEMVs run them as without)
+    (16, 512, 8, 4, 80, 0, 1), (8, 2048, 4, 3, 96, 1, 1), (16, 512, 8, 4, 0, 1, 1),
+    (8, 512, 4, 4, 0, 1, 1))
 
 
-def gemv_config_parts(config: GemvConfig) -> tuple[int, int, int, int, int, int]:
+def gemv_config_parts(config: GemvConfig) -> tuple[int, int, int, int, int, int, int]:
     """A GEMV config in full: (rows per program, K per iteration, warps, stages, register
-    cap: 0 for none, RED: 1 where each tile's products are summed as made)."""
+    cap: 0 for none, RED: 1 where each tile's products are summed as made, LATE: 1 where a
+    norm-fused GEMV applies the norm's rstd after its loop, PERF.md v0.93)."""
     block_n, block_k, warps, stages, *more = config
-    cap, red = (*more, 0, 0)[:2]
-    return block_n, block_k, warps, stages, cap, red
+    cap, red, late = (*more, 0, 0, 0)[:3]
+    return block_n, block_k, warps, stages, cap, red, late
 
 
 def gemv_configs(fp8: bool, trials: bool = False) -> tuple[GemvConfig, ...]:
@@ -296,7 +345,7 @@ def _gemv(x: torch.Tensor | Site, weight: torch.Tensor, bias: torch.Tensor | Non
     if swiglu:
         assert n % 2 == 0 and push is None, "[gate; up] rows, the output stored here"
         n //= 2
-    block_n, block_k, warps, stages, cap, red = gemv_config_parts(config)
+    block_n, block_k, warps, stages, cap, red, late = gemv_config_parts(config)
     pull = x if isinstance(x, Site) else None
     row = pull.rows if pull is not None else x
     assert isinstance(row, torch.Tensor)
@@ -313,7 +362,8 @@ def _gemv(x: torch.Tensor | Site, weight: torch.Tensor, bias: torch.Tensor | Non
         GATED=gated, NORM=norm is not None, HAS_RES=residual is not None, ROW=_pow2(k),
         BLOCK_N=block_n, BLOCK_K=block_k, PUSH=push is not None, PULL=pull is not None,
         RANK=site.rank if site is not None else 0, WORLD=site.world if site is not None else 1,
-        SWIGLU=swiglu, RED=bool(red), num_warps=warps, num_stages=stages,
+        SWIGLU=swiglu, RED=bool(red), LATE=bool(late) and norm is not None,
+        num_warps=warps, num_stages=stages,
         **_launch(row, cap))
     return y
 
