@@ -24,9 +24,10 @@
 #                                                # winning GEMV trials and without (PERF
 #                                                # v0.87, v0.89: bench.gemv_trials_ab)
 #   KERNELS_S=200 ...                            # and batch-1 FP8 decode's kernels under
-#                                                # the profiler, with v0.89's qkv GEMV and
-#                                                # without (PERF v0.90, bench.b1_kernels_ab),
-#                                                # then each weight's read floor (v0.91)
+#                                                # the profiler, the picks with the LATE
+#                                                # trials and without (PERF v0.90, v0.92,
+#                                                # v0.93: bench.b1_kernels_ab), then each
+#                                                # weight's read floor (v0.91)
 #   W8A8_S=150 ...                               # and W8A8's few-row matmul: Triton's
 #                                                # configs against _scaled_mm at 16-256
 #                                                # rows (PERF v0.62) and cuBLAS in runs
@@ -138,7 +139,7 @@ for row in gemv_trials_ab():
     print(json.dumps({**row, **where}), flush=True)" 2>&1 | rows gemv_trials_ab_h200.jsonl gemv_trials_ab_h200.jsonl
 fi
 if [ "${KERNELS_S:-0}" != 0 ]; then  # PERF v0.90, one process: batch-1 FP8 decode's
-  # kernels under the profiler, the GEMVs' picks as they are and with v0.89's qkv trial
+  # kernels under the profiler, the GEMVs' picks as they are and with the LATE trials
   timeout -s KILL "$KERNELS_S" python3 -c "import json
 from replicas.bench import b1_kernels_ab, environment
 where = {**environment(), 'command': 'bench.b1_kernels_ab'}

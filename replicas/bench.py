@@ -969,19 +969,22 @@ def gemv_trials_ab(rounds: int = 2) -> Iterator[dict[str, Any]]:
                    "gemv_us": report}
 
 
-def b1_kernels_ab(extra: tuple[tuple[int, ...], ...] = ((8, 2048, 4, 3, 96, 1),),
+def b1_kernels_ab(extra: tuple[tuple[int, ...], ...] | None = None,
                   tokens: int = 64) -> Iterator[dict[str, Any]]:
-    """PERF.md v0.90: where GLM-4-9B batch-1 FP8 decode's ~3.03 ms go (FP8 weights, e4m3
-    cache, 128-token prompt), the engine's GEMVs picked among FP8_GEMV_CONFIGS as they are
-    ("picks") and with `extra` among them too ("picks_extra": v0.89's qkv GEMV, faster
-    alone, no faster in the step); an engine each. A row per engine: ms a token, then
-    `tokens` new tokens under the profiler: the kernels' spans and own times a step
-    (kernel_table), where the GPU sat idle (gpu_gaps), and the GEMVs' picks."""
+    """PERF.md v0.90, v0.92, v0.93: where GLM-4-9B batch-1 FP8 decode's ~3.03 ms go (FP8
+    weights, e4m3 cache, 128-token prompt), the engine's GEMVs picked among
+    FP8_GEMV_CONFIGS as they are ("picks") and with `extra` among them too ("picks_extra";
+    by default the LATE trials, v0.93; v0.90 ran v0.89's qkv GEMV, faster alone, no faster
+    in the step); an engine each. A row per engine: ms a token, then `tokens` new tokens
+    under the profiler: the kernels' spans and own times a step (kernel_table), the GEMVs'
+    by the weight each reads (gemv_roles), where the GPU sat idle (gpu_gaps), and the
+    GEMVs' picks."""
     from torch.profiler import ProfilerActivity, profile
 
     config, prompt = _b1_fp8()
     greedy = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     every = _gemv_module().FP8_GEMV_CONFIGS
+    extra = _gemv_module().LATE_TRIALS if extra is None else extra
     for name, configs in (("picks", every), ("picks_extra", every + extra)):
         with _fp8_gemv_configs(configs), Engine(config) as engine:
             ms = ours_per_token(engine, prompt, 128, 3) * 1e3

@@ -68,10 +68,10 @@ def gemvs() -> None:
              "HAS_RES": True, "ROW": 4096, "PUSH": False, "PULL": False, "RANK": 0,
              "WORLD": 1, "PDL": True}
     # a decoder layer's norm-fused FP8 GEMV (gate_up's kind) in each engine config and the
-    # GEMV probe's last trial (LATE's SwiGLU form is the SwiGLU GEMV's below): a register
+    # last LATE trial (its SwiGLU form is the SwiGLU GEMV's below): a register
     # cap, each tile summed as made and the rstd applied late where the config says so
     # (PERF.md v0.85, v0.93)
-    for config in (*gemv.FP8_GEMV_CONFIGS, gemv.FP8_GEMV_TRIALS[-1]):
+    for config in (*gemv.FP8_GEMV_CONFIGS, gemv.LATE_TRIALS[-1]):
         block_n, block_k, warps, stages, cap, red, late = gemv.gemv_config_parts(config)
         ptx(gemv._gemv_kernel, pointers, {**flags, "BLOCK_N": block_n, "BLOCK_K": block_k,
                                           "RED": bool(red), "LATE": bool(late)},

@@ -780,6 +780,10 @@ def test_the_b1_kernels_ab_profiles_each_arm_and_leaves_the_configs_whole(
     assert seen == [every, every + extra]
     assert rows[0]["ours"] == 3.0 and rows[0]["picks"] == {"qkv": "(1,)"}
     assert gemv_module.FP8_GEMV_CONFIGS == every
+    seen.clear()  # by default the extra configs are the LATE trials (PERF.md v0.93)
+    assert len(list(bench.b1_kernels_ab(tokens=8))) == 2
+    assert seen == [every, every + gemv_module.LATE_TRIALS]
+    assert set(gemv_module.LATE_TRIALS) <= set(gemv_module.FP8_GEMV_TRIALS)
 
 
 def test_the_read_kernel_reads_every_word_once(monkeypatch: pytest.MonkeyPatch) -> None:
