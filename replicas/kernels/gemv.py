@@ -317,7 +317,8 @@ def gemv_norm(x: torch.Tensor | Site, residual: torch.Tensor | None,
               bias: torch.Tensor | None, config: GemvConfig, scale: torch.Tensor | None = None,
               swiglu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(gemv(rms_norm(x + residual) * norm_weight), x + residual) for one row x [1, K], in
-    one kernel, equal to `rms_norm` then `gemv` with the same config; without a residual
+    one kernel, equal to `rms_norm` then `gemv` with the same config (a LATE config's
+    first result up to rounding, PERF.md v0.93; its second bit for bit); without a residual
     the second result is x. `x` may be a Site: the sum over the ranks of the row that
     their GEMVs pushed there (`gemv_push`), summed here as it is read. swiglu: weight is
     gate_up's [gate; up] and the first result is silu(gate) * up, half as wide, equal to
