@@ -601,6 +601,20 @@ def test_a_late_norm_gemv_is_the_norm_then_the_gemv_up_to_rounding(
                 assert got.shape == want.shape
 
 
+def test_a_late_config_is_refused_on_a_folded_all_reduces_rows() -> None:
+    """LATE reading a Site (the rows a folded all-reduce pushed, at tp > 1) is not yet
+    tested on GPUs, so it is refused by name rather than run."""
+    from replicas.kernels.allreduce import Site
+
+    addresses = torch.zeros(2, dtype=torch.int64)  # (refused before the kernel runs)
+    site = Site(rows=torch.zeros(2, 64), counters=torch.zeros(3, dtype=torch.int32),
+                data_ptrs=addresses, flag_ptrs=addresses, data_offset=0, flag_offset=0,
+                rank=0, world=2)
+    w, norm_w = torch.ones(16, 64), torch.ones(64)
+    with pytest.raises(ValueError, match="LATE"):
+        kernels.gemv_norm(site, None, norm_w, 1e-5, w, None, (8, 64, 4, 2, 0, 0, 1))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="times kernels on a GPU")
 def test_tuned_gemv_keeps_bf16_decode_close(tmp_path: Path) -> None:

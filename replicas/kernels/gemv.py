@@ -350,6 +350,10 @@ def _gemv(x: torch.Tensor | Site, weight: torch.Tensor, bias: torch.Tensor | Non
         n //= 2
     block_n, block_k, warps, stages, cap, red, late = gemv_config_parts(config)
     pull = x if isinstance(x, Site) else None
+    if late and pull is not None:  # (the kernel would sum the pushed rows as it goes, but
+        # no test has run that on GPUs yet: refused until one has)
+        raise ValueError(f"GEMV config {config}: LATE (PERF.md v0.93) is not yet tested "
+                         "reading a folded all-reduce's rows; pick a config without it")
     row = pull.rows if pull is not None else x
     assert isinstance(row, torch.Tensor)
     y = push.rows if push is not None else torch.empty(1, n, dtype=row.dtype, device=row.device)
