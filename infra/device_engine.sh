@@ -90,6 +90,14 @@ print(next((t for t in ("h100", "h200") if t in n.lower()), "gpu"))')
 rows() {  # the JSON lines of a step's output, into $out/$1 and replicas/results/$2
   grep '^{' | tee -a "$out/${1/_h200/_$tag}" >> "replicas/results/${2/_h200/_$tag}"
 }
+bench_rows() {  # SECONDS FUNCTION: replicas.bench.FUNCTION()'s rows as JSON lines, each
+  # with the machine's environment and the command, in one process cut at SECONDS
+  timeout -s KILL "$1" python3 -c "import json
+from replicas.bench import environment, $2
+where = {**environment(), 'command': 'bench.$2'}
+for row in $2():
+    print(json.dumps({**row, **where}), flush=True)" 2>&1
+}
 if [ "${STRUCT_S:-0}" != 0 ]; then
   timeout -s KILL "$STRUCT_S" python3 -m pytest -q tests/test_structured.py \
     tests/test_toolcalls.py -k "not tp2 and not overflow" -p no:cacheprovider 2>&1 |
@@ -132,25 +140,13 @@ if [ "${GEMV_S:-0}" != 0 ]; then  # every GEMV config on GLM-4-9B's shapes (~1 m
 fi
 if [ "${GEMVAB_S:-0}" != 0 ]; then  # PERF v0.87/v0.89, one process: batch-1 FP8 decode,
   # the engine's GEMVs picked with bench.GEMV_TRIAL_WINNERS and without (~40 s an engine, 4)
-  timeout -s KILL "$GEMVAB_S" python3 -c "import json
-from replicas.bench import environment, gemv_trials_ab
-where = {**environment(), 'command': 'bench.gemv_trials_ab'}
-for row in gemv_trials_ab():
-    print(json.dumps({**row, **where}), flush=True)" 2>&1 | rows gemv_trials_ab_h200.jsonl gemv_trials_ab_h200.jsonl
+  bench_rows "$GEMVAB_S" gemv_trials_ab | rows gemv_trials_ab_h200.jsonl gemv_trials_ab_h200.jsonl
 fi
 if [ "${KERNELS_S:-0}" != 0 ]; then  # PERF v0.90, one process: batch-1 FP8 decode's
   # kernels under the profiler, the GEMVs' picks as they are and with the LATE trials
-  timeout -s KILL "$KERNELS_S" python3 -c "import json
-from replicas.bench import b1_kernels_ab, environment
-where = {**environment(), 'command': 'bench.b1_kernels_ab'}
-for row in b1_kernels_ab():
-    print(json.dumps({**row, **where}), flush=True)" 2>&1 | rows b1_kernels_h200.jsonl b1_kernels_h200.jsonl
+  bench_rows "$KERNELS_S" b1_kernels_ab | rows b1_kernels_h200.jsonl b1_kernels_h200.jsonl
   # and each weight's read floor: its bytes read by a kernel that only reads (PERF v0.91)
-  timeout -s KILL "$KERNELS_S" python3 -c "import json
-from replicas.bench import environment, read_floor
-where = {**environment(), 'command': 'bench.read_floor'}
-for row in read_floor():
-    print(json.dumps({**row, **where}), flush=True)" 2>&1 | rows read_floor_h200.jsonl read_floor_h200.jsonl
+  bench_rows "$KERNELS_S" read_floor | rows read_floor_h200.jsonl read_floor_h200.jsonl
 fi
 if [ "${W8A8_S:-0}" != 0 ]; then  # W8A8 per token at a decode step's rows (~1 min)
   timeout -s KILL "$W8A8_S" python3 -m replicas.bench --suite w8a8 2>&1 |
