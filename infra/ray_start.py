@@ -35,6 +35,13 @@ def ray_program() -> str:
     return str(beside) if beside.exists() else (shutil.which("ray") or "ray")
 
 
+def starting_again(attempt: int, attempts: int = RAY_START_ATTEMPTS) -> str:
+    """What a start made again after a timed-out one says (this module's and `tpserve
+    up`'s)."""
+    return (f"Ray's start timed out (its processes were slow to start: a busy machine?); "
+            f"starting it again, attempt {attempt} of {attempts}")
+
+
 def run_echoed(cmd: Sequence[str]) -> tuple[int, str]:
     """Run `cmd`, its output (stdout and stderr, merged) echoed to our stdout as it comes;
     its exit status and that output."""
@@ -65,8 +72,7 @@ def ray_start(args: Sequence[str], attempts: int = RAY_START_ATTEMPTS,
                   file=sys.stderr, flush=True)
             return code
         run_echoed([ray, "stop", "--force"])
-        print(f"ray_start: Ray's start timed out (its processes were slow to start: a busy "
-              f"machine?); starting it again, attempt {attempt + 1} of {attempts}", flush=True)
+        print(f"ray_start: {starting_again(attempt + 1, attempts)}", flush=True)
     raise AssertionError("unreachable")
 
 

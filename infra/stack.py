@@ -44,7 +44,12 @@ from cluster.ray_env import ray_env
 from cluster.ray_token import ensure_token
 from infra.edge import DIRECT_INGRESS_ENV, configured_upstreams
 from infra.procs import ADMIN_TOKEN_ENV, STACK_PORTS
-from infra.ray_start import RAY_START_ATTEMPTS, RAY_START_TIMED_OUT, ray_program
+from infra.ray_start import (
+    RAY_START_ATTEMPTS,
+    RAY_START_TIMED_OUT,
+    ray_program,
+    starting_again,
+)
 from router.policy import RATE_LIMIT_PER_MINUTE, ROUTING_MODES, SESSION_POLICIES
 
 REPO = Path(__file__).resolve().parent.parent
@@ -212,16 +217,14 @@ def start_ray(config: StackConfig, state: Path, env: dict[str, str]) -> subproce
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-# (a start timing out, RAY_START_TIMED_OUT: infra/ray_start.py says why)
-
-
 def start_ray_head(config: StackConfig, state: Path, env: dict[str, str],
                    record: dict[str, Any]) -> subprocess.Popen:
     """start_ray, then wait until Ray's dashboard and Serve's REST API answer. A start that
-    timed out (RAY_START_TIMED_OUT in Ray's log) is stopped and made again, up to
-    RAY_START_ATTEMPTS in all, saying so; `record`'s pid (and state_dir's record) is each
-    attempt's Ray head as soon as it runs. StackError, with the end of Ray's log, when Ray
-    dies otherwise, times out every time, or runs and does not answer."""
+    timed out (RAY_START_TIMED_OUT in Ray's log: infra/ray_start.py says why) is stopped
+    and made again, up to RAY_START_ATTEMPTS in all, saying so; `record`'s pid (and
+    state_dir's record) is each attempt's Ray head as soon as it runs. StackError, with the
+    end of Ray's log, when Ray dies otherwise, times out every time, or runs and does not
+    answer."""
     log = state / "ray.log"
     for attempt in range(1, RAY_START_ATTEMPTS + 1):
         ray = start_ray(config, state, env)
@@ -239,8 +242,7 @@ def start_ray_head(config: StackConfig, state: Path, env: dict[str, str],
             if not timed_out or attempt == RAY_START_ATTEMPTS:
                 raise
         stop(record, config)  # what is left of its process group
-        print(f"  Ray's start timed out (its processes were slow to start: a busy machine?); "
-              f"starting it again, attempt {attempt + 1} of {RAY_START_ATTEMPTS}", flush=True)
+        print(f"  {starting_again(attempt + 1)}", flush=True)
     raise AssertionError("unreachable")
 
 
