@@ -410,12 +410,9 @@ def kernel_table(prof: Any, steps: int, top: int) -> dict[str, Any]:
     times' sum), against `kernels_us`, the spans' sum."""
     spans: dict[str, list[float]] = {}
     own: dict[str, float] = {}
-    by_device: dict[int, list[Any]] = {}
-    for event in prof.events():
-        if event.device_type.name == "CUDA":
+    for events in gpu_timelines(prof).values():
+        for event in events:
             spans.setdefault(event.name, []).append(event.time_range.elapsed_us())
-            by_device.setdefault(getattr(event, "device_index", 0), []).append(event)
-    for events in by_device.values():
         for event, mine in _own_times(events):
             own[event.name] = own.get(event.name, 0.0) + mine
     rows = sorted(((k[:90], len(v) / steps, sum(v) / steps, own[k] / steps)
@@ -425,6 +422,16 @@ def kernel_table(prof: Any, steps: int, top: int) -> dict[str, Any]:
             "kernel_calls": round(sum(r[1] for r in rows), 1),
             "top": [{"name": n, "calls": round(c, 1), "us": round(t, 1),
                      "own_us": round(o, 1)} for n, c, t, o in rows[:top]]}
+
+
+def gpu_timelines(prof: Any) -> dict[int, list[Any]]:
+    """A profile's GPU events (kernels, copies, memsets) by the GPU they ran on, each
+    GPU's in the profile's order."""
+    by_device: dict[int, list[Any]] = {}
+    for event in prof.events():
+        if event.device_type.name == "CUDA":
+            by_device.setdefault(getattr(event, "device_index", 0), []).append(event)
+    return by_device
 
 
 def _own_times(events: list[Any]) -> list[tuple[Any, float]]:
@@ -455,17 +462,13 @@ def gemv_roles(prof: Any, steps: int, gemv: str = "_gemv_kernel",
     after the final norm or before the argmax the LM head (a prefill's too: its last
     token's); any other run is "other". Calls, span and own time (as kernel_table's) per
     step, by role."""
-    by_device: dict[int, list[Any]] = {}
-    for event in prof.events():
-        if event.device_type.name == "CUDA":
-            by_device.setdefault(getattr(event, "device_index", 0), []).append(event)
     roles: dict[str, list[float]] = {}
 
     def add(role: str, event: Any, own: float) -> None:
         calls, span, owned = roles.setdefault(role, [0.0, 0.0, 0.0])
         roles[role] = [calls + 1, span + event.time_range.elapsed_us(), owned + own]
 
-    for events in by_device.values():
+    for events in gpu_timelines(prof).values():
         owned = _own_times(events)
         i = 0
         while i < len(owned):
@@ -595,12 +598,8 @@ def gpu_gaps(prof: Any, least_us: float = 2.0, top: int = 10) -> dict[str, Any]:
     kernel, copy or memset ran, grouped by the kernels on either side (names cut to 60),
     the largest total first; `idle_us` sums them all, `gaps` counts them; each GPU's
     timeline on its own."""
-    by_device: dict[int, list[Any]] = {}
-    for event in prof.events():
-        if event.device_type.name == "CUDA":
-            by_device.setdefault(getattr(event, "device_index", 0), []).append(event)
     groups: dict[tuple[str, str], list[float]] = {}
-    for events in by_device.values():  # each GPU's idle time on its own
+    for events in gpu_timelines(prof).values():  # each GPU's idle time on its own
         reached, before = -math.inf, ""
         for event in sorted(events, key=lambda e: e.time_range.start):
             gap = event.time_range.start - reached
@@ -1002,26 +1001,24 @@ def b1_kernels_ab(extra: tuple[tuple[int, ...], ...] | None = None,
         torch.cuda.empty_cache()
 
 
-# the bytes a batch-1 FP8 decode step's weights are read as: the layers' FP8 products
-# (W8A16_PROBE_SHAPES, a byte a weight) and the 16-bit LM head
-READ_FLOOR_BYTES = {**{name: n * k for name, (n, k) in {
-    "qkv": (4608, 4096), "o": (4096, 4096), "gate_up": (27392, 4096),
-    "down": (4096, 13696)}.items()}, "lm_head_bf16": 151552 * 4096 * 2}
-
-
 def read_floor(sizes: dict[str, int] | None = None, device: str = "cuda",
                timer: Callable[..., float] | None = None) -> Iterator[dict[str, Any]]:
     """PERF.md v0.91: the read floor of each weight a batch-1 FP8 decode step reads
-    (GLM-4-9B): a kernel that only reads its bytes (kernels.stream), timed as the GEMV
-    probe times a GEMV (copies cycled past L2, a graph of back-to-back launches with
-    PDL), at each of READ_CONFIGS; a row per weight with the fastest, its TB/s and every
-    config's time. The GEMV probe's time for the same weight over this is what the GEMV
-    spends beyond reading."""
+    (GLM-4-9B; `sizes`: bytes by name, by default its four FP8 products'
+    W8A16_PROBE_SHAPES and the 16-bit LM head): a kernel that only reads its bytes
+    (kernels.stream), timed as the GEMV probe times a GEMV (copies cycled past L2, a graph
+    of back-to-back launches with PDL), at each of READ_CONFIGS; a row per weight with the
+    fastest, its TB/s and every config's time. The GEMV probe's time for the same weight
+    over this is what the GEMV spends beyond reading."""
     from replicas.kernels.gemv import _cycled_us, cold_set
     from replicas.kernels.stream import READ_CONFIGS, read_all, read_programs
 
     time_us = timer or _cycled_us
-    for name, nbytes in (sizes or READ_FLOOR_BYTES).items():
+    if sizes is None:  # the layers' FP8 products (a byte a weight), the 16-bit LM head
+        vocab, hidden = GEMV_SHAPES["lm_head"][:2]
+        sizes = {**{name: n * k for name, (n, k) in W8A16_PROBE_SHAPES.items()},
+                 "lm_head_bf16": vocab * hidden * 2}
+    for name, nbytes in sizes.items():
         copies = cold_set(torch.zeros(nbytes, dtype=torch.uint8, device=device))
         out = torch.empty(max(read_programs(nbytes, c) for c in READ_CONFIGS),
                           dtype=torch.int64, device=device)
