@@ -42,7 +42,8 @@ def tier_order(item: pytest.Item) -> tuple[int, int, int]:
     machine a second Ray starting beside another misses Ray's fixed waits (its raylet
     aborts when its dashboard agent takes over 15 s to start: "The current node timed out
     during startup"; CI saw `ray up` fail so, and the Ctrl-C test's Ray, when they started
-    beside the shared stack's tests; `tpserve up` now starts such a Ray again)."""
+    beside the shared stack's tests; `tpserve up` and `ray up`'s nodes now start such a
+    Ray again)."""
     mark = item.get_closest_marker("stack")
     if mark is None:
         return (0, 0, 0)
