@@ -38,14 +38,17 @@ if triton is not None:
         return (y * w).to(X.dtype.element_ty).to(tl.float32)
 
     @triton.jit
-    def _late_x(X, R, NW, cols, k, EVEN: tl.constexpr, HAS_RES: tl.constexpr,
+    def _late_x(X, R, NW, ROUT, cols, k, EVEN: tl.constexpr, HAS_RES: tl.constexpr,
                 PULL: tl.constexpr, WORLD: tl.constexpr):
         """LATE (PERF.md v0.93): K columns of (x + residual) * weight, rounded to X's
         dtype, float32, the row's rstd left for the end; with these columns' sum of
-        squares of x + residual (as _rms_norm_kernel squares it) and x + residual itself."""
+        squares of x + residual (as _rms_norm_kernel squares it). Program 0 writes these
+        columns of x + residual to ROUT."""
         x, w = _norm_in(X, R, NW, cols, k, EVEN, HAS_RES, PULL, WORLD)
+        if HAS_RES and tl.program_id(0) == 0:
+            tl.store(ROUT + cols, x.to(ROUT.dtype.element_ty), mask=cols < k)
         h = x.to(tl.float32)
-        return (h * w).to(X.dtype.element_ty).to(tl.float32), tl.sum(h * h, axis=0), x
+        return (h * w).to(X.dtype.element_ty).to(tl.float32), tl.sum(h * h, axis=0)
 
     @triton.jit
     def _norm_in(X, R, NW, cols, k, EVEN: tl.constexpr, HAS_RES: tl.constexpr,
@@ -187,9 +190,7 @@ if triton is not None:
             rstd = 1.0 / tl.sqrt(tl.sum(whole * whole, axis=0) / k + eps)
         squares = 0.0
         if NORM and LATE:
-            xv, squares, h = _late_x(X, R, NW, cols, k, EVEN, HAS_RES, PULL, WORLD)
-            if HAS_RES and tl.program_id(0) == 0:
-                tl.store(ROUT + cols, h.to(ROUT.dtype.element_ty), mask=cols < k)
+            xv, squares = _late_x(X, R, NW, ROUT, cols, k, EVEN, HAS_RES, PULL, WORLD)
         else:
             xv = _gemv_x(X, R, NW, cols, k, rstd, EVEN, GATED, NORM, HAS_RES, PULL, WORLD)
         acc = _products(w, xv, RED)
@@ -201,10 +202,8 @@ if triton is not None:
             if SWIGLU:
                 wu = _w_tile(WU, rows, r_ok, cols, k, sw, EVEN)
             if NORM and LATE:
-                xv, more, h = _late_x(X, R, NW, cols, k, EVEN, HAS_RES, PULL, WORLD)
+                xv, more = _late_x(X, R, NW, ROUT, cols, k, EVEN, HAS_RES, PULL, WORLD)
                 squares += more
-                if HAS_RES and tl.program_id(0) == 0:
-                    tl.store(ROUT + cols, h.to(ROUT.dtype.element_ty), mask=cols < k)
             else:
                 xv = _gemv_x(X, R, NW, cols, k, rstd, EVEN, GATED, NORM, HAS_RES, PULL,
                              WORLD)
