@@ -28,6 +28,8 @@
 #                                                # trials and without (PERF v0.90, v0.92,
 #                                                # v0.93: bench.b1_kernels_ab), then each
 #                                                # weight's read floor (v0.91)
+#   HEAD_S=240 ...                               # and batch-1 FP8 decode with the FP8
+#                                                # LM head against the 16-bit (v0.94)
 #   W8A8_S=150 ...                               # and W8A8's few-row matmul: Triton's
 #                                                # configs against _scaled_mm at 16-256
 #                                                # rows (PERF v0.62) and cuBLAS in runs
@@ -147,6 +149,15 @@ if [ "${KERNELS_S:-0}" != 0 ]; then  # PERF v0.90, one process: batch-1 FP8 deco
   bench_rows "$KERNELS_S" b1_kernels_ab | rows b1_kernels_h200.jsonl b1_kernels_h200.jsonl
   # and each weight's read floor: its bytes read by a kernel that only reads (PERF v0.91)
   bench_rows "$KERNELS_S" read_floor | rows read_floor_h200.jsonl read_floor_h200.jsonl
+fi
+if [ "${HEAD_S:-0}" != 0 ]; then  # PERF v0.94, one process: batch-1 FP8 decode with the
+  # 16-bit LM head and with the FP8 head rescoring its top 16 (~60 s an engine); then the
+  # FP8 head's accuracy in steps of one row, against the 16-bit model and the FP8 one
+  bench_rows "$HEAD_S" b1_head_ab | rows b1_head_h200.jsonl b1_head_h200.jsonl
+  for head in 0 16; do
+    timeout -s KILL "$HEAD_S" python3 -m replicas.accuracy --dtype bfloat16 --chunk 1 \
+      --fp8-lm-head $head 2>&1 | rows accuracy_h200.jsonl accuracy_h200.jsonl
+  done
 fi
 if [ "${W8A8_S:-0}" != 0 ]; then  # W8A8 per token at a decode step's rows (~1 min)
   timeout -s KILL "$W8A8_S" python3 -m replicas.bench --suite w8a8 2>&1 |

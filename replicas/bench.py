@@ -974,30 +974,53 @@ def b1_kernels_ab(extra: tuple[tuple[int, ...], ...] | None = None,
     weights, e4m3 cache, 128-token prompt), the engine's GEMVs picked among
     FP8_GEMV_CONFIGS as they are ("picks") and with `extra` among them too ("picks_extra";
     by default the LATE trials, v0.93; v0.90 ran v0.89's qkv GEMV, faster alone, no faster
-    in the step); an engine each. A row per engine: ms a token, then `tokens` new tokens
-    under the profiler: the kernels' spans and own times a step (kernel_table), the GEMVs'
-    by the weight each reads (gemv_roles), where the GPU sat idle (gpu_gaps), and the
-    GEMVs' picks."""
-    from torch.profiler import ProfilerActivity, profile
-
-    config, prompt = _b1_fp8()
-    greedy = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    in the step); an engine each (`_b1_kernels_rows`)."""
     every = _gemv_module().FP8_GEMV_CONFIGS
     extra = _gemv_module().LATE_TRIALS if extra is None else extra
-    for name, configs in (("picks", every), ("picks_extra", every + extra)):
+    yield from _b1_kernels_rows({"picks": (every, {}), "picks_extra": (every + extra, {})},
+                                tokens)
+
+
+def b1_head_ab(candidates: int = 16, tokens: int = 64) -> Iterator[dict[str, Any]]:
+    """PERF.md v0.94: batch-1 FP8 decode with the 16-bit LM head ("head16") and with the
+    FP8 head rescoring each step's `candidates` highest logits ("head_fp8"), an engine
+    each (`_b1_kernels_rows`)."""
+    every = _gemv_module().FP8_GEMV_CONFIGS
+    yield from _b1_kernels_rows({"head16": (every, {}),
+                                 "head_fp8": (every, {"fp8_lm_head": candidates})}, tokens)
+
+
+def _b1_kernels_rows(arms: dict[str, tuple[tuple[tuple[int, ...], ...], dict[str, Any]]],
+                     tokens: int) -> Iterator[dict[str, Any]]:
+    """Per arm (name: the FP8 GEMV configs the engine picks among, EngineConfig changes),
+    `_b1_fp8`'s engine: a row of ms a token, then `tokens` new tokens under the profiler:
+    the kernels' spans and own times a step (kernel_table), the GEMVs' by the weight each
+    reads (gemv_roles), where the GPU sat idle (gpu_gaps), the GEMVs' picks; and after
+    the first arm, the share of its greedy tokens that the first arm's match ("agree")."""
+    from torch.profiler import ProfilerActivity, profile
+
+    base, prompt = _b1_fp8()
+    greedy = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    first: list[int] | None = None
+    for name, (configs, changes) in arms.items():
+        config = dataclasses.replace(base, **changes)
         with _fp8_gemv_configs(configs), Engine(config) as engine:
             ms = ours_per_token(engine, prompt, 128, 3) * 1e3
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                engine.generate(prompt, greedy)
+                out = engine.generate(prompt, greedy)
             picks = {key: report.get("chosen")
                      for key, report in engine.worker.gemv_report.items()}
         table, gaps = kernel_table(prof, tokens, 16), gpu_gaps(prof)
+        got = out[0].token_ids
+        first = got if first is None else first
         yield {"case": f"glm4-9b_fp8_decode_b1_kernels_{name}", "unit": "ms/token",
                "ours": round(ms, 3), "busy_ms_per_step": round(table["busy_us"] / 1e3, 3),
                "kernels_ms_per_step": round(table["kernels_us"] / 1e3, 3),
                "idle_ms_per_step": round(gaps["idle_us"] / 1e3 / tokens, 3),
                "gemv_roles": gemv_roles(prof, tokens), "kernels": table, "gaps": gaps,
-               "picks": picks}
+               "picks": picks, "changes": changes,
+               **({} if got is first else {"agree": round(
+                   sum(a == b for a, b in zip(first, got, strict=True)) / tokens, 4)})}
         torch.cuda.empty_cache()
 
 

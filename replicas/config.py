@@ -32,6 +32,7 @@ SUPPORTED_TP = (1, 2, 4, 8)
 DTYPES = ("float32", "float16", "bfloat16")  # EngineConfig.dtype and comm_dtype (torch's names)
 KV_CACHE_DTYPES = ("auto", "fp8", "int8")  # EngineConfig.kv_cache_dtype
 MAX_PIECE_TOKENS = 2048  # EngineConfig.piece_graph_tokens' bound (replicas/pieces.py)
+MAX_LM_HEAD_CANDIDATES = 1024  # EngineConfig.fp8_lm_head's bound (a gather of C rows a step)
 # EngineConfig.piece_graph_tokens when not set, where pieces are captured (PERF.md v0.48)
 DEFAULT_PIECE_TOKENS = 512
 # rope types whose frequencies do not depend on the sequence length seen so far
@@ -156,6 +157,12 @@ class EngineConfig:
     # puts only gate_up (~55 % of a GLM-4-9B layer's matmul FLOPs) on FP8 tensor cores,
     # and nothing is widened from FP8 at large batches (PERF.md v0.47, v0.52)
     keep_16bit: str = ""
+    # 0: the LM head stays 16-bit. C > 0: in batch-1 decode it reads FP8 rows (a scale
+    # per vocabulary row; half the bytes of GLM-4-9B's 1.24 GB head), and each row's C
+    # highest logits are computed again from the 16-bit rows, kept beside (the head's
+    # memory 1.5x): greedy tokens and the logits of each row's top C are the 16-bit
+    # head's, the rest FP8's. Steps of more rows use the 16-bit rows (PERF.md v0.94)
+    fp8_lm_head: int = 0
 
     def __post_init__(self) -> None:
         if self.tp not in SUPPORTED_TP:
@@ -176,6 +183,9 @@ class EngineConfig:
         if self.overlap_chunk_tokens < 0:
             raise ConfigError(f"overlap_chunk_tokens must be >= 0, got "
                               f"{self.overlap_chunk_tokens}")
+        if not 0 <= self.fp8_lm_head <= MAX_LM_HEAD_CANDIDATES:
+            raise ConfigError(f"fp8_lm_head={self.fp8_lm_head}: use 0 (a 16-bit head) or "
+                              f"the logits to compute again, 1 to {MAX_LM_HEAD_CANDIDATES}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "stream_interval"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")

@@ -36,6 +36,9 @@ Contract:
   in FP8 it would save ~6 % of an FP8 decode step's bytes (GLM-4-9B: 0.62 of ~10.6 GB)
   and cost 0.6 points of top-1 agreement on the trained checkpoint (98.93 -> 98.34 %,
   KL 0.00030 -> 0.00054; PERF.md v0.22), more than the bars' margin allows.
+  `quantize_head` (EngineConfig.fp8_lm_head = C) makes it FP8 for batch-1 decode only,
+  with each row's C highest logits computed again from the 16-bit rows, kept beside
+  (parallel.ParallelLMHead; PERF.md v0.94).
   Quantized after the 16-bit weights are loaded, layer by layer: the 16-bit copy of a
   layer is freed as its FP8 form takes its place, so the peak is the 16-bit model.
 - A checkpoint stored in FP8 (`checkpoint_fp8(hf_config)`: a `quantization_config` of
@@ -242,6 +245,23 @@ def quantize_model(model: nn.Module, w8a8: int = 0, weight_only: tuple[str, ...]
         _hold(name, layer, *quantize_rows(layer.weight.data),
               0 if name.endswith(weight_only) else w8a8)
     return len(layers)
+
+
+@torch.no_grad()
+def quantize_head(head: nn.Module, candidates: int) -> None:
+    """The LM head (parallel.ParallelLMHead) reads FP8 rows in batch-1 decode, its C =
+    `candidates` highest logits computed again from its 16-bit rows, kept beside (see
+    ParallelLMHead; EngineConfig.fp8_lm_head)."""
+    from replicas.config import ConfigError
+
+    if candidates <= 0:
+        raise ConfigError(f"fp8_lm_head={candidates}: an FP8 head rescores C >= 1 logits")
+    head.weight16 = head.weight.data  # (the embedding's own rows when they are tied)
+    w8, scale = quantize_rows(head.weight16)
+    head.weight = nn.Parameter(w8, requires_grad=False)
+    head.weight_scale = scale
+    head.candidates = candidates
+    head.gemv = None
 
 
 def checkpoint_fp8(hf_config: object) -> bool:

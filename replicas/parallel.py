@@ -583,7 +583,15 @@ class VocabParallelEmbedding(nn.Module):
 
 class ParallelLMHead(nn.Module):
     """logits = h E^T with E's vocab rows split over ranks (as the embedding's), then
-    gathered to the full vocabulary on every rank."""
+    gathered to the full vocabulary on every rank.
+
+    With an FP8 head (`fp8.quantize_head`, EngineConfig.fp8_lm_head = C): `weight` is
+    FP8 (a scale per vocabulary row, `weight_scale`) and `weight16` the 16-bit rows. A
+    one-row input (batch-1 decode, where the head's bytes are the cost) reads the FP8
+    rows, and each rank computes its shard's C highest logits again from `weight16`
+    (a gather of C rows), so the logits the tokens are chosen from are the 16-bit head's
+    wherever they rank in a shard's top C, and FP8's (relative error ~2^-5 a weight)
+    elsewhere. Inputs of more rows read `weight16` alone, as a 16-bit head."""
 
     def __init__(self, vocab_size: int, dim: int, comm: Comm) -> None:
         super().__init__()
@@ -593,15 +601,36 @@ class ParallelLMHead(nn.Module):
         self.weight = nn.Parameter(torch.zeros(per_rank, dim), requires_grad=False)
         self.gemv: kernels.GemvConfig | None = None  # one-row inputs: Triton GEMV (tuned)
         self.gemv_kind: kernels.GemvKind = "plain"  # as its owner calls it (pick_gemv)
+        self.candidates = 0  # an FP8 head's C (0: a 16-bit head)
+        self.register_buffer("weight_scale", None, persistent=False)
+        self.register_buffer("weight16", None, persistent=False)
 
     load = VocabParallelEmbedding.load
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # [n, dim] -> [n, vocab] float32
-        if on_gemv(self.gemv, h):
-            local = kernels.gemv(h, self.weight, None, self.gemv).float()
+        if self.weight16 is None:
+            local = self._logits(h, self.weight, None)
+        elif h.shape[0] == 1:
+            local = self._rescored(h, self._logits(h, self.weight, self.weight_scale))
         else:
-            local = F.linear(h, self.weight).float()  # [n, vocab_per_rank]
+            local = F.linear(h, self.weight16).float()
         return self.comm.all_gather_last(local)[:, : self.vocab_size]
+
+    def _logits(self, h: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None
+                ) -> torch.Tensor:  # [n, vocab_per_rank] float32
+        if on_gemv(self.gemv, h):
+            return kernels.gemv(h, weight, None, self.gemv, scale=scale).float()
+        if scale is not None:
+            return fp8_linear(h, weight, scale).float()
+        return F.linear(h, weight).float()
+
+    def _rescored(self, h: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """`local` with each row's C highest logits computed again from the 16-bit rows,
+        in h's dtype as a 16-bit head computes them (float32 sums, one rounding)."""
+        assert self.weight16 is not None
+        top = local.topk(min(self.candidates, local.shape[1]), dim=-1).indices  # [n, C]
+        exact = torch.bmm(self.weight16[top], h[:, :, None])[..., 0]  # [n, C]
+        return local.scatter(1, top, exact.float())
 
 
 class RMSNorm(nn.Module):

@@ -36,7 +36,14 @@ from replicas.config import (
     hf_config_from_json,
     rope_parameters,
 )
-from replicas.fp8 import FP8, check_scales, checkpoint_fp8, prepare_model, quantize_model
+from replicas.fp8 import (
+    FP8,
+    check_scales,
+    checkpoint_fp8,
+    prepare_model,
+    quantize_head,
+    quantize_model,
+)
 from replicas.graphs import DecodeGraphs
 from replicas.kernels import fp8mm
 from replicas.kv_cache import allocate_kv_cache, block_bytes, kv_heads_per_rank
@@ -208,9 +215,15 @@ class Worker:
         elif config.quantization != "none":
             quantize_model(model, w8a8, config.weight_only_projections(),
                            config.kept_16bit_projections())
+        if config.fp8_lm_head:
+            quantize_head(model.lm_head, config.fp8_lm_head)
         self.model = model.eval()
         # this rank's weight bytes: with startup_s["load"], the load's throughput
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        # (an FP8 LM head's 16-bit rows too, unless they are the embedding's)
+        held = [*model.parameters()]
+        if model.lm_head.weight16 is not None and not self.spec.tie_word_embeddings:
+            held.append(model.lm_head.weight16)
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in held)
         phase("load")
         if store is not None:
             self._join_group(store)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -344,7 +345,6 @@ def test_kernel_table_groups_a_profiles_gpu_kernels_by_name_largest_first() -> N
     by name, per step, the CPU's events left out; each kernel's own time leaves out what
     an earlier kernel on its GPU still ran (a kernel launched early, as programmatic
     dependent launch does, waits inside its span), each GPU on its own."""
-    from types import SimpleNamespace
 
     from replicas.bench import kernel_table
 
@@ -735,7 +735,9 @@ def test_the_b1_kernels_ab_profiles_each_arm_and_leaves_the_configs_whole(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """bench.b1_kernels_ab's arms: the engine's FP8 GEMV picks among FP8_GEMV_CONFIGS as
     they are, then with `extra` too; an FP8 batch-1 engine each, its tokens under the
-    profiler; a row each; the module's configs as they were afterwards."""
+    profiler; a row each, the second with the share of its tokens the first's match; the
+    module's configs as they were afterwards. b1_head_ab's: the 16-bit head, then the FP8
+    head (fp8_lm_head)."""
     import contextlib
     import importlib
 
@@ -746,12 +748,14 @@ def test_the_b1_kernels_ab_profiles_each_arm_and_leaves_the_configs_whole(
     gemv_module = importlib.import_module("replicas.kernels.gemv")
     every = gemv_module.FP8_GEMV_CONFIGS
     seen: list[tuple[Any, ...]] = []
+    heads: list[int] = []
 
     class FakeEngine:
         def __init__(self, config: Any) -> None:
             assert (config.quantization, config.kv_cache_dtype, config.max_num_seqs) == (
                 "fp8", "fp8", 1)
             seen.append(gemv_module.FP8_GEMV_CONFIGS)
+            heads.append(config.fp8_lm_head)
             self.worker = type("W", (), {"gemv_report": {"qkv": {"chosen": "(1,)"}}})()
 
         def __enter__(self) -> FakeEngine:
@@ -760,8 +764,10 @@ def test_the_b1_kernels_ab_profiles_each_arm_and_leaves_the_configs_whole(
         def __exit__(self, *exc: object) -> None:
             pass
 
-        def generate(self, prompts: Any, params: Any) -> None:
-            assert params.max_tokens == 8
+        def generate(self, prompts: Any, params: Any) -> list[Any]:
+            assert params.max_tokens == 8 and params.greedy
+            # each later engine's tokens differ from the first's at one of the eight
+            return [SimpleNamespace(token_ids=[len(seen) > 1, *range(7)])]
 
     class FakeProfile(contextlib.nullcontext):
         def __init__(self, **kwargs: Any) -> None:
@@ -779,11 +785,18 @@ def test_the_b1_kernels_ab_profiles_each_arm_and_leaves_the_configs_whole(
                                          "glm4-9b_fp8_decode_b1_kernels_picks_extra"]
     assert seen == [every, every + extra]
     assert rows[0]["ours"] == 3.0 and rows[0]["picks"] == {"qkv": "(1,)"}
+    assert "agree" not in rows[0] and rows[1]["agree"] == 0.875
     assert gemv_module.FP8_GEMV_CONFIGS == every
     seen.clear()  # by default the extra configs are the LATE trials (PERF.md v0.93)
     assert len(list(bench.b1_kernels_ab(tokens=8))) == 2
     assert seen == [every, every + gemv_module.LATE_TRIALS]
     assert set(gemv_module.LATE_TRIALS) <= set(gemv_module.FP8_GEMV_TRIALS)
+    seen.clear()
+    heads.clear()
+    rows = list(bench.b1_head_ab(12, tokens=8))
+    assert [r["case"][-8:] for r in rows] == ["s_head16", "head_fp8"]
+    assert heads == [0, 12] and seen == [every, every]
+    assert [r["changes"] for r in rows] == [{}, {"fp8_lm_head": 12}]
 
 
 def test_the_read_kernel_reads_every_word_once(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,6 +27,7 @@ from replicas.fp8 import FP8, FP8_MAX, fp8_linear, is_fp8, quantize_rows, quanti
 from replicas.parallel import ColumnParallelLinear, ParallelLMHead, RowParallelLinear
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+PROMPTS = [[5, 6, 7, 8, 9], [3, 1, 4]]
 
 
 def test_rows_keep_three_mantissa_bits() -> None:
@@ -588,6 +589,46 @@ def test_linear_layers_hold_fp8_and_the_rest_stays(ckpt: str, quantization: str)
         first = eng.generate([[5, 6, 7, 8, 9]], GREEDY)[0]
         again = eng.generate([[5, 6, 7, 8, 9]], GREEDY)[0]
     assert first.token_ids == again.token_ids and len(first.token_ids) == 12
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_fp8_lm_head_decodes_the_16bit_heads_tokens(checkpoint: CheckpointFactory,
+                                                     family: str) -> None:
+    """fp8_lm_head = C: the head holds FP8 rows and keeps its 16-bit rows (the
+    embedding's own when tied: no second copy); greedy decoding picks the 16-bit head's
+    tokens (each row's top C rescored), while the logprobs, normalized over FP8 logits
+    for the rest of the vocabulary, move a little. One request at a time: a step of one
+    row reads the FP8 rows; two requests' steps, the 16-bit rows alone."""
+    base = EngineConfig(model=checkpoint(family), dtype="float32", max_model_len=64,
+                        quantization="fp8")
+    logged = dataclasses.replace(GREEDY, logprobs=True)
+    with Engine(base) as eng:
+        plain_bytes = eng.worker.weight_bytes
+        tied = eng.worker.spec.tie_word_embeddings
+        plain = [eng.generate([p], logged)[0] for p in PROMPTS]
+    with Engine(dataclasses.replace(base, fp8_lm_head=64)) as eng:
+        head = eng.worker.model.lm_head
+        assert head.weight.dtype == FP8 and head.candidates == 64
+        assert head.weight16.dtype == torch.float32
+        embedding = eng.worker.model.model.embed_tokens.weight
+        assert (head.weight16.data_ptr() == embedding.data_ptr()) == tied
+        # the FP8 rows are added; the 16-bit rows are counted once either way
+        assert eng.worker.weight_bytes == plain_bytes + head.weight.numel()
+        fp8 = [eng.generate([p], logged)[0] for p in PROMPTS]
+        both = eng.generate(PROMPTS, logged)
+    def moved(a: Any, b: Any) -> float:
+        assert a.token_ids == b.token_ids
+        return max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True))
+
+    assert all(1e-4 < moved(a, b) < 0.05 for a, b in zip(plain, fp8, strict=True))
+    assert all(moved(a, b) < 1e-5 for a, b in zip(plain, both, strict=True))
+
+
+def test_fp8_lm_head_is_a_count_of_candidates() -> None:
+    assert EngineConfig(fp8_lm_head=16).fp8_lm_head == 16
+    for bad in (-1, 1025):
+        with pytest.raises(ConfigError, match="fp8_lm_head"):
+            EngineConfig(fp8_lm_head=bad)
 
 
 def test_accuracy_measure(ckpt: str) -> None:

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from spawned import run_spawned
 
+from replicas.fp8 import quantize_head, quantize_rows
 from replicas.parallel import (
     ColumnParallelLinear,
     Comm,
@@ -151,6 +152,14 @@ def _lm_head(comm: Comm, w: dict[str, torch.Tensor]) -> Results:
     return {"out": out.numpy(), "float32": out.dtype == torch.float32}
 
 
+def _lm_head_fp8(comm: Comm, w: dict[str, torch.Tensor]) -> Results:
+    """An FP8 head (EngineConfig.fp8_lm_head = 2): one row, and all the rows at once."""
+    layer = ParallelLMHead(VOCAB, DIM, comm)
+    layer.load("lm_head.weight", getter(w["head.weight"]), None)
+    quantize_head(layer, 2)
+    return {"row": layer(w["h"][:1]).numpy(), "rows": layer(w["h"]).numpy()}
+
+
 def _all_reduce_float16(comm: Comm, w: dict[str, torch.Tensor]) -> Results:
     res: Results = {}
     res["fresh"] = bool(comm.overflow)
@@ -183,6 +192,7 @@ CHECKS: dict[str, tuple[Callable[[Comm, dict[str, torch.Tensor]], Results], torc
     "row_chunked_float16": (_row_chunked, torch.float16),
     "embedding": (_embedding, torch.float16),  # exact=True: comm dtype must not matter
     "lm_head": (_lm_head, torch.float16),
+    "lm_head_fp8": (_lm_head_fp8, torch.float16),
     "all_reduce_float16": (_all_reduce_float16, torch.float16),
 }
 
@@ -296,6 +306,27 @@ def test_parallel_lm_head_gathers_the_full_vocab(ranks: list[dict[str, Results]]
         assert r["lm_head"]["out"].shape == (TOKENS, VOCAB)  # padding row cut off
         assert r["lm_head"]["float32"]
         close(r["lm_head"]["out"], ref)
+
+
+def test_fp8_lm_head_rescores_each_shards_top_logits(ranks: list[dict[str, Results]],
+                                                     w: dict) -> None:
+    """At tp=2 each rank rescores its own shard's top C (C = 2) of the FP8 logits from
+    its 16-bit rows: one row's logits are the 16-bit head's there and FP8's elsewhere;
+    several rows' are the 16-bit head's."""
+    exact = w["h"] @ w["head.weight"].T
+    per_rank = -(-VOCAB // WORLD)
+    w8, scale = quantize_rows(w["head.weight"])
+    rough = w["h"][:1] @ (w8.float() * scale[:, None]).T
+    ref = rough.clone()
+    for start in range(0, VOCAB, per_rank):  # a shard's padding row (zeros) scores 0
+        shard = torch.cat([rough[0, start:start + per_rank],
+                           torch.zeros(start + per_rank - min(VOCAB, start + per_rank))])
+        top = [int(i) + start for i in shard.topk(2).indices if i + start < VOCAB]
+        ref[0, top] = exact[0, top]
+    assert not torch.allclose(rough, exact, rtol=1e-4, atol=1e-4)  # FP8 is seen
+    for r in ranks:
+        close(r["lm_head_fp8"]["row"], ref)
+        close(r["lm_head_fp8"]["rows"], exact)
 
 
 def test_float16_all_reduce_flags_overflow(ranks: list[dict[str, Results]]) -> None:
