@@ -626,8 +626,13 @@ class ParallelLMHead(nn.Module):
 
     def _rescored(self, h: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         """`local` with each row's C highest logits computed again from the 16-bit rows,
-        in h's dtype as a 16-bit head computes them (float32 sums, one rounding)."""
+        in h's dtype as a 16-bit head computes them (float32 sums, one rounding): on the
+        Triton path in place, two kernels (`kernels.rescore_top`: the C highest of each
+        run's few highest, where torch.topk took ~50 us, PERF.md v0.94)."""
         assert self.weight16 is not None
+        if kernels.enabled(h):
+            kernels.rescore_top(local, h, self.weight16, self.candidates)
+            return local
         top = local.topk(min(self.candidates, local.shape[1]), dim=-1).indices  # [n, C]
         exact = torch.bmm(self.weight16[top], h[:, :, None])[..., 0]  # [n, C]
         return local.scatter(1, top, exact.float())

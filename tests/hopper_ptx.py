@@ -136,6 +136,12 @@ def rest() -> list[tuple[Any, dict[str, str], dict[str, Any], bool]]:
          {"BLOCK": tokens.ARGMAX_BLOCK, "PDL": True}, True),
         (tokens._argmax_merge_kernel, {"PV": "*fp32", "PI": "*i64", "OUT": "*i64"},
          {"BLOCK_P": 64, "PDL": True}, True),
+        # (an FP8 LM head's rescored top logits, PERF.md v0.94)
+        (tokens._top_part_kernel, {"X": "*fp32", "PV": "*fp32", "PI": "*i32"},
+         {"K": tokens.TOP_PER_PART, "BLOCK": tokens.TOP_BLOCK, "PDL": True}, True),
+        (tokens._rescore_kernel, {"X": "*fp32", "PV": "*fp32", "PI": "*i32", "H": bf16,
+                                  "W": bf16},
+         {"BLOCK_P": 512, "BLOCK_D": tokens.RESCORE_BLOCK_D, "PDL": True}, True),
         # (the bench's read floor, PERF.md v0.91)
         (stream._read_kernel, {"X": "*i64", "OUT": "*i64"},
          {"BLOCK": 2048, "ITERS": 4, "PDL": True}, True)]

@@ -20,6 +20,7 @@ from transformers import AutoConfig
 from replicas import Engine, EngineConfig, SamplingParams, kernels, worker
 from replicas.config import ModelSpec
 from replicas.fp8 import quantize_rows
+from replicas.kernels import tokens as tokens_module
 from replicas.model import ForwardBatch, Rotary, attention_mask
 from replicas.model import paged_attention as reference_attention
 
@@ -76,6 +77,50 @@ def test_argmax_rows_is_torch_argmax_ties_included(shape: tuple[int, int],
     got = kernels.argmax_rows(x)
     assert got.dtype == torch.int64 and torch.equal(got, x.argmax(-1))
     assert int(got[0]) == top
+
+
+@pytest.mark.parametrize("shape", [(1, 151552), (2, 5000), (1, 7)])
+def test_rescore_top_rewrites_each_rows_top_logits(shape: tuple[int, int]) -> None:
+    """An FP8 head's rescoring (PERF.md v0.94): the `count` highest of each run of
+    TOP_BLOCK logits' TOP_PER_PART highest (the row's own top `count` when they are
+    spread, as here in the long row) become h . w[index] rounded once to h's dtype (to a
+    bfloat16 step: the kernel sums in its own order), every other logit stays; a run
+    that holds more of the top keeps its TOP_PER_PART highest, the next ones come in
+    instead; padding rows past the logits' end are never candidates."""
+    rows, n = shape
+    gen = torch.Generator().manual_seed(n)
+    h = torch.randn(rows, 64, generator=gen).to(torch.bfloat16)
+    w = torch.randn(n + 3, 64, generator=gen).to(torch.bfloat16)  # padded as a shard
+    rough = torch.randn(rows, n, generator=gen) * 4
+    count = 16
+    exact = (h.float() @ w.float().T).to(torch.bfloat16).float()[:, :n]
+    # spread the top so that no run holds more than TOP_PER_PART of it
+    if n > 16 * tokens_module.TOP_BLOCK:
+        rough[0, :: tokens_module.TOP_BLOCK] += 100
+    x = rough.clone().to(DEVICE)
+    kernels.rescore_top(x, h.to(DEVICE), w.to(DEVICE), count)
+    for r in range(rows):
+        runs = rough[r].split(tokens_module.TOP_BLOCK)
+        pool = torch.cat([run.topk(min(tokens_module.TOP_PER_PART, len(run))).indices
+                          + i * tokens_module.TOP_BLOCK for i, run in enumerate(runs)])
+        top = pool[rough[r, pool].topk(min(count, len(pool))).indices]
+        if len(runs) > count:  # spread: the row's own top
+            assert set(top.tolist()) == set(rough[r].topk(count).indices.tolist())
+        want = rough[r].clone()
+        want[top] = exact[r, top]
+        torch.testing.assert_close(x[r].cpu(), want, rtol=2**-7, atol=1e-5)
+    if n < 16 * tokens_module.TOP_BLOCK:
+        return
+    crowded = rough.clone()  # now the first run holds the row's 8 highest
+    crowded[0, :8] += 200
+    x = crowded.clone().to(DEVICE)
+    kernels.rescore_top(x, h.to(DEVICE), w.to(DEVICE), count)
+    order = crowded[0].argsort(descending=True)
+    per_part = tokens_module.TOP_PER_PART
+    chosen = torch.cat([order[:per_part], order[8:8 + count - per_part]])
+    want = crowded[0].clone()
+    want[chosen] = exact[0, chosen]
+    torch.testing.assert_close(x[0].cpu(), want, rtol=2**-7, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["llama", "glm"])  # halves; partial interleaved pairs
@@ -421,9 +466,9 @@ def test_kernels_compile_for_hopper(mode: str, tmp_path: Path) -> None:
     if mode == "gemv":
         assert f"{len(kernels.FP8_GEMV_CONFIGS) + 5} GEMVs compiled for sm_90" in done.stdout
     else:
-        # (rest: W8A8 per token twice, the bench's read kernel; an 8-bit cache: the cache
-        # write, decode attention plain and F16, prefill)
-        count = {"quant": 5, "rest": 15}.get(mode, 4)
+        # (rest: W8A8 per token twice, the bench's read kernel, the LM head's rescoring
+        # two; an 8-bit cache: the cache write, decode attention plain and F16, prefill)
+        count = {"quant": 5, "rest": 17}.get(mode, 4)
         assert done.stdout.count("compiled for sm_90") == count
 
 

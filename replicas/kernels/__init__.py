@@ -62,14 +62,15 @@ from replicas.kernels.gemv import (
 from replicas.kernels.norm import rms_norm, rms_norm_quantize_fp8
 from replicas.kernels.quant import quantize_tokens_fp8, silu_mul_quantize_fp8, widen_fp8
 from replicas.kernels.rope import rope_and_cache
-from replicas.kernels.tokens import ARGMAX_BLOCK, argmax_rows, feed_tokens
+from replicas.kernels.tokens import ARGMAX_BLOCK, argmax_rows, feed_tokens, rescore_top
 
 __all__ = [
     "ARGMAX_BLOCK", "DECODE_TILE", "FP8_GEMV_CONFIGS", "FP8_GEMV_TRIALS", "GEMV_CONFIGS",
     "GemvConfig",
     "GemvKind", "NewKeys", "Site", "argmax_rows", "decode_splits", "enabled", "feed_tokens",
     "engine_decode_tile", "gemv", "gemv_configs", "gemv_norm", "gemv_push",
-    "paged_attention", "pdl", "pick_gemv", "pick_w8a8", "quantize_tokens_fp8", "rms_norm",
+    "paged_attention", "pdl", "pick_gemv", "pick_w8a8", "quantize_tokens_fp8", "rescore_top",
+    "rms_norm",
     "rms_norm_quantize_fp8",
     "rope_and_cache", "silu_and_mul", "silu_mul_quantize_fp8", "w8a8_config", "w8a8_groups",
     "RunSum", "w8a8_per_token", "w8a8_picked", "w8a16", "widen_fp8",
