@@ -138,9 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-16bit", default="", help="EngineConfig.keep_16bit")
     parser.add_argument("--w8a8-weight-only", default="",
                         help="EngineConfig.w8a8_weight_only")
-    parser.add_argument("--fp8-lm-head", type=int, default=0,
-                        help="EngineConfig.fp8_lm_head: the FP8 head's rescored logits, "
-                        "read in steps of one row (--chunk 1)")
+    parser.add_argument("--fp8-lm-head", type=int,
+                        help="EngineConfig.fp8_lm_head (default: the engine's): the FP8 "
+                        "head's rescored logits, 0 for a 16-bit head; the FP8 head is "
+                        "read in steps of one row only (--chunk 1)")
     parser.add_argument("--no-gemv-kernels", action="store_true",
                         help="the changed engine with gemv_kernels=False (W8A8: cuBLAS's "
                         "_scaled_mm at every row count, no Triton picks)")
@@ -166,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                         max_num_batched_tokens=args.chunk)
     changes = {"quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype,
                **{k: v for k, v in (("keep_16bit", args.keep_16bit),
-                                    ("w8a8_weight_only", args.w8a8_weight_only),
-                                    ("fp8_lm_head", args.fp8_lm_head)) if v},
+                                    ("w8a8_weight_only", args.w8a8_weight_only)) if v},
+               **({} if args.fp8_lm_head is None else {"fp8_lm_head": args.fp8_lm_head}),
                **({"gemv_kernels": False} if args.no_gemv_kernels else {})}
     row = measure(base, changes, prompts)
     name = args.model or (TRAINED_VERSION if (args.seed, args.steps) == (0, TRAIN_STEPS)

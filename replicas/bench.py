@@ -245,7 +245,8 @@ def model_dir(name: str) -> str:
 
 def read_bytes(engine: Engine) -> int:
     """Weight bytes a decode step reads: all but the embedding (one row is gathered), FP8
-    layers' scales included."""
+    layers' scales included; an FP8 LM head's FP8 rows, not the 16-bit ones it keeps
+    (a batch-1 step reads C of them)."""
     model = engine.worker.model
     tensors = [*model.named_parameters(), *((n, b) for n, b in model.named_buffers()
                                             if n.endswith("weight_scale"))]
@@ -986,7 +987,7 @@ def b1_head_ab(candidates: int = 16, tokens: int = 64) -> Iterator[dict[str, Any
     FP8 head rescoring each step's `candidates` highest logits ("head_fp8"), an engine
     each (`_b1_kernels_rows`)."""
     every = _gemv_module().FP8_GEMV_CONFIGS
-    yield from _b1_kernels_rows({"head16": (every, {}),
+    yield from _b1_kernels_rows({"head16": (every, {"fp8_lm_head": 0}),
                                  "head_fp8": (every, {"fp8_lm_head": candidates})}, tokens)
 
 
@@ -1127,7 +1128,8 @@ def w8a16_suite(repeats: int) -> Iterator[dict[str, Any]]:
 
 
 # GLM-4-9B's batch-1 GEMVs as a decoder layer calls them (its qkv has a bias; the LM
-# head stays 16-bit in every FP8 mode): name: (out, in, kind, bias); gate_up's and down's
+# head is probed 16-bit only: an FP8 head's GEMV the engine picks as it loads, PERF.md
+# v0.94): name: (out, in, kind, bias); gate_up's and down's
 # kinds are the engine's for the weights' dtype (gemv_suite: mlp_gemv_kinds)
 GEMV_SHAPES = {"qkv": (4608, 4096, "norm", True), "o": (4096, 4096, "plain", False),
                "gate_up": (27392, 4096, "norm", False), "down": (4096, 13696, "gated", False),

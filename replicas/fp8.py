@@ -31,14 +31,13 @@ Contract:
   (`EngineConfig.keep_16bit`), which stay 16-bit, weights and inputs; its
   forward then goes through `fp8_linear`, and a one-row input through the batch-1 GEMV
   where tuning picks it (replicas/kernels/gemv.py: FP8 tiles, the row's scale applied
-  once at the end, the input row 16-bit in both modes). The embedding and the LM head
-  stay 16-bit: the embedding is a row gather (no matmul to gain); the head, measured:
-  in FP8 it would save ~6 % of an FP8 decode step's bytes (GLM-4-9B: 0.62 of ~10.6 GB)
-  and cost 0.6 points of top-1 agreement on the trained checkpoint (98.93 -> 98.34 %,
-  KL 0.00030 -> 0.00054; PERF.md v0.22), more than the bars' margin allows.
-  `quantize_head` (EngineConfig.fp8_lm_head = C) makes it FP8 for batch-1 decode only,
-  with each row's C highest logits computed again from the 16-bit rows, kept beside
-  (parallel.ParallelLMHead; PERF.md v0.94).
+  once at the end, the input row 16-bit in both modes). The embedding stays 16-bit (a
+  row gather: no matmul to gain). The LM head (`quantize_head`, EngineConfig.fp8_lm_head,
+  16 by default with FP8 weights) reads FP8 rows in batch-1 decode, where its bytes are
+  the cost (GLM-4-9B: 0.62 of ~10.6 GB a token saved), and each row's C highest logits
+  are computed again from its 16-bit rows, kept beside (parallel.ParallelLMHead); steps
+  of more rows use the 16-bit rows. FP8 logits alone cost 0.6 points of top-1 agreement
+  on the trained checkpoint (98.93 -> 98.34 %, PERF.md v0.22); rescored, none (v0.94).
   Quantized after the 16-bit weights are loaded, layer by layer: the 16-bit copy of a
   layer is freed as its FP8 form takes its place, so the peak is the 16-bit model.
 - A checkpoint stored in FP8 (`checkpoint_fp8(hf_config)`: a `quantization_config` of

@@ -215,8 +215,8 @@ class Worker:
         elif config.quantization != "none":
             quantize_model(model, w8a8, config.weight_only_projections(),
                            config.kept_16bit_projections())
-        if config.fp8_lm_head:
-            quantize_head(model.lm_head, config.fp8_lm_head)
+        if candidates := config.lm_head_candidates():
+            quantize_head(model.lm_head, candidates)
         self.model = model.eval()
         # this rank's weight bytes: with startup_s["load"], the load's throughput
         # (an FP8 LM head's 16-bit rows too, unless they are the embedding's)

@@ -172,7 +172,7 @@ def test_time_per_token_runs_again_when_a_stream_came_in_one_delta() -> None:
 def test_w8a8_suite_rows_put_each_count_of_rows_beside_scaled_mm() -> None:
     """`--suite w8a8`: a row per (layer, rows) from pick_w8a8's times (a stand-in's here,
     on small FP8 weights): the fastest Triton config against `_scaled_mm`, the pick the
-    engine would take, the weight's bytes a second; no LM head (16-bit in FP8 modes)."""
+    engine would take, the weight's bytes a second; no LM head (16-bit beyond one row)."""
     from replicas.bench import w8a8_suite
     from replicas.kernels.fp8mm import W8A8_CUBLAS_CONFIGS
 
@@ -755,7 +755,7 @@ def test_the_b1_kernels_ab_profiles_each_arm_and_leaves_the_configs_whole(
             assert (config.quantization, config.kv_cache_dtype, config.max_num_seqs) == (
                 "fp8", "fp8", 1)
             seen.append(gemv_module.FP8_GEMV_CONFIGS)
-            heads.append(config.fp8_lm_head)
+            heads.append(config.lm_head_candidates())
             self.worker = type("W", (), {"gemv_report": {"qkv": {"chosen": "(1,)"}}})()
 
         def __enter__(self) -> FakeEngine:
@@ -796,7 +796,7 @@ def test_the_b1_kernels_ab_profiles_each_arm_and_leaves_the_configs_whole(
     rows = list(bench.b1_head_ab(12, tokens=8))
     assert [r["case"][-8:] for r in rows] == ["s_head16", "head_fp8"]
     assert heads == [0, 12] and seen == [every, every]
-    assert [r["changes"] for r in rows] == [{}, {"fp8_lm_head": 12}]
+    assert [r["changes"] for r in rows] == [{"fp8_lm_head": 0}, {"fp8_lm_head": 12}]
 
 
 def test_the_read_kernel_reads_every_word_once(monkeypatch: pytest.MonkeyPatch) -> None:

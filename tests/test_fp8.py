@@ -580,12 +580,15 @@ def test_linear_layers_hold_fp8_and_the_rest_stays(ckpt: str, quantization: str)
                                and m.weight_scale.shape == (m.weight.shape[0],)
                                and m.gemv is None
                                and m.w8a8 == (quantization == "fp8-w8a8") for m in linears)
+        # the head: FP8 rows by default (fp8_lm_head), its own kept beside
         head = next(m for m in eng.worker.model.modules() if isinstance(m, ParallelLMHead))
-        assert head.weight.dtype == torch.float32
+        assert head.weight.dtype == FP8 and head.candidates == 16
+        assert head.weight16.dtype == torch.float32
         assert eng.worker.model.model.embed_tokens.weight.dtype == torch.float32
-        # the linear layers' bytes drop to a quarter of float32's
+        # the linear layers' bytes drop to a quarter of float32's; the head's FP8 rows add
         linear_bytes = sum(m.weight.numel() for m in linears)
-        assert eng.worker.weight_bytes == plain_bytes - 3 * linear_bytes
+        assert eng.worker.weight_bytes == (plain_bytes - 3 * linear_bytes
+                                           + head.weight.numel())
         first = eng.generate([[5, 6, 7, 8, 9]], GREEDY)[0]
         again = eng.generate([[5, 6, 7, 8, 9]], GREEDY)[0]
     assert first.token_ids == again.token_ids and len(first.token_ids) == 12
@@ -600,7 +603,7 @@ def test_fp8_lm_head_decodes_the_16bit_heads_tokens(checkpoint: CheckpointFactor
     for the rest of the vocabulary, move a little. One request at a time: a step of one
     row reads the FP8 rows; two requests' steps, the 16-bit rows alone."""
     base = EngineConfig(model=checkpoint(family), dtype="float32", max_model_len=64,
-                        quantization="fp8")
+                        quantization="fp8", fp8_lm_head=0)
     logged = dataclasses.replace(GREEDY, logprobs=True)
     with Engine(base) as eng:
         plain_bytes = eng.worker.weight_bytes
@@ -625,7 +628,11 @@ def test_fp8_lm_head_decodes_the_16bit_heads_tokens(checkpoint: CheckpointFactor
 
 
 def test_fp8_lm_head_is_a_count_of_candidates() -> None:
-    assert EngineConfig(fp8_lm_head=16).fp8_lm_head == 16
+    """16 by default with FP8 weights (PERF.md v0.94), none without; set, as set."""
+    assert EngineConfig(fp8_lm_head=4).lm_head_candidates() == 4
+    assert EngineConfig(quantization="fp8", fp8_lm_head=0).lm_head_candidates() == 0
+    assert EngineConfig(quantization="fp8-w8a8").lm_head_candidates() == 16
+    assert EngineConfig().lm_head_candidates() == 0
     for bad in (-1, 1025):
         with pytest.raises(ConfigError, match="fp8_lm_head"):
             EngineConfig(fp8_lm_head=bad)

@@ -79,10 +79,17 @@ def test_argmax_rows_is_torch_argmax_ties_included(shape: tuple[int, int],
     assert int(got[0]) == top
 
 
-@pytest.mark.parametrize("shape", [(1, 151552), (2, 5000), (1, 7)])
+def test_rescore_top_takes_shorter_runs_for_a_small_vocabulary() -> None:
+    assert tokens_module.top_block(151552, 16) == tokens_module.TOP_BLOCK
+    assert tokens_module.top_block(75776, 1024) == 128  # 592 runs: 2,368 >= 2,048
+    assert tokens_module.top_block(5000, 16) == 512  # 10 runs: 40 candidates
+    assert tokens_module.top_block(7, 16) == 64
+
+
+@pytest.mark.parametrize("shape", [(1, 151552), (2, 5000), (1, 7), (1, 300)])
 def test_rescore_top_rewrites_each_rows_top_logits(shape: tuple[int, int]) -> None:
     """An FP8 head's rescoring (PERF.md v0.94): the `count` highest of each run of
-    TOP_BLOCK logits' TOP_PER_PART highest (the row's own top `count` when they are
+    top_block's logits' TOP_PER_PART highest (the row's own top `count` when they are
     spread, as here in the long row) become h . w[index] rounded once to h's dtype (to a
     bfloat16 step: the kernel sums in its own order), every other logit stays; a run
     that holds more of the top keeps its TOP_PER_PART highest, the next ones come in
@@ -100,9 +107,10 @@ def test_rescore_top_rewrites_each_rows_top_logits(shape: tuple[int, int]) -> No
     x = rough.clone().to(DEVICE)
     kernels.rescore_top(x, h.to(DEVICE), w.to(DEVICE), count)
     for r in range(rows):
-        runs = rough[r].split(tokens_module.TOP_BLOCK)
+        block = tokens_module.top_block(n, count)
+        runs = rough[r].split(block)
         pool = torch.cat([run.topk(min(tokens_module.TOP_PER_PART, len(run))).indices
-                          + i * tokens_module.TOP_BLOCK for i, run in enumerate(runs)])
+                          + i * block for i, run in enumerate(runs)])
         top = pool[rough[r, pool].topk(min(count, len(pool))).indices]
         if len(runs) > count:  # spread: the row's own top
             assert set(top.tolist()) == set(rough[r].topk(count).indices.tolist())

@@ -120,26 +120,35 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-TOP_BLOCK, TOP_PER_PART = 2048, 4  # rescore_top's parts: 74 x 4 candidates for 151,552
+TOP_BLOCK, TOP_PER_PART = 2048, 4  # rescore_top's runs: 74 x 4 candidates for 151,552
 RESCORE_BLOCK_D = 1024
+
+
+def top_block(n: int, count: int) -> int:
+    """rescore_top's run of logits for rows of n and `count` rescored: TOP_BLOCK, or
+    shorter (a power of two, 64 at least) where TOP_PER_PART a run would give fewer than
+    2 x count candidates (a small vocabulary, or a shard of one)."""
+    fits = n * TOP_PER_PART // (2 * count)
+    return max(64, min(TOP_BLOCK, 1 << max(0, fits.bit_length() - 1)))
 
 
 def rescore_top(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, count: int
                 ) -> None:
     """In place, x [N, V] float32 (logits of h [N, D] by rough rows of `weight` [V', D],
-    V <= V'): each row's `count` highest logits, among the TOP_PER_PART highest of each
-    run of TOP_BLOCK, computed again as h . weight[index] in float32, rounded once to h's
-    dtype. The set is the row's top `count` unless a run holds more than TOP_PER_PART of
-    them (then the next ones in); the row's top TOP_PER_PART always. Two kernels."""
+    V <= V'): each row's `count` highest logits among the TOP_PER_PART highest of each
+    run of `top_block(V, count)`, computed again as h . weight[index] in float32, rounded
+    once to h's dtype. The set is the row's top `count` unless a run holds more than
+    TOP_PER_PART of them (then the next ones in); the row's top TOP_PER_PART always. Two
+    kernels."""
     rows, n = x.shape
-    parts = triton.cdiv(n, TOP_BLOCK)
-    cands = parts * TOP_PER_PART
+    block = top_block(n, count)
+    cands = triton.cdiv(n, block) * TOP_PER_PART
     values = torch.empty(rows, cands, dtype=torch.float32, device=x.device)
     where = torch.empty(rows, cands, dtype=torch.int32, device=x.device)
-    _top_part_kernel[(rows, parts)](x, values, where, n, x.stride(0), cands, K=TOP_PER_PART,
-                                    BLOCK=TOP_BLOCK, num_warps=8, **_launch(x))
+    _top_part_kernel[(rows, cands // TOP_PER_PART)](
+        x, values, where, n, x.stride(0), cands, K=TOP_PER_PART, BLOCK=block,
+        num_warps=8 if block >= 1024 else 4, **_launch(x))
     _rescore_kernel[(rows, min(count, cands))](
         x, values, where, h, weight, n, x.stride(0), h.stride(0), weight.stride(0), cands,
         h.shape[1], BLOCK_P=_pow2(cands), BLOCK_D=RESCORE_BLOCK_D, num_warps=4,
         **_launch(x))
-
