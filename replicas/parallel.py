@@ -589,9 +589,12 @@ class ParallelLMHead(nn.Module):
     FP8 (a scale per vocabulary row, `weight_scale`) and `weight16` the 16-bit rows. A
     one-row input (batch-1 decode, where the head's bytes are the cost) reads the FP8
     rows, and each rank computes its shard's C highest logits again from `weight16`
-    (a gather of C rows), so the logits the tokens are chosen from are the 16-bit head's
+    (C rows read; on the Triton path the C highest of each run's few highest, nearly
+    always the same set), so the logits the tokens are chosen from are the 16-bit head's
     wherever they rank in a shard's top C, and FP8's (relative error ~2^-5 a weight)
-    elsewhere. Inputs of more rows read `weight16` alone, as a 16-bit head."""
+    elsewhere: a grammar's mask, penalties or a logit_bias that leave only tokens
+    outside the top C choose among FP8 logits. Inputs of more rows read `weight16`
+    alone, as a 16-bit head."""
 
     def __init__(self, vocab_size: int, dim: int, comm: Comm) -> None:
         super().__init__()
