@@ -163,9 +163,10 @@ class EngineConfig:
     # per vocabulary row; half the bytes of GLM-4-9B's 1.24 GB head), and each row's C
     # highest logits are computed again from the 16-bit rows, kept beside (the head's
     # memory 1.5x): greedy tokens and the logits of each row's top C are the 16-bit
-    # head's, the rest FP8's. Steps of more rows use the 16-bit rows. None: 16 with
-    # quantization 'fp8' or 'fp8-w8a8', else 0 (measured: -4.7 % a token at batch 1 on
-    # an H100, the same top-1 agreement; PERF.md v0.94)
+    # head's, the rest FP8's. Steps of more rows use the 16-bit rows. None: 16 with FP8
+    # weights (quantization 'fp8' or 'fp8-w8a8', or an FP8 checkpoint), else 0
+    # (measured: -4.7 % a token at batch 1 on an H100, the same top-1 agreement; PERF.md
+    # v0.94)
     fp8_lm_head: int | None = None
 
     def __post_init__(self) -> None:
@@ -242,12 +243,14 @@ class EngineConfig:
         """The projections w8a8_weight_only names (in PROJECTIONS' terms)."""
         return _names(self.w8a8_weight_only)
 
-    def lm_head_candidates(self) -> int:
+    def lm_head_candidates(self, fp8_weights: bool = False) -> int:
         """fp8_lm_head resolved: the FP8 head's rescored logits a row, 0 for a 16-bit
-        head."""
+        head. `fp8_weights`: the layers' weights are FP8 whatever `quantization` says
+        (a checkpoint stored in FP8 runs as quantization 'fp8')."""
         if self.fp8_lm_head is not None:
             return self.fp8_lm_head
-        return DEFAULT_LM_HEAD_CANDIDATES if self.quantization != "none" else 0
+        fp8 = fp8_weights or self.quantization != "none"
+        return DEFAULT_LM_HEAD_CANDIDATES if fp8 else 0
 
     def kept_16bit_projections(self) -> tuple[str, ...]:
         """The projections keep_16bit names (in PROJECTIONS' terms)."""

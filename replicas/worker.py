@@ -215,7 +215,7 @@ class Worker:
         elif config.quantization != "none":
             quantize_model(model, w8a8, config.weight_only_projections(),
                            config.kept_16bit_projections())
-        if candidates := config.lm_head_candidates():
+        if candidates := config.lm_head_candidates(fp8_weights=stored_fp8):
             quantize_head(model.lm_head, candidates)
         self.model = model.eval()
         # this rank's weight bytes: with startup_s["load"], the load's throughput

@@ -633,6 +633,8 @@ def test_fp8_lm_head_is_a_count_of_candidates() -> None:
     assert EngineConfig(quantization="fp8", fp8_lm_head=0).lm_head_candidates() == 0
     assert EngineConfig(quantization="fp8-w8a8").lm_head_candidates() == 16
     assert EngineConfig().lm_head_candidates() == 0
+    assert EngineConfig().lm_head_candidates(fp8_weights=True) == 16  # an FP8 checkpoint
+    assert EngineConfig(fp8_lm_head=0).lm_head_candidates(fp8_weights=True) == 0
     for bad in (-1, 1025):
         with pytest.raises(ConfigError, match="fp8_lm_head"):
             EngineConfig(fp8_lm_head=bad)
@@ -798,7 +800,8 @@ def test_an_fp8_checkpoint_loads_as_it_is(ckpt: str, tmp_path: Path, per: str,
                                           caplog: pytest.LogCaptureFixture) -> None:
     """Stored per channel, it is exactly what quantization="fp8" makes of the 16-bit
     checkpoint: the same scores bit for bit. Per tensor, close to them. It runs as FP8
-    without being asked, and its static input_scale is reported, not used."""
+    without being asked (its LM head as fp8_lm_head's default for FP8 weights), and its
+    static input_scale is reported, not used."""
     stored = fp8_checkpoint(ckpt, tmp_path / "fp8", per)
     prompts = sequences(1, 32, 1000, seed=8)
     ours = scored(EngineConfig(model=ckpt, dtype="float32", max_model_len=64,
@@ -815,6 +818,7 @@ def test_an_fp8_checkpoint_loads_as_it_is(ckpt: str, tmp_path: Path, per: str,
 
     tensors = load_file(f"{stored}/model.safetensors")
     with Engine(EngineConfig(model=stored, dtype="float32", max_model_len=64)) as eng:
+        assert eng.worker.model.lm_head.candidates == 16  # FP8 weights: the FP8 head too
         down = eng.worker.model.model.layers[1].mlp.down_proj
         assert torch.equal(down.weight.view(torch.uint8),
                            tensors["model.layers.1.mlp.down_proj.weight"].view(torch.uint8))
