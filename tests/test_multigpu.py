@@ -88,6 +88,22 @@ def test_tp_bfloat16_logits_within_tolerance(family: str, tp: int,
     assert ours <= BF16_FACTOR * own + BF16_SLACK
 
 
+def test_tp2_fp8_lm_head_decodes_the_16bit_heads_tokens(checkpoint: CheckpointFactory
+                                                        ) -> None:
+    """FP8 weights at tp=2 on GPUs, batch 1 from CUDA graphs: with the FP8 LM head (each
+    rank rescores its shard's top 16 in its own kernels, PERF.md v0.94) the greedy tokens
+    are the 16-bit head's."""
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    got = {}
+    for head in (0, 16):
+        config = EngineConfig(model=checkpoint("glm"), tp=2, device="cuda", dtype="bfloat16",
+                              max_model_len=256, quantization="fp8", fp8_lm_head=head)
+        with Engine(config) as engine:
+            assert engine.worker.model.lm_head.candidates == head
+            got[head] = [engine.generate([p], params)[0].token_ids for p in prompts(1000)[:3]]
+    assert got[16] == got[0]
+
+
 def _folded_run(ckpt: str, fold: bool, graphs: bool, epilogue: str = "fp8"
                 ) -> tuple[list[list[int]], list[list[float] | None], int]:
     """One engine of the fold test, in a process of its own (`in_fresh_process`: a second
