@@ -55,7 +55,10 @@
 #                                                # GAPS_MODES (default "fp8-w8a8 bf16")
 #   NCU_S=120 ...                                # and ncu's counters (occupancy, stalls,
 #                                                # throughput) of bench.ncu_subject's
-#                                                # kernels, a CSV each (NCU_SUBJECTS)
+#                                                # kernels, a CSV each (NCU_SUBJECTS; and
+#                                                # gemv_ROLE / read_ROLE: batch-1 FP8
+#                                                # decode's GEMV of a role and a read of
+#                                                # its bytes, side by side)
 #   FOLD_S=300 ...                               # and v0.80's A/B in one process
 #                                                # (bench.w8a8_fold_ab: W8A8 at 256
 #                                                # requests, runs of K added by the norm

@@ -616,8 +616,13 @@ def gpu_gaps(prof: Any, least_us: float = 2.0, top: int = 10) -> dict[str, Any]:
 
 
 # ncu_subject's kernels: each subject's name, and a regex of the kernels ncu profiles
+# (and per role of batch-1 FP8 decode's GEMVs, its picked GEMV and a kernel that only
+# reads the same bytes, PERF.md v0.91: what holds a GEMV back that a read does not)
+GEMV_ROLES = ("qkv", "o", "gate_up", "down", "lm_head")
 NCU_SUBJECTS = {"attention": "_decode_kernel", "swiglu_quant": "_silu_mul_quant_kernel",
-                "gate_up_mm": "nvjet|gemm", "gemv": "_gemv"}
+                "gate_up_mm": "nvjet|gemm", "gemv": "_gemv",
+                **{f"gemv_{role}": "_gemv_kernel" for role in GEMV_ROLES},
+                **{f"read_{role}": "_read_kernel" for role in GEMV_ROLES}}
 
 
 def ncu_subject(name: str, calls: int = 2) -> None:
@@ -629,7 +634,9 @@ def ncu_subject(name: str, calls: int = 2) -> None:
     "swiglu_quant" (SwiGLU + the per-token quantization of 256 x 27,392), "gate_up_mm"
     (gate_up's `_scaled_mm` at 256 rows, `calls` times without fast accumulation, then
     `calls` times with it), "gemv" (the FP8 o_proj GEMV at batch 1 in the config
-    `pick_gemv` picks)."""
+    `pick_gemv` picks); "gemv_ROLE" (ROLE of GEMV_ROLES: GLM-4-9B's FP8 GEMV in the kind
+    and config the engine runs it, `_fp8_gemv_call`) and "read_ROLE" (its weight's bytes
+    read by `kernels.stream`'s fastest config, as `read_floor` times them)."""
     from replicas import kernels
     from replicas.fp8 import quantize_rows
 
@@ -637,6 +644,21 @@ def ncu_subject(name: str, calls: int = 2) -> None:
         raise ValueError(f"unknown ncu subject {name!r}: one of {', '.join(NCU_SUBJECTS)}")
     gen = torch.Generator(device="cuda").manual_seed(0)
     calls_of: Callable[[], Any]
+    kind, _, role = name.partition("_")
+    if kind in ("gemv", "read") and role in GEMV_ROLES:
+        if kind == "gemv":
+            calls_of = _fp8_gemv_call(role, gen)
+        else:
+            from replicas.kernels.gemv import _cycled_us
+            from replicas.kernels.stream import read_all
+
+            n, k = GEMV_SHAPES[role][:2]
+            copies, out, times = _read_times(n * k, "cuda", _cycled_us)
+            best = min(times, key=times.__getitem__)
+            calls_of = functools.partial(read_all, copies[0], out, best)
+        calls_of()
+        _profiled(calls_of, calls)
+        return
     if name == "attention":
         def once(fn: Callable[[Any], Any], copies: list[Any]) -> float:
             _profiled(lambda: fn(copies[0]), calls)
@@ -665,6 +687,33 @@ def ncu_subject(name: str, calls: int = 2) -> None:
             calls_of = functools.partial(kernels.gemv, x, w8, None, config, scale=scale)
     calls_of()
     _profiled(calls_of, calls)
+
+
+def _fp8_gemv_call(role: str, gen: torch.Generator) -> Callable[[], Any]:
+    """GLM-4-9B's batch-1 GEMV of `role` (GEMV_SHAPES) on random FP8 weights, in the kind
+    the engine calls it with FP8 weights (`mlp_gemv_kinds`; the FP8 LM head plain) and the
+    config `pick_gemv` picks for it, as a call without arguments."""
+    from replicas import kernels
+    from replicas.fp8 import quantize_rows
+    from replicas.model import mlp_gemv_kinds
+
+    n, k, kind, has_bias = GEMV_SHAPES[role]
+    kind = dict(zip(("gate_up", "down"), mlp_gemv_kinds(True), strict=True)).get(role, kind)
+    w8, scale = quantize_rows(torch.randn(n, k, device="cuda", generator=gen) * 0.02)
+
+    def make(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=gen)
+
+    bias = make(n) if has_bias else None
+    config, _ = kernels.pick_gemv(w8, bias, kind, scale=scale, dtype=torch.bfloat16)
+    if config is None:
+        raise RuntimeError(f"pick_gemv kept cuBLAS for the FP8 {role}: no GEMV to profile")
+    x = make(1, 2 * k if kind == "gated" else k)
+    if kind in ("norm", "norm_swiglu"):
+        return functools.partial(kernels.gemv_norm, x, make(1, k), make(k), 1e-5, w8, bias,
+                                 config, scale, swiglu=kind == "norm_swiglu")
+    return functools.partial(kernels.gemv, x, w8, bias, config, gated=kind == "gated",
+                             scale=scale)
 
 
 def _scaled_mm_both(x8: torch.Tensor, xs: torch.Tensor, w8: torch.Tensor,
@@ -1034,8 +1083,7 @@ def read_floor(sizes: dict[str, int] | None = None, device: str = "cuda",
     of back-to-back launches with PDL), at each of READ_CONFIGS; a row per weight with the
     fastest, its TB/s and every config's time. The GEMV probe's time for the same weight
     over this is what the GEMV spends beyond reading."""
-    from replicas.kernels.gemv import _cycled_us, cold_set
-    from replicas.kernels.stream import READ_CONFIGS, read_all, read_programs
+    from replicas.kernels.gemv import _cycled_us
 
     time_us = timer or _cycled_us
     if sizes is None:  # the layers' FP8 products (a byte a weight), the 16-bit LM head
@@ -1043,11 +1091,8 @@ def read_floor(sizes: dict[str, int] | None = None, device: str = "cuda",
         sizes = {**{name: n * k for name, (n, k) in W8A16_PROBE_SHAPES.items()},
                  "lm_head_bf16": vocab * hidden * 2}
     for name, nbytes in sizes.items():
-        copies = cold_set(torch.zeros(nbytes, dtype=torch.uint8, device=device))
-        out = torch.empty(max(read_programs(nbytes, c) for c in READ_CONFIGS),
-                          dtype=torch.int64, device=device)
-        times = {str(c): time_us(functools.partial(read_all, out=out, config=c), copies)
-                 for c in READ_CONFIGS}
+        copies, _, by_config = _read_times(nbytes, device, time_us)
+        times = {str(c): t for c, t in by_config.items()}
         best = min(times, key=times.__getitem__)
         yield {"case": f"glm4-9b_read_floor_{name}", "unit": "us", "bytes": nbytes,
                "ours": round(times[best], 2), "config": best,
@@ -1056,6 +1101,20 @@ def read_floor(sizes: dict[str, int] | None = None, device: str = "cuda",
         del copies
         if device == "cuda":
             torch.cuda.empty_cache()
+
+
+def _read_times(nbytes: int, device: str, time_us: Callable[..., float]
+                ) -> tuple[list[torch.Tensor], torch.Tensor, dict[Any, float]]:
+    """`nbytes` read cold by `kernels.stream.read_all` at each READ_CONFIGS entry: the
+    copies cycled (cold_set), the programs' output and the time of each config."""
+    from replicas.kernels.gemv import cold_set
+    from replicas.kernels.stream import READ_CONFIGS, read_all, read_programs
+
+    copies = cold_set(torch.zeros(nbytes, dtype=torch.uint8, device=device))
+    out = torch.empty(max(read_programs(nbytes, c) for c in READ_CONFIGS),
+                      dtype=torch.int64, device=device)
+    return copies, out, {c: time_us(functools.partial(read_all, out=out, config=c), copies)
+                         for c in READ_CONFIGS}
 
 
 def _b1_fp8() -> tuple[EngineConfig, list[list[int]]]:
@@ -1128,8 +1187,8 @@ def w8a16_suite(repeats: int) -> Iterator[dict[str, Any]]:
 
 
 # GLM-4-9B's batch-1 GEMVs as a decoder layer calls them (its qkv has a bias; the LM
-# head is probed 16-bit only: an FP8 head's GEMV the engine picks as it loads, PERF.md
-# v0.94): name: (out, in, kind, bias); gate_up's and down's
+# head's FP8 GEMV is batch-1 decode's with FP8 weights, PERF.md v0.94): name: (out, in,
+# kind, bias); gate_up's and down's
 # kinds are the engine's for the weights' dtype (gemv_suite: mlp_gemv_kinds)
 GEMV_SHAPES = {"qkv": (4608, 4096, "norm", True), "o": (4096, 4096, "plain", False),
                "gate_up": (27392, 4096, "norm", False), "down": (4096, 13696, "gated", False),
@@ -1160,8 +1219,6 @@ def gemv_suite(repeats: int, picker: Callable[..., tuple[Any, dict[str, float]]]
     for dtype in ("bfloat16", "fp8"):
         mlp = dict(zip(("gate_up", "down"), mlp_gemv_kinds(dtype == "fp8"), strict=True))
         for name, (n, k, kind, has_bias) in (shapes or GEMV_SHAPES).items():
-            if dtype == "fp8" and name == "lm_head":
-                continue
             kind = mlp.get(name, kind)
             w = torch.randn(n, k, device=device, dtype=torch.bfloat16, generator=gen) * 0.02
             bias = (torch.randn(n, device=device, dtype=torch.bfloat16, generator=gen)

@@ -212,8 +212,8 @@ def test_w8a8_suite_rows_put_each_count_of_rows_beside_scaled_mm() -> None:
 
 def test_gemv_suite_rows_name_the_fastest_config() -> None:
     """`--suite gemv`: a row per weight dtype and layer from pick_gemv's times (here a
-    stand-in's, on small shapes): the fastest config and its bytes a second; the LM head
-    only in 16 bits; FP8 weights also on the trial configs (PERF.md v0.85)."""
+    stand-in's, on small shapes): the fastest config and its bytes a second; FP8 weights
+    also on the trial configs (PERF.md v0.85), the LM head too (the FP8 head, v0.94)."""
     from replicas.bench import gemv_suite
 
     seen = []
@@ -234,7 +234,9 @@ def test_gemv_suite_rows_name_the_fastest_config() -> None:
     rows = list(gemv_suite(1, picker, bandwidth=100.0, device="cpu", shapes=shapes))
     assert [r["case"] for r in rows] == [
         "glm4-9b_gemv_bfloat16_qkv", "glm4-9b_gemv_bfloat16_down",
-        "glm4-9b_gemv_bfloat16_lm_head", "glm4-9b_gemv_fp8_qkv", "glm4-9b_gemv_fp8_down"]
+        "glm4-9b_gemv_bfloat16_lm_head", "glm4-9b_gemv_fp8_qkv", "glm4-9b_gemv_fp8_down",
+        "glm4-9b_gemv_fp8_lm_head"]
+    assert seen[5] == ((80, 64), torch.float8_e4m3fn, "plain", False, True, True)
     assert seen[0] == ((48, 64), torch.bfloat16, "norm", True, False, False)
     assert seen[3][1] == torch.float8_e4m3fn and seen[3][4] and seen[3][5]  # (trials: FP8)
     # down as the engine runs it: SwiGLU inside with bf16 weights, plain with FP8 ones
@@ -846,3 +848,20 @@ def test_the_read_floor_times_every_config_on_each_weights_bytes() -> None:
     assert rows[0]["config"] == str(widest) and rows[0]["ours"] == round(100 / widest[0], 2)
     assert set(rows[0]["times_us"]) == {str(c) for c in READ_CONFIGS}
     assert rows[1]["tb_s"] == round(24000 / (100 / widest[0]) / 1e6, 3)
+
+
+def test_ncu_subjects_name_each_gemv_role_and_a_read_of_its_bytes() -> None:
+    """NCU_S's subjects (bench.ncu_subject): beside the W8A8 step's kernels, a GEMV and a
+    read of the same bytes for each role of batch-1 FP8 decode, each selected by its
+    kernel's name; a name outside them is refused before any GPU work."""
+    import re
+
+    from replicas.bench import GEMV_ROLES, GEMV_SHAPES, NCU_SUBJECTS, ncu_subject
+
+    assert set(GEMV_ROLES) == set(GEMV_SHAPES)
+    for role in GEMV_ROLES:
+        assert re.search(NCU_SUBJECTS[f"gemv_{role}"], "_gemv_kernel")
+        assert re.search(NCU_SUBJECTS[f"read_{role}"], "_read_kernel")
+    for bad in ("gemv_mlp", "read", "attn"):
+        with pytest.raises(ValueError, match="unknown ncu subject"):
+            ncu_subject(bad)
