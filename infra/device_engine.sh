@@ -157,6 +157,8 @@ if [ "${HEAD_S:-0}" != 0 ]; then  # PERF v0.94, one process: batch-1 FP8 decode 
   # 16-bit LM head and with the FP8 head rescoring its top 16 (~60 s an engine); then the
   # FP8 head's accuracy in steps of one row, against the 16-bit model and the FP8 one
   bench_rows "$HEAD_S" b1_head_ab | rows b1_head_h200.jsonl b1_head_h200.jsonl
+  # and the FP8 head's batch kernel at 2-8 rows against the 16-bit matmul (v0.94's next)
+  bench_rows "$HEAD_S" lm_head_rows | rows w8a16_h200.jsonl w8a16_h200.jsonl
   for head in 0 16; do
     timeout -s KILL "$HEAD_S" python3 -m replicas.accuracy --dtype bfloat16 --chunk 1 \
       --fp8-lm-head $head 2>&1 | rows accuracy_h200.jsonl accuracy_h200.jsonl

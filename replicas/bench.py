@@ -1171,6 +1171,17 @@ W8A16_PROBE_SHAPES = {"qkv": (4608, 4096), "o": (4096, 4096), "gate_up": (27392,
 W8A16_PROBE_ROWS = (16, 64, 128, 256)
 
 
+def lm_head_rows(rows: tuple[int, ...] = (2, 4, 8)) -> Iterator[dict[str, Any]]:
+    """PERF.md v0.94's next: GLM-4-9B's LM head in FP8 at a few rows (`kernels.w8a16`'s
+    configs, widening then cuBLAS) against the 16-bit matmul those steps run now, as
+    w8a16_suite times a layer: where the FP8 rows win, parallel.FP8_HEAD_ROWS can grow."""
+    from replicas.kernels.gemv import _cycled_us
+
+    vocab, hidden = GEMV_SHAPES["lm_head"][:2]
+    yield from w8a16_probe({"lm_head": (vocab, hidden)}, rows, "cuda", _cycled_us,
+                           copy_bandwidth())
+
+
 def w8a16_suite(repeats: int) -> Iterator[dict[str, Any]]:
     """Issue 20's weight-only batch matmul (`kernels.w8a16`, FP8 weight tiles widened in
     registers): its default config and each of W8A16_CONFIGS against bf16 cuBLAS and

@@ -581,13 +581,20 @@ class VocabParallelEmbedding(nn.Module):
         return self.comm.all_reduce(out, exact=True)
 
 
+# an FP8 LM head reads its FP8 rows in steps of up to this many rows, its 16-bit rows in
+# larger ones (PERF.md v0.94: measured at one row; `bench.lm_head_rows` times the FP8
+# batch kernel against the 16-bit matmul at a few rows)
+FP8_HEAD_ROWS = 1
+
+
 class ParallelLMHead(nn.Module):
     """logits = h E^T with E's vocab rows split over ranks (as the embedding's), then
     gathered to the full vocabulary on every rank.
 
     With an FP8 head (`fp8.quantize_head`, EngineConfig.fp8_lm_head = C): `weight` is
-    FP8 (a scale per vocabulary row, `weight_scale`) and `weight16` the 16-bit rows. A
-    one-row input (batch-1 decode, where the head's bytes are the cost) reads the FP8
+    FP8 (a scale per vocabulary row, `weight_scale`) and `weight16` the 16-bit rows. An
+    input of up to FP8_HEAD_ROWS rows (batch-1 decode, where the head's bytes are the
+    cost) reads the FP8
     rows, and each rank computes its shard's C highest logits again from `weight16`
     (C rows read; on the Triton path the C highest of each run's few highest, nearly
     always the same set), so the logits the tokens are chosen from are the 16-bit head's
@@ -613,7 +620,7 @@ class ParallelLMHead(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # [n, dim] -> [n, vocab] float32
         if self.weight16 is None:
             local = self._logits(h, self.weight, None)
-        elif h.shape[0] == 1:
+        elif h.shape[0] <= FP8_HEAD_ROWS:
             local = self._rescored(h, self._logits(h, self.weight, self.weight_scale))
         else:
             local = F.linear(h, self.weight16).float()

@@ -865,3 +865,19 @@ def test_ncu_subjects_name_each_gemv_role_and_a_read_of_its_bytes() -> None:
     for bad in ("gemv_mlp", "read", "attn"):
         with pytest.raises(ValueError, match="unknown ncu subject"):
             ncu_subject(bad)
+
+
+def test_lm_head_rows_probes_the_heads_shape_at_a_few_rows(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench.lm_head_rows: w8a16_probe on GLM-4-9B's LM head at 2, 4 and 8 rows (or the
+    rows asked), on the GPU's timer and measured copy rate."""
+    from replicas import bench
+
+    calls: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda: 3000.0)
+    monkeypatch.setattr(bench, "w8a16_probe", lambda *a: calls.append(a) or [{"case": "x"}])
+    assert list(bench.lm_head_rows()) == [{"case": "x"}]
+    assert list(bench.lm_head_rows((16,))) == [{"case": "x"}]
+    shapes, rows, device, _, rate = calls[0]
+    assert shapes == {"lm_head": (151552, 4096)} and rows == (2, 4, 8)
+    assert device == "cuda" and rate == 3000.0 and calls[1][1] == (16,)

@@ -627,6 +627,31 @@ def test_fp8_lm_head_decodes_the_16bit_heads_tokens(checkpoint: CheckpointFactor
     assert all(moved(a, b) < 1e-5 for a, b in zip(plain, both, strict=True))
 
 
+def test_fp8_lm_head_reads_fp8_rows_in_steps_of_up_to_fp8_head_rows(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """parallel.FP8_HEAD_ROWS (1): a step of more rows reads the 16-bit rows alone; with
+    it raised, each of a step's rows gets its own top C rescored over FP8 logits."""
+    from replicas import parallel
+    from replicas.fp8 import quantize_head
+
+    gen = torch.Generator().manual_seed(5)
+    w, h = torch.randn(300, 32, generator=gen), torch.randn(3, 32, generator=gen)
+    head = ParallelLMHead(300, 32, parallel.Comm())
+    head.weight.data.copy_(w)
+    quantize_head(head, 8)
+    exact = h @ w.T
+    rough = h @ (head.weight.float() * head.weight_scale[:, None]).T
+    torch.testing.assert_close(head(h), exact)
+    monkeypatch.setattr(parallel, "FP8_HEAD_ROWS", 4)
+    got = head(h)
+    for r in range(3):
+        top = rough[r].topk(8).indices
+        want = rough[r].clone()
+        want[top] = exact[r, top]
+        torch.testing.assert_close(got[r], want)
+    assert not torch.allclose(got, exact, atol=1e-3)
+
+
 def test_fp8_lm_head_is_a_count_of_candidates() -> None:
     """16 by default with FP8 weights (PERF.md v0.94), none without; set, as set."""
     assert EngineConfig(fp8_lm_head=4).lm_head_candidates() == 4
