@@ -30,6 +30,9 @@
 #                                                # weight's read floor (v0.91)
 #   HEAD_S=240 ...                               # and batch-1 FP8 decode with the FP8
 #                                                # LM head against the 16-bit (v0.94)
+#   FORCED_S=240 ...                             # and batch-1 FP8 decode with o_proj's
+#                                                # GEMV forced to whole-slice configs
+#                                                # (v0.95: bench.b1_forced_ab)
 #   W8A8_S=150 ...                               # and W8A8's few-row matmul: Triton's
 #                                                # configs against _scaled_mm at 16-256
 #                                                # rows (PERF v0.62) and cuBLAS in runs
@@ -163,6 +166,11 @@ if [ "${HEAD_S:-0}" != 0 ]; then  # PERF v0.94, one process: batch-1 FP8 decode 
     timeout -s KILL "$HEAD_S" python3 -m replicas.accuracy --dtype bfloat16 --chunk 1 \
       --fp8-lm-head $head 2>&1 | rows accuracy_h200.jsonl accuracy_h200.jsonl
   done
+fi
+if [ "${FORCED_S:-0}" != 0 ]; then  # PERF v0.95, one process: batch-1 FP8 decode with
+  # the GEMVs as picked, then with o_proj's forced to configs that load a whole row slice
+  # before waiting on decode attention (bench.B1_FORCED; ~60 s an engine, 3)
+  bench_rows "$FORCED_S" b1_forced_ab | rows b1_forced_h200.jsonl b1_forced_h200.jsonl
 fi
 if [ "${W8A8_S:-0}" != 0 ]; then  # W8A8 per token at a decode step's rows (~1 min)
   timeout -s KILL "$W8A8_S" python3 -m replicas.bench --suite w8a8 2>&1 |

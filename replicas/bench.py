@@ -1027,8 +1027,32 @@ def b1_kernels_ab(extra: tuple[tuple[int, ...], ...] | None = None,
     in the step); an engine each (`_b1_kernels_rows`)."""
     every = _gemv_module().FP8_GEMV_CONFIGS
     extra = _gemv_module().LATE_TRIALS if extra is None else extra
-    yield from _b1_kernels_rows({"picks": (every, {}), "picks_extra": (every + extra, {})},
-                                tokens)
+    yield from _b1_kernels_rows({"picks": (every, {}, {}),
+                                 "picks_extra": (every + extra, {}, {})}, tokens)
+
+
+# PERF.md v0.95: o_proj's GEMV, the one after decode attention (a latency chain with HBM
+# idle), in configs whose programs each load a whole row slice before waiting on it
+B1_FORCED: dict[str, tuple[tuple[int, ...], ...]] = {
+    "o": ((4, 4096, 4, 3, 96, 1), (2, 4096, 4, 3, 96, 1))}
+
+
+def b1_forced_ab(forced: dict[str, tuple[tuple[int, ...], ...]] | None = None,
+                 tokens: int = 64) -> Iterator[dict[str, Any]]:
+    """PERF.md v0.95: batch-1 FP8 decode with the GEMVs as picked ("picks"), then for each
+    role and config of `forced` (default B1_FORCED) with that role's GEMV forced to the
+    config ("<role>_<config>"; the others picked), an engine each (`_b1_kernels_rows`).
+    pick_gemv times a GEMV after copies of itself, never after the kernel before it in a
+    step: a config that loads more before waiting on that kernel (with PDL) only shows
+    what it is worth in the step."""
+    every = _gemv_module().FP8_GEMV_CONFIGS
+    arms: dict[str, tuple[Any, dict[str, Any], dict[tuple[int, int], tuple[int, ...]]]] = {
+        "picks": (every, {}, {})}
+    for role, configs in (B1_FORCED if forced is None else forced).items():
+        shape = W8A16_PROBE_SHAPES[role]
+        for config in configs:
+            arms[f"{role}_{config}"] = (every, {}, {shape: config})
+    yield from _b1_kernels_rows(arms, tokens)
 
 
 def b1_head_ab(candidates: int = 16, tokens: int = 64) -> Iterator[dict[str, Any]]:
@@ -1036,14 +1060,17 @@ def b1_head_ab(candidates: int = 16, tokens: int = 64) -> Iterator[dict[str, Any
     FP8 head rescoring each step's `candidates` highest logits ("head_fp8"), an engine
     each (`_b1_kernels_rows`)."""
     every = _gemv_module().FP8_GEMV_CONFIGS
-    yield from _b1_kernels_rows({"head16": (every, {"fp8_lm_head": 0}),
-                                 "head_fp8": (every, {"fp8_lm_head": candidates})}, tokens)
+    yield from _b1_kernels_rows({"head16": (every, {"fp8_lm_head": 0}, {}),
+                                 "head_fp8": (every, {"fp8_lm_head": candidates}, {})},
+                                tokens)
 
 
-def _b1_kernels_rows(arms: dict[str, tuple[tuple[tuple[int, ...], ...], dict[str, Any]]],
+def _b1_kernels_rows(arms: dict[str, tuple[tuple[tuple[int, ...], ...], dict[str, Any],
+                                           dict[tuple[int, int], tuple[int, ...]]]],
                      tokens: int) -> Iterator[dict[str, Any]]:
-    """Per arm (name: the FP8 GEMV configs the engine picks among, EngineConfig changes),
-    `_b1_fp8`'s engine: a row of ms a token, then `tokens` new tokens under the profiler:
+    """Per arm (name: the FP8 GEMV configs the engine picks among, EngineConfig changes,
+    GEMV configs forced by FP8 weight shape, `_forced_gemv`), `_b1_fp8`'s engine: a row
+    of ms a token, then `tokens` new tokens under the profiler:
     the kernels' spans and own times a step (kernel_table), the GEMVs' by the weight each
     reads (gemv_roles), where the GPU sat idle (gpu_gaps), the GEMVs' picks; and after
     the first arm, the share of its greedy tokens that the first arm's match ("agree")."""
@@ -1052,9 +1079,9 @@ def _b1_kernels_rows(arms: dict[str, tuple[tuple[tuple[int, ...], ...], dict[str
     base, prompt = _b1_fp8()
     greedy = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     first: list[int] | None = None
-    for name, (configs, changes) in arms.items():
+    for name, (configs, changes, forced) in arms.items():
         config = dataclasses.replace(base, **changes)
-        with _fp8_gemv_configs(configs), Engine(config) as engine:
+        with _fp8_gemv_configs(configs), _forced_gemv(forced), Engine(config) as engine:
             ms = ours_per_token(engine, prompt, 128, 3) * 1e3
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 out = engine.generate(prompt, greedy)
@@ -1069,6 +1096,7 @@ def _b1_kernels_rows(arms: dict[str, tuple[tuple[tuple[int, ...], ...], dict[str
                "idle_ms_per_step": round(gaps["idle_us"] / 1e3 / tokens, 3),
                "gemv_roles": gemv_roles(prof, tokens), "kernels": table, "gaps": gaps,
                "picks": picks, "changes": changes,
+               **({"forced": {str(k): str(v) for k, v in forced.items()}} if forced else {}),
                **({} if got is first else {"agree": round(
                    sum(a == b for a, b in zip(first, got, strict=True)) / tokens, 4)})}
         torch.cuda.empty_cache()
@@ -1123,6 +1151,33 @@ def _b1_fp8() -> tuple[EngineConfig, list[list[int]]]:
     config = dataclasses.replace(_glm_config(), max_num_seqs=1, kv_cache_memory=2**31,
                                  quantization="fp8", kv_cache_dtype="fp8")
     return config, prompts_for(1, 128, SHAPES["glm4-9b"][1]["vocab_size"])
+
+
+@contextlib.contextmanager
+def _forced_gemv(forced: dict[tuple[int, int], tuple[int, ...]]) -> Iterator[None]:
+    """Inside, an engine's FP8 GEMVs whose weight has a shape in `forced` run its config,
+    not timed; the others are timed and picked (kept picks neither read nor written, so
+    that a forced one is never kept). Nothing changes when `forced` is empty."""
+    from replicas import kernels, parallel
+
+    if not forced:
+        yield
+        return
+    real, read, write = kernels.pick_gemv, parallel.read_picks, parallel.write_picks
+
+    def pick(weight: torch.Tensor, bias: torch.Tensor | None, kind: str = "plain",
+             **more: Any) -> tuple[tuple[int, ...] | None, dict[str, float]]:
+        config = forced.get(tuple(weight.shape)) if weight.dtype == torch.float8_e4m3fn \
+            else None
+        return (config, {"forced": 0.0}) if config else real(weight, bias, kind, **more)
+
+    kernels.pick_gemv = pick
+    parallel.read_picks = lambda path: {}
+    parallel.write_picks = lambda path, new: None
+    try:
+        yield
+    finally:
+        kernels.pick_gemv, parallel.read_picks, parallel.write_picks = real, read, write
 
 
 def _gemv_module() -> Any:

@@ -881,3 +881,60 @@ def test_lm_head_rows_probes_the_heads_shape_at_a_few_rows(
     shapes, rows, device, _, rate = calls[0]
     assert shapes == {"lm_head": (151552, 4096)} and rows == (2, 4, 8)
     assert device == "cuda" and rate == 3000.0 and calls[1][1] == (16,)
+
+
+def test_b1_forced_ab_forces_one_roles_gemv_and_keeps_no_pick(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench.b1_forced_ab (PERF.md v0.95): the picks, then an engine per (role, config)
+    whose FP8 GEMV of that role's weight shape runs the config, untimed, while kept picks
+    are neither read nor written (a forced pick must not stay); all as before after."""
+    import contextlib
+    import importlib
+
+    import torch.profiler
+
+    from replicas import bench, kernels, parallel
+
+    real = (kernels.pick_gemv, parallel.read_picks, parallel.write_picks)
+    seen: list[Any] = []
+
+    class FakeEngine:
+        def __init__(self, config: Any) -> None:
+            o = torch.zeros(4096, 4096, dtype=torch.float8_e4m3fn)
+            forced = kernels.pick_gemv is not real[0]
+            seen.append(kernels.pick_gemv(o, None)[0] if forced else None)
+            if forced:
+                assert parallel.read_picks(Path("kept.json")) == {}
+                assert parallel.write_picks(Path("kept.json"), {"k": {}}) is None
+            self.worker = type("W", (), {"gemv_report": {}})()
+
+        def __enter__(self) -> FakeEngine:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def generate(self, prompts: Any, params: Any) -> list[Any]:
+            return [SimpleNamespace(token_ids=list(range(8)))]
+
+    class FakeProfile(contextlib.nullcontext):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(self)
+
+        def events(self) -> list[Any]:
+            return []
+
+    monkeypatch.setattr(bench, "Engine", FakeEngine)
+    monkeypatch.setattr(bench, "ours_per_token", lambda *a: 0.003)
+    monkeypatch.setattr(torch.profiler, "profile", FakeProfile)
+    rows = list(bench.b1_forced_ab(tokens=8))
+    configs = bench.B1_FORCED["o"]
+    assert [r["case"] for r in rows] == ["glm4-9b_fp8_decode_b1_kernels_picks"] + [
+        f"glm4-9b_fp8_decode_b1_kernels_o_{c}" for c in configs]
+    assert seen == [None, *configs]
+    assert rows[1]["forced"] == {"(4096, 4096)": str(configs[0])} and "forced" not in rows[0]
+    assert all(r.get("agree", 1.0) == 1.0 for r in rows)
+    assert (kernels.pick_gemv, parallel.read_picks, parallel.write_picks) == real
+    # each forced config is one the GEMV probe checks against cuBLAS on the GPU
+    trials = importlib.import_module("replicas.kernels.gemv").FP8_GEMV_TRIALS
+    assert set(configs) <= set(trials)
