@@ -733,34 +733,23 @@ def test_the_gemv_trials_ab_runs_the_engine_with_and_without_the_winners(
     assert gemv_module.FP8_GEMV_CONFIGS == every
 
 
-def test_the_b1_kernels_ab_profiles_each_arm_and_leaves_the_configs_whole(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """bench.b1_kernels_ab's arms: the engine's FP8 GEMV picks among FP8_GEMV_CONFIGS as
-    they are, then with `extra` too; an FP8 batch-1 engine each, its tokens under the
-    profiler; a row each, the second with the share of its tokens the first's match; the
-    module's configs as they were afterwards. b1_head_ab's: the 16-bit head, then the FP8
-    head (fp8_lm_head)."""
+def fake_b1_engines(monkeypatch: pytest.MonkeyPatch,
+                    made: Callable[[Any], dict[str, Any]],
+                    tokens: Callable[[], list[Any]]) -> None:
+    """bench's batch-1 A/Bs on CPU: each Engine a stand-in that calls `made(config)` as it
+    starts (its GEMV report what that returns) and answers `tokens()` for 8 greedy
+    tokens; 3.0 ms a token; the profiler records nothing."""
     import contextlib
-    import importlib
 
     import torch.profiler
 
     from replicas import bench
 
-    gemv_module = importlib.import_module("replicas.kernels.gemv")
-    every = gemv_module.FP8_GEMV_CONFIGS
-    seen: list[tuple[Any, ...]] = []
-    heads: list[int] = []
-
     class FakeEngine:
         def __init__(self, config: Any) -> None:
-            assert (config.quantization, config.kv_cache_dtype, config.max_num_seqs) == (
-                "fp8", "fp8", 1)
-            seen.append(gemv_module.FP8_GEMV_CONFIGS)
-            heads.append(config.lm_head_candidates())
-            self.worker = type("W", (), {"gemv_report": {"qkv": {"chosen": "(1,)"}}})()
+            self.worker = SimpleNamespace(gemv_report=made(config))
 
-        def __enter__(self) -> FakeEngine:
+        def __enter__(self) -> Any:
             return self
 
         def __exit__(self, *exc: object) -> None:
@@ -768,8 +757,7 @@ def test_the_b1_kernels_ab_profiles_each_arm_and_leaves_the_configs_whole(
 
         def generate(self, prompts: Any, params: Any) -> list[Any]:
             assert params.max_tokens == 8 and params.greedy
-            # each later engine's tokens differ from the first's at one of the eight
-            return [SimpleNamespace(token_ids=[len(seen) > 1, *range(7)])]
+            return [SimpleNamespace(token_ids=tokens())]
 
     class FakeProfile(contextlib.nullcontext):
         def __init__(self, **kwargs: Any) -> None:
@@ -781,6 +769,33 @@ def test_the_b1_kernels_ab_profiles_each_arm_and_leaves_the_configs_whole(
     monkeypatch.setattr(bench, "Engine", FakeEngine)
     monkeypatch.setattr(bench, "ours_per_token", lambda *a: 0.003)
     monkeypatch.setattr(torch.profiler, "profile", FakeProfile)
+
+
+def test_the_b1_kernels_ab_profiles_each_arm_and_leaves_the_configs_whole(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench.b1_kernels_ab's arms: the engine's FP8 GEMV picks among FP8_GEMV_CONFIGS as
+    they are, then with `extra` too; an FP8 batch-1 engine each, its tokens under the
+    profiler; a row each, the second with the share of its tokens the first's match; the
+    module's configs as they were afterwards. b1_head_ab's: the 16-bit head, then the FP8
+    head (fp8_lm_head)."""
+    import importlib
+
+    from replicas import bench
+
+    gemv_module = importlib.import_module("replicas.kernels.gemv")
+    every = gemv_module.FP8_GEMV_CONFIGS
+    seen: list[tuple[Any, ...]] = []
+    heads: list[int] = []
+
+    def made(config: Any) -> dict[str, Any]:
+        assert (config.quantization, config.kv_cache_dtype, config.max_num_seqs) == (
+            "fp8", "fp8", 1)
+        seen.append(gemv_module.FP8_GEMV_CONFIGS)
+        heads.append(config.lm_head_candidates())
+        return {"qkv": {"chosen": "(1,)"}}
+
+    # each later engine's tokens differ from the first's at one of the eight
+    fake_b1_engines(monkeypatch, made, lambda: [len(seen) > 1, *range(7)])
     extra = ((8, 2048, 4, 3, 96, 1),)
     rows = list(bench.b1_kernels_ab(extra, tokens=8))
     assert [r["case"] for r in rows] == ["glm4-9b_fp8_decode_b1_kernels_picks",
@@ -888,45 +903,23 @@ def test_b1_forced_ab_forces_one_roles_gemv_and_keeps_no_pick(
     """bench.b1_forced_ab (PERF.md v0.95): the picks, then an engine per (role, config)
     whose FP8 GEMV of that role's weight shape runs the config, untimed, while kept picks
     are neither read nor written (a forced pick must not stay); all as before after."""
-    import contextlib
     import importlib
-
-    import torch.profiler
 
     from replicas import bench, kernels, parallel
 
     real = (kernels.pick_gemv, parallel.read_picks, parallel.write_picks)
     seen: list[Any] = []
 
-    class FakeEngine:
-        def __init__(self, config: Any) -> None:
-            o = torch.zeros(4096, 4096, dtype=torch.float8_e4m3fn)
-            forced = kernels.pick_gemv is not real[0]
-            seen.append(kernels.pick_gemv(o, None)[0] if forced else None)
-            if forced:
-                assert parallel.read_picks(Path("kept.json")) == {}
-                assert parallel.write_picks(Path("kept.json"), {"k": {}}) is None
-            self.worker = type("W", (), {"gemv_report": {}})()
+    def made(config: Any) -> dict[str, Any]:
+        o = torch.zeros(4096, 4096, dtype=torch.float8_e4m3fn)
+        forced = kernels.pick_gemv is not real[0]
+        seen.append(kernels.pick_gemv(o, None)[0] if forced else None)
+        if forced:
+            assert parallel.read_picks(Path("kept.json")) == {}
+            assert parallel.write_picks(Path("kept.json"), {"k": {}}) is None
+        return {}
 
-        def __enter__(self) -> FakeEngine:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            pass
-
-        def generate(self, prompts: Any, params: Any) -> list[Any]:
-            return [SimpleNamespace(token_ids=list(range(8)))]
-
-    class FakeProfile(contextlib.nullcontext):
-        def __init__(self, **kwargs: Any) -> None:
-            super().__init__(self)
-
-        def events(self) -> list[Any]:
-            return []
-
-    monkeypatch.setattr(bench, "Engine", FakeEngine)
-    monkeypatch.setattr(bench, "ours_per_token", lambda *a: 0.003)
-    monkeypatch.setattr(torch.profiler, "profile", FakeProfile)
+    fake_b1_engines(monkeypatch, made, lambda: list(range(8)))
     rows = list(bench.b1_forced_ab(tokens=8))
     configs = bench.B1_FORCED["o"]
     assert [r["case"] for r in rows] == ["glm4-9b_fp8_decode_b1_kernels_picks"] + [
