@@ -695,10 +695,10 @@ def _fp8_gemv_call(role: str, gen: torch.Generator) -> Callable[[], Any]:
     config `pick_gemv` picks for it, as a call without arguments."""
     from replicas import kernels
     from replicas.fp8 import quantize_rows
-    from replicas.model import mlp_gemv_kinds
+    from replicas.kernels.gemv import gemv_of_kind
 
     n, k, kind, has_bias = GEMV_SHAPES[role]
-    kind = dict(zip(("gate_up", "down"), mlp_gemv_kinds(True), strict=True)).get(role, kind)
+    kind = _engine_gemv_kind(role, kind, fp8=True)
     w8, scale = quantize_rows(torch.randn(n, k, device="cuda", generator=gen) * 0.02)
 
     def make(*shape: int) -> torch.Tensor:
@@ -709,11 +709,16 @@ def _fp8_gemv_call(role: str, gen: torch.Generator) -> Callable[[], Any]:
     if config is None:
         raise RuntimeError(f"pick_gemv kept cuBLAS for the FP8 {role}: no GEMV to profile")
     x = make(1, 2 * k if kind == "gated" else k)
-    if kind in ("norm", "norm_swiglu"):
-        return functools.partial(kernels.gemv_norm, x, make(1, k), make(k), 1e-5, w8, bias,
-                                 config, scale, swiglu=kind == "norm_swiglu")
-    return functools.partial(kernels.gemv, x, w8, bias, config, gated=kind == "gated",
-                             scale=scale)
+    return functools.partial(gemv_of_kind, kind, x, make(1, k), make(k), w8, bias, config,
+                             scale)
+
+
+def _engine_gemv_kind(name: str, kind: str, fp8: bool) -> str:
+    """GEMV_SHAPES' layer `name` in the kind the engine runs it with FP8 weights or not:
+    gate_up's and down's follow them (`mlp_gemv_kinds`), the others keep `kind`."""
+    from replicas.model import mlp_gemv_kinds
+
+    return dict(zip(("gate_up", "down"), mlp_gemv_kinds(fp8), strict=True)).get(name, kind)
 
 
 def _scaled_mm_both(x8: torch.Tensor, xs: torch.Tensor, w8: torch.Tensor,
@@ -1255,7 +1260,7 @@ def w8a16_suite(repeats: int) -> Iterator[dict[str, Any]]:
 # GLM-4-9B's batch-1 GEMVs as a decoder layer calls them (its qkv has a bias; the LM
 # head's FP8 GEMV is batch-1 decode's with FP8 weights, PERF.md v0.94): name: (out, in,
 # kind, bias); gate_up's and down's
-# kinds are the engine's for the weights' dtype (gemv_suite: mlp_gemv_kinds)
+# kinds are the engine's for the weights' dtype (_engine_gemv_kind)
 GEMV_SHAPES = {"qkv": (4608, 4096, "norm", True), "o": (4096, 4096, "plain", False),
                "gate_up": (27392, 4096, "norm", False), "down": (4096, 13696, "gated", False),
                "lm_head": (151552, 4096, "plain", False)}
@@ -1276,16 +1281,14 @@ def gemv_suite(repeats: int, picker: Callable[..., tuple[Any, dict[str, float]]]
     replays.)"""
     from replicas.fp8 import quantize_rows
     from replicas.kernels import gemv_configs, pick_gemv
-    from replicas.model import mlp_gemv_kinds
 
     pick = picker or pick_gemv
     rate = bandwidth if bandwidth is not None else copy_bandwidth()
     gen = torch.Generator(device=device).manual_seed(0)
     known = {str(c) for c in gemv_configs(fp8=True)}  # (the engine's, trials left out)
     for dtype in ("bfloat16", "fp8"):
-        mlp = dict(zip(("gate_up", "down"), mlp_gemv_kinds(dtype == "fp8"), strict=True))
         for name, (n, k, kind, has_bias) in (shapes or GEMV_SHAPES).items():
-            kind = mlp.get(name, kind)
+            kind = _engine_gemv_kind(name, kind, fp8=dtype == "fp8")
             w = torch.randn(n, k, device=device, dtype=torch.bfloat16, generator=gen) * 0.02
             bias = (torch.randn(n, device=device, dtype=torch.bfloat16, generator=gen)
                     if has_bias else None)

@@ -378,6 +378,18 @@ GemvKind = str  # how a layer calls its GEMV: "plain", "norm" (gemv_norm), "norm
 # (gemv_norm with swiglu) or "gated"
 
 
+def gemv_of_kind(kind: GemvKind, x: torch.Tensor, residual: torch.Tensor,
+                 norm_weight: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 config: GemvConfig, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The one-row GEMV as a layer of `kind` calls it (see pick_gemv; x [1, 2K] for
+    "gated", residual and norm_weight read by the norm kinds only, eps 1e-5): its
+    product."""
+    if kind in ("norm", "norm_swiglu"):
+        return gemv_norm(x, residual, norm_weight, 1e-5, weight, bias, config, scale,
+                         swiglu=kind == "norm_swiglu")[0]
+    return gemv(x, weight, bias, config, gated=kind == "gated", scale=scale)
+
+
 def pick_gemv(weight: torch.Tensor, bias: torch.Tensor | None, kind: GemvKind = "plain",
               margin: float = 0.97, scale: torch.Tensor | None = None,
               dtype: torch.dtype | None = None, trials: bool = False
@@ -414,10 +426,7 @@ def pick_gemv(weight: torch.Tensor, bias: torch.Tensor | None, kind: GemvKind = 
     copies = cold_set(weight)
 
     def run(w: torch.Tensor, config: GemvConfig) -> torch.Tensor:
-        if kind in ("norm", "norm_swiglu"):
-            return gemv_norm(x, residual, norm_weight, 1e-5, w, bias, config, scale,
-                             swiglu=kind == "norm_swiglu")[0]
-        return gemv(x, w, bias, config, gated=kind == "gated", scale=scale)
+        return gemv_of_kind(kind, x, residual, norm_weight, w, bias, config, scale)
 
     runs: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
         "cublas": (lambda w: F.linear(x[:, :k], w, bias)) if scale is None else (
