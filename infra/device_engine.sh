@@ -30,9 +30,10 @@
 #                                                # weight's read floor (v0.91)
 #   HEAD_S=240 ...                               # and batch-1 FP8 decode with the FP8
 #                                                # LM head against the 16-bit (v0.94)
-#   FORCED_S=240 ...                             # and batch-1 FP8 decode with o_proj's
-#                                                # GEMV forced to whole-slice configs
-#                                                # (v0.95: bench.b1_forced_ab)
+#   HEADROWS_S=200 ...                           # and the FP8 LM head at 2-128 rows,
+#                                                # then FP8 decode at batches 4-64 with
+#                                                # it read in steps of one row and of up
+#                                                # to 64, and its accuracy so (v0.96)
 #   W8A8_S=150 ...                               # and W8A8's few-row matmul: Triton's
 #                                                # configs against _scaled_mm at 16-256
 #                                                # rows (PERF v0.62) and cuBLAS in runs
@@ -167,10 +168,18 @@ if [ "${HEAD_S:-0}" != 0 ]; then  # PERF v0.94, one process: batch-1 FP8 decode 
       --fp8-lm-head $head 2>&1 | rows accuracy_h200.jsonl accuracy_h200.jsonl
   done
 fi
-if [ "${FORCED_S:-0}" != 0 ]; then  # PERF v0.95, one process: batch-1 FP8 decode with
-  # the GEMVs as picked, then with o_proj's forced to configs that load a whole row slice
-  # before waiting on decode attention (bench.B1_FORCED; ~60 s an engine, 3)
-  bench_rows "$FORCED_S" b1_forced_ab | rows b1_forced_h200.jsonl b1_forced_h200.jsonl
+if [ "${HEADROWS_S:-0}" != 0 ]; then  # PERF v0.96: the FP8 head's batch kernel at 2-128
+  # rows against the 16-bit matmul; then FP8 decode at 4, 16 and 64 sequences with the FP8
+  # head's rows read in steps of one row (as now) and of up to 64 (~60 s an engine, 2);
+  # then its accuracy so, in the scorer's 64-token steps
+  bench_rows "$HEADROWS_S" lm_head_rows | rows w8a16_h200.jsonl w8a16_h200.jsonl
+  bench_rows "$HEADROWS_S" head_rows_ab | rows head_rows_h200.jsonl head_rows_h200.jsonl
+  timeout -s KILL "$HEADROWS_S" python3 -c "import sys
+from replicas import accuracy, parallel
+parallel.FP8_HEAD_ROWS = 64
+sys.exit(accuracy.main(sys.argv[1:]))" --dtype bfloat16 --fp8-lm-head 16 2>&1 |
+    sed 's/"changes": {/"fp8_head_rows": 64, "changes": {/' |
+    rows accuracy_h200.jsonl accuracy_h200.jsonl
 fi
 if [ "${W8A8_S:-0}" != 0 ]; then  # W8A8 per token at a decode step's rows (~1 min)
   timeout -s KILL "$W8A8_S" python3 -m replicas.bench --suite w8a8 2>&1 |

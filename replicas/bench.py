@@ -1032,32 +1032,8 @@ def b1_kernels_ab(extra: tuple[tuple[int, ...], ...] | None = None,
     in the step); an engine each (`_b1_kernels_rows`)."""
     every = _gemv_module().FP8_GEMV_CONFIGS
     extra = _gemv_module().LATE_TRIALS if extra is None else extra
-    yield from _b1_kernels_rows({"picks": (every, {}, {}),
-                                 "picks_extra": (every + extra, {}, {})}, tokens)
-
-
-# PERF.md v0.95: o_proj's GEMV, the one after decode attention (a latency chain with HBM
-# idle), in configs whose programs each load a whole row slice before waiting on it
-B1_FORCED: dict[str, tuple[tuple[int, ...], ...]] = {
-    "o": ((4, 4096, 4, 3, 96, 1), (2, 4096, 4, 3, 96, 1))}
-
-
-def b1_forced_ab(forced: dict[str, tuple[tuple[int, ...], ...]] | None = None,
-                 tokens: int = 64) -> Iterator[dict[str, Any]]:
-    """PERF.md v0.95: batch-1 FP8 decode with the GEMVs as picked ("picks"), then for each
-    role and config of `forced` (default B1_FORCED) with that role's GEMV forced to the
-    config ("<role>_<config>"; the others picked), an engine each (`_b1_kernels_rows`).
-    pick_gemv times a GEMV after copies of itself, never after the kernel before it in a
-    step: a config that loads more before waiting on that kernel (with PDL) only shows
-    what it is worth in the step."""
-    every = _gemv_module().FP8_GEMV_CONFIGS
-    arms: dict[str, tuple[Any, dict[str, Any], dict[tuple[int, int], tuple[int, ...]]]] = {
-        "picks": (every, {}, {})}
-    for role, configs in (B1_FORCED if forced is None else forced).items():
-        shape = W8A16_PROBE_SHAPES[role]
-        for config in configs:
-            arms[f"{role}_{config}"] = (every, {}, {shape: config})
-    yield from _b1_kernels_rows(arms, tokens)
+    yield from _b1_kernels_rows({"picks": (every, {}),
+                                 "picks_extra": (every + extra, {})}, tokens)
 
 
 def b1_head_ab(candidates: int = 16, tokens: int = 64) -> Iterator[dict[str, Any]]:
@@ -1065,16 +1041,50 @@ def b1_head_ab(candidates: int = 16, tokens: int = 64) -> Iterator[dict[str, Any
     FP8 head rescoring each step's `candidates` highest logits ("head_fp8"), an engine
     each (`_b1_kernels_rows`)."""
     every = _gemv_module().FP8_GEMV_CONFIGS
-    yield from _b1_kernels_rows({"head16": (every, {"fp8_lm_head": 0}, {}),
-                                 "head_fp8": (every, {"fp8_lm_head": candidates}, {})},
-                                tokens)
+    yield from _b1_kernels_rows({"head16": (every, {"fp8_lm_head": 0}),
+                                 "head_fp8": (every, {"fp8_lm_head": candidates})}, tokens)
 
 
-def _b1_kernels_rows(arms: dict[str, tuple[tuple[tuple[int, ...], ...], dict[str, Any],
-                                           dict[tuple[int, int], tuple[int, ...]]]],
+# PERF.md v0.96: the decode batches at which the FP8 head's rows are tried in the step
+HEAD_ROWS_BATCHES = (4, 16, 64)
+
+
+def head_rows_ab(batches: tuple[int, ...] = HEAD_ROWS_BATCHES, rows: int = 64,
+                 tokens: int = 64, repeats: int = 3) -> Iterator[dict[str, Any]]:
+    """PERF.md v0.96: GLM-4-9B FP8 decode (FP8 weights, e4m3 cache, the FP8 LM head
+    rescoring 16) at each of `batches` sequences of 128-token prompts, with the head's FP8
+    rows read in steps of one row only (parallel.FP8_HEAD_ROWS = 1, as now: "rows1") and
+    in steps of up to `rows` rows ("rows<rows>"), an engine each: ms a step (TPOT), and
+    the share of the second arm's greedy tokens that the first's match ("agree")."""
+    from unittest import mock
+
+    from replicas import parallel
+
+    config = dataclasses.replace(_glm_config(), max_num_seqs=max(batches),
+                                 quantization="fp8", kv_cache_dtype="fp8", fp8_lm_head=16)
+    vocab = SHAPES["glm4-9b"][1]["vocab_size"]
+    greedy = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    first: dict[int, list[list[int]]] = {}
+    for limit in (1, rows):
+        with mock.patch.object(parallel, "FP8_HEAD_ROWS", limit), Engine(config) as engine:
+            for batch in batches:
+                prompts = prompts_for(batch, 128, vocab, seed=batch)
+                ms = ours_per_token(engine, prompts, tokens, repeats) * 1e3
+                got = [out.token_ids for out in engine.generate(prompts, greedy)]
+                same = [a == b for seq, ref in zip(got, first.setdefault(batch, got),
+                                                   strict=True)
+                        for a, b in zip(seq, ref, strict=True)]
+                yield {"case": f"glm4-9b_fp8_decode_b{batch}_head_rows{limit}",
+                       "unit": "ms/step", "ours": round(ms, 3), "batch": batch,
+                       "fp8_head_rows": limit,
+                       **({} if limit == 1 else {"agree": round(sum(same) / len(same), 4)})}
+        torch.cuda.empty_cache()
+
+
+def _b1_kernels_rows(arms: dict[str, tuple[tuple[tuple[int, ...], ...], dict[str, Any]]],
                      tokens: int) -> Iterator[dict[str, Any]]:
-    """Per arm (name: the FP8 GEMV configs the engine picks among, EngineConfig changes,
-    GEMV configs forced by FP8 weight shape, `_forced_gemv`), `_b1_fp8`'s engine: a row
+    """Per arm (name: the FP8 GEMV configs the engine picks among, EngineConfig changes),
+    `_b1_fp8`'s engine: a row
     of ms a token, then `tokens` new tokens under the profiler:
     the kernels' spans and own times a step (kernel_table), the GEMVs' by the weight each
     reads (gemv_roles), where the GPU sat idle (gpu_gaps), the GEMVs' picks; and after
@@ -1084,9 +1094,9 @@ def _b1_kernels_rows(arms: dict[str, tuple[tuple[tuple[int, ...], ...], dict[str
     base, prompt = _b1_fp8()
     greedy = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     first: list[int] | None = None
-    for name, (configs, changes, forced) in arms.items():
+    for name, (configs, changes) in arms.items():
         config = dataclasses.replace(base, **changes)
-        with _fp8_gemv_configs(configs), _forced_gemv(forced), Engine(config) as engine:
+        with _fp8_gemv_configs(configs), Engine(config) as engine:
             ms = ours_per_token(engine, prompt, 128, 3) * 1e3
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 out = engine.generate(prompt, greedy)
@@ -1101,7 +1111,6 @@ def _b1_kernels_rows(arms: dict[str, tuple[tuple[tuple[int, ...], ...], dict[str
                "idle_ms_per_step": round(gaps["idle_us"] / 1e3 / tokens, 3),
                "gemv_roles": gemv_roles(prof, tokens), "kernels": table, "gaps": gaps,
                "picks": picks, "changes": changes,
-               **({"forced": {str(k): str(v) for k, v in forced.items()}} if forced else {}),
                **({} if got is first else {"agree": round(
                    sum(a == b for a, b in zip(first, got, strict=True)) / tokens, 4)})}
         torch.cuda.empty_cache()
@@ -1158,33 +1167,6 @@ def _b1_fp8() -> tuple[EngineConfig, list[list[int]]]:
     return config, prompts_for(1, 128, SHAPES["glm4-9b"][1]["vocab_size"])
 
 
-@contextlib.contextmanager
-def _forced_gemv(forced: dict[tuple[int, int], tuple[int, ...]]) -> Iterator[None]:
-    """Inside, an engine's FP8 GEMVs whose weight has a shape in `forced` run its config,
-    not timed; the others are timed and picked (kept picks neither read nor written, so
-    that a forced one is never kept). Nothing changes when `forced` is empty."""
-    from replicas import kernels, parallel
-
-    if not forced:
-        yield
-        return
-    real, read, write = kernels.pick_gemv, parallel.read_picks, parallel.write_picks
-
-    def pick(weight: torch.Tensor, bias: torch.Tensor | None, kind: str = "plain",
-             **more: Any) -> tuple[tuple[int, ...] | None, dict[str, float]]:
-        config = forced.get(tuple(weight.shape)) if weight.dtype == torch.float8_e4m3fn \
-            else None
-        return (config, {"forced": 0.0}) if config else real(weight, bias, kind, **more)
-
-    kernels.pick_gemv = pick
-    parallel.read_picks = lambda path: {}
-    parallel.write_picks = lambda path, new: None
-    try:
-        yield
-    finally:
-        kernels.pick_gemv, parallel.read_picks, parallel.write_picks = real, read, write
-
-
 def _gemv_module() -> Any:
     """replicas.kernels.gemv, the module (the package's `gemv` is the function)."""
     return importlib.import_module("replicas.kernels.gemv")
@@ -1231,8 +1213,8 @@ W8A16_PROBE_SHAPES = {"qkv": (4608, 4096), "o": (4096, 4096), "gate_up": (27392,
 W8A16_PROBE_ROWS = (16, 64, 128, 256)
 
 
-def lm_head_rows(rows: tuple[int, ...] = (2, 4, 8)) -> Iterator[dict[str, Any]]:
-    """PERF.md v0.94's next: GLM-4-9B's LM head in FP8 at a few rows (`kernels.w8a16`'s
+def lm_head_rows(rows: tuple[int, ...] = (2, 4, 8, 16, 32, 64, 128)) -> Iterator[dict[str, Any]]:
+    """PERF.md v0.94's next: GLM-4-9B's LM head in FP8 at 2-128 rows (`kernels.w8a16`'s
     configs, widening then cuBLAS) against the 16-bit matmul those steps run now, as
     w8a16_suite times a layer: where the FP8 rows win, parallel.FP8_HEAD_ROWS can grow."""
     from replicas.kernels.gemv import _cycled_us

@@ -884,7 +884,7 @@ def test_ncu_subjects_name_each_gemv_role_and_a_read_of_its_bytes() -> None:
 
 def test_lm_head_rows_probes_the_heads_shape_at_a_few_rows(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """bench.lm_head_rows: w8a16_probe on GLM-4-9B's LM head at 2, 4 and 8 rows (or the
+    """bench.lm_head_rows: w8a16_probe on GLM-4-9B's LM head at 2 to 128 rows (or the
     rows asked), on the GPU's timer and measured copy rate."""
     from replicas import bench
 
@@ -894,40 +894,45 @@ def test_lm_head_rows_probes_the_heads_shape_at_a_few_rows(
     assert list(bench.lm_head_rows()) == [{"case": "x"}]
     assert list(bench.lm_head_rows((16,))) == [{"case": "x"}]
     shapes, rows, device, _, rate = calls[0]
-    assert shapes == {"lm_head": (151552, 4096)} and rows == (2, 4, 8)
+    assert shapes == {"lm_head": (151552, 4096)} and rows == (2, 4, 8, 16, 32, 64, 128)
     assert device == "cuda" and rate == 3000.0 and calls[1][1] == (16,)
 
 
-def test_b1_forced_ab_forces_one_roles_gemv_and_keeps_no_pick(
+def test_head_rows_ab_runs_an_engine_per_row_limit_and_compares_their_tokens(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """bench.b1_forced_ab (PERF.md v0.95): the picks, then an engine per (role, config)
-    whose FP8 GEMV of that role's weight shape runs the config, untimed, while kept picks
-    are neither read nor written (a forced pick must not stay); all as before after."""
-    import importlib
+    """bench.head_rows_ab (PERF.md v0.96): an FP8 engine (FP8 head) with
+    parallel.FP8_HEAD_ROWS at 1, then at `rows`, set while it is built and runs and put
+    back after; a row per batch each, and for the second engine the share of its greedy
+    tokens that the first's match."""
+    from replicas import bench, parallel
 
-    from replicas import bench, kernels, parallel
+    before = parallel.FP8_HEAD_ROWS
+    built: list[tuple[int, Any]] = []
 
-    real = (kernels.pick_gemv, parallel.read_picks, parallel.write_picks)
-    seen: list[Any] = []
+    class FakeEngine:
+        def __init__(self, config: Any) -> None:
+            built.append((parallel.FP8_HEAD_ROWS, config))
 
-    def made(config: Any) -> dict[str, Any]:
-        o = torch.zeros(4096, 4096, dtype=torch.float8_e4m3fn)
-        forced = kernels.pick_gemv is not real[0]
-        seen.append(kernels.pick_gemv(o, None)[0] if forced else None)
-        if forced:
-            assert parallel.read_picks(Path("kept.json")) == {}
-            assert parallel.write_picks(Path("kept.json"), {"k": {}}) is None
-        return {}
+        def __enter__(self) -> Any:
+            return self
 
-    fake_b1_engines(monkeypatch, made, lambda: list(range(8)))
-    rows = list(bench.b1_forced_ab(tokens=8))
-    configs = bench.B1_FORCED["o"]
-    assert [r["case"] for r in rows] == ["glm4-9b_fp8_decode_b1_kernels_picks"] + [
-        f"glm4-9b_fp8_decode_b1_kernels_o_{c}" for c in configs]
-    assert seen == [None, *configs]
-    assert rows[1]["forced"] == {"(4096, 4096)": str(configs[0])} and "forced" not in rows[0]
-    assert all(r.get("agree", 1.0) == 1.0 for r in rows)
-    assert (kernels.pick_gemv, parallel.read_picks, parallel.write_picks) == real
-    # each forced config is one the GEMV probe checks against cuBLAS on the GPU
-    trials = importlib.import_module("replicas.kernels.gemv").FP8_GEMV_TRIALS
-    assert set(configs) <= set(trials)
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def generate(self, prompts: Any, params: Any) -> list[Any]:
+            assert params.greedy and params.max_tokens == 4 and parallel.FP8_HEAD_ROWS > 0
+            wrong = parallel.FP8_HEAD_ROWS > 1 and len(prompts) == 2  # one token differs
+            return [SimpleNamespace(token_ids=[i, 7, 7, 9 if wrong and i == 0 else 8])
+                    for i in range(len(prompts))]
+
+    monkeypatch.setattr(bench, "Engine", FakeEngine)
+    monkeypatch.setattr(bench, "ours_per_token", lambda e, p, n, r: len(p) / 1000)
+    rows = list(bench.head_rows_ab((2, 3), rows=8, tokens=4))
+    assert [r["case"] for r in rows] == [f"glm4-9b_fp8_decode_b{b}_head_rows{n}"
+                                         for n in (1, 8) for b in (2, 3)]
+    assert [r["ours"] for r in rows] == [2.0, 3.0, 2.0, 3.0]
+    assert "agree" not in rows[0] and [r["agree"] for r in rows[2:]] == [0.875, 1.0]
+    assert [n for n, _ in built] == [1, 8] and parallel.FP8_HEAD_ROWS == before
+    config = built[0][1]
+    assert config.max_num_seqs == 3 and config.quantization == "fp8"
+    assert config.fp8_lm_head == 16 and config.kv_cache_dtype == "fp8"
