@@ -98,7 +98,8 @@ FIELD_HELP = {
     "quantization": "none; fp8: the linear layers' weights in FP8 (e4m3, a scale per "
                     "output channel), quantized at load; fp8-w8a8: activations in FP8 too "
                     "(FP8 tensor cores, less accurate). The embedding stays 16-bit; the LM "
-                    "head too, but in batch-1 decode (see --fp8-lm-head).",
+                    "head too, but in decode of up to 64 sequences (see "
+                    "--fp8-lm-head).",
     "w8a8_weight_only": "With --quantization fp8-w8a8: projections (comma-separated: "
                         "qkv_proj, o_proj, gate_up_proj, down_proj) computed weight-only, "
                         "their inputs left 16-bit; qkv_proj's input costs W8A8 the most "
@@ -109,8 +110,9 @@ FIELD_HELP = {
     "keep_16bit": "With --quantization fp8 or fp8-w8a8: projections (comma-separated: "
                   "qkv_proj, o_proj, gate_up_proj, down_proj) left 16-bit, weights and "
                   "inputs; qkv_proj,o_proj,down_proj puts only gate_up_proj on FP8.",
-    "fp8_lm_head": "In batch-1 decode the LM head reads FP8 rows and computes each "
-                   "step's this many highest logits again from its 16-bit rows (kept "
+    "fp8_lm_head": "In decode steps of up to 64 sequences the LM head reads FP8 rows "
+                   "and computes each row's this many highest logits again from its "
+                   "16-bit rows (kept "
                    "beside: the head's memory 1.5x); 0: a 16-bit head; not set: 16 with "
                    "--quantization fp8 or fp8-w8a8, else 0.",
     "kv_cache_dtype": "auto (the model's dtype); fp8: the KV cache in FP8 (e4m3), twice "

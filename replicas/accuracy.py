@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp8-lm-head", type=int,
                         help="EngineConfig.fp8_lm_head (default: the engine's): the FP8 "
                         "head's rescored logits, 0 for a 16-bit head; the FP8 head is "
-                        "read in steps of one row only (--chunk 1)")
+                        "read in steps of up to 64 rows (parallel.FP8_HEAD_ROWS: --chunk "
+                        "64 or less)")
     parser.add_argument("--no-gemv-kernels", action="store_true",
                         help="the changed engine with gemv_kernels=False (W8A8: cuBLAS's "
                         "_scaled_mm at every row count, no Triton picks)")

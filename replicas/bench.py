@@ -1053,7 +1053,7 @@ def head_rows_ab(batches: tuple[int, ...] = HEAD_ROWS_BATCHES, rows: int = 64,
                  tokens: int = 64, repeats: int = 3) -> Iterator[dict[str, Any]]:
     """PERF.md v0.96: GLM-4-9B FP8 decode (FP8 weights, e4m3 cache, the FP8 LM head
     rescoring 16) at each of `batches` sequences of 128-token prompts, with the head's FP8
-    rows read in steps of one row only (parallel.FP8_HEAD_ROWS = 1, as now: "rows1") and
+    rows read in steps of one row only (parallel.FP8_HEAD_ROWS = 1, before v0.96: "rows1") and
     in steps of up to `rows` rows ("rows<rows>"), an engine each: ms a step (TPOT), and
     the share of the second arm's greedy tokens that the first's match ("agree")."""
     from unittest import mock

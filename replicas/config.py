@@ -137,8 +137,8 @@ class EngineConfig:
     # none | fp8 | fp8-w8a8: the linear layers' weights quantized to FP8 (e4m3, a scale
     # per output channel) once loaded; fp8: activations stay 16-bit (FP8 tiles widened in
     # the kernels); fp8-w8a8: activations quantized per token too, matmuls on FP8 tensor
-    # cores. The embedding stays 16-bit; the LM head too but in batch-1 decode
-    # (fp8_lm_head; replicas/fp8.py)
+    # cores. The embedding stays 16-bit; the LM head too but in decode steps of up to 64
+    # sequences (fp8_lm_head; replicas/fp8.py)
     quantization: str = "none"
     # auto | fp8 | int8: the KV cache's entries in the model's dtype; in FP8 (e4m3, scale
     # 1): half the bytes of a 16-bit cache, twice the tokens in the same memory; or in
@@ -159,14 +159,15 @@ class EngineConfig:
     # puts only gate_up (~55 % of a GLM-4-9B layer's matmul FLOPs) on FP8 tensor cores,
     # and nothing is widened from FP8 at large batches (PERF.md v0.47, v0.52)
     keep_16bit: str = ""
-    # 0: the LM head stays 16-bit. C > 0: in batch-1 decode it reads FP8 rows (a scale
+    # 0: the LM head stays 16-bit. C > 0: in steps of up to 64 rows (parallel.
+    # FP8_HEAD_ROWS: decode of up to 64 sequences) it reads FP8 rows (a scale
     # per vocabulary row; half the bytes of GLM-4-9B's 1.24 GB head), and each row's C
     # highest logits are computed again from the 16-bit rows, kept beside (the head's
     # memory 1.5x): greedy tokens and the logits of each row's top C are the 16-bit
     # head's, the rest FP8's. Steps of more rows use the 16-bit rows. None: 16 with FP8
     # weights (quantization 'fp8' or 'fp8-w8a8', or an FP8 checkpoint), else 0
     # (measured: -4.7 % a token at batch 1 on an H100, the same top-1 agreement; PERF.md
-    # v0.94)
+    # v0.94; -3.2 % a step at 4 and 16 sequences, v0.96)
     fp8_lm_head: int | None = None
 
     def __post_init__(self) -> None:

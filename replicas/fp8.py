@@ -248,7 +248,8 @@ def quantize_model(model: nn.Module, w8a8: int = 0, weight_only: tuple[str, ...]
 
 @torch.no_grad()
 def quantize_head(head: nn.Module, candidates: int) -> None:
-    """The LM head (parallel.ParallelLMHead) reads FP8 rows in batch-1 decode, its C =
+    """The LM head (parallel.ParallelLMHead) reads FP8 rows in steps of up to
+    parallel.FP8_HEAD_ROWS rows (decode), its C =
     `candidates` highest logits computed again from its 16-bit rows, kept beside (see
     ParallelLMHead; EngineConfig.fp8_lm_head)."""
     from replicas.config import ConfigError

@@ -582,9 +582,10 @@ class VocabParallelEmbedding(nn.Module):
 
 
 # an FP8 LM head reads its FP8 rows in steps of up to this many rows, its 16-bit rows in
-# larger ones (PERF.md v0.94: measured at one row; `bench.lm_head_rows` times the FP8
-# batch kernel against the 16-bit matmul at a few rows)
-FP8_HEAD_ROWS = 1
+# larger ones (PERF.md v0.94 at one row; v0.96 on an H100: GLM-4-9B's head through
+# kernels.w8a16 240-290 us at 16-64 rows against 441-452 for the 16-bit matmul, 580 at
+# 128 in its default config against 459; FP8 decode at 4 and 16 sequences -3.2 % a step)
+FP8_HEAD_ROWS = 64
 
 
 class ParallelLMHead(nn.Module):
@@ -593,9 +594,9 @@ class ParallelLMHead(nn.Module):
 
     With an FP8 head (`fp8.quantize_head`, EngineConfig.fp8_lm_head = C): `weight` is
     FP8 (a scale per vocabulary row, `weight_scale`) and `weight16` the 16-bit rows. An
-    input of up to FP8_HEAD_ROWS rows (batch-1 decode, where the head's bytes are the
-    cost) reads the FP8
-    rows, and each rank computes its shard's C highest logits again from `weight16`
+    input of up to FP8_HEAD_ROWS rows (decode of up to 64 sequences, where the head's
+    bytes are the cost) reads the FP8 rows, and for each row each rank computes its
+    shard's C highest logits again from `weight16`
     (C rows read; on the Triton path the C highest of each run's few highest, nearly
     always the same set), so the logits the tokens are chosen from are the 16-bit head's
     wherever they rank in a shard's top C, and FP8's (relative error ~2^-5 a weight)

@@ -265,8 +265,9 @@ def test_fp8_keeps_the_trained_models_top1(changes: dict) -> None:
     did not (96.9 % here, 97.1-98.3 % on CPU checkpoints: PERF.md), and the fp8 suite
     records it beside. W8A8 with qkv kept 16-bit (`-keepqkv`) holds it too (98.14 % at
     e21be21); its few-row Triton matmuls once cost it 0.5 % unseen (PERF.md v0.67).
-    `-rows1`: a step of one row, as batch-1 decode: FP8 GEMVs and the FP8 LM head with
-    its top logits rescored (PERF.md v0.94); both engines score a token a step."""
+    `-rows1`: a step of one row, as batch-1 decode: FP8 GEMVs; both engines score a
+    token a step. Both FP8 cases read the FP8 LM head with its top logits rescored
+    (PERF.md v0.94; steps of up to 64 rows, v0.96)."""
     from replicas.accuracy import BARS, held_out, measure, trained_model_dir
 
     model = trained_model_dir()

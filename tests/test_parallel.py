@@ -153,11 +153,20 @@ def _lm_head(comm: Comm, w: dict[str, torch.Tensor]) -> Results:
 
 
 def _lm_head_fp8(comm: Comm, w: dict[str, torch.Tensor]) -> Results:
-    """An FP8 head (EngineConfig.fp8_lm_head = 2): one row, and all the rows at once."""
+    """An FP8 head (EngineConfig.fp8_lm_head = 2): one row; all the rows at once; and all
+    at once with parallel.FP8_HEAD_ROWS below their count."""
+    from replicas import parallel
+
     layer = ParallelLMHead(VOCAB, DIM, comm)
     layer.load("lm_head.weight", getter(w["head.weight"]), None)
     quantize_head(layer, 2)
-    return {"row": layer(w["h"][:1]).numpy(), "rows": layer(w["h"]).numpy()}
+    res = {"row": layer(w["h"][:1]).numpy(), "rows": layer(w["h"]).numpy()}
+    before, parallel.FP8_HEAD_ROWS = parallel.FP8_HEAD_ROWS, 1
+    try:
+        res["over"] = layer(w["h"]).numpy()
+    finally:
+        parallel.FP8_HEAD_ROWS = before
+    return res
 
 
 def _all_reduce_float16(comm: Comm, w: dict[str, torch.Tensor]) -> Results:
@@ -310,23 +319,26 @@ def test_parallel_lm_head_gathers_the_full_vocab(ranks: list[dict[str, Results]]
 
 def test_fp8_lm_head_rescores_each_shards_top_logits(ranks: list[dict[str, Results]],
                                                      w: dict) -> None:
-    """At tp=2 each rank rescores its own shard's top C (C = 2) of the FP8 logits from
-    its 16-bit rows: one row's logits are the 16-bit head's there and FP8's elsewhere;
-    several rows' are the 16-bit head's."""
+    """At tp=2 each rank rescores its own shard's top C (C = 2) of each row's FP8 logits
+    from its 16-bit rows: a row's logits are the 16-bit head's there and FP8's
+    elsewhere, one row alone or all at once; more rows than parallel.FP8_HEAD_ROWS get
+    the 16-bit head's logits."""
     exact = w["h"] @ w["head.weight"].T
     per_rank = -(-VOCAB // WORLD)
     w8, scale = quantize_rows(w["head.weight"])
-    rough = w["h"][:1] @ (w8.float() * scale[:, None]).T
+    rough = w["h"] @ (w8.float() * scale[:, None]).T
     ref = rough.clone()
-    for start in range(0, VOCAB, per_rank):  # a shard's padding row (zeros) scores 0
-        shard = torch.cat([rough[0, start:start + per_rank],
-                           torch.zeros(start + per_rank - min(VOCAB, start + per_rank))])
-        top = [int(i) + start for i in shard.topk(2).indices if i + start < VOCAB]
-        ref[0, top] = exact[0, top]
+    for row in range(TOKENS):
+        for start in range(0, VOCAB, per_rank):  # a shard's padding row (zeros) scores 0
+            shard = torch.cat([rough[row, start:start + per_rank],
+                               torch.zeros(start + per_rank - min(VOCAB, start + per_rank))])
+            top = [int(i) + start for i in shard.topk(2).indices if i + start < VOCAB]
+            ref[row, top] = exact[row, top]
     assert not torch.allclose(rough, exact, rtol=1e-4, atol=1e-4)  # FP8 is seen
     for r in ranks:
-        close(r["lm_head_fp8"]["row"], ref)
-        close(r["lm_head_fp8"]["rows"], exact)
+        close(r["lm_head_fp8"]["row"], ref[:1])
+        close(r["lm_head_fp8"]["rows"], ref)
+        close(r["lm_head_fp8"]["over"], exact)
 
 
 def test_float16_all_reduce_flags_overflow(ranks: list[dict[str, Results]]) -> None:
