@@ -24,9 +24,8 @@
 #                                                # winning GEMV trials and without (PERF
 #                                                # v0.87, v0.89: bench.gemv_trials_ab)
 #   KERNELS_S=200 ...                            # and batch-1 FP8 decode's kernels under
-#                                                # the profiler, the picks with the LATE
-#                                                # trials and without (PERF v0.90, v0.92,
-#                                                # v0.93: bench.b1_kernels_ab), then each
+#                                                # the profiler, the engine's picks (PERF
+#                                                # v0.90, v0.92: bench.b1_kernels_ab), then each
 #                                                # weight's read floor (v0.91)
 #   HEAD_S=240 ...                               # and batch-1 FP8 decode with the FP8
 #                                                # LM head against the 16-bit (v0.94)
@@ -152,7 +151,7 @@ if [ "${GEMVAB_S:-0}" != 0 ]; then  # PERF v0.87/v0.89, one process: batch-1 FP8
   bench_rows "$GEMVAB_S" gemv_trials_ab | rows gemv_trials_ab_h200.jsonl gemv_trials_ab_h200.jsonl
 fi
 if [ "${KERNELS_S:-0}" != 0 ]; then  # PERF v0.90, one process: batch-1 FP8 decode's
-  # kernels under the profiler, the GEMVs' picks as they are and with the LATE trials
+  # kernels under the profiler, the GEMVs' picks as they are
   bench_rows "$KERNELS_S" b1_kernels_ab | rows b1_kernels_h200.jsonl b1_kernels_h200.jsonl
   # and each weight's read floor: its bytes read by a kernel that only reads (PERF v0.91)
   bench_rows "$KERNELS_S" read_floor | rows read_floor_h200.jsonl read_floor_h200.jsonl

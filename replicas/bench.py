@@ -1024,17 +1024,18 @@ def gemv_trials_ab(rounds: int = 2) -> Iterator[dict[str, Any]]:
                    "gemv_us": report}
 
 
-def b1_kernels_ab(extra: tuple[tuple[int, ...], ...] | None = None,
+def b1_kernels_ab(extra: tuple[tuple[int, ...], ...] = (),
                   tokens: int = 64) -> Iterator[dict[str, Any]]:
     """PERF.md v0.90, v0.92, v0.93: where GLM-4-9B batch-1 FP8 decode's ~3.03 ms go (FP8
     weights, e4m3 cache, 128-token prompt), the engine's GEMVs picked among
-    FP8_GEMV_CONFIGS as they are ("picks") and with `extra` among them too ("picks_extra";
-    by default the LATE trials, v0.93; v0.90 ran v0.89's qkv GEMV, faster alone, no faster
-    in the step); an engine each (`_b1_kernels_rows`)."""
+    FP8_GEMV_CONFIGS as they are ("picks") and, with `extra` given, among those too
+    ("picks_extra"; v0.90 ran v0.89's qkv GEMV, v0.93 the LATE configs since removed:
+    faster alone, no faster in the step); an engine each (`_b1_kernels_rows`)."""
     every = _gemv_module().FP8_GEMV_CONFIGS
-    extra = _gemv_module().LATE_TRIALS if extra is None else extra
-    yield from _b1_kernels_rows({"picks": (every, {}),
-                                 "picks_extra": (every + extra, {})}, tokens)
+    arms = {"picks": (every, {})}
+    if extra:
+        arms["picks_extra"] = (every + extra, {})
+    yield from _b1_kernels_rows(arms, tokens)
 
 
 def b1_head_ab(candidates: int = 16, tokens: int = 64) -> Iterator[dict[str, Any]]:

@@ -67,15 +67,12 @@ def gemvs() -> None:
     flags = {"SCALED": True, "HAS_BIAS": False, "EVEN": True, "GATED": False, "NORM": True,
              "HAS_RES": True, "ROW": 4096, "PUSH": False, "PULL": False, "RANK": 0,
              "WORLD": 1, "PDL": True}
-    # a decoder layer's norm-fused FP8 GEMV (gate_up's kind) in each engine config and the
-    # last LATE trial (its SwiGLU form is the SwiGLU GEMV's below): a register
-    # cap, each tile summed as made and the rstd applied late where the config says so
-    # (PERF.md v0.85, v0.93)
-    for config in (*gemv.FP8_GEMV_CONFIGS, gemv.LATE_TRIALS[-1]):
-        block_n, block_k, warps, stages, cap, red, late = gemv.gemv_config_parts(config)
+    # a decoder layer's norm-fused FP8 GEMV (gate_up's kind) in each engine config: a
+    # register cap and each tile summed as made where the config says so (PERF.md v0.85)
+    for config in gemv.FP8_GEMV_CONFIGS:
+        block_n, block_k, warps, stages, cap, red = gemv.gemv_config_parts(config)
         ptx(gemv._gemv_kernel, pointers, {**flags, "BLOCK_N": block_n, "BLOCK_K": block_k,
-                                          "RED": bool(red), "LATE": bool(late)},
-            warps, stages, cap)
+                                          "RED": bool(red)}, warps, stages, cap)
     bf16 = {**pointers, "W": "*bf16"}
     folded = {**flags, "SCALED": False, "WORLD": 2, "BLOCK_N": 4, "BLOCK_K": 1024}
     ptx(gemv._gemv_kernel, bf16, {**folded, "NORM": False, "HAS_RES": False, "GATED": True,
@@ -84,10 +81,7 @@ def gemvs() -> None:
     # an FP8 gate_up GEMV with SwiGLU on its output (PERF.md v0.77)
     ptx(gemv._gemv_kernel, pointers, {**flags, "SWIGLU": True, "BLOCK_N": 16,
                                       "BLOCK_K": 512}, 8, 3)
-    # and both LATE (PERF.md v0.93)
-    ptx(gemv._gemv_kernel, pointers, {**flags, "SWIGLU": True, "LATE": True, "RED": True,
-                                      "BLOCK_N": 16, "BLOCK_K": 512}, 8, 4)
-    print(len(gemv.FP8_GEMV_CONFIGS) + 5, "GEMVs compiled for sm_90", flush=True)
+    print(len(gemv.FP8_GEMV_CONFIGS) + 3, "GEMVs compiled for sm_90", flush=True)
     print("_gemv_kernel compiled for sm_90", flush=True)
 
 

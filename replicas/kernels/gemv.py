@@ -38,19 +38,6 @@ if triton is not None:
         return (y * w).to(X.dtype.element_ty).to(tl.float32)
 
     @triton.jit
-    def _late_x(X, R, NW, ROUT, cols, k, EVEN: tl.constexpr, HAS_RES: tl.constexpr,
-                PULL: tl.constexpr, WORLD: tl.constexpr):
-        """LATE (PERF.md v0.93): K columns of (x + residual) * weight, rounded to X's
-        dtype, float32, the row's rstd left for the end; with these columns' sum of
-        squares of x + residual (as _rms_norm_kernel squares it). Program 0 writes these
-        columns of x + residual to ROUT."""
-        x, w = _norm_in(X, R, NW, cols, k, EVEN, HAS_RES, PULL, WORLD)
-        if HAS_RES and tl.program_id(0) == 0:
-            tl.store(ROUT + cols, x.to(ROUT.dtype.element_ty), mask=cols < k)
-        h = x.to(tl.float32)
-        return (h * w).to(X.dtype.element_ty).to(tl.float32), tl.sum(h * h, axis=0)
-
-    @triton.jit
     def _norm_in(X, R, NW, cols, k, EVEN: tl.constexpr, HAS_RES: tl.constexpr,
                  PULL: tl.constexpr, WORLD: tl.constexpr):
         """K columns of x + residual (in X's dtype where added, as _rms_norm_kernel
@@ -130,7 +117,7 @@ if triton is not None:
                      ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      PUSH: tl.constexpr, PULL: tl.constexpr, RANK: tl.constexpr,
                      WORLD: tl.constexpr, PDL: tl.constexpr, SWIGLU: tl.constexpr = False,
-                     RED: tl.constexpr = False, LATE: tl.constexpr = False):
+                     RED: tl.constexpr = False):
         """y = W x (+ b) for one row x: program = BLOCK_N rows of W, streamed along K,
         products summed in float32 registers and reduced once at the end. The first
         tile of W is loaded before waiting on the kernel that writes x (with PDL it
@@ -157,13 +144,8 @@ if triton is not None:
         RED: each tile's products are summed along K as they are made, into [BLOCK_N]
         float32 sums, instead of kept [BLOCK_N, BLOCK_K] until the end: fewer registers
         (more programs an SM, more loads in flight), a reduction a tile (PERF.md v0.85).
-
-        LATE (with NORM; PERF.md v0.93): no pass over the row before the loop. The
-        products are of (x + R) * NW, the row's squares are summed tile by tile in the
-        loop, and the rows' sums are multiplied by the rstd at the end (it is one number
-        for the row, so it factors out). Program 0 writes x + R to ROUT tile by tile. Not
-        bit for bit the norm then the GEMV: the normalized row is not rounded to X's
-        dtype before its weight multiplies it (~1 rounding of X's dtype an element)."""
+        (PERF.md v0.93's LATE, the norm's rstd applied after the loop instead of a pass
+        over the row before it, lost in the step twice and is gone.)"""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         r_ok = rows < n
         cols = tl.arange(0, BLOCK_K)
@@ -175,7 +157,7 @@ if triton is not None:
         if PULL:
             _await_rows(CNT, k, WORLD)
         rstd = 0.0
-        if NORM and not LATE:
+        if NORM:
             every = tl.arange(0, ROW)
             if PULL:
                 whole = _summed(X, every, every < k, k, WORLD).to(tl.float32)
@@ -188,11 +170,7 @@ if triton is not None:
                     tl.store(ROUT + every, whole, mask=every < k)
                 whole = whole.to(tl.float32)
             rstd = 1.0 / tl.sqrt(tl.sum(whole * whole, axis=0) / k + eps)
-        squares = 0.0
-        if NORM and LATE:
-            xv, squares = _late_x(X, R, NW, ROUT, cols, k, EVEN, HAS_RES, PULL, WORLD)
-        else:
-            xv = _gemv_x(X, R, NW, cols, k, rstd, EVEN, GATED, NORM, HAS_RES, PULL, WORLD)
+        xv = _gemv_x(X, R, NW, cols, k, rstd, EVEN, GATED, NORM, HAS_RES, PULL, WORLD)
         acc = _products(w, xv, RED)
         if SWIGLU:
             acc_u = _products(wu, xv, RED)
@@ -201,20 +179,10 @@ if triton is not None:
             w = _w_tile(W, rows, r_ok, cols, k, sw, EVEN)
             if SWIGLU:
                 wu = _w_tile(WU, rows, r_ok, cols, k, sw, EVEN)
-            if NORM and LATE:
-                xv, more = _late_x(X, R, NW, ROUT, cols, k, EVEN, HAS_RES, PULL, WORLD)
-                squares += more
-            else:
-                xv = _gemv_x(X, R, NW, cols, k, rstd, EVEN, GATED, NORM, HAS_RES, PULL,
-                             WORLD)
+            xv = _gemv_x(X, R, NW, cols, k, rstd, EVEN, GATED, NORM, HAS_RES, PULL, WORLD)
             acc += _products(w, xv, RED)
             if SWIGLU:
                 acc_u += _products(wu, xv, RED)
-        if NORM and LATE:  # the row's rstd, now that every column has been seen
-            rstd = 1.0 / tl.sqrt(squares / k + eps)
-            acc = acc * rstd
-            if SWIGLU:
-                acc_u = acc_u * rstd
         y = _row_sums(acc, S, B, rows, r_ok, SCALED, HAS_BIAS, RED)
         if SWIGLU:  # gate and up as gate_up's GEMV would store them, then _silu_mul_kernel
             u = _row_sums(acc_u, S + n, B + n, rows, r_ok, SCALED, HAS_BIAS, RED)
@@ -232,8 +200,7 @@ if triton is not None:
 
 GemvConfig = tuple[int, ...]  # (rows per program, K per iteration, warps, stages[, registers:
 # a cap on a thread's, ptxas's maxnreg, 0 for none[, 1: each tile's products summed as they
-# are made, the kernel's RED[, 1: a norm-fused GEMV's rstd applied after its loop, LATE]]]:
-# FP8_GEMV_TRIALS', PERF.md v0.85, v0.93)
+# are made, the kernel's RED]]: FP8_GEMV_TRIALS', PERF.md v0.85)
 
 
 GEMV_CONFIGS: tuple[GemvConfig, ...] = (  # the leaders of earlier H200 runs, and variations
@@ -277,21 +244,14 @@ FP8_GEMV_TRIALS: tuple[GemvConfig, ...] = (
     (16, 512, 8, 4, 96, 1), (32, 512, 8, 4, 0, 1), (16, 1024, 8, 3, 0, 1),
     (8, 2048, 4, 4, 96, 1), (8, 2048, 4, 2, 96, 1), (8, 2048, 4, 3, 80, 1),
     (8, 2048, 4, 3, 128, 1), (8, 1024, 4, 3, 96, 1))
-# LATE (PERF.md v0.93): the H200's qkv and gate_up picks and probe winners with the norm's
-# pass before the loop gone (plain GEMVs run them as without); trials too
-LATE_TRIALS: tuple[GemvConfig, ...] = (
-    (16, 512, 8, 4, 80, 0, 1), (8, 2048, 4, 3, 96, 1, 1), (16, 512, 8, 4, 0, 1, 1),
-    (8, 512, 4, 4, 0, 1, 1))
-FP8_GEMV_TRIALS += LATE_TRIALS
 
 
-def gemv_config_parts(config: GemvConfig) -> tuple[int, int, int, int, int, int, int]:
+def gemv_config_parts(config: GemvConfig) -> tuple[int, int, int, int, int, int]:
     """A GEMV config in full: (rows per program, K per iteration, warps, stages, register
-    cap: 0 for none, RED: 1 where each tile's products are summed as made, LATE: 1 where a
-    norm-fused GEMV applies the norm's rstd after its loop, PERF.md v0.93)."""
+    cap: 0 for none, RED: 1 where each tile's products are summed as made)."""
     block_n, block_k, warps, stages, *more = config
-    cap, red, late = (*more, 0, 0, 0)[:3]
-    return block_n, block_k, warps, stages, cap, red, late
+    cap, red = (*more, 0, 0)[:2]
+    return block_n, block_k, warps, stages, cap, red
 
 
 def gemv_configs(fp8: bool, trials: bool = False) -> tuple[GemvConfig, ...]:
@@ -316,8 +276,7 @@ def gemv_norm(x: torch.Tensor | Site, residual: torch.Tensor | None,
               bias: torch.Tensor | None, config: GemvConfig, scale: torch.Tensor | None = None,
               swiglu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(gemv(rms_norm(x + residual) * norm_weight), x + residual) for one row x [1, K], in
-    one kernel, equal to `rms_norm` then `gemv` with the same config (a LATE config's
-    first result up to rounding, PERF.md v0.93; its second bit for bit); without a residual
+    one kernel, equal to `rms_norm` then `gemv` with the same config; without a residual
     the second result is x. `x` may be a Site: the sum over the ranks of the row that
     their GEMVs pushed there (`gemv_push`), summed here as it is read. swiglu: weight is
     gate_up's [gate; up] and the first result is silu(gate) * up, half as wide, equal to
@@ -347,12 +306,8 @@ def _gemv(x: torch.Tensor | Site, weight: torch.Tensor, bias: torch.Tensor | Non
     if swiglu:
         assert n % 2 == 0 and push is None, "[gate; up] rows, the output stored here"
         n //= 2
-    block_n, block_k, warps, stages, cap, red, late = gemv_config_parts(config)
+    block_n, block_k, warps, stages, cap, red = gemv_config_parts(config)
     pull = x if isinstance(x, Site) else None
-    if late and pull is not None:  # (the kernel would sum the pushed rows as it goes, but
-        # no test has run that on GPUs yet: refused until one has)
-        raise ValueError(f"GEMV config {config}: LATE (PERF.md v0.93) is not yet tested "
-                         "reading a folded all-reduce's rows; pick a config without it")
     row = pull.rows if pull is not None else x
     assert isinstance(row, torch.Tensor)
     y = push.rows if push is not None else torch.empty(1, n, dtype=row.dtype, device=row.device)
@@ -368,7 +323,7 @@ def _gemv(x: torch.Tensor | Site, weight: torch.Tensor, bias: torch.Tensor | Non
         GATED=gated, NORM=norm is not None, HAS_RES=residual is not None, ROW=_pow2(k),
         BLOCK_N=block_n, BLOCK_K=block_k, PUSH=push is not None, PULL=pull is not None,
         RANK=site.rank if site is not None else 0, WORLD=site.world if site is not None else 1,
-        SWIGLU=swiglu, RED=bool(red), LATE=bool(late) and norm is not None,
+        SWIGLU=swiglu, RED=bool(red),
         num_warps=warps, num_stages=stages,
         **_launch(row, cap))
     return y
