@@ -1086,8 +1086,7 @@ def head_rows_ab(batches: tuple[int, ...] = HEAD_ROWS_BATCHES, rows: int = 64,
 def _b1_kernels_rows(arms: dict[str, tuple[tuple[tuple[int, ...], ...], dict[str, Any]]],
                      tokens: int) -> Iterator[dict[str, Any]]:
     """Per arm (name: the FP8 GEMV configs the engine picks among, EngineConfig changes),
-    `_b1_fp8`'s engine: a row
-    of ms a token, then `tokens` new tokens under the profiler:
+    `_b1_fp8`'s engine: a row of ms a token, then `tokens` new tokens under the profiler:
     the kernels' spans and own times a step (kernel_table), the GEMVs' by the weight each
     reads (gemv_roles), where the GPU sat idle (gpu_gaps), the GEMVs' picks; and after
     the first arm, the share of its greedy tokens that the first arm's match ("agree")."""
