@@ -29,7 +29,7 @@
 #                                                # weight's read floor (v0.91)
 #   HEAD_S=240 ...                               # and batch-1 FP8 decode with the FP8
 #                                                # LM head against the 16-bit (v0.94)
-#   HEADROWS_S=200 ...                           # and the FP8 LM head at 2-128 rows,
+#   HEADROWS_S=240 ...                           # and the FP8 LM head at 2-128 rows,
 #                                                # then FP8 decode at batches 4-64 with
 #                                                # it read in steps of one row and of up
 #                                                # to 64, and its accuracy so (v0.96)
@@ -168,8 +168,8 @@ if [ "${HEAD_S:-0}" != 0 ]; then  # PERF v0.94, one process: batch-1 FP8 decode 
   done
 fi
 if [ "${HEADROWS_S:-0}" != 0 ]; then  # PERF v0.96: the FP8 head's batch kernel at 2-128
-  # rows against the 16-bit matmul; then FP8 decode at 4, 16 and 64 sequences with the FP8
-  # head's rows read in steps of one row (as now) and of up to 64 (~60 s an engine, 2);
+  # rows against the 16-bit matmul; then FP8 decode at 4, 16, 32 and 64 sequences with the
+  # FP8 head's rows read in steps of one row and of up to 64 (~60 s an engine, 2);
   # then its accuracy so, in the scorer's 64-token steps
   bench_rows "$HEADROWS_S" lm_head_rows | rows w8a16_h200.jsonl w8a16_h200.jsonl
   bench_rows "$HEADROWS_S" head_rows_ab | rows head_rows_h200.jsonl head_rows_h200.jsonl

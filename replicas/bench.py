@@ -1048,7 +1048,8 @@ def b1_head_ab(candidates: int = 16, tokens: int = 64) -> Iterator[dict[str, Any
 
 
 # PERF.md v0.96: the decode batches at which the FP8 head's rows are tried in the step
-HEAD_ROWS_BATCHES = (4, 16, 64)
+# (32: W8A16_HEAD_PICKS' second config, v0.97)
+HEAD_ROWS_BATCHES = (4, 16, 32, 64)
 
 
 def head_rows_ab(batches: tuple[int, ...] = HEAD_ROWS_BATCHES, rows: int = 64,
@@ -1056,9 +1057,12 @@ def head_rows_ab(batches: tuple[int, ...] = HEAD_ROWS_BATCHES, rows: int = 64,
     """PERF.md v0.96: GLM-4-9B FP8 decode (FP8 weights, e4m3 cache, the FP8 LM head
     rescoring 16) at each of `batches` sequences of 128-token prompts, with the head's FP8
     rows read in steps of one row only (parallel.FP8_HEAD_ROWS = 1, before v0.96: "rows1") and
-    in steps of up to `rows` rows ("rows<rows>"), an engine each: ms a step (TPOT), and
-    the share of the second arm's greedy tokens that the first's match ("agree")."""
+    in steps of up to `rows` rows ("rows<rows>"), an engine each: ms a step (TPOT), the
+    share of the second arm's greedy tokens that the first's match ("agree"), and the
+    kernels' own times a step as those tokens were made (kernel_table's 12 longest)."""
     from unittest import mock
+
+    from torch.profiler import ProfilerActivity, profile
 
     from replicas import parallel
 
@@ -1072,13 +1076,15 @@ def head_rows_ab(batches: tuple[int, ...] = HEAD_ROWS_BATCHES, rows: int = 64,
             for batch in batches:
                 prompts = prompts_for(batch, 128, vocab, seed=batch)
                 ms = ours_per_token(engine, prompts, tokens, repeats) * 1e3
-                got = [out.token_ids for out in engine.generate(prompts, greedy)]
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    outs = engine.generate(prompts, greedy)
+                got = [out.token_ids for out in outs]
                 same = [a == b for seq, ref in zip(got, first.setdefault(batch, got),
                                                    strict=True)
                         for a, b in zip(seq, ref, strict=True)]
                 yield {"case": f"glm4-9b_fp8_decode_b{batch}_head_rows{limit}",
                        "unit": "ms/step", "ours": round(ms, 3), "batch": batch,
-                       "fp8_head_rows": limit,
+                       "fp8_head_rows": limit, "kernels": kernel_table(prof, tokens, 12),
                        **({} if limit == 1 else {"agree": round(sum(same) / len(same), 4)})}
         torch.cuda.empty_cache()
 

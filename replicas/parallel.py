@@ -631,6 +631,9 @@ class ParallelLMHead(nn.Module):
                 ) -> torch.Tensor:  # [n, vocab_per_rank] float32
         if on_gemv(self.gemv, h):
             return kernels.gemv(h, weight, None, self.gemv, scale=scale).float()
+        if scale is not None and kernels.enabled(h):  # in the head's own configs
+            config = kernels.w8a16_config(h.shape[0], kernels.W8A16_HEAD_PICKS)
+            return kernels.w8a16(h, weight, scale, config=config).float()
         if scale is not None:
             return fp8_linear(h, weight, scale).float()
         return F.linear(h, weight).float()

@@ -739,10 +739,6 @@ def fake_b1_engines(monkeypatch: pytest.MonkeyPatch,
     """bench's batch-1 A/Bs on CPU: each Engine a stand-in that calls `made(config)` as it
     starts (its GEMV report what that returns) and answers `tokens()` for 8 greedy
     tokens; 3.0 ms a token; the profiler records nothing."""
-    import contextlib
-
-    import torch.profiler
-
     from replicas import bench
 
     class FakeEngine:
@@ -759,6 +755,18 @@ def fake_b1_engines(monkeypatch: pytest.MonkeyPatch,
             assert params.max_tokens == 8 and params.greedy
             return [SimpleNamespace(token_ids=tokens())]
 
+    monkeypatch.setattr(bench, "Engine", FakeEngine)
+    monkeypatch.setattr(bench, "ours_per_token", lambda *a: 0.003)
+    fake_profiler(monkeypatch)
+
+
+def fake_profiler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.profiler.profile as a stand-in that records nothing (a CPU build refuses
+    CUDA activities)."""
+    import contextlib
+
+    import torch.profiler
+
     class FakeProfile(contextlib.nullcontext):
         def __init__(self, **kwargs: Any) -> None:
             super().__init__(self)
@@ -766,8 +774,6 @@ def fake_b1_engines(monkeypatch: pytest.MonkeyPatch,
         def events(self) -> list[Any]:
             return []
 
-    monkeypatch.setattr(bench, "Engine", FakeEngine)
-    monkeypatch.setattr(bench, "ours_per_token", lambda *a: 0.003)
     monkeypatch.setattr(torch.profiler, "profile", FakeProfile)
 
 
@@ -925,7 +931,9 @@ def test_head_rows_ab_runs_an_engine_per_row_limit_and_compares_their_tokens(
 
     monkeypatch.setattr(bench, "Engine", FakeEngine)
     monkeypatch.setattr(bench, "ours_per_token", lambda e, p, n, r: len(p) / 1000)
+    fake_profiler(monkeypatch)
     rows = list(bench.head_rows_ab((2, 3), rows=8, tokens=4))
+    assert all(r["kernels"]["top"] == [] for r in rows)
     assert [r["case"] for r in rows] == [f"glm4-9b_fp8_decode_b{b}_head_rows{n}"
                                          for n in (1, 8) for b in (2, 3)]
     assert [r["ours"] for r in rows] == [2.0, 3.0, 2.0, 3.0]

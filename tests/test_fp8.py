@@ -90,18 +90,24 @@ def test_w8a16_default_is_the_measured_pick_for_its_rows() -> None:
     the probe's rows keep judging it), chosen by the largest rows it was picked for."""
     from replicas.kernels.fp8mm import (
         W8A16_CONFIGS,
+        W8A16_HEAD_PICKS,
         W8A16_MANY_ROWS,
         W8A16_PICKS,
         w8a16_config,
     )
 
-    assert {c for _, c in W8A16_PICKS} | {W8A16_MANY_ROWS} <= set(W8A16_CONFIGS)
-    assert [rows for rows, _ in W8A16_PICKS] == sorted({rows for rows, _ in W8A16_PICKS})
-    for m in (1, 2, 15, 16, 17, 63, 64, 65, 128, 129, 256, 1023):
-        picked = [config for rows, config in W8A16_PICKS if m <= rows]
-        assert w8a16_config(m) == (picked[0] if picked else W8A16_MANY_ROWS), m
+    for picks in (W8A16_PICKS, W8A16_HEAD_PICKS):
+        assert {c for _, c in picks} | {W8A16_MANY_ROWS} <= set(W8A16_CONFIGS)
+        assert [rows for rows, _ in picks] == sorted({rows for rows, _ in picks})
+        for m in (1, 2, 15, 16, 17, 32, 33, 63, 64, 65, 128, 129, 256, 1023):
+            picked = [config for rows, config in picks if m <= rows]
+            assert w8a16_config(m, picks) == (picked[0] if picked else W8A16_MANY_ROWS), m
     # the swapped (64, 64, 128) from 17 rows on (the H200's probe at e08b4a2)
     assert w8a16_config(17) == w8a16_config(128) == (64, 64, 128, 4, 4, True)
+    # the FP8 LM head's (an H100's lm_head_rows, PERF.md v0.96-v0.97)
+    assert w8a16_config(2, W8A16_HEAD_PICKS) == (16, 64, 128, 4, 4, False)
+    assert w8a16_config(32, W8A16_HEAD_PICKS) == (32, 64, 128, 4, 4, False)
+    assert w8a16_config(33, W8A16_HEAD_PICKS) == W8A16_MANY_ROWS
 
 
 @pytest.mark.parametrize("shape", [(5, 200, 72), (33, 256, 130), (1, 64, 128)])
@@ -656,6 +662,37 @@ def test_fp8_lm_head_reads_fp8_rows_in_steps_of_up_to_fp8_head_rows(
         want[top] = exact[r, top]
         torch.testing.assert_close(got[r], want)
     assert not torch.allclose(got, exact, atol=1e-3)
+
+
+def test_fp8_lm_head_reads_its_rows_in_the_heads_own_configs(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the Triton path (its interpreter here) a step of 2 to FP8_HEAD_ROWS rows reads
+    the FP8 head through kernels.w8a16 in kernels.W8A16_HEAD_PICKS' config for its rows
+    (W8A16_MANY_ROWS past them), with the logits of the path without kernels (C = 4:
+    rescore_top's set is then each row's top C, as torch.topk's)."""
+    pytest.importorskip("triton")
+    from replicas import kernels, parallel
+    from replicas.fp8 import quantize_head
+
+    gen = torch.Generator().manual_seed(6)
+    head = ParallelLMHead(300, 32, parallel.Comm())
+    head.weight.data.copy_(torch.randn(300, 32, generator=gen))
+    quantize_head(head, 4)
+    real, configs = kernels.w8a16, []
+
+    def w8a16(*args: Any, config: Any = None) -> torch.Tensor:
+        configs.append(config)
+        return real(*args, config=config)
+
+    monkeypatch.setattr(kernels, "w8a16", w8a16)
+    for rows in (3, 20, 40):
+        h = torch.randn(rows, 32, generator=gen)
+        plain = head(h)
+        monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
+        torch.testing.assert_close(head(h), plain, rtol=1e-5, atol=1e-5)
+        monkeypatch.delenv("TPSERVE_TRITON_CPU")
+    assert configs == [(16, 64, 128, 4, 4, False), (32, 64, 128, 4, 4, False),
+                       kernels.w8a16_config(40)]
 
 
 def test_fp8_lm_head_is_a_count_of_candidates() -> None:

@@ -39,6 +39,7 @@ from replicas.kernels.attention import (
 )
 from replicas.kernels.common import enabled, pdl
 from replicas.kernels.fp8mm import (
+    W8A16_HEAD_PICKS,
     RunSum,
     pick_w8a8,
     w8a8_config,
@@ -46,6 +47,7 @@ from replicas.kernels.fp8mm import (
     w8a8_per_token,
     w8a8_picked,
     w8a16,
+    w8a16_config,
 )
 from replicas.kernels.gemv import (
     FP8_GEMV_CONFIGS,
@@ -73,5 +75,6 @@ __all__ = [
     "rms_norm",
     "rms_norm_quantize_fp8",
     "rope_and_cache", "silu_and_mul", "silu_mul_quantize_fp8", "w8a8_config", "w8a8_groups",
-    "RunSum", "w8a8_per_token", "w8a8_picked", "w8a16", "widen_fp8",
+    "RunSum", "W8A16_HEAD_PICKS", "w8a8_per_token", "w8a8_picked", "w8a16", "w8a16_config",
+    "widen_fp8",
 ]

@@ -171,11 +171,20 @@ W8A16_CONFIGS: tuple[W8A16Config, ...] = (
 # then cuBLAS (327.2 against 422.3: fp8.DEQUANT_ROWS; PERF.md v0.36)
 W8A16_PICKS: tuple[tuple[int, W8A16Config], ...] = ((16, (16, 32, 128, 4, 4, False)),)
 W8A16_MANY_ROWS: W8A16Config = (64, 64, 128, 4, 4, True)  # beyond the last pick's rows
+# the FP8 LM head's (parallel.ParallelLMHead, steps of up to parallel.FP8_HEAD_ROWS rows):
+# GLM-4-9B's 151,552 x 4,096 head, timed on an H100 in two calls (`bench.lm_head_rows`,
+# replicas/results/w8a16_h100.jsonl; PERF.md v0.96-v0.97): (16, 64, 128) 225-234 us at
+# 2-16 rows against W8A16_PICKS' 233-240, (32, 64, 128) 237 at 32 rows against
+# W8A16_MANY_ROWS' 289-291, which stays the best at 64 rows (288)
+W8A16_HEAD_PICKS: tuple[tuple[int, W8A16Config], ...] = (
+    (16, (16, 64, 128, 4, 4, False)), (32, (32, 64, 128, 4, 4, False)))
 
 
-def w8a16_config(m: int) -> W8A16Config:
-    """The default config for `m` rows of x (W8A16_PICKS, else W8A16_MANY_ROWS)."""
-    return next((config for rows, config in W8A16_PICKS if m <= rows), W8A16_MANY_ROWS)
+def w8a16_config(m: int, picks: tuple[tuple[int, W8A16Config], ...] = W8A16_PICKS
+                 ) -> W8A16Config:
+    """The default config for `m` rows of x: the first of `picks` (rows, config) whose
+    rows hold m, else W8A16_MANY_ROWS."""
+    return next((config for rows, config in picks if m <= rows), W8A16_MANY_ROWS)
 
 
 def w8a16(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
