@@ -90,9 +90,9 @@ def test_tp_bfloat16_logits_within_tolerance(family: str, tp: int,
 
 def test_tp2_fp8_lm_head_decodes_the_16bit_heads_tokens(checkpoint: CheckpointFactory
                                                         ) -> None:
-    """FP8 weights at tp=2 on GPUs, batch 1 from CUDA graphs: with the FP8 LM head (each
-    rank rescores its shard's top 16 in its own kernels, PERF.md v0.94) the greedy tokens
-    are the 16-bit head's."""
+    """FP8 weights at tp=2 on GPUs, from CUDA graphs, one sequence at a time and three at
+    once: with the FP8 LM head (each rank rescores its shard's top 16 of each row in its
+    own kernels, PERF.md v0.94, v0.96) the greedy tokens are the 16-bit head's."""
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     got = {}
     for head in (0, 16):
@@ -100,7 +100,9 @@ def test_tp2_fp8_lm_head_decodes_the_16bit_heads_tokens(checkpoint: CheckpointFa
                               max_model_len=256, quantization="fp8", fp8_lm_head=head)
         with Engine(config) as engine:
             assert engine.worker.model.lm_head.candidates == head
-            got[head] = [engine.generate([p], params)[0].token_ids for p in prompts(1000)[:3]]
+            alone = [engine.generate([p], params)[0].token_ids for p in prompts(1000)[:3]]
+            together = [out.token_ids for out in engine.generate(prompts(1000)[:3], params)]
+            got[head] = alone + together
     assert got[16] == got[0]
 
 
