@@ -633,10 +633,10 @@ def ncu_subject(name: str, calls: int = 2) -> None:
     "attention" (256 sequences x 192 keys, the e4m3 cache, the engine's tile and splits),
     "swiglu_quant" (SwiGLU + the per-token quantization of 256 x 27,392), "gate_up_mm"
     (gate_up's `_scaled_mm` at 256 rows, `calls` times without fast accumulation, then
-    `calls` times with it), "gemv" (the FP8 o_proj GEMV at batch 1 in the config
-    `pick_gemv` picks); "gemv_ROLE" (ROLE of GEMV_ROLES: GLM-4-9B's FP8 GEMV in the kind
-    and config the engine runs it, `_fp8_gemv_call`) and "read_ROLE" (its weight's bytes
-    read by `kernels.stream`'s fastest config, as `read_floor` times them)."""
+    `calls` times with it); "gemv_ROLE" (ROLE of GEMV_ROLES: GLM-4-9B's FP8 GEMV at batch 1
+    in the kind the engine runs it, `_fp8_gemv_call`; "gemv" is o_proj's) and "read_ROLE"
+    (its weight's bytes read by `kernels.stream`'s fastest config, as `read_floor` times
+    them)."""
     from replicas import kernels
     from replicas.fp8 import quantize_rows
 
@@ -644,7 +644,7 @@ def ncu_subject(name: str, calls: int = 2) -> None:
         raise ValueError(f"unknown ncu subject {name!r}: one of {', '.join(NCU_SUBJECTS)}")
     gen = torch.Generator(device="cuda").manual_seed(0)
     calls_of: Callable[[], Any]
-    kind, _, role = name.partition("_")
+    kind, _, role = ("gemv_o" if name == "gemv" else name).partition("_")
     if kind in ("gemv", "read") and role in GEMV_ROLES:
         if kind == "gemv":
             calls_of = _fp8_gemv_call(role, gen)
@@ -671,19 +671,11 @@ def ncu_subject(name: str, calls: int = 2) -> None:
     if name == "swiglu_quant":
         x = torch.randn(256, 27392, device="cuda", dtype=torch.bfloat16, generator=gen)
         calls_of = functools.partial(kernels.silu_mul_quantize_fp8, x)
-    else:
-        n, k = (27392, 4096) if name == "gate_up_mm" else (4096, 4096)
-        w8, scale = quantize_rows(torch.randn(n, k, device="cuda", generator=gen) * 0.02)
-        if name == "gate_up_mm":
-            x8, xs = kernels.quantize_tokens_fp8(torch.randn(
-                256, k, device="cuda", dtype=torch.bfloat16, generator=gen))
-            calls_of = functools.partial(_scaled_mm_both, x8, xs, w8, scale)
-        else:
-            config, _ = kernels.pick_gemv(w8, None, margin=math.inf, scale=scale,
-                                          dtype=torch.bfloat16)
-            assert config is not None  # (with no margin the fastest GEMV config)
-            x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16, generator=gen)
-            calls_of = functools.partial(kernels.gemv, x, w8, None, config, scale=scale)
+    else:  # gate_up_mm
+        w8, scale = quantize_rows(torch.randn(27392, 4096, device="cuda", generator=gen) * 0.02)
+        x8, xs = kernels.quantize_tokens_fp8(torch.randn(
+            256, 4096, device="cuda", dtype=torch.bfloat16, generator=gen))
+        calls_of = functools.partial(_scaled_mm_both, x8, xs, w8, scale)
     calls_of()
     _profiled(calls_of, calls)
 

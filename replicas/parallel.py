@@ -596,13 +596,12 @@ class ParallelLMHead(nn.Module):
     FP8 (a scale per vocabulary row, `weight_scale`) and `weight16` the 16-bit rows. An
     input of up to FP8_HEAD_ROWS rows (decode of up to 64 sequences, where the head's
     bytes are the cost) reads the FP8 rows, and for each row each rank computes its
-    shard's C highest logits again from `weight16`
-    (C rows read; on the Triton path the C highest of each run's few highest, nearly
-    always the same set), so the logits the tokens are chosen from are the 16-bit head's
-    wherever they rank in a shard's top C, and FP8's (relative error ~2^-5 a weight)
-    elsewhere: a grammar's mask, penalties or a logit_bias that leave only tokens
-    outside the top C choose among FP8 logits. Inputs of more rows read `weight16`
-    alone, as a 16-bit head."""
+    shard's C highest logits again from `weight16` (C rows read; on the Triton path the
+    C highest of each run's few highest, nearly always the same set), so the logits the
+    tokens are chosen from are the 16-bit head's wherever they rank in a shard's top C,
+    and FP8's (relative error ~2^-5 a weight) elsewhere: a grammar's mask, penalties or a
+    logit_bias that leave only tokens outside the top C choose among FP8 logits. Inputs
+    of more rows read `weight16` alone, as a 16-bit head."""
 
     def __init__(self, vocab_size: int, dim: int, comm: Comm) -> None:
         super().__init__()
@@ -631,12 +630,12 @@ class ParallelLMHead(nn.Module):
                 ) -> torch.Tensor:  # [n, vocab_per_rank] float32
         if on_gemv(self.gemv, h):
             return kernels.gemv(h, weight, None, self.gemv, scale=scale).float()
-        if scale is not None and kernels.enabled(h):  # in the head's own configs
+        if scale is None:
+            return F.linear(h, weight).float()
+        if kernels.enabled(h):  # the FP8 batch kernel in the head's own configs
             config = kernels.w8a16_config(h.shape[0], kernels.W8A16_HEAD_PICKS)
             return kernels.w8a16(h, weight, scale, config=config).float()
-        if scale is not None:
-            return fp8_linear(h, weight, scale).float()
-        return F.linear(h, weight).float()
+        return fp8_linear(h, weight, scale).float()
 
     def _rescored(self, h: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         """`local` with each row's C highest logits computed again from the 16-bit rows,

@@ -33,15 +33,6 @@ if triton is not None:
                   PULL: tl.constexpr, WORLD: tl.constexpr):
         """K columns of norm(x + residual) * weight, float32, rounded as _rms_norm_kernel.
         PULL: x is the sum of WORLD partial rows at X, summed here."""
-        x, w = _norm_in(X, R, NW, cols, k, EVEN, HAS_RES, PULL, WORLD)
-        y = (x.to(tl.float32) * rstd).to(X.dtype.element_ty).to(tl.float32)
-        return (y * w).to(X.dtype.element_ty).to(tl.float32)
-
-    @triton.jit
-    def _norm_in(X, R, NW, cols, k, EVEN: tl.constexpr, HAS_RES: tl.constexpr,
-                 PULL: tl.constexpr, WORLD: tl.constexpr):
-        """K columns of x + residual (in X's dtype where added, as _rms_norm_kernel
-        rounds it) and of the norm's weight, float32."""
         if PULL:
             x = _summed(X, cols, cols < k, k, WORLD).to(tl.float32)
             if HAS_RES:
@@ -59,7 +50,8 @@ if triton is not None:
                 x = (x + tl.load(R + cols, mask=cols < k, other=0.0).to(tl.float32)).to(
                     X.dtype.element_ty)
             w = tl.load(NW + cols, mask=cols < k, other=0.0).to(tl.float32)
-        return x, w
+        y = (x.to(tl.float32) * rstd).to(X.dtype.element_ty).to(tl.float32)
+        return (y * w).to(X.dtype.element_ty).to(tl.float32)
 
     @triton.jit
     def _gemv_x(X, R, NW, cols, k, rstd, EVEN: tl.constexpr, GATED: tl.constexpr,
@@ -143,9 +135,7 @@ if triton is not None:
 
         RED: each tile's products are summed along K as they are made, into [BLOCK_N]
         float32 sums, instead of kept [BLOCK_N, BLOCK_K] until the end: fewer registers
-        (more programs an SM, more loads in flight), a reduction a tile (PERF.md v0.85).
-        (PERF.md v0.93's LATE, the norm's rstd applied after the loop instead of a pass
-        over the row before it, lost in the step twice and is gone.)"""
+        (more programs an SM, more loads in flight), a reduction a tile (PERF.md v0.85)."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         r_ok = rows < n
         cols = tl.arange(0, BLOCK_K)
@@ -323,8 +313,7 @@ def _gemv(x: torch.Tensor | Site, weight: torch.Tensor, bias: torch.Tensor | Non
         GATED=gated, NORM=norm is not None, HAS_RES=residual is not None, ROW=_pow2(k),
         BLOCK_N=block_n, BLOCK_K=block_k, PUSH=push is not None, PULL=pull is not None,
         RANK=site.rank if site is not None else 0, WORLD=site.world if site is not None else 1,
-        SWIGLU=swiglu, RED=bool(red),
-        num_warps=warps, num_stages=stages,
+        SWIGLU=swiglu, RED=bool(red), num_warps=warps, num_stages=stages,
         **_launch(row, cap))
     return y
 
