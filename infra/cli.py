@@ -112,9 +112,8 @@ FIELD_HELP = {
                   "inputs; qkv_proj,o_proj,down_proj puts only gate_up_proj on FP8.",
     "fp8_lm_head": "In decode steps of up to 64 sequences the LM head reads FP8 rows "
                    "and computes each row's this many highest logits again from its "
-                   "16-bit rows (kept "
-                   "beside: the head's memory 1.5x); 0: a 16-bit head; not set: 16 with "
-                   "--quantization fp8 or fp8-w8a8, else 0.",
+                   "16-bit rows (kept beside: the head's memory 1.5x); 0: a 16-bit head; "
+                   "not set: 16 with --quantization fp8 or fp8-w8a8, else 0.",
     "kv_cache_dtype": "auto (the model's dtype); fp8: the KV cache in FP8 (e4m3), twice "
                       "the tokens in the same memory; int8: in int8 with a scale per token "
                       "and head, 1.94x the tokens at head_dim 128 and closer to the 16-bit "

@@ -161,8 +161,6 @@ if [ "${HEAD_S:-0}" != 0 ]; then  # PERF v0.94, one process: batch-1 FP8 decode 
   # 16-bit LM head and with the FP8 head rescoring its top 16 (~60 s an engine); then the
   # FP8 head's accuracy in steps of one row, against the 16-bit model and the FP8 one
   bench_rows "$HEAD_S" b1_head_ab | rows b1_head_h200.jsonl b1_head_h200.jsonl
-  # and the FP8 head's batch kernel at 2-8 rows against the 16-bit matmul (v0.94's next)
-  bench_rows "$HEAD_S" lm_head_rows | rows w8a16_h200.jsonl w8a16_h200.jsonl
   for head in 0 16; do
     timeout -s KILL "$HEAD_S" python3 -m replicas.accuracy --dtype bfloat16 --chunk 1 \
       --fp8-lm-head $head 2>&1 | rows accuracy_h200.jsonl accuracy_h200.jsonl
@@ -171,14 +169,11 @@ fi
 if [ "${HEADROWS_S:-0}" != 0 ]; then  # PERF v0.96: the FP8 head's batch kernel at 2-128
   # rows against the 16-bit matmul; then FP8 decode at 4, 16, 32 and 64 sequences with the
   # FP8 head's rows read in steps of one row and of up to 64 (~60 s an engine, 2);
-  # then its accuracy so, in the scorer's 64-token steps
+  # then its accuracy so, in the scorer's 64-token steps (parallel.FP8_HEAD_ROWS, 64)
   bench_rows "$HEADROWS_S" lm_head_rows | rows w8a16_h200.jsonl w8a16_h200.jsonl
   bench_rows "$HEADROWS_S" head_rows_ab | rows head_rows_h200.jsonl head_rows_h200.jsonl
-  timeout -s KILL "$HEADROWS_S" python3 -c "import sys
-from replicas import accuracy, parallel
-parallel.FP8_HEAD_ROWS = 64
-sys.exit(accuracy.main(sys.argv[1:]))" --dtype bfloat16 --fp8-lm-head 16 2>&1 |
-    sed 's/"changes": {/"fp8_head_rows": 64, "changes": {/' |
+  timeout -s KILL "$HEADROWS_S" python3 -m replicas.accuracy --dtype bfloat16 \
+    --fp8-lm-head 16 2>&1 | sed 's/"changes": {/"fp8_head_rows": 64, "changes": {/' |
     rows accuracy_h200.jsonl accuracy_h200.jsonl
 fi
 if [ "${W8A8_S:-0}" != 0 ]; then  # W8A8 per token at a decode step's rows (~1 min)

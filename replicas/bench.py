@@ -1240,8 +1240,8 @@ def w8a16_suite(repeats: int) -> Iterator[dict[str, Any]]:
 
 # GLM-4-9B's batch-1 GEMVs as a decoder layer calls them (its qkv has a bias; the LM
 # head's FP8 GEMV is batch-1 decode's with FP8 weights, PERF.md v0.94): name: (out, in,
-# kind, bias); gate_up's and down's
-# kinds are the engine's for the weights' dtype (_engine_gemv_kind)
+# kind, bias); gate_up's and down's kinds are the engine's for the weights' dtype
+# (_engine_gemv_kind)
 GEMV_SHAPES = {"qkv": (4608, 4096, "norm", True), "o": (4096, 4096, "plain", False),
                "gate_up": (27392, 4096, "norm", False), "down": (4096, 13696, "gated", False),
                "lm_head": (151552, 4096, "plain", False)}

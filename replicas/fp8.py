@@ -33,10 +33,11 @@ Contract:
   where tuning picks it (replicas/kernels/gemv.py: FP8 tiles, the row's scale applied
   once at the end, the input row 16-bit in both modes). The embedding stays 16-bit (a
   row gather: no matmul to gain). The LM head (`quantize_head`, EngineConfig.fp8_lm_head,
-  16 by default with FP8 weights) reads FP8 rows in batch-1 decode, where its bytes are
-  the cost (GLM-4-9B: 0.62 of ~10.6 GB a token saved), and each row's C highest logits
-  are computed again from its 16-bit rows, kept beside (parallel.ParallelLMHead); steps
-  of more rows use the 16-bit rows. FP8 logits alone cost 0.6 points of top-1 agreement
+  16 by default with FP8 weights) reads FP8 rows in steps of up to
+  parallel.FP8_HEAD_ROWS rows (decode of up to 64 sequences), where its bytes are the
+  cost (GLM-4-9B: 0.62 of ~10.6 GB a token saved), and each row's C highest logits are
+  computed again from its 16-bit rows, kept beside (parallel.ParallelLMHead); steps of
+  more rows use the 16-bit rows. FP8 logits alone cost 0.6 points of top-1 agreement
   on the trained checkpoint (98.93 -> 98.34 %, PERF.md v0.22); rescored, none (v0.94).
   Quantized after the 16-bit weights are loaded, layer by layer: the 16-bit copy of a
   layer is freed as its FP8 form takes its place, so the peak is the 16-bit model.
@@ -249,9 +250,9 @@ def quantize_model(model: nn.Module, w8a8: int = 0, weight_only: tuple[str, ...]
 @torch.no_grad()
 def quantize_head(head: nn.Module, candidates: int) -> None:
     """The LM head (parallel.ParallelLMHead) reads FP8 rows in steps of up to
-    parallel.FP8_HEAD_ROWS rows (decode), its C =
-    `candidates` highest logits computed again from its 16-bit rows, kept beside (see
-    ParallelLMHead; EngineConfig.fp8_lm_head)."""
+    parallel.FP8_HEAD_ROWS rows (decode), each row's C = `candidates` highest logits
+    computed again from its 16-bit rows, kept beside (see ParallelLMHead;
+    EngineConfig.fp8_lm_head)."""
     from replicas.config import ConfigError
 
     if candidates <= 0:

@@ -172,7 +172,8 @@ def test_time_per_token_runs_again_when_a_stream_came_in_one_delta() -> None:
 def test_w8a8_suite_rows_put_each_count_of_rows_beside_scaled_mm() -> None:
     """`--suite w8a8`: a row per (layer, rows) from pick_w8a8's times (a stand-in's here,
     on small FP8 weights): the fastest Triton config against `_scaled_mm`, the pick the
-    engine would take, the weight's bytes a second; no LM head (16-bit beyond one row)."""
+    engine would take, the weight's bytes a second; no LM head (its FP8 rows go through
+    kernels.w8a16, not W8A8, and only up to parallel.FP8_HEAD_ROWS rows)."""
     from replicas.bench import w8a8_suite
     from replicas.kernels.fp8mm import W8A8_CUBLAS_CONFIGS
 
@@ -347,7 +348,6 @@ def test_kernel_table_groups_a_profiles_gpu_kernels_by_name_largest_first() -> N
     by name, per step, the CPU's events left out; each kernel's own time leaves out what
     an earlier kernel on its GPU still ran (a kernel launched early, as programmatic
     dependent launch does, waits inside its span), each GPU on its own."""
-
     from replicas.bench import kernel_table
 
     def event(name: str, start: float, us: float, device: str = "CUDA", index: int = 0
@@ -376,8 +376,6 @@ def test_gemv_roles_name_each_gemv_by_where_it_sits_in_the_step() -> None:
     at down (the final norm runs next), and the one alone before the argmax is the LM
     head; a prefill's other GEMVs are "other". Own time as kernel_table's (an overlapping
     start waits inside its span)."""
-    from types import SimpleNamespace
-
     from replicas.bench import gemv_roles
 
     clock = [0.0]

@@ -284,9 +284,8 @@ def test_fp8_decode_graphs_equal_eager_and_tune_the_fp8_gemv(checkpoint: Checkpo
                                                              ) -> None:
     """FP8 weights and KV cache on the GPU: decode replayed from CUDA graphs gives the
     eager path's tokens (bfloat16 input rows; FP8 tiles through the GEMV where tuning
-    picks it, the FP8 matmul otherwise: the tuning timed the FP8 shapes; batch 1 with
-    the FP8 LM head), and the pool
-    holds twice the 16-bit pool's blocks."""
+    picks it, the FP8 matmul otherwise: the tuning timed the FP8 shapes; the FP8 LM head
+    at five rows a step and at one), and the pool holds twice the 16-bit pool's blocks."""
     ckpt = checkpoint("llama")
     prompts = [list(range(10 + i, 30 + 2 * i)) for i in range(5)]
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
