@@ -34,6 +34,8 @@
 #                                                # then FP8 decode at batches 4-64 with
 #                                                # it read in steps of one row and of up
 #                                                # to 64, and its accuracy so (v0.96)
+#   SPLIT_S=200 ...                              # and the weight-only matmul with K in
+#                                                # slices (PERF v0.98), alone and in the step
 #   W8A8_S=150 ...                               # and W8A8's few-row matmul: Triton's
 #                                                # configs against _scaled_mm at 16-256
 #                                                # rows (PERF v0.62) and cuBLAS in runs
@@ -175,6 +177,12 @@ if [ "${HEADROWS_S:-0}" != 0 ]; then  # PERF v0.96: the FP8 head's batch kernel 
   timeout -s KILL "$HEADROWS_S" python3 -m replicas.accuracy --dtype bfloat16 \
     --fp8-lm-head 16 2>&1 | sed 's/"changes": {/"fp8_head_rows": 64, "changes": {/' |
     rows accuracy_h200.jsonl accuracy_h200.jsonl
+fi
+if [ "${SPLIT_S:-0}" != 0 ]; then  # PERF v0.98: the weight-only FP8 matmul with K in
+  # slices at 4-64 rows, the kernel alone (~1 min), then FP8 decode at 4, 16, 32 and 64
+  # sequences with K whole and in w8a16_split's slices (~50 s an engine, 2)
+  bench_rows "$SPLIT_S" w8a16_split_probe | rows w8a16_split_h200.jsonl w8a16_split_h200.jsonl
+  bench_rows "$SPLIT_S" w8a16_split_ab | rows w8a16_split_ab_h200.jsonl w8a16_split_ab_h200.jsonl
 fi
 if [ "${W8A8_S:-0}" != 0 ]; then  # W8A8 per token at a decode step's rows (~1 min)
   timeout -s KILL "$W8A8_S" python3 -m replicas.bench --suite w8a8 2>&1 |

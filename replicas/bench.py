@@ -1044,41 +1044,96 @@ def b1_head_ab(candidates: int = 16, tokens: int = 64) -> Iterator[dict[str, Any
 HEAD_ROWS_BATCHES = (4, 16, 32, 64)
 
 
-def head_rows_ab(batches: tuple[int, ...] = HEAD_ROWS_BATCHES, rows: int = 64,
-                 tokens: int = 64, repeats: int = 3) -> Iterator[dict[str, Any]]:
-    """PERF.md v0.96: GLM-4-9B FP8 decode (FP8 weights, e4m3 cache, the FP8 LM head
-    rescoring 16) at each of `batches` sequences of 128-token prompts, with the head's FP8
-    rows read in steps of one row only (parallel.FP8_HEAD_ROWS = 1, before v0.96: "rows1") and
-    in steps of up to `rows` rows ("rows<rows>"), an engine each: ms a step (TPOT), the
-    share of the second arm's greedy tokens that the first's match ("agree"), and the
-    kernels' own times a step as those tokens were made (kernel_table's 12 longest)."""
-    from unittest import mock
-
+def _fp8_batch_arms(arms: dict[str, tuple[Any, dict[str, Any]]],
+                    batches: tuple[int, ...], tokens: int, repeats: int
+                    ) -> Iterator[dict[str, Any]]:
+    """GLM-4-9B FP8 decode (FP8 weights, e4m3 cache, the FP8 LM head rescoring 16) at
+    each of `batches` sequences of 128-token prompts, an engine per arm (its name: the
+    patch it runs under, the fields its rows carry): ms a step (TPOT), the share of each
+    later arm's greedy tokens that the first's match ("agree"), and the kernels' own times
+    a step as those tokens were made (kernel_table's 12 longest)."""
     from torch.profiler import ProfilerActivity, profile
-
-    from replicas import parallel
 
     config = dataclasses.replace(_glm_config(), max_num_seqs=max(batches),
                                  quantization="fp8", kv_cache_dtype="fp8", fp8_lm_head=16)
     vocab = SHAPES["glm4-9b"][1]["vocab_size"]
     greedy = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     first: dict[int, list[list[int]]] = {}
-    for limit in (1, rows):
-        with mock.patch.object(parallel, "FP8_HEAD_ROWS", limit), Engine(config) as engine:
+    for arm, (patch, fields) in arms.items():
+        with patch, Engine(config) as engine:
             for batch in batches:
                 prompts = prompts_for(batch, 128, vocab, seed=batch)
                 ms = ours_per_token(engine, prompts, tokens, repeats) * 1e3
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
                     outs = engine.generate(prompts, greedy)
                 got = [out.token_ids for out in outs]
-                same = [a == b for seq, ref in zip(got, first.setdefault(batch, got),
-                                                   strict=True)
-                        for a, b in zip(seq, ref, strict=True)]
-                yield {"case": f"glm4-9b_fp8_decode_b{batch}_head_rows{limit}",
-                       "unit": "ms/step", "ours": round(ms, 3), "batch": batch,
-                       "fp8_head_rows": limit, "kernels": kernel_table(prof, tokens, 12),
-                       **({} if limit == 1 else {"agree": round(sum(same) / len(same), 4)})}
+                ref = first.setdefault(batch, got)
+                same = [a == b for seq, want in zip(got, ref, strict=True)
+                        for a, b in zip(seq, want, strict=True)]
+                yield {"case": f"glm4-9b_fp8_decode_b{batch}_{arm}", "unit": "ms/step",
+                       "ours": round(ms, 3), "batch": batch, **fields,
+                       "kernels": kernel_table(prof, tokens, 12),
+                       **({} if got is ref else {"agree": round(sum(same) / len(same), 4)})}
         torch.cuda.empty_cache()
+
+
+def head_rows_ab(batches: tuple[int, ...] = HEAD_ROWS_BATCHES, rows: int = 64,
+                 tokens: int = 64, repeats: int = 3) -> Iterator[dict[str, Any]]:
+    """PERF.md v0.96 (`_fp8_batch_arms`): the head's FP8 rows read in steps of one row
+    only (parallel.FP8_HEAD_ROWS = 1, before v0.96: "head_rows1") and in steps of up to
+    `rows` rows ("head_rows<rows>")."""
+    from unittest import mock
+
+    from replicas import parallel
+
+    yield from _fp8_batch_arms(
+        {f"head_rows{limit}": (mock.patch.object(parallel, "FP8_HEAD_ROWS", limit),
+                               {"fp8_head_rows": limit}) for limit in (1, rows)},
+        batches, tokens, repeats)
+
+
+# PERF.md v0.98: the weight-only FP8 matmul's configs with K in slices, at a decode step's
+# rows: the engine's picks (W8A16_PICKS up to 16 rows, W8A16_MANY_ROWS beyond) and the
+# configs next to them, each in 2, 4 and 8 slices and as w8a16_split chooses (0)
+W8A16_SPLIT_BASES = ((16, 32, 128, 4, 4, False), (16, 64, 128, 4, 4, False),
+                     (32, 64, 128, 4, 4, False), (64, 64, 128, 4, 4, True))
+W8A16_SPLIT_TRIALS = tuple((*base, split) for base in W8A16_SPLIT_BASES
+                           for split in (1, 2, 4, 8, 0))
+W8A16_SPLIT_ROWS = (4, 16, 32, 64)
+
+
+def w8a16_split_probe(rows: tuple[int, ...] = W8A16_SPLIT_ROWS) -> Iterator[dict[str, Any]]:
+    """PERF.md v0.98, the kernel alone: `w8a16_probe` on GLM-4-9B's four layer shapes at
+    `rows`, over W8A16_SPLIT_TRIALS; each row also names the slices w8a16_split chose for
+    the split-0 configs ("auto_split")."""
+    from replicas.kernels.fp8mm import _sms, w8a16_parts, w8a16_split
+    from replicas.kernels.gemv import _cycled_us
+
+    sms = _sms(torch.device("cuda"))
+    for row in w8a16_probe(W8A16_PROBE_SHAPES, rows, "cuda", _cycled_us, copy_bandwidth(),
+                           configs=W8A16_SPLIT_TRIALS):
+        auto = {}
+        for config in W8A16_SPLIT_TRIALS:
+            bm, bn, bk, *_, split = w8a16_parts(config)
+            if split == 0:
+                tiles = -(-row["rows"] // bm) * -(-row["n"] // bn)
+                auto[str(config)] = w8a16_split(0, tiles, -(-row["k"] // bk), sms)
+        yield {**row, "auto_split": auto}
+
+
+def w8a16_split_ab(batches: tuple[int, ...] = W8A16_SPLIT_ROWS, tokens: int = 64,
+                   repeats: int = 3) -> Iterator[dict[str, Any]]:
+    """PERF.md v0.98 in the step (`_fp8_batch_arms`): the weight-only matmul's K whole in
+    each program (kernels' W8A16_SPLIT = 1, "w8a16_split1") and in slices as w8a16_split
+    chooses ("w8a16_split0")."""
+    from unittest import mock
+
+    from replicas.kernels import fp8mm
+
+    yield from _fp8_batch_arms(
+        {f"w8a16_split{split}": (mock.patch.object(fp8mm, "W8A16_SPLIT", split),
+                                 {"w8a16_split": split}) for split in (1, 0)},
+        batches, tokens, repeats)
 
 
 def _b1_kernels_rows(arms: dict[str, tuple[tuple[tuple[int, ...], ...], dict[str, Any]]],
@@ -1580,12 +1635,13 @@ def w8a8_groups_probe(shapes: dict[str, tuple[int, int]], batch_rows: tuple[int,
 def w8a16_probe(shapes: dict[str, tuple[int, int]], batch_rows: tuple[int, ...],
                 device: str, timer: Callable[[Callable[[torch.Tensor], torch.Tensor],
                                               list[torch.Tensor]], float],
-                bandwidth: float, dtype: torch.dtype = torch.bfloat16
-                ) -> list[dict[str, Any]]:
+                bandwidth: float, dtype: torch.dtype = torch.bfloat16,
+                configs: tuple[tuple[int, ...], ...] | None = None) -> list[dict[str, Any]]:
     """w8a16_suite's rows: per (out, in) shape and rows, `timer(fn, weight copies)`'s µs
     of F.linear in `dtype`, of the FP8 weight widened (one kernel) then F.linear (what
-    fp8_linear does from DEQUANT_ROWS rows), and of each config (one that fails to run
-    is recorded, not fatal; one whose product disagrees is an AssertionError)."""
+    fp8_linear does from DEQUANT_ROWS rows), and of the default config and each of
+    `configs` (W8A16_CONFIGS where None; one that fails to run is recorded, not fatal;
+    one whose product disagrees is an AssertionError)."""
     import torch.nn.functional as F
 
     from replicas.kernels import widen_fp8
@@ -1603,9 +1659,9 @@ def w8a16_probe(shapes: dict[str, tuple[int, int]], batch_rows: tuple[int, ...],
                      "widen+cublas": timer(lambda c, x=x, s=scale: F.linear(
                          x, widen_fp8(c, s, dtype)), copies8)}
             default = w8a16_config(m)
-            configs = dict.fromkeys((default, *W8A16_CONFIGS))
+            tried = dict.fromkeys((default, *(W8A16_CONFIGS if configs is None else configs)))
             failed = {}
-            for config in configs:
+            for config in tried:
                 try:  # a config this GPU cannot run (shared memory) is recorded, not fatal
                     got = w8a16(x, w8, scale, None, config).float()
                 except Exception as e:  # noqa: BLE001 - Triton's resource errors vary
@@ -1616,7 +1672,7 @@ def w8a16_probe(shapes: dict[str, tuple[int, int]], batch_rows: tuple[int, ...],
                 times[str(config)] = timer(
                     lambda c, x=x, s=scale, config=config: w8a16(x, c, s, None, config),
                     copies8)
-            best = min((c for c in configs if str(c) in times), key=lambda c: times[str(c)])
+            best = min((c for c in tried if str(c) in times), key=lambda c: times[str(c)])
             rows.append({"case": f"w8a16_{name}_m{m}", "unit": "us", "n": n, "k": k, "rows": m,
                          "default": str(default), "default_us": times.get(str(default)),
                          "best": str(best), "best_us": times[str(best)],

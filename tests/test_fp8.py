@@ -133,6 +133,60 @@ def test_w8a16_kernel_is_the_weight_only_product(shape: tuple[int, int, int],
         assert torch.equal(fp8_linear(x, w8, scale, bias), got)  # the same kernel
 
 
+@pytest.mark.parametrize("base", [(16, 32, 128, 4, 4, False), (64, 64, 128, 4, 4, True),
+                                  (16, 64, 32, 4, 4, True)])
+def test_w8a16_in_slices_of_k_is_the_same_product(base: tuple[int, ...],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """PERF.md v0.98: K in 2, 3 and 8 slices, and as w8a16_split chooses, on a K none of
+    the slices' steps divide: the whole-K product to float32's rounding, with a bias and
+    without, the last slice of each tile setting its count back to 0 (the next product
+    starts from zeros); and a config without a split follows W8A16_SPLIT."""
+    pytest.importorskip("triton")
+    from replicas import kernels
+    from replicas.kernels import fp8mm
+
+    monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
+    gen = torch.Generator().manual_seed(8)
+    w8, scale = quantize_rows(torch.randn(72, 1030, generator=gen))
+    x, bias = torch.randn(33, 1030, generator=gen), torch.randn(72, generator=gen)
+    want = x.double() @ (w8.double() * scale.double()[:, None]).T
+    whole = kernels.w8a16(x, w8, scale, bias, (*base, 1))
+    for split in (2, 3, 8, 0):
+        for b in (None, bias):
+            got = kernels.w8a16(x, w8, scale, b, (*base, split))
+            plus = 0.0 if b is None else b.double()
+            torch.testing.assert_close(got.double(), want + plus, rtol=1e-5, atol=5e-4,
+                                       msg=f"{base} in {split} slices")
+            assert not fp8mm._COUNTERS[x.device].any()
+    calls: list[int] = []
+    real = fp8mm.w8a16_split
+    monkeypatch.setattr(fp8mm, "w8a16_split", lambda split, *a: calls.append(split)
+                        or real(split, *a))
+    for split in (1, 4):
+        monkeypatch.setattr(fp8mm, "W8A16_SPLIT", split)
+        got = kernels.w8a16(x, w8, scale, bias, base)
+        torch.testing.assert_close(got, whole, rtol=1e-5, atol=5e-4)
+    assert calls == [1, 4]
+
+
+def test_w8a16_split_gives_the_sms_enough_programs() -> None:
+    """w8a16_split(0, ...): slices for W8A16_SPLIT_WAVES programs an SM, at most
+    W8A16_SPLIT_MAX, each at least W8A16_SLICE_STEPS steps of K; a split given is kept,
+    but never past one step a slice."""
+    from replicas.kernels.fp8mm import w8a16_split
+
+    # GLM-4-9B on an H100 (132 SMs), (64, 64, 128)'s tiles at 64 rows: down (K 13,696,
+    # 107 steps) 64 tiles -> 5; o 64 tiles, 32 steps -> 5; gate_up's 428 tiles -> 1
+    assert w8a16_split(0, 64, 107, 132) == 5
+    assert w8a16_split(0, 64, 32, 132) == 5
+    assert w8a16_split(0, 428, 32, 132) == 1
+    assert w8a16_split(0, 8, 1000, 132) == 8  # W8A16_SPLIT_MAX
+    assert w8a16_split(0, 8, 10, 132) == 2  # 4 steps a slice at least
+    assert w8a16_split(0, 8, 3, 132) == 1
+    assert w8a16_split(6, 8, 3, 132) == 3  # given: kept, up to a step a slice
+    assert w8a16_split(2, 1000, 100, 132) == 2
+
+
 @pytest.mark.parametrize("shape", [(5, 200), (37, 1100)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_widening_kernel_is_pytorchs_widening_bit_for_bit(shape: tuple[int, int],

@@ -42,16 +42,39 @@ except ImportError:  # CPU installs without Triton: the PyTorch path only
 if triton is not None:
     from replicas.kernels.common import _pdl_enter
 
+    @triton.jit
+    def _w8a16_out(acc, S, B, Y, rm, rn, m_ok, n_ok, sym, HAS_BIAS: tl.constexpr,
+                   SWAP: tl.constexpr):
+        """A tile's float32 sums (acc [BLOCK_M, BLOCK_N], or [BLOCK_N, BLOCK_M] with SWAP)
+        times W's row scales, plus the bias, rounded into y."""
+        s = tl.load(S + rn, mask=n_ok, other=0.0)
+        if HAS_BIAS:
+            b = tl.load(B + rn, mask=n_ok, other=0.0).to(tl.float32)
+        else:
+            b = tl.zeros_like(s)
+        if SWAP:
+            tl.store(Y + rm[None, :] * sym + rn[:, None],
+                     (acc * s[:, None] + b[:, None]).to(Y.dtype.element_ty),
+                     mask=n_ok[:, None] & m_ok[None, :])
+        else:
+            tl.store(Y + rm[:, None] * sym + rn[None, :],
+                     (acc * s[None, :] + b[None, :]).to(Y.dtype.element_ty),
+                     mask=m_ok[:, None] & n_ok[None, :])
+
     @triton.jit(do_not_specialize=STEP_SHAPED["_w8a16_kernel"])
-    def _w8a16_kernel(X, W, S, B, Y, m, n, k, sxm, swn, sym, HAS_BIAS: tl.constexpr,
+    def _w8a16_kernel(X, W, S, B, Y, P, C, m, n, k, sxm, swn, sym, HAS_BIAS: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      SWAP: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr):
+                      SWAP: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
+                      SPLIT: tl.constexpr = 1):
         """Program (BLOCK_M rows of x, BLOCK_N rows of W): the tile of y, K streamed in
         BLOCK_K steps, float32 accumulation, then W's row scales and the bias. SWAP
         computes the tile of y^T = W x^T instead: the widened weight tile is then the
         dot's first operand, which Hopper's wgmma may take from registers (with x^T from
         shared memory), and BLOCK_N weight rows fill its 64-row side while a decode
-        batch's few rows of x are its narrow side."""
+        batch's few rows of x are its narrow side. SPLIT > 1 (PERF.md v0.98): K in SPLIT
+        slices, a program each (grid axis 2); each stores its float32 sums in P [SPLIT, m,
+        n] and counts itself in C[tile]; the last of a tile's to arrive adds the slices in
+        their order (the same sums whichever is last), writes y and sets C[tile] to 0."""
         _pdl_enter(PDL)
         if SWAP:
             pn, pm = tl.program_id(0), tl.program_id(1)
@@ -61,35 +84,49 @@ if triton is not None:
         rn = pn * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         m_ok, n_ok = rm < m, rn < n
-        s = tl.load(S + rn, mask=n_ok, other=0.0)
-        if HAS_BIAS:
-            b = tl.load(B + rn, mask=n_ok, other=0.0).to(tl.float32)
+        if SPLIT > 1:
+            ps = tl.program_id(2)
+            span = tl.cdiv(tl.cdiv(k, BLOCK_K), SPLIT) * BLOCK_K
+            k_lo = ps * span
+            k_hi = tl.minimum(k, k_lo + span)
         else:
-            b = tl.zeros([BLOCK_N], dtype=tl.float32)
+            k_lo = 0
+            k_hi = k
         if SWAP:  # acc[BLOCK_N, BLOCK_M], stored transposed into y
-            acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-            for k0 in range(0, k, BLOCK_K):
-                k_ok = (k0 + rk) < k
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                k_ok = (k0 + rk) < k_hi
                 w = tl.load(W + rn[:, None] * swn + (k0 + rk)[None, :],
                             mask=n_ok[:, None] & k_ok[None, :], other=0.0)
                 x_t = tl.load(X + rm[None, :] * sxm + (k0 + rk)[:, None],
                               mask=k_ok[:, None] & m_ok[None, :], other=0.0)
-                acc_t += tl.dot(w.to(x_t.dtype), x_t, input_precision=PREC)
-            acc_t = acc_t * s[:, None] + b[:, None]
-            tl.store(Y + rm[None, :] * sym + rn[:, None], acc_t.to(Y.dtype.element_ty),
-                     mask=n_ok[:, None] & m_ok[None, :])
+                acc += tl.dot(w.to(x_t.dtype), x_t, input_precision=PREC)
+            at = rm[None, :] * n + rn[:, None]
+            ok = n_ok[:, None] & m_ok[None, :]
         else:
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for k0 in range(0, k, BLOCK_K):
-                k_ok = (k0 + rk) < k
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                k_ok = (k0 + rk) < k_hi
                 a = tl.load(X + rm[:, None] * sxm + (k0 + rk)[None, :],
                             mask=m_ok[:, None] & k_ok[None, :], other=0.0)
                 w = tl.load(W + rn[:, None] * swn + (k0 + rk)[None, :],
                             mask=n_ok[:, None] & k_ok[None, :], other=0.0)
                 acc += tl.dot(a, tl.trans(w.to(a.dtype)), input_precision=PREC)
-            acc = acc * s[None, :] + b[None, :]
-            tl.store(Y + rm[:, None] * sym + rn[None, :], acc.to(Y.dtype.element_ty),
-                     mask=m_ok[:, None] & n_ok[None, :])
+            at = rm[:, None] * n + rn[None, :]
+            ok = m_ok[:, None] & n_ok[None, :]
+        if SPLIT > 1:
+            tl.store(P + ps * m * n + at, acc, mask=ok)
+            tl.debug_barrier()  # every thread's sums stored before the count (release)
+            tile = pm * tl.cdiv(n, BLOCK_N) + pn
+            if tl.atomic_add(C + tile, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
+                total = tl.zeros_like(acc)
+                for i in tl.static_range(SPLIT):  # past L1, which other SMs' stores miss
+                    total += tl.load(P + i * m * n + at, mask=ok, other=0.0,
+                                     cache_modifier=".cg")
+                _w8a16_out(total, S, B, Y, rm, rn, m_ok, n_ok, sym, HAS_BIAS, SWAP)
+                tl.atomic_xchg(C + tile, 0, sem="relaxed", scope="gpu")
+        else:
+            _w8a16_out(acc, S, B, Y, rm, rn, m_ok, n_ok, sym, HAS_BIAS, SWAP)
 
     @triton.jit(do_not_specialize=STEP_SHAPED["_w8a8_groups_kernel"])
     def _w8a8_groups_kernel(X, XS, W, WS, B, Y, m, n, k, sxm, sxs, swn, sym,
@@ -149,10 +186,12 @@ if triton is not None:
                      mask=m_ok[:, None] & n_ok[None, :])
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, swap): the configs the fp8 suite's probe
-# times against the default (w8a16_config) on the GPU, to replace the first guess with
-# measured picks (replicas/bench.py w8a16_suite); swap: the kernel's SWAP (y^T = W x^T)
-W8A16Config = tuple[int, int, int, int, int, bool]
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, swap[, split]): the configs the fp8 suite's
+# probe times against the default (w8a16_config) on the GPU, to replace the first guess
+# with measured picks (replicas/bench.py w8a16_suite); swap: the kernel's SWAP (y^T = W
+# x^T); split: K in that many slices (the kernel's SPLIT; 0: as w8a16_split chooses;
+# absent: W8A16_SPLIT's), PERF.md v0.98
+W8A16Config = tuple[int, ...]
 W8A16_CONFIGS: tuple[W8A16Config, ...] = (
     (16, 32, 128, 4, 4, False), (16, 64, 128, 4, 4, False), (32, 64, 128, 4, 4, False),
     (64, 64, 128, 4, 3, False), (64, 128, 64, 4, 3, False), (128, 64, 64, 4, 3, False),
@@ -187,22 +226,86 @@ def w8a16_config(m: int, picks: tuple[tuple[int, W8A16Config], ...] = W8A16_PICK
     return next((config for rows, config in picks if m <= rows), W8A16_MANY_ROWS)
 
 
+# a config without a split of its own: 1, K whole in each program; 0, w8a16_split's
+# choice. PERF.md v0.98: few tiles (o, qkv and down at 2-64 rows: 64-144 programs on 132
+# SMs) stream their whole K each, at a third to a half of the copy rate (results/
+# w8a16_h100.jsonl); slices of K put more programs, and more bytes in flight, on each SM
+W8A16_SPLIT = 1
+W8A16_SPLIT_WAVES = 2  # w8a16_split: programs for at least this many per SM
+W8A16_SPLIT_MAX = 8
+W8A16_SLICE_STEPS = 4  # and each slice at least this many BLOCK_K steps
+
+
+def w8a16_parts(config: W8A16Config) -> tuple[int, int, int, int, int, bool, int]:
+    """A config in full: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, swap, split), its
+    split W8A16_SPLIT where it names none."""
+    block_m, block_n, block_k, warps, stages, swap, *more = config
+    return block_m, block_n, block_k, warps, stages, bool(swap), (*more, W8A16_SPLIT)[0]
+
+
+def w8a16_split(split: int, tiles: int, steps: int, sms: int) -> int:
+    """The slices of K for a product of `tiles` output tiles whose K is `steps` BLOCK_K
+    steps, on `sms` SMs: `split` where it is not 0; for 0, enough slices for
+    W8A16_SPLIT_WAVES programs an SM, at most W8A16_SPLIT_MAX, each of at least
+    W8A16_SLICE_STEPS steps. Never more slices than steps (none would be empty)."""
+    if split == 0:
+        split = min(-(-W8A16_SPLIT_WAVES * sms // tiles), W8A16_SPLIT_MAX,
+                    steps // W8A16_SLICE_STEPS)
+    return max(1, min(split, steps))
+
+
+@functools.cache
+def _sms(device: torch.device) -> int:
+    """The device's SMs (a CPU, for the interpreter's tests: 8)."""
+    if device.type != "cuda":
+        return 8
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """The split kernel's count per output tile, zeros between launches (the last slice of
+    a tile sets its count back): one buffer a device, made in an eager call (the warm-up
+    before CUDA graphs are captured), since a buffer made while capturing would be the
+    graph's. Split products on one device must not run concurrently (one stream)."""
+    have = _COUNTERS.get(device)
+    if have is None or have.numel() < tiles:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"w8a16: a product split in {tiles} tiles is first met while a CUDA graph "
+                "is being captured; run the step eagerly once before capturing it")
+        have = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = have
+    return have
+
+
 def w8a16(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
           bias: torch.Tensor | None = None, config: W8A16Config | None = None
           ) -> torch.Tensor:
     """x [M, K] @ (w8 [N, K] FP8 * scale [N])^T (+ bias) -> [M, N] in x's dtype; `config`
-    (one of W8A16_CONFIGS) in place of the default."""
+    (one of W8A16_CONFIGS, or with a split of K) in place of the default."""
     m, k = x.shape
     n = w8.shape[0]
     x = x if x.stride(1) == 1 else x.contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_m, block_n, block_k, warps, stages, swap = config or w8a16_config(m)
+    block_m, block_n, block_k, warps, stages, swap, split = w8a16_parts(
+        config or w8a16_config(m))
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _w8a16_kernel[grid[::-1] if swap else grid](
-        x, w8, scale, bias if bias is not None else scale, y, m, n, k, x.stride(0),
-        w8.stride(0), y.stride(0), HAS_BIAS=bias is not None, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_K=block_k, SWAP=swap, PREC=_precision(x.dtype),
-        num_warps=warps, num_stages=stages, **_launch(x))
+    tiles = grid[0] * grid[1]
+    split = w8a16_split(split, tiles, triton.cdiv(k, block_k), _sms(x.device))
+    if split > 1:
+        partial = torch.empty(split * m * n, dtype=torch.float32, device=x.device)
+        counts = _split_counters(x.device, tiles)
+    else:
+        partial = counts = scale  # (unread)
+    _w8a16_kernel[(*(grid[::-1] if swap else grid), split)](
+        x, w8, scale, bias if bias is not None else scale, y, partial, counts, m, n, k,
+        x.stride(0), w8.stride(0), y.stride(0), HAS_BIAS=bias is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SWAP=swap,
+        PREC=_precision(x.dtype), SPLIT=split, num_warps=warps, num_stages=stages,
+        **_launch(x))
     return y
 
 
