@@ -1123,16 +1123,20 @@ def w8a16_split_probe(rows: tuple[int, ...] = W8A16_SPLIT_ROWS) -> Iterator[dict
 
 def w8a16_split_ab(batches: tuple[int, ...] = W8A16_SPLIT_ROWS, tokens: int = 64,
                    repeats: int = 3) -> Iterator[dict[str, Any]]:
-    """PERF.md v0.98 in the step (`_fp8_batch_arms`): the weight-only matmul's K whole in
-    each program (kernels' W8A16_SPLIT = 1, "w8a16_split1") and in slices as w8a16_split
-    chooses ("w8a16_split0")."""
+    """PERF.md v0.98 in the step (`_fp8_batch_arms`): the weight-only matmul as before it
+    (K whole in each program, the swapped (64, 64, 128) from 17 rows: "w8a16_split1")
+    and as the kernels choose now (K in w8a16_split's slices, W8A16_PICKS:
+    "w8a16_split0")."""
+    import contextlib
     from unittest import mock
 
     from replicas.kernels import fp8mm
 
+    before = mock.patch.multiple(fp8mm, W8A16_SPLIT=1,
+                                 W8A16_PICKS=((16, (16, 32, 128, 4, 4, False)),))
     yield from _fp8_batch_arms(
-        {f"w8a16_split{split}": (mock.patch.object(fp8mm, "W8A16_SPLIT", split),
-                                 {"w8a16_split": split}) for split in (1, 0)},
+        {"w8a16_split1": (before, {"w8a16_split": 1}),
+         "w8a16_split0": (contextlib.nullcontext(), {"w8a16_split": fp8mm.W8A16_SPLIT})},
         batches, tokens, repeats)
 
 

@@ -102,8 +102,10 @@ def test_w8a16_default_is_the_measured_pick_for_its_rows() -> None:
         for m in (1, 2, 15, 16, 17, 32, 33, 63, 64, 65, 128, 129, 256, 1023):
             picked = [config for rows, config in picks if m <= rows]
             assert w8a16_config(m, picks) == (picked[0] if picked else W8A16_MANY_ROWS), m
-    # the swapped (64, 64, 128) from 17 rows on (the H200's probe at e08b4a2)
-    assert w8a16_config(17) == w8a16_config(128) == (64, 64, 128, 4, 4, True)
+    # (32, 64, 128) at 17-32 rows, with K in slices (an H100's probe, PERF.md v0.98); the
+    # swapped (64, 64, 128) from 33 rows on (the H200's probe at e08b4a2)
+    assert w8a16_config(17) == w8a16_config(32) == (32, 64, 128, 4, 4, False)
+    assert w8a16_config(33) == w8a16_config(128) == (64, 64, 128, 4, 4, True)
     # the FP8 LM head's (an H100's lm_head_rows, PERF.md v0.96-v0.97)
     assert w8a16_config(2, W8A16_HEAD_PICKS) == (16, 64, 128, 4, 4, False)
     assert w8a16_config(32, W8A16_HEAD_PICKS) == (32, 64, 128, 4, 4, False)
@@ -140,7 +142,8 @@ def test_w8a16_in_slices_of_k_is_the_same_product(base: tuple[int, ...],
     """PERF.md v0.98: K in 2, 3 and 8 slices, and as w8a16_split chooses, on a K none of
     the slices' steps divide: the whole-K product to float32's rounding, with a bias and
     without, the last slice of each tile setting its count back to 0 (the next product
-    starts from zeros); and a config without a split follows W8A16_SPLIT."""
+    starts from zeros); and a config without a split follows W8A16_SPLIT (0 by
+    default: w8a16_split's choice)."""
     pytest.importorskip("triton")
     from replicas import kernels
     from replicas.kernels import fp8mm
@@ -169,20 +172,19 @@ def test_w8a16_in_slices_of_k_is_the_same_product(base: tuple[int, ...],
     assert calls == [1, 4]
 
 
-def test_w8a16_split_gives_the_sms_enough_programs() -> None:
-    """w8a16_split(0, ...): slices for W8A16_SPLIT_WAVES programs an SM, at most
-    W8A16_SPLIT_MAX, each at least W8A16_SLICE_STEPS steps of K; a split given is kept,
-    but never past one step a slice."""
+def test_w8a16_split_gives_few_tiles_four_slices() -> None:
+    """w8a16_split(0, ...): W8A16_SLICES (4) slices where the tiles are fewer than 2 an SM
+    and each slice gets at least W8A16_SLICE_STEPS steps of K, else 1; a split given is
+    kept, but never past one step a slice (PERF.md v0.98's probe, an H100's 132 SMs)."""
     from replicas.kernels.fp8mm import w8a16_split
 
-    # GLM-4-9B on an H100 (132 SMs), (64, 64, 128)'s tiles at 64 rows: down (K 13,696,
-    # 107 steps) 64 tiles -> 5; o 64 tiles, 32 steps -> 5; gate_up's 428 tiles -> 1
-    assert w8a16_split(0, 64, 107, 132) == 5
-    assert w8a16_split(0, 64, 32, 132) == 5
-    assert w8a16_split(0, 428, 32, 132) == 1
-    assert w8a16_split(0, 8, 1000, 132) == 8  # W8A16_SPLIT_MAX
-    assert w8a16_split(0, 8, 10, 132) == 2  # 4 steps a slice at least
-    assert w8a16_split(0, 8, 3, 132) == 1
+    # GLM-4-9B at 4 rows in (16, 32, 128)'s tiles: qkv 144 tiles, o and down 128 -> 4
+    # (down's K 107 steps, o's 32); gate_up's 856 -> 1; at 64 rows in (64, 64, 128): 64-72
+    # tiles -> 4, gate_up's 428 -> 1
+    assert w8a16_split(0, 144, 32, 132) == w8a16_split(0, 128, 107, 132) == 4
+    assert w8a16_split(0, 856, 32, 132) == w8a16_split(0, 428, 32, 132) == 1
+    assert w8a16_split(0, 263, 16, 132) == 4 and w8a16_split(0, 264, 100, 132) == 1
+    assert w8a16_split(0, 8, 15, 132) == 1  # 4 steps a slice at least
     assert w8a16_split(6, 8, 3, 132) == 3  # given: kept, up to a step a slice
     assert w8a16_split(2, 1000, 100, 132) == 2
 

@@ -307,6 +307,38 @@ def test_fp8_decode_graphs_equal_eager_and_tune_the_fp8_gemv(checkpoint: Checkpo
     assert abs((blocks[True] + 1) - 2 * (plain + 1)) <= 2
 
 
+@pytest.mark.parametrize("rows", [4, 32, 64])
+def test_w8a16_slices_of_k_are_the_product_every_time_and_in_graphs(rows: int) -> None:
+    """PERF.md v0.98 on the GPU, GLM-4-9B's o and down shapes (few tiles: w8a16_split
+    gives them slices): the sliced product is the whole-K one's to a bfloat16 rounding,
+    the same bits in 30 calls and in 20 replays of a CUDA graph that holds it (each
+    replay's counts start from the zeros the last slices left), the counts 0 after."""
+    from replicas.fp8 import quantize_rows
+    from replicas.kernels import fp8mm
+
+    gen = torch.Generator(device="cuda").manual_seed(rows)
+    for n, k in ((4096, 4096), (4096, 13696)):
+        w8, scale = quantize_rows(torch.randn(n, k, device="cuda", generator=gen))
+        x = torch.randn(rows, k, device="cuda", generator=gen).to(torch.bfloat16)
+        bm, bn, bk, *_ = config = fp8mm.w8a16_config(rows)
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        assert fp8mm.w8a16_split(0, -(-rows // bm) * -(-n // bn), -(-k // bk), sms) > 1
+        whole = kernels.w8a16(x, w8, scale, None, (*config[:6], 1)).float()
+        first = kernels.w8a16(x, w8, scale, None, (*config[:6], 0))
+        torch.testing.assert_close(first.float(), whole, rtol=1e-2,
+                                   atol=1e-2 * float(whole.abs().max()))
+        for _ in range(30):
+            assert torch.equal(kernels.w8a16(x, w8, scale, None, (*config[:6], 0)), first)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = kernels.w8a16(x, w8, scale, None, (*config[:6], 0))
+        for _ in range(20):
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(y, first)
+        assert not fp8mm._COUNTERS[x.device].any()
+
+
 # ---- PERF.md v0.59-v0.61's kernels, built on CPU: the same checks on the GPU ----------
 
 

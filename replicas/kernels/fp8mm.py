@@ -208,7 +208,11 @@ W8A16_CONFIGS: tuple[W8A16Config, ...] = (
 # At e08b4a2, with 128 rows probed too: the swapped (64, 64, 128) 268.1 µs at 128 rows
 # against the (128, 64, 64) 346.2 it replaces there; at 256 rows both lose to widening
 # then cuBLAS (327.2 against 422.3: fp8.DEQUANT_ROWS; PERF.md v0.36)
-W8A16_PICKS: tuple[tuple[int, W8A16Config], ...] = ((16, (16, 32, 128, 4, 4, False)),)
+# PERF.md v0.98: with K in slices (W8A16_SPLIT), (32, 64, 128) at 17-32 rows: 17.4, 12.3,
+# 55.8, 30.6 us against the swapped (64, 64, 128)'s 22.3, 22.2, 65.8, 69.5 unsliced (qkv,
+# o, gate_up, down at 32 rows on an H100, results/w8a16_split_h100.jsonl)
+W8A16_PICKS: tuple[tuple[int, W8A16Config], ...] = (
+    (16, (16, 32, 128, 4, 4, False)), (32, (32, 64, 128, 4, 4, False)))
 W8A16_MANY_ROWS: W8A16Config = (64, 64, 128, 4, 4, True)  # beyond the last pick's rows
 # the FP8 LM head's (parallel.ParallelLMHead, steps of up to parallel.FP8_HEAD_ROWS rows):
 # GLM-4-9B's 151,552 x 4,096 head, timed on an H100 in two calls (`bench.lm_head_rows`,
@@ -219,20 +223,24 @@ W8A16_HEAD_PICKS: tuple[tuple[int, W8A16Config], ...] = (
     (16, (16, 64, 128, 4, 4, False)), (32, (32, 64, 128, 4, 4, False)))
 
 
-def w8a16_config(m: int, picks: tuple[tuple[int, W8A16Config], ...] = W8A16_PICKS
+def w8a16_config(m: int, picks: tuple[tuple[int, W8A16Config], ...] | None = None
                  ) -> W8A16Config:
-    """The default config for `m` rows of x: the first of `picks` (rows, config) whose
-    rows hold m, else W8A16_MANY_ROWS."""
-    return next((config for rows, config in picks if m <= rows), W8A16_MANY_ROWS)
+    """The default config for `m` rows of x: the first of `picks` (rows, config; where
+    None, W8A16_PICKS as it is at the call) whose rows hold m, else W8A16_MANY_ROWS."""
+    return next((config for rows, config in (W8A16_PICKS if picks is None else picks)
+                 if m <= rows), W8A16_MANY_ROWS)
 
 
-# a config without a split of its own: 1, K whole in each program; 0, w8a16_split's
-# choice. PERF.md v0.98: few tiles (o, qkv and down at 2-64 rows: 64-144 programs on 132
-# SMs) stream their whole K each, at a third to a half of the copy rate (results/
-# w8a16_h100.jsonl); slices of K put more programs, and more bytes in flight, on each SM
-W8A16_SPLIT = 1
-W8A16_SPLIT_WAVES = 2  # w8a16_split: programs for at least this many per SM
-W8A16_SPLIT_MAX = 8
+# a config without a split of its own: 0, w8a16_split's choice; 1, K whole in each
+# program. PERF.md v0.98: few tiles (o, qkv and down at 2-64 rows: 64-144 programs on
+# 132 SMs) streamed their whole K each at a third to a half of the copy rate; in 4
+# slices, o 12.6 -> 9.7 us, qkv 15.6 -> 11.3, down 38.8 -> 24.6 at 4 rows, while gate_up's
+# 428-856 tiles gained little or lost (an H100's `bench.w8a16_split_probe`,
+# results/w8a16_split_h100.jsonl). 2 slices lost in the swapped config on every shape,
+# 5 and 8 less than 4 gained: 4 it is, where tiles are fewer than 2 an SM
+W8A16_SPLIT = 0
+W8A16_SLICES = 4
+W8A16_SPLIT_TILES_PER_SM = 2
 W8A16_SLICE_STEPS = 4  # and each slice at least this many BLOCK_K steps
 
 
@@ -245,12 +253,12 @@ def w8a16_parts(config: W8A16Config) -> tuple[int, int, int, int, int, bool, int
 
 def w8a16_split(split: int, tiles: int, steps: int, sms: int) -> int:
     """The slices of K for a product of `tiles` output tiles whose K is `steps` BLOCK_K
-    steps, on `sms` SMs: `split` where it is not 0; for 0, enough slices for
-    W8A16_SPLIT_WAVES programs an SM, at most W8A16_SPLIT_MAX, each of at least
-    W8A16_SLICE_STEPS steps. Never more slices than steps (none would be empty)."""
+    steps, on `sms` SMs: `split` where it is not 0; for 0, W8A16_SLICES where the tiles
+    are fewer than W8A16_SPLIT_TILES_PER_SM an SM and each slice has at least
+    W8A16_SLICE_STEPS steps, else 1. Never more slices than steps (none is empty)."""
     if split == 0:
-        split = min(-(-W8A16_SPLIT_WAVES * sms // tiles), W8A16_SPLIT_MAX,
-                    steps // W8A16_SLICE_STEPS)
+        few = tiles < W8A16_SPLIT_TILES_PER_SM * sms
+        split = W8A16_SLICES if few and steps >= W8A16_SLICES * W8A16_SLICE_STEPS else 1
     return max(1, min(split, steps))
 
 
