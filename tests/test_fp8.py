@@ -135,6 +135,28 @@ def test_w8a16_kernel_is_the_weight_only_product(shape: tuple[int, int, int],
         assert torch.equal(fp8_linear(x, w8, scale, bias), got)  # the same kernel
 
 
+def _w8a16_against_float64(configs: list[tuple[int, ...]], k: int, seed: int,
+                           after: Callable[[], bool] = lambda: True
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """kernels.w8a16 in each of `configs` (in the interpreter) on a [33, k] x and a [72, k]
+    FP8 weight, with a bias and without: the float64 product to float32's rounding, and
+    `after()` true after each; returns (w8, scale, x, bias)."""
+    from replicas import kernels
+
+    gen = torch.Generator().manual_seed(seed)
+    w8, scale = quantize_rows(torch.randn(72, k, generator=gen))
+    x, bias = torch.randn(33, k, generator=gen), torch.randn(72, generator=gen)
+    want = x.double() @ (w8.double() * scale.double()[:, None]).T
+    for config in configs:
+        for b in (None, bias):
+            got = kernels.w8a16(x, w8, scale, b, config)
+            plus = 0.0 if b is None else b.double()
+            torch.testing.assert_close(got.double(), want + plus, rtol=1e-5, atol=5e-4,
+                                       msg=str(config))
+            assert after(), config
+    return w8, scale, x, bias
+
+
 @pytest.mark.parametrize("base", [(16, 32, 128, 4, 4, False), (64, 64, 128, 4, 4, True),
                                   (16, 64, 32, 4, 4, True)])
 def test_w8a16_in_slices_of_k_is_the_same_product(base: tuple[int, ...],
@@ -149,18 +171,10 @@ def test_w8a16_in_slices_of_k_is_the_same_product(base: tuple[int, ...],
     from replicas.kernels import fp8mm
 
     monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
-    gen = torch.Generator().manual_seed(8)
-    w8, scale = quantize_rows(torch.randn(72, 1030, generator=gen))
-    x, bias = torch.randn(33, 1030, generator=gen), torch.randn(72, generator=gen)
-    want = x.double() @ (w8.double() * scale.double()[:, None]).T
+    w8, scale, x, bias = _w8a16_against_float64(
+        [(*base, split) for split in (2, 3, 8, 0)], 1030, 8,
+        lambda: not fp8mm._COUNTERS[torch.device("cpu")].any())
     whole = kernels.w8a16(x, w8, scale, bias, (*base, 1))
-    for split in (2, 3, 8, 0):
-        for b in (None, bias):
-            got = kernels.w8a16(x, w8, scale, b, (*base, split))
-            plus = 0.0 if b is None else b.double()
-            torch.testing.assert_close(got.double(), want + plus, rtol=1e-5, atol=5e-4,
-                                       msg=f"{base} in {split} slices")
-            assert not fp8mm._COUNTERS[x.device].any()
     calls: list[int] = []
     real = fp8mm.w8a16_split
     monkeypatch.setattr(fp8mm, "w8a16_split", lambda split, *a: calls.append(split)
@@ -298,21 +312,11 @@ def test_every_w8a16_config_is_the_weight_only_product(monkeypatch: pytest.Monke
     product as the default, swapped (y^T = W x^T) or not, on a shape none of their blocks
     divides, with a bias and without."""
     pytest.importorskip("triton")
-    from replicas import kernels
     from replicas.kernels.fp8mm import W8A16_CONFIGS
 
     monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
-    gen = torch.Generator().manual_seed(3)
-    w8, scale = quantize_rows(torch.randn(72, 130, generator=gen))
-    x, bias = torch.randn(33, 130, generator=gen), torch.randn(72, generator=gen)
-    want = x.double() @ (w8.double() * scale.double()[:, None]).T
     assert {c[-1] for c in W8A16_CONFIGS} == {False, True}
-    for config in W8A16_CONFIGS:
-        for b in (None, bias):
-            got = kernels.w8a16(x, w8, scale, b, config)
-            plus = 0.0 if b is None else b.double()
-            torch.testing.assert_close(got.double(), want + plus, rtol=1e-5, atol=5e-4,
-                                       msg=str(config))
+    _w8a16_against_float64(list(W8A16_CONFIGS), 130, 3)
 
 
 def ranked_timer(calls: list[int], first_fastest: bool
