@@ -36,6 +36,8 @@
 #                                                # to 64, and its accuracy so (v0.96)
 #   SPLIT_S=200 ...                              # and the weight-only matmul with K in
 #                                                # slices (PERF v0.98), alone and in the step
+#   SLICES_S=200 ...                             # and W8A8's per-token tiles in slices
+#                                                # (PERF v0.99), alone, tested, in the step
 #   W8A8_S=150 ...                               # and W8A8's few-row matmul: Triton's
 #                                                # configs against _scaled_mm at 16-256
 #                                                # rows (PERF v0.62) and cuBLAS in runs
@@ -183,6 +185,16 @@ if [ "${SPLIT_S:-0}" != 0 ]; then  # PERF v0.98: the weight-only FP8 matmul with
   # sequences with K whole and in w8a16_split's slices (~50 s an engine, 2)
   bench_rows "$SPLIT_S" w8a16_split_probe | rows w8a16_split_h200.jsonl w8a16_split_h200.jsonl
   bench_rows "$SPLIT_S" w8a16_split_ab | rows w8a16_split_ab_h200.jsonl w8a16_split_ab_h200.jsonl
+fi
+if [ "${SLICES_S:-0}" != 0 ]; then  # PERF v0.99: W8A8's per-token tiles in slices of K
+  # beside cuBLAS at 16-256 rows (--suite w8a8, ~2 min: it times every config), the GPU
+  # tests of the sliced products, then the 256-request -keepqkv run with the picks free to
+  # take them and not (an engine each, its picks timed again: ~80 s an engine)
+  timeout -s KILL "$SLICES_S" python3 -m replicas.bench --suite w8a8 2>&1 |
+    rows w8a8_h200.jsonl w8a8_h200.jsonl
+  timeout -s KILL "$SLICES_S" python3 -m pytest -q tests/test_gpu.py -k "slices" \
+    -p no:cacheprovider 2>&1 | tail -5 | tee "$out/slices_tests.log"
+  bench_rows "$SLICES_S" w8a8_slices_ab | rows w8a8_slices_ab_h200.jsonl w8a8_slices_ab_h200.jsonl
 fi
 if [ "${W8A8_S:-0}" != 0 ]; then  # W8A8 per token at a decode step's rows (~1 min)
   timeout -s KILL "$W8A8_S" python3 -m replicas.bench --suite w8a8 2>&1 |

@@ -787,32 +787,53 @@ def w8a8_cublas_ab(rounds: int = 2, modes: tuple[str, ...] = ("fp8-w8a8",)
             for on in ("1", "0"):
                 fp8mm.W8A8_PICKS.clear()  # (kept once a process: timed again here)
                 fp8, run = _run_256_with(config, mode, "TPSERVE_W8A8_CUBLAS", on)
-                picks = {str(shape): [[rows, list(c) if c else None] for rows, c in p]
-                         for shape, p in fp8mm.W8A8_PICKS.items()}
                 yield {"case": f"glm4-9b_{mode[3]}_256req_in128_out128_cublas_runs_{on}",
                        "unit": "tokens/s", "round": turn, "cublas_runs": on == "1",
-                       **run, **fp8, "w8a8_picks": picks}
+                       **run, **fp8, "w8a8_picks": _w8a8_picks_taken()}
+
+
+def _w8a8_picks_taken() -> dict[str, list[list[Any]]]:
+    """The W8A8 picks this process's engines took, by weight shape, as JSON."""
+    from replicas.kernels import fp8mm
+
+    return {str(shape): [[rows, list(c) if c else None] for rows, c in p]
+            for shape, p in fp8mm.W8A8_PICKS.items()}
 
 
 def w8a8_fold_ab(rounds: int = 2, modes: tuple[str, ...] = ("fp8-w8a8",),
-                 switch: str = "TPSERVE_W8A8_FOLD") -> Iterator[dict[str, Any]]:
+                 switch: str = "TPSERVE_W8A8_FOLD", picks: bool = False
+                 ) -> Iterator[dict[str, Any]]:
     """PERF.md v0.80 A/B in one process: the 256 x 128/128 run (`_run_256`) of each FP8
     mode named with W8A8's runs of K added by the next norm, then not
     (TPSERVE_W8A8_FOLD=0), `rounds` times in turn, the order reversed every other round;
     an engine each. A row per run: output tok/s new and cached, and the kernel table.
     `switch`: another such variable read at each call, "1" against "0" (PERF.md v0.82:
-    TPSERVE_W8A8_FAST_ACCUM)."""
+    TPSERVE_W8A8_FAST_ACCUM); `picks`: one the W8A8 picks depend on, timed again for each
+    run (they are kept once a process) and recorded in its row."""
+    from replicas.kernels import fp8mm
+
     config = _glm_config()
     chosen = [m for m in FP8_MODES if m[3] in modes]
     label = switch.removeprefix("TPSERVE_W8A8_").lower()
     for turn in range(rounds):
         for mode in chosen:
             for fold in _turn_order(("1", "0"), turn):
+                if picks:
+                    fp8mm.W8A8_PICKS.clear()
                 fp8, run = _run_256_with(config, mode, switch, fold)
+                took = {"w8a8_picks": _w8a8_picks_taken()}
                 yield {"case": f"glm4-9b_{mode[3]}_256req_in128_out128_{label}_{fold}",
                        "unit": "tokens/s", "round": turn, label: fold == "1",
                        "cublaslt_workspace_kib": os.environ.get("CUBLASLT_WORKSPACE_SIZE"),
-                       **run, **fp8}
+                       **run, **fp8, **(took if picks else {})}
+
+
+def w8a8_slices_ab(rounds: int = 1, modes: tuple[str, ...] = ("fp8-w8a8-keepqkv_int8kv",)
+                   ) -> Iterator[dict[str, Any]]:
+    """PERF.md v0.99 A/B in one process (`w8a8_fold_ab`): the 256 x 128/128 run with the
+    W8A8 picks free to take per-token tiles in slices of K, then not
+    (TPSERVE_W8A8_SLICES=0), the picks timed again for each run."""
+    yield from w8a8_fold_ab(rounds, modes, "TPSERVE_W8A8_SLICES", picks=True)
 
 
 def _fp8_settings(mode: tuple[str, str, dict[str, str], str]) -> dict[str, str]:

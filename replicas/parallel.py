@@ -434,8 +434,7 @@ def _tune_w8a8(module: _KernelLinear, kept: dict[str, Any], measured: dict[str, 
     if shape in fp8mm.W8A8_PICKS:
         return
     has_bias = getattr(module, "bias", None) is not None
-    cache_key = gemv_cache_key(module.weight, has_bias,
-                               "w8a8" if fp8mm.w8a8_cublas_on() else "w8a8 no-cublas")
+    cache_key = gemv_cache_key(module.weight, has_bias, fp8mm.w8a8_candidates()[0])
     entry = kept.get(cache_key)
     picks = kept_w8a8(entry)
     if picks is not None:

@@ -89,23 +89,28 @@ def rest() -> list[tuple[Any, dict[str, str], dict[str, Any], bool]]:
     """The other kernels, as their launchers call them: (kernel, pointers, constexprs,
     whether it must round as PyTorch does)."""
     bf16 = "*bf16"
+    sliced = {"P": "*fp32", "C": "*i32"}  # K in slices (PERF.md v0.98-v0.99): SPLIT 4
     w8a16 = [(fp8mm._w8a16_kernel, {"X": bf16, "W": "*fp8e4nv", "S": "*fp32", "B": "*fp32",
-                                    "Y": bf16},
+                                    "Y": bf16, **sliced},
               {"HAS_BIAS": swap, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SWAP": swap,
-               "PREC": "tf32", "PDL": True}, False)
-             for bm, bn, bk, _, _, swap in (next(c for c in fp8mm.W8A16_CONFIGS if c[-1] == s)
-                                            for s in (False, True))]
+               "PREC": "tf32", "PDL": True, "SPLIT": split}, False)
+             for (bm, bn, bk, _, _, swap, *_), split in (
+                 (next(c for c in fp8mm.W8A16_CONFIGS if c[5] == s), split)
+                 for s, split in ((False, 1), (True, 1), (False, 4)))]
     groups = (fp8mm._w8a8_groups_kernel, {"X": "*fp8e4nv", "XS": "*fp32", "W": "*fp8e4nv",
-                                          "WS": "*fp32", "B": "*fp32", "Y": bf16},
+                                          "WS": "*fp32", "B": "*fp32", "Y": bf16, **sliced},
               {"HAS_BIAS": True, "GROUP": 32, "BLOCK_M": 64, "BLOCK_N": 128, "PDL": True,
                "TOKENS": False, "SWAP": False, "IMPRECISE": None},
               False)
-    # W8A8 with a scale per token (w8a8_tokens: the kernel's TOKENS), plain and swapped
+    # W8A8 with a scale per token (w8a8_tokens: the kernel's TOKENS), plain, swapped, and
+    # swapped in slices of K
     tokens_ = [(fp8mm._w8a8_groups_kernel, {**groups[1], "Y": bf16},
                 {"HAS_BIAS": True, "GROUP": bk, "BLOCK_M": bm, "BLOCK_N": bn, "PDL": True,
-                 "TOKENS": True, "SWAP": swap, "IMPRECISE": fp8mm.fp8_promotion(bk)}, False)
-               for bm, bn, bk, _, _, swap in (next(c for c in fp8mm.W8A8_TOKENS_CONFIGS
-                                                   if c[-1] == s) for s in (False, True))]
+                 "TOKENS": True, "SWAP": swap, "IMPRECISE": fp8mm.fp8_promotion(bk),
+                 "SPLIT": (*more, 1)[0]}, False)
+               for bm, bn, bk, _, _, swap, *more in (
+                   next(c for c in fp8mm.W8A8_TOKENS_CONFIGS if c[5] == s and len(c) == n)
+                   for s, n in ((False, 6), (True, 6), (True, 7)))]
     return [*w8a16, groups, *tokens_,
         (norm._rms_norm_kernel, {n: bf16 for n in ("X", "X2", "R", "W", "Y", "ROUT", "S")}
          | {"eps": "fp32"}, {"HAS_RES": True, "BLOCK": 4096, "QUANT": False, "PDL": True},
@@ -191,6 +196,12 @@ def main(mode: str) -> None:
             code = ptx(jit, pointers, consts)
         if exact:  # it writes what PyTorch's reference writes, bit for bit
             assert not APPROXIMATE.search(code), f"{jit.fn.__name__} divides approximately"
+        if consts.get("SPLIT", 1) > 1:  # K in slices: the count is an acquire-release
+            # atomic after a barrier of the block; the last slice reads the others' sums
+            # past L1 (ld.global.cg) and sets the count back
+            for needed in ("bar.sync", "atom.global.gpu.acq_rel.add", "ld.global.cg",
+                           "atom.global.gpu.relaxed.exch"):
+                assert needed in code, f"{jit.fn.__name__} in slices lacks {needed}"
         print(jit.fn.__name__, "compiled for sm_90", flush=True)
 
 

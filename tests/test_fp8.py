@@ -1079,8 +1079,35 @@ def test_w8a8_per_token_kernel_is_the_token_scaled_product(
     from replicas.kernels.fp8mm import W8A8_TOKENS_CONFIGS
 
     monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
-    assert {c[-1] for c in W8A8_TOKENS_CONFIGS} == {False, True}
+    assert {c[5] for c in W8A8_TOKENS_CONFIGS} == {False, True}
+    assert {c[6] for c in W8A8_TOKENS_CONFIGS if len(c) > 6} == {2, 4}  # (v0.99)
     token_scaled_products(kernels.w8a8_per_token, W8A8_TOKENS_CONFIGS, shape, (False, True))
+
+
+def test_w8a8_per_token_in_slices_of_k_is_the_product(monkeypatch: pytest.MonkeyPatch
+                                                      ) -> None:
+    """PERF.md v0.99: the per-token configs in slices of K (2, 4: a masked last run in
+    the last slice) against float64, with a bias and without, the counts back at 0; and
+    TPSERVE_W8A8_SLICES=0 leaves them out of what pick_w8a8 times, under a key of its
+    own for the kept picks (as TPSERVE_W8A8_CUBLAS=0 does for cuBLAS's runs)."""
+    pytest.importorskip("triton")
+    from replicas import kernels
+    from replicas.kernels import fp8mm
+
+    monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
+    sliced = [c for c in fp8mm.W8A8_TOKENS_CONFIGS if len(c) > 6]
+    token_scaled_products(kernels.w8a8_per_token, sliced, (33, 72, 1000), (False, True))
+    assert not fp8mm._COUNTERS[torch.device("cpu")].any()
+    key, every = fp8mm.w8a8_candidates()
+    assert key == "w8a8" and set(sliced) <= set(every)
+    assert set(fp8mm.W8A8_CUBLAS_CONFIGS) <= set(every)
+    monkeypatch.setenv("TPSERVE_W8A8_SLICES", "0")
+    key, fewer = fp8mm.w8a8_candidates()
+    assert key == "w8a8 no-slices" and not set(sliced) & set(fewer)
+    assert len(fewer) == len(every) - len(sliced)
+    monkeypatch.setenv("TPSERVE_W8A8_CUBLAS", "0")
+    assert fp8mm.w8a8_candidates() == (
+        "w8a8 no-cublas no-slices", tuple(c for c in fp8mm.W8A8_TOKENS_CONFIGS if len(c) < 7))
 
 
 def test_w8a8_engines_on_gpus_run_cublaslt_without_a_workspace(

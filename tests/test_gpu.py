@@ -11,6 +11,7 @@ machine: `pytest -m gpu tests/test_gpu.py`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -337,6 +338,40 @@ def test_w8a16_slices_of_k_are_the_product_every_time_and_in_graphs(rows: int) -
             torch.cuda.synchronize()
             assert torch.equal(y, first)
         assert not fp8mm._COUNTERS[x.device].any()
+
+
+@pytest.mark.parametrize("rows", [16, 64, 256])
+def test_w8a8_per_token_slices_of_k_are_the_product_every_time(rows: int) -> None:
+    """PERF.md v0.99 on the GPU, GLM-4-9B's o and down shapes: each per-token config in
+    slices of K gives `_scaled_mm`'s product to a bfloat16 rounding, and the same bits
+    in 20 calls and in 10 replays of a CUDA graph that holds it."""
+    from replicas.fp8 import quantize_rows
+    from replicas.kernels import fp8mm
+
+    gen = torch.Generator(device="cuda").manual_seed(rows)
+    for n, k in ((4096, 4096), (4096, 13696)):
+        w8, ws = quantize_rows(torch.randn(n, k, device="cuda", generator=gen))
+        x8, xs = kernels.quantize_tokens_fp8(torch.randn(
+            rows, k, device="cuda", generator=gen).to(torch.bfloat16))
+        want = torch._scaled_mm(x8, w8.t(), scale_a=xs, scale_b=ws.view(1, -1),
+                                out_dtype=torch.bfloat16).float()
+        for config in (c for c in fp8mm.W8A8_TOKENS_CONFIGS if len(c) > 6):
+            product = functools.partial(kernels.w8a8_per_token, x8, xs, w8, ws, None,
+                                        torch.bfloat16, config)
+
+            first = product()
+            torch.testing.assert_close(first.float(), want, rtol=2e-2,
+                                       atol=2e-2 * float(want.abs().max()), msg=str(config))
+            for _ in range(20):
+                assert torch.equal(product(), first), config
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                y = product()
+            for _ in range(10):
+                graph.replay()
+                torch.cuda.synchronize()
+                assert torch.equal(y, first), config
+        assert not fp8mm._COUNTERS[x8.device].any()
 
 
 # ---- PERF.md v0.59-v0.61's kernels, built on CPU: the same checks on the GPU ----------

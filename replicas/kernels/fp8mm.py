@@ -43,6 +43,23 @@ if triton is not None:
     from replicas.kernels.common import _pdl_enter
 
     @triton.jit
+    def _slices_total(acc, P, C, at, ok, ps, tile, mn, SPLIT: tl.constexpr):
+        """K in SPLIT slices, a program each (PERF.md v0.98): this slice's float32 sums
+        `acc` into P [SPLIT, m * n] (at its elements' `at`, where `ok`), then a count in
+        C[tile]. Returns (whether this program is the tile's last slice to arrive, and then
+        the slices' sums added in their order: the same sums whichever arrives last). The
+        last sets C[tile] back to 0 for the next product."""
+        tl.store(P + ps * mn + at, acc, mask=ok)
+        tl.debug_barrier()  # every thread's sums stored before the count (release)
+        last = tl.atomic_add(C + tile, 1, sem="acq_rel", scope="gpu") == SPLIT - 1
+        total = tl.zeros_like(acc)
+        if last:
+            for i in tl.static_range(SPLIT):  # past L1, which other SMs' stores miss
+                total += tl.load(P + i * mn + at, mask=ok, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(C + tile, 0, sem="relaxed", scope="gpu")
+        return last, total
+
+    @triton.jit
     def _w8a16_out(acc, S, B, Y, rm, rn, m_ok, n_ok, sym, HAS_BIAS: tl.constexpr,
                    SWAP: tl.constexpr):
         """A tile's float32 sums (acc [BLOCK_M, BLOCK_N], or [BLOCK_N, BLOCK_M] with SWAP)
@@ -71,10 +88,8 @@ if triton is not None:
         computes the tile of y^T = W x^T instead: the widened weight tile is then the
         dot's first operand, which Hopper's wgmma may take from registers (with x^T from
         shared memory), and BLOCK_N weight rows fill its 64-row side while a decode
-        batch's few rows of x are its narrow side. SPLIT > 1 (PERF.md v0.98): K in SPLIT
-        slices, a program each (grid axis 2); each stores its float32 sums in P [SPLIT, m,
-        n] and counts itself in C[tile]; the last of a tile's to arrive adds the slices in
-        their order (the same sums whichever is last), writes y and sets C[tile] to 0."""
+        batch's few rows of x are its narrow side. SPLIT > 1: K in SPLIT slices, a program
+        each (grid axis 2), the tile's last to arrive writes y (_slices_total)."""
         _pdl_enter(PDL)
         if SWAP:
             pn, pm = tl.program_id(0), tl.program_id(1)
@@ -115,25 +130,42 @@ if triton is not None:
             at = rm[:, None] * n + rn[None, :]
             ok = m_ok[:, None] & n_ok[None, :]
         if SPLIT > 1:
-            tl.store(P + ps * m * n + at, acc, mask=ok)
-            tl.debug_barrier()  # every thread's sums stored before the count (release)
-            tile = pm * tl.cdiv(n, BLOCK_N) + pn
-            if tl.atomic_add(C + tile, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
-                total = tl.zeros_like(acc)
-                for i in tl.static_range(SPLIT):  # past L1, which other SMs' stores miss
-                    total += tl.load(P + i * m * n + at, mask=ok, other=0.0,
-                                     cache_modifier=".cg")
+            last, total = _slices_total(acc, P, C, at, ok, ps, pm * tl.cdiv(n, BLOCK_N) + pn,
+                                        m * n, SPLIT)
+            if last:
                 _w8a16_out(total, S, B, Y, rm, rn, m_ok, n_ok, sym, HAS_BIAS, SWAP)
-                tl.atomic_xchg(C + tile, 0, sem="relaxed", scope="gpu")
         else:
             _w8a16_out(acc, S, B, Y, rm, rn, m_ok, n_ok, sym, HAS_BIAS, SWAP)
 
+    @triton.jit
+    def _w8a8_out(acc, XS, WS, B, Y, rm, rn, m_ok, n_ok, sxs, sym, HAS_BIAS: tl.constexpr,
+                  TOKENS: tl.constexpr, SWAP: tl.constexpr):
+        """A tile's float32 sums (acc [BLOCK_M, BLOCK_N], or [BLOCK_N, BLOCK_M] with SWAP)
+        times W's row scales (and with TOKENS, x's), plus the bias, rounded into y."""
+        ws = tl.load(WS + rn, mask=n_ok, other=0.0)
+        if TOKENS:
+            xs = tl.load(XS + rm * sxs, mask=m_ok, other=0.0)
+        else:
+            xs = tl.full(rm.shape, 1.0, tl.float32)
+        if SWAP:
+            acc = acc * ws[:, None] * xs[None, :]
+            if HAS_BIAS:
+                acc += tl.load(B + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            tl.store(Y + rm[None, :] * sym + rn[:, None], acc.to(Y.dtype.element_ty),
+                     mask=n_ok[:, None] & m_ok[None, :])
+        else:
+            acc = acc * xs[:, None] * ws[None, :]
+            if HAS_BIAS:
+                acc += tl.load(B + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(Y + rm[:, None] * sym + rn[None, :], acc.to(Y.dtype.element_ty),
+                     mask=m_ok[:, None] & n_ok[None, :])
+
     @triton.jit(do_not_specialize=STEP_SHAPED["_w8a8_groups_kernel"])
-    def _w8a8_groups_kernel(X, XS, W, WS, B, Y, m, n, k, sxm, sxs, swn, sym,
+    def _w8a8_groups_kernel(X, XS, W, WS, B, Y, P, C, m, n, k, sxm, sxs, swn, sym,
                             HAS_BIAS: tl.constexpr, GROUP: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
                             TOKENS: tl.constexpr = False, SWAP: tl.constexpr = False,
-                            IMPRECISE: tl.constexpr = None):
+                            IMPRECISE: tl.constexpr = None, SPLIT: tl.constexpr = 1):
         """Program (BLOCK_M rows of x, BLOCK_N rows of W): K in runs of GROUP, each run's
         FP8 product (float32) times its rows' scales added to the tile; then W's row
         scales and the bias. TOKENS: one scale per token (XS [M, 1]), K in steps of
@@ -141,17 +173,29 @@ if triton is not None:
         SWAP computes the tile of y^T = W x^T (the weight tile the dot's 64-row side, a
         few rows of x its narrow side). IMPRECISE: the dot's max_num_imprecise_acc, the
         products the FP8 tensor cores add in their narrower accumulator before adding
-        into float32 (None: Triton's default, all of a step's GROUP)."""
+        into float32 (None: Triton's default, all of a step's GROUP). SPLIT > 1: the runs
+        in SPLIT slices, a program each (grid axis 2), the tile's last to arrive writes y
+        (_slices_total; PERF.md v0.99)."""
         _pdl_enter(PDL)
-        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        pm, pn = tl.program_id(0), tl.program_id(1)
+        rm = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pn * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, GROUP)
         m_ok, n_ok = rm < m, rn < n
+        runs = tl.cdiv(k, GROUP)
+        if SPLIT > 1:
+            ps = tl.program_id(2)
+            span = tl.cdiv(runs, SPLIT)
+            g_lo = ps * span
+            g_hi = tl.minimum(runs, g_lo + span)
+        else:
+            g_lo = 0
+            g_hi = runs
         if SWAP:
             acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         else:
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for g in tl.range(0, tl.cdiv(k, GROUP)):
+        for g in tl.range(g_lo, g_hi):
             cols = g * GROUP + rk
             k_ok = cols < k  # (all true but in a per-token product's last step)
             a = tl.load(X + rm[:, None] * sxm + cols[None, :],
@@ -167,23 +211,19 @@ if triton is not None:
             else:
                 s = tl.load(XS + rm * sxs + g, mask=m_ok, other=0.0)
                 acc += part * (s[None, :] if SWAP else s[:, None])
-        ws = tl.load(WS + rn, mask=n_ok, other=0.0)
-        if TOKENS:
-            xs = tl.load(XS + rm * sxs, mask=m_ok, other=0.0)
+        if SPLIT > 1:
+            if SWAP:
+                at, ok = rm[None, :] * n + rn[:, None], n_ok[:, None] & m_ok[None, :]
+            else:
+                at, ok = rm[:, None] * n + rn[None, :], m_ok[:, None] & n_ok[None, :]
+            last, total = _slices_total(acc, P, C, at, ok, ps, pm * tl.cdiv(n, BLOCK_N) + pn,
+                                        m * n, SPLIT)
+            if last:
+                _w8a8_out(total, XS, WS, B, Y, rm, rn, m_ok, n_ok, sxs, sym, HAS_BIAS,
+                          TOKENS, SWAP)
         else:
-            xs = tl.full([BLOCK_M], 1.0, tl.float32)
-        if SWAP:
-            acc = acc * ws[:, None] * xs[None, :]
-            if HAS_BIAS:
-                acc += tl.load(B + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-            tl.store(Y + rm[None, :] * sym + rn[:, None], acc.to(Y.dtype.element_ty),
-                     mask=n_ok[:, None] & m_ok[None, :])
-        else:
-            acc = acc * xs[:, None] * ws[None, :]
-            if HAS_BIAS:
-                acc += tl.load(B + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            tl.store(Y + rm[:, None] * sym + rn[None, :], acc.to(Y.dtype.element_ty),
-                     mask=m_ok[:, None] & n_ok[None, :])
+            _w8a8_out(acc, XS, WS, B, Y, rm, rn, m_ok, n_ok, sxs, sym, HAS_BIAS, TOKENS,
+                      SWAP)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, swap[, split]): the configs the fp8 suite's
@@ -289,6 +329,18 @@ def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
     return have
 
 
+def _slices(split: int, grid: tuple[int, int], steps: int, x: torch.Tensor, n: int,
+            unread: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """A product's slices of K (w8a16_split's, for a grid of output tiles and K in
+    `steps`), and the kernel's P and C: float32 sums [slices * m * n] and the device's
+    counts (`unread`, any tensor, for both when K is whole)."""
+    split = w8a16_split(split, grid[0] * grid[1], steps, _sms(x.device))
+    if split == 1:
+        return 1, unread, unread
+    return (split, torch.empty(split * x.shape[0] * n, dtype=torch.float32, device=x.device),
+            _split_counters(x.device, grid[0] * grid[1]))
+
+
 def w8a16(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
           bias: torch.Tensor | None = None, config: W8A16Config | None = None
           ) -> torch.Tensor:
@@ -301,13 +353,7 @@ def w8a16(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
     block_m, block_n, block_k, warps, stages, swap, split = w8a16_parts(
         config or w8a16_config(m))
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    tiles = grid[0] * grid[1]
-    split = w8a16_split(split, tiles, triton.cdiv(k, block_k), _sms(x.device))
-    if split > 1:
-        partial = torch.empty(split * m * n, dtype=torch.float32, device=x.device)
-        counts = _split_counters(x.device, tiles)
-    else:
-        partial = counts = scale  # (unread)
+    split, partial, counts = _slices(split, grid, triton.cdiv(k, block_k), x, n, scale)
     _w8a16_kernel[(*(grid[::-1] if swap else grid), split)](
         x, w8, scale, bias if bias is not None else scale, y, partial, counts, m, n, k,
         x.stride(0), w8.stride(0), y.stride(0), HAS_BIAS=bias is not None,
@@ -355,34 +401,46 @@ def fp8_promotion(block_k: int) -> int | None:
 
 def _w8a8(x8: torch.Tensor, xs: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
           bias: torch.Tensor | None, out_dtype: torch.dtype, group: int, block_m: int,
-          block_n: int, warps: int, stages: int, tokens: bool, swap: bool) -> torch.Tensor:
+          block_n: int, warps: int, stages: int, tokens: bool, swap: bool, split: int = 1
+          ) -> torch.Tensor:
     """_w8a8_groups_kernel's launch, for w8a8_groups and w8a8_per_token: y [M, N] in
-    `out_dtype`, a program a (BLOCK_M rows of x, BLOCK_N rows of W) tile."""
+    `out_dtype`, a program a (BLOCK_M rows of x, BLOCK_N rows of W) tile, and with `split`
+    (w8a16_split's: 0 for its choice) a slice of K's runs of `group`."""
     m, n = x8.shape[0], w8.shape[0]
     y = torch.empty(m, n, dtype=out_dtype, device=x8.device)
-    _w8a8_groups_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
-        x8, xs, w8, scale, bias if bias is not None else scale, y, m, n, x8.shape[1],
-        x8.stride(0), xs.stride(0), w8.stride(0), y.stride(0),
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    split, partial, counts = _slices(split, grid, triton.cdiv(x8.shape[1], group), x8, n,
+                                     scale)
+    _w8a8_groups_kernel[(*grid, split)](
+        x8, xs, w8, scale, bias if bias is not None else scale, y, partial, counts, m, n,
+        x8.shape[1], x8.stride(0), xs.stride(0), w8.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n,
         TOKENS=tokens, SWAP=swap, num_warps=warps, num_stages=stages,
-        IMPRECISE=fp8_promotion(group), **_launch(x8))
+        IMPRECISE=fp8_promotion(group), SPLIT=split, **_launch(x8))
     return y
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, swap): the configs W8A8 with a scale per token
-# may run in (`w8a8_tokens`), timed against `torch._scaled_mm` by `pick_w8a8` and `--suite
-# w8a8`. Why (PERF.md v0.62): at 16-256 rows cuBLAS's FP8 kernel takes 128x128 tiles,
-# 36-72 programs for GLM-4-9B's qkv, o and down projections on 132 SMs, each streaming a
-# 0.5-1.75 MB run of the weight alone: narrower tiles fill the GPU. Swapped ones put the
-# weight on the dot's 64-row side for a few rows of x (their programs then number N / 64
-# below 64 rows: the narrow unswapped tiles are the ones that fill the GPU there).
-W8A8TokensConfig = tuple[int, int, int, int, int, bool]
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, swap[, split]): the configs W8A8 with a scale
+# per token may run in (`w8a8_tokens`), timed against `torch._scaled_mm` by `pick_w8a8` and
+# `--suite w8a8`. Why (PERF.md v0.62): at 16-256 rows cuBLAS's FP8 kernel takes 128x128
+# tiles, 36-72 programs for GLM-4-9B's qkv, o and down projections on 132 SMs, each
+# streaming a 0.5-1.75 MB run of the weight alone: narrower tiles fill the GPU. Swapped
+# ones put the weight on the dot's 64-row side for a few rows of x (their programs then
+# number N / 64 below 64 rows: the narrow unswapped tiles are the ones that fill the GPU
+# there). The last seven split K into slices, a program each (PERF.md v0.99, as v0.98's
+# weight-only matmul): 128 (or 256) wide tiles, 128-256 programs on o and down at 256
+# rows, and the swapped ones below 64 rows, in 4 (or 2) times as many programs.
+W8A8TokensConfig = tuple[int, ...]
 W8A8_TOKENS_CONFIGS: tuple[W8A8TokensConfig, ...] = (
     (64, 64, 128, 4, 4, False), (64, 128, 128, 4, 4, False), (128, 64, 128, 4, 4, False),
     (128, 128, 128, 8, 3, False), (64, 32, 128, 4, 4, False), (128, 64, 256, 8, 3, False),
     (64, 16, 128, 4, 4, False),  # (256-288 programs on N = 4,096-4,608 at any rows)
     (16, 64, 128, 4, 4, True), (32, 64, 128, 4, 4, True), (64, 64, 128, 4, 4, True),
-    (32, 128, 128, 4, 4, True), (64, 128, 128, 8, 3, True), (16, 64, 256, 4, 3, True))
+    (32, 128, 128, 4, 4, True), (64, 128, 128, 8, 3, True), (16, 64, 256, 4, 3, True),
+    (128, 64, 256, 8, 3, False, 2), (128, 64, 256, 8, 3, False, 4),
+    (128, 64, 128, 4, 4, False, 4), (64, 64, 128, 4, 4, False, 4),
+    (128, 128, 128, 8, 3, False, 4), (64, 64, 128, 4, 4, True, 4),
+    (16, 64, 256, 4, 3, True, 4))
 
 
 def w8a8_per_token(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor,
@@ -391,9 +449,9 @@ def w8a8_per_token(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor,
     """x8 [M, K] FP8 with a scale per token (x_scale [M, 1] float32) @ (w8 [N, K] FP8 *
     scale [N])^T (+ bias) -> [M, N] in `out_dtype`, rounded once, on the FP8 tensor
     cores in `config` (one of W8A8_TOKENS_CONFIGS): what `torch._scaled_mm` computes."""
-    block_m, block_n, block_k, warps, stages, swap = config
+    block_m, block_n, block_k, warps, stages, swap, *more = config
     return _w8a8(x8, x_scale, w8, scale, bias, out_dtype, block_k, block_m, block_n, warps,
-                 stages, tokens=True, swap=swap)
+                 stages, tokens=True, swap=bool(swap), split=(*more, 1)[0])
 
 
 # The picks `pick_w8a8` measured, by weight shape (N, K), per process (each rank its own;
@@ -416,6 +474,17 @@ def w8a8_cublas_on() -> bool:
     """Whether the picks may take W8A8_CUBLAS_CONFIGS (off with TPSERVE_W8A8_CUBLAS=0: an
     A/B of PERF.md v0.71 in one process; kept picks are keyed by it)."""
     return os.environ.get("TPSERVE_W8A8_CUBLAS") != "0"
+
+
+def w8a8_candidates() -> tuple[str, tuple[Any, ...]]:
+    """What `pick_w8a8` times beside `_scaled_mm`, with the kept picks' key for them:
+    W8A8_TOKENS_CONFIGS (those in slices of K unless TPSERVE_W8A8_SLICES=0, PERF.md
+    v0.99's A/B) and W8A8_CUBLAS_CONFIGS (unless TPSERVE_W8A8_CUBLAS=0)."""
+    slices = os.environ.get("TPSERVE_W8A8_SLICES") != "0"
+    tiles = tuple(c for c in W8A8_TOKENS_CONFIGS if slices or len(c) < 7)
+    cublas = W8A8_CUBLAS_CONFIGS if w8a8_cublas_on() else ()
+    key = "w8a8" + ("" if cublas else " no-cublas") + ("" if slices else " no-slices")
+    return key, tiles + cublas
 
 
 # cuBLASLt's workspace in KiB for a W8A8 engine's process on GPUs (PERF.md v0.79). With
@@ -555,8 +624,8 @@ def w8a8_config(n: int, k: int, m: int) -> W8A8PickConfig | None:
 def pick_w8a8(w8: torch.Tensor, scale: torch.Tensor, has_bias: bool,
               rows: tuple[int, ...] = W8A8_PICK_ROWS, margin: float = 0.97
               ) -> tuple[tuple[tuple[int, Any], ...], dict[int, dict[str, float]]]:
-    """Time `torch._scaled_mm` and each of W8A8_TOKENS_CONFIGS and W8A8_CUBLAS_CONFIGS
-    (through w8a8_picked; the latter unless TPSERVE_W8A8_CUBLAS=0) on
+    """Time `torch._scaled_mm` and each of `w8a8_candidates` (W8A8_TOKENS_CONFIGS and
+    W8A8_CUBLAS_CONFIGS, through w8a8_picked) on
     `rows` rows of a per-token FP8 input times the FP8 weight w8 [N, K] (its row `scale`),
     bf16 out, as a decode step runs them: weights cold (copies cycled), in a CUDA graph.
     Each config's product is checked against `_scaled_mm`'s. Returns, per count of rows,
@@ -574,7 +643,7 @@ def pick_w8a8(w8: torch.Tensor, scale: torch.Tensor, has_bias: bool,
             if has_bias else None)
     copies = cold_set(w8)
     picks, report = [], {}
-    candidates = W8A8_TOKENS_CONFIGS + (W8A8_CUBLAS_CONFIGS if w8a8_cublas_on() else ())
+    candidates = w8a8_candidates()[1]
     for m in rows:
         x8, xs = quantize_tokens_fp8(torch.randn(m, k, generator=gen, device=w8.device,
                                                  dtype=torch.bfloat16))
