@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from replicas.kernels.attention import _precision
+from replicas.kernels.attention import _kept, _precision
 from replicas.kernels.common import STEP_SHAPED, _launch
 
 log = logging.getLogger(__name__)
@@ -314,19 +314,18 @@ _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
 def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """The split kernel's count per output tile, zeros between launches (the last slice of
-    a tile sets its count back): one buffer a device, made in an eager call (the warm-up
-    before CUDA graphs are captured), since a buffer made while capturing would be the
-    graph's. Split products on one device must not run concurrently (one stream)."""
+    """The sliced kernels' count per output tile, zeros between launches (the last slice
+    of a tile sets its count back): one buffer a device, as decode attention's counts
+    (attention._kept), made in an eager call (the warm-up before CUDA graphs are
+    captured): one made while capturing would be the graph's. Sliced products on one
+    device must not run concurrently (one stream)."""
     have = _COUNTERS.get(device)
-    if have is None or have.numel() < tiles:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                f"w8a16: a product split in {tiles} tiles is first met while a CUDA graph "
-                "is being captured; run the step eagerly once before capturing it")
-        have = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
-        _COUNTERS[device] = have
-    return have
+    if (have is None or have.numel() < tiles) and device.type == "cuda" and (
+            torch.cuda.is_current_stream_capturing()):
+        raise RuntimeError(
+            f"a product in slices of K over {tiles} tiles is first met while a CUDA "
+            "graph is being captured; run the step eagerly once before capturing it")
+    return _kept(_COUNTERS, device, tiles, torch.int32)
 
 
 def _slices(split: int, grid: tuple[int, int], steps: int, x: torch.Tensor, n: int,
