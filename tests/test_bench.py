@@ -37,7 +37,8 @@ def test_cpu_bench_prints_json_lines(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name, second", [("gpu_h200", "unit"),
-                                           ("multigpu_2xh200", "unit"), ("fp8_h200", "unit")])
+                                           ("multigpu_2xh200", "unit"), ("fp8_h200", "unit"),
+                                           ("fp8_h100", "unit")])
 def test_table_is_made_from_the_results(name: str, second: str) -> None:
     from replicas.bench import table
 
