@@ -1121,20 +1121,34 @@ W8A16_SPLIT_BASES = ((16, 32, 128, 4, 4, False), (16, 64, 128, 4, 4, False),
 W8A16_SPLIT_TRIALS = tuple((*base, split) for base in W8A16_SPLIT_BASES
                            for split in (1, 2, 4, 8, 0))
 W8A16_SPLIT_ROWS = (4, 16, 32, 64)
+# and from 128 rows, where fp8_linear widens the weight for cuBLAS from DEQUANT_ROWS (160):
+# the wide tiles in slices (their 36-72 programs on qkv, o and down at 256 rows), against
+# widening then cuBLAS (the probe's "widen+cublas")
+W8A16_SPLIT_WIDE_TRIALS = tuple((*base, split) for base in (
+    (64, 64, 128, 4, 4, True), (128, 128, 64, 8, 3, True), (256, 128, 64, 8, 3, True))
+    for split in (1, 2, 4, 0))
+W8A16_SPLIT_WIDE_ROWS = (128, 256)
 
 
-def w8a16_split_probe(rows: tuple[int, ...] = W8A16_SPLIT_ROWS) -> Iterator[dict[str, Any]]:
+def w8a16_split_probe(rows: tuple[int, ...] = W8A16_SPLIT_ROWS,
+                      trials: tuple[tuple[int, ...], ...] = W8A16_SPLIT_TRIALS,
+                      wide: bool = True) -> Iterator[dict[str, Any]]:
     """PERF.md v0.98, the kernel alone: `w8a16_probe` on GLM-4-9B's four layer shapes at
-    `rows`, over W8A16_SPLIT_TRIALS; each row also names the slices w8a16_split chose for
-    the split-0 configs ("auto_split")."""
+    `rows` over `trials`, then (`wide`) at W8A16_SPLIT_WIDE_ROWS over
+    W8A16_SPLIT_WIDE_TRIALS; each row also names the slices w8a16_split chose for the
+    split-0 configs ("auto_split")."""
     from replicas.kernels.fp8mm import _sms, w8a16_parts, w8a16_split
     from replicas.kernels.gemv import _cycled_us
 
+    if wide:
+        yield from w8a16_split_probe(rows, trials, False)
+        yield from w8a16_split_probe(W8A16_SPLIT_WIDE_ROWS, W8A16_SPLIT_WIDE_TRIALS, False)
+        return
     sms = _sms(torch.device("cuda"))
     for row in w8a16_probe(W8A16_PROBE_SHAPES, rows, "cuda", _cycled_us, copy_bandwidth(),
-                           configs=W8A16_SPLIT_TRIALS):
+                           configs=trials):
         auto = {}
-        for config in W8A16_SPLIT_TRIALS:
+        for config in trials:
             bm, bn, bk, *_, split = w8a16_parts(config)
             if split == 0:
                 tiles = -(-row["rows"] // bm) * -(-row["n"] // bn)

@@ -158,7 +158,7 @@ def _w8a16_against_float64(configs: list[tuple[int, ...]], k: int, seed: int,
 
 
 @pytest.mark.parametrize("base", [(16, 32, 128, 4, 4, False), (64, 64, 128, 4, 4, True),
-                                  (16, 64, 32, 4, 4, True)])
+                                  (16, 64, 32, 4, 4, True), (128, 128, 64, 8, 3, True)])
 def test_w8a16_in_slices_of_k_is_the_same_product(base: tuple[int, ...],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """PERF.md v0.98: K in 2, 3 and 8 slices, and as w8a16_split chooses, on a K none of
