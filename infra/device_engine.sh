@@ -182,8 +182,8 @@ if [ "${HEADROWS_S:-0}" != 0 ]; then  # PERF v0.96: the FP8 head's batch kernel 
 fi
 if [ "${SPLIT_S:-0}" != 0 ]; then  # PERF v0.98: the weight-only FP8 matmul with K in
   # slices at 4-64 rows and at 128 and 256 (against widening for cuBLAS), the kernel alone
-  # (~2 min), then FP8 decode at 4, 16, 32 and 64 sequences with the configs before v0.98
-  # and now (~50 s an engine, 2)
+  # (~2 min), then FP8 decode at 4, 16, 32, 64 and 128 sequences with the configs before
+  # v0.98 and now (v0.98, v1.00; ~60 s an engine, 2)
   bench_rows "$SPLIT_S" w8a16_split_probe | rows w8a16_split_h200.jsonl w8a16_split_h200.jsonl
   bench_rows "$SPLIT_S" w8a16_split_ab | rows w8a16_split_ab_h200.jsonl w8a16_split_ab_h200.jsonl
 fi

@@ -1156,18 +1156,18 @@ def w8a16_split_probe(rows: tuple[int, ...] = W8A16_SPLIT_ROWS,
         yield {**row, "auto_split": auto}
 
 
-def w8a16_split_ab(batches: tuple[int, ...] = W8A16_SPLIT_ROWS, tokens: int = 64,
+def w8a16_split_ab(batches: tuple[int, ...] = (*W8A16_SPLIT_ROWS, 128), tokens: int = 64,
                    repeats: int = 3) -> Iterator[dict[str, Any]]:
-    """PERF.md v0.98 in the step (`_fp8_batch_arms`): the weight-only matmul as before it
-    (K whole in each program, the swapped (64, 64, 128) from 17 rows: "w8a16_split1")
-    and as the kernels choose now (K in w8a16_split's slices, W8A16_PICKS:
-    "w8a16_split0")."""
+    """PERF.md v0.98 and v1.00 in the step (`_fp8_batch_arms`): the weight-only matmul as
+    before them (K whole in each program, the swapped (64, 64, 128) from 17 rows on every
+    weight: "w8a16_split1") and as the kernels choose now (K in w8a16_split's slices,
+    W8A16_PICKS, W8A16_WIDE_PICKS: "w8a16_split0")."""
     import contextlib
     from unittest import mock
 
     from replicas.kernels import fp8mm
 
-    before = mock.patch.multiple(fp8mm, W8A16_SPLIT=1,
+    before = mock.patch.multiple(fp8mm, W8A16_SPLIT=1, W8A16_WIDE_N=1 << 62,
                                  W8A16_PICKS=((16, (16, 32, 128, 4, 4, False)),))
     yield from _fp8_batch_arms(
         {"w8a16_split1": (before, {"w8a16_split": 1}),

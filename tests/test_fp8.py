@@ -93,6 +93,7 @@ def test_w8a16_default_is_the_measured_pick_for_its_rows() -> None:
         W8A16_HEAD_PICKS,
         W8A16_MANY_ROWS,
         W8A16_PICKS,
+        W8A16_WIDE_PICKS,
         w8a16_config,
     )
 
@@ -106,6 +107,16 @@ def test_w8a16_default_is_the_measured_pick_for_its_rows() -> None:
     # swapped (64, 64, 128) from 33 rows on (the H200's probe at e08b4a2)
     assert w8a16_config(17) == w8a16_config(32) == (32, 64, 128, 4, 4, False)
     assert w8a16_config(33) == w8a16_config(128) == (64, 64, 128, 4, 4, True)
+    # a weight of 16,384 rows or more past 64 rows (GLM-4-9B's gate_up): wider tiles, K
+    # whole, as both GPUs' probes timed them (PERF.md v1.00); below, as any weight
+    assert {c[:6] for _, c in W8A16_WIDE_PICKS} <= set(W8A16_CONFIGS)
+    assert w8a16_config(64, n=27392) == w8a16_config(65, n=16383) == W8A16_MANY_ROWS
+    assert w8a16_config(16, n=27392) == (16, 32, 128, 4, 4, False)
+    assert w8a16_config(65, n=27392) == w8a16_config(128, n=16384) == (
+        128, 128, 64, 8, 3, True, 1)
+    assert w8a16_config(129, n=27392) == w8a16_config(4096, n=27392) == (
+        256, 128, 64, 8, 3, True, 1)
+    assert w8a16_config(128, W8A16_HEAD_PICKS) == W8A16_MANY_ROWS  # (the head: n unsaid)
     # the FP8 LM head's (an H100's lm_head_rows, PERF.md v0.96-v0.97)
     assert w8a16_config(2, W8A16_HEAD_PICKS) == (16, 64, 128, 4, 4, False)
     assert w8a16_config(32, W8A16_HEAD_PICKS) == (32, 64, 128, 4, 4, False)

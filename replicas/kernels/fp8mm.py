@@ -263,12 +263,32 @@ W8A16_HEAD_PICKS: tuple[tuple[int, W8A16Config], ...] = (
     (16, (16, 64, 128, 4, 4, False)), (32, (32, 64, 128, 4, 4, False)))
 
 
-def w8a16_config(m: int, picks: tuple[tuple[int, W8A16Config], ...] | None = None
-                 ) -> W8A16Config:
-    """The default config for `m` rows of x: the first of `picks` (rows, config; where
-    None, W8A16_PICKS as it is at the call) whose rows hold m, else W8A16_MANY_ROWS."""
-    return next((config for rows, config in (W8A16_PICKS if picks is None else picks)
-                 if m <= rows), W8A16_MANY_ROWS)
+# weights this wide (GLM-4-9B's gate_up, N = 27,392) past 64 rows: wider tiles, the probe's
+# best on both GPUs: at 128 rows (128, 128, 64) 88.0 us against W8A16_MANY_ROWS' 121.4 on
+# an H100 (results/w8a16_h100.jsonl, f4c7ca0) and 84.2 against 116.6 (then (128, 64, 64))
+# on the H200 (w8a16_h200.jsonl, e08b4a2); at 256 rows (256, 128, 64) 131.7 against
+# 216.8 and 130.4 against 186.0 (past DEQUANT_ROWS: a measure for when it rises). K
+# whole, as measured (the rule would slice (128, 128)'s 214 tiles at 128 rows: not yet
+# timed). Narrower weights keep W8A16_MANY_ROWS, the best at 128 rows on both (PERF.md
+# v1.00)
+W8A16_WIDE_N = 16384
+W8A16_WIDE_PICKS: tuple[tuple[int, W8A16Config], ...] = (
+    (128, (128, 128, 64, 8, 3, True, 1)), (1 << 30, (256, 128, 64, 8, 3, True, 1)))
+
+
+def w8a16_config(m: int, picks: tuple[tuple[int, W8A16Config], ...] | None = None,
+                 n: int = 0) -> W8A16Config:
+    """The default config for `m` rows of x times a weight of `n` rows (0: not said): the
+    first of `picks` (rows, config; where None, W8A16_PICKS as it is at the call) whose
+    rows hold m; else, for n of at least W8A16_WIDE_N and m past 64,
+    W8A16_WIDE_PICKS'; else W8A16_MANY_ROWS."""
+    picked = next((config for rows, config in (W8A16_PICKS if picks is None else picks)
+                   if m <= rows), None)
+    if picked is not None:
+        return picked
+    if n >= W8A16_WIDE_N and m > 64:
+        return next(config for rows, config in W8A16_WIDE_PICKS if m <= rows)
+    return W8A16_MANY_ROWS
 
 
 # a config without a split of its own: 0, w8a16_split's choice; 1, K whole in each
@@ -350,7 +370,7 @@ def w8a16(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
     x = x if x.stride(1) == 1 else x.contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_m, block_n, block_k, warps, stages, swap, split = w8a16_parts(
-        config or w8a16_config(m))
+        config or w8a16_config(m, n=n))
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     split, partial, counts = _slices(split, grid, triton.cdiv(k, block_k), x, n, scale)
     _w8a16_kernel[(*(grid[::-1] if swap else grid), split)](
