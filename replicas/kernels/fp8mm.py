@@ -315,7 +315,8 @@ def w8a16_split(split: int, tiles: int, steps: int, sms: int) -> int:
     """The slices of K for a product of `tiles` output tiles whose K is `steps` BLOCK_K
     steps, on `sms` SMs: `split` where it is not 0; for 0, W8A16_SLICES where the tiles
     are fewer than W8A16_SPLIT_TILES_PER_SM an SM and each slice has at least
-    W8A16_SLICE_STEPS steps, else 1. Never more slices than steps (none is empty)."""
+    W8A16_SLICE_STEPS steps, else 1. Never more slices than steps (a last slice may
+    still be left empty by the rounding of steps to slices: it adds zeros)."""
     if split == 0:
         few = tiles < W8A16_SPLIT_TILES_PER_SM * sms
         split = W8A16_SLICES if few and steps >= W8A16_SLICES * W8A16_SLICE_STEPS else 1
