@@ -1697,7 +1697,7 @@ def w8a16_probe(shapes: dict[str, tuple[int, int]], batch_rows: tuple[int, ...],
                      # what fp8_linear does from DEQUANT_ROWS rows: the crossover
                      "widen+cublas": timer(lambda c, x=x, s=scale: F.linear(
                          x, widen_fp8(c, s, dtype)), copies8)}
-            default = w8a16_config(m)
+            default = w8a16_config(m, n=n)  # (the engine's, for this weight)
             tried = dict.fromkeys((default, *(W8A16_CONFIGS if configs is None else configs)))
             failed = {}
             for config in tried:
