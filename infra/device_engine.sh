@@ -36,6 +36,8 @@
 #                                                # to 64, and its accuracy so (v0.96)
 #   SPLIT_S=200 ...                              # and the weight-only matmul with K in
 #                                                # slices (PERF v0.98), alone and in the step
+#   DEQUANT_S=330 ...                            # and weight-only FP8 at 256 requests with
+#                                                # a 256-row step widening or not (v1.00)
 #   SLICES_S=200 ...                             # and W8A8's per-token tiles in slices
 #                                                # (PERF v0.99), alone, tested, in the step
 #   W8A8_S=150 ...                               # and W8A8's few-row matmul: Triton's
@@ -186,6 +188,11 @@ if [ "${SPLIT_S:-0}" != 0 ]; then  # PERF v0.98: the weight-only FP8 matmul with
   # v0.98 and now (v0.98, v1.00; ~60 s an engine, 2)
   bench_rows "$SPLIT_S" w8a16_split_probe | rows w8a16_split_h200.jsonl w8a16_split_h200.jsonl
   bench_rows "$SPLIT_S" w8a16_split_ab | rows w8a16_split_ab_h200.jsonl w8a16_split_ab_h200.jsonl
+fi
+if [ "${DEQUANT_S:-0}" != 0 ]; then  # PERF v1.00's next: weight-only FP8 at 256 requests
+  # with a 256-row step widening its weights for cuBLAS (DEQUANT_ROWS 160) and in the batch
+  # kernel (257), two rounds, order reversed (~70 s an engine, 4)
+  bench_rows "$DEQUANT_S" dequant_rows_ab | rows dequant_rows_h200.jsonl dequant_rows_h200.jsonl
 fi
 if [ "${SLICES_S:-0}" != 0 ]; then  # PERF v0.99: W8A8's per-token tiles in slices of K
   # beside cuBLAS at 16-256 rows (--suite w8a8, ~2 min: it times every config), the GPU

@@ -836,6 +836,33 @@ def w8a8_slices_ab(rounds: int = 1, modes: tuple[str, ...] = ("fp8-w8a8-keepqkv_
     yield from w8a8_fold_ab(rounds, modes, "TPSERVE_W8A8_SLICES", picks=True)
 
 
+def dequant_rows_ab(rounds: int = 2, limits: tuple[int, ...] = (160, 257),
+                    modes: tuple[str, ...] = ("fp8",)) -> Iterator[dict[str, Any]]:
+    """PERF.md v1.00's next, in one process: the 256 x 128/128 run of each weight-only FP8
+    mode named with fp8.DEQUANT_ROWS at each of `limits` (160: a 256-row decode step
+    widens its weights for cuBLAS, ~6.3 ms a step of copies on the H200; 257: the batch
+    kernel in its picks and slices runs it), `rounds` times, the order reversed every
+    other round; an engine each. A row per run: output tok/s new and cached, the kernel
+    table."""
+    from unittest import mock
+
+    from replicas import fp8
+
+    config = _glm_config()
+    chosen = [m for m in FP8_MODES if m[3] in modes]
+    for turn in range(rounds):
+        for mode in chosen:
+            for limit in _turn_order(limits, turn):
+                settings = _fp8_settings(mode)
+                with mock.patch.object(fp8, "DEQUANT_ROWS", limit), Engine(
+                        dataclasses.replace(config, **settings)) as engine:
+                    run = _run_256(engine, 1)
+                torch.cuda.empty_cache()
+                yield {"case": f"glm4-9b_{mode[3]}_256req_in128_out128_dequant_rows_{limit}",
+                       "unit": "tokens/s", "round": turn, "dequant_rows": limit, **run,
+                       **settings}
+
+
 def _fp8_settings(mode: tuple[str, str, dict[str, str], str]) -> dict[str, str]:
     """An FP8_MODES entry's engine settings: quantization, KV cache, its options."""
     quantization, kv, options, _ = mode
