@@ -265,9 +265,9 @@ W8A16_HEAD_PICKS: tuple[tuple[int, W8A16Config], ...] = (
 
 # weights this wide (GLM-4-9B's gate_up, N = 27,392) past 64 rows: wider tiles, the probe's
 # best on both GPUs: at 128 rows (128, 128, 64) 88.0 us against W8A16_MANY_ROWS' 121.4 on
-# an H100 (results/w8a16_h100.jsonl, f4c7ca0) and 84.2 against 116.6 (then (128, 64, 64))
-# on the H200 (w8a16_h200.jsonl, e08b4a2); at 256 rows (256, 128, 64) 131.7 against
-# 216.8 and 130.4 against 186.0 (past DEQUANT_ROWS: a measure for when it rises). K
+# an H100 (results/w8a16_h100.jsonl, f4c7ca0) and 84.2 against 122.4 on the H200
+# (w8a16_h200.jsonl, e08b4a2); at 256 rows (256, 128, 64) 131.7 against 216.8 and 130.4
+# against 218.8 (past DEQUANT_ROWS: a measure for when it rises). K
 # whole, as measured (the rule would slice (128, 128)'s 214 tiles at 128 rows: not yet
 # timed). Narrower weights keep W8A16_MANY_ROWS, the best at 128 rows on both (PERF.md
 # v1.00)
