@@ -236,7 +236,8 @@ for row in decode_gaps((sys.argv[1],)):
     print(json.dumps(row), flush=True)" "$mode" 2>&1 | rows decode_gaps_h200.jsonl decode_gaps_h200.jsonl
   done
 fi
-if [ "${NCU_S:-0}" != 0 ]; then  # hardware counters of a decode step's kernels (v0.82's next)
+if [ "${NCU_S:-0}" != 0 ]; then  # hardware counters of a decode step's kernels (v0.82's next;
+  # TPSERVE_NCU_GEMV_CONFIG="(4, 2048, 4, 3, 96, 1)": the gemv_ROLE subjects in an engine's pick)
   ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)
   for subject in ${NCU_SUBJECTS:-attention swiglu_quant gate_up_mm gemv}; do
     regex=$(python3 -c "from replicas.bench import NCU_SUBJECTS; print(NCU_SUBJECTS['$subject'])")

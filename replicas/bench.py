@@ -680,12 +680,32 @@ def ncu_subject(name: str, calls: int = 2) -> None:
     _profiled(calls_of, calls)
 
 
+def ncu_gemv_config() -> tuple[int, ...] | None:
+    """$TPSERVE_NCU_GEMV_CONFIG, a GEMV config written as a tuple (an engine's pick, as
+    its `gemv_report` or a b1 row's "picks" names it), for the "gemv_ROLE" ncu subjects;
+    None where unset. PERF.md's ncu at f4c7ca0: the subject's own timing picked a
+    128-program config for down (43 us under ncu) where the engine runs (4, 2048, 4, 3,
+    96, 1) (19.4 us a call in the step)."""
+    import ast
+
+    from replicas import kernels
+
+    text = os.environ.get("TPSERVE_NCU_GEMV_CONFIG", "").strip()
+    if not text:
+        return None
+    config = ast.literal_eval(text)
+    if not isinstance(config, tuple) or config not in kernels.gemv_configs(True, True):
+        raise ValueError(f"TPSERVE_NCU_GEMV_CONFIG={text!r}: not one of the FP8 GEMV "
+                         "configs (kernels.gemv_configs(fp8=True, trials=True))")
+    return config
+
+
 def _fp8_gemv_call(role: str, gen: torch.Generator) -> Callable[[], Any]:
     """GLM-4-9B's batch-1 GEMV of `role` (GEMV_SHAPES) on random FP8 weights, in the kind
-    the engine calls it with FP8 weights (`mlp_gemv_kinds`; the FP8 LM head plain) and the
-    fastest config `pick_gemv` times for it, as a call without arguments: even where the
-    FP8 matmul comes within pick_gemv's margin here (down did on an H100, PERF.md v0.96,
-    while the engine picked a GEMV for it)."""
+    the engine calls it with FP8 weights (`mlp_gemv_kinds`; the FP8 LM head plain) and
+    `ncu_gemv_config()` where given, else the fastest config `pick_gemv` times for it, as
+    a call without arguments: even where the FP8 matmul comes within pick_gemv's margin
+    here (down did on an H100, PERF.md v0.96, while the engine picked a GEMV for it)."""
     from replicas import kernels
     from replicas.fp8 import quantize_rows
     from replicas.kernels.gemv import gemv_of_kind
@@ -698,8 +718,10 @@ def _fp8_gemv_call(role: str, gen: torch.Generator) -> Callable[[], Any]:
         return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=gen)
 
     bias = make(n) if has_bias else None
-    config, _ = kernels.pick_gemv(w8, bias, kind, margin=math.inf, scale=scale,
-                                  dtype=torch.bfloat16)
+    config = ncu_gemv_config()
+    if config is None:
+        config, _ = kernels.pick_gemv(w8, bias, kind, margin=math.inf, scale=scale,
+                                      dtype=torch.bfloat16)
     assert config is not None  # (with no margin the fastest GEMV config)
     x = make(1, 2 * k if kind == "gated" else k)
     return functools.partial(gemv_of_kind, kind, x, make(1, k), make(k), w8, bias, config,

@@ -885,6 +885,23 @@ def test_ncu_subjects_name_each_gemv_role_and_a_read_of_its_bytes() -> None:
             ncu_subject(bad)
 
 
+def test_ncu_gemv_config_is_an_engines_pick_or_refused(monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    """$TPSERVE_NCU_GEMV_CONFIG: unset, the gemv subjects time their own pick (None);
+    set, a GEMV config as an engine reports it, which must be one of the FP8 configs (a
+    typo fails before any GPU work)."""
+    from replicas.bench import ncu_gemv_config
+
+    monkeypatch.delenv("TPSERVE_NCU_GEMV_CONFIG", raising=False)
+    assert ncu_gemv_config() is None
+    monkeypatch.setenv("TPSERVE_NCU_GEMV_CONFIG", "(4, 2048, 4, 3, 96, 1)")
+    assert ncu_gemv_config() == (4, 2048, 4, 3, 96, 1)
+    for bad in ("(4, 2048, 4, 3, 97, 1)", "[4, 2048, 4, 3, 96, 1]"):
+        monkeypatch.setenv("TPSERVE_NCU_GEMV_CONFIG", bad)
+        with pytest.raises(ValueError, match="not one of the FP8 GEMV configs"):
+            ncu_gemv_config()
+
+
 def test_lm_head_rows_probes_the_heads_shape_at_a_few_rows(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """bench.lm_head_rows: w8a16_probe on GLM-4-9B's LM head at 2 to 128 rows (or the
