@@ -843,11 +843,11 @@ def w8a8_fold_ab(rounds: int = 2, modes: tuple[str, ...] = ("fp8-w8a8",),
                 if picks:
                     fp8mm.W8A8_PICKS.clear()
                 fp8, run = _run_256_with(config, mode, switch, fold)
-                took = {"w8a8_picks": _w8a8_picks_taken()}
+                took = {"w8a8_picks": _w8a8_picks_taken()} if picks else {}
                 yield {"case": f"glm4-9b_{mode[3]}_256req_in128_out128_{label}_{fold}",
                        "unit": "tokens/s", "round": turn, label: fold == "1",
                        "cublaslt_workspace_kib": os.environ.get("CUBLASLT_WORKSPACE_SIZE"),
-                       **run, **fp8, **(took if picks else {})}
+                       **run, **fp8, **took}
 
 
 def w8a8_slices_ab(rounds: int = 1, modes: tuple[str, ...] = ("fp8-w8a8-keepqkv_int8kv",)
@@ -875,11 +875,8 @@ def dequant_rows_ab(rounds: int = 2, limits: tuple[int, ...] = (160, 257),
     for turn in range(rounds):
         for mode in chosen:
             for limit in _turn_order(limits, turn):
-                settings = _fp8_settings(mode)
-                with mock.patch.object(fp8, "DEQUANT_ROWS", limit), Engine(
-                        dataclasses.replace(config, **settings)) as engine:
-                    run = _run_256(engine, 1)
-                torch.cuda.empty_cache()
+                settings, run = _run_256_in(config, mode,
+                                            mock.patch.object(fp8, "DEQUANT_ROWS", limit))
                 yield {"case": f"glm4-9b_{mode[3]}_256req_in128_out128_dequant_rows_{limit}",
                        "unit": "tokens/s", "round": turn, "dequant_rows": limit, **run,
                        **settings}
@@ -905,11 +902,17 @@ def _mode_settings(name: str) -> dict[str, str]:
 
 def _run_256_with(config: EngineConfig, mode: tuple[str, str, dict[str, str], str],
                   name: str, value: str) -> tuple[dict[str, str], dict[str, Any]]:
-    """(the mode's settings, `_run_256` of an engine of `config` in that FP8 mode) with
-    $name set to `value` while the engine lives (an A/B's one run); the GPU's cache
-    emptied after."""
+    """`_run_256_in` with $name set to `value` while the engine lives."""
+    return _run_256_in(config, mode, _env(name, value))
+
+
+def _run_256_in(config: EngineConfig, mode: tuple[str, str, dict[str, str], str],
+                context: contextlib.AbstractContextManager[Any]
+                ) -> tuple[dict[str, str], dict[str, Any]]:
+    """(the mode's settings, `_run_256` of an engine of `config` in that FP8 mode) inside
+    `context` while the engine lives (an A/B's one run); the GPU's cache emptied after."""
     fp8 = _fp8_settings(mode)
-    with _env(name, value), Engine(dataclasses.replace(config, **fp8)) as engine:
+    with context, Engine(dataclasses.replace(config, **fp8)) as engine:
         run = _run_256(engine, 1)
     torch.cuda.empty_cache()
     return fp8, run
@@ -1179,20 +1182,21 @@ W8A16_SPLIT_WIDE_TRIALS = tuple((*base, split) for base in (
 W8A16_SPLIT_WIDE_ROWS = (128, 256)
 
 
-def w8a16_split_probe(rows: tuple[int, ...] = W8A16_SPLIT_ROWS,
-                      trials: tuple[tuple[int, ...], ...] = W8A16_SPLIT_TRIALS,
-                      wide: bool = True) -> Iterator[dict[str, Any]]:
+def w8a16_split_probe() -> Iterator[dict[str, Any]]:
     """PERF.md v0.98, the kernel alone: `w8a16_probe` on GLM-4-9B's four layer shapes at
-    `rows` over `trials`, then (`wide`) at W8A16_SPLIT_WIDE_ROWS over
+    W8A16_SPLIT_ROWS over W8A16_SPLIT_TRIALS, then at W8A16_SPLIT_WIDE_ROWS over
     W8A16_SPLIT_WIDE_TRIALS; each row also names the slices w8a16_split chose for the
     split-0 configs ("auto_split")."""
+    yield from _w8a16_split_rows(W8A16_SPLIT_ROWS, W8A16_SPLIT_TRIALS)
+    yield from _w8a16_split_rows(W8A16_SPLIT_WIDE_ROWS, W8A16_SPLIT_WIDE_TRIALS)
+
+
+def _w8a16_split_rows(rows: tuple[int, ...], trials: tuple[tuple[int, ...], ...]
+                      ) -> Iterator[dict[str, Any]]:
+    """w8a16_split_probe's rows at `rows` over `trials`."""
     from replicas.kernels.fp8mm import _sms, w8a16_parts, w8a16_split
     from replicas.kernels.gemv import _cycled_us
 
-    if wide:
-        yield from w8a16_split_probe(rows, trials, False)
-        yield from w8a16_split_probe(W8A16_SPLIT_WIDE_ROWS, W8A16_SPLIT_WIDE_TRIALS, False)
-        return
     sms = _sms(torch.device("cuda"))
     for row in w8a16_probe(W8A16_PROBE_SHAPES, rows, "cuda", _cycled_us, copy_bandwidth(),
                            configs=trials):
@@ -1211,7 +1215,6 @@ def w8a16_split_ab(batches: tuple[int, ...] = (*W8A16_SPLIT_ROWS, 128), tokens: 
     before them (K whole in each program, the swapped (64, 64, 128) from 17 rows on every
     weight: "w8a16_split1") and as the kernels choose now (K in w8a16_split's slices,
     W8A16_PICKS, W8A16_WIDE_PICKS: "w8a16_split0")."""
-    import contextlib
     from unittest import mock
 
     from replicas.kernels import fp8mm
