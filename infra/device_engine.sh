@@ -36,6 +36,8 @@
 #                                                # to 64, and its accuracy so (v0.96)
 #   SPLIT_S=200 ...                              # and the weight-only matmul with K in
 #                                                # slices (PERF v0.98), alone and in the step
+#   BYK_S=200 ...                                # and FP8 decode at 96-152 sequences with
+#                                                # the configs past 64 rows by K (v1.01)
 #   DEQUANT_S=330 ...                            # and weight-only FP8 at 256 requests with
 #                                                # a 256-row step widening or not (v1.00)
 #   SLICES_S=200 ...                             # and W8A8's per-token tiles in slices
@@ -188,6 +190,10 @@ if [ "${SPLIT_S:-0}" != 0 ]; then  # PERF v0.98: the weight-only FP8 matmul with
   # v0.98 and now (v0.98, v1.00; ~60 s an engine, 2)
   bench_rows "$SPLIT_S" w8a16_split_probe | rows w8a16_split_h200.jsonl w8a16_split_h200.jsonl
   bench_rows "$SPLIT_S" w8a16_split_ab | rows w8a16_split_ab_h200.jsonl w8a16_split_ab_h200.jsonl
+fi
+if [ "${BYK_S:-0}" != 0 ]; then  # PERF v1.01: FP8 decode at 96, 128 and 152 sequences
+  # with the narrower weights' configs past 64 rows as in v1.00 and by K (~60 s an engine, 2)
+  bench_rows "$BYK_S" w8a16_by_k_ab | rows w8a16_by_k_ab_h200.jsonl w8a16_by_k_ab_h200.jsonl
 fi
 if [ "${DEQUANT_S:-0}" != 0 ]; then  # PERF v1.00's next: weight-only FP8 at 256 requests
   # with a 256-row step widening its weights for cuBLAS (DEQUANT_ROWS 160) and in the batch

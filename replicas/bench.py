@@ -1220,10 +1220,30 @@ def w8a16_split_ab(batches: tuple[int, ...] = (*W8A16_SPLIT_ROWS, 128), tokens: 
     from replicas.kernels import fp8mm
 
     before = mock.patch.multiple(fp8mm, W8A16_SPLIT=1, W8A16_WIDE_N=1 << 62,
+                                 W8A16_LONG_K=1 << 62,
+                                 W8A16_SHORT_K_MANY_ROWS=fp8mm.W8A16_MANY_ROWS,
                                  W8A16_PICKS=((16, (16, 32, 128, 4, 4, False)),))
     yield from _fp8_batch_arms(
         {"w8a16_split1": (before, {"w8a16_split": 1}),
          "w8a16_split0": (contextlib.nullcontext(), {"w8a16_split": fp8mm.W8A16_SPLIT})},
+        batches, tokens, repeats)
+
+
+def w8a16_by_k_ab(batches: tuple[int, ...] = (96, 128, 152), tokens: int = 64,
+                  repeats: int = 3) -> Iterator[dict[str, Any]]:
+    """PERF.md v1.01 in the step (`_fp8_batch_arms`), past 64 rows and below
+    fp8.DEQUANT_ROWS: the narrower weights in W8A16_MANY_ROWS as v1.00 had them
+    ("w8a16_by_k0") and by K as now (W8A16_LONG_K_PICKS, W8A16_SHORT_K_MANY_ROWS:
+    "w8a16_by_k1")."""
+    from unittest import mock
+
+    from replicas.kernels import fp8mm
+
+    before = mock.patch.multiple(fp8mm, W8A16_LONG_K=1 << 62,
+                                 W8A16_SHORT_K_MANY_ROWS=fp8mm.W8A16_MANY_ROWS)
+    yield from _fp8_batch_arms(
+        {"w8a16_by_k0": (before, {"w8a16_by_k": 0}),
+         "w8a16_by_k1": (contextlib.nullcontext(), {"w8a16_by_k": 1})},
         batches, tokens, repeats)
 
 
@@ -1749,7 +1769,7 @@ def w8a16_probe(shapes: dict[str, tuple[int, int]], batch_rows: tuple[int, ...],
                      # what fp8_linear does from DEQUANT_ROWS rows: the crossover
                      "widen+cublas": timer(lambda c, x=x, s=scale: F.linear(
                          x, widen_fp8(c, s, dtype)), copies8)}
-            default = w8a16_config(m, n=n)  # (the engine's, for this weight)
+            default = w8a16_config(m, n=n, k=k)  # (the engine's, for this weight)
             tried = dict.fromkeys((default, *(W8A16_CONFIGS if configs is None else configs)))
             failed = {}
             for config in tried:

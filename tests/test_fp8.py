@@ -117,6 +117,18 @@ def test_w8a16_default_is_the_measured_pick_for_its_rows() -> None:
     assert w8a16_config(129, n=27392) == w8a16_config(4096, n=27392) == (
         256, 128, 64, 8, 3, True, 1)
     assert w8a16_config(128, W8A16_HEAD_PICKS) == W8A16_MANY_ROWS  # (the head: n unsaid)
+    # the narrower weights past 64 rows by K (an H100's probe, PERF.md v1.01): down's long
+    # K in wide tiles in the rule's slices, qkv's and o's short K whole; gate_up's width
+    # decides first; up to 64 rows K changes nothing
+    assert w8a16_config(65, n=4096, k=13696) == w8a16_config(128, n=4096, k=8192) == (
+        128, 128, 64, 8, 3, True, 0)
+    assert w8a16_config(129, n=4096, k=13696) == (256, 128, 64, 8, 3, True, 0)
+    assert w8a16_config(65, n=4608, k=4096) == w8a16_config(256, n=4096, k=8191) == (
+        64, 64, 128, 4, 4, True, 1)
+    assert w8a16_config(256, n=27392, k=4096) == (256, 128, 64, 8, 3, True, 1)
+    assert w8a16_config(64, n=4096, k=13696) == w8a16_config(64, n=4096, k=4096) == (
+        W8A16_MANY_ROWS)
+    assert w8a16_config(16, n=4096, k=13696) == (16, 32, 128, 4, 4, False)
     # the FP8 LM head's (an H100's lm_head_rows, PERF.md v0.96-v0.97)
     assert w8a16_config(2, W8A16_HEAD_PICKS) == (16, 64, 128, 4, 4, False)
     assert w8a16_config(32, W8A16_HEAD_PICKS) == (32, 64, 128, 4, 4, False)

@@ -274,20 +274,35 @@ W8A16_HEAD_PICKS: tuple[tuple[int, W8A16Config], ...] = (
 W8A16_WIDE_N = 16384
 W8A16_WIDE_PICKS: tuple[tuple[int, W8A16Config], ...] = (
     (128, (128, 128, 64, 8, 3, True, 1)), (1 << 30, (256, 128, 64, 8, 3, True, 1)))
+# and the narrower ones past 64 rows by K (PERF.md v1.01; an H100's probe at 5791d5b,
+# results/w8a16_split_h100.jsonl): a K this long (down's 13,696) in wide tiles in slices,
+# at 128 rows (128, 128, 64) 63.7 us against W8A16_MANY_ROWS' 67.7, at 256 (256, 128,
+# 64) 91.5 against 128.8; a shorter K (qkv's and o's 4,096) whole in W8A16_MANY_ROWS'
+# tiles, o 22.7 against 26.3 us at 128 rows and 33.6 against 48.6 at 256, qkv 34.1
+# against 35.1 and 55.8 against 55.8 (the rule's 4 slices lose there)
+W8A16_LONG_K = 8192
+W8A16_LONG_K_PICKS: tuple[tuple[int, W8A16Config], ...] = (
+    (128, (128, 128, 64, 8, 3, True, 0)), (1 << 30, (256, 128, 64, 8, 3, True, 0)))
+W8A16_SHORT_K_MANY_ROWS: W8A16Config = (64, 64, 128, 4, 4, True, 1)
 
 
 def w8a16_config(m: int, picks: tuple[tuple[int, W8A16Config], ...] | None = None,
-                 n: int = 0) -> W8A16Config:
-    """The default config for `m` rows of x times a weight of `n` rows (0: not said): the
-    first of `picks` (rows, config; where None, W8A16_PICKS as it is at the call) whose
-    rows hold m; else, for n of at least W8A16_WIDE_N and m past 64,
-    W8A16_WIDE_PICKS'; else W8A16_MANY_ROWS."""
+                 n: int = 0, k: int = 0) -> W8A16Config:
+    """The default config for `m` rows of x times a weight of `n` rows and `k` columns (0:
+    not said): the first of `picks` (rows, config; where None, W8A16_PICKS as it is at
+    the call) whose rows hold m; else, past 64 rows, for n of at least W8A16_WIDE_N
+    W8A16_WIDE_PICKS', for k of at least W8A16_LONG_K W8A16_LONG_K_PICKS', for a
+    shorter k W8A16_SHORT_K_MANY_ROWS; else W8A16_MANY_ROWS."""
     picked = next((config for rows, config in (W8A16_PICKS if picks is None else picks)
                    if m <= rows), None)
     if picked is not None:
         return picked
-    if n >= W8A16_WIDE_N and m > 64:
+    if m > 64 and n >= W8A16_WIDE_N:
         return next(config for rows, config in W8A16_WIDE_PICKS if m <= rows)
+    if m > 64 and k >= W8A16_LONG_K:
+        return next(config for rows, config in W8A16_LONG_K_PICKS if m <= rows)
+    if m > 64 and k:
+        return W8A16_SHORT_K_MANY_ROWS
     return W8A16_MANY_ROWS
 
 
@@ -371,7 +386,7 @@ def w8a16(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
     x = x if x.stride(1) == 1 else x.contiguous()
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_m, block_n, block_k, warps, stages, swap, split = w8a16_parts(
-        config or w8a16_config(m, n=n))
+        config or w8a16_config(m, n=n, k=k))
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     split, partial, counts = _slices(split, grid, triton.cdiv(k, block_k), x, n, scale)
     _w8a16_kernel[(*(grid[::-1] if swap else grid), split)](
