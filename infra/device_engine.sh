@@ -243,7 +243,8 @@ for row in decode_gaps((sys.argv[1],)):
   done
 fi
 if [ "${NCU_S:-0}" != 0 ]; then  # hardware counters of a decode step's kernels (v0.82's next;
-  # TPSERVE_NCU_GEMV_CONFIG="(4, 2048, 4, 3, 96, 1)": the gemv_ROLE subjects in an engine's pick)
+  # TPSERVE_NCU_GEMV_CONFIG="(4, 2048, 4, 3, 96, 1)": the gemv_ROLE subjects in an engine's pick;
+  # NCU_SUBJECTS=w8a16_gate_up: the weight-only batch kernel at 256 rows beside cuBLAS)
   ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)
   for subject in ${NCU_SUBJECTS:-attention swiglu_quant gate_up_mm gemv}; do
     regex=$(python3 -c "from replicas.bench import NCU_SUBJECTS; print(NCU_SUBJECTS['$subject'])")

@@ -621,6 +621,7 @@ def gpu_gaps(prof: Any, least_us: float = 2.0, top: int = 10) -> dict[str, Any]:
 GEMV_ROLES = ("qkv", "o", "gate_up", "down", "lm_head")
 NCU_SUBJECTS = {"attention": "_decode_kernel", "swiglu_quant": "_silu_mul_quant_kernel",
                 "gate_up_mm": "nvjet|gemm", "gemv": "_gemv",
+                "w8a16_gate_up": "_w8a16_kernel|nvjet|gemm",
                 **{f"gemv_{role}": "_gemv_kernel" for role in GEMV_ROLES},
                 **{f"read_{role}": "_read_kernel" for role in GEMV_ROLES}}
 
@@ -633,8 +634,11 @@ def ncu_subject(name: str, calls: int = 2) -> None:
     "attention" (256 sequences x 192 keys, the e4m3 cache, the engine's tile and splits),
     "swiglu_quant" (SwiGLU + the per-token quantization of 256 x 27,392), "gate_up_mm"
     (gate_up's `_scaled_mm` at 256 rows, `calls` times without fast accumulation, then
-    `calls` times with it); "gemv_ROLE" (ROLE of GEMV_ROLES: GLM-4-9B's FP8 GEMV at batch 1
-    in the kind the engine runs it, `_fp8_gemv_call`; "gemv" is o_proj's) and "read_ROLE"
+    `calls` times with it); "w8a16_gate_up" (gate_up's weight-only FP8 batch kernel at 256
+    rows in the engine's config, then the 16-bit matmul on the same weight widened: why
+    the kernel is 1.44x cuBLAS there, PERF.md's outcomes at 5791d5b); "gemv_ROLE" (ROLE
+    of GEMV_ROLES: GLM-4-9B's FP8 GEMV at batch 1 in the kind the engine runs it,
+    `_fp8_gemv_call`; "gemv" is o_proj's) and "read_ROLE"
     (its weight's bytes read by `kernels.stream`'s fastest config, as `read_floor` times
     them)."""
     from replicas import kernels
@@ -671,6 +675,11 @@ def ncu_subject(name: str, calls: int = 2) -> None:
     if name == "swiglu_quant":
         x = torch.randn(256, 27392, device="cuda", dtype=torch.bfloat16, generator=gen)
         calls_of = functools.partial(kernels.silu_mul_quantize_fp8, x)
+    elif name == "w8a16_gate_up":
+        w8, scale = quantize_rows(torch.randn(27392, 4096, device="cuda", generator=gen) * 0.02)
+        x = torch.randn(256, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
+        calls_of = functools.partial(_w8a16_and_widened, x, w8, scale,
+                                     kernels.widen_fp8(w8, scale, x.dtype))
     else:  # gate_up_mm
         w8, scale = quantize_rows(torch.randn(27392, 4096, device="cuda", generator=gen) * 0.02)
         x8, xs = kernels.quantize_tokens_fp8(torch.randn(
@@ -678,6 +687,16 @@ def ncu_subject(name: str, calls: int = 2) -> None:
         calls_of = functools.partial(_scaled_mm_both, x8, xs, w8, scale)
     calls_of()
     _profiled(calls_of, calls)
+
+
+def _w8a16_and_widened(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
+                       w16: torch.Tensor) -> None:
+    """The "w8a16_gate_up" ncu subject's call: x @ (w8 * scale)^T by the weight-only
+    batch kernel in its default config, then by cuBLAS on the widened weight `w16`."""
+    from replicas import kernels
+
+    kernels.w8a16(x, w8, scale)
+    torch.nn.functional.linear(x, w16)
 
 
 def ncu_gemv_config() -> tuple[int, ...] | None:

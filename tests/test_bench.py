@@ -880,6 +880,9 @@ def test_ncu_subjects_name_each_gemv_role_and_a_read_of_its_bytes() -> None:
     for role in GEMV_ROLES:
         assert re.search(NCU_SUBJECTS[f"gemv_{role}"], "_gemv_kernel")
         assert re.search(NCU_SUBJECTS[f"read_{role}"], "_read_kernel")
+    # the weight-only batch kernel at 256 rows beside cuBLAS's 16-bit matmul, one profile
+    assert all(re.search(NCU_SUBJECTS["w8a16_gate_up"], kernel) for kernel in (
+        "_w8a16_kernel", "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT"))
     for bad in ("gemv_mlp", "read", "attn"):
         with pytest.raises(ValueError, match="unknown ncu subject"):
             ncu_subject(bad)

@@ -608,7 +608,8 @@ def test_w8a8_per_token_on_gpu_and_its_picks(monkeypatch: pytest.MonkeyPatch) ->
     assert len(called) == 1
 
 
-@pytest.mark.parametrize("subject", ["attention", "swiglu_quant", "gate_up_mm", "gemv",
+@pytest.mark.parametrize("subject", ["attention", "swiglu_quant", "gate_up_mm",
+                                     "w8a16_gate_up", "gemv",
                                      "gemv_qkv", "gemv_gate_up", "gemv_lm_head", "read_down"])
 def test_ncu_subjects_run_their_kernel_on_gpu(subject: str) -> None:
     """bench.ncu_subject (what NCU_S profiles) runs each subject's kernel without ncu
