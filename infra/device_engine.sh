@@ -36,6 +36,8 @@
 #                                                # to 64, and its accuracy so (v0.96)
 #   SPLIT_S=200 ...                              # and the weight-only matmul with K in
 #                                                # slices (PERF v0.98), alone and in the step
+#   TWO_S=300 ...                                # and weight-only FP8 with x in two FP8
+#                                                # terms (v1.02): probe, tests, in the step
 #   BYK_S=200 ...                                # and FP8 decode at 96-152 sequences with
 #                                                # the configs past 64 rows by K (v1.01)
 #   DEQUANT_S=330 ...                            # and weight-only FP8 at 256 requests with
@@ -190,6 +192,16 @@ if [ "${SPLIT_S:-0}" != 0 ]; then  # PERF v0.98: the weight-only FP8 matmul with
   # v0.98 and now (v0.98, v1.00; ~60 s an engine, 2)
   bench_rows "$SPLIT_S" w8a16_split_probe | rows w8a16_split_h200.jsonl w8a16_split_h200.jsonl
   bench_rows "$SPLIT_S" w8a16_split_ab | rows w8a16_split_ab_h200.jsonl w8a16_split_ab_h200.jsonl
+fi
+if [ "${TWO_S:-0}" != 0 ]; then  # PERF v1.02: weight-only FP8 with x in two FP8 terms: the
+  # products alone at 32-256 rows (~1 min), their GPU tests (the kernel against PyTorch,
+  # graphs; the trained model's top-1 with two terms), then FP8 decode at 64 and 128
+  # sequences and weight-only FP8 at 256 requests with them off and from 64 rows
+  # (~60-70 s an engine, 6)
+  bench_rows "$TWO_S" two_terms_probe | rows two_terms_h200.jsonl two_terms_h200.jsonl
+  timeout -s KILL "$TWO_S" python3 -m pytest -q tests/test_gpu.py \
+    -k "two_fp8_terms or two-terms" -p no:cacheprovider 2>&1 | tail -5 | tee "$out/two_terms_tests.log"
+  bench_rows "$TWO_S" two_terms_ab | rows two_terms_ab_h200.jsonl two_terms_ab_h200.jsonl
 fi
 if [ "${BYK_S:-0}" != 0 ]; then  # PERF v1.01: FP8 decode at 96, 128 and 152 sequences
   # with the narrower weights' configs past 64 rows as in v1.00 and by K (~60 s an engine, 2)

@@ -20,6 +20,7 @@ on any rounding (the multigpu suite's 2-layer GLM-4-9B-wide one with initializer
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-gemv-kernels", action="store_true",
                         help="the changed engine with gemv_kernels=False (W8A8: cuBLAS's "
                         "_scaled_mm at every row count, no Triton picks)")
+    parser.add_argument("--fp8-two-terms", type=int,
+                        help="weight-only FP8 layers from this many rows take x in two FP8 "
+                        "terms (fp8.TWO_TERM_ROWS, $TPSERVE_FP8_TWO_TERMS; 0: never)")
     parser.add_argument("--seed", type=int, default=0,
                         help="the trained checkpoint's seed (without --model)")
     parser.add_argument("--steps", type=int, default=TRAIN_STEPS,
@@ -171,7 +175,13 @@ def main(argv: list[str] | None = None) -> int:
                                     ("w8a8_weight_only", args.w8a8_weight_only)) if v},
                **({} if args.fp8_lm_head is None else {"fp8_lm_head": args.fp8_lm_head}),
                **({"gemv_kernels": False} if args.no_gemv_kernels else {})}
+    if args.fp8_two_terms is not None:  # (read at each weight-only call, this process's)
+        os.environ["TPSERVE_FP8_TWO_TERMS"] = str(args.fp8_two_terms)
     row = measure(base, changes, prompts)
+    from replicas.fp8 import two_term_rows
+
+    if two_term_rows():
+        row["fp8_two_terms"] = two_term_rows()
     name = args.model or (TRAINED_VERSION if (args.seed, args.steps) == (0, TRAIN_STEPS)
                           else f"{TRAINED_VERSION} seed {args.seed}, {args.steps} steps")
     if args.quantization == "fp8-w8a8":  # an A/B switch read at each call (PERF.md v0.82)

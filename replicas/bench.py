@@ -901,6 +901,82 @@ def dequant_rows_ab(rounds: int = 2, limits: tuple[int, ...] = (160, 257),
                        **settings}
 
 
+# PERF.md v1.02: weight-only FP8 with x in two FP8 terms, at the rows where the batch
+# kernel is bound by the tensor cores (128-256) and below
+TWO_TERM_PROBE_ROWS = (32, 64, 128, 256)
+
+
+def two_terms_probe(rows: tuple[int, ...] = TWO_TERM_PROBE_ROWS) -> Iterator[dict[str, Any]]:
+    """PERF.md v1.02, the products alone (`_cycled_us`, cold weights, a CUDA graph): on
+    GLM-4-9B's four layer shapes at `rows` rows, us of weight-only `fp8_linear` as it
+    runs now (the batch kernel below DEQUANT_ROWS, widening then cuBLAS from it), of
+    x's two FP8 terms (the kernel, `_scaled_mm` on twice the rows, the add:
+    `fp8_linear` with TWO_TERM_ROWS 1), of the batch kernel alone and of bf16 cuBLAS on
+    the widened weight; and each product's largest error against the float64 product of
+    x and the FP8 weight, over that product's largest value."""
+    from unittest import mock
+
+    from replicas import fp8
+    from replicas.kernels.gemv import _cycled_us
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for name, (n, k) in W8A16_PROBE_SHAPES.items():
+        w8, scale, dense, copies8, copies16 = _probe_weights(n, k, "cuda", torch.bfloat16,
+                                                             gen)
+        for m in rows:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+            exact = x.double() @ (w8.double() * scale.double()[:, None]).T
+            top = float(exact.abs().max())
+            times, errors = {}, {}
+            for arm, least in (("now", 0), ("two_terms", 1)):
+                with mock.patch.object(fp8, "TWO_TERM_ROWS", least):
+                    times[arm] = _cycled_us(
+                        lambda c, x=x, s=scale: fp8.fp8_linear(x, c, s), copies8)
+                    got = fp8.fp8_linear(x, w8, scale)
+                errors[arm] = round(float((got.double() - exact).abs().max()) / top, 6)
+            times["w8a16_kernel"] = _cycled_us(
+                lambda c, x=x, s=scale: kernels_w8a16(x, c, s), copies8)
+            times["bf16_cublas"] = _cycled_us(
+                lambda c, x=x: torch.nn.functional.linear(x, c), copies16)
+            errors["bf16_cublas"] = round(float((torch.nn.functional.linear(x, dense).double()
+                                                 - exact).abs().max()) / top, 6)
+            yield {"case": f"two_terms_{name}_m{m}", "unit": "us", "n": n, "k": k, "rows": m,
+                   "ours": round(times["two_terms"], 2),
+                   "times_us": {a: round(t, 2) for a, t in times.items()},
+                   "max_error_over_max": errors, "dequant_rows": fp8.DEQUANT_ROWS}
+
+
+def kernels_w8a16(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The weight-only batch kernel in its default config (two_terms_probe's arm)."""
+    from replicas import kernels
+
+    return kernels.w8a16(x, w8, scale)
+
+
+def two_terms_ab(rounds: int = 2, least: int = 64, batches: tuple[int, ...] = (64, 128),
+                 tokens: int = 64, repeats: int = 3) -> Iterator[dict[str, Any]]:
+    """PERF.md v1.02 in the engine, one process: FP8 decode (weight-only, e4m3 cache, the
+    FP8 head) at `batches` sequences with TWO_TERM_ROWS 0 and `least` (`_fp8_batch_arms`);
+    then weight-only FP8 at 256 requests (the 256 x 128/128 run, prompts cached and not)
+    with TWO_TERM_ROWS 0 and `least`, `rounds` times, the order reversed every other
+    round; an engine each."""
+    from unittest import mock
+
+    from replicas import fp8
+
+    yield from _fp8_batch_arms(
+        {f"two_terms{t}": (mock.patch.object(fp8, "TWO_TERM_ROWS", t), {"two_terms": t})
+         for t in (0, least)}, batches, tokens, repeats)
+    config = _glm_config()
+    mode = next(m for m in FP8_MODES if m[3] == "fp8")
+    for turn in range(rounds):
+        for t in _turn_order((0, least), turn):
+            settings, run = _run_256_in(config, mode,
+                                        mock.patch.object(fp8, "TWO_TERM_ROWS", t))
+            yield {"case": f"glm4-9b_fp8_256req_in128_out128_two_terms{t}",
+                   "unit": "tokens/s", "round": turn, "two_terms": t, **run, **settings}
+
+
 def _fp8_settings(mode: tuple[str, str, dict[str, str], str]) -> dict[str, str]:
     """An FP8_MODES entry's engine settings: quantization, KV cache, its options."""
     quantization, kv, options, _ = mode

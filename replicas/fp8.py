@@ -53,6 +53,7 @@ Contract:
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -120,6 +121,68 @@ def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x8, scale[:, None]
 
 
+def quantize_two_terms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [tokens, in] -> (x8 [2 * tokens, in] FP8, scales [2 * tokens, 1] float32): rows
+    0..tokens-1 x quantized per token (quantize_tokens); rows tokens.. the residual of
+    that rounding, x - x8 * scale (in float64, exact, then rounded once to float32, as a
+    GPU's fma rounds it), quantized per token the same way. The two terms together keep
+    ~7 of x's bits where one keeps 3 (weight-only FP8 on FP8 tensor cores, TWO_TERM_ROWS)."""
+    hi8, hi_scale = quantize_tokens(x)
+    rest = (x.double() - hi8.double() * hi_scale.double()).float()
+    lo8, lo_scale = quantize_tokens(rest)
+    return torch.cat([hi8, lo8]), torch.cat([hi_scale, lo_scale])
+
+
+# weight-only layers, from this many rows of x (0: never; $TPSERVE_FP8_TWO_TERMS at each
+# call where set): x in two FP8 terms a token (quantize_two_terms), both through one FP8
+# tensor-core matmul of twice the rows (`w8a8_tokens`: cuBLAS's `_scaled_mm` past the
+# W8A8 picks' rows), the two products added in x's dtype. From ~128 rows the FP8 weight's
+# widened product is bound by the tensor cores, slower than bf16 cuBLAS (PERF.md at
+# 5791d5b): two FP8 terms cost what one 16-bit product does in tensor-core time and read
+# the weight once, in FP8. Top-1 agreement on the trained checkpoint (CPU, bfloat16, the
+# terms from the first row): 98.97 / 98.68 / 98.54 % on seeds 0, 1, 3 against weight-only's
+# 98.93 / 98.63 / 98.19 (W8A8's one term: 97.41 on seed 0). Not yet timed on a GPU: off
+# (PERF.md v1.02)
+TWO_TERM_ROWS = 0
+
+
+def two_term_rows() -> int:
+    """TWO_TERM_ROWS, or $TPSERVE_FP8_TWO_TERMS (rows, 0: never) where set."""
+    text = os.environ.get("TPSERVE_FP8_TWO_TERMS", "").strip()
+    if not text:
+        return TWO_TERM_ROWS
+    if not text.isdigit():
+        raise ValueError(f"TPSERVE_FP8_TWO_TERMS={text!r}: a number of rows (0: never)")
+    return int(text)
+
+
+def _two_terms(rows: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether a weight-only product of `rows` takes two FP8 terms (TWO_TERM_ROWS): 16-bit
+    x, from that many rows, and the shapes FP8 tensor cores take (in and out multiples of
+    16), on the Triton path and off it alike (the same rounding either way)."""
+    least = two_term_rows()
+    return (0 < least <= rows.shape[0] and rows.dtype in (torch.bfloat16, torch.float16)
+            and not (w8.shape[0] % 16 or w8.shape[1] % 16))
+
+
+def _two_term_linear(rows: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    """rows @ (w8 * scale)^T (+ bias) in rows' dtype from rows' two FP8 terms: one
+    matmul of their 2M rows, each product rounded to that dtype, the two added (then
+    the bias)."""
+    from replicas import kernels
+
+    m = rows.shape[0]
+    if kernels.enabled(rows):
+        x8, x_scale = kernels.quantize_two_terms_fp8(rows)
+    else:
+        x8, x_scale = quantize_two_terms(rows)
+    both = w8a8_tokens(x8, x_scale, w8, scale, None, rows.dtype)
+    assert isinstance(both, torch.Tensor)
+    y = both[:m] + both[m:]
+    return y if bias is None else y + bias
+
+
 # weight-only: from this many rows, widen the weight and use cuBLAS. The H200's probe at
 # e08b4a2 (`--suite w8a16`, per GLM-4-9B layer): the batch kernel 268 µs at 128 rows
 # (widening 306), 432 at 256 (widening 327); the lines cross near 160 (PERF.md v0.36)
@@ -127,16 +190,20 @@ DEQUANT_ROWS = 160
 
 
 def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
-               bias: torch.Tensor | None = None, w8a8: int = 0) -> torch.Tensor:
+               bias: torch.Tensor | None = None, w8a8: int = 0, two_terms: bool = True
+               ) -> torch.Tensor:
     """x @ (w8 * scale)^T (+ bias) in x's dtype (see the module doc). `w8a8`: 0 (False)
     weight-only; 1 (True) x quantized with a scale per token; n > 1 with a scale per
-    token and run of n input columns."""
+    token and run of n input columns. `two_terms`: weight-only may take x in two FP8
+    terms (TWO_TERM_ROWS; False: never, as the FP8 LM head's batch kernel)."""
     from replicas import kernels
 
     lead, k = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, k)
     if not w8a8:
-        if kernels.enabled(x) and rows.shape[0] < DEQUANT_ROWS:
+        if two_terms and _two_terms(rows, w8, scale):
+            y = _two_term_linear(rows, w8, scale, bias)
+        elif kernels.enabled(x) and rows.shape[0] < DEQUANT_ROWS:
             y = kernels.w8a16(rows, w8, scale, bias)
         elif kernels.enabled(x) and x.dtype in (torch.bfloat16, torch.float16):
             y = F.linear(rows, kernels.widen_fp8(w8, scale, x.dtype), bias)

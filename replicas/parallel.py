@@ -634,7 +634,7 @@ class ParallelLMHead(nn.Module):
         if kernels.enabled(h):  # the FP8 batch kernel in the head's own configs
             config = kernels.w8a16_config(h.shape[0], kernels.W8A16_HEAD_PICKS)
             return kernels.w8a16(h, weight, scale, config=config).float()
-        return fp8_linear(h, weight, scale).float()
+        return fp8_linear(h, weight, scale, two_terms=False).float()
 
     def _rescored(self, h: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         """`local` with each row's C highest logits computed again from the 16-bit rows,

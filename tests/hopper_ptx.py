@@ -162,6 +162,9 @@ def main(mode: str) -> None:
                                                     "S": "*fp32"},
                      {"BLOCK_K": block, "ONE_PASS": block > quant.QUANT_BLOCK_K,
                       "PDL": True}, False) for block in (16384, quant.QUANT_BLOCK_K)]
+        # (two FP8 terms a row: GLM-4-9B's 4,096 and 13,696-wide inputs, PERF.md v1.02)
+        kernels += [(quant._quant_two_kernel, {"X": "*bf16", "Y": "*fp8e4nv", "S": "*fp32"},
+                     {"BLOCK_K": block, "PDL": True}, True) for block in (4096, 16384)]
         kernels += [(quant._widen_kernel, {"W": "*fp8e4nv", "S": "*bf16", "Y": "*bf16"},
                      {"BLOCK_N": quant.WIDEN_BLOCK[0], "BLOCK_K": quant.WIDEN_BLOCK[1],
                       "PDL": True}, False)]
@@ -196,6 +199,8 @@ def main(mode: str) -> None:
             code = ptx(jit, pointers, consts)
         if exact:  # it writes what PyTorch's reference writes, bit for bit
             assert not APPROXIMATE.search(code), f"{jit.fn.__name__} divides approximately"
+        if jit.fn.__name__ == "_quant_two_kernel":  # the residual in one rounding
+            assert re.search(r"\bfma\.rn\.f32\b", code), "the residual is not one fma"
         if consts.get("SPLIT", 1) > 1:  # K in slices: the count is an acquire-release
             # atomic after a barrier of the block; the last slice reads the others' sums
             # past L1 (ld.global.cg) and sets the count back

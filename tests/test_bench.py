@@ -961,3 +961,19 @@ def test_head_rows_ab_runs_an_engine_per_row_limit_and_compares_their_tokens(
     config = built[0][1]
     assert config.max_num_seqs == 3 and config.quantization == "fp8"
     assert config.fp8_lm_head == 16 and config.kv_cache_dtype == "fp8"
+
+
+def test_device_engine_steps_call_functions_the_bench_has() -> None:
+    """Each `bench_rows SECONDS NAME` step of infra/device_engine.sh names a function of
+    replicas.bench (a renamed one would fail on the device, after minutes of device
+    time), and each step's bound is a variable of its own."""
+    import re
+
+    from replicas import bench
+
+    script = (Path(__file__).parents[1] / "infra" / "device_engine.sh").read_text()
+    steps = re.findall(r'bench_rows "\$(\w+)" (\w+)', script)
+    assert len(steps) >= 13
+    for bound, name in steps:
+        assert callable(getattr(bench, name, None)), name
+        assert re.search(rf'"\${{{bound}:-0}}" != 0', script), bound

@@ -62,7 +62,12 @@ from replicas.kernels.gemv import (
     pick_gemv,
 )
 from replicas.kernels.norm import rms_norm, rms_norm_quantize_fp8
-from replicas.kernels.quant import quantize_tokens_fp8, silu_mul_quantize_fp8, widen_fp8
+from replicas.kernels.quant import (
+    quantize_tokens_fp8,
+    quantize_two_terms_fp8,
+    silu_mul_quantize_fp8,
+    widen_fp8,
+)
 from replicas.kernels.rope import rope_and_cache
 from replicas.kernels.tokens import ARGMAX_BLOCK, argmax_rows, feed_tokens, rescore_top
 
@@ -77,4 +82,5 @@ __all__ = [
     "rope_and_cache", "silu_and_mul", "silu_mul_quantize_fp8", "w8a8_config", "w8a8_groups",
     "RunSum", "W8A16_HEAD_PICKS", "w8a8_per_token", "w8a8_picked", "w8a16", "w8a16_config",
     "widen_fp8",
+    "quantize_two_terms_fp8",
 ]

@@ -9,6 +9,10 @@ One program a row: a row of up to ONE_PASS_MAX_K read once into registers, its m
 then divided and rounded (round to nearest even, as PyTorch's cast); a longer row's max
 over K in BLOCK_K steps, then the same steps again.
 
+`quantize_two_terms_fp8`: that quantization and its residual's, each row's two FP8
+terms with a scale each (weight-only FP8 on FP8 tensor cores, `replicas/fp8.py`'s
+TWO_TERM_ROWS): x [M, K] -> [2M, K], one pass a row.
+
 `silu_mul_quantize_fp8`: SwiGLU and that quantization in one pass, for a W8A8 down_proj:
 the 16-bit activation (an 8192-token prefill of GLM-4-9B: 224 MB a layer) is neither
 written nor read back; the row's gate_up is read twice, the second time from L2.
@@ -68,6 +72,27 @@ if triton is not None:
                 x = tl.load(X + row * sxm + k0 + rk, mask=ok, other=0.0).to(tl.float32)
                 _store_fp8(Y + row * sym, k0 + rk, ok, x, scale)
         tl.store(S + row, scale)
+
+    @triton.jit
+    def _quant_two_kernel(X, Y, S, m, k, sxm, sym, BLOCK_K: tl.constexpr,
+                          PDL: tl.constexpr):
+        """Program (row, one block): the row quantized as _quant_rows_kernel does into
+        row `row` of Y (scale S[row]), then its residual x - hi * scale (one fma: one
+        rounding in float32) quantized the same way into row m + row (S[m + row])."""
+        _pdl_enter(PDL)
+        row = tl.program_id(0).to(tl.int64)
+        rk = tl.arange(0, BLOCK_K)
+        ok = rk < k
+        x = tl.load(X + row * sxm + rk, mask=ok, other=0.0).to(tl.float32)
+        scale = _row_scale(tl.max(tl.abs(x), axis=0))
+        hi = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0).to(
+            Y.dtype.element_ty)
+        tl.store(Y + row * sym + rk, hi, mask=ok)
+        tl.store(S + row, scale)
+        rest = tl.math.fma(-hi.to(tl.float32), scale, x)
+        scale2 = _row_scale(tl.max(tl.abs(rest), axis=0))
+        _store_fp8(Y + (m + row) * sym, rk, ok, rest, scale2)
+        tl.store(S + m + row, scale2)
 
     @triton.jit
     def _row_scale(amax):
@@ -135,6 +160,27 @@ if triton is not None:
 def quantize_tokens_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (x8 [M, K] float8_e4m3fn, scale [M, 1] float32): see the module doc."""
     return _per_token(_quant_rows_kernel, x, x.shape[1])
+
+
+def quantize_two_terms_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (x8 [2M, K] float8_e4m3fn, scale [2M, 1] float32): rows 0..M-1 x
+    quantized per token (quantize_tokens_fp8's), rows M..2M-1 the residual of that
+    rounding quantized per token, bit for bit `replicas/fp8.py`'s `quantize_two_terms`;
+    one pass a row up to ONE_PASS_MAX_K columns, that reference (PyTorch) beyond."""
+    m, k = x.shape
+    if k > ONE_PASS_MAX_K:
+        from replicas.fp8 import quantize_two_terms
+
+        return quantize_two_terms(x)
+    x = x if x.stride(1) == 1 else x.contiguous()
+    x8 = torch.empty(2 * m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(2 * m, 1, dtype=torch.float32, device=x.device)
+    block = _pow2(k)
+    if m:
+        _quant_two_kernel[(m,)](x, x8, scale, m, k, x.stride(0), x8.stride(0),
+                                BLOCK_K=block, num_warps=min(16, max(4, block // 1024)),
+                                **_launch(x))
+    return x8, scale
 
 
 def silu_mul_quantize_fp8(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
