@@ -139,9 +139,9 @@ def quantize_two_terms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # W8A8 picks' rows), the two products added in x's dtype. From ~128 rows the FP8 weight's
 # widened product is bound by the tensor cores, slower than bf16 cuBLAS (PERF.md at
 # 5791d5b): two FP8 terms cost what one 16-bit product does in tensor-core time and read
-# the weight once, in FP8. Top-1 agreement on the trained checkpoint (CPU, bfloat16, the
-# terms from the first row): 98.97 / 98.68 / 98.54 % on seeds 0, 1, 3 against weight-only's
-# 98.93 / 98.63 / 98.19 (W8A8's one term: 97.41 on seed 0). Not yet timed on a GPU: off
+# the weight once, in FP8. Top-1 agreement on the trained checkpoints (CPU, bfloat16, two
+# terms from 64 rows: every scoring step): within 0.25 points of weight-only's on six
+# (98.78 against 98.93 % on seed 0; W8A8's one term 97.41). Not yet timed on a GPU: off
 # (PERF.md v1.02)
 TWO_TERM_ROWS = 0
 
