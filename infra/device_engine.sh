@@ -197,7 +197,7 @@ if [ "${TWO_S:-0}" != 0 ]; then  # PERF v1.02: weight-only FP8 with x in two FP8
   # products alone at 32-256 rows (~1 min), their GPU tests (the kernel against PyTorch,
   # graphs; the trained model's top-1 with two terms), then FP8 decode at 64 and 128
   # sequences and weight-only FP8 at 256 requests with them off and from 64 rows
-  # (~60-70 s an engine, 6)
+  # (~60-70 s an engine, 4; ~7 min in all)
   bench_rows "$TWO_S" two_terms_probe | rows two_terms_h200.jsonl two_terms_h200.jsonl
   timeout -s KILL "$TWO_S" python3 -m pytest -q tests/test_gpu.py \
     -k "two_fp8_terms or two-terms" -p no:cacheprovider 2>&1 | tail -5 | tee "$out/two_terms_tests.log"

@@ -953,7 +953,7 @@ def kernels_w8a16(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> tor
     return kernels.w8a16(x, w8, scale)
 
 
-def two_terms_ab(rounds: int = 2, least: int = 64, batches: tuple[int, ...] = (64, 128),
+def two_terms_ab(rounds: int = 1, least: int = 64, batches: tuple[int, ...] = (64, 128),
                  tokens: int = 64, repeats: int = 3) -> Iterator[dict[str, Any]]:
     """PERF.md v1.02 in the engine, one process: FP8 decode (weight-only, e4m3 cache, the
     FP8 head) at `batches` sequences with TWO_TERM_ROWS 0 and `least` (`_fp8_batch_arms`);
