@@ -19,6 +19,11 @@ Contract:
   agreement lost on the trained checkpoint where weight-only loses ~1 (PERF.md v0.22).
   Every W8A8 form adds a column-parallel layer's bias to the float32 product before its
   one rounding (`_scaled_mm`'s epilogue on a GPU; PERF.md v0.38).
+- Weight-only from `TWO_TERM_ROWS` rows (0, off, by default; $TPSERVE_FP8_TWO_TERMS):
+  x in two FP8 terms a token, its per-token rounding and that rounding's residual
+  (`quantize_two_terms`; `kernels.quantize_two_terms_fp8` on the Triton path), through
+  one W8A8 matmul of twice the rows, the two products added: ~7 of x's bits kept where
+  W8A8 keeps 3, on FP8 tensor cores, the weight never widened (PERF.md v1.02).
 - W8A8 with a scale per token and run of n input columns (`EngineConfig.w8a8_group`,
   fp8_linear's `w8a8` = n): x quantized per run (`quantize_groups`) and the product in
   one Triton kernel (`kernels.w8a8_groups`; off the Triton path the float32 product of
@@ -156,7 +161,7 @@ def two_term_rows() -> int:
     return int(text)
 
 
-def _two_terms(rows: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> bool:
+def _two_terms(rows: torch.Tensor, w8: torch.Tensor) -> bool:
     """Whether a weight-only product of `rows` takes two FP8 terms (TWO_TERM_ROWS): 16-bit
     x, from that many rows, and the shapes FP8 tensor cores take (in and out multiples of
     16), on the Triton path and off it alike (the same rounding either way)."""
@@ -201,7 +206,7 @@ def fp8_linear(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
     lead, k = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, k)
     if not w8a8:
-        if two_terms and _two_terms(rows, w8, scale):
+        if two_terms and _two_terms(rows, w8):
             y = _two_term_linear(rows, w8, scale, bias)
         elif kernels.enabled(x) and rows.shape[0] < DEQUANT_ROWS:
             y = kernels.w8a16(rows, w8, scale, bias)
