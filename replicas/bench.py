@@ -913,10 +913,11 @@ def two_terms_probe(rows: tuple[int, ...] = TWO_TERM_PROBE_ROWS) -> Iterator[dic
     x's two FP8 terms (the kernel, `_scaled_mm` on twice the rows, the add:
     `fp8_linear` with TWO_TERM_ROWS 1), of the batch kernel alone and of bf16 cuBLAS on
     the widened weight; and each product's largest error against the float64 product of
-    x and the FP8 weight, over that product's largest value."""
+    x and the FP8 weight, over that product's largest value. ($TPSERVE_FP8_TWO_TERMS, where
+    set, overrides the arms: leave it unset.)"""
     from unittest import mock
 
-    from replicas import fp8
+    from replicas import fp8, kernels
     from replicas.kernels.gemv import _cycled_us
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -935,7 +936,7 @@ def two_terms_probe(rows: tuple[int, ...] = TWO_TERM_PROBE_ROWS) -> Iterator[dic
                     got = fp8.fp8_linear(x, w8, scale)
                 errors[arm] = round(float((got.double() - exact).abs().max()) / top, 6)
             times["w8a16_kernel"] = _cycled_us(
-                lambda c, x=x, s=scale: kernels_w8a16(x, c, s), copies8)
+                lambda c, x=x, s=scale: kernels.w8a16(x, c, s), copies8)
             times["bf16_cublas"] = _cycled_us(
                 lambda c, x=x: torch.nn.functional.linear(x, c), copies16)
             errors["bf16_cublas"] = round(float((torch.nn.functional.linear(x, dense).double()
@@ -944,13 +945,6 @@ def two_terms_probe(rows: tuple[int, ...] = TWO_TERM_PROBE_ROWS) -> Iterator[dic
                    "ours": round(times["two_terms"], 2),
                    "times_us": {a: round(t, 2) for a, t in times.items()},
                    "max_error_over_max": errors, "dequant_rows": fp8.DEQUANT_ROWS}
-
-
-def kernels_w8a16(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The weight-only batch kernel in its default config (two_terms_probe's arm)."""
-    from replicas import kernels
-
-    return kernels.w8a16(x, w8, scale)
 
 
 def two_terms_ab(rounds: int = 1, least: int = 64, batches: tuple[int, ...] = (64, 128),
