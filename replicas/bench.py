@@ -913,10 +913,7 @@ def two_terms_probe(rows: tuple[int, ...] = TWO_TERM_PROBE_ROWS) -> Iterator[dic
     x's two FP8 terms (the kernel, `_scaled_mm` on twice the rows, the add:
     `fp8_linear` with TWO_TERM_ROWS 1), of the batch kernel alone and of bf16 cuBLAS on
     the widened weight; and each product's largest error against the float64 product of
-    x and the FP8 weight, over that product's largest value. ($TPSERVE_FP8_TWO_TERMS, where
-    set, overrides the arms: leave it unset.)"""
-    from unittest import mock
-
+    x and the FP8 weight, over that product's largest value."""
     from replicas import fp8, kernels
     from replicas.kernels.gemv import _cycled_us
 
@@ -930,7 +927,7 @@ def two_terms_probe(rows: tuple[int, ...] = TWO_TERM_PROBE_ROWS) -> Iterator[dic
             top = float(exact.abs().max())
             times, errors = {}, {}
             for arm, least in (("now", 0), ("two_terms", 1)):
-                with mock.patch.object(fp8, "TWO_TERM_ROWS", least):
+                with _env("TPSERVE_FP8_TWO_TERMS", str(least)):
                     times[arm] = _cycled_us(
                         lambda c, x=x, s=scale: fp8.fp8_linear(x, c, s), copies8)
                     got = fp8.fp8_linear(x, w8, scale)
@@ -950,23 +947,18 @@ def two_terms_probe(rows: tuple[int, ...] = TWO_TERM_PROBE_ROWS) -> Iterator[dic
 def two_terms_ab(rounds: int = 1, least: int = 64, batches: tuple[int, ...] = (64, 128),
                  tokens: int = 64, repeats: int = 3) -> Iterator[dict[str, Any]]:
     """PERF.md v1.02 in the engine, one process: FP8 decode (weight-only, e4m3 cache, the
-    FP8 head) at `batches` sequences with TWO_TERM_ROWS 0 and `least` (`_fp8_batch_arms`);
-    then weight-only FP8 at 256 requests (the 256 x 128/128 run, prompts cached and not)
-    with TWO_TERM_ROWS 0 and `least`, `rounds` times, the order reversed every other
+    FP8 head) at `batches` sequences with $TPSERVE_FP8_TWO_TERMS 0 and `least`
+    (`_fp8_batch_arms`); then weight-only FP8 at 256 requests (the 256 x 128/128 run,
+    prompts cached and not) with 0 and `least`, `rounds` times, the order reversed every other
     round; an engine each."""
-    from unittest import mock
-
-    from replicas import fp8
-
     yield from _fp8_batch_arms(
-        {f"two_terms{t}": (mock.patch.object(fp8, "TWO_TERM_ROWS", t), {"two_terms": t})
+        {f"two_terms{t}": (_env("TPSERVE_FP8_TWO_TERMS", str(t)), {"two_terms": t})
          for t in (0, least)}, batches, tokens, repeats)
     config = _glm_config()
     mode = next(m for m in FP8_MODES if m[3] == "fp8")
     for turn in range(rounds):
         for t in _turn_order((0, least), turn):
-            settings, run = _run_256_in(config, mode,
-                                        mock.patch.object(fp8, "TWO_TERM_ROWS", t))
+            settings, run = _run_256_in(config, mode, _env("TPSERVE_FP8_TWO_TERMS", str(t)))
             yield {"case": f"glm4-9b_fp8_256req_in128_out128_two_terms{t}",
                    "unit": "tokens/s", "round": turn, "two_terms": t, **run, **settings}
 
