@@ -60,6 +60,17 @@ if triton is not None:
         return last, total
 
     @triton.jit
+    def _tile_at(rm, rn, m_ok, n_ok, stride, SWAP: tl.constexpr):
+        """A tile's element offsets in a row-major [m, n] array whose rows are `stride`
+        apart, and where they lie in it, laid out as the tile's sums are ([BLOCK_M,
+        BLOCK_N], or [BLOCK_N, BLOCK_M] with SWAP)."""
+        if SWAP:
+            at, ok = rm[None, :] * stride + rn[:, None], n_ok[:, None] & m_ok[None, :]
+        else:
+            at, ok = rm[:, None] * stride + rn[None, :], m_ok[:, None] & n_ok[None, :]
+        return at, ok
+
+    @triton.jit
     def _w8a16_out(acc, S, B, Y, rm, rn, m_ok, n_ok, sym, HAS_BIAS: tl.constexpr,
                    SWAP: tl.constexpr):
         """A tile's float32 sums (acc [BLOCK_M, BLOCK_N], or [BLOCK_N, BLOCK_M] with SWAP)
@@ -70,13 +81,11 @@ if triton is not None:
         else:
             b = tl.zeros_like(s)
         if SWAP:
-            tl.store(Y + rm[None, :] * sym + rn[:, None],
-                     (acc * s[:, None] + b[:, None]).to(Y.dtype.element_ty),
-                     mask=n_ok[:, None] & m_ok[None, :])
+            y = acc * s[:, None] + b[:, None]
         else:
-            tl.store(Y + rm[:, None] * sym + rn[None, :],
-                     (acc * s[None, :] + b[None, :]).to(Y.dtype.element_ty),
-                     mask=m_ok[:, None] & n_ok[None, :])
+            y = acc * s[None, :] + b[None, :]
+        at, ok = _tile_at(rm, rn, m_ok, n_ok, sym, SWAP)
+        tl.store(Y + at, y.to(Y.dtype.element_ty), mask=ok)
 
     @triton.jit(do_not_specialize=STEP_SHAPED["_w8a16_kernel"])
     def _w8a16_kernel(X, W, S, B, Y, P, C, m, n, k, sxm, swn, sym, HAS_BIAS: tl.constexpr,
@@ -116,8 +125,6 @@ if triton is not None:
                 x_t = tl.load(X + rm[None, :] * sxm + (k0 + rk)[:, None],
                               mask=k_ok[:, None] & m_ok[None, :], other=0.0)
                 acc += tl.dot(w.to(x_t.dtype), x_t, input_precision=PREC)
-            at = rm[None, :] * n + rn[:, None]
-            ok = n_ok[:, None] & m_ok[None, :]
         else:
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -127,9 +134,8 @@ if triton is not None:
                 w = tl.load(W + rn[:, None] * swn + (k0 + rk)[None, :],
                             mask=n_ok[:, None] & k_ok[None, :], other=0.0)
                 acc += tl.dot(a, tl.trans(w.to(a.dtype)), input_precision=PREC)
-            at = rm[:, None] * n + rn[None, :]
-            ok = m_ok[:, None] & n_ok[None, :]
         if SPLIT > 1:
+            at, ok = _tile_at(rm, rn, m_ok, n_ok, n, SWAP)
             last, total = _slices_total(acc, P, C, at, ok, ps, pm * tl.cdiv(n, BLOCK_N) + pn,
                                         m * n, SPLIT)
             if last:
@@ -151,14 +157,12 @@ if triton is not None:
             acc = acc * ws[:, None] * xs[None, :]
             if HAS_BIAS:
                 acc += tl.load(B + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-            tl.store(Y + rm[None, :] * sym + rn[:, None], acc.to(Y.dtype.element_ty),
-                     mask=n_ok[:, None] & m_ok[None, :])
         else:
             acc = acc * xs[:, None] * ws[None, :]
             if HAS_BIAS:
                 acc += tl.load(B + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            tl.store(Y + rm[:, None] * sym + rn[None, :], acc.to(Y.dtype.element_ty),
-                     mask=m_ok[:, None] & n_ok[None, :])
+        at, ok = _tile_at(rm, rn, m_ok, n_ok, sym, SWAP)
+        tl.store(Y + at, acc.to(Y.dtype.element_ty), mask=ok)
 
     @triton.jit(do_not_specialize=STEP_SHAPED["_w8a8_groups_kernel"])
     def _w8a8_groups_kernel(X, XS, W, WS, B, Y, P, C, m, n, k, sxm, sxs, swn, sym,
@@ -212,10 +216,7 @@ if triton is not None:
                 s = tl.load(XS + rm * sxs + g, mask=m_ok, other=0.0)
                 acc += part * (s[None, :] if SWAP else s[:, None])
         if SPLIT > 1:
-            if SWAP:
-                at, ok = rm[None, :] * n + rn[:, None], n_ok[:, None] & m_ok[None, :]
-            else:
-                at, ok = rm[:, None] * n + rn[None, :], m_ok[:, None] & n_ok[None, :]
+            at, ok = _tile_at(rm, rn, m_ok, n_ok, n, SWAP)
             last, total = _slices_total(acc, P, C, at, ok, ps, pm * tl.cdiv(n, BLOCK_N) + pn,
                                         m * n, SPLIT)
             if last:
@@ -297,10 +298,9 @@ def w8a16_config(m: int, picks: tuple[tuple[int, W8A16Config], ...] | None = Non
                    if m <= rows), None)
     if picked is not None:
         return picked
-    if m > 64 and n >= W8A16_WIDE_N:
-        return next(config for rows, config in W8A16_WIDE_PICKS if m <= rows)
-    if m > 64 and k >= W8A16_LONG_K:
-        return next(config for rows, config in W8A16_LONG_K_PICKS if m <= rows)
+    if m > 64 and (n >= W8A16_WIDE_N or k >= W8A16_LONG_K):
+        table = W8A16_WIDE_PICKS if n >= W8A16_WIDE_N else W8A16_LONG_K_PICKS
+        return next(config for rows, config in table if m <= rows)
     if m > 64 and k:
         return W8A16_SHORT_K_MANY_ROWS
     return W8A16_MANY_ROWS
