@@ -675,16 +675,15 @@ def ncu_subject(name: str, calls: int = 2) -> None:
     if name == "swiglu_quant":
         x = torch.randn(256, 27392, device="cuda", dtype=torch.bfloat16, generator=gen)
         calls_of = functools.partial(kernels.silu_mul_quantize_fp8, x)
-    elif name == "w8a16_gate_up":
+    else:  # gate_up at 256 rows: "gate_up_mm" W8A8, "w8a16_gate_up" weight-only
         w8, scale = quantize_rows(torch.randn(27392, 4096, device="cuda", generator=gen) * 0.02)
         x = torch.randn(256, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
-        calls_of = functools.partial(_w8a16_and_widened, x, w8, scale,
-                                     kernels.widen_fp8(w8, scale, x.dtype))
-    else:  # gate_up_mm
-        w8, scale = quantize_rows(torch.randn(27392, 4096, device="cuda", generator=gen) * 0.02)
-        x8, xs = kernels.quantize_tokens_fp8(torch.randn(
-            256, 4096, device="cuda", dtype=torch.bfloat16, generator=gen))
-        calls_of = functools.partial(_scaled_mm_both, x8, xs, w8, scale)
+        if name == "w8a16_gate_up":
+            calls_of = functools.partial(_w8a16_and_widened, x, w8, scale,
+                                         kernels.widen_fp8(w8, scale, x.dtype))
+        else:
+            calls_of = functools.partial(_scaled_mm_both, *kernels.quantize_tokens_fp8(x),
+                                         w8, scale)
     calls_of()
     _profiled(calls_of, calls)
 
@@ -889,16 +888,25 @@ def dequant_rows_ab(rounds: int = 2, limits: tuple[int, ...] = (160, 257),
 
     from replicas import fp8
 
+    yield from _256_ab(rounds, modes, limits, "dequant_rows",
+                       lambda limit: mock.patch.object(fp8, "DEQUANT_ROWS", limit))
+
+
+def _256_ab(rounds: int, modes: tuple[str, ...], values: tuple[Any, ...], label: str,
+            context_of: Callable[[Any], contextlib.AbstractContextManager[Any]]
+            ) -> Iterator[dict[str, Any]]:
+    """An A/B of the 256 x 128/128 run in one process: each FP8 mode named, an engine
+    each in `context_of(value)` for each of `values`, `rounds` times, the order reversed
+    every other round. A row per run (case ..._LABEL_VALUE, field LABEL: value): output
+    tok/s new and cached, the kernel table."""
     config = _glm_config()
     chosen = [m for m in FP8_MODES if m[3] in modes]
     for turn in range(rounds):
         for mode in chosen:
-            for limit in _turn_order(limits, turn):
-                settings, run = _run_256_in(config, mode,
-                                            mock.patch.object(fp8, "DEQUANT_ROWS", limit))
-                yield {"case": f"glm4-9b_{mode[3]}_256req_in128_out128_dequant_rows_{limit}",
-                       "unit": "tokens/s", "round": turn, "dequant_rows": limit, **run,
-                       **settings}
+            for value in _turn_order(values, turn):
+                settings, run = _run_256_in(config, mode, context_of(value))
+                yield {"case": f"glm4-9b_{mode[3]}_256req_in128_out128_{label}_{value}",
+                       "unit": "tokens/s", "round": turn, label: value, **run, **settings}
 
 
 # PERF.md v1.02: weight-only FP8 with x in two FP8 terms, at the rows where the batch
@@ -952,15 +960,10 @@ def two_terms_ab(rounds: int = 1, least: int = 64, batches: tuple[int, ...] = (6
     prompts cached and not) with 0 and `least`, `rounds` times, the order reversed every other
     round; an engine each."""
     yield from _fp8_batch_arms(
-        {f"two_terms{t}": (_env("TPSERVE_FP8_TWO_TERMS", str(t)), {"two_terms": t})
+        {f"two_terms_{t}": (_env("TPSERVE_FP8_TWO_TERMS", str(t)), {"two_terms": t})
          for t in (0, least)}, batches, tokens, repeats)
-    config = _glm_config()
-    mode = next(m for m in FP8_MODES if m[3] == "fp8")
-    for turn in range(rounds):
-        for t in _turn_order((0, least), turn):
-            settings, run = _run_256_in(config, mode, _env("TPSERVE_FP8_TWO_TERMS", str(t)))
-            yield {"case": f"glm4-9b_fp8_256req_in128_out128_two_terms{t}",
-                   "unit": "tokens/s", "round": turn, "two_terms": t, **run, **settings}
+    yield from _256_ab(rounds, ("fp8",), (0, least), "two_terms",
+                       lambda t: _env("TPSERVE_FP8_TWO_TERMS", str(t)))
 
 
 def _fp8_settings(mode: tuple[str, str, dict[str, str], str]) -> dict[str, str]:
