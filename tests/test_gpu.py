@@ -319,6 +319,8 @@ def test_w8a16_slices_of_k_are_the_product_every_time_and_in_graphs(rows: int) -
     gives them slices): the sliced product is the whole-K one's to a bfloat16 rounding,
     the same bits in 30 calls and in 20 replays of a CUDA graph that holds it (each
     replay's counts start from the zeros the last slices left), the counts 0 after."""
+    from test_kernels import replays_equal
+
     from replicas.fp8 import quantize_rows
     from replicas.kernels import fp8mm
 
@@ -330,18 +332,13 @@ def test_w8a16_slices_of_k_are_the_product_every_time_and_in_graphs(rows: int) -
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         assert fp8mm.w8a16_split(0, -(-rows // bm) * -(-n // bn), -(-k // bk), sms) > 1
         whole = kernels.w8a16(x, w8, scale, None, (*config[:6], 1)).float()
-        first = kernels.w8a16(x, w8, scale, None, (*config[:6], 0))
+        product = functools.partial(kernels.w8a16, x, w8, scale, None, (*config[:6], 0))
+        first = product()
         torch.testing.assert_close(first.float(), whole, rtol=1e-2,
                                    atol=1e-2 * float(whole.abs().max()))
         for _ in range(30):
-            assert torch.equal(kernels.w8a16(x, w8, scale, None, (*config[:6], 0)), first)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y = kernels.w8a16(x, w8, scale, None, (*config[:6], 0))
-        for _ in range(20):
-            graph.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(y, first)
+            assert torch.equal(product(), first)
+        assert torch.equal(replays_equal(product, 20), first)
         assert not fp8mm._COUNTERS[x.device].any()
 
 
@@ -350,6 +347,8 @@ def test_w8a8_per_token_slices_of_k_are_the_product_every_time(rows: int) -> Non
     """PERF.md v0.99 on the GPU, GLM-4-9B's o and down shapes: each per-token config in
     slices of K gives `_scaled_mm`'s product to a bfloat16 rounding, and the same bits
     in 20 calls and in 10 replays of a CUDA graph that holds it."""
+    from test_kernels import replays_equal
+
     from replicas.fp8 import quantize_rows
     from replicas.kernels import fp8mm
 
@@ -369,13 +368,7 @@ def test_w8a8_per_token_slices_of_k_are_the_product_every_time(rows: int) -> Non
                                        atol=2e-2 * float(want.abs().max()), msg=str(config))
             for _ in range(20):
                 assert torch.equal(product(), first), config
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                y = product()
-            for _ in range(10):
-                graph.replay()
-                torch.cuda.synchronize()
-                assert torch.equal(y, first), config
+            assert torch.equal(replays_equal(product, 10), first), config
         assert not fp8mm._COUNTERS[x8.device].any()
 
 
@@ -620,6 +613,8 @@ def test_two_fp8_terms_are_the_reference_and_near_the_16bit_product_in_graphs(
     weight-only fp8_linear from TWO_TERM_ROWS rows (x's two terms through `_scaled_mm`)
     is within a few 16-bit roundings of x times the widened FP8 weight, where W8A8's one
     term is off by more, and a CUDA graph of it replays the same bits."""
+    from test_kernels import replays_equal
+
     from replicas import kernels
     from replicas.fp8 import fp8_linear, quantize_rows, quantize_two_terms
 
@@ -635,14 +630,7 @@ def test_two_fp8_terms_are_the_reference_and_near_the_16bit_product_in_graphs(
         exact = x.double() @ (w8.double() * scale.double()[:, None]).T
         top = float(exact.abs().max())
         monkeypatch.setenv("TPSERVE_FP8_TWO_TERMS", "64")
-        two = fp8_linear(x, w8, scale)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y = fp8_linear(x, w8, scale)
-        for _ in range(3):
-            graph.replay()
-            torch.cuda.synchronize()
-            assert torch.equal(y, two)
+        two = replays_equal(lambda x=x, w8=w8, scale=scale: fp8_linear(x, w8, scale), 3)
         one = fp8_linear(x, w8, scale, w8a8=1)
         err_two = float((two.double() - exact).abs().max()) / top
         err_one = float((one.double() - exact).abs().max()) / top
