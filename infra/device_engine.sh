@@ -38,6 +38,8 @@
 #                                                # slices (PERF v0.98), alone and in the step
 #   TWO_S=300 ...                                # and weight-only FP8 with x in two FP8
 #                                                # terms (v1.02): probe, tests, in the step
+#   TWO_AB_S=330 ...                             # and v1.02's tests and step A/B alone
+#                                                # (TWO_AB_LEAST rows, TWO_AB_BATCHES)
 #   BYK_S=200 ...                                # and FP8 decode at 96-152 sequences with
 #                                                # the configs past 64 rows by K (v1.01)
 #   DEQUANT_S=330 ...                            # and weight-only FP8 at 256 requests with
@@ -109,12 +111,13 @@ print(next((t for t in ("h100", "h200") if t in n.lower()), "gpu"))')
 rows() {  # the JSON lines of a step's output, into $out/$1 and replicas/results/$2
   grep '^{' | tee -a "$out/${1/_h200/_$tag}" >> "replicas/results/${2/_h200/_$tag}"
 }
-bench_rows() {  # SECONDS FUNCTION: replicas.bench.FUNCTION()'s rows as JSON lines, each
-  # with the machine's environment and the command, in one process cut at SECONDS
+bench_rows() {  # SECONDS FUNCTION [ARGS]: replicas.bench.FUNCTION(ARGS)'s rows as JSON
+  # lines, each with the machine's environment and the command, in one process cut at
+  # SECONDS
   timeout -s KILL "$1" python3 -c "import json
 from replicas.bench import environment, $2
-where = {**environment(), 'command': 'bench.$2'}
-for row in $2():
+where = {**environment(), 'command': 'bench.$2(${3:-})'}
+for row in $2(${3:-}):
     print(json.dumps({**row, **where}), flush=True)" 2>&1
 }
 if [ "${STRUCT_S:-0}" != 0 ]; then
@@ -202,6 +205,16 @@ if [ "${TWO_S:-0}" != 0 ]; then  # PERF v1.02: weight-only FP8 with x in two FP8
   timeout -s KILL "$TWO_S" python3 -m pytest -q tests/test_gpu.py \
     -k "two_fp8_terms or two-terms" -p no:cacheprovider 2>&1 | tail -5 | tee "$out/two_terms_tests.log"
   bench_rows "$TWO_S" two_terms_ab | rows two_terms_ab_h200.jsonl two_terms_ab_h200.jsonl
+fi
+if [ "${TWO_AB_S:-0}" != 0 ]; then  # PERF v1.02's threshold: the GPU tests (each product's
+  # error printed), then two_terms_ab from TWO_AB_LEAST rows at TWO_AB_BATCHES sequences
+  # (~60-70 s an engine, 4)
+  timeout -s KILL "$TWO_AB_S" python3 -m pytest -q -s tests/test_gpu.py \
+    -k "two_fp8_terms or two-terms" -p no:cacheprovider 2>&1 | grep -v '^$' | tail -12 |
+    tee "$out/two_terms_tests.log"
+  bench_rows "$TWO_AB_S" two_terms_ab \
+    "least=${TWO_AB_LEAST:-96}, batches=(${TWO_AB_BATCHES:-96,128,160},)" |
+    rows two_terms_ab_h200.jsonl two_terms_ab_h200.jsonl
 fi
 if [ "${BYK_S:-0}" != 0 ]; then  # PERF v1.01: FP8 decode at 96, 128 and 152 sequences
   # with the narrower weights' configs past 64 rows as in v1.00 and by K (~60 s an engine, 2)

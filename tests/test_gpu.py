@@ -611,8 +611,9 @@ def test_two_fp8_terms_are_the_reference_and_near_the_16bit_product_in_graphs(
     """PERF.md v1.02 on the GPU: kernels.quantize_two_terms_fp8 writes fp8's
     quantize_two_terms bit for bit (GLM-4-9B's 4,096 and 13,696-wide inputs, 256 rows);
     weight-only fp8_linear from TWO_TERM_ROWS rows (x's two terms through `_scaled_mm`)
-    is within a few 16-bit roundings of x times the widened FP8 weight, where W8A8's one
-    term is off by more, and a CUDA graph of it replays the same bits."""
+    is within a few 16-bit roundings of x times the widened FP8 weight (root mean
+    square; the largest error within 2^-6 of the largest value), where W8A8's one term
+    is off by several times more, and a CUDA graph of it replays the same bits."""
     from test_kernels import replays_equal
 
     from replicas import kernels
@@ -628,13 +629,20 @@ def test_two_fp8_terms_are_the_reference_and_near_the_16bit_product_in_graphs(
         assert torch.equal(got8.view(torch.uint8), want8.view(torch.uint8))
         w8, scale = quantize_rows(torch.randn(n, k, device="cuda", generator=gen) * 0.02)
         exact = x.double() @ (w8.double() * scale.double()[:, None]).T
-        top = float(exact.abs().max())
         monkeypatch.setenv("TPSERVE_FP8_TWO_TERMS", "64")
         two = replays_equal(lambda x=x, w8=w8, scale=scale: fp8_linear(x, w8, scale), 3)
         one = fp8_linear(x, w8, scale, w8a8=1)
-        err_two = float((two.double() - exact).abs().max()) / top
-        err_one = float((one.double() - exact).abs().max()) / top
-        assert err_two <= 2.0 ** -7 and err_one > 2 * err_two, (err_two, err_one)
+        top, rms = float(exact.abs().max()), float(exact.pow(2).mean().sqrt())
+        (two_max, two_rms), (one_max, one_rms) = (
+            (float((y.double() - exact).abs().max()) / top,
+             float((y.double() - exact).pow(2).mean().sqrt()) / rms) for y in (two, one))
+        print(f"in {k}: error over the product's largest, root mean square: two FP8 terms"
+              f" {two_max:.5f}, {two_rms:.5f}; one (W8A8) {one_max:.5f}, {one_rms:.5f}")
+        # bars from the float64 simulation (two bf16 roundings: rms 0.0024, W8A8 0.025)
+        # and the H100 (largest 0.0064 in 4,096, 0.0107 in 13,696: FP8 tensor cores'
+        # accumulation over long K; bf16 cuBLAS 0.0055)
+        assert two_max <= 2.0 ** -6 and two_rms <= 2.0 ** -7, (k, two_max, two_rms)
+        assert one_rms > 3 * two_rms, (k, two_rms, one_rms)
 
 
 @pytest.mark.parametrize("subject", ["attention", "swiglu_quant", "gate_up_mm",
