@@ -19,7 +19,7 @@ Contract:
   agreement lost on the trained checkpoint where weight-only loses ~1 (PERF.md v0.22).
   Every W8A8 form adds a column-parallel layer's bias to the float32 product before its
   one rounding (`_scaled_mm`'s epilogue on a GPU; PERF.md v0.38).
-- Weight-only from `TWO_TERM_ROWS` rows (0, off, by default; $TPSERVE_FP8_TWO_TERMS):
+- Weight-only from `TWO_TERM_ROWS` rows (96; 0 never; $TPSERVE_FP8_TWO_TERMS):
   x in two FP8 terms a token, its per-token rounding and that rounding's residual
   (`quantize_two_terms`; `kernels.quantize_two_terms_fp8` on the Triton path), through
   one W8A8 matmul of twice the rows, the two products added: ~7 of x's bits kept where
@@ -146,9 +146,11 @@ def quantize_two_terms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # 5791d5b): two FP8 terms cost what one 16-bit product does in tensor-core time and read
 # the weight once, in FP8. Top-1 agreement on the trained checkpoints (CPU, bfloat16, two
 # terms from 64 rows: every scoring step): within 0.25 points of weight-only's on six
-# (98.78 against 98.93 % on seed 0; W8A8's one term 97.41). Not yet timed on a GPU: off
-# (PERF.md v1.02)
-TWO_TERM_ROWS = 0
+# (98.78 against 98.93 % on seed 0; W8A8's one term 97.41). On an H100 (PERF.md v1.02,
+# FP8 decode steps, off against from 96 rows): 96 sequences 10.13 -> 8.53 ms, 128 10.21 ->
+# 8.74, 160 18.82 -> 11.49; weight-only FP8 at 256 requests 9.7k -> 11.9k tok/s (12.7k ->
+# 18.7k, prompts cached). At 64 sequences it lost (6.79 -> 7.65 ms): from 96 rows
+TWO_TERM_ROWS = 96
 
 
 def two_term_rows() -> int:
