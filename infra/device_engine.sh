@@ -39,6 +39,8 @@
 #   TWO_S=300 ...                                # and weight-only FP8 with x in two FP8
 #                                                # terms (v1.02): probe, tests, in the step
 #   TWO_AB_S=330 ...                             # and v1.02's tests and step A/B alone
+#   FUSED_S=330 ...                              # and v1.03 (two terms in one kernel):
+#                                                # probe, tests, step A/B
 #                                                # (TWO_AB_LEAST rows, TWO_AB_BATCHES)
 #   BYK_S=200 ...                                # and FP8 decode at 96-152 sequences with
 #                                                # the configs past 64 rows by K (v1.01)
@@ -215,6 +217,16 @@ if [ "${TWO_AB_S:-0}" != 0 ]; then  # PERF v1.02's threshold: the GPU tests (eac
   bench_rows "$TWO_AB_S" two_terms_ab \
     "least=${TWO_AB_LEAST:-96}, batches=(${TWO_AB_BATCHES:-96,128,160},)" |
     rows two_terms_ab_h200.jsonl two_terms_ab_h200.jsonl
+fi
+if [ "${FUSED_S:-0}" != 0 ]; then  # PERF v1.03: the two terms in one kernel: the probe
+  # (v1.02's arms, the fused one, each TWO_TERMS_CONFIGS; ~1.5 min), the GPU tests, then
+  # FP8 decode at 96-160 sequences and weight-only FP8 at 256 requests unfused and fused
+  # (~60-70 s an engine, 4)
+  bench_rows "$FUSED_S" two_terms_probe | rows two_terms_h200.jsonl two_terms_h200.jsonl
+  timeout -s KILL "$FUSED_S" python3 -m pytest -q -s tests/test_gpu.py \
+    -k "two_fp8_terms or two-terms" -p no:cacheprovider 2>&1 | grep -v '^$' | tail -14 |
+    tee "$out/two_terms_tests.log"
+  bench_rows "$FUSED_S" two_terms_fused_ab | rows two_terms_ab_h200.jsonl two_terms_ab_h200.jsonl
 fi
 if [ "${BYK_S:-0}" != 0 ]; then  # PERF v1.01: FP8 decode at 96, 128 and 152 sequences
   # with the narrower weights' configs past 64 rows as in v1.00 and by K (~60 s an engine, 2)

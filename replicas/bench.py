@@ -921,8 +921,15 @@ def two_terms_probe(rows: tuple[int, ...] = TWO_TERM_PROBE_ROWS) -> Iterator[dic
     x's two FP8 terms (the kernel, `_scaled_mm` on twice the rows, the add:
     `fp8_linear` with TWO_TERM_ROWS 1), of the batch kernel alone and of bf16 cuBLAS on
     the widened weight; and each product's largest error against the float64 product of
-    x and the FP8 weight, over that product's largest value."""
+    x and the FP8 weight, over that product's largest value. PERF.md v1.03 beside them:
+    the two terms in one kernel (`fp8_linear` with $TPSERVE_FP8_TWO_TERMS_FUSED=1: its
+    time and error, "fused"), and the quantization then that kernel in each of
+    TWO_TERMS_CONFIGS ("fused_" and the config)."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+
     from replicas import fp8, kernels
+    from replicas.kernels.fp8mm import TWO_TERMS_CONFIGS
     from replicas.kernels.gemv import _cycled_us
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -934,12 +941,23 @@ def two_terms_probe(rows: tuple[int, ...] = TWO_TERM_PROBE_ROWS) -> Iterator[dic
             exact = x.double() @ (w8.double() * scale.double()[:, None]).T
             top = float(exact.abs().max())
             times, errors = {}, {}
-            for arm, least in (("now", 0), ("two_terms", 1)):
-                with _env("TPSERVE_FP8_TWO_TERMS", str(least)):
+            for arm, least, fused in (("now", 0, "0"), ("two_terms", 1, "0"),
+                                      ("fused", 1, "1")):
+                with (_env("TPSERVE_FP8_TWO_TERMS", str(least)),
+                      _env("TPSERVE_FP8_TWO_TERMS_FUSED", fused)):
                     times[arm] = _cycled_us(
                         lambda c, x=x, s=scale: fp8.fp8_linear(x, c, s), copies8)
                     got = fp8.fp8_linear(x, w8, scale)
                 errors[arm] = round(float((got.double() - exact).abs().max()) / top, 6)
+            for config in TWO_TERMS_CONFIGS:
+                try:
+                    times[f"fused_{config}"] = _cycled_us(
+                        lambda c, x=x, s=scale, config=config: kernels.w8a8_two_terms(
+                            *kernels.quantize_two_terms_fp8(x), c, s, None, x.dtype,
+                            config), copies8)
+                except (OutOfResources, CompilationError):  # (a tile this GPU cannot
+                    # build: its row says so, the rest go on)
+                    times[f"fused_{config}"] = float("nan")
             times["w8a16_kernel"] = _cycled_us(
                 lambda c, x=x, s=scale: kernels.w8a16(x, c, s), copies8)
             times["bf16_cublas"] = _cycled_us(
@@ -964,6 +982,20 @@ def two_terms_ab(rounds: int = 1, least: int = 64, batches: tuple[int, ...] = (6
          for t in (0, least)}, batches, tokens, repeats)
     yield from _256_ab(rounds, ("fp8",), (0, least), "two_terms",
                        lambda t: _env("TPSERVE_FP8_TWO_TERMS", str(t)))
+
+
+def two_terms_fused_ab(rounds: int = 1, batches: tuple[int, ...] = (96, 128, 160),
+                       tokens: int = 64, repeats: int = 3) -> Iterator[dict[str, Any]]:
+    """PERF.md v1.03 in the engine, one process: as two_terms_ab, the two terms (from
+    TWO_TERM_ROWS rows) through `_scaled_mm` on 2M rows and an add (fused 0) against
+    one kernel (fused 1): FP8 decode at `batches` sequences, then weight-only FP8 at
+    256 requests, an engine each."""
+    env = "TPSERVE_FP8_TWO_TERMS_FUSED"
+    yield from _fp8_batch_arms(
+        {f"two_terms_fused_{f}": (_env(env, str(f)), {"two_terms_fused": f})
+         for f in (0, 1)}, batches, tokens, repeats)
+    yield from _256_ab(rounds, ("fp8",), (0, 1), "two_terms_fused",
+                       lambda f: _env(env, str(f)))
 
 
 def _fp8_settings(mode: tuple[str, str, dict[str, str], str]) -> dict[str, str]:

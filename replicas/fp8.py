@@ -151,6 +151,8 @@ def quantize_two_terms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # 8.74, 160 18.82 -> 11.49; weight-only FP8 at 256 requests 9.7k -> 11.9k tok/s (12.7k ->
 # 18.7k, prompts cached). At 64 sequences it lost (6.79 -> 7.65 ms): from 96 rows
 TWO_TERM_ROWS = 96
+# the two terms in one kernel (PERF.md v1.03): off until timed on a GPU
+TWO_TERMS_FUSED = False
 
 
 def two_term_rows() -> int:
@@ -184,10 +186,26 @@ def _two_term_linear(rows: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
         x8, x_scale = kernels.quantize_two_terms_fp8(rows)
     else:
         x8, x_scale = quantize_two_terms(rows)
+    if two_terms_fused():  # one kernel: the sum in float32, rounded once (PERF.md v1.03)
+        if kernels.enabled(rows):
+            return kernels.w8a8_two_terms(x8, x_scale, w8, scale, bias, rows.dtype)
+        x = x8.float() * x_scale
+        return _w8a8_reference(x[:m] + x[m:], w8, scale, bias, rows.dtype)
     both = w8a8_tokens(x8, x_scale, w8, scale, None, rows.dtype)
     assert isinstance(both, torch.Tensor)
     y = both[:m] + both[m:]
     return y if bias is None else y + bias
+
+
+def two_terms_fused() -> bool:
+    """Whether two FP8 terms run fused (`kernels.w8a8_two_terms`: both terms' products
+    added in float32 in one kernel, PERF.md v1.03) rather than through `w8a8_tokens` on
+    2M rows and an add: $TPSERVE_FP8_TWO_TERMS_FUSED, "1" on, "0" off (TWO_TERMS_FUSED
+    unset); read at each call."""
+    text = os.environ.get("TPSERVE_FP8_TWO_TERMS_FUSED", "").strip()
+    if text not in ("", "0", "1"):
+        raise ValueError(f"TPSERVE_FP8_TWO_TERMS_FUSED={text!r}: 0 or 1")
+    return TWO_TERMS_FUSED if not text else text == "1"
 
 
 # weight-only: from this many rows, widen the weight and use cuBLAS. The H200's probe at

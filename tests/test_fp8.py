@@ -409,6 +409,52 @@ def test_weight_only_fp8_takes_two_terms_from_the_rows_set(monkeypatch: pytest.M
         fp8_linear(x, w8, ws, bias)
 
 
+def test_two_fp8_terms_in_one_kernel_are_the_float32_sum_rounded_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """kernels.w8a8_two_terms (PERF.md v1.03; its interpreter here, float32 out: its
+    bf16 stores truncate), in each of TWO_TERMS_CONFIGS, with a bias and without, on a
+    shape no block divides: float64's sum of both terms' products. fp8_linear off the
+    Triton path with $TPSERVE_FP8_TWO_TERMS_FUSED=1 rounds that sum once to bf16 (half a
+    bf16 step), within
+    2^-7 of the product of x itself; an odd count of rows, or a setting other than 0 or
+    1, is refused."""
+    pytest.importorskip("triton")
+    from replicas import kernels
+    from replicas.fp8 import quantize_two_terms
+    from replicas.kernels.fp8mm import TWO_TERMS_CONFIGS
+
+    gen = torch.Generator().manual_seed(11)
+    m, n, k = 5, 144, 304  # (multiples of 16, as FP8 tensor cores need)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    x[2, 7] = 60.0
+    w8, ws = quantize_rows(torch.randn(n, k, generator=gen))
+    bias = torch.randn(n, generator=gen).to(torch.bfloat16)
+    x8, xs = quantize_two_terms(x)
+    monkeypatch.setenv("TPSERVE_FP8_TWO_TERMS", "1")
+    monkeypatch.setenv("TPSERVE_FP8_TWO_TERMS_FUSED", "1")
+    for b in (bias, None):
+        exact = x.double() @ (w8.double() * ws.double()[:, None]).T
+        exact = exact if b is None else exact + b.double()
+        terms = x8.double() * xs.double()
+        want = (terms[:m] + terms[m:]) @ (w8.double() * ws.double()[:, None]).T
+        want = want if b is None else want + b.double()
+        got16 = fp8_linear(x, w8, ws, b)  # (the reference: not the Triton path here)
+        torch.testing.assert_close(got16.double(), want, rtol=2.0 ** -8, atol=1e-4)
+        assert float((got16.double() - exact).abs().max()) <= (
+            float(exact.abs().max()) * 2.0 ** -7)
+        monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
+        for config in TWO_TERMS_CONFIGS:
+            got = kernels.w8a8_two_terms(x8, xs, w8, ws, b, torch.float32, config)
+            assert got.shape == (m, n) and got.dtype == torch.float32
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4,
+                                       msg=str(config))
+        monkeypatch.delenv("TPSERVE_TRITON_CPU")
+    with pytest.raises(ValueError, match="even"):
+        kernels.w8a8_two_terms(x8[:-1], xs[:-1], w8, ws, None, torch.bfloat16)
+    monkeypatch.setenv("TPSERVE_FP8_TWO_TERMS_FUSED", "yes")
+    with pytest.raises(ValueError, match="TPSERVE_FP8_TWO_TERMS_FUSED"):
+        fp8_linear(x, w8, ws, bias)
+
 def test_two_fp8_terms_score_like_weight_only(ckpt: str, monkeypatch: pytest.MonkeyPatch
                                               ) -> None:
     """An fp8 engine (bfloat16) whose weight-only layers take two FP8 terms from the

@@ -46,6 +46,7 @@ from replicas.kernels.fp8mm import (
     w8a8_groups,
     w8a8_per_token,
     w8a8_picked,
+    w8a8_two_terms,
     w8a16,
     w8a16_config,
 )
@@ -82,5 +83,5 @@ __all__ = [
     "rope_and_cache", "silu_and_mul", "silu_mul_quantize_fp8", "w8a8_config", "w8a8_groups",
     "RunSum", "W8A16_HEAD_PICKS", "w8a8_per_token", "w8a8_picked", "w8a16", "w8a16_config",
     "widen_fp8",
-    "quantize_two_terms_fp8",
+    "quantize_two_terms_fp8", "w8a8_two_terms",
 ]

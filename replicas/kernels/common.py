@@ -53,6 +53,7 @@ STEP_SHAPED: dict[str, tuple[str, ...]] = {
     "_feed_kernel": ("n",),  # the tokens fed back
     "_w8a16_kernel": ("m",),  # the step's rows
     "_w8a8_groups_kernel": ("m",),
+    "_two_terms_kernel": ("m",),
 }
 
 

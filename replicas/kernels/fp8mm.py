@@ -226,6 +226,43 @@ if triton is not None:
             _w8a8_out(acc, XS, WS, B, Y, rm, rn, m_ok, n_ok, sxs, sym, HAS_BIAS, TOKENS,
                       SWAP)
 
+    @triton.jit(do_not_specialize=STEP_SHAPED["_two_terms_kernel"])
+    def _two_terms_kernel(X, XS, W, WS, B, Y, m, n, k, sxm, sxs, swn, sym,
+                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+                          IMPRECISE: tl.constexpr = None):
+        """Program (BLOCK_M rows of y, BLOCK_N rows of W): x's two FP8 terms (X [2M, K]:
+        rows 0..M-1 each token's rounding, M.. its residual's; XS [2M, 1] their scales),
+        two FP8 dots a step on the one weight tile, a float32 sum each; in the epilogue
+        each sum times its rows' scales, the two added, W's row scales, the bias, one
+        rounding."""
+        _pdl_enter(PDL)
+        pm, pn = tl.program_id(0), tl.program_id(1)
+        rm = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok, n_ok = rm < m, rn < n
+        rk = tl.arange(0, BLOCK_K)
+        hi = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        lo = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for g in tl.range(0, tl.cdiv(k, BLOCK_K)):
+            cols = g * BLOCK_K + rk
+            k_ok = cols < k
+            at = rm[:, None] * sxm + cols[None, :]
+            ok = m_ok[:, None] & k_ok[None, :]
+            w = tl.trans(tl.load(W + rn[:, None] * swn + cols[None, :],
+                                 mask=n_ok[:, None] & k_ok[None, :], other=0.0))
+            hi += tl.dot(tl.load(X + at, mask=ok, other=0.0), w,
+                         max_num_imprecise_acc=IMPRECISE)
+            lo += tl.dot(tl.load(X + m * sxm + at, mask=ok, other=0.0), w,
+                         max_num_imprecise_acc=IMPRECISE)
+        y = (hi * tl.load(XS + rm * sxs, mask=m_ok, other=0.0)[:, None]
+             + lo * tl.load(XS + (m + rm) * sxs, mask=m_ok, other=0.0)[:, None])
+        y = y * tl.load(WS + rn, mask=n_ok, other=0.0)[None, :]
+        if HAS_BIAS:
+            y += tl.load(B + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + rm[:, None] * sym + rn[None, :], y.to(Y.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
+
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, swap[, split]): the configs the fp8 suite's
 # probe times against the default (w8a16_config) on the GPU, to replace the first guess
@@ -454,6 +491,42 @@ def _w8a8(x8: torch.Tensor, xs: torch.Tensor, w8: torch.Tensor, scale: torch.Ten
         IMPRECISE=fp8_promotion(group), SPLIT=split, **_launch(x8))
     return y
 
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the configs `_two_terms_kernel` may run in;
+# BLOCK_M counts tokens, each with two rows in the dots (PERF.md v1.03:
+# `bench.two_terms_probe` times each beside the unfused two terms)
+TwoTermsConfig = tuple[int, int, int, int, int]
+TWO_TERMS_CONFIGS: tuple[TwoTermsConfig, ...] = (
+    (32, 128, 128, 4, 4), (64, 64, 128, 4, 4), (64, 128, 128, 8, 3), (64, 256, 128, 8, 3),
+    (128, 64, 128, 8, 3), (128, 128, 128, 8, 3), (32, 128, 128, 4, 3))
+# the first guess, by tokens (as the one-term (128, 128, 128) tile: 128 rows in the dots)
+TWO_TERMS_PICKS: tuple[tuple[int, TwoTermsConfig], ...] = ((1 << 30, (64, 128, 128, 8, 3)),)
+
+
+def two_terms_config(m: int) -> TwoTermsConfig:
+    """The `_two_terms_kernel` config for `m` tokens (TWO_TERMS_PICKS)."""
+    return next(config for rows, config in TWO_TERMS_PICKS if m <= rows)
+
+
+def w8a8_two_terms(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor,
+                   scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
+                   config: TwoTermsConfig | None = None) -> torch.Tensor:
+    """x's two FP8 terms (x8 [2M, K], x_scale [2M, 1]: `quantize_two_terms_fp8`'s) @ (w8
+    [N, K] FP8 * scale [N])^T (+ bias) -> [M, N] in `out_dtype`: both terms' products
+    and their sum in float32, rounded once (PERF.md v1.03)."""
+    if x8.shape[0] % 2:
+        raise ValueError(f"{x8.shape[0]} rows: two terms a token need an even count")
+    m, n, k = x8.shape[0] // 2, w8.shape[0], x8.shape[1]
+    block_m, block_n, block_k, warps, stages = config or two_terms_config(m)
+    y = torch.empty(m, n, dtype=out_dtype, device=x8.device)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _two_terms_kernel[grid](
+        x8, x_scale, w8, scale, bias if bias is not None else scale, y, m, n, k,
+        x8.stride(0), x_scale.stride(0), w8.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        IMPRECISE=fp8_promotion(block_k), num_warps=warps, num_stages=stages,
+        **_launch(x8))
+    return y
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, swap[, split]): the configs W8A8 with a scale
 # per token may run in (`w8a8_tokens`), timed against `torch._scaled_mm` by `pick_w8a8` and
