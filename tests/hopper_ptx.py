@@ -111,7 +111,12 @@ def rest() -> list[tuple[Any, dict[str, str], dict[str, Any], bool]]:
                for bm, bn, bk, _, _, swap, *more in (
                    next(c for c in fp8mm.W8A8_TOKENS_CONFIGS if c[5] == s and len(c) == n)
                    for s, n in ((False, 6), (True, 6), (True, 7)))]
-    return [*w8a16, groups, *tokens_,
+    # x's two FP8 terms in one kernel (PERF.md v1.03), in its first config
+    two = [(fp8mm._two_terms_kernel, {**groups[1], "Y": bf16},
+            {"HAS_BIAS": True, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "PDL": True,
+             "IMPRECISE": fp8mm.fp8_promotion(bk)}, False)
+           for bm, bn, bk, _, _ in fp8mm.TWO_TERMS_CONFIGS[:1]]
+    return [*w8a16, groups, *tokens_, *two,
         (norm._rms_norm_kernel, {n: bf16 for n in ("X", "X2", "R", "W", "Y", "ROUT", "S")}
          | {"eps": "fp32"}, {"HAS_RES": True, "BLOCK": 4096, "QUANT": False, "PDL": True},
          False),
