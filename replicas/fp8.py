@@ -151,7 +151,10 @@ def quantize_two_terms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # 8.74, 160 18.82 -> 11.49; weight-only FP8 at 256 requests 9.7k -> 11.9k tok/s (12.7k ->
 # 18.7k, prompts cached). At 64 sequences it lost (6.79 -> 7.65 ms): from 96 rows
 TWO_TERM_ROWS = 96
-# the two terms in one kernel (PERF.md v1.03): off until timed on a GPU
+# the two terms in one kernel (PERF.md v1.03): off. On an H100 at c1e2181 it was slower
+# at every row count (256 rows: 323 us a layer against 235 unfused; FP8 decode at 128
+# sequences 10.87 against 8.72 ms), though its largest error is about a third of the
+# unfused one's (one rounding, no fast accumulation)
 TWO_TERMS_FUSED = False
 
 
