@@ -41,6 +41,8 @@
 #   TWO_AB_S=330 ...                             # and v1.02's tests and step A/B alone
 #   FUSED_S=330 ...                              # and v1.03 (two terms in one kernel):
 #                                                # probe, tests, step A/B
+#   FOLD2_S=330 ...                              # and v1.04 (the two terms' products
+#                                                # added by the norm, SwiGLU): tests, A/B
 #                                                # (TWO_AB_LEAST rows, TWO_AB_BATCHES)
 #   BYK_S=200 ...                                # and FP8 decode at 96-152 sequences with
 #                                                # the configs past 64 rows by K (v1.01)
@@ -227,6 +229,15 @@ if [ "${FUSED_S:-0}" != 0 ]; then  # PERF v1.03: the two terms in one kernel: th
     -k "two_fp8_terms or two-terms" -p no:cacheprovider 2>&1 | grep -v '^$' | tail -14 |
     tee "$out/two_terms_tests.log"
   bench_rows "$FUSED_S" two_terms_fused_ab | rows two_terms_ab_h200.jsonl two_terms_ab_h200.jsonl
+fi
+if [ "${FOLD2_S:-0}" != 0 ]; then  # PERF v1.04: the two terms' products added by the next
+  # norm and SwiGLU: the GPU tests (two-terms ones), then FP8 decode at 96-160 sequences
+  # and weight-only FP8 at 256 requests with TPSERVE_W8A8_FOLD 0 and 1 (~60-70 s an
+  # engine, 4)
+  timeout -s KILL "$FOLD2_S" python3 -m pytest -q -s tests/test_gpu.py \
+    -k "two_fp8_terms or two-terms" -p no:cacheprovider 2>&1 | grep -v '^$' | tail -14 |
+    tee "$out/two_terms_tests.log"
+  bench_rows "$FOLD2_S" two_terms_fold_ab | rows two_terms_ab_h200.jsonl two_terms_ab_h200.jsonl
 fi
 if [ "${BYK_S:-0}" != 0 ]; then  # PERF v1.01: FP8 decode at 96, 128 and 152 sequences
   # with the narrower weights' configs past 64 rows as in v1.00 and by K (~60 s an engine, 2)

@@ -972,30 +972,40 @@ def two_terms_probe(rows: tuple[int, ...] = TWO_TERM_PROBE_ROWS) -> Iterator[dic
 
 def two_terms_ab(rounds: int = 1, least: int = 64, batches: tuple[int, ...] = (64, 128),
                  tokens: int = 64, repeats: int = 3) -> Iterator[dict[str, Any]]:
-    """PERF.md v1.02 in the engine, one process: FP8 decode (weight-only, e4m3 cache, the
-    FP8 head) at `batches` sequences with $TPSERVE_FP8_TWO_TERMS 0 and `least`
-    (`_fp8_batch_arms`); then weight-only FP8 at 256 requests (the 256 x 128/128 run,
-    prompts cached and not) with 0 and `least`, `rounds` times, the order reversed every other
-    round; an engine each."""
-    yield from _fp8_batch_arms(
-        {f"two_terms_{t}": (_env("TPSERVE_FP8_TWO_TERMS", str(t)), {"two_terms": t})
-         for t in (0, least)}, batches, tokens, repeats)
-    yield from _256_ab(rounds, ("fp8",), (0, least), "two_terms",
-                       lambda t: _env("TPSERVE_FP8_TWO_TERMS", str(t)))
+    """PERF.md v1.02 in the engine: $TPSERVE_FP8_TWO_TERMS 0 against `least` rows
+    (`_fp8_env_ab`)."""
+    yield from _fp8_env_ab("TPSERVE_FP8_TWO_TERMS", (0, least), "two_terms", rounds,
+                           batches, tokens, repeats)
 
 
 def two_terms_fused_ab(rounds: int = 1, batches: tuple[int, ...] = (96, 128, 160),
                        tokens: int = 64, repeats: int = 3) -> Iterator[dict[str, Any]]:
-    """PERF.md v1.03 in the engine, one process: as two_terms_ab, the two terms (from
-    TWO_TERM_ROWS rows) through `_scaled_mm` on 2M rows and an add (fused 0) against
-    one kernel (fused 1): FP8 decode at `batches` sequences, then weight-only FP8 at
-    256 requests, an engine each."""
-    env = "TPSERVE_FP8_TWO_TERMS_FUSED"
+    """PERF.md v1.03 in the engine: the two terms (from TWO_TERM_ROWS rows) through
+    `_scaled_mm` on 2M rows and an add (fused 0) against one kernel (fused 1)."""
+    yield from _fp8_env_ab("TPSERVE_FP8_TWO_TERMS_FUSED", (0, 1), "two_terms_fused",
+                           rounds, batches, tokens, repeats)
+
+
+def two_terms_fold_ab(rounds: int = 1, batches: tuple[int, ...] = (96, 128, 160),
+                      tokens: int = 64, repeats: int = 3) -> Iterator[dict[str, Any]]:
+    """PERF.md v1.04 in the engine: the two terms' products added by an add kernel
+    ($TPSERVE_FP8_TWO_TERMS_FOLD 0) against left to the next norm and SwiGLU (1)."""
+    yield from _fp8_env_ab("TPSERVE_FP8_TWO_TERMS_FOLD", (0, 1), "two_terms_fold", rounds,
+                           batches, tokens, repeats)
+
+
+def _fp8_env_ab(env: str, values: tuple[int, ...], label: str, rounds: int,
+                batches: tuple[int, ...], tokens: int, repeats: int
+                ) -> Iterator[dict[str, Any]]:
+    """An A/B of $env in one process: FP8 decode (weight-only, e4m3 cache, the FP8 head)
+    at `batches` sequences with $env at each of `values` (`_fp8_batch_arms`, rows
+    ..._LABEL_VALUE); then weight-only FP8 at 256 requests (the 256 x 128/128 run, prompts
+    cached and not) at each, `rounds` times, the order reversed every other round; an
+    engine each."""
     yield from _fp8_batch_arms(
-        {f"two_terms_fused_{f}": (_env(env, str(f)), {"two_terms_fused": f})
-         for f in (0, 1)}, batches, tokens, repeats)
-    yield from _256_ab(rounds, ("fp8",), (0, 1), "two_terms_fused",
-                       lambda f: _env(env, str(f)))
+        {f"{label}_{v}": (_env(env, str(v)), {label: v}) for v in values}, batches, tokens,
+        repeats)
+    yield from _256_ab(rounds, ("fp8",), values, label, lambda v: _env(env, str(v)))
 
 
 def _fp8_settings(mode: tuple[str, str, dict[str, str], str]) -> dict[str, str]:

@@ -156,6 +156,9 @@ TWO_TERM_ROWS = 96
 # sequences 10.87 against 8.72 ms), though its largest error is about a third of the
 # unfused one's (one rounding, no fast accumulation)
 TWO_TERMS_FUSED = False
+# the unfused two terms' products added by their readers (PERF.md v1.04; bit for bit the
+# sum an add kernel makes): off until timed on a GPU
+TWO_TERMS_FOLD = False
 
 
 def two_term_rows() -> int:
@@ -185,30 +188,71 @@ def _two_term_linear(rows: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
     from replicas import kernels
 
     m = rows.shape[0]
-    if kernels.enabled(rows):
-        x8, x_scale = kernels.quantize_two_terms_fp8(rows)
-    else:
-        x8, x_scale = quantize_two_terms(rows)
+    x8, x_scale = _two_term_inputs(rows)
     if two_terms_fused():  # one kernel: the sum in float32, rounded once (PERF.md v1.03)
         if kernels.enabled(rows):
             return kernels.w8a8_two_terms(x8, x_scale, w8, scale, bias, rows.dtype)
         x = x8.float() * x_scale
         return _w8a8_reference(x[:m] + x[m:], w8, scale, bias, rows.dtype)
-    both = w8a8_tokens(x8, x_scale, w8, scale, None, rows.dtype)
-    assert isinstance(both, torch.Tensor)
-    y = both[:m] + both[m:]
+    hi, lo = _two_term_products(x8, x_scale, w8, scale, rows.dtype)
+    y = hi + lo
     return y if bias is None else y + bias
+
+
+def _two_term_inputs(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows' two FP8 terms and their scales ([2M, K], [2M, 1]): the Triton kernel's, or
+    the reference off its path."""
+    from replicas import kernels
+
+    if kernels.enabled(rows):
+        return kernels.quantize_two_terms_fp8(rows)
+    return quantize_two_terms(rows)
+
+
+def _two_term_products(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor,
+                       scale: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The two terms' products, each rounded to `dtype`: one matmul of their 2M rows
+    (`w8a8_tokens`), its halves."""
+    m = x8.shape[0] // 2
+    both = w8a8_tokens(x8, x_scale, w8, scale, None, dtype)
+    assert isinstance(both, torch.Tensor)
+    return [both[:m], both[m:]]
+
+
+def two_term_parts(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor
+                   ) -> RunSum | None:
+    """Weight-only x @ (w8 * scale)^T where x [M, K] takes two FP8 terms (`_two_terms`)
+    and they are neither fused nor kept added (`two_terms_fold`): the two products
+    unadded, a RunSum whose reader (the next RMSNorm, SwiGLU) adds them as it reads them
+    (PERF.md v1.04); else None (the caller runs fp8_linear)."""
+    from replicas.kernels.fp8mm import RunSum
+
+    if not _two_terms(x, w8) or two_terms_fused() or not two_terms_fold():
+        return None
+    return RunSum(_two_term_products(*_two_term_inputs(x), w8, scale, x.dtype))
 
 
 def two_terms_fused() -> bool:
     """Whether two FP8 terms run fused (`kernels.w8a8_two_terms`: both terms' products
     added in float32 in one kernel, PERF.md v1.03) rather than through `w8a8_tokens` on
-    2M rows and an add: $TPSERVE_FP8_TWO_TERMS_FUSED, "1" on, "0" off (TWO_TERMS_FUSED
-    unset); read at each call."""
-    text = os.environ.get("TPSERVE_FP8_TWO_TERMS_FUSED", "").strip()
+    2M rows and an add: $TPSERVE_FP8_TWO_TERMS_FUSED (TWO_TERMS_FUSED unset)."""
+    return _switch("TPSERVE_FP8_TWO_TERMS_FUSED", TWO_TERMS_FUSED)
+
+
+def two_terms_fold() -> bool:
+    """Whether the unfused two terms' products may be left unadded for their reader (the
+    next RMSNorm, SwiGLU: `two_term_parts`' callers, PERF.md v1.04):
+    $TPSERVE_FP8_TWO_TERMS_FOLD (TWO_TERMS_FOLD unset)."""
+    return _switch("TPSERVE_FP8_TWO_TERMS_FOLD", TWO_TERMS_FOLD)
+
+
+def _switch(name: str, default: bool) -> bool:
+    """$name, "1" on, "0" off, `default` unset; read at each call (an A/B in one
+    process); anything else is refused."""
+    text = os.environ.get(name, "").strip()
     if text not in ("", "0", "1"):
-        raise ValueError(f"TPSERVE_FP8_TWO_TERMS_FUSED={text!r}: 0 or 1")
-    return TWO_TERMS_FUSED if not text else text == "1"
+        raise ValueError(f"{name}={text!r}: 0 or 1")
+    return default if not text else text == "1"
 
 
 # weight-only: from this many rows, widen the weight and use cuBLAS. The H200's probe at

@@ -337,6 +337,9 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(size, spec.hidden_size, spec.mlp_bias, comm)
         self.act = F.silu if spec.hidden_act == "silu" else _hf_activation(spec.hidden_act)
         self.fused_act = spec.hidden_act == "silu"
+        # weight-only FP8's two terms may leave gate_up's two products for SwiGLU's
+        # kernel to add (PERF.md v1.04)
+        self.gate_up_proj.defers_two_terms = self.fused_act
         self.gemv_kinds()
 
     def gemv_kinds(self) -> None:
@@ -351,9 +354,13 @@ class MLP(nn.Module):
         self.gate_up_proj.gemv_kind, self.down_proj.gemv_kind = mlp_gemv_kinds(
             self.gate_up_proj.weight.dtype == FP8, self.fused_act)
 
-    def forward(self, gate_up: torch.Tensor) -> torch.Tensor | Site | RunSum:
+    def forward(self, gate_up: torch.Tensor | RunSum) -> torch.Tensor | Site | RunSum:
         """From the layer's gate_up_proj output [T, 2 I/tp] (run by the decoder layer,
-        fused with its norm) to down_proj's."""
+        fused with its norm) to down_proj's. A RunSum (weight-only FP8's two terms'
+        products, `defers_two_terms`): SwiGLU's kernel adds them as it reads them."""
+        if isinstance(gate_up, RunSum):
+            first, extra = gate_up.parts
+            return self.down_proj(kernels.silu_and_mul(first, extra))
         if self.fused_act and kernels.enabled(gate_up):
             if self.down_proj.takes_gated(gate_up):  # SwiGLU inside the down GEMV
                 return self.down_proj(gate_up, gated=True)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from replicas import kernels
-from replicas.fp8 import FP8, fp8_linear, is_fp8, w8a8_out_dtype, w8a8_tokens
+from replicas.fp8 import FP8, fp8_linear, is_fp8, two_term_parts, w8a8_out_dtype, w8a8_tokens
 from replicas.kernels import RunSum, Site
 from replicas.kernels.fp8mm import fold_runs_on
 from replicas.shm import ShmAllReduce
@@ -208,6 +208,16 @@ class _KernelLinear(nn.Module):
         """Whether `forward_tokens_fp8` may be called: W8A8 with a scale per token."""
         return self.w8a8 == 1 and self.weight_scale is not None
 
+    def _two_term_parts(self, x: torch.Tensor) -> RunSum | None:
+        """Weight-only FP8 whose x takes two FP8 terms (fp8.two_term_parts: from
+        TWO_TERM_ROWS rows, unfused, with fp8.two_terms_fold on), no bias, on the
+        kernels' path: the two products unadded, for the reader to add as it reads them
+        (PERF.md v1.04); else None."""
+        if (self.weight_scale is None or self.w8a8 or self.bias is not None
+                or on_gemv(self.gemv, x) or not (kernels.enabled(x) and x.dim() == 2)):
+            return None
+        return two_term_parts(x, self.weight, self.weight_scale)
+
     def _tokens_fp8(self, x8: torch.Tensor, x_scale: torch.Tensor, dtype: torch.dtype,
                     bias: torch.Tensor | None, defer: bool = False) -> torch.Tensor | RunSum:
         """This rank's product of an input of `dtype` given already quantized per token,
@@ -241,6 +251,7 @@ class ColumnParallelLinear(_KernelLinear):
         self.weight = nn.Parameter(torch.empty(local, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(local), requires_grad=False) if bias else None
         self._init_kernels()
+        self.defers_two_terms = False  # (see forward; MLP sets it on its gate_up_proj)
 
     def load(self, name: str, get: Callable[[Index], torch.Tensor], part: int | None) -> None:
         """Copy this rank's rows of checkpoint tensor `name` (weight or bias) into place.
@@ -260,9 +271,14 @@ class ColumnParallelLinear(_KernelLinear):
                 target.data[local_at : local_at + end - start].copy_(rows)
             offset_full += self.part_sizes[i]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [tokens, in] -> [tokens, local_out]
+    def forward(self, x: torch.Tensor) -> torch.Tensor | RunSum:
+        """[tokens, in] -> [tokens, local_out]. With `defers_two_terms` (MLP's gate_up_proj
+        under SwiGLU) weight-only FP8's two terms may come back unadded: a RunSum that
+        SwiGLU's kernel adds as it reads it (PERF.md v1.04)."""
         if on_gemv(self.gemv, x):
             return kernels.gemv(x, self.weight, self.bias, self.gemv, scale=self.weight_scale)
+        if self.defers_two_terms and (parts := self._two_term_parts(x)) is not None:
+            return parts
         return _matmul(x, self.weight, self.weight_scale, self.bias, self.w8a8)
 
     def takes_swiglu(self, x: torch.Tensor | Site | RunSum) -> bool:
@@ -275,7 +291,8 @@ class ColumnParallelLinear(_KernelLinear):
         return self.gemv_kind == "norm_swiglu" and on
 
     def forward_normed(self, x: torch.Tensor | Site | RunSum, residual: torch.Tensor | None,
-                       norm: RMSNorm, swiglu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                       norm: RMSNorm, swiglu: bool = False
+                       ) -> tuple[torch.Tensor | RunSum, torch.Tensor]:
         """(self(norm(x + residual)), x + residual): a decoder layer's norm and its
         projection; on the one-row GEMV path one kernel does both. `x` may be the Site of
         a folded all-reduce: that kernel then sums the ranks' rows as it reads them; or a
@@ -508,10 +525,15 @@ class RowParallelLinear(_KernelLinear):
         `takes_gated`): x is [gate | up], 2 local_in wide, and silu(gate) * up goes in.
         One row on GPUs: the all-reduce may be folded (`Comm.fold`), and the Site is
         returned for the next norm GEMV to sum. W8A8 at tp=1 (`folds_runs`): a RunSum
-        may be returned for the next norm to add (PERF.md v0.80)."""
+        may be returned for the next norm to add (PERF.md v0.80); so may weight-only
+        FP8's two terms at tp=1 (`_two_term_parts`, v1.04)."""
         if not gated and self.folds_runs() and not on_gemv(self.gemv, x) and (
                 kernels.enabled(x) and x.dim() == 2):  # fp8_linear's steps, deferred
             return self.forward_tokens_fp8(*kernels.quantize_tokens_fp8(x), x.dtype)
+        # weight-only FP8's two terms at tp=1, deferred as W8A8's runs (PERF.md v1.04)
+        if not gated and self.comm.world_size == 1 and (
+                parts := self._two_term_parts(x)) is not None:
+            return parts
         if on_gemv(self.gemv, x):
             assert self.gemv is not None
             site = self.comm.fold(x, self.weight.shape[0]) if self.bias is None else None

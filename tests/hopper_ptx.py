@@ -126,8 +126,9 @@ def rest() -> list[tuple[Any, dict[str, str], dict[str, Any], bool]]:
             "Y": "*fp8e4nv", "S": "*fp32", "eps": "fp32"},
            {"HAS_RES": True, "BLOCK": 4096, "QUANT": True, "PDL": True, "HAS_X2": x2}, False)
           for x2 in (False, True)],
-        (activation._silu_mul_kernel, {"GU": bf16, "OUT": bf16}, {"BLOCK": 1024, "PDL": True},
-         False),
+        # (and with a second row added in: weight-only FP8's two terms, PERF.md v1.04)
+        *[(activation._silu_mul_kernel, {"GU": bf16, "GU2": bf16, "OUT": bf16},
+           {"BLOCK": 1024, "PDL": True, "HAS_X2": x2}, False) for x2 in (False, True)],
         (allreduce._one_shot_kernel, {"X": bf16, "DATA": "*i64", "FLAGS": "*i64",
                                       "OVF": "*u8"},
          {"RANK": 0, "WORLD": 2, "WIRE": triton.language.float16,

@@ -694,6 +694,69 @@ def test_w8a8_runs_of_k_left_to_the_next_norm_score_as_added_first(
         assert torch.equal(a, b)
 
 
+def test_two_fp8_terms_left_to_the_norm_and_swiglu_score_as_added_first(
+        checkpoint: CheckpointFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PERF.md v1.04's wiring: weight-only FP8 with x's two terms from the first row, at
+    tp=1 (the interpreter, float16): o_proj's and down_proj's two products left unadded
+    (RunSum) for the next norm's kernel, gate_up_proj's for SwiGLU's
+    ($TPSERVE_FP8_TWO_TERMS_FOLD=1), score exactly as with them added first (0),
+    teacher-forced prompts; the last layer's in the head; qkv_proj (its bias; attention
+    reads it) never defers."""
+    pytest.importorskip("triton")
+    from replicas import kernels, parallel
+    from replicas.accuracy import scored, sequences
+
+    monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
+    monkeypatch.setenv("TPSERVE_FP8_TWO_TERMS", "1")
+    real_parts, real_silu = parallel.two_term_parts, kernels.silu_and_mul
+    deferred: list[tuple[int, int]] = []
+    summed: list[int] = []
+
+    def parts(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> Any:
+        out = real_parts(x, w8, scale)
+        if out is not None:
+            deferred.append(tuple(w8.shape))
+        return out
+
+    def silu(gate_up: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        if extra is not None:
+            summed.append(gate_up.shape[0])
+        return real_silu(gate_up, extra)
+
+    monkeypatch.setattr(parallel, "two_term_parts", parts)
+    monkeypatch.setattr(kernels, "silu_and_mul", silu)
+    monkeypatch.setenv("TPSERVE_FP8_TWO_TERMS_FOLD", "1")
+    # (qwen2: a bias on qkv only, none on o_proj, gate_up_proj and down_proj, as GLM-4-9B)
+    config = EngineConfig(model=checkpoint("qwen2"), dtype="float16", max_model_len=64,
+                          quantization="fp8")
+    prompts = sequences(2, 24, 200, seed=4)
+    folded = scored(config, prompts)
+    assert summed and len({shape for shape in deferred}) == 3, deferred  # o, gate_up, down
+    deferred.clear()
+    summed.clear()
+    monkeypatch.setenv("TPSERVE_FP8_TWO_TERMS_FOLD", "0")
+    added = scored(config, prompts)
+    assert not deferred and not summed
+    for a, b in zip(folded, added, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_swiglu_of_two_rows_is_swiglu_of_their_sum(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kernels.silu_and_mul(a, extra=b) (PERF.md v1.04; the interpreter, float16 and
+    float32) equals silu_and_mul(a + b) bit for bit, the sum rounded as PyTorch's add; a
+    second row of another shape is refused."""
+    pytest.importorskip("triton")
+    from replicas import kernels
+
+    monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
+    gen = torch.Generator().manual_seed(2)
+    for dtype in (torch.float16, torch.float32):
+        a, b = (torch.randn(3, 2 * 1100, generator=gen).to(dtype) for _ in range(2))
+        assert torch.equal(kernels.silu_and_mul(a, b), kernels.silu_and_mul(a + b))
+    with pytest.raises(ValueError, match="not gate_up's"):
+        kernels.silu_and_mul(a, b[:, :10])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("with_residual", [True, False])
 def test_rms_norm_quantized_in_one_pass_is_the_two_kernels_bit_for_bit(

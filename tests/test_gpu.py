@@ -480,6 +480,34 @@ def test_w8a8_runs_of_k_folded_into_the_norm_score_as_added_on_gpu(
     assert folded_tokens == added_tokens
 
 
+def test_two_fp8_terms_folded_into_norm_and_swiglu_score_as_added_on_gpu(
+        checkpoint: CheckpointFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PERF.md v1.04 through the engine on the GPU: weight-only FP8 with x's two terms
+    from the first row, o_proj's and down_proj's products added by the next norm's
+    kernel and gate_up_proj's by SwiGLU's ($TPSERVE_FP8_TWO_TERMS_FOLD=1), score exactly
+    as with them added first (0), bfloat16, teacher-forced prompts; and greedy generation
+    (its decode steps in CUDA graphs) gives the same tokens."""
+    from replicas.accuracy import scored, sequences
+
+    monkeypatch.setenv("TPSERVE_FP8_TWO_TERMS", "1")
+    monkeypatch.setenv("TPSERVE_FP8_TWO_TERMS_FOLD", "1")
+    config = EngineConfig(model=checkpoint("qwen2"), device="cuda", dtype="bfloat16",
+                          max_model_len=64, quantization="fp8")
+    prompts = sequences(2, 24, 200, seed=4)
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+    def run() -> tuple[list[torch.Tensor], list[list[int]]]:
+        with Engine(config) as engine:
+            out = engine.generate(prompts, greedy)
+        return scored(config, prompts), [o.token_ids for o in out]
+
+    folded, folded_tokens = run()
+    monkeypatch.setenv("TPSERVE_FP8_TWO_TERMS_FOLD", "0")
+    added, added_tokens = run()
+    for a, b in zip(folded, added, strict=True):
+        assert torch.equal(a, b)
+    assert folded_tokens == added_tokens
+
 def test_w8a8_cublas_runs_replay_in_a_cuda_graph_as_run_eagerly() -> None:
     """PERF.md v0.71: `_scaled_mm` in runs of K on side streams, captured into a CUDA graph
     (as a decode step's picks run) and replayed on new inputs, gives what the same runs

@@ -622,9 +622,10 @@ _SIDE_STREAMS: dict[torch.device, list[torch.cuda.Stream]] = {}
 @dataclass
 class RunSum:
     """A W8A8 product in runs of K (`w8a8_cublas`'s "streams") whose 16-bit products are
-    not yet added (PERF.md v0.80): the next RMSNorm adds two of them as it reads its rows
-    (`rms_norm`'s and `rms_norm_quantize_fp8`'s `extra`), instead of an add kernel of its
-    own; any other reader takes `total()`."""
+    not yet added (PERF.md v0.80), or weight-only FP8's two terms' products (v1.04): the
+    next RMSNorm adds two of them as it reads its rows (`rms_norm`'s and
+    `rms_norm_quantize_fp8`'s `extra`), SwiGLU gate_up's (`silu_and_mul`'s `extra`),
+    instead of an add kernel of its own; any other reader takes `total()`."""
 
     parts: list[torch.Tensor]
 
