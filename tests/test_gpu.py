@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -448,7 +450,6 @@ def test_w8a8_runs_of_k_folded_into_the_norm_score_as_added_on_gpu(
     down_proj's runs added by the next norm score exactly as with them added first
     (TPSERVE_W8A8_FOLD=0), bfloat16, teacher-forced prompts; and greedy generation (its
     decode steps in CUDA graphs) gives the same tokens."""
-    from replicas.accuracy import scored, sequences
     from replicas.kernels import fp8mm
 
     picked: list[tuple[int, int]] = []
@@ -461,8 +462,21 @@ def test_w8a8_runs_of_k_folded_into_the_norm_score_as_added_on_gpu(
 
     monkeypatch.setattr(fp8mm, "w8a8_config", two_runs)
     monkeypatch.setattr(kernels, "w8a8_config", two_runs)
-    config = EngineConfig(model=checkpoint("qwen2"), device="cuda", dtype="bfloat16",
-                          max_model_len=64, quantization="fp8-w8a8")
+    folded_as_added(checkpoint("qwen2"), "fp8-w8a8", "TPSERVE_W8A8_FOLD", monkeypatch,
+                    lambda: picked)
+
+
+def folded_as_added(model: str, quantization: str, switch: str,
+                    monkeypatch: pytest.MonkeyPatch,
+                    folded_at_all: Callable[[], Any] = lambda: True) -> None:
+    """A bf16 engine of `model` in `quantization` scores teacher-forced prompts exactly
+    and generates greedy tokens (decode in CUDA graphs) as it does with $switch 0 (the
+    products added before their reader); `folded_at_all()` is truthy after the first
+    run."""
+    from replicas.accuracy import scored, sequences
+
+    config = EngineConfig(model=model, device="cuda", dtype="bfloat16", max_model_len=64,
+                          quantization=quantization)
     prompts = sequences(2, 24, 200, seed=4)
     greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
@@ -472,8 +486,8 @@ def test_w8a8_runs_of_k_folded_into_the_norm_score_as_added_on_gpu(
         return scored(config, prompts), [o.token_ids for o in out]
 
     folded, folded_tokens = run()
-    assert picked
-    monkeypatch.setenv("TPSERVE_W8A8_FOLD", "0")
+    assert folded_at_all()
+    monkeypatch.setenv(switch, "0")
     added, added_tokens = run()
     for a, b in zip(folded, added, strict=True):
         assert torch.equal(a, b)
@@ -487,26 +501,20 @@ def test_two_fp8_terms_folded_into_norm_and_swiglu_score_as_added_on_gpu(
     kernel and gate_up_proj's by SwiGLU's ($TPSERVE_FP8_TWO_TERMS_FOLD=1), score exactly
     as with them added first (0), bfloat16, teacher-forced prompts; and greedy generation
     (its decode steps in CUDA graphs) gives the same tokens."""
-    from replicas.accuracy import scored, sequences
+    from replicas import parallel
 
     monkeypatch.setenv("TPSERVE_FP8_TWO_TERMS", "1")
     monkeypatch.setenv("TPSERVE_FP8_TWO_TERMS_FOLD", "1")
-    config = EngineConfig(model=checkpoint("qwen2"), device="cuda", dtype="bfloat16",
-                          max_model_len=64, quantization="fp8")
-    prompts = sequences(2, 24, 200, seed=4)
-    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    real, deferred = parallel.two_term_parts, []
 
-    def run() -> tuple[list[torch.Tensor], list[list[int]]]:
-        with Engine(config) as engine:
-            out = engine.generate(prompts, greedy)
-        return scored(config, prompts), [o.token_ids for o in out]
+    def parts(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> Any:
+        out = real(x, w8, scale)
+        deferred.extend([] if out is None else [w8.shape])
+        return out
 
-    folded, folded_tokens = run()
-    monkeypatch.setenv("TPSERVE_FP8_TWO_TERMS_FOLD", "0")
-    added, added_tokens = run()
-    for a, b in zip(folded, added, strict=True):
-        assert torch.equal(a, b)
-    assert folded_tokens == added_tokens
+    monkeypatch.setattr(parallel, "two_term_parts", parts)
+    folded_as_added(checkpoint("qwen2"), "fp8", "TPSERVE_FP8_TWO_TERMS_FOLD", monkeypatch,
+                    lambda: deferred)
 
 def test_w8a8_cublas_runs_replay_in_a_cuda_graph_as_run_eagerly() -> None:
     """PERF.md v0.71: `_scaled_mm` in runs of K on side streams, captured into a CUDA graph
