@@ -43,6 +43,8 @@
 #                                                # probe, tests, step A/B
 #   FOLD2_S=330 ...                              # and v1.04 (the two terms' products
 #                                                # added by the norm, SwiGLU): tests, A/B
+#   QUANTW_S=450 ...                             # and v1.05 (the row-quantizing kernels'
+#                                                # warps): probe, A/B (QUANTW warps)
 #                                                # (TWO_AB_LEAST rows, TWO_AB_BATCHES)
 #   BYK_S=200 ...                                # and FP8 decode at 96-152 sequences with
 #                                                # the configs past 64 rows by K (v1.01)
@@ -238,6 +240,14 @@ if [ "${FOLD2_S:-0}" != 0 ]; then  # PERF v1.04: the two terms' products added b
     -k "two_fp8_terms or two-terms" -p no:cacheprovider 2>&1 | grep -v '^$' | tail -14 |
     tee "$out/two_terms_tests.log"
   bench_rows "$FOLD2_S" two_terms_fold_ab | rows two_terms_ab_h200.jsonl two_terms_ab_h200.jsonl
+fi
+if [ "${QUANTW_S:-0}" != 0 ]; then  # PERF v1.05: the row-quantizing kernels' warps: the
+  # kernels alone at 64-256 rows (~30 s), then FP8 decode at 128 sequences and weight-only
+  # FP8 and W8A8 -keepqkv at 256 requests with the rule's warps and QUANTW (default 16;
+  # ~60-70 s an engine, 6)
+  bench_rows "$QUANTW_S" quant_warps_probe | rows quant_warps_h200.jsonl quant_warps_h200.jsonl
+  bench_rows "$QUANTW_S" quant_warps_ab "warps=${QUANTW:-16}" |
+    rows quant_warps_ab_h200.jsonl quant_warps_ab_h200.jsonl
 fi
 if [ "${BYK_S:-0}" != 0 ]; then  # PERF v1.01: FP8 decode at 96, 128 and 152 sequences
   # with the narrower weights' configs past 64 rows as in v1.00 and by K (~60 s an engine, 2)

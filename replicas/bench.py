@@ -995,17 +995,65 @@ def two_terms_fold_ab(rounds: int = 1, batches: tuple[int, ...] = (96, 128, 160)
 
 
 def _fp8_env_ab(env: str, values: tuple[int, ...], label: str, rounds: int,
-                batches: tuple[int, ...], tokens: int, repeats: int
-                ) -> Iterator[dict[str, Any]]:
+                batches: tuple[int, ...], tokens: int, repeats: int,
+                modes: tuple[str, ...] = ("fp8",)) -> Iterator[dict[str, Any]]:
     """An A/B of $env in one process: FP8 decode (weight-only, e4m3 cache, the FP8 head)
     at `batches` sequences with $env at each of `values` (`_fp8_batch_arms`, rows
-    ..._LABEL_VALUE); then weight-only FP8 at 256 requests (the 256 x 128/128 run, prompts
-    cached and not) at each, `rounds` times, the order reversed every other round; an
-    engine each."""
+    ..._LABEL_VALUE); then each FP8 mode of `modes` (weight-only by default) at 256
+    requests (the 256 x 128/128 run, prompts cached and not) at each, `rounds` times, the
+    order reversed every other round; an engine each."""
     yield from _fp8_batch_arms(
         {f"{label}_{v}": (_env(env, str(v)), {label: v}) for v in values}, batches, tokens,
         repeats)
-    yield from _256_ab(rounds, ("fp8",), values, label, lambda v: _env(env, str(v)))
+    yield from _256_ab(rounds, modes, values, label, lambda v: _env(env, str(v)))
+
+
+# PERF.md v1.05: the row-quantizing kernels, by name: (columns of x, the launcher's name
+# in replicas.kernels); GLM-4-9B's widths (SwiGLU's input is gate_up's 2 x 13,696)
+QUANT_PROBE = {"quant_rows": (4096, "quantize_tokens_fp8"),
+               "quant_two": (4096, "quantize_two_terms_fp8"),
+               "quant_two_down": (13696, "quantize_two_terms_fp8"),
+               "silu_mul_quant": (2 * 13696, "silu_mul_quantize_fp8")}
+
+
+def quant_warps_probe(rows: tuple[int, ...] = (64, 128, 256),
+                      warps: tuple[int, ...] = (4, 8, 16, 32)) -> Iterator[dict[str, Any]]:
+    """PERF.md v1.05, the row-quantizing kernels alone (QUANT_PROBE; a CUDA graph of 20
+    calls on one input, hot in L2 as a step's is): us a call at `rows` rows with the
+    rule's warps ($TPSERVE_QUANT_WARPS 0: "0") and each of `warps`, and whether each
+    arm's output is the rule's bit for bit."""
+    from replicas import kernels
+    from replicas.fp8 import FP8
+    from replicas.kernels.common import _pow2
+    from replicas.kernels.gemv import _cycled_us
+    from replicas.kernels.quant import quant_warps
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for name, (k, launcher) in QUANT_PROBE.items():
+        fn = getattr(kernels, launcher)
+        for m in rows:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+            want = [t.view(torch.uint8) if t.dtype == FP8 else t for t in fn(x)]
+            times, same = {}, {}
+            for w in (0, *warps):
+                with _env("TPSERVE_QUANT_WARPS", str(w)):
+                    times[str(w)] = round(_cycled_us(fn, [x] * 20), 2)
+                    got = [t.view(torch.uint8) if t.dtype == FP8 else t for t in fn(x)]
+                same[str(w)] = all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+            yield {"case": f"quant_warps_{name}_m{m}", "unit": "us", "k": k, "rows": m,
+                   "ours": times["0"], "times_us": times, "same_as_rule": same,
+                   "rule_warps": quant_warps(_pow2(k // 2 if name == "silu_mul_quant" else k))}
+
+
+def quant_warps_ab(warps: int = 16, rounds: int = 1, batches: tuple[int, ...] = (128,),
+                   tokens: int = 64, repeats: int = 3) -> Iterator[dict[str, Any]]:
+    """PERF.md v1.05 in the engine: the row-quantizing kernels with the rule's warps
+    ($TPSERVE_QUANT_WARPS 0) against `warps`: FP8 decode at `batches` sequences
+    (weight-only's two terms from 96 rows), then weight-only FP8 and W8A8 -keepqkv (its
+    SwiGLU quantized in one pass) at 256 requests."""
+    yield from _fp8_env_ab("TPSERVE_QUANT_WARPS", (0, warps), "quant_warps", rounds,
+                           batches, tokens, repeats,
+                           ("fp8", "fp8-w8a8-keepqkv_int8kv"))
 
 
 def _fp8_settings(mode: tuple[str, str, dict[str, str], str]) -> dict[str, str]:

@@ -300,6 +300,43 @@ def test_token_quantization_kernel_is_quantize_tokens(shape: tuple[int, int],
                                atol=0.07 * float(got.abs().max()))
 
 
+def test_row_quantizing_kernels_launch_with_the_warps_asked(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """PERF.md v1.05: each row-quantizing launcher gives its kernel `quant_warps`' warps:
+    ~32 values a thread, 4 to 16 (GLM-4-9B's 4,096 and 13,696 columns: 4 and 16), or
+    $TPSERVE_QUANT_WARPS's for all three; a count a GPU cannot launch is refused."""
+    pytest.importorskip("triton")
+    from replicas.kernels import quant
+
+    launched: list[tuple[str, int]] = []
+
+    class Launch:  # stands in for a kernel: records the warps of each launch
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def __getitem__(self, grid: Any) -> Callable[..., None]:
+            return lambda *args, **kw: launched.append((self.name, kw["num_warps"]))
+
+    for name in ("_quant_rows_kernel", "_quant_two_kernel", "_silu_mul_quant_kernel"):
+        monkeypatch.setattr(quant, name, Launch(name))
+    x, wide = torch.zeros(2, 4096), torch.zeros(2, 13696)
+    quant.quantize_tokens_fp8(x)
+    quant.quantize_two_terms_fp8(wide)
+    quant.silu_mul_quantize_fp8(torch.zeros(2, 2 * 13696))
+    assert launched == [("_quant_rows_kernel", 4), ("_quant_two_kernel", 16),
+                        ("_silu_mul_quant_kernel", 16)]
+    assert [quant.quant_warps(b) for b in (1024, 4096, 8192, 16384)] == [4, 4, 8, 16]
+    monkeypatch.setenv("TPSERVE_QUANT_WARPS", "32")
+    launched.clear()
+    quant.quantize_tokens_fp8(x)
+    quant.quantize_two_terms_fp8(x)
+    assert launched == [("_quant_rows_kernel", 32), ("_quant_two_kernel", 32)]
+    monkeypatch.setenv("TPSERVE_QUANT_WARPS", "0")
+    assert quant.quant_warps(4096) == 4
+    monkeypatch.setenv("TPSERVE_QUANT_WARPS", "12")
+    with pytest.raises(ValueError, match="TPSERVE_QUANT_WARPS"):
+        quant.quantize_tokens_fp8(x)
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("mode", ["one pass", "two passes"])
 def test_swiglu_quantized_in_one_pass_is_the_two_kernels_bit_for_bit(

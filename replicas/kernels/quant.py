@@ -25,6 +25,7 @@ writes 2."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -43,6 +44,22 @@ QUANT_BLOCK_K = 1024  # a two-pass row's block
 # where the bytes take ~1 us; PERF.md v0.59)
 ONE_PASS_MAX_K = 16384
 WIDEN_BLOCK = (16, 512)  # rows x columns a program
+QUANT_WARPS = (1, 2, 4, 8, 16, 32)  # what $TPSERVE_QUANT_WARPS may say
+
+
+def quant_warps(block: int) -> int:
+    """The warps of a row-quantizing program (`_quant_rows_kernel`, `_quant_two_kernel`,
+    `_silu_mul_quant_kernel`) with a block of `block` columns: ~32 values a thread, 4 to
+    16 warps; $TPSERVE_QUANT_WARPS (read at each launch; 0 or unset: that rule) sets
+    them for all three (PERF.md v1.05: a decode step's rows are one program each, whose
+    chain of loads, row max, divisions and stores is bound by latency, not bytes)."""
+    text = os.environ.get("TPSERVE_QUANT_WARPS", "").strip()
+    if text and text != "0":
+        if not text.isdigit() or int(text) not in QUANT_WARPS:
+            raise ValueError(f"TPSERVE_QUANT_WARPS={text!r}: one of "
+                             f"{', '.join(map(str, QUANT_WARPS))} (0: by the block)")
+        return int(text)
+    return min(16, max(4, block // 1024))
 
 if triton is not None:
     from replicas.kernels.common import _pdl_enter
@@ -178,7 +195,7 @@ def quantize_two_terms_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     block = _pow2(k)
     if m:
         _quant_two_kernel[(m,)](x, x8, scale, m, k, x.stride(0), x8.stride(0),
-                                BLOCK_K=block, num_warps=min(16, max(4, block // 1024)),
+                                BLOCK_K=block, num_warps=quant_warps(block),
                                 **_launch(x))
     return x8, scale
 
@@ -192,8 +209,8 @@ def silu_mul_quantize_fp8(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 def _per_token(kernel: Any, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(x8 [M, k] FP8, scale [M, 1] float32) from `kernel`, one program a row of x: the
-    row in one block up to ONE_PASS_MAX_K (warps to keep ~32 values a thread), else two
-    passes of QUANT_BLOCK_K."""
+    row in one block up to ONE_PASS_MAX_K (`quant_warps`), else two passes of
+    QUANT_BLOCK_K."""
     m = x.shape[0]
     x = x if x.stride(1) == 1 else x.contiguous()
     x8 = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
@@ -202,7 +219,7 @@ def _per_token(kernel: Any, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torc
     block = _pow2(k) if one_pass else QUANT_BLOCK_K
     if m:
         kernel[(m,)](x, x8, scale, k, x.stride(0), x8.stride(0), BLOCK_K=block,
-                     ONE_PASS=one_pass, num_warps=min(16, max(4, block // 1024)),
+                     ONE_PASS=one_pass, num_warps=quant_warps(block),
                      **_launch(x))
     return x8, scale
 
