@@ -43,6 +43,8 @@
 #                                                # probe, tests, step A/B
 #   FOLD2_S=330 ...                              # and v1.04 (the two terms' products
 #                                                # added by the norm, SwiGLU): tests, A/B
+#   NORM2_S=300 ...                              # and v1.06 (two terms made by the
+#                                                # norm): A/B, v1.04's folds on
 #   QUANTW_S=450 ...                             # and v1.05 (the row-quantizing kernels'
 #                                                # warps): probe, A/B (QUANTW warps)
 #                                                # (TWO_AB_LEAST rows, TWO_AB_BATCHES)
@@ -240,6 +242,13 @@ if [ "${FOLD2_S:-0}" != 0 ]; then  # PERF v1.04: the two terms' products added b
     -k "two_fp8_terms or two-terms" -p no:cacheprovider 2>&1 | grep -v '^$' | tail -14 |
     tee "$out/two_terms_tests.log"
   bench_rows "$FOLD2_S" two_terms_fold_ab | rows two_terms_ab_h200.jsonl two_terms_ab_h200.jsonl
+fi
+if [ "${NORM2_S:-0}" != 0 ]; then  # PERF v1.06: qkv's and gate_up's two terms made by the
+  # norm before them, with v1.04's folds on (set NORM2_FOLD=0 for off): FP8 decode at
+  # 96-160 sequences and weight-only FP8 at 256 requests, norm 0 and 1 (~60-70 s an
+  # engine, 4; FOLD2_S runs the GPU tests, v1.06's among them)
+  TPSERVE_FP8_TWO_TERMS_FOLD=${NORM2_FOLD:-1} bench_rows "$NORM2_S" two_terms_norm_ab |
+    rows two_terms_ab_h200.jsonl two_terms_ab_h200.jsonl
 fi
 if [ "${QUANTW_S:-0}" != 0 ]; then  # PERF v1.05: the row-quantizing kernels' warps: the
   # kernels alone at 64-256 rows (~30 s), then FP8 decode at 128 sequences and weight-only

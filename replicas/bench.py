@@ -994,6 +994,15 @@ def two_terms_fold_ab(rounds: int = 1, batches: tuple[int, ...] = (96, 128, 160)
                            batches, tokens, repeats)
 
 
+def two_terms_norm_ab(rounds: int = 1, batches: tuple[int, ...] = (96, 128, 160),
+                      tokens: int = 64, repeats: int = 3) -> Iterator[dict[str, Any]]:
+    """PERF.md v1.06 in the engine: qkv_proj's and gate_up_proj's two terms made by the
+    quantization kernel after the norm ($TPSERVE_FP8_TWO_TERMS_NORM 0) against by the
+    norm's own kernel (1)."""
+    yield from _fp8_env_ab("TPSERVE_FP8_TWO_TERMS_NORM", (0, 1), "two_terms_norm", rounds,
+                           batches, tokens, repeats)
+
+
 def _fp8_env_ab(env: str, values: tuple[int, ...], label: str, rounds: int,
                 batches: tuple[int, ...], tokens: int, repeats: int,
                 modes: tuple[str, ...] = ("fp8",)) -> Iterator[dict[str, Any]]:

@@ -159,6 +159,10 @@ TWO_TERMS_FUSED = False
 # the unfused two terms' products added by their readers (PERF.md v1.04; bit for bit the
 # sum an add kernel makes): off until timed on a GPU
 TWO_TERMS_FOLD = False
+# the two terms of qkv_proj's and gate_up_proj's inputs written by the RMSNorm before
+# them, in its kernel (PERF.md v1.06; bit for bit the quantization kernel's): off until
+# timed on a GPU
+TWO_TERMS_NORM = False
 
 
 def two_term_rows() -> int:
@@ -194,7 +198,7 @@ def _two_term_linear(rows: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
             return kernels.w8a8_two_terms(x8, x_scale, w8, scale, bias, rows.dtype)
         x = x8.float() * x_scale
         return _w8a8_reference(x[:m] + x[m:], w8, scale, bias, rows.dtype)
-    hi, lo = _two_term_products(x8, x_scale, w8, scale, rows.dtype)
+    hi, lo = two_term_products(x8, x_scale, w8, scale, rows.dtype)
     y = hi + lo
     return y if bias is None else y + bias
 
@@ -209,9 +213,10 @@ def _two_term_inputs(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_two_terms(rows)
 
 
-def _two_term_products(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor,
-                       scale: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
-    """The two terms' products, each rounded to `dtype`: one matmul of their 2M rows
+def two_term_products(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor,
+                      scale: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+    """x's two FP8 terms' products (x8 [2M, K], x_scale [2M, 1]: quantize_two_terms'
+    form) with w8 * scale, each rounded to `dtype`: one matmul of their 2M rows
     (`w8a8_tokens`), its halves."""
     m = x8.shape[0] // 2
     both = w8a8_tokens(x8, x_scale, w8, scale, None, dtype)
@@ -227,9 +232,16 @@ def two_term_parts(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor
     (PERF.md v1.04); else None (the caller runs fp8_linear)."""
     from replicas.kernels.fp8mm import RunSum
 
-    if not _two_terms(x, w8) or two_terms_fused() or not two_terms_fold():
+    if not takes_two_terms(x, w8) or not two_terms_fold():
         return None
-    return RunSum(_two_term_products(*_two_term_inputs(x), w8, scale, x.dtype))
+    return RunSum(two_term_products(*_two_term_inputs(x), w8, scale, x.dtype))
+
+
+def takes_two_terms(x: torch.Tensor, w8: torch.Tensor) -> bool:
+    """Whether a weight-only product of x (rows of K) and w8 takes x's two FP8 terms
+    through `w8a8_tokens` (`_two_terms`, not fused): the form whose quantization the
+    norm before it may make (`two_terms_norm`, PERF.md v1.06)."""
+    return _two_terms(x.reshape(-1, x.shape[-1]), w8) and not two_terms_fused()
 
 
 def two_terms_fused() -> bool:
@@ -244,6 +256,13 @@ def two_terms_fold() -> bool:
     next RMSNorm, SwiGLU: `two_term_parts`' callers, PERF.md v1.04):
     $TPSERVE_FP8_TWO_TERMS_FOLD (TWO_TERMS_FOLD unset)."""
     return _switch("TPSERVE_FP8_TWO_TERMS_FOLD", TWO_TERMS_FOLD)
+
+
+def two_terms_norm() -> bool:
+    """Whether the RMSNorm before a weight-only product that takes two terms writes
+    them itself (`kernels.rms_norm_quantize_fp8(..., two=True)`, PERF.md v1.06):
+    $TPSERVE_FP8_TWO_TERMS_NORM (TWO_TERMS_NORM unset)."""
+    return _switch("TPSERVE_FP8_TWO_TERMS_NORM", TWO_TERMS_NORM)
 
 
 def _switch(name: str, default: bool) -> bool:

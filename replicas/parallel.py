@@ -33,7 +33,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from replicas import kernels
-from replicas.fp8 import FP8, fp8_linear, is_fp8, two_term_parts, w8a8_out_dtype, w8a8_tokens
+from replicas.fp8 import (
+    FP8,
+    fp8_linear,
+    is_fp8,
+    takes_two_terms,
+    two_term_parts,
+    two_term_products,
+    two_terms_fold,
+    two_terms_norm,
+    w8a8_out_dtype,
+    w8a8_tokens,
+)
 from replicas.kernels import RunSum, Site
 from replicas.kernels.fp8mm import fold_runs_on
 from replicas.shm import ShmAllReduce
@@ -308,6 +319,10 @@ class ColumnParallelLinear(_KernelLinear):
                     x8, x_scale, s = kernels.rms_norm_quantize_fp8(
                         first, norm.weight, norm.eps, residual, extra=extra)
                     return self.forward_tokens_fp8(x8, x_scale, first.dtype), s
+                if self.takes_two_terms_normed(first):
+                    x8, x_scale, s = kernels.rms_norm_quantize_fp8(
+                        first, norm.weight, norm.eps, residual, extra=extra, two=True)
+                    return self.from_two_terms(x8, x_scale, first.dtype), s
                 h, s = kernels.rms_norm(first, norm.weight, norm.eps, residual, extra=extra)
                 assert s is not None
                 return self(h), s
@@ -322,8 +337,32 @@ class ColumnParallelLinear(_KernelLinear):
             # W8A8 with a scale per token: the norm's row quantized in the same pass
             x8, x_scale, s = kernels.rms_norm_quantize_fp8(x, norm.weight, norm.eps, residual)
             return self.forward_tokens_fp8(x8, x_scale, x.dtype), s
+        if self.takes_two_terms_normed(x):  # weight-only FP8's two terms, the same way
+            x8, x_scale, s = kernels.rms_norm_quantize_fp8(x, norm.weight, norm.eps,
+                                                           residual, two=True)
+            return self.from_two_terms(x8, x_scale, x.dtype), s
         h, residual = norm(x, residual)
         return self(h), residual
+
+    def takes_two_terms_normed(self, x: torch.Tensor) -> bool:
+        """Whether forward_normed has its norm's kernel write x's two FP8 terms (PERF.md
+        v1.06; fp8.two_terms_norm): weight-only FP8 whose product of the normed x takes
+        them (fp8.takes_two_terms), on the kernels' path, not the one-row GEMV's."""
+        return (self.weight_scale is not None and not self.w8a8 and x.dim() == 2
+                and kernels.enabled(x) and not on_gemv(self.gemv, x) and two_terms_norm()
+                and takes_two_terms(x, self.weight))
+
+    def from_two_terms(self, x8: torch.Tensor, x_scale: torch.Tensor, dtype: torch.dtype
+                       ) -> torch.Tensor | RunSum:
+        """This rank's product from x's two FP8 terms already made (x8 [2M, K], x_scale
+        [2M, 1]): unadded (a RunSum) where forward would leave them so
+        (`defers_two_terms`, no bias, fp8.two_terms_fold), else added, then the bias."""
+        assert self.weight_scale is not None
+        parts = two_term_products(x8, x_scale, self.weight, self.weight_scale, dtype)
+        if self.defers_two_terms and self.bias is None and two_terms_fold():
+            return RunSum(parts)
+        y = parts[0] + parts[1]
+        return y if self.bias is None else y + self.bias
 
     def _folds(self, x: RunSum, residual: torch.Tensor | None, swiglu: bool) -> bool:
         """Whether forward_normed's norm adds x's parts itself: two of them, a residual to

@@ -122,10 +122,13 @@ def rest() -> list[tuple[Any, dict[str, str], dict[str, Any], bool]]:
          False),
         # (with a W8A8 projection's per-token FP8 quantization: divides as PyTorch does;
         # and with the two runs of K of the product before it added in, PERF.md v0.80)
+        # (and its two FP8 terms, weight-only FP8's input, PERF.md v1.06: exact, as
+        # _quant_two_kernel)
         *[(norm._rms_norm_kernel, {n: bf16 for n in ("X", "X2", "R", "W", "ROUT")} | {
             "Y": "*fp8e4nv", "S": "*fp32", "eps": "fp32"},
-           {"HAS_RES": True, "BLOCK": 4096, "QUANT": True, "PDL": True, "HAS_X2": x2}, False)
-          for x2 in (False, True)],
+           {"HAS_RES": True, "BLOCK": 4096, "QUANT": True, "PDL": True, "HAS_X2": x2,
+            "TWO": two}, False)
+          for x2, two in ((False, False), (True, False), (True, True))],
         # (and with a second row added in: weight-only FP8's two terms, PERF.md v1.04)
         *[(activation._silu_mul_kernel, {"GU": bf16, "GU2": bf16, "OUT": bf16},
            {"BLOCK": 1024, "PDL": True, "HAS_X2": x2}, False) for x2 in (False, True)],

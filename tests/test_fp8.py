@@ -778,6 +778,42 @@ def test_two_fp8_terms_left_to_the_norm_and_swiglu_score_as_added_first(
         assert torch.equal(a, b)
 
 
+def test_two_fp8_terms_made_by_the_norm_score_as_the_quantization_kernels(
+        checkpoint: CheckpointFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PERF.md v1.06's wiring: weight-only FP8 with x's two terms from the first row (the
+    interpreter, float16), qkv_proj's and gate_up_proj's inputs quantized by the norm
+    before them ($TPSERVE_FP8_TWO_TERMS_NORM=1), alone and with v1.04's products left
+    to their readers (the norm then also adds o_proj's and down_proj's), score exactly
+    as with the quantization kernel after a plain norm (both 0)."""
+    pytest.importorskip("triton")
+    from replicas import kernels
+
+    monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
+    monkeypatch.setenv("TPSERVE_FP8_TWO_TERMS", "1")
+    real = kernels.rms_norm_quantize_fp8
+    normed: list[bool] = []
+
+    def spy(*args: Any, two: bool = False, **kw: Any) -> Any:
+        normed.append(two and kw.get("extra") is not None)
+        return real(*args, two=two, **kw)
+
+    monkeypatch.setattr(kernels, "rms_norm_quantize_fp8", spy)
+    config = EngineConfig(model=checkpoint("qwen2"), dtype="float16", max_model_len=64,
+                          quantization="fp8")
+    prompts = sequences(2, 24, 200, seed=4)
+    scores = {}
+    for norm, fold in (("0", "0"), ("1", "0"), ("1", "1")):
+        monkeypatch.setenv("TPSERVE_FP8_TWO_TERMS_NORM", norm)
+        monkeypatch.setenv("TPSERVE_FP8_TWO_TERMS_FOLD", fold)
+        normed.clear()
+        scores[norm, fold] = scored(config, prompts)
+        # (each of the 2 layers' two norms; with folds, those after o_proj and
+        # down_proj add their parts: extra)
+        assert bool(normed) == (norm == "1") and any(normed) == (fold == "1"), normed
+    for other in (scores["1", "0"], scores["1", "1"]):
+        for a, b in zip(scores["0", "0"], other, strict=True):
+            assert torch.equal(a, b)
+
 def test_swiglu_of_two_rows_is_swiglu_of_their_sum(monkeypatch: pytest.MonkeyPatch) -> None:
     """kernels.silu_and_mul(a, extra=b) (PERF.md v1.04; the interpreter, float16 and
     float32) equals silu_and_mul(a + b) bit for bit, the sum rounded as PyTorch's add; a
@@ -796,11 +832,15 @@ def test_swiglu_of_two_rows_is_swiglu_of_their_sum(monkeypatch: pytest.MonkeyPat
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("two", [False, True])
 def test_rms_norm_quantized_in_one_pass_is_the_two_kernels_bit_for_bit(
-        monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, with_residual: bool) -> None:
+        monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, with_residual: bool,
+        two: bool) -> None:
     """A W8A8 projection's input (kernels.rms_norm_quantize_fp8): exactly what rms_norm
     then quantize_tokens_fp8 give, FP8 entries and scales, and the same residual sum;
-    rows past a power of two wide, a zero row (scale 1), rows far apart in size."""
+    rows past a power of two wide, a zero row (scale 1), rows far apart in size. `two`
+    (PERF.md v1.06, weight-only FP8's input): its two FP8 terms, exactly what
+    quantize_two_terms_fp8 gives for rms_norm's row."""
     pytest.importorskip("triton")
     from replicas import kernels
 
@@ -813,10 +853,12 @@ def test_rms_norm_quantized_in_one_pass_is_the_two_kernels_bit_for_bit(
     if residual is not None:
         residual[0] = 0.0
     weight = (1 + torch.rand(n, generator=gen)).to(dtype)
-    x8, scale, s = kernels.rms_norm_quantize_fp8(x, weight, 1e-5, residual)
+    x8, scale, s = kernels.rms_norm_quantize_fp8(x, weight, 1e-5, residual, two=two)
     h, want_s = kernels.rms_norm(x, weight, 1e-5, residual)
-    want8, want_scale = kernels.quantize_tokens_fp8(h)
-    assert x8.shape == (m, n) and x8.dtype == FP8 and scale.dtype == torch.float32
+    want8, want_scale = (kernels.quantize_two_terms_fp8 if two
+                         else kernels.quantize_tokens_fp8)(h)
+    assert x8.shape == ((1 + two) * m, n) and x8.dtype == FP8
+    assert scale.dtype == torch.float32
     assert torch.equal(scale, want_scale) and scale[0, 0] == 1.0
     assert torch.equal(x8.view(torch.uint8), want8.view(torch.uint8))
     assert torch.equal(s, want_s if residual is not None else x)

@@ -471,8 +471,8 @@ def folded_as_added(model: str, quantization: str, switch: str,
                     folded_at_all: Callable[[], Any] = lambda: True) -> None:
     """A bf16 engine of `model` in `quantization` scores teacher-forced prompts exactly
     and generates greedy tokens (decode in CUDA graphs) as it does with $switch 0 (the
-    products added before their reader); `folded_at_all()` is truthy after the first
-    run."""
+    products added before their reader, or whatever $switch turns off);
+    `folded_at_all()` is truthy after the first run."""
     from replicas.accuracy import scored, sequences
 
     config = EngineConfig(model=model, device="cuda", dtype="bfloat16", max_model_len=64,
@@ -515,6 +515,26 @@ def test_two_fp8_terms_folded_into_norm_and_swiglu_score_as_added_on_gpu(
     monkeypatch.setattr(parallel, "two_term_parts", parts)
     folded_as_added(checkpoint("qwen2"), "fp8", "TPSERVE_FP8_TWO_TERMS_FOLD", monkeypatch,
                     lambda: deferred)
+
+
+def test_two_fp8_terms_made_by_the_norm_score_as_the_kernel_after_it_on_gpu(
+        checkpoint: CheckpointFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PERF.md v1.06 through the engine on the GPU: weight-only FP8 with x's two terms
+    from the first row, qkv_proj's and gate_up_proj's made by the norm before them (and
+    v1.04's folds on), score and generate (CUDA graphs) exactly as with the
+    quantization kernel after a plain norm (TPSERVE_FP8_TWO_TERMS_NORM=0)."""
+    monkeypatch.setenv("TPSERVE_FP8_TWO_TERMS", "1")
+    monkeypatch.setenv("TPSERVE_FP8_TWO_TERMS_FOLD", "1")
+    monkeypatch.setenv("TPSERVE_FP8_TWO_TERMS_NORM", "1")
+    real, normed = kernels.rms_norm_quantize_fp8, []
+
+    def spy(*args: Any, two: bool = False, **kw: Any) -> Any:
+        normed.extend([True] if two else [])
+        return real(*args, two=two, **kw)
+
+    monkeypatch.setattr(kernels, "rms_norm_quantize_fp8", spy)
+    folded_as_added(checkpoint("qwen2"), "fp8", "TPSERVE_FP8_TWO_TERMS_NORM", monkeypatch,
+                    lambda: normed)
 
 def test_w8a8_cublas_runs_replay_in_a_cuda_graph_as_run_eagerly() -> None:
     """PERF.md v0.71: `_scaled_mm` in runs of K on side streams, captured into a CUDA graph

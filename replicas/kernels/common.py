@@ -54,6 +54,8 @@ STEP_SHAPED: dict[str, tuple[str, ...]] = {
     "_w8a16_kernel": ("m",),  # the step's rows
     "_w8a8_groups_kernel": ("m",),
     "_two_terms_kernel": ("m",),
+    "_quant_two_kernel": ("m",),  # (x's rows: where its second term's rows start)
+    "_rms_norm_kernel": ("m",),  # (the same, where it writes two terms)
 }
 
 

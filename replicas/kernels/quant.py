@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from replicas.kernels.common import _launch, _pow2
+from replicas.kernels.common import STEP_SHAPED, _launch, _pow2
 
 try:
     import triton
@@ -61,6 +61,7 @@ def quant_warps(block: int) -> int:
         return int(text)
     return min(16, max(4, block // 1024))
 
+
 if triton is not None:
     from replicas.kernels.common import _pdl_enter
 
@@ -90,25 +91,32 @@ if triton is not None:
                 _store_fp8(Y + row * sym, k0 + rk, ok, x, scale)
         tl.store(S + row, scale)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=STEP_SHAPED["_quant_two_kernel"])
     def _quant_two_kernel(X, Y, S, m, k, sxm, sym, BLOCK_K: tl.constexpr,
                           PDL: tl.constexpr):
-        """Program (row, one block): the row quantized as _quant_rows_kernel does into
-        row `row` of Y (scale S[row]), then its residual x - hi * scale (one fma: one
-        rounding in float32) quantized the same way into row m + row (S[m + row])."""
+        """Program (row, one block): the row's two FP8 terms (_store_two_terms)."""
         _pdl_enter(PDL)
         row = tl.program_id(0).to(tl.int64)
         rk = tl.arange(0, BLOCK_K)
         ok = rk < k
         x = tl.load(X + row * sxm + rk, mask=ok, other=0.0).to(tl.float32)
+        _store_two_terms(Y, S, row, m, sym, rk, ok, x)
+
+    @triton.jit
+    def _store_two_terms(Y, S, row, m, sym, cols, ok, x):
+        """A row's values x (float32, in registers; 0 where not `ok`) quantized as
+        _quant_rows_kernel does into row `row` of Y (scale S[row]), then its residual x -
+        hi * scale (one fma: one rounding in float32) quantized the same way into row m +
+        row (S[m + row])."""
+        row = row.to(tl.int64)
         scale = _row_scale(tl.max(tl.abs(x), axis=0))
         hi = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0).to(
             Y.dtype.element_ty)
-        tl.store(Y + row * sym + rk, hi, mask=ok)
+        tl.store(Y + row * sym + cols, hi, mask=ok)
         tl.store(S + row, scale)
         rest = tl.math.fma(-hi.to(tl.float32), scale, x)
         scale2 = _row_scale(tl.max(tl.abs(rest), axis=0))
-        _store_fp8(Y + (m + row) * sym, rk, ok, rest, scale2)
+        _store_fp8(Y + (m + row) * sym, cols, ok, rest, scale2)
         tl.store(S + m + row, scale2)
 
     @triton.jit
