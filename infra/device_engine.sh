@@ -45,6 +45,8 @@
 #                                                # added by the norm, SwiGLU): tests, A/B
 #   NORM2_S=300 ...                              # and v1.06 (two terms made by the
 #                                                # norm): A/B, v1.04's folds on
+#   NEXT2_S=480 ...                              # and v1.04 + v1.06 in one call: tests,
+#                                                # three arms (as now, +fold, +norm)
 #   QUANTW_S=450 ...                             # and v1.05 (the row-quantizing kernels'
 #                                                # warps): probe, A/B (QUANTW warps)
 #                                                # (TWO_AB_LEAST rows, TWO_AB_BATCHES)
@@ -242,6 +244,15 @@ if [ "${FOLD2_S:-0}" != 0 ]; then  # PERF v1.04: the two terms' products added b
     -k "two_fp8_terms or two-terms" -p no:cacheprovider 2>&1 | grep -v '^$' | tail -14 |
     tee "$out/two_terms_tests.log"
   bench_rows "$FOLD2_S" two_terms_fold_ab | rows two_terms_ab_h200.jsonl two_terms_ab_h200.jsonl
+fi
+if [ "${NEXT2_S:-0}" != 0 ]; then  # PERF v1.04 + v1.06 in one call: the two-terms GPU
+  # tests, then FP8 decode at 96-160 sequences and weight-only FP8 at 256 requests in
+  # three arms: as now, v1.04 (folds), v1.04 + v1.06 (the norm's terms) (~60-70 s an
+  # engine, 6; ~9 min in all)
+  timeout -s KILL "$NEXT2_S" python3 -m pytest -q -s tests/test_gpu.py \
+    -k "two_fp8_terms or two-terms" -p no:cacheprovider 2>&1 | grep -v '^$' | tail -14 |
+    tee "$out/two_terms_tests.log"
+  bench_rows "$NEXT2_S" two_terms_next_ab | rows two_terms_ab_h200.jsonl two_terms_ab_h200.jsonl
 fi
 if [ "${NORM2_S:-0}" != 0 ]; then  # PERF v1.06: qkv's and gate_up's two terms made by the
   # norm before them, with v1.04's folds on (set NORM2_FOLD=0 for off): FP8 decode at

@@ -1003,6 +1003,29 @@ def two_terms_norm_ab(rounds: int = 1, batches: tuple[int, ...] = (96, 128, 160)
                            batches, tokens, repeats)
 
 
+# PERF.md v1.04 + v1.06 in one call: (arm, $TPSERVE_FP8_TWO_TERMS_FOLD, _NORM)
+TWO_TERMS_NEXT_ARMS = (("plain", "0", "0"), ("fold", "1", "0"), ("fold_norm", "1", "1"))
+
+
+def two_terms_next_ab(rounds: int = 1, batches: tuple[int, ...] = (96, 128, 160),
+                      tokens: int = 64, repeats: int = 3) -> Iterator[dict[str, Any]]:
+    """PERF.md v1.04 and v1.06 in the engine, one process, three arms
+    (TWO_TERMS_NEXT_ARMS): the two terms' adds and quantization kernels as now, v1.04's
+    products left to their readers, and v1.06's terms made by the norm on top; FP8 decode
+    at `batches` sequences, then weight-only FP8 at 256 requests; an engine each (6)."""
+    @contextlib.contextmanager
+    def patch(arm: str) -> Iterator[None]:  # (set as an arm's engine starts, not before)
+        _, fold, norm = next(a for a in TWO_TERMS_NEXT_ARMS if a[0] == arm)
+        with (_env("TPSERVE_FP8_TWO_TERMS_FOLD", fold),
+              _env("TPSERVE_FP8_TWO_TERMS_NORM", norm)):
+            yield
+
+    arms = tuple(a[0] for a in TWO_TERMS_NEXT_ARMS)
+    yield from _fp8_batch_arms({f"two_terms_{a}": (patch(a), {"two_terms_next": a})
+                                for a in arms}, batches, tokens, repeats)
+    yield from _256_ab(rounds, ("fp8",), arms, "two_terms_next", patch)
+
+
 def _fp8_env_ab(env: str, values: tuple[int, ...], label: str, rounds: int,
                 batches: tuple[int, ...], tokens: int, repeats: int,
                 modes: tuple[str, ...] = ("fp8",)) -> Iterator[dict[str, Any]]:

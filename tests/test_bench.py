@@ -7,7 +7,7 @@ import dataclasses
 import json
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -977,3 +977,41 @@ def test_device_engine_steps_call_functions_the_bench_has() -> None:
     for bound, name in steps:
         assert callable(getattr(bench, name, None)), name
         assert re.search(rf'"\${{{bound}:-0}}" != 0', script), bound
+
+
+def test_two_terms_next_ab_sets_each_arms_switches_as_its_engine_runs(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench.two_terms_next_ab (PERF.md v1.04 + v1.06): each arm's engine, decode and 256
+    requests alike, runs under its own TPSERVE_FP8_TWO_TERMS_FOLD and _NORM (set as it
+    starts: arms made up front must not leave the last one's settings on all), and the
+    caller's environment is back after."""
+    import os
+
+    from replicas import bench
+
+    seen: list[tuple[str, str | None, str | None]] = []
+
+    def record(name: str) -> None:
+        seen.append((name, os.environ.get("TPSERVE_FP8_TWO_TERMS_FOLD"),
+                     os.environ.get("TPSERVE_FP8_TWO_TERMS_NORM")))
+
+    def batch_arms(arms: dict[str, Any], *_: Any) -> Iterator[dict[str, Any]]:
+        for name, (patch, _fields) in arms.items():
+            with patch:
+                record(name)
+            yield {}
+
+    def runs_256(rounds: int, modes: Any, values: Any, label: str,
+                 context_of: Any) -> Iterator[dict[str, Any]]:
+        for value in values:
+            with context_of(value):
+                record(value)
+            yield {}
+
+    monkeypatch.delenv("TPSERVE_FP8_TWO_TERMS_FOLD", raising=False)
+    monkeypatch.setattr(bench, "_fp8_batch_arms", batch_arms)
+    monkeypatch.setattr(bench, "_256_ab", runs_256)
+    list(bench.two_terms_next_ab())
+    arms = [(a, fold, norm) for a, fold, norm in bench.TWO_TERMS_NEXT_ARMS]
+    assert seen == [(f"two_terms_{a}", f, n) for a, f, n in arms] + arms
+    assert "TPSERVE_FP8_TWO_TERMS_FOLD" not in os.environ
