@@ -1060,17 +1060,20 @@ def quant_warps_probe(rows: tuple[int, ...] = (64, 128, 256),
     from replicas.kernels.gemv import _cycled_us
     from replicas.kernels.quant import quant_warps
 
+    def bits(outs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:  # (FP8 as bytes)
+        return [t.view(torch.uint8) if t.dtype == FP8 else t for t in outs]
+
     gen = torch.Generator(device="cuda").manual_seed(0)
     for name, (k, launcher) in QUANT_PROBE.items():
         fn = getattr(kernels, launcher)
         for m in rows:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
-            want = [t.view(torch.uint8) if t.dtype == FP8 else t for t in fn(x)]
+            want = bits(fn(x))
             times, same = {}, {}
             for w in (0, *warps):
                 with _env("TPSERVE_QUANT_WARPS", str(w)):
                     times[str(w)] = round(_cycled_us(fn, [x] * 20), 2)
-                    got = [t.view(torch.uint8) if t.dtype == FP8 else t for t in fn(x)]
+                    got = bits(fn(x))
                 same[str(w)] = all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
             yield {"case": f"quant_warps_{name}_m{m}", "unit": "us", "k": k, "rows": m,
                    "ours": times["0"], "times_us": times, "same_as_rule": same,

@@ -198,7 +198,15 @@ def _two_term_linear(rows: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
             return kernels.w8a8_two_terms(x8, x_scale, w8, scale, bias, rows.dtype)
         x = x8.float() * x_scale
         return _w8a8_reference(x[:m] + x[m:], w8, scale, bias, rows.dtype)
-    hi, lo = two_term_products(x8, x_scale, w8, scale, rows.dtype)
+    return two_term_linear(x8, x_scale, w8, scale, bias, rows.dtype)
+
+
+def two_term_linear(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor,
+                    scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+                    ) -> torch.Tensor:
+    """The product from x's two FP8 terms already made (quantize_two_terms' form): the
+    two `two_term_products` added in `dtype`, then the bias."""
+    hi, lo = two_term_products(x8, x_scale, w8, scale, dtype)
     y = hi + lo
     return y if bias is None else y + bias
 

@@ -38,6 +38,7 @@ from replicas.fp8 import (
     fp8_linear,
     is_fp8,
     takes_two_terms,
+    two_term_linear,
     two_term_parts,
     two_term_products,
     two_terms_fold,
@@ -224,10 +225,16 @@ class _KernelLinear(nn.Module):
         TWO_TERM_ROWS rows, unfused, with fp8.two_terms_fold on), no bias, on the
         kernels' path: the two products unadded, for the reader to add as it reads them
         (PERF.md v1.04); else None."""
-        if (self.weight_scale is None or self.w8a8 or self.bias is not None
-                or on_gemv(self.gemv, x) or not (kernels.enabled(x) and x.dim() == 2)):
+        if self.bias is not None or not self._weight_only_steps(x):
             return None
+        assert self.weight_scale is not None
         return two_term_parts(x, self.weight, self.weight_scale)
+
+    def _weight_only_steps(self, x: torch.Tensor) -> bool:
+        """Whether x's product is weight-only FP8 (no W8A8) on the kernels' path, rows of
+        a step, not the one-row GEMV's: where x may take two FP8 terms."""
+        return (self.weight_scale is not None and not self.w8a8 and x.dim() == 2
+                and kernels.enabled(x) and not on_gemv(self.gemv, x))
 
     def _tokens_fp8(self, x8: torch.Tensor, x_scale: torch.Tensor, dtype: torch.dtype,
                     bias: torch.Tensor | None, defer: bool = False) -> torch.Tensor | RunSum:
@@ -348,8 +355,7 @@ class ColumnParallelLinear(_KernelLinear):
         """Whether forward_normed has its norm's kernel write x's two FP8 terms (PERF.md
         v1.06; fp8.two_terms_norm): weight-only FP8 whose product of the normed x takes
         them (fp8.takes_two_terms), on the kernels' path, not the one-row GEMV's."""
-        return (self.weight_scale is not None and not self.w8a8 and x.dim() == 2
-                and kernels.enabled(x) and not on_gemv(self.gemv, x) and two_terms_norm()
+        return (self._weight_only_steps(x) and two_terms_norm()
                 and takes_two_terms(x, self.weight))
 
     def from_two_terms(self, x8: torch.Tensor, x_scale: torch.Tensor, dtype: torch.dtype
@@ -358,11 +364,10 @@ class ColumnParallelLinear(_KernelLinear):
         [2M, 1]): unadded (a RunSum) where forward would leave them so
         (`defers_two_terms`, no bias, fp8.two_terms_fold), else added, then the bias."""
         assert self.weight_scale is not None
-        parts = two_term_products(x8, x_scale, self.weight, self.weight_scale, dtype)
         if self.defers_two_terms and self.bias is None and two_terms_fold():
-            return RunSum(parts)
-        y = parts[0] + parts[1]
-        return y if self.bias is None else y + self.bias
+            return RunSum(two_term_products(x8, x_scale, self.weight, self.weight_scale,
+                                            dtype))
+        return two_term_linear(x8, x_scale, self.weight, self.weight_scale, self.bias, dtype)
 
     def _folds(self, x: RunSum, residual: torch.Tensor | None, swiglu: bool) -> bool:
         """Whether forward_normed's norm adds x's parts itself: two of them, a residual to

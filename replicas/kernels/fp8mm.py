@@ -257,11 +257,8 @@ if triton is not None:
                          max_num_imprecise_acc=IMPRECISE)
         y = (hi * tl.load(XS + rm * sxs, mask=m_ok, other=0.0)[:, None]
              + lo * tl.load(XS + (m + rm) * sxs, mask=m_ok, other=0.0)[:, None])
-        y = y * tl.load(WS + rn, mask=n_ok, other=0.0)[None, :]
-        if HAS_BIAS:
-            y += tl.load(B + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(Y + rm[:, None] * sym + rn[None, :], y.to(Y.dtype.element_ty),
-                 mask=m_ok[:, None] & n_ok[None, :])
+        # (W's scales, the bias, the rounding: the rows' scales are in y already)
+        _w8a8_out(y, XS, WS, B, Y, rm, rn, m_ok, n_ok, sxs, sym, HAS_BIAS, False, False)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, swap[, split]): the configs the fp8 suite's

@@ -110,9 +110,7 @@ if triton is not None:
         row (S[m + row])."""
         row = row.to(tl.int64)
         scale = _row_scale(tl.max(tl.abs(x), axis=0))
-        hi = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0).to(
-            Y.dtype.element_ty)
-        tl.store(Y + row * sym + cols, hi, mask=ok)
+        hi = _store_fp8(Y + row * sym, cols, ok, x, scale)
         tl.store(S + row, scale)
         rest = tl.math.fma(-hi.to(tl.float32), scale, x)
         scale2 = _row_scale(tl.max(tl.abs(rest), axis=0))
@@ -127,9 +125,12 @@ if triton is not None:
 
     @triton.jit
     def _store_fp8(Y, cols, ok, x, scale):
-        """x / scale (IEEE), saturated at +-448, stored at Y + cols in Y's FP8."""
-        y = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
-        tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=ok)
+        """x / scale (IEEE), saturated at +-448, stored at Y + cols in Y's FP8; returns
+        the FP8 values stored."""
+        y = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0).to(
+            Y.dtype.element_ty)
+        tl.store(Y + cols, y, mask=ok)
+        return y
 
     @triton.jit
     def _silu_mul_quant_kernel(GU, Y, S, n, sg, sym, BLOCK_K: tl.constexpr,
