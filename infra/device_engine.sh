@@ -48,7 +48,8 @@
 #   NEXT2_S=480 ...                              # and v1.04 + v1.06 in one call: tests,
 #                                                # three arms (as now, +fold, +norm)
 #   QUANTW_S=450 ...                             # and v1.05 (the row-quantizing kernels'
-#                                                # warps): probe, A/B (QUANTW warps)
+#                                                # warps): probe, A/B (QUANTW warps;
+#                                                # QUANTW_AB=0: the probe alone)
 #                                                # (TWO_AB_LEAST rows, TWO_AB_BATCHES)
 #   BYK_S=200 ...                                # and FP8 decode at 96-152 sequences with
 #                                                # the configs past 64 rows by K (v1.01)
@@ -265,9 +266,12 @@ if [ "${QUANTW_S:-0}" != 0 ]; then  # PERF v1.05: the row-quantizing kernels' wa
   # kernels alone at 64-256 rows (~30 s), then FP8 decode at 128 sequences and weight-only
   # FP8 and W8A8 -keepqkv at 256 requests with the rule's warps and QUANTW (default 16;
   # ~60-70 s an engine, 6)
+  # (QUANTW_AB=0: the probe alone, as a short tail to another step's call)
   bench_rows "$QUANTW_S" quant_warps_probe | rows quant_warps_h200.jsonl quant_warps_h200.jsonl
-  bench_rows "$QUANTW_S" quant_warps_ab "warps=${QUANTW:-16}" |
-    rows quant_warps_ab_h200.jsonl quant_warps_ab_h200.jsonl
+  if [ "${QUANTW_AB:-1}" != 0 ]; then
+    bench_rows "$QUANTW_S" quant_warps_ab "warps=${QUANTW:-16}" |
+      rows quant_warps_ab_h200.jsonl quant_warps_ab_h200.jsonl
+  fi
 fi
 if [ "${BYK_S:-0}" != 0 ]; then  # PERF v1.01: FP8 decode at 96, 128 and 152 sequences
   # with the narrower weights' configs past 64 rows as in v1.00 and by K (~60 s an engine, 2)
