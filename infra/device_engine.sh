@@ -250,10 +250,12 @@ if [ "${NEXT2_S:-0}" != 0 ]; then  # PERF v1.04 + v1.06 in one call: the two-ter
   # tests, then FP8 decode at 96-160 sequences and weight-only FP8 at 256 requests in
   # three arms: as now, v1.04 (folds), v1.04 + v1.06 (the norm's terms) (~60-70 s an
   # engine, 6; ~9 min in all)
-  timeout -s KILL "$NEXT2_S" python3 -m pytest -q -s tests/test_gpu.py \
+  # (NEXT2_TEST_S: the tests' own cut; NEXT2_ARGS: the bench's, e.g. "batches=(128,)")
+  timeout -s KILL "${NEXT2_TEST_S:-$NEXT2_S}" python3 -m pytest -q -s tests/test_gpu.py \
     -k "two_fp8_terms or two-terms" -p no:cacheprovider 2>&1 | grep -v '^$' | tail -14 |
     tee "$out/two_terms_tests.log"
-  bench_rows "$NEXT2_S" two_terms_next_ab | rows two_terms_ab_h200.jsonl two_terms_ab_h200.jsonl
+  bench_rows "$NEXT2_S" two_terms_next_ab "${NEXT2_ARGS:-}" |
+    rows two_terms_ab_h200.jsonl two_terms_ab_h200.jsonl
 fi
 if [ "${NORM2_S:-0}" != 0 ]; then  # PERF v1.06: qkv's and gate_up's two terms made by the
   # norm before them, with v1.04's folds on (set NORM2_FOLD=0 for off): FP8 decode at
