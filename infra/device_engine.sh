@@ -39,6 +39,7 @@
 #   TWO_S=300 ...                                # and weight-only FP8 with x in two FP8
 #                                                # terms (v1.02): probe, tests, in the step
 #   TWO_AB_S=330 ...                             # and v1.02's tests and step A/B alone
+#                                                # (TWO_AB_LEAST rows, TWO_AB_BATCHES)
 #   FUSED_S=330 ...                              # and v1.03 (two terms in one kernel):
 #                                                # probe, tests, step A/B
 #   FOLD2_S=330 ...                              # and v1.04 (the two terms' products
@@ -47,10 +48,10 @@
 #                                                # norm): A/B, v1.04's folds on
 #   NEXT2_S=480 ...                              # and v1.04 + v1.06 in one call: tests,
 #                                                # three arms (as now, +fold, +norm)
+#                                                # (NEXT2_TEST_S, NEXT2_ARGS: shorter)
 #   QUANTW_S=450 ...                             # and v1.05 (the row-quantizing kernels'
 #                                                # warps): probe, A/B (QUANTW warps;
 #                                                # QUANTW_AB=0: the probe alone)
-#                                                # (TWO_AB_LEAST rows, TWO_AB_BATCHES)
 #   BYK_S=200 ...                                # and FP8 decode at 96-152 sequences with
 #                                                # the configs past 64 rows by K (v1.01)
 #   DEQUANT_S=330 ...                            # and weight-only FP8 at 256 requests with
