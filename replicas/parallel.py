@@ -322,14 +322,8 @@ class ColumnParallelLinear(_KernelLinear):
                 x = x.total()
             else:
                 first, extra = x.parts
-                if self.takes_tokens_fp8() and first.dim() == 2:
-                    x8, x_scale, s = kernels.rms_norm_quantize_fp8(
-                        first, norm.weight, norm.eps, residual, extra=extra)
-                    return self.forward_tokens_fp8(x8, x_scale, first.dtype), s
-                if self.takes_two_terms_normed(first):
-                    x8, x_scale, s = kernels.rms_norm_quantize_fp8(
-                        first, norm.weight, norm.eps, residual, extra=extra, two=True)
-                    return self.from_two_terms(x8, x_scale, first.dtype), s
+                if (done := self._normed_fp8(first, residual, norm, extra)) is not None:
+                    return done
                 h, s = kernels.rms_norm(first, norm.weight, norm.eps, residual, extra=extra)
                 assert s is not None
                 return self(h), s
@@ -340,16 +334,27 @@ class ColumnParallelLinear(_KernelLinear):
             return kernels.gemv_norm(x, residual, norm.weight, norm.eps, self.weight,
                                      self.bias, self.gemv, self.weight_scale, swiglu)
         assert not swiglu, "SwiGLU in the projection's kernel: the one-row GEMV only"
-        if self.takes_tokens_fp8() and kernels.enabled(x) and x.dim() == 2:
-            # W8A8 with a scale per token: the norm's row quantized in the same pass
-            x8, x_scale, s = kernels.rms_norm_quantize_fp8(x, norm.weight, norm.eps, residual)
-            return self.forward_tokens_fp8(x8, x_scale, x.dtype), s
-        if self.takes_two_terms_normed(x):  # weight-only FP8's two terms, the same way
-            x8, x_scale, s = kernels.rms_norm_quantize_fp8(x, norm.weight, norm.eps,
-                                                           residual, two=True)
-            return self.from_two_terms(x8, x_scale, x.dtype), s
+        if (done := self._normed_fp8(x, residual, norm)) is not None:
+            return done
         h, residual = norm(x, residual)
         return self(h), residual
+
+    def _normed_fp8(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+                    extra: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor | RunSum, torch.Tensor] | None:
+        """forward_normed where the norm's kernel quantizes its rows (x, plus `extra`'s
+        where given) for this product in the same pass, the 16-bit row never written:
+        W8A8 with a scale per token, or weight-only FP8's two terms (PERF.md v1.06);
+        None where neither applies."""
+        if self.takes_tokens_fp8() and kernels.enabled(x) and x.dim() == 2:
+            x8, x_scale, s = kernels.rms_norm_quantize_fp8(x, norm.weight, norm.eps,
+                                                           residual, extra=extra)
+            return self.forward_tokens_fp8(x8, x_scale, x.dtype), s
+        if self.takes_two_terms_normed(x):
+            x8, x_scale, s = kernels.rms_norm_quantize_fp8(x, norm.weight, norm.eps,
+                                                           residual, extra=extra, two=True)
+            return self.from_two_terms(x8, x_scale, x.dtype), s
+        return None
 
     def takes_two_terms_normed(self, x: torch.Tensor) -> bool:
         """Whether forward_normed has its norm's kernel write x's two FP8 terms (PERF.md

@@ -674,7 +674,7 @@ def test_w8a8_inputs_quantized_in_one_pass_score_as_the_two_kernels(
     for name in ("silu_mul_quantize_fp8", "rms_norm_quantize_fp8"):
         fused = getattr(kernels, name)
         monkeypatch.setattr(kernels, name,
-                            lambda *a, _f=fused, _n=name: calls.append(_n) or _f(*a))
+                            lambda *a, _f=fused, _n=name, **k: calls.append(_n) or _f(*a, **k))
     one_pass = scored(config, prompts)
     assert set(calls) == {"silu_mul_quantize_fp8", "rms_norm_quantize_fp8"}
     monkeypatch.setattr(RowParallelLinear, "takes_tokens_fp8", lambda self: False)
