@@ -132,6 +132,12 @@ where = {**environment(), 'command': 'bench.$2(${3:-})'}
 for row in $2(${3:-}):
     print(json.dumps({**row, **where}), flush=True)" 2>&1
 }
+two_terms_tests() {  # SECONDS: the two-FP8-terms GPU tests (PERF v1.02-v1.06), cut at
+  # SECONDS; their tail into $out/two_terms_tests.log
+  timeout -s KILL "$1" python3 -m pytest -q -s tests/test_gpu.py \
+    -k "two_fp8_terms or two-terms" -p no:cacheprovider 2>&1 | grep -v '^$' | tail -14 |
+    tee "$out/two_terms_tests.log"
+}
 if [ "${STRUCT_S:-0}" != 0 ]; then
   timeout -s KILL "$STRUCT_S" python3 -m pytest -q tests/test_structured.py \
     tests/test_toolcalls.py -k "not tp2 and not overflow" -p no:cacheprovider 2>&1 |
@@ -214,16 +220,13 @@ if [ "${TWO_S:-0}" != 0 ]; then  # PERF v1.02: weight-only FP8 with x in two FP8
   # sequences and weight-only FP8 at 256 requests with them off and from 64 rows
   # (~60-70 s an engine, 4; ~7 min in all)
   bench_rows "$TWO_S" two_terms_probe | rows two_terms_h200.jsonl two_terms_h200.jsonl
-  timeout -s KILL "$TWO_S" python3 -m pytest -q tests/test_gpu.py \
-    -k "two_fp8_terms or two-terms" -p no:cacheprovider 2>&1 | tail -5 | tee "$out/two_terms_tests.log"
+  two_terms_tests "$TWO_S"
   bench_rows "$TWO_S" two_terms_ab | rows two_terms_ab_h200.jsonl two_terms_ab_h200.jsonl
 fi
 if [ "${TWO_AB_S:-0}" != 0 ]; then  # PERF v1.02's threshold: the GPU tests (each product's
   # error printed), then two_terms_ab from TWO_AB_LEAST rows at TWO_AB_BATCHES sequences
   # (~60-70 s an engine, 4)
-  timeout -s KILL "$TWO_AB_S" python3 -m pytest -q -s tests/test_gpu.py \
-    -k "two_fp8_terms or two-terms" -p no:cacheprovider 2>&1 | grep -v '^$' | tail -12 |
-    tee "$out/two_terms_tests.log"
+  two_terms_tests "$TWO_AB_S"
   bench_rows "$TWO_AB_S" two_terms_ab \
     "least=${TWO_AB_LEAST:-96}, batches=(${TWO_AB_BATCHES:-96,128,160},)" |
     rows two_terms_ab_h200.jsonl two_terms_ab_h200.jsonl
@@ -233,18 +236,14 @@ if [ "${FUSED_S:-0}" != 0 ]; then  # PERF v1.03: the two terms in one kernel: th
   # FP8 decode at 96-160 sequences and weight-only FP8 at 256 requests unfused and fused
   # (~60-70 s an engine, 4)
   bench_rows "$FUSED_S" two_terms_probe | rows two_terms_h200.jsonl two_terms_h200.jsonl
-  timeout -s KILL "$FUSED_S" python3 -m pytest -q -s tests/test_gpu.py \
-    -k "two_fp8_terms or two-terms" -p no:cacheprovider 2>&1 | grep -v '^$' | tail -14 |
-    tee "$out/two_terms_tests.log"
+  two_terms_tests "$FUSED_S"
   bench_rows "$FUSED_S" two_terms_fused_ab | rows two_terms_ab_h200.jsonl two_terms_ab_h200.jsonl
 fi
 if [ "${FOLD2_S:-0}" != 0 ]; then  # PERF v1.04: the two terms' products added by the next
   # norm and SwiGLU: the GPU tests (two-terms ones), then FP8 decode at 96-160 sequences
-  # and weight-only FP8 at 256 requests with TPSERVE_W8A8_FOLD 0 and 1 (~60-70 s an
-  # engine, 4)
-  timeout -s KILL "$FOLD2_S" python3 -m pytest -q -s tests/test_gpu.py \
-    -k "two_fp8_terms or two-terms" -p no:cacheprovider 2>&1 | grep -v '^$' | tail -14 |
-    tee "$out/two_terms_tests.log"
+  # and weight-only FP8 at 256 requests with TPSERVE_FP8_TWO_TERMS_FOLD 0 and 1 (~60-70 s
+  # an engine, 4)
+  two_terms_tests "$FOLD2_S"
   bench_rows "$FOLD2_S" two_terms_fold_ab | rows two_terms_ab_h200.jsonl two_terms_ab_h200.jsonl
 fi
 if [ "${NEXT2_S:-0}" != 0 ]; then  # PERF v1.04 + v1.06 in one call: the two-terms GPU
@@ -252,9 +251,7 @@ if [ "${NEXT2_S:-0}" != 0 ]; then  # PERF v1.04 + v1.06 in one call: the two-ter
   # three arms: as now, v1.04 (folds), v1.04 + v1.06 (the norm's terms) (~60-70 s an
   # engine, 6; ~9 min in all)
   # (NEXT2_TEST_S: the tests' own cut; NEXT2_ARGS: the bench's, e.g. "batches=(128,)")
-  timeout -s KILL "${NEXT2_TEST_S:-$NEXT2_S}" python3 -m pytest -q -s tests/test_gpu.py \
-    -k "two_fp8_terms or two-terms" -p no:cacheprovider 2>&1 | grep -v '^$' | tail -14 |
-    tee "$out/two_terms_tests.log"
+  two_terms_tests "${NEXT2_TEST_S:-$NEXT2_S}"
   bench_rows "$NEXT2_S" two_terms_next_ab "${NEXT2_ARGS:-}" |
     rows two_terms_ab_h200.jsonl two_terms_ab_h200.jsonl
 fi

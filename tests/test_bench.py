@@ -1008,10 +1008,12 @@ def test_two_terms_next_ab_sets_each_arms_switches_as_its_engine_runs(
                 record(value)
             yield {}
 
-    monkeypatch.delenv("TPSERVE_FP8_TWO_TERMS_FOLD", raising=False)
+    for name in ("TPSERVE_FP8_TWO_TERMS_FOLD", "TPSERVE_FP8_TWO_TERMS_NORM"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(bench, "_fp8_batch_arms", batch_arms)
     monkeypatch.setattr(bench, "_256_ab", runs_256)
     list(bench.two_terms_next_ab())
     arms = [(a, fold, norm) for a, fold, norm in bench.TWO_TERMS_NEXT_ARMS]
     assert seen == [(f"two_terms_{a}", f, n) for a, f, n in arms] + arms
     assert "TPSERVE_FP8_TWO_TERMS_FOLD" not in os.environ
+    assert "TPSERVE_FP8_TWO_TERMS_NORM" not in os.environ
