@@ -763,6 +763,8 @@ def test_two_fp8_terms_left_to_the_norm_and_swiglu_score_as_added_first(
     monkeypatch.setattr(parallel, "two_term_parts", parts)
     monkeypatch.setattr(kernels, "silu_and_mul", silu)
     monkeypatch.setenv("TPSERVE_FP8_TWO_TERMS_FOLD", "1")
+    # (v1.04 alone: with v1.06 on, gate_up_proj's terms come from the norm, not parts)
+    monkeypatch.setenv("TPSERVE_FP8_TWO_TERMS_NORM", "0")
     # (qwen2: a bias on qkv only, none on o_proj, gate_up_proj and down_proj, as GLM-4-9B)
     config = EngineConfig(model=checkpoint("qwen2"), dtype="float16", max_model_len=64,
                           quantization="fp8")

@@ -505,6 +505,7 @@ def test_two_fp8_terms_folded_into_norm_and_swiglu_score_as_added_on_gpu(
 
     monkeypatch.setenv("TPSERVE_FP8_TWO_TERMS", "1")
     monkeypatch.setenv("TPSERVE_FP8_TWO_TERMS_FOLD", "1")
+    monkeypatch.setenv("TPSERVE_FP8_TWO_TERMS_NORM", "0")  # v1.04 alone
     real, deferred = parallel.two_term_parts, []
 
     def parts(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> Any:
