@@ -816,6 +816,30 @@ def test_two_fp8_terms_made_by_the_norm_score_as_the_quantization_kernels(
         for a, b in zip(scores["0", "0"], other, strict=True):
             assert torch.equal(a, b)
 
+@pytest.mark.slow
+def test_tp2_two_fp8_terms_folded_and_normed_score_as_added(
+        checkpoint: CheckpointFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """v1.04's folds and v1.06's norm-made terms (on by default) at tp=2, the ranks in
+    their own processes (the interpreter, float16, x's two terms from the first row):
+    scores exactly as with both off (the row-parallel products, all-reduced, are added
+    before the norm; gate_up's, each rank's own, by SwiGLU), and two terms did run
+    there (without them the scores differ)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
+    config = EngineConfig(model=checkpoint("qwen2"), dtype="float16", max_model_len=64,
+                          quantization="fp8", tp=2)
+    prompts = sequences(1, 24, 200, seed=4)
+    scores = {}
+    for terms, fold_norm in (("0", "1"), ("1", "0"), ("1", "1")):
+        monkeypatch.setenv("TPSERVE_FP8_TWO_TERMS", terms)
+        monkeypatch.setenv("TPSERVE_FP8_TWO_TERMS_FOLD", fold_norm)
+        monkeypatch.setenv("TPSERVE_FP8_TWO_TERMS_NORM", fold_norm)
+        scores[terms, fold_norm] = scored(config, prompts)
+    for a, b, one in zip(scores["1", "0"], scores["1", "1"], scores["0", "1"], strict=True):
+        assert torch.equal(a, b)
+        assert not torch.equal(a, one)
+
+
 def test_swiglu_of_two_rows_is_swiglu_of_their_sum(monkeypatch: pytest.MonkeyPatch) -> None:
     """kernels.silu_and_mul(a, extra=b) (PERF.md v1.04; the interpreter, float16 and
     float32) equals silu_and_mul(a + b) bit for bit, the sum rounded as PyTorch's add; a
