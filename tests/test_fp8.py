@@ -816,6 +816,7 @@ def test_two_fp8_terms_made_by_the_norm_score_as_the_quantization_kernels(
         for a, b in zip(scores["0", "0"], other, strict=True):
             assert torch.equal(a, b)
 
+
 @pytest.mark.slow
 def test_tp2_two_fp8_terms_folded_and_normed_score_as_added(
         checkpoint: CheckpointFactory, monkeypatch: pytest.MonkeyPatch) -> None:
