@@ -817,7 +817,7 @@ def test_two_fp8_terms_made_by_the_norm_score_as_the_quantization_kernels(
             assert torch.equal(a, b)
 
 
-@pytest.mark.slow
+@pytest.mark.serial  # (three tp=2 engines, ranks in their own processes: pyproject's why)
 def test_tp2_two_fp8_terms_folded_and_normed_score_as_added(
         checkpoint: CheckpointFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """v1.04's folds and v1.06's norm-made terms (on by default) at tp=2, the ranks in
