@@ -105,18 +105,21 @@ def engine_greedy(engine: Engine, prompts: list[list[int]]) -> list[list[int]]:
 CASES = [(family, tp) for family in FAMILIES for tp in (1, 2)]
 
 
-class TestFamilies:
-    """Each (family, tp) engine is built once for the tests of this class, and shut down
-    before the next one starts (class scope: none outlives the class)."""
+@pytest.fixture(scope="class", params=CASES, ids=[f"{f}-tp{tp}" for f, tp in CASES])
+def case(request: pytest.FixtureRequest, checkpoint: CheckpointFactory
+         ) -> Iterator[tuple[str, int, Engine]]:
+    """TestFamilies' engine: each (family, tp) engine built once for the class's tests and
+    shut down before the next one starts (class scope: none outlives the class). A module
+    function, not a method: pytest 9 deprecates class-scoped fixtures as methods and 10
+    removes them (pyproject asks for pytest>=8, unbounded)."""
+    family, tp = request.param
+    ckpt = checkpoint(family)
+    with running(ckpt, tp) as engine:
+        yield ckpt, tp, engine
 
-    @pytest.fixture(scope="class", params=CASES, ids=[f"{f}-tp{tp}" for f, tp in CASES])
-    def case(
-        self, request: pytest.FixtureRequest, checkpoint: CheckpointFactory
-    ) -> Iterator[tuple[str, int, Engine]]:
-        family, tp = request.param
-        ckpt = checkpoint(family)
-        with running(ckpt, tp) as engine:
-            yield ckpt, tp, engine
+
+class TestFamilies:
+    """Each (family, tp) engine is built once for the tests of this class (`case`)."""
 
     def test_greedy_matches_transformers(self, case: tuple[str, int, Engine]) -> None:
         ckpt, tp, engine = case
