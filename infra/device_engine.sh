@@ -11,7 +11,8 @@
 #                                                # int8 KV cache; 200 s cut them short on
 #                                                # an H100, PERF v0.96); FP8_S=520 alone in
 #                                                # a call: the fp8 suite (366 s with four
-#                                                # FP8 modes at 070d6db; five since v0.56;
+#                                                # FP8 modes at 070d6db; five since v0.56,
+#                                                # six since v1.07: ~80 s more;
 #                                                # FP8_MODES=fp8-w8a8-keepqkv_int8kv,...
 #                                                # runs those modes only, and their
 #                                                # accuracy cases: bench.fp8_modes)
@@ -265,7 +266,9 @@ fi
 if [ "${QUANTW_S:-0}" != 0 ]; then  # PERF v1.05: the row-quantizing kernels' warps: the
   # kernels alone at 64-256 rows (~30 s), then FP8 decode at 128 sequences and weight-only
   # FP8 and W8A8 -keepqkv at 256 requests with the rule's warps and QUANTW (default 16;
-  # ~60-70 s an engine, 6)
+  # ~60-70 s an engine, 6; QUANTW='32, batches=(), modes=("fp8-w8a8-keepqkv",)': the
+  # arguments of bench.quant_warps_ab, here the 16-bit cache's -keepqkv at 256 requests
+  # alone; double quotes inside, as the rows' command field is a single-quoted string)
   # (QUANTW_AB=0: the probe alone, as a short tail to another step's call)
   bench_rows "$QUANTW_S" quant_warps_probe | rows quant_warps_h200.jsonl quant_warps_h200.jsonl
   if [ "${QUANTW_AB:-1}" != 0 ]; then

@@ -512,12 +512,24 @@ def test_fp8_rows_come_one_by_one_in_each_mode(monkeypatch: pytest.MonkeyPatch) 
         "glm4-9b_fp8-w8a8-keepqkv_int8kv_decode_b1_in128_out128",
         "glm4-9b_fp8-w8a8-keepqkv_int8kv_kv_blocks_same_memory",
         "glm4-9b_fp8-w8a8-keepqkv_int8kv_256req_in128_out128",
-        "glm4-9b_fp8-w8a8-keepqkv_ttft_in8192", "accuracy_x"]
-    assert started[-3] == {"quantization": "fp8-w8a8", "kv_cache_dtype": "int8",
+        "glm4-9b_fp8-w8a8-keepqkv_ttft_in8192",
+        # -keepqkv with the 16-bit cache: no TTFT row of its own (its int8 twin's is the
+        # same case, measured above)
+        "glm4-9b_fp8-w8a8-keepqkv_decode_b1_in128_out128",
+        "glm4-9b_fp8-w8a8-keepqkv_kv_blocks_same_memory",
+        "glm4-9b_fp8-w8a8-keepqkv_256req_in128_out128", "accuracy_x"]
+    assert started[-4] == {"quantization": "fp8-w8a8", "kv_cache_dtype": "int8",
                            "keep_16bit": "qkv_proj,o_proj,down_proj", "max_num_seqs": 1}
-    assert started[-1] == {"quantization": "fp8-w8a8", "kv_cache_dtype": "int8",
+    assert started[-2] == {"quantization": "fp8-w8a8", "kv_cache_dtype": "int8",
                            "keep_16bit": "qkv_proj", "max_num_seqs": 1}
-    assert len(started) == 9  # two engines a mode, one for the int8 cache's
+    assert started[-1] == {"quantization": "fp8-w8a8", "kv_cache_dtype": "auto",
+                           "keep_16bit": "qkv_proj", "max_num_seqs": 256}
+    assert len(started) == 10  # two engines a mode, one for the int8 cache's and -keepqkv's
+    # chosen without its int8 twin, -keepqkv measures the TTFT case itself
+    monkeypatch.setenv("TPSERVE_FP8_MODES", "fp8-w8a8-keepqkv")
+    alone = [r["case"] for r in bench.fp8_rows(config, dataclasses.replace(
+        config, max_num_seqs=1), 1.0, 1, 26, accuracy=False)]
+    assert alone[-1] == "glm4-9b_fp8-w8a8-keepqkv_ttft_in8192" and len(alone) == 4
 
 
 def test_fp8_suite_runs_each_mode_in_a_process_of_its_own(
@@ -602,7 +614,7 @@ def test_fp8_modes_can_be_chosen_for_a_short_device_call(monkeypatch: pytest.Mon
     with pytest.raises(ValueError, match="unknown \\['keepqkv'\\]"):
         next(bench.fp8_suite(1))
     monkeypatch.delenv("TPSERVE_FP8_MODES")
-    assert len(bench.fp8_modes()) == 5 and bench.accuracy_cases() == list(bench.ACCURACY_CASES)
+    assert len(bench.fp8_modes()) == 6 and bench.accuracy_cases() == list(bench.ACCURACY_CASES)
 
 
 def test_prefill_host_probe_times_an_eager_step_and_profiles_the_driver(
@@ -695,8 +707,10 @@ def test_a_modes_settings_come_from_its_fp8_modes_entry() -> None:
     assert _mode_settings("bf16") == {}
     assert _mode_settings("fp8-w8a8-keepqkv_int8kv") == {
         "quantization": "fp8-w8a8", "kv_cache_dtype": "int8", "keep_16bit": "qkv_proj"}
+    assert _mode_settings("fp8-w8a8-keepqkv") == {  # (the 16-bit cache, PERF.md v1.07)
+        "quantization": "fp8-w8a8", "kv_cache_dtype": "auto", "keep_16bit": "qkv_proj"}
     with pytest.raises(ValueError, match="fp8-w8a8-gateup_int8kv"):
-        _mode_settings("fp8-w8a8-keepqkv")
+        _mode_settings("fp8-w8a8-gateup")
 
 
 def test_an_ab_reverses_its_arms_every_other_round() -> None:
@@ -982,6 +996,39 @@ def test_device_engine_steps_call_functions_the_bench_has() -> None:
     for bound, name in steps:
         assert callable(getattr(bench, name, None)), name
         assert re.search(rf'"\${{{bound}:-0}}" != 0', script), bound
+
+
+def test_quant_warps_ab_runs_the_modes_named_and_refuses_an_unknown_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench.quant_warps_ab (PERF.md v1.05) A/Bs $TPSERVE_QUANT_WARPS at 0 (the rule) and
+    `warps` in the 256-request runs of the modes it is given, each engine under its
+    value (the caller's environment back after); a mode name FP8_MODES lacks fails before
+    any engine starts."""
+    import os
+
+    from replicas import bench
+
+    ran: list[tuple[str, str | None]] = []
+
+    def run_in(config: Any, mode: Any, context: Any) -> tuple[dict[str, str], dict[str, Any]]:
+        with context:
+            ran.append((mode[3], os.environ.get("TPSERVE_QUANT_WARPS")))
+        return {}, {"ours": 1.0}
+
+    monkeypatch.delenv("TPSERVE_QUANT_WARPS", raising=False)
+    monkeypatch.setattr(bench, "_glm_config", lambda: None)
+    monkeypatch.setattr(bench, "_run_256_in", run_in)
+    rows = list(bench.quant_warps_ab(32, batches=(),
+                                     modes=("fp8-w8a8-keepqkv", "fp8")))
+    assert ran == [("fp8", "0"), ("fp8", "32"), ("fp8-w8a8-keepqkv", "0"),
+                   ("fp8-w8a8-keepqkv", "32")]  # (FP8_MODES' order)
+    assert [r["case"] for r in rows][-1] == (
+        "glm4-9b_fp8-w8a8-keepqkv_256req_in128_out128_quant_warps_32")
+    assert "TPSERVE_QUANT_WARPS" not in os.environ
+    ran.clear()
+    with pytest.raises(ValueError, match="unknown modes \\['keepqkv'\\]"):
+        list(bench.quant_warps_ab(32, batches=(), modes=("fp8", "keepqkv")))
+    assert not ran
 
 
 def test_two_terms_next_ab_sets_each_arms_switches_as_its_engine_runs(
