@@ -660,28 +660,43 @@ def test_w8a8_inputs_quantized_in_one_pass_score_as_the_two_kernels(
     gate_up_proj's by kernels.rms_norm_quantize_fp8 (prompts, multi-row steps), give the
     logits the norm or silu_and_mul then fp8_linear's own quantization give, exactly.
     (The wiring; each kernel's rounding in bf16, fp16 and float32 is held bit for bit by
-    the two tests of the kernels alone. A float32 run of this one cost ~65-85 s of CI.)"""
+    the two tests of the kernels alone. A float32 run of this one cost ~65-85 s of CI.)
+    Every W8A8 product's quantized input (its FP8 bytes and scales, `w8a8_tokens`' x8 and
+    x_scale) is compared too, not only the logits: a 1 % change to SwiGLU's input moved
+    the tiny llama's logits at one prompt of two only (session 52), its FP8 bytes at
+    every product."""
     dtype = "bfloat16"
     pytest.importorskip("triton")
-    from replicas import kernels
+    from replicas import fp8, kernels, parallel
     from replicas.accuracy import scored, sequences
 
     monkeypatch.setenv("TPSERVE_TRITON_CPU", "1")
     config = EngineConfig(model=ckpt, dtype=dtype, max_model_len=64,
                           quantization="fp8-w8a8")
-    prompts = sequences(2, 24, 200, seed=3)
+    prompts = sequences(1, 24, 200, seed=3)
     calls: list[str] = []
     for name in ("silu_mul_quantize_fp8", "rms_norm_quantize_fp8"):
         fused = getattr(kernels, name)
         monkeypatch.setattr(kernels, name,
                             lambda *a, _f=fused, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for module in (fp8, parallel):  # (parallel's layers call their own import of it)
+        product = module.w8a8_tokens
+        monkeypatch.setattr(module, "w8a8_tokens", lambda x8, xs, *a, _p=product, **k: (
+            inputs.append((x8.view(torch.uint8).clone(), xs.clone())) or _p(x8, xs, *a, **k)))
     one_pass = scored(config, prompts)
     assert set(calls) == {"silu_mul_quantize_fp8", "rms_norm_quantize_fp8"}
+    fused_inputs = list(inputs)
     monkeypatch.setattr(RowParallelLinear, "takes_tokens_fp8", lambda self: False)
     monkeypatch.setattr(ColumnParallelLinear, "takes_tokens_fp8", lambda self: False)
     calls.clear()
+    inputs.clear()
     two_kernels = scored(config, prompts)
     assert not calls
+    # qkv, o, gate_up, down of each layer, every step of the teacher-forced prompt
+    assert len(fused_inputs) == len(inputs) >= 8
+    for (x8, xs), (y8, ys) in zip(fused_inputs, inputs, strict=True):
+        assert torch.equal(x8, y8) and torch.equal(xs, ys)
     for a, b in zip(one_pass, two_kernels, strict=True):
         assert torch.equal(a, b)
 
