@@ -335,7 +335,7 @@ def fp8_mode_child(name: str, repeats: int, bandwidth: float, bf16_blocks: int
     """fp8_mode_process's child: fp8_rows of mode `name` alone, no accuracy rows."""
     config = _glm_config()
     yield from fp8_rows(config, _long_config(config), bandwidth, repeats, bf16_blocks,
-                        modes=[m for m in FP8_MODES if m[3] == name], accuracy=False)
+                        modes=fp8_modes_named([name]), accuracy=False)
 
 
 def _glm_config() -> EngineConfig:
@@ -822,8 +822,8 @@ def w8a8_cublas_ab(rounds: int = 2, modes: tuple[str, ...] = ("fp8-w8a8",)
     afresh. A row per run: output tok/s new and cached, and the picks the engine took."""
     from replicas.kernels import fp8mm
 
+    chosen = fp8_modes_named(modes)
     config = _glm_config()
-    chosen = [m for m in FP8_MODES if m[3] in modes]
     for turn in range(rounds):
         for mode in chosen:
             for on in ("1", "0"):
@@ -854,8 +854,8 @@ def w8a8_fold_ab(rounds: int = 2, modes: tuple[str, ...] = ("fp8-w8a8",),
     run (they are kept once a process) and recorded in its row."""
     from replicas.kernels import fp8mm
 
+    chosen = fp8_modes_named(modes)
     config = _glm_config()
-    chosen = [m for m in FP8_MODES if m[3] in modes]
     label = switch.removeprefix("TPSERVE_W8A8_").lower()
     for turn in range(rounds):
         for mode in chosen:
@@ -901,12 +901,8 @@ def _256_ab(rounds: int, modes: tuple[str, ...], values: tuple[Any, ...], label:
     each in `context_of(value)` for each of `values`, `rounds` times, the order reversed
     every other round. A row per run (case ..._LABEL_VALUE, field LABEL: value): output
     tok/s new and cached, the kernel table."""
-    unknown = [n for n in modes if n not in [m[3] for m in FP8_MODES]]
-    if unknown:  # (before an engine starts: a device call's typo costs nothing)
-        raise ValueError(f"unknown modes {unknown}: FP8_MODES has "
-                         f"{', '.join(m[3] for m in FP8_MODES)}")
+    chosen = fp8_modes_named(modes)
     config = _glm_config()
-    chosen = [m for m in FP8_MODES if m[3] in modes]
     for turn in range(rounds):
         for mode in chosen:
             for value in _turn_order(values, turn):
@@ -1587,11 +1583,21 @@ def fp8_modes() -> list[tuple[str, str, dict[str, str], str]]:
     an unknown name is an error that lists them)."""
     chosen = [n.strip() for n in os.environ.get("TPSERVE_FP8_MODES", "").split(",")
               if n.strip()]
-    names = [mode[3] for mode in FP8_MODES]
-    unknown = [n for n in chosen if n not in names]
+    if not chosen:
+        return list(FP8_MODES)
+    return fp8_modes_named(chosen, "TPSERVE_FP8_MODES: unknown")
+
+
+def fp8_modes_named(names: Sequence[str], refusal: str = "unknown modes"
+                    ) -> list[tuple[str, str, dict[str, str], str]]:
+    """The FP8_MODES entries of `names` (rows' names), in FP8_MODES' order; a name it
+    lacks is a ValueError ("`refusal` [names]; the modes are [...]"), raised before a
+    caller starts an engine: a device call's typo costs nothing."""
+    known = [mode[3] for mode in FP8_MODES]
+    unknown = [n for n in names if n not in known]
     if unknown:
-        raise ValueError(f"TPSERVE_FP8_MODES: unknown {unknown}; the modes are {names}")
-    return [m for m in FP8_MODES if not chosen or m[3] in chosen]
+        raise ValueError(f"{refusal} {unknown}; the modes are {known}")
+    return [m for m in FP8_MODES if m[3] in names]
 
 
 # GLM-4-9B's linear layers at tp=1 (out, in): qkv, o, gate_up, down
