@@ -303,7 +303,7 @@ def test_token_quantization_kernel_is_quantize_tokens(shape: tuple[int, int],
 def test_row_quantizing_kernels_launch_with_the_warps_asked(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """PERF.md v1.05: each row-quantizing launcher gives its kernel `quant_warps`' warps:
-    ~32 values a thread, 4 to 16 (GLM-4-9B's 4,096 and 13,696 columns: 4 and 16), or
+    32 from a block of 4,096 columns (GLM-4-9B's 4,096 and 13,696), 4 below, or
     $TPSERVE_QUANT_WARPS's for all three; a count a GPU cannot launch is refused."""
     pytest.importorskip("triton")
     from replicas.kernels import quant
@@ -323,16 +323,16 @@ def test_row_quantizing_kernels_launch_with_the_warps_asked(
     quant.quantize_tokens_fp8(x)
     quant.quantize_two_terms_fp8(wide)
     quant.silu_mul_quantize_fp8(torch.zeros(2, 2 * 13696))
-    assert launched == [("_quant_rows_kernel", 4), ("_quant_two_kernel", 16),
-                        ("_silu_mul_quant_kernel", 16)]
-    assert [quant.quant_warps(b) for b in (1024, 4096, 8192, 16384)] == [4, 4, 8, 16]
-    monkeypatch.setenv("TPSERVE_QUANT_WARPS", "32")
+    assert launched == [("_quant_rows_kernel", 32), ("_quant_two_kernel", 32),
+                        ("_silu_mul_quant_kernel", 32)]
+    assert [quant.quant_warps(b) for b in (1024, 2048, 4096, 16384)] == [4, 4, 32, 32]
+    monkeypatch.setenv("TPSERVE_QUANT_WARPS", "8")
     launched.clear()
     quant.quantize_tokens_fp8(x)
     quant.quantize_two_terms_fp8(x)
-    assert launched == [("_quant_rows_kernel", 32), ("_quant_two_kernel", 32)]
+    assert launched == [("_quant_rows_kernel", 8), ("_quant_two_kernel", 8)]
     monkeypatch.setenv("TPSERVE_QUANT_WARPS", "0")
-    assert quant.quant_warps(4096) == 4
+    assert quant.quant_warps(4096) == 32
     monkeypatch.setenv("TPSERVE_QUANT_WARPS", "12")
     with pytest.raises(ValueError, match="TPSERVE_QUANT_WARPS"):
         quant.quantize_tokens_fp8(x)

@@ -49,17 +49,19 @@ QUANT_WARPS = (1, 2, 4, 8, 16, 32)  # what $TPSERVE_QUANT_WARPS may say
 
 def quant_warps(block: int) -> int:
     """The warps of a row-quantizing program (`_quant_rows_kernel`, `_quant_two_kernel`,
-    `_silu_mul_quant_kernel`) with a block of `block` columns: ~32 values a thread, 4 to
-    16 warps; $TPSERVE_QUANT_WARPS (read at each launch; 0 or unset: that rule) sets
-    them for all three (PERF.md v1.05: a decode step's rows are one program each, whose
-    chain of loads, row max, divisions and stores is bound by latency, not bytes)."""
+    `_silu_mul_quant_kernel`) with a block of `block` columns: 32 from 4,096 columns, 4
+    below; $TPSERVE_QUANT_WARPS (read at each launch; 0 or unset: that rule) sets them
+    for all three (PERF.md v1.05: a decode step's rows are one program each, whose chain
+    of loads, row max, divisions and stores is bound by latency, not bytes; 32 warps were
+    the fastest or within 6 % of it for each kernel at 64-256 rows on an H100, and won
+    in the step; below 4,096 columns is unmeasured, and keeps the earlier rule's 4)."""
     text = os.environ.get("TPSERVE_QUANT_WARPS", "").strip()
     if text and text != "0":
         if not text.isdigit() or int(text) not in QUANT_WARPS:
             raise ValueError(f"TPSERVE_QUANT_WARPS={text!r}: one of "
                              f"{', '.join(map(str, QUANT_WARPS))} (0: by the block)")
         return int(text)
-    return min(16, max(4, block // 1024))
+    return 32 if block >= 4096 else 4
 
 
 if triton is not None:
