@@ -563,6 +563,7 @@ def fp8_rows(config: EngineConfig, long_config: EngineConfig, bandwidth: float,
     # slower than `_scaled_mm`.)
     from replicas.kernels.fp8mm import fast_accum_on
 
+    suite = [m[3] for m in fp8_modes()]  # (this suite run's modes, for the TTFT twins)
     for mode in fp8_modes() if modes is None else modes:
         quantization, kv, options, name = mode
         fp8 = _fp8_settings(mode)
@@ -584,7 +585,7 @@ def fp8_rows(config: EngineConfig, long_config: EngineConfig, bandwidth: float,
         torch.cuda.empty_cache()
         if kv == "int8" and not options:  # (a prompt's prefill attends over its own
             continue                          # 16-bit keys: the cache changes nothing)
-        if kv == "auto" and f"{name}_int8kv" in [m[3] for m in fp8_modes()]:
+        if kv == "auto" and f"{name}_int8kv" in suite:
             continue  # (the same case, measured by its int8 twin in this suite's run)
         with Engine(dataclasses.replace(long_config, **fp8)) as engine:
             ttft = _ttft_8192(engine, repeats, fresh)
@@ -787,8 +788,8 @@ def decode_gaps(modes: tuple[str, ...] = ("fp8-w8a8",), tokens: int = 128
     vocab = GLM4_9B["vocab_size"]
     prompts = prompts_for(256, 128, vocab, seed=0)
     greedy = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-    for mode in modes:
-        fp8 = _mode_settings(mode)
+    settings = [(mode, _mode_settings(mode)) for mode in modes]  # (a typo: before any engine)
+    for mode, fp8 in settings:
         with Engine(dataclasses.replace(config, **fp8)) as engine:
             engine.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0,
                                                     ignore_eos=True))
@@ -1105,11 +1106,8 @@ def _mode_settings(name: str) -> dict[str, str]:
     entry's (an unknown name is an error that lists them)."""
     if name == "bf16":
         return {}
-    for mode in FP8_MODES:
-        if mode[3] == name:
-            return _fp8_settings(mode)
-    raise ValueError(f"unknown mode {name!r}: one of bf16, "
-                     f"{', '.join(m[3] for m in FP8_MODES)}")
+    mode, = fp8_modes_named([name], "unknown mode (bf16, or one of FP8_MODES)")
+    return _fp8_settings(mode)
 
 
 def _run_256_with(config: EngineConfig, mode: tuple[str, str, dict[str, str], str],
